@@ -1,0 +1,137 @@
+"""Backends run a batch through a network: eager PyTorch, TorchScript or ONNX Runtime.
+
+A backend takes a float32 batch (N, 3, H, W) and returns class probabilities (N, C); networks are
+wrapped with a softmax before they reach a backend, so every backend returns comparable scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device is missing and --strict-device forbids falling back."""
+
+
+class Backend(Protocol):
+    name: str
+    device: str
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Return class probabilities (N, C) for a preprocessed batch (N, 3, H, W)."""
+        ...
+
+
+def resolve_device(requested: str, strict: bool, cuda_available: bool) -> str:
+    """Pick 'cuda' or 'cpu' for a request of auto/cpu/cuda, saying why in the log."""
+    if requested == "cpu":
+        return "cpu"
+    if cuda_available:
+        log.info("device: CUDA is available, running on the GPU")
+        return "cuda"
+    if requested == "cuda":
+        if strict:
+            raise DeviceUnavailableError("--device cuda was asked for but no CUDA GPU is usable")
+        log.warning(
+            "device: --device cuda asked for but no CUDA GPU is usable; falling back to CPU"
+        )
+    else:
+        log.info("device: no CUDA GPU found, running on the CPU")
+    return "cpu"
+
+
+def cuda_available(backend: str) -> bool:
+    """Whether the named backend can run on a CUDA GPU here."""
+    if backend == "onnx":
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers()
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def plan_parallelism(device: str, workers: int, threads: int) -> tuple[int, int]:
+    """Resolve 0 ("auto") for concurrent model calls and threads per call.
+
+    One call at a time over all cores measured best on 2 CPU cores (docs/benchmarks.md); a GPU
+    also runs one call at a time. More workers help only where cores outnumber what one call uses.
+    """
+    cores = os.cpu_count() or 1
+    if workers == 0:
+        workers = 1
+    if threads == 0:
+        threads = max(1, cores // workers)
+    return workers, threads
+
+
+class TorchBackend:
+    """Eager PyTorch, or a frozen TorchScript trace of the same network."""
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        input_shape: tuple[int, int, int],
+        *,
+        torchscript: bool,
+        device: str = "cpu",
+        threads: int = 0,
+    ) -> None:
+        import torch
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = device
+        self.name = "torchscript" if torchscript else "eager"
+        module = network.to(self.device).eval()
+        if torchscript:
+            example = torch.zeros((1, *input_shape), device=self.device)
+            with torch.inference_mode(False), torch.no_grad():
+                module = torch.jit.freeze(torch.jit.trace(module, example).eval())
+        self._module = module
+        self._torch = torch
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            inputs = torch.from_numpy(batch).to(self.device)
+            return self._module(inputs).float().cpu().numpy()
+
+
+class OnnxBackend:
+    """ONNX Runtime; needs no torch, so the slim serving image can use it."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        device: str = "cpu",
+        threads: int = 0,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.device = device
+        self.name = "onnx"
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if self.device == "cuda":
+            providers.insert(0, "CUDAExecutionProvider")
+        self._session = ort.InferenceSession(str(model_path), options, providers=providers)
+        self._input_name = self._session.get_inputs()[0].name
+        self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self._session.run(None, {self._input_name: batch})[0]

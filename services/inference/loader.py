@@ -1,0 +1,78 @@
+"""Turns settings into a `ServedModel`: the network behind the chosen backend, and its facts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.inference.backends import (
+    Backend,
+    OnnxBackend,
+    TorchBackend,
+    cuda_available,
+    plan_parallelism,
+    resolve_device,
+)
+from services.inference.preprocess import PreprocessSpec
+from vidflow.config import InferenceSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """Everything the server knows about the model: it never sees the network itself."""
+
+    name: str
+    class_names: list[str]
+    preprocess: PreprocessSpec
+    weights_sha256: str
+    backend: Backend
+    # How many batches the server may run at once (see plan_parallelism).
+    workers: int
+
+
+def load_served_model(settings: InferenceSettings) -> ServedModel:
+    """Load weights, build the backend and return the model ready to run batches."""
+    device = resolve_device(
+        settings.device, settings.strict_device, cuda_available(settings.backend)
+    )
+    workers, threads = plan_parallelism(
+        device, settings.inference_workers, settings.inference_threads
+    )
+    log.info("%d concurrent model call(s) with %d thread(s) each", workers, threads)
+    if settings.backend == "onnx" and settings.onnx_model is not None:
+        return _from_onnx_file(settings.onnx_model, device, workers, threads)
+
+    from services.inference.models import load_model, with_softmax
+
+    loaded = load_model(settings.model, settings.weights)
+    if settings.backend == "onnx":
+        from services.inference.onnx_export import export_onnx
+
+        onnx_path = export_onnx(loaded, settings.cache_dir)
+        return _from_onnx_file(onnx_path, device, workers, threads)
+    backend = TorchBackend(
+        with_softmax(loaded.network),
+        loaded.preprocess.input_shape,
+        torchscript=settings.backend == "torchscript",
+        device=device,
+        threads=threads,
+    )
+    return ServedModel(
+        loaded.name, loaded.class_names, loaded.preprocess, loaded.weights_sha256, backend, workers
+    )
+
+
+def _from_onnx_file(path: Path, device: str, workers: int, threads: int) -> ServedModel:
+    from services.inference.onnx_export import ExportedModelInfo
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ONNX model not found: {path}")
+    backend = OnnxBackend(Path(path), device=device, threads=threads)
+    info = ExportedModelInfo.from_metadata(backend.metadata)
+    log.info("serving %s from %s", info.name, path)
+    return ServedModel(
+        info.name, info.class_names, info.preprocess, info.weights_sha256, backend, workers
+    )

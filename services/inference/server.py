@@ -1,0 +1,322 @@
+"""The gRPC inference service: wire protocol, health, metrics and shutdown.
+
+It never knows which model or backend runs behind it; it gets a `ServedModel` from the loader
+and a `DynamicBatcher` to share model calls between concurrent requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from protos import inference_pb2, inference_pb2_grpc
+from services.inference.batcher import DynamicBatcher
+from services.inference.loader import ServedModel, load_served_model
+from services.inference.metrics import ServiceMetrics
+from services.inference.preprocess import InvalidImageError, decode_image, preprocess
+from vidflow.config import InferenceSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
+# Requests of one ClassifyStream processed at once; enough to fill batches from a single stream.
+STREAM_WINDOW = 32
+
+
+class ModelNotReadyError(RuntimeError):
+    pass
+
+
+class InferenceService(inference_pb2_grpc.ClassifierServicer):
+    """Classifier RPCs on top of a served model and a batcher."""
+
+    def __init__(self, settings: InferenceSettings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.model: ServedModel | None = None
+        self.batcher: DynamicBatcher | None = None
+        self._preprocess_pool = ThreadPoolExecutor(
+            max_workers=settings.preprocess_threads, thread_name_prefix="preprocess"
+        )
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Load and warm up the model off the event loop, then start batching."""
+        loop = asyncio.get_running_loop()
+        model = await loop.run_in_executor(None, load_served_model, self.settings)
+        shape = model.preprocess.input_shape
+        for size in {1, self.settings.max_batch_size}:  # first calls allocate; keep them out
+            await loop.run_in_executor(
+                None, model.backend.run, np.zeros((size, *shape), np.float32)
+            )
+        self.batcher = DynamicBatcher(
+            model.backend.run,
+            max_batch_size=self.settings.max_batch_size,
+            max_delay_s=self.settings.max_batch_delay_ms / 1000.0,
+            workers=model.workers,
+            on_batch=self.metrics.batch_size.observe,
+        )
+        self.batcher.start()
+        self.model = model
+        log.info(
+            "model %s ready on %s/%s (max batch %d, max delay %.1f ms)",
+            model.name,
+            model.backend.name,
+            model.backend.device,
+            self.settings.max_batch_size,
+            self.settings.max_batch_delay_ms,
+        )
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
+        self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- the work of one request -----------------------------------------------------------
+
+    def _decode_and_preprocess(self, image: bytes) -> tuple[np.ndarray, float, float]:
+        assert self.model is not None
+        started = time.perf_counter()
+        rgb = decode_image(image, self.settings.max_image_pixels)
+        decoded = time.perf_counter()
+        tensor = preprocess(rgb, self.model.preprocess)
+        return tensor, decoded - started, time.perf_counter() - decoded
+
+    async def _classify(
+        self, request: inference_pb2.ClassifyRequest
+    ) -> inference_pb2.ClassifyResponse:
+        model, batcher = self.model, self.batcher
+        if model is None or batcher is None:
+            raise ModelNotReadyError("the model is still loading; retry when health is SERVING")
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        with batcher.incoming():
+            tensor, decode_s, preprocess_s = await loop.run_in_executor(
+                self._preprocess_pool, self._decode_and_preprocess, request.image
+            )
+        result = await batcher.submit(tensor)
+        top_k = max(1, min(request.top_k or 1, len(model.class_names)))
+        best = np.argsort(result.probabilities)[::-1][:top_k]
+        stages = self.metrics.stage_seconds
+        stages.labels("decode").observe(decode_s)
+        stages.labels("preprocess").observe(preprocess_s)
+        stages.labels("queue").observe(result.queue_s)
+        stages.labels("inference").observe(result.inference_s)
+        stages.labels("total").observe(time.perf_counter() - started)
+        return inference_pb2.ClassifyResponse(
+            request_id=request.request_id,
+            model_name=model.name,
+            predictions=[
+                inference_pb2.Prediction(
+                    label=model.class_names[index],
+                    class_index=int(index),
+                    score=float(result.probabilities[index]),
+                )
+                for index in best
+            ],
+            timings=inference_pb2.Timings(
+                decode_ms=decode_s * 1e3,
+                preprocess_ms=preprocess_s * 1e3,
+                queue_ms=result.queue_s * 1e3,
+                inference_ms=result.inference_s * 1e3,
+                batch_size=result.batch_size,
+            ),
+        )
+
+    # ---- RPCs ------------------------------------------------------------------------------
+
+    async def Classify(
+        self, request: inference_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ClassifyResponse:
+        code = grpc.StatusCode.OK
+        self.metrics.in_flight.inc()
+        try:
+            return await self._classify(request)
+        except InvalidImageError as exc:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, str(exc))
+        except ModelNotReadyError as exc:
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, str(exc))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("Classify failed for request %r", request.request_id)
+            await context.abort(code, f"inference failed: {exc}")
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels("Classify", code.name).inc()
+        raise AssertionError("unreachable")  # context.abort always raises
+
+    async def _classify_stream_item(
+        self, request: inference_pb2.ClassifyRequest
+    ) -> inference_pb2.ClassifyResponse:
+        """One stream element; a bad image answers with `error` instead of ending the stream."""
+        self.metrics.in_flight.inc()
+        code = grpc.StatusCode.OK
+        try:
+            return await self._classify(request)
+        except InvalidImageError as exc:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            return inference_pb2.ClassifyResponse(request_id=request.request_id, error=str(exc))
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels("ClassifyStream", code.name).inc()
+
+    async def ClassifyStream(
+        self,
+        request_iterator: AsyncIterator[inference_pb2.ClassifyRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[inference_pb2.ClassifyResponse]:
+        if self.model is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        # Requests are worked on concurrently (so one stream fills batches) and answered in order.
+        in_order: asyncio.Queue[asyncio.Task[inference_pb2.ClassifyResponse] | None] = (
+            asyncio.Queue(maxsize=STREAM_WINDOW)
+        )
+
+        async def read_requests() -> None:
+            async for request in request_iterator:
+                await in_order.put(asyncio.ensure_future(self._classify_stream_item(request)))
+            await in_order.put(None)
+
+        reader = asyncio.ensure_future(read_requests())
+        try:
+            while (task := await in_order.get()) is not None:
+                try:
+                    yield await task
+                except Exception as exc:
+                    log.exception("ClassifyStream item failed")
+                    await context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {exc}")
+            await reader  # surface a failure to read the request stream
+        finally:
+            reader.cancel()
+            while not in_order.empty():
+                if (leftover := in_order.get_nowait()) is not None:
+                    leftover.cancel()
+
+    async def GetModelInfo(
+        self, request: inference_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ModelInfo:
+        model = self.model
+        if model is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        _, height, width = model.preprocess.input_shape
+        return inference_pb2.ModelInfo(
+            model_name=model.name,
+            backend=model.backend.name,
+            device=model.backend.device,
+            num_classes=len(model.class_names),
+            input_height=height,
+            input_width=width,
+            max_batch_size=self.settings.max_batch_size,
+            max_batch_delay_ms=self.settings.max_batch_delay_ms,
+            weights_sha256=model.weights_sha256,
+        )
+
+
+def _http_app(service: InferenceService, is_ready: asyncio.Event) -> web.Application:
+    """/healthz (the process is up), /readyz (503 until the model serves) and /metrics."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        if is_ready.is_set():
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready"}, status=503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(service.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.add_routes(
+        [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)]
+    )
+    return app
+
+
+async def serve(settings: InferenceSettings) -> None:
+    """Run the service until SIGTERM or SIGINT, then drain calls in flight and return."""
+    metrics = ServiceMetrics()
+    service = InferenceService(settings, metrics)
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    inference_pb2_grpc.add_ClassifierServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"could not bind the gRPC port {address}")
+
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, not_serving)
+    await server.start()
+
+    is_ready = asyncio.Event()
+    runner = web.AppRunner(_http_app(service, is_ready), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.http_port).start()
+    log.info("gRPC on %s, HTTP on %s:%d; loading model", address, settings.host, settings.http_port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    try:
+        load = asyncio.ensure_future(service.load())
+        await asyncio.wait(
+            [load, asyncio.ensure_future(stop.wait())], return_when="FIRST_COMPLETED"
+        )
+        if load.done():
+            load.result()  # a model that cannot load ends the server with its reason
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            is_ready.set()
+            metrics.ready.set(1)
+            log.info("SERVING")
+            await stop.wait()
+        else:
+            load.cancel()
+        log.info(
+            "shutting down: no new calls, draining calls in flight (up to %.0f s)",
+            settings.shutdown_grace_s,
+        )
+        is_ready.clear()
+        metrics.ready.set(0)
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(settings.shutdown_grace_s)
+        log.info("all calls drained; stopped")
+    finally:
+        with contextlib.suppress(Exception):
+            await server.stop(0)
+        await runner.cleanup()
+        await service.close()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,149 @@
+"""The `vidflow` command: one subcommand per job, flags mapped onto vidflow.config settings."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from vidflow.config import (
+    ClientSettings,
+    InferenceSettings,
+    LogSettings,
+    add_settings_arguments,
+    settings_from_args,
+)
+from vidflow.logs import setup_logging
+
+log = logging.getLogger("vidflow")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from services.inference.server import serve
+
+    asyncio.run(serve(settings_from_args(InferenceSettings, args)))
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from services.inference.models import load_model
+    from services.inference.onnx_export import export_onnx
+
+    settings = settings_from_args(InferenceSettings, args)
+    path = export_onnx(load_model(settings.model, settings.weights), settings.cache_dir)
+    if args.output is not None:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_bytes(path.read_bytes())
+        path = Path(args.output)
+    print(path)
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from services.inference.client import classify_files
+
+    target = settings_from_args(ClientSettings, args).target
+    failures = 0
+    for result in classify_files(target, args.files, top_k=args.top_k):
+        if result.response is None:
+            failures += 1
+            print(f"{result.path}\tERROR\t{result.error}")
+            continue
+        for prediction in result.response.predictions:
+            print(f"{result.path}\t{prediction.label}\t{prediction.score:.4f}")
+    return 1 if failures else 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from services.inference.client import health_status
+
+    status = health_status(settings_from_args(ClientSettings, args).target, args.timeout)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from services.inference.loadtest import format_table, run_loadtest, write_json
+    from vidflow.frames import load_encoded_images
+
+    target = settings_from_args(ClientSettings, args).target
+    images = load_encoded_images(args.images, max_frames=args.max_frames)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    log.info("load test of %s with %d images, concurrency %s", target, len(images), concurrencies)
+    results = asyncio.run(
+        run_loadtest(target, images, concurrencies, args.duration, warmup_s=args.warmup)
+    )
+    print(format_table(results))
+    if args.json is not None:
+        write_json(results, args.json)
+    return 1 if any(r.requests == 0 for r in results) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vidflow", description=__doc__)
+    logging_flags = argparse.ArgumentParser(add_help=False)
+    logging_flags.add_argument(
+        "--log-level", dest="log_level", help="log level (env VIDFLOW_LOG_LEVEL; default INFO)"
+    )
+    logging_flags.add_argument(
+        "--log-file", dest="log_file", help="also log to this file (env VIDFLOW_LOG_FILE)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], help_text: str
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, parents=[logging_flags]
+        )
+        sub.set_defaults(handler=handler)
+        return sub
+
+    serve = command("serve", _serve, "run the gRPC inference service")
+    add_settings_arguments(serve, InferenceSettings)
+
+    export = command("export-onnx", _export_onnx, "export a model to ONNX (cached by weights)")
+    add_settings_arguments(export, InferenceSettings, only=["model", "weights", "cache_dir"])
+    export.add_argument("--output", type=Path, help="also copy the export to this path")
+
+    classify = command("classify", _classify, "classify image files with a running service")
+    add_settings_arguments(classify, ClientSettings)
+    classify.add_argument("--top-k", type=int, default=1)
+    classify.add_argument("files", nargs="+", type=Path)
+
+    health = command("health", _health, "exit 0 when the service's gRPC health is SERVING")
+    add_settings_arguments(health, ClientSettings)
+    health.add_argument("--timeout", type=float, default=3.0)
+
+    loadtest = command("loadtest", _loadtest, "measure throughput and latency per concurrency")
+    add_settings_arguments(loadtest, ClientSettings)
+    loadtest.add_argument(
+        "--images", type=Path, required=True, help="an image, a folder of images, or a video"
+    )
+    loadtest.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels")
+    loadtest.add_argument("--duration", type=float, default=10.0, help="seconds per level")
+    loadtest.add_argument("--warmup", type=float, default=2.0, help="uncounted seconds per level")
+    loadtest.add_argument("--max-frames", type=int, default=64, help="frames taken from a video")
+    loadtest.add_argument("--json", type=Path, help="write the results as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = {"level": args.log_level, "file": args.log_file}
+    setup_logging(LogSettings(**{name: value for name, value in given.items() if value}))
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, TimeoutError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""All of vidflow's settings, in one place.
+
+Every setting is read from an environment variable with a ``VIDFLOW_`` prefix (for example
+``VIDFLOW_INFERENCE_PORT``) and can be overridden by the matching CLI flag (``--port``).
+Precedence: flag, then environment, then the default written here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vidflow"
+
+
+class LogSettings(BaseSettings):
+    """Where log lines go. Lines always carry ISO-8601 UTC timestamps."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_LOG_")
+
+    level: str = Field("INFO", description="log level (DEBUG, INFO, WARNING, ERROR)")
+    file: Path | None = Field(None, description="also append log lines to this file")
+
+
+class InferenceSettings(BaseSettings):
+    """The gRPC inference service (`vidflow serve`)."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_INFERENCE_")
+
+    host: str = Field("127.0.0.1", description="address the gRPC and HTTP ports bind to")
+    port: int = Field(50051, description="gRPC port")
+    http_port: int = Field(8000, description="HTTP port for /healthz, /readyz and /metrics")
+    model: str = Field("efficientnet_lite0", description="model name from the registry")
+    weights: Path | None = Field(
+        None, description="local weights file (state_dict); default: the model's own source"
+    )
+    onnx_model: Path | None = Field(
+        None,
+        description="a ready exported .onnx file (onnx backend only; needs no torch at run time)",
+    )
+    backend: Literal["eager", "torchscript", "onnx"] = Field(
+        "onnx", description="inference backend"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run the model")
+    strict_device: bool = Field(False, description="fail instead of falling back to CPU")
+    max_batch_size: int = Field(8, ge=1, description="largest batch the batcher forms")
+    max_batch_delay_ms: float = Field(
+        5.0, ge=0, description="longest a request waits for a batch to fill"
+    )
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, description="largest request accepted (RESOURCE_EXHAUSTED above)"
+    )
+    max_image_pixels: int = Field(40_000_000, description="largest image (width x height) accepted")
+    preprocess_threads: int = Field(2, ge=1, description="threads that decode and preprocess")
+    inference_workers: int = Field(
+        0, ge=0, description="model calls (batches) run at once (0: auto, 1)"
+    )
+    inference_threads: int = Field(
+        0, ge=0, description="threads one model call may use (0: auto, cores / workers)"
+    )
+    cache_dir: Path = Field(
+        DEFAULT_CACHE_DIR / "models", description="where exported models are cached"
+    )
+    shutdown_grace_s: float = Field(30.0, description="how long SIGTERM waits for calls in flight")
+
+
+class ClientSettings(BaseSettings):
+    """How clients (`vidflow classify`, `vidflow loadtest`, the consumer) reach the service."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_INFERENCE_")
+
+    target: str = Field("127.0.0.1:50051", description="gRPC address HOST:PORT of the service")
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_settings_arguments(
+    parser: argparse.ArgumentParser, settings_cls: type[BaseModel], *, only: list[str] | None = None
+) -> None:
+    """Add one flag per settings field; flags default to None so unset ones fall through."""
+    prefix = settings_cls.model_config.get("env_prefix", "")
+    for name, field in settings_cls.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        env_name = f"{prefix}{name}".upper()
+        default = field.default
+        help_text = f"{field.description} (env {env_name}; default {default})"
+        annotation = field.annotation
+        if annotation is bool:
+            parser.add_argument(
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+            continue
+        choices = get_args(annotation) if get_origin(annotation) is Literal else None
+        parser.add_argument(_flag(name), dest=name, default=None, choices=choices, help=help_text)
+
+
+def settings_from_args(settings_cls: type[SettingsT], args: argparse.Namespace) -> SettingsT:
+    """Build settings where given flags win over the environment and the defaults."""
+    given: dict[str, Any] = {
+        name: value
+        for name, value in vars(args).items()
+        if name in settings_cls.model_fields and value is not None
+    }
+    return settings_cls(**given)

@@ -1,0 +1,37 @@
+"""Logging set-up shared by every vidflow command: ISO timestamps, stderr and an optional file."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from vidflow.config import LogSettings
+
+
+class IsoFormatter(logging.Formatter):
+    """Formats times as ISO-8601 UTC with milliseconds, so lines from many hosts sort together."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds")
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(settings: LogSettings | None = None) -> None:
+    """Send vidflow's log lines to stderr and, when configured, to a file."""
+    settings = settings or LogSettings()
+    formatter = IsoFormatter(LOG_FORMAT)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if settings.file is not None:
+        Path(settings.file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(settings.file, encoding="utf-8"))
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(settings.level.upper())
