@@ -1,10 +1,10 @@
 """Server-side dynamic batching: concurrent requests share one model call.
 
-A batch closes when it reaches `max_batch_size`, when `max_delay_s` has passed since its first
-request, or at once when no other request is on its way (still being decoded), so a lone request
-is never held back. While the model runs one batch, the next one fills up. With `workers` > 1
-several batches run at once (each model call then uses fewer threads), which on a small CPU
-keeps the cores busy while requests are decoded, instead of stalling a call spread over all cores.
+A batch closes when it holds `max_batch_size` requests, when `max_delay_s` has passed since its
+first request, or as soon as no other request is in the server: a lone request is never held
+back, and under load a batch waits only for requests that are already on their way.
+The batcher knows nothing of images or models: it hands a list of items to `run_batch` (on a
+worker thread) and gives each caller its own entry of the returned list.
 """
 
 from __future__ import annotations
@@ -16,31 +16,32 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
-import numpy as np
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
 
 
 @dataclass(frozen=True)
-class BatchResult:
+class BatchResult(Generic[ResultT]):
     """One request's share of a batch run."""
 
-    probabilities: np.ndarray
+    value: ResultT
     queue_s: float
-    inference_s: float
     batch_size: int
 
 
 @dataclass
-class _Pending:
-    tensor: np.ndarray
+class _Pending(Generic[ItemT, ResultT]):
+    item: ItemT
     enqueued_at: float
-    future: asyncio.Future[BatchResult]
+    future: asyncio.Future[BatchResult[ResultT]]
 
 
-class DynamicBatcher:
+class DynamicBatcher(Generic[ItemT, ResultT]):
     def __init__(
         self,
-        run_batch: Callable[[np.ndarray], np.ndarray],
+        run_batch: Callable[[list[ItemT]], list[ResultT]],
         *,
         max_batch_size: int,
         max_delay_s: float,
@@ -51,10 +52,11 @@ class DynamicBatcher:
         self.max_delay_s = max_delay_s
         self._run_batch = run_batch
         self._on_batch = on_batch  # told each batch's size, for metrics
-        self._pending: deque[_Pending] = deque()
-        self._arrived = asyncio.Event()
-        self._incoming = 0
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inference")
+        self._pending: deque[_Pending[ItemT, ResultT]] = deque()
+        self._changed = asyncio.Event()
+        self._in_server = 0  # requests between `admit` and their answer
+        self._in_running_batches = 0
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch")
         self._free_workers = asyncio.Semaphore(workers)
         self._running: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -69,42 +71,46 @@ class DynamicBatcher:
                 await self._loop_task
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
-        for item in self._pending:
-            if not item.future.done():
-                item.future.set_exception(RuntimeError("server is shutting down"))
+        for pending in self._pending:
+            if not pending.future.done():
+                pending.future.set_exception(RuntimeError("server is shutting down"))
         self._executor.shutdown(wait=True)
 
     @contextlib.contextmanager
-    def incoming(self) -> Iterator[None]:
-        """Mark a request that will be submitted soon, so the open batch waits for it."""
-        self._incoming += 1
+    def admit(self) -> Iterator[None]:
+        """Count a request as in the server from arrival to answer (wrap the whole handler)."""
+        self._in_server += 1
         try:
             yield
         finally:
-            self._incoming -= 1
+            self._in_server -= 1
+            self._changed.set()
 
-    async def submit(self, tensor: np.ndarray) -> BatchResult:
-        """Queue one preprocessed input and wait for its row of the batch output."""
-        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(tensor, time.perf_counter(), future))
-        self._arrived.set()
+    async def submit(self, item: ItemT) -> BatchResult[ResultT]:
+        """Queue one item and wait for its entry of the batch output."""
+        future: asyncio.Future[BatchResult[ResultT]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(item, time.perf_counter(), future))
+        self._changed.set()
         return await future
 
-    async def _wait_for_arrival(self, timeout: float | None) -> bool:
-        self._arrived.clear()
+    async def _wait_for_change(self, timeout: float | None) -> bool:
+        self._changed.clear()
         try:
-            await asyncio.wait_for(self._arrived.wait(), timeout)
+            await asyncio.wait_for(self._changed.wait(), timeout)
         except TimeoutError:
             return False
         return True
 
-    async def _collect(self) -> list[_Pending]:
+    def _others_on_their_way(self) -> bool:
+        return self._in_server > len(self._pending) + self._in_running_batches
+
+    async def _collect(self) -> list[_Pending[ItemT, ResultT]]:
         while not self._pending:
-            await self._wait_for_arrival(None)
+            await self._wait_for_change(None)
         deadline = time.perf_counter() + self.max_delay_s
-        while len(self._pending) < self.max_batch_size and self._incoming > 0:
+        while len(self._pending) < self.max_batch_size and self._others_on_their_way():
             remaining = deadline - time.perf_counter()
-            if remaining <= 0 or not await self._wait_for_arrival(remaining):
+            if remaining <= 0 or not await self._wait_for_change(remaining):
                 break
         size = min(self.max_batch_size, len(self._pending))
         return [self._pending.popleft() for _ in range(size)]
@@ -112,7 +118,7 @@ class DynamicBatcher:
     async def _batch_loop(self) -> None:
         while True:
             await self._free_workers.acquire()  # collect only when a model call can start
-            batch = [item for item in await self._collect() if not item.future.cancelled()]
+            batch = [p for p in await self._collect() if not p.future.cancelled()]
             if not batch:
                 self._free_workers.release()
                 continue
@@ -120,28 +126,25 @@ class DynamicBatcher:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _execute(self, batch: list[_Pending]) -> None:
+    async def _execute(self, batch: list[_Pending[ItemT, ResultT]]) -> None:
+        self._in_running_batches += len(batch)
         try:
             if self._on_batch is not None:
                 self._on_batch(len(batch))
             started = time.perf_counter()
             try:
-                inputs = np.stack([item.tensor for item in batch])
                 outputs = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._run_batch, inputs
+                    self._executor, self._run_batch, [p.item for p in batch]
                 )
-            except Exception as exc:  # the model failed: every caller in the batch hears why
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+            except Exception as exc:  # the batch failed as a whole: every caller hears why
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
                 return
-            inference_s = time.perf_counter() - started
-            for row, item in enumerate(batch):
-                if not item.future.done():
-                    item.future.set_result(
-                        BatchResult(
-                            outputs[row], started - item.enqueued_at, inference_s, len(batch)
-                        )
-                    )
+            for pending, output in zip(batch, outputs, strict=True):
+                if not pending.future.done():
+                    queue_s = started - pending.enqueued_at
+                    pending.future.set_result(BatchResult(output, queue_s, len(batch)))
         finally:
+            self._in_running_batches -= len(batch)
             self._free_workers.release()

@@ -13,6 +13,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -39,6 +40,27 @@ class ModelNotReadyError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """One image after decoding: the model input, or why there is none."""
+
+    tensor: np.ndarray | None
+    error: InvalidImageError | None
+    decode_s: float
+    preprocess_s: float
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One image's result from a batch: class probabilities, or why there are none."""
+
+    probabilities: np.ndarray | None
+    error: InvalidImageError | None
+    decode_s: float
+    preprocess_s: float
+    inference_s: float
+
+
 class InferenceService(inference_pb2_grpc.ClassifierServicer):
     """Classifier RPCs on top of a served model and a batcher."""
 
@@ -46,7 +68,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         self.settings = settings
         self.metrics = metrics
         self.model: ServedModel | None = None
-        self.batcher: DynamicBatcher | None = None
+        self.batcher: DynamicBatcher[bytes, _Outcome] | None = None
         self._preprocess_pool = ThreadPoolExecutor(
             max_workers=settings.preprocess_threads, thread_name_prefix="preprocess"
         )
@@ -63,7 +85,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
                 None, model.backend.run, np.zeros((size, *shape), np.float32)
             )
         self.batcher = DynamicBatcher(
-            model.backend.run,
+            self._run_batch,
             max_batch_size=self.settings.max_batch_size,
             max_delay_s=self.settings.max_batch_delay_ms / 1000.0,
             workers=model.workers,
@@ -85,15 +107,45 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             await self.batcher.close()
         self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
 
-    # ---- the work of one request -----------------------------------------------------------
+    # ---- the work of one batch and of one request ----------------------------------------
 
-    def _decode_and_preprocess(self, image: bytes) -> tuple[np.ndarray, float, float]:
+    def _prepare(self, image: bytes) -> _Prepared:
         assert self.model is not None
         started = time.perf_counter()
-        rgb = decode_image(image, self.settings.max_image_pixels)
+        try:
+            rgb = decode_image(image, self.settings.max_image_pixels)
+        except InvalidImageError as exc:
+            return _Prepared(None, exc, time.perf_counter() - started, 0.0)
         decoded = time.perf_counter()
         tensor = preprocess(rgb, self.model.preprocess)
-        return tensor, decoded - started, time.perf_counter() - decoded
+        return _Prepared(tensor, None, decoded - started, time.perf_counter() - decoded)
+
+    def _run_batch(self, images: list[bytes]) -> list[_Outcome]:
+        """Decode, preprocess and classify a batch (on a batcher thread).
+
+        Decoding here, right before the model call, rather than as requests arrive keeps it from
+        competing with the model's threads for the cores: on 2 cores that contention cost a
+        third of the model's speed (docs/benchmarks.md).
+        """
+        assert self.model is not None
+        if len(images) == 1:
+            prepared = [self._prepare(images[0])]
+        else:
+            prepared = list(self._preprocess_pool.map(self._prepare, images))
+        valid = [p.tensor for p in prepared if p.tensor is not None]
+        started = time.perf_counter()
+        probabilities = iter(self.model.backend.run(np.stack(valid)) if valid else [])
+        inference_s = time.perf_counter() - started
+        return [
+            _Outcome(
+                next(probabilities) if p.tensor is not None else None,
+                p.error,
+                p.decode_s,
+                p.preprocess_s,
+                inference_s if p.tensor is not None else 0.0,
+            )
+            for p in prepared
+        ]
 
     async def _classify(
         self, request: inference_pb2.ClassifyRequest
@@ -101,20 +153,20 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         model, batcher = self.model, self.batcher
         if model is None or batcher is None:
             raise ModelNotReadyError("the model is still loading; retry when health is SERVING")
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        with batcher.incoming():
-            tensor, decode_s, preprocess_s = await loop.run_in_executor(
-                self._preprocess_pool, self._decode_and_preprocess, request.image
-            )
-        result = await batcher.submit(tensor)
+        with batcher.admit():
+            result = await batcher.submit(request.image)
+        outcome = result.value
+        if outcome.error is not None:
+            raise outcome.error
+        assert outcome.probabilities is not None
         top_k = max(1, min(request.top_k or 1, len(model.class_names)))
-        best = np.argsort(result.probabilities)[::-1][:top_k]
+        best = np.argsort(outcome.probabilities)[::-1][:top_k]
         stages = self.metrics.stage_seconds
-        stages.labels("decode").observe(decode_s)
-        stages.labels("preprocess").observe(preprocess_s)
+        stages.labels("decode").observe(outcome.decode_s)
+        stages.labels("preprocess").observe(outcome.preprocess_s)
         stages.labels("queue").observe(result.queue_s)
-        stages.labels("inference").observe(result.inference_s)
+        stages.labels("inference").observe(outcome.inference_s)
         stages.labels("total").observe(time.perf_counter() - started)
         return inference_pb2.ClassifyResponse(
             request_id=request.request_id,
@@ -123,15 +175,15 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
                 inference_pb2.Prediction(
                     label=model.class_names[index],
                     class_index=int(index),
-                    score=float(result.probabilities[index]),
+                    score=float(outcome.probabilities[index]),
                 )
                 for index in best
             ],
             timings=inference_pb2.Timings(
-                decode_ms=decode_s * 1e3,
-                preprocess_ms=preprocess_s * 1e3,
+                decode_ms=outcome.decode_s * 1e3,
+                preprocess_ms=outcome.preprocess_s * 1e3,
                 queue_ms=result.queue_s * 1e3,
-                inference_ms=result.inference_s * 1e3,
+                inference_ms=outcome.inference_s * 1e3,
                 batch_size=result.batch_size,
             ),
         )
