@@ -20,6 +20,7 @@ ACCEPTED_FORMATS = ("JPEG", "PNG")
 _JPEG_EOI = b"\xff\xd9"
 _PNG_IEND = b"IEND\xaeB`\x82"
 _TAIL_SLACK = 64
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class InvalidImageError(ValueError):
@@ -41,6 +42,17 @@ class PreprocessSpec:
         return (3, self.crop_size, self.crop_size)
 
 
+def _png_header_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk, or (-1, -1) for anything else.
+
+    Pillow refuses to identify a PNG with a zero side, which would hide the reason; the IHDR
+    layout is fixed (signature, length, "IHDR", width, height), so reading it is safe.
+    """
+    if len(data) >= 24 and data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return (-1, -1)
+
+
 def probe_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     """Return (format, width, height) from the header alone, or raise InvalidImageError."""
     if not data:
@@ -51,11 +63,16 @@ def probe_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
         try:
             with Image.open(io.BytesIO(data)) as header:
                 image_format, (width, height) = header.format, header.size
-        except Image.DecompressionBombError:
+        except Image.DecompressionBombError as exc:
             raise InvalidImageError(
-                f"image dimensions exceed the limit of {max_pixels} pixels"
+                f"image dimensions exceed the limit of {max_pixels} pixels ({exc})"
             ) from None
         except Image.UnidentifiedImageError:
+            png_width, png_height = _png_header_size(data)
+            if png_width == 0 or png_height == 0:
+                raise InvalidImageError(
+                    f"zero-sized image: the PNG header says {png_width}x{png_height}"
+                ) from None
             raise InvalidImageError(
                 "not an image: the bytes are not a readable JPEG or PNG"
             ) from None

@@ -1,0 +1,75 @@
+"""Runs real `vidflow serve` processes on 127.0.0.1 for the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.inference.client import wait_until_serving
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    """A `vidflow serve` subprocess and where to reach it."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    http_port: int
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_serving(self, timeout_s: float = 180.0) -> None:
+        try:
+            wait_until_serving(self.target, timeout_s)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n--- server log ---\n{self.log()}") from None
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def start_server(tmp_dir: Path, cache_dir: Path, *extra_args: str) -> ServerProcess:
+    """Start `vidflow serve` on free ports; the caller waits for SERVING when it wants to."""
+    port, http_port = free_port(), free_port()
+    log_path = tmp_dir / f"server-{port}.log"
+    args = [
+        sys.executable, "-m", "vidflow.cli", "serve",
+        "--port", str(port), "--http-port", str(http_port), "--cache-dir", str(cache_dir),
+        *extra_args,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            args, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env
+        )
+    return ServerProcess(process, port, http_port, log_path, args)

@@ -1,0 +1,148 @@
+"""Backends, models and devices through the real loading path (no server needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.inference.backends import DeviceUnavailableError, resolve_device
+from services.inference.loader import load_served_model
+from services.inference.models import WeightsUnavailableError, load_model
+from services.inference.onnx_export import export_onnx
+from services.inference.preprocess import load_and_preprocess
+from tests.conftest import EXPECTED_CLASSES
+from tests.servers import REPO_ROOT
+from vidflow.config import InferenceSettings
+
+BACKENDS = ("eager", "torchscript", "onnx")
+
+
+def _batch(images: list[bytes], spec) -> np.ndarray:
+    return np.stack([load_and_preprocess(image, spec) for image in images])
+
+
+@pytest.mark.slow
+def test_three_backends_agree_on_real_photos(photos, model_cache: Path) -> None:
+    names = sorted(photos)
+    outputs = {}
+    for backend in BACKENDS:
+        model = load_served_model(
+            InferenceSettings(backend=backend, device="cpu", cache_dir=model_cache)
+        )
+        assert model.backend.name == backend
+        outputs[backend] = model.backend.run(_batch([photos[n] for n in names], model.preprocess))
+        top1 = [model.class_names[i] for i in outputs[backend].argmax(axis=1)]
+        for name, label in zip(names, top1, strict=True):
+            assert label in EXPECTED_CLASSES[name], (backend, name, label)
+    for backend in ("torchscript", "onnx"):
+        assert (outputs[backend].argmax(1) == outputs["eager"].argmax(1)).all()
+        np.testing.assert_allclose(outputs[backend], outputs["eager"], atol=1e-3)
+    np.testing.assert_allclose(outputs["eager"].sum(axis=1), 1.0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def resnet18_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    """ResNet18 ImageNet weights cannot be had offline: the test makes its own."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(18)
+    network = resnet18(weights=None).eval()
+    path = tmp_path_factory.mktemp("weights") / "resnet18-test.pth"
+    torch.save(network.state_dict(), path)
+    return path, network
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resnet18_from_a_weights_file(resnet18_weights, backend, photos, model_cache) -> None:
+    path, reference = resnet18_weights
+    model = load_served_model(
+        InferenceSettings(
+            model="resnet18", weights=path, backend=backend, device="cpu", cache_dir=model_cache
+        )
+    )
+    assert model.name == "resnet18" and len(model.class_names) == 1000
+    batch = _batch(list(photos.values()), model.preprocess)
+    with torch.inference_mode():
+        expected = torch.softmax(reference(torch.from_numpy(batch)), dim=1).numpy()
+    got = model.backend.run(batch)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    # ImageNet normalisation, not EfficientNet-Lite's (x - 127) / 128.
+    assert model.preprocess.mean[0] == pytest.approx(0.485 * 255)
+
+
+def test_missing_or_wrong_weights_say_what_to_do(tmp_path: Path, resnet18_weights) -> None:
+    with pytest.raises(WeightsUnavailableError, match="not found"):
+        load_model("resnet18", tmp_path / "nope.pth")
+    with pytest.raises(WeightsUnavailableError, match="do not fit efficientnet_lite0"):
+        load_model("efficientnet_lite0", resnet18_weights[0])
+    with pytest.raises(ValueError, match="known models: efficientnet_lite0, resnet18"):
+        load_model("vgg99")
+
+
+def test_onnx_export_is_cached_by_weights(tmp_path: Path, resnet18_weights) -> None:
+    model = load_model("resnet18", resnet18_weights[0])
+    first = export_onnx(model, tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert export_onnx(model, tmp_path) == first and first.stat().st_mtime_ns == mtime
+    other_path = tmp_path / "other.pth"
+    torch.manual_seed(99)
+    from torchvision.models import resnet18
+
+    torch.save(resnet18(weights=None).state_dict(), other_path)
+    second = export_onnx(load_model("resnet18", other_path), tmp_path)
+    assert second != first and second.is_file()
+
+
+def test_an_exported_onnx_file_serves_without_torch(model_cache: Path, photos, tmp_path) -> None:
+    exported = load_served_model(InferenceSettings(backend="onnx", cache_dir=model_cache))
+    onnx_files = sorted(model_cache.glob("efficientnet_lite0-*.onnx"))
+    assert onnx_files
+    script = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+from pathlib import Path
+from services.inference.loader import load_served_model
+from services.inference.preprocess import load_and_preprocess
+from vidflow.config import InferenceSettings
+onnx_file = Path({str(onnx_files[0])!r})
+model = load_served_model(InferenceSettings(backend="onnx", onnx_model=onnx_file))
+image = Path({str(tmp_path / "cat.png")!r}).read_bytes()
+probabilities = model.backend.run(load_and_preprocess(image, model.preprocess)[None])
+print(model.name, model.class_names[int(probabilities.argmax())], model.weights_sha256)
+"""
+    (tmp_path / "cat.png").write_bytes(photos["cat"])
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    name, *label_words, sha = result.stdout.split()
+    assert name == "efficientnet_lite0"
+    assert " ".join(label_words) in EXPECTED_CLASSES["cat"]
+    assert sha == exported.weights_sha256
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu", strict=False, cuda_available=True) == "cpu"
+    assert resolve_device("auto", strict=False, cuda_available=True) == "cuda"
+    assert resolve_device("auto", strict=False, cuda_available=False) == "cpu"
+    assert resolve_device("cuda", strict=False, cuda_available=False) == "cpu"
+    with pytest.raises(DeviceUnavailableError):
+        resolve_device("cuda", strict=True, cuda_available=False)
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the fallback on a machine with no GPU"
+)
+def test_cuda_without_a_gpu_falls_back_or_fails_when_strict(model_cache: Path, caplog) -> None:
+    model = load_served_model(InferenceSettings(device="cuda", cache_dir=model_cache))
+    assert model.backend.device == "cpu"
+    assert "falling back to CPU" in caplog.text
+    with pytest.raises(DeviceUnavailableError):
+        load_served_model(
+            InferenceSettings(device="cuda", strict_device=True, cache_dir=model_cache)
+        )

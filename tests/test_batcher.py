@@ -1,0 +1,91 @@
+"""The dynamic batcher on a real event loop with a real worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from services.inference.batcher import DynamicBatcher
+
+
+def _recording_batcher(max_batch_size: int, max_delay_s: float, batches: list[list[int]]):
+    def run_batch(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        time.sleep(0.02)
+        return [item * 10 for item in items]
+
+    return DynamicBatcher(run_batch, max_batch_size=max_batch_size, max_delay_s=max_delay_s)
+
+
+async def _classify(batcher: DynamicBatcher, item: int, arrival_delay_s: float = 0.0):
+    with batcher.admit():
+        await asyncio.sleep(arrival_delay_s)  # a request still being received
+        return await batcher.submit(item)
+
+
+def test_concurrent_requests_share_batches_up_to_the_limit() -> None:
+    async def scenario():
+        batches: list[list[int]] = []
+        batcher = _recording_batcher(4, 1.0, batches)
+        batcher.start()
+        results = await asyncio.gather(*(_classify(batcher, i) for i in range(10)))
+        await batcher.close()
+        return batches, results
+
+    batches, results = asyncio.run(scenario())
+    assert [r.value for r in results] == [i * 10 for i in range(10)]
+    assert sorted(i for batch in batches for i in batch) == list(range(10))
+    assert max(len(b) for b in batches) == 4
+    assert len(batches) == 3
+    assert all(r.batch_size == len(b) for b in batches for r in results if r.value // 10 in b)
+
+
+def test_a_lone_request_is_not_held_back() -> None:
+    async def scenario():
+        batcher = _recording_batcher(8, 5.0, [])
+        batcher.start()
+        started = time.perf_counter()
+        result = await _classify(batcher, 7)
+        elapsed = time.perf_counter() - started
+        await batcher.close()
+        return result, elapsed
+
+    result, elapsed = asyncio.run(scenario())
+    assert result.value == 70 and result.batch_size == 1
+    assert elapsed < 2.5  # the 5 s delay never applied (the model call itself takes 20 ms)
+
+
+def test_a_batch_waits_for_requests_on_their_way_but_not_past_the_delay() -> None:
+    async def scenario(delay_s: float):
+        batches: list[list[int]] = []
+        batcher = _recording_batcher(8, delay_s, batches)
+        batcher.start()
+        await asyncio.gather(_classify(batcher, 1), _classify(batcher, 2, arrival_delay_s=0.1))
+        await batcher.close()
+        return batches
+
+    assert asyncio.run(scenario(delay_s=1.0)) == [[1, 2]]  # waited 0.1 s for the second
+    assert asyncio.run(scenario(delay_s=0.01)) == [[1], [2]]  # did not wait past 10 ms
+
+
+def test_a_failing_batch_fails_each_caller_and_the_batcher_goes_on() -> None:
+    calls = []
+
+    def run_batch(items: list[int]) -> list[int]:
+        calls.append(items)
+        if len(calls) == 1:
+            raise RuntimeError("model exploded")
+        return items
+
+    async def scenario():
+        batcher = DynamicBatcher(run_batch, max_batch_size=4, max_delay_s=0.0)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="model exploded"):
+            await _classify(batcher, 1)
+        result = await _classify(batcher, 2)
+        await batcher.close()
+        return result
+
+    assert asyncio.run(scenario()).value == 2

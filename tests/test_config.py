@@ -1,0 +1,56 @@
+"""Configuration precedence and logging."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from vidflow.cli import build_parser
+from vidflow.config import InferenceSettings, LogSettings, settings_from_args
+from vidflow.logs import setup_logging
+
+
+def test_flags_win_over_environment_which_wins_over_defaults(monkeypatch) -> None:
+    monkeypatch.setenv("VIDFLOW_INFERENCE_PORT", "6000")
+    monkeypatch.setenv("VIDFLOW_INFERENCE_BACKEND", "eager")
+    args = build_parser().parse_args(["serve", "--backend", "torchscript"])
+    settings = settings_from_args(InferenceSettings, args)
+    assert settings.backend == "torchscript"  # flag
+    assert settings.port == 6000  # environment
+    assert settings.max_batch_size == 8  # default
+
+
+def test_bad_values_are_refused_with_the_setting_named(monkeypatch) -> None:
+    monkeypatch.setenv("VIDFLOW_INFERENCE_MAX_BATCH_SIZE", "0")
+    with pytest.raises(ValueError, match="max_batch_size"):
+        InferenceSettings()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--backend", "tensorflow"])
+
+
+def test_boolean_flags(monkeypatch) -> None:
+    args = build_parser().parse_args(["serve", "--strict-device"])
+    assert settings_from_args(InferenceSettings, args).strict_device is True
+    monkeypatch.setenv("VIDFLOW_INFERENCE_STRICT_DEVICE", "true")
+    args = build_parser().parse_args(["serve"])
+    assert settings_from_args(InferenceSettings, args).strict_device is True
+
+
+def test_log_lines_carry_iso_timestamps_to_stderr_and_file(tmp_path: Path, capsys) -> None:
+    log_file = tmp_path / "logs" / "vidflow.log"
+    setup_logging(LogSettings(level="INFO", file=log_file))
+    logging.getLogger("vidflow.test").info("hello %s", "world")
+    iso = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 INFO vidflow\.test: hello world$"
+    assert re.match(iso, log_file.read_text().strip())
+    assert re.search(iso, capsys.readouterr().err.strip(), re.M)
+    setup_logging(LogSettings())
+
+
+def test_every_subcommand_has_help() -> None:
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"serve", "classify", "loadtest", "health", "export-onnx"} <= set(subcommands.choices)

@@ -1,0 +1,73 @@
+"""Decoding and preprocessing, the function the server, tests and benchmarks share."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.inference.models import MODELS
+from services.inference.preprocess import (
+    InvalidImageError,
+    PreprocessSpec,
+    decode_image,
+    preprocess,
+    probe_image,
+)
+from tests.images import jpeg_bytes, png_bytes, png_claiming_size
+
+SPEC = MODELS["efficientnet_lite0"].preprocess
+
+
+def test_decode_returns_rgb() -> None:
+    bgr = np.zeros((10, 20, 3), np.uint8)
+    bgr[..., 2] = 255  # pure red in OpenCV's BGR order
+    _, png = cv2.imencode(".png", bgr)
+    rgb = decode_image(png.tobytes())
+    assert rgb.shape == (10, 20, 3)
+    assert (rgb[..., 0] == 255).all() and (rgb[..., 2] == 0).all()
+
+
+def test_probe_reads_the_header_only() -> None:
+    assert probe_image(jpeg_bytes(64, 48), 10**6) == ("JPEG", 64, 48)
+    assert probe_image(png_bytes(30, 40), 10**6) == ("PNG", 30, 40)
+
+
+def test_pixel_limit_is_configurable() -> None:
+    image = png_bytes(100, 100)
+    decode_image(image, max_pixels=10_000)
+    with pytest.raises(InvalidImageError, match="100x100 exceed the limit of 9999 pixels"):
+        decode_image(image, max_pixels=9_999)
+
+
+def test_a_header_claiming_30000x30000_is_refused_before_decoding() -> None:
+    bomb = png_claiming_size(30000, 30000)
+    assert len(bomb) < 100
+    with pytest.raises(InvalidImageError, match="exceed the limit"):
+        decode_image(bomb)
+
+
+def test_preprocess_matches_the_written_recipe() -> None:
+    """Short side to 256, centre crop 224, (x - 127) / 128, channels first."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (256, 512, 3), dtype=np.uint8)  # short side already 256
+    out = preprocess(rgb, SPEC)
+    expected = (rgb[16:240, 144:368].astype(np.float32) - 127.0) / 128.0
+    np.testing.assert_allclose(out, expected.transpose(2, 0, 1), atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    width=st.integers(1, 1500),
+    height=st.integers(1, 1500),
+    spec=st.sampled_from([entry.preprocess for entry in MODELS.values()]),
+)
+def test_preprocess_shape_for_any_size(width: int, height: int, spec: PreprocessSpec) -> None:
+    rgb = np.full((height, width, 3), 200, np.uint8)
+    out = preprocess(rgb, spec)
+    assert out.shape == spec.input_shape and out.dtype == np.float32
+    assert out.flags["C_CONTIGUOUS"]
+    expected = (200 - np.asarray(spec.mean)) / np.asarray(spec.std)
+    np.testing.assert_allclose(out[:, 0, 0], expected, rtol=1e-5)

@@ -1,0 +1,296 @@
+"""The inference service, end to end: a real `vidflow serve` process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import inference_pb2, inference_pb2_grpc
+from services.inference.client import channel_options, health_status
+from tests.conftest import EXPECTED_CLASSES
+from tests.images import gif_bytes, jpeg_bytes, png_bytes, png_claiming_size
+from tests.servers import REPO_ROOT, start_server
+
+
+def _stub(target: str) -> tuple[grpc.Channel, inference_pb2_grpc.ClassifierStub]:
+    channel = grpc.insecure_channel(target, options=channel_options())
+    return channel, inference_pb2_grpc.ClassifierStub(channel)
+
+
+def _http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (urllib.error.URLError, ConnectionError):
+        return 0, ""
+
+
+def _metric(body: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    for line in body.splitlines():
+        if line.startswith("#"):
+            continue
+        metric, _, value = line.rpartition(" ")
+        metric_name, _, label_text = metric.partition("{")
+        got = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
+        if metric_name == name and got == wanted:
+            return float(value)
+    return 0.0
+
+
+@pytest.mark.slow
+def test_health_goes_from_not_serving_to_serving(tmp_path: Path, model_cache: Path) -> None:
+    server = start_server(tmp_path, model_cache)
+    try:
+        seen_health, seen_ready = [], []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            status = health_status(server.target, timeout_s=1.0)
+            ready_code, _ = _http_get(f"{server.http_url}/readyz")
+            if status != "UNREACHABLE" and (not seen_health or seen_health[-1] != status):
+                seen_health.append(status)
+            if ready_code and (not seen_ready or seen_ready[-1] != ready_code):
+                seen_ready.append(ready_code)
+            if status == "SERVING":
+                break
+            time.sleep(0.05)
+        assert seen_health == ["NOT_SERVING", "SERVING"], server.log()
+        assert seen_ready[0] == 503 and seen_ready[-1] in (200, 503)
+        assert _http_get(f"{server.http_url}/readyz")[0] == 200
+        assert _http_get(f"{server.http_url}/healthz")[0] == 200
+        # The named service reports too, as the standard health protocol defines.
+        channel = grpc.insecure_channel(server.target)
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="vidflow.inference.v1.Classifier"), timeout=5
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        channel.close()
+    finally:
+        assert server.terminate() == 0, server.log()
+
+
+def test_real_photos_get_the_class_a_person_would_name(onnx_server, photos) -> None:
+    channel, stub = _stub(onnx_server.target)
+    with channel:
+        for name, image in photos.items():
+            reply = stub.Classify(
+                inference_pb2.ClassifyRequest(image=image, top_k=5, request_id=name), timeout=30
+            )
+            assert reply.request_id == name
+            assert reply.model_name == "efficientnet_lite0"
+            assert len(reply.predictions) == 5
+            scores = [p.score for p in reply.predictions]
+            assert scores == sorted(scores, reverse=True)
+            assert 0 < scores[0] <= 1
+            assert reply.predictions[0].label in EXPECTED_CLASSES[name], (name, reply.predictions)
+            assert reply.timings.inference_ms > 0 and reply.timings.decode_ms > 0
+            assert reply.timings.batch_size >= 1
+
+
+def test_top_k_zero_means_one(onnx_server, photos) -> None:
+    channel, stub = _stub(onnx_server.target)
+    with channel:
+        reply = stub.Classify(inference_pb2.ClassifyRequest(image=photos["coffee"]), timeout=30)
+    assert len(reply.predictions) == 1
+
+
+BAD_INPUTS = {
+    "empty": (b"", "empty image"),
+    "not an image": (b"this is plain text, not a picture" * 4, "not an image"),
+    "truncated jpeg": (jpeg_bytes(320, 240)[:3000], "truncated"),
+    "truncated png": (png_bytes(320, 240)[:-20], "truncated"),
+    "30000x30000 header": (png_claiming_size(30000, 30000), "exceed the limit"),
+    "zero-sized": (png_claiming_size(0, 16), "zero-sized"),
+    "gif": (gif_bytes(), "unsupported image format GIF"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_invalid_argument_and_the_server_goes_on(onnx_server, photos, case) -> None:
+    image, message = BAD_INPUTS[case]
+    channel, stub = _stub(onnx_server.target)
+    with channel:
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Classify(inference_pb2.ClassifyRequest(image=image), timeout=30)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in error.value.details()
+        reply = stub.Classify(inference_pb2.ClassifyRequest(image=photos["cat"]), timeout=30)
+        assert reply.predictions[0].label in EXPECTED_CLASSES["cat"]
+
+
+def test_message_over_the_size_limit_is_resource_exhausted(onnx_server, photos) -> None:
+    channel, stub = _stub(onnx_server.target)
+    with channel:
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Classify(inference_pb2.ClassifyRequest(image=b"\xff" * (17 << 20)), timeout=30)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        reply = stub.Classify(inference_pb2.ClassifyRequest(image=photos["rocket"]), timeout=30)
+        assert reply.predictions[0].label in EXPECTED_CLASSES["rocket"]
+
+
+def test_stream_answers_in_order_and_reports_bad_images_without_ending(
+    onnx_server, video_frames
+) -> None:
+    requests = [
+        inference_pb2.ClassifyRequest(image=frame, request_id=f"frame-{i}")
+        for i, frame in enumerate(video_frames)
+    ]
+    requests.insert(5, inference_pb2.ClassifyRequest(image=b"garbage", request_id="bad"))
+    channel, stub = _stub(onnx_server.target)
+    with channel:
+        replies = list(stub.ClassifyStream(iter(requests), timeout=60))
+    assert [r.request_id for r in replies] == [r.request_id for r in requests]
+    bad = replies[5]
+    assert "not an image" in bad.error and not bad.predictions
+    good = [r for r in replies if r.request_id != "bad"]
+    assert all(r.predictions and not r.error for r in good)
+    # Frames sent together on one stream share model calls.
+    assert max(r.timings.batch_size for r in good) > 1
+
+
+def test_concurrent_requests_are_batched(onnx_server, video_frames) -> None:
+    channel, stub = _stub(onnx_server.target)
+    with channel:
+        futures = [
+            stub.Classify.future(inference_pb2.ClassifyRequest(image=frame), timeout=60)
+            for frame in video_frames
+        ]
+        batch_sizes = [f.result().timings.batch_size for f in futures]
+    assert max(batch_sizes) > 1
+    assert max(batch_sizes) <= 8  # the server's --max-batch-size default
+
+
+def test_model_info(onnx_server) -> None:
+    channel, stub = _stub(onnx_server.target)
+    with channel:
+        info = stub.GetModelInfo(inference_pb2.ModelInfoRequest(), timeout=10)
+    assert info.model_name == "efficientnet_lite0"
+    assert info.backend == "onnx"
+    assert info.device == "cpu" or info.device == "cuda"
+    assert info.num_classes == 1000
+    assert (info.input_height, info.input_width) == (224, 224)
+    assert info.max_batch_size == 8
+    assert len(info.weights_sha256) == 64
+
+
+def test_metrics_count_requests_by_status(onnx_server, photos) -> None:
+    _, before = _http_get(f"{onnx_server.http_url}/metrics")
+    channel, stub = _stub(onnx_server.target)
+    with channel:
+        stub.Classify(inference_pb2.ClassifyRequest(image=photos["cat"]), timeout=30)
+        with pytest.raises(grpc.RpcError):
+            stub.Classify(inference_pb2.ClassifyRequest(image=b""), timeout=30)
+    status, after = _http_get(f"{onnx_server.http_url}/metrics")
+    assert status == 200
+
+    def delta(name: str, **labels: str) -> float:
+        return _metric(after, name, **labels) - _metric(before, name, **labels)
+
+    assert delta("vidflow_inference_requests_total", method="Classify", code="OK") == 1
+    assert (
+        delta("vidflow_inference_requests_total", method="Classify", code="INVALID_ARGUMENT") == 1
+    )
+    assert delta("vidflow_inference_stage_seconds_count", stage="inference") == 1
+    assert delta("vidflow_inference_batch_size_count") >= 1
+    assert _metric(after, "vidflow_inference_ready") == 1
+    assert "vidflow_inference_in_flight" in after
+
+
+def test_reflection_lists_the_services(onnx_server) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(onnx_server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        reply = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=10)))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"vidflow.inference.v1.Classifier", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.slow
+def test_sigterm_drains_an_in_flight_stream(tmp_path: Path, model_cache: Path, video_frames):
+    server = start_server(tmp_path, model_cache)
+    server.wait_serving()
+    sent_after_sigterm = threading.Event()
+    first_reply = threading.Event()
+    # A health Watch opened before SIGTERM sees the switch to NOT_SERVING (new Check calls are
+    # refused once shutdown starts, as are all new calls).
+    watch_channel = grpc.insecure_channel(server.target)
+    watch = health_pb2_grpc.HealthStub(watch_channel).Watch(
+        health_pb2.HealthCheckRequest(service=""), timeout=120
+    )
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+
+    def requests():
+        for i, frame in enumerate(video_frames):
+            if i == 4:  # the stream is in flight: now ask the server to stop
+                assert first_reply.wait(30)
+                server.process.send_signal(signal.SIGTERM)
+                assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                watch.cancel()
+                sent_after_sigterm.set()
+            yield inference_pb2.ClassifyRequest(image=frame, request_id=str(i))
+            time.sleep(0.05)
+
+    channel, stub = _stub(server.target)
+    replies = []
+    with channel:
+        for reply in stub.ClassifyStream(requests(), timeout=120):
+            replies.append(reply)
+            first_reply.set()
+        assert sent_after_sigterm.is_set()
+        # New calls are refused once shutdown has begun.
+        with pytest.raises(grpc.RpcError):
+            stub.Classify(inference_pb2.ClassifyRequest(image=video_frames[0]), timeout=5)
+    assert [r.request_id for r in replies] == [str(i) for i in range(len(video_frames))]
+    assert all(r.predictions for r in replies)
+    watch_channel.close()
+    assert server.process.wait(60) == 0, server.log()
+    assert "all calls drained" in server.log()
+
+
+def test_cli_classify_and_loadtest(onnx_server, tmp_path: Path) -> None:
+    import skimage
+
+    photo = Path(skimage.__file__).parent / "data" / "coffee.png"
+    classify = subprocess.run(
+        [sys.executable, "-m", "vidflow.cli", "classify", "--target", onnx_server.target,
+         str(photo)],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+    )  # fmt: skip
+    assert classify.returncode == 0, classify.stderr
+    path, label, score = classify.stdout.strip().split("\t")
+    assert path.endswith("coffee.png") and label in EXPECTED_CLASSES["coffee"]
+    assert 0 < float(score) <= 1
+
+    report = tmp_path / "loadtest.json"
+    video = REPO_ROOT.parent / "shared" / "data" / "videos" / "pool_cleaning.mp4"
+    loadtest = subprocess.run(
+        [
+            sys.executable, "-m", "vidflow.cli", "loadtest", "--target", onnx_server.target,
+            "--images", str(video), "--concurrency", "1,4", "--duration", "2", "--warmup", "0.5",
+            "--max-frames", "8", "--json", str(report),
+        ],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+    )  # fmt: skip
+    assert loadtest.returncode == 0, loadtest.stderr
+    levels = json.loads(report.read_text())
+    assert [level["concurrency"] for level in levels] == [1, 4]
+    for level in levels:
+        assert level["requests"] > 0 and level["errors"] == 0
+        assert level["throughput_rps"] > 0
+        assert 0 < level["latency_ms"]["p50"] <= level["latency_ms"]["p99"]
+    assert "p99 ms" in loadtest.stdout
