@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import ServerProcess, start_server
+from services.inference.launcher import ServerProcess, start_server
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 VIDEOS = SHARED_DATA / "videos"

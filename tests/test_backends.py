@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from services.inference.backends import DeviceUnavailableError, resolve_device
+from services.inference.launcher import REPO_ROOT
 from services.inference.loader import load_served_model
 from services.inference.models import WeightsUnavailableError, load_model
 from services.inference.onnx_export import export_onnx
 from services.inference.preprocess import load_and_preprocess
 from tests.conftest import EXPECTED_CLASSES
-from tests.servers import REPO_ROOT
 from vidflow.config import InferenceSettings
 
 BACKENDS = ("eager", "torchscript", "onnx")

@@ -18,9 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import channel_options, health_status
+from services.inference.launcher import REPO_ROOT, start_server
 from tests.conftest import EXPECTED_CLASSES
 from tests.images import gif_bytes, jpeg_bytes, png_bytes, png_claiming_size
-from tests.servers import REPO_ROOT, start_server
 
 
 def _stub(target: str) -> tuple[grpc.Channel, inference_pb2_grpc.ClassifierStub]:

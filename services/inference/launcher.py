@@ -1,4 +1,4 @@
-"""Runs real `vidflow serve` processes on 127.0.0.1 for the tests."""
+"""Starts `vidflow serve` as a child process on free local ports (tests, benchmarks, demo)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from services.inference.client import wait_until_serving
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def free_port() -> int:

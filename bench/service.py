@@ -1,0 +1,115 @@
+"""Benchmark: the inference service under load against the bare model, in the same run.
+
+    python -m bench.service [--duration 10] [--rounds 2] [--concurrency 8] [--max-batch-size 8]
+
+Service: `vidflow serve` (ONNX Runtime backend, dynamic batching) in its own process, driven by
+the closed-loop load test at the given concurrency with real video frames (decode, preprocess,
+gRPC and batching all included). Baseline: the same ONNX Runtime backend called in-process on
+already-preprocessed frames at the same batch size. The two alternate, one at a time, so they
+never share the cores. The last stdout line is JSON with `service_fps`, `model_fps` and `ratio`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import mean
+
+import numpy as np
+
+from services.inference.launcher import start_server
+from services.inference.loader import load_served_model
+from services.inference.loadtest import run_loadtest
+from services.inference.preprocess import load_and_preprocess
+from vidflow.config import DEFAULT_CACHE_DIR, InferenceSettings
+from vidflow.frames import load_encoded_images
+
+VIDEOS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "videos"
+
+
+def real_frames(frames_per_video: int) -> list[bytes]:
+    videos = sorted(VIDEOS.glob("*.mp4"))
+    if not videos:
+        sys.exit(f"no videos in {VIDEOS}: the benchmark needs ../shared/data/videos")
+    return [f for v in videos for f in load_encoded_images(v, max_frames=frames_per_video)]
+
+
+def model_fps(run_batch, batch: np.ndarray, duration_s: float) -> float:
+    """Images per second of back-to-back model calls on one preprocessed batch."""
+    run_batch(batch)
+    images, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < duration_s:
+        run_batch(batch)
+        images += len(batch)
+    return images / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="model/service alternations")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--frames-per-video", type=int, default=64)
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models")
+    args = parser.parse_args()
+
+    frames = real_frames(args.frames_per_video)
+    model = load_served_model(InferenceSettings(backend="onnx", cache_dir=args.cache_dir))
+    tensors = np.stack([load_and_preprocess(f, model.preprocess) for f in frames])
+    same_batch = tensors[: args.max_batch_size]
+
+    model_runs, service_runs, levels = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.rounds):
+            model_runs.append(model_fps(model.backend.run, same_batch, args.duration))
+            server = start_server(
+                Path(tmp), args.cache_dir, "--backend", "onnx",
+                "--max-batch-size", str(args.max_batch_size),
+            )  # fmt: skip
+            try:
+                server.wait_serving()
+                (level,) = asyncio.run(
+                    run_loadtest(server.target, frames, [args.concurrency], args.duration, 2.0)
+                )
+            finally:
+                server.terminate()
+            service_runs.append(level.throughput_rps)
+            levels.append(level)
+            print(
+                f"round {round_index + 1}: model {model_runs[-1]:.1f} img/s at batch "
+                f"{len(same_batch)}, service {level.throughput_rps:.1f} img/s "
+                f"(mean batch {level.mean_batch_size}, p50 {level.latency_ms['p50']} ms)",
+                file=sys.stderr,
+            )
+
+    mean_batch = round(mean(level.mean_batch_size for level in levels))
+    model_at_mean_batch = model_fps(model.backend.run, tensors[: max(1, mean_batch)], args.duration)
+    result = {
+        "benchmark": "service",
+        "service_fps": round(mean(service_runs), 1),
+        "model_fps": round(mean(model_runs), 1),
+        "ratio": round(mean(service_runs) / mean(model_runs), 3),
+        "model_fps_at_service_mean_batch": round(model_at_mean_batch, 1),
+        "ratio_at_service_mean_batch": round(mean(service_runs) / model_at_mean_batch, 3),
+        "service_mean_batch": round(mean(level.mean_batch_size for level in levels), 2),
+        "service_latency_ms": levels[-1].latency_ms,
+        "errors": sum(level.errors for level in levels),
+        "concurrency": args.concurrency,
+        "batch_size": len(same_batch),
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "frames": len(frames),
+        "cpu_count": os.cpu_count(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
