@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -96,7 +97,9 @@ class TorchBackend:
         module = network.to(self.device).eval()
         if torchscript:
             example = torch.zeros((1, *input_shape), device=self.device)
-            with torch.inference_mode(False), torch.no_grad():
+            # TorchScript is deprecated upstream, but it is what this backend is asked for.
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
                 module = torch.jit.freeze(torch.jit.trace(module, example).eval())
         self._module = module
         self._torch = torch
