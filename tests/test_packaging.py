@@ -1,0 +1,182 @@
+"""Packaging checks: Dockerfile lint, compose file validity and what the image promises.
+
+No Docker engine is needed: hadolint and docker-compose (both from the dev extra, in the
+venv's bin directory) only read the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> Path:
+    path = VENV_BIN / name
+    assert path.exists(), f"{path} is missing: install the dev extra (make setup)"
+    return path
+
+
+def _run(args: list[str | Path], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(a) for a in args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
+def _compose_env() -> dict[str, str]:
+    """The environment without VIDFLOW_* overrides, so that the defaults in the file apply."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("VIDFLOW_", "COMPOSE_"))}
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def args_of(self, keyword: str) -> list[str]:
+        return [args for kw, args in self.instructions if kw == keyword]
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    """(KEYWORD, arguments) per instruction: comments dropped, continuation lines joined."""
+    result: list[tuple[str, str]] = []
+    pending = ""
+    for line in text.splitlines():
+        if line.strip().startswith("#") or (not line.strip() and not pending):
+            continue
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        if full:
+            keyword, _, args = full.partition(" ")
+            result.append((keyword.upper(), args.strip()))
+    return result
+
+
+def _stages() -> tuple[list[tuple[str, str]], list[Stage]]:
+    """Instructions before the first FROM, and the stages in order."""
+    preamble: list[tuple[str, str]] = []
+    stages: list[Stage] = []
+    for keyword, args in _instructions(DOCKERFILE.read_text()):
+        if keyword == "FROM":
+            match = re.fullmatch(r"(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?", args, re.IGNORECASE)
+            assert match, f"unparsed FROM {args}"
+            stages.append(Stage(name=match.group(2) or str(len(stages)), base=match.group(1)))
+        elif stages:
+            stages[-1].instructions.append((keyword, args))
+        else:
+            preamble.append((keyword, args))
+    return preamble, stages
+
+
+def _runtime_stage() -> Stage:
+    _, stages = _stages()
+    assert stages[-1].name == "runtime", "runtime must be the last (default) stage"
+    return stages[-1]
+
+
+def test_hadolint_passes() -> None:
+    result = _run([_tool("hadolint"), "--failure-threshold", "warning", DOCKERFILE.name])
+    assert result.returncode == 0, f"hadolint:\n{result.stdout}\n{result.stderr}"
+
+
+def test_compose_config_is_valid() -> None:
+    result = _run(
+        [_tool("docker-compose"), "-f", COMPOSE_FILE.name, "config", "-q"], env=_compose_env()
+    )
+    assert result.returncode == 0, f"docker-compose config:\n{result.stdout}\n{result.stderr}"
+
+
+def test_compose_inference_service() -> None:
+    service = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["inference"]
+    assert service["build"]["target"] == "runtime"
+    test = service["healthcheck"]["test"]
+    assert "vidflow health" in (test if isinstance(test, str) else " ".join(test))
+    assert any("50051" in str(port) for port in service["ports"]), service["ports"]
+    assert any("8000" in str(port) for port in service["ports"]), service["ports"]
+    assert service.get("restart") in {"always", "unless-stopped", "on-failure"}
+    assert any(str(volume).startswith("model-cache:") for volume in service["volumes"])
+
+
+def test_compose_resolved_ports_and_environment() -> None:
+    result = _run(
+        [_tool("docker-compose"), "-f", COMPOSE_FILE.name, "config", "--format", "json"],
+        env=_compose_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    service = json.loads(result.stdout)["services"]["inference"]
+    published = {(str(p["published"]), p["target"]) for p in service["ports"]}
+    assert {("50051", 50051), ("8000", 8000)} <= published
+    env = service["environment"]
+    assert env["VIDFLOW_INFERENCE_HOST"] == "0.0.0.0"
+    assert env["VIDFLOW_INFERENCE_BACKEND"] == "onnx"
+    assert env["VIDFLOW_INFERENCE_ONNX_MODEL"] == "/opt/model/efficientnet_lite0.onnx"
+
+
+def test_dockerfile_structure() -> None:
+    text = DOCKERFILE.read_text()
+    assert text.splitlines()[0] == "# syntax=docker/dockerfile:1"
+    preamble, stages = _stages()
+    assert any(args.startswith("BASE_IMAGE=") for kw, args in preamble if kw == "ARG")
+    assert [s.name for s in stages] == ["builder", "runtime"]
+    assert all(stage.base == "${BASE_IMAGE}" for stage in stages)
+    builder = stages[0]
+    assert any("export-onnx" in args for args in builder.args_of("RUN"))
+    assert any("[torch]" in args for args in builder.args_of("RUN"))
+
+
+def test_dockerfile_runtime_stage() -> None:
+    runtime = _runtime_stage()
+    healthchecks = runtime.args_of("HEALTHCHECK")
+    assert len(healthchecks) == 1 and "vidflow health" in healthchecks[0]
+    users = runtime.args_of("USER")
+    assert users, "the runtime stage must switch to a non-root user"
+    assert users[-1].split(":")[0] not in {"root", "0"}
+    exposed = {port for args in runtime.args_of("EXPOSE") for port in args.split()}
+    assert {"50051", "8000"} <= exposed
+    assert runtime.args_of("ENTRYPOINT") == ['["vidflow"]']
+    assert runtime.args_of("CMD") == ['["serve"]']
+    env = " ".join(runtime.args_of("ENV"))
+    for setting in (
+        "VIDFLOW_INFERENCE_HOST=0.0.0.0",
+        "VIDFLOW_INFERENCE_BACKEND=onnx",
+        "VIDFLOW_INFERENCE_ONNX_MODEL=/opt/model/efficientnet_lite0.onnx",
+    ):
+        assert setting in env
+    labels = " ".join(runtime.args_of("LABEL"))
+    for key in ("title", "description", "source", "licenses"):
+        assert f"org.opencontainers.image.{key}=" in labels
+
+
+@pytest.mark.parametrize("extra", ["torch", "all"])
+def test_dockerfile_runtime_stage_has_no_torch(extra: str) -> None:
+    runtime = _runtime_stage()
+    extras = re.compile(r"\[[^\]]*\b" + extra + r"\b[^\]]*\]")
+    for args in runtime.args_of("RUN"):
+        for command in re.split(r"&&|;|\|\|", args):
+            if "pip install" in command:
+                assert not extras.search(command), f"runtime installs [{extra}]: {command}"
+                assert not re.search(r"\btorch(vision)?\b", command), command
+    for args in runtime.args_of("COPY"):
+        assert "/opt/venv" not in args, f"runtime must not copy the builder's venv: {args}"
