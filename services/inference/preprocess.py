@@ -14,7 +14,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from vidflow.config import InferenceSettings
+
 ACCEPTED_FORMATS = ("JPEG", "PNG")
+DEFAULT_MAX_IMAGE_PIXELS: int = InferenceSettings.model_fields["max_image_pixels"].default
 # A JPEG ends with the EOI marker; a PNG with the IEND chunk (type + CRC). Allow a little trailing
 # padding, which some cameras append, but not a missing tail.
 _JPEG_EOI = b"\xff\xd9"
@@ -93,7 +96,7 @@ def probe_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     return image_format, width, height
 
 
-def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode JPEG/PNG bytes to an RGB uint8 array (H, W, 3), or raise InvalidImageError."""
     image_format, width, height = probe_image(data, max_pixels)
     bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
@@ -137,7 +140,7 @@ def preprocess(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def load_and_preprocess(
-    data: bytes, spec: PreprocessSpec, max_pixels: int = 40_000_000
+    data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> np.ndarray:
     """Decode and preprocess in one call (the path benchmarks and tests use)."""
     return preprocess(decode_image(data, max_pixels), spec)
