@@ -35,10 +35,8 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # --------------------------------------------------------------------------------------------
-FROM ${BASE_IMAGE} AS builder
-
-# Optional extra package index for torch/torchvision (e.g. the CPU-only wheels).
-ARG TORCH_INDEX_URL=""
+# What both stages share: Python and an empty virtual environment on PATH.
+FROM ${BASE_IMAGE} AS base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -56,6 +54,12 @@ RUN if ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
     && python3 -m venv /opt/venv
+
+# --------------------------------------------------------------------------------------------
+FROM base AS builder
+
+# Optional extra package index for torch/torchvision (e.g. the CPU-only wheels).
+ARG TORCH_INDEX_URL=""
 
 WORKDIR /src
 
@@ -79,7 +83,7 @@ RUN vidflow export-onnx --cache-dir /tmp/vidflow-export \
     && rm -rf /tmp/vidflow-export
 
 # --------------------------------------------------------------------------------------------
-FROM ${BASE_IMAGE} AS runtime
+FROM base AS runtime
 
 # `onnxruntime` (CPU) or `onnxruntime-gpu[==VERSION]` for the CUDA variant (see the top).
 ARG ONNXRUNTIME_PACKAGE=onnxruntime
@@ -93,21 +97,7 @@ LABEL org.opencontainers.image.title="vidflow-inference" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PATH=/opt/venv/bin:$PATH
-
-# Same as in the builder: only for bases without Python. Not pinned (DL3008), see above.
-# hadolint ignore=DL3008
-RUN if ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then \
-        apt-get update \
-        && DEBIAN_FRONTEND=noninteractive apt-get install --yes --no-install-recommends \
-            python3 python3-venv ca-certificates \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi \
-    && python3 -m venv /opt/venv \
-    && groupadd --system --gid 10001 vidflow \
+RUN groupadd --system --gid 10001 vidflow \
     && useradd --system --uid 10001 --gid vidflow --home-dir /home/vidflow --create-home \
         --shell /usr/sbin/nologin vidflow \
     && install -d -o vidflow -g vidflow /var/cache/vidflow

@@ -139,9 +139,10 @@ def test_dockerfile_structure() -> None:
     assert text.splitlines()[0] == "# syntax=docker/dockerfile:1"
     preamble, stages = _stages()
     assert any(args.startswith("BASE_IMAGE=") for kw, args in preamble if kw == "ARG")
-    assert [s.name for s in stages] == ["builder", "runtime"]
-    assert all(stage.base == "${BASE_IMAGE}" for stage in stages)
-    builder = stages[0]
+    assert [s.name for s in stages] == ["base", "builder", "runtime"]
+    assert stages[0].base == "${BASE_IMAGE}"
+    assert all(stage.base == "base" for stage in stages[1:])
+    builder = stages[1]
     assert any("export-onnx" in args for args in builder.args_of("RUN"))
     assert any("[torch]" in args for args in builder.args_of("RUN"))
 
