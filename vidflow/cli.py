@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from vidflow.config import (
     ClientSettings,
+    ConsumerSettings,
     InferenceSettings,
+    KafkaSettings,
     LogSettings,
+    ProducerSettings,
     add_settings_arguments,
     settings_from_args,
 )
@@ -82,6 +88,53 @@ def _loadtest(args: argparse.Namespace) -> int:
     return 1 if any(r.requests == 0 for r in results) else 0
 
 
+def _stop_on_sigterm() -> threading.Event:
+    """An event set by SIGTERM or Ctrl-C, so a job can finish its current step and report."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from tasks.broker import run_broker
+
+    return run_broker(args.port, args.host)
+
+
+def _produce(args: argparse.Namespace) -> int:
+    from tasks.producer import produce_frames
+    from tasks.topics import ensure_topics
+
+    kafka = settings_from_args(KafkaSettings, args)
+    ensure_topics(kafka.bootstrap_servers, [kafka.frames_topic], kafka.partitions)
+    stats = produce_frames(settings_from_args(ProducerSettings, args), kafka, _stop_on_sigterm())
+    print(json.dumps(stats.as_dict()))
+    return 1 if stats.failed else 0
+
+
+def _consume(args: argparse.Namespace) -> int:
+    from tasks.consumer import FrameConsumer, format_summary
+    from tasks.topics import ensure_topics
+
+    kafka = settings_from_args(KafkaSettings, args)
+    settings = settings_from_args(ConsumerSettings, args)
+    target = settings_from_args(ClientSettings, args).target
+    topics = [kafka.frames_topic, kafka.results_topic, kafka.dlq_topic]
+    ensure_topics(kafka.bootstrap_servers, topics, kafka.partitions)
+    consumer = FrameConsumer(kafka, settings, target, _stop_on_sigterm())
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, registry=consumer.metrics.registry)
+    summary = consumer.run().as_dict()
+    print(format_summary(summary))
+    if settings.summary_json is not None:
+        settings.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        settings.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidflow", description=__doc__)
     logging_flags = argparse.ArgumentParser(add_help=False)
@@ -128,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--warmup", type=float, default=2.0, help="uncounted seconds per level")
     loadtest.add_argument("--max-frames", type=int, default=64, help="frames taken from a video")
     loadtest.add_argument("--json", type=Path, help="write the results as JSON here")
+    broker = command("broker", _broker, "run the local Kafka-protocol broker (Tansu)")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.add_argument("--host", default="127.0.0.1")
+
+    produce = command("produce", _produce, "publish JPEG frames of a video file, webcam or RTSP")
+    add_settings_arguments(produce, ProducerSettings)
+    add_settings_arguments(produce, KafkaSettings)
+    produce.add_argument("--topic", dest="frames_topic", help="alias of --frames-topic")
+
+    consume = command("consume", _consume, "classify frames from Kafka through the service")
+    add_settings_arguments(consume, ConsumerSettings)
+    add_settings_arguments(consume, KafkaSettings)
+    add_settings_arguments(consume, ClientSettings)
+    consume.add_argument("--topic", dest="frames_topic", help="alias of --frames-topic")
     return parser
 
 

@@ -93,8 +93,8 @@ def add_settings_arguments(
         if only is not None and name not in only:
             continue
         env_name = f"{prefix}{name}".upper()
-        default = field.default
-        help_text = f"{field.description} (env {env_name}; default {default})"
+        default = "required" if field.is_required() else f"default {field.default}"
+        help_text = f"{field.description} (env {env_name}; {default})"
         annotation = field.annotation
         if annotation is bool:
             parser.add_argument(
@@ -113,3 +113,52 @@ def settings_from_args(settings_cls: type[SettingsT], args: argparse.Namespace) 
         if name in settings_cls.model_fields and value is not None
     }
     return settings_cls(**given)
+
+
+class KafkaSettings(BaseSettings):
+    """Where the Kafka-protocol broker is and what the topics are called."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_KAFKA_")
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
+    frames_topic: str = Field("frames", description="topic the producer publishes frames to")
+    results_topic: str = Field("predictions", description="topic the consumer publishes results to")
+    dlq_topic: str = Field("frames.dlq", description="dead-letter topic for undecodable frames")
+    partitions: int = Field(4, ge=1, description="partitions for topics vidflow creates")
+    # The producer's default message.max.bytes (1,000,000) refuses larger frames.
+    max_message_bytes: int = Field(10 * 1024 * 1024, description="largest frame message")
+    # Short session timeouts make a group join (and a takeover after a crash) quick; Tansu waits
+    # session.timeout.ms / 2 before a join completes.
+    session_timeout_ms: int = Field(6000, description="consumer group session timeout")
+    heartbeat_interval_ms: int = Field(1000, description="consumer group heartbeat interval")
+
+
+class ProducerSettings(BaseSettings):
+    """`vidflow produce`: frames from a video file, a webcam or an RTSP stream."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_PRODUCER_")
+
+    source: str = Field(..., description="video file, webcam:N or rtsp://...")
+    fps: str = Field("native", description="frames per second: a number, native or max")
+    loop: bool = Field(False, description="start the file again at its end")
+    max_frames: int | None = Field(None, description="stop after this many frames")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of published frames")
+    stream_id: str | None = Field(None, description="stream id (default: the source's name)")
+
+
+class ConsumerSettings(BaseSettings):
+    """`vidflow consume`: a consumer-group member that classifies frames."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_CONSUMER_")
+
+    group: str = Field("vidflow-classifier", description="consumer group id")
+    concurrency: int = Field(8, ge=1, description="inference calls in flight")
+    duration: float = Field(30.0, gt=0, description="seconds to run before the summary")
+    idle_timeout: float | None = Field(
+        None, description="stop after this many seconds without a message (input exhausted)"
+    )
+    max_frames: int | None = Field(None, description="stop after this many frames")
+    summary_json: Path | None = Field(None, description="write the summary here as JSON")
+    metrics_port: int | None = Field(None, description="serve Prometheus /metrics on this port")
+    rpc_timeout_s: float = Field(10.0, description="deadline of one inference call")
+    retry_max_backoff_s: float = Field(5.0, description="longest wait between retries")

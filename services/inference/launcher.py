@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,10 +59,12 @@ class ServerProcess:
             return self.process.wait()
 
 
-def start_server(tmp_dir: Path, cache_dir: Path, *extra_args: str) -> ServerProcess:
-    """Start `vidflow serve` on free ports; the caller waits for SERVING when it wants to."""
-    port, http_port = free_port(), free_port()
-    log_path = tmp_dir / f"server-{port}.log"
+def start_server(
+    tmp_dir: Path, cache_dir: Path, *extra_args: str, port: int = 0, http_port: int = 0
+) -> ServerProcess:
+    """Start `vidflow serve` (on free ports unless given); wait for SERVING when you want to."""
+    port, http_port = port or free_port(), http_port or free_port()
+    log_path = tmp_dir / f"server-{port}-{time.monotonic_ns()}.log"
     args = [
         sys.executable, "-m", "vidflow.cli", "serve",
         "--port", str(port), "--http-port", str(http_port), "--cache-dir", str(cache_dir),

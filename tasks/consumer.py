@@ -1,0 +1,450 @@
+"""`vidflow consume`: a consumer-group member that classifies frames through the gRPC service.
+
+Up to `concurrency` inference calls are in flight. Each frame's result goes to the results topic;
+a message that is not a decodable frame goes to the dead-letter topic with the reason in a
+header. Offsets are committed only once the result (or dead-letter copy) of every earlier
+message of the partition is delivered: at least once, never lost. While the service is
+unavailable, calls are retried with exponential backoff and nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from protos import inference_pb2, inference_pb2_grpc
+from services.inference.client import channel_options
+from tasks.consumer_metrics import ConsumerMetrics
+from tasks.frame_codec import (
+    HEADER_DLQ_REASON,
+    HEADER_DLQ_SOURCE,
+    Frame,
+    FrameFormatError,
+    FrameResult,
+    decode_frame,
+)
+from tasks.offsets import OffsetTracker
+from tasks.producer import make_producer
+from vidflow.config import ConsumerSettings, KafkaSettings
+from vidflow.stats import summarize_ms
+
+log = logging.getLogger(__name__)
+
+# Worth another try: the service is down, restarting, overloaded or slow.
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
+# The frame itself is the problem: retrying cannot help.
+DEAD_LETTER = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+PROGRESS_EVERY_S = 5.0
+COMMIT_EVERY_S = 0.5
+
+
+@dataclass
+class _Call:
+    """One frame on its way through the service."""
+
+    message: Message
+    frame: Frame
+    attempt: int = 0
+    sent_at: float = 0.0
+    retry_at: float = 0.0
+
+
+@dataclass
+class ConsumerSummary:
+    frames_consumed: int = 0
+    results_published: int = 0
+    dlq: int = 0
+    errors: int = 0
+    retries: int = 0
+    duration_s: float = 0.0
+    lag: int = 0
+    inference_ms: list[float] = field(default_factory=list)
+    rpc_ms: list[float] = field(default_factory=list)
+    e2e_ms: list[float] = field(default_factory=list)
+
+    @property
+    def fps(self) -> float:
+        return self.results_published / self.duration_s if self.duration_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "frames_consumed": self.frames_consumed,
+            "results_published": self.results_published,
+            "dlq": self.dlq,
+            "errors": self.errors,
+            "retries": self.retries,
+            "fps": round(self.fps, 2),
+            "duration_s": round(self.duration_s, 3),
+            "lag": self.lag,
+            "inference_ms": summarize_ms(self.inference_ms),
+            "rpc_ms": summarize_ms(self.rpc_ms),
+            "e2e_ms": summarize_ms(self.e2e_ms),
+        }
+
+
+class FrameConsumer:
+    """The consume -> classify -> publish -> commit loop of one group member (one thread)."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        settings: ConsumerSettings,
+        target: str,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.kafka, self.settings, self.target = kafka, settings, target
+        self.stop = stop or threading.Event()
+        self.metrics = ConsumerMetrics()
+        self.summary = ConsumerSummary()
+        self.offsets = OffsetTracker()
+        self._completions: queue.Queue[tuple[_Call, grpc.Future]] = queue.Queue()
+        self._in_flight = 0
+        self._waiting_retry: deque[_Call] = deque()
+        self._assigned_at: float | None = None  # idle time counts only once partitions are ours
+        self._last_result_at: float | None = None
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": kafka.bootstrap_servers,
+                "group.id": settings.group,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": kafka.session_timeout_ms,
+                "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
+                "fetch.max.bytes": max(kafka.max_message_bytes, 52428800),
+                "max.partition.fetch.bytes": kafka.max_message_bytes,
+            }
+        )
+        self._producer: Producer = make_producer(self.kafka)
+        self._channel = grpc.insecure_channel(target, options=channel_options())
+        self._stub = inference_pb2_grpc.ClassifierStub(self._channel)
+
+    # ---- rebalancing ----------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned_at = time.monotonic()
+        log.info("assigned partitions %s", [p.partition for p in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Commit what is delivered for partitions we lose; the rest goes to the next owner."""
+        self._producer.flush(10)
+        self._commit()
+        self.offsets.forget([(p.topic, p.partition) for p in partitions])
+        log.info("revoked partitions %s", [p.partition for p in partitions])
+
+    # ---- one frame ------------------------------------------------------------------------
+
+    def _send(self, call: _Call) -> None:
+        call.sent_at = time.perf_counter()
+        request = inference_pb2.ClassifyRequest(image=call.frame.jpeg, request_id=call.frame.key)
+        future = self._stub.Classify.future(request, timeout=self.settings.rpc_timeout_s)
+        self._in_flight += 1
+        self.metrics.in_flight.set(self._in_flight)
+        future.add_done_callback(lambda done: self._completions.put((call, done)))
+
+    def _admit(self, message: Message) -> None:
+        self.summary.frames_consumed += 1
+        self.metrics.frames_consumed.inc()
+        self.offsets.started(message.topic(), message.partition(), message.offset())
+        try:
+            frame = decode_frame(message.value(), message.headers())
+        except FrameFormatError as exc:
+            self._dead_letter(message, str(exc))
+            return
+        self._send(_Call(message, frame))
+
+    def _finish_callback(self, message: Message, on_ok=None):
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+
+        def on_delivery(error: KafkaError | None, _delivered: Message) -> None:
+            if error is not None:  # not lost: the offset stays uncommitted and is redone later
+                self.summary.errors += 1
+                self.metrics.errors.labels("publish").inc()
+                log.error("publishing for %s/%d@%d failed: %s", topic, partition, offset, error)
+                return
+            self.offsets.finished(topic, partition, offset)
+            if on_ok is not None:
+                on_ok()
+
+        return on_delivery
+
+    def _dead_letter(self, message: Message, reason: str) -> None:
+        log.warning(
+            "dead-lettering %s/%d@%d: %s",
+            message.topic(), message.partition(), message.offset(), reason,
+        )  # fmt: skip
+        headers = [
+            *(message.headers() or []),
+            (HEADER_DLQ_REASON, reason.encode()),
+            (
+                HEADER_DLQ_SOURCE,
+                f"{message.topic()}/{message.partition()}@{message.offset()}".encode(),
+            ),
+        ]
+
+        def counted() -> None:
+            self.summary.dlq += 1
+            self.metrics.dead_lettered.inc()
+
+        self._publish(
+            self.kafka.dlq_topic, message.key(), message.value(), headers,
+            self._finish_callback(message, counted),
+        )  # fmt: skip
+
+    def _publish(self, topic: str, key, value, headers, on_delivery) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    topic, key=key, value=value, headers=headers, on_delivery=on_delivery
+                )
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    def _complete(self, call: _Call, future: grpc.Future) -> None:
+        self._in_flight -= 1
+        self.metrics.in_flight.set(self._in_flight)
+        rpc_s = time.perf_counter() - call.sent_at
+        try:
+            response = future.result()
+        except grpc.RpcError as exc:
+            self._failed(call, exc)
+            return
+        if (call.message.topic(), call.message.partition()) not in self._owned():
+            return  # revoked while in flight: the new owner redoes it
+        best = response.predictions[0]
+        result_ts_ns = time.time_ns()
+        result = FrameResult(
+            stream_id=call.frame.stream_id,
+            frame_index=call.frame.frame_index,
+            label=best.label,
+            class_index=best.class_index,
+            score=round(best.score, 6),
+            model_name=response.model_name,
+            capture_ts_ns=call.frame.capture_ts_ns,
+            result_ts_ns=result_ts_ns,
+            inference_ms=round(response.timings.inference_ms, 3),
+            rpc_ms=round(rpc_s * 1e3, 3),
+            e2e_ms=round((result_ts_ns - call.frame.capture_ts_ns) / 1e6, 3),
+            partition=call.message.partition(),
+            offset=call.message.offset(),
+        )
+
+        def delivered() -> None:
+            self._last_result_at = time.monotonic()
+            summary = self.summary
+            summary.results_published += 1
+            summary.inference_ms.append(result.inference_ms)
+            summary.rpc_ms.append(result.rpc_ms)
+            summary.e2e_ms.append(result.e2e_ms)
+            self.metrics.results_published.inc()
+            for stage in ("inference", "rpc", "e2e"):
+                self.metrics.latency_seconds.labels(stage).observe(
+                    getattr(result, f"{stage}_ms") / 1e3
+                )
+
+        log.debug(
+            "frame %s: %s %.3f inference %.1f ms rpc %.1f ms e2e %.1f ms",
+            result.key, result.label, result.score, result.inference_ms, result.rpc_ms,
+            result.e2e_ms,
+        )  # fmt: skip
+        self._publish(
+            self.kafka.results_topic, result.key.encode(), result.to_json(), None,
+            self._finish_callback(call.message, delivered),
+        )  # fmt: skip
+
+    def _failed(self, call: _Call, exc: grpc.RpcError) -> None:
+        code = exc.code()
+        self.summary.errors += 1
+        self.metrics.errors.labels(code.name.lower()).inc()
+        if code in DEAD_LETTER:
+            self._dead_letter(call.message, f"{code.name}: {exc.details()}")
+            return
+        # Everything else is retried until it succeeds or this member stops (then the offset
+        # stays uncommitted, and the frame is redone by whoever consumes the partition next).
+        call.attempt += 1
+        self.summary.retries += 1
+        backoff = min(self.settings.retry_max_backoff_s, 0.1 * 2 ** min(call.attempt, 10))
+        call.retry_at = time.monotonic() + backoff * random.uniform(0.5, 1.0)
+        if call.attempt == 1 or call.attempt % 10 == 0:
+            log.warning(
+                "inference call for %s failed (%s: %s); retrying, attempt %d",
+                call.frame.key, code.name, exc.details(), call.attempt,
+            )  # fmt: skip
+        self._waiting_retry.append(call)
+
+    def _owned(self) -> set[tuple[str, int]]:
+        return {(p.topic, p.partition) for p in self._consumer.assignment()}
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def _commit(self) -> None:
+        offsets = self.offsets.to_commit()
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=False)
+            self.offsets.mark_committed(offsets)
+        except Exception as exc:  # e.g. during a rebalance; the next commit catches up
+            log.warning("offset commit failed: %s", exc)
+
+    def _lag(self) -> int:
+        total = 0
+        for tp in self._consumer.assignment():
+            try:
+                _, high = self._consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+            except Exception:
+                continue
+            position = self.offsets.commit_point(tp.topic, tp.partition)
+            if position is not None and high >= 0:
+                total += max(0, high - position)
+        return total
+
+    def _should_stop(self, started: float, last_message_at: float) -> bool:
+        now = time.monotonic()
+        if self.stop.is_set() or now - started >= self.settings.duration:
+            return True
+        limit = self.settings.max_frames
+        if limit is not None and self.summary.frames_consumed >= limit:
+            return True
+        idle = self.settings.idle_timeout
+        if idle is None or self._assigned_at is None or self._in_flight or self._waiting_retry:
+            return False
+        return now - max(last_message_at, self._assigned_at) >= idle
+
+    def run(self) -> ConsumerSummary:
+        settings = self.settings
+        self._consumer.subscribe(
+            [self.kafka.frames_topic], on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
+        log.info(
+            "consuming %s as group %r, calling %s with %d in flight for up to %.0f s",
+            self.kafka.frames_topic, settings.group, self.target, settings.concurrency,
+            settings.duration,
+        )  # fmt: skip
+        try:  # connect now, so the first frames do not pay for it (or say the service is down)
+            grpc.channel_ready_future(self._channel).result(timeout=5)
+        except grpc.FutureTimeoutError:
+            log.warning("inference service %s not reachable yet; frames will wait", self.target)
+        started = last_message_at = last_commit = last_progress = time.monotonic()
+        first_message_at: float | None = None
+        try:
+            while not self._should_stop(started, last_message_at):
+                busy = self._in_flight + len(self._waiting_retry)
+                while busy < settings.concurrency and not self._should_stop(
+                    started, last_message_at
+                ):
+                    message = self._consumer.poll(0 if busy else 0.05)
+                    if message is None:
+                        break
+                    if message.error():
+                        if message.error().code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error: %s", message.error())
+                        continue
+                    last_message_at = time.monotonic()
+                    first_message_at = first_message_at or last_message_at
+                    self._admit(message)
+                    busy = self._in_flight + len(self._waiting_retry)
+                self._drain_completions(timeout_s=0.002 if busy else 0)
+                self._resend_due()
+                self._producer.poll(0)
+                now = time.monotonic()
+                if now - last_commit >= COMMIT_EVERY_S:
+                    self._commit()
+                    last_commit = now
+                if now - last_progress >= PROGRESS_EVERY_S:
+                    last_progress = now
+                    self._log_progress(now - (first_message_at or now))
+            self._finish_in_flight()
+        finally:
+            self._producer.flush(30)
+            self._commit()
+            self.summary.lag = self._lag()
+            self.metrics.lag.set(self.summary.lag)
+            end = self._last_result_at or time.monotonic()
+            self.summary.duration_s = max(0.0, end - (first_message_at or end))
+            self._consumer.close()
+            self._channel.close()
+        return self.summary
+
+    def _drain_completions(self, timeout_s: float) -> None:
+        try:
+            call, future = (
+                self._completions.get(timeout=timeout_s)
+                if timeout_s
+                else self._completions.get_nowait()
+            )
+        except queue.Empty:
+            return
+        self._complete(call, future)
+        while True:
+            try:
+                call, future = self._completions.get_nowait()
+            except queue.Empty:
+                return
+            self._complete(call, future)
+
+    def _resend_due(self) -> None:
+        now = time.monotonic()
+        for _ in range(len(self._waiting_retry)):
+            call = self._waiting_retry.popleft()
+            if call.retry_at <= now and not self.stop.is_set():
+                self._send(call)
+            else:
+                self._waiting_retry.append(call)
+
+    def _finish_in_flight(self, timeout_s: float | None = None) -> None:
+        """Let calls in flight complete; frames still waiting to retry stay uncommitted."""
+        deadline = time.monotonic() + (timeout_s or self.settings.rpc_timeout_s + 5)
+        while self._in_flight and time.monotonic() < deadline:
+            self._drain_completions(timeout_s=0.05)
+            self._producer.poll(0)
+        if self._waiting_retry or self._in_flight:
+            log.warning(
+                "stopping with %d frames unfinished; their offsets stay uncommitted",
+                len(self._waiting_retry) + self._in_flight,
+            )
+
+    def _log_progress(self, elapsed_s: float) -> None:
+        summary = self.summary
+        e2e = summarize_ms(summary.e2e_ms[-500:])
+        lag = self._lag()
+        self.metrics.lag.set(lag)
+        log.info(
+            "progress: %d consumed, %d results, %d dlq, %d errors, %.1f fps, "
+            "e2e p50 %.1f ms p99 %.1f ms (last 500), lag %d",
+            summary.frames_consumed, summary.results_published, summary.dlq, summary.errors,
+            summary.results_published / elapsed_s if elapsed_s > 0 else 0.0,
+            e2e["p50"], e2e["p99"], lag,
+        )  # fmt: skip
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        f"frames consumed {summary['frames_consumed']}, results {summary['results_published']}, "
+        f"dlq {summary['dlq']}, errors {summary['errors']}, {summary['fps']:.1f} fps, "
+        f"lag {summary['lag']}",
+        f"{'ms':>10} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'mean':>8}",
+    ]
+    for name in ("inference_ms", "rpc_ms", "e2e_ms"):
+        s = summary[name]
+        lines.append(
+            f"{name[:-3]:>10} {s['p50']:>8.1f} {s['p90']:>8.1f} {s['p99']:>8.1f} "
+            f"{s['max']:>8.1f} {s['mean']:>8.1f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,101 @@
+"""The one frame codec: how a video frame and its result travel through Kafka.
+
+A frame message is JPEG bytes with the frame's identity and clocks in headers, keyed by stream
+id (so one stream stays ordered within its partition). A result message is JSON keyed by
+`stream_id:frame_index`, so a consumer of results can drop the duplicates that at-least-once
+delivery allows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+HEADER_STREAM_ID = "vidflow-stream-id"
+HEADER_FRAME_INDEX = "vidflow-frame-index"
+HEADER_CAPTURE_TS_NS = "vidflow-capture-ts-ns"
+HEADER_PRODUCE_TS_NS = "vidflow-produce-ts-ns"
+HEADER_DLQ_REASON = "vidflow-dlq-reason"
+HEADER_DLQ_SOURCE = "vidflow-dlq-source"
+
+Headers = list[tuple[str, bytes]]
+
+
+class FrameFormatError(ValueError):
+    """A message on the frames topic lacks what a frame message must carry."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    stream_id: str
+    frame_index: int
+    capture_ts_ns: int
+    produce_ts_ns: int
+    jpeg: bytes
+
+    @property
+    def key(self) -> str:
+        return frame_key(self.stream_id, self.frame_index)
+
+
+def frame_key(stream_id: str, frame_index: int) -> str:
+    """The identity of a frame, and the key of its result message."""
+    return f"{stream_id}:{frame_index}"
+
+
+def encode_frame_headers(frame: Frame) -> Headers:
+    return [
+        (HEADER_STREAM_ID, frame.stream_id.encode()),
+        (HEADER_FRAME_INDEX, str(frame.frame_index).encode()),
+        (HEADER_CAPTURE_TS_NS, str(frame.capture_ts_ns).encode()),
+        (HEADER_PRODUCE_TS_NS, str(frame.produce_ts_ns).encode()),
+    ]
+
+
+def decode_frame(value: bytes | None, headers: Headers | None) -> Frame:
+    """Rebuild a Frame from a message's value and headers, or raise FrameFormatError."""
+    found = {name: raw for name, raw in (headers or [])}
+    try:
+        return Frame(
+            stream_id=found[HEADER_STREAM_ID].decode(),
+            frame_index=int(found[HEADER_FRAME_INDEX]),
+            capture_ts_ns=int(found[HEADER_CAPTURE_TS_NS]),
+            produce_ts_ns=int(found[HEADER_PRODUCE_TS_NS]),
+            jpeg=value or b"",
+        )
+    except KeyError as exc:
+        raise FrameFormatError(f"frame message lacks header {exc.args[0]}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FrameFormatError(f"frame message has a malformed header: {exc}") from None
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """What the consumer publishes for one frame."""
+
+    stream_id: str
+    frame_index: int
+    label: str
+    class_index: int
+    score: float
+    model_name: str
+    capture_ts_ns: int
+    result_ts_ns: int
+    inference_ms: float
+    rpc_ms: float
+    e2e_ms: float
+    partition: int
+    offset: int
+
+    @property
+    def key(self) -> str:
+        return frame_key(self.stream_id, self.frame_index)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> FrameResult:
+        data: dict[str, Any] = json.loads(payload)
+        return cls(**data)

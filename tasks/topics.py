@@ -1,0 +1,34 @@
+"""Creates the topics a run needs (idempotent)."""
+
+from __future__ import annotations
+
+import logging
+
+from confluent_kafka.admin import AdminClient, NewTopic
+
+log = logging.getLogger(__name__)
+
+
+def ensure_topics(
+    bootstrap_servers: str, topics: list[str], partitions: int, timeout_s: float = 15.0
+) -> list[str]:
+    """Create missing topics; return the ones created. Existing topics are left as they are."""
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    missing = [t for t in dict.fromkeys(topics) if t not in existing]
+    if not missing:
+        return []
+    futures = admin.create_topics(
+        [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing],
+        operation_timeout=timeout_s,
+    )
+    created = []
+    for topic, future in futures.items():
+        try:
+            future.result(timeout=timeout_s)
+            created.append(topic)
+        except Exception as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):  # another member created it first
+                raise
+    log.info("created topics %s with %d partitions", created, partitions)
+    return created

@@ -1,0 +1,49 @@
+"""Reading topics back in tests."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from confluent_kafka import Consumer, Message
+
+from tasks.frame_codec import FrameResult
+
+
+def read_topic(
+    bootstrap_servers: str, topic: str, expected: int | None = None, idle_s: float = 3.0
+) -> list[Message]:
+    """A topic's messages from the start, until `expected` are read or none come for idle_s."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": f"reader-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+        }
+    )
+    consumer.subscribe([topic])
+    messages: list[Message] = []
+    last = time.monotonic()
+    deadline = last + 120
+    while time.monotonic() < deadline:
+        message = consumer.poll(0.2)
+        if message is None or message.error():
+            # The group join alone takes seconds: only count idle time once something arrived.
+            if messages and time.monotonic() - last > idle_s:
+                break
+            if not messages and time.monotonic() - last > idle_s + 10:
+                break
+            continue
+        messages.append(message)
+        last = time.monotonic()
+        if expected is not None and len(messages) >= expected:
+            break
+    consumer.close()
+    return messages
+
+
+def result_keys(messages: list[Message]) -> list[str]:
+    return [FrameResult.from_json(m.value()).key for m in messages]

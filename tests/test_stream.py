@@ -1,0 +1,193 @@
+"""The Kafka stream against the real local broker and a real inference service on 127.0.0.1."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from services.inference.launcher import REPO_ROOT, ServerProcess, free_port, start_server
+from tasks.broker import LocalBroker, start_broker
+from tasks.consumer import FrameConsumer
+from tasks.frame_codec import (
+    HEADER_DLQ_REASON,
+    Frame,
+    FrameResult,
+    encode_frame_headers,
+    frame_key,
+)
+from tasks.producer import produce_frames
+from tasks.topics import ensure_topics
+from tests.conftest import VIDEOS
+from tests.kafka_helpers import read_topic, result_keys
+from vidflow.config import ConsumerSettings, KafkaSettings, ProducerSettings
+
+CLIP = VIDEOS / "k400_arm_wrestling.mp4"
+CLIP_FRAMES = 280
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    broker = start_broker(free_port(), log_path=tmp_path_factory.mktemp("broker") / "tansu.log")
+    yield broker
+    assert broker.stop() in (0, -signal.SIGTERM)
+
+
+@pytest.fixture
+def kafka(broker: LocalBroker) -> KafkaSettings:
+    """Fresh topics for each test, on the shared broker."""
+    suffix = uuid.uuid4().hex[:8]
+    settings = KafkaSettings(
+        bootstrap_servers=broker.bootstrap_servers,
+        frames_topic=f"frames-{suffix}",
+        results_topic=f"predictions-{suffix}",
+        dlq_topic=f"frames-{suffix}.dlq",
+        partitions=2,
+    )
+    ensure_topics(
+        settings.bootstrap_servers,
+        [settings.frames_topic, settings.results_topic, settings.dlq_topic],
+        settings.partitions,
+    )
+    return settings
+
+
+def _produce_clip(kafka: KafkaSettings, stream_id: str, fps: str = "max", **kw) -> int:
+    stats = produce_frames(
+        ProducerSettings(source=str(CLIP), fps=fps, stream_id=stream_id, **kw), kafka
+    )
+    assert stats.failed == 0 and stats.delivered == stats.frames_read
+    return stats.frames_read
+
+
+def _consumer(kafka: KafkaSettings, target: str, **settings) -> FrameConsumer:
+    defaults = {"group": f"group-{uuid.uuid4().hex[:6]}", "idle_timeout": 4.0, "duration": 120.0}
+    return FrameConsumer(kafka, ConsumerSettings(**{**defaults, **settings}), target)
+
+
+def test_every_frame_gets_exactly_one_result_after_deduplication(kafka, onnx_server) -> None:
+    produced = _produce_clip(kafka, "cam-a")
+    assert produced == CLIP_FRAMES
+    summary = _consumer(kafka, onnx_server.target).run()
+    assert summary.frames_consumed == produced
+    assert summary.results_published == produced
+    assert summary.dlq == 0 and summary.errors == 0
+
+    messages = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=produced)
+    keys = result_keys(messages)
+    assert set(keys) == {frame_key("cam-a", i) for i in range(produced)}
+    assert all(m.key().decode() == FrameResult.from_json(m.value()).key for m in messages)
+    result = FrameResult.from_json(messages[0].value())
+    assert result.label and 0 < result.score <= 1 and result.model_name == "efficientnet_lite0"
+    assert 0 < result.inference_ms <= result.rpc_ms <= result.e2e_ms
+    report = summary.as_dict()
+    for name in ("inference_ms", "rpc_ms", "e2e_ms"):
+        assert {"p50", "p90", "p99", "max", "mean"} <= set(report[name])
+        assert 0 < report[name]["p50"] <= report[name]["p99"] <= report[name]["max"]
+    assert report["fps"] > 0
+
+
+def test_a_corrupt_message_goes_to_the_dlq_and_the_consumer_goes_on(kafka, onnx_server) -> None:
+    produced = _produce_clip(kafka, "cam-b", max_frames=20)
+    producer = Producer({"bootstrap.servers": kafka.bootstrap_servers})
+    corrupt = Frame("cam-b", 999, time.time_ns(), time.time_ns(), b"\x00not a jpeg\x00" * 50)
+    producer.produce(
+        kafka.frames_topic, key=b"cam-b", value=corrupt.jpeg, headers=encode_frame_headers(corrupt)
+    )
+    producer.produce(kafka.frames_topic, key=b"cam-b", value=b"no headers at all")
+    assert producer.flush(10) == 0
+    summary = _consumer(kafka, onnx_server.target).run()
+    assert summary.frames_consumed == produced + 2
+    assert summary.results_published == produced
+    assert summary.dlq == 2
+
+    dead = read_topic(kafka.bootstrap_servers, kafka.dlq_topic, expected=2)
+    reasons = sorted(dict(m.headers())[HEADER_DLQ_REASON].decode() for m in dead)
+    assert "INVALID_ARGUMENT" in reasons[0] and "not an image" in reasons[0]
+    assert "lacks header" in reasons[1]
+    assert sorted(m.value() for m in dead) == sorted([corrupt.jpeg, b"no headers at all"])
+    results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=produced)
+    assert set(result_keys(results)) == {frame_key("cam-b", i) for i in range(produced)}
+
+
+@pytest.mark.slow
+def test_the_service_stops_mid_stream_and_no_frame_is_lost(
+    kafka, tmp_path: Path, model_cache: Path
+) -> None:
+    port, http_port = free_port(), free_port()
+    server: ServerProcess = start_server(tmp_path, model_cache, port=port, http_port=http_port)
+    server.wait_serving()
+    produced = _produce_clip(kafka, "cam-c")
+    consumer = _consumer(kafka, server.target, concurrency=4, idle_timeout=8.0)
+    outcome: dict[str, object] = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault("summary", consumer.run()))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 60
+        while consumer.summary.results_published < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert consumer.summary.results_published >= 40
+        assert server.terminate() == 0  # the service goes away mid-stream...
+        time.sleep(3)
+        assert consumer.summary.results_published < produced
+        server = start_server(tmp_path, model_cache, port=port, http_port=http_port)
+        server.wait_serving()  # ...and comes back on the same address
+        worker.join(180)
+        assert not worker.is_alive()
+    finally:
+        consumer.stop.set()
+        worker.join(30)
+        server.terminate()
+    summary = outcome["summary"]
+    assert summary.errors > 0 and summary.retries > 0  # it did see the outage
+    results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=produced)
+    assert set(result_keys(results)) == {frame_key("cam-c", i) for i in range(produced)}
+
+
+@pytest.mark.slow
+def test_a_killed_consumer_is_replaced_from_committed_offsets(
+    kafka, onnx_server, tmp_path: Path
+) -> None:
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    producer_thread = threading.Thread(
+        target=_produce_clip, args=(kafka, "cam-d"), kwargs={"fps": "native"}
+    )
+    producer_thread.start()  # 280 frames at 28 fps: a 10 s live stream
+    log_path = tmp_path / "first-consumer.log"
+    with open(log_path, "wb") as log_file:
+        first = subprocess.Popen(
+            [
+                sys.executable, "-m", "vidflow.cli", "consume", "--log-level", "DEBUG",
+                "--bootstrap-servers", kafka.bootstrap_servers, "--topic", kafka.frames_topic,
+                "--results-topic", kafka.results_topic, "--dlq-topic", kafka.dlq_topic,
+                "--group", group, "--target", onnx_server.target, "--duration", "60",
+            ],
+            cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while log_path.read_text().count("tasks.consumer: frame") < 60:
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        first.kill()  # no goodbye: no final commit, no group leave
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    done_by_first = log_path.read_text().count("tasks.consumer: frame")
+    producer_thread.join(60)
+    summary = _consumer(kafka, onnx_server.target, group=group, idle_timeout=5.0).run()
+    # The second member starts from the committed offsets, not from the beginning...
+    assert summary.frames_consumed < CLIP_FRAMES
+    # ...and between them every frame has a result.
+    results = read_topic(kafka.bootstrap_servers, kafka.results_topic)
+    assert set(result_keys(results)) == {frame_key("cam-d", i) for i in range(CLIP_FRAMES)}
+    assert done_by_first >= 60
