@@ -110,6 +110,7 @@ class FrameConsumer:
     ) -> None:
         self.kafka, self.settings, self.target = kafka, settings, target
         self.stop = stop or threading.Event()
+        self.assigned = threading.Event()  # set once the group gave this member partitions
         self.metrics = ConsumerMetrics()
         self.summary = ConsumerSummary()
         self.offsets = OffsetTracker()
@@ -138,6 +139,7 @@ class FrameConsumer:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned_at = time.monotonic()
+        self.assigned.set()
         log.info("assigned partitions %s", [p.partition for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -432,6 +434,19 @@ class FrameConsumer:
             summary.results_published / elapsed_s if elapsed_s > 0 else 0.0,
             e2e["p50"], e2e["p99"], lag,
         )  # fmt: skip
+
+
+def merge_summaries(summaries: list[ConsumerSummary]) -> ConsumerSummary:
+    """One summary for several members of a group: counts add up, latencies pool together."""
+    merged = ConsumerSummary()
+    for summary in summaries:
+        for name in ("frames_consumed", "results_published", "dlq", "errors", "retries", "lag"):
+            setattr(merged, name, getattr(merged, name) + getattr(summary, name))
+        merged.inference_ms += summary.inference_ms
+        merged.rpc_ms += summary.rpc_ms
+        merged.e2e_ms += summary.e2e_ms
+        merged.duration_s = max(merged.duration_s, summary.duration_s)
+    return merged
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -1,11 +1,25 @@
 from __future__ import annotations
 
+import os
+import signal
+import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from services.inference.launcher import ServerProcess, start_server
+from services.inference.launcher import ServerProcess, free_port, start_server
+from tasks.broker import LocalBroker, start_broker
+from tasks.topics import ensure_topics
+from vidflow.config import KafkaSettings
+
+# Prefect and Ray keep state under these; tests must not touch the user's (set before import).
+_STATE = Path(tempfile.mkdtemp(prefix="vidflow-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_TMPDIR", str(_STATE / "ray"))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 VIDEOS = SHARED_DATA / "videos"
@@ -65,3 +79,38 @@ def video_frames() -> list[bytes]:
     from vidflow.frames import load_encoded_images
 
     return load_encoded_images(VIDEOS / "k400_arm_wrestling.mp4", max_frames=16)
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[None]:
+    """A real Prefect API (temporary server with its own SQLite database) for the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    broker = start_broker(free_port(), log_path=tmp_path_factory.mktemp("broker") / "tansu.log")
+    yield broker
+    assert broker.stop() in (0, -signal.SIGTERM)
+
+
+@pytest.fixture
+def kafka(broker: LocalBroker) -> KafkaSettings:
+    """Fresh topics for each test, on the shared broker."""
+    suffix = uuid.uuid4().hex[:8]
+    settings = KafkaSettings(
+        bootstrap_servers=broker.bootstrap_servers,
+        frames_topic=f"frames-{suffix}",
+        results_topic=f"predictions-{suffix}",
+        dlq_topic=f"frames-{suffix}.dlq",
+        partitions=2,
+    )
+    ensure_topics(
+        settings.bootstrap_servers,
+        [settings.frames_topic, settings.results_topic, settings.dlq_topic],
+        settings.partitions,
+    )
+    return settings

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
 
 from services.inference.launcher import REPO_ROOT, ServerProcess, free_port, start_server
-from tasks.broker import LocalBroker, start_broker
 from tasks.consumer import FrameConsumer
 from tasks.frame_codec import (
     HEADER_DLQ_REASON,
@@ -25,39 +22,12 @@ from tasks.frame_codec import (
     frame_key,
 )
 from tasks.producer import produce_frames
-from tasks.topics import ensure_topics
 from tests.conftest import VIDEOS
 from tests.kafka_helpers import read_topic, result_keys
 from vidflow.config import ConsumerSettings, KafkaSettings, ProducerSettings
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 CLIP_FRAMES = 280
-
-
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
-    broker = start_broker(free_port(), log_path=tmp_path_factory.mktemp("broker") / "tansu.log")
-    yield broker
-    assert broker.stop() in (0, -signal.SIGTERM)
-
-
-@pytest.fixture
-def kafka(broker: LocalBroker) -> KafkaSettings:
-    """Fresh topics for each test, on the shared broker."""
-    suffix = uuid.uuid4().hex[:8]
-    settings = KafkaSettings(
-        bootstrap_servers=broker.bootstrap_servers,
-        frames_topic=f"frames-{suffix}",
-        results_topic=f"predictions-{suffix}",
-        dlq_topic=f"frames-{suffix}.dlq",
-        partitions=2,
-    )
-    ensure_topics(
-        settings.bootstrap_servers,
-        [settings.frames_topic, settings.results_topic, settings.dlq_topic],
-        settings.partitions,
-    )
-    return settings
 
 
 def _produce_clip(kafka: KafkaSettings, stream_id: str, fps: str = "max", **kw) -> int:

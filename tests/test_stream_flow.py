@@ -1,0 +1,49 @@
+"""The stream-benchmark flow under a real Prefect API, with the real broker and service."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+from flows.stream_benchmark import stream_benchmark
+from tests.kafka_helpers import read_topic, result_keys
+
+
+@pytest.mark.slow
+def test_the_flow_records_its_figures_as_artifacts(prefect_api, kafka, onnx_server) -> None:
+    outcome = stream_benchmark(
+        duration=5.0,
+        fps="native",
+        target=onnx_server.target,
+        bootstrap_servers=kafka.bootstrap_servers,
+        consumer_concurrency=4,
+        consumers=2,
+        frames_topic=kafka.frames_topic,
+        results_topic=kafka.results_topic,
+        dlq_topic=kafka.dlq_topic,
+    )
+    summary, produced = outcome["summary"], outcome["producer"]
+    assert 100 <= produced["frames_read"] <= 160  # 5 s at the clip's 28 fps
+    assert summary["frames_consumed"] >= produced["frames_read"]
+    assert summary["dlq"] == 0 and summary["errors"] == 0
+    results = read_topic(kafka.bootstrap_servers, kafka.results_topic)
+    assert len(set(result_keys(results))) == produced["frames_read"]
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["stream-benchmark-latency", "stream-benchmark-report"])
+            )
+        )
+    by_key = {a.key: a for a in artifacts}
+    table = by_key["stream-benchmark-latency"].data
+    rows = {row["stage"]: row for row in (json.loads(table) if isinstance(table, str) else table)}
+    assert set(rows) == {"inference", "rpc", "e2e"}
+    assert rows["e2e"]["p99"] == summary["e2e_ms"]["p99"]
+    assert rows["inference"]["p50"] == summary["inference_ms"]["p50"]
+    report = by_key["stream-benchmark-report"].data
+    assert f"{summary['fps']:.1f} frames/s" in report
+    assert "| e2e |" in report and "dead-lettered" in report
