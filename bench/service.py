@@ -27,16 +27,14 @@ from services.inference.launcher import start_server
 from services.inference.loader import load_served_model
 from services.inference.loadtest import run_loadtest
 from services.inference.preprocess import load_and_preprocess
-from vidflow.config import DEFAULT_CACHE_DIR, InferenceSettings
+from vidflow.config import DEFAULT_CACHE_DIR, SAMPLE_VIDEOS_DIR, InferenceSettings
 from vidflow.frames import load_encoded_images
-
-VIDEOS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "videos"
 
 
 def real_frames(frames_per_video: int) -> list[bytes]:
-    videos = sorted(VIDEOS.glob("*.mp4"))
+    videos = sorted(SAMPLE_VIDEOS_DIR.glob("*.mp4"))
     if not videos:
-        sys.exit(f"no videos in {VIDEOS}: the benchmark needs ../shared/data/videos")
+        sys.exit(f"no videos in {SAMPLE_VIDEOS_DIR}: the benchmark needs ../shared/data/videos")
     return [f for v in videos for f in load_encoded_images(v, max_frames=frames_per_video)]
 
 

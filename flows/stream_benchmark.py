@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -19,11 +18,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tasks.consumer import ConsumerSummary, FrameConsumer, merge_summaries
 from tasks.producer import ProduceStats, produce_frames
 from tasks.topics import ensure_topics
-from vidflow.config import ConsumerSettings, KafkaSettings, ProducerSettings
+from vidflow.config import SAMPLE_VIDEO, ConsumerSettings, KafkaSettings, ProducerSettings
 
-SAMPLE_VIDEO = (
-    Path(__file__).resolve().parent.parent.parent / "shared/data/videos/k400_arm_wrestling.mp4"
-)
 TABLE_COLUMNS = ("stage", "p50", "p90", "p99", "max", "mean")
 # Consumers get this long beyond the producer's duration to finish the frames in flight.
 DRAIN_S = 10.0

@@ -12,7 +12,7 @@ import pytest
 from services.inference.launcher import ServerProcess, free_port, start_server
 from tasks.broker import LocalBroker, start_broker
 from tasks.topics import ensure_topics
-from vidflow.config import KafkaSettings
+from vidflow.config import SAMPLE_VIDEOS_DIR, KafkaSettings
 
 # Prefect and Ray keep state under these; tests must not touch the user's (set before import).
 _STATE = Path(tempfile.mkdtemp(prefix="vidflow-tests-"))
@@ -21,8 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_TMPDIR", str(_STATE / "ray"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-VIDEOS = SHARED_DATA / "videos"
+VIDEOS = SAMPLE_VIDEOS_DIR
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from tasks.frame_codec import FrameResult
 
@@ -47,3 +47,13 @@ def read_topic(
 
 def result_keys(messages: list[Message]) -> list[str]:
     return [FrameResult.from_json(m.value()).key for m in messages]
+
+
+def committed_total(bootstrap_servers: str, group: str, topic: str, partitions: int) -> int:
+    """The group's committed offsets summed over the topic's partitions, asked of the broker."""
+    reader = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": group})
+    try:
+        offsets = reader.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=5)
+    finally:
+        reader.close()
+    return sum(max(0, tp.offset) for tp in offsets)

@@ -40,14 +40,29 @@ def test_boolean_flags(monkeypatch) -> None:
     assert settings_from_args(InferenceSettings, args).strict_device is True
 
 
-def test_log_lines_carry_iso_timestamps_to_stderr_and_file(tmp_path: Path, capsys) -> None:
+@pytest.fixture
+def restore_root_logging():
+    """setup_logging replaces the root handlers; put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def test_log_lines_carry_iso_timestamps_to_stderr_and_file(
+    tmp_path: Path, capsys, restore_root_logging
+) -> None:
     log_file = tmp_path / "logs" / "vidflow.log"
     setup_logging(LogSettings(level="INFO", file=log_file))
     logging.getLogger("vidflow.test").info("hello %s", "world")
     iso = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00 INFO vidflow\.test: hello world$"
     assert re.match(iso, log_file.read_text().strip())
     assert re.search(iso, capsys.readouterr().err.strip(), re.M)
-    setup_logging(LogSettings())
 
 
 def test_every_subcommand_has_help() -> None:

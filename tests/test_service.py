@@ -21,6 +21,7 @@ from services.inference.client import channel_options, health_status
 from services.inference.launcher import REPO_ROOT, start_server
 from tests.conftest import EXPECTED_CLASSES
 from tests.images import gif_bytes, jpeg_bytes, png_bytes, png_claiming_size
+from vidflow.config import SAMPLE_VIDEOS_DIR
 
 
 def _stub(target: str) -> tuple[grpc.Channel, inference_pb2_grpc.ClassifierStub]:
@@ -277,7 +278,7 @@ def test_cli_classify_and_loadtest(onnx_server, tmp_path: Path) -> None:
     assert 0 < float(score) <= 1
 
     report = tmp_path / "loadtest.json"
-    video = REPO_ROOT.parent / "shared" / "data" / "videos" / "pool_cleaning.mp4"
+    video = SAMPLE_VIDEOS_DIR / "pool_cleaning.mp4"
     loadtest = subprocess.run(
         [
             sys.executable, "-m", "vidflow.cli", "loadtest", "--target", onnx_server.target,

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vidflow.config import (
+    SAMPLE_VIDEO,
     ClientSettings,
     ConsumerSettings,
     InferenceSettings,
@@ -135,6 +136,29 @@ def _consume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream_benchmark(args: argparse.Namespace) -> int:
+    from flows.stream_benchmark import stream_benchmark
+    from tasks.consumer import format_summary
+
+    kafka = settings_from_args(KafkaSettings, args)
+    outcome = stream_benchmark(
+        source=args.source,
+        duration=args.duration,
+        fps=args.fps,
+        target=settings_from_args(ClientSettings, args).target,
+        bootstrap_servers=kafka.bootstrap_servers,
+        consumer_concurrency=args.concurrency,
+        consumers=args.consumers,
+        frames_topic=kafka.frames_topic,
+        results_topic=kafka.results_topic,
+        dlq_topic=kafka.dlq_topic,
+    )
+    print(format_summary(outcome["summary"]))
+    if args.summary_json is not None:
+        args.summary_json.write_text(json.dumps(outcome, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidflow", description=__doc__)
     logging_flags = argparse.ArgumentParser(add_help=False)
@@ -195,6 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_arguments(consume, KafkaSettings)
     add_settings_arguments(consume, ClientSettings)
     consume.add_argument("--topic", dest="frames_topic", help="alias of --frames-topic")
+
+    bench = command(
+        "stream-benchmark", _stream_benchmark, "run the stream-benchmark flow (Prefect) once"
+    )
+    bench.add_argument("--source", default=str(SAMPLE_VIDEO), help="video file, webcam:N, rtsp://")
+    bench.add_argument("--duration", type=float, default=30.0, help="seconds of producing")
+    bench.add_argument("--fps", default="native", help="a number, native or max")
+    bench.add_argument("--concurrency", type=int, default=8, help="calls in flight per consumer")
+    bench.add_argument("--consumers", type=int, default=1, help="members of the consumer group")
+    bench.add_argument("--summary-json", type=Path, help="write the figures here as JSON")
+    add_settings_arguments(bench, KafkaSettings)
+    add_settings_arguments(bench, ClientSettings)
     return parser
 
 

@@ -15,6 +15,9 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The real sample clips live beside the checkout (../shared/data), as in CI.
+SAMPLE_VIDEOS_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "videos"
+SAMPLE_VIDEO = SAMPLE_VIDEOS_DIR / "k400_arm_wrestling.mp4"
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vidflow"
 
 

@@ -17,18 +17,17 @@ from pathlib import Path
 from services.inference.client import classify_files
 from services.inference.launcher import REPO_ROOT, start_server
 from services.inference.loadtest import format_table, run_loadtest, write_json
-from vidflow.config import DEFAULT_CACHE_DIR, LogSettings
+from vidflow.config import DEFAULT_CACHE_DIR, SAMPLE_VIDEOS_DIR, LogSettings
 from vidflow.frames import encode_jpeg, iter_video_frames
 from vidflow.logs import setup_logging
 
-SAMPLE_VIDEOS = REPO_ROOT.parent / "shared" / "data" / "videos"
 log = logging.getLogger("vidflow.demo")
 
 
 def sample_frames(out_dir: Path, per_video: int) -> list[Path]:
     """Save a few evenly spaced frames of each sample clip as JPEG files."""
     paths = []
-    for video in sorted(SAMPLE_VIDEOS.glob("*.mp4")):
+    for video in sorted(SAMPLE_VIDEOS_DIR.glob("*.mp4")):
         frames = list(iter_video_frames(video))
         step = max(1, len(frames) // per_video)
         for index in range(0, len(frames), step)[:per_video]:
@@ -48,8 +47,8 @@ def main() -> int:
     run_dir.mkdir(parents=True)
     log_file = run_dir / "vidflow.log"
     setup_logging(LogSettings(file=log_file))
-    if not SAMPLE_VIDEOS.is_dir():
-        log.error("sample videos not found in %s", SAMPLE_VIDEOS)
+    if not SAMPLE_VIDEOS_DIR.is_dir():
+        log.error("sample videos not found in %s", SAMPLE_VIDEOS_DIR)
         return 1
 
     log.info("starting the inference service (first start exports the model to ONNX)")

@@ -1,0 +1,141 @@
+"""Benchmark: the whole Kafka stream against the service's own saturated throughput.
+
+    python -m bench.stream [--frames 1200] [--concurrency 8] [--realtime-seconds 20]
+
+In one run, against one local broker (Tansu) and one `vidflow serve` (ONNX Runtime):
+1. service_fps: the closed-loop load test at `--concurrency` with the clip's frames;
+2. stream_fps: the producer at `--fps max` publishes `--frames` frames of the clip (looped) while
+   a consumer with the same concurrency classifies them and publishes the results;
+3. real time: the producer at the clip's native fps with a live consumer, for the end-to-end
+   latency from capture to published result.
+The last stdout line is JSON with `stream_fps`, `service_fps`, `ratio` and `e2e_p99_ms`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+from services.inference.launcher import free_port, start_server
+from services.inference.loadtest import run_loadtest
+from tasks.broker import start_broker
+from tasks.consumer import ConsumerSummary, FrameConsumer
+from tasks.producer import ProduceStats, produce_frames
+from tasks.topics import ensure_topics
+from vidflow.config import (
+    DEFAULT_CACHE_DIR,
+    SAMPLE_VIDEO,
+    ConsumerSettings,
+    KafkaSettings,
+    ProducerSettings,
+)
+from vidflow.frames import load_encoded_images
+
+
+def stream_once(
+    bootstrap: str, target: str, producer: ProducerSettings, concurrency: int
+) -> tuple[ConsumerSummary, ProduceStats]:
+    """A producer and a consumer side by side on fresh topics; returns both reports."""
+    suffix = uuid.uuid4().hex[:8]
+    kafka = KafkaSettings(
+        bootstrap_servers=bootstrap,
+        frames_topic=f"bench-frames-{suffix}",
+        results_topic=f"bench-results-{suffix}",
+        dlq_topic=f"bench-dlq-{suffix}",
+        partitions=1,
+    )
+    ensure_topics(bootstrap, [kafka.frames_topic, kafka.results_topic, kafka.dlq_topic], 1)
+    consumer = FrameConsumer(
+        kafka,
+        ConsumerSettings(group=f"bench-{suffix}", concurrency=concurrency, idle_timeout=3.0,
+                         duration=600),
+        target,
+    )  # fmt: skip
+    produced: list[ProduceStats] = []
+
+    def produce() -> None:
+        consumer.assigned.wait(60)  # start the clock once the consumer is in the group
+        produced.append(produce_frames(producer, kafka))
+
+    producer_thread = threading.Thread(target=produce)
+    producer_thread.start()
+    summary = consumer.run()
+    producer_thread.join()
+    return summary, produced[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--frames", type=int, default=1200, help="frames for the --fps max run")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--service-seconds", type=float, default=10.0)
+    parser.add_argument("--realtime-seconds", type=float, default=20.0)
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models")
+    args = parser.parse_args()
+    if not SAMPLE_VIDEO.is_file():
+        sys.exit(f"sample clip not found: {SAMPLE_VIDEO}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = start_broker(free_port(), log_path=Path(tmp) / "tansu.log")
+        server = start_server(Path(tmp), args.cache_dir)
+        try:
+            server.wait_serving()
+            frames = load_encoded_images(SAMPLE_VIDEO, max_frames=10_000)
+            (level,) = asyncio.run(
+                run_loadtest(server.target, frames, [args.concurrency], args.service_seconds, 2.0)
+            )
+            fast, _ = stream_once(
+                broker.bootstrap_servers,
+                server.target,
+                ProducerSettings(source=str(SAMPLE_VIDEO), fps="max", loop=True,
+                                 max_frames=args.frames, stream_id="bench-max"),
+                args.concurrency,
+            )  # fmt: skip
+            realtime, realtime_produced = stream_once(
+                broker.bootstrap_servers,
+                server.target,
+                ProducerSettings(source=str(SAMPLE_VIDEO), fps="native", loop=True,
+                                 max_frames=int(28 * args.realtime_seconds), stream_id="bench-rt"),
+                args.concurrency,
+            )  # fmt: skip
+        finally:
+            server.terminate()
+            broker.stop()
+
+    fast_report, realtime_report = fast.as_dict(), realtime.as_dict()
+    print(
+        f"service: {level.throughput_rps} img/s at concurrency {args.concurrency}", file=sys.stderr
+    )
+    print(f"stream at fps max: {json.dumps(fast_report)}", file=sys.stderr)
+    print(f"stream at native fps: {json.dumps(realtime_report)}", file=sys.stderr)
+    result = {
+        "benchmark": "stream",
+        "stream_fps": fast_report["fps"],
+        "service_fps": level.throughput_rps,
+        "ratio": round(fast_report["fps"] / level.throughput_rps, 3),
+        "e2e_p99_ms": realtime_report["e2e_ms"]["p99"],
+        "e2e_p50_ms": realtime_report["e2e_ms"]["p50"],
+        "realtime_source_fps": round(realtime_produced.target_fps or 0, 2),
+        "realtime_produced": realtime_produced.frames_read,
+        "realtime_results": realtime_report["results_published"],
+        "realtime_fps": realtime_report["fps"],
+        "realtime_lag_at_end": realtime_report["lag"],
+        "stream_frames": fast_report["results_published"],
+        "stream_e2e_p99_ms": fast_report["e2e_ms"]["p99"],
+        "dlq": fast_report["dlq"] + realtime_report["dlq"],
+        "errors": fast_report["errors"] + realtime_report["errors"],
+        "concurrency": args.concurrency,
+        "cpu_count": os.cpu_count(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
