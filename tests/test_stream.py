@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ from tasks.frame_codec import (
     frame_key,
 )
 from tasks.producer import produce_frames
+from tasks.topics import ensure_topics
 from tests.conftest import VIDEOS
 from tests.kafka_helpers import committed_total, read_topic, result_keys
 from vidflow.config import ConsumerSettings, KafkaSettings, ProducerSettings
@@ -164,3 +167,32 @@ def test_a_killed_consumer_is_replaced_from_committed_offsets(
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic)
     assert set(result_keys(results)) == {frame_key("cam-d", i) for i in range(CLIP_FRAMES)}
     assert done_by_first >= 60
+
+
+def test_the_broker_command_starts_serves_and_stops_on_sigterm() -> None:
+    port = free_port()
+    broker = subprocess.Popen(
+        [sys.executable, "-m", "vidflow.cli", "broker", "--port", str(port)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert "broker ready on 127.0.0.1:" in broker.stdout.readline()
+        created = ensure_topics(f"127.0.0.1:{port}", ["smoke"], partitions=3)
+        assert created == ["smoke"]
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        assert broker.wait(15) == 0
+    with pytest.raises(OSError):  # nothing is left listening
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_consumer_metrics_count_what_it_did(kafka, onnx_server) -> None:
+    from prometheus_client import generate_latest
+
+    produced = _produce_clip(kafka, "cam-m", max_frames=12)
+    consumer = _consumer(kafka, onnx_server.target)
+    consumer.run()
+    text = generate_latest(consumer.metrics.registry).decode()
+    assert f"vidflow_consumer_frames_consumed_total {float(produced)}" in text
+    assert f"vidflow_consumer_results_published_total {float(produced)}" in text
+    assert 'vidflow_consumer_latency_seconds_count{stage="e2e"} ' + str(float(produced)) in text
