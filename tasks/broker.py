@@ -85,15 +85,16 @@ def start_broker(
 
 def run_broker(port: int, host: str = "127.0.0.1") -> int:
     """`vidflow broker`: run until SIGTERM or Ctrl-C, then stop the broker cleanly."""
-    broker = start_broker(port, host)
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
+    # Installed first, so a SIGTERM that arrives during start-up also ends in a clean stop.
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    broker = start_broker(port, host)
     print(f"broker ready on {broker.bootstrap_servers}", flush=True)
     while not stopping and broker.process.poll() is None:
         time.sleep(0.2)
