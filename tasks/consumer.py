@@ -127,6 +127,7 @@ class FrameConsumer:
                 "auto.offset.reset": "earliest",
                 "session.timeout.ms": kafka.session_timeout_ms,
                 "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
+                "fetch.wait.max.ms": kafka.fetch_wait_max_ms,
                 "fetch.max.bytes": max(kafka.max_message_bytes, 52428800),
                 "max.partition.fetch.bytes": kafka.max_message_bytes,
             }
@@ -295,12 +296,17 @@ class FrameConsumer:
 
     # ---- the loop -------------------------------------------------------------------------
 
-    def _commit(self) -> None:
-        offsets = self.offsets.to_commit()
+    def _commit(self, wait: bool = True) -> None:
+        """Commit while running in the background (points that moved), or wait for all points.
+
+        A background commit that fails is not retried by itself; the waiting commit on a
+        rebalance and at the end sends every point again, so nothing done is left uncommitted.
+        """
+        offsets = self.offsets.to_commit(only_moved=not wait)
         if not offsets:
             return
         try:
-            self._consumer.commit(offsets=offsets, asynchronous=False)
+            self._consumer.commit(offsets=offsets, asynchronous=not wait)
             self.offsets.mark_committed(offsets)
         except Exception as exc:  # e.g. during a rebalance; the next commit catches up
             log.warning("offset commit failed: %s", exc)
@@ -367,7 +373,7 @@ class FrameConsumer:
                 self._producer.poll(0)
                 now = time.monotonic()
                 if now - last_commit >= COMMIT_EVERY_S:
-                    self._commit()
+                    self._commit(wait=False)
                     last_commit = now
                 if now - last_progress >= PROGRESS_EVERY_S:
                     last_progress = now

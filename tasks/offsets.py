@@ -40,14 +40,16 @@ class OffsetTracker:
         unfinished = self._unfinished.get(key)
         return min(unfinished) if unfinished else self._next_offset[key]
 
-    def to_commit(self) -> list[TopicPartition]:
-        """Commit points that moved since the last call."""
-        moved = []
+    def to_commit(self, only_moved: bool = True) -> list[TopicPartition]:
+        """Commit points that moved since they were last committed (or all of them)."""
+        points = []
         for topic, partition in list(self._next_offset):
             point = self.commit_point(topic, partition)
-            if point is not None and self._committed.get((topic, partition)) != point:
-                moved.append(TopicPartition(topic, partition, point))
-        return moved
+            if point is None:
+                continue
+            if not only_moved or self._committed.get((topic, partition)) != point:
+                points.append(TopicPartition(topic, partition, point))
+        return points
 
     def mark_committed(self, offsets: list[TopicPartition]) -> None:
         for tp in offsets:

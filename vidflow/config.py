@@ -134,6 +134,8 @@ class KafkaSettings(BaseSettings):
     # session.timeout.ms / 2 before a join completes.
     session_timeout_ms: int = Field(6000, description="consumer group session timeout")
     heartbeat_interval_ms: int = Field(1000, description="consumer group heartbeat interval")
+    # librdkafka lets the broker hold a fetch up to 500 ms by default; frames are latency-bound.
+    fetch_wait_max_ms: int = Field(5, description="longest the broker may hold a fetch")
 
 
 class ProducerSettings(BaseSettings):
