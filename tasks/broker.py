@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vidflow.processes import stop_process
+
 log = logging.getLogger(__name__)
 
 
@@ -32,13 +34,7 @@ class LocalBroker:
         return f"{self.host}:{self.port}"
 
     def stop(self, timeout_s: float = 10.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return stop_process(self.process, timeout_s)
 
 
 def broker_binary() -> Path:

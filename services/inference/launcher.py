@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.inference.client import wait_until_serving
+from vidflow.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -50,13 +50,7 @@ class ServerProcess:
             raise TimeoutError(f"{exc}\n--- server log ---\n{self.log()}") from None
 
     def terminate(self, timeout_s: float = 60.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return stop_process(self.process, timeout_s)
 
 
 def start_server(
