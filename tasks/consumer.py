@@ -391,21 +391,17 @@ class FrameConsumer:
         return self.summary
 
     def _drain_completions(self, timeout_s: float) -> None:
-        try:
-            call, future = (
-                self._completions.get(timeout=timeout_s)
-                if timeout_s
-                else self._completions.get_nowait()
-            )
-        except queue.Empty:
-            return
-        self._complete(call, future)
+        """Handle every finished call; wait up to `timeout_s` for the first one."""
         while True:
             try:
-                call, future = self._completions.get_nowait()
+                if timeout_s:
+                    call, future = self._completions.get(timeout=timeout_s)
+                else:
+                    call, future = self._completions.get_nowait()
             except queue.Empty:
                 return
             self._complete(call, future)
+            timeout_s = 0
 
     def _resend_due(self) -> None:
         now = time.monotonic()
