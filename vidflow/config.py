@@ -60,9 +60,7 @@ class InferenceSettings(BaseSettings):
     )
     max_image_pixels: int = Field(40_000_000, description="largest image (width x height) accepted")
     preprocess_threads: int = Field(2, ge=1, description="threads that decode and preprocess")
-    inference_workers: int = Field(
-        0, ge=0, description="model calls (batches) run at once (0: auto, 1)"
-    )
+    inference_workers: int = Field(1, ge=1, description="model calls (batches) run at once")
     inference_threads: int = Field(
         0, ge=0, description="threads one model call may use (0: auto, cores / workers)"
     )

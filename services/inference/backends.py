@@ -62,18 +62,13 @@ def cuda_available(backend: str) -> bool:
     return torch.cuda.is_available()
 
 
-def plan_parallelism(device: str, workers: int, threads: int) -> tuple[int, int]:
-    """Resolve 0 ("auto") for concurrent model calls and threads per call.
+def threads_per_call(workers: int, threads: int) -> int:
+    """Threads one model call may use: as given, or (0) the cores shared among the workers.
 
-    One call at a time over all cores measured best on 2 CPU cores (docs/benchmarks.md); a GPU
-    also runs one call at a time. More workers help only where cores outnumber what one call uses.
+    One call at a time over all cores measured best on 2 CPU cores (docs/benchmarks.md); more
+    workers help only where cores outnumber what one call uses.
     """
-    cores = os.cpu_count() or 1
-    if workers == 0:
-        workers = 1
-    if threads == 0:
-        threads = max(1, cores // workers)
-    return workers, threads
+    return threads or max(1, (os.cpu_count() or 1) // workers)
 
 
 class TorchBackend:

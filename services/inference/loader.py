@@ -11,8 +11,8 @@ from services.inference.backends import (
     OnnxBackend,
     TorchBackend,
     cuda_available,
-    plan_parallelism,
     resolve_device,
+    threads_per_call,
 )
 from services.inference.preprocess import PreprocessSpec
 from vidflow.config import InferenceSettings
@@ -29,7 +29,7 @@ class ServedModel:
     preprocess: PreprocessSpec
     weights_sha256: str
     backend: Backend
-    # How many batches the server may run at once (see plan_parallelism).
+    # How many batches the server may run at once (--inference-workers).
     workers: int
 
 
@@ -38,9 +38,8 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
     device = resolve_device(
         settings.device, settings.strict_device, cuda_available(settings.backend)
     )
-    workers, threads = plan_parallelism(
-        device, settings.inference_workers, settings.inference_threads
-    )
+    workers = settings.inference_workers
+    threads = threads_per_call(workers, settings.inference_threads)
     log.info("%d concurrent model call(s) with %d thread(s) each", workers, threads)
     if settings.backend == "onnx" and settings.onnx_model is not None:
         return _from_onnx_file(settings.onnx_model, device, workers, threads)
