@@ -51,7 +51,7 @@ def stream_once(
         dlq_topic=f"bench-dlq-{suffix}",
         partitions=1,
     )
-    ensure_topics(bootstrap, [kafka.frames_topic, kafka.results_topic, kafka.dlq_topic], 1)
+    ensure_topics(bootstrap, kafka.topics, 1)
     consumer = FrameConsumer(
         kafka,
         ConsumerSettings(group=f"bench-{suffix}", concurrency=concurrency, idle_timeout=3.0,

@@ -29,7 +29,7 @@ DRAIN_S = 10.0
 def create_topics(kafka: KafkaSettings) -> list[str]:
     return ensure_topics(
         kafka.bootstrap_servers,
-        [kafka.frames_topic, kafka.results_topic, kafka.dlq_topic],
+        kafka.topics,
         kafka.partitions,
     )
 

@@ -119,6 +119,7 @@ class FrameConsumer:
         self._waiting_retry: deque[_Call] = deque()
         self._assigned_at: float | None = None  # idle time counts only once partitions are ours
         self._last_result_at: float | None = None
+        self._owned: set[tuple[str, int]] = set()  # kept by the rebalance callbacks
         self._consumer = Consumer(
             {
                 "bootstrap.servers": kafka.bootstrap_servers,
@@ -140,6 +141,7 @@ class FrameConsumer:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned_at = time.monotonic()
+        self._owned |= {(p.topic, p.partition) for p in partitions}
         self.assigned.set()
         log.info("assigned partitions %s", [p.partition for p in partitions])
 
@@ -147,7 +149,9 @@ class FrameConsumer:
         """Commit what is delivered for partitions we lose; the rest goes to the next owner."""
         self._producer.flush(10)
         self._commit()
-        self.offsets.forget([(p.topic, p.partition) for p in partitions])
+        lost = {(p.topic, p.partition) for p in partitions}
+        self._owned -= lost
+        self.offsets.forget(list(lost))
         log.info("revoked partitions %s", [p.partition for p in partitions])
 
     # ---- one frame ------------------------------------------------------------------------
@@ -228,7 +232,7 @@ class FrameConsumer:
         except grpc.RpcError as exc:
             self._failed(call, exc)
             return
-        if (call.message.topic(), call.message.partition()) not in self._owned():
+        if (call.message.topic(), call.message.partition()) not in self._owned:
             return  # revoked while in flight: the new owner redoes it
         best = response.predictions[0]
         result_ts_ns = time.time_ns()
@@ -290,9 +294,6 @@ class FrameConsumer:
                 call.frame.key, code.name, exc.details(), call.attempt,
             )  # fmt: skip
         self._waiting_retry.append(call)
-
-    def _owned(self) -> set[tuple[str, int]]:
-        return {(p.topic, p.partition) for p in self._consumer.assignment()}
 
     # ---- the loop -------------------------------------------------------------------------
 

@@ -109,7 +109,7 @@ def kafka(broker: LocalBroker) -> KafkaSettings:
     )
     ensure_topics(
         settings.bootstrap_servers,
-        [settings.frames_topic, settings.results_topic, settings.dlq_topic],
+        settings.topics,
         settings.partitions,
     )
     return settings

@@ -121,8 +121,7 @@ def _consume(args: argparse.Namespace) -> int:
     kafka = settings_from_args(KafkaSettings, args)
     settings = settings_from_args(ConsumerSettings, args)
     target = settings_from_args(ClientSettings, args).target
-    topics = [kafka.frames_topic, kafka.results_topic, kafka.dlq_topic]
-    ensure_topics(kafka.bootstrap_servers, topics, kafka.partitions)
+    ensure_topics(kafka.bootstrap_servers, kafka.topics, kafka.partitions)
     consumer = FrameConsumer(kafka, settings, target, _stop_on_sigterm())
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server

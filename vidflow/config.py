@@ -135,6 +135,11 @@ class KafkaSettings(BaseSettings):
     # librdkafka lets the broker hold a fetch up to 500 ms by default; frames are latency-bound.
     fetch_wait_max_ms: int = Field(5, description="longest the broker may hold a fetch")
 
+    @property
+    def topics(self) -> list[str]:
+        """Every topic a stream run uses."""
+        return [self.frames_topic, self.results_topic, self.dlq_topic]
+
 
 class ProducerSettings(BaseSettings):
     """`vidflow produce`: frames from a video file, a webcam or an RTSP stream."""

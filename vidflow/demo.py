@@ -60,7 +60,7 @@ def stream_sample_clip(run_dir: Path, target: str) -> dict[str, object]:
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
         ensure_topics(
             kafka.bootstrap_servers,
-            [kafka.frames_topic, kafka.results_topic, kafka.dlq_topic],
+            kafka.topics,
             kafka.partitions,
         )
         consumer = FrameConsumer(kafka, ConsumerSettings(idle_timeout=3.0), target)
