@@ -193,27 +193,31 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
     async def Classify(
         self, request: inference_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ClassifyResponse:
-        code = grpc.StatusCode.OK
         self.metrics.in_flight.inc()
         try:
-            return await self._classify(request)
+            response = await self._classify(request)
         except InvalidImageError as exc:
-            code = grpc.StatusCode.INVALID_ARGUMENT
-            await context.abort(code, str(exc))
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except ModelNotReadyError as exc:
-            code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, str(exc))
+            code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            self._finish("Classify", grpc.StatusCode.CANCELLED)
             raise
         except Exception as exc:
-            code = grpc.StatusCode.INTERNAL
             log.exception("Classify failed for request %r", request.request_id)
-            await context.abort(code, f"inference failed: {exc}")
-        finally:
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels("Classify", code.name).inc()
+            code, message = grpc.StatusCode.INTERNAL, f"inference failed: {exc}"
+        else:
+            self._finish("Classify", grpc.StatusCode.OK)
+            return response
+        # Counted before aborting: the client sees the status as soon as abort sends it, so a
+        # scrape right after the error must already include it.
+        self._finish("Classify", code)
+        await context.abort(code, message)
         raise AssertionError("unreachable")  # context.abort always raises
+
+    def _finish(self, method: str, code: grpc.StatusCode) -> None:
+        self.metrics.in_flight.dec()
+        self.metrics.requests.labels(method, code.name).inc()
 
     async def _classify_stream_item(
         self, request: inference_pb2.ClassifyRequest
@@ -227,8 +231,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             code = grpc.StatusCode.INVALID_ARGUMENT
             return inference_pb2.ClassifyResponse(request_id=request.request_id, error=str(exc))
         finally:
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels("ClassifyStream", code.name).inc()
+            self._finish("ClassifyStream", code)
 
     async def ClassifyStream(
         self,
