@@ -113,3 +113,12 @@ def kafka(broker: LocalBroker) -> KafkaSettings:
         settings.partitions,
     )
     return settings
+
+
+@pytest.fixture(scope="session")
+def tiny_depth_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Depth Pro of toy size with random weights, saved like a downloaded model (no depth
+    weights can be had offline); loading it goes through the real transformers path."""
+    from tasks.tiny_depth_pro import save_tiny_depth_pro
+
+    return save_tiny_depth_pro(tmp_path_factory.mktemp("tiny-depth-pro"))

@@ -170,3 +170,32 @@ class ConsumerSettings(BaseSettings):
     metrics_port: int | None = Field(None, description="serve Prometheus /metrics on this port")
     rpc_timeout_s: float = Field(10.0, description="deadline of one inference call")
     retry_max_backoff_s: float = Field(5.0, description="longest wait between retries")
+
+
+class DepthSettings(BaseSettings):
+    """`vidflow depth` and the depth-extraction flow: download, transcode, depth maps, storage."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_DEPTH_")
+
+    output: Path = Field(Path("depth-output"), description="folder for videos, maps and tables")
+    depth_model: str = Field(
+        "apple/DepthPro-hf", description="depth model: a Hugging Face hub id or a local folder"
+    )
+    frames: str = Field("first", description="frames to run depth on: first, middle or uniform:N")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where depth runs")
+    download_concurrency: int = Field(8, ge=1, description="downloads in flight at once")
+    connect_timeout_s: float = Field(10.0, gt=0, description="time allowed to connect")
+    read_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next bytes")
+    download_retries: int = Field(4, ge=0, description="retries after a transient failure")
+    retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay, doubled each time")
+    retry_backoff_max_s: float = Field(30.0, ge=0, description="longest retry delay")
+    max_download_bytes: int = Field(1024**3, ge=1, description="largest video downloaded")
+    height: int = Field(360, ge=2, description="height of the transcoded videos")
+    ffmpeg_threads: int = Field(1, ge=0, description="threads per ffmpeg (0: ffmpeg decides)")
+    x264_preset: str = Field("veryfast", description="x264 preset of the transcode")
+    x264_crf: int = Field(23, ge=0, le=51, description="x264 quality (lower is better)")
+    transcode_timeout_s: float = Field(600.0, gt=0, description="longest one transcode may run")
+    task_retries: int = Field(2, ge=0, description="Prefect retries of a stage that crashed")
+    ray_num_cpus: int | None = Field(
+        None, description="CPUs of the local Ray instance (default: all); unused with RAY_ADDRESS"
+    )

@@ -1,0 +1,88 @@
+"""What a depth-extraction run did: counts by status, failures by stage, time per stage."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks.video_record import VideoRecord
+
+STAGES = ("download", "transcode", "depth")
+
+
+@dataclass
+class RunReport:
+    total: int
+    skipped: int
+    started: float = field(default_factory=time.perf_counter)
+    ok: int = 0
+    failed: int = 0
+    failed_at: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
+    failures: list[VideoRecord] = field(default_factory=list)
+
+    def add(self, record: VideoRecord) -> None:
+        if record.failed:
+            self.failed += 1
+            stage = record.failed_stage or "unknown"
+            self.failed_at[stage] = self.failed_at.get(stage, 0) + 1
+            self.failures.append(record)
+        else:
+            self.ok += 1
+        for stage in STAGES:
+            if (seconds := getattr(record, f"{stage}_s")) is not None:
+                self.stage_seconds[stage].append(seconds)
+
+    def summary(self) -> dict[str, Any]:
+        wall_s = time.perf_counter() - self.started
+        processed = self.ok + self.failed
+        return {
+            "total": self.total,
+            "ok": self.ok,
+            "failed": self.failed,
+            "skipped": self.skipped,
+            "failed_at": dict(self.failed_at),
+            "stage_seconds": {
+                stage: round(sum(seconds), 3) for stage, seconds in self.stage_seconds.items()
+            },
+            "wall_s": round(wall_s, 3),
+            "videos_per_s": round(processed / wall_s, 4) if wall_s > 0 else 0.0,
+        }
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per stage: how many videos got through, failed there, and the time spent."""
+        rows = []
+        for stage in STAGES:
+            seconds = self.stage_seconds[stage]
+            rows.append(
+                {
+                    "stage": stage,
+                    "done": len(seconds),
+                    "failed": self.failed_at.get(stage, 0),
+                    "total_s": round(sum(seconds), 2),
+                    "mean_s": round(sum(seconds) / len(seconds), 3) if seconds else None,
+                }
+            )
+        summary = self.summary()
+        rows.append(
+            {
+                "stage": "run",
+                "done": self.ok,
+                "failed": self.failed,
+                "total_s": summary["wall_s"],
+                "mean_s": None,
+            }
+        )
+        return rows
+
+    def failures_markdown(self, limit: int = 100) -> str:
+        if not self.failures:
+            return "# Failures\n\nNone: every video processed in this run is `ok`."
+        lines = ["# Failures", "", "| video | stage | error |", "| --- | --- | --- |"]
+        for record in self.failures[:limit]:
+            error = (record.error or "").replace("|", "\\|").replace("\n", " ")[:300]
+            lines.append(f"| {record.video_id} | {record.failed_stage} | {error} |")
+        if len(self.failures) > limit:
+            lines.append(f"\n{len(self.failures) - limit} more in the table (status = 'failed').")
+        return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""Transcode stage: each downloaded video to H.264 at a fixed height (360p), with FFmpeg.
+
+FFmpeg runs as a subprocess (from PATH, else the static binary of the imageio-ffmpeg wheel, so
+no system package is needed) with a timeout; its own error text becomes the failure reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+
+from tasks.video_record import VideoRecord
+from vidflow.config import DepthSettings
+
+FFMPEG_ERROR_CHARS = 1500
+
+
+@functools.cache
+def ffmpeg_exe() -> str:
+    """`ffmpeg` from PATH when there is one, else the imageio-ffmpeg wheel's static build."""
+    on_path = shutil.which("ffmpeg")
+    if on_path:
+        return on_path
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+@dataclass(frozen=True)
+class StreamFacts:
+    width: int
+    height: int
+    fps: float
+    frame_count: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.frame_count / self.fps if self.fps > 0 else 0.0
+
+
+def probe_video(path: Path) -> StreamFacts | None:
+    """Size, rate and length of a video's first video stream, or None if it cannot be opened."""
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if not capture.isOpened():
+            return None
+        facts = StreamFacts(
+            width=int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            height=int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+            fps=float(capture.get(cv2.CAP_PROP_FPS)),
+            frame_count=int(capture.get(cv2.CAP_PROP_FRAME_COUNT)),
+        )
+    finally:
+        capture.release()
+    return facts if facts.width > 0 and facts.height > 0 else None
+
+
+def ffmpeg_command(source: Path, output: Path, settings: DepthSettings) -> list[str]:
+    """The FFmpeg call: scale to the target height keeping the aspect (even width), H.264
+    yuv420p, the index at the front of the file (fast start), audio kept as AAC when present."""
+    threads = str(settings.ffmpeg_threads)
+    return [
+        ffmpeg_exe(),
+        "-hide_banner",
+        "-nostdin",
+        "-y",
+        "-loglevel",
+        "error",
+        "-threads",
+        threads,
+        "-i",
+        str(source),
+        "-map",
+        "0:v:0",
+        "-map",
+        "0:a:0?",
+        "-vf",
+        f"scale=-2:{settings.height}",
+        "-c:v",
+        "libx264",
+        "-preset",
+        settings.x264_preset,
+        "-crf",
+        str(settings.x264_crf),
+        "-pix_fmt",
+        "yuv420p",
+        "-threads",
+        threads,
+        "-filter_threads",
+        threads,
+        "-c:a",
+        "aac",
+        "-b:a",
+        "128k",
+        "-movflags",
+        "+faststart",
+        "-f",
+        "mp4",
+        str(output),
+    ]
+
+
+def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> VideoRecord:
+    """Transcode the record's downloaded file into `out_dir/<video_id>.mp4`."""
+    if record.failed:
+        return record
+    started = time.perf_counter()
+    source = Path(record.raw_path or "")
+    if not source.is_file():
+        return record.fail("transcode", f"downloaded file is missing: {source}")
+    source_facts = probe_video(source)
+    if source_facts is not None:
+        record = record.update(
+            source_width=source_facts.width,
+            source_height=source_facts.height,
+            source_fps=source_facts.fps,
+            source_duration_s=source_facts.duration_s,
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    output = out_dir / f"{record.video_id}.mp4"
+    partial = out_dir / f".{record.video_id}.{uuid.uuid4().hex}.part"
+    try:
+        completed = subprocess.run(
+            ffmpeg_command(source.resolve(), partial.resolve(), settings),
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=settings.transcode_timeout_s,
+            check=False,
+        )
+        if completed.returncode != 0:
+            reason = completed.stderr.strip()[-FFMPEG_ERROR_CHARS:] or "no error text"
+            return record.fail("transcode", f"ffmpeg exit {completed.returncode}: {reason}")
+        facts = probe_video(partial)
+        if facts is None or facts.frame_count <= 0:
+            return record.fail("transcode", "ffmpeg wrote no decodable video frames")
+        os.replace(partial, output)
+    except subprocess.TimeoutExpired:
+        return record.fail(
+            "transcode", f"ffmpeg timed out after {settings.transcode_timeout_s:g} s"
+        )
+    finally:
+        partial.unlink(missing_ok=True)
+    return record.update(
+        transcoded_path=str(output),
+        transcoded_bytes=output.stat().st_size,
+        width=facts.width,
+        height=facts.height,
+        fps=facts.fps,
+        duration_s=facts.duration_s,
+        frame_count=facts.frame_count,
+        transcode_s=time.perf_counter() - started,
+    )

@@ -1,0 +1,153 @@
+"""The flow's input: video URLs from a plain list, a CSV with a `url` column or a Kinetics CSV.
+
+Every source gets a `video_id` that is safe as a file name: output files are named after it, so
+nothing a URL or a CSV says can write outside the output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+import string
+from collections.abc import Iterable
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from tasks.video_record import VideoRecord
+
+MAX_VIDEO_ID_CHARS = 120
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+# The usual file naming of Kinetics mirrors (and of the ActivityNet downloader).
+KINETICS_ID_FORMAT = "{youtube_id}_{time_start:06d}_{time_end:06d}"
+
+
+class SourceListError(ValueError):
+    """The input list cannot be read (missing column, bad template, unreadable file)."""
+
+
+def sanitize_video_id(raw: str) -> str:
+    """A file-name-safe id: letters, digits, `._-` only, no leading dot, bounded length.
+
+    Anything else becomes `_`, so `../../etc/passwd` becomes `etc_passwd` and cannot escape
+    the folder it is joined to. An id with nothing usable left becomes a hash of the input.
+    """
+    cleaned = _UNSAFE_CHARS.sub("_", raw).strip("._")
+    if not cleaned:
+        return "video_" + hashlib.sha1(raw.encode()).hexdigest()[:12]
+    if len(cleaned) > MAX_VIDEO_ID_CHARS:
+        digest = hashlib.sha1(raw.encode()).hexdigest()[:8]
+        cleaned = f"{cleaned[: MAX_VIDEO_ID_CHARS - 9]}_{digest}"
+    return cleaned
+
+
+def _id_from_url(url: str) -> str:
+    name = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    return sanitize_video_id(stem or url)
+
+
+def _unique_ids(records: Iterable[VideoRecord]) -> list[VideoRecord]:
+    """Drop repeated URLs; give different URLs that share an id a suffix from their URL."""
+    seen_urls: set[str] = set()
+    taken: set[str] = set()
+    unique: list[VideoRecord] = []
+    for record in records:
+        if record.source_url in seen_urls:
+            continue
+        seen_urls.add(record.source_url)
+        video_id = record.video_id
+        if video_id in taken:
+            video_id = f"{video_id}_{hashlib.sha1(record.source_url.encode()).hexdigest()[:8]}"
+        taken.add(video_id)
+        unique.append(record.update(video_id=video_id))
+    return unique
+
+
+def read_url_list(path: Path) -> list[VideoRecord]:
+    """One URL per line (blank lines and `#` comments skipped), or a CSV with a `url` column.
+
+    A CSV may also carry `video_id`, `label` and `split` columns; they are kept.
+    """
+    text = _read_text(path)
+    first_line = text.lstrip().split("\n", 1)[0]
+    if "," in first_line and "url" in [c.strip() for c in first_line.split(",")]:
+        reader = csv.DictReader(text.splitlines())
+        records = [
+            VideoRecord(
+                video_id=sanitize_video_id(row["video_id"])
+                if row.get("video_id")
+                else _id_from_url(row["url"].strip()),
+                source_url=row["url"].strip(),
+                label=row.get("label") or None,
+                split=row.get("split") or None,
+            )
+            for row in reader
+            if (row.get("url") or "").strip()
+        ]
+    else:
+        urls = [line.strip() for line in text.splitlines()]
+        records = [
+            VideoRecord(video_id=_id_from_url(url), source_url=url)
+            for url in urls
+            if url and not url.startswith("#")
+        ]
+    return _unique_ids(records)
+
+
+def read_kinetics_csv(
+    path: Path, *, url_template: str, split: str | None = "val", limit: int | None = None
+) -> list[VideoRecord]:
+    """Rows of a Kinetics CSV (`label,youtube_id,time_start,time_end,split[,is_cc]`) as sources.
+
+    `url_template` is formatted with the row's fields, for example
+    `https://HOST/val/{youtube_id}_{time_start:06d}_{time_end:06d}.mp4`.
+    """
+    _check_template(url_template)
+    reader = csv.DictReader(_read_text(path).splitlines())
+    missing = {"label", "youtube_id", "time_start", "time_end"} - set(reader.fieldnames or [])
+    if missing:
+        raise SourceListError(f"{path}: not a Kinetics CSV, missing columns {sorted(missing)}")
+    records: list[VideoRecord] = []
+    for line_number, row in enumerate(reader, start=2):
+        if split is not None and row.get("split", split) != split:
+            continue
+        try:
+            fields = {
+                **row,
+                "youtube_id": row["youtube_id"],
+                "time_start": int(float(row["time_start"])),
+                "time_end": int(float(row["time_end"])),
+            }
+        except ValueError as exc:
+            raise SourceListError(f"{path}:{line_number}: bad time window: {exc}") from exc
+        records.append(
+            VideoRecord(
+                video_id=sanitize_video_id(KINETICS_ID_FORMAT.format(**fields)),
+                source_url=url_template.format(**fields),
+                label=row["label"],
+                split=row.get("split") or split,
+                youtube_id=row["youtube_id"],
+                time_start=fields["time_start"],
+                time_end=fields["time_end"],
+            )
+        )
+        if limit is not None and len(records) >= limit:
+            break
+    return _unique_ids(records)
+
+
+def _check_template(url_template: str) -> None:
+    allowed = {"label", "youtube_id", "time_start", "time_end", "split", "is_cc"}
+    names = {name for _, name, _, _ in string.Formatter().parse(url_template) if name}
+    if unknown := names - allowed:
+        raise SourceListError(
+            f"--url-template uses unknown fields {sorted(unknown)}; known: {sorted(allowed)}"
+        )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise SourceListError(f"cannot read the input list {path}: {exc}") from exc

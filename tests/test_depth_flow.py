@@ -1,0 +1,154 @@
+"""The depth-extraction flow end to end: real Kinetics rows, real clips over loopback HTTP, real
+FFmpeg, a Depth Pro saved and loaded through transformers, local Ray, a real Prefect API and a
+real Lance dataset."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import lance
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+from flows.depth_extraction import depth_extraction, ray_task_runner
+from tasks.video_sources import KINETICS_ID_FORMAT
+from tests.conftest import VIDEOS
+from tests.video_server import Body, Serve, Stall, Status, VideoServer
+from vidflow.config import DepthSettings
+
+KINETICS_CSV = VIDEOS.parent / "kinetics" / "kinetics-400_val.csv"
+URL_TEMPLATE = "{base}/val/{{youtube_id}}_{{time_start:06d}}_{{time_end:06d}}.mp4"
+ARM_WRESTLING = VIDEOS / "k400_arm_wrestling.mp4"
+POOL_CLEANING = VIDEOS / "pool_cleaning.mp4"
+
+# What the server does for each of the first CSV rows, and what the table must say of it.
+CASES = [
+    ("ok", lambda: Serve(ARM_WRESTLING), "ok", None, None),
+    ("ok", lambda: Serve(POOL_CLEANING), "ok", None, None),
+    ("404", lambda: Status(404), "failed", "download", "HTTP 404"),
+    ("500 twice", lambda: Serve(ARM_WRESTLING, fail_first=2), "ok", None, None),
+    ("not a video", lambda: Body(b"<html>sorry</html>"), "failed", "download", "not a video"),
+    ("stall", lambda: Stall(POOL_CLEANING, stall_s=20), "failed", "download", "timed out"),
+    (
+        "broken video",
+        lambda: Body(ARM_WRESTLING.read_bytes()[:4096], "video/mp4"),
+        "failed",
+        "transcode",
+        "ffmpeg exit",
+    ),
+]
+
+
+def _kinetics_rows(count: int) -> list[dict[str, str]]:
+    with KINETICS_CSV.open() as handle:
+        return [row for _, row in zip(range(count), csv.DictReader(handle), strict=False)]
+
+
+def _video_id(row: dict[str, str]) -> str:
+    return KINETICS_ID_FORMAT.format(
+        youtube_id=row["youtube_id"],
+        time_start=int(row["time_start"]),
+        time_end=int(row["time_end"]),
+    )
+
+
+@pytest.mark.slow
+def test_kinetics_rows_become_one_row_each_and_a_rerun_adds_nothing(
+    prefect_api, tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    rows = _kinetics_rows(len(CASES))
+    routes = {f"val/{_video_id(row)}.mp4": case[1]() for row, case in zip(rows, CASES, strict=True)}
+    settings = DepthSettings(
+        output=tmp_path / "out",
+        depth_model=str(tiny_depth_model),
+        frames="uniform:2",
+        read_timeout_s=1.0,
+        download_retries=2,
+        retry_backoff_s=0.05,
+        ray_num_cpus=2,
+    )
+    flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=2))
+
+    with VideoServer(routes) as server:
+        template = URL_TEMPLATE.format(base=f"http://127.0.0.1:{server.port}")
+        first = flow(
+            kinetics_csv=str(KINETICS_CSV),
+            url_template=template,
+            limit=len(CASES),
+            settings=settings,
+        )
+        requests_after_first = dict(server.requests)
+        table = lance.dataset(settings.output / "videos.lance").to_table().to_pylist()
+        second = flow(
+            kinetics_csv=str(KINETICS_CSV),
+            url_template=template,
+            limit=len(CASES),
+            settings=settings,
+        )
+        requests_after_second = dict(server.requests)
+
+    # One row per input, with its CSV facts, the right status, stage and reason.
+    assert first["ok"] == 3 and first["failed"] == 4 and first["skipped"] == 0
+    by_id = {row["video_id"]: row for row in table}
+    assert sorted(by_id) == sorted(_video_id(row) for row in rows)
+    for csv_row, (case, _, status, stage, error) in zip(rows, CASES, strict=True):
+        row = by_id[_video_id(csv_row)]
+        assert (row["status"], row["failed_stage"]) == (status, stage), (case, row["error"])
+        if error is not None:
+            assert error in row["error"], (case, row["error"])
+        assert row["label"] == csv_row["label"]
+        assert row["youtube_id"] == csv_row["youtube_id"]
+        assert row["time_start"] == int(csv_row["time_start"])
+        assert row["split"] == "val" and row["attempts"] == 1
+    assert by_id[_video_id(rows[3])]["download_attempts"] == 3  # two 500s, then the file
+    assert by_id[_video_id(rows[5])]["download_attempts"] == 3  # timed out every time
+    assert requests_after_first[f"val/{_video_id(rows[2])}.mp4"] == 1  # a 404 is not retried
+
+    for row in table:
+        if row["status"] != "ok":
+            continue
+        capture = cv2.VideoCapture(row["transcoded_path"])
+        decoded, frame = capture.read()
+        capture.release()
+        assert decoded and frame.shape[0] == 360 and frame.shape[1] % 2 == 0
+        assert (row["width"], row["height"]) == (frame.shape[1], 360)
+        assert row["source_height"] == 256 and row["frame_count"] > 0
+        assert len(row["depth_paths"]) == 2 == len(row["depth_frame_indices"])
+        for depth_path, preview_path in zip(
+            row["depth_paths"], row["depth_preview_paths"], strict=True
+        ):
+            depth = np.load(depth_path)
+            assert depth.dtype == np.float16 and depth.shape == frame.shape[:2]
+            assert cv2.imread(preview_path).shape == frame.shape
+        assert row["depth_min_m"] <= row["depth_mean_m"] <= row["depth_max_m"]
+        assert row["depth_model"] == str(tiny_depth_model)
+        assert row["focal_length_px"] is not None
+
+    parquet = pq.read_table(settings.output / "videos.parquet")
+    assert parquet.num_rows == len(CASES)
+
+    # The re-run skips what is done, retries the failures, and adds no row.
+    assert second["skipped"] == 3 and second["ok"] == 0 and second["failed"] == 4
+    rerun = lance.dataset(settings.output / "videos.lance").to_table().to_pylist()
+    assert len(rerun) == len(CASES)
+    for row in rerun:
+        before = by_id[row["video_id"]]
+        if before["status"] == "ok":
+            assert row["processed_at"] == before["processed_at"]
+            assert (
+                requests_after_second[f"val/{row['video_id']}.mp4"]
+                == (requests_after_first[f"val/{row['video_id']}.mp4"])
+            )
+        else:
+            assert row["attempts"] == 2 and row["status"] == "failed"
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["depth-extraction-summary"]))
+        )
+    assert artifacts and any("depth" in str(artifact.data) for artifact in artifacts)

@@ -1,0 +1,101 @@
+"""A real aiohttp server on 127.0.0.1 that serves video files and misbehaves on request.
+
+Used by the depth tests and `bench.depth`: each path has a behaviour (serve a file, 404, fail
+with 500 a few times first, serve something that is not a video, stall mid-body).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+
+@dataclass(frozen=True)
+class Serve:
+    path: Path
+    fail_first: int = 0  # answer 500 this many times before serving
+
+
+@dataclass(frozen=True)
+class Status:
+    code: int
+
+
+@dataclass(frozen=True)
+class Body:
+    data: bytes
+    content_type: str = "text/html"
+
+
+@dataclass(frozen=True)
+class Stall:
+    path: Path
+    after_bytes: int = 65536
+    stall_s: float = 30.0
+
+
+Behaviour = Serve | Status | Body | Stall
+
+
+class VideoServer:
+    """Runs in its own thread with its own event loop; `url(name)` gives a route's address."""
+
+    def __init__(self, routes: dict[str, Behaviour] | None = None) -> None:
+        self.routes: dict[str, Behaviour] = dict(routes or {})
+        self.requests: Counter[str] = Counter()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def __enter__(self) -> VideoServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/{name:.+}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        self.requests[name] += 1
+        behaviour = self.routes.get(name)
+        match behaviour:
+            case None:
+                return web.Response(status=404, text="no such video")
+            case Status(code):
+                return web.Response(status=code, text=f"status {code}")
+            case Body(data, content_type):
+                return web.Response(body=data, content_type=content_type)
+            case Serve(path, fail_first) if self.requests[name] <= fail_first:
+                return web.Response(status=500, text="try again")
+            case Serve(path):
+                return web.FileResponse(path)
+            case Stall(path, after_bytes, stall_s):
+                response = web.StreamResponse()
+                response.content_type = "video/mp4"
+                await response.prepare(request)
+                await response.write(path.read_bytes()[:after_bytes])
+                await asyncio.sleep(stall_s)
+                return response
+        raise AssertionError(f"unknown behaviour {behaviour!r}")
