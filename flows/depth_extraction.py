@@ -8,8 +8,10 @@ moves to its next stage as soon as its previous one is done; finished rows are c
 from __future__ import annotations
 
 import os
+import queue
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
@@ -35,9 +37,13 @@ from tasks.video_sources import read_kinetics_csv, read_url_list
 from tasks.video_table import VideoTable
 from vidflow.config import DepthSettings
 
+# Lance warns on any fork once loaded; Ray forks only to exec its own processes at once.
+warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
+
 # Finished rows are committed in batches: a commit per video would make thousands of versions.
 COMMIT_EVERY_ROWS = 32
 COMMIT_EVERY_S = 10.0
+PROGRESS_EVERY_S = 2.0
 
 
 def ray_task_runner(num_cpus: int | None = None) -> RayTaskRunner:
@@ -82,6 +88,53 @@ def transcode_task(record: VideoRecord, out_dir: Path, settings: DepthSettings) 
 @task(name="depth", task_run_name="depth-{record.video_id}", cache_policy=NO_CACHE)
 def depth_task(record: VideoRecord, maps_dir: Path, settings: DepthSettings) -> VideoRecord:
     return _run_stage("depth", estimate_depth, record, maps_dir, settings)
+
+
+STAGE_TASKS = {"download": download_task, "transcode": transcode_task, "depth": depth_task}
+NEXT_STAGE: dict[str, str | None] = {"download": "transcode", "transcode": "depth", "depth": None}
+
+
+def run_stages(
+    records: list[VideoRecord], output_dir: Path, settings: DepthSettings
+) -> Iterator[VideoRecord]:
+    """Run every record through download -> transcode -> depth; yield each as it finishes.
+
+    A video's next stage is submitted as soon as its previous one is done (not after the whole
+    batch), and a failed video goes no further: it is yielded at once with its failure.
+    """
+    stage_dirs = {
+        "download": output_dir / "raw",
+        "transcode": output_dir / "videos",
+        "depth": output_dir / "depth",
+    }
+    resources = _stage_resources(settings)
+    finished: queue.Queue[PrefectFuture[VideoRecord]] = queue.Queue()
+    inputs: dict[PrefectFuture[VideoRecord], tuple[str, VideoRecord]] = {}
+
+    def submit(stage: str, record: VideoRecord) -> None:
+        with remote_options(**resources[stage]):
+            future = (
+                STAGE_TASKS[stage]
+                .with_options(retries=settings.task_retries)
+                .submit(record, stage_dirs[stage], settings)
+            )
+        inputs[future] = (stage, record)
+        future.add_done_callback(finished.put)
+
+    for record in records:
+        submit("download", record)
+    for _ in records:
+        while True:
+            future = finished.get()
+            stage, given = inputs.pop(future)
+            try:
+                record = future.result()
+            except Exception as exc:  # the Ray worker died (out of memory, killed)
+                record = given.fail(stage, f"{stage} task crashed: {type(exc).__name__}: {exc}")
+            if record.failed or NEXT_STAGE[stage] is None:
+                break
+            submit(NEXT_STAGE[stage], record)
+        yield record
 
 
 def load_sources(
@@ -163,39 +216,13 @@ def depth_extraction(
     )  # fmt: skip
     report = RunReport(total=len(sources), skipped=plan.already_ok)
 
-    resources = _stage_resources(settings)
-    chains = []
-    for record in plan.todo:
-        with remote_options(**resources["download"]):
-            downloaded = download_task.with_options(retries=settings.task_retries).submit(
-                record, output_dir / "raw", settings
-            )
-        with remote_options(**resources["transcode"]):
-            transcoded = transcode_task.with_options(retries=settings.task_retries).submit(
-                downloaded, output_dir / "videos", settings
-            )
-        with remote_options(**resources["depth"]):
-            chains.append(
-                depth_task.with_options(retries=settings.task_retries).submit(
-                    transcoded, output_dir / "depth", settings
-                )
-            )
-
-    progress_id = create_progress_artifact(
-        progress=0.0 if plan.todo else 100.0,
-        key="depth-extraction-progress",
-        description="Share of this run's videos finished",
-    )
-    progress_bar = _progress_bar(len(plan.todo)) if show_progress else None
+    progress = Progress(len(plan.todo), show_bar=show_progress)
     pending: list[VideoRecord] = []
     last_commit = time.monotonic()
-    for done, finished in enumerate(as_completed(chains), start=1):
-        record = finished.result()
+    for record in run_stages(plan.todo, output_dir, settings):
         pending.append(record)
         report.add(record)
-        if progress_bar is not None:
-            progress_bar.set_postfix(ok=report.ok, failed=report.failed, refresh=False)
-            progress_bar.update(1)
+        progress.advance(report)
         if record.failed:
             logger.warning(
                 "%s failed at %s: %s", record.video_id, record.failed_stage, record.error
@@ -203,12 +230,9 @@ def depth_extraction(
         if len(pending) >= COMMIT_EVERY_ROWS or time.monotonic() - last_commit > COMMIT_EVERY_S:
             table.upsert(pending)
             pending, last_commit = [], time.monotonic()
-            update_progress_artifact(progress_id, progress=100.0 * done / len(plan.todo))
     table.upsert(pending)
-    if progress_bar is not None:
-        progress_bar.close()
+    progress.close()
     if plan.todo:
-        update_progress_artifact(progress_id, progress=100.0)
         table.compact()
     if table.exists():
         table.export_parquet()
@@ -232,7 +256,32 @@ def depth_extraction(
     return {**summary, "lance": str(table.lance_path), "parquet": str(table.parquet_path)}
 
 
-def _progress_bar(total: int) -> Any:
-    from tqdm import tqdm
+class Progress:
+    """Progress as a Prefect progress artifact (shown in the UI) and, from the CLI, a bar."""
 
-    return tqdm(total=total, unit="video", desc="depth-extraction", dynamic_ncols=True)
+    def __init__(self, total: int, *, show_bar: bool) -> None:
+        self.total, self.done = total, 0
+        self.artifact_id = create_progress_artifact(
+            progress=0.0 if total else 100.0,
+            key="depth-extraction-progress",
+            description="Share of this run's videos finished",
+        )
+        self.last_update = time.monotonic()
+        self.bar = None
+        if show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="video", desc="depth-extraction", dynamic_ncols=True)
+
+    def advance(self, report: RunReport) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix(ok=report.ok, failed=report.failed, refresh=False)
+            self.bar.update(1)
+        if time.monotonic() - self.last_update > PROGRESS_EVERY_S or self.done == self.total:
+            update_progress_artifact(self.artifact_id, progress=100.0 * self.done / self.total)
+            self.last_update = time.monotonic()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

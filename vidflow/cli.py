@@ -16,6 +16,7 @@ from vidflow.config import (
     SAMPLE_VIDEO,
     ClientSettings,
     ConsumerSettings,
+    DepthSettings,
     InferenceSettings,
     KafkaSettings,
     LogSettings,
@@ -158,6 +159,26 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _depth(args: argparse.Namespace) -> int:
+    from flows.depth_extraction import depth_extraction, ray_task_runner
+    from vidflow.prefect_api import prefect_api
+
+    settings = settings_from_args(DepthSettings, args)
+    flow = depth_extraction.with_options(task_runner=ray_task_runner(settings.ray_num_cpus))
+    with prefect_api():
+        summary = flow(
+            urls=args.urls,
+            kinetics_csv=args.kinetics_csv,
+            url_template=args.url_template,
+            split=args.split,
+            limit=args.limit,
+            settings=settings,
+            show_progress=True,
+        )
+    print(json.dumps(summary))
+    return 1 if summary["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidflow", description=__doc__)
     logging_flags = argparse.ArgumentParser(add_help=False)
@@ -230,6 +251,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--summary-json", type=Path, help="write the figures here as JSON")
     add_settings_arguments(bench, KafkaSettings)
     add_settings_arguments(bench, ClientSettings)
+
+    depth = command(
+        "depth",
+        _depth,
+        "run the depth-extraction flow: download, transcode to 360p, depth maps, Lance table "
+        "(exit 1 when some videos failed; their rows say why)",
+    )
+    inputs = depth.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--urls", help="a file of URLs, one per line, or a CSV with a url column")
+    inputs.add_argument("--kinetics-csv", help="a Kinetics CSV (label,youtube_id,time_start,...)")
+    depth.add_argument(
+        "--url-template",
+        help="URL of a Kinetics row, e.g. https://HOST/val/{youtube_id}_{time_start:06d}_"
+        "{time_end:06d}.mp4",
+    )
+    depth.add_argument("--split", default="val", help="Kinetics split to take (default val)")
+    depth.add_argument("--limit", type=int, help="take only the first N inputs")
+    add_settings_arguments(depth, DepthSettings)
     return parser
 
 

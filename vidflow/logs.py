@@ -17,6 +17,7 @@ class IsoFormatter(logging.Formatter):
         return datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds")
 
 
+QUIET_LOGGERS = ("httpx", "httpcore")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -35,3 +36,6 @@ def setup_logging(settings: LogSettings | None = None) -> None:
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(settings.level.upper())
+    # Client libraries log every HTTP request at INFO (the Prefect API client sends many).
+    for chatty in QUIET_LOGGERS:
+        logging.getLogger(chatty).setLevel(max(root.level, logging.WARNING))

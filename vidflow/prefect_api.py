@@ -1,0 +1,55 @@
+"""A Prefect API for flows started from the command line.
+
+Ray workers report task runs to the Prefect API. Without one configured, every worker would
+start its own temporary server (slow and flaky), so the CLI starts one temporary server for the
+whole run instead, and every Ray worker inherits its address through the environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def prefect_api(startup_timeout_s: int = 120) -> Iterator[str]:
+    """Use PREFECT_API_URL when set; otherwise run a temporary local server until exit."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if configured := PREFECT_API_URL.value():
+        yield configured
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    server = SubprocessASGIServer()
+    server.start(timeout=startup_timeout_s)
+    log.info(
+        "no PREFECT_API_URL set: started a temporary Prefect server at %s for this run "
+        "(runs are kept in the local Prefect database; `prefect server start` shows them)",
+        server.api_url,
+    )
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server.api_url
+            _drain_to_api()
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+def _drain_to_api() -> None:
+    """Send the logs and events still queued, while the server is up (else they are retried
+    against a stopped server for minutes at exit); the same as prefect_test_harness does."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    with contextlib.suppress(RuntimeError):  # no log was sent, so the worker never started
+        APILogWorker.instance().drain()
+    EventsWorker.drain_all()
