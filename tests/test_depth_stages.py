@@ -1,0 +1,358 @@
+"""Each depth-extraction stage on its own: its error handling against real servers, real FFmpeg
+and real files."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import cv2
+import lance
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tasks.depth import (
+    DepthEstimator,
+    check_frames_spec,
+    estimate_depth,
+    frame_indices,
+    read_frames,
+    shared_estimator,
+)
+from tasks.download import (
+    DownloadError,
+    backoff_delay_s,
+    download,
+    is_retryable,
+    sniff_container,
+)
+from tasks.transcode import transcode
+from tasks.video_record import ARROW_SCHEMA, VideoRecord
+from tasks.video_sources import (
+    SourceListError,
+    read_kinetics_csv,
+    read_url_list,
+    sanitize_video_id,
+)
+from tasks.video_table import VideoTable
+from tests.conftest import VIDEOS
+from tests.video_server import Serve, Stall, Status, VideoServer
+from vidflow.config import DepthSettings
+
+CLIP = VIDEOS / "pool_cleaning.mp4"
+KINETICS_CSV = VIDEOS.parent / "kinetics" / "kinetics-400_val.csv"
+FAST_RETRIES = {"download_retries": 2, "retry_backoff_s": 0.01, "read_timeout_s": 0.5}
+
+
+def _record(url: str, video_id: str = "clip") -> VideoRecord:
+    return VideoRecord(video_id=video_id, source_url=url)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return (
+        sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+        if folder.exists()
+        else []
+    )
+
+
+# ---- sources -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("../../etc/passwd", "etc_passwd"),
+        ("/absolute/path", "absolute_path"),
+        ("a b/c?d=e", "a_b_c_d_e"),
+        ("-abc_000012_000022", "-abc_000012_000022"),  # Kinetics ids may start with '-'
+        ("..", None),
+        ("", None),
+    ],
+)
+def test_video_ids_cannot_escape_the_output_folder(raw: str, expected: str | None) -> None:
+    video_id = sanitize_video_id(raw)
+    if expected is not None:
+        assert video_id == expected
+    assert video_id and "/" not in video_id and not video_id.startswith(".")
+
+
+@given(st.text(max_size=300))
+def test_any_text_gives_a_file_name_inside_the_folder(raw: str) -> None:
+    root = Path("/srv/out").resolve()
+    video_id = sanitize_video_id(raw)
+    assert (root / video_id).resolve().parent == root
+    assert 0 < len(video_id) <= 120
+
+
+def test_url_lists_skip_comments_and_repeats_and_keep_ids_unique(tmp_path: Path) -> None:
+    listing = tmp_path / "urls.txt"
+    listing.write_text(
+        "# my videos\n\nhttps://a.example/x/clip.mp4\nhttps://a.example/y/clip.mp4\n"
+        "https://a.example/x/clip.mp4\nhttps://a.example/v/%2E%2E%2Fescape.mp4?sig=1\n"
+    )
+    records = read_url_list(listing)
+    assert [r.source_url for r in records] == [
+        "https://a.example/x/clip.mp4",
+        "https://a.example/y/clip.mp4",
+        "https://a.example/v/%2E%2E%2Fescape.mp4?sig=1",
+    ]
+    assert records[0].video_id == "clip" and records[1].video_id.startswith("clip_")
+    assert records[2].video_id == "escape"
+
+
+def test_a_csv_with_a_url_column_keeps_its_labels(tmp_path: Path) -> None:
+    listing = tmp_path / "urls.csv"
+    listing.write_text("url,label\nhttps://h/a.mp4,juggling\nhttps://h/b.webm,\n")
+    records = read_url_list(listing)
+    assert [(r.video_id, r.label) for r in records] == [("a", "juggling"), ("b", None)]
+
+
+def test_kinetics_rows_keep_label_id_and_window() -> None:
+    template = "https://mirror/{split}/{youtube_id}_{time_start:06d}_{time_end:06d}.mp4"
+    records = read_kinetics_csv(KINETICS_CSV, url_template=template, split="val", limit=3)
+    assert len(records) == 3
+    first = records[0]
+    assert (first.label, first.youtube_id, first.time_start, first.time_end) == (
+        "abseiling", "0wR5jVB-WPk", 417, 427,
+    )  # fmt: skip
+    assert first.video_id == "0wR5jVB-WPk_000417_000427"
+    assert first.source_url == "https://mirror/val/0wR5jVB-WPk_000417_000427.mp4"
+    assert read_kinetics_csv(KINETICS_CSV, url_template=template, split="train") == []
+
+
+def test_bad_kinetics_input_is_refused_with_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(SourceListError, match="unknown fields"):
+        read_kinetics_csv(KINETICS_CSV, url_template="https://h/{video}.mp4")
+    not_kinetics = tmp_path / "x.csv"
+    not_kinetics.write_text("url\nhttps://h/a.mp4\n")
+    with pytest.raises(SourceListError, match="missing columns"):
+        read_kinetics_csv(not_kinetics, url_template="https://h/{youtube_id}.mp4")
+    with pytest.raises(SourceListError, match="cannot read"):
+        read_url_list(tmp_path / "missing.txt")
+
+
+# ---- download ------------------------------------------------------------------------------
+
+
+def test_a_download_lands_under_its_id_with_no_temporary_file(tmp_path: Path) -> None:
+    with VideoServer({"v.mp4": Serve(CLIP)}) as server:
+        record = download(_record(server.url("v.mp4")), tmp_path, DepthSettings())
+    assert not record.failed and record.download_attempts == 1
+    assert Path(record.raw_path) == tmp_path / "clip.mp4"
+    assert Path(record.raw_path).read_bytes() == CLIP.read_bytes()
+    assert record.raw_bytes == CLIP.stat().st_size
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_stalled_body_times_out_is_retried_and_leaves_nothing(tmp_path: Path) -> None:
+    settings = DepthSettings(**FAST_RETRIES)
+    with VideoServer({"v.mp4": Stall(CLIP, stall_s=5)}) as server:
+        record = download(_record(server.url("v.mp4")), tmp_path, settings)
+        assert server.requests["v.mp4"] == 3
+    assert (record.status, record.failed_stage) == ("failed", "download")
+    assert "timed out" in record.error and record.download_attempts == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "max_bytes"),
+    [(Serve(CLIP), 10_000), (Stall(CLIP, after_bytes=300_000, stall_s=0), 100_000)],
+    ids=["content-length", "streamed"],
+)
+def test_the_size_cap_stops_a_download_without_retrying(
+    tmp_path: Path, behaviour: object, max_bytes: int
+) -> None:
+    settings = DepthSettings(max_download_bytes=max_bytes, **FAST_RETRIES)
+    with VideoServer({"v.mp4": behaviour}) as server:
+        record = download(_record(server.url("v.mp4")), tmp_path, settings)
+        assert server.requests["v.mp4"] == 1
+    assert record.failed and "too big" in record.error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("code", "requests"), [(404, 1), (403, 1), (503, 3), (429, 3), (500, 3)])
+def test_only_transient_http_errors_are_retried(tmp_path: Path, code: int, requests: int) -> None:
+    settings = DepthSettings(**FAST_RETRIES)
+    with VideoServer({"v.mp4": Status(code)}) as server:
+        record = download(_record(server.url("v.mp4")), tmp_path, settings)
+        assert server.requests["v.mp4"] == requests
+    assert record.failed and f"HTTP {code}" in record.error
+    assert record.download_attempts == requests
+
+
+def test_a_refused_connection_is_retried_then_reported(tmp_path: Path) -> None:
+    with VideoServer() as server:
+        dead_url = server.url("v.mp4")
+    record = download(_record(dead_url), tmp_path, DepthSettings(**FAST_RETRIES))
+    assert record.failed and record.download_attempts == 3
+    assert "Connect" in record.error and dead_url in record.error
+
+
+def test_only_http_and_https_are_fetched(tmp_path: Path) -> None:
+    for url in ("file:///etc/passwd", "ftp://host/a.mp4"):
+        record = download(_record(url), tmp_path, DepthSettings())
+        assert record.failed and "unsupported URL scheme" in record.error
+        assert record.download_attempts == 0
+
+
+def test_retry_classification_and_backoff() -> None:
+    import aiohttp
+
+    assert is_retryable(TimeoutError())
+    assert is_retryable(aiohttp.ServerDisconnectedError())
+    assert is_retryable(DownloadError("HTTP 502", retryable=True))
+    assert not is_retryable(DownloadError("HTTP 404", retryable=False))
+    assert not is_retryable(ValueError("bug"))
+    settings = DepthSettings(retry_backoff_s=1.0, retry_backoff_max_s=5.0)
+    for retry, (low, high) in enumerate([(0.5, 1), (1, 2), (2, 4), (2.5, 5), (2.5, 5)]):
+        assert low <= backoff_delay_s(retry, settings) <= high
+    assert backoff_delay_s(0, settings, retry_after_s=3.0) == 3.0
+    assert backoff_delay_s(0, settings, retry_after_s=600.0) == 5.0
+
+
+def test_containers_are_recognised_by_their_first_bytes() -> None:
+    assert sniff_container(CLIP.read_bytes()[:256]) == "mp4"
+    assert sniff_container(b"\x1a\x45\xdf\xa3" + bytes(60)) == "mkv"
+    assert sniff_container(b"<!DOCTYPE html><html>") is None
+    assert sniff_container(b"") is None
+
+
+# ---- transcode -----------------------------------------------------------------------------
+
+
+def test_transcode_gives_360p_h264_with_an_even_width(tmp_path: Path) -> None:
+    record = _record("http://h/v.mp4").update(raw_path=str(CLIP))
+    result = transcode(record, tmp_path, DepthSettings())
+    assert not result.failed, result.error
+    capture = cv2.VideoCapture(result.transcoded_path)
+    codec = int(capture.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode()
+    ok, frame = capture.read()
+    capture.release()
+    assert ok and frame.shape[:2] == (360, 478) and codec in ("avc1", "h264")
+    assert (result.source_width, result.source_height, result.source_fps) == (340, 256, 30.0)
+    assert result.frame_count == 300 and result.duration_s == pytest.approx(10.0)
+    assert _leftovers(tmp_path) == []
+
+
+def test_ffmpeg_errors_end_up_in_the_record(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(CLIP.read_bytes()[:4096])
+    record = transcode(
+        _record("http://h/v.mp4").update(raw_path=str(broken)), tmp_path / "out", DepthSettings()
+    )
+    assert (record.status, record.failed_stage) == ("failed", "transcode")
+    assert "ffmpeg exit" in record.error and "moov atom not found" in record.error
+    assert _leftovers(tmp_path / "out") == []
+
+
+def test_a_transcode_past_its_timeout_is_stopped(tmp_path: Path) -> None:
+    record = transcode(
+        _record("http://h/v.mp4").update(raw_path=str(CLIP)),
+        tmp_path,
+        DepthSettings(transcode_timeout_s=0.05),
+    )
+    assert record.failed and "timed out after 0.05 s" in record.error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_download_fails_the_transcode(tmp_path: Path) -> None:
+    record = transcode(
+        _record("http://h/v.mp4").update(raw_path=str(tmp_path / "gone.mp4")),
+        tmp_path,
+        DepthSettings(),
+    )
+    assert record.failed and "missing" in record.error
+
+
+# ---- depth ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "count", "expected"),
+    [
+        ("first", 300, [0]),
+        ("middle", 300, [150]),
+        ("uniform:1", 300, [150]),
+        ("uniform:3", 300, [50, 150, 250]),
+        ("uniform:10", 4, [0, 1, 2, 3]),
+        ("first", 0, []),
+    ],
+)
+def test_frame_selection(spec: str, count: int, expected: list[int]) -> None:
+    assert frame_indices(spec, count) == expected
+
+
+@pytest.mark.parametrize("spec", ["last", "uniform:0", "uniform:x", "uniform"])
+def test_bad_frame_specs_are_refused(spec: str) -> None:
+    with pytest.raises(ValueError, match="--frames"):
+        check_frames_spec(spec)
+
+
+def test_depth_maps_are_written_at_the_frame_size(tmp_path: Path, tiny_depth_model: Path) -> None:
+    settings = DepthSettings(depth_model=str(tiny_depth_model), frames="uniform:3", device="cpu")
+    transcoded = transcode(
+        _record("http://h/v.mp4").update(raw_path=str(CLIP)), tmp_path / "videos", settings
+    )
+    record = estimate_depth(transcoded, tmp_path / "depth", settings)
+    assert record.status == "ok" and record.depth_frame_indices == [50, 150, 250]
+    for path in record.depth_paths:
+        depth = np.load(path)
+        assert depth.dtype == np.float16 and depth.shape == (360, 478)
+        assert np.isfinite(depth).all() and (depth > 0).all()
+    assert all(cv2.imread(p).shape == (360, 478, 3) for p in record.depth_preview_paths)
+    assert record.depth_model == str(tiny_depth_model) and record.depth_s > 0
+    # One model per process: a reused worker does not load the weights again.
+    assert shared_estimator(str(tiny_depth_model), "cpu") is shared_estimator(
+        str(tiny_depth_model), "cpu"
+    )
+
+
+def test_a_model_that_cannot_load_fails_the_video_not_the_run(tmp_path: Path) -> None:
+    settings = DepthSettings(depth_model=str(tmp_path / "no-model"), device="cpu")
+    transcoded = transcode(
+        _record("http://h/v.mp4").update(raw_path=str(CLIP)), tmp_path / "videos", settings
+    )
+    record = estimate_depth(transcoded, tmp_path / "depth", settings)
+    assert (record.status, record.failed_stage) == ("failed", "depth")
+    assert "no-model" in record.error
+
+
+def test_depth_estimator_matches_a_direct_forward(tiny_depth_model: Path) -> None:
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    frame = read_frames(CLIP, [10])[10]
+    ours = DepthEstimator(str(tiny_depth_model), "cpu").estimate([frame])[0]
+    processor = AutoImageProcessor.from_pretrained(tiny_depth_model)
+    model = AutoModelForDepthEstimation.from_pretrained(tiny_depth_model).eval()
+    with torch.inference_mode():
+        outputs = model(**processor(images=[frame], return_tensors="pt"))
+    direct = processor.post_process_depth_estimation(outputs, target_sizes=[frame.shape[:2]])[0]
+    np.testing.assert_allclose(ours.depth_m, direct["predicted_depth"].numpy(), rtol=1e-5)
+
+
+# ---- storage -------------------------------------------------------------------------------
+
+
+def test_the_arrow_schema_lists_every_record_field_in_order() -> None:
+    assert ARROW_SCHEMA.names == [field.name for field in dataclasses.fields(VideoRecord)]
+
+
+def test_upserts_replace_rows_and_plans_skip_done_videos(tmp_path: Path) -> None:
+    table = VideoTable(tmp_path)
+    done = _record("http://h/a.mp4", "a").finish(status="ok", depth_frame_indices=[0])
+    broken = _record("http://h/b.mp4", "b").fail("download", "HTTP 404")
+    table.upsert([done, broken])
+    plan = table.plan([_record("http://h/a.mp4", "a"), _record("http://h/b.mp4", "b"),
+                       _record("http://h/c.mp4", "c")])  # fmt: skip
+    assert plan.already_ok == 1
+    assert [(r.video_id, r.attempts) for r in plan.todo] == [("b", 2), ("c", 1)]
+    table.upsert([plan.todo[0].finish(status="ok"), plan.todo[1].fail("transcode", "bad")])
+    rows = {row["video_id"]: row for row in lance.dataset(table.lance_path).to_table().to_pylist()}
+    assert sorted(rows) == ["a", "b", "c"]
+    assert (rows["b"]["status"], rows["b"]["attempts"], rows["b"]["error"]) == ("ok", 2, None)
+    assert rows["a"]["depth_frame_indices"] == [0]
+    assert table.export_parquet().exists()
