@@ -1,0 +1,76 @@
+"""`vidflow depth` as a user runs it: no Prefect server configured, a progress bar, an exit
+code that says whether every video made it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lance
+import pytest
+
+from tests.conftest import VIDEOS
+from tests.video_server import Serve, VideoServer
+
+
+def _vidflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vidflow.cli", "depth", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    return env
+
+
+@pytest.mark.slow
+def test_the_cli_runs_the_flow_with_its_own_prefect_server(
+    tmp_path: Path, tiny_depth_model: Path, cli_env: dict[str, str]
+) -> None:
+    routes = {"a/clip.mp4": Serve(VIDEOS / "pool_cleaning.mp4"),
+              "b/clip.mp4": Serve(VIDEOS / "k400_arm_wrestling.mp4")}  # fmt: skip
+    with VideoServer(routes) as server:
+        urls = tmp_path / "urls.txt"
+        urls.write_text("\n".join([server.url("a/clip.mp4"), server.url("b/clip.mp4"),
+                                   server.url("gone.mp4")]))  # fmt: skip
+        run = _vidflow(
+            "--urls", str(urls), "--output", str(tmp_path / "out"),
+            "--depth-model", str(tiny_depth_model), "--ray-num-cpus", "2",
+            env=cli_env,
+        )  # fmt: skip
+    assert run.returncode == 1, run.stderr[-3000:]  # one video failed
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (summary["ok"], summary["failed"], summary["failed_at"]) == (2, 1, {"download": 1})
+    assert "started a temporary Prefect server" in run.stderr
+    assert "depth-extraction: 100%" in run.stderr and "3/3" in run.stderr
+    rows = lance.dataset(summary["lance"]).to_table(columns=["video_id", "status"]).to_pylist()
+    status = {row["video_id"]: row["status"] for row in rows}
+    assert status.pop("gone") == "failed" and status.pop("clip") == "ok"
+    [(other_id, other_status)] = status.items()  # same file name, other URL: its own id
+    assert other_id.startswith("clip_") and other_status == "ok"
+
+
+def test_bad_input_is_refused_before_anything_starts(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    csv_path = VIDEOS.parent / "kinetics" / "kinetics-400_val.csv"
+    no_template = _vidflow("--kinetics-csv", str(csv_path), env=cli_env)
+    assert no_template.returncode == 2 and "url_template" in no_template.stderr
+    urls = tmp_path / "urls.txt"
+    urls.write_text("https://host/a.mp4\n")
+    bad_frames = _vidflow("--urls", str(urls), "--frames", "last", env=cli_env)
+    assert bad_frames.returncode == 2 and "--frames must be" in bad_frames.stderr
+    missing = _vidflow("--urls", str(tmp_path / "none.txt"), env=cli_env)
+    assert missing.returncode == 2 and "cannot read the input list" in missing.stderr
+    assert "temporary Prefect server" not in missing.stderr
