@@ -1,38 +1,32 @@
 """The `depth-extraction` flow: sources -> download -> transcode -> depth -> Lance table.
 
-Each video is its own chain of Prefect tasks on Ray (prefect-ray's RayTaskRunner), so a video
-moves to its next stage as soon as its previous one is done; finished rows are committed to
-`OUTPUT/videos.lance` as they arrive. Local Ray by default, an existing cluster with RAY_ADDRESS.
+Each video is its own chain of Prefect tasks on Ray (prefect-ray's RayTaskRunner; see
+flows/depth_pipeline.py), so a video moves to its next stage as soon as its previous one is done;
+finished rows are committed to `OUTPUT/videos.lance` as they arrive. Local Ray by default, an
+existing cluster with RAY_ADDRESS.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import time
 import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.cache_policies import NO_CACHE
-from prefect.context import TaskRunContext
-from prefect.futures import PrefectFuture
 from prefect_ray import RayTaskRunner
-from prefect_ray.context import remote_options
 
+from flows.depth_pipeline import run_stages
 from flows.depth_report import RunReport
-from tasks.depth import check_frames_spec, estimate_depth
-from tasks.download import download
-from tasks.transcode import transcode
-from tasks.video_record import Stage, VideoRecord
+from tasks.depth import check_frames_spec
+from tasks.video_record import VideoRecord
 from tasks.video_sources import read_kinetics_csv, read_url_list
 from tasks.video_table import VideoTable
 from vidflow.config import DepthSettings
@@ -56,85 +50,6 @@ def ray_task_runner(num_cpus: int | None = None) -> RayTaskRunner:
     if num_cpus is not None:
         init_kwargs["num_cpus"] = num_cpus
     return RayTaskRunner(init_kwargs=init_kwargs)
-
-
-def _run_stage(
-    stage: Stage, work: Callable[..., VideoRecord], record: VideoRecord, *args: Any
-) -> VideoRecord:
-    """Run a stage; a crash is retried by Prefect, and after the last retry becomes a failed row.
-
-    Expected failures (404, broken video) come back from `work` as failed records; this catches
-    the unexpected ones so that every input still gets its row.
-    """
-    try:
-        return work(record, *args)
-    except Exception as exc:
-        context = TaskRunContext.get()
-        if context is not None and context.task_run.run_count <= context.task.retries:
-            raise
-        return record.fail(stage, f"{stage} crashed: {type(exc).__name__}: {exc}")
-
-
-@task(name="download", task_run_name="download-{record.video_id}", cache_policy=NO_CACHE)
-def download_task(record: VideoRecord, raw_dir: Path, settings: DepthSettings) -> VideoRecord:
-    return _run_stage("download", download, record, raw_dir, settings)
-
-
-@task(name="transcode", task_run_name="transcode-{record.video_id}", cache_policy=NO_CACHE)
-def transcode_task(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> VideoRecord:
-    return _run_stage("transcode", transcode, record, out_dir, settings)
-
-
-@task(name="depth", task_run_name="depth-{record.video_id}", cache_policy=NO_CACHE)
-def depth_task(record: VideoRecord, maps_dir: Path, settings: DepthSettings) -> VideoRecord:
-    return _run_stage("depth", estimate_depth, record, maps_dir, settings)
-
-
-STAGE_TASKS = {"download": download_task, "transcode": transcode_task, "depth": depth_task}
-NEXT_STAGE: dict[str, str | None] = {"download": "transcode", "transcode": "depth", "depth": None}
-
-
-def run_stages(
-    records: list[VideoRecord], output_dir: Path, settings: DepthSettings
-) -> Iterator[VideoRecord]:
-    """Run every record through download -> transcode -> depth; yield each as it finishes.
-
-    A video's next stage is submitted as soon as its previous one is done (not after the whole
-    batch), and a failed video goes no further: it is yielded at once with its failure.
-    """
-    stage_dirs = {
-        "download": output_dir / "raw",
-        "transcode": output_dir / "videos",
-        "depth": output_dir / "depth",
-    }
-    resources = _stage_resources(settings)
-    finished: queue.Queue[PrefectFuture[VideoRecord]] = queue.Queue()
-    inputs: dict[PrefectFuture[VideoRecord], tuple[str, VideoRecord]] = {}
-
-    def submit(stage: str, record: VideoRecord) -> None:
-        with remote_options(**resources[stage]):
-            future = (
-                STAGE_TASKS[stage]
-                .with_options(retries=settings.task_retries)
-                .submit(record, stage_dirs[stage], settings)
-            )
-        inputs[future] = (stage, record)
-        future.add_done_callback(finished.put)
-
-    for record in records:
-        submit("download", record)
-    for _ in records:
-        while True:
-            future = finished.get()
-            stage, given = inputs.pop(future)
-            try:
-                record = future.result()
-            except Exception as exc:  # the Ray worker died (out of memory, killed)
-                record = given.fail(stage, f"{stage} task crashed: {type(exc).__name__}: {exc}")
-            if record.failed or NEXT_STAGE[stage] is None:
-                break
-            submit(NEXT_STAGE[stage], record)
-        yield record
 
 
 def load_sources(
@@ -168,19 +83,6 @@ def check_depth_model(model_name: str) -> None:
             f"depth model {model_name!r} cannot be loaded: give a Hugging Face hub id "
             f"(with network access or a filled HF cache) or a local folder. {exc}"
         ) from exc
-
-
-def _stage_resources(settings: DepthSettings) -> dict[str, dict[str, float]]:
-    """Ray resources per stage: many light downloads, a CPU per transcode, a GPU (or CPU) per
-    depth worker."""
-    import ray
-
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0 and settings.device != "cpu"
-    return {
-        "download": {"num_cpus": 1 / settings.download_concurrency},
-        "transcode": {"num_cpus": max(1, settings.ffmpeg_threads)},
-        "depth": {"num_cpus": 1, "num_gpus": 1} if has_gpu else {"num_cpus": 1},
-    }
 
 
 @flow(name="depth-extraction", log_prints=True, task_runner=ray_task_runner())

@@ -183,6 +183,10 @@ class DepthSettings(BaseSettings):
     )
     frames: str = Field("first", description="frames to run depth on: first, middle or uniform:N")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where depth runs")
+    depth_workers: int = Field(
+        0, ge=0, description="depth model copies (Ray actors); 0: one per GPU, or one on CPU"
+    )
+    depth_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each depth actor")
     download_concurrency: int = Field(8, ge=1, description="downloads in flight at once")
     connect_timeout_s: float = Field(10.0, gt=0, description="time allowed to connect")
     read_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next bytes")

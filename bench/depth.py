@@ -1,0 +1,210 @@
+"""Benchmark: the depth-extraction stages against their bare equivalents, in one run.
+
+    python -m bench.depth [--videos 24] [--rounds 3]
+
+1. transcode: `tasks.transcode.transcode` (probes, temporary name, rename) against plain
+   `ffmpeg` with the same arguments on the same files, alternating; ratio of videos/s.
+2. download: `tasks.download.download_videos` (retries, sniffing, size cap, rename) against a
+   bare aiohttp loop with the same concurrency, from the same loopback server; ratio of MB/s.
+3. flow: the `depth-extraction` flow on local Ray (2 CPUs) against a serial run of the same
+   stage functions in one process; `--videos` real clips served over loopback, the tiny Depth
+   Pro (random weights; no real weights offline). Measured twice: cold (the flow starts Ray and
+   its workers, as a one-off CLI run does) and warm (Ray and its workers already up, as on a
+   long-lived cluster). The serial run loads its model once, inside the timed part.
+The last stdout line is JSON with every figure and its ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tasks.depth import estimate_depth, shared_estimator
+from tasks.download import download, download_videos
+from tasks.transcode import ffmpeg_command, transcode
+from tasks.video_record import VideoRecord
+from vidflow.config import SAMPLE_VIDEOS_DIR, DepthSettings
+
+CLIPS = sorted(SAMPLE_VIDEOS_DIR.glob("*.mp4"))
+
+
+def _records(urls: list[str]) -> list[VideoRecord]:
+    return [VideoRecord(video_id=f"v{i:03d}", source_url=url) for i, url in enumerate(urls)]
+
+
+def bench_transcode(files: list[Path], work: Path, rounds: int) -> dict[str, Any]:
+    settings = DepthSettings()
+    ours, plain = [], []
+    for round_index in range(rounds):
+        for label in ("plain", "ours") if round_index % 2 == 0 else ("ours", "plain"):
+            out = work / f"transcode-{label}-{round_index}"
+            out.mkdir(parents=True)
+            started = time.perf_counter()
+            for i, source in enumerate(files):
+                if label == "ours":
+                    record = VideoRecord(video_id=f"v{i}", source_url="x", raw_path=str(source))
+                    assert not transcode(record, out, settings).failed
+                else:
+                    command = ffmpeg_command(source, out / f"v{i}.mp4", settings)
+                    subprocess.run(command, check=True, capture_output=True)
+            videos_per_s = len(files) / (time.perf_counter() - started)
+            (ours if label == "ours" else plain).append(videos_per_s)
+            shutil.rmtree(out)
+    return {
+        "ours_videos_per_s": round(statistics.median(ours), 3),
+        "ffmpeg_videos_per_s": round(statistics.median(plain), 3),
+        "ratio": round(statistics.median(ours) / statistics.median(plain), 3),
+        "rounds": {"ours": [round(x, 3) for x in ours], "ffmpeg": [round(x, 3) for x in plain]},
+    }
+
+
+async def _bare_download(urls: list[str], out: Path, concurrency: int) -> int:
+    """The baseline: aiohttp with a semaphore, each body streamed to a file; nothing else."""
+    limit = asyncio.Semaphore(concurrency)
+    total = 0
+
+    async def one(session: aiohttp.ClientSession, index: int, url: str) -> None:
+        nonlocal total
+        async with limit, session.get(url) as response:
+            response.raise_for_status()
+            with (out / f"v{index}.mp4").open("wb") as handle:
+                async for chunk in response.content.iter_chunked(1 << 20):
+                    handle.write(chunk)
+                    total += len(chunk)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(one(session, i, url) for i, url in enumerate(urls)))
+    return total
+
+
+def bench_download(urls: list[str], work: Path, rounds: int) -> dict[str, Any]:
+    settings = DepthSettings()
+    ours, bare = [], []
+    for round_index in range(rounds):
+        for label in ("bare", "ours") if round_index % 2 == 0 else ("ours", "bare"):
+            out = work / f"download-{label}-{round_index}"
+            out.mkdir(parents=True)
+            started = time.perf_counter()
+            if label == "ours":
+                records = asyncio.run(download_videos(_records(urls), out, settings))
+                assert not any(record.failed for record in records)
+                size = sum(record.raw_bytes or 0 for record in records)
+            else:
+                size = asyncio.run(_bare_download(urls, out, settings.download_concurrency))
+            mb_per_s = size / 1e6 / (time.perf_counter() - started)
+            (ours if label == "ours" else bare).append(mb_per_s)
+            shutil.rmtree(out)
+    return {
+        "ours_mb_per_s": round(statistics.median(ours), 1),
+        "aiohttp_mb_per_s": round(statistics.median(bare), 1),
+        "ratio": round(statistics.median(ours) / statistics.median(bare), 3),
+        "concurrency": settings.download_concurrency,
+        "rounds": {"ours": [round(x, 1) for x in ours], "aiohttp": [round(x, 1) for x in bare]},
+    }
+
+
+def serial_run(urls: list[str], output: Path, settings: DepthSettings) -> float:
+    """The same stages, one video after another, in this process (model loaded once)."""
+    started = time.perf_counter()
+    shared_estimator.cache_clear()
+    for record in _records(urls):
+        record = download(record, output / "raw", settings)
+        record = transcode(record, output / "videos", settings)
+        record = estimate_depth(record, output / "depth", settings)
+        assert record.status == "ok", record.error
+    return time.perf_counter() - started
+
+
+def flow_run(urls: list[str], output: Path, settings: DepthSettings) -> float:
+    from flows.depth_extraction import depth_extraction, ray_task_runner
+
+    listing = output.parent / f"{output.name}.txt"
+    listing.write_text("\n".join(urls) + "\n")
+    flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=2))
+    started = time.perf_counter()
+    summary = flow(urls=str(listing), settings=settings.model_copy(update={"output": output}))
+    assert summary["ok"] == len(urls), summary
+    return time.perf_counter() - started
+
+
+def bench_flow(urls: list[str], work: Path, model: Path) -> dict[str, Any]:
+    import ray
+
+    settings = DepthSettings(depth_model=str(model), frames="uniform:2", device="cpu")
+    serial_s = serial_run(urls, work / "serial", settings)
+    cold_s = flow_run(urls, work / "flow-cold", settings)
+    # Warm: Ray up and its workers started (the flow reuses a Ray instance it did not start).
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        flow_run(urls, work / "flow-warmup", settings)
+        warm_s = flow_run(urls, work / "flow-warm", settings)
+    finally:
+        ray.shutdown()
+    return {
+        "videos": len(urls),
+        "serial_s": round(serial_s, 2),
+        "ray_cold_s": round(cold_s, 2),
+        "ray_warm_s": round(warm_s, 2),
+        "speedup_cold": round(serial_s / cold_s, 3),
+        "speedup_warm": round(serial_s / warm_s, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--videos", type=int, default=24, help="videos in the flow comparison")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per ratio")
+    parser.add_argument("--transcode-files", type=int, default=6)
+    parser.add_argument("--download-files", type=int, default=64)
+    parser.add_argument(
+        "--parts", default="transcode,download,flow", help="comma-separated parts to run"
+    )
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    from tasks.tiny_depth_pro import save_tiny_depth_pro
+    from tests.video_server import Serve, VideoServer
+    from vidflow.prefect_api import prefect_api
+
+    work = Path(tempfile.mkdtemp(prefix="vidflow-bench-depth-"))
+    results: dict[str, Any] = {"benchmark": "depth", "cpu_count": os.cpu_count()}
+    try:
+        parts = set(args.parts.split(","))
+        if "transcode" in parts:
+            files = [CLIPS[i % len(CLIPS)] for i in range(args.transcode_files)]
+            results["transcode"] = bench_transcode(files, work, args.rounds)
+            print(json.dumps({"transcode": results["transcode"]}), flush=True)
+
+        names = max(args.download_files, args.videos)
+        routes = {f"v{i}.mp4": Serve(CLIPS[i % len(CLIPS)]) for i in range(names)}
+        with VideoServer(routes) as server:
+            urls = [server.url(f"v{i}.mp4") for i in range(names)]
+            if "download" in parts:
+                results["download"] = bench_download(urls[: args.download_files], work, args.rounds)
+                print(json.dumps({"download": results["download"]}), flush=True)
+            if "flow" in parts:
+                model = save_tiny_depth_pro(work / "tiny-depth-pro")
+                with prefect_api():
+                    results["flow"] = bench_flow(urls[: args.videos], work, model)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
