@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# `make demo DEMO_ARGS=--keep-ui` keeps the Prefect UI up after the runs, until Ctrl-C.
 demo: setup
-	$(BIN)/python -m vidflow.demo
+	$(BIN)/python -m vidflow.demo $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/ruff check .

@@ -25,7 +25,7 @@ from prefect_ray import RayTaskRunner
 
 from flows.depth_pipeline import run_stages
 from flows.depth_report import RunReport
-from tasks.depth import check_frames_spec
+from tasks.depth import check_frames_spec, is_untrained
 from tasks.video_record import VideoRecord
 from tasks.video_sources import read_kinetics_csv, read_url_list
 from tasks.video_table import VideoTable
@@ -86,12 +86,15 @@ def load_sources(
     return sources[:limit] if limit is not None else sources
 
 
-def check_depth_model(model_name: str) -> None:
-    """Fail before any download if the depth model cannot be found (reads its config only)."""
+def check_depth_model(model_name: str) -> bool:
+    """Fail before any download if the depth model cannot be found (reads its config only).
+
+    Returns whether the model is an untrained stand-in (random weights).
+    """
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(model_name)
+        return is_untrained(AutoConfig.from_pretrained(model_name))
     except (OSError, ValueError) as exc:
         raise ValueError(
             f"depth model {model_name!r} cannot be loaded: give a Hugging Face hub id "
@@ -114,14 +117,25 @@ def depth_extraction(
 ) -> dict[str, Any]:
     """Download, transcode to 360p and depth-map a list of videos into one Lance table."""
     logger = get_run_logger()
-    overrides = {"output": output, "depth_model": depth_model, "frames": frames}
+    # model_copy does not validate: give each override its field type here.
+    overrides = {
+        "output": Path(output) if output is not None else None,
+        "depth_model": depth_model,
+        "frames": frames,
+    }
     settings = (settings or DepthSettings()).model_copy(
         update={name: value for name, value in overrides.items() if value is not None}
     )
     output_dir = settings.output.resolve()  # Ray workers do not share the driver's cwd
     settings = settings.model_copy(update={"output": output_dir})
     check_frames_spec(settings.frames)
-    check_depth_model(settings.depth_model)
+    untrained = check_depth_model(settings.depth_model)
+    if untrained:
+        logger.warning(
+            "depth model %s has UNTRAINED (random) weights: every depth output of this run is "
+            "labelled untrained and means nothing",
+            settings.depth_model,
+        )
 
     sources = load_sources(urls, kinetics_csv, url_template, split, limit)
     table = VideoTable(output_dir)
@@ -130,7 +144,12 @@ def depth_extraction(
         "%d videos: %d already done, %d to process into %s",
         len(sources), plan.already_ok, len(plan.todo), output_dir,
     )  # fmt: skip
-    report = RunReport(total=len(sources), skipped=plan.already_ok)
+    report = RunReport(
+        total=len(sources),
+        skipped=plan.already_ok,
+        depth_model=settings.depth_model,
+        depth_untrained=untrained,
+    )
 
     progress = Progress(len(plan.todo), show_bar=show_progress)
     pending: list[VideoRecord] = []
@@ -157,7 +176,7 @@ def depth_extraction(
     create_table_artifact(
         key="depth-extraction-summary",
         table=report.table(),
-        description=f"{summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} skipped",
+        description=report.headline(),
     )
     create_markdown_artifact(
         key="depth-extraction-failures",

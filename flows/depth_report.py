@@ -15,6 +15,8 @@ STAGES = ("download", "transcode", "depth")
 class RunReport:
     total: int
     skipped: int
+    depth_model: str = ""
+    depth_untrained: bool = False  # a stand-in with random weights: its depth means nothing
     started: float = field(default_factory=time.perf_counter)
     ok: int = 0
     failed: int = 0
@@ -48,7 +50,19 @@ class RunReport:
             },
             "wall_s": round(wall_s, 3),
             "videos_per_s": round(processed / wall_s, 4) if wall_s > 0 else 0.0,
+            "depth_model": self.depth_model,
+            "depth_untrained": self.depth_untrained,
         }
+
+    def headline(self) -> str:
+        """One line for the summary artifact; says first when the depth model is untrained."""
+        counts = f"{self.ok} ok, {self.failed} failed, {self.skipped} skipped"
+        if self.depth_untrained:
+            return (
+                f"UNTRAINED depth model {self.depth_model} (random weights; depth values mean "
+                f"nothing): {counts}"
+            )
+        return f"{counts}; depth model {self.depth_model}"
 
     def table(self) -> list[dict[str, Any]]:
         """One row per stage: how many videos got through, failed there, and the time spent."""

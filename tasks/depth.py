@@ -76,6 +76,16 @@ class DepthMap:
     focal_length_px: float | None
 
 
+# Set in the config.json of a model with random weights (tasks/tiny_depth_pro.py): every depth
+# output of such a model is labelled untrained, so no one mistakes its numbers for real depth.
+UNTRAINED_CONFIG_KEY = "vidflow_untrained_weights"
+
+
+def is_untrained(config: object) -> bool:
+    """Whether a transformers config carries the untrained-weights marker."""
+    return bool(getattr(config, UNTRAINED_CONFIG_KEY, False))
+
+
 def resolve_depth_device(requested: str) -> str:
     import torch
 
@@ -103,6 +113,9 @@ class DepthEstimator:
         self.processor = AutoImageProcessor.from_pretrained(model_name)
         self.model = AutoModelForDepthEstimation.from_pretrained(model_name, dtype=self.dtype)
         self.model.to(self.device).eval()
+        self.untrained = is_untrained(self.model.config)
+        if self.untrained:
+            log.warning("depth model %s has UNTRAINED weights: depth means nothing", model_name)
         log.info(
             "loaded depth model %s on %s in %.1f s",
             model_name,
@@ -217,5 +230,6 @@ def estimate_depth(
         depth_max_m=float(all_depths.max()),
         focal_length_px=float(np.mean(focals)) if focals else None,
         depth_model=estimator.model_name,
+        depth_untrained=estimator.untrained,
         depth_s=time.perf_counter() - started,
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.depth import UNTRAINED_CONFIG_KEY
+
 # Input 128 px split into 32 px patches at three scales; ViT encoders of 2 layers, width 16.
 _ENCODER = {
     "model_type": "dinov2",
@@ -28,6 +30,9 @@ def save_tiny_depth_pro(directory: Path, seed: int = 0) -> Path:
     """Write a tiny random Depth Pro (weights, config, image processor) into `directory`."""
     import torch
     from transformers import DepthProConfig, DepthProForDepthEstimation, DepthProImageProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     config = DepthProConfig(
         patch_size=32,
@@ -41,6 +46,7 @@ def save_tiny_depth_pro(directory: Path, seed: int = 0) -> Path:
         use_fov_model=True,
         num_fov_head_layers=1,
     )
+    setattr(config, UNTRAINED_CONFIG_KEY, True)  # saved in config.json; outputs say untrained
     torch.manual_seed(seed)
     model = DepthProForDepthEstimation(config).eval()
     directory = Path(directory)

@@ -52,6 +52,7 @@ class VideoRecord:
     depth_max_m: float | None = None
     focal_length_px: float | None = None
     depth_model: str | None = None
+    depth_untrained: bool | None = None  # True: a stand-in with random weights made the maps
     download_s: float | None = None
     transcode_s: float | None = None
     depth_s: float | None = None
@@ -107,6 +108,7 @@ ARROW_SCHEMA = pa.schema(
         ("depth_max_m", pa.float32()),
         ("focal_length_px", pa.float32()),
         ("depth_model", pa.string()),
+        ("depth_untrained", pa.bool_()),
         ("download_s", pa.float64()),
         ("transcode_s", pa.float64()),
         ("depth_s", pa.float64()),

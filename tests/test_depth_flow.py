@@ -127,6 +127,7 @@ def test_kinetics_rows_become_one_row_each_and_a_rerun_adds_nothing(
             assert cv2.imread(preview_path).shape == frame.shape
         assert row["depth_min_m"] <= row["depth_mean_m"] <= row["depth_max_m"]
         assert row["depth_model"] == str(tiny_depth_model)
+        assert row["depth_untrained"] is True  # random weights: labelled in the data
         assert row["focal_length_px"] is not None
 
     parquet = pq.read_table(settings.output / "videos.parquet")
@@ -152,3 +153,4 @@ def test_kinetics_rows_become_one_row_each_and_a_rerun_adds_nothing(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["depth-extraction-summary"]))
         )
     assert artifacts and any("depth" in str(artifact.data) for artifact in artifacts)
+    assert all(artifact.description.startswith("UNTRAINED depth model") for artifact in artifacts)

@@ -4,6 +4,8 @@ and real files."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -13,7 +15,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from flows.depth_extraction import check_depth_model
 from tasks.depth import (
+    UNTRAINED_CONFIG_KEY,
     DepthEstimator,
     check_frames_spec,
     estimate_depth,
@@ -304,6 +308,7 @@ def test_depth_maps_are_written_at_the_frame_size(tmp_path: Path, tiny_depth_mod
         assert np.isfinite(depth).all() and (depth > 0).all()
     assert all(cv2.imread(p).shape == (360, 478, 3) for p in record.depth_preview_paths)
     assert record.depth_model == str(tiny_depth_model) and record.depth_s > 0
+    assert record.depth_untrained is True
     # One model per process: a reused worker does not load the weights again.
     assert shared_estimator(str(tiny_depth_model), "cpu") is shared_estimator(
         str(tiny_depth_model), "cpu"
@@ -332,6 +337,21 @@ def test_depth_estimator_matches_a_direct_forward(tiny_depth_model: Path) -> Non
         outputs = model(**processor(images=[frame], return_tensors="pt"))
     direct = processor.post_process_depth_estimation(outputs, target_sizes=[frame.shape[:2]])[0]
     np.testing.assert_allclose(ours.depth_m, direct["predicted_depth"].numpy(), rtol=1e-5)
+
+
+def test_only_a_model_marked_untrained_is_labelled_untrained(
+    tmp_path: Path, tiny_depth_model: Path
+) -> None:
+    """The marker in config.json decides: the same weights without it count as trained."""
+    trained = tmp_path / "trained"
+    shutil.copytree(tiny_depth_model, trained)
+    config = json.loads((trained / "config.json").read_text())
+    assert config.pop(UNTRAINED_CONFIG_KEY) is True
+    (trained / "config.json").write_text(json.dumps(config))
+    assert DepthEstimator(str(tiny_depth_model), "cpu").untrained is True
+    assert DepthEstimator(str(trained), "cpu").untrained is False
+    assert check_depth_model(str(tiny_depth_model)) is True
+    assert check_depth_model(str(trained)) is False
 
 
 # ---- storage -------------------------------------------------------------------------------

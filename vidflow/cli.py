@@ -104,6 +104,16 @@ def _broker(args: argparse.Namespace) -> int:
     return run_broker(args.port, args.host)
 
 
+def _sample_mirror(args: argparse.Namespace) -> int:
+    from vidflow.sample_mirror import running_mirror
+
+    stop = _stop_on_sigterm()
+    with running_mirror(args.host, args.port) as url_template:
+        log.info("serving the sample clips as a Kinetics mirror: --url-template '%s'", url_template)
+        stop.wait()
+    return 0
+
+
 def _produce(args: argparse.Namespace) -> int:
     from tasks.producer import produce_frames
     from tasks.topics import ensure_topics
@@ -238,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     broker = command("broker", _broker, "run the local Kafka-protocol broker (Tansu)")
     broker.add_argument("--port", type=int, default=9092)
     broker.add_argument("--host", default="127.0.0.1")
+
+    mirror = command(
+        "sample-mirror",
+        _sample_mirror,
+        "serve the sample clips under the Kinetics-400 val names (a local Kinetics mirror)",
+    )
+    mirror.add_argument("--port", type=int, default=8765)
+    mirror.add_argument("--host", default="127.0.0.1")
 
     produce = command("produce", _produce, "publish JPEG frames of a video file, webcam or RTSP")
     add_settings_arguments(produce, ProducerSettings)

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The real sample clips live beside the checkout (../shared/data), as in CI.
 SAMPLE_VIDEOS_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "videos"
 SAMPLE_VIDEO = SAMPLE_VIDEOS_DIR / "k400_arm_wrestling.mp4"
+KINETICS_VAL_CSV = SAMPLE_VIDEOS_DIR.parent / "kinetics" / "kinetics-400_val.csv"
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vidflow"
 
 

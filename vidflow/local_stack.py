@@ -1,0 +1,190 @@
+"""The local Prefect stack of `make demo`: a Prefect server, a work pool, deployments, a worker.
+
+Every process started here, and everything those start (flow-run processes, Ray's daemons),
+carries a marker in its environment, so that `stop` can find and end all of them, even those
+that left the process group or outlived their parent. Nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from services.inference.launcher import REPO_ROOT, free_port
+from vidflow.processes import stop_process
+
+log = logging.getLogger("vidflow.stack")
+
+WORK_POOL = "vidflow-local"
+MARKER_VARIABLE = "VIDFLOW_STACK_ID"
+FLOW_RUN_ID = re.compile(r"UUID:\s*([0-9a-f-]{36})")
+
+
+def port_or_free(preferred: int) -> int:
+    """The usual port when it is free (so printed URLs look familiar), else any free one."""
+    import socket
+
+    with socket.socket() as sock:
+        # As servers bind: a port in TIME_WAIT after a previous run counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", preferred))
+        except OSError:
+            return free_port()
+    return preferred
+
+
+@dataclass
+class LocalStack:
+    """Starts and stops the Prefect side of a local run; all logs go to `logs_dir`."""
+
+    logs_dir: Path
+    prefect_home: Path
+    ui_port: int = 4200
+    stack_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.ui_port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.ui_port}"
+
+    def env(self) -> dict[str, str]:
+        """The environment of every process of the stack (CLI calls, server, worker)."""
+        return {
+            **os.environ,
+            MARKER_VARIABLE: self.stack_id,
+            "PREFECT_HOME": str(self.prefect_home),
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "2",  # pick up a run within 2 s, not 10
+            "VIDFLOW_PROJECT_DIR": str(REPO_ROOT),
+            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        with open(self.logs_dir / f"{name}.log", "ab") as output:
+            process = subprocess.Popen(
+                args,
+                cwd=REPO_ROOT,
+                env=self.env(),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C in the terminal reaches only the demo
+            )
+        self.processes[name] = process
+        return process
+
+    def prefect(self, *args: str, timeout_s: float = 300) -> str:
+        """Run a `prefect` CLI command against this stack's server; its output, or an error."""
+        command = ["prefect", "--no-prompt", *args]
+        result = subprocess.run(
+            command, cwd=REPO_ROOT, env=self.env(), capture_output=True, text=True,
+            timeout=timeout_s,
+        )  # fmt: skip
+        with open(self.logs_dir / "prefect-cli.log", "a") as output:
+            output.write(f"$ {' '.join(command)}\n{result.stdout}{result.stderr}\n")
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"`prefect {' '.join(args)}` exited {result.returncode}:\n"
+                f"{(result.stdout + result.stderr)[-3000:]}"
+            )
+        return result.stdout
+
+    def start_server(self, timeout_s: float = 120) -> None:
+        self.prefect_home.mkdir(parents=True, exist_ok=True)
+        server = self._start(
+            "prefect-server",
+            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.ui_port)],
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise RuntimeError(
+                    f"the Prefect server exited with {server.returncode}; "
+                    f"see {self.logs_dir / 'prefect-server.log'}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"the Prefect server did not answer within {timeout_s:.0f} s")
+
+    def deploy(self, *deployments: str) -> None:
+        self.prefect("work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")
+        names = [arg for name in deployments for arg in ("--name", name)]
+        self.prefect("deploy", *names)
+
+    def start_worker(self) -> None:
+        self._start("prefect-worker", ["prefect", "worker", "start", "--pool", WORK_POOL])
+
+    def run_deployment(
+        self, name: str, parameters: dict[str, Any], timeout_s: float = 1800
+    ) -> tuple[str, str]:
+        """`prefect deployment run NAME --watch`; returns the flow run's id and final state."""
+        output = self.prefect(
+            "deployment", "run", name, "--params", json.dumps(parameters),
+            "--watch", "--watch-interval", "2", "--watch-timeout", str(int(timeout_s)),
+            timeout_s=timeout_s + 60,
+        )  # fmt: skip
+        match = FLOW_RUN_ID.search(output)
+        if match is None:
+            raise RuntimeError(
+                f"no flow run id in the output of `prefect deployment run`:\n{output}"
+            )
+        state = output.strip().splitlines()[-1]
+        return match.group(1), state
+
+    def stop(self, timeout_s: float = 30) -> list[int]:
+        """Stop the worker, then the server, then anything left with this stack's marker."""
+        for name in ("prefect-worker", "prefect-server"):
+            if (process := self.processes.get(name)) is not None:
+                stop_process(process, timeout_s)
+        return kill_marked_processes(MARKER_VARIABLE, self.stack_id)
+
+
+def marked_processes(variable: str, value: str) -> list[int]:
+    """PIDs whose environment holds variable=value (Linux /proc; empty elsewhere)."""
+    wanted = f"{variable}={value}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return [pid for pid in found if pid != os.getpid()]
+
+
+def kill_marked_processes(variable: str, value: str, grace_s: float = 10) -> list[int]:
+    """SIGTERM every marked process, SIGKILL those still there after `grace_s`; their PIDs."""
+    pids = marked_processes(variable, value)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and marked_processes(variable, value):
+        time.sleep(0.2)
+    for pid in marked_processes(variable, value):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if pids:
+        log.info("stopped %d leftover processes of this run", len(pids))
+    return pids

@@ -1,0 +1,77 @@
+"""A local stand-in for a Kinetics mirror: the real sample clips under the real Kinetics names.
+
+The Kinetics list points at YouTube, which offline machines cannot reach. This serves every row
+of the real Kinetics-400 validation CSV at the usual mirror path
+`/{split}/{youtube_id}_{time_start:06d}_{time_end:06d}.mp4`, each name answered with one of the
+real sample clips (chosen by a hash of the name, so a name always gets the same clip). The demo
+and the local deployments point `depth-extraction` at it; with a real mirror only the URL
+template changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from aiohttp import web
+
+from tasks.video_sources import KINETICS_ID_FORMAT, read_kinetics_csv
+from vidflow.config import KINETICS_VAL_CSV, SAMPLE_VIDEOS_DIR
+
+MIRROR_PATH_TEMPLATE = "{split}/" + KINETICS_ID_FORMAT + ".mp4"
+
+
+def mirror_url_template(host: str, port: int) -> str:
+    """The `--url-template` that points a Kinetics CSV at a mirror on host:port."""
+    return f"http://{host}:{port}/" + MIRROR_PATH_TEMPLATE
+
+
+def _mirror_names(kinetics_csv: Path) -> set[str]:
+    """Every mirror path of the CSV, e.g. `val/abc123_000010_000020.mp4`."""
+    rows = read_kinetics_csv(kinetics_csv, url_template=MIRROR_PATH_TEMPLATE, split=None)
+    return {row.source_url for row in rows}
+
+
+def build_app(
+    kinetics_csv: Path = KINETICS_VAL_CSV, clips_dir: Path = SAMPLE_VIDEOS_DIR
+) -> web.Application:
+    """An aiohttp app answering each Kinetics name with a real sample clip, anything else 404."""
+    clips = sorted(clips_dir.glob("*.mp4"))
+    if not clips:
+        raise FileNotFoundError(f"no .mp4 sample clips in {clips_dir}")
+    names = _mirror_names(kinetics_csv)
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if name not in names:
+            raise web.HTTPNotFound(text=f"{name} is not a row of {kinetics_csv.name}\n")
+        clip = clips[zlib.crc32(name.encode()) % len(clips)]
+        return web.FileResponse(clip, headers={"Content-Type": "video/mp4"})
+
+    app = web.Application()
+    app.router.add_get("/{name:.+}", serve)
+    return app
+
+
+@contextmanager
+def running_mirror(host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve the mirror in a background thread; yields its URL template."""
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(build_app(), access_log=None)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, host, port)
+    loop.run_until_complete(site.start())
+    bound_port = runner.addresses[0][1]
+    thread = threading.Thread(target=loop.run_forever, name="sample-mirror", daemon=True)
+    thread.start()
+    try:
+        yield mirror_url_template(host, bound_port)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
