@@ -1,0 +1,175 @@
+"""`make demo` as a user runs it, and the Prefect UI in a real browser afterwards.
+
+One demo run (a real Prefect server, work pool, worker, broker, inference service and sample
+mirror, both deployments run with `prefect deployment run --watch`) with `--keep-ui`, so that
+headless Chromium can look at the flow runs it made before Ctrl-C ends it. Every process the demo
+starts inherits a marker in its environment; none may be left once it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lance
+import pytest
+
+from services.inference.launcher import REPO_ROOT
+from vidflow.demo import read_artifacts
+from vidflow.local_stack import marked_processes
+
+pytestmark = pytest.mark.slow
+
+MARKER = "VIDFLOW_DEMO_TEST_ID"
+SCREENSHOTS = REPO_ROOT / "runs" / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLOW_RUN_URL = re.compile(r"(http://127\.0\.0\.1:\d+)/runs/flow-run/([0-9a-f-]{36})")
+
+
+@dataclass
+class DemoRun:
+    process: subprocess.Popen[str]
+    marker: str
+    runs_dir: Path
+    lines: list[str] = field(default_factory=list)
+    exit_code: int | None = None
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def _wait_for(demo: DemoRun, pending: queue.Queue[str | None], text: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            line = pending.get(timeout=1)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        demo.lines.append(line)
+        if text in line:
+            return
+    pytest.fail(f"the demo never printed {text!r}; its output:\n{demo.output[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    runs_dir = tmp_path_factory.mktemp("demo-runs")
+    marker = uuid.uuid4().hex
+    env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1"}  # the untrained stand-in
+    command = [sys.executable, "-m", "vidflow.demo", "--keep-ui", "--videos", "2",
+               "--stream-seconds", "6", "--runs-dir", str(runs_dir)]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    run = DemoRun(process, marker, runs_dir)
+    pending: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            pending.put(line)
+        pending.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        _wait_for(run, pending, "The Prefect UI stays up", timeout_s=600)
+        yield run
+    finally:
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            run.exit_code = process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            run.exit_code = process.wait()
+        while (line := pending.get(timeout=5)) is not None:
+            run.lines.append(line)
+
+
+def test_the_demo_runs_both_deployments_and_labels_untrained_depth(demo: DemoRun) -> None:
+    assert "Flow run finished in state 'Failed'" not in demo.output
+    runs = FLOW_RUN_URL.findall(demo.output)
+    assert len(runs) == 2, demo.output[-4000:]
+    api_url = runs[0][0] + "/api"
+
+    # depth-extraction/local: one row per Kinetics row asked for, all ok, labelled untrained.
+    lance_path = next(demo.runs_dir.glob("demo-*/depth-extraction/videos.lance"))
+    rows = lance.dataset(lance_path).to_table().to_pylist()
+    assert [row["status"] for row in rows] == ["ok", "ok"]
+    assert all(row["depth_untrained"] is True and row["height"] == 360 for row in rows)
+    assert all(row["label"] and row["youtube_id"] for row in rows)
+    depth_artifacts = read_artifacts(api_url, runs[0][1])
+    assert depth_artifacts["depth-extraction-summary"]["description"].startswith("UNTRAINED")
+    assert "UNTRAINED" in demo.output and str(lance_path) in demo.output
+
+    # stream-benchmark/local: figures as artifacts, printed too.
+    report = read_artifacts(api_url, runs[1][1])["stream-benchmark-report"]["data"]
+    fps = re.search(r"Throughput: ([\d.]+) frames/s", report)
+    assert fps and float(fps.group(1)) > 0
+    assert f"Throughput: {fps.group(1)} frames/s" in demo.output
+    assert "Log file:" in demo.output
+
+
+def _chromium(url: str, *flags: str, budget_ms: int = 30000) -> str:
+    profile = Path(os.environ.get("TMPDIR", "/tmp")) / f"chromium-{uuid.uuid4().hex}"
+    try:
+        result = subprocess.run(
+            [
+                CHROMIUM or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+                f"--virtual-time-budget={budget_ms}", "--window-size=1400,1100", *flags, url,
+            ],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    return result.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium (ci/chromium-setup.sh installs it)")
+def test_the_prefect_ui_shows_the_stream_run_and_its_figures(demo: DemoRun) -> None:
+    base_url, stream_run = FLOW_RUN_URL.findall(demo.output)[1]
+    artifacts = read_artifacts(base_url + "/api", stream_run)
+    report = artifacts["stream-benchmark-report"]
+    fps = re.search(r"Throughput: ([\d.]+) frames/s", report["data"]).group(1)
+
+    run_page = _chromium(f"{base_url}/runs/flow-run/{stream_run}", "--dump-dom")
+    assert "stream-benchmark" in run_page and "Completed" in run_page, run_page[-3000:]
+    artifact_page = _chromium(f"{base_url}/artifacts/artifact/{report['id']}", "--dump-dom")
+    assert f"{fps} frames/s" in artifact_page, artifact_page[-3000:]
+    assert "e2e" in artifact_page and "p99" in artifact_page
+
+    # Screenshots kept as test artifacts, for a person to look at.
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for name, url in (
+        ("stream-benchmark-flow-run", f"{base_url}/runs/flow-run/{stream_run}"),
+        ("stream-benchmark-report", f"{base_url}/artifacts/artifact/{report['id']}"),
+    ):
+        path = SCREENSHOTS / f"{name}.png"
+        path.unlink(missing_ok=True)
+        _chromium(url, f"--screenshot={path}")
+        assert path.stat().st_size > 10_000  # a rendered page, not a blank one
+
+
+def test_ctrl_c_ends_the_demo_with_nothing_left_behind(demo: DemoRun) -> None:
+    """Runs last (file order): the fixture's Ctrl-C happens at module teardown, so stop here."""
+    demo.process.send_signal(signal.SIGINT)
+    demo.exit_code = demo.process.wait(timeout=120)
+    assert demo.exit_code == 0
+    time.sleep(1)
+    assert marked_processes(MARKER, demo.marker) == []
