@@ -1,21 +1,38 @@
 # syntax=docker/dockerfile:1
 #
-# vidflow inference service image: `vidflow serve` on ONNX Runtime, without torch.
+# vidflow images, one Dockerfile:
 #
 #   builder  installs vidflow with the `torch` extra and exports EfficientNet-Lite0 to a
 #            self-describing ONNX file (class names and preprocessing in its metadata).
-#   runtime  (default, last stage) a separate venv with only the core dependencies, the exported
-#            model, a non-root user. No torch, no compilers, no source tree.
+#   worker   the Prefect worker that runs the flows (depth-extraction, stream-benchmark): the
+#            whole project with every extra (torch, Ray, Prefect, transformers, Lance, Kafka
+#            client, the FFmpeg binary of the imageio-ffmpeg wheel), the source tree at
+#            /opt/vidflow (prefect.yaml's pull step changes into $VIDFLOW_PROJECT_DIR there).
+#   runtime  (default, last stage) the inference service: a separate venv with only the core
+#            dependencies, the exported model, a non-root user. No torch, no compilers, no
+#            source tree.
 #
-# Build (BuildKit is needed for the secret and bind mounts; it is the default since Docker 23):
-#   docker build -t vidflow-inference .
+# Build (BuildKit is needed for the secret and bind mounts; it is the default since Docker 23).
+# With no --target the last stage, the inference service, is built:
+#   docker build --target runtime -t vidflow-inference .
 #   docker run --rm -p 50051:50051 -p 8000:8000 vidflow-inference
+#   docker build --target worker -t vidflow-worker .
+# docker-compose.yml builds both (`docker compose build`).
 #
 # Behind a TLS-inspecting proxy, hand pip a CA bundle; it is mounted only while pip runs and
 # never lands in a layer:
 #   docker build --secret id=pip_ca,src=/path/to/ca-bundle.pem -t vidflow-inference .
+# pip inside the build uses PyPI (or whatever PIP_* variables the build passes): no index
+# argument is needed where PyPI is reachable, through the proxy or not.
 #
-# Smaller builder: PyPI's torch is a CUDA build of several GB. The export needs only the CPU:
+# Without Docker (podman/buildah, as tests/test_container.py does): `--format docker`, else the
+# OCI image format drops HEALTHCHECK; and a local base where no registry can be pulled:
+#   podman build --format docker --build-arg BASE_IMAGE=localhost/debian:bookworm-slim \
+#     --secret id=pip_ca,src=/etc/ssl/certs/ca-certificates.crt --target runtime -t vidflow-inference .
+# (ci/podman-setup.sh builds localhost/debian:bookworm-slim with debootstrap.)
+#
+# Smaller builder and worker: PyPI's torch is a CUDA build of several GB. The ONNX export and the
+# CPU worker need only the CPU wheels; where download.pytorch.org is reachable:
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu ...
 #
 # CUDA variant: ONNX Runtime's GPU package plus a base image with the CUDA and cuDNN runtime
@@ -28,6 +45,7 @@
 #     -t vidflow-inference:cuda .
 #   docker run --rm --gpus all -p 50051:50051 -p 8000:8000 vidflow-inference:cuda
 # `--device auto` (the default) then picks the CUDAExecutionProvider and says so in the log.
+# The worker on the same CUDA base (without TORCH_INDEX_URL) gets PyPI's CUDA torch for depth.
 #
 # Stopping: the server drains calls in flight for up to VIDFLOW_INFERENCE_SHUTDOWN_GRACE_S
 # (default 30 s) after SIGTERM; give `docker stop` more than that: `docker stop -t 40 ...`.
@@ -83,6 +101,74 @@ RUN vidflow export-onnx --cache-dir /tmp/vidflow-export \
     && rm -rf /tmp/vidflow-export
 
 # --------------------------------------------------------------------------------------------
+# The Prefect worker: `prefect worker start` polls the vidflow-compose work pool and runs each
+# flow run as a child process from the source tree in /opt/vidflow. Not the default stage:
+# `--target worker`.
+FROM base AS worker
+
+# Optional extra package index for torch/torchvision (e.g. the CPU-only wheels).
+ARG TORCH_INDEX_URL=""
+ARG VERSION=0.1.0
+ARG SOURCE_URL=https://github.com/vidflow/vidflow
+
+LABEL org.opencontainers.image.title="vidflow-worker" \
+      org.opencontainers.image.description="vidflow Prefect worker: depth-extraction and stream-benchmark flows on Ray" \
+      org.opencontainers.image.source="${SOURCE_URL}" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# tini as PID 1: forwards SIGTERM to the worker and reaps the flow-run processes (a flow on Ray
+# starts and leaves many). /data is where the flows write (a volume in docker-compose.yml); made
+# here so that a fresh named volume takes the vidflow user as its owner.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install --yes --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 vidflow \
+    && useradd --system --uid 10001 --gid vidflow --home-dir /home/vidflow --create-home \
+        --shell /usr/sbin/nologin vidflow \
+    && install -d -o vidflow -g vidflow /data
+
+WORKDIR /opt/vidflow
+
+# Dependencies first (every extra the flows use), from the project metadata alone, so that this
+# (large) layer is rebuilt only when pyproject.toml or constraints.txt change.
+COPY pyproject.toml constraints.txt README.md ./
+RUN --mount=type=secret,id=pip_ca,required=false \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && pip install --no-cache-dir -c constraints.txt \
+        ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[all]"
+
+# The checkout the flow runs execute from (entrypoints, prefect.yaml, relative paths). Editable,
+# so that `vidflow` resolves to /opt/vidflow/vidflow and its sample paths to /opt/shared/data
+# (mounted by docker-compose.yml). Owned by root: the worker reads it, never writes it.
+COPY . .
+RUN --mount=type=secret,id=pip_ca,required=false \
+    if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && pip install --no-cache-dir --no-deps --editable . \
+    && python -c "import flows.depth_extraction, flows.stream_benchmark, imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())"
+
+ENV VIDFLOW_PROJECT_DIR=/opt/vidflow \
+    VIDFLOW_DEPTH_OUTPUT=/data/depth-extraction \
+    PREFECT_HOME=/home/vidflow/.prefect \
+    PREFECT_WORKER_WEBSERVER_PORT=8080 \
+    HF_HOME=/home/vidflow/.cache/huggingface \
+    RAY_AUTH_MODE=disabled
+
+USER 10001:10001
+
+# `--with-healthcheck` serves /health on PREFECT_WORKER_WEBSERVER_PORT: 200 while the worker
+# polls its work pool, 503 once it has stopped polling.
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PREFECT_WORKER_WEBSERVER_PORT', '8080') + '/health', timeout=5)"]
+
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["tini", "--"]
+CMD ["prefect", "worker", "start", "--pool", "vidflow-compose", "--type", "process", "--with-healthcheck"]
+
+# --------------------------------------------------------------------------------------------
+# The inference service; the last stage, so the default of a build without --target.
 FROM base AS runtime
 
 # `onnxruntime` (CPU) or `onnxruntime-gpu[==VERSION]` for the CUDA variant (see the top).
