@@ -1,0 +1,286 @@
+"""The container files: the Dockerfile lints clean, the compose file is valid and wired as
+intended, and the inference image really builds, serves, reports healthy and stops on SIGTERM.
+
+The last test builds and runs the image with podman (no Docker engine is needed; see
+ci/podman-setup.sh, which installs and configures it and builds the local Debian base image).
+Where podman or the base image is missing, or podman cannot run a container, it skips and
+says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.inference.client import classify_files, health_status
+from services.inference.launcher import free_port
+from services.inference.models import imagenet_class_names
+from vidflow.config import SAMPLE_VIDEO
+from vidflow.frames import encode_jpeg, iter_video_frames
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+# The base image ci/podman-setup.sh builds with debootstrap (no registry can be pulled from).
+BASE_IMAGE = os.environ.get("VIDFLOW_BASE_IMAGE", "localhost/debian:bookworm-slim")
+STACK_SERVICES = {"broker", "inference", "prefect-server", "deploy", "worker"}
+
+
+def _tool(name: str) -> str:
+    """A dev-extra command line tool, from this venv first, then PATH."""
+    path = shutil.which(name, path=str(VENV_BIN)) or shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: install the dev extra (pip install -e '.[dev]')")
+    return path
+
+
+def _run(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        args, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and result.returncode != 0:
+        pytest.fail(
+            f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Static checks
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = _run(_tool("hadolint"), "--failure-threshold", "warning", "Dockerfile", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_default_stage_is_the_inference_runtime() -> None:
+    """`docker build .` (no target) builds the last stage: it must be the inference service."""
+    stages = [
+        line.split()[-1]
+        for line in (REPO / "Dockerfile").read_text().splitlines()
+        if line.upper().startswith("FROM ")
+    ]
+    assert stages == ["base", "builder", "worker", "runtime"]
+
+
+def _compose_config(*profiles: str) -> dict:
+    args = [_tool("docker-compose"), "-f", "docker-compose.yml"]
+    for profile in profiles:
+        args += ["--profile", profile]
+    _run(*args, "config", "-q")
+    return json.loads(_run(*args, "config", "--format", "json").stdout)
+
+
+def test_compose_config_is_valid_and_wired() -> None:
+    services = _compose_config()["services"]
+    assert set(services) >= STACK_SERVICES
+    assert "prometheus" not in services  # only with --profile monitoring
+
+    # Everything the worker talks to is up (or, for deploy, done) before it starts.
+    worker_needs = services["worker"]["depends_on"]
+    assert worker_needs["deploy"]["condition"] == "service_completed_successfully"
+    for name in ("broker", "inference", "prefect-server"):
+        assert worker_needs[name]["condition"] == "service_healthy", name
+    assert services["deploy"]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
+    for name, service in services.items():
+        for needed, how in service.get("depends_on", {}).items():
+            assert how["condition"] in {"service_healthy", "service_completed_successfully"}
+            if how["condition"] == "service_healthy":
+                assert "healthcheck" in services[needed], f"{name} waits on {needed}'s health"
+
+    # The two images come from the Dockerfile's two targets.
+    assert services["inference"]["build"]["target"] == "runtime"
+    for name in ("deploy", "worker"):
+        assert services[name]["build"]["target"] == "worker"
+        assert services[name]["image"] == services["worker"]["image"]
+
+    # The flows reach the services by their compose names; the code is the image's checkout.
+    env = services["worker"]["environment"]
+    assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert env["VIDFLOW_PROJECT_DIR"] == "/opt/vidflow"
+    assert env["VIDFLOW_KAFKA_BOOTSTRAP_SERVERS"] == "redpanda:9092"
+    assert env["VIDFLOW_INFERENCE_TARGET"] == "inference:50051"
+    assert "redpanda" in services["broker"]["networks"]["default"]["aliases"]
+    assert any(
+        v["target"] == "/data" and v["type"] == "volume" for v in services["worker"]["volumes"]
+    )
+    deploy_script = " ".join(services["deploy"]["command"])
+    assert "-n depth-extraction/compose -n stream-benchmark/compose" in deploy_script
+    assert "--type process" in deploy_script
+
+
+def test_compose_monitoring_profile_scrapes_the_service() -> None:
+    services = _compose_config("monitoring")["services"]
+    assert set(services) >= STACK_SERVICES | {"prometheus"}
+    mounts = {v["target"]: v for v in services["prometheus"]["volumes"]}
+    config_file = Path(mounts["/etc/prometheus/prometheus.yml"]["source"])
+    assert config_file == REPO / "deploy" / "prometheus.yml"
+
+    config = yaml.safe_load(config_file.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    inference = jobs["vidflow-inference"]
+    assert inference.get("metrics_path", "/metrics") == "/metrics"
+    http_port = services["inference"]["environment"]["VIDFLOW_INFERENCE_HTTP_PORT"]
+    assert inference["static_configs"][0]["targets"] == [f"inference:{http_port}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A real build and run (podman)
+
+
+def _podman() -> str:
+    """The podman binary, or a skip that says what is missing."""
+    podman = shutil.which("podman")
+    if podman is None:
+        pytest.skip("podman is not installed (as root: bash ci/podman-setup.sh)")
+    info = subprocess.run([podman, "info"], capture_output=True, text=True, timeout=60)
+    if info.returncode != 0:
+        pytest.skip(f"podman cannot run here: {info.stderr.strip()[-500:]}")
+    exists = subprocess.run([podman, "image", "exists", BASE_IMAGE], timeout=60)
+    if exists.returncode != 0:
+        pytest.skip(f"base image {BASE_IMAGE} is missing (as root: bash ci/podman-setup.sh)")
+    probe = subprocess.run(
+        [podman, "run", "--rm", "--network", "none", BASE_IMAGE, "true"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip(f"podman cannot run a container here: {probe.stderr.strip()[-500:]}")
+    return podman
+
+
+def _pip_ca_bundle() -> Path | None:
+    """The CA bundle the host's pip trusts (a TLS-inspecting proxy's CA lives in it)."""
+    candidates = [os.environ.get("PIP_CERT"), os.environ.get("SSL_CERT_FILE")]
+    pip_config = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "get", "global.cert"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if pip_config.returncode == 0:
+        candidates.append(pip_config.stdout.strip())
+    candidates.append("/etc/ssl/certs/ca-certificates.crt")
+    try:
+        import certifi
+
+        candidates.append(certifi.where())
+    except ImportError:
+        pass
+    return next((Path(c) for c in candidates if c and Path(c).is_file()), None)
+
+
+def _real_frame(path: Path) -> Path:
+    """A JPEG of one frame of the real sample clip (a second in, past any fade-in)."""
+    frames = list(iter_video_frames(SAMPLE_VIDEO, max_frames=30))
+    assert frames, f"no frames in {SAMPLE_VIDEO}"
+    path.write_bytes(encode_jpeg(frames[-1]))
+    return path
+
+
+@pytest.fixture
+def inference_image(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Iterator[str]:
+    """The runtime stage built from this checkout under a unique tag; removed afterwards."""
+    podman = _podman()
+    tag = f"localhost/vidflow-inference-test:{uuid.uuid4().hex[:12]}"
+    args = [
+        podman, "build", "--format", "docker", "--target", "runtime",
+        "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--tag", tag,
+    ]  # fmt: skip
+    if (ca := _pip_ca_bundle()) is not None:
+        args += ["--secret", f"id=pip_ca,src={ca}"]
+    log_file = tmp_path / "build.log"
+    start = time.monotonic()
+    with log_file.open("w") as log:
+        build = subprocess.run(
+            [*args, "."], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=1500
+        )
+    build_s = time.monotonic() - start
+    if build.returncode != 0:
+        tail = "\n".join(log_file.read_text().splitlines()[-60:])
+        pytest.fail(f"podman build exited {build.returncode} after {build_s:.0f} s:\n{tail}")
+    try:
+        size = int(_run(podman, "image", "inspect", "--format", "{{.Size}}", tag).stdout)
+        with capsys.disabled():
+            print(
+                f"\n[container] built {tag} (target runtime) in {build_s:.0f} s; "
+                f"image size {size / 1e6:.0f} MB"
+            )
+        # No torch (PyPI's is a CUDA build of ~3 GB): the service image stays small.
+        assert size < 1_000_000_000, f"runtime image is {size / 1e6:.0f} MB"
+        yield tag
+    finally:
+        subprocess.run([podman, "rmi", "--force", tag], capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_inference_image_serves_reports_health_and_stops_on_sigterm(
+    inference_image: str, tmp_path: Path
+) -> None:
+    podman = shutil.which("podman")
+    assert podman is not None
+    config = json.loads(_run(podman, "image", "inspect", inference_image).stdout)[0]["Config"]
+    assert config["User"] == "10001:10001"
+    assert {"50051/tcp", "8000/tcp"} <= set(config["ExposedPorts"])
+
+    name = f"vidflow-inference-test-{uuid.uuid4().hex[:8]}"
+    grpc_port, http_port = free_port(), free_port()
+    target = f"127.0.0.1:{grpc_port}"
+    _run(
+        podman, "run", "--detach", "--name", name,
+        "--publish", f"127.0.0.1:{grpc_port}:50051", "--publish", f"127.0.0.1:{http_port}:8000",
+        inference_image,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while (status := health_status(target)) != "SERVING":
+            state = _run(podman, "inspect", "--format", "{{.State.Status}}", name).stdout.strip()
+            if state != "running" or time.monotonic() > deadline:
+                logs = _run(podman, "logs", name, check=False)
+                pytest.fail(f"container {state}, health {status}:\n{logs.stdout}{logs.stderr}")
+            time.sleep(0.5)
+
+        # A real frame through the container's gRPC port, answered with real ImageNet labels.
+        (result,) = classify_files(target, [_real_frame(tmp_path / "frame.jpg")], top_k=5)
+        assert result.error is None, result.error
+        predictions = list(result.response.predictions)
+        assert len(predictions) == 5
+        classes = set(imagenet_class_names())
+        for prediction in predictions:
+            assert prediction.label in classes
+            assert 0.0 < prediction.score <= 1.0
+        assert [p.score for p in predictions] == sorted(
+            (p.score for p in predictions), reverse=True
+        )
+        assert result.response.model_name == "efficientnet_lite0"
+        print(
+            f"top-5 of {SAMPLE_VIDEO.name}: {[(p.label, round(p.score, 3)) for p in predictions]}"
+        )
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as reply:
+            metrics = reply.read().decode()
+        assert "vidflow_inference_requests" in metrics
+
+        # The image's HEALTHCHECK (podman runs it on demand: no systemd timers here).
+        check = _run(podman, "healthcheck", "run", name, check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+        # SIGTERM: the server drains and exits 0 itself, well before the SIGKILL fallback.
+        start = time.monotonic()
+        _run(podman, "stop", "--time", "40", name, timeout=90)
+        stop_s = time.monotonic() - start
+        exit_code = _run(podman, "inspect", "--format", "{{.State.ExitCode}}", name).stdout
+        logs = _run(podman, "logs", name, check=False)
+        assert int(exit_code) == 0, logs.stdout + logs.stderr
+        assert stop_s < 35, f"stop took {stop_s:.1f} s: SIGTERM not handled?"
+    finally:
+        subprocess.run([podman, "rm", "--force", name], capture_output=True, timeout=120)
