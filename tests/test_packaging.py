@@ -101,13 +101,6 @@ def test_hadolint_passes() -> None:
     assert result.returncode == 0, f"hadolint:\n{result.stdout}\n{result.stderr}"
 
 
-def test_compose_config_is_valid() -> None:
-    result = _run(
-        [_tool("docker-compose"), "-f", COMPOSE_FILE.name, "config", "-q"], env=_compose_env()
-    )
-    assert result.returncode == 0, f"docker-compose config:\n{result.stdout}\n{result.stderr}"
-
-
 def test_compose_inference_service() -> None:
     service = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["inference"]
     assert service["build"]["target"] == "runtime"
@@ -139,7 +132,8 @@ def test_dockerfile_structure() -> None:
     assert text.splitlines()[0] == "# syntax=docker/dockerfile:1"
     preamble, stages = _stages()
     assert any(args.startswith("BASE_IMAGE=") for kw, args in preamble if kw == "ARG")
-    assert [s.name for s in stages] == ["base", "builder", "runtime"]
+    # runtime last: `docker build .` with no target gives the inference service.
+    assert [s.name for s in stages] == ["base", "builder", "worker", "runtime"]
     assert stages[0].base == "${BASE_IMAGE}"
     assert all(stage.base == "base" for stage in stages[1:])
     builder = stages[1]
@@ -181,3 +175,70 @@ def test_dockerfile_runtime_stage_has_no_torch(extra: str) -> None:
                 assert not re.search(r"\btorch(vision)?\b", command), command
     for args in runtime.args_of("COPY"):
         assert "/opt/venv" not in args, f"runtime must not copy the builder's venv: {args}"
+
+
+STACK_SERVICES = {"broker", "inference", "prefect-server", "deploy", "worker"}
+
+
+def _compose_config(*profiles: str) -> dict:
+    """The resolved compose configuration (`config -q` must pass first)."""
+    args: list[str | Path] = [_tool("docker-compose"), "-f", COMPOSE_FILE.name]
+    for profile in profiles:
+        args += ["--profile", profile]
+    checked = _run([*args, "config", "-q"], env=_compose_env())
+    assert checked.returncode == 0, f"docker-compose config:\n{checked.stdout}\n{checked.stderr}"
+    resolved = _run([*args, "config", "--format", "json"], env=_compose_env())
+    return json.loads(resolved.stdout)
+
+
+def test_compose_config_is_valid_and_wired() -> None:
+    services = _compose_config()["services"]
+    assert set(services) >= STACK_SERVICES
+    assert "prometheus" not in services  # only with --profile monitoring
+
+    # Everything the worker talks to is up (or, for deploy, done) before it starts.
+    worker_needs = services["worker"]["depends_on"]
+    assert worker_needs["deploy"]["condition"] == "service_completed_successfully"
+    for name in ("broker", "inference", "prefect-server"):
+        assert worker_needs[name]["condition"] == "service_healthy", name
+    assert services["deploy"]["depends_on"]["prefect-server"]["condition"] == "service_healthy"
+    for name, service in services.items():
+        for needed, how in service.get("depends_on", {}).items():
+            assert how["condition"] in {"service_healthy", "service_completed_successfully"}
+            if how["condition"] == "service_healthy":
+                assert "healthcheck" in services[needed], f"{name} waits on {needed}'s health"
+
+    # The two images come from the Dockerfile's two targets.
+    assert services["inference"]["build"]["target"] == "runtime"
+    for name in ("deploy", "worker"):
+        assert services[name]["build"]["target"] == "worker"
+        assert services[name]["image"] == services["worker"]["image"]
+
+    # The flows reach the services by their compose names; the code is the image's checkout.
+    env = services["worker"]["environment"]
+    assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert env["VIDFLOW_PROJECT_DIR"] == "/opt/vidflow"
+    assert env["VIDFLOW_KAFKA_BOOTSTRAP_SERVERS"] == "redpanda:9092"
+    assert env["VIDFLOW_INFERENCE_TARGET"] == "inference:50051"
+    assert "redpanda" in services["broker"]["networks"]["default"]["aliases"]
+    assert any(
+        v["target"] == "/data" and v["type"] == "volume" for v in services["worker"]["volumes"]
+    )
+    deploy_script = " ".join(services["deploy"]["command"])
+    assert "-n depth-extraction/compose -n stream-benchmark/compose" in deploy_script
+    assert "--type process" in deploy_script
+
+
+def test_compose_monitoring_profile_scrapes_the_service() -> None:
+    services = _compose_config("monitoring")["services"]
+    assert set(services) >= STACK_SERVICES | {"prometheus"}
+    mounts = {v["target"]: v for v in services["prometheus"]["volumes"]}
+    config_file = Path(mounts["/etc/prometheus/prometheus.yml"]["source"])
+    assert config_file == REPO_ROOT / "deploy" / "prometheus.yml"
+
+    config = yaml.safe_load(config_file.read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    inference = jobs["vidflow-inference"]
+    assert inference.get("metrics_path", "/metrics") == "/metrics"
+    http_port = services["inference"]["environment"]["VIDFLOW_INFERENCE_HTTP_PORT"]
+    assert inference["static_configs"][0]["targets"] == [f"inference:{http_port}"]
