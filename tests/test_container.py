@@ -30,17 +30,8 @@ from vidflow.config import SAMPLE_VIDEO
 from vidflow.frames import encode_jpeg, iter_video_frames
 
 REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 # The base image ci/podman-setup.sh builds with debootstrap (no registry can be pulled from).
 BASE_IMAGE = os.environ.get("VIDFLOW_BASE_IMAGE", "localhost/debian:bookworm-slim")
-
-
-def _tool(name: str) -> str:
-    """A dev-extra command line tool, from this venv first, then PATH."""
-    path = shutil.which(name, path=str(VENV_BIN)) or shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found: install the dev extra (pip install -e '.[dev]')")
-    return path
 
 
 def _run(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
