@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -28,6 +29,8 @@ log = logging.getLogger("vidflow.stack")
 
 WORK_POOL = "vidflow-local"
 MARKER_VARIABLE = "VIDFLOW_STACK_ID"
+# This interpreter's Prefect: `make demo` runs without the venv on PATH.
+PREFECT_CLI = [sys.executable, "-m", "prefect"]
 FLOW_RUN_ID = re.compile(r"UUID:\s*([0-9a-f-]{36})")
 
 
@@ -75,6 +78,8 @@ class LocalStack:
             "VIDFLOW_PROJECT_DIR": str(REPO_ROOT),
             "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
             "PYTHONUNBUFFERED": "1",
+            # The venv's commands first, for whatever the flow runs start.
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
@@ -92,13 +97,13 @@ class LocalStack:
 
     def prefect(self, *args: str, timeout_s: float = 300) -> str:
         """Run a `prefect` CLI command against this stack's server; its output, or an error."""
-        command = ["prefect", "--no-prompt", *args]
+        command = [*PREFECT_CLI, "--no-prompt", *args]
         result = subprocess.run(
             command, cwd=REPO_ROOT, env=self.env(), capture_output=True, text=True,
             timeout=timeout_s,
         )  # fmt: skip
         with open(self.logs_dir / "prefect-cli.log", "a") as output:
-            output.write(f"$ {' '.join(command)}\n{result.stdout}{result.stderr}\n")
+            output.write(f"$ prefect {' '.join(args)}\n{result.stdout}{result.stderr}\n")
         if result.returncode != 0:
             raise RuntimeError(
                 f"`prefect {' '.join(args)}` exited {result.returncode}:\n"
@@ -110,7 +115,7 @@ class LocalStack:
         self.prefect_home.mkdir(parents=True, exist_ok=True)
         server = self._start(
             "prefect-server",
-            ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.ui_port)],
+            [*PREFECT_CLI, "server", "start", "--host", "127.0.0.1", "--port", str(self.ui_port)],
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -133,7 +138,7 @@ class LocalStack:
         self.prefect("deploy", *names)
 
     def start_worker(self) -> None:
-        self._start("prefect-worker", ["prefect", "worker", "start", "--pool", WORK_POOL])
+        self._start("prefect-worker", [*PREFECT_CLI, "worker", "start", "--pool", WORK_POOL])
 
     def run_deployment(
         self, name: str, parameters: dict[str, Any], timeout_s: float = 1800
