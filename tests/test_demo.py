@@ -27,7 +27,7 @@ import pytest
 
 from services.inference.launcher import REPO_ROOT
 from vidflow.demo import read_artifacts
-from vidflow.local_stack import marked_processes
+from vidflow.local_stack import kill_marked_processes, marked_processes
 
 pytestmark = pytest.mark.slow
 
@@ -96,6 +96,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         except subprocess.TimeoutExpired:
             process.kill()
             run.exit_code = process.wait()
+            kill_marked_processes(MARKER, marker)  # what the killed demo could not stop
         while (line := pending.get(timeout=5)) is not None:
             run.lines.append(line)
 

@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     if not SAMPLE_VIDEOS_DIR.is_dir() or not KINETICS_VAL_CSV.is_file():
         log.error("sample data not found: %s and %s", SAMPLE_VIDEOS_DIR, KINETICS_VAL_CSV)
         return 1
-    # SIGTERM (as from a CI runner or `kill`) stops the demo like Ctrl-C does.
+    # Ctrl-C and SIGTERM (a CI runner, `kill`) stop the demo and all it started. SIGINT is set
+    # explicitly: a shell starting the demo in the background hands it SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     return run_demo(args, run_dir, log_file)
 
