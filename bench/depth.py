@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -46,24 +47,48 @@ def _records(urls: list[str]) -> list[VideoRecord]:
     return [VideoRecord(video_id=f"v{i:03d}", source_url=url) for i, url in enumerate(urls)]
 
 
-def bench_transcode(files: list[Path], work: Path, rounds: int) -> dict[str, Any]:
-    settings = DepthSettings()
-    ours, plain = [], []
+def alternating_rates(
+    rounds: int,
+    work: Path,
+    name: str,
+    ours: Callable[[Path], float],
+    baseline: Callable[[Path], float],
+) -> tuple[list[float], list[float]]:
+    """Time `ours` and `baseline` in alternating order, each into a fresh folder; their rates.
+
+    Each callable does its work into the folder it is given and returns the amount done (videos,
+    bytes); the rate is that amount per second. Alternating evens out a noisy machine's drift.
+    """
+    rates: dict[str, list[float]] = {"ours": [], "baseline": []}
+    runs = {"ours": ours, "baseline": baseline}
     for round_index in range(rounds):
-        for label in ("plain", "ours") if round_index % 2 == 0 else ("ours", "plain"):
-            out = work / f"transcode-{label}-{round_index}"
+        order = ("baseline", "ours") if round_index % 2 == 0 else ("ours", "baseline")
+        for label in order:
+            out = work / f"{name}-{label}-{round_index}"
             out.mkdir(parents=True)
             started = time.perf_counter()
-            for i, source in enumerate(files):
-                if label == "ours":
-                    record = VideoRecord(video_id=f"v{i}", source_url="x", raw_path=str(source))
-                    assert not transcode(record, out, settings).failed
-                else:
-                    command = ffmpeg_command(source, out / f"v{i}.mp4", settings)
-                    subprocess.run(command, check=True, capture_output=True)
-            videos_per_s = len(files) / (time.perf_counter() - started)
-            (ours if label == "ours" else plain).append(videos_per_s)
+            amount = runs[label](out)
+            rates[label].append(amount / (time.perf_counter() - started))
             shutil.rmtree(out)
+    return rates["ours"], rates["baseline"]
+
+
+def bench_transcode(files: list[Path], work: Path, rounds: int) -> dict[str, Any]:
+    settings = DepthSettings()
+
+    def ours_run(out: Path) -> float:
+        for i, source in enumerate(files):
+            record = VideoRecord(video_id=f"v{i}", source_url="x", raw_path=str(source))
+            assert not transcode(record, out, settings).failed
+        return len(files)
+
+    def plain_run(out: Path) -> float:
+        for i, source in enumerate(files):
+            command = ffmpeg_command(source, out / f"v{i}.mp4", settings)
+            subprocess.run(command, check=True, capture_output=True)
+        return len(files)
+
+    ours, plain = alternating_rates(rounds, work, "transcode", ours_run, plain_run)
     return {
         "ours_videos_per_s": round(statistics.median(ours), 3),
         "ffmpeg_videos_per_s": round(statistics.median(plain), 3),
@@ -123,21 +148,16 @@ async def _bare_download(urls: list[str], out: Path, concurrency: int) -> int:
 
 def bench_download(urls: list[str], work: Path, rounds: int) -> dict[str, Any]:
     settings = DepthSettings()
-    ours, bare = [], []
-    for round_index in range(rounds):
-        for label in ("bare", "ours") if round_index % 2 == 0 else ("ours", "bare"):
-            out = work / f"download-{label}-{round_index}"
-            out.mkdir(parents=True)
-            started = time.perf_counter()
-            if label == "ours":
-                records = asyncio.run(download_videos(_records(urls), out, settings))
-                assert not any(record.failed for record in records)
-                size = sum(record.raw_bytes or 0 for record in records)
-            else:
-                size = asyncio.run(_bare_download(urls, out, settings.download_concurrency))
-            mb_per_s = size / 1e6 / (time.perf_counter() - started)
-            (ours if label == "ours" else bare).append(mb_per_s)
-            shutil.rmtree(out)
+
+    def ours_run(out: Path) -> float:
+        records = asyncio.run(download_videos(_records(urls), out, settings))
+        assert not any(record.failed for record in records)
+        return sum(record.raw_bytes or 0 for record in records) / 1e6
+
+    def bare_run(out: Path) -> float:
+        return asyncio.run(_bare_download(urls, out, settings.download_concurrency)) / 1e6
+
+    ours, bare = alternating_rates(rounds, work, "download", ours_run, bare_run)
     return {
         "ours_mb_per_s": round(statistics.median(ours), 1),
         "aiohttp_mb_per_s": round(statistics.median(bare), 1),
