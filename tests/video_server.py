@@ -7,12 +7,14 @@ with 500 a few times first, serve something that is not a video, stall mid-body)
 from __future__ import annotations
 
 import asyncio
-import threading
+import contextlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+
+from vidflow.http_thread import serve_in_thread
 
 
 @dataclass(frozen=True)
@@ -48,33 +50,20 @@ class VideoServer:
     def __init__(self, routes: dict[str, Behaviour] | None = None) -> None:
         self.routes: dict[str, Behaviour] = dict(routes or {})
         self.requests: Counter[str] = Counter()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
         self.port = 0
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> VideoServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        app = web.Application()
+        app.router.add_get("/{name:.+}", self._handle)
+        self.port = self._stack.enter_context(serve_in_thread(app))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._stack.close()
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
-
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/{name:.+}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]

@@ -10,8 +10,6 @@ template changes.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +19,7 @@ from aiohttp import web
 
 from tasks.video_sources import KINETICS_ID_FORMAT, read_kinetics_csv
 from vidflow.config import KINETICS_VAL_CSV, SAMPLE_VIDEOS_DIR
+from vidflow.http_thread import serve_in_thread
 
 MIRROR_PATH_TEMPLATE = "{split}/" + KINETICS_ID_FORMAT + ".mp4"
 
@@ -60,18 +59,5 @@ def build_app(
 @contextmanager
 def running_mirror(host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve the mirror in a background thread; yields its URL template."""
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(build_app(), access_log=None)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, host, port)
-    loop.run_until_complete(site.start())
-    bound_port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, name="sample-mirror", daemon=True)
-    thread.start()
-    try:
+    with serve_in_thread(build_app(), host, port) as bound_port:
         yield mirror_url_template(host, bound_port)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
