@@ -26,36 +26,9 @@ import cv2
 import numpy as np
 
 from tasks.depth import DepthEstimator, estimate_depth, read_frames
+from tasks.tiny_depth_pro import save_full_size_depth_pro
 from tasks.video_record import VideoRecord
 from vidflow.config import SAMPLE_VIDEO, DepthSettings
-
-
-def save_full_size_depth_pro(directory: Path) -> Path:
-    """Depth Pro with the real configuration and random (untrained) weights."""
-    import torch
-    from transformers import DepthProConfig, DepthProForDepthEstimation, DepthProImageProcessor
-
-    from tasks.depth import UNTRAINED_CONFIG_KEY
-
-    # apple/DepthPro-hf: three DINOv2-L/16 encoders (image, patches, field of view) at 384 px.
-    encoder = {
-        "model_type": "dinov2",
-        "hidden_size": 1024,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "patch_size": 16,
-        "image_size": 384,
-    }
-    config = DepthProConfig(
-        image_model_config=dict(encoder),
-        patch_model_config=dict(encoder),
-        fov_model_config=dict(encoder),
-    )
-    setattr(config, UNTRAINED_CONFIG_KEY, True)
-    torch.manual_seed(0)
-    DepthProForDepthEstimation(config).save_pretrained(directory)
-    DepthProImageProcessor().save_pretrained(directory)
-    return directory
 
 
 def frames_per_second(estimator: DepthEstimator, frames: list[np.ndarray], rounds: int) -> float:

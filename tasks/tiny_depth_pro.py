@@ -1,8 +1,9 @@
-"""A Depth Pro of the real architecture at toy size, with random weights.
+"""Depth Pro of the real architecture with random weights: at toy size, or at full size.
 
 No depth weights can be downloaded on machines without internet, so tests, benchmarks and the
-offline demo save this model with `save_pretrained` and load it back through the same
-transformers path as `apple/DepthPro-hf`. Its depth values mean nothing.
+offline demo save such a model with `save_pretrained` and load it back through the same
+transformers path as `apple/DepthPro-hf`. Its depth values mean nothing, and its config marks
+it untrained. The full-size one serves speed measurements (`bench.depth_gpu`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,30 @@ _ENCODER = {
 INPUT_SIZE = 128
 
 
-def save_tiny_depth_pro(directory: Path, seed: int = 0) -> Path:
-    """Write a tiny random Depth Pro (weights, config, image processor) into `directory`."""
+# apple/DepthPro-hf: three DINOv2-L/16 encoders (image, patches, field of view) at 384 px.
+FULL_SIZE_ENCODER = {
+    "model_type": "dinov2",
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "patch_size": 16,
+    "image_size": 384,
+}
+
+
+def save_random_depth_pro(
+    directory: Path,
+    encoder: dict[str, object],
+    *,
+    input_size: int | None = None,
+    seed: int = 0,
+    **config_fields: object,
+) -> Path:
+    """Write a Depth Pro with random weights, marked untrained (weights, config, image processor).
+
+    `encoder` configures all three encoders; `input_size` the image processor (its default, the
+    real 1536 px, when None); `config_fields` go to `DepthProConfig`.
+    """
     import torch
     from transformers import DepthProConfig, DepthProForDepthEstimation, DepthProImageProcessor
     from transformers.utils import logging as hf_logging
@@ -35,23 +58,38 @@ def save_tiny_depth_pro(directory: Path, seed: int = 0) -> Path:
     hf_logging.disable_progress_bar()
 
     config = DepthProConfig(
-        patch_size=32,
-        fusion_hidden_size=16,
-        intermediate_hook_ids=[1, 0],
-        intermediate_feature_dims=[8, 8],
-        scaled_images_feature_dims=[16, 16, 8],
-        image_model_config=dict(_ENCODER),
-        patch_model_config=dict(_ENCODER),
-        fov_model_config=dict(_ENCODER),
-        use_fov_model=True,
-        num_fov_head_layers=1,
+        image_model_config=dict(encoder),
+        patch_model_config=dict(encoder),
+        fov_model_config=dict(encoder),
+        **config_fields,
     )
     setattr(config, UNTRAINED_CONFIG_KEY, True)  # saved in config.json; outputs say untrained
     torch.manual_seed(seed)
     model = DepthProForDepthEstimation(config).eval()
     directory = Path(directory)
     model.save_pretrained(directory)
-    DepthProImageProcessor(size={"height": INPUT_SIZE, "width": INPUT_SIZE}).save_pretrained(
-        directory
-    )
+    sizes = {"size": {"height": input_size, "width": input_size}} if input_size else {}
+    DepthProImageProcessor(**sizes).save_pretrained(directory)
     return directory
+
+
+def save_tiny_depth_pro(directory: Path, seed: int = 0) -> Path:
+    """A tiny random Depth Pro: fast enough for tests on a CPU."""
+    return save_random_depth_pro(
+        directory,
+        _ENCODER,
+        input_size=INPUT_SIZE,
+        seed=seed,
+        patch_size=32,
+        fusion_hidden_size=16,
+        intermediate_hook_ids=[1, 0],
+        intermediate_feature_dims=[8, 8],
+        scaled_images_feature_dims=[16, 16, 8],
+        use_fov_model=True,
+        num_fov_head_layers=1,
+    )
+
+
+def save_full_size_depth_pro(directory: Path, seed: int = 0) -> Path:
+    """Depth Pro at the size of apple/DepthPro-hf (1536 px input), random weights: for speed."""
+    return save_random_depth_pro(directory, FULL_SIZE_ENCODER, seed=seed)
