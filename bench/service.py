@@ -4,9 +4,10 @@
 
 Service: `vidflow serve` (ONNX Runtime backend, dynamic batching) in its own process, driven by
 the closed-loop load test at the given concurrency with real video frames (decode, preprocess,
-gRPC and batching all included). Baseline: the same ONNX Runtime backend called in-process on
-already-preprocessed frames at the same batch size. The two alternate, one at a time, so they
-never share the cores. The last stdout line is JSON with `service_fps`, `model_fps` and `ratio`.
+gRPC and batching all included), once with unary Classify calls (`service_fps`, `ratio`) and once
+over ClassifyStream (`streaming_service_fps`, `streaming_ratio`). Baseline: the same ONNX Runtime
+backend called in-process on already-preprocessed frames at the same batch size. They alternate,
+one at a time, so they never share the cores. The last stdout line is JSON.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 
 from services.inference.launcher import start_server
 from services.inference.loader import load_served_model
-from services.inference.loadtest import run_loadtest
+from services.inference.loadtest import LevelResult, run_loadtest
 from services.inference.preprocess import load_and_preprocess
 from vidflow.config import DEFAULT_CACHE_DIR, SAMPLE_VIDEOS_DIR, InferenceSettings
 from vidflow.frames import load_encoded_images
@@ -48,6 +49,14 @@ def model_fps(run_batch, batch: np.ndarray, duration_s: float) -> float:
     return images / elapsed
 
 
+def load_level(
+    target: str, frames: list[bytes], args: argparse.Namespace, streaming: bool
+) -> LevelResult:
+    """The closed-loop load test at `args.concurrency` (2 s warm-up, not counted)."""
+    levels = run_loadtest(target, frames, [args.concurrency], args.duration, 2.0, streaming)
+    return asyncio.run(levels)[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
@@ -63,7 +72,7 @@ def main() -> None:
     tensors = np.stack([load_and_preprocess(f, model.preprocess) for f in frames])
     same_batch = tensors[: args.max_batch_size]
 
-    model_runs, service_runs, levels = [], [], []
+    model_runs, service_runs, streaming_runs, levels = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
             model_runs.append(model_fps(model.backend.run, same_batch, args.duration))
@@ -73,17 +82,18 @@ def main() -> None:
             )  # fmt: skip
             try:
                 server.wait_serving()
-                (level,) = asyncio.run(
-                    run_loadtest(server.target, frames, [args.concurrency], args.duration, 2.0)
-                )
+                level = load_level(server.target, frames, args, streaming=False)
+                streaming = load_level(server.target, frames, args, streaming=True)
             finally:
                 server.terminate()
             service_runs.append(level.throughput_rps)
-            levels.append(level)
+            streaming_runs.append(streaming.throughput_rps)
+            levels += [level, streaming]
             print(
                 f"round {round_index + 1}: model {model_runs[-1]:.1f} img/s at batch "
                 f"{len(same_batch)}, service {level.throughput_rps:.1f} img/s "
-                f"(mean batch {level.mean_batch_size}, p50 {level.latency_ms['p50']} ms)",
+                f"(mean batch {level.mean_batch_size}, p50 {level.latency_ms['p50']} ms), "
+                f"over ClassifyStream {streaming.throughput_rps:.1f} img/s",
                 file=sys.stderr,
             )
 
@@ -94,10 +104,17 @@ def main() -> None:
         "service_fps": round(mean(service_runs), 1),
         "model_fps": round(mean(model_runs), 1),
         "ratio": round(mean(service_runs) / mean(model_runs), 3),
+        "streaming_service_fps": round(mean(streaming_runs), 1),
+        "streaming_ratio": round(mean(streaming_runs) / mean(model_runs), 3),
+        "rounds_fps": {
+            "model": [round(run, 1) for run in model_runs],
+            "service": service_runs,
+            "streaming_service": streaming_runs,
+        },
         "model_fps_at_service_mean_batch": round(model_at_mean_batch, 1),
         "ratio_at_service_mean_batch": round(mean(service_runs) / model_at_mean_batch, 3),
         "service_mean_batch": round(mean(level.mean_batch_size for level in levels), 2),
-        "service_latency_ms": levels[-1].latency_ms,
+        "service_latency_ms": levels[-2].latency_ms,
         "errors": sum(level.errors for level in levels),
         "concurrency": args.concurrency,
         "batch_size": len(same_batch),

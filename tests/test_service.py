@@ -295,3 +295,19 @@ def test_cli_classify_and_loadtest(onnx_server, tmp_path: Path) -> None:
         assert level["throughput_rps"] > 0
         assert 0 < level["latency_ms"]["p50"] <= level["latency_ms"]["p99"]
     assert "p99 ms" in loadtest.stdout
+
+
+def test_streaming_loadtest_counts_bad_images_as_errors_and_goes_on(
+    onnx_server, video_frames
+) -> None:
+    import asyncio
+
+    from services.inference.loadtest import run_loadtest
+
+    images = [*video_frames[:4], b"not an image"]  # every fifth request fails
+    (level,) = asyncio.run(run_loadtest(onnx_server.target, images, [4], 2.0, 0.5, streaming=True))
+    assert level.requests > 20, level
+    # The bad image answers on the stream with `error` set; the stream itself carries on.
+    assert level.errors == pytest.approx(level.requests / 4, rel=0.25, abs=2), level
+    assert level.mean_batch_size > 1.0  # four open streams share batches
+    assert 0 < level.latency_ms["p50"] <= level.latency_ms["p99"]

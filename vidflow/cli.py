@@ -80,9 +80,15 @@ def _loadtest(args: argparse.Namespace) -> int:
     target = settings_from_args(ClientSettings, args).target
     images = load_encoded_images(args.images, max_frames=args.max_frames)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    log.info("load test of %s with %d images, concurrency %s", target, len(images), concurrencies)
+    rpc = "ClassifyStream" if args.streaming else "Classify"
+    log.info(
+        "load test of %s (%s) with %d images, concurrency %s",
+        target, rpc, len(images), concurrencies,
+    )  # fmt: skip
     results = asyncio.run(
-        run_loadtest(target, images, concurrencies, args.duration, warmup_s=args.warmup)
+        run_loadtest(
+            target, images, concurrencies, args.duration, args.warmup, streaming=args.streaming
+        )
     )
     print(format_table(results))
     if args.json is not None:
@@ -245,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest.add_argument("--warmup", type=float, default=2.0, help="uncounted seconds per level")
     loadtest.add_argument("--max-frames", type=int, default=64, help="frames taken from a video")
     loadtest.add_argument("--json", type=Path, help="write the results as JSON here")
+    loadtest.add_argument(
+        "--streaming",
+        action="store_true",
+        help="send over ClassifyStream (one stream per concurrent caller) instead of Classify",
+    )
     broker = command("broker", _broker, "run the local Kafka-protocol broker (Tansu)")
     broker.add_argument("--port", type=int, default=9092)
     broker.add_argument("--host", default="127.0.0.1")

@@ -1,7 +1,8 @@
 """Closed-loop load test in the manner of Triton's perf_analyzer.
 
-For each concurrency level N, N callers each keep one Classify call outstanding for the whole
-measurement window; a warm-up period before the window is not counted.
+For each concurrency level N, N callers each keep one request outstanding for the whole
+measurement window, as unary Classify calls or (`--streaming`) on one ClassifyStream each; a
+warm-up period before the window is not counted.
 """
 
 from __future__ import annotations
@@ -35,50 +36,95 @@ class LevelResult:
     mean_batch_size: float
 
 
+class _Level:
+    """The measurement window of one level and what was seen inside it."""
+
+    def __init__(self, images: list[bytes], duration_s: float, warmup_s: float) -> None:
+        self.images = images
+        self.loop = asyncio.get_running_loop()
+        self.window_start = self.loop.time() + warmup_s
+        self.window_end = self.window_start + duration_s
+        self.latencies_ms: list[float] = []
+        self.batch_sizes: list[int] = []
+        self.errors = 0
+        self._counter = itertools.count()
+
+    def running(self) -> bool:
+        return self.loop.time() < self.window_end
+
+    def next_request(self) -> inference_pb2.ClassifyRequest:
+        index = next(self._counter)
+        return inference_pb2.ClassifyRequest(
+            image=self.images[index % len(self.images)], request_id=str(index)
+        )
+
+    def record(self, sent_at: float, response: inference_pb2.ClassifyResponse | None) -> None:
+        """Count one answer (None or one with `error` set: a failure) if it fell in the window."""
+        done_at = self.loop.time()
+        if sent_at < self.window_start or done_at > self.window_end:
+            return
+        if response is None or response.error:
+            self.errors += 1
+        else:
+            self.latencies_ms.append((done_at - sent_at) * 1e3)
+            self.batch_sizes.append(response.timings.batch_size)
+
+
+async def _unary_caller(stub: inference_pb2_grpc.ClassifierStub, level: _Level) -> None:
+    """One outstanding Classify call at a time."""
+    while level.running():
+        sent_at = level.loop.time()
+        try:
+            response = await stub.Classify(level.next_request(), timeout=30)
+        except grpc.aio.AioRpcError:
+            response = None
+        level.record(sent_at, response)
+
+
+async def _streaming_caller(stub: inference_pb2_grpc.ClassifierStub, level: _Level) -> None:
+    """One ClassifyStream kept open, one request outstanding on it (perf_analyzer --streaming).
+
+    A stream that breaks counts one error and is opened again.
+    """
+    while level.running():
+        call = stub.ClassifyStream()
+        sent_at = level.loop.time()
+        try:
+            while level.running():
+                sent_at = level.loop.time()
+                await call.write(level.next_request())
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    raise RuntimeError("the server ended the stream early")
+                level.record(sent_at, response)
+            await call.done_writing()
+            await call.read()  # EOF: nothing is outstanding
+        except (grpc.aio.AioRpcError, RuntimeError):
+            level.record(sent_at, None)
+            call.cancel()
+
+
 async def _run_level(
     stub: inference_pb2_grpc.ClassifierStub,
     images: list[bytes],
     concurrency: int,
     duration_s: float,
     warmup_s: float,
+    streaming: bool = False,
 ) -> LevelResult:
-    latencies_ms: list[float] = []
-    batch_sizes: list[int] = []
-    errors = 0
-    counter = itertools.count()
-    loop = asyncio.get_running_loop()
-    window_start = loop.time() + warmup_s
-    window_end = window_start + duration_s
-
-    async def caller() -> None:
-        nonlocal errors
-        while (sent_at := loop.time()) < window_end:
-            index = next(counter)
-            request = inference_pb2.ClassifyRequest(
-                image=images[index % len(images)], request_id=str(index)
-            )
-            try:
-                response = await stub.Classify(request, timeout=30)
-                ok = True
-            except grpc.aio.AioRpcError:
-                ok = False
-            done_at = loop.time()
-            if sent_at >= window_start and done_at <= window_end:
-                if ok:
-                    latencies_ms.append((done_at - sent_at) * 1e3)
-                    batch_sizes.append(response.timings.batch_size)
-                else:
-                    errors += 1
-
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    level = _Level(images, duration_s, warmup_s)
+    caller = _streaming_caller if streaming else _unary_caller
+    await asyncio.gather(*(caller(stub, level) for _ in range(concurrency)))
     return LevelResult(
         concurrency=concurrency,
-        requests=len(latencies_ms),
-        errors=errors,
+        requests=len(level.latencies_ms),
+        errors=level.errors,
         duration_s=duration_s,
-        throughput_rps=round(len(latencies_ms) / duration_s, 2),
-        latency_ms=summarize_ms(latencies_ms),
-        mean_batch_size=round(sum(batch_sizes) / len(batch_sizes), 2) if batch_sizes else 0.0,
+        throughput_rps=round(len(level.latencies_ms) / duration_s, 2),
+        latency_ms=summarize_ms(level.latencies_ms),
+        mean_batch_size=(
+            round(sum(level.batch_sizes) / len(level.batch_sizes), 2) if level.batch_sizes else 0.0
+        ),
     )
 
 
@@ -88,15 +134,19 @@ async def run_loadtest(
     concurrencies: list[int],
     duration_s: float,
     warmup_s: float = 2.0,
+    streaming: bool = False,
 ) -> list[LevelResult]:
-    """Measure each concurrency level in turn against one channel."""
+    """Measure each concurrency level in turn against one channel.
+
+    `streaming` drives ClassifyStream (one stream per concurrent caller) instead of Classify.
+    """
     if not images:
         raise ValueError("the load test needs at least one image")
     async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
         stub = inference_pb2_grpc.ClassifierStub(channel)
         results = []
         for concurrency in concurrencies:
-            result = await _run_level(stub, images, concurrency, duration_s, warmup_s)
+            result = await _run_level(stub, images, concurrency, duration_s, warmup_s, streaming)
             log.info(
                 "concurrency %d: %.1f infer/s, p50 %.1f ms, p90 %.1f ms, p99 %.1f ms, "
                 "mean batch %.1f, errors %d",

@@ -99,10 +99,10 @@ def probe_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode JPEG/PNG bytes to an RGB uint8 array (H, W, 3), or raise InvalidImageError."""
     image_format, width, height = probe_image(data, max_pixels)
-    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None or bgr.shape[:2] != (height, width):
+    rgb = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
+    if rgb is None or rgb.shape[:2] != (height, width):
         raise InvalidImageError(f"corrupt {image_format}: OpenCV could not decode the pixel data")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
 
 
 def _resize_short_side(rgb: np.ndarray, short_side: int) -> np.ndarray:
