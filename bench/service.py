@@ -72,7 +72,9 @@ def main() -> None:
     tensors = np.stack([load_and_preprocess(f, model.preprocess) for f in frames])
     same_batch = tensors[: args.max_batch_size]
 
-    model_runs, service_runs, streaming_runs, levels = [], [], [], []
+    model_runs: list[float] = []
+    unary_levels: list[LevelResult] = []
+    streaming_levels: list[LevelResult] = []
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
             model_runs.append(model_fps(model.backend.run, same_batch, args.duration))
@@ -86,9 +88,8 @@ def main() -> None:
                 streaming = load_level(server.target, frames, args, streaming=True)
             finally:
                 server.terminate()
-            service_runs.append(level.throughput_rps)
-            streaming_runs.append(streaming.throughput_rps)
-            levels += [level, streaming]
+            unary_levels.append(level)
+            streaming_levels.append(streaming)
             print(
                 f"round {round_index + 1}: model {model_runs[-1]:.1f} img/s at batch "
                 f"{len(same_batch)}, service {level.throughput_rps:.1f} img/s "
@@ -97,7 +98,10 @@ def main() -> None:
                 file=sys.stderr,
             )
 
-    mean_batch = round(mean(level.mean_batch_size for level in levels))
+    service_runs = [level.throughput_rps for level in unary_levels]
+    streaming_runs = [level.throughput_rps for level in streaming_levels]
+    service_mean_batch = mean(level.mean_batch_size for level in unary_levels)
+    mean_batch = round(service_mean_batch)
     model_at_mean_batch = model_fps(model.backend.run, tensors[: max(1, mean_batch)], args.duration)
     result = {
         "benchmark": "service",
@@ -113,9 +117,9 @@ def main() -> None:
         },
         "model_fps_at_service_mean_batch": round(model_at_mean_batch, 1),
         "ratio_at_service_mean_batch": round(mean(service_runs) / model_at_mean_batch, 3),
-        "service_mean_batch": round(mean(level.mean_batch_size for level in levels), 2),
-        "service_latency_ms": levels[-2].latency_ms,
-        "errors": sum(level.errors for level in levels),
+        "service_mean_batch": round(service_mean_batch, 2),
+        "service_latency_ms": unary_levels[-1].latency_ms,
+        "errors": sum(level.errors for level in unary_levels + streaming_levels),
         "concurrency": args.concurrency,
         "batch_size": len(same_batch),
         "rounds": args.rounds,

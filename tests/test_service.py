@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import channel_options, health_status
 from services.inference.launcher import REPO_ROOT, start_server
+from services.inference.loadtest import run_loadtest
 from tests.conftest import EXPECTED_CLASSES
 from tests.images import gif_bytes, jpeg_bytes, png_bytes, png_claiming_size
 from vidflow.config import SAMPLE_VIDEOS_DIR
@@ -300,10 +302,6 @@ def test_cli_classify_and_loadtest(onnx_server, tmp_path: Path) -> None:
 def test_streaming_loadtest_counts_bad_images_as_errors_and_goes_on(
     onnx_server, video_frames
 ) -> None:
-    import asyncio
-
-    from services.inference.loadtest import run_loadtest
-
     images = [*video_frames[:4], b"not an image"]  # every fifth request fails
     (level,) = asyncio.run(run_loadtest(onnx_server.target, images, [4], 2.0, 0.5, streaming=True))
     assert level.requests > 20, level
