@@ -6,8 +6,11 @@ Service: `vidflow serve` (ONNX Runtime backend, dynamic batching) in its own pro
 the closed-loop load test at the given concurrency with real video frames (decode, preprocess,
 gRPC and batching all included), once with unary Classify calls (`service_fps`, `ratio`) and once
 over ClassifyStream (`streaming_service_fps`, `streaming_ratio`). Baseline: the same ONNX Runtime
-backend called in-process on already-preprocessed frames at the same batch size. They alternate,
-one at a time, so they never share the cores. The last stdout line is JSON.
+model called in-process, back to back, on already-preprocessed frames at the same batch size, in
+the better of two shapes: one call at a time over all cores (`model_fps_one_call`), or as many
+calls at once as the server has model workers, sharing the cores (`model_fps_workers`).
+`model_fps` is the better one. They alternate, one at a time, so they never share the cores. The
+last stdout line is JSON.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import mean
 
 import numpy as np
 
 from services.inference.launcher import start_server
-from services.inference.loader import load_served_model
+from services.inference.loader import ServedModel, load_served_model
 from services.inference.loadtest import LevelResult, run_loadtest
 from services.inference.preprocess import load_and_preprocess
 from vidflow.config import DEFAULT_CACHE_DIR, SAMPLE_VIDEOS_DIR, InferenceSettings
@@ -39,14 +43,22 @@ def real_frames(frames_per_video: int) -> list[bytes]:
     return [f for v in videos for f in load_encoded_images(v, max_frames=frames_per_video)]
 
 
-def model_fps(run_batch, batch: np.ndarray, duration_s: float) -> float:
-    """Images per second of back-to-back model calls on one preprocessed batch."""
-    run_batch(batch)
-    images, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < duration_s:
-        run_batch(batch)
-        images += len(batch)
-    return images / elapsed
+def model_fps(model: ServedModel, batch: np.ndarray, duration_s: float) -> float:
+    """Images per second of back-to-back calls on one preprocessed batch, by each model worker."""
+
+    def call_back_to_back(deadline: float) -> int:
+        images = 0
+        while time.perf_counter() < deadline:
+            model.backend.run(batch)
+            images += len(batch)
+        return images
+
+    with ThreadPoolExecutor(model.workers) as callers:
+        list(callers.map(model.backend.run, [batch] * model.workers))  # first calls allocate
+        started = time.perf_counter()
+        deadline = started + duration_s
+        images = sum(callers.map(call_back_to_back, [deadline] * model.workers))
+        return images / (time.perf_counter() - started)
 
 
 def load_level(
@@ -68,16 +80,22 @@ def main() -> None:
     args = parser.parse_args()
 
     frames = real_frames(args.frames_per_video)
-    model = load_served_model(InferenceSettings(backend="onnx", cache_dir=args.cache_dir))
-    tensors = np.stack([load_and_preprocess(f, model.preprocess) for f in frames])
+    served = InferenceSettings(backend="onnx", cache_dir=args.cache_dir)  # what the server runs
+    workers_model = load_served_model(served)
+    one_call_model = load_served_model(served.model_copy(update={"inference_workers": 1}))
+    tensors = np.stack([load_and_preprocess(f, one_call_model.preprocess) for f in frames])
     same_batch = tensors[: args.max_batch_size]
 
+    one_call_runs: list[float] = []
+    workers_runs: list[float] = []
     model_runs: list[float] = []
     unary_levels: list[LevelResult] = []
     streaming_levels: list[LevelResult] = []
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
-            model_runs.append(model_fps(model.backend.run, same_batch, args.duration))
+            one_call_runs.append(model_fps(one_call_model, same_batch, args.duration))
+            workers_runs.append(model_fps(workers_model, same_batch, args.duration))
+            model_runs.append(max(one_call_runs[-1], workers_runs[-1]))
             server = start_server(
                 Path(tmp), args.cache_dir, "--backend", "onnx",
                 "--max-batch-size", str(args.max_batch_size),
@@ -91,7 +109,8 @@ def main() -> None:
             unary_levels.append(level)
             streaming_levels.append(streaming)
             print(
-                f"round {round_index + 1}: model {model_runs[-1]:.1f} img/s at batch "
+                f"round {round_index + 1}: model {one_call_runs[-1]:.1f} img/s one call at a "
+                f"time, {workers_runs[-1]:.1f} in {workers_model.workers} workers at batch "
                 f"{len(same_batch)}, service {level.throughput_rps:.1f} img/s "
                 f"(mean batch {level.mean_batch_size}, p50 {level.latency_ms['p50']} ms), "
                 f"over ClassifyStream {streaming.throughput_rps:.1f} img/s",
@@ -101,8 +120,11 @@ def main() -> None:
     service_runs = [level.throughput_rps for level in unary_levels]
     streaming_runs = [level.throughput_rps for level in streaming_levels]
     service_mean_batch = mean(level.mean_batch_size for level in unary_levels)
-    mean_batch = round(service_mean_batch)
-    model_at_mean_batch = model_fps(model.backend.run, tensors[: max(1, mean_batch)], args.duration)
+    mean_batch_tensors = tensors[: max(1, round(service_mean_batch))]
+    model_at_mean_batch = max(
+        model_fps(model, mean_batch_tensors, args.duration)
+        for model in (one_call_model, workers_model)
+    )
     result = {
         "benchmark": "service",
         "service_fps": round(mean(service_runs), 1),
@@ -110,6 +132,9 @@ def main() -> None:
         "ratio": round(mean(service_runs) / mean(model_runs), 3),
         "streaming_service_fps": round(mean(streaming_runs), 1),
         "streaming_ratio": round(mean(streaming_runs) / mean(model_runs), 3),
+        "model_fps_one_call": round(mean(one_call_runs), 1),
+        "model_fps_workers": round(mean(workers_runs), 1),
+        "model_workers": workers_model.workers,
         "rounds_fps": {
             "model": [round(run, 1) for run in model_runs],
             "service": service_runs,

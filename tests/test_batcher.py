@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -20,9 +21,9 @@ def _recording_batcher(max_batch_size: int, max_delay_s: float, batches: list[li
 
 
 async def _classify(batcher: DynamicBatcher, item: int, arrival_delay_s: float = 0.0):
-    with batcher.admit():
+    with batcher.admit() as admission:
         await asyncio.sleep(arrival_delay_s)  # a request still being received
-        return await batcher.submit(item)
+        return await admission.submit(item)
 
 
 def test_concurrent_requests_share_batches_up_to_the_limit() -> None:
@@ -89,3 +90,99 @@ def test_a_failing_batch_fails_each_caller_and_the_batcher_goes_on() -> None:
         return result
 
     assert asyncio.run(scenario()).value == 2
+
+
+def test_workers_run_batches_at_once_each_taking_its_own() -> None:
+    # Each batch waits at the barrier for another batch to be running: one worker would time out.
+    both_running = threading.Barrier(2, timeout=10)
+
+    def run_batch(items: list[int]) -> list[int]:
+        both_running.wait()
+        return [item + 100 for item in items]
+
+    async def scenario():
+        batcher = DynamicBatcher(run_batch, max_batch_size=1, max_delay_s=0.0, workers=2)
+        batcher.start()
+        results = await asyncio.gather(_classify(batcher, 1), _classify(batcher, 2))
+        await batcher.close()
+        return results
+
+    assert [r.value for r in asyncio.run(scenario())] == [101, 102]
+
+
+def test_a_model_that_loses_results_fails_its_callers_clearly_and_the_batcher_goes_on() -> None:
+    def run_batch(items: list[int]) -> list[int]:
+        return items[:-1] if len(items) > 1 else items  # drops one result of a real batch
+
+    async def scenario():
+        batcher = DynamicBatcher(run_batch, max_batch_size=4, max_delay_s=1.0)
+        batcher.start()
+        # The second arrives while the first waits for it, so both share one batch.
+        outcomes = await asyncio.gather(
+            _classify(batcher, 1), _classify(batcher, 2, arrival_delay_s=0.05),
+            return_exceptions=True,
+        )  # fmt: skip
+        after = await _classify(batcher, 3)
+        await batcher.close()
+        return outcomes, after
+
+    outcomes, after = asyncio.run(scenario())
+    assert all(isinstance(o, RuntimeError) for o in outcomes), outcomes
+    assert "returned 1 results for a batch of 2" in str(outcomes[0])
+    assert after.value == 3
+
+
+def test_a_caller_that_gives_up_while_queued_is_not_run() -> None:
+    release = threading.Event()
+    batches: list[list[int]] = []
+
+    def run_batch(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        release.wait(10)  # keeps the only worker busy, so the next request stays queued
+        return items
+
+    async def scenario():
+        batcher = DynamicBatcher(run_batch, max_batch_size=4, max_delay_s=0.0)
+        batcher.start()
+        first = asyncio.ensure_future(_classify(batcher, 1))
+        while not batches:  # the worker has taken the first batch
+            await asyncio.sleep(0.01)
+        abandoned = asyncio.ensure_future(_classify(batcher, 2))
+        await asyncio.sleep(0.05)
+        abandoned.cancel()
+        await asyncio.sleep(0.05)
+        release.set()
+        results = [await first, await _classify(batcher, 3)]
+        await batcher.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert [r.value for r in results] == [1, 3]
+    assert batches == [[1], [3]]
+
+
+def test_closing_fails_what_is_still_queued_after_the_running_batch_ends() -> None:
+    release = threading.Event()
+    started = threading.Event()
+
+    def run_batch(items: list[int]) -> list[int]:
+        started.set()
+        release.wait(10)
+        return items
+
+    async def scenario():
+        batcher = DynamicBatcher(run_batch, max_batch_size=1, max_delay_s=0.0)
+        batcher.start()
+        running = asyncio.ensure_future(_classify(batcher, 1))
+        await asyncio.to_thread(started.wait, 10)
+        queued = asyncio.ensure_future(_classify(batcher, 2))
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.05)
+        release.set()
+        await closing
+        return await running, await asyncio.gather(queued, return_exceptions=True)
+
+    finished, (refused,) = asyncio.run(scenario())
+    assert finished.value == 1
+    assert isinstance(refused, RuntimeError) and "shutting down" in str(refused)

@@ -60,8 +60,14 @@ class InferenceSettings(BaseSettings):
         16 * 1024 * 1024, description="largest request accepted (RESOURCE_EXHAUSTED above)"
     )
     max_image_pixels: int = Field(40_000_000, description="largest image (width x height) accepted")
-    preprocess_threads: int = Field(2, ge=1, description="threads that decode and preprocess")
-    inference_workers: int = Field(1, ge=1, description="model calls (batches) run at once")
+    preprocess_threads: int = Field(
+        0,
+        ge=0,
+        description="threads that decode one batch's images in parallel (0: its model worker)",
+    )
+    inference_workers: int = Field(
+        2, ge=1, description="model workers: batches run at once, each taking the next itself"
+    )
     inference_threads: int = Field(
         0, ge=0, description="threads one model call may use (0: auto, cores / workers)"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -65,8 +66,9 @@ def cuda_available(backend: str) -> bool:
 def threads_per_call(workers: int, threads: int) -> int:
     """Threads one model call may use: as given, or (0) the cores shared among the workers.
 
-    One call at a time over all cores measured best on 2 CPU cores (docs/benchmarks.md); more
-    workers help only where cores outnumber what one call uses.
+    On 2 CPU cores two single-threaded workers beat one call over both cores (docs/benchmarks.md):
+    a call's threads wait for each other at every operator, so whenever decoding or gRPC takes
+    one core the other idles too; a single-threaded call just runs a little later.
     """
     return threads or max(1, (os.cpu_count() or 1) // workers)
 
@@ -107,7 +109,11 @@ class TorchBackend:
 
 
 class OnnxBackend:
-    """ONNX Runtime; needs no torch, so the slim serving image can use it."""
+    """ONNX Runtime; needs no torch, so the slim serving image can use it.
+
+    `sessions` is how many calls may run at once: each gets a session, with an intra-op thread
+    pool, of its own, since concurrent calls on one session would share one pool.
+    """
 
     def __init__(
         self,
@@ -115,6 +121,7 @@ class OnnxBackend:
         *,
         device: str = "cpu",
         threads: int = 0,
+        sessions: int = 1,
     ) -> None:
         import onnxruntime as ort
 
@@ -132,9 +139,16 @@ class OnnxBackend:
         providers = ["CPUExecutionProvider"]
         if self.device == "cuda":
             providers.insert(0, "CUDAExecutionProvider")
-        self._session = ort.InferenceSession(str(model_path), options, providers=providers)
-        self._input_name = self._session.get_inputs()[0].name
-        self.metadata: dict[str, str] = dict(self._session.get_modelmeta().custom_metadata_map)
+        self._idle_sessions: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        for _ in range(sessions):
+            session = ort.InferenceSession(str(model_path), options, providers=providers)
+            self._idle_sessions.put(session)
+        self._input_name = session.get_inputs()[0].name
+        self.metadata: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {self._input_name: batch})[0]
+        session = self._idle_sessions.get()
+        try:
+            return session.run(None, {self._input_name: batch})[0]
+        finally:
+            self._idle_sessions.put(session)

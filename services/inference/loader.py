@@ -69,7 +69,7 @@ def _from_onnx_file(path: Path, device: str, workers: int, threads: int) -> Serv
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"ONNX model not found: {path}")
-    backend = OnnxBackend(Path(path), device=device, threads=threads)
+    backend = OnnxBackend(Path(path), device=device, threads=threads, sessions=workers)
     info = ExportedModelInfo.from_metadata(backend.metadata)
     log.info("serving %s from %s", info.name, path)
     return ServedModel(
