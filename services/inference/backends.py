@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -31,6 +33,10 @@ class Backend(Protocol):
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Return class probabilities (N, C) for a preprocessed batch (N, 3, H, W)."""
+        ...
+
+    def warm_up(self, batches: list[np.ndarray]) -> None:
+        """Run each batch on everything that will serve calls: first calls allocate."""
         ...
 
 
@@ -101,6 +107,10 @@ class TorchBackend:
         self._module = module
         self._torch = torch
 
+    def warm_up(self, batches: list[np.ndarray]) -> None:
+        for batch in batches:
+            self.run(batch)
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
@@ -108,11 +118,21 @@ class TorchBackend:
             return self._module(inputs).float().cpu().numpy()
 
 
+# A call takes the wide session only after this long without overlapping calls: under load the
+# workers' calls overlap all the time, and a wide call amid them would leave 3 threads on 2 cores
+# waiting for each other (the ratio fell from 0.76-0.79 to 0.65-0.75; docs/benchmarks.md).
+LONE_CALL_QUIET_S = 1.0
+
+
 class OnnxBackend:
     """ONNX Runtime; needs no torch, so the slim serving image can use it.
 
-    `sessions` is how many calls may run at once: each gets a session, with an intra-op thread
-    pool, of its own, since concurrent calls on one session would share one pool.
+    `sessions` is how many calls may run at once, each on a session with `threads` intra-op
+    threads of its own (concurrent calls on one session would share one pool). With
+    `lone_call_threads` above `threads`, a call made while no other has run beside it for a
+    while takes a wider session instead: a lone request then gets every core (5.2 ms at
+    concurrency 1 on 2 cores, against 9.1 single-threaded), while under load the calls split the
+    cores (docs/benchmarks.md).
     """
 
     def __init__(
@@ -122,33 +142,63 @@ class OnnxBackend:
         device: str = "cpu",
         threads: int = 0,
         sessions: int = 1,
+        lone_call_threads: int = 0,
     ) -> None:
         import onnxruntime as ort
 
         self.device = device
         self.name = "onnx"
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Without this the intra-op threads spin for a while after each call, burning the CPU
-        # that decoding and gRPC need between batches: at concurrency 8 on 2 cores the model's
-        # threads took 9.1-9.8 ms of CPU per image with spinning and 7.0-7.5 without, against
-        # 6.5-7.1 bare (docs/benchmarks.md). Back-to-back calls measured no slower.
-        options.add_session_config_entry("session.force_spinning_stop", "1")
         providers = ["CPUExecutionProvider"]
         if self.device == "cuda":
             providers.insert(0, "CUDAExecutionProvider")
+
+        def new_session(intra_op_threads: int) -> ort.InferenceSession:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = intra_op_threads
+            options.inter_op_num_threads = 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # Without this the intra-op threads spin for a while after each call, burning the
+            # CPU that decoding and gRPC need between batches: at concurrency 8 on 2 cores the
+            # model's threads took 9.1-9.8 ms of CPU per image with spinning and 7.0-7.5
+            # without, against 6.5-7.1 bare (docs/benchmarks.md). Back-to-back calls measured
+            # no slower.
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+            return ort.InferenceSession(str(model_path), options, providers=providers)
+
+        self._sessions = [new_session(threads) for _ in range(sessions)]
         self._idle_sessions: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
-        for _ in range(sessions):
-            session = ort.InferenceSession(str(model_path), options, providers=providers)
+        for session in self._sessions:
             self._idle_sessions.put(session)
+        wide = sessions > 1 and device == "cpu" and lone_call_threads > max(threads, 1)
+        self._lone_call_session = new_session(lone_call_threads) if wide else None
+        self._running_calls = 0
+        self._last_overlap = -LONE_CALL_QUIET_S  # when a call last started beside another
+        self._calls_lock = threading.Lock()
         self._input_name = session.get_inputs()[0].name
         self.metadata: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
 
+    def warm_up(self, batches: list[np.ndarray]) -> None:
+        lone = [self._lone_call_session] if self._lone_call_session is not None else []
+        for session in [*self._sessions, *lone]:
+            for batch in batches:
+                session.run(None, {self._input_name: batch})
+
     def run(self, batch: np.ndarray) -> np.ndarray:
-        session = self._idle_sessions.get()
+        with self._calls_lock:
+            now = time.monotonic()
+            if self._running_calls > 0:
+                self._last_overlap = now
+            quiet = now - self._last_overlap > LONE_CALL_QUIET_S
+            alone = self._running_calls == 0 and quiet
+            self._running_calls += 1
         try:
-            return session.run(None, {self._input_name: batch})[0]
+            if alone and self._lone_call_session is not None:
+                return self._lone_call_session.run(None, {self._input_name: batch})[0]
+            session = self._idle_sessions.get()
+            try:
+                return session.run(None, {self._input_name: batch})[0]
+            finally:
+                self._idle_sessions.put(session)
         finally:
-            self._idle_sessions.put(session)
+            with self._calls_lock:
+                self._running_calls -= 1

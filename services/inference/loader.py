@@ -40,9 +40,11 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
     )
     workers = settings.inference_workers
     threads = threads_per_call(workers, settings.inference_threads)
+    # A lone call may use every core unless the threads per call were set by hand.
+    lone_call_threads = 0 if settings.inference_threads else threads_per_call(1, 0)
     log.info("%d concurrent model call(s) with %d thread(s) each", workers, threads)
     if settings.backend == "onnx" and settings.onnx_model is not None:
-        return _from_onnx_file(settings.onnx_model, device, workers, threads)
+        return _from_onnx_file(settings.onnx_model, device, workers, threads, lone_call_threads)
 
     from services.inference.models import load_model, with_softmax
 
@@ -51,7 +53,7 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
         from services.inference.onnx_export import export_onnx
 
         onnx_path = export_onnx(loaded, settings.cache_dir)
-        return _from_onnx_file(onnx_path, device, workers, threads)
+        return _from_onnx_file(onnx_path, device, workers, threads, lone_call_threads)
     backend = TorchBackend(
         with_softmax(loaded.network),
         loaded.preprocess.input_shape,
@@ -64,12 +66,20 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
     )
 
 
-def _from_onnx_file(path: Path, device: str, workers: int, threads: int) -> ServedModel:
+def _from_onnx_file(
+    path: Path, device: str, workers: int, threads: int, lone_call_threads: int
+) -> ServedModel:
     from services.inference.onnx_export import ExportedModelInfo
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"ONNX model not found: {path}")
-    backend = OnnxBackend(Path(path), device=device, threads=threads, sessions=workers)
+    backend = OnnxBackend(
+        Path(path),
+        device=device,
+        threads=threads,
+        sessions=workers,
+        lone_call_threads=lone_call_threads,
+    )
     info = ExportedModelInfo.from_metadata(backend.metadata)
     log.info("serving %s from %s", info.name, path)
     return ServedModel(

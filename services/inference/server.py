@@ -82,12 +82,10 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(None, load_served_model, self.settings)
         shape = model.preprocess.input_shape
-        # First calls allocate; keep them out of requests' time, for every worker's session.
-        for size in {1, self.settings.max_batch_size}:
-            for _ in range(model.workers):
-                await loop.run_in_executor(
-                    None, model.backend.run, np.zeros((size, *shape), np.float32)
-                )
+        # First calls allocate; keep them out of requests' time.
+        sizes = sorted({1, self.settings.max_batch_size})
+        zeros = [np.zeros((size, *shape), np.float32) for size in sizes]
+        await loop.run_in_executor(None, model.backend.warm_up, zeros)
         self.batcher = DynamicBatcher(
             self._run_batch,
             max_batch_size=self.settings.max_batch_size,
