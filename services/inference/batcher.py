@@ -162,10 +162,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     def _work(self) -> None:
         assert self._loop is not None
         while (batch := self._next_batch()) is not None:
-            if self._on_batch is not None:
-                self._on_batch(len(batch))
             started = time.perf_counter()
-            try:
+            try:  # nothing may end this thread but closing: its callers would wait forever
+                if self._on_batch is not None:
+                    self._on_batch(len(batch))
                 outputs = self._run_batch([pending.item for pending in batch])
                 if len(outputs) != len(batch):
                     raise RuntimeError(
