@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,13 @@ def test_three_backends_agree_on_real_photos(photos, model_cache: Path) -> None:
             InferenceSettings(backend=backend, device="cpu", cache_dir=model_cache)
         )
         assert model.backend.name == backend
-        outputs[backend] = model.backend.run(_batch([photos[n] for n in names], model.preprocess))
+        assert model.workers == (2 if backend == "onnx" else 1)  # the automatic choice
+        batch = _batch([photos[n] for n in names], model.preprocess)
+        outputs[backend] = model.backend.run(batch)
+        if backend == "onnx":  # calls at once share the sessions out and agree with a lone call
+            with ThreadPoolExecutor(4) as callers:
+                for output in callers.map(model.backend.run, [batch] * 8):
+                    np.testing.assert_allclose(output, outputs[backend], atol=1e-5)
         top1 = [model.class_names[i] for i in outputs[backend].argmax(axis=1)]
         for name, label in zip(names, top1, strict=True):
             assert label in EXPECTED_CLASSES[name], (backend, name, label)
@@ -104,6 +111,7 @@ def test_an_exported_onnx_file_serves_without_torch(model_cache: Path, photos, t
     assert onnx_files
     script = f"""
 import sys
+from concurrent.futures import ThreadPoolExecutor
 sys.modules["torch"] = None  # any import of torch now fails
 from pathlib import Path
 from services.inference.loader import load_served_model

@@ -66,7 +66,9 @@ class InferenceSettings(BaseSettings):
         description="threads that decode one batch's images in parallel (0: its model worker)",
     )
     inference_workers: int = Field(
-        2, ge=1, description="model workers: batches run at once, each taking the next itself"
+        0,
+        ge=0,
+        description="model workers: batches run at once (0: auto, 2 on onnx, 1 on torch backends)",
     )
     inference_threads: int = Field(
         0, ge=0, description="threads one model call may use (0: auto, cores / workers)"

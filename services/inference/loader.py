@@ -38,7 +38,9 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
     device = resolve_device(
         settings.device, settings.strict_device, cuda_available(settings.backend)
     )
-    workers = settings.inference_workers
+    # Two workers on ONNX Runtime, whose lone calls still get every core (OnnxBackend); torch
+    # sets its threads for the whole process, so there one call at a time over all cores.
+    workers = settings.inference_workers or (2 if settings.backend == "onnx" else 1)
     threads = threads_per_call(workers, settings.inference_threads)
     # A lone call may use every core unless the threads per call were set by hand.
     lone_call_threads = 0 if settings.inference_threads else threads_per_call(1, 0)
