@@ -111,7 +111,6 @@ def test_an_exported_onnx_file_serves_without_torch(model_cache: Path, photos, t
     assert onnx_files
     script = f"""
 import sys
-from concurrent.futures import ThreadPoolExecutor
 sys.modules["torch"] = None  # any import of torch now fails
 from pathlib import Path
 from services.inference.loader import load_served_model

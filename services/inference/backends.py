@@ -174,8 +174,9 @@ class OnnxBackend:
         self._running_calls = 0
         self._last_overlap = -LONE_CALL_QUIET_S  # when a call last started beside another
         self._calls_lock = threading.Lock()
-        self._input_name = session.get_inputs()[0].name
-        self.metadata: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
+        first = self._sessions[0]
+        self._input_name = first.get_inputs()[0].name
+        self.metadata: dict[str, str] = dict(first.get_modelmeta().custom_metadata_map)
 
     def warm_up(self, batches: list[np.ndarray]) -> None:
         lone = [self._lone_call_session] if self._lone_call_session is not None else []
@@ -184,21 +185,25 @@ class OnnxBackend:
                 session.run(None, {self._input_name: batch})
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        if self._lone_call_session is None:  # nothing to choose: no overlap bookkeeping
+            return self._run_on_idle_session(batch)
         with self._calls_lock:
             now = time.monotonic()
             if self._running_calls > 0:
                 self._last_overlap = now
-            quiet = now - self._last_overlap > LONE_CALL_QUIET_S
-            alone = self._running_calls == 0 and quiet
+            alone = self._running_calls == 0 and now - self._last_overlap > LONE_CALL_QUIET_S
             self._running_calls += 1
         try:
-            if alone and self._lone_call_session is not None:
+            if alone:
                 return self._lone_call_session.run(None, {self._input_name: batch})[0]
-            session = self._idle_sessions.get()
-            try:
-                return session.run(None, {self._input_name: batch})[0]
-            finally:
-                self._idle_sessions.put(session)
+            return self._run_on_idle_session(batch)
         finally:
             with self._calls_lock:
                 self._running_calls -= 1
+
+    def _run_on_idle_session(self, batch: np.ndarray) -> np.ndarray:
+        session = self._idle_sessions.get()
+        try:
+            return session.run(None, {self._input_name: batch})[0]
+        finally:
+            self._idle_sessions.put(session)

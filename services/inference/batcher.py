@@ -97,9 +97,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         await asyncio.to_thread(lambda: [thread.join() for thread in self._threads])
         with self._condition:
             leftovers, self._pending = list(self._pending), deque()
-        for pending in leftovers:
-            if not pending.future.done():
-                pending.future.set_exception(RuntimeError("server is shutting down"))
+        _fail(leftovers, RuntimeError("server is shutting down"))
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[Admission[ItemT, ResultT]]:
@@ -123,10 +121,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         future: asyncio.Future[BatchResult[ResultT]] = asyncio.get_running_loop().create_future()
         pending = _Pending(item, time.perf_counter(), future)
         with self._condition:
+            if arrived:  # no longer on its way, queued or refused
+                self._on_their_way -= 1
             if self._closing:
                 raise RuntimeError("server is shutting down")
-            if arrived:
-                self._on_their_way -= 1
             self._pending.append(pending)
             self._condition.notify_all()
         try:
