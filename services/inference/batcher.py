@@ -54,7 +54,7 @@ class Admission(Generic[ItemT, ResultT]):
 
     async def submit(self, item: ItemT) -> BatchResult[ResultT]:
         self.submitted = True
-        return await self.batcher._queue(item, arrived=True)
+        return await self.batcher._queue(item)
 
 
 class DynamicBatcher(Generic[ItemT, ResultT]):
@@ -113,16 +113,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     self._on_their_way -= 1
                     self._condition.notify_all()
 
-    async def submit(self, item: ItemT) -> BatchResult[ResultT]:
-        """Queue one item that was not admitted and wait for its entry of the batch output."""
-        return await self._queue(item, arrived=False)
-
-    async def _queue(self, item: ItemT, arrived: bool) -> BatchResult[ResultT]:
+    async def _queue(self, item: ItemT) -> BatchResult[ResultT]:
+        """Queue an admitted request's item and wait for its entry of the batch output."""
         future: asyncio.Future[BatchResult[ResultT]] = asyncio.get_running_loop().create_future()
         pending = _Pending(item, time.perf_counter(), future)
         with self._condition:
-            if arrived:  # no longer on its way, queued or refused
-                self._on_their_way -= 1
+            self._on_their_way -= 1  # no longer on its way: queued or refused
             if self._closing:
                 raise RuntimeError("server is shutting down")
             self._pending.append(pending)
