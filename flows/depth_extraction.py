@@ -1,9 +1,9 @@
-"""The `depth-extraction` flow: sources -> download -> transcode -> depth -> Lance table.
+"""The `depth-extraction` flow: sources -> shards -> download -> transcode -> depth -> Lance table.
 
-Each video is its own chain of Prefect tasks on Ray (prefect-ray's RayTaskRunner; see
-flows/depth_pipeline.py), so a video moves to its next stage as soon as its previous one is done;
-finished rows are committed to `OUTPUT/videos.lance` as they arrive. Local Ray by default, an
-existing cluster with RAY_ADDRESS.
+The videos still to do are cut into shards; each shard runs its four stages as Prefect tasks on
+Ray (prefect-ray's RayTaskRunner; see flows/depth_pipeline.py), shards overlapping, and the
+driver commits each shard's rows to `OUTPUT/videos.lance` as it finishes, so a killed run keeps
+every finished shard. Local Ray by default, an existing cluster with RAY_ADDRESS.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from prefect.artifacts import (
 )
 from prefect_ray import RayTaskRunner
 
-from flows.depth_pipeline import run_stages
+from flows.depth_pipeline import auto_shard_size, make_shards, run_shards
 from flows.depth_report import RunReport
 from tasks.depth import check_frames_spec, is_untrained
 from tasks.video_record import VideoRecord
@@ -34,24 +34,23 @@ from vidflow.config import DepthSettings
 # Lance warns on any fork once loaded; Ray forks only to exec its own processes at once.
 warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
 
-# Finished rows are committed in batches: a commit per video would make thousands of versions.
-COMMIT_EVERY_ROWS = 32
-COMMIT_EVERY_S = 10.0
 PROGRESS_EVERY_S = 2.0
 
 
-# Downloads reserve no CPU, so a run keeps more Ray workers busy than there are CPUs. Above this
-# many, Ray kills a worker after a second idle and starts a new one (a second or two of CPU for
-# Python, Ray and Prefect imports) for the next wave of downloads; keep them instead.
+# Tasks that reserve no CPU (downloads, writes) let a run keep more Ray workers busy than there
+# are CPUs. Above this many, Ray kills a worker after a second idle and starts a new one (a
+# second or two of CPU for Python, Ray and Prefect imports) for the next shard; keep them.
 RAY_WORKERS_KEPT = 32
 
 
 def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
-    """`ray.init` arguments for a private local Ray instance sized for this flow."""
+    """`ray.init` arguments for a private local Ray instance sized for this flow, reachable
+    from this machine only (authentication is off, so it must not listen beyond loopback)."""
     # Ray 2.60 turns on token auth (writing ~/.ray/auth_token); a private local instance needs none.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_kwargs: dict[str, Any] = {
         "include_dashboard": False,
+        "_node_ip_address": "127.0.0.1",
         "_system_config": {"num_workers_soft_limit": RAY_WORKERS_KEPT},
     }
     if num_cpus is not None:
@@ -64,6 +63,13 @@ def ray_task_runner(num_cpus: int | None = None) -> RayTaskRunner:
     if address := os.environ.get("RAY_ADDRESS"):
         return RayTaskRunner(address=address)  # num_cpus is refused when joining a cluster
     return RayTaskRunner(init_kwargs=local_ray_init_kwargs(num_cpus))
+
+
+def cluster_cpus() -> int:
+    """CPUs of the Ray cluster this flow runs on (Ray is up once the flow body runs)."""
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
 
 
 def load_sources(
@@ -139,10 +145,14 @@ def depth_extraction(
 
     sources = load_sources(urls, kinetics_csv, url_template, split, limit)
     table = VideoTable(output_dir)
+    table.create()
     plan = table.plan(sources)
+    cpus = cluster_cpus()
+    shard_size = settings.shard_size or auto_shard_size(len(plan.todo), cpus)
+    shards = make_shards(plan.todo, shard_size)
     logger.info(
-        "%d videos: %d already done, %d to process into %s",
-        len(sources), plan.already_ok, len(plan.todo), output_dir,
+        "%d videos: %d already done, %d to process in %d shards of up to %d on %d CPUs into %s",
+        len(sources), plan.already_ok, len(plan.todo), len(shards), shard_size, cpus, output_dir,
     )  # fmt: skip
     report = RunReport(
         total=len(sources),
@@ -152,31 +162,31 @@ def depth_extraction(
     )
 
     progress = Progress(len(plan.todo), show_bar=show_progress)
-    pending: list[VideoRecord] = []
-    last_commit = time.monotonic()
-    for record in run_stages(plan.todo, output_dir, settings):
-        pending.append(record)
-        report.add(record)
-        progress.advance(report)
-        if record.failed:
-            logger.warning(
-                "%s failed at %s: %s", record.video_id, record.failed_stage, record.error
-            )
-        if len(pending) >= COMMIT_EVERY_ROWS or time.monotonic() - last_commit > COMMIT_EVERY_S:
-            table.upsert(pending)
-            pending, last_commit = [], time.monotonic()
-    table.upsert(pending)
+    for written in run_shards(shards, output_dir, table.lance_path, settings, cpus):
+        records = written.shard.records
+        if written.fragments:
+            redone = [r.video_id for r in records if r.video_id in plan.rerun_ids]
+            table.commit_fragments(written.fragments, redone)
+        else:  # the shard's tasks crashed: its rows say so, written from here
+            table.upsert(records)
+        for record in records:
+            report.add(record)
+        progress.advance(report, len(records))
     progress.close()
     if plan.todo:
         table.compact()
-    if table.exists():
-        table.export_parquet()
+    table.export_parquet()
 
-    summary = report.summary()
+    summary = {**report.summary(), "shards": len(shards), "shard_size": shard_size}
     create_table_artifact(
         key="depth-extraction-summary",
         table=report.table(),
         description=report.headline(),
+    )
+    create_table_artifact(
+        key="depth-extraction-videos",
+        table=report.video_rows(),
+        description="Every video of this run: shard, status, stage times, failure reason",
     )
     create_markdown_artifact(
         key="depth-extraction-failures",
@@ -208,11 +218,11 @@ class Progress:
 
             self.bar = tqdm(total=total, unit="video", desc="depth-extraction", dynamic_ncols=True)
 
-    def advance(self, report: RunReport) -> None:
-        self.done += 1
+    def advance(self, report: RunReport, videos: int) -> None:
+        self.done += videos
         if self.bar is not None:
             self.bar.set_postfix(ok=report.ok, failed=report.failed, refresh=False)
-            self.bar.update(1)
+            self.bar.update(videos)
         if time.monotonic() - self.last_update > PROGRESS_EVERY_S or self.done == self.total:
             update_progress_artifact(self.artifact_id, progress=100.0 * self.done / self.total)
             self.last_update = time.monotonic()

@@ -1,178 +1,250 @@
-"""The stages of `depth-extraction` as Prefect tasks on Ray, and the driver that moves each video
-from one stage to the next.
+"""The stages of `depth-extraction` as Prefect tasks on Ray, one task run per shard and stage.
 
-- download: Prefect tasks that reserve no CPU (they wait on the network; a reserved fraction
-  would make them queue behind transcodes and starve the pipeline), at most
-  `download_concurrency` in flight;
-- transcode: one Prefect task per video, one CPU each (ffmpeg runs with one thread);
-- depth: Ray actors that each load the model once (a GPU each where the cluster has GPUs) and
-  keep it; a light Prefect task per video hands the video to a free actor. Plain Ray tasks would
-  load the model again in every worker process Ray happens to start, costing seconds of CPU
-  and the model's memory each time.
-
-A video's next stage is submitted as soon as its previous one finishes; a failed video stops.
+A shard is a slice of the input list, the unit of scheduling (as in video2dataset and NeMo
+Curator): orchestration costs four task runs per shard, not three per video, and vanishes as
+shards grow. Each shard goes download -> transcode -> depth -> write, each task handed the
+previous one's future, so Ray starts a shard's next stage as soon as its previous one is done
+and shards overlap (one downloads while others transcode). Per stage:
+- download: reserves no CPU (it waits on the network); the shard's videos in one aiohttp
+  session, concurrently;
+- transcode: `transcode_cpus` CPUs, that many ffmpeg at once;
+- depth: hands the shard to a depth actor that loaded the model once and takes frames in
+  batches. The actor holds no CPU (a GPU where there is one); the task reserves `depth_cpus`
+  while the shard's depth runs, so an idle model never keeps a CPU from the transcodes;
+- write: the shard's rows as Lance fragments, written on the worker; the driver commits them.
+Expected failures (404, broken video) are rows with the stage and reason; a crash is retried by
+Prefect, and a retry redoes only the shard's videos with no complete output yet (downloads and
+transcodes find the files of the earlier attempt).
 """
 
 from __future__ import annotations
 
-import collections
 import queue
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect_ray.context import remote_options
 
-from tasks.depth import DepthEstimator, estimate_depth
-from tasks.download import download
-from tasks.transcode import transcode
+from tasks.depth import DepthEstimator, estimate_depth_many
+from tasks.download import download_many
+from tasks.transcode import transcode_many
 from tasks.video_record import Stage, VideoRecord
+from tasks.video_table import write_rows
 from vidflow.config import DepthSettings
 
-# A depth task only waits for its actor; the actor holds the CPU or GPU.
-DEPTH_CALLER_CPUS = 0.01
+MAX_AUTO_SHARD_SIZE = 32
+SHARDS_PER_CPU = 4  # auto shard size: enough shards to keep every CPU busy to the end
+NAMED_VIDEOS = 3  # video ids spelled out in a task run's name
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A slice of the run's videos, and how far they got."""
+
+    index: int
+    count: int  # shards in the run
+    records: tuple[VideoRecord, ...]
+
+    @property
+    def label(self) -> str:
+        """For task run names: the shard and its first videos, so a video is easy to find."""
+        ids = [record.video_id for record in self.records[:NAMED_VIDEOS]]
+        more = f" +{len(self.records) - NAMED_VIDEOS}" if len(self.records) > NAMED_VIDEOS else ""
+        return f"shard {self.index + 1}/{self.count} [{', '.join(ids)}{more}]"
+
+    def with_records(self, records: Sequence[VideoRecord]) -> Shard:
+        return replace(self, records=tuple(records))
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    """A shard's final rows, and the Lance fragments that hold them (committed by the driver)."""
+
+    shard: Shard
+    fragments: list[Any]
+
+
+def make_shards(records: Sequence[VideoRecord], size: int) -> list[Shard]:
+    """Consecutive slices of `size` videos, each row tagged with its shard."""
+    slices = [records[start : start + size] for start in range(0, len(records), size)]
+    return [
+        Shard(index, len(slices), tuple(record.update(shard=index) for record in part))
+        for index, part in enumerate(slices)
+    ]
+
+
+def auto_shard_size(videos: int, cpus: int) -> int:
+    """About `SHARDS_PER_CPU` shards per CPU, at most `MAX_AUTO_SHARD_SIZE` videos each."""
+    wanted = -(-videos // max(1, SHARDS_PER_CPU * cpus))
+    return max(1, min(MAX_AUTO_SHARD_SIZE, wanted))
 
 
 def _run_stage(
-    stage: Stage, work: Callable[..., VideoRecord], record: VideoRecord, *args: Any
-) -> VideoRecord:
-    """Run a stage; a crash is retried by Prefect, and after the last retry becomes a failed row.
-
-    Expected failures (404, broken video) come back from `work` as failed records; this catches
-    the unexpected ones so that every input still gets its row.
-    """
+    stage: Stage, shard: Shard, work: Callable[[Sequence[VideoRecord]], list[VideoRecord]]
+) -> Shard:
+    """Run a stage on a shard's videos still going; a crash is retried by Prefect, and after
+    the last retry becomes failed rows, so every input still gets its row."""
+    going = [record for record in shard.records if not record.failed]
     try:
-        return work(record, *args)
+        done = iter(work(going)) if going else iter(())
     except Exception as exc:
         context = TaskRunContext.get()
         if context is not None and context.task_run.run_count <= context.task.retries:
             raise
-        return record.fail(stage, f"{stage} crashed: {type(exc).__name__}: {exc}")
+        reason = f"{stage} crashed: {type(exc).__name__}: {exc}"
+        done = iter([record.fail(stage, reason) for record in going])
+    records = [record if record.failed else next(done) for record in shard.records]
+    failed = [record for record in records if record.failed and record.failed_stage == stage]
+    if failed:
+        logger = get_run_logger()
+        for record in failed:
+            logger.warning("%s failed at %s: %s", record.video_id, stage, record.error)
+    return shard.with_records(records)
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+@task(name="download", task_run_name="download {shard.label}", cache_policy=NO_CACHE)
+def download_task(shard: Shard, raw_dir: Path, settings: DepthSettings) -> Shard:
+    return _run_stage("download", shard, lambda going: download_many(going, raw_dir, settings))
+
+
+@task(name="transcode", task_run_name="transcode {shard.label}", cache_policy=NO_CACHE)
+def transcode_task(shard: Shard, out_dir: Path, settings: DepthSettings) -> Shard:
+    node_id = _node_id()
+
+    def work(going: Sequence[VideoRecord]) -> list[VideoRecord]:
+        done = transcode_many(going, out_dir, settings, settings.transcode_cpus)
+        return [record.update(node_id=node_id) for record in done]
+
+    return _run_stage("transcode", shard, work)
+
+
+@task(name="depth", task_run_name="depth {shard.label}", cache_policy=NO_CACHE)
+def depth_task(shard: Shard, maps_dir: Path, settings: DepthSettings, actors: list[Any]) -> Shard:
+    import ray
+
+    actor = actors[shard.index % len(actors)]
+    return _run_stage(
+        "depth", shard, lambda going: ray.get(actor.depth_maps.remote(going, maps_dir, settings))
+    )
+
+
+@task(name="write", task_run_name="write {shard.label}", cache_policy=NO_CACHE)
+def write_task(shard: Shard, lance_path: Path) -> WrittenShard:
+    return WrittenShard(shard, write_rows(shard.records, lance_path))
 
 
 class DepthActor:
-    """Holds one loaded depth model for the life of a run (made a Ray actor by `start_actors`)."""
+    """Holds one loaded depth model for the life of a run (made a Ray actor by
+    `start_depth_actors`); takes a shard's videos and batches their frames."""
 
-    def __init__(self, model_name: str, device: str) -> None:
+    def __init__(self, model_name: str, device: str, threads: int) -> None:
+        import torch
+
+        if device == "cpu":
+            torch.set_num_threads(threads)  # the CPUs its callers reserve, not the whole node
         self.estimator = DepthEstimator(model_name, device)
 
-    def estimate_depth(
-        self, record: VideoRecord, maps_dir: Path, settings: DepthSettings
-    ) -> VideoRecord:
-        return estimate_depth(record, maps_dir, settings, self.estimator)
-
-
-def _depth_on_actor(
-    record: VideoRecord, maps_dir: Path, settings: DepthSettings, actor: Any
-) -> VideoRecord:
-    import ray
-
-    return ray.get(actor.estimate_depth.remote(record, maps_dir, settings))
-
-
-@task(name="download", task_run_name="download-{record.video_id}", cache_policy=NO_CACHE)
-def download_task(record: VideoRecord, raw_dir: Path, settings: DepthSettings) -> VideoRecord:
-    return _run_stage("download", download, record, raw_dir, settings)
-
-
-@task(name="transcode", task_run_name="transcode-{record.video_id}", cache_policy=NO_CACHE)
-def transcode_task(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> VideoRecord:
-    return _run_stage("transcode", transcode, record, out_dir, settings)
-
-
-@task(name="depth", task_run_name="depth-{record.video_id}", cache_policy=NO_CACHE)
-def depth_task(
-    record: VideoRecord, maps_dir: Path, settings: DepthSettings, actor: Any
-) -> VideoRecord:
-    return _run_stage("depth", _depth_on_actor, record, maps_dir, settings, actor)
+    def depth_maps(
+        self, records: Sequence[VideoRecord], maps_dir: Path, settings: DepthSettings
+    ) -> list[VideoRecord]:
+        return estimate_depth_many(records, maps_dir, settings, self.estimator)
 
 
 def start_depth_actors(settings: DepthSettings) -> list[Any]:
-    """One actor per GPU of the cluster (or `depth_workers`); CPU actors where there is none."""
+    """One actor per GPU of the cluster (or `depth_workers`); CPU actors where there is none.
+
+    An actor holds no CPU: the depth task that calls it reserves `depth_cpus` while it waits.
+    """
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 and settings.device != "cpu"
     count = settings.depth_workers or (gpus if use_gpu else 1)
-    options: dict[str, Any] = {"num_cpus": settings.depth_cpus, "max_restarts": 2}
+    options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 2, "max_task_retries": 1}
     if use_gpu:
         options["num_gpus"] = 1
     actor_class = ray.remote(DepthActor).options(**options)
     device = "cuda" if use_gpu else "cpu"
-    return [actor_class.remote(settings.depth_model, device) for _ in range(count)]
+    threads = max(1, round(settings.depth_cpus))
+    return [actor_class.remote(settings.depth_model, device, threads) for _ in range(count)]
 
 
-def run_stages(
-    records: list[VideoRecord], output_dir: Path, settings: DepthSettings
-) -> Iterator[VideoRecord]:
-    """Run every record through download -> transcode -> depth; yield each as it finishes."""
+@dataclass
+class _Chain:
+    """The four futures of one shard, in stage order."""
+
+    shard: Shard
+    futures: list[tuple[Stage, PrefectFuture[Any]]]
+
+    def crashed_rows(self, exc: BaseException) -> Shard:
+        """The shard's rows when a stage's worker died: failed at the first stage that did."""
+        stage: Stage = "store"
+        for name, future in self.futures:
+            if future.state.is_failed() or future.state.is_crashed():
+                stage = name
+                break
+        reason = f"{stage} task crashed: {type(exc).__name__}: {exc}"
+        return self.shard.with_records(
+            [r if r.failed else r.fail(stage, reason) for r in self.shard.records]
+        )
+
+
+def run_shards(
+    shards: Sequence[Shard], output_dir: Path, lance_path: Path, settings: DepthSettings, cpus: int
+) -> Iterator[WrittenShard]:
+    """Run every shard through its four stages, at most `shards_in_flight` at once; yield each
+    written shard as it finishes (its fragments are not committed yet)."""
     import ray
 
-    folders = {"download": output_dir / "raw", "transcode": output_dir / "videos"}
-    maps_dir = output_dir / "depth"
-    transcode_cpus = max(1, settings.ffmpeg_threads)
+    raw_dir, videos_dir, maps_dir = output_dir / "raw", output_dir / "videos", output_dir / "depth"
+    window = settings.shards_in_flight or 2 * max(1, cpus)
     actors = start_depth_actors(settings)
-    finished: queue.Queue[PrefectFuture[VideoRecord]] = queue.Queue()
-    in_flight: dict[PrefectFuture[VideoRecord], tuple[Stage, VideoRecord, Any]] = {}
-    to_download = collections.deque(records)
-    to_depth: collections.deque[VideoRecord] = collections.deque()
-    idle_actors = collections.deque(actors)
-    downloading = 0
+    finished: queue.Queue[PrefectFuture[WrittenShard]] = queue.Queue()
+    in_flight: dict[PrefectFuture[WrittenShard], _Chain] = {}
+    waiting = list(reversed(shards))
 
-    def track(
-        future: PrefectFuture[VideoRecord], stage: Stage, record: VideoRecord, actor: Any = None
-    ) -> None:
-        in_flight[future] = (stage, record, actor)
-        future.add_done_callback(finished.put)
-
-    def submit_ready() -> None:
-        nonlocal downloading
-        while to_download and downloading < settings.download_concurrency:
-            record = to_download.popleft()
-            with remote_options(num_cpus=0):
-                future = download_task.with_options(retries=settings.task_retries).submit(
-                    record, folders["download"], settings
-                )
-            track(future, "download", record)
-            downloading += 1
-        while to_depth and idle_actors:
-            record, actor = to_depth.popleft(), idle_actors.popleft()
-            with remote_options(num_cpus=DEPTH_CALLER_CPUS):
-                future = depth_task.with_options(retries=settings.task_retries).submit(
-                    record, maps_dir, settings, actor
-                )
-            track(future, "depth", record, actor)
+    def submit(shard: Shard) -> None:
+        retried = {"retries": settings.task_retries}
+        with remote_options(num_cpus=0):
+            downloaded = download_task.with_options(**retried).submit(shard, raw_dir, settings)
+        with remote_options(num_cpus=settings.transcode_cpus):
+            transcoded = transcode_task.with_options(**retried).submit(
+                downloaded, videos_dir, settings
+            )
+        with remote_options(num_cpus=settings.depth_cpus):
+            mapped = depth_task.with_options(**retried).submit(
+                transcoded, maps_dir, settings, actors
+            )
+        with remote_options(num_cpus=0):
+            written = write_task.with_options(**retried).submit(mapped, lance_path)
+        stages = [("download", downloaded), ("transcode", transcoded), ("depth", mapped)]
+        in_flight[written] = _Chain(shard, [*stages, ("store", written)])
+        written.add_done_callback(finished.put)
 
     try:
-        submit_ready()
-        for _ in records:
-            while True:
-                future = finished.get()
-                stage, given, actor = in_flight.pop(future)
-                try:
-                    record = future.result()
-                except Exception as exc:  # the Ray worker died (out of memory, killed)
-                    record = given.fail(stage, f"{stage} task crashed: {type(exc).__name__}: {exc}")
-                if stage == "download":
-                    downloading -= 1
-                elif stage == "depth":
-                    idle_actors.append(actor)
-                if not record.failed and stage == "download":
-                    with remote_options(num_cpus=transcode_cpus):
-                        next_future = transcode_task.with_options(
-                            retries=settings.task_retries
-                        ).submit(record, folders["transcode"], settings)
-                    track(next_future, "transcode", record)
-                elif not record.failed and stage == "transcode":
-                    to_depth.append(record)
-                submit_ready()
-                if record.failed or stage == "depth":
-                    break
-            yield record
+        while waiting and len(in_flight) < window:
+            submit(waiting.pop())
+        while in_flight:
+            future = finished.get()
+            chain = in_flight.pop(future)
+            if waiting:
+                submit(waiting.pop())
+            try:
+                yield future.result()
+            except Exception as exc:  # a Ray worker died (out of memory, killed) past retries
+                yield WrittenShard(chain.crashed_rows(exc), [])
     finally:
         for actor in actors:
             ray.kill(actor)

@@ -9,6 +9,11 @@ from typing import Any
 from tasks.video_record import VideoRecord
 
 STAGES = ("download", "transcode", "depth")
+VIDEO_ROWS_SHOWN = 10_000  # a table artifact of more rows is of no use in the UI
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return round(seconds, 3) if seconds is not None else None
 
 
 @dataclass
@@ -23,8 +28,10 @@ class RunReport:
     failed_at: dict[str, int] = field(default_factory=dict)
     stage_seconds: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
     failures: list[VideoRecord] = field(default_factory=list)
+    videos: list[VideoRecord] = field(default_factory=list)
 
     def add(self, record: VideoRecord) -> None:
+        self.videos.append(record)
         if record.failed:
             self.failed += 1
             stage = record.failed_stage or "unknown"
@@ -89,6 +96,22 @@ class RunReport:
             }
         )
         return rows
+
+    def video_rows(self, limit: int = VIDEO_ROWS_SHOWN) -> list[dict[str, Any]]:
+        """One row per video of this run (the first `limit`), for the UI's table artifact."""
+        return [
+            {
+                "video_id": record.video_id,
+                "shard": record.shard,
+                "status": record.status,
+                "failed_stage": record.failed_stage,
+                "download_s": _rounded(record.download_s),
+                "transcode_s": _rounded(record.transcode_s),
+                "depth_s": _rounded(record.depth_s),
+                "error": (record.error or "")[:200] or None,
+            }
+            for record in self.videos[:limit]
+        ]
 
     def failures_markdown(self, limit: int = 100) -> str:
         if not self.failures:

@@ -1,4 +1,4 @@
-"""Depth stage: metric depth maps of a video's representative frames with Depth Pro.
+"""Depth stage: metric depth maps of a video's frames (chosen ones, or all) with Depth Pro.
 
 The model comes through Hugging Face transformers (`AutoModelForDepthEstimation`), from a hub id
 such as `apple/DepthPro-hf` or a local folder, so other transformers depth models work with the
@@ -14,7 +14,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,18 +28,19 @@ from vidflow.config import DepthSettings
 log = logging.getLogger(__name__)
 
 _UNIFORM = re.compile(r"uniform:(\d+)")
+FRAMES_CHOICES = "first, middle, uniform:N or all"
 
 
 def check_frames_spec(spec: str) -> None:
     """Refuse a bad `--frames` value before any work starts."""
     match = _UNIFORM.fullmatch(spec)
-    if spec not in ("first", "middle") and not (match and int(match.group(1)) >= 1):
-        raise ValueError(f"--frames must be first, middle or uniform:N with N >= 1, not {spec!r}")
+    if spec not in ("first", "middle", "all") and not (match and int(match.group(1)) >= 1):
+        raise ValueError(f"--frames must be {FRAMES_CHOICES} with N >= 1, not {spec!r}")
 
 
 def frame_indices(spec: str, frame_count: int) -> list[int]:
-    """Which frames represent a video: the first, the middle, or N spread evenly (centres of N
-    equal segments, so uniform:1 is the middle frame)."""
+    """Which frames represent a video: the first, the middle, N spread evenly (centres of N
+    equal segments, so uniform:1 is the middle frame), or all of them."""
     check_frames_spec(spec)
     if frame_count <= 0:
         return []
@@ -47,27 +48,34 @@ def frame_indices(spec: str, frame_count: int) -> list[int]:
         return [0]
     if spec == "middle":
         return [frame_count // 2]
+    if spec == "all":
+        return list(range(frame_count))
     wanted = min(int(spec.split(":")[1]), frame_count)
     return sorted({int((i + 0.5) * frame_count / wanted) for i in range(wanted)})
 
 
-def read_frames(path: Path, indices: list[int]) -> dict[int, np.ndarray]:
-    """The given frames as RGB arrays, read in order (seeking is not frame-exact in every
-    codec, and a 360p file decodes fast)."""
+def iter_frames(path: Path, indices: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """The given frames as RGB arrays, one at a time and in order, so a whole video is never
+    in memory (read in order: seeking is not frame-exact in every codec, and 360p decodes
+    fast; frames past the last wanted one are not decoded)."""
     wanted = set(indices)
-    frames: dict[int, np.ndarray] = {}
+    last = max(indices, default=-1)
     capture = cv2.VideoCapture(str(path))
     try:
         index = 0
-        while wanted - frames.keys() and capture.grab():
+        while index <= last and capture.grab():
             if index in wanted:
                 ok, bgr = capture.retrieve()
                 if ok:
-                    frames[index] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                    yield index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             index += 1
     finally:
         capture.release()
-    return frames
+
+
+def read_frames(path: Path, indices: list[int]) -> dict[int, np.ndarray]:
+    """The given frames as RGB arrays (for a handful of frames; see `iter_frames`)."""
+    return dict(iter_frames(path, indices))
 
 
 @dataclass(frozen=True)
@@ -171,14 +179,6 @@ def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _save_npy(array: np.ndarray) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        with path.open("wb") as out:
-            np.save(out, array)
-
-    return write
-
-
 def _save_png(image: np.ndarray) -> Callable[[Path], None]:
     def write(path: Path) -> None:
         if not cv2.imwrite(str(path), image):
@@ -187,49 +187,168 @@ def _save_png(image: np.ndarray) -> Callable[[Path], None]:
     return write
 
 
+class VideoDepth:
+    """One video's depth maps as they arrive from the model, batch by batch.
+
+    The maps go straight into a float16 `.npy` on disk (a memory map of shape frames x height x
+    width), never all in memory; running min, mean and max make the row's summary. The file
+    appears under its final name only when every frame is in.
+    """
+
+    def __init__(self, record: VideoRecord, maps_dir: Path, indices: list[int]) -> None:
+        self.record, self.indices = record, indices
+        self.started = time.perf_counter()
+        self.final = maps_dir / f"{record.video_id}.npy"
+        self.partial = maps_dir / f".{record.video_id}.{uuid.uuid4().hex}.part.npy"
+        self.array: np.memmap | None = None
+        self.done: list[int] = []
+        self.queued = 0  # frames handed to a batch and not yet back
+        self.reading_done = False
+        self.error: str | None = None
+        self.low, self.high, self.total, self.count = np.inf, -np.inf, 0.0, 0
+        self.focals: list[float] = []
+        self.preview: np.ndarray | None = None
+
+    def add(self, index: int, depth: DepthMap) -> None:
+        if self.array is None:
+            shape = (len(self.indices), *depth.depth_m.shape)
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.array = np.lib.format.open_memmap(
+                self.partial, mode="w+", dtype=np.float16, shape=shape
+            )
+            self.preview = depth_preview(depth.depth_m)
+        self.array[len(self.done)] = depth.depth_m
+        self.done.append(index)
+        self.low = min(self.low, float(depth.depth_m.min()))
+        self.high = max(self.high, float(depth.depth_m.max()))
+        self.total += float(depth.depth_m.sum(dtype=np.float64))
+        self.count += depth.depth_m.size
+        if depth.focal_length_px is not None:
+            self.focals.append(depth.focal_length_px)
+
+    @property
+    def finished(self) -> bool:
+        return self.reading_done and self.queued == 0
+
+    def finish(self, estimator: DepthEstimator) -> VideoRecord:
+        """The record with its depth columns, or failed with the reason."""
+        short = self.partial.with_name(f"{self.partial.name}.short.npy")
+        try:
+            if self.error is not None:
+                return self.record.fail("depth", self.error)
+            if self.array is None:
+                return self.record.fail(
+                    "depth", f"no frame could be read from {self.record.transcoded_path}"
+                )
+            array, self.array = self.array, None
+            array.flush()
+            if len(self.done) < len(array):  # the container promised more frames than it had
+                np.save(short, array[: len(self.done)])
+                os.replace(short, self.partial)
+            del array
+            os.replace(self.partial, self.final)
+            preview = self.final.with_suffix(".png")
+            _write_atomically(preview, _save_png(self.preview))
+        finally:
+            self.array = None
+            self.partial.unlink(missing_ok=True)
+            short.unlink(missing_ok=True)
+        return self.record.finish(
+            status="ok",
+            depth_frame_indices=self.done,
+            depth_path=str(self.final),
+            depth_preview_path=str(preview),
+            depth_min_m=self.low,
+            depth_mean_m=self.total / self.count,
+            depth_max_m=self.high,
+            focal_length_px=float(np.mean(self.focals)) if self.focals else None,
+            depth_model=estimator.model_name,
+            depth_untrained=estimator.untrained,
+            depth_s=time.perf_counter() - self.started,
+        )
+
+
+class _Batcher:
+    """Frames of several videos gathered into model batches of `size` (one video's frames may
+    span batches, and one batch may hold several videos' frames)."""
+
+    def __init__(self, estimator: DepthEstimator, size: int) -> None:
+        self.estimator, self.size = estimator, size
+        self.frames: list[tuple[VideoDepth, int, np.ndarray]] = []
+
+    def add(self, video: VideoDepth, index: int, frame: np.ndarray) -> None:
+        self.frames.append((video, index, frame))
+        video.queued += 1
+        if len(self.frames) >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.frames:
+            return
+        batch, self.frames = self.frames, []
+        try:
+            maps = self.estimator.estimate([frame for _, _, frame in batch])
+        except Exception as exc:  # a model failure fails the videos of this batch, as rows
+            log.exception("depth model failed on a batch of %d frames", len(batch))
+            maps = [None] * len(batch)
+            for video, _, _ in batch:
+                video.error = video.error or f"{type(exc).__name__}: {exc}"
+        for (video, index, _), depth in zip(batch, maps, strict=True):
+            video.queued -= 1
+            if depth is not None and video.error is None:
+                video.add(index, depth)
+
+
+def estimate_depth_many(
+    records: Sequence[VideoRecord],
+    maps_dir: Path,
+    settings: DepthSettings,
+    estimator: DepthEstimator | None = None,
+) -> list[VideoRecord]:
+    """Depth maps of each record's chosen frames (`settings.frames`), in input order.
+
+    Frames stream from the videos into batches of `settings.depth_batch_size` across videos,
+    so a GPU sees full batches even at one frame per video; each video's maps are one float16
+    `.npy` (frames x height x width) with a `.png` preview of its first map.
+    """
+    results: dict[int, VideoRecord] = {}
+    try:
+        estimator = estimator or shared_estimator(settings.depth_model, settings.device)
+    except Exception as exc:  # a model that cannot load fails these videos, as rows
+        log.exception("the depth model could not be loaded")
+        reason = f"{type(exc).__name__}: {exc}"
+        return [r if r.failed else r.fail("depth", reason) for r in records]
+    batcher = _Batcher(estimator, settings.depth_batch_size)
+    open_videos: dict[int, VideoDepth] = {}
+
+    def collect_finished() -> None:
+        for position, video in list(open_videos.items()):
+            if video.finished:
+                results[position] = video.finish(estimator)
+                del open_videos[position]
+
+    for position, record in enumerate(records):
+        if record.failed:
+            results[position] = record
+            continue
+        indices = frame_indices(settings.frames, record.frame_count or 0)
+        video = open_videos[position] = VideoDepth(record, maps_dir, indices)
+        for index, frame in iter_frames(Path(record.transcoded_path or ""), indices):
+            if video.error is not None:
+                break
+            batcher.add(video, index, frame)
+        video.reading_done = True
+        collect_finished()
+    batcher.flush()
+    collect_finished()
+    return [results[position] for position in range(len(records))]
+
+
 def estimate_depth(
     record: VideoRecord,
     maps_dir: Path,
     settings: DepthSettings,
     estimator: DepthEstimator | None = None,
 ) -> VideoRecord:
-    """Depth maps (float16 `.npy` plus a `.png` preview) of the record's representative frames."""
-    if record.failed:
-        return record
-    started = time.perf_counter()
-    path = Path(record.transcoded_path or "")
-    indices = frame_indices(settings.frames, record.frame_count or 0)
-    frames = read_frames(path, indices)
-    if not frames:
-        return record.fail("depth", f"no frame could be read from {path}")
-    try:
-        estimator = estimator or shared_estimator(settings.depth_model, settings.device)
-        maps = estimator.estimate([frames[index] for index in sorted(frames)])
-    except Exception as exc:  # a model failure is this video's failure, reported as a row
-        log.exception("%s: depth failed", record.video_id)
-        return record.fail("depth", f"{type(exc).__name__}: {exc}")
-    video_dir = maps_dir / record.video_id
-    video_dir.mkdir(parents=True, exist_ok=True)
-    npy_paths, png_paths = [], []
-    for index, depth in zip(sorted(frames), maps, strict=True):
-        npy_path = video_dir / f"frame_{index:06d}.npy"
-        png_path = video_dir / f"frame_{index:06d}.png"
-        _write_atomically(npy_path, _save_npy(depth.depth_m.astype(np.float16)))
-        _write_atomically(png_path, _save_png(depth_preview(depth.depth_m)))
-        npy_paths.append(str(npy_path))
-        png_paths.append(str(png_path))
-    all_depths = np.stack([depth.depth_m for depth in maps])
-    focals = [depth.focal_length_px for depth in maps if depth.focal_length_px is not None]
-    return record.finish(
-        status="ok",
-        depth_frame_indices=sorted(frames),
-        depth_paths=npy_paths,
-        depth_preview_paths=png_paths,
-        depth_min_m=float(all_depths.min()),
-        depth_mean_m=float(all_depths.mean()),
-        depth_max_m=float(all_depths.max()),
-        focal_length_px=float(np.mean(focals)) if focals else None,
-        depth_model=estimator.model_name,
-        depth_untrained=estimator.untrained,
-        depth_s=time.perf_counter() - started,
-    )
+    """Depth maps of one record's chosen frames (see `estimate_depth_many`)."""
+    return estimate_depth_many([record], maps_dir, settings, estimator)[0]

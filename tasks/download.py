@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
+CONTAINER_SUFFIXES = frozenset({"mp4", "mkv", "avi", "flv", "mpg", "ogv", "wmv", "ts"})
 
 
 class DownloadError(Exception):
@@ -143,6 +144,15 @@ async def _fetch_once(
         partial.unlink(missing_ok=True)
 
 
+def _complete_download(raw_dir: Path, video_id: str) -> Path | None:
+    """A file an earlier attempt downloaded whole (a retried shard, a killed run): files get
+    their final name only when complete, and an id stands for one URL."""
+    for suffix in CONTAINER_SUFFIXES:
+        if (path := raw_dir / f"{video_id}.{suffix}").is_file():
+            return path
+    return None
+
+
 async def download_video(
     session: aiohttp.ClientSession, record: VideoRecord, raw_dir: Path, settings: DepthSettings
 ) -> VideoRecord:
@@ -154,6 +164,8 @@ async def download_video(
     if scheme not in ("http", "https"):
         return record.fail("download", f"unsupported URL scheme {scheme!r} (http/https only)")
     raw_dir.mkdir(parents=True, exist_ok=True)
+    if (earlier := _complete_download(raw_dir, record.video_id)) is not None:
+        return record.update(raw_path=str(earlier), raw_bytes=earlier.stat().st_size)
     attempt = 0
     while True:
         attempt += 1
@@ -196,6 +208,13 @@ async def download_videos(
         return list(await asyncio.gather(*(bounded(record) for record in records)))
 
 
+def download_many(
+    records: Sequence[VideoRecord], raw_dir: Path, settings: DepthSettings
+) -> list[VideoRecord]:
+    """Download a shard's videos from synchronous code (a Prefect task on a Ray worker)."""
+    return asyncio.run(download_videos(records, raw_dir, settings))
+
+
 def download(record: VideoRecord, raw_dir: Path, settings: DepthSettings) -> VideoRecord:
-    """Download one video from synchronous code (a Prefect task on a Ray worker)."""
-    return asyncio.run(download_videos([record], raw_dir, settings))[0]
+    """Download one video from synchronous code."""
+    return download_many([record], raw_dir, settings)[0]

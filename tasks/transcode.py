@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import cv2
 
 from tasks.video_record import VideoRecord
 from vidflow.config import DepthSettings
+from vidflow.processes import die_with_parent
 
 FFMPEG_ERROR_CHARS = 1500
 
@@ -108,8 +111,22 @@ def ffmpeg_command(source: Path, output: Path, settings: DepthSettings) -> list[
     ]
 
 
+def transcode_many(
+    records: Sequence[VideoRecord], out_dir: Path, settings: DepthSettings, workers: int
+) -> list[VideoRecord]:
+    """Transcode a shard's videos, `workers` ffmpeg at once (one per CPU the task holds)."""
+    if workers <= 1:
+        return [transcode(record, out_dir, settings) for record in records]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ffmpeg") as pool:
+        return list(pool.map(lambda record: transcode(record, out_dir, settings), records))
+
+
 def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> VideoRecord:
-    """Transcode the record's downloaded file into `out_dir/<video_id>.mp4`."""
+    """Transcode the record's downloaded file into `out_dir/<video_id>.mp4`.
+
+    A complete output from an earlier attempt (a retried shard, a killed run) is kept: files
+    appear under their final name only when whole.
+    """
     if record.failed:
         return record
     started = time.perf_counter()
@@ -124,8 +141,10 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
             source_fps=source_facts.fps,
             source_duration_s=source_facts.duration_s,
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
     output = out_dir / f"{record.video_id}.mp4"
+    if output.is_file() and (facts := probe_video(output)) is not None and facts.frame_count > 0:
+        return _with_output(record, output, facts, started)
+    out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f".{record.video_id}.{uuid.uuid4().hex}.part"
     try:
         completed = subprocess.run(
@@ -135,6 +154,7 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
             errors="replace",
             timeout=settings.transcode_timeout_s,
             check=False,
+            preexec_fn=die_with_parent,
         )
         if completed.returncode != 0:
             reason = completed.stderr.strip()[-FFMPEG_ERROR_CHARS:] or "no error text"
@@ -149,6 +169,12 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
         )
     finally:
         partial.unlink(missing_ok=True)
+    return _with_output(record, output, facts, started)
+
+
+def _with_output(
+    record: VideoRecord, output: Path, facts: StreamFacts, started: float
+) -> VideoRecord:
     return record.update(
         transcoded_path=str(output),
         transcoded_bytes=output.stat().st_size,

@@ -45,8 +45,8 @@ class VideoRecord:
     duration_s: float | None = None
     frame_count: int | None = None
     depth_frame_indices: list[int] = field(default_factory=list)
-    depth_paths: list[str] = field(default_factory=list)
-    depth_preview_paths: list[str] = field(default_factory=list)
+    depth_path: str | None = None  # float16 .npy: one map per frame in depth_frame_indices
+    depth_preview_path: str | None = None  # .png of the first map
     depth_min_m: float | None = None
     depth_mean_m: float | None = None
     depth_max_m: float | None = None
@@ -60,6 +60,8 @@ class VideoRecord:
     failed_stage: str | None = None
     error: str | None = None
     attempts: int = 1
+    shard: int | None = None  # the run's shard that processed the video
+    node_id: str | None = None  # the Ray node that transcoded it
     processed_at: datetime | None = None
 
     @property
@@ -101,8 +103,8 @@ ARROW_SCHEMA = pa.schema(
         ("duration_s", pa.float64()),
         ("frame_count", pa.int32()),
         ("depth_frame_indices", pa.list_(pa.int32())),
-        ("depth_paths", pa.list_(pa.string())),
-        ("depth_preview_paths", pa.list_(pa.string())),
+        ("depth_path", pa.string()),
+        ("depth_preview_path", pa.string()),
         ("depth_min_m", pa.float32()),
         ("depth_mean_m", pa.float32()),
         ("depth_max_m", pa.float32()),
@@ -116,6 +118,8 @@ ARROW_SCHEMA = pa.schema(
         ("failed_stage", pa.string()),
         ("error", pa.string()),
         ("attempts", pa.int32()),
+        ("shard", pa.int32()),
+        ("node_id", pa.string()),
         ("processed_at", pa.timestamp("us", tz="UTC")),
     ]
 )

@@ -1,7 +1,9 @@
 """The flow's input: video URLs from a plain list, a CSV with a `url` column or a Kinetics CSV.
 
 Every source gets a `video_id` that is safe as a file name: output files are named after it, so
-nothing a URL or a CSV says can write outside the output folder.
+nothing a URL or a CSV says can write outside the output folder. An id depends on its source
+alone (the URL, or the Kinetics row), never on the list around it: reordering or extending a
+list keeps every id, so a re-run finds the rows of earlier runs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 from tasks.video_record import VideoRecord
 
 MAX_VIDEO_ID_CHARS = 120
+URL_HASH_CHARS = 10
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 # The usual file naming of Kinetics mirrors (and of the ActivityNet downloader).
 KINETICS_ID_FORMAT = "{youtube_id}_{time_start:06d}_{time_end:06d}"
@@ -42,25 +45,25 @@ def sanitize_video_id(raw: str) -> str:
 
 
 def _id_from_url(url: str) -> str:
+    """The file's name and a short hash of the whole URL: readable, and unique per URL (two
+    mirrors' `clip.mp4` are two videos) without looking at any other line of the list."""
     name = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
     stem = name.rsplit(".", 1)[0] if "." in name else name
-    return sanitize_video_id(stem or url)
+    digest = hashlib.sha1(url.encode()).hexdigest()[:URL_HASH_CHARS]
+    return sanitize_video_id(f"{stem[: MAX_VIDEO_ID_CHARS - URL_HASH_CHARS - 1]}_{digest}")
 
 
 def _unique_ids(records: Iterable[VideoRecord]) -> list[VideoRecord]:
-    """Drop repeated URLs; give different URLs that share an id a suffix from their URL."""
+    """Drop repeated sources (same URL, or the same id given twice): one row per video."""
     seen_urls: set[str] = set()
     taken: set[str] = set()
     unique: list[VideoRecord] = []
     for record in records:
-        if record.source_url in seen_urls:
+        if record.source_url in seen_urls or record.video_id in taken:
             continue
         seen_urls.add(record.source_url)
-        video_id = record.video_id
-        if video_id in taken:
-            video_id = f"{video_id}_{hashlib.sha1(record.source_url.encode()).hexdigest()[:8]}"
-        taken.add(video_id)
-        unique.append(record.update(video_id=video_id))
+        taken.add(record.video_id)
+        unique.append(record)
     return unique
 
 

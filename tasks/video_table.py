@@ -1,8 +1,10 @@
 """Storage stage: the run's table, `videos.lance` (queryable, versioned) and `videos.parquet`.
 
-One row per input video, keyed by `video_id`. Rows are written with Lance merge-insert, an
-atomic commit that updates a video's row or adds it, so a re-run replaces failed rows instead of
-adding new ones, and a crash mid-run keeps every row committed before it.
+One row per input video, keyed by `video_id`. Lance's distributed-write path: a worker writes a
+shard's rows as data fragments (`write_fragments`, files no version points at yet), and the
+driver alone commits them (`commit_fragments`), first deleting the earlier rows of the videos
+the shard re-did. So a re-run replaces failed rows instead of adding new ones, a crash mid-run
+keeps every row committed before it, and a killed worker leaves only unreferenced files.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 
 import lance
 import pyarrow.parquet as pq
+from lance.fragment import FragmentMetadata, write_fragments
 
-from tasks.video_record import VideoRecord, record_from_row, records_to_table
+from tasks.video_record import ARROW_SCHEMA, VideoRecord, record_from_row, records_to_table
 
 LANCE_NAME = "videos.lance"
 PARQUET_NAME = "videos.parquet"
@@ -28,6 +31,20 @@ class WorkPlan:
 
     todo: list[VideoRecord]
     already_ok: int
+    rerun_ids: frozenset[str]  # videos in `todo` that have a row already (failed before)
+
+
+class TableSchemaError(ValueError):
+    """The output folder holds a table of another layout (an older vidflow's)."""
+
+
+def write_rows(records: Sequence[VideoRecord], lance_path: Path) -> list[FragmentMetadata]:
+    """A shard's rows as new Lance data files, on the worker; nothing is visible until the
+    driver commits them."""
+    table = records_to_table(list(records))
+    if table.num_rows == 0:
+        return []
+    return write_fragments(table, lance_path, schema=ARROW_SCHEMA)
 
 
 class VideoTable:
@@ -38,6 +55,39 @@ class VideoTable:
     def exists(self) -> bool:
         return (self.lance_path / "_versions").is_dir()
 
+    def create(self) -> None:
+        """An empty table if there is none; refuse one whose columns differ from this version's."""
+        if not self.exists():
+            self.lance_path.parent.mkdir(parents=True, exist_ok=True)
+            lance.write_dataset(ARROW_SCHEMA.empty_table(), self.lance_path, mode="create")
+            return
+        found = lance.dataset(self.lance_path).schema
+        if found.names != ARROW_SCHEMA.names:
+            raise TableSchemaError(
+                f"{self.lance_path} has other columns than this vidflow writes (an older "
+                f"version's table?): move it away or choose another output folder. "
+                f"Missing: {sorted(set(ARROW_SCHEMA.names) - set(found.names))}; "
+                f"unknown: {sorted(set(found.names) - set(ARROW_SCHEMA.names))}"
+            )
+
+    def commit_fragments(
+        self, fragments: Sequence[FragmentMetadata], video_ids: Sequence[str]
+    ) -> None:
+        """Make a shard's written rows visible: its videos' earlier rows go first.
+
+        Two commits: a crash between them leaves those videos without a row (done again on the
+        next run), never with two.
+        """
+        if not fragments:
+            return
+        dataset = lance.dataset(self.lance_path)
+        if video_ids:
+            quoted = ", ".join(f"'{video_id}'" for video_id in video_ids)  # ids are [A-Za-z0-9._-]
+            dataset.delete(f"video_id IN ({quoted})")
+        latest = lance.dataset(self.lance_path).version
+        append = lance.LanceOperation.Append(list(fragments))
+        lance.LanceDataset.commit(self.lance_path, append, read_version=latest)
+
     def records(self) -> dict[str, VideoRecord]:
         if not self.exists():
             return {}
@@ -46,16 +96,20 @@ class VideoTable:
 
     def plan(self, sources: Sequence[VideoRecord]) -> WorkPlan:
         """Skip videos already `ok`; give the others their attempt number."""
-        stored = self.records()
+        stored: dict[str, tuple[str, int]] = {}
+        if self.exists():
+            columns = ["video_id", "status", "attempts"]
+            for row in lance.dataset(self.lance_path).to_table(columns=columns).to_pylist():
+                stored[row["video_id"]] = (row["status"], row["attempts"])
         todo, already_ok = [], 0
         for source in sources:
-            previous = stored.get(source.video_id)
-            if previous is not None and previous.status == "ok":
+            status, attempts = stored.get(source.video_id, (None, 0))
+            if status == "ok":
                 already_ok += 1
                 continue
-            attempts = previous.attempts + 1 if previous is not None else 1
-            todo.append(source.update(attempts=attempts))
-        return WorkPlan(todo=todo, already_ok=already_ok)
+            todo.append(source.update(attempts=attempts + 1))
+        rerun_ids = frozenset(record.video_id for record in todo if record.video_id in stored)
+        return WorkPlan(todo=todo, already_ok=already_ok, rerun_ids=rerun_ids)
 
     def upsert(self, records: Iterable[VideoRecord]) -> None:
         """Write rows in one atomic commit: replace rows with the same `video_id`, add the rest."""

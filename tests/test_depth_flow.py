@@ -118,13 +118,11 @@ def test_kinetics_rows_become_one_row_each_and_a_rerun_adds_nothing(
         assert decoded and frame.shape[0] == 360 and frame.shape[1] % 2 == 0
         assert (row["width"], row["height"]) == (frame.shape[1], 360)
         assert row["source_height"] == 256 and row["frame_count"] > 0
-        assert len(row["depth_paths"]) == 2 == len(row["depth_frame_indices"])
-        for depth_path, preview_path in zip(
-            row["depth_paths"], row["depth_preview_paths"], strict=True
-        ):
-            depth = np.load(depth_path)
-            assert depth.dtype == np.float16 and depth.shape == frame.shape[:2]
-            assert cv2.imread(preview_path).shape == frame.shape
+        assert len(row["depth_frame_indices"]) == 2
+        depth = np.load(row["depth_path"])
+        assert depth.dtype == np.float16 and depth.shape == (2, *frame.shape[:2])
+        assert cv2.imread(row["depth_preview_path"]).shape == frame.shape
+        assert row["shard"] is not None and row["node_id"]
         assert row["depth_min_m"] <= row["depth_mean_m"] <= row["depth_max_m"]
         assert row["depth_model"] == str(tiny_depth_model)
         assert row["depth_untrained"] is True  # random weights: labelled in the data

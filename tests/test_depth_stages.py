@@ -103,15 +103,30 @@ def test_url_lists_skip_comments_and_repeats_and_keep_ids_unique(tmp_path: Path)
         "https://a.example/y/clip.mp4",
         "https://a.example/v/%2E%2E%2Fescape.mp4?sig=1",
     ]
-    assert records[0].video_id == "clip" and records[1].video_id.startswith("clip_")
-    assert records[2].video_id == "escape"
+    assert records[0].video_id.startswith("clip_") and records[1].video_id.startswith("clip_")
+    assert records[0].video_id != records[1].video_id
+    assert records[2].video_id.startswith("escape_")
+
+
+def test_a_video_id_depends_on_its_url_alone(tmp_path: Path) -> None:
+    """Reordered or extended lists keep every id: a re-run finds its earlier rows."""
+    urls = ["https://a.example/x/clip.mp4", "https://b.example/y/clip.mp4"]
+    forward, backward, extended = (tmp_path / name for name in ("f.txt", "b.txt", "e.txt"))
+    forward.write_text("\n".join(urls))
+    backward.write_text("\n".join(reversed(urls)))
+    extended.write_text("\n".join(["https://c.example/clip.mp4", *urls]))
+    ids = [{r.source_url: r.video_id for r in read_url_list(p)} for p in (forward, backward)]
+    assert ids[0] == ids[1] and len(set(ids[0].values())) == 2
+    assert {url: ids[0][url] for url in urls}.items() <= {
+        r.source_url: r.video_id for r in read_url_list(extended)
+    }.items()
 
 
 def test_a_csv_with_a_url_column_keeps_its_labels(tmp_path: Path) -> None:
     listing = tmp_path / "urls.csv"
     listing.write_text("url,label\nhttps://h/a.mp4,juggling\nhttps://h/b.webm,\n")
     records = read_url_list(listing)
-    assert [(r.video_id, r.label) for r in records] == [("a", "juggling"), ("b", None)]
+    assert [(r.video_id[:2], r.label) for r in records] == [("a_", "juggling"), ("b_", None)]
 
 
 def test_kinetics_rows_keep_label_id_and_window() -> None:

@@ -190,13 +190,29 @@ class DepthSettings(BaseSettings):
     depth_model: str = Field(
         "apple/DepthPro-hf", description="depth model: a Hugging Face hub id or a local folder"
     )
-    frames: str = Field("first", description="frames to run depth on: first, middle or uniform:N")
+    frames: str = Field(
+        "first", description="frames to run depth on: first, middle, uniform:N or all"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where depth runs")
     depth_workers: int = Field(
         0, ge=0, description="depth model copies (Ray actors); 0: one per GPU, or one on CPU"
     )
-    depth_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each depth actor")
-    download_concurrency: int = Field(8, ge=1, description="downloads in flight at once")
+    depth_cpus: float = Field(
+        1.0,
+        ge=0,
+        description="CPUs a shard's depth step reserves while it runs (an idle model holds none)",
+    )
+    depth_batch_size: int = Field(8, ge=1, description="frames per depth model call")
+    shard_size: int = Field(
+        0, ge=0, description="videos per shard, the unit of scheduling (0: auto, 1 to 32)"
+    )
+    shards_in_flight: int = Field(
+        0, ge=0, description="shards started and not yet written (0: auto, 2 per CPU)"
+    )
+    transcode_cpus: int = Field(
+        1, ge=1, description="CPUs of a shard's transcode step: that many ffmpeg run at once"
+    )
+    download_concurrency: int = Field(8, ge=1, description="downloads in flight per shard")
     connect_timeout_s: float = Field(10.0, gt=0, description="time allowed to connect")
     read_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next bytes")
     download_retries: int = Field(4, ge=0, description="retries after a transient failure")
