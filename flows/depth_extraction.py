@@ -25,7 +25,7 @@ from prefect_ray import RayTaskRunner
 
 from flows.depth_pipeline import auto_shard_size, make_shards, run_shards
 from flows.depth_report import RunReport
-from tasks.depth import check_frames_spec, is_untrained
+from tasks.depth import check_depth_model, check_frames_spec
 from tasks.video_record import VideoRecord
 from tasks.video_sources import read_kinetics_csv, read_url_list
 from tasks.video_table import VideoTable
@@ -90,22 +90,6 @@ def load_sources(
         )
     sources = read_url_list(Path(urls or ""))
     return sources[:limit] if limit is not None else sources
-
-
-def check_depth_model(model_name: str) -> bool:
-    """Fail before any download if the depth model cannot be found (reads its config only).
-
-    Returns whether the model is an untrained stand-in (random weights).
-    """
-    from transformers import AutoConfig
-
-    try:
-        return is_untrained(AutoConfig.from_pretrained(model_name))
-    except (OSError, ValueError) as exc:
-        raise ValueError(
-            f"depth model {model_name!r} cannot be loaded: give a Hugging Face hub id "
-            f"(with network access or a filled HF cache) or a local folder. {exc}"
-        ) from exc
 
 
 @flow(name="depth-extraction", log_prints=True, task_runner=ray_task_runner())

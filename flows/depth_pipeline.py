@@ -31,7 +31,7 @@ from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect_ray.context import remote_options
 
-from tasks.depth import DepthEstimator, estimate_depth_many
+from tasks.depth import DepthActor
 from tasks.download import download_many
 from tasks.transcode import transcode_many
 from tasks.video_record import Stage, VideoRecord
@@ -145,23 +145,6 @@ def write_task(shard: Shard, lance_path: Path) -> WrittenShard:
     return WrittenShard(shard, write_rows(shard.records, lance_path))
 
 
-class DepthActor:
-    """Holds one loaded depth model for the life of a run (made a Ray actor by
-    `start_depth_actors`); takes a shard's videos and batches their frames."""
-
-    def __init__(self, model_name: str, device: str, threads: int) -> None:
-        import torch
-
-        if device == "cpu":
-            torch.set_num_threads(threads)  # the CPUs its callers reserve, not the whole node
-        self.estimator = DepthEstimator(model_name, device)
-
-    def depth_maps(
-        self, records: Sequence[VideoRecord], maps_dir: Path, settings: DepthSettings
-    ) -> list[VideoRecord]:
-        return estimate_depth_many(records, maps_dir, settings, self.estimator)
-
-
 def start_depth_actors(settings: DepthSettings) -> list[Any]:
     """One actor per GPU of the cluster (or `depth_workers`); CPU actors where there is none.
 
@@ -177,7 +160,7 @@ def start_depth_actors(settings: DepthSettings) -> list[Any]:
         options["num_gpus"] = 1
     actor_class = ray.remote(DepthActor).options(**options)
     device = "cuda" if use_gpu else "cpu"
-    threads = max(1, round(settings.depth_cpus))
+    threads = max(1, round(settings.depth_cpus))  # torch threads of a CPU actor
     return [actor_class.remote(settings.depth_model, device, threads) for _ in range(count)]
 
 
@@ -209,7 +192,9 @@ def run_shards(
     import ray
 
     raw_dir, videos_dir, maps_dir = output_dir / "raw", output_dir / "videos", output_dir / "depth"
-    window = settings.shards_in_flight or 2 * max(1, cpus)
+    # One shard downloading ahead of those that fill the CPUs: more only adds Ray workers
+    # (each a process importing Prefect, a few CPU-seconds) without adding throughput.
+    window = settings.shards_in_flight or max(1, cpus // settings.transcode_cpus) + 1
     actors = start_depth_actors(settings)
     finished: queue.Queue[PrefectFuture[WrittenShard]] = queue.Queue()
     in_flight: dict[PrefectFuture[WrittenShard], _Chain] = {}

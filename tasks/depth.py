@@ -9,6 +9,7 @@ runs in half precision on a GPU, in full precision on the CPU.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
@@ -90,8 +91,35 @@ UNTRAINED_CONFIG_KEY = "vidflow_untrained_weights"
 
 
 def is_untrained(config: object) -> bool:
-    """Whether a transformers config carries the untrained-weights marker."""
+    """Whether a transformers config (or its config.json as a dict) has the untrained marker."""
+    if isinstance(config, dict):
+        return bool(config.get(UNTRAINED_CONFIG_KEY, False))
     return bool(getattr(config, UNTRAINED_CONFIG_KEY, False))
+
+
+def check_depth_model(model_name: str) -> bool:
+    """Fail before any download if the depth model cannot be found; return whether it is an
+    untrained stand-in (random weights).
+
+    Reads the model's config.json only, through huggingface_hub: the driver that checks never
+    runs the model, so it does not pay torch's and transformers' imports (seconds of CPU).
+    """
+    try:
+        if Path(model_name).is_dir():
+            config_path = Path(model_name) / "config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            config_path = Path(hf_hub_download(model_name, "config.json"))
+        config = json.loads(config_path.read_text())
+        if not isinstance(config, dict) or "model_type" not in config:
+            raise ValueError(f"{config_path} is not a transformers model config")
+    except Exception as exc:  # hub, network, file and format errors all mean: cannot load
+        raise ValueError(
+            f"depth model {model_name!r} cannot be loaded: give a Hugging Face hub id "
+            f"(with network access or a filled HF cache) or a local folder. {exc}"
+        ) from exc
+    return is_untrained(config)
 
 
 def resolve_depth_device(requested: str) -> str:
@@ -154,6 +182,26 @@ class DepthEstimator:
                 )
             )
         return maps
+
+
+class DepthActor:
+    """Holds one loaded depth model for the life of a run (a Ray actor; see
+    flows/depth_pipeline.py) and takes whole shards, batching their frames.
+
+    It lives here, away from Prefect, so the actor's process imports no orchestration code.
+    """
+
+    def __init__(self, model_name: str, device: str, threads: int) -> None:
+        import torch
+
+        if device == "cpu":
+            torch.set_num_threads(threads)  # the CPUs its callers reserve, not the whole node
+        self.estimator = DepthEstimator(model_name, device)
+
+    def depth_maps(
+        self, records: Sequence[VideoRecord], maps_dir: Path, settings: DepthSettings
+    ) -> list[VideoRecord]:
+        return estimate_depth_many(records, maps_dir, settings, self.estimator)
 
 
 @functools.cache

@@ -15,12 +15,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flows.depth_extraction import check_depth_model
 from tasks.depth import (
     UNTRAINED_CONFIG_KEY,
     DepthEstimator,
+    check_depth_model,
     check_frames_spec,
     estimate_depth,
+    estimate_depth_many,
     frame_indices,
     read_frames,
     shared_estimator,
@@ -298,6 +299,7 @@ def test_a_missing_download_fails_the_transcode(tmp_path: Path) -> None:
         ("uniform:3", 300, [50, 150, 250]),
         ("uniform:10", 4, [0, 1, 2, 3]),
         ("first", 0, []),
+        ("all", 4, [0, 1, 2, 3]),
     ],
 )
 def test_frame_selection(spec: str, count: int, expected: list[int]) -> None:
@@ -317,16 +319,57 @@ def test_depth_maps_are_written_at_the_frame_size(tmp_path: Path, tiny_depth_mod
     )
     record = estimate_depth(transcoded, tmp_path / "depth", settings)
     assert record.status == "ok" and record.depth_frame_indices == [50, 150, 250]
-    for path in record.depth_paths:
-        depth = np.load(path)
-        assert depth.dtype == np.float16 and depth.shape == (360, 478)
-        assert np.isfinite(depth).all() and (depth > 0).all()
-    assert all(cv2.imread(p).shape == (360, 478, 3) for p in record.depth_preview_paths)
+    depth = np.load(record.depth_path)
+    assert depth.dtype == np.float16 and depth.shape == (3, 360, 478)
+    assert np.isfinite(depth).all() and (depth > 0).all()
+    assert cv2.imread(record.depth_preview_path).shape == (360, 478, 3)
+    assert record.depth_min_m <= record.depth_mean_m <= record.depth_max_m
+    assert abs(record.depth_mean_m - float(depth.astype(np.float64).mean())) < 0.01 * abs(
+        record.depth_mean_m
+    )
     assert record.depth_model == str(tiny_depth_model) and record.depth_s > 0
     assert record.depth_untrained is True
     # One model per process: a reused worker does not load the weights again.
     assert shared_estimator(str(tiny_depth_model), "cpu") is shared_estimator(
         str(tiny_depth_model), "cpu"
+    )
+
+
+def test_all_frames_stream_through_batches_into_one_array_per_video(
+    tmp_path: Path, tiny_depth_model: Path
+) -> None:
+    """`--frames all`: every frame of each video, in model calls of at most the batch size that
+    span videos, with maps equal to those of one-frame calls."""
+    settings = DepthSettings(
+        depth_model=str(tiny_depth_model), frames="all", device="cpu", depth_batch_size=7
+    )
+    videos = [
+        transcode(_record(f"http://h/{name}.mp4", name).update(raw_path=str(CLIP)),
+                  tmp_path / "videos", settings.model_copy(update={"height": 64}))
+        for name in ("a", "b")
+    ]  # fmt: skip
+    estimator = DepthEstimator(str(tiny_depth_model), "cpu")
+    calls: list[int] = []
+    real_estimate = estimator.estimate
+
+    def counting(frames: list[np.ndarray]) -> list:
+        calls.append(len(frames))
+        return real_estimate(frames)
+
+    estimator.estimate = counting  # type: ignore[method-assign]
+    done = estimate_depth_many(videos, tmp_path / "depth", settings, estimator)
+    frames = videos[0].frame_count
+    assert all(record.status == "ok" for record in done), [r.error for r in done]
+    assert max(calls) == 7 and sum(calls) == 2 * frames  # batches of 7 across both videos
+    for record in done:
+        depth = np.load(record.depth_path, mmap_mode="r")
+        assert depth.dtype == np.float16 and depth.shape[0] == frames == len(
+            record.depth_frame_indices
+        )
+    middle = read_frames(Path(done[1].transcoded_path), [frames // 2])[frames // 2]
+    alone = real_estimate([middle])[0].depth_m.astype(np.float16)
+    np.testing.assert_allclose(
+        np.load(done[1].depth_path)[frames // 2], alone, rtol=1e-2, atol=1e-3
     )
 
 

@@ -176,13 +176,8 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
 
 
 def _depth(args: argparse.Namespace) -> int:
-    from flows.depth_extraction import (
-        check_depth_model,
-        depth_extraction,
-        load_sources,
-        ray_task_runner,
-    )
-    from tasks.depth import check_frames_spec
+    from flows.depth_extraction import depth_extraction, load_sources, ray_task_runner
+    from tasks.depth import check_depth_model, check_frames_spec
     from vidflow.prefect_api import prefect_api
 
     settings = settings_from_args(DepthSettings, args)

@@ -198,16 +198,21 @@ class DepthSettings(BaseSettings):
         0, ge=0, description="depth model copies (Ray actors); 0: one per GPU, or one on CPU"
     )
     depth_cpus: float = Field(
-        1.0,
+        0.0,
         ge=0,
-        description="CPUs a shard's depth step reserves while it runs (an idle model holds none)",
+        description=(
+            "CPUs a shard's depth step reserves while it runs, and a CPU model's threads "
+            "(0: none reserved, one thread; an idle model never holds a CPU)"
+        ),
     )
     depth_batch_size: int = Field(8, ge=1, description="frames per depth model call")
     shard_size: int = Field(
         0, ge=0, description="videos per shard, the unit of scheduling (0: auto, 1 to 32)"
     )
     shards_in_flight: int = Field(
-        0, ge=0, description="shards started and not yet written (0: auto, 2 per CPU)"
+        0,
+        ge=0,
+        description="shards started and not yet written (0: auto, the CPUs' transcodes + 1)",
     )
     transcode_cpus: int = Field(
         1, ge=1, description="CPUs of a shard's transcode step: that many ffmpeg run at once"

@@ -1,0 +1,95 @@
+"""CPU seconds per kind of process while a benchmark runs, from /proc (Linux).
+
+Benchmarks on a 2-core machine need to say where the CPU went, not only how long a run took:
+a sampler thread reads every process's utime+stime twice a second and keeps each process's
+last value, so short-lived processes (ffmpeg, Ray workers) count up to their last sample.
+Processes are grouped by a classifier over their command line. Hand-written: psutil would add
+a dependency for the two /proc reads this needs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _read_processes() -> dict[int, tuple[str, float]]:
+    """pid -> (command line, CPU seconds so far) of every process that can be read."""
+    found: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        cpu_s = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        found[int(entry.name)] = (cmdline.strip() or comm, cpu_s)
+    return found
+
+
+def machine_busy_cpu_s() -> float:
+    """Busy CPU seconds of the whole machine since boot (all cores, from /proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle, iowait = values[3], values[4]
+    return (sum(values[:8]) - idle - iowait) / CLOCK_TICKS
+
+
+class CpuAccount:
+    """Samples /proc while open; `by_kind()` gives CPU seconds used during the window."""
+
+    def __init__(self, classify: Callable[[str], str], interval_s: float = 0.5) -> None:
+        self.classify, self.interval_s = classify, interval_s
+        self.start: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="cpu-account")
+        self.busy_start = self.busy_end = 0.0
+
+    def __enter__(self) -> CpuAccount:
+        self.start = {pid: cpu for pid, (_, cpu) in _read_processes().items()}
+        self.busy_start = machine_busy_cpu_s()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self.busy_end = machine_busy_cpu_s()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        for pid, (cmdline, cpu_s) in _read_processes().items():
+            self.last[pid] = (cmdline, cpu_s)
+
+    def processes(self) -> dict[str, int]:
+        """How many processes of each kind used CPU in the window."""
+        counts: dict[str, int] = defaultdict(int)
+        for pid, (cmdline, cpu_s) in self.last.items():
+            if cpu_s - self.start.get(pid, 0.0) > 0:
+                counts[self.classify(cmdline)] += 1
+        return dict(sorted(counts.items()))
+
+    def by_kind(self) -> dict[str, float]:
+        totals: dict[str, float] = defaultdict(float)
+        for pid, (cmdline, cpu_s) in self.last.items():
+            used = cpu_s - self.start.get(pid, 0.0)
+            if used > 0:
+                totals[self.classify(cmdline)] += used
+        return {kind: round(seconds, 2) for kind, seconds in sorted(totals.items())}
+
+    @property
+    def machine_busy_s(self) -> float:
+        return round(self.busy_end - self.busy_start, 2)

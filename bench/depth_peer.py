@@ -1,0 +1,325 @@
+"""Benchmark: `vidflow depth` against video2dataset on the same URL list, in alternating rounds.
+
+    python -m bench.depth_peer [--videos 48] [--rounds 3] [--ray local,cluster]
+
+The same work for both tools: `--videos` copies of the real Kinetics clip
+`../shared/data/videos/k400_arm_wrestling.mp4` (10 s, 340x256) served from one loopback HTTP
+server, downloaded and transcoded to 360p H.264 (libx264 veryfast, crf 23: the peer's encodes
+get the same flags through an `ffmpeg` wrapper, see bench/peer_v2d.py), every output checked.
+vidflow also runs depth on every video (the tiny Depth Pro with random weights: no real weights
+can be had offline; its CPU per video is measured beside the runs), and writes its Lance table.
+Defaults on both sides, except the peer's shards and processes, set as its docs advise for a
+2-CPU box (processes_count 2, thread_count 4, 8 shards).
+
+vidflow runs as a user runs it: `vidflow depth` in a fresh process, against a running Prefect
+server (`prefect server start`, started once here), either starting its own local Ray
+(`local`) or joining a running one through RAY_ADDRESS (`cluster`, a `ray start --head` on this
+machine), so the fixed start-up of each is measured.
+
+Per round and tool: wall time, videos/s, and the CPU-seconds of every process by kind (from
+/proc, bench/cpu_account.py), ffmpeg's own CPU from the wrapper's wait4. From those:
+- `zero_overhead_bound`: CPUs / (ffmpeg + depth-model CPU-s per video), the rate if nothing but
+  ffmpeg and the model ran;
+- `overhead_share`: vidflow's CPU-s per video outside ffmpeg and the depth model, over ffmpeg's.
+The last stdout line is JSON with every figure, the medians and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import cv2
+import lance
+
+from bench.cpu_account import CpuAccount
+from bench.peer_v2d import ensure_venv, read_ffmpeg_log, run_video2dataset, write_ffmpeg_wrapper
+from tasks.transcode import ffmpeg_exe
+from vidflow.config import SAMPLE_VIDEO
+
+CPUS = os.cpu_count() or 1
+PROCESS_KINDS = [
+    ("bin/ffmpeg", "ffmpeg_wrapper"),
+    ("ffmpeg", "ffmpeg"),
+    ("DepthActor", "depth_actor"),
+    ("prefect server", "prefect_server"),
+    ("vidflow.cli", "vidflow_driver"),
+    ("raylet", "ray_system"),
+    ("gcs_server", "ray_system"),
+    ("DashboardAgent", "ray_system"),
+    ("RuntimeEnvAgent", "ray_system"),
+    ("dashboard", "ray_system"),
+    ("monitor", "ray_system"),
+    ("ray::", "ray_workers"),
+    ("default_worker", "ray_workers"),
+    ("video2dataset", "peer"),
+    ("bench.depth_peer", "bench"),
+]
+
+
+def classify(cmdline: str) -> str:
+    for needle, kind in PROCESS_KINDS:
+        if needle in cmdline:
+            return kind
+    return "other"
+
+
+@contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """A Prefect server on loopback for the whole benchmark, as a user's local stack has."""
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    server = subprocess.Popen(
+        [*command, "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_healthy(url, server)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _wait_healthy(url: str, server: subprocess.Popen) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError("the Prefect server exited at start")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("the Prefect server did not answer within 120 s")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def ray_cluster(temp_dir: Path) -> Iterator[str]:
+    """A running single-node Ray on loopback (`ray start --head`), for the `cluster` mode."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    port = _free_port()
+    ray = str(Path(sys.executable).with_name("ray"))
+    subprocess.run(
+        [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--num-cpus", str(CPUS), "--include-dashboard", "false",
+         "--temp-dir", str(temp_dir), "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def run_vidflow(
+    urls_file: Path, output: Path, model: Path, env: dict[str, str], bin_dir: Path
+) -> dict[str, Any]:
+    """`vidflow depth` as a user runs it; wall time, and the outputs checked."""
+    command = [
+        sys.executable, "-m", "vidflow.cli", "depth", "--urls", str(urls_file),
+        "--output", str(output), "--depth-model", str(model), "--device", "cpu",
+    ]  # fmt: skip
+    env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    started = time.perf_counter()
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    wall_s = time.perf_counter() - started
+    if run.returncode != 0:
+        raise RuntimeError(f"vidflow depth failed ({run.returncode}): {run.stderr[-3000:]}")
+    rows = lance.dataset(output / "videos.lance").to_table().to_pylist()
+    bad = [row["video_id"] for row in rows if not _valid_row(row)]
+    if bad or len(rows) != len(urls_file.read_text().split()):
+        raise RuntimeError(f"vidflow wrote {len(rows)} rows, invalid: {bad[:5]}")
+    return {"wall_s": round(wall_s, 2), "ok": len(rows)}
+
+
+def _valid_row(row: dict[str, Any]) -> bool:
+    if row["status"] != "ok" or not row["depth_path"] or not Path(row["depth_path"]).is_file():
+        return False
+    capture = cv2.VideoCapture(row["transcoded_path"])
+    ok, frame = capture.read()
+    capture.release()
+    return bool(ok) and frame.shape[0] == 360
+
+
+def depth_model_cpu_per_video(model: Path, videos: int) -> float:
+    """CPU-s per video of the depth model alone (first 360p frame, batches as the flow's actor
+    runs them, one thread), measured in this process."""
+    import torch
+
+    from tasks.depth import DepthEstimator, read_frames
+    from vidflow.config import DepthSettings
+
+    torch.set_num_threads(1)
+    estimator = DepthEstimator(str(model), "cpu")
+    frame = cv2.resize(read_frames(SAMPLE_VIDEO, [0])[0], (478, 360))
+    batch = DepthSettings().depth_batch_size
+    estimator.estimate([frame] * batch)  # warm-up
+    started = time.process_time()
+    for _ in range(-(-videos // batch)):
+        estimator.estimate([frame] * batch)
+    return (time.process_time() - started) / (-(-videos // batch) * batch)
+
+
+def measured(
+    work: Any, cpu_log: Path, videos: int, model_cpu_per_video: float = 0.0
+) -> dict[str, Any]:
+    """Run `work()` under a CPU account; its figures with the CPU by process kind."""
+    cpu_log.unlink(missing_ok=True)
+    with CpuAccount(classify) as account:
+        result = work()
+    by_kind = account.by_kind()
+    ffmpeg_cpu = sum(line["user_s"] + line["sys_s"] for line in read_ffmpeg_log(cpu_log))
+    total = sum(cpu for kind, cpu in by_kind.items() if kind not in ("bench", "other"))
+    outside = total - ffmpeg_cpu - by_kind.get("ffmpeg_wrapper", 0.0) - model_cpu_per_video * videos
+    return {
+        **result,
+        "videos_per_s": round(videos / result["wall_s"], 3),
+        "cpu_s_by_kind": by_kind,
+        "processes_by_kind": account.processes(),
+        "ffmpeg_cpu_s": round(ffmpeg_cpu, 2),
+        "cpu_s": round(total, 2),
+        "machine_busy_cpu_s": account.machine_busy_s,
+        "cpu_s_outside_ffmpeg_and_model": round(outside, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--videos", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ray", default="local,cluster", help="vidflow modes: local,cluster")
+    parser.add_argument("--peer-shards", type=int, default=8)
+    args = parser.parse_args(argv)
+    modes = [mode for mode in args.ray.split(",") if mode]
+
+    from tasks.tiny_depth_pro import save_tiny_depth_pro
+    from tests.video_server import Serve, VideoServer
+
+    ensure_venv()
+    work = Path(tempfile.mkdtemp(prefix="vidflow-bench-peer-"))
+    results: dict[str, Any] = {"benchmark": "depth_peer", "cpus": CPUS, "videos": args.videos}
+    rounds: dict[str, list[dict[str, Any]]] = {"video2dataset": []}
+    rounds.update({f"vidflow_{mode}": [] for mode in modes})
+    try:
+        model = save_tiny_depth_pro(work / "tiny-depth-pro")
+        model_cpu = depth_model_cpu_per_video(model, args.videos)
+        bin_dir, cpu_log = work / "bin", work / "ffmpeg-cpu.jsonl"
+        write_ffmpeg_wrapper(bin_dir, ffmpeg_exe(), cpu_log)
+        routes = {f"v{i}.mp4": Serve(SAMPLE_VIDEO) for i in range(args.videos)}
+        with VideoServer(routes) as server, prefect_server(work / "prefect-home") as api_url:
+            urls = [server.url(f"v{i}.mp4") for i in range(args.videos)]
+            urls_file = work / "urls.txt"
+            urls_file.write_text("\n".join(urls) + "\n")
+            base_env = {**os.environ, "PREFECT_API_URL": api_url, "RAY_AUTH_MODE": "disabled"}
+            base_env["PREFECT_HOME"] = str(work / "prefect-home")
+
+            def peer(index: int) -> dict[str, Any]:
+                out = work / f"v2d-{index}"
+                return measured(
+                    lambda: run_video2dataset(urls, out, shards=args.peer_shards),
+                    cpu_log,
+                    args.videos,
+                )
+
+            def ours(mode: str, index: int) -> dict[str, Any]:
+                out = work / f"vidflow-{mode}-{index}"
+                env = dict(base_env)
+                if mode == "cluster":
+                    env["RAY_ADDRESS"] = cluster_address
+                return measured(
+                    lambda: run_vidflow(urls_file, out, model, env, bin_dir),
+                    cpu_log,
+                    args.videos,
+                    model_cpu,
+                )
+
+            with _maybe_cluster("cluster" in modes, work / "ray") as cluster_address:
+                for index in range(args.rounds):
+                    names = list(rounds)  # alternate the order: drift hits both sides alike
+                    for name in names if index % 2 == 0 else reversed(names):
+                        if name == "video2dataset":
+                            figures = peer(index)
+                        else:
+                            figures = ours(name.removeprefix("vidflow_"), index)
+                        rounds[name].append(figures)
+                        print(json.dumps({"round": index, "tool": name, **figures}), flush=True)
+                    for output in work.glob(f"*-{index}"):
+                        shutil.rmtree(output, ignore_errors=True)
+        results.update(summarise(rounds, model_cpu, args.videos))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results), flush=True)
+    return 0
+
+
+@contextmanager
+def _maybe_cluster(wanted: bool, temp_dir: Path) -> Iterator[str]:
+    if not wanted:
+        yield ""
+        return
+    with ray_cluster(temp_dir) as address:
+        yield address
+
+
+def summarise(
+    rounds: dict[str, list[dict[str, Any]]], model_cpu: float, videos: int
+) -> dict[str, Any]:
+    """Medians per tool; each vidflow mode's ratio to the peer round by round; the bound."""
+    summary: dict[str, Any] = {"depth_model_cpu_s_per_video": round(model_cpu, 4)}
+    peer_rates = [r["videos_per_s"] for r in rounds["video2dataset"]]
+    for name, figures in rounds.items():
+        rates = [r["videos_per_s"] for r in figures]
+        ffmpeg_per_video = statistics.median(r["ffmpeg_cpu_s"] for r in figures) / videos
+        entry: dict[str, Any] = {
+            "videos_per_s": round(statistics.median(rates), 3),
+            "rounds": rates,
+            "ffmpeg_cpu_s_per_video": round(ffmpeg_per_video, 3),
+            "cpu_s_per_video": round(statistics.median(r["cpu_s"] for r in figures) / videos, 3),
+        }
+        if name != "video2dataset":
+            outside = statistics.median(r["cpu_s_outside_ffmpeg_and_model"] for r in figures)
+            bound = CPUS / (ffmpeg_per_video + model_cpu)
+            ratios = [ours / peer for ours, peer in zip(rates, peer_rates, strict=True)]
+            entry.update(
+                ratio_to_video2dataset=round(statistics.median(ratios), 3),
+                ratio_rounds=[round(r, 3) for r in ratios],
+                zero_overhead_bound=round(bound, 3),
+                share_of_bound=round(statistics.median(rates) / bound, 3),
+                overhead_share=round(outside / videos / ffmpeg_per_video, 3),
+            )
+        else:
+            entry["zero_overhead_bound"] = round(CPUS / ffmpeg_per_video, 3)
+            entry["share_of_bound"] = round(statistics.median(rates) / (CPUS / ffmpeg_per_video), 3)
+        summary[name] = entry
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())
