@@ -11,7 +11,9 @@
    stage functions in one process; `--videos` real clips served over loopback, the tiny Depth
    Pro (random weights; no real weights offline). Measured twice: cold (the flow starts Ray and
    its workers, as a one-off CLI run does) and warm (Ray and its workers already up, as on a
-   long-lived cluster). The serial run loads its model once, inside the timed part.
+   long-lived cluster). The serial run loads its model once, inside the timed part. Each run's
+   wall time is split into its steady rate (from the videos' finish times) and the fixed
+   start-up it adds.
 The last stdout line is JSON with every figure and its ratio.
 """
 
@@ -29,10 +31,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import lance
 
 from tasks.depth import estimate_depth, shared_estimator
 from tasks.download import download, download_videos
@@ -179,28 +183,48 @@ def bench_download(urls: list[str], work: Path, rounds: int) -> dict[str, Any]:
     }
 
 
-def serial_run(urls: list[str], output: Path, settings: DepthSettings) -> float:
+def serial_run(urls: list[str], output: Path, settings: DepthSettings) -> dict[str, float]:
     """The same stages, one video after another, in this process (model loaded once)."""
     started = time.perf_counter()
     shared_estimator.cache_clear()
+    finished = []
     for record in _records(urls):
         record = download(record, output / "raw", settings)
         record = transcode(record, output / "videos", settings)
         record = estimate_depth(record, output / "depth", settings)
         assert record.status == "ok", record.error
-    return time.perf_counter() - started
+        finished.append(time.perf_counter() - started)
+    return _timeline(time.perf_counter() - started, finished)
 
 
-def flow_run(urls: list[str], output: Path, settings: DepthSettings) -> float:
+def _timeline(wall_s: float, finished_s: list[float]) -> dict[str, float]:
+    """Wall time split into a steady rate (videos/s between the 10th and 90th percentile of
+    finish times) and the fixed start-up that the rest of the wall time amounts to."""
+    finished_s = sorted(finished_s)
+    low, high = finished_s[len(finished_s) // 10], finished_s[(len(finished_s) * 9) // 10]
+    middle = (len(finished_s) * 9) // 10 - len(finished_s) // 10
+    steady = middle / (high - low) if high > low else float("nan")
+    return {
+        "wall_s": round(wall_s, 2),
+        "first_video_s": round(finished_s[0], 2),
+        "steady_videos_per_s": round(steady, 3),
+        "fixed_startup_s": round(wall_s - len(finished_s) / steady, 2),
+    }
+
+
+def flow_run(urls: list[str], output: Path, settings: DepthSettings) -> dict[str, float]:
     from flows.depth_extraction import depth_extraction, ray_task_runner
 
     listing = output.parent / f"{output.name}.txt"
     listing.write_text("\n".join(urls) + "\n")
     flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=2))
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), datetime.now(UTC)
     summary = flow(urls=str(listing), settings=settings.model_copy(update={"output": output}))
+    wall_s = time.perf_counter() - started
     assert summary["ok"] == len(urls), summary
-    return time.perf_counter() - started
+    table = lance.dataset(output / "videos.lance").to_table(columns=["processed_at"])
+    finished = [(t - started_at).total_seconds() for t in table.column(0).to_pylist()]
+    return {**_timeline(wall_s, finished), "shards": summary["shards"]}
 
 
 def bench_flow(urls: list[str], work: Path, model: Path) -> dict[str, Any]:
@@ -208,25 +232,26 @@ def bench_flow(urls: list[str], work: Path, model: Path) -> dict[str, Any]:
 
     from flows.depth_extraction import local_ray_init_kwargs
 
-    # The tiny model needs a fraction of a CPU per video: its actor reserves none, so both CPUs
-    # stay free for transcodes (the default of one CPU per actor suits the real Depth Pro).
-    settings = DepthSettings(depth_model=str(model), frames="uniform:2", device="cpu", depth_cpus=0)
-    serial_s = serial_run(urls, work / "serial", settings)
-    cold_s = flow_run(urls, work / "flow-cold", settings)
+    settings = DepthSettings(depth_model=str(model), frames="uniform:2", device="cpu")
+    serial = serial_run(urls, work / "serial", settings)
+    cold = flow_run(urls, work / "flow-cold", settings)
     # Warm: Ray up and its workers started (the flow reuses a Ray instance it did not start).
     ray.init(**local_ray_init_kwargs(num_cpus=2))
     try:
         flow_run(urls, work / "flow-warmup", settings)
-        warm_s = flow_run(urls, work / "flow-warm", settings)
+        warm = flow_run(urls, work / "flow-warm", settings)
     finally:
         ray.shutdown()
     return {
         "videos": len(urls),
-        "serial_s": round(serial_s, 2),
-        "ray_cold_s": round(cold_s, 2),
-        "ray_warm_s": round(warm_s, 2),
-        "speedup_cold": round(serial_s / cold_s, 3),
-        "speedup_warm": round(serial_s / warm_s, 3),
+        "serial": serial,
+        "ray_cold": cold,
+        "ray_warm": warm,
+        "speedup_cold": round(serial["wall_s"] / cold["wall_s"], 3),
+        "speedup_warm": round(serial["wall_s"] / warm["wall_s"], 3),
+        "steady_speedup_warm": round(
+            warm["steady_videos_per_s"] / serial["steady_videos_per_s"], 3
+        ),
     }
 
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     settings = DepthSettings(depth_model=str(model), frames="uniform:2", device="cuda")
     done = estimate_depth(record, work / "maps", settings, half)
-    maps = [np.load(path) for path in done.depth_paths]
+    maps = list(np.load(done.depth_path)) if done.depth_path else []
     result["stage_status"] = done.status
     result["stage_map_shapes"] = [list(depth.shape) for depth in maps]
     result["stage_maps_finite"] = bool(all(np.isfinite(depth).all() for depth in maps))

@@ -50,6 +50,9 @@ def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_kwargs: dict[str, Any] = {
         "include_dashboard": False,
+        # Task logs go to the Prefect API (and the UI); echoing every worker's lines here too
+        # would bury the progress bar, and costs a log-monitor process.
+        "log_to_driver": False,
         "_node_ip_address": "127.0.0.1",
         "_system_config": {"num_workers_soft_limit": RAY_WORKERS_KEPT},
     }

@@ -39,7 +39,7 @@ from tasks.video_table import write_rows
 from vidflow.config import DepthSettings
 
 MAX_AUTO_SHARD_SIZE = 32
-SHARDS_PER_CPU = 4  # auto shard size: enough shards to keep every CPU busy to the end
+SHARDS_PER_CPU = 2  # auto shard size: enough shards to keep every CPU busy to the end
 NAMED_VIDEOS = 3  # video ids spelled out in a task run's name
 
 
@@ -192,9 +192,10 @@ def run_shards(
     import ray
 
     raw_dir, videos_dir, maps_dir = output_dir / "raw", output_dir / "videos", output_dir / "depth"
-    # One shard downloading ahead of those that fill the CPUs: more only adds Ray workers
-    # (each a process importing Prefect, a few CPU-seconds) without adding throughput.
-    window = settings.shards_in_flight or max(1, cpus // settings.transcode_cpus) + 1
+    # As many shards as transcodes fit: each one more adds a Ray worker (a process importing
+    # Prefect, 2-3 CPU-seconds) for its download, which costs more than it overlaps (measured:
+    # 48 videos on 2 CPUs took 55.7 s with 3 shards in flight and 6 workers, 45.7 s with 2 and 3).
+    window = settings.shards_in_flight or max(1, cpus // settings.transcode_cpus)
     actors = start_depth_actors(settings)
     finished: queue.Queue[PrefectFuture[WrittenShard]] = queue.Queue()
     in_flight: dict[PrefectFuture[WrittenShard], _Chain] = {}

@@ -212,7 +212,7 @@ class DepthSettings(BaseSettings):
     shards_in_flight: int = Field(
         0,
         ge=0,
-        description="shards started and not yet written (0: auto, the CPUs' transcodes + 1)",
+        description="shards started and not yet written (0: auto, as many as transcodes fit)",
     )
     transcode_cpus: int = Field(
         1, ge=1, description="CPUs of a shard's transcode step: that many ffmpeg run at once"

@@ -10,8 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+from unittest import mock
+
+from vidflow.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +29,8 @@ def prefect_api(startup_timeout_s: int = 120) -> Iterator[str]:
     if configured := PREFECT_API_URL.value():
         yield configured
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    server = SubprocessASGIServer()
+    server = _server_dying_with_us()
     server.start(timeout=startup_timeout_s)
     log.info(
         "no PREFECT_API_URL set: started a temporary Prefect server at %s for this run "
@@ -42,6 +45,25 @@ def prefect_api(startup_timeout_s: int = 120) -> Iterator[str]:
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
+
+
+def _server_dying_with_us() -> Any:
+    """Prefect's temporary server, made to die with this process even when it is killed
+    with SIGKILL (else the server would be left running, holding its port and database)."""
+    from prefect.server.api import server as server_module
+
+    class ChildServer(server_module.SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            # Prefect builds the server's command line; only the Popen call is ours to extend.
+            popen = subprocess.Popen
+
+            def dying_with_parent(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+                return popen(*args, preexec_fn=die_with_parent, **kwargs)
+
+            with mock.patch.object(server_module.subprocess, "Popen", dying_with_parent):
+                return super()._run_uvicorn_command()
+
+    return ChildServer()
 
 
 def _drain_to_api() -> None:

@@ -1,0 +1,168 @@
+"""Benchmark: does `vidflow depth` cost grow linearly with the list? 200 and 2,000 rows.
+
+    python -m bench.depth_scale [--sizes 200,2000]
+
+Each size is one run of `vidflow depth` over the first N rows of the real Kinetics-400
+validation CSV (`../shared/data/kinetics/`), served by the local mirror (the real sample clips
+under the real Kinetics names, vidflow/sample_mirror.py), against a running Prefect server, on
+a local Ray, with the tiny Depth Pro (random weights). Per run:
+- videos/s over the whole run;
+- the driver's peak RSS (VmHWM of the `vidflow depth` process, sampled from /proc);
+- the Prefect task runs of the flow run, against the shards (at most 4 per shard plus a few);
+- how fast the Prefect UI answers while the run goes on: its page and the API calls its flow
+  run view makes, every 2 s, worst and 95th percentile.
+The last stdout line is JSON with both runs and the ratios (2,000 over 200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench.depth_peer import prefect_server
+from vidflow.config import KINETICS_VAL_CSV
+from vidflow.sample_mirror import running_mirror
+
+PROBE_EVERY_S = 2.0
+
+
+class RunProbe:
+    """Samples the driver's peak RSS and the Prefect UI's answer times while a run goes on."""
+
+    def __init__(self, pid: int, api_url: str) -> None:
+        self.pid, self.api_url = pid, api_url
+        self.peak_rss_mb = 0.0
+        self.answer_s: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RunProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        ui_root = self.api_url.removesuffix("/api")
+        while not self._stop.wait(PROBE_EVERY_S):
+            self._sample_rss()
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(f"{ui_root}/runs", timeout=10) as page:
+                    page.read()
+                self._post("/flow_runs/filter", {"limit": 10, "sort": "START_TIME_DESC"})
+                self._post("/task_runs/filter", {"limit": 50, "sort": "EXPECTED_START_TIME_DESC"})
+            except OSError:
+                self.answer_s.append(10.0)
+                continue
+            self.answer_s.append(time.perf_counter() - started)
+
+    def _post(self, path: str, body: dict[str, Any]) -> None:
+        request = urllib.request.Request(
+            self.api_url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            answer.read()
+
+    def _sample_rss(self) -> None:
+        try:
+            status = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024)
+
+
+def task_runs_of_last_flow_run(api_url: str) -> int:
+    """Task runs recorded for the newest depth-extraction flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    os.environ["PREFECT_API_URL"] = api_url
+    with get_client(sync_client=True) as client:
+        [flow_run] = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        return client.count_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+
+
+def one_run(size: int, work: Path, template: str, api_url: str, model: Path) -> dict[str, Any]:
+    command = [
+        sys.executable, "-m", "vidflow.cli", "depth", "--kinetics-csv", str(KINETICS_VAL_CSV),
+        "--limit", str(size), "--url-template", template, "--output", str(work / f"out-{size}"),
+        "--depth-model", str(model), "--device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": api_url, "RAY_AUTH_MODE": "disabled"}
+    started = time.perf_counter()
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    with RunProbe(driver.pid, api_url) as probe:
+        stdout, _ = driver.communicate(timeout=6 * 3600)
+    wall_s = time.perf_counter() - started
+    if driver.returncode != 0:
+        raise RuntimeError(f"vidflow depth exited {driver.returncode}")
+    summary = json.loads(stdout.decode().strip().splitlines()[-1])
+    answers = sorted(probe.answer_s)
+    return {
+        "videos": size,
+        "ok": summary["ok"],
+        "shards": summary["shards"],
+        "wall_s": round(wall_s, 1),
+        "videos_per_s": round(summary["ok"] / wall_s, 3),
+        "driver_peak_rss_mb": round(probe.peak_rss_mb, 1),
+        "task_runs": task_runs_of_last_flow_run(api_url),
+        "ui_answer_max_s": round(answers[-1], 3) if answers else None,
+        "ui_answer_p95_s": round(answers[int(0.95 * (len(answers) - 1))], 3) if answers else None,
+        "ui_answer_median_s": round(statistics.median(answers), 3) if answers else None,
+        "ui_probes": len(answers),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="200,2000")
+    args = parser.parse_args(argv)
+    sizes = [int(size) for size in args.sizes.split(",")]
+
+    from tasks.tiny_depth_pro import save_tiny_depth_pro
+
+    work = Path(tempfile.mkdtemp(prefix="vidflow-bench-scale-"))
+    results: dict[str, Any] = {"benchmark": "depth_scale", "cpus": os.cpu_count(), "runs": []}
+    try:
+        model = save_tiny_depth_pro(work / "tiny-depth-pro")
+        with running_mirror() as template, prefect_server(work / "prefect-home") as api_url:
+            for size in sizes:
+                run = one_run(size, work, template, api_url, model)
+                results["runs"].append(run)
+                print(json.dumps(run), flush=True)
+                shutil.rmtree(work / f"out-{size}", ignore_errors=True)
+        first, last = results["runs"][0], results["runs"][-1]
+        results["rate_ratio"] = round(last["videos_per_s"] / first["videos_per_s"], 3)
+        results["rss_ratio"] = round(last["driver_peak_rss_mb"] / first["driver_peak_rss_mb"], 3)
+        results["task_runs_within_5_per_shard_plus_10"] = all(
+            run["task_runs"] <= 5 * run["shards"] + 10 for run in results["runs"]
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

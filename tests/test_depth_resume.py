@@ -1,0 +1,115 @@
+"""A `vidflow depth` run killed with SIGKILL and started again: one row per input, nothing
+finished done twice, and no process of the killed run left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import lance
+import pytest
+
+from tests.conftest import VIDEOS
+from tests.video_server import Serve, VideoServer
+
+CLIPS = [VIDEOS / "k400_arm_wrestling.mp4", VIDEOS / "pool_cleaning.mp4"]
+
+
+def _processes_marked(marker: str) -> list[str]:
+    """Command lines of live processes whose environment carries `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() not in (entry / "environ").read_bytes():
+                continue
+            status = (entry / "status").read_text()
+            if "\nState:\tZ" in status:  # a zombie holds nothing; its parent reaps it
+                continue
+            found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:150])
+        except OSError:
+            continue
+    return found
+
+
+def _ok_rows(table: Path) -> dict[str, object]:
+    if not (table / "_versions").is_dir():
+        return {}
+    rows = lance.dataset(table).to_table(columns=["video_id", "status", "processed_at"])
+    return {r["video_id"]: r["processed_at"] for r in rows.to_pylist() if r["status"] == "ok"}
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_without_duplicates_repeats_or_orphans(
+    tmp_path: Path, tiny_depth_model: Path
+) -> None:
+    videos = 12
+    routes = {f"v{i}.mp4": Serve(CLIPS[i % 2]) for i in range(videos)}
+    marker = f"VIDFLOW_TEST_RUN={uuid.uuid4().hex}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env[marker.split("=")[0]] = marker.split("=")[1]
+    output = tmp_path / "out"
+    table = output / "videos.lance"
+    with VideoServer(routes) as server:
+        urls = tmp_path / "urls.txt"
+        urls.write_text("\n".join(server.url(f"v{i}.mp4") for i in range(videos)))
+        command = [
+            sys.executable, "-m", "vidflow.cli", "depth", "--urls", str(urls),
+            "--output", str(output), "--depth-model", str(tiny_depth_model),
+            "--ray-num-cpus", "2", "--shard-size", "2",
+        ]  # fmt: skip
+        # The run's own temporary Prefect server and local Ray start under it: all must go.
+        log = tmp_path / "first.log"
+        with log.open("wb") as stderr:
+            first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 240
+        while not _ok_rows(table) and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert first.poll() is None, log.read_text()[-3000:]
+        running = _processes_marked(marker)
+        assert any("prefect" in c or "uvicorn" in c for c in running), running
+        assert any("raylet" in c for c in running), running  # the check sees the run's tree
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        before = _ok_rows(table)
+        assert 0 < len(before) < videos  # killed mid-way, with finished shards committed
+
+        deadline = time.monotonic() + 60
+        while (left := _processes_marked(marker)) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not left, f"processes of the killed run still alive: {left}"
+        requests_before = dict(server.requests)
+
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 0, second.stderr[-3000:]
+        requests_after = dict(server.requests)
+
+    rows = lance.dataset(table).to_table(columns=["video_id", "status", "processed_at"])
+    ids = rows.column("video_id").to_pylist()
+    assert len(ids) == len(set(ids)) == videos  # exactly one row per input
+    assert set(rows.column("status").to_pylist()) == {"ok"}
+    after = _ok_rows(table)
+    for video_id, processed_at in before.items():
+        assert after[video_id] == processed_at  # a finished video is not processed again
+    finished_names = {f"v{i}.mp4" for i in range(videos)} & {
+        name for name, count in requests_before.items() if count
+    }
+    downloaded_again = [
+        name for name in finished_names
+        if requests_after[name] > requests_before[name] and _id_of(name, after, before)
+    ]  # fmt: skip
+    assert not downloaded_again
+    assert not _processes_marked(marker)
+
+
+def _id_of(name: str, after: dict[str, object], before: dict[str, object]) -> bool:
+    """Whether the video served as `name` had a row before the kill."""
+    stem = name.removesuffix(".mp4") + "_"
+    return any(video_id.startswith(stem) for video_id in before)
