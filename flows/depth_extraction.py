@@ -21,6 +21,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.runtime import flow_run
 from prefect_ray import RayTaskRunner
 
 from flows.depth_pipeline import auto_shard_size, make_shards, run_shards
@@ -164,7 +165,12 @@ def depth_extraction(
         table.compact()
     table.export_parquet()
 
-    summary = {**report.summary(), "shards": len(shards), "shard_size": shard_size}
+    summary = {
+        **report.summary(),
+        "shards": len(shards),
+        "shard_size": shard_size,
+        "flow_run_id": str(flow_run.id),
+    }
     create_table_artifact(
         key="depth-extraction-summary",
         table=report.table(),

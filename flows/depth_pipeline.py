@@ -191,6 +191,8 @@ def run_shards(
     written shard as it finishes (its fragments are not committed yet)."""
     import ray
 
+    if not shards:
+        return  # nothing to do: no model to load
     raw_dir, videos_dir, maps_dir = output_dir / "raw", output_dir / "videos", output_dir / "depth"
     # As many shards as transcodes fit: each one more adds a Ray worker (a process importing
     # Prefect, 2-3 CPU-seconds) for its download, which costs more than it overlaps (measured:

@@ -5,6 +5,7 @@ real Lance dataset."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import cv2
@@ -13,7 +14,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 
 from flows.depth_extraction import depth_extraction, ray_task_runner
 from tasks.video_sources import KINETICS_ID_FORMAT
@@ -150,5 +156,26 @@ def test_kinetics_rows_become_one_row_each_and_a_rerun_adds_nothing(
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["depth-extraction-summary"]))
         )
+        videos_artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["depth-extraction-videos"]))
+        )
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first["flow_run_id"]]))
+        )
     assert artifacts and any("depth" in str(artifact.data) for artifact in artifacts)
     assert all(artifact.description.startswith("UNTRAINED depth model") for artifact in artifacts)
+    # One task run per shard and stage, named after the shard and its videos.
+    assert len(task_runs) == 4 * first["shards"]
+    assert {run.name.split(" shard ")[0] for run in task_runs} == {
+        "download", "transcode", "depth", "write"
+    }  # fmt: skip
+    named = " ".join(run.name for run in task_runs)
+    assert all(_video_id(row) in named for row in rows[:3])
+    video_rows = {
+        row["video_id"]: row
+        for artifact in videos_artifacts
+        for row in (json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data)
+    }
+    stall = video_rows[_video_id(rows[5])]
+    assert (stall["status"], stall["failed_stage"]) == ("failed", "download")
+    assert "timed out" in stall["error"] and stall["shard"] is not None

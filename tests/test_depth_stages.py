@@ -41,7 +41,7 @@ from tasks.video_sources import (
     read_url_list,
     sanitize_video_id,
 )
-from tasks.video_table import VideoTable
+from tasks.video_table import TableSchemaError, VideoTable, write_rows
 from tests.conftest import VIDEOS
 from tests.video_server import Serve, Stall, Status, VideoServer
 from vidflow.config import DepthSettings
@@ -434,3 +434,44 @@ def test_upserts_replace_rows_and_plans_skip_done_videos(tmp_path: Path) -> None
     assert (rows["b"]["status"], rows["b"]["attempts"], rows["b"]["error"]) == ("ok", 2, None)
     assert rows["a"]["depth_frame_indices"] == [0]
     assert table.export_parquet().exists()
+
+
+def test_worker_fragments_appear_only_when_the_driver_commits_them(tmp_path: Path) -> None:
+    """Lance's distributed write: a shard's rows are invisible until committed, and a commit
+    replaces the rows of the videos it re-did."""
+    table = VideoTable(tmp_path)
+    table.create()
+    table.upsert([_record("http://h/a.mp4", "a").fail("download", "HTTP 503")])
+    plan = table.plan([_record("http://h/a.mp4", "a"), _record("http://h/b.mp4", "b")])
+    assert plan.rerun_ids == {"a"}
+    fragments = write_rows([r.finish(status="ok") for r in plan.todo], table.lance_path)
+    assert lance.dataset(table.lance_path).count_rows() == 1  # written, not yet visible
+    orphans = write_rows([_record("http://h/c.mp4", "c").finish(status="ok")], table.lance_path)
+    assert orphans  # a killed driver never commits these: they never become rows
+    table.commit_fragments(fragments, sorted(plan.rerun_ids))
+    rows = {r["video_id"]: r for r in lance.dataset(table.lance_path).to_table().to_pylist()}
+    assert sorted(rows) == ["a", "b"]
+    assert (rows["a"]["status"], rows["a"]["attempts"]) == ("ok", 2)
+
+
+def test_a_table_of_another_layout_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    lance.write_dataset(pa.table({"video_id": ["a"]}), tmp_path / "videos.lance")
+    with pytest.raises(TableSchemaError, match="another output folder"):
+        VideoTable(tmp_path).create()
+
+
+def test_stages_keep_the_complete_outputs_of_an_earlier_attempt(tmp_path: Path) -> None:
+    """A retried shard or a resumed run does not fetch or encode a video again."""
+    settings = DepthSettings()
+    with VideoServer({"v.mp4": Serve(CLIP)}) as server:
+        record = _record(server.url("v.mp4"), "v")
+        first = download(record, tmp_path / "raw", settings)
+        again = download(record, tmp_path / "raw", settings)
+        assert server.requests["v.mp4"] == 1 and again.raw_path == first.raw_path
+    encoded = transcode(first, tmp_path / "videos", settings)
+    stamp = Path(encoded.transcoded_path).stat().st_mtime_ns
+    reused = transcode(first, tmp_path / "videos", settings)
+    assert Path(reused.transcoded_path).stat().st_mtime_ns == stamp
+    assert (reused.frame_count, reused.height) == (encoded.frame_count, 360)
