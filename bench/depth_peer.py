@@ -35,8 +35,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -189,10 +189,24 @@ def depth_model_cpu_per_video(model: Path, videos: int) -> float:
     return (time.process_time() - started) / (-(-videos // batch) * batch)
 
 
+NOT_A_TOOLS_OWN = ("bench", "other")
+VIDFLOW_SERVICES = ("prefect_server", "ray_system", "ray_workers")  # idle during the peer's runs
+
+
 def measured(
-    work: Any, cpu_log: Path, videos: int, model_cpu_per_video: float = 0.0
+    work: Any,
+    cpu_log: Path,
+    videos: int,
+    model_cpu_per_video: float = 0.0,
+    not_counted: tuple[str, ...] = NOT_A_TOOLS_OWN,
 ) -> dict[str, Any]:
-    """Run `work()` under a CPU account; its figures with the CPU by process kind."""
+    """Run `work()` under a CPU account; its figures with the CPU by process kind.
+
+    `cpu_s` is the tool's own CPU (kinds in `not_counted` left out); the CPU outside ffmpeg and
+    the model is given twice: without the model's inference only (`..._and_model`), and without
+    the whole depth actor, its torch and transformers imports and model load included
+    (`..._and_depth_actor`).
+    """
     cpu_log.unlink(missing_ok=True)
     with CpuAccount(classify) as account:
         result = work()
@@ -200,9 +214,10 @@ def measured(
     ffmpeg_cpu = sum(line["user_s"] + line["sys_s"] for line in read_ffmpeg_log(cpu_log))
     ffmpeg_cpu = result.pop("ffmpeg_cpu_s", None) or ffmpeg_cpu  # the peer logs its own calls
     # /proc samples miss the last half second of each short ffmpeg: take wait4's figure.
-    counted = {kind: cpu for kind, cpu in by_kind.items() if kind not in ("bench", "other")}
+    counted = {kind: cpu for kind, cpu in by_kind.items() if kind not in not_counted}
     total = sum(cpu for kind, cpu in counted.items() if kind != "ffmpeg") + ffmpeg_cpu
-    outside = total - ffmpeg_cpu - by_kind.get("ffmpeg_wrapper", 0.0) - model_cpu_per_video * videos
+    outside_ffmpeg = total - ffmpeg_cpu - by_kind.get("ffmpeg_wrapper", 0.0)
+    outside = outside_ffmpeg - model_cpu_per_video * videos
     return {
         **result,
         "videos_per_s": round(videos / result["wall_s"], 3),
@@ -212,6 +227,9 @@ def measured(
         "cpu_s": round(total, 2),
         "machine_busy_cpu_s": account.machine_busy_s,
         "cpu_s_outside_ffmpeg_and_model": round(outside, 2),
+        "cpu_s_outside_ffmpeg_and_depth_actor": round(
+            outside_ffmpeg - by_kind.get("depth_actor", 0.0), 2
+        ),
     }
 
 
@@ -253,44 +271,53 @@ def main(argv: list[str] | None = None) -> int:
                     lambda: run_video2dataset(urls, out, shards=args.peer_shards),
                     cpu_log,
                     args.videos,
+                    not_counted=(*NOT_A_TOOLS_OWN, *VIDFLOW_SERVICES),
                 )
 
             def ours(mode: str, index: int) -> dict[str, Any]:
                 out = work / f"vidflow-{mode}-{index}"
                 env = dict(base_env)
-                if mode != "cluster":
-                    return measured(
-                        lambda: run_vidflow(urls_file, out, model, env, bin_dir),
-                        cpu_log,
-                        args.videos,
-                        model_cpu,
-                    )
-                # Up only around its own runs: an idle Ray uses CPU the other tools would get.
-                with ray_cluster(work / "ray", bin_dir) as address:
-                    env["RAY_ADDRESS"] = address
-                    return measured(
-                        lambda: run_vidflow(urls_file, out, model, env, bin_dir),
-                        cpu_log,
-                        args.videos,
-                        model_cpu,
-                    )
+                if mode == "cluster":
+                    env["RAY_ADDRESS"] = cluster_address
+                return measured(
+                    lambda: run_vidflow(urls_file, out, model, env, bin_dir),
+                    cpu_log,
+                    args.videos,
+                    model_cpu,
+                )
 
-            for index in range(args.rounds):
-                names = list(rounds)  # alternate the order: drift hits both sides alike
-                for name in names if index % 2 == 0 else reversed(names):
-                    if name == "video2dataset":
-                        figures = peer(index)
-                    else:
-                        figures = ours(name.removeprefix("vidflow_"), index)
-                    rounds[name].append(figures)
-                    print(json.dumps({"round": index, "tool": name, **figures}), flush=True)
-                for output in work.glob(f"*-{index}"):
-                    shutil.rmtree(output, ignore_errors=True)
+            # One cluster for every round, as a cluster is used: it outlives runs, and so do
+            # its loaded depth actors (the first cluster round pays their start).
+            cluster = ray_cluster(work / "ray", bin_dir) if "cluster" in modes else nullcontext("")
+            with cluster as cluster_address:
+                run_rounds(args.rounds, rounds, peer, ours, work)
         results.update(summarise(rounds, model_cpu, args.videos))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results), flush=True)
     return 0
+
+
+def run_rounds(
+    count: int,
+    rounds: dict[str, list[dict[str, Any]]],
+    peer: Callable[[int], dict[str, Any]],
+    ours: Callable[[str, int], dict[str, Any]],
+    work: Path,
+) -> None:
+    """`count` rounds of every tool, the order reversed every other round: a machine's drift
+    then hits every tool alike."""
+    for index in range(count):
+        names = list(rounds)
+        for name in names if index % 2 == 0 else reversed(names):
+            if name == "video2dataset":
+                figures = peer(index)
+            else:
+                figures = ours(name.removeprefix("vidflow_"), index)
+            rounds[name].append(figures)
+            print(json.dumps({"round": index, "tool": name, **figures}), flush=True)
+        for output in work.glob(f"*-{index}"):
+            shutil.rmtree(output, ignore_errors=True)
 
 
 def summarise(
@@ -310,7 +337,12 @@ def summarise(
         }
         if name != "video2dataset":
             outside = statistics.median(r["cpu_s_outside_ffmpeg_and_model"] for r in figures)
+            outside_actor = statistics.median(
+                r["cpu_s_outside_ffmpeg_and_depth_actor"] for r in figures
+            )
+            actor = statistics.median(r["cpu_s_by_kind"].get("depth_actor", 0) for r in figures)
             bound = CPUS / (ffmpeg_per_video + model_cpu)
+            bound_with_load = CPUS / (ffmpeg_per_video + actor / videos)
             if peer_rates:
                 ratios = [ours / peer for ours, peer in zip(rates, peer_rates, strict=True)]
                 entry["ratio_to_video2dataset"] = round(statistics.median(ratios), 3)
@@ -319,6 +351,12 @@ def summarise(
                 zero_overhead_bound=round(bound, 3),
                 share_of_bound=round(statistics.median(rates) / bound, 3),
                 overhead_share=round(outside / videos / ffmpeg_per_video, 3),
+                depth_actor_cpu_s=actor,
+                zero_overhead_bound_with_model_load=round(bound_with_load, 3),
+                share_of_bound_with_model_load=round(statistics.median(rates) / bound_with_load, 3),
+                overhead_share_with_model_load_as_model=round(
+                    outside_actor / videos / ffmpeg_per_video, 3
+                ),
             )
         else:
             entry["zero_overhead_bound"] = round(CPUS / ffmpeg_per_video, 3)

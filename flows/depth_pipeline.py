@@ -19,6 +19,7 @@ transcodes find the files of the earlier attempt).
 
 from __future__ import annotations
 
+import hashlib
 import queue
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -41,6 +42,7 @@ from vidflow.config import DepthSettings
 MAX_AUTO_SHARD_SIZE = 32
 SHARDS_PER_CPU = 2  # auto shard size: enough shards to keep every CPU busy to the end
 NAMED_VIDEOS = 3  # video ids spelled out in a task run's name
+ACTOR_NAMESPACE = "vidflow"
 
 
 @dataclass(frozen=True)
@@ -149,19 +151,31 @@ def start_depth_actors(settings: DepthSettings) -> list[Any]:
     """One actor per GPU of the cluster (or `depth_workers`); CPU actors where there is none.
 
     An actor holds no CPU: the depth task that calls it reserves `depth_cpus` while it waits.
+    Actors are named after their model and device and outlive the run by `depth_keep_alive_s`,
+    so the next run on the same cluster finds them loaded; on the private local Ray of a run
+    they end with it.
     """
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 and settings.device != "cpu"
     count = settings.depth_workers or (gpus if use_gpu else 1)
+    device = "cuda" if use_gpu else "cpu"
+    threads = max(1, round(settings.depth_cpus))  # torch threads of a CPU actor
     options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 2, "max_task_retries": 1}
     if use_gpu:
         options["num_gpus"] = 1
-    actor_class = ray.remote(DepthActor).options(**options)
-    device = "cuda" if use_gpu else "cpu"
-    threads = max(1, round(settings.depth_cpus))  # torch threads of a CPU actor
-    return [actor_class.remote(settings.depth_model, device, threads) for _ in range(count)]
+    keep_alive_s = settings.depth_keep_alive_s
+    if keep_alive_s > 0:
+        options.update(namespace=ACTOR_NAMESPACE, lifetime="detached", get_if_exists=True)
+    key = hashlib.sha1(f"{settings.depth_model}|{device}|{threads}".encode()).hexdigest()[:12]
+    actor_class = ray.remote(DepthActor)
+    actors = []
+    for index in range(count):
+        named = {"name": f"depth-{key}-{index}"} if keep_alive_s > 0 else {}
+        actor = actor_class.options(**options, **named)
+        actors.append(actor.remote(settings.depth_model, device, threads, keep_alive_s))
+    return actors
 
 
 @dataclass
@@ -234,5 +248,6 @@ def run_shards(
             except Exception as exc:  # a Ray worker died (out of memory, killed) past retries
                 yield WrittenShard(chain.crashed_rows(exc), [])
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        if settings.depth_keep_alive_s <= 0:
+            for actor in actors:
+                ray.kill(actor)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -185,23 +186,43 @@ class DepthEstimator:
 
 
 class DepthActor:
-    """Holds one loaded depth model for the life of a run (a Ray actor; see
-    flows/depth_pipeline.py) and takes whole shards, batching their frames.
+    """Holds one loaded depth model (a Ray actor; see flows/depth_pipeline.py) and takes whole
+    shards, batching their frames.
 
-    It lives here, away from Prefect, so the actor's process imports no orchestration code.
+    On a cluster that outlives the run, later runs find it loaded (torch and transformers
+    imports and the weights cost seconds of CPU): it ends itself after `keep_alive_s` without
+    a call. It lives here, away from Prefect, so its process imports no orchestration code.
     """
 
-    def __init__(self, model_name: str, device: str, threads: int) -> None:
+    def __init__(self, model_name: str, device: str, threads: int, keep_alive_s: float) -> None:
         import torch
 
         if device == "cpu":
             torch.set_num_threads(threads)  # the CPUs its callers reserve, not the whole node
         self.estimator = DepthEstimator(model_name, device)
+        self.last_call, self.busy = time.monotonic(), False
+        if keep_alive_s > 0:
+            watch = threading.Thread(target=self._end_when_idle, args=(keep_alive_s,), daemon=True)
+            watch.start()
 
     def depth_maps(
         self, records: Sequence[VideoRecord], maps_dir: Path, settings: DepthSettings
     ) -> list[VideoRecord]:
-        return estimate_depth_many(records, maps_dir, settings, self.estimator)
+        self.busy = True
+        try:
+            return estimate_depth_many(records, maps_dir, settings, self.estimator)
+        finally:
+            self.busy, self.last_call = False, time.monotonic()
+
+    def _end_when_idle(self, keep_alive_s: float) -> None:
+        import ray
+
+        while True:
+            time.sleep(min(keep_alive_s, 5.0))
+            if not self.busy and time.monotonic() - self.last_call > keep_alive_s:
+                log.info("depth actor idle for %.0f s: ending it", keep_alive_s)
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return
 
 
 @functools.cache

@@ -206,6 +206,14 @@ class DepthSettings(BaseSettings):
         ),
     )
     depth_batch_size: int = Field(8, ge=1, description="frames per depth model call")
+    depth_keep_alive_s: float = Field(
+        300.0,
+        ge=0,
+        description=(
+            "how long a loaded depth model waits for the next run on a cluster that outlives "
+            "this one (0: it ends with the run)"
+        ),
+    )
     shard_size: int = Field(
         0, ge=0, description="videos per shard, the unit of scheduling (0: auto, 1 to 32)"
     )
