@@ -11,9 +11,9 @@
    stage functions in one process; `--videos` real clips served over loopback, the tiny Depth
    Pro (random weights; no real weights offline). Measured twice: cold (the flow starts Ray and
    its workers, as a one-off CLI run does) and warm (Ray and its workers already up, as on a
-   long-lived cluster). The serial run loads its model once, inside the timed part. Each run's
-   wall time is split into its steady rate (from the videos' finish times) and the fixed
-   start-up it adds.
+   long-lived cluster). The serial run loads its model once, inside the timed part. Warm runs
+   of half and all the videos split a run into its steady rate (their difference) and the
+   fixed start-up it adds.
 The last stdout line is JSON with every figure and its ratio.
 """
 
@@ -31,12 +31,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import lance
 
 from tasks.depth import estimate_depth, shared_estimator
 from tasks.download import download, download_videos
@@ -183,75 +181,63 @@ def bench_download(urls: list[str], work: Path, rounds: int) -> dict[str, Any]:
     }
 
 
-def serial_run(urls: list[str], output: Path, settings: DepthSettings) -> dict[str, float]:
+def serial_run(urls: list[str], output: Path, settings: DepthSettings) -> float:
     """The same stages, one video after another, in this process (model loaded once)."""
     started = time.perf_counter()
     shared_estimator.cache_clear()
-    finished = []
     for record in _records(urls):
         record = download(record, output / "raw", settings)
         record = transcode(record, output / "videos", settings)
         record = estimate_depth(record, output / "depth", settings)
         assert record.status == "ok", record.error
-        finished.append(time.perf_counter() - started)
-    return _timeline(time.perf_counter() - started, finished)
+    return time.perf_counter() - started
 
 
-def _timeline(wall_s: float, finished_s: list[float]) -> dict[str, float]:
-    """Wall time split into a steady rate (videos/s between the 10th and 90th percentile of
-    finish times) and the fixed start-up that the rest of the wall time amounts to."""
-    finished_s = sorted(finished_s)
-    low, high = finished_s[len(finished_s) // 10], finished_s[(len(finished_s) * 9) // 10]
-    middle = (len(finished_s) * 9) // 10 - len(finished_s) // 10
-    steady = middle / (high - low) if high > low else float("nan")
-    return {
-        "wall_s": round(wall_s, 2),
-        "first_video_s": round(finished_s[0], 2),
-        "steady_videos_per_s": round(steady, 3),
-        "fixed_startup_s": round(wall_s - len(finished_s) / steady, 2),
-    }
-
-
-def flow_run(urls: list[str], output: Path, settings: DepthSettings) -> dict[str, float]:
+def flow_run(urls: list[str], output: Path, settings: DepthSettings) -> float:
     from flows.depth_extraction import depth_extraction, ray_task_runner
 
     listing = output.parent / f"{output.name}.txt"
     listing.write_text("\n".join(urls) + "\n")
     flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=2))
-    started, started_at = time.perf_counter(), datetime.now(UTC)
+    started = time.perf_counter()
     summary = flow(urls=str(listing), settings=settings.model_copy(update={"output": output}))
-    wall_s = time.perf_counter() - started
     assert summary["ok"] == len(urls), summary
-    table = lance.dataset(output / "videos.lance").to_table(columns=["processed_at"])
-    finished = [(t - started_at).total_seconds() for t in table.column(0).to_pylist()]
-    return {**_timeline(wall_s, finished), "shards": summary["shards"]}
+    return time.perf_counter() - started
 
 
 def bench_flow(urls: list[str], work: Path, model: Path) -> dict[str, Any]:
+    """Serial loop, cold flow, then warm flows of half and all the videos: the difference of
+    the two warm runs gives the steady time per video, the rest of a run is fixed start-up."""
     import ray
 
     from flows.depth_extraction import local_ray_init_kwargs
 
     settings = DepthSettings(depth_model=str(model), frames="uniform:2", device="cpu")
-    serial = serial_run(urls, work / "serial", settings)
-    cold = flow_run(urls, work / "flow-cold", settings)
-    # Warm: Ray up and its workers started (the flow reuses a Ray instance it did not start).
+    serial_s = serial_run(urls, work / "serial", settings)
+    cold_s = flow_run(urls, work / "flow-cold", settings)
+    # Warm: Ray up and its workers and depth actor started, as on a long-lived cluster.
     ray.init(**local_ray_init_kwargs(num_cpus=2))
     try:
         flow_run(urls, work / "flow-warmup", settings)
-        warm = flow_run(urls, work / "flow-warm", settings)
+        half = urls[: len(urls) // 2]
+        half_s = flow_run(half, work / "flow-warm-half", settings)
+        warm_s = flow_run(urls, work / "flow-warm", settings)
     finally:
         ray.shutdown()
+    steady_s_per_video = (warm_s - half_s) / (len(urls) - len(half))
     return {
         "videos": len(urls),
-        "serial": serial,
-        "ray_cold": cold,
-        "ray_warm": warm,
-        "speedup_cold": round(serial["wall_s"] / cold["wall_s"], 3),
-        "speedup_warm": round(serial["wall_s"] / warm["wall_s"], 3),
-        "steady_speedup_warm": round(
-            warm["steady_videos_per_s"] / serial["steady_videos_per_s"], 3
-        ),
+        "serial_s": round(serial_s, 2),
+        "ray_cold_s": round(cold_s, 2),
+        "ray_warm_s": round(warm_s, 2),
+        "ray_warm_half_s": round(half_s, 2),
+        "speedup_cold": round(serial_s / cold_s, 3),
+        "speedup_warm": round(serial_s / warm_s, 3),
+        "serial_videos_per_s": round(len(urls) / serial_s, 3),
+        "warm_steady_videos_per_s": round(1 / steady_s_per_video, 3),
+        "warm_fixed_startup_s": round(warm_s - len(urls) * steady_s_per_video, 2),
+        "cold_fixed_startup_s": round(cold_s - len(urls) * steady_s_per_video, 2),
+        "steady_speedup": round(serial_s / len(urls) / steady_s_per_video, 3),
     }
 
 
