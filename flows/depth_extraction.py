@@ -24,7 +24,7 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 from prefect_ray import RayTaskRunner
 
-from flows.depth_pipeline import auto_shard_size, make_shards, run_shards
+from flows.depth_pipeline import WrittenShard, auto_shard_size, make_shards, run_shards
 from flows.depth_report import RunReport
 from tasks.depth import check_depth_model, check_frames_spec
 from tasks.video_record import VideoRecord
@@ -111,17 +111,8 @@ def depth_extraction(
 ) -> dict[str, Any]:
     """Download, transcode to 360p and depth-map a list of videos into one Lance table."""
     logger = get_run_logger()
-    # model_copy does not validate: give each override its field type here.
-    overrides = {
-        "output": Path(output) if output is not None else None,
-        "depth_model": depth_model,
-        "frames": frames,
-    }
-    settings = (settings or DepthSettings()).model_copy(
-        update={name: value for name, value in overrides.items() if value is not None}
-    )
-    output_dir = settings.output.resolve()  # Ray workers do not share the driver's cwd
-    settings = settings.model_copy(update={"output": output_dir})
+    settings = _with_overrides(settings, output=output, depth_model=depth_model, frames=frames)
+    output_dir = settings.output
     check_frames_spec(settings.frames)
     untrained = check_depth_model(settings.depth_model)
     if untrained:
@@ -151,15 +142,10 @@ def depth_extraction(
 
     progress = Progress(len(plan.todo), show_bar=show_progress)
     for written in run_shards(shards, output_dir, table.lance_path, settings, cpus):
-        records = written.shard.records
-        if written.fragments:
-            redone = [r.video_id for r in records if r.video_id in plan.rerun_ids]
-            table.commit_fragments(written.fragments, redone)
-        else:  # the shard's tasks crashed: its rows say so, written from here
-            table.upsert(records)
-        for record in records:
+        commit_shard(table, written, plan.rerun_ids)
+        for record in written.shard.records:
             report.add(record)
-        progress.advance(report, len(records))
+        progress.advance(report, len(written.shard.records))
     progress.close()
     if plan.todo:
         table.compact()
@@ -171,6 +157,38 @@ def depth_extraction(
         "shard_size": shard_size,
         "flow_run_id": str(flow_run.id),
     }
+    publish_artifacts(report)
+    logger.info(
+        "depth extraction: %d ok, %d failed, %d skipped in %.1f s (%.2f videos/s)",
+        summary["ok"], summary["failed"], summary["skipped"], summary["wall_s"],
+        summary["videos_per_s"],
+    )  # fmt: skip
+    return {**summary, "lance": str(table.lance_path), "parquet": str(table.parquet_path)}
+
+
+def _with_overrides(
+    settings: DepthSettings | None,
+    *,
+    output: str | None,
+    depth_model: str | None,
+    frames: str | None,
+) -> DepthSettings:
+    """The settings with the flow's loose parameters applied, output as an absolute path (Ray
+    workers do not share the driver's working directory)."""
+    # model_copy does not validate: give each override its field type here.
+    overrides = {
+        "output": Path(output) if output is not None else None,
+        "depth_model": depth_model,
+        "frames": frames,
+    }
+    settings = (settings or DepthSettings()).model_copy(
+        update={name: value for name, value in overrides.items() if value is not None}
+    )
+    return settings.model_copy(update={"output": settings.output.resolve()})
+
+
+def publish_artifacts(report: RunReport) -> None:
+    """The run's summary, every video, and the failures, as artifacts of the flow run."""
     create_table_artifact(
         key="depth-extraction-summary",
         table=report.table(),
@@ -186,12 +204,17 @@ def depth_extraction(
         markdown=report.failures_markdown(),
         description="Videos that failed in this run, with stage and reason",
     )
-    logger.info(
-        "depth extraction: %d ok, %d failed, %d skipped in %.1f s (%.2f videos/s)",
-        summary["ok"], summary["failed"], summary["skipped"], summary["wall_s"],
-        summary["videos_per_s"],
-    )  # fmt: skip
-    return {**summary, "lance": str(table.lance_path), "parquet": str(table.parquet_path)}
+
+
+def commit_shard(table: VideoTable, written: WrittenShard, rerun_ids: frozenset[str]) -> None:
+    """Make a finished shard's rows visible: its fragments, or (when its tasks crashed past
+    their retries and wrote nothing) its failed rows, written from the driver."""
+    records = written.shard.records
+    if written.fragments:
+        redone = [record.video_id for record in records if record.video_id in rerun_ids]
+        table.commit_fragments(written.fragments, redone)
+    else:
+        table.upsert(records)
 
 
 class Progress:

@@ -61,6 +61,12 @@ class VideoTable:
             self.lance_path.parent.mkdir(parents=True, exist_ok=True)
             lance.write_dataset(ARROW_SCHEMA.empty_table(), self.lance_path, mode="create")
             return
+        self.check_layout()
+
+    def check_layout(self) -> None:
+        """Refuse an existing table whose columns differ from the ones this version writes."""
+        if not self.exists():
+            return
         found = lance.dataset(self.lance_path).schema
         if found.names != ARROW_SCHEMA.names:
             raise TableSchemaError(

@@ -178,6 +178,7 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
 def _depth(args: argparse.Namespace) -> int:
     from flows.depth_extraction import depth_extraction, load_sources, ray_task_runner
     from tasks.depth import check_depth_model, check_frames_spec
+    from tasks.video_table import VideoTable
     from vidflow.prefect_api import prefect_api
 
     settings = settings_from_args(DepthSettings, args)
@@ -185,6 +186,7 @@ def _depth(args: argparse.Namespace) -> int:
     load_sources(args.urls, args.kinetics_csv, args.url_template, args.split, args.limit)
     check_frames_spec(settings.frames)
     check_depth_model(settings.depth_model)
+    VideoTable(settings.output.resolve()).check_layout()
     flow = depth_extraction.with_options(task_runner=ray_task_runner(settings.ray_num_cpus))
     with prefect_api():
         summary = flow(
