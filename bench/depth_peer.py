@@ -45,8 +45,10 @@ import lance
 
 from bench.cpu_account import CpuAccount
 from bench.peer_v2d import ensure_venv, read_ffmpeg_log, run_video2dataset, write_ffmpeg_wrapper
+from services.inference.launcher import free_port
 from tasks.transcode import ffmpeg_exe
 from vidflow.config import SAMPLE_VIDEO
+from vidflow.local_stack import LocalStack
 
 CPUS = os.cpu_count() or 1
 PROCESS_KINDS = [
@@ -78,46 +80,13 @@ def classify(cmdline: str) -> str:
 @contextmanager
 def prefect_server(home: Path) -> Iterator[str]:
     """A Prefect server on loopback for the whole benchmark, as a user's local stack has."""
-    port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-    server = subprocess.Popen(
-        [*command, "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/api"
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    stack = LocalStack(logs_dir=home / "logs", prefect_home=home, ui_port=free_port())
     try:
-        _wait_healthy(url, server)
-        yield url
+        stack.start_server()
+        yield stack.api_url
     finally:
-        server.terminate()
-        server.wait(30)
-
-
-def _wait_healthy(url: str, server: subprocess.Popen) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError("the Prefect server exited at start")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("the Prefect server did not answer within 120 s")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        stack.stop()
 
 
 @contextmanager
@@ -126,7 +95,7 @@ def ray_cluster(temp_dir: Path, bin_dir: Path) -> Iterator[str]:
     workers find the ffmpeg wrapper first on PATH."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    port = _free_port()
+    port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))
     subprocess.run(
         [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ import lance
 import pytest
 
 from flows.depth_extraction import depth_extraction, ray_task_runner
+from services.inference.launcher import free_port
 from tests.conftest import VIDEOS
 from tests.video_server import Serve, VideoServer
 from vidflow.config import DepthSettings
@@ -23,18 +23,12 @@ from vidflow.config import DepthSettings
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def two_node_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     # Ray's socket paths live under --temp-dir and must fit in 107 bytes: keep it short.
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
 
     def start(*args: str) -> None:
