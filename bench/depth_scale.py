@@ -44,6 +44,7 @@ class RunProbe:
         self.pid, self.api_url = pid, api_url
         self.peak_rss_mb = 0.0
         self.answer_s: list[float] = []
+        self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -61,11 +62,12 @@ class RunProbe:
             self._sample_rss()
             started = time.perf_counter()
             try:
-                with urllib.request.urlopen(f"{ui_root}/runs", timeout=10) as page:
+                with urllib.request.urlopen(f"{ui_root}/", timeout=10) as page:
                     page.read()
                 self._post("/flow_runs/filter", {"limit": 10, "sort": "START_TIME_DESC"})
                 self._post("/task_runs/filter", {"limit": 50, "sort": "EXPECTED_START_TIME_DESC"})
-            except OSError:
+            except OSError as exc:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
                 self.answer_s.append(10.0)
                 continue
             self.answer_s.append(time.perf_counter() - started)
@@ -131,6 +133,7 @@ def one_run(size: int, work: Path, template: str, api_url: str, model: Path) -> 
         "ui_answer_p95_s": round(answers[int(0.95 * (len(answers) - 1))], 3) if answers else None,
         "ui_answer_median_s": round(statistics.median(answers), 3) if answers else None,
         "ui_probes": len(answers),
+        "ui_errors": sorted(set(probe.errors))[:3],
     }
 
 
