@@ -15,6 +15,12 @@ and shards overlap (one downloads while others transcode). Per stage:
 Expected failures (404, broken video) are rows with the stage and reason; a crash is retried by
 Prefect, and a retry redoes only the shard's videos with no complete output yet (downloads and
 transcodes find the files of the earlier attempt).
+
+Why not Ray Data (streaming execution, actor pools) and Lance's Ray sink, which do much of this:
+a Ray Data pipeline runs as one opaque job, so its stages would be neither Prefect task runs
+(no per-stage retries, states or logs in the Prefect UI) nor resumable per shard. Lance's sink
+is a Ray Data datasink; its mechanism, fragments written by workers and one commit by the
+driver (`lance.fragment.write_fragments` + `LanceDataset.commit`), is used here directly.
 """
 
 from __future__ import annotations
