@@ -44,7 +44,13 @@ import cv2
 import lance
 
 from bench.cpu_account import CpuAccount
-from bench.peer_v2d import ensure_venv, read_ffmpeg_log, run_video2dataset, write_ffmpeg_wrapper
+from bench.peer_v2d import (
+    check_video,
+    ensure_venv,
+    read_ffmpeg_log,
+    run_video2dataset,
+    write_ffmpeg_wrapper,
+)
 from services.inference.launcher import free_port
 from tasks.transcode import ffmpeg_exe
 from vidflow.config import SAMPLE_VIDEO
@@ -133,10 +139,7 @@ def run_vidflow(
 def _valid_row(row: dict[str, Any]) -> bool:
     if row["status"] != "ok" or not row["depth_path"] or not Path(row["depth_path"]).is_file():
         return False
-    capture = cv2.VideoCapture(row["transcoded_path"])
-    ok, frame = capture.read()
-    capture.release()
-    return bool(ok) and frame.shape[0] == 360
+    return check_video(Path(row["transcoded_path"]), 360) is None
 
 
 def depth_model_cpu_per_video(model: Path, videos: int) -> float:

@@ -69,6 +69,12 @@ class Shard:
     def with_records(self, records: Sequence[VideoRecord]) -> Shard:
         return replace(self, records=tuple(records))
 
+    def fail_remaining(self, stage: Stage, reason: str) -> Shard:
+        """The shard with every video still going failed at `stage` for `reason`."""
+        return self.with_records(
+            [record if record.failed else record.fail(stage, reason) for record in self.records]
+        )
+
 
 @dataclass(frozen=True)
 class WrittenShard:
@@ -105,8 +111,8 @@ def _run_stage(
         context = TaskRunContext.get()
         if context is not None and context.task_run.run_count <= context.task.retries:
             raise
-        reason = f"{stage} crashed: {type(exc).__name__}: {exc}"
-        done = iter([record.fail(stage, reason) for record in going])
+        shard = shard.fail_remaining(stage, f"{stage} crashed: {type(exc).__name__}: {exc}")
+        done = iter(())
     records = [record if record.failed else next(done) for record in shard.records]
     failed = [record for record in records if record.failed and record.failed_stage == stage]
     if failed:
@@ -198,9 +204,8 @@ class _Chain:
             if future.state.is_failed() or future.state.is_crashed():
                 stage = name
                 break
-        reason = f"{stage} task crashed: {type(exc).__name__}: {exc}"
-        return self.shard.with_records(
-            [r if r.failed else r.fail(stage, reason) for r in self.shard.records]
+        return self.shard.fail_remaining(
+            stage, f"{stage} task crashed: {type(exc).__name__}: {exc}"
         )
 
 

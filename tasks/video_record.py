@@ -129,7 +129,3 @@ def records_to_table(records: list[VideoRecord]) -> pa.Table:
     """Records as an Arrow table with the fixed schema (so empty columns keep their types)."""
     rows = [dataclasses.asdict(record) for record in records]
     return pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)
-
-
-def record_from_row(row: dict[str, object]) -> VideoRecord:
-    return VideoRecord(**{name: row[name] for name in ARROW_SCHEMA.names if name in row})

@@ -19,7 +19,7 @@ import lance
 import pyarrow.parquet as pq
 from lance.fragment import FragmentMetadata, write_fragments
 
-from tasks.video_record import ARROW_SCHEMA, VideoRecord, record_from_row, records_to_table
+from tasks.video_record import ARROW_SCHEMA, VideoRecord, records_to_table
 
 LANCE_NAME = "videos.lance"
 PARQUET_NAME = "videos.parquet"
@@ -90,15 +90,8 @@ class VideoTable:
         if video_ids:
             quoted = ", ".join(f"'{video_id}'" for video_id in video_ids)  # ids are [A-Za-z0-9._-]
             dataset.delete(f"video_id IN ({quoted})")
-        latest = lance.dataset(self.lance_path).version
         append = lance.LanceOperation.Append(list(fragments))
-        lance.LanceDataset.commit(self.lance_path, append, read_version=latest)
-
-    def records(self) -> dict[str, VideoRecord]:
-        if not self.exists():
-            return {}
-        rows = lance.dataset(self.lance_path).to_table().to_pylist()
-        return {row["video_id"]: record_from_row(row) for row in rows}
+        lance.LanceDataset.commit(self.lance_path, append, read_version=dataset.version)
 
     def plan(self, sources: Sequence[VideoRecord]) -> WorkPlan:
         """Skip videos already `ok`; give the others their attempt number."""
