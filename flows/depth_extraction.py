@@ -45,8 +45,7 @@ RAY_WORKERS_KEPT = 32
 
 
 def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
-    """`ray.init` arguments for a private local Ray instance sized for this flow, reachable
-    from this machine only (authentication is off, so it must not listen beyond loopback)."""
+    """`ray.init` arguments for a private local Ray instance sized for this flow."""
     # Ray 2.60 turns on token auth (writing ~/.ray/auth_token); a private local instance needs none.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_kwargs: dict[str, Any] = {
@@ -54,6 +53,8 @@ def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
         # Task logs go to the Prefect API (and the UI); echoing every worker's lines here too
         # would bury the progress bar, and costs a log-monitor process.
         "log_to_driver": False,
+        # Ray addresses its nodes by this; its servers still listen on every interface
+        # (measured with `ss -ltnp`: gcs_server, raylet, agents on *), left for issue 13.
         "_node_ip_address": "127.0.0.1",
         "_system_config": {"num_workers_soft_limit": RAY_WORKERS_KEPT},
     }
