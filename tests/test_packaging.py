@@ -41,9 +41,17 @@ def _run(args: list[str | Path], env: dict[str, str] | None = None) -> subproces
     )
 
 
-def _compose_env() -> dict[str, str]:
-    """The environment without VIDFLOW_* overrides, so that the defaults in the file apply."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("VIDFLOW_", "COMPOSE_"))}
+# The two secrets docker-compose.yml requires from .env; test values, never defaults in the file.
+COMPOSE_SECRETS = {
+    "VIDFLOW_PREFECT_AUTH": "admin:test-secret",
+    "VIDFLOW_POSTGRES_PASSWORD": "pg0123",
+}
+
+
+def _compose_env(**overrides: str) -> dict[str, str]:
+    """The environment without VIDFLOW_* overrides (so the file's defaults apply) plus secrets."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("VIDFLOW_", "COMPOSE_"))}
+    return {**clean, **COMPOSE_SECRETS, **overrides}
 
 
 @dataclass
@@ -180,14 +188,18 @@ def test_dockerfile_runtime_stage_has_no_torch(extra: str) -> None:
 STACK_SERVICES = {"broker", "inference", "prefect-server", "deploy", "worker"}
 
 
-def _compose_config(*profiles: str) -> dict:
+def _compose_config(*profiles: str, env: dict[str, str] | None = None) -> dict:
     """The resolved compose configuration (`config -q` must pass first)."""
-    args: list[str | Path] = [_tool("docker-compose"), "-f", COMPOSE_FILE.name]
+    env = env or _compose_env()
+    # --env-file: a developer's own .env must not change what the test sees.
+    args: list[str | Path] = [
+        _tool("docker-compose"), "-f", COMPOSE_FILE.name, "--env-file", os.devnull,
+    ]  # fmt: skip
     for profile in profiles:
         args += ["--profile", profile]
-    checked = _run([*args, "config", "-q"], env=_compose_env())
+    checked = _run([*args, "config", "-q"], env=env)
     assert checked.returncode == 0, f"docker-compose config:\n{checked.stdout}\n{checked.stderr}"
-    resolved = _run([*args, "config", "--format", "json"], env=_compose_env())
+    resolved = _run([*args, "config", "--format", "json"], env=env)
     return json.loads(resolved.stdout)
 
 
@@ -242,3 +254,45 @@ def test_compose_monitoring_profile_scrapes_the_service() -> None:
     assert inference.get("metrics_path", "/metrics") == "/metrics"
     http_port = services["inference"]["environment"]["VIDFLOW_INFERENCE_HTTP_PORT"]
     assert inference["static_configs"][0]["targets"] == [f"inference:{http_port}"]
+
+
+def _published(services: dict) -> list[tuple[str, str, str]]:
+    """(service, host_ip, published port) for every port the stack publishes on the host."""
+    return [
+        (name, port.get("host_ip", "0.0.0.0"), str(port.get("published")))
+        for name, service in services.items()
+        for port in service.get("ports", [])
+    ]
+
+
+def test_compose_publishes_every_port_on_loopback_unless_told_otherwise() -> None:
+    published = _published(_compose_config("monitoring")["services"])
+    assert {name for name, _, _ in published} >= {"broker", "inference", "prefect-server"}
+    assert all(host_ip == "127.0.0.1" for _, host_ip, _ in published), published
+    # The one switch to open them up, for a user who fronts the stack with TLS and a firewall.
+    opened = _compose_config("monitoring", env=_compose_env(VIDFLOW_PUBLISH_HOST="0.0.0.0"))
+    assert {host_ip for _, host_ip, _ in _published(opened["services"])} == {"0.0.0.0"}
+    # The database is reachable only inside the compose network.
+    assert "ports" not in _compose_config()["services"]["postgres"]
+
+
+def test_compose_prefect_runs_on_postgres_behind_basic_auth() -> None:
+    services = _compose_config()["services"]
+    server_env = services["prefect-server"]["environment"]
+    assert server_env["PREFECT_API_DATABASE_CONNECTION_URL"] == (
+        "postgresql+asyncpg://prefect:pg0123@postgres:5432/prefect"
+    )
+    assert server_env["PREFECT_SERVER_API_AUTH_STRING"] == "admin:test-secret"
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "pg0123"
+    assert services["prefect-server"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for client in ("deploy", "worker"):
+        assert services[client]["environment"]["PREFECT_API_AUTH_STRING"] == "admin:test-secret"
+
+
+@pytest.mark.parametrize("missing", sorted(COMPOSE_SECRETS))
+def test_compose_refuses_to_start_without_its_secrets(missing: str) -> None:
+    env = {k: v for k, v in _compose_env().items() if k != missing}
+    args = [_tool("docker-compose"), "-f", COMPOSE_FILE.name, "--env-file", os.devnull]
+    result = _run([*args, "config", "-q"], env=env)
+    assert result.returncode != 0
+    assert missing in result.stderr and ".env" in result.stderr, result.stderr
