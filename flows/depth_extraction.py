@@ -8,11 +8,13 @@ every finished shard. Local Ray by default, an existing cluster with RAY_ADDRESS
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -53,8 +55,9 @@ def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
         # Task logs go to the Prefect API (and the UI); echoing every worker's lines here too
         # would bury the progress bar, and costs a log-monitor process.
         "log_to_driver": False,
-        # Ray addresses its nodes by this; its servers still listen on every interface
-        # (measured with `ss -ltnp`: gcs_server, raylet, agents on *), left for issue 13.
+        # Ray addresses its nodes by this; its servers also bind only to it inside
+        # `loopback_only_ray` (LocalRayTaskRunner), which keeps Ray from swapping in the
+        # machine's address.
         "_node_ip_address": "127.0.0.1",
         "_system_config": {"num_workers_soft_limit": RAY_WORKERS_KEPT},
     }
@@ -63,11 +66,68 @@ def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
     return init_kwargs
 
 
+RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_only_ray() -> Iterator[None]:
+    """While a private local Ray starts and runs: every one of its servers on 127.0.0.1 only.
+
+    Ray 2.60 replaces a 127.0.0.1 node address with the machine's own address
+    (`services.resolve_ip_for_localhost`), and gcs_server, raylet, its agents and workers then
+    listen on every interface, with no authentication. Only its single-machine mode (meant for
+    Windows and macOS, off on Linux) keeps the loopback address. That mode is read from the
+    environment once, when `ray._private.ray_constants` is imported; ray is already imported
+    here (prefect_ray imports it), so the driver's copy is set as a module attribute, which is
+    how Ray 2.60 reads it (`services.get_node_ip_address`, `scripts.py`), and the variable is
+    set for the processes Ray starts. Both are restored afterwards: in this process a later
+    `ray start` of a worker node (multi-node, refused in that mode) must still work.
+    """
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(RAY_CLUSTER_ENV)
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_CLUSTER_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(RAY_CLUSTER_ENV, None)
+        else:
+            os.environ[RAY_CLUSTER_ENV] = saved_env
+
+
+class LocalRayTaskRunner(RayTaskRunner):
+    """prefect-ray's runner for a private local Ray that listens on 127.0.0.1 only."""
+
+    def __enter__(self) -> Self:
+        self._loopback = contextlib.ExitStack()
+        import ray
+
+        # A cluster (RAY_ADDRESS) or an already running Ray is not this runner's to restrict.
+        if not os.environ.get("RAY_ADDRESS") and not ray.is_initialized():
+            self._loopback.enter_context(loopback_only_ray())
+        try:
+            super().__enter__()
+        except BaseException:
+            self._loopback.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            super().__exit__(*exc_info)
+        finally:
+            self._loopback.close()
+
+
 def ray_task_runner(num_cpus: int | None = None) -> RayTaskRunner:
-    """An existing cluster when RAY_ADDRESS is set, else a local Ray instance."""
+    """An existing cluster when RAY_ADDRESS is set, else a local Ray instance on 127.0.0.1."""
     if address := os.environ.get("RAY_ADDRESS"):
         return RayTaskRunner(address=address)  # num_cpus is refused when joining a cluster
-    return RayTaskRunner(init_kwargs=local_ray_init_kwargs(num_cpus))
+    return LocalRayTaskRunner(init_kwargs=local_ray_init_kwargs(num_cpus))
 
 
 def cluster_cpus() -> int:
