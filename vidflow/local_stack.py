@@ -55,6 +55,9 @@ class LocalStack:
     logs_dir: Path
     prefect_home: Path
     ui_port: int = 4200
+    # Settings for every process of the stack, e.g. PREFECT_API_DATABASE_CONNECTION_URL for
+    # PostgreSQL or PREFECT_SERVER_API_AUTH_STRING with PREFECT_API_AUTH_STRING for basic auth.
+    extra_env: dict[str, str] = field(default_factory=dict)
     stack_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -80,6 +83,7 @@ class LocalStack:
             "PYTHONUNBUFFERED": "1",
             # The venv's commands first, for whatever the flow runs start.
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+            **self.extra_env,
         }
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
@@ -131,6 +135,16 @@ class LocalStack:
             except OSError:
                 time.sleep(0.5)
         raise TimeoutError(f"the Prefect server did not answer within {timeout_s:.0f} s")
+
+    def restart_server(self, timeout_s: float = 120) -> None:
+        """Stop the Prefect server (SIGTERM) and start it again on the same port and database."""
+        if (server := self.processes.pop("prefect-server", None)) is not None:
+            stop_process(server, 30)
+        # The new server must not find the old one's port still held (or answering health).
+        deadline = time.monotonic() + 30
+        while port_or_free(self.ui_port) != self.ui_port and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.start_server(timeout_s)
 
     def deploy(self, *deployments: str) -> None:
         self.prefect("work-pool", "create", WORK_POOL, "--type", "process", "--overwrite")

@@ -1,0 +1,199 @@
+"""The Prefect server as docker-compose runs it: on PostgreSQL, behind Prefect's basic auth.
+
+A real PostgreSQL (Debian's package, a private cluster on loopback in its own data folder), a
+real Prefect server on it with an auth string, a worker, the local broker, service and sample
+mirror, and both deployments run through it. The server is restarted while the stream run is
+in progress: the run still finishes, and nothing recorded before the restart is lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.inference.launcher import free_port, start_server
+from tasks.broker import start_broker
+from vidflow.config import DEFAULT_CACHE_DIR, KINETICS_VAL_CSV, SAMPLE_VIDEO
+from vidflow.demo import DEPLOYMENTS, depth_model_for_demo
+from vidflow.local_stack import FLOW_RUN_ID, LocalStack
+from vidflow.sample_mirror import running_mirror
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
+
+POSTGRES_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@dataclass
+class Postgres:
+    url: str
+    data_dir: Path
+    bin_dir: Path
+    as_user: list[str]
+
+    def pg_ctl(self, *args: str) -> None:
+        subprocess.run(
+            [*self.as_user, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), *args],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    """A private PostgreSQL cluster on 127.0.0.1 (trust auth, user `prefect`), removed after."""
+    if not POSTGRES_BIN_DIRS:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    bin_dir = POSTGRES_BIN_DIRS[0]
+    # Not under pytest's tmp_path: that is private to root, and PostgreSQL refuses to run as root.
+    data_dir = Path(tempfile.mkdtemp(prefix="vidflow-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(data_dir, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run(
+        [*as_user, str(bin_dir / "initdb"), "-D", str(data_dir), "-A", "trust", "-U", "prefect"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    db = Postgres(
+        f"postgresql+asyncpg://prefect@127.0.0.1:{port}/postgres", data_dir, bin_dir, as_user
+    )
+    options = f"-p {port} -k {data_dir} -c listen_addresses=127.0.0.1"
+    db.pg_ctl("-o", options, "-l", str(data_dir / "server.log"), "-w", "start")
+    try:
+        yield db
+    finally:
+        db.pg_ctl("-m", "fast", "-w", "stop")
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+class Api:
+    """The few Prefect REST calls the test reads, with the basic-auth header."""
+
+    def __init__(self, url: str, auth: str | None) -> None:
+        self.url = url
+        self.headers = {"Content-Type": "application/json"}
+        if auth is not None:
+            self.headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+
+    def call(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers=self.headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def state(self, flow_run_id: str) -> str:
+        return self.call(f"/flow_runs/{flow_run_id}")["state_type"]
+
+    def wait_for(self, flow_run_id: str, states: set[str], timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while (state := self.state(flow_run_id)) not in states:
+            assert time.monotonic() < deadline, f"flow run {flow_run_id} still {state}"
+            time.sleep(1)
+        return state
+
+
+def test_both_deployments_on_postgres_behind_auth_survive_a_server_restart(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    auth = f"vidflow:{secrets.token_hex(8)}"
+    logs_dir = tmp_path / "logs"
+    logs_dir.mkdir()
+    stack = LocalStack(
+        logs_dir,
+        prefect_home=tmp_path / "prefect",
+        ui_port=free_port(),
+        extra_env={
+            "PREFECT_API_DATABASE_CONNECTION_URL": postgres.url,
+            "PREFECT_SERVER_API_AUTH_STRING": auth,
+            "PREFECT_API_AUTH_STRING": auth,
+            "HF_HUB_OFFLINE": "1",
+        },
+    )
+    inference = broker = None
+    try:
+        stack.start_server()
+        api = Api(stack.api_url, auth)
+        # Basic auth is on: no header, or a wrong one, is refused; health stays open for probes.
+        for wrong in (None, "vidflow:wrong"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                Api(stack.api_url, wrong).call("/flow_runs/filter", {})
+            assert refused.value.code == 401
+        assert Api(stack.api_url, None).call("/health") is True
+
+        inference = start_server(logs_dir, DEFAULT_CACHE_DIR / "models")
+        broker = start_broker(free_port(), log_path=logs_dir / "broker.log")
+        inference.wait_serving()
+        stack.deploy(*DEPLOYMENTS)
+        stack.start_worker()
+
+        depth_model, _ = depth_model_for_demo(tmp_path)
+        with running_mirror(port=0) as url_template:
+            depth_run, depth_state = stack.run_deployment(
+                "depth-extraction/local",
+                {
+                    "kinetics_csv": str(KINETICS_VAL_CSV),
+                    "url_template": url_template,
+                    "limit": 2,
+                    "output": str(tmp_path / "depth"),
+                    "depth_model": depth_model,
+                },
+                timeout_s=600,
+            )
+        assert "Completed" in depth_state, depth_state
+        depth_tasks = api.call("/task_runs/filter", {"flow_runs": {"id": {"any_": [depth_run]}}})
+        depth_artifacts = api.call(
+            "/artifacts/filter", {"flow_runs": {"id": {"any_": [depth_run]}}}
+        )
+        assert len(depth_tasks) >= 4 and depth_artifacts
+
+        # The stream run: started, then the server restarted under it.
+        params = {
+            "source": str(SAMPLE_VIDEO),
+            "duration": 20,
+            "target": inference.target,
+            "bootstrap_servers": broker.bootstrap_servers,
+        }
+        started = stack.prefect(
+            "deployment", "run", "stream-benchmark/local", "--params", json.dumps(params)
+        )
+        match = FLOW_RUN_ID.search(started)
+        assert match is not None, started
+        stream_run = match.group(1)
+        api.wait_for(stream_run, {"RUNNING"} | FINAL_STATES, timeout_s=180)
+        time.sleep(5)  # into the run: tasks started, figures being recorded
+        assert api.state(stream_run) == "RUNNING", "the restart must fall inside the run"
+        stack.restart_server()
+        assert api.wait_for(stream_run, FINAL_STATES, timeout_s=300) == "COMPLETED"
+
+        # Nothing recorded before the restart is gone, and the stream run's figures are there.
+        assert api.state(depth_run) == "COMPLETED"
+        runs = api.call("/flow_runs/filter", {})
+        assert {depth_run, stream_run} <= {run["id"] for run in runs}
+        after = api.call("/task_runs/filter", {"flow_runs": {"id": {"any_": [depth_run]}}})
+        assert {task["id"] for task in after} == {task["id"] for task in depth_tasks}
+        stream_artifacts = api.call(
+            "/artifacts/filter", {"flow_runs": {"id": {"any_": [stream_run]}}}
+        )
+        assert any(artifact["key"] == "stream-benchmark-report" for artifact in stream_artifacts)
+    finally:
+        leftovers = stack.stop()
+        if broker is not None:
+            broker.stop()
+        if inference is not None:
+            inference.terminate()
+    assert leftovers == [], "processes of the stack outlived it"
