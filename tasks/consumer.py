@@ -4,7 +4,9 @@ Up to `concurrency` inference calls are in flight. Each frame's result goes to t
 a message that is not a decodable frame goes to the dead-letter topic with the reason in a
 header. Offsets are committed only once the result (or dead-letter copy) of every earlier
 message of the partition is delivered: at least once, never lost. While the service is
-unavailable, calls are retried with exponential backoff and nothing is dropped.
+unavailable, calls are retried with exponential backoff and nothing is dropped; a frame the
+service fails on otherwise (INTERNAL, ...) is tried `--max-attempts` times, then dead-lettered
+with its status, details and attempt count, so the group moves on past it.
 """
 
 from __future__ import annotations
@@ -39,17 +41,15 @@ from vidflow.stats import summarize_ms
 
 log = logging.getLogger(__name__)
 
-# Worth another try: the service is down, restarting, overloaded or slow.
-RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-}
+# The service is down or restarting, not the frame's fault: wait for it, however long it takes.
+WAIT_FOR_SERVICE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 # The frame itself is the problem: retrying cannot help.
-DEAD_LETTER = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+DEAD_LETTER = {grpc.StatusCode.INVALID_ARGUMENT}
+# Any other status (INTERNAL, UNKNOWN, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) may be a
+# passing hiccup or a frame the service cannot classify: retried up to --max-attempts, then
+# dead-lettered, so one poison frame cannot hold its partition's commit point for ever.
+HEADER_DLQ_STATUS = "vidflow-dlq-status"
+HEADER_DLQ_ATTEMPTS = "vidflow-dlq-attempts"
 PROGRESS_EVERY_S = 5.0
 COMMIT_EVERY_S = 0.5
 
@@ -60,7 +60,8 @@ class _Call:
 
     message: Message
     frame: Frame
-    attempt: int = 0
+    attempt: int = 0  # failed calls so far, whatever the status (sets the backoff)
+    counted: int = 0  # failed calls that count towards --max-attempts (not the service's outages)
     sent_at: float = 0.0
     retry_at: float = 0.0
 
@@ -190,7 +191,9 @@ class FrameConsumer:
 
         return on_delivery
 
-    def _dead_letter(self, message: Message, reason: str) -> None:
+    def _dead_letter(
+        self, message: Message, reason: str, extra_headers: tuple[tuple[str, bytes], ...] = ()
+    ) -> None:
         log.warning(
             "dead-lettering %s/%d@%d: %s",
             message.topic(), message.partition(), message.offset(), reason,
@@ -202,6 +205,7 @@ class FrameConsumer:
                 HEADER_DLQ_SOURCE,
                 f"{message.topic()}/{message.partition()}@{message.offset()}".encode(),
             ),
+            *extra_headers,
         ]
 
         def counted() -> None:
@@ -276,15 +280,26 @@ class FrameConsumer:
         )  # fmt: skip
 
     def _failed(self, call: _Call, exc: grpc.RpcError) -> None:
+        """Dead-letter, or retry with backoff: the service's outages without limit, else a few
+        times. A frame not retried yet when this member stops keeps its offset uncommitted."""
         code = exc.code()
         self.summary.errors += 1
         self.metrics.errors.labels(code.name.lower()).inc()
-        if code in DEAD_LETTER:
-            self._dead_letter(call.message, f"{code.name}: {exc.details()}")
-            return
-        # Everything else is retried until it succeeds or this member stops (then the offset
-        # stays uncommitted, and the frame is redone by whoever consumes the partition next).
+        if (call.message.topic(), call.message.partition()) not in self._owned:
+            return  # revoked while in flight: the new owner redoes it
         call.attempt += 1
+        if code not in WAIT_FOR_SERVICE:
+            call.counted += 1
+        if code in DEAD_LETTER or call.counted >= self.settings.max_attempts:
+            self._dead_letter(
+                call.message,
+                f"{code.name}: {exc.details()} (attempts: {call.attempt})",
+                (
+                    (HEADER_DLQ_STATUS, code.name.encode()),
+                    (HEADER_DLQ_ATTEMPTS, str(call.attempt).encode()),
+                ),
+            )
+            return
         self.summary.retries += 1
         backoff = min(self.settings.retry_max_backoff_s, 0.1 * 2 ** min(call.attempt, 10))
         call.retry_at = time.monotonic() + backoff * random.uniform(0.5, 1.0)

@@ -179,6 +179,14 @@ class ConsumerSettings(BaseSettings):
     metrics_port: int | None = Field(None, description="serve Prometheus /metrics on this port")
     rpc_timeout_s: float = Field(10.0, description="deadline of one inference call")
     retry_max_backoff_s: float = Field(5.0, description="longest wait between retries")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description=(
+            "calls for a frame the service fails on (INTERNAL, UNKNOWN, DEADLINE_EXCEEDED, ...) "
+            "before it goes to the dead-letter topic; UNAVAILABLE waits for the service instead"
+        ),
+    )
 
 
 class DepthSettings(BaseSettings):
@@ -228,6 +236,20 @@ class DepthSettings(BaseSettings):
     download_concurrency: int = Field(8, ge=1, description="downloads in flight per shard")
     connect_timeout_s: float = Field(10.0, gt=0, description="time allowed to connect")
     read_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next bytes")
+    download_deadline_s: float = Field(
+        1800.0, gt=0, description="longest one video's download may take, retries included"
+    )
+    download_min_rate_bps: float = Field(
+        1024.0,
+        ge=0,
+        description=(
+            "slowest download kept, in bytes/s over download_rate_window_s; slower ones fail "
+            "as too slow (0: no minimum)"
+        ),
+    )
+    download_rate_window_s: float = Field(
+        30.0, gt=0, description="seconds over which download_min_rate_bps is measured"
+    )
     download_retries: int = Field(4, ge=0, description="retries after a transient failure")
     retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay, doubled each time")
     retry_backoff_max_s: float = Field(30.0, ge=0, description="longest retry delay")
