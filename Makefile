@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS := all,dev
 
-.PHONY: setup demo test lint format proto bench clean
+.PHONY: setup demo test faults lint format proto bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# The fault suite alone (kills, poison input, hostile peers); `make test` runs it too.
+faults: setup
+	$(BIN)/python -m pytest -m faults
 
 lint: setup
 	$(BIN)/ruff check .
