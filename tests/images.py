@@ -51,3 +51,14 @@ def gif_bytes() -> bytes:
     buffer = BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="GIF")
     return buffer.getvalue()
+
+
+def solid_png(width: int, height: int, colour: tuple[int, int, int] = (120, 30, 200)) -> bytes:
+    """A flat-coloured PNG of any size: Pillow writes sides OpenCV's encoder refuses."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
+    return buffer.getvalue()

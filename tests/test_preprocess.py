@@ -10,13 +10,14 @@ from hypothesis import strategies as st
 
 from services.inference.models import MODELS
 from services.inference.preprocess import (
+    MAX_IMAGE_SIDE,
     InvalidImageError,
     PreprocessSpec,
     decode_image,
     preprocess,
     probe_image,
 )
-from tests.images import jpeg_bytes, png_bytes, png_claiming_size
+from tests.images import jpeg_bytes, png_bytes, png_claiming_size, solid_png
 
 SPEC = MODELS["efficientnet_lite0"].preprocess
 
@@ -71,3 +72,52 @@ def test_preprocess_shape_for_any_size(width: int, height: int, spec: Preprocess
     assert out.flags["C_CONTIGUOUS"]
     expected = (200 - np.asarray(spec.mean)) / np.asarray(spec.std)
     np.testing.assert_allclose(out[:, 0, 0], expected, rtol=1e-5)
+
+
+def _resize_whole_then_crop(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The written recipe done naively (enlarges the whole image), normalised, for reference."""
+    height, width = rgb.shape[:2]
+    scale = spec.resize_short_side / min(height, width)
+    out_width, out_height = max(1, round(width * scale)), max(1, round(height * scale))
+    resized = cv2.resize(rgb, (out_width, out_height), interpolation=cv2.INTER_LINEAR)
+    top, left = (out_height - spec.crop_size) // 2, (out_width - spec.crop_size) // 2
+    crop = resized[top : top + spec.crop_size, left : left + spec.crop_size]
+    normalised = (crop.astype(np.float32) - np.asarray(spec.mean, np.float32)) / np.asarray(
+        spec.std, np.float32
+    )
+    return normalised.transpose(2, 0, 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    short=st.integers(1, 255),
+    aspect=st.floats(1.0, 40.0),
+    wide=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_enlarging_an_elongated_image_keeps_the_recipe_within_one_level(
+    short: int, aspect: float, wide: bool, seed: int
+) -> None:
+    """Only the part the centre crop keeps is enlarged, with the same pixels (one level at most)."""
+    long = max(short, round(short * aspect))
+    height, width = (short, long) if wide else (long, short)
+    rgb = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = preprocess(rgb, SPEC)
+    expected = _resize_whole_then_crop(rgb, SPEC)
+    assert out.shape == expected.shape
+    # One level of 0-255, after (x - 127) / 128.
+    np.testing.assert_allclose(out, expected, atol=1.0 / 128 + 1e-6)
+
+
+def test_a_one_pixel_high_image_of_a_million_pixels_is_cheap() -> None:
+    """Enlarging 1 x 1,000,000 whole would take 196 GB; the centre crop alone is 150 KB."""
+    rgb = decode_image(solid_png(1_000_000, 1, colour=(10, 20, 30)))
+    out = preprocess(rgb, SPEC)
+    assert out.shape == SPEC.input_shape
+    np.testing.assert_allclose(out[:, 100, 100], (np.array([10, 20, 30]) - 127.0) / 128.0)
+
+
+def test_a_side_beyond_libpngs_limit_is_refused_with_the_limit() -> None:
+    image = png_claiming_size(1, MAX_IMAGE_SIDE + 1)
+    with pytest.raises(InvalidImageError, match=f"exceeds the limit of {MAX_IMAGE_SIDE} pixels"):
+        probe_image(image, 10**9)

@@ -2,6 +2,15 @@
 
 Decoding checks the container header before any pixel is decoded, so a tiny file that claims to
 be 30000x30000 is refused before it can allocate gigabytes.
+
+What one accepted image can cost, at most (the bound the server's memory rests on):
+- decoding: the RGB array, 3 bytes x `max_image_pixels` (120 MB at the default 40 M pixels), plus
+  the codec's working memory (a progressive JPEG keeps its coefficients, up to 6 bytes a pixel);
+- preprocessing: the resized image, never larger than the decoded one when shrinking and at most
+  `MAX_ENLARGED_ASPECT` x `resize_short_side`^2 x 3 bytes (786 KB for a 256 short side) when
+  enlarging, plus the crop. A more elongated image is enlarged only where the centre crop keeps
+  (without that, a 1 x 1,000,000 PNG of 4 KB asked OpenCV for 196 GB).
+An image with a side over `MAX_IMAGE_SIDE` is refused: libpng cannot decode it.
 """
 
 from __future__ import annotations
@@ -24,6 +33,11 @@ _JPEG_EOI = b"\xff\xd9"
 _PNG_IEND = b"IEND\xaeB`\x82"
 _TAIL_SLACK = 64
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# libpng's default user limit (PNG_USER_WIDTH_MAX/HEIGHT_MAX); OpenCV's own is 2**20.
+MAX_IMAGE_SIDE = 1_000_000
+# Up to this aspect ratio an image that must be enlarged is resized whole, as the recipe says; a
+# more elongated one only over the part the centre crop keeps (the same pixels, within one level).
+MAX_ENLARGED_ASPECT = 4
 
 
 class InvalidImageError(ValueError):
@@ -85,6 +99,11 @@ def probe_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
         raise InvalidImageError(f"unsupported image format {image_format}: send JPEG or PNG")
     if width <= 0 or height <= 0:
         raise InvalidImageError(f"zero-sized image: header says {width}x{height}")
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise InvalidImageError(
+            f"image dimensions {width}x{height}: a side exceeds the limit of "
+            f"{MAX_IMAGE_SIDE} pixels"
+        )
     if width * height > max_pixels:
         raise InvalidImageError(
             f"image dimensions {width}x{height} exceed the limit of {max_pixels} pixels"
@@ -123,13 +142,44 @@ def _resize_short_side(rgb: np.ndarray, short_side: int) -> np.ndarray:
     return cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
 
 
+def _enlarge_centre_crop(rgb: np.ndarray, short_side: int, crop_size: int) -> np.ndarray:
+    """The centre crop of the image enlarged to `short_side`, without enlarging the rest.
+
+    The affine map is the one cv2.resize uses (pixel centres aligned, edges replicated), so the
+    pixels equal those of resize-then-crop within one level (warpAffine quantises positions to
+    1/32 pixel); only crop_size^2 pixels are ever allocated, whatever the aspect ratio.
+    """
+    height, width = rgb.shape[:2]
+    scale = short_side / min(height, width)
+    out_width, out_height = max(1, round(width * scale)), max(1, round(height * scale))
+    crop = min(crop_size, out_width, out_height)
+    top, left = (out_height - crop) // 2, (out_width - crop) // 2
+    step_x, step_y = width / out_width, height / out_height
+    to_source = np.array(
+        [[step_x, 0.0, (left + 0.5) * step_x - 0.5], [0.0, step_y, (top + 0.5) * step_y - 0.5]]
+    )
+    return cv2.warpAffine(
+        rgb,
+        to_source,
+        (crop, crop),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+
+
 def preprocess(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Resize the short side, centre-crop, normalise: RGB uint8 (H, W, 3) -> float32 (3, S, S)."""
-    resized = _resize_short_side(rgb, spec.resize_short_side)
-    height, width = resized.shape[:2]
-    crop = min(spec.crop_size, width, height)
-    top, left = (height - crop) // 2, (width - crop) // 2
-    cropped = resized[top : top + crop, left : left + crop]
+    height, width = rgb.shape[:2]
+    short, long = min(height, width), max(height, width)
+    if short < spec.resize_short_side and long > MAX_ENLARGED_ASPECT * short:
+        cropped = _enlarge_centre_crop(rgb, spec.resize_short_side, spec.crop_size)
+    else:
+        resized = _resize_short_side(rgb, spec.resize_short_side)
+        height, width = resized.shape[:2]
+        crop = min(spec.crop_size, width, height)
+        top, left = (height - crop) // 2, (width - crop) // 2
+        cropped = resized[top : top + crop, left : left + crop]
+    crop = cropped.shape[0]
     if crop != spec.crop_size:  # only for images smaller than the crop after resizing
         cropped = cv2.resize(cropped, (spec.crop_size, spec.crop_size))
     # Transpose while still uint8 (a quarter of the bytes), then normalise in place.

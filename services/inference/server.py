@@ -45,7 +45,8 @@ class _Prepared:
     """One image after decoding: the model input, or why there is none."""
 
     tensor: np.ndarray | None
-    error: InvalidImageError | None
+    # InvalidImageError for bad input; any other exception is the server's fault, of this item.
+    error: Exception | None
     decode_s: float
     preprocess_s: float
 
@@ -55,7 +56,7 @@ class _Outcome:
     """One image's result from a batch: class probabilities, or why there are none."""
 
     probabilities: np.ndarray | None
-    error: InvalidImageError | None
+    error: Exception | None
     decode_s: float
     preprocess_s: float
     inference_s: float
@@ -113,14 +114,18 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
     # ---- the work of one batch and of one request ----------------------------------------
 
     def _prepare(self, image: bytes) -> _Prepared:
+        """Decode and preprocess one image; a failure is this image's alone, never its batch's."""
         assert self.model is not None
-        started = time.perf_counter()
+        started = decoded = time.perf_counter()
         try:
             rgb = decode_image(image, self.settings.max_image_pixels)
+            decoded = time.perf_counter()
+            tensor = preprocess(rgb, self.model.preprocess)
         except InvalidImageError as exc:
             return _Prepared(None, exc, time.perf_counter() - started, 0.0)
-        decoded = time.perf_counter()
-        tensor = preprocess(rgb, self.model.preprocess)
+        except Exception as exc:  # e.g. cv2.error: a bug or an exhausted server, not bad input
+            log.exception("decoding or preprocessing one image of a batch failed")
+            return _Prepared(None, exc, decoded - started, time.perf_counter() - decoded)
         return _Prepared(tensor, None, decoded - started, time.perf_counter() - decoded)
 
     def _run_batch(self, images: list[bytes]) -> list[_Outcome]:
@@ -225,14 +230,28 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
     async def _classify_stream_item(
         self, request: inference_pb2.ClassifyRequest
     ) -> inference_pb2.ClassifyResponse:
-        """One stream element; a bad image answers with `error` instead of ending the stream."""
+        """One stream element; a failed item answers with `error` instead of ending the stream.
+
+        Counted in the metrics with the status a unary call would have got.
+        """
         self.metrics.in_flight.inc()
-        code = grpc.StatusCode.OK
+        code = grpc.StatusCode.CANCELLED  # unless it gets as far as an answer
         try:
-            return await self._classify(request)
+            response = await self._classify(request)
+            code = grpc.StatusCode.OK
+            return response
         except InvalidImageError as exc:
             code = grpc.StatusCode.INVALID_ARGUMENT
             return inference_pb2.ClassifyResponse(request_id=request.request_id, error=str(exc))
+        except ModelNotReadyError as exc:
+            code = grpc.StatusCode.UNAVAILABLE
+            return inference_pb2.ClassifyResponse(request_id=request.request_id, error=str(exc))
+        except Exception as exc:
+            log.exception("ClassifyStream item %r failed", request.request_id)
+            code = grpc.StatusCode.INTERNAL
+            return inference_pb2.ClassifyResponse(
+                request_id=request.request_id, error=f"inference failed: {exc}"
+            )
         finally:
             self._finish("ClassifyStream", code)
 
@@ -256,11 +275,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         reader = asyncio.ensure_future(read_requests())
         try:
             while (task := await in_order.get()) is not None:
-                try:
-                    yield await task
-                except Exception as exc:
-                    log.exception("ClassifyStream item failed")
-                    await context.abort(grpc.StatusCode.INTERNAL, f"inference failed: {exc}")
+                yield await task  # never raises but for cancellation: items answer their errors
             await reader  # surface a failure to read the request stream
         finally:
             reader.cancel()
