@@ -1,9 +1,11 @@
 """Download stage: fetch each video over HTTP(S) with aiohttp, safely and with retries.
 
 Transient failures (timeouts, dropped connections, 5xx, 408, 429) are retried with exponential
-backoff and jitter; permanent ones (404, 403, too big, not a video) fail at once. Bytes go to a
-hidden temporary name and are renamed only when complete, so a crash never leaves a partial
-file under a final name.
+backoff and jitter; permanent ones (404, 403, too big, not a video, too slow) fail at once. A
+download, retries included, ends by an overall deadline, and a body arriving slower than a
+minimum rate is dropped, so a server dripping bytes cannot hold a worker. Bytes go to a hidden
+temporary name and are renamed only when complete, so a crash never leaves a partial file under
+a final name.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20
 RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
 CONTAINER_SUFFIXES = frozenset({"mp4", "mkv", "avi", "flv", "mpg", "ogv", "wmv", "ts"})
+SNIFF_BYTES = 256  # what sniff_container reads: the longest signature (MPEG-TS) needs 189
 
 
 class DownloadError(Exception):
@@ -62,6 +66,34 @@ def sniff_container(head: bytes) -> str | None:
     if len(head) > 188 and head[0] == 0x47 and head[188] == 0x47:
         return "ts"
     return None
+
+
+@dataclass
+class RateFloor:
+    """Fails a body that arrives slower than `min_bps`, measured over consecutive windows of at
+    least `window_s` seconds.
+
+    Hand-written because aiohttp's timeouts bound the wait for each read and the whole request,
+    not the rate: a server sending a byte just inside the read timeout passes them all.
+    """
+
+    min_bps: float
+    window_s: float
+    window_start: float
+    window_bytes: int = 0  # bytes received when the window started
+
+    def check(self, received: int, now: float) -> None:
+        elapsed = now - self.window_start
+        if self.min_bps <= 0 or elapsed < self.window_s:
+            return
+        rate = (received - self.window_bytes) / elapsed
+        if rate < self.min_bps:
+            raise DownloadError(
+                f"too slow: {rate:.1f} B/s over {elapsed:.0f} s "
+                f"(minimum {self.min_bps:g} B/s, download_min_rate_bps)",
+                retryable=False,  # a retry would most likely crawl just the same
+            )
+        self.window_start, self.window_bytes = now, received
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -99,9 +131,22 @@ def make_session(settings: DepthSettings) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(timeout=timeout, connector=connector)
 
 
+def _refuse_unless_video(head: bytes, response: aiohttp.ClientResponse) -> str:
+    """The container of a body starting with `head`, or a permanent error saying what came."""
+    if (container := sniff_container(head)) is None:
+        kind = response.headers.get("Content-Type", "unknown type")
+        raise DownloadError(f"not a video container (Content-Type {kind})", retryable=False)
+    return container
+
+
 async def _fetch_once(
-    session: aiohttp.ClientSession, url: str, raw_dir: Path, video_id: str, max_bytes: int
+    session: aiohttp.ClientSession,
+    url: str,
+    raw_dir: Path,
+    video_id: str,
+    settings: DepthSettings,
 ) -> tuple[Path, int]:
+    max_bytes = settings.max_download_bytes
     partial = raw_dir / f".{video_id}.{uuid.uuid4().hex}.part"
     try:
         async with session.get(url) as response:
@@ -120,23 +165,31 @@ async def _fetch_once(
                 )
             received = 0
             container = None
+            head = b""  # the first bytes, held until there are enough to tell the container
+            floor = RateFloor(
+                settings.download_min_rate_bps, settings.download_rate_window_s, time.monotonic()
+            )
             with partial.open("wb") as out:
                 async for chunk in response.content.iter_chunked(CHUNK_BYTES):
-                    if container is None:
-                        container = sniff_container(chunk[:256])
-                        if container is None:
-                            kind = response.headers.get("Content-Type", "unknown type")
-                            raise DownloadError(
-                                f"not a video container (Content-Type {kind})", retryable=False
-                            )
                     received += len(chunk)
                     if received > max_bytes:
                         raise DownloadError(
                             f"too big: over {max_bytes} bytes without an end", retryable=False
                         )
+                    floor.check(received, time.monotonic())
+                    if container is None:
+                        # A slow link or a proxy may deliver the first bytes a few at a time.
+                        head += chunk
+                        if len(head) < SNIFF_BYTES:
+                            continue
+                        container = _refuse_unless_video(head[:SNIFF_BYTES], response)
+                        chunk, head = head, b""
                     out.write(chunk)
-            if container is None:
-                raise DownloadError("empty response body", retryable=False)
+                if container is None:
+                    if not head:
+                        raise DownloadError("empty response body", retryable=False)
+                    container = _refuse_unless_video(head, response)  # a body under SNIFF_BYTES
+                    out.write(head)
             final = raw_dir / f"{video_id}.{container}"
             os.replace(partial, final)
             return final, received
@@ -166,21 +219,37 @@ async def download_video(
     raw_dir.mkdir(parents=True, exist_ok=True)
     if (earlier := _complete_download(raw_dir, record.video_id)) is not None:
         return record.update(raw_path=str(earlier), raw_bytes=earlier.stat().st_size)
+
+    def failed(attempts: int, reason: str) -> VideoRecord:
+        """The record failed for `reason`, keeping how long its download took."""
+        tried = f" after {attempts} attempts" if attempts > 1 else ""
+        return record.update(
+            download_attempts=attempts, download_s=time.perf_counter() - started
+        ).fail("download", f"{reason}{tried} ({record.source_url})")
+
+    # The deadline spans every attempt and the waits between them, which a request's own
+    # ClientTimeout(total=...) cannot: one asyncio deadline over the whole download instead.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.download_deadline_s
+    too_late = f"deadline: not done after {settings.download_deadline_s:g} s (download_deadline_s)"
     attempt = 0
     while True:
         attempt += 1
+        budget = asyncio.timeout_at(deadline)
         try:
-            path, size = await _fetch_once(
-                session, record.source_url, raw_dir, record.video_id, settings.max_download_bytes
-            )
+            async with budget:
+                path, size = await _fetch_once(
+                    session, record.source_url, raw_dir, record.video_id, settings
+                )
         except (DownloadError, TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if budget.expired():
+                return failed(attempt, too_late)
             retries_left = settings.download_retries - (attempt - 1)
             if not is_retryable(exc) or retries_left <= 0:
-                tried = f" after {attempt} attempts" if attempt > 1 else ""
-                return record.update(download_attempts=attempt).fail(
-                    "download", f"{describe(exc)}{tried} ({record.source_url})"
-                )
+                return failed(attempt, describe(exc))
             delay = backoff_delay_s(attempt - 1, settings, getattr(exc, "retry_after_s", None))
+            if loop.time() + delay >= deadline:
+                return failed(attempt, f"{describe(exc)}; no time left to retry, {too_late}")
             log.warning(
                 "%s: %s; retry %d in %.2f s", record.video_id, describe(exc), attempt, delay
             )

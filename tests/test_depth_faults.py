@@ -9,13 +9,20 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from flows.depth_extraction import RAY_CLUSTER_ENV
+from tasks.download import DownloadError, RateFloor, download_many
+from tasks.video_record import VideoRecord
+from tests.conftest import VIDEOS
+from tests.video_server import Drip, Serve, Stall, VideoServer
+from vidflow.config import DepthSettings
 
 ROOT = Path(__file__).resolve().parent.parent
+CLIP = VIDEOS / "pool_cleaning.mp4"
 
 # Runs in a fresh interpreter, so no Ray state of the test process is involved: the flow's own
 # runner starts a local Ray, a task and an actor run, and every process of the Ray session
@@ -88,3 +95,86 @@ def test_the_local_ray_of_a_run_listens_on_loopback_only() -> None:
     exposed = [entry for entry in listening if not _loopback(entry[1])]
     assert not exposed, f"Ray processes listening beyond loopback: {exposed}"
     assert report["env_after"] is None  # the process is left as it was
+
+
+# ---- downloads that never end ------------------------------------------------------------
+
+
+def _download_pair(
+    tmp_path: Path, slow: object, settings: DepthSettings
+) -> tuple[VideoRecord, VideoRecord, float, int]:
+    """A misbehaving download and a normal one from the same server in one run: both records,
+    the seconds the run took, and the requests the misbehaving route got."""
+    with VideoServer({"slow.mp4": slow, "ok.mp4": Serve(CLIP)}) as server:
+        records = [
+            VideoRecord(video_id="slow", source_url=server.url("slow.mp4")),
+            VideoRecord(video_id="ok", source_url=server.url("ok.mp4")),
+        ]
+        started = time.monotonic()
+        failed, fine = download_many(records, tmp_path, settings)
+        took = time.monotonic() - started
+        requests = server.requests["slow.mp4"]
+    assert not fine.failed, fine.error
+    assert Path(fine.raw_path).read_bytes() == CLIP.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.mp4"]  # no partial file left
+    return failed, fine, took, requests
+
+
+@pytest.mark.faults
+def test_a_dripping_server_is_dropped_as_too_slow_and_the_run_goes_on(tmp_path: Path) -> None:
+    settings = DepthSettings(download_min_rate_bps=100, download_rate_window_s=1.0)
+    drip = Drip(CLIP, chunk=1, every_s=0.2)  # 5 B/s, each byte well inside the read timeout
+    failed, _, took, requests = _download_pair(tmp_path, drip, settings)
+    assert (failed.status, failed.failed_stage) == ("failed", "download")
+    assert "too slow" in failed.error and "B/s over 1 s" in failed.error, failed.error
+    assert requests == 1 and failed.download_attempts == 1  # not retried: it would crawl again
+    assert failed.download_s is not None and 1.0 <= failed.download_s < 3.0
+    assert took < 5.0
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    ("slow", "settings"),
+    [
+        # Fast enough for the rate rule (4 kB/s) but never done in time.
+        (Drip(CLIP, chunk=200, every_s=0.05), {"download_min_rate_bps": 100}),
+        # Every attempt times out; the retries would take far longer than the deadline.
+        (
+            Stall(CLIP, stall_s=10),
+            {"read_timeout_s": 0.4, "download_retries": 20, "retry_backoff_s": 0.1},
+        ),
+    ],
+    ids=["endless-body", "endless-retries"],
+)
+def test_the_deadline_ends_a_download_retries_included(
+    tmp_path: Path, slow: object, settings: dict[str, float]
+) -> None:
+    settings = DepthSettings(download_deadline_s=1.5, **settings)
+    failed, _, took, _ = _download_pair(tmp_path, slow, settings)
+    assert failed.failed and "deadline" in failed.error, failed.error
+    # Ended at the deadline, or earlier when the next retry could not start before it.
+    assert failed.download_s is not None and 1.0 <= failed.download_s < 3.0
+    assert took < 5.0
+
+
+def test_the_default_limits_end_a_1_byte_per_2_s_drip_within_60_s_and_keep_a_slow_link() -> None:
+    """The defaults, run on a clock: a byte every 2 s fails within 60 s; 10 MB at 50 kB/s (a
+    slow link) is never judged too slow and ends well before the deadline."""
+    settings = DepthSettings()
+    assert settings.read_timeout_s > 2  # the drip is not ended by the read timeout
+    floor = RateFloor(settings.download_min_rate_bps, settings.download_rate_window_s, 0.0)
+    ended_at = None
+    for second in range(2, 600, 2):
+        try:
+            floor.check(second // 2, float(second))
+        except DownloadError as exc:
+            assert "too slow" in str(exc)
+            ended_at = second
+            break
+    assert ended_at is not None and ended_at <= 60
+
+    size, rate, chunk = 10_000_000, 50_000, 16_384
+    floor = RateFloor(settings.download_min_rate_bps, settings.download_rate_window_s, 0.0)
+    for received in range(chunk, size + chunk, chunk):
+        floor.check(received, received / rate)  # raises if judged too slow
+    assert size / rate < settings.download_deadline_s / 2

@@ -43,7 +43,7 @@ from tasks.video_sources import (
 )
 from tasks.video_table import TableSchemaError, VideoTable, write_rows
 from tests.conftest import VIDEOS
-from tests.video_server import Serve, Stall, Status, VideoServer
+from tests.video_server import Body, Drip, Serve, Stall, Status, VideoServer
 from vidflow.config import DepthSettings
 
 CLIP = VIDEOS / "pool_cleaning.mp4"
@@ -201,6 +201,27 @@ def test_only_transient_http_errors_are_retried(tmp_path: Path, code: int, reque
         assert server.requests["v.mp4"] == requests
     assert record.failed and f"HTTP {code}" in record.error
     assert record.download_attempts == requests
+    assert record.download_s is not None and record.download_s > 0  # kept on failed rows
+
+
+def test_a_video_whose_first_bytes_come_a_few_at_a_time_is_recognised(tmp_path: Path) -> None:
+    """A slow link or a proxy: the container check waits for enough bytes to decide."""
+    with VideoServer({"v.mp4": Drip(CLIP, chunk=3, every_s=0.05, drip_bytes=30)}) as server:
+        record = download(_record(server.url("v.mp4")), tmp_path, DepthSettings())
+    assert not record.failed, record.error
+    assert Path(record.raw_path).read_bytes() == CLIP.read_bytes()
+    capture = cv2.VideoCapture(record.raw_path)
+    assert capture.read()[0]  # the file is a video that decodes
+    capture.release()
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_short_body_that_is_not_a_video_is_still_refused(tmp_path: Path) -> None:
+    # The first 4 bytes of an MP4 and then the end: too short to be a video.
+    with VideoServer({"v.mp4": Body(CLIP.read_bytes()[:4], "video/mp4")}) as server:
+        record = download(_record(server.url("v.mp4")), tmp_path, DepthSettings())
+    assert record.failed and "not a video container" in record.error
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_refused_connection_is_retried_then_reported(tmp_path: Path) -> None:

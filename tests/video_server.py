@@ -1,7 +1,7 @@
 """A real aiohttp server on 127.0.0.1 that serves video files and misbehaves on request.
 
 Used by the depth tests and `bench.depth`: each path has a behaviour (serve a file, 404, fail
-with 500 a few times first, serve something that is not a video, stall mid-body).
+with 500 a few times first, serve something that is not a video, stall mid-body, drip bytes).
 """
 
 from __future__ import annotations
@@ -41,7 +41,18 @@ class Stall:
     stall_s: float = 30.0
 
 
-Behaviour = Serve | Status | Body | Stall
+@dataclass(frozen=True)
+class Drip:
+    """The file `chunk` bytes per write, `every_s` apart; after `drip_bytes`
+    (None: never) the rest at once. A slow link, a proxy, or a server holding a client."""
+
+    path: Path
+    chunk: int = 1
+    every_s: float = 2.0
+    drip_bytes: int | None = None
+
+
+Behaviour = Serve | Status | Body | Stall | Drip
 
 
 class VideoServer:
@@ -86,5 +97,18 @@ class VideoServer:
                 await response.prepare(request)
                 await response.write(path.read_bytes()[:after_bytes])
                 await asyncio.sleep(stall_s)
+                return response
+            case Drip(path, chunk, every_s, drip_bytes):
+                data = path.read_bytes()
+                response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+                response.content_type = "video/mp4"
+                await response.prepare(request)
+                dripped = len(data) if drip_bytes is None else min(drip_bytes, len(data))
+                for start in range(0, dripped, chunk):
+                    # A write goes to the socket at once; the pause keeps writes apart.
+                    await response.write(data[start : min(start + chunk, dripped)])
+                    await asyncio.sleep(every_s)
+                await response.write(data[dripped:])
+                await response.write_eof()
                 return response
         raise AssertionError(f"unknown behaviour {behaviour!r}")
