@@ -12,17 +12,19 @@ import textwrap
 import time
 from pathlib import Path
 
+import lance
 import pytest
 
-from flows.depth_extraction import RAY_CLUSTER_ENV
+from flows.depth_extraction import RAY_CLUSTER_ENV, depth_extraction, ray_task_runner
 from tasks.download import DownloadError, RateFloor, download_many
 from tasks.video_record import VideoRecord
 from tests.conftest import VIDEOS
-from tests.video_server import Drip, Serve, Stall, VideoServer
+from tests.video_server import Drip, Serve, Stall, Status, VideoServer
 from vidflow.config import DepthSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIP = VIDEOS / "pool_cleaning.mp4"
+OTHER_CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 
 # Runs in a fresh interpreter, so no Ray state of the test process is involved: the flow's own
 # runner starts a local Ray, a task and an actor run, and every process of the Ray session
@@ -178,3 +180,42 @@ def test_the_default_limits_end_a_1_byte_per_2_s_drip_within_60_s_and_keep_a_slo
     for received in range(chunk, size + chunk, chunk):
         floor.check(received, received / rate)  # raises if judged too slow
     assert size / rate < settings.download_deadline_s / 2
+
+
+# ---- a reordered re-run --------------------------------------------------------------------
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_a_rerun_of_a_reordered_list_finds_each_url_its_own_row(
+    prefect_api: None, tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    """Two URLs with the same file name; the second fails, then the list is swapped and it
+    serves: the re-run skips the first (done) and redoes the second, two rows in all."""
+    settings = DepthSettings(
+        output=tmp_path / "out", depth_model=str(tiny_depth_model), device="cpu", shard_size=1
+    )
+    flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=2))
+    with VideoServer({"x/clip.mp4": Serve(CLIP), "y/clip.mp4": Status(404)}) as server:
+        first, second = (server.url("x/clip.mp4"), server.url("y/clip.mp4"))
+        listing = tmp_path / "urls.txt"
+        listing.write_text(f"{first}\n{second}\n")
+        one = flow(urls=str(listing), settings=settings)
+        before = lance.dataset(settings.output / "videos.lance").to_table().to_pylist()
+
+        server.routes["y/clip.mp4"] = Serve(OTHER_CLIP)
+        listing.write_text(f"{second}\n{first}\n")
+        two = flow(urls=str(listing), settings=settings)
+        after = lance.dataset(settings.output / "videos.lance").to_table().to_pylist()
+        requests = dict(server.requests)
+
+    assert (one["ok"], one["failed"]) == (1, 1)
+    assert (two["ok"], two["failed"], two["skipped"]) == (1, 0, 1)
+    assert len(after) == 2 and len({row["video_id"] for row in after}) == 2
+    rows = {row["source_url"]: row for row in after}
+    done_first = next(row for row in before if row["source_url"] == first)
+    assert rows[first]["processed_at"] == done_first["processed_at"]  # skipped, not redone
+    assert rows[first]["raw_bytes"] == CLIP.stat().st_size
+    assert rows[second]["status"] == "ok" and rows[second]["attempts"] == 2
+    assert rows[second]["raw_bytes"] == OTHER_CLIP.stat().st_size  # its own video, not x's
+    assert requests == {"x/clip.mp4": 1, "y/clip.mp4": 2}

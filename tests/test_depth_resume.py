@@ -46,6 +46,7 @@ def _ok_rows(table: Path) -> dict[str, object]:
     return {r["video_id"]: r["processed_at"] for r in rows.to_pylist() if r["status"] == "ok"}
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_a_killed_run_resumes_without_duplicates_repeats_or_orphans(
     tmp_path: Path, tiny_depth_model: Path
