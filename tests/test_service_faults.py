@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -10,7 +12,9 @@ import pytest
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import channel_options
 from services.inference.launcher import ServerProcess
-from tests.images import solid_png
+from services.inference.server import STREAM_WINDOW
+from tests.images import png_claiming_size, solid_png
+from tests.test_service import _http_get, _metric
 
 pytestmark = pytest.mark.faults
 
@@ -112,3 +116,96 @@ def test_a_stream_answers_every_item_around_an_extreme_image(
         else:  # classified, or refused with a reason, but never a server failure
             assert reply.predictions or reply.error, reply
             assert "inference failed" not in reply.error, reply
+
+
+def _classify_counts(http_url: str, method: str) -> dict[str, float]:
+    _, body = _http_get(f"{http_url}/metrics")
+    codes = ("OK", "INVALID_ARGUMENT", "INTERNAL", "CANCELLED", "DEADLINE_EXCEEDED", "UNAVAILABLE")
+    return {
+        code: _metric(body, "vidflow_inference_requests_total", method=method, code=code)
+        for code in codes
+    }
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {code: after[code] - before[code] for code in after if after[code] != before[code]}
+
+
+def test_calls_that_expire_before_their_request_arrives_are_counted(
+    onnx_server: ServerProcess, photos: dict[str, bytes]
+) -> None:
+    """The request comes after the deadline: gRPC never runs a unary handler for such a call."""
+    before = _classify_counts(onnx_server.http_url, "Classify")
+    late_requests = 3
+
+    def late() -> Iterator[inference_pb2.ClassifyRequest]:
+        time.sleep(1.0)  # the call (its headers) is open on the server; its request is not
+        yield inference_pb2.ClassifyRequest(image=photos["cat"])
+
+    with grpc.insecure_channel(onnx_server.target) as channel:
+        # Classify called with the request sent when the client likes: same wire format.
+        classify = channel.stream_unary(
+            "/vidflow.inference.v1.Classifier/Classify",
+            request_serializer=inference_pb2.ClassifyRequest.SerializeToString,
+            response_deserializer=inference_pb2.ClassifyResponse.FromString,
+        )
+        futures = [classify.future(late(), timeout=0.3) for _ in range(late_requests)]
+        cancelled = classify.future(late(), timeout=30)
+        time.sleep(0.3)
+        cancelled.cancel()  # the client leaves before sending its request
+        for future in futures:
+            with pytest.raises(grpc.RpcError) as error:
+                future.result()
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(grpc.RpcError) as error:  # half-closed without a request
+            classify(iter([]), timeout=10)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # And one that is answered, to show the same path serves.
+        inference_pb2_grpc.ClassifierStub(channel).Classify(
+            inference_pb2.ClassifyRequest(image=photos["cat"]), timeout=30
+        )
+    deadline = time.monotonic() + 10
+    expected = {"DEADLINE_EXCEEDED": late_requests, "CANCELLED": 1, "INVALID_ARGUMENT": 1, "OK": 1}
+    while (delta := _delta(_classify_counts(onnx_server.http_url, "Classify"), before)) != expected:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert delta == expected
+
+
+def test_stream_items_cut_by_the_deadline_are_not_counted_ok(
+    onnx_server: ServerProcess, video_frames: list[bytes]
+) -> None:
+    before = _classify_counts(onnx_server.http_url, "ClassifyStream")
+    requests = (
+        inference_pb2.ClassifyRequest(image=video_frames[i % len(video_frames)], request_id=str(i))
+        for i in range(5_000)
+    )
+    answered = 0
+    with grpc.insecure_channel(onnx_server.target, options=channel_options()) as channel:
+        stub = inference_pb2_grpc.ClassifierStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            for reply in stub.ClassifyStream(requests, timeout=1.0):
+                assert reply.predictions
+                answered += 1
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(0.5)  # the server counts the cut items as it cancels them
+    delta = _delta(_classify_counts(onnx_server.http_url, "ClassifyStream"), before)
+    # Items in the stream's window when the deadline struck are cut, not classified.
+    assert delta.get("DEADLINE_EXCEEDED", 0) >= 1, (delta, answered)
+    assert set(delta) <= {"OK", "DEADLINE_EXCEEDED"}, delta
+    assert answered <= delta["OK"] <= answered + STREAM_WINDOW, (delta, answered)
+
+
+def test_stream_items_refused_are_counted_by_their_status(
+    onnx_server: ServerProcess, video_frames: list[bytes]
+) -> None:
+    before = _classify_counts(onnx_server.http_url, "ClassifyStream")
+    images = [video_frames[0], b"not an image", video_frames[1], png_claiming_size(0, 4)]
+    with grpc.insecure_channel(onnx_server.target, options=channel_options()) as channel:
+        stub = inference_pb2_grpc.ClassifierStub(channel)
+        requests = (inference_pb2.ClassifyRequest(image=image) for image in images)
+        replies = list(stub.ClassifyStream(requests, timeout=60))
+    assert [bool(reply.error) for reply in replies] == [False, True, False, True]
+    delta = _delta(_classify_counts(onnx_server.http_url, "ClassifyStream"), before)
+    assert delta == {"OK": 2, "INVALID_ARGUMENT": 2}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 from aiohttp import web
+from grpc._cython.cygrpc import ExecuteBatchError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -38,6 +39,38 @@ STREAM_WINDOW = 32
 
 class ModelNotReadyError(RuntimeError):
     pass
+
+
+def _cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why a call or stream item was cancelled: its deadline passed, or its client left."""
+    return (
+        grpc.StatusCode.DEADLINE_EXCEEDED
+        if context.time_remaining() == 0
+        else grpc.StatusCode.CANCELLED
+    )
+
+
+def _add_classifier(service: InferenceService, server: grpc.aio.Server) -> None:
+    """Register the Classifier service; Classify as client-streaming (see ClassifyCall)."""
+    request, response = inference_pb2.ClassifyRequest, inference_pb2.ClassifyResponse
+    handlers = {
+        "Classify": grpc.stream_unary_rpc_method_handler(
+            service.ClassifyCall,
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        ),
+        "ClassifyStream": grpc.stream_stream_rpc_method_handler(
+            service.ClassifyStream,
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            service.GetModelInfo,
+            request_deserializer=inference_pb2.ModelInfoRequest.FromString,
+            response_serializer=inference_pb2.ModelInfo.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 @dataclass(frozen=True)
@@ -209,7 +242,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         except ModelNotReadyError as exc:
             code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
         except asyncio.CancelledError:
-            self._finish("Classify", grpc.StatusCode.CANCELLED)
+            self._finish("Classify", _cancelled_code(context))
             raise
         except Exception as exc:
             log.exception("Classify failed for request %r", request.request_id)
@@ -223,37 +256,80 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         await context.abort(code, message)
         raise AssertionError("unreachable")  # context.abort always raises
 
+    async def ClassifyCall(
+        self,
+        request_iterator: AsyncIterator[inference_pb2.ClassifyRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> inference_pb2.ClassifyResponse:
+        """Classify, served as a client-streaming handler that reads its one request itself.
+
+        gRPC runs a unary handler only once the request has arrived, so a call whose deadline
+        passes first (or that its client cancels) would never reach any code of ours and go
+        uncounted; this handler starts with the call and counts it.
+        """
+        try:
+            request = await anext(aiter(request_iterator))
+        except (StopAsyncIteration, asyncio.CancelledError, grpc.aio.UsageError):
+            # No request: the call ended first (reading then gives EOF or UsageError), or its
+            # client half-closed without one. Only answering tells which, as the cancellation
+            # reaches the context later than the EOF.
+            if context.time_remaining() != 0:
+                with contextlib.suppress(ExecuteBatchError):  # failed: the client has gone
+                    try:
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT, "the call carried no ClassifyRequest"
+                        )
+                    except grpc.aio.AbortError:
+                        self.metrics.requests.labels("Classify", "INVALID_ARGUMENT").inc()
+                        raise
+            self.metrics.requests.labels("Classify", _cancelled_code(context).name).inc()
+            raise asyncio.CancelledError from None  # nobody to answer: end quietly
+        return await self.Classify(request, context)
+
     def _finish(self, method: str, code: grpc.StatusCode) -> None:
         self.metrics.in_flight.dec()
         self.metrics.requests.labels(method, code.name).inc()
 
     async def _classify_stream_item(
         self, request: inference_pb2.ClassifyRequest
-    ) -> inference_pb2.ClassifyResponse:
-        """One stream element; a failed item answers with `error` instead of ending the stream.
+    ) -> tuple[inference_pb2.ClassifyResponse, grpc.StatusCode]:
+        """One stream element and the status a unary call would have got.
 
-        Counted in the metrics with the status a unary call would have got.
+        A failed item answers with `error` set instead of ending the stream.
         """
-        self.metrics.in_flight.inc()
-        code = grpc.StatusCode.CANCELLED  # unless it gets as far as an answer
         try:
-            response = await self._classify(request)
-            code = grpc.StatusCode.OK
-            return response
+            return await self._classify(request), grpc.StatusCode.OK
         except InvalidImageError as exc:
-            code = grpc.StatusCode.INVALID_ARGUMENT
-            return inference_pb2.ClassifyResponse(request_id=request.request_id, error=str(exc))
+            code, error = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except ModelNotReadyError as exc:
-            code = grpc.StatusCode.UNAVAILABLE
-            return inference_pb2.ClassifyResponse(request_id=request.request_id, error=str(exc))
+            code, error = grpc.StatusCode.UNAVAILABLE, str(exc)
         except Exception as exc:
             log.exception("ClassifyStream item %r failed", request.request_id)
-            code = grpc.StatusCode.INTERNAL
-            return inference_pb2.ClassifyResponse(
-                request_id=request.request_id, error=f"inference failed: {exc}"
-            )
-        finally:
+            code, error = grpc.StatusCode.INTERNAL, f"inference failed: {exc}"
+        return inference_pb2.ClassifyResponse(request_id=request.request_id, error=error), code
+
+    def _start_stream_item(
+        self, request: inference_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> asyncio.Task[tuple[inference_pb2.ClassifyResponse, grpc.StatusCode]]:
+        """Start one stream element; it is counted when it ends, however it ends.
+
+        Counting in a done callback includes items cancelled before they ever ran (the stream's
+        deadline passed or its client left while they waited in the window).
+        """
+        self.metrics.in_flight.inc()
+
+        def count(task: asyncio.Task[tuple[inference_pb2.ClassifyResponse, grpc.StatusCode]]):
+            if task.cancelled():
+                code = _cancelled_code(context)
+            elif task.exception() is not None:
+                code = grpc.StatusCode.INTERNAL
+            else:
+                code = task.result()[1]
             self._finish("ClassifyStream", code)
+
+        task = asyncio.ensure_future(self._classify_stream_item(request))
+        task.add_done_callback(count)
+        return task
 
     async def ClassifyStream(
         self,
@@ -263,19 +339,20 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         if self.model is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         # Requests are worked on concurrently (so one stream fills batches) and answered in order.
-        in_order: asyncio.Queue[asyncio.Task[inference_pb2.ClassifyResponse] | None] = (
-            asyncio.Queue(maxsize=STREAM_WINDOW)
-        )
+        in_order: asyncio.Queue[
+            asyncio.Task[tuple[inference_pb2.ClassifyResponse, grpc.StatusCode]] | None
+        ] = asyncio.Queue(maxsize=STREAM_WINDOW)
 
         async def read_requests() -> None:
             async for request in request_iterator:
-                await in_order.put(asyncio.ensure_future(self._classify_stream_item(request)))
+                await in_order.put(self._start_stream_item(request, context))
             await in_order.put(None)
 
         reader = asyncio.ensure_future(read_requests())
         try:
             while (task := await in_order.get()) is not None:
-                yield await task  # never raises but for cancellation: items answer their errors
+                response, _ = await task  # raises only if cancelled: items answer errors
+                yield response
             await reader  # surface a failure to read the request stream
         finally:
             reader.cancel()
@@ -336,7 +413,7 @@ async def serve(settings: InferenceSettings) -> None:
             ("grpc.so_reuseport", 0),
         ]
     )
-    inference_pb2_grpc.add_ClassifierServicer_to_server(service, server)
+    _add_classifier(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
