@@ -62,3 +62,15 @@ def solid_png(width: int, height: int, colour: tuple[int, int, int] = (120, 30, 
     buffer = BytesIO()
     Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def mpo_bytes(image: bytes) -> bytes:
+    """The image as a multi-picture JPEG, as phones write it: an APP2 MPF index, a 2nd image."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    first = Image.open(BytesIO(image)).convert("RGB")
+    buffer = BytesIO()
+    first.save(buffer, format="MPO", save_all=True, append_images=[first.resize((32, 24))])
+    return buffer.getvalue()

@@ -17,7 +17,7 @@ from services.inference.preprocess import (
     preprocess,
     probe_image,
 )
-from tests.images import jpeg_bytes, png_bytes, png_claiming_size, solid_png
+from tests.images import jpeg_bytes, mpo_bytes, png_bytes, png_claiming_size, solid_png
 
 SPEC = MODELS["efficientnet_lite0"].preprocess
 
@@ -121,3 +121,14 @@ def test_a_side_beyond_libpngs_limit_is_refused_with_the_limit() -> None:
     image = png_claiming_size(1, MAX_IMAGE_SIDE + 1)
     with pytest.raises(InvalidImageError, match=f"exceeds the limit of {MAX_IMAGE_SIDE} pixels"):
         probe_image(image, 10**9)
+
+
+def test_a_multi_picture_jpeg_from_a_phone_decodes_as_its_first_image() -> None:
+    mpo = mpo_bytes(png_bytes(64, 48))
+    assert b"MPF\x00" in mpo[:200]  # the APP2 MPF segment phones write
+    assert probe_image(mpo, 10**6) == ("MPO", 64, 48)
+    rgb = decode_image(mpo)
+    assert rgb.shape == (48, 64, 3)
+    assert abs(int(rgb[10, 10, 0]) - 127) <= 2
+    with pytest.raises(InvalidImageError, match="truncated"):
+        decode_image(mpo[: len(mpo) - 100])

@@ -22,7 +22,7 @@ from services.inference.client import channel_options, health_status
 from services.inference.launcher import REPO_ROOT, start_server
 from services.inference.loadtest import run_loadtest
 from tests.conftest import EXPECTED_CLASSES
-from tests.images import gif_bytes, jpeg_bytes, png_bytes, png_claiming_size
+from tests.images import gif_bytes, jpeg_bytes, mpo_bytes, png_bytes, png_claiming_size
 from vidflow.config import SAMPLE_VIDEOS_DIR
 
 
@@ -101,6 +101,15 @@ def test_real_photos_get_the_class_a_person_would_name(onnx_server, photos) -> N
             assert reply.predictions[0].label in EXPECTED_CLASSES[name], (name, reply.predictions)
             assert reply.timings.inference_ms > 0 and reply.timings.decode_ms > 0
             assert reply.timings.batch_size >= 1
+
+
+def test_a_multi_picture_jpeg_from_a_phone_is_classified(onnx_server, photos) -> None:
+    channel, stub = _stub(onnx_server.target)
+    with channel:
+        reply = stub.Classify(
+            inference_pb2.ClassifyRequest(image=mpo_bytes(photos["cat"])), timeout=30
+        )
+    assert reply.predictions[0].label in EXPECTED_CLASSES["cat"]
 
 
 def test_top_k_zero_means_one(onnx_server, photos) -> None:

@@ -25,7 +25,9 @@ from PIL import Image
 
 from vidflow.config import InferenceSettings
 
-ACCEPTED_FORMATS = ("JPEG", "PNG")
+# MPO is what many phone cameras write: a JPEG (decoded as such, its first image) followed by an
+# APP2 MPF index and more JPEGs; Pillow names it by that container.
+ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG")
 DEFAULT_MAX_IMAGE_PIXELS: int = InferenceSettings.model_fields["max_image_pixels"].default
 # A JPEG ends with the EOI marker; a PNG with the IEND chunk (type + CRC). Allow a little trailing
 # padding, which some cameras append, but not a missing tail.
@@ -109,7 +111,7 @@ def probe_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
             f"image dimensions {width}x{height} exceed the limit of {max_pixels} pixels"
         )
     tail = data[-(_TAIL_SLACK + len(_PNG_IEND)) :]
-    marker = _JPEG_EOI if image_format == "JPEG" else _PNG_IEND
+    marker = _PNG_IEND if image_format == "PNG" else _JPEG_EOI
     if marker not in tail:
         raise InvalidImageError(f"truncated image: the {image_format} data has no end marker")
     return image_format, width, height
