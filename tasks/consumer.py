@@ -6,7 +6,9 @@ header. Offsets are committed only once the result (or dead-letter copy) of ever
 message of the partition is delivered: at least once, never lost. While the service is
 unavailable, calls are retried with exponential backoff and nothing is dropped; a frame the
 service fails on otherwise (INTERNAL, ...) is tried `--max-attempts` times, then dead-lettered
-with its status, details and attempt count, so the group moves on past it.
+with its status, details and attempt count, so the group moves on past it. A broker gone for
+longer than `--broker-grace-s` ends the run with `broker_error` set; the summary then counts the
+frames consumed whose result never got out (`unanswered`): uncommitted, so the group redoes them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import channel_options
+from tasks.broker_watch import BrokerLostError, BrokerWatch
 from tasks.consumer_metrics import ConsumerMetrics
 from tasks.frame_codec import (
     HEADER_DLQ_REASON,
@@ -74,7 +77,8 @@ class ConsumerSummary:
     errors: int = 0
     retries: int = 0
     duration_s: float = 0.0
-    lag: int = 0
+    lag: int | None = 0  # None: unknown (the broker was gone at the end)
+    broker_error: str | None = None
     inference_ms: list[float] = field(default_factory=list)
     rpc_ms: list[float] = field(default_factory=list)
     e2e_ms: list[float] = field(default_factory=list)
@@ -82,6 +86,11 @@ class ConsumerSummary:
     @property
     def fps(self) -> float:
         return self.results_published / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def unanswered(self) -> int:
+        """Frames consumed whose result (or dead-letter copy) was never delivered."""
+        return max(0, self.frames_consumed - self.results_published - self.dlq)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +102,8 @@ class ConsumerSummary:
             "fps": round(self.fps, 2),
             "duration_s": round(self.duration_s, 3),
             "lag": self.lag,
+            "unanswered": self.unanswered,
+            "broker_error": self.broker_error,
             "inference_ms": summarize_ms(self.inference_ms),
             "rpc_ms": summarize_ms(self.rpc_ms),
             "e2e_ms": summarize_ms(self.e2e_ms),
@@ -121,6 +132,7 @@ class FrameConsumer:
         self._assigned_at: float | None = None  # idle time counts only once partitions are ours
         self._last_result_at: float | None = None
         self._owned: set[tuple[str, int]] = set()  # kept by the rebalance callbacks
+        self.broker = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
         self._consumer = Consumer(
             {
                 "bootstrap.servers": kafka.bootstrap_servers,
@@ -132,9 +144,10 @@ class FrameConsumer:
                 "fetch.wait.max.ms": kafka.fetch_wait_max_ms,
                 "fetch.max.bytes": max(kafka.max_message_bytes, 52428800),
                 "max.partition.fetch.bytes": kafka.max_message_bytes,
+                **self.broker.client_config(),
             }
         )
-        self._producer: Producer = make_producer(self.kafka)
+        self._producer: Producer = make_producer(self.kafka, self.broker)
         self._channel = grpc.insecure_channel(target, options=channel_options())
         self._stub = inference_pb2_grpc.ClassifierStub(self._channel)
 
@@ -147,9 +160,13 @@ class FrameConsumer:
         log.info("assigned partitions %s", [p.partition for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Commit what is delivered for partitions we lose; the rest goes to the next owner."""
-        self._producer.flush(10)
-        self._commit()
+        """Commit what is delivered for partitions we lose; the rest goes to the next owner.
+
+        With the broker gone (the group revokes after a session timeout) nothing can be
+        delivered or committed: waiting would only hold up the loop that notices the loss."""
+        if not self.broker.down:
+            self._producer.flush(10)
+            self._commit()
         lost = {(p.topic, p.partition) for p in partitions}
         self._owned -= lost
         self.offsets.forget(list(lost))
@@ -226,6 +243,7 @@ class FrameConsumer:
                 return
             except BufferError:
                 self._producer.poll(0.05)
+                self.broker.check()
 
     def _complete(self, call: _Call, future: grpc.Future) -> None:
         self._in_flight -= 1
@@ -349,6 +367,8 @@ class FrameConsumer:
         idle = self.settings.idle_timeout
         if idle is None or self._assigned_at is None or self._in_flight or self._waiting_retry:
             return False
+        if self.broker.down:  # no message because none can come: not the input's end
+            return False
         return now - max(last_message_at, self._assigned_at) >= idle
 
     def run(self) -> ConsumerSummary:
@@ -369,6 +389,7 @@ class FrameConsumer:
         first_message_at: float | None = None
         try:
             while not self._should_stop(started, last_message_at):
+                self.broker.check()
                 busy = self._in_flight + len(self._waiting_retry)
                 while busy < settings.concurrency and not self._should_stop(
                     started, last_message_at
@@ -395,16 +416,34 @@ class FrameConsumer:
                     last_progress = now
                     self._log_progress(now - (first_message_at or now))
             self._finish_in_flight()
+        except BrokerLostError as exc:
+            self.summary.broker_error = str(exc)
         finally:
+            self._close()
+            end = self._last_result_at or time.monotonic()
+            self.summary.duration_s = max(0.0, end - (first_message_at or end))
+        if self.summary.broker_error:
+            log.error(
+                "%s; %d consumed frames unanswered (left uncommitted for the group to redo)",
+                self.summary.broker_error, self.summary.unanswered,
+            )  # fmt: skip
+        return self.summary
+
+    def _close(self) -> None:
+        """Deliver, commit and measure the lag, or, with the broker gone, only say so."""
+        if self.broker.down:  # wait for it no longer than the rest of the grace
+            self._producer.flush(max(1.0, self.broker.grace_s - self.broker.down_for_s()))
+        else:
             self._producer.flush(30)
+        if self.broker.down:
+            self.summary.broker_error = self.summary.broker_error or self.broker.describe()
+            self.summary.lag = None
+        else:
             self._commit()
             self.summary.lag = self._lag()
             self.metrics.lag.set(self.summary.lag)
-            end = self._last_result_at or time.monotonic()
-            self.summary.duration_s = max(0.0, end - (first_message_at or end))
-            self._consumer.close()
-            self._channel.close()
-        return self.summary
+        self._consumer.close()
+        self._channel.close()
 
     def _drain_completions(self, timeout_s: float) -> None:
         """Handle every finished call; wait up to `timeout_s` for the first one."""
@@ -434,6 +473,7 @@ class FrameConsumer:
         while self._in_flight and time.monotonic() < deadline:
             self._drain_completions(timeout_s=0.05)
             self._producer.poll(0)
+            self.broker.check()
         if self._waiting_retry or self._in_flight:
             log.warning(
                 "stopping with %d frames unfinished; their offsets stay uncommitted",
@@ -443,11 +483,12 @@ class FrameConsumer:
     def _log_progress(self, elapsed_s: float) -> None:
         summary = self.summary
         e2e = summarize_ms(summary.e2e_ms[-500:])
-        lag = self._lag()
-        self.metrics.lag.set(lag)
+        lag = self._lag() if not self.broker.down else "unknown (broker down)"
+        if isinstance(lag, int):
+            self.metrics.lag.set(lag)
         log.info(
             "progress: %d consumed, %d results, %d dlq, %d errors, %.1f fps, "
-            "e2e p50 %.1f ms p99 %.1f ms (last 500), lag %d",
+            "e2e p50 %.1f ms p99 %.1f ms (last 500), lag %s",
             summary.frames_consumed, summary.results_published, summary.dlq, summary.errors,
             summary.results_published / elapsed_s if elapsed_s > 0 else 0.0,
             e2e["p50"], e2e["p99"], lag,
@@ -458,8 +499,12 @@ def merge_summaries(summaries: list[ConsumerSummary]) -> ConsumerSummary:
     """One summary for several members of a group: counts add up, latencies pool together."""
     merged = ConsumerSummary()
     for summary in summaries:
-        for name in ("frames_consumed", "results_published", "dlq", "errors", "retries", "lag"):
+        for name in ("frames_consumed", "results_published", "dlq", "errors", "retries"):
             setattr(merged, name, getattr(merged, name) + getattr(summary, name))
+        if merged.lag is not None:
+            merged.lag = None if summary.lag is None else merged.lag + summary.lag
+        if summary.broker_error:
+            merged.broker_error = merged.broker_error or summary.broker_error
         merged.inference_ms += summary.inference_ms
         merged.rpc_ms += summary.rpc_ms
         merged.e2e_ms += summary.e2e_ms
@@ -468,10 +513,12 @@ def merge_summaries(summaries: list[ConsumerSummary]) -> ConsumerSummary:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    lag = "unknown" if summary["lag"] is None else summary["lag"]
     lines = [
         f"frames consumed {summary['frames_consumed']}, results {summary['results_published']}, "
-        f"dlq {summary['dlq']}, errors {summary['errors']}, {summary['fps']:.1f} fps, "
-        f"lag {summary['lag']}",
+        f"dlq {summary['dlq']}, unanswered {summary['unanswered']}, errors {summary['errors']}, "
+        f"{summary['fps']:.1f} fps, lag {lag}",
+        *([f"BROKER LOST: {summary['broker_error']}"] if summary.get("broker_error") else []),
         f"{'ms':>10} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'mean':>8}",
     ]
     for name in ("inference_ms", "rpc_ms", "e2e_ms"):

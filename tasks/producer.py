@@ -1,7 +1,8 @@
 """`vidflow produce`: read frames from a video file, webcam or RTSP stream, publish JPEG frames.
 
 Paced at the source's frame rate by default, so a file behaves like a live camera; `--fps max`
-publishes as fast as frames can be read and encoded.
+publishes as fast as frames can be read and encoded. A broker gone for longer than
+`--broker-grace-s` ends the run with `broker_error` set; the frames it never took count as failed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import cv2
 from confluent_kafka import KafkaError, Message, Producer
 
+from tasks.broker_watch import BrokerLostError, BrokerWatch
 from tasks.frame_codec import Frame, encode_frame_headers
 from vidflow.config import KafkaSettings, ProducerSettings
 from vidflow.frames import encode_jpeg
@@ -33,6 +35,7 @@ class ProduceStats:
     bytes_published: int = 0
     duration_s: float = 0.0
     target_fps: float | None = None
+    broker_error: str | None = None
 
     @property
     def fps(self) -> float:
@@ -70,7 +73,8 @@ def target_fps(setting: str, capture: cv2.VideoCapture) -> float | None:
     return fps
 
 
-def make_producer(kafka: KafkaSettings) -> Producer:
+def make_producer(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> Producer:
+    """The producer of frames and results; `watch` hears of its broker connection's state."""
     return Producer(
         {
             "bootstrap.servers": kafka.bootstrap_servers,
@@ -78,6 +82,7 @@ def make_producer(kafka: KafkaSettings) -> Producer:
             "acks": "all",
             "linger.ms": 2,
             "enable.idempotence": False,  # an idempotent producer dies on a broker restart
+            **(watch.client_config() if watch is not None else {}),
         }
     )
 
@@ -91,7 +96,8 @@ def produce_frames(
     fps = target_fps(settings.fps, capture)
     stream_id = settings.stream_id or Path(settings.source).stem or settings.source
     stats = ProduceStats(stream_id=stream_id, source=settings.source, target_fps=fps)
-    producer = make_producer(kafka)
+    watch = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
+    producer = make_producer(kafka, watch)
 
     def on_delivery(error: KafkaError | None, message: Message) -> None:
         if error is None:
@@ -122,15 +128,24 @@ def produce_frames(
             capture_ts_ns = time.time_ns()
             jpeg = encode_jpeg(image, settings.jpeg_quality)
             frame = Frame(stream_id, stats.frames_read, capture_ts_ns, time.time_ns(), jpeg)
-            _produce(producer, kafka.frames_topic, frame, on_delivery)
+            _produce(producer, kafka.frames_topic, frame, on_delivery, watch)
             stats.frames_read += 1
             stats.bytes_published += len(frame.jpeg)
+            watch.check()
+    except BrokerLostError as exc:
+        stats.broker_error = str(exc)
+        log.error("%s; stopping", exc)
     finally:
         capture.release()
-        remaining = producer.flush(30)
+        # With the broker gone, wait for it no longer than the rest of the grace: what is still
+        # queued then is counted as failed.
+        flush_s = 30.0 if not watch.down else max(1.0, watch.grace_s - watch.down_for_s())
+        remaining = producer.flush(flush_s)
         if remaining:
             stats.failed += remaining
-            log.error("%d frames still undelivered after 30 s flush", remaining)
+            log.error("%d frames still undelivered after a %.0f s flush", remaining, flush_s)
+        if watch.down and stats.broker_error is None:
+            stats.broker_error = watch.describe()
         stats.duration_s = time.monotonic() - started
     log.info(
         "produced %d frames (%d delivered, %d failed) in %.1f s (%.1f fps)",
@@ -139,7 +154,7 @@ def produce_frames(
     return stats
 
 
-def _produce(producer: Producer, topic: str, frame: Frame, on_delivery) -> None:
+def _produce(producer: Producer, topic: str, frame: Frame, on_delivery, watch: BrokerWatch) -> None:
     while True:
         try:
             producer.produce(
@@ -152,4 +167,5 @@ def _produce(producer: Producer, topic: str, frame: Frame, on_delivery) -> None:
             break
         except BufferError:  # the local queue is full: let deliveries drain, then retry
             producer.poll(0.1)
+            watch.check()
     producer.poll(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 log = logging.getLogger(__name__)
@@ -14,7 +15,12 @@ def ensure_topics(
 ) -> list[str]:
     """Create missing topics; return the ones created. Existing topics are left as they are."""
     admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    try:
+        existing = set(admin.list_topics(timeout=timeout_s).topics)
+    except KafkaException as exc:  # say which broker, not only "transport failure"
+        raise RuntimeError(
+            f"Kafka broker {bootstrap_servers} unreachable for {timeout_s:.0f} s: {exc}"
+        ) from exc
     missing = [t for t in dict.fromkeys(topics) if t not in existing]
     if not missing:
         return []

@@ -7,22 +7,33 @@ implements the Classifier service of protos/ and answers what the test tells it 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from protos import inference_pb2, inference_pb2_grpc
+from services.inference.launcher import REPO_ROOT, free_port
+from tasks.broker import LocalBroker, start_broker
 from tasks.consumer import HEADER_DLQ_ATTEMPTS, HEADER_DLQ_STATUS, FrameConsumer
 from tasks.frame_codec import HEADER_DLQ_REASON, Frame, encode_frame_headers, frame_key
+from tasks.topics import ensure_topics
+from tests.conftest import VIDEOS
 from tests.kafka_helpers import committed_total, read_topic, result_keys
+from tests.proc_helpers import children
 from vidflow.config import ConsumerSettings, KafkaSettings
+
+CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 
 # What the test server does with one request: None classifies it, a status code fails it.
 Behaviour = Callable[[inference_pb2.ClassifyRequest, int], grpc.StatusCode | None]
@@ -150,3 +161,159 @@ def test_an_unavailable_service_is_waited_for_beyond_max_attempts(
     assert summary.dlq == 0 and summary.retries == 6
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=len(keys))
     assert Counter(result_keys(results)) == Counter(keys)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vidflow.cli", *args]
+
+
+def _kafka_flags(kafka: KafkaSettings) -> list[str]:
+    return [
+        "--bootstrap-servers", kafka.bootstrap_servers, "--topic", kafka.frames_topic,
+        "--results-topic", kafka.results_topic, "--dlq-topic", kafka.dlq_topic,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A broker of the test's own, to kill; its topics created like the `kafka` fixture's."""
+    broker = start_broker(free_port(), log_path=tmp_path / "tansu.log")
+    try:
+        yield broker
+    finally:
+        if broker.process.poll() is None:
+            broker.process.kill()
+            broker.process.wait(10)
+
+
+def _own_kafka(broker: LocalBroker) -> KafkaSettings:
+    suffix = uuid.uuid4().hex[:8]
+    kafka = KafkaSettings(
+        bootstrap_servers=broker.bootstrap_servers,
+        frames_topic=f"frames-{suffix}",
+        results_topic=f"predictions-{suffix}",
+        dlq_topic=f"frames-{suffix}.dlq",
+        partitions=2,
+    )
+    ensure_topics(kafka.bootstrap_servers, kafka.topics, kafka.partitions)
+    return kafka
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _wait_exit(process: subprocess.Popen, timeout_s: float) -> tuple[int, float]:
+    """The exit code and how long it took, killing the process if it overruns."""
+    started = time.monotonic()
+    try:
+        code = process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+        pytest.fail(f"still running {timeout_s:.0f} s after the broker died")
+    return code, time.monotonic() - started
+
+
+BROKER_GRACE_S = 5.0
+# Beyond the grace: the last flush (1 s), closing the clients, a loaded CI box (measured: 1-2.5 s).
+EXIT_MARGIN_S = 10.0
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_consume_fails_within_the_grace_when_the_broker_dies_and_counts_unanswered_frames(
+    own_broker: LocalBroker, scripted_service, video_frames: list[bytes], tmp_path: Path
+) -> None:
+    kafka = _own_kafka(own_broker)
+    target, _service = scripted_service(lambda _request, _attempt: None, delay_s=0.05)
+    _publish_frames(kafka, "cam-k", 300, video_frames[0])  # about 8 s at 2 x 50 ms
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    summary_path, log_path = tmp_path / "summary.json", tmp_path / "consume.log"
+    with open(log_path, "wb") as log_file:
+        consume = subprocess.Popen(
+            _cli(
+                "consume", *_kafka_flags(kafka), "--group", group, "--target", target,
+                "--concurrency", "2", "--duration", "300", "--summary-json", str(summary_path),
+                "--broker-grace-s", str(BROKER_GRACE_S),
+            ),
+            cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _wait_for(
+            lambda: committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) >= 30,
+            90,
+            "30 frames committed",
+        )
+        assert children(consume.pid) == []  # nothing to orphan
+        own_broker.process.kill()
+        own_broker.process.wait(10)
+        code, took_s = _wait_exit(consume, BROKER_GRACE_S + EXIT_MARGIN_S)
+    finally:
+        if consume.poll() is None:
+            consume.kill()
+    output = log_path.read_text()
+    assert code == 1, output[-3000:]
+    assert BROKER_GRACE_S <= took_s < BROKER_GRACE_S + EXIT_MARGIN_S
+    assert f"lost the Kafka broker {kafka.bootstrap_servers}" in output
+    summary = json.loads(summary_path.read_text())
+    print(f"consume ended {took_s:.1f} s after the broker died: {summary['unanswered']} unanswered")
+    assert kafka.bootstrap_servers in summary["broker_error"]
+    assert summary["lag"] is None  # unknown, not a reassuring 0
+    # Prefetched frames went on being classified; none of their results got out.
+    assert summary["unanswered"] > 0
+    assert summary["unanswered"] == (
+        summary["frames_consumed"] - summary["results_published"] - summary["dlq"]
+    )
+    assert f"unanswered {summary['unanswered']}" in output
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_produce_fails_within_the_grace_when_the_broker_dies(
+    own_broker: LocalBroker, tmp_path: Path
+) -> None:
+    kafka = _own_kafka(own_broker)
+    log_path = tmp_path / "produce.log"
+    with open(log_path, "wb") as log_file:
+        produce = subprocess.Popen(
+            _cli(
+                "produce", "--source", str(CLIP), "--fps", "30", "--loop",
+                "--bootstrap-servers", kafka.bootstrap_servers, "--topic", kafka.frames_topic,
+                "--broker-grace-s", str(BROKER_GRACE_S),
+            ),
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log_file, text=True,
+        )  # fmt: skip
+    try:
+        _wait_for(lambda: _published(kafka) >= 30, 60, "30 frames published")
+        assert children(produce.pid) == []  # nothing to orphan
+        own_broker.process.kill()
+        own_broker.process.wait(10)
+        code, took_s = _wait_exit(produce, BROKER_GRACE_S + EXIT_MARGIN_S)
+    finally:
+        if produce.poll() is None:
+            produce.kill()
+    output = log_path.read_text()
+    assert code == 1, output[-3000:]
+    assert BROKER_GRACE_S <= took_s < BROKER_GRACE_S + EXIT_MARGIN_S
+    assert f"lost the Kafka broker {kafka.bootstrap_servers}" in output
+    stats = json.loads(produce.stdout.read().strip().splitlines()[-1])
+    print(f"produce ended {took_s:.1f} s after the broker died: {stats}")
+    assert kafka.bootstrap_servers in stats["broker_error"]
+    # The frames read in the grace were never taken by a broker: counted failed, not delivered.
+    assert stats["failed"] > 0 and stats["delivered"] + stats["failed"] == stats["frames_read"]
+
+
+def _published(kafka: KafkaSettings) -> int:
+    """Messages in the frames topic, from its partitions' high watermarks."""
+    reader = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": "watermarks"})
+    try:
+        return sum(
+            reader.get_watermark_offsets(TopicPartition(kafka.frames_topic, p), timeout=5)[1]
+            for p in range(kafka.partitions)
+        )
+    finally:
+        reader.close()

@@ -128,7 +128,7 @@ def _produce(args: argparse.Namespace) -> int:
     ensure_topics(kafka.bootstrap_servers, [kafka.frames_topic], kafka.partitions)
     stats = produce_frames(settings_from_args(ProducerSettings, args), kafka, _stop_on_sigterm())
     print(json.dumps(stats.as_dict()))
-    return 1 if stats.failed else 0
+    return 1 if stats.failed or stats.broker_error else 0
 
 
 def _consume(args: argparse.Namespace) -> int:
@@ -149,7 +149,7 @@ def _consume(args: argparse.Namespace) -> int:
     if settings.summary_json is not None:
         settings.summary_json.parent.mkdir(parents=True, exist_ok=True)
         settings.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
-    return 0
+    return 1 if summary["broker_error"] else 0
 
 
 def _stream_benchmark(args: argparse.Namespace) -> int:

@@ -143,6 +143,11 @@ class KafkaSettings(BaseSettings):
     heartbeat_interval_ms: int = Field(1000, description="consumer group heartbeat interval")
     # librdkafka lets the broker hold a fetch up to 500 ms by default; frames are latency-bound.
     fetch_wait_max_ms: int = Field(5, description="longest the broker may hold a fetch")
+    broker_grace_s: float = Field(
+        30.0,
+        gt=0,
+        description="how long produce/consume wait for a lost broker before they fail (exit 1)",
+    )
 
     @property
     def topics(self) -> list[str]:

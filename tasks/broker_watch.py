@@ -1,0 +1,103 @@
+"""Noticing a Kafka broker that is gone for good, so a stream command ends instead of idling.
+
+librdkafka reconnects for ever and queues what it cannot send (for minutes), so on its own a
+client with a dead broker looks merely idle. Its callbacks say more: `error_cb` reports
+`_ALL_BROKERS_DOWN` the moment the last connection drops, and the statistics (`stats_cb`) list
+each broker connection's state and its age once a second: a connection that came UP after the
+outage began means the broker is back. A broker away for longer than the grace is lost.
+
+Neither a message read nor a delivery report proves the broker is there: a consumer hands out
+prefetched messages, and reports queued before the outage can be served after it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from confluent_kafka import KafkaError
+
+log = logging.getLogger(__name__)
+STATS_INTERVAL_MS = 1000
+
+
+class BrokerLostError(RuntimeError):
+    """The broker has been unreachable for longer than the grace (or the client hit a fatal
+    error): nothing more can be delivered or committed."""
+
+
+class BrokerWatch:
+    """Tells a broker that is gone from one that blinks, from librdkafka's own callbacks.
+
+    Not thread-safe by design: librdkafka calls back on the thread that polls, and a stream
+    command polls its clients from one thread.
+    """
+
+    def __init__(self, bootstrap_servers: str, grace_s: float) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.grace_s = grace_s
+        self.last_error: str | None = None
+        self._down_since: float | None = None
+        self._fatal: str | None = None
+
+    def client_config(self) -> dict[str, Any]:
+        """Settings that route a client's error and statistics callbacks here."""
+        return {
+            "error_cb": self.on_error,
+            "stats_cb": self.on_stats,
+            "statistics.interval.ms": STATS_INTERVAL_MS,
+        }
+
+    def on_error(self, error: KafkaError) -> None:
+        self.last_error = error.str()
+        if error.fatal():
+            self._fatal = error.str()
+        if error.code() == KafkaError._ALL_BROKERS_DOWN and self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning(
+                "lost the connection to the Kafka broker %s; waiting up to %.0f s for it",
+                self.bootstrap_servers, self.grace_s,
+            )  # fmt: skip
+
+    def on_stats(self, stats_json: str) -> None:
+        if self._down_since is None:
+            return
+        brokers = json.loads(stats_json).get("brokers", {}).values()
+        # A snapshot may predate the outage: only a connection that came UP since then counts.
+        if any(
+            broker.get("state") == "UP" and broker.get("stateage", 0) / 1e6 < self.down_for_s()
+            for broker in brokers
+        ):
+            self.alive()
+
+    def alive(self) -> None:
+        """A connection to the broker came up again."""
+        if self._down_since is not None:
+            log.info(
+                "the Kafka broker %s is back after %.1f s",
+                self.bootstrap_servers, time.monotonic() - self._down_since,
+            )  # fmt: skip
+            self._down_since = None
+
+    @property
+    def down(self) -> bool:
+        """No connection to any broker right now (or a fatal client error)."""
+        return self._down_since is not None or self._fatal is not None
+
+    def down_for_s(self) -> float:
+        return 0.0 if self._down_since is None else time.monotonic() - self._down_since
+
+    def check(self) -> None:
+        """Raise BrokerLostError once the broker has been away for longer than the grace."""
+        if self._fatal is not None:
+            raise BrokerLostError(f"Kafka broker {self.bootstrap_servers}: {self._fatal}")
+        if self._down_since is not None and self.down_for_s() >= self.grace_s:
+            raise BrokerLostError(self.describe())
+
+    def describe(self) -> str:
+        return (
+            f"lost the Kafka broker {self.bootstrap_servers}: no connection for "
+            f"{self.down_for_s():.0f} s (grace {self.grace_s:.0f} s; last error: {self.last_error})"
+        )
