@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tasks.producer import produce_frames
 from tasks.topics import ensure_topics
 from tests.conftest import VIDEOS
 from tests.kafka_helpers import committed_total, read_topic, result_keys
+from tests.proc_helpers import listening_addresses
 from vidflow.config import ConsumerSettings, KafkaSettings, ProducerSettings
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"
@@ -196,3 +198,27 @@ def test_consumer_metrics_count_what_it_did(kafka, onnx_server) -> None:
     assert f"vidflow_consumer_frames_consumed_total {float(produced)}" in text
     assert f"vidflow_consumer_results_published_total {float(produced)}" in text
     assert 'vidflow_consumer_latency_seconds_count{stage="e2e"} ' + str(float(produced)) in text
+
+
+def test_consumer_metrics_listen_on_loopback_only_by_default(kafka) -> None:
+    metrics_port = free_port()
+    consume = subprocess.Popen(
+        [
+            sys.executable, "-m", "vidflow.cli", "consume", "--bootstrap-servers",
+            kafka.bootstrap_servers, "--topic", kafka.frames_topic, "--results-topic",
+            kafka.results_topic, "--dlq-topic", kafka.dlq_topic, "--duration", "60",
+            "--target", f"127.0.0.1:{free_port()}", "--metrics-port", str(metrics_port),
+        ],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not listening_addresses(metrics_port):
+            assert time.monotonic() < deadline and consume.poll() is None
+            time.sleep(0.1)
+        assert listening_addresses(metrics_port) == ["127.0.0.1"]  # not 0.0.0.0 or ::
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            assert b"vidflow_consumer_frames_consumed_total" in r.read()
+    finally:
+        consume.send_signal(signal.SIGTERM)
+        assert consume.wait(30) == 0

@@ -143,7 +143,9 @@ def _consume(args: argparse.Namespace) -> int:
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(settings.metrics_port, registry=consumer.metrics.registry)
+        start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=consumer.metrics.registry
+        )
     summary = consumer.run().as_dict()
     print(format_summary(summary))
     if settings.summary_json is not None:

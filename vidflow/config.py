@@ -182,6 +182,9 @@ class ConsumerSettings(BaseSettings):
     max_frames: int | None = Field(None, description="stop after this many frames")
     summary_json: Path | None = Field(None, description="write the summary here as JSON")
     metrics_port: int | None = Field(None, description="serve Prometheus /metrics on this port")
+    metrics_host: str = Field(
+        "127.0.0.1", description="address /metrics binds to (0.0.0.0: every interface)"
+    )
     rpc_timeout_s: float = Field(10.0, description="deadline of one inference call")
     retry_max_backoff_s: float = Field(5.0, description="longest wait between retries")
     max_attempts: int = Field(
