@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import channel_options
-from services.inference.launcher import ServerProcess
+from services.inference.launcher import ServerProcess, start_server
 from services.inference.server import STREAM_WINDOW
 from tests.images import png_claiming_size, solid_png
 from tests.test_service import _http_get, _metric
@@ -209,3 +211,39 @@ def test_stream_items_refused_are_counted_by_their_status(
     assert [bool(reply.error) for reply in replies] == [False, True, False, True]
     delta = _delta(_classify_counts(onnx_server.http_url, "ClassifyStream"), before)
     assert delta == {"OK": 2, "INVALID_ARGUMENT": 2}
+
+
+@pytest.mark.slow
+def test_shutdown_log_says_an_open_stream_was_cancelled_not_drained(
+    tmp_path: Path, model_cache: Path, video_frames: list[bytes]
+) -> None:
+    server = start_server(tmp_path, model_cache, "--shutdown-grace-s", "2")
+    server.wait_serving()
+    outgoing: queue.Queue[inference_pb2.ClassifyRequest | None] = queue.Queue()
+
+    def requests() -> Iterator[inference_pb2.ClassifyRequest]:
+        while (request := outgoing.get()) is not None:
+            yield request
+
+    channel, stub = _stub(server.target)
+    with channel:
+        stream = stub.ClassifyStream(requests(), timeout=60)
+        for i in range(2):
+            outgoing.put(inference_pb2.ClassifyRequest(image=video_frames[i], request_id=str(i)))
+            assert next(stream).predictions
+        # The stream stays open (the client never half-closes): shutdown must cut it.
+        sigterm_at = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as error:
+            next(stream)
+        cut_after_s = time.monotonic() - sigterm_at
+        outgoing.put(None)
+    assert error.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    assert 1.5 < cut_after_s < 10, cut_after_s
+    assert server.process.wait(30) == 0, server.log()
+    log = server.log()
+    assert "all calls drained" not in log
+    assert (
+        "of 1 call(s) open at shutdown, 0 call(s) drained, 1 cancelled at the end of the 2 s "
+        "grace, 0 cancelled by their clients"
+    ) in log, log

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -380,6 +382,84 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         )
 
 
+class CallTracker(grpc.aio.ServerInterceptor):
+    """Counts the calls being handled and how they ended, so shutdown can say what it did.
+
+    A call is drained when its handler returns or raises (any status), cancelled when gRPC
+    cancels it: by the server at the end of the shutdown grace, or because its client left.
+    """
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.ended = 0
+        self.cancelled_by_clients = 0
+        self.cancelled_by_shutdown = 0
+        self.grace_ends: float | None = None  # loop time; set when shutdown begins
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        return handler._replace(
+            **{
+                kind: self._tracked(behaviour)
+                for kind in kinds
+                if (behaviour := getattr(handler, kind)) is not None
+            }
+        )
+
+    @contextlib.contextmanager
+    def _tracking(self) -> Iterator[None]:
+        self.open += 1
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: a stream abandoned
+            loop_time = asyncio.get_running_loop().time()
+            if self.grace_ends is not None and loop_time >= self.grace_ends:
+                self.cancelled_by_shutdown += 1
+            else:
+                self.cancelled_by_clients += 1
+            raise
+        except BaseException:
+            self.ended += 1
+            raise
+        else:
+            self.ended += 1
+        finally:
+            self.open -= 1
+
+    def _tracked(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with self._tracking():
+                    async for response in behaviour(request, context):
+                        yield response
+
+            return stream
+        if inspect.iscoroutinefunction(behaviour):
+
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with self._tracking():
+                    return await behaviour(request, context)
+
+            return call
+        return behaviour  # a synchronous handler: runs in a thread; not ours, not counted
+
+    def summary(self, ended_before: int, grace_s: float) -> str:
+        """What shutdown did with the calls open when it began."""
+        return (
+            f"{self.ended - ended_before} call(s) drained, {self.cancelled_by_shutdown} "
+            f"cancelled at the end of the {grace_s:.0f} s grace, {self.cancelled_by_clients} "
+            "cancelled by their clients"
+        )
+
+
 def _http_app(service: InferenceService, is_ready: asyncio.Event) -> web.Application:
     """/healthz (the process is up), /readyz (503 until the model serves) and /metrics."""
 
@@ -406,12 +486,14 @@ async def serve(settings: InferenceSettings) -> None:
     """Run the service until SIGTERM or SIGINT, then drain calls in flight and return."""
     metrics = ServiceMetrics()
     service = InferenceService(settings, metrics)
+    calls = CallTracker()
     server = grpc.aio.server(
+        interceptors=[calls],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     _add_classifier(service, server)
     health_servicer = health.aio.HealthServicer()
@@ -461,8 +543,19 @@ async def serve(settings: InferenceSettings) -> None:
         is_ready.clear()
         metrics.ready.set(0)
         await health_servicer.enter_graceful_shutdown()
+        calls.cancelled_by_clients = calls.cancelled_by_shutdown = 0
+        ended_before, open_at_stop = calls.ended, calls.open
+        calls.grace_ends = loop.time() + settings.shutdown_grace_s
         await server.stop(settings.shutdown_grace_s)
-        log.info("all calls drained; stopped")
+        for _ in range(100):  # cancelled handlers finish on the loop just after stop returns
+            if calls.open == 0:
+                break
+            await asyncio.sleep(0.01)
+        log.info(
+            "stopped: of %d call(s) open at shutdown, %s",
+            open_at_stop,
+            calls.summary(ended_before, settings.shutdown_grace_s),
+        )
     finally:
         with contextlib.suppress(Exception):
             await server.stop(0)
