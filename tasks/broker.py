@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vidflow.processes import stop_process
+from vidflow.processes import die_with_parent, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,12 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> None:
 def start_broker(
     port: int = 9092, host: str = "127.0.0.1", log_path: Path | None = None, timeout_s: float = 15
 ) -> LocalBroker:
-    """Start Tansu with in-memory storage on host:port and wait until it accepts connections."""
+    """Start Tansu with in-memory storage on host:port and wait until it accepts connections.
+
+    Tansu dies with the thread that starts it, however that ends (even SIGKILL): a killed
+    `vidflow broker` or test run leaves no broker listening. So start it from a thread that
+    lives as long as the broker should (the main thread, as every caller does).
+    """
     url = f"tcp://{host}:{port}"
     output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(
@@ -65,7 +70,7 @@ def start_broker(
             str(broker_binary()), "broker", "--listener-url", url,
             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/",
         ],
-        stdout=output, stderr=subprocess.STDOUT,
+        stdout=output, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
     )  # fmt: skip
     broker = LocalBroker(process, host, port)
     try:

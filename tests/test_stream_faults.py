@@ -8,6 +8,9 @@ implements the Classifier service of protos/ and answers what the test tells it 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +33,7 @@ from tasks.frame_codec import HEADER_DLQ_REASON, Frame, encode_frame_headers, fr
 from tasks.topics import ensure_topics
 from tests.conftest import VIDEOS
 from tests.kafka_helpers import committed_total, read_topic, result_keys
-from tests.proc_helpers import children
+from tests.proc_helpers import children, is_running, listening_addresses
 from vidflow.config import ConsumerSettings, KafkaSettings
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"
@@ -317,3 +320,29 @@ def _published(kafka: KafkaSettings) -> int:
         )
     finally:
         reader.close()
+
+
+@pytest.mark.faults
+def test_a_sigkilled_broker_command_takes_tansu_with_it() -> None:
+    port = free_port()
+    command = subprocess.Popen(
+        _cli("broker", "--port", str(port)),
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    tansu: list[int] = []
+    try:
+        assert command.stdout.readline().startswith(f"broker ready on 127.0.0.1:{port}")
+        tansu = children(command.pid)
+        assert len(tansu) == 1 and listening_addresses(port) == ["127.0.0.1"]
+        command.kill()  # SIGKILL: no handler runs, no stop_process
+        command.wait(10)
+        _wait_for(lambda: not is_running(tansu[0]), 5, "Tansu to exit")
+        _wait_for(lambda: not listening_addresses(port), 5, "the port to close")
+    finally:
+        for pid in tansu:  # on the old code Tansu outlives the test otherwise
+            if is_running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if command.poll() is None:
+            command.kill()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
