@@ -49,11 +49,19 @@ def result_keys(messages: list[Message]) -> list[str]:
     return [FrameResult.from_json(m.value()).key for m in messages]
 
 
-def committed_total(bootstrap_servers: str, group: str, topic: str, partitions: int) -> int:
-    """The group's committed offsets summed over the topic's partitions, asked of the broker."""
+def committed_offsets(
+    bootstrap_servers: str, group: str, topic: str, partitions: int
+) -> dict[int, int]:
+    """The group's committed offset of each partition of the topic (0: none), asked of the
+    broker."""
     reader = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": group})
     try:
         offsets = reader.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=5)
     finally:
         reader.close()
-    return sum(max(0, tp.offset) for tp in offsets)
+    return {tp.partition: max(0, tp.offset) for tp in offsets}
+
+
+def committed_total(bootstrap_servers: str, group: str, topic: str, partitions: int) -> int:
+    """The group's committed offsets summed over the topic's partitions, asked of the broker."""
+    return sum(committed_offsets(bootstrap_servers, group, topic, partitions).values())

@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,8 @@ from tasks.frame_codec import (
 from tasks.producer import produce_frames
 from tasks.topics import ensure_topics
 from tests.conftest import VIDEOS
-from tests.kafka_helpers import committed_total, read_topic, result_keys
-from tests.proc_helpers import listening_addresses
+from tests.kafka_helpers import committed_offsets, committed_total, read_topic, result_keys
+from tests.proc_helpers import children, listening_addresses
 from vidflow.config import ConsumerSettings, KafkaSettings, ProducerSettings
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"
@@ -127,6 +128,7 @@ def test_the_service_stops_mid_stream_and_no_frame_is_lost(
     assert set(result_keys(results)) == {frame_key("cam-c", i) for i in range(produced)}
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_a_killed_consumer_is_replaced_from_committed_offsets(
     kafka, onnx_server, tmp_path: Path
@@ -155,11 +157,15 @@ def test_a_killed_consumer_is_replaced_from_committed_offsets(
         ):
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.2)
+        assert children(first.pid) == []  # a SIGKILL can orphan nothing
         first.kill()  # no goodbye: no final commit, no group leave
         first.wait(10)
     finally:
         if first.poll() is None:
             first.kill()
+    committed_at_kill = committed_offsets(
+        kafka.bootstrap_servers, group, kafka.frames_topic, kafka.partitions
+    )
     done_by_first = log_path.read_text().count("tasks.consumer: frame")
     producer_thread.join(60)
     summary = _consumer(kafka, onnx_server.target, group=group, idle_timeout=5.0).run()
@@ -169,6 +175,12 @@ def test_a_killed_consumer_is_replaced_from_committed_offsets(
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic)
     assert set(result_keys(results)) == {frame_key("cam-d", i) for i in range(CLIP_FRAMES)}
     assert done_by_first >= 60
+    # At least once, and twice only for frames past the commit point when the first was killed
+    # (in flight, or answered but not yet committed).
+    copies = Counter(result_keys(results))
+    for result in map(FrameResult.from_json, (m.value() for m in results)):
+        if copies[result.key] > 1:
+            assert result.offset >= committed_at_kill[result.partition], result
 
 
 def test_the_broker_command_starts_serves_and_stops_on_sigterm() -> None:
