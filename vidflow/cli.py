@@ -53,9 +53,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
 def _classify(args: argparse.Namespace) -> int:
     from services.inference.client import classify_files
 
-    target = settings_from_args(ClientSettings, args).target
+    client = settings_from_args(ClientSettings, args)
     failures = 0
-    for result in classify_files(target, args.files, top_k=args.top_k):
+    for result in classify_files(client.target, args.files, top_k=args.top_k, tls_ca=client.tls_ca):
         if result.response is None:
             failures += 1
             print(f"{result.path}\tERROR\t{result.error}")
@@ -68,7 +68,8 @@ def _classify(args: argparse.Namespace) -> int:
 def _health(args: argparse.Namespace) -> int:
     from services.inference.client import health_status
 
-    status = health_status(settings_from_args(ClientSettings, args).target, args.timeout)
+    client = settings_from_args(ClientSettings, args)
+    status = health_status(client.target, args.timeout, tls_ca=client.tls_ca)
     print(status)
     return 0 if status == "SERVING" else 1
 
@@ -77,7 +78,8 @@ def _loadtest(args: argparse.Namespace) -> int:
     from services.inference.loadtest import format_table, run_loadtest, write_json
     from vidflow.frames import load_encoded_images
 
-    target = settings_from_args(ClientSettings, args).target
+    client = settings_from_args(ClientSettings, args)
+    target = client.target
     images = load_encoded_images(args.images, max_frames=args.max_frames)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     rpc = "ClassifyStream" if args.streaming else "Classify"
@@ -87,7 +89,13 @@ def _loadtest(args: argparse.Namespace) -> int:
     )  # fmt: skip
     results = asyncio.run(
         run_loadtest(
-            target, images, concurrencies, args.duration, args.warmup, streaming=args.streaming
+            target,
+            images,
+            concurrencies,
+            args.duration,
+            args.warmup,
+            streaming=args.streaming,
+            tls_ca=client.tls_ca,
         )
     )
     print(format_table(results))

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The real sample clips live beside the checkout (../shared/data), as in CI.
@@ -77,6 +77,19 @@ class InferenceSettings(BaseSettings):
         DEFAULT_CACHE_DIR / "models", description="where exported models are cached"
     )
     shutdown_grace_s: float = Field(30.0, description="how long SIGTERM waits for calls in flight")
+    tls_cert: Path | None = Field(
+        None, description="serve gRPC over TLS with this PEM certificate (chain); needs --tls-key"
+    )
+    tls_key: Path | None = Field(None, description="the PEM private key of --tls-cert")
+    reflection: bool = Field(
+        True, description="offer gRPC server reflection (service listing for grpcurl and the like)"
+    )
+
+    @model_validator(mode="after")
+    def _tls_cert_and_key_together(self) -> InferenceSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        return self
 
 
 class ClientSettings(BaseSettings):
@@ -85,6 +98,9 @@ class ClientSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIDFLOW_INFERENCE_")
 
     target: str = Field("127.0.0.1:50051", description="gRPC address HOST:PORT of the service")
+    tls_ca: Path | None = Field(
+        None, description="reach the service over TLS, trusting this PEM CA certificate"
+    )
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)

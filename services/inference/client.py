@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import inference_pb2, inference_pb2_grpc
+from vidflow.config import ClientSettings
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -23,6 +24,37 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     ]
 
 
+def channel_credentials(tls_ca: Path | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials that trust the PEM CA certificate `tls_ca`; None means plaintext."""
+    if tls_ca is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+
+
+def open_channel(
+    target: str, tls_ca: Path | None = None, options: list[tuple[str, int]] | None = None
+) -> grpc.Channel:
+    """A channel to the service: TLS when `tls_ca` is given, plaintext otherwise."""
+    options = channel_options() if options is None else options
+    credentials = channel_credentials(tls_ca)
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def open_aio_channel(target: str, tls_ca: Path | None = None) -> grpc.aio.Channel:
+    """The asyncio flavour of `open_channel`."""
+    credentials = channel_credentials(tls_ca)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=channel_options())
+    return grpc.aio.secure_channel(target, credentials, options=channel_options())
+
+
+def client_channel(settings: ClientSettings) -> grpc.Channel:
+    """The channel a client of the service opens from its settings (--target, --tls-ca)."""
+    return open_channel(settings.target, settings.tls_ca)
+
+
 @dataclass(frozen=True)
 class FileResult:
     path: Path
@@ -30,9 +62,11 @@ class FileResult:
     error: str | None
 
 
-def health_status(target: str, timeout_s: float = 2.0, service: str = "") -> str:
+def health_status(
+    target: str, timeout_s: float = 2.0, service: str = "", tls_ca: Path | None = None
+) -> str:
     """The gRPC health status name (SERVING, NOT_SERVING, ...) or UNREACHABLE."""
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, tls_ca) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
@@ -41,12 +75,12 @@ def health_status(target: str, timeout_s: float = 2.0, service: str = "") -> str
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def wait_until_serving(target: str, timeout_s: float = 120.0) -> None:
+def wait_until_serving(target: str, timeout_s: float = 120.0, tls_ca: Path | None = None) -> None:
     """Block until health says SERVING, or raise TimeoutError with the last status seen."""
     deadline = time.monotonic() + timeout_s
     status = "UNREACHABLE"
     while time.monotonic() < deadline:
-        status = health_status(target)
+        status = health_status(target, tls_ca=tls_ca)
         if status == "SERVING":
             return
         time.sleep(0.2)
@@ -54,11 +88,15 @@ def wait_until_serving(target: str, timeout_s: float = 120.0) -> None:
 
 
 def classify_files(
-    target: str, paths: Iterable[Path], top_k: int = 1, timeout_s: float = 30.0
+    target: str,
+    paths: Iterable[Path],
+    top_k: int = 1,
+    timeout_s: float = 30.0,
+    tls_ca: Path | None = None,
 ) -> list[FileResult]:
     """Classify each file with one unary call; errors are reported per file, not raised."""
     results = []
-    with grpc.insecure_channel(target, options=channel_options()) as channel:
+    with open_channel(target, tls_ca) as channel:
         stub = inference_pb2_grpc.ClassifierStub(channel)
         for path in paths:
             path = Path(path)

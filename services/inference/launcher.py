@@ -31,6 +31,7 @@ class ServerProcess:
     http_port: int
     log_path: Path
     args: list[str] = field(default_factory=list)
+    tls_ca: Path | None = None  # the CA to trust when the server was started with TLS
 
     @property
     def target(self) -> str:
@@ -45,7 +46,7 @@ class ServerProcess:
 
     def wait_serving(self, timeout_s: float = 180.0) -> None:
         try:
-            wait_until_serving(self.target, timeout_s)
+            wait_until_serving(self.target, timeout_s, self.tls_ca)
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n--- server log ---\n{self.log()}") from None
 
@@ -54,7 +55,12 @@ class ServerProcess:
 
 
 def start_server(
-    tmp_dir: Path, cache_dir: Path, *extra_args: str, port: int = 0, http_port: int = 0
+    tmp_dir: Path,
+    cache_dir: Path,
+    *extra_args: str,
+    port: int = 0,
+    http_port: int = 0,
+    tls_ca: Path | None = None,
 ) -> ServerProcess:
     """Start `vidflow serve` (on free ports unless given); wait for SERVING when you want to."""
     port, http_port = port or free_port(), http_port or free_port()
@@ -69,4 +75,4 @@ def start_server(
         process = subprocess.Popen(
             args, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env
         )
-    return ServerProcess(process, port, http_port, log_path, args)
+    return ServerProcess(process, port, http_port, log_path, args, tls_ca)

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 
 from protos import inference_pb2, inference_pb2_grpc
-from services.inference.client import channel_options
+from services.inference.client import open_aio_channel
 from vidflow.stats import summarize_ms
 
 log = logging.getLogger(__name__)
@@ -135,14 +135,15 @@ async def run_loadtest(
     duration_s: float,
     warmup_s: float = 2.0,
     streaming: bool = False,
+    tls_ca: Path | None = None,
 ) -> list[LevelResult]:
-    """Measure each concurrency level in turn against one channel.
+    """Measure each concurrency level in turn against one channel (TLS when `tls_ca` is set).
 
     `streaming` drives ClassifyStream (one stream per concurrent caller) instead of Classify.
     """
     if not images:
         raise ValueError("the load test needs at least one image")
-    async with grpc.aio.insecure_channel(target, options=channel_options()) as channel:
+    async with open_aio_channel(target, tls_ca) as channel:
         stub = inference_pb2_grpc.ClassifierStub(channel)
         results = []
         for concurrency in concurrencies:

@@ -482,6 +482,17 @@ def _http_app(service: InferenceService, is_ready: asyncio.Event) -> web.Applica
     return app
 
 
+def _server_credentials(settings: InferenceSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key (PEM), or None to serve plaintext."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    try:
+        pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
+    except OSError as exc:
+        raise ValueError(f"cannot read the TLS certificate or key: {exc}") from None
+    return grpc.ssl_server_credentials([pair])
+
+
 async def serve(settings: InferenceSettings) -> None:
     """Run the service until SIGTERM or SIGINT, then drain calls in flight and return."""
     metrics = ServiceMetrics()
@@ -498,11 +509,17 @@ async def serve(settings: InferenceSettings) -> None:
     _add_classifier(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
     address = f"{settings.host}:{settings.port}"
-    if server.add_insecure_port(address) == 0:
+    credentials = _server_credentials(settings)
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, credentials)
+    if bound == 0:
         raise OSError(f"could not bind the gRPC port {address}")
 
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -514,7 +531,14 @@ async def serve(settings: InferenceSettings) -> None:
     runner = web.AppRunner(_http_app(service, is_ready), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.http_port).start()
-    log.info("gRPC on %s, HTTP on %s:%d; loading model", address, settings.host, settings.http_port)
+    log.info(
+        "gRPC on %s (%s, reflection %s), HTTP on %s:%d; loading model",
+        address,
+        "TLS" if credentials is not None else "plaintext",
+        "on" if settings.reflection else "off",
+        settings.host,
+        settings.http_port,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,155 @@
+"""`vidflow serve --tls-cert/--tls-key` and `--no-reflection`, on a real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from protos import inference_pb2, inference_pb2_grpc
+from services.inference.client import client_channel, health_status
+from services.inference.launcher import REPO_ROOT, ServerProcess, start_server
+from tests.conftest import EXPECTED_CLASSES
+from tests.test_service import _http_get
+from vidflow.config import ClientSettings
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate (its own CA) for 127.0.0.1 and localhost, and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vidflow test")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "server.crt", directory / "server.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def tls_server(
+    tmp_path_factory: pytest.TempPathFactory, model_cache: Path
+) -> Iterator[ServerProcess]:
+    """The service over TLS, with reflection turned off."""
+    directory = tmp_path_factory.mktemp("tls-server")
+    cert, key = _self_signed(directory)
+    server = start_server(
+        directory, model_cache, "--tls-cert", str(cert), "--tls-key", str(key),
+        "--no-reflection", tls_ca=cert,
+    )  # fmt: skip
+    try:
+        server.wait_serving()  # the gRPC health check, over TLS
+        yield server
+    finally:
+        server.terminate()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vidflow.cli", *args],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+    )  # fmt: skip
+
+
+def test_classify_over_tls_with_the_ca(tls_server: ServerProcess, photos) -> None:
+    settings = ClientSettings(target=tls_server.target, tls_ca=tls_server.tls_ca)
+    with client_channel(settings) as channel:
+        reply = inference_pb2_grpc.ClassifierStub(channel).Classify(
+            inference_pb2.ClassifyRequest(image=photos["cat"]), timeout=30
+        )
+    assert reply.predictions[0].label in EXPECTED_CLASSES["cat"]
+    assert "TLS" in tls_server.log()
+
+
+def test_the_cli_classifies_and_checks_health_over_tls(
+    tls_server: ServerProcess, tmp_path: Path, video_frames
+) -> None:
+    import skimage
+
+    photo = Path(skimage.__file__).parent / "data" / "coffee.png"
+    tls = ("--target", tls_server.target, "--tls-ca", str(tls_server.tls_ca))
+    classify = _cli("classify", *tls, str(photo))
+    assert classify.returncode == 0, classify.stderr
+    assert classify.stdout.split("\t")[1] in EXPECTED_CLASSES["coffee"]
+    health = _cli("health", *tls)
+    assert (health.returncode, health.stdout.strip()) == (0, "SERVING"), health.stderr
+    report = tmp_path / "loadtest.json"
+    loadtest = _cli(
+        "loadtest", *tls, "--images", str(photo), "--concurrency", "2", "--duration", "1",
+        "--warmup", "0.2", "--json", str(report),
+    )  # fmt: skip
+    assert loadtest.returncode == 0, loadtest.stderr
+    (level,) = json.loads(report.read_text())
+    assert level["requests"] > 0 and level["errors"] == 0
+    # Readiness over HTTP is unchanged by TLS on the gRPC port.
+    assert _http_get(f"{tls_server.http_url}/readyz")[0] == 200
+
+
+def test_a_plaintext_client_cannot_talk_to_the_tls_server(
+    tls_server: ServerProcess, photos
+) -> None:
+    request = inference_pb2.ClassifyRequest(image=photos["cat"])
+    with grpc.insecure_channel(tls_server.target) as channel, pytest.raises(grpc.RpcError) as error:
+        inference_pb2_grpc.ClassifierStub(channel).Classify(request, timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert health_status(tls_server.target) == "UNREACHABLE"  # plaintext health check
+    # And a TLS client that does not trust the server's certificate fails too.
+    untrusting = grpc.ssl_channel_credentials()  # the system's CAs only
+    with (
+        grpc.secure_channel(tls_server.target, untrusting) as channel,
+        pytest.raises(grpc.RpcError) as error,
+    ):
+        inference_pb2_grpc.ClassifierStub(channel).Classify(request, timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_no_reflection_lists_no_services(tls_server: ServerProcess) -> None:
+    settings = ClientSettings(target=tls_server.target, tls_ca=tls_server.tls_ca)
+    with client_channel(settings) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.RpcError) as error:
+            next(iter(stub.ServerReflectionInfo(iter([request]), timeout=10)))
+    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "reflection off" in tls_server.log()
+
+
+def test_tls_cert_without_key_is_refused_with_a_reason(tmp_path: Path) -> None:
+    cert, _ = _self_signed(tmp_path)
+    serve = _cli("serve", "--tls-cert", str(cert), "--port", "0", "--http-port", "0")
+    assert serve.returncode == 2
+    assert "--tls-cert and --tls-key go together" in serve.stderr
