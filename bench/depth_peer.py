@@ -99,7 +99,8 @@ def prefect_server(home: Path) -> Iterator[str]:
 def ray_cluster(temp_dir: Path, bin_dir: Path) -> Iterator[str]:
     """A running single-node Ray on loopback (`ray start --head`), for the `cluster` mode; its
     workers find the ffmpeg wrapper first on PATH."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # Single-machine mode keeps every Ray server on 127.0.0.1 (see loopback_only_ray).
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.depth_extraction import local_ray_init_kwargs
+from flows.depth_extraction import local_ray_init_kwargs, loopback_only_ray
 from flows.depth_pipeline import start_depth_actors
 from vidflow.config import DepthSettings
 
@@ -23,7 +23,8 @@ def test_a_kept_actor_serves_the_next_run_then_ends_when_idle(
     settings = DepthSettings(
         depth_model=str(tiny_depth_model), device="cpu", depth_keep_alive_s=2.0
     )
-    ray.init(**local_ray_init_kwargs(num_cpus=2))
+    with loopback_only_ray():
+        ray.init(**local_ray_init_kwargs(num_cpus=2))
     try:
         [first] = start_depth_actors(settings)
         assert ray.get(first.depth_maps.remote([], tmp_path, settings)) == []
