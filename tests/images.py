@@ -74,3 +74,14 @@ def mpo_bytes(image: bytes) -> bytes:
     buffer = BytesIO()
     first.save(buffer, format="MPO", save_all=True, append_images=[first.resize((32, 24))])
     return buffer.getvalue()
+
+
+def png_with_chunk_claiming(length: int) -> bytes:
+    """A 45-byte PNG whose IEND chunk claims `length` bytes (OpenCV allocated that much)."""
+    header = struct.pack(">IIBBBBB", 64, 48, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + struct.pack(">I", length)
+        + b"IEND\xaeB`\x82"
+    )

@@ -17,7 +17,14 @@ from services.inference.preprocess import (
     preprocess,
     probe_image,
 )
-from tests.images import jpeg_bytes, mpo_bytes, png_bytes, png_claiming_size, solid_png
+from tests.images import (
+    jpeg_bytes,
+    mpo_bytes,
+    png_bytes,
+    png_claiming_size,
+    png_with_chunk_claiming,
+    solid_png,
+)
 
 SPEC = MODELS["efficientnet_lite0"].preprocess
 
@@ -132,3 +139,10 @@ def test_a_multi_picture_jpeg_from_a_phone_decodes_as_its_first_image() -> None:
     assert abs(int(rgb[10, 10, 0]) - 127) <= 2
     with pytest.raises(InvalidImageError, match="truncated"):
         decode_image(mpo[: len(mpo) - 100])
+
+
+def test_a_png_chunk_claiming_more_bytes_than_sent_is_refused_before_decoding() -> None:
+    bomb = png_with_chunk_claiming(2**31 - 1)
+    assert len(bomb) == 45
+    with pytest.raises(InvalidImageError, match="claims 2147483647 bytes, past the end"):
+        decode_image(bomb)

@@ -15,7 +15,7 @@ from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import channel_options
 from services.inference.launcher import ServerProcess, start_server
 from services.inference.server import STREAM_WINDOW
-from tests.images import png_claiming_size, solid_png
+from tests.images import png_claiming_size, png_with_chunk_claiming, solid_png
 from tests.test_service import _http_get, _metric
 
 pytestmark = pytest.mark.faults
@@ -73,6 +73,19 @@ def test_extreme_aspect_images_cost_bounded_server_memory(onnx_server: ServerPro
     assert growth_mb < EXTREME_ASPECT_MEMORY_BOUND_MB, (growth_mb, outcomes)
     # Within --max-image-pixels and libpng's side limit, these are classified, not refused.
     assert "INVALID_ARGUMENT" not in outcomes.values(), outcomes
+
+
+def test_a_png_chunk_length_bomb_is_refused_within_the_memory_bound(
+    onnx_server: ServerProcess,
+) -> None:
+    """45 bytes whose IEND chunk claims 2 GiB: OpenCV allocated all of it before the fix."""
+    channel, stub = _stub(onnx_server.target)
+    with channel:
+        baseline_kib = _reset_peak_rss(onnx_server.process.pid)
+        outcome = _answered_or_refused(stub, png_with_chunk_claiming(2**31 - 1))
+        growth_mb = (_proc_kib(onnx_server.process.pid, "VmHWM") - baseline_kib) / 1024
+    assert outcome == "INVALID_ARGUMENT"
+    assert growth_mb < EXTREME_ASPECT_MEMORY_BOUND_MB, growth_mb
 
 
 def test_an_extreme_image_does_not_fail_the_good_requests_in_its_batch(

@@ -10,7 +10,8 @@ What one accepted image can cost, at most (the bound the server's memory rests o
   `MAX_ENLARGED_ASPECT` x `resize_short_side`^2 x 3 bytes (786 KB for a 256 short side) when
   enlarging, plus the crop. A more elongated image is enlarged only where the centre crop keeps
   (without that, a 1 x 1,000,000 PNG of 4 KB asked OpenCV for 196 GB).
-An image with a side over `MAX_IMAGE_SIDE` is refused: libpng cannot decode it.
+An image with a side over `MAX_IMAGE_SIDE` is refused (libpng cannot decode it), and so is a PNG
+whose chunk lengths run past its data (OpenCV would allocate the claimed length, up to 2 GB).
 """
 
 from __future__ import annotations
@@ -114,7 +115,30 @@ def probe_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     marker = _PNG_IEND if image_format == "PNG" else _JPEG_EOI
     if marker not in tail:
         raise InvalidImageError(f"truncated image: the {image_format} data has no end marker")
+    if image_format == "PNG":
+        _check_png_chunks(data)
     return image_format, width, height
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Refuse a PNG whose chunk lengths run past its data (walking the 12-byte chunk headers).
+
+    OpenCV allocates a chunk's declared length before reading it: a 45-byte PNG whose IEND
+    claims 2**31 - 1 bytes made it allocate 2 GB.
+    """
+    offset = len(_PNG_SIGNATURE)
+    while offset + 12 <= len(data):
+        length = int.from_bytes(data[offset : offset + 4], "big")
+        kind = data[offset + 4 : offset + 8]
+        if offset + 12 + length > len(data):
+            raise InvalidImageError(
+                f"corrupt PNG: chunk {kind.decode('latin-1')!r} claims {length} bytes, "
+                f"past the end of the data ({len(data)} bytes)"
+            )
+        if kind == b"IEND":
+            return
+        offset += 12 + length
+    raise InvalidImageError("truncated image: the PNG data has no IEND chunk")
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
