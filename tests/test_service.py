@@ -319,3 +319,24 @@ def test_streaming_loadtest_counts_bad_images_as_errors_and_goes_on(
     assert level.errors == pytest.approx(level.requests / 4, rel=0.25, abs=2), level
     assert level.mean_batch_size > 1.0  # four open streams share batches
     assert 0 < level.latency_ms["p50"] <= level.latency_ms["p99"]
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on `port` (from /proc/net/tcp{,6})."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+def test_grpc_and_http_ports_listen_on_loopback_only_by_default(onnx_server) -> None:
+    assert "--host" not in onnx_server.args  # the defaults
+    # 127.0.0.1 as /proc/net/tcp writes it, and as ::ffff:127.0.0.1 (gRPC's dual-stack socket).
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}
+    for port in (onnx_server.port, onnx_server.http_port):
+        addresses = _listening_addresses(port)
+        assert addresses and addresses <= loopback, (port, addresses)
