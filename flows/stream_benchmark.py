@@ -82,6 +82,7 @@ def markdown_report(
         for row in latency_table(summary)
     )
     setting_rows = "\n".join(f"| {k} | `{v}` |" for k, v in settings.items())
+    lag = "unknown (broker lost)" if summary["lag"] is None else summary["lag"]
     return f"""# Stream benchmark
 
 **Throughput: {summary["fps"]:.1f} frames/s** over {summary["duration_s"]:.1f} s
@@ -99,9 +100,12 @@ def markdown_report(
 
 ## Errors
 
-| dead-lettered | failed attempts (retried) | frames undelivered by the producer | lag at end |
-| --- | --- | --- | --- |
-| {summary["dlq"]} | {summary["errors"]} | {produced["failed"]} | {summary["lag"]} |
+| dead-lettered | unanswered | failed attempts (retried) | not delivered by producer | lag at end |
+| --- | --- | --- | --- | --- |
+| {summary["dlq"]} | {summary["unanswered"]} | {summary["errors"]} | {produced["failed"]} | {lag} |
+
+`unanswered`: consumed, but no result or dead letter got out (left uncommitted for the group
+to redo).
 
 ## Settings
 
