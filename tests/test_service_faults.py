@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import signal
 import time
@@ -9,14 +10,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import channel_options
 from services.inference.launcher import ServerProcess, start_server
-from services.inference.server import STREAM_WINDOW
+from services.inference.metrics import ServiceMetrics
+from services.inference.preprocess import PreprocessSpec
+from services.inference.server import STREAM_WINDOW, InferenceService
 from tests.images import png_claiming_size, png_with_chunk_claiming, solid_png
 from tests.test_service import _http_get, _metric
+from vidflow.config import InferenceSettings
 
 pytestmark = pytest.mark.faults
 
@@ -260,3 +265,42 @@ def test_shutdown_log_says_an_open_stream_was_cancelled_not_drained(
         "of 1 call(s) open at shutdown, 0 call(s) drained, 1 cancelled at the end of the 2 s "
         "grace, 0 cancelled by their clients"
     ) in log, log
+
+
+def test_an_unexpected_failure_of_one_image_fails_only_that_image(
+    model_cache: Path, photos: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure that is not bad input (a mock: no real image makes one since the fix above)."""
+    import services.inference.server as server_module
+
+    real_preprocess = server_module.preprocess
+
+    def preprocess_failing_on_7x7(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+        if rgb.shape[:2] == (7, 7):
+            raise MemoryError("out of memory (simulated)")
+        return real_preprocess(rgb, spec)
+
+    monkeypatch.setattr(server_module, "preprocess", preprocess_failing_on_7x7)
+    service = InferenceService(
+        InferenceSettings(cache_dir=model_cache, backend="onnx"), ServiceMetrics()
+    )
+    poison = solid_png(7, 7)
+
+    async def scenario() -> tuple[list, list]:
+        await service.load()
+        try:
+            outcomes = service._run_batch([photos["cat"], poison, photos["coffee"]])
+            stream_items = [
+                await service._classify_stream_item(inference_pb2.ClassifyRequest(image=image))
+                for image in (poison, photos["cat"])
+            ]
+            return outcomes, stream_items
+        finally:
+            await service.close()
+
+    outcomes, stream_items = asyncio.run(scenario())
+    assert [outcome.probabilities is not None for outcome in outcomes] == [True, False, True]
+    assert isinstance(outcomes[1].error, MemoryError)
+    (failed, failed_code), (good, good_code) = stream_items
+    assert failed_code == grpc.StatusCode.INTERNAL and "inference failed" in failed.error
+    assert good_code == grpc.StatusCode.OK and good.predictions
