@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -36,9 +37,13 @@ def create_topics(kafka: KafkaSettings) -> list[str]:
 
 @task(cache_policy=NO_CACHE)
 def run_consumer(
-    kafka: KafkaSettings, settings: ConsumerSettings, target: str, assigned: threading.Event
+    kafka: KafkaSettings,
+    settings: ConsumerSettings,
+    target: str,
+    assigned: threading.Event,
+    tls_ca: Path | None = None,
 ) -> ConsumerSummary:
-    consumer = FrameConsumer(kafka, settings, target)
+    consumer = FrameConsumer(kafka, settings, target, tls_ca=tls_ca)
     watcher = threading.Thread(
         target=lambda: consumer.assigned.wait(settings.duration) and assigned.set(), daemon=True
     )
@@ -121,6 +126,7 @@ def stream_benchmark(
     duration: float = 30.0,
     fps: str = "native",
     target: str = "127.0.0.1:50051",
+    tls_ca: str | None = None,
     bootstrap_servers: str = "127.0.0.1:9092",
     consumer_concurrency: int = 8,
     consumers: int = 1,
@@ -150,7 +156,9 @@ def stream_benchmark(
     topics = create_topics(kafka)
     ready = [threading.Event() for _ in range(consumers)]
     consumer_runs = [
-        run_consumer.submit(kafka, consumer_settings, target, ready[i], wait_for=[topics])
+        run_consumer.submit(
+            kafka, consumer_settings, target, ready[i], tls_ca and Path(tls_ca), wait_for=[topics]
+        )
         for i in range(consumers)
     ]
     producer_run = run_producer.submit(kafka, producer_settings, duration, ready, wait_for=[topics])

@@ -20,13 +20,14 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from protos import inference_pb2, inference_pb2_grpc
-from services.inference.client import channel_options
+from services.inference.client import open_channel
 from tasks.broker_watch import BrokerLostError, BrokerWatch
 from tasks.consumer_metrics import ConsumerMetrics
 from tasks.frame_codec import (
@@ -119,6 +120,7 @@ class FrameConsumer:
         settings: ConsumerSettings,
         target: str,
         stop: threading.Event | None = None,
+        tls_ca: Path | None = None,
     ) -> None:
         self.kafka, self.settings, self.target = kafka, settings, target
         self.stop = stop or threading.Event()
@@ -148,7 +150,7 @@ class FrameConsumer:
             }
         )
         self._producer: Producer = make_producer(self.kafka, self.broker)
-        self._channel = grpc.insecure_channel(target, options=channel_options())
+        self._channel = open_channel(target, tls_ca)  # TLS when the service's CA is given
         self._stub = inference_pb2_grpc.ClassifierStub(self._channel)
 
     # ---- rebalancing ----------------------------------------------------------------------

@@ -26,6 +26,7 @@ import lance
 import pytest
 
 from services.inference.launcher import REPO_ROOT
+from tests.proc_helpers import listening_sockets
 from vidflow.demo import read_artifacts
 from vidflow.local_stack import kill_marked_processes, marked_processes
 
@@ -167,6 +168,21 @@ def test_the_prefect_ui_shows_the_stream_run_and_its_figures(demo: DemoRun) -> N
         assert path.stat().st_size > 10_000  # a rendered page, not a blank one
 
 
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def test_every_port_of_the_local_stack_listens_on_loopback_only(demo: DemoRun) -> None:
+    """Secure default: nothing the demo started (Prefect server and worker, broker, service,
+    their children) can be reached from another machine."""
+    listening = [
+        (pid, address)
+        for pid in {demo.process.pid, *marked_processes(MARKER, demo.marker)}
+        for address in listening_sockets(pid)
+    ]
+    assert len(listening) >= 4, listening  # UI/API, broker, gRPC, the service's HTTP port
+    assert all(address.rsplit(":", 1)[0] in LOOPBACK for _, address in listening), listening
+
+
 def test_ctrl_c_ends_the_demo_with_nothing_left_behind(demo: DemoRun) -> None:
     """Runs last (file order): the fixture's Ctrl-C happens at module teardown, so stop here."""
     demo.process.send_signal(signal.SIGINT)
@@ -174,3 +190,39 @@ def test_ctrl_c_ends_the_demo_with_nothing_left_behind(demo: DemoRun) -> None:
     assert demo.exit_code == 0
     time.sleep(1)
     assert marked_processes(MARKER, demo.marker) == []
+
+
+@pytest.mark.faults
+def test_a_sigkilled_demo_leaves_nothing_behind(tmp_path: Path) -> None:
+    """SIGKILL runs no `finally`: the demo's watcher must end the server, worker, broker and
+    service it started, each in its own session."""
+    marker = uuid.uuid4().hex
+    env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "vidflow.demo", "--videos", "1", "--stream-seconds", "3",
+               "--runs-dir", str(tmp_path)]  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    run = DemoRun(process, marker, tmp_path)
+    pending: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            pending.put(line)
+        pending.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        _wait_for(run, pending, "running depth-extraction/local", timeout_s=600)
+        started = marked_processes(MARKER, marker)
+        assert len(started) >= 4, started  # server, worker, service, broker (and the watcher)
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 60
+        while (left := marked_processes(MARKER, marker)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert left == [], f"{len(left)} processes outlived the SIGKILLed demo"
+    finally:
+        kill_marked_processes(MARKER, marker)

@@ -21,9 +21,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import client_channel, health_status
 from services.inference.launcher import REPO_ROOT, ServerProcess, start_server
-from tests.conftest import EXPECTED_CLASSES
+from tasks.producer import produce_frames
+from tests.conftest import EXPECTED_CLASSES, VIDEOS
+from tests.kafka_helpers import read_topic, result_keys
 from tests.test_service import _http_get
-from vidflow.config import ClientSettings
+from vidflow.config import ClientSettings, KafkaSettings, ProducerSettings
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
@@ -117,6 +119,29 @@ def test_the_cli_classifies_and_checks_health_over_tls(
     assert level["requests"] > 0 and level["errors"] == 0
     # Readiness over HTTP is unchanged by TLS on the gRPC port.
     assert _http_get(f"{tls_server.http_url}/readyz")[0] == 200
+
+
+def test_the_consume_command_classifies_frames_over_tls(
+    tls_server: ServerProcess, kafka: KafkaSettings, tmp_path: Path
+) -> None:
+    stats = produce_frames(
+        ProducerSettings(source=str(VIDEOS / "k400_arm_wrestling.mp4"), fps="max",
+                         stream_id="tls-cam", max_frames=20),
+        kafka,
+    )  # fmt: skip
+    assert stats.delivered == 20
+    summary_path = tmp_path / "summary.json"
+    consume = _cli(
+        "consume", "--target", tls_server.target, "--tls-ca", str(tls_server.tls_ca),
+        "--bootstrap-servers", kafka.bootstrap_servers, "--frames-topic", kafka.frames_topic,
+        "--results-topic", kafka.results_topic, "--dlq-topic", kafka.dlq_topic,
+        "--idle-timeout", "4", "--summary-json", str(summary_path),
+    )  # fmt: skip
+    assert consume.returncode == 0, consume.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["results_published"] == 20 and summary["errors"] == 0, summary
+    results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=20)
+    assert len(set(result_keys(results))) == 20
 
 
 def test_a_plaintext_client_cannot_talk_to_the_tls_server(

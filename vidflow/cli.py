@@ -145,9 +145,9 @@ def _consume(args: argparse.Namespace) -> int:
 
     kafka = settings_from_args(KafkaSettings, args)
     settings = settings_from_args(ConsumerSettings, args)
-    target = settings_from_args(ClientSettings, args).target
+    client = settings_from_args(ClientSettings, args)
     ensure_topics(kafka.bootstrap_servers, kafka.topics, kafka.partitions)
-    consumer = FrameConsumer(kafka, settings, target, _stop_on_sigterm())
+    consumer = FrameConsumer(kafka, settings, client.target, _stop_on_sigterm(), client.tls_ca)
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -172,6 +172,7 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
         duration=args.duration,
         fps=args.fps,
         target=settings_from_args(ClientSettings, args).target,
+        tls_ca=settings_from_args(ClientSettings, args).tls_ca,
         bootstrap_servers=kafka.bootstrap_servers,
         consumer_concurrency=args.concurrency,
         consumers=args.consumers,

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -37,8 +38,9 @@ from vidflow.config import (
     LogSettings,
 )
 from vidflow.frames import encode_jpeg, iter_video_frames
-from vidflow.local_stack import LocalStack, port_or_free
+from vidflow.local_stack import MARKER_VARIABLE, LocalStack, port_or_free, start_reaper
 from vidflow.logs import setup_logging
+from vidflow.processes import stop_process
 from vidflow.sample_mirror import running_mirror
 
 log = logging.getLogger("vidflow.demo")
@@ -135,6 +137,10 @@ def run_demo(args: argparse.Namespace, run_dir: Path, log_file: Path) -> int:
     logs_dir = run_dir / "logs"
     logs_dir.mkdir(parents=True)
     stack = LocalStack(logs_dir, prefect_home=args.runs_dir / "prefect", ui_port=port_or_free(4200))
+    # Everything started from here on carries the stack's marker, the service and broker too,
+    # and a watcher ends all of it should this process be killed before its `finally` runs.
+    os.environ[MARKER_VARIABLE] = stack.stack_id
+    reaper = start_reaper(MARKER_VARIABLE, stack.stack_id)
     inference: ServerProcess | None = None
     broker: LocalBroker | None = None
     try:
@@ -222,11 +228,12 @@ def run_demo(args: argparse.Namespace, run_dir: Path, log_file: Path) -> int:
         log.error("demo failed: %s", exc)
         return 1
     finally:
-        leftovers = stack.stop()
         if broker is not None:
             broker.stop()
         if inference is not None:
             inference.terminate()
+        stop_process(reaper, 10)  # this process stops everything itself now
+        leftovers = stack.stop()  # the worker, the server, then anything else marked
         log.info("stopped the worker, the Prefect server, the broker and the service%s",
                  f" (and {len(leftovers)} leftover processes)" if leftovers else "")  # fmt: skip
 

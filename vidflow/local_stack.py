@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from services.inference.launcher import REPO_ROOT, free_port
-from vidflow.processes import stop_process
+from vidflow.processes import signal_on_parent_death, stop_process
 
 log = logging.getLogger("vidflow.stack")
 
@@ -207,3 +207,37 @@ def kill_marked_processes(variable: str, value: str, grace_s: float = 10) -> lis
     if pids:
         log.info("stopped %d leftover processes of this run", len(pids))
     return pids
+
+
+def start_reaper(variable: str, value: str) -> subprocess.Popen[bytes]:
+    """A watcher that ends every process marked variable=value once this process dies.
+
+    A SIGKILLed demo cannot stop what it started, and what it started (Prefect server, worker,
+    flow runs, Ray, broker, service) lives in other sessions and process groups; the watcher
+    gets SIGTERM from the kernel when its parent dies, however it dies, and sweeps them.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-m", "vidflow.local_stack", "reap", variable, value, str(os.getpid())],
+        env={**os.environ, variable: value},
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C in the terminal does not reach it
+        preexec_fn=signal_on_parent_death,
+    )
+
+
+def _reap(variable: str, value: str, parent_pid: int) -> None:
+    """The watcher's body: wait for a signal; sweep the marked if the parent is gone by then.
+
+    A SIGTERM while the parent lives is the parent's own "stop watching": exit quietly.
+    """
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The parent may have died before the kernel was told to signal us: check once by hand.
+    if os.getppid() == parent_pid:
+        signal.pause()
+    if os.getppid() != parent_pid:  # reparented: the parent died
+        kill_marked_processes(variable, value)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["reap"]:
+    _reap(sys.argv[2], sys.argv[3], int(sys.argv[4]))

@@ -40,3 +40,13 @@ def die_with_parent() -> None:
     """
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def signal_on_parent_death() -> None:
+    """`preexec_fn` for a watcher: SIGTERM (which it can catch) when its parent dies.
+
+    Unlike `die_with_parent`, the child lives on to clean up after the parent, e.g. to end the
+    processes a SIGKILLed parent could no longer stop.
+    """
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
