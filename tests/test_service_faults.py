@@ -20,6 +20,7 @@ from services.inference.metrics import ServiceMetrics
 from services.inference.preprocess import PreprocessSpec
 from services.inference.server import STREAM_WINDOW, InferenceService
 from tests.images import png_claiming_size, png_with_chunk_claiming, solid_png
+from tests.proc_helpers import children, listening_addresses
 from tests.test_service import _http_get, _metric
 from vidflow.config import InferenceSettings
 
@@ -304,3 +305,20 @@ def test_an_unexpected_failure_of_one_image_fails_only_that_image(
     (failed, failed_code), (good, good_code) = stream_items
     assert failed_code == grpc.StatusCode.INTERNAL and "inference failed" in failed.error
     assert good_code == grpc.StatusCode.OK and good.predictions
+
+
+@pytest.mark.faults
+def test_a_sigkilled_server_leaves_no_process_and_frees_its_ports(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    server = start_server(tmp_path, model_cache)
+    server.wait_serving()
+    assert children(server.process.pid) == []  # nothing of its own that could outlive it
+    server.process.kill()
+    server.process.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while (listening_addresses(server.port) or listening_addresses(server.http_port)) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    assert listening_addresses(server.port) == [] and listening_addresses(server.http_port) == []

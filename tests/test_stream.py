@@ -71,6 +71,7 @@ def test_every_frame_gets_exactly_one_result_after_deduplication(kafka, onnx_ser
     assert report["fps"] > 0
 
 
+@pytest.mark.faults
 def test_a_corrupt_message_goes_to_the_dlq_and_the_consumer_goes_on(kafka, onnx_server) -> None:
     produced = _produce_clip(kafka, "cam-b", max_frames=20)
     producer = Producer({"bootstrap.servers": kafka.bootstrap_servers})
@@ -95,6 +96,7 @@ def test_a_corrupt_message_goes_to_the_dlq_and_the_consumer_goes_on(kafka, onnx_
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_the_service_stops_mid_stream_and_no_frame_is_lost(
     kafka, tmp_path: Path, model_cache: Path
 ) -> None:
