@@ -96,9 +96,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     assert broker.stop() in (0, -signal.SIGTERM)
 
 
-@pytest.fixture
-def kafka(broker: LocalBroker) -> KafkaSettings:
-    """Fresh topics for each test, on the shared broker."""
+def fresh_topics(broker: LocalBroker) -> KafkaSettings:
+    """Kafka settings naming new topics (2 partitions each) on `broker`, created now."""
     suffix = uuid.uuid4().hex[:8]
     settings = KafkaSettings(
         bootstrap_servers=broker.bootstrap_servers,
@@ -107,12 +106,14 @@ def kafka(broker: LocalBroker) -> KafkaSettings:
         dlq_topic=f"frames-{suffix}.dlq",
         partitions=2,
     )
-    ensure_topics(
-        settings.bootstrap_servers,
-        settings.topics,
-        settings.partitions,
-    )
+    ensure_topics(settings.bootstrap_servers, settings.topics, settings.partitions)
     return settings
+
+
+@pytest.fixture
+def kafka(broker: LocalBroker) -> KafkaSettings:
+    """Fresh topics for each test, on the shared broker."""
+    return fresh_topics(broker)
 
 
 @pytest.fixture(scope="session")

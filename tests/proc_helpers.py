@@ -40,8 +40,8 @@ def is_running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def listening_addresses(port: int) -> list[str]:
-    """The local addresses of TCP sockets listening on `port` (IPv4 and IPv6)."""
+def _listening() -> list[tuple[str, str, int]]:
+    """(socket inode, local ip, port) of every TCP socket in LISTEN state, IPv4 and IPv6."""
     found = []
     for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
         try:
@@ -50,39 +50,25 @@ def listening_addresses(port: int) -> list[str]:
             continue
         for line in lines:
             fields = line.split()
-            address, port_hex = fields[1].split(":")
-            if int(port_hex, 16) != port or fields[3] != "0A":  # 0A: LISTEN
+            if fields[3] != "0A":  # 0A: LISTEN
                 continue
+            address, port_hex = fields[1].split(":")
             raw = bytes.fromhex(address)
             # /proc prints each 32-bit word in host (little-endian) order.
             words = struct.unpack(f"<{len(raw) // 4}I", raw)
-            found.append(socket.inet_ntop(family, struct.pack(f">{len(words)}I", *words)))
-    return found
-
-
-def _listening_by_inode() -> dict[str, str]:
-    """Socket inode -> local address of every TCP socket in LISTEN state."""
-    found = {}
-    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] != "0A":
-                continue
-            address, port_hex = fields[1].split(":")
-            raw = bytes.fromhex(address)
-            words = struct.unpack(f"<{len(raw) // 4}I", raw)
             ip = socket.inet_ntop(family, struct.pack(f">{len(words)}I", *words))
-            found[fields[9]] = f"{ip}:{int(port_hex, 16)}"
+            found.append((fields[9], ip, int(port_hex, 16)))
     return found
+
+
+def listening_addresses(port: int) -> list[str]:
+    """The local addresses of TCP sockets listening on `port` (IPv4 and IPv6)."""
+    return [ip for _, ip, listening_port in _listening() if listening_port == port]
 
 
 def listening_sockets(pid: int) -> list[str]:
     """The "ip:port" addresses `pid` listens on (its open sockets matched to /proc/net/tcp*)."""
-    listening = _listening_by_inode()
+    listening = {inode: f"{ip}:{port}" for inode, ip, port in _listening()}
     found = []
     try:
         fds = list(Path(f"/proc/{pid}/fd").iterdir())

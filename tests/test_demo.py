@@ -66,18 +66,16 @@ def _wait_for(demo: DemoRun, pending: queue.Queue[str | None], text: str, timeou
     pytest.fail(f"the demo never printed {text!r}; its output:\n{demo.output[-6000:]}")
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
-    runs_dir = tmp_path_factory.mktemp("demo-runs")
+def _start_demo(runs_dir: Path, *args: str) -> tuple[DemoRun, queue.Queue[str | None]]:
+    """`python -m vidflow.demo` with the untrained stand-in, its output lines fed to a queue."""
     marker = uuid.uuid4().hex
     env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1"}  # the untrained stand-in
-    command = [sys.executable, "-m", "vidflow.demo", "--keep-ui", "--videos", "2",
-               "--stream-seconds", "6", "--runs-dir", str(runs_dir)]  # fmt: skip
+    command = [sys.executable, "-m", "vidflow.demo", *args, "--stream-seconds", "6",
+               "--runs-dir", str(runs_dir)]  # fmt: skip
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    run = DemoRun(process, marker, runs_dir)
     pending: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
@@ -87,6 +85,13 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
         pending.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
+    return DemoRun(process, marker, runs_dir), pending
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
+    run, pending = _start_demo(tmp_path_factory.mktemp("demo-runs"), "--keep-ui", "--videos", "2")
+    process, marker = run.process, run.marker
     try:
         _wait_for(run, pending, "The Prefect UI stays up", timeout_s=600)
         yield run
@@ -196,24 +201,8 @@ def test_ctrl_c_ends_the_demo_with_nothing_left_behind(demo: DemoRun) -> None:
 def test_a_sigkilled_demo_leaves_nothing_behind(tmp_path: Path) -> None:
     """SIGKILL runs no `finally`: the demo's watcher must end the server, worker, broker and
     service it started, each in its own session."""
-    marker = uuid.uuid4().hex
-    env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "vidflow.demo", "--videos", "1", "--stream-seconds", "3",
-               "--runs-dir", str(tmp_path)]  # fmt: skip
-    process = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    run = DemoRun(process, marker, tmp_path)
-    pending: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            pending.put(line)
-        pending.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
+    run, pending = _start_demo(tmp_path, "--videos", "1")
+    process, marker = run.process, run.marker
     try:
         _wait_for(run, pending, "running depth-extraction/local", timeout_s=600)
         started = marked_processes(MARKER, marker)

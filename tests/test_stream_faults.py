@@ -30,8 +30,7 @@ from services.inference.launcher import REPO_ROOT, free_port
 from tasks.broker import LocalBroker, start_broker
 from tasks.consumer import HEADER_DLQ_ATTEMPTS, HEADER_DLQ_STATUS, FrameConsumer
 from tasks.frame_codec import HEADER_DLQ_REASON, Frame, encode_frame_headers, frame_key
-from tasks.topics import ensure_topics
-from tests.conftest import VIDEOS
+from tests.conftest import VIDEOS, fresh_topics
 from tests.kafka_helpers import committed_total, read_topic, result_keys
 from tests.proc_helpers import children, is_running, listening_addresses
 from vidflow.config import ConsumerSettings, KafkaSettings
@@ -189,19 +188,6 @@ def own_broker(tmp_path: Path) -> Iterator[LocalBroker]:
             broker.process.wait(10)
 
 
-def _own_kafka(broker: LocalBroker) -> KafkaSettings:
-    suffix = uuid.uuid4().hex[:8]
-    kafka = KafkaSettings(
-        bootstrap_servers=broker.bootstrap_servers,
-        frames_topic=f"frames-{suffix}",
-        results_topic=f"predictions-{suffix}",
-        dlq_topic=f"frames-{suffix}.dlq",
-        partitions=2,
-    )
-    ensure_topics(kafka.bootstrap_servers, kafka.topics, kafka.partitions)
-    return kafka
-
-
 def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -231,7 +217,7 @@ EXIT_MARGIN_S = 10.0
 def test_consume_fails_within_the_grace_when_the_broker_dies_and_counts_unanswered_frames(
     own_broker: LocalBroker, scripted_service, video_frames: list[bytes], tmp_path: Path
 ) -> None:
-    kafka = _own_kafka(own_broker)
+    kafka = fresh_topics(own_broker)
     target, _service = scripted_service(lambda _request, _attempt: None, delay_s=0.05)
     _publish_frames(kafka, "cam-k", 300, video_frames[0])  # about 8 s at 2 x 50 ms
     group = f"group-{uuid.uuid4().hex[:6]}"
@@ -279,7 +265,7 @@ def test_consume_fails_within_the_grace_when_the_broker_dies_and_counts_unanswer
 def test_produce_fails_within_the_grace_when_the_broker_dies(
     own_broker: LocalBroker, tmp_path: Path
 ) -> None:
-    kafka = _own_kafka(own_broker)
+    kafka = fresh_topics(own_broker)
     log_path = tmp_path / "produce.log"
     with open(log_path, "wb") as log_file:
         produce = subprocess.Popen(
