@@ -38,9 +38,14 @@ from vidflow.config import (
     LogSettings,
 )
 from vidflow.frames import encode_jpeg, iter_video_frames
-from vidflow.local_stack import MARKER_VARIABLE, LocalStack, port_or_free, start_reaper
+from vidflow.local_stack import (
+    MARKER_VARIABLE,
+    LocalStack,
+    port_or_free,
+    start_reaper,
+    stop_reaper,
+)
 from vidflow.logs import setup_logging
-from vidflow.processes import stop_process
 from vidflow.sample_mirror import running_mirror
 
 log = logging.getLogger("vidflow.demo")
@@ -232,7 +237,7 @@ def run_demo(args: argparse.Namespace, run_dir: Path, log_file: Path) -> int:
             broker.stop()
         if inference is not None:
             inference.terminate()
-        stop_process(reaper, 10)  # this process stops everything itself now
+        stop_reaper(reaper)  # this process stops everything itself now
         leftovers = stack.stop()  # the worker, the server, then anything else marked
         log.info("stopped the worker, the Prefect server, the broker and the service%s",
                  f" (and {len(leftovers)} leftover processes)" if leftovers else "")  # fmt: skip

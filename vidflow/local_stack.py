@@ -193,20 +193,28 @@ def marked_processes(variable: str, value: str) -> list[int]:
 
 
 def kill_marked_processes(variable: str, value: str, grace_s: float = 10) -> list[int]:
-    """SIGTERM every marked process, SIGKILL those still there after `grace_s`; their PIDs."""
-    pids = marked_processes(variable, value)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and marked_processes(variable, value):
-        time.sleep(0.2)
-    for pid in marked_processes(variable, value):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    if pids:
-        log.info("stopped %d leftover processes of this run", len(pids))
-    return pids
+    """SIGTERM every marked process, SIGKILL those still there after `grace_s`; their PIDs.
+
+    A process may start another while it is being stopped (a worker launching a flow run, Ray
+    a worker): a few more rounds catch those.
+    """
+    stopped: list[int] = []
+    for _ in range(3):
+        if not (pids := marked_processes(variable, value)):
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and marked_processes(variable, value):
+            time.sleep(0.2)
+        for pid in marked_processes(variable, value):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stopped += [pid for pid in pids if pid not in stopped]
+    if stopped:
+        log.info("stopped %d leftover processes of this run", len(stopped))
+    return stopped
 
 
 def start_reaper(variable: str, value: str) -> subprocess.Popen[bytes]:
@@ -225,16 +233,29 @@ def start_reaper(variable: str, value: str) -> subprocess.Popen[bytes]:
     )
 
 
-def _reap(variable: str, value: str, parent_pid: int) -> None:
-    """The watcher's body: wait for a signal; sweep the marked if the parent is gone by then.
+def stop_reaper(reaper: subprocess.Popen[bytes]) -> None:
+    """Tell the watcher the parent stops everything itself: it exits without sweeping."""
+    if reaper.poll() is None:
+        reaper.send_signal(signal.SIGUSR1)
+    stop_process(reaper, 10)
 
-    A SIGTERM while the parent lives is the parent's own "stop watching": exit quietly.
+
+def _reap(variable: str, value: str, parent_pid: int) -> None:
+    """The watcher's body: on the kernel's SIGTERM, wait for the parent to be gone, then sweep.
+
+    The kernel signals when the thread that started the watcher dies; the rest of the parent
+    may take a moment longer (getppid() says the parent until then). SIGUSR1 is the parent's
+    own "stop watching".
     """
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    signal.signal(signal.SIGUSR1, lambda _signum, _frame: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The parent may have died before the kernel was told to signal us: check once by hand.
     if os.getppid() == parent_pid:
         signal.pause()
+    deadline = time.monotonic() + 10
+    while os.getppid() == parent_pid and time.monotonic() < deadline:
+        time.sleep(0.1)
     if os.getppid() != parent_pid:  # reparented: the parent died
         kill_marked_processes(variable, value)
 
