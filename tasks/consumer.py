@@ -9,6 +9,11 @@ service fails on otherwise (INTERNAL, ...) is tried `--max-attempts` times, then
 with its status, details and attempt count, so the group moves on past it. A broker gone for
 longer than `--broker-grace-s` ends the run with `broker_error` set; the summary then counts the
 frames consumed whose result never got out (`unanswered`): uncommitted, so the group redoes them.
+
+With a latency budget (`--max-frame-age-ms`), a frame already older than the budget when its
+inference call is due (first call or retry) is not classified: it gets a result record with
+`skipped="stale"` and its age, and its offset is committed like a result's, so latency stays
+bounded under overload and every frame still has exactly one outcome.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from tasks.frame_codec import (
     FrameFormatError,
     FrameResult,
     decode_frame,
+    stale_result,
 )
 from tasks.offsets import OffsetTracker
 from tasks.producer import make_producer
@@ -56,6 +62,9 @@ HEADER_DLQ_STATUS = "vidflow-dlq-status"
 HEADER_DLQ_ATTEMPTS = "vidflow-dlq-attempts"
 PROGRESS_EVERY_S = 5.0
 COMMIT_EVERY_S = 0.5
+# Messages taken per pass of the loop at most: skipping a backlog of stale frames needs no
+# inference slot, and completions must still be handled meanwhile.
+ADMIT_PER_PASS = 256
 
 
 @dataclass
@@ -73,7 +82,8 @@ class _Call:
 @dataclass
 class ConsumerSummary:
     frames_consumed: int = 0
-    results_published: int = 0
+    results_published: int = 0  # classified frames; the latencies below are theirs only
+    skipped_stale: int = 0  # frames past the latency budget, recorded as skipped
     dlq: int = 0
     errors: int = 0
     retries: int = 0
@@ -91,12 +101,20 @@ class ConsumerSummary:
     @property
     def unanswered(self) -> int:
         """Frames consumed whose result (or dead-letter copy) was never delivered."""
-        return max(0, self.frames_consumed - self.results_published - self.dlq)
+        return max(0, self.frames_consumed - self.results_published - self.skipped_stale - self.dlq)
+
+    @property
+    def skipped_fraction(self) -> float:
+        """Of the frames with an outcome, the part skipped as stale."""
+        outcomes = self.results_published + self.skipped_stale + self.dlq
+        return self.skipped_stale / outcomes if outcomes else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "frames_consumed": self.frames_consumed,
             "results_published": self.results_published,
+            "skipped_stale": self.skipped_stale,
+            "skipped_fraction": round(self.skipped_fraction, 4),
             "dlq": self.dlq,
             "errors": self.errors,
             "retries": self.retries,
@@ -193,7 +211,32 @@ class FrameConsumer:
         except FrameFormatError as exc:
             self._dead_letter(message, str(exc))
             return
-        self._send(_Call(message, frame))
+        call = _Call(message, frame)
+        if not self._skipped_as_stale(call):
+            self._send(call)
+
+    def _skipped_as_stale(self, call: _Call) -> bool:
+        """Publish a stale record instead of calling the service if the frame is past the
+        budget; say whether it did."""
+        budget = self.settings.max_frame_age_ms
+        if budget is None:
+            return False
+        age_ms = (time.time_ns() - call.frame.capture_ts_ns) / 1e6
+        if age_ms <= budget:
+            return False
+        message = call.message
+        record = stale_result(call.frame, message.partition(), message.offset(), age_ms)
+
+        def delivered() -> None:
+            self.summary.skipped_stale += 1
+            self.metrics.skipped_stale.inc()
+
+        log.debug("frame %s skipped: %.1f ms old", record.key, age_ms)
+        self._publish(
+            self.kafka.results_topic, record.key.encode(), record.to_json(), None,
+            self._finish_callback(message, delivered),
+        )  # fmt: skip
+        return True
 
     def _finish_callback(self, message: Message, on_ok=None):
         topic, partition, offset = message.topic(), message.partition(), message.offset()
@@ -393,8 +436,11 @@ class FrameConsumer:
             while not self._should_stop(started, last_message_at):
                 self.broker.check()
                 busy = self._in_flight + len(self._waiting_retry)
-                while busy < settings.concurrency and not self._should_stop(
-                    started, last_message_at
+                admitted = 0
+                while (
+                    busy < settings.concurrency
+                    and admitted < ADMIT_PER_PASS
+                    and not self._should_stop(started, last_message_at)
                 ):
                     message = self._consumer.poll(0 if busy else 0.05)
                     if message is None:
@@ -406,6 +452,7 @@ class FrameConsumer:
                     last_message_at = time.monotonic()
                     first_message_at = first_message_at or last_message_at
                     self._admit(message)
+                    admitted += 1
                     busy = self._in_flight + len(self._waiting_retry)
                 self._drain_completions(timeout_s=0.002 if busy else 0)
                 self._resend_due()
@@ -465,7 +512,10 @@ class FrameConsumer:
         for _ in range(len(self._waiting_retry)):
             call = self._waiting_retry.popleft()
             if call.retry_at <= now and not self.stop.is_set():
-                self._send(call)
+                if (call.message.topic(), call.message.partition()) not in self._owned:
+                    continue  # revoked while waiting: the new owner redoes it
+                if not self._skipped_as_stale(call):
+                    self._send(call)
             else:
                 self._waiting_retry.append(call)
 
@@ -489,9 +539,10 @@ class FrameConsumer:
         if isinstance(lag, int):
             self.metrics.lag.set(lag)
         log.info(
-            "progress: %d consumed, %d results, %d dlq, %d errors, %.1f fps, "
+            "progress: %d consumed, %d results, %d stale, %d dlq, %d errors, %.1f fps, "
             "e2e p50 %.1f ms p99 %.1f ms (last 500), lag %s",
-            summary.frames_consumed, summary.results_published, summary.dlq, summary.errors,
+            summary.frames_consumed, summary.results_published, summary.skipped_stale,
+            summary.dlq, summary.errors,
             summary.results_published / elapsed_s if elapsed_s > 0 else 0.0,
             e2e["p50"], e2e["p99"], lag,
         )  # fmt: skip
@@ -501,7 +552,9 @@ def merge_summaries(summaries: list[ConsumerSummary]) -> ConsumerSummary:
     """One summary for several members of a group: counts add up, latencies pool together."""
     merged = ConsumerSummary()
     for summary in summaries:
-        for name in ("frames_consumed", "results_published", "dlq", "errors", "retries"):
+        for name in (
+            "frames_consumed", "results_published", "skipped_stale", "dlq", "errors", "retries",
+        ):  # fmt: skip
             setattr(merged, name, getattr(merged, name) + getattr(summary, name))
         if merged.lag is not None:
             merged.lag = None if summary.lag is None else merged.lag + summary.lag
@@ -518,6 +571,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lag = "unknown" if summary["lag"] is None else summary["lag"]
     lines = [
         f"frames consumed {summary['frames_consumed']}, results {summary['results_published']}, "
+        f"skipped stale {summary['skipped_stale']} ({summary['skipped_fraction']:.1%}), "
         f"dlq {summary['dlq']}, unanswered {summary['unanswered']}, errors {summary['errors']}, "
         f"{summary['fps']:.1f} fps, lag {lag}",
         *([f"BROKER LOST: {summary['broker_error']}"] if summary.get("broker_error") else []),

@@ -18,6 +18,11 @@ class ConsumerMetrics:
             "Results delivered to the results topic.",
             registry=self.registry,
         )
+        self.skipped_stale = Counter(
+            "vidflow_consumer_skipped_stale",
+            "Frames older than the latency budget when due, recorded as skipped, not classified.",
+            registry=self.registry,
+        )
         self.dead_lettered = Counter(
             "vidflow_consumer_dead_lettered",
             "Messages sent to the dead-letter topic.",

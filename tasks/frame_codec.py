@@ -9,6 +9,7 @@ delivery allows.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -72,7 +73,11 @@ def decode_frame(value: bytes | None, headers: Headers | None) -> Frame:
 
 @dataclass(frozen=True)
 class FrameResult:
-    """What the consumer publishes for one frame."""
+    """What the consumer publishes for one frame.
+
+    A frame skipped under the latency budget gets a record too, so none is silently lost:
+    `skipped="stale"`, its age (capture to the moment its call was due) in `age_ms` and in
+    `e2e_ms`, an empty label, class_index -1 and zero score and timings."""
 
     stream_id: str
     frame_index: int
@@ -87,6 +92,8 @@ class FrameResult:
     e2e_ms: float
     partition: int
     offset: int
+    skipped: str | None = None  # "stale": not classified, older than --max-frame-age-ms
+    age_ms: float | None = None  # a skipped frame's age when it was skipped
 
     @property
     def key(self) -> str:
@@ -99,3 +106,28 @@ class FrameResult:
     def from_json(cls, payload: bytes) -> FrameResult:
         data: dict[str, Any] = json.loads(payload)
         return cls(**data)
+
+
+SKIPPED_STALE = "stale"
+
+
+def stale_result(frame: Frame, partition: int, offset: int, age_ms: float) -> FrameResult:
+    """The record of a frame not classified because it was older than the latency budget."""
+    age = round(age_ms, 3)
+    return FrameResult(
+        stream_id=frame.stream_id,
+        frame_index=frame.frame_index,
+        label="",
+        class_index=-1,
+        score=0.0,
+        model_name="",
+        capture_ts_ns=frame.capture_ts_ns,
+        result_ts_ns=time.time_ns(),
+        inference_ms=0.0,
+        rpc_ms=0.0,
+        e2e_ms=age,
+        partition=partition,
+        offset=offset,
+        skipped=SKIPPED_STALE,
+        age_ms=age,
+    )

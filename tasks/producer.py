@@ -1,8 +1,11 @@
 """`vidflow produce`: read frames from a video file, webcam or RTSP stream, publish JPEG frames.
 
 Paced at the source's frame rate by default, so a file behaves like a live camera; `--fps max`
-publishes as fast as frames can be read and encoded. A broker gone for longer than
-`--broker-grace-s` ends the run with `broker_error` set; the frames it never took count as failed.
+publishes as fast as frames can be read and encoded. `--streams N` replays the source as N
+independent cameras from one process: each decoded frame is JPEG-encoded once and published N
+times, each copy with its own camera's stream id, frame index and capture time, the cameras'
+clocks staggered by 1/N of a frame period. A broker gone for longer than `--broker-grace-s` ends
+the run with `broker_error` set; the frames it never took count as failed.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass
+import zlib
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
@@ -27,6 +31,8 @@ FALLBACK_FPS = 30.0
 
 @dataclass
 class ProduceStats:
+    """What one produce run did; `frames_read` counts messages published, over all streams."""
+
     stream_id: str
     source: str
     frames_read: int = 0
@@ -34,15 +40,27 @@ class ProduceStats:
     failed: int = 0
     bytes_published: int = 0
     duration_s: float = 0.0
-    target_fps: float | None = None
+    target_fps: float | None = None  # per stream
     broker_error: str | None = None
+    streams: int = 1
+    frames_decoded: int = 0  # source frames decoded and encoded (once for all streams)
+    per_stream: dict[str, int] = field(default_factory=dict)  # messages published per stream id
 
     @property
     def fps(self) -> float:
+        """Messages published per second, all streams together."""
         return self.frames_read / self.duration_s if self.duration_s > 0 else 0.0
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "fps": round(self.fps, 2)}
+
+
+@dataclass(frozen=True)
+class Camera:
+    """One replayed camera: its stream id and the partition that keeps its frames in order."""
+
+    stream_id: str
+    partition: int | None  # None: librdkafka's partitioner picks by key (one stream)
 
 
 def open_source(source: str) -> cv2.VideoCapture:
@@ -87,17 +105,47 @@ def make_producer(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> Pro
     )
 
 
+def cameras(base: str, streams: int, partitions: int) -> list[Camera]:
+    """The cameras of one run: `base` alone, or `base-0` .. `base-(N-1)` spread over partitions.
+
+    Hashing the keys (librdkafka's default) can put several cameras of one run in the same
+    partition (cam-0 .. cam-3 all land in partition 0 of 2), and then one consumer of a group
+    gets them all. Camera i goes to partition (crc32(base) + i) mod partitions instead: one
+    camera still stays in one partition, in order, and a run's cameras spread evenly."""
+    if streams == 1:
+        return [Camera(base, None)]
+    first = zlib.crc32(base.encode())
+    return [Camera(f"{base}-{i}", (first + i) % partitions) for i in range(streams)]
+
+
+def _partition_count(producer: Producer, topic: str) -> int:
+    metadata = producer.list_topics(topic, timeout=10).topics[topic]
+    if metadata.error is not None or not metadata.partitions:
+        raise RuntimeError(f"topic {topic} has no partitions: {metadata.error}")
+    return len(metadata.partitions)
+
+
 def produce_frames(
     settings: ProducerSettings, kafka: KafkaSettings, stop: threading.Event | None = None
 ) -> ProduceStats:
-    """Publish frames until the source ends (unless --loop), --max-frames, or `stop` is set."""
+    """Publish frames until the source ends (unless --loop), --max-frames per stream, or `stop`.
+
+    The cameras take turns on one schedule: turn t is camera t mod N's frame t // N, due at
+    t / (N * fps), so camera i runs at fps with its start i/N of a frame period after camera 0.
+    Camera 0's turn decodes and encodes the next source frame; the others publish that JPEG."""
     stop = stop or threading.Event()
     capture = open_source(settings.source)
     fps = target_fps(settings.fps, capture)
-    stream_id = settings.stream_id or Path(settings.source).stem or settings.source
-    stats = ProduceStats(stream_id=stream_id, source=settings.source, target_fps=fps)
+    base = settings.stream_id or Path(settings.source).stem or settings.source
     watch = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
     producer = make_producer(kafka, watch)
+    n = settings.streams
+    partitions = _partition_count(producer, kafka.frames_topic) if n > 1 else 1
+    cams = cameras(base, n, partitions)
+    stats = ProduceStats(
+        stream_id=base, source=settings.source, target_fps=fps, streams=n,
+        per_stream={cam.stream_id: 0 for cam in cams},
+    )  # fmt: skip
 
     def on_delivery(error: KafkaError | None, message: Message) -> None:
         if error is None:
@@ -107,29 +155,36 @@ def produce_frames(
         log.error("frame %s not delivered: %s", message.key(), error)
 
     log.info(
-        "producing %s as stream %r to %s at %s fps",
-        settings.source, stream_id, kafka.frames_topic, f"{fps:.2f}" if fps else "max",
+        "producing %s as %d stream(s) %r to %s at %s fps each",
+        settings.source, n, base, kafka.frames_topic, f"{fps:.2f}" if fps else "max",
     )  # fmt: skip
     started = time.monotonic()
+    jpeg = b""
+    turn = 0
     try:
         while not stop.is_set():
-            if settings.max_frames is not None and stats.frames_read >= settings.max_frames:
+            camera, frame_index = cams[turn % n], turn // n
+            if settings.max_frames is not None and frame_index >= settings.max_frames:
                 break
-            if fps is not None:  # pace like a live camera: frame i is due at i / fps
-                delay = started + stats.frames_read / fps - time.monotonic()
+            if fps is not None:  # pace like live cameras: turn t is due at t / (N * fps)
+                delay = started + turn / (n * fps) - time.monotonic()
                 if delay > 0 and stop.wait(delay):
                     break
-            ok, image = capture.read()
-            if not ok:
-                if settings.loop and stats.frames_read > 0:
-                    capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
-                    continue
-                break
-            capture_ts_ns = time.time_ns()
-            jpeg = encode_jpeg(image, settings.jpeg_quality)
-            frame = Frame(stream_id, stats.frames_read, capture_ts_ns, time.time_ns(), jpeg)
-            _produce(producer, kafka.frames_topic, frame, on_delivery, watch)
+            capture_ts_ns = time.time_ns()  # the camera's turn: its frame is taken now
+            if turn % n == 0:  # the others publish this JPEG on their turns
+                ok, image = capture.read()
+                if not ok:
+                    if settings.loop and stats.frames_decoded > 0:
+                        capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                        continue
+                    break
+                jpeg = encode_jpeg(image, settings.jpeg_quality)
+                stats.frames_decoded += 1
+            frame = Frame(camera.stream_id, frame_index, capture_ts_ns, time.time_ns(), jpeg)
+            _produce(producer, kafka.frames_topic, frame, camera.partition, on_delivery, watch)
+            turn += 1
             stats.frames_read += 1
+            stats.per_stream[camera.stream_id] += 1
             stats.bytes_published += len(frame.jpeg)
             watch.check()
     except BrokerLostError as exc:
@@ -148,13 +203,21 @@ def produce_frames(
             stats.broker_error = watch.describe()
         stats.duration_s = time.monotonic() - started
     log.info(
-        "produced %d frames (%d delivered, %d failed) in %.1f s (%.1f fps)",
-        stats.frames_read, stats.delivered, stats.failed, stats.duration_s, stats.fps,
+        "produced %d frames in %d stream(s) (%d delivered, %d failed) in %.1f s (%.1f fps)",
+        stats.frames_read, n, stats.delivered, stats.failed, stats.duration_s, stats.fps,
     )  # fmt: skip
     return stats
 
 
-def _produce(producer: Producer, topic: str, frame: Frame, on_delivery, watch: BrokerWatch) -> None:
+def _produce(
+    producer: Producer,
+    topic: str,
+    frame: Frame,
+    partition: int | None,
+    on_delivery,
+    watch: BrokerWatch,
+) -> None:
+    placement = {} if partition is None else {"partition": partition}
     while True:
         try:
             producer.produce(
@@ -163,6 +226,7 @@ def _produce(producer: Producer, topic: str, frame: Frame, on_delivery, watch: B
                 value=frame.jpeg,
                 headers=encode_frame_headers(frame),
                 on_delivery=on_delivery,
+                **placement,
             )
             break
         except BufferError:  # the local queue is full: let deliveries drain, then retry

@@ -179,9 +179,19 @@ class ProducerSettings(BaseSettings):
     source: str = Field(..., description="video file, webcam:N or rtsp://...")
     fps: str = Field("native", description="frames per second: a number, native or max")
     loop: bool = Field(False, description="start the file again at its end")
-    max_frames: int | None = Field(None, description="stop after this many frames")
+    max_frames: int | None = Field(None, description="stop after this many frames (per stream)")
     jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of published frames")
-    stream_id: str | None = Field(None, description="stream id (default: the source's name)")
+    stream_id: str | None = Field(
+        None, description="stream id (default: the source's name); with --streams N, the base"
+    )
+    streams: int = Field(
+        1,
+        ge=1,
+        description=(
+            "replay the source as this many live cameras (ids BASE-0 .. BASE-N-1), each paced "
+            "at --fps, starts staggered over one frame period; --max-frames counts per camera"
+        ),
+    )
 
 
 class ConsumerSettings(BaseSettings):
@@ -209,6 +219,14 @@ class ConsumerSettings(BaseSettings):
         description=(
             "calls for a frame the service fails on (INTERNAL, UNKNOWN, DEADLINE_EXCEEDED, ...) "
             "before it goes to the dead-letter topic; UNAVAILABLE waits for the service instead"
+        ),
+    )
+    max_frame_age_ms: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "latency budget: a frame older than this (since capture) when its inference call "
+            "is due is not classified but gets a result record skipped=stale (default: off)"
         ),
     )
 

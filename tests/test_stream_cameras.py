@@ -1,0 +1,264 @@
+"""Many cameras from one producer, the consumer's latency budget, and a group sharing cameras:
+against the real local broker and a real inference service on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from prometheus_client import generate_latest
+
+from services.inference.launcher import REPO_ROOT, free_port
+from tasks.broker import LocalBroker
+from tasks.consumer import FrameConsumer
+from tasks.frame_codec import Frame, FrameResult, decode_frame, frame_key
+from tasks.producer import produce_frames
+from tasks.topics import ensure_topics
+from tests.conftest import VIDEOS
+from tests.kafka_helpers import committed_total, read_topic
+from vidflow.config import ConsumerSettings, KafkaSettings, ProducerSettings
+
+CLIP = VIDEOS / "k400_arm_wrestling.mp4"
+PARTITIONS = 4
+
+
+def _topics(broker: LocalBroker, partitions: int = PARTITIONS) -> KafkaSettings:
+    """Fresh topics with a partition per camera, so a group can share the cameras out."""
+    suffix = uuid.uuid4().hex[:8]
+    kafka = KafkaSettings(
+        bootstrap_servers=broker.bootstrap_servers,
+        frames_topic=f"cams-{suffix}",
+        results_topic=f"cams-results-{suffix}",
+        dlq_topic=f"cams-{suffix}.dlq",
+        partitions=partitions,
+    )
+    ensure_topics(kafka.bootstrap_servers, kafka.topics, partitions)
+    return kafka
+
+
+def _consumer(kafka: KafkaSettings, target: str, **settings) -> FrameConsumer:
+    defaults = {"group": f"group-{uuid.uuid4().hex[:6]}", "idle_timeout": 4.0, "duration": 120.0}
+    return FrameConsumer(kafka, ConsumerSettings(**{**defaults, **settings}), target)
+
+
+def _results(kafka: KafkaSettings, expected: int | None = None) -> list[FrameResult]:
+    messages = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=expected)
+    return [FrameResult.from_json(m.value()) for m in messages]
+
+
+def test_streams_replay_the_clip_as_staggered_cameras_each_in_order(broker) -> None:
+    kafka = _topics(broker)
+    streams, per_camera, fps = 4, 8, 20.0
+    stats = produce_frames(
+        ProducerSettings(
+            source=str(CLIP), streams=streams, max_frames=per_camera, fps=str(fps), stream_id="cam"
+        ),
+        kafka,
+    )
+    ids = [f"cam-{i}" for i in range(streams)]
+    assert stats.failed == 0 and stats.delivered == stats.frames_read == streams * per_camera
+    assert stats.streams == streams and stats.per_stream == dict.fromkeys(ids, per_camera)
+    assert stats.frames_decoded == per_camera  # decoded and encoded once for all cameras
+
+    messages = read_topic(kafka.bootstrap_servers, kafka.frames_topic, expected=stats.frames_read)
+    by_stream: dict[str, list[tuple[int, int, Frame]]] = defaultdict(list)
+    for message in messages:
+        frame = decode_frame(message.value(), message.headers())
+        assert message.key().decode() == frame.stream_id
+        by_stream[frame.stream_id].append((message.partition(), message.offset(), frame))
+    assert sorted(by_stream) == ids
+    partitions = set()
+    for stream_id, entries in by_stream.items():
+        assert len({partition for partition, _, _ in entries}) == 1, stream_id  # one partition
+        partitions.add(entries[0][0])
+        in_log_order = [frame for _, _, frame in sorted(entries, key=lambda e: e[1])]
+        assert [f.frame_index for f in in_log_order] == list(range(per_camera))
+        captures = [f.capture_ts_ns for f in in_log_order]
+        assert captures == sorted(captures)
+    assert partitions == set(range(PARTITIONS))  # the cameras are spread, not hashed together
+
+    frames = {(f.stream_id, f.frame_index): f for es in by_stream.values() for _, _, f in es}
+    start = frames[("cam-0", 0)].capture_ts_ns
+    period_ns = 1e9 / fps
+    slack_ns = 5e6  # wall clock against the monotonic pacing clock
+    for i, stream_id in enumerate(ids):
+        for k in range(per_camera):
+            frame = frames[(stream_id, k)]
+            # camera i's frame k is due (k + i/N) periods after the first; never earlier
+            assert frame.capture_ts_ns - start >= (k + i / streams) * period_ns - slack_ns
+            assert frame.jpeg == frames[("cam-0", k)].jpeg  # the same picture, one encode
+    firsts = [frames[(stream_id, 0)].capture_ts_ns for stream_id in ids]
+    assert firsts == sorted(firsts) and len(set(firsts)) == streams  # staggered starts
+    last = max(f.capture_ts_ns for f in frames.values())
+    assert last - start < 4 * per_camera * period_ns  # paced at fps, not one frame per period*N
+
+
+def test_a_latency_budget_skips_stale_frames_and_every_frame_has_one_outcome(
+    broker, onnx_server
+) -> None:
+    kafka = _topics(broker)
+    budget_ms = 1000.0
+    backlog = produce_frames(
+        ProducerSettings(source=str(CLIP), streams=4, max_frames=15, fps="max", stream_id="old"),
+        kafka,
+    )
+    time.sleep(budget_ms / 1e3 + 0.2)  # the backlog is past the budget before anyone reads it
+    consumer = _consumer(kafka, onnx_server.target, max_frame_age_ms=budget_ms)
+    outcome: dict[str, object] = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault("summary", consumer.run()))
+    worker.start()
+    try:
+        assert consumer.assigned.wait(60)
+        live = produce_frames(  # frames fresh when read: well within the budget
+            ProducerSettings(source=str(CLIP), streams=2, max_frames=10, fps="20", stream_id="new"),
+            kafka,
+        )
+        worker.join(120)
+        assert not worker.is_alive()
+    finally:
+        consumer.stop.set()
+        worker.join(30)
+    summary = outcome["summary"]
+    total = backlog.frames_read + live.frames_read
+    assert summary.frames_consumed == total and summary.unanswered == 0 and summary.dlq == 0
+    assert summary.skipped_stale >= backlog.frames_read
+    assert summary.results_published + summary.skipped_stale == total
+    assert summary.results_published > 0
+    assert len(summary.e2e_ms) == summary.results_published  # latencies of classified frames
+
+    results = _results(kafka, expected=total)
+    copies = Counter(r.key for r in results)
+    expected_keys = {frame_key(s, i) for s, n in backlog.per_stream.items() for i in range(n)}
+    expected_keys |= {frame_key(s, i) for s, n in live.per_stream.items() for i in range(n)}
+    assert set(copies) == expected_keys and set(copies.values()) == {1}  # exactly one outcome
+    stale = [r for r in results if r.skipped is not None]
+    assert len(stale) == summary.skipped_stale
+    assert {r.stream_id.split("-")[0] for r in stale} >= {"old"}
+    for record in stale:
+        assert record.skipped == "stale" and record.age_ms > budget_ms
+        assert record.label == "" and record.score == 0 and record.inference_ms == 0
+    classified = [r for r in results if r.skipped is None]
+    assert all(r.label and r.age_ms is None for r in classified)
+    report = summary.as_dict()
+    assert report["skipped_stale"] == len(stale)
+    assert report["skipped_fraction"] == round(len(stale) / total, 4)
+    assert sorted(summary.e2e_ms) == sorted(r.e2e_ms for r in classified)  # not the stale
+    group = consumer.settings.group
+    # A skipped frame's offset is done like a classified one's.
+    assert committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, PARTITIONS) == total
+    metrics = generate_latest(consumer.metrics.registry).decode()
+    assert f"vidflow_consumer_skipped_stale_total {float(len(stale))}" in metrics
+
+    # Without a budget the same frames, all old by now, are all classified (as before).
+    unbudgeted = kafka.model_copy(update={"results_topic": f"{kafka.results_topic}-all"})
+    ensure_topics(kafka.bootstrap_servers, [unbudgeted.results_topic], PARTITIONS)
+    summary = _consumer(unbudgeted, onnx_server.target).run()
+    assert summary.skipped_stale == 0 and summary.results_published == total
+    assert all(r.skipped is None and r.label for r in _results(unbudgeted, expected=total))
+
+
+def test_a_frame_past_the_budget_while_the_service_is_down_is_skipped_at_its_retry(broker) -> None:
+    kafka = _topics(broker, partitions=1)
+    budget_ms = 300.0
+    consumer = _consumer(
+        kafka, f"127.0.0.1:{free_port()}", max_frame_age_ms=budget_ms, idle_timeout=3.0
+    )  # nothing listens there: every call fails UNAVAILABLE and is retried with backoff
+    outcome: dict[str, object] = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault("summary", consumer.run()))
+    worker.start()
+    try:
+        assert consumer.assigned.wait(60)
+        live = produce_frames(
+            ProducerSettings(source=str(CLIP), max_frames=5, fps="10", stream_id="down"), kafka
+        )
+        worker.join(60)
+        assert not worker.is_alive()
+    finally:
+        consumer.stop.set()
+        worker.join(30)
+    summary = outcome["summary"]
+    assert summary.retries > 0 and summary.errors > 0  # they were sent, and failed
+    assert summary.skipped_stale == live.frames_read and summary.results_published == 0
+    assert summary.unanswered == 0  # not held for ever, not lost
+    results = _results(kafka, expected=live.frames_read)
+    assert sorted(r.frame_index for r in results) == list(range(live.frames_read))
+    assert all(r.skipped == "stale" and r.age_ms > budget_ms for r in results)
+
+
+def _assignments(log_text: str) -> list[set[int]]:
+    return [
+        {int(p) for p in re.findall(r"\d+", found)}
+        for found in re.findall(r"assigned partitions \[([^\]]*)\]", log_text)
+    ]
+
+
+def test_two_consumer_processes_share_the_cameras_without_loss_or_double_work(
+    broker, onnx_server, tmp_path: Path
+) -> None:
+    kafka = _topics(broker)
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    topic_flags = [
+        "--bootstrap-servers", kafka.bootstrap_servers, "--topic", kafka.frames_topic,
+        "--results-topic", kafka.results_topic, "--dlq-topic", kafka.dlq_topic,
+        "--partitions", str(PARTITIONS),
+    ]  # fmt: skip
+    logs = [tmp_path / f"consumer-{n}.log" for n in range(2)]
+    members = []
+    for n, log_path in enumerate(logs):
+        command = [
+            sys.executable, "-m", "vidflow.cli", "consume", *topic_flags, "--group", group,
+            "--target", onnx_server.target, "--duration", "90", "--idle-timeout", "6",
+            "--summary-json", str(tmp_path / f"{n}.json"),
+        ]  # fmt: skip
+        with open(log_path, "wb") as log_file:
+            members.append(
+                subprocess.Popen(command, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+            )
+    try:
+        deadline = time.monotonic() + 90
+        while True:  # both members in the group, the partitions split between them
+            latest = [(_assignments(p.read_text()) or [set()])[-1] for p in logs]
+            split = latest[0] | latest[1] == set(range(PARTITIONS)) and not latest[0] & latest[1]
+            if all(latest) and split:
+                break
+            assert time.monotonic() < deadline, [p.read_text()[-2000:] for p in logs]
+            assert all(m.poll() is None for m in members)
+            time.sleep(0.2)
+        settled = [p.read_text().count("partitions") for p in logs]
+        produced = subprocess.run(
+            [
+                sys.executable, "-m", "vidflow.cli", "produce", *topic_flags, "--source",
+                str(CLIP), "--streams", "4", "--fps", "native", "--max-frames", "42",
+                "--stream-id", "shared",
+            ],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        stats = json.loads(produced.stdout.strip().splitlines()[-1])
+        for member in members:
+            assert member.wait(120) == 0
+    finally:
+        for member in members:
+            if member.poll() is None:
+                member.kill()
+    assert stats["streams"] == 4 and stats["frames_read"] == 4 * 42 and stats["failed"] == 0
+    summaries = [json.loads((tmp_path / f"{n}.json").read_text()) for n in range(2)]
+    assert all(s["results_published"] > 0 for s in summaries)  # both took a share
+    results = _results(kafka, expected=stats["frames_read"])
+    copies = Counter(r.key for r in results)
+    keys = {frame_key(s, i) for s, n in stats["per_stream"].items() for i in range(n)}
+    assert set(copies) == keys  # no frame lost
+    rebalanced = [p.read_text().count("partitions") for p in logs] != settled
+    if not rebalanced:  # twice only when a rebalance handed a partition over mid-stream
+        assert set(copies.values()) == {1}, [p.read_text()[-3000:] for p in logs]
+        assert sum(s["results_published"] for s in summaries) == stats["frames_read"]
+    partitions_of = defaultdict(set)
+    for result in results:
+        partitions_of[result.stream_id].add(result.partition)
+    assert all(len(found) == 1 for found in partitions_of.values())  # a camera stays in order
