@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,21 @@ from services.inference.loadtest import run_loadtest
 from tests.conftest import EXPECTED_CLASSES
 from tests.images import gif_bytes, jpeg_bytes, mpo_bytes, png_bytes, png_claiming_size
 from vidflow.config import SAMPLE_VIDEOS_DIR
+
+
+@pytest.fixture(scope="module")
+def batching_server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path):
+    """The service with batching forced on: where it pays is the device's call (`auto`), but
+    how batches form must hold on any device."""
+    server = start_server(
+        tmp_path_factory.mktemp("batching-server"), model_cache, "--backend", "onnx",
+        "--batching", "on", "--max-batch-delay-ms", "5",
+    )  # fmt: skip
+    try:
+        server.wait_serving()
+        yield server
+    finally:
+        server.terminate()
 
 
 def _stub(target: str) -> tuple[grpc.Channel, inference_pb2_grpc.ClassifierStub]:
@@ -154,14 +170,14 @@ def test_message_over_the_size_limit_is_resource_exhausted(onnx_server, photos) 
 
 
 def test_stream_answers_in_order_and_reports_bad_images_without_ending(
-    onnx_server, video_frames
+    batching_server, video_frames
 ) -> None:
     requests = [
         inference_pb2.ClassifyRequest(image=frame, request_id=f"frame-{i}")
         for i, frame in enumerate(video_frames)
     ]
     requests.insert(5, inference_pb2.ClassifyRequest(image=b"garbage", request_id="bad"))
-    channel, stub = _stub(onnx_server.target)
+    channel, stub = _stub(batching_server.target)
     with channel:
         replies = list(stub.ClassifyStream(iter(requests), timeout=60))
     assert [r.request_id for r in replies] == [r.request_id for r in requests]
@@ -173,8 +189,8 @@ def test_stream_answers_in_order_and_reports_bad_images_without_ending(
     assert max(r.timings.batch_size for r in good) > 1
 
 
-def test_concurrent_requests_are_batched(onnx_server, video_frames) -> None:
-    channel, stub = _stub(onnx_server.target)
+def test_concurrent_requests_are_batched(batching_server, video_frames) -> None:
+    channel, stub = _stub(batching_server.target)
     with channel:
         futures = [
             stub.Classify.future(inference_pb2.ClassifyRequest(image=frame), timeout=60)
@@ -183,6 +199,51 @@ def test_concurrent_requests_are_batched(onnx_server, video_frames) -> None:
         batch_sizes = [f.result().timings.batch_size for f in futures]
     assert max(batch_sizes) > 1
     assert max(batch_sizes) <= 8  # the server's --max-batch-size default
+
+
+def test_auto_batching_measures_decides_and_is_obeyed(onnx_server, video_frames) -> None:
+    """The default server measured the model at batch 1 and 8 at start-up, said what it chose
+    and why, and no reply comes from a batch larger than what it chose (1: direct dispatch)."""
+    choice = re.search(
+        r"--batching auto: batch 8 does ([\d.]+)x the images/s of batch 1 \((\d+) against "
+        r"(\d+)\), batching (pays|does not pay)",
+        onnx_server.log(),
+    )
+    assert choice is not None, onnx_server.log()
+    speedup, pays = float(choice.group(1)), choice.group(4) == "pays"
+    assert pays == (speedup >= 1.25)
+    channel, stub = _stub(onnx_server.target)
+    with channel:
+        info = stub.GetModelInfo(inference_pb2.ModelInfoRequest(), timeout=10)
+        futures = [
+            stub.Classify.future(inference_pb2.ClassifyRequest(image=frame), timeout=60)
+            for frame in video_frames
+        ]
+        batch_sizes = [f.result().timings.batch_size for f in futures]
+    assert info.max_batch_size == (8 if pays else 1)
+    assert max(batch_sizes) <= info.max_batch_size
+    if not pays:
+        assert set(batch_sizes) == {1}
+
+
+def test_batching_off_dispatches_each_request_alone(tmp_path: Path, model_cache, video_frames):
+    server = start_server(tmp_path, model_cache, "--backend", "onnx", "--batching", "off")
+    try:
+        server.wait_serving()
+        channel, stub = _stub(server.target)
+        with channel:
+            futures = [
+                stub.Classify.future(inference_pb2.ClassifyRequest(image=frame), timeout=60)
+                for frame in video_frames
+            ]
+            replies = [f.result() for f in futures]
+            info = stub.GetModelInfo(inference_pb2.ModelInfoRequest(), timeout=10)
+    finally:
+        server.terminate()
+    assert all(r.predictions for r in replies)
+    assert {r.timings.batch_size for r in replies} == {1}
+    assert info.max_batch_size == 1
+    assert "--batching off" in server.log()
 
 
 def test_model_info(onnx_server) -> None:
@@ -194,7 +255,7 @@ def test_model_info(onnx_server) -> None:
     assert info.device == "cpu" or info.device == "cuda"
     assert info.num_classes == 1000
     assert (info.input_height, info.input_width) == (224, 224)
-    assert info.max_batch_size == 8
+    assert info.max_batch_size in (1, 8)  # 1 where --batching auto found batching does not pay
     assert len(info.weights_sha256) == 64
 
 
@@ -310,10 +371,11 @@ def test_cli_classify_and_loadtest(onnx_server, tmp_path: Path) -> None:
 
 
 def test_streaming_loadtest_counts_bad_images_as_errors_and_goes_on(
-    onnx_server, video_frames
+    batching_server, video_frames
 ) -> None:
     images = [*video_frames[:4], b"not an image"]  # every fifth request fails
-    (level,) = asyncio.run(run_loadtest(onnx_server.target, images, [4], 2.0, 0.5, streaming=True))
+    target = batching_server.target
+    (level,) = asyncio.run(run_loadtest(target, images, [4], 2.0, 0.5, streaming=True))
     assert level.requests > 20, level
     # The bad image answers on the stream with `error` set; the stream itself carries on.
     assert level.errors == pytest.approx(level.requests / 4, rel=0.25, abs=2), level

@@ -56,6 +56,19 @@ class InferenceSettings(BaseSettings):
     max_batch_delay_ms: float = Field(
         5.0, ge=0, description="longest a request waits for a batch to fill"
     )
+    batching: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "hold requests to form batches: on, off (each request runs alone at once), or auto: "
+            "on only if the model, measured at start-up on this device, does more images/s at "
+            "--max-batch-size than at batch 1 (--batching-min-speedup)"
+        ),
+    )
+    batching_min_speedup: float = Field(
+        1.25,
+        gt=1.0,
+        description="the gain in images/s from batch 1 to the largest batch that auto batches at",
+    )
     max_message_bytes: int = Field(
         16 * 1024 * 1024, description="largest request accepted (RESOURCE_EXHAUSTED above)"
     )

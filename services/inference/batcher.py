@@ -12,6 +12,11 @@ loop instead left each worker idle 0.8 ms (3 ms at p90) between batches, waiting
 get a core and dispatch: 5-7 % of the CPU at concurrency 8 on 2 cores (docs/benchmarks.md).
 asyncio has no queue that threads can wait on, so the queue is a deque under a
 `threading.Condition`, and results go back to the loop with `call_soon_threadsafe`.
+
+Batching is worth its queueing only where the model does more images per second in batches, as
+on a GPU; on a CPU where an image costs the same at batch 1 and 8 holding requests only adds
+latency. `choose_batch_size` measures that on the device at hand (`--batching auto`); a
+batcher with `max_batch_size` 1 dispatches each request to the next free worker at once.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -182,3 +188,71 @@ def _fail(batch: list[_Pending[ItemT, ResultT]], exc: Exception) -> None:
     for pending in batch:
         if not pending.future.done():
             pending.future.set_exception(exc)
+
+
+@dataclass(frozen=True)
+class BatchingChoice:
+    """The largest batch to form (1: dispatch each request alone) and the figures behind it."""
+
+    max_batch_size: int
+    reason: str
+    images_per_s_at_1: float | None = None
+    images_per_s_at_max: float | None = None
+
+
+def images_per_s(
+    run: Callable[[int], object], batch_size: int, callers: int, duration_s: float
+) -> float:
+    """Images/s of `callers` threads each calling `run(batch_size)` back to back.
+
+    As many callers as model workers: the shape the model runs in under load.
+    """
+
+    def back_to_back(deadline: float) -> int:
+        calls = 0
+        while time.perf_counter() < deadline:
+            run(batch_size)
+            calls += 1
+        return calls
+
+    with ThreadPoolExecutor(callers) as pool:
+        started = time.perf_counter()
+        calls = sum(pool.map(back_to_back, [started + duration_s] * callers))
+        return calls * batch_size / (time.perf_counter() - started)
+
+
+def choose_batch_size(
+    mode: Literal["auto", "on", "off"],
+    max_batch_size: int,
+    run: Callable[[int], object],
+    *,
+    callers: int,
+    min_speedup: float,
+    duration_s: float = 0.25,
+    rounds: int = 2,
+) -> BatchingChoice:
+    """Batch (up to `max_batch_size`) when asked to, or in `auto` when it measurably pays.
+
+    `auto` times `run` (one model call of the given batch size) at batch 1 and at the largest
+    batch, in alternating rounds, keeping each size's best round against a noisy machine; it
+    batches only if the largest batch does at least `min_speedup` times batch 1's images/s.
+    """
+    if mode == "off" or max_batch_size == 1:
+        return BatchingChoice(1, "--batching off" if mode == "off" else "--max-batch-size 1")
+    if mode == "on":
+        return BatchingChoice(max_batch_size, "--batching on")
+    at_1: list[float] = []
+    at_max: list[float] = []
+    for _ in range(rounds):
+        at_1.append(images_per_s(run, 1, callers, duration_s))
+        at_max.append(images_per_s(run, max_batch_size, callers, duration_s))
+    single, batched = max(at_1), max(at_max)
+    pays = batched >= min_speedup * single
+    return BatchingChoice(
+        max_batch_size if pays else 1,
+        f"--batching auto: batch {max_batch_size} does {batched / single:.2f}x the images/s of "
+        f"batch 1 ({batched:.0f} against {single:.0f}), batching "
+        f"{'pays' if pays else 'does not pay'} (needs {min_speedup:.2f}x)",
+        single,
+        batched,
+    )

@@ -61,8 +61,12 @@ def start_server(
     port: int = 0,
     http_port: int = 0,
     tls_ca: Path | None = None,
+    repo_root: Path = REPO_ROOT,
 ) -> ServerProcess:
-    """Start `vidflow serve` (on free ports unless given); wait for SERVING when you want to."""
+    """Start `vidflow serve` (on free ports unless given); wait for SERVING when you want to.
+
+    `repo_root` runs the server from another checkout (benchmarks compare against older code).
+    """
     port, http_port = port or free_port(), http_port or free_port()
     log_path = tmp_dir / f"server-{port}-{time.monotonic_ns()}.log"
     args = [
@@ -73,6 +77,6 @@ def start_server(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            args, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env
+            args, cwd=repo_root, stdout=log_file, stderr=subprocess.STDOUT, env=env
         )
     return ServerProcess(process, port, http_port, log_path, args, tls_ca)

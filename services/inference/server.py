@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import signal
@@ -26,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from protos import inference_pb2, inference_pb2_grpc
-from services.inference.batcher import DynamicBatcher
+from services.inference.batcher import DynamicBatcher, choose_batch_size
 from services.inference.loader import ServedModel, load_served_model
 from services.inference.metrics import ServiceMetrics
 from services.inference.preprocess import InvalidImageError, decode_image, preprocess
@@ -105,6 +106,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         self.metrics = metrics
         self.model: ServedModel | None = None
         self.batcher: DynamicBatcher[bytes, _Outcome] | None = None
+        self.max_batch_size = settings.max_batch_size  # 1 once --batching finds it does not pay
         self._preprocess_pool = (
             ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
             if settings.preprocess_threads > 0
@@ -114,17 +116,30 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Load and warm up the model off the event loop, then start batching."""
+        """Load and warm up the model off the event loop, choose whether to batch, then serve."""
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(None, load_served_model, self.settings)
         shape = model.preprocess.input_shape
         # First calls allocate; keep them out of requests' time.
         sizes = sorted({1, self.settings.max_batch_size})
-        zeros = [np.zeros((size, *shape), np.float32) for size in sizes]
-        await loop.run_in_executor(None, model.backend.warm_up, zeros)
+        zeros = {size: np.zeros((size, *shape), np.float32) for size in sizes}
+        await loop.run_in_executor(None, model.backend.warm_up, list(zeros.values()))
+        choice = await loop.run_in_executor(
+            None,
+            functools.partial(
+                choose_batch_size,
+                self.settings.batching,
+                self.settings.max_batch_size,
+                lambda size: model.backend.run(zeros[size]),
+                callers=model.workers,
+                min_speedup=self.settings.batching_min_speedup,
+            ),
+        )
+        log.info("%s", choice.reason)
+        self.max_batch_size = choice.max_batch_size
         self.batcher = DynamicBatcher(
             self._run_batch,
-            max_batch_size=self.settings.max_batch_size,
+            max_batch_size=self.max_batch_size,
             max_delay_s=self.settings.max_batch_delay_ms / 1000.0,
             workers=model.workers,
             on_batch=self.metrics.batch_size.observe,
@@ -136,7 +151,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             model.name,
             model.backend.name,
             model.backend.device,
-            self.settings.max_batch_size,
+            self.max_batch_size,
             self.settings.max_batch_delay_ms,
         )
 
@@ -177,7 +192,8 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             prepared = list(self._preprocess_pool.map(self._prepare, images))
         valid = [p.tensor for p in prepared if p.tensor is not None]
         started = time.perf_counter()
-        probabilities = iter(self.model.backend.run(np.stack(valid)) if valid else [])
+        batch = valid[0][np.newaxis] if len(valid) == 1 else np.stack(valid) if valid else None
+        probabilities = iter(self.model.backend.run(batch) if batch is not None else [])
         inference_s = time.perf_counter() - started
         return [
             _Outcome(
@@ -376,7 +392,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             num_classes=len(model.class_names),
             input_height=height,
             input_width=width,
-            max_batch_size=self.settings.max_batch_size,
+            max_batch_size=self.max_batch_size,
             max_batch_delay_ms=self.settings.max_batch_delay_ms,
             weights_sha256=model.weights_sha256,
         )

@@ -1,0 +1,123 @@
+"""Baseline: a plain synchronous grpcio server, no batching, serving the same Classifier service.
+
+    python -m bench.plain_server --onnx-model FILE --port PORT [--workers N]
+
+What a first version of this service would be: `grpc.server` with a thread pool, each Classify
+call decoded, preprocessed and run through ONNX Runtime on its own handler thread at batch 1.
+It shares with `vidflow serve` what the comparison must hold equal: the ONNX file, the
+preprocessing function (`services/inference/preprocess.py`) and ONNX Runtime's thread budget
+(`OnnxBackend` with one session of cores / workers threads per worker; no wide session for lone
+calls, which is vidflow's own). It answers the gRPC health check so `wait_until_serving` works.
+Run it as its own process: `start_plain_server` does so for the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos import inference_pb2, inference_pb2_grpc
+from services.inference.backends import OnnxBackend, threads_per_call
+from services.inference.launcher import REPO_ROOT, ServerProcess, free_port
+from services.inference.onnx_export import ExportedModelInfo
+from services.inference.preprocess import InvalidImageError, decode_image, preprocess
+
+
+class PlainClassifier(inference_pb2_grpc.ClassifierServicer):
+    """Classify one image per call on the calling thread: decode, preprocess, model, top-k."""
+
+    def __init__(self, backend: OnnxBackend, info: ExportedModelInfo) -> None:
+        self.backend = backend
+        self.info = info
+
+    def Classify(
+        self, request: inference_pb2.ClassifyRequest, context: grpc.ServicerContext
+    ) -> inference_pb2.ClassifyResponse:
+        started = time.perf_counter()
+        try:
+            rgb = decode_image(request.image)
+        except InvalidImageError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        decoded = time.perf_counter()
+        tensor = preprocess(rgb, self.info.preprocess)
+        prepared = time.perf_counter()
+        probabilities = self.backend.run(tensor[np.newaxis])[0]
+        done = time.perf_counter()
+        top_k = max(1, min(request.top_k or 1, len(self.info.class_names)))
+        best = np.argsort(probabilities)[::-1][:top_k]
+        return inference_pb2.ClassifyResponse(
+            request_id=request.request_id,
+            model_name=self.info.name,
+            predictions=[
+                inference_pb2.Prediction(
+                    label=self.info.class_names[index],
+                    class_index=int(index),
+                    score=float(probabilities[index]),
+                )
+                for index in best
+            ],
+            timings=inference_pb2.Timings(
+                decode_ms=(decoded - started) * 1e3,
+                preprocess_ms=(prepared - decoded) * 1e3,
+                inference_ms=(done - prepared) * 1e3,
+                batch_size=1,
+            ),
+        )
+
+
+def serve(onnx_model: Path, port: int, workers: int) -> None:
+    """Serve until killed: `workers` handler threads, one single-call ORT session each."""
+    backend = OnnxBackend(onnx_model, threads=threads_per_call(workers, 0), sessions=workers)
+    info = ExportedModelInfo.from_metadata(backend.metadata)
+    backend.warm_up([np.zeros((1, *info.preprocess.input_shape), np.float32)])
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers))
+    inference_pb2_grpc.add_ClassifierServicer_to_server(PlainClassifier(backend, info), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print(f"plain server on 127.0.0.1:{port}, {workers} worker(s)", flush=True)
+    server.wait_for_termination()
+
+
+def start_plain_server(
+    tmp_dir: Path, onnx_model: Path, workers: int = 0, port: int = 0
+) -> ServerProcess:
+    """Start the plain server as its own process (wait for SERVING with `wait_serving`)."""
+    port = port or free_port()
+    log_path = tmp_dir / f"plain-server-{port}.log"
+    args = [
+        sys.executable, "-m", "bench.plain_server", "--onnx-model", str(onnx_model),
+        "--port", str(port), "--workers", str(workers),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            args, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env
+        )
+    return ServerProcess(process, port, 0, log_path, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--onnx-model", type=Path, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--workers", type=int, default=0, help="handler threads and ORT sessions (0: the cores)"
+    )
+    args = parser.parse_args()
+    serve(args.onnx_model, args.port, args.workers or os.cpu_count() or 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Benchmark: vidflow's service against a plain grpcio server and the bare model, per concurrency.
+
+    python -m bench.service_sweep [--rounds 3] [--duration 5] [--concurrency 1,2,4,8,16]
+        [--vidflow LABEL=ARGS ...] [--vidflow-repo LABEL=PATH ...]
+
+Each round measures, one after the other so they never share the cores: the bare model (ONNX
+Runtime called in-process on preprocessed frames, the better of one call at a time and one call
+per worker at batch 8, as `bench/service.py` does), then each server in its own process driven
+by the closed-loop load test (`services/inference/loadtest.py`, unary Classify, real frames) at
+every concurrency level: `vidflow serve` with its defaults (or each `--vidflow` configuration:
+extra `vidflow serve` flags, optionally run from another checkout with `--vidflow-repo`, e.g.
+an export of an older commit) and the plain server (`bench/plain_server.py`: same ONNX file,
+preprocessing and thread budget, no batching). The servers' order alternates between rounds.
+Reported per level: img/s and p99 (means over rounds), each vidflow configuration's ratio to
+the plain server, and at concurrency 8 its ratio to the bare model. The last stdout line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from statistics import mean
+
+import numpy as np
+
+from bench.plain_server import start_plain_server
+from bench.service import model_fps, real_frames
+from services.inference.launcher import REPO_ROOT, ServerProcess, start_server
+from services.inference.loader import load_served_model
+from services.inference.loadtest import LevelResult, run_loadtest
+from services.inference.models import load_model
+from services.inference.onnx_export import export_onnx
+from services.inference.preprocess import load_and_preprocess
+from vidflow.config import DEFAULT_CACHE_DIR, InferenceSettings
+
+PLAIN = "plain"
+
+
+def _pairs(values: list[str], flag: str) -> dict[str, str]:
+    """LABEL=VALUE flags as a dict (order kept)."""
+    pairs = {}
+    for value in values:
+        label, sep, rest = value.partition("=")
+        if not sep or not label:
+            sys.exit(f"{flag} takes LABEL=VALUE, got {value!r}")
+        pairs[label] = rest
+    return pairs
+
+
+def _measure(server: ServerProcess, frames: list[bytes], args: argparse.Namespace):
+    """Every concurrency level against one server, then stop it."""
+    try:
+        server.wait_serving()
+        return asyncio.run(
+            run_loadtest(server.target, frames, args.levels, args.duration, args.warmup)
+        )
+    finally:
+        server.terminate()
+
+
+def _summary(runs: list[list[LevelResult]]) -> dict[int, dict[str, float]]:
+    """img/s and p99 per level, means over rounds, and each round's img/s."""
+    by_level: dict[int, dict[str, float]] = {}
+    for index, level in enumerate(runs[0]):
+        rounds = [run[index] for run in runs]
+        by_level[level.concurrency] = {
+            "img_s": round(mean(r.throughput_rps for r in rounds), 1),
+            "p99_ms": round(mean(r.latency_ms["p99"] for r in rounds), 1),
+            "p50_ms": round(mean(r.latency_ms["p50"] for r in rounds), 1),
+            "mean_batch": round(mean(r.mean_batch_size for r in rounds), 2),
+            "errors": sum(r.errors for r in rounds),
+            "rounds_img_s": [r.throughput_rps for r in rounds],
+        }
+    return by_level
+
+
+def _ratio(ours: dict, theirs: dict, level: int, figure: str) -> float:
+    return round(ours[level][figure] / theirs[level][figure], 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per level")
+    parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds per level")
+    parser.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels")
+    parser.add_argument("--frames-per-video", type=int, default=64)
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models")
+    parser.add_argument(
+        "--vidflow", action="append", default=[], help="LABEL=ARGS: a vidflow configuration"
+    )
+    parser.add_argument(
+        "--vidflow-repo", action="append", default=[], help="LABEL=PATH: serve LABEL from PATH"
+    )
+    parser.add_argument("--json", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+    args.levels = [int(level) for level in args.concurrency.split(",")]
+    configs = {k: shlex.split(v) for k, v in _pairs(args.vidflow, "--vidflow").items()}
+    configs = configs or {"vidflow": []}
+    repos = {k: Path(v) for k, v in _pairs(args.vidflow_repo, "--vidflow-repo").items()}
+
+    frames = real_frames(args.frames_per_video)
+    served = InferenceSettings(backend="onnx", cache_dir=args.cache_dir)
+    onnx_path = export_onnx(load_model(served.model, served.weights), args.cache_dir)
+    workers_model = load_served_model(served)
+    one_call_model = load_served_model(served.model_copy(update={"inference_workers": 1}))
+    tensors = np.stack([load_and_preprocess(f, one_call_model.preprocess) for f in frames])
+    batch = tensors[:8]
+
+    bare_runs: list[float] = []
+    runs: dict[str, list[list[LevelResult]]] = {label: [] for label in [*configs, PLAIN]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.rounds):
+            bare_runs.append(
+                max(model_fps(m, batch, args.duration) for m in (one_call_model, workers_model))
+            )
+            order = [*configs, PLAIN]
+            if round_index % 2:
+                order.reverse()
+            for label in order:
+                if label == PLAIN:
+                    server = start_plain_server(Path(tmp), onnx_path)
+                else:
+                    server = start_server(
+                        Path(tmp), args.cache_dir, "--backend", "onnx", *configs[label],
+                        repo_root=repos.get(label, REPO_ROOT),
+                    )  # fmt: skip
+                runs[label].append(_measure(server, frames, args))
+            line = ", ".join(
+                f"{label} " + "/".join(f"{lv.throughput_rps:.0f}" for lv in levels[-1])
+                for label, levels in runs.items()
+            )
+            print(
+                f"round {round_index + 1}: bare {bare_runs[-1]:.0f} img/s; img/s at "
+                f"concurrency {args.concurrency}: {line}",
+                file=sys.stderr,
+            )
+
+    bare = mean(bare_runs)
+    summaries = {label: _summary(level_runs) for label, level_runs in runs.items()}
+    plain = summaries[PLAIN]
+    verdicts: dict[str, dict[str, object]] = {}
+    for label in configs:
+        ours = summaries[label]
+        verdicts[label] = {
+            "img_s_ratio_to_plain": {c: _ratio(ours, plain, c, "img_s") for c in ours},
+            "p99_ratio_to_plain": {c: _ratio(ours, plain, c, "p99_ms") for c in ours},
+            "c8_ratio_to_bare": round(ours[8]["img_s"] / bare, 3) if 8 in ours else None,
+        }
+    print(f"{'':>10}" + "".join(f"{'c=' + str(c):>16}" for c in args.levels), file=sys.stderr)
+    for label, summary in summaries.items():
+        cells = "".join(
+            f"{summary[c]['img_s']:>8.1f} {summary[c]['p99_ms']:>6.1f}ms" for c in args.levels
+        )
+        print(f"{label:>10}{cells}", file=sys.stderr)
+    result = {
+        "benchmark": "service_sweep",
+        "bare_model_img_s": round(bare, 1),
+        "bare_rounds_img_s": [round(run, 1) for run in bare_runs],
+        "levels": summaries,
+        "vs_plain": verdicts,
+        "configs": {label: shlex.join(flags) for label, flags in configs.items()},
+        "repos": {label: str(path) for label, path in repos.items()},
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "frames": len(frames),
+        "cpu_count": os.cpu_count(),
+    }
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
