@@ -21,11 +21,13 @@ import sys
 import tempfile
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from services.inference.launcher import free_port, start_server
+from services.inference.launcher import ServerProcess, free_port, start_server
 from services.inference.loadtest import run_loadtest
-from tasks.broker import start_broker
+from tasks.broker import LocalBroker, start_broker
 from tasks.consumer import ConsumerSummary, FrameConsumer
 from tasks.producer import ProduceStats, produce_frames
 from tasks.topics import ensure_topics
@@ -39,23 +41,48 @@ from vidflow.config import (
 from vidflow.frames import load_encoded_images
 
 
-def stream_once(
-    bootstrap: str, target: str, producer: ProducerSettings, concurrency: int
-) -> tuple[ConsumerSummary, ProduceStats]:
-    """A producer and a consumer side by side on fresh topics; returns both reports."""
+@contextmanager
+def local_stack(cache_dir: Path) -> Iterator[tuple[LocalBroker, ServerProcess]]:
+    """A local broker (Tansu) and a serving `vidflow serve` with its defaults, for one bench run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = start_broker(free_port(), log_path=Path(tmp) / "tansu.log")
+        server = start_server(Path(tmp), cache_dir)
+        try:
+            server.wait_serving()
+            yield broker, server
+        finally:
+            server.terminate()
+            broker.stop()
+
+
+def fresh_kafka(bootstrap: str, partitions: int = 1) -> KafkaSettings:
+    """Settings naming new topics (created now), so no round sees another round's messages."""
     suffix = uuid.uuid4().hex[:8]
     kafka = KafkaSettings(
         bootstrap_servers=bootstrap,
         frames_topic=f"bench-frames-{suffix}",
         results_topic=f"bench-results-{suffix}",
         dlq_topic=f"bench-dlq-{suffix}",
-        partitions=1,
+        partitions=partitions,
     )
-    ensure_topics(bootstrap, kafka.topics, 1)
+    ensure_topics(bootstrap, kafka.topics, partitions)
+    return kafka
+
+
+def stream_once(
+    bootstrap: str,
+    target: str,
+    producer: ProducerSettings,
+    concurrency: int,
+    max_frame_age_ms: float | None = None,
+    kafka: KafkaSettings | None = None,
+) -> tuple[ConsumerSummary, ProduceStats]:
+    """A producer and a consumer side by side on fresh topics (or `kafka`'s); both reports."""
+    kafka = kafka or fresh_kafka(bootstrap)
     consumer = FrameConsumer(
         kafka,
-        ConsumerSettings(group=f"bench-{suffix}", concurrency=concurrency, idle_timeout=3.0,
-                         duration=600),
+        ConsumerSettings(group=f"bench-{kafka.frames_topic}", concurrency=concurrency,
+                         idle_timeout=3.0, duration=600, max_frame_age_ms=max_frame_age_ms),
         target,
     )  # fmt: skip
     produced: list[ProduceStats] = []
@@ -82,32 +109,25 @@ def main() -> None:
     if not SAMPLE_VIDEO.is_file():
         sys.exit(f"sample clip not found: {SAMPLE_VIDEO}")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        broker = start_broker(free_port(), log_path=Path(tmp) / "tansu.log")
-        server = start_server(Path(tmp), args.cache_dir)
-        try:
-            server.wait_serving()
-            frames = load_encoded_images(SAMPLE_VIDEO, max_frames=10_000)
-            (level,) = asyncio.run(
-                run_loadtest(server.target, frames, [args.concurrency], args.service_seconds, 2.0)
-            )
-            fast, _ = stream_once(
-                broker.bootstrap_servers,
-                server.target,
-                ProducerSettings(source=str(SAMPLE_VIDEO), fps="max", loop=True,
-                                 max_frames=args.frames, stream_id="bench-max"),
-                args.concurrency,
-            )  # fmt: skip
-            realtime, realtime_produced = stream_once(
-                broker.bootstrap_servers,
-                server.target,
-                ProducerSettings(source=str(SAMPLE_VIDEO), fps="native", loop=True,
-                                 max_frames=int(28 * args.realtime_seconds), stream_id="bench-rt"),
-                args.concurrency,
-            )  # fmt: skip
-        finally:
-            server.terminate()
-            broker.stop()
+    with local_stack(args.cache_dir) as (broker, server):
+        frames = load_encoded_images(SAMPLE_VIDEO, max_frames=10_000)
+        (level,) = asyncio.run(
+            run_loadtest(server.target, frames, [args.concurrency], args.service_seconds, 2.0)
+        )
+        fast, _ = stream_once(
+            broker.bootstrap_servers,
+            server.target,
+            ProducerSettings(source=str(SAMPLE_VIDEO), fps="max", loop=True,
+                             max_frames=args.frames, stream_id="bench-max"),
+            args.concurrency,
+        )  # fmt: skip
+        realtime, realtime_produced = stream_once(
+            broker.bootstrap_servers,
+            server.target,
+            ProducerSettings(source=str(SAMPLE_VIDEO), fps="native", loop=True,
+                             max_frames=int(28 * args.realtime_seconds), stream_id="bench-rt"),
+            args.concurrency,
+        )  # fmt: skip
 
     fast_report, realtime_report = fast.as_dict(), realtime.as_dict()
     print(

@@ -1,5 +1,6 @@
 """The `stream-benchmark` flow: topics -> producer + consumers -> summary -> artifacts.
 
+With `capacity=True` it sweeps the number of live streams instead (flows/stream_capacity.py).
 Runs against an inference service that is already up (`vidflow serve`) and a Kafka-protocol
 broker (`vidflow broker`, Redpanda or Kafka).
 """
@@ -11,62 +12,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.consumer import ConsumerSummary, FrameConsumer, merge_summaries
-from tasks.producer import ProduceStats, produce_frames
-from tasks.topics import ensure_topics
+from flows.capacity_rules import DEFAULT_BUDGET_MS
+from flows.stream_capacity import SweepSettings, capacity_sweep
+from flows.stream_tasks import DRAIN_S, create_topics, run_consumer, run_producer
+from tasks.consumer import merge_summaries
 from vidflow.config import SAMPLE_VIDEO, ConsumerSettings, KafkaSettings, ProducerSettings
 
 TABLE_COLUMNS = ("stage", "p50", "p90", "p99", "max", "mean")
-# Consumers get this long beyond the producer's duration to finish the frames in flight.
-DRAIN_S = 10.0
-
-
-@task(retries=3, retry_delay_seconds=2)
-def create_topics(kafka: KafkaSettings) -> list[str]:
-    return ensure_topics(
-        kafka.bootstrap_servers,
-        kafka.topics,
-        kafka.partitions,
-    )
-
-
-@task(cache_policy=NO_CACHE)
-def run_consumer(
-    kafka: KafkaSettings,
-    settings: ConsumerSettings,
-    target: str,
-    assigned: threading.Event,
-    tls_ca: Path | None = None,
-) -> ConsumerSummary:
-    consumer = FrameConsumer(kafka, settings, target, tls_ca=tls_ca)
-    watcher = threading.Thread(
-        target=lambda: consumer.assigned.wait(settings.duration) and assigned.set(), daemon=True
-    )
-    watcher.start()
-    return consumer.run()
-
-
-@task(cache_policy=NO_CACHE)
-def run_producer(
-    kafka: KafkaSettings,
-    settings: ProducerSettings,
-    duration_s: float,
-    consumers_ready: list[threading.Event],
-) -> ProduceStats:
-    for ready in consumers_ready:  # frames sent before the group has joined would only queue up
-        ready.wait(60)
-    stop = threading.Event()
-    timer = threading.Timer(duration_s, stop.set)
-    timer.start()
-    try:
-        return produce_frames(settings, kafka, stop)
-    finally:
-        timer.cancel()
 
 
 def latency_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -136,8 +92,17 @@ def stream_benchmark(
     results_topic: str = "predictions",
     dlq_topic: str = "frames.dlq",
     group: str | None = None,
+    max_frame_age_ms: float | None = None,
+    capacity: bool = False,
+    step_seconds: float = 10.0,
+    max_streams: int = 16,
+    output_dir: str = "runs/stream-benchmark",
 ) -> dict[str, Any]:
-    """Stream a video through Kafka and the inference service; report throughput and latency."""
+    """Stream a video through Kafka and the inference service; report throughput and latency.
+
+    `capacity`: instead, find how many live streams of the source hold real time within the
+    latency budget `max_frame_age_ms` (default 100 ms), stepping up to `max_streams`, each step
+    `step_seconds` on fresh topics; the chart goes under `output_dir`."""
     logger = get_run_logger()
     kafka = KafkaSettings(
         bootstrap_servers=bootstrap_servers,
@@ -145,11 +110,20 @@ def stream_benchmark(
         results_topic=results_topic,
         dlq_topic=dlq_topic,
     )
+    if capacity:
+        sweep = SweepSettings(
+            kafka=kafka, source=source, fps=fps, target=target,
+            tls_ca=tls_ca and Path(tls_ca), consumers=consumers,
+            concurrency=consumer_concurrency, step_seconds=step_seconds,
+            budget_ms=DEFAULT_BUDGET_MS if max_frame_age_ms is None else max_frame_age_ms,
+        )  # fmt: skip
+        return capacity_sweep(sweep, max_streams, Path(output_dir))
     consumer_settings = ConsumerSettings(
         group=group or f"stream-benchmark-{uuid.uuid4().hex[:8]}",
         concurrency=consumer_concurrency,
         duration=duration + DRAIN_S,
         idle_timeout=5.0,
+        max_frame_age_ms=max_frame_age_ms,
     )
     producer_settings = ProducerSettings(source=source, fps=fps, loop=loop, max_frames=max_frames)
 

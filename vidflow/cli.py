@@ -179,8 +179,13 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
         frames_topic=kafka.frames_topic,
         results_topic=kafka.results_topic,
         dlq_topic=kafka.dlq_topic,
+        max_frame_age_ms=args.max_frame_age_ms,
+        capacity=args.capacity,
+        step_seconds=args.step_seconds,
+        max_streams=args.max_streams,
+        output_dir=str(args.output_dir),
     )
-    print(format_summary(outcome["summary"]))
+    print(outcome["verdict"] if args.capacity else format_summary(outcome["summary"]))
     if args.summary_json is not None:
         args.summary_json.write_text(json.dumps(outcome, indent=2) + "\n")
     return 0
@@ -296,6 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--concurrency", type=int, default=8, help="calls in flight per consumer")
     bench.add_argument("--consumers", type=int, default=1, help="members of the consumer group")
     bench.add_argument("--summary-json", type=Path, help="write the figures here as JSON")
+    bench.add_argument(
+        "--max-frame-age-ms",
+        type=float,
+        help="latency budget: consumers skip older frames as stale (capacity mode: default 100)",
+    )
+    bench.add_argument(
+        "--capacity",
+        action="store_true",
+        help="sweep the number of live streams of --source for the most that hold real time",
+    )
+    bench.add_argument("--step-seconds", type=float, default=10.0, help="capacity: s per step")
+    bench.add_argument("--max-streams", type=int, default=16, help="capacity: most streams tried")
+    bench.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("runs/stream-benchmark"),
+        help="capacity: where the chart PNG is written",
+    )
     add_settings_arguments(bench, KafkaSettings)
     add_settings_arguments(bench, ClientSettings)
 

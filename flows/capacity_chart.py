@@ -1,0 +1,53 @@
+"""The capacity sweep's chart: per-stream fps and e2e p99 against the number of live streams."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: render to bytes only
+
+import matplotlib.pyplot as plt
+
+from flows.capacity_rules import MIN_FPS_RATIO, StepFigures
+
+
+def capacity_chart_png(steps: list[StepFigures], budget_ms: float, title: str) -> bytes:
+    """PNG bytes: results/s per stream (min and mean) above, e2e p99 below, steps in order of
+    stream count; the real-time floor and the latency budget drawn as dashed lines."""
+    steps = sorted(steps, key=lambda s: s.streams)
+    counts = [s.streams for s in steps]
+    figure, (fps_axis, latency_axis) = plt.subplots(2, 1, sharex=True, figsize=(7, 6), dpi=100)
+    try:
+        fps_axis.plot(counts, [s.fps_mean for s in steps], "o-", label="mean per stream")
+        fps_axis.plot(counts, [s.fps_min for s in steps], "s--", label="slowest stream")
+        if steps:
+            floor = MIN_FPS_RATIO * steps[0].source_fps
+            fps_axis.axhline(floor, color="grey", linestyle=":", label=f"{MIN_FPS_RATIO} x source")
+        fps_axis.set_ylabel("results/s per stream")
+        fps_axis.legend(loc="lower left")
+        fps_axis.grid(alpha=0.3)
+        latency_axis.plot(counts, [s.e2e_p99_ms for s in steps], "o-", color="tab:red", label="p99")
+        latency_axis.plot(
+            counts, [s.e2e_p50_ms for s in steps], "^-", color="tab:orange", label="p50"
+        )
+        latency_axis.axhline(budget_ms, color="grey", linestyle=":", label="budget")
+        latency_axis.set_ylabel("e2e latency (ms)")
+        latency_axis.set_xlabel("live streams")
+        latency_axis.legend(loc="upper left")
+        latency_axis.grid(alpha=0.3)
+        latency_axis.set_xticks(counts)
+        figure.suptitle(title)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        return buffer.getvalue()
+    finally:
+        plt.close(figure)
+
+
+def png_data_uri(png: bytes) -> str:
+    """The PNG inline, for a markdown image that needs no file server."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()

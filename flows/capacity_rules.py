@@ -1,0 +1,174 @@
+"""What one step of the capacity sweep measured, whether it held real time, and which step next.
+
+Pure functions on plain figures, so the verdict logic is tested apart from any broker or service.
+A step holds real time when every stream's results arrive at >= 0.98 of its source fps, the
+end-to-end p99 of classified frames is within the latency budget, and no frame was skipped as
+stale. The sweep doubles the stream count until a step fails (or `max_streams`), then bisects
+between the largest count that held and the smallest that did not.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from vidflow.stats import summarize_ms
+
+MIN_FPS_RATIO = 0.98  # results must keep up with the source to this fraction
+DEFAULT_BUDGET_MS = 100.0  # e2e p99 budget of a live view (and the consumer's frame-age budget)
+
+
+@dataclass
+class StepFigures:
+    """The figures of one step: `streams` live cameras at `source_fps` each."""
+
+    streams: int
+    source_fps: float
+    stream_fps: dict[str, float] = field(default_factory=dict)  # results/s of each stream
+    e2e_p50_ms: float = 0.0
+    e2e_p99_ms: float = 0.0
+    classified: int = 0
+    skipped_stale: int = 0
+    frames_produced: int = 0
+    lag_at_end: int | None = 0  # frames behind at the last capture, + never answered
+
+    @property
+    def fps_min(self) -> float:
+        return min(self.stream_fps.values(), default=0.0)
+
+    @property
+    def fps_mean(self) -> float:
+        return float(np.mean(list(self.stream_fps.values()))) if self.stream_fps else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "fps_min": round(self.fps_min, 2),
+            "fps_mean": round(self.fps_mean, 2),
+        }
+
+
+def result_rate(frame_indexes: list[int], result_ts_s: list[float]) -> float:
+    """Results per second of one stream: the inverse slope of result time against frame index.
+
+    A least-squares fit over the whole step rather than first-to-last, so the jitter of the
+    first and last results does not decide a short step; a consumer that falls behind stretches
+    the slope and the rate drops below the source's."""
+    if len(frame_indexes) < 3:
+        return 0.0
+    slope, _ = np.polyfit(np.asarray(frame_indexes, float), np.asarray(result_ts_s, float), 1)
+    return float(1.0 / slope) if slope > 0 else 0.0
+
+
+def frames_behind(records: Iterable[Mapping[str, Any]], at_ns: int) -> int:
+    """Frames captured before `at_ns` whose outcome (result or stale record) came after it."""
+    return sum(1 for r in records if r["capture_ts_ns"] < at_ns < r["result_ts_ns"])
+
+
+def lag_series(records: list[Mapping[str, Any]], every_s: float = 1.0) -> list[int]:
+    """Frames behind at every `every_s` from the first capture to the last: a consumer that
+    cannot keep up shows it growing second by second."""
+    if not records:
+        return []
+    first = min(r["capture_ts_ns"] for r in records)
+    last = max(r["capture_ts_ns"] for r in records)
+    step_ns = int(every_s * 1e9)
+    return [frames_behind(records, t) for t in range(first, last + 1, step_ns)]
+
+
+def step_figures(
+    streams: int,
+    source_fps: float,
+    records: Iterable[Mapping[str, Any]],
+    expected_streams: Iterable[str],
+    frames_produced: int,
+    unanswered: int | None,
+) -> StepFigures:
+    """Figures from the step's result records (classified, or `skipped` stale), first per key.
+
+    A stream that produced frames but got no result counts at 0 fps. `unanswered`: the
+    consumers' lag once they stopped (None: unknown)."""
+    records = list(records)
+    last_capture = max((r["capture_ts_ns"] for r in records), default=0)
+    behind = frames_behind(records, last_capture)
+    seen: set[str] = set()
+    per_stream: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    e2e: list[float] = []
+    stale = 0
+    for record in records:
+        key = f"{record['stream_id']}:{record['frame_index']}"
+        if key in seen:  # at-least-once: a redelivered frame's second result is not a new one
+            continue
+        seen.add(key)
+        if record.get("skipped"):
+            stale += 1
+            continue
+        per_stream[record["stream_id"]].append(
+            (record["frame_index"], record["result_ts_ns"] / 1e9)
+        )
+        e2e.append(record["e2e_ms"])
+    stream_fps = {stream: 0.0 for stream in expected_streams}
+    for stream, points in per_stream.items():
+        points.sort()
+        stream_fps[stream] = result_rate([p[0] for p in points], [p[1] for p in points])
+    latency = summarize_ms(e2e)
+    return StepFigures(
+        streams=streams,
+        source_fps=source_fps,
+        stream_fps={k: round(v, 2) for k, v in sorted(stream_fps.items())},
+        e2e_p50_ms=latency["p50"],
+        e2e_p99_ms=latency["p99"],
+        classified=len(e2e),
+        skipped_stale=stale,
+        frames_produced=frames_produced,
+        lag_at_end=None if unanswered is None else behind + unanswered,
+    )
+
+
+def shortfalls(
+    step: StepFigures, budget_ms: float, min_fps_ratio: float = MIN_FPS_RATIO
+) -> list[str]:
+    """Why the step did not hold real time; empty when it held."""
+    reasons = []
+    floor = min_fps_ratio * step.source_fps
+    if not step.stream_fps or step.fps_min < floor:
+        reasons.append(f"slowest stream {step.fps_min:.2f} fps < {floor:.2f}")
+    if step.classified == 0 or step.e2e_p99_ms > budget_ms:
+        reasons.append(f"e2e p99 {step.e2e_p99_ms:.1f} ms > {budget_ms:.0f} ms")
+    if step.skipped_stale:
+        reasons.append(f"{step.skipped_stale} frames skipped as stale")
+    return reasons
+
+
+def holds(step: StepFigures, budget_ms: float, min_fps_ratio: float = MIN_FPS_RATIO) -> bool:
+    return not shortfalls(step, budget_ms, min_fps_ratio)
+
+
+def capacity(outcomes: Mapping[int, bool]) -> int:
+    """The largest stream count that held below the smallest one that failed (0: none held)."""
+    failed = min((n for n, ok in outcomes.items() if not ok), default=None)
+    held = [n for n, ok in outcomes.items() if ok and (failed is None or n < failed)]
+    return max(held, default=0)
+
+
+def next_streams(outcomes: Mapping[int, bool], max_streams: int) -> int | None:
+    """The next stream count to try (doubling, then bisection), or None when the sweep is done."""
+    low = capacity(outcomes)
+    failed = min((n for n, ok in outcomes.items() if not ok), default=None)
+    if failed is None:
+        if low >= max_streams:
+            return None
+        return min(max(1, 2 * low), max_streams)
+    if failed - low <= 1:
+        return None
+    return (low + failed) // 2
+
+
+def verdict_line(streams: int, width: int, height: int, fps: float) -> str:
+    """The sweep's answer in one line, e.g. "6 streams of 340x256 at 28 fps on this machine"."""
+    noun = "stream" if streams == 1 else "streams"
+    return f"{streams} {noun} of {width}x{height} at {fps:g} fps on this machine"

@@ -1,0 +1,214 @@
+"""The capacity mode of `stream-benchmark`: how many live streams this box keeps in real time.
+
+Each step replays the source as N live cameras (one producer, `streams=N`, each at the source's
+pacing) for `step_seconds` into fresh topics, with the consumer group classifying under the
+latency budget (`max_frame_age_ms`); the step's figures come from its result records. The
+stream count doubles until a step fails, then bisects (flows/capacity_rules.py). The sweep is
+recorded as a table artifact and a markdown report with a chart, also written as a PNG file.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from flows.capacity_chart import capacity_chart_png, png_data_uri
+from flows.capacity_rules import (
+    MIN_FPS_RATIO,
+    StepFigures,
+    capacity,
+    next_streams,
+    shortfalls,
+    step_figures,
+    verdict_line,
+)
+from flows.stream_results import read_records
+from flows.stream_tasks import DRAIN_S, create_topics, run_consumer, run_producer
+from tasks.consumer import merge_summaries
+from tasks.producer import open_source, target_fps
+from vidflow.config import ConsumerSettings, KafkaSettings, ProducerSettings
+
+TABLE_KEY = "stream-capacity-sweep"
+REPORT_KEY = "stream-capacity-report"
+IDLE_TIMEOUT_S = 3.0  # a step's consumers stop this long after the last frame
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What every step of one sweep shares."""
+
+    kafka: KafkaSettings
+    source: str
+    fps: str
+    target: str
+    tls_ca: Path | None
+    consumers: int
+    concurrency: int
+    step_seconds: float
+    budget_ms: float
+
+
+def source_format(source: str, fps: str) -> tuple[int, int, float]:
+    """Width, height and the per-stream frame rate a step paces at (the source's when native)."""
+    capture = open_source(source)
+    try:
+        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+        height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        pace = target_fps(fps, capture)
+    finally:
+        capture.release()
+    if pace is None:
+        raise ValueError("capacity mode paces each stream like a camera: --fps max does not apply")
+    return width, height, pace
+
+
+def step_kafka(base: KafkaSettings, streams: int) -> KafkaSettings:
+    """Fresh topics for one step, with a partition per stream (at least the base's count)."""
+    suffix = f"cap{streams}-{uuid.uuid4().hex[:8]}"
+    return base.model_copy(
+        update={
+            "frames_topic": f"{base.frames_topic}-{suffix}",
+            "results_topic": f"{base.results_topic}-{suffix}",
+            "dlq_topic": f"{base.dlq_topic}-{suffix}",
+            "partitions": max(base.partitions, streams),
+        }
+    )
+
+
+def run_step(sweep: SweepSettings, streams: int) -> tuple[StepFigures, KafkaSettings]:
+    """One step: `streams` live cameras for step_seconds, read back from its results topic."""
+    kafka = step_kafka(sweep.kafka, streams)
+    topics = create_topics(kafka)
+    consumer_settings = ConsumerSettings(
+        group=f"capacity-{kafka.frames_topic}",
+        concurrency=sweep.concurrency,
+        duration=sweep.step_seconds + DRAIN_S,
+        idle_timeout=IDLE_TIMEOUT_S,
+        max_frame_age_ms=sweep.budget_ms,
+    )
+    producer_settings = ProducerSettings(
+        source=sweep.source, fps=sweep.fps, loop=True, streams=streams, stream_id="camera"
+    )
+    ready = [threading.Event() for _ in range(sweep.consumers)]
+    consumer_runs = [
+        run_consumer.submit(
+            kafka, consumer_settings, sweep.target, ready[i], sweep.tls_ca, wait_for=[topics]
+        )
+        for i in range(sweep.consumers)
+    ]
+    producer_run = run_producer.submit(
+        kafka, producer_settings, sweep.step_seconds, ready, wait_for=[topics]
+    )
+    produced = producer_run.result()
+    summary = merge_summaries([run.result() for run in consumer_runs])
+    records = read_records(kafka.bootstrap_servers, kafka.results_topic)
+    figures = step_figures(
+        streams,
+        produced.target_fps or 0.0,
+        records,
+        produced.per_stream,
+        produced.frames_read,
+        summary.lag,
+    )
+    return figures, kafka
+
+
+def sweep_rows(steps: list[StepFigures], budget_ms: float) -> list[dict[str, Any]]:
+    """The table artifact's rows, one per step in order of stream count."""
+    rows = []
+    for step in sorted(steps, key=lambda s: s.streams):
+        reasons = shortfalls(step, budget_ms)
+        rows.append(
+            {
+                "streams": step.streams,
+                "fps_min": round(step.fps_min, 2),
+                "fps_mean": round(step.fps_mean, 2),
+                "e2e_p50_ms": step.e2e_p50_ms,
+                "e2e_p99_ms": step.e2e_p99_ms,
+                "stale_skips": step.skipped_stale,
+                "lag_at_end": "unknown" if step.lag_at_end is None else step.lag_at_end,
+                "holds": "no" if reasons else "yes",
+                "why_not": "; ".join(reasons),
+            }
+        )
+    return rows
+
+
+def capacity_report(
+    verdict: str, rows: list[dict[str, Any]], png: bytes, chart_path: Path, sweep: SweepSettings
+) -> str:
+    """The markdown artifact: the verdict, the rule, the chart inline and the sweep's table."""
+    columns = list(rows[0]) if rows else []
+    table = "\n".join(
+        ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+        + ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    )
+    return f"""# Stream capacity
+
+**{verdict}**
+
+A step holds real time when every stream's results arrive at >= {MIN_FPS_RATIO} of its source
+fps, the end-to-end p99 of classified frames is within {sweep.budget_ms:g} ms, and no frame is
+skipped as stale (the consumers skip frames older than {sweep.budget_ms:g} ms). Each step:
+{sweep.step_seconds:g} s of live streams from `{sweep.source}`, {sweep.consumers} consumer(s)
+with {sweep.concurrency} calls in flight each, against `{sweep.target}`.
+
+![per-stream fps and e2e p99 against live streams]({png_data_uri(png)})
+
+Chart file: `{chart_path}`
+
+{table}
+"""
+
+
+def capacity_sweep(sweep: SweepSettings, max_streams: int, output_dir: Path) -> dict[str, Any]:
+    """Find the largest number of live streams that holds real time; record the sweep."""
+    logger = get_run_logger()
+    width, height, fps = source_format(sweep.source, sweep.fps)
+    outcomes: dict[int, bool] = {}
+    steps: list[StepFigures] = []
+    topics: dict[int, dict[str, str]] = {}
+    streams = next_streams(outcomes, max_streams)
+    while streams is not None:
+        figures, kafka = run_step(sweep, streams)
+        reasons = shortfalls(figures, sweep.budget_ms)
+        outcomes[streams] = not reasons
+        steps.append(figures)
+        topics[streams] = {"frames": kafka.frames_topic, "results": kafka.results_topic}
+        logger.info(
+            "%d streams: slowest %.2f fps, mean %.2f fps, e2e p99 %.1f ms, %d stale, lag %s: %s",
+            streams, figures.fps_min, figures.fps_mean, figures.e2e_p99_ms,
+            figures.skipped_stale, figures.lag_at_end, "; ".join(reasons) or "holds",
+        )  # fmt: skip
+        streams = next_streams(outcomes, max_streams)
+    held = capacity(outcomes)
+    verdict = verdict_line(held, width, height, fps)
+    png = capacity_chart_png(steps, sweep.budget_ms, verdict)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    chart_path = (output_dir / f"capacity-{flow_run.id or uuid.uuid4().hex[:8]}.png").resolve()
+    chart_path.write_bytes(png)
+    rows = sweep_rows(steps, sweep.budget_ms)
+    create_table_artifact(key=TABLE_KEY, table=rows, description=verdict)
+    create_markdown_artifact(
+        key=REPORT_KEY,
+        markdown=capacity_report(verdict, rows, png, chart_path, sweep),
+        description=verdict,
+    )
+    logger.info("capacity: %s (chart %s)", verdict, chart_path)
+    return {
+        "capacity": held,
+        "verdict": verdict,
+        "budget_ms": sweep.budget_ms,
+        "source": {"width": width, "height": height, "fps": fps},
+        "steps": [{**s.as_dict(), "holds": outcomes[s.streams]} for s in steps],
+        "topics": topics,
+        "chart": str(chart_path),
+    }

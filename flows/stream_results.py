@@ -1,0 +1,47 @@
+"""Reads a finished run's result records back from its results topic."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+
+def read_records(bootstrap_servers: str, topic: str, timeout_s: float = 60.0) -> list[dict]:
+    """Every JSON record on `topic` up to its end now (its high watermarks), in no set order.
+
+    Assigns the partitions directly (no group to join) and stops at each partition's end, so a
+    finished run is read in full without waiting for an idle timeout."""
+    reader = Consumer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": f"results-reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 5,
+        }
+    )
+    try:
+        partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+        ends: dict[int, int] = {}
+        for partition in partitions:
+            _, high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            if high > 0:
+                ends[partition] = high
+        reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        records: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout_s
+        while ends and time.monotonic() < deadline:
+            message = reader.poll(0.2)
+            if message is None or message.error():
+                continue
+            records.append(json.loads(message.value()))
+            if message.offset() + 1 >= ends.get(message.partition(), 0):
+                ends.pop(message.partition(), None)
+        if ends:
+            raise TimeoutError(f"{topic}: partitions {sorted(ends)} not read to the end")
+        return records
+    finally:
+        reader.close()

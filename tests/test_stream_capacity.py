@@ -1,0 +1,169 @@
+"""The capacity mode of stream-benchmark: the verdict rules on made-up figures, and a short real
+sweep under a real Prefect API with the real broker and service."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+from flows.capacity_rules import (
+    StepFigures,
+    capacity,
+    holds,
+    lag_series,
+    next_streams,
+    result_rate,
+    shortfalls,
+    step_figures,
+    verdict_line,
+)
+from flows.stream_benchmark import stream_benchmark
+from flows.stream_capacity import REPORT_KEY, TABLE_KEY
+from flows.stream_results import read_records
+from tasks.producer import cameras
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _step(streams: int = 2, fps: tuple[float, ...] = (28.0, 27.9), p99: float = 40.0, stale=0):
+    return StepFigures(
+        streams=streams,
+        source_fps=28.0,
+        stream_fps={f"camera-{i}": v for i, v in enumerate(fps)},
+        e2e_p50_ms=10.0,
+        e2e_p99_ms=p99,
+        classified=100,
+        skipped_stale=stale,
+    )
+
+
+def test_a_step_holds_only_when_every_stream_keeps_up_within_budget_without_skips() -> None:
+    assert holds(_step(), budget_ms=100)
+    # 0.98 x 28 = 27.44: one stream just below fails the whole step
+    assert not holds(_step(fps=(28.0, 27.4)), budget_ms=100)
+    assert holds(_step(fps=(28.0, 27.45)), budget_ms=100)
+    assert shortfalls(_step(p99=100.5), budget_ms=100) == ["e2e p99 100.5 ms > 100 ms"]
+    assert holds(_step(p99=100.0), budget_ms=100)
+    assert shortfalls(_step(stale=1), budget_ms=100) == ["1 frames skipped as stale"]
+    assert len(shortfalls(_step(fps=(10.0, 28.0), p99=300, stale=5), budget_ms=100)) == 3
+    assert not holds(_step(fps=()), budget_ms=100)  # no stream answered at all
+
+
+def test_the_search_doubles_then_bisects_and_capacity_is_below_the_first_failure() -> None:
+    outcomes: dict[int, bool] = {}
+    tried = []
+    truth = 5  # counts up to 5 hold
+    while (n := next_streams(outcomes, max_streams=16)) is not None:
+        tried.append(n)
+        outcomes[n] = n <= truth
+    assert tried == [1, 2, 4, 8, 6, 5]
+    assert capacity(outcomes) == 5
+    assert next_streams({1: True, 2: True}, max_streams=2) is None
+    assert capacity({1: False}) == 0 and next_streams({1: False}, max_streams=8) is None
+    # a noisy success above the first failure does not count
+    assert capacity({1: True, 2: False, 4: True}) == 1
+
+
+def test_step_figures_come_from_the_result_records() -> None:
+    def record(stream: str, index: int, fps: float, e2e: float, skipped: str | None = None):
+        capture = 1_000_000_000_000 + int(index / fps * 1e9)
+        result = capture + int(e2e * 1e6)
+        return {"stream_id": stream, "frame_index": index, "capture_ts_ns": capture,
+                "result_ts_ns": result, "e2e_ms": e2e, "skipped": skipped}  # fmt: skip
+
+    records = [record("camera-0", i, 28.0, 10 + i % 3) for i in range(56)]
+    records += [record("camera-1", i, 14.0, 20.0) for i in range(28)]
+    records += [record("camera-1", 0, 14.0, 20.0)]  # a redelivered duplicate
+    records += [record("camera-1", 28, 14.0, 150.0, skipped="stale")]  # 2.0 s: the last capture
+    step = step_figures(3, 28.0, records, ["camera-0", "camera-1", "camera-2"], 86, 4)
+    assert step.stream_fps["camera-0"] == pytest.approx(28.0, rel=0.01)
+    assert step.stream_fps["camera-1"] == pytest.approx(14.0, rel=0.01)
+    assert step.stream_fps["camera-2"] == 0.0  # produced, never answered
+    assert step.classified == 84 and step.skipped_stale == 1
+    assert step.e2e_p99_ms <= 20.0  # the stale record's age is not a classified latency
+    assert step.lag_at_end == 4  # all answered by the last capture; + the unanswered
+    late = [*records, record("camera-2", 10, 28.0, 5000.0)]  # 0.36 s, answered at 5.36 s
+    assert step_figures(3, 28.0, late, ["camera-2"], 87, 0).lag_at_end == 1
+    assert result_rate([0, 1], [0.0, 0.1]) == 0.0  # too few points to say
+
+
+def test_the_lag_series_grows_when_results_fall_behind_captures() -> None:
+    second = 1_000_000_000
+    # captured at 10 fps for 3 s, answered at 5 fps: 5 more frames behind every second
+    records = [{"capture_ts_ns": i * second // 10, "result_ts_ns": i * second // 5 + 1}
+               for i in range(31)]  # fmt: skip
+    assert lag_series(records) == [0, 5, 10, 15]
+    keeping_up = [{"capture_ts_ns": i * second // 10, "result_ts_ns": i * second // 10 + 1}
+                  for i in range(31)]  # fmt: skip
+    assert lag_series(keeping_up) == [0, 0, 0, 0]
+
+
+def test_the_verdict_line_names_count_size_and_rate() -> None:
+    assert verdict_line(6, 340, 256, 28.0) == "6 streams of 340x256 at 28 fps on this machine"
+    assert verdict_line(1, 640, 480, 29.97) == "1 stream of 640x480 at 29.97 fps on this machine"
+
+
+@pytest.mark.slow
+def test_a_short_sweep_records_table_chart_and_verdict(
+    prefect_api, kafka, onnx_server, tmp_path: Path
+) -> None:
+    # The machine running the tests is shared and noisy, and speed is the benchmark's business:
+    # a budget of 1 s checks the sweep's mechanics, not this machine's latency.
+    outcome = stream_benchmark(
+        capacity=True,
+        max_frame_age_ms=1000.0,
+        step_seconds=3.0,
+        max_streams=2,
+        target=onnx_server.target,
+        bootstrap_servers=kafka.bootstrap_servers,
+        consumer_concurrency=4,
+        frames_topic=kafka.frames_topic,
+        results_topic=kafka.results_topic,
+        dlq_topic=kafka.dlq_topic,
+        output_dir=str(tmp_path),
+    )
+    assert outcome["capacity"] >= 1 and outcome["budget_ms"] == 1000.0
+    assert outcome["verdict"] == verdict_line(outcome["capacity"], 340, 256, 28.0)
+    steps = {step["streams"]: step for step in outcome["steps"]}
+    assert set(steps) <= {1, 2} and 1 in steps
+    # each step ran its own cameras on its own topics, read back in full
+    for streams, step in steps.items():
+        assert sorted(step["stream_fps"]) == sorted(
+            c.stream_id for c in cameras("camera", streams, 1)
+        )
+        records = read_records(kafka.bootstrap_servers, outcome["topics"][streams]["results"])
+        keys = {f"{r['stream_id']}:{r['frame_index']}" for r in records}
+        assert len(keys) == step["frames_produced"] >= 3 * 28 * streams * 0.9
+        assert step["classified"] + step["skipped_stale"] == step["frames_produced"]
+    assert steps[1]["holds"] and steps[1]["fps_min"] >= 0.98 * 28
+
+    png = Path(outcome["chart"]).read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+    assert Path(outcome["chart"]).parent == tmp_path
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[TABLE_KEY, REPORT_KEY]))
+        )
+    by_key = {a.key: a for a in artifacts}
+    table = by_key[TABLE_KEY].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [row["streams"] for row in rows] == sorted(steps)
+    assert rows[0]["holds"] == "yes" and rows[0]["e2e_p99_ms"] == steps[1]["e2e_p99_ms"]
+    report = by_key[REPORT_KEY].data
+    assert outcome["verdict"] in report and outcome["chart"] in report
+    assert "](data:image/png;base64," in report
+
+
+def test_the_cli_offers_capacity_mode_with_its_defaults() -> None:
+    from vidflow.cli import build_parser
+
+    args = build_parser().parse_args(["stream-benchmark", "--capacity", "--max-streams", "4"])
+    assert args.capacity and args.max_streams == 4 and args.step_seconds == 10.0
+    assert args.max_frame_age_ms is None  # the flow's budget default (100 ms) applies
+    single = build_parser().parse_args(["stream-benchmark"])
+    assert not single.capacity
