@@ -1,0 +1,140 @@
+"""Benchmark: how many live streams one box keeps in real time, and what it does past that.
+
+    python -m bench.stream_capacity [--step-seconds 10] [--overload-seconds 20]
+
+In one run, against one local broker (Tansu) and one `vidflow serve` (defaults, ONNX Runtime):
+1. service_fps: the closed-loop load test at concurrency 8 on the clip's frames (saturation);
+2. capacity: the stream-benchmark flow's capacity sweep (a temporary Prefect API), live streams
+   of the sample clip at its native fps, latency budget `--budget-ms`; `capacity_ratio` is
+   capacity / floor(service_fps / source fps) (target >= 0.7);
+3. overload: ceil(1.5 x capacity) live streams for `--overload-seconds`, once with the consumer's
+   `--max-frame-age-ms` at the budget (e2e p99 of classified frames, target <= 200 ms; every
+   frame exactly one outcome, result or stale record; fraction skipped) and once without it
+   (frames behind, second by second: growing).
+The last stdout line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench.stream import fresh_kafka, local_stack, stream_once
+from flows.capacity_rules import DEFAULT_BUDGET_MS, lag_series
+from flows.stream_benchmark import stream_benchmark
+from flows.stream_results import read_records
+from services.inference.loadtest import run_loadtest
+from vidflow.config import DEFAULT_CACHE_DIR, SAMPLE_VIDEO, ProducerSettings
+from vidflow.frames import load_encoded_images
+from vidflow.prefect_api import prefect_api
+from vidflow.stats import summarize_ms
+
+CONCURRENCY = 8  # the consumer's default calls in flight, and the load test's level
+
+
+def overload_run(
+    bootstrap: str, target: str, streams: int, seconds: float, budget_ms: float | None
+) -> dict[str, Any]:
+    """`streams` live cameras for `seconds`, with or without the latency budget; what came out."""
+    kafka = fresh_kafka(bootstrap, partitions=streams)
+    producer = ProducerSettings(
+        source=str(SAMPLE_VIDEO), fps="native", loop=True, streams=streams, stream_id="camera",
+        max_frames=math.ceil(28 * seconds),
+    )  # fmt: skip
+    summary, produced = stream_once(bootstrap, target, producer, CONCURRENCY, budget_ms, kafka)
+    records = read_records(bootstrap, kafka.results_topic)
+    outcomes = Counter(f"{r['stream_id']}:{r['frame_index']}" for r in records)
+    classified = [r["e2e_ms"] for r in records if not r.get("skipped")]
+    stale = sum(1 for r in records if r.get("skipped"))
+    behind = lag_series(records, every_s=1.0)
+    return {
+        "max_frame_age_ms": budget_ms,
+        "frames_produced": produced.frames_read,
+        "producer_fps": round(produced.fps, 2),
+        "outcome_records": len(records),
+        "frames_with_an_outcome": len(outcomes),
+        "exactly_one_outcome": len(outcomes) == produced.frames_read
+        and set(outcomes.values()) == {1},
+        "classified": len(classified),
+        "skipped_stale": stale,
+        "skipped_fraction": round(stale / len(records), 3) if records else 0.0,
+        "e2e_classified_ms": summarize_ms(classified),
+        "frames_behind_each_second": behind,
+        "consumer": {
+            k: v for k, v in summary.as_dict().items() if k not in ("inference_ms", "rpc_ms")
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--service-seconds", type=float, default=10.0)
+    parser.add_argument("--step-seconds", type=float, default=10.0, help="seconds per sweep step")
+    parser.add_argument("--max-streams", type=int, default=16)
+    parser.add_argument("--budget-ms", type=float, default=DEFAULT_BUDGET_MS)
+    parser.add_argument("--overload-seconds", type=float, default=20.0)
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/bench-capacity"))
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models")
+    args = parser.parse_args()
+    if not SAMPLE_VIDEO.is_file():
+        sys.exit(f"sample clip not found: {SAMPLE_VIDEO}")
+
+    with local_stack(args.cache_dir) as (broker, server):
+        bootstrap = broker.bootstrap_servers
+        frames = load_encoded_images(SAMPLE_VIDEO, max_frames=10_000)
+        (level,) = asyncio.run(
+            run_loadtest(server.target, frames, [CONCURRENCY], args.service_seconds, 2.0)
+        )
+        print(f"service: {level.throughput_rps} img/s", file=sys.stderr)
+        with prefect_api():
+            sweep = stream_benchmark(
+                capacity=True, target=server.target, bootstrap_servers=bootstrap,
+                consumer_concurrency=CONCURRENCY, step_seconds=args.step_seconds,
+                max_streams=args.max_streams, max_frame_age_ms=args.budget_ms,
+                output_dir=str(args.output_dir),
+            )  # fmt: skip
+        print(f"capacity: {sweep['verdict']}", file=sys.stderr)
+        overload = max(1, math.ceil(1.5 * sweep["capacity"]))
+        runs = {
+            name: overload_run(bootstrap, server.target, overload, args.overload_seconds, budget)
+            for name, budget in (("with_budget", args.budget_ms), ("without_budget", None))
+        }
+    source_fps = sweep["source"]["fps"]
+    ideal = math.floor(level.throughput_rps / source_fps)
+    steps = [
+        {k: s[k] for k in ("streams", "fps_min", "fps_mean", "e2e_p50_ms", "e2e_p99_ms",
+                           "skipped_stale", "lag_at_end", "holds")}
+        for s in sweep["steps"]
+    ]  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "stream_capacity",
+                "service_fps": level.throughput_rps,
+                "service_p99_ms": level.latency_ms["p99"],
+                "capacity": sweep["capacity"],
+                "ideal_streams": ideal,
+                "capacity_ratio": round(sweep["capacity"] / ideal, 3) if ideal else None,
+                "verdict": sweep["verdict"],
+                "budget_ms": args.budget_ms,
+                "sweep": steps,
+                "chart": sweep["chart"],
+                "overload_streams": overload,
+                **runs,
+                "step_seconds": args.step_seconds,
+                "overload_seconds": args.overload_seconds,
+                "cpu_count": os.cpu_count(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
