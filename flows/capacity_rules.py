@@ -20,6 +20,9 @@ from vidflow.stats import summarize_ms
 
 MIN_FPS_RATIO = 0.98  # results must keep up with the source to this fraction
 DEFAULT_BUDGET_MS = 100.0  # e2e p99 budget of a live view (and the consumer's frame-age budget)
+# Frames captured in a step's first second are not judged: the cameras' staggered starts, the
+# first calls of fresh consumers (as the load test's warm-up, which is not counted either).
+WARMUP_S = 1.0
 
 
 @dataclass
@@ -87,14 +90,19 @@ def step_figures(
     expected_streams: Iterable[str],
     frames_produced: int,
     unanswered: int | None,
+    warmup_s: float = WARMUP_S,
 ) -> StepFigures:
-    """Figures from the step's result records (classified, or `skipped` stale), first per key.
+    """Figures from the step's result records (classified, or `skipped` stale), first per key,
+    leaving out frames captured in the first `warmup_s`.
 
     A stream that produced frames but got no result counts at 0 fps. `unanswered`: the
     consumers' lag once they stopped (None: unknown)."""
     records = list(records)
     last_capture = max((r["capture_ts_ns"] for r in records), default=0)
     behind = frames_behind(records, last_capture)
+    if records:
+        judged_from = min(r["capture_ts_ns"] for r in records) + int(warmup_s * 1e9)
+        records = [r for r in records if r["capture_ts_ns"] >= judged_from]
     seen: set[str] = set()
     per_stream: dict[str, list[tuple[int, float]]] = defaultdict(list)
     e2e: list[float] = []

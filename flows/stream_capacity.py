@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 from flows.capacity_chart import capacity_chart_png, png_data_uri
 from flows.capacity_rules import (
     MIN_FPS_RATIO,
+    WARMUP_S,
     StepFigures,
     capacity,
     next_streams,
@@ -157,7 +158,8 @@ def capacity_report(
 
 A step holds real time when every stream's results arrive at >= {MIN_FPS_RATIO} of its source
 fps, the end-to-end p99 of classified frames is within {sweep.budget_ms:g} ms, and no frame is
-skipped as stale (the consumers skip frames older than {sweep.budget_ms:g} ms). Each step:
+skipped as stale (the consumers skip frames older than {sweep.budget_ms:g} ms); frames captured
+in a step's first {WARMUP_S:g} s are warm-up, not judged. Each step:
 {sweep.step_seconds:g} s of live streams from `{sweep.source}`, {sweep.consumers} consumer(s)
 with {sweep.concurrency} calls in flight each, against `{sweep.target}`.
 

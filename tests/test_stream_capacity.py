@@ -79,7 +79,7 @@ def test_step_figures_come_from_the_result_records() -> None:
     records += [record("camera-1", i, 14.0, 20.0) for i in range(28)]
     records += [record("camera-1", 0, 14.0, 20.0)]  # a redelivered duplicate
     records += [record("camera-1", 28, 14.0, 150.0, skipped="stale")]  # 2.0 s: the last capture
-    step = step_figures(3, 28.0, records, ["camera-0", "camera-1", "camera-2"], 86, 4)
+    step = step_figures(3, 28.0, records, ["camera-0", "camera-1", "camera-2"], 86, 4, 0.0)
     assert step.stream_fps["camera-0"] == pytest.approx(28.0, rel=0.01)
     assert step.stream_fps["camera-1"] == pytest.approx(14.0, rel=0.01)
     assert step.stream_fps["camera-2"] == 0.0  # produced, never answered
@@ -87,7 +87,10 @@ def test_step_figures_come_from_the_result_records() -> None:
     assert step.e2e_p99_ms <= 20.0  # the stale record's age is not a classified latency
     assert step.lag_at_end == 4  # all answered by the last capture; + the unanswered
     late = [*records, record("camera-2", 10, 28.0, 5000.0)]  # 0.36 s, answered at 5.36 s
-    assert step_figures(3, 28.0, late, ["camera-2"], 87, 0).lag_at_end == 1
+    assert step_figures(3, 28.0, late, ["camera-2"], 87, 0, 0.0).lag_at_end == 1
+    # the first second is warm-up: a slow first frame is not judged, nor counted
+    warm = step_figures(3, 28.0, late, ["camera-2"], 87, 0, warmup_s=1.0)
+    assert warm.e2e_p99_ms <= 20.0 and warm.skipped_stale == 1 and warm.classified == 84 - 28 - 14
     assert result_rate([0, 1], [0.0, 0.1]) == 0.0  # too few points to say
 
 
