@@ -15,8 +15,8 @@ from flows.capacity_rules import MIN_FPS_RATIO, StepFigures
 
 
 def capacity_chart_png(steps: list[StepFigures], budget_ms: float, title: str) -> bytes:
-    """PNG bytes: results/s per stream (min and mean) above, e2e p99 below, steps in order of
-    stream count; the real-time floor and the latency budget drawn as dashed lines."""
+    """PNG bytes: classified results/s per stream (min and mean) above, e2e p50/p99 below, in
+    order of stream count; the real-time floor and the latency budget drawn as dotted lines."""
     steps = sorted(steps, key=lambda s: s.streams)
     counts = [s.streams for s in steps]
     figure, (fps_axis, latency_axis) = plt.subplots(2, 1, sharex=True, figsize=(7, 6), dpi=100)
@@ -26,7 +26,8 @@ def capacity_chart_png(steps: list[StepFigures], budget_ms: float, title: str) -
         if steps:
             floor = MIN_FPS_RATIO * steps[0].source_fps
             fps_axis.axhline(floor, color="grey", linestyle=":", label=f"{MIN_FPS_RATIO} x source")
-        fps_axis.set_ylabel("results/s per stream")
+        fps_axis.set_ylabel("classified results/s per stream")
+        fps_axis.set_ylim(bottom=0)
         fps_axis.legend(loc="lower left")
         fps_axis.grid(alpha=0.3)
         latency_axis.plot(counts, [s.e2e_p99_ms for s in steps], "o-", color="tab:red", label="p99")

@@ -31,7 +31,7 @@ class StepFigures:
 
     streams: int
     source_fps: float
-    stream_fps: dict[str, float] = field(default_factory=dict)  # results/s of each stream
+    stream_fps: dict[str, float] = field(default_factory=dict)  # classified results/s, by stream
     e2e_p50_ms: float = 0.0
     e2e_p99_ms: float = 0.0
     classified: int = 0
@@ -56,7 +56,7 @@ class StepFigures:
 
 
 def result_rate(frame_indexes: list[int], result_ts_s: list[float]) -> float:
-    """Results per second of one stream: the inverse slope of result time against frame index.
+    """Outcomes per second of one stream: the inverse slope of outcome time against frame index.
 
     A least-squares fit over the whole step rather than first-to-last, so the jitter of the
     first and last results does not decide a short step; a consumer that falls behind stretches
@@ -104,25 +104,26 @@ def step_figures(
         judged_from = min(r["capture_ts_ns"] for r in records) + int(warmup_s * 1e9)
         records = [r for r in records if r["capture_ts_ns"] >= judged_from]
     seen: set[str] = set()
-    per_stream: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    per_stream: dict[str, list[tuple[int, float, bool]]] = defaultdict(list)
     e2e: list[float] = []
-    stale = 0
     for record in records:
         key = f"{record['stream_id']}:{record['frame_index']}"
         if key in seen:  # at-least-once: a redelivered frame's second result is not a new one
             continue
         seen.add(key)
-        if record.get("skipped"):
-            stale += 1
-            continue
+        classified = not record.get("skipped")
         per_stream[record["stream_id"]].append(
-            (record["frame_index"], record["result_ts_ns"] / 1e9)
+            (record["frame_index"], record["result_ts_ns"] / 1e9, classified)
         )
-        e2e.append(record["e2e_ms"])
+        if classified:
+            e2e.append(record["e2e_ms"])
     stream_fps = {stream: 0.0 for stream in expected_streams}
     for stream, points in per_stream.items():
+        # classified results/s: the pace of the stream's outcomes, less the share skipped
         points.sort()
-        stream_fps[stream] = result_rate([p[0] for p in points], [p[1] for p in points])
+        pace = result_rate([p[0] for p in points], [p[1] for p in points])
+        stream_fps[stream] = pace * sum(p[2] for p in points) / len(points)
+    stale = len(seen) - len(e2e)
     latency = summarize_ms(e2e)
     return StepFigures(
         streams=streams,

@@ -81,7 +81,8 @@ def test_step_figures_come_from_the_result_records() -> None:
     records += [record("camera-1", 28, 14.0, 150.0, skipped="stale")]  # 2.0 s: the last capture
     step = step_figures(3, 28.0, records, ["camera-0", "camera-1", "camera-2"], 86, 4, 0.0)
     assert step.stream_fps["camera-0"] == pytest.approx(28.0, rel=0.01)
-    assert step.stream_fps["camera-1"] == pytest.approx(14.0, rel=0.01)
+    # one of its 29 frames skipped as stale: not a result
+    assert step.stream_fps["camera-1"] == pytest.approx(14.0 * 28 / 29, rel=0.02)
     assert step.stream_fps["camera-2"] == 0.0  # produced, never answered
     assert step.classified == 84 and step.skipped_stale == 1
     assert step.e2e_p99_ms <= 20.0  # the stale record's age is not a classified latency
@@ -91,6 +92,11 @@ def test_step_figures_come_from_the_result_records() -> None:
     # the first second is warm-up: a slow first frame is not judged, nor counted
     warm = step_figures(3, 28.0, late, ["camera-2"], 87, 0, warmup_s=1.0)
     assert warm.e2e_p99_ms <= 20.0 and warm.skipped_stale == 1 and warm.classified == 84 - 28 - 14
+    # frames skipped as stale are not results: half the frames skipped, half the rate
+    halved = [{**r, "skipped": "stale"} if r["frame_index"] % 2 else r for r in records[:56]]
+    assert step_figures(1, 28.0, halved, ["camera-0"], 56, 0, 0.0).stream_fps == {
+        "camera-0": pytest.approx(14.0, rel=0.02)
+    }
     assert result_rate([0, 1], [0.0, 0.1]) == 0.0  # too few points to say
 
 
