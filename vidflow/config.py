@@ -81,7 +81,10 @@ class InferenceSettings(BaseSettings):
     inference_workers: int = Field(
         0,
         ge=0,
-        description="model workers: batches run at once (0: auto, 2 on onnx, 1 on torch backends)",
+        description=(
+            "model workers: batches run at once (0: auto: on onnx cores + 1 on CPU, 2 on CUDA; "
+            "1 on torch backends)"
+        ),
     )
     inference_threads: int = Field(
         0, ge=0, description="threads one model call may use (0: auto, cores / workers)"

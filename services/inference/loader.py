@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +39,7 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
     device = resolve_device(
         settings.device, settings.strict_device, cuda_available(settings.backend)
     )
-    # Two workers on ONNX Runtime, whose lone calls still get every core (OnnxBackend); torch
-    # sets its threads for the whole process, so there one call at a time over all cores.
-    workers = settings.inference_workers or (2 if settings.backend == "onnx" else 1)
+    workers = settings.inference_workers or default_workers(settings.backend, device)
     threads = threads_per_call(workers, settings.inference_threads)
     # A lone call may use every core unless the threads per call were set by hand.
     lone_call_threads = 0 if settings.inference_threads else threads_per_call(1, 0)
@@ -66,6 +65,21 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
     return ServedModel(
         loaded.name, loaded.class_names, loaded.preprocess, loaded.weights_sha256, backend, workers
     )
+
+
+def default_workers(backend: str, device: str) -> int:
+    """Model calls that may run at once when --inference-workers is not set.
+
+    ONNX Runtime on a CPU: one single-threaded call per core plus one, so that while every core
+    runs the model one more request is decoded and answered; a lone call still gets every core
+    (OnnxBackend). On 2 cores 3 workers did 1.00-1.04x the plain server's img/s at concurrency
+    8 and 16 and 0.90x at 4, where 2 did 0.83-0.88x (docs/benchmarks.md). On a GPU two calls
+    keep it busy while the CPU prepares the next; torch sets its threads for the whole process,
+    so there one call at a time over all cores.
+    """
+    if backend != "onnx":
+        return 1
+    return (os.cpu_count() or 1) + 1 if device == "cpu" else 2
 
 
 def _from_onnx_file(
