@@ -98,15 +98,15 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
     assert broker.stop() in (0, -signal.SIGTERM)
 
 
-def fresh_topics(broker: LocalBroker) -> KafkaSettings:
-    """Kafka settings naming new topics (2 partitions each) on `broker`, created now."""
+def fresh_topics(broker: LocalBroker, partitions: int = 2) -> KafkaSettings:
+    """Kafka settings naming new topics on `broker`, created now."""
     suffix = uuid.uuid4().hex[:8]
     settings = KafkaSettings(
         bootstrap_servers=broker.bootstrap_servers,
         frames_topic=f"frames-{suffix}",
         results_topic=f"predictions-{suffix}",
         dlq_topic=f"frames-{suffix}.dlq",
-        partitions=2,
+        partitions=partitions,
     )
     ensure_topics(settings.bootstrap_servers, settings.topics, settings.partitions)
     return settings

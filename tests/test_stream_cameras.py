@@ -17,31 +17,16 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from services.inference.launcher import REPO_ROOT, free_port
-from tasks.broker import LocalBroker
 from tasks.consumer import FrameConsumer
 from tasks.frame_codec import Frame, FrameResult, decode_frame, frame_key
 from tasks.producer import produce_frames
 from tasks.topics import ensure_topics
-from tests.conftest import VIDEOS
+from tests.conftest import VIDEOS, fresh_topics
 from tests.kafka_helpers import committed_total, read_topic
 from vidflow.config import ConsumerSettings, KafkaSettings, ProducerSettings
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 PARTITIONS = 4
-
-
-def _topics(broker: LocalBroker, partitions: int = PARTITIONS) -> KafkaSettings:
-    """Fresh topics with a partition per camera, so a group can share the cameras out."""
-    suffix = uuid.uuid4().hex[:8]
-    kafka = KafkaSettings(
-        bootstrap_servers=broker.bootstrap_servers,
-        frames_topic=f"cams-{suffix}",
-        results_topic=f"cams-results-{suffix}",
-        dlq_topic=f"cams-{suffix}.dlq",
-        partitions=partitions,
-    )
-    ensure_topics(kafka.bootstrap_servers, kafka.topics, partitions)
-    return kafka
 
 
 def _consumer(kafka: KafkaSettings, target: str, **settings) -> FrameConsumer:
@@ -55,7 +40,7 @@ def _results(kafka: KafkaSettings, expected: int | None = None) -> list[FrameRes
 
 
 def test_streams_replay_the_clip_as_staggered_cameras_each_in_order(broker) -> None:
-    kafka = _topics(broker)
+    kafka = fresh_topics(broker, PARTITIONS)
     streams, per_camera, fps = 4, 8, 20.0
     stats = produce_frames(
         ProducerSettings(
@@ -104,7 +89,7 @@ def test_streams_replay_the_clip_as_staggered_cameras_each_in_order(broker) -> N
 def test_a_latency_budget_skips_stale_frames_and_every_frame_has_one_outcome(
     broker, onnx_server
 ) -> None:
-    kafka = _topics(broker)
+    kafka = fresh_topics(broker, PARTITIONS)
     budget_ms = 1000.0
     backlog = produce_frames(
         ProducerSettings(source=str(CLIP), streams=4, max_frames=15, fps="max", stream_id="old"),
@@ -166,7 +151,7 @@ def test_a_latency_budget_skips_stale_frames_and_every_frame_has_one_outcome(
 
 
 def test_a_frame_past_the_budget_while_the_service_is_down_is_skipped_at_its_retry(broker) -> None:
-    kafka = _topics(broker, partitions=1)
+    kafka = fresh_topics(broker, partitions=1)
     budget_ms = 300.0
     consumer = _consumer(
         kafka, f"127.0.0.1:{free_port()}", max_frame_age_ms=budget_ms, idle_timeout=3.0
@@ -212,7 +197,7 @@ def _assignments(log_text: str) -> list[set[int]]:
 def test_two_consumer_processes_share_the_cameras_without_loss_or_double_work(
     broker, onnx_server, tmp_path: Path
 ) -> None:
-    kafka = _topics(broker)
+    kafka = fresh_topics(broker, PARTITIONS)
     group = f"group-{uuid.uuid4().hex[:6]}"
     topic_flags = [
         "--bootstrap-servers", kafka.bootstrap_servers, "--topic", kafka.frames_topic,
