@@ -195,6 +195,31 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> Non
         time.sleep(0.2)
 
 
+def _kill_broker_expect_exit(
+    broker: LocalBroker,
+    command: subprocess.Popen,
+    log_path: Path,
+    under_way: tuple[Callable[[], bool], float, str],
+) -> tuple[float, str]:
+    """Once `under_way` holds (condition, timeout, what), SIGKILL the broker under the running
+    stream command: it must exit 1 within the grace, naming the broker, with no child process.
+    Returns its seconds to exit and its log."""
+    try:
+        _wait_for(*under_way)
+        assert children(command.pid) == []  # nothing to orphan
+        broker.process.kill()
+        broker.process.wait(10)
+        code, took_s = _wait_exit(command, BROKER_GRACE_S + EXIT_MARGIN_S)
+    finally:
+        if command.poll() is None:
+            command.kill()
+    output = log_path.read_text()
+    assert code == 1, output[-3000:]
+    assert BROKER_GRACE_S <= took_s < BROKER_GRACE_S + EXIT_MARGIN_S
+    assert f"lost the Kafka broker {broker.bootstrap_servers}" in output
+    return took_s, output
+
+
 def _wait_exit(process: subprocess.Popen, timeout_s: float) -> tuple[int, float]:
     """The exit code and how long it took, killing the process if it overruns."""
     started = time.monotonic()
@@ -231,23 +256,16 @@ def test_consume_fails_within_the_grace_when_the_broker_dies_and_counts_unanswer
             ),
             cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
-    try:
-        _wait_for(
+    took_s, output = _kill_broker_expect_exit(
+        own_broker,
+        consume,
+        log_path,
+        (
             lambda: committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) >= 30,
             90,
             "30 frames committed",
-        )
-        assert children(consume.pid) == []  # nothing to orphan
-        own_broker.process.kill()
-        own_broker.process.wait(10)
-        code, took_s = _wait_exit(consume, BROKER_GRACE_S + EXIT_MARGIN_S)
-    finally:
-        if consume.poll() is None:
-            consume.kill()
-    output = log_path.read_text()
-    assert code == 1, output[-3000:]
-    assert BROKER_GRACE_S <= took_s < BROKER_GRACE_S + EXIT_MARGIN_S
-    assert f"lost the Kafka broker {kafka.bootstrap_servers}" in output
+        ),
+    )
     summary = json.loads(summary_path.read_text())
     print(f"consume ended {took_s:.1f} s after the broker died: {summary['unanswered']} unanswered")
     assert kafka.bootstrap_servers in summary["broker_error"]
@@ -276,19 +294,9 @@ def test_produce_fails_within_the_grace_when_the_broker_dies(
             ),
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log_file, text=True,
         )  # fmt: skip
-    try:
-        _wait_for(lambda: _published(kafka) >= 30, 60, "30 frames published")
-        assert children(produce.pid) == []  # nothing to orphan
-        own_broker.process.kill()
-        own_broker.process.wait(10)
-        code, took_s = _wait_exit(produce, BROKER_GRACE_S + EXIT_MARGIN_S)
-    finally:
-        if produce.poll() is None:
-            produce.kill()
-    output = log_path.read_text()
-    assert code == 1, output[-3000:]
-    assert BROKER_GRACE_S <= took_s < BROKER_GRACE_S + EXIT_MARGIN_S
-    assert f"lost the Kafka broker {kafka.bootstrap_servers}" in output
+    took_s, _ = _kill_broker_expect_exit(
+        own_broker, produce, log_path, (lambda: _published(kafka) >= 30, 60, "30 frames published")
+    )
     stats = json.loads(produce.stdout.read().strip().splitlines()[-1])
     print(f"produce ended {took_s:.1f} s after the broker died: {stats}")
     assert kafka.bootstrap_servers in stats["broker_error"]
