@@ -2,9 +2,9 @@
 
     python -m bench.depth [--videos 24] [--rounds 3]
 
-1. transcode: `tasks.transcode.transcode` (probes, temporary name, rename) against plain
+1. transcode: `tasks.depth.transcode.transcode` (probes, temporary name, rename) against plain
    `ffmpeg` with the same arguments on the same files, alternating; ratio of videos/s.
-2. download: `tasks.download.download_videos` (retries, sniffing, size cap, rename) against a
+2. download: `tasks.depth.download.download_videos` (retries, sniffing, size cap, rename) against a
    bare aiohttp loop with the same concurrency, from the same loopback server; ratio of MB/s.
 3. ceiling: plain ffmpeg on the flow's files, serially and two at a time; what 2 CPUs can give.
 4. flow: the `depth-extraction` flow on local Ray (2 CPUs) against a serial run of the same
@@ -36,11 +36,12 @@ from typing import Any
 
 import aiohttp
 
-from tasks.depth import estimate_depth, shared_estimator
-from tasks.download import download, download_videos
-from tasks.transcode import ffmpeg_command, transcode
-from tasks.video_record import VideoRecord
-from vidflow.config import SAMPLE_VIDEOS_DIR, DepthSettings
+from common.settings import SAMPLE_VIDEOS_DIR
+from tasks.depth.depth_maps import estimate_depth, shared_estimator
+from tasks.depth.download import download, download_videos
+from tasks.depth.settings import DepthSettings
+from tasks.depth.transcode import ffmpeg_command, transcode
+from tasks.depth.video_record import VideoRecord
 
 CLIPS = sorted(SAMPLE_VIDEOS_DIR.glob("*.mp4"))
 
@@ -255,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-    from tasks.tiny_depth_pro import save_tiny_depth_pro
+    from devstack.prefect_api import prefect_api
+    from devstack.tiny_depth_pro import save_tiny_depth_pro
     from tests.video_server import Serve, VideoServer
-    from vidflow.prefect_api import prefect_api
 
     work = Path(tempfile.mkdtemp(prefix="vidflow-bench-depth-"))
     results: dict[str, Any] = {"benchmark": "depth", "cpu_count": os.cpu_count()}

@@ -1,14 +1,14 @@
 """Benchmark: Depth Pro at its real size on a GPU, half precision against full, in one run.
 
-    python -m bench.depth_gpu [--video CLIP] [--frames 8] [--rounds 3]
+python -m bench.depth_gpu [--video CLIP] [--frames 8] [--rounds 3]
 
 No Depth Pro weights can be had offline, so the model is a `DepthProConfig` with the architecture
-and size of `apple/DepthPro-hf` (DINOv2-L/16 encoders, 1536 px input) and random weights, saved
-and loaded back through `tasks.depth.DepthEstimator`, the path the flow uses; a network's speed
-does not depend on its weights' values. Measures frames per second of `DepthEstimator.estimate`
-on real frames at 360p in float16 (what the flow uses on CUDA) against float32 on the same GPU,
-and checks that `estimate_depth` writes maps at the frame size on the GPU. Without CUDA it says
-so and stops. The last stdout line is JSON.
+and size of `apple/DepthPro-hf` (DINOv2-L/16 encoders, 1536 px input) and random weights, saved and
+loaded back through `tasks.depth.depth_maps.DepthEstimator`, the path the flow uses; a network's
+speed does not depend on its weights' values. Measures frames per second of
+`DepthEstimator.estimate` on real frames at 360p in float16 (what the flow uses on CUDA) against
+float32 on the same GPU, and checks that `estimate_depth` writes maps at the frame size on the GPU.
+Without CUDA it says so and stops. The last stdout line is JSON.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tasks.depth import DepthEstimator, estimate_depth, read_frames
-from tasks.tiny_depth_pro import save_full_size_depth_pro
-from tasks.video_record import VideoRecord
-from vidflow.config import SAMPLE_VIDEO, DepthSettings
+from common.settings import SAMPLE_VIDEO
+from devstack.tiny_depth_pro import save_full_size_depth_pro
+from tasks.depth.depth_maps import DepthEstimator, estimate_depth, read_frames
+from tasks.depth.settings import DepthSettings
+from tasks.depth.video_record import VideoRecord
 
 
 def frames_per_second(estimator: DepthEstimator, frames: list[np.ndarray], rounds: int) -> float:

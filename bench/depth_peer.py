@@ -51,10 +51,10 @@ from bench.peer_v2d import (
     run_video2dataset,
     write_ffmpeg_wrapper,
 )
-from services.inference.launcher import free_port
-from tasks.transcode import ffmpeg_exe
-from vidflow.config import SAMPLE_VIDEO
-from vidflow.local_stack import LocalStack
+from common.settings import SAMPLE_VIDEO
+from devstack.launcher import free_port
+from devstack.local_stack import LocalStack
+from tasks.depth.transcode import ffmpeg_exe
 
 CPUS = os.cpu_count() or 1
 PROCESS_KINDS = [
@@ -148,8 +148,8 @@ def depth_model_cpu_per_video(model: Path, videos: int) -> float:
     runs them, one thread), measured in this process."""
     import torch
 
-    from tasks.depth import DepthEstimator, read_frames
-    from vidflow.config import DepthSettings
+    from tasks.depth.depth_maps import DepthEstimator, read_frames
+    from tasks.depth.settings import DepthSettings
 
     torch.set_num_threads(1)
     estimator = DepthEstimator(str(model), "cpu")
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     modes = [mode for mode in args.ray.split(",") if mode]
 
-    from tasks.tiny_depth_pro import save_tiny_depth_pro
+    from devstack.tiny_depth_pro import save_tiny_depth_pro
     from tests.video_server import Serve, VideoServer
 
     if not args.no_peer:

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.depth_peer import prefect_server
-from vidflow.config import KINETICS_VAL_CSV
-from vidflow.sample_mirror import running_mirror
+from common.settings import KINETICS_VAL_CSV
+from devstack.sample_mirror import running_mirror
 
 PROBE_EVERY_S = 2.0
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(size) for size in args.sizes.split(",")]
 
-    from tasks.tiny_depth_pro import save_tiny_depth_pro
+    from devstack.tiny_depth_pro import save_tiny_depth_pro
 
     work = Path(tempfile.mkdtemp(prefix="vidflow-bench-scale-"))
     results: dict[str, Any] = {"benchmark": "depth_scale", "cpus": os.cpu_count(), "runs": []}

@@ -26,18 +26,13 @@ from pathlib import Path
 from confluent_kafka import Consumer
 
 from bench.stream import fresh_kafka, local_stack
+from common.settings import DEFAULT_CACHE_DIR, SAMPLE_VIDEO
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import open_channel
-from tasks.consumer import FrameConsumer
-from tasks.frame_codec import FrameResult, decode_frame
-from tasks.producer import make_producer, produce_frames
-from vidflow.config import (
-    DEFAULT_CACHE_DIR,
-    SAMPLE_VIDEO,
-    ConsumerSettings,
-    KafkaSettings,
-    ProducerSettings,
-)
+from tasks.stream.consumer import FrameConsumer
+from tasks.stream.frame_codec import FrameResult, decode_frame
+from tasks.stream.producer import make_producer, produce_frames
+from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 
 
 @dataclass

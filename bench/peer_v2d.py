@@ -11,7 +11,7 @@ things are done so the comparison is fair and the peer works at all:
   one missing attribute at run time, without editing the installed package;
 - it has no codec option and stock x264 uses preset medium (~2.2x the encode CPU of vidflow's
   veryfast): an `ffmpeg` wrapper first on PATH adds `-preset veryfast -crf 23` to its encodes;
-- both tools run the same ffmpeg binary (`tasks.transcode.ffmpeg_exe()`), and the wrapper logs
+- both tools run the same ffmpeg binary (`tasks.depth.transcode.ffmpeg_exe()`), and the wrapper logs
   each ffmpeg's own CPU time, so the encode share of the peer's CPU can be told apart.
 
 Every output is checked (decodes with OpenCV, has the asked height); a short run is an error.
@@ -331,7 +331,7 @@ def run_video2dataset(
     its spawned workers and their ffmpegs, all waited for); so it also counts any other child of
     this process that ends meanwhile. ffmpeg_cpu_s is the ffmpeg calls' own share.
     """
-    from tasks.transcode import ffmpeg_exe
+    from tasks.depth.transcode import ffmpeg_exe
 
     venv = ensure_venv(root or DEFAULT_ROOT)
     output.mkdir(parents=True, exist_ok=True)
@@ -429,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the output folder")
     args = parser.parse_args(argv)
 
+    from common.settings import SAMPLE_VIDEO
     from tests.video_server import Serve, VideoServer
-    from vidflow.config import SAMPLE_VIDEO
 
     ensure_venv()  # outside the timed part: the first call installs (minutes)
     routes = {f"v{i:03d}.mp4": Serve(SAMPLE_VIDEO) for i in range(args.videos)}

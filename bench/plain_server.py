@@ -25,9 +25,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from devstack.launcher import REPO_ROOT, ServerProcess, free_port
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.backends import OnnxBackend, threads_per_call
-from services.inference.launcher import REPO_ROOT, ServerProcess, free_port
 from services.inference.onnx_export import ExportedModelInfo
 from services.inference.preprocess import InvalidImageError, decode_image, preprocess
 

@@ -28,12 +28,13 @@ from statistics import mean
 
 import numpy as np
 
-from services.inference.launcher import start_server
+from common.frames import load_encoded_images
+from common.settings import DEFAULT_CACHE_DIR, SAMPLE_VIDEOS_DIR
+from devstack.launcher import start_server
 from services.inference.loader import ServedModel, load_served_model
 from services.inference.loadtest import LevelResult, run_loadtest
 from services.inference.preprocess import load_and_preprocess
-from vidflow.config import DEFAULT_CACHE_DIR, SAMPLE_VIDEOS_DIR, InferenceSettings
-from vidflow.frames import load_encoded_images
+from services.inference.settings import InferenceSettings
 
 
 def real_frames(frames_per_video: int) -> list[bytes]:

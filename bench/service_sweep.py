@@ -31,13 +31,14 @@ import numpy as np
 
 from bench.plain_server import start_plain_server
 from bench.service import model_fps, real_frames
-from services.inference.launcher import REPO_ROOT, ServerProcess, start_server
+from common.settings import DEFAULT_CACHE_DIR
+from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from services.inference.loader import load_served_model
 from services.inference.loadtest import LevelResult, run_loadtest
 from services.inference.models import load_model
 from services.inference.onnx_export import export_onnx
 from services.inference.preprocess import load_and_preprocess
-from vidflow.config import DEFAULT_CACHE_DIR, InferenceSettings
+from services.inference.settings import InferenceSettings
 
 PLAIN = "plain"
 

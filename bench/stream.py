@@ -25,20 +25,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from services.inference.launcher import ServerProcess, free_port, start_server
+from common.frames import load_encoded_images
+from common.settings import DEFAULT_CACHE_DIR, SAMPLE_VIDEO
+from devstack.broker import LocalBroker, start_broker
+from devstack.launcher import ServerProcess, free_port, start_server
 from services.inference.loadtest import run_loadtest
-from tasks.broker import LocalBroker, start_broker
-from tasks.consumer import ConsumerSummary, FrameConsumer
-from tasks.producer import ProduceStats, produce_frames
-from tasks.topics import ensure_topics
-from vidflow.config import (
-    DEFAULT_CACHE_DIR,
-    SAMPLE_VIDEO,
-    ConsumerSettings,
-    KafkaSettings,
-    ProducerSettings,
-)
-from vidflow.frames import load_encoded_images
+from tasks.stream.consumer import ConsumerSummary, FrameConsumer
+from tasks.stream.producer import ProduceStats, produce_frames
+from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
+from tasks.stream.topics import ensure_topics
 
 
 @contextmanager

@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.stream import fresh_kafka, local_stack, stream_once
+from common.frames import load_encoded_images
+from common.settings import DEFAULT_CACHE_DIR, SAMPLE_VIDEO
+from common.stats import summarize_ms
+from devstack.prefect_api import prefect_api
 from flows.capacity_rules import DEFAULT_BUDGET_MS, lag_series
 from flows.stream_benchmark import stream_benchmark
-from flows.stream_results import read_records
 from services.inference.loadtest import run_loadtest
-from vidflow.config import DEFAULT_CACHE_DIR, SAMPLE_VIDEO, ProducerSettings
-from vidflow.frames import load_encoded_images
-from vidflow.prefect_api import prefect_api
-from vidflow.stats import summarize_ms
+from tasks.stream.results import read_records
+from tasks.stream.settings import ProducerSettings
 
 CONCURRENCY = 8  # the consumer's default calls in flight, and the load test's level
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from vidflow.stats import summarize_ms
+from common.stats import summarize_ms
 
 MIN_FPS_RATIO = 0.98  # results must keep up with the source to this fraction
 DEFAULT_BUDGET_MS = 100.0  # e2e p99 budget of a live view (and the consumer's frame-age budget)

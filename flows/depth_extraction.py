@@ -26,13 +26,13 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 from prefect_ray import RayTaskRunner
 
-from flows.depth_pipeline import WrittenShard, auto_shard_size, make_shards, run_shards
 from flows.depth_report import RunReport
-from tasks.depth import check_depth_model, check_frames_spec
-from tasks.video_record import VideoRecord
-from tasks.video_sources import read_kinetics_csv, read_url_list
-from tasks.video_table import VideoTable
-from vidflow.config import DepthSettings
+from tasks.depth.depth_maps import check_depth_model, check_frames_spec
+from tasks.depth.settings import DepthSettings
+from tasks.depth.shard_tasks import WrittenShard, auto_shard_size, make_shards, run_shards
+from tasks.depth.video_record import VideoRecord
+from tasks.depth.video_sources import read_kinetics_csv, read_url_list
+from tasks.depth.video_table import VideoTable
 
 # Lance warns on any fork once loaded; Ray forks only to exec its own processes at once.
 warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.video_record import VideoRecord
+from tasks.depth.video_record import VideoRecord
 
 STAGES = ("download", "transcode", "depth")
 VIDEO_ROWS_SHOWN = 10_000  # a table artifact of more rows is of no use in the UI

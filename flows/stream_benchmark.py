@@ -16,11 +16,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from common.settings import SAMPLE_VIDEO
 from flows.capacity_rules import DEFAULT_BUDGET_MS
 from flows.stream_capacity import SweepSettings, capacity_sweep
-from flows.stream_tasks import DRAIN_S, create_topics, run_consumer, run_producer
-from tasks.consumer import merge_summaries
-from vidflow.config import SAMPLE_VIDEO, ConsumerSettings, KafkaSettings, ProducerSettings
+from tasks.stream.consumer import merge_summaries
+from tasks.stream.prefect_tasks import DRAIN_S, create_topics, run_consumer, run_producer
+from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 
 TABLE_COLUMNS = ("stage", "p50", "p90", "p99", "max", "mean")
 

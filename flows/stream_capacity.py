@@ -31,11 +31,11 @@ from flows.capacity_rules import (
     step_figures,
     verdict_line,
 )
-from flows.stream_results import read_records
-from flows.stream_tasks import DRAIN_S, create_topics, run_consumer, run_producer
-from tasks.consumer import merge_summaries
-from tasks.producer import open_source, target_fps
-from vidflow.config import ConsumerSettings, KafkaSettings, ProducerSettings
+from tasks.stream.consumer import merge_summaries
+from tasks.stream.prefect_tasks import DRAIN_S, create_topics, run_consumer, run_producer
+from tasks.stream.producer import open_source, target_fps
+from tasks.stream.results import read_records
+from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 
 TABLE_KEY = "stream-capacity-sweep"
 REPORT_KEY = "stream-capacity-report"

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from services.inference.launcher import ServerProcess, free_port, start_server
-from tasks.broker import LocalBroker, start_broker
-from tasks.topics import ensure_topics
-from vidflow.config import SAMPLE_VIDEOS_DIR, KafkaSettings
+from common.settings import SAMPLE_VIDEOS_DIR
+from devstack.broker import LocalBroker, start_broker
+from devstack.launcher import ServerProcess, free_port, start_server
+from tasks.stream.settings import KafkaSettings
+from tasks.stream.topics import ensure_topics
 
 # Prefect and Ray keep state under these; tests must not touch the user's (set before import).
 _STATE = Path(tempfile.mkdtemp(prefix="vidflow-tests-"))
@@ -77,7 +78,7 @@ EXPECTED_CLASSES = {
 @pytest.fixture(scope="session")
 def video_frames() -> list[bytes]:
     """Real video frames (a Kinetics-400 clip), JPEG-encoded."""
-    from vidflow.frames import load_encoded_images
+    from common.frames import load_encoded_images
 
     return load_encoded_images(VIDEOS / "k400_arm_wrestling.mp4", max_frames=16)
 
@@ -122,6 +123,6 @@ def kafka(broker: LocalBroker) -> KafkaSettings:
 def tiny_depth_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Depth Pro of toy size with random weights, saved like a downloaded model (no depth
     weights can be had offline); loading it goes through the real transformers path."""
-    from tasks.tiny_depth_pro import save_tiny_depth_pro
+    from devstack.tiny_depth_pro import save_tiny_depth_pro
 
     return save_tiny_depth_pro(tmp_path_factory.mktemp("tiny-depth-pro"))

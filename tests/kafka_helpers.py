@@ -7,7 +7,7 @@ import uuid
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from tasks.frame_codec import FrameResult
+from tasks.stream.frame_codec import FrameResult
 
 
 def read_topic(

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from devstack.launcher import REPO_ROOT
 from services.inference.backends import DeviceUnavailableError, resolve_device
-from services.inference.launcher import REPO_ROOT
 from services.inference.loader import load_served_model
 from services.inference.models import WeightsUnavailableError, load_model
 from services.inference.onnx_export import export_onnx
 from services.inference.preprocess import load_and_preprocess
+from services.inference.settings import InferenceSettings
 from tests.conftest import EXPECTED_CLASSES
-from vidflow.config import InferenceSettings
 
 BACKENDS = ("eager", "torchscript", "onnx")
 
@@ -117,7 +117,7 @@ sys.modules["torch"] = None  # any import of torch now fails
 from pathlib import Path
 from services.inference.loader import load_served_model
 from services.inference.preprocess import load_and_preprocess
-from vidflow.config import InferenceSettings
+from services.inference.settings import InferenceSettings
 onnx_file = Path({str(onnx_files[0])!r})
 model = load_served_model(InferenceSettings(backend="onnx", onnx_model=onnx_file))
 image = Path({str(tmp_path / "cat.png")!r}).read_bytes()

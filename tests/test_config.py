@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from common.logs import setup_logging
+from common.settings import LogSettings, settings_from_args
+from services.inference.settings import InferenceSettings
 from vidflow.cli import build_parser
-from vidflow.config import InferenceSettings, LogSettings, settings_from_args
-from vidflow.logs import setup_logging
 
 
 def test_flags_win_over_environment_which_wins_over_defaults(monkeypatch) -> None:

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from common.frames import encode_jpeg, iter_video_frames
+from common.settings import SAMPLE_VIDEO
+from devstack.launcher import free_port
 from services.inference.client import classify_files, health_status
-from services.inference.launcher import free_port
 from services.inference.models import imagenet_class_names
-from vidflow.config import SAMPLE_VIDEO
-from vidflow.frames import encode_jpeg, iter_video_frames
 
 REPO = Path(__file__).resolve().parent.parent
 # The base image ci/podman-setup.sh builds with debootstrap (no registry can be pulled from).

@@ -25,10 +25,10 @@ from pathlib import Path
 import lance
 import pytest
 
-from services.inference.launcher import REPO_ROOT
+from devstack.launcher import REPO_ROOT
+from devstack.local_stack import kill_marked_processes, marked_processes
 from tests.proc_helpers import listening_sockets
 from vidflow.demo import read_artifacts
-from vidflow.local_stack import kill_marked_processes, marked_processes
 
 pytestmark = pytest.mark.slow
 

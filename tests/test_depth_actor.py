@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from flows.depth_extraction import local_ray_init_kwargs, loopback_only_ray
-from flows.depth_pipeline import start_depth_actors
-from vidflow.config import DepthSettings
+from tasks.depth.settings import DepthSettings
+from tasks.depth.shard_tasks import start_depth_actors
 
 
 @pytest.mark.slow

@@ -14,11 +14,11 @@ from pathlib import Path
 import lance
 import pytest
 
+from devstack.launcher import free_port
 from flows.depth_extraction import depth_extraction, ray_task_runner
-from services.inference.launcher import free_port
+from tasks.depth.settings import DepthSettings
 from tests.conftest import VIDEOS
 from tests.video_server import Serve, VideoServer
-from vidflow.config import DepthSettings
 
 RAY = str(Path(sys.executable).with_name("ray"))
 

@@ -16,11 +16,11 @@ import lance
 import pytest
 
 from flows.depth_extraction import RAY_CLUSTER_ENV, depth_extraction, ray_task_runner
-from tasks.download import DownloadError, RateFloor, download_many
-from tasks.video_record import VideoRecord
+from tasks.depth.download import DownloadError, RateFloor, download_many
+from tasks.depth.settings import DepthSettings
+from tasks.depth.video_record import VideoRecord
 from tests.conftest import VIDEOS
 from tests.video_server import Drip, Serve, Stall, Status, VideoServer
-from vidflow.config import DepthSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIP = VIDEOS / "pool_cleaning.mp4"

@@ -22,10 +22,10 @@ from prefect.client.schemas.filters import (
 )
 
 from flows.depth_extraction import depth_extraction, ray_task_runner
-from tasks.video_sources import KINETICS_ID_FORMAT
+from tasks.depth.settings import DepthSettings
+from tasks.depth.video_sources import KINETICS_ID_FORMAT
 from tests.conftest import VIDEOS
 from tests.video_server import Body, Serve, Stall, Status, VideoServer
-from vidflow.config import DepthSettings
 
 KINETICS_CSV = VIDEOS.parent / "kinetics" / "kinetics-400_val.csv"
 URL_TEMPLATE = "{base}/val/{{youtube_id}}_{{time_start:06d}}_{{time_end:06d}}.mp4"

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks.depth import (
+from tasks.depth.depth_maps import (
     UNTRAINED_CONFIG_KEY,
     DepthEstimator,
     check_depth_model,
@@ -26,25 +26,25 @@ from tasks.depth import (
     read_frames,
     shared_estimator,
 )
-from tasks.download import (
+from tasks.depth.download import (
     DownloadError,
     backoff_delay_s,
     download,
     is_retryable,
     sniff_container,
 )
-from tasks.transcode import transcode
-from tasks.video_record import ARROW_SCHEMA, VideoRecord
-from tasks.video_sources import (
+from tasks.depth.settings import DepthSettings
+from tasks.depth.transcode import transcode
+from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord
+from tasks.depth.video_sources import (
     SourceListError,
     read_kinetics_csv,
     read_url_list,
     sanitize_video_id,
 )
-from tasks.video_table import TableSchemaError, VideoTable, write_rows
+from tasks.depth.video_table import TableSchemaError, VideoTable, write_rows
 from tests.conftest import VIDEOS
 from tests.video_server import Body, Drip, Serve, Stall, Status, VideoServer
-from vidflow.config import DepthSettings
 
 CLIP = VIDEOS / "pool_cleaning.mp4"
 KINETICS_CSV = VIDEOS.parent / "kinetics" / "kinetics-400_val.csv"

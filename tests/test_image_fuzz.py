@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from devstack.launcher import ServerProcess
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import channel_options
-from services.inference.launcher import ServerProcess
 from services.inference.models import MODELS
 from services.inference.preprocess import InvalidImageError, load_and_preprocess
 from tests.images import jpeg_bytes, png_bytes, png_claiming_size, solid_png

@@ -4,10 +4,11 @@ result per frame on the results topic, every offset committed."""
 from __future__ import annotations
 
 from bench.naive_stream import naive_consume
-from tasks.frame_codec import FrameResult
-from tasks.producer import produce_frames
+from common.settings import SAMPLE_VIDEO
+from tasks.stream.frame_codec import FrameResult
+from tasks.stream.producer import produce_frames
+from tasks.stream.settings import ProducerSettings
 from tests.kafka_helpers import committed_total, read_topic
-from vidflow.config import SAMPLE_VIDEO, ProducerSettings
 
 
 def test_the_naive_loop_answers_and_commits_every_frame(kafka, onnx_server) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks.offsets import OffsetTracker
+from tasks.stream.offsets import OffsetTracker
 
 
 def test_commit_point_waits_for_the_lowest_unfinished_offset() -> None:

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from bench import peer_v2d
-from tasks.transcode import ffmpeg_exe
-from vidflow.config import SAMPLE_VIDEO
+from common.settings import SAMPLE_VIDEO
+from tasks.depth.transcode import ffmpeg_exe
 
 # Stands in for ffmpeg: prints the arguments it got, exits with $FAKE_RC.
 FAKE_FFMPEG = f"""#!{os.path.realpath(sys.executable)} -IS

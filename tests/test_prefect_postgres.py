@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 
-from services.inference.launcher import free_port, start_server
-from tasks.broker import start_broker
-from vidflow.config import DEFAULT_CACHE_DIR, KINETICS_VAL_CSV, SAMPLE_VIDEO
+from common.settings import DEFAULT_CACHE_DIR, KINETICS_VAL_CSV, SAMPLE_VIDEO
+from devstack.broker import start_broker
+from devstack.launcher import free_port, start_server
+from devstack.local_stack import FLOW_RUN_ID, LocalStack
+from devstack.sample_mirror import running_mirror
 from vidflow.demo import DEPLOYMENTS, depth_model_for_demo
-from vidflow.local_stack import FLOW_RUN_ID, LocalStack
-from vidflow.sample_mirror import running_mirror
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 

@@ -18,13 +18,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.settings import SAMPLE_VIDEOS_DIR
+from devstack.launcher import REPO_ROOT, start_server
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import channel_options, health_status
-from services.inference.launcher import REPO_ROOT, start_server
 from services.inference.loadtest import run_loadtest
 from tests.conftest import EXPECTED_CLASSES
 from tests.images import gif_bytes, jpeg_bytes, mpo_bytes, png_bytes, png_claiming_size
-from vidflow.config import SAMPLE_VIDEOS_DIR
 
 
 def _stub(target: str) -> tuple[grpc.Channel, inference_pb2_grpc.ClassifierStub]:

@@ -13,16 +13,16 @@ import grpc
 import numpy as np
 import pytest
 
+from devstack.launcher import ServerProcess, start_server
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import channel_options
-from services.inference.launcher import ServerProcess, start_server
 from services.inference.metrics import ServiceMetrics
 from services.inference.preprocess import PreprocessSpec
 from services.inference.server import STREAM_WINDOW, InferenceService
+from services.inference.settings import InferenceSettings
 from tests.images import png_claiming_size, png_with_chunk_claiming, solid_png
 from tests.proc_helpers import children, listening_addresses
 from tests.test_service import _http_get, _metric
-from vidflow.config import InferenceSettings
 
 pytestmark = pytest.mark.faults
 

@@ -18,14 +18,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import client_channel, health_status
-from services.inference.launcher import REPO_ROOT, ServerProcess, start_server
-from tasks.producer import produce_frames
+from services.inference.settings import ClientSettings
+from tasks.stream.producer import produce_frames
+from tasks.stream.settings import KafkaSettings, ProducerSettings
 from tests.conftest import EXPECTED_CLASSES, VIDEOS
 from tests.kafka_helpers import read_topic, result_keys
 from tests.test_service import _http_get
-from vidflow.config import ClientSettings, KafkaSettings, ProducerSettings
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:

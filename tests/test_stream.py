@@ -16,21 +16,21 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from services.inference.launcher import REPO_ROOT, ServerProcess, free_port, start_server
-from tasks.consumer import FrameConsumer
-from tasks.frame_codec import (
+from devstack.launcher import REPO_ROOT, ServerProcess, free_port, start_server
+from tasks.stream.consumer import FrameConsumer
+from tasks.stream.frame_codec import (
     HEADER_DLQ_REASON,
     Frame,
     FrameResult,
     encode_frame_headers,
     frame_key,
 )
-from tasks.producer import produce_frames
-from tasks.topics import ensure_topics
+from tasks.stream.producer import produce_frames
+from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
+from tasks.stream.topics import ensure_topics
 from tests.conftest import VIDEOS
 from tests.kafka_helpers import committed_offsets, committed_total, read_topic, result_keys
 from tests.proc_helpers import children, listening_addresses
-from vidflow.config import ConsumerSettings, KafkaSettings, ProducerSettings
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 CLIP_FRAMES = 280
@@ -168,7 +168,7 @@ def test_a_killed_consumer_is_replaced_from_committed_offsets(
     committed_at_kill = committed_offsets(
         kafka.bootstrap_servers, group, kafka.frames_topic, kafka.partitions
     )
-    done_by_first = log_path.read_text().count("tasks.consumer: frame")
+    done_by_first = log_path.read_text().count("tasks.stream.consumer: frame")
     producer_thread.join(60)
     summary = _consumer(kafka, onnx_server.target, group=group, idle_timeout=5.0).run()
     # The second member starts from the committed offsets, not from the beginning...

@@ -16,14 +16,14 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from services.inference.launcher import REPO_ROOT, free_port
-from tasks.consumer import FrameConsumer
-from tasks.frame_codec import Frame, FrameResult, decode_frame, frame_key
-from tasks.producer import produce_frames
-from tasks.topics import ensure_topics
+from devstack.launcher import REPO_ROOT, free_port
+from tasks.stream.consumer import FrameConsumer
+from tasks.stream.frame_codec import Frame, FrameResult, decode_frame, frame_key
+from tasks.stream.producer import produce_frames
+from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
+from tasks.stream.topics import ensure_topics
 from tests.conftest import VIDEOS, fresh_topics
 from tests.kafka_helpers import committed_total, read_topic
-from vidflow.config import ConsumerSettings, KafkaSettings, ProducerSettings
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 PARTITIONS = 4

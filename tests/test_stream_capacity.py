@@ -24,8 +24,8 @@ from flows.capacity_rules import (
 )
 from flows.stream_benchmark import stream_benchmark
 from flows.stream_capacity import REPORT_KEY, TABLE_KEY
-from flows.stream_results import read_records
-from tasks.producer import cameras
+from tasks.stream.producer import cameras
+from tasks.stream.results import read_records
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -25,15 +25,15 @@ import grpc
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from devstack.broker import LocalBroker, start_broker
+from devstack.launcher import REPO_ROOT, free_port
 from protos import inference_pb2, inference_pb2_grpc
-from services.inference.launcher import REPO_ROOT, free_port
-from tasks.broker import LocalBroker, start_broker
-from tasks.consumer import HEADER_DLQ_ATTEMPTS, HEADER_DLQ_STATUS, FrameConsumer
-from tasks.frame_codec import HEADER_DLQ_REASON, Frame, encode_frame_headers, frame_key
+from tasks.stream.consumer import HEADER_DLQ_ATTEMPTS, HEADER_DLQ_STATUS, FrameConsumer
+from tasks.stream.frame_codec import HEADER_DLQ_REASON, Frame, encode_frame_headers, frame_key
+from tasks.stream.settings import ConsumerSettings, KafkaSettings
 from tests.conftest import VIDEOS, fresh_topics
 from tests.kafka_helpers import committed_total, read_topic, result_keys
 from tests.proc_helpers import children, is_running, listening_addresses
-from vidflow.config import ConsumerSettings, KafkaSettings
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 

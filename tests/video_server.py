@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from vidflow.http_thread import serve_in_thread
+from devstack.http_thread import serve_in_thread
 
 
 @dataclass(frozen=True)

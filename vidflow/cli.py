@@ -12,19 +12,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from vidflow.config import (
-    SAMPLE_VIDEO,
-    ClientSettings,
-    ConsumerSettings,
-    DepthSettings,
-    InferenceSettings,
-    KafkaSettings,
-    LogSettings,
-    ProducerSettings,
-    add_settings_arguments,
-    settings_from_args,
-)
-from vidflow.logs import setup_logging
+from common.logs import setup_logging
+from common.settings import SAMPLE_VIDEO, LogSettings, add_settings_arguments, settings_from_args
+from services.inference.settings import ClientSettings, InferenceSettings
+from tasks.depth.settings import DepthSettings
+from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 
 log = logging.getLogger("vidflow")
 
@@ -75,8 +67,8 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _loadtest(args: argparse.Namespace) -> int:
+    from common.frames import load_encoded_images
     from services.inference.loadtest import format_table, run_loadtest, write_json
-    from vidflow.frames import load_encoded_images
 
     client = settings_from_args(ClientSettings, args)
     target = client.target
@@ -113,13 +105,13 @@ def _stop_on_sigterm() -> threading.Event:
 
 
 def _broker(args: argparse.Namespace) -> int:
-    from tasks.broker import run_broker
+    from devstack.broker import run_broker
 
     return run_broker(args.port, args.host)
 
 
 def _sample_mirror(args: argparse.Namespace) -> int:
-    from vidflow.sample_mirror import running_mirror
+    from devstack.sample_mirror import running_mirror
 
     stop = _stop_on_sigterm()
     with running_mirror(args.host, args.port) as url_template:
@@ -129,8 +121,8 @@ def _sample_mirror(args: argparse.Namespace) -> int:
 
 
 def _produce(args: argparse.Namespace) -> int:
-    from tasks.producer import produce_frames
-    from tasks.topics import ensure_topics
+    from tasks.stream.producer import produce_frames
+    from tasks.stream.topics import ensure_topics
 
     kafka = settings_from_args(KafkaSettings, args)
     ensure_topics(kafka.bootstrap_servers, [kafka.frames_topic], kafka.partitions)
@@ -140,8 +132,8 @@ def _produce(args: argparse.Namespace) -> int:
 
 
 def _consume(args: argparse.Namespace) -> int:
-    from tasks.consumer import FrameConsumer, format_summary
-    from tasks.topics import ensure_topics
+    from tasks.stream.consumer import FrameConsumer, format_summary
+    from tasks.stream.topics import ensure_topics
 
     kafka = settings_from_args(KafkaSettings, args)
     settings = settings_from_args(ConsumerSettings, args)
@@ -164,7 +156,7 @@ def _consume(args: argparse.Namespace) -> int:
 
 def _stream_benchmark(args: argparse.Namespace) -> int:
     from flows.stream_benchmark import stream_benchmark
-    from tasks.consumer import format_summary
+    from tasks.stream.consumer import format_summary
 
     kafka = settings_from_args(KafkaSettings, args)
     outcome = stream_benchmark(
@@ -192,10 +184,10 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
 
 
 def _depth(args: argparse.Namespace) -> int:
+    from devstack.prefect_api import prefect_api
     from flows.depth_extraction import depth_extraction, load_sources, ray_task_runner
-    from tasks.depth import check_depth_model, check_frames_spec
-    from tasks.video_table import VideoTable
-    from vidflow.prefect_api import prefect_api
+    from tasks.depth.depth_maps import check_depth_model, check_frames_spec
+    from tasks.depth.video_table import VideoTable
 
     settings = settings_from_args(DepthSettings, args)
     # Refuse bad input before starting a Prefect server and Ray (the flow checks again).

@@ -26,27 +26,27 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from services.inference.client import classify_files
-from services.inference.launcher import REPO_ROOT, ServerProcess, start_server
-from tasks.broker import LocalBroker, start_broker
-from vidflow.config import (
+from common.frames import encode_jpeg, iter_video_frames
+from common.logs import setup_logging
+from common.settings import (
     DEFAULT_CACHE_DIR,
     KINETICS_VAL_CSV,
     SAMPLE_VIDEO,
     SAMPLE_VIDEOS_DIR,
-    DepthSettings,
     LogSettings,
 )
-from vidflow.frames import encode_jpeg, iter_video_frames
-from vidflow.local_stack import (
+from devstack.broker import LocalBroker, start_broker
+from devstack.launcher import REPO_ROOT, ServerProcess, start_server
+from devstack.local_stack import (
     MARKER_VARIABLE,
     LocalStack,
     port_or_free,
     start_reaper,
     stop_reaper,
 )
-from vidflow.logs import setup_logging
-from vidflow.sample_mirror import running_mirror
+from devstack.sample_mirror import running_mirror
+from services.inference.client import classify_files
+from tasks.depth.settings import DepthSettings
 
 log = logging.getLogger("vidflow.demo")
 
@@ -82,7 +82,7 @@ def depth_model_for_demo(work_dir: Path) -> tuple[str, bool]:
         return wanted, False
     except Exception as exc:  # offline, no such repo, no access: all mean no weights
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    from tasks.tiny_depth_pro import save_tiny_depth_pro
+    from devstack.tiny_depth_pro import save_tiny_depth_pro
 
     stand_in = save_tiny_depth_pro(work_dir / "untrained-depth-pro")
     print(

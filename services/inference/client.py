@@ -11,7 +11,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import inference_pb2, inference_pb2_grpc
-from vidflow.config import ClientSettings
+from services.inference.settings import ClientSettings
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 

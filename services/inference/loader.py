@@ -16,7 +16,7 @@ from services.inference.backends import (
     threads_per_call,
 )
 from services.inference.preprocess import PreprocessSpec
-from vidflow.config import InferenceSettings
+from services.inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import grpc
 
+from common.stats import summarize_ms
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import open_aio_channel
-from vidflow.stats import summarize_ms
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from vidflow.config import InferenceSettings
+from services.inference.settings import InferenceSettings
 
 # MPO is what many phone cameras write: a JPEG (decoded as such, its first image) followed by an
 # APP2 MPF index and more JPEGs; Pillow names it by that container.

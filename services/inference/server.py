@@ -31,7 +31,7 @@ from services.inference.batcher import DynamicBatcher, choose_batch_size
 from services.inference.loader import ServedModel, load_served_model
 from services.inference.metrics import ServiceMetrics
 from services.inference.preprocess import InvalidImageError, decode_image, preprocess
-from vidflow.config import InferenceSettings
+from services.inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 

@@ -38,12 +38,12 @@ from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect_ray.context import remote_options
 
-from tasks.depth import DepthActor
-from tasks.download import download_many
-from tasks.transcode import transcode_many
-from tasks.video_record import Stage, VideoRecord
-from tasks.video_table import write_rows
-from vidflow.config import DepthSettings
+from tasks.depth.depth_maps import DepthActor
+from tasks.depth.download import download_many
+from tasks.depth.settings import DepthSettings
+from tasks.depth.transcode import transcode_many
+from tasks.depth.video_record import Stage, VideoRecord
+from tasks.depth.video_table import write_rows
 
 MAX_AUTO_SHARD_SIZE = 32
 SHARDS_PER_CPU = 2  # auto shard size: enough shards to keep every CPU busy to the end

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.inference.launcher import REPO_ROOT, free_port
-from vidflow.processes import signal_on_parent_death, stop_process
+from common.processes import signal_on_parent_death, stop_process
+from devstack.launcher import REPO_ROOT, free_port
 
 log = logging.getLogger("vidflow.stack")
 
@@ -225,7 +225,7 @@ def start_reaper(variable: str, value: str) -> subprocess.Popen[bytes]:
     gets SIGTERM from the kernel when its parent dies, however it dies, and sweeps them.
     """
     return subprocess.Popen(
-        [sys.executable, "-m", "vidflow.local_stack", "reap", variable, value, str(os.getpid())],
+        [sys.executable, "-m", "devstack.local_stack", "reap", variable, value, str(os.getpid())],
         env={**os.environ, variable: value},
         stdin=subprocess.DEVNULL,
         start_new_session=True,  # Ctrl-C in the terminal does not reach it

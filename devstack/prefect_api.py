@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 from unittest import mock
 
-from vidflow.processes import die_with_parent
+from common.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 

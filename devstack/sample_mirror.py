@@ -17,9 +17,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tasks.video_sources import KINETICS_ID_FORMAT, read_kinetics_csv
-from vidflow.config import KINETICS_VAL_CSV, SAMPLE_VIDEOS_DIR
-from vidflow.http_thread import serve_in_thread
+from common.settings import KINETICS_VAL_CSV, SAMPLE_VIDEOS_DIR
+from devstack.http_thread import serve_in_thread
+from tasks.depth.video_sources import KINETICS_ID_FORMAT, read_kinetics_csv
 
 MIRROR_PATH_TEMPLATE = "{split}/" + KINETICS_ID_FORMAT + ".mp4"
 

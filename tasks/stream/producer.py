@@ -20,10 +20,10 @@ from pathlib import Path
 import cv2
 from confluent_kafka import KafkaError, Message, Producer
 
-from tasks.broker_watch import BrokerLostError, BrokerWatch
-from tasks.frame_codec import Frame, encode_frame_headers
-from vidflow.config import KafkaSettings, ProducerSettings
-from vidflow.frames import encode_jpeg
+from common.frames import encode_jpeg
+from tasks.stream.broker_watch import BrokerLostError, BrokerWatch
+from tasks.stream.frame_codec import Frame, encode_frame_headers
+from tasks.stream.settings import KafkaSettings, ProducerSettings
 
 log = logging.getLogger(__name__)
 FALLBACK_FPS = 30.0

@@ -19,7 +19,7 @@ import lance
 import pyarrow.parquet as pq
 from lance.fragment import FragmentMetadata, write_fragments
 
-from tasks.video_record import ARROW_SCHEMA, VideoRecord, records_to_table
+from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord, records_to_table
 
 LANCE_NAME = "videos.lance"
 PARQUET_NAME = "videos.parquet"

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.processes import stop_process
 from services.inference.client import wait_until_serving
-from vidflow.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 

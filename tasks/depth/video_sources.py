@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from tasks.video_record import VideoRecord
+from tasks.depth.video_record import VideoRecord
 
 MAX_VIDEO_ID_CHARS = 120
 URL_HASH_CHARS = 10

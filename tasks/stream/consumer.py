@@ -31,11 +31,12 @@ from typing import Any
 import grpc
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
+from common.stats import summarize_ms
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import open_channel
-from tasks.broker_watch import BrokerLostError, BrokerWatch
-from tasks.consumer_metrics import ConsumerMetrics
-from tasks.frame_codec import (
+from tasks.stream.broker_watch import BrokerLostError, BrokerWatch
+from tasks.stream.consumer_metrics import ConsumerMetrics
+from tasks.stream.frame_codec import (
     HEADER_DLQ_REASON,
     HEADER_DLQ_SOURCE,
     Frame,
@@ -44,10 +45,9 @@ from tasks.frame_codec import (
     decode_frame,
     stale_result,
 )
-from tasks.offsets import OffsetTracker
-from tasks.producer import make_producer
-from vidflow.config import ConsumerSettings, KafkaSettings
-from vidflow.stats import summarize_ms
+from tasks.stream.offsets import OffsetTracker
+from tasks.stream.producer import make_producer
+from tasks.stream.settings import ConsumerSettings, KafkaSettings
 
 log = logging.getLogger(__name__)
 

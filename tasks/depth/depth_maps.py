@@ -24,8 +24,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tasks.video_record import VideoRecord
-from vidflow.config import DepthSettings
+from tasks.depth.settings import DepthSettings
+from tasks.depth.video_record import VideoRecord
 
 log = logging.getLogger(__name__)
 

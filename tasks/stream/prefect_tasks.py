@@ -8,10 +8,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.consumer import ConsumerSummary, FrameConsumer
-from tasks.producer import ProduceStats, produce_frames
-from tasks.topics import ensure_topics
-from vidflow.config import ConsumerSettings, KafkaSettings, ProducerSettings
+from tasks.stream.consumer import ConsumerSummary, FrameConsumer
+from tasks.stream.producer import ProduceStats, produce_frames
+from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
+from tasks.stream.topics import ensure_topics
 
 # Consumers get this long beyond the producer's duration to finish the frames in flight.
 DRAIN_S = 10.0

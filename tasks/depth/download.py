@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from tasks.video_record import VideoRecord
-from vidflow.config import DepthSettings
+from tasks.depth.settings import DepthSettings
+from tasks.depth.video_record import VideoRecord
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import cv2
 
-from tasks.video_record import VideoRecord
-from vidflow.config import DepthSettings
-from vidflow.processes import die_with_parent
+from common.processes import die_with_parent
+from tasks.depth.settings import DepthSettings
+from tasks.depth.video_record import VideoRecord
 
 FFMPEG_ERROR_CHARS = 1500
 

@@ -7,7 +7,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from vidflow.config import LogSettings
+from common.settings import LogSettings
 
 
 class IsoFormatter(logging.Formatter):

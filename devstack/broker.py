@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vidflow.processes import die_with_parent, stop_process
+from common.processes import die_with_parent, stop_process
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,69 @@
+"""All of vidflow's settings, in one place.
+
+Every setting is read from an environment variable with a ``VIDFLOW_`` prefix (for example
+``VIDFLOW_INFERENCE_PORT``) and can be overridden by the matching CLI flag (``--port``).
+Precedence: flag, then environment, then the default written here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The real sample clips live beside the checkout (../shared/data), as in CI.
+SAMPLE_VIDEOS_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "videos"
+SAMPLE_VIDEO = SAMPLE_VIDEOS_DIR / "k400_arm_wrestling.mp4"
+KINETICS_VAL_CSV = SAMPLE_VIDEOS_DIR.parent / "kinetics" / "kinetics-400_val.csv"
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vidflow"
+
+
+class LogSettings(BaseSettings):
+    """Where log lines go. Lines always carry ISO-8601 UTC timestamps."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_LOG_")
+
+    level: str = Field("INFO", description="log level (DEBUG, INFO, WARNING, ERROR)")
+    file: Path | None = Field(None, description="also append log lines to this file")
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_settings_arguments(
+    parser: argparse.ArgumentParser, settings_cls: type[BaseModel], *, only: list[str] | None = None
+) -> None:
+    """Add one flag per settings field; flags default to None so unset ones fall through."""
+    prefix = settings_cls.model_config.get("env_prefix", "")
+    for name, field in settings_cls.model_fields.items():
+        if only is not None and name not in only:
+            continue
+        env_name = f"{prefix}{name}".upper()
+        default = "required" if field.is_required() else f"default {field.default}"
+        help_text = f"{field.description} (env {env_name}; {default})"
+        annotation = field.annotation
+        if annotation is bool:
+            parser.add_argument(
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+            continue
+        choices = get_args(annotation) if get_origin(annotation) is Literal else None
+        parser.add_argument(_flag(name), dest=name, default=None, choices=choices, help=help_text)
+
+
+def settings_from_args(settings_cls: type[SettingsT], args: argparse.Namespace) -> SettingsT:
+    """Build settings where given flags win over the environment and the defaults."""
+    given: dict[str, Any] = {
+        name: value
+        for name, value in vars(args).items()
+        if name in settings_cls.model_fields and value is not None
+    }
+    return settings_cls(**given)

@@ -1,0 +1,103 @@
+"""The inference service's settings: how it serves, and how clients reach it.
+
+Read from `VIDFLOW_INFERENCE_*` variables; `vidflow serve` and the clients map each field to a
+flag (see `common.settings.add_settings_arguments`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.settings import DEFAULT_CACHE_DIR
+
+
+class InferenceSettings(BaseSettings):
+    """The gRPC inference service (`vidflow serve`)."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_INFERENCE_")
+
+    host: str = Field("127.0.0.1", description="address the gRPC and HTTP ports bind to")
+    port: int = Field(50051, description="gRPC port")
+    http_port: int = Field(8000, description="HTTP port for /healthz, /readyz and /metrics")
+    model: str = Field("efficientnet_lite0", description="model name from the registry")
+    weights: Path | None = Field(
+        None, description="local weights file (state_dict); default: the model's own source"
+    )
+    onnx_model: Path | None = Field(
+        None,
+        description="a ready exported .onnx file (onnx backend only; needs no torch at run time)",
+    )
+    backend: Literal["eager", "torchscript", "onnx"] = Field(
+        "onnx", description="inference backend"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to run the model")
+    strict_device: bool = Field(False, description="fail instead of falling back to CPU")
+    max_batch_size: int = Field(8, ge=1, description="largest batch the batcher forms")
+    max_batch_delay_ms: float = Field(
+        5.0, ge=0, description="longest a request waits for a batch to fill"
+    )
+    batching: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "hold requests to form batches: on, off (each request runs alone at once), or auto: "
+            "on only if the model, measured at start-up on this device, does more images/s at "
+            "--max-batch-size than at batch 1 (--batching-min-speedup)"
+        ),
+    )
+    batching_min_speedup: float = Field(
+        1.25,
+        gt=1.0,
+        description="the gain in images/s from batch 1 to the largest batch that auto batches at",
+    )
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, description="largest request accepted (RESOURCE_EXHAUSTED above)"
+    )
+    max_image_pixels: int = Field(40_000_000, description="largest image (width x height) accepted")
+    preprocess_threads: int = Field(
+        0,
+        ge=0,
+        description="threads that decode one batch's images in parallel (0: its model worker)",
+    )
+    inference_workers: int = Field(
+        0,
+        ge=0,
+        description=(
+            "model workers: batches run at once (0: auto: on onnx cores + 1 on CPU, 2 on CUDA; "
+            "1 on torch backends)"
+        ),
+    )
+    inference_threads: int = Field(
+        0, ge=0, description="threads one model call may use (0: auto, cores / workers)"
+    )
+    cache_dir: Path = Field(
+        DEFAULT_CACHE_DIR / "models", description="where exported models are cached"
+    )
+    shutdown_grace_s: float = Field(30.0, description="how long SIGTERM waits for calls in flight")
+    tls_cert: Path | None = Field(
+        None, description="serve gRPC over TLS with this PEM certificate (chain); needs --tls-key"
+    )
+    tls_key: Path | None = Field(None, description="the PEM private key of --tls-cert")
+    reflection: bool = Field(
+        True, description="offer gRPC server reflection (service listing for grpcurl and the like)"
+    )
+
+    @model_validator(mode="after")
+    def _tls_cert_and_key_together(self) -> InferenceSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        return self
+
+
+class ClientSettings(BaseSettings):
+    """How clients (`vidflow classify`, `vidflow loadtest`, the consumer) reach the service."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_INFERENCE_")
+
+    target: str = Field("127.0.0.1:50051", description="gRPC address HOST:PORT of the service")
+    tls_ca: Path | None = Field(
+        None, description="reach the service over TLS, trusting this PEM CA certificate"
+    )

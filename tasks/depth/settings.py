@@ -1,0 +1,85 @@
+"""The depth pipeline's settings: download, transcode, depth maps, shards and storage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DepthSettings(BaseSettings):
+    """`vidflow depth` and the depth-extraction flow: download, transcode, depth maps, storage."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_DEPTH_")
+
+    output: Path = Field(Path("depth-output"), description="folder for videos, maps and tables")
+    depth_model: str = Field(
+        "apple/DepthPro-hf", description="depth model: a Hugging Face hub id or a local folder"
+    )
+    frames: str = Field(
+        "first", description="frames to run depth on: first, middle, uniform:N or all"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where depth runs")
+    depth_workers: int = Field(
+        0, ge=0, description="depth model copies (Ray actors); 0: one per GPU, or one on CPU"
+    )
+    depth_cpus: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "CPUs a shard's depth step reserves while it runs, and a CPU model's threads "
+            "(0: none reserved, one thread; an idle model never holds a CPU)"
+        ),
+    )
+    depth_batch_size: int = Field(8, ge=1, description="frames per depth model call")
+    depth_keep_alive_s: float = Field(
+        300.0,
+        ge=0,
+        description=(
+            "how long a loaded depth model waits for the next run on a cluster that outlives "
+            "this one (0: it ends with the run)"
+        ),
+    )
+    shard_size: int = Field(
+        0, ge=0, description="videos per shard, the unit of scheduling (0: auto, 1 to 32)"
+    )
+    shards_in_flight: int = Field(
+        0,
+        ge=0,
+        description="shards started and not yet written (0: auto, as many as transcodes fit)",
+    )
+    transcode_cpus: int = Field(
+        1, ge=1, description="CPUs of a shard's transcode step: that many ffmpeg run at once"
+    )
+    download_concurrency: int = Field(8, ge=1, description="downloads in flight per shard")
+    connect_timeout_s: float = Field(10.0, gt=0, description="time allowed to connect")
+    read_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next bytes")
+    download_deadline_s: float = Field(
+        1800.0, gt=0, description="longest one video's download may take, retries included"
+    )
+    download_min_rate_bps: float = Field(
+        1024.0,
+        ge=0,
+        description=(
+            "slowest download kept, in bytes/s over download_rate_window_s; slower ones fail "
+            "as too slow (0: no minimum)"
+        ),
+    )
+    download_rate_window_s: float = Field(
+        30.0, gt=0, description="seconds over which download_min_rate_bps is measured"
+    )
+    download_retries: int = Field(4, ge=0, description="retries after a transient failure")
+    retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay, doubled each time")
+    retry_backoff_max_s: float = Field(30.0, ge=0, description="longest retry delay")
+    max_download_bytes: int = Field(1024**3, ge=1, description="largest video downloaded")
+    height: int = Field(360, ge=2, description="height of the transcoded videos")
+    ffmpeg_threads: int = Field(1, ge=0, description="threads per ffmpeg (0: ffmpeg decides)")
+    x264_preset: str = Field("veryfast", description="x264 preset of the transcode")
+    x264_crf: int = Field(23, ge=0, le=51, description="x264 quality (lower is better)")
+    transcode_timeout_s: float = Field(600.0, gt=0, description="longest one transcode may run")
+    task_retries: int = Field(2, ge=0, description="Prefect retries of a stage that crashed")
+    ray_num_cpus: int | None = Field(
+        None, description="CPUs of the local Ray instance (default: all); unused with RAY_ADDRESS"
+    )

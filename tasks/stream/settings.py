@@ -1,0 +1,98 @@
+"""The stream pipeline's settings: the broker and its topics, the producer, the consumer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseSettings):
+    """Where the Kafka-protocol broker is and what the topics are called."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_KAFKA_")
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
+    frames_topic: str = Field("frames", description="topic the producer publishes frames to")
+    results_topic: str = Field("predictions", description="topic the consumer publishes results to")
+    dlq_topic: str = Field("frames.dlq", description="dead-letter topic for undecodable frames")
+    partitions: int = Field(4, ge=1, description="partitions for topics vidflow creates")
+    # The producer's default message.max.bytes (1,000,000) refuses larger frames.
+    max_message_bytes: int = Field(10 * 1024 * 1024, description="largest frame message")
+    # Short session timeouts make a group join (and a takeover after a crash) quick; Tansu waits
+    # session.timeout.ms / 2 before a join completes.
+    session_timeout_ms: int = Field(6000, description="consumer group session timeout")
+    heartbeat_interval_ms: int = Field(1000, description="consumer group heartbeat interval")
+    # librdkafka lets the broker hold a fetch up to 500 ms by default; frames are latency-bound.
+    fetch_wait_max_ms: int = Field(5, description="longest the broker may hold a fetch")
+    broker_grace_s: float = Field(
+        30.0,
+        gt=0,
+        description="how long produce/consume wait for a lost broker before they fail (exit 1)",
+    )
+
+    @property
+    def topics(self) -> list[str]:
+        """Every topic a stream run uses."""
+        return [self.frames_topic, self.results_topic, self.dlq_topic]
+
+
+class ProducerSettings(BaseSettings):
+    """`vidflow produce`: frames from a video file, a webcam or an RTSP stream."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_PRODUCER_")
+
+    source: str = Field(..., description="video file, webcam:N or rtsp://...")
+    fps: str = Field("native", description="frames per second: a number, native or max")
+    loop: bool = Field(False, description="start the file again at its end")
+    max_frames: int | None = Field(None, description="stop after this many frames (per stream)")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of published frames")
+    stream_id: str | None = Field(
+        None, description="stream id (default: the source's name); with --streams N, the base"
+    )
+    streams: int = Field(
+        1,
+        ge=1,
+        description=(
+            "replay the source as this many live cameras (ids BASE-0 .. BASE-N-1), each paced "
+            "at --fps, starts staggered over one frame period; --max-frames counts per camera"
+        ),
+    )
+
+
+class ConsumerSettings(BaseSettings):
+    """`vidflow consume`: a consumer-group member that classifies frames."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_CONSUMER_")
+
+    group: str = Field("vidflow-classifier", description="consumer group id")
+    concurrency: int = Field(8, ge=1, description="inference calls in flight")
+    duration: float = Field(30.0, gt=0, description="seconds to run before the summary")
+    idle_timeout: float | None = Field(
+        None, description="stop after this many seconds without a message (input exhausted)"
+    )
+    max_frames: int | None = Field(None, description="stop after this many frames")
+    summary_json: Path | None = Field(None, description="write the summary here as JSON")
+    metrics_port: int | None = Field(None, description="serve Prometheus /metrics on this port")
+    metrics_host: str = Field(
+        "127.0.0.1", description="address /metrics binds to (0.0.0.0: every interface)"
+    )
+    rpc_timeout_s: float = Field(10.0, description="deadline of one inference call")
+    retry_max_backoff_s: float = Field(5.0, description="longest wait between retries")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description=(
+            "calls for a frame the service fails on (INTERNAL, UNKNOWN, DEADLINE_EXCEEDED, ...) "
+            "before it goes to the dead-letter topic; UNAVAILABLE waits for the service instead"
+        ),
+    )
+    max_frame_age_ms: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "latency budget: a frame older than this (since capture) when its inference call "
+            "is due is not classified but gets a result record skipped=stale (default: off)"
+        ),
+    )
