@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,12 +21,23 @@ def encode_jpeg(bgr: np.ndarray, quality: int = 90) -> bytes:
     return buffer.tobytes()
 
 
+@contextlib.contextmanager
+def opened_video(source: str | Path | int) -> Iterator[cv2.VideoCapture]:
+    """An OpenCV capture of a file, URL or camera index, released when the block ends (a
+    capture holds a decoder, threads and a file handle until `release`). Whether it opened is
+    the caller's to check (`isOpened()`): some callers report it, others raise."""
+    capture = cv2.VideoCapture(source if isinstance(source, int) else str(source))
+    try:
+        yield capture
+    finally:
+        capture.release()
+
+
 def iter_video_frames(path: Path, max_frames: int | None = None) -> Iterator[np.ndarray]:
     """Yield BGR frames of a video file in order."""
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise ValueError(f"cannot open video {path}")
-    try:
+    with opened_video(path) as capture:
+        if not capture.isOpened():
+            raise ValueError(f"cannot open video {path}")
         count = 0
         while max_frames is None or count < max_frames:
             ok, frame = capture.read()
@@ -33,8 +45,6 @@ def iter_video_frames(path: Path, max_frames: int | None = None) -> Iterator[np.
                 break
             count += 1
             yield frame
-    finally:
-        capture.release()
 
 
 def load_encoded_images(path: Path, max_frames: int = 64, jpeg_quality: int = 90) -> list[bytes]:

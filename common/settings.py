@@ -1,8 +1,10 @@
-"""All of vidflow's settings, in one place.
+"""How vidflow's settings work, and the few that belong to no single part.
 
-Every setting is read from an environment variable with a ``VIDFLOW_`` prefix (for example
-``VIDFLOW_INFERENCE_PORT``) and can be overridden by the matching CLI flag (``--port``).
-Precedence: flag, then environment, then the default written here.
+Each part owns its settings module: `services/inference/settings.py`,
+`tasks/stream/settings.py`, `tasks/depth/settings.py`. Every setting is read from an
+environment variable with a ``VIDFLOW_`` prefix (for example ``VIDFLOW_INFERENCE_PORT``) and can
+be overridden by the matching CLI flag (``--port``), which `add_settings_arguments` generates
+from the model. Precedence: flag (or flow parameter), then environment, then the default.
 """
 
 from __future__ import annotations

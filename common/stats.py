@@ -7,6 +7,11 @@ from collections.abc import Iterable
 import numpy as np
 
 PERCENTILES = (50, 90, 99)
+# Histogram buckets (seconds) of every latency vidflow exports to Prometheus: the service's
+# stages and the stream consumer's calls, so dashboards can put them side by side.
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
 
 def summarize_ms(values_ms: Iterable[float]) -> dict[str, float]:

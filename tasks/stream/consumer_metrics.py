@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.inference.metrics import LATENCY_BUCKETS_S
+from common.stats import LATENCY_BUCKETS_S
 
 
 class ConsumerMetrics:

@@ -1,0 +1,129 @@
+"""The layout's rules, read from the source with `ast`: imports run one way, code stays small.
+
+The allowed direction is written once, in `LAYERS`: a module may import its own folder and any
+folder on a lower floor, never one on its own floor or above. Generated gRPC stubs and tests are
+outside the rules (tests may import anything).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Top floor first. A floor lists folders (as import prefixes) that must not import each other.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("vidflow", "bench"),  # entry points: the CLI, `make demo`, benchmarks; nothing imports them
+    ("devstack",),  # local-dev helpers: broker, service launcher, Prefect stack, sample mirror
+    ("flows",),  # the Prefect flows: thin compositions of tasks
+    ("tasks.stream", "tasks.depth"),  # the two pipelines, each with its Prefect tasks
+    ("services.inference",),  # the gRPC service and its client
+    ("protos",),  # generated stubs
+    ("common",),  # shared ground: settings machinery, logs, stats, processes, files, video
+)
+FOLDERS = [folder for floor in LAYERS for folder in floor]
+FLOOR_OF = {folder: level for level, floor in enumerate(LAYERS) for folder in floor}
+MAX_FUNCTION_LINES = 60
+MAX_CLASS_LINES = 200
+
+
+def _source_files() -> list[Path]:
+    roots = {folder.split(".")[0] for folder in FOLDERS}
+    return sorted(
+        path
+        for root in roots
+        for path in (REPO_ROOT / root).rglob("*.py")
+        if not path.name.endswith(("_pb2.py", "_pb2_grpc.py"))
+    )
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _folder_of(module: str) -> str | None:
+    matches = [f for f in FOLDERS if module == f or module.startswith(f + ".")]
+    return max(matches, key=len) if matches else None
+
+
+def _imported_modules(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    imported: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = module.split(".")
+                package = package if is_package else package[:-1]
+                anchor = package[: len(package) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            imported.add(base)
+            imported.update(f"{base}.{alias.name}" for alias in node.names)
+    return imported
+
+
+def _back_edges() -> list[str]:
+    problems = []
+    for path in _source_files():
+        module = _module_name(path)
+        source_folder = _folder_of(module)
+        if source_folder is None:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for target in sorted(_imported_modules(tree, module, path.name == "__init__.py")):
+            target_folder = _folder_of(target)
+            if target_folder is None or target_folder == source_folder:
+                continue
+            if FLOOR_OF[target_folder] <= FLOOR_OF[source_folder]:
+                problems.append(f"{module} imports {target} ({source_folder} -> {target_folder})")
+    return problems
+
+
+def test_imports_run_one_way() -> None:
+    assert _back_edges() == []
+
+
+def test_every_project_module_sits_on_a_floor() -> None:
+    """A new top-level package must be placed in LAYERS, or the rule above would skip it."""
+    packages = {
+        path.parent.name
+        for path in REPO_ROOT.glob("*/__init__.py")
+        if path.parent.name not in {"tests"}
+    }
+    placed = {folder.split(".")[0] for folder in FOLDERS}
+    assert packages <= placed, f"place these in LAYERS: {sorted(packages - placed)}"
+    for path in (REPO_ROOT / "tasks").iterdir():
+        if path.is_dir() and (path / "__init__.py").exists():
+            assert f"tasks.{path.name}" in FOLDERS, f"place tasks/{path.name} in LAYERS"
+    loose = [p.name for p in (REPO_ROOT / "tasks").glob("*.py") if p.name != "__init__.py"]
+    assert loose == [], "tasks/ holds only the per-pipeline folders"
+
+
+def test_the_rule_sees_a_back_edge(tmp_path: Path) -> None:
+    """The checker itself: an import from a lower floor up to a higher one is reported."""
+    tree = ast.parse("from flows.depth_extraction import depth_extraction\nfrom . import x\n")
+    imported = _imported_modules(tree, "tasks.depth.download", is_package=False)
+    assert "flows.depth_extraction" in imported
+    assert "tasks.depth.x" in imported
+    assert FLOOR_OF[_folder_of("flows.depth_extraction")] < FLOOR_OF["tasks.depth"]
+
+
+def _oversized() -> list[str]:
+    found = []
+    for path in _source_files():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                lines = node.end_lineno - node.lineno + 1
+                limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES
+                if lines > limit:
+                    where = path.relative_to(REPO_ROOT)
+                    found.append(f"{where}:{node.lineno} {node.name} ({lines} lines > {limit})")
+    return found
+
+
+def test_functions_and_classes_stay_small() -> None:
+    assert _oversized() == []
