@@ -216,59 +216,62 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     modes = [mode for mode in args.ray.split(",") if mode]
 
-    from devstack.tiny_depth_pro import save_tiny_depth_pro
-    from tests.video_server import Serve, VideoServer
-
     if not args.no_peer:
         ensure_venv()
     work = Path(tempfile.mkdtemp(prefix="vidflow-bench-peer-"))
     results: dict[str, Any] = {"benchmark": "depth_peer", "cpus": CPUS, "videos": args.videos}
-    rounds: dict[str, list[dict[str, Any]]] = {} if args.no_peer else {"video2dataset": []}
-    rounds.update({f"vidflow_{mode}": [] for mode in modes})
     try:
-        model = save_tiny_depth_pro(work / "tiny-depth-pro")
-        model_cpu = depth_model_cpu_per_video(model, args.videos)
-        bin_dir, cpu_log = work / "bin", work / "ffmpeg-cpu.jsonl"
-        write_ffmpeg_wrapper(bin_dir, ffmpeg_exe(), cpu_log)
-        routes = {f"v{i}.mp4": Serve(SAMPLE_VIDEO) for i in range(args.videos)}
-        with VideoServer(routes) as server, prefect_server(work / "prefect-home") as api_url:
-            urls = [server.url(f"v{i}.mp4") for i in range(args.videos)]
-            urls_file = work / "urls.txt"
-            urls_file.write_text("\n".join(urls) + "\n")
-            base_env = {**os.environ, "PREFECT_API_URL": api_url, "RAY_AUTH_MODE": "disabled"}
-            base_env["PREFECT_HOME"] = str(work / "prefect-home")
-
-            def peer(index: int) -> dict[str, Any]:
-                out = work / f"v2d-{index}"
-                return measured(
-                    lambda: run_video2dataset(urls, out, shards=args.peer_shards),
-                    cpu_log,
-                    args.videos,
-                    not_counted=(*NOT_A_TOOLS_OWN, *VIDFLOW_SERVICES),
-                )
-
-            def ours(mode: str, index: int) -> dict[str, Any]:
-                out = work / f"vidflow-{mode}-{index}"
-                env = dict(base_env)
-                if mode == "cluster":
-                    env["RAY_ADDRESS"] = cluster_address
-                return measured(
-                    lambda: run_vidflow(urls_file, out, model, env, bin_dir),
-                    cpu_log,
-                    args.videos,
-                    model_cpu,
-                )
-
-            # One cluster for every round, as a cluster is used: it outlives runs, and so do
-            # its loaded depth actors (the first cluster round pays their start).
-            cluster = ray_cluster(work / "ray", bin_dir) if "cluster" in modes else nullcontext("")
-            with cluster as cluster_address:
-                run_rounds(args.rounds, rounds, peer, ours, work)
-        results.update(summarise(rounds, model_cpu, args.videos))
+        results.update(measure_alternating(args, modes, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results), flush=True)
     return 0
+
+
+def measure_alternating(args: argparse.Namespace, modes: list[str], work: Path) -> dict[str, Any]:
+    """The rounds, the peer and each vidflow mode in turn, on the same loopback videos."""
+    from devstack.tiny_depth_pro import save_tiny_depth_pro
+    from tests.video_server import Serve, VideoServer
+
+    rounds: dict[str, list[dict[str, Any]]] = {} if args.no_peer else {"video2dataset": []}
+    rounds.update({f"vidflow_{mode}": [] for mode in modes})
+    model = save_tiny_depth_pro(work / "tiny-depth-pro")
+    model_cpu = depth_model_cpu_per_video(model, args.videos)
+    bin_dir, cpu_log = work / "bin", work / "ffmpeg-cpu.jsonl"
+    write_ffmpeg_wrapper(bin_dir, ffmpeg_exe(), cpu_log)
+    routes = {f"v{i}.mp4": Serve(SAMPLE_VIDEO) for i in range(args.videos)}
+    with VideoServer(routes) as server, prefect_server(work / "prefect-home") as api_url:
+        urls = [server.url(f"v{i}.mp4") for i in range(args.videos)]
+        urls_file = work / "urls.txt"
+        urls_file.write_text("\n".join(urls) + "\n")
+        base_env = {**os.environ, "PREFECT_API_URL": api_url, "RAY_AUTH_MODE": "disabled"}
+        base_env["PREFECT_HOME"] = str(work / "prefect-home")
+
+        def peer(index: int) -> dict[str, Any]:
+            out = work / f"v2d-{index}"
+            return measured(
+                lambda: run_video2dataset(urls, out, shards=args.peer_shards),
+                cpu_log,
+                args.videos,
+                not_counted=(*NOT_A_TOOLS_OWN, *VIDFLOW_SERVICES),
+            )
+
+        def ours(mode: str, index: int) -> dict[str, Any]:
+            out = work / f"vidflow-{mode}-{index}"
+            env = dict(base_env)
+            if mode == "cluster":
+                env["RAY_ADDRESS"] = cluster_address
+            return measured(
+                lambda: run_vidflow(urls_file, out, model, env, bin_dir), cpu_log, args.videos,
+                model_cpu,
+            )  # fmt: skip
+
+        # One cluster for every round, as a cluster is used: it outlives runs, and so do
+        # its loaded depth actors (the first cluster round pays their start).
+        cluster = ray_cluster(work / "ray", bin_dir) if "cluster" in modes else nullcontext("")
+        with cluster as cluster_address:
+            run_rounds(args.rounds, rounds, peer, ours, work)
+    return summarise(rounds, model_cpu, args.videos)
 
 
 def run_rounds(

@@ -34,10 +34,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
+from common.frames import opened_video
 
 PEER = "video2dataset"
 PEER_VERSION = "1.3.0"
@@ -46,6 +47,7 @@ MARKER = ".vidflow-complete"
 X264_FLAGS = ("-preset", "veryfast", "-crf", "23")  # what vidflow's transcode uses
 INSTALL_TIMEOUT_S = 3600
 LOG_TAIL_CHARS = 3000
+LOG_NAME = "video2dataset.log"
 
 
 class PeerRunError(RuntimeError):
@@ -281,17 +283,14 @@ def write_inputs(urls: list[str], work: Path, config: dict[str, Any]) -> tuple[P
 
 def check_video(path: Path, height: int) -> str | None:
     """None when the file decodes (one frame) at the asked height, else why not."""
-    capture = cv2.VideoCapture(str(path))
-    try:
+    with opened_video(path) as capture:
         if not capture.isOpened():
             return "does not open"
         ok, frame = capture.read()
-        if not ok or frame is None:
-            return "no frame decodes"
-        if frame.shape[0] != height:
-            return f"height {frame.shape[0]}, not {height}"
-    finally:
-        capture.release()
+    if not ok or frame is None:
+        return "no frame decodes"
+    if frame.shape[0] != height:
+        return f"height {frame.shape[0]}, not {height}"
     return None
 
 
@@ -331,17 +330,58 @@ def run_video2dataset(
     its spawned workers and their ffmpegs, all waited for); so it also counts any other child of
     this process that ends meanwhile. ffmpeg_cpu_s is the ffmpeg calls' own share.
     """
-    from tasks.depth.transcode import ffmpeg_exe
-
     venv = ensure_venv(root or DEFAULT_ROOT)
-    output.mkdir(parents=True, exist_ok=True)
-    dataset, downloads, cpu_log = output / "dataset", output / "tmp", output / "ffmpeg-cpu.jsonl"
-    downloads.mkdir(exist_ok=True)
     config = peer_config(
         len(urls), processes=processes, threads=threads, shards=shards, height=height
     )
+    command, env = _prepare_run(venv, urls, output, config)
+    timed = _run_timed(command, output, env, timeout_s)
+    dataset = output / "dataset"
+    outputs = sorted(p for p in dataset.rglob("*.mp4") if p.is_file())
+    problems = {p.name: why for p in outputs if (why := check_video(p, height)) is not None}
+    ok = len(outputs) - len(problems)
+    stats = read_stats(dataset)
+    calls = read_ffmpeg_log(output / "ffmpeg-cpu.jsonl")
+    result: dict[str, Any] = {
+        "tool": PEER,
+        "version": PEER_VERSION,
+        "videos": len(urls),
+        "ok": ok,
+        "wall_s": round(timed.wall_s, 3),
+        "cpu_s": round(timed.cpu_s, 3),
+        "ffmpeg_cpu_s": round(sum(c["user_s"] + c["sys_s"] for c in calls), 3),
+        "videos_per_s": round(ok / timed.wall_s, 4) if timed.wall_s > 0 else 0.0,
+        "cpu_s_per_video": round(timed.cpu_s / ok, 3) if ok else None,
+        "ffmpeg_calls": len(calls),
+        "ffmpeg_calls_tuned": sum(1 for c in calls if c["tuned"]),
+        "processes": processes,
+        "threads": threads,
+        "shards": stats["shards"],
+        "height": height,
+    }
+    if outputs:
+        first = min(p.stat().st_mtime for p in outputs)
+        result["first_output_s"] = round(first - timed.started_at, 3)
+    if timed.code != 0 or ok < len(urls) or problems:
+        raise PeerRunError(
+            f"{PEER} exit {timed.code}: {ok} of {len(urls)} outputs valid; "
+            f"bad outputs {problems or 'none'}; stats {stats}; figures {result}; "
+            f"log tail:\n{_tail(output / LOG_NAME)}"
+        )
+    return result
+
+
+def _prepare_run(
+    venv: Path, urls: list[str], output: Path, config: dict[str, Any]
+) -> tuple[list[str], dict[str, str]]:
+    """Write the inputs, the ffmpeg wrapper and the runner script; the command and its env."""
+    from tasks.depth.transcode import ffmpeg_exe
+
+    output.mkdir(parents=True, exist_ok=True)
+    dataset, downloads = output / "dataset", output / "tmp"
+    downloads.mkdir(exist_ok=True)
     url_csv, config_yaml = write_inputs(urls, output, config)
-    wrapper = write_ffmpeg_wrapper(output / "bin", ffmpeg_exe(), cpu_log)
+    wrapper = write_ffmpeg_wrapper(output / "bin", ffmpeg_exe(), output / "ffmpeg-cpu.jsonl")
     runner = output / "run_video2dataset.py"
     runner.write_text(_RUNNER)
     arguments = {
@@ -357,15 +397,27 @@ def run_video2dataset(
     }
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PATH"] = f"{wrapper.parent}{os.pathsep}{env.get('PATH', '')}"
-    log = output / "video2dataset.log"
+    return [str(venv / "bin" / "python"), str(runner), json.dumps(arguments)], env
 
+
+@dataclass(frozen=True)
+class _TimedRun:
+    code: int
+    started_at: float  # epoch seconds, to compare with output files' mtimes
+    wall_s: float
+    cpu_s: float  # the process tree's user+sys
+
+
+def _run_timed(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -> _TimedRun:
+    """Run the peer to its end (or kill its process group at the timeout), log in cwd."""
+    log = cwd / LOG_NAME
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started_at = time.time()
     started = time.perf_counter()
     with log.open("w") as out:
         process = subprocess.Popen(
-            [str(venv / "bin" / "python"), str(runner), json.dumps(arguments)],
-            cwd=output,
+            command,
+            cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -383,39 +435,7 @@ def run_video2dataset(
     wall_s = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-    outputs = sorted(p for p in dataset.rglob("*.mp4") if p.is_file())
-    problems = {p.name: why for p in outputs if (why := check_video(p, height)) is not None}
-    ok = len(outputs) - len(problems)
-    stats = read_stats(dataset)
-    calls = read_ffmpeg_log(cpu_log)
-    result: dict[str, Any] = {
-        "tool": PEER,
-        "version": PEER_VERSION,
-        "videos": len(urls),
-        "ok": ok,
-        "wall_s": round(wall_s, 3),
-        "cpu_s": round(cpu_s, 3),
-        "ffmpeg_cpu_s": round(sum(c["user_s"] + c["sys_s"] for c in calls), 3),
-        "videos_per_s": round(ok / wall_s, 4) if wall_s > 0 else 0.0,
-        "cpu_s_per_video": round(cpu_s / ok, 3) if ok else None,
-        "ffmpeg_calls": len(calls),
-        "ffmpeg_calls_tuned": sum(1 for c in calls if c["tuned"]),
-        "processes": processes,
-        "threads": threads,
-        "shards": stats["shards"],
-        "height": height,
-    }
-    if outputs:
-        first = min(p.stat().st_mtime for p in outputs)
-        result["first_output_s"] = round(first - started_at, 3)
-    if code != 0 or ok < len(urls) or problems:
-        raise PeerRunError(
-            f"{PEER} exit {code}: {ok} of {len(urls)} outputs valid; "
-            f"bad outputs {problems or 'none'}; stats {stats}; figures {result}; "
-            f"log tail:\n{_tail(log)}"
-        )
-    return result
+    return _TimedRun(code=code, started_at=started_at, wall_s=wall_s, cpu_s=cpu_s)
 
 
 def main(argv: list[str] | None = None) -> int:

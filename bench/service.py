@@ -23,8 +23,10 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +72,17 @@ def load_level(
     return asyncio.run(levels)[0]
 
 
+@dataclass
+class Rounds:
+    """What each round measured, model and service alternating."""
+
+    one_call: list[float] = field(default_factory=list)  # model img/s, one call at a time
+    workers: list[float] = field(default_factory=list)  # model img/s in the server's workers
+    model: list[float] = field(default_factory=list)  # the better of the two, per round
+    unary: list[LevelResult] = field(default_factory=list)
+    streaming: list[LevelResult] = field(default_factory=list)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
@@ -86,74 +99,75 @@ def main() -> None:
     one_call_model = load_served_model(served.model_copy(update={"inference_workers": 1}))
     tensors = np.stack([load_and_preprocess(f, one_call_model.preprocess) for f in frames])
     same_batch = tensors[: args.max_batch_size]
-
-    one_call_runs: list[float] = []
-    workers_runs: list[float] = []
-    model_runs: list[float] = []
-    unary_levels: list[LevelResult] = []
-    streaming_levels: list[LevelResult] = []
+    rounds = Rounds()
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
-            one_call_runs.append(model_fps(one_call_model, same_batch, args.duration))
-            workers_runs.append(model_fps(workers_model, same_batch, args.duration))
-            model_runs.append(max(one_call_runs[-1], workers_runs[-1]))
-            server = start_server(
-                Path(tmp), args.cache_dir, "--backend", "onnx",
-                "--max-batch-size", str(args.max_batch_size),
-            )  # fmt: skip
-            try:
-                server.wait_serving()
-                level = load_level(server.target, frames, args, streaming=False)
-                streaming = load_level(server.target, frames, args, streaming=True)
-            finally:
-                server.terminate()
-            unary_levels.append(level)
-            streaming_levels.append(streaming)
+            rounds.one_call.append(model_fps(one_call_model, same_batch, args.duration))
+            rounds.workers.append(model_fps(workers_model, same_batch, args.duration))
+            rounds.model.append(max(rounds.one_call[-1], rounds.workers[-1]))
+            service_round(Path(tmp), frames, args, rounds)
             print(
-                f"round {round_index + 1}: model {one_call_runs[-1]:.1f} img/s one call at a "
-                f"time, {workers_runs[-1]:.1f} in {workers_model.workers} workers at batch "
-                f"{len(same_batch)}, service {level.throughput_rps:.1f} img/s "
-                f"(mean batch {level.mean_batch_size}, p50 {level.latency_ms['p50']} ms), "
-                f"over ClassifyStream {streaming.throughput_rps:.1f} img/s",
+                f"round {round_index + 1}: model {rounds.one_call[-1]:.1f} img/s one call at a "
+                f"time, {rounds.workers[-1]:.1f} in {workers_model.workers} workers at batch "
+                f"{len(same_batch)}, service {rounds.unary[-1].throughput_rps:.1f} img/s "
+                f"(mean batch {rounds.unary[-1].mean_batch_size}, "
+                f"p50 {rounds.unary[-1].latency_ms['p50']} ms), "
+                f"over ClassifyStream {rounds.streaming[-1].throughput_rps:.1f} img/s",
                 file=sys.stderr,
             )
-
-    service_runs = [level.throughput_rps for level in unary_levels]
-    streaming_runs = [level.throughput_rps for level in streaming_levels]
-    service_mean_batch = mean(level.mean_batch_size for level in unary_levels)
+    service_mean_batch = mean(level.mean_batch_size for level in rounds.unary)
     mean_batch_tensors = tensors[: max(1, round(service_mean_batch))]
     model_at_mean_batch = max(
         model_fps(model, mean_batch_tensors, args.duration)
         for model in (one_call_model, workers_model)
     )
-    result = {
+    result = summary(rounds, model_at_mean_batch, args)
+    result.update(model_workers=workers_model.workers, batch_size=len(same_batch))
+    result["frames"] = len(frames)
+    print(json.dumps(result))
+
+
+def service_round(tmp: Path, frames: list[bytes], args: argparse.Namespace, rounds: Rounds) -> None:
+    """One service measurement: a fresh server, unary then streaming load."""
+    server = start_server(
+        tmp, args.cache_dir, "--backend", "onnx", "--max-batch-size", str(args.max_batch_size)
+    )
+    try:
+        server.wait_serving()
+        rounds.unary.append(load_level(server.target, frames, args, streaming=False))
+        rounds.streaming.append(load_level(server.target, frames, args, streaming=True))
+    finally:
+        server.terminate()
+
+
+def summary(rounds: Rounds, model_at_mean_batch: float, args: argparse.Namespace) -> dict[str, Any]:
+    """The JSON line: means over the rounds and the ratios service / model."""
+    service_runs = [level.throughput_rps for level in rounds.unary]
+    streaming_runs = [level.throughput_rps for level in rounds.streaming]
+    return {
         "benchmark": "service",
         "service_fps": round(mean(service_runs), 1),
-        "model_fps": round(mean(model_runs), 1),
-        "ratio": round(mean(service_runs) / mean(model_runs), 3),
+        "model_fps": round(mean(rounds.model), 1),
+        "ratio": round(mean(service_runs) / mean(rounds.model), 3),
         "streaming_service_fps": round(mean(streaming_runs), 1),
-        "streaming_ratio": round(mean(streaming_runs) / mean(model_runs), 3),
-        "model_fps_one_call": round(mean(one_call_runs), 1),
-        "model_fps_workers": round(mean(workers_runs), 1),
-        "model_workers": workers_model.workers,
+        "streaming_ratio": round(mean(streaming_runs) / mean(rounds.model), 3),
+        "model_fps_one_call": round(mean(rounds.one_call), 1),
+        "model_fps_workers": round(mean(rounds.workers), 1),
         "rounds_fps": {
-            "model": [round(run, 1) for run in model_runs],
+            "model": [round(run, 1) for run in rounds.model],
             "service": service_runs,
             "streaming_service": streaming_runs,
         },
         "model_fps_at_service_mean_batch": round(model_at_mean_batch, 1),
         "ratio_at_service_mean_batch": round(mean(service_runs) / model_at_mean_batch, 3),
-        "service_mean_batch": round(service_mean_batch, 2),
-        "service_latency_ms": unary_levels[-1].latency_ms,
-        "errors": sum(level.errors for level in unary_levels + streaming_levels),
+        "service_mean_batch": round(mean(level.mean_batch_size for level in rounds.unary), 2),
+        "service_latency_ms": rounds.unary[-1].latency_ms,
+        "errors": sum(level.errors for level in rounds.unary + rounds.streaming),
         "concurrency": args.concurrency,
-        "batch_size": len(same_batch),
         "rounds": args.rounds,
         "duration_s": args.duration,
-        "frames": len(frames),
         "cpu_count": os.cpu_count(),
     }
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":

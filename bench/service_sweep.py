@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 from statistics import mean
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +86,7 @@ def _ratio(ours: dict, theirs: dict, level: int, figure: str) -> float:
     return round(ours[level][figure] / theirs[level][figure], 3)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per level")
@@ -103,9 +104,13 @@ def main() -> None:
     args = parser.parse_args()
     args.levels = [int(level) for level in args.concurrency.split(",")]
     configs = {k: shlex.split(v) for k, v in _pairs(args.vidflow, "--vidflow").items()}
-    configs = configs or {"vidflow": []}
-    repos = {k: Path(v) for k, v in _pairs(args.vidflow_repo, "--vidflow-repo").items()}
+    args.configs = configs or {"vidflow": []}
+    args.repos = {k: Path(v) for k, v in _pairs(args.vidflow_repo, "--vidflow-repo").items()}
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     frames = real_frames(args.frames_per_video)
     served = InferenceSettings(backend="onnx", cache_dir=args.cache_dir)
     onnx_path = export_onnx(load_model(served.model, served.weights), args.cache_dir)
@@ -115,23 +120,15 @@ def main() -> None:
     batch = tensors[:8]
 
     bare_runs: list[float] = []
-    runs: dict[str, list[list[LevelResult]]] = {label: [] for label in [*configs, PLAIN]}
+    runs: dict[str, list[list[LevelResult]]] = {label: [] for label in [*args.configs, PLAIN]}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
             bare_runs.append(
                 max(model_fps(m, batch, args.duration) for m in (one_call_model, workers_model))
             )
-            order = [*configs, PLAIN]
-            if round_index % 2:
-                order.reverse()
+            order = [*args.configs, PLAIN][:: -1 if round_index % 2 else 1]
             for label in order:
-                if label == PLAIN:
-                    server = start_plain_server(Path(tmp), onnx_path)
-                else:
-                    server = start_server(
-                        Path(tmp), args.cache_dir, "--backend", "onnx", *configs[label],
-                        repo_root=repos.get(label, REPO_ROOT),
-                    )  # fmt: skip
+                server = _start(label, Path(tmp), onnx_path, args)
                 runs[label].append(_measure(server, frames, args))
             line = ", ".join(
                 f"{label} " + "/".join(f"{lv.throughput_rps:.0f}" for lv in levels[-1])
@@ -142,12 +139,33 @@ def main() -> None:
                 f"concurrency {args.concurrency}: {line}",
                 file=sys.stderr,
             )
+    result = _result(
+        bare_runs, {label: _summary(level_runs) for label, level_runs in runs.items()}, args
+    )
+    result["frames"] = len(frames)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
 
+
+def _start(label: str, tmp: Path, onnx_path: Path, args: argparse.Namespace) -> Any:
+    """The plain baseline server, or vidflow's service with the label's flags."""
+    if label == PLAIN:
+        return start_plain_server(tmp, onnx_path)
+    return start_server(
+        tmp, args.cache_dir, "--backend", "onnx", *args.configs[label],
+        repo_root=args.repos.get(label, REPO_ROOT),
+    )  # fmt: skip
+
+
+def _result(
+    bare_runs: list[float], summaries: dict[str, dict], args: argparse.Namespace
+) -> dict[str, Any]:
+    """The JSON line: every server's levels, and each vidflow configuration against plain."""
     bare = mean(bare_runs)
-    summaries = {label: _summary(level_runs) for label, level_runs in runs.items()}
     plain = summaries[PLAIN]
     verdicts: dict[str, dict[str, object]] = {}
-    for label in configs:
+    for label in args.configs:
         ours = summaries[label]
         verdicts[label] = {
             "img_s_ratio_to_plain": {c: _ratio(ours, plain, c, "img_s") for c in ours},
@@ -160,22 +178,18 @@ def main() -> None:
             f"{summary[c]['img_s']:>8.1f} {summary[c]['p99_ms']:>6.1f}ms" for c in args.levels
         )
         print(f"{label:>10}{cells}", file=sys.stderr)
-    result = {
+    return {
         "benchmark": "service_sweep",
         "bare_model_img_s": round(bare, 1),
         "bare_rounds_img_s": [round(run, 1) for run in bare_runs],
         "levels": summaries,
         "vs_plain": verdicts,
-        "configs": {label: shlex.join(flags) for label, flags in configs.items()},
-        "repos": {label: str(path) for label, path in repos.items()},
+        "configs": {label: shlex.join(flags) for label, flags in args.configs.items()},
+        "repos": {label: str(path) for label, path in args.repos.items()},
         "rounds": args.rounds,
         "duration_s": args.duration,
-        "frames": len(frames),
         "cpu_count": os.cpu_count(),
     }
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":
