@@ -127,3 +127,60 @@ def _oversized() -> list[str]:
 
 def test_functions_and_classes_stay_small() -> None:
     assert _oversized() == []
+
+
+_IMPORT_PROBE = """
+import importlib, json, os, sys, threading
+from pathlib import Path
+
+third_party, project = json.loads(sys.argv[1])
+for name in third_party:  # their own import-time work is not ours to judge
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+env = dict(os.environ)
+threads = {t.ident for t in threading.enumerate()}
+for name in project:
+    importlib.import_module(name)
+changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))
+started = sorted(t.name for t in threading.enumerate() if t.ident not in threads)
+children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+print(json.dumps({"env": changed, "threads": started, "children": children}))
+"""
+
+
+def test_importing_the_project_changes_nothing(tmp_path: Path) -> None:
+    """No module writes the environment, starts a thread or a process, or writes a file when it
+    is imported (a flow module used to set Ray's variables while Prefect loaded it)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    project, third_party = [], set()
+    for path in _source_files():
+        module = _module_name(path)
+        project.append(module)
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in tree.body:  # module level only: what importing it imports
+            if isinstance(node, ast.Import):
+                third_party.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                third_party.add(node.module)
+    third_party = {name for name in third_party if _folder_of(name) is None}
+    third_party -= {name for name in third_party if name.split(".")[0] in {"tests", "__future__"}}
+    probe = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE, json.dumps([sorted(third_party), project])],
+        cwd=tmp_path,
+        # A bare environment: the test session's own variables (conftest sets some) would hide
+        # a module that sets the same ones.
+        env={name: os.environ[name] for name in ("PATH", "HOME") if name in os.environ}
+        | {"PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert json.loads(probe.stdout.splitlines()[-1]) == {"env": [], "threads": [], "children": []}
+    assert list(tmp_path.iterdir()) == []
