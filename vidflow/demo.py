@@ -138,109 +138,151 @@ def print_stream_summary(artifacts: dict[str, dict[str, Any]]) -> None:
     print(report["data"] if report else "  (no report artifact)")
 
 
+def start_services(
+    stack: LocalStack, log_file: Path, cleanup: contextlib.ExitStack
+) -> tuple[ServerProcess, LocalBroker]:
+    """The Prefect server, the inference service and the broker; `cleanup` stops the last two."""
+    log.info("starting the Prefect server on %s (embedded SQLite)", stack.ui_url)
+    stack.start_server()
+    log.info("starting the inference service (the first start exports the model to ONNX)")
+    logs_dir = stack.logs_dir
+    inference = start_server(logs_dir, DEFAULT_CACHE_DIR / "models", "--log-file", str(log_file))
+    cleanup.callback(inference.terminate)
+    broker = start_broker(port_or_free(9092), log_path=logs_dir / "broker.log")
+    cleanup.callback(broker.stop)
+    inference.wait_serving()
+    log.info("inference service SERVING on %s", inference.target)
+    return inference, broker
+
+
+def print_classified_samples(target: str, run_dir: Path) -> None:
+    """Classify a few sample frames over gRPC: the service answers before the flows start."""
+    print("\nTop-1 ImageNet label of sample frames (gRPC Classify):")
+    for result in classify_files(target, sample_frames(run_dir, 2)):
+        best = result.response.predictions[0] if result.response else None
+        print(
+            f"  {result.path.name:36s} "
+            + (f"{best.label} {best.score:.3f}" if best else f"ERROR {result.error}")
+        )
+
+
+def run_depth_extraction(stack: LocalStack, videos: int, output: Path, depth_model: str) -> str:
+    """depth-extraction/local over `videos` Kinetics rows from a local mirror; its run id."""
+    with running_mirror(port=port_or_free(8765)) as url_template:
+        log.info("running depth-extraction/local (%d Kinetics val rows)", videos)
+        parameters = {
+            "kinetics_csv": str(KINETICS_VAL_CSV),
+            "url_template": url_template,
+            "limit": videos,
+            "output": str(output),
+            "depth_model": depth_model,
+        }
+        run_id, state = stack.run_deployment("depth-extraction/local", parameters)
+    log.info("depth-extraction: %s", state)
+    return run_id
+
+
+def run_stream_benchmark(
+    stack: LocalStack, seconds: float, target: str, bootstrap_servers: str
+) -> str:
+    """stream-benchmark/local on the sample clip through the local broker; its run id."""
+    log.info("running stream-benchmark/local (%.0f s at the clip's native fps)", seconds)
+    parameters = {
+        "source": str(SAMPLE_VIDEO),
+        "duration": seconds,
+        "target": target,
+        "bootstrap_servers": bootstrap_servers,
+    }
+    run_id, state = stack.run_deployment("stream-benchmark/local", parameters)
+    log.info("stream-benchmark: %s", state)
+    return run_id
+
+
+def print_where_to_look(
+    stack: LocalStack, lance_path: Path, untrained: bool, log_file: Path, run_ids: list[str]
+) -> None:
+    """Where the table, the logs and the runs in the UI are."""
+    print(
+        f"\nLance dataset: {lance_path} (and videos.parquet beside it)"
+        f"{'  [depth from UNTRAINED stand-in weights]' if untrained else ''}\n"
+        f"Log file:      {log_file}  (service, broker, Prefect: {stack.logs_dir})\n"
+        f"Prefect UI:    {stack.ui_url}/runs/flow-run/{run_ids[0]}\n"
+        f"               {stack.ui_url}/runs/flow-run/{run_ids[1]}"
+    )
+
+
+def hold_ui_or_say_how(stack: LocalStack, keep_ui: bool) -> None:
+    """Keep the Prefect UI up until Ctrl-C (--keep-ui), or say how to browse the runs later."""
+    if keep_ui:
+        print(f"\nThe Prefect UI stays up at {stack.ui_url}; Ctrl-C stops everything.")
+        # Ctrl-C is the expected way to end this mode: not a failure.
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    else:
+        print(
+            "Everything this demo started is stopped now. To browse the runs later:\n"
+            f"  PREFECT_HOME={stack.prefect_home} .venv/bin/prefect server start"
+            "  (or `make demo DEMO_ARGS=--keep-ui`)"
+        )
+
+
+def demo_steps(
+    args: argparse.Namespace,
+    run_dir: Path,
+    log_file: Path,
+    stack: LocalStack,
+    cleanup: contextlib.ExitStack,
+) -> int:
+    """Services, a classify check, both deployments run, their summaries; 1 if a video failed."""
+    inference, broker = start_services(stack, log_file, cleanup)
+    print_classified_samples(inference.target, run_dir)
+    depth_model, untrained = depth_model_for_demo(run_dir)
+    log.info("deploying %s to work pool vidflow-local", ", ".join(DEPLOYMENTS))
+    stack.deploy(*DEPLOYMENTS)
+    stack.start_worker()
+    output = run_dir / "depth-extraction"
+    depth_run = run_depth_extraction(stack, args.videos, output, depth_model)
+    stream_run = run_stream_benchmark(
+        stack, args.stream_seconds, inference.target, broker.bootstrap_servers
+    )
+    lance_path = output / "videos.lance"
+    failed = print_depth_summary(lance_path, read_artifacts(stack.api_url, depth_run))
+    print_stream_summary(read_artifacts(stack.api_url, stream_run))
+    print_where_to_look(stack, lance_path, untrained, log_file, [depth_run, stream_run])
+    hold_ui_or_say_how(stack, args.keep_ui)
+    if failed:
+        log.error("%d videos failed in depth extraction (see above and the Lance table)", failed)
+    return 1 if failed else 0
+
+
+def stop_stack(stack: LocalStack) -> None:
+    """Stop the worker, the Prefect server and anything else carrying the stack's marker."""
+    leftovers = stack.stop()
+    more = f" (and {len(leftovers)} leftover processes)" if leftovers else ""
+    log.info("stopped the worker, the Prefect server, the broker and the service%s", more)
+
+
 def run_demo(args: argparse.Namespace, run_dir: Path, log_file: Path) -> int:
+    """The demo's steps; whatever it started is stopped on the way out, however it ends."""
     logs_dir = run_dir / "logs"
     logs_dir.mkdir(parents=True)
     stack = LocalStack(logs_dir, prefect_home=args.runs_dir / "prefect", ui_port=port_or_free(4200))
-    # Everything started from here on carries the stack's marker, the service and broker too,
-    # and a watcher ends all of it should this process be killed before its `finally` runs.
-    os.environ[MARKER_VARIABLE] = stack.stack_id
-    reaper = start_reaper(MARKER_VARIABLE, stack.stack_id)
-    inference: ServerProcess | None = None
-    broker: LocalBroker | None = None
-    try:
-        log.info("starting the Prefect server on %s (embedded SQLite)", stack.ui_url)
-        stack.start_server()
-        log.info("starting the inference service (the first start exports the model to ONNX)")
-        inference = start_server(
-            logs_dir, DEFAULT_CACHE_DIR / "models", "--log-file", str(log_file)
-        )
-        broker = start_broker(port_or_free(9092), log_path=logs_dir / "broker.log")
-        inference.wait_serving()
-        log.info("inference service SERVING on %s", inference.target)
-
-        print("\nTop-1 ImageNet label of sample frames (gRPC Classify):")
-        for result in classify_files(inference.target, sample_frames(run_dir, 2)):
-            best = result.response.predictions[0] if result.response else None
-            print(
-                f"  {result.path.name:36s} "
-                + (f"{best.label} {best.score:.3f}" if best else f"ERROR {result.error}")
-            )
-
-        depth_model, untrained = depth_model_for_demo(run_dir)
-        log.info("deploying %s to work pool vidflow-local", ", ".join(DEPLOYMENTS))
-        stack.deploy(*DEPLOYMENTS)
-        stack.start_worker()
-        with running_mirror(port=port_or_free(8765)) as url_template:
-            output = run_dir / "depth-extraction"
-            log.info("running depth-extraction/local (%d Kinetics val rows)", args.videos)
-            depth_run, depth_state = stack.run_deployment(
-                "depth-extraction/local",
-                {
-                    "kinetics_csv": str(KINETICS_VAL_CSV),
-                    "url_template": url_template,
-                    "limit": args.videos,
-                    "output": str(output),
-                    "depth_model": depth_model,
-                },
-            )
-        log.info("depth-extraction: %s", depth_state)
-        log.info(
-            "running stream-benchmark/local (%.0f s at the clip's native fps)", args.stream_seconds
-        )
-        stream_run, stream_state = stack.run_deployment(
-            "stream-benchmark/local",
-            {
-                "source": str(SAMPLE_VIDEO),
-                "duration": args.stream_seconds,
-                "target": inference.target,
-                "bootstrap_servers": broker.bootstrap_servers,
-            },
-        )
-        log.info("stream-benchmark: %s", stream_state)
-
-        failed = print_depth_summary(
-            output / "videos.lance", read_artifacts(stack.api_url, depth_run)
-        )
-        print_stream_summary(read_artifacts(stack.api_url, stream_run))
-        print(
-            f"\nLance dataset: {output / 'videos.lance'} (and videos.parquet beside it)"
-            f"{'  [depth from UNTRAINED stand-in weights]' if untrained else ''}\n"
-            f"Log file:      {log_file}  (service, broker, Prefect: {logs_dir})\n"
-            f"Prefect UI:    {stack.ui_url}/runs/flow-run/{depth_run}\n"
-            f"               {stack.ui_url}/runs/flow-run/{stream_run}"
-        )
-        if args.keep_ui:
-            print(f"\nThe Prefect UI stays up at {stack.ui_url}; Ctrl-C stops everything.")
-            # Ctrl-C is the expected way to end this mode: not a failure.
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.pause()
-        else:
-            print(
-                "Everything this demo started is stopped now. To browse the runs later:\n"
-                f"  PREFECT_HOME={stack.prefect_home} .venv/bin/prefect server start"
-                "  (or `make demo DEMO_ARGS=--keep-ui`)"
-            )
-        if failed:
-            log.error(
-                "%d videos failed in depth extraction (see above and the Lance table)", failed
-            )
-        return 1 if failed else 0
-    except KeyboardInterrupt:
-        log.warning("interrupted: stopping everything this demo started")
-        return 130
-    except (RuntimeError, TimeoutError, OSError) as exc:
-        log.error("demo failed: %s", exc)
-        return 1
-    finally:
-        if broker is not None:
-            broker.stop()
-        if inference is not None:
-            inference.terminate()
-        stop_reaper(reaper)  # this process stops everything itself now
-        leftovers = stack.stop()  # the worker, the server, then anything else marked
-        log.info("stopped the worker, the Prefect server, the broker and the service%s",
-                 f" (and {len(leftovers)} leftover processes)" if leftovers else "")  # fmt: skip
+    # Stopped in reverse order: the broker, the service, the watcher, then the stack.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(stop_stack, stack)
+        # Everything started from here on carries the stack's marker, the service and broker
+        # too, and a watcher ends all of it should this process be killed before cleanup runs.
+        os.environ[MARKER_VARIABLE] = stack.stack_id
+        # On the way out the watcher is told to stand down: this process stops everything.
+        cleanup.callback(stop_reaper, start_reaper(MARKER_VARIABLE, stack.stack_id))
+        try:
+            return demo_steps(args, run_dir, log_file, stack, cleanup)
+        except KeyboardInterrupt:
+            log.warning("interrupted: stopping everything this demo started")
+            return 130
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            log.error("demo failed: %s", exc)
+            return 1
 
 
 def _interrupt(_signum: int, _frame: object) -> None:

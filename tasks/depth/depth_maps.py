@@ -15,15 +15,16 @@ import os
 import re
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 
+from common.devices import choose_device
+from common.files import atomic_output, partial_path
+from common.frames import opened_video
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
@@ -62,17 +63,14 @@ def iter_frames(path: Path, indices: list[int]) -> Iterator[tuple[int, np.ndarra
     fast; frames past the last wanted one are not decoded)."""
     wanted = set(indices)
     last = max(indices, default=-1)
-    capture = cv2.VideoCapture(str(path))
-    try:
+    with opened_video(path) as capture:
         index = 0
-        while index <= last and capture.grab():
+        while index <= last and capture.grab():  # a capture that did not open grabs nothing
             if index in wanted:
                 ok, bgr = capture.retrieve()
                 if ok:
                     yield index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             index += 1
-    finally:
-        capture.release()
 
 
 def read_frames(path: Path, indices: list[int]) -> dict[int, np.ndarray]:
@@ -86,7 +84,7 @@ class DepthMap:
     focal_length_px: float | None
 
 
-# Set in the config.json of a model with random weights (tasks/tiny_depth_pro.py): every depth
+# Set in the config.json of a model with random weights (devstack/tiny_depth_pro.py): every depth
 # output of such a model is labelled untrained, so no one mistakes its numbers for real depth.
 UNTRAINED_CONFIG_KEY = "vidflow_untrained_weights"
 
@@ -123,17 +121,6 @@ def check_depth_model(model_name: str) -> bool:
     return is_untrained(config)
 
 
-def resolve_depth_device(requested: str) -> str:
-    import torch
-
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            log.warning("CUDA was asked for but is not available; depth runs on the CPU")
-            return "cpu"
-        return "cuda"
-    return "cpu"
-
-
 class DepthEstimator:
     """A transformers depth model with its image processor, ready to run on RGB frames."""
 
@@ -144,7 +131,7 @@ class DepthEstimator:
 
         hf_logging.disable_progress_bar()
         self.model_name = model_name
-        self.device = resolve_depth_device(device)
+        self.device = choose_device(device, torch.cuda.is_available, what="depth model")
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
         started = time.perf_counter()
         self.processor = AutoImageProcessor.from_pretrained(model_name)
@@ -186,7 +173,7 @@ class DepthEstimator:
 
 
 class DepthActor:
-    """Holds one loaded depth model (a Ray actor; see flows/depth_pipeline.py) and takes whole
+    """Holds one loaded depth model (a Ray actor; see tasks/depth/shard_tasks.py) and takes whole
     shards, batching their frames.
 
     On a cluster that outlives the run, later runs find it loaded (torch and transformers
@@ -239,21 +226,11 @@ def depth_preview(depth_m: np.ndarray) -> np.ndarray:
     return cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_TURBO)
 
 
-def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part{path.suffix}")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _save_png(image: np.ndarray) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        if not cv2.imwrite(str(path), image):
+def _save_png(path: Path, image: np.ndarray) -> None:
+    """Write `image` as a PNG whole or not at all (OpenCV reports failure as False)."""
+    with atomic_output(path) as partial:
+        if not cv2.imwrite(str(partial), image):
             raise OSError(f"could not write {path}")
-
-    return write
 
 
 class VideoDepth:
@@ -268,7 +245,9 @@ class VideoDepth:
         self.record, self.indices = record, indices
         self.started = time.perf_counter()
         self.final = maps_dir / f"{record.video_id}.npy"
-        self.partial = maps_dir / f".{record.video_id}.{uuid.uuid4().hex}.part.npy"
+        # The memory map stays open across many `add` calls and is renamed in `finish`, so a
+        # `with atomic_output(...)` block cannot hold it: the same hidden name, renamed by hand.
+        self.partial = partial_path(self.final)
         self.array: np.memmap | None = None
         self.done: list[int] = []
         self.queued = 0  # frames handed to a batch and not yet back
@@ -301,7 +280,6 @@ class VideoDepth:
 
     def finish(self, estimator: DepthEstimator) -> VideoRecord:
         """The record with its depth columns, or failed with the reason."""
-        short = self.partial.with_name(f"{self.partial.name}.short.npy")
         try:
             if self.error is not None:
                 return self.record.fail("depth", self.error)
@@ -312,16 +290,15 @@ class VideoDepth:
             array, self.array = self.array, None
             array.flush()
             if len(self.done) < len(array):  # the container promised more frames than it had
-                np.save(short, array[: len(self.done)])
-                os.replace(short, self.partial)
+                with atomic_output(self.partial) as short:
+                    np.save(short, array[: len(self.done)])
             del array
             os.replace(self.partial, self.final)
             preview = self.final.with_suffix(".png")
-            _write_atomically(preview, _save_png(self.preview))
+            _save_png(preview, self.preview)
         finally:
             self.array = None
             self.partial.unlink(missing_ok=True)
-            short.unlink(missing_ok=True)
         return self.record.finish(
             status="ok",
             depth_frame_indices=self.done,

@@ -11,18 +11,18 @@ a final name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
 import random
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from common.files import atomic_output
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
@@ -139,6 +139,51 @@ def _refuse_unless_video(head: bytes, response: aiohttp.ClientResponse) -> str:
     return container
 
 
+def _refuse_bad_response(response: aiohttp.ClientResponse, max_bytes: int) -> None:
+    """A permanent or retryable error for a status other than 200 or a too-big announced size."""
+    if response.status != 200:
+        error = DownloadError(
+            f"HTTP {response.status} {response.reason or ''}".strip(),
+            retryable=response.status in RETRYABLE_STATUS,
+        )
+        if retry_after := response.headers.get("Retry-After", "").strip():
+            error.retry_after_s = float(retry_after) if retry_after.isdigit() else None
+        raise error
+    if response.content_length is not None and response.content_length > max_bytes:
+        raise DownloadError(
+            f"too big: {response.content_length} bytes (limit {max_bytes})", retryable=False
+        )
+
+
+async def _checked_chunks(
+    response: aiohttp.ClientResponse, settings: DepthSettings
+) -> AsyncGenerator[bytes, None]:
+    """The body's chunks, failing it once it grows past `max_download_bytes` (a missing or
+    false Content-Length) or arrives slower than the rate floor."""
+    max_bytes = settings.max_download_bytes
+    floor = RateFloor(
+        settings.download_min_rate_bps, settings.download_rate_window_s, time.monotonic()
+    )
+    received = 0
+    async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+        received += len(chunk)
+        if received > max_bytes:
+            raise DownloadError(f"too big: over {max_bytes} bytes without an end", retryable=False)
+        floor.check(received, time.monotonic())
+        yield chunk
+
+
+async def _read_head(chunks: AsyncIterator[bytes]) -> bytes:
+    """The body's first SNIFF_BYTES or more (all of it if shorter): a slow link or a proxy may
+    deliver them a few at a time. The rest stays in `chunks`."""
+    head = b""
+    async for chunk in chunks:
+        head += chunk
+        if len(head) >= SNIFF_BYTES:
+            break
+    return head
+
+
 async def _fetch_once(
     session: aiohttp.ClientSession,
     url: str,
@@ -146,55 +191,23 @@ async def _fetch_once(
     video_id: str,
     settings: DepthSettings,
 ) -> tuple[Path, int]:
-    max_bytes = settings.max_download_bytes
-    partial = raw_dir / f".{video_id}.{uuid.uuid4().hex}.part"
-    try:
-        async with session.get(url) as response:
-            if response.status != 200:
-                error = DownloadError(
-                    f"HTTP {response.status} {response.reason or ''}".strip(),
-                    retryable=response.status in RETRYABLE_STATUS,
-                )
-                if retry_after := response.headers.get("Retry-After", "").strip():
-                    error.retry_after_s = float(retry_after) if retry_after.isdigit() else None
-                raise error
-            if response.content_length is not None and response.content_length > max_bytes:
-                raise DownloadError(
-                    f"too big: {response.content_length} bytes (limit {max_bytes})",
-                    retryable=False,
-                )
-            received = 0
-            container = None
-            head = b""  # the first bytes, held until there are enough to tell the container
-            floor = RateFloor(
-                settings.download_min_rate_bps, settings.download_rate_window_s, time.monotonic()
-            )
-            with partial.open("wb") as out:
-                async for chunk in response.content.iter_chunked(CHUNK_BYTES):
-                    received += len(chunk)
-                    if received > max_bytes:
-                        raise DownloadError(
-                            f"too big: over {max_bytes} bytes without an end", retryable=False
-                        )
-                    floor.check(received, time.monotonic())
-                    if container is None:
-                        # A slow link or a proxy may deliver the first bytes a few at a time.
-                        head += chunk
-                        if len(head) < SNIFF_BYTES:
-                            continue
-                        container = _refuse_unless_video(head[:SNIFF_BYTES], response)
-                        chunk, head = head, b""
-                    out.write(chunk)
-                if container is None:
-                    if not head:
-                        raise DownloadError("empty response body", retryable=False)
-                    container = _refuse_unless_video(head, response)  # a body under SNIFF_BYTES
-                    out.write(head)
+    """One attempt: the container is told from the first bytes, before anything is written,
+    so the file's final name (`<video_id>.<container>`) is known when writing starts."""
+    async with session.get(url) as response:
+        _refuse_bad_response(response, settings.max_download_bytes)
+        async with contextlib.aclosing(_checked_chunks(response, settings)) as chunks:
+            head = await _read_head(chunks)
+            if not head:
+                raise DownloadError("empty response body", retryable=False)
+            container = _refuse_unless_video(head[:SNIFF_BYTES], response)
             final = raw_dir / f"{video_id}.{container}"
-            os.replace(partial, final)
-            return final, received
-    finally:
-        partial.unlink(missing_ok=True)
+            with atomic_output(final) as partial, partial.open("wb") as out:
+                out.write(head)
+                size = len(head)
+                async for chunk in chunks:
+                    out.write(chunk)
+                    size += len(chunk)
+    return final, size
 
 
 def _complete_download(raw_dir: Path, video_id: str) -> Path | None:

@@ -7,11 +7,9 @@ no system package is needed) with a timeout; its own error text becomes the fail
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import subprocess
 import time
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,11 +17,17 @@ from pathlib import Path
 
 import cv2
 
+from common.files import atomic_output
+from common.frames import opened_video
 from common.processes import die_with_parent
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
 FFMPEG_ERROR_CHARS = 1500
+
+
+class TranscodeError(Exception):
+    """FFmpeg failed, timed out or wrote no frames; the message is the failure reason."""
 
 
 @functools.cache
@@ -51,8 +55,7 @@ class StreamFacts:
 
 def probe_video(path: Path) -> StreamFacts | None:
     """Size, rate and length of a video's first video stream, or None if it cannot be opened."""
-    capture = cv2.VideoCapture(str(path))
-    try:
+    with opened_video(path) as capture:
         if not capture.isOpened():
             return None
         facts = StreamFacts(
@@ -61,8 +64,6 @@ def probe_video(path: Path) -> StreamFacts | None:
             fps=float(capture.get(cv2.CAP_PROP_FPS)),
             frame_count=int(capture.get(cv2.CAP_PROP_FRAME_COUNT)),
         )
-    finally:
-        capture.release()
     return facts if facts.width > 0 and facts.height > 0 else None
 
 
@@ -145,10 +146,20 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
     if output.is_file() and (facts := probe_video(output)) is not None and facts.frame_count > 0:
         return _with_output(record, output, facts, started)
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / f".{record.video_id}.{uuid.uuid4().hex}.part"
+    try:
+        with atomic_output(output) as partial:
+            facts = _run_ffmpeg(source, partial, settings)
+    except TranscodeError as exc:
+        return record.fail("transcode", str(exc))
+    return _with_output(record, output, facts, started)
+
+
+def _run_ffmpeg(source: Path, output: Path, settings: DepthSettings) -> StreamFacts:
+    """Transcode `source` into `output`; the facts of what FFmpeg wrote. Raises TranscodeError
+    (so that `atomic_output` drops the file) when it failed, timed out or wrote no frames."""
     try:
         completed = subprocess.run(
-            ffmpeg_command(source.resolve(), partial.resolve(), settings),
+            ffmpeg_command(source.resolve(), output.resolve(), settings),
             capture_output=True,
             text=True,
             errors="replace",
@@ -156,20 +167,15 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
             check=False,
             preexec_fn=die_with_parent,
         )
-        if completed.returncode != 0:
-            reason = completed.stderr.strip()[-FFMPEG_ERROR_CHARS:] or "no error text"
-            return record.fail("transcode", f"ffmpeg exit {completed.returncode}: {reason}")
-        facts = probe_video(partial)
-        if facts is None or facts.frame_count <= 0:
-            return record.fail("transcode", "ffmpeg wrote no decodable video frames")
-        os.replace(partial, output)
     except subprocess.TimeoutExpired:
-        return record.fail(
-            "transcode", f"ffmpeg timed out after {settings.transcode_timeout_s:g} s"
-        )
-    finally:
-        partial.unlink(missing_ok=True)
-    return _with_output(record, output, facts, started)
+        raise TranscodeError(f"ffmpeg timed out after {settings.transcode_timeout_s:g} s") from None
+    if completed.returncode != 0:
+        reason = completed.stderr.strip()[-FFMPEG_ERROR_CHARS:] or "no error text"
+        raise TranscodeError(f"ffmpeg exit {completed.returncode}: {reason}")
+    facts = probe_video(output)
+    if facts is None or facts.frame_count <= 0:
+        raise TranscodeError("ffmpeg wrote no decodable video frames")
+    return facts
 
 
 def _with_output(

@@ -9,8 +9,6 @@ keeps every row committed before it, and a killed worker leaves only unreference
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ import lance
 import pyarrow.parquet as pq
 from lance.fragment import FragmentMetadata, write_fragments
 
+from common.files import atomic_output
 from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord, records_to_table
 
 LANCE_NAME = "videos.lance"
@@ -129,12 +128,8 @@ class VideoTable:
 
     def export_parquet(self) -> Path:
         """The whole table as Parquet, written to a temporary name and renamed into place."""
-        partial = self.parquet_path.with_name(f".{PARQUET_NAME}.{uuid.uuid4().hex}.part")
-        try:
+        with atomic_output(self.parquet_path) as partial:
             pq.write_table(lance.dataset(self.lance_path).to_table(), partial)
-            os.replace(partial, self.parquet_path)
-        finally:
-            partial.unlink(missing_ok=True)
         return self.parquet_path
 
     def compact(self) -> None:
