@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.devices import DeviceUnavailableError, choose_device
 from devstack.launcher import REPO_ROOT
-from services.inference.backends import DeviceUnavailableError, resolve_device
 from services.inference.loader import load_served_model
 from services.inference.models import WeightsUnavailableError, load_model
 from services.inference.onnx_export import export_onnx
@@ -136,12 +136,12 @@ print(model.name, model.class_names[int(probabilities.argmax())], model.weights_
 
 
 def test_device_resolution() -> None:
-    assert resolve_device("cpu", strict=False, cuda_available=True) == "cpu"
-    assert resolve_device("auto", strict=False, cuda_available=True) == "cuda"
-    assert resolve_device("auto", strict=False, cuda_available=False) == "cpu"
-    assert resolve_device("cuda", strict=False, cuda_available=False) == "cpu"
+    assert choose_device("cpu", lambda: True, strict=False) == "cpu"
+    assert choose_device("auto", lambda: True, strict=False) == "cuda"
+    assert choose_device("auto", lambda: False, strict=False) == "cpu"
+    assert choose_device("cuda", lambda: False, strict=False) == "cpu"
     with pytest.raises(DeviceUnavailableError):
-        resolve_device("cuda", strict=True, cuda_available=False)
+        choose_device("cuda", lambda: False, strict=True)
 
 
 @pytest.mark.skipif(

@@ -18,8 +18,9 @@ from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import channel_options
 from services.inference.metrics import ServiceMetrics
 from services.inference.preprocess import PreprocessSpec
-from services.inference.server import STREAM_WINDOW, InferenceService
+from services.inference.servicer import InferenceService
 from services.inference.settings import InferenceSettings
+from services.inference.stream import STREAM_WINDOW
 from tests.images import png_claiming_size, png_with_chunk_claiming, solid_png
 from tests.proc_helpers import children, listening_addresses
 from tests.test_service import _http_get, _metric
@@ -272,7 +273,7 @@ def test_an_unexpected_failure_of_one_image_fails_only_that_image(
     model_cache: Path, photos: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A failure that is not bad input (a mock: no real image makes one since the fix above)."""
-    import services.inference.server as server_module
+    import services.inference.batch_work as server_module
 
     real_preprocess = server_module.preprocess
 

@@ -6,7 +6,6 @@ wrapped with a softmax before they reach a backend, so every backend returns com
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import threading
@@ -20,12 +19,6 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger(__name__)
-
-
-class DeviceUnavailableError(RuntimeError):
-    """The requested device is missing and --strict-device forbids falling back."""
-
 
 class Backend(Protocol):
     name: str
@@ -38,24 +31,6 @@ class Backend(Protocol):
     def warm_up(self, batches: list[np.ndarray]) -> None:
         """Run each batch on everything that will serve calls: first calls allocate."""
         ...
-
-
-def resolve_device(requested: str, strict: bool, cuda_available: bool) -> str:
-    """Pick 'cuda' or 'cpu' for a request of auto/cpu/cuda, saying why in the log."""
-    if requested == "cpu":
-        return "cpu"
-    if cuda_available:
-        log.info("device: CUDA is available, running on the GPU")
-        return "cuda"
-    if requested == "cuda":
-        if strict:
-            raise DeviceUnavailableError("--device cuda was asked for but no CUDA GPU is usable")
-        log.warning(
-            "device: --device cuda asked for but no CUDA GPU is usable; falling back to CPU"
-        )
-    else:
-        log.info("device: no CUDA GPU found, running on the CPU")
-    return "cpu"
 
 
 def cuda_available(backend: str) -> bool:

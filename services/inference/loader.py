@@ -7,12 +7,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.devices import choose_device
 from services.inference.backends import (
     Backend,
     OnnxBackend,
     TorchBackend,
     cuda_available,
-    resolve_device,
     threads_per_call,
 )
 from services.inference.preprocess import PreprocessSpec
@@ -36,8 +36,8 @@ class ServedModel:
 
 def load_served_model(settings: InferenceSettings) -> ServedModel:
     """Load weights, build the backend and return the model ready to run batches."""
-    device = resolve_device(
-        settings.device, settings.strict_device, cuda_available(settings.backend)
+    device = choose_device(
+        settings.device, lambda: cuda_available(settings.backend), strict=settings.strict_device
     )
     workers = settings.inference_workers or default_workers(settings.backend, device)
     threads = threads_per_call(workers, settings.inference_threads)

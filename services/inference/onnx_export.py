@@ -10,11 +10,10 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
+from common.files import atomic_output
 from services.inference.models import LoadedModel, with_softmax
 from services.inference.preprocess import PreprocessSpec
 
@@ -84,29 +83,24 @@ def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:
     log.info("exporting %s to ONNX (opset %d) -> %s", model.name, OPSET, target)
     wrapped = with_softmax(model.network).cpu()
     example = torch.zeros((1, *model.preprocess.input_shape))
-    fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    # Atomic: concurrent servers never see a half-written file.
+    with atomic_output(target) as partial:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but reliable
             torch.onnx.export(
                 wrapped,
                 (example,),
-                tmp_name,
+                str(partial),
                 input_names=["input"],
                 output_names=["probabilities"],
                 dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
                 opset_version=OPSET,
                 dynamo=False,
             )
-        proto = onnx.load(tmp_name)
+        proto = onnx.load(str(partial))
         info = ExportedModelInfo(
             model.name, model.class_names, model.preprocess, model.weights_sha256
         )
         onnx.helper.set_model_props(proto, info.to_metadata())
-        onnx.save(proto, tmp_name)
-        os.replace(tmp_name, target)  # atomic: concurrent servers never see a half-written file
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        onnx.save(proto, str(partial))
     return target

@@ -1,0 +1,92 @@
+"""One ClassifyRequest to its ClassifyResponse through the batcher, and the status of a failure.
+
+Shared by the unary Classify and each ClassifyStream item, so both answer and count alike.
+"""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+
+from protos import inference_pb2
+from services.inference.batch_work import Outcome
+from services.inference.batcher import BatchResult, DynamicBatcher
+from services.inference.loader import ServedModel
+from services.inference.metrics import ServiceMetrics
+from services.inference.preprocess import InvalidImageError
+
+
+class ModelNotReadyError(RuntimeError):
+    """A request came before the model was loaded and warmed up."""
+
+
+def failure_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and message a failed classification answers with."""
+    if isinstance(exc, InvalidImageError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, ModelNotReadyError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    return grpc.StatusCode.INTERNAL, f"inference failed: {exc}"
+
+
+def cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why a call or stream item was cancelled: its deadline passed, or its client left."""
+    return (
+        grpc.StatusCode.DEADLINE_EXCEEDED
+        if context.time_remaining() == 0
+        else grpc.StatusCode.CANCELLED
+    )
+
+
+async def classify(
+    model: ServedModel | None,
+    batcher: DynamicBatcher[bytes, Outcome] | None,
+    metrics: ServiceMetrics,
+    request: inference_pb2.ClassifyRequest,
+) -> inference_pb2.ClassifyResponse:
+    """The top-k predictions for one image; raises the image's error if it has one."""
+    if model is None or batcher is None:
+        raise ModelNotReadyError("the model is still loading; retry when health is SERVING")
+    started = time.perf_counter()
+    with batcher.admit() as admission:
+        result = await admission.submit(request.image)
+    outcome = result.value
+    if outcome.error is not None:
+        raise outcome.error
+    stages = metrics.stage_seconds
+    stages.labels("decode").observe(outcome.decode_s)
+    stages.labels("preprocess").observe(outcome.preprocess_s)
+    stages.labels("queue").observe(result.queue_s)
+    stages.labels("inference").observe(outcome.inference_s)
+    stages.labels("total").observe(time.perf_counter() - started)
+    return _response(model, request, result)
+
+
+def _response(
+    model: ServedModel, request: inference_pb2.ClassifyRequest, result: BatchResult[Outcome]
+) -> inference_pb2.ClassifyResponse:
+    outcome = result.value
+    assert outcome.probabilities is not None
+    top_k = max(1, min(request.top_k or 1, len(model.class_names)))
+    best = np.argsort(outcome.probabilities)[::-1][:top_k]
+    return inference_pb2.ClassifyResponse(
+        request_id=request.request_id,
+        model_name=model.name,
+        predictions=[
+            inference_pb2.Prediction(
+                label=model.class_names[index],
+                class_index=int(index),
+                score=float(outcome.probabilities[index]),
+            )
+            for index in best
+        ],
+        timings=inference_pb2.Timings(
+            decode_ms=outcome.decode_s * 1e3,
+            preprocess_ms=outcome.preprocess_s * 1e3,
+            queue_ms=result.queue_s * 1e3,
+            inference_ms=outcome.inference_s * 1e3,
+            batch_size=result.batch_size,
+        ),
+    )

@@ -1,0 +1,117 @@
+"""Graceful shutdown: no new calls, calls in flight drained within the grace, and a log line
+saying what became of each call that was open."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health
+
+log = logging.getLogger(__name__)
+
+
+class CallTracker(grpc.aio.ServerInterceptor):
+    """Counts the calls being handled and how they ended, so shutdown can say what it did.
+
+    A call is drained when its handler returns or raises (any status), cancelled when gRPC
+    cancels it: by the server at the end of the shutdown grace, or because its client left.
+    """
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.ended = 0
+        self.cancelled_by_clients = 0
+        self.cancelled_by_shutdown = 0
+        self.grace_ends: float | None = None  # loop time; set when shutdown begins
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        return handler._replace(
+            **{
+                kind: self._tracked(behaviour)
+                for kind in kinds
+                if (behaviour := getattr(handler, kind)) is not None
+            }
+        )
+
+    @contextlib.contextmanager
+    def _tracking(self) -> Iterator[None]:
+        self.open += 1
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: a stream abandoned
+            loop_time = asyncio.get_running_loop().time()
+            if self.grace_ends is not None and loop_time >= self.grace_ends:
+                self.cancelled_by_shutdown += 1
+            else:
+                self.cancelled_by_clients += 1
+            raise
+        except BaseException:
+            self.ended += 1
+            raise
+        else:
+            self.ended += 1
+        finally:
+            self.open -= 1
+
+    def _tracked(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with self._tracking():
+                    async for response in behaviour(request, context):
+                        yield response
+
+            return stream
+        if inspect.iscoroutinefunction(behaviour):
+
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with self._tracking():
+                    return await behaviour(request, context)
+
+            return call
+        return behaviour  # a synchronous handler: runs in a thread; not ours, not counted
+
+    def summary(self, ended_before: int, grace_s: float) -> str:
+        """What shutdown did with the calls open when it began."""
+        return (
+            f"{self.ended - ended_before} call(s) drained, {self.cancelled_by_shutdown} "
+            f"cancelled at the end of the {grace_s:.0f} s grace, {self.cancelled_by_clients} "
+            "cancelled by their clients"
+        )
+
+
+async def drain_calls(
+    server: grpc.aio.Server,
+    health_servicer: health.aio.HealthServicer,
+    calls: CallTracker,
+    grace_s: float,
+) -> None:
+    """Refuse new calls, give those in flight up to `grace_s` to end, then cancel the rest."""
+    await health_servicer.enter_graceful_shutdown()
+    calls.cancelled_by_clients = calls.cancelled_by_shutdown = 0
+    ended_before, open_at_stop = calls.ended, calls.open
+    calls.grace_ends = asyncio.get_running_loop().time() + grace_s
+    await server.stop(grace_s)
+    for _ in range(100):  # cancelled handlers finish on the loop just after stop returns
+        if calls.open == 0:
+            break
+        await asyncio.sleep(0.01)
+    log.info(
+        "stopped: of %d call(s) open at shutdown, %s",
+        open_at_stop,
+        calls.summary(ended_before, grace_s),
+    )

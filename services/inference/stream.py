@@ -1,0 +1,74 @@
+"""ClassifyStream's flow: requests worked on concurrently (so one stream fills batches), answered
+in order, each counted once it ends however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from services.inference.classify import cancelled_code
+
+# Requests of one ClassifyStream processed at once; enough to fill batches from a single stream.
+STREAM_WINDOW = 32
+
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+ItemTask = asyncio.Task[tuple[ResponseT, grpc.StatusCode]]
+
+
+def start_counted_item(
+    work: Awaitable[tuple[ResponseT, grpc.StatusCode]],
+    context: grpc.aio.ServicerContext,
+    finish: Callable[[grpc.StatusCode], None],
+) -> ItemTask[ResponseT]:
+    """Start one stream element; `finish` gets its status when it ends, however it ends.
+
+    Counting in a done callback includes items cancelled before they ever ran (the stream's
+    deadline passed or its client left while they waited in the window).
+    """
+
+    def count(task: ItemTask[ResponseT]) -> None:
+        if task.cancelled():
+            code = cancelled_code(context)
+        elif task.exception() is not None:
+            code = grpc.StatusCode.INTERNAL
+        else:
+            code = task.result()[1]
+        finish(code)
+
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(count)
+    return task
+
+
+async def answer_in_order(
+    requests: AsyncIterator[RequestT],
+    start: Callable[[RequestT], ItemTask[ResponseT]],
+    window: int = STREAM_WINDOW,
+) -> AsyncIterator[ResponseT]:
+    """Yield each request's response in request order, with up to `window` of them started.
+
+    Items answer their errors as responses, so an item task raises only if cancelled; what is
+    left unanswered when the stream ends is cancelled.
+    """
+    in_order: asyncio.Queue[ItemTask[ResponseT] | None] = asyncio.Queue(maxsize=window)
+
+    async def read_requests() -> None:
+        async for request in requests:
+            await in_order.put(start(request))
+        await in_order.put(None)
+
+    reader = asyncio.ensure_future(read_requests())
+    try:
+        while (task := await in_order.get()) is not None:
+            response, _ = await task
+            yield response
+        await reader  # surface a failure to read the request stream
+    finally:
+        reader.cancel()
+        while not in_order.empty():
+            if (leftover := in_order.get_nowait()) is not None:
+                leftover.cancel()
