@@ -168,7 +168,7 @@ def test_a_killed_consumer_is_replaced_from_committed_offsets(
     committed_at_kill = committed_offsets(
         kafka.bootstrap_servers, group, kafka.frames_topic, kafka.partitions
     )
-    done_by_first = log_path.read_text().count("tasks.stream.consumer: frame")
+    done_by_first = log_path.read_text().count("tasks.stream.publisher: frame")
     producer_thread.join(60)
     summary = _consumer(kafka, onnx_server.target, group=group, idle_timeout=5.0).run()
     # The second member starts from the committed offsets, not from the beginning...

@@ -10,19 +10,22 @@ the run with `broker_error` set; the frames it never took count as failed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
 from confluent_kafka import KafkaError, Message, Producer
 
-from common.frames import encode_jpeg
+from common.frames import encode_jpeg, opened_video
 from tasks.stream.broker_watch import BrokerLostError, BrokerWatch
 from tasks.stream.frame_codec import Frame, encode_frame_headers
+from tasks.stream.kafka_io import make_producer, produce_with_backpressure
 from tasks.stream.settings import KafkaSettings, ProducerSettings
 
 log = logging.getLogger(__name__)
@@ -63,19 +66,20 @@ class Camera:
     partition: int | None  # None: librdkafka's partitioner picks by key (one stream)
 
 
-def open_source(source: str) -> cv2.VideoCapture:
-    """A capture for `webcam:N`, an rtsp:// (or any URL OpenCV reads) or a video file."""
+@contextlib.contextmanager
+def open_source(source: str) -> Iterator[cv2.VideoCapture]:
+    """A capture for `webcam:N`, an rtsp:// (or any URL OpenCV reads) or a video file, released
+    when the block ends. A missing file raises FileNotFoundError, a source OpenCV cannot open
+    ValueError, so a bad source fails before anything is published."""
+    target: str | int = source
     if source.startswith("webcam:"):
-        capture = cv2.VideoCapture(int(source.split(":", 1)[1]))
-    elif "://" in source:
-        capture = cv2.VideoCapture(source)
-    else:
-        if not Path(source).is_file():
-            raise FileNotFoundError(f"video file not found: {source}")
-        capture = cv2.VideoCapture(source)
-    if not capture.isOpened():
-        raise ValueError(f"cannot open video source {source}")
-    return capture
+        target = int(source.split(":", 1)[1])
+    elif "://" not in source and not Path(source).is_file():
+        raise FileNotFoundError(f"video file not found: {source}")
+    with opened_video(target) as capture:
+        if not capture.isOpened():
+            raise ValueError(f"cannot open video source {source}")
+        yield capture
 
 
 def target_fps(setting: str, capture: cv2.VideoCapture) -> float | None:
@@ -89,20 +93,6 @@ def target_fps(setting: str, capture: cv2.VideoCapture) -> float | None:
     if fps <= 0:
         raise ValueError(f"--fps must be positive, native or max (got {setting})")
     return fps
-
-
-def make_producer(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> Producer:
-    """The producer of frames and results; `watch` hears of its broker connection's state."""
-    return Producer(
-        {
-            "bootstrap.servers": kafka.bootstrap_servers,
-            "message.max.bytes": kafka.max_message_bytes,
-            "acks": "all",
-            "linger.ms": 2,
-            "enable.idempotence": False,  # an idempotent producer dies on a broker restart
-            **(watch.client_config() if watch is not None else {}),
-        }
-    )
 
 
 def cameras(base: str, streams: int, partitions: int) -> list[Camera]:
@@ -128,80 +118,36 @@ def _partition_count(producer: Producer, topic: str) -> int:
 def produce_frames(
     settings: ProducerSettings, kafka: KafkaSettings, stop: threading.Event | None = None
 ) -> ProduceStats:
-    """Publish frames until the source ends (unless --loop), --max-frames per stream, or `stop`.
-
-    The cameras take turns on one schedule: turn t is camera t mod N's frame t // N, due at
-    t / (N * fps), so camera i runs at fps with its start i/N of a frame period after camera 0.
-    Camera 0's turn decodes and encodes the next source frame; the others publish that JPEG."""
+    """Publish frames until the source ends (unless --loop), --max-frames per stream, or `stop`."""
     stop = stop or threading.Event()
-    capture = open_source(settings.source)
-    fps = target_fps(settings.fps, capture)
-    base = settings.stream_id or Path(settings.source).stem or settings.source
-    watch = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
-    producer = make_producer(kafka, watch)
-    n = settings.streams
-    partitions = _partition_count(producer, kafka.frames_topic) if n > 1 else 1
-    cams = cameras(base, n, partitions)
-    stats = ProduceStats(
-        stream_id=base, source=settings.source, target_fps=fps, streams=n,
-        per_stream={cam.stream_id: 0 for cam in cams},
-    )  # fmt: skip
-
-    def on_delivery(error: KafkaError | None, message: Message) -> None:
-        if error is None:
-            stats.delivered += 1
-            return
-        stats.failed += 1
-        log.error("frame %s not delivered: %s", message.key(), error)
-
-    log.info(
-        "producing %s as %d stream(s) %r to %s at %s fps each",
-        settings.source, n, base, kafka.frames_topic, f"{fps:.2f}" if fps else "max",
-    )  # fmt: skip
-    started = time.monotonic()
-    jpeg = b""
-    turn = 0
-    try:
-        while not stop.is_set():
-            camera, frame_index = cams[turn % n], turn // n
-            if settings.max_frames is not None and frame_index >= settings.max_frames:
-                break
-            if fps is not None:  # pace like live cameras: turn t is due at t / (N * fps)
-                delay = started + turn / (n * fps) - time.monotonic()
-                if delay > 0 and stop.wait(delay):
-                    break
-            capture_ts_ns = time.time_ns()  # the camera's turn: its frame is taken now
-            if turn % n == 0:  # the others publish this JPEG on their turns
-                ok, image = capture.read()
-                if not ok:
-                    if settings.loop and stats.frames_decoded > 0:
-                        capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
-                        continue
-                    break
-                jpeg = encode_jpeg(image, settings.jpeg_quality)
-                stats.frames_decoded += 1
-            frame = Frame(camera.stream_id, frame_index, capture_ts_ns, time.time_ns(), jpeg)
-            _produce(producer, kafka.frames_topic, frame, camera.partition, on_delivery, watch)
-            turn += 1
-            stats.frames_read += 1
-            stats.per_stream[camera.stream_id] += 1
-            stats.bytes_published += len(frame.jpeg)
-            watch.check()
-    except BrokerLostError as exc:
-        stats.broker_error = str(exc)
-        log.error("%s; stopping", exc)
-    finally:
-        capture.release()
-        # With the broker gone, wait for it no longer than the rest of the grace: what is still
-        # queued then is counted as failed.
-        flush_s = 30.0 if not watch.down else max(1.0, watch.grace_s - watch.down_for_s())
-        remaining = producer.flush(flush_s)
-        if remaining:
-            stats.failed += remaining
-            log.error("%d frames still undelivered after a %.0f s flush", remaining, flush_s)
-        if watch.down and stats.broker_error is None:
-            stats.broker_error = watch.describe()
-        stats.duration_s = time.monotonic() - started
+    with contextlib.ExitStack() as held:
+        capture = held.enter_context(open_source(settings.source))
+        fps = target_fps(settings.fps, capture)
+        base = settings.stream_id or Path(settings.source).stem or settings.source
+        watch = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
+        producer = make_producer(kafka, watch)
+        n = settings.streams
+        partitions = _partition_count(producer, kafka.frames_topic) if n > 1 else 1
+        cams = cameras(base, n, partitions)
+        stats = ProduceStats(
+            stream_id=base, source=settings.source, target_fps=fps, streams=n,
+            per_stream={cam.stream_id: 0 for cam in cams},
+        )  # fmt: skip
+        outlet = _FrameOutlet(producer, watch, kafka.frames_topic, stats)
+        log.info(
+            "producing %s as %d stream(s) %r to %s at %s fps each",
+            settings.source, n, base, kafka.frames_topic, f"{fps:.2f}" if fps else "max",
+        )  # fmt: skip
+        started = time.monotonic()
+        try:
+            _replay(capture, settings, cams, fps, started, stop, outlet)
+        except BrokerLostError as exc:
+            stats.broker_error = str(exc)
+            log.error("%s; stopping", exc)
+        finally:
+            held.close()  # release the source before a flush that may wait for the broker
+            outlet.flush()
+            stats.duration_s = time.monotonic() - started
     log.info(
         "produced %d frames in %d stream(s) (%d delivered, %d failed) in %.1f s (%.1f fps)",
         stats.frames_read, n, stats.delivered, stats.failed, stats.duration_s, stats.fps,
@@ -209,27 +155,84 @@ def produce_frames(
     return stats
 
 
-def _produce(
-    producer: Producer,
-    topic: str,
-    frame: Frame,
-    partition: int | None,
-    on_delivery,
-    watch: BrokerWatch,
+def _replay(
+    capture: cv2.VideoCapture,
+    settings: ProducerSettings,
+    cams: list[Camera],
+    fps: float | None,
+    started: float,
+    stop: threading.Event,
+    outlet: _FrameOutlet,
 ) -> None:
-    placement = {} if partition is None else {"partition": partition}
-    while True:
-        try:
-            producer.produce(
-                topic,
-                key=frame.stream_id.encode(),
-                value=frame.jpeg,
-                headers=encode_frame_headers(frame),
-                on_delivery=on_delivery,
-                **placement,
-            )
+    """Publish the cameras' turns until the source ends (unless looping), --max-frames or `stop`.
+
+    The cameras take turns on one schedule: turn t is camera t mod N's frame t // N, due at
+    t / (N * fps), so camera i runs at fps with its start i/N of a frame period after camera 0.
+    Camera 0's turn decodes and encodes the next source frame; the others publish that JPEG."""
+    n = len(cams)
+    jpeg = b""
+    turn = 0
+    while not stop.is_set():
+        camera, frame_index = cams[turn % n], turn // n
+        if settings.max_frames is not None and frame_index >= settings.max_frames:
             break
-        except BufferError:  # the local queue is full: let deliveries drain, then retry
-            producer.poll(0.1)
-            watch.check()
-    producer.poll(0)
+        if fps is not None:  # pace like live cameras: turn t is due at t / (N * fps)
+            delay = started + turn / (n * fps) - time.monotonic()
+            if delay > 0 and stop.wait(delay):
+                break
+        capture_ts_ns = time.time_ns()  # the camera's turn: its frame is taken now
+        if turn % n == 0:  # the others publish this JPEG on their turns
+            ok, image = capture.read()
+            if not ok:
+                if settings.loop and outlet.stats.frames_decoded > 0:
+                    capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                    continue
+                break
+            jpeg = encode_jpeg(image, settings.jpeg_quality)
+            outlet.stats.frames_decoded += 1
+        outlet.publish(
+            camera, Frame(camera.stream_id, frame_index, capture_ts_ns, time.time_ns(), jpeg)
+        )
+        turn += 1
+
+
+@dataclass
+class _FrameOutlet:
+    """Where a produce run's frames go: the producer, its broker watch and the run's counts."""
+
+    producer: Producer
+    watch: BrokerWatch
+    topic: str
+    stats: ProduceStats
+
+    def publish(self, camera: Camera, frame: Frame) -> None:
+        produce_with_backpressure(
+            self.producer, self.watch, self.topic,
+            key=frame.stream_id.encode(), value=frame.jpeg, headers=encode_frame_headers(frame),
+            on_delivery=self._on_delivery, partition=camera.partition, poll_s=0.1,
+        )  # fmt: skip
+        self.producer.poll(0)
+        self.stats.frames_read += 1
+        self.stats.per_stream[camera.stream_id] += 1
+        self.stats.bytes_published += len(frame.jpeg)
+        self.watch.check()
+
+    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        if error is None:
+            self.stats.delivered += 1
+            return
+        self.stats.failed += 1
+        log.error("frame %s not delivered: %s", message.key(), error)
+
+    def flush(self) -> None:
+        """Wait for deliveries; what is still queued after the wait counts as failed.
+
+        With the broker gone, wait for it no longer than the rest of the grace."""
+        watch, stats = self.watch, self.stats
+        flush_s = 30.0 if not watch.down else max(1.0, watch.grace_s - watch.down_for_s())
+        remaining = self.producer.flush(flush_s)
+        if remaining:
+            stats.failed += remaining
+            log.error("%d frames still undelivered after a %.0f s flush", remaining, flush_s)
+        if watch.down and stats.broker_error is None:
+            stats.broker_error = watch.describe()

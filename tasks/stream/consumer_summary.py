@@ -1,0 +1,103 @@
+"""What a consumer run did: its counts and latencies, merged over a group, and printed.
+
+Kept apart from the loop that fills it, so flows and benchmarks can merge and print summaries
+without the Kafka and gRPC clients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.stats import summarize_ms
+
+
+@dataclass
+class ConsumerSummary:
+    """One member's counts and latencies; every consumed frame ends in exactly one outcome."""
+
+    frames_consumed: int = 0
+    results_published: int = 0  # classified frames; the latencies below are theirs only
+    skipped_stale: int = 0  # frames past the latency budget, recorded as skipped
+    dlq: int = 0
+    errors: int = 0
+    retries: int = 0
+    duration_s: float = 0.0
+    lag: int | None = 0  # None: unknown (the broker was gone at the end)
+    broker_error: str | None = None
+    inference_ms: list[float] = field(default_factory=list)
+    rpc_ms: list[float] = field(default_factory=list)
+    e2e_ms: list[float] = field(default_factory=list)
+
+    @property
+    def fps(self) -> float:
+        return self.results_published / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def unanswered(self) -> int:
+        """Frames consumed whose result (or dead-letter copy) was never delivered."""
+        return max(0, self.frames_consumed - self.results_published - self.skipped_stale - self.dlq)
+
+    @property
+    def skipped_fraction(self) -> float:
+        """Of the frames with an outcome, the part skipped as stale."""
+        outcomes = self.results_published + self.skipped_stale + self.dlq
+        return self.skipped_stale / outcomes if outcomes else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "frames_consumed": self.frames_consumed,
+            "results_published": self.results_published,
+            "skipped_stale": self.skipped_stale,
+            "skipped_fraction": round(self.skipped_fraction, 4),
+            "dlq": self.dlq,
+            "errors": self.errors,
+            "retries": self.retries,
+            "fps": round(self.fps, 2),
+            "duration_s": round(self.duration_s, 3),
+            "lag": self.lag,
+            "unanswered": self.unanswered,
+            "broker_error": self.broker_error,
+            "inference_ms": summarize_ms(self.inference_ms),
+            "rpc_ms": summarize_ms(self.rpc_ms),
+            "e2e_ms": summarize_ms(self.e2e_ms),
+        }
+
+
+def merge_summaries(summaries: list[ConsumerSummary]) -> ConsumerSummary:
+    """One summary for several members of a group: counts add up, latencies pool together."""
+    merged = ConsumerSummary()
+    for summary in summaries:
+        for name in (
+            "frames_consumed", "results_published", "skipped_stale", "dlq", "errors", "retries",
+        ):  # fmt: skip
+            setattr(merged, name, getattr(merged, name) + getattr(summary, name))
+        if merged.lag is not None:
+            merged.lag = None if summary.lag is None else merged.lag + summary.lag
+        if summary.broker_error:
+            merged.broker_error = merged.broker_error or summary.broker_error
+        merged.inference_ms += summary.inference_ms
+        merged.rpc_ms += summary.rpc_ms
+        merged.e2e_ms += summary.e2e_ms
+        merged.duration_s = max(merged.duration_s, summary.duration_s)
+    return merged
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary (as `as_dict` gives it) as lines for a terminal: counts, then latencies."""
+    lag = "unknown" if summary["lag"] is None else summary["lag"]
+    lines = [
+        f"frames consumed {summary['frames_consumed']}, results {summary['results_published']}, "
+        f"skipped stale {summary['skipped_stale']} ({summary['skipped_fraction']:.1%}), "
+        f"dlq {summary['dlq']}, unanswered {summary['unanswered']}, errors {summary['errors']}, "
+        f"{summary['fps']:.1f} fps, lag {lag}",
+        *([f"BROKER LOST: {summary['broker_error']}"] if summary.get("broker_error") else []),
+        f"{'ms':>10} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'mean':>8}",
+    ]
+    for name in ("inference_ms", "rpc_ms", "e2e_ms"):
+        s = summary[name]
+        lines.append(
+            f"{name[:-3]:>10} {s['p50']:>8.1f} {s['p90']:>8.1f} {s['p99']:>8.1f} "
+            f"{s['max']:>8.1f} {s['mean']:>8.1f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,215 @@
+"""A consumer's inference calls: send each frame to the gRPC service, retry, back off, give up.
+
+While the service is unavailable, calls are retried with exponential backoff and nothing is
+dropped; a frame the service fails on otherwise (INTERNAL, ...) is tried `--max-attempts` times,
+then dead-lettered with its status, details and attempt count, so the group moves on past it.
+With a latency budget (`--max-frame-age-ms`), a frame already older than the budget when its
+call is due (first call or retry) is not sent: the publisher records it as skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from confluent_kafka import Message
+
+from protos import inference_pb2, inference_pb2_grpc
+from services.inference.client import open_channel
+from tasks.stream.consumer_metrics import ConsumerMetrics
+from tasks.stream.consumer_summary import ConsumerSummary
+from tasks.stream.frame_codec import Frame, FrameResult
+from tasks.stream.publisher import Publisher
+from tasks.stream.settings import ConsumerSettings
+
+log = logging.getLogger(__name__)
+
+# The service is down or restarting, not the frame's fault: wait for it, however long it takes.
+WAIT_FOR_SERVICE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+# The frame itself is the problem: retrying cannot help.
+DEAD_LETTER = {grpc.StatusCode.INVALID_ARGUMENT}
+# Any other status (INTERNAL, UNKNOWN, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) may be a
+# passing hiccup or a frame the service cannot classify: retried up to --max-attempts, then
+# dead-lettered, so one poison frame cannot hold its partition's commit point for ever.
+HEADER_DLQ_STATUS = "vidflow-dlq-status"
+HEADER_DLQ_ATTEMPTS = "vidflow-dlq-attempts"
+
+
+@dataclass
+class Call:
+    """One frame on its way through the service."""
+
+    message: Message
+    frame: Frame
+    attempt: int = 0  # failed calls so far, whatever the status (sets the backoff)
+    counted: int = 0  # failed calls that count towards --max-attempts (not the service's outages)
+    sent_at: float = 0.0
+    retry_at: float = 0.0
+
+
+class InferenceCaller:
+    """Keeps frames' calls in flight and hands each frame's outcome to the publisher.
+
+    Completions arrive on gRPC's threads and are queued; they are handled on the loop's thread
+    (`drain`), which is the only one touching Kafka clients. `owns` says whether this member
+    still owns a message's partition: a frame revoked meanwhile is left to its new owner."""
+
+    def __init__(
+        self,
+        target: str,
+        tls_ca: Path | None,
+        settings: ConsumerSettings,
+        publisher: Publisher,
+        owns: Callable[[Message], bool],
+    ) -> None:
+        self.settings, self.publisher, self._owns = settings, publisher, owns
+        self.summary: ConsumerSummary = publisher.summary
+        self.metrics: ConsumerMetrics = publisher.metrics
+        self.in_flight = 0
+        self.waiting_retry: deque[Call] = deque()
+        self._completions: queue.Queue[tuple[Call, grpc.Future]] = queue.Queue()
+        self._channel = open_channel(target, tls_ca)  # TLS when the service's CA is given
+        self._stub = inference_pb2_grpc.ClassifierStub(self._channel)
+
+    @property
+    def busy(self) -> int:
+        """Frames taken and not yet answered: in flight or waiting to retry."""
+        return self.in_flight + len(self.waiting_retry)
+
+    def connect(self, timeout_s: float) -> bool:
+        """Connect now, so the first frames do not pay for it; say whether the service answered."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            return False
+        return True
+
+    def submit(self, message: Message, frame: Frame) -> None:
+        """Call the service for a frame, unless it is already past the latency budget."""
+        call = Call(message, frame)
+        if not self._skipped_as_stale(call):
+            self._send(call)
+
+    def _skipped_as_stale(self, call: Call) -> bool:
+        """Publish a stale record instead of calling the service if the frame is past the
+        budget; say whether it did."""
+        budget = self.settings.max_frame_age_ms
+        if budget is None:
+            return False
+        age_ms = (time.time_ns() - call.frame.capture_ts_ns) / 1e6
+        if age_ms <= budget:
+            return False
+        self.publisher.stale(call.message, call.frame, age_ms)
+        return True
+
+    def _send(self, call: Call) -> None:
+        call.sent_at = time.perf_counter()
+        request = inference_pb2.ClassifyRequest(image=call.frame.jpeg, request_id=call.frame.key)
+        future = self._stub.Classify.future(request, timeout=self.settings.rpc_timeout_s)
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
+        future.add_done_callback(lambda done: self._completions.put((call, done)))
+
+    def drain(self, timeout_s: float) -> None:
+        """Handle every finished call; wait up to `timeout_s` for the first one."""
+        while True:
+            try:
+                if timeout_s:
+                    call, future = self._completions.get(timeout=timeout_s)
+                else:
+                    call, future = self._completions.get_nowait()
+            except queue.Empty:
+                return
+            self._complete(call, future)
+            timeout_s = 0
+
+    def _complete(self, call: Call, future: grpc.Future) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.set(self.in_flight)
+        rpc_s = time.perf_counter() - call.sent_at
+        try:
+            response = future.result()
+        except grpc.RpcError as exc:
+            self._failed(call, exc)
+            return
+        if not self._owns(call.message):
+            return  # revoked while in flight: the new owner redoes it
+        self.publisher.result(call.message, _frame_result(call, response, rpc_s))
+
+    def _failed(self, call: Call, exc: grpc.RpcError) -> None:
+        """Dead-letter, or retry with backoff: the service's outages without limit, else a few
+        times. A frame not retried yet when this member stops keeps its offset uncommitted."""
+        code = exc.code()
+        self.summary.errors += 1
+        self.metrics.errors.labels(code.name.lower()).inc()
+        if not self._owns(call.message):
+            return  # revoked while in flight: the new owner redoes it
+        call.attempt += 1
+        if code not in WAIT_FOR_SERVICE:
+            call.counted += 1
+        if code in DEAD_LETTER or call.counted >= self.settings.max_attempts:
+            self.publisher.dead_letter(
+                call.message,
+                f"{code.name}: {exc.details()} (attempts: {call.attempt})",
+                (
+                    (HEADER_DLQ_STATUS, code.name.encode()),
+                    (HEADER_DLQ_ATTEMPTS, str(call.attempt).encode()),
+                ),
+            )
+            return
+        self.summary.retries += 1
+        backoff = min(self.settings.retry_max_backoff_s, 0.1 * 2 ** min(call.attempt, 10))
+        call.retry_at = time.monotonic() + backoff * random.uniform(0.5, 1.0)
+        if call.attempt == 1 or call.attempt % 10 == 0:
+            log.warning(
+                "inference call for %s failed (%s: %s); retrying, attempt %d",
+                call.frame.key, code.name, exc.details(), call.attempt,
+            )  # fmt: skip
+        self.waiting_retry.append(call)
+
+    def resend_due(self, stopping: Callable[[], bool]) -> None:
+        """Send again the frames whose backoff is over (none once `stopping()` says so)."""
+        now = time.monotonic()
+        for _ in range(len(self.waiting_retry)):
+            call = self.waiting_retry.popleft()
+            if call.retry_at <= now and not stopping():
+                if not self._owns(call.message):
+                    continue  # revoked while waiting: the new owner redoes it
+                if not self._skipped_as_stale(call):
+                    self._send(call)
+            else:
+                self.waiting_retry.append(call)
+
+    def close(self) -> None:
+        """Close the channel; calls still in flight are cancelled and stay uncommitted."""
+        self._channel.close()
+
+
+def _frame_result(
+    call: Call, response: inference_pb2.ClassifyResponse, rpc_s: float
+) -> FrameResult:
+    """The result record of a frame the service classified (its best prediction)."""
+    best = response.predictions[0]
+    result_ts_ns = time.time_ns()
+    return FrameResult(
+        stream_id=call.frame.stream_id,
+        frame_index=call.frame.frame_index,
+        label=best.label,
+        class_index=best.class_index,
+        score=round(best.score, 6),
+        model_name=response.model_name,
+        capture_ts_ns=call.frame.capture_ts_ns,
+        result_ts_ns=result_ts_ns,
+        inference_ms=round(response.timings.inference_ms, 3),
+        rpc_ms=round(rpc_s * 1e3, 3),
+        e2e_ms=round((result_ts_ns - call.frame.capture_ts_ns) / 1e6, 3),
+        partition=call.message.partition(),
+        offset=call.message.offset(),
+    )

@@ -1,0 +1,60 @@
+"""Producing to Kafka: the one producer configuration, and producing with back-pressure.
+
+Both the frame producer and the consumer's publisher write through these, so a full local queue
+or a lost broker is handled the same way on both sides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from tasks.stream.broker_watch import BrokerWatch
+from tasks.stream.frame_codec import Headers
+from tasks.stream.settings import KafkaSettings
+
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+
+def make_producer(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> Producer:
+    """The producer of frames and results; `watch` hears of its broker connection's state."""
+    return Producer(
+        {
+            "bootstrap.servers": kafka.bootstrap_servers,
+            "message.max.bytes": kafka.max_message_bytes,
+            "acks": "all",
+            "linger.ms": 2,
+            "enable.idempotence": False,  # an idempotent producer dies on a broker restart
+            **(watch.client_config() if watch is not None else {}),
+        }
+    )
+
+
+def produce_with_backpressure(
+    producer: Producer,
+    watch: BrokerWatch,
+    topic: str,
+    *,
+    key: bytes | None,
+    value: bytes | None,
+    on_delivery: DeliveryCallback,
+    headers: Headers | None = None,
+    partition: int | None = None,
+    poll_s: float = 0.05,
+) -> None:
+    """Queue one message, waiting while librdkafka's local queue is full.
+
+    A full queue (BufferError) means the broker takes messages slower than they come: serve
+    delivery reports for `poll_s` to make room, then retry. The broker is checked meanwhile, so
+    one gone for longer than its grace ends the wait (BrokerLostError) instead of blocking."""
+    placement = {} if partition is None else {"partition": partition}
+    while True:
+        try:
+            producer.produce(
+                topic, key=key, value=value, headers=headers, on_delivery=on_delivery, **placement
+            )
+            return
+        except BufferError:
+            producer.poll(poll_s)
+            watch.check()

@@ -1,0 +1,211 @@
+"""A consumer's way out: each frame's one outcome published, and offsets committed once delivered.
+
+An outcome is a result record, a stale record (past the latency budget) or a dead-letter copy.
+An offset is finished only when its outcome's delivery is confirmed, and commits never pass an
+unfinished offset (OffsetTracker): at least once, never lost. A failed delivery leaves its offset
+uncommitted, so the group redoes that frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from confluent_kafka import Consumer, KafkaError, Message
+
+from tasks.stream.broker_watch import BrokerWatch
+from tasks.stream.consumer_metrics import ConsumerMetrics
+from tasks.stream.consumer_summary import ConsumerSummary
+from tasks.stream.frame_codec import (
+    HEADER_DLQ_REASON,
+    HEADER_DLQ_SOURCE,
+    Frame,
+    FrameResult,
+    Headers,
+    stale_result,
+)
+from tasks.stream.kafka_io import DeliveryCallback, make_producer, produce_with_backpressure
+from tasks.stream.offsets import OffsetTracker, PartitionKey
+from tasks.stream.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """Publishes outcomes to the results and dead-letter topics and commits what is delivered.
+
+    Counts each outcome in the summary and metrics when its delivery is confirmed, not when it
+    is queued, so the summary never claims a result that did not get out."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        consumer: Consumer,
+        broker: BrokerWatch,
+        summary: ConsumerSummary,
+        metrics: ConsumerMetrics,
+    ) -> None:
+        self.kafka, self.broker = kafka, broker
+        self.summary, self.metrics = summary, metrics
+        self.offsets = OffsetTracker()
+        self.last_result_at: float | None = None  # when the latest result was delivered
+        self._consumer = consumer  # commits go through the group member that read the frames
+        self._producer = make_producer(kafka, broker)
+
+    def started(self, message: Message) -> None:
+        """A message read: its offset is unfinished until its outcome is delivered."""
+        self.offsets.started(message.topic(), message.partition(), message.offset())
+
+    def result(self, message: Message, result: FrameResult) -> None:
+        """Publish a classified frame's result."""
+
+        def delivered() -> None:
+            self.last_result_at = time.monotonic()
+            summary = self.summary
+            summary.results_published += 1
+            summary.inference_ms.append(result.inference_ms)
+            summary.rpc_ms.append(result.rpc_ms)
+            summary.e2e_ms.append(result.e2e_ms)
+            self.metrics.results_published.inc()
+            for stage in ("inference", "rpc", "e2e"):
+                self.metrics.latency_seconds.labels(stage).observe(
+                    getattr(result, f"{stage}_ms") / 1e3
+                )
+
+        log.debug(
+            "frame %s: %s %.3f inference %.1f ms rpc %.1f ms e2e %.1f ms",
+            result.key, result.label, result.score, result.inference_ms, result.rpc_ms,
+            result.e2e_ms,
+        )  # fmt: skip
+        self._publish(
+            self.kafka.results_topic, result.key.encode(), result.to_json(), None,
+            self._finish_callback(message, delivered),
+        )  # fmt: skip
+
+    def stale(self, message: Message, frame: Frame, age_ms: float) -> None:
+        """Publish the record of a frame skipped as older than the latency budget."""
+        record = stale_result(frame, message.partition(), message.offset(), age_ms)
+
+        def delivered() -> None:
+            self.summary.skipped_stale += 1
+            self.metrics.skipped_stale.inc()
+
+        log.debug("frame %s skipped: %.1f ms old", record.key, age_ms)
+        self._publish(
+            self.kafka.results_topic, record.key.encode(), record.to_json(), None,
+            self._finish_callback(message, delivered),
+        )  # fmt: skip
+
+    def dead_letter(
+        self, message: Message, reason: str, extra_headers: Sequence[tuple[str, bytes]] = ()
+    ) -> None:
+        """Copy a message to the dead-letter topic with the reason and its origin in headers."""
+        log.warning(
+            "dead-lettering %s/%d@%d: %s",
+            message.topic(), message.partition(), message.offset(), reason,
+        )  # fmt: skip
+        headers = [
+            *(message.headers() or []),
+            (HEADER_DLQ_REASON, reason.encode()),
+            (
+                HEADER_DLQ_SOURCE,
+                f"{message.topic()}/{message.partition()}@{message.offset()}".encode(),
+            ),
+            *extra_headers,
+        ]
+
+        def counted() -> None:
+            self.summary.dlq += 1
+            self.metrics.dead_lettered.inc()
+
+        self._publish(
+            self.kafka.dlq_topic, message.key(), message.value(), headers,
+            self._finish_callback(message, counted),
+        )  # fmt: skip
+
+    def _publish(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers | None,
+        on_delivery: DeliveryCallback,
+    ) -> None:
+        produce_with_backpressure(
+            self._producer, self.broker, topic,
+            key=key, value=value, headers=headers, on_delivery=on_delivery,
+        )  # fmt: skip
+
+    def _finish_callback(
+        self, message: Message, on_ok: Callable[[], None] | None = None
+    ) -> DeliveryCallback:
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+
+        def on_delivery(error: KafkaError | None, _delivered: Message) -> None:
+            if error is not None:  # not lost: the offset stays uncommitted and is redone later
+                self.summary.errors += 1
+                self.metrics.errors.labels("publish").inc()
+                log.error("publishing for %s/%d@%d failed: %s", topic, partition, offset, error)
+                return
+            self.offsets.finished(topic, partition, offset)
+            if on_ok is not None:
+                on_ok()
+
+        return on_delivery
+
+    def poll(self) -> None:
+        """Serve delivery reports that are due, without waiting."""
+        self._producer.poll(0)
+
+    def commit(self, wait: bool = True) -> None:
+        """Commit while running in the background (points that moved), or wait for all points.
+
+        A background commit that fails is not retried by itself; the waiting commit on a
+        rebalance and at the end sends every point again, so nothing done is left uncommitted.
+        """
+        offsets = self.offsets.to_commit(only_moved=not wait)
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=not wait)
+            self.offsets.mark_committed(offsets)
+        except Exception as exc:  # e.g. during a rebalance; the next commit catches up
+            log.warning("offset commit failed: %s", exc)
+
+    def revoke(self, lost: list[PartitionKey]) -> None:
+        """Commit what is delivered for partitions we lose; the rest goes to the next owner.
+
+        With the broker gone (the group revokes after a session timeout) nothing can be
+        delivered or committed: waiting would only hold up the loop that notices the loss."""
+        if not self.broker.down:
+            self._producer.flush(10)
+            self.commit()
+        self.offsets.forget(lost)
+
+    def lag(self) -> int:
+        """Messages between the commit points and the ends of the assigned partitions."""
+        total = 0
+        for tp in self._consumer.assignment():
+            try:
+                _, high = self._consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+            except Exception:
+                continue
+            position = self.offsets.commit_point(tp.topic, tp.partition)
+            if position is not None and high >= 0:
+                total += max(0, high - position)
+        return total
+
+    def finish(self) -> None:
+        """Deliver, commit and measure the lag, or, with the broker gone, only say so."""
+        if self.broker.down:  # wait for it no longer than the rest of the grace
+            self._producer.flush(max(1.0, self.broker.grace_s - self.broker.down_for_s()))
+        else:
+            self._producer.flush(30)
+        if self.broker.down:
+            self.summary.broker_error = self.summary.broker_error or self.broker.describe()
+            self.summary.lag = None
+        else:
+            self.commit()
+            self.summary.lag = self.lag()
+            self.metrics.lag.set(self.summary.lag)
