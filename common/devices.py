@@ -32,7 +32,7 @@ def choose_device(
         if strict:
             raise DeviceUnavailableError("--device cuda was asked for but no CUDA GPU is usable")
         log.warning(
-            "device: --device cuda asked for but no CUDA GPU is usable; the %s runs on the CPU",
+            "device: --device cuda asked for but no CUDA GPU is usable; falling back to CPU (%s)",
             what,
         )
     else:
