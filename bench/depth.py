@@ -195,7 +195,8 @@ def serial_run(urls: list[str], output: Path, settings: DepthSettings) -> float:
 
 
 def flow_run(urls: list[str], output: Path, settings: DepthSettings) -> float:
-    from flows.depth_extraction import depth_extraction, ray_task_runner
+    from flows.depth_extraction import depth_extraction
+    from flows.ray_runner import ray_task_runner
 
     listing = output.parent / f"{output.name}.txt"
     listing.write_text("\n".join(urls) + "\n")
@@ -211,7 +212,7 @@ def bench_flow(urls: list[str], work: Path, model: Path) -> dict[str, Any]:
     the two warm runs gives the steady time per video, the rest of a run is fixed start-up."""
     import ray
 
-    from flows.depth_extraction import local_ray_init_kwargs, loopback_only_ray
+    from flows.ray_runner import local_ray_init_kwargs, loopback_only_ray
 
     settings = DepthSettings(depth_model=str(model), frames="uniform:2", device="cpu")
     serial_s = serial_run(urls, work / "serial", settings)

@@ -33,9 +33,11 @@ from common.stats import summarize_ms
 from devstack.prefect_api import prefect_api
 from flows.capacity_rules import DEFAULT_BUDGET_MS, lag_series
 from flows.stream_benchmark import stream_benchmark
+from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.loadtest import run_loadtest
+from services.inference.settings import ClientSettings
 from tasks.stream.results import read_records
-from tasks.stream.settings import ProducerSettings
+from tasks.stream.settings import KafkaSettings, ProducerSettings
 
 CONCURRENCY = 8  # the consumer's default calls in flight, and the load test's level
 
@@ -74,6 +76,17 @@ def overload_run(
     }
 
 
+def capacity_sweep(bootstrap: str, target: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The stream-benchmark flow's capacity sweep, under a temporary Prefect API."""
+    settings = StreamBenchmarkSettings(
+        capacity=True, concurrency=CONCURRENCY, step_seconds=args.step_seconds,
+        max_streams=args.max_streams, max_frame_age_ms=args.budget_ms, output_dir=args.output_dir,
+        kafka=KafkaSettings(bootstrap_servers=bootstrap), client=ClientSettings(target=target),
+    )  # fmt: skip
+    with prefect_api():
+        return stream_benchmark(settings=settings)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--service-seconds", type=float, default=10.0)
@@ -94,13 +107,7 @@ def main() -> None:
             run_loadtest(server.target, frames, [CONCURRENCY], args.service_seconds, 2.0)
         )
         print(f"service: {level.throughput_rps} img/s", file=sys.stderr)
-        with prefect_api():
-            sweep = stream_benchmark(
-                capacity=True, target=server.target, bootstrap_servers=bootstrap,
-                consumer_concurrency=CONCURRENCY, step_seconds=args.step_seconds,
-                max_streams=args.max_streams, max_frame_age_ms=args.budget_ms,
-                output_dir=str(args.output_dir),
-            )  # fmt: skip
+        sweep = capacity_sweep(bootstrap, server.target, args)
         print(f"capacity: {sweep['verdict']}", file=sys.stderr)
         overload = max(1, math.ceil(1.5 * sweep["capacity"]))
         runs = {

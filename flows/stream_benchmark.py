@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import threading
 import uuid
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from common.settings import SAMPLE_VIDEO
-from flows.capacity_rules import DEFAULT_BUDGET_MS
-from flows.stream_capacity import SweepSettings, capacity_sweep
+from flows.stream_capacity import capacity_sweep
+from flows.stream_settings import StreamBenchmarkSettings
 from tasks.stream.consumer import merge_summaries
 from tasks.stream.prefect_tasks import DRAIN_S, create_topics, run_consumer, run_producer
-from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
+from tasks.stream.settings import ConsumerSettings, ProducerSettings
 
 TABLE_COLUMNS = ("stage", "p50", "p90", "p99", "max", "mean")
 
@@ -78,74 +76,67 @@ to redo).
 
 
 @flow(name="stream-benchmark", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
-def stream_benchmark(
-    source: str = str(SAMPLE_VIDEO),
-    duration: float = 30.0,
-    fps: str = "native",
-    target: str = "127.0.0.1:50051",
-    tls_ca: str | None = None,
-    bootstrap_servers: str = "127.0.0.1:9092",
-    consumer_concurrency: int = 8,
-    consumers: int = 1,
-    loop: bool = True,
-    max_frames: int | None = None,
-    frames_topic: str = "frames",
-    results_topic: str = "predictions",
-    dlq_topic: str = "frames.dlq",
-    group: str | None = None,
-    max_frame_age_ms: float | None = None,
-    capacity: bool = False,
-    step_seconds: float = 10.0,
-    max_streams: int = 16,
-    output_dir: str = "runs/stream-benchmark",
-) -> dict[str, Any]:
+def stream_benchmark(settings: StreamBenchmarkSettings | None = None) -> dict[str, Any]:
     """Stream a video through Kafka and the inference service; report throughput and latency.
 
-    `capacity`: instead, find how many live streams of the source hold real time within the
+    With `capacity`: instead, find how many live streams of the source hold real time within the
     latency budget `max_frame_age_ms` (default 100 ms), stepping up to `max_streams`, each step
-    `step_seconds` on fresh topics; the chart goes under `output_dir`."""
-    logger = get_run_logger()
-    kafka = KafkaSettings(
-        bootstrap_servers=bootstrap_servers,
-        frames_topic=frames_topic,
-        results_topic=results_topic,
-        dlq_topic=dlq_topic,
-    )
-    if capacity:
-        sweep = SweepSettings(
-            kafka=kafka, source=source, fps=fps, target=target,
-            tls_ca=tls_ca and Path(tls_ca), consumers=consumers,
-            concurrency=consumer_concurrency, step_seconds=step_seconds,
-            budget_ms=DEFAULT_BUDGET_MS if max_frame_age_ms is None else max_frame_age_ms,
-        )  # fmt: skip
-        return capacity_sweep(sweep, max_streams, Path(output_dir))
-    consumer_settings = ConsumerSettings(
-        group=group or f"stream-benchmark-{uuid.uuid4().hex[:8]}",
-        concurrency=consumer_concurrency,
-        duration=duration + DRAIN_S,
-        idle_timeout=5.0,
-        max_frame_age_ms=max_frame_age_ms,
-    )
-    producer_settings = ProducerSettings(source=source, fps=fps, loop=loop, max_frames=max_frames)
+    `step_seconds` on fresh topics; the chart goes under `output_dir`. Fields of `settings` left
+    out come from the environment (VIDFLOW_STREAM_BENCHMARK_*, VIDFLOW_KAFKA_*,
+    VIDFLOW_INFERENCE_*), then the defaults."""
+    settings = settings or StreamBenchmarkSettings()
+    if settings.capacity:
+        return capacity_sweep(settings)
+    produced, summary, group = run_once(settings)
+    shown = {
+        "source": settings.source, "duration_s": settings.duration, "fps": settings.fps,
+        "target": settings.client.target, "bootstrap_servers": settings.kafka.bootstrap_servers,
+        "consumers": settings.consumers, "consumer_concurrency": settings.concurrency,
+        "group": group, "frames_topic": settings.kafka.frames_topic,
+    }  # fmt: skip
+    publish_artifacts(summary, produced, shown)
+    get_run_logger().info(
+        "stream benchmark: %.1f fps, e2e p50 %.1f ms p99 %.1f ms, %d results, %d dlq, %d errors",
+        summary["fps"], summary["e2e_ms"]["p50"], summary["e2e_ms"]["p99"],
+        summary["results_published"], summary["dlq"], summary["errors"],
+    )  # fmt: skip
+    return {"summary": summary, "producer": produced, "settings": shown}
 
+
+def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The producer and the consumer group side by side on the run's topics: what the producer
+    did, the group's merged summary, and the group's id."""
+    kafka, client = settings.kafka, settings.client
+    consumer_settings = ConsumerSettings(
+        group=settings.group or f"stream-benchmark-{uuid.uuid4().hex[:8]}",
+        concurrency=settings.concurrency,
+        duration=settings.duration + DRAIN_S,
+        idle_timeout=5.0,
+        max_frame_age_ms=settings.max_frame_age_ms,
+    )
+    producer_settings = ProducerSettings(
+        source=settings.source, fps=settings.fps, loop=settings.loop, max_frames=settings.max_frames
+    )
     topics = create_topics(kafka)
-    ready = [threading.Event() for _ in range(consumers)]
+    ready = [threading.Event() for _ in range(settings.consumers)]
     consumer_runs = [
         run_consumer.submit(
-            kafka, consumer_settings, target, ready[i], tls_ca and Path(tls_ca), wait_for=[topics]
+            kafka, consumer_settings, client.target, ready[i], client.tls_ca, wait_for=[topics]
         )
-        for i in range(consumers)
+        for i in range(settings.consumers)
     ]
-    producer_run = run_producer.submit(kafka, producer_settings, duration, ready, wait_for=[topics])
-
+    producer_run = run_producer.submit(
+        kafka, producer_settings, settings.duration, ready, wait_for=[topics]
+    )
     produced = producer_run.result().as_dict()
     summary = merge_summaries([run.result() for run in consumer_runs]).as_dict()
-    settings = {
-        "source": source, "duration_s": duration, "fps": fps, "target": target,
-        "bootstrap_servers": bootstrap_servers, "consumers": consumers,
-        "consumer_concurrency": consumer_concurrency, "group": consumer_settings.group,
-        "frames_topic": frames_topic,
-    }  # fmt: skip
+    return produced, summary, consumer_settings.group
+
+
+def publish_artifacts(
+    summary: dict[str, Any], produced: dict[str, Any], shown: dict[str, Any]
+) -> None:
+    """The latency table and the markdown report, as artifacts of the flow run."""
     create_table_artifact(
         key="stream-benchmark-latency",
         table=latency_table(summary),
@@ -153,12 +144,6 @@ def stream_benchmark(
     )
     create_markdown_artifact(
         key="stream-benchmark-report",
-        markdown=markdown_report(summary, produced, settings),
+        markdown=markdown_report(summary, produced, shown),
         description="Throughput, latency breakdown, errors and settings",
     )
-    logger.info(
-        "stream benchmark: %.1f fps, e2e p50 %.1f ms p99 %.1f ms, %d results, %d dlq, %d errors",
-        summary["fps"], summary["e2e_ms"]["p50"], summary["e2e_ms"]["p99"],
-        summary["results_published"], summary["dlq"], summary["errors"],
-    )  # fmt: skip
-    return {"summary": summary, "producer": produced, "settings": settings}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from flows.capacity_rules import (
     step_figures,
     verdict_line,
 )
+from flows.stream_settings import StreamBenchmarkSettings
 from tasks.stream.consumer import merge_summaries
 from tasks.stream.prefect_tasks import DRAIN_S, create_topics, run_consumer, run_producer
 from tasks.stream.producer import open_source, target_fps
@@ -40,21 +40,6 @@ from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSetti
 TABLE_KEY = "stream-capacity-sweep"
 REPORT_KEY = "stream-capacity-report"
 IDLE_TIMEOUT_S = 3.0  # a step's consumers stop this long after the last frame
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    """What every step of one sweep shares."""
-
-    kafka: KafkaSettings
-    source: str
-    fps: str
-    target: str
-    tls_ca: Path | None
-    consumers: int
-    concurrency: int
-    step_seconds: float
-    budget_ms: float
 
 
 def source_format(source: str, fps: str) -> tuple[int, int, float]:
@@ -81,7 +66,7 @@ def step_kafka(base: KafkaSettings, streams: int) -> KafkaSettings:
     )
 
 
-def run_step(sweep: SweepSettings, streams: int) -> tuple[StepFigures, KafkaSettings]:
+def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures, KafkaSettings]:
     """One step: `streams` live cameras for step_seconds, read back from its results topic."""
     kafka = step_kafka(sweep.kafka, streams)
     topics = create_topics(kafka)
@@ -96,9 +81,10 @@ def run_step(sweep: SweepSettings, streams: int) -> tuple[StepFigures, KafkaSett
         source=sweep.source, fps=sweep.fps, loop=True, streams=streams, stream_id="camera"
     )
     ready = [threading.Event() for _ in range(sweep.consumers)]
+    client = sweep.client
     consumer_runs = [
         run_consumer.submit(
-            kafka, consumer_settings, sweep.target, ready[i], sweep.tls_ca, wait_for=[topics]
+            kafka, consumer_settings, client.target, ready[i], client.tls_ca, wait_for=[topics]
         )
         for i in range(sweep.consumers)
     ]
@@ -141,7 +127,11 @@ def sweep_rows(steps: list[StepFigures], budget_ms: float) -> list[dict[str, Any
 
 
 def capacity_report(
-    verdict: str, rows: list[dict[str, Any]], png: bytes, chart_path: Path, sweep: SweepSettings
+    verdict: str,
+    rows: list[dict[str, Any]],
+    png: bytes,
+    chart_path: Path,
+    sweep: StreamBenchmarkSettings,
 ) -> str:
     """The markdown artifact: the verdict, the rule, the chart inline and the sweep's table."""
     columns = list(rows[0]) if rows else []
@@ -158,7 +148,7 @@ fps, the end-to-end p99 of classified frames is within {sweep.budget_ms:g} ms, a
 skipped as stale (the consumers skip frames older than {sweep.budget_ms:g} ms); frames captured
 in a step's first {WARMUP_S:g} s are warm-up, not judged. Each step:
 {sweep.step_seconds:g} s of live streams from `{sweep.source}`, {sweep.consumers} consumer(s)
-with {sweep.concurrency} calls in flight each, against `{sweep.target}`.
+with {sweep.concurrency} calls in flight each, against `{sweep.client.target}`.
 
 ![per-stream fps and e2e p99 against live streams]({png_data_uri(png)})
 
@@ -168,14 +158,15 @@ Chart file: `{chart_path}`
 """
 
 
-def capacity_sweep(sweep: SweepSettings, max_streams: int, output_dir: Path) -> dict[str, Any]:
-    """Find the largest number of live streams that holds real time; record the sweep."""
+def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
+    """Find the largest number of live streams that holds real time (up to `max_streams`);
+    record the sweep, its chart under `output_dir`."""
     logger = get_run_logger()
     width, height, fps = source_format(sweep.source, sweep.fps)
     outcomes: dict[int, bool] = {}
     steps: list[StepFigures] = []
     topics: dict[int, dict[str, str]] = {}
-    streams = next_streams(outcomes, max_streams)
+    streams = next_streams(outcomes, sweep.max_streams)
     while streams is not None:
         figures, kafka = run_step(sweep, streams)
         reasons = shortfalls(figures, sweep.budget_ms)
@@ -187,10 +178,11 @@ def capacity_sweep(sweep: SweepSettings, max_streams: int, output_dir: Path) -> 
             streams, figures.fps_min, figures.fps_mean, figures.e2e_p99_ms,
             figures.skipped_stale, figures.lag_at_end, "; ".join(reasons) or "holds",
         )  # fmt: skip
-        streams = next_streams(outcomes, max_streams)
+        streams = next_streams(outcomes, sweep.max_streams)
     held = capacity(outcomes)
     verdict = verdict_line(held, width, height, fps)
     png = capacity_chart_png(steps, sweep.budget_ms, verdict)
+    output_dir = sweep.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     chart_path = (output_dir / f"capacity-{flow_run.id or uuid.uuid4().hex[:8]}.png").resolve()
     chart_path.write_bytes(png)

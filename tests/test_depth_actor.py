@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.depth_extraction import local_ray_init_kwargs, loopback_only_ray
+from flows.ray_runner import local_ray_init_kwargs, loopback_only_ray
 from tasks.depth.settings import DepthSettings
 from tasks.depth.shard_tasks import start_depth_actors
 

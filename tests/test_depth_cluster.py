@@ -15,7 +15,8 @@ import lance
 import pytest
 
 from devstack.launcher import free_port
-from flows.depth_extraction import depth_extraction, ray_task_runner
+from flows.depth_extraction import depth_extraction
+from flows.ray_runner import ray_task_runner
 from tasks.depth.settings import DepthSettings
 from tests.conftest import VIDEOS
 from tests.video_server import Serve, VideoServer

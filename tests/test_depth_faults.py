@@ -15,7 +15,8 @@ from pathlib import Path
 import lance
 import pytest
 
-from flows.depth_extraction import RAY_CLUSTER_ENV, depth_extraction, ray_task_runner
+from flows.depth_extraction import depth_extraction
+from flows.ray_runner import RAY_CLUSTER_ENV, ray_task_runner
 from tasks.depth.download import DownloadError, RateFloor, download_many
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
@@ -32,7 +33,7 @@ OTHER_CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 RAY_LISTENERS = textwrap.dedent(
     """
     import json, os
-    from flows.depth_extraction import RAY_CLUSTER_ENV, ray_task_runner
+    from flows.ray_runner import RAY_CLUSTER_ENV, ray_task_runner
     import ray
     import psutil  # Ray's own copy, on sys.path once ray is imported
 

@@ -21,7 +21,8 @@ from prefect.client.schemas.filters import (
     FlowRunFilterId,
 )
 
-from flows.depth_extraction import depth_extraction, ray_task_runner
+from flows.depth_extraction import depth_extraction
+from flows.ray_runner import ray_task_runner
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_sources import KINETICS_ID_FORMAT
 from tests.conftest import VIDEOS

@@ -149,8 +149,7 @@ def test_both_deployments_on_postgres_behind_auth_survive_a_server_restart(
                     "kinetics_csv": str(KINETICS_VAL_CSV),
                     "url_template": url_template,
                     "limit": 2,
-                    "output": str(tmp_path / "depth"),
-                    "depth_model": depth_model,
+                    "settings": {"output": str(tmp_path / "depth"), "depth_model": depth_model},
                 },
                 timeout_s=600,
             )
@@ -163,10 +162,12 @@ def test_both_deployments_on_postgres_behind_auth_survive_a_server_restart(
 
         # The stream run: started, then the server restarted under it.
         params = {
-            "source": str(SAMPLE_VIDEO),
-            "duration": 20,
-            "target": inference.target,
-            "bootstrap_servers": broker.bootstrap_servers,
+            "settings": {
+                "source": str(SAMPLE_VIDEO),
+                "duration": 20,
+                "client": {"target": inference.target},
+                "kafka": {"bootstrap_servers": broker.bootstrap_servers},
+            }
         }
         started = stack.prefect(
             "deployment", "run", "stream-benchmark/local", "--params", json.dumps(params)

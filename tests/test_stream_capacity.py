@@ -24,6 +24,8 @@ from flows.capacity_rules import (
 )
 from flows.stream_benchmark import stream_benchmark
 from flows.stream_capacity import REPORT_KEY, TABLE_KEY
+from flows.stream_settings import StreamBenchmarkSettings
+from services.inference.settings import ClientSettings
 from tasks.stream.producer import cameras
 from tasks.stream.results import read_records
 
@@ -123,19 +125,17 @@ def test_a_short_sweep_records_table_chart_and_verdict(
 ) -> None:
     # The machine running the tests is shared and noisy, and speed is the benchmark's business:
     # a budget of 1 s checks the sweep's mechanics, not this machine's latency.
-    outcome = stream_benchmark(
+    settings = StreamBenchmarkSettings(
         capacity=True,
         max_frame_age_ms=1000.0,
         step_seconds=3.0,
         max_streams=2,
-        target=onnx_server.target,
-        bootstrap_servers=kafka.bootstrap_servers,
-        consumer_concurrency=4,
-        frames_topic=kafka.frames_topic,
-        results_topic=kafka.results_topic,
-        dlq_topic=kafka.dlq_topic,
-        output_dir=str(tmp_path),
+        concurrency=4,
+        output_dir=tmp_path,
+        client=ClientSettings(target=onnx_server.target),
+        kafka=kafka,
     )
+    outcome = stream_benchmark(settings=settings)
     assert outcome["capacity"] >= 1 and outcome["budget_ms"] == 1000.0
     assert outcome["verdict"] == verdict_line(outcome["capacity"], 340, 256, 28.0)
     steps = {step["streams"]: step for step in outcome["steps"]}

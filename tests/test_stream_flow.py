@@ -9,22 +9,22 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from flows.stream_benchmark import stream_benchmark
+from flows.stream_settings import StreamBenchmarkSettings
+from services.inference.settings import ClientSettings
 from tests.kafka_helpers import read_topic, result_keys
 
 
 @pytest.mark.slow
 def test_the_flow_records_its_figures_as_artifacts(prefect_api, kafka, onnx_server) -> None:
-    outcome = stream_benchmark(
+    settings = StreamBenchmarkSettings(
         duration=5.0,
         fps="native",
-        target=onnx_server.target,
-        bootstrap_servers=kafka.bootstrap_servers,
-        consumer_concurrency=4,
+        concurrency=4,
         consumers=2,
-        frames_topic=kafka.frames_topic,
-        results_topic=kafka.results_topic,
-        dlq_topic=kafka.dlq_topic,
+        client=ClientSettings(target=onnx_server.target),
+        kafka=kafka,
     )
+    outcome = stream_benchmark(settings=settings)
     summary, produced = outcome["summary"], outcome["producer"]
     assert 100 <= produced["frames_read"] <= 160  # 5 s at the clip's 28 fps
     assert summary["frames_consumed"] >= produced["frames_read"]

@@ -1,4 +1,4 @@
-"""The `vidflow` command: one subcommand per job, flags mapped onto vidflow.config settings."""
+"""The `vidflow` command: one subcommand per job, flags mapped onto each part's settings."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.logs import setup_logging
-from common.settings import SAMPLE_VIDEO, LogSettings, add_settings_arguments, settings_from_args
+from common.settings import LogSettings, add_settings_arguments, settings_from_args
+from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings, InferenceSettings
 from tasks.depth.settings import DepthSettings
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
@@ -154,30 +155,23 @@ def _consume(args: argparse.Namespace) -> int:
     return 1 if summary["broker_error"] else 0
 
 
+def stream_benchmark_settings(args: argparse.Namespace) -> StreamBenchmarkSettings:
+    """The stream-benchmark flow's settings: flags, then the environment, then the defaults."""
+    return settings_from_args(StreamBenchmarkSettings, args).model_copy(
+        update={
+            "kafka": settings_from_args(KafkaSettings, args),
+            "client": settings_from_args(ClientSettings, args),
+        }
+    )
+
+
 def _stream_benchmark(args: argparse.Namespace) -> int:
     from flows.stream_benchmark import stream_benchmark
     from tasks.stream.consumer import format_summary
 
-    kafka = settings_from_args(KafkaSettings, args)
-    outcome = stream_benchmark(
-        source=args.source,
-        duration=args.duration,
-        fps=args.fps,
-        target=settings_from_args(ClientSettings, args).target,
-        tls_ca=settings_from_args(ClientSettings, args).tls_ca,
-        bootstrap_servers=kafka.bootstrap_servers,
-        consumer_concurrency=args.concurrency,
-        consumers=args.consumers,
-        frames_topic=kafka.frames_topic,
-        results_topic=kafka.results_topic,
-        dlq_topic=kafka.dlq_topic,
-        max_frame_age_ms=args.max_frame_age_ms,
-        capacity=args.capacity,
-        step_seconds=args.step_seconds,
-        max_streams=args.max_streams,
-        output_dir=str(args.output_dir),
-    )
-    print(outcome["verdict"] if args.capacity else format_summary(outcome["summary"]))
+    settings = stream_benchmark_settings(args)
+    outcome = stream_benchmark(settings=settings)
+    print(outcome["verdict"] if settings.capacity else format_summary(outcome["summary"]))
     if args.summary_json is not None:
         args.summary_json.write_text(json.dumps(outcome, indent=2) + "\n")
     return 0
@@ -185,7 +179,8 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
 
 def _depth(args: argparse.Namespace) -> int:
     from devstack.prefect_api import prefect_api
-    from flows.depth_extraction import depth_extraction, load_sources, ray_task_runner
+    from flows.depth_extraction import depth_extraction, load_sources
+    from flows.ray_runner import ray_task_runner
     from tasks.depth.depth_maps import check_depth_model, check_frames_spec
     from tasks.depth.video_table import VideoTable
 
@@ -210,6 +205,10 @@ def _depth(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
+Handler = Callable[[argparse.Namespace], int]
+AddCommand = Callable[[str, Handler, str], argparse.ArgumentParser]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vidflow", description=__doc__)
     logging_flags = argparse.ArgumentParser(add_help=False)
@@ -221,15 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(
-        name: str, handler: Callable[[argparse.Namespace], int], help_text: str
-    ) -> argparse.ArgumentParser:
+    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(
             name, help=help_text, description=help_text, parents=[logging_flags]
         )
         sub.set_defaults(handler=handler)
         return sub
 
+    _add_service_commands(command)
+    _add_local_dev_commands(command)
+    _add_stream_commands(command)
+    _add_depth_command(command)
+    return parser
+
+
+def _add_service_commands(command: AddCommand) -> None:
+    """The inference service and its clients: serve, export-onnx, classify, health, loadtest."""
     serve = command("serve", _serve, "run the gRPC inference service")
     add_settings_arguments(serve, InferenceSettings)
 
@@ -261,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="send over ClassifyStream (one stream per concurrent caller) instead of Classify",
     )
+
+
+def _add_local_dev_commands(command: AddCommand) -> None:
+    """Local stand-ins: the Kafka-protocol broker and the Kinetics sample mirror."""
     broker = command("broker", _broker, "run the local Kafka-protocol broker (Tansu)")
     broker.add_argument("--port", type=int, default=9092)
     broker.add_argument("--host", default="127.0.0.1")
@@ -273,6 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     mirror.add_argument("--port", type=int, default=8765)
     mirror.add_argument("--host", default="127.0.0.1")
 
+
+# The stream-benchmark knobs that are flags (the others are flow parameters only).
+STREAM_BENCHMARK_FLAGS = [
+    "source", "duration", "fps", "concurrency", "consumers", "max_frame_age_ms", "capacity",
+    "step_seconds", "max_streams", "output_dir",
+]  # fmt: skip
+
+
+def _add_stream_commands(command: AddCommand) -> None:
+    """The stream pipeline: produce, consume, and the stream-benchmark flow."""
     produce = command("produce", _produce, "publish JPEG frames of a video file, webcam or RTSP")
     add_settings_arguments(produce, ProducerSettings)
     add_settings_arguments(produce, KafkaSettings)
@@ -287,33 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = command(
         "stream-benchmark", _stream_benchmark, "run the stream-benchmark flow (Prefect) once"
     )
-    bench.add_argument("--source", default=str(SAMPLE_VIDEO), help="video file, webcam:N, rtsp://")
-    bench.add_argument("--duration", type=float, default=30.0, help="seconds of producing")
-    bench.add_argument("--fps", default="native", help="a number, native or max")
-    bench.add_argument("--concurrency", type=int, default=8, help="calls in flight per consumer")
-    bench.add_argument("--consumers", type=int, default=1, help="members of the consumer group")
+    add_settings_arguments(bench, StreamBenchmarkSettings, only=STREAM_BENCHMARK_FLAGS)
     bench.add_argument("--summary-json", type=Path, help="write the figures here as JSON")
-    bench.add_argument(
-        "--max-frame-age-ms",
-        type=float,
-        help="latency budget: consumers skip older frames as stale (capacity mode: default 100)",
-    )
-    bench.add_argument(
-        "--capacity",
-        action="store_true",
-        help="sweep the number of live streams of --source for the most that hold real time",
-    )
-    bench.add_argument("--step-seconds", type=float, default=10.0, help="capacity: s per step")
-    bench.add_argument("--max-streams", type=int, default=16, help="capacity: most streams tried")
-    bench.add_argument(
-        "--output-dir",
-        type=Path,
-        default=Path("runs/stream-benchmark"),
-        help="capacity: where the chart PNG is written",
-    )
     add_settings_arguments(bench, KafkaSettings)
     add_settings_arguments(bench, ClientSettings)
 
+
+def _add_depth_command(command: AddCommand) -> None:
+    """The depth-extraction flow."""
     depth = command(
         "depth",
         _depth,
@@ -331,7 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
     depth.add_argument("--split", default="val", help="Kinetics split to take (default val)")
     depth.add_argument("--limit", type=int, help="take only the first N inputs")
     add_settings_arguments(depth, DepthSettings)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

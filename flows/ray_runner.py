@@ -1,0 +1,127 @@
+"""The depth flow's Ray: an existing cluster (RAY_ADDRESS), else a private local instance that
+listens on 127.0.0.1 only.
+
+Which one is decided when the task runner starts, not when it is built, so building it (as the
+flow's decorator does at import) reads and writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any, Self
+
+from prefect_ray import RayTaskRunner
+
+# Tasks that reserve no CPU (downloads, writes) let a run keep more Ray workers busy than there
+# are CPUs. Above this many, Ray kills a worker after a second idle and starts a new one (a
+# second or two of CPU for Python, Ray and Prefect imports) for the next shard; keep them.
+RAY_WORKERS_KEPT = 32
+
+RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
+    """`ray.init` arguments for a private local Ray instance sized for this flow.
+
+    Call it just before `ray.init`: it turns Ray 2.60's token auth off (RAY_AUTH_MODE, unless
+    set), which would write ~/.ray/auth_token; a private local instance needs none."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    init_kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        # Task logs go to the Prefect API (and the UI); echoing every worker's lines here too
+        # would bury the progress bar, and costs a log-monitor process.
+        "log_to_driver": False,
+        # Ray addresses its nodes by this; its servers also bind only to it inside
+        # `loopback_only_ray`, which keeps Ray from swapping in the machine's address.
+        "_node_ip_address": "127.0.0.1",
+        "_system_config": {"num_workers_soft_limit": RAY_WORKERS_KEPT},
+    }
+    if num_cpus is not None:
+        init_kwargs["num_cpus"] = num_cpus
+    return init_kwargs
+
+
+@contextlib.contextmanager
+def loopback_only_ray() -> Iterator[None]:
+    """While a private local Ray starts and runs: every one of its servers on 127.0.0.1 only.
+
+    Ray 2.60 replaces a 127.0.0.1 node address with the machine's own address
+    (`services.resolve_ip_for_localhost`), and gcs_server, raylet, its agents and workers then
+    listen on every interface, with no authentication. Only its single-machine mode (meant for
+    Windows and macOS, off on Linux) keeps the loopback address. That mode is read from the
+    environment once, when `ray._private.ray_constants` is imported; ray is already imported
+    here (prefect_ray imports it), so the driver's copy is set as a module attribute, which is
+    how Ray 2.60 reads it (`services.get_node_ip_address`, `scripts.py`), and the variable is
+    set for the processes Ray starts. Both are restored afterwards: in this process a later
+    `ray start` of a worker node (multi-node, refused in that mode) must still work.
+    """
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(RAY_CLUSTER_ENV)
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_CLUSTER_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(RAY_CLUSTER_ENV, None)
+        else:
+            os.environ[RAY_CLUSTER_ENV] = saved_env
+
+
+class ClusterOrLocalRayTaskRunner(RayTaskRunner):
+    """prefect-ray's runner that picks its Ray when it starts: the cluster at RAY_ADDRESS, else a
+    private local Ray (`num_cpus` CPUs, default all) that listens on 127.0.0.1 only."""
+
+    def __init__(self, num_cpus: int | None = None) -> None:
+        super().__init__()
+        self.num_cpus = num_cpus
+        self._loopback = contextlib.ExitStack()
+
+    def duplicate(self) -> Self:
+        """A runner of the same settings (Prefect starts a copy for each flow run)."""
+        return type(self)(num_cpus=self.num_cpus)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClusterOrLocalRayTaskRunner) and self.num_cpus == other.num_cpus
+
+    def __enter__(self) -> Self:
+        import ray
+
+        if address := os.environ.get("RAY_ADDRESS"):
+            # num_cpus is refused when joining a cluster; its servers are not ours to restrict.
+            self.address, self.init_kwargs = address, {"namespace": "prefect"}
+        else:
+            self.address = None
+            self.init_kwargs = {"namespace": "prefect", **local_ray_init_kwargs(self.num_cpus)}
+            if not ray.is_initialized():  # an already running Ray is used as it is
+                self._loopback.enter_context(loopback_only_ray())
+        try:
+            super().__enter__()
+        except BaseException:
+            self._loopback.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            super().__exit__(*exc_info)
+        finally:
+            self._loopback.close()
+
+
+def ray_task_runner(num_cpus: int | None = None) -> RayTaskRunner:
+    """The depth flow's task runner: an existing cluster when RAY_ADDRESS is set when it starts,
+    else a local Ray instance on 127.0.0.1 with `num_cpus` CPUs."""
+    return ClusterOrLocalRayTaskRunner(num_cpus)
+
+
+def cluster_cpus() -> int:
+    """CPUs of the Ray cluster this flow runs on (Ray is up once the flow body runs)."""
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1

@@ -1,0 +1,56 @@
+"""The stream-benchmark flow's one parameter: the run's own knobs, the broker and the service.
+
+A pydantic-settings model, so Prefect shows it as a form in a custom run, and every field the
+caller leaves out comes from the environment (``VIDFLOW_STREAM_BENCHMARK_*`` for the run's own,
+``VIDFLOW_KAFKA_*`` and ``VIDFLOW_INFERENCE_*`` for the nested ones), then the default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.settings import SAMPLE_VIDEO
+from flows.capacity_rules import DEFAULT_BUDGET_MS
+from services.inference.settings import ClientSettings
+from tasks.stream.settings import KafkaSettings
+
+
+class StreamBenchmarkSettings(BaseSettings):
+    """`vidflow stream-benchmark` and the stream-benchmark flow: one run, or a capacity sweep."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_STREAM_BENCHMARK_")
+
+    source: str = Field(str(SAMPLE_VIDEO), description="video file, webcam:N, rtsp://")
+    duration: float = Field(30.0, description="seconds of producing")
+    fps: str = Field("native", description="a number, native or max")
+    loop: bool = Field(True, description="start the file again at its end")
+    max_frames: int | None = Field(None, description="stop producing after this many frames")
+    consumers: int = Field(1, description="members of the consumer group")
+    concurrency: int = Field(8, description="calls in flight per consumer")
+    group: str | None = Field(None, description="consumer group id (default: a new one per run)")
+    max_frame_age_ms: float | None = Field(
+        None,
+        description="latency budget: consumers skip older frames as stale (capacity mode: "
+        f"default {DEFAULT_BUDGET_MS:g})",
+    )
+    capacity: bool = Field(
+        False,
+        description="sweep the number of live streams of --source for the most that hold real time",
+    )
+    step_seconds: float = Field(10.0, description="capacity: s per step")
+    max_streams: int = Field(16, description="capacity: most streams tried")
+    output_dir: Path = Field(
+        Path("runs/stream-benchmark"), description="capacity: where the chart PNG is written"
+    )
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="broker and topics")
+    client: ClientSettings = Field(
+        default_factory=ClientSettings, description="how to reach the inference service"
+    )
+
+    @property
+    def budget_ms(self) -> float:
+        """The capacity sweep's latency budget."""
+        return DEFAULT_BUDGET_MS if self.max_frame_age_ms is None else self.max_frame_age_ms
