@@ -81,9 +81,9 @@ def stream_benchmark(settings: StreamBenchmarkSettings | None = None) -> dict[st
 
     With `capacity`: instead, find how many live streams of the source hold real time within the
     latency budget `max_frame_age_ms` (default 100 ms), stepping up to `max_streams`, each step
-    `step_seconds` on fresh topics; the chart goes under `output_dir`. Fields of `settings` left
-    out come from the environment (VIDFLOW_STREAM_BENCHMARK_*, VIDFLOW_KAFKA_*,
-    VIDFLOW_INFERENCE_*), then the defaults."""
+    `step_seconds` on fresh topics; the chart goes under `output_dir`. Fields of `settings.kafka`
+    and `settings.client` left out come from VIDFLOW_KAFKA_* and VIDFLOW_INFERENCE_*, then the
+    defaults."""
     settings = settings or StreamBenchmarkSettings()
     if settings.capacity:
         return capacity_sweep(settings)

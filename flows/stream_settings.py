@@ -1,16 +1,17 @@
 """The stream-benchmark flow's one parameter: the run's own knobs, the broker and the service.
 
-A pydantic-settings model, so Prefect shows it as a form in a custom run, and every field the
-caller leaves out comes from the environment (``VIDFLOW_STREAM_BENCHMARK_*`` for the run's own,
-``VIDFLOW_KAFKA_*`` and ``VIDFLOW_INFERENCE_*`` for the nested ones), then the default.
+A pydantic model, so Prefect shows it as a form in a custom run. The broker and the service are
+the settings `vidflow produce`, `consume` and `classify` read too: each of their fields the
+caller leaves out comes from the environment (``VIDFLOW_KAFKA_*``, ``VIDFLOW_INFERENCE_*``), then
+the default. The run's own knobs are the run's to say, like the CLI's flags, and read no
+variable.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from common.settings import SAMPLE_VIDEO
 from flows.capacity_rules import DEFAULT_BUDGET_MS
@@ -18,10 +19,10 @@ from services.inference.settings import ClientSettings
 from tasks.stream.settings import KafkaSettings
 
 
-class StreamBenchmarkSettings(BaseSettings):
+class StreamBenchmarkSettings(BaseModel):
     """`vidflow stream-benchmark` and the stream-benchmark flow: one run, or a capacity sweep."""
 
-    model_config = SettingsConfigDict(env_prefix="VIDFLOW_STREAM_BENCHMARK_")
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is refused, not ignored
 
     source: str = Field(str(SAMPLE_VIDEO), description="video file, webcam:N, rtsp://")
     duration: float = Field(30.0, description="seconds of producing")

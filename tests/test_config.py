@@ -51,15 +51,13 @@ def test_a_flow_run_takes_each_setting_the_caller_left_out_from_the_environment(
     monkeypatch.setenv("VIDFLOW_KAFKA_BOOTSTRAP_SERVERS", "broker.example:9092")
     monkeypatch.setenv("VIDFLOW_KAFKA_FRAMES_TOPIC", "frames-from-env")
     monkeypatch.setenv("VIDFLOW_INFERENCE_TARGET", "service.example:50051")
-    monkeypatch.setenv("VIDFLOW_STREAM_BENCHMARK_DURATION", "12")
-    monkeypatch.setenv("VIDFLOW_STREAM_BENCHMARK_FPS", "10")
     # A deployment run's parameters arrive as JSON; the flow validates them like this.
     given = {"settings": {"fps": "max", "kafka": {"frames_topic": "mine"}}}
     settings = stream_benchmark.validate_parameters(given)["settings"]
     assert settings.kafka.bootstrap_servers == "broker.example:9092"  # environment, nested
     assert settings.client.target == "service.example:50051"  # environment, nested, not given
     assert settings.kafka.frames_topic == "mine"  # the caller's, over the environment
-    assert (settings.duration, settings.fps) == (12.0, "max")  # environment; the caller's
+    assert (settings.duration, settings.fps) == (30.0, "max")  # the run's own: default, given
     assert settings.concurrency == 8 and settings.kafka.results_topic == "predictions"  # defaults
     # No settings at all: the flow builds them, from the environment too.
     assert stream_benchmark.validate_parameters({})["settings"] is None
@@ -79,14 +77,13 @@ def test_stream_benchmark_flags_win_over_the_environment(monkeypatch) -> None:
 
     monkeypatch.setenv("VIDFLOW_KAFKA_BOOTSTRAP_SERVERS", "broker.example:9092")
     monkeypatch.setenv("VIDFLOW_INFERENCE_TARGET", "service.example:50051")
-    monkeypatch.setenv("VIDFLOW_STREAM_BENCHMARK_CONSUMERS", "3")
     args = build_parser().parse_args(
         ["stream-benchmark", "--target", "other:1", "--duration", "5", "--capacity"]
     )
     settings = stream_benchmark_settings(args)
     assert settings.kafka.bootstrap_servers == "broker.example:9092"
     assert settings.client.target == "other:1"
-    assert (settings.duration, settings.consumers, settings.capacity) == (5.0, 3, True)
+    assert (settings.duration, settings.consumers, settings.capacity) == (5.0, 1, True)
     assert settings.max_streams == 16 and settings.output_dir == Path("runs/stream-benchmark")
 
 

@@ -13,13 +13,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.logs import setup_logging
-from common.settings import LogSettings, add_settings_arguments, settings_from_args
+from common.settings import SAMPLE_VIDEO, LogSettings, add_settings_arguments, settings_from_args
 from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings, InferenceSettings
 from tasks.depth.settings import DepthSettings
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 
 log = logging.getLogger("vidflow")
+
+# The stream-benchmark flow's own settings that are flags (the others are flow parameters only).
+STREAM_BENCHMARK_FLAGS = (
+    "source", "duration", "fps", "concurrency", "consumers", "max_frame_age_ms", "capacity",
+    "step_seconds", "max_streams", "output_dir",
+)  # fmt: skip
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -156,12 +162,12 @@ def _consume(args: argparse.Namespace) -> int:
 
 
 def stream_benchmark_settings(args: argparse.Namespace) -> StreamBenchmarkSettings:
-    """The stream-benchmark flow's settings: flags, then the environment, then the defaults."""
-    return settings_from_args(StreamBenchmarkSettings, args).model_copy(
-        update={
-            "kafka": settings_from_args(KafkaSettings, args),
-            "client": settings_from_args(ClientSettings, args),
-        }
+    """The stream-benchmark flow's settings: its flags; broker and service from flags, then the
+    environment, then the defaults."""
+    return StreamBenchmarkSettings(
+        **{name: getattr(args, name) for name in STREAM_BENCHMARK_FLAGS},
+        kafka=settings_from_args(KafkaSettings, args),
+        client=settings_from_args(ClientSettings, args),
     )
 
 
@@ -284,13 +290,6 @@ def _add_local_dev_commands(command: AddCommand) -> None:
     mirror.add_argument("--host", default="127.0.0.1")
 
 
-# The stream-benchmark knobs that are flags (the others are flow parameters only).
-STREAM_BENCHMARK_FLAGS = [
-    "source", "duration", "fps", "concurrency", "consumers", "max_frame_age_ms", "capacity",
-    "step_seconds", "max_streams", "output_dir",
-]  # fmt: skip
-
-
 def _add_stream_commands(command: AddCommand) -> None:
     """The stream pipeline: produce, consume, and the stream-benchmark flow."""
     produce = command("produce", _produce, "publish JPEG frames of a video file, webcam or RTSP")
@@ -307,8 +306,30 @@ def _add_stream_commands(command: AddCommand) -> None:
     bench = command(
         "stream-benchmark", _stream_benchmark, "run the stream-benchmark flow (Prefect) once"
     )
-    add_settings_arguments(bench, StreamBenchmarkSettings, only=STREAM_BENCHMARK_FLAGS)
+    bench.add_argument("--source", default=str(SAMPLE_VIDEO), help="video file, webcam:N, rtsp://")
+    bench.add_argument("--duration", type=float, default=30.0, help="seconds of producing")
+    bench.add_argument("--fps", default="native", help="a number, native or max")
+    bench.add_argument("--concurrency", type=int, default=8, help="calls in flight per consumer")
+    bench.add_argument("--consumers", type=int, default=1, help="members of the consumer group")
     bench.add_argument("--summary-json", type=Path, help="write the figures here as JSON")
+    bench.add_argument(
+        "--max-frame-age-ms",
+        type=float,
+        help="latency budget: consumers skip older frames as stale (capacity mode: default 100)",
+    )
+    bench.add_argument(
+        "--capacity",
+        action="store_true",
+        help="sweep the number of live streams of --source for the most that hold real time",
+    )
+    bench.add_argument("--step-seconds", type=float, default=10.0, help="capacity: s per step")
+    bench.add_argument("--max-streams", type=int, default=16, help="capacity: most streams tried")
+    bench.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("runs/stream-benchmark"),
+        help="capacity: where the chart PNG is written",
+    )
     add_settings_arguments(bench, KafkaSettings)
     add_settings_arguments(bench, ClientSettings)
 
