@@ -13,7 +13,7 @@ from pathlib import Path
 from common.processes import stop_process
 from services.inference.client import wait_until_serving
 
-REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent  # devstack/launcher.py: the checkout
 
 
 def free_port() -> int:

@@ -170,12 +170,13 @@ def run_depth_extraction(stack: LocalStack, videos: int, output: Path, depth_mod
     """depth-extraction/local over `videos` Kinetics rows from a local mirror; its run id."""
     with running_mirror(port=port_or_free(8765)) as url_template:
         log.info("running depth-extraction/local (%d Kinetics val rows)", videos)
+        # `settings` replaces the deployment's whole: its `frames` is given again.
+        settings = {"output": str(output), "depth_model": depth_model, "frames": "first"}
         parameters = {
             "kinetics_csv": str(KINETICS_VAL_CSV),
             "url_template": url_template,
             "limit": videos,
-            "output": str(output),
-            "depth_model": depth_model,
+            "settings": settings,
         }
         run_id, state = stack.run_deployment("depth-extraction/local", parameters)
     log.info("depth-extraction: %s", state)
@@ -187,12 +188,18 @@ def run_stream_benchmark(
 ) -> str:
     """stream-benchmark/local on the sample clip through the local broker; its run id."""
     log.info("running stream-benchmark/local (%.0f s at the clip's native fps)", seconds)
-    parameters = {
+    # `settings` replaces the deployment's whole: its fps, concurrency and consumers are given
+    # again; broker and service fields left out come from VIDFLOW_KAFKA_*, VIDFLOW_INFERENCE_*.
+    settings = {
         "source": str(SAMPLE_VIDEO),
         "duration": seconds,
-        "target": target,
-        "bootstrap_servers": bootstrap_servers,
+        "fps": "native",
+        "concurrency": 8,
+        "consumers": 1,
+        "client": {"target": target},
+        "kafka": {"bootstrap_servers": bootstrap_servers},
     }
+    parameters = {"settings": settings}
     run_id, state = stack.run_deployment("stream-benchmark/local", parameters)
     log.info("stream-benchmark: %s", state)
     return run_id
