@@ -14,12 +14,13 @@ from collections import Counter, defaultdict
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 
 from devstack.launcher import REPO_ROOT, free_port
 from tasks.stream.consumer import FrameConsumer
 from tasks.stream.frame_codec import Frame, FrameResult, decode_frame, frame_key
-from tasks.stream.producer import produce_frames
+from tasks.stream.producer import produce_frames, source_list, stream_bases
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 from tasks.stream.topics import ensure_topics
 from tests.conftest import VIDEOS, fresh_topics
@@ -84,6 +85,61 @@ def test_streams_replay_the_clip_as_staggered_cameras_each_in_order(broker) -> N
     assert firsts == sorted(firsts) and len(set(firsts)) == streams  # staggered starts
     last = max(f.capture_ts_ns for f in frames.values())
     assert last - start < 4 * per_camera * period_ns  # paced at fps, not one frame per period*N
+
+
+def test_several_sources_are_cameras_each_at_its_own_native_rate(broker) -> None:
+    """Two different clips (28 and 30 fps), each replayed as 2 cameras, from one process."""
+    kafka = fresh_topics(broker, PARTITIONS)
+    pool = VIDEOS / "pool_cleaning.mp4"
+    per_camera = 6
+    stats = produce_frames(
+        ProducerSettings(source=f"{CLIP},{pool}", streams=2, max_frames=per_camera), kafka
+    )
+    ids = ["k400_arm_wrestling-0", "k400_arm_wrestling-1", "pool_cleaning-0", "pool_cleaning-1"]
+    assert stats.failed == 0 and stats.delivered == stats.frames_read == 4 * per_camera
+    assert stats.streams == 4 and stats.per_stream == dict.fromkeys(ids, per_camera)
+    assert stats.frames_decoded == 2 * per_camera  # each source decoded once for its cameras
+
+    messages = read_topic(kafka.bootstrap_servers, kafka.frames_topic, expected=stats.frames_read)
+    by_stream: dict[str, list[tuple[int, int, Frame]]] = defaultdict(list)
+    for message in messages:
+        frame = decode_frame(message.value(), message.headers())
+        by_stream[frame.stream_id].append((message.partition(), message.offset(), frame))
+    assert sorted(by_stream) == ids
+    assert len({entries[0][0] for entries in by_stream.values()}) == PARTITIONS  # spread
+    first_jpeg = {}
+    for stream_id, entries in by_stream.items():
+        assert len({partition for partition, _, _ in entries}) == 1, stream_id
+        frames = [frame for _, _, frame in sorted(entries, key=lambda e: e[1])]
+        assert [f.frame_index for f in frames] == list(range(per_camera))
+        period_ns = 1e9 / (28.0 if stream_id.startswith("k400") else 30.0)
+        for k, frame in enumerate(frames):  # paced at its own source's native rate
+            assert frame.capture_ts_ns - frames[0].capture_ts_ns >= k * period_ns - 5e6
+        first_jpeg[stream_id] = frames[0].jpeg
+    # A source's cameras carry its frames; the two sources' frames differ.
+    assert first_jpeg["k400_arm_wrestling-0"] == first_jpeg["k400_arm_wrestling-1"]
+    assert first_jpeg["pool_cleaning-0"] == first_jpeg["pool_cleaning-1"]
+    assert first_jpeg["k400_arm_wrestling-0"] != first_jpeg["pool_cleaning-0"]
+
+
+def test_a_missing_source_among_several_fails_before_anything_is_published(broker) -> None:
+    kafka = fresh_topics(broker, PARTITIONS)
+    try:
+        produce_frames(ProducerSettings(source=f"{CLIP},{CLIP.with_name('gone.mp4')}"), kafka)
+    except FileNotFoundError as exc:
+        assert "gone.mp4" in str(exc)
+    else:
+        raise AssertionError("a missing source must fail the run")
+    assert read_topic(kafka.bootstrap_servers, kafka.frames_topic, idle_s=1.0) == []
+    with pytest.raises(ValueError, match="--stream-id"):
+        produce_frames(ProducerSettings(source=f"{CLIP},{CLIP}", stream_id="cam"), kafka)
+
+
+def test_repeated_source_names_get_distinct_stream_ids() -> None:
+    assert stream_bases([str(CLIP), str(CLIP), "webcam:0"], None) == [
+        "k400_arm_wrestling", "k400_arm_wrestling-2", "webcam:0",
+    ]  # fmt: skip
+    assert source_list(" a.mp4, ,b.mp4 ") == ["a.mp4", "b.mp4"]
 
 
 def test_a_latency_budget_skips_stale_frames_and_every_frame_has_one_outcome(

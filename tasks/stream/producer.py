@@ -1,11 +1,12 @@
-"""`vidflow produce`: read frames from a video file, webcam or RTSP stream, publish JPEG frames.
+"""`vidflow produce`: read frames from video files, webcams or RTSP streams, publish JPEG frames.
 
-Paced at the source's frame rate by default, so a file behaves like a live camera; `--fps max`
-publishes as fast as frames can be read and encoded. `--streams N` replays the source as N
-independent cameras from one process: each decoded frame is JPEG-encoded once and published N
-times, each copy with its own camera's stream id, frame index and capture time, the cameras'
-clocks staggered by 1/N of a frame period. A broker gone for longer than `--broker-grace-s` ends
-the run with `broker_error` set; the frames it never took count as failed.
+Paced at each source's frame rate by default, so a file behaves like a live camera; `--fps max`
+publishes as fast as frames can be read and encoded. Several sources (`--source a.mp4,webcam:0`)
+are several cameras in one process, each read, paced and published by a thread of its own.
+`--streams N` replays each source as N independent cameras: each decoded frame is JPEG-encoded
+once and published N times, each copy with its own camera's stream id, frame index and capture
+time, the cameras' clocks staggered by 1/N of a frame period. A broker gone for longer than
+`--broker-grace-s` ends the run with `broker_error` set; the frames it never took count as failed.
 """
 
 from __future__ import annotations
@@ -36,17 +37,17 @@ FALLBACK_FPS = 30.0
 class ProduceStats:
     """What one produce run did; `frames_read` counts messages published, over all streams."""
 
-    stream_id: str
+    stream_id: str  # the stream id base of each source, comma-separated
     source: str
     frames_read: int = 0
     delivered: int = 0
     failed: int = 0
     bytes_published: int = 0
     duration_s: float = 0.0
-    target_fps: float | None = None  # per stream
+    target_fps: float | None = None  # per stream (the first source's, where they differ)
     broker_error: str | None = None
     streams: int = 1
-    frames_decoded: int = 0  # source frames decoded and encoded (once for all streams)
+    frames_decoded: int = 0  # source frames decoded and encoded (once for all its streams)
     per_stream: dict[str, int] = field(default_factory=dict)  # messages published per stream id
 
     @property
@@ -96,16 +97,49 @@ def target_fps(setting: str, capture: cv2.VideoCapture) -> float | None:
 
 
 def cameras(base: str, streams: int, partitions: int) -> list[Camera]:
-    """The cameras of one run: `base` alone, or `base-0` .. `base-(N-1)` spread over partitions.
+    """The cameras of one source: `base` alone, or `base-0` .. `base-(N-1)` spread over
+    partitions (see `run_cameras`)."""
+    return run_cameras([base], streams, partitions)[0]
+
+
+def run_cameras(bases: list[str], streams: int, partitions: int) -> list[list[Camera]]:
+    """The cameras of a run, per source: a source's `base` alone, or `base-0` .. `base-(N-1)`.
 
     Hashing the keys (librdkafka's default) can put several cameras of one run in the same
     partition (cam-0 .. cam-3 all land in partition 0 of 2), and then one consumer of a group
-    gets them all. Camera i goes to partition (crc32(base) + i) mod partitions instead: one
-    camera still stays in one partition, in order, and a run's cameras spread evenly."""
-    if streams == 1:
-        return [Camera(base, None)]
-    first = zlib.crc32(base.encode())
-    return [Camera(f"{base}-{i}", (first + i) % partitions) for i in range(streams)]
+    gets them all. The run's camera k goes to partition (crc32(first base) + k) mod partitions
+    instead: one camera still stays in one partition, in order, and a run's cameras spread
+    evenly. A run of one camera leaves the partition to the key."""
+    if len(bases) * streams == 1:
+        return [[Camera(bases[0], None)]]
+    first = zlib.crc32(bases[0].encode())
+    names = [[base] if streams == 1 else [f"{base}-{i}" for i in range(streams)] for base in bases]
+    return [
+        [Camera(name, (first + j * streams + i) % partitions) for i, name in enumerate(group)]
+        for j, group in enumerate(names)
+    ]
+
+
+def source_list(source: str) -> list[str]:
+    """The run's sources: `--source` names one, or several separated by commas."""
+    sources = [part.strip() for part in source.split(",") if part.strip()]
+    if not sources:
+        raise ValueError("--source names no video file, webcam or stream")
+    return sources
+
+
+def stream_bases(sources: list[str], stream_id: str | None) -> list[str]:
+    """Each source's stream id (base): `--stream-id` for one source, else the file's name;
+    names that repeat get `-2`, `-3`, ... so no two cameras share an id."""
+    if stream_id and len(sources) > 1:
+        raise ValueError("--stream-id names one source's stream; several are named by their files")
+    if stream_id:
+        return [stream_id]
+    bases: list[str] = []
+    for source in sources:
+        name = Path(source).stem or source
+        bases.append(name if name not in bases else f"{name}-{bases.count(name) + 1}")
+    return bases
 
 
 def _partition_count(producer: Producer, topic: str) -> int:
@@ -115,37 +149,54 @@ def _partition_count(producer: Producer, topic: str) -> int:
     return len(metadata.partitions)
 
 
+@dataclass(frozen=True)
+class Feed:
+    """One source of the run: its open capture, its pace and its cameras."""
+
+    source: str
+    capture: cv2.VideoCapture
+    fps: float | None  # None: as fast as possible
+    cameras: list[Camera]
+
+
 def produce_frames(
     settings: ProducerSettings, kafka: KafkaSettings, stop: threading.Event | None = None
 ) -> ProduceStats:
-    """Publish frames until the source ends (unless --loop), --max-frames per stream, or `stop`."""
+    """Publish frames until the sources end (unless --loop), --max-frames per stream, or `stop`."""
     stop = stop or threading.Event()
+    sources = source_list(settings.source)
+    bases = stream_bases(sources, settings.stream_id)
     with contextlib.ExitStack() as held:
-        capture = held.enter_context(open_source(settings.source))
-        fps = target_fps(settings.fps, capture)
-        base = settings.stream_id or Path(settings.source).stem or settings.source
+        captures = [held.enter_context(open_source(source)) for source in sources]
         watch = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
         producer = make_producer(kafka, watch)
-        n = settings.streams
+        n = len(sources) * settings.streams
         partitions = _partition_count(producer, kafka.frames_topic) if n > 1 else 1
-        cams = cameras(base, n, partitions)
+        feeds = [
+            Feed(source, capture, target_fps(settings.fps, capture), cams)
+            for source, capture, cams in zip(
+                sources, captures, run_cameras(bases, settings.streams, partitions), strict=True
+            )
+        ]
         stats = ProduceStats(
-            stream_id=base, source=settings.source, target_fps=fps, streams=n,
-            per_stream={cam.stream_id: 0 for cam in cams},
+            stream_id=",".join(bases), source=settings.source, target_fps=feeds[0].fps,
+            streams=n, per_stream={cam.stream_id: 0 for feed in feeds for cam in feed.cameras},
         )  # fmt: skip
         outlet = _FrameOutlet(producer, watch, kafka.frames_topic, stats)
-        log.info(
-            "producing %s as %d stream(s) %r to %s at %s fps each",
-            settings.source, n, base, kafka.frames_topic, f"{fps:.2f}" if fps else "max",
-        )  # fmt: skip
+        for feed in feeds:
+            log.info(
+                "producing %s as %d stream(s) %s to %s at %s fps each", feed.source,
+                len(feed.cameras), ", ".join(c.stream_id for c in feed.cameras),
+                kafka.frames_topic, f"{feed.fps:.2f}" if feed.fps else "max",
+            )  # fmt: skip
         started = time.monotonic()
         try:
-            _replay(capture, settings, cams, fps, started, stop, outlet)
+            _replay_all(feeds, settings, started, stop, outlet)
         except BrokerLostError as exc:
             stats.broker_error = str(exc)
             log.error("%s; stopping", exc)
         finally:
-            held.close()  # release the source before a flush that may wait for the broker
+            held.close()  # release the sources before a flush that may wait for the broker
             outlet.flush()
             stats.duration_s = time.monotonic() - started
     log.info(
@@ -155,23 +206,59 @@ def produce_frames(
     return stats
 
 
-def _replay(
-    capture: cv2.VideoCapture,
+def _replay_all(
+    feeds: list[Feed],
     settings: ProducerSettings,
-    cams: list[Camera],
-    fps: float | None,
     started: float,
     stop: threading.Event,
     outlet: _FrameOutlet,
 ) -> None:
-    """Publish the cameras' turns until the source ends (unless looping), --max-frames or `stop`.
+    """Replay every source at once: one in this thread, several in a thread each. The first
+    error (a lost broker) stops every source and is raised here."""
+    if len(feeds) == 1:
+        _replay(feeds[0], settings, started, stop, outlet)
+        return
+    halt = threading.Event()  # the caller's `stop`, or a source's failure, ends them all
+    errors: list[BaseException] = []
+
+    def replay(feed: Feed) -> None:
+        try:
+            _replay(feed, settings, started, halt, outlet)
+        except BaseException as exc:  # handed to the caller below
+            errors.append(exc)
+            halt.set()
+
+    threads = [
+        threading.Thread(target=replay, args=(feed,), name=f"produce-{feed.source}", daemon=True)
+        for feed in feeds
+    ]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        if stop.wait(0.05):
+            halt.set()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _replay(
+    feed: Feed,
+    settings: ProducerSettings,
+    started: float,
+    stop: threading.Event,
+    outlet: _FrameOutlet,
+) -> None:
+    """Publish one source's cameras' turns until it ends (unless looping), --max-frames or `stop`.
 
     The cameras take turns on one schedule: turn t is camera t mod N's frame t // N, due at
     t / (N * fps), so camera i runs at fps with its start i/N of a frame period after camera 0.
     Camera 0's turn decodes and encodes the next source frame; the others publish that JPEG."""
+    cams, fps = feed.cameras, feed.fps
     n = len(cams)
     jpeg = b""
-    turn = 0
+    turn = decoded = 0
     while not stop.is_set():
         camera, frame_index = cams[turn % n], turn // n
         if settings.max_frames is not None and frame_index >= settings.max_frames:
@@ -182,14 +269,15 @@ def _replay(
                 break
         capture_ts_ns = time.time_ns()  # the camera's turn: its frame is taken now
         if turn % n == 0:  # the others publish this JPEG on their turns
-            ok, image = capture.read()
+            ok, image = feed.capture.read()
             if not ok:
-                if settings.loop and outlet.stats.frames_decoded > 0:
-                    capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                if settings.loop and decoded > 0:
+                    feed.capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
                     continue
                 break
             jpeg = encode_jpeg(image, settings.jpeg_quality)
-            outlet.stats.frames_decoded += 1
+            decoded += 1
+            outlet.count_decoded()
         outlet.publish(
             camera, Frame(camera.stream_id, frame_index, capture_ts_ns, time.time_ns(), jpeg)
         )
@@ -204,6 +292,9 @@ class _FrameOutlet:
     watch: BrokerWatch
     topic: str
     stats: ProduceStats
+    # Several sources publish from threads of their own; the counts are shared. (librdkafka's
+    # producer is thread-safe; delivery callbacks run in whichever thread polls.)
+    _counts: threading.Lock = field(default_factory=threading.Lock)
 
     def publish(self, camera: Camera, frame: Frame) -> None:
         produce_with_backpressure(
@@ -212,16 +303,22 @@ class _FrameOutlet:
             on_delivery=self._on_delivery, partition=camera.partition, poll_s=0.1,
         )  # fmt: skip
         self.producer.poll(0)
-        self.stats.frames_read += 1
-        self.stats.per_stream[camera.stream_id] += 1
-        self.stats.bytes_published += len(frame.jpeg)
+        with self._counts:
+            self.stats.frames_read += 1
+            self.stats.per_stream[camera.stream_id] += 1
+            self.stats.bytes_published += len(frame.jpeg)
         self.watch.check()
 
+    def count_decoded(self) -> None:
+        with self._counts:
+            self.stats.frames_decoded += 1
+
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
-        if error is None:
-            self.stats.delivered += 1
-            return
-        self.stats.failed += 1
+        with self._counts:
+            if error is None:
+                self.stats.delivered += 1
+                return
+            self.stats.failed += 1
         log.error("frame %s not delivered: %s", message.key(), error)
 
     def flush(self) -> None:

@@ -43,19 +43,26 @@ class ProducerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="VIDFLOW_PRODUCER_")
 
-    source: str = Field(..., description="video file, webcam:N or rtsp://...")
+    source: str = Field(
+        ...,
+        description=(
+            "video file, webcam:N or rtsp://...; several, comma-separated, are several cameras "
+            "(each paced at its own rate, named after its file)"
+        ),
+    )
     fps: str = Field("native", description="frames per second: a number, native or max")
     loop: bool = Field(False, description="start the file again at its end")
     max_frames: int | None = Field(None, description="stop after this many frames (per stream)")
     jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of published frames")
     stream_id: str | None = Field(
-        None, description="stream id (default: the source's name); with --streams N, the base"
+        None,
+        description="stream id of a single source (default: its name); with --streams N, the base",
     )
     streams: int = Field(
         1,
         ge=1,
         description=(
-            "replay the source as this many live cameras (ids BASE-0 .. BASE-N-1), each paced "
+            "replay each source as this many live cameras (ids BASE-0 .. BASE-N-1), each paced "
             "at --fps, starts staggered over one frame period; --max-frames counts per camera"
         ),
     )
