@@ -5,11 +5,9 @@ from __future__ import annotations
 import base64
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display: render to bytes only
-
-import matplotlib.pyplot as plt
+# The object-oriented API without pyplot: no global backend or figure registry to set, and
+# savefig renders with Agg (no display), so importing this module changes nothing.
+from matplotlib.figure import Figure
 
 from flows.capacity_rules import MIN_FPS_RATIO, StepFigures
 
@@ -19,34 +17,30 @@ def capacity_chart_png(steps: list[StepFigures], budget_ms: float, title: str) -
     order of stream count; the real-time floor and the latency budget drawn as dotted lines."""
     steps = sorted(steps, key=lambda s: s.streams)
     counts = [s.streams for s in steps]
-    figure, (fps_axis, latency_axis) = plt.subplots(2, 1, sharex=True, figsize=(7, 6), dpi=100)
-    try:
-        fps_axis.plot(counts, [s.fps_mean for s in steps], "o-", label="mean per stream")
-        fps_axis.plot(counts, [s.fps_min for s in steps], "s--", label="slowest stream")
-        if steps:
-            floor = MIN_FPS_RATIO * steps[0].source_fps
-            fps_axis.axhline(floor, color="grey", linestyle=":", label=f"{MIN_FPS_RATIO} x source")
-        fps_axis.set_ylabel("classified results/s per stream")
-        fps_axis.set_ylim(bottom=0)
-        fps_axis.legend(loc="lower left")
-        fps_axis.grid(alpha=0.3)
-        latency_axis.plot(counts, [s.e2e_p99_ms for s in steps], "o-", color="tab:red", label="p99")
-        latency_axis.plot(
-            counts, [s.e2e_p50_ms for s in steps], "^-", color="tab:orange", label="p50"
-        )
-        latency_axis.axhline(budget_ms, color="grey", linestyle=":", label="budget")
-        latency_axis.set_ylabel("e2e latency (ms)")
-        latency_axis.set_xlabel("live streams")
-        latency_axis.legend(loc="upper left")
-        latency_axis.grid(alpha=0.3)
-        latency_axis.set_xticks(counts)
-        figure.suptitle(title)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        return buffer.getvalue()
-    finally:
-        plt.close(figure)
+    figure = Figure(figsize=(7, 6), dpi=100)
+    fps_axis, latency_axis = figure.subplots(2, 1, sharex=True)
+    fps_axis.plot(counts, [s.fps_mean for s in steps], "o-", label="mean per stream")
+    fps_axis.plot(counts, [s.fps_min for s in steps], "s--", label="slowest stream")
+    if steps:
+        floor = MIN_FPS_RATIO * steps[0].source_fps
+        fps_axis.axhline(floor, color="grey", linestyle=":", label=f"{MIN_FPS_RATIO} x source")
+    fps_axis.set_ylabel("classified results/s per stream")
+    fps_axis.set_ylim(bottom=0)
+    fps_axis.legend(loc="lower left")
+    fps_axis.grid(alpha=0.3)
+    latency_axis.plot(counts, [s.e2e_p99_ms for s in steps], "o-", color="tab:red", label="p99")
+    latency_axis.plot(counts, [s.e2e_p50_ms for s in steps], "^-", color="tab:orange", label="p50")
+    latency_axis.axhline(budget_ms, color="grey", linestyle=":", label="budget")
+    latency_axis.set_ylabel("e2e latency (ms)")
+    latency_axis.set_xlabel("live streams")
+    latency_axis.legend(loc="upper left")
+    latency_axis.grid(alpha=0.3)
+    latency_axis.set_xticks(counts)
+    figure.suptitle(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def png_data_uri(png: bytes) -> str:

@@ -9,7 +9,6 @@ every finished shard. Local Ray by default, an existing cluster with RAY_ADDRESS
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +35,6 @@ from tasks.depth.shard_tasks import (
 from tasks.depth.video_record import VideoRecord
 from tasks.depth.video_sources import read_kinetics_csv, read_url_list
 from tasks.depth.video_table import VideoTable, WorkPlan
-
-# Lance warns on any fork once loaded; Ray forks only to exec its own processes at once.
-warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
 
 PROGRESS_EVERY_S = 2.0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any, Self
 
@@ -92,6 +93,8 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
     def __enter__(self) -> Self:
         import ray
 
+        # Lance warns on any fork once loaded; Ray forks only to exec its own processes at once.
+        warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
         if address := os.environ.get("RAY_ADDRESS"):
             # num_cpus is refused when joining a cluster; its servers are not ours to restrict.
             self.address, self.init_kwargs = address, {"namespace": "prefect"}
