@@ -130,48 +130,63 @@ def test_functions_and_classes_stay_small() -> None:
 
 
 _IMPORT_PROBE = """
-import importlib, json, os, sys, threading
+import importlib, json, logging, os, sys, threading, warnings
 from pathlib import Path
 
 third_party, project = json.loads(sys.argv[1])
-for name in third_party:  # their own import-time work is not ours to judge
+for name, attributes in third_party:  # their own import-time work is not ours to judge
     try:
-        importlib.import_module(name)
+        module = importlib.import_module(name)
+        for attribute in attributes:  # lazy attributes load on first use, submodules on import
+            if getattr(module, attribute, None) is None:
+                importlib.import_module(f"{name}.{attribute}")
     except ImportError:
         pass
 env = dict(os.environ)
 threads = {t.ident for t in threading.enumerate()}
+filters, handlers = list(warnings.filters), list(logging.getLogger().handlers)
 for name in project:
     importlib.import_module(name)
 changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))
 started = sorted(t.name for t in threading.enumerate() if t.ident not in threads)
 children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
-print(json.dumps({"env": changed, "threads": started, "children": children}))
+process_wide = [
+    name for name, same in (
+        ("warnings filters", warnings.filters == filters),
+        ("root log handlers", logging.getLogger().handlers == handlers),
+    ) if not same
+]
+print(json.dumps({"env": changed, "threads": started, "children": children, "set": process_wide}))
 """
 
 
 def test_importing_the_project_changes_nothing(tmp_path: Path) -> None:
-    """No module writes the environment, starts a thread or a process, or writes a file when it
-    is imported (a flow module used to set Ray's variables while Prefect loaded it)."""
+    """No module writes the environment, starts a thread or a process, writes a file, or sets a
+    process-wide warnings filter or log handler when it is imported (a flow module used to set
+    Ray's variables while Prefect loaded it)."""
     import json
     import os
     import subprocess
     import sys
 
-    project, third_party = [], set()
+    project: list[str] = []
+    third_party: dict[str, set[str]] = {}  # module -> names taken from it
     for path in _source_files():
-        module = _module_name(path)
-        project.append(module)
+        project.append(_module_name(path))
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in tree.body:  # module level only: what importing it imports
             if isinstance(node, ast.Import):
-                third_party.update(alias.name for alias in node.names)
+                for alias in node.names:
+                    third_party.setdefault(alias.name, set())
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                third_party.add(node.module)
-    third_party = {name for name in third_party if _folder_of(name) is None}
-    third_party -= {name for name in third_party if name.split(".")[0] in {"tests", "__future__"}}
+                third_party.setdefault(node.module, set()).update(a.name for a in node.names)
+    outside = sorted(
+        (name, sorted(names))
+        for name, names in third_party.items()
+        if _folder_of(name) is None and name.split(".")[0] not in {"tests", "__future__"}
+    )
     probe = subprocess.run(
-        [sys.executable, "-c", _IMPORT_PROBE, json.dumps([sorted(third_party), project])],
+        [sys.executable, "-c", _IMPORT_PROBE, json.dumps([outside, project])],
         cwd=tmp_path,
         # A bare environment: the test session's own variables (conftest sets some) would hide
         # a module that sets the same ones.
@@ -182,5 +197,10 @@ def test_importing_the_project_changes_nothing(tmp_path: Path) -> None:
         timeout=600,
     )
     assert probe.returncode == 0, probe.stderr[-3000:]
-    assert json.loads(probe.stdout.splitlines()[-1]) == {"env": [], "threads": [], "children": []}
+    assert json.loads(probe.stdout.splitlines()[-1]) == {
+        "env": [],
+        "threads": [],
+        "children": [],
+        "set": [],
+    }
     assert list(tmp_path.iterdir()) == []
