@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import warnings
 from collections.abc import Iterator
 from typing import Any, Self
@@ -98,6 +99,8 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
         if address := os.environ.get("RAY_ADDRESS"):
             # num_cpus is refused when joining a cluster; its servers are not ours to restrict.
             self.address, self.init_kwargs = address, {"namespace": "prefect"}
+            if loopback_only_cluster(address):  # keep 127.0.0.1, or Ray never reaches it
+                self._loopback.enter_context(loopback_only_ray())
         else:
             self.address = None
             self.init_kwargs = {"namespace": "prefect", **local_ray_init_kwargs(self.num_cpus)}
@@ -115,6 +118,28 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
             super().__exit__(*exc_info)
         finally:
             self._loopback.close()
+
+
+def loopback_only_cluster(address: str) -> bool:
+    """Whether RAY_ADDRESS names a cluster that listens on 127.0.0.1 only (started in Ray's
+    single-machine mode, as `loopback_only_ray` starts ours). A driver swaps 127.0.0.1 for this
+    machine's address before it connects (`services.resolve_ip_for_localhost`), where such a
+    cluster does not listen, and waits for it for ever; it must keep the loopback address."""
+    from ray._private.services import is_localhost, resolve_ip_for_localhost
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit() or not is_localhost(host):
+        return False
+    machine = resolve_ip_for_localhost(host)
+    return not is_localhost(machine) and (
+        _listening("127.0.0.1", int(port)) and not _listening(machine, int(port))
+    )
+
+
+def _listening(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=2):
+        return True
+    return False
 
 
 def ray_task_runner(num_cpus: int | None = None) -> RayTaskRunner:

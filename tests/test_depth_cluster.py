@@ -1,5 +1,7 @@
-"""depth-extraction on a Ray cluster of two nodes (two `ray start` on this machine, one CPU
-each, loopback only): shards run on both nodes, and each row says which."""
+"""depth-extraction on a running Ray: a cluster of two nodes (two `ray start` on this machine,
+one CPU each), where shards run on both nodes and each row says which; and a head that listens
+on 127.0.0.1 only (Ray's single-machine mode), which a driver reaches only by keeping the
+loopback address."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 
 from devstack.launcher import free_port
 from flows.depth_extraction import depth_extraction
-from flows.ray_runner import ray_task_runner
+from flows.ray_runner import loopback_only_cluster, ray_task_runner
 from tasks.depth.settings import DepthSettings
 from tests.conftest import VIDEOS
 from tests.video_server import Serve, VideoServer
@@ -67,6 +69,7 @@ def test_shards_run_on_both_nodes_and_rows_name_their_node(
         summary = flow(urls=str(urls), settings=settings)
 
     assert summary["ok"] == videos and summary["shards"] == videos
+    assert not loopback_only_cluster(two_node_cluster)  # it listens on this machine's address
     rows = lance.dataset(tmp_path / "out" / "videos.lance").to_table().to_pylist()
     nodes = {row["node_id"] for row in rows}
     ray.init(address=two_node_cluster)
@@ -75,3 +78,43 @@ def test_shards_run_on_both_nodes_and_rows_name_their_node(
     finally:
         ray.shutdown()
     assert len(alive) == 2 and nodes == alive  # every shard's node, and both nodes used
+
+
+@pytest.fixture
+def loopback_only_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A one-node Ray started as `bench.depth_peer` and `loopback_only_ray` start theirs: every
+    server on 127.0.0.1 only."""
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    address = f"127.0.0.1:{free_port()}"
+    try:
+        started = subprocess.run(
+            [RAY, "start", "--head", "--port", address.split(":")[1], "--num-cpus", "2",
+             "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
+             "--disable-usage-stats", "--temp-dir", str(temp)],
+            env=env, capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+        yield address
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_loopback_only_cluster_is_reached_at_127_0_0_1(
+    loopback_only_head: str, prefect_api: None, tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    """Ray would swap RAY_ADDRESS's 127.0.0.1 for this machine's address, where this head does
+    not listen, and wait for ever (the depth_peer benchmark's cluster mode hung so)."""
+    assert loopback_only_cluster(loopback_only_head)
+    model = str(tiny_depth_model)
+    settings = DepthSettings(output=tmp_path / "out", depth_model=model, device="cpu")
+    with VideoServer({"v.mp4": Serve(VIDEOS / "k400_arm_wrestling.mp4")}) as server:
+        urls = tmp_path / "urls.txt"
+        urls.write_text(server.url("v.mp4") + "\n")
+        flow = depth_extraction.with_options(task_runner=ray_task_runner())
+        summary = flow(urls=str(urls), settings=settings)
+    assert summary["ok"] == 1
