@@ -5,6 +5,7 @@ loopback address."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -26,13 +27,21 @@ from tests.video_server import Serve, VideoServer
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-@pytest.fixture
-def two_node_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+@contextlib.contextmanager
+def _running_ray(
+    monkeypatch: pytest.MonkeyPatch, *, cpus: int, second_node: bool, single_machine: bool
+) -> Iterator[str]:
+    """`ray start` nodes on this machine (a head, and a second node if asked) addressed as
+    127.0.0.1, with RAY_ADDRESS set to the head; all stopped afterwards. `single_machine`: Ray's
+    single-machine mode, every server on 127.0.0.1 only (as bench.depth_peer and
+    `loopback_only_ray` start theirs); multi-node is refused in it."""
     # Ray's socket paths live under --temp-dir and must fit in 107 bytes: keep it short.
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    if single_machine:
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     address = f"127.0.0.1:{free_port()}"
-    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    common = ["--num-cpus", str(cpus), "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
 
     def start(*args: str) -> None:
         started = subprocess.run([RAY, "start", *args, *common], env=env, capture_output=True,
@@ -42,13 +51,26 @@ def two_node_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     try:
         start("--head", "--port", address.split(":")[1], "--include-dashboard", "false",
               "--temp-dir", str(temp / "head"))  # fmt: skip
-        start("--address", address, "--temp-dir", str(temp / "second"))
+        if second_node:
+            start("--address", address, "--temp-dir", str(temp / "second"))
         monkeypatch.setenv("RAY_ADDRESS", address)
         monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
         yield address
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    with _running_ray(monkeypatch, cpus=1, second_node=True, single_machine=False) as address:
+        yield address
+
+
+@pytest.fixture
+def loopback_only_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    with _running_ray(monkeypatch, cpus=2, second_node=False, single_machine=True) as address:
+        yield address
 
 
 @pytest.mark.slow
@@ -78,29 +100,6 @@ def test_shards_run_on_both_nodes_and_rows_name_their_node(
     finally:
         ray.shutdown()
     assert len(alive) == 2 and nodes == alive  # every shard's node, and both nodes used
-
-
-@pytest.fixture
-def loopback_only_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A one-node Ray started as `bench.depth_peer` and `loopback_only_ray` start theirs: every
-    server on 127.0.0.1 only."""
-    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    address = f"127.0.0.1:{free_port()}"
-    try:
-        started = subprocess.run(
-            [RAY, "start", "--head", "--port", address.split(":")[1], "--num-cpus", "2",
-             "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
-             "--disable-usage-stats", "--temp-dir", str(temp)],
-            env=env, capture_output=True, text=True, timeout=180, check=False,
-        )  # fmt: skip
-        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-        monkeypatch.setenv("RAY_ADDRESS", address)
-        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-        yield address
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow

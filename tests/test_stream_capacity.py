@@ -26,7 +26,7 @@ from flows.stream_benchmark import stream_benchmark
 from flows.stream_capacity import REPORT_KEY, TABLE_KEY
 from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings
-from tasks.stream.producer import cameras
+from tasks.stream.producer import run_cameras
 from tasks.stream.results import read_records
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -143,7 +143,7 @@ def test_a_short_sweep_records_table_chart_and_verdict(
     # each step ran its own cameras on its own topics, read back in full
     for streams, step in steps.items():
         assert sorted(step["stream_fps"]) == sorted(
-            c.stream_id for c in cameras("camera", streams, 1)
+            c.stream_id for c in run_cameras(["camera"], streams, 1)[0]
         )
         records = read_records(kafka.bootstrap_servers, outcome["topics"][streams]["results"])
         keys = {f"{r['stream_id']}:{r['frame_index']}" for r in records}

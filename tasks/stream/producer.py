@@ -96,12 +96,6 @@ def target_fps(setting: str, capture: cv2.VideoCapture) -> float | None:
     return fps
 
 
-def cameras(base: str, streams: int, partitions: int) -> list[Camera]:
-    """The cameras of one source: `base` alone, or `base-0` .. `base-(N-1)` spread over
-    partitions (see `run_cameras`)."""
-    return run_cameras([base], streams, partitions)[0]
-
-
 def run_cameras(bases: list[str], streams: int, partitions: int) -> list[list[Camera]]:
     """The cameras of a run, per source: a source's `base` alone, or `base-0` .. `base-(N-1)`.
 
