@@ -18,6 +18,9 @@ from pathlib import Path
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+ZOMBIE_PREFIX = "[no command line] "  # what a process shows once it has exited (a zombie)
+
+
 def _read_processes() -> dict[int, tuple[str, float]]:
     """pid -> (command line, CPU seconds so far) of every process that can be read."""
     found: dict[int, tuple[str, float]] = {}
@@ -32,7 +35,7 @@ def _read_processes() -> dict[int, tuple[str, float]]:
         fields = stat.rsplit(")", 1)[1].split()
         cpu_s = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        found[int(entry.name)] = (cmdline.strip() or comm, cpu_s)
+        found[int(entry.name)] = (cmdline.strip() or f"{ZOMBIE_PREFIX}{comm}", cpu_s)
     return found
 
 
@@ -72,6 +75,11 @@ class CpuAccount:
 
     def _sample(self) -> None:
         for pid, (cmdline, cpu_s) in _read_processes().items():
+            known = self.last.get(pid)
+            if known is not None and cmdline.startswith(ZOMBIE_PREFIX):
+                # An exiting process has no command line left, only its short name: keep the
+                # one seen before, or its CPU would change kind at the end.
+                cmdline = known[0]
             self.last[pid] = (cmdline, cpu_s)
 
     def processes(self) -> dict[str, int]:

@@ -212,13 +212,13 @@ def bench_flow(urls: list[str], work: Path, model: Path) -> dict[str, Any]:
     the two warm runs gives the steady time per video, the rest of a run is fixed start-up."""
     import ray
 
-    from flows.ray_runner import local_ray_init_kwargs, loopback_only_ray
+    from flows.ray_runner import local_ray_init_kwargs, private_ray_start
 
     settings = DepthSettings(depth_model=str(model), frames="uniform:2", device="cpu")
     serial_s = serial_run(urls, work / "serial", settings)
     cold_s = flow_run(urls, work / "flow-cold", settings)
     # Warm: Ray up and its workers and depth actor started, as on a long-lived cluster.
-    with loopback_only_ray():
+    with private_ray_start():
         ray.init(**local_ray_init_kwargs(num_cpus=2))
     try:
         flow_run(urls, work / "flow-warmup", settings)

@@ -182,9 +182,12 @@ def measured(
     """
     cpu_log.unlink(missing_ok=True)
     with CpuAccount(classify) as account:
+        started = time.time()
         result = work()
+        ended = time.time()
     by_kind = account.by_kind()
-    ffmpeg_cpu = sum(line["user_s"] + line["sys_s"] for line in read_ffmpeg_log(cpu_log))
+    calls = read_ffmpeg_log(cpu_log)
+    ffmpeg_cpu = sum(line["user_s"] + line["sys_s"] for line in calls)
     ffmpeg_cpu = result.pop("ffmpeg_cpu_s", None) or ffmpeg_cpu  # the peer logs its own calls
     # /proc samples miss the last half second of each short ffmpeg: take wait4's figure.
     counted = {kind: cpu for kind, cpu in by_kind.items() if kind not in not_counted}
@@ -203,6 +206,20 @@ def measured(
         "cpu_s_outside_ffmpeg_and_depth_actor": round(
             outside_ffmpeg - by_kind.get("depth_actor", 0.0), 2
         ),
+        **ffmpeg_phases(calls, started, ended),
+    }
+
+
+def ffmpeg_phases(calls: list[dict[str, Any]], started: float, ended: float) -> dict[str, float]:
+    """Start-up (to the first ffmpeg), the span of the ffmpeg calls, and the tail after the
+    last: where a run's fixed costs sit in its wall time."""
+    if not calls:
+        return {}
+    first, last = min(c["start"] for c in calls), max(c["end"] for c in calls)
+    return {
+        "to_first_ffmpeg_s": round(first - started, 2),
+        "ffmpeg_span_s": round(last - first, 2),
+        "after_last_ffmpeg_s": round(ended - last, 2),
     }
 
 

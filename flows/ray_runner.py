@@ -46,6 +46,41 @@ def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
+def private_ray_start() -> Iterator[None]:
+    """While a private local Ray starts (`ray.init` with no address) and runs: on 127.0.0.1
+    only (`loopback_only_ray`), and without the two head processes a private instance has no
+    use for (`_without_cluster_monitors`)."""
+    with loopback_only_ray(), _without_cluster_monitors():
+        yield
+
+
+@contextlib.contextmanager
+def _without_cluster_monitors() -> Iterator[None]:
+    """`ray.init` starts a head with Ray's autoscaler monitor and its log monitor, and has no
+    argument to leave them out (`ray start` has: --no-monitor, --include-log-monitor). A
+    private instance of fixed size autoscales nothing, and with `log_to_driver=False` no one
+    reads what the log monitor forwards; the two cost ~1.5 CPU-s a run, and the monitor, which
+    ignores SIGTERM, another second at shutdown while Ray waits to kill it. Ray 2.60's `ray.init`
+    builds the head's `RayParams` through the module attribute, so a subclass with those two
+    defaults is put there while it runs."""
+    from ray._private import parameter
+
+    original = parameter.RayParams
+
+    class HeadParamsWithoutMonitors(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("no_monitor", True)
+            kwargs.setdefault("include_log_monitor", False)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = HeadParamsWithoutMonitors
+    try:
+        yield
+    finally:
+        parameter.RayParams = original
+
+
+@contextlib.contextmanager
 def loopback_only_ray() -> Iterator[None]:
     """While a private local Ray starts and runs: every one of its servers on 127.0.0.1 only.
 
@@ -82,7 +117,7 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
     def __init__(self, num_cpus: int | None = None) -> None:
         super().__init__()
         self.num_cpus = num_cpus
-        self._loopback = contextlib.ExitStack()
+        self._ray_start = contextlib.ExitStack()
 
     def duplicate(self) -> Self:
         """A runner of the same settings (Prefect starts a copy for each flow run)."""
@@ -100,16 +135,16 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
             # num_cpus is refused when joining a cluster; its servers are not ours to restrict.
             self.address, self.init_kwargs = address, {"namespace": "prefect"}
             if loopback_only_cluster(address):  # keep 127.0.0.1, or Ray never reaches it
-                self._loopback.enter_context(loopback_only_ray())
+                self._ray_start.enter_context(loopback_only_ray())
         else:
             self.address = None
             self.init_kwargs = {"namespace": "prefect", **local_ray_init_kwargs(self.num_cpus)}
             if not ray.is_initialized():  # an already running Ray is used as it is
-                self._loopback.enter_context(loopback_only_ray())
+                self._ray_start.enter_context(private_ray_start())
         try:
             super().__enter__()
         except BaseException:
-            self._loopback.close()
+            self._ray_start.close()
             raise
         return self
 
@@ -117,7 +152,7 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
         try:
             super().__exit__(*exc_info)
         finally:
-            self._loopback.close()
+            self._ray_start.close()
 
 
 def loopback_only_cluster(address: str) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.ray_runner import local_ray_init_kwargs, loopback_only_ray
+from flows.ray_runner import local_ray_init_kwargs, private_ray_start
 from tasks.depth.settings import DepthSettings
 from tasks.depth.shard_tasks import start_depth_actors
 
@@ -23,7 +23,7 @@ def test_a_kept_actor_serves_the_next_run_then_ends_when_idle(
     settings = DepthSettings(
         depth_model=str(tiny_depth_model), device="cpu", depth_keep_alive_s=2.0
     )
-    with loopback_only_ray():
+    with private_ray_start():
         ray.init(**local_ray_init_kwargs(num_cpus=2))
     try:
         [first] = start_depth_actors(settings)

@@ -29,7 +29,7 @@ OTHER_CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 
 # Runs in a fresh interpreter, so no Ray state of the test process is involved: the flow's own
 # runner starts a local Ray, a task and an actor run, and every process of the Ray session
-# reports its listening TCP sockets.
+# reports its command line and listening TCP sockets.
 RAY_LISTENERS = textwrap.dedent(
     """
     import json, os
@@ -55,16 +55,18 @@ RAY_LISTENERS = textwrap.dedent(
             command = " ".join(p.info["cmdline"] or [])
             if session in command or command.startswith("ray::"):
                 processes.setdefault(p.pid, p)
-        listening = []
+        listening, commands = [], []
         for p in processes.values():
             try:
+                commands.append(" ".join(p.cmdline()))
                 for c in p.net_connections(kind="tcp"):
                     if c.status == psutil.CONN_LISTEN:
                         listening.append([p.name(), c.laddr.ip, c.laddr.port])
             except psutil.Error:
                 pass
-    print(json.dumps({"ran": ran, "listening": listening,
-                      "env_after": os.environ.get(RAY_CLUSTER_ENV)}))
+    print(json.dumps({"ran": ran, "listening": listening, "commands": commands,
+                      "env_after": os.environ.get(RAY_CLUSTER_ENV),
+                      "params_after": ray._private.parameter.RayParams.__name__}))
     """
 )
 
@@ -77,7 +79,7 @@ def _loopback(ip: str) -> bool:
 
 @pytest.mark.faults
 @pytest.mark.slow
-def test_the_local_ray_of_a_run_listens_on_loopback_only() -> None:
+def test_the_local_ray_of_a_run_listens_on_loopback_only_and_runs_no_monitors() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", RAY_CLUSTER_ENV)}
     env["RAY_AUTH_MODE"] = "disabled"
     done = subprocess.run(
@@ -97,7 +99,12 @@ def test_the_local_ray_of_a_run_listens_on_loopback_only() -> None:
     assert {"gcs_server", "raylet"} <= names, listening  # the check sees Ray's servers
     exposed = [entry for entry in listening if not _loopback(entry[1])]
     assert not exposed, f"Ray processes listening beyond loopback: {exposed}"
+    # A private instance has no use for the autoscaler's monitor or the log monitor.
+    commands = report["commands"]
+    assert any("gcs_server" in command for command in commands), commands
+    assert not [c for c in commands if "monitor.py" in c or "log_monitor" in c], commands
     assert report["env_after"] is None  # the process is left as it was
+    assert report["params_after"] == "RayParams"
 
 
 # ---- downloads that never end ------------------------------------------------------------
