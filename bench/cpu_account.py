@@ -18,6 +18,7 @@ from pathlib import Path
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+SET_ASIDE = "set_aside"
 ZOMBIE_PREFIX = "[no command line] "  # what a process shows once it has exited (a zombie)
 
 
@@ -39,6 +40,26 @@ def _read_processes() -> dict[int, tuple[str, float]]:
     return found
 
 
+def process_tree(root_needle: str) -> frozenset[int]:
+    """Every process whose command line holds `root_needle`, and all their descendants."""
+    parents: dict[int, int] = {}
+    roots: set[int] = set()
+    for pid, (cmdline, _) in _read_processes().items():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+        if root_needle in cmdline:
+            roots.add(pid)
+    tree, grew = set(roots), True
+    while grew:
+        grown = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= grown
+        grew = bool(grown)
+    return frozenset(tree)
+
+
 def machine_busy_cpu_s() -> float:
     """Busy CPU seconds of the whole machine since boot (all cores, from /proc/stat)."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -49,8 +70,15 @@ def machine_busy_cpu_s() -> float:
 class CpuAccount:
     """Samples /proc while open; `by_kind()` gives CPU seconds used during the window."""
 
-    def __init__(self, classify: Callable[[str], str], interval_s: float = 0.5) -> None:
-        self.classify, self.interval_s = classify, interval_s
+    def __init__(
+        self,
+        classify: Callable[[str], str],
+        interval_s: float = 0.5,
+        set_aside: frozenset[int] = frozenset(),
+    ) -> None:
+        """`set_aside`: processes of something else left running meanwhile (a benchmark's idle
+        Ray cluster while a tool runs without it), counted as kind `SET_ASIDE`."""
+        self.classify, self.interval_s, self.set_aside = classify, interval_s, set_aside
         self.start: dict[int, float] = {}
         self.last: dict[int, tuple[str, float]] = {}
         self._stop = threading.Event()
@@ -87,7 +115,7 @@ class CpuAccount:
         counts: dict[str, int] = defaultdict(int)
         for pid, (cmdline, cpu_s) in self.last.items():
             if cpu_s - self.start.get(pid, 0.0) > 0:
-                counts[self.classify(cmdline)] += 1
+                counts[self._kind(pid, cmdline)] += 1
         return dict(sorted(counts.items()))
 
     def by_kind(self) -> dict[str, float]:
@@ -95,8 +123,11 @@ class CpuAccount:
         for pid, (cmdline, cpu_s) in self.last.items():
             used = cpu_s - self.start.get(pid, 0.0)
             if used > 0:
-                totals[self.classify(cmdline)] += used
+                totals[self._kind(pid, cmdline)] += used
         return {kind: round(seconds, 2) for kind, seconds in sorted(totals.items())}
+
+    def _kind(self, pid: int, cmdline: str) -> str:
+        return SET_ASIDE if pid in self.set_aside else self.classify(cmdline)
 
     @property
     def machine_busy_s(self) -> float:

@@ -43,7 +43,7 @@ from typing import Any
 import cv2
 import lance
 
-from bench.cpu_account import CpuAccount
+from bench.cpu_account import SET_ASIDE, CpuAccount, process_tree
 from bench.peer_v2d import (
     check_video,
     ensure_venv,
@@ -172,6 +172,7 @@ def measured(
     videos: int,
     model_cpu_per_video: float = 0.0,
     not_counted: tuple[str, ...] = NOT_A_TOOLS_OWN,
+    set_aside: frozenset[int] = frozenset(),
 ) -> dict[str, Any]:
     """Run `work()` under a CPU account; its figures with the CPU by process kind.
 
@@ -181,7 +182,7 @@ def measured(
     (`..._and_depth_actor`).
     """
     cpu_log.unlink(missing_ok=True)
-    with CpuAccount(classify) as account:
+    with CpuAccount(classify, set_aside=set_aside) as account:
         started = time.time()
         result = work()
         ended = time.time()
@@ -190,7 +191,7 @@ def measured(
     ffmpeg_cpu = sum(line["user_s"] + line["sys_s"] for line in calls)
     ffmpeg_cpu = result.pop("ffmpeg_cpu_s", None) or ffmpeg_cpu  # the peer logs its own calls
     # /proc samples miss the last half second of each short ffmpeg: take wait4's figure.
-    counted = {kind: cpu for kind, cpu in by_kind.items() if kind not in not_counted}
+    counted = {kind: cpu for kind, cpu in by_kind.items() if kind not in (*not_counted, SET_ASIDE)}
     total = sum(cpu for kind, cpu in counted.items() if kind != "ffmpeg") + ffmpeg_cpu
     outside_ffmpeg = total - ffmpeg_cpu - by_kind.get("ffmpeg_wrapper", 0.0)
     outside = outside_ffmpeg - model_cpu_per_video * videos
@@ -264,6 +265,11 @@ def measure_alternating(args: argparse.Namespace, modes: list[str], work: Path) 
         base_env = {**os.environ, "PREFECT_API_URL": api_url, "RAY_AUTH_MODE": "disabled"}
         base_env["PREFECT_HOME"] = str(work / "prefect-home")
 
+        def idle_cluster() -> frozenset[int]:
+            """The running cluster's processes (its loaded depth actor too), idle while the
+            peer or vidflow's local mode runs: not theirs."""
+            return process_tree(str(work / "ray")) if cluster_address else frozenset()
+
         def peer(index: int) -> dict[str, Any]:
             out = work / f"v2d-{index}"
             return measured(
@@ -271,16 +277,17 @@ def measure_alternating(args: argparse.Namespace, modes: list[str], work: Path) 
                 cpu_log,
                 args.videos,
                 not_counted=(*NOT_A_TOOLS_OWN, *VIDFLOW_SERVICES),
+                set_aside=idle_cluster(),
             )
 
         def ours(mode: str, index: int) -> dict[str, Any]:
             out = work / f"vidflow-{mode}-{index}"
             env = dict(base_env)
-            if mode == "cluster":
-                env["RAY_ADDRESS"] = cluster_address
+            # local: its own Ray, even where `ray start` runs one on this machine.
+            env["RAY_ADDRESS"] = cluster_address if mode == "cluster" else "local"
             return measured(
                 lambda: run_vidflow(urls_file, out, model, env, bin_dir), cpu_log, args.videos,
-                model_cpu,
+                model_cpu, set_aside=idle_cluster() if mode == "local" else frozenset(),
             )  # fmt: skip
 
         # One cluster for every round, as a cluster is used: it outlives runs, and so do

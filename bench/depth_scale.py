@@ -108,6 +108,7 @@ def one_run(size: int, work: Path, template: str, api_url: str, model: Path) -> 
         "--depth-model", str(model), "--device", "cpu",
     ]  # fmt: skip
     env = {**os.environ, "PREFECT_API_URL": api_url, "RAY_AUTH_MODE": "disabled"}
+    env["RAY_ADDRESS"] = "local"  # its own Ray, even where `ray start` runs one on this machine
     started = time.perf_counter()
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     with RunProbe(driver.pid, api_url) as probe:

@@ -3,7 +3,8 @@
 The videos still to do are cut into shards; each shard runs its four stages as Prefect tasks on
 Ray (tasks/depth/shard_tasks.py; the runner in flows/ray_runner.py), shards overlapping, and the
 driver commits each shard's rows to `OUTPUT/videos.lance` as it finishes, so a killed run keeps
-every finished shard. Local Ray by default, an existing cluster with RAY_ADDRESS.
+every finished shard. A running cluster when there is one, else a private local Ray
+(flows/ray_runner.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The depth flow's Ray: an existing cluster (RAY_ADDRESS), else a private local instance that
-listens on 127.0.0.1 only.
+"""The depth flow's Ray: an existing cluster (RAY_ADDRESS, or one `ray start` runs on this
+machine), else a private local instance that listens on 127.0.0.1 only.
 
 Which one is decided when the task runner starts, not when it is built, so building it (as the
 flow's decorator does at import) reads and writes nothing.
@@ -111,8 +111,9 @@ def loopback_only_ray() -> Iterator[None]:
 
 
 class ClusterOrLocalRayTaskRunner(RayTaskRunner):
-    """prefect-ray's runner that picks its Ray when it starts: the cluster at RAY_ADDRESS, else a
-    private local Ray (`num_cpus` CPUs, default all) that listens on 127.0.0.1 only."""
+    """prefect-ray's runner that picks its Ray when it starts: a running cluster
+    (`cluster_address`), else a private local Ray (`num_cpus` CPUs, default all) that listens on
+    127.0.0.1 only."""
 
     def __init__(self, num_cpus: int | None = None) -> None:
         super().__init__()
@@ -131,7 +132,7 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
 
         # Lance warns on any fork once loaded; Ray forks only to exec its own processes at once.
         warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
-        if address := os.environ.get("RAY_ADDRESS"):
+        if address := cluster_address():
             # num_cpus is refused when joining a cluster; its servers are not ours to restrict.
             self.address, self.init_kwargs = address, {"namespace": "prefect"}
             if loopback_only_cluster(address):  # keep 127.0.0.1, or Ray never reaches it
@@ -153,6 +154,25 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
             super().__exit__(*exc_info)
         finally:
             self._ray_start.close()
+
+
+def cluster_address() -> str | None:
+    """The Ray cluster a run joins, as `ray.init()` finds one: RAY_ADDRESS, else the cluster
+    that `ray start` started on this machine (Ray's current-cluster file, when its GCS is
+    alive); None for a private local Ray (also when RAY_ADDRESS is `local`, Ray's word for it).
+
+    Joining a running cluster saves the run Ray's start, and its depth actors stay loaded
+    between runs. Left to itself, `ray.init()` with the private instance's arguments would find
+    that cluster and refuse them (`_system_config must not be provided`)."""
+    from ray._private import services
+
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address:
+        return None if address == "local" else address
+    started_here = services.find_bootstrap_address(None)
+    if started_here and started_here in services.find_gcs_addresses():
+        return started_here
+    return None
 
 
 def loopback_only_cluster(address: str) -> bool:
@@ -178,8 +198,8 @@ def _listening(host: str, port: int) -> bool:
 
 
 def ray_task_runner(num_cpus: int | None = None) -> RayTaskRunner:
-    """The depth flow's task runner: an existing cluster when RAY_ADDRESS is set when it starts,
-    else a local Ray instance on 127.0.0.1 with `num_cpus` CPUs."""
+    """The depth flow's task runner: a running cluster when it starts (`cluster_address`), else
+    a local Ray instance on 127.0.0.1 with `num_cpus` CPUs."""
     return ClusterOrLocalRayTaskRunner(num_cpus)
 
 

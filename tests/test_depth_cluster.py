@@ -1,7 +1,8 @@
 """depth-extraction on a running Ray: a cluster of two nodes (two `ray start` on this machine,
-one CPU each), where shards run on both nodes and each row says which; and a head that listens
+one CPU each), where shards run on both nodes and each row says which; a head that listens
 on 127.0.0.1 only (Ray's single-machine mode), which a driver reaches only by keeping the
-loopback address."""
+loopback address; and a head that `ray start` runs on this machine, joined without
+RAY_ADDRESS as `ray.init()` would."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest
 
 from devstack.launcher import free_port
 from flows.depth_extraction import depth_extraction
-from flows.ray_runner import loopback_only_cluster, ray_task_runner
+from flows.ray_runner import cluster_address, loopback_only_cluster, ray_task_runner
 from tasks.depth.settings import DepthSettings
 from tests.conftest import VIDEOS
 from tests.video_server import Serve, VideoServer
@@ -29,15 +30,25 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 @contextlib.contextmanager
 def _running_ray(
-    monkeypatch: pytest.MonkeyPatch, *, cpus: int, second_node: bool, single_machine: bool
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    cpus: int,
+    second_node: bool,
+    single_machine: bool,
+    announced: bool = False,
 ) -> Iterator[str]:
     """`ray start` nodes on this machine (a head, and a second node if asked) addressed as
     127.0.0.1, with RAY_ADDRESS set to the head; all stopped afterwards. `single_machine`: Ray's
     single-machine mode, every server on 127.0.0.1 only (as bench.depth_peer and
-    `loopback_only_ray` start theirs); multi-node is refused in it."""
+    `loopback_only_ray` start theirs); multi-node is refused in it. `announced`: no RAY_ADDRESS;
+    the head writes Ray's current-cluster file in its default place (under RAY_TMPDIR, set for
+    this test), where `ray.init()` looks."""
     # Ray's socket paths live under --temp-dir and must fit in 107 bytes: keep it short.
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    if announced:
+        env["RAY_TMPDIR"] = str(temp)
+        monkeypatch.setenv("RAY_TMPDIR", str(temp))
     if single_machine:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     address = f"127.0.0.1:{free_port()}"
@@ -48,12 +59,16 @@ def _running_ray(
                                  text=True, timeout=180, check=False)  # fmt: skip
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
 
+    head_temp = [] if announced else ["--temp-dir", str(temp / "head")]
     try:
         start("--head", "--port", address.split(":")[1], "--include-dashboard", "false",
-              "--temp-dir", str(temp / "head"))  # fmt: skip
+              *head_temp)  # fmt: skip
         if second_node:
             start("--address", address, "--temp-dir", str(temp / "second"))
-        monkeypatch.setenv("RAY_ADDRESS", address)
+        if announced:
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        else:
+            monkeypatch.setenv("RAY_ADDRESS", address)
         monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
         yield address
     finally:
@@ -73,12 +88,28 @@ def loopback_only_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         yield address
 
 
+@pytest.fixture
+def announced_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    with _running_ray(
+        monkeypatch, cpus=2, second_node=False, single_machine=False, announced=True
+    ) as address:
+        yield address
+
+
+def _alive_nodes(address: str) -> set[str]:
+    import ray
+
+    ray.init(address=address)
+    try:
+        return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.slow
 def test_shards_run_on_both_nodes_and_rows_name_their_node(
     two_node_cluster: str, prefect_api: None, tiny_depth_model: Path, tmp_path: Path
 ) -> None:
-    import ray
-
     videos = 8
     routes = {f"v{i}.mp4": Serve(VIDEOS / "k400_arm_wrestling.mp4") for i in range(videos)}
     settings = DepthSettings(
@@ -94,11 +125,7 @@ def test_shards_run_on_both_nodes_and_rows_name_their_node(
     assert not loopback_only_cluster(two_node_cluster)  # it listens on this machine's address
     rows = lance.dataset(tmp_path / "out" / "videos.lance").to_table().to_pylist()
     nodes = {row["node_id"] for row in rows}
-    ray.init(address=two_node_cluster)
-    try:
-        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-    finally:
-        ray.shutdown()
+    alive = _alive_nodes(two_node_cluster)
     assert len(alive) == 2 and nodes == alive  # every shard's node, and both nodes used
 
 
@@ -117,3 +144,36 @@ def test_a_loopback_only_cluster_is_reached_at_127_0_0_1(
         flow = depth_extraction.with_options(task_runner=ray_task_runner())
         summary = flow(urls=str(urls), settings=settings)
     assert summary["ok"] == 1
+
+
+@pytest.mark.slow
+def test_a_cluster_that_ray_start_runs_here_is_joined_without_ray_address(
+    announced_head: str, prefect_api: None, tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    """As `ray.init()` does: no Ray start for the run, and its depth actor stays loaded there.
+    (Before, the private instance's arguments made `ray.init()` refuse that cluster.)"""
+    found = cluster_address()  # Ray writes the head's address as this machine's, not 127.0.0.1
+    assert found is not None and found.rpartition(":")[2] == announced_head.rpartition(":")[2]
+    model = str(tiny_depth_model)
+    settings = DepthSettings(output=tmp_path / "out", depth_model=model, device="cpu")
+    with VideoServer({"v.mp4": Serve(VIDEOS / "k400_arm_wrestling.mp4")}) as server:
+        urls = tmp_path / "urls.txt"
+        urls.write_text(server.url("v.mp4") + "\n")
+        flow = depth_extraction.with_options(task_runner=ray_task_runner())
+        summary = flow(urls=str(urls), settings=settings)
+    assert summary["ok"] == 1
+    rows = lance.dataset(tmp_path / "out" / "videos.lance").to_table().to_pylist()
+    assert {row["node_id"] for row in rows} == _alive_nodes(announced_head)
+
+
+def test_which_cluster_a_run_joins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # Ray's current-cluster file goes here
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    assert cluster_address() == "10.1.2.3:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # Ray's word for a new local instance
+    assert cluster_address() is None
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert cluster_address() is None  # no cluster started here
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+    assert cluster_address() is None  # the file of a cluster that is gone

@@ -81,5 +81,6 @@ class DepthSettings(BaseSettings):
     transcode_timeout_s: float = Field(600.0, gt=0, description="longest one transcode may run")
     task_retries: int = Field(2, ge=0, description="Prefect retries of a stage that crashed")
     ray_num_cpus: int | None = Field(
-        None, description="CPUs of the local Ray instance (default: all); unused with RAY_ADDRESS"
+        None,
+        description="CPUs of the private local Ray (default: all); unused on a running cluster",
     )
