@@ -31,6 +31,10 @@ def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
     set), which would write ~/.ray/auth_token; a private local instance needs none."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_kwargs: dict[str, Any] = {
+        # A new instance, whatever Ray would find on its own: left to itself, ray.init() joins
+        # the cluster named in Ray's current-cluster file, even a stale one (`cluster_address`
+        # joins only a live one).
+        "address": "local",
         "include_dashboard": False,
         # Task logs go to the Prefect API (and the UI); echoing every worker's lines here too
         # would bury the progress bar, and costs a log-monitor process.

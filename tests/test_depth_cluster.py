@@ -177,3 +177,22 @@ def test_which_cluster_a_run_joins(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
     assert cluster_address() is None  # the file of a cluster that is gone
+
+
+@pytest.mark.slow
+def test_a_stale_current_cluster_file_does_not_keep_a_run_from_its_own_ray(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """ray.init() alone would try the dead cluster named in the file."""
+    import ray
+
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        monkeypatch.setenv("RAY_TMPDIR", str(temp))
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        (temp / "ray").mkdir()
+        (temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        with ray_task_runner(1):
+            assert ray.cluster_resources().get("CPU") == 1  # its own, of the size asked
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
