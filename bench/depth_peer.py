@@ -13,14 +13,17 @@ Defaults on both sides, except the peer's shards and processes, set as its docs 
 
 vidflow runs as a user runs it: `vidflow depth` in a fresh process, against a running Prefect
 server (`prefect server start`, started once here), either starting its own local Ray
-(`local`) or joining a running one through RAY_ADDRESS (`cluster`, a `ray start --head` on this
-machine), so the fixed start-up of each is measured.
+(`local`, with RAY_ADDRESS=local) or joining a running one (`cluster`, a `ray start --head` on
+this machine, named by RAY_ADDRESS; without it a run finds one that `ray start` announces), so
+the fixed start-up of each is measured. Before the rounds each tool runs once, unmeasured, on a
+few videos (`--no-warm-up` skips it).
 
 Per round and tool: wall time, videos/s, and the CPU-seconds of every process by kind (from
 /proc, bench/cpu_account.py), ffmpeg's own CPU from the wrapper's wait4. From those:
 - `zero_overhead_bound`: CPUs / (ffmpeg + depth-model CPU-s per video), the rate if nothing but
   ffmpeg and the model ran;
-- `overhead_share`: vidflow's CPU-s per video outside ffmpeg and the depth model, over ffmpeg's.
+- `overhead_share`: vidflow's CPU-s per video outside ffmpeg and the depth model, over ffmpeg's
+  (`..._without_idle_server`: less the Prefect server's idle CPU, its rate in the peer's rounds).
 The last stdout line is JSON with every figure, the medians and the ratios.
 """
 

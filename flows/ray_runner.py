@@ -139,6 +139,12 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
         if address := cluster_address():
             # num_cpus is refused when joining a cluster; its servers are not ours to restrict.
             self.address, self.init_kwargs = address, {"namespace": "prefect"}
+            if not os.environ.get("RAY_ADDRESS"):
+                self.logger.info(
+                    "Joining the Ray cluster that `ray start` runs on this machine (%s); "
+                    "RAY_ADDRESS=local runs a private Ray instead",
+                    address,
+                )
             if loopback_only_cluster(address):  # keep 127.0.0.1, or Ray never reaches it
                 self._ray_start.enter_context(loopback_only_ray())
         else:
