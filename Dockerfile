@@ -83,10 +83,13 @@ WORKDIR /src
 
 # Dependencies first, from the project metadata alone, so that this (large) layer is rebuilt
 # only when pyproject.toml or constraints.txt change. With no source present setuptools builds
-# an empty vidflow distribution; the real one replaces it below.
-COPY pyproject.toml constraints.txt README.md ./
+# an empty vidflow distribution; the real one replaces it below. pyproject.toml names README.md
+# as the long description: an empty stand-in, so that editing the README does not rebuild
+# (and store again) this layer of several GB.
+COPY pyproject.toml constraints.txt ./
 RUN --mount=type=secret,id=pip_ca,required=false \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && touch README.md \
     && pip install --no-cache-dir -c constraints.txt \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[torch]"
 
@@ -132,10 +135,12 @@ RUN apt-get update \
 WORKDIR /opt/vidflow
 
 # Dependencies first (every extra the flows use), from the project metadata alone, so that this
-# (large) layer is rebuilt only when pyproject.toml or constraints.txt change.
-COPY pyproject.toml constraints.txt README.md ./
+# (large) layer is rebuilt only when pyproject.toml or constraints.txt change (README.md: an
+# empty stand-in, as in the builder).
+COPY pyproject.toml constraints.txt ./
 RUN --mount=type=secret,id=pip_ca,required=false \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && touch README.md \
     && pip install --no-cache-dir -c constraints.txt \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[all]"
 

@@ -96,14 +96,29 @@ def announced_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         yield address
 
 
-def _alive_nodes(address: str) -> set[str]:
+def _cluster_view(address: str) -> tuple[set[str], list[str]]:
+    """The cluster's live node ids and its named actors (of every namespace)."""
     import ray
 
     ray.init(address=address)
     try:
-        return {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        named = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)]
+        return alive, named
     finally:
         ray.shutdown()
+
+
+def _one_video_run(model: Path, tmp_path: Path) -> tuple[dict, list[dict]]:
+    """depth-extraction of one real clip on whatever Ray the runner picks: summary and rows."""
+    settings = DepthSettings(output=tmp_path / "out", depth_model=str(model), device="cpu")
+    with VideoServer({"v.mp4": Serve(VIDEOS / "k400_arm_wrestling.mp4")}) as server:
+        urls = tmp_path / "urls.txt"
+        urls.write_text(server.url("v.mp4") + "\n")
+        flow = depth_extraction.with_options(task_runner=ray_task_runner())
+        summary = flow(urls=str(urls), settings=settings)
+    rows = lance.dataset(tmp_path / "out" / "videos.lance").to_table().to_pylist()
+    return summary, rows
 
 
 @pytest.mark.slow
@@ -125,7 +140,7 @@ def test_shards_run_on_both_nodes_and_rows_name_their_node(
     assert not loopback_only_cluster(two_node_cluster)  # it listens on this machine's address
     rows = lance.dataset(tmp_path / "out" / "videos.lance").to_table().to_pylist()
     nodes = {row["node_id"] for row in rows}
-    alive = _alive_nodes(two_node_cluster)
+    alive, _ = _cluster_view(two_node_cluster)
     assert len(alive) == 2 and nodes == alive  # every shard's node, and both nodes used
 
 
@@ -136,13 +151,7 @@ def test_a_loopback_only_cluster_is_reached_at_127_0_0_1(
     """Ray would swap RAY_ADDRESS's 127.0.0.1 for this machine's address, where this head does
     not listen, and wait for ever (the depth_peer benchmark's cluster mode hung so)."""
     assert loopback_only_cluster(loopback_only_head)
-    model = str(tiny_depth_model)
-    settings = DepthSettings(output=tmp_path / "out", depth_model=model, device="cpu")
-    with VideoServer({"v.mp4": Serve(VIDEOS / "k400_arm_wrestling.mp4")}) as server:
-        urls = tmp_path / "urls.txt"
-        urls.write_text(server.url("v.mp4") + "\n")
-        flow = depth_extraction.with_options(task_runner=ray_task_runner())
-        summary = flow(urls=str(urls), settings=settings)
+    summary, _ = _one_video_run(tiny_depth_model, tmp_path)
     assert summary["ok"] == 1
 
 
@@ -154,16 +163,11 @@ def test_a_cluster_that_ray_start_runs_here_is_joined_without_ray_address(
     (Before, the private instance's arguments made `ray.init()` refuse that cluster.)"""
     found = cluster_address()  # Ray writes the head's address as this machine's, not 127.0.0.1
     assert found is not None and found.rpartition(":")[2] == announced_head.rpartition(":")[2]
-    model = str(tiny_depth_model)
-    settings = DepthSettings(output=tmp_path / "out", depth_model=model, device="cpu")
-    with VideoServer({"v.mp4": Serve(VIDEOS / "k400_arm_wrestling.mp4")}) as server:
-        urls = tmp_path / "urls.txt"
-        urls.write_text(server.url("v.mp4") + "\n")
-        flow = depth_extraction.with_options(task_runner=ray_task_runner())
-        summary = flow(urls=str(urls), settings=settings)
+    summary, rows = _one_video_run(tiny_depth_model, tmp_path)
     assert summary["ok"] == 1
-    rows = lance.dataset(tmp_path / "out" / "videos.lance").to_table().to_pylist()
-    assert {row["node_id"] for row in rows} == _alive_nodes(announced_head)
+    alive, named_actors = _cluster_view(announced_head)
+    assert {row["node_id"] for row in rows} == alive
+    assert any(name.startswith("depth-") for name in named_actors)  # still loaded there
 
 
 def test_which_cluster_a_run_joins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
