@@ -88,10 +88,14 @@ def loopback_only_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         yield address
 
 
-@pytest.fixture
-def announced_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+@pytest.fixture(params=[False, True], ids=["network", "loopback-only"])
+def announced_head(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """A head that `ray start` announces on this machine: a normal one, and one in Ray's
+    single-machine mode (every server on 127.0.0.1), as the README advises for a laptop."""
     with _running_ray(
-        monkeypatch, cpus=2, second_node=False, single_machine=False, announced=True
+        monkeypatch, cpus=2, second_node=False, single_machine=request.param, announced=True
     ) as address:
         yield address
 
@@ -161,7 +165,7 @@ def test_a_cluster_that_ray_start_runs_here_is_joined_without_ray_address(
 ) -> None:
     """As `ray.init()` does: no Ray start for the run, and its depth actor stays loaded there.
     (Before, the private instance's arguments made `ray.init()` refuse that cluster.)"""
-    found = cluster_address()  # Ray writes the head's address as this machine's, not 127.0.0.1
+    found = cluster_address()  # a normal head is announced under this machine's address
     assert found is not None and found.rpartition(":")[2] == announced_head.rpartition(":")[2]
     summary, rows = _one_video_run(tiny_depth_model, tmp_path)
     assert summary["ok"] == 1
