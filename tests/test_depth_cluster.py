@@ -20,7 +20,12 @@ import pytest
 
 from devstack.launcher import free_port
 from flows.depth_extraction import depth_extraction
-from flows.ray_runner import cluster_address, loopback_only_cluster, ray_task_runner
+from flows.ray_runner import (
+    cluster_address,
+    loopback_only_cluster,
+    loopback_only_ray,
+    ray_task_runner,
+)
 from tasks.depth.settings import DepthSettings
 from tests.conftest import VIDEOS
 from tests.video_server import Serve, VideoServer
@@ -101,16 +106,19 @@ def announced_head(
 
 
 def _cluster_view(address: str) -> tuple[set[str], list[str]]:
-    """The cluster's live node ids and its named actors (of every namespace)."""
+    """The cluster's live node ids and its named actors (of every namespace); a loopback-only
+    cluster is reached as the runner reaches it (else ray.init waits for it for ever)."""
     import ray
 
-    ray.init(address=address)
-    try:
-        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-        named = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)]
-        return alive, named
-    finally:
-        ray.shutdown()
+    reach = loopback_only_ray() if loopback_only_cluster(address) else contextlib.nullcontext()
+    with reach:
+        ray.init(address=address)
+        try:
+            alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+            named = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)]
+            return alive, named
+        finally:
+            ray.shutdown()
 
 
 def _one_video_run(model: Path, tmp_path: Path) -> tuple[dict, list[dict]]:
