@@ -22,9 +22,9 @@ SET_ASIDE = "set_aside"
 ZOMBIE_PREFIX = "[no command line] "  # what a process shows once it has exited (a zombie)
 
 
-def _read_processes() -> dict[int, tuple[str, float]]:
-    """pid -> (command line, CPU seconds so far) of every process that can be read."""
-    found: dict[int, tuple[str, float]] = {}
+def _scan_processes() -> dict[int, tuple[str, float, int]]:
+    """pid -> (command line, CPU seconds so far, parent pid) of every process that can be read."""
+    found: dict[int, tuple[str, float, int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -36,27 +36,22 @@ def _read_processes() -> dict[int, tuple[str, float]]:
         fields = stat.rsplit(")", 1)[1].split()
         cpu_s = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        found[int(entry.name)] = (cmdline.strip() or f"{ZOMBIE_PREFIX}{comm}", cpu_s)
+        shown = cmdline.strip() or f"{ZOMBIE_PREFIX}{comm}"
+        found[int(entry.name)] = (shown, cpu_s, int(fields[1]))  # fields[1]: parent pid
     return found
+
+
+def _read_processes() -> dict[int, tuple[str, float]]:
+    """pid -> (command line, CPU seconds so far) of every process that can be read."""
+    return {pid: (cmdline, cpu_s) for pid, (cmdline, cpu_s, _) in _scan_processes().items()}
 
 
 def process_tree(root_needle: str) -> frozenset[int]:
     """Every process whose command line holds `root_needle`, and all their descendants."""
-    parents: dict[int, int] = {}
-    roots: set[int] = set()
-    for pid, (cmdline, _) in _read_processes().items():
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
-        if root_needle in cmdline:
-            roots.add(pid)
-    tree, grew = set(roots), True
-    while grew:
-        grown = {pid for pid, parent in parents.items() if parent in tree} - tree
+    processes = _scan_processes()
+    tree = {pid for pid, (cmdline, _, _) in processes.items() if root_needle in cmdline}
+    while grown := {pid for pid, (_, _, parent) in processes.items() if parent in tree} - tree:
         tree |= grown
-        grew = bool(grown)
     return frozenset(tree)
 
 

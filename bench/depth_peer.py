@@ -371,21 +371,26 @@ def summarise(
             entry["share_of_bound"] = round(statistics.median(rates) / (CPUS / ffmpeg_per_video), 3)
         else:
             peer_rates = [r["videos_per_s"] for r in peer_rounds]
-            entry.update(_mode_figures(figures, peer_rates, model_cpu, videos, server_idle_per_s))
+            mode = _mode_figures(
+                figures, rates, ffmpeg_per_video, peer_rates, model_cpu, videos, server_idle_per_s
+            )
+            entry.update(mode)
         summary[name] = entry
     return summary
 
 
 def _mode_figures(
     figures: list[dict[str, Any]],
+    rates: list[float],
+    ffmpeg_per_video: float,
     peer_rates: list[float],
     model_cpu: float,
     videos: int,
     server_idle_per_s: float | None,
 ) -> dict[str, Any]:
-    """A vidflow mode's ratios to the peer, share of the bound and overhead shares."""
-    rate = statistics.median(r["videos_per_s"] for r in figures)
-    ffmpeg_per_video = statistics.median(r["ffmpeg_cpu_s"] for r in figures) / videos
+    """A vidflow mode's ratios to the peer, share of the bound and overhead shares (`rates`
+    and `ffmpeg_per_video` as `summarise` has them)."""
+    rate = statistics.median(rates)
     outside = statistics.median(r["cpu_s_outside_ffmpeg_and_model"] for r in figures)
     outside_actor = statistics.median(r["cpu_s_outside_ffmpeg_and_depth_actor"] for r in figures)
     actor = statistics.median(r["cpu_s_by_kind"].get("depth_actor", 0) for r in figures)
@@ -393,7 +398,6 @@ def _mode_figures(
     bound_with_load = CPUS / (ffmpeg_per_video + actor / videos)
     entry: dict[str, Any] = {}
     if peer_rates:
-        rates = [r["videos_per_s"] for r in figures]
         ratios = [ours / peer for ours, peer in zip(rates, peer_rates, strict=True)]
         entry["ratio_to_video2dataset"] = round(statistics.median(ratios), 3)
         entry["ratio_rounds"] = [round(r, 3) for r in ratios]

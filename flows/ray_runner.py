@@ -51,7 +51,7 @@ def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def private_ray_start() -> Iterator[None]:
-    """While a private local Ray starts (`ray.init` with no address) and runs: on 127.0.0.1
+    """While a private local Ray starts (`ray.init(address="local")`) and runs: on 127.0.0.1
     only (`loopback_only_ray`), and without the two head processes a private instance has no
     use for (`_without_cluster_monitors`)."""
     with loopback_only_ray(), _without_cluster_monitors():
@@ -145,8 +145,7 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
                     "RAY_ADDRESS=local runs a private Ray instead",
                     address,
                 )
-            if loopback_only_cluster(address):  # keep 127.0.0.1, or Ray never reaches it
-                self._ray_start.enter_context(loopback_only_ray())
+            self._ray_start.enter_context(reaching_cluster(address))
         else:
             self.address = None
             self.init_kwargs = {"namespace": "prefect", **local_ray_init_kwargs(self.num_cpus)}
@@ -185,8 +184,14 @@ def cluster_address() -> str | None:
     return None
 
 
+def reaching_cluster(address: str) -> contextlib.AbstractContextManager[None]:
+    """What a driver joining the cluster at `address` must hold while connected: a loopback-only
+    cluster is reached at 127.0.0.1 (`loopback_only_ray`), or Ray never reaches it."""
+    return loopback_only_ray() if loopback_only_cluster(address) else contextlib.nullcontext()
+
+
 def loopback_only_cluster(address: str) -> bool:
-    """Whether RAY_ADDRESS names a cluster that listens on 127.0.0.1 only (started in Ray's
+    """Whether `address` names a cluster that listens on 127.0.0.1 only (started in Ray's
     single-machine mode, as `loopback_only_ray` starts ours). A driver swaps 127.0.0.1 for this
     machine's address before it connects (`services.resolve_ip_for_localhost`), where such a
     cluster does not listen, and waits for it for ever; it must keep the loopback address."""

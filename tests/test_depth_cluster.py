@@ -23,8 +23,8 @@ from flows.depth_extraction import depth_extraction
 from flows.ray_runner import (
     cluster_address,
     loopback_only_cluster,
-    loopback_only_ray,
     ray_task_runner,
+    reaching_cluster,
 )
 from tasks.depth.settings import DepthSettings
 from tests.conftest import VIDEOS
@@ -110,8 +110,7 @@ def _cluster_view(address: str) -> tuple[set[str], list[str]]:
     cluster is reached as the runner reaches it (else ray.init waits for it for ever)."""
     import ray
 
-    reach = loopback_only_ray() if loopback_only_cluster(address) else contextlib.nullcontext()
-    with reach:
+    with reaching_cluster(address):
         ray.init(address=address)
         try:
             alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
