@@ -42,7 +42,15 @@ def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
         # Ray addresses its nodes by this; its servers also bind only to it inside
         # `loopback_only_ray`, which keeps Ray from swapping in the machine's address.
         "_node_ip_address": "127.0.0.1",
-        "_system_config": {"num_workers_soft_limit": RAY_WORKERS_KEPT},
+        "_system_config": {
+            "num_workers_soft_limit": RAY_WORKERS_KEPT,
+            # Ray starts one worker per CPU when the driver connects, before any work. The
+            # depth actor takes one of them, and the first shards' tasks, submitted while
+            # those still start, get others started for them: one worker process (~1 CPU-s
+            # of Python and Ray imports) sat idle through the whole run. Workers started
+            # for the work as it comes are exactly the ones it uses.
+            "prestart_worker_first_driver": False,
+        },
     }
     if num_cpus is not None:
         init_kwargs["num_cpus"] = num_cpus
@@ -52,36 +60,45 @@ def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
 @contextlib.contextmanager
 def private_ray_start() -> Iterator[None]:
     """While a private local Ray starts (`ray.init(address="local")`) and runs: on 127.0.0.1
-    only (`loopback_only_ray`), and without the two head processes a private instance has no
-    use for (`_without_cluster_monitors`)."""
-    with loopback_only_ray(), _without_cluster_monitors():
+    only (`loopback_only_ray`), and without the three head processes a private instance has no
+    use for (`_without_cluster_services`)."""
+    with loopback_only_ray(), _without_cluster_services():
         yield
 
 
 @contextlib.contextmanager
-def _without_cluster_monitors() -> Iterator[None]:
-    """`ray.init` starts a head with Ray's autoscaler monitor and its log monitor, and has no
-    argument to leave them out (`ray start` has: --no-monitor, --include-log-monitor). A
-    private instance of fixed size autoscales nothing, and with `log_to_driver=False` no one
-    reads what the log monitor forwards; the two cost ~1.5 CPU-s a run, and the monitor, which
-    ignores SIGTERM, another second at shutdown while Ray waits to kill it. Ray 2.60's `ray.init`
-    builds the head's `RayParams` through the module attribute, so a subclass with those two
-    defaults is put there while it runs."""
-    from ray._private import parameter
+def _without_cluster_services() -> Iterator[None]:
+    """`ray.init` starts a head with Ray's autoscaler monitor, its log monitor and its API
+    server, and has no argument to leave them out (`ray start` has --no-monitor and
+    --include-log-monitor for the first two). A private instance of fixed size autoscales
+    nothing; with `log_to_driver=False` no one reads what the log monitor forwards; and with
+    `include_dashboard=False` the API server loads one module, usage statistics, which Ray
+    then reports from a private run. Together they cost ~2.5 CPU-s a run, `ray.init` waits
+    ~0.9 s for the API server to come up, and the monitor, which ignores SIGTERM, another
+    second at shutdown while Ray waits to kill it.
 
-    original = parameter.RayParams
+    Ray 2.60's `ray.init` builds the head's `RayParams` through the module attribute, so a
+    subclass with the monitors off is put there while it runs; the API server is started by
+    `Node.start_api_server`, replaced meanwhile by what Ray does when that server fails to
+    start (which it tolerates: the node runs on, with no dashboard URL)."""
+    from ray._private import node, parameter
 
-    class HeadParamsWithoutMonitors(original):  # type: ignore[misc, valid-type]
+    original_params, original_api_server = parameter.RayParams, node.Node.start_api_server
+
+    class HeadParamsWithoutMonitors(original_params):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("no_monitor", True)
             kwargs.setdefault("include_log_monitor", False)
             super().__init__(*args, **kwargs)
 
-    parameter.RayParams = HeadParamsWithoutMonitors
+    def no_api_server(self: Any, **_: Any) -> None:
+        self._webui_url = ""
+
+    parameter.RayParams, node.Node.start_api_server = HeadParamsWithoutMonitors, no_api_server
     try:
         yield
     finally:
-        parameter.RayParams = original
+        parameter.RayParams, node.Node.start_api_server = original_params, original_api_server
 
 
 @contextlib.contextmanager

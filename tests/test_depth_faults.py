@@ -32,12 +32,24 @@ OTHER_CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 # reports its command line and listening TCP sockets.
 RAY_LISTENERS = textwrap.dedent(
     """
-    import json, os
+    import json, os, time
     from flows.ray_runner import RAY_CLUSTER_ENV, ray_task_runner
     import ray
     import psutil  # Ray's own copy, on sys.path once ray is imported
 
+    # The session's worker processes: the raylet's children but its two agents.
+    def workers() -> list[str]:
+        session = ray._private.worker._global_node.get_session_dir_path()
+        commands = {p: " ".join(p.info["cmdline"] or []) for p in
+                    psutil.process_iter(["cmdline"])}
+        raylets = [p for p, c in commands.items() if "raylet" in c and session in c]
+        names = [" ".join(c.cmdline()) for r in raylets for c in r.children()]
+        agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+        return [name for name in names if not name.startswith(agents)]
+
     with ray_task_runner(1):
+        time.sleep(1.5)  # a prestarted worker would be up by now
+        idle_workers = workers()
         @ray.remote
         def pid() -> int:
             return os.getpid()
@@ -66,7 +78,9 @@ RAY_LISTENERS = textwrap.dedent(
                 pass
     print(json.dumps({"ran": ran, "listening": listening, "commands": commands,
                       "env_after": os.environ.get(RAY_CLUSTER_ENV),
-                      "params_after": ray._private.parameter.RayParams.__name__}))
+                      "idle_workers": idle_workers,
+                      "params_after": ray._private.parameter.RayParams.__name__,
+                      "api_server_after": ray._private.node.Node.start_api_server.__name__}))
     """
 )
 
@@ -79,7 +93,7 @@ def _loopback(ip: str) -> bool:
 
 @pytest.mark.faults
 @pytest.mark.slow
-def test_the_local_ray_of_a_run_listens_on_loopback_only_and_runs_no_monitors() -> None:
+def test_the_local_ray_of_a_run_listens_on_loopback_only_and_runs_no_idle_extras() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", RAY_CLUSTER_ENV)}
     env["RAY_AUTH_MODE"] = "disabled"
     done = subprocess.run(
@@ -99,12 +113,19 @@ def test_the_local_ray_of_a_run_listens_on_loopback_only_and_runs_no_monitors() 
     assert {"gcs_server", "raylet"} <= names, listening  # the check sees Ray's servers
     exposed = [entry for entry in listening if not _loopback(entry[1])]
     assert not exposed, f"Ray processes listening beyond loopback: {exposed}"
-    # A private instance has no use for the autoscaler's monitor or the log monitor.
+    # A private instance has no use for the autoscaler's monitor, the log monitor or the API
+    # server (whose only module with the dashboard off reports usage statistics).
     commands = report["commands"]
     assert any("gcs_server" in command for command in commands), commands
-    assert not [c for c in commands if "monitor.py" in c or "log_monitor" in c], commands
+    assert any("dashboard/agent.py" in command for command in commands), commands  # it sees it
+    unwanted = ("monitor.py", "log_monitor", "dashboard/dashboard.py")
+    assert not [c for c in commands if any(name in c for name in unwanted)], commands
+    # Nor for workers started before any work: the depth actor would take one of them and the
+    # shards start others anyway (each an idle process that imported Ray).
+    assert report["idle_workers"] == [], report["idle_workers"]
     assert report["env_after"] is None  # the process is left as it was
     assert report["params_after"] == "RayParams"
+    assert report["api_server_after"] == "start_api_server"
 
 
 # ---- downloads that never end ------------------------------------------------------------
