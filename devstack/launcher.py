@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.net import free_port
 from common.processes import stop_process
 from services.inference.client import wait_until_serving
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # devstack/launcher.py: the checkout
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

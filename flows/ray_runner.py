@@ -16,6 +16,8 @@ from typing import Any, Self
 
 from prefect_ray import RayTaskRunner
 
+from common.net import free_port
+
 # Tasks that reserve no CPU (downloads, writes) let a run keep more Ray workers busy than there
 # are CPUs. Above this many, Ray kills a worker after a second idle and starts a new one (a
 # second or two of CPU for Python, Ray and Prefect imports) for the next shard; keep them.
@@ -60,41 +62,46 @@ def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
 @contextlib.contextmanager
 def private_ray_start() -> Iterator[None]:
     """While a private local Ray starts (`ray.init(address="local")`) and runs: on 127.0.0.1
-    only (`loopback_only_ray`), and without the three head processes a private instance has no
-    use for (`_without_cluster_services`)."""
-    with loopback_only_ray(), _without_cluster_services():
+    only (`loopback_only_ray`), without the three head processes a private instance has no use
+    for, and with its node agent on a free port (`_private_head`)."""
+    with loopback_only_ray(), _private_head():
         yield
 
 
 @contextlib.contextmanager
-def _without_cluster_services() -> Iterator[None]:
-    """`ray.init` starts a head with Ray's autoscaler monitor, its log monitor and its API
-    server, and has no argument to leave them out (`ray start` has --no-monitor and
-    --include-log-monitor for the first two). A private instance of fixed size autoscales
-    nothing; with `log_to_driver=False` no one reads what the log monitor forwards; and with
-    `include_dashboard=False` the API server loads one module, usage statistics, which Ray
-    then reports from a private run. Together they cost ~2.5 CPU-s a run, `ray.init` waits
-    ~0.9 s for the API server to come up, and the monitor, which ignores SIGTERM, another
-    second at shutdown while Ray waits to kill it.
+def _private_head() -> Iterator[None]:
+    """What `ray.init` has no argument for, set for a private instance's head.
+
+    - No autoscaler monitor, log monitor or API server (`ray start` has --no-monitor and
+      --include-log-monitor for the first two). A private instance of fixed size autoscales
+      nothing; with `log_to_driver=False` no one reads what the log monitor forwards; and with
+      `include_dashboard=False` the API server loads one module, usage statistics, which Ray
+      would report from a private run. Together they cost ~2.5 CPU-s a run, `ray.init` waited
+      ~0.9 s for the API server, and the monitor, which ignores SIGTERM, another second at
+      shutdown while Ray waits to kill it.
+    - The node agent's HTTP port free, not Ray's fixed default (52365): where another Ray runs
+      on the machine (a `ray start` cluster, a second run), the agent retried that port for
+      ~3.5 s and the raylet waited ~4 s for it before the run could start.
 
     Ray 2.60's `ray.init` builds the head's `RayParams` through the module attribute, so a
-    subclass with the monitors off is put there while it runs; the API server is started by
+    subclass with these defaults is put there while it runs; the API server is started by
     `Node.start_api_server`, replaced meanwhile by what Ray does when that server fails to
     start (which it tolerates: the node runs on, with no dashboard URL)."""
     from ray._private import node, parameter
 
     original_params, original_api_server = parameter.RayParams, node.Node.start_api_server
 
-    class HeadParamsWithoutMonitors(original_params):  # type: ignore[misc, valid-type]
+    class PrivateHeadParams(original_params):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("no_monitor", True)
             kwargs.setdefault("include_log_monitor", False)
+            kwargs.setdefault("dashboard_agent_listen_port", free_port())
             super().__init__(*args, **kwargs)
 
     def no_api_server(self: Any, **_: Any) -> None:
         self._webui_url = ""
 
-    parameter.RayParams, node.Node.start_api_server = HeadParamsWithoutMonitors, no_api_server
+    parameter.RayParams, node.Node.start_api_server = PrivateHeadParams, no_api_server
     try:
         yield
     finally:

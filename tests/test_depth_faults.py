@@ -3,13 +3,16 @@ network, a server that drips bytes, a reordered re-run."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import lance
@@ -76,13 +79,19 @@ RAY_LISTENERS = textwrap.dedent(
                         listening.append([p.name(), c.laddr.ip, c.laddr.port])
             except psutil.Error:
                 pass
+        agent_log = os.path.join(session, "logs", "dashboard_agent.log")
+        bind_failures = open(agent_log).read().count("Failed to bind")
     print(json.dumps({"ran": ran, "listening": listening, "commands": commands,
+                      "agent_bind_failures": bind_failures,
                       "env_after": os.environ.get(RAY_CLUSTER_ENV),
                       "idle_workers": idle_workers,
                       "params_after": ray._private.parameter.RayParams.__name__,
                       "api_server_after": ray._private.node.Node.start_api_server.__name__}))
     """
 )
+
+
+RAY_DEFAULT_AGENT_PORT = 52365  # ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
 
 
 def _loopback(ip: str) -> bool:
@@ -96,15 +105,17 @@ def _loopback(ip: str) -> bool:
 def test_the_local_ray_of_a_run_listens_on_loopback_only_and_runs_no_idle_extras() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", RAY_CLUSTER_ENV)}
     env["RAY_AUTH_MODE"] = "disabled"
-    done = subprocess.run(
-        [sys.executable, "-c", RAY_LISTENERS],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    # Ray's default port for a node agent, taken as another Ray on the machine takes it.
+    with _port_taken(RAY_DEFAULT_AGENT_PORT):
+        done = subprocess.run(
+            [sys.executable, "-c", RAY_LISTENERS],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(report["ran"]) == 2
@@ -126,6 +137,20 @@ def test_the_local_ray_of_a_run_listens_on_loopback_only_and_runs_no_idle_extras
     assert report["env_after"] is None  # the process is left as it was
     assert report["params_after"] == "RayParams"
     assert report["api_server_after"] == "start_api_server"
+    # The agent took a free port at once (it retried the taken default for ~3.5 s, and the
+    # raylet, so the run, waited for it).
+    assert report["agent_bind_failures"] == 0
+    assert RAY_DEFAULT_AGENT_PORT not in {port for _, _, port in listening}
+
+
+@contextlib.contextmanager
+def _port_taken(port: int) -> Iterator[None]:
+    """`port` on 127.0.0.1 held by a listening socket meanwhile (or by whatever holds it)."""
+    with socket.socket() as holder:
+        with contextlib.suppress(OSError):  # already taken: as good
+            holder.bind(("127.0.0.1", port))
+            holder.listen()
+        yield
 
 
 # ---- downloads that never end ------------------------------------------------------------
