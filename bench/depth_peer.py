@@ -18,8 +18,9 @@ this machine, named by RAY_ADDRESS; without it a run finds one that `ray start` 
 the fixed start-up of each is measured. Before the rounds each tool runs once, unmeasured, on a
 few videos (`--no-warm-up` skips it).
 
-Per round and tool: wall time, videos/s, and the CPU-seconds of every process by kind (from
-/proc, bench/cpu_account.py), ffmpeg's own CPU from the wrapper's wait4. From those:
+Per round and tool: wall time, videos/s, the CPU-seconds of every process by kind (from /proc,
+bench/cpu_account.py), ffmpeg's own CPU from the wrapper's wait4, and the core-seconds the
+machine sat idle (`idle_core_s`: CPUs x wall less the busy CPU of /proc/stat). From those:
 - `zero_overhead_bound`: CPUs / (ffmpeg + depth-model CPU-s per video), the rate if nothing but
   ffmpeg and the model ran;
 - `overhead_share`: vidflow's CPU-s per video outside ffmpeg and the depth model, over ffmpeg's
@@ -207,6 +208,8 @@ def measured(
         "ffmpeg_cpu_s": round(ffmpeg_cpu, 2),
         "cpu_s": round(total, 2),
         "machine_busy_cpu_s": account.machine_busy_s,
+        # Core-seconds no process used: start-up waits, a stage waiting on another.
+        "idle_core_s": round(CPUS * result["wall_s"] - account.machine_busy_s, 1),
         "cpu_s_outside_ffmpeg_and_model": round(outside, 2),
         "cpu_s_outside_ffmpeg_and_depth_actor": round(
             outside_ffmpeg - by_kind.get("depth_actor", 0.0), 2
@@ -365,6 +368,7 @@ def summarise(
             "rounds": rates,
             "ffmpeg_cpu_s_per_video": round(ffmpeg_per_video, 3),
             "cpu_s_per_video": round(statistics.median(r["cpu_s"] for r in figures) / videos, 3),
+            "idle_core_s": statistics.median(r["idle_core_s"] for r in figures),
         }
         if name == "video2dataset":
             entry["zero_overhead_bound"] = round(CPUS / ffmpeg_per_video, 3)
