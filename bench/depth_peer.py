@@ -55,8 +55,8 @@ from bench.peer_v2d import (
     run_video2dataset,
     write_ffmpeg_wrapper,
 )
+from common.net import free_port
 from common.settings import SAMPLE_VIDEO
-from devstack.launcher import free_port
 from devstack.local_stack import LocalStack
 from tasks.depth.transcode import ffmpeg_exe
 

@@ -25,7 +25,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from devstack.launcher import REPO_ROOT, ServerProcess, free_port
+from common.net import free_port
+from devstack.launcher import REPO_ROOT, ServerProcess
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.backends import OnnxBackend, threads_per_call
 from services.inference.onnx_export import ExportedModelInfo

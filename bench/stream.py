@@ -26,9 +26,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from common.frames import load_encoded_images
+from common.net import free_port
 from common.settings import DEFAULT_CACHE_DIR, SAMPLE_VIDEO
 from devstack.broker import LocalBroker, start_broker
-from devstack.launcher import ServerProcess, free_port, start_server
+from devstack.launcher import ServerProcess, start_server
 from services.inference.loadtest import run_loadtest
 from tasks.stream.consumer import ConsumerSummary, FrameConsumer
 from tasks.stream.producer import ProduceStats, produce_frames

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.net import free_port
 from common.processes import signal_on_parent_death, stop_process
-from devstack.launcher import REPO_ROOT, free_port
+from devstack.launcher import REPO_ROOT
 
 log = logging.getLogger("vidflow.stack")
 

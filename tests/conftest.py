@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from common.net import free_port
 from common.settings import SAMPLE_VIDEOS_DIR
 from devstack.broker import LocalBroker, start_broker
-from devstack.launcher import ServerProcess, free_port, start_server
+from devstack.launcher import ServerProcess, start_server
 from tasks.stream.settings import KafkaSettings
 from tasks.stream.topics import ensure_topics
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from common.frames import encode_jpeg, iter_video_frames
+from common.net import free_port
 from common.settings import SAMPLE_VIDEO
-from devstack.launcher import free_port
 from services.inference.client import classify_files, health_status
 from services.inference.models import imagenet_class_names
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import lance
 import pytest
 
-from devstack.launcher import free_port
+from common.net import free_port
 from flows.depth_extraction import depth_extraction
 from flows.ray_runner import (
     cluster_address,

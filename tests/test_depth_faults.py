@@ -41,8 +41,7 @@ RAY_LISTENERS = textwrap.dedent(
     import psutil  # Ray's own copy, on sys.path once ray is imported
 
     # The session's worker processes: the raylet's children but its two agents.
-    def workers() -> list[str]:
-        session = ray._private.worker._global_node.get_session_dir_path()
+    def workers(session: str) -> list[str]:
         commands = {p: " ".join(p.info["cmdline"] or []) for p in
                     psutil.process_iter(["cmdline"])}
         raylets = [p for p, c in commands.items() if "raylet" in c and session in c]
@@ -51,8 +50,9 @@ RAY_LISTENERS = textwrap.dedent(
         return [name for name in names if not name.startswith(agents)]
 
     with ray_task_runner(1):
+        session = ray._private.worker._global_node.get_session_dir_path()
         time.sleep(1.5)  # a prestarted worker would be up by now
-        idle_workers = workers()
+        idle_workers = workers(session)
         @ray.remote
         def pid() -> int:
             return os.getpid()
@@ -64,7 +64,6 @@ RAY_LISTENERS = textwrap.dedent(
 
         holder = Holder.remote()
         ran = [ray.get(pid.remote()), ray.get(holder.pid.remote())]
-        session = ray._private.worker._global_node.get_session_dir_path()
         processes = {p.pid: p for p in psutil.Process().children(recursive=True)}
         for p in psutil.process_iter(["cmdline"]):
             command = " ".join(p.info["cmdline"] or [])

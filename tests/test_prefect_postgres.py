@@ -25,9 +25,10 @@ from typing import Any
 
 import pytest
 
+from common.net import free_port
 from common.settings import DEFAULT_CACHE_DIR, KINETICS_VAL_CSV, SAMPLE_VIDEO
 from devstack.broker import start_broker
-from devstack.launcher import free_port, start_server
+from devstack.launcher import start_server
 from devstack.local_stack import FLOW_RUN_ID, LocalStack
 from devstack.sample_mirror import running_mirror
 from vidflow.demo import DEPLOYMENTS, depth_model_for_demo

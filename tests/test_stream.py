@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from devstack.launcher import REPO_ROOT, ServerProcess, free_port, start_server
+from common.net import free_port
+from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from tasks.stream.consumer import FrameConsumer
 from tasks.stream.frame_codec import (
     HEADER_DLQ_REASON,

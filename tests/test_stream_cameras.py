@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from devstack.launcher import REPO_ROOT, free_port
+from common.net import free_port
+from devstack.launcher import REPO_ROOT
 from tasks.stream.consumer import FrameConsumer
 from tasks.stream.frame_codec import Frame, FrameResult, decode_frame, frame_key
 from tasks.stream.producer import produce_frames, source_list, stream_bases

@@ -25,8 +25,9 @@ import grpc
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from common.net import free_port
 from devstack.broker import LocalBroker, start_broker
-from devstack.launcher import REPO_ROOT, free_port
+from devstack.launcher import REPO_ROOT
 from protos import inference_pb2, inference_pb2_grpc
 from tasks.stream.consumer import HEADER_DLQ_ATTEMPTS, HEADER_DLQ_STATUS, FrameConsumer
 from tasks.stream.frame_codec import HEADER_DLQ_REASON, Frame, encode_frame_headers, frame_key
