@@ -29,9 +29,9 @@ from tasks.depth.settings import DepthSettings
 from tasks.depth.shard_tasks import (
     Shard,
     WrittenShard,
-    auto_shard_size,
     make_shards,
     run_shards,
+    shard_count,
 )
 from tasks.depth.video_record import VideoRecord
 from tasks.depth.video_sources import read_kinetics_csv, read_url_list
@@ -83,8 +83,8 @@ def depth_extraction(
     table.create()
     plan = table.plan(sources)
     cpus = cluster_cpus()
-    shard_size = settings.shard_size or auto_shard_size(len(plan.todo), cpus)
-    shards = make_shards(plan.todo, shard_size)
+    shards = make_shards(plan.todo, shard_count(len(plan.todo), settings, cpus))
+    shard_size = max((len(shard.records) for shard in shards), default=0)
     logger.info(
         "%d videos: %d already done, %d to process in %d shards of up to %d on %d CPUs into %s",
         len(sources), plan.already_ok, len(plan.todo), len(shards), shard_size, cpus,

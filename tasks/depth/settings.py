@@ -43,7 +43,11 @@ class DepthSettings(BaseSettings):
         ),
     )
     shard_size: int = Field(
-        0, ge=0, description="videos per shard, the unit of scheduling (0: auto, 1 to 32)"
+        0,
+        ge=0,
+        description=(
+            "most videos per shard, the unit of scheduling; shards are cut even (0: auto, up to 32)"
+        ),
     )
     shards_in_flight: int = Field(
         0,

@@ -26,6 +26,7 @@ driver (`lance.fragment.write_fragments` + `LanceDataset.commit`), is used here 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import queue
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -84,19 +85,50 @@ class WrittenShard:
     fragments: list[Any]
 
 
-def make_shards(records: Sequence[VideoRecord], size: int) -> list[Shard]:
-    """Consecutive slices of `size` videos, each row tagged with its shard."""
-    slices = [records[start : start + size] for start in range(0, len(records), size)]
+def make_shards(records: Sequence[VideoRecord], count: int) -> list[Shard]:
+    """`count` consecutive slices of nearly equal size (they differ by one video at most), each
+    row tagged with its shard."""
+    count = max(1, min(count, len(records)))
+    base, extra = divmod(len(records), count)
+    bounds = [index * base + min(index, extra) for index in range(count + 1)]
     return [
-        Shard(index, len(slices), tuple(record.update(shard=index) for record in part))
-        for index, part in enumerate(slices)
+        Shard(
+            index,
+            count,
+            tuple(record.update(shard=index) for record in records[start:end]),
+        )
+        for index, (start, end) in enumerate(itertools.pairwise(bounds))
+        if end > start
     ]
 
 
-def auto_shard_size(videos: int, cpus: int) -> int:
-    """About `SHARDS_PER_CPU` shards per CPU, at most `MAX_AUTO_SHARD_SIZE` videos each."""
-    wanted = -(-videos // max(1, SHARDS_PER_CPU * cpus))
-    return max(1, min(MAX_AUTO_SHARD_SIZE, wanted))
+def shards_in_flight(settings: DepthSettings, cpus: int) -> int:
+    """Shards started and not yet written at once: as many as transcodes fit on the CPUs, or
+    the setting.
+
+    One more adds a Ray worker (a process importing Prefect, 2-3 CPU-seconds) for its download,
+    which costs more than it overlaps (measured: 48 videos on 2 CPUs took 55.7 s with 3 shards
+    in flight and 6 workers, 45.7 s with 2 and 3)."""
+    return settings.shards_in_flight or max(1, cpus // settings.transcode_cpus)
+
+
+def shard_count(videos: int, settings: DepthSettings, cpus: int) -> int:
+    """How many shards a run's videos are cut into.
+
+    Shards of at most `shard_size` videos, or (auto) about `SHARDS_PER_CPU` per CPU and at most
+    `MAX_AUTO_SHARD_SIZE` videos each; the count then rounded up to whole waves of
+    `shards_in_flight`. A last wave with fewer shards than transcodes fit leaves CPUs idle to
+    the end: 150 videos in 5 shards of up to 32 on 2 CPUs ran their fifth shard alone, one
+    ffmpeg at a time for ~25 s (33 idle core-seconds against video2dataset's 13); 6 shards of
+    25 keep both CPUs busy."""
+    if videos <= 0:
+        return 0
+    if settings.shard_size:
+        count = -(-videos // settings.shard_size)
+    else:
+        count = max(SHARDS_PER_CPU * cpus, -(-videos // MAX_AUTO_SHARD_SIZE))
+    wave = shards_in_flight(settings, cpus)
+    return min(videos, -(-count // wave) * wave)
 
 
 def _run_stage(
@@ -219,10 +251,7 @@ def run_shards(
     if not shards:
         return  # nothing to do: no model to load
     raw_dir, videos_dir, maps_dir = output_dir / "raw", output_dir / "videos", output_dir / "depth"
-    # As many shards as transcodes fit: each one more adds a Ray worker (a process importing
-    # Prefect, 2-3 CPU-seconds) for its download, which costs more than it overlaps (measured:
-    # 48 videos on 2 CPUs took 55.7 s with 3 shards in flight and 6 workers, 45.7 s with 2 and 3).
-    window = settings.shards_in_flight or max(1, cpus // settings.transcode_cpus)
+    window = shards_in_flight(settings, cpus)
     actors = start_depth_actors(settings)
     finished: queue.Queue[PrefectFuture[WrittenShard]] = queue.Queue()
     in_flight: dict[PrefectFuture[WrittenShard], _Chain] = {}

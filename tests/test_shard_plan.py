@@ -1,0 +1,56 @@
+"""How a run's videos are cut into shards: every video in exactly one shard, in order, shards of
+nearly equal size, and whole waves so that the last one keeps every transcode slot busy."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tasks.depth.settings import DepthSettings
+from tasks.depth.shard_tasks import make_shards, shard_count, shards_in_flight
+from tasks.depth.video_record import VideoRecord
+
+
+def records(count: int) -> list[VideoRecord]:
+    return [VideoRecord(video_id=f"v{i}", source_url=f"http://x/{i}") for i in range(count)]
+
+
+@given(st.integers(0, 300), st.integers(1, 80))
+def test_shards_hold_every_video_once_in_order_and_differ_by_one_at_most(
+    videos: int, count: int
+) -> None:
+    shards = make_shards(records(videos), count)
+    ids = [record.video_id for shard in shards for record in shard.records]
+    assert ids == [f"v{index}" for index in range(videos)]
+    assert len(shards) == min(count, videos)
+    sizes = [len(shard.records) for shard in shards]
+    assert not sizes or max(sizes) - min(sizes) <= 1
+    for index, shard in enumerate(shards):
+        assert shard.index == index and shard.count == len(shards)
+        assert all(record.shard == index for record in shard.records)
+
+
+@given(st.integers(1, 3000), st.integers(1, 16), st.integers(0, 40), st.integers(1, 4))
+def test_the_shard_count_fills_whole_waves_and_keeps_the_size_limit(
+    videos: int, cpus: int, shard_size: int, transcode_cpus: int
+) -> None:
+    settings = DepthSettings(shard_size=shard_size, transcode_cpus=transcode_cpus)
+    count = shard_count(videos, settings, cpus)
+    wave = shards_in_flight(settings, cpus)
+    largest = max(len(shard.records) for shard in make_shards(records(videos), count))
+    assert largest <= (shard_size or 32)
+    # Whole waves, unless there are fewer videos than that: then one video per shard.
+    assert count % wave == 0 or count == videos
+
+
+def test_a_list_that_left_one_shard_alone_at_the_end_is_cut_into_whole_waves() -> None:
+    """150 videos on 2 CPUs were 5 shards of up to 32: the fifth ran alone, one ffmpeg at a
+    time, with a CPU idle for its whole transcode. Now 6 shards of 25: three full waves."""
+    settings = DepthSettings()
+    shards = make_shards(records(150), shard_count(150, settings, cpus=2))
+    assert [len(shard.records) for shard in shards] == [25] * 6
+    assert shard_count(48, settings, cpus=2) == 4  # two shards per CPU, as before
+    assert shard_count(2000, settings, cpus=2) == 64  # 63 of up to 32 would end on a lone one
+    assert shard_count(3, settings, cpus=2) == 3
+    assert shard_count(10, DepthSettings(shard_size=1), cpus=2) == 10
+    assert shard_count(100, DepthSettings(shards_in_flight=3), cpus=2) == 6
