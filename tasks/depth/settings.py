@@ -46,7 +46,7 @@ class DepthSettings(BaseSettings):
         0,
         ge=0,
         description=(
-            "most videos per shard, the unit of scheduling; shards are cut even (0: auto, up to 32)"
+            "most videos per shard, the unit of scheduling; shards are cut even (0: auto, 4 to 32)"
         ),
     )
     shards_in_flight: int = Field(

@@ -48,6 +48,11 @@ from tasks.depth.video_table import write_rows
 
 MAX_AUTO_SHARD_SIZE = 32
 SHARDS_PER_CPU = 2  # auto shard size: enough shards to keep every CPU busy to the end
+# Auto shards smaller than this wait for the depth model: their transcodes end before it has
+# loaded (torch and transformers, ~6 CPU-s on a machine busy starting the run), and the next
+# wave cannot start while they wait. 8 videos on 2 CPUs took 19.2-22.8 s in 4 shards of 2 and
+# 16.5-18.6 s in 2 shards of 4 (three alternating pairs).
+MIN_AUTO_SHARD_SIZE = 4
 NAMED_VIDEOS = 3  # video ids spelled out in a task run's name
 ACTOR_NAMESPACE = "vidflow"
 
@@ -113,21 +118,22 @@ def shards_in_flight(settings: DepthSettings, cpus: int) -> int:
 
 
 def shard_count(videos: int, settings: DepthSettings, cpus: int) -> int:
-    """How many shards a run's videos are cut into.
+    """How many shards a run's videos are cut into: whole waves of `shards_in_flight`.
 
-    Shards of at most `shard_size` videos, or (auto) about `SHARDS_PER_CPU` per CPU and at most
-    `MAX_AUTO_SHARD_SIZE` videos each; the count then rounded up to whole waves of
-    `shards_in_flight`. A last wave with fewer shards than transcodes fit leaves CPUs idle to
-    the end: 150 videos in 5 shards of up to 32 on 2 CPUs ran their fifth shard alone, one
-    ffmpeg at a time for ~25 s (33 idle core-seconds against video2dataset's 13); 6 shards of
-    25 keep both CPUs busy."""
+    A last wave with fewer shards than transcodes fit leaves CPUs idle to the end: 150 videos
+    in 5 shards of up to 32 on 2 CPUs ran their fifth shard alone, one ffmpeg at a time for
+    ~25 s (33 idle core-seconds against video2dataset's 13); 6 shards of 25 keep both busy.
+    Shards hold at most `shard_size` videos (rounding up), or (auto) about `SHARDS_PER_CPU` per
+    CPU of `MIN_AUTO_SHARD_SIZE` to `MAX_AUTO_SHARD_SIZE` videos (rounding down to fewer,
+    larger shards where the largest size allows)."""
     if videos <= 0:
         return 0
-    if settings.shard_size:
-        count = -(-videos // settings.shard_size)
-    else:
-        count = max(SHARDS_PER_CPU * cpus, -(-videos // MAX_AUTO_SHARD_SIZE))
     wave = shards_in_flight(settings, cpus)
+    fewest = -(-videos // (settings.shard_size or MAX_AUTO_SHARD_SIZE))
+    count = fewest
+    if not settings.shard_size:
+        wanted = min(SHARDS_PER_CPU * cpus, -(-videos // MIN_AUTO_SHARD_SIZE))
+        count = max(fewest, wanted // wave * wave)
     return min(videos, -(-count // wave) * wave)
 
 
