@@ -59,8 +59,8 @@ def test_a_list_that_left_one_shard_alone_at_the_end_is_cut_into_whole_waves() -
 
 def test_a_short_list_gets_fewer_larger_shards_that_outlast_the_model_load() -> None:
     """Shards of one or two videos finished transcoding before the depth model had loaded and
-    held the next wave back: 8 videos on 2 CPUs ran 13 % faster in 2 shards of 4 than in 4 of
-    2. Still one shard per transcode slot where there are videos for it."""
+    held the next wave back: 8 videos on 2 CPUs took 15 % less time in 2 shards of 4 than in 4
+    of 2. Still one shard per transcode slot where there are videos for it."""
     settings = DepthSettings()
     assert shard_count(8, settings, cpus=2) == 2
     assert shard_count(4, settings, cpus=2) == 2

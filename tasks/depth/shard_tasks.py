@@ -93,17 +93,14 @@ class WrittenShard:
 def make_shards(records: Sequence[VideoRecord], count: int) -> list[Shard]:
     """`count` consecutive slices of nearly equal size (they differ by one video at most), each
     row tagged with its shard."""
+    if not records:
+        return []
     count = max(1, min(count, len(records)))
     base, extra = divmod(len(records), count)
     bounds = [index * base + min(index, extra) for index in range(count + 1)]
     return [
-        Shard(
-            index,
-            count,
-            tuple(record.update(shard=index) for record in records[start:end]),
-        )
+        Shard(index, count, tuple(record.update(shard=index) for record in records[start:end]))
         for index, (start, end) in enumerate(itertools.pairwise(bounds))
-        if end > start
     ]
 
 
