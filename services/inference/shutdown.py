@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 class CallTracker(grpc.aio.ServerInterceptor):
     """Counts the calls being handled and how they ended, so shutdown can say what it did.
 
-    A call is drained when its handler returns or raises (any status), cancelled when gRPC
-    cancels it: by the server at the end of the shutdown grace, or because its client left.
+    A call is drained when its handler returns or raises (any status) within the shutdown
+    grace, cancelled when gRPC cancels it: by the server at the end of the grace, or because
+    its client left.
     """
 
     def __init__(self) -> None:
@@ -53,19 +54,34 @@ class CallTracker(grpc.aio.ServerInterceptor):
         try:
             yield
         except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: a stream abandoned
-            loop_time = asyncio.get_running_loop().time()
-            if self.grace_ends is not None and loop_time >= self.grace_ends:
+            if self._past_grace():
                 self.cancelled_by_shutdown += 1
             else:
                 self.cancelled_by_clients += 1
             raise
         except BaseException:
-            self.ended += 1
+            self._count_end()
             raise
         else:
-            self.ended += 1
+            self._count_end()
         finally:
             self.open -= 1
+
+    def _past_grace(self) -> bool:
+        loop_time = asyncio.get_running_loop().time()
+        return self.grace_ends is not None and loop_time >= self.grace_ends
+
+    def _count_end(self) -> None:
+        """A handler that returned: drained, unless it outlived the grace.
+
+        When the grace runs out gRPC cancels the call, and a stream handler may see that as the
+        end of its request stream and return before gRPC cancels its task: it was cut, not
+        drained.
+        """
+        if self._past_grace():
+            self.cancelled_by_shutdown += 1
+        else:
+            self.ended += 1
 
     def _tracked(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(behaviour):
