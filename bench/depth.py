@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 
 from common.settings import SAMPLE_VIDEOS_DIR
-from tasks.depth.depth_maps import estimate_depth, shared_estimator
+from tasks.depth.depth_maps import estimate_depth, forget_loaded_models
 from tasks.depth.download import download, download_videos
 from tasks.depth.settings import DepthSettings
 from tasks.depth.transcode import ffmpeg_command, transcode
@@ -185,7 +185,7 @@ def bench_download(urls: list[str], work: Path, rounds: int) -> dict[str, Any]:
 def serial_run(urls: list[str], output: Path, settings: DepthSettings) -> float:
     """The same stages, one video after another, in this process (model loaded once)."""
     started = time.perf_counter()
-    shared_estimator.cache_clear()
+    forget_loaded_models()
     for record in _records(urls):
         record = download(record, output / "raw", settings)
         record = transcode(record, output / "videos", settings)

@@ -149,16 +149,14 @@ def _valid_row(row: dict[str, Any]) -> bool:
 
 def depth_model_cpu_per_video(model: Path, videos: int) -> float:
     """CPU-s per video of the depth model alone (first 360p frame, batches as the flow's actor
-    runs them, one thread), measured in this process."""
-    import torch
-
-    from tasks.depth.depth_maps import DepthEstimator, read_frames
+    runs them, one thread, on the backend the flow picks on a CPU), measured in this process."""
+    from tasks.depth.depth_maps import load_depth_estimator, read_frames
     from tasks.depth.settings import DepthSettings
 
-    torch.set_num_threads(1)
-    estimator = DepthEstimator(str(model), "cpu")
+    settings = DepthSettings(depth_model=str(model))
+    estimator = load_depth_estimator(settings, "cpu", threads=1)
     frame = cv2.resize(read_frames(SAMPLE_VIDEO, [0])[0], (478, 360))
-    batch = DepthSettings().depth_batch_size
+    batch = settings.depth_batch_size
     estimator.estimate([frame] * batch)  # warm-up
     started = time.process_time()
     for _ in range(-(-videos // batch)):

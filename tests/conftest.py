@@ -16,12 +16,14 @@ from devstack.launcher import ServerProcess, start_server
 from tasks.stream.settings import KafkaSettings
 from tasks.stream.topics import ensure_topics
 
-# Prefect and Ray keep state under these; tests must not touch the user's (set before import).
+# Prefect, Ray and the depth model's export cache keep state under these; tests must not
+# touch the user's (set before import).
 _STATE = Path(tempfile.mkdtemp(prefix="vidflow-tests-"))
 os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_TMPDIR", str(_STATE / "ray"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("VIDFLOW_DEPTH_CACHE_DIR", str(_STATE / "depth-cache"))
 
 VIDEOS = SAMPLE_VIDEOS_DIR
 

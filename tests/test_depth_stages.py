@@ -23,6 +23,7 @@ from tasks.depth.depth_maps import (
     estimate_depth,
     estimate_depth_many,
     frame_indices,
+    load_depth_estimator,
     read_frames,
     shared_estimator,
 )
@@ -351,9 +352,7 @@ def test_depth_maps_are_written_at_the_frame_size(tmp_path: Path, tiny_depth_mod
     assert record.depth_model == str(tiny_depth_model) and record.depth_s > 0
     assert record.depth_untrained is True
     # One model per process: a reused worker does not load the weights again.
-    assert shared_estimator(str(tiny_depth_model), "cpu") is shared_estimator(
-        str(tiny_depth_model), "cpu"
-    )
+    assert shared_estimator(settings) is shared_estimator(settings.model_copy())
 
 
 def test_all_frames_stream_through_batches_into_one_array_per_video(
@@ -369,7 +368,7 @@ def test_all_frames_stream_through_batches_into_one_array_per_video(
                   tmp_path / "videos", settings.model_copy(update={"height": 64}))
         for name in ("a", "b")
     ]  # fmt: skip
-    estimator = DepthEstimator(str(tiny_depth_model), "cpu")
+    estimator = load_depth_estimator(settings, "cpu")  # ONNX Runtime, as a CPU actor runs it
     calls: list[int] = []
     real_estimate = estimator.estimate
 
@@ -429,6 +428,8 @@ def test_only_a_model_marked_untrained_is_labelled_untrained(
     (trained / "config.json").write_text(json.dumps(config))
     assert DepthEstimator(str(tiny_depth_model), "cpu").untrained is True
     assert DepthEstimator(str(trained), "cpu").untrained is False
+    on_onnx = DepthSettings(depth_model=str(trained), cache_dir=tmp_path / "cache")
+    assert load_depth_estimator(on_onnx, "cpu").untrained is False
     assert check_depth_model(str(tiny_depth_model)) is True
     assert check_depth_model(str(trained)) is False
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -121,6 +122,16 @@ def check_depth_model(model_name: str) -> bool:
     return is_untrained(config)
 
 
+class Estimator(Protocol):
+    """A loaded depth model: `DepthEstimator` (torch) or `depth_onnx.OnnxDepthEstimator`."""
+
+    model_name: str
+    device: str
+    untrained: bool
+
+    def estimate(self, frames_rgb: list[np.ndarray]) -> list[DepthMap]: ...
+
+
 class DepthEstimator:
     """A transformers depth model with its image processor, ready to run on RGB frames."""
 
@@ -176,17 +187,16 @@ class DepthActor:
     """Holds one loaded depth model (a Ray actor; see tasks/depth/shard_tasks.py) and takes whole
     shards, batching their frames.
 
-    On a cluster that outlives the run, later runs find it loaded (torch and transformers
-    imports and the weights cost seconds of CPU): it ends itself after `keep_alive_s` without
-    a call. It lives here, away from Prefect, so its process imports no orchestration code.
+    On a cluster that outlives the run, later runs find it loaded (the model's imports and
+    weights cost seconds of CPU): it ends itself after `keep_alive_s` without a call. It lives
+    here, away from Prefect, so its process imports no orchestration code.
     """
 
-    def __init__(self, model_name: str, device: str, threads: int, keep_alive_s: float) -> None:
-        import torch
-
-        if device == "cpu":
-            torch.set_num_threads(threads)  # the CPUs its callers reserve, not the whole node
-        self.estimator = DepthEstimator(model_name, device)
+    def __init__(
+        self, settings: DepthSettings, device: str, threads: int, keep_alive_s: float
+    ) -> None:
+        # `threads`: the CPUs its callers reserve, not the whole node.
+        self.estimator = load_depth_estimator(settings, device, threads)
         self.last_call, self.busy = time.monotonic(), False
         if keep_alive_s > 0:
             watch = threading.Thread(target=self._end_when_idle, args=(keep_alive_s,), daemon=True)
@@ -212,10 +222,56 @@ class DepthActor:
                 return
 
 
-@functools.cache
-def shared_estimator(model_name: str, device: str) -> DepthEstimator:
+def load_depth_estimator(settings: DepthSettings, device: str, threads: int = 1) -> Estimator:
+    """The depth model of `settings` on `device` (auto, cpu or cuda) with `threads` CPU
+    threads, run by its backend.
+
+    Backend auto: ONNX Runtime on the CPU (no torch or transformers imports once the export is
+    cached: seconds of CPU a run), torch on a GPU (float16 batches), and torch where a model
+    cannot be exported, with a warning saying why.
+    """
+    if device == "auto":
+        import torch
+
+        device = choose_device(device, torch.cuda.is_available, what="depth model")
+    backend = settings.depth_backend
+    if backend == "onnx" or (backend == "auto" and device == "cpu"):
+        from tasks.depth.depth_onnx import OnnxDepthEstimator
+
+        try:
+            return OnnxDepthEstimator(settings.depth_model, settings.cache_dir, threads)
+        except Exception as exc:
+            if backend == "onnx":
+                raise
+            log.warning(
+                "depth model %s cannot run on ONNX Runtime (%s: %s); running it with torch",
+                settings.depth_model, type(exc).__name__, exc,
+            )  # fmt: skip
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    return DepthEstimator(settings.depth_model, device)
+
+
+def shared_estimator(settings: DepthSettings) -> Estimator:
     """One estimator per process and model: a reused Ray worker loads the weights once."""
-    return DepthEstimator(model_name, device)
+    return _shared_estimator(
+        settings.depth_model, settings.device, settings.depth_backend, settings.cache_dir
+    )
+
+
+def forget_loaded_models() -> None:
+    """Drop this process's loaded models: the next call loads again (benchmarks use it)."""
+    _shared_estimator.cache_clear()
+
+
+@functools.cache
+def _shared_estimator(model: str, device: str, backend: str, cache_dir: Path) -> Estimator:
+    settings = DepthSettings(
+        depth_model=model, device=device, depth_backend=backend, cache_dir=cache_dir
+    )
+    return load_depth_estimator(settings, device)
 
 
 def depth_preview(depth_m: np.ndarray) -> np.ndarray:
@@ -278,7 +334,7 @@ class VideoDepth:
     def finished(self) -> bool:
         return self.reading_done and self.queued == 0
 
-    def finish(self, estimator: DepthEstimator) -> VideoRecord:
+    def finish(self, estimator: Estimator) -> VideoRecord:
         """The record with its depth columns, or failed with the reason."""
         try:
             if self.error is not None:
@@ -318,7 +374,7 @@ class _Batcher:
     """Frames of several videos gathered into model batches of `size` (one video's frames may
     span batches, and one batch may hold several videos' frames)."""
 
-    def __init__(self, estimator: DepthEstimator, size: int) -> None:
+    def __init__(self, estimator: Estimator, size: int) -> None:
         self.estimator, self.size = estimator, size
         self.frames: list[tuple[VideoDepth, int, np.ndarray]] = []
 
@@ -349,7 +405,7 @@ def estimate_depth_many(
     records: Sequence[VideoRecord],
     maps_dir: Path,
     settings: DepthSettings,
-    estimator: DepthEstimator | None = None,
+    estimator: Estimator | None = None,
 ) -> list[VideoRecord]:
     """Depth maps of each record's chosen frames (`settings.frames`), in input order.
 
@@ -359,7 +415,7 @@ def estimate_depth_many(
     """
     results: dict[int, VideoRecord] = {}
     try:
-        estimator = estimator or shared_estimator(settings.depth_model, settings.device)
+        estimator = estimator or shared_estimator(settings)
     except Exception as exc:  # a model that cannot load fails these videos, as rows
         log.exception("the depth model could not be loaded")
         reason = f"{type(exc).__name__}: {exc}"
@@ -394,7 +450,7 @@ def estimate_depth(
     record: VideoRecord,
     maps_dir: Path,
     settings: DepthSettings,
-    estimator: DepthEstimator | None = None,
+    estimator: Estimator | None = None,
 ) -> VideoRecord:
     """Depth maps of one record's chosen frames (see `estimate_depth_many`)."""
     return estimate_depth_many([record], maps_dir, settings, estimator)[0]

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.settings import DEFAULT_CACHE_DIR
+
 
 class DepthSettings(BaseSettings):
     """`vidflow depth` and the depth-extraction flow: download, transcode, depth maps, storage."""
@@ -22,6 +24,16 @@ class DepthSettings(BaseSettings):
         "first", description="frames to run depth on: first, middle, uniform:N or all"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where depth runs")
+    depth_backend: Literal["auto", "onnx", "torch"] = Field(
+        "auto",
+        description=(
+            "what runs the depth model (auto: ONNX Runtime on the CPU, from an export cached "
+            "in cache_dir, and torch on a GPU or where the export fails)"
+        ),
+    )
+    cache_dir: Path = Field(
+        DEFAULT_CACHE_DIR / "depth", description="where depth model exports are cached"
+    )
     depth_workers: int = Field(
         0, ge=0, description="depth model copies (Ray actors); 0: one per GPU, or one on CPU"
     )

@@ -208,20 +208,21 @@ def start_depth_actors(settings: DepthSettings) -> list[Any]:
     use_gpu = gpus > 0 and settings.device != "cpu"
     count = settings.depth_workers or (gpus if use_gpu else 1)
     device = "cuda" if use_gpu else "cpu"
-    threads = max(1, round(settings.depth_cpus))  # torch threads of a CPU actor
+    threads = max(1, round(settings.depth_cpus))  # model threads of a CPU actor
     options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 2, "max_task_retries": 1}
     if use_gpu:
         options["num_gpus"] = 1
     keep_alive_s = settings.depth_keep_alive_s
     if keep_alive_s > 0:
         options.update(namespace=ACTOR_NAMESPACE, lifetime="detached", get_if_exists=True)
-    key = hashlib.sha1(f"{settings.depth_model}|{device}|{threads}".encode()).hexdigest()[:12]
+    model = f"{settings.depth_model}|{settings.depth_backend}|{device}|{threads}"
+    key = hashlib.sha1(model.encode()).hexdigest()[:12]
     actor_class = ray.remote(DepthActor)
     actors = []
     for index in range(count):
         named = {"name": f"depth-{key}-{index}"} if keep_alive_s > 0 else {}
         actor = actor_class.options(**options, **named)
-        actors.append(actor.remote(settings.depth_model, device, threads, keep_alive_s))
+        actors.append(actor.remote(settings, device, threads, keep_alive_s))
     return actors
 
 

@@ -1,0 +1,141 @@
+"""Depth on ONNX Runtime (tasks/depth/depth_onnx.py) against transformers' own Depth Pro path:
+the same processing, the same network outputs, the export cached, and torch left out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.settings import SAMPLE_VIDEO
+from tasks.depth.depth_maps import DepthEstimator, load_depth_estimator, read_frames
+from tasks.depth.depth_onnx import (
+    DepthProProcessing,
+    OnnxDepthEstimator,
+    OnnxUnsupportedError,
+    export_depth_onnx,
+)
+from tasks.depth.settings import DepthSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def frame() -> np.ndarray:
+    """A real RGB frame at the flow's 360p, larger than the tiny model's input (a downscale)."""
+    import cv2
+
+    return cv2.resize(read_frames(SAMPLE_VIDEO, [40])[40], (478, 360))
+
+
+def test_preprocessing_equals_the_transformers_processor(
+    tiny_depth_model: Path, frame: np.ndarray
+) -> None:
+    from transformers import AutoImageProcessor
+
+    expected = AutoImageProcessor.from_pretrained(tiny_depth_model)(
+        images=[frame], return_tensors="pt"
+    )["pixel_values"].numpy()
+    ours = DepthProProcessing.from_model_dir(tiny_depth_model).preprocess(frame)
+    assert ours.shape == expected.shape == (1, 3, 128, 128)
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_postprocessing_equals_the_transformers_processor(tiny_depth_model: Path) -> None:
+    """On plausible outputs (positive inverse depth, a 60 degree view), where the clamp does not
+    hide a difference."""
+    import torch
+    from transformers import AutoImageProcessor
+    from transformers.models.depth_pro.modeling_depth_pro import DepthProDepthEstimatorOutput
+
+    rng = np.random.default_rng(0)
+    inverse_depth = rng.uniform(0.05, 2.0, size=(1, 256, 256)).astype(np.float32)
+    outputs = DepthProDepthEstimatorOutput(
+        predicted_depth=torch.from_numpy(inverse_depth), field_of_view=torch.tensor([60.0])
+    )
+    processor = AutoImageProcessor.from_pretrained(tiny_depth_model)
+    expected = processor.post_process_depth_estimation(outputs, target_sizes=[(360, 478)])[0]
+    ours = DepthProProcessing.postprocess(inverse_depth[0], 60.0, (360, 478))
+    assert ours.depth_m.shape == (360, 478)
+    # OpenCV's and torch's bilinear weights differ in the last bits (2e-4 at most, here):
+    # within the float16 the maps are stored as (5e-4).
+    np.testing.assert_allclose(ours.depth_m, expected["predicted_depth"].numpy(), rtol=5e-4)
+    assert ours.focal_length_px == pytest.approx(float(expected["focal_length"]), rel=1e-6)
+
+
+def test_the_export_computes_what_the_torch_model_does(
+    tiny_depth_model: Path, frame: np.ndarray, tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModelForDepthEstimation
+
+    pixel_values = DepthProProcessing.from_model_dir(tiny_depth_model).preprocess(frame)
+    session = ort.InferenceSession(str(export_depth_onnx(tiny_depth_model, tmp_path)))
+    inverse_depth, field_of_view = session.run(None, {"pixel_values": pixel_values})
+    model = AutoModelForDepthEstimation.from_pretrained(tiny_depth_model).eval()
+    with torch.inference_mode():
+        expected = model(pixel_values=torch.from_numpy(pixel_values))
+    # ONNX Runtime fuses and reorders the float32 sums: differences of ~1e-4 of the scale.
+    scale = float(np.abs(expected.predicted_depth.numpy()).max())
+    np.testing.assert_allclose(
+        inverse_depth, expected.predicted_depth.numpy(), rtol=1e-3, atol=1e-3 * scale
+    )
+    np.testing.assert_allclose(field_of_view, expected.field_of_view.numpy(), rtol=1e-4)
+
+
+def test_a_cached_export_loads_without_torch_or_transformers(
+    tiny_depth_model: Path, tmp_path: Path, frame: np.ndarray
+) -> None:
+    """The second process to load the model finds the export and never imports torch (the CPU
+    that the ONNX path saves on every run); both give the same maps."""
+    first = OnnxDepthEstimator(str(tiny_depth_model), tmp_path)
+    exported = sorted(tmp_path.rglob("*.onnx"))
+    assert len(exported) == 1 and first.untrained is True
+    np.save(tmp_path / "frame.npy", frame)
+    script = f"""
+import sys
+from pathlib import Path
+import numpy as np
+from tasks.depth.depth_onnx import OnnxDepthEstimator
+estimator = OnnxDepthEstimator({str(tiny_depth_model)!r}, Path({str(tmp_path)!r}))
+depth = estimator.estimate([np.load({str(tmp_path / "frame.npy")!r})])[0].depth_m
+np.save({str(tmp_path / "depth.npy")!r}, depth)
+print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]", run.stdout
+    assert "exporting" not in run.stderr
+    assert sorted(tmp_path.rglob("*.onnx")) == exported  # the same export, not a second one
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "depth.npy"), first.estimate([frame])[0].depth_m
+    )
+
+
+def test_cpu_runs_on_onnx_and_a_model_it_cannot_export_falls_back_to_torch(
+    tiny_depth_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = DepthSettings(depth_model=str(tiny_depth_model), cache_dir=tmp_path / "cache")
+    assert isinstance(load_depth_estimator(settings, "cpu"), OnnxDepthEstimator)
+    torch_only = settings.model_copy(update={"depth_backend": "torch"})
+    assert isinstance(load_depth_estimator(torch_only, "cpu"), DepthEstimator)
+
+    bicubic = tmp_path / "bicubic"
+    shutil.copytree(tiny_depth_model, bicubic)
+    config = json.loads((bicubic / "preprocessor_config.json").read_text())
+    (bicubic / "preprocessor_config.json").write_text(json.dumps({**config, "resample": 3}))
+    other = settings.model_copy(update={"depth_model": str(bicubic)})
+    with caplog.at_level(logging.WARNING, logger="tasks.depth.depth_maps"):
+        assert isinstance(load_depth_estimator(other, "cpu"), DepthEstimator)
+    assert "cannot run on ONNX Runtime" in caplog.text and "not bilinear" in caplog.text
+    with pytest.raises(OnnxUnsupportedError, match="not bilinear"):
+        load_depth_estimator(other.model_copy(update={"depth_backend": "onnx"}), "cpu")
