@@ -139,3 +139,13 @@ def test_cpu_runs_on_onnx_and_a_model_it_cannot_export_falls_back_to_torch(
     assert "cannot run on ONNX Runtime" in caplog.text and "not bilinear" in caplog.text
     with pytest.raises(OnnxUnsupportedError, match="not bilinear"):
         load_depth_estimator(other.model_copy(update={"depth_backend": "onnx"}), "cpu")
+
+
+def test_the_onnx_backend_refuses_a_gpu_instead_of_running_on_the_cpu(
+    tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    settings = DepthSettings(
+        depth_model=str(tiny_depth_model), depth_backend="onnx", cache_dir=tmp_path
+    )
+    with pytest.raises(ValueError, match="CPU only"):
+        load_depth_estimator(settings, "cuda")

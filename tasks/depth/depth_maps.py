@@ -222,6 +222,9 @@ class DepthActor:
                 return
 
 
+ONNX_ON_GPU = "--depth-backend onnx runs on the CPU only: use --device cpu, or auto or torch"
+
+
 def load_depth_estimator(settings: DepthSettings, device: str, threads: int = 1) -> Estimator:
     """The depth model of `settings` on `device` (auto, cpu or cuda) with `threads` CPU
     threads, run by its backend.
@@ -235,6 +238,8 @@ def load_depth_estimator(settings: DepthSettings, device: str, threads: int = 1)
 
         device = choose_device(device, torch.cuda.is_available, what="depth model")
     backend = settings.depth_backend
+    if backend == "onnx" and device == "cuda":
+        raise ValueError(ONNX_ON_GPU)
     if backend == "onnx" or (backend == "auto" and device == "cpu"):
         from tasks.depth.depth_onnx import OnnxDepthEstimator
 
