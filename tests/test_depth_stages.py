@@ -3,9 +3,12 @@ and real files."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import cv2
@@ -35,7 +38,7 @@ from tasks.depth.download import (
     sniff_container,
 )
 from tasks.depth.settings import DepthSettings
-from tasks.depth.transcode import transcode
+from tasks.depth.transcode import ffmpeg_exe, transcode
 from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord
 from tasks.depth.video_sources import (
     SourceListError,
@@ -277,6 +280,37 @@ def test_transcode_gives_360p_h264_with_an_even_width(tmp_path: Path) -> None:
     assert (result.source_width, result.source_height, result.source_fps) == (340, 256, 30.0)
     assert result.frame_count == 300 and result.duration_s == pytest.approx(10.0)
     assert _leftovers(tmp_path) == []
+
+
+def _ffmpeg_children_niceness() -> list[int]:
+    """The niceness of this process's ffmpeg children running now (from /proc)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stat = stat_file.read_text()
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+        if name.startswith("ffmpeg") and int(fields[1]) == os.getpid():  # fields[1]: parent
+            found.append(int(fields[16]))  # stat field 19, the niceness
+    return found
+
+
+@pytest.mark.parametrize("lower_by", [10, 0])
+def test_ffmpeg_runs_below_the_pipelines_cpu_priority(tmp_path: Path, lower_by: int) -> None:
+    """Transcodes are batch work: ffmpeg runs `transcode_nice` steps below its worker, so the
+    Prefect UI, downloads and the depth model get a busy machine's CPU first."""
+    settings = DepthSettings(transcode_nice=lower_by)
+    record = _record("http://h/v.mp4").update(raw_path=str(CLIP))
+    ffmpeg_exe()  # found first: imageio-ffmpeg checks its binary by running it, at our priority
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        done = pool.submit(transcode, record, tmp_path, settings)
+        seen: set[int] = set()
+        while not done.done():
+            seen.update(_ffmpeg_children_niceness())
+            time.sleep(0.005)
+    assert not done.result().failed
+    assert seen == {os.nice(0) + lower_by}
 
 
 def test_ffmpeg_errors_end_up_in_the_record(tmp_path: Path) -> None:

@@ -95,6 +95,15 @@ class DepthSettings(BaseSettings):
     x264_preset: str = Field("veryfast", description="x264 preset of the transcode")
     x264_crf: int = Field(23, ge=0, le=51, description="x264 quality (lower is better)")
     transcode_timeout_s: float = Field(600.0, gt=0, description="longest one transcode may run")
+    transcode_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description=(
+            "how many steps below the pipeline's CPU priority ffmpeg runs (0: the same), so the "
+            "Prefect UI, downloads and the depth model answer first on a busy machine"
+        ),
+    )
     task_retries: int = Field(2, ge=0, description="Prefect retries of a stage that crashed")
     ray_num_cpus: int | None = Field(
         None,

@@ -7,6 +7,7 @@ no system package is needed) with a timeout; its own error text becomes the fail
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 import time
@@ -165,7 +166,7 @@ def _run_ffmpeg(source: Path, output: Path, settings: DepthSettings) -> StreamFa
             errors="replace",
             timeout=settings.transcode_timeout_s,
             check=False,
-            preexec_fn=die_with_parent,
+            preexec_fn=functools.partial(_start_ffmpeg_child, settings.transcode_nice),
         )
     except subprocess.TimeoutExpired:
         raise TranscodeError(f"ffmpeg timed out after {settings.transcode_timeout_s:g} s") from None
@@ -176,6 +177,16 @@ def _run_ffmpeg(source: Path, output: Path, settings: DepthSettings) -> StreamFa
     if facts is None or facts.frame_count <= 0:
         raise TranscodeError("ffmpeg wrote no decodable video frames")
     return facts
+
+
+def _start_ffmpeg_child(niceness: int) -> None:
+    """In the ffmpeg child before it runs: it dies with its worker, and it runs `niceness`
+    steps below the pipeline's CPU priority. A transcode is batch work: on a busy machine the
+    Prefect API and UI, the downloads and the depth model should get the CPU first, and ffmpeg
+    takes every cycle they leave (the total work, and so the run's length, is the same)."""
+    die_with_parent()
+    if niceness:
+        os.nice(niceness)
 
 
 def _with_output(
