@@ -124,7 +124,10 @@ def export_key(model_dir: Path) -> str:
         stat = weights.stat()
         digest.update(f"{weights.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     for package in ("torch", "transformers"):
-        digest.update(importlib.metadata.version(package).encode())
+        try:
+            digest.update(importlib.metadata.version(package).encode())
+        except importlib.metadata.PackageNotFoundError:  # a runtime without the exporter
+            digest.update(b"-")
     return digest.hexdigest()[:16]
 
 
