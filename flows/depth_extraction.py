@@ -24,7 +24,7 @@ from prefect.runtime import flow_run
 
 from flows.depth_report import RunReport
 from flows.ray_runner import cluster_cpus, ray_task_runner
-from tasks.depth.depth_maps import ONNX_ON_GPU, check_depth_model, check_frames_spec
+from tasks.depth.depth_maps import check_depth_backend, check_depth_model, check_frames_spec
 from tasks.depth.settings import DepthSettings
 from tasks.depth.shard_tasks import (
     Shard,
@@ -122,8 +122,7 @@ def run_settings(settings: DepthSettings | None) -> DepthSettings:
 def check_model(settings: DepthSettings) -> bool:
     """Refuse a bad frames spec or depth model; True (and a warning) for untrained weights."""
     check_frames_spec(settings.frames)
-    if settings.depth_backend == "onnx" and settings.device == "cuda":
-        raise ValueError(ONNX_ON_GPU)
+    check_depth_backend(settings.depth_backend, settings.device)
     untrained = check_depth_model(settings.depth_model)
     if untrained:
         get_run_logger().warning(

@@ -222,7 +222,12 @@ class DepthActor:
                 return
 
 
-ONNX_ON_GPU = "--depth-backend onnx runs on the CPU only: use --device cpu, or auto or torch"
+def check_depth_backend(backend: str, device: str) -> None:
+    """Refuse the ONNX backend on a GPU, where it would run on the CPU instead."""
+    if backend == "onnx" and device == "cuda":
+        raise ValueError(
+            "--depth-backend onnx runs on the CPU only: use --device cpu, or auto or torch"
+        )
 
 
 def load_depth_estimator(settings: DepthSettings, device: str, threads: int = 1) -> Estimator:
@@ -238,8 +243,7 @@ def load_depth_estimator(settings: DepthSettings, device: str, threads: int = 1)
 
         device = choose_device(device, torch.cuda.is_available, what="depth model")
     backend = settings.depth_backend
-    if backend == "onnx" and device == "cuda":
-        raise ValueError(ONNX_ON_GPU)
+    check_depth_backend(backend, device)
     if backend == "onnx" or (backend == "auto" and device == "cpu"):
         from tasks.depth.depth_onnx import OnnxDepthEstimator
 

@@ -137,8 +137,10 @@ def export_depth_onnx(model_dir: Path, cache_dir: Path) -> Path:
     Exported for one image at a time: Depth Pro's patch split is traced with the batch size as
     a constant, so a graph exported for a batch runs that batch size only (on the CPU a frame
     costs the same alone or in a batch). Written into a hidden folder and renamed whole, so a
-    crash or a second exporter never leaves a half file under the final name; a large model's
-    weights sit beside the graph as ONNX external data.
+    crash or a second exporter never leaves a half file under the final name. The exporter
+    writes a model over 2 GB (full-size Depth Pro) with its weights as external data beside
+    the graph, in the same folder; that size is not exported in the tests (an export that
+    fails leaves the model on torch, see `load_depth_estimator`).
     """
     target = cache_dir / f"depth-pro-{export_key(model_dir)}"
     if (target / MODEL_FILE).is_file():
