@@ -73,8 +73,9 @@ def save_random_depth_pro(
     return directory
 
 
-def save_tiny_depth_pro(directory: Path, seed: int = 0) -> Path:
-    """A tiny random Depth Pro: fast enough for tests on a CPU."""
+def save_tiny_depth_pro(directory: Path, seed: int = 0, *, fov: bool = True) -> Path:
+    """A tiny random Depth Pro: fast enough for tests on a CPU (`fov`: with the field-of-view
+    head that makes depth metric, as apple/DepthPro-hf has)."""
     return save_random_depth_pro(
         directory,
         _ENCODER,
@@ -85,7 +86,7 @@ def save_tiny_depth_pro(directory: Path, seed: int = 0) -> Path:
         intermediate_hook_ids=[1, 0],
         intermediate_feature_dims=[8, 8],
         scaled_images_feature_dims=[16, 16, 8],
-        use_fov_model=True,
+        use_fov_model=fov,
         num_fov_head_layers=1,
     )
 

@@ -47,9 +47,12 @@ def test_preprocessing_equals_the_transformers_processor(
     np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
-def test_postprocessing_equals_the_transformers_processor(tiny_depth_model: Path) -> None:
-    """On plausible outputs (positive inverse depth, a 60 degree view), where the clamp does not
-    hide a difference."""
+@pytest.mark.parametrize("fov", [60.0, None])
+def test_postprocessing_equals_the_transformers_processor(
+    tiny_depth_model: Path, fov: float | None
+) -> None:
+    """On plausible outputs (positive inverse depth, a 60 degree view or none), where the clamp
+    does not hide a difference."""
     import torch
     from transformers import AutoImageProcessor
     from transformers.models.depth_pro.modeling_depth_pro import DepthProDepthEstimatorOutput
@@ -57,29 +60,38 @@ def test_postprocessing_equals_the_transformers_processor(tiny_depth_model: Path
     rng = np.random.default_rng(0)
     inverse_depth = rng.uniform(0.05, 2.0, size=(1, 256, 256)).astype(np.float32)
     outputs = DepthProDepthEstimatorOutput(
-        predicted_depth=torch.from_numpy(inverse_depth), field_of_view=torch.tensor([60.0])
+        predicted_depth=torch.from_numpy(inverse_depth),
+        field_of_view=None if fov is None else torch.tensor([fov]),
     )
     processor = AutoImageProcessor.from_pretrained(tiny_depth_model)
     expected = processor.post_process_depth_estimation(outputs, target_sizes=[(360, 478)])[0]
-    ours = DepthProProcessing.postprocess(inverse_depth[0], 60.0, (360, 478))
+    ours = DepthProProcessing.postprocess(inverse_depth[0], fov, (360, 478))
     assert ours.depth_m.shape == (360, 478)
     # OpenCV's and torch's bilinear weights differ in the last bits (2e-4 at most, here):
     # within the float16 the maps are stored as (5e-4).
     np.testing.assert_allclose(ours.depth_m, expected["predicted_depth"].numpy(), rtol=5e-4)
-    assert ours.focal_length_px == pytest.approx(float(expected["focal_length"]), rel=1e-6)
+    if fov is None:
+        assert ours.focal_length_px is None and expected["focal_length"] is None
+    else:
+        assert ours.focal_length_px == pytest.approx(float(expected["focal_length"]), rel=1e-6)
 
 
+@pytest.mark.parametrize("fov", [True, False])
 def test_the_export_computes_what_the_torch_model_does(
-    tiny_depth_model: Path, frame: np.ndarray, tmp_path: Path
+    tiny_depth_model: Path, frame: np.ndarray, tmp_path: Path, fov: bool
 ) -> None:
+    """With the field-of-view head (apple/DepthPro-hf) and without it (relative depth)."""
     import onnxruntime as ort
     import torch
     from transformers import AutoModelForDepthEstimation
 
-    pixel_values = DepthProProcessing.from_model_dir(tiny_depth_model).preprocess(frame)
-    session = ort.InferenceSession(str(export_depth_onnx(tiny_depth_model, tmp_path)))
-    inverse_depth, field_of_view = session.run(None, {"pixel_values": pixel_values})
-    model = AutoModelForDepthEstimation.from_pretrained(tiny_depth_model).eval()
+    from devstack.tiny_depth_pro import save_tiny_depth_pro
+
+    model_dir = tiny_depth_model if fov else save_tiny_depth_pro(tmp_path / "no-fov", fov=False)
+    pixel_values = DepthProProcessing.from_model_dir(model_dir).preprocess(frame)
+    session = ort.InferenceSession(str(export_depth_onnx(model_dir, tmp_path / "cache")))
+    inverse_depth, *field_of_view = session.run(None, {"pixel_values": pixel_values})
+    model = AutoModelForDepthEstimation.from_pretrained(model_dir).eval()
     with torch.inference_mode():
         expected = model(pixel_values=torch.from_numpy(pixel_values))
     # ONNX Runtime fuses and reorders the float32 sums: differences of ~1e-4 of the scale.
@@ -87,7 +99,12 @@ def test_the_export_computes_what_the_torch_model_does(
     np.testing.assert_allclose(
         inverse_depth, expected.predicted_depth.numpy(), rtol=1e-3, atol=1e-3 * scale
     )
-    np.testing.assert_allclose(field_of_view, expected.field_of_view.numpy(), rtol=1e-4)
+    if fov:
+        np.testing.assert_allclose(field_of_view[0], expected.field_of_view.numpy(), rtol=1e-4)
+    else:
+        assert field_of_view == [] and expected.field_of_view is None
+        estimator = OnnxDepthEstimator(str(model_dir), tmp_path / "cache")
+        assert estimator.estimate([frame])[0].focal_length_px is None
 
 
 def test_a_cached_export_loads_without_torch_or_transformers(

@@ -87,17 +87,23 @@ class DepthProProcessing:
 
     @staticmethod
     def postprocess(
-        inverse_depth: np.ndarray, field_of_view_deg: float, size: tuple[int, int]
+        inverse_depth: np.ndarray, field_of_view_deg: float | None, size: tuple[int, int]
     ) -> DepthMap:
-        """Metric depth at the frame's own size (`size` is height, width) from the model's
-        output at its own size: scaled by the focal length the field of view gives, resized,
-        and inverted, as transformers' `post_process_depth_estimation`."""
+        """Depth at the frame's own size (`size` is height, width) from the model's output at
+        its own size: scaled by the focal length the field of view gives (metric; a model
+        without a field-of-view head gives relative depth), resized, and inverted, as
+        transformers' `post_process_depth_estimation`."""
         height, width = size
-        focal_length = 0.5 * width / math.tan(0.5 * math.radians(field_of_view_deg))
-        scaled = inverse_depth.astype(np.float32) * np.float32(width / focal_length)
+        scaled, focal_length = inverse_depth.astype(np.float32), None
+        if field_of_view_deg is not None:
+            focal_length = 0.5 * width / math.tan(0.5 * math.radians(field_of_view_deg))
+            scaled = scaled * np.float32(width / focal_length)
         resized = cv2.resize(scaled, (width, height), interpolation=cv2.INTER_LINEAR)
         depth = 1.0 / np.clip(resized, 1e-4, 1e4)
-        return DepthMap(depth_m=depth.astype(np.float32), focal_length_px=float(focal_length))
+        return DepthMap(
+            depth_m=depth.astype(np.float32),
+            focal_length_px=None if focal_length is None else float(focal_length),
+        )
 
 
 def resolve_model_dir(model_name: str) -> Path:
@@ -153,6 +159,7 @@ def export_depth_onnx(model_dir: Path, cache_dir: Path) -> Path:
     started = time.perf_counter()
     model = AutoModelForDepthEstimation.from_pretrained(model_dir, dtype=torch.float32).eval()
     example = torch.zeros(1, 3, processing.height, processing.width)
+    has_fov = bool(getattr(model.config, "use_fov_model", False))
     cache_dir.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
     try:
@@ -163,7 +170,7 @@ def export_depth_onnx(model_dir: Path, cache_dir: Path) -> Path:
                 (example,),
                 str(building / MODEL_FILE),
                 input_names=["pixel_values"],
-                output_names=["inverse_depth", "field_of_view"],
+                output_names=["inverse_depth", "field_of_view"][: 2 if has_fov else 1],
                 opset_version=OPSET,
                 dynamo=False,  # the TorchScript exporter: deprecated, but it handles this model
             )
@@ -184,8 +191,10 @@ def _plain_outputs(model: Any) -> Any:
             super().__init__()
             self.model = model
 
-        def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
             outputs = self.model(pixel_values=pixel_values)
+            if outputs.field_of_view is None:  # a model without the field-of-view head
+                return (outputs.predicted_depth,)
             return outputs.predicted_depth, outputs.field_of_view
 
     return Outputs()
@@ -221,12 +230,9 @@ class OnnxDepthEstimator:
         `export_depth_onnx`)."""
         maps = []
         for frame in frames_rgb:
-            inverse_depth, field_of_view = self.session.run(
+            inverse_depth, *field_of_view = self.session.run(
                 None, {"pixel_values": self.processing.preprocess(frame)}
             )
-            maps.append(
-                self.processing.postprocess(
-                    inverse_depth[0], float(field_of_view[0]), frame.shape[:2]
-                )
-            )
+            fov = float(field_of_view[0][0]) if field_of_view else None
+            maps.append(self.processing.postprocess(inverse_depth[0], fov, frame.shape[:2]))
         return maps
