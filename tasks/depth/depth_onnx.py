@@ -30,7 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tasks.depth.depth_maps import DepthMap, is_untrained
+from tasks.depth.depth_maps import DepthMap, check_depth_model
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class OnnxDepthEstimator:
         self.model_name = model_name
         model_dir = resolve_model_dir(model_name)
         self.processing = DepthProProcessing.from_model_dir(model_dir)
-        self.untrained = is_untrained(json.loads((model_dir / "config.json").read_text()))
+        self.untrained = check_depth_model(str(model_dir))
         if self.untrained:
             log.warning("depth model %s has UNTRAINED weights: depth means nothing", model_name)
         path = export_depth_onnx(model_dir, cache_dir)
