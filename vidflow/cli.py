@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.logs import setup_logging
+from common.processes import quick_exit
 from common.settings import SAMPLE_VIDEO, LogSettings, add_settings_arguments, settings_from_args
 from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings, InferenceSettings
@@ -208,7 +209,9 @@ def _depth(args: argparse.Namespace) -> int:
             show_progress=True,
         )
     print(json.dumps(summary))
-    return 1 if summary["failed"] else 0
+    code = 1 if summary["failed"] else 0
+    quick_exit.finish(code)
+    return code
 
 
 Handler = Callable[[argparse.Namespace], int]
@@ -369,5 +372,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The program's entry point (`vidflow`, `python -m vidflow.cli`): `main`, then an exit
+    that skips the interpreter's teardown where a command asks for it (`QuickExit`)."""
+    quick_exit.arm()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
