@@ -62,11 +62,13 @@ class QuickExit:
 
     A `vidflow depth` driver holds Prefect, Ray, Lance and pyarrow: after its last output,
     Python spent ~0.9 s of one CPU freeing their modules one object at a time (py-spy:
-    `gc_collect_main` during finalization), time a user waits and a benchmark counts. `arm`
-    registers the exit handler first, so it runs last (atexit runs handlers in reverse): after
-    Prefect has drained its log and event queues (at thread shutdown) and Ray, logging and
-    the other libraries have run their own handlers. A process that never calls `finish` exits
-    the usual way, and so does one that is not the program (code calling `main` in-process).
+    `gc_collect_main` during finalization), time a user waits and a benchmark counts. The
+    program's entry point calls `arm` before any command runs, so its handler is registered
+    before those of Prefect, Ray, Lance and the rest, which the commands import, and runs after
+    them (atexit runs handlers in reverse); Prefect drains its log and event queues earlier
+    still, at thread shutdown. Logging, imported before `arm`, is shut down here. A process
+    that never calls `finish` exits the usual way, and so does one that is not the program
+    (code calling `main` in-process).
     """
 
     def __init__(self) -> None:
