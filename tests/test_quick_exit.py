@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
 import atexit, sys
-from common.processes import quick_exit
+from common.quick_exit import quick_exit
 
 quick_exit.arm()
 atexit.register(lambda: open(sys.argv[1] + ".atexit", "w").write("ran"))
@@ -37,7 +36,7 @@ sys.exit(3)
 
 def run(tmp_path: Path, mode: str) -> subprocess.CompletedProcess[str]:
     script = tmp_path / "command.py"
-    script.write_text(textwrap.dedent(SCRIPT))
+    script.write_text(SCRIPT)
     return subprocess.run(
         [sys.executable, str(script), str(tmp_path / "marker"), mode],
         cwd=REPO, capture_output=True, text=True, timeout=60,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.logs import setup_logging
-from common.processes import quick_exit
+from common.quick_exit import quick_exit
 from common.settings import SAMPLE_VIDEO, LogSettings, add_settings_arguments, settings_from_args
 from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings, InferenceSettings
