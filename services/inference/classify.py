@@ -31,11 +31,19 @@ def failure_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"inference failed: {exc}"
 
 
+# The server's deadline trails the client's by the time the call took to arrive, so a client
+# whose own deadline fired cancels while the server still sees a little time left (tens of ms
+# on a loaded box). HTTP/2 gives both kinds of leaving the same RST_STREAM, so time is the only
+# sign; a client that leaves this close to its deadline is counted as timed out.
+DEADLINE_SLACK_S = 0.5
+
+
 def cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """Why a call or stream item was cancelled: its deadline passed, or its client left."""
+    remaining = context.time_remaining()
     return (
         grpc.StatusCode.DEADLINE_EXCEEDED
-        if context.time_remaining() == 0
+        if remaining is not None and remaining <= DEADLINE_SLACK_S
         else grpc.StatusCode.CANCELLED
     )
 
