@@ -17,6 +17,7 @@ from typing import Any, Self
 from prefect_ray import RayTaskRunner
 
 from common.net import free_port
+from flows.worker_api_client import worker_api_client
 
 # Tasks that reserve no CPU (downloads, writes) let a run keep more Ray workers busy than there
 # are CPUs. Above this many, Ray kills a worker after a second idle and starts a new one (a
@@ -147,6 +148,17 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
         super().__init__()
         self.num_cpus = num_cpus
         self._ray_start = contextlib.ExitStack()
+
+    @staticmethod
+    def _run_prefect_task(
+        *upstream_ray_obj_refs: Any, context: dict[str, Any], **kwargs: Any
+    ) -> Any:
+        """prefect-ray's remote function (run in a Ray worker for each task run), with the
+        worker's own API client in context (flows/worker_api_client.py)."""
+        with worker_api_client(context):
+            return RayTaskRunner._run_prefect_task(
+                *upstream_ray_obj_refs, context=context, **kwargs
+            )
 
     def duplicate(self) -> Self:
         """A runner of the same settings (Prefect starts a copy for each flow run)."""
