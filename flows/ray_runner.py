@@ -17,7 +17,7 @@ from typing import Any, Self
 from prefect_ray import RayTaskRunner
 
 from common.net import free_port
-from flows.worker_api_client import worker_api_client
+from flows.ray_worker_context import worker_context
 
 # Tasks that reserve no CPU (downloads, writes) let a run keep more Ray workers busy than there
 # are CPUs. Above this many, Ray kills a worker after a second idle and starts a new one (a
@@ -154,10 +154,10 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
         *upstream_ray_obj_refs: Any, context: dict[str, Any], **kwargs: Any
     ) -> Any:
         """prefect-ray's remote function (run in a Ray worker for each task run), with the
-        worker's own API client in context (flows/worker_api_client.py)."""
-        with worker_api_client(context):
+        settings and API client the worker keeps between runs (flows/ray_worker_context.py)."""
+        with worker_context(context) as kept_context:
             return RayTaskRunner._run_prefect_task(
-                *upstream_ray_obj_refs, context=context, **kwargs
+                *upstream_ray_obj_refs, context=kept_context, **kwargs
             )
 
     def duplicate(self) -> Self:
