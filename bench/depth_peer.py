@@ -1,6 +1,6 @@
 """Benchmark: `vidflow depth` against video2dataset on the same URL list, in alternating rounds.
 
-    python -m bench.depth_peer [--videos 48] [--rounds 3] [--ray local,cluster]
+    python -m bench.depth_peer [--videos 48] [--rounds 3] [--ray local,cluster] [--baseline DIR]
 
 The same work for both tools: `--videos` copies of the real Kinetics clip
 `../shared/data/videos/k400_arm_wrestling.mp4` (10 s, 340x256) served from one loopback HTTP
@@ -25,6 +25,9 @@ machine sat idle (`idle_core_s`: CPUs x wall less the busy CPU of /proc/stat). F
   ffmpeg and the model ran;
 - `overhead_share`: vidflow's CPU-s per video outside ffmpeg and the depth model, over ffmpeg's
   (`..._without_idle_server`: less the Prefect server's idle CPU, its rate in the peer's rounds).
+`--baseline DIR` (a checkout of earlier code, e.g. `git worktree add DIR REV`) adds the mode
+`baseline_local`: that code's `vidflow depth` with its own local Ray (PYTHONPATH=DIR, so the
+driver and the Ray workers it starts import it), in the same rounds, for a before/after ratio.
 The last stdout line is JSON with every figure, the medians and the ratios.
 """
 
@@ -121,16 +124,24 @@ def ray_cluster(temp_dir: Path, bin_dir: Path) -> Iterator[str]:
 
 
 def run_vidflow(
-    urls_file: Path, output: Path, model: Path, env: dict[str, str], bin_dir: Path
+    urls_file: Path,
+    output: Path,
+    model: Path,
+    env: dict[str, str],
+    bin_dir: Path,
+    code: Path | None = None,
 ) -> dict[str, Any]:
-    """`vidflow depth` as a user runs it; wall time, and the outputs checked."""
+    """`vidflow depth` as a user runs it (from the checkout `code`, default this one); wall
+    time, and the outputs checked."""
     command = [
         sys.executable, "-m", "vidflow.cli", "depth", "--urls", str(urls_file),
         "--output", str(output), "--depth-model", str(model), "--device", "cpu",
     ]  # fmt: skip
     env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
     started = time.perf_counter()
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    run = subprocess.run(command, env=env, cwd=code, capture_output=True, text=True, timeout=1800)
     wall_s = time.perf_counter() - started
     if run.returncode != 0:
         raise RuntimeError(f"vidflow depth failed ({run.returncode}): {run.stderr[-3000:]}")
@@ -165,6 +176,7 @@ def depth_model_cpu_per_video(model: Path, videos: int) -> float:
 
 
 WARM_UP_VIDEOS = 4
+BASELINE_MODE = "baseline_local"  # `--baseline`: earlier code, with its own local Ray
 NOT_A_TOOLS_OWN = ("bench", "other")
 VIDFLOW_SERVICES = ("prefect_server", "ray_system", "ray_workers")  # idle during the peer's runs
 
@@ -239,8 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         "--no-warm-up", action="store_true", help="skip the unmeasured first run of each tool"
     )
     parser.add_argument("--peer-shards", type=int, default=8)
+    parser.add_argument(
+        "--baseline", type=Path, help="a checkout of earlier code, run as mode baseline_local"
+    )
     args = parser.parse_args(argv)
     modes = [mode for mode in args.ray.split(",") if mode]
+    if args.baseline is not None:
+        modes.append(BASELINE_MODE)
 
     if not args.no_peer:
         ensure_venv()
@@ -293,9 +310,11 @@ def measure_alternating(args: argparse.Namespace, modes: list[str], work: Path) 
             env = dict(base_env)
             # local: its own Ray, even where `ray start` runs one on this machine.
             env["RAY_ADDRESS"] = cluster_address if mode == "cluster" else "local"
+            code = args.baseline if mode == BASELINE_MODE else None
             return measured(
-                lambda: run_vidflow(urls_file, out, model, env, bin_dir), cpu_log, args.videos,
-                model_cpu, set_aside=idle_cluster() if mode == "local" else frozenset(),
+                lambda: run_vidflow(urls_file, out, model, env, bin_dir, code), cpu_log,
+                args.videos, model_cpu,
+                set_aside=idle_cluster() if mode != "cluster" else frozenset(),
             )  # fmt: skip
 
         # One cluster for every round, as a cluster is used: it outlives runs, and so do
