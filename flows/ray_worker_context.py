@@ -6,7 +6,8 @@ rebuilds Prefect's settings from their serialized form (~40-75 ms of CPU: pydant
 validation and the environment and TOML sources) and, with no client in context, it and the
 task engine each build a new `SyncPrefectClient`: two TLS contexts loaded from the CA bundle
 (~35 ms each, even for an http:// API), a new connection and a version check. On 2 cores that
-was ~1.3 CPU-s per worker for 8 task runs of a 48-clip run (docs/benchmarks.md). Prefect takes
+was ~1.5 CPU-s per worker over 8 task runs (a worker's CPU at its last run of a 16-run flow:
+~7.0 s, ~5.45 s with both kept; docs/benchmarks.md). Prefect takes
 settings that are already built as they are, and reuses the client of a `SyncClientContext` in
 context, so the worker keeps both per distinct settings. prefect-ray has no hook for this; the
 runner's remote function is wrapped instead (flows/ray_runner.py).
