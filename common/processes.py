@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
+import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 def stop_process(process: subprocess.Popen, timeout_s: float) -> int:
@@ -50,3 +53,40 @@ def signal_on_parent_death() -> None:
     """
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@functools.cache
+def _launchers() -> tuple[str, str] | None:
+    """util-linux's `setpriv` and coreutils' `nice`, where both are on PATH (on Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    setpriv, nice = shutil.which("setpriv"), shutil.which("nice")
+    return (setpriv, nice) if setpriv and nice else None
+
+
+def batch_child(
+    command: Sequence[str], niceness: int = 0
+) -> tuple[list[str], Callable[[], None] | None]:
+    """`(args, preexec_fn)` for subprocess to run `command` as a child that dies with the
+    thread that starts it (as `die_with_parent`) and runs `niceness` steps lower.
+
+    Where `setpriv` and `nice` are found, they do both in front of the command (the death signal
+    and the niceness survive their exec of it) and there is no preexec_fn. Then Python starts the
+    child with vfork and runs no Python code in it: a preexec_fn is unsafe in a process with
+    threads (a Ray worker has several, and Lance warns it is not fork-safe), and it needs a full
+    fork of a process holding Prefect, Ray, Lance and OpenCV. Measured from such a process
+    (`ffmpeg -version`, 30 runs): 13 ms and 13 CPU-ms a run, against 20 ms and 20 CPU-ms with a
+    preexec_fn. Elsewhere a preexec_fn does both.
+    """
+    launchers = _launchers()
+    if launchers is None:
+        return list(command), functools.partial(_die_with_parent_below, niceness)
+    setpriv, nice = launchers
+    lowered = [nice, "-n", str(niceness)] if niceness else []
+    return [setpriv, "--pdeathsig", "KILL", "--", *lowered, *command], None
+
+
+def _die_with_parent_below(niceness: int) -> None:
+    die_with_parent()
+    if niceness:
+        os.nice(niceness)

@@ -7,7 +7,6 @@ no system package is needed) with a timeout; its own error text becomes the fail
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import subprocess
 import time
@@ -20,7 +19,7 @@ import cv2
 
 from common.files import atomic_output
 from common.frames import opened_video
-from common.processes import die_with_parent
+from common.processes import batch_child
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
@@ -158,15 +157,21 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
 def _run_ffmpeg(source: Path, output: Path, settings: DepthSettings) -> StreamFacts:
     """Transcode `source` into `output`; the facts of what FFmpeg wrote. Raises TranscodeError
     (so that `atomic_output` drops the file) when it failed, timed out or wrote no frames."""
+    # Transcodes are batch work: on a busy machine the Prefect API and UI, the downloads and
+    # the depth model get the CPU first, and ffmpeg takes every cycle they leave (the total
+    # work, and so the run's length, is the same). It dies with its worker.
+    args, preexec_fn = batch_child(
+        ffmpeg_command(source.resolve(), output.resolve(), settings), settings.transcode_nice
+    )
     try:
         completed = subprocess.run(
-            ffmpeg_command(source.resolve(), output.resolve(), settings),
+            args,
             capture_output=True,
             text=True,
             errors="replace",
             timeout=settings.transcode_timeout_s,
             check=False,
-            preexec_fn=functools.partial(_start_ffmpeg_child, settings.transcode_nice),
+            preexec_fn=preexec_fn,
         )
     except subprocess.TimeoutExpired:
         raise TranscodeError(f"ffmpeg timed out after {settings.transcode_timeout_s:g} s") from None
@@ -177,16 +182,6 @@ def _run_ffmpeg(source: Path, output: Path, settings: DepthSettings) -> StreamFa
     if facts is None or facts.frame_count <= 0:
         raise TranscodeError("ffmpeg wrote no decodable video frames")
     return facts
-
-
-def _start_ffmpeg_child(niceness: int) -> None:
-    """In the ffmpeg child before it runs: it dies with its worker, and it runs `niceness`
-    steps below the pipeline's CPU priority. A transcode is batch work: on a busy machine the
-    Prefect API and UI, the downloads and the depth model should get the CPU first, and ffmpeg
-    takes every cycle they leave (the total work, and so the run's length, is the same)."""
-    die_with_parent()
-    if niceness:
-        os.nice(niceness)
 
 
 def _with_output(
