@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 
@@ -186,3 +188,27 @@ def test_closing_fails_what_is_still_queued_after_the_running_batch_ends() -> No
     finished, (refused,) = asyncio.run(scenario())
     assert finished.value == 1
     assert isinstance(refused, RuntimeError) and "shutting down" in str(refused)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice: Linux")
+def test_model_workers_run_lowered_and_the_event_loop_does_not() -> None:
+    """Workers run the model `worker_niceness` steps below the loop, which keeps its priority."""
+    seen: list[int] = []
+
+    def run_batch(items: list[int]) -> list[int]:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return items
+
+    async def scenario() -> int:
+        batcher = DynamicBatcher(
+            run_batch, max_batch_size=1, max_delay_s=0.0, workers=2, worker_niceness=5
+        )
+        batcher.start()
+        await asyncio.gather(*(_classify(batcher, item) for item in range(4)))
+        await batcher.close()
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    loop_priority = asyncio.run(scenario())
+    assert loop_priority == before
+    assert seen and set(seen) == {min(19, before + 5)}

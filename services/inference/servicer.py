@@ -55,6 +55,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             max_batch_size=self.max_batch_size,
             max_delay_s=self.settings.max_batch_delay_ms / 1000.0,
             workers=model.workers,
+            worker_niceness=self.settings.model_worker_nice,
             on_batch=self.metrics.batch_size.observe,
         )
         self.batcher.start()

@@ -73,6 +73,15 @@ class InferenceSettings(BaseSettings):
     inference_threads: int = Field(
         0, ge=0, description="threads one model call may use (0: auto, cores / workers)"
     )
+    model_worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description=(
+            "steps the model worker threads run below the rest of the server (Linux), so that "
+            "receiving and answering requests never waits behind the model"
+        ),
+    )
     cache_dir: Path = Field(
         DEFAULT_CACHE_DIR / "models", description="where exported models are cached"
     )
