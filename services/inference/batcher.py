@@ -132,7 +132,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if self._closing:
                 raise RuntimeError("server is shutting down")
             self._pending.append(pending)
-            self._condition.notify_all()
+            if self.max_batch_size == 1:
+                # Direct dispatch: one free worker takes it; waking every idle one would only
+                # have the rest take the lock, find nothing and sleep again.
+                self._condition.notify()
+            else:  # a worker holding a batch open must see it grow, whichever is woken
+                self._condition.notify_all()
         try:
             return await future
         except asyncio.CancelledError:  # the caller is gone: do not spend the model on it
