@@ -212,3 +212,23 @@ def test_model_workers_run_lowered_and_the_event_loop_does_not() -> None:
     loop_priority = asyncio.run(scenario())
     assert loop_priority == before
     assert seen and set(seen) == {min(19, before + 5)}
+
+
+def test_a_request_handed_straight_to_a_worker_wakes_the_one_idle_last() -> None:
+    """One request at a time keeps going to the same (warm) worker, never round the pool."""
+    ran_on: list[int] = []
+
+    def run_batch(items: list[int]) -> list[int]:
+        ran_on.append(threading.get_ident())
+        return items
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(run_batch, max_batch_size=1, max_delay_s=0.0, workers=3)
+        batcher.start()
+        for item in range(6):
+            assert (await _classify(batcher, item)).value == item
+            await asyncio.sleep(0.01)  # the worker is back among the idle ones
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert len(ran_on) == 6 and len(set(ran_on)) == 1

@@ -10,8 +10,12 @@ Each model worker is a thread that takes its next batch itself the moment its la
 as the model instances behind Triton's dynamic batcher do. Handing batches out from the event
 loop instead left each worker idle 0.8 ms (3 ms at p90) between batches, waiting for the loop to
 get a core and dispatch: 5-7 % of the CPU at concurrency 8 on 2 cores (docs/benchmarks.md).
-asyncio has no queue that threads can wait on, so the queue is a deque under a
-`threading.Condition`, and results go back to the loop with `call_soon_threadsafe`.
+asyncio has no queue that threads can wait on, so the queue is a deque under a lock, each
+worker waits on a `threading.Condition` of its own on that lock, and results go back to the
+loop with `call_soon_threadsafe`. A request handed straight to a worker wakes the worker that
+went idle last, as a LIFO thread pool does: its memory is still warm in the caches. Waking the
+one idle longest made the three workers take turns at two requests in flight; on 2 cores that
+did 117.6 img/s against 132.9 (docs/benchmarks.md).
 
 Batching is worth its queueing only where the model does more images per second in batches, as
 on a GPU; on a CPU where an image costs the same at batch 1 and 8 holding requests only adds
@@ -82,30 +86,33 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self.worker_niceness = worker_niceness
         self._run_batch = run_batch
         self._on_batch = on_batch  # told each batch's size (from a worker thread), for metrics
-        self._condition = threading.Condition()
-        # Guarded by `_condition`:
+        self._lock = threading.Lock()
+        # Guarded by `_lock`:
         self._pending: deque[_Pending[ItemT, ResultT]] = deque()
         self._on_their_way = 0  # admitted requests that have not submitted yet
         self._closing = False
+        self._wakeups: list[threading.Condition] = []  # one per worker, on `_lock`
+        self._idle: list[threading.Condition] = []  # the wakeups of idle workers, last idle last
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._wakeups = [threading.Condition(self._lock) for _ in range(self.workers)]
         self._threads = [
-            threading.Thread(target=self._work, name=f"batch-{index}", daemon=True)
-            for index in range(self.workers)
+            threading.Thread(target=self._work, args=(wakeup,), name=f"batch-{index}", daemon=True)
+            for index, wakeup in enumerate(self._wakeups)
         ]
         for thread in self._threads:
             thread.start()
 
     async def close(self) -> None:
         """Let the batches being run finish, then fail whatever is still queued."""
-        with self._condition:
+        with self._lock:
             self._closing = True
-            self._condition.notify_all()
+            self._wake_all()
         await asyncio.to_thread(lambda: [thread.join() for thread in self._threads])
-        with self._condition:
+        with self._lock:
             leftovers, self._pending = list(self._pending), deque()
         _fail(leftovers, RuntimeError("server is shutting down"))
 
@@ -113,21 +120,21 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     def admit(self) -> Iterator[Admission[ItemT, ResultT]]:
         """Count a request as on its way from arrival until it submits (wrap the handler)."""
         admission = Admission(self)
-        with self._condition:
+        with self._lock:
             self._on_their_way += 1
         try:
             yield admission
         finally:
             if not admission.submitted:  # it left without queueing: stop waiting for it
-                with self._condition:
+                with self._lock:
                     self._on_their_way -= 1
-                    self._condition.notify_all()
+                    self._wake_all()
 
     async def _queue(self, item: ItemT) -> BatchResult[ResultT]:
         """Queue an admitted request's item and wait for its entry of the batch output."""
         future: asyncio.Future[BatchResult[ResultT]] = asyncio.get_running_loop().create_future()
         pending = _Pending(item, time.perf_counter(), future)
-        with self._condition:
+        with self._lock:
             self._on_their_way -= 1  # no longer on its way: queued or refused
             if self._closing:
                 raise RuntimeError("server is shutting down")
@@ -135,26 +142,42 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if self.max_batch_size == 1:
                 # Direct dispatch: one free worker takes it; waking every idle one would only
                 # have the rest take the lock, find nothing and sleep again.
-                self._condition.notify()
-            else:  # a worker holding a batch open must see it grow, whichever is woken
-                self._condition.notify_all()
+                self._wake_last_idle()
+            else:  # a worker holding a batch open must see it grow
+                self._wake_all()
         try:
             return await future
         except asyncio.CancelledError:  # the caller is gone: do not spend the model on it
-            with self._condition, contextlib.suppress(ValueError):
+            with self._lock, contextlib.suppress(ValueError):
                 self._pending.remove(pending)
             raise
 
     # ---- worker threads --------------------------------------------------------------------
 
-    def _next_batch(self) -> list[_Pending[ItemT, ResultT]] | None:
-        """Wait for a batch to close and take it; None once the batcher is closing."""
-        with self._condition:
+    def _wake_all(self) -> None:
+        """Have every worker look again (closing, a batch growing, a request that left)."""
+        for wakeup in self._wakeups:
+            wakeup.notify()
+
+    def _wake_last_idle(self) -> None:
+        """Wake the worker that went idle last, if any; a busy one looks when it is done."""
+        if self._idle:
+            self._idle.pop().notify()
+
+    def _next_batch(self, wakeup: threading.Condition) -> list[_Pending[ItemT, ResultT]] | None:
+        """Wait (on this worker's `wakeup`) for a batch to close and take it; None once the
+        batcher is closing."""
+        with self._lock:
             while True:
                 if self._closing:
                     return None
                 if not self._pending:
-                    self._condition.wait()
+                    self._idle.append(wakeup)
+                    try:
+                        wakeup.wait()
+                    finally:  # still listed if woken by `_wake_all`
+                        with contextlib.suppress(ValueError):
+                            self._idle.remove(wakeup)
                     continue
                 deadline = self._pending[0].enqueued_at + self.max_delay_s
                 while (
@@ -163,15 +186,15 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     and self._on_their_way > 0
                     and (remaining := deadline - time.perf_counter()) > 0
                 ):
-                    self._condition.wait(remaining)
+                    wakeup.wait(remaining)
                 if self._pending:  # another worker may have taken them while this one waited
                     size = min(self.max_batch_size, len(self._pending))
                     return [self._pending.popleft() for _ in range(size)]
 
-    def _work(self) -> None:
+    def _work(self, wakeup: threading.Condition) -> None:
         assert self._loop is not None
         lower_this_thread(self.worker_niceness)
-        while (batch := self._next_batch()) is not None:
+        while (batch := self._next_batch(wakeup)) is not None:
             started = time.perf_counter()
             try:  # nothing may end this thread but closing: its callers would wait forever
                 if self._on_batch is not None:
