@@ -217,8 +217,8 @@ def lower_this_thread(niceness: int) -> None:
     A model worker is lowered so that the event loop and gRPC's threads, which receive requests
     and hand results back, take a core the moment they have work instead of waiting for a worker
     running the model to be descheduled; the model gets every cycle they leave. Measured on 2
-    cores (docs/benchmarks.md, service_sweep): at concurrency 2 0.86x the plain server's img/s
-    against 0.80x unlowered, at concurrency 8 0.815 of the bare model against 0.797.
+    cores (docs/benchmarks.md, service_sweep) the gain is small: at concurrency 2 119.5-120.2
+    img/s against 111.9-117.5 unlowered, p99 at 16 127-128 ms against 132; within noise at 8.
     """
     if niceness and sys.platform.startswith("linux"):
         thread = threading.get_native_id()
