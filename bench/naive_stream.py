@@ -10,6 +10,11 @@ clip to fresh topics first, then one of the two consumes them with a fresh group
 alternate round by round against one broker (Tansu) and one `vidflow serve`. frames/s runs from
 the first message polled to the last result delivered. The last stdout line is JSON with
 `vidflow_fps`, `naive_fps` and `ratio` (median of the per-round ratios; target >= 2).
+
+Each drain runs under a per-process CPU account (service, broker, consumer), and before the
+stack starts the bare model is timed alone in-process: together they give the highest ratio the
+machine allows in this run (`ratio_bound_bare_model`, `ratio_bound_service_alone`), as a
+consumer can go no faster than the service it calls.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka import Consumer
 
+from bench.cpu_account import CpuAccount
+from bench.service import BareModel
 from bench.stream import fresh_kafka, local_stack
 from common.settings import DEFAULT_CACHE_DIR, SAMPLE_VIDEO
 from protos import inference_pb2, inference_pb2_grpc
@@ -113,23 +121,75 @@ def backlog(bootstrap: str, frames: int) -> KafkaSettings:
     return kafka
 
 
-def vidflow_round(bootstrap: str, target: str, frames: int) -> float:
+def process_kind(cmdline: str) -> str:
+    """Who used the CPU while a backlog drained: the service, the broker, or this process (the
+    consumer under test, vidflow's or the naive loop)."""
+    for needle, kind in (("vidflow.cli serve", "service"), ("tansu", "broker")):
+        if needle in cmdline:
+            return kind
+    return "consumer" if "bench.naive_stream" in cmdline else "other"
+
+
+@dataclass
+class Round:
+    """One drain of a backlog: its rate and the CPU each kind of process spent on it."""
+
+    fps: float
+    cpu_ms_per_frame: dict[str, float]
+
+
+def drained(frames: int, consume: Callable[[], float]) -> Round:
+    """Run `consume` (it drains the backlog and returns its frames/s) under a CPU account."""
+    with CpuAccount(process_kind) as account:
+        fps = consume()
+    per_frame = {kind: round(cpu_s * 1e3 / frames, 2) for kind, cpu_s in account.by_kind().items()}
+    return Round(round(fps, 2), per_frame)
+
+
+def vidflow_round(bootstrap: str, target: str, frames: int) -> Round:
     kafka = backlog(bootstrap, frames)
     settings = ConsumerSettings(
         group=f"vidflow-{kafka.frames_topic}", max_frames=frames, idle_timeout=15.0, duration=600
     )
-    summary = FrameConsumer(kafka, settings, target).run()
-    if summary.results_published != frames:
-        raise RuntimeError(f"vidflow: {summary.results_published} of {frames} results")
-    return summary.fps
+
+    def consume() -> float:
+        summary = FrameConsumer(kafka, settings, target).run()
+        if summary.results_published != frames:
+            raise RuntimeError(f"vidflow: {summary.results_published} of {frames} results")
+        return summary.fps
+
+    return drained(frames, consume)
 
 
-def naive_round(bootstrap: str, target: str, frames: int) -> float:
+def naive_round(bootstrap: str, target: str, frames: int) -> Round:
     kafka = backlog(bootstrap, frames)
-    summary = naive_consume(kafka, f"naive-{kafka.frames_topic}", target, frames)
-    if summary.results != frames:
-        raise RuntimeError(f"naive: {summary.results} of {frames} results")
-    return summary.fps
+
+    def consume() -> float:
+        summary = naive_consume(kafka, f"naive-{kafka.frames_topic}", target, frames)
+        if summary.results != frames:
+            raise RuntimeError(f"naive: {summary.results} of {frames} results")
+        return summary.fps
+
+    return drained(frames, consume)
+
+
+def bounds(bare_fps: float, vidflow_rounds: list[Round], naive_fps: float) -> dict[str, float]:
+    """The highest ratio to the naive loop this machine allows, from figures of this run.
+
+    `bare_model`: the model alone, in-process, on preprocessed frames, every core busy.
+    `service_alone`: the cores divided by the service's own CPU per frame (decode, model, gRPC)
+    in vidflow's rounds, as if the broker and the consumer cost nothing.
+    """
+    cores = os.cpu_count() or 1
+    service_ms = statistics.median(r.cpu_ms_per_frame.get("service", 0.0) for r in vidflow_rounds)
+    service_fps = cores * 1e3 / service_ms if service_ms > 0 else 0.0
+    return {
+        "bare_model_fps": round(bare_fps, 1),
+        "service_cpu_ms_per_frame": service_ms,
+        "service_alone_fps": round(service_fps, 1),
+        "ratio_bound_bare_model": round(bare_fps / naive_fps, 3),
+        "ratio_bound_service_alone": round(service_fps / naive_fps, 3),
+    }
 
 
 def main() -> None:
@@ -137,28 +197,45 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=300, help="backlog frames per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each, alternating")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models")
+    parser.add_argument(
+        "--bare-seconds", type=float, default=5.0, help="seconds of the bare-model measurement"
+    )
     args = parser.parse_args()
     if not SAMPLE_VIDEO.is_file():
         sys.exit(f"sample clip not found: {SAMPLE_VIDEO}")
-    rounds: dict[str, list[float]] = {"naive": [], "vidflow": []}
+    bare_fps = BareModel(args.cache_dir).fps(args.bare_seconds)  # before the stack: alone
+    print(f"bare model: {bare_fps:.1f} img/s", file=sys.stderr)
+    rounds: dict[str, list[Round]] = {"naive": [], "vidflow": []}
     with local_stack(args.cache_dir) as (broker, server):
         bootstrap = broker.bootstrap_servers
         for index in range(args.rounds):
             order = ("naive", "vidflow") if index % 2 == 0 else ("vidflow", "naive")
             for name in order:
                 run = naive_round if name == "naive" else vidflow_round
-                rounds[name].append(round(run(bootstrap, server.target, args.frames), 2))
-                print(f"round {index + 1} {name}: {rounds[name][-1]} frames/s", file=sys.stderr)
-    ratios = [v / n for v, n in zip(rounds["vidflow"], rounds["naive"], strict=True)]
+                rounds[name].append(run(bootstrap, server.target, args.frames))
+                last = rounds[name][-1]
+                print(
+                    f"round {index + 1} {name}: {last.fps} frames/s, CPU ms per frame "
+                    f"{last.cpu_ms_per_frame}",
+                    file=sys.stderr,
+                )
+    fps = {name: [r.fps for r in name_rounds] for name, name_rounds in rounds.items()}
+    ratios = [v / n for v, n in zip(fps["vidflow"], fps["naive"], strict=True)]
+    naive_fps = statistics.median(fps["naive"])
     print(
         json.dumps(
             {
                 "benchmark": "naive_stream",
-                "vidflow_fps": statistics.median(rounds["vidflow"]),
-                "naive_fps": statistics.median(rounds["naive"]),
+                "vidflow_fps": statistics.median(fps["vidflow"]),
+                "naive_fps": naive_fps,
                 "ratio": round(statistics.median(ratios), 3),
-                "rounds_fps": rounds,
+                "rounds_fps": fps,
                 "rounds_ratio": [round(r, 3) for r in ratios],
+                "rounds_cpu_ms_per_frame": {
+                    name: [r.cpu_ms_per_frame for r in name_rounds]
+                    for name, name_rounds in rounds.items()
+                },
+                **bounds(bare_fps, rounds["vidflow"], naive_fps),
                 "frames": args.frames,
                 "cpu_count": os.cpu_count(),
             }

@@ -64,6 +64,25 @@ def model_fps(model: ServedModel, batch: np.ndarray, duration_s: float) -> float
         return images / (time.perf_counter() - started)
 
 
+class BareModel:
+    """The model alone, called in-process on preprocessed real frames at batch 8: the
+    zero-overhead bound that a server (`bench.service_sweep`) or a stream consumer
+    (`bench.naive_stream`) is measured against in the same run."""
+
+    def __init__(self, cache_dir: Path, frames_per_video: int = 64) -> None:
+        served = InferenceSettings(backend="onnx", cache_dir=cache_dir)
+        self.models = [
+            load_served_model(served.model_copy(update={"inference_workers": 1})),
+            load_served_model(served),
+        ]
+        frames = real_frames(frames_per_video)[:8]
+        self.batch = np.stack([load_and_preprocess(f, self.models[0].preprocess) for f in frames])
+
+    def fps(self, duration_s: float) -> float:
+        """The better of one call at a time over all cores and one call per model worker."""
+        return max(model_fps(model, self.batch, duration_s) for model in self.models)
+
+
 def load_level(
     target: str, frames: list[bytes], args: argparse.Namespace, streaming: bool
 ) -> LevelResult:

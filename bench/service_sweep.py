@@ -28,17 +28,13 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-import numpy as np
-
 from bench.plain_server import start_plain_server
-from bench.service import model_fps, real_frames
+from bench.service import BareModel, real_frames
 from common.settings import DEFAULT_CACHE_DIR
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
-from services.inference.loader import load_served_model
 from services.inference.loadtest import LevelResult, run_loadtest
 from services.inference.models import load_model
 from services.inference.onnx_export import export_onnx
-from services.inference.preprocess import load_and_preprocess
 from services.inference.settings import InferenceSettings
 
 PLAIN = "plain"
@@ -114,18 +110,13 @@ def main() -> None:
     frames = real_frames(args.frames_per_video)
     served = InferenceSettings(backend="onnx", cache_dir=args.cache_dir)
     onnx_path = export_onnx(load_model(served.model, served.weights), args.cache_dir)
-    workers_model = load_served_model(served)
-    one_call_model = load_served_model(served.model_copy(update={"inference_workers": 1}))
-    tensors = np.stack([load_and_preprocess(f, one_call_model.preprocess) for f in frames])
-    batch = tensors[:8]
+    bare_model = BareModel(args.cache_dir, args.frames_per_video)
 
     bare_runs: list[float] = []
     runs: dict[str, list[list[LevelResult]]] = {label: [] for label in [*args.configs, PLAIN]}
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
-            bare_runs.append(
-                max(model_fps(m, batch, args.duration) for m in (one_call_model, workers_model))
-            )
+            bare_runs.append(bare_model.fps(args.duration))
             order = [*args.configs, PLAIN][:: -1 if round_index % 2 else 1]
             for label in order:
                 server = _start(label, Path(tmp), onnx_path, args)

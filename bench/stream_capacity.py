@@ -80,8 +80,9 @@ def capacity_sweep(bootstrap: str, target: str, args: argparse.Namespace) -> dic
     """The stream-benchmark flow's capacity sweep, under a temporary Prefect API."""
     settings = StreamBenchmarkSettings(
         capacity=True, concurrency=CONCURRENCY, step_seconds=args.step_seconds,
-        max_streams=args.max_streams, max_frame_age_ms=args.budget_ms, output_dir=args.output_dir,
-        kafka=KafkaSettings(bootstrap_servers=bootstrap), client=ClientSettings(target=target),
+        max_streams=args.max_streams, step_tries=args.step_tries, max_frame_age_ms=args.budget_ms,
+        output_dir=args.output_dir, kafka=KafkaSettings(bootstrap_servers=bootstrap),
+        client=ClientSettings(target=target),
     )  # fmt: skip
     with prefect_api():
         return stream_benchmark(settings=settings)
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--service-seconds", type=float, default=10.0)
     parser.add_argument("--step-seconds", type=float, default=10.0, help="seconds per sweep step")
     parser.add_argument("--max-streams", type=int, default=16)
+    parser.add_argument("--step-tries", type=int, default=2, help="tries before a count fails")
     parser.add_argument("--budget-ms", type=float, default=DEFAULT_BUDGET_MS)
     parser.add_argument("--overload-seconds", type=float, default=20.0)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/bench-capacity"))
@@ -118,7 +120,7 @@ def main() -> None:
     ideal = math.floor(level.throughput_rps / source_fps)
     steps = [
         {k: s[k] for k in ("streams", "fps_min", "fps_mean", "e2e_p50_ms", "e2e_p99_ms",
-                           "skipped_stale", "lag_at_end", "holds")}
+                           "skipped_stale", "lag_at_end", "attempt", "holds")}
         for s in sweep["steps"]
     ]  # fmt: skip
     print(
@@ -137,6 +139,7 @@ def main() -> None:
                 "overload_streams": overload,
                 **runs,
                 "step_seconds": args.step_seconds,
+                "step_tries": args.step_tries,
                 "overload_seconds": args.overload_seconds,
                 "cpu_count": os.cpu_count(),
             }

@@ -38,6 +38,7 @@ class StepFigures:
     skipped_stale: int = 0
     frames_produced: int = 0
     lag_at_end: int | None = 0  # frames behind at the last capture, + never answered
+    attempt: int = 1  # a count that failed is tried again (`step_tries`): which try this was
 
     @property
     def fps_min(self) -> float:
@@ -155,6 +156,11 @@ def shortfalls(
 
 def holds(step: StepFigures, budget_ms: float, min_fps_ratio: float = MIN_FPS_RATIO) -> bool:
     return not shortfalls(step, budget_ms, min_fps_ratio)
+
+
+def deciding_steps(steps: Iterable[StepFigures]) -> list[StepFigures]:
+    """The last try of each stream count, the one its verdict rests on, in order of count."""
+    return sorted({step.streams: step for step in steps}.values(), key=lambda s: s.streams)
 
 
 def capacity(outcomes: Mapping[int, bool]) -> int:

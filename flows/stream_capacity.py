@@ -2,8 +2,9 @@
 
 Each step replays the source as N live cameras (one producer, `streams=N`, each at the source's
 pacing) for `step_seconds` into fresh topics, with the consumer group classifying under the
-latency budget (`max_frame_age_ms`); the step's figures come from its result records. The
-stream count doubles until a step fails, then bisects (flows/capacity_rules.py). The sweep is
+latency budget (`max_frame_age_ms`); the step's figures come from its result records. A count
+that fails gets `step_tries` tries in all and fails only if each does. The stream count doubles
+until a count fails, then bisects (flows/capacity_rules.py). The sweep is
 recorded as a table artifact and a markdown report with a chart, also written as a PNG file.
 """
 
@@ -25,6 +26,8 @@ from flows.capacity_rules import (
     WARMUP_S,
     StepFigures,
     capacity,
+    deciding_steps,
+    holds,
     next_streams,
     shortfalls,
     step_figures,
@@ -108,11 +111,12 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
 def sweep_rows(steps: list[StepFigures], budget_ms: float) -> list[dict[str, Any]]:
     """The table artifact's rows, one per step in order of stream count."""
     rows = []
-    for step in sorted(steps, key=lambda s: s.streams):
+    for step in sorted(steps, key=lambda s: (s.streams, s.attempt)):
         reasons = shortfalls(step, budget_ms)
         rows.append(
             {
                 "streams": step.streams,
+                "try": step.attempt,
                 "fps_min": round(step.fps_min, 2),
                 "fps_mean": round(step.fps_mean, 2),
                 "e2e_p50_ms": step.e2e_p50_ms,
@@ -168,20 +172,27 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
     topics: dict[int, dict[str, str]] = {}
     streams = next_streams(outcomes, sweep.max_streams)
     while streams is not None:
-        figures, kafka = run_step(sweep, streams)
-        reasons = shortfalls(figures, sweep.budget_ms)
+        # A count fails only when every one of its tries fails: a one-off stall of a shared
+        # machine (a p99 past the budget in one 10 s window) should not set the capacity.
+        for attempt in range(1, sweep.step_tries + 1):
+            figures, kafka = run_step(sweep, streams)
+            figures.attempt = attempt
+            reasons = shortfalls(figures, sweep.budget_ms)
+            steps.append(figures)
+            topics[streams] = {"frames": kafka.frames_topic, "results": kafka.results_topic}
+            logger.info(
+                "%d streams (try %d): slowest %.2f fps, mean %.2f fps, e2e p99 %.1f ms, %d stale, "
+                "lag %s: %s",
+                streams, attempt, figures.fps_min, figures.fps_mean, figures.e2e_p99_ms,
+                figures.skipped_stale, figures.lag_at_end, "; ".join(reasons) or "holds",
+            )  # fmt: skip
+            if not reasons:
+                break
         outcomes[streams] = not reasons
-        steps.append(figures)
-        topics[streams] = {"frames": kafka.frames_topic, "results": kafka.results_topic}
-        logger.info(
-            "%d streams: slowest %.2f fps, mean %.2f fps, e2e p99 %.1f ms, %d stale, lag %s: %s",
-            streams, figures.fps_min, figures.fps_mean, figures.e2e_p99_ms,
-            figures.skipped_stale, figures.lag_at_end, "; ".join(reasons) or "holds",
-        )  # fmt: skip
         streams = next_streams(outcomes, sweep.max_streams)
     held = capacity(outcomes)
     verdict = verdict_line(held, width, height, fps)
-    png = capacity_chart_png(steps, sweep.budget_ms, verdict)
+    png = capacity_chart_png(deciding_steps(steps), sweep.budget_ms, verdict)
     output_dir = sweep.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     chart_path = (output_dir / f"capacity-{flow_run.id or uuid.uuid4().hex[:8]}.png").resolve()
@@ -199,7 +210,7 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
         "verdict": verdict,
         "budget_ms": sweep.budget_ms,
         "source": {"width": width, "height": height, "fps": fps},
-        "steps": [{**s.as_dict(), "holds": outcomes[s.streams]} for s in steps],
+        "steps": [{**s.as_dict(), "holds": holds(s, sweep.budget_ms)} for s in steps],
         "topics": topics,
         "chart": str(chart_path),
     }

@@ -43,6 +43,9 @@ class StreamBenchmarkSettings(BaseModel):
     )
     step_seconds: float = Field(10.0, description="capacity: s per step")
     max_streams: int = Field(16, description="capacity: most streams tried")
+    step_tries: int = Field(
+        2, ge=1, description="capacity: tries a stream count gets before it counts as failed"
+    )
     output_dir: Path = Field(
         Path("runs/stream-benchmark"), description="capacity: where the chart PNG is written"
     )

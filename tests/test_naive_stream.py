@@ -3,7 +3,9 @@ result per frame on the results topic, every offset committed."""
 
 from __future__ import annotations
 
-from bench.naive_stream import naive_consume
+import os
+
+from bench.naive_stream import Round, bounds, naive_consume, process_kind
 from common.settings import SAMPLE_VIDEO
 from tasks.stream.frame_codec import FrameResult
 from tasks.stream.producer import produce_frames
@@ -22,3 +24,17 @@ def test_the_naive_loop_answers_and_commits_every_frame(kafka, onnx_server) -> N
     assert sorted(r.frame_index for r in results) == list(range(12))
     assert all(r.stream_id == "n" and r.label and r.skipped is None for r in results)
     assert committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) == 12
+
+
+def test_the_ratio_bound_comes_from_the_service_cpu_of_vidflow_rounds() -> None:
+    assert process_kind("/x/.venv/bin/python -m vidflow.cli serve --port 1") == "service"
+    assert process_kind("/root/.calfkit/bin/tansu-v0.6.0 broker --listener-url x") == "broker"
+    assert process_kind(".venv/bin/python -m bench.naive_stream --frames 9") == "consumer"
+    assert process_kind("/usr/bin/sshd") == "other"
+    rounds = [Round(100.0, {"service": 20.0, "broker": 2.0}), Round(90.0, {"service": 25.0})]
+    figures = bounds(200.0, rounds, naive_fps=50.0)
+    cores = os.cpu_count() or 1
+    # the median service CPU per frame (22.5 ms) caps the consumer at cores / 22.5 ms
+    assert figures["service_alone_fps"] == round(cores * 1e3 / 22.5, 1)
+    assert figures["ratio_bound_service_alone"] == round(cores * 1e3 / 22.5 / 50.0, 3)
+    assert figures["ratio_bound_bare_model"] == 4.0

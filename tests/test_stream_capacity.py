@@ -14,6 +14,7 @@ from flows.capacity_rules import (
     WARMUP_S,
     StepFigures,
     capacity,
+    deciding_steps,
     holds,
     lag_series,
     next_streams,
@@ -181,3 +182,36 @@ def test_the_cli_offers_capacity_mode_with_its_defaults() -> None:
     assert args.max_frame_age_ms is None  # the flow's budget default (100 ms) applies
     single = build_parser().parse_args(["stream-benchmark"])
     assert not single.capacity
+
+
+@pytest.mark.slow
+def test_a_failing_count_is_tried_again_and_fails_only_if_every_try_does(
+    prefect_api, kafka, onnx_server, tmp_path: Path
+) -> None:
+    # A 1 ms budget no frame can meet: every frame is skipped as stale, so each try fails.
+    settings = StreamBenchmarkSettings(
+        capacity=True,
+        max_frame_age_ms=1.0,
+        step_seconds=2.0,
+        max_streams=1,
+        step_tries=2,
+        concurrency=2,
+        output_dir=tmp_path,
+        client=ClientSettings(target=onnx_server.target),
+        kafka=kafka,
+    )
+    outcome = stream_benchmark(settings=settings)
+    assert outcome["capacity"] == 0
+    tries = [(step["streams"], step["attempt"], step["holds"]) for step in outcome["steps"]]
+    assert tries == [(1, 1, False), (1, 2, False)]
+    assert all(step["skipped_stale"] > 0 for step in outcome["steps"])
+    # the topics kept are those of the last try, which the verdict rests on
+    records = read_records(kafka.bootstrap_servers, outcome["topics"][1]["results"])
+    keys = {f"{r['stream_id']}:{r['frame_index']}" for r in records}
+    assert len(keys) == outcome["steps"][-1]["frames_produced"] > 0
+
+
+def test_the_chart_and_verdict_rest_on_each_count_s_last_try() -> None:
+    first, second, other = _step(streams=2, p99=300.0), _step(streams=2), _step(streams=1)
+    second.attempt = 2
+    assert deciding_steps([other, first, second]) == [other, second]

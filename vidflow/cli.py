@@ -25,7 +25,7 @@ log = logging.getLogger("vidflow")
 # The stream-benchmark flow's own settings that are flags (the others are flow parameters only).
 STREAM_BENCHMARK_FLAGS = (
     "source", "duration", "fps", "concurrency", "consumers", "max_frame_age_ms", "capacity",
-    "step_seconds", "max_streams", "output_dir",
+    "step_seconds", "max_streams", "step_tries", "output_dir",
 )  # fmt: skip
 
 
@@ -327,6 +327,12 @@ def _add_stream_commands(command: AddCommand) -> None:
     )
     bench.add_argument("--step-seconds", type=float, default=10.0, help="capacity: s per step")
     bench.add_argument("--max-streams", type=int, default=16, help="capacity: most streams tried")
+    bench.add_argument(
+        "--step-tries",
+        type=int,
+        default=StreamBenchmarkSettings.model_fields["step_tries"].default,
+        help="capacity: tries a stream count gets before it counts as failed",
+    )
     bench.add_argument(
         "--output-dir",
         type=Path,
