@@ -59,7 +59,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "backend", "device", "num_classes", "input_height", "input_width", "max_batch_size", "max_batch_delay_ms", "weights_sha256")
+    __slots__ = ("model_name", "backend", "device", "num_classes", "input_height", "input_width", "max_batch_size", "max_batch_delay_ms", "weights_sha256", "model_workers")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODEL_WORKERS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     backend: str
     device: str
@@ -78,4 +79,5 @@ class ModelInfo(_message.Message):
     max_batch_size: int
     max_batch_delay_ms: float
     weights_sha256: str
-    def __init__(self, model_name: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
+    model_workers: int
+    def __init__(self, model_name: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., num_classes: _Optional[int] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_batch_delay_ms: _Optional[float] = ..., weights_sha256: _Optional[str] = ..., model_workers: _Optional[int] = ...) -> None: ...

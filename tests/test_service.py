@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -237,6 +238,8 @@ def test_batching_off_dispatches_each_request_alone(tmp_path: Path, model_cache,
     assert all(r.predictions for r in replies)
     assert {r.timings.batch_size for r in replies} == {1}
     assert info.max_batch_size == 1
+    # default_workers: ONNX Runtime runs one call per core plus one on a CPU, two on a GPU
+    assert info.model_workers == ((os.cpu_count() or 1) + 1 if info.device == "cpu" else 2)
     assert "--batching off" in server.log()
 
 

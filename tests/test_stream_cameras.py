@@ -14,11 +14,14 @@ from collections import Counter, defaultdict
 from datetime import datetime
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client import generate_latest
 
 from common.net import free_port
-from devstack.launcher import REPO_ROOT
+from devstack.launcher import REPO_ROOT, start_server
+from protos.inference_pb2 import ModelInfoRequest
+from protos.inference_pb2_grpc import ClassifierStub
 from tasks.stream.consumer import FrameConsumer
 from tasks.stream.frame_codec import Frame, FrameResult, decode_frame, frame_key
 from tasks.stream.producer import produce_frames, source_list, stream_bases
@@ -318,3 +321,38 @@ def test_two_consumer_processes_share_the_cameras_without_loss_or_double_work(
     for result in results:
         partitions_of[result.stream_id].add(result.partition)
     assert all(len(found) == 1 for found in partitions_of.values())  # a camera stays in order
+
+
+@pytest.mark.slow
+def test_under_a_budget_the_consumer_keeps_in_flight_only_what_the_service_works_on(
+    broker, model_cache, tmp_path: Path
+) -> None:
+    # Direct dispatch (no batching): the service works on one request per model worker.
+    server = start_server(tmp_path, model_cache, "--backend", "onnx", "--batching", "off")
+    try:
+        server.wait_serving()
+        with grpc.insecure_channel(server.target) as channel:
+            info = ClassifierStub(channel).GetModelInfo(ModelInfoRequest(), timeout=10)
+        assert info.max_batch_size == 1 and info.model_workers >= 1
+        limit = info.model_workers + 1
+        assert limit < 8  # the default concurrency, which the budget must lower
+        kafka = fresh_topics(broker, PARTITIONS)
+        backlog = produce_frames(
+            ProducerSettings(source=str(CLIP), max_frames=40, fps="max", stream_id="b"), kafka
+        )
+        runs = {}
+        for name, budget in (("budget", 600_000.0), ("no budget", None)):
+            consumer = _consumer(
+                kafka, server.target, group=f"{name}-{uuid.uuid4().hex[:6]}",
+                max_frame_age_ms=budget, max_frames=backlog.frames_read,
+            )  # fmt: skip
+            runs[name] = (consumer, consumer.run())
+    finally:
+        server.terminate()
+    budgeted, summary = runs["budget"]
+    assert summary.results_published == backlog.frames_read and summary.skipped_stale == 0
+    assert budgeted.in_flight_limit == limit
+    assert budgeted.caller.max_in_flight == limit  # a backlog fills every slot, and no more
+    unbudgeted, summary = runs["no budget"]
+    assert summary.results_published == backlog.frames_read
+    assert unbudgeted.in_flight_limit == 8 and unbudgeted.caller.max_in_flight > limit

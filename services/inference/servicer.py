@@ -201,6 +201,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             max_batch_size=self.max_batch_size,
             max_batch_delay_ms=self.settings.max_batch_delay_ms,
             weights_sha256=model.weights_sha256,
+            model_workers=model.workers,
         )
 
 

@@ -73,6 +73,7 @@ class InferenceCaller:
         self.summary: ConsumerSummary = publisher.summary
         self.metrics: ConsumerMetrics = publisher.metrics
         self.in_flight = 0
+        self.max_in_flight = 0  # the most calls in flight at once so far
         self.waiting_retry: deque[Call] = deque()
         self._completions: queue.Queue[tuple[Call, grpc.Future]] = queue.Queue()
         self._channel = open_channel(target, tls_ca)  # TLS when the service's CA is given
@@ -90,6 +91,18 @@ class InferenceCaller:
         except grpc.FutureTimeoutError:
             return False
         return True
+
+    def service_parallelism(self, timeout_s: float) -> int | None:
+        """How many requests the service works on at once (model workers x largest batch), or
+        None if it does not say (a server older than `ModelInfo.model_workers`, or no answer)."""
+        try:
+            info = self._stub.GetModelInfo(inference_pb2.ModelInfoRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            log.warning("GetModelInfo failed (%s): in-flight limit stays as set", exc.code().name)
+            return None
+        if info.model_workers <= 0:
+            return None
+        return info.model_workers * max(1, info.max_batch_size)
 
     def submit(self, message: Message, frame: Frame) -> None:
         """Call the service for a frame, unless it is already past the latency budget."""
@@ -114,6 +127,7 @@ class InferenceCaller:
         request = inference_pb2.ClassifyRequest(image=call.frame.jpeg, request_id=call.frame.key)
         future = self._stub.Classify.future(request, timeout=self.settings.rpc_timeout_s)
         self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self.metrics.in_flight.set(self.in_flight)
         future.add_done_callback(lambda done: self._completions.put((call, done)))
 

@@ -74,7 +74,12 @@ class ConsumerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIDFLOW_CONSUMER_")
 
     group: str = Field("vidflow-classifier", description="consumer group id")
-    concurrency: int = Field(8, ge=1, description="inference calls in flight")
+    concurrency: int = Field(
+        8,
+        ge=1,
+        description="inference calls in flight (with --max-frame-age-ms no more than the "
+        "service works on at once, plus one)",
+    )
     duration: float = Field(30.0, gt=0, description="seconds to run before the summary")
     idle_timeout: float | None = Field(
         None, description="stop after this many seconds without a message (input exhausted)"
