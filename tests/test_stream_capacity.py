@@ -120,22 +120,25 @@ def test_the_verdict_line_names_count_size_and_rate() -> None:
     assert verdict_line(1, 640, 480, 29.97) == "1 stream of 640x480 at 29.97 fps on this machine"
 
 
+def _sweep(onnx_server, kafka, tmp_path: Path, **settings) -> StreamBenchmarkSettings:
+    """A short capacity sweep against the test service and broker, writing under tmp_path."""
+    defaults = {"max_streams": 2, "concurrency": 4, "step_tries": 2}
+    return StreamBenchmarkSettings(
+        capacity=True,
+        output_dir=tmp_path,
+        client=ClientSettings(target=onnx_server.target),
+        kafka=kafka,
+        **{**defaults, **settings},
+    )
+
+
 @pytest.mark.slow
 def test_a_short_sweep_records_table_chart_and_verdict(
     prefect_api, kafka, onnx_server, tmp_path: Path
 ) -> None:
     # The machine running the tests is shared and noisy, and speed is the benchmark's business:
     # a budget of 1 s checks the sweep's mechanics, not this machine's latency.
-    settings = StreamBenchmarkSettings(
-        capacity=True,
-        max_frame_age_ms=1000.0,
-        step_seconds=3.0,
-        max_streams=2,
-        concurrency=4,
-        output_dir=tmp_path,
-        client=ClientSettings(target=onnx_server.target),
-        kafka=kafka,
-    )
+    settings = _sweep(onnx_server, kafka, tmp_path, max_frame_age_ms=1000.0, step_seconds=3.0)
     outcome = stream_benchmark(settings=settings)
     assert outcome["capacity"] >= 1 and outcome["budget_ms"] == 1000.0
     assert outcome["verdict"] == verdict_line(outcome["capacity"], 340, 256, 28.0)
@@ -189,16 +192,8 @@ def test_a_failing_count_is_tried_again_and_fails_only_if_every_try_does(
     prefect_api, kafka, onnx_server, tmp_path: Path
 ) -> None:
     # A 1 ms budget no frame can meet: every frame is skipped as stale, so each try fails.
-    settings = StreamBenchmarkSettings(
-        capacity=True,
-        max_frame_age_ms=1.0,
-        step_seconds=2.0,
-        max_streams=1,
-        step_tries=2,
-        concurrency=2,
-        output_dir=tmp_path,
-        client=ClientSettings(target=onnx_server.target),
-        kafka=kafka,
+    settings = _sweep(
+        onnx_server, kafka, tmp_path, max_frame_age_ms=1.0, step_seconds=2.0, max_streams=1
     )
     outcome = stream_benchmark(settings=settings)
     assert outcome["capacity"] == 0
