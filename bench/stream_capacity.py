@@ -93,7 +93,12 @@ def main() -> None:
     parser.add_argument("--service-seconds", type=float, default=10.0)
     parser.add_argument("--step-seconds", type=float, default=10.0, help="seconds per sweep step")
     parser.add_argument("--max-streams", type=int, default=16)
-    parser.add_argument("--step-tries", type=int, default=2, help="tries before a count fails")
+    parser.add_argument(
+        "--step-tries",
+        type=int,
+        default=StreamBenchmarkSettings.model_fields["step_tries"].default,
+        help="tries before a count fails",
+    )
     parser.add_argument("--budget-ms", type=float, default=DEFAULT_BUDGET_MS)
     parser.add_argument("--overload-seconds", type=float, default=20.0)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/bench-capacity"))
