@@ -88,7 +88,7 @@ def capacity_sweep(bootstrap: str, target: str, args: argparse.Namespace) -> dic
         return stream_benchmark(settings=settings)
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--service-seconds", type=float, default=10.0)
     parser.add_argument("--step-seconds", type=float, default=10.0, help="seconds per sweep step")
@@ -103,7 +103,11 @@ def main() -> None:
     parser.add_argument("--overload-seconds", type=float, default=20.0)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/bench-capacity"))
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = _parse_args()
     if not SAMPLE_VIDEO.is_file():
         sys.exit(f"sample clip not found: {SAMPLE_VIDEO}")
 
