@@ -141,7 +141,11 @@ class OnnxBackend:
             return ort.InferenceSession(str(model_path), options, providers=providers)
 
         self._sessions = [new_session(threads) for _ in range(sessions)]
-        self._idle_sessions: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        # Last in, first out: a call takes the session that ran last, whose weights and arena
+        # are still in the caches. First in, first out rotated the calls over every session (3
+        # on 2 cores, where 2 calls run at once); at concurrency 4-8 that did 0.88-0.92x the
+        # img/s (docs/benchmarks.md, "Sessions taken last in, first out").
+        self._idle_sessions: queue.LifoQueue[ort.InferenceSession] = queue.LifoQueue()
         for session in self._sessions:
             self._idle_sessions.put(session)
         wide = sessions > 1 and device == "cpu" and lone_call_threads > max(threads, 1)
