@@ -143,8 +143,8 @@ class OnnxBackend:
         self._sessions = [new_session(threads) for _ in range(sessions)]
         # Last in, first out: a call takes the session that ran last, whose weights and arena
         # are still in the caches. First in, first out rotated the calls over every session (3
-        # on 2 cores, where 2 calls run at once); at concurrency 4-8 that did 0.88-0.92x the
-        # img/s (docs/benchmarks.md, "Sessions taken last in, first out").
+        # on 2 cores, where 2 calls run at once) and did 0.88-0.99x the img/s at every
+        # concurrency in two sweeps (docs/benchmarks.md, "Sessions taken last in, first out").
         self._idle_sessions: queue.LifoQueue[ort.InferenceSession] = queue.LifoQueue()
         for session in self._sessions:
             self._idle_sessions.put(session)
