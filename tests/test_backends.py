@@ -150,19 +150,20 @@ def test_calls_one_at_a_time_stay_on_the_session_that_ran_last(model_cache: Path
     """Idle sessions are taken last in, first out, so a warm one serves the next call."""
     from services.inference.backends import OnnxBackend
 
-    load_served_model(InferenceSettings(backend="onnx", cache_dir=model_cache))
+    served = load_served_model(InferenceSettings(backend="onnx", cache_dir=model_cache))
+    shape = served.preprocess.input_shape
     onnx_file = sorted(model_cache.glob("efficientnet_lite0-*.onnx"))[0]
     backend = OnnxBackend(onnx_file, threads=1, sessions=3)
     used: list[int] = []
     idle = [backend._idle_sessions.get() for _ in range(3)]
     for name, session in enumerate(idle):
         backend._idle_sessions.put(_RecordingSession(session, name, used))
-    batch = np.zeros((1, 3, 224, 224), np.float32)
+    batch = np.zeros((1, *shape), np.float32)
     for _ in range(6):
         backend.run(batch)
     assert used == [2] * 6  # first in, first out would have gone 0, 1, 2, 0, 1, 2
     with ThreadPoolExecutor(3) as callers:  # calls at once still spread over the sessions
-        list(callers.map(lambda _: backend.run(np.zeros((8, 3, 224, 224), np.float32)), range(9)))
+        list(callers.map(lambda _: backend.run(np.zeros((8, *shape), np.float32)), range(9)))
     assert len(set(used[6:])) > 1
 
 
