@@ -32,7 +32,7 @@ from pathlib import Path
 from confluent_kafka import Consumer
 
 from bench.cpu_account import CpuAccount
-from bench.service import BareModel
+from bench.service import BareModel, real_frames
 from bench.stream import fresh_kafka, local_stack
 from common.settings import DEFAULT_CACHE_DIR, SAMPLE_VIDEO
 from protos import inference_pb2, inference_pb2_grpc
@@ -203,7 +203,7 @@ def main() -> None:
     args = parser.parse_args()
     if not SAMPLE_VIDEO.is_file():
         sys.exit(f"sample clip not found: {SAMPLE_VIDEO}")
-    bare_fps = BareModel(args.cache_dir).fps(args.bare_seconds)  # before the stack: alone
+    bare_fps = BareModel(args.cache_dir, real_frames(8)).fps(args.bare_seconds)  # before the stack
     print(f"bare model: {bare_fps:.1f} img/s", file=sys.stderr)
     rounds: dict[str, list[Round]] = {"naive": [], "vidflow": []}
     with local_stack(args.cache_dir) as (broker, server):

@@ -69,14 +69,15 @@ class BareModel:
     zero-overhead bound that a server (`bench.service_sweep`) or a stream consumer
     (`bench.naive_stream`) is measured against in the same run."""
 
-    def __init__(self, cache_dir: Path, frames_per_video: int = 64) -> None:
+    def __init__(self, cache_dir: Path, frames: list[bytes]) -> None:
+        """The first 8 of `frames` (encoded images, e.g. `real_frames`) make the batch."""
         served = InferenceSettings(backend="onnx", cache_dir=cache_dir)
         self.models = [
             load_served_model(served.model_copy(update={"inference_workers": 1})),
             load_served_model(served),
         ]
-        frames = real_frames(frames_per_video)[:8]
-        self.batch = np.stack([load_and_preprocess(f, self.models[0].preprocess) for f in frames])
+        spec = self.models[0].preprocess
+        self.batch = np.stack([load_and_preprocess(f, spec) for f in frames[:8]])
 
     def fps(self, duration_s: float) -> float:
         """The better of one call at a time over all cores and one call per model worker."""

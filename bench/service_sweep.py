@@ -110,7 +110,7 @@ def main() -> None:
     frames = real_frames(args.frames_per_video)
     served = InferenceSettings(backend="onnx", cache_dir=args.cache_dir)
     onnx_path = export_onnx(load_model(served.model, served.weights), args.cache_dir)
-    bare_model = BareModel(args.cache_dir, args.frames_per_video)
+    bare_model = BareModel(args.cache_dir, frames)  # the frames the servers get
 
     bare_runs: list[float] = []
     runs: dict[str, list[list[LevelResult]]] = {label: [] for label in [*args.configs, PLAIN]}
