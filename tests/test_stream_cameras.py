@@ -356,3 +356,38 @@ def test_under_a_budget_the_consumer_keeps_in_flight_only_what_the_service_works
     unbudgeted, summary = runs["no budget"]
     assert summary.results_published == backlog.frames_read
     assert unbudgeted.in_flight_limit == 8 and unbudgeted.caller.max_in_flight > limit
+
+
+@pytest.mark.slow
+def test_a_consumer_started_before_the_service_lowers_its_in_flight_limit_once_it_answers(
+    broker, model_cache, tmp_path: Path
+) -> None:
+    kafka = fresh_topics(broker, PARTITIONS)
+    backlog = produce_frames(
+        ProducerSettings(source=str(CLIP), max_frames=40, fps="max", stream_id="late"), kafka
+    )
+    port = free_port()
+    # No --max-frames: a member stopping at its count leaves frames still waiting to retry to
+    # the group; here it stops once idle with nothing left to answer.
+    consumer = _consumer(kafka, f"127.0.0.1:{port}", max_frame_age_ms=600_000.0)
+    outcome: dict[str, object] = {}
+    running = threading.Thread(target=lambda: outcome.update(summary=consumer.run()))
+    running.start()
+    server = None
+    try:
+        time.sleep(7)  # past the consumer's 5-s wait for the service at start
+        assert running.is_alive() and consumer.in_flight_limit == 8  # nothing known yet
+        server = start_server(
+            tmp_path, model_cache, "--backend", "onnx", "--batching", "off", port=port
+        )
+        server.wait_serving()
+        with grpc.insecure_channel(server.target) as channel:
+            info = ClassifierStub(channel).GetModelInfo(ModelInfoRequest(), timeout=10)
+        running.join(120)
+    finally:
+        consumer.stop.set()
+        running.join(30)
+        if server is not None:
+            server.terminate()
+    assert outcome["summary"].results_published == backlog.frames_read
+    assert consumer.in_flight_limit == info.model_workers * info.max_batch_size + 1 < 8

@@ -98,6 +98,7 @@ class FrameConsumer:
         self.offsets = self.publisher.offsets
         self.caller = InferenceCaller(target, tls_ca, settings, self.publisher, self._owns)
         self.in_flight_limit = settings.concurrency  # lowered under a budget (_in_flight_limit)
+        self._limit_pending = settings.max_frame_age_ms is not None  # until the service answers
         self._owned: set[PartitionKey] = set()  # kept by the rebalance callbacks
         self._assigned_at: float | None = None  # idle time counts only once partitions are ours
         self._started = self._last_message_at = 0.0
@@ -134,7 +135,7 @@ class FrameConsumer:
             self.settings.duration,
         )  # fmt: skip
         if self.caller.connect(timeout_s=5):
-            self.in_flight_limit = self._in_flight_limit()
+            self._settle_in_flight_limit()
         else:
             log.warning("inference service %s not reachable yet; frames will wait", self.target)
         self._started = self._last_message_at = time.monotonic()
@@ -158,6 +159,8 @@ class FrameConsumer:
         last_commit = last_progress = self._started
         while not self._should_stop():
             self.broker.check()
+            if self._limit_pending and self.caller.service_answered:
+                self._settle_in_flight_limit()  # the service came up after this consumer
             self._admit_available()
             self.caller.drain(timeout_s=0.002 if self.caller.busy else 0)
             self.caller.resend_due(stopping=self.stop.is_set)
@@ -169,6 +172,10 @@ class FrameConsumer:
             if now - last_progress >= PROGRESS_EVERY_S:
                 last_progress = now
                 self._log_progress(now - (self._first_message_at or now))
+
+    def _settle_in_flight_limit(self) -> None:
+        self.in_flight_limit = self._in_flight_limit()
+        self._limit_pending = False
 
     def _in_flight_limit(self) -> int:
         """Calls to keep in flight: `concurrency`, or under a latency budget no more than the

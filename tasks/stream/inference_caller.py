@@ -74,6 +74,7 @@ class InferenceCaller:
         self.metrics: ConsumerMetrics = publisher.metrics
         self.in_flight = 0
         self.max_in_flight = 0  # the most calls in flight at once so far
+        self.service_answered = False  # set by the first call the service answered
         self.waiting_retry: deque[Call] = deque()
         self._completions: queue.Queue[tuple[Call, grpc.Future]] = queue.Queue()
         self._channel = open_channel(target, tls_ca)  # TLS when the service's CA is given
@@ -153,6 +154,7 @@ class InferenceCaller:
         except grpc.RpcError as exc:
             self._failed(call, exc)
             return
+        self.service_answered = True
         if not self._owns(call.message):
             return  # revoked while in flight: the new owner redoes it
         self.publisher.result(call.message, _frame_result(call, response, rpc_s))
