@@ -97,7 +97,7 @@ class FrameConsumer:
         self.publisher = Publisher(kafka, self._consumer, self.broker, self.summary, self.metrics)
         self.offsets = self.publisher.offsets
         self.caller = InferenceCaller(target, tls_ca, settings, self.publisher, self._owns)
-        self.in_flight_limit = settings.concurrency  # lowered under a budget (_in_flight_limit)
+        self.in_flight_limit = settings.concurrency  # lowered under a budget (see caller)
         self._limit_pending = settings.max_frame_age_ms is not None  # until the service answers
         self._owned: set[PartitionKey] = set()  # kept by the rebalance callbacks
         self._assigned_at: float | None = None  # idle time counts only once partitions are ours
@@ -174,26 +174,8 @@ class FrameConsumer:
                 self._log_progress(now - (self._first_message_at or now))
 
     def _settle_in_flight_limit(self) -> None:
-        self.in_flight_limit = self._in_flight_limit()
+        self.in_flight_limit = self.caller.in_flight_limit()
         self._limit_pending = False
-
-    def _in_flight_limit(self) -> int:
-        """Calls to keep in flight: `concurrency`, or under a latency budget no more than the
-        service can work on at once, plus one on its way.
-
-        Calls beyond that wait in the service's queue, which a backlog does not mind but a live
-        view does: at 1.5x capacity on 2 cores, 4 calls in flight classified as many frames as 8
-        with e2e p99 176-199 ms against 241-267 ms (docs/benchmarks.md)."""
-        limit = self.settings.concurrency
-        if self.settings.max_frame_age_ms is not None:
-            parallelism = self.caller.service_parallelism(timeout_s=5)
-            if parallelism is not None and parallelism + 1 < limit:
-                limit = parallelism + 1
-                log.info(
-                    "latency budget: %d calls in flight (the service works on %d at once)",
-                    limit, parallelism,
-                )  # fmt: skip
-        return limit
 
     def _admit_available(self) -> None:
         """Take messages while inference slots are free, at most ADMIT_PER_PASS of them."""
@@ -254,9 +236,22 @@ class FrameConsumer:
             )
 
     def _close(self) -> None:
-        """Deliver and commit (publisher), then leave the group and close the channel."""
+        """Deliver and commit (publisher), then leave the group and close the channel.
+
+        With the broker gone this member does not leave the group: nothing can be committed,
+        the group drops the member after its session timeout, and librdkafka's close can hang
+        for ever in the revoke callback it runs (librdkafka#4041, confluent-kafka-go#1016; seen
+        here once, a consumer whose broker was killed still in `close` 13 min later). It hangs
+        holding the GIL, so no signal handler could end the process. Freeing the client
+        without `close` does not wait for the group (RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE)."""
         self.publisher.finish()
-        self._consumer.close()
+        if self.broker.down:
+            log.warning(
+                "not leaving group %r: the broker is gone; the group drops this member after its "
+                "session timeout", self.settings.group,
+            )  # fmt: skip
+        else:
+            self._consumer.close()
         self.caller.close()
 
     def _log_progress(self, elapsed_s: float) -> None:
