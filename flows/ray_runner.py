@@ -17,6 +17,7 @@ from typing import Any, Self
 from prefect_ray import RayTaskRunner
 
 from common.net import free_port
+from flows.ray_submit_context import SerializedSettings
 from flows.ray_worker_context import worker_context
 
 # Tasks that reserve no CPU (downloads, writes) let a run keep more Ray workers busy than there
@@ -53,6 +54,12 @@ def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
             # of Python and Ray imports) sat idle through the whole run. Workers started
             # for the work as it comes are exactly the ones it uses.
             "prestart_worker_first_driver": False,
+            # What Ray records for its dashboard and state API, which a private instance
+            # started without a dashboard serves to no one: every worker's and raylet's
+            # metrics, exported to the node agent each few seconds, and every task's state
+            # changes, sent to the GCS.
+            "enable_metrics_collection": False,
+            "task_events_report_interval_ms": 0,
         },
     }
     if num_cpus is not None:
@@ -148,6 +155,13 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
         super().__init__()
         self.num_cpus = num_cpus
         self._ray_start = contextlib.ExitStack()
+        self._settings = SerializedSettings()
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        """prefect-ray's `submit`, with the settings serialized once for all the flow's task
+        runs instead of once for each (flows/ray_submit_context.py)."""
+        with self._settings.in_context():
+            return super().submit(*args, **kwargs)
 
     @staticmethod
     def _run_prefect_task(

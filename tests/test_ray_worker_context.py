@@ -1,16 +1,24 @@
 """Task runs on Ray share their worker's built Prefect settings and API client
-(flows/ray_worker_context.py) and still report to the flow's API: a real private Ray, a real
-Prefect API."""
+(flows/ray_worker_context.py), the driver serializes the settings once for all its task runs
+(flows/ray_submit_context.py), and the runs still report to the flow's API with the flow's
+settings: a real private Ray, a real Prefect API."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 from prefect import flow, get_client, task
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.context import SettingsContext
 from prefect.runtime import flow_run
-from prefect.settings import PREFECT_API_URL, get_current_settings
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_CLIENT_MAX_RETRIES,
+    get_current_settings,
+    temporary_settings,
+)
 
 from flows.ray_runner import ray_task_runner
 
@@ -52,3 +60,39 @@ def test_task_runs_in_a_worker_share_one_client_of_the_flows_api(
         )
     assert len(task_runs) == RUNS
     assert all(run.state is not None and run.state.is_completed() for run in task_runs)
+
+
+@task
+def client_retries() -> int:
+    """A setting as the task run sees it."""
+    return get_current_settings().client.max_retries
+
+
+@flow(task_runner=ray_task_runner(num_cpus=1))
+def runs_under_two_settings() -> tuple[list[int], list[int]]:
+    before = [client_retries.submit() for _ in range(3)]
+    with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 7}):
+        during = [client_retries.submit() for _ in range(3)]
+    return [future.result() for future in before], [future.result() for future in during]
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_the_driver_serializes_each_settings_context_once_and_task_runs_get_its_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    dumps: list[int] = []
+    serialize = SettingsContext.serialize
+
+    def counted(self: SettingsContext, include_secrets: bool = True) -> dict[str, Any]:
+        dumps.append(id(self))
+        return serialize(self, include_secrets=include_secrets)
+
+    monkeypatch.setattr(SettingsContext, "serialize", counted)
+    default_retries = PREFECT_CLIENT_MAX_RETRIES.value()
+    assert default_retries != 7
+    before, during = runs_under_two_settings()
+    assert before == [default_retries] * 3
+    assert during == [7] * 3  # a settings context entered mid-flow reaches its task runs
+    # Six task runs, two settings contexts: one dump each (prefect-ray alone makes six).
+    assert len(dumps) == 2, dumps
