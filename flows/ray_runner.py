@@ -155,12 +155,12 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
         super().__init__()
         self.num_cpus = num_cpus
         self._ray_start = contextlib.ExitStack()
-        self._settings = SerializedSettings()
+        self._serialized_settings = SerializedSettings()
 
     def submit(self, *args: Any, **kwargs: Any) -> Any:
         """prefect-ray's `submit`, with the settings serialized once for all the flow's task
         runs instead of once for each (flows/ray_submit_context.py)."""
-        with self._settings.in_context():
+        with self._serialized_settings.in_context():
             return super().submit(*args, **kwargs)
 
     @staticmethod
