@@ -212,7 +212,7 @@ def bench_flow(urls: list[str], work: Path, model: Path) -> dict[str, Any]:
     the two warm runs gives the steady time per video, the rest of a run is fixed start-up."""
     import ray
 
-    from flows.ray_runner import local_ray_init_kwargs, private_ray_start
+    from flows.ray_start import local_ray_init_kwargs, private_ray_start
 
     settings = DepthSettings(depth_model=str(model), frames="uniform:2", device="cpu")
     serial_s = serial_run(urls, work / "serial", settings)

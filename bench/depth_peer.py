@@ -23,6 +23,9 @@ bench/cpu_account.py), ffmpeg's own CPU from the wrapper's wait4, and the core-s
 machine sat idle (`idle_core_s`: CPUs x wall less the busy CPU of /proc/stat). From those:
 - `zero_overhead_bound`: CPUs / (ffmpeg + depth-model CPU-s per video), the rate if nothing but
   ffmpeg and the model ran;
+- `share_of_bound` (`share_of_bound_while_transcoding`): videos/s over the whole run (over the
+  span from the first ffmpeg's start to the last one's end, without the fixed start-up and
+  tail) as a share of that bound;
 - `overhead_share`: vidflow's CPU-s per video outside ffmpeg and the depth model, over ffmpeg's
   (`..._without_idle_server`: less the Prefect server's idle CPU, its rate in the peer's rounds).
 `--baseline DIR` (a checkout of earlier code, e.g. `git worktree add DIR REV`) adds the mode
@@ -388,8 +391,10 @@ def summarise(
             "idle_core_s": statistics.median(r["idle_core_s"] for r in figures),
         }
         if name == "video2dataset":
-            entry["zero_overhead_bound"] = round(CPUS / ffmpeg_per_video, 3)
-            entry["share_of_bound"] = round(statistics.median(rates) / (CPUS / ffmpeg_per_video), 3)
+            bound = CPUS / ffmpeg_per_video
+            entry["zero_overhead_bound"] = round(bound, 3)
+            entry["share_of_bound"] = round(statistics.median(rates) / bound, 3)
+            entry.update(steady_share(figures, videos, bound))
         else:
             peer_rates = [r["videos_per_s"] for r in peer_rounds]
             mode = _mode_figures(
@@ -398,6 +403,16 @@ def summarise(
             entry.update(mode)
         summary[name] = entry
     return summary
+
+
+def steady_share(figures: list[dict[str, Any]], videos: int, bound: float) -> dict[str, float]:
+    """The share of the bound between the first ffmpeg's start and the last one's end: the
+    steady rate, without the fixed start-up before and the tail after, which a longer list
+    spreads over more videos (bench/depth_scale.py)."""
+    spans = [r["ffmpeg_span_s"] for r in figures if r.get("ffmpeg_span_s")]
+    if not spans:
+        return {}
+    return {"share_of_bound_while_transcoding": round(videos / statistics.median(spans) / bound, 3)}
 
 
 def _mode_figures(
@@ -425,6 +440,7 @@ def _mode_figures(
     entry.update(
         zero_overhead_bound=round(bound, 3),
         share_of_bound=round(rate / bound, 3),
+        **steady_share(figures, videos, bound),
         overhead_share=round(outside / videos / ffmpeg_per_video, 3),
         depth_actor_cpu_s=actor,
         zero_overhead_bound_with_model_load=round(bound_with_load, 3),

@@ -10,7 +10,6 @@ every finished shard. A running cluster when there is one, else a private local 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -33,31 +32,10 @@ from tasks.depth.shard_tasks import (
     run_shards,
     shard_count,
 )
-from tasks.depth.video_record import VideoRecord
-from tasks.depth.video_sources import read_kinetics_csv, read_url_list
+from tasks.depth.video_sources import load_sources
 from tasks.depth.video_table import VideoTable, WorkPlan
 
 PROGRESS_EVERY_S = 2.0
-
-
-def load_sources(
-    urls: str | None,
-    kinetics_csv: str | None,
-    url_template: str | None,
-    split: str | None,
-    limit: int | None,
-) -> list[VideoRecord]:
-    """The input videos, from exactly one of `urls` and `kinetics_csv`."""
-    if (urls is None) == (kinetics_csv is None):
-        raise ValueError("give exactly one input: urls (a URL list) or kinetics_csv")
-    if kinetics_csv is not None:
-        if not url_template:
-            raise ValueError("kinetics_csv needs url_template, e.g. https://HOST/{youtube_id}.mp4")
-        return read_kinetics_csv(
-            Path(kinetics_csv), url_template=url_template, split=split, limit=limit
-        )
-    sources = read_url_list(Path(urls or ""))
-    return sources[:limit] if limit is not None else sources
 
 
 @flow(name="depth-extraction", log_prints=True, task_runner=ray_task_runner())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.ray_runner import local_ray_init_kwargs, private_ray_start
+from flows.ray_start import local_ray_init_kwargs, private_ray_start
 from tasks.depth.settings import DepthSettings
 from tasks.depth.shard_tasks import start_depth_actors
 

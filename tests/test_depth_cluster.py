@@ -20,12 +20,8 @@ import pytest
 
 from common.net import free_port
 from flows.depth_extraction import depth_extraction
-from flows.ray_runner import (
-    cluster_address,
-    loopback_only_cluster,
-    ray_task_runner,
-    reaching_cluster,
-)
+from flows.ray_runner import ray_task_runner
+from flows.ray_start import cluster_address, loopback_only_cluster, reaching_cluster
 from tasks.depth.settings import DepthSettings
 from tests.conftest import VIDEOS
 from tests.video_server import Serve, VideoServer

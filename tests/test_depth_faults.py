@@ -19,7 +19,8 @@ import lance
 import pytest
 
 from flows.depth_extraction import depth_extraction
-from flows.ray_runner import RAY_CLUSTER_ENV, ray_task_runner
+from flows.ray_runner import ray_task_runner
+from flows.ray_start import RAY_CLUSTER_ENV
 from tasks.depth.download import DownloadError, RateFloor, download_many
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
@@ -36,7 +37,8 @@ OTHER_CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 RAY_LISTENERS = textwrap.dedent(
     """
     import json, os, time
-    from flows.ray_runner import RAY_CLUSTER_ENV, ray_task_runner
+    from flows.ray_runner import ray_task_runner
+    from flows.ray_start import RAY_CLUSTER_ENV
     import ray
     import psutil  # Ray's own copy, on sys.path once ray is imported
 

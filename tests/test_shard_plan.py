@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks.depth.settings import DepthSettings
-from tasks.depth.shard_tasks import make_shards, shard_count, shards_in_flight
+from tasks.depth.settings import DepthSettings, shards_in_flight
+from tasks.depth.shard_tasks import make_shards, shard_count
 from tasks.depth.video_record import VideoRecord
 
 

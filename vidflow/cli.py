@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -185,33 +187,53 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
 
 
 def _depth(args: argparse.Namespace) -> int:
-    from devstack.prefect_api import prefect_api
-    from flows.depth_extraction import depth_extraction, load_sources
-    from flows.ray_runner import ray_task_runner
     from tasks.depth.depth_maps import check_depth_model, check_frames_spec
+    from tasks.depth.video_sources import load_sources
     from tasks.depth.video_table import VideoTable
 
     settings = settings_from_args(DepthSettings, args)
     # Refuse bad input before starting a Prefect server and Ray (the flow checks again).
-    load_sources(args.urls, args.kinetics_csv, args.url_template, args.split, args.limit)
+    sources = load_sources(args.urls, args.kinetics_csv, args.url_template, args.split, args.limit)
     check_frames_spec(settings.frames)
     check_depth_model(settings.depth_model)
     VideoTable(settings.output.resolve()).check_layout()
-    flow = depth_extraction.with_options(task_runner=ray_task_runner(settings.ray_num_cpus))
-    with prefect_api():
-        summary = flow(
-            urls=args.urls,
-            kinetics_csv=args.kinetics_csv,
-            url_template=args.url_template,
-            split=args.split,
-            limit=args.limit,
-            settings=settings,
-            show_progress=True,
-        )
+    with _ray_before_prefect(settings, len(sources)) as wait_for_workers:
+        from devstack.prefect_api import prefect_api
+        from flows.depth_extraction import depth_extraction
+        from flows.ray_runner import ray_task_runner
+
+        flow = depth_extraction.with_options(task_runner=ray_task_runner(settings.ray_num_cpus))
+        wait_for_workers()
+        with prefect_api():
+            summary = flow(
+                urls=args.urls,
+                kinetics_csv=args.kinetics_csv,
+                url_template=args.url_template,
+                split=args.split,
+                limit=args.limit,
+                settings=settings,
+                show_progress=True,
+            )
     print(json.dumps(summary))
     code = 1 if summary["failed"] else 0
     quick_exit.finish(code)
     return code
+
+
+def _ray_before_prefect(
+    settings: DepthSettings, videos: int
+) -> contextlib.AbstractContextManager[Callable[[], None]]:
+    """Ray started, with the first shards' workers warming, before the run imports Prefect,
+    where the Prefect API is known (flows/ray_start.py); else nothing: the flow's task runner
+    starts Ray after a temporary Prefect server."""
+    from flows.ray_start import early_ray
+    from tasks.depth.settings import shards_in_flight
+
+    if not os.environ.get("PREFECT_API_URL"):
+        return contextlib.nullcontext(lambda: None)
+    return early_ray(
+        settings.ray_num_cpus, lambda cpus: min(videos, shards_in_flight(settings, cpus))
+    )
 
 
 Handler = Callable[[argparse.Namespace], int]

@@ -41,7 +41,7 @@ from prefect_ray.context import remote_options
 
 from tasks.depth.depth_maps import DepthActor
 from tasks.depth.download import download_many
-from tasks.depth.settings import DepthSettings
+from tasks.depth.settings import DepthSettings, shards_in_flight
 from tasks.depth.transcode import transcode_many
 from tasks.depth.video_record import Stage, VideoRecord
 from tasks.depth.video_table import write_rows
@@ -102,16 +102,6 @@ def make_shards(records: Sequence[VideoRecord], count: int) -> list[Shard]:
         Shard(index, count, tuple(record.update(shard=index) for record in records[start:end]))
         for index, (start, end) in enumerate(itertools.pairwise(bounds))
     ]
-
-
-def shards_in_flight(settings: DepthSettings, cpus: int) -> int:
-    """Shards started and not yet written at once: as many as transcodes fit on the CPUs, or
-    the setting.
-
-    One more adds a Ray worker (a process importing Prefect, 2-3 CPU-seconds) for its download,
-    which costs more than it overlaps (measured: 48 videos on 2 CPUs took 55.7 s with 3 shards
-    in flight and 6 workers, 45.7 s with 2 and 3)."""
-    return settings.shards_in_flight or max(1, cpus // settings.transcode_cpus)
 
 
 def shard_count(videos: int, settings: DepthSettings, cpus: int) -> int:
@@ -256,15 +246,17 @@ def run_shards(
         return  # nothing to do: no model to load
     raw_dir, videos_dir, maps_dir = output_dir / "raw", output_dir / "videos", output_dir / "depth"
     window = shards_in_flight(settings, cpus)
-    actors = start_depth_actors(settings)
     finished: queue.Queue[PrefectFuture[WrittenShard]] = queue.Queue()
     in_flight: dict[PrefectFuture[WrittenShard], _Chain] = {}
-    waiting = list(reversed(shards))
+    waiting = list(reversed(shards[window:]))
+    retried = {"retries": settings.task_retries}
 
-    def submit(shard: Shard) -> None:
-        retried = {"retries": settings.task_retries}
+    def download(shard: Shard) -> PrefectFuture[Shard]:
         with remote_options(num_cpus=0):
-            downloaded = download_task.with_options(**retried).submit(shard, raw_dir, settings)
+            return download_task.with_options(**retried).submit(shard, raw_dir, settings)
+
+    def submit(shard: Shard, downloaded: PrefectFuture[Shard] | None = None) -> None:
+        downloaded = downloaded or download(shard)
         with remote_options(num_cpus=settings.transcode_cpus):
             transcoded = transcode_task.with_options(**retried).submit(
                 downloaded, videos_dir, settings
@@ -279,9 +271,13 @@ def run_shards(
         in_flight[written] = _Chain(shard, [*stages, ("store", written)])
         written.add_done_callback(finished.put)
 
+    # The first downloads go before the actors start: Ray gives them the idle workers (which a
+    # CLI run warms, flows/ray_start.py), and each actor a worker of its own.
+    first = [(shard, download(shard)) for shard in shards[:window]]
+    actors = start_depth_actors(settings)
     try:
-        while waiting and len(in_flight) < window:
-            submit(waiting.pop())
+        for shard, downloaded in first:
+            submit(shard, downloaded)
         while in_flight:
             future = finished.get()
             chain = in_flight.pop(future)

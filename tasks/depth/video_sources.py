@@ -154,3 +154,23 @@ def _read_text(path: Path) -> str:
         return Path(path).read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise SourceListError(f"cannot read the input list {path}: {exc}") from exc
+
+
+def load_sources(
+    urls: str | None,
+    kinetics_csv: str | None,
+    url_template: str | None,
+    split: str | None,
+    limit: int | None,
+) -> list[VideoRecord]:
+    """The input videos, from exactly one of `urls` and `kinetics_csv`."""
+    if (urls is None) == (kinetics_csv is None):
+        raise ValueError("give exactly one input: urls (a URL list) or kinetics_csv")
+    if kinetics_csv is not None:
+        if not url_template:
+            raise ValueError("kinetics_csv needs url_template, e.g. https://HOST/{youtube_id}.mp4")
+        return read_kinetics_csv(
+            Path(kinetics_csv), url_template=url_template, split=split, limit=limit
+        )
+    sources = read_url_list(Path(urls or ""))
+    return sources[:limit] if limit is not None else sources

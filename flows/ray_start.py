@@ -1,0 +1,251 @@
+"""Starting or joining the Ray a depth run uses, without importing Prefect: an existing cluster
+(RAY_ADDRESS, or one `ray start` runs on this machine), else a private local instance that
+listens on 127.0.0.1 only. The Prefect task runner (flows/ray_runner.py) and the CLI, which
+starts Ray before it imports Prefect, both use these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from common.net import free_port
+
+log = logging.getLogger(__name__)
+
+# Tasks that reserve no CPU (downloads, writes) let a run keep more Ray workers busy than there
+# are CPUs. Above this many, Ray kills a worker after a second idle and starts a new one (a
+# second or two of CPU for Python, Ray and Prefect imports) for the next shard; keep them.
+RAY_WORKERS_KEPT = 32
+
+RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
+    """`ray.init` arguments for a private local Ray instance sized for this flow.
+
+    Call it just before `ray.init`: it turns Ray 2.60's token auth off (RAY_AUTH_MODE, unless
+    set), which would write ~/.ray/auth_token; a private local instance needs none."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    init_kwargs: dict[str, Any] = {
+        # A new instance, whatever Ray would find on its own: left to itself, ray.init() joins
+        # the cluster named in Ray's current-cluster file, even a stale one (`cluster_address`
+        # joins only a live one).
+        "address": "local",
+        "include_dashboard": False,
+        # Task logs go to the Prefect API (and the UI); echoing every worker's lines here too
+        # would bury the progress bar, and costs a log-monitor process.
+        "log_to_driver": False,
+        # Ray addresses its nodes by this; its servers also bind only to it inside
+        # `loopback_only_ray`, which keeps Ray from swapping in the machine's address.
+        "_node_ip_address": "127.0.0.1",
+        "_system_config": {
+            "num_workers_soft_limit": RAY_WORKERS_KEPT,
+            # Ray starts one worker per CPU when the driver connects, before any work. The
+            # depth actor takes one of them, and the first shards' tasks, submitted while
+            # those still start, get others started for them: one worker process (~1 CPU-s
+            # of Python and Ray imports) sat idle through the whole run. Workers started
+            # for the work as it comes are exactly the ones it uses.
+            "prestart_worker_first_driver": False,
+            # What Ray records for its dashboard and state API, which a private instance
+            # started without a dashboard serves to no one: every worker's and raylet's
+            # metrics, exported to the node agent each few seconds, and every task's state
+            # changes, sent to the GCS.
+            "enable_metrics_collection": False,
+            "task_events_report_interval_ms": 0,
+        },
+    }
+    if num_cpus is not None:
+        init_kwargs["num_cpus"] = num_cpus
+    return init_kwargs
+
+
+@contextlib.contextmanager
+def private_ray_start() -> Iterator[None]:
+    """While a private local Ray starts (`ray.init(address="local")`) and runs: on 127.0.0.1
+    only (`loopback_only_ray`), without the three head processes a private instance has no use
+    for, and with its node agent on a free port (`_private_head`)."""
+    with loopback_only_ray(), _private_head():
+        yield
+
+
+@contextlib.contextmanager
+def _private_head() -> Iterator[None]:
+    """What `ray.init` has no argument for, set for a private instance's head.
+
+    - No autoscaler monitor, log monitor or API server (`ray start` has --no-monitor and
+      --include-log-monitor for the first two). A private instance of fixed size autoscales
+      nothing; with `log_to_driver=False` no one reads what the log monitor forwards; and with
+      `include_dashboard=False` the API server loads one module, usage statistics, which Ray
+      would report from a private run. Together they cost ~2.5 CPU-s a run, `ray.init` waited
+      ~0.9 s for the API server, and the monitor, which ignores SIGTERM, another second at
+      shutdown while Ray waits to kill it.
+    - The node agent's HTTP port free, not Ray's fixed default (52365): where another Ray runs
+      on the machine (a `ray start` cluster, a second run), the agent retried that port for
+      ~3.5 s and the raylet waited ~4 s for it before the run could start.
+
+    Ray 2.60's `ray.init` builds the head's `RayParams` through the module attribute, so a
+    subclass with these defaults is put there while it runs; the API server is started by
+    `Node.start_api_server`, replaced meanwhile by what Ray does when that server fails to
+    start (which it tolerates: the node runs on, with no dashboard URL)."""
+    from ray._private import node, parameter
+
+    original_params, original_api_server = parameter.RayParams, node.Node.start_api_server
+
+    class PrivateHeadParams(original_params):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("no_monitor", True)
+            kwargs.setdefault("include_log_monitor", False)
+            kwargs.setdefault("dashboard_agent_listen_port", free_port())
+            super().__init__(*args, **kwargs)
+
+    def no_api_server(self: Any, **_: Any) -> None:
+        self._webui_url = ""
+
+    parameter.RayParams, node.Node.start_api_server = PrivateHeadParams, no_api_server
+    try:
+        yield
+    finally:
+        parameter.RayParams, node.Node.start_api_server = original_params, original_api_server
+
+
+@contextlib.contextmanager
+def loopback_only_ray() -> Iterator[None]:
+    """While a private local Ray starts and runs: every one of its servers on 127.0.0.1 only.
+
+    Ray 2.60 replaces a 127.0.0.1 node address with the machine's own address
+    (`services.resolve_ip_for_localhost`), and gcs_server, raylet, its agents and workers then
+    listen on every interface, with no authentication. Only its single-machine mode (meant for
+    Windows and macOS, off on Linux) keeps the loopback address. That mode is read from the
+    environment once, when `ray._private.ray_constants` is imported; ray is already imported
+    here (prefect_ray imports it), so the driver's copy is set as a module attribute, which is
+    how Ray 2.60 reads it (`services.get_node_ip_address`, `scripts.py`), and the variable is
+    set for the processes Ray starts. Both are restored afterwards: in this process a later
+    `ray start` of a worker node (multi-node, refused in that mode) must still work.
+    """
+    from ray._private import ray_constants
+
+    saved_env = os.environ.get(RAY_CLUSTER_ENV)
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_CLUSTER_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(RAY_CLUSTER_ENV, None)
+        else:
+            os.environ[RAY_CLUSTER_ENV] = saved_env
+
+
+def cluster_address() -> str | None:
+    """The Ray cluster a run joins, as `ray.init()` finds one: RAY_ADDRESS, else the cluster
+    that `ray start` started on this machine (Ray's current-cluster file, when its GCS is
+    alive); None for a private local Ray (also when RAY_ADDRESS is `local`, Ray's word for it).
+
+    Joining a running cluster saves the run Ray's start, and its depth actors stay loaded
+    between runs. Left to itself, `ray.init()` with the private instance's arguments would find
+    that cluster and refuse them (`_system_config must not be provided`)."""
+    from ray._private import services
+
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address:
+        return None if address == "local" else address
+    started_here = services.find_bootstrap_address(None)
+    if started_here and started_here in services.find_gcs_addresses():
+        return started_here
+    return None
+
+
+def reaching_cluster(address: str) -> contextlib.AbstractContextManager[None]:
+    """What a driver joining the cluster at `address` must hold while connected: a loopback-only
+    cluster is reached at 127.0.0.1 (`loopback_only_ray`), or Ray never reaches it."""
+    return loopback_only_ray() if loopback_only_cluster(address) else contextlib.nullcontext()
+
+
+def loopback_only_cluster(address: str) -> bool:
+    """Whether `address` names a cluster that listens on 127.0.0.1 only (started in Ray's
+    single-machine mode, as `loopback_only_ray` starts ours). A driver swaps 127.0.0.1 for this
+    machine's address before it connects (`services.resolve_ip_for_localhost`), where such a
+    cluster does not listen, and waits for it for ever; it must keep the loopback address."""
+    from ray._private.services import is_localhost, resolve_ip_for_localhost
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit() or not is_localhost(host):
+        return False
+    machine = resolve_ip_for_localhost(host)
+    return not is_localhost(machine) and (
+        _listening("127.0.0.1", int(port)) and not _listening(machine, int(port))
+    )
+
+
+def _listening(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=2):
+        return True
+    return False
+
+
+# How long a run waits at most for its warmed workers (2-5 s on a busy 2-core machine) before
+# its flow starts anyway, e.g. on a cluster whose CPUs other jobs hold.
+WARM_UP_TIMEOUT_S = 30.0
+# What a depth task's Ray worker imports before its first task run: Prefect and its task
+# engine, prefect-ray, the shard tasks and their libraries (1.5-2.5 CPU-s a worker).
+TASK_WORKER_MODULES = (
+    "prefect.task_engine",
+    "prefect_ray.task_runners",
+    "flows.ray_worker_context",
+    "tasks.depth.shard_tasks",
+)
+
+
+@contextlib.contextmanager
+def early_ray(
+    num_cpus: int | None, workers_for_cpus: Callable[[int], int]
+) -> Iterator[Callable[[], None]]:
+    """Ray for one CLI run, started (or joined) before the run imports Prefect, with the Ray
+    workers its first shards will use (`workers_for_cpus` of the cluster's CPUs) importing what
+    the flow's tasks need meanwhile. Yields a function that waits for them: call it just before
+    the flow starts, so that they are idle when its first tasks come (else Ray starts more).
+
+    A run that starts Ray after its own imports (Prefect, ~1.5 s on one core) leaves the other
+    core idle meanwhile, and its first transcode then waits for its workers' imports: started
+    first, the first transcode of 48 clips on 2 cores came 0.5 s sooner (measured,
+    docs/benchmarks.md). The flow's task runner uses the Ray it finds running and leaves it to
+    be shut down here. Only where the Prefect API is already known (PREFECT_API_URL): a
+    private Ray's workers take their environment from this process when it starts, before a
+    temporary Prefect server would be up."""
+    import ray
+
+    with contextlib.ExitStack() as stack:
+        if address := cluster_address():
+            stack.enter_context(reaching_cluster(address))
+            ray.init(address, namespace="prefect")
+        else:
+            stack.enter_context(private_ray_start())
+            ray.init(namespace="prefect", **local_ray_init_kwargs(num_cpus))
+        stack.callback(ray.shutdown)
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        count = workers_for_cpus(cpus) if cpus else 0  # none to warm before a cluster scales up
+        # One CPU each, so that as many workers start at once.
+        importer = ray.remote(num_cpus=1)(_import_modules)
+        warming = [importer.remote(TASK_WORKER_MODULES) for _ in range(count)]
+        log.info("Ray is up; %d of its workers import the flow's tasks meanwhile", count)
+
+        def wait_for_workers() -> None:
+            if warming:  # a failed import is the flow's to report, when its tasks run
+                ray.wait(warming, num_returns=len(warming), timeout=WARM_UP_TIMEOUT_S)
+
+        yield wait_for_workers
+
+
+def _import_modules(names: tuple[str, ...]) -> None:
+    """Import `names` in a Ray worker, which keeps them for the tasks it runs next."""
+    import importlib
+
+    for name in names:
+        importlib.import_module(name)
