@@ -215,10 +215,11 @@ def early_ray(
     A run that starts Ray after its own imports (Prefect, ~1.5 s on one core) leaves the other
     core idle meanwhile, and its first transcode then waits for its workers' imports: started
     first, the first transcode of 48 clips on 2 cores came 0.2-0.6 s sooner on a private Ray
-    and 1.5-2 s sooner on a running one (docs/benchmarks.md, ninth pass). The flow's task runner uses the Ray it finds running and leaves it to
-    be shut down here. Only where the Prefect API is already known (PREFECT_API_URL): a
-    private Ray's workers take their environment from this process when it starts, before a
-    temporary Prefect server would be up."""
+    and 1.5-2 s sooner on a running one (docs/benchmarks.md, ninth pass). The flow's task
+    runner uses the Ray it finds running and leaves it to be shut down here. Only where the
+    Prefect API is already known (PREFECT_API_URL): a private Ray's workers take their
+    environment from this process when it starts, before a temporary Prefect server would be
+    up."""
     import ray
 
     with contextlib.ExitStack() as stack:
