@@ -15,12 +15,7 @@ from typing import Any, Self
 
 from prefect_ray import RayTaskRunner
 
-from flows.ray_start import (
-    cluster_address,
-    local_ray_init_kwargs,
-    private_ray_start,
-    reaching_cluster,
-)
+from flows.ray_start import run_ray
 from flows.ray_submit_context import SerializedSettings
 from flows.ray_worker_context import worker_context
 
@@ -65,21 +60,15 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
 
         # Lance warns on any fork once loaded; Ray forks only to exec its own processes at once.
         warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
-        if address := cluster_address():
-            # num_cpus is refused when joining a cluster; its servers are not ours to restrict.
-            self.address, self.init_kwargs = address, {"namespace": "prefect"}
-            if not os.environ.get("RAY_ADDRESS"):
-                self.logger.info(
-                    "Joining the Ray cluster that `ray start` runs on this machine (%s); "
-                    "RAY_ADDRESS=local runs a private Ray instead",
-                    address,
-                )
-            self._ray_start.enter_context(reaching_cluster(address))
-        else:
-            self.address = None
-            self.init_kwargs = {"namespace": "prefect", **local_ray_init_kwargs(self.num_cpus)}
-            if not ray.is_initialized():  # an already running Ray is used as it is
-                self._ray_start.enter_context(private_ray_start())
+        self.address, self.init_kwargs, hold = run_ray(self.num_cpus)
+        if self.address and not os.environ.get("RAY_ADDRESS"):
+            self.logger.info(
+                "Joining the Ray cluster that `ray start` runs on this machine (%s); "
+                "RAY_ADDRESS=local runs a private Ray instead",
+                self.address,
+            )
+        if self.address or not ray.is_initialized():  # a running private Ray is used as it is
+            self._ray_start.enter_context(hold)
         try:
             super().__enter__()
         except BaseException:

@@ -190,6 +190,23 @@ def _listening(host: str, port: int) -> bool:
     return False
 
 
+# The Ray namespace of a run's driver (prefect-ray's runner and the CLI's early start alike).
+RAY_NAMESPACE = "prefect"
+
+
+def run_ray(
+    num_cpus: int | None,
+) -> tuple[str | None, dict[str, Any], contextlib.AbstractContextManager[None]]:
+    """How a run reaches its Ray: the running cluster's address (`cluster_address`; None for a
+    private local Ray), the rest of `ray.init`'s arguments, and what the driver must hold while
+    Ray starts and runs (`reaching_cluster`, or `private_ray_start`). A cluster refuses
+    num_cpus: its servers are not ours to size or restrict."""
+    if address := cluster_address():
+        return address, {"namespace": RAY_NAMESPACE}, reaching_cluster(address)
+    init_kwargs = {"namespace": RAY_NAMESPACE, **local_ray_init_kwargs(num_cpus)}
+    return None, init_kwargs, private_ray_start()
+
+
 # How long a run waits at most for its warmed workers (2-5 s on a busy 2-core machine) before
 # its flow starts anyway, e.g. on a cluster whose CPUs other jobs hold.
 WARM_UP_TIMEOUT_S = 30.0
@@ -222,13 +239,11 @@ def early_ray(
     up."""
     import ray
 
+    address, init_kwargs, hold = run_ray(num_cpus)
     with contextlib.ExitStack() as stack:
-        if address := cluster_address():
-            stack.enter_context(reaching_cluster(address))
-            ray.init(address, namespace="prefect")
-        else:
-            stack.enter_context(private_ray_start())
-            ray.init(namespace="prefect", **local_ray_init_kwargs(num_cpus))
+        stack.enter_context(hold)
+        # A private Ray's arguments carry its own address ("local").
+        ray.init(**({"address": address} | init_kwargs))
         stack.callback(ray.shutdown)
         cpus = int(ray.cluster_resources().get("CPU", 0))
         count = workers_for_cpus(cpus) if cpus else 0  # none to warm before a cluster scales up

@@ -255,8 +255,8 @@ def run_shards(
         with remote_options(num_cpus=0):
             return download_task.with_options(**retried).submit(shard, raw_dir, settings)
 
-    def submit(shard: Shard, downloaded: PrefectFuture[Shard] | None = None) -> None:
-        downloaded = downloaded or download(shard)
+    def submit(shard: Shard, downloaded: PrefectFuture[Shard]) -> None:
+        """The shard's stages after its download, chained by their futures."""
         with remote_options(num_cpus=settings.transcode_cpus):
             transcoded = transcode_task.with_options(**retried).submit(
                 downloaded, videos_dir, settings
@@ -282,7 +282,8 @@ def run_shards(
             future = finished.get()
             chain = in_flight.pop(future)
             if waiting:
-                submit(waiting.pop())
+                shard = waiting.pop()
+                submit(shard, download(shard))
             try:
                 yield future.result()
             except Exception as exc:  # a Ray worker died (out of memory, killed) past retries
