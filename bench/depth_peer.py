@@ -27,7 +27,10 @@ machine sat idle (`idle_core_s`: CPUs x wall less the busy CPU of /proc/stat). F
   span from the first ffmpeg's start to the last one's end, without the fixed start-up and
   tail) as a share of that bound;
 - `overhead_share`: vidflow's CPU-s per video outside ffmpeg and the depth model, over ffmpeg's
-  (`..._without_idle_server`: less the Prefect server's idle CPU, its rate in the peer's rounds).
+  (`..._without_idle_server`: less the Prefect server's idle CPU, its rate in the peer's rounds);
+- `share_of_bound_if_never_idle`: ffmpeg and the model's CPU over the run's whole CPU, the share
+  of the bound the run would reach had no core ever sat idle: what its own CPU outside ffmpeg
+  and the model allows at most, however well the work were packed.
 `--baseline DIR` (a checkout of earlier code, e.g. `git worktree add DIR REV`) adds the mode
 `baseline_local`: that code's `vidflow depth` with its own local Ray (PYTHONPATH=DIR, so the
 driver and the Ray workers it starts import it), in the same rounds, for a before/after ratio.
@@ -431,6 +434,7 @@ def _mode_figures(
     outside_actor = statistics.median(r["cpu_s_outside_ffmpeg_and_depth_actor"] for r in figures)
     actor = statistics.median(r["cpu_s_by_kind"].get("depth_actor", 0) for r in figures)
     bound = CPUS / (ffmpeg_per_video + model_cpu)
+    useful = (ffmpeg_per_video + model_cpu) * videos
     bound_with_load = CPUS / (ffmpeg_per_video + actor / videos)
     entry: dict[str, Any] = {}
     if peer_rates:
@@ -442,6 +446,7 @@ def _mode_figures(
         share_of_bound=round(rate / bound, 3),
         **steady_share(figures, videos, bound),
         overhead_share=round(outside / videos / ffmpeg_per_video, 3),
+        share_of_bound_if_never_idle=round(useful / (useful + outside), 3),
         depth_actor_cpu_s=actor,
         zero_overhead_bound_with_model_load=round(bound_with_load, 3),
         share_of_bound_with_model_load=round(rate / bound_with_load, 3),

@@ -1,16 +1,48 @@
-"""Depth actors on a Ray that outlives the run: the next run finds the model loaded, and an
-actor left idle past its keep-alive ends itself (no model holds memory or a GPU for ever)."""
+"""Depth actors: on a Ray that outlives the run, the next run finds the model loaded, and an
+actor left idle past its keep-alive ends itself (no model holds memory or a GPU for ever); a
+shard's videos reach the actor as they are transcoded, and its depth task redoes what an early
+call lost."""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flows.ray_start import local_ray_init_kwargs, private_ray_start
+from tasks.depth.depth_feed import PendingDepth
 from tasks.depth.settings import DepthSettings
-from tasks.depth.shard_tasks import start_depth_actors
+from tasks.depth.shard_tasks import Shard, depth_task, start_depth_actors, transcode_task
+from tasks.depth.video_record import VideoRecord
+from tests.conftest import VIDEOS
+
+CLIP = VIDEOS / "pool_cleaning.mp4"
+
+
+@pytest.fixture
+def local_ray() -> Iterator[None]:
+    import ray
+
+    with private_ray_start():
+        ray.init(**local_ray_init_kwargs(num_cpus=2))
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _downloaded_shard(count: int) -> Shard:
+    records = tuple(
+        VideoRecord(video_id=f"v{index}", source_url=f"http://h/v{index}.mp4").update(
+            raw_path=str(CLIP), shard=0
+        )
+        for index in range(count)
+    )
+    return Shard(0, 1, records)
 
 
 @pytest.mark.slow
@@ -39,3 +71,58 @@ def test_a_kept_actor_serves_the_next_run_then_ends_when_idle(
         assert ray.get(fresh.depth_maps.remote([], tmp_path, settings)) == []
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_a_shards_videos_reach_the_depth_actor_while_it_still_transcodes(
+    tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    import ray
+
+    # Batches of 2 frames, one frame a video: a call after the second video, one at the end.
+    settings = DepthSettings(depth_model=str(tiny_depth_model), device="cpu", depth_batch_size=2)
+    videos, maps = tmp_path / "videos", tmp_path / "depth"
+    actors = start_depth_actors(settings)
+    assert ray.get(actors[0].depth_maps.remote([], maps, settings)) == []  # model loaded
+
+    transcoded = transcode_task.fn(_downloaded_shard(3), videos, maps, settings, actors)
+    assert transcoded.pending_depth is not None
+    assert [len(batch) for batch in ray.get(transcoded.pending_depth.calls)] == [2, 1]
+    mapped = depth_task.fn(transcoded, maps, settings, actors)
+
+    assert [record.status for record in mapped.records] == ["ok"] * 3
+    assert mapped.pending_depth is None  # no Ray references travel on to the write
+    first_map = Path(mapped.records[0].depth_path).stat().st_mtime
+    last_video = Path(mapped.records[-1].transcoded_path).stat().st_mtime
+    # Handed over with the second video: done before the shard's last transcode was.
+    assert first_map < last_video
+    assert np.load(mapped.records[0].depth_path).shape == (1, 360, 478)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_the_depth_task_redoes_the_videos_of_an_early_call_that_failed(
+    tiny_depth_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import ray
+
+    settings = DepthSettings(depth_model=str(tiny_depth_model), device="cpu", depth_batch_size=1)
+    videos, maps = tmp_path / "videos", tmp_path / "depth"
+    actors = start_depth_actors(settings)
+    transcoded = transcode_task.fn(_downloaded_shard(2), videos, maps, settings, actors)
+    assert transcoded.pending_depth is not None
+    ray.get(transcoded.pending_depth.calls)
+    for path in maps.glob("*"):  # what the early calls made, gone with them
+        path.unlink()
+
+    @ray.remote
+    def lost_call() -> list[VideoRecord]:
+        raise RuntimeError("the actor died")
+
+    lost = Shard(0, 1, transcoded.records, PendingDepth([lost_call.remote()]))
+    with caplog.at_level(logging.WARNING, logger="tasks.depth.depth_feed"):
+        mapped = depth_task.fn(lost, maps, settings, actors)
+    assert [record.status for record in mapped.records] == ["ok"] * 2
+    assert all(Path(record.depth_path).is_file() for record in mapped.records)
+    assert "redoing its videos" in caplog.text

@@ -8,9 +8,11 @@ and shards overlap (one downloads while others transcode). Per stage:
 - download: reserves no CPU (it waits on the network); the shard's videos in one aiohttp
   session, concurrently;
 - transcode: `transcode_cpus` CPUs, that many ffmpeg at once;
-- depth: hands the shard to a depth actor that loaded the model once and takes frames in
-  batches. The actor holds no CPU (a GPU where there is one); the task reserves `depth_cpus`
-  while the shard's depth runs, so an idle model never keeps a CPU from the transcodes;
+- depth: a depth actor that loaded the model once takes the shard's frames in batches. The
+  transcode task hands it each video as it is transcoded (tasks/depth/depth_feed.py), so the
+  depth task mostly collects maps already made. The actor holds no CPU (a GPU where there is
+  one); the task reserves `depth_cpus` while it runs, so an idle model never keeps a CPU from
+  the transcodes;
 - write: the shard's rows as Lance fragments, written on the worker; the driver commits them.
 Expected failures (404, broken video) are rows with the stage and reason; a crash is retried by
 Prefect, and a retry redoes only the shard's videos with no complete output yet (downloads and
@@ -29,7 +31,7 @@ import hashlib
 import itertools
 import queue
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect_ray.context import remote_options
 
+from tasks.depth.depth_feed import DepthFeed, PendingDepth
 from tasks.depth.depth_maps import DepthActor
 from tasks.depth.download import download_many
 from tasks.depth.settings import DepthSettings, shards_in_flight
@@ -64,6 +67,8 @@ class Shard:
     index: int
     count: int  # shards in the run
     records: tuple[VideoRecord, ...]
+    # The depth calls its transcode task made, from there to its depth task.
+    pending_depth: PendingDepth | None = field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -159,24 +164,44 @@ def download_task(shard: Shard, raw_dir: Path, settings: DepthSettings) -> Shard
 
 
 @task(name="transcode", task_run_name="transcode {shard.label}", cache_policy=NO_CACHE)
-def transcode_task(shard: Shard, out_dir: Path, settings: DepthSettings) -> Shard:
+def transcode_task(
+    shard: Shard, out_dir: Path, maps_dir: Path, settings: DepthSettings, actors: list[Any]
+) -> Shard:
     node_id = _node_id()
+    feed = DepthFeed(shard_actor(shard, actors), maps_dir, settings)
 
     def work(going: Sequence[VideoRecord]) -> list[VideoRecord]:
-        done = transcode_many(going, out_dir, settings, settings.transcode_cpus)
-        return [record.update(node_id=node_id) for record in done]
+        return transcode_many(
+            going,
+            out_dir,
+            settings,
+            settings.transcode_cpus,
+            then=lambda record: feed.add(record.update(node_id=node_id)),
+        )
 
-    return _run_stage("transcode", shard, work)
+    transcoded = _run_stage("transcode", shard, work)
+    return replace(transcoded, pending_depth=feed.close())
 
 
 @task(name="depth", task_run_name="depth {shard.label}", cache_policy=NO_CACHE)
 def depth_task(shard: Shard, maps_dir: Path, settings: DepthSettings, actors: list[Any]) -> Shard:
     import ray
 
-    actor = actors[shard.index % len(actors)]
-    return _run_stage(
-        "depth", shard, lambda going: ray.get(actor.depth_maps.remote(going, maps_dir, settings))
-    )
+    early = shard.pending_depth.results() if shard.pending_depth else {}
+
+    def work(going: Sequence[VideoRecord]) -> list[VideoRecord]:
+        rest = [record for record in going if record.video_id not in early]
+        if rest:
+            call = shard_actor(shard, actors).depth_maps.remote(rest, maps_dir, settings)
+            early.update((record.video_id, record) for record in ray.get(call))
+        return [early[record.video_id] for record in going]
+
+    return replace(_run_stage("depth", shard, work), pending_depth=None)
+
+
+def shard_actor(shard: Shard, actors: list[Any]) -> Any:
+    """The depth actor of a shard (its transcode task feeds the one its depth task asks)."""
+    return actors[shard.index % len(actors)]
 
 
 @task(name="write", task_run_name="write {shard.label}", cache_policy=NO_CACHE)
@@ -259,7 +284,7 @@ def run_shards(
         """The shard's stages after its download, chained by their futures."""
         with remote_options(num_cpus=settings.transcode_cpus):
             transcoded = transcode_task.with_options(**retried).submit(
-                downloaded, videos_dir, settings
+                downloaded, videos_dir, maps_dir, settings, actors
             )
         with remote_options(num_cpus=settings.depth_cpus):
             mapped = depth_task.with_options(**retried).submit(

@@ -10,8 +10,8 @@ import functools
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,13 +113,24 @@ def ffmpeg_command(source: Path, output: Path, settings: DepthSettings) -> list[
 
 
 def transcode_many(
-    records: Sequence[VideoRecord], out_dir: Path, settings: DepthSettings, workers: int
+    records: Sequence[VideoRecord],
+    out_dir: Path,
+    settings: DepthSettings,
+    workers: int,
+    then: Callable[[VideoRecord], VideoRecord] = lambda record: record,
 ) -> list[VideoRecord]:
-    """Transcode a shard's videos, `workers` ffmpeg at once (one per CPU the task holds)."""
+    """Transcode a shard's videos, `workers` ffmpeg at once (one per CPU the task holds), in
+    input order; `then` is applied to each on this thread as soon as its transcode ends (the
+    shard task hands it to the depth model there)."""
     if workers <= 1:
-        return [transcode(record, out_dir, settings) for record in records]
+        return [then(transcode(record, out_dir, settings)) for record in records]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ffmpeg") as pool:
-        return list(pool.map(lambda record: transcode(record, out_dir, settings), records))
+        running = {
+            pool.submit(transcode, record, out_dir, settings): position
+            for position, record in enumerate(records)
+        }
+        done = {running[future]: then(future.result()) for future in as_completed(running)}
+    return [done[position] for position in range(len(records))]
 
 
 def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> VideoRecord:

@@ -1,0 +1,82 @@
+"""A shard's videos handed to its depth actor while the shard still transcodes.
+
+A shard's depth step used to start when its last transcode had ended: the model then ran on the
+whole shard (0.3-0.5 s for 12 videos on a CPU) while the CPU that shard had transcoded on sat
+idle, since the next shard starts only once this one is written, and the last shards' depth
+was the tail of every run. The transcode task now hands the videos to the actor as they are
+transcoded, a model batch at a time, and the depth task only collects the maps and does what is
+left (docs/benchmarks.md, tenth pass). Kept free of Prefect: it is Ray and the actor only.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from tasks.depth.depth_maps import frame_indices
+from tasks.depth.settings import DepthSettings
+from tasks.depth.video_record import VideoRecord
+
+log = logging.getLogger(__name__)
+
+
+class PendingDepth:
+    """The depth calls a shard's transcode task made, still under way or done.
+
+    Not a dataclass on purpose: Prefect and prefect-ray walk a task's arguments through
+    dataclasses and resolve every Ray object reference they find, which would turn a failed call
+    into a failed task instead of videos to redo (`results`)."""
+
+    def __init__(self, calls: list[Any]) -> None:
+        self.calls = calls  # Ray object references to lists of VideoRecord
+
+    def results(self) -> dict[str, VideoRecord]:
+        """The videos whose depth came back, by id. A call that failed (its actor died or was
+        restarted) leaves its videos out, for the depth task to run again."""
+        import ray
+
+        done: dict[str, VideoRecord] = {}
+        for call in self.calls:
+            try:
+                records = ray.get(call)
+            except Exception as exc:  # a Ray error: the depth task redoes these videos
+                reason = f"{type(exc).__name__}: {exc}"
+                log.warning("an early depth call failed (%s); redoing its videos", reason)
+                continue
+            done.update((record.video_id, record) for record in records)
+        return done
+
+
+class DepthFeed:
+    """Hands transcoded videos to a depth actor in calls of a full model batch of frames
+    (`depth_batch_size`; one video at `--frames all`), the rest when the transcodes end: a GPU
+    still sees full batches, and the actor is called a few times a shard, not once a video."""
+
+    def __init__(self, actor: Any, maps_dir: Path, settings: DepthSettings) -> None:
+        self.actor, self.maps_dir, self.settings = actor, maps_dir, settings
+        self.waiting: list[VideoRecord] = []
+        self.waiting_frames = 0
+        self.calls: list[Any] = []
+
+    def add(self, record: VideoRecord) -> VideoRecord:
+        """Queue a transcoded video (a failed one is left to its row); send the queue once it
+        holds a batch. Returns the record, for chaining."""
+        if not record.failed:
+            self.waiting.append(record)
+            self.waiting_frames += len(frame_indices(self.settings.frames, record.frame_count or 0))
+            if self.waiting_frames >= self.settings.depth_batch_size:
+                self._send()
+        return record
+
+    def close(self) -> PendingDepth:
+        """Send what is still queued; the calls, for the depth task."""
+        self._send()
+        return PendingDepth(self.calls)
+
+    def _send(self) -> None:
+        if self.waiting:
+            self.calls.append(
+                self.actor.depth_maps.remote(self.waiting, self.maps_dir, self.settings)
+            )
+            self.waiting, self.waiting_frames = [], 0
