@@ -126,3 +126,19 @@ def test_the_depth_task_redoes_the_videos_of_an_early_call_that_failed(
     assert [record.status for record in mapped.records] == ["ok"] * 2
     assert all(Path(record.depth_path).is_file() for record in mapped.records)
     assert "redoing its videos" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_a_depth_step_that_reserves_cpus_runs_the_model_in_its_own_task(
+    tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    settings = DepthSettings(
+        depth_model=str(tiny_depth_model), device="cpu", depth_batch_size=1, depth_cpus=1
+    )
+    videos, maps = tmp_path / "videos", tmp_path / "depth"
+    actors = start_depth_actors(settings)
+    transcoded = transcode_task.fn(_downloaded_shard(2), videos, maps, settings, actors)
+    assert transcoded.pending_depth is None and not maps.exists()  # nothing ran outside it
+    mapped = depth_task.fn(transcoded, maps, settings, actors)
+    assert [record.status for record in mapped.records] == ["ok"] * 2

@@ -21,6 +21,13 @@ from tasks.depth.video_record import VideoRecord
 log = logging.getLogger(__name__)
 
 
+def feeds_early(settings: DepthSettings) -> bool:
+    """Whether a shard's videos go to the depth model as they are transcoded. Not where the
+    depth step reserves CPUs (`depth_cpus`, for a model heavy on the CPU): the model would then
+    run on CPUs the transcodes hold, outside what Ray was asked to keep for it."""
+    return settings.depth_cpus == 0
+
+
 class PendingDepth:
     """The depth calls a shard's transcode task made, still under way or done.
 

@@ -9,10 +9,10 @@ and shards overlap (one downloads while others transcode). Per stage:
   session, concurrently;
 - transcode: `transcode_cpus` CPUs, that many ffmpeg at once;
 - depth: a depth actor that loaded the model once takes the shard's frames in batches. The
-  transcode task hands it each video as it is transcoded (tasks/depth/depth_feed.py), so the
-  depth task mostly collects maps already made. The actor holds no CPU (a GPU where there is
-  one); the task reserves `depth_cpus` while it runs, so an idle model never keeps a CPU from
-  the transcodes;
+  transcode task hands it the videos as they are transcoded (tasks/depth/depth_feed.py; not
+  where the depth step reserves CPUs), so the depth task mostly collects maps already made.
+  The actor holds no CPU (a GPU where there is one); the task reserves `depth_cpus` while it
+  runs, so an idle model never keeps a CPU from the transcodes;
 - write: the shard's rows as Lance fragments, written on the worker; the driver commits them.
 Expected failures (404, broken video) are rows with the stage and reason; a crash is retried by
 Prefect, and a retry redoes only the shard's videos with no complete output yet (downloads and
@@ -41,7 +41,7 @@ from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect_ray.context import remote_options
 
-from tasks.depth.depth_feed import DepthFeed, PendingDepth
+from tasks.depth.depth_feed import DepthFeed, PendingDepth, feeds_early
 from tasks.depth.depth_maps import DepthActor
 from tasks.depth.download import download_many
 from tasks.depth.settings import DepthSettings, shards_in_flight
@@ -169,18 +169,17 @@ def transcode_task(
 ) -> Shard:
     node_id = _node_id()
     feed = DepthFeed(shard_actor(shard, actors), maps_dir, settings)
+    early = feeds_early(settings)
+
+    def finished(record: VideoRecord) -> VideoRecord:
+        record = record.update(node_id=node_id)
+        return feed.add(record) if early else record
 
     def work(going: Sequence[VideoRecord]) -> list[VideoRecord]:
-        return transcode_many(
-            going,
-            out_dir,
-            settings,
-            settings.transcode_cpus,
-            then=lambda record: feed.add(record.update(node_id=node_id)),
-        )
+        return transcode_many(going, out_dir, settings, settings.transcode_cpus, then=finished)
 
     transcoded = _run_stage("transcode", shard, work)
-    return replace(transcoded, pending_depth=feed.close())
+    return replace(transcoded, pending_depth=feed.close() if early else None)
 
 
 @task(name="depth", task_run_name="depth {shard.label}", cache_policy=NO_CACHE)
