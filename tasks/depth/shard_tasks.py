@@ -168,18 +168,19 @@ def transcode_task(
     shard: Shard, out_dir: Path, maps_dir: Path, settings: DepthSettings, actors: list[Any]
 ) -> Shard:
     node_id = _node_id()
-    feed = DepthFeed(shard_actor(shard, actors), maps_dir, settings)
-    early = feeds_early(settings)
+    feed = (
+        DepthFeed(shard_actor(shard, actors), maps_dir, settings) if feeds_early(settings) else None
+    )
 
     def finished(record: VideoRecord) -> VideoRecord:
         record = record.update(node_id=node_id)
-        return feed.add(record) if early else record
+        return feed.add(record) if feed else record
 
     def work(going: Sequence[VideoRecord]) -> list[VideoRecord]:
         return transcode_many(going, out_dir, settings, settings.transcode_cpus, then=finished)
 
     transcoded = _run_stage("transcode", shard, work)
-    return replace(transcoded, pending_depth=feed.close() if early else None)
+    return replace(transcoded, pending_depth=feed.close() if feed else None)
 
 
 @task(name="depth", task_run_name="depth {shard.label}", cache_policy=NO_CACHE)
