@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from common.flow_heartbeats import foreground_heartbeats
 from common.logs import setup_logging
 from common.quick_exit import quick_exit
 from common.settings import SAMPLE_VIDEO, LogSettings, add_settings_arguments, settings_from_args
@@ -179,7 +180,8 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     from tasks.stream.consumer import format_summary
 
     settings = stream_benchmark_settings(args)
-    outcome = stream_benchmark(settings=settings)
+    with foreground_heartbeats():
+        outcome = stream_benchmark(settings=settings)
     print(outcome["verdict"] if settings.capacity else format_summary(outcome["summary"]))
     if args.summary_json is not None:
         args.summary_json.write_text(json.dumps(outcome, indent=2) + "\n")
@@ -204,7 +206,7 @@ def _depth(args: argparse.Namespace) -> int:
 
         flow = depth_extraction.with_options(task_runner=ray_task_runner(settings.ray_num_cpus))
         wait_for_workers()
-        with prefect_api():
+        with prefect_api(), foreground_heartbeats():
             summary = flow(
                 urls=args.urls,
                 kinetics_csv=args.kinetics_csv,

@@ -1,0 +1,45 @@
+"""Flow runs started from the command line: no heartbeats unless the user set their interval."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.flow_heartbeats import foreground_heartbeats
+
+
+def _heartbeat_interval() -> int | None:
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().flows.heartbeat_frequency
+
+
+def test_a_flow_run_started_here_sends_no_heartbeats(
+    prefect_api: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flow run itself (a real one, on the test API) sees no heartbeat interval, so
+    Prefect's engine starts no heartbeat thread to join when the flow returns."""
+    from prefect import flow
+
+    for name in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"):
+        monkeypatch.delenv(name, raising=False)
+
+    @flow
+    def interval_seen_by_the_run() -> int | None:
+        return _heartbeat_interval()
+
+    assert interval_seen_by_the_run() is not None  # Prefect's default: heartbeats on
+    with foreground_heartbeats():
+        assert interval_seen_by_the_run() is None
+    assert _heartbeat_interval() is not None  # only inside
+
+
+@pytest.mark.parametrize(
+    "name", ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"]
+)
+def test_an_interval_the_user_set_is_kept(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.settings import temporary_settings
+
+    monkeypatch.setenv(name, "60")
+    # temporary_settings() reads the settings again, with the variable set
+    with temporary_settings(), foreground_heartbeats():
+        assert _heartbeat_interval() == 60
