@@ -51,10 +51,6 @@ def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
             # of Python and Ray imports) sat idle through the whole run. Workers started
             # for the work as it comes are exactly the ones it uses.
             "prestart_worker_first_driver": False,
-            # Nor one more each time a task waits for a CPU (Ray's prestart on backlog): the
-            # task runs on the worker of the one whose CPU it waits for, which is handed back
-            # a moment later, so the worker started for it idles through the run.
-            "enable_worker_prestart": False,
             # What Ray records for its dashboard and state API, which a private instance
             # started without a dashboard serves to no one: every worker's and raylet's
             # metrics, exported to the node agent each few seconds, and every task's state
