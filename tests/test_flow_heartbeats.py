@@ -43,3 +43,14 @@ def test_an_interval_the_user_set_is_kept(name: str, monkeypatch: pytest.MonkeyP
     # temporary_settings() reads the settings again, with the variable set
     with temporary_settings(), foreground_heartbeats():
         assert _heartbeat_interval() == 60
+
+
+def test_an_interval_set_in_the_prefect_profile_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.context import use_profile
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, Profile
+
+    for name in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"):
+        monkeypatch.delenv(name, raising=False)
+    profile = Profile(name="heartbeats-chosen", settings={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60})
+    with use_profile(profile, include_current_context=True), foreground_heartbeats():
+        assert _heartbeat_interval() == 60
