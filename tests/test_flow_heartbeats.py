@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.flow_heartbeats import foreground_heartbeats
+from common.flow_heartbeats import HEARTBEAT_VARIABLES, foreground_heartbeats
 
 
 def _heartbeat_interval() -> int | None:
@@ -20,7 +20,7 @@ def test_a_flow_run_started_here_sends_no_heartbeats(
     Prefect's engine starts no heartbeat thread to join when the flow returns."""
     from prefect import flow
 
-    for name in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"):
+    for name in HEARTBEAT_VARIABLES:
         monkeypatch.delenv(name, raising=False)
 
     @flow
@@ -33,9 +33,7 @@ def test_a_flow_run_started_here_sends_no_heartbeats(
     assert _heartbeat_interval() is not None  # only inside
 
 
-@pytest.mark.parametrize(
-    "name", ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"]
-)
+@pytest.mark.parametrize("name", HEARTBEAT_VARIABLES)
 def test_an_interval_the_user_set_is_kept(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.settings import temporary_settings
 
@@ -49,7 +47,7 @@ def test_an_interval_set_in_the_prefect_profile_is_kept(monkeypatch: pytest.Monk
     from prefect.context import use_profile
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, Profile
 
-    for name in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"):
+    for name in HEARTBEAT_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     profile = Profile(name="heartbeats-chosen", settings={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60})
     with use_profile(profile, include_current_context=True), foreground_heartbeats():
