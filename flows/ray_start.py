@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -87,14 +88,18 @@ def _private_head() -> Iterator[None]:
     - The node agent's HTTP port free, not Ray's fixed default (52365): where another Ray runs
       on the machine (a `ray start` cluster, a second run), the agent retried that port for
       ~3.5 s and the raylet waited ~4 s for it before the run could start.
+    - The driver asks for its node's record only once the raylet has registered it
+      (`_wait_for_registration`).
 
     Ray 2.60's `ray.init` builds the head's `RayParams` through the module attribute, so a
     subclass with these defaults is put there while it runs; the API server is started by
     `Node.start_api_server`, replaced meanwhile by what Ray does when that server fails to
-    start (which it tolerates: the node runs on, with no dashboard URL)."""
-    from ray._private import node, parameter
+    start (which it tolerates: the node runs on, with no dashboard URL); the node's record is
+    read through `services.get_node`."""
+    from ray._private import node, parameter, services
 
     original_params, original_api_server = parameter.RayParams, node.Node.start_api_server
+    original_get_node = services.get_node
 
     class PrivateHeadParams(original_params):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -106,11 +111,46 @@ def _private_head() -> Iterator[None]:
     def no_api_server(self: Any, **_: Any) -> None:
         self._webui_url = ""
 
+    def get_node_once_registered(gcs_address: str, node_id: str) -> Any:
+        _wait_for_registration(gcs_address, node_id)
+        return original_get_node(gcs_address, node_id)
+
     parameter.RayParams, node.Node.start_api_server = PrivateHeadParams, no_api_server
+    services.get_node = get_node_once_registered
     try:
         yield
     finally:
         parameter.RayParams, node.Node.start_api_server = original_params, original_api_server
+        services.get_node = original_get_node
+
+
+# How often, and how long at most, a starting head's driver looks for its raylet in the GCS.
+NODE_POLL_S = 0.02
+NODE_WAIT_S = 30.0  # as long as Ray waits; then Ray's own call reports what is missing
+
+
+def _wait_for_registration(gcs_address: str, node_id: str) -> None:
+    """Until the raylet of `node_id` has registered with the GCS at `gcs_address`, or
+    `NODE_WAIT_S`.
+
+    Ray's `services.get_node`, which `ray.init` calls ~0.1 s after starting the raylet, sleeps a
+    whole second whenever the node is not registered yet, and a raylet registers only once its
+    node agent is up (~0.5 s in): `ray.init` took 1.40-1.44 s and returned ~0.55 s after the
+    node was there, with the cores mostly idle meanwhile; asking the GCS's node table every
+    20 ms first, 0.87-0.95 s (4 alternating pairs, docs/benchmarks.md). Ray has no setting for
+    that interval (a `sleep_for(1 s)` in its C++ `GlobalStateAccessor`)."""
+    from ray._private import services, state
+
+    nodes = state.GlobalState()
+    nodes._initialize_global_state(services._get_gcs_client_options(gcs_address))
+    try:
+        deadline = time.monotonic() + NODE_WAIT_S
+        while time.monotonic() < deadline:
+            if any(n.get("NodeID") == node_id and n.get("Alive") for n in nodes.node_table()):
+                return
+            time.sleep(NODE_POLL_S)
+    finally:
+        nodes.disconnect()
 
 
 @contextlib.contextmanager

@@ -51,6 +51,18 @@ RAY_LISTENERS = textwrap.dedent(
         agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
         return [name for name in names if not name.startswith(agents)]
 
+    # Whether the driver's read of its node's record (Ray sleeps a second and retries when the
+    # node is not registered yet) finds the node registered already.
+    from ray._private import services, state
+    read_registered, ray_get_node = [], services.get_node
+    def get_node(gcs_address, node_id):
+        nodes = state.GlobalState()
+        nodes._initialize_global_state(services._get_gcs_client_options(gcs_address))
+        read_registered.append(any(n["NodeID"] == node_id for n in nodes.node_table()))
+        nodes.disconnect()
+        return ray_get_node(gcs_address, node_id)
+    services.get_node = get_node
+
     with ray_task_runner(1):
         session = ray._private.worker._global_node.get_session_dir_path()
         time.sleep(1.5)  # a prestarted worker would be up by now
@@ -87,7 +99,9 @@ RAY_LISTENERS = textwrap.dedent(
                       "env_after": os.environ.get(RAY_CLUSTER_ENV),
                       "idle_workers": idle_workers,
                       "params_after": ray._private.parameter.RayParams.__name__,
-                      "api_server_after": ray._private.node.Node.start_api_server.__name__}))
+                      "api_server_after": ray._private.node.Node.start_api_server.__name__,
+                      "read_registered": read_registered,
+                      "get_node_after": services.get_node is get_node}))
     """
 )
 
@@ -103,7 +117,7 @@ def _loopback(ip: str) -> bool:
 
 @pytest.mark.faults
 @pytest.mark.slow
-def test_the_local_ray_of_a_run_listens_on_loopback_only_and_runs_no_idle_extras() -> None:
+def test_a_local_ray_listens_on_loopback_only_runs_no_idle_extras_and_starts_at_once() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", RAY_CLUSTER_ENV)}
     env["RAY_AUTH_MODE"] = "disabled"
     # Ray's default port for a node agent, taken as another Ray on the machine takes it.
@@ -138,6 +152,10 @@ def test_the_local_ray_of_a_run_listens_on_loopback_only_and_runs_no_idle_extras
     assert report["env_after"] is None  # the process is left as it was
     assert report["params_after"] == "RayParams"
     assert report["api_server_after"] == "start_api_server"
+    # The driver read its node's record once the raylet had registered it, not before (when
+    # Ray sleeps a second before it reads again).
+    assert report["read_registered"] == [True], report["read_registered"]
+    assert report["get_node_after"]
     # The agent took a free port at once (it retried the taken default for ~3.5 s, and the
     # raylet, so the run, waited for it).
     assert report["agent_bind_failures"] == 0
