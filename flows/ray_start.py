@@ -149,6 +149,8 @@ def _wait_for_registration(gcs_address: str, node_id: str) -> None:
             if any(n.get("NodeID") == node_id and n.get("Alive") for n in nodes.node_table()):
                 return
             time.sleep(NODE_POLL_S)
+    except Exception:  # the GCS did not answer: Ray's own call, next, says what is wrong
+        log.debug("could not read the node table at %s", gcs_address, exc_info=True)
     finally:
         nodes.disconnect()
 
