@@ -305,5 +305,8 @@ def _import_modules(names: tuple[str, ...]) -> None:
     """Import `names` in a Ray worker, which keeps them for the tasks it runs next."""
     import importlib
 
-    for name in names:
-        importlib.import_module(name)
+    from common.import_gc import imports_without_gc
+
+    with imports_without_gc():
+        for name in names:
+            importlib.import_module(name)

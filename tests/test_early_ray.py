@@ -4,6 +4,7 @@ a real Prefect API, the real `vidflow depth`."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -23,13 +24,15 @@ from tests.video_server import Serve, VideoServer
 
 
 @task
-def what_this_worker_holds() -> tuple[int, bool]:
-    """This worker's pid, and whether the shard tasks were imported before this run."""
-    return os.getpid(), "tasks.depth.shard_tasks" in sys.modules
+def what_this_worker_holds() -> tuple[int, bool, int, bool]:
+    """This worker's pid, whether the shard tasks were imported before this run, how many
+    objects its imports left frozen, and whether its garbage collector runs."""
+    imported = "tasks.depth.shard_tasks" in sys.modules
+    return os.getpid(), imported, gc.get_freeze_count(), gc.isenabled()
 
 
 @flow(task_runner=ray_task_runner(num_cpus=2))
-def two_task_runs() -> list[tuple[int, bool]]:
+def two_task_runs() -> list[tuple[int, bool, int, bool]]:
     futures = [what_this_worker_holds.submit() for _ in range(2)]
     return [future.result() for future in futures]
 
@@ -45,8 +48,11 @@ def test_the_first_task_runs_get_workers_that_imported_the_tasks_while_the_drive
         wait_for_workers()
         seen = two_task_runs()
         assert ray.is_initialized()  # the flow's runner used this Ray and left it running
-    assert all(imported for _, imported in seen), seen
-    assert len({pid for pid, _ in seen}) == 2, seen
+    assert all(imported for _, imported, _, _ in seen), seen
+    assert len({pid for pid, *_ in seen}) == 2, seen
+    # The imports ran with the collector paused and left their objects frozen (Prefect's alone
+    # leave ~100,000); the collector runs again for the tasks.
+    assert all(frozen > 100_000 and collecting for *_, frozen, collecting in seen), seen
     assert not ray.is_initialized()
     assert ray_constants.ENABLE_RAY_CLUSTER is cluster_mode_before
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.flow_heartbeats import foreground_heartbeats
+from common.import_gc import imports_without_gc
 from common.logs import setup_logging
 from common.quick_exit import quick_exit
 from common.settings import SAMPLE_VIDEO, LogSettings, add_settings_arguments, settings_from_args
@@ -176,8 +177,9 @@ def stream_benchmark_settings(args: argparse.Namespace) -> StreamBenchmarkSettin
 
 
 def _stream_benchmark(args: argparse.Namespace) -> int:
-    from flows.stream_benchmark import stream_benchmark
-    from tasks.stream.consumer import format_summary
+    with imports_without_gc():
+        from flows.stream_benchmark import stream_benchmark
+        from tasks.stream.consumer import format_summary
 
     settings = stream_benchmark_settings(args)
     with foreground_heartbeats():
@@ -200,9 +202,10 @@ def _depth(args: argparse.Namespace) -> int:
     check_depth_model(settings.depth_model)
     VideoTable(settings.output.resolve()).check_layout()
     with _ray_before_prefect(settings, len(sources)) as wait_for_workers:
-        from devstack.prefect_api import prefect_api
-        from flows.depth_extraction import depth_extraction
-        from flows.ray_runner import ray_task_runner
+        with imports_without_gc():
+            from devstack.prefect_api import prefect_api
+            from flows.depth_extraction import depth_extraction
+            from flows.ray_runner import ray_task_runner
 
         flow = depth_extraction.with_options(task_runner=ray_task_runner(settings.ray_num_cpus))
         wait_for_workers()
