@@ -19,12 +19,20 @@ def nothing_left_frozen() -> Iterator[None]:
     gc.enable()
 
 
+def _collected(obj: object) -> bool:
+    """Whether the collector still walks `obj` (frozen objects are in none of its generations)."""
+    return any(tracked is obj for tracked in gc.get_objects())
+
+
 def test_the_block_runs_without_the_collector_and_what_it_built_is_frozen() -> None:
     with imports_without_gc():
         assert not gc.isenabled()
-        built = [{"row": i} for i in range(5_000)]
+        built = [[index] for index in range(1_000)]  # lists: objects the collector tracks
     assert gc.isenabled()
     assert gc.get_freeze_count() >= len(built)
+    assert not _collected(built[0]) and not _collected(built[-1])
+    after = [0]
+    assert _collected(after)  # what is built afterwards is collected as usual
 
 
 def test_a_collector_the_caller_paused_stays_paused() -> None:
