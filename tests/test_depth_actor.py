@@ -1,7 +1,7 @@
 """Depth actors: on a Ray that outlives the run, the next run finds the model loaded, and an
-actor left idle past its keep-alive ends itself (no model holds memory or a GPU for ever); a
-shard's videos reach the actor as they are transcoded, and its depth task redoes what an early
-call lost."""
+actor left idle past its keep-alive ends itself (no model holds memory or a GPU for ever), but
+never while a run holds it; a shard's videos reach the actor as they are transcoded, and its
+depth task redoes what an early call lost."""
 
 from __future__ import annotations
 
@@ -13,12 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flows.depth_extraction import depth_extraction
+from flows.ray_runner import ray_task_runner
 from flows.ray_start import local_ray_init_kwargs, private_ray_start
 from tasks.depth.depth_feed import PendingDepth
 from tasks.depth.settings import DepthSettings
-from tasks.depth.shard_tasks import Shard, depth_task, start_depth_actors, transcode_task
+from tasks.depth.shard_tasks import (
+    Shard,
+    actors_held,
+    depth_task,
+    start_depth_actors,
+    transcode_task,
+)
 from tasks.depth.video_record import VideoRecord
 from tests.conftest import VIDEOS
+from tests.video_server import Drip, VideoServer
 
 CLIP = VIDEOS / "pool_cleaning.mp4"
 
@@ -67,6 +76,51 @@ def test_a_kept_actor_serves_the_next_run_then_ends_when_idle(
     [fresh] = start_depth_actors(settings)
     assert fresh._actor_id != first._actor_id
     assert ray.get(fresh.depth_maps.remote([], tmp_path, settings)) == []
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_a_held_actor_outlives_its_keep_alive_and_ends_once_released(
+    tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    import ray
+    from ray.exceptions import RayActorError
+
+    settings = DepthSettings(
+        depth_model=str(tiny_depth_model), device="cpu", depth_keep_alive_s=2.0
+    )
+    [actor] = start_depth_actors(settings)
+    assert ray.get(actor.depth_maps.remote([], tmp_path, settings)) == []  # loaded
+    with actors_held([actor], settings.depth_keep_alive_s):
+        time.sleep(8)  # no depth call for 4x the keep-alive, as behind slow downloads
+        assert ray.get(actor.depth_maps.remote([], tmp_path, settings), timeout=30) == []
+        time.sleep(4)
+    time.sleep(8)  # released: it ends after its keep-alive, as it did before
+    with pytest.raises(RayActorError):
+        ray.get(actor.depth_maps.remote([], tmp_path, settings), timeout=30)
+
+
+@pytest.mark.slow
+def test_a_run_keeps_its_depth_actor_through_a_download_longer_than_the_keep_alive(
+    prefect_api: None, tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    """The depth actor starts with the run, and its first call waits for a download that
+    takes several times its keep-alive: the run holds the actor meanwhile (without that, the
+    actor ended itself first and the video failed at depth)."""
+    settings = DepthSettings(
+        output=tmp_path / "out",
+        depth_model=str(tiny_depth_model),
+        device="cpu",
+        depth_keep_alive_s=2.0,
+    )
+    flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=2))
+    # 90 kB a second for 15 s, then the rest: slow, but above the download's rate floor.
+    slow = Drip(CLIP, chunk=90_000, every_s=1.0, drip_bytes=1_350_000)
+    with VideoServer({"slow.mp4": slow}) as server:
+        listing = tmp_path / "urls.txt"
+        listing.write_text(server.url("slow.mp4") + "\n")
+        summary = flow(urls=str(listing), settings=settings)
+    assert (summary["ok"], summary["failed"]) == (1, 0), summary
 
 
 @pytest.mark.slow

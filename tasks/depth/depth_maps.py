@@ -188,8 +188,10 @@ class DepthActor:
     shards, batching their frames.
 
     On a cluster that outlives the run, later runs find it loaded (the model's imports and
-    weights cost seconds of CPU): it ends itself after `keep_alive_s` without a call. It lives
-    here, away from Prefect, so its process imports no orchestration code.
+    weights cost seconds of CPU): it ends itself after `keep_alive_s` without a call. A run
+    that uses it calls `keep_alive` meanwhile (shard_tasks.actors_held), so a long wait for
+    downloads or transcodes never ends it mid-run. It lives here, away from Prefect, so its
+    process imports no orchestration code.
     """
 
     def __init__(
@@ -210,6 +212,11 @@ class DepthActor:
             return estimate_depth_many(records, maps_dir, settings, self.estimator)
         finally:
             self.busy, self.last_call = False, time.monotonic()
+
+    def keep_alive(self) -> None:
+        """Restart the idle clock: a run holds this actor (its next depth call may be minutes
+        away, behind slow downloads)."""
+        self.last_call = time.monotonic()
 
     def _end_when_idle(self, keep_alive_s: float) -> None:
         import ray

@@ -27,9 +27,11 @@ driver (`lance.fragment.write_fragments` + `LanceDataset.commit`), is used here 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -241,6 +243,43 @@ def start_depth_actors(settings: DepthSettings) -> list[Any]:
     return actors
 
 
+# How often a run tells its depth actors that it still holds them, at most (and three times
+# within their keep-alive, so one late call never lets them end).
+HOLD_EVERY_S = 60.0
+
+
+@contextlib.contextmanager
+def actors_held(actors: list[Any], keep_alive_s: float) -> Iterator[None]:
+    """Keep `actors` from ending themselves while the run that uses them goes on.
+
+    An actor ends after `keep_alive_s` without a call, and a run may make none for longer than
+    that (its first depth call waits for a shard's downloads and transcodes). So a thread calls
+    each actor's `keep_alive` at once (restarting the clock of an actor an earlier run left
+    idle) and then every `keep_alive_s / 3` until the run ends. A run that dies stops calling,
+    and its actors end `keep_alive_s` later, as after a run that finished.
+    """
+    if keep_alive_s <= 0 or not actors:
+        yield
+        return
+    interval = min(HOLD_EVERY_S, keep_alive_s / 3)
+    done = threading.Event()
+
+    def hold() -> None:
+        while True:
+            for actor in actors:
+                actor.keep_alive.remote()
+            if done.wait(interval):
+                return
+
+    holder = threading.Thread(target=hold, name="depth-actors-held", daemon=True)
+    holder.start()
+    try:
+        yield
+    finally:
+        done.set()
+        holder.join()
+
+
 @dataclass
 class _Chain:
     """The four futures of one shard, in stage order."""
@@ -301,18 +340,19 @@ def run_shards(
     first = [(shard, download(shard)) for shard in shards[:window]]
     actors = start_depth_actors(settings)
     try:
-        for shard, downloaded in first:
-            submit(shard, downloaded)
-        while in_flight:
-            future = finished.get()
-            chain = in_flight.pop(future)
-            if waiting:
-                shard = waiting.pop()
-                submit(shard, download(shard))
-            try:
-                yield future.result()
-            except Exception as exc:  # a Ray worker died (out of memory, killed) past retries
-                yield WrittenShard(chain.crashed_rows(exc), [])
+        with actors_held(actors, settings.depth_keep_alive_s):
+            for shard, downloaded in first:
+                submit(shard, downloaded)
+            while in_flight:
+                future = finished.get()
+                chain = in_flight.pop(future)
+                if waiting:
+                    shard = waiting.pop()
+                    submit(shard, download(shard))
+                try:
+                    yield future.result()
+                except Exception as exc:  # a Ray worker died (out of memory, killed)
+                    yield WrittenShard(chain.crashed_rows(exc), [])
     finally:
         if settings.depth_keep_alive_s <= 0:
             for actor in actors:
