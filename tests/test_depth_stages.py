@@ -34,6 +34,7 @@ from tasks.depth.download import (
     DownloadError,
     backoff_delay_s,
     download,
+    download_many,
     is_retryable,
     sniff_container,
 )
@@ -134,6 +135,35 @@ def test_a_csv_with_a_url_column_keeps_its_labels(tmp_path: Path) -> None:
     assert [(r.video_id[:2], r.label) for r in records] == [("a_", "juggling"), ("b_", None)]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "label, url\njuggling, https://h/a.mp4\n,https://h/b.webm\n",  # spaces after commas
+        '"label","URL"\n"juggling","https://h/a.mp4"\n"","https://h/b.webm"\n',  # quoted
+        "# made by hand\nlabel,url\njuggling,https://h/a.mp4\n,https://h/b.webm\n",
+    ],
+    ids=["spaced", "quoted", "comment-first"],
+)
+def test_a_csv_header_is_found_however_it_is_written(tmp_path: Path, text: str) -> None:
+    listing = tmp_path / "urls.csv"
+    listing.write_text(text)
+    records = read_url_list(listing)
+    assert [(r.source_url, r.label) for r in records] == [
+        ("https://h/a.mp4", "juggling"),
+        ("https://h/b.webm", None),
+    ]
+
+
+def test_a_one_column_csv_and_an_unparseable_url_are_read_as_sources(tmp_path: Path) -> None:
+    listing = tmp_path / "urls.csv"
+    listing.write_text("url\nhttps://h/a.mp4\nhttp://[::1/x.mp4\n")
+    records = read_url_list(listing)
+    # The header is not a video; the broken URL is one, which its download fails (below).
+    assert [r.source_url for r in records] == ["https://h/a.mp4", "http://[::1/x.mp4"]
+    broken = download(records[1], tmp_path, DepthSettings())
+    assert broken.failed and "invalid URL" in broken.error, broken.error
+
+
 def test_kinetics_rows_keep_label_id_and_window() -> None:
     template = "https://mirror/{split}/{youtube_id}_{time_start:06d}_{time_end:06d}.mp4"
     records = read_kinetics_csv(KINETICS_CSV, url_template=template, split="val", limit=3)
@@ -156,6 +186,12 @@ def test_bad_kinetics_input_is_refused_with_the_reason(tmp_path: Path) -> None:
         read_kinetics_csv(not_kinetics, url_template="https://h/{youtube_id}.mp4")
     with pytest.raises(SourceListError, match="cannot read"):
         read_url_list(tmp_path / "missing.txt")
+    endless = tmp_path / "inf.csv"
+    endless.write_text("label,youtube_id,time_start,time_end,split\nx,abc,inf,10,val\n")
+    with pytest.raises(SourceListError, match=r"inf.csv:2: bad time window"):
+        read_kinetics_csv(endless, url_template="https://h/{youtube_id}.mp4")
+    template = "https://h/{youtube_id}.mp4"
+    assert read_kinetics_csv(KINETICS_CSV, url_template=template, limit=0) == []
 
 
 # ---- download ------------------------------------------------------------------------------
@@ -241,6 +277,19 @@ def test_only_http_and_https_are_fetched(tmp_path: Path) -> None:
         record = download(_record(url), tmp_path, DepthSettings())
         assert record.failed and "unsupported URL scheme" in record.error
         assert record.download_attempts == 0
+
+
+def test_a_url_whose_host_cannot_be_encoded_fails_alone(tmp_path: Path) -> None:
+    bad_hosts = ("http://a..b/x.mp4", f"http://{'b' * 70}.com/x.mp4")  # empty, too-long label
+    with VideoServer({"v.mp4": Serve(CLIP)}) as server:
+        urls = (*bad_hosts, server.url("v.mp4"))
+        records = [_record(url, f"v{index}") for index, url in enumerate(urls)]
+        *bad, good = download_many(records, tmp_path, DepthSettings(**FAST_RETRIES))
+    assert good.status != "failed" and good.raw_path is not None
+    for record, url in zip(bad, bad_hosts, strict=True):
+        assert record.failed and record.failed_stage == "download"
+        assert "invalid URL" in record.error and url in record.error, record.error
+        assert record.download_attempts == 1  # no retry can fix it
 
 
 def test_retry_classification_and_backoff() -> None:

@@ -117,6 +117,8 @@ def backoff_delay_s(
 def describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out waiting for the server"
+    if isinstance(exc, ValueError):  # e.g. a host that IDNA cannot encode ("a..b", a long label)
+        return f"invalid URL: {type(exc).__name__}: {exc}"
     return f"{type(exc).__name__}: {exc}" if not isinstance(exc, DownloadError) else str(exc)
 
 
@@ -226,7 +228,10 @@ async def download_video(
     if record.failed:
         return record
     started = time.perf_counter()
-    scheme = urlsplit(record.source_url).scheme.lower()
+    try:
+        scheme = urlsplit(record.source_url).scheme.lower()
+    except ValueError as exc:  # e.g. "http://[::1/x"
+        return record.fail("download", f"{describe(exc)} ({record.source_url})")
     if scheme not in ("http", "https"):
         return record.fail("download", f"unsupported URL scheme {scheme!r} (http/https only)")
     raw_dir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +259,7 @@ async def download_video(
                 path, size = await _fetch_once(
                     session, record.source_url, raw_dir, record.video_id, settings
                 )
-        except (DownloadError, TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (DownloadError, TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
             if budget.expired():
                 return failed(attempt, too_late)
             retries_left = settings.download_retries - (attempt - 1)
@@ -285,7 +290,13 @@ async def download_videos(
 
         async def bounded(record: VideoRecord) -> VideoRecord:
             async with limit:
-                return await download_video(session, record, raw_dir, settings)
+                try:
+                    return await download_video(session, record, raw_dir, settings)
+                except Exception as exc:  # a bug or an unforeseen error: this video's alone
+                    log.exception("%s: download crashed", record.video_id)
+                    return record.fail(
+                        "download", f"download crashed: {describe(exc)} ({record.source_url})"
+                    )
 
         return list(await asyncio.gather(*(bounded(record) for record in records)))
 

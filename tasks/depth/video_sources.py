@@ -47,7 +47,11 @@ def sanitize_video_id(raw: str) -> str:
 def _id_from_url(url: str) -> str:
     """The file's name and a short hash of the whole URL: readable, and unique per URL (two
     mirrors' `clip.mp4` are two videos) without looking at any other line of the list."""
-    name = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+    try:
+        path = urlsplit(url).path
+    except ValueError:  # e.g. "http://[::1/x": its download fails it with the reason
+        path = ""
+    name = unquote(path.rstrip("/").rsplit("/", 1)[-1])
     stem = name.rsplit(".", 1)[0] if "." in name else name
     digest = hashlib.sha1(url.encode()).hexdigest()[:URL_HASH_CHARS]
     return sanitize_video_id(f"{stem[: MAX_VIDEO_ID_CHARS - URL_HASH_CHARS - 1]}_{digest}")
@@ -68,33 +72,38 @@ def _unique_ids(records: Iterable[VideoRecord]) -> list[VideoRecord]:
 
 
 def read_url_list(path: Path) -> list[VideoRecord]:
-    """One URL per line (blank lines and `#` comments skipped), or a CSV with a `url` column.
+    """One URL per line, or a CSV whose header names a `url` column; blank lines and `#`
+    comments are skipped in both.
 
-    A CSV may also carry `video_id`, `label` and `split` columns; they are kept.
+    A CSV may also carry `video_id`, `label` and `split` columns; they are kept. Column names
+    are matched without case or surrounding spaces, in quotes or not, and a header of `url`
+    alone is a header too.
     """
-    text = _read_text(path)
-    first_line = text.lstrip().split("\n", 1)[0]
-    if "," in first_line and "url" in [c.strip() for c in first_line.split(",")]:
-        reader = csv.DictReader(text.splitlines())
-        records = [
+    lines = [
+        line
+        for line in _read_text(path).splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not lines:
+        return []
+    header = [name.strip().lower() for name in next(csv.reader(lines[:1]))]
+    if "url" not in header:
+        urls = [line.strip() for line in lines]
+        return _unique_ids(VideoRecord(video_id=_id_from_url(url), source_url=url) for url in urls)
+    records = []
+    for row in csv.reader(lines[1:]):
+        fields = {name: value.strip() for name, value in zip(header, row, strict=False)}
+        if not (url := fields.get("url")):
+            continue
+        given_id = fields.get("video_id")
+        records.append(
             VideoRecord(
-                video_id=sanitize_video_id(row["video_id"])
-                if row.get("video_id")
-                else _id_from_url(row["url"].strip()),
-                source_url=row["url"].strip(),
-                label=row.get("label") or None,
-                split=row.get("split") or None,
+                video_id=sanitize_video_id(given_id) if given_id else _id_from_url(url),
+                source_url=url,
+                label=fields.get("label") or None,
+                split=fields.get("split") or None,
             )
-            for row in reader
-            if (row.get("url") or "").strip()
-        ]
-    else:
-        urls = [line.strip() for line in text.splitlines()]
-        records = [
-            VideoRecord(video_id=_id_from_url(url), source_url=url)
-            for url in urls
-            if url and not url.startswith("#")
-        ]
+        )
     return _unique_ids(records)
 
 
@@ -113,6 +122,8 @@ def read_kinetics_csv(
         raise SourceListError(f"{path}: not a Kinetics CSV, missing columns {sorted(missing)}")
     records: list[VideoRecord] = []
     for line_number, row in enumerate(reader, start=2):
+        if limit is not None and len(records) >= limit:
+            break
         if split is not None and row.get("split", split) != split:
             continue
         try:
@@ -122,7 +133,7 @@ def read_kinetics_csv(
                 "time_start": int(float(row["time_start"])),
                 "time_end": int(float(row["time_end"])),
             }
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:  # not a number, or inf
             raise SourceListError(f"{path}:{line_number}: bad time window: {exc}") from exc
         records.append(
             VideoRecord(
@@ -135,8 +146,6 @@ def read_kinetics_csv(
                 time_end=fields["time_end"],
             )
         )
-        if limit is not None and len(records) >= limit:
-            break
     return _unique_ids(records)
 
 
