@@ -131,8 +131,12 @@ def stream_bases(sources: list[str], stream_id: str | None) -> list[str]:
         return [stream_id]
     bases: list[str] = []
     for source in sources:
-        name = Path(source).stem or source
-        bases.append(name if name not in bases else f"{name}-{bases.count(name) + 1}")
+        name = base = Path(source).stem or source
+        copy = 1
+        while base in bases:  # also past a `-2` that an earlier copy or another file took
+            copy += 1
+            base = f"{name}-{copy}"
+        bases.append(base)
     return bases
 
 
