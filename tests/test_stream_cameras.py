@@ -143,6 +143,8 @@ def test_repeated_source_names_get_distinct_stream_ids() -> None:
     assert stream_bases([str(CLIP), str(CLIP), "webcam:0"], None) == [
         "k400_arm_wrestling", "k400_arm_wrestling-2", "webcam:0",
     ]  # fmt: skip
+    assert stream_bases(["a.mp4", "a.mp4", "a.mp4"], None) == ["a", "a-2", "a-3"]
+    assert stream_bases(["a.mp4", "a-2.mp4", "x/a.mp4"], None) == ["a", "a-2", "a-3"]
     assert source_list(" a.mp4, ,b.mp4 ") == ["a.mp4", "b.mp4"]
 
 
@@ -389,5 +391,39 @@ def test_a_consumer_started_before_the_service_lowers_its_in_flight_limit_once_i
         running.join(30)
         if server is not None:
             server.terminate()
+    assert outcome["summary"].results_published == backlog.frames_read
+    assert consumer.in_flight_limit == info.model_workers * info.max_batch_size + 1 < 8
+
+
+@pytest.mark.slow
+def test_a_consumer_started_while_the_service_loads_its_model_lowers_its_limit_once_it_can(
+    broker, tmp_path: Path
+) -> None:
+    kafka = fresh_topics(broker, PARTITIONS)
+    backlog = produce_frames(
+        ProducerSettings(source=str(CLIP), max_frames=40, fps="max", stream_id="loading"), kafka
+    )
+    # An export cache of its own: the server exports the model first, and answers gRPC (with
+    # UNAVAILABLE) meanwhile.
+    server = start_server(tmp_path, tmp_path / "cache", "--backend", "onnx", "--batching", "off")
+    consumer = _consumer(kafka, server.target, max_frame_age_ms=600_000.0)
+    outcome: dict[str, object] = {}
+    running = threading.Thread(target=lambda: outcome.update(summary=consumer.run()))
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+            with pytest.raises(grpc.RpcError) as loading:
+                ClassifierStub(channel).GetModelInfo(ModelInfoRequest(), timeout=10)
+        assert loading.value.code() == grpc.StatusCode.UNAVAILABLE  # up, still loading
+        running.start()
+        server.wait_serving()
+        with grpc.insecure_channel(server.target) as channel:
+            info = ClassifierStub(channel).GetModelInfo(ModelInfoRequest(), timeout=10)
+        running.join(120)
+    finally:
+        consumer.stop.set()
+        if running.is_alive():
+            running.join(30)
+        server.terminate()
     assert outcome["summary"].results_published == backlog.frames_read
     assert consumer.in_flight_limit == info.model_workers * info.max_batch_size + 1 < 8

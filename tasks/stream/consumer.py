@@ -160,7 +160,7 @@ class FrameConsumer:
         while not self._should_stop():
             self.broker.check()
             if self._limit_pending and self.caller.service_answered:
-                self._settle_in_flight_limit()  # the service came up after this consumer
+                self._settle_in_flight_limit(final=True)  # it came up after this consumer
             self._admit_available()
             self.caller.drain(timeout_s=0.002 if self.caller.busy else 0)
             self.caller.resend_due(stopping=self.stop.is_set)
@@ -173,8 +173,14 @@ class FrameConsumer:
                 last_progress = now
                 self._log_progress(now - (self._first_message_at or now))
 
-    def _settle_in_flight_limit(self) -> None:
-        self.in_flight_limit = self.caller.in_flight_limit()
+    def _settle_in_flight_limit(self, final: bool = False) -> None:
+        """Ask the service how many calls to keep in flight. Unless `final`, a service that
+        cannot say yet (still loading its model) is asked again once it answers a call; then
+        the limit is settled whatever it says."""
+        limit = self.caller.in_flight_limit()
+        if limit is None and not final:
+            return
+        self.in_flight_limit = limit or self.settings.concurrency
         self._limit_pending = False
 
     def _admit_available(self) -> None:

@@ -42,6 +42,10 @@ HEADER_DLQ_STATUS = "vidflow-dlq-status"
 HEADER_DLQ_ATTEMPTS = "vidflow-dlq-attempts"
 
 
+class ServiceNotReadyError(RuntimeError):
+    """The service cannot describe itself yet: loading its model, or not reachable."""
+
+
 @dataclass
 class Call:
     """One frame on its way through the service."""
@@ -95,26 +99,36 @@ class InferenceCaller:
 
     def service_parallelism(self, timeout_s: float) -> int | None:
         """How many requests the service works on at once (model workers x largest batch), or
-        None if it does not say (a server older than `ModelInfo.model_workers`, or no answer)."""
+        None if it does not say (a server older than `ModelInfo.model_workers`, or an error).
+
+        Raises ServiceNotReadyError while the service is up but still loading its model (it
+        answers UNAVAILABLE then), or cannot be reached: ask again once it answers."""
         try:
             info = self._stub.GetModelInfo(inference_pb2.ModelInfoRequest(), timeout=timeout_s)
         except grpc.RpcError as exc:
+            if exc.code() in (*WAIT_FOR_SERVICE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise ServiceNotReadyError(f"{exc.code().name}: {exc.details()}") from exc
             log.warning("GetModelInfo failed (%s): in-flight limit stays as set", exc.code().name)
             return None
         if info.model_workers <= 0:
             return None
         return info.model_workers * max(1, info.max_batch_size)
 
-    def in_flight_limit(self) -> int:
+    def in_flight_limit(self) -> int | None:
         """Calls to keep in flight: `concurrency`, or under a latency budget no more than the
-        service can work on at once, plus one on its way.
+        service can work on at once, plus one on its way; None while the service cannot say
+        yet (loading its model, or unreachable).
 
         Calls beyond that wait in the service's queue, which a backlog does not mind but a live
         view does: at 1.5x capacity on 2 cores, 4 calls in flight classified as many frames as 8
         with e2e p99 176-199 ms against 241-267 ms (docs/benchmarks.md)."""
         limit = self.settings.concurrency
         if self.settings.max_frame_age_ms is not None:
-            parallelism = self.service_parallelism(timeout_s=5)
+            try:
+                parallelism = self.service_parallelism(timeout_s=5)
+            except ServiceNotReadyError as exc:
+                log.info("in-flight limit decided once the service answers (%s)", exc)
+                return None
             if parallelism is not None and parallelism + 1 < limit:
                 limit = parallelism + 1
                 log.info(
