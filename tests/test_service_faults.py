@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -20,7 +21,7 @@ from services.inference.metrics import ServiceMetrics
 from services.inference.preprocess import PreprocessSpec
 from services.inference.servicer import InferenceService
 from services.inference.settings import InferenceSettings
-from services.inference.stream import STREAM_WINDOW
+from services.inference.stream import STREAM_WINDOW, answer_in_order
 from tests.images import png_claiming_size, png_with_chunk_claiming, solid_png
 from tests.proc_helpers import children, listening_addresses
 from tests.test_service import _http_get, _metric
@@ -323,3 +324,42 @@ def test_a_sigkilled_server_leaves_no_process_and_frees_its_ports(
     ):
         time.sleep(0.2)
     assert listening_addresses(server.port) == [] and listening_addresses(server.http_port) == []
+
+
+def test_a_stream_that_ends_early_leaves_no_started_item_running() -> None:
+    """A client that leaves mid-stream: every item started is answered or cancelled (none runs
+    on to take model time and be counted OK), and no more than the window run ahead."""
+    started: list[int] = []
+    finished: list[int] = []
+
+    async def scenario() -> None:
+        async def requests() -> AsyncIterator[int]:
+            for index in range(100):
+                yield index
+
+        def start(index: int) -> asyncio.Task[tuple[int, grpc.StatusCode]]:
+            async def work() -> tuple[int, grpc.StatusCode]:
+                await asyncio.sleep(0.01 if index == 0 else 0.5)
+                finished.append(index)
+                return index, grpc.StatusCode.OK
+
+            started.append(index)
+            return asyncio.ensure_future(work())
+
+        responses = answer_in_order(requests(), start, window=4)
+
+        async def slow_client() -> None:
+            async for _ in responses:
+                await asyncio.sleep(10)
+
+        client = asyncio.ensure_future(slow_client())
+        await asyncio.sleep(0.2)
+        client.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await client
+        await responses.aclose()
+        await asyncio.sleep(0.8)  # past the items' own 0.5 s
+
+    asyncio.run(scenario())
+    assert finished == [0]
+    assert started == [0, 1, 2, 3, 4]  # the answered one, then a window of 4

@@ -49,22 +49,27 @@ async def answer_in_order(
     start: Callable[[RequestT], ItemTask[ResponseT]],
     window: int = STREAM_WINDOW,
 ) -> AsyncIterator[ResponseT]:
-    """Yield each request's response in request order, with up to `window` of them started.
+    """Yield each request's response in request order, with at most `window` of them started
+    and not yet answered.
 
     Items answer their errors as responses, so an item task raises only if cancelled; what is
-    left unanswered when the stream ends is cancelled.
+    left unanswered when the stream ends is cancelled, every started item included (an item is
+    queued the moment it starts, with no await between, so an ending stream always finds it).
     """
-    in_order: asyncio.Queue[ItemTask[ResponseT] | None] = asyncio.Queue(maxsize=window)
+    in_order: asyncio.Queue[ItemTask[ResponseT] | None] = asyncio.Queue()
+    room = asyncio.Semaphore(window)
 
     async def read_requests() -> None:
         async for request in requests:
-            await in_order.put(start(request))
-        await in_order.put(None)
+            await room.acquire()
+            in_order.put_nowait(start(request))
+        in_order.put_nowait(None)
 
     reader = asyncio.ensure_future(read_requests())
     try:
         while (task := await in_order.get()) is not None:
             response, _ = await task
+            room.release()
             yield response
         await reader  # surface a failure to read the request stream
     finally:
