@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import generate_latest
 
 from common.net import free_port
@@ -427,3 +428,30 @@ def test_a_consumer_started_while_the_service_loads_its_model_lowers_its_limit_o
         server.terminate()
     assert outcome["summary"].results_published == backlog.frames_read
     assert consumer.in_flight_limit == info.model_workers * info.max_batch_size + 1 < 8
+
+
+def test_the_lag_at_the_end_counts_partitions_the_member_never_read(broker, onnx_server) -> None:
+    kafka = fresh_topics(broker, 2)
+    backlog = produce_frames(
+        ProducerSettings(source=str(CLIP), streams=2, max_frames=6, fps="max", stream_id="lag"),
+        kafka,
+    )
+    assert backlog.per_stream == {"lag-0": 6, "lag-1": 6}  # one camera in each partition
+    summary = _consumer(kafka, onnx_server.target, max_frames=1).run()
+    assert summary.results_published == 1
+    # Both partitions' ends as the broker reports them (Tansu's run 2 low), less the frame
+    # read: the partition the member never read counts from its start.
+    ends = _partition_ends(kafka)
+    assert len(ends) == 2 and min(ends) > 0
+    assert summary.lag == sum(ends) - 1
+
+
+def _partition_ends(kafka: KafkaSettings) -> list[int]:
+    reader = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": "ends"})
+    try:
+        return [
+            reader.get_watermark_offsets(TopicPartition(kafka.frames_topic, p), timeout=5)[1]
+            for p in range(kafka.partitions)
+        ]
+    finally:
+        reader.close()

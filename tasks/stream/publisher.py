@@ -184,15 +184,20 @@ class Publisher:
         self.offsets.forget(lost)
 
     def lag(self) -> int:
-        """Messages between the commit points and the ends of the assigned partitions."""
+        """Messages between the commit points and the ends of the assigned partitions; a
+        partition this member has not read from yet counts from the group's committed offset
+        (or its start, where the group has none)."""
         total = 0
         for tp in self._consumer.assignment():
             try:
-                _, high = self._consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+                position = self.offsets.commit_point(tp.topic, tp.partition)
+                if position is None:
+                    [committed] = self._consumer.committed([tp], timeout=1)
+                    position = committed.offset if committed.offset >= 0 else low
             except Exception:
                 continue
-            position = self.offsets.commit_point(tp.topic, tp.partition)
-            if position is not None and high >= 0:
+            if high >= 0:
                 total += max(0, high - position)
         return total
 
