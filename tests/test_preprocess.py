@@ -38,6 +38,26 @@ def test_decode_returns_rgb() -> None:
     assert (rgb[..., 0] == 255).all() and (rgb[..., 2] == 0).all()
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_photo_with_an_exif_orientation_decodes_upright(orientation: int) -> None:
+    """Phones store portrait photos sideways with orientation 6; 5-8 swap the sides."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    stored = np.zeros((300, 400, 3), np.uint8)  # 400 wide, 300 high, as stored
+    stored[:100, :100] = (255, 0, 0)  # a red block in the stored top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    rgb = decode_image(buffer.getvalue())
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))))
+    assert rgb.shape == upright.shape == ((400, 300, 3) if orientation >= 5 else (300, 400, 3))
+    assert np.abs(rgb.astype(int) - upright.astype(int)).mean() < 2  # Pillow's upright too
+    assert preprocess(rgb, SPEC).shape == SPEC.input_shape
+
+
 def test_probe_reads_the_header_only() -> None:
     assert probe_image(jpeg_bytes(64, 48), 10**6) == ("JPEG", 64, 48)
     assert probe_image(png_bytes(30, 40), 10**6) == ("PNG", 30, 40)

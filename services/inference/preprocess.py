@@ -142,10 +142,14 @@ def _check_png_chunks(data: bytes) -> None:
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode JPEG/PNG bytes to an RGB uint8 array (H, W, 3), or raise InvalidImageError."""
+    """Decode JPEG/PNG bytes to an RGB uint8 array (H, W, 3), or raise InvalidImageError.
+
+    The image comes upright as its EXIF orientation says (OpenCV applies it), so a phone's
+    portrait photo, stored sideways with orientation 6, has its header's sides swapped.
+    """
     image_format, width, height = probe_image(data, max_pixels)
     rgb = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR_RGB)
-    if rgb is None or rgb.shape[:2] != (height, width):
+    if rgb is None or rgb.shape[:2] not in ((height, width), (width, height)):
         raise InvalidImageError(f"corrupt {image_format}: OpenCV could not decode the pixel data")
     return rgb
 
