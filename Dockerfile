@@ -121,8 +121,9 @@ LABEL org.opencontainers.image.title="vidflow-worker" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 # tini as PID 1: forwards SIGTERM to the worker and reaps the flow-run processes (a flow on Ray
-# starts and leaves many). /data is where the flows write (a volume in docker-compose.yml); made
-# here so that a fresh named volume takes the vidflow user as its owner.
+# starts and leaves many). /data is where the flows write and ~/.cache holds model weights
+# (volumes in docker-compose.yml); made here so that a fresh named volume takes the vidflow
+# user as its owner (a folder the image lacks comes out root's, and the worker cannot write).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install --yes --no-install-recommends tini \
@@ -130,7 +131,7 @@ RUN apt-get update \
     && groupadd --system --gid 10001 vidflow \
     && useradd --system --uid 10001 --gid vidflow --home-dir /home/vidflow --create-home \
         --shell /usr/sbin/nologin vidflow \
-    && install -d -o vidflow -g vidflow /data
+    && install -d -o vidflow -g vidflow /data /home/vidflow/.cache
 
 WORKDIR /opt/vidflow
 

@@ -237,8 +237,30 @@ def test_compose_config_is_valid_and_wired() -> None:
         v["target"] == "/data" and v["type"] == "volume" for v in services["worker"]["volumes"]
     )
     deploy_script = " ".join(services["deploy"]["command"])
-    assert "-n depth-extraction/compose -n stream-benchmark/compose" in deploy_script
+    assert "for name in depth-extraction/compose stream-benchmark/compose;" in deploy_script
     assert "--type process" in deploy_script
+    # The deployments go to the pool the worker polls, whatever VIDFLOW_WORK_POOL names (one
+    # deploy each: with several names at once `prefect deploy` ignores --pool).
+    assert 'prefect --no-prompt deploy --pool "$$VIDFLOW_WORK_POOL" -n "$$name"' in deploy_script
+    assert services["deploy"]["environment"]["VIDFLOW_WORK_POOL"] == "vidflow-compose"
+    assert services["worker"]["command"][3:5] == ["--pool", "vidflow-compose"]
+
+
+def test_the_image_makes_every_folder_a_named_volume_mounts_owned_by_its_user() -> None:
+    """A fresh named volume copies the image's folder, owner included; where the image has none
+    it comes out root's, and the worker (uid 10001) could not write there."""
+    services = _compose_config()["services"]
+    stages = {stage.name: stage for stage in _stages()[1]}
+    for name, target in (("worker", "worker"), ("inference", "runtime")):
+        assert services[name]["build"]["target"] == target
+        made = {
+            path
+            for run in stages[target].args_of("RUN")
+            for match in re.finditer(r"install -d -o vidflow -g vidflow ((?:/\S+ ?)+)", run)
+            for path in match.group(1).split()
+        }
+        mounted = {v["target"] for v in services[name]["volumes"] if v["type"] == "volume"}
+        assert mounted and mounted <= made, (name, mounted - made)
 
 
 def test_compose_monitoring_profile_scrapes_the_service() -> None:
