@@ -9,6 +9,7 @@ from typing import Any
 from tasks.depth.video_record import VideoRecord
 
 STAGES = ("download", "transcode", "depth")
+ORDER = ("input", *STAGES, "store")  # a video failed at one stage got through those before it
 VIDEO_ROWS_SHOWN = 10_000  # a table artifact of more rows is of no use in the UI
 
 
@@ -26,6 +27,7 @@ class RunReport:
     ok: int = 0
     failed: int = 0
     failed_at: dict[str, int] = field(default_factory=dict)
+    done_at: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
     stage_seconds: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
     failures: list[VideoRecord] = field(default_factory=list)
     videos: list[VideoRecord] = field(default_factory=list)
@@ -39,7 +41,12 @@ class RunReport:
             self.failures.append(record)
         else:
             self.ok += 1
+        failed_at = ORDER.index(record.failed_stage) if record.failed_stage in ORDER else 0
         for stage in STAGES:
+            # Done by its status, not its timing: a failed download has one, and a download
+            # kept from an earlier attempt has none.
+            if not record.failed or failed_at > ORDER.index(stage):
+                self.done_at[stage] += 1
             if (seconds := getattr(record, f"{stage}_s")) is not None:
                 self.stage_seconds[stage].append(seconds)
 
@@ -72,14 +79,15 @@ class RunReport:
         return f"{counts}; depth model {self.depth_model}"
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per stage: how many videos got through, failed there, and the time spent."""
+        """One row per stage: how many videos got through, failed there, and the time spent
+        (over the videos that spent any there this run)."""
         rows = []
         for stage in STAGES:
             seconds = self.stage_seconds[stage]
             rows.append(
                 {
                     "stage": stage,
-                    "done": len(seconds),
+                    "done": self.done_at[stage],
                     "failed": self.failed_at.get(stage, 0),
                     "total_s": round(sum(seconds), 2),
                     "mean_s": round(sum(seconds) / len(seconds), 3) if seconds else None,

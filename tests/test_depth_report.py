@@ -1,0 +1,30 @@
+"""The depth run's summary table counts each stage's videos by how they ended, not by timings."""
+
+from __future__ import annotations
+
+from flows.depth_report import RunReport
+from tasks.depth.video_record import VideoRecord
+
+
+def _video(video_id: str, **fields: object) -> VideoRecord:
+    return VideoRecord(video_id=video_id, source_url=f"http://h/{video_id}.mp4").update(**fields)
+
+
+def test_each_stage_counts_the_videos_that_got_through_it() -> None:
+    report = RunReport(total=5, skipped=0)
+    timed = {"download_s": 1.0, "transcode_s": 2.0, "depth_s": 0.5}
+    report.add(_video("ok", status="ok", **timed))
+    # A 404 spent time downloading; a resumed video kept its earlier download, so has no time.
+    report.add(_video("gone", download_s=0.2).fail("download", "HTTP 404"))
+    for resumed in ("resumed", "resumed-too"):
+        report.add(_video(resumed, status="ok", transcode_s=2.0, depth_s=0.5))
+    report.add(_video("dark", download_s=1.0, transcode_s=2.0).fail("depth", "crashed"))
+
+    rows = {row["stage"]: row for row in report.table()}
+    assert [(rows[s]["done"], rows[s]["failed"]) for s in ("download", "transcode", "depth")] == [
+        (4, 1),
+        (4, 0),
+        (3, 1),
+    ]
+    assert (rows["run"]["done"], rows["run"]["failed"]) == (3, 2)
+    assert rows["download"]["total_s"] == 2.2  # the time spent, the failed attempt's included
