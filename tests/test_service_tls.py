@@ -179,3 +179,20 @@ def test_tls_cert_without_key_is_refused_with_a_reason(tmp_path: Path) -> None:
     serve = _cli("serve", "--tls-cert", str(cert), "--port", "0", "--http-port", "0")
     assert serve.returncode == 2
     assert "--tls-cert and --tls-key go together" in serve.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        (["--backend", "eager"], "--onnx-model is served by the onnx backend, not eager"),
+        (["--model", "resnet18"], "--model and --weights do not apply"),
+    ],
+    ids=["other-backend", "with-model"],
+)
+def test_an_onnx_model_with_settings_it_would_ignore_is_refused(
+    tmp_path: Path, extra: list[str], reason: str
+) -> None:
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"not read: refused before")
+    serve = _cli("serve", "--onnx-model", str(onnx_file), *extra, "--port", "0")
+    assert serve.returncode == 2 and reason in serve.stderr, serve.stderr

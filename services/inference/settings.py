@@ -100,6 +100,22 @@ class InferenceSettings(BaseSettings):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         return self
 
+    @model_validator(mode="after")
+    def _onnx_model_alone(self) -> InferenceSettings:
+        """A ready ONNX file is the whole model: refuse what would be silently ignored."""
+        if self.onnx_model is None:
+            return self
+        if self.backend != "onnx":
+            raise ValueError(
+                f"--onnx-model is served by the onnx backend, not {self.backend}: "
+                "drop --onnx-model or use --backend onnx"
+            )
+        if self.weights is not None or "model" in self.model_fields_set:
+            raise ValueError(
+                "--onnx-model names its model itself: --model and --weights do not apply to it"
+            )
+        return self
+
 
 class ClientSettings(BaseSettings):
     """How clients (`vidflow classify`, `vidflow loadtest`, the consumer) reach the service."""
