@@ -333,6 +333,31 @@ def test_sigterm_drains_an_in_flight_stream(tmp_path: Path, model_cache: Path, v
     assert "1 call(s) drained, 0 cancelled at the end of the 30 s grace" in server.log()
 
 
+@pytest.mark.slow
+def test_an_open_health_watch_does_not_hold_shutdown_for_the_grace(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """Clients that check health on the client side keep a Watch open on each connection;
+    shutdown tells them NOT_SERVING and ends their streams once the calls are done, instead of
+    waiting out the grace for them."""
+    server = start_server(tmp_path, model_cache, "--shutdown-grace-s", "60")
+    server.wait_serving()
+    with grpc.insecure_channel(server.target) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=120
+        )
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        server.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError):
+            next(watch)  # the stream ends with the server, not at the end of the grace
+        assert server.process.wait(60) == 0, server.log()
+    assert time.monotonic() - signalled < 30  # the grace is 60 s
+    assert "of 0 call(s) open at shutdown, 0 call(s) drained" in server.log()
+    assert "1 health watch(es) ended with the server" in server.log()
+
+
 def test_cli_classify_and_loadtest(onnx_server, tmp_path: Path) -> None:
     import skimage
 

@@ -16,16 +16,22 @@ from grpc_health.v1 import health
 log = logging.getLogger(__name__)
 
 
+# A health Watch streams until its client leaves: it is no work to drain, and shutdown must not
+# wait for it (clients that check health on the client side keep one on every connection).
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+
+
 class CallTracker(grpc.aio.ServerInterceptor):
     """Counts the calls being handled and how they ended, so shutdown can say what it did.
 
     A call is drained when its handler returns or raises (any status) within the shutdown
     grace, cancelled when gRPC cancels it: by the server at the end of the grace, or because
-    its client left.
+    its client left. Health watches are counted apart (`open_watches`), not as calls.
     """
 
     def __init__(self) -> None:
         self.open = 0
+        self.open_watches = 0
         self.ended = 0
         self.cancelled_by_clients = 0
         self.cancelled_by_shutdown = 0
@@ -39,6 +45,8 @@ class CallTracker(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
+        if handler_call_details.method == HEALTH_WATCH:
+            return handler._replace(unary_stream=self._watched(handler.unary_stream))
         kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
         return handler._replace(
             **{
@@ -47,6 +55,18 @@ class CallTracker(grpc.aio.ServerInterceptor):
                 if (behaviour := getattr(handler, kind)) is not None
             }
         )
+
+    def _watched(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        """grpc's health servicer writes a Watch's responses with `context.write`."""
+
+        async def watch(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self.open_watches += 1
+            try:
+                return await behaviour(request, context)
+            finally:
+                self.open_watches -= 1
+
+        return watch
 
     @contextlib.contextmanager
     def _tracking(self) -> Iterator[None]:
@@ -117,17 +137,26 @@ async def drain_calls(
     grace_s: float,
 ) -> None:
     """Refuse new calls, give those in flight up to `grace_s` to end, then cancel the rest."""
-    await health_servicer.enter_graceful_shutdown()
+    await health_servicer.enter_graceful_shutdown()  # watchers hear NOT_SERVING
     calls.cancelled_by_clients = calls.cancelled_by_shutdown = 0
-    ended_before, open_at_stop = calls.ended, calls.open
+    ended_before, open_at_stop, watches = calls.ended, calls.open, calls.open_watches
     calls.grace_ends = asyncio.get_running_loop().time() + grace_s
-    await server.stop(grace_s)
+    stopping = asyncio.ensure_future(server.stop(grace_s))
+    # gRPC's stop waits for every call, health watches too, which never end by themselves:
+    # once the calls are done, a second stop without grace ends the watches and the first.
+    while not stopping.done():
+        if calls.open == 0:
+            await server.stop(0)
+            break
+        await asyncio.wait([stopping], timeout=0.02)
+    await stopping
     for _ in range(100):  # cancelled handlers finish on the loop just after stop returns
         if calls.open == 0:
             break
         await asyncio.sleep(0.01)
     log.info(
-        "stopped: of %d call(s) open at shutdown, %s",
+        "stopped: of %d call(s) open at shutdown, %s; %d health watch(es) ended with the server",
         open_at_stop,
         calls.summary(ended_before, grace_s),
+        watches,
     )
