@@ -43,9 +43,11 @@ def markdown_report(
     )
     setting_rows = "\n".join(f"| {k} | `{v}` |" for k, v in settings.items())
     lag = "unknown (broker lost)" if summary["lag"] is None else summary["lag"]
+    lost = broker_lost(summary, produced)
+    warning = f"**BROKER LOST: {lost}**; the figures cover the run until then.\n\n" if lost else ""
     return f"""# Stream benchmark
 
-**Throughput: {summary["fps"]:.1f} frames/s** over {summary["duration_s"]:.1f} s
+{warning}**Throughput: {summary["fps"]:.1f} frames/s** over {summary["duration_s"]:.1f} s
 ({summary["results_published"]} results from {summary["frames_consumed"]} frames consumed;
 {produced["frames_read"]} produced at {produced["fps"]:.1f} fps).
 
@@ -100,7 +102,20 @@ def stream_benchmark(settings: StreamBenchmarkSettings | None = None) -> dict[st
         summary["fps"], summary["e2e_ms"]["p50"], summary["e2e_ms"]["p99"],
         summary["results_published"], summary["dlq"], summary["errors"],
     )  # fmt: skip
+    if lost := broker_lost(summary, produced):
+        raise BrokerLostDuringRunError(
+            f"the broker was lost during the run ({lost}); the report covers the run until then"
+        )
     return {"summary": summary, "producer": produced, "settings": shown}
+
+
+class BrokerLostDuringRunError(RuntimeError):
+    """The producer or a consumer lost the broker for longer than its grace: the run failed."""
+
+
+def broker_lost(summary: dict[str, Any], produced: dict[str, Any]) -> str | None:
+    """Why the producer or the consumers gave up on the broker, if either did."""
+    return produced.get("broker_error") or summary.get("broker_error")
 
 
 def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[str, Any], str]:

@@ -24,11 +24,16 @@ from pathlib import Path
 import grpc
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from common.net import free_port
 from devstack.broker import LocalBroker, start_broker
 from devstack.launcher import REPO_ROOT
+from flows.stream_benchmark import BrokerLostDuringRunError, stream_benchmark
+from flows.stream_settings import StreamBenchmarkSettings
 from protos import inference_pb2, inference_pb2_grpc
+from services.inference.settings import ClientSettings
 from tasks.stream.consumer import HEADER_DLQ_ATTEMPTS, HEADER_DLQ_STATUS, FrameConsumer
 from tasks.stream.frame_codec import HEADER_DLQ_REASON, Frame, encode_frame_headers, frame_key
 from tasks.stream.settings import ConsumerSettings, KafkaSettings
@@ -342,3 +347,41 @@ def test_a_sigkilled_broker_command_takes_tansu_with_it() -> None:
             command.kill()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_the_stream_benchmark_flow_fails_and_reports_it_when_the_broker_dies(
+    prefect_api, own_broker: LocalBroker, onnx_server
+) -> None:
+    kafka = fresh_topics(own_broker).model_copy(update={"broker_grace_s": BROKER_GRACE_S})
+    settings = StreamBenchmarkSettings(
+        duration=60.0, fps="native", client=ClientSettings(target=onnx_server.target), kafka=kafka
+    )
+    outcome: dict[str, Exception] = {}
+
+    def run() -> None:
+        try:
+            stream_benchmark(settings=settings)
+        except Exception as exc:  # what the flow raised, read below
+            outcome["error"] = exc
+
+    running = threading.Thread(target=run)
+    running.start()
+    try:
+        _wait_for(lambda: _published(kafka) >= 30, 90, "30 frames published")
+    finally:
+        own_broker.process.kill()
+        own_broker.process.wait(10)
+        running.join(120)
+    assert not running.is_alive()
+    error = outcome.get("error")
+    assert isinstance(error, BrokerLostDuringRunError), error
+    assert kafka.bootstrap_servers in str(error)
+    with get_client(sync_client=True) as client:
+        [report] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["stream-benchmark-report"])),
+            sort="CREATED_DESC",
+            limit=1,
+        )
+    assert "BROKER LOST" in report.data

@@ -178,12 +178,16 @@ def stream_benchmark_settings(args: argparse.Namespace) -> StreamBenchmarkSettin
 
 def _stream_benchmark(args: argparse.Namespace) -> int:
     with imports_without_gc():
-        from flows.stream_benchmark import stream_benchmark
+        from flows.stream_benchmark import BrokerLostDuringRunError, stream_benchmark
         from tasks.stream.consumer import format_summary
 
     settings = stream_benchmark_settings(args)
-    with foreground_heartbeats():
-        outcome = stream_benchmark(settings=settings)
+    try:
+        with foreground_heartbeats():
+            outcome = stream_benchmark(settings=settings)
+    except BrokerLostDuringRunError as exc:  # the flow run failed; its report is recorded
+        log.error("%s", exc)
+        return 1
     print(outcome["verdict"] if settings.capacity else format_summary(outcome["summary"]))
     if args.summary_json is not None:
         args.summary_json.write_text(json.dumps(outcome, indent=2) + "\n")
