@@ -2,9 +2,10 @@
 
 Pure functions on plain figures, so the verdict logic is tested apart from any broker or service.
 A step holds real time when every stream's results arrive at >= 0.98 of its source fps, the
-end-to-end p99 of classified frames is within the latency budget, and no frame was skipped as
-stale. The sweep doubles the stream count until a step fails (or `max_streams`), then bisects
-between the largest count that held and the smallest that did not.
+end-to-end p99 of classified frames is within the latency budget, no frame was skipped as
+stale, and every frame produced has an outcome (none dead-lettered or left unanswered). The
+sweep doubles the stream count until a step fails (or `max_streams`), then bisects between the
+largest count that held and the smallest that did not.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class StepFigures:
     classified: int = 0
     skipped_stale: int = 0
     frames_produced: int = 0
+    # produced frames with no result or stale record: dead-lettered, failed, or never answered
+    without_outcome: int = 0
     lag_at_end: int | None = 0  # frames behind at the last capture, + never answered
     attempt: int = 1  # a count that failed is tried again (`step_tries`): which try this was
 
@@ -101,6 +104,7 @@ def step_figures(
     records = list(records)
     last_capture = max((r["capture_ts_ns"] for r in records), default=0)
     behind = frames_behind(records, last_capture)
+    outcomes = len({(r["stream_id"], r["frame_index"]) for r in records})
     if records:
         judged_from = min(r["capture_ts_ns"] for r in records) + int(warmup_s * 1e9)
         records = [r for r in records if r["capture_ts_ns"] >= judged_from]
@@ -135,6 +139,7 @@ def step_figures(
         classified=len(e2e),
         skipped_stale=stale,
         frames_produced=frames_produced,
+        without_outcome=max(0, frames_produced - outcomes),
         lag_at_end=None if unanswered is None else behind + unanswered,
     )
 
@@ -151,6 +156,9 @@ def shortfalls(
         reasons.append(f"e2e p99 {step.e2e_p99_ms:.1f} ms > {budget_ms:.0f} ms")
     if step.skipped_stale:
         reasons.append(f"{step.skipped_stale} frames skipped as stale")
+    if step.without_outcome:
+        # The rates come from the results that came, so gaps in a stream would not show there.
+        reasons.append(f"{step.without_outcome} frames without a result (dead-lettered or lost)")
     return reasons
 
 

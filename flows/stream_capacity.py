@@ -122,6 +122,7 @@ def sweep_rows(steps: list[StepFigures], budget_ms: float) -> list[dict[str, Any
                 "e2e_p50_ms": step.e2e_p50_ms,
                 "e2e_p99_ms": step.e2e_p99_ms,
                 "stale_skips": step.skipped_stale,
+                "no_result": step.without_outcome,
                 "lag_at_end": "unknown" if step.lag_at_end is None else step.lag_at_end,
                 "holds": "no" if reasons else "yes",
                 "why_not": "; ".join(reasons),

@@ -91,6 +91,7 @@ def test_step_figures_come_from_the_result_records() -> None:
     assert step.classified == 84 and step.skipped_stale == 1
     assert step.e2e_p99_ms <= 20.0  # the stale record's age is not a classified latency
     assert step.lag_at_end == 4  # all answered by the last capture; + the unanswered
+    assert step.without_outcome == 1  # 86 produced, 85 answered
     late = [*records, record("camera-2", 10, 28.0, 5000.0)]  # 0.36 s, answered at 5.36 s
     assert step_figures(3, 28.0, late, ["camera-2"], 87, 0, 0.0).lag_at_end == 1
     # the first second is warm-up: a slow first frame is not judged, nor counted
@@ -102,6 +103,20 @@ def test_step_figures_come_from_the_result_records() -> None:
         "camera-0": pytest.approx(14.0, rel=0.02)
     }
     assert result_rate([0, 1], [0.0, 0.1]) == 0.0  # too few points to say
+
+
+def test_a_step_whose_frames_went_without_a_result_does_not_hold() -> None:
+    """Every other frame dead-lettered: the results that came keep the source's pace (the rate
+    is the slope of result time against frame index), yet half the frames have no result."""
+    records = [
+        {"stream_id": "camera", "frame_index": i, "capture_ts_ns": int(i / 28 * 1e9),
+         "result_ts_ns": int(i / 28 * 1e9) + 20_000_000, "e2e_ms": 20.0, "skipped": None}
+        for i in range(0, 280, 2)
+    ]  # fmt: skip
+    step = step_figures(1, 28.0, records, ["camera"], 280, 0, 0.0)
+    assert step.stream_fps["camera"] == pytest.approx(28.0, rel=0.01)
+    assert step.without_outcome == 140
+    assert shortfalls(step, 100.0) == ["140 frames without a result (dead-lettered or lost)"]
 
 
 def test_the_lag_series_grows_when_results_fall_behind_captures() -> None:
