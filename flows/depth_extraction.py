@@ -61,6 +61,13 @@ def depth_extraction(
     table.create()
     plan = table.plan(sources)
     cpus = cluster_cpus()
+    if settings.ray_num_cpus is not None and settings.ray_num_cpus != cpus:
+        logger.warning(
+            "ray_num_cpus=%d does not apply: this run's Ray has %d CPUs (a running cluster, or "
+            "a Ray started before the flow read its parameters: set VIDFLOW_DEPTH_RAY_NUM_CPUS "
+            "in the worker's environment, or use `vidflow depth --ray-num-cpus`)",
+            settings.ray_num_cpus, cpus,
+        )  # fmt: skip
     shards = make_shards(plan.todo, shard_count(len(plan.todo), settings, cpus))
     shard_size = max((len(shard.records) for shard in shards), default=0)
     logger.info(

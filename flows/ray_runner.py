@@ -48,6 +48,16 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
                 *upstream_ray_obj_refs, context=kept_context, **kwargs
             )
 
+    def cpus_to_start(self) -> int | None:
+        """CPUs of a private Ray: this runner's, else VIDFLOW_DEPTH_RAY_NUM_CPUS. A deployment
+        run's flow parameters come too late for this (Ray starts before the flow reads them),
+        so there the worker's environment says it."""
+        if self.num_cpus is not None:
+            return self.num_cpus
+        from tasks.depth.settings import DepthSettings
+
+        return DepthSettings().ray_num_cpus
+
     def duplicate(self) -> Self:
         """A runner of the same settings (Prefect starts a copy for each flow run)."""
         return type(self)(num_cpus=self.num_cpus)
@@ -60,7 +70,7 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
 
         # Lance warns on any fork once loaded; Ray forks only to exec its own processes at once.
         warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
-        self.address, self.init_kwargs, hold = run_ray(self.num_cpus)
+        self.address, self.init_kwargs, hold = run_ray(self.cpus_to_start())
         if self.address and not os.environ.get("RAY_ADDRESS"):
             self.logger.info(
                 "Joining the Ray cluster that `ray start` runs on this machine (%s); "

@@ -191,6 +191,22 @@ def test_which_cluster_a_run_joins(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 
 @pytest.mark.slow
+def test_the_flows_own_runner_sizes_a_private_ray_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deployment run uses the runner the flow was built with (no CPU count: Ray starts
+    before the flow reads its parameters): VIDFLOW_DEPTH_RAY_NUM_CPUS sizes its Ray."""
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    monkeypatch.setenv("VIDFLOW_DEPTH_RAY_NUM_CPUS", "1")
+    runner = depth_extraction.task_runner.duplicate()  # what Prefect enters for a flow run
+    assert runner.num_cpus is None
+    with runner:
+        assert ray.cluster_resources().get("CPU") == 1
+
+
+@pytest.mark.slow
 def test_a_stale_current_cluster_file_does_not_keep_a_run_from_its_own_ray(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -107,7 +107,11 @@ class DepthSettings(BaseSettings):
     task_retries: int = Field(2, ge=0, description="Prefect retries of a stage that crashed")
     ray_num_cpus: int | None = Field(
         None,
-        description="CPUs of the private local Ray (default: all); unused on a running cluster",
+        description=(
+            "CPUs of the private local Ray (default: all); unused on a running cluster. A "
+            "deployment run starts Ray before it reads its parameters: set "
+            "VIDFLOW_DEPTH_RAY_NUM_CPUS in the worker's environment there"
+        ),
     )
 
 
