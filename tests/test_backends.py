@@ -14,6 +14,7 @@ import torch
 
 from common.devices import DeviceUnavailableError, choose_device
 from devstack.launcher import REPO_ROOT
+from services.inference.backends import OnnxBackend
 from services.inference.loader import load_served_model
 from services.inference.models import WeightsUnavailableError, load_model
 from services.inference.onnx_export import export_onnx
@@ -187,3 +188,22 @@ def test_cuda_without_a_gpu_falls_back_or_fails_when_strict(model_cache: Path, c
         load_served_model(
             InferenceSettings(device="cuda", strict_device=True, cache_dir=model_cache)
         )
+
+
+def test_an_onnx_cuda_provider_that_cannot_start_falls_back_to_the_cpu_or_fails_when_strict(
+    model_cache: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where ONNX Runtime lists its CUDA provider but cannot start it, a session quietly runs on
+    the CPU. This build has no CUDA provider at all, so asking for it shows the same; only the
+    listing is made up (a broken GPU install cannot be had here)."""
+    onnx_file = export_onnx(load_model("efficientnet_lite0"), model_cache)
+    on_cpu = load_served_model(InferenceSettings(backend="onnx", onnx_model=onnx_file))
+    with pytest.raises(DeviceUnavailableError, match="could not start its CUDA provider"):
+        OnnxBackend(onnx_file, device="cuda")
+    monkeypatch.setattr("services.inference.loader.cuda_available", lambda backend: True)
+    settings = {"backend": "onnx", "device": "cuda", "onnx_model": onnx_file}
+    fallen_back = load_served_model(InferenceSettings(**settings))
+    assert fallen_back.backend.device == "cpu" and "falling back to CPU" in caplog.text
+    assert fallen_back.workers == on_cpu.workers  # sized for the CPU, not for a GPU
+    with pytest.raises(DeviceUnavailableError):
+        load_served_model(InferenceSettings(**settings, strict_device=True))

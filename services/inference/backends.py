@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from common.devices import DeviceUnavailableError
+
 if TYPE_CHECKING:
     import torch
 
@@ -154,6 +156,12 @@ class OnnxBackend:
         self._last_overlap = -LONE_CALL_QUIET_S  # when a call last started beside another
         self._calls_lock = threading.Lock()
         first = self._sessions[0]
+        if self.device == "cuda" and "CUDAExecutionProvider" not in first.get_providers():
+            # ONNX Runtime falls back to the CPU by itself, saying so only in its own log.
+            raise DeviceUnavailableError(
+                "ONNX Runtime could not start its CUDA provider (no usable GPU, or CUDA and "
+                "cuDNN not as it was built for); the model would run on the CPU"
+            )
         self._input_name = first.get_inputs()[0].name
         self.metadata: dict[str, str] = dict(first.get_modelmeta().custom_metadata_map)
 

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.devices import choose_device
+from common.devices import DeviceUnavailableError, choose_device
 from services.inference.backends import (
     Backend,
     OnnxBackend,
@@ -39,22 +39,31 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
     device = choose_device(
         settings.device, lambda: cuda_available(settings.backend), strict=settings.strict_device
     )
-    workers = settings.inference_workers or default_workers(settings.backend, device)
-    threads = threads_per_call(workers, settings.inference_threads)
-    # A lone call may use every core unless the threads per call were set by hand.
-    lone_call_threads = 0 if settings.inference_threads else threads_per_call(1, 0)
-    log.info("%d concurrent model call(s) with %d thread(s) each", workers, threads)
-    if settings.backend == "onnx" and settings.onnx_model is not None:
-        return _from_onnx_file(settings.onnx_model, device, workers, threads, lone_call_threads)
+    if settings.backend != "onnx":
+        return _torch_model(settings, device)
+    onnx_path = settings.onnx_model or _exported(settings)
+    try:
+        return _from_onnx_file(onnx_path, device, settings)
+    except DeviceUnavailableError as exc:  # its CUDA provider is installed but cannot start
+        if device != "cuda" or settings.strict_device:
+            raise
+        log.warning("device: %s; falling back to CPU", exc)
+        return _from_onnx_file(onnx_path, "cpu", settings)
 
+
+def _exported(settings: InferenceSettings) -> Path:
+    """The registry model's ONNX export (made once per weights into the cache)."""
+    from services.inference.models import load_model
+    from services.inference.onnx_export import export_onnx
+
+    return export_onnx(load_model(settings.model, settings.weights), settings.cache_dir)
+
+
+def _torch_model(settings: InferenceSettings, device: str) -> ServedModel:
     from services.inference.models import load_model, with_softmax
 
     loaded = load_model(settings.model, settings.weights)
-    if settings.backend == "onnx":
-        from services.inference.onnx_export import export_onnx
-
-        onnx_path = export_onnx(loaded, settings.cache_dir)
-        return _from_onnx_file(onnx_path, device, workers, threads, lone_call_threads)
+    workers, threads, _ = _concurrency(settings, device)
     backend = TorchBackend(
         with_softmax(loaded.network),
         loaded.preprocess.input_shape,
@@ -65,6 +74,16 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
     return ServedModel(
         loaded.name, loaded.class_names, loaded.preprocess, loaded.weights_sha256, backend, workers
     )
+
+
+def _concurrency(settings: InferenceSettings, device: str) -> tuple[int, int, int]:
+    """Model calls at once, threads per call and threads of a lone call on `device`."""
+    workers = settings.inference_workers or default_workers(settings.backend, device)
+    threads = threads_per_call(workers, settings.inference_threads)
+    # A lone call may use every core unless the threads per call were set by hand.
+    lone_call_threads = 0 if settings.inference_threads else threads_per_call(1, 0)
+    log.info("%d concurrent model call(s) with %d thread(s) each", workers, threads)
+    return workers, threads, lone_call_threads
 
 
 def default_workers(backend: str, device: str) -> int:
@@ -82,13 +101,12 @@ def default_workers(backend: str, device: str) -> int:
     return (os.cpu_count() or 1) + 1 if device == "cpu" else 2
 
 
-def _from_onnx_file(
-    path: Path, device: str, workers: int, threads: int, lone_call_threads: int
-) -> ServedModel:
+def _from_onnx_file(path: Path, device: str, settings: InferenceSettings) -> ServedModel:
     from services.inference.onnx_export import ExportedModelInfo
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"ONNX model not found: {path}")
+    workers, threads, lone_call_threads = _concurrency(settings, device)
     backend = OnnxBackend(
         Path(path),
         device=device,
