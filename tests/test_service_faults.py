@@ -363,3 +363,25 @@ def test_a_stream_that_ends_early_leaves_no_started_item_running() -> None:
     asyncio.run(scenario())
     assert finished == [0]
     assert started == [0, 1, 2, 3, 4]  # the answered one, then a window of 4
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_model_is_exported_ends_the_server_without_waiting_for_it(
+    tmp_path: Path,
+) -> None:
+    """A first start exports the model (torch, then ONNX: seconds to minutes) after the gRPC
+    port is up; a stop meanwhile has nothing to drain and must not wait for the export."""
+    cache = tmp_path / "cache"
+    server = start_server(tmp_path, cache, "--backend", "onnx")
+    with grpc.insecure_channel(server.target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
+        with pytest.raises(grpc.RpcError) as loading:
+            inference_pb2_grpc.ClassifierStub(channel).GetModelInfo(
+                inference_pb2.ModelInfoRequest(), timeout=10
+            )
+    assert loading.value.code() == grpc.StatusCode.UNAVAILABLE  # still loading
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(60) == 0, server.log()
+    exported = [p for p in cache.rglob("*.onnx") if not p.name.startswith(".")]
+    assert exported == [], server.log()  # it ended before the export did
+    assert "shutting down" in server.log()

@@ -37,6 +37,9 @@ def _serve(args: argparse.Namespace) -> int:
     from services.inference.server import serve
 
     asyncio.run(serve(settings_from_args(InferenceSettings, args)))
+    # A stop while the model loads leaves its thread running (an export, a download): the
+    # process ends without tearing the interpreter down under it.
+    quick_exit.finish(0)
     return 0
 
 

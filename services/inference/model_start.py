@@ -6,8 +6,12 @@ All of it runs off the event loop, so health checks and readiness probes answer 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -17,21 +21,47 @@ from services.inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 
+ResultT = TypeVar("ResultT")
+
+
+async def off_the_loop(work: Callable[[], ResultT]) -> ResultT:
+    """`work()` on a daemon thread of its own, awaited.
+
+    Not on asyncio's default executor: `asyncio.run` waits for that executor's threads before
+    it returns, so a SIGTERM during a first start's ONNX export or a weights download (minutes)
+    would wait for it; nothing is served yet, so a stop need not.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[ResultT] = loop.create_future()
+
+    def settle(setter: Callable[[Any], None], value: Any) -> None:
+        if not done.done():  # else cancelled: the server stopped meanwhile
+            setter(value)
+
+    def run() -> None:
+        try:
+            outcome = (done.set_result, work())
+        except BaseException as exc:  # handed to the awaiting coroutine
+            outcome = (done.set_exception, exc)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="model-load", daemon=True).start()
+    return await done
+
 
 async def load_warm_model(settings: InferenceSettings) -> tuple[ServedModel, int]:
     """The loaded, warmed-up model and the largest batch worth making with it.
 
     The batch size is 1 when --batching finds that batches do not pay on this device.
     """
-    loop = asyncio.get_running_loop()
-    model = await loop.run_in_executor(None, load_served_model, settings)
+    model = await off_the_loop(functools.partial(load_served_model, settings))
     shape = model.preprocess.input_shape
     # First calls allocate; keep them out of requests' time.
     sizes = sorted({1, settings.max_batch_size})
     zeros = {size: np.zeros((size, *shape), np.float32) for size in sizes}
-    await loop.run_in_executor(None, model.backend.warm_up, list(zeros.values()))
-    choice = await loop.run_in_executor(
-        None,
+    await off_the_loop(functools.partial(model.backend.warm_up, list(zeros.values())))
+    choice = await off_the_loop(
         functools.partial(
             choose_batch_size,
             settings.batching,
@@ -39,7 +69,7 @@ async def load_warm_model(settings: InferenceSettings) -> tuple[ServedModel, int
             lambda size: model.backend.run(zeros[size]),
             callers=model.workers,
             min_speedup=settings.batching_min_speedup,
-        ),
+        )
     )
     log.info("%s", choice.reason)
     return model, choice.max_batch_size
