@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.cpus import usable_cpus
 from common.devices import DeviceUnavailableError, choose_device
 from devstack.launcher import REPO_ROOT
 from services.inference.backends import OnnxBackend
@@ -39,7 +39,7 @@ def test_three_backends_agree_on_real_photos(photos, model_cache: Path) -> None:
         )
         assert model.backend.name == backend
         # The automatic choice: on a CPU one single-threaded ONNX Runtime call per core plus one.
-        assert model.workers == ((os.cpu_count() or 1) + 1 if backend == "onnx" else 1)
+        assert model.workers == (usable_cpus() + 1 if backend == "onnx" else 1)
         batch = _batch([photos[n] for n in names], model.preprocess)
         outputs[backend] = model.backend.run(batch)
         if backend == "onnx":  # calls at once share the sessions out and agree with a lone call

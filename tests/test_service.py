@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.cpus import usable_cpus
 from common.settings import SAMPLE_VIDEOS_DIR
 from devstack.launcher import REPO_ROOT, start_server
 from protos import inference_pb2, inference_pb2_grpc
@@ -239,7 +239,7 @@ def test_batching_off_dispatches_each_request_alone(tmp_path: Path, model_cache,
     assert {r.timings.batch_size for r in replies} == {1}
     assert info.max_batch_size == 1
     # default_workers: ONNX Runtime runs one call per core plus one on a CPU, two on a GPU
-    assert info.model_workers == ((os.cpu_count() or 1) + 1 if info.device == "cpu" else 2)
+    assert info.model_workers == (usable_cpus() + 1 if info.device == "cpu" else 2)
     assert "--batching off" in server.log()
 
 

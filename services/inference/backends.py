@@ -6,7 +6,6 @@ wrapped with a softmax before they reach a backend, so every backend returns com
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from common.cpus import usable_cpus
 from common.devices import DeviceUnavailableError
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def threads_per_call(workers: int, threads: int) -> int:
     a call's threads wait for each other at every operator, so whenever decoding or gRPC takes
     one core the other idles too; a single-threaded call just runs a little later.
     """
-    return threads or max(1, (os.cpu_count() or 1) // workers)
+    return threads or max(1, usable_cpus() // workers)
 
 
 class TorchBackend:

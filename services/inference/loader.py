@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.cpus import usable_cpus
 from common.devices import DeviceUnavailableError, choose_device
 from services.inference.backends import (
     Backend,
@@ -98,7 +98,7 @@ def default_workers(backend: str, device: str) -> int:
     """
     if backend != "onnx":
         return 1
-    return (os.cpu_count() or 1) + 1 if device == "cpu" else 2
+    return usable_cpus() + 1 if device == "cpu" else 2
 
 
 def _from_onnx_file(path: Path, device: str, settings: InferenceSettings) -> ServedModel:
