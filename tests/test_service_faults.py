@@ -375,11 +375,22 @@ def test_sigterm_while_the_model_is_exported_ends_the_server_without_waiting_for
     server = start_server(tmp_path, cache, "--backend", "onnx")
     with grpc.insecure_channel(server.target) as channel:
         grpc.channel_ready_future(channel).result(timeout=60)
+        stub = inference_pb2_grpc.ClassifierStub(channel)
         with pytest.raises(grpc.RpcError) as loading:
-            inference_pb2_grpc.ClassifierStub(channel).GetModelInfo(
-                inference_pb2.ModelInfoRequest(), timeout=10
-            )
+            stub.GetModelInfo(inference_pb2.ModelInfoRequest(), timeout=10)
+        # Both kinds of call are refused while it loads, and counted alike.
+        request = inference_pb2.ClassifyRequest(image=solid_png(8, 8))
+        for call in (stub.Classify, lambda one: list(stub.ClassifyStream(iter([one])))):
+            with pytest.raises(grpc.RpcError) as refused:
+                call(request)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert loading.value.code() == grpc.StatusCode.UNAVAILABLE  # still loading
+    metrics = _http_get(f"{server.http_url}/metrics")[1]
+    for method in ("Classify", "ClassifyStream"):
+        refusals = _metric(
+            metrics, "vidflow_inference_requests_total", method=method, code="UNAVAILABLE"
+        )
+        assert refusals == 1, method
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(60) == 0, server.log()
     exported = [p for p in cache.rglob("*.onnx") if not p.name.startswith(".")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -196,3 +197,23 @@ def test_an_onnx_model_with_settings_it_would_ignore_is_refused(
     onnx_file.write_bytes(b"not read: refused before")
     serve = _cli("serve", "--onnx-model", str(onnx_file), *extra, "--port", "0")
     assert serve.returncode == 2 and reason in serve.stderr, serve.stderr
+
+
+def test_a_model_that_cannot_load_or_a_port_in_use_ends_serve_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    corrupt = tmp_path / "model.onnx"
+    corrupt.write_bytes(b"not an ONNX file")
+    serve = _cli("serve", "--onnx-model", str(corrupt), "--port", "0", "--http-port", "0")
+    assert serve.returncode == 2, serve.stderr
+    assert "the model could not be loaded: InvalidProtobuf" in serve.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve = _cli("serve", "--port", "0", "--http-port", str(port))
+    assert serve.returncode == 2, serve.stderr
+    assert f"could not serve HTTP on 127.0.0.1:{port}" in serve.stderr
+    assert "address already in use" in serve.stderr
+    for run in ("Traceback", "Exception ignored"):
+        assert run not in serve.stderr, serve.stderr

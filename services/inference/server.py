@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class ServerStartError(RuntimeError):
+    """The server could not start: a port in use, a model that cannot load. The message says
+    which; the CLI prints it and exits 2."""
+
+
 def _server_credentials(settings: InferenceSettings) -> grpc.ServerCredentials | None:
     """TLS credentials from --tls-cert/--tls-key (PEM), or None to serve plaintext."""
     if settings.tls_cert is None or settings.tls_key is None:
@@ -64,7 +69,7 @@ def _grpc_server(
     else:
         bound = server.add_secure_port(address, credentials)
     if bound == 0:
-        raise OSError(f"could not bind the gRPC port {address}")
+        raise ServerStartError(f"could not bind the gRPC port {address} (in use?)")
     return server, health_servicer
 
 
@@ -83,7 +88,13 @@ async def _loaded_before_stop(service: InferenceService, stop: asyncio.Event) ->
     if not load.done():
         load.cancel()
         return False
-    load.result()  # a model that cannot load ends the server with its reason
+    try:
+        load.result()
+    except Exception as exc:  # a model that cannot load ends the server with its reason
+        log.debug("loading the model failed", exc_info=True)
+        raise ServerStartError(
+            f"the model could not be loaded: {type(exc).__name__}: {exc}"
+        ) from exc
     return True
 
 
@@ -96,7 +107,13 @@ async def serve(settings: InferenceSettings) -> None:
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     is_ready = asyncio.Event()
-    runner = await start_http(metrics.registry, is_ready, settings.host, settings.http_port)
+    try:
+        runner = await start_http(metrics.registry, is_ready, settings.host, settings.http_port)
+    except OSError as exc:
+        await server.stop(0)
+        raise ServerStartError(
+            f"could not serve HTTP on {settings.host}:{settings.http_port}: {exc.strerror or exc}"
+        ) from None
     log.info(
         "gRPC on %s:%d (%s, reflection %s), HTTP on %s:%d; loading model",
         settings.host,

@@ -173,7 +173,8 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         request_iterator: AsyncIterator[inference_pb2.ClassifyRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ClassifyResponse]:
-        if self.model is None:
+        if self.model is None:  # counted as a unary Classify refused now is
+            self.metrics.requests.labels("ClassifyStream", "UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         responses = answer_in_order(
             request_iterator, lambda request: self._start_stream_item(request, context)
