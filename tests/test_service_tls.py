@@ -19,9 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from common.net import free_port, host_port
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from protos import inference_pb2, inference_pb2_grpc
-from services.inference.client import client_channel, health_status
+from services.inference.client import client_channel, health_status, wait_until_serving
 from services.inference.settings import ClientSettings
 from tasks.stream.producer import produce_frames
 from tasks.stream.settings import KafkaSettings, ProducerSettings
@@ -217,3 +218,20 @@ def test_a_model_that_cannot_load_or_a_port_in_use_ends_serve_with_the_reason(
     assert "address already in use" in serve.stderr
     for run in ("Traceback", "Exception ignored"):
         assert run not in serve.stderr, serve.stderr
+
+
+def test_serve_binds_an_ipv6_loopback_address(tmp_path: Path, model_cache: Path) -> None:
+    assert host_port("::1", 50051) == "[::1]:50051"
+    assert host_port("127.0.0.1", 50051) == "127.0.0.1:50051"
+    port, http_port = free_port(), free_port()
+    args = ["serve", "--host", "::1", "--port", str(port), "--http-port", str(http_port)]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vidflow.cli", *args, "--cache-dir", str(model_cache)],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until_serving(f"[::1]:{port}", 120)
+        assert _http_get(f"http://[::1]:{http_port}/readyz")[0] == 200
+    finally:
+        server.terminate()
+        assert server.wait(60) == 0

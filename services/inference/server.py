@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.net import host_port
 from services.inference.http_endpoint import start_http
 from services.inference.metrics import ServiceMetrics
 from services.inference.servicer import SERVICE_NAME, InferenceService, add_classifier
@@ -62,7 +63,7 @@ def _grpc_server(
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    address = f"{settings.host}:{settings.port}"
+    address = host_port(settings.host, settings.port)
     credentials = _server_credentials(settings)
     if credentials is None:
         bound = server.add_insecure_port(address)
@@ -112,16 +113,15 @@ async def serve(settings: InferenceSettings) -> None:
     except OSError as exc:
         await server.stop(0)
         raise ServerStartError(
-            f"could not serve HTTP on {settings.host}:{settings.http_port}: {exc.strerror or exc}"
+            f"could not serve HTTP on {host_port(settings.host, settings.http_port)}: "
+            f"{exc.strerror or exc}"
         ) from None
     log.info(
-        "gRPC on %s:%d (%s, reflection %s), HTTP on %s:%d; loading model",
-        settings.host,
-        settings.port,
+        "gRPC on %s (%s, reflection %s), HTTP on %s; loading model",
+        host_port(settings.host, settings.port),
         "TLS" if settings.tls_cert is not None and settings.tls_key is not None else "plaintext",
         "on" if settings.reflection else "off",
-        settings.host,
-        settings.http_port,
+        host_port(settings.host, settings.http_port),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
