@@ -180,6 +180,29 @@ def test_the_depth_task_redoes_the_videos_of_an_early_call_that_failed(
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("local_ray")
+def test_a_depth_actor_lost_for_good_fails_only_the_videos_whose_maps_had_not_come(
+    tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    import ray
+
+    settings = DepthSettings(depth_model=str(tiny_depth_model), device="cpu", depth_batch_size=1)
+    videos, maps = tmp_path / "videos", tmp_path / "depth"
+    actors = start_depth_actors(settings)
+    transcoded = transcode_task.fn(_downloaded_shard(2), videos, maps, settings, actors)
+    assert transcoded.pending_depth is not None
+    first_call, _ = transcoded.pending_depth.calls  # one call a video at batch 1
+    ray.get(first_call)
+    ray.kill(actors[0], no_restart=True)  # the second video's map must now come from a dead actor
+    shard = Shard(0, 1, transcoded.records, PendingDepth([first_call]))
+    mapped = depth_task.fn(shard, maps, settings, actors)  # outside Prefect: no retry left
+    first, second = mapped.records
+    assert first.status == "ok" and Path(first.depth_path).is_file()  # kept, not redone
+    assert second.failed and second.failed_stage == "depth"
+    assert "depth crashed" in second.error
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
 def test_a_depth_step_that_reserves_cpus_runs_the_model_in_its_own_task(
     tiny_depth_model: Path, tmp_path: Path
 ) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,8 @@ from tasks.depth.settings import DepthSettings, shards_in_flight
 from tasks.depth.transcode import transcode_many
 from tasks.depth.video_record import Stage, VideoRecord
 from tasks.depth.video_table import write_rows
+
+log = logging.getLogger(__name__)
 
 MAX_AUTO_SHARD_SIZE = 32
 SHARDS_PER_CPU = 2  # auto shard size: enough shards to keep every CPU busy to the end
@@ -140,18 +143,25 @@ def _run_stage(
     try:
         done = iter(work(going)) if going else iter(())
     except Exception as exc:
-        context = TaskRunContext.get()
-        if context is not None and context.task_run.run_count <= context.task.retries:
+        if not _last_attempt():
             raise
         shard = shard.fail_remaining(stage, f"{stage} crashed: {type(exc).__name__}: {exc}")
         done = iter(())
     records = [record if record.failed else next(done) for record in shard.records]
     failed = [record for record in records if record.failed and record.failed_stage == stage]
     if failed:
-        logger = get_run_logger()
+        # The task run's log in the Prefect UI; a stage called outside a task run (tests, a
+        # library user) logs to this module's logger instead.
+        logger = get_run_logger() if TaskRunContext.get() is not None else log
         for record in failed:
             logger.warning("%s failed at %s: %s", record.video_id, stage, record.error)
     return shard.with_records(records)
+
+
+def _last_attempt() -> bool:
+    """Whether this task run has no Prefect retry left (or runs outside Prefect)."""
+    context = TaskRunContext.get()
+    return context is None or context.task_run.run_count > context.task.retries
 
 
 def _node_id() -> str | None:
@@ -195,7 +205,14 @@ def depth_task(shard: Shard, maps_dir: Path, settings: DepthSettings, actors: li
         rest = [record for record in going if record.video_id not in early]
         if rest:
             call = shard_actor(shard, actors).depth_maps.remote(rest, maps_dir, settings)
-            early.update((record.video_id, record) for record in ray.get(call))
+            try:
+                early.update((record.video_id, record) for record in ray.get(call))
+            except Exception as exc:
+                if not _last_attempt():
+                    raise  # Prefect retries the task: the early maps are found again
+                # No retry left: the videos whose maps came early keep them.
+                reason = f"depth crashed: {type(exc).__name__}: {exc}"
+                early.update((record.video_id, record.fail("depth", reason)) for record in rest)
         return [early[record.video_id] for record in going]
 
     return replace(_run_stage("depth", shard, work), pending_depth=None)
