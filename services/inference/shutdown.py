@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health
+from grpc_health.v1 import health, health_pb2
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,24 @@ log = logging.getLogger(__name__)
 # A health Watch streams until its client leaves: it is no work to drain, and shutdown must not
 # wait for it (clients that check health on the client side keep one on every connection).
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+# How long a Watch ending at shutdown may take to send its NOT_SERVING first.
+WATCH_LAST_WORD_S = 1.0
+
+
+class _StatusSent:
+    """A Watch's context that notes when NOT_SERVING has gone out (the rest passes through)."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self.not_serving = asyncio.Event()
+
+    async def write(self, response: health_pb2.HealthCheckResponse) -> None:
+        await self._context.write(response)
+        if response.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            self.not_serving.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
 
 
 class CallTracker(grpc.aio.ServerInterceptor):
@@ -36,6 +54,7 @@ class CallTracker(grpc.aio.ServerInterceptor):
         self.cancelled_by_clients = 0
         self.cancelled_by_shutdown = 0
         self.grace_ends: float | None = None  # loop time; set when shutdown begins
+        self._watches_end = asyncio.Event()
 
     async def intercept_service(
         self,
@@ -56,15 +75,31 @@ class CallTracker(grpc.aio.ServerInterceptor):
             }
         )
 
-    def _watched(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
-        """grpc's health servicer writes a Watch's responses with `context.write`."""
+    def end_watches(self) -> None:
+        """End every health Watch (now and to come) once it has sent NOT_SERVING."""
+        self._watches_end.set()
 
-        async def watch(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def _watched(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        """A Watch that ends (status OK) at shutdown, once its client has heard NOT_SERVING.
+
+        gRPC's stop(grace) waits for every call, and grpc's health servicer loops in a Watch
+        until its client leaves: one watcher made every stop wait out the whole grace."""
+
+        async def watch(request: Any, context: grpc.aio.ServicerContext) -> None:
             self.open_watches += 1
+            sent = _StatusSent(context)
+            serving = asyncio.ensure_future(behaviour(request, sent))
+            ending = asyncio.ensure_future(self._watches_end.wait())
             try:
-                return await behaviour(request, context)
+                await asyncio.wait([serving, ending], return_when=asyncio.FIRST_COMPLETED)
+                if serving.done():
+                    return serving.result()
+                with contextlib.suppress(TimeoutError):  # a service never set: nothing to say
+                    await asyncio.wait_for(sent.not_serving.wait(), WATCH_LAST_WORD_S)
             finally:
                 self.open_watches -= 1
+                for task in (serving, ending):
+                    task.cancel()
 
         return watch
 
@@ -138,18 +173,11 @@ async def drain_calls(
 ) -> None:
     """Refuse new calls, give those in flight up to `grace_s` to end, then cancel the rest."""
     await health_servicer.enter_graceful_shutdown()  # watchers hear NOT_SERVING
+    calls.end_watches()
     calls.cancelled_by_clients = calls.cancelled_by_shutdown = 0
     ended_before, open_at_stop, watches = calls.ended, calls.open, calls.open_watches
     calls.grace_ends = asyncio.get_running_loop().time() + grace_s
-    stopping = asyncio.ensure_future(server.stop(grace_s))
-    # gRPC's stop waits for every call, health watches too, which never end by themselves:
-    # once the calls are done, a second stop without grace ends the watches and the first.
-    while not stopping.done():
-        if calls.open == 0:
-            await server.stop(0)
-            break
-        await asyncio.wait([stopping], timeout=0.02)
-    await stopping
+    await server.stop(grace_s)
     for _ in range(100):  # cancelled handlers finish on the loop just after stop returns
         if calls.open == 0:
             break
