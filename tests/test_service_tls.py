@@ -23,7 +23,7 @@ from common.net import free_port, host_port
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import client_channel, health_status, wait_until_serving
-from services.inference.settings import ClientSettings
+from services.inference.settings import ClientSettings, InferenceSettings
 from tasks.stream.producer import produce_frames
 from tasks.stream.settings import KafkaSettings, ProducerSettings
 from tests.conftest import EXPECTED_CLASSES, VIDEOS
@@ -186,7 +186,7 @@ def test_tls_cert_without_key_is_refused_with_a_reason(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "reason"),
     [
-        (["--backend", "eager"], "--onnx-model is served by the onnx backend, not eager"),
+        (["--backend", "eager"], "is served by the onnx backend, not eager"),
         (["--model", "resnet18"], "--model and --weights do not apply"),
     ],
     ids=["other-backend", "with-model"],
@@ -198,6 +198,15 @@ def test_an_onnx_model_with_settings_it_would_ignore_is_refused(
     onnx_file.write_bytes(b"not read: refused before")
     serve = _cli("serve", "--onnx-model", str(onnx_file), *extra, "--port", "0")
     assert serve.returncode == 2 and reason in serve.stderr, serve.stderr
+    assert "VIDFLOW_INFERENCE_ONNX_MODEL" in serve.stderr  # how the serving image sets it
+
+
+def test_an_empty_onnx_model_variable_unsets_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VIDFLOW_INFERENCE_ONNX_MODEL", "")
+    assert InferenceSettings(backend="eager").onnx_model is None
+    monkeypatch.setenv("VIDFLOW_INFERENCE_ONNX_MODEL", "/opt/model/m.onnx")
+    with pytest.raises(ValueError, match="VIDFLOW_INFERENCE_ONNX_MODEL"):
+        InferenceSettings(model="resnet18")
 
 
 def test_a_model_that_cannot_load_or_a_port_in_use_ends_serve_with_the_reason(
@@ -218,6 +227,13 @@ def test_a_model_that_cannot_load_or_a_port_in_use_ends_serve_with_the_reason(
     assert "address already in use" in serve.stderr
     for run in ("Traceback", "Exception ignored"):
         assert run not in serve.stderr, serve.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        serve = _cli("serve", "--port", str(port), "--http-port", "0")
+    assert serve.returncode == 2, serve.stderr
+    assert f"could not bind the gRPC port 127.0.0.1:{port}" in serve.stderr
 
 
 def test_serve_binds_an_ipv6_loopback_address(tmp_path: Path, model_cache: Path) -> None:

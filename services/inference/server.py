@@ -65,10 +65,13 @@ def _grpc_server(
         )
     address = host_port(settings.host, settings.port)
     credentials = _server_credentials(settings)
-    if credentials is None:
-        bound = server.add_insecure_port(address)
-    else:
-        bound = server.add_secure_port(address, credentials)
+    try:  # grpcio raises RuntimeError where older versions returned 0
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        bound = 0
     if bound == 0:
         raise ServerStartError(f"could not bind the gRPC port {address} (in use?)")
     return server, health_servicer

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import DEFAULT_CACHE_DIR
@@ -100,19 +100,28 @@ class InferenceSettings(BaseSettings):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         return self
 
+    @field_validator("onnx_model", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        """VIDFLOW_INFERENCE_ONNX_MODEL= (empty) unsets the serving image's file."""
+        return None if value == "" else value
+
     @model_validator(mode="after")
     def _onnx_model_alone(self) -> InferenceSettings:
         """A ready ONNX file is the whole model: refuse what would be silently ignored."""
         if self.onnx_model is None:
             return self
+        # Named both ways: the serving image sets the variable, not the flag.
+        given = "--onnx-model (or VIDFLOW_INFERENCE_ONNX_MODEL)"
         if self.backend != "onnx":
             raise ValueError(
-                f"--onnx-model is served by the onnx backend, not {self.backend}: "
-                "drop --onnx-model or use --backend onnx"
+                f"{given} is served by the onnx backend, not {self.backend}: "
+                "unset it or use --backend onnx"
             )
         if self.weights is not None or "model" in self.model_fields_set:
             raise ValueError(
-                "--onnx-model names its model itself: --model and --weights do not apply to it"
+                f"{given} names its model itself: --model and --weights do not apply to it "
+                "(unset it to serve a registry model)"
             )
         return self
 
