@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,3 +27,30 @@ def atomic_output(final: Path) -> Iterator[Path]:
         os.replace(partial, final)
     finally:
         partial.unlink(missing_ok=True)
+
+
+# A partial file this old is an orphan: no export, download, transcode or depth map takes an
+# hour, and a process killed with SIGKILL (or ended without teardown) never removes its own.
+STALE_PARTIAL_S = 3600.0
+
+
+def remove_stale_partials(
+    folder: Path, final_name: str | None = None, older_than_s: float = STALE_PARTIAL_S
+) -> int:
+    """Remove the partial files (`partial_path`) in `folder` older than `older_than_s`: all of
+    them, or those of `final_name`. Returns how many went. One directory scan: call it once per
+    folder and run, not once per file."""
+    prefix = f".{final_name}." if final_name else "."
+    cutoff = time.time() - older_than_s
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.name.startswith(prefix) and ".part" in entry.name and entry.is_file():
+            with contextlib.suppress(FileNotFoundError):  # another process took it first
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed

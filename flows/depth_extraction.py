@@ -21,11 +21,13 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
+from common.files import remove_stale_partials
 from flows.depth_report import RunReport
 from flows.ray_runner import cluster_cpus, ray_task_runner
 from tasks.depth.depth_maps import check_depth_backend, check_depth_model, check_frames_spec
 from tasks.depth.settings import DepthSettings
 from tasks.depth.shard_tasks import (
+    OUTPUT_FOLDERS,
     Shard,
     WrittenShard,
     make_shards,
@@ -59,6 +61,10 @@ def depth_extraction(
     sources = load_sources(urls, kinetics_csv, url_template, split, limit)
     table = VideoTable(settings.output)
     table.create()
+    # Partial files of runs killed with SIGKILL, which nothing else removes (an hour old).
+    orphans = sum(remove_stale_partials(settings.output / name) for name in OUTPUT_FOLDERS)
+    if orphans:
+        logger.info("removed %d partial files left by earlier runs", orphans)
     plan = table.plan(sources)
     cpus = cluster_cpus()
     if settings.ray_num_cpus is not None and settings.ray_num_cpus != cpus:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 
 from common.cpus import usable_cpus
 from common.devices import DeviceUnavailableError, choose_device
+from common.files import STALE_PARTIAL_S, partial_path
 from devstack.launcher import REPO_ROOT
 from services.inference.backends import OnnxBackend
 from services.inference.loader import load_served_model
@@ -166,6 +169,18 @@ def test_calls_one_at_a_time_stay_on_the_session_that_ran_last(model_cache: Path
     with ThreadPoolExecutor(3) as callers:  # calls at once still spread over the sessions
         list(callers.map(lambda _: backend.run(np.zeros((8, *shape), np.float32)), range(9)))
     assert len(set(used[6:])) > 1
+
+
+def test_an_export_sweeps_what_an_interrupted_one_left(model_cache: Path) -> None:
+    """A server stopped during its first export ends without removing the partial file."""
+    model = load_model("efficientnet_lite0")
+    target = export_onnx(model, model_cache)
+    orphan = partial_path(target)
+    orphan.write_bytes(b"half an export")
+    then = time.time() - STALE_PARTIAL_S - 60
+    os.utime(orphan, (then, then))
+    assert export_onnx(model, model_cache) == target  # the cached one, and the orphan gone
+    assert not orphan.exists()
 
 
 def test_device_resolution() -> None:

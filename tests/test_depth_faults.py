@@ -18,6 +18,7 @@ from pathlib import Path
 import lance
 import pytest
 
+from common.files import STALE_PARTIAL_S, partial_path
 from flows.depth_extraction import depth_extraction
 from flows.ray_runner import ray_task_runner
 from flows.ray_start import RAY_CLUSTER_ENV
@@ -278,7 +279,12 @@ def test_a_rerun_of_a_reordered_list_finds_each_url_its_own_row(
 
         server.routes["y/clip.mp4"] = Serve(OTHER_CLIP)
         listing.write_text(f"{second}\n{first}\n")
+        # What a run killed with SIGKILL an hour ago left half written: the next run sweeps it.
+        orphan = partial_path(settings.output / "raw" / "gone.mp4")
+        orphan.write_bytes(b"half a video")
+        os.utime(orphan, (time.time() - STALE_PARTIAL_S - 60,) * 2)
         two = flow(urls=str(listing), settings=settings)
+        assert not orphan.exists()
         after = lance.dataset(settings.output / "videos.lance").to_table().to_pylist()
         requests = dict(server.requests)
 

@@ -13,7 +13,7 @@ import logging
 import warnings
 from pathlib import Path
 
-from common.files import atomic_output
+from common.files import atomic_output, remove_stale_partials
 from services.inference.models import LoadedModel, with_softmax
 from services.inference.preprocess import PreprocessSpec
 
@@ -76,6 +76,8 @@ def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:
     import torch
 
     target = cached_onnx_path(model, cache_dir)
+    # What an export stopped by SIGTERM left (the server ends without waiting for it).
+    remove_stale_partials(target.parent, target.name)
     if target.is_file():
         log.info("using cached ONNX export %s", target)
         return target

@@ -54,6 +54,8 @@ from tasks.depth.video_table import write_rows
 
 log = logging.getLogger(__name__)
 
+# Under the output folder: downloads, 360p transcodes, depth maps (the Lance table beside them).
+OUTPUT_FOLDERS = ("raw", "videos", "depth")
 MAX_AUTO_SHARD_SIZE = 32
 SHARDS_PER_CPU = 2  # auto shard size: enough shards to keep every CPU busy to the end
 # Auto shards smaller than this wait for the depth model: their transcodes end before it has
@@ -325,7 +327,7 @@ def run_shards(
 
     if not shards:
         return  # nothing to do: no model to load
-    raw_dir, videos_dir, maps_dir = output_dir / "raw", output_dir / "videos", output_dir / "depth"
+    raw_dir, videos_dir, maps_dir = (output_dir / name for name in OUTPUT_FOLDERS)
     window = shards_in_flight(settings, cpus)
     finished: queue.Queue[PrefectFuture[WrittenShard]] = queue.Queue()
     in_flight: dict[PrefectFuture[WrittenShard], _Chain] = {}
