@@ -20,12 +20,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+)
 
 from common.net import free_port
 from devstack.broker import LocalBroker, start_broker
@@ -358,15 +363,10 @@ def test_the_stream_benchmark_flow_fails_and_reports_it_when_the_broker_dies(
     settings = StreamBenchmarkSettings(
         duration=60.0, fps="native", client=ClientSettings(target=onnx_server.target), kafka=kafka
     )
-    outcome: dict[str, Exception] = {}
-
-    def run() -> None:
-        try:
-            stream_benchmark(settings=settings)
-        except Exception as exc:  # what the flow raised, read below
-            outcome["error"] = exc
-
-    running = threading.Thread(target=run)
+    outcome: dict[str, Any] = {}
+    running = threading.Thread(
+        target=lambda: outcome.update(state=stream_benchmark(settings=settings, return_state=True))
+    )
     running.start()
     try:
         _wait_for(lambda: _published(kafka) >= 30, 90, "30 frames published")
@@ -375,13 +375,16 @@ def test_the_stream_benchmark_flow_fails_and_reports_it_when_the_broker_dies(
         own_broker.process.wait(10)
         running.join(120)
     assert not running.is_alive()
-    error = outcome.get("error")
+    state = outcome["state"]
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
     assert isinstance(error, BrokerLostDuringRunError), error
     assert kafka.bootstrap_servers in str(error)
     with get_client(sync_client=True) as client:
         [report] = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["stream-benchmark-report"])),
-            sort="CREATED_DESC",
-            limit=1,
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["stream-benchmark-report"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            )
         )
     assert "BROKER LOST" in report.data

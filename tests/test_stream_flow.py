@@ -6,7 +6,11 @@ import json
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+)
 
 from flows.stream_benchmark import stream_benchmark
 from flows.stream_settings import StreamBenchmarkSettings
@@ -24,7 +28,8 @@ def test_the_flow_records_its_figures_as_artifacts(prefect_api, kafka, onnx_serv
         client=ClientSettings(target=onnx_server.target),
         kafka=kafka,
     )
-    outcome = stream_benchmark(settings=settings)
+    state = stream_benchmark(settings=settings, return_state=True)
+    outcome = state.result()
     summary, produced = outcome["summary"], outcome["producer"]
     assert 100 <= produced["frames_read"] <= 160  # 5 s at the clip's 28 fps
     assert summary["frames_consumed"] >= produced["frames_read"]
@@ -35,7 +40,8 @@ def test_the_flow_records_its_figures_as_artifacts(prefect_api, kafka, onnx_serv
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=["stream-benchmark-latency", "stream-benchmark-report"])
+                key=ArtifactFilterKey(any_=["stream-benchmark-latency", "stream-benchmark-report"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
             )
         )
     by_key = {a.key: a for a in artifacts}
