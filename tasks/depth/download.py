@@ -117,7 +117,9 @@ def backoff_delay_s(
 def describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out waiting for the server"
-    if isinstance(exc, ValueError):  # e.g. a host that IDNA cannot encode ("a..b", a long label)
+    if isinstance(exc, UnicodeError | aiohttp.InvalidURL) or (
+        isinstance(exc, ValueError) and "URL" in str(exc)
+    ):  # a host IDNA cannot encode ("a..b", a 64-character label), "Invalid IPv6 URL"
         return f"invalid URL: {type(exc).__name__}: {exc}"
     return f"{type(exc).__name__}: {exc}" if not isinstance(exc, DownloadError) else str(exc)
 

@@ -8,11 +8,12 @@ uncommitted, so the group redoes that frame.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 
-from confluent_kafka import Consumer, KafkaError, Message
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from tasks.stream.broker_watch import BrokerWatch
 from tasks.stream.consumer_metrics import ConsumerMetrics
@@ -187,19 +188,24 @@ class Publisher:
         """Messages between the commit points and the ends of the assigned partitions; a
         partition this member has not read from yet counts from the group's committed offset
         (or its start, where the group has none)."""
-        total = 0
+        ends: dict[tuple[str, int], tuple[int, int]] = {}
         for tp in self._consumer.assignment():
-            try:
-                low, high = self._consumer.get_watermark_offsets(tp, timeout=1, cached=False)
-                position = self.offsets.commit_point(tp.topic, tp.partition)
-                if position is None:
-                    [committed] = self._consumer.committed([tp], timeout=1)
-                    position = committed.offset if committed.offset >= 0 else low
-            except Exception:
-                continue
-            if high >= 0:
-                total += max(0, high - position)
-        return total
+            with contextlib.suppress(Exception):  # unknown for now: left out
+                ends[(tp.topic, tp.partition)] = self._consumer.get_watermark_offsets(
+                    tp, timeout=1, cached=False
+                )
+        positions = {key: self.offsets.commit_point(*key) for key in ends}
+        unread = [TopicPartition(*key) for key, point in positions.items() if point is None]
+        if unread:  # one request to the group coordinator for all of them
+            with contextlib.suppress(Exception):
+                for tp in self._consumer.committed(unread, timeout=1):
+                    low = ends[(tp.topic, tp.partition)][0]
+                    positions[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else low
+        return sum(
+            max(0, high - position)
+            for key, (_, high) in ends.items()
+            if (position := positions[key]) is not None and high >= 0
+        )
 
     def finish(self) -> None:
         """Deliver, commit and measure the lag, or, with the broker gone, only say so."""
