@@ -58,6 +58,7 @@ import lance
 
 from bench.cpu_account import SET_ASIDE, CpuAccount, process_tree
 from bench.peer_v2d import (
+    SINGLE_THREAD_FLAGS,
     check_video,
     ensure_venv,
     read_ffmpeg_log,
@@ -258,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--peer-shards", type=int, default=8)
     parser.add_argument(
+        "--peer-single-thread-ffmpeg",
+        action="store_true",
+        help="run the peer's ffmpeg single-threaded, as vidflow runs its own (default: the "
+        "peer's own ffmpeg defaults)",
+    )
+    parser.add_argument(
         "--baseline", type=Path, help="a checkout of earlier code, run as mode baseline_local"
     )
     args = parser.parse_args(argv)
@@ -268,7 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_peer:
         ensure_venv()
     work = Path(tempfile.mkdtemp(prefix="vidflow-bench-peer-"))
-    results: dict[str, Any] = {"benchmark": "depth_peer", "cpus": CPUS, "videos": args.videos}
+    results: dict[str, Any] = {
+        "benchmark": "depth_peer",
+        "cpus": CPUS,
+        "videos": args.videos,
+        "peer_ffmpeg": "single-threaded" if args.peer_single_thread_ffmpeg else "its defaults",
+    }
     try:
         results.update(measure_alternating(args, modes, work))
     finally:
@@ -287,7 +299,8 @@ def measure_alternating(args: argparse.Namespace, modes: list[str], work: Path) 
     model = save_tiny_depth_pro(work / "tiny-depth-pro")
     model_cpu = depth_model_cpu_per_video(model, args.videos)
     bin_dir, cpu_log = work / "bin", work / "ffmpeg-cpu.jsonl"
-    write_ffmpeg_wrapper(bin_dir, ffmpeg_exe(), cpu_log)
+    peer_flags = SINGLE_THREAD_FLAGS if args.peer_single_thread_ffmpeg else ()
+    write_ffmpeg_wrapper(bin_dir, ffmpeg_exe(), cpu_log, peer_flags)
     routes = {f"v{i}.mp4": Serve(SAMPLE_VIDEO) for i in range(args.videos)}
     with VideoServer(routes) as server, prefect_server(work / "prefect-home") as api_url:
         urls = [server.url(f"v{i}.mp4") for i in range(args.videos)]

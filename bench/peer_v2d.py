@@ -179,8 +179,16 @@ sys.exit(code if code >= 0 else 128 - code)
 '''
 
 
-def write_ffmpeg_wrapper(bin_dir: Path, real_ffmpeg: str, cpu_log: Path) -> Path:
-    """`bin_dir/ffmpeg`, to put first on the peer's PATH (see `_WRAPPER`)."""
+# vidflow's own threading of ffmpeg (tasks/depth/transcode.py), for a peer run at it too:
+# video2dataset leaves ffmpeg its defaults (x264 frame threads), which cost it CPU on 2 cores.
+SINGLE_THREAD_FLAGS = ("-threads", "1", "-filter_threads", "1")
+
+
+def write_ffmpeg_wrapper(
+    bin_dir: Path, real_ffmpeg: str, cpu_log: Path, extra_flags: tuple[str, ...] = ()
+) -> Path:
+    """`bin_dir/ffmpeg`, to put first on the peer's PATH (see `_WRAPPER`); `extra_flags` go
+    with the x264 ones into the peer's calls."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     wrapper = bin_dir / "ffmpeg"
     wrapper.write_text(
@@ -188,7 +196,7 @@ def write_ffmpeg_wrapper(bin_dir: Path, real_ffmpeg: str, cpu_log: Path) -> Path
             python=os.path.realpath(sys.executable),
             real=str(real_ffmpeg),
             log=str(cpu_log),
-            flags=list(X264_FLAGS),
+            flags=[*X264_FLAGS, *extra_flags],
         )
     )
     wrapper.chmod(0o755)

@@ -58,6 +58,21 @@ def test_wrapper_adds_x264_flags_before_the_output(fake_wrapper: tuple[Path, Pat
     assert first["tuned"] and second["tuned"] and first["output"] == "/tmp/x/output.mp4"
 
 
+def test_wrapper_can_run_the_peers_ffmpeg_single_threaded(tmp_path: Path) -> None:
+    fake = tmp_path / "fake-ffmpeg"
+    fake.write_text(FAKE_FFMPEG)
+    fake.chmod(0o755)
+    wrapper = peer_v2d.write_ffmpeg_wrapper(
+        tmp_path / "bin", str(fake), tmp_path / "cpu.jsonl", peer_v2d.SINGLE_THREAD_FLAGS
+    )
+    call = ["-i", "in.mp4", "-vf", "scale=-2:360", "out.mp4"]
+    flags = [*peer_v2d.X264_FLAGS, *peer_v2d.SINGLE_THREAD_FLAGS]
+    assert _passed_args(wrapper, *call) == [*call[:-1], *flags, "out.mp4"]
+    # vidflow's own calls (already tuned, single-threaded) pass through unchanged
+    ours = ["-threads", "1", "-i", "in.mp4", "-preset", "veryfast", "out.mp4"]
+    assert _passed_args(wrapper, *ours) == ours
+
+
 @pytest.mark.parametrize(
     "call",
     [
