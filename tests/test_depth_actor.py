@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,25 +55,37 @@ def _downloaded_shard(count: int) -> Shard:
     return Shard(0, 1, records)
 
 
+def _loaded_actor(model: Path, tmp_path: Path, keep_alive_s: float) -> tuple[Any, DepthSettings]:
+    """A named depth actor with `keep_alive_s`, its model loaded (one empty call answered)."""
+    import ray
+
+    settings = DepthSettings(depth_model=str(model), device="cpu", depth_keep_alive_s=keep_alive_s)
+    [actor] = start_depth_actors(settings)
+    assert ray.get(actor.depth_maps.remote([], tmp_path, settings)) == []
+    return actor, settings
+
+
+def _assert_ended(actor: Any, settings: DepthSettings, tmp_path: Path) -> None:
+    import ray
+    from ray.exceptions import RayActorError
+
+    with pytest.raises(RayActorError):
+        ray.get(actor.depth_maps.remote([], tmp_path, settings), timeout=30)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("local_ray")
 def test_a_kept_actor_serves_the_next_run_then_ends_when_idle(
     tiny_depth_model: Path, tmp_path: Path
 ) -> None:
     import ray
-    from ray.exceptions import RayActorError
 
-    settings = DepthSettings(
-        depth_model=str(tiny_depth_model), device="cpu", depth_keep_alive_s=2.0
-    )
-    [first] = start_depth_actors(settings)
-    assert ray.get(first.depth_maps.remote([], tmp_path, settings)) == []
+    first, settings = _loaded_actor(tiny_depth_model, tmp_path, keep_alive_s=2.0)
     [again] = start_depth_actors(settings)  # the next run, same model and device
     assert again._actor_id == first._actor_id
 
     time.sleep(8)  # no call for 4x the keep-alive (the actor looks every 2 s)
-    with pytest.raises(RayActorError):
-        ray.get(first.depth_maps.remote([], tmp_path, settings), timeout=30)
+    _assert_ended(first, settings, tmp_path)
     [fresh] = start_depth_actors(settings)
     assert fresh._actor_id != first._actor_id
     assert ray.get(fresh.depth_maps.remote([], tmp_path, settings)) == []
@@ -84,21 +97,15 @@ def test_a_held_actor_outlives_its_keep_alive_and_ends_once_released(
     tiny_depth_model: Path, tmp_path: Path
 ) -> None:
     import ray
-    from ray.exceptions import RayActorError
 
     # Held, it is told every 1.7 s (a third of the keep-alive) that the run goes on: roomy
     # enough for a loaded machine's delays.
-    settings = DepthSettings(
-        depth_model=str(tiny_depth_model), device="cpu", depth_keep_alive_s=5.0
-    )
-    [actor] = start_depth_actors(settings)
-    assert ray.get(actor.depth_maps.remote([], tmp_path, settings)) == []  # loaded
+    actor, settings = _loaded_actor(tiny_depth_model, tmp_path, keep_alive_s=5.0)
     with actors_held([actor], settings.depth_keep_alive_s):
         time.sleep(12)  # no depth call for 2.4x the keep-alive, as behind slow downloads
         assert ray.get(actor.depth_maps.remote([], tmp_path, settings), timeout=30) == []
     time.sleep(13)  # released: it ends within 2x its keep-alive (it looks every 5 s)
-    with pytest.raises(RayActorError):
-        ray.get(actor.depth_maps.remote([], tmp_path, settings), timeout=30)
+    _assert_ended(actor, settings, tmp_path)
 
 
 @pytest.mark.slow

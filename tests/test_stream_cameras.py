@@ -384,8 +384,7 @@ def test_a_consumer_started_before_the_service_lowers_its_in_flight_limit_once_i
             tmp_path, model_cache, "--backend", "onnx", "--batching", "off", port=port
         )
         server.wait_serving()
-        with grpc.insecure_channel(server.target) as channel:
-            info = ClassifierStub(channel).GetModelInfo(ModelInfoRequest(), timeout=10)
+        limit = _budget_limit(server.target)
         running.join(120)
     finally:
         consumer.stop.set()
@@ -393,7 +392,15 @@ def test_a_consumer_started_before_the_service_lowers_its_in_flight_limit_once_i
         if server is not None:
             server.terminate()
     assert outcome["summary"].results_published == backlog.frames_read
-    assert consumer.in_flight_limit == info.model_workers * info.max_batch_size + 1 < 8
+    assert consumer.in_flight_limit == limit < 8
+
+
+def _budget_limit(target: str) -> int:
+    """The in-flight limit a consumer under a latency budget should settle on: what the
+    service works on at once, plus one."""
+    with grpc.insecure_channel(target) as channel:
+        info = ClassifierStub(channel).GetModelInfo(ModelInfoRequest(), timeout=10)
+    return info.model_workers * info.max_batch_size + 1
 
 
 @pytest.mark.slow
@@ -418,8 +425,7 @@ def test_a_consumer_started_while_the_service_loads_its_model_lowers_its_limit_o
         assert loading.value.code() == grpc.StatusCode.UNAVAILABLE  # up, still loading
         running.start()
         server.wait_serving()
-        with grpc.insecure_channel(server.target) as channel:
-            info = ClassifierStub(channel).GetModelInfo(ModelInfoRequest(), timeout=10)
+        limit = _budget_limit(server.target)
         running.join(120)
     finally:
         consumer.stop.set()
@@ -427,7 +433,7 @@ def test_a_consumer_started_while_the_service_loads_its_model_lowers_its_limit_o
             running.join(30)
         server.terminate()
     assert outcome["summary"].results_published == backlog.frames_read
-    assert consumer.in_flight_limit == info.model_workers * info.max_batch_size + 1 < 8
+    assert consumer.in_flight_limit == limit < 8
 
 
 def test_the_lag_at_the_end_counts_partitions_the_member_never_read(broker, onnx_server) -> None:
