@@ -341,17 +341,21 @@ def test_an_open_health_watch_does_not_hold_shutdown_for_the_grace(
     shutdown tells them NOT_SERVING and ends their streams once the calls are done, instead of
     waiting out the grace for them."""
     server = start_server(tmp_path, model_cache, "--shutdown-grace-s", "60")
-    server.wait_serving()
-    with grpc.insecure_channel(server.target) as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(
-            health_pb2.HealthCheckRequest(service=""), timeout=120
-        )
-        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-        server.process.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert list(watch) == []  # then the stream ends (OK), not at the end of the grace
-        assert server.process.wait(60) == 0, server.log()
+    try:
+        server.wait_serving()
+        with grpc.insecure_channel(server.target) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=120
+            )
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            server.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert list(watch) == []  # then the stream ends (OK), not at the end of the grace
+            assert server.process.wait(60) == 0, server.log()
+    finally:
+        if server.process.poll() is None:  # failed: leave no server behind
+            server.process.kill()
     assert time.monotonic() - signalled < 30  # the grace is 60 s
     assert "of 0 call(s) open at shutdown, 0 call(s) drained" in server.log()
     assert "1 health watch(es) ended with the server" in server.log()

@@ -373,6 +373,20 @@ def test_sigterm_while_the_model_is_exported_ends_the_server_without_waiting_for
     port is up; a stop meanwhile has nothing to drain and must not wait for the export."""
     cache = tmp_path / "cache"
     server = start_server(tmp_path, cache, "--backend", "onnx")
+    try:
+        _refused_while_loading(server)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(60) == 0, server.log()
+    finally:
+        if server.process.poll() is None:  # failed: leave no server behind
+            server.process.kill()
+    exported = [p for p in cache.rglob("*.onnx") if not p.name.startswith(".")]
+    assert exported == [], server.log()  # it ended before the export did
+    assert "shutting down" in server.log()
+
+
+def _refused_while_loading(server: ServerProcess) -> None:
+    """While the server loads its model, every kind of call is refused and counted alike."""
     with grpc.insecure_channel(server.target) as channel:
         grpc.channel_ready_future(channel).result(timeout=60)
         stub = inference_pb2_grpc.ClassifierStub(channel)
@@ -391,8 +405,3 @@ def test_sigterm_while_the_model_is_exported_ends_the_server_without_waiting_for
             metrics, "vidflow_inference_requests_total", method=method, code="UNAVAILABLE"
         )
         assert refusals == 1, method
-    server.process.send_signal(signal.SIGTERM)
-    assert server.process.wait(60) == 0, server.log()
-    exported = [p for p in cache.rglob("*.onnx") if not p.name.startswith(".")]
-    assert exported == [], server.log()  # it ended before the export did
-    assert "shutting down" in server.log()

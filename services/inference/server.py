@@ -104,6 +104,19 @@ async def _loaded_before_stop(service: InferenceService, stop: asyncio.Event) ->
 
 async def serve(settings: InferenceSettings) -> None:
     """Run the service until SIGTERM or SIGINT, then drain calls in flight and return."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Before any port opens, so a stop that comes as soon as the server answers is kept.
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await _serve_until(stop, settings)
+    finally:
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+
+
+async def _serve_until(stop: asyncio.Event, settings: InferenceSettings) -> None:
     metrics = ServiceMetrics()
     service = InferenceService(settings, metrics)
     calls = CallTracker()
@@ -126,10 +139,6 @@ async def serve(settings: InferenceSettings) -> None:
         "on" if settings.reflection else "off",
         host_port(settings.host, settings.http_port),
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop.set)
     try:
         if await _loaded_before_stop(service, stop):
             await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
@@ -149,5 +158,3 @@ async def serve(settings: InferenceSettings) -> None:
             await server.stop(0)
         await runner.cleanup()
         await service.close()
-        for signum in STOP_SIGNALS:
-            loop.remove_signal_handler(signum)
