@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
-from tasks.depth.video_record import VideoRecord
+from tasks.depth.video_record import Stage, VideoRecord
 
 STAGES = ("download", "transcode", "depth")
-ORDER = ("input", *STAGES, "store")  # a video failed at one stage got through those before it
+ORDER = get_args(Stage)  # in pipeline order: a video failed at one stage got through those before
 VIDEO_ROWS_SHOWN = 10_000  # a table artifact of more rows is of no use in the UI
 
 
@@ -41,11 +41,11 @@ class RunReport:
             self.failures.append(record)
         else:
             self.ok += 1
-        failed_at = ORDER.index(record.failed_stage) if record.failed_stage in ORDER else 0
+        failed_step = ORDER.index(record.failed_stage) if record.failed_stage in ORDER else 0
         for stage in STAGES:
             # Done by its status, not its timing: a failed download has one, and a download
             # kept from an earlier attempt has none.
-            if not record.failed or failed_at > ORDER.index(stage):
+            if not record.failed or failed_step > ORDER.index(stage):
                 self.done_at[stage] += 1
             if (seconds := getattr(record, f"{stage}_s")) is not None:
                 self.stage_seconds[stage].append(seconds)
