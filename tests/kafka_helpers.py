@@ -65,3 +65,15 @@ def committed_offsets(
 def committed_total(bootstrap_servers: str, group: str, topic: str, partitions: int) -> int:
     """The group's committed offsets summed over the topic's partitions, asked of the broker."""
     return sum(committed_offsets(bootstrap_servers, group, topic, partitions).values())
+
+
+def partition_ends(bootstrap_servers: str, topic: str, partitions: int) -> list[int]:
+    """Each partition's high watermark, as the broker reports it (Tansu's run 2 low)."""
+    reader = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "watermarks"})
+    try:
+        return [
+            reader.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1]
+            for p in range(partitions)
+        ]
+    finally:
+        reader.close()

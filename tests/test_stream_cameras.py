@@ -16,7 +16,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import generate_latest
 
 from common.net import free_port
@@ -29,7 +28,7 @@ from tasks.stream.producer import produce_frames, source_list, stream_bases
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 from tasks.stream.topics import ensure_topics
 from tests.conftest import VIDEOS, fresh_topics
-from tests.kafka_helpers import committed_total, read_topic
+from tests.kafka_helpers import committed_total, partition_ends, read_topic
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 PARTITIONS = 4
@@ -447,17 +446,6 @@ def test_the_lag_at_the_end_counts_partitions_the_member_never_read(broker, onnx
     assert summary.results_published == 1
     # Both partitions' ends as the broker reports them (Tansu's run 2 low), less the frame
     # read: the partition the member never read counts from its start.
-    ends = _partition_ends(kafka)
+    ends = partition_ends(kafka.bootstrap_servers, kafka.frames_topic, kafka.partitions)
     assert len(ends) == 2 and min(ends) > 0
     assert summary.lag == sum(ends) - 1
-
-
-def _partition_ends(kafka: KafkaSettings) -> list[int]:
-    reader = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": "ends"})
-    try:
-        return [
-            reader.get_watermark_offsets(TopicPartition(kafka.frames_topic, p), timeout=5)[1]
-            for p in range(kafka.partitions)
-        ]
-    finally:
-        reader.close()

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -43,7 +43,7 @@ from tasks.stream.consumer import HEADER_DLQ_ATTEMPTS, HEADER_DLQ_STATUS, FrameC
 from tasks.stream.frame_codec import HEADER_DLQ_REASON, Frame, encode_frame_headers, frame_key
 from tasks.stream.settings import ConsumerSettings, KafkaSettings
 from tests.conftest import VIDEOS, fresh_topics
-from tests.kafka_helpers import committed_total, read_topic, result_keys
+from tests.kafka_helpers import committed_total, partition_ends, read_topic, result_keys
 from tests.proc_helpers import children, is_running, listening_addresses
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"
@@ -318,14 +318,7 @@ def test_produce_fails_within_the_grace_when_the_broker_dies(
 
 def _published(kafka: KafkaSettings) -> int:
     """Messages in the frames topic, from its partitions' high watermarks."""
-    reader = Consumer({"bootstrap.servers": kafka.bootstrap_servers, "group.id": "watermarks"})
-    try:
-        return sum(
-            reader.get_watermark_offsets(TopicPartition(kafka.frames_topic, p), timeout=5)[1]
-            for p in range(kafka.partitions)
-        )
-    finally:
-        reader.close()
+    return sum(partition_ends(kafka.bootstrap_servers, kafka.frames_topic, kafka.partitions))
 
 
 @pytest.mark.faults
