@@ -20,7 +20,8 @@ few videos (`--no-warm-up` skips it).
 
 Per round and tool: wall time, videos/s, the CPU-seconds of every process by kind (from /proc,
 bench/cpu_account.py), ffmpeg's own CPU from the wrapper's wait4, and the core-seconds the
-machine sat idle (`idle_core_s`: CPUs x wall less the busy CPU of /proc/stat). From those:
+machine sat idle (`idle_core_s`: CPUs x wall less the busy CPU of /proc/stat over that wall
+time, without the output checks after it). From those:
 - `zero_overhead_bound`: CPUs / (ffmpeg + depth-model CPU-s per video), the rate if nothing but
   ffmpeg and the model ran;
 - `share_of_bound` (`share_of_bound_while_transcoding`): videos/s over the whole run (over the
@@ -30,7 +31,10 @@ machine sat idle (`idle_core_s`: CPUs x wall less the busy CPU of /proc/stat). F
   (`..._without_idle_server`: less the Prefect server's idle CPU, its rate in the peer's rounds);
 - `share_of_bound_if_never_idle`: ffmpeg and the model's CPU over the run's whole CPU, the share
   of the bound the run would reach had no core ever sat idle: what its own CPU outside ffmpeg
-  and the model allows at most, however well the work were packed.
+  and the model allows at most, however well the work were packed;
+- `cpu_s_not_sampled`: the machine's busy CPU over the run less every process's sampled CPU
+  (ffmpeg's from wait4): at most what the half-second samples missed of each process's last
+  moments, with anything else the machine ran meanwhile.
 `--baseline DIR` (a checkout of earlier code, e.g. `git worktree add DIR REV`) adds the mode
 `baseline_local`: that code's `vidflow depth` with its own local Ray (PYTHONPATH=DIR, so the
 driver and the Ray workers it starts import it), in the same rounds, for a before/after ratio.
@@ -56,7 +60,7 @@ from typing import Any
 import cv2
 import lance
 
-from bench.cpu_account import SET_ASIDE, CpuAccount, process_tree
+from bench.cpu_account import SET_ASIDE, CpuAccount, machine_busy_cpu_s, process_tree
 from bench.peer_v2d import (
     SINGLE_THREAD_FLAGS,
     check_video,
@@ -147,16 +151,18 @@ def run_vidflow(
     env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
     if code is not None:
         env["PYTHONPATH"] = str(code)
+    busy_before = machine_busy_cpu_s()
     started = time.perf_counter()
     run = subprocess.run(command, env=env, cwd=code, capture_output=True, text=True, timeout=1800)
     wall_s = time.perf_counter() - started
+    busy = machine_busy_cpu_s() - busy_before
     if run.returncode != 0:
         raise RuntimeError(f"vidflow depth failed ({run.returncode}): {run.stderr[-3000:]}")
     rows = lance.dataset(output / "videos.lance").to_table().to_pylist()
     bad = [row["video_id"] for row in rows if not _valid_row(row)]
     if bad or len(rows) != len(urls_file.read_text().split()):
         raise RuntimeError(f"vidflow wrote {len(rows)} rows, invalid: {bad[:5]}")
-    return {"wall_s": round(wall_s, 2), "ok": len(rows)}
+    return {"wall_s": round(wall_s, 2), "ok": len(rows), "machine_busy_cpu_s": round(busy, 2)}
 
 
 def _valid_row(row: dict[str, Any]) -> bool:
@@ -209,6 +215,8 @@ def measured(
         result = work()
         ended = time.time()
     by_kind = account.by_kind()
+    # Over the run's own wall time: the account's window also holds the output checks.
+    busy_s = result.pop("machine_busy_cpu_s", account.machine_busy_s)
     calls = read_ffmpeg_log(cpu_log)
     ffmpeg_cpu = sum(line["user_s"] + line["sys_s"] for line in calls)
     ffmpeg_cpu = result.pop("ffmpeg_cpu_s", None) or ffmpeg_cpu  # the peer logs its own calls
@@ -224,9 +232,14 @@ def measured(
         "processes_by_kind": account.processes(),
         "ffmpeg_cpu_s": round(ffmpeg_cpu, 2),
         "cpu_s": round(total, 2),
-        "machine_busy_cpu_s": account.machine_busy_s,
+        "machine_busy_cpu_s": busy_s,
         # Core-seconds no process used: start-up waits, a stage waiting on another.
-        "idle_core_s": round(CPUS * result["wall_s"] - account.machine_busy_s, 1),
+        "idle_core_s": round(CPUS * result["wall_s"] - busy_s, 1),
+        # What the half-second samples missed (each process's last moments), at most: the
+        # machine's busy CPU less every process sampled, ffmpeg taken from wait4.
+        "cpu_s_not_sampled": round(
+            busy_s - ffmpeg_cpu - sum(c for kind, c in by_kind.items() if kind != "ffmpeg"), 2
+        ),
         "cpu_s_outside_ffmpeg_and_model": round(outside, 2),
         "cpu_s_outside_ffmpeg_and_depth_actor": round(
             outside_ffmpeg - by_kind.get("depth_actor", 0.0), 2
@@ -404,7 +417,10 @@ def summarise(
             "rounds": rates,
             "ffmpeg_cpu_s_per_video": round(ffmpeg_per_video, 3),
             "cpu_s_per_video": round(statistics.median(r["cpu_s"] for r in figures) / videos, 3),
-            "idle_core_s": statistics.median(r["idle_core_s"] for r in figures),
+            "idle_core_s": round(statistics.median(r["idle_core_s"] for r in figures), 2),
+            "cpu_s_not_sampled": round(
+                statistics.median(r["cpu_s_not_sampled"] for r in figures), 2
+            ),
         }
         if name == "video2dataset":
             bound = CPUS / ffmpeg_per_video

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.cpu_account import machine_busy_cpu_s
 from common.frames import opened_video
 
 PEER = "video2dataset"
@@ -357,6 +358,7 @@ def run_video2dataset(
         "ok": ok,
         "wall_s": round(timed.wall_s, 3),
         "cpu_s": round(timed.cpu_s, 3),
+        "machine_busy_cpu_s": round(timed.machine_busy_cpu_s, 2),
         "ffmpeg_cpu_s": round(sum(c["user_s"] + c["sys_s"] for c in calls), 3),
         "videos_per_s": round(ok / timed.wall_s, 4) if timed.wall_s > 0 else 0.0,
         "cpu_s_per_video": round(timed.cpu_s / ok, 3) if ok else None,
@@ -414,12 +416,14 @@ class _TimedRun:
     started_at: float  # epoch seconds, to compare with output files' mtimes
     wall_s: float
     cpu_s: float  # the process tree's user+sys
+    machine_busy_cpu_s: float  # every process's, over the same wall time
 
 
 def _run_timed(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -> _TimedRun:
     """Run the peer to its end (or kill its process group at the timeout), log in cwd."""
     log = cwd / LOG_NAME
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy_before = machine_busy_cpu_s()
     started_at = time.time()
     started = time.perf_counter()
     with log.open("w") as out:
@@ -441,9 +445,10 @@ def _run_timed(command: list[str], cwd: Path, env: dict[str, str], timeout_s: fl
                 f"{PEER} ran past {timeout_s:.0f} s; log tail:\n{_tail(log)}"
             ) from None
     wall_s = time.perf_counter() - started
+    busy = machine_busy_cpu_s() - busy_before
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return _TimedRun(code=code, started_at=started_at, wall_s=wall_s, cpu_s=cpu_s)
+    return _TimedRun(code, started_at, wall_s, cpu_s, busy)
 
 
 def main(argv: list[str] | None = None) -> int:
