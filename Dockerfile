@@ -156,6 +156,7 @@ RUN --mount=type=secret,id=pip_ca,required=false \
 
 ENV VIDFLOW_PROJECT_DIR=/opt/vidflow \
     VIDFLOW_DEPTH_OUTPUT=/data/depth-extraction \
+    VIDFLOW_STREAM_OUTPUT_DIR=/data/stream-benchmark \
     PREFECT_HOME=/home/vidflow/.prefect \
     PREFECT_WORKER_WEBSERVER_PORT=8080 \
     HF_HOME=/home/vidflow/.cache/huggingface \

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS := all,dev
 
-.PHONY: setup demo test faults lint format proto bench clean
+.PHONY: setup demo test faults lint format proto constraints bench clean
 
 setup: $(STAMP)
 
@@ -41,8 +41,8 @@ format: setup
 proto: setup
 	$(BIN)/python -m protos.generate
 
-# Refresh the pins after changing dependencies in pyproject.toml.
-constraints:
+# Refresh the pins after changing dependencies in pyproject.toml (setup installs the change first).
+constraints: setup
 	$(BIN)/pip freeze --exclude-editable | grep -v '^vidflow' > constraints.txt
 
 bench: setup

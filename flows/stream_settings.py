@@ -4,11 +4,13 @@ A pydantic model, so Prefect shows it as a form in a custom run. The broker and 
 the settings `vidflow produce`, `consume` and `classify` read too: each of their fields the
 caller leaves out comes from the environment (``VIDFLOW_KAFKA_*``, ``VIDFLOW_INFERENCE_*``), then
 the default. The run's own knobs are the run's to say, like the CLI's flags, and read no
-variable.
+variable, but for where its files go: ``VIDFLOW_STREAM_OUTPUT_DIR``, as ``VIDFLOW_DEPTH_OUTPUT``
+for depth, so that an image can send them to its data volume.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +19,14 @@ from common.settings import SAMPLE_VIDEO
 from flows.capacity_rules import DEFAULT_BUDGET_MS
 from services.inference.settings import ClientSettings
 from tasks.stream.settings import KafkaSettings
+
+OUTPUT_DIR_VARIABLE = "VIDFLOW_STREAM_OUTPUT_DIR"
+
+
+def default_output_dir() -> Path:
+    """Where a capacity sweep writes its chart unless told: the environment's, else a folder
+    under the working directory."""
+    return Path(os.environ.get(OUTPUT_DIR_VARIABLE) or "runs/stream-benchmark")
 
 
 class StreamBenchmarkSettings(BaseModel):
@@ -47,7 +57,9 @@ class StreamBenchmarkSettings(BaseModel):
         2, ge=1, description="capacity: tries a stream count gets before it counts as failed"
     )
     output_dir: Path = Field(
-        Path("runs/stream-benchmark"), description="capacity: where the chart PNG is written"
+        default_factory=default_output_dir,
+        description=f"capacity: where the chart PNG is written (default ${OUTPUT_DIR_VARIABLE}, "
+        "else runs/stream-benchmark)",
     )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="broker and topics")
     client: ClientSettings = Field(

@@ -87,6 +87,19 @@ def test_stream_benchmark_flags_win_over_the_environment(monkeypatch) -> None:
     assert settings.max_streams == 16 and settings.output_dir == Path("runs/stream-benchmark")
 
 
+def test_the_capacity_chart_goes_where_the_environment_says(monkeypatch, tmp_path: Path) -> None:
+    """An image sends the chart to its data volume (its working directory is read-only)."""
+    from flows.stream_settings import StreamBenchmarkSettings
+    from vidflow.cli import stream_benchmark_settings
+
+    monkeypatch.setenv("VIDFLOW_STREAM_OUTPUT_DIR", str(tmp_path / "charts"))
+    assert StreamBenchmarkSettings().output_dir == tmp_path / "charts"
+    args = build_parser().parse_args(["stream-benchmark", "--capacity"])
+    assert stream_benchmark_settings(args).output_dir == tmp_path / "charts"
+    args = build_parser().parse_args(["stream-benchmark", "--output-dir", "mine"])
+    assert stream_benchmark_settings(args).output_dir == Path("mine")  # the flag wins
+
+
 @pytest.fixture
 def restore_root_logging():
     """setup_logging replaces the root handlers; put pytest's back afterwards."""

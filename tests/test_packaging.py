@@ -232,6 +232,9 @@ def test_compose_config_is_valid_and_wired() -> None:
     assert env["VIDFLOW_PROJECT_DIR"] == "/opt/vidflow"
     assert env["VIDFLOW_KAFKA_BOOTSTRAP_SERVERS"] == "redpanda:9092"
     assert env["VIDFLOW_INFERENCE_TARGET"] == "inference:50051"
+    # Files the flows write go to the data volume, never the image's read-only checkout.
+    assert env["VIDFLOW_DEPTH_OUTPUT"].startswith("/data/")
+    assert env["VIDFLOW_STREAM_OUTPUT_DIR"].startswith("/data/")
     assert "redpanda" in services["broker"]["networks"]["default"]["aliases"]
     assert any(
         v["target"] == "/data" and v["type"] == "volume" for v in services["worker"]["volumes"]

@@ -19,7 +19,7 @@ from common.import_gc import imports_without_gc
 from common.logs import setup_logging
 from common.quick_exit import quick_exit
 from common.settings import SAMPLE_VIDEO, LogSettings, add_settings_arguments, settings_from_args
-from flows.stream_settings import StreamBenchmarkSettings
+from flows.stream_settings import OUTPUT_DIR_VARIABLE, StreamBenchmarkSettings, default_output_dir
 from services.inference.settings import ClientSettings, InferenceSettings
 from tasks.depth.settings import DepthSettings
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
@@ -370,8 +370,9 @@ def _add_stream_commands(command: AddCommand) -> None:
     bench.add_argument(
         "--output-dir",
         type=Path,
-        default=Path("runs/stream-benchmark"),
-        help="capacity: where the chart PNG is written",
+        default=default_output_dir(),
+        help=f"capacity: where the chart PNG is written (env {OUTPUT_DIR_VARIABLE}; default "
+        "%(default)s)",
     )
     add_settings_arguments(bench, KafkaSettings)
     add_settings_arguments(bench, ClientSettings)
