@@ -128,4 +128,7 @@ def test_log_lines_carry_iso_timestamps_to_stderr_and_file(
 def test_every_subcommand_has_help() -> None:
     parser = build_parser()
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert {"serve", "classify", "loadtest", "health", "export-onnx"} <= set(subcommands.choices)
+    helps = {action.dest: action.help for action in subcommands._choices_actions}
+    assert set(helps) == set(subcommands.choices)
+    assert {"serve", "consume", "produce", "stream-benchmark", "depth", "broker"} <= set(helps)
+    assert all(helps.values()), helps  # each with its one line in `vidflow --help`

@@ -158,8 +158,10 @@ def test_a_loopback_only_cluster_is_reached_at_127_0_0_1(
     """Ray would swap RAY_ADDRESS's 127.0.0.1 for this machine's address, where this head does
     not listen, and wait for ever (the depth_peer benchmark's cluster mode hung so)."""
     assert loopback_only_cluster(loopback_only_head)
-    summary, _ = _one_video_run(tiny_depth_model, tmp_path)
+    summary, rows = _one_video_run(tiny_depth_model, tmp_path)
     assert summary["ok"] == 1
+    alive, _ = _cluster_view(loopback_only_head)
+    assert {row["node_id"] for row in rows} == alive  # ran there, not on a Ray of its own
 
 
 @pytest.mark.slow

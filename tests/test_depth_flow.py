@@ -16,6 +16,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
+    ArtifactFilterFlowRunId,
     ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
@@ -154,17 +155,23 @@ def test_kinetics_rows_become_one_row_each_and_a_rerun_adds_nothing(
             assert row["attempts"] == 2 and row["status"] == "failed"
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["depth-extraction-summary"]))
-        )
-        videos_artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["depth-extraction-videos"]))
+        artifacts, videos_artifacts = (
+            client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[key]),
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[first["flow_run_id"]]),
+                )
+            )
+            for key in ("depth-extraction-summary", "depth-extraction-videos")
         )
         task_runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first["flow_run_id"]]))
         )
-    assert artifacts and any("depth" in str(artifact.data) for artifact in artifacts)
-    assert all(artifact.description.startswith("UNTRAINED depth model") for artifact in artifacts)
+    [summary_artifact] = artifacts  # this run's, one
+    assert summary_artifact.description.startswith("UNTRAINED depth model")
+    counts = f"{first['ok']} ok, {first['failed']} failed, {first['skipped']} skipped"
+    assert summary_artifact.description.endswith(counts)
+    assert len(videos_artifacts) == 1
     # One task run per shard and stage, named after the shard and its videos.
     assert len(task_runs) == 4 * first["shards"]
     assert {run.name.split(" shard ")[0] for run in task_runs} == {

@@ -252,7 +252,7 @@ def test_model_info(onnx_server) -> None:
     assert info.device == "cpu" or info.device == "cuda"
     assert info.num_classes == 1000
     assert (info.input_height, info.input_width) == (224, 224)
-    assert info.max_batch_size in (1, 8)  # 1 where --batching auto found batching does not pay
+    assert info.max_batch_size == 8  # the fixture serves with --batching on
     assert len(info.weights_sha256) == 64
 
 
@@ -277,6 +277,7 @@ def test_metrics_count_requests_by_status(onnx_server, photos) -> None:
     assert delta("vidflow_inference_batch_size_count") >= 1
     assert _metric(after, "vidflow_inference_ready") == 1
     assert "vidflow_inference_in_flight" in after
+    assert _metric(after, "vidflow_inference_in_flight") == 0  # each call counted out again
 
 
 def test_reflection_lists_the_services(onnx_server) -> None:

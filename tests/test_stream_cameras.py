@@ -242,11 +242,11 @@ def test_a_frame_past_the_budget_while_the_service_is_down_is_skipped_at_its_ret
 
 def _rebalance_times(log_text: str) -> list[float]:
     """When a member's partitions were assigned or revoked, from its log's UTC timestamps."""
+    line = r"^(\S+) INFO tasks\.stream\.consumer: (?:assigned|revoked) partitions"
     return [
         datetime.fromisoformat(stamp).timestamp()
-        for stamp in re.findall(r"^(\S+) INFO tasks\.consumer: (?:assigned|revoked) partitions",
-                                log_text, re.MULTILINE)
-    ]  # fmt: skip
+        for stamp in re.findall(line, log_text, re.MULTILINE)
+    ]
 
 
 def _assignments(log_text: str) -> list[set[int]]:
