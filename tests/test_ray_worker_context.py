@@ -23,14 +23,18 @@ from prefect.settings import (
 from flows.ray_runner import ray_task_runner
 
 RUNS = 4
+# What each task run got, kept alive in its worker: a client or settings object freed after one
+# run could hand its id to the next run's new one, and a broken cache would look like one object.
+SEEN_IN_THIS_WORKER: list[object] = []
 
 
 @task
 def client_in_use() -> tuple[int, int, str, int]:
     """This worker's pid; which client a task run gets from Prefect, for which API; and which
     settings object it runs with."""
-    client = get_client(sync_client=True)
-    return os.getpid(), id(client), str(client.api_url), id(get_current_settings())
+    client, settings = get_client(sync_client=True), get_current_settings()
+    SEEN_IN_THIS_WORKER.extend((client, settings))
+    return os.getpid(), id(client), str(client.api_url), id(settings)
 
 
 @flow(task_runner=ray_task_runner(num_cpus=1))
