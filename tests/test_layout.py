@@ -74,12 +74,18 @@ def _back_edges() -> list[str]:
             continue
         tree = ast.parse(path.read_text(), filename=str(path))
         for target in sorted(_imported_modules(tree, module, path.name == "__init__.py")):
-            target_folder = _folder_of(target)
-            if target_folder is None or target_folder == source_folder:
-                continue
-            if FLOOR_OF[target_folder] <= FLOOR_OF[source_folder]:
-                problems.append(f"{module} imports {target} ({source_folder} -> {target_folder})")
+            if _is_back_edge(source_folder, target):
+                problems.append(f"{module} imports {target} ({source_folder} -> {target})")
     return problems
+
+
+def _is_back_edge(source_folder: str, target: str) -> bool:
+    """Whether a module of `source_folder` may not import `target`: its floor or above, not
+    its own folder."""
+    target_folder = _folder_of(target)
+    if target_folder is None or target_folder == source_folder:
+        return False
+    return FLOOR_OF[target_folder] <= FLOOR_OF[source_folder]
 
 
 def test_imports_run_one_way() -> None:
@@ -108,7 +114,11 @@ def test_the_rule_sees_a_back_edge(tmp_path: Path) -> None:
     imported = _imported_modules(tree, "tasks.depth.download", is_package=False)
     assert "flows.depth_extraction" in imported
     assert "tasks.depth.x" in imported
-    assert FLOOR_OF[_folder_of("flows.depth_extraction")] < FLOOR_OF["tasks.depth"]
+    assert _is_back_edge("tasks.depth", "flows.depth_extraction")  # up a floor
+    assert _is_back_edge("tasks.stream", "tasks.depth.download")  # across one floor
+    assert not _is_back_edge("tasks.depth", "tasks.depth.x")  # its own folder
+    assert not _is_back_edge("flows", "tasks.depth.download")  # down
+    assert not _is_back_edge("flows", "numpy")  # not the project's
 
 
 def _oversized() -> list[str]:
@@ -133,7 +143,13 @@ _IMPORT_PROBE = """
 import importlib, json, logging, os, sys, threading, warnings
 from pathlib import Path
 
-third_party, project = json.loads(sys.argv[1])
+third_party, project, watched = json.loads(sys.argv[1])
+
+
+def files_under(roots):
+    return {str(p) for root in roots for p in Path(root).rglob("*")}
+
+
 for name, attributes in third_party:  # their own import-time work is not ours to judge
     try:
         module = importlib.import_module(name)
@@ -143,6 +159,7 @@ for name, attributes in third_party:  # their own import-time work is not ours t
     except ImportError:
         pass
 env = dict(os.environ)
+files = files_under(watched)
 threads = {t.ident for t in threading.enumerate()}
 filters, handlers = list(warnings.filters), list(logging.getLogger().handlers)
 for name in project:
@@ -156,7 +173,11 @@ process_wide = [
         ("root log handlers", logging.getLogger().handlers == handlers),
     ) if not same
 ]
-print(json.dumps({"env": changed, "threads": started, "children": children, "set": process_wide}))
+written = sorted(files_under(watched) - files)
+print(json.dumps({
+    "env": changed, "threads": started, "children": children, "set": process_wide,
+    "written": written,
+}))
 """
 
 
@@ -185,13 +206,19 @@ def test_importing_the_project_changes_nothing(tmp_path: Path) -> None:
         for name, names in third_party.items()
         if _folder_of(name) is None and name.split(".")[0] not in {"tests", "__future__"}
     )
+    # Where an import could write besides the working directory: a fresh home, temporary
+    # folder and cache, looked at before and after the project's own imports.
+    workdir, home, temp, cache = (tmp_path / name for name in ("cwd", "home", "tmp", "cache"))
+    for folder in (workdir, home, temp, cache):
+        folder.mkdir()
+    watched = [str(home), str(temp), str(cache)]
     probe = subprocess.run(
-        [sys.executable, "-c", _IMPORT_PROBE, json.dumps([outside, project])],
-        cwd=tmp_path,
+        [sys.executable, "-c", _IMPORT_PROBE, json.dumps([outside, project, watched])],
+        cwd=workdir,
         # A bare environment: the test session's own variables (conftest sets some) would hide
         # a module that sets the same ones.
-        env={name: os.environ[name] for name in ("PATH", "HOME") if name in os.environ}
-        | {"PYTHONPATH": str(REPO_ROOT)},
+        env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO_ROOT)}
+        | {"HOME": str(home), "TMPDIR": str(temp), "XDG_CACHE_HOME": str(cache)},
         capture_output=True,
         text=True,
         timeout=600,
@@ -202,5 +229,6 @@ def test_importing_the_project_changes_nothing(tmp_path: Path) -> None:
         "threads": [],
         "children": [],
         "set": [],
+        "written": [],
     }
-    assert list(tmp_path.iterdir()) == []
+    assert list(workdir.iterdir()) == []
