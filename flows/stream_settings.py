@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.settings import SAMPLE_VIDEO
 from flows.capacity_rules import DEFAULT_BUDGET_MS
 from services.inference.settings import ClientSettings
-from tasks.stream.settings import KafkaSettings
+from tasks.stream.settings import KafkaSettings, check_fps
 
 OUTPUT_DIR_VARIABLE = "VIDFLOW_STREAM_OUTPUT_DIR"
 
@@ -35,12 +35,12 @@ class StreamBenchmarkSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt field is refused, not ignored
 
     source: str = Field(str(SAMPLE_VIDEO), description="video file, webcam:N, rtsp://")
-    duration: float = Field(30.0, description="seconds of producing")
+    duration: float = Field(30.0, gt=0, description="seconds of producing")
     fps: str = Field("native", description="a number, native or max")
     loop: bool = Field(True, description="start the file again at its end")
     max_frames: int | None = Field(None, description="stop producing after this many frames")
-    consumers: int = Field(1, description="members of the consumer group")
-    concurrency: int = Field(8, description="calls in flight per consumer")
+    consumers: int = Field(1, ge=1, description="members of the consumer group")
+    concurrency: int = Field(8, ge=1, description="calls in flight per consumer")
     group: str | None = Field(None, description="consumer group id (default: a new one per run)")
     max_frame_age_ms: float | None = Field(
         None,
@@ -65,6 +65,8 @@ class StreamBenchmarkSettings(BaseModel):
     client: ClientSettings = Field(
         default_factory=ClientSettings, description="how to reach the inference service"
     )
+
+    _fps_checked = field_validator("fps")(check_fps)
 
     @property
     def budget_ms(self) -> float:

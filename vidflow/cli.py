@@ -33,6 +33,31 @@ STREAM_BENCHMARK_FLAGS = (
 )  # fmt: skip
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number (got {text})")
+    return value
+
+
+def _non_negative(number: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = number(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more (got {text})")
+        return value
+
+    parse.__name__ = number.__name__  # argparse names the type in its error: int, float
+    return parse
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535 (got {text})")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     from services.inference.server import serve
 
@@ -140,8 +165,9 @@ def _produce(args: argparse.Namespace) -> int:
     from tasks.stream.topics import ensure_topics
 
     kafka = settings_from_args(KafkaSettings, args)
+    settings = settings_from_args(ProducerSettings, args)  # bad flags refused before the broker
     ensure_topics(kafka.bootstrap_servers, [kafka.frames_topic], kafka.partitions)
-    stats = produce_frames(settings_from_args(ProducerSettings, args), kafka, _stop_on_sigterm())
+    stats = produce_frames(settings, kafka, _stop_on_sigterm())
     print(json.dumps(stats.as_dict()))
     return 1 if stats.failed or stats.broker_error else 0
 
@@ -198,14 +224,17 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
 
 
 def _depth(args: argparse.Namespace) -> int:
-    from tasks.depth.depth_maps import check_depth_model, check_frames_spec
+    from tasks.depth.depth_maps import check_depth_backend, check_depth_model, check_frames_spec
     from tasks.depth.video_sources import load_sources
     from tasks.depth.video_table import VideoTable
 
     settings = settings_from_args(DepthSettings, args)
     # Refuse bad input before starting a Prefect server and Ray (the flow checks again).
     sources = load_sources(args.urls, args.kinetics_csv, args.url_template, args.split, args.limit)
+    if not sources:
+        raise ValueError(f"no videos to process in {args.urls or args.kinetics_csv}")
     check_frames_spec(settings.frames)
+    check_depth_backend(settings.depth_backend, settings.device)
     check_depth_model(settings.depth_model)
     VideoTable(settings.output.resolve()).check_layout()
     with _ray_before_prefect(settings, len(sources)) as wait_for_workers:
@@ -301,8 +330,10 @@ def _add_service_commands(command: AddCommand) -> None:
         "--images", type=Path, required=True, help="an image, a folder of images, or a video"
     )
     loadtest.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels")
-    loadtest.add_argument("--duration", type=float, default=10.0, help="seconds per level")
-    loadtest.add_argument("--warmup", type=float, default=2.0, help="uncounted seconds per level")
+    loadtest.add_argument("--duration", type=_positive_float, default=10.0, help="s per level")
+    loadtest.add_argument(
+        "--warmup", type=_non_negative(float), default=2.0, help="uncounted seconds per level"
+    )
     loadtest.add_argument("--max-frames", type=int, default=64, help="frames taken from a video")
     loadtest.add_argument("--json", type=Path, help="write the results as JSON here")
     loadtest.add_argument(
@@ -315,7 +346,7 @@ def _add_service_commands(command: AddCommand) -> None:
 def _add_local_dev_commands(command: AddCommand) -> None:
     """Local stand-ins: the Kafka-protocol broker and the Kinetics sample mirror."""
     broker = command("broker", _broker, "run the local Kafka-protocol broker (Tansu)")
-    broker.add_argument("--port", type=int, default=9092)
+    broker.add_argument("--port", type=_port, default=9092)
     broker.add_argument("--host", default="127.0.0.1")
 
     mirror = command(
@@ -323,7 +354,7 @@ def _add_local_dev_commands(command: AddCommand) -> None:
         _sample_mirror,
         "serve the sample clips under the Kinetics-400 val names (a local Kinetics mirror)",
     )
-    mirror.add_argument("--port", type=int, default=8765)
+    mirror.add_argument("--port", type=_port, default=8765)
     mirror.add_argument("--host", default="127.0.0.1")
 
 
@@ -395,7 +426,7 @@ def _add_depth_command(command: AddCommand) -> None:
         "{time_end:06d}.mp4",
     )
     depth.add_argument("--split", default="val", help="Kinetics split to take (default val)")
-    depth.add_argument("--limit", type=int, help="take only the first N inputs")
+    depth.add_argument("--limit", type=_non_negative(int), help="take only the first N inputs")
     add_settings_arguments(depth, DepthSettings)
 
 
@@ -403,7 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     given = {"level": args.log_level, "file": args.log_file}
-    setup_logging(LogSettings(**{name: value for name, value in given.items() if value}))
+    try:
+        setup_logging(LogSettings(**{name: value for name, value in given.items() if value}))
+    except (ValueError, OSError) as exc:  # an unknown level, a log file that cannot be opened
+        parser.exit(2, f"vidflow: error: logging: {exc}\n")
     try:
         return args.handler(args)
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -138,7 +139,13 @@ def load_model(name: str, weights: Path | None = None) -> LoadedModel:
     if weights is not None:
         if not Path(weights).is_file():
             raise WeightsUnavailableError(f"weights file not found: {weights}")
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # not a checkpoint
+            raise WeightsUnavailableError(
+                f"{weights} is not a PyTorch checkpoint (a state_dict saved with torch.save): "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
         if isinstance(state_dict, dict) and "state_dict" in state_dict:  # training checkpoints
             state_dict = state_dict["state_dict"]
     else:

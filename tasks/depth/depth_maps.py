@@ -97,6 +97,12 @@ def is_untrained(config: object) -> bool:
     return bool(getattr(config, UNTRAINED_CONFIG_KEY, False))
 
 
+def _looks_like_a_path(model_name: str) -> bool:
+    """A local folder rather than a hub id (`namespace/name`): absolute, relative to here, or
+    in a home folder."""
+    return model_name.startswith(("/", "./", "../", "~")) or model_name.count("/") > 1
+
+
 def check_depth_model(model_name: str) -> bool:
     """Fail before any download if the depth model cannot be found; return whether it is an
     untrained stand-in (random weights).
@@ -104,6 +110,8 @@ def check_depth_model(model_name: str) -> bool:
     Reads the model's config.json only, through huggingface_hub: the driver that checks never
     runs the model, so it does not pay torch's and transformers' imports (seconds of CPU).
     """
+    if _looks_like_a_path(model_name) and not Path(model_name).is_dir():
+        raise ValueError(f"depth model folder {model_name} does not exist")
     try:
         if Path(model_name).is_dir():
             config_path = Path(model_name) / "config.json"

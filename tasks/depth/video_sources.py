@@ -87,6 +87,11 @@ def read_url_list(path: Path) -> list[VideoRecord]:
     if not lines:
         return []
     header = [name.strip().lower() for name in next(csv.reader(lines[:1]))]
+    if "url" not in header and len(header) > 1 and not any("://" in name for name in header):
+        raise SourceListError(
+            f"{path}: a CSV needs a url column (its header names {header}); or give one URL "
+            "per line"
+        )
     if "url" not in header:
         urls = [line.strip() for line in lines]
         return _unique_ids(VideoRecord(video_id=_id_from_url(url), source_url=url) for url in urls)
@@ -135,10 +140,14 @@ def read_kinetics_csv(
             }
         except (ValueError, OverflowError) as exc:  # not a number, or inf
             raise SourceListError(f"{path}:{line_number}: bad time window: {exc}") from exc
+        try:
+            url = url_template.format(**fields)
+        except (ValueError, TypeError) as exc:  # a format spec that does not fit the field
+            raise SourceListError(f"--url-template on {path}:{line_number}: {exc}") from exc
         records.append(
             VideoRecord(
                 video_id=sanitize_video_id(KINETICS_ID_FORMAT.format(**fields)),
-                source_url=url_template.format(**fields),
+                source_url=url,
                 label=row["label"],
                 split=row.get("split") or split,
                 youtube_id=row["youtube_id"],
@@ -151,7 +160,11 @@ def read_kinetics_csv(
 
 def _check_template(url_template: str) -> None:
     allowed = {"label", "youtube_id", "time_start", "time_end", "split", "is_cc"}
-    names = {name for _, name, _, _ in string.Formatter().parse(url_template) if name}
+    names = {name for _, name, _, _ in string.Formatter().parse(url_template) if name is not None}
+    if unnamed := sorted(name for name in names if not name or name.isdigit()):
+        raise SourceListError(
+            f"--url-template fields need names, e.g. {{youtube_id}} (got {unnamed})"
+        )
     if unknown := names - allowed:
         raise SourceListError(
             f"--url-template uses unknown fields {sorted(unknown)}; known: {sorted(allowed)}"
@@ -175,6 +188,8 @@ def load_sources(
     """The input videos, from exactly one of `urls` and `kinetics_csv`."""
     if (urls is None) == (kinetics_csv is None):
         raise ValueError("give exactly one input: urls (a URL list) or kinetics_csv")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be 0 or more (got {limit})")
     if kinetics_csv is not None:
         if not url_template:
             raise ValueError("kinetics_csv needs url_template, e.g. https://HOST/{youtube_id}.mp4")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,6 +38,20 @@ class KafkaSettings(BaseSettings):
         return [self.frames_topic, self.results_topic, self.dlq_topic]
 
 
+def check_fps(value: str) -> str:
+    """A frame rate as the producer takes it: `native`, `max` or a positive number; refused
+    when the settings are made, not when the first source opens."""
+    if value in ("native", "max"):
+        return value
+    try:
+        fps = float(value)
+    except ValueError:
+        fps = 0.0
+    if not fps > 0 or fps == float("inf"):
+        raise ValueError(f"fps must be a positive number, native or max (got {value!r})")
+    return value
+
+
 class ProducerSettings(BaseSettings):
     """`vidflow produce`: frames from a video file, a webcam or an RTSP stream."""
 
@@ -66,6 +80,8 @@ class ProducerSettings(BaseSettings):
             "at --fps, starts staggered over one frame period; --max-frames counts per camera"
         ),
     )
+
+    _fps_checked = field_validator("fps")(check_fps)
 
 
 class ConsumerSettings(BaseSettings):

@@ -1,0 +1,124 @@
+"""Bad input on the command line: one line saying what is wrong and exit 2, before anything
+starts (no Prefect server, no Ray, no broker contact), never a traceback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vidflow.cli import main
+
+CLOSED_PORT = "127.0.0.1:1"  # nothing listens: a command that reached for it would hang or fail
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging() -> Iterator[None]:
+    """`main` sets up logging for the process; put pytest's handlers back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the CLI; it must end with exit 2 (returned, or argparse's own exit) and no
+    traceback. Returns what it printed on stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.fixture
+def one_url(tmp_path: Path) -> Path:
+    listing = tmp_path / "one.txt"
+    listing.write_text(f"http://{CLOSED_PORT}/v.mp4\n")
+    return listing
+
+
+def test_depth_refuses_an_input_list_with_nothing_to_do(tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    assert "no videos to process" in _refused(["depth", "--urls", str(empty)], capsys)
+    three = tmp_path / "three.txt"
+    three.write_text("http://h/a.mp4\nhttp://h/b.mp4\nhttp://h/c.mp4\n")
+    assert "no videos to process" in _refused(
+        ["depth", "--urls", str(three), "--limit", "0"], capsys
+    )
+    assert "must be 0 or more" in _refused(["depth", "--urls", str(three), "--limit", "-1"], capsys)
+
+
+def test_depth_refuses_a_csv_without_a_url_column(tmp_path: Path, capsys) -> None:
+    listing = tmp_path / "videos.csv"
+    listing.write_text("name,link\nclip,http://h/a.mp4\n")
+    assert "needs a url column" in _refused(["depth", "--urls", str(listing)], capsys)
+
+
+def test_depth_refuses_url_templates_it_cannot_fill(tmp_path: Path, capsys) -> None:
+    kinetics = tmp_path / "k.csv"
+    kinetics.write_text("label,youtube_id,time_start,time_end,split\nx,abc,1,11,val\n")
+    given = ["depth", "--kinetics-csv", str(kinetics), "--url-template"]
+    assert "need names" in _refused([*given, "http://h/{}.mp4"], capsys)
+    err = _refused([*given, "http://h/{youtube_id:06d}.mp4"], capsys)
+    assert f"--url-template on {kinetics}:2" in err
+
+
+def test_depth_refuses_a_backend_device_pair_and_a_missing_model_folder_first(
+    one_url: Path, tmp_path: Path, capsys
+) -> None:
+    err = _refused(
+        ["depth", "--urls", str(one_url), "--depth-backend", "onnx", "--device", "cuda"], capsys
+    )
+    assert "runs on the CPU only" in err
+    missing = tmp_path / "no-such-model"
+    err = _refused(["depth", "--urls", str(one_url), "--depth-model", str(missing)], capsys)
+    assert f"depth model folder {missing} does not exist" in err
+
+
+def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -> None:
+    # Against a broker that is not there: a refusal after contacting it would take 15 s and
+    # say "unreachable" instead.
+    produce = ["produce", "--bootstrap-servers", CLOSED_PORT, "--source", "clip.mp4"]
+    assert "fps must be a positive number" in _refused([*produce, "--fps", "abc"], capsys)
+    bench = ["stream-benchmark", "--bootstrap-servers", CLOSED_PORT, "--target", CLOSED_PORT]
+    assert "fps must be a positive number" in _refused([*bench, "--fps", "0"], capsys)
+    assert "consumers" in _refused([*bench, "--consumers", "0"], capsys)
+    assert "duration" in _refused([*bench, "--duration", "-5"], capsys)
+
+
+def test_flags_out_of_range_are_refused_by_the_parser(tmp_path: Path, capsys) -> None:
+    image = tmp_path / "x.jpg"
+    image.write_bytes(b"not read")
+    loadtest = ["loadtest", "--target", CLOSED_PORT, "--images", str(image)]
+    assert "must be a positive number" in _refused([*loadtest, "--duration", "0"], capsys)
+    assert "a port is 0-65535" in _refused(["sample-mirror", "--port", "99999"], capsys)
+    assert "a port is 0-65535" in _refused(["broker", "--port", "-1"], capsys)
+
+
+def test_logging_that_cannot_be_set_up_is_one_line(tmp_path: Path, capsys) -> None:
+    health = ["health", "--target", CLOSED_PORT]
+    assert "logging:" in _refused([*health, "--log-level", "bogus"], capsys)
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the log's folder would be
+    assert "logging:" in _refused([*health, "--log-file", str(blocked / "x.log")], capsys)
+
+
+def test_export_onnx_names_a_weights_file_that_is_not_a_checkpoint(tmp_path: Path, capsys) -> None:
+    weights = tmp_path / "bad.pt"
+    weights.write_text("not a model")
+    err = _refused(
+        ["export-onnx", "--weights", str(weights), "--cache-dir", str(tmp_path / "cache")], capsys
+    )
+    assert f"{weights} is not a PyTorch checkpoint" in err
