@@ -418,3 +418,50 @@ def _refused_while_loading(server: ServerProcess) -> None:
             metrics, "vidflow_inference_requests_total", method=method, code="UNAVAILABLE"
         )
         assert refusals == 1, method
+
+
+def test_calls_past_the_concurrent_limit_are_refused_not_held(
+    tmp_path: Path, model_cache: Path, video_frames: list[bytes]
+) -> None:
+    """Each held call may carry --max-message-bytes: past --max-concurrent-rpcs a new call is
+    refused at once (RESOURCE_EXHAUSTED), and admitted again when one ends."""
+    server = start_server(tmp_path, model_cache, "--max-concurrent-rpcs", "2")
+    server.wait_serving()
+    feeds: list[queue.Queue] = [queue.Queue(), queue.Queue()]
+
+    def requests(feed: queue.Queue) -> Iterator[inference_pb2.ClassifyRequest]:
+        while (image := feed.get()) is not None:
+            yield inference_pb2.ClassifyRequest(image=image)
+
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = inference_pb2_grpc.ClassifierStub(channel)
+            streams = [stub.ClassifyStream(requests(feed), timeout=60) for feed in feeds]
+            for feed, replies in zip(feeds, streams, strict=True):
+                feed.put(video_frames[0])
+                assert next(replies).predictions  # both held open, answering
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Classify(inference_pb2.ClassifyRequest(image=video_frames[1]), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            feeds[0].put(None)  # one stream ends...
+            assert list(streams[0]) == []
+            assert _admitted_within(stub, video_frames[1], 10.0)  # ...and a new call gets its place
+            feeds[1].put(None)
+            assert list(streams[1]) == []
+    finally:
+        for feed in feeds:
+            feed.put(None)
+        assert server.terminate() == 0
+
+
+def _admitted_within(stub: inference_pb2_grpc.ClassifierStub, image: bytes, limit_s: float) -> bool:
+    """Whether a Classify call is answered within `limit_s`: the server frees an ended call's
+    place a moment after its client has seen the end."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            return bool(stub.Classify(inference_pb2.ClassifyRequest(image=image), timeout=30))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

@@ -50,6 +50,7 @@ def _grpc_server(
     """The gRPC server with the classifier, health and (if asked) reflection, bound to its port."""
     server = grpc.aio.server(
         interceptors=[calls],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -57,6 +57,12 @@ class InferenceSettings(BaseSettings):
         16 * 1024 * 1024, description="largest request accepted (RESOURCE_EXHAUSTED above)"
     )
     max_image_pixels: int = Field(40_000_000, description="largest image (width x height) accepted")
+    max_concurrent_rpcs: int = Field(
+        256,
+        ge=1,
+        description="calls held at once, streams and health watches included; more get "
+        "RESOURCE_EXHAUSTED (each may carry --max-message-bytes: this bounds the memory)",
+    )
     preprocess_threads: int = Field(
         0,
         ge=0,
