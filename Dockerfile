@@ -15,7 +15,8 @@
 # Build (BuildKit is needed for the secret and bind mounts; it is the default since Docker 23).
 # With no --target the last stage, the inference service, is built:
 #   docker build --target runtime -t vidflow-inference .
-#   docker run --rm -p 50051:50051 -p 8000:8000 vidflow-inference
+#   docker run --rm -p 127.0.0.1:50051:50051 -p 127.0.0.1:8000:8000 vidflow-inference
+# (127.0.0.1: the service has no authentication; a bare -p would publish it on every interface.)
 #   docker build --target worker -t vidflow-worker .
 # docker-compose.yml builds both (`docker compose build`).
 #
@@ -43,7 +44,7 @@
 #     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #     --build-arg ONNXRUNTIME_PACKAGE=onnxruntime-gpu==1.32.0 \
 #     -t vidflow-inference:cuda .
-#   docker run --rm --gpus all -p 50051:50051 -p 8000:8000 vidflow-inference:cuda
+#   docker run --rm --gpus all -p 127.0.0.1:50051:50051 -p 127.0.0.1:8000:8000 vidflow-inference:cuda
 # `--device auto` (the default) then picks the CUDAExecutionProvider and says so in the log.
 # The worker on the same CUDA base (without TORCH_INDEX_URL) gets PyPI's CUDA torch for depth.
 #

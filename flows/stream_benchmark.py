@@ -91,7 +91,7 @@ def stream_benchmark(settings: StreamBenchmarkSettings | None = None) -> dict[st
         return capacity_sweep(settings)
     produced, summary, group = run_once(settings)
     shown = {
-        "source": settings.source, "duration_s": settings.duration, "fps": settings.fps,
+        "source": settings.shown_source, "duration_s": settings.duration, "fps": settings.fps,
         "target": settings.client.target, "bootstrap_servers": settings.kafka.bootstrap_servers,
         "consumers": settings.consumers, "consumer_concurrency": settings.concurrency,
         "group": group, "frames_topic": settings.kafka.frames_topic,

@@ -152,7 +152,7 @@ A step holds real time when every stream's results arrive at >= {MIN_FPS_RATIO} 
 fps, the end-to-end p99 of classified frames is within {sweep.budget_ms:g} ms, and no frame is
 skipped as stale (the consumers skip frames older than {sweep.budget_ms:g} ms); frames captured
 in a step's first {WARMUP_S:g} s are warm-up, not judged. Each step:
-{sweep.step_seconds:g} s of live streams from `{sweep.source}`, {sweep.consumers} consumer(s)
+{sweep.step_seconds:g} s of live streams from `{sweep.shown_source}`, {sweep.consumers} consumer(s)
 with {sweep.concurrency} calls in flight each, against `{sweep.client.target}`.
 
 ![per-stream fps and e2e p99 against live streams]({png_data_uri(png)})

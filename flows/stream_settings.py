@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.settings import SAMPLE_VIDEO
+from common.urls import shown_url
 from flows.capacity_rules import DEFAULT_BUDGET_MS
 from services.inference.settings import ClientSettings
 from tasks.stream.settings import KafkaSettings, check_fps
@@ -67,6 +68,11 @@ class StreamBenchmarkSettings(BaseModel):
     )
 
     _fps_checked = field_validator("fps")(check_fps)
+
+    @property
+    def shown_source(self) -> str:
+        """The source as reports show it: a camera URL without its password or token."""
+        return ",".join(shown_url(source) for source in self.source.split(","))
 
     @property
     def budget_ms(self) -> float:

@@ -132,3 +132,10 @@ def test_every_subcommand_has_help() -> None:
     assert set(helps) == set(subcommands.choices)
     assert {"serve", "consume", "produce", "stream-benchmark", "depth", "broker"} <= set(helps)
     assert all(helps.values()), helps  # each with its one line in `vidflow --help`
+
+
+def test_a_camera_password_is_not_shown_in_the_stream_reports() -> None:
+    from flows.stream_settings import StreamBenchmarkSettings
+
+    settings = StreamBenchmarkSettings(source="rtsp://admin:s3cret@10.0.0.5/live?token=t,clip.mp4")
+    assert settings.shown_source == "rtsp://10.0.0.5/live?…,clip.mp4"

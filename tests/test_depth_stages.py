@@ -244,6 +244,24 @@ def test_only_transient_http_errors_are_retried(tmp_path: Path, code: int, reque
     assert record.download_s is not None and record.download_s > 0  # kept on failed rows
 
 
+@pytest.mark.parametrize(
+    ("authority", "reason"),
+    [("127.0.0.1:{port}", "HTTP 404"), ("", "invalid URL")],  # a 404; no host: aiohttp refuses
+)
+def test_a_failed_download_names_its_url_without_credentials_or_signature(
+    tmp_path: Path, authority: str, reason: str
+) -> None:
+    """The error text goes to logs, artifacts and the table; `source_url` keeps the whole URL."""
+    with VideoServer() as server:
+        host = authority.format(port=server.port)
+        url = f"http://user:pw@{host}/missing.mp4?sig=abc"
+        record = download(_record(url), tmp_path, DepthSettings(**FAST_RETRIES))
+    assert record.failed and reason in record.error, record.error
+    assert f"http://{host}/missing.mp4?…" in record.error, record.error
+    assert "pw" not in record.error and "sig=abc" not in record.error, record.error
+    assert record.source_url == url
+
+
 def test_a_video_whose_first_bytes_come_a_few_at_a_time_is_recognised(tmp_path: Path) -> None:
     """A slow link or a proxy: the container check waits for enough bytes to decide."""
     with VideoServer({"v.mp4": Drip(CLIP, chunk=3, every_s=0.05, drip_bytes=30)}) as server:

@@ -321,3 +321,68 @@ def test_compose_refuses_to_start_without_its_secrets(missing: str) -> None:
     result = _run([*args, "config", "-q"], env=env)
     assert result.returncode != 0
     assert missing in result.stderr and ".env" in result.stderr, result.stderr
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    """One .dockerignore line as Docker reads it: anchored at the context root, ** any folders."""
+    parts: list[str] = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            parts.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            parts.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            parts.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            parts.append("[^/]")
+            i += 1
+        else:
+            parts.append(re.escape(pattern[i]))
+            i += 1
+    # A pattern that names a folder also excludes everything under it.
+    return re.compile("".join(parts) + "(?:/.*)?")
+
+
+def _docker_ignores(path: str) -> bool:
+    """Whether the build context leaves `path` out: the last matching line wins, `!` re-includes."""
+    ignored = False
+    for line in (REPO_ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = line.lstrip("!").strip("/")
+        if _dockerignore_regex(pattern).fullmatch(path):
+            ignored = not negated
+    return ignored
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        ".env",
+        ".env.local",
+        ".env.example",
+        "server.key",
+        "server.crt",
+        "ca.pem",
+        "client.p12",
+        "deploy/tls/server.key",
+        "services/inference/.env.prod",
+        "certs/chain.pem",
+    ],
+)
+def test_dockerignore_keeps_secrets_out_of_the_build_context(secret: str) -> None:
+    # `COPY . .` in the worker stage copies whatever the context holds into a layer.
+    assert _docker_ignores(secret), f"{secret} would be baked into the image"
+
+
+@pytest.mark.parametrize(
+    "needed", ["pyproject.toml", "constraints.txt", "README.md", "prefect.yaml", "vidflow/cli.py"]
+)
+def test_dockerignore_keeps_what_the_image_builds_from(needed: str) -> None:
+    assert not _docker_ignores(needed), f"{needed} is needed by the Dockerfile"

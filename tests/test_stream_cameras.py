@@ -148,6 +148,23 @@ def test_repeated_source_names_get_distinct_stream_ids() -> None:
     assert source_list(" a.mp4, ,b.mp4 ") == ["a.mp4", "b.mp4"]
 
 
+def test_a_camera_url_names_its_stream_by_host_and_path_without_its_credentials() -> None:
+    """The id is in every Kafka key, result record and log line: no password, no token."""
+    cameras = [
+        "rtsp://admin:s3cret@10.0.0.5:554/live",
+        "rtsp://viewer:hunter2@10.0.0.5:554/live",  # the same camera again: -2, as for files
+        "rtsp://cam.local/Streaming/Channels/101?token=t0k3n",
+        "rtsp://admin:s3cret@10.0.0.6",
+    ]
+    bases = stream_bases([*cameras, "a.mp4", "webcam:0"], None)
+    assert bases == [
+        "10.0.0.5-live", "10.0.0.5-live-2", "cam.local-Streaming-Channels-101", "10.0.0.6",
+        "a", "webcam:0",
+    ]  # fmt: skip
+    for secret in ("admin", "s3cret", "hunter2", "t0k3n"):
+        assert not any(secret in base for base in bases)
+
+
 def test_a_latency_budget_skips_stale_frames_and_every_frame_has_one_outcome(
     broker, onnx_server
 ) -> None:

@@ -176,6 +176,27 @@ def test_an_unavailable_service_is_waited_for_beyond_max_attempts(
     assert Counter(result_keys(results)) == Counter(keys)
 
 
+@pytest.mark.faults
+def test_a_newline_in_a_produced_stream_id_cannot_forge_a_consumer_log_line(
+    kafka, scripted_service, video_frames: list[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stream id comes from a header anyone who can produce to the topic writes."""
+    hostile = "cam-n\nCRITICAL forged line"
+    target, _ = scripted_service(
+        lambda _request, attempt: grpc.StatusCode.UNAVAILABLE if attempt == 1 else None
+    )
+    keys = _publish_frames(kafka, hostile, 1, video_frames[0])
+    with caplog.at_level("DEBUG", logger="tasks.stream"):
+        summary = _consumer(kafka, target, max_attempts=2).run()
+    assert summary.retries == 1 and summary.results_published == 1
+    mentions = [r.getMessage() for r in caplog.records if "forged line" in r.getMessage()]
+    assert any("retrying" in text for text in mentions), mentions
+    assert all("\n" not in text for text in mentions), mentions
+    # The id itself is kept as produced: only how the log renders it changes.
+    results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=1)
+    assert result_keys(results) == keys
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "vidflow.cli", *args]
 

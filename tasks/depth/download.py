@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from common.files import atomic_output
+from common.urls import shown_url
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
@@ -120,7 +121,9 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, UnicodeError | aiohttp.InvalidURL) or (
         isinstance(exc, ValueError) and "URL" in str(exc)
     ):  # a host IDNA cannot encode ("a..b", a 64-character label), "Invalid IPv6 URL"
-        return f"invalid URL: {type(exc).__name__}: {exc}"
+        # aiohttp's InvalidURL says the whole URL, credentials and signature included.
+        detail = shown_url(str(exc.url)) if isinstance(exc, aiohttp.InvalidURL) else exc
+        return f"invalid URL: {type(exc).__name__}: {detail}"
     return f"{type(exc).__name__}: {exc}" if not isinstance(exc, DownloadError) else str(exc)
 
 
@@ -233,7 +236,7 @@ async def download_video(
     try:
         scheme = urlsplit(record.source_url).scheme.lower()
     except ValueError as exc:  # e.g. "http://[::1/x"
-        return record.fail("download", f"{describe(exc)} ({record.source_url})")
+        return record.fail("download", f"{describe(exc)} ({shown_url(record.source_url)})")
     if scheme not in ("http", "https"):
         return record.fail("download", f"unsupported URL scheme {scheme!r} (http/https only)")
     raw_dir.mkdir(parents=True, exist_ok=True)
@@ -241,11 +244,13 @@ async def download_video(
         return record.update(raw_path=str(earlier), raw_bytes=earlier.stat().st_size)
 
     def failed(attempts: int, reason: str) -> VideoRecord:
-        """The record failed for `reason`, keeping how long its download took."""
+        """The record failed for `reason`, keeping how long its download took. The error text
+        goes to logs, artifacts and the table's `error` column; `source_url` already holds the
+        whole URL, so the text names it without credentials or a signed query."""
         tried = f" after {attempts} attempts" if attempts > 1 else ""
         return record.update(
             download_attempts=attempts, download_s=time.perf_counter() - started
-        ).fail("download", f"{reason}{tried} ({record.source_url})")
+        ).fail("download", f"{reason}{tried} ({shown_url(record.source_url)})")
 
     # The deadline spans every attempt and the waits between them, which a request's own
     # ClientTimeout(total=...) cannot: one asyncio deadline over the whole download instead.
@@ -296,9 +301,8 @@ async def download_videos(
                     return await download_video(session, record, raw_dir, settings)
                 except Exception as exc:  # a bug or an unforeseen error: this video's alone
                     log.exception("%s: download crashed", record.video_id)
-                    return record.fail(
-                        "download", f"download crashed: {describe(exc)} ({record.source_url})"
-                    )
+                    shown = shown_url(record.source_url)
+                    return record.fail("download", f"download crashed: {describe(exc)} ({shown})")
 
         return list(await asyncio.gather(*(bounded(record) for record in records)))
 

@@ -216,8 +216,10 @@ class InferenceCaller:
         backoff = min(self.settings.retry_max_backoff_s, 0.1 * 2 ** min(call.attempt, 10))
         call.retry_at = time.monotonic() + backoff * random.uniform(0.5, 1.0)
         if call.attempt == 1 or call.attempt % 10 == 0:
+            # %r: the key comes from a Kafka header anyone who can produce may write, and the
+            # service's details may echo it; a newline in it must not forge a log line.
             log.warning(
-                "inference call for %s failed (%s: %s); retrying, attempt %d",
+                "inference call for %r failed (%s: %r); retrying, attempt %d",
                 call.frame.key, code.name, exc.details(), call.attempt,
             )  # fmt: skip
         self.waiting_retry.append(call)

@@ -19,11 +19,13 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import cv2
 from confluent_kafka import KafkaError, Message, Producer
 
 from common.frames import encode_jpeg, opened_video
+from common.urls import shown_url
 from tasks.stream.broker_watch import BrokerLostError, BrokerWatch
 from tasks.stream.frame_codec import Frame, encode_frame_headers
 from tasks.stream.kafka_io import make_producer, produce_with_backpressure
@@ -79,7 +81,7 @@ def open_source(source: str) -> Iterator[cv2.VideoCapture]:
         raise FileNotFoundError(f"video file not found: {source}")
     with opened_video(target) as capture:
         if not capture.isOpened():
-            raise ValueError(f"cannot open video source {source}")
+            raise ValueError(f"cannot open video source {shown_url(source)}")
         yield capture
 
 
@@ -122,8 +124,22 @@ def source_list(source: str) -> list[str]:
     return sources
 
 
+def source_name(source: str) -> str:
+    """The default stream id of a source: a file's name, `webcam:N` as it is, and for a URL
+    its host and path (`rtsp://admin:pw@10.0.0.5:554/live` -> `10.0.0.5-live`). The id is in
+    every Kafka key, result record and log line, so a URL's password or token never is."""
+    if "://" not in source:
+        return Path(source).stem or source
+    try:
+        parts = urlsplit(source)
+        host = parts.hostname or ""
+    except ValueError:  # e.g. an unclosed IPv6 bracket; OpenCV refuses it when opened
+        return shown_url(source)
+    return "-".join([host, *(part for part in parts.path.split("/") if part)]) or parts.scheme
+
+
 def stream_bases(sources: list[str], stream_id: str | None) -> list[str]:
-    """Each source's stream id (base): `--stream-id` for one source, else the file's name;
+    """Each source's stream id (base): `--stream-id` for one source, else `source_name`;
     names that repeat get `-2`, `-3`, ... so no two cameras share an id."""
     if stream_id and len(sources) > 1:
         raise ValueError("--stream-id names one source's stream; several are named by their files")
@@ -131,7 +147,7 @@ def stream_bases(sources: list[str], stream_id: str | None) -> list[str]:
         return [stream_id]
     bases: list[str] = []
     for source in sources:
-        name = base = Path(source).stem or source
+        name = base = source_name(source)
         copy = 1
         while base in bases:  # also past a `-2` that an earlier copy or another file took
             copy += 1
@@ -177,13 +193,14 @@ def produce_frames(
             )
         ]
         stats = ProduceStats(
-            stream_id=",".join(bases), source=settings.source, target_fps=feeds[0].fps,
+            stream_id=",".join(bases), source=",".join(map(shown_url, sources)),
+            target_fps=feeds[0].fps,
             streams=n, per_stream={cam.stream_id: 0 for feed in feeds for cam in feed.cameras},
         )  # fmt: skip
         outlet = _FrameOutlet(producer, watch, kafka.frames_topic, stats)
         for feed in feeds:
             log.info(
-                "producing %s as %d stream(s) %s to %s at %s fps each", feed.source,
+                "producing %s as %d stream(s) %s to %s at %s fps each", shown_url(feed.source),
                 len(feed.cameras), ", ".join(c.stream_id for c in feed.cameras),
                 kafka.frames_topic, f"{feed.fps:.2f}" if feed.fps else "max",
             )  # fmt: skip
@@ -227,7 +244,9 @@ def _replay_all(
             halt.set()
 
     threads = [
-        threading.Thread(target=replay, args=(feed,), name=f"produce-{feed.source}", daemon=True)
+        threading.Thread(
+            target=replay, args=(feed,), name=f"produce-{shown_url(feed.source)}", daemon=True
+        )
         for feed in feeds
     ]
     for thread in threads:

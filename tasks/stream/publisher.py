@@ -75,7 +75,7 @@ class Publisher:
                 )
 
         log.debug(
-            "frame %s: %s %.3f inference %.1f ms rpc %.1f ms e2e %.1f ms",
+            "frame %r: %s %.3f inference %.1f ms rpc %.1f ms e2e %.1f ms",
             result.key, result.label, result.score, result.inference_ms, result.rpc_ms,
             result.e2e_ms,
         )  # fmt: skip
@@ -92,7 +92,7 @@ class Publisher:
             self.summary.skipped_stale += 1
             self.metrics.skipped_stale.inc()
 
-        log.debug("frame %s skipped: %.1f ms old", record.key, age_ms)
+        log.debug("frame %r skipped: %.1f ms old", record.key, age_ms)
         self._publish(
             self.kafka.results_topic, record.key.encode(), record.to_json(), None,
             self._finish_callback(message, delivered),
@@ -102,8 +102,9 @@ class Publisher:
         self, message: Message, reason: str, extra_headers: Sequence[tuple[str, bytes]] = ()
     ) -> None:
         """Copy a message to the dead-letter topic with the reason and its origin in headers."""
+        # %r: the reason can quote the frame's key, which whoever produced the frame chose.
         log.warning(
-            "dead-lettering %s/%d@%d: %s",
+            "dead-lettering %s/%d@%d: %r",
             message.topic(), message.partition(), message.offset(), reason,
         )  # fmt: skip
         headers = [
