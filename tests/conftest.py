@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import tempfile
@@ -129,3 +130,17 @@ def tiny_depth_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from devstack.tiny_depth_pro import save_tiny_depth_pro
 
     return save_tiny_depth_pro(tmp_path_factory.mktemp("tiny-depth-pro"))
+
+
+@pytest.fixture
+def restore_root_logging():
+    """setup_logging replaces the root handlers; put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)

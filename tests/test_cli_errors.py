@@ -3,29 +3,14 @@ starts (no Prefect server, no Ray, no broker contact), never a traceback."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from vidflow.cli import main
 
+pytestmark = pytest.mark.usefixtures("restore_root_logging")  # `main` sets up logging
 CLOSED_PORT = "127.0.0.1:1"  # nothing listens: a command that reached for it would hang or fail
-
-
-@pytest.fixture(autouse=True)
-def restore_root_logging() -> Iterator[None]:
-    """`main` sets up logging for the process; put pytest's handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
 
 
 def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -100,20 +100,6 @@ def test_the_capacity_chart_goes_where_the_environment_says(monkeypatch, tmp_pat
     assert stream_benchmark_settings(args).output_dir == Path("mine")  # the flag wins
 
 
-@pytest.fixture
-def restore_root_logging():
-    """setup_logging replaces the root handlers; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-
-
 def test_log_lines_carry_iso_timestamps_to_stderr_and_file(
     tmp_path: Path, capsys, restore_root_logging
 ) -> None:
