@@ -88,6 +88,10 @@ def test_flags_out_of_range_are_refused_by_the_parser(tmp_path: Path, capsys) ->
     image.write_bytes(b"not read")
     loadtest = ["loadtest", "--target", CLOSED_PORT, "--images", str(image)]
     assert "must be a positive number" in _refused([*loadtest, "--duration", "0"], capsys)
+    assert "whole numbers >= 1" in _refused([*loadtest, "--concurrency", "1,x"], capsys)
+    assert "whole numbers >= 1" in _refused([*loadtest, "--concurrency", "0"], capsys)
+    classify = ["classify", "--target", CLOSED_PORT, str(image)]
+    assert "must be 1 or more" in _refused([*classify, "--top-k", "-1"], capsys)
     assert "a port is 0-65535" in _refused(["sample-mirror", "--port", "99999"], capsys)
     assert "a port is 0-65535" in _refused(["broker", "--port", "-1"], capsys)
 

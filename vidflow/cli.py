@@ -40,15 +40,37 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _non_negative(number: Callable[[str], float]) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        value = number(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be 0 or more (got {text})")
-        return value
+def _at_least(
+    lowest: float, what: str
+) -> Callable[[Callable[[str], float]], Callable[[str], float]]:
+    """An argparse type: `number` (int or float) of the text, refused below `lowest`."""
 
-    parse.__name__ = number.__name__  # argparse names the type in its error: int, float
-    return parse
+    def of(number: Callable[[str], float]) -> Callable[[str], float]:
+        def parse(text: str) -> float:
+            value = number(text)
+            if value < lowest:
+                raise argparse.ArgumentTypeError(f"must be {what} (got {text})")
+            return value
+
+        parse.__name__ = number.__name__  # argparse names the type in its error: int, float
+        return parse
+
+    return of
+
+
+_non_negative = _at_least(0, "0 or more")
+_one_or_more = _at_least(1, "1 or more")
+
+
+def _levels(text: str) -> list[int]:
+    """Comma-separated concurrency levels, each at least 1."""
+    try:
+        levels = [int(level) for level in text.split(",")]
+    except ValueError:
+        levels = []
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"comma-separated whole numbers >= 1 (got {text!r})")
+    return levels
 
 
 def _port(text: str) -> int:
@@ -113,7 +135,7 @@ def _loadtest(args: argparse.Namespace) -> int:
     client = settings_from_args(ClientSettings, args)
     target = client.target
     images = load_encoded_images(args.images, max_frames=args.max_frames)
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    concurrencies = args.concurrency
     rpc = "ClassifyStream" if args.streaming else "Classify"
     log.info(
         "load test of %s (%s) with %d images, concurrency %s",
@@ -317,7 +339,9 @@ def _add_service_commands(command: AddCommand) -> None:
 
     classify = command("classify", _classify, "classify image files with a running service")
     add_settings_arguments(classify, ClientSettings)
-    classify.add_argument("--top-k", type=int, default=1)
+    classify.add_argument(
+        "--top-k", type=_one_or_more(int), default=1, help="labels to show per image (default 1)"
+    )
     classify.add_argument("files", nargs="+", type=Path)
 
     health = command("health", _health, "exit 0 when the service's gRPC health is SERVING")
@@ -329,7 +353,9 @@ def _add_service_commands(command: AddCommand) -> None:
     loadtest.add_argument(
         "--images", type=Path, required=True, help="an image, a folder of images, or a video"
     )
-    loadtest.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels")
+    loadtest.add_argument(
+        "--concurrency", type=_levels, default="1,2,4,8,16", help="comma-separated levels"
+    )
     loadtest.add_argument("--duration", type=_positive_float, default=10.0, help="s per level")
     loadtest.add_argument(
         "--warmup", type=_non_negative(float), default=2.0, help="uncounted seconds per level"
