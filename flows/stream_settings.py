@@ -16,10 +16,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.settings import SAMPLE_VIDEO
-from common.urls import shown_url
 from flows.capacity_rules import DEFAULT_BUDGET_MS
 from services.inference.settings import ClientSettings
-from tasks.stream.settings import KafkaSettings, check_fps
+from tasks.stream.settings import KafkaSettings, check_fps, shown_sources, source_list
 
 OUTPUT_DIR_VARIABLE = "VIDFLOW_STREAM_OUTPUT_DIR"
 
@@ -72,7 +71,7 @@ class StreamBenchmarkSettings(BaseModel):
     @property
     def shown_source(self) -> str:
         """The source as reports show it: a camera URL without its password or token."""
-        return ",".join(shown_url(source) for source in self.source.split(","))
+        return shown_sources(source_list(self.source))
 
     @property
     def budget_ms(self) -> float:

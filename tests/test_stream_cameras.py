@@ -24,8 +24,8 @@ from protos.inference_pb2 import ModelInfoRequest
 from protos.inference_pb2_grpc import ClassifierStub
 from tasks.stream.consumer import FrameConsumer
 from tasks.stream.frame_codec import Frame, FrameResult, decode_frame, frame_key
-from tasks.stream.producer import produce_frames, source_list, stream_bases
-from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
+from tasks.stream.producer import produce_frames, stream_bases
+from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings, source_list
 from tasks.stream.topics import ensure_topics
 from tests.conftest import VIDEOS, fresh_topics
 from tests.kafka_helpers import committed_total, partition_ends, read_topic

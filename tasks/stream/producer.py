@@ -29,7 +29,7 @@ from common.urls import shown_url
 from tasks.stream.broker_watch import BrokerLostError, BrokerWatch
 from tasks.stream.frame_codec import Frame, encode_frame_headers
 from tasks.stream.kafka_io import make_producer, produce_with_backpressure
-from tasks.stream.settings import KafkaSettings, ProducerSettings
+from tasks.stream.settings import KafkaSettings, ProducerSettings, shown_sources, source_list
 
 log = logging.getLogger(__name__)
 FALLBACK_FPS = 30.0
@@ -116,14 +116,6 @@ def run_cameras(bases: list[str], streams: int, partitions: int) -> list[list[Ca
     ]
 
 
-def source_list(source: str) -> list[str]:
-    """The run's sources: `--source` names one, or several separated by commas."""
-    sources = [part.strip() for part in source.split(",") if part.strip()]
-    if not sources:
-        raise ValueError("--source names no video file, webcam or stream")
-    return sources
-
-
 def source_name(source: str) -> str:
     """The default stream id of a source: a file's name, `webcam:N` as it is, and for a URL
     its host and path (`rtsp://admin:pw@10.0.0.5:554/live` -> `10.0.0.5-live`). The id is in
@@ -193,7 +185,7 @@ def produce_frames(
             )
         ]
         stats = ProduceStats(
-            stream_id=",".join(bases), source=",".join(map(shown_url, sources)),
+            stream_id=",".join(bases), source=shown_sources(sources),
             target_fps=feeds[0].fps,
             streams=n, per_stream={cam.stream_id: 0 for feed in feeds for cam in feed.cameras},
         )  # fmt: skip

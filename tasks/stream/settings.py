@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.urls import shown_url
+
 
 class KafkaSettings(BaseSettings):
     """Where the Kafka-protocol broker is and what the topics are called."""
@@ -36,6 +38,20 @@ class KafkaSettings(BaseSettings):
     def topics(self) -> list[str]:
         """Every topic a stream run uses."""
         return [self.frames_topic, self.results_topic, self.dlq_topic]
+
+
+def source_list(source: str) -> list[str]:
+    """The run's sources: `--source` names one, or several separated by commas."""
+    sources = [part.strip() for part in source.split(",") if part.strip()]
+    if not sources:
+        raise ValueError("--source names no video file, webcam or stream")
+    return sources
+
+
+def shown_sources(sources: list[str]) -> str:
+    """The sources as logs, stats and reports show them: camera URLs without a password or
+    token."""
+    return ",".join(shown_url(source) for source in sources)
 
 
 def check_fps(value: str) -> str:
