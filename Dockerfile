@@ -160,8 +160,7 @@ ENV VIDFLOW_PROJECT_DIR=/opt/vidflow \
     VIDFLOW_STREAM_OUTPUT_DIR=/data/stream-benchmark \
     PREFECT_HOME=/home/vidflow/.prefect \
     PREFECT_WORKER_WEBSERVER_PORT=8080 \
-    HF_HOME=/home/vidflow/.cache/huggingface \
-    RAY_AUTH_MODE=disabled
+    HF_HOME=/home/vidflow/.cache/huggingface
 
 USER 10001:10001
 

@@ -255,7 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     from devstack.prefect_api import prefect_api
     from devstack.tiny_depth_pro import save_tiny_depth_pro

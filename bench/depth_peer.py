@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -118,7 +119,7 @@ def ray_cluster(temp_dir: Path, bin_dir: Path) -> Iterator[str]:
     """A running single-node Ray on loopback (`ray start --head`), for the `cluster` mode; its
     workers find the ffmpeg wrapper first on PATH."""
     # Single-machine mode keeps every Ray server on 127.0.0.1 (see loopback_only_ray).
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # token auth: see main
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     port = free_port()
     ray = str(Path(sys.executable).with_name("ray"))
@@ -281,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline", type=Path, help="a checkout of earlier code, run as mode baseline_local"
     )
     args = parser.parse_args(argv)
+    # Ray's token auth, as a run's private Ray has it (flows.ray_start.private_ray_auth), with
+    # one token for the `cluster` mode's `ray start` and the runs that join it.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     modes = [mode for mode in args.ray.split(",") if mode]
     if args.baseline is not None:
         modes.append(BASELINE_MODE)
@@ -319,7 +324,7 @@ def measure_alternating(args: argparse.Namespace, modes: list[str], work: Path) 
         urls = [server.url(f"v{i}.mp4") for i in range(args.videos)]
         urls_file = work / "urls.txt"
         urls_file.write_text("\n".join(urls) + "\n")
-        base_env = {**os.environ, "PREFECT_API_URL": api_url, "RAY_AUTH_MODE": "disabled"}
+        base_env = {**os.environ, "PREFECT_API_URL": api_url}
         base_env["PREFECT_HOME"] = str(work / "prefect-home")
 
         def idle_cluster() -> frozenset[int]:

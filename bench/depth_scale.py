@@ -107,7 +107,7 @@ def one_run(size: int, work: Path, template: str, api_url: str, model: Path) -> 
         "--limit", str(size), "--url-template", template, "--output", str(work / f"out-{size}"),
         "--depth-model", str(model), "--device", "cpu",
     ]  # fmt: skip
-    env = {**os.environ, "PREFECT_API_URL": api_url, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PREFECT_API_URL": api_url}
     env["RAY_ADDRESS"] = "local"  # its own Ray, even where `ray start` runs one on this machine
     started = time.perf_counter()
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

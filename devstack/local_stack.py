@@ -80,7 +80,6 @@ class LocalStack:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "2",  # pick up a run within 2 s, not 10
             "VIDFLOW_PROJECT_DIR": str(REPO_ROOT),
-            "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
             "PYTHONUNBUFFERED": "1",
             # The venv's commands first, for whatever the flow runs start.
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -29,9 +30,8 @@ RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
     """`ray.init` arguments for a private local Ray instance sized for this flow.
 
-    Call it just before `ray.init`: it turns Ray 2.60's token auth off (RAY_AUTH_MODE, unless
-    set), which would write ~/.ray/auth_token; a private local instance needs none."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    Call it just before `ray.init`: it sets the instance's token auth (`private_ray_auth`)."""
+    private_ray_auth()
     init_kwargs: dict[str, Any] = {
         # A new instance, whatever Ray would find on its own: left to itself, ray.init() joins
         # the cluster named in Ray's current-cluster file, even a stale one (`cluster_address`
@@ -63,6 +63,45 @@ def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
     if num_cpus is not None:
         init_kwargs["num_cpus"] = num_cpus
     return init_kwargs
+
+
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
+
+
+def private_ray_auth() -> None:
+    """Token auth for a private local Ray, with a token of its own, unless RAY_AUTH_MODE says
+    otherwise (`disabled`, or `token` with the user's token).
+
+    Without a token any local account could run code as this user on the instance's loopback
+    ports, and read what its tasks carry (the Prefect API's address and credentials). Left to
+    itself, Ray 2.60 turns token auth on for a new local instance too, but with a token it
+    writes to ~/.ray/auth_token, kept after the run and shared by every later instance and
+    cluster of the account. A token in the environment (RAY_AUTH_TOKEN, Ray's first source)
+    reaches the instance's processes, which inherit it, and no one else: another account cannot
+    read this process's environment. Ray reads the mode into its cached config, so that is
+    refreshed as Ray's own default does."""
+    if os.environ.get(AUTH_MODE_ENV):
+        return
+    os.environ[AUTH_MODE_ENV] = "token"
+    os.environ.setdefault(AUTH_TOKEN_ENV, secrets.token_hex(32))
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def cluster_ray_auth() -> None:
+    """Token auth for joining a cluster where this account has a Ray token (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE is unset, as `ray start` does.
+
+    `ray.init` sends no token unless RAY_AUTH_MODE says `token`: a run in a shell without it
+    waited 30 s for a cluster with token auth, then failed with "Failed to connect"."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 @contextlib.contextmanager
@@ -188,20 +227,58 @@ def loopback_only_ray() -> Iterator[None]:
 def cluster_address() -> str | None:
     """The Ray cluster a run joins, as `ray.init()` finds one: RAY_ADDRESS, else the cluster
     that `ray start` started on this machine (Ray's current-cluster file, when its GCS is
-    alive); None for a private local Ray (also when RAY_ADDRESS is `local`, Ray's word for it).
+    alive and both are this account's: `_announced_by_this_account`); None for a private local
+    Ray (also when RAY_ADDRESS is `local`, Ray's word for it).
 
     Joining a running cluster saves the run Ray's start, and its depth actors stay loaded
     between runs. Left to itself, `ray.init()` with the private instance's arguments would find
     that cluster and refuse them (`_system_config must not be provided`)."""
-    from ray._private import services
+    from ray._private import services, utils
 
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if address:
         return None if address == "local" else address
-    started_here = services.find_bootstrap_address(None)
-    if started_here and started_here in services.find_gcs_addresses():
-        return started_here
-    return None
+    # What `services.find_bootstrap_address` reads, through the module it leaves unimported.
+    started_here = utils.read_ray_address(None)
+    if not started_here or started_here not in services.find_gcs_addresses():
+        return None
+    if not _announced_by_this_account(started_here):
+        log.warning(
+            "Not joining the Ray cluster at %s that Ray's current-cluster file names: another "
+            "account started it or wrote the file; a private Ray runs instead (set RAY_ADDRESS "
+            "to join a cluster on purpose)",
+            started_here,
+        )
+        return None
+    return started_here
+
+
+def _announced_by_this_account(address: str) -> bool:
+    """Whether Ray's current-cluster file and a raylet serving the cluster at `address` are
+    this account's.
+
+    Ray keeps that file in a directory any account can write (/tmp/ray), and `ray.init()` joins
+    whatever cluster it names: a run would send its tasks, and with them the Prefect API's
+    address and credentials (and its Ray token), to another account's cluster. Another account
+    cannot make a file or a process this account's."""
+    import psutil  # Ray's own copy, importable once ray is
+    from ray._private import services, utils
+
+    account = os.getuid()
+    try:
+        if os.stat(utils.get_ray_address_file(None)).st_uid != account:
+            return False
+    except OSError:
+        return False
+    flag = f"--gcs-address={address}"
+    for process in psutil.process_iter(["cmdline", "uids"]):
+        command = process.info["cmdline"] or []
+        uids = process.info["uids"]
+        if uids is None or uids.real != account or not services._is_raylet_process(command):
+            continue
+        if flag in " ".join(command).split():
+            return True
+    return False
 
 
 def reaching_cluster(address: str) -> contextlib.AbstractContextManager[None]:
@@ -244,6 +321,7 @@ def run_ray(
     Ray starts and runs (`reaching_cluster`, or `private_ray_start`). A cluster refuses
     num_cpus: its servers are not ours to size or restrict."""
     if address := cluster_address():
+        cluster_ray_auth()
         return address, {"namespace": RAY_NAMESPACE}, reaching_cluster(address)
     init_kwargs = {"namespace": RAY_NAMESPACE, **local_ray_init_kwargs(num_cpus)}
     return None, init_kwargs, private_ray_start()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import tempfile
 import uuid
@@ -23,7 +24,10 @@ _STATE = Path(tempfile.mkdtemp(prefix="vidflow-tests-"))
 os.environ.setdefault("PREFECT_HOME", str(_STATE / "prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("RAY_TMPDIR", str(_STATE / "ray"))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray's token auth with a token of the session's own, as a run's private Ray has it
+# (flows.ray_start.private_ray_auth); the tests' `ray start` clusters take it too.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 os.environ.setdefault("VIDFLOW_DEPTH_CACHE_DIR", str(_STATE / "depth-cache"))
 
 VIDEOS = SAMPLE_VIDEOS_DIR

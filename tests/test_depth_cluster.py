@@ -7,12 +7,14 @@ RAY_ADDRESS as `ray.init()` would."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lance
@@ -26,6 +28,7 @@ from tasks.depth.settings import DepthSettings
 from tests.conftest import VIDEOS
 from tests.video_server import Serve, VideoServer
 
+ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -46,7 +49,7 @@ def _running_ray(
     this test), where `ray.init()` looks."""
     # Ray's socket paths live under --temp-dir and must fit in 107 bytes: keep it short.
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = dict(os.environ)  # with the session's Ray token (tests/conftest.py)
     if announced:
         env["RAY_TMPDIR"] = str(temp)
         monkeypatch.setenv("RAY_TMPDIR", str(temp))
@@ -70,7 +73,6 @@ def _running_ray(
             monkeypatch.delenv("RAY_ADDRESS", raising=False)
         else:
             monkeypatch.setenv("RAY_ADDRESS", address)
-        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
         yield address
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
@@ -177,6 +179,28 @@ def test_a_cluster_that_ray_start_runs_here_is_joined_without_ray_address(
     alive, named_actors = _cluster_view(announced_head)
     assert {row["node_id"] for row in rows} == alive
     assert any(name.startswith("depth-") for name in named_actors)  # still loaded there
+    # A run in a shell without RAY_AUTH_MODE, the account's token in ~/.ray/auth_token (where
+    # `ray get-auth-token --generate` puts it), joins too: Ray alone sends no token then.
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(os.environ["RAY_AUTH_TOKEN"])
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env["HOME"] = str(home)
+    joined = subprocess.run([sys.executable, "-c", JOIN_AS_A_RUN], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert joined.returncode == 0, joined.stderr[-2000:]
+    assert json.loads(joined.stdout.splitlines()[-1]) == sorted(alive)
+
+
+# Joins the Ray a run would (`run_ray`) and prints its live node ids.
+JOIN_AS_A_RUN = """
+import json, ray
+from flows.ray_start import run_ray
+address, init_kwargs, hold = run_ray(None)
+with hold:
+    ray.init(address=address, **init_kwargs)
+    print(json.dumps(sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])))
+"""
 
 
 def test_which_cluster_a_run_joins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -190,6 +214,65 @@ def test_which_cluster_a_run_joins(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
     assert cluster_address() is None  # the file of a cluster that is gone
+
+
+NOBODY = 65534  # an account other than this one
+
+
+@contextlib.contextmanager
+def _raylet_process(gcs_address: str, *, account: int | None = None) -> Iterator[None]:
+    """A process that shows itself as a raylet of the cluster at `gcs_address` (the command
+    line Ray looks for), run by `account` (this one if None): what another account can start
+    beside a real cluster's, or in place of one that has gone."""
+    shown_as_raylet = f"exec -a raylet sh -c 'sleep 60; :' sh --gcs-address={gcs_address}"
+    as_account = [] if account is None else ["setpriv", f"--reuid={account}",
+                                              f"--regid={account}", "--clear-groups"]  # fmt: skip
+    process = subprocess.Popen([*as_account, "bash", "-c", shown_as_raylet])
+    try:
+        yield
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="making a file or process another account's")
+def test_a_cluster_announced_by_another_account_is_not_joined(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Ray's current-cluster file lives where any account can write (/tmp/ray): a run joins
+    the cluster it names only if the file and a raylet of that cluster are this account's."""
+    from ray._private import services
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    announced = f"127.0.0.1:{free_port()}"
+    (tmp_path / "ray").mkdir()
+    current = tmp_path / "ray" / "ray_current_cluster"
+    current.write_text(announced)
+
+    def raylet_seen() -> bool:
+        services.find_gcs_addresses.cache_clear()  # Ray keeps what it found last
+        return announced in services.find_gcs_addresses()
+
+    with _raylet_process(announced):
+        assert _eventually(raylet_seen)
+        assert cluster_address() == announced  # this account's: joined
+        os.chown(current, NOBODY, NOBODY)
+        assert cluster_address() is None  # the file another account's
+    assert _eventually(lambda: not raylet_seen())
+    os.chown(current, os.getuid(), os.getgid())
+    with _raylet_process(announced, account=NOBODY):
+        assert _eventually(raylet_seen)
+        assert cluster_address() is None  # served by another account's raylet only
+
+
+def _eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @pytest.mark.slow

@@ -95,6 +95,20 @@ RAY_LISTENERS = textwrap.dedent(
                 pass
         agent_log = os.path.join(session, "logs", "dashboard_agent.log")
         bind_failures = open(agent_log).read().count("Failed to bind")
+        # What the instance's GCS answers a caller without its token, with another, with it.
+        import grpc
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+        gcs = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(
+            grpc.insecure_channel(ray.get_runtime_context().gcs_address))
+        gcs_answers = []
+        for token in (None, "another", os.environ.get("RAY_AUTH_TOKEN")):
+            metadata = [("authorization", f"Bearer {token}")] if token else []
+            try:
+                gcs.GetAllNodeInfo(gcs_service_pb2.GetAllNodeInfoRequest(), timeout=10,
+                                   metadata=metadata)
+                gcs_answers.append("OK")
+            except grpc.RpcError as error:
+                gcs_answers.append(error.code().name)
     print(json.dumps({"ran": ran, "listening": listening, "commands": commands,
                       "agent_bind_failures": bind_failures,
                       "env_after": os.environ.get(RAY_CLUSTER_ENV),
@@ -102,6 +116,8 @@ RAY_LISTENERS = textwrap.dedent(
                       "params_after": ray._private.parameter.RayParams.__name__,
                       "api_server_after": ray._private.node.Node.start_api_server.__name__,
                       "read_registered": read_registered,
+                      "gcs_answers": gcs_answers,
+                      "token_files": os.listdir(os.path.expanduser("~")),
                       "get_node_after": services.get_node is get_node}))
     """
 )
@@ -118,9 +134,12 @@ def _loopback(ip: str) -> bool:
 
 @pytest.mark.faults
 @pytest.mark.slow
-def test_a_local_ray_listens_on_loopback_only_runs_no_idle_extras_and_starts_at_once() -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", RAY_CLUSTER_ENV)}
-    env["RAY_AUTH_MODE"] = "disabled"
+def test_a_local_ray_listens_on_loopback_only_wants_its_own_token_and_starts_at_once(
+    tmp_path: Path,
+) -> None:
+    unset = ("RAY_ADDRESS", RAY_CLUSTER_ENV, "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env["HOME"] = str(tmp_path)  # where Ray would keep a token of its own (~/.ray/auth_token)
     # Ray's default port for a node agent, taken as another Ray on the machine takes it.
     with _port_taken(RAY_DEFAULT_AGENT_PORT):
         done = subprocess.run(
@@ -161,6 +180,10 @@ def test_a_local_ray_listens_on_loopback_only_runs_no_idle_extras_and_starts_at_
     # raylet, so the run, waited for it).
     assert report["agent_bind_failures"] == 0
     assert RAY_DEFAULT_AGENT_PORT not in {port for _, _, port in listening}
+    # Token auth, with a token of the run's own: another local account, with no token or
+    # another, is refused; nothing is left in the user's home to reuse.
+    assert report["gcs_answers"] == ["UNAUTHENTICATED", "UNAUTHENTICATED", "OK"]
+    assert report["token_files"] == []
 
 
 @contextlib.contextmanager
