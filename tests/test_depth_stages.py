@@ -114,6 +114,34 @@ def test_url_lists_skip_comments_and_repeats_and_keep_ids_unique(tmp_path: Path)
     assert records[2].video_id.startswith("escape_")
 
 
+def test_two_urls_given_one_id_refuse_the_list_and_repeats_are_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every line is accounted for: a repeated video is dropped and said so; two videos that
+    would share a row (ids equal once file-name-safe) are refused, naming both."""
+    listing = tmp_path / "ids.csv"
+    listing.write_text("url,video_id\nhttps://h/a.mp4,my clip\nhttps://h/b.mp4,my_clip\n")
+    with pytest.raises(SourceListError, match=r"'my_clip' \(https://h/a.mp4 and https://h/b.mp4"):
+        read_url_list(listing)
+    listing.write_text("url,video_id\nhttps://h/a.mp4,one\nhttps://h/a.mp4,two\nhttps://h/b.mp4,\n")
+    with caplog.at_level("WARNING", logger="tasks.depth.video_sources"):
+        records = read_url_list(listing)
+    assert [(r.source_url, r.video_id[:2]) for r in records] == [
+        ("https://h/a.mp4", "on"), ("https://h/b.mp4", "b_"),
+    ]  # fmt: skip
+    assert "1 lines repeat a video listed before" in caplog.text
+    # A Kinetics clip is its id: listed again (here under another split's URL), it is a repeat.
+    kinetics = tmp_path / "k.csv"
+    row = "abseiling,0wR5jVB-WPk,417,427"
+    kinetics.write_text(f"label,youtube_id,time_start,time_end,split\n{row},val\n{row},test\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tasks.depth.video_sources"):
+        clips = read_kinetics_csv(kinetics, url_template="https://h/{split}/{youtube_id}.mp4",
+                                  split=None)  # fmt: skip
+    assert [c.source_url for c in clips] == ["https://h/val/0wR5jVB-WPk.mp4"]
+    assert "1 lines repeat" in caplog.text
+
+
 def test_a_video_id_depends_on_its_url_alone(tmp_path: Path) -> None:
     """Reordered or extended lists keep every id: a re-run finds its earlier rows."""
     urls = ["https://a.example/x/clip.mp4", "https://b.example/y/clip.mp4"]

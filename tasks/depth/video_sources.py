@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import re
 import string
 from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from common.urls import shown_url
 from tasks.depth.video_record import VideoRecord
+
+log = logging.getLogger(__name__)
 
 MAX_VIDEO_ID_CHARS = 120
 URL_HASH_CHARS = 10
@@ -57,18 +61,34 @@ def _id_from_url(url: str) -> str:
     return sanitize_video_id(f"{stem[: MAX_VIDEO_ID_CHARS - URL_HASH_CHARS - 1]}_{digest}")
 
 
-def _unique_ids(records: Iterable[VideoRecord]) -> list[VideoRecord]:
-    """Drop repeated sources (same URL, or the same id given twice): one row per video."""
-    seen_urls: set[str] = set()
-    taken: set[str] = set()
-    unique: list[VideoRecord] = []
+def _unique_ids(
+    records: Iterable[VideoRecord], path: Path, *, same_id_same_video: bool = False
+) -> list[VideoRecord]:
+    """One row per video: a URL listed again (or, with `same_id_same_video`, a Kinetics clip
+    listed again under another URL) is dropped, and how many were is logged. Two different
+    URLs that get one id (a CSV's `video_id` column, the same once made file-name-safe, e.g.
+    `my clip` and `my_clip`) refuse the list: either one's row would silently take the other's
+    place."""
+    by_url: dict[str, VideoRecord] = {}
+    by_id: dict[str, VideoRecord] = {}
+    repeats = 0
     for record in records:
-        if record.source_url in seen_urls or record.video_id in taken:
+        if record.source_url in by_url:
+            repeats += 1
             continue
-        seen_urls.add(record.source_url)
-        taken.add(record.video_id)
-        unique.append(record)
-    return unique
+        if (first := by_id.get(record.video_id)) is not None:
+            if not same_id_same_video:
+                raise SourceListError(
+                    f"{path}: two URLs get the video id {record.video_id!r} "
+                    f"({shown_url(first.source_url)} and {shown_url(record.source_url)}); "
+                    "give each video an id of its own"
+                )
+            repeats += 1
+            continue
+        by_url[record.source_url] = by_id[record.video_id] = record
+    if repeats:
+        log.warning("%s: %d lines repeat a video listed before: one row each", path, repeats)
+    return list(by_id.values())
 
 
 def read_url_list(path: Path) -> list[VideoRecord]:
@@ -94,7 +114,9 @@ def read_url_list(path: Path) -> list[VideoRecord]:
         )
     if "url" not in header:
         urls = [line.strip() for line in lines]
-        return _unique_ids(VideoRecord(video_id=_id_from_url(url), source_url=url) for url in urls)
+        return _unique_ids(
+        (VideoRecord(video_id=_id_from_url(url), source_url=url) for url in urls), path
+    )
     records = []
     for row in csv.reader(lines[1:]):
         fields = {name: value.strip() for name, value in zip(header, row, strict=False)}
@@ -109,7 +131,7 @@ def read_url_list(path: Path) -> list[VideoRecord]:
                 split=fields.get("split") or None,
             )
         )
-    return _unique_ids(records)
+    return _unique_ids(records, path)
 
 
 def read_kinetics_csv(
@@ -155,7 +177,7 @@ def read_kinetics_csv(
                 time_end=fields["time_end"],
             )
         )
-    return _unique_ids(records)
+    return _unique_ids(records, path, same_id_same_video=True)
 
 
 def _check_template(url_template: str) -> None:
