@@ -1,9 +1,11 @@
-"""Writing a file so that readers see the old one or the whole new one, never half of it."""
+"""Writing a file so that readers see the old one or the whole new one, never half of it; and
+whether a folder takes files at all, asked before a run starts."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -54,3 +56,15 @@ def remove_stale_partials(
                     os.unlink(entry.path)
                     removed += 1
     return removed
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Make `folder` (and its parents) and write a file there, or raise ValueError saying why:
+    a run that cannot write its output should fail before its first download, not with a
+    traceback when its first rows are due."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vidflow-write-check-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot write to the output folder {folder}: {exc}") from exc

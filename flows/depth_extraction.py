@@ -21,7 +21,7 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
-from common.files import remove_stale_partials
+from common.files import check_writable_folder, remove_stale_partials
 from flows.depth_report import RunReport
 from flows.ray_runner import cluster_cpus, ray_task_runner
 from tasks.depth.depth_maps import check_depth_backend, check_depth_model, check_frames_spec
@@ -58,6 +58,7 @@ def depth_extraction(
     logger = get_run_logger()
     settings = run_settings(settings)
     untrained = check_model(settings)
+    check_writable_folder(settings.output)
     sources = load_sources(urls, kinetics_csv, url_template, split, limit)
     table = VideoTable(settings.output)
     table.create()

@@ -72,6 +72,18 @@ def test_depth_refuses_a_backend_device_pair_and_a_missing_model_folder_first(
     assert f"depth model folder {missing} does not exist" in err
 
 
+def test_depth_refuses_an_output_it_cannot_write_and_an_odd_height(
+    one_url: Path, tmp_path: Path, tiny_depth_model: Path, capsys
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    given = ["depth", "--urls", str(one_url), "--depth-model", str(tiny_depth_model)]
+    err = _refused([*given, "--output", str(a_file / "out")], capsys)
+    assert f"cannot write to the output folder {a_file / 'out'}" in err
+    # H.264 needs an even height: every video failed at its transcode, after all downloads.
+    assert "multiple of 2" in _refused(["depth", "--urls", str(one_url), "--height", "361"], capsys)
+
+
 def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -> None:
     # Against a broker that is not there: a refusal after contacting it would take 15 s and
     # say "unreachable" instead.

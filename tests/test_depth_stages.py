@@ -563,6 +563,21 @@ def test_only_a_model_marked_untrained_is_labelled_untrained(
     assert check_depth_model(str(trained)) is False
 
 
+def test_a_home_folder_is_expanded_in_output_cache_and_model(
+    tmp_path: Path, tiny_depth_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`~/x`, from the environment or a quoted flag, is the home folder's x (it made a folder
+    named `~` in the working directory, and a model there was "not found")."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_depth_model, tmp_path / "models" / "tiny")
+    monkeypatch.setenv("VIDFLOW_DEPTH_OUTPUT", "~/out")
+    settings = DepthSettings(depth_model="~/models/tiny", cache_dir="~/cache")
+    assert settings.output == tmp_path / "out"
+    assert settings.cache_dir == tmp_path / "cache"
+    assert settings.depth_model == str(tmp_path / "models" / "tiny")
+    assert check_depth_model(settings.depth_model) is True
+
+
 # ---- storage -------------------------------------------------------------------------------
 
 

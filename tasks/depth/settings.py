@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import DEFAULT_CACHE_DIR
@@ -90,7 +90,9 @@ class DepthSettings(BaseSettings):
     retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay, doubled each time")
     retry_backoff_max_s: float = Field(30.0, ge=0, description="longest retry delay")
     max_download_bytes: int = Field(1024**3, ge=1, description="largest video downloaded")
-    height: int = Field(360, ge=2, description="height of the transcoded videos")
+    height: int = Field(
+        360, ge=2, multiple_of=2, description="height of the transcoded videos (even: H.264)"
+    )
     ffmpeg_threads: int = Field(1, ge=0, description="threads per ffmpeg (0: ffmpeg decides)")
     x264_preset: str = Field("veryfast", description="x264 preset of the transcode")
     x264_crf: int = Field(23, ge=0, le=51, description="x264 quality (lower is better)")
@@ -113,6 +115,18 @@ class DepthSettings(BaseSettings):
             "VIDFLOW_DEPTH_RAY_NUM_CPUS in the worker's environment there"
         ),
     )
+
+    @field_validator("output", "cache_dir")
+    @classmethod
+    def _home_expanded(cls, folder: Path) -> Path:
+        """`~/x` is the home folder's x, as a shell would make it: from the environment or a
+        quoted flag it came as written, and made a folder named `~` here."""
+        return folder.expanduser()
+
+    @field_validator("depth_model")
+    @classmethod
+    def _model_home_expanded(cls, model: str) -> str:
+        return str(Path(model).expanduser()) if model.startswith("~") else model
 
 
 def shards_in_flight(settings: DepthSettings, cpus: int) -> int:
