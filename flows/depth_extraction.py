@@ -57,8 +57,7 @@ def depth_extraction(
     defaults."""
     logger = get_run_logger()
     settings = run_settings(settings)
-    untrained = check_model(settings)
-    check_writable_folder(settings.output)
+    untrained = check_settings(settings)
     sources = load_sources(urls, kinetics_csv, url_template, split, limit)
     table = VideoTable(settings.output)
     table.create()
@@ -111,11 +110,13 @@ def run_settings(settings: DepthSettings | None) -> DepthSettings:
     return settings.model_copy(update={"output": settings.output.resolve()})
 
 
-def check_model(settings: DepthSettings) -> bool:
-    """Refuse a bad frames spec or depth model; True (and a warning) for untrained weights."""
+def check_settings(settings: DepthSettings) -> bool:
+    """Refuse a bad frames spec, depth model or output folder; True (and a warning) for
+    untrained weights."""
     check_frames_spec(settings.frames)
     check_depth_backend(settings.depth_backend, settings.device)
     untrained = check_depth_model(settings.depth_model)
+    check_writable_folder(settings.output)  # last: it makes the folder
     if untrained:
         get_run_logger().warning(
             "depth model %s has UNTRAINED (random) weights: every depth output of this run is "

@@ -115,8 +115,8 @@ def read_url_list(path: Path) -> list[VideoRecord]:
     if "url" not in header:
         urls = [line.strip() for line in lines]
         return _unique_ids(
-        (VideoRecord(video_id=_id_from_url(url), source_url=url) for url in urls), path
-    )
+            (VideoRecord(video_id=_id_from_url(url), source_url=url) for url in urls), path
+        )
     records = []
     for row in csv.reader(lines[1:]):
         fields = {name: value.strip() for name, value in zip(header, row, strict=False)}
