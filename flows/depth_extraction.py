@@ -25,6 +25,7 @@ from common.files import check_writable_folder, remove_stale_partials
 from flows.depth_report import RunReport
 from flows.ray_runner import cluster_cpus, ray_task_runner
 from tasks.depth.depth_maps import check_depth_backend, check_depth_model, check_frames_spec
+from tasks.depth.output_lock import output_lock
 from tasks.depth.settings import DepthSettings
 from tasks.depth.shard_tasks import (
     OUTPUT_FOLDERS,
@@ -34,6 +35,7 @@ from tasks.depth.shard_tasks import (
     run_shards,
     shard_count,
 )
+from tasks.depth.video_record import VideoRecord
 from tasks.depth.video_sources import load_sources
 from tasks.depth.video_table import VideoTable, WorkPlan
 
@@ -55,10 +57,18 @@ def depth_extraction(
     The input is `urls` or `kinetics_csv` (with `url_template`, `split`, `limit`); everything
     else is `settings`, whose fields left out come from VIDFLOW_DEPTH_* variables, then the
     defaults."""
-    logger = get_run_logger()
     settings = run_settings(settings)
     untrained = check_settings(settings)
     sources = load_sources(urls, kinetics_csv, url_template, split, limit)
+    with output_lock(settings.output):  # one run at a time per output folder
+        return _extract(sources, settings, untrained, show_progress)
+
+
+def _extract(
+    sources: list[VideoRecord], settings: DepthSettings, untrained: bool, show_progress: bool
+) -> dict[str, Any]:
+    """The run, once its input is read and its output folder is its own."""
+    logger = get_run_logger()
     table = VideoTable(settings.output)
     table.create()
     # Partial files of runs killed with SIGKILL, which nothing else removes (an hour old).

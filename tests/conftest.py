@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -148,3 +151,32 @@ def restore_root_logging():
     for handler in handlers:
         root.addHandler(handler)
     root.setLevel(level)
+
+
+# Holds an output folder's run lock in a process of its own until killed (tests/conftest.py).
+_HOLD_OUTPUT = """
+import sys, time
+from pathlib import Path
+from tasks.depth.output_lock import output_lock
+with output_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def output_held_by_another_run(folder: Path) -> Iterator[subprocess.Popen[str]]:
+    """`folder` locked by another process, as a run writing to it holds it; that process is
+    killed with SIGKILL afterwards (or by the caller, to see the lock go with it)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_OUTPUT, str(folder)],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.depth.output_lock import check_output_free
+from tests.conftest import output_held_by_another_run
 from vidflow.cli import main
 
 pytestmark = pytest.mark.usefixtures("restore_root_logging")  # `main` sets up logging
@@ -82,6 +84,20 @@ def test_depth_refuses_an_output_it_cannot_write_and_an_odd_height(
     assert f"cannot write to the output folder {a_file / 'out'}" in err
     # H.264 needs an even height: every video failed at its transcode, after all downloads.
     assert "multiple of 2" in _refused(["depth", "--urls", str(one_url), "--height", "361"], capsys)
+
+
+def test_depth_refuses_an_output_folder_another_run_writes_to(
+    one_url: Path, tmp_path: Path, tiny_depth_model: Path, capsys
+) -> None:
+    """Two runs into one folder each committed rows for the same videos: two rows a video."""
+    output = tmp_path / "out"
+    given = ["depth", "--urls", str(one_url), "--depth-model", str(tiny_depth_model)]
+    with output_held_by_another_run(output) as other:
+        err = _refused([*given, "--output", str(output)], capsys)
+        assert f"another run (pid {other.pid} on " in err and f"is writing to {output}" in err
+        other.kill()  # as SIGKILL ends a run: its lock goes with it
+        other.wait()
+        check_output_free(output)
 
 
 def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -> None:
