@@ -6,6 +6,7 @@ depth task redoes what an early call lost."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,6 +208,27 @@ def test_a_depth_actor_lost_for_good_fails_only_the_videos_whose_maps_had_not_co
     assert first.status == "ok" and Path(first.depth_path).is_file()  # kept, not redone
     assert second.failed and second.failed_stage == "depth"
     assert "depth crashed" in second.error
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_a_model_that_cannot_load_fails_its_videos_with_the_cause_first(
+    tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    """The run's artifacts show a row's first few hundred characters: the cause must be in
+    them, not 1,800 characters into Ray's colourful remote traceback."""
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_depth_model, broken)
+    (broken / "model.safetensors").write_bytes(b"\xff" * 64)  # not a safetensors file
+    settings = DepthSettings(depth_model=str(broken), device="cpu", depth_backend="torch")
+    videos, maps = tmp_path / "videos", tmp_path / "depth"
+    actors = start_depth_actors(settings)
+    transcoded = transcode_task.fn(_downloaded_shard(1), videos, maps, settings, actors)
+    [record] = depth_task.fn(transcoded, maps, settings, actors).records  # no retry left
+    assert record.failed and record.failed_stage == "depth"
+    assert record.error.startswith("depth crashed: ") and "\x1b" not in record.error
+    first_line = record.error.splitlines()[0]
+    assert "SafetensorError" in first_line, record.error[:400]
 
 
 @pytest.mark.slow

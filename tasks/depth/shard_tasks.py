@@ -32,6 +32,7 @@ import hashlib
 import itertools
 import logging
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -147,7 +148,7 @@ def _run_stage(
     except Exception as exc:
         if not _last_attempt():
             raise
-        shard = shard.fail_remaining(stage, f"{stage} crashed: {type(exc).__name__}: {exc}")
+        shard = shard.fail_remaining(stage, crash_reason(stage, exc))
         done = iter(())
     records = [record if record.failed else next(done) for record in shard.records]
     failed = [record for record in records if record.failed and record.failed_stage == stage]
@@ -156,8 +157,29 @@ def _run_stage(
         # library user) logs to this module's logger instead.
         logger = get_run_logger() if TaskRunContext.get() is not None else log
         for record in failed:
-            logger.warning("%s failed at %s: %s", record.video_id, stage, record.error)
+            reason = (record.error or "").partition("\n")[0]  # the table keeps the rest
+            logger.warning("%s failed at %s: %s", record.video_id, stage, reason)
     return shard.with_records(records)
+
+
+# Terminal colours, which Ray puts in the remote tracebacks its errors carry.
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def crash_reason(stage: Stage, exc: BaseException) -> str:
+    """`<stage> crashed: <cause>`, then the whole error, without terminal colours.
+
+    A Ray error's text is the remote traceback, cause on its last line: a depth model that
+    could not load read "ActorDiedError: The actor died because of an error raised in its
+    creation task, ..." in the run's artifacts, which show a row's first few hundred
+    characters, and its cause (`SafetensorError: ... header too large`) came 1,800 characters
+    later."""
+    text = _COLOURS.sub("", str(exc)).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    whole = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if len(lines) < 2:
+        return f"{stage} crashed: {whole}"
+    return f"{stage} crashed: {lines[-1]}\n{whole}"
 
 
 def _last_attempt() -> bool:
@@ -213,7 +235,7 @@ def depth_task(shard: Shard, maps_dir: Path, settings: DepthSettings, actors: li
                 if not _last_attempt():
                     raise  # Prefect retries the task: the early maps are found again
                 # No retry left: the videos whose maps came early keep them.
-                reason = f"depth crashed: {type(exc).__name__}: {exc}"
+                reason = crash_reason("depth", exc)
                 early.update((record.video_id, record.fail("depth", reason)) for record in rest)
         return [early[record.video_id] for record in going]
 
@@ -313,9 +335,7 @@ class _Chain:
             if future.state.is_failed() or future.state.is_crashed():
                 stage = name
                 break
-        return self.shard.fail_remaining(
-            stage, f"{stage} task crashed: {type(exc).__name__}: {exc}"
-        )
+        return self.shard.fail_remaining(stage, crash_reason(stage, exc))
 
 
 def run_shards(
