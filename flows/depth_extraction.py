@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 from common.files import check_writable_folder, remove_stale_partials
 from flows.depth_report import RunReport
 from flows.ray_runner import cluster_cpus, ray_task_runner
+from tasks.depth.dataset_settings import check_dataset_settings, record_dataset_settings
 from tasks.depth.depth_maps import check_depth_backend, check_depth_model, check_frames_spec
 from tasks.depth.output_lock import output_lock
 from tasks.depth.settings import DepthSettings
@@ -69,6 +70,8 @@ def _extract(
 ) -> dict[str, Any]:
     """The run, once its input is read and its output folder is its own."""
     logger = get_run_logger()
+    check_dataset_settings(settings.output, settings)
+    record_dataset_settings(settings.output, settings)
     table = VideoTable(settings.output)
     table.create()
     # Partial files of runs killed with SIGKILL, which nothing else removes (an hour old).

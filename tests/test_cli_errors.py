@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from tasks.depth.dataset_settings import check_dataset_settings, record_dataset_settings
 from tasks.depth.output_lock import check_output_free
+from tasks.depth.settings import DepthSettings
 from tests.conftest import output_held_by_another_run
 from vidflow.cli import main
 
@@ -98,6 +100,21 @@ def test_depth_refuses_an_output_folder_another_run_writes_to(
         other.kill()  # as SIGKILL ends a run: its lock goes with it
         other.wait()
         check_output_free(output)
+
+
+def test_depth_refuses_settings_that_differ_from_the_datasets_in_its_folder(
+    one_url: Path, tmp_path: Path, tiny_depth_model: Path, capsys
+) -> None:
+    """Done videos are skipped: a run with another height or frames added nothing for them."""
+    output = tmp_path / "out"
+    output.mkdir()
+    made = DepthSettings(output=output, depth_model=str(tiny_depth_model))
+    record_dataset_settings(output, made)
+    given = ["depth", "--urls", str(one_url), "--depth-model", str(tiny_depth_model)]
+    err = _refused([*given, "--output", str(output), "--height", "240", "--frames", "all"], capsys)
+    assert f"{output} holds a dataset made with height=360, frames=first" in err
+    assert "this run asks height=240, frames=all" in err
+    check_dataset_settings(output, made)  # the same settings go on
 
 
 def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -> None:

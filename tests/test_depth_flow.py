@@ -24,6 +24,7 @@ from prefect.client.schemas.filters import (
 
 from flows.depth_extraction import depth_extraction
 from flows.ray_runner import ray_task_runner
+from tasks.depth.dataset_settings import DatasetSettingsError
 from tasks.depth.output_lock import OutputBusyError
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_sources import KINETICS_ID_FORMAT
@@ -139,10 +140,16 @@ def test_kinetics_rows_become_one_row_each_and_a_rerun_adds_nothing(
 
     parquet = pq.read_table(settings.output / "videos.parquet")
     assert parquet.num_rows == len(CASES)
-    # A run into a folder another run writes to is refused (a deployment has no CLI check).
+    # A run into a folder another run writes to is refused (a deployment has no CLI check),
+    # and so is one whose settings differ from those the folder's dataset was made with.
+    elsewhere = {"url_template": "http://127.0.0.1:1/{youtube_id}", "limit": 1}
     with output_held_by_another_run(settings.output), pytest.raises(OutputBusyError):
-        flow(kinetics_csv=str(KINETICS_CSV), url_template="http://127.0.0.1:1/{youtube_id}",
-             limit=1, settings=settings)  # fmt: skip
+        flow(kinetics_csv=str(KINETICS_CSV), settings=settings, **elsewhere)
+    recorded = json.loads((settings.output / "vidflow-dataset.json").read_text())
+    assert (recorded["frames"], recorded["height"]) == ("uniform:2", 360)
+    with pytest.raises(DatasetSettingsError, match="made with frames=uniform:2"):
+        flow(kinetics_csv=str(KINETICS_CSV), settings=settings.model_copy(update={"frames": "all"}),
+             **elsewhere)  # fmt: skip
 
     # The re-run skips what is done, retries the failures, and adds no row.
     assert second["skipped"] == 3 and second["ok"] == 0 and second["failed"] == 4

@@ -247,6 +247,7 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
 
 def _depth(args: argparse.Namespace) -> int:
     from common.files import check_writable_folder
+    from tasks.depth.dataset_settings import check_dataset_settings
     from tasks.depth.depth_maps import check_depth_backend, check_depth_model, check_frames_spec
     from tasks.depth.output_lock import check_output_free
     from tasks.depth.video_sources import load_sources
@@ -262,6 +263,7 @@ def _depth(args: argparse.Namespace) -> int:
     check_depth_model(settings.depth_model)
     check_writable_folder(settings.output.resolve())  # last: it makes the folder
     check_output_free(settings.output.resolve())
+    check_dataset_settings(settings.output.resolve(), settings)
     VideoTable(settings.output.resolve()).check_layout()
     with _ray_before_prefect(settings, len(sources)) as wait_for_workers:
         with imports_without_gc():

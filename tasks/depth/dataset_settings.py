@@ -1,0 +1,67 @@
+"""The settings that shape a depth dataset's rows, recorded in its folder by its first run.
+
+A later run into the folder skips videos that are done and reuses transcodes, so one with
+another height, frames spec or model added nothing new for those videos and said nothing: a
+dataset of 360p first-frame maps stayed one, labelled as the user's new settings. Such a run is
+refused now, naming what differs; the same settings (or a new folder) go on as before.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from common.files import atomic_output
+from tasks.depth.settings import DepthSettings
+
+FILE_NAME = "vidflow-dataset.json"
+# What a finished row depends on: its transcode and its depth maps.
+SHAPING = ("height", "x264_preset", "x264_crf", "frames", "depth_model")
+
+
+class DatasetSettingsError(ValueError):
+    """The output folder holds a dataset made with other settings."""
+
+
+def shaping_settings(settings: DepthSettings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in SHAPING}
+
+
+def check_dataset_settings(folder: Path, settings: DepthSettings) -> None:
+    """Raise DatasetSettingsError if `folder`'s dataset was made with other shaping settings
+    (a folder without the record, new or of an older vidflow, takes any)."""
+    recorded = _recorded(folder)
+    wanted = shaping_settings(settings)
+    differ = {name: recorded[name] for name in SHAPING if name in recorded}
+    differ = {name: value for name, value in differ.items() if value != wanted[name]}
+    if differ:
+        made = ", ".join(f"{name}={value}" for name, value in differ.items())
+        asked = ", ".join(f"{name}={wanted[name]}" for name in differ)
+        raise DatasetSettingsError(
+            f"{folder} holds a dataset made with {made}; this run asks {asked}. Its done videos "
+            "would be kept as they are: give this run another output folder, or the same "
+            f"settings ({folder / FILE_NAME})"
+        )
+
+
+def record_dataset_settings(folder: Path, settings: DepthSettings) -> None:
+    """Record the shaping settings in `folder`, unless they are there already."""
+    path = folder / FILE_NAME
+    if path.exists():
+        return
+    with atomic_output(path) as partial:
+        partial.write_text(json.dumps(shaping_settings(settings), indent=2) + "\n")
+
+
+def _recorded(folder: Path) -> dict[str, Any]:
+    path = folder / FILE_NAME
+    try:
+        recorded = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise DatasetSettingsError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(recorded, dict):
+        raise DatasetSettingsError(f"{path} is not a settings record")
+    return recorded
