@@ -142,6 +142,32 @@ def test_two_urls_given_one_id_refuse_the_list_and_repeats_are_counted(
     assert "1 lines repeat" in caplog.text
 
 
+def test_a_signed_url_keeps_its_id_when_signed_again(tmp_path: Path) -> None:
+    """Pre-signed URLs expire: a list signed again must find its earlier rows (it got new ids:
+    every video done again, two rows each)."""
+    listing = tmp_path / "urls.txt"
+
+    def video_id(url: str) -> str:
+        listing.write_text(url + "\n")
+        [record] = read_url_list(listing)
+        return record.video_id
+
+    s3 = (
+        "https://b.s3.amazonaws.com/clips/a.mp4?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        "&X-Amz-Date={}&X-Amz-Signature={}"
+    )
+    sas = "https://acct.blob.core.windows.net/c/a.mp4?sv=2022-11-02&se={}&sp=r&sig={}"
+    cloudfront = "https://d.cloudfront.net/a.mp4?Expires={}&Signature={}&Key-Pair-Id=K1"
+    for template in (s3, sas, cloudfront):
+        first, again = template.format("20261204", "aaa"), template.format("20261205", "bbb")
+        assert video_id(first) == video_id(again), template
+    # What names the object stays in the id.
+    assert video_id("https://h/get.mp4?id=1") != video_id("https://h/get.mp4?id=2")
+    assert video_id(s3.format(1, 2)) != video_id(s3.format(1, 2).replace("a.mp4", "b.mp4"))
+    listing.write_text(f"{s3.format(1, 'aaa')}\n{s3.format(2, 'bbb')}\n")
+    assert len(read_url_list(listing)) == 1  # the same video, signed twice: one row
+
+
 def test_a_video_id_depends_on_its_url_alone(tmp_path: Path) -> None:
     """Reordered or extended lists keep every id: a re-run finds its earlier rows."""
     urls = ["https://a.example/x/clip.mp4", "https://b.example/y/clip.mp4"]

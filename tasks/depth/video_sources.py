@@ -49,26 +49,54 @@ def sanitize_video_id(raw: str) -> str:
 
 
 def _id_from_url(url: str) -> str:
-    """The file's name and a short hash of the whole URL: readable, and unique per URL (two
-    mirrors' `clip.mp4` are two videos) without looking at any other line of the list."""
+    """The file's name and a short hash of the URL: readable, and unique per URL (two
+    mirrors' `clip.mp4` are two videos) without looking at any other line of the list. The
+    hash leaves out a signed URL's signature (`_unsigned`): re-signed, it is the same video."""
     try:
         path = urlsplit(url).path
     except ValueError:  # e.g. "http://[::1/x": its download fails it with the reason
         path = ""
     name = unquote(path.rstrip("/").rsplit("/", 1)[-1])
     stem = name.rsplit(".", 1)[0] if "." in name else name
-    digest = hashlib.sha1(url.encode()).hexdigest()[:URL_HASH_CHARS]
+    digest = hashlib.sha1(_unsigned(url).encode()).hexdigest()[:URL_HASH_CHARS]
     return sanitize_video_id(f"{stem[: MAX_VIDEO_ID_CHARS - URL_HASH_CHARS - 1]}_{digest}")
+
+
+# Query parameters that sign a URL for a while, not name its object: S3 and GCS pre-signed URLs
+# (X-Amz-*, X-Goog-*, and their V2 forms), Azure SAS tokens and CloudFront signed URLs. A list
+# of URLs signed again (they expire in hours) would otherwise get new ids: every video done
+# again, and two rows for each.
+_SIGNATURE_PREFIXES = ("x-amz-", "x-goog-")
+_SIGNATURE_PARAMS = frozenset(
+    {"awsaccesskeyid", "signature", "expires", "googleaccessid", "key-pair-id", "policy"}
+    | {"sv", "ss", "srt", "sp", "se", "st", "spr", "sig", "sr", "skoid", "sktid", "skt"}
+    | {"ske", "sks", "skv", "si"}
+)
+
+
+def _unsigned(url: str) -> str:
+    """`url` without its signature parameters (the rest of its query kept, in its order)."""
+    base, mark, query = url.partition("?")
+    if not mark:
+        return url
+    query, hash_mark, fragment = query.partition("#")
+    kept = [
+        part
+        for part in query.split("&")
+        if not (name := unquote(part.partition("=")[0]).lower()).startswith(_SIGNATURE_PREFIXES)
+        and name not in _SIGNATURE_PARAMS
+    ]
+    return base + (f"?{'&'.join(kept)}" if kept else "") + hash_mark + fragment
 
 
 def _unique_ids(
     records: Iterable[VideoRecord], path: Path, *, same_id_same_video: bool = False
 ) -> list[VideoRecord]:
-    """One row per video: a URL listed again (or, with `same_id_same_video`, a Kinetics clip
-    listed again under another URL) is dropped, and how many were is logged. Two different
-    URLs that get one id (a CSV's `video_id` column, the same once made file-name-safe, e.g.
-    `my clip` and `my_clip`) refuse the list: either one's row would silently take the other's
-    place."""
+    """One row per video: a URL listed again (or, with `same_id_same_video`, a video listed
+    again under another URL: a Kinetics clip, a URL signed again) is dropped, and how many
+    were is logged. Otherwise two different URLs that get one id (a CSV's `video_id` column,
+    the same once made file-name-safe, e.g. `my clip` and `my_clip`) refuse the list: either
+    one's row would silently take the other's place."""
     by_url: dict[str, VideoRecord] = {}
     by_id: dict[str, VideoRecord] = {}
     repeats = 0
@@ -114,9 +142,8 @@ def read_url_list(path: Path) -> list[VideoRecord]:
         )
     if "url" not in header:
         urls = [line.strip() for line in lines]
-        return _unique_ids(
-            (VideoRecord(video_id=_id_from_url(url), source_url=url) for url in urls), path
-        )
+        records = (VideoRecord(video_id=_id_from_url(url), source_url=url) for url in urls)
+        return _unique_ids(records, path, same_id_same_video=True)
     records = []
     for row in csv.reader(lines[1:]):
         fields = {name: value.strip() for name, value in zip(header, row, strict=False)}
@@ -131,7 +158,8 @@ def read_url_list(path: Path) -> list[VideoRecord]:
                 split=fields.get("split") or None,
             )
         )
-    return _unique_ids(records, path)
+    # Ids made from URLs are equal for the same video (re-signed); given ones must differ.
+    return _unique_ids(records, path, same_id_same_video="video_id" not in header)
 
 
 def read_kinetics_csv(
