@@ -73,6 +73,7 @@ from bench.peer_v2d import (
 from common.net import free_port
 from common.settings import SAMPLE_VIDEO
 from devstack.local_stack import LocalStack
+from devstack.ray_nodes import stop_ray_nodes
 from tasks.depth.transcode import ffmpeg_exe
 
 CPUS = os.cpu_count() or 1
@@ -132,7 +133,7 @@ def ray_cluster(temp_dir: Path, bin_dir: Path) -> Iterator[str]:
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_nodes(temp_dir, f"127.0.0.1:{port}")  # this node only, not every Ray here
 
 
 def run_vidflow(

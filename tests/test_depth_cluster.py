@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ import lance
 import pytest
 
 from common.net import free_port
+from devstack.ray_nodes import stop_ray_nodes
 from flows.depth_extraction import depth_extraction
 from flows.ray_runner import ray_task_runner
 from flows.ray_start import cluster_address, loopback_only_cluster, reaching_cluster
@@ -75,7 +77,7 @@ def _running_ray(
             monkeypatch.setenv("RAY_ADDRESS", address)
         yield address
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_nodes(temp, address)  # these nodes only: `ray stop` ends every Ray here
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -220,19 +222,28 @@ NOBODY = 65534  # an account other than this one
 
 
 @contextlib.contextmanager
-def _raylet_process(gcs_address: str, *, account: int | None = None) -> Iterator[None]:
-    """A process that shows itself as a raylet of the cluster at `gcs_address` (the command
-    line Ray looks for), run by `account` (this one if None): what another account can start
-    beside a real cluster's, or in place of one that has gone."""
-    shown_as_raylet = f"exec -a raylet sh -c 'sleep 60; :' sh --gcs-address={gcs_address}"
-    as_account = [] if account is None else ["setpriv", f"--reuid={account}",
-                                              f"--regid={account}", "--clear-groups"]  # fmt: skip
-    process = subprocess.Popen([*as_account, "bash", "-c", shown_as_raylet])
-    try:
-        yield
-    finally:
-        process.kill()
-        process.wait()
+def _raylet_process(
+    gcs_address: str, *, account: int | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that shows itself as a raylet of the cluster at `gcs_address` (its name and
+    the command line Ray looks for), run by `account` (this one if None): what another account
+    can start beside a real cluster's, or in place of one that has gone."""
+    with tempfile.TemporaryDirectory(prefix="fake-raylet-") as folder:
+        Path(folder).chmod(0o755)  # where another account can run it from
+        raylet = Path(folder) / "raylet"
+        raylet.symlink_to(shutil.which("sh") or "/bin/sh")
+        as_account = (
+            []
+            if account is None
+            else ["setpriv", f"--reuid={account}", f"--regid={account}", "--clear-groups"]
+        )
+        command = [str(raylet), "-c", "sleep 60; :", "raylet", f"--gcs-address={gcs_address}"]
+        process = subprocess.Popen([*as_account, *command])
+        try:
+            yield process
+        finally:
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="making a file or process another account's")
@@ -264,6 +275,28 @@ def test_a_cluster_announced_by_another_account_is_not_joined(
     with _raylet_process(announced, account=NOBODY):
         assert _eventually(raylet_seen)
         assert cluster_address() is None  # served by another account's raylet only
+
+
+@pytest.mark.slow
+def test_a_tests_ray_nodes_are_stopped_and_no_other_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ray stop --force` ended every Ray of the machine: a developer's own cluster, or a run in
+    another terminal, died with a test's teardown."""
+    from ray._private import services
+
+    with _raylet_process("127.0.0.1:1") as bystander:  # another Ray's raylet, as Ray sees one
+        with _running_ray(monkeypatch, cpus=1, second_node=False, single_machine=True) as address:
+            gcs_port = int(address.rpartition(":")[2])
+            assert _eventually(lambda: _port_open(gcs_port))
+        services.find_gcs_addresses.cache_clear()
+        assert address not in services.find_gcs_addresses()  # its raylet is gone
+        assert not _port_open(gcs_port)  # and its GCS
+        assert bystander.poll() is None
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
+        return True
+    return False
 
 
 def _eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> bool:
