@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -349,6 +350,8 @@ def test_only_http_and_https_are_fetched(tmp_path: Path) -> None:
         record = download(_record(url), tmp_path, DepthSettings())
         assert record.failed and "unsupported URL scheme" in record.error
         assert record.download_attempts == 0
+    local = download(_record(str(CLIP)), tmp_path, DepthSettings())  # a path, not a URL
+    assert local.failed and local.error.startswith("not a URL: give http(s) URLs")
 
 
 def test_a_url_whose_host_cannot_be_encoded_fails_alone(tmp_path: Path) -> None:
@@ -443,6 +446,17 @@ def test_ffmpeg_errors_end_up_in_the_record(tmp_path: Path) -> None:
     assert (record.status, record.failed_stage) == ("failed", "transcode")
     assert "ffmpeg exit" in record.error and "moov atom not found" in record.error
     assert _leftovers(tmp_path / "out") == []
+
+
+def test_a_file_without_a_video_stream_says_so(tmp_path: Path) -> None:
+    audio = tmp_path / "talk.m4a"
+    command = [ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=d=1", str(audio)]
+    made = subprocess.run(command, capture_output=True, check=False)
+    assert made.returncode == 0, made.stderr
+    record = transcode(
+        _record("http://h/talk.m4a").update(raw_path=str(audio)), tmp_path / "out", DepthSettings()
+    )
+    assert record.failed and record.error.startswith("no video stream in the file"), record.error
 
 
 def test_a_transcode_past_its_timeout_is_stopped(tmp_path: Path) -> None:

@@ -237,6 +237,8 @@ async def download_video(
         scheme = urlsplit(record.source_url).scheme.lower()
     except ValueError as exc:  # e.g. "http://[::1/x"
         return record.fail("download", f"{describe(exc)} ({shown_url(record.source_url)})")
+    if not scheme:  # a local path: a worker on another node could not read it anyway
+        return record.fail("download", "not a URL: give http(s) URLs (serve local files over HTTP)")
     if scheme not in ("http", "https"):
         return record.fail("download", f"unsupported URL scheme {scheme!r} (http/https only)")
     raw_dir.mkdir(parents=True, exist_ok=True)

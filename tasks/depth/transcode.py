@@ -161,6 +161,8 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
         with atomic_output(output) as partial:
             facts = _run_ffmpeg(source, partial, settings)
     except TranscodeError as exc:
+        if "matches no streams" in str(exc):  # ffmpeg's words for a file without `-map 0:v:0`
+            return record.fail("transcode", f"no video stream in the file (audio only?): {exc}")
         return record.fail("transcode", str(exc))
     return _with_output(record, output, facts, started)
 
