@@ -53,3 +53,9 @@ def test_the_flow_records_its_figures_as_artifacts(prefect_api, kafka, onnx_serv
     report = by_key["stream-benchmark-report"].data
     assert f"{summary['fps']:.1f} frames/s" in report
     assert "| e2e |" in report and "dead-lettered" in report
+
+    # A second run on the same topics counts its own frames only (it read the first run's
+    # too: twice the frames, with ages of seconds in its latencies).
+    again = settings.model_copy(update={"duration": 2.0, "consumers": 1})
+    second = stream_benchmark(settings=again)
+    assert second["summary"]["frames_consumed"] == second["producer"]["frames_read"] > 0

@@ -198,10 +198,21 @@ class FrameConsumer:
                 if message.error().code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer error: %s", message.error())
                 continue
+            if self._before_this_run(message):
+                continue
             self._last_message_at = time.monotonic()
             self._first_message_at = self._first_message_at or self._last_message_at
             self._admit(message)
             admitted += 1
+
+    def _before_this_run(self, message: Message) -> bool:
+        """A frame produced before `produced_since_ms` (another run's, on a shared topic): passed
+        over and committed, not counted, so a benchmark measures its own frames only."""
+        since = self.settings.produced_since_ms
+        if since is None or message.timestamp()[1] >= since:
+            return False
+        self.publisher.passed_over(message)
+        return True
 
     def _admit(self, message: Message) -> None:
         self.summary.frames_consumed += 1

@@ -58,6 +58,11 @@ class Publisher:
         """A message read: its offset is unfinished until its outcome is delivered."""
         self.offsets.started(message.topic(), message.partition(), message.offset())
 
+    def passed_over(self, message: Message) -> None:
+        """A message read and left alone (not this consumer's to answer): committed past."""
+        self.offsets.started(message.topic(), message.partition(), message.offset())
+        self.offsets.finished(message.topic(), message.partition(), message.offset())
+
     def result(self, message: Message, result: FrameResult) -> None:
         """Publish a classified frame's result."""
 

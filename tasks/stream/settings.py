@@ -140,3 +140,10 @@ class ConsumerSettings(BaseSettings):
             "is due is not classified but gets a result record skipped=stale (default: off)"
         ),
     )
+    produced_since_ms: int | None = Field(
+        None,
+        description=(
+            "frames produced before this time (ms since the epoch, the message timestamp) are "
+            "passed over, uncounted: a benchmark's new group reads only its own run's frames"
+        ),
+    )
