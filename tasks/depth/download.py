@@ -226,6 +226,19 @@ def _complete_download(raw_dir: Path, video_id: str) -> Path | None:
     return None
 
 
+def _unfetchable(url: str) -> str | None:
+    """Why `url` is not fetched at all, or None: only http(s) URLs are."""
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:  # e.g. "http://[::1/x"
+        return f"{describe(exc)} ({shown_url(url)})"
+    if not scheme:  # a local path: a worker on another node could not read it anyway
+        return "not a URL: give http(s) URLs (serve local files over HTTP)"
+    if scheme not in ("http", "https"):
+        return f"unsupported URL scheme {scheme!r} (http/https only)"
+    return None
+
+
 async def download_video(
     session: aiohttp.ClientSession, record: VideoRecord, raw_dir: Path, settings: DepthSettings
 ) -> VideoRecord:
@@ -233,14 +246,8 @@ async def download_video(
     if record.failed:
         return record
     started = time.perf_counter()
-    try:
-        scheme = urlsplit(record.source_url).scheme.lower()
-    except ValueError as exc:  # e.g. "http://[::1/x"
-        return record.fail("download", f"{describe(exc)} ({shown_url(record.source_url)})")
-    if not scheme:  # a local path: a worker on another node could not read it anyway
-        return record.fail("download", "not a URL: give http(s) URLs (serve local files over HTTP)")
-    if scheme not in ("http", "https"):
-        return record.fail("download", f"unsupported URL scheme {scheme!r} (http/https only)")
+    if (problem := _unfetchable(record.source_url)) is not None:
+        return record.fail("download", problem)
     raw_dir.mkdir(parents=True, exist_ok=True)
     if (earlier := _complete_download(raw_dir, record.video_id)) is not None:
         return record.update(raw_path=str(earlier), raw_bytes=earlier.stat().st_size)

@@ -171,7 +171,7 @@ class FrameConsumer:
                 last_commit = now
             if now - last_progress >= PROGRESS_EVERY_S:
                 last_progress = now
-                self._log_progress(now - (self._first_message_at or now))
+                _log_progress(self, now - (self._first_message_at or now))
 
     def _settle_in_flight_limit(self, final: bool = False) -> None:
         """Ask the service how many calls to keep in flight. Unless `final`, a service that
@@ -271,17 +271,19 @@ class FrameConsumer:
             self._consumer.close()
         self.caller.close()
 
-    def _log_progress(self, elapsed_s: float) -> None:
-        summary = self.summary
-        e2e = summarize_ms(summary.e2e_ms[-500:])
-        lag = self.publisher.lag() if not self.broker.down else "unknown (broker down)"
-        if isinstance(lag, int):
-            self.metrics.lag.set(lag)
-        log.info(
-            "progress: %d consumed, %d results, %d stale, %d dlq, %d errors, %.1f fps, "
-            "e2e p50 %.1f ms p99 %.1f ms (last 500), lag %s",
-            summary.frames_consumed, summary.results_published, summary.skipped_stale,
-            summary.dlq, summary.errors,
-            summary.results_published / elapsed_s if elapsed_s > 0 else 0.0,
-            e2e["p50"], e2e["p99"], lag,
-        )  # fmt: skip
+
+def _log_progress(member: FrameConsumer, elapsed_s: float) -> None:
+    """The member's figures so far, every PROGRESS_EVERY_S in its log (and its lag gauge)."""
+    summary = member.summary
+    e2e = summarize_ms(summary.e2e_ms[-500:])
+    lag = member.publisher.lag() if not member.broker.down else "unknown (broker down)"
+    if isinstance(lag, int):
+        member.metrics.lag.set(lag)
+    log.info(
+        "progress: %d consumed, %d results, %d stale, %d dlq, %d errors, %.1f fps, "
+        "e2e p50 %.1f ms p99 %.1f ms (last 500), lag %s",
+        summary.frames_consumed, summary.results_published, summary.skipped_stale,
+        summary.dlq, summary.errors,
+        summary.results_published / elapsed_s if elapsed_s > 0 else 0.0,
+        e2e["p50"], e2e["p99"], lag,
+    )  # fmt: skip
