@@ -44,13 +44,20 @@ def markdown_report(
     )
     setting_rows = "\n".join(f"| {k} | `{v}` |" for k, v in settings.items())
     lag = "unknown (broker lost)" if summary["lag"] is None else summary["lag"]
+    outcomes = {
+        "skipped as stale": summary["skipped_stale"], "dead-lettered": summary["dlq"],
+        "unanswered": summary["unanswered"], "failed calls": summary["errors"],
+        "not delivered by producer": produced["failed"], "lag at end": lag,
+    }  # fmt: skip
+    outcome_rows = "\n".join(f"| {name} | {count} |" for name, count in outcomes.items())
     lost = broker_lost(summary, produced)
     warning = f"**BROKER LOST: {lost}**; the figures cover the run until then.\n\n" if lost else ""
     return f"""# Stream benchmark
 
 {warning}**Throughput: {summary["fps"]:.1f} frames/s** over {summary["duration_s"]:.1f} s
-({summary["results_published"]} results from {summary["frames_consumed"]} frames consumed;
-{produced["frames_read"]} produced at {produced["fps"]:.1f} fps).
+({summary["results_published"]} results and {summary["skipped_stale"]} skipped as stale from
+{summary["frames_consumed"]} frames consumed; {produced["frames_read"]} produced at
+{produced["fps"]:.1f} fps).
 
 ## Latency (ms)
 
@@ -63,12 +70,14 @@ def markdown_report(
 
 ## Errors
 
-| dead-lettered | unanswered | failed attempts (retried) | not delivered by producer | lag at end |
-| --- | --- | --- | --- | --- |
-| {summary["dlq"]} | {summary["unanswered"]} | {summary["errors"]} | {produced["failed"]} | {lag} |
+| outcome | frames |
+| --- | --- |
+{outcome_rows}
 
-`unanswered`: consumed, but no result or dead letter got out (left uncommitted for the group
-to redo).
+Every frame consumed has one outcome: a result, a stale record (older than the latency budget
+when its call was due), a dead letter, or `unanswered` (consumed, but no record got out: left
+uncommitted for the group to redo). `failed calls`: inference calls that failed, retried or
+dead-lettered.
 
 ## Settings
 
@@ -96,6 +105,7 @@ def stream_benchmark(settings: StreamBenchmarkSettings | None = None) -> dict[st
         "target": settings.client.target, "bootstrap_servers": settings.kafka.bootstrap_servers,
         "consumers": settings.consumers, "consumer_concurrency": settings.concurrency,
         "group": group, "frames_topic": settings.kafka.frames_topic,
+        "max_frame_age_ms": settings.max_frame_age_ms,
     }  # fmt: skip
     publish_artifacts(summary, produced, shown)
     get_run_logger().info(

@@ -52,7 +52,10 @@ def test_the_flow_records_its_figures_as_artifacts(prefect_api, kafka, onnx_serv
     assert rows["inference"]["p50"] == summary["inference_ms"]["p50"]
     report = by_key["stream-benchmark-report"].data
     assert f"{summary['fps']:.1f} frames/s" in report
-    assert "| e2e |" in report and "dead-lettered" in report
+    assert "| e2e |" in report and "| dead-lettered | 0 |" in report
+    # Every outcome the figures count, and the budget they were counted under.
+    assert f"| skipped as stale | {summary['skipped_stale']} |" in report
+    assert "| max_frame_age_ms | `None` |" in report
 
     # A second run on the same topics counts its own frames only (it read the first run's
     # too: twice the frames, with ages of seconds in its latencies).
