@@ -126,6 +126,8 @@ def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -
     assert "fps must be a positive number" in _refused([*bench, "--fps", "0"], capsys)
     assert "consumers" in _refused([*bench, "--consumers", "0"], capsys)
     assert "duration" in _refused([*bench, "--duration", "-5"], capsys)
+    consume = ["consume", "--bootstrap-servers", CLOSED_PORT, "--target", CLOSED_PORT]
+    assert "rpc_timeout_s" in _refused([*consume, "--rpc-timeout-s", "0"], capsys)
 
 
 def test_flags_out_of_range_are_refused_by_the_parser(tmp_path: Path, capsys) -> None:

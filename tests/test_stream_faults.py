@@ -8,6 +8,7 @@ implements the Classifier service of protos/ and answers what the test tells it 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -174,6 +175,44 @@ def test_an_unavailable_service_is_waited_for_beyond_max_attempts(
     assert summary.dlq == 0 and summary.retries == 6
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=len(keys))
     assert Counter(result_keys(results)) == Counter(keys)
+
+
+@pytest.mark.faults
+def test_a_service_that_does_not_serve_classify_loses_no_frame_to_the_dead_letters(
+    kafka, scripted_service, video_frames: list[bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """UNIMPLEMENTED (a --target that is not the inference service), UNAUTHENTICATED and
+    PERMISSION_DENIED are the setup's fault, not the frames': every frame was dead-lettered,
+    the offsets committed past the whole stream, and the run exited 0."""
+    wrong_first = [grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED]
+
+    def behaviour(_request: inference_pb2.ClassifyRequest, attempt: int) -> grpc.StatusCode | None:
+        return wrong_first[attempt - 1] if attempt <= len(wrong_first) else None  # then fixed
+
+    target, _ = scripted_service(behaviour)
+    keys = _publish_frames(kafka, "cam-m", 6, video_frames[0])
+    with caplog.at_level(logging.ERROR, logger="tasks.stream.inference_caller"):
+        summary = _consumer(kafka, target, max_attempts=1).run()
+    assert summary.dlq == 0 and summary.results_published == len(keys)
+    assert f"the service at {target} answers UNIMPLEMENTED" in caplog.text
+    assert caplog.text.count("answers UNIMPLEMENTED") == 1  # said once, not per frame
+
+
+@pytest.mark.faults
+def test_consume_against_a_service_that_never_answers_exits_non_zero(
+    kafka, scripted_service, video_frames: list[bytes]
+) -> None:
+    target, _ = scripted_service(lambda _request, _attempt: grpc.StatusCode.UNIMPLEMENTED)
+    _publish_frames(kafka, "cam-n", 3, video_frames[0])
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    done = subprocess.run(
+        _cli("consume", *_kafka_flags(kafka), "--target", target, "--group", group,
+             "--duration", "4"),
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert f"no frame was answered: is the service at {target} up and right?" in done.stderr
+    assert committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) == 0
 
 
 @pytest.mark.faults

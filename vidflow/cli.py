@@ -214,6 +214,9 @@ def _consume(args: argparse.Namespace) -> int:
     if settings.summary_json is not None:
         settings.summary_json.parent.mkdir(parents=True, exist_ok=True)
         settings.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    if summary["frames_consumed"] and summary["unanswered"] == summary["frames_consumed"]:
+        log.error("no frame was answered: is the service at %s up and right?", client.target)
+        return 1
     return 1 if summary["broker_error"] else 0
 
 

@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 
 # The service is down or restarting, not the frame's fault: wait for it, however long it takes.
 WAIT_FOR_SERVICE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+# Not the frame's fault either: --target is not a vidflow inference service (UNIMPLEMENTED), or
+# this consumer may not call it. Dead-lettering every frame would lose the stream to a typo;
+# the frames wait, uncommitted, for a service that answers, and the log says what is wrong.
+MISCONFIGURED = {
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
 # The frame itself is the problem: retrying cannot help.
 DEAD_LETTER = {grpc.StatusCode.INVALID_ARGUMENT}
 # Any other status (INTERNAL, UNKNOWN, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) may be a
@@ -74,6 +82,8 @@ class InferenceCaller:
         owns: Callable[[Message], bool],
     ) -> None:
         self.settings, self.publisher, self._owns = settings, publisher, owns
+        self.target = target
+        self._misconfigured_seen: set[grpc.StatusCode] = set()  # said once each in the log
         self.summary: ConsumerSummary = publisher.summary
         self.metrics: ConsumerMetrics = publisher.metrics
         self.in_flight = 0
@@ -200,7 +210,14 @@ class InferenceCaller:
         if not self._owns(call.message):
             return  # revoked while in flight: the new owner redoes it
         call.attempt += 1
-        if code not in WAIT_FOR_SERVICE:
+        if code in MISCONFIGURED and code not in self._misconfigured_seen:
+            self._misconfigured_seen.add(code)
+            log.error(
+                "the service at %s answers %s (%r): is --target a vidflow inference service, "
+                "and may this consumer call it? Frames wait, uncommitted, for one that answers",
+                self.target, code.name, exc.details(),
+            )  # fmt: skip
+        if code not in WAIT_FOR_SERVICE | MISCONFIGURED:
             call.counted += 1
         if code in DEAD_LETTER or call.counted >= self.settings.max_attempts:
             self.publisher.dead_letter(

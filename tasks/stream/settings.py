@@ -122,7 +122,7 @@ class ConsumerSettings(BaseSettings):
     metrics_host: str = Field(
         "127.0.0.1", description="address /metrics binds to (0.0.0.0: every interface)"
     )
-    rpc_timeout_s: float = Field(10.0, description="deadline of one inference call")
+    rpc_timeout_s: float = Field(10.0, gt=0, description="deadline of one inference call")
     retry_max_backoff_s: float = Field(5.0, description="longest wait between retries")
     max_attempts: int = Field(
         3,
