@@ -22,6 +22,7 @@ from common.net import free_port
 from devstack.launcher import REPO_ROOT, start_server
 from protos.inference_pb2 import ModelInfoRequest
 from protos.inference_pb2_grpc import ClassifierStub
+from tasks.depth.transcode import ffmpeg_exe
 from tasks.stream.consumer import FrameConsumer
 from tasks.stream.frame_codec import Frame, FrameResult, decode_frame, frame_key
 from tasks.stream.producer import produce_frames, stream_bases
@@ -137,6 +138,29 @@ def test_a_missing_source_among_several_fails_before_anything_is_published(broke
     assert read_topic(kafka.bootstrap_servers, kafka.frames_topic, idle_s=1.0) == []
     with pytest.raises(ValueError, match="--stream-id"):
         produce_frames(ProducerSettings(source=f"{CLIP},{CLIP}", stream_id="cam"), kafka)
+
+
+def test_a_looped_one_frame_clip_replays_its_frame(broker, tmp_path: Path) -> None:
+    """OpenCV cannot seek this clip back to its start: `--loop` spun a core publishing nothing
+    after its first frame."""
+    one_frame = tmp_path / "one.mp4"
+    cut = [ffmpeg_exe(), "-v", "error", "-i", str(CLIP), "-frames:v", "1", str(one_frame)]
+    subprocess.run(cut, check=True, capture_output=True)
+    kafka = fresh_topics(broker, PARTITIONS)
+    settings = ProducerSettings(source=str(one_frame), loop=True, max_frames=4, fps="max")
+    stop, outcome = threading.Event(), {}
+
+    def produce() -> None:
+        outcome["stats"] = produce_frames(settings, kafka, stop)
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    thread.join(60)
+    stop.set()  # a run still going after a minute is the spin
+    thread.join()
+    assert outcome["stats"].frames_read == 4, outcome
+    frames = read_topic(kafka.bootstrap_servers, kafka.frames_topic, expected=4)
+    assert sorted(decode_frame(m.value(), m.headers()).frame_index for m in frames) == [0, 1, 2, 3]
 
 
 def test_repeated_source_names_get_distinct_stream_ids() -> None:

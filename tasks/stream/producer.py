@@ -74,15 +74,17 @@ def open_source(source: str) -> Iterator[cv2.VideoCapture]:
     """A capture for `webcam:N`, an rtsp:// (or any URL OpenCV reads) or a video file, released
     when the block ends. A missing file raises FileNotFoundError, a source OpenCV cannot open
     ValueError, so a bad source fails before anything is published."""
-    target: str | int = source
-    if source.startswith("webcam:"):
-        target = int(source.split(":", 1)[1])
-    elif "://" not in source and not Path(source).is_file():
+    if not source.startswith("webcam:") and "://" not in source and not Path(source).is_file():
         raise FileNotFoundError(f"video file not found: {source}")
-    with opened_video(target) as capture:
+    with opened_video(_capture_target(source)) as capture:
         if not capture.isOpened():
             raise ValueError(f"cannot open video source {shown_url(source)}")
         yield capture
+
+
+def _capture_target(source: str) -> str | int:
+    """What OpenCV opens for `source`: a camera's index, else the path or URL."""
+    return int(source.split(":", 1)[1]) if source.startswith("webcam:") else source
 
 
 def target_fps(setting: str, capture: cv2.VideoCapture) -> float | None:
@@ -267,7 +269,7 @@ def _replay(
     cams, fps = feed.cameras, feed.fps
     n = len(cams)
     jpeg = b""
-    turn = decoded = 0
+    turn = decoded = decoded_at_rewind = 0
     while not stop.is_set():
         camera, frame_index = cams[turn % n], turn // n
         if settings.max_frames is not None and frame_index >= settings.max_frames:
@@ -280,9 +282,15 @@ def _replay(
         if turn % n == 0:  # the others publish this JPEG on their turns
             ok, image = feed.capture.read()
             if not ok:
-                if settings.loop and decoded > 0:
-                    feed.capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+                if settings.loop and decoded > decoded_at_rewind:
+                    # Opened again, not seeked: OpenCV could not seek some files (a one-frame
+                    # clip) back to frame 0, and this loop spun a core reading nothing.
+                    feed.capture.open(_capture_target(feed.source))
+                    decoded_at_rewind = decoded
                     continue
+                if settings.loop and decoded:
+                    log.warning("%s gave no frame from its start again: it ends here",
+                                shown_url(feed.source))  # fmt: skip
                 break
             jpeg = encode_jpeg(image, settings.jpeg_quality)
             decoded += 1
