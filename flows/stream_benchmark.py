@@ -148,16 +148,19 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
     )
     topics = create_topics(kafka)
     ready = [threading.Event() for _ in range(settings.consumers)]
+    input_ended = threading.Event()
+    member = (kafka, consumer_settings, client.target)
     consumer_runs = [
-        run_consumer.submit(
-            kafka, consumer_settings, client.target, ready[i], client.tls_ca, wait_for=[topics]
-        )
+        run_consumer.submit(*member, ready[i], client.tls_ca, input_ended, wait_for=[topics])
         for i in range(settings.consumers)
     ]
     producer_run = run_producer.submit(
         kafka, producer_settings, settings.duration, ready, wait_for=[topics]
     )
-    produced = producer_run.result().as_dict()
+    try:
+        produced = producer_run.result().as_dict()
+    finally:
+        input_ended.set()
     summary = merge_summaries([run.result() for run in consumer_runs]).as_dict()
     return produced, summary, consumer_settings.group
 

@@ -3,6 +3,7 @@ starts (no Prefect server, no Ray, no broker contact), never a traceback."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,17 @@ def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -
     assert "duration" in _refused([*bench, "--duration", "-5"], capsys)
     consume = ["consume", "--bootstrap-servers", CLOSED_PORT, "--target", CLOSED_PORT]
     assert "rpc_timeout_s" in _refused([*consume, "--rpc-timeout-s", "0"], capsys)
+
+
+def test_consume_refuses_a_metrics_port_that_is_taken(kafka, capsys) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        flags = ["--bootstrap-servers", kafka.bootstrap_servers, "--topic", kafka.frames_topic]
+        err = _refused(["consume", *flags, "--target", CLOSED_PORT, "--metrics-port", str(port)],
+                       capsys)  # fmt: skip
+    assert f"cannot serve /metrics on 127.0.0.1:{port}" in err
 
 
 def test_flags_out_of_range_are_refused_by_the_parser(tmp_path: Path, capsys) -> None:

@@ -4,6 +4,8 @@ against the real local broker and a real inference service on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import logging
+import random
 import re
 import subprocess
 import sys
@@ -170,6 +172,32 @@ def test_repeated_source_names_get_distinct_stream_ids() -> None:
     assert stream_bases(["a.mp4", "a.mp4", "a.mp4"], None) == ["a", "a-2", "a-3"]
     assert stream_bases(["a.mp4", "a-2.mp4", "x/a.mp4"], None) == ["a", "a-2", "a-3"]
     assert source_list(" a.mp4, ,b.mp4 ") == ["a.mp4", "b.mp4"]
+
+
+def test_a_file_damaged_midway_says_where_its_stream_ended(
+    broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenCV reads a damaged region as the end of the file: the stream ended at frame 80 of
+    280 without a word."""
+    data = bytearray(CLIP.read_bytes())
+    data[211846 : 211846 + 40000] = random.Random(0).randbytes(40000)
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    kafka = fresh_topics(broker, PARTITIONS)
+    with caplog.at_level(logging.WARNING, logger="tasks.stream.producer"):
+        stats = produce_frames(ProducerSettings(source=str(damaged), fps="max"), kafka)
+    assert 0 < stats.frames_read < 250
+    assert f"no frame could be decoded after frame {stats.frames_read} of " in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tasks.stream.producer"):
+        produce_frames(ProducerSettings(source=str(CLIP), fps="max"), kafka)
+    assert "no frame could be decoded" not in caplog.text  # a whole file ends in silence
+
+
+def test_a_file_whose_name_holds_a_comma_is_one_source(tmp_path: Path) -> None:
+    clip = tmp_path / "clip,v2.mp4"
+    clip.write_bytes(CLIP.read_bytes())
+    assert source_list(str(clip)) == [str(clip)]  # was "clip" and "v2.mp4", neither there
 
 
 def test_a_camera_url_names_its_stream_by_host_and_path_without_its_credentials() -> None:

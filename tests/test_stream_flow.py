@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -12,10 +18,11 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
 )
 
+from devstack.launcher import REPO_ROOT
 from flows.stream_benchmark import stream_benchmark
 from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings
-from tests.kafka_helpers import read_topic, result_keys
+from tests.kafka_helpers import partition_ends, read_topic, result_keys
 
 
 @pytest.mark.slow
@@ -32,7 +39,9 @@ def test_the_flow_records_its_figures_as_artifacts(prefect_api, kafka, onnx_serv
     outcome = state.result()
     summary, produced = outcome["summary"], outcome["producer"]
     assert 100 <= produced["frames_read"] <= 160  # 5 s at the clip's 28 fps
-    assert summary["frames_consumed"] >= produced["frames_read"]
+    # Each frame consumed once: the member whose partition got no frames stays in the group
+    # (it left on its idle timeout mid-run, and the rebalance had frames consumed twice).
+    assert summary["frames_consumed"] == produced["frames_read"]
     assert summary["dlq"] == 0 and summary["errors"] == 0
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic)
     assert len(set(result_keys(results))) == produced["frames_read"]
@@ -62,3 +71,39 @@ def test_the_flow_records_its_figures_as_artifacts(prefect_api, kafka, onnx_serv
     again = settings.model_copy(update={"duration": 2.0, "consumers": 1})
     second = stream_benchmark(settings=again)
     assert second["summary"]["frames_consumed"] == second["producer"]["frames_read"] > 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_a_stream_benchmark_early_with_its_report(
+    prefect_api, kafka, onnx_server, tmp_path: Path
+) -> None:
+    """Ctrl-C did nothing until the run's end, then left no report (flow run Crashed)."""
+    from prefect.settings import PREFECT_API_URL
+
+    summary_json = tmp_path / "summary.json"
+    command = [
+        sys.executable, "-m", "vidflow.cli", "stream-benchmark", "--duration", "120",
+        "--bootstrap-servers", kafka.bootstrap_servers, "--frames-topic", kafka.frames_topic,
+        "--results-topic", kafka.results_topic, "--dlq-topic", kafka.dlq_topic,
+        "--target", onnx_server.target, "--summary-json", str(summary_json),
+    ]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    run = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while not sum(partition_ends(kafka.bootstrap_servers, kafka.results_topic, 2)):
+            assert time.monotonic() < deadline and run.poll() is None, run.stderr.read()
+            time.sleep(0.5)
+        interrupted_at = time.monotonic()
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 0, err[-3000:]
+    assert time.monotonic() - interrupted_at < 40  # the producer stopped; not 120 s of it
+    assert "stopped early" in err
+    outcome = json.loads(summary_json.read_text())
+    produced = outcome["producer"]["frames_read"]
+    assert 0 < produced < 28 * 60
+    assert outcome["summary"]["frames_consumed"] == produced  # the frames sent were finished

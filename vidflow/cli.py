@@ -158,11 +158,18 @@ def _loadtest(args: argparse.Namespace) -> int:
     return 1 if any(r.requests == 0 for r in results) else 0
 
 
-def _stop_on_sigterm() -> threading.Event:
-    """An event set by SIGTERM or Ctrl-C, so a job can finish its current step and report."""
-    stop = threading.Event()
+def _stop_on_sigterm(stop: threading.Event | None = None) -> threading.Event:
+    """An event set by SIGTERM or Ctrl-C, so a job can finish its current step and report;
+    `stop` if given, else a new one. A second Ctrl-C does not wait for that (exit 130)."""
+    stop = stop or threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT and stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, request_stop)
     return stop
 
 
@@ -206,9 +213,11 @@ def _consume(args: argparse.Namespace) -> int:
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server
 
-        start_http_server(
-            settings.metrics_port, addr=settings.metrics_host, registry=consumer.metrics.registry
-        )
+        host, port = settings.metrics_host, settings.metrics_port
+        try:
+            start_http_server(port, addr=host, registry=consumer.metrics.registry)
+        except OSError as exc:  # the port taken: one line, not a traceback
+            raise ValueError(f"cannot serve /metrics on {host}:{port}: {exc}") from exc
     summary = consumer.run().as_dict()
     print(format_summary(summary))
     if settings.summary_json is not None:
@@ -234,14 +243,19 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     with imports_without_gc():
         from flows.stream_benchmark import BrokerLostDuringRunError, stream_benchmark
         from tasks.stream.consumer import format_summary
+        from tasks.stream.prefect_tasks import RUN_STOP
 
     settings = stream_benchmark_settings(args)
+    if not settings.capacity:  # Ctrl-C: the run ends its producing now and reports
+        _stop_on_sigterm(RUN_STOP)
     try:
         with foreground_heartbeats():
             outcome = stream_benchmark(settings=settings)
     except BrokerLostDuringRunError as exc:  # the flow run failed; its report is recorded
         log.error("%s", exc)
         return 1
+    if RUN_STOP.is_set():
+        log.warning("stopped early: the figures cover the run until then")
     print(outcome["verdict"] if settings.capacity else format_summary(outcome["summary"]))
     if args.summary_json is not None:
         args.summary_json.write_text(json.dumps(outcome, indent=2) + "\n")

@@ -86,9 +86,10 @@ class FrameConsumer:
         target: str,
         stop: threading.Event | None = None,
         tls_ca: Path | None = None,
+        input_ended: threading.Event | None = None,  # idle counts once set (a benchmark's)
     ) -> None:
         self.kafka, self.settings, self.target = kafka, settings, target
-        self.stop = stop or threading.Event()
+        self.stop, self.input_ended = stop or threading.Event(), input_ended
         self.assigned = threading.Event()  # set once the group gave this member partitions
         self.metrics = ConsumerMetrics()
         self.summary = ConsumerSummary()
@@ -235,8 +236,8 @@ class FrameConsumer:
         idle = self.settings.idle_timeout
         if idle is None or self._assigned_at is None or self.caller.busy:
             return False
-        if self.broker.down:  # no message because none can come: not the input's end
-            return False
+        if self.broker.down or not (self.input_ended is None or self.input_ended.is_set()):
+            return False  # no message because none can come yet: not the input's end
         return now - max(self._last_message_at, self._assigned_at) >= idle
 
     def _finish_in_flight(self, timeout_s: float | None = None) -> None:

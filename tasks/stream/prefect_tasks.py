@@ -15,6 +15,10 @@ from tasks.stream.topics import ensure_topics
 
 # Consumers get this long beyond the producer's duration to finish the frames in flight.
 DRAIN_S = 10.0
+# Set to end this process's stream runs early (Ctrl-C of `vidflow stream-benchmark`): the
+# producer stops at once, the consumers finish the frames already sent, and the run reports
+# what it did. A flow parameter cannot carry an event; the CLI runs the flow in this process.
+RUN_STOP = threading.Event()
 
 
 @task(retries=3, retry_delay_seconds=2)
@@ -33,8 +37,11 @@ def run_consumer(
     target: str,
     assigned: threading.Event,
     tls_ca: Path | None = None,
+    input_ended: threading.Event | None = None,
 ) -> ConsumerSummary:
-    consumer = FrameConsumer(kafka, settings, target, tls_ca=tls_ca)
+    """One group member; with `input_ended`, its idle timeout counts only once that is set (a
+    member whose partitions get no frames left the group mid-run: a rebalance in the figures)."""
+    consumer = FrameConsumer(kafka, settings, target, tls_ca=tls_ca, input_ended=input_ended)
     watcher = threading.Thread(
         target=lambda: consumer.assigned.wait(settings.duration) and assigned.set(), daemon=True
     )
@@ -54,6 +61,7 @@ def run_producer(
     stop = threading.Event()
     timer = threading.Timer(duration_s, stop.set)
     timer.start()
+    threading.Thread(target=lambda: RUN_STOP.wait(duration_s) and stop.set(), daemon=True).start()
     try:
         return produce_frames(settings, kafka, stop)
     finally:

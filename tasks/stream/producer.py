@@ -82,6 +82,19 @@ def open_source(source: str) -> Iterator[cv2.VideoCapture]:
         yield capture
 
 
+def _say_if_cut_short(feed: Feed) -> None:
+    """Warn when a file stops giving frames well before the count its header gives: a damaged
+    region ends the stream there (the end of a file and a lost camera read the same to OpenCV,
+    and a file's replay once ended there in silence, 80 frames of 280)."""
+    total = int(feed.capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    at = int(feed.capture.get(cv2.CAP_PROP_POS_FRAMES))
+    if total > 0 and at < total * 0.95:
+        log.warning(
+            "%s: no frame could be decoded after frame %d of %d (damaged or cut short?): its "
+            "stream ends there", shown_url(feed.source), at, total,
+        )  # fmt: skip
+
+
 def _capture_target(source: str) -> str | int:
     """What OpenCV opens for `source`: a camera's index, else the path or URL."""
     return int(source.split(":", 1)[1]) if source.startswith("webcam:") else source
@@ -282,6 +295,7 @@ def _replay(
         if turn % n == 0:  # the others publish this JPEG on their turns
             ok, image = feed.capture.read()
             if not ok:
+                _say_if_cut_short(feed)
                 if settings.loop and decoded > decoded_at_rewind:
                     # Opened again, not seeked: OpenCV could not seek some files (a one-frame
                     # clip) back to frame 0, and this loop spun a core reading nothing.

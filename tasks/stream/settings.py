@@ -41,7 +41,10 @@ class KafkaSettings(BaseSettings):
 
 
 def source_list(source: str) -> list[str]:
-    """The run's sources: `--source` names one, or several separated by commas."""
+    """The run's sources: `--source` names one, or several separated by commas; a file whose
+    name holds a comma is one source (`clip,v2.mp4` was split into two missing files)."""
+    if Path(source).is_file():
+        return [source]
     sources = [part.strip() for part in source.split(",") if part.strip()]
     if not sources:
         raise ValueError("--source names no video file, webcam or stream")
