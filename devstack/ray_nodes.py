@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 
-def stop_ray_nodes(temp_dir: Path, gcs_address: str, timeout_s: float = 30.0) -> int:
+def stop_ray_nodes(temp_dir: Path, gcs_address: str, timeout_s: float = 1.0) -> int:
     """End the Ray processes of the nodes started under `temp_dir` for the cluster at
-    `gcs_address`: SIGTERM, then SIGKILL to those still there after `timeout_s`. Returns how
-    many processes it signalled."""
+    `gcs_address`: SIGTERM, then SIGKILL to those still there after `timeout_s` (as `ray stop
+    --force` would at once: Ray's autoscaler monitor ignores SIGTERM, and a 30-s grace held
+    every cluster test's teardown for all of it). Returns how many processes it signalled."""
     needles = (str(temp_dir), f"--address={gcs_address}", f"--gcs-address={gcs_address}")
     doomed = _with_descendants(needles)
     _signal(doomed, signal.SIGTERM)
