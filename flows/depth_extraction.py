@@ -21,12 +21,12 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
-from common.files import check_writable_folder, remove_stale_partials
+from common.files import remove_stale_partials
 from flows.depth_report import RunReport
 from flows.ray_runner import cluster_cpus, ray_task_runner
 from tasks.depth.dataset_settings import check_dataset_settings, record_dataset_settings
-from tasks.depth.depth_maps import check_depth_backend, check_depth_model, check_frames_spec
 from tasks.depth.output_lock import output_lock
+from tasks.depth.preflight import check_run_settings
 from tasks.depth.settings import DepthSettings
 from tasks.depth.shard_tasks import (
     OUTPUT_FOLDERS,
@@ -126,10 +126,7 @@ def run_settings(settings: DepthSettings | None) -> DepthSettings:
 def check_settings(settings: DepthSettings) -> bool:
     """Refuse a bad frames spec, depth model or output folder; True (and a warning) for
     untrained weights."""
-    check_frames_spec(settings.frames)
-    check_depth_backend(settings.depth_backend, settings.device)
-    untrained = check_depth_model(settings.depth_model)
-    check_writable_folder(settings.output)  # last: it makes the folder
+    untrained = check_run_settings(settings)
     if untrained:
         get_run_logger().warning(
             "depth model %s has UNTRAINED (random) weights: every depth output of this run is "

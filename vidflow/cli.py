@@ -263,10 +263,9 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
 
 
 def _depth(args: argparse.Namespace) -> int:
-    from common.files import check_writable_folder
     from tasks.depth.dataset_settings import check_dataset_settings
-    from tasks.depth.depth_maps import check_depth_backend, check_depth_model, check_frames_spec
     from tasks.depth.output_lock import check_output_free
+    from tasks.depth.preflight import check_run_settings
     from tasks.depth.video_sources import load_sources
     from tasks.depth.video_table import VideoTable
 
@@ -275,13 +274,11 @@ def _depth(args: argparse.Namespace) -> int:
     sources = load_sources(args.urls, args.kinetics_csv, args.url_template, args.split, args.limit)
     if not sources:
         raise ValueError(f"no videos to process in {args.urls or args.kinetics_csv}")
-    check_frames_spec(settings.frames)
-    check_depth_backend(settings.depth_backend, settings.device)
-    check_depth_model(settings.depth_model)
-    check_writable_folder(settings.output.resolve())  # last: it makes the folder
-    check_output_free(settings.output.resolve())
-    check_dataset_settings(settings.output.resolve(), settings)
-    VideoTable(settings.output.resolve()).check_layout()
+    check_run_settings(settings)
+    output = settings.output.resolve()
+    check_output_free(output)
+    check_dataset_settings(output, settings)
+    VideoTable(output).check_layout()
     with _ray_before_prefect(settings, len(sources)) as wait_for_workers:
         with imports_without_gc():
             from devstack.prefect_api import prefect_api
