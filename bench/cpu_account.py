@@ -1,65 +1,52 @@
-"""CPU seconds per kind of process while a benchmark runs, from /proc (Linux).
+"""CPU seconds per kind of process while a benchmark runs.
 
 Benchmarks on a 2-core machine need to say where the CPU went, not only how long a run took:
 a sampler thread reads every process's utime+stime twice a second and keeps each process's
 last value, so short-lived processes (ffmpeg, Ray workers) count up to their last sample.
-Processes are grouped by a classifier over their command line. Hand-written: psutil would add
-a dependency for the two /proc reads this needs.
+Processes are grouped by a classifier over their command line.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+import psutil
 
+from devstack.processes import processes_with_descendants
 
 SET_ASIDE = "set_aside"
 ZOMBIE_PREFIX = "[no command line] "  # what a process shows once it has exited (a zombie)
 
 
-def _scan_processes() -> dict[int, tuple[str, float, int]]:
-    """pid -> (command line, CPU seconds so far, parent pid) of every process that can be read."""
-    found: dict[int, tuple[str, float, int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        cpu_s = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        shown = cmdline.strip() or f"{ZOMBIE_PREFIX}{comm}"
-        found[int(entry.name)] = (shown, cpu_s, int(fields[1]))  # fields[1]: parent pid
-    return found
-
-
 def _read_processes() -> dict[int, tuple[str, float]]:
     """pid -> (command line, CPU seconds so far) of every process that can be read."""
-    return {pid: (cmdline, cpu_s) for pid, (cmdline, cpu_s, _) in _scan_processes().items()}
+    found: dict[int, tuple[str, float]] = {}
+    for process in psutil.process_iter(["cmdline", "name", "cpu_times"]):
+        times = process.info["cpu_times"]
+        if times is None:  # gone meanwhile
+            continue
+        command = " ".join(process.info["cmdline"] or [])
+        shown = command or f"{ZOMBIE_PREFIX}{process.info['name']}"
+        found[process.pid] = (shown, times.user + times.system)
+    return found
 
 
 def process_tree(root_needle: str) -> frozenset[int]:
     """Every process whose command line holds `root_needle`, and all their descendants."""
-    processes = _scan_processes()
-    tree = {pid for pid, (cmdline, _, _) in processes.items() if root_needle in cmdline}
-    while grown := {pid for pid, (_, _, parent) in processes.items() if parent in tree} - tree:
-        tree |= grown
-    return frozenset(tree)
+    tree = processes_with_descendants(lambda command: root_needle in command)
+    return frozenset(process.pid for process in tree)
 
 
 def machine_busy_cpu_s() -> float:
-    """Busy CPU seconds of the whole machine since boot (all cores, from /proc/stat)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle, iowait = values[3], values[4]
-    return (sum(values[:8]) - idle - iowait) / CLOCK_TICKS
+    """Busy CPU seconds of the whole machine since boot (all cores; idle and I/O wait aside,
+    and guest time, which Linux counts within user time already)."""
+    times = psutil.cpu_times()._asdict()
+    return sum(times.get(kind, 0.0) for kind in BUSY_KINDS)
+
+
+BUSY_KINDS = ("user", "nice", "system", "irq", "softirq", "steal")
 
 
 class CpuAccount:

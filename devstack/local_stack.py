@@ -7,7 +7,6 @@ that left the process group or outlived their parent. Nothing is left behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from typing import Any
 from common.net import free_port
 from common.processes import signal_on_parent_death, stop_process
 from devstack.launcher import REPO_ROOT
+from devstack.processes import kill_marked_processes
 
 log = logging.getLogger("vidflow.stack")
 
@@ -177,44 +177,6 @@ class LocalStack:
             if (process := self.processes.get(name)) is not None:
                 stop_process(process, timeout_s)
         return kill_marked_processes(MARKER_VARIABLE, self.stack_id)
-
-
-def marked_processes(variable: str, value: str) -> list[int]:
-    """PIDs whose environment holds variable=value (Linux /proc; empty elsewhere)."""
-    wanted = f"{variable}={value}".encode()
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if wanted in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:  # gone, or not ours to read
-            continue
-    return [pid for pid in found if pid != os.getpid()]
-
-
-def kill_marked_processes(variable: str, value: str, grace_s: float = 10) -> list[int]:
-    """SIGTERM every marked process, SIGKILL those still there after `grace_s`; their PIDs.
-
-    A process may start another while it is being stopped (a worker launching a flow run, Ray
-    a worker): a few more rounds catch those.
-    """
-    stopped: list[int] = []
-    for _ in range(3):
-        if not (pids := marked_processes(variable, value)):
-            break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and marked_processes(variable, value):
-            time.sleep(0.2)
-        for pid in marked_processes(variable, value):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        stopped += [pid for pid in pids if pid not in stopped]
-    if stopped:
-        log.info("stopped %d leftover processes of this run", len(stopped))
-    return stopped
 
 
 def start_reaper(variable: str, value: str) -> subprocess.Popen[bytes]:

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psutil
+
 from common.net import free_port
 
 log = logging.getLogger(__name__)
@@ -261,7 +263,6 @@ def _announced_by_this_account(address: str) -> bool:
     whatever cluster it names: a run would send its tasks, and with them the Prefect API's
     address and credentials (and its Ray token), to another account's cluster. Another account
     cannot make a file or a process this account's."""
-    import psutil  # Ray's own copy, importable once ray is
     from ray._private import services, utils
 
     account = os.getuid()

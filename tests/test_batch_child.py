@@ -3,6 +3,7 @@ SIGKILLed, and run the asked number of steps below it, with and without setpriv 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from common.processes import batch_child
@@ -31,13 +33,11 @@ time.sleep(60)
 
 
 def _stat(pid: int) -> tuple[str, str, int] | None:
-    """(name, state, niceness) of a process, or None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
-    return name, fields[0], int(fields[16])
+    """(name, status, niceness) of a process, or None once it is gone."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process = psutil.Process(pid)  # a new handle each time: the name changes at each exec
+        return process.name(), process.status(), process.nice()
+    return None
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent death signal: Linux")
@@ -63,7 +63,7 @@ def test_a_batch_child_runs_lower_and_dies_with_its_killed_parent(path: str) -> 
         parent.send_signal(signal.SIGKILL)
         parent.wait()
     deadline = time.monotonic() + 10
-    while (facts := _stat(child)) is not None and facts[1] != "Z":
+    while (facts := _stat(child)) is not None and facts[1] != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, f"the child outlived its killed parent: {facts}"
         time.sleep(0.05)
 

@@ -26,7 +26,7 @@ import lance
 import pytest
 
 from devstack.launcher import REPO_ROOT
-from devstack.local_stack import kill_marked_processes, marked_processes
+from devstack.processes import kill_marked_processes, marked_processes
 from tests.proc_helpers import listening_sockets
 from vidflow.demo import read_artifacts
 

@@ -41,7 +41,7 @@ RAY_LISTENERS = textwrap.dedent(
     from flows.ray_runner import ray_task_runner
     from flows.ray_start import RAY_CLUSTER_ENV
     import ray
-    import psutil  # Ray's own copy, on sys.path once ray is imported
+    import psutil
 
     # The session's worker processes: the raylet's children but its two agents.
     def workers(session: str) -> list[str]:

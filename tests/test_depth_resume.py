@@ -3,6 +3,7 @@ finished done twice, and no process of the killed run left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,8 +13,10 @@ import uuid
 from pathlib import Path
 
 import lance
+import psutil
 import pytest
 
+from devstack.processes import marked_processes
 from tests.conftest import VIDEOS
 from tests.video_server import Serve, VideoServer
 
@@ -22,20 +25,14 @@ ORPHAN_GRACE_S = 180
 
 
 def _processes_marked(marker: str) -> list[str]:
-    """Command lines of live processes whose environment carries `marker`."""
+    """Command lines of live processes whose environment carries `marker` (zombies hold
+    nothing; their parent reaps them)."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() not in (entry / "environ").read_bytes():
-                continue
-            status = (entry / "status").read_text()
-            if "\nState:\tZ" in status:  # a zombie holds nothing; its parent reaps it
-                continue
-            found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:150])
-        except OSError:
-            continue
+    for pid in marked_processes(*marker.split("=", 1)):
+        with contextlib.suppress(psutil.Error):  # gone meanwhile
+            process = psutil.Process(pid)
+            if process.status() != psutil.STATUS_ZOMBIE:
+                found.append(" ".join(process.cmdline())[:150])
     return found
 
 

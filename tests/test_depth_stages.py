@@ -4,6 +4,7 @@ and real files."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,6 +16,7 @@ from pathlib import Path
 import cv2
 import lance
 import numpy as np
+import psutil
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -407,16 +409,12 @@ def test_transcode_gives_360p_h264_with_an_even_width(tmp_path: Path) -> None:
 
 
 def _ffmpeg_children_niceness() -> list[int]:
-    """The niceness of this process's ffmpeg children running now (from /proc)."""
+    """The niceness of this process's ffmpeg children running now."""
     found = []
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            stat = stat_file.read_text()
-        except OSError:
-            continue
-        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat.rsplit(")", 1)[1].split()
-        if name.startswith("ffmpeg") and int(fields[1]) == os.getpid():  # fields[1]: parent
-            found.append(int(fields[16]))  # stat field 19, the niceness
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.NoSuchProcess):  # ended meanwhile
+            if child.name().startswith("ffmpeg"):
+                found.append(child.nice())
     return found
 
 

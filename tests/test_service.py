@@ -26,6 +26,7 @@ from services.inference.client import channel_options, health_status
 from services.inference.loadtest import run_loadtest
 from tests.conftest import EXPECTED_CLASSES
 from tests.images import gif_bytes, jpeg_bytes, mpo_bytes, png_bytes, png_claiming_size
+from tests.proc_helpers import listening_addresses
 
 
 def _stub(target: str) -> tuple[grpc.Channel, inference_pb2_grpc.ClassifierStub]:
@@ -409,22 +410,10 @@ def test_streaming_loadtest_counts_bad_images_as_errors_and_goes_on(
     assert 0 < level.latency_ms["p50"] <= level.latency_ms["p99"]
 
 
-def _listening_addresses(port: int) -> set[str]:
-    """The local addresses with a TCP socket listening on `port` (from /proc/net/tcp{,6})."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, _, hex_port = local.partition(":")
-            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
-                found.add(address)
-    return found
-
-
 def test_grpc_and_http_ports_listen_on_loopback_only_by_default(onnx_server) -> None:
     assert "--host" not in onnx_server.args  # the defaults
-    # 127.0.0.1 as /proc/net/tcp writes it, and as ::ffff:127.0.0.1 (gRPC's dual-stack socket).
-    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}
+    # 127.0.0.1, and ::ffff:127.0.0.1 (gRPC's dual-stack socket).
+    loopback = {"127.0.0.1", "::ffff:127.0.0.1"}
     for port in (onnx_server.port, onnx_server.http_port):
-        addresses = _listening_addresses(port)
+        addresses = set(listening_addresses(port))
         assert addresses and addresses <= loopback, (port, addresses)

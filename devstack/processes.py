@@ -1,0 +1,72 @@
+"""Finding the processes a stack, test or benchmark started, wherever they ended up (other
+sessions and process groups, reparented to init), and stopping those and no others."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable
+
+import psutil
+
+log = logging.getLogger("vidflow.stack")
+
+
+def marked_processes(variable: str, value: str) -> list[int]:
+    """PIDs (this one aside) whose environment holds variable=value: what a stack started
+    with its marker, and everything those started in turn."""
+    found = []
+    for process in psutil.process_iter():
+        if process.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):  # gone, or not ours to read
+            if process.environ().get(variable) == value:
+                found.append(process.pid)
+    return found
+
+
+def processes_with_descendants(matches: Callable[[str], bool]) -> list[psutil.Process]:
+    """The processes (this one aside) whose command line `matches`, and their descendants."""
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        if not matches(" ".join(process.info["cmdline"] or [])):
+            continue
+        found[process.pid] = process
+        with contextlib.suppress(psutil.Error):  # ended meanwhile
+            found.update((child.pid, child) for child in process.children(recursive=True))
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def end_processes(processes: Iterable[psutil.Process], grace_s: float) -> None:
+    """SIGTERM each process, then SIGKILL those still there after `grace_s`."""
+    processes = list(processes)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):  # ended meanwhile
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
+def kill_marked_processes(variable: str, value: str, grace_s: float = 10) -> list[int]:
+    """End every process marked variable=value (`end_processes`); their PIDs.
+
+    A process may start another while it is being stopped (a worker launching a flow run, Ray
+    a worker): a few more rounds catch those.
+    """
+    stopped: list[int] = []
+    for _ in range(3):
+        if not (pids := marked_processes(variable, value)):
+            break
+        doomed = []
+        for pid in pids:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                doomed.append(psutil.Process(pid))
+        end_processes(doomed, grace_s)
+        stopped += [pid for pid in pids if pid not in stopped]
+    if stopped:
+        log.info("stopped %d leftover processes of this run", len(stopped))
+    return stopped
