@@ -30,10 +30,8 @@ RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def local_ray_init_kwargs(num_cpus: int | None = None) -> dict[str, Any]:
-    """`ray.init` arguments for a private local Ray instance sized for this flow.
-
-    Call it just before `ray.init`: it sets the instance's token auth (`private_ray_auth`)."""
-    private_ray_auth()
+    """`ray.init` arguments for a private local Ray instance sized for this flow (to start it
+    within `private_ray_start`)."""
     init_kwargs: dict[str, Any] = {
         # A new instance, whatever Ray would find on its own: left to itself, ray.init() joins
         # the cluster named in Ray's current-cluster file, even a stale one (`cluster_address`
@@ -71,9 +69,11 @@ AUTH_MODE_ENV = "RAY_AUTH_MODE"
 AUTH_TOKEN_ENV = "RAY_AUTH_TOKEN"
 
 
-def private_ray_auth() -> None:
+@contextlib.contextmanager
+def private_ray_auth() -> Iterator[None]:
     """Token auth for a private local Ray, with a token of its own, unless RAY_AUTH_MODE says
-    otherwise (`disabled`, or `token` with the user's token).
+    otherwise (`disabled`, or `token` with the user's token); this process's environment is
+    as it was afterwards.
 
     Without a token any local account could run code as this user on the instance's loopback
     ports, and read what its tasks carry (the Prefect API's address and credentials). Left to
@@ -82,11 +82,25 @@ def private_ray_auth() -> None:
     cluster of the account. A token in the environment (RAY_AUTH_TOKEN, Ray's first source)
     reaches the instance's processes, which inherit it, and no one else: another account cannot
     read this process's environment. Ray reads the mode into its cached config, so that is
-    refreshed as Ray's own default does."""
+    refreshed as Ray's own default does, on the way in and out (a notebook that later joins
+    another cluster would otherwise send it this run's token)."""
     if os.environ.get(AUTH_MODE_ENV):
+        yield
         return
+    saved_token = os.environ.get(AUTH_TOKEN_ENV)
     os.environ[AUTH_MODE_ENV] = "token"
     os.environ.setdefault(AUTH_TOKEN_ENV, secrets.token_hex(32))
+    _reload_ray_auth()
+    try:
+        yield
+    finally:
+        os.environ.pop(AUTH_MODE_ENV, None)
+        if saved_token is None:
+            os.environ.pop(AUTH_TOKEN_ENV, None)
+        _reload_ray_auth()
+
+
+def _reload_ray_auth() -> None:
     from ray._raylet import AuthenticationTokenLoader, Config
 
     Config.initialize("")
@@ -109,9 +123,10 @@ def cluster_ray_auth() -> None:
 @contextlib.contextmanager
 def private_ray_start() -> Iterator[None]:
     """While a private local Ray starts (`ray.init(address="local")`) and runs: on 127.0.0.1
-    only (`loopback_only_ray`), without the three head processes a private instance has no use
-    for, and with its node agent on a free port (`_private_head`)."""
-    with loopback_only_ray(), _private_head():
+    only (`loopback_only_ray`), with a token of its own (`private_ray_auth`), without the three
+    head processes a private instance has no use for, and with its node agent on a free port
+    (`_private_head`)."""
+    with loopback_only_ray(), private_ray_auth(), _private_head():
         yield
 
 

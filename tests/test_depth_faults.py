@@ -112,6 +112,8 @@ RAY_LISTENERS = textwrap.dedent(
     print(json.dumps({"ran": ran, "listening": listening, "commands": commands,
                       "agent_bind_failures": bind_failures,
                       "env_after": os.environ.get(RAY_CLUSTER_ENV),
+                      "auth_env_after": [os.environ.get("RAY_AUTH_MODE"),
+                                         os.environ.get("RAY_AUTH_TOKEN")],
                       "idle_workers": idle_workers,
                       "params_after": ray._private.parameter.RayParams.__name__,
                       "api_server_after": ray._private.node.Node.start_api_server.__name__,
@@ -170,6 +172,7 @@ def test_a_local_ray_listens_on_loopback_only_wants_its_own_token_and_starts_at_
     # shards start others anyway (each an idle process that imported Ray).
     assert report["idle_workers"] == [], report["idle_workers"]
     assert report["env_after"] is None  # the process is left as it was
+    assert report["auth_env_after"] == [None, None]  # the run's token goes with its Ray
     assert report["params_after"] == "RayParams"
     assert report["api_server_after"] == "start_api_server"
     # The driver read its node's record once the raylet had registered it, not before (when
