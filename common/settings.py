@@ -12,15 +12,17 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The real sample clips live beside the checkout (../shared/data), as in CI.
 SAMPLE_VIDEOS_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "videos"
 SAMPLE_VIDEO = SAMPLE_VIDEOS_DIR / "k400_arm_wrestling.mp4"
 KINETICS_VAL_CSV = SAMPLE_VIDEOS_DIR.parent / "kinetics" / "kinetics-400_val.csv"
+# A TCP port to listen on; 0 lets the system choose a free one.
+Port = Annotated[int, Field(ge=0, le=65535)]
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vidflow"
 
 
@@ -62,10 +64,27 @@ def add_settings_arguments(
 
 
 def settings_from_args(settings_cls: type[SettingsT], args: argparse.Namespace) -> SettingsT:
-    """Build settings where given flags win over the environment and the defaults."""
+    """Build settings where given flags win over the environment and the defaults; a value
+    that does not fit raises ValueError naming the flag, in one line (pydantic's own message
+    spans several, with the whole input and a web link)."""
     given: dict[str, Any] = {
         name: value
         for name, value in vars(args).items()
         if name in settings_cls.model_fields and value is not None
     }
-    return settings_cls(**given)
+    try:
+        return settings_cls(**given)
+    except ValidationError as exc:
+        raise ValueError(_one_line(exc)) from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False):
+        message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:  # a check across settings: its message names the flags
+            problems.append(message)
+            continue
+        name = str(error["loc"][0])
+        problems.append(f"{_flag(name)} {error.get('input')!r}: {message}")
+    return "; ".join(problems)

@@ -47,6 +47,33 @@ def test_auto_dispatches_directly_when_an_image_costs_the_same_in_any_batch() ->
     assert "does not pay" in choice.reason
 
 
+class _StallOnNewSize(_CostModel):
+    """A per-image model whose first call at a new batch size stalls (a reallocation, or a
+    machine busy for a moment at start-up)."""
+
+    def __init__(self, per_image_s: float, stall_s: float) -> None:
+        super().__init__(0.0, per_image_s)
+        self.stall_s = stall_s
+        self.last_size = 0
+
+    def run(self, batch_size: int) -> None:
+        if batch_size != self.last_size:
+            self.last_size = batch_size
+            time.sleep(self.stall_s)
+        super().run(batch_size)
+
+
+def test_a_batch_slower_than_the_window_is_timed_over_several_calls() -> None:
+    """A batch call longer than the timing window (an eager model's batch of 8 on a busy CPU)
+    was timed by that one call, and the first at a new size may stall: batch 8 was judged
+    several times faster than batch 1 on a CPU, for the server's whole life."""
+    model = _StallOnNewSize(per_image_s=0.03, stall_s=0.3)  # batch 8: 0.24 s a call
+    choice = choose_batch_size("auto", 8, model.run, callers=1, min_speedup=MIN_SPEEDUP)
+    assert choice.max_batch_size == 1, choice.reason
+    assert choice.images_per_s_at_max == pytest.approx(1 / 0.03, rel=0.2), choice
+    assert choice.images_per_s_at_1 == pytest.approx(1 / 0.03, rel=0.2), choice
+
+
 @pytest.mark.parametrize(("mode", "expected"), [("on", 8), ("off", 1)])
 def test_on_and_off_are_obeyed_without_measuring(mode: str, expected: int) -> None:
     def must_not_run(batch_size: int) -> None:

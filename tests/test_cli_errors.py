@@ -128,7 +128,9 @@ def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -
     assert "consumers" in _refused([*bench, "--consumers", "0"], capsys)
     assert "duration" in _refused([*bench, "--duration", "-5"], capsys)
     consume = ["consume", "--bootstrap-servers", CLOSED_PORT, "--target", CLOSED_PORT]
-    assert "rpc_timeout_s" in _refused([*consume, "--rpc-timeout-s", "0"], capsys)
+    assert "--rpc-timeout-s '0': Input should be greater than 0" in _refused(
+        [*consume, "--rpc-timeout-s", "0"], capsys
+    )
 
 
 def test_consume_refuses_a_metrics_port_that_is_taken(kafka, capsys) -> None:
@@ -149,10 +151,30 @@ def test_flags_out_of_range_are_refused_by_the_parser(tmp_path: Path, capsys) ->
     assert "must be a positive number" in _refused([*loadtest, "--duration", "0"], capsys)
     assert "whole numbers >= 1" in _refused([*loadtest, "--concurrency", "1,x"], capsys)
     assert "whole numbers >= 1" in _refused([*loadtest, "--concurrency", "0"], capsys)
+    assert "must be 1 or more" in _refused([*loadtest, "--max-frames", "0"], capsys)
+    # A report that cannot be written is found out before the run, not after it.
+    no_folder = tmp_path / "missing" / "report.json"
+    assert f"{no_folder.parent} is not a folder" in _refused([*loadtest, "--json", str(no_folder)],
+                                                            capsys)  # fmt: skip
     classify = ["classify", "--target", CLOSED_PORT, str(image)]
     assert "must be 1 or more" in _refused([*classify, "--top-k", "-1"], capsys)
+    # A folder where a file is due: one line, not an IsADirectoryError traceback.
+    assert str(tmp_path) in _refused([*classify, "--tls-ca", str(tmp_path)], capsys)
     assert "a port is 0-65535" in _refused(["sample-mirror", "--port", "99999"], capsys)
     assert "a port is 0-65535" in _refused(["broker", "--port", "-1"], capsys)
+    # Settings flags: one line naming the flag and the value, not pydantic's report (its
+    # lines with the whole input and a web link), before anything starts.
+    for flag, value, reason in [
+        ("--port", "70000", "less than or equal to 65535"),  # was bound as 70000 - 65536
+        ("--max-batch-size", "0", "greater than or equal to 1"),
+        ("--shutdown-grace-s", "-5", "greater than or equal to 0"),
+        ("--port", "abc", "a valid integer"),
+    ]:
+        err = _refused(["serve", flag, value, "--http-port", "1"], capsys)
+        assert f"{flag} '{value}': Input should be {reason}" in err
+        assert "errors.pydantic.dev" not in err and len(err.strip().splitlines()) == 1, err
+    err = _refused(["serve", "--tls-cert", str(image), "--http-port", "1"], capsys)
+    assert err.strip().endswith("--tls-cert and --tls-key go together: give both or neither")
 
 
 def test_logging_that_cannot_be_set_up_is_one_line(tmp_path: Path, capsys) -> None:

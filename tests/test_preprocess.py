@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.settings import SAMPLE_VIDEO
 from services.inference.models import MODELS
 from services.inference.preprocess import (
     MAX_IMAGE_SIDE,
@@ -157,8 +158,28 @@ def test_a_multi_picture_jpeg_from_a_phone_decodes_as_its_first_image() -> None:
     rgb = decode_image(mpo)
     assert rgb.shape == (48, 64, 3)
     assert abs(int(rgb[10, 10, 0]) - 127) <= 2
-    with pytest.raises(InvalidImageError, match="truncated"):
-        decode_image(mpo[: len(mpo) - 100])
+    # Cut within its second picture, it still holds the whole first, the one decoded...
+    assert decode_image(mpo[: len(mpo) - 100]).shape == (48, 64, 3)
+    first_ends = mpo.index(b"\xff\xd9", mpo.index(b"\xff\xda")) + 2  # no 0xFFD9 in the scan
+    # ...cut within the first, it is refused (Pillow's MPO reader finds it first).
+    with pytest.raises(InvalidImageError, match=r"(?i)truncated"):
+        decode_image(mpo[: first_ends - 100])
+
+
+def test_a_motion_photo_decodes_as_its_jpeg_and_a_cut_jpeg_is_refused() -> None:
+    """Phones append the clip of a motion photo to its JPEG; decoders read the JPEG and stop.
+    Only the tail used to be searched for the JPEG's end marker, so such photos were refused
+    as truncated."""
+    photo = jpeg_bytes(320, 240)
+    clip = SAMPLE_VIDEO.read_bytes()[:200_000]
+    motion_photo = photo + clip
+    assert probe_image(motion_photo, 10**6) == ("JPEG", 320, 240)
+    assert np.array_equal(decode_image(motion_photo), decode_image(photo))
+    for cut in (photo[: len(photo) // 2], photo[:-3]):
+        with pytest.raises(InvalidImageError, match="truncated"):
+            probe_image(cut + b"\0" * 100, 10**6)  # with or without padding after it
+        with pytest.raises(InvalidImageError, match="truncated"):
+            probe_image(cut, 10**6)
 
 
 def test_a_png_chunk_claiming_more_bytes_than_sent_is_refused_before_decoding() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,8 +23,8 @@ from common.cpus import usable_cpus
 from common.settings import SAMPLE_VIDEOS_DIR
 from devstack.launcher import REPO_ROOT, start_server
 from protos import inference_pb2, inference_pb2_grpc
-from services.inference.client import channel_options, health_status
-from services.inference.loadtest import run_loadtest
+from services.inference.client import channel_options, health_status, wait_until_serving
+from services.inference.loadtest import _Level, run_loadtest
 from tests.conftest import EXPECTED_CLASSES
 from tests.images import gif_bytes, jpeg_bytes, mpo_bytes, png_bytes, png_claiming_size
 from tests.proc_helpers import listening_addresses
@@ -417,3 +418,62 @@ def test_grpc_and_http_ports_listen_on_loopback_only_by_default(onnx_server) -> 
     for port in (onnx_server.port, onnx_server.http_port):
         addresses = set(listening_addresses(port))
         assert addresses and addresses <= loopback, (port, addresses)
+
+
+def test_port_0_lets_the_system_choose_and_the_log_says_which(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """`--port 0` is how a test or a sidecar avoids port clashes; the log line is then the only
+    way to learn the ports (it said 127.0.0.1:0)."""
+    server = start_server(tmp_path, model_cache, "--port", "0", "--http-port", "0")
+    try:
+        deadline = time.monotonic() + 60
+        while not (found := re.search(r"gRPC on 127\.0\.0\.1:(\d+) .*HTTP on 127\.0\.0\.1:(\d+)",
+                                      server.log_path.read_text())):  # fmt: skip
+            assert server.process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        grpc_port, http_port = int(found[1]), int(found[2])
+        assert grpc_port > 0 and http_port > 0
+        wait_until_serving(f"127.0.0.1:{grpc_port}", timeout_s=60)
+        assert _http_get(f"http://127.0.0.1:{http_port}/readyz")[0] == 200
+    finally:
+        assert server.terminate() == 0
+
+
+def test_a_loadtest_against_no_server_says_why_and_shows_no_latency(tmp_path: Path) -> None:
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg_bytes(64, 64))
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # a port nothing listens on
+        target = f"127.0.0.1:{closed.getsockname()[1]}"
+        loadtest = subprocess.run(
+            [
+                sys.executable, "-m", "vidflow.cli", "loadtest", "--target", target,
+                "--images", str(image), "--concurrency", "2", "--duration", "1", "--warmup", "0",
+            ],
+            capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+        )  # fmt: skip
+    assert loadtest.returncode == 1, loadtest.stderr
+    assert "a call failed: UNAVAILABLE" in loadtest.stderr  # why, once
+    row = loadtest.stdout.strip().splitlines()[-1].split()
+    assert row[:6] == ["2", "0.0", "-", "-", "-", "-"], loadtest.stdout  # no made-up latency
+    errors = int(row[6])
+    # Callers pause after UNAVAILABLE rather than spin: ~10 calls a second each.
+    assert 0 < errors <= 40 and f"(UNAVAILABLE {errors})" in loadtest.stdout, loadtest.stdout
+
+
+def test_a_call_counts_in_the_window_it_ended_in() -> None:
+    """Calls count by when they end, as perf_analyzer counts: counting only those both sent
+    and ended within the window left about one per caller out, and read low by latency /
+    window."""
+
+    async def counted() -> tuple[int, int]:
+        level = _Level([b""], duration_s=1.0, warmup_s=0.0)
+        answer = inference_pb2.ClassifyResponse()
+        level.record(level.window_start - 0.5, answer)  # sent in the warm-up, ended inside
+        level.record(level.window_start - 0.5, None, "UNAVAILABLE", "down")
+        level.window_end = level.loop.time() - 0.001  # and one that ends after the window
+        level.record(level.window_start, answer)
+        return len(level.latencies_ms), sum(level.error_codes.values())
+
+    assert asyncio.run(counted()) == (1, 1)

@@ -17,7 +17,7 @@ import pytest
 
 from devstack.launcher import ServerProcess, start_server
 from protos import inference_pb2, inference_pb2_grpc
-from services.inference.client import channel_options
+from services.inference.client import channel_options, health_status
 from services.inference.metrics import ServiceMetrics
 from services.inference.preprocess import PreprocessSpec
 from services.inference.servicer import InferenceService
@@ -424,7 +424,8 @@ def test_calls_past_the_concurrent_limit_are_refused_not_held(
     tmp_path: Path, model_cache: Path, video_frames: list[bytes]
 ) -> None:
     """Each held call may carry --max-message-bytes: past --max-concurrent-rpcs a new call is
-    refused at once (RESOURCE_EXHAUSTED), and admitted again when one ends."""
+    refused at once (RESOURCE_EXHAUSTED, counted), and admitted again when one ends. Health
+    checks are still answered meanwhile: a busy server is not a dead one to its orchestrator."""
     server = start_server(tmp_path, model_cache, "--max-concurrent-rpcs", "2")
     server.wait_serving()
     feeds: list[queue.Queue] = [queue.Queue(), queue.Queue()]
@@ -443,6 +444,11 @@ def test_calls_past_the_concurrent_limit_are_refused_not_held(
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Classify(inference_pb2.ClassifyRequest(image=video_frames[1]), timeout=30)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-concurrent-rpcs" in refused.value.details()
+            assert health_status(server.target) == "SERVING"
+            metrics = _http_get(f"{server.http_url}/metrics")[1]
+            exhausted = {"method": "Classify", "code": "RESOURCE_EXHAUSTED"}
+            assert _metric(metrics, "vidflow_inference_requests_total", **exhausted) == 1
             feeds[0].put(None)  # one stream ends...
             assert list(streams[0]) == []
             assert _admitted_within(stub, video_frames[1], 10.0)  # ...and a new call gets its place

@@ -183,6 +183,22 @@ def test_tls_cert_without_key_is_refused_with_a_reason(tmp_path: Path) -> None:
     assert "--tls-cert and --tls-key go together" in serve.stderr
 
 
+def test_a_key_that_is_not_the_certificates_or_not_pem_is_named_before_binding(
+    tmp_path: Path,
+) -> None:
+    """gRPC takes any bytes as a key pair and fails only when it binds: that read "could not
+    bind the gRPC port (in use?)"."""
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    cert, _ = _self_signed(tmp_path / "one")
+    _, other_key = _self_signed(tmp_path / "two")
+    serve = _cli("serve", "--tls-cert", str(cert), "--tls-key", str(other_key), "--port", "0")
+    assert serve.returncode == 2, serve.stderr
+    assert "the key is not the certificate's" in serve.stderr and "in use" not in serve.stderr
+    serve = _cli("serve", "--tls-cert", str(REPO_ROOT / "README.md"), "--tls-key", str(other_key))
+    assert serve.returncode == 2, serve.stderr
+    assert "not a PEM certificate and unencrypted PEM key" in serve.stderr
+
+
 @pytest.mark.parametrize(
     ("extra", "reason"),
     [

@@ -134,6 +134,8 @@ def _loadtest(args: argparse.Namespace) -> int:
 
     client = settings_from_args(ClientSettings, args)
     target = client.target
+    if args.json is not None and not args.json.parent.is_dir():  # found out now, not after
+        raise ValueError(f"--json {args.json}: {args.json.parent} is not a folder")
     images = load_encoded_images(args.images, max_frames=args.max_frames)
     concurrencies = args.concurrency
     rpc = "ClassifyStream" if args.streaming else "Classify"
@@ -380,7 +382,9 @@ def _add_service_commands(command: AddCommand) -> None:
     loadtest.add_argument(
         "--warmup", type=_non_negative(float), default=2.0, help="uncounted seconds per level"
     )
-    loadtest.add_argument("--max-frames", type=int, default=64, help="frames taken from a video")
+    loadtest.add_argument(
+        "--max-frames", type=_one_or_more(int), default=64, help="frames taken from a video"
+    )
     loadtest.add_argument("--json", type=Path, help="write the results as JSON here")
     loadtest.add_argument(
         "--streaming",
@@ -488,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, TimeoutError, RuntimeError) as exc:
+    except (ValueError, OSError, TimeoutError, RuntimeError) as exc:
+        # OSError: a path that is not there, a file where a folder should be, no permission.
         log.error("%s", exc)
         return 2
 

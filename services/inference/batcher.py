@@ -249,25 +249,31 @@ class BatchingChoice:
     images_per_s_at_max: float | None = None
 
 
+MIN_TIMED_CALLS = 3
+
+
 def images_per_s(
     run: Callable[[int], object], batch_size: int, callers: int, duration_s: float
 ) -> float:
-    """Images/s of `callers` threads each calling `run(batch_size)` back to back.
+    """Images/s of `callers` threads each calling `run(batch_size)` back to back: one call
+    untimed, then for `duration_s` and at least `MIN_TIMED_CALLS` calls each.
 
-    As many callers as model workers: the shape the model runs in under load.
+    As many callers as model workers: the shape the model runs in under load. A slow model's
+    figure rested on one call that took longer than the window (an eager model's batch of 8
+    on a busy CPU), the first after a change of batch size, which may reallocate: a start-up
+    judged batching worth 8x on a CPU, where it costs.
     """
 
-    def back_to_back(deadline: float) -> int:
-        calls = 0
-        while time.perf_counter() < deadline:
+    def back_to_back() -> float:
+        run(batch_size)
+        started, calls = time.perf_counter(), 0
+        while calls < MIN_TIMED_CALLS or time.perf_counter() < started + duration_s:
             run(batch_size)
             calls += 1
-        return calls
+        return calls * batch_size / (time.perf_counter() - started)
 
     with ThreadPoolExecutor(callers) as pool:
-        started = time.perf_counter()
-        calls = sum(pool.map(back_to_back, [started + duration_s] * callers))
-        return calls * batch_size / (time.perf_counter() - started)
+        return sum(pool.map(lambda _: back_to_back(), range(callers)))
 
 
 def choose_batch_size(
@@ -278,7 +284,7 @@ def choose_batch_size(
     callers: int,
     min_speedup: float,
     duration_s: float = 0.25,
-    rounds: int = 2,
+    rounds: int = 3,
 ) -> BatchingChoice:
     """Batch (up to `max_batch_size`) when asked to, or in `auto` when it measurably pays.
 

@@ -65,13 +65,16 @@ class FileResult:
 def health_status(
     target: str, timeout_s: float = 2.0, service: str = "", tls_ca: Path | None = None
 ) -> str:
-    """The gRPC health status name (SERVING, NOT_SERVING, ...) or UNREACHABLE."""
+    """The gRPC health status name (SERVING, NOT_SERVING, ...), UNREACHABLE when nothing
+    answered in time, or the gRPC code a reachable server ended the check with (e.g.
+    UNIMPLEMENTED: no health service there)."""
     with open_channel(target, tls_ca) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
-        except grpc.RpcError:
-            return "UNREACHABLE"
+        except grpc.RpcError as exc:
+            unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            return "UNREACHABLE" if exc.code() in unreachable else exc.code().name
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 

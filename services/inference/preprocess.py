@@ -113,11 +113,48 @@ def probe_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
         )
     tail = data[-(_TAIL_SLACK + len(_PNG_IEND)) :]
     marker = _PNG_IEND if image_format == "PNG" else _JPEG_EOI
-    if marker not in tail:
+    if marker not in tail and (image_format == "PNG" or _jpeg_end(data) is None):
         raise InvalidImageError(f"truncated image: the {image_format} data has no end marker")
     if image_format == "PNG":
         _check_png_chunks(data)
     return image_format, width, height
+
+
+# Markers with no length field after them: TEM, RST0-7, SOI, EOI.
+_STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xDA)])
+
+
+def _jpeg_end(data: bytes) -> int | None:
+    """Where the first JPEG image in `data` ends (after its EOI), or None if the data stops
+    before it does.
+
+    Walks the segments and, after each SOS, the entropy-coded data (where 0xFF is followed by
+    0x00 or a restart marker). Only for a JPEG whose tail has no EOI: phones append a video
+    to the JPEG (motion photos) or other trailing data, which the decoders ignore. A search for
+    the EOI bytes would not do: an EXIF thumbnail in an APP1 segment has its own."""
+    position = 2  # after SOI
+    while position + 2 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        kind = data[position + 1]
+        if kind == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if kind == 0xD9:  # EOI
+            return position + 2
+        if kind in _STANDALONE_MARKERS:
+            position += 2
+            continue
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if kind == 0xDA:  # SOS: the entropy-coded data runs to the next real marker
+            while (position := data.find(b"\xff", position)) != -1 and position + 1 < len(data):
+                following = data[position + 1]
+                if following != 0x00 and not 0xD0 <= following <= 0xD7:
+                    break
+                position += 2
+            else:
+                return None
+    return None
 
 
 def _check_png_chunks(data: bytes) -> None:

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,16 +43,40 @@ def _server_credentials(settings: InferenceSettings) -> grpc.ServerCredentials |
         pair = (settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())
     except OSError as exc:
         raise ValueError(f"cannot read the TLS certificate or key: {exc}") from None
+    _check_key_pair(settings.tls_cert, settings.tls_key)
     return grpc.ssl_server_credentials([pair])
+
+
+def _check_key_pair(cert: Path, key: Path) -> None:
+    """Refuse a certificate or key that is not PEM, or a key that is not the certificate's.
+
+    gRPC takes any bytes here and fails only when it binds the port, which then read as "in
+    use?"; OpenSSL (through Python's ssl) says what is wrong."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=b"")
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            problem = "the key is not the certificate's"
+        else:
+            problem = f"not a PEM certificate and unencrypted PEM key (OpenSSL: {exc.reason})"
+        raise ValueError(f"--tls-cert {cert} and --tls-key {key}: {problem}") from None
+
+
+# Calls beyond the classifier's limit that the server still takes: health checks and watches,
+# GetModelInfo, reflection.
+OTHER_CALLS_ROOM = 32
 
 
 def _grpc_server(
     settings: InferenceSettings, service: InferenceService, calls: CallTracker
-) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """The gRPC server with the classifier, health and (if asked) reflection, bound to its port."""
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """The gRPC server with the classifier, health and (if asked) reflection, bound to its
+    port, and that port (the one the system chose for --port 0)."""
     server = grpc.aio.server(
         interceptors=[calls],
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        # The classifier's calls are limited by the service (`CallLimit`); this bound, a little
+        # above, leaves health checks and model-info calls room when the classifier is full.
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs + OTHER_CALLS_ROOM,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -75,7 +101,7 @@ def _grpc_server(
         bound = 0
     if bound == 0:
         raise ServerStartError(f"could not bind the gRPC port {address} (in use?)")
-    return server, health_servicer
+    return server, health_servicer, bound
 
 
 async def _set_health(
@@ -121,7 +147,7 @@ async def _serve_until(stop: asyncio.Event, settings: InferenceSettings) -> None
     metrics = ServiceMetrics()
     service = InferenceService(settings, metrics)
     calls = CallTracker()
-    server, health_servicer = _grpc_server(settings, service, calls)
+    server, health_servicer, grpc_port = _grpc_server(settings, service, calls)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     is_ready = asyncio.Event()
@@ -133,12 +159,13 @@ async def _serve_until(stop: asyncio.Event, settings: InferenceSettings) -> None
             f"could not serve HTTP on {host_port(settings.host, settings.http_port)}: "
             f"{exc.strerror or exc}"
         ) from None
+    http_port = runner.addresses[0][1] if runner.addresses else settings.http_port
     log.info(
         "gRPC on %s (%s, reflection %s), HTTP on %s; loading model",
-        host_port(settings.host, settings.port),
+        host_port(settings.host, grpc_port),  # the bound ports: --port 0 lets the system choose
         "TLS" if settings.tls_cert is not None and settings.tls_key is not None else "plaintext",
         "on" if settings.reflection else "off",
-        host_port(settings.host, settings.http_port),
+        host_port(settings.host, http_port),
     )
     try:
         if await _loaded_before_stop(service, stop):

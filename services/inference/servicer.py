@@ -18,6 +18,7 @@ from grpc._cython.cygrpc import ExecuteBatchError
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.batch_work import Outcome, run_batch
 from services.inference.batcher import DynamicBatcher
+from services.inference.call_limit import CallLimit
 from services.inference.classify import cancelled_code, classify, failure_status
 from services.inference.loader import ServedModel
 from services.inference.metrics import ServiceMetrics
@@ -41,6 +42,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         self.model: ServedModel | None = None
         self.batcher: DynamicBatcher[bytes, Outcome] | None = None
         self.max_batch_size = settings.max_batch_size  # 1 once --batching finds it does not pay
+        self.call_limit = CallLimit(settings.max_concurrent_rpcs, metrics)
         self._preprocess_pool = (
             ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
             if settings.preprocess_threads > 0
@@ -122,6 +124,14 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         passes first (or that its client cancels) would never reach any code of ours and go
         uncounted; this handler starts with the call and counts it.
         """
+        async with self.call_limit.admitted("Classify", context):
+            return await self._read_and_classify(request_iterator, context)
+
+    async def _read_and_classify(
+        self,
+        request_iterator: AsyncIterator[inference_pb2.ClassifyRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> ClassifyResponse:
         try:
             request = await anext(aiter(request_iterator))
         except (StopAsyncIteration, asyncio.CancelledError, grpc.aio.UsageError):
@@ -179,7 +189,8 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         responses = answer_in_order(
             request_iterator, lambda request: self._start_stream_item(request, context)
         )
-        async with contextlib.aclosing(responses):
+        admitted = self.call_limit.admitted("ClassifyStream", context)
+        async with admitted, contextlib.aclosing(responses):
             async for response in responses:
                 yield response
 

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.settings import DEFAULT_CACHE_DIR
+from common.settings import DEFAULT_CACHE_DIR, Port
 
 
 class InferenceSettings(BaseSettings):
@@ -21,8 +21,8 @@ class InferenceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIDFLOW_INFERENCE_")
 
     host: str = Field("127.0.0.1", description="address the gRPC and HTTP ports bind to")
-    port: int = Field(50051, description="gRPC port")
-    http_port: int = Field(8000, description="HTTP port for /healthz, /readyz and /metrics")
+    port: Port = Field(50051, description="gRPC port")
+    http_port: Port = Field(8000, description="HTTP port for /healthz, /readyz and /metrics")
     model: str = Field("efficientnet_lite0", description="model name from the registry")
     weights: Path | None = Field(
         None, description="local weights file (state_dict); default: the model's own source"
@@ -60,8 +60,9 @@ class InferenceSettings(BaseSettings):
     max_concurrent_rpcs: int = Field(
         256,
         ge=1,
-        description="calls held at once, streams and health watches included; more get "
-        "RESOURCE_EXHAUSTED (each may carry --max-message-bytes: this bounds the memory)",
+        description="Classify and ClassifyStream calls held at once; more get RESOURCE_EXHAUSTED "
+        "(each may carry --max-message-bytes: this bounds the memory). Health checks have room "
+        "of their own",
     )
     preprocess_threads: int = Field(
         0,
@@ -91,7 +92,9 @@ class InferenceSettings(BaseSettings):
     cache_dir: Path = Field(
         DEFAULT_CACHE_DIR / "models", description="where exported models are cached"
     )
-    shutdown_grace_s: float = Field(30.0, description="how long SIGTERM waits for calls in flight")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="how long SIGTERM waits for calls in flight"
+    )
     tls_cert: Path | None = Field(
         None, description="serve gRPC over TLS with this PEM certificate (chain); needs --tls-key"
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.settings import Port
 from common.urls import shown_url
 
 
@@ -121,7 +122,7 @@ class ConsumerSettings(BaseSettings):
     )
     max_frames: int | None = Field(None, description="stop after this many frames")
     summary_json: Path | None = Field(None, description="write the summary here as JSON")
-    metrics_port: int | None = Field(None, description="serve Prometheus /metrics on this port")
+    metrics_port: Port | None = Field(None, description="serve Prometheus /metrics on this port")
     metrics_host: str = Field(
         "127.0.0.1", description="address /metrics binds to (0.0.0.0: every interface)"
     )

@@ -1,0 +1,42 @@
+"""The cap on Classify and ClassifyStream calls held at once (--max-concurrent-rpcs).
+
+It bounds the memory of the calls held (each may carry --max-message-bytes). Kept by the
+service rather than by gRPC's server-wide `maximum_concurrent_rpcs`, which refused health
+checks too: a server busy with that many streams looked dead to its orchestrator's probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.inference.metrics import ServiceMetrics
+
+
+class CallLimit:
+    """At most `limit` classifier calls at once; the next is refused at once, and counted."""
+
+    def __init__(self, limit: int, metrics: ServiceMetrics) -> None:
+        self.limit = limit
+        self.metrics = metrics
+        self.open_calls = 0
+
+    @contextlib.asynccontextmanager
+    async def admitted(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Hold one place for the call while it runs, or end it with RESOURCE_EXHAUSTED.
+
+        The check and the count happen on the event loop with no await between them."""
+        if self.open_calls >= self.limit:
+            self.metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server holds its limit of {self.limit} calls (--max-concurrent-rpcs); "
+                "try again when one ends",
+            )
+        self.open_calls += 1
+        try:
+            yield
+        finally:
+            self.open_calls -= 1
