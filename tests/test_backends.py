@@ -95,6 +95,29 @@ def test_missing_or_wrong_weights_say_what_to_do(tmp_path: Path, resnet18_weight
         load_model("efficientnet_lite0", resnet18_weights[0])
     with pytest.raises(ValueError, match="known models: efficientnet_lite0, resnet18"):
         load_model("vgg99")
+    # One line, not torch's list of every key (hundreds for a whole network).
+    with pytest.raises(WeightsUnavailableError) as misfit:
+        load_model("efficientnet_lite0", resnet18_weights[0])
+    assert "parameters missing (e.g. [" in str(misfit.value) and "\n" not in str(misfit.value)
+
+
+def test_weights_inside_a_training_checkpoint_or_from_dataparallel_load(
+    tmp_path: Path, resnet18_weights
+) -> None:
+    """What training scripts save: {"model": state_dict, "epoch": ...}, and DataParallel's
+    "module."-prefixed keys; they used to be refused with every key listed."""
+    path, network = resnet18_weights
+    plain = load_model("resnet18", path)
+    state_dict = network.state_dict()
+    wrapped, parallel = tmp_path / "checkpoint.pt", tmp_path / "dataparallel.pt"
+    torch.save({"model": state_dict, "epoch": 12}, wrapped)
+    torch.save({f"module.{key}": value for key, value in state_dict.items()}, parallel)
+    for saved in (wrapped, parallel):
+        assert load_model("resnet18", saved).weights_sha256 == plain.weights_sha256
+    whole = tmp_path / "whole-model.pt"
+    torch.save(network, whole)  # the pickled module, not its weights: refused, saying what to do
+    with pytest.raises(WeightsUnavailableError, match=r"torch.save\(model.state_dict\(\), path\)"):
+        load_model("resnet18", whole)
 
 
 def test_onnx_export_is_cached_by_weights(tmp_path: Path, resnet18_weights) -> None:

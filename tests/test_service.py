@@ -239,7 +239,7 @@ def test_batching_off_dispatches_each_request_alone(tmp_path: Path, model_cache,
         server.terminate()
     assert all(r.predictions for r in replies)
     assert {r.timings.batch_size for r in replies} == {1}
-    assert info.max_batch_size == 1
+    assert info.max_batch_size == 1 and info.max_batch_delay_ms == 0  # nothing waits
     # default_workers: ONNX Runtime runs one call per core plus one on a CPU, two on a GPU
     assert info.model_workers == (usable_cpus() + 1 if info.device == "cpu" else 2)
     assert "--batching off" in server.log()
@@ -255,6 +255,7 @@ def test_model_info(onnx_server) -> None:
     assert info.num_classes == 1000
     assert (info.input_height, info.input_width) == (224, 224)
     assert info.max_batch_size == 8  # the fixture serves with --batching on
+    assert info.max_batch_delay_ms == 5  # the fixture's --max-batch-delay-ms
     assert len(info.weights_sha256) == 64
 
 

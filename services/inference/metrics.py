@@ -27,7 +27,7 @@ class ServiceMetrics:
         )
         self.batch_size = Histogram(
             "vidflow_inference_batch_size",
-            "Number of requests per model call.",
+            "Number of requests per batch (an image refused at decoding counts in its batch).",
             buckets=BATCH_SIZE_BUCKETS,
             registry=self.registry,
         )

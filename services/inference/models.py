@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from services.inference.preprocess import PreprocessSpec
 
@@ -142,19 +142,26 @@ def load_model(name: str, weights: Path | None = None) -> LoadedModel:
         try:
             state_dict = torch.load(weights, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # not a checkpoint
+            if "Unsupported global" in str(exc):  # a whole pickled model, or other objects
+                raise WeightsUnavailableError(
+                    f"{weights} holds pickled Python objects (a whole model?), which are not "
+                    "loaded: unpickling runs code. Save the weights alone: "
+                    "torch.save(model.state_dict(), path)"
+                ) from exc
             raise WeightsUnavailableError(
                 f"{weights} is not a PyTorch checkpoint (a state_dict saved with torch.save): "
                 f"{str(exc).splitlines()[0]}"
             ) from exc
-        if isinstance(state_dict, dict) and "state_dict" in state_dict:  # training checkpoints
-            state_dict = state_dict["state_dict"]
+        state_dict = _unwrapped(state_dict)
     else:
         state_dict = entry.default_state_dict()
     network = entry.build_network()
     try:
         network.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        raise WeightsUnavailableError(f"weights do not fit {name}: {exc}") from exc
+        raise WeightsUnavailableError(
+            f"weights do not fit {name}: {_misfit(network.state_dict(), state_dict, exc)}"
+        ) from exc
     network.eval()
     sha = state_dict_sha256(state_dict)
     log.info("loaded %s weights (sha256 %s) from %s", name, sha[:12], weights or "default source")
@@ -164,6 +171,40 @@ def load_model(name: str, weights: Path | None = None) -> LoadedModel:
         preprocess=entry.preprocess,
         class_names=imagenet_class_names(),
         weights_sha256=sha,
+    )
+
+
+# Where training scripts keep the weights inside a checkpoint dictionary.
+_CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def _unwrapped(checkpoint: Any) -> Any:
+    """The state_dict inside a training checkpoint ({"model": ...} and the like), without
+    the "module." prefix that torch.nn.DataParallel adds to every key."""
+    for key in _CHECKPOINT_KEYS:
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if (
+        isinstance(checkpoint, dict)
+        and checkpoint
+        and all(isinstance(key, str) and key.startswith("module.") for key in checkpoint)
+    ):
+        checkpoint = {key.removeprefix("module."): value for key, value in checkpoint.items()}
+    return checkpoint
+
+
+def _misfit(expected: dict[str, Any], given: Any, exc: RuntimeError) -> str:
+    """How a state_dict misses the network, in a line: torch's message lists every key."""
+    if not isinstance(given, dict):
+        return f"the file holds a {type(given).__name__}, not a state_dict"
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+    if not missing and not unexpected:  # same keys, other shapes: torch's first line says which
+        return str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+    return (
+        f"{len(missing)} of its {len(expected)} parameters missing (e.g. {missing[:3]}), "
+        f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
     )
 
 

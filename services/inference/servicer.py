@@ -211,7 +211,8 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             input_height=height,
             input_width=width,
             max_batch_size=self.max_batch_size,
-            max_batch_delay_ms=self.settings.max_batch_delay_ms,
+            # No batch is waited for when each request goes alone.
+            max_batch_delay_ms=self.settings.max_batch_delay_ms if self.max_batch_size > 1 else 0,
             weights_sha256=model.weights_sha256,
             model_workers=model.workers,
         )
