@@ -200,7 +200,7 @@ def _misfit(expected: dict[str, Any], given: Any, exc: RuntimeError) -> str:
         return f"the file holds a {type(given).__name__}, not a state_dict"
     missing = [key for key in expected if key not in given]
     unexpected = [key for key in given if key not in expected]
-    if not missing and not unexpected:  # same keys, other shapes: torch's first line says which
+    if not missing and not unexpected:  # same keys, other shapes: torch's first problem line
         return str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
     return (
         f"{len(missing)} of its {len(expected)} parameters missing (e.g. {missing[:3]}), "
