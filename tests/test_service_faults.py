@@ -283,6 +283,43 @@ def test_shutdown_log_says_an_open_stream_was_cancelled_not_drained(
     ) in log, log
 
 
+def test_a_second_stop_signal_cuts_the_drain_short(
+    tmp_path: Path, model_cache: Path, video_frames: list[bytes]
+) -> None:
+    """Ctrl-C twice means now: the second signal cancels the calls still open instead of
+    waiting out the grace (30 s by default), and the log says so."""
+    server = start_server(tmp_path, model_cache)  # the default 30-s grace
+    server.wait_serving()
+    outgoing: queue.Queue[inference_pb2.ClassifyRequest | None] = queue.Queue()
+
+    def requests() -> Iterator[inference_pb2.ClassifyRequest]:
+        while (request := outgoing.get()) is not None:
+            yield request
+
+    channel, stub = _stub(server.target)
+    with channel:
+        stream = stub.ClassifyStream(requests(), timeout=60)
+        outgoing.put(inference_pb2.ClassifyRequest(image=video_frames[0]))
+        assert next(stream).predictions  # open, and never half-closed by the client
+        server.process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 10
+        while "shutting down" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        second_at = time.monotonic()
+        server.process.send_signal(signal.SIGINT)
+        with pytest.raises(grpc.RpcError):
+            next(stream)
+        outgoing.put(None)
+        assert server.process.wait(10) == 0, server.log()
+        took_s = time.monotonic() - second_at
+    assert took_s < 5, took_s
+    assert (
+        "of 1 call(s) open at shutdown, 0 call(s) drained, 1 cancelled on the second stop "
+        "signal, 0 cancelled by their clients"
+    ) in server.log(), server.log()
+
+
 def test_an_unexpected_failure_of_one_image_fails_only_that_image(
     model_cache: Path, photos: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:

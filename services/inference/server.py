@@ -131,19 +131,25 @@ async def _loaded_before_stop(service: InferenceService, stop: asyncio.Event) ->
 
 async def serve(settings: InferenceSettings) -> None:
     """Run the service until SIGTERM or SIGINT, then drain calls in flight and return."""
-    stop = asyncio.Event()
+    stop, stop_now = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:  # a second Ctrl-C or SIGTERM while draining: cut the calls now
+        (stop_now if stop.is_set() else stop).set()
+
     # Before any port opens, so a stop that comes as soon as the server answers is kept.
     for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     try:
-        await _serve_until(stop, settings)
+        await _serve_until(stop, stop_now, settings)
     finally:
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
 
 
-async def _serve_until(stop: asyncio.Event, settings: InferenceSettings) -> None:
+async def _serve_until(
+    stop: asyncio.Event, stop_now: asyncio.Event, settings: InferenceSettings
+) -> None:
     metrics = ServiceMetrics()
     service = InferenceService(settings, metrics)
     calls = CallTracker()
@@ -180,7 +186,7 @@ async def _serve_until(stop: asyncio.Event, settings: InferenceSettings) -> None
         )
         is_ready.clear()
         metrics.ready.set(0)
-        await drain_calls(server, health_servicer, calls, settings.shutdown_grace_s)
+        await drain_calls(server, health_servicer, calls, settings.shutdown_grace_s, stop_now)
     finally:
         with contextlib.suppress(Exception):
             await server.stop(0)

@@ -156,12 +156,14 @@ class CallTracker(grpc.aio.ServerInterceptor):
             return call
         return behaviour  # a synchronous handler: runs in a thread; not ours, not counted
 
-    def summary(self, ended_before: int, grace_s: float) -> str:
+    def summary(self, ended_before: int, grace_s: float, cut_short: bool = False) -> str:
         """What shutdown did with the calls open when it began."""
+        when = f"at the end of the {grace_s:.0f} s grace"
+        if cut_short:
+            when = "on the second stop signal"
         return (
             f"{self.ended - ended_before} call(s) drained, {self.cancelled_by_shutdown} "
-            f"cancelled at the end of the {grace_s:.0f} s grace, {self.cancelled_by_clients} "
-            "cancelled by their clients"
+            f"cancelled {when}, {self.cancelled_by_clients} cancelled by their clients"
         )
 
 
@@ -170,14 +172,26 @@ async def drain_calls(
     health_servicer: health.aio.HealthServicer,
     calls: CallTracker,
     grace_s: float,
+    stop_now: asyncio.Event | None = None,
 ) -> None:
-    """Refuse new calls, give those in flight up to `grace_s` to end, then cancel the rest."""
+    """Refuse new calls, give those in flight up to `grace_s` to end, then cancel the rest;
+    at once if `stop_now` is set meanwhile (a second Ctrl-C)."""
     await health_servicer.enter_graceful_shutdown()  # watchers hear NOT_SERVING
     calls.end_watches()
     calls.cancelled_by_clients = calls.cancelled_by_shutdown = 0
     ended_before, open_at_stop, watches = calls.ended, calls.open, calls.open_watches
-    calls.grace_ends = asyncio.get_running_loop().time() + grace_s
-    await server.stop(grace_s)
+    loop = asyncio.get_running_loop()
+    calls.grace_ends = loop.time() + grace_s
+    stopping = asyncio.ensure_future(server.stop(grace_s))
+    cut = asyncio.ensure_future((stop_now or asyncio.Event()).wait())
+    await asyncio.wait([stopping, cut], return_when=asyncio.FIRST_COMPLETED)
+    cut.cancel()
+    cut_short = not stopping.done()
+    if cut_short:
+        log.info("stopping now: cancelling the calls still open")
+        calls.grace_ends = loop.time()
+        await server.stop(None)  # during a graceful stop, gRPC cancels every call at once
+    await stopping
     for _ in range(100):  # cancelled handlers finish on the loop just after stop returns
         if calls.open == 0:
             break
@@ -185,6 +199,6 @@ async def drain_calls(
     log.info(
         "stopped: of %d call(s) open at shutdown, %s; %d health watch(es) ended with the server",
         open_at_stop,
-        calls.summary(ended_before, grace_s),
+        calls.summary(ended_before, grace_s, cut_short),
         watches,
     )
