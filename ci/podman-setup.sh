@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Podman for the container test (tests/test_container.py): a daemonless engine that builds and
 # runs the Dockerfile where no Docker engine exists (see shared/ENV_NOTES.md, "Docker without a
-# Docker engine"). Idempotent: installs only what is missing, rewrites only its own config
-# files, builds the base image only when `podman image exists` says it is missing.
+# Docker engine"). Idempotent: installs only what is missing, writes its containers.conf (saving
+# once one it did not write), builds the base image only when `podman image exists` says it is
+# missing.
 # Never fails CI: whatever cannot be done is printed, and the container test skips saying why.
 #
 #   bash ci/podman-setup.sh                  # as root
@@ -48,9 +49,17 @@ command -v podman >/dev/null 2>&1 || skip "podman is not on PATH after the insta
 # --- configuration ---------------------------------------------------------------------------
 # runc, not crun: crun fails on this kernel's hybrid cgroups. cgroupfs: no systemd here.
 # events in a file: no journald. Default ulimits: the container otherwise inherits odd limits.
+# A containers.conf this script did not write (an account's own, or a package's) is kept
+# beside it, once, before it is replaced: nothing of a developer's podman set-up is lost.
 mkdir -p /etc/containers
-cat >/etc/containers/containers.conf <<'EOF'
-# Written by vidflow's ci/podman-setup.sh (rewritten on every run).
+conf=/etc/containers/containers.conf
+mark="# Written by vidflow's ci/podman-setup.sh (rewritten on every run)."
+if [ -e "$conf" ] && [ "$(head -n 1 "$conf")" != "$mark" ] && [ ! -e "$conf.before-vidflow" ]; then
+    cp -p "$conf" "$conf.before-vidflow"
+    say "$conf saved as $conf.before-vidflow (move it back to undo)"
+fi
+cat >"$conf" <<EOF
+$mark
 [containers]
 default_ulimits = [
   "nofile=20000:20000",

@@ -72,6 +72,30 @@ def test_a_flow_run_takes_each_setting_the_caller_left_out_from_the_environment(
     assert run_settings(depth.model_copy(update={"output": Path("out")})).output == tmp_path / "out"
 
 
+@pytest.mark.parametrize("deployment", ["local", "compose"])
+def test_a_stream_deployment_reaches_the_services_its_worker_is_told_of(
+    monkeypatch, deployment: str
+) -> None:
+    """The compose worker moves the service with VIDFLOW_INFERENCE_PORT; an address pinned in
+    prefect.yaml would win over the worker's environment and every call would miss."""
+    import yaml
+
+    from flows.stream_benchmark import stream_benchmark
+
+    project = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())
+    (parameters,) = [
+        d["parameters"]
+        for d in project["deployments"]
+        if d["name"] == deployment and d["entrypoint"].endswith(":stream_benchmark")
+    ]
+    monkeypatch.setenv("VIDFLOW_INFERENCE_TARGET", "inference:6000")
+    monkeypatch.setenv("VIDFLOW_KAFKA_BOOTSTRAP_SERVERS", "redpanda:9093")
+    settings = stream_benchmark.validate_parameters(parameters)["settings"]
+    assert settings.client.target == "inference:6000"
+    assert settings.kafka.bootstrap_servers == "redpanda:9093"
+    assert (settings.fps, settings.duration) == ("native", 30)  # the deployment's own knobs
+
+
 def test_stream_benchmark_flags_win_over_the_environment(monkeypatch) -> None:
     from vidflow.cli import stream_benchmark_settings
 

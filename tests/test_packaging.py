@@ -135,6 +135,42 @@ def test_compose_resolved_ports_and_environment() -> None:
     assert env["VIDFLOW_INFERENCE_ONNX_MODEL"] == "/opt/model/efficientnet_lite0.onnx"
 
 
+def test_compose_ignores_a_shells_settings_meant_for_local_runs() -> None:
+    """README tells users to export these for `make demo` / `vidflow serve`: a host path or the
+    eager backend (no torch in the image) in a container would keep the stack from starting."""
+    local = {
+        "VIDFLOW_INFERENCE_BACKEND": "eager",
+        "VIDFLOW_INFERENCE_ONNX_MODEL": "/home/me/model.onnx",
+        "VIDFLOW_DEPTH_DEPTH_MODEL": "/home/me/DepthPro-hf",
+    }
+    services = _compose_config(env=_compose_env(**local))["services"]
+    assert services["inference"]["environment"]["VIDFLOW_INFERENCE_BACKEND"] == "onnx"
+    assert services["inference"]["environment"]["VIDFLOW_INFERENCE_ONNX_MODEL"] == (
+        "/opt/model/efficientnet_lite0.onnx"
+    )
+    assert services["worker"]["environment"]["VIDFLOW_DEPTH_DEPTH_MODEL"] == "apple/DepthPro-hf"
+    # The compose stack's own names for them.
+    own = {"VIDFLOW_COMPOSE_DEPTH_MODEL": "/data/DepthPro-hf", "VIDFLOW_COMPOSE_ONNX_MODEL": "/m"}
+    services = _compose_config(env=_compose_env(**local, **own))["services"]
+    assert services["worker"]["environment"]["VIDFLOW_DEPTH_DEPTH_MODEL"] == "/data/DepthPro-hf"
+    assert services["inference"]["environment"]["VIDFLOW_INFERENCE_ONNX_MODEL"] == "/m"
+
+
+@pytest.mark.parametrize("hostname", [None, "gpu-box.lan"])
+def test_compose_tells_browsers_and_kafka_clients_the_public_hostname(hostname: str | None) -> None:
+    """Opened to the network (VIDFLOW_PUBLISH_HOST=0.0.0.0), a remote browser's UI and a remote
+    Kafka client must be sent to this machine, not to their own localhost."""
+    extra = {"VIDFLOW_PUBLIC_HOSTNAME": hostname} if hostname else {}
+    services = _compose_config(env=_compose_env(**extra))["services"]
+    name = hostname or "localhost"
+    ui_api = services["prefect-server"]["environment"]["PREFECT_UI_API_URL"]
+    assert ui_api == f"http://{name}:4200/api"
+    advertised = [a for a in services["broker"]["command"] if a.startswith("--advertise-kafka")]
+    assert advertised == [
+        f"--advertise-kafka-addr=internal://redpanda:9092,external://{name}:19092"
+    ]
+
+
 def test_dockerfile_structure() -> None:
     text = DOCKERFILE.read_text()
     assert text.splitlines()[0] == "# syntax=docker/dockerfile:1"
