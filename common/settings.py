@@ -75,10 +75,12 @@ def settings_from_args(settings_cls: type[SettingsT], args: argparse.Namespace) 
     try:
         return settings_cls(**given)
     except ValidationError as exc:
-        raise ValueError(_one_line(exc)) from None
+        raise ValueError(one_line(exc, settings_cls.model_config.get("env_prefix", ""))) from None
 
 
-def _one_line(exc: ValidationError) -> str:
+def one_line(exc: ValidationError, env_prefix: str = "") -> str:
+    """A settings ValidationError as one line naming each flag and its value (`env_prefix`
+    also names the variable a required setting can come from)."""
     problems = []
     for error in exc.errors(include_url=False):
         message = error["msg"].removeprefix("Value error, ")
@@ -86,5 +88,9 @@ def _one_line(exc: ValidationError) -> str:
             problems.append(message)
             continue
         name = str(error["loc"][0])
+        if error["type"] == "missing":  # the input is every flag given: not worth showing
+            where = f" (or {env_prefix}{name.upper()})" if env_prefix else ""
+            problems.append(f"{_flag(name)}{where} is required")
+            continue
         problems.append(f"{_flag(name)} {error.get('input')!r}: {message}")
     return "; ".join(problems)

@@ -63,6 +63,7 @@ def start_broker(
     `vidflow broker` or test run leaves no broker listening. So start it from a thread that
     lives as long as the broker should (the main thread, as every caller does).
     """
+    _check_port_free(host, port)
     url = f"tcp://{host}:{port}"
     output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(
@@ -82,6 +83,20 @@ def start_broker(
         raise BrokerError(f"broker exited at start with code {process.returncode} (port in use?)")
     log.info("local Kafka-protocol broker (Tansu) on %s", broker.bootstrap_servers)
     return broker
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on before Tansu starts: the readiness check would
+    otherwise connect to that listener and call the broker ready. Port 0 is refused too: the
+    address is given to clients as it is (advertised), so it must be the real one."""
+    if port == 0:
+        raise BrokerError("the broker needs a port number (0, any free port, cannot be advertised)")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise BrokerError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 def run_broker(port: int, host: str = "127.0.0.1") -> int:

@@ -23,11 +23,11 @@ from prefect.runtime import flow_run
 
 from common.files import remove_stale_partials
 from flows.depth_report import RunReport
-from flows.ray_runner import cluster_cpus, ray_task_runner
+from flows.ray_runner import cluster_cpus, cluster_gpus, largest_node, ray_task_runner
 from tasks.depth.dataset_settings import check_dataset_settings, record_dataset_settings
 from tasks.depth.output_lock import output_lock
 from tasks.depth.preflight import check_run_settings
-from tasks.depth.settings import DepthSettings
+from tasks.depth.settings import DepthSettings, with_absolute_paths
 from tasks.depth.shard_tasks import (
     OUTPUT_FOLDERS,
     Shard,
@@ -70,6 +70,7 @@ def _extract(
 ) -> dict[str, Any]:
     """The run, once its input is read and its output folder is its own."""
     logger = get_run_logger()
+    check_fits_cluster(settings)
     check_dataset_settings(settings.output, settings)
     record_dataset_settings(settings.output, settings)
     table = VideoTable(settings.output)
@@ -116,11 +117,29 @@ def _extract(
     return {**summary, "lance": str(table.lance_path), "parquet": str(table.parquet_path)}
 
 
+def check_fits_cluster(settings: DepthSettings) -> None:
+    """Refuse a stage that asks for more CPUs than any node of the cluster has, or more GPU
+    depth workers than there are GPUs: Ray would hold it pending, and the run would sit at 0 %
+    with no word of why."""
+    cpus = largest_node("CPU")
+    for flag, asked in (("--transcode-cpus", settings.transcode_cpus),
+                        ("--depth-cpus", settings.depth_cpus)):  # fmt: skip
+        if asked > cpus:
+            raise ValueError(
+                f"{flag} {asked:g}: no node of this Ray cluster has that many CPUs (the largest "
+                f"has {cpus:g}); a stage that asks for more would never start"
+            )
+    gpus = cluster_gpus()
+    if gpus and settings.device != "cpu" and settings.depth_workers > gpus:
+        raise ValueError(
+            f"--depth-workers {settings.depth_workers}: the cluster has {gpus} GPU(s), one per "
+            "GPU depth worker; the others would never start"
+        )
+
+
 def run_settings(settings: DepthSettings | None) -> DepthSettings:
-    """The run's settings (the environment's when none are given), output as an absolute path
-    (Ray workers do not share the driver's working directory)."""
-    settings = settings or DepthSettings()
-    return settings.model_copy(update={"output": settings.output.resolve()})
+    """The run's settings (the environment's when none are given), with absolute paths."""
+    return with_absolute_paths(settings or DepthSettings())
 
 
 def check_settings(settings: DepthSettings) -> bool:

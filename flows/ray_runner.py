@@ -104,3 +104,21 @@ def cluster_cpus() -> int:
     import ray
 
     return int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
+
+
+def cluster_gpus() -> int:
+    """GPUs of the whole Ray cluster (0 without Ray)."""
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+
+
+def largest_node(resource: str) -> float:
+    """The most of `resource` ("CPU", "GPU") one live node of the cluster has: a task or actor
+    that asks for more waits for ever (no limit known without Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return float("inf")
+    alive = [node["Resources"].get(resource, 0.0) for node in ray.nodes() if node["Alive"]]
+    return max(alive, default=0.0)

@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.stream_capacity import capacity_sweep
 from flows.stream_settings import StreamBenchmarkSettings
 from tasks.stream.consumer import merge_summaries
+from tasks.stream.consumer_summary import nothing_answered
 from tasks.stream.prefect_tasks import DRAIN_S, create_topics, run_consumer, run_producer
 from tasks.stream.settings import ConsumerSettings, ProducerSettings
 
@@ -113,15 +114,40 @@ def stream_benchmark(settings: StreamBenchmarkSettings | None = None) -> dict[st
         summary["fps"], summary["e2e_ms"]["p50"], summary["e2e_ms"]["p99"],
         summary["results_published"], summary["dlq"], summary["errors"],
     )  # fmt: skip
+    outcome = {"summary": summary, "producer": produced, "settings": shown}
     if lost := broker_lost(summary, produced):
         raise BrokerLostDuringRunError(
-            f"the broker was lost during the run ({lost}); the report covers the run until then"
+            f"the broker was lost during the run ({lost}); the report covers the run until then",
+            outcome,
         )
-    return {"summary": summary, "producer": produced, "settings": shown}
+    if nothing_answered(summary):
+        raise NothingAnsweredError(
+            f"not one of {summary['frames_consumed']} frames was answered ({summary['errors']} "
+            f"failed calls): is the inference service at {settings.client.target} up and right? "
+            "The consumer's log says why each call failed",
+            outcome,
+        )
+    return outcome
 
 
-class BrokerLostDuringRunError(RuntimeError):
-    """The producer or a consumer lost the broker for longer than its grace: the run failed."""
+class StreamRunFailedError(RuntimeError):
+    """The run failed after it had measured what it could: `outcome` holds its figures (the
+    report is recorded as artifacts all the same)."""
+
+    def __init__(self, message: str, outcome: dict[str, Any]) -> None:
+        super().__init__(message, outcome)
+        self.outcome = outcome
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class BrokerLostDuringRunError(StreamRunFailedError):
+    """The producer or a consumer lost the broker for longer than its grace."""
+
+
+class NothingAnsweredError(StreamRunFailedError):
+    """Frames went through the broker, but the service answered none of them."""
 
 
 def broker_lost(summary: dict[str, Any], produced: dict[str, Any]) -> str | None:
@@ -148,14 +174,16 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
     )
     topics = create_topics(kafka)
     ready = [threading.Event() for _ in range(settings.consumers)]
-    input_ended = threading.Event()
+    input_ended, failed = threading.Event(), threading.Event()
     member = (kafka, consumer_settings, client.target)
     consumer_runs = [
-        run_consumer.submit(*member, ready[i], client.tls_ca, input_ended, wait_for=[topics])
+        run_consumer.submit(
+            *member, ready[i], client.tls_ca, input_ended, failed, wait_for=[topics]
+        )
         for i in range(settings.consumers)
     ]
     producer_run = run_producer.submit(
-        kafka, producer_settings, settings.duration, ready, wait_for=[topics]
+        kafka, producer_settings, settings.duration, ready, failed, wait_for=[topics]
     )
     try:
         produced = producer_run.result().as_dict()

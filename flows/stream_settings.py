@@ -38,12 +38,13 @@ class StreamBenchmarkSettings(BaseModel):
     duration: float = Field(30.0, gt=0, description="seconds of producing")
     fps: str = Field("native", description="a number, native or max")
     loop: bool = Field(True, description="start the file again at its end")
-    max_frames: int | None = Field(None, description="stop producing after this many frames")
+    max_frames: int | None = Field(None, ge=1, description="stop producing after this many frames")
     consumers: int = Field(1, ge=1, description="members of the consumer group")
     concurrency: int = Field(8, ge=1, description="calls in flight per consumer")
     group: str | None = Field(None, description="consumer group id (default: a new one per run)")
     max_frame_age_ms: float | None = Field(
         None,
+        gt=0,
         description="latency budget: consumers skip older frames as stale (capacity mode: "
         f"default {DEFAULT_BUDGET_MS:g})",
     )
@@ -51,8 +52,8 @@ class StreamBenchmarkSettings(BaseModel):
         False,
         description="sweep the number of live streams of --source for the most that hold real time",
     )
-    step_seconds: float = Field(10.0, description="capacity: s per step")
-    max_streams: int = Field(16, description="capacity: most streams tried")
+    step_seconds: float = Field(10.0, gt=0, description="capacity: s per step")
+    max_streams: int = Field(16, ge=1, description="capacity: most streams tried")
     step_tries: int = Field(
         2, ge=1, description="capacity: tries a stream count gets before it counts as failed"
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from common.settings import SAMPLE_VIDEO
 from tasks.depth.dataset_settings import check_dataset_settings, record_dataset_settings
 from tasks.depth.output_lock import check_output_free
 from tasks.depth.settings import DepthSettings
@@ -111,11 +112,22 @@ def test_depth_refuses_settings_that_differ_from_the_datasets_in_its_folder(
     output.mkdir()
     made = DepthSettings(output=output, depth_model=str(tiny_depth_model))
     record_dataset_settings(output, made)
+    other = made.model_copy(update={"x264_preset": "fast"})
+    # Nothing made yet (a first run whose every transcode failed): the settings may change,
+    # and the record follows them (found in review: an empty folder was tied to a typo).
+    check_dataset_settings(output, other)
+    record_dataset_settings(output, other)
+    check_dataset_settings(output, other)
+    record_dataset_settings(output, made)
+    (output / "videos").mkdir()
+    (output / "videos" / "a.mp4").write_bytes(b"a transcode")  # now something was made with them
     given = ["depth", "--urls", str(one_url), "--depth-model", str(tiny_depth_model)]
     err = _refused([*given, "--output", str(output), "--height", "240", "--frames", "all"], capsys)
     assert f"{output} holds a dataset made with height=360, frames=first" in err
     assert "this run asks height=240, frames=all" in err
     check_dataset_settings(output, made)  # the same settings go on
+    with pytest.raises(ValueError, match="x264_preset=veryfast"):
+        check_dataset_settings(output, other)
 
 
 def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -> None:
@@ -131,6 +143,47 @@ def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -
     assert "--rpc-timeout-s '0': Input should be greater than 0" in _refused(
         [*consume, "--rpc-timeout-s", "0"], capsys
     )
+
+
+def test_stream_commands_refuse_bad_sources_and_bounds_before_the_broker(
+    tmp_path: Path, capsys
+) -> None:
+    """Found in review: a missing file was named only after 15 s of "broker unreachable" (or
+    after the Prefect server started and the group joined), `webcam:abc` gave int()'s message,
+    negative counts and budgets ran (or failed 174 traceback lines into the flow)."""
+    clip = str(SAMPLE_VIDEO)
+    produce = ["produce", "--bootstrap-servers", CLOSED_PORT]
+    missing = str(tmp_path / "missing.mp4")
+    assert f"video file not found: {missing}" in _refused([*produce, "--source", missing], capsys)
+    assert "webcam:N takes a camera index" in _refused([*produce, "--source", "webcam:abc"], capsys)
+    assert "--source (or VIDFLOW_PRODUCER_SOURCE) is required" in _refused(produce, capsys)
+    err = _refused([*produce, "--source", clip, "--max-frames", "-1"], capsys)
+    assert "--max-frames '-1'" in err
+    bench = ["stream-benchmark", "--bootstrap-servers", CLOSED_PORT, "--target", CLOSED_PORT]
+    assert f"video file not found: {missing}" in _refused([*bench, "--source", missing], capsys)
+    for flag, value in (("--max-frame-age-ms", "-5"), ("--max-streams", "0"),
+                        ("--step-seconds", "0")):  # fmt: skip
+        err = _refused([*bench, flag, value], capsys)
+        assert err.count("\n") == 1 and f"{flag} " in err and "pydantic" not in err, err
+    missing_ca = str(tmp_path / "ca.pem")
+    err = _refused([*bench, "--tls-ca", missing_ca], capsys)
+    assert f"--tls-ca '{missing_ca}': Path does not point to a file" in err
+    err = _refused([*bench, "--summary-json", "/proc/x/y.json"], capsys)  # before, not after
+    assert "/proc/x" in err and "unreachable" not in err, err
+    consume = ["consume", "--bootstrap-servers", CLOSED_PORT, "--target", CLOSED_PORT]
+    assert "--idle-timeout" in _refused([*consume, "--idle-timeout", "0"], capsys)
+
+
+def test_the_broker_refuses_a_port_in_use_and_port_0(capsys) -> None:
+    """It said "broker ready" on a port another process listened on (its readiness check
+    reached that listener), then "exited unexpectedly"; port 0 waited 15 s for ":0"."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        err = _refused(["broker", "--port", str(port)], capsys)
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "broker ready" not in err
+    assert "the broker needs a port number" in _refused(["broker", "--port", "0"], capsys)
 
 
 def test_consume_refuses_a_metrics_port_that_is_taken(kafka, capsys) -> None:

@@ -70,6 +70,15 @@ def test_a_flow_run_takes_each_setting_the_caller_left_out_from_the_environment(
     assert run_settings(None).frames == "all"
     monkeypatch.chdir(tmp_path)
     assert run_settings(depth.model_copy(update={"output": Path("out")})).output == tmp_path / "out"
+    # A model folder and the export cache given relative reach Ray workers (found in review:
+    # only the output was made absolute; a worker elsewhere looked the model up on the hub).
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    relative = depth.model_copy(update={"depth_model": "models/tiny", "cache_dir": Path("c")})
+    resolved = run_settings(relative)
+    assert resolved.depth_model == str(tmp_path / "models" / "tiny")
+    assert resolved.cache_dir == tmp_path / "c"
+    hub = run_settings(depth.model_copy(update={"depth_model": "apple/DepthPro-hf"}))
+    assert hub.depth_model == "apple/DepthPro-hf"  # a hub id, no such folder here
 
 
 @pytest.mark.parametrize("deployment", ["local", "compose"])

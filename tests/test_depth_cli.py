@@ -74,3 +74,22 @@ def test_bad_input_is_refused_before_anything_starts(
     missing = _vidflow("--urls", str(tmp_path / "none.txt"), env=cli_env)
     assert missing.returncode == 2 and "cannot read the input list" in missing.stderr
     assert "temporary Prefect server" not in missing.stderr
+
+
+@pytest.mark.slow
+def test_a_stage_that_asks_for_more_cpus_than_a_node_has_is_refused(
+    tmp_path: Path, tiny_depth_model: Path, cli_env: dict[str, str]
+) -> None:
+    """Found in review: `--transcode-cpus 3` on 2 CPUs sat at 0 % for ever, saying nothing
+    (Ray holds a task no node can take as pending)."""
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://127.0.0.1:1/a.mp4\n")
+    run = _vidflow(
+        "--urls", str(urls), "--output", str(tmp_path / "out"), "--depth-model",
+        str(tiny_depth_model), "--ray-num-cpus", "2", "--transcode-cpus", "3",
+        env=cli_env,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "--transcode-cpus 3: no node of this Ray cluster has that many CPUs" in run.stderr
+    assert "the largest has 2" in run.stderr
+    assert not (tmp_path / "out" / "videos.lance").exists()  # nothing recorded for the folder

@@ -231,7 +231,9 @@ def test_kinetics_rows_keep_label_id_and_window() -> None:
     )  # fmt: skip
     assert first.video_id == "0wR5jVB-WPk_000417_000427"
     assert first.source_url == "https://mirror/val/0wR5jVB-WPk_000417_000427.mp4"
-    assert read_kinetics_csv(KINETICS_CSV, url_template=template, split="train") == []
+    # A split with no row is named, with the splits there are (it was an empty run).
+    with pytest.raises(SourceListError, match=r"no row of split 'train' \(found: \['val'\]\)"):
+        read_kinetics_csv(KINETICS_CSV, url_template=template, split="train")
 
 
 def test_bad_kinetics_input_is_refused_with_the_reason(tmp_path: Path) -> None:
@@ -249,6 +251,31 @@ def test_bad_kinetics_input_is_refused_with_the_reason(tmp_path: Path) -> None:
         read_kinetics_csv(endless, url_template="https://h/{youtube_id}.mp4")
     template = "https://h/{youtube_id}.mp4"
     assert read_kinetics_csv(KINETICS_CSV, url_template=template, limit=0) == []
+
+
+def test_kinetics_csvs_as_people_write_them_read_or_say_what_is_wrong(tmp_path: Path) -> None:
+    """Found in review: a header in other case, no split column with a {split} template, a
+    short row, a template with an open brace or a UTF-16 file gave a traceback or a message
+    that named neither the file nor the flag."""
+    loose = tmp_path / "loose.csv"
+    loose.write_text("Label, YouTube_ID,Time_Start,time_end\nabseiling,0wR5jVB-WPk,417,427\n")
+    (record,) = read_kinetics_csv(loose, url_template="https://h/{split}/{youtube_id}.mp4")
+    assert record.source_url == "https://h/val/0wR5jVB-WPk.mp4"  # no column: the split asked
+    assert (record.label, record.youtube_id, record.split) == ("abseiling", "0wR5jVB-WPk", "val")
+    short = tmp_path / "short.csv"
+    short.write_text("label,youtube_id,time_start,time_end,split\nx,abc,1,2,val\ny,def,3\n")
+    with pytest.raises(SourceListError, match=r"short.csv:3: fewer columns than the header"):
+        read_kinetics_csv(short, url_template="https://h/{youtube_id}.mp4")
+    with pytest.raises(SourceListError, match=r"--url-template 'https://h/\{youtube_id.mp4'"):
+        read_kinetics_csv(loose, url_template="https://h/{youtube_id.mp4")
+    wide = tmp_path / "utf16.txt"
+    wide.write_text("https://h/a.mp4\n", encoding="utf-16")
+    with pytest.raises(SourceListError, match=r"utf16.txt is not UTF-8 text"):
+        read_url_list(wide)
+    other = tmp_path / "other.csv"
+    other.write_text("Label,YouTubeID,start,end\n")
+    with pytest.raises(SourceListError, match=r"its header: \['Label', 'YouTubeID', 'start'"):
+        read_kinetics_csv(other, url_template="https://h/{youtube_id}.mp4")
 
 
 # ---- download ------------------------------------------------------------------------------

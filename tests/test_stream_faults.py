@@ -348,6 +348,12 @@ def test_consume_fails_within_the_grace_when_the_broker_dies_and_counts_unanswer
     )
     assert f"unanswered {summary['unanswered']}" in output
     assert "not leaving group" in output  # no close() that can hang with the broker gone
+    # librdkafka's line for each failed reconnect (~20 a second) is shown once per client and
+    # broker address, through Python logging, not hundreds of times.
+    lines = output.splitlines()
+    refused = [line for line in lines if "rdkafka#" in line and "Connection refused" in line]
+    assert 0 < len(refused) <= 6, "\n".join(refused)
+    assert all("vidflow.librdkafka" in line for line in refused), "\n".join(refused)
 
 
 @pytest.mark.faults

@@ -18,6 +18,7 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
 )
 
+from common.net import free_port
 from devstack.launcher import REPO_ROOT
 from flows.stream_benchmark import stream_benchmark
 from flows.stream_settings import StreamBenchmarkSettings
@@ -107,3 +108,49 @@ def test_ctrl_c_ends_a_stream_benchmark_early_with_its_report(
     produced = outcome["producer"]["frames_read"]
     assert 0 < produced < 28 * 60
     assert outcome["summary"]["frames_consumed"] == produced  # the frames sent were finished
+
+
+@pytest.mark.slow
+def test_a_run_whose_frames_no_service_answered_fails_and_says_why(
+    prefect_api, kafka, tmp_path: Path
+) -> None:
+    """It ended Completed, exit 0, with a latency table of 0.0 ms that read as figures."""
+    from prefect.settings import PREFECT_API_URL
+
+    summary_json = tmp_path / "new-folder" / "summary.json"
+    nobody = f"127.0.0.1:{free_port()}"
+    command = [
+        sys.executable, "-m", "vidflow.cli", "stream-benchmark", "--duration", "2",
+        "--bootstrap-servers", kafka.bootstrap_servers, "--frames-topic", kafka.frames_topic,
+        "--results-topic", kafka.results_topic, "--dlq-topic", kafka.dlq_topic,
+        "--target", nobody, "--summary-json", str(summary_json),
+    ]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    run = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=180)  # fmt: skip
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert f"is the inference service at {nobody} up and right?" in run.stderr, run.stderr[-3000:]
+    e2e_row = next(line for line in run.stdout.splitlines() if line.split()[:1] == ["e2e"])
+    assert e2e_row.split()[1:] == ["-"] * 5, run.stdout
+    outcome = json.loads(summary_json.read_text())  # written on failure too
+    summary = outcome["summary"]
+    assert summary["frames_consumed"] > 0
+    assert summary["unanswered"] == summary["frames_consumed"]
+
+
+@pytest.mark.slow
+def test_a_consumer_that_cannot_start_fails_the_run_without_a_wait(prefect_api, kafka) -> None:
+    """The producer waited 60 s for every member to join, then produced to nobody."""
+    # A consumer-only setting librdkafka refuses (at most 300,000), so only the consumers fail.
+    refused = kafka.model_copy(update={"fetch_wait_max_ms": 400_000})
+    settings = StreamBenchmarkSettings(
+        duration=30.0, fps="native", consumers=2, client=ClientSettings(target="127.0.0.1:1"),
+        kafka=refused,
+    )  # fmt: skip
+    started = time.monotonic()
+    state = stream_benchmark(settings=settings, return_state=True)
+    took_s = time.monotonic() - started
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"fetch\.wait\.max\.ms"):
+        state.result()
+    assert took_s < 45, took_s  # not the 60-s wait for a member that will never join

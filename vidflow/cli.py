@@ -14,14 +14,22 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from common.flow_heartbeats import foreground_heartbeats
 from common.import_gc import imports_without_gc
 from common.logs import setup_logging
 from common.quick_exit import quick_exit
-from common.settings import SAMPLE_VIDEO, LogSettings, add_settings_arguments, settings_from_args
+from common.settings import (
+    SAMPLE_VIDEO,
+    LogSettings,
+    add_settings_arguments,
+    one_line,
+    settings_from_args,
+)
 from flows.stream_settings import OUTPUT_DIR_VARIABLE, StreamBenchmarkSettings, default_output_dir
 from services.inference.settings import ClientSettings, InferenceSettings
-from tasks.depth.settings import DepthSettings
+from tasks.depth.settings import DepthSettings, with_absolute_paths
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 
 log = logging.getLogger("vidflow")
@@ -192,11 +200,12 @@ def _sample_mirror(args: argparse.Namespace) -> int:
 
 
 def _produce(args: argparse.Namespace) -> int:
-    from tasks.stream.producer import produce_frames
+    from tasks.stream.producer import check_sources, produce_frames
     from tasks.stream.topics import ensure_topics
 
     kafka = settings_from_args(KafkaSettings, args)
     settings = settings_from_args(ProducerSettings, args)  # bad flags refused before the broker
+    check_sources(settings.source)
     ensure_topics(kafka.bootstrap_servers, [kafka.frames_topic], kafka.partitions)
     stats = produce_frames(settings, kafka, _stop_on_sigterm())
     print(json.dumps(stats.as_dict()))
@@ -205,6 +214,7 @@ def _produce(args: argparse.Namespace) -> int:
 
 def _consume(args: argparse.Namespace) -> int:
     from tasks.stream.consumer import FrameConsumer, format_summary
+    from tasks.stream.consumer_summary import nothing_answered
     from tasks.stream.topics import ensure_topics
 
     kafka = settings_from_args(KafkaSettings, args)
@@ -225,7 +235,7 @@ def _consume(args: argparse.Namespace) -> int:
     if settings.summary_json is not None:
         settings.summary_json.parent.mkdir(parents=True, exist_ok=True)
         settings.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
-    if summary["frames_consumed"] and summary["unanswered"] == summary["frames_consumed"]:
+    if nothing_answered(summary):
         log.error("no frame was answered: is the service at %s up and right?", client.target)
         return 1
     return 1 if summary["broker_error"] else 0
@@ -234,33 +244,45 @@ def _consume(args: argparse.Namespace) -> int:
 def stream_benchmark_settings(args: argparse.Namespace) -> StreamBenchmarkSettings:
     """The stream-benchmark flow's settings: its flags; broker and service from flags, then the
     environment, then the defaults."""
-    return StreamBenchmarkSettings(
-        **{name: getattr(args, name) for name in STREAM_BENCHMARK_FLAGS},
-        kafka=settings_from_args(KafkaSettings, args),
-        client=settings_from_args(ClientSettings, args),
-    )
+    kafka = settings_from_args(KafkaSettings, args)
+    client = settings_from_args(ClientSettings, args)
+    try:
+        return StreamBenchmarkSettings(
+            **{name: getattr(args, name) for name in STREAM_BENCHMARK_FLAGS},
+            kafka=kafka,
+            client=client,
+        )
+    except ValidationError as exc:
+        raise ValueError(one_line(exc)) from None
 
 
 def _stream_benchmark(args: argparse.Namespace) -> int:
     with imports_without_gc():
-        from flows.stream_benchmark import BrokerLostDuringRunError, stream_benchmark
+        from flows.stream_benchmark import StreamRunFailedError, stream_benchmark
         from tasks.stream.consumer import format_summary
         from tasks.stream.prefect_tasks import RUN_STOP
+        from tasks.stream.producer import check_sources
 
     settings = stream_benchmark_settings(args)
+    check_sources(settings.source)  # before a Prefect server starts and a group joins
+    if args.summary_json is not None:  # a folder that cannot be made fails now, not after the run
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
     if not settings.capacity:  # Ctrl-C: the run ends its producing now and reports
         _stop_on_sigterm(RUN_STOP)
+    failure: StreamRunFailedError | None = None
     try:
         with foreground_heartbeats():
             outcome = stream_benchmark(settings=settings)
-    except BrokerLostDuringRunError as exc:  # the flow run failed; its report is recorded
-        log.error("%s", exc)
-        return 1
+    except StreamRunFailedError as exc:  # the flow run failed; its report is recorded
+        failure, outcome = exc, exc.outcome
     if RUN_STOP.is_set():
         log.warning("stopped early: the figures cover the run until then")
     print(outcome["verdict"] if settings.capacity else format_summary(outcome["summary"]))
     if args.summary_json is not None:
         args.summary_json.write_text(json.dumps(outcome, indent=2) + "\n")
+    if failure is not None:
+        log.error("%s", failure)
+        return 1
     return 0
 
 
@@ -271,13 +293,13 @@ def _depth(args: argparse.Namespace) -> int:
     from tasks.depth.video_sources import load_sources
     from tasks.depth.video_table import VideoTable
 
-    settings = settings_from_args(DepthSettings, args)
+    settings = with_absolute_paths(settings_from_args(DepthSettings, args))
     # Refuse bad input before starting a Prefect server and Ray (the flow checks again).
     sources = load_sources(args.urls, args.kinetics_csv, args.url_template, args.split, args.limit)
     if not sources:
         raise ValueError(f"no videos to process in {args.urls or args.kinetics_csv}")
     check_run_settings(settings)
-    output = settings.output.resolve()
+    output = settings.output
     check_output_free(output)
     check_dataset_settings(output, settings)
     VideoTable(output).check_layout()
@@ -396,8 +418,13 @@ def _add_service_commands(command: AddCommand) -> None:
 def _add_local_dev_commands(command: AddCommand) -> None:
     """Local stand-ins: the Kafka-protocol broker and the Kinetics sample mirror."""
     broker = command("broker", _broker, "run the local Kafka-protocol broker (Tansu)")
-    broker.add_argument("--port", type=_port, default=9092)
-    broker.add_argument("--host", default="127.0.0.1")
+    broker.add_argument("--port", type=_port, default=9092, help="port (default 9092; not 0)")
+    broker.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on, also the one clients are told to use: give this machine's "
+        "name or address for other machines, not 0.0.0.0 (default 127.0.0.1)",
+    )
 
     mirror = command(
         "sample-mirror",
@@ -475,7 +502,9 @@ def _add_depth_command(command: AddCommand) -> None:
         help="URL of a Kinetics row, e.g. https://HOST/val/{youtube_id}_{time_start:06d}_"
         "{time_end:06d}.mp4",
     )
-    depth.add_argument("--split", default="val", help="Kinetics split to take (default val)")
+    depth.add_argument(
+        "--split", default="val", help="Kinetics split to take (default val; all: every row)"
+    )
     depth.add_argument("--limit", type=_non_negative(int), help="take only the first N inputs")
     add_settings_arguments(depth, DepthSettings)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, FilePath, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import DEFAULT_CACHE_DIR, Port
@@ -141,6 +141,7 @@ class ClientSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIDFLOW_INFERENCE_")
 
     target: str = Field("127.0.0.1:50051", description="gRPC address HOST:PORT of the service")
-    tls_ca: Path | None = Field(
+    # FilePath: a missing CA file is refused with the settings, before a run starts.
+    tls_ca: FilePath | None = Field(
         None, description="reach the service over TLS, trusting this PEM CA certificate"
     )

@@ -18,6 +18,8 @@ from tasks.depth.settings import DepthSettings
 FILE_NAME = "vidflow-dataset.json"
 # What a finished row depends on: its transcode and its depth maps.
 SHAPING = ("height", "x264_preset", "x264_crf", "frames", "depth_model")
+# Where what those settings made lies (transcodes, depth maps): none there, nothing to keep.
+MADE_FOLDERS = ("videos", "depth")
 
 
 class DatasetSettingsError(ValueError):
@@ -30,12 +32,13 @@ def shaping_settings(settings: DepthSettings) -> dict[str, Any]:
 
 def check_dataset_settings(folder: Path, settings: DepthSettings) -> None:
     """Raise DatasetSettingsError if `folder`'s dataset was made with other shaping settings
-    (a folder without the record, new or of an older vidflow, takes any)."""
+    (a folder without the record, new or of an older vidflow, takes any; so does one where
+    nothing was made yet, e.g. after a run whose every transcode failed on a bad setting)."""
     recorded = _recorded(folder)
     wanted = shaping_settings(settings)
     differ = {name: recorded[name] for name in SHAPING if name in recorded}
     differ = {name: value for name, value in differ.items() if value != wanted[name]}
-    if differ:
+    if differ and _anything_made(folder):
         made = ", ".join(f"{name}={value}" for name, value in differ.items())
         asked = ", ".join(f"{name}={wanted[name]}" for name in differ)
         raise DatasetSettingsError(
@@ -46,12 +49,19 @@ def check_dataset_settings(folder: Path, settings: DepthSettings) -> None:
 
 
 def record_dataset_settings(folder: Path, settings: DepthSettings) -> None:
-    """Record the shaping settings in `folder`, unless they are there already."""
+    """Record the shaping settings in `folder`, unless they are there already (a record of
+    other settings is replaced only where `check_dataset_settings` let them change)."""
     path = folder / FILE_NAME
-    if path.exists():
+    if path.exists() and _recorded(folder) == shaping_settings(settings):
         return
     with atomic_output(path) as partial:
         partial.write_text(json.dumps(shaping_settings(settings), indent=2) + "\n")
+
+
+def _anything_made(folder: Path) -> bool:
+    """Whether a transcode or a depth map lies in `folder` (a finished row has both)."""
+    made = (folder / name for name in MADE_FOLDERS)
+    return any(any(path.iterdir()) for path in made if path.is_dir())
 
 
 def _recorded(folder: Path) -> dict[str, Any]:

@@ -94,7 +94,10 @@ class DepthSettings(BaseSettings):
         360, ge=2, multiple_of=2, description="height of the transcoded videos (even: H.264)"
     )
     ffmpeg_threads: int = Field(1, ge=0, description="threads per ffmpeg (0: ffmpeg decides)")
-    x264_preset: str = Field("veryfast", description="x264 preset of the transcode")
+    x264_preset: Literal[
+        "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower",
+        "veryslow", "placebo",
+    ] = Field("veryfast", description="x264 preset of the transcode")  # fmt: skip
     x264_crf: int = Field(23, ge=0, le=51, description="x264 quality (lower is better)")
     transcode_timeout_s: float = Field(600.0, gt=0, description="longest one transcode may run")
     transcode_nice: int = Field(
@@ -109,6 +112,7 @@ class DepthSettings(BaseSettings):
     task_retries: int = Field(2, ge=0, description="Prefect retries of a stage that crashed")
     ray_num_cpus: int | None = Field(
         None,
+        ge=1,
         description=(
             "CPUs of the private local Ray (default: all); unused on a running cluster. A "
             "deployment run starts Ray before it reads its parameters: set "
@@ -127,6 +131,21 @@ class DepthSettings(BaseSettings):
     @classmethod
     def _model_home_expanded(cls, model: str) -> str:
         return str(Path(model).expanduser()) if model.startswith("~") else model
+
+
+def with_absolute_paths(settings: DepthSettings) -> DepthSettings:
+    """`settings` with its folders as absolute paths: the output, the export cache and a depth
+    model given as a local folder (Ray workers, on this node or a cluster's, do not share the
+    driver's working directory)."""
+    model = Path(settings.depth_model)
+    local_model = not model.is_absolute() and model.exists()
+    return settings.model_copy(
+        update={
+            "output": settings.output.resolve(),
+            "cache_dir": settings.cache_dir.resolve(),
+            "depth_model": str(model.resolve()) if local_model else settings.depth_model,
+        }
+    )
 
 
 def shards_in_flight(settings: DepthSettings, cpus: int) -> int:

@@ -41,7 +41,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import TaskRunContext
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect_ray.context import remote_options
 
@@ -275,6 +275,13 @@ def start_depth_actors(settings: DepthSettings) -> list[Any]:
         options.update(namespace=ACTOR_NAMESPACE, lifetime="detached", get_if_exists=True)
     model = f"{settings.depth_model}|{settings.depth_backend}|{device}|{threads}"
     key = hashlib.sha1(model.encode()).hexdigest()[:12]
+    hub = not Path(settings.depth_model).exists()
+    logger = get_run_logger() if FlowRunContext.get() is not None else log  # the UI's run log
+    logger.info(
+        "depth model %s: %d actor(s) on %s%s", settings.depth_model, count, device,
+        " (from the Hugging Face hub: the first use downloads the weights, ~1.9 GB for Depth "
+        "Pro, before the first map)" if hub else "",
+    )  # fmt: skip
     actor_class = ray.remote(DepthActor)
     actors = []
     for index in range(count):

@@ -172,18 +172,29 @@ def read_kinetics_csv(
     """
     _check_template(url_template)
     reader = csv.DictReader(_read_text(path).splitlines())
-    missing = {"label", "youtube_id", "time_start", "time_end"} - set(reader.fieldnames or [])
+    found = reader.fieldnames or []
+    # Headers as people write them ("YouTube_ID", " label") read as Kinetics' own.
+    reader.fieldnames = [name.strip().lower() for name in found]
+    missing = {"label", "youtube_id", "time_start", "time_end"} - set(reader.fieldnames)
     if missing:
-        raise SourceListError(f"{path}: not a Kinetics CSV, missing columns {sorted(missing)}")
+        raise SourceListError(
+            f"{path}: not a Kinetics CSV, missing columns {sorted(missing)} (its header: {found})"
+        )
     records: list[VideoRecord] = []
+    splits_skipped: dict[str, int] = {}
     for line_number, row in enumerate(reader, start=2):
         if limit is not None and len(records) >= limit:
             break
-        if split is not None and row.get("split", split) != split:
+        row_split = row.get("split") or split
+        if split is not None and row_split != split:
+            splits_skipped[row_split] = splits_skipped.get(row_split, 0) + 1
             continue
+        if None in row.values():  # a short row: csv fills the missing columns with None
+            raise SourceListError(f"{path}:{line_number}: fewer columns than the header")
         try:
             fields = {
                 **row,
+                "split": row_split or "",
                 "youtube_id": row["youtube_id"],
                 "time_start": int(float(row["time_start"])),
                 "time_end": int(float(row["time_end"])),
@@ -205,12 +216,21 @@ def read_kinetics_csv(
                 time_end=fields["time_end"],
             )
         )
+    if not records and splits_skipped:
+        raise SourceListError(
+            f"{path}: no row of split {split!r} (found: {sorted(splits_skipped)}); choose one "
+            "with --split, or --split all for every row"
+        )
     return _unique_ids(records, path, same_id_same_video=True)
 
 
 def _check_template(url_template: str) -> None:
     allowed = {"label", "youtube_id", "time_start", "time_end", "split", "is_cc"}
-    names = {name for _, name, _, _ in string.Formatter().parse(url_template) if name is not None}
+    try:
+        parsed = list(string.Formatter().parse(url_template))
+    except ValueError as exc:  # an unclosed brace
+        raise SourceListError(f"--url-template {url_template!r}: {exc}") from exc
+    names = {name for _, name, _, _ in parsed if name is not None}
     if unnamed := sorted(name for name in names if not name or name.isdigit()):
         raise SourceListError(
             f"--url-template fields need names, e.g. {{youtube_id}} (got {unnamed})"
@@ -226,6 +246,8 @@ def _read_text(path: Path) -> str:
         return Path(path).read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise SourceListError(f"cannot read the input list {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SourceListError(f"{path} is not UTF-8 text (save it as UTF-8): {exc}") from exc
 
 
 def load_sources(
@@ -243,8 +265,12 @@ def load_sources(
     if kinetics_csv is not None:
         if not url_template:
             raise ValueError("kinetics_csv needs url_template, e.g. https://HOST/{youtube_id}.mp4")
+        every_split = split is None or split == "all"
         return read_kinetics_csv(
-            Path(kinetics_csv), url_template=url_template, split=split, limit=limit
+            Path(kinetics_csv),
+            url_template=url_template,
+            split=None if every_split else split,
+            limit=limit,
         )
     sources = read_url_list(Path(urls or ""))
     return sources[:limit] if limit is not None else sources

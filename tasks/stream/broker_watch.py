@@ -19,6 +19,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError
 
+from tasks.stream.kafka_logs import librdkafka_logging
+
 log = logging.getLogger(__name__)
 STATS_INTERVAL_MS = 1000
 
@@ -45,6 +47,7 @@ class BrokerWatch:
     def client_config(self) -> dict[str, Any]:
         """Settings that route a client's error and statistics callbacks here."""
         return {
+            **librdkafka_logging(),
             "error_cb": self.on_error,
             "stats_cb": self.on_stats,
             "statistics.interval.ms": STATS_INTERVAL_MS,

@@ -96,8 +96,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     for name in ("inference_ms", "rpc_ms", "e2e_ms"):
         s = summary[name]
-        lines.append(
-            f"{name[:-3]:>10} {s['p50']:>8.1f} {s['p90']:>8.1f} {s['p99']:>8.1f} "
-            f"{s['max']:>8.1f} {s['mean']:>8.1f}"
-        )
+        keys = ("p50", "p90", "p99", "max", "mean")
+        # No frame answered: "-", not 0.0 ms, which would read as a measurement.
+        cells = [f"{s[k]:>8.1f}" if s["count"] else f"{'-':>8}" for k in keys]
+        lines.append(f"{name[:-3]:>10} {' '.join(cells)}")
     return "\n".join(lines)
+
+
+def nothing_answered(summary: dict[str, Any]) -> bool:
+    """Frames were consumed and not one of them got a result, a stale record or a dead
+    letter: the service (or the results topic) never answered, whatever the run did."""
+    return bool(summary["frames_consumed"]) and summary["unanswered"] == summary["frames_consumed"]

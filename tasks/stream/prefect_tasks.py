@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from tasks.stream.consumer import ConsumerSummary, FrameConsumer
 from tasks.stream.producer import ProduceStats, produce_frames
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
-from tasks.stream.topics import ensure_topics
+from tasks.stream.topics import BrokerUnreachableError, ensure_topics
 
 # Consumers get this long beyond the producer's duration to finish the frames in flight.
 DRAIN_S = 10.0
@@ -21,7 +23,19 @@ DRAIN_S = 10.0
 RUN_STOP = threading.Event()
 
 
-@task(retries=3, retry_delay_seconds=2)
+def _worth_retrying(task: Any, task_run: Any, state: State) -> bool:
+    """A broker that did not answer for the whole timeout is not retried (each try would wait
+    that long again); a topic creation that failed is."""
+    try:
+        state.result()
+    except BrokerUnreachableError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(retries=3, retry_delay_seconds=2, retry_condition_fn=_worth_retrying)
 def create_topics(kafka: KafkaSettings) -> list[str]:
     return ensure_topics(
         kafka.bootstrap_servers,
@@ -38,15 +52,24 @@ def run_consumer(
     assigned: threading.Event,
     tls_ca: Path | None = None,
     input_ended: threading.Event | None = None,
+    failed: threading.Event | None = None,
 ) -> ConsumerSummary:
     """One group member; with `input_ended`, its idle timeout counts only once that is set (a
-    member whose partitions get no frames left the group mid-run: a rebalance in the figures)."""
-    consumer = FrameConsumer(kafka, settings, target, tls_ca=tls_ca, input_ended=input_ended)
-    watcher = threading.Thread(
-        target=lambda: consumer.assigned.wait(settings.duration) and assigned.set(), daemon=True
-    )
-    watcher.start()
-    return consumer.run()
+    member whose partitions get no frames left the group mid-run: a rebalance in the figures).
+    A member that fails sets `failed` (and `assigned`, so the producer waits for it no more)."""
+    try:
+        consumer = FrameConsumer(kafka, settings, target, tls_ca=tls_ca, input_ended=input_ended)
+        watcher = threading.Thread(
+            target=lambda: consumer.assigned.wait(settings.duration) and assigned.set(),
+            daemon=True,
+        )
+        watcher.start()
+        return consumer.run()
+    except BaseException:
+        if failed is not None:
+            failed.set()
+        assigned.set()
+        raise
 
 
 @task(cache_policy=NO_CACHE)
@@ -55,10 +78,15 @@ def run_producer(
     settings: ProducerSettings,
     duration_s: float,
     consumers_ready: list[threading.Event],
+    consumer_failed: threading.Event | None = None,
 ) -> ProduceStats:
+    """Frames for `duration_s` once every consumer has joined; none if a consumer failed (the
+    run fails with its error; frames for nobody would only fill the topic)."""
     for ready in consumers_ready:  # frames sent before the group has joined would only queue up
         ready.wait(60)
     stop = threading.Event()
+    if consumer_failed is not None and consumer_failed.is_set():
+        stop.set()
     timer = threading.Timer(duration_s, stop.set)
     timer.start()
     threading.Thread(target=lambda: RUN_STOP.wait(duration_s) and stop.set(), daemon=True).start()

@@ -97,7 +97,21 @@ def _say_if_cut_short(feed: Feed) -> None:
 
 def _capture_target(source: str) -> str | int:
     """What OpenCV opens for `source`: a camera's index, else the path or URL."""
-    return int(source.split(":", 1)[1]) if source.startswith("webcam:") else source
+    if not source.startswith("webcam:"):
+        return source
+    index = source.split(":", 1)[1]
+    if not index.isdigit():
+        raise ValueError(f"webcam:N takes a camera index, a number like webcam:0 (got {source!r})")
+    return int(index)
+
+
+def check_sources(source: str) -> None:
+    """Refuse a missing file or a malformed webcam in `--source` before a broker is contacted
+    or a run starts (a camera or a stream is opened by the run itself)."""
+    for one in source_list(source):
+        _capture_target(one)
+        if not one.startswith("webcam:") and "://" not in one and not Path(one).is_file():
+            raise FileNotFoundError(f"video file not found: {one}")
 
 
 def target_fps(setting: str, capture: cv2.VideoCapture) -> float | None:

@@ -86,7 +86,9 @@ class ProducerSettings(BaseSettings):
     )
     fps: str = Field("native", description="frames per second: a number, native or max")
     loop: bool = Field(False, description="start the file again at its end")
-    max_frames: int | None = Field(None, description="stop after this many frames (per stream)")
+    max_frames: int | None = Field(
+        None, ge=1, description="stop after this many frames (per stream)"
+    )
     jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of published frames")
     stream_id: str | None = Field(
         None,
@@ -118,9 +120,9 @@ class ConsumerSettings(BaseSettings):
     )
     duration: float = Field(30.0, gt=0, description="seconds to run before the summary")
     idle_timeout: float | None = Field(
-        None, description="stop after this many seconds without a message (input exhausted)"
+        None, gt=0, description="stop after this many seconds without a message (input exhausted)"
     )
-    max_frames: int | None = Field(None, description="stop after this many frames")
+    max_frames: int | None = Field(None, ge=1, description="stop after this many frames")
     summary_json: Path | None = Field(None, description="write the summary here as JSON")
     metrics_port: Port | None = Field(None, description="serve Prometheus /metrics on this port")
     metrics_host: str = Field(

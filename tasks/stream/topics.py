@@ -7,18 +7,25 @@ import logging
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from tasks.stream.kafka_logs import librdkafka_logging
+
 log = logging.getLogger(__name__)
+
+
+class BrokerUnreachableError(RuntimeError):
+    """No answer from the bootstrap servers within the timeout (which already waits for a
+    broker that is starting)."""
 
 
 def ensure_topics(
     bootstrap_servers: str, topics: list[str], partitions: int, timeout_s: float = 15.0
 ) -> list[str]:
     """Create missing topics; return the ones created. Existing topics are left as they are."""
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, **librdkafka_logging()})
     try:
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:  # say which broker, not only "transport failure"
-        raise RuntimeError(
+        raise BrokerUnreachableError(
             f"Kafka broker {bootstrap_servers} unreachable for {timeout_s:.0f} s: {exc}"
         ) from exc
     missing = [t for t in dict.fromkeys(topics) if t not in existing]
