@@ -247,21 +247,35 @@ def test_stream_items_refused_are_counted_by_their_status(
     assert delta == {"OK": 2, "INVALID_ARGUMENT": 2}
 
 
+Requests = queue.Queue[inference_pb2.ClassifyRequest | None]  # None ends the stream
+Replies = Iterator[inference_pb2.ClassifyResponse]
+
+
+@contextlib.contextmanager
+def _held_stream(target: str) -> Iterator[tuple[Replies, Requests]]:
+    """A ClassifyStream the client never half-closes: requests go in through the queue, and
+    the stream stays open until the server ends it (or the block ends)."""
+    outgoing: Requests = queue.Queue()
+
+    def requests() -> Iterator[inference_pb2.ClassifyRequest]:
+        while (request := outgoing.get()) is not None:
+            yield request
+
+    channel, stub = _stub(target)
+    with channel:
+        try:
+            yield stub.ClassifyStream(requests(), timeout=60), outgoing
+        finally:
+            outgoing.put(None)
+
+
 @pytest.mark.slow
 def test_shutdown_log_says_an_open_stream_was_cancelled_not_drained(
     tmp_path: Path, model_cache: Path, video_frames: list[bytes]
 ) -> None:
     server = start_server(tmp_path, model_cache, "--shutdown-grace-s", "2")
     server.wait_serving()
-    outgoing: queue.Queue[inference_pb2.ClassifyRequest | None] = queue.Queue()
-
-    def requests() -> Iterator[inference_pb2.ClassifyRequest]:
-        while (request := outgoing.get()) is not None:
-            yield request
-
-    channel, stub = _stub(server.target)
-    with channel:
-        stream = stub.ClassifyStream(requests(), timeout=60)
+    with _held_stream(server.target) as (stream, outgoing):
         for i in range(2):
             outgoing.put(inference_pb2.ClassifyRequest(image=video_frames[i], request_id=str(i)))
             assert next(stream).predictions
@@ -271,7 +285,6 @@ def test_shutdown_log_says_an_open_stream_was_cancelled_not_drained(
         with pytest.raises(grpc.RpcError) as error:
             next(stream)
         cut_after_s = time.monotonic() - sigterm_at
-        outgoing.put(None)
     assert error.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
     assert 1.5 < cut_after_s < 10, cut_after_s
     assert server.process.wait(30) == 0, server.log()
@@ -290,15 +303,7 @@ def test_a_second_stop_signal_cuts_the_drain_short(
     waiting out the grace (30 s by default), and the log says so."""
     server = start_server(tmp_path, model_cache)  # the default 30-s grace
     server.wait_serving()
-    outgoing: queue.Queue[inference_pb2.ClassifyRequest | None] = queue.Queue()
-
-    def requests() -> Iterator[inference_pb2.ClassifyRequest]:
-        while (request := outgoing.get()) is not None:
-            yield request
-
-    channel, stub = _stub(server.target)
-    with channel:
-        stream = stub.ClassifyStream(requests(), timeout=60)
+    with _held_stream(server.target) as (stream, outgoing):
         outgoing.put(inference_pb2.ClassifyRequest(image=video_frames[0]))
         assert next(stream).predictions  # open, and never half-closed by the client
         server.process.send_signal(signal.SIGINT)
@@ -310,7 +315,6 @@ def test_a_second_stop_signal_cuts_the_drain_short(
         server.process.send_signal(signal.SIGINT)
         with pytest.raises(grpc.RpcError):
             next(stream)
-        outgoing.put(None)
         assert server.process.wait(10) == 0, server.log()
         took_s = time.monotonic() - second_at
     assert took_s < 5, took_s
