@@ -54,8 +54,23 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> None:
     raise BrokerError(f"broker did not accept connections on {host}:{port} in {timeout_s:.0f} s")
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def advertised_host(host: str, advertised: str | None = None) -> str:
+    """The address clients are told to reconnect to: `advertised`, else the listening address,
+    except a wildcard (every interface), which no client can reach: then this machine's name."""
+    if advertised:
+        return advertised
+    return socket.gethostname() if host in WILDCARD_HOSTS else host
+
+
 def start_broker(
-    port: int = 9092, host: str = "127.0.0.1", log_path: Path | None = None, timeout_s: float = 15
+    port: int = 9092,
+    host: str = "127.0.0.1",
+    log_path: Path | None = None,
+    timeout_s: float = 15,
+    advertised: str | None = None,
 ) -> LocalBroker:
     """Start Tansu with in-memory storage on host:port and wait until it accepts connections.
 
@@ -65,11 +80,12 @@ def start_broker(
     """
     _check_port_free(host, port)
     url = f"tcp://{host}:{port}"
+    public = f"tcp://{advertised_host(host, advertised)}:{port}"
     output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(
         [
             str(broker_binary()), "broker", "--listener-url", url,
-            "--advertised-listener-url", url, "--storage-engine", "memory://tansu/",
+            "--advertised-listener-url", public, "--storage-engine", "memory://tansu/",
         ],
         stdout=output, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
     )  # fmt: skip
@@ -99,7 +115,7 @@ def _check_port_free(host: str, port: int) -> None:
             raise BrokerError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
-def run_broker(port: int, host: str = "127.0.0.1") -> int:
+def run_broker(port: int, host: str = "127.0.0.1", advertised: str | None = None) -> int:
     """`vidflow broker`: run until SIGTERM or Ctrl-C, then stop the broker cleanly."""
     stopping = False
 
@@ -110,8 +126,9 @@ def run_broker(port: int, host: str = "127.0.0.1") -> int:
     # Installed first, so a SIGTERM that arrives during start-up also ends in a clean stop.
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    broker = start_broker(port, host)
-    print(f"broker ready on {broker.bootstrap_servers}", flush=True)
+    broker = start_broker(port, host, advertised=advertised)
+    public = advertised_host(host, advertised)
+    print(f"broker ready on {broker.bootstrap_servers} (clients told {public}:{port})", flush=True)
     while not stopping and broker.process.poll() is None:
         time.sleep(0.2)
     if broker.process.poll() is not None and not stopping:

@@ -203,6 +203,31 @@ def test_the_broker_command_starts_serves_and_stops_on_sigterm() -> None:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
+def test_the_broker_tells_clients_the_advertised_host() -> None:
+    """`--host 0.0.0.0` told clients to reconnect to 0.0.0.0, which no other machine can reach;
+    the address given out is now `--advertised-host`, or the machine's name for a wildcard."""
+    from confluent_kafka.admin import AdminClient
+
+    from devstack.broker import advertised_host
+
+    assert advertised_host("0.0.0.0") == socket.gethostname()
+    assert advertised_host("0.0.0.0", "gpu-box.lan") == "gpu-box.lan"
+    assert advertised_host("127.0.0.1") == "127.0.0.1"
+    port = free_port()
+    broker = subprocess.Popen(
+        [sys.executable, "-m", "vidflow.cli", "broker", "--port", str(port),
+         "--advertised-host", "localhost"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert f"(clients told localhost:{port})" in broker.stdout.readline()
+        metadata = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=15)
+        assert {(b.host, b.port) for b in metadata.brokers.values()} == {("localhost", port)}
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        assert broker.wait(15) == 0
+
+
 def test_consumer_metrics_count_what_it_did(kafka, onnx_server) -> None:
     from prometheus_client import generate_latest
 

@@ -186,7 +186,7 @@ def _stop_on_sigterm(stop: threading.Event | None = None) -> threading.Event:
 def _broker(args: argparse.Namespace) -> int:
     from devstack.broker import run_broker
 
-    return run_broker(args.port, args.host)
+    return run_broker(args.port, args.host, args.advertised_host)
 
 
 def _sample_mirror(args: argparse.Namespace) -> int:
@@ -422,8 +422,12 @@ def _add_local_dev_commands(command: AddCommand) -> None:
     broker.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to listen on, also the one clients are told to use: give this machine's "
-        "name or address for other machines, not 0.0.0.0 (default 127.0.0.1)",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)",
+    )
+    broker.add_argument(
+        "--advertised-host",
+        help="name or address clients are told to reconnect to (default: --host; for 0.0.0.0 "
+        "this machine's name)",
     )
 
     mirror = command(
