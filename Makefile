@@ -1,5 +1,7 @@
 # vidflow: `make demo` runs the main job, `make test` runs the checks. Both set up .venv first.
-PYTHON ?= python3
+# The first Python 3.11+ on PATH (3.11 first: the pins in constraints.txt were made with it);
+# `make PYTHON=/path/to/python3.12` to choose.
+PYTHON ?= $(firstword $(foreach p,python3.11 python3.12 python3.13 python3,$(shell command -v $(p) 2>/dev/null)))
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -10,10 +12,17 @@ EXTRAS := all,dev
 setup: $(STAMP)
 
 # Installed once; again only when the dependency list or the pins change.
+# A .venv of an older Python, or one left without pip (an interrupted set-up, or a system
+# without python3-venv at the time), is made again.
 $(STAMP): pyproject.toml constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade "pip>=24"
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	@"$(PYTHON)" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	    echo "vidflow needs Python 3.11 or newer; '$(PYTHON)' is" \
+	        "$$(command -v "$(PYTHON)" >/dev/null && "$(PYTHON)" --version 2>&1 || echo not found):" \
+	        "install one and run: make PYTHON=python3.11 $(MAKECMDGOALS)" >&2; exit 1; }
+	@$(BIN)/python -c 'import sys, pip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	    echo "making $(VENV) with $(PYTHON)"; rm -rf $(VENV) && "$(PYTHON)" -m venv $(VENV); }
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 # `make demo DEMO_ARGS=--keep-ui` keeps the Prefect UI up after the runs, until Ctrl-C.
@@ -43,7 +52,7 @@ proto: setup
 
 # Refresh the pins after changing dependencies in pyproject.toml (setup installs the change first).
 constraints: setup
-	$(BIN)/pip freeze --exclude-editable | grep -v '^vidflow' > constraints.txt
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^vidflow' > constraints.txt
 
 bench: setup
 	$(BIN)/python -m bench.service

@@ -215,3 +215,19 @@ def test_a_sigkilled_demo_leaves_nothing_behind(tmp_path: Path) -> None:
         assert left == [], f"{len(left)} processes outlived the SIGKILLed demo"
     finally:
         kill_marked_processes(MARKER, marker)
+
+
+def test_the_demo_without_its_sample_data_says_where_to_put_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A clone from GitHub has no ../shared/data: the demo named two paths (one of them there)
+    and left an empty run folder behind each time."""
+    from vidflow import demo
+
+    missing = tmp_path / "no-videos"
+    monkeypatch.setattr(demo, "SAMPLE_VIDEOS_DIR", missing)
+    assert demo.main(["--runs-dir", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err
+    assert f"sample data not found: {missing}." in err and "../shared/data" in err
+    assert str(demo.KINETICS_VAL_CSV) not in err  # that one is there
+    assert not (tmp_path / "runs").exists()

@@ -422,3 +422,20 @@ def test_dockerignore_keeps_secrets_out_of_the_build_context(secret: str) -> Non
 )
 def test_dockerignore_keeps_what_the_image_builds_from(needed: str) -> None:
     assert not _docker_ignores(needed), f"{needed} is needed by the Dockerfile"
+
+
+def test_make_refuses_a_python_older_than_3_11_before_making_anything(tmp_path: Path) -> None:
+    """`PYTHON ?= python3` took macOS's 3.9 or Ubuntu 22.04's 3.10: a venv made, then pip's
+    "requires a different Python" and a .venv that every later `make` reused as it was."""
+    for name in ("Makefile", "pyproject.toml", "constraints.txt"):
+        (tmp_path / name).write_bytes((REPO_ROOT / name).read_bytes())
+    old = tmp_path / "python3.10"
+    old.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.10.12" && exit 0\nexit 1\n')
+    old.chmod(0o755)
+    for given, shown in ((str(old), "Python 3.10.12"), ("python-nowhere", "not found")):
+        made = subprocess.run(["make", "-C", str(tmp_path), f"PYTHON={given}", "setup"],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert made.returncode != 0
+        assert f"vidflow needs Python 3.11 or newer; '{given}' is {shown}" in made.stderr
+        assert "make PYTHON=python3.11 setup" in made.stderr
+        assert not (tmp_path / ".venv").exists()

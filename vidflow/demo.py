@@ -227,8 +227,9 @@ def hold_ui_or_say_how(stack: LocalStack, keep_ui: bool) -> None:
             signal.pause()
     else:
         print(
-            "Everything this demo started is stopped now. To browse the runs later:\n"
+            "Everything this demo started is stopped as it ends. To browse the runs later:\n"
             f"  PREFECT_HOME={stack.prefect_home} .venv/bin/prefect server start"
+            f"{'' if stack.ui_port == 4200 else f' --port {stack.ui_port}'}"
             "  (or `make demo DEMO_ARGS=--keep-ui`)"
         )
 
@@ -311,13 +312,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    missing = [str(p) for p in (SAMPLE_VIDEOS_DIR, KINETICS_VAL_CSV) if not p.exists()]
+    if missing:  # before a run folder is made for nothing
+        print(
+            f"vidflow demo: sample data not found: {', '.join(missing)}. The demo reads the "
+            "sample clips and the Kinetics-400 list from ../shared/data beside this checkout "
+            "(README, first lines): put them there, or link that folder.",
+            file=sys.stderr,
+        )
+        return 1
     run_dir = args.runs_dir.resolve() / time.strftime("demo-%Y%m%dT%H%M%S")
     run_dir.mkdir(parents=True)
     log_file = run_dir / "vidflow.log"
     setup_logging(LogSettings(file=log_file))
-    if not SAMPLE_VIDEOS_DIR.is_dir() or not KINETICS_VAL_CSV.is_file():
-        log.error("sample data not found: %s and %s", SAMPLE_VIDEOS_DIR, KINETICS_VAL_CSV)
-        return 1
     # Ctrl-C and SIGTERM (a CI runner, `kill`) stop the demo and all it started. SIGINT is set
     # explicitly: a shell starting the demo in the background hands it SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
