@@ -231,3 +231,19 @@ def test_the_demo_without_its_sample_data_says_where_to_put_it(
     assert f"sample data not found: {missing}." in err and "../shared/data" in err
     assert str(demo.KINETICS_VAL_CSV) not in err  # that one is there
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.usefixtures("restore_root_logging")  # the demo sets up logging
+def test_a_second_demo_on_the_same_prefect_history_is_refused(tmp_path: Path) -> None:
+    """Two demos shared one Prefect database and work pool: each one's worker could take the
+    other's flow runs, and the first to end killed them."""
+    from tasks.depth.output_lock import output_lock
+    from vidflow import demo
+
+    runs = tmp_path / "runs"
+    with output_lock(runs / "prefect"):  # the first demo holds the history
+        assert demo.main(["--runs-dir", str(runs)]) == 1
+    (log_file,) = runs.glob("demo-*/vidflow.log")
+    said = log_file.read_text()
+    assert f"another demo is running on {runs / 'prefect'}" in said and "--runs-dir DIR" in said
+    assert not list(runs.glob("demo-*/logs/*"))  # nothing was started

@@ -46,6 +46,7 @@ from devstack.local_stack import (
 )
 from devstack.sample_mirror import running_mirror
 from services.inference.client import classify_files
+from tasks.depth.output_lock import OutputBusyError, output_lock
 from tasks.depth.settings import DepthSettings
 
 log = logging.getLogger("vidflow.demo")
@@ -274,9 +275,20 @@ def run_demo(args: argparse.Namespace, run_dir: Path, log_file: Path) -> int:
     """The demo's steps; whatever it started is stopped on the way out, however it ends."""
     logs_dir = run_dir / "logs"
     logs_dir.mkdir(parents=True)
-    stack = LocalStack(logs_dir, prefect_home=args.runs_dir / "prefect", ui_port=port_or_free(4200))
+    prefect_home = args.runs_dir / "prefect"
+    stack = LocalStack(logs_dir, prefect_home=prefect_home, ui_port=port_or_free(4200))
     # Stopped in reverse order: the broker, the service, the watcher, then the stack.
     with contextlib.ExitStack() as cleanup:
+        # One demo at a time per Prefect history: two share its database and work pool, and
+        # each one's worker would take the other's flow runs.
+        try:
+            cleanup.enter_context(output_lock(prefect_home))
+        except OutputBusyError:
+            log.error(
+                "another demo is running on %s: wait for it to end, or give this one its own "
+                "folder (make demo DEMO_ARGS='--runs-dir DIR')", prefect_home,
+            )  # fmt: skip
+            return 1
         cleanup.callback(stop_stack, stack)
         # Everything started from here on carries the stack's marker, the service and broker
         # too, and a watcher ends all of it should this process be killed before cleanup runs.
