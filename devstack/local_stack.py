@@ -151,6 +151,12 @@ class LocalStack:
         names = [arg for name in deployments for arg in ("--name", name)]
         self.prefect("deploy", *names)
 
+    def cancel_leftover_runs(self) -> list[str]:
+        """Cancel the runs of this stack's work pool that are not final: with the Prefect
+        history held by this demo (`vidflow.demo`'s lock), they are left by an earlier one that
+        ended mid-run, and a new worker would run them with that demo's dead addresses."""
+        return cancel_open_runs(self.api_url, WORK_POOL)
+
     def start_worker(self) -> None:
         self._start("prefect-worker", [*PREFECT_CLI, "worker", "start", "--pool", WORK_POOL])
 
@@ -224,3 +230,27 @@ def _reap(variable: str, value: str, parent_pid: int) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["reap"]:
     _reap(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+
+
+OPEN_STATES = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]
+
+
+def cancel_open_runs(api_url: str, work_pool: str) -> list[str]:
+    """Set every flow run of `work_pool` that is not final to Cancelled; their ids."""
+    query = {
+        "flow_runs": {"state": {"type": {"any_": OPEN_STATES}}},
+        "work_pools": {"name": {"any_": [work_pool]}},
+    }
+    open_runs = _post(f"{api_url}/flow_runs/filter", query)
+    cancelled = {"type": "CANCELLED", "name": "Cancelled", "message": "left by an ended demo"}
+    for run in open_runs:
+        _post(f"{api_url}/flow_runs/{run['id']}/set_state", {"state": cancelled, "force": True})
+    return [run["id"] for run in open_runs]
+
+
+def _post(url: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)

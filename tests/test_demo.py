@@ -247,3 +247,33 @@ def test_a_second_demo_on_the_same_prefect_history_is_refused(tmp_path: Path) ->
     said = log_file.read_text()
     assert f"another demo is running on {runs / 'prefect'}" in said and "--runs-dir DIR" in said
     assert not list(runs.glob("demo-*/logs/*"))  # nothing was started
+
+
+def test_runs_an_ended_demo_left_open_are_cancelled_before_a_worker_starts(prefect_api) -> None:
+    """A run still Scheduled when a demo was stopped stayed in its Prefect history, and the
+    next demo's worker ran it with the dead broker, service and mirror of the one before."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL
+
+    from devstack.local_stack import cancel_open_runs
+
+    @flow
+    def left_open() -> None:
+        pass
+
+    pool = f"pool-{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        flow_id = client.create_flow(left_open)
+        deployment = client.create_deployment(
+            flow_id=flow_id, name="local", work_pool_name=pool, entrypoint="x.py:left_open"
+        )
+        open_runs = [client.create_flow_run_from_deployment(deployment) for _ in range(2)]
+        assert {run.state.type.value for run in open_runs} == {"SCHEDULED"}
+        cancelled = cancel_open_runs(str(PREFECT_API_URL.value()), pool)
+        assert sorted(cancelled) == sorted(str(run.id) for run in open_runs)
+        states = {client.read_flow_run(run.id).state.type.value for run in open_runs}
+    assert states == {"CANCELLED"}
+    assert cancel_open_runs(str(PREFECT_API_URL.value()), pool) == []  # final runs stay

@@ -248,6 +248,8 @@ def demo_steps(
     depth_model, untrained = depth_model_for_demo(run_dir)
     log.info("deploying %s to work pool vidflow-local", ", ".join(DEPLOYMENTS))
     stack.deploy(*DEPLOYMENTS)
+    if leftovers := stack.cancel_leftover_runs():
+        log.warning("cancelled %d flow run(s) an earlier demo left unfinished", len(leftovers))
     stack.start_worker()
     output = run_dir / "depth-extraction"
     depth_run = run_depth_extraction(stack, args.videos, output, depth_model)
