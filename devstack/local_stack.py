@@ -241,14 +241,15 @@ def cancel_open_runs(api_url: str, work_pool: str) -> list[str]:
         "flow_runs": {"state": {"type": {"any_": OPEN_STATES}}},
         "work_pools": {"name": {"any_": [work_pool]}},
     }
-    open_runs = _post(f"{api_url}/flow_runs/filter", query)
+    open_runs = post_json(f"{api_url}/flow_runs/filter", query)
     cancelled = {"type": "CANCELLED", "name": "Cancelled", "message": "left by an ended demo"}
     for run in open_runs:
-        _post(f"{api_url}/flow_runs/{run['id']}/set_state", {"state": cancelled, "force": True})
+        post_json(f"{api_url}/flow_runs/{run['id']}/set_state", {"state": cancelled, "force": True})
     return [run["id"] for run in open_runs]
 
 
-def _post(url: str, body: dict[str, Any]) -> Any:
+def post_json(url: str, body: dict[str, Any]) -> Any:
+    """POST `body` as JSON to the Prefect REST API at `url`; its JSON answer."""
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )

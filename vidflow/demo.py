@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ from devstack.local_stack import (
     MARKER_VARIABLE,
     LocalStack,
     port_or_free,
+    post_json,
     start_reaper,
     stop_reaper,
 )
@@ -100,12 +99,9 @@ def depth_model_for_demo(work_dir: Path) -> tuple[str, bool]:
 
 def read_artifacts(api_url: str, flow_run_id: str) -> dict[str, dict[str, Any]]:
     """The artifacts of a flow run by key, from the Prefect REST API."""
-    body = json.dumps({"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).encode()
-    request = urllib.request.Request(
-        f"{api_url}/artifacts/filter", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return {item["key"]: item for item in json.load(response) if item.get("key")}
+    query = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+    found = post_json(f"{api_url}/artifacts/filter", query)
+    return {item["key"]: item for item in found if item.get("key")}
 
 
 def depth_rows(lance_path: Path) -> list[dict[str, Any]]:

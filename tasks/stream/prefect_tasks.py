@@ -26,13 +26,7 @@ RUN_STOP = threading.Event()
 def _worth_retrying(task: Any, task_run: Any, state: State) -> bool:
     """A broker that did not answer for the whole timeout is not retried (each try would wait
     that long again); a topic creation that failed is."""
-    try:
-        state.result()
-    except BrokerUnreachableError:
-        return False
-    except Exception:
-        return True
-    return True
+    return not isinstance(state.result(raise_on_failure=False), BrokerUnreachableError)
 
 
 @task(retries=3, retry_delay_seconds=2, retry_condition_fn=_worth_retrying)

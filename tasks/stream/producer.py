@@ -74,9 +74,7 @@ def open_source(source: str) -> Iterator[cv2.VideoCapture]:
     """A capture for `webcam:N`, an rtsp:// (or any URL OpenCV reads) or a video file, released
     when the block ends. A missing file raises FileNotFoundError, a source OpenCV cannot open
     ValueError, so a bad source fails before anything is published."""
-    if not source.startswith("webcam:") and "://" not in source and not Path(source).is_file():
-        raise FileNotFoundError(f"video file not found: {source}")
-    with opened_video(_capture_target(source)) as capture:
+    with opened_video(_checked_target(source)) as capture:
         if not capture.isOpened():
             raise ValueError(f"cannot open video source {shown_url(source)}")
         yield capture
@@ -105,13 +103,19 @@ def _capture_target(source: str) -> str | int:
     return int(index)
 
 
+def _checked_target(source: str) -> str | int:
+    """`_capture_target`, refusing a video file that is not there (FileNotFoundError)."""
+    target = _capture_target(source)
+    if isinstance(target, str) and "://" not in target and not Path(target).is_file():
+        raise FileNotFoundError(f"video file not found: {source}")
+    return target
+
+
 def check_sources(source: str) -> None:
     """Refuse a missing file or a malformed webcam in `--source` before a broker is contacted
     or a run starts (a camera or a stream is opened by the run itself)."""
     for one in source_list(source):
-        _capture_target(one)
-        if not one.startswith("webcam:") and "://" not in one and not Path(one).is_file():
-            raise FileNotFoundError(f"video file not found: {one}")
+        _checked_target(one)
 
 
 def target_fps(setting: str, capture: cv2.VideoCapture) -> float | None:
