@@ -26,6 +26,7 @@ import numpy as np
 from common.devices import choose_device
 from common.files import atomic_output, partial_path
 from common.frames import opened_video
+from tasks.depth.model_files import HubUnreachableError, check_hub_reachable, model_source
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
@@ -116,12 +117,18 @@ def check_depth_model(model_name: str) -> bool:
         if Path(model_name).is_dir():
             config_path = Path(model_name) / "config.json"
         else:
-            from huggingface_hub import hf_hub_download
+            from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-            config_path = Path(hf_hub_download(model_name, "config.json"))
+            cached = try_to_load_from_cache(model_name, "config.json")
+            if not isinstance(cached, str):  # not cached: ask the hub, if it can be reached
+                check_hub_reachable(model_name)
+                cached = hf_hub_download(model_name, "config.json")
+            config_path = Path(cached)
         config = json.loads(config_path.read_text())
         if not isinstance(config, dict) or "model_type" not in config:
             raise ValueError(f"{config_path} is not a transformers model config")
+    except HubUnreachableError as exc:
+        raise ValueError(f"depth model {model_name!r} cannot be loaded: {exc}") from exc
     except Exception as exc:  # hub, network, file and format errors all mean: cannot load
         raise ValueError(
             f"depth model {model_name!r} cannot be loaded: give a Hugging Face hub id "
@@ -153,8 +160,9 @@ class DepthEstimator:
         self.device = choose_device(device, torch.cuda.is_available, what="depth model")
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
         started = time.perf_counter()
-        self.processor = AutoImageProcessor.from_pretrained(model_name)
-        self.model = AutoModelForDepthEstimation.from_pretrained(model_name, dtype=self.dtype)
+        source = model_source(model_name)
+        self.processor = AutoImageProcessor.from_pretrained(source)
+        self.model = AutoModelForDepthEstimation.from_pretrained(source, dtype=self.dtype)
         self.model.to(self.device).eval()
         self.untrained = is_untrained(self.model.config)
         if self.untrained:

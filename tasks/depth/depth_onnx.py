@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from tasks.depth.depth_maps import DepthMap, check_depth_model
+from tasks.depth.model_files import model_dir as local_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -104,20 +105,6 @@ class DepthProProcessing:
             depth_m=depth.astype(np.float32),
             focal_length_px=None if focal_length is None else float(focal_length),
         )
-
-
-def resolve_model_dir(model_name: str) -> Path:
-    """A local folder as it is; a Hugging Face hub id as its downloaded snapshot (the cache
-    first, the network only when the cache lacks it)."""
-    if Path(model_name).is_dir():
-        return Path(model_name)
-    from huggingface_hub import snapshot_download
-
-    wanted = ["*.json", "*.safetensors"]  # configs and weights, not every format a repo has
-    try:
-        return Path(snapshot_download(model_name, allow_patterns=wanted, local_files_only=True))
-    except Exception:  # not in the cache yet
-        return Path(snapshot_download(model_name, allow_patterns=wanted))
 
 
 def export_key(model_dir: Path) -> str:
@@ -211,7 +198,8 @@ class OnnxDepthEstimator:
 
         started = time.perf_counter()
         self.model_name = model_name
-        model_dir = resolve_model_dir(model_name)
+        # configs and weights, not every format a repo has
+        model_dir = local_model_dir(model_name, ["*.json", "*.safetensors"])
         self.processing = DepthProProcessing.from_model_dir(model_dir)
         self.untrained = check_depth_model(str(model_dir))
         if self.untrained:

@@ -1,0 +1,96 @@
+"""Where a depth model's files come from: a local folder as it is, a Hugging Face hub id from the
+local cache when the cache holds the whole model, and from the hub only when it does not.
+
+Why not hand the hub id to transformers' `from_pretrained` every time: it asks the hub for each
+file's latest revision first, and on a machine without network huggingface_hub retries every
+request five times (~23 s a file, ~50 s to load a fully cached Depth Pro on an offline GPU box).
+And why not `snapshot_download(local_files_only=True)` alone: it returns a snapshot folder that
+holds only the config.json the driver's check fetched, so the first run of a hub id took that
+for a whole model (the ONNX export failed on it and the run fell back to torch).
+"""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+# What a transformers depth model needs besides its weights (`*.safetensors` or `*.bin`).
+NEEDED_FILES = ("config.json", "preprocessor_config.json")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+class HubUnreachableError(ValueError):
+    """The hub's host cannot be resolved and no proxy is configured: fail now, not after
+    huggingface_hub's retries."""
+
+
+def is_whole_model(folder: Path) -> bool:
+    """Whether `folder` holds a model transformers can load: its configs and some weights."""
+    return all((folder / name).is_file() for name in NEEDED_FILES) and any(
+        any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS
+    )
+
+
+def cached_model_dir(model_name: str, cache_dir: Path | None = None) -> Path | None:
+    """The cached snapshot of hub id `model_name` if it holds the whole model, else None.
+
+    Reads the cache only (no request): the snapshot that the cache's `main` ref names."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(model_name, cache_dir=cache_dir, local_files_only=True))
+    except Exception:  # not cached at all, or not a valid hub id
+        return None
+    return folder if is_whole_model(folder) else None
+
+
+def check_hub_reachable(model_name: str) -> None:
+    """Raise `HubUnreachableError` at once where the hub's host name does not resolve.
+
+    Skipped in huggingface_hub's offline mode (it fails at once by itself) and behind a proxy
+    (the proxy resolves names, not this machine)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or urllib.request.getproxies():
+        return
+    host = urlsplit(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError as exc:
+        raise HubUnreachableError(
+            f"the Hugging Face hub at {constants.ENDPOINT} cannot be reached "
+            f"({host}: {exc.strerror or exc}) and its cache ({constants.HF_HUB_CACHE}) does "
+            f"not hold all of {model_name}: connect this machine, fill the cache elsewhere "
+            f"(`hf download {model_name}`, then copy HF_HOME here), or give a local folder"
+        ) from exc
+
+
+def model_source(model_name: str) -> str:
+    """What to hand `from_pretrained`: the folder itself, the cached snapshot when it is whole
+    (no request to the hub), or the hub id when the hub is reachable."""
+    if Path(model_name).is_dir():
+        return model_name
+    cached = cached_model_dir(model_name)
+    if cached is not None:
+        return str(cached)
+    check_hub_reachable(model_name)
+    return model_name
+
+
+def model_dir(model_name: str, patterns: list[str]) -> Path:
+    """A local folder of the model: the folder itself, its whole cached snapshot, or the files
+    matching `patterns` downloaded into the cache (what the cache lacks)."""
+    source = model_source(model_name)
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(model_name, allow_patterns=patterns))
+    if not is_whole_model(folder):  # the hub failed and huggingface_hub fell back to the cache
+        raise FileNotFoundError(
+            f"the cache holds only part of {model_name} ({folder}) and the hub did not send "
+            "the rest: try again with the hub reachable, or give a local folder"
+        )
+    return folder

@@ -1,0 +1,145 @@
+"""A hub id's depth model comes from the Hugging Face cache when the cache holds all of it, asks
+the hub only for what is missing, and an unreachable hub is named at once instead of after
+huggingface_hub's ~23 s of retries a file.
+
+The loaders run in a child process: huggingface_hub reads HF_HOME and HF_ENDPOINT at import."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from tasks.depth.model_files import cached_model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+HUB_ID = "acme/tiny-depth"
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fill_hub_cache(hf_home: Path, model: Path, files: list[str] | None = None) -> Path:
+    """`model`'s files (or the named ones) as the hub cache holds a download of HUB_ID."""
+    repo = hf_home / "hub" / f"models--{HUB_ID.replace('/', '--')}"
+    snapshot = repo / "snapshots" / REVISION
+    snapshot.mkdir(parents=True)
+    for path in model.iterdir():
+        if files is None or path.name in files:
+            shutil.copy(path, snapshot / path.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REVISION)
+    return snapshot
+
+
+@pytest.fixture
+def hub() -> Iterator[tuple[str, list[str]]]:
+    """A loopback stand-in for the hub that answers 503 to everything and lists what was asked."""
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            asked.append(f"{self.command} {self.path}")
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = _answer
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run_with_hub(
+    code: str, hf_home: Path, endpoint: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(HF_HOME=str(hf_home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_TELEMETRY="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_wholly_cached_hub_model_loads_on_both_backends_without_asking_the_hub(
+    tmp_path: Path, tiny_depth_model: Path, hub: tuple[str, list[str]]
+) -> None:
+    endpoint, asked = hub
+    fill_hub_cache(tmp_path / "hf", tiny_depth_model)
+    code = f"""
+from pathlib import Path
+from tasks.depth.depth_maps import DepthEstimator, check_depth_model
+from tasks.depth.depth_onnx import OnnxDepthEstimator
+assert check_depth_model({HUB_ID!r}) is True
+assert DepthEstimator({HUB_ID!r}, "cpu").untrained
+assert OnnxDepthEstimator({HUB_ID!r}, Path({str(tmp_path / "exports")!r})).untrained
+print("loaded")
+"""
+    done = run_with_hub(code, tmp_path / "hf", endpoint)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded" in done.stdout
+    assert asked == []  # before: HEAD requests for every file, each retried on a 503
+    assert "Retrying" not in done.stderr
+
+
+def test_a_snapshot_with_only_the_config_is_not_taken_for_the_model(
+    tmp_path: Path, tiny_depth_model: Path
+) -> None:
+    """The driver's check caches config.json alone; the workers must still fetch the weights
+    (before, the ONNX loader took that folder for the model and failed on it)."""
+    partial = tmp_path / "partial"
+    fill_hub_cache(partial, tiny_depth_model, files=["config.json"])
+    assert cached_model_dir(HUB_ID, cache_dir=partial / "hub") is None
+    whole = tmp_path / "whole"
+    snapshot = fill_hub_cache(whole, tiny_depth_model)
+    assert cached_model_dir(HUB_ID, cache_dir=whole / "hub") == snapshot
+    assert cached_model_dir("acme/not-cached", cache_dir=whole / "hub") is None
+
+
+def test_a_partly_cached_model_is_fetched_from_the_hub(
+    tmp_path: Path, tiny_depth_model: Path, hub: tuple[str, list[str]]
+) -> None:
+    endpoint, asked = hub
+    fill_hub_cache(tmp_path / "hf", tiny_depth_model, files=["config.json"])
+    code = f"""
+from tasks.depth.model_files import model_dir
+try:
+    model_dir({HUB_ID!r}, ["*.json", "*.safetensors"])
+except Exception as exc:
+    print("refused:", type(exc).__name__)
+else:
+    print("took the partial snapshot")
+"""
+    done = run_with_hub(code, tmp_path / "hf", endpoint)
+    assert "refused:" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert any(HUB_ID in request for request in asked)
+
+
+def test_an_unresolvable_hub_is_named_at_once(tmp_path: Path) -> None:
+    code = """
+from tasks.depth.depth_maps import check_depth_model
+try:
+    check_depth_model("apple/DepthPro-hf")
+except ValueError as exc:
+    print(exc)
+"""
+    done = run_with_hub(code, tmp_path / "empty", "http://hub.invalid", timeout=60)
+    assert "cannot be reached (hub.invalid" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "hf download apple/DepthPro-hf" in done.stdout
+    assert "Retrying" not in done.stderr  # before: 5 retries, ~23 s, then a generic message
