@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.depth.model_files import cached_model_dir
+from tasks.depth.model_files import cached_model_dir, model_origin
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_ID = "acme/tiny-depth"
@@ -143,3 +143,15 @@ except ValueError as exc:
     assert "cannot be reached (hub.invalid" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "hf download apple/DepthPro-hf" in done.stdout
     assert "Retrying" not in done.stderr  # before: 5 retries, ~23 s, then a generic message
+
+
+def test_the_run_log_says_whether_the_model_is_cached_or_downloaded(
+    tmp_path: Path, tiny_depth_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    assert model_origin(str(tiny_depth_model)) == ""
+    assert "first use downloads" in model_origin(HUB_ID)
+    fill_hub_cache(tmp_path / "hf", tiny_depth_model)
+    assert "Hugging Face cache" in model_origin(HUB_ID)

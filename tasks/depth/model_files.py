@@ -46,6 +46,19 @@ def cached_model_dir(model_name: str, cache_dir: Path | None = None) -> Path | N
     return folder if is_whole_model(folder) else None
 
 
+def model_origin(model_name: str) -> str:
+    """Where a run's model comes from, for its log: nothing for a folder; for a hub id, the
+    cache, or the download that comes before the first map."""
+    if Path(model_name).exists():
+        return ""
+    if cached_model_dir(model_name) is not None:
+        return " (from this machine's Hugging Face cache)"
+    return (
+        " (from the Hugging Face hub: the first use downloads the weights, ~1.9 GB for Depth "
+        "Pro, before the first map)"
+    )
+
+
 def check_hub_reachable(model_name: str) -> None:
     """Raise `HubUnreachableError` at once where the hub's host name does not resolve.
 

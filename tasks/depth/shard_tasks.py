@@ -48,6 +48,7 @@ from prefect_ray.context import remote_options
 from tasks.depth.depth_feed import DepthFeed, PendingDepth, feeds_early
 from tasks.depth.depth_maps import DepthActor
 from tasks.depth.download import download_many
+from tasks.depth.model_files import model_origin
 from tasks.depth.settings import DepthSettings, shards_in_flight
 from tasks.depth.transcode import transcode_many
 from tasks.depth.video_record import Stage, VideoRecord
@@ -275,12 +276,10 @@ def start_depth_actors(settings: DepthSettings) -> list[Any]:
         options.update(namespace=ACTOR_NAMESPACE, lifetime="detached", get_if_exists=True)
     model = f"{settings.depth_model}|{settings.depth_backend}|{device}|{threads}"
     key = hashlib.sha1(model.encode()).hexdigest()[:12]
-    hub = not Path(settings.depth_model).exists()
     logger = get_run_logger() if FlowRunContext.get() is not None else log  # the UI's run log
     logger.info(
         "depth model %s: %d actor(s) on %s%s", settings.depth_model, count, device,
-        " (from the Hugging Face hub: the first use downloads the weights, ~1.9 GB for Depth "
-        "Pro, before the first map)" if hub else "",
+        model_origin(settings.depth_model),
     )  # fmt: skip
     actor_class = ray.remote(DepthActor)
     actors = []
