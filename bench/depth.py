@@ -19,7 +19,6 @@ The last stdout line is JSON with every figure and its ratio.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -36,6 +35,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.cli_args import bench_parser, choice_list, positive_int
 from common.settings import SAMPLE_VIDEOS_DIR
 from tasks.depth.depth_maps import estimate_depth, forget_loaded_models
 from tasks.depth.download import download, download_videos
@@ -245,13 +245,24 @@ def bench_flow(urls: list[str], work: Path, model: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--videos", type=int, default=24, help="videos in the flow comparison")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per ratio")
-    parser.add_argument("--transcode-files", type=int, default=6)
-    parser.add_argument("--download-files", type=int, default=64)
+    parser = bench_parser(__doc__)
     parser.add_argument(
-        "--parts", default="transcode,download,flow", help="comma-separated parts to run"
+        "--videos", type=positive_int, default=24, help="videos in the flow comparison"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=3, help="alternating rounds per ratio"
+    )
+    parser.add_argument(
+        "--transcode-files", type=positive_int, default=6, help="files in the transcode part"
+    )
+    parser.add_argument(
+        "--download-files", type=positive_int, default=64, help="files in the download part"
+    )
+    parser.add_argument(
+        "--parts",
+        type=choice_list(("transcode", "download", "flow")),
+        default="transcode,download,flow",
+        help="comma-separated parts to run",
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -263,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="vidflow-bench-depth-"))
     results: dict[str, Any] = {"benchmark": "depth", "cpu_count": os.cpu_count()}
     try:
-        parts = set(args.parts.split(","))
+        parts = set(args.parts)
         if "transcode" in parts:
             files = [CLIPS[i % len(CLIPS)] for i in range(args.transcode_files)]
             results["transcode"] = bench_transcode(files, work, args.rounds)

@@ -25,6 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from bench.cli_args import bench_parser, existing_file, positive_int
 from common.settings import SAMPLE_VIDEO
 from devstack.tiny_depth_pro import save_full_size_depth_pro
 from tasks.depth.depth_maps import DepthEstimator, estimate_depth, read_frames
@@ -48,10 +49,10 @@ def frames_per_second(estimator: DepthEstimator, frames: list[np.ndarray], round
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--video", type=Path, default=SAMPLE_VIDEO)
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = bench_parser(__doc__)
+    parser.add_argument("--video", type=existing_file, default=SAMPLE_VIDEO, help="a video file")
+    parser.add_argument("--frames", type=positive_int, default=8, help="frames per batch size")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="timed rounds")
     args = parser.parse_args(argv)
 
     import torch
@@ -62,7 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
     result["gpu"] = torch.cuda.get_device_name(0)
-    work = Path(tempfile.mkdtemp(prefix="vidflow-bench-depth-gpu-"))
+    # The full-size model's 2.6 GB of random weights go away with the run.
+    with tempfile.TemporaryDirectory(prefix="vidflow-bench-depth-gpu-") as tmp:
+        result.update(_measure(args, Path(tmp)))
+    print(json.dumps(result))
+    return 0
+
+
+def _measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The figures, from a full-size random Depth Pro saved under `work`."""
+    import torch
+
+    result: dict[str, Any] = {}
     model = save_full_size_depth_pro(work / "depth-pro-random")
 
     # Real frames at the size the flow gives the model (360p after transcoding).
@@ -105,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     result["fp32_fps"] = round(frames_per_second(full, frames, args.rounds), 2)
     result["ratio_fp16_vs_fp32"] = round(result["fp16_fps"] / result["fp32_fps"], 3)
     result["params_millions"] = round(sum(p.numel() for p in full.model.parameters()) / 1e6, 1)
-    print(json.dumps(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

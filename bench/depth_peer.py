@@ -61,6 +61,7 @@ from typing import Any
 import cv2
 import lance
 
+from bench.cli_args import bench_parser, choice_list, positive_int
 from bench.cpu_account import SET_ASIDE, CpuAccount, machine_busy_cpu_s, process_tree
 from bench.peer_v2d import (
     SINGLE_THREAD_FLAGS,
@@ -264,15 +265,24 @@ def ffmpeg_phases(calls: list[dict[str, Any]], started: float, ended: float) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--videos", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--ray", default="local,cluster", help="vidflow modes: local,cluster")
+    parser = bench_parser(__doc__)
+    parser.add_argument("--videos", type=positive_int, default=48, help="10-s clips in the list")
+    parser.add_argument(
+        "--rounds", type=positive_int, default=3, help="alternating rounds of each tool"
+    )
+    parser.add_argument(
+        "--ray",
+        type=choice_list(("local", "cluster")),
+        default="local,cluster",
+        help="vidflow modes: its own local Ray, and/or a running Ray cluster",
+    )
     parser.add_argument("--no-peer", action="store_true", help="vidflow only (for tuning)")
     parser.add_argument(
         "--no-warm-up", action="store_true", help="skip the unmeasured first run of each tool"
     )
-    parser.add_argument("--peer-shards", type=int, default=8)
+    parser.add_argument(
+        "--peer-shards", type=positive_int, default=8, help="video2dataset's shards"
+    )
     parser.add_argument(
         "--peer-single-thread-ffmpeg",
         action="store_true",
@@ -287,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     # one token for the `cluster` mode's `ray start` and the runs that join it.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
-    modes = [mode for mode in args.ray.split(",") if mode]
+    modes = args.ray
     if args.baseline is not None:
         modes.append(BASELINE_MODE)
 

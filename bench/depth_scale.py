@@ -16,7 +16,6 @@ The last stdout line is JSON with both runs and the ratios (2,000 over 200).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.cli_args import bench_parser, positive_int_list
 from bench.depth_peer import prefect_server
 from common.settings import KINETICS_VAL_CSV
 from devstack.sample_mirror import running_mirror
@@ -139,10 +139,15 @@ def one_run(size: int, work: Path, template: str, api_url: str, model: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="200,2000")
+    parser = bench_parser(__doc__)
+    parser.add_argument(
+        "--sizes",
+        type=positive_int_list,
+        default="200,2000",
+        help="comma-separated list sizes (Kinetics-400 val rows), one run each",
+    )
     args = parser.parse_args(argv)
-    sizes = [int(size) for size in args.sizes.split(",")]
+    sizes = args.sizes
 
     from devstack.tiny_depth_pro import save_tiny_depth_pro
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer
 
+from bench.cli_args import bench_parser, non_negative_int, positive_float, positive_int
 from bench.cpu_account import CpuAccount
 from bench.service import BareModel, real_frames
 from bench.stream import fresh_kafka, local_stack
@@ -194,18 +195,32 @@ def bounds(bare_fps: float, vidflow_rounds: list[Round], naive_fps: float) -> di
     }
 
 
+def _parse_args() -> argparse.Namespace:
+    parser = bench_parser(__doc__)
+    parser.add_argument("--frames", type=positive_int, default=300, help="backlog frames per round")
+    parser.add_argument(
+        "--rounds", type=positive_int, default=3, help="rounds of each, alternating"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models", help="model exports"
+    )
+    parser.add_argument(
+        "--bare-seconds",
+        type=positive_float,
+        default=5.0,
+        help="seconds of the bare-model measurement",
+    )
+    parser.add_argument(
+        "--warmup-frames",
+        type=non_negative_int,
+        default=60,
+        help="untimed backlog each consumer drains first",
+    )
+    return parser.parse_args()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--frames", type=int, default=300, help="backlog frames per round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of each, alternating")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models")
-    parser.add_argument(
-        "--bare-seconds", type=float, default=5.0, help="seconds of the bare-model measurement"
-    )
-    parser.add_argument(
-        "--warmup-frames", type=int, default=60, help="untimed backlog each consumer drains first"
-    )
-    args = parser.parse_args()
+    args = _parse_args()
     if not SAMPLE_VIDEO.is_file():
         sys.exit(f"sample clip not found: {SAMPLE_VIDEO}")
     bare_fps = BareModel(args.cache_dir, real_frames(8)).fps(args.bare_seconds)  # before the stack

@@ -19,7 +19,6 @@ Every output is checked (decodes with OpenCV, has the asked height); a short run
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import fcntl
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.cli_args import bench_parser, positive_float, positive_int
 from bench.cpu_account import machine_busy_cpu_s
 from common.frames import opened_video
 
@@ -117,7 +117,11 @@ def ensure_venv(root: Path = DEFAULT_ROOT) -> Path:
 def _install(root: Path) -> None:
     log = root.parent / f"{root.name}.install.log"
     base = shutil.which("python3") or sys.executable
-    print(f"installing {' '.join(PEER_PINS)} into {root} (log {log})", file=sys.stderr)
+    print(
+        f"installing {' '.join(PEER_PINS)} into {root} once, for the peer's own pins: ~5.8 GB "
+        f"with torch, minutes to download (log {log}; --no-peer measures vidflow alone)",
+        file=sys.stderr,
+    )
     with log.open("w") as out:
         for command in (
             [base, "-m", "venv", str(root)],
@@ -127,8 +131,13 @@ def _install(root: Path) -> None:
                 command, stdout=out, stderr=subprocess.STDOUT, timeout=INSTALL_TIMEOUT_S
             )
             if done.returncode != 0:
+                shutil.rmtree(root, ignore_errors=True)  # no half-made venv for the next run
                 tail = log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
-                raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{tail}")
+                raise RuntimeError(
+                    f"{' '.join(command)} failed ({done.returncode}); without network, run "
+                    f"with --no-peer, or make {root} by hand with {' '.join(PEER_PINS)}. "
+                    f"The log's end:\n{tail}"
+                )
 
 
 # The ffmpeg wrapper: runs the real binary as its child and appends that child's CPU time (from
@@ -452,13 +461,13 @@ def _run_timed(command: list[str], cwd: Path, env: dict[str, str], timeout_s: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--videos", type=int, default=48)
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4)
-    parser.add_argument("--shards", type=int, default=8)
-    parser.add_argument("--height", type=int, default=360)
-    parser.add_argument("--timeout", type=float, default=900)
+    parser = bench_parser(__doc__)
+    parser.add_argument("--videos", type=positive_int, default=48, help="10-s clips")
+    parser.add_argument("--processes", type=positive_int, default=2, help="its processes_count")
+    parser.add_argument("--threads", type=positive_int, default=4, help="its thread_count")
+    parser.add_argument("--shards", type=positive_int, default=8, help="input shards")
+    parser.add_argument("--height", type=positive_int, default=360, help="output height")
+    parser.add_argument("--timeout", type=positive_float, default=900, help="seconds")
     parser.add_argument("--keep", action="store_true", help="keep the output folder")
     args = parser.parse_args(argv)
 

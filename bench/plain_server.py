@@ -13,7 +13,6 @@ Run it as its own process: `start_plain_server` does so for the benchmark.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from bench.cli_args import bench_parser, existing_file, non_negative_int, port
 from common.net import free_port
 from devstack.launcher import REPO_ROOT, ServerProcess
 from protos import inference_pb2, inference_pb2_grpc
@@ -110,11 +110,14 @@ def start_plain_server(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--onnx-model", type=Path, required=True)
-    parser.add_argument("--port", type=int, required=True)
+    parser = bench_parser(__doc__)
+    parser.add_argument("--onnx-model", type=existing_file, required=True, help="an .onnx file")
+    parser.add_argument("--port", type=port, required=True, help="port on 127.0.0.1")
     parser.add_argument(
-        "--workers", type=int, default=0, help="handler threads and ORT sessions (0: the cores)"
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="handler threads and ORT sessions (0: the cores)",
     )
     args = parser.parse_args()
     serve(args.onnx_model, args.port, args.workers or os.cpu_count() or 1)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.cli_args import bench_parser, positive_float, positive_int
 from common.frames import load_encoded_images
 from common.settings import DEFAULT_CACHE_DIR, SAMPLE_VIDEOS_DIR
 from devstack.launcher import start_server
@@ -104,13 +105,23 @@ class Rounds:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
-    parser.add_argument("--rounds", type=int, default=2, help="model/service alternations")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--frames-per-video", type=int, default=64)
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models")
+    parser = bench_parser(__doc__)
+    parser.add_argument(
+        "--duration", type=positive_float, default=10.0, help="seconds per measurement"
+    )
+    parser.add_argument("--rounds", type=positive_int, default=2, help="model/service alternations")
+    parser.add_argument(
+        "--concurrency", type=positive_int, default=8, help="calls the load test keeps open"
+    )
+    parser.add_argument(
+        "--max-batch-size", type=positive_int, default=8, help="the service's and the bare model's"
+    )
+    parser.add_argument(
+        "--frames-per-video", type=positive_int, default=64, help="frames of each sample clip"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models", help="model exports"
+    )
     args = parser.parse_args()
 
     frames = real_frames(args.frames_per_video)

@@ -28,6 +28,14 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from bench.cli_args import (
+    bench_parser,
+    non_negative_float,
+    output_file,
+    positive_float,
+    positive_int,
+    positive_int_list,
+)
 from bench.plain_server import start_plain_server
 from bench.service import BareModel, real_frames
 from common.settings import DEFAULT_CACHE_DIR
@@ -40,15 +48,12 @@ from services.inference.settings import InferenceSettings
 PLAIN = "plain"
 
 
-def _pairs(values: list[str], flag: str) -> dict[str, str]:
-    """LABEL=VALUE flags as a dict (order kept)."""
-    pairs = {}
-    for value in values:
-        label, sep, rest = value.partition("=")
-        if not sep or not label:
-            sys.exit(f"{flag} takes LABEL=VALUE, got {value!r}")
-        pairs[label] = rest
-    return pairs
+def _pair(value: str) -> tuple[str, str]:
+    """A LABEL=VALUE flag."""
+    label, sep, rest = value.partition("=")
+    if not sep or not label:
+        raise argparse.ArgumentTypeError(f"takes LABEL=VALUE, not {value!r}")
+    return label, rest
 
 
 def _measure(server: ServerProcess, frames: list[bytes], args: argparse.Namespace):
@@ -83,25 +88,45 @@ def _ratio(ours: dict, theirs: dict, level: int, figure: str) -> float:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per level")
-    parser.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds per level")
-    parser.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels")
-    parser.add_argument("--frames-per-video", type=int, default=64)
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models")
+    parser = bench_parser(__doc__)
+    parser.add_argument("--rounds", type=positive_int, default=3, help="alternating rounds")
+    parser.add_argument("--duration", type=positive_float, default=5.0, help="seconds per level")
     parser.add_argument(
-        "--vidflow", action="append", default=[], help="LABEL=ARGS: a vidflow configuration"
+        "--warmup", type=non_negative_float, default=1.0, help="uncounted seconds per level"
     )
     parser.add_argument(
-        "--vidflow-repo", action="append", default=[], help="LABEL=PATH: serve LABEL from PATH"
+        "--concurrency", type=positive_int_list, default="1,2,4,8,16", help="comma-separated levels"
     )
-    parser.add_argument("--json", type=Path, help="also write the JSON here")
+    parser.add_argument(
+        "--frames-per-video", type=positive_int, default=64, help="frames of each sample clip"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models", help="model exports"
+    )
+    parser.add_argument(
+        "--vidflow",
+        type=_pair,
+        action="append",
+        default=[],
+        help="LABEL=ARGS: a vidflow configuration (extra `vidflow serve` flags)",
+    )
+    parser.add_argument(
+        "--vidflow-repo",
+        type=_pair,
+        action="append",
+        default=[],
+        help="LABEL=PATH: serve the --vidflow configuration LABEL from the checkout at PATH",
+    )
+    parser.add_argument("--json", type=output_file, help="also write the JSON here")
     args = parser.parse_args()
-    args.levels = [int(level) for level in args.concurrency.split(",")]
-    configs = {k: shlex.split(v) for k, v in _pairs(args.vidflow, "--vidflow").items()}
-    args.configs = configs or {"vidflow": []}
-    args.repos = {k: Path(v) for k, v in _pairs(args.vidflow_repo, "--vidflow-repo").items()}
+    args.levels = args.concurrency
+    args.configs = {label: shlex.split(flags) for label, flags in args.vidflow} or {"vidflow": []}
+    args.repos = {label: Path(path).expanduser() for label, path in args.vidflow_repo}
+    for label, path in args.repos.items():
+        if label not in args.configs:
+            parser.error(f"--vidflow-repo {label}=...: no --vidflow {label}=... to serve from it")
+        if not (path / "services" / "inference").is_dir():
+            parser.error(f"--vidflow-repo {label}={path}: not a vidflow checkout")
     return args
 
 
@@ -134,9 +159,9 @@ def main() -> None:
         bare_runs, {label: _summary(level_runs) for label, level_runs in runs.items()}, args
     )
     result["frames"] = len(frames)
+    print(json.dumps(result), flush=True)  # first: a file that cannot be written loses nothing
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
 
 
 def _start(label: str, tmp: Path, onnx_path: Path, args: argparse.Namespace) -> Any:

@@ -25,8 +25,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.cli_args import bench_parser, positive_float, positive_int
 from common.frames import load_encoded_images
 from common.net import free_port
+from common.processes import stop_on_signals
 from common.settings import DEFAULT_CACHE_DIR, SAMPLE_VIDEO
 from devstack.broker import LocalBroker, start_broker
 from devstack.launcher import ServerProcess, start_server
@@ -72,58 +74,91 @@ def stream_once(
     concurrency: int,
     max_frame_age_ms: float | None = None,
     kafka: KafkaSettings | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[ConsumerSummary, ProduceStats]:
-    """A producer and a consumer side by side on fresh topics (or `kafka`'s); both reports."""
+    """A producer and a consumer side by side on fresh topics (or `kafka`'s); both reports.
+    `stop` (Ctrl-C) ends both at their next step."""
     kafka = kafka or fresh_kafka(bootstrap)
+    stop = stop or threading.Event()
     consumer = FrameConsumer(
         kafka,
         ConsumerSettings(group=f"bench-{kafka.frames_topic}", concurrency=concurrency,
                          idle_timeout=3.0, duration=600, max_frame_age_ms=max_frame_age_ms),
         target,
+        stop,
     )  # fmt: skip
     produced: list[ProduceStats] = []
 
     def produce() -> None:
         consumer.assigned.wait(60)  # start the clock once the consumer is in the group
-        produced.append(produce_frames(producer, kafka))
+        produced.append(produce_frames(producer, kafka, stop))
 
-    producer_thread = threading.Thread(target=produce)
+    # A daemon: a producer stuck on a broker that died with a Ctrl-C must not hold the exit.
+    producer_thread = threading.Thread(target=produce, daemon=True)
     producer_thread.start()
     summary = consumer.run()
-    producer_thread.join()
+    while producer_thread.is_alive() and not stop.is_set():
+        producer_thread.join(0.5)
+    exit_if_stopped(stop)  # the producer may be stuck on a broker the Ctrl-C also stopped
     return summary, produced[0]
 
 
+def exit_if_stopped(stop: threading.Event) -> None:
+    """After a step: a Ctrl-C or SIGTERM during it ends the run (cleaned up) without figures."""
+    if stop.is_set():
+        sys.exit("interrupted: no figures")
+
+
+def _parse_args() -> argparse.Namespace:
+    parser = bench_parser(__doc__)
+    parser.add_argument(
+        "--frames", type=positive_int, default=1200, help="frames for the --fps max run"
+    )
+    parser.add_argument(
+        "--concurrency", type=positive_int, default=8, help="the service-alone load test's"
+    )
+    parser.add_argument(
+        "--service-seconds", type=positive_float, default=10.0, help="service-alone load test"
+    )
+    parser.add_argument(
+        "--realtime-seconds", type=positive_float, default=20.0, help="the real-time run"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models", help="model exports"
+    )
+    return parser.parse_args()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--frames", type=int, default=1200, help="frames for the --fps max run")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--service-seconds", type=float, default=10.0)
-    parser.add_argument("--realtime-seconds", type=float, default=20.0)
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models")
-    args = parser.parse_args()
+    args = _parse_args()
     if not SAMPLE_VIDEO.is_file():
         sys.exit(f"sample clip not found: {SAMPLE_VIDEO}")
+    stop = stop_on_signals()  # Ctrl-C: end the step at hand, clean up, no figures
 
     with local_stack(args.cache_dir) as (broker, server):
         frames = load_encoded_images(SAMPLE_VIDEO, max_frames=10_000)
         (level,) = asyncio.run(
             run_loadtest(server.target, frames, [args.concurrency], args.service_seconds, 2.0)
         )
+        exit_if_stopped(stop)
         fast, _ = stream_once(
             broker.bootstrap_servers,
             server.target,
             ProducerSettings(source=str(SAMPLE_VIDEO), fps="max", loop=True,
                              max_frames=args.frames, stream_id="bench-max"),
             args.concurrency,
+            stop=stop,
         )  # fmt: skip
+        exit_if_stopped(stop)
         realtime, realtime_produced = stream_once(
             broker.bootstrap_servers,
             server.target,
             ProducerSettings(source=str(SAMPLE_VIDEO), fps="native", loop=True,
                              max_frames=int(28 * args.realtime_seconds), stream_id="bench-rt"),
             args.concurrency,
+            stop=stop,
         )  # fmt: skip
+        exit_if_stopped(stop)
 
     fast_report, realtime_report = fast.as_dict(), realtime.as_dict()
     print(

@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench.cli_args import bench_parser, positive_float, positive_int
 from bench.stream import fresh_kafka, local_stack, stream_once
 from common.frames import load_encoded_images
 from common.settings import DEFAULT_CACHE_DIR, SAMPLE_VIDEO
@@ -89,20 +90,37 @@ def capacity_sweep(bootstrap: str, target: str, args: argparse.Namespace) -> dic
 
 
 def _parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--service-seconds", type=float, default=10.0)
-    parser.add_argument("--step-seconds", type=float, default=10.0, help="seconds per sweep step")
-    parser.add_argument("--max-streams", type=int, default=16)
+    parser = bench_parser(__doc__)
+    parser.add_argument(
+        "--service-seconds", type=positive_float, default=10.0, help="service-alone load test"
+    )
+    parser.add_argument(
+        "--step-seconds", type=positive_float, default=10.0, help="seconds per sweep step"
+    )
+    parser.add_argument(
+        "--max-streams", type=positive_int, default=16, help="the sweep's last count"
+    )
     parser.add_argument(
         "--step-tries",
-        type=int,
+        type=positive_int,
         default=StreamBenchmarkSettings.model_fields["step_tries"].default,
         help="tries before a count fails",
     )
-    parser.add_argument("--budget-ms", type=float, default=DEFAULT_BUDGET_MS)
-    parser.add_argument("--overload-seconds", type=float, default=20.0)
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/bench-capacity"))
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models")
+    parser.add_argument(
+        "--budget-ms", type=positive_float, default=DEFAULT_BUDGET_MS, help="e2e p99 budget, ms"
+    )
+    parser.add_argument(
+        "--overload-seconds", type=positive_float, default=20.0, help="the 1.5x overload run"
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("runs/bench-capacity"),
+        help="the sweep's chart and summary (relative to the working folder)",
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models", help="model exports"
+    )
     return parser.parse_args()
 
 

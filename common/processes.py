@@ -1,4 +1,5 @@
-"""Stopping child processes the same way everywhere: SIGTERM, a grace period, then SIGKILL."""
+"""Stopping processes the same way everywhere: a child with SIGTERM, a grace period, then
+SIGKILL; this process's own job at its next step on SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 
@@ -90,3 +92,18 @@ def _die_with_parent_below(niceness: int) -> None:
     die_with_parent()
     if niceness:
         os.nice(niceness)
+
+
+def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
+    """An event set by SIGTERM or Ctrl-C, so a job can finish its current step and report;
+    `stop` if given, else a new one. A second Ctrl-C does not wait for that (exit 130)."""
+    stop = stop or threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT and stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, request_stop)
+    return stop

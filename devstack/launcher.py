@@ -11,7 +11,7 @@ from pathlib import Path
 
 from common.net import free_port
 from common.processes import stop_process
-from services.inference.client import wait_until_serving
+from services.inference.client import ServerExitedError, wait_until_serving
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # devstack/launcher.py: the checkout
 
@@ -39,10 +39,13 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def wait_serving(self, timeout_s: float = 180.0) -> None:
+        """Until the server is SERVING; at once, with its log, if it exits first."""
         try:
-            wait_until_serving(self.target, timeout_s, self.tls_ca)
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}\n--- server log ---\n{self.log()}") from None
+            wait_until_serving(
+                self.target, timeout_s, self.tls_ca, exited=lambda: self.process.poll() is not None
+            )
+        except (TimeoutError, ServerExitedError) as exc:
+            raise type(exc)(f"{exc}\n--- server log ---\n{self.log()}") from None
 
     def terminate(self, timeout_s: float = 60.0) -> int:
         return stop_process(self.process, timeout_s)

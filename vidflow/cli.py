@@ -8,9 +8,7 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from pydantic import ValidationError
 from common.flow_heartbeats import foreground_heartbeats
 from common.import_gc import imports_without_gc
 from common.logs import setup_logging
+from common.processes import stop_on_signals
 from common.quick_exit import quick_exit
 from common.settings import (
     SAMPLE_VIDEO,
@@ -168,21 +167,6 @@ def _loadtest(args: argparse.Namespace) -> int:
     return 1 if any(r.requests == 0 for r in results) else 0
 
 
-def _stop_on_sigterm(stop: threading.Event | None = None) -> threading.Event:
-    """An event set by SIGTERM or Ctrl-C, so a job can finish its current step and report;
-    `stop` if given, else a new one. A second Ctrl-C does not wait for that (exit 130)."""
-    stop = stop or threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        if signum == signal.SIGINT and stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, request_stop)
-    return stop
-
-
 def _broker(args: argparse.Namespace) -> int:
     from devstack.broker import run_broker
 
@@ -192,7 +176,7 @@ def _broker(args: argparse.Namespace) -> int:
 def _sample_mirror(args: argparse.Namespace) -> int:
     from devstack.sample_mirror import running_mirror
 
-    stop = _stop_on_sigterm()
+    stop = stop_on_signals()
     with running_mirror(args.host, args.port) as url_template:
         log.info("serving the sample clips as a Kinetics mirror: --url-template '%s'", url_template)
         stop.wait()
@@ -207,7 +191,7 @@ def _produce(args: argparse.Namespace) -> int:
     settings = settings_from_args(ProducerSettings, args)  # bad flags refused before the broker
     check_sources(settings.source)
     ensure_topics(kafka.bootstrap_servers, [kafka.frames_topic], kafka.partitions)
-    stats = produce_frames(settings, kafka, _stop_on_sigterm())
+    stats = produce_frames(settings, kafka, stop_on_signals())
     print(json.dumps(stats.as_dict()))
     return 1 if stats.failed or stats.broker_error else 0
 
@@ -221,7 +205,7 @@ def _consume(args: argparse.Namespace) -> int:
     settings = settings_from_args(ConsumerSettings, args)
     client = settings_from_args(ClientSettings, args)
     ensure_topics(kafka.bootstrap_servers, kafka.topics, kafka.partitions)
-    consumer = FrameConsumer(kafka, settings, client.target, _stop_on_sigterm(), client.tls_ca)
+    consumer = FrameConsumer(kafka, settings, client.target, stop_on_signals(), client.tls_ca)
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server
 
@@ -268,7 +252,7 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     if args.summary_json is not None:  # a folder that cannot be made fails now, not after the run
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
     if not settings.capacity:  # Ctrl-C: the run ends its producing now and reports
-        _stop_on_sigterm(RUN_STOP)
+        stop_on_signals(RUN_STOP)
     failure: StreamRunFailedError | None = None
     try:
         with foreground_heartbeats():

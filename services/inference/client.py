@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,11 +78,23 @@ def health_status(
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def wait_until_serving(target: str, timeout_s: float = 120.0, tls_ca: Path | None = None) -> None:
-    """Block until health says SERVING, or raise TimeoutError with the last status seen."""
+class ServerExitedError(RuntimeError):
+    """The server being waited for exited before it served."""
+
+
+def wait_until_serving(
+    target: str,
+    timeout_s: float = 120.0,
+    tls_ca: Path | None = None,
+    exited: Callable[[], bool] | None = None,
+) -> None:
+    """Block until health says SERVING, or raise TimeoutError with the last status seen, or
+    ServerExitedError as soon as `exited` says the server's process is gone."""
     deadline = time.monotonic() + timeout_s
     status = "UNREACHABLE"
     while time.monotonic() < deadline:
+        if exited is not None and exited():
+            raise ServerExitedError(f"{target} will never serve: its process exited")
         status = health_status(target, tls_ca=tls_ca)
         if status == "SERVING":
             return
