@@ -19,7 +19,9 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from common.files import remove_stale_partials
 from flows.depth_report import RunReport
@@ -52,17 +54,31 @@ def depth_extraction(
     limit: int | None = None,
     settings: DepthSettings | None = None,
     show_progress: bool = False,
-) -> dict[str, Any]:
+) -> State[dict[str, Any]]:
     """Download, transcode to 360p and depth-map a list of videos into one Lance table.
 
     The input is `urls` or `kinetics_csv` (with `url_template`, `split`, `limit`); everything
     else is `settings`, whose fields left out come from VIDFLOW_DEPTH_* variables, then the
-    defaults."""
+    defaults. Calling the flow returns the run's summary (a dict); the flow run ends Completed
+    with its counts as the state's message, so the runs list says which runs lost videos."""
     settings = run_settings(settings)
     untrained = check_settings(settings)
     sources = load_sources(urls, kinetics_csv, url_template, split, limit)
     with output_lock(settings.output):  # one run at a time per output folder
-        return _extract(sources, settings, untrained, show_progress)
+        summary = _extract(sources, settings, untrained, show_progress)
+    return Completed(message=outcome_message(summary), data=summary)
+
+
+def outcome_message(summary: dict[str, Any]) -> str:
+    """The run's counts in a line, failures first: "2 of 5 videos failed (see the
+    depth-extraction-failures artifact); 3 ok, 0 skipped"."""
+    counts = f"{summary['ok']} ok, {summary['skipped']} skipped"
+    if not summary["failed"]:
+        return f"all {summary['total']} videos done: {counts}"
+    return (
+        f"{summary['failed']} of {summary['total']} videos failed (see the "
+        f"depth-extraction-failures artifact); {counts}"
+    )
 
 
 def _extract(

@@ -20,6 +20,8 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
 )
 
 from flows.depth_extraction import depth_extraction
@@ -179,6 +181,15 @@ def test_kinetics_rows_become_one_row_each_and_a_rerun_adds_nothing(
         task_runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first["flow_run_id"]]))
         )
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[first["flow_run_id"]]))
+        )
+    # Each failed video is a warning in its stage's task-run log, in the UI once the run ends
+    # (the Ray workers' last lines were lost with their processes).
+    task_logs = " | ".join(log.message for log in logs if log.task_run_id is not None)
+    for csv_row, (case, _, status, stage, _) in zip(rows, CASES, strict=True):
+        if status == "failed":
+            assert f"{_video_id(csv_row)} failed at {stage}" in task_logs, (case, task_logs)
     [summary_artifact] = artifacts  # this run's, one
     assert summary_artifact.description.startswith("UNTRAINED depth model")
     counts = f"{first['ok']} ok, {first['failed']} failed, {first['skipped']} skipped"
@@ -199,3 +210,28 @@ def test_kinetics_rows_become_one_row_each_and_a_rerun_adds_nothing(
     stall = video_rows[_video_id(rows[5])]
     assert (stall["status"], stall["failed_stage"]) == ("failed", "download")
     assert "timed out" in stall["error"] and stall["shard"] is not None
+
+
+def test_a_short_run_leaves_every_failure_in_its_task_log_and_counts_in_its_state(
+    prefect_api, tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    """A run whose videos fail at once ends within the 2 s that Prefect batches a process's
+    log lines for; its private Ray's workers ended with the run, and every task run's log in
+    the UI was empty, the warnings naming the failed videos included."""
+    settings = DepthSettings(output=tmp_path / "out", depth_model=str(tiny_depth_model))
+    flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=2))
+    routes = {"gone.mp4": Status(404), "page.mp4": Body(b"<html>sorry</html>")}
+    with VideoServer(routes) as server:
+        listing = tmp_path / "urls.txt"
+        listing.write_text("".join(f"{server.url(name)}\n" for name in routes))
+        state = flow(urls=str(listing), settings=settings, return_state=True)
+    summary = state.result()
+    assert summary["failed"] == 2
+    assert state.is_completed() and state.message.startswith("2 of 2 videos failed")
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[summary["flow_run_id"]]))
+        )
+    task_logs = " | ".join(log.message for log in logs if log.task_run_id is not None)
+    assert "gone_" in task_logs and "failed at download: HTTP 404" in task_logs, task_logs
+    assert "page_" in task_logs and "failed at download: not a video" in task_logs, task_logs

@@ -45,6 +45,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect_ray.context import remote_options
 
+from common.worker_logs import note_task_run_done
 from tasks.depth.depth_feed import DepthFeed, PendingDepth, feeds_early
 from tasks.depth.depth_maps import DepthActor
 from tasks.depth.download import download_many
@@ -395,9 +396,11 @@ def run_shards(
                     shard = waiting.pop()
                     submit(shard, download(shard))
                 try:
-                    yield future.result()
+                    written = future.result()
                 except Exception as exc:  # a Ray worker died (out of memory, killed)
-                    yield WrittenShard(chain.crashed_rows(exc), [])
+                    written = WrittenShard(chain.crashed_rows(exc), [])
+                note_task_run_done()
+                yield written
     finally:
         if settings.depth_keep_alive_s <= 0:
             for actor in actors:
