@@ -191,7 +191,13 @@ def next_streams(outcomes: Mapping[int, bool], max_streams: int) -> int | None:
     return (low + failed) // 2
 
 
-def verdict_line(streams: int, width: int, height: int, fps: float) -> str:
-    """The sweep's answer in one line, e.g. "6 streams of 340x256 at 28 fps on this machine"."""
+def verdict_line(
+    streams: int, width: int, height: int, fps: float, most_tried: int | None = None
+) -> str:
+    """The sweep's answer in one line, e.g. "6 streams of 340x256 at 28 fps on this machine";
+    "at least" where the most streams tried held (`most_tried`): the box may take more."""
     noun = "stream" if streams == 1 else "streams"
-    return f"{streams} {noun} of {width}x{height} at {fps:g} fps on this machine"
+    line = f"{streams} {noun} of {width}x{height} at {fps:g} fps on this machine"
+    if most_tried is not None and streams >= most_tried:
+        return f"at least {line} (the most tried: raise --max-streams to look further)"
+    return line

@@ -106,11 +106,14 @@ class RunReport:
         return rows
 
     def video_rows(self, limit: int = VIDEO_ROWS_SHOWN) -> list[dict[str, Any]]:
-        """One row per video of this run (the first `limit`), for the UI's table artifact."""
+        """One row per video of this run (the first `limit`, by shard), for the UI's table
+        artifact. Shards are numbered from 1 there, as in the task runs' names ("download
+        shard 2/4 ..."), so a row leads to its task runs; the dataset keeps the index."""
+        by_shard = sorted(self.videos, key=lambda record: _shard_number(record) or 0)
         return [
             {
                 "video_id": record.video_id,
-                "shard": record.shard,
+                "shard": _shard_number(record),
                 "status": record.status,
                 "failed_stage": record.failed_stage,
                 "download_s": _rounded(record.download_s),
@@ -118,16 +121,22 @@ class RunReport:
                 "depth_s": _rounded(record.depth_s),
                 "error": (record.error or "")[:200] or None,
             }
-            for record in self.videos[:limit]
+            for record in by_shard[:limit]
         ]
 
     def failures_markdown(self, limit: int = 100) -> str:
         if not self.failures:
             return "# Failures\n\nNone: every video processed in this run is `ok`."
-        lines = ["# Failures", "", "| video | stage | error |", "| --- | --- | --- |"]
+        lines = ["# Failures", "", "| video | shard | stage | error |", "| --- | --- | --- | --- |"]
         for record in self.failures[:limit]:
             error = (record.error or "").replace("|", "\\|").replace("\n", " ")[:300]
-            lines.append(f"| {record.video_id} | {record.failed_stage} | {error} |")
+            shard = _shard_number(record) or ""
+            lines.append(f"| {record.video_id} | {shard} | {record.failed_stage} | {error} |")
         if len(self.failures) > limit:
             lines.append(f"\n{len(self.failures) - limit} more in the table (status = 'failed').")
         return "\n".join(lines)
+
+
+def _shard_number(record: VideoRecord) -> int | None:
+    """A video's shard as the task runs' names number it (from 1)."""
+    return None if record.shard is None else record.shard + 1

@@ -15,7 +15,6 @@ from typing import Any, Self
 
 from prefect_ray import RayTaskRunner
 
-from common.worker_logs import wait_for_worker_logs
 from flows.ray_start import run_ray
 from flows.ray_submit_context import SerializedSettings
 from flows.ray_worker_context import worker_context
@@ -89,8 +88,6 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
 
     def __exit__(self, *exc_info: Any) -> None:
         try:
-            if self._owns_ray and not self.address:  # a private Ray: its workers end with it
-                wait_for_worker_logs()
             super().__exit__(*exc_info)
         finally:
             self._ray_start.close()

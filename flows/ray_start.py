@@ -18,7 +18,6 @@ from typing import Any
 import psutil
 
 from common.net import free_port
-from common.worker_logs import wait_for_worker_logs, worker_log_interval
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +125,8 @@ def private_ray_start() -> Iterator[None]:
     """While a private local Ray starts (`ray.init(address="local")`) and runs: on 127.0.0.1
     only (`loopback_only_ray`), with a token of its own (`private_ray_auth`), without the three
     head processes a private instance has no use for, and with its node agent on a free port
-    (`_private_head`); its workers send their log lines to Prefect often enough to lose none
-    at its end (`common.worker_logs`)."""
-    with loopback_only_ray(), private_ray_auth(), _private_head(), worker_log_interval():
+    (`_private_head`)."""
+    with loopback_only_ray(), private_ray_auth(), _private_head():
         yield
 
 
@@ -383,8 +381,6 @@ def early_ray(
         # A private Ray's arguments carry its own address ("local").
         ray.init(**({"address": address} | init_kwargs))
         stack.callback(ray.shutdown)
-        if address is None:  # a private Ray: its workers end with it
-            stack.callback(wait_for_worker_logs)
         cpus = int(ray.cluster_resources().get("CPU", 0))
         count = workers_for_cpus(cpus) if cpus else 0  # none to warm before a cluster scales up
         # One CPU each, so that as many workers start at once.

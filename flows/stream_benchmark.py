@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.run_logs import logs_in_run
 from flows.stream_capacity import capacity_sweep
 from flows.stream_settings import StreamBenchmarkSettings
 from tasks.stream.consumer import merge_summaries
@@ -27,23 +28,34 @@ TABLE_COLUMNS = ("stage", "p50", "p90", "p99", "max", "mean")
 
 
 def latency_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Percentiles of each stage, in ms; none (not 0.0, which reads as measured) for a stage
+    with no sample, as when the service answered nothing."""
     return [
         {
             "stage": name.removesuffix("_ms"),
-            **{k: summary[name][k] for k in ("p50", "p90", "p99", "max", "mean")},
+            **{
+                k: summary[name][k] if summary[name]["count"] else None
+                for k in ("p50", "p90", "p99", "max", "mean")
+            },
         }
         for name in ("inference_ms", "rpc_ms", "e2e_ms")
     ]
+
+
+def _shown(value: Any) -> str:
+    return "-" if value is None else str(value)
 
 
 def markdown_report(
     summary: dict[str, Any], produced: dict[str, Any], settings: dict[str, Any]
 ) -> str:
     rows = "\n".join(
-        "| " + " | ".join(str(row[column]) for column in TABLE_COLUMNS) + " |"
+        "| " + " | ".join(_shown(row[column]) for column in TABLE_COLUMNS) + " |"
         for row in latency_table(summary)
     )
-    setting_rows = "\n".join(f"| {k} | `{v}` |" for k, v in settings.items())
+    setting_rows = "\n".join(
+        f"| {k} | {'off' if v is None else f'`{v}`'} |" for k, v in settings.items()
+    )
     lag = "unknown (broker lost)" if summary["lag"] is None else summary["lag"]
     outcomes = {
         "skipped as stale": summary["skipped_stale"], "dead-lettered": summary["dlq"],
@@ -98,8 +110,14 @@ def stream_benchmark(settings: StreamBenchmarkSettings | None = None) -> dict[st
     and `settings.client` left out come from VIDFLOW_KAFKA_* and VIDFLOW_INFERENCE_*, then the
     defaults."""
     settings = settings or StreamBenchmarkSettings()
-    if settings.capacity:
-        return capacity_sweep(settings)
+    with logs_in_run("tasks.stream"):
+        if settings.capacity:
+            return capacity_sweep(settings)
+        return _benchmark(settings)
+
+
+def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:
+    """One run of the stream: its figures as artifacts and its outcome, or the failure."""
     produced, summary, group = run_once(settings)
     shown = {
         "source": settings.shown_source, "duration_s": settings.duration, "fps": settings.fps,
@@ -109,10 +127,11 @@ def stream_benchmark(settings: StreamBenchmarkSettings | None = None) -> dict[st
         "max_frame_age_ms": settings.max_frame_age_ms,
     }  # fmt: skip
     publish_artifacts(summary, produced, shown)
+    e2e = summary["e2e_ms"]
+    latency = f"e2e p50 {e2e['p50']:.1f} ms p99 {e2e['p99']:.1f} ms" if e2e["count"] else "no e2e"
     get_run_logger().info(
-        "stream benchmark: %.1f fps, e2e p50 %.1f ms p99 %.1f ms, %d results, %d dlq, %d errors",
-        summary["fps"], summary["e2e_ms"]["p50"], summary["e2e_ms"]["p99"],
-        summary["results_published"], summary["dlq"], summary["errors"],
+        "stream benchmark: %.1f fps, %s, %d results, %d dlq, %d errors",
+        summary["fps"], latency, summary["results_published"], summary["dlq"], summary["errors"],
     )  # fmt: skip
     outcome = {"summary": summary, "producer": produced, "settings": shown}
     if lost := broker_lost(summary, produced):
@@ -124,7 +143,7 @@ def stream_benchmark(settings: StreamBenchmarkSettings | None = None) -> dict[st
         raise NothingAnsweredError(
             f"not one of {summary['frames_consumed']} frames was answered ({summary['errors']} "
             f"failed calls): is the inference service at {settings.client.target} up and right? "
-            "The consumer's log says why each call failed",
+            "The consumer's warnings in this run's log say why the calls failed",
             outcome,
         )
     return outcome
@@ -140,6 +159,9 @@ class StreamRunFailedError(RuntimeError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+    def __repr__(self) -> str:  # in Prefect's log of the failure: the message, not the figures
+        return f"{type(self).__name__}({self.args[0]!r})"
 
 
 class BrokerLostDuringRunError(StreamRunFailedError):
@@ -177,12 +199,12 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
     input_ended, failed = threading.Event(), threading.Event()
     member = (kafka, consumer_settings, client.target)
     consumer_runs = [
-        run_consumer.submit(
+        run_consumer.with_options(task_run_name=f"consumer {i + 1}/{settings.consumers}").submit(
             *member, ready[i], client.tls_ca, input_ended, failed, wait_for=[topics]
         )
         for i in range(settings.consumers)
     ]
-    producer_run = run_producer.submit(
+    producer_run = run_producer.with_options(task_run_name="producer").submit(
         kafka, producer_settings, settings.duration, ready, failed, wait_for=[topics]
     )
     try:
@@ -200,7 +222,10 @@ def publish_artifacts(
     create_table_artifact(
         key="stream-benchmark-latency",
         table=latency_table(summary),
-        description=f"Latency percentiles (ms); {summary['fps']:.1f} frames/s",
+        description=(
+            f"Latency percentiles (ms) of {summary['e2e_ms']['count']} classified frames; "
+            f"{summary['fps']:.1f} frames/s"
+        ),
     )
     create_markdown_artifact(
         key="stream-benchmark-report",

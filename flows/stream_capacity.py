@@ -85,13 +85,15 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
     )
     ready = [threading.Event() for _ in range(sweep.consumers)]
     client = sweep.client
+    step = f"{streams} stream{'s' if streams > 1 else ''}"  # task runs named by step and part
+    member = (kafka, consumer_settings, client.target)
     consumer_runs = [
-        run_consumer.submit(
-            kafka, consumer_settings, client.target, ready[i], client.tls_ca, wait_for=[topics]
-        )
+        run_consumer.with_options(
+            task_run_name=f"{step}: consumer {i + 1}/{sweep.consumers}"
+        ).submit(*member, ready[i], client.tls_ca, wait_for=[topics])
         for i in range(sweep.consumers)
     ]
-    producer_run = run_producer.submit(
+    producer_run = run_producer.with_options(task_run_name=f"{step}: producer").submit(
         kafka, producer_settings, sweep.step_seconds, ready, wait_for=[topics]
     )
     produced = producer_run.result()
@@ -192,7 +194,7 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
         outcomes[streams] = not reasons
         streams = next_streams(outcomes, sweep.max_streams)
     held = capacity(outcomes)
-    verdict = verdict_line(held, width, height, fps)
+    verdict = verdict_line(held, width, height, fps, most_tried=sweep.max_streams)
     png = capacity_chart_png(deciding_steps(steps), sweep.budget_ms, verdict)
     output_dir = sweep.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -210,6 +210,10 @@ def test_kinetics_rows_become_one_row_each_and_a_rerun_adds_nothing(
     stall = video_rows[_video_id(rows[5])]
     assert (stall["status"], stall["failed_stage"]) == ("failed", "download")
     assert "timed out" in stall["error"] and stall["shard"] is not None
+    # A row's shard is the one its task runs are named after (the table counted from 0).
+    for video_id, row in video_rows.items():
+        named_after = [run.name for run in task_runs if video_id in run.name]
+        assert all(f"shard {row['shard']}/" in name for name in named_after), (row, named_after)
 
 
 def test_a_short_run_leaves_every_failure_in_its_task_log_and_counts_in_its_state(

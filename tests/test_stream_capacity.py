@@ -133,6 +133,9 @@ def test_the_lag_series_grows_when_results_fall_behind_captures() -> None:
 def test_the_verdict_line_names_count_size_and_rate() -> None:
     assert verdict_line(6, 340, 256, 28.0) == "6 streams of 340x256 at 28 fps on this machine"
     assert verdict_line(1, 640, 480, 29.97) == "1 stream of 640x480 at 29.97 fps on this machine"
+    assert verdict_line(5, 340, 256, 28.0, most_tried=8).startswith("5 streams")
+    ceiling = verdict_line(8, 340, 256, 28.0, most_tried=8)
+    assert ceiling.startswith("at least 8 streams of 340x256") and "--max-streams" in ceiling
 
 
 def _sweep(onnx_server, kafka, tmp_path: Path, **settings) -> StreamBenchmarkSettings:
@@ -156,7 +159,7 @@ def test_a_short_sweep_records_table_chart_and_verdict(
     settings = _sweep(onnx_server, kafka, tmp_path, max_frame_age_ms=1000.0, step_seconds=3.0)
     outcome = stream_benchmark(settings=settings)
     assert outcome["capacity"] >= 1 and outcome["budget_ms"] == 1000.0
-    assert outcome["verdict"] == verdict_line(outcome["capacity"], 340, 256, 28.0)
+    assert outcome["verdict"] == verdict_line(outcome["capacity"], 340, 256, 28.0, most_tried=2)
     steps = {step["streams"]: step for step in outcome["steps"]}
     assert set(steps) <= {1, 2} and 1 in steps
     # each step ran its own cameras on its own topics, read back in full

@@ -45,7 +45,6 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect_ray.context import remote_options
 
-from common.worker_logs import note_task_run_done
 from tasks.depth.depth_feed import DepthFeed, PendingDepth, feeds_early
 from tasks.depth.depth_maps import DepthActor
 from tasks.depth.download import download_many
@@ -157,11 +156,27 @@ def _run_stage(
     if failed:
         # The task run's log in the Prefect UI; a stage called outside a task run (tests, a
         # library user) logs to this module's logger instead.
-        logger = get_run_logger() if TaskRunContext.get() is not None else log
+        in_task_run = TaskRunContext.get() is not None
+        logger = get_run_logger() if in_task_run else log
         for record in failed:
             reason = (record.error or "").partition("\n")[0]  # the table keeps the rest
             logger.warning("%s failed at %s: %s", record.video_id, stage, reason)
+        if in_task_run:
+            send_logs_now()
     return shard.with_records(records)
+
+
+def send_logs_now() -> None:
+    """Send this process's queued log lines to the Prefect API before going on.
+
+    Prefect sends them in batches every 2 s, and a private Ray's workers end with the run: on a
+    short run every task run's log in the UI was empty, the warnings that name the failed videos
+    included. Sending at once costs a new sender afterwards (~50 ms of CPU), so only a stage
+    with failures does it (docs/benchmarks.md: a 0.5-s batch interval for every line cost 2-3 %
+    of a 48-clip run)."""
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
 
 
 # Terminal colours, which Ray puts in the remote tracebacks its errors carry.
@@ -396,11 +411,9 @@ def run_shards(
                     shard = waiting.pop()
                     submit(shard, download(shard))
                 try:
-                    written = future.result()
+                    yield future.result()
                 except Exception as exc:  # a Ray worker died (out of memory, killed)
-                    written = WrittenShard(chain.crashed_rows(exc), [])
-                note_task_run_done()
-                yield written
+                    yield WrittenShard(chain.crashed_rows(exc), [])
     finally:
         if settings.depth_keep_alive_s <= 0:
             for actor in actors:

@@ -29,7 +29,12 @@ def _worth_retrying(task: Any, task_run: Any, state: State) -> bool:
     return not isinstance(state.result(raise_on_failure=False), BrokerUnreachableError)
 
 
-@task(retries=3, retry_delay_seconds=2, retry_condition_fn=_worth_retrying)
+@task(
+    retries=3,
+    retry_delay_seconds=2,
+    retry_condition_fn=_worth_retrying,
+    task_run_name="create topics {kafka.frames_topic}",
+)
 def create_topics(kafka: KafkaSettings) -> list[str]:
     return ensure_topics(
         kafka.bootstrap_servers,
