@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 
 
@@ -107,3 +108,10 @@ def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
     return stop
+
+
+def ignore_lance_fork_warning() -> None:
+    """Lance warns on any fork once it is loaded, and a depth run forks only to exec at once
+    (Ray's GCS and raylet, a temporary Prefect server): warnings on every run's stderr that
+    asked nothing of the user."""
+    warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)

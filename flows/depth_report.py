@@ -80,7 +80,8 @@ class RunReport:
 
     def table(self) -> list[dict[str, Any]]:
         """One row per stage: how many videos got through, failed there, and the time spent
-        (over the videos that spent any there this run)."""
+        (seconds summed over the videos that spent any there this run); then the run's row,
+        its wall-clock seconds and videos per second."""
         rows = []
         for stage in STAGES:
             seconds = self.stage_seconds[stage]
@@ -91,6 +92,7 @@ class RunReport:
                     "failed": self.failed_at.get(stage, 0),
                     "total_s": round(sum(seconds), 2),
                     "mean_s": round(sum(seconds) / len(seconds), 3) if seconds else None,
+                    "videos_per_s": None,
                 }
             )
         summary = self.summary()
@@ -101,6 +103,7 @@ class RunReport:
                 "failed": self.failed,
                 "total_s": summary["wall_s"],
                 "mean_s": None,
+                "videos_per_s": summary["videos_per_s"],
             }
         )
         return rows

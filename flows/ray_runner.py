@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from typing import Any, Self
 
 from prefect_ray import RayTaskRunner
 
+from common.processes import ignore_lance_fork_warning
 from flows.ray_start import run_ray
 from flows.ray_submit_context import SerializedSettings
 from flows.ray_worker_context import worker_context
@@ -68,8 +68,7 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
     def __enter__(self) -> Self:
         import ray
 
-        # Lance warns on any fork once loaded; Ray forks only to exec its own processes at once.
-        warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
+        ignore_lance_fork_warning()
         self.address, self.init_kwargs, hold = run_ray(self.cpus_to_start())
         if self.address and not os.environ.get("RAY_ADDRESS"):
             self.logger.info(

@@ -161,6 +161,10 @@ def test_stream_commands_refuse_bad_sources_and_bounds_before_the_broker(
     assert "--max-frames '-1'" in err
     bench = ["stream-benchmark", "--bootstrap-servers", CLOSED_PORT, "--target", CLOSED_PORT]
     assert f"video file not found: {missing}" in _refused([*bench, "--source", missing], capsys)
+    page = tmp_path / "page.mp4"  # there, but no video: the run logged two tracebacks for it
+    page.write_text("<html>sorry</html>")
+    err = _refused([*bench, "--source", str(page)], capsys)
+    assert f"{page}: no video frame could be read" in err and err.count("\n") == 1, err
     for flag, value in (("--max-frame-age-ms", "-5"), ("--max-streams", "0"),
                         ("--step-seconds", "0")):  # fmt: skip
         err = _refused([*bench, flag, value], capsys)

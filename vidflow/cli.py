@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from common.flow_heartbeats import foreground_heartbeats
 from common.import_gc import imports_without_gc
 from common.logs import setup_logging
-from common.processes import stop_on_signals
+from common.processes import ignore_lance_fork_warning, stop_on_signals
 from common.quick_exit import quick_exit
 from common.settings import (
     SAMPLE_VIDEO,
@@ -277,6 +277,7 @@ def _depth(args: argparse.Namespace) -> int:
     from tasks.depth.video_sources import load_sources
     from tasks.depth.video_table import VideoTable
 
+    ignore_lance_fork_warning()
     settings = with_absolute_paths(settings_from_args(DepthSettings, args))
     # Refuse bad input before starting a Prefect server and Ray (the flow checks again).
     sources = load_sources(args.urls, args.kinetics_csv, args.url_template, args.split, args.limit)

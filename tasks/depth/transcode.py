@@ -7,6 +7,7 @@ no system package is needed) with a timeout; its own error text becomes the fail
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 import subprocess
 import time
@@ -24,6 +25,7 @@ from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
 FFMPEG_ERROR_CHARS = 1500
+_ADDRESS = re.compile(r" @ 0x[0-9a-fA-F]+")
 
 
 class TranscodeError(Exception):
@@ -189,7 +191,8 @@ def _run_ffmpeg(source: Path, output: Path, settings: DepthSettings) -> StreamFa
     except subprocess.TimeoutExpired:
         raise TranscodeError(f"ffmpeg timed out after {settings.transcode_timeout_s:g} s") from None
     if completed.returncode != 0:
-        reason = completed.stderr.strip()[-FFMPEG_ERROR_CHARS:] or "no error text"
+        # Without ffmpeg's context addresses ("[in#0 @ 0x559a55e6b700] moov atom not found").
+        reason = _ADDRESS.sub("", completed.stderr.strip())[-FFMPEG_ERROR_CHARS:] or "no error text"
         raise TranscodeError(f"ffmpeg exit {completed.returncode}: {reason}")
     facts = probe_video(output)
     if facts is None or facts.frame_count <= 0:

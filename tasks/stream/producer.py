@@ -112,10 +112,15 @@ def _checked_target(source: str) -> str | int:
 
 
 def check_sources(source: str) -> None:
-    """Refuse a missing file or a malformed webcam in `--source` before a broker is contacted
-    or a run starts (a camera or a stream is opened by the run itself)."""
+    """Refuse a missing file, a file with no video frame or a malformed webcam in `--source`
+    before a broker is contacted or a run starts (a camera or a stream is opened by the run
+    itself: opening it here would take it for a moment, or wait on the network)."""
     for one in source_list(source):
-        _checked_target(one)
+        target = _checked_target(one)
+        if isinstance(target, str) and "://" not in target:
+            with opened_video(target) as capture:
+                if not capture.grab():  # a capture that did not open grabs nothing
+                    raise ValueError(f"{one}: no video frame could be read (not a video?)")
 
 
 def target_fps(setting: str, capture: cv2.VideoCapture) -> float | None:
