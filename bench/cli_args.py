@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.settings import DEFAULT_CACHE_DIR
+
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The module's whole docstring as written, and each flag's default where it has one."""
@@ -25,6 +27,13 @@ def bench_parser(doc: str | None) -> argparse.ArgumentParser:
     """A parser whose --help shows the benchmark's docstring (what it measures and how to read
     its figures) and every default."""
     return argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
+
+
+def add_model_cache_flag(parser: argparse.ArgumentParser) -> None:
+    """--cache-dir: where the served model's ONNX export is kept (the service's own default)."""
+    parser.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models", help="model exports"
+    )
 
 
 def _number(text: str, kind: type[int] | type[float]) -> int | float:

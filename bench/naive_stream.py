@@ -29,15 +29,20 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from confluent_kafka import Consumer
 
-from bench.cli_args import bench_parser, non_negative_int, positive_float, positive_int
+from bench.cli_args import (
+    add_model_cache_flag,
+    bench_parser,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from bench.cpu_account import CpuAccount
 from bench.service import BareModel, real_frames
 from bench.stream import fresh_kafka, local_stack
-from common.settings import DEFAULT_CACHE_DIR, SAMPLE_VIDEO
+from common.settings import SAMPLE_VIDEO
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import open_channel
 from tasks.stream.consumer import FrameConsumer
@@ -201,9 +206,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--rounds", type=positive_int, default=3, help="rounds of each, alternating"
     )
-    parser.add_argument(
-        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models", help="model exports"
-    )
+    add_model_cache_flag(parser)
     parser.add_argument(
         "--bare-seconds",
         type=positive_float,

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.cli_args import bench_parser, positive_float, positive_int
+from bench.cli_args import add_model_cache_flag, bench_parser, positive_float, positive_int
 from common.frames import load_encoded_images
-from common.settings import DEFAULT_CACHE_DIR, SAMPLE_VIDEOS_DIR
+from common.settings import SAMPLE_VIDEOS_DIR
 from devstack.launcher import start_server
 from services.inference.loader import ServedModel, load_served_model
 from services.inference.loadtest import LevelResult, run_loadtest
@@ -119,9 +119,7 @@ def main() -> None:
     parser.add_argument(
         "--frames-per-video", type=positive_int, default=64, help="frames of each sample clip"
     )
-    parser.add_argument(
-        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models", help="model exports"
-    )
+    add_model_cache_flag(parser)
     args = parser.parse_args()
 
     frames = real_frames(args.frames_per_video)

@@ -29,6 +29,7 @@ from statistics import mean
 from typing import Any
 
 from bench.cli_args import (
+    add_model_cache_flag,
     bench_parser,
     non_negative_float,
     output_file,
@@ -38,7 +39,6 @@ from bench.cli_args import (
 )
 from bench.plain_server import start_plain_server
 from bench.service import BareModel, real_frames
-from common.settings import DEFAULT_CACHE_DIR
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from services.inference.loadtest import LevelResult, run_loadtest
 from services.inference.models import load_model
@@ -100,9 +100,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--frames-per-video", type=positive_int, default=64, help="frames of each sample clip"
     )
-    parser.add_argument(
-        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models", help="model exports"
-    )
+    add_model_cache_flag(parser)
     parser.add_argument(
         "--vidflow",
         type=_pair,

@@ -25,11 +25,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.cli_args import bench_parser, positive_float, positive_int
+from bench.cli_args import add_model_cache_flag, bench_parser, positive_float, positive_int
 from common.frames import load_encoded_images
 from common.net import free_port
 from common.processes import stop_on_signals
-from common.settings import DEFAULT_CACHE_DIR, SAMPLE_VIDEO
+from common.settings import SAMPLE_VIDEO
 from devstack.broker import LocalBroker, start_broker
 from devstack.launcher import ServerProcess, start_server
 from services.inference.loadtest import run_loadtest
@@ -123,9 +123,7 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--realtime-seconds", type=positive_float, default=20.0, help="the real-time run"
     )
-    parser.add_argument(
-        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models", help="model exports"
-    )
+    add_model_cache_flag(parser)
     return parser.parse_args()
 
 

@@ -26,10 +26,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.cli_args import bench_parser, positive_float, positive_int
+from bench.cli_args import add_model_cache_flag, bench_parser, positive_float, positive_int
 from bench.stream import fresh_kafka, local_stack, stream_once
 from common.frames import load_encoded_images
-from common.settings import DEFAULT_CACHE_DIR, SAMPLE_VIDEO
+from common.settings import SAMPLE_VIDEO
 from common.stats import summarize_ms
 from devstack.prefect_api import prefect_api
 from flows.capacity_rules import DEFAULT_BUDGET_MS, lag_series
@@ -118,9 +118,7 @@ def _parse_args() -> argparse.Namespace:
         default=Path("runs/bench-capacity"),
         help="the sweep's chart and summary (relative to the working folder)",
     )
-    parser.add_argument(
-        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models", help="model exports"
-    )
+    add_model_cache_flag(parser)
     return parser.parse_args()
 
 
