@@ -18,7 +18,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         help_text = action.help or ""
-        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in help_text:
+        shown = action.default not in (None, [], argparse.SUPPRESS) and action.default is not False
+        if not shown or "default" in help_text:
             return help_text
         return f"{help_text} (default: %(default)s)".lstrip()
 

@@ -265,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated parts to run",
     )
     args = parser.parse_args(argv)
+    if args.videos < 2:  # the flow's steady rate is the difference of half and all the videos
+        parser.error("--videos: must be 2 or more")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     from devstack.prefect_api import prefect_api

@@ -12,23 +12,44 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
+
+_lock = threading.Lock()
+_ours: dict[str, tuple[logging.Handler, int]] = {}  # logger name -> our handler, runs using it
 
 
 @contextlib.contextmanager
 def logs_in_run(logger_name: str) -> Iterator[None]:
-    """While the flow runs: `logger_name`'s records from its flow and task runs go to its log."""
+    """While the flow runs: `logger_name`'s records from its flow and task runs go to its log.
+
+    One handler per logger however many flow runs of this process use it at once (each record
+    says its own run), removed when the last of them ends."""
     from prefect.context import FlowRunContext, TaskRunContext
     from prefect.logging.handlers import APILogHandler
 
     logger = logging.getLogger(logger_name)
-    if any(isinstance(handler, APILogHandler) for handler in logger.handlers):
-        yield  # PREFECT_LOGGING_EXTRA_LOGGERS named it: Prefect sends them already
+    with _lock:
+        handler, users = _ours.get(logger_name, (None, 0))
+        # PREFECT_LOGGING_EXTRA_LOGGERS named it: Prefect sends its records already.
+        prefect_sends = handler is None and any(
+            isinstance(h, APILogHandler) for h in logger.handlers
+        )
+        if handler is None and not prefect_sends:
+            handler = APILogHandler()
+            handler.addFilter(lambda _: bool(FlowRunContext.get() or TaskRunContext.get()))
+            logger.addHandler(handler)
+        if handler is not None:
+            _ours[logger_name] = (handler, users + 1)
+    if handler is None:
+        yield
         return
-    handler = APILogHandler()
-    handler.addFilter(lambda _: bool(FlowRunContext.get() or TaskRunContext.get()))
-    logger.addHandler(handler)
     try:
         yield
     finally:
-        logger.removeHandler(handler)
+        with _lock:
+            handler, users = _ours.pop(logger_name)
+            if users > 1:
+                _ours[logger_name] = (handler, users - 1)
+            else:
+                logger.removeHandler(handler)

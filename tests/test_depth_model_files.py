@@ -6,6 +6,7 @@ The loaders run in a child process: huggingface_hub reads HF_HOME and HF_ENDPOIN
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.depth.model_files import cached_model_dir, model_origin
+from tasks.depth.model_files import cached_model_dir, model_origin, model_source
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_ID = "acme/tiny-depth"
@@ -65,10 +66,11 @@ def hub() -> Iterator[tuple[str, list[str]]]:
 
 
 def run_with_hub(
-    code: str, hf_home: Path, endpoint: str, timeout: float = 120
+    code: str, hf_home: Path, endpoint: str, timeout: float = 120, **extra_env: str
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env.update(HF_HOME=str(hf_home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(extra_env)
     env.pop("HF_HUB_OFFLINE", None)
     return subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
@@ -139,7 +141,10 @@ try:
 except ValueError as exc:
     print(exc)
 """
-    done = run_with_hub(code, tmp_path / "empty", "http://hub.invalid", timeout=60)
+    # NO_PROXY alone (as Docker and Kubernetes set it) is no proxy: the check still runs.
+    done = run_with_hub(
+        code, tmp_path / "empty", "http://hub.invalid", timeout=60, NO_PROXY="localhost"
+    )
     assert "cannot be reached (hub.invalid" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "hf download apple/DepthPro-hf" in done.stdout
     assert "Retrying" not in done.stderr  # before: 5 retries, ~23 s, then a generic message
@@ -155,3 +160,25 @@ def test_the_run_log_says_whether_the_model_is_cached_or_downloaded(
     assert "first use downloads" in model_origin(HUB_ID)
     fill_hub_cache(tmp_path / "hf", tiny_depth_model)
     assert "Hugging Face cache" in model_origin(HUB_ID)
+
+
+def test_a_model_in_shards_is_whole_only_with_every_shard(
+    tmp_path: Path, tiny_depth_model: Path
+) -> None:
+    """A cache holding the index and some of a sharded model's files is not the model."""
+    snapshot = fill_hub_cache(tmp_path / "hf", tiny_depth_model)
+    weights = snapshot / "model.safetensors"
+    weights.rename(snapshot / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors",
+                            "b": "model-00002-of-00002.safetensors"}}  # fmt: skip
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert cached_model_dir(HUB_ID, cache_dir=tmp_path / "hf" / "hub") is None
+    shutil.copy(snapshot / "model-00001-of-00002.safetensors",
+                snapshot / "model-00002-of-00002.safetensors")  # fmt: skip
+    assert cached_model_dir(HUB_ID, cache_dir=tmp_path / "hf" / "hub") == snapshot
+
+
+def test_a_missing_folder_is_named_as_a_folder_not_as_a_hub_id(tmp_path: Path) -> None:
+    """A path that exists on the driver but not on a Ray node was reported as a hub problem."""
+    with pytest.raises(FileNotFoundError, match="does not exist on this machine"):
+        model_source(str(tmp_path / "no-such-model"))

@@ -178,3 +178,22 @@ def test_a_consumer_that_cannot_start_fails_the_run_without_a_wait(prefect_api, 
     with pytest.raises(Exception, match=r"fetch\.wait\.max\.ms"):
         state.result()
     assert took_s < 45, took_s  # not the 60-s wait for a member that will never join
+
+
+def test_two_runs_in_one_process_share_one_log_handler_until_the_last_ends() -> None:
+    """The second of two overlapping runs lost its producer's and consumers' lines in the UI
+    when the first removed the handler they shared."""
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.run_logs import logs_in_run
+
+    logger = logging.getLogger("tasks.stream.test-run-logs")
+
+    def handlers() -> int:
+        return sum(isinstance(handler, APILogHandler) for handler in logger.handlers)
+
+    with logs_in_run(logger.name):
+        with logs_in_run(logger.name):
+            assert handlers() == 1
+        assert handlers() == 1  # the first run still sends
+    assert handlers() == 0

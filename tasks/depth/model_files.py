@@ -11,6 +11,7 @@ for a whole model (the ONNX export failed on it and the run fell back to torch).
 
 from __future__ import annotations
 
+import json
 import socket
 import urllib.request
 from pathlib import Path
@@ -27,10 +28,17 @@ class HubUnreachableError(ValueError):
 
 
 def is_whole_model(folder: Path) -> bool:
-    """Whether `folder` holds a model transformers can load: its configs and some weights."""
-    return all((folder / name).is_file() for name in NEEDED_FILES) and any(
-        any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS
-    )
+    """Whether `folder` holds a model transformers can load: its configs and its weights (every
+    shard its weight index lists, for a model saved in shards)."""
+    if not all((folder / name).is_file() for name in NEEDED_FILES):
+        return False
+    for index in folder.glob("*.index.json"):  # e.g. model.safetensors.index.json
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return False
+        return all((folder / shard).is_file() for shard in shards)
+    return any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS)
 
 
 def cached_model_dir(model_name: str, cache_dir: Path | None = None) -> Path | None:
@@ -66,7 +74,8 @@ def check_hub_reachable(model_name: str) -> None:
     (the proxy resolves names, not this machine)."""
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or urllib.request.getproxies():
+    scheme = urlsplit(constants.ENDPOINT).scheme or "https"
+    if constants.HF_HUB_OFFLINE or scheme in urllib.request.getproxies():  # not just NO_PROXY
         return
     host = urlsplit(constants.ENDPOINT).hostname or constants.ENDPOINT
     try:
@@ -85,6 +94,8 @@ def model_source(model_name: str) -> str:
     (no request to the hub), or the hub id when the hub is reachable."""
     if Path(model_name).is_dir():
         return model_name
+    if model_name.startswith(("/", ".", "~")):  # a folder, not a hub id: not on this node
+        raise FileNotFoundError(f"depth model folder {model_name} does not exist on this machine")
     cached = cached_model_dir(model_name)
     if cached is not None:
         return str(cached)
@@ -101,9 +112,11 @@ def model_dir(model_name: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     folder = Path(snapshot_download(model_name, allow_patterns=patterns))
-    if not is_whole_model(folder):  # the hub failed and huggingface_hub fell back to the cache
+    if not is_whole_model(folder):  # the hub failed and huggingface_hub fell back to the cache,
+        # or the repo has no files of these patterns (weights only as *.bin, say)
         raise FileNotFoundError(
-            f"the cache holds only part of {model_name} ({folder}) and the hub did not send "
-            "the rest: try again with the hub reachable, or give a local folder"
+            f"{folder} holds only part of {model_name} ({', '.join(patterns)}): the hub did not "
+            "send the rest, or the model has no such files; try again with the hub reachable, "
+            "or give a local folder"
         )
     return folder

@@ -173,10 +173,11 @@ def send_logs_now() -> None:
     short run every task run's log in the UI was empty, the warnings that name the failed videos
     included. Sending at once costs a new sender afterwards (~50 ms of CPU), so only a stage
     with failures does it (docs/benchmarks.md: a 0.5-s batch interval for every line cost 2-3 %
-    of a 48-clip run)."""
-    from prefect.logging.handlers import APILogHandler
+    of a 48-clip run). Only the log sender is drained: Prefect's `APILogHandler.flush` drains
+    every queue service of the process, its events sender too."""
+    from prefect.logging.handlers import APILogWorker
 
-    APILogHandler().flush()
+    APILogWorker.instance().drain()
 
 
 # Terminal colours, which Ray puts in the remote tracebacks its errors carry.

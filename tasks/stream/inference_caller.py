@@ -30,6 +30,9 @@ from tasks.stream.publisher import Publisher
 from tasks.stream.settings import ConsumerSettings
 
 log = logging.getLogger(__name__)
+# A failed call is logged at most this often (with a count): with the service down, every
+# frame failed once a frame period, and each line went to the flow run's log too.
+RETRY_LOG_EVERY_S = 5.0
 
 # The service is down or restarting, not the frame's fault: wait for it, however long it takes.
 WAIT_FOR_SERVICE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
@@ -84,6 +87,8 @@ class InferenceCaller:
         self.settings, self.publisher, self._owns = settings, publisher, owns
         self.target = target
         self._misconfigured_seen: set[grpc.StatusCode] = set()  # said once each in the log
+        self._retry_logged_at = -RETRY_LOG_EVERY_S  # when a failed call was last logged
+        self._retries_unlogged = 0  # failed calls since then
         self.summary: ConsumerSummary = publisher.summary
         self.metrics: ConsumerMetrics = publisher.metrics
         self.in_flight = 0
@@ -232,13 +237,17 @@ class InferenceCaller:
         self.summary.retries += 1
         backoff = min(self.settings.retry_max_backoff_s, 0.1 * 2 ** min(call.attempt, 10))
         call.retry_at = time.monotonic() + backoff * random.uniform(0.5, 1.0)
-        if call.attempt == 1 or call.attempt % 10 == 0:
+        self._retries_unlogged += 1
+        now = time.monotonic()
+        if now - self._retry_logged_at >= RETRY_LOG_EVERY_S:
             # %r: the key comes from a Kafka header anyone who can produce may write, and the
             # service's details may echo it; a newline in it must not forge a log line.
             log.warning(
-                "inference call for %r failed (%s: %r); retrying, attempt %d",
-                call.frame.key, code.name, exc.details(), call.attempt,
+                "inference call for %r failed (%s: %r); retrying, attempt %d (%d failed calls "
+                "since the last line like this)",
+                call.frame.key, code.name, exc.details(), call.attempt, self._retries_unlogged,
             )  # fmt: skip
+            self._retry_logged_at, self._retries_unlogged = now, 0
         self.waiting_retry.append(call)
 
     def resend_due(self, stopping: Callable[[], bool]) -> None:
