@@ -18,7 +18,6 @@ from typing import Any
 import psutil
 
 from common.net import free_port
-from common.processes import ignore_lance_fork_warning
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +375,6 @@ def early_ray(
     up."""
     import ray
 
-    ignore_lance_fork_warning()
     address, init_kwargs, hold = run_ray(num_cpus)
     with contextlib.ExitStack() as stack:
         stack.enter_context(hold)

@@ -74,10 +74,10 @@ def check_hub_reachable(model_name: str) -> None:
     (the proxy resolves names, not this machine)."""
     from huggingface_hub import constants
 
-    scheme = urlsplit(constants.ENDPOINT).scheme or "https"
-    if constants.HF_HUB_OFFLINE or scheme in urllib.request.getproxies():  # not just NO_PROXY
-        return
-    host = urlsplit(constants.ENDPOINT).hostname or constants.ENDPOINT
+    endpoint = urlsplit(constants.ENDPOINT)
+    if constants.HF_HUB_OFFLINE or (endpoint.scheme or "https") in urllib.request.getproxies():
+        return  # a proxy for the hub's scheme, not just NO_PROXY
+    host = endpoint.hostname or constants.ENDPOINT
     try:
         socket.getaddrinfo(host, None)
     except OSError as exc:
