@@ -1,16 +1,11 @@
-"""The flag types and help layout every benchmark shares.
-
-A flag's type raises `argparse.ArgumentTypeError`, so a bad value (0 rounds, a negative port, a
-level list with a gap, a JSON path in a missing folder) is one line and exit 2 before anything is
-measured, instead of a traceback minutes into the run.
-"""
+"""The help layout every benchmark shares (its flag types are `common/cli_types.py`'s)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from common.settings import DEFAULT_CACHE_DIR
+from services.inference.settings import InferenceSettings
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -32,88 +27,5 @@ def bench_parser(doc: str | None) -> argparse.ArgumentParser:
 
 def add_model_cache_flag(parser: argparse.ArgumentParser) -> None:
     """--cache-dir: where the served model's ONNX export is kept (the service's own default)."""
-    parser.add_argument(
-        "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR / "models", help="model exports"
-    )
-
-
-def _number(text: str, kind: type[int] | type[float]) -> int | float:
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    value = int(_number(text, int))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(_number(text, int))
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(_number(text, float))
-    if not value > 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(_number(text, float))
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return value
-
-
-def port(text: str) -> int:
-    value = int(_number(text, int))
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, not {value}")
-    return value
-
-
-def positive_int_list(text: str) -> list[int]:
-    """Comma-separated counts, each 1 or more: "1,2,4"."""
-    parts = text.split(",")
-    if not text.strip() or any(not part.strip() for part in parts):
-        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, not {text!r}")
-    return [positive_int(part.strip()) for part in parts]
-
-
-def choice_list(choices: tuple[str, ...]):
-    """A type for comma-separated names, each one of `choices`: "local,cluster"."""
-
-    def parse(text: str) -> list[str]:
-        names = [part.strip() for part in text.split(",")]
-        unknown = [name for name in names if name not in choices]
-        if not text.strip() or unknown:
-            raise argparse.ArgumentTypeError(
-                f"must be comma-separated names from {', '.join(choices)}, not {text!r}"
-            )
-        return names
-
-    return parse
-
-
-def existing_file(text: str) -> Path:
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {path}")
-    return path
-
-
-def output_file(text: str) -> Path:
-    """A file to write at the end: its folder must exist now, so no run is lost for it."""
-    path = Path(text).expanduser()
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{path} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"the folder {path.parent} does not exist")
-    return path
+    default = InferenceSettings.model_fields["cache_dir"].default
+    parser.add_argument("--cache-dir", type=Path, default=default, help="model exports")

@@ -35,7 +35,8 @@ from typing import Any
 
 import aiohttp
 
-from bench.cli_args import bench_parser, choice_list, positive_int
+from bench.cli_args import bench_parser
+from common.cli_types import choice_list, positive_int
 from common.settings import SAMPLE_VIDEOS_DIR
 from tasks.depth.depth_maps import estimate_depth, forget_loaded_models
 from tasks.depth.download import download, download_videos

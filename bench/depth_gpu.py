@@ -25,7 +25,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bench.cli_args import bench_parser, existing_file, positive_int
+from bench.cli_args import bench_parser
+from common.cli_types import existing_file, positive_int
 from common.settings import SAMPLE_VIDEO
 from devstack.tiny_depth_pro import save_full_size_depth_pro
 from tasks.depth.depth_maps import DepthEstimator, estimate_depth, read_frames

@@ -61,7 +61,7 @@ from typing import Any
 import cv2
 import lance
 
-from bench.cli_args import bench_parser, choice_list, positive_int
+from bench.cli_args import bench_parser
 from bench.cpu_account import SET_ASIDE, CpuAccount, machine_busy_cpu_s, process_tree
 from bench.peer_v2d import (
     SINGLE_THREAD_FLAGS,
@@ -71,6 +71,7 @@ from bench.peer_v2d import (
     run_video2dataset,
     write_ffmpeg_wrapper,
 )
+from common.cli_types import choice_list, positive_int
 from common.net import free_port
 from common.settings import SAMPLE_VIDEO
 from devstack.local_stack import LocalStack

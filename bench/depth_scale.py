@@ -4,7 +4,7 @@
 
 Each size is one run of `vidflow depth` over the first N rows of the real Kinetics-400
 validation CSV (`../shared/data/kinetics/`), served by the local mirror (the real sample clips
-under the real Kinetics names, vidflow/sample_mirror.py), against a running Prefect server, on
+under the real Kinetics names, devstack/sample_mirror.py), against a running Prefect server, on
 a local Ray, with the tiny Depth Pro (random weights). Per run:
 - videos/s over the whole run;
 - the driver's peak RSS (VmHWM of the `vidflow depth` process, sampled from /proc);
@@ -29,8 +29,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.cli_args import bench_parser, positive_int_list
+from bench.cli_args import bench_parser
 from bench.depth_peer import prefect_server
+from common.cli_types import positive_int_list
 from common.settings import KINETICS_VAL_CSV
 from devstack.sample_mirror import running_mirror
 

@@ -32,22 +32,18 @@ from dataclasses import dataclass
 
 from confluent_kafka import Consumer
 
-from bench.cli_args import (
-    add_model_cache_flag,
-    bench_parser,
-    non_negative_int,
-    positive_float,
-    positive_int,
-)
+from bench.cli_args import add_model_cache_flag, bench_parser
 from bench.cpu_account import CpuAccount
 from bench.service import BareModel, real_frames
 from bench.stream import fresh_kafka, local_stack
+from common.cli_types import non_negative_int, positive_float, positive_int
 from common.settings import SAMPLE_VIDEO
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import open_channel
 from tasks.stream.consumer import FrameConsumer
-from tasks.stream.frame_codec import FrameResult, decode_frame
-from tasks.stream.producer import make_producer, produce_frames
+from tasks.stream.frame_codec import classified_result, decode_frame
+from tasks.stream.kafka_io import consumer_config, make_producer
+from tasks.stream.producer import produce_frames
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 
 
@@ -65,18 +61,7 @@ def naive_consume(
     kafka: KafkaSettings, group: str, target: str, frames: int, idle_s: float = 15.0
 ) -> NaiveSummary:
     """The one-message-at-a-time loop: poll, classify, produce + flush, commit, repeat."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": kafka.bootstrap_servers,
-            "group.id": group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": kafka.session_timeout_ms,
-            "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
-            "fetch.wait.max.ms": kafka.fetch_wait_max_ms,
-            "max.partition.fetch.bytes": kafka.max_message_bytes,
-        }
-    )
+    consumer = Consumer(consumer_config(kafka, group))
     producer = make_producer(kafka)
     channel = open_channel(target)
     stub = inference_pb2_grpc.ClassifierStub(channel)
@@ -95,16 +80,10 @@ def naive_consume(
             response = stub.Classify(
                 inference_pb2.ClassifyRequest(image=frame.jpeg, request_id=frame.key), timeout=10
             )
-            rpc_ms = (time.perf_counter() - sent) * 1e3
-            best, now_ns = response.predictions[0], time.time_ns()
-            result = FrameResult(
-                stream_id=frame.stream_id, frame_index=frame.frame_index, label=best.label,
-                class_index=best.class_index, score=round(best.score, 6),
-                model_name=response.model_name, capture_ts_ns=frame.capture_ts_ns,
-                result_ts_ns=now_ns, inference_ms=round(response.timings.inference_ms, 3),
-                rpc_ms=round(rpc_ms, 3), e2e_ms=round((now_ns - frame.capture_ts_ns) / 1e6, 3),
-                partition=message.partition(), offset=message.offset(),
-            )  # fmt: skip
+            rpc_s = time.perf_counter() - sent
+            result = classified_result(
+                frame, response, rpc_s, message.partition(), message.offset()
+            )
             producer.produce(kafka.results_topic, key=result.key.encode(), value=result.to_json())
             producer.flush(10)
             consumer.commit(message=message, asynchronous=False)

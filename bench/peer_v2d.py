@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.cli_args import bench_parser, positive_float, positive_int
+from bench.cli_args import bench_parser
 from bench.cpu_account import machine_busy_cpu_s
+from common.cli_types import positive_float, positive_int
 from common.frames import opened_video
 
 PEER = "video2dataset"

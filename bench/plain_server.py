@@ -13,8 +13,6 @@ Run it as its own process: `start_plain_server` does so for the benchmark.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,11 +22,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from bench.cli_args import bench_parser, existing_file, non_negative_int, port
+from bench.cli_args import bench_parser
+from common.cli_types import existing_file, non_negative_int, port
+from common.cpus import usable_cpus
 from common.net import free_port
-from devstack.launcher import REPO_ROOT, ServerProcess
+from devstack.launcher import REPO_ROOT, ServerProcess, launch_logged
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.backends import OnnxBackend, threads_per_call
+from services.inference.classify import top_k_response
 from services.inference.onnx_export import ExportedModelInfo
 from services.inference.preprocess import InvalidImageError, decode_image, preprocess
 
@@ -53,26 +54,14 @@ class PlainClassifier(inference_pb2_grpc.ClassifierServicer):
         prepared = time.perf_counter()
         probabilities = self.backend.run(tensor[np.newaxis])[0]
         done = time.perf_counter()
-        top_k = max(1, min(request.top_k or 1, len(self.info.class_names)))
-        best = np.argsort(probabilities)[::-1][:top_k]
-        return inference_pb2.ClassifyResponse(
-            request_id=request.request_id,
-            model_name=self.info.name,
-            predictions=[
-                inference_pb2.Prediction(
-                    label=self.info.class_names[index],
-                    class_index=int(index),
-                    score=float(probabilities[index]),
-                )
-                for index in best
-            ],
-            timings=inference_pb2.Timings(
-                decode_ms=(decoded - started) * 1e3,
-                preprocess_ms=(prepared - decoded) * 1e3,
-                inference_ms=(done - prepared) * 1e3,
-                batch_size=1,
-            ),
+        timings = inference_pb2.Timings(
+            decode_ms=(decoded - started) * 1e3,
+            preprocess_ms=(prepared - decoded) * 1e3,
+            inference_ms=(done - prepared) * 1e3,
+            batch_size=1,
         )
+        info = self.info
+        return top_k_response(request, info.name, info.class_names, probabilities, timings)
 
 
 def serve(onnx_model: Path, port: int, workers: int) -> None:
@@ -91,22 +80,15 @@ def serve(onnx_model: Path, port: int, workers: int) -> None:
     server.wait_for_termination()
 
 
-def start_plain_server(
-    tmp_dir: Path, onnx_model: Path, workers: int = 0, port: int = 0
-) -> ServerProcess:
+def start_plain_server(tmp_dir: Path, onnx_model: Path, workers: int = 0) -> ServerProcess:
     """Start the plain server as its own process (wait for SERVING with `wait_serving`)."""
-    port = port or free_port()
+    port = free_port()
     log_path = tmp_dir / f"plain-server-{port}.log"
     args = [
         sys.executable, "-m", "bench.plain_server", "--onnx-model", str(onnx_model),
         "--port", str(port), "--workers", str(workers),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            args, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env
-        )
-    return ServerProcess(process, port, 0, log_path, args)
+    return ServerProcess(launch_logged(args, log_path, REPO_ROOT), port, 0, log_path, args)
 
 
 def main() -> None:
@@ -120,7 +102,7 @@ def main() -> None:
         help="handler threads and ORT sessions (0: the cores)",
     )
     args = parser.parse_args()
-    serve(args.onnx_model, args.port, args.workers or os.cpu_count() or 1)
+    serve(args.onnx_model, args.port, args.workers or usable_cpus())
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ import json
 import os
 import sys
 import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
@@ -30,10 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from bench.cli_args import add_model_cache_flag, bench_parser, positive_float, positive_int
+from bench.cli_args import add_model_cache_flag, bench_parser
+from common.cli_types import positive_float, positive_int
 from common.frames import load_encoded_images
 from common.settings import SAMPLE_VIDEOS_DIR
 from devstack.launcher import start_server
+from services.inference.batcher import images_per_s
 from services.inference.loader import ServedModel, load_served_model
 from services.inference.loadtest import LevelResult, run_loadtest
 from services.inference.preprocess import load_and_preprocess
@@ -48,21 +48,9 @@ def real_frames(frames_per_video: int) -> list[bytes]:
 
 
 def model_fps(model: ServedModel, batch: np.ndarray, duration_s: float) -> float:
-    """Images per second of back-to-back calls on one preprocessed batch, by each model worker."""
-
-    def call_back_to_back(deadline: float) -> int:
-        images = 0
-        while time.perf_counter() < deadline:
-            model.backend.run(batch)
-            images += len(batch)
-        return images
-
-    with ThreadPoolExecutor(model.workers) as callers:
-        list(callers.map(model.backend.run, [batch] * model.workers))  # first calls allocate
-        started = time.perf_counter()
-        deadline = started + duration_s
-        images = sum(callers.map(call_back_to_back, [deadline] * model.workers))
-        return images / (time.perf_counter() - started)
+    """Images per second of back-to-back calls on one preprocessed batch, by each model worker
+    (as the server's `--batching auto` measures it)."""
+    return images_per_s(lambda _: model.backend.run(batch), len(batch), model.workers, duration_s)
 
 
 class BareModel:

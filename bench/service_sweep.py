@@ -28,17 +28,16 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from bench.cli_args import (
-    add_model_cache_flag,
-    bench_parser,
+from bench.cli_args import add_model_cache_flag, bench_parser
+from bench.plain_server import start_plain_server
+from bench.service import BareModel, real_frames
+from common.cli_types import (
     non_negative_float,
     output_file,
     positive_float,
     positive_int,
     positive_int_list,
 )
-from bench.plain_server import start_plain_server
-from bench.service import BareModel, real_frames
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from services.inference.loadtest import LevelResult, run_loadtest
 from services.inference.models import load_model

@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.cli_args import add_model_cache_flag, bench_parser, positive_float, positive_int
+from bench.cli_args import add_model_cache_flag, bench_parser
+from common.cli_types import positive_float, positive_int
 from common.frames import load_encoded_images
 from common.net import free_port
 from common.processes import stop_on_signals

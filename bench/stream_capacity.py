@@ -26,8 +26,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.cli_args import add_model_cache_flag, bench_parser, positive_float, positive_int
+from bench.cli_args import add_model_cache_flag, bench_parser
 from bench.stream import fresh_kafka, local_stack, stream_once
+from common.cli_types import positive_float, positive_int
 from common.frames import load_encoded_images
 from common.settings import SAMPLE_VIDEO
 from common.stats import summarize_ms
@@ -54,9 +55,9 @@ def overload_run(
     )  # fmt: skip
     summary, produced = stream_once(bootstrap, target, producer, CONCURRENCY, budget_ms, kafka)
     records = read_records(bootstrap, kafka.results_topic)
-    outcomes = Counter(f"{r['stream_id']}:{r['frame_index']}" for r in records)
-    classified = [r["e2e_ms"] for r in records if not r.get("skipped")]
-    stale = sum(1 for r in records if r.get("skipped"))
+    outcomes = Counter(r.key for r in records)
+    classified = [r.e2e_ms for r in records if not r.skipped]
+    stale = sum(1 for r in records if r.skipped)
     behind = lag_series(records, every_s=1.0)
     return {
         "max_frame_age_ms": budget_ms,

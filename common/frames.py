@@ -10,7 +10,6 @@ import cv2
 import numpy as np
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm"}
 
 
 def encode_jpeg(bgr: np.ndarray, quality: int = 90) -> bytes:
@@ -47,7 +46,7 @@ def iter_video_frames(path: Path, max_frames: int | None = None) -> Iterator[np.
             yield frame
 
 
-def load_encoded_images(path: Path, max_frames: int = 64, jpeg_quality: int = 90) -> list[bytes]:
+def load_encoded_images(path: Path, max_frames: int = 64) -> list[bytes]:
     """Encoded images from an image file, a folder of images, or frames of a video file."""
     path = Path(path)
     if path.is_dir():
@@ -59,7 +58,7 @@ def load_encoded_images(path: Path, max_frames: int = 64, jpeg_quality: int = 90
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return [path.read_bytes()]
-    frames = [encode_jpeg(f, jpeg_quality) for f in iter_video_frames(path, max_frames)]
+    frames = [encode_jpeg(frame) for frame in iter_video_frames(path, max_frames)]
     if not frames:
         raise ValueError(f"no frames could be read from {path}")
     return frames

@@ -1,10 +1,12 @@
 """How vidflow's settings work, and the few that belong to no single part.
 
 Each part owns its settings module: `services/inference/settings.py`,
-`tasks/stream/settings.py`, `tasks/depth/settings.py`. Every setting is read from an
-environment variable with a ``VIDFLOW_`` prefix (for example ``VIDFLOW_INFERENCE_PORT``) and can
-be overridden by the matching CLI flag (``--port``), which `add_settings_arguments` generates
-from the model. Precedence: flag (or flow parameter), then environment, then the default.
+`tasks/stream/settings.py`, `tasks/depth/settings.py`, and `flows/stream_settings.py` for the
+stream-benchmark flow. Every setting of the first three is read from an environment variable
+with a ``VIDFLOW_`` prefix (for example ``VIDFLOW_INFERENCE_PORT``) and can be overridden by the
+matching CLI flag (``--port``), which `add_settings_arguments` generates from the model.
+Precedence: flag (or flow parameter), then environment, then the default. The flow's own knobs
+(`StreamBenchmarkSettings`) are flow parameters and flags only: they read no variable.
 """
 
 from __future__ import annotations

@@ -71,9 +71,12 @@ def start_server(
         "--port", str(port), "--http-port", str(http_port), "--cache-dir", str(cache_dir),
         *extra_args,
     ]  # fmt: skip
+    process = launch_logged(args, log_path, repo_root)
+    return ServerProcess(process, port, http_port, log_path, args, tls_ca)
+
+
+def launch_logged(args: list[str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """Start a server process with its output, unbuffered, in `log_path` (read on failure)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(
-            args, cwd=repo_root, stdout=log_file, stderr=subprocess.STDOUT, env=env
-        )
-    return ServerProcess(process, port, http_port, log_path, args, tls_ca)
+        return subprocess.Popen(args, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT, env=env)

@@ -11,13 +11,14 @@ largest count that held and the smallest that did not.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from common.stats import summarize_ms
+from tasks.stream.frame_codec import FrameResult
 
 MIN_FPS_RATIO = 0.98  # results must keep up with the source to this fraction
 DEFAULT_BUDGET_MS = 100.0  # e2e p99 budget of a live view (and the consumer's frame-age budget)
@@ -71,18 +72,18 @@ def result_rate(frame_indexes: list[int], result_ts_s: list[float]) -> float:
     return float(1.0 / slope) if slope > 0 else 0.0
 
 
-def frames_behind(records: Iterable[Mapping[str, Any]], at_ns: int) -> int:
+def frames_behind(records: Iterable[FrameResult], at_ns: int) -> int:
     """Frames captured before `at_ns` whose outcome (result or stale record) came after it."""
-    return sum(1 for r in records if r["capture_ts_ns"] < at_ns < r["result_ts_ns"])
+    return sum(1 for r in records if r.capture_ts_ns < at_ns < r.result_ts_ns)
 
 
-def lag_series(records: list[Mapping[str, Any]], every_s: float = 1.0) -> list[int]:
+def lag_series(records: Sequence[FrameResult], every_s: float = 1.0) -> list[int]:
     """Frames behind at every `every_s` from the first capture to the last: a consumer that
     cannot keep up shows it growing second by second."""
     if not records:
         return []
-    first = min(r["capture_ts_ns"] for r in records)
-    last = max(r["capture_ts_ns"] for r in records)
+    first = min(r.capture_ts_ns for r in records)
+    last = max(r.capture_ts_ns for r in records)
     step_ns = int(every_s * 1e9)
     return [frames_behind(records, t) for t in range(first, last + 1, step_ns)]
 
@@ -90,7 +91,7 @@ def lag_series(records: list[Mapping[str, Any]], every_s: float = 1.0) -> list[i
 def step_figures(
     streams: int,
     source_fps: float,
-    records: Iterable[Mapping[str, Any]],
+    records: Iterable[FrameResult],
     expected_streams: Iterable[str],
     frames_produced: int,
     unanswered: int | None,
@@ -102,26 +103,25 @@ def step_figures(
     A stream that produced frames but got no result counts at 0 fps. `unanswered`: the
     consumers' lag once they stopped (None: unknown)."""
     records = list(records)
-    last_capture = max((r["capture_ts_ns"] for r in records), default=0)
+    last_capture = max((r.capture_ts_ns for r in records), default=0)
     behind = frames_behind(records, last_capture)
-    outcomes = len({(r["stream_id"], r["frame_index"]) for r in records})
+    outcomes = len({r.key for r in records})
     if records:
-        judged_from = min(r["capture_ts_ns"] for r in records) + int(warmup_s * 1e9)
-        records = [r for r in records if r["capture_ts_ns"] >= judged_from]
+        judged_from = min(r.capture_ts_ns for r in records) + int(warmup_s * 1e9)
+        records = [r for r in records if r.capture_ts_ns >= judged_from]
     seen: set[str] = set()
     per_stream: dict[str, list[tuple[int, float, bool]]] = defaultdict(list)
     e2e: list[float] = []
     for record in records:
-        key = f"{record['stream_id']}:{record['frame_index']}"
-        if key in seen:  # at-least-once: a redelivered frame's second result is not a new one
+        if record.key in seen:  # at-least-once: a redelivered frame's second result is not new
             continue
-        seen.add(key)
-        classified = not record.get("skipped")
-        per_stream[record["stream_id"]].append(
-            (record["frame_index"], record["result_ts_ns"] / 1e9, classified)
+        seen.add(record.key)
+        classified = not record.skipped
+        per_stream[record.stream_id].append(
+            (record.frame_index, record.result_ts_ns / 1e9, classified)
         )
         if classified:
-            e2e.append(record["e2e_ms"])
+            e2e.append(record.e2e_ms)
     stream_fps = {stream: 0.0 for stream in expected_streams}
     for stream, points in per_stream.items():
         # classified results/s: the pace of the stream's outcomes, less the share skipped

@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from common.files import remove_stale_partials
+from flows import artifact_keys
 from flows.depth_report import RunReport
 from flows.ray_runner import cluster_cpus, cluster_gpus, largest_node, ray_task_runner
 from tasks.depth.dataset_settings import check_dataset_settings, record_dataset_settings
@@ -77,7 +78,7 @@ def outcome_message(summary: dict[str, Any]) -> str:
         return f"all {summary['total']} videos done: {counts}"
     return (
         f"{summary['failed']} of {summary['total']} videos failed (see the "
-        f"depth-extraction-failures artifact); {counts}"
+        f"{artifact_keys.DEPTH_FAILURES} artifact); {counts}"
     )
 
 
@@ -197,17 +198,17 @@ def process_shards(
 def publish_artifacts(report: RunReport) -> None:
     """The run's summary, every video, and the failures, as artifacts of the flow run."""
     create_table_artifact(
-        key="depth-extraction-summary",
+        key=artifact_keys.DEPTH_SUMMARY,
         table=report.table(),
         description=report.headline(),
     )
     create_table_artifact(
-        key="depth-extraction-videos",
+        key=artifact_keys.DEPTH_VIDEOS,
         table=report.video_rows(),
         description="Every video of this run: shard, status, stage times, failure reason",
     )
     create_markdown_artifact(
-        key="depth-extraction-failures",
+        key=artifact_keys.DEPTH_FAILURES,
         markdown=report.failures_markdown(),
         description="Videos that failed in this run, with stage and reason",
     )
@@ -231,7 +232,7 @@ class Progress:
         self.total, self.done = total, 0
         self.artifact_id = create_progress_artifact(
             progress=0.0 if total else 100.0,
-            key="depth-extraction-progress",
+            key=artifact_keys.DEPTH_PROGRESS,
             description="Share of this run's videos finished",
         )
         self.last_update = time.monotonic()

@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import artifact_keys
 from flows.run_logs import logs_in_run
 from flows.stream_capacity import capacity_sweep
 from flows.stream_settings import StreamBenchmarkSettings
@@ -220,7 +221,7 @@ def publish_artifacts(
 ) -> None:
     """The latency table and the markdown report, as artifacts of the flow run."""
     create_table_artifact(
-        key="stream-benchmark-latency",
+        key=artifact_keys.STREAM_LATENCY,
         table=latency_table(summary),
         description=(
             f"Latency percentiles (ms) of {summary['e2e_ms']['count']} classified frames; "
@@ -228,7 +229,7 @@ def publish_artifacts(
         ),
     )
     create_markdown_artifact(
-        key="stream-benchmark-report",
+        key=artifact_keys.STREAM_REPORT,
         markdown=markdown_report(summary, produced, shown),
         description="Throughput, latency breakdown, errors and settings",
     )

@@ -20,6 +20,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from flows import artifact_keys
 from flows.capacity_chart import capacity_chart_png, png_data_uri
 from flows.capacity_rules import (
     MIN_FPS_RATIO,
@@ -40,8 +41,6 @@ from tasks.stream.producer import open_source, target_fps
 from tasks.stream.results import read_records
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 
-TABLE_KEY = "stream-capacity-sweep"
-REPORT_KEY = "stream-capacity-report"
 IDLE_TIMEOUT_S = 3.0  # a step's consumers stop this long after the last frame
 
 
@@ -201,9 +200,9 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
     chart_path = (output_dir / f"capacity-{flow_run.id or uuid.uuid4().hex[:8]}.png").resolve()
     chart_path.write_bytes(png)
     rows = sweep_rows(steps, sweep.budget_ms)
-    create_table_artifact(key=TABLE_KEY, table=rows, description=verdict)
+    create_table_artifact(key=artifact_keys.CAPACITY_TABLE, table=rows, description=verdict)
     create_markdown_artifact(
-        key=REPORT_KEY,
+        key=artifact_keys.CAPACITY_REPORT,
         markdown=capacity_report(verdict, rows, png, chart_path, sweep),
         description=verdict,
     )

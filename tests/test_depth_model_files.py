@@ -182,3 +182,19 @@ def test_a_missing_folder_is_named_as_a_folder_not_as_a_hub_id(tmp_path: Path) -
     """A path that exists on the driver but not on a Ray node was reported as a hub problem."""
     with pytest.raises(FileNotFoundError, match="does not exist on this machine"):
         model_source(str(tmp_path / "no-such-model"))
+
+
+@pytest.mark.parametrize("folder", [".cache/depth", "models/depth/pro"])
+def test_the_driver_s_check_and_the_workers_load_agree_on_what_is_a_folder(
+    folder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative folder that is missing is refused as a folder by both, before any hub request
+    (the check took `.cache/depth` for a hub id, the load `models/depth/pro`)."""
+    from tasks.depth.depth_maps import check_depth_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub request would fail differently
+    with pytest.raises(ValueError, match=f"depth model folder {folder} does not exist"):
+        check_depth_model(folder)
+    with pytest.raises(FileNotFoundError, match="does not exist on this machine"):
+        model_source(folder)

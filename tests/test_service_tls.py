@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from common.net import free_port, host_port
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from protos import inference_pb2, inference_pb2_grpc
-from services.inference.client import client_channel, health_status, wait_until_serving
+from services.inference.client import health_status, open_channel, wait_until_serving
 from services.inference.settings import ClientSettings, InferenceSettings
 from tasks.stream.producer import produce_frames
 from tasks.stream.settings import KafkaSettings, ProducerSettings
@@ -92,7 +92,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_classify_over_tls_with_the_ca(tls_server: ServerProcess, photos) -> None:
     settings = ClientSettings(target=tls_server.target, tls_ca=tls_server.tls_ca)
-    with client_channel(settings) as channel:
+    with open_channel(settings.target, settings.tls_ca) as channel:
         reply = inference_pb2_grpc.ClassifierStub(channel).Classify(
             inference_pb2.ClassifyRequest(image=photos["cat"]), timeout=30
         )
@@ -167,7 +167,7 @@ def test_a_plaintext_client_cannot_talk_to_the_tls_server(
 
 def test_no_reflection_lists_no_services(tls_server: ServerProcess) -> None:
     settings = ClientSettings(target=tls_server.target, tls_ca=tls_server.tls_ca)
-    with client_channel(settings) as channel:
+    with open_channel(settings.target, settings.tls_ca) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         with pytest.raises(grpc.RpcError) as error:

@@ -4,12 +4,15 @@ sweep under a real Prefect API with the real broker and service."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+from flows.artifact_keys import CAPACITY_REPORT as REPORT_KEY
+from flows.artifact_keys import CAPACITY_TABLE as TABLE_KEY
 from flows.capacity_rules import (
     WARMUP_S,
     StepFigures,
@@ -24,13 +27,30 @@ from flows.capacity_rules import (
     verdict_line,
 )
 from flows.stream_benchmark import stream_benchmark
-from flows.stream_capacity import REPORT_KEY, TABLE_KEY
 from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings
+from tasks.stream.frame_codec import FrameResult
 from tasks.stream.producer import run_cameras
 from tasks.stream.results import read_records
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _result(
+    stream: str,
+    index: int,
+    capture_ns: int,
+    result_ns: int,
+    e2e_ms: float = 0.0,
+    skipped: str | None = None,
+) -> FrameResult:
+    """A result record as the consumer publishes it, with the fields the figures read."""
+    return FrameResult(
+        stream_id=stream, frame_index=index, label="" if skipped else "cat",
+        class_index=-1 if skipped else 0, score=0.0, model_name="m", capture_ts_ns=capture_ns,
+        result_ts_ns=result_ns, inference_ms=0.0, rpc_ms=0.0, e2e_ms=e2e_ms, partition=0,
+        offset=index, skipped=skipped,
+    )  # fmt: skip
 
 
 def _step(streams: int = 2, fps: tuple[float, ...] = (28.0, 27.9), p99: float = 40.0, stale=0):
@@ -75,9 +95,7 @@ def test_the_search_doubles_then_bisects_and_capacity_is_below_the_first_failure
 def test_step_figures_come_from_the_result_records() -> None:
     def record(stream: str, index: int, fps: float, e2e: float, skipped: str | None = None):
         capture = 1_000_000_000_000 + int(index / fps * 1e9)
-        result = capture + int(e2e * 1e6)
-        return {"stream_id": stream, "frame_index": index, "capture_ts_ns": capture,
-                "result_ts_ns": result, "e2e_ms": e2e, "skipped": skipped}  # fmt: skip
+        return _result(stream, index, capture, capture + int(e2e * 1e6), e2e, skipped)
 
     records = [record("camera-0", i, 28.0, 10 + i % 3) for i in range(56)]
     records += [record("camera-1", i, 14.0, 20.0) for i in range(28)]
@@ -98,7 +116,7 @@ def test_step_figures_come_from_the_result_records() -> None:
     warm = step_figures(3, 28.0, late, ["camera-2"], 87, 0, warmup_s=1.0)
     assert warm.e2e_p99_ms <= 20.0 and warm.skipped_stale == 1 and warm.classified == 84 - 28 - 14
     # frames skipped as stale are not results: half the frames skipped, half the rate
-    halved = [{**r, "skipped": "stale"} if r["frame_index"] % 2 else r for r in records[:56]]
+    halved = [replace(r, skipped="stale") if r.frame_index % 2 else r for r in records[:56]]
     assert step_figures(1, 28.0, halved, ["camera-0"], 56, 0, 0.0).stream_fps == {
         "camera-0": pytest.approx(14.0, rel=0.02)
     }
@@ -109,10 +127,9 @@ def test_a_step_whose_frames_went_without_a_result_does_not_hold() -> None:
     """Every other frame dead-lettered: the results that came keep the source's pace (the rate
     is the slope of result time against frame index), yet half the frames have no result."""
     records = [
-        {"stream_id": "camera", "frame_index": i, "capture_ts_ns": int(i / 28 * 1e9),
-         "result_ts_ns": int(i / 28 * 1e9) + 20_000_000, "e2e_ms": 20.0, "skipped": None}
+        _result("camera", i, int(i / 28 * 1e9), int(i / 28 * 1e9) + 20_000_000, 20.0)
         for i in range(0, 280, 2)
-    ]  # fmt: skip
+    ]
     step = step_figures(1, 28.0, records, ["camera"], 280, 0, 0.0)
     assert step.stream_fps["camera"] == pytest.approx(28.0, rel=0.01)
     assert step.without_outcome == 140
@@ -122,11 +139,9 @@ def test_a_step_whose_frames_went_without_a_result_does_not_hold() -> None:
 def test_the_lag_series_grows_when_results_fall_behind_captures() -> None:
     second = 1_000_000_000
     # captured at 10 fps for 3 s, answered at 5 fps: 5 more frames behind every second
-    records = [{"capture_ts_ns": i * second // 10, "result_ts_ns": i * second // 5 + 1}
-               for i in range(31)]  # fmt: skip
+    records = [_result("camera", i, i * second // 10, i * second // 5 + 1) for i in range(31)]
     assert lag_series(records) == [0, 5, 10, 15]
-    keeping_up = [{"capture_ts_ns": i * second // 10, "result_ts_ns": i * second // 10 + 1}
-                  for i in range(31)]  # fmt: skip
+    keeping_up = [_result("camera", i, i * second // 10, i * second // 10 + 1) for i in range(31)]
     assert lag_series(keeping_up) == [0, 0, 0, 0]
 
 
@@ -168,12 +183,10 @@ def test_a_short_sweep_records_table_chart_and_verdict(
             c.stream_id for c in run_cameras(["camera"], streams, 1)[0]
         )
         records = read_records(kafka.bootstrap_servers, outcome["topics"][streams]["results"])
-        keys = {f"{r['stream_id']}:{r['frame_index']}" for r in records}
+        keys = {r.key for r in records}
         assert len(keys) == step["frames_produced"] >= 3 * 28 * streams * 0.9
-        start = min(r["capture_ts_ns"] for r in records) + WARMUP_S * 1e9  # warm-up not judged
-        judged = {
-            f"{r['stream_id']}:{r['frame_index']}" for r in records if r["capture_ts_ns"] >= start
-        }
+        start = min(r.capture_ts_ns for r in records) + WARMUP_S * 1e9  # warm-up not judged
+        judged = {r.key for r in records if r.capture_ts_ns >= start}
         assert step["classified"] + step["skipped_stale"] == len(judged) > 0
     assert steps[1]["holds"] and steps[1]["fps_min"] >= 0.98 * 28
 
@@ -220,7 +233,7 @@ def test_a_failing_count_is_tried_again_and_fails_only_if_every_try_does(
     assert all(step["skipped_stale"] > 0 for step in outcome["steps"])
     # the topics kept are those of the last try, which the verdict rests on
     records = read_records(kafka.bootstrap_servers, outcome["topics"][1]["results"])
-    keys = {f"{r['stream_id']}:{r['frame_index']}" for r in records}
+    keys = {r.key for r in records}
     assert len(keys) == outcome["steps"][-1]["frames_produced"] > 0
 
 

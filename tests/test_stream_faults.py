@@ -40,8 +40,15 @@ from flows.stream_benchmark import BrokerLostDuringRunError, stream_benchmark
 from flows.stream_settings import StreamBenchmarkSettings
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.settings import ClientSettings
-from tasks.stream.consumer import HEADER_DLQ_ATTEMPTS, HEADER_DLQ_STATUS, FrameConsumer
-from tasks.stream.frame_codec import HEADER_DLQ_REASON, Frame, encode_frame_headers, frame_key
+from tasks.stream.consumer import FrameConsumer
+from tasks.stream.frame_codec import (
+    HEADER_DLQ_ATTEMPTS,
+    HEADER_DLQ_REASON,
+    HEADER_DLQ_STATUS,
+    Frame,
+    encode_frame_headers,
+    frame_key,
+)
 from tasks.stream.settings import ConsumerSettings, KafkaSettings
 from tests.conftest import VIDEOS, fresh_topics
 from tests.kafka_helpers import committed_total, partition_ends, read_topic, result_keys

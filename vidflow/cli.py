@@ -14,6 +14,16 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from common.cli_types import (
+    non_negative_float,
+    non_negative_int,
+    output_file,
+    port,
+    port_or_zero,
+    positive_float,
+    positive_int,
+    positive_int_list,
+)
 from common.flow_heartbeats import foreground_heartbeats
 from common.import_gc import imports_without_gc
 from common.logs import setup_logging
@@ -38,53 +48,6 @@ STREAM_BENCHMARK_FLAGS = (
     "source", "duration", "fps", "concurrency", "consumers", "max_frame_age_ms", "capacity",
     "step_seconds", "max_streams", "step_tries", "output_dir",
 )  # fmt: skip
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number (got {text})")
-    return value
-
-
-def _at_least(
-    lowest: float, what: str
-) -> Callable[[Callable[[str], float]], Callable[[str], float]]:
-    """An argparse type: `number` (int or float) of the text, refused below `lowest`."""
-
-    def of(number: Callable[[str], float]) -> Callable[[str], float]:
-        def parse(text: str) -> float:
-            value = number(text)
-            if value < lowest:
-                raise argparse.ArgumentTypeError(f"must be {what} (got {text})")
-            return value
-
-        parse.__name__ = number.__name__  # argparse names the type in its error: int, float
-        return parse
-
-    return of
-
-
-_non_negative = _at_least(0, "0 or more")
-_one_or_more = _at_least(1, "1 or more")
-
-
-def _levels(text: str) -> list[int]:
-    """Comma-separated concurrency levels, each at least 1."""
-    try:
-        levels = [int(level) for level in text.split(",")]
-    except ValueError:
-        levels = []
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"comma-separated whole numbers >= 1 (got {text!r})")
-    return levels
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0-65535 (got {text})")
-    return value
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -141,8 +104,6 @@ def _loadtest(args: argparse.Namespace) -> int:
 
     client = settings_from_args(ClientSettings, args)
     target = client.target
-    if args.json is not None and not args.json.parent.is_dir():  # found out now, not after
-        raise ValueError(f"--json {args.json}: {args.json.parent} is not a folder")
     images = load_encoded_images(args.images, max_frames=args.max_frames)
     concurrencies = args.concurrency
     rpc = "ClassifyStream" if args.streaming else "Classify"
@@ -209,11 +170,11 @@ def _consume(args: argparse.Namespace) -> int:
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server
 
-        host, port = settings.metrics_host, settings.metrics_port
+        host, metrics_port = settings.metrics_host, settings.metrics_port
         try:
-            start_http_server(port, addr=host, registry=consumer.metrics.registry)
+            start_http_server(metrics_port, addr=host, registry=consumer.metrics.registry)
         except OSError as exc:  # the port taken: one line, not a traceback
-            raise ValueError(f"cannot serve /metrics on {host}:{port}: {exc}") from exc
+            raise ValueError(f"cannot serve /metrics on {host}:{metrics_port}: {exc}") from exc
     summary = consumer.run().as_dict()
     print(format_summary(summary))
     if settings.summary_json is not None:
@@ -369,7 +330,7 @@ def _add_service_commands(command: AddCommand) -> None:
     classify = command("classify", _classify, "classify image files with a running service")
     add_settings_arguments(classify, ClientSettings)
     classify.add_argument(
-        "--top-k", type=_one_or_more(int), default=1, help="labels to show per image (default 1)"
+        "--top-k", type=positive_int, default=1, help="labels to show per image (default 1)"
     )
     classify.add_argument("files", nargs="+", type=Path)
 
@@ -383,16 +344,16 @@ def _add_service_commands(command: AddCommand) -> None:
         "--images", type=Path, required=True, help="an image, a folder of images, or a video"
     )
     loadtest.add_argument(
-        "--concurrency", type=_levels, default="1,2,4,8,16", help="comma-separated levels"
+        "--concurrency", type=positive_int_list, default="1,2,4,8,16", help="comma-separated levels"
     )
-    loadtest.add_argument("--duration", type=_positive_float, default=10.0, help="s per level")
+    loadtest.add_argument("--duration", type=positive_float, default=10.0, help="s per level")
     loadtest.add_argument(
-        "--warmup", type=_non_negative(float), default=2.0, help="uncounted seconds per level"
+        "--warmup", type=non_negative_float, default=2.0, help="uncounted seconds per level"
     )
     loadtest.add_argument(
-        "--max-frames", type=_one_or_more(int), default=64, help="frames taken from a video"
+        "--max-frames", type=positive_int, default=64, help="frames taken from a video"
     )
-    loadtest.add_argument("--json", type=Path, help="write the results as JSON here")
+    loadtest.add_argument("--json", type=output_file, help="write the results as JSON here")
     loadtest.add_argument(
         "--streaming",
         action="store_true",
@@ -403,7 +364,7 @@ def _add_service_commands(command: AddCommand) -> None:
 def _add_local_dev_commands(command: AddCommand) -> None:
     """Local stand-ins: the Kafka-protocol broker and the Kinetics sample mirror."""
     broker = command("broker", _broker, "run the local Kafka-protocol broker (Tansu)")
-    broker.add_argument("--port", type=_port, default=9092, help="port (default 9092; not 0)")
+    broker.add_argument("--port", type=port, default=9092, help="port (default 9092)")
     broker.add_argument(
         "--host",
         default="127.0.0.1",
@@ -420,7 +381,7 @@ def _add_local_dev_commands(command: AddCommand) -> None:
         _sample_mirror,
         "serve the sample clips under the Kinetics-400 val names (a local Kinetics mirror)",
     )
-    mirror.add_argument("--port", type=_port, default=8765)
+    mirror.add_argument("--port", type=port_or_zero, default=8765)
     mirror.add_argument("--host", default="127.0.0.1")
 
 
@@ -494,7 +455,7 @@ def _add_depth_command(command: AddCommand) -> None:
     depth.add_argument(
         "--split", default="val", help="Kinetics split to take (default val; all: every row)"
     )
-    depth.add_argument("--limit", type=_non_negative(int), help="take only the first N inputs")
+    depth.add_argument("--limit", type=non_negative_int, help="take only the first N inputs")
     add_settings_arguments(depth, DepthSettings)
 
 

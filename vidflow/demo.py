@@ -44,6 +44,7 @@ from devstack.local_stack import (
     stop_reaper,
 )
 from devstack.sample_mirror import running_mirror
+from flows import artifact_keys
 from services.inference.client import classify_files
 from tasks.depth.output_lock import OutputBusyError, output_lock
 from tasks.depth.settings import DepthSettings
@@ -115,7 +116,7 @@ def print_depth_summary(lance_path: Path, artifacts: dict[str, dict[str, Any]]) 
     rows = depth_rows(lance_path)
     failed = [row for row in rows if row["status"] != "ok"]
     print(f"\nDepth extraction: {len(rows) - len(failed)} of {len(rows)} videos ok")
-    if summary := artifacts.get("depth-extraction-summary"):
+    if summary := artifacts.get(artifact_keys.DEPTH_SUMMARY):
         print(f"  {summary['description']}")
     for row in rows:
         if row["status"] == "ok":
@@ -131,7 +132,7 @@ def print_depth_summary(lance_path: Path, artifacts: dict[str, dict[str, Any]]) 
 
 def print_stream_summary(artifacts: dict[str, dict[str, Any]]) -> None:
     print("\nStream benchmark:")
-    report = artifacts.get("stream-benchmark-report")
+    report = artifacts.get(artifact_keys.STREAM_REPORT)
     print(report["data"] if report else "  (no report artifact)")
 
 

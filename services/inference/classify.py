@@ -6,13 +6,14 @@ Shared by the unary Classify and each ClassifyStream item, so both answer and co
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import grpc
 import numpy as np
 
 from protos import inference_pb2
 from services.inference.batch_work import Outcome
-from services.inference.batcher import BatchResult, DynamicBatcher
+from services.inference.batcher import DynamicBatcher
 from services.inference.loader import ServedModel
 from services.inference.metrics import ServiceMetrics
 from services.inference.preprocess import InvalidImageError
@@ -69,32 +70,36 @@ async def classify(
     stages.labels("queue").observe(result.queue_s)
     stages.labels("inference").observe(outcome.inference_s)
     stages.labels("total").observe(time.perf_counter() - started)
-    return _response(model, request, result)
-
-
-def _response(
-    model: ServedModel, request: inference_pb2.ClassifyRequest, result: BatchResult[Outcome]
-) -> inference_pb2.ClassifyResponse:
-    outcome = result.value
+    timings = inference_pb2.Timings(
+        decode_ms=outcome.decode_s * 1e3,
+        preprocess_ms=outcome.preprocess_s * 1e3,
+        queue_ms=result.queue_s * 1e3,
+        inference_ms=outcome.inference_s * 1e3,
+        batch_size=result.batch_size,
+    )
     assert outcome.probabilities is not None
-    top_k = max(1, min(request.top_k or 1, len(model.class_names)))
-    best = np.argsort(outcome.probabilities)[::-1][:top_k]
+    return top_k_response(request, model.name, model.class_names, outcome.probabilities, timings)
+
+
+def top_k_response(
+    request: inference_pb2.ClassifyRequest,
+    model_name: str,
+    class_names: Sequence[str],
+    probabilities: np.ndarray,
+    timings: inference_pb2.Timings,
+) -> inference_pb2.ClassifyResponse:
+    """The answer to `request`: its top-k classes (at least 1, at most every class), best
+    first. Shared with the benchmarks' plain server, which must answer exactly the same."""
+    top_k = max(1, min(request.top_k or 1, len(class_names)))
+    best = np.argsort(probabilities)[::-1][:top_k]
     return inference_pb2.ClassifyResponse(
         request_id=request.request_id,
-        model_name=model.name,
+        model_name=model_name,
         predictions=[
             inference_pb2.Prediction(
-                label=model.class_names[index],
-                class_index=int(index),
-                score=float(outcome.probabilities[index]),
+                label=class_names[index], class_index=int(index), score=float(probabilities[index])
             )
             for index in best
         ],
-        timings=inference_pb2.Timings(
-            decode_ms=outcome.decode_s * 1e3,
-            preprocess_ms=outcome.preprocess_s * 1e3,
-            queue_ms=result.queue_s * 1e3,
-            inference_ms=outcome.inference_s * 1e3,
-            batch_size=result.batch_size,
-        ),
+        timings=timings,
     )

@@ -1,4 +1,4 @@
-"""Small client helpers: classify files, wait for health, ask for model info."""
+"""Small client helpers: open a channel, classify files, wait for health."""
 
 from __future__ import annotations
 
@@ -6,21 +6,21 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import inference_pb2, inference_pb2_grpc
-from services.inference.settings import ClientSettings
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
-def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+def channel_options() -> list[tuple[str, int]]:
     """Client channel options: let the server, not the client, decide what is too large."""
     return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
     ]
 
 
@@ -31,28 +31,21 @@ def channel_credentials(tls_ca: Path | None) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
 
 
-def open_channel(
-    target: str, tls_ca: Path | None = None, options: list[tuple[str, int]] | None = None
-) -> grpc.Channel:
+def open_channel(target: str, tls_ca: Path | None = None) -> grpc.Channel:
     """A channel to the service: TLS when `tls_ca` is given, plaintext otherwise."""
-    options = channel_options() if options is None else options
-    credentials = channel_credentials(tls_ca)
-    if credentials is None:
-        return grpc.insecure_channel(target, options=options)
-    return grpc.secure_channel(target, credentials, options=options)
+    return _open(grpc, target, tls_ca)
 
 
 def open_aio_channel(target: str, tls_ca: Path | None = None) -> grpc.aio.Channel:
     """The asyncio flavour of `open_channel`."""
+    return _open(grpc.aio, target, tls_ca)
+
+
+def _open(flavour: Any, target: str, tls_ca: Path | None) -> Any:
     credentials = channel_credentials(tls_ca)
     if credentials is None:
-        return grpc.aio.insecure_channel(target, options=channel_options())
-    return grpc.aio.secure_channel(target, credentials, options=channel_options())
-
-
-def client_channel(settings: ClientSettings) -> grpc.Channel:
-    """The channel a client of the service opens from its settings (--target, --tls-ca)."""
-    return open_channel(settings.target, settings.tls_ca)
+        return flavour.insecure_channel(target, options=channel_options())
+    return flavour.secure_channel(target, credentials, options=channel_options())
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,12 @@ import numpy as np
 from common.devices import choose_device
 from common.files import atomic_output, partial_path
 from common.frames import opened_video
-from tasks.depth.model_files import HubUnreachableError, check_hub_reachable, model_source
+from tasks.depth.model_files import (
+    HubUnreachableError,
+    check_hub_reachable,
+    is_local_model,
+    model_source,
+)
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
@@ -98,12 +103,6 @@ def is_untrained(config: object) -> bool:
     return bool(getattr(config, UNTRAINED_CONFIG_KEY, False))
 
 
-def _looks_like_a_path(model_name: str) -> bool:
-    """A local folder rather than a hub id (`namespace/name`): absolute, relative to here, or
-    in a home folder."""
-    return model_name.startswith(("/", "./", "../", "~")) or model_name.count("/") > 1
-
-
 def check_depth_model(model_name: str) -> bool:
     """Fail before any download if the depth model cannot be found; return whether it is an
     untrained stand-in (random weights).
@@ -111,7 +110,7 @@ def check_depth_model(model_name: str) -> bool:
     Reads the model's config.json only, through huggingface_hub: the driver that checks never
     runs the model, so it does not pay torch's and transformers' imports (seconds of CPU).
     """
-    if _looks_like_a_path(model_name) and not Path(model_name).is_dir():
+    if is_local_model(model_name) and not Path(model_name).is_dir():
         raise ValueError(f"depth model folder {model_name} does not exist")
     try:
         if Path(model_name).is_dir():

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from tasks.depth.depth_maps import DepthMap, check_depth_model
+from tasks.depth.model_files import NEEDED_FILES, WEIGHT_PATTERNS
 from tasks.depth.model_files import model_dir as local_model_dir
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,10 @@ def export_key(model_dir: Path) -> str:
     """Names one export: the model's configs, its weight files (name, size and time, not their
     gigabytes of content) and the exporting library versions."""
     digest = hashlib.sha256(EXPORT_FORMAT_VERSION.encode())
-    for name in ("config.json", "preprocessor_config.json"):
+    for name in NEEDED_FILES:
         digest.update((model_dir / name).read_bytes())
-    for weights in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+    weight_files = [path for pattern in WEIGHT_PATTERNS for path in sorted(model_dir.glob(pattern))]
+    for weights in weight_files:
         stat = weights.stat()
         digest.update(f"{weights.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     for package in ("torch", "transformers"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from common.backoff import jittered_backoff_s
 from common.files import atomic_output
 from common.urls import shown_url
 from tasks.depth.settings import DepthSettings
@@ -108,8 +108,7 @@ def backoff_delay_s(
     retry: int, settings: DepthSettings, retry_after_s: float | None = None
 ) -> float:
     """Exponential backoff with jitter (half to full of the step), honouring Retry-After."""
-    step = min(settings.retry_backoff_max_s, settings.retry_backoff_s * 2**retry)
-    delay = step * random.uniform(0.5, 1.0)
+    delay = jittered_backoff_s(retry, settings.retry_backoff_s, settings.retry_backoff_max_s)
     if retry_after_s is not None:
         delay = max(delay, min(retry_after_s, settings.retry_backoff_max_s))
     return delay

@@ -89,12 +89,24 @@ def check_hub_reachable(model_name: str) -> None:
         ) from exc
 
 
+def is_local_model(model_name: str) -> bool:
+    """Whether `model_name` names a local folder rather than a hub id (`namespace/name`): one
+    that exists, or one written as a path (absolute, relative, in a home folder, or with more
+    than one `/`; hub names never start with `.`). The one rule for the driver's check, the
+    workers' load and the settings, which disagreed (`.cache/depth` was a hub id to one)."""
+    return (
+        Path(model_name).is_dir()
+        or model_name.startswith(("/", ".", "~"))
+        or model_name.count("/") > 1
+    )
+
+
 def model_source(model_name: str) -> str:
     """What to hand `from_pretrained`: the folder itself, the cached snapshot when it is whole
     (no request to the hub), or the hub id when the hub is reachable."""
     if Path(model_name).is_dir():
         return model_name
-    if model_name.startswith(("/", ".", "~")):  # a folder, not a hub id: not on this node
+    if is_local_model(model_name):  # a folder, not a hub id: not on this node
         raise FileNotFoundError(f"depth model folder {model_name} does not exist on this machine")
     cached = cached_model_dir(model_name)
     if cached is not None:

@@ -35,15 +35,14 @@ from tasks.stream.broker_watch import BrokerLostError, BrokerWatch
 from tasks.stream.consumer_metrics import ConsumerMetrics
 from tasks.stream.consumer_summary import ConsumerSummary, format_summary, merge_summaries
 from tasks.stream.frame_codec import FrameFormatError, decode_frame
-from tasks.stream.inference_caller import HEADER_DLQ_ATTEMPTS, HEADER_DLQ_STATUS, InferenceCaller
+from tasks.stream.inference_caller import InferenceCaller
+from tasks.stream.kafka_io import consumer_config
 from tasks.stream.offsets import PartitionKey
 from tasks.stream.publisher import Publisher
 from tasks.stream.settings import ConsumerSettings, KafkaSettings
 
 # Imported from here by the CLI, flows, benchmarks and tests.
 __all__ = [
-    "HEADER_DLQ_ATTEMPTS",
-    "HEADER_DLQ_STATUS",
     "ConsumerSummary",
     "FrameConsumer",
     "format_summary",
@@ -61,19 +60,8 @@ ADMIT_PER_PASS = 256
 def _consumer_config(
     kafka: KafkaSettings, settings: ConsumerSettings, broker: BrokerWatch
 ) -> dict[str, Any]:
-    """A group member that commits by hand (only what is delivered) and fetches without delay."""
-    return {
-        "bootstrap.servers": kafka.bootstrap_servers,
-        "group.id": settings.group,
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-        "session.timeout.ms": kafka.session_timeout_ms,
-        "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
-        "fetch.wait.max.ms": kafka.fetch_wait_max_ms,
-        "fetch.max.bytes": max(kafka.max_message_bytes, 52428800),
-        "max.partition.fetch.bytes": kafka.max_message_bytes,
-        **broker.client_config(),
-    }
+    """The shared group-member settings, watched by `broker`."""
+    return {**consumer_config(kafka, settings.group), **broker.client_config()}
 
 
 class FrameConsumer:

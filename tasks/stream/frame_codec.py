@@ -11,14 +11,21 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from protos.inference_pb2 import ClassifyResponse
 
 HEADER_STREAM_ID = "vidflow-stream-id"
 HEADER_FRAME_INDEX = "vidflow-frame-index"
 HEADER_CAPTURE_TS_NS = "vidflow-capture-ts-ns"
 HEADER_PRODUCE_TS_NS = "vidflow-produce-ts-ns"
+# A dead-lettered message carries its reason and source topic, and when the service failed on
+# it, the status and the attempts made.
 HEADER_DLQ_REASON = "vidflow-dlq-reason"
 HEADER_DLQ_SOURCE = "vidflow-dlq-source"
+HEADER_DLQ_STATUS = "vidflow-dlq-status"
+HEADER_DLQ_ATTEMPTS = "vidflow-dlq-attempts"
 
 Headers = list[tuple[str, bytes]]
 
@@ -106,6 +113,29 @@ class FrameResult:
     def from_json(cls, payload: bytes) -> FrameResult:
         data: dict[str, Any] = json.loads(payload)
         return cls(**data)
+
+
+def classified_result(
+    frame: Frame, response: ClassifyResponse, rpc_s: float, partition: int, offset: int
+) -> FrameResult:
+    """The result record of a frame the service classified: its best prediction and clocks."""
+    best = response.predictions[0]
+    result_ts_ns = time.time_ns()
+    return FrameResult(
+        stream_id=frame.stream_id,
+        frame_index=frame.frame_index,
+        label=best.label,
+        class_index=best.class_index,
+        score=round(best.score, 6),
+        model_name=response.model_name,
+        capture_ts_ns=frame.capture_ts_ns,
+        result_ts_ns=result_ts_ns,
+        inference_ms=round(response.timings.inference_ms, 3),
+        rpc_ms=round(rpc_s * 1e3, 3),
+        e2e_ms=round((result_ts_ns - frame.capture_ts_ns) / 1e6, 3),
+        partition=partition,
+        offset=offset,
+    )
 
 
 SKIPPED_STALE = "stale"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,11 +20,17 @@ from pathlib import Path
 import grpc
 from confluent_kafka import Message
 
+from common.backoff import jittered_backoff_s
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import open_channel
 from tasks.stream.consumer_metrics import ConsumerMetrics
 from tasks.stream.consumer_summary import ConsumerSummary
-from tasks.stream.frame_codec import Frame, FrameResult
+from tasks.stream.frame_codec import (
+    HEADER_DLQ_ATTEMPTS,
+    HEADER_DLQ_STATUS,
+    Frame,
+    classified_result,
+)
 from tasks.stream.publisher import Publisher
 from tasks.stream.settings import ConsumerSettings
 
@@ -49,8 +54,7 @@ DEAD_LETTER = {grpc.StatusCode.INVALID_ARGUMENT}
 # Any other status (INTERNAL, UNKNOWN, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) may be a
 # passing hiccup or a frame the service cannot classify: retried up to --max-attempts, then
 # dead-lettered, so one poison frame cannot hold its partition's commit point for ever.
-HEADER_DLQ_STATUS = "vidflow-dlq-status"
-HEADER_DLQ_ATTEMPTS = "vidflow-dlq-attempts"
+RETRY_BACKOFF_S = 0.1  # the first retry's backoff, doubled per attempt up to the settings' cap
 
 
 class ServiceNotReadyError(RuntimeError):
@@ -204,7 +208,8 @@ class InferenceCaller:
         self.service_answered = True
         if not self._owns(call.message):
             return  # revoked while in flight: the new owner redoes it
-        self.publisher.result(call.message, _frame_result(call, response, rpc_s))
+        where = call.message.partition(), call.message.offset()
+        self.publisher.result(call.message, classified_result(call.frame, response, rpc_s, *where))
 
     def _failed(self, call: Call, exc: grpc.RpcError) -> None:
         """Dead-letter, or retry with backoff: the service's outages without limit, else a few
@@ -235,8 +240,10 @@ class InferenceCaller:
             )
             return
         self.summary.retries += 1
-        backoff = min(self.settings.retry_max_backoff_s, 0.1 * 2 ** min(call.attempt, 10))
-        call.retry_at = time.monotonic() + backoff * random.uniform(0.5, 1.0)
+        backoff_s = jittered_backoff_s(
+            call.attempt, RETRY_BACKOFF_S, self.settings.retry_max_backoff_s
+        )
+        call.retry_at = time.monotonic() + backoff_s
         self._retries_unlogged += 1
         now = time.monotonic()
         if now - self._retry_logged_at >= RETRY_LOG_EVERY_S:
@@ -266,26 +273,3 @@ class InferenceCaller:
     def close(self) -> None:
         """Close the channel; calls still in flight are cancelled and stay uncommitted."""
         self._channel.close()
-
-
-def _frame_result(
-    call: Call, response: inference_pb2.ClassifyResponse, rpc_s: float
-) -> FrameResult:
-    """The result record of a frame the service classified (its best prediction)."""
-    best = response.predictions[0]
-    result_ts_ns = time.time_ns()
-    return FrameResult(
-        stream_id=call.frame.stream_id,
-        frame_index=call.frame.frame_index,
-        label=best.label,
-        class_index=best.class_index,
-        score=round(best.score, 6),
-        model_name=response.model_name,
-        capture_ts_ns=call.frame.capture_ts_ns,
-        result_ts_ns=result_ts_ns,
-        inference_ms=round(response.timings.inference_ms, 3),
-        rpc_ms=round(rpc_s * 1e3, 3),
-        e2e_ms=round((result_ts_ns - call.frame.capture_ts_ns) / 1e6, 3),
-        partition=call.message.partition(),
-        offset=call.message.offset(),
-    )

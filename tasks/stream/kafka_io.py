@@ -1,12 +1,15 @@
-"""Producing to Kafka: the one producer configuration, and producing with back-pressure.
+"""Kafka clients: the one producer and group-member configuration, and producing with
+back-pressure.
 
 Both the frame producer and the consumer's publisher write through these, so a full local queue
-or a lost broker is handled the same way on both sides.
+or a lost broker is handled the same way on both sides; the consumer and the benchmarks' naive
+loop join their groups with the same settings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
@@ -29,6 +32,21 @@ def make_producer(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> Pro
             **(watch.client_config() if watch is not None else {}),
         }
     )
+
+
+def consumer_config(kafka: KafkaSettings, group: str) -> dict[str, Any]:
+    """A group member that commits by hand (only what is delivered) and fetches without delay."""
+    return {
+        "bootstrap.servers": kafka.bootstrap_servers,
+        "group.id": group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": kafka.session_timeout_ms,
+        "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
+        "fetch.wait.max.ms": kafka.fetch_wait_max_ms,
+        "fetch.max.bytes": max(kafka.max_message_bytes, 52428800),
+        "max.partition.fetch.bytes": kafka.max_message_bytes,
+    }
 
 
 def produce_with_backpressure(

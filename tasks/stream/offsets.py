@@ -54,7 +54,3 @@ class OffsetTracker:
     def mark_committed(self, offsets: list[TopicPartition]) -> None:
         for tp in offsets:
             self._committed[(tp.topic, tp.partition)] = tp.offset
-
-    @property
-    def in_progress(self) -> int:
-        return sum(len(offsets) for offsets in self._unfinished.values())

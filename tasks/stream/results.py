@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from tasks.stream.frame_codec import FrameResult
+from tasks.stream.settings import KafkaSettings
 
-def read_records(bootstrap_servers: str, topic: str, timeout_s: float = 60.0) -> list[dict]:
-    """Every JSON record on `topic` up to its end now (its high watermarks), in no set order.
+
+def read_records(bootstrap_servers: str, topic: str, timeout_s: float = 60.0) -> list[FrameResult]:
+    """Every result record on `topic` up to its end now (its high watermarks), in no set order.
 
     Assigns the partitions directly (no group to join) and stops at each partition's end, so a
     finished run is read in full without waiting for an idle timeout."""
@@ -20,7 +21,7 @@ def read_records(bootstrap_servers: str, topic: str, timeout_s: float = 60.0) ->
             "bootstrap.servers": bootstrap_servers,
             "group.id": f"results-reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
-            "fetch.wait.max.ms": 5,
+            "fetch.wait.max.ms": KafkaSettings.model_fields["fetch_wait_max_ms"].default,
         }
     )
     try:
@@ -31,13 +32,13 @@ def read_records(bootstrap_servers: str, topic: str, timeout_s: float = 60.0) ->
             if high > 0:
                 ends[partition] = high
         reader.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        records: list[dict[str, Any]] = []
+        records: list[FrameResult] = []
         deadline = time.monotonic() + timeout_s
         while ends and time.monotonic() < deadline:
             message = reader.poll(0.2)
             if message is None or message.error():
                 continue
-            records.append(json.loads(message.value()))
+            records.append(FrameResult.from_json(message.value()))
             if message.offset() + 1 >= ends.get(message.partition(), 0):
                 ends.pop(message.partition(), None)
         if ends:
