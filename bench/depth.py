@@ -38,8 +38,10 @@ import aiohttp
 from bench.cli_args import bench_parser
 from common.cli_types import choice_list, positive_int
 from common.settings import SAMPLE_VIDEOS_DIR
-from tasks.depth.depth_maps import estimate_depth, forget_loaded_models
+from tasks.depth.depth_loader import forget_loaded_models
+from tasks.depth.depth_maps import estimate_depth
 from tasks.depth.download import download, download_videos
+from tasks.depth.output_layout import OutputLayout
 from tasks.depth.settings import DepthSettings
 from tasks.depth.transcode import ffmpeg_command, transcode
 from tasks.depth.video_record import VideoRecord
@@ -187,10 +189,11 @@ def serial_run(urls: list[str], output: Path, settings: DepthSettings) -> float:
     """The same stages, one video after another, in this process (model loaded once)."""
     started = time.perf_counter()
     forget_loaded_models()
+    layout = OutputLayout(output)
     for record in _records(urls):
-        record = download(record, output / "raw", settings)
-        record = transcode(record, output / "videos", settings)
-        record = estimate_depth(record, output / "depth", settings)
+        record = download(record, layout.raw, settings)
+        record = transcode(record, layout.videos, settings)
+        record = estimate_depth(record, layout.depth, settings)
         assert record.status == "ok", record.error
     return time.perf_counter() - started
 

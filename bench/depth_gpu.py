@@ -4,7 +4,7 @@ python -m bench.depth_gpu [--video CLIP] [--frames 8] [--rounds 3]
 
 No Depth Pro weights can be had offline, so the model is a `DepthProConfig` with the architecture
 and size of `apple/DepthPro-hf` (DINOv2-L/16 encoders, 1536 px input) and random weights, saved and
-loaded back through `tasks.depth.depth_maps.DepthEstimator`, the path the flow uses; a network's
+loaded back through `tasks.depth.depth_torch.DepthEstimator`, the path the flow uses; a network's
 speed does not depend on its weights' values. Measures frames per second of
 `DepthEstimator.estimate` on real frames at 360p in float16 (what the flow uses on CUDA) against
 float32 on the same GPU, and checks that `estimate_depth` writes maps at the frame size on the GPU.
@@ -29,7 +29,9 @@ from bench.cli_args import bench_parser
 from common.cli_types import existing_file, positive_int
 from common.settings import SAMPLE_VIDEO
 from devstack.tiny_depth_pro import save_full_size_depth_pro
-from tasks.depth.depth_maps import DepthEstimator, estimate_depth, read_frames
+from tasks.depth.depth_maps import estimate_depth
+from tasks.depth.depth_torch import DepthEstimator
+from tasks.depth.frame_choice import read_frames
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 

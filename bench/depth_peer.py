@@ -76,6 +76,7 @@ from common.net import free_port
 from common.settings import SAMPLE_VIDEO
 from devstack.local_stack import LocalStack
 from devstack.ray_nodes import stop_ray_nodes
+from tasks.depth.output_layout import OutputLayout
 from tasks.depth.transcode import ffmpeg_exe
 
 CPUS = os.cpu_count() or 1
@@ -162,7 +163,7 @@ def run_vidflow(
     busy = machine_busy_cpu_s() - busy_before
     if run.returncode != 0:
         raise RuntimeError(f"vidflow depth failed ({run.returncode}): {run.stderr[-3000:]}")
-    rows = lance.dataset(output / "videos.lance").to_table().to_pylist()
+    rows = lance.dataset(OutputLayout(output).lance).to_table().to_pylist()
     bad = [row["video_id"] for row in rows if not _valid_row(row)]
     if bad or len(rows) != len(urls_file.read_text().split()):
         raise RuntimeError(f"vidflow wrote {len(rows)} rows, invalid: {bad[:5]}")
@@ -178,7 +179,8 @@ def _valid_row(row: dict[str, Any]) -> bool:
 def depth_model_cpu_per_video(model: Path, videos: int) -> float:
     """CPU-s per video of the depth model alone (first 360p frame, batches as the flow's actor
     runs them, one thread, on the backend the flow picks on a CPU), measured in this process."""
-    from tasks.depth.depth_maps import load_depth_estimator, read_frames
+    from tasks.depth.depth_loader import load_depth_estimator
+    from tasks.depth.frame_choice import read_frames
     from tasks.depth.settings import DepthSettings
 
     settings = DepthSettings(depth_model=str(model))

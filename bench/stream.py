@@ -56,13 +56,8 @@ def local_stack(cache_dir: Path) -> Iterator[tuple[LocalBroker, ServerProcess]]:
 
 def fresh_kafka(bootstrap: str, partitions: int = 1) -> KafkaSettings:
     """Settings naming new topics (created now), so no round sees another round's messages."""
-    suffix = uuid.uuid4().hex[:8]
-    kafka = KafkaSettings(
-        bootstrap_servers=bootstrap,
-        frames_topic=f"bench-frames-{suffix}",
-        results_topic=f"bench-results-{suffix}",
-        dlq_topic=f"bench-dlq-{suffix}",
-        partitions=partitions,
+    kafka = KafkaSettings(bootstrap_servers=bootstrap).with_fresh_topics(
+        f"bench-{uuid.uuid4().hex[:8]}", partitions
     )
     ensure_topics(bootstrap, kafka.topics, partitions)
     return kafka

@@ -7,14 +7,13 @@ which broker it talks to.
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.processes import die_with_parent, stop_process
+from common.processes import die_with_parent, stop_on_signals, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -117,21 +116,14 @@ def _check_port_free(host: str, port: int) -> None:
 
 def run_broker(port: int, host: str = "127.0.0.1", advertised: str | None = None) -> int:
     """`vidflow broker`: run until SIGTERM or Ctrl-C, then stop the broker cleanly."""
-    stopping = False
-
-    def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
     # Installed first, so a SIGTERM that arrives during start-up also ends in a clean stop.
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stopping = stop_on_signals()
     broker = start_broker(port, host, advertised=advertised)
     public = advertised_host(host, advertised)
     print(f"broker ready on {broker.bootstrap_servers} (clients told {public}:{port})", flush=True)
-    while not stopping and broker.process.poll() is None:
-        time.sleep(0.2)
-    if broker.process.poll() is not None and not stopping:
+    while not stopping.wait(0.2) and broker.process.poll() is None:
+        pass
+    if broker.process.poll() is not None and not stopping.is_set():
         log.error("broker exited unexpectedly with code %s", broker.process.returncode)
         return 1
     code = broker.stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.depth.depth_maps import UNTRAINED_CONFIG_KEY
+from tasks.depth.depth_model import UNTRAINED_CONFIG_KEY
 
 # Input 128 px split into 32 px patches at three scales; ViT encoders of 2 layers, width 16.
 _ENCODER = {

@@ -28,11 +28,11 @@ from flows import artifact_keys
 from flows.depth_report import RunReport
 from flows.ray_runner import cluster_cpus, cluster_gpus, largest_node, ray_task_runner
 from tasks.depth.dataset_settings import check_dataset_settings, record_dataset_settings
+from tasks.depth.output_layout import OutputLayout
 from tasks.depth.output_lock import output_lock
 from tasks.depth.preflight import check_run_settings
 from tasks.depth.settings import DepthSettings, with_absolute_paths
 from tasks.depth.shard_tasks import (
-    OUTPUT_FOLDERS,
     Shard,
     WrittenShard,
     make_shards,
@@ -87,15 +87,7 @@ def _extract(
 ) -> dict[str, Any]:
     """The run, once its input is read and its output folder is its own."""
     logger = get_run_logger()
-    check_fits_cluster(settings)
-    check_dataset_settings(settings.output, settings)
-    record_dataset_settings(settings.output, settings)
-    table = VideoTable(settings.output)
-    table.create()
-    # Partial files of runs killed with SIGKILL, which nothing else removes (an hour old).
-    orphans = sum(remove_stale_partials(settings.output / name) for name in OUTPUT_FOLDERS)
-    if orphans:
-        logger.info("removed %d partial files left by earlier runs", orphans)
+    table = prepare_output(settings)
     plan = table.plan(sources)
     cpus = cluster_cpus()
     if settings.ray_num_cpus is not None and settings.ray_num_cpus != cpus:
@@ -132,6 +124,21 @@ def _extract(
         summary["videos_per_s"],
     )  # fmt: skip
     return {**summary, "lance": str(table.lance_path), "parquet": str(table.parquet_path)}
+
+
+def prepare_output(settings: DepthSettings) -> VideoTable:
+    """The table to write, once the cluster can run the stages and the output folder holds
+    no dataset of other settings; partial files of runs killed with SIGKILL (an hour old),
+    which nothing else removes, are cleared."""
+    check_fits_cluster(settings)
+    check_dataset_settings(settings.output, settings)
+    record_dataset_settings(settings.output, settings)
+    table = VideoTable(settings.output)
+    table.create()
+    orphans = sum(map(remove_stale_partials, OutputLayout(settings.output).file_folders))
+    if orphans:
+        get_run_logger().info("removed %d partial files left by earlier runs", orphans)
+    return table
 
 
 def check_fits_cluster(settings: DepthSettings) -> None:

@@ -7,7 +7,6 @@ broker (`vidflow broker`, Redpanda or Kafka).
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from typing import Any
@@ -20,9 +19,8 @@ from flows import artifact_keys
 from flows.run_logs import logs_in_run
 from flows.stream_capacity import capacity_sweep
 from flows.stream_settings import StreamBenchmarkSettings
-from tasks.stream.consumer import merge_summaries
 from tasks.stream.consumer_summary import nothing_answered
-from tasks.stream.prefect_tasks import DRAIN_S, create_topics, run_consumer, run_producer
+from tasks.stream.prefect_tasks import DRAIN_S, run_producer_and_group
 from tasks.stream.settings import ConsumerSettings, ProducerSettings
 
 TABLE_COLUMNS = ("stage", "p50", "p90", "p99", "max", "mean")
@@ -195,25 +193,10 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
     producer_settings = ProducerSettings(
         source=settings.source, fps=settings.fps, loop=settings.loop, max_frames=settings.max_frames
     )
-    topics = create_topics(kafka)
-    ready = [threading.Event() for _ in range(settings.consumers)]
-    input_ended, failed = threading.Event(), threading.Event()
-    member = (kafka, consumer_settings, client.target)
-    consumer_runs = [
-        run_consumer.with_options(task_run_name=f"consumer {i + 1}/{settings.consumers}").submit(
-            *member, ready[i], client.tls_ca, input_ended, failed, wait_for=[topics]
-        )
-        for i in range(settings.consumers)
-    ]
-    producer_run = run_producer.with_options(task_run_name="producer").submit(
-        kafka, producer_settings, settings.duration, ready, failed, wait_for=[topics]
+    produced, summary = run_producer_and_group(
+        kafka, producer_settings, settings.duration, consumer_settings, settings.consumers, client
     )
-    try:
-        produced = producer_run.result().as_dict()
-    finally:
-        input_ended.set()
-    summary = merge_summaries([run.result() for run in consumer_runs]).as_dict()
-    return produced, summary, consumer_settings.group
+    return produced.as_dict(), summary.as_dict(), consumer_settings.group
 
 
 def publish_artifacts(

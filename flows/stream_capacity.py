@@ -10,7 +10,6 @@ recorded as a table artifact and a markdown report with a chart, also written as
 
 from __future__ import annotations
 
-import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,7 @@ from flows.capacity_rules import (
     verdict_line,
 )
 from flows.stream_settings import StreamBenchmarkSettings
-from tasks.stream.consumer import merge_summaries
-from tasks.stream.prefect_tasks import DRAIN_S, create_topics, run_consumer, run_producer
+from tasks.stream.prefect_tasks import DRAIN_S, run_producer_and_group
 from tasks.stream.producer import open_source, target_fps
 from tasks.stream.results import read_records
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
@@ -58,20 +56,12 @@ def source_format(source: str, fps: str) -> tuple[int, int, float]:
 def step_kafka(base: KafkaSettings, streams: int) -> KafkaSettings:
     """Fresh topics for one step, with a partition per stream (at least the base's count)."""
     suffix = f"cap{streams}-{uuid.uuid4().hex[:8]}"
-    return base.model_copy(
-        update={
-            "frames_topic": f"{base.frames_topic}-{suffix}",
-            "results_topic": f"{base.results_topic}-{suffix}",
-            "dlq_topic": f"{base.dlq_topic}-{suffix}",
-            "partitions": max(base.partitions, streams),
-        }
-    )
+    return base.with_fresh_topics(suffix, partitions=max(base.partitions, streams))
 
 
 def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures, KafkaSettings]:
     """One step: `streams` live cameras for step_seconds, read back from its results topic."""
     kafka = step_kafka(sweep.kafka, streams)
-    topics = create_topics(kafka)
     consumer_settings = ConsumerSettings(
         group=f"capacity-{kafka.frames_topic}",
         concurrency=sweep.concurrency,
@@ -82,21 +72,11 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
     producer_settings = ProducerSettings(
         source=sweep.source, fps=sweep.fps, loop=True, streams=streams, stream_id="camera"
     )
-    ready = [threading.Event() for _ in range(sweep.consumers)]
-    client = sweep.client
-    step = f"{streams} stream{'s' if streams > 1 else ''}"  # task runs named by step and part
-    member = (kafka, consumer_settings, client.target)
-    consumer_runs = [
-        run_consumer.with_options(
-            task_run_name=f"{step}: consumer {i + 1}/{sweep.consumers}"
-        ).submit(*member, ready[i], client.tls_ca, wait_for=[topics])
-        for i in range(sweep.consumers)
-    ]
-    producer_run = run_producer.with_options(task_run_name=f"{step}: producer").submit(
-        kafka, producer_settings, sweep.step_seconds, ready, wait_for=[topics]
-    )
-    produced = producer_run.result()
-    summary = merge_summaries([run.result() for run in consumer_runs])
+    step = f"{streams} stream{'s' if streams > 1 else ''}: "  # task runs named by step and part
+    produced, summary = run_producer_and_group(
+        kafka, producer_settings, sweep.step_seconds, consumer_settings, sweep.consumers,
+        sweep.client, label=step,
+    )  # fmt: skip
     records = read_records(kafka.bootstrap_servers, kafka.results_topic)
     figures = step_figures(
         streams,
@@ -194,18 +174,7 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
         streams = next_streams(outcomes, sweep.max_streams)
     held = capacity(outcomes)
     verdict = verdict_line(held, width, height, fps, most_tried=sweep.max_streams)
-    png = capacity_chart_png(deciding_steps(steps), sweep.budget_ms, verdict)
-    output_dir = sweep.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
-    chart_path = (output_dir / f"capacity-{flow_run.id or uuid.uuid4().hex[:8]}.png").resolve()
-    chart_path.write_bytes(png)
-    rows = sweep_rows(steps, sweep.budget_ms)
-    create_table_artifact(key=artifact_keys.CAPACITY_TABLE, table=rows, description=verdict)
-    create_markdown_artifact(
-        key=artifact_keys.CAPACITY_REPORT,
-        markdown=capacity_report(verdict, rows, png, chart_path, sweep),
-        description=verdict,
-    )
+    chart_path = publish_sweep(sweep, steps, verdict)
     logger.info("capacity: %s (chart %s)", verdict, chart_path)
     return {
         "capacity": held,
@@ -216,3 +185,21 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
         "topics": topics,
         "chart": str(chart_path),
     }
+
+
+def publish_sweep(sweep: StreamBenchmarkSettings, steps: list[StepFigures], verdict: str) -> Path:
+    """The sweep's chart as a PNG file (its path returned), and its table and report as
+    artifacts of the flow run."""
+    png = capacity_chart_png(deciding_steps(steps), sweep.budget_ms, verdict)
+    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    chart_name = f"capacity-{flow_run.id or uuid.uuid4().hex[:8]}.png"
+    chart_path = (sweep.output_dir / chart_name).resolve()
+    chart_path.write_bytes(png)
+    rows = sweep_rows(steps, sweep.budget_ms)
+    create_table_artifact(key=artifact_keys.CAPACITY_TABLE, table=rows, description=verdict)
+    create_markdown_artifact(
+        key=artifact_keys.CAPACITY_REPORT,
+        markdown=capacity_report(verdict, rows, png, chart_path, sweep),
+        description=verdict,
+    )
+    return chart_path

@@ -86,7 +86,8 @@ def test_a_wholly_cached_hub_model_loads_on_both_backends_without_asking_the_hub
     fill_hub_cache(tmp_path / "hf", tiny_depth_model)
     code = f"""
 from pathlib import Path
-from tasks.depth.depth_maps import DepthEstimator, check_depth_model
+from tasks.depth.depth_torch import DepthEstimator
+from tasks.depth.depth_model import check_depth_model
 from tasks.depth.depth_onnx import OnnxDepthEstimator
 assert check_depth_model({HUB_ID!r}) is True
 assert DepthEstimator({HUB_ID!r}, "cpu").untrained
@@ -135,7 +136,7 @@ else:
 
 def test_an_unresolvable_hub_is_named_at_once(tmp_path: Path) -> None:
     code = """
-from tasks.depth.depth_maps import check_depth_model
+from tasks.depth.depth_model import check_depth_model
 try:
     check_depth_model("apple/DepthPro-hf")
 except ValueError as exc:
@@ -190,7 +191,7 @@ def test_the_driver_s_check_and_the_workers_load_agree_on_what_is_a_folder(
 ) -> None:
     """A relative folder that is missing is refused as a folder by both, before any hub request
     (the check took `.cache/depth` for a hub id, the load `models/depth/pro`)."""
-    from tasks.depth.depth_maps import check_depth_model
+    from tasks.depth.depth_model import check_depth_model
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub request would fail differently

@@ -14,13 +14,15 @@ import numpy as np
 import pytest
 
 from common.settings import SAMPLE_VIDEO
-from tasks.depth.depth_maps import DepthEstimator, load_depth_estimator, read_frames
+from tasks.depth.depth_loader import load_depth_estimator
 from tasks.depth.depth_onnx import (
     DepthProProcessing,
     OnnxDepthEstimator,
     OnnxUnsupportedError,
     export_depth_onnx,
 )
+from tasks.depth.depth_torch import DepthEstimator
+from tasks.depth.frame_choice import read_frames
 from tasks.depth.settings import DepthSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +153,7 @@ def test_cpu_runs_on_onnx_and_a_model_it_cannot_export_falls_back_to_torch(
     config = json.loads((bicubic / "preprocessor_config.json").read_text())
     (bicubic / "preprocessor_config.json").write_text(json.dumps({**config, "resample": 3}))
     other = settings.model_copy(update={"depth_model": str(bicubic)})
-    with caplog.at_level(logging.WARNING, logger="tasks.depth.depth_maps"):
+    with caplog.at_level(logging.WARNING, logger="tasks.depth.depth_loader"):
         assert isinstance(load_depth_estimator(other, "cpu"), DepthEstimator)
     assert "cannot run on ONNX Runtime" in caplog.text and "not bilinear" in caplog.text
     with pytest.raises(OnnxUnsupportedError, match="not bilinear"):

@@ -21,18 +21,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks.depth.depth_maps import (
-    UNTRAINED_CONFIG_KEY,
-    DepthEstimator,
-    check_depth_model,
-    check_frames_spec,
-    estimate_depth,
-    estimate_depth_many,
-    frame_indices,
-    load_depth_estimator,
-    read_frames,
-    shared_estimator,
-)
+from tasks.depth.depth_loader import load_depth_estimator, shared_estimator
+from tasks.depth.depth_maps import estimate_depth, estimate_depth_many
+from tasks.depth.depth_model import UNTRAINED_CONFIG_KEY, check_depth_model
+from tasks.depth.depth_torch import DepthEstimator
 from tasks.depth.download import (
     DownloadError,
     backoff_delay_s,
@@ -41,6 +33,7 @@ from tasks.depth.download import (
     is_retryable,
     sniff_container,
 )
+from tasks.depth.frame_choice import check_frames_spec, frame_indices, read_frames
 from tasks.depth.settings import DepthSettings
 from tasks.depth.transcode import ffmpeg_exe, transcode
 from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord

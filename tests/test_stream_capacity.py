@@ -209,13 +209,14 @@ def test_a_short_sweep_records_table_chart_and_verdict(
 
 
 def test_the_cli_offers_capacity_mode_with_its_defaults() -> None:
-    from vidflow.cli import build_parser
+    from vidflow.cli import build_parser, stream_benchmark_settings
 
     args = build_parser().parse_args(["stream-benchmark", "--capacity", "--max-streams", "4"])
-    assert args.capacity and args.max_streams == 4 and args.step_seconds == 10.0
-    assert args.max_frame_age_ms is None  # the flow's budget default (100 ms) applies
-    single = build_parser().parse_args(["stream-benchmark"])
-    assert not single.capacity
+    settings = stream_benchmark_settings(args)
+    assert settings.capacity and settings.max_streams == 4 and settings.step_seconds == 10.0
+    assert settings.max_frame_age_ms is None and settings.budget_ms == 100.0  # the flow's default
+    single = stream_benchmark_settings(build_parser().parse_args(["stream-benchmark"]))
+    assert not single.capacity and single == StreamBenchmarkSettings()
 
 
 @pytest.mark.slow

@@ -30,13 +30,12 @@ from common.logs import setup_logging
 from common.processes import ignore_lance_fork_warning, stop_on_signals
 from common.quick_exit import quick_exit
 from common.settings import (
-    SAMPLE_VIDEO,
     LogSettings,
     add_settings_arguments,
     one_line,
     settings_from_args,
 )
-from flows.stream_settings import OUTPUT_DIR_VARIABLE, StreamBenchmarkSettings, default_output_dir
+from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings, InferenceSettings
 from tasks.depth.settings import DepthSettings, with_absolute_paths
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
@@ -186,6 +185,22 @@ def _consume(args: argparse.Namespace) -> int:
     return 1 if summary["broker_error"] else 0
 
 
+def _add_flow_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for each of the stream-benchmark flow's own settings, its help and default taken
+    from `StreamBenchmarkSettings` (one place for both: the flow's parameters in the UI and
+    these flags cannot drift apart); an unset flag leaves the model's default."""
+    for name in STREAM_BENCHMARK_FLAGS:
+        field = StreamBenchmarkSettings.model_fields[name]
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=field.description)
+            continue
+        default = field.get_default(call_default_factory=True)
+        shown = "" if default is None or "default" in (field.description or "") else default
+        help_text = f"{field.description} (default {shown})" if shown != "" else field.description
+        parser.add_argument(flag, default=None, help=help_text)
+
+
 def stream_benchmark_settings(args: argparse.Namespace) -> StreamBenchmarkSettings:
     """The stream-benchmark flow's settings: its flags; broker and service from flags, then the
     environment, then the defaults."""
@@ -193,7 +208,11 @@ def stream_benchmark_settings(args: argparse.Namespace) -> StreamBenchmarkSettin
     client = settings_from_args(ClientSettings, args)
     try:
         return StreamBenchmarkSettings(
-            **{name: getattr(args, name) for name in STREAM_BENCHMARK_FLAGS},
+            **{
+                name: getattr(args, name)
+                for name in STREAM_BENCHMARK_FLAGS
+                if getattr(args, name) is not None
+            },
             kafka=kafka,
             client=client,
         )
@@ -401,37 +420,8 @@ def _add_stream_commands(command: AddCommand) -> None:
     bench = command(
         "stream-benchmark", _stream_benchmark, "run the stream-benchmark flow (Prefect) once"
     )
-    bench.add_argument("--source", default=str(SAMPLE_VIDEO), help="video file, webcam:N, rtsp://")
-    bench.add_argument("--duration", type=float, default=30.0, help="seconds of producing")
-    bench.add_argument("--fps", default="native", help="a number, native or max")
-    bench.add_argument("--concurrency", type=int, default=8, help="calls in flight per consumer")
-    bench.add_argument("--consumers", type=int, default=1, help="members of the consumer group")
+    _add_flow_flags(bench)
     bench.add_argument("--summary-json", type=Path, help="write the figures here as JSON")
-    bench.add_argument(
-        "--max-frame-age-ms",
-        type=float,
-        help="latency budget: consumers skip older frames as stale (capacity mode: default 100)",
-    )
-    bench.add_argument(
-        "--capacity",
-        action="store_true",
-        help="sweep the number of live streams of --source for the most that hold real time",
-    )
-    bench.add_argument("--step-seconds", type=float, default=10.0, help="capacity: s per step")
-    bench.add_argument("--max-streams", type=int, default=16, help="capacity: most streams tried")
-    bench.add_argument(
-        "--step-tries",
-        type=int,
-        default=StreamBenchmarkSettings.model_fields["step_tries"].default,
-        help="capacity: tries a stream count gets before it counts as failed",
-    )
-    bench.add_argument(
-        "--output-dir",
-        type=Path,
-        default=default_output_dir(),
-        help=f"capacity: where the chart PNG is written (env {OUTPUT_DIR_VARIABLE}; default "
-        "%(default)s)",
-    )
     add_settings_arguments(bench, KafkaSettings)
     add_settings_arguments(bench, ClientSettings)
 

@@ -46,6 +46,7 @@ from devstack.local_stack import (
 from devstack.sample_mirror import running_mirror
 from flows import artifact_keys
 from services.inference.client import classify_files
+from tasks.depth.output_layout import OutputLayout
 from tasks.depth.output_lock import OutputBusyError, output_lock
 from tasks.depth.settings import DepthSettings
 
@@ -253,7 +254,7 @@ def demo_steps(
     stream_run = run_stream_benchmark(
         stack, args.stream_seconds, inference.target, broker.bootstrap_servers
     )
-    lance_path = output / "videos.lance"
+    lance_path = OutputLayout(output).lance
     failed = print_depth_summary(lance_path, read_artifacts(stack.api_url, depth_run))
     print_stream_summary(read_artifacts(stack.api_url, stream_run))
     print_where_to_look(stack, lance_path, untrained, log_file, [depth_run, stream_run])

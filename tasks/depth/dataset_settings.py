@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from common.files import atomic_output
+from tasks.depth.output_layout import OutputLayout
 from tasks.depth.settings import DepthSettings
 
 FILE_NAME = "vidflow-dataset.json"
 # What a finished row depends on: its transcode and its depth maps.
 SHAPING = ("height", "x264_preset", "x264_crf", "frames", "depth_model")
-# Where what those settings made lies (transcodes, depth maps): none there, nothing to keep.
-MADE_FOLDERS = ("videos", "depth")
 
 
 class DatasetSettingsError(ValueError):
@@ -60,7 +59,7 @@ def record_dataset_settings(folder: Path, settings: DepthSettings) -> None:
 
 def _anything_made(folder: Path) -> bool:
     """Whether a transcode or a depth map lies in `folder` (a finished row has both)."""
-    made = (folder / name for name in MADE_FOLDERS)
+    made = OutputLayout(folder).shaped_folders
     return any(any(path.iterdir()) for path in made if path.is_dir())
 
 

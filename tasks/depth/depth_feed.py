@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tasks.depth.depth_maps import frame_indices
+from tasks.depth.frame_choice import frame_indices
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 

@@ -30,7 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tasks.depth.depth_maps import DepthMap, check_depth_model
+from tasks.depth.depth_model import DepthMap, check_depth_model
 from tasks.depth.model_files import NEEDED_FILES, WEIGHT_PATTERNS
 from tasks.depth.model_files import model_dir as local_model_dir
 

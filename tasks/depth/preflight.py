@@ -4,7 +4,8 @@ starts Prefect and Ray, and the flow again, for the runs the CLI did not start (
 from __future__ import annotations
 
 from common.files import check_writable_folder
-from tasks.depth.depth_maps import check_depth_backend, check_depth_model, check_frames_spec
+from tasks.depth.depth_model import check_depth_backend, check_depth_model
+from tasks.depth.frame_choice import check_frames_spec
 from tasks.depth.settings import DepthSettings
 
 

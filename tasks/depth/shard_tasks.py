@@ -45,10 +45,11 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect_ray.context import remote_options
 
+from tasks.depth.depth_actor import DepthActor
 from tasks.depth.depth_feed import DepthFeed, PendingDepth, feeds_early
-from tasks.depth.depth_maps import DepthActor
 from tasks.depth.download import download_many
 from tasks.depth.model_files import model_origin
+from tasks.depth.output_layout import OutputLayout
 from tasks.depth.settings import DepthSettings, shards_in_flight
 from tasks.depth.transcode import transcode_many
 from tasks.depth.video_record import Stage, VideoRecord
@@ -56,8 +57,6 @@ from tasks.depth.video_table import write_rows
 
 log = logging.getLogger(__name__)
 
-# Under the output folder: downloads, 360p transcodes, depth maps (the Lance table beside them).
-OUTPUT_FOLDERS = ("raw", "videos", "depth")
 MAX_AUTO_SHARD_SIZE = 32
 SHARDS_PER_CPU = 2  # auto shard size: enough shards to keep every CPU busy to the end
 # Auto shards smaller than this wait for the depth model: their transcodes end before it has
@@ -370,7 +369,7 @@ def run_shards(
 
     if not shards:
         return  # nothing to do: no model to load
-    raw_dir, videos_dir, maps_dir = (output_dir / name for name in OUTPUT_FOLDERS)
+    raw_dir, videos_dir, maps_dir = OutputLayout(output_dir).file_folders
     window = shards_in_flight(settings, cpus)
     finished: queue.Queue[PrefectFuture[WrittenShard]] = queue.Queue()
     in_flight: dict[PrefectFuture[WrittenShard], _Chain] = {}

@@ -18,10 +18,8 @@ import pyarrow.parquet as pq
 from lance.fragment import FragmentMetadata, write_fragments
 
 from common.files import atomic_output
+from tasks.depth.output_layout import OutputLayout
 from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord, records_to_table
-
-LANCE_NAME = "videos.lance"
-PARQUET_NAME = "videos.parquet"
 
 
 @dataclass(frozen=True)
@@ -48,8 +46,8 @@ def write_rows(records: Sequence[VideoRecord], lance_path: Path) -> list[Fragmen
 
 class VideoTable:
     def __init__(self, output_dir: Path) -> None:
-        self.lance_path = Path(output_dir) / LANCE_NAME
-        self.parquet_path = Path(output_dir) / PARQUET_NAME
+        layout = OutputLayout(Path(output_dir))
+        self.lance_path, self.parquet_path = layout.lance, layout.parquet
 
     def exists(self) -> bool:
         return (self.lance_path / "_versions").is_dir()

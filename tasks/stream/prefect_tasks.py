@@ -10,7 +10,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from tasks.stream.consumer import ConsumerSummary, FrameConsumer
+from services.inference.settings import ClientSettings
+from tasks.stream.consumer import ConsumerSummary, FrameConsumer, merge_summaries
 from tasks.stream.producer import ProduceStats, produce_frames
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 from tasks.stream.topics import BrokerUnreachableError, ensure_topics
@@ -93,3 +94,36 @@ def run_producer(
         return produce_frames(settings, kafka, stop)
     finally:
         timer.cancel()
+
+
+def run_producer_and_group(
+    kafka: KafkaSettings,
+    producer: ProducerSettings,
+    duration_s: float,
+    group: ConsumerSettings,
+    members: int,
+    client: ClientSettings,
+    label: str = "",
+) -> tuple[ProduceStats, ConsumerSummary]:
+    """The run's topics, then the producer and `members` consumers of `group` side by side as
+    task runs (named by `label` and their part). The producer starts once every member has
+    joined and stops if one fails; no member idles out before the producer has ended. What
+    the producer did, and the group's merged summary."""
+    topics = create_topics(kafka)
+    joined = [threading.Event() for _ in range(members)]
+    input_ended, failed = threading.Event(), threading.Event()
+    member = (kafka, group, client.target)
+    consumer_runs = [
+        run_consumer.with_options(task_run_name=f"{label}consumer {i + 1}/{members}").submit(
+            *member, joined[i], client.tls_ca, input_ended, failed, wait_for=[topics]
+        )
+        for i in range(members)
+    ]
+    producer_run = run_producer.with_options(task_run_name=f"{label}producer").submit(
+        kafka, producer, duration_s, joined, failed, wait_for=[topics]
+    )
+    try:
+        produced = producer_run.result()
+    finally:
+        input_ended.set()
+    return produced, merge_summaries([run.result() for run in consumer_runs])

@@ -40,6 +40,18 @@ class KafkaSettings(BaseSettings):
         """Every topic a stream run uses."""
         return [self.frames_topic, self.results_topic, self.dlq_topic]
 
+    def with_fresh_topics(self, suffix: str, partitions: int | None = None) -> KafkaSettings:
+        """These settings with every topic named anew (`NAME-suffix`), so a run, a benchmark
+        round or a sweep step sees no other's messages; `partitions` for topics made now."""
+        return self.model_copy(
+            update={
+                "frames_topic": f"{self.frames_topic}-{suffix}",
+                "results_topic": f"{self.results_topic}-{suffix}",
+                "dlq_topic": f"{self.dlq_topic}-{suffix}",
+                "partitions": self.partitions if partitions is None else partitions,
+            }
+        )
+
 
 def source_list(source: str) -> list[str]:
     """The run's sources: `--source` names one, or several separated by commas; a file whose
