@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
+from common.frames import load_encoded_images
 from common.net import free_port
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from tasks.stream.consumer import FrameConsumer
@@ -94,6 +95,35 @@ def test_a_corrupt_message_goes_to_the_dlq_and_the_consumer_goes_on(kafka, onnx_
     assert sorted(m.value() for m in dead) == sorted([corrupt.jpeg, b"no headers at all"])
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=produced)
     assert set(result_keys(results)) == {frame_key("cam-b", i) for i in range(produced)}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("budget_ms", [None, 1000.0])
+def test_frame_headers_out_of_range_are_dead_lettered_not_fatal(
+    kafka, onnx_server, budget_ms: float | None
+) -> None:
+    """Anyone who can produce to the topic writes the headers: a capture time of 400 digits
+    ended the consumer with an OverflowError (and again on every restart, its offset never
+    committed), with or without a latency budget."""
+    produced = _produce_clip(kafka, "cam-h", max_frames=5)
+    jpeg = load_encoded_images(CLIP, max_frames=1)[0]  # classified, were it not refused
+    good = Frame("cam-h", 0, time.time_ns(), time.time_ns(), jpeg)
+    hostile = [
+        ("vidflow-capture-ts-ns", b"9" * 400),
+        ("vidflow-frame-index", b"-1"),
+        ("vidflow-stream-id", b"s" * 5000),
+    ]
+    producer = Producer({"bootstrap.servers": kafka.bootstrap_servers})
+    for name, value in hostile:
+        headers = [(k, value if k == name else v) for k, v in encode_frame_headers(good)]
+        producer.produce(kafka.frames_topic, key=b"cam-h", value=good.jpeg, headers=headers)
+    assert producer.flush(10) == 0
+    summary = _consumer(kafka, onnx_server.target, max_frame_age_ms=budget_ms).run()
+    assert summary.frames_consumed == produced + 3
+    assert summary.dlq == 3 and summary.results_published + summary.skipped_stale == produced
+    dead = read_topic(kafka.bootstrap_servers, kafka.dlq_topic, expected=3)
+    reasons = sorted(dict(m.headers())[HEADER_DLQ_REASON].decode() for m in dead)
+    assert all("out of range" in reason or "too long" in reason for reason in reasons), reasons
 
 
 @pytest.mark.slow

@@ -61,21 +61,42 @@ def encode_frame_headers(frame: Frame) -> Headers:
     ]
 
 
+# Headers come from whoever can produce to the topic. A stream id is a key of results and of
+# per-stream figures; the numbers are nanoseconds since the epoch and counts, which int64 holds
+# (a 400-digit capture time overflowed float conversion and ended the consumer on every start).
+MAX_STREAM_ID_CHARS = 256
+MAX_HEADER_INT = 2**63 - 1
+
+
 def decode_frame(value: bytes | None, headers: Headers | None) -> Frame:
     """Rebuild a Frame from a message's value and headers, or raise FrameFormatError."""
     found = {name: raw for name, raw in (headers or [])}
     try:
-        return Frame(
-            stream_id=found[HEADER_STREAM_ID].decode(),
-            frame_index=int(found[HEADER_FRAME_INDEX]),
-            capture_ts_ns=int(found[HEADER_CAPTURE_TS_NS]),
-            produce_ts_ns=int(found[HEADER_PRODUCE_TS_NS]),
-            jpeg=value or b"",
-        )
+        stream_id = found[HEADER_STREAM_ID].decode()
+        numbers = [
+            _header_int(name, found[name])
+            for name in (HEADER_FRAME_INDEX, HEADER_CAPTURE_TS_NS, HEADER_PRODUCE_TS_NS)
+        ]
     except KeyError as exc:
         raise FrameFormatError(f"frame message lacks header {exc.args[0]}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise FrameFormatError(f"frame message has a malformed header: {exc}") from None
+    if len(stream_id) > MAX_STREAM_ID_CHARS:
+        raise FrameFormatError(
+            f"frame message header {HEADER_STREAM_ID} is too long ({len(stream_id)} characters, "
+            f"at most {MAX_STREAM_ID_CHARS})"
+        )
+    frame_index, capture_ts_ns, produce_ts_ns = numbers
+    return Frame(stream_id, frame_index, capture_ts_ns, produce_ts_ns, value or b"")
+
+
+def _header_int(name: str, raw: bytes | None) -> int:
+    if raw is None or len(raw) > 20:  # int64 has 19 digits: longer text is not parsed at all
+        raise FrameFormatError(f"frame message header {name} is out of range")
+    number = int(raw)
+    if not 0 <= number <= MAX_HEADER_INT:
+        raise FrameFormatError(f"frame message header {name} is out of range ({number})")
+    return number
 
 
 @dataclass(frozen=True)
