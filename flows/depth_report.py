@@ -132,12 +132,20 @@ class RunReport:
             return "# Failures\n\nNone: every video processed in this run is `ok`."
         lines = ["# Failures", "", "| video | shard | stage | error |", "| --- | --- | --- | --- |"]
         for record in self.failures[:limit]:
-            error = (record.error or "").replace("|", "\\|").replace("\n", " ")[:300]
             shard = _shard_number(record) or ""
+            error = _as_code(record.error or "")
             lines.append(f"| {record.video_id} | {shard} | {record.failed_stage} | {error} |")
         if len(self.failures) > limit:
             lines.append(f"\n{len(self.failures) - limit} more in the table (status = 'failed').")
         return "\n".join(lines)
+
+
+def _as_code(text: str, limit: int = 300) -> str:
+    """`text` as a code span in a table cell: an error carries what a remote server sent (its
+    reason phrase, its content type), which must show as text, never as a link, an image or
+    HTML in the UI."""
+    cell = text.replace("`", "'").replace("\n", " ")[:limit].replace("|", "\\|")
+    return f"`{cell}`" if cell else ""
 
 
 def _shard_number(record: VideoRecord) -> int | None:

@@ -230,6 +230,9 @@ def test_flags_out_of_range_are_refused_by_the_parser(tmp_path: Path, capsys) ->
         ("--max-batch-size", "0", "greater than or equal to 1"),
         ("--shutdown-grace-s", "-5", "greater than or equal to 0"),
         ("--port", "abc", "a valid integer"),
+        # gRPC reads -1 as no limit at all: a 200 MB request reached the decoder
+        ("--max-message-bytes", "-1", "greater than or equal to 1024"),
+        ("--max-image-pixels", "0", "greater than or equal to 1"),
     ]:
         err = _refused(["serve", flag, value, "--http-port", "1"], capsys)
         assert f"{flag} '{value}': Input should be {reason}" in err

@@ -28,3 +28,16 @@ def test_each_stage_counts_the_videos_that_got_through_it() -> None:
     ]
     assert (rows["run"]["done"], rows["run"]["failed"]) == (3, 2)
     assert rows["download"]["total_s"] == 2.2  # the time spent, the failed attempt's included
+
+
+def test_a_server_s_words_in_an_error_show_as_text_in_the_failures_artifact() -> None:
+    """A reason phrase is the remote server's to choose: it must not become a link, an image
+    or HTML in the UI, nor break the table."""
+    report = RunReport(total=1, skipped=0)
+    reason = "HTTP 403 ![x](http://evil.example/b.png) <img src=x onerror=alert(1)> a|b `c`"
+    report.add(_video("v", download_s=0.1).fail("download", reason))
+    row = report.failures_markdown().splitlines()[-1]
+    assert row.startswith("| v | ") and row.count(" | ") == 3, row
+    cell = row.rsplit(" | ", 1)[1].removesuffix(" |")
+    shown = "HTTP 403 ![x](http://evil.example/b.png) <img src=x onerror=alert(1)> a\\|b 'c'"
+    assert cell == f"`{shown}`"  # one code span: its text shown as it is

@@ -45,7 +45,7 @@ from tasks.depth.video_sources import (
 )
 from tasks.depth.video_table import TableSchemaError, VideoTable, write_rows
 from tests.conftest import VIDEOS
-from tests.video_server import Body, Drip, Serve, Stall, Status, VideoServer
+from tests.video_server import Body, Drip, Redirect, Serve, Stall, Status, VideoServer
 
 CLIP = VIDEOS / "pool_cleaning.mp4"
 KINETICS_CSV = VIDEOS.parent / "kinetics" / "kinetics-400_val.csv"
@@ -365,6 +365,18 @@ def test_a_refused_connection_is_retried_then_reported(tmp_path: Path) -> None:
     record = download(_record(dead_url), tmp_path, DepthSettings(**FAST_RETRIES))
     assert record.failed and record.download_attempts == 3
     assert "Connect" in record.error and dead_url in record.error
+
+
+def test_a_redirect_loop_is_reported_without_the_url_s_secrets(tmp_path: Path) -> None:
+    """aiohttp's error says the whole URL: a pre-signed query went to the table, the artifacts
+    and the logs."""
+    signed = "loop.mp4?X-Amz-Signature=SIGSECRET"
+    with VideoServer({"loop.mp4": Redirect(f"/{signed}")}) as server:
+        url = server.url(signed).replace("http://", "http://alice:PW@")
+        record = download(_record(url), tmp_path, DepthSettings(**FAST_RETRIES))
+    assert record.failed and "TooManyRedirects" in record.error, record.error
+    assert "SIGSECRET" not in record.error and "PW" not in record.error
+    assert "/loop.mp4?…" in record.error
 
 
 def test_only_http_and_https_are_fetched(tmp_path: Path) -> None:

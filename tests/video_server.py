@@ -52,7 +52,12 @@ class Drip:
     drip_bytes: int | None = None
 
 
-Behaviour = Serve | Status | Body | Stall | Drip
+@dataclass(frozen=True)
+class Redirect:
+    location: str  # where a 302 sends the client (the request's own path: a loop)
+
+
+Behaviour = Serve | Status | Body | Stall | Drip | Redirect
 
 
 class VideoServer:
@@ -87,6 +92,8 @@ class VideoServer:
                 return web.Response(status=code, text=f"status {code}")
             case Body(data, content_type):
                 return web.Response(body=data, content_type=content_type)
+            case Redirect(location):
+                raise web.HTTPFound(location)
             case Serve(path, fail_first) if self.requests[name] <= fail_first:
                 return web.Response(status=500, text="try again")
             case Serve(path):

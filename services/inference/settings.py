@@ -53,10 +53,16 @@ class InferenceSettings(BaseSettings):
         gt=1.0,
         description="the gain in images/s from batch 1 to the largest batch that auto batches at",
     )
+    # Bounded both ways: gRPC takes -1 for no limit at all, and 0 would refuse every request.
     max_message_bytes: int = Field(
-        16 * 1024 * 1024, description="largest request accepted (RESOURCE_EXHAUSTED above)"
+        16 * 1024 * 1024,
+        ge=1024,
+        le=2**31 - 1,
+        description="largest request accepted (RESOURCE_EXHAUSTED above)",
     )
-    max_image_pixels: int = Field(40_000_000, description="largest image (width x height) accepted")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="largest image (width x height) accepted"
+    )
     max_concurrent_rpcs: int = Field(
         256,
         ge=1,

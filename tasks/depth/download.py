@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -115,6 +116,15 @@ def backoff_delay_s(
 
 
 def describe(exc: BaseException) -> str:
+    """A failure in a line for the table, the artifacts and the logs: with every URL in it as
+    `shown_url` shows it (aiohttp's errors say the whole URL, a signed query included)."""
+    return _URL_IN_TEXT.sub(lambda found: shown_url(found.group(0)), _describe(exc))
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()]+")
+
+
+def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out waiting for the server"
     if isinstance(exc, UnicodeError | aiohttp.InvalidURL) or (
