@@ -337,6 +337,16 @@ def test_compose_publishes_every_port_on_loopback_unless_told_otherwise() -> Non
     assert "ports" not in _compose_config()["services"]["postgres"]
 
 
+def test_the_containers_that_run_untrusted_input_have_no_capabilities() -> None:
+    """The worker downloads any URL it is given and runs ffmpeg on it; none of the stack's
+    own containers may gain privileges, and Redpanda's unauthenticated admin API stays inside."""
+    services = _compose_config()["services"]
+    for name in ("inference", "worker", "deploy", "sample-mirror"):
+        assert services[name].get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in services[name].get("security_opt", []), name
+    assert {str(port["target"]) for port in services["broker"]["ports"]} == {"19092"}
+
+
 def test_compose_prefect_runs_on_postgres_behind_basic_auth() -> None:
     services = _compose_config()["services"]
     server_env = services["prefect-server"]["environment"]
