@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
 # The userinfo of an authority: `//user:password@` (RFC 3986 3.2.1), after an optional scheme.
 _USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)[^/?#]*@")
@@ -15,3 +16,37 @@ def shown_url(url: str) -> str:
     without_user = _USERINFO.sub(r"\1", url, count=1)
     cut = min((i for i in (without_user.find("?"), without_user.find("#")) if i >= 0), default=-1)
     return without_user if cut < 0 else f"{without_user[:cut]}?…"
+
+
+# Query parameters that sign a URL for a while, not name its object: S3 and GCS pre-signed URLs
+# (X-Amz-*, X-Goog-*, and their V2 forms), Azure SAS tokens and CloudFront signed URLs. A list
+# of URLs signed again (they expire in hours) would otherwise get new ids: every video done
+# again, and two rows for each.
+_SIGNATURE_PREFIXES = ("x-amz-", "x-goog-")
+_SIGNATURE_PARAMS = frozenset(
+    {"awsaccesskeyid", "signature", "expires", "googleaccessid", "key-pair-id", "policy"}
+    | {"sv", "ss", "srt", "sp", "se", "st", "spr", "sig", "sr", "skoid", "sktid", "skt"}
+    | {"ske", "sks", "skv", "si"}
+)
+
+
+def unsigned_url(url: str) -> str:
+    """`url` without its signature parameters (the rest of its query kept, in its order)."""
+    base, mark, query = url.partition("?")
+    if not mark:
+        return url
+    query, hash_mark, fragment = query.partition("#")
+    kept = [
+        part
+        for part in query.split("&")
+        if not (name := unquote(part.partition("=")[0]).lower()).startswith(_SIGNATURE_PREFIXES)
+        and name not in _SIGNATURE_PARAMS
+    ]
+    return base + (f"?{'&'.join(kept)}" if kept else "") + hash_mark + fragment
+
+
+def stored_url(url: str) -> str:
+    """`url` as a dataset keeps it: without the userinfo and the signature parameters (a
+    password, or a pre-signed URL's still valid signature, written to every copy of the table),
+    its path and the rest of its query kept, so it still names its video."""
+    return _USERINFO.sub(r"\1", unsigned_url(url), count=1)

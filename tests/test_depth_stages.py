@@ -36,7 +36,7 @@ from tasks.depth.download import (
 from tasks.depth.frame_choice import check_frames_spec, frame_indices, read_frames
 from tasks.depth.settings import DepthSettings
 from tasks.depth.transcode import ffmpeg_exe, transcode
-from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord
+from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord, records_to_table
 from tasks.depth.video_sources import (
     SourceListError,
     read_kinetics_csv,
@@ -328,7 +328,9 @@ def test_only_transient_http_errors_are_retried(tmp_path: Path, code: int, reque
 def test_a_failed_download_names_its_url_without_credentials_or_signature(
     tmp_path: Path, authority: str, reason: str
 ) -> None:
-    """The error text goes to logs, artifacts and the table; `source_url` keeps the whole URL."""
+    """The error text goes to logs, artifacts and the table; the record keeps the whole URL (to
+    fetch it again), and the table's `source_url` keeps it without the password or signature
+    (they were written to every copy of the dataset)."""
     with VideoServer() as server:
         host = authority.format(port=server.port)
         url = f"http://user:pw@{host}/missing.mp4?sig=abc"
@@ -337,6 +339,10 @@ def test_a_failed_download_names_its_url_without_credentials_or_signature(
     assert f"http://{host}/missing.mp4?…" in record.error, record.error
     assert "pw" not in record.error and "sig=abc" not in record.error, record.error
     assert record.source_url == url
+    [stored] = records_to_table([record]).column("source_url").to_pylist()
+    assert stored == f"http://{host}/missing.mp4"
+    kept = _record("https://u:p@h/get.mp4?id=7&X-Amz-Signature=S&X-Amz-Date=1")
+    assert records_to_table([kept]).column("source_url").to_pylist() == ["https://h/get.mp4?id=7"]
 
 
 def test_a_video_whose_first_bytes_come_a_few_at_a_time_is_recognised(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ from typing import Literal
 
 import pyarrow as pa
 
+from common.urls import stored_url
+
 Stage = Literal["input", "download", "transcode", "depth", "store"]
 Status = Literal["pending", "ok", "failed"]
 
@@ -24,7 +26,7 @@ class VideoRecord:
     """Every column of `videos.lance`; the field order is the table's column order."""
 
     video_id: str
-    source_url: str
+    source_url: str  # in the table without credentials or signature (common.urls.stored_url)
     label: str | None = None
     split: str | None = None
     youtube_id: str | None = None
@@ -127,5 +129,8 @@ ARROW_SCHEMA = pa.schema(
 
 def records_to_table(records: list[VideoRecord]) -> pa.Table:
     """Records as an Arrow table with the fixed schema (so empty columns keep their types)."""
-    rows = [dataclasses.asdict(record) for record in records]
+    rows = [
+        {**dataclasses.asdict(record), "source_url": stored_url(record.source_url)}
+        for record in records
+    ]
     return pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)

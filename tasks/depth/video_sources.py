@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from common.urls import shown_url
+from common.urls import shown_url, unsigned_url
 from tasks.depth.video_record import VideoRecord
 
 log = logging.getLogger(__name__)
@@ -51,42 +51,15 @@ def sanitize_video_id(raw: str) -> str:
 def _id_from_url(url: str) -> str:
     """The file's name and a short hash of the URL: readable, and unique per URL (two
     mirrors' `clip.mp4` are two videos) without looking at any other line of the list. The
-    hash leaves out a signed URL's signature (`_unsigned`): re-signed, it is the same video."""
+    hash leaves out a signed URL's signature (`unsigned_url`): re-signed, it is the same video."""
     try:
         path = urlsplit(url).path
     except ValueError:  # e.g. "http://[::1/x": its download fails it with the reason
         path = ""
     name = unquote(path.rstrip("/").rsplit("/", 1)[-1])
     stem = name.rsplit(".", 1)[0] if "." in name else name
-    digest = hashlib.sha1(_unsigned(url).encode()).hexdigest()[:URL_HASH_CHARS]
+    digest = hashlib.sha1(unsigned_url(url).encode()).hexdigest()[:URL_HASH_CHARS]
     return sanitize_video_id(f"{stem[: MAX_VIDEO_ID_CHARS - URL_HASH_CHARS - 1]}_{digest}")
-
-
-# Query parameters that sign a URL for a while, not name its object: S3 and GCS pre-signed URLs
-# (X-Amz-*, X-Goog-*, and their V2 forms), Azure SAS tokens and CloudFront signed URLs. A list
-# of URLs signed again (they expire in hours) would otherwise get new ids: every video done
-# again, and two rows for each.
-_SIGNATURE_PREFIXES = ("x-amz-", "x-goog-")
-_SIGNATURE_PARAMS = frozenset(
-    {"awsaccesskeyid", "signature", "expires", "googleaccessid", "key-pair-id", "policy"}
-    | {"sv", "ss", "srt", "sp", "se", "st", "spr", "sig", "sr", "skoid", "sktid", "skt"}
-    | {"ske", "sks", "skv", "si"}
-)
-
-
-def _unsigned(url: str) -> str:
-    """`url` without its signature parameters (the rest of its query kept, in its order)."""
-    base, mark, query = url.partition("?")
-    if not mark:
-        return url
-    query, hash_mark, fragment = query.partition("#")
-    kept = [
-        part
-        for part in query.split("&")
-        if not (name := unquote(part.partition("=")[0]).lower()).startswith(_SIGNATURE_PREFIXES)
-        and name not in _SIGNATURE_PARAMS
-    ]
-    return base + (f"?{'&'.join(kept)}" if kept else "") + hash_mark + fragment
 
 
 def _unique_ids(
