@@ -7,6 +7,7 @@ that left the process group or outlived their parent. Nothing is left behind.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -249,9 +250,11 @@ def cancel_open_runs(api_url: str, work_pool: str) -> list[str]:
 
 
 def post_json(url: str, body: dict[str, Any]) -> Any:
-    """POST `body` as JSON to the Prefect REST API at `url`; its JSON answer."""
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+    """POST `body` as JSON to the Prefect REST API at `url`; its JSON answer. With
+    PREFECT_API_AUTH_STRING set (a server behind basic auth), with it, as Prefect's client."""
+    headers = {"Content-Type": "application/json"}
+    if auth := os.environ.get("PREFECT_API_AUTH_STRING"):
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)

@@ -277,3 +277,31 @@ def test_runs_an_ended_demo_left_open_are_cancelled_before_a_worker_starts(prefe
         states = {client.read_flow_run(run.id).state.type.value for run in open_runs}
     assert states == {"CANCELLED"}
     assert cancel_open_runs(str(PREFECT_API_URL.value()), pool) == []  # final runs stay
+
+
+@pytest.mark.slow
+def test_a_stack_behind_basic_auth_answers_the_demo_s_own_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a machine shared with other accounts the demo runs behind Prefect's basic auth
+    (README): its own REST calls (leftover runs, artifacts) carry the auth string too (they
+    were refused with 401)."""
+    import urllib.error
+
+    from common.net import free_port
+    from devstack.local_stack import WORK_POOL, LocalStack, cancel_open_runs, post_json
+
+    auth = f"admin:{uuid.uuid4().hex}"
+    stack = LocalStack(
+        logs_dir=tmp_path, prefect_home=tmp_path / "prefect", ui_port=free_port(),
+        extra_env={"PREFECT_SERVER_API_AUTH_STRING": auth},
+    )  # fmt: skip
+    try:
+        stack.start_server()
+        with pytest.raises(urllib.error.HTTPError, match="401"):  # no auth string: refused
+            post_json(f"{stack.api_url}/flow_runs/filter", {})
+        monkeypatch.setenv("PREFECT_API_AUTH_STRING", auth)
+        assert cancel_open_runs(stack.api_url, WORK_POOL) == []
+        assert read_artifacts(stack.api_url, str(uuid.uuid4())) == {}
+    finally:
+        stack.stop()
