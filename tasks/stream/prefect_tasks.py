@@ -1,4 +1,5 @@
-"""The stream runs' building blocks as Prefect tasks: topics, one consumer, one producer."""
+"""The stream runs' building blocks as Prefect tasks (topics, one consumer, one producer), and
+the producer run side by side with its consumer group."""
 
 from __future__ import annotations
 
