@@ -380,6 +380,36 @@ def test_a_sigkilled_server_leaves_no_process_and_frees_its_ports(
     assert listening_addresses(server.port) == [] and listening_addresses(server.http_port) == []
 
 
+def test_a_stream_of_large_images_holds_no_more_than_its_byte_window() -> None:
+    """32 requests of up to --max-message-bytes each held 512 MiB for one stream: the window
+    also stops at its bytes (one request always goes, however large), and reading waits."""
+    most_held = 0
+    held: list[int] = []
+
+    async def scenario() -> list[int]:
+        async def requests() -> AsyncIterator[int]:
+            for nbytes in [30, 30, 30, 100, 5, 5]:
+                yield nbytes
+
+        def start(nbytes: int) -> asyncio.Task[tuple[int, grpc.StatusCode]]:
+            nonlocal most_held
+            held.append(nbytes)
+            most_held = max(most_held, sum(held))
+
+            async def work() -> tuple[int, grpc.StatusCode]:
+                await asyncio.sleep(0.01)
+                held.remove(nbytes)
+                return nbytes, grpc.StatusCode.OK
+
+            return asyncio.ensure_future(work())
+
+        stream = answer_in_order(requests(), start, window=32, size=lambda n: n, window_bytes=64)
+        return [response async for response in stream]
+
+    assert asyncio.run(scenario()) == [30, 30, 30, 100, 5, 5]  # all answered, in order
+    assert most_held == 100  # two of 30 at most, then the 100 alone, never 64 exceeded else
+
+
 def test_a_stream_that_ends_early_leaves_no_started_item_running() -> None:
     """A client that leaves mid-stream: every item started is answered or cancelled (none runs
     on to take model time and be counted OK), and no more than the window run ahead."""

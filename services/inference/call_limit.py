@@ -1,6 +1,7 @@
 """The cap on Classify and ClassifyStream calls held at once (--max-concurrent-rpcs).
 
-It bounds the memory of the calls held (each may carry --max-message-bytes). Kept by the
+It bounds the memory of the calls held (a call may carry --max-message-bytes, a stream
+some 32 MiB of images in flight: services/inference/stream.py). Kept by the
 service rather than by gRPC's server-wide `maximum_concurrent_rpcs`, which refused health
 checks too: a server busy with that many streams looked dead to its orchestrator's probe.
 """

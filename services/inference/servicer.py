@@ -187,7 +187,9 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             self.metrics.requests.labels("ClassifyStream", "UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         responses = answer_in_order(
-            request_iterator, lambda request: self._start_stream_item(request, context)
+            request_iterator,
+            lambda request: self._start_stream_item(request, context),
+            size=lambda request: len(request.image),
         )
         admitted = self.call_limit.admitted("ClassifyStream", context)
         async with admitted, contextlib.aclosing(responses):

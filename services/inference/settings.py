@@ -67,8 +67,8 @@ class InferenceSettings(BaseSettings):
         256,
         ge=1,
         description="Classify and ClassifyStream calls held at once; more get RESOURCE_EXHAUSTED "
-        "(each may carry --max-message-bytes: this bounds the memory). Health checks have room "
-        "of their own",
+        "(a call holds up to --max-message-bytes, a stream up to 32 MiB of images or one larger "
+        "one: this bounds the memory). Health checks have room of their own",
     )
     preprocess_threads: int = Field(
         0,
