@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The real sample clips live beside the checkout (../shared/data), as in CI.
@@ -56,6 +56,8 @@ def add_settings_arguments(
         default = "required" if field.is_required() else f"default {field.default}"
         help_text = f"{field.description} (env {env_name}; {default})"
         annotation = field.annotation
+        if SecretStr in (annotation, *get_args(annotation)):
+            continue  # a secret comes from the environment: a flag's value is visible in `ps`
         if annotation is bool:
             parser.add_argument(
                 _flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text

@@ -158,3 +158,35 @@ def test_a_camera_password_is_not_shown_in_the_stream_reports() -> None:
 
     settings = StreamBenchmarkSettings(source="rtsp://admin:s3cret@10.0.0.5/live?token=t,clip.mp4")
     assert settings.shown_source == "rtsp://10.0.0.5/live?…,clip.mp4"
+
+
+def test_kafka_tls_and_sasl_settings_reach_the_clients_and_the_password_stays_hidden(
+    monkeypatch, kafka
+) -> None:
+    """A managed cluster wants TLS and SASL: the settings reach librdkafka (a SASL client of
+    this plaintext broker is refused where the same call without them succeeds), the password
+    comes from the environment only and is never shown."""
+    from tasks.stream.settings import KafkaSettings
+    from tasks.stream.topics import BrokerUnreachableError, ensure_topics
+
+    monkeypatch.setenv("VIDFLOW_KAFKA_SASL_PASSWORD", "pa55-word")
+    args = build_parser().parse_args(
+        ["consume", "--bootstrap-servers", kafka.bootstrap_servers,
+         "--security-protocol", "SASL_PLAINTEXT", "--sasl-username", "alice"]
+    )  # fmt: skip
+    secured = settings_from_args(KafkaSettings, args)
+    config = secured.client_config()
+    assert config["security.protocol"] == "SASL_PLAINTEXT" and config["sasl.username"] == "alice"
+    assert config["sasl.password"] == "pa55-word" and config["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert "pa55-word" not in repr(secured) and "pa55-word" not in secured.model_dump_json()
+    with pytest.raises(SystemExit):  # no flag for it: a command line is visible in `ps`
+        build_parser().parse_args(["consume", "--sasl-password", "x"])
+    with pytest.raises(BrokerUnreachableError):
+        ensure_topics(secured.bootstrap_servers, ["t"], 1, 3.0, client_config=config)
+    plain = kafka.client_config()
+    topic = f"{kafka.frames_topic}-plain"
+    assert ensure_topics(kafka.bootstrap_servers, [topic], 1, client_config=plain) == [topic]
+    monkeypatch.delenv("VIDFLOW_KAFKA_SASL_PASSWORD")
+    with pytest.raises(ValueError, match="VIDFLOW_KAFKA_SASL_PASSWORD"):
+        settings_from_args(KafkaSettings, args)
+    assert KafkaSettings(bootstrap_servers="h:1").client_config() == {"bootstrap.servers": "h:1"}

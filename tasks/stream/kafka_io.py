@@ -24,7 +24,7 @@ def make_producer(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> Pro
     """The producer of frames and results; `watch` hears of its broker connection's state."""
     return Producer(
         {
-            "bootstrap.servers": kafka.bootstrap_servers,
+            **kafka.client_config(),
             "message.max.bytes": kafka.max_message_bytes,
             "acks": "all",
             "linger.ms": 2,
@@ -37,7 +37,7 @@ def make_producer(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> Pro
 def consumer_config(kafka: KafkaSettings, group: str) -> dict[str, Any]:
     """A group member that commits by hand (only what is delivered) and fetches without delay."""
     return {
-        "bootstrap.servers": kafka.bootstrap_servers,
+        **kafka.client_config(),
         "group.id": group,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",

@@ -42,6 +42,7 @@ def create_topics(kafka: KafkaSettings) -> list[str]:
         kafka.bootstrap_servers,
         kafka.topics,
         kafka.partitions,
+        client_config=kafka.client_config(),
     )
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import Port
@@ -34,6 +35,47 @@ class KafkaSettings(BaseSettings):
         gt=0,
         description="how long produce/consume wait for a lost broker before they fail (exit 1)",
     )
+    # A managed or shared cluster wants TLS, SASL or both; librdkafka does them, these say how.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how clients reach the broker: TLS (SSL), SASL, both, neither"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism (with SASL_PLAINTEXT or SASL_SSL)"
+    )
+    sasl_username: str | None = Field(None, description="SASL user name")
+    # From the environment only (no flag: a command line is visible to every account in `ps`);
+    # shown as ********** wherever the settings are printed or stored.
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password (VIDFLOW_KAFKA_SASL_PASSWORD only)"
+    )
+    ssl_ca_location: Path | None = Field(
+        None, description="CA certificate (PEM) that signed the broker's (default: the system's)"
+    )
+
+    @model_validator(mode="after")
+    def _sasl_needs_a_user(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                f"--security-protocol {self.security_protocol} needs --sasl-username and "
+                "VIDFLOW_KAFKA_SASL_PASSWORD"
+            )
+        return self
+
+    def client_config(self) -> dict[str, Any]:
+        """librdkafka's settings to reach the broker: where, and with TLS and SASL as set.
+        Every client (producer, group member, admin, results reader) starts from these."""
+        config: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers}
+        if self.security_protocol != "PLAINTEXT":
+            config["security.protocol"] = self.security_protocol
+        if self.security_protocol.startswith("SASL") and self.sasl_password is not None:
+            config["sasl.mechanism"] = self.sasl_mechanism
+            config["sasl.username"] = self.sasl_username
+            config["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_ca_location is not None:
+            config["ssl.ca.location"] = str(self.ssl_ca_location)
+        return config
 
     @property
     def topics(self) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -18,10 +19,17 @@ class BrokerUnreachableError(RuntimeError):
 
 
 def ensure_topics(
-    bootstrap_servers: str, topics: list[str], partitions: int, timeout_s: float = 15.0
+    bootstrap_servers: str,
+    topics: list[str],
+    partitions: int,
+    timeout_s: float = 15.0,
+    *,
+    client_config: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Create missing topics; return the ones created. Existing topics are left as they are."""
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers, **librdkafka_logging()})
+    """Create missing topics; return the ones created. Existing topics are left as they are.
+    `client_config`: how to reach the broker (`KafkaSettings.client_config`: TLS, SASL)."""
+    config = {"bootstrap.servers": bootstrap_servers, **(client_config or {})}
+    admin = AdminClient({**config, **librdkafka_logging()})
     try:
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:  # say which broker, not only "transport failure"
