@@ -72,9 +72,12 @@ class LocalStack:
         return f"http://127.0.0.1:{self.ui_port}"
 
     def env(self) -> dict[str, str]:
-        """The environment of every process of the stack (CLI calls, server, worker)."""
+        """The environment of every process of the stack (CLI calls, server, worker); behind
+        basic auth, its clients use the server's string unless given one of their own."""
+        given = {**os.environ, **self.extra_env}
         return {
             **os.environ,
+            **_client_auth(given),
             MARKER_VARIABLE: self.stack_id,
             "PREFECT_HOME": str(self.prefect_home),
             "PREFECT_API_URL": self.api_url,
@@ -249,11 +252,17 @@ def cancel_open_runs(api_url: str, work_pool: str) -> list[str]:
     return [run["id"] for run in open_runs]
 
 
+def _client_auth(env: dict[str, str]) -> dict[str, str]:
+    """PREFECT_API_AUTH_STRING for the stack's clients: the one given, else the server's."""
+    auth = env.get("PREFECT_API_AUTH_STRING") or env.get("PREFECT_SERVER_API_AUTH_STRING")
+    return {"PREFECT_API_AUTH_STRING": auth} if auth else {}
+
+
 def post_json(url: str, body: dict[str, Any]) -> Any:
-    """POST `body` as JSON to the Prefect REST API at `url`; its JSON answer. With
-    PREFECT_API_AUTH_STRING set (a server behind basic auth), with it, as Prefect's client."""
+    """POST `body` as JSON to the Prefect REST API at `url`; its JSON answer. Behind basic auth
+    (PREFECT_API_AUTH_STRING, or the stack's PREFECT_SERVER_API_AUTH_STRING), with it."""
     headers = {"Content-Type": "application/json"}
-    if auth := os.environ.get("PREFECT_API_AUTH_STRING"):
+    if auth := _client_auth(dict(os.environ)).get("PREFECT_API_AUTH_STRING"):
         headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(request, timeout=30) as response:

@@ -284,8 +284,8 @@ def test_a_stack_behind_basic_auth_answers_the_demo_s_own_calls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On a machine shared with other accounts the demo runs behind Prefect's basic auth
-    (README): its own REST calls (leftover runs, artifacts) carry the auth string too (they
-    were refused with 401)."""
+    (README: only PREFECT_SERVER_API_AUTH_STRING is exported): its CLI calls and its own REST
+    calls (leftover runs, artifacts) carry the string too (they were refused with 401)."""
     import urllib.error
 
     from common.net import free_port
@@ -300,7 +300,8 @@ def test_a_stack_behind_basic_auth_answers_the_demo_s_own_calls(
         stack.start_server()
         with pytest.raises(urllib.error.HTTPError, match="401"):  # no auth string: refused
             post_json(f"{stack.api_url}/flow_runs/filter", {})
-        monkeypatch.setenv("PREFECT_API_AUTH_STRING", auth)
+        stack.prefect("work-pool", "create", WORK_POOL, "--type", "process")  # the CLI's own
+        monkeypatch.setenv("PREFECT_SERVER_API_AUTH_STRING", auth)  # as the demo sees it
         assert cancel_open_runs(stack.api_url, WORK_POOL) == []
         assert read_artifacts(stack.api_url, str(uuid.uuid4())) == {}
     finally:
