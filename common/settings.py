@@ -47,14 +47,22 @@ def _flag(name: str) -> str:
 def add_settings_arguments(
     parser: argparse.ArgumentParser, settings_cls: type[BaseModel], *, only: list[str] | None = None
 ) -> None:
-    """Add one flag per settings field; flags default to None so unset ones fall through."""
+    """Add one flag per settings field; flags default to None so unset ones fall through.
+
+    A model that reads no variable (a flow's own parameters) gets its flags the same way, their
+    help naming no variable; a description that names its own default is not told it again."""
     prefix = settings_cls.model_config.get("env_prefix", "")
+    reads_env = issubclass(settings_cls, BaseSettings)
     for name, field in settings_cls.model_fields.items():
         if only is not None and name not in only:
             continue
-        env_name = f"{prefix}{name}".upper()
-        default = "required" if field.is_required() else f"default {field.default}"
-        help_text = f"{field.description} (env {env_name}; {default})"
+        description, env_name = field.description or "", f"{prefix}{name}".upper()
+        notes = [f"env {env_name}"] if reads_env else []
+        if field.is_required():
+            notes.append("required")
+        elif "default" not in description:
+            notes.append(f"default {field.get_default(call_default_factory=True)}")
+        help_text = f"{description} ({'; '.join(notes)})" if notes else description
         annotation = field.annotation
         if SecretStr in (annotation, *get_args(annotation)):
             continue  # a secret comes from the environment: a flag's value is visible in `ps`

@@ -191,22 +191,6 @@ def _consume(args: argparse.Namespace) -> int:
     return 1 if summary["broker_error"] else 0
 
 
-def _add_flow_flags(parser: argparse.ArgumentParser) -> None:
-    """A flag for each of the stream-benchmark flow's own settings, its help and default taken
-    from `StreamBenchmarkSettings` (one place for both: the flow's parameters in the UI and
-    these flags cannot drift apart); an unset flag leaves the model's default."""
-    for name in STREAM_BENCHMARK_FLAGS:
-        field = StreamBenchmarkSettings.model_fields[name]
-        flag = "--" + name.replace("_", "-")
-        if field.annotation is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=field.description)
-            continue
-        default = field.get_default(call_default_factory=True)
-        shown = "" if default is None or "default" in (field.description or "") else default
-        help_text = f"{field.description} (default {shown})" if shown != "" else field.description
-        parser.add_argument(flag, default=None, help=help_text)
-
-
 def stream_benchmark_settings(args: argparse.Namespace) -> StreamBenchmarkSettings:
     """The stream-benchmark flow's settings: its flags; broker and service from flags, then the
     environment, then the defaults."""
@@ -426,7 +410,8 @@ def _add_stream_commands(command: AddCommand) -> None:
     bench = command(
         "stream-benchmark", _stream_benchmark, "run the stream-benchmark flow (Prefect) once"
     )
-    _add_flow_flags(bench)
+    # From the flow's own model, as the others: its UI parameters and these flags cannot drift.
+    add_settings_arguments(bench, StreamBenchmarkSettings, only=list(STREAM_BENCHMARK_FLAGS))
     bench.add_argument("--summary-json", type=Path, help="write the figures here as JSON")
     add_settings_arguments(bench, KafkaSettings)
     add_settings_arguments(bench, ClientSettings)
