@@ -65,21 +65,19 @@ async def answer_in_order(
     queued the moment it starts, with no await between, so an ending stream always finds it).
     """
     in_order: asyncio.Queue[tuple[ItemTask[ResponseT], int] | None] = asyncio.Queue()
-    room = asyncio.Semaphore(window)
-    held = {"bytes": 0}
-    byte_room = asyncio.Condition()
+    held_requests = held_bytes = 0  # started and not yet answered
+    room = asyncio.Condition()  # told each time an answer frees its share of the window
+
+    def fits(nbytes: int) -> bool:  # one request always goes alone, however large
+        return held_requests < window and (held_bytes == 0 or held_bytes + nbytes <= window_bytes)
 
     async def read_requests() -> None:
+        nonlocal held_requests, held_bytes
         async for request in requests:
-            await room.acquire()
             nbytes = size(request)
-            async with byte_room:
-                await byte_room.wait_for(
-                    lambda nbytes=nbytes: (
-                        held["bytes"] == 0 or held["bytes"] + nbytes <= window_bytes
-                    )
-                )
-                held["bytes"] += nbytes
+            async with room:
+                await room.wait_for(lambda nbytes=nbytes: fits(nbytes))
+                held_requests, held_bytes = held_requests + 1, held_bytes + nbytes
             in_order.put_nowait((start(request), nbytes))
         in_order.put_nowait(None)
 
@@ -88,10 +86,9 @@ async def answer_in_order(
         while (item := await in_order.get()) is not None:
             task, nbytes = item
             response, _ = await task
-            room.release()
-            async with byte_room:
-                held["bytes"] -= nbytes
-                byte_room.notify_all()
+            async with room:
+                held_requests, held_bytes = held_requests - 1, held_bytes - nbytes
+                room.notify_all()
             yield response
         await reader  # surface a failure to read the request stream
     finally:
