@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import queue
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +23,7 @@ from services.inference.metrics import ServiceMetrics
 from services.inference.preprocess import PreprocessSpec
 from services.inference.servicer import InferenceService
 from services.inference.settings import InferenceSettings
-from services.inference.stream import STREAM_WINDOW, answer_in_order
+from services.inference.stream import STREAM_WINDOW, StreamIdleError, answer_in_order
 from tests.images import png_claiming_size, png_with_chunk_claiming, solid_png
 from tests.proc_helpers import children, listening_addresses
 from tests.test_service import _http_get, _metric
@@ -447,6 +448,89 @@ def test_a_stream_that_ends_early_leaves_no_started_item_running() -> None:
     asyncio.run(scenario())
     assert finished == [0]
     assert started == [0, 1, 2, 3, 4]  # the answered one, then a window of 4
+
+
+def test_a_stream_idles_out_only_with_nothing_in_flight() -> None:
+    """An item slower than the idle timeout is no idleness: it is answered; once the stream
+    has nothing in flight and sends nothing for the timeout, it ends with StreamIdleError
+    (and a stream that keeps sending never does)."""
+    answered: list[int] = []
+    more = asyncio.Event()  # never set: the client goes quiet after its requests
+
+    async def scenario() -> None:
+        async def requests() -> AsyncIterator[int]:
+            for index in range(3):
+                yield index
+                await asyncio.sleep(0.1)  # steady requests, each well inside the timeout
+            await more.wait()
+
+        def start(index: int) -> asyncio.Task[tuple[int, grpc.StatusCode]]:
+            async def work() -> tuple[int, grpc.StatusCode]:
+                await asyncio.sleep(0.9 if index == 2 else 0.01)  # the last: 3 x the timeout
+                return index, grpc.StatusCode.OK
+
+            return asyncio.ensure_future(work())
+
+        with pytest.raises(StreamIdleError):
+            async for response in answer_in_order(requests(), start, idle_timeout_s=0.3):
+                answered.append(response)
+
+    started_at = time.monotonic()
+    asyncio.run(scenario())
+    assert answered == [0, 1, 2]
+    assert 0.9 + 0.3 <= time.monotonic() - started_at < 5
+
+
+def test_idle_calls_are_ended_and_free_their_places(
+    tmp_path: Path, model_cache: Path, video_frames: list[bytes]
+) -> None:
+    """A client that opens calls and sends nothing (a unary call whose request never comes, a
+    stream that goes quiet) held --max-concurrent-rpcs places for good: each is ended after
+    --idle-call-timeout-s with DEADLINE_EXCEEDED, counted, and its place is free again."""
+    idle_timeout_s = 2.0
+    server = start_server(
+        tmp_path, model_cache, "--max-concurrent-rpcs", "2", "--idle-call-timeout-s", "2"
+    )
+    server.wait_serving()
+    never = threading.Event()
+
+    def no_request() -> Iterator[inference_pb2.ClassifyRequest]:
+        never.wait()
+        yield from ()
+
+    try:
+        with (
+            _held_stream(server.target) as (stream, outgoing),
+            grpc.insecure_channel(server.target) as channel,
+        ):
+            outgoing.put(inference_pb2.ClassifyRequest(image=video_frames[0]))
+            assert next(stream).predictions
+            quiet_from = time.monotonic()
+            silent = channel.stream_unary(
+                "/vidflow.inference.v1.Classifier/Classify",
+                request_serializer=inference_pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=inference_pb2.ClassifyResponse.FromString,
+            ).future(no_request(), timeout=60)
+            stub = inference_pb2_grpc.ClassifierStub(channel)
+            request = inference_pb2.ClassifyRequest(image=video_frames[1])
+            with pytest.raises(grpc.RpcError) as refused:  # both places held by idle calls
+                while time.monotonic() - quiet_from < idle_timeout_s / 2:
+                    stub.Classify(request, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for ended in (lambda: next(stream), silent.result):
+                with pytest.raises(grpc.RpcError) as idle:
+                    ended()
+                assert idle.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert "--idle-call-timeout-s" in idle.value.details()
+            assert idle_timeout_s <= time.monotonic() - quiet_from < 15
+            assert _admitted_within(stub, video_frames[1], 10.0)
+        metrics = _http_get(f"{server.http_url}/metrics")[1]
+        for method in ("Classify", "ClassifyStream"):
+            labels = {"method": method, "code": "DEADLINE_EXCEEDED"}
+            assert _metric(metrics, "vidflow_inference_requests_total", **labels) == 1, method
+    finally:
+        never.set()
+        assert server.terminate() == 0
 
 
 @pytest.mark.slow

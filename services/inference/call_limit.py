@@ -1,4 +1,5 @@
-"""The cap on Classify and ClassifyStream calls held at once (--max-concurrent-rpcs).
+"""The cap on Classify and ClassifyStream calls held at once (--max-concurrent-rpcs), and the end
+of calls that idle in their places (--idle-call-timeout-s).
 
 It bounds the memory of the calls held (a call may carry --max-message-bytes, a stream
 some 32 MiB of images in flight: services/inference/stream.py). Kept by the
@@ -19,9 +20,10 @@ from services.inference.metrics import ServiceMetrics
 class CallLimit:
     """At most `limit` classifier calls at once; the next is refused at once, and counted."""
 
-    def __init__(self, limit: int, metrics: ServiceMetrics) -> None:
+    def __init__(self, limit: int, metrics: ServiceMetrics, idle_timeout_s: float) -> None:
         self.limit = limit
         self.metrics = metrics
+        self.idle_timeout_s = idle_timeout_s
         self.open_calls = 0
 
     @contextlib.asynccontextmanager
@@ -41,3 +43,16 @@ class CallLimit:
             yield
         finally:
             self.open_calls -= 1
+
+    async def end_idle_call(
+        self, method: str, context: grpc.aio.ServicerContext, what: str
+    ) -> None:
+        """End a call that idled past its timeout, so that it frees its place (counted).
+
+        Without this, a client opening calls and sending nothing held every place for good."""
+        self.metrics.requests.labels(method, grpc.StatusCode.DEADLINE_EXCEEDED.name).inc()
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"{method} ended by the server: {what} within {self.idle_timeout_s:g} s "
+            "(--idle-call-timeout-s)",
+        )

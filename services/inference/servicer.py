@@ -24,7 +24,12 @@ from services.inference.loader import ServedModel
 from services.inference.metrics import ServiceMetrics
 from services.inference.model_start import load_warm_model
 from services.inference.settings import InferenceSettings
-from services.inference.stream import ItemTask, answer_in_order, start_counted_item
+from services.inference.stream import (
+    ItemTask,
+    StreamIdleError,
+    answer_in_order,
+    start_counted_item,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,9 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         self.model: ServedModel | None = None
         self.batcher: DynamicBatcher[bytes, Outcome] | None = None
         self.max_batch_size = settings.max_batch_size  # 1 once --batching finds it does not pay
-        self.call_limit = CallLimit(settings.max_concurrent_rpcs, metrics)
+        self.call_limit = CallLimit(
+            settings.max_concurrent_rpcs, metrics, settings.idle_call_timeout_s
+        )
         self._preprocess_pool = (
             ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
             if settings.preprocess_threads > 0
@@ -133,7 +140,11 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         context: grpc.aio.ServicerContext,
     ) -> ClassifyResponse:
         try:
-            request = await anext(aiter(request_iterator))
+            request = await asyncio.wait_for(
+                anext(aiter(request_iterator)), self.settings.idle_call_timeout_s
+            )
+        except TimeoutError:
+            await self.call_limit.end_idle_call("Classify", context, "its request has not arrived")
         except (StopAsyncIteration, asyncio.CancelledError, grpc.aio.UsageError):
             # No request: the call ended first (reading then gives EOF or UsageError), or its
             # client half-closed without one. Only answering tells which, as the cancellation
@@ -190,11 +201,16 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             request_iterator,
             lambda request: self._start_stream_item(request, context),
             size=lambda request: len(request.image),
+            idle_timeout_s=self.settings.idle_call_timeout_s,
         )
         admitted = self.call_limit.admitted("ClassifyStream", context)
         async with admitted, contextlib.aclosing(responses):
-            async for response in responses:
-                yield response
+            try:
+                async for response in responses:
+                    yield response
+            except StreamIdleError:
+                what = "no next request came, with nothing in flight,"
+                await self.call_limit.end_idle_call("ClassifyStream", context, what)
 
     # ---- GetModelInfo -----------------------------------------------------------------------
 

@@ -70,6 +70,15 @@ class InferenceSettings(BaseSettings):
         "(a call holds up to --max-message-bytes, a stream up to 32 MiB of images or one larger "
         "one: this bounds the memory). Health checks have room of their own",
     )
+    idle_call_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "a Classify call whose request has not fully arrived, or a ClassifyStream with "
+            "nothing in flight and no next request, is ended after this long with "
+            "DEADLINE_EXCEEDED, so that idle clients cannot hold the --max-concurrent-rpcs places"
+        ),
+    )
     preprocess_threads: int = Field(
         0,
         ge=0,
