@@ -3,6 +3,7 @@ and real files."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -34,6 +35,7 @@ from tasks.depth.download import (
     sniff_container,
 )
 from tasks.depth.frame_choice import check_frames_spec, frame_indices, read_frames
+from tasks.depth.redirects import redirect_refusal
 from tasks.depth.settings import DepthSettings
 from tasks.depth.transcode import ffmpeg_exe, transcode
 from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord, records_to_table
@@ -380,9 +382,64 @@ def test_a_redirect_loop_is_reported_without_the_url_s_secrets(tmp_path: Path) -
     with VideoServer({"loop.mp4": Redirect(f"/{signed}")}) as server:
         url = server.url(signed).replace("http://", "http://alice:PW@")
         record = download(_record(url), tmp_path, DepthSettings(**FAST_RETRIES))
-    assert record.failed and "TooManyRedirects" in record.error, record.error
+    assert record.failed and "too many redirects" in record.error, record.error
     assert "SIGSECRET" not in record.error and "PW" not in record.error
     assert "/loop.mp4?…" in record.error
+
+
+def test_redirects_are_followed_only_within_the_kind_of_network_they_start_in(
+    tmp_path: Path,
+) -> None:
+    """aiohttp followed any redirect: a server in the list could send a worker to the cloud's
+    metadata address or into the private network. A local mirror's own redirects still work."""
+    routes = {
+        "moved.mp4": Redirect("/v.mp4"),
+        "relative.mp4": Redirect("v.mp4"),
+        "v.mp4": Serve(CLIP),
+        "metadata.mp4": Redirect("http://169.254.169.254/latest/meta-data/"),
+        "private.mp4": Redirect("http://10.1.2.3/v.mp4"),
+        "mapped.mp4": Redirect("http://[::ffff:169.254.169.254]/"),
+        "ftp.mp4": Redirect("ftp://127.0.0.1/v.mp4"),
+    }
+    settings = DepthSettings(**FAST_RETRIES)
+    with VideoServer(routes) as server:
+        records = [
+            download(_record(server.url(name), name.split(".")[0]), tmp_path, settings)
+            for name in routes
+            if name != "v.mp4"
+        ]
+        refused_requests = [server.requests[name] for name in list(routes)[3:]]
+    followed, relative, *refused = records
+    for record in (followed, relative):
+        assert not record.failed, record.error
+        assert Path(record.raw_path).read_bytes() == CLIP.read_bytes()
+    kinds = ["link-local", "private", "link-local", "ftp"]
+    for record, kind in zip(refused, kinds, strict=True):
+        assert record.failed and "redirect" in record.error and kind in record.error, record.error
+        assert record.download_attempts == 1  # refused, never retried
+    assert refused_requests == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("origin", "target", "refused"),
+    [
+        ("http://93.184.216.34/a.mp4", "http://127.0.0.1/b.mp4", "loopback"),
+        ("http://93.184.216.34/a.mp4", "http://[::1]:8080/b.mp4", "loopback"),
+        ("http://93.184.216.34/a.mp4", "http://192.168.1.5/b.mp4", "private"),
+        ("http://93.184.216.34/a.mp4", "http://0.0.0.0:9000/b.mp4", "unspecified"),
+        ("https://127.0.0.1/a.mp4", "http://127.0.0.1/b.mp4", "https to http"),
+        ("http://93.184.216.34/a.mp4", "https://8.8.8.8/b.mp4", None),
+        ("http://localhost:1/a.mp4", "http://127.0.0.1:2/b.mp4", None),
+        ("http://10.0.0.1/a.mp4", "http://10.9.9.9/b.mp4", None),
+    ],
+)
+def test_a_redirect_may_not_lead_inside_a_network_its_host_is_not_in(
+    origin: str, target: str, refused: str | None
+) -> None:
+    """Addresses only: a public origin cannot be served from this sandbox, so the rule is shown
+    on literal addresses (no request is made)."""
+    refusal = asyncio.run(redirect_refusal(origin, target))
+    assert (refusal is None) if refused is None else (refused in (refusal or "")), refusal
 
 
 def test_only_http_and_https_are_fetched(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 Transient failures (timeouts, dropped connections, 5xx, 408, 429) are retried with exponential
 backoff and jitter; permanent ones (404, 403, too big, not a video, too slow) fail at once. A
 download, retries included, ends by an overall deadline, and a body arriving slower than a
-minimum rate is dropped, so a server dripping bytes cannot hold a worker. Bytes go to a hidden
+minimum rate is dropped, so a server dripping bytes cannot hold a worker. Redirects are followed
+only where `redirects` allows. Bytes go to a hidden
 temporary name and are renamed only when complete, so a crash never leaves a partial file under
 a final name.
 """
@@ -25,6 +26,7 @@ import aiohttp
 from common.backoff import jittered_backoff_s
 from common.files import atomic_output
 from common.urls import shown_url
+from tasks.depth.redirects import RedirectRefused, final_response
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
@@ -209,7 +211,7 @@ async def _fetch_once(
 ) -> tuple[Path, int]:
     """One attempt: the container is told from the first bytes, before anything is written,
     so the file's final name (`<video_id>.<container>`) is known when writing starts."""
-    async with session.get(url) as response:
+    async with final_response(session, url) as response:
         _refuse_bad_response(response, settings.max_download_bytes)
         async with contextlib.aclosing(_checked_chunks(response, settings)) as chunks:
             head = await _read_head(chunks)
@@ -248,6 +250,17 @@ def _unfetchable(url: str) -> str | None:
     return None
 
 
+# What ends one attempt (retried or not, as `is_retryable` says) rather than the download task.
+ATTEMPT_FAILURES = (
+    DownloadError,
+    RedirectRefused,
+    TimeoutError,
+    aiohttp.ClientError,
+    OSError,
+    ValueError,
+)
+
+
 async def download_video(
     session: aiohttp.ClientSession, record: VideoRecord, raw_dir: Path, settings: DepthSettings
 ) -> VideoRecord:
@@ -284,7 +297,7 @@ async def download_video(
                 path, size = await _fetch_once(
                     session, record.source_url, raw_dir, record.video_id, settings
                 )
-        except (DownloadError, TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+        except ATTEMPT_FAILURES as exc:
             if budget.expired():
                 return failed(attempt, too_late)
             retries_left = settings.download_retries - (attempt - 1)
