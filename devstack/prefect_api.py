@@ -3,6 +3,9 @@
 Ray workers report task runs to the Prefect API. Without one configured, every worker would
 start its own temporary server (slow and flaky), so the CLI starts one temporary server for the
 whole run instead, and every Ray worker inherits its address through the environment.
+
+That server wants a login of its own, a random one made for the run: it binds loopback, where
+any local account could otherwise read the run's records and create flow runs on it.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,33 +27,40 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def prefect_api(startup_timeout_s: int = 120) -> Iterator[str]:
-    """Use PREFECT_API_URL when set; otherwise run a temporary local server until exit."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    """Use PREFECT_API_URL when set; otherwise run a temporary local server until exit, behind
+    basic auth with a login made for this run (this process and its Ray workers send it)."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     if configured := PREFECT_API_URL.value():
         yield configured
         return
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    server = _server_dying_with_us()
+    auth = f"vidflow:{secrets.token_urlsafe(24)}"
+    server = _server_dying_with_us(auth)
     server.start(timeout=startup_timeout_s)
     log.info(
-        "no PREFECT_API_URL set: started a temporary Prefect server at %s for this run "
-        "(runs are kept in the local Prefect database; `prefect server start` shows them)",
+        "no PREFECT_API_URL set: started a temporary Prefect server at %s for this run, with "
+        "a login of its own (runs are kept in the local Prefect database; `prefect server "
+        "start` shows them)",
         server.api_url,
     )
-    os.environ["PREFECT_API_URL"] = server.api_url
+    # Ray workers started from here take both from the environment.
+    os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_API_AUTH_STRING=auth)
     try:
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        updates = {PREFECT_API_URL: server.api_url, PREFECT_API_AUTH_STRING: auth}
+        with temporary_settings(updates=updates):
             yield server.api_url
             _drain_to_api()
     finally:
         os.environ.pop("PREFECT_API_URL", None)
+        os.environ.pop("PREFECT_API_AUTH_STRING", None)
         server.stop()
 
 
-def _server_dying_with_us() -> Any:
-    """Prefect's temporary server, made to die with this process even when it is killed
-    with SIGKILL (else the server would be left running, holding its port and database)."""
+def _server_dying_with_us(auth: str) -> Any:
+    """Prefect's temporary server, wanting `auth` (basic auth, user:password), made to die
+    with this process even when it is killed with SIGKILL (else the server would be left
+    running, holding its port and database)."""
     from prefect.server.api import server as server_module
 
     class ChildServer(server_module.SubprocessASGIServer):
@@ -58,7 +69,9 @@ def _server_dying_with_us() -> Any:
             popen = subprocess.Popen
 
             def dying_with_parent(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
-                return popen(*args, preexec_fn=die_with_parent, **kwargs)
+                # The server alone gets the login to check; clients get it in their settings.
+                env = {**kwargs.pop("env"), "PREFECT_SERVER_API_AUTH_STRING": auth}
+                return popen(*args, preexec_fn=die_with_parent, env=env, **kwargs)
 
             with mock.patch.object(server_module.subprocess, "Popen", dying_with_parent):
                 return super()._run_uvicorn_command()

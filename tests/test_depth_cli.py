@@ -61,6 +61,51 @@ def test_the_cli_runs_the_flow_with_its_own_prefect_server(
     assert len(set(clips)) == 2  # same file name, other URL: its own id
 
 
+# A client of the run's temporary server, as `vidflow depth` starts it (in a process of its own:
+# the suite's Prefect settings would otherwise name the session's server).
+_TEMPORARY_SERVER_PROBE = """
+import asyncio, json, os, httpx
+from devstack.prefect_api import prefect_api
+from prefect.client.orchestration import get_client
+
+async def flow_count() -> int:
+    async with get_client() as client:
+        return len(await client.read_flows())
+
+with prefect_api() as url:
+    flows = f"{url}/flows/filter"
+    print(json.dumps({
+        "anonymous": httpx.post(flows, json={}).status_code,
+        "wrong_login": httpx.post(flows, json={}, auth=("vidflow", "x")).status_code,
+        "health": httpx.get(f"{url}/health").status_code,
+        "flows_seen_by_the_run": asyncio.run(flow_count()),
+        "login_in_worker_env": os.environ.get("PREFECT_API_AUTH_STRING", "").startswith("vidflow:"),
+        "server_login_in_worker_env": "PREFECT_SERVER_API_AUTH_STRING" in os.environ,
+    }))
+print(json.dumps({"login_left_in_env": "PREFECT_API_AUTH_STRING" in os.environ}))
+"""
+
+
+def test_the_temporary_prefect_server_answers_only_its_run(cli_env: dict[str, str]) -> None:
+    """It binds loopback, where any local account could read the run's records and create
+    flow runs on it: it wants a login made for the run, which the run's clients send."""
+    probe = subprocess.run(
+        [sys.executable, "-c", _TEMPORARY_SERVER_PROBE],
+        capture_output=True, text=True, env=cli_env, timeout=300, check=False,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    during, after = (json.loads(line) for line in probe.stdout.strip().splitlines()[-2:])
+    assert during == {
+        "anonymous": 401,
+        "wrong_login": 401,
+        "health": 200,  # probes stay open, as Prefect keeps them
+        "flows_seen_by_the_run": 0,
+        "login_in_worker_env": True,
+        "server_login_in_worker_env": False,
+    }
+    assert after == {"login_left_in_env": False}
+
+
 def test_bad_input_is_refused_before_anything_starts(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:

@@ -212,6 +212,7 @@ def stream_benchmark_settings(args: argparse.Namespace) -> StreamBenchmarkSettin
 
 def _stream_benchmark(args: argparse.Namespace) -> int:
     with imports_without_gc():
+        from devstack.prefect_api import prefect_api
         from flows.stream_benchmark import StreamRunFailedError, stream_benchmark
         from tasks.stream.consumer import format_summary
         from tasks.stream.prefect_tasks import RUN_STOP
@@ -225,7 +226,7 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
         stop_on_signals(RUN_STOP)
     failure: StreamRunFailedError | None = None
     try:
-        with foreground_heartbeats():
+        with prefect_api(), foreground_heartbeats():
             outcome = stream_benchmark(settings=settings)
     except StreamRunFailedError as exc:  # the flow run failed; its report is recorded
         failure, outcome = exc, exc.outcome
