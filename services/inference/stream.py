@@ -77,8 +77,11 @@ class _Window:
             self.held_requests, self.held_bytes = self.held_requests + 1, self.held_bytes + nbytes
 
     async def release(self, nbytes: int) -> None:
+        """An answer is ready: its share of the window is free, and the stream has moved (an
+        item slower than the idle timeout does not leave it idle)."""
         async with self.room:
             self.held_requests, self.held_bytes = self.held_requests - 1, self.held_bytes - nbytes
+            self.moved()
             self.room.notify_all()
 
     def moved(self) -> None:
