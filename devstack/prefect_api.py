@@ -45,15 +45,20 @@ def prefect_api(startup_timeout_s: int = 120) -> Iterator[str]:
         server.api_url,
     )
     # Ray workers started from here take both from the environment.
-    os.environ.update(PREFECT_API_URL=server.api_url, PREFECT_API_AUTH_STRING=auth)
+    run_env = {"PREFECT_API_URL": server.api_url, "PREFECT_API_AUTH_STRING": auth}
+    before = {name: os.environ.get(name) for name in run_env}
+    os.environ.update(run_env)
     try:
         updates = {PREFECT_API_URL: server.api_url, PREFECT_API_AUTH_STRING: auth}
         with temporary_settings(updates=updates):
             yield server.api_url
             _drain_to_api()
     finally:
-        os.environ.pop("PREFECT_API_URL", None)
-        os.environ.pop("PREFECT_API_AUTH_STRING", None)
+        for name, value in before.items():  # as the caller had them
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         server.stop()
 
 

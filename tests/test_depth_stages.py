@@ -21,7 +21,9 @@ import psutil
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from yarl import URL
 
+from tasks.depth import redirects
 from tasks.depth.depth_loader import load_depth_estimator, shared_estimator
 from tasks.depth.depth_maps import estimate_depth, estimate_depth_many
 from tasks.depth.depth_model import UNTRAINED_CONFIG_KEY, check_depth_model
@@ -35,7 +37,7 @@ from tasks.depth.download import (
     sniff_container,
 )
 from tasks.depth.frame_choice import check_frames_spec, frame_indices, read_frames
-from tasks.depth.redirects import redirect_refusal
+from tasks.depth.redirects import PublicOnlyResolver, RedirectRefused, redirect_refusal
 from tasks.depth.settings import DepthSettings
 from tasks.depth.transcode import ffmpeg_exe, transcode
 from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord, records_to_table
@@ -387,37 +389,38 @@ def test_a_redirect_loop_is_reported_without_the_url_s_secrets(tmp_path: Path) -
     assert "/loop.mp4?…" in record.error
 
 
-def test_redirects_are_followed_only_within_the_kind_of_network_they_start_in(
-    tmp_path: Path,
-) -> None:
+def test_redirects_to_another_host_are_followed_only_to_public_addresses(tmp_path: Path) -> None:
     """aiohttp followed any redirect: a server in the list could send a worker to the cloud's
-    metadata address or into the private network. A local mirror's own redirects still work."""
+    metadata address or into the private network. The listed host's own redirects still work;
+    a name is refused by its addresses, found as it is connected to."""
     routes = {
         "moved.mp4": Redirect("/v.mp4"),
         "relative.mp4": Redirect("v.mp4"),
-        "v.mp4": Serve(CLIP),
         "metadata.mp4": Redirect("http://169.254.169.254/latest/meta-data/"),
         "private.mp4": Redirect("http://10.1.2.3/v.mp4"),
         "mapped.mp4": Redirect("http://[::ffff:169.254.169.254]/"),
         "ftp.mp4": Redirect("ftp://127.0.0.1/v.mp4"),
     }
     settings = DepthSettings(**FAST_RETRIES)
-    with VideoServer(routes) as server:
+    with VideoServer({**routes, "v.mp4": Serve(CLIP)}) as server:
+        by_name = server.url("v.mp4").replace("//127.0.0.1:", "//localhost:")
+        server.routes["byname.mp4"] = Redirect(by_name)  # localhost: loopback, found by DNS
+        names = [*routes, "byname.mp4"]
         records = [
             download(_record(server.url(name), name.split(".")[0]), tmp_path, settings)
-            for name in routes
-            if name != "v.mp4"
+            for name in names
         ]
-        refused_requests = [server.requests[name] for name in list(routes)[3:]]
+        requests = [server.requests[name] for name in names]
     followed, relative, *refused = records
     for record in (followed, relative):
         assert not record.failed, record.error
         assert Path(record.raw_path).read_bytes() == CLIP.read_bytes()
-    kinds = ["link-local", "private", "link-local", "ftp"]
+    kinds = ["link-local", "private", "link-local", "ftp", "localhost is a loopback"]
     for record, kind in zip(refused, kinds, strict=True):
         assert record.failed and "redirect" in record.error and kind in record.error, record.error
         assert record.download_attempts == 1  # refused, never retried
-    assert refused_requests == [1, 1, 1, 1]
+    assert requests == [1, 1, 1, 1, 1, 1, 1]
+    assert server.requests["v.mp4"] == 2  # only the listed host's own redirects reached it
 
 
 @pytest.mark.parametrize(
@@ -427,19 +430,36 @@ def test_redirects_are_followed_only_within_the_kind_of_network_they_start_in(
         ("http://93.184.216.34/a.mp4", "http://[::1]:8080/b.mp4", "loopback"),
         ("http://93.184.216.34/a.mp4", "http://192.168.1.5/b.mp4", "private"),
         ("http://93.184.216.34/a.mp4", "http://0.0.0.0:9000/b.mp4", "unspecified"),
+        ("http://10.0.0.1/a.mp4", "http://10.9.9.9/b.mp4", "private"),
         ("https://127.0.0.1/a.mp4", "http://127.0.0.1/b.mp4", "https to http"),
+        ("http://93.184.216.34/a.mp4", "file:///etc/passwd", "http/https only"),
         ("http://93.184.216.34/a.mp4", "https://8.8.8.8/b.mp4", None),
-        ("http://localhost:1/a.mp4", "http://127.0.0.1:2/b.mp4", None),
-        ("http://10.0.0.1/a.mp4", "http://10.9.9.9/b.mp4", None),
+        ("http://localhost:1/a.mp4", "http://localhost:2/b.mp4", None),  # the listed host
+        ("http://127.0.0.1:1/a.mp4", "http://localhost:2/b.mp4", None),  # a name: connected to
     ],
 )
-def test_a_redirect_may_not_lead_inside_a_network_its_host_is_not_in(
+def test_a_redirect_to_another_host_must_name_a_public_address(
     origin: str, target: str, refused: str | None
 ) -> None:
-    """Addresses only: a public origin cannot be served from this sandbox, so the rule is shown
-    on literal addresses (no request is made)."""
-    refusal = asyncio.run(redirect_refusal(origin, target))
+    """Literal addresses, checked before any request (a public origin cannot be served from
+    this sandbox); names are checked by the resolver, below and in the test above."""
+    refusal = redirect_refusal(URL(origin), URL(origin), URL(target))
     assert (refusal is None) if refused is None else (refused in (refusal or "")), refusal
+
+
+def test_the_resolver_refuses_a_name_with_a_non_public_address_on_a_redirect_only() -> None:
+    async def resolve(public_only: bool) -> list[str]:
+        token = redirects._PUBLIC_ONLY.set(public_only)
+        resolver = PublicOnlyResolver()
+        try:
+            return [result["host"] for result in await resolver.resolve("localhost", 80)]
+        finally:
+            redirects._PUBLIC_ONLY.reset(token)
+            await resolver.close()
+
+    assert "127.0.0.1" in asyncio.run(resolve(public_only=False))  # a listed host: anywhere
+    with pytest.raises(RedirectRefused, match="localhost is a loopback address"):
+        asyncio.run(resolve(public_only=True))
 
 
 def test_only_http_and_https_are_fetched(tmp_path: Path) -> None:

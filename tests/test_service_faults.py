@@ -474,11 +474,13 @@ def test_a_stream_idles_out_only_with_nothing_in_flight() -> None:
         with pytest.raises(StreamIdleError):
             async for response in answer_in_order(requests(), start, idle_timeout_s=0.3):
                 answered.append(response)
+                await asyncio.sleep(0.05)  # the answer being sent: the stream is not idle yet
 
     started_at = time.monotonic()
-    asyncio.run(scenario())
+    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
     assert answered == [0, 1, 2]
-    assert 0.9 + 0.3 <= time.monotonic() - started_at < 5
+    # Idle from the last answer's end: 0.2 s of requests, 0.9 s of work, 0.05 s sending it.
+    assert 0.2 + 0.9 + 0.05 + 0.3 <= time.monotonic() - started_at < 5
 
 
 def test_idle_calls_are_ended_and_free_their_places(
@@ -528,6 +530,8 @@ def test_idle_calls_are_ended_and_free_their_places(
         for method in ("Classify", "ClassifyStream"):
             labels = {"method": method, "code": "DEADLINE_EXCEEDED"}
             assert _metric(metrics, "vidflow_inference_requests_total", **labels) == 1, method
+            ended = _metric(metrics, "vidflow_inference_idle_calls_ended_total", method=method)
+            assert ended == 1, method
     finally:
         never.set()
         assert server.terminate() == 0

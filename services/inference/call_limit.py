@@ -51,6 +51,7 @@ class CallLimit:
 
         Without this, a client opening calls and sending nothing held every place for good."""
         self.metrics.requests.labels(method, grpc.StatusCode.DEADLINE_EXCEEDED.name).inc()
+        self.metrics.idle_calls_ended.labels(method).inc()
         await context.abort(
             grpc.StatusCode.DEADLINE_EXCEEDED,
             f"{method} ended by the server: {what} within {self.idle_timeout_s:g} s "

@@ -18,6 +18,13 @@ class ServiceMetrics:
             ["method", "code"],
             registry=self.registry,
         )
+        self.idle_calls_ended = Counter(
+            "vidflow_inference_idle_calls_ended",
+            "Calls the server ended after --idle-call-timeout-s with nothing to do (also counted "
+            "in vidflow_inference_requests_total as DEADLINE_EXCEEDED, beside client deadlines).",
+            ["method"],
+            registry=self.registry,
+        )
         self.stage_seconds = Histogram(
             "vidflow_inference_stage_seconds",
             "Server-side time per request and stage (decode, preprocess, queue, inference, total).",

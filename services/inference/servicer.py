@@ -140,9 +140,8 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         context: grpc.aio.ServicerContext,
     ) -> ClassifyResponse:
         try:
-            request = await asyncio.wait_for(
-                anext(aiter(request_iterator)), self.settings.idle_call_timeout_s
-            )
+            async with asyncio.timeout(self.settings.idle_call_timeout_s):
+                request = await anext(aiter(request_iterator))
         except TimeoutError:
             await self.call_limit.end_idle_call("Classify", context, "its request has not arrived")
         except (StopAsyncIteration, asyncio.CancelledError, grpc.aio.UsageError):

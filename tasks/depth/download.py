@@ -26,7 +26,7 @@ import aiohttp
 from common.backoff import jittered_backoff_s
 from common.files import atomic_output
 from common.urls import shown_url
-from tasks.depth.redirects import RedirectRefused, final_response
+from tasks.depth.redirects import RedirectRefused, final_response, session_connector
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
@@ -145,7 +145,7 @@ def make_session(settings: DepthSettings) -> aiohttp.ClientSession:
         sock_connect=settings.connect_timeout_s,
         sock_read=settings.read_timeout_s,
     )
-    connector = aiohttp.TCPConnector(limit=settings.download_concurrency)
+    connector = session_connector(limit=settings.download_concurrency)
     return aiohttp.ClientSession(timeout=timeout, connector=connector)
 
 
