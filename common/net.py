@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
+from urllib.parse import urlsplit
 
 
 def free_port() -> int:
@@ -15,3 +17,27 @@ def free_port() -> int:
 def host_port(host: str, port: int) -> str:
     """`host:port` as gRPC and URLs take it: an IPv6 address in brackets (`[::1]:50051`)."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (an address, in brackets or not, or `localhost`) is this machine's
+    loopback."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_target(target: str) -> bool:
+    """Whether a gRPC target `HOST:PORT` names a loopback address (a target with a scheme,
+    `dns:///...` or `unix:...`, is not taken for one)."""
+    if "/" in target or (target.count(":") != 1 and not target.startswith("[")):
+        return False
+    try:
+        host = urlsplit(f"//{target}").hostname
+    except ValueError:
+        return False
+    return host is not None and is_loopback_host(host)

@@ -489,9 +489,9 @@ def test_idle_calls_are_ended_and_free_their_places(
     """A client that opens calls and sends nothing (a unary call whose request never comes, a
     stream that goes quiet) held --max-concurrent-rpcs places for good: each is ended after
     --idle-call-timeout-s with DEADLINE_EXCEEDED, counted, and its place is free again."""
-    idle_timeout_s = 2.0
+    idle_timeout_s = 4.0  # roomy: the silent call must be seen holding its place before
     server = start_server(
-        tmp_path, model_cache, "--max-concurrent-rpcs", "2", "--idle-call-timeout-s", "2"
+        tmp_path, model_cache, "--max-concurrent-rpcs", "2", "--idle-call-timeout-s", "4"
     )
     server.wait_serving()
     never = threading.Event()
@@ -516,7 +516,7 @@ def test_idle_calls_are_ended_and_free_their_places(
             stub = inference_pb2_grpc.ClassifierStub(channel)
             request = inference_pb2.ClassifyRequest(image=video_frames[1])
             with pytest.raises(grpc.RpcError) as refused:  # both places held by idle calls
-                while time.monotonic() - quiet_from < idle_timeout_s / 2:
+                while time.monotonic() - quiet_from < idle_timeout_s * 0.75:
                     stub.Classify(request, timeout=30)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             for ended in (lambda: next(stream), silent.result):

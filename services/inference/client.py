@@ -11,7 +11,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.net import is_loopback_target
 from protos import inference_pb2, inference_pb2_grpc
+from services.inference.settings import ClientSettings
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -24,11 +26,28 @@ def channel_options() -> list[tuple[str, int]]:
     ]
 
 
-def channel_credentials(tls_ca: Path | None) -> grpc.ChannelCredentials | None:
-    """TLS credentials that trust the PEM CA certificate `tls_ca`; None means plaintext."""
-    if tls_ca is None:
+def channel_credentials(target: str, tls_ca: Path | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials that trust the PEM CA certificate `tls_ca`, with the service's token
+    (ClientSettings.auth_token) as call credentials when there is one; None means plaintext.
+
+    gRPC sends call credentials only over TLS, or over its local credentials, which connect to
+    a loopback address alone: a token is never sent in clear across a network."""
+    token = ClientSettings(target=target).auth_token  # from the environment only
+    if tls_ca is None and token is None:
         return None
-    return grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+    if tls_ca is not None:
+        transport = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+    elif is_loopback_target(target):
+        transport = grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+    else:
+        raise ValueError(
+            f"VIDFLOW_INFERENCE_AUTH_TOKEN is sent only over TLS (--tls-ca) or to a loopback "
+            f"address, and {target} is neither"
+        )
+    if token is None:
+        return transport
+    call = grpc.access_token_call_credentials(token.get_secret_value())
+    return grpc.composite_channel_credentials(transport, call)
 
 
 def open_channel(target: str, tls_ca: Path | None = None) -> grpc.Channel:
@@ -42,7 +61,7 @@ def open_aio_channel(target: str, tls_ca: Path | None = None) -> grpc.aio.Channe
 
 
 def _open(flavour: Any, target: str, tls_ca: Path | None) -> Any:
-    credentials = channel_credentials(tls_ca)
+    credentials = channel_credentials(target, tls_ca)
     if credentials is None:
         return flavour.insecure_channel(target, options=channel_options())
     return flavour.secure_channel(target, credentials, options=channel_options())

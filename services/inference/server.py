@@ -18,7 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.net import host_port
+from common.net import host_port, is_loopback_host
+from services.inference.call_auth import TokenCheck
 from services.inference.http_endpoint import start_http
 from services.inference.metrics import ServiceMetrics
 from services.inference.servicer import SERVICE_NAME, InferenceService, add_classifier
@@ -72,8 +73,11 @@ def _grpc_server(
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """The gRPC server with the classifier, health and (if asked) reflection, bound to its
     port, and that port (the one the system chose for --port 0)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [calls]
+    if (token := settings.auth_token) is not None:  # checked first: a refused call goes no further
+        interceptors.insert(0, TokenCheck(token.get_secret_value(), service.metrics))
     server = grpc.aio.server(
-        interceptors=[calls],
+        interceptors=interceptors,
         # The classifier's calls are limited by the service (`CallLimit`); this bound, a little
         # above, leaves health checks and model-info calls room when the classifier is full.
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs + OTHER_CALLS_ROOM,
@@ -166,13 +170,21 @@ async def _serve_until(
             f"{exc.strerror or exc}"
         ) from None
     http_port = runner.addresses[0][1] if runner.addresses else settings.http_port
+    tls = settings.tls_cert is not None and settings.tls_key is not None
     log.info(
-        "gRPC on %s (%s, reflection %s), HTTP on %s; loading model",
+        "gRPC on %s (%s, reflection %s, token %s), HTTP on %s; loading model",
         host_port(settings.host, grpc_port),  # the bound ports: --port 0 lets the system choose
-        "TLS" if settings.tls_cert is not None and settings.tls_key is not None else "plaintext",
+        "TLS" if tls else "plaintext",
         "on" if settings.reflection else "off",
+        "wanted" if settings.auth_token is not None else "not wanted",
         host_port(settings.host, http_port),
     )
+    if settings.auth_token is not None and not tls and not is_loopback_host(settings.host):
+        log.warning(
+            "the token crosses the network in clear on %s: serve with --tls-cert/--tls-key "
+            "(clients send it only over TLS or to a loopback address)",
+            settings.host,
+        )
     try:
         if await _loaded_before_stop(service, stop):
             await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, FilePath, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import DEFAULT_CACHE_DIR, Port
@@ -117,6 +117,14 @@ class InferenceSettings(BaseSettings):
     reflection: bool = Field(
         True, description="offer gRPC server reflection (service listing for grpcurl and the like)"
     )
+    # From the environment only, as the clients' (a command line is visible to every account).
+    auth_token: SecretStr | None = Field(
+        None,
+        description=(
+            "a token every classifier call must carry (VIDFLOW_INFERENCE_AUTH_TOKEN only; health "
+            "checks need none): for a service others can reach"
+        ),
+    )
 
     @model_validator(mode="after")
     def _tls_cert_and_key_together(self) -> InferenceSettings:
@@ -124,10 +132,11 @@ class InferenceSettings(BaseSettings):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         return self
 
-    @field_validator("onnx_model", mode="before")
+    @field_validator("onnx_model", "auth_token", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
-        """VIDFLOW_INFERENCE_ONNX_MODEL= (empty) unsets the serving image's file."""
+        """VIDFLOW_INFERENCE_ONNX_MODEL= (empty) unsets the serving image's file; an empty
+        token (compose's `${VAR:-}`) is no token."""
         return None if value == "" else value
 
     @model_validator(mode="after")
@@ -160,3 +169,15 @@ class ClientSettings(BaseSettings):
     tls_ca: FilePath | None = Field(
         None, description="reach the service over TLS, trusting this PEM CA certificate"
     )
+    auth_token: SecretStr | None = Field(
+        None,
+        description=(
+            "the service's token, sent with every call over TLS or to a loopback address "
+            "(VIDFLOW_INFERENCE_AUTH_TOKEN only)"
+        ),
+    )
+
+    @field_validator("auth_token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value

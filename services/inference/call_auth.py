@@ -1,0 +1,64 @@
+"""A token the service wants with every classifier call (VIDFLOW_INFERENCE_AUTH_TOKEN).
+
+Off by default: the service binds loopback. Once it listens where others can reach it (a GPU
+box, a cluster), a token stops anyone who can reach the port from using its model. Health
+checks and reflection stay open, so an orchestrator's probe needs no secret. Clients send the
+token as gRPC's standard `authorization: Bearer` call credentials, which gRPC sends only over
+TLS or to a loopback address (`services/inference/client.py`).
+
+Hand-written as a server interceptor because grpcio has no server-side check of call
+credentials; it is ~20 lines.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from services.inference.metrics import ServiceMetrics
+
+# What the token guards: the classifier's methods (health and reflection stay open).
+GUARDED_SERVICE = "/vidflow.inference.v1.Classifier/"
+HANDLER_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
+class TokenCheck(grpc.aio.ServerInterceptor):
+    """Refuses a classifier call without the token with UNAUTHENTICATED (counted)."""
+
+    def __init__(self, token: str, metrics: ServiceMetrics) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if (
+            handler is None
+            or not method.startswith(GUARDED_SERVICE)
+            or self._allowed(handler_call_details.invocation_metadata)
+        ):
+            return handler
+        name = method.rsplit("/", 1)[-1]
+        self._metrics.requests.labels(name, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        return handler._replace(
+            **{kind: _refuse for kind in HANDLER_KINDS if getattr(handler, kind) is not None}
+        )
+
+    def _allowed(self, metadata: Any) -> bool:
+        given = dict(metadata or ()).get("authorization", "")
+        given = given.encode() if isinstance(given, str) else given
+        return hmac.compare_digest(given, self._expected)
+
+
+async def _refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(
+        grpc.StatusCode.UNAUTHENTICATED,
+        "this service wants a token: set VIDFLOW_INFERENCE_AUTH_TOKEN for the client",
+    )
