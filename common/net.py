@@ -32,12 +32,20 @@ def is_loopback_host(host: str) -> bool:
 
 
 def is_loopback_target(target: str) -> bool:
-    """Whether a gRPC target `HOST:PORT` names a loopback address (a target with a scheme,
-    `dns:///...` or `unix:...`, is not taken for one)."""
-    if "/" in target or (target.count(":") != 1 and not target.startswith("[")):
+    """Whether a gRPC target names loopback addresses only: `HOST:PORT`, `dns:///HOST:PORT`,
+    `ipv4:` / `ipv6:` lists (any other scheme, `unix:` included, is not taken for one)."""
+    for scheme in ("ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            addresses = target.removeprefix(scheme).split(",")
+            return all(_is_loopback_authority(address) for address in addresses)
+    return _is_loopback_authority(target.removeprefix("dns:///"))
+
+
+def _is_loopback_authority(authority: str) -> bool:
+    if "/" in authority or "@" in authority:
         return False
     try:
-        host = urlsplit(f"//{target}").hostname
+        host = urlsplit(f"//{authority}").hostname
     except ValueError:
         return False
     return host is not None and is_loopback_host(host)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -13,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from protos import inference_pb2, inference_pb2_grpc
-from services.inference.client import classify_files, open_channel
-from services.inference.settings import ClientSettings, InferenceSettings
+from services.inference.client import classify_files, health_status, open_channel
+from services.inference.settings import ClientSettings, InferenceSettings, ServiceToken
 from tests.conftest import EXPECTED_CLASSES
 from tests.test_service import _http_get, _metric
 from tests.test_service_tls import _self_signed
@@ -44,6 +46,29 @@ def _refused_without_the_token(channel: grpc.Channel, image: bytes) -> None:
     assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no secret
 
 
+def _refused_at_once_without_its_request(channel: grpc.Channel) -> None:
+    """A caller without the token that never sends its request is refused when its call opens
+    (gRPC runs a unary handler only once the request is in: such calls held the server's
+    places, and health checks were refused once they were all taken)."""
+    never = threading.Event()
+
+    def no_request() -> Iterator[inference_pb2.ModelInfoRequest]:
+        never.wait()
+        yield from ()
+
+    silent = channel.stream_unary(
+        "/vidflow.inference.v1.Classifier/GetModelInfo",
+        request_serializer=inference_pb2.ModelInfoRequest.SerializeToString,
+        response_deserializer=inference_pb2.ModelInfo.FromString,
+    )
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            silent(no_request(), timeout=20)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        never.set()
+
+
 def _served(server: ServerProcess) -> ServerProcess:
     server.wait_serving()
     return server
@@ -57,6 +82,7 @@ def test_a_token_guards_the_classifier_and_the_clients_send_it(
     try:
         with grpc.insecure_channel(server.target) as bare:  # a client without the token
             _refused_without_the_token(bare, photos["cat"])
+            _refused_at_once_without_its_request(bare)
         cat = tmp_path / "cat.jpg"
         cat.write_bytes(photos["cat"])
         [result] = classify_files(server.target, [cat])  # the project's client sends it
@@ -111,11 +137,36 @@ def test_the_token_is_never_sent_in_clear_across_a_network(
         open_channel(target)
 
 
-def test_an_empty_token_variable_is_no_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    """compose's `${VIDFLOW_INFERENCE_AUTH_TOKEN:-}` gives an empty string: a server wanting
-    `Bearer ` and clients sending it would be a token anyone has."""
+def test_an_empty_token_is_none_and_a_malformed_one_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`${VIDFLOW_INFERENCE_AUTH_TOKEN:-}` gives an empty string: a server wanting `Bearer `
+    and clients sending it would be a token anyone has. A token with a line break (a secret
+    file read whole) made every call fail with UNAVAILABLE "Illegal metadata", health too."""
     monkeypatch.setenv("VIDFLOW_INFERENCE_AUTH_TOKEN", "")
     assert InferenceSettings().auth_token is None
-    assert ClientSettings().auth_token is None
+    assert ServiceToken().auth_token is None
+    for malformed in (f"{TOKEN}\n", "two words", "t\u00f6ken"):
+        monkeypatch.setenv("VIDFLOW_INFERENCE_AUTH_TOKEN", malformed)
+        for settings in (InferenceSettings, ServiceToken):
+            with pytest.raises(ValueError, match="printable ASCII without spaces or line breaks"):
+                settings()
     monkeypatch.setenv("VIDFLOW_INFERENCE_AUTH_TOKEN", TOKEN)
     assert TOKEN not in repr(InferenceSettings())  # shown masked wherever settings are printed
+    assert "auth_token" not in ClientSettings.model_fields  # never a flow parameter
+
+
+@pytest.mark.parametrize(
+    "target", ["localhost:50051", "[::1]:50051", "ipv4:127.0.0.1:50051", "dns:///localhost:1"]
+)
+def test_loopback_targets_take_the_token_in_every_spelling(
+    target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VIDFLOW_INFERENCE_AUTH_TOKEN", TOKEN)
+    open_channel(target).close()  # no refusal: gRPC's local credentials take it from here
+
+
+def test_health_needs_no_token_wherever_the_service_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A health check sends no token, so it is not refused for a plaintext target elsewhere."""
+    monkeypatch.setenv("VIDFLOW_INFERENCE_AUTH_TOKEN", TOKEN)
+    assert health_status("192.0.2.7:50051", timeout_s=0.5) == "UNREACHABLE"

@@ -22,7 +22,6 @@ from services.inference.metrics import ServiceMetrics
 
 # What the token guards: the classifier's methods (health and reflection stay open).
 GUARDED_SERVICE = "/vidflow.inference.v1.Classifier/"
-HANDLER_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
 class TokenCheck(grpc.aio.ServerInterceptor):
@@ -47,9 +46,10 @@ class TokenCheck(grpc.aio.ServerInterceptor):
             return handler
         name = method.rsplit("/", 1)[-1]
         self._metrics.requests.labels(name, grpc.StatusCode.UNAUTHENTICATED.name).inc()
-        return handler._replace(
-            **{kind: _refuse for kind in HANDLER_KINDS if getattr(handler, kind) is not None}
-        )
+        # Client-streaming whatever the method: gRPC runs such a handler when the call opens,
+        # so a caller that never sends its request is refused at once instead of holding one
+        # of the server's places (the wire format is the same for every kind).
+        return _REFUSAL
 
     def _allowed(self, metadata: Any) -> bool:
         given = dict(metadata or ()).get("authorization", "")
@@ -57,8 +57,11 @@ class TokenCheck(grpc.aio.ServerInterceptor):
         return hmac.compare_digest(given, self._expected)
 
 
-async def _refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+async def _refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
     await context.abort(
         grpc.StatusCode.UNAUTHENTICATED,
         "this service wants a token: set VIDFLOW_INFERENCE_AUTH_TOKEN for the client",
     )
+
+
+_REFUSAL = grpc.stream_unary_rpc_method_handler(_refuse)

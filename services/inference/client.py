@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.net import is_loopback_target
 from protos import inference_pb2, inference_pb2_grpc
-from services.inference.settings import ClientSettings
+from services.inference.settings import ServiceToken
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -26,13 +26,16 @@ def channel_options() -> list[tuple[str, int]]:
     ]
 
 
-def channel_credentials(target: str, tls_ca: Path | None) -> grpc.ChannelCredentials | None:
+def channel_credentials(
+    target: str, tls_ca: Path | None, send_token: bool = True
+) -> grpc.ChannelCredentials | None:
     """TLS credentials that trust the PEM CA certificate `tls_ca`, with the service's token
-    (ClientSettings.auth_token) as call credentials when there is one; None means plaintext.
+    (`ServiceToken`, from the environment) as call credentials when there is one and
+    `send_token`; None means plaintext.
 
     gRPC sends call credentials only over TLS, or over its local credentials, which connect to
     a loopback address alone: a token is never sent in clear across a network."""
-    token = ClientSettings(target=target).auth_token  # from the environment only
+    token = ServiceToken().auth_token if send_token else None
     if tls_ca is None and token is None:
         return None
     if tls_ca is not None:
@@ -50,9 +53,10 @@ def channel_credentials(target: str, tls_ca: Path | None) -> grpc.ChannelCredent
     return grpc.composite_channel_credentials(transport, call)
 
 
-def open_channel(target: str, tls_ca: Path | None = None) -> grpc.Channel:
-    """A channel to the service: TLS when `tls_ca` is given, plaintext otherwise."""
-    return _open(grpc, target, tls_ca)
+def open_channel(target: str, tls_ca: Path | None = None, send_token: bool = True) -> grpc.Channel:
+    """A channel to the service: TLS when `tls_ca` is given, plaintext otherwise; the token
+    with every call (health checks need none: `send_token=False`)."""
+    return _open(grpc, target, tls_ca, send_token)
 
 
 def open_aio_channel(target: str, tls_ca: Path | None = None) -> grpc.aio.Channel:
@@ -60,8 +64,8 @@ def open_aio_channel(target: str, tls_ca: Path | None = None) -> grpc.aio.Channe
     return _open(grpc.aio, target, tls_ca)
 
 
-def _open(flavour: Any, target: str, tls_ca: Path | None) -> Any:
-    credentials = channel_credentials(target, tls_ca)
+def _open(flavour: Any, target: str, tls_ca: Path | None, send_token: bool = True) -> Any:
+    credentials = channel_credentials(target, tls_ca, send_token)
     if credentials is None:
         return flavour.insecure_channel(target, options=channel_options())
     return flavour.secure_channel(target, credentials, options=channel_options())
@@ -80,7 +84,7 @@ def health_status(
     """The gRPC health status name (SERVING, NOT_SERVING, ...), UNREACHABLE when nothing
     answered in time, or the gRPC code a reachable server ended the check with (e.g.
     UNIMPLEMENTED: no health service there)."""
-    with open_channel(target, tls_ca) as channel:
+    with open_channel(target, tls_ca, send_token=False) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)

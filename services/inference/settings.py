@@ -15,6 +15,22 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.settings import DEFAULT_CACHE_DIR, Port
 
 
+def checked_token(value: object) -> object:
+    """An empty token is none (a `${VAR:-}` in a shell or compose file); one with characters
+    an HTTP/2 header cannot carry is refused here (gRPC failed every call with UNAVAILABLE
+    "Illegal metadata", a server looking down)."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if value == "" or value is None:
+        return None
+    if not isinstance(value, str) or not all("!" <= char <= "~" for char in value):
+        raise ValueError(
+            "VIDFLOW_INFERENCE_AUTH_TOKEN must be printable ASCII without spaces or line "
+            "breaks (e.g. from `openssl rand -hex 32`)"
+        )
+    return value
+
+
 class InferenceSettings(BaseSettings):
     """The gRPC inference service (`vidflow serve`)."""
 
@@ -132,12 +148,13 @@ class InferenceSettings(BaseSettings):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         return self
 
-    @field_validator("onnx_model", "auth_token", mode="before")
+    @field_validator("onnx_model", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
-        """VIDFLOW_INFERENCE_ONNX_MODEL= (empty) unsets the serving image's file; an empty
-        token (compose's `${VAR:-}`) is no token."""
+        """VIDFLOW_INFERENCE_ONNX_MODEL= (empty) unsets the serving image's file."""
         return None if value == "" else value
+
+    _token_checked = field_validator("auth_token", mode="before")(checked_token)
 
     @model_validator(mode="after")
     def _onnx_model_alone(self) -> InferenceSettings:
@@ -169,15 +186,20 @@ class ClientSettings(BaseSettings):
     tls_ca: FilePath | None = Field(
         None, description="reach the service over TLS, trusting this PEM CA certificate"
     )
+
+
+class ServiceToken(BaseSettings):
+    """The service's token as its clients read it, apart from ClientSettings: a secret read
+    from the environment only, never a flag or a flow parameter (Prefect would store it)."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_INFERENCE_")
+
     auth_token: SecretStr | None = Field(
         None,
         description=(
-            "the service's token, sent with every call over TLS or to a loopback address "
-            "(VIDFLOW_INFERENCE_AUTH_TOKEN only)"
+            "the service's token, sent with every classifier call over TLS or to a loopback "
+            "address (VIDFLOW_INFERENCE_AUTH_TOKEN only)"
         ),
     )
 
-    @field_validator("auth_token", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: object) -> object:
-        return None if value == "" else value
+    _token_checked = field_validator("auth_token", mode="before")(checked_token)
