@@ -15,24 +15,41 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.settings import DEFAULT_CACHE_DIR, Port
 
 
-def checked_token(value: object) -> object:
-    """An empty token is none (a `${VAR:-}` in a shell or compose file); one with characters
-    an HTTP/2 header cannot carry is refused here (gRPC failed every call with UNAVAILABLE
-    "Illegal metadata", a server looking down)."""
-    if isinstance(value, SecretStr):
-        value = value.get_secret_value()
-    if value == "" or value is None:
-        return None
-    if not isinstance(value, str) or not all("!" <= char <= "~" for char in value):
-        raise ValueError(
-            "VIDFLOW_INFERENCE_AUTH_TOKEN must be printable ASCII without spaces or line "
-            "breaks (e.g. from `openssl rand -hex 32`)"
-        )
-    return value
+class ServiceToken(BaseSettings):
+    """The service's token: the server wants it with every classifier call, its clients send it
+    (`InferenceSettings` holds it too). A secret read from the environment only, never a flag
+    or a flow parameter (Prefect would store it)."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_INFERENCE_")
+
+    auth_token: SecretStr | None = Field(
+        None,
+        description=(
+            "a token every classifier call must carry, sent by the clients over TLS or to a "
+            "loopback address (VIDFLOW_INFERENCE_AUTH_TOKEN only; health checks need none)"
+        ),
+    )
+
+    @field_validator("auth_token", mode="before")
+    @classmethod
+    def _checked_token(cls, value: object) -> object:
+        """An empty token is none (a `${VAR:-}` in a shell or compose file); one with
+        characters an HTTP/2 header cannot carry is refused here (gRPC failed every call with
+        UNAVAILABLE "Illegal metadata", a server looking down)."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if value == "" or value is None:
+            return None
+        if not isinstance(value, str) or not all("!" <= char <= "~" for char in value):
+            raise ValueError(
+                "VIDFLOW_INFERENCE_AUTH_TOKEN must be printable ASCII without spaces or line "
+                "breaks (e.g. from `openssl rand -hex 32`)"
+            )
+        return value
 
 
-class InferenceSettings(BaseSettings):
-    """The gRPC inference service (`vidflow serve`)."""
+class InferenceSettings(ServiceToken):
+    """The gRPC inference service (`vidflow serve`), its token (`ServiceToken`) included."""
 
     model_config = SettingsConfigDict(env_prefix="VIDFLOW_INFERENCE_")
 
@@ -133,14 +150,6 @@ class InferenceSettings(BaseSettings):
     reflection: bool = Field(
         True, description="offer gRPC server reflection (service listing for grpcurl and the like)"
     )
-    # From the environment only, as the clients' (a command line is visible to every account).
-    auth_token: SecretStr | None = Field(
-        None,
-        description=(
-            "a token every classifier call must carry (VIDFLOW_INFERENCE_AUTH_TOKEN only; health "
-            "checks need none): for a service others can reach"
-        ),
-    )
 
     @model_validator(mode="after")
     def _tls_cert_and_key_together(self) -> InferenceSettings:
@@ -153,8 +162,6 @@ class InferenceSettings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         """VIDFLOW_INFERENCE_ONNX_MODEL= (empty) unsets the serving image's file."""
         return None if value == "" else value
-
-    _token_checked = field_validator("auth_token", mode="before")(checked_token)
 
     @model_validator(mode="after")
     def _onnx_model_alone(self) -> InferenceSettings:
@@ -186,20 +193,3 @@ class ClientSettings(BaseSettings):
     tls_ca: FilePath | None = Field(
         None, description="reach the service over TLS, trusting this PEM CA certificate"
     )
-
-
-class ServiceToken(BaseSettings):
-    """The service's token as its clients read it, apart from ClientSettings: a secret read
-    from the environment only, never a flag or a flow parameter (Prefect would store it)."""
-
-    model_config = SettingsConfigDict(env_prefix="VIDFLOW_INFERENCE_")
-
-    auth_token: SecretStr | None = Field(
-        None,
-        description=(
-            "the service's token, sent with every classifier call over TLS or to a loopback "
-            "address (VIDFLOW_INFERENCE_AUTH_TOKEN only)"
-        ),
-    )
-
-    _token_checked = field_validator("auth_token", mode="before")(checked_token)
