@@ -59,13 +59,13 @@ class _Window:
     """What one stream holds: requests started and not yet answered and their bytes, and when
     it last moved (a request read or an answer sent)."""
 
-    def __init__(self, max_requests: int, max_bytes: int) -> None:
+    def __init__(self, max_requests: int, max_bytes: int, idle_timeout_s: float | None) -> None:
         self.max_requests, self.max_bytes = max_requests, max_bytes
+        self.idle_timeout_s = idle_timeout_s
         self.held_requests = self.held_bytes = 0
         self.room = asyncio.Condition()  # told each time an answer frees its share
         self._loop = asyncio.get_running_loop()
         self.last_moved = self._loop.time()
-        self.idle_timeout_s: float | None = None
         self.read_deadline: asyncio.Timeout | None = None  # the pending read's, if timed
 
     def _fits(self, nbytes: int) -> bool:  # one request always goes alone, however large
@@ -135,8 +135,7 @@ async def answer_in_order(
     long raises StreamIdleError once its answers are out: an idle client holds a call's place.
     """
     in_order: asyncio.Queue[tuple[ItemTask[ResponseT], int] | None] = asyncio.Queue()
-    held = _Window(window, window_bytes)
-    held.idle_timeout_s = idle_timeout_s
+    held = _Window(window, window_bytes, idle_timeout_s)
 
     async def read_requests() -> None:
         iterator = aiter(requests)
