@@ -59,7 +59,7 @@ def fresh_kafka(bootstrap: str, partitions: int = 1) -> KafkaSettings:
     kafka = KafkaSettings(bootstrap_servers=bootstrap).with_fresh_topics(
         f"bench-{uuid.uuid4().hex[:8]}", partitions
     )
-    ensure_topics(bootstrap, kafka.topics, partitions, client_config=kafka.client_config())
+    ensure_topics(kafka)
     return kafka
 
 

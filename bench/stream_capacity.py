@@ -54,7 +54,7 @@ def overload_run(
         max_frames=math.ceil(28 * seconds),
     )  # fmt: skip
     summary, produced = stream_once(bootstrap, target, producer, CONCURRENCY, budget_ms, kafka)
-    records = read_records(bootstrap, kafka.results_topic, client_config=kafka.client_config())
+    records = read_records(kafka, kafka.results_topic)
     outcomes = Counter(r.key for r in records)
     classified = [r.e2e_ms for r in records if not r.skipped]
     stale = sum(1 for r in records if r.skipped)

@@ -77,9 +77,7 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
         kafka, producer_settings, sweep.step_seconds, consumer_settings, sweep.consumers,
         sweep.client, label=step,
     )  # fmt: skip
-    records = read_records(
-        kafka.bootstrap_servers, kafka.results_topic, client_config=kafka.client_config()
-    )
+    records = read_records(kafka, kafka.results_topic)
     figures = step_figures(
         streams,
         produced.target_fps or 0.0,

@@ -126,7 +126,7 @@ def fresh_topics(broker: LocalBroker, partitions: int = 2) -> KafkaSettings:
         dlq_topic=f"frames-{suffix}.dlq",
         partitions=partitions,
     )
-    ensure_topics(settings.bootstrap_servers, settings.topics, settings.partitions)
+    ensure_topics(settings)
     return settings
 
 

@@ -182,10 +182,9 @@ def test_kafka_tls_and_sasl_settings_reach_the_clients_and_the_password_stays_hi
     with pytest.raises(SystemExit):  # no flag for it: a command line is visible in `ps`
         build_parser().parse_args(["consume", "--sasl-password", "x"])
     with pytest.raises(BrokerUnreachableError):
-        ensure_topics(secured.bootstrap_servers, ["t"], 1, 3.0, client_config=config)
-    plain = kafka.client_config()
+        ensure_topics(secured, ["t"], 3.0)
     topic = f"{kafka.frames_topic}-plain"
-    assert ensure_topics(kafka.bootstrap_servers, [topic], 1, client_config=plain) == [topic]
+    assert ensure_topics(kafka, [topic]) == [topic]
     monkeypatch.delenv("VIDFLOW_KAFKA_SASL_PASSWORD")
     with pytest.raises(ValueError, match="VIDFLOW_KAFKA_SASL_PASSWORD"):
         settings_from_args(KafkaSettings, args)

@@ -224,7 +224,9 @@ def test_the_broker_command_starts_serves_and_stops_on_sigterm() -> None:
     )  # fmt: skip
     try:
         assert broker.stdout.readline().startswith(f"broker ready on 127.0.0.1:{port}")
-        created = ensure_topics(f"127.0.0.1:{port}", ["smoke"], partitions=3)
+        created = ensure_topics(
+            KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}", partitions=3), ["smoke"]
+        )
         assert created == ["smoke"]
     finally:
         broker.send_signal(signal.SIGTERM)

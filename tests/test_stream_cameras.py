@@ -275,7 +275,7 @@ def test_a_latency_budget_skips_stale_frames_and_every_frame_has_one_outcome(
 
     # Without a budget the same frames, all old by now, are all classified (as before).
     unbudgeted = kafka.model_copy(update={"results_topic": f"{kafka.results_topic}-all"})
-    ensure_topics(kafka.bootstrap_servers, [unbudgeted.results_topic], PARTITIONS)
+    ensure_topics(unbudgeted, [unbudgeted.results_topic])
     summary = _consumer(unbudgeted, onnx_server.target).run()
     assert summary.skipped_stale == 0 and summary.results_published == total
     assert all(r.skipped is None and r.label for r in _results(unbudgeted, expected=total))

@@ -182,7 +182,7 @@ def test_a_short_sweep_records_table_chart_and_verdict(
         assert sorted(step["stream_fps"]) == sorted(
             c.stream_id for c in run_cameras(["camera"], streams, 1)[0]
         )
-        records = read_records(kafka.bootstrap_servers, outcome["topics"][streams]["results"])
+        records = read_records(kafka, outcome["topics"][streams]["results"])
         keys = {r.key for r in records}
         assert len(keys) == step["frames_produced"] >= 3 * 28 * streams * 0.9
         start = min(r.capture_ts_ns for r in records) + WARMUP_S * 1e9  # warm-up not judged
@@ -233,7 +233,7 @@ def test_a_failing_count_is_tried_again_and_fails_only_if_every_try_does(
     assert tries == [(1, 1, False), (1, 2, False)]
     assert all(step["skipped_stale"] > 0 for step in outcome["steps"])
     # the topics kept are those of the last try, which the verdict rests on
-    records = read_records(kafka.bootstrap_servers, outcome["topics"][1]["results"])
+    records = read_records(kafka, outcome["topics"][1]["results"])
     keys = {r.key for r in records}
     assert len(keys) == outcome["steps"][-1]["frames_produced"] > 0
 

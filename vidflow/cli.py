@@ -150,10 +150,7 @@ def _produce(args: argparse.Namespace) -> int:
     kafka = settings_from_args(KafkaSettings, args)
     settings = settings_from_args(ProducerSettings, args)  # bad flags refused before the broker
     check_sources(settings.source)
-    ensure_topics(
-        kafka.bootstrap_servers, [kafka.frames_topic], kafka.partitions,
-        client_config=kafka.client_config(),
-    )  # fmt: skip
+    ensure_topics(kafka, [kafka.frames_topic])
     stats = produce_frames(settings, kafka, stop_on_signals())
     print(json.dumps(stats.as_dict()))
     return 1 if stats.failed or stats.broker_error else 0
@@ -167,10 +164,7 @@ def _consume(args: argparse.Namespace) -> int:
     kafka = settings_from_args(KafkaSettings, args)
     settings = settings_from_args(ConsumerSettings, args)
     client = settings_from_args(ClientSettings, args)
-    ensure_topics(
-        kafka.bootstrap_servers, kafka.topics, kafka.partitions,
-        client_config=kafka.client_config(),
-    )  # fmt: skip
+    ensure_topics(kafka)
     consumer = FrameConsumer(kafka, settings, client.target, stop_on_signals(), client.tls_ca)
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server

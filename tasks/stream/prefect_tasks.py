@@ -38,12 +38,7 @@ def _worth_retrying(task: Any, task_run: Any, state: State) -> bool:
     task_run_name="create topics {kafka.frames_topic}",
 )
 def create_topics(kafka: KafkaSettings) -> list[str]:
-    return ensure_topics(
-        kafka.bootstrap_servers,
-        kafka.topics,
-        kafka.partitions,
-        client_config=kafka.client_config(),
-    )
+    return ensure_topics(kafka)
 
 
 @task(cache_policy=NO_CACHE)

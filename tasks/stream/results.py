@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
@@ -12,24 +11,18 @@ from tasks.stream.frame_codec import FrameResult
 from tasks.stream.settings import KafkaSettings
 
 
-def read_records(
-    bootstrap_servers: str,
-    topic: str,
-    timeout_s: float = 60.0,
-    *,
-    client_config: dict[str, Any] | None = None,
-) -> list[FrameResult]:
-    """Every result record on `topic` up to its end now (its high watermarks), in no set order.
+def read_records(kafka: KafkaSettings, topic: str, timeout_s: float = 60.0) -> list[FrameResult]:
+    """Every result record on `topic` (on the broker `kafka` names) up to its end now (its high
+    watermarks), in no set order.
 
     Assigns the partitions directly (no group to join) and stops at each partition's end, so a
     finished run is read in full without waiting for an idle timeout."""
     reader = Consumer(
         {
-            "bootstrap.servers": bootstrap_servers,
-            **(client_config or {}),
+            **kafka.client_config(),
             "group.id": f"results-reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
-            "fetch.wait.max.ms": KafkaSettings.model_fields["fetch_wait_max_ms"].default,
+            "fetch.wait.max.ms": kafka.fetch_wait_max_ms,
         }
     )
     try:

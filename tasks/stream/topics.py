@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from tasks.stream.kafka_logs import librdkafka_logging
+from tasks.stream.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -19,23 +19,20 @@ class BrokerUnreachableError(RuntimeError):
 
 
 def ensure_topics(
-    bootstrap_servers: str,
-    topics: list[str],
-    partitions: int,
-    timeout_s: float = 15.0,
-    *,
-    client_config: dict[str, Any] | None = None,
+    kafka: KafkaSettings, topics: list[str] | None = None, timeout_s: float = 15.0
 ) -> list[str]:
-    """Create missing topics; return the ones created. Existing topics are left as they are.
-    `client_config`: how to reach the broker (`KafkaSettings.client_config`: TLS, SASL)."""
-    config = {"bootstrap.servers": bootstrap_servers, **(client_config or {})}
-    admin = AdminClient({**config, **librdkafka_logging()})
+    """Create the missing ones of `topics` (default: every topic of `kafka`) with
+    `kafka.partitions` partitions, reaching the broker as `kafka` says (TLS, SASL); return the
+    ones created. Existing topics are left as they are."""
+    partitions = kafka.partitions
+    admin = AdminClient({**kafka.client_config(), **librdkafka_logging()})
     try:
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:  # say which broker, not only "transport failure"
         raise BrokerUnreachableError(
-            f"Kafka broker {bootstrap_servers} unreachable for {timeout_s:.0f} s: {exc}"
+            f"Kafka broker {kafka.bootstrap_servers} unreachable for {timeout_s:.0f} s: {exc}"
         ) from exc
+    topics = kafka.topics if topics is None else topics
     missing = [t for t in dict.fromkeys(topics) if t not in existing]
     if not missing:
         return []
