@@ -483,6 +483,17 @@ def test_a_stream_idles_out_only_with_nothing_in_flight() -> None:
     assert 0.2 + 0.9 + 0.05 + 0.3 <= time.monotonic() - started_at < 5
 
 
+def _open_calls_reach(server: ServerProcess, count: int, within_s: float) -> bool:
+    """Whether the server's gauge of calls holding a place reads `count` within `within_s`."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        metrics = _http_get(f"{server.http_url}/metrics")[1]
+        if _metric(metrics, "vidflow_inference_open_calls") == count:
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def test_idle_calls_are_ended_and_free_their_places(
     tmp_path: Path, model_cache: Path, video_frames: list[bytes]
 ) -> None:
@@ -513,12 +524,14 @@ def test_idle_calls_are_ended_and_free_their_places(
                 request_serializer=inference_pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=inference_pb2.ClassifyResponse.FromString,
             ).future(no_request(), timeout=60)
+            # gRPC does not keep the order of calls: a third sent now could take the place first.
+            assert _open_calls_reach(server, 2, within_s=idle_timeout_s * 0.75)
             stub = inference_pb2_grpc.ClassifierStub(channel)
             request = inference_pb2.ClassifyRequest(image=video_frames[1])
             with pytest.raises(grpc.RpcError) as refused:  # both places held by idle calls
-                while time.monotonic() - quiet_from < idle_timeout_s * 0.75:
-                    stub.Classify(request, timeout=30)
+                stub.Classify(request, timeout=30)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() - quiet_from < idle_timeout_s  # refused while still idle
             for ended in (lambda: next(stream), silent.result):
                 with pytest.raises(grpc.RpcError) as idle:
                     ended()
@@ -527,6 +540,8 @@ def test_idle_calls_are_ended_and_free_their_places(
             assert idle_timeout_s <= time.monotonic() - quiet_from < 15
             assert _admitted_within(stub, video_frames[1], 10.0)
         metrics = _http_get(f"{server.http_url}/metrics")[1]
+        assert _metric(metrics, "vidflow_inference_max_open_calls") == 2
+        assert _metric(metrics, "vidflow_inference_open_calls") == 0  # every place given back
         for method in ("Classify", "ClassifyStream"):
             labels = {"method": method, "code": "DEADLINE_EXCEEDED"}
             assert _metric(metrics, "vidflow_inference_requests_total", **labels) == 1, method

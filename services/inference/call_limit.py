@@ -25,6 +25,10 @@ class CallLimit:
         self.metrics = metrics
         self.idle_timeout_s = idle_timeout_s
         self.open_calls = 0
+        # Read when scraped: an operator sees how near the limit the server runs, at no cost
+        # per call.
+        metrics.open_calls.set_function(lambda: self.open_calls)
+        metrics.max_open_calls.set(limit)
 
     @contextlib.asynccontextmanager
     async def admitted(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:

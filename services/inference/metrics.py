@@ -43,6 +43,17 @@ class ServiceMetrics:
             "Requests being processed right now.",
             registry=self.registry,
         )
+        self.open_calls = Gauge(
+            "vidflow_inference_open_calls",
+            "Classify and ClassifyStream calls holding a place now; past "
+            "vidflow_inference_max_open_calls the next is refused (RESOURCE_EXHAUSTED).",
+            registry=self.registry,
+        )
+        self.max_open_calls = Gauge(
+            "vidflow_inference_max_open_calls",
+            "Classify and ClassifyStream calls held at most at once (--max-concurrent-rpcs).",
+            registry=self.registry,
+        )
         self.ready = Gauge(
             "vidflow_inference_ready",
             "1 when the model is loaded and warmed up and the server takes requests.",
