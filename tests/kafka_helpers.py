@@ -3,45 +3,30 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from tasks.stream.frame_codec import FrameResult
+from tasks.stream.results import read_messages
+from tasks.stream.settings import KafkaSettings
 
 
 def read_topic(
     bootstrap_servers: str, topic: str, expected: int | None = None, idle_s: float = 3.0
 ) -> list[Message]:
-    """A topic's messages from the start, until `expected` are read or none come for idle_s."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap_servers,
-            "group.id": f"reader-{uuid.uuid4()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "session.timeout.ms": 6000,
-            "heartbeat.interval.ms": 1000,
-        }
-    )
-    consumer.subscribe([topic])
-    messages: list[Message] = []
-    last = time.monotonic()
-    deadline = last + 120
-    while time.monotonic() < deadline:
-        message = consumer.poll(0.2)
-        if message is None or message.error():
-            # The group join alone takes seconds: only count idle time once something arrived.
-            if messages and time.monotonic() - last > idle_s:
-                break
-            if not messages and time.monotonic() - last > idle_s + 10:
-                break
-            continue
-        messages.append(message)
-        last = time.monotonic()
-        if expected is not None and len(messages) >= expected:
+    """A topic's messages from the start: all there are now, and with `expected`, more as they
+    come until there are that many, or none has come for `idle_s` (10 s more before the first)."""
+    kafka = KafkaSettings(bootstrap_servers=bootstrap_servers)
+    messages = read_messages(kafka, topic)
+    last_change, deadline = time.monotonic(), time.monotonic() + 120
+    while expected is not None and len(messages) < expected and time.monotonic() < deadline:
+        waited_s = time.monotonic() - last_change
+        if waited_s > idle_s + (0 if messages else 10):
             break
-    consumer.close()
+        time.sleep(0.1)
+        more = read_messages(kafka, topic)
+        if len(more) > len(messages):
+            messages, last_change = more, time.monotonic()
     return messages
 
 

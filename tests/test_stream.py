@@ -26,8 +26,10 @@ from tasks.stream.frame_codec import (
     FrameResult,
     encode_frame_headers,
     frame_key,
+    stale_result,
 )
 from tasks.stream.producer import produce_frames
+from tasks.stream.results import read_records
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 from tasks.stream.topics import ensure_topics
 from tests.conftest import VIDEOS
@@ -258,6 +260,21 @@ def test_the_broker_tells_clients_the_advertised_host() -> None:
     finally:
         broker.send_signal(signal.SIGTERM)
         assert broker.wait(15) == 0
+
+
+def test_a_topic_is_read_to_its_end_where_the_broker_reports_the_end_low(kafka) -> None:
+    """Tansu reports a partition's end as its last batch's first offset + 1: reading up to that
+    left a run's last results unread (the capacity sweep's among them)."""
+    producer = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 50})
+    for index in range(12):  # one batch of 11 in partition 0, one of 1 in partition 1
+        frame = Frame("cam-r", index, time.time_ns(), time.time_ns(), b"jpeg")
+        result = stale_result(frame, partition=0, offset=index, age_ms=1.0)
+        producer.produce(kafka.results_topic, key=result.key.encode(), value=result.to_json(),
+                         partition=0 if index else 1)  # fmt: skip
+    assert producer.flush(10) == 0
+    records = read_records(kafka, kafka.results_topic)
+    assert sorted(r.frame_index for r in records) == list(range(12))
+    assert read_records(kafka, kafka.dlq_topic) == []  # an empty topic: nothing, at once
 
 
 def test_consumer_metrics_count_what_it_did(kafka, onnx_server) -> None:
