@@ -51,8 +51,10 @@ def prefect_api(startup_timeout_s: int = 120) -> Iterator[str]:
     try:
         updates = {PREFECT_API_URL: server.api_url, PREFECT_API_AUTH_STRING: auth}
         with temporary_settings(updates=updates):
-            yield server.api_url
-            _drain_to_api()
+            try:
+                yield server.api_url
+            finally:  # a failed run too: its last lines would be retried at exit for ~70 s
+                _drain_to_api()
     finally:
         for name, value in before.items():  # as the caller had them
             if value is None:

@@ -108,6 +108,37 @@ def test_the_temporary_prefect_server_answers_only_its_run(cli_env: dict[str, st
     assert after == {"caller_s_login_after": "someone:else"}
 
 
+_FAILING_RUN = """
+from devstack.prefect_api import prefect_api
+from prefect import flow, get_run_logger
+
+@flow
+def failing() -> None:
+    get_run_logger().warning("about to fail")
+    raise RuntimeError("the run failed")
+
+try:
+    with prefect_api():
+        failing()
+except RuntimeError as exc:
+    print(exc)
+"""
+
+
+def test_a_failed_run_sends_its_logs_before_the_temporary_server_stops(
+    cli_env: dict[str, str],
+) -> None:
+    """Found in a walk through the README: `stream-benchmark` with a broker it cannot reach said
+    so, then hung ~70 s retrying its last log lines against the server it had stopped."""
+    run = subprocess.run(
+        [sys.executable, "-c", _FAILING_RUN],
+        capture_output=True, text=True, env=cli_env, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0 and run.stdout.strip() == "the run failed", run.stderr[-3000:]
+    assert "about to fail" in run.stderr
+    assert "Error logging to API" not in run.stderr, run.stderr[-3000:]
+
+
 def test_bad_input_is_refused_before_anything_starts(
     tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
