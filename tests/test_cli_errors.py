@@ -241,6 +241,16 @@ def test_flags_out_of_range_are_refused_by_the_parser(tmp_path: Path, capsys) ->
     assert err.strip().endswith("--tls-cert and --tls-key go together: give both or neither")
 
 
+def test_health_with_no_answer_says_where_it_asked_and_why(capsys) -> None:
+    """Found in a README walk: `vidflow health` printed UNREACHABLE alone, with no address or
+    cause (a wrong port, a TLS mismatch and a stopped service all read the same)."""
+    assert main(["health", "--target", CLOSED_PORT, "--timeout", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert out.strip() == "UNREACHABLE"  # what scripts and the image's health check read
+    assert f"no health answer from {CLOSED_PORT} within 1 s: UNAVAILABLE:" in err, err
+    assert "Connection refused" in err, err
+
+
 def test_logging_that_cannot_be_set_up_is_one_line(tmp_path: Path, capsys) -> None:
     health = ["health", "--target", CLOSED_PORT]
     assert "logging:" in _refused([*health, "--log-level", "bogus"], capsys)

@@ -42,6 +42,9 @@ def _refused_without_the_token(channel: grpc.Channel, image: bytes) -> None:
             call()
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
         assert "VIDFLOW_INFERENCE_AUTH_TOKEN" in refused.value.details(), name
+        # one that sent a token is told it is the wrong one, not to set it
+        wrong = "the token sent is not this service's"
+        assert (wrong in refused.value.details()) == (name == "another token"), name
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes need no secret
 

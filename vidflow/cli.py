@@ -89,11 +89,13 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from services.inference.client import health_status
+    from services.inference.client import health_check
 
     client = settings_from_args(ClientSettings, args)
-    status = health_status(client.target, args.timeout, tls_ca=client.tls_ca)
+    status, why = health_check(client.target, args.timeout, tls_ca=client.tls_ca)
     print(status)
+    if status == "UNREACHABLE":  # which address, and gRPC's reason (refused, timed out, TLS)
+        log.error("no health answer from %s within %g s: %s", client.target, args.timeout, why)
     return 0 if status == "SERVING" else 1
 
 
@@ -340,7 +342,9 @@ def _add_service_commands(command: AddCommand) -> None:
 
     health = command("health", _health, "exit 0 when the service's gRPC health is SERVING")
     add_settings_arguments(health, ClientSettings)
-    health.add_argument("--timeout", type=float, default=3.0)
+    health.add_argument(
+        "--timeout", type=positive_float, default=3.0, help="seconds to wait (default 3)"
+    )
 
     loadtest = command("loadtest", _loadtest, "measure throughput and latency per concurrency")
     add_settings_arguments(loadtest, ClientSettings)
@@ -348,14 +352,25 @@ def _add_service_commands(command: AddCommand) -> None:
         "--images", type=Path, required=True, help="an image, a folder of images, or a video"
     )
     loadtest.add_argument(
-        "--concurrency", type=positive_int_list, default="1,2,4,8,16", help="comma-separated levels"
+        "--concurrency",
+        type=positive_int_list,
+        default="1,2,4,8,16",
+        help="comma-separated levels (default 1,2,4,8,16)",
     )
-    loadtest.add_argument("--duration", type=positive_float, default=10.0, help="s per level")
     loadtest.add_argument(
-        "--warmup", type=non_negative_float, default=2.0, help="uncounted seconds per level"
+        "--duration", type=positive_float, default=10.0, help="seconds per level (default 10)"
     )
     loadtest.add_argument(
-        "--max-frames", type=positive_int, default=64, help="frames taken from a video"
+        "--warmup",
+        type=non_negative_float,
+        default=2.0,
+        help="uncounted seconds per level (default 2)",
+    )
+    loadtest.add_argument(
+        "--max-frames",
+        type=positive_int,
+        default=64,
+        help="frames taken from a video, from its start (default 64)",
     )
     loadtest.add_argument("--json", type=output_file, help="write the results as JSON here")
     loadtest.add_argument(
@@ -385,8 +400,12 @@ def _add_local_dev_commands(command: AddCommand) -> None:
         _sample_mirror,
         "serve the sample clips under the Kinetics-400 val names (a local Kinetics mirror)",
     )
-    mirror.add_argument("--port", type=port_or_zero, default=8765)
-    mirror.add_argument("--host", default="127.0.0.1")
+    mirror.add_argument(
+        "--port", type=port_or_zero, default=8765, help="port (default 8765; 0: any free one)"
+    )
+    mirror.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
 
 
 def _add_stream_commands(command: AddCommand) -> None:

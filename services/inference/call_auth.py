@@ -38,30 +38,29 @@ class TokenCheck(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if (
-            handler is None
-            or not method.startswith(GUARDED_SERVICE)
-            or self._allowed(handler_call_details.invocation_metadata)
-        ):
+        if handler is None or not method.startswith(GUARDED_SERVICE):
+            return handler
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization")
+        given = given.encode() if isinstance(given, str) else given
+        if given is not None and hmac.compare_digest(given, self._expected):
             return handler
         name = method.rsplit("/", 1)[-1]
         self._metrics.requests.labels(name, grpc.StatusCode.UNAUTHENTICATED.name).inc()
         # Client-streaming whatever the method: gRPC runs such a handler when the call opens,
         # so a caller that never sends its request is refused at once instead of holding one
         # of the server's places (the wire format is the same for every kind).
-        return _REFUSAL
-
-    def _allowed(self, metadata: Any) -> bool:
-        given = dict(metadata or ()).get("authorization", "")
-        given = given.encode() if isinstance(given, str) else given
-        return hmac.compare_digest(given, self._expected)
+        return _NO_TOKEN if given is None else _WRONG_TOKEN
 
 
-async def _refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
-    await context.abort(
-        grpc.StatusCode.UNAUTHENTICATED,
-        "this service wants a token: set VIDFLOW_INFERENCE_AUTH_TOKEN for the client",
-    )
+def _refusal(message: str) -> grpc.RpcMethodHandler:
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
-_REFUSAL = grpc.stream_unary_rpc_method_handler(_refuse)
+_NO_TOKEN = _refusal("this service wants a token: set VIDFLOW_INFERENCE_AUTH_TOKEN for the client")
+# A client with the variable set to another value was told to set it (found in a README walk).
+_WRONG_TOKEN = _refusal(
+    "the token sent is not this service's: check VIDFLOW_INFERENCE_AUTH_TOKEN on the client"
+)

@@ -84,14 +84,22 @@ def health_status(
     """The gRPC health status name (SERVING, NOT_SERVING, ...), UNREACHABLE when nothing
     answered in time, or the gRPC code a reachable server ended the check with (e.g.
     UNIMPLEMENTED: no health service there)."""
+    return health_check(target, timeout_s, service, tls_ca)[0]
+
+
+def health_check(
+    target: str, timeout_s: float = 2.0, service: str = "", tls_ca: Path | None = None
+) -> tuple[str, str]:
+    """`health_status`, and gRPC's words for a check that failed ("" for an answer)."""
     with open_channel(target, tls_ca, send_token=False) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.RpcError as exc:
             unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-            return "UNREACHABLE" if exc.code() in unreachable else exc.code().name
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            status = "UNREACHABLE" if exc.code() in unreachable else exc.code().name
+            return status, f"{exc.code().name}: {exc.details()}"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), ""
 
 
 class ServerExitedError(RuntimeError):
