@@ -118,6 +118,8 @@ def _extract(
         "flow_run_id": str(flow_run.id),
     }
     publish_artifacts(report)
+    for line in report.failure_lines():
+        logger.warning("%s", line)
     logger.info(
         "depth extraction: %d ok, %d failed, %d skipped in %.1f s (%.2f videos/s)",
         summary["ok"], summary["failed"], summary["skipped"], summary["wall_s"],

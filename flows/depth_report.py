@@ -127,6 +127,19 @@ class RunReport:
             for record in by_shard[:limit]
         ]
 
+    def failure_lines(self, limit: int = 10) -> list[str]:
+        """The first `limit` failures, one line each, for the run's log: on the console of a
+        command line run, whose temporary Prefect server (and artifacts) end with it."""
+        lines = [  # one line each: ffmpeg's stderr tail has several
+            f"{record.video_id}: {record.failed_stage} failed: "
+            f"{' '.join((record.error or '').split())[:300]}"
+            for record in self.failures[:limit]
+        ]
+        if len(self.failures) > limit:
+            more = len(self.failures) - limit
+            lines.append(f"{more} more failed: the table's rows with status = 'failed' say why")
+        return lines
+
     def failures_markdown(self, limit: int = 100) -> str:
         if not self.failures:
             return "# Failures\n\nNone: every video processed in this run is `ok`."

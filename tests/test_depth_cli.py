@@ -59,6 +59,10 @@ def test_the_cli_runs_the_flow_with_its_own_prefect_server(
     assert status == {"gone": "failed", "clip": "ok"} and len(rows) == 3
     clips = [row["video_id"] for row in rows if row["video_id"].startswith("clip_")]
     assert len(set(clips)) == 2  # same file name, other URL: its own id
+    # The failure and its reason on the console: the run's artifacts end with its server.
+    [gone] = [row["video_id"] for row in rows if row["status"] == "failed"]
+    [line] = [line for line in run.stderr.splitlines() if f"{gone}: download failed: " in line]
+    assert "404" in line and "WARNING" in line, line
 
 
 # A client of the run's temporary server, as `vidflow depth` starts it (in a process of its own:

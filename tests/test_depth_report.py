@@ -41,3 +41,17 @@ def test_a_server_s_words_in_an_error_show_as_text_in_the_failures_artifact() ->
     cell = row.rsplit(" | ", 1)[1].removesuffix(" |")
     shown = "HTTP 403 ![x](http://evil.example/b.png) <img src=x onerror=alert(1)> a\\|b 'c'"
     assert cell == f"`{shown}`"  # one code span: its text shown as it is
+
+
+def test_the_log_names_the_first_failures_one_line_each_and_counts_the_rest() -> None:
+    """A command line run's artifacts end with its temporary server: its console must say
+    which videos failed and why."""
+    report = RunReport(total=12, skipped=0)
+    report.add(_video("cut", transcode_s=0.1).fail("transcode", "ffmpeg exit 1:\nmoov atom\nend"))
+    for index in range(11):
+        report.add(_video(f"gone{index}").fail("download", "HTTP 404 Not Found"))
+    lines = report.failure_lines(limit=10)
+    assert lines[0] == "cut: transcode failed: ffmpeg exit 1: moov atom end"
+    assert lines[1:10] == [f"gone{i}: download failed: HTTP 404 Not Found" for i in range(9)]
+    assert lines[10].startswith("2 more failed") and len(lines) == 11
+    assert RunReport(total=0, skipped=0).failure_lines() == []

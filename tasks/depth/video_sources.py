@@ -232,12 +232,18 @@ def load_sources(
 ) -> list[VideoRecord]:
     """The input videos, from exactly one of `urls` and `kinetics_csv`."""
     if (urls is None) == (kinetics_csv is None):
-        raise ValueError("give exactly one input: urls (a URL list) or kinetics_csv")
+        raise ValueError(
+            "give exactly one input: --urls (a URL list) or --kinetics-csv (flow parameters "
+            "urls, kinetics_csv)"
+        )
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be 0 or more (got {limit})")
     if kinetics_csv is not None:
         if not url_template:
-            raise ValueError("kinetics_csv needs url_template, e.g. https://HOST/{youtube_id}.mp4")
+            raise ValueError(
+                "--kinetics-csv needs --url-template (flow parameters kinetics_csv, "
+                "url_template), e.g. https://HOST/{youtube_id}.mp4"
+            )
         every_split = split is None or split == "all"
         return read_kinetics_csv(
             Path(kinetics_csv),
