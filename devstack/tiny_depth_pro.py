@@ -8,6 +8,7 @@ it untrained. The full-size one serves speed measurements (`bench.depth_gpu`).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from tasks.depth.depth_model import UNTRAINED_CONFIG_KEY
@@ -94,3 +95,18 @@ def save_tiny_depth_pro(directory: Path, seed: int = 0, *, fov: bool = True) -> 
 def save_full_size_depth_pro(directory: Path, seed: int = 0) -> Path:
     """Depth Pro at the size of apple/DepthPro-hf (1536 px input), random weights: for speed."""
     return save_random_depth_pro(directory, FULL_SIZE_ENCODER, seed=seed)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m devstack.tiny_depth_pro DIR`: save the tiny stand-in to DIR, to try the
+    depth pipeline where no weights can be had (`vidflow depth --depth-model DIR`)."""
+    if len(argv) != 1:
+        print("usage: python -m devstack.tiny_depth_pro DIR", file=sys.stderr)
+        return 2
+    saved = save_tiny_depth_pro(Path(argv[0]))
+    print(f"saved an UNTRAINED Depth Pro (random weights) to {saved}: --depth-model {saved}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack.launcher import REPO_ROOT
+from tasks.depth.depth_model import check_depth_model
 from tasks.depth.model_files import cached_model_dir, model_origin, model_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,6 +150,15 @@ except ValueError as exc:
     )
     assert "cannot be reached (hub.invalid" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "hf download apple/DepthPro-hf" in done.stdout
+    # ... and how to try the pipeline offline, with a stand-in labelled untrained
+    assert "python -m devstack.tiny_depth_pro DIR" in done.stdout
+    stand_in = tmp_path / "stand-in"
+    made = subprocess.run(
+        [sys.executable, "-m", "devstack.tiny_depth_pro", str(stand_in)],
+        capture_output=True, text=True, timeout=120, check=False, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert made.returncode == 0 and f"--depth-model {stand_in}" in made.stdout, made.stderr
+    assert check_depth_model(str(stand_in)) is True  # untrained: its outputs say so
     assert "Retrying" not in done.stderr  # before: 5 retries, ~23 s, then a generic message
 
 

@@ -85,7 +85,10 @@ def check_hub_reachable(model_name: str) -> None:
             f"the Hugging Face hub at {constants.ENDPOINT} cannot be reached "
             f"({host}: {exc.strerror or exc}) and its cache ({constants.HF_HUB_CACHE}) does "
             f"not hold all of {model_name}: connect this machine, fill the cache elsewhere "
-            f"(`hf download {model_name}`, then copy HF_HOME here), or give a local folder"
+            f"(`hf download {model_name}`, then copy HF_HOME here), or give a local folder; "
+            "to try the pipeline with no weights at all, `python -m devstack.tiny_depth_pro DIR` "
+            "saves an untrained stand-in to give as --depth-model DIR (its outputs are labelled "
+            "untrained)"
         ) from exc
 
 

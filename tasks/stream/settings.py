@@ -20,7 +20,11 @@ class KafkaSettings(BaseSettings):
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
     frames_topic: str = Field("frames", description="topic the producer publishes frames to")
     results_topic: str = Field("predictions", description="topic the consumer publishes results to")
-    dlq_topic: str = Field("frames.dlq", description="dead-letter topic for undecodable frames")
+    dlq_topic: str = Field(
+        "frames.dlq",
+        description="dead-letter topic: malformed frames, and frames the service failed on "
+        "--max-attempts times",
+    )
     partitions: int = Field(4, ge=1, description="partitions for topics vidflow creates")
     # The producer's default message.max.bytes (1,000,000) refuses larger frames.
     max_message_bytes: int = Field(10 * 1024 * 1024, description="largest frame message")
