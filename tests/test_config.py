@@ -189,3 +189,12 @@ def test_kafka_tls_and_sasl_settings_reach_the_clients_and_the_password_stays_hi
     with pytest.raises(ValueError, match="VIDFLOW_KAFKA_SASL_PASSWORD"):
         settings_from_args(KafkaSettings, args)
     assert KafkaSettings(bootstrap_servers="h:1").client_config() == {"bootstrap.servers": "h:1"}
+
+
+def test_every_stream_command_takes_topic_for_the_frames_topic() -> None:
+    """`stream-benchmark` lacked the `--topic` of `produce` and `consume` (a README walk)."""
+    from tasks.stream.settings import KafkaSettings
+
+    for command in ("produce", "consume", "stream-benchmark"):
+        args = build_parser().parse_args([command, "--topic", "cams"])
+        assert settings_from_args(KafkaSettings, args).frames_topic == "cams", command

@@ -429,6 +429,7 @@ def _add_stream_commands(command: AddCommand) -> None:
     bench.add_argument("--summary-json", type=Path, help="write the figures here as JSON")
     add_settings_arguments(bench, KafkaSettings)
     add_settings_arguments(bench, ClientSettings)
+    bench.add_argument("--topic", dest="frames_topic", help="alias of --frames-topic")
 
 
 def _add_depth_command(command: AddCommand) -> None:
