@@ -6,7 +6,7 @@ import time
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
-from tasks.stream.frame_codec import FrameResult
+from tasks.stream.frame_codec import FrameResult, frame_key
 from tasks.stream.results import read_messages
 from tasks.stream.settings import KafkaSettings
 
@@ -32,6 +32,12 @@ def read_topic(
 
 def result_keys(messages: list[Message]) -> list[str]:
     return [FrameResult.from_json(m.value()).key for m in messages]
+
+
+def produced_keys(per_stream: dict[str, int], session: str) -> set[str]:
+    """The result keys of every frame a produce run published (its stats' `per_stream` and
+    `session`)."""
+    return {frame_key(stream, i, session) for stream, n in per_stream.items() for i in range(n)}
 
 
 def committed_offsets(

@@ -22,30 +22,43 @@ from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from tasks.stream.consumer import FrameConsumer
 from tasks.stream.frame_codec import (
     HEADER_DLQ_REASON,
+    HEADER_SESSION,
     Frame,
+    FrameFormatError,
     FrameResult,
+    decode_frame,
     encode_frame_headers,
     frame_key,
     stale_result,
 )
-from tasks.stream.producer import produce_frames
+from tasks.stream.producer import ProduceStats, produce_frames
 from tasks.stream.results import read_records
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 from tasks.stream.topics import ensure_topics
 from tests.conftest import VIDEOS
-from tests.kafka_helpers import committed_offsets, committed_total, read_topic, result_keys
+from tests.kafka_helpers import (
+    committed_offsets,
+    committed_total,
+    produced_keys,
+    read_topic,
+    result_keys,
+)
 from tests.proc_helpers import children, listening_addresses
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 CLIP_FRAMES = 280
 
 
-def _produce_clip(kafka: KafkaSettings, stream_id: str, fps: str = "max", **kw) -> int:
+def _produce_clip(kafka: KafkaSettings, stream_id: str, fps: str = "max", **kw) -> ProduceStats:
     stats = produce_frames(
         ProducerSettings(source=str(CLIP), fps=fps, stream_id=stream_id, **kw), kafka
     )
     assert stats.failed == 0 and stats.delivered == stats.frames_read
-    return stats.frames_read
+    return stats
+
+
+def _frame_keys(stats: ProduceStats) -> set[str]:
+    return produced_keys(stats.per_stream, stats.session)
 
 
 def _consumer(kafka: KafkaSettings, target: str, **settings) -> FrameConsumer:
@@ -54,7 +67,8 @@ def _consumer(kafka: KafkaSettings, target: str, **settings) -> FrameConsumer:
 
 
 def test_every_frame_gets_exactly_one_result_after_deduplication(kafka, onnx_server) -> None:
-    produced = _produce_clip(kafka, "cam-a")
+    stats = _produce_clip(kafka, "cam-a")
+    produced = stats.frames_read
     assert produced == CLIP_FRAMES
     summary = _consumer(kafka, onnx_server.target).run()
     assert summary.frames_consumed == produced
@@ -63,7 +77,7 @@ def test_every_frame_gets_exactly_one_result_after_deduplication(kafka, onnx_ser
 
     messages = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=produced)
     keys = result_keys(messages)
-    assert set(keys) == {frame_key("cam-a", i) for i in range(produced)}
+    assert set(keys) == _frame_keys(stats) and len(_frame_keys(stats)) == produced
     assert all(m.key().decode() == FrameResult.from_json(m.value()).key for m in messages)
     result = FrameResult.from_json(messages[0].value())
     assert result.label and 0 < result.score <= 1 and result.model_name == "efficientnet_lite0"
@@ -75,9 +89,37 @@ def test_every_frame_gets_exactly_one_result_after_deduplication(kafka, onnx_ser
     assert report["fps"] > 0
 
 
+def test_a_producer_started_again_keeps_its_results_apart_from_its_last_run(
+    kafka, onnx_server
+) -> None:
+    """A camera's stream id is its stable name and each start numbers frames from 0: the
+    session in the key keeps a restart's results from reading as duplicates of the last run's
+    (which a downstream deduplicator would drop)."""
+    first = _produce_clip(kafka, "cam-s", max_frames=6)
+    again = _produce_clip(kafka, "cam-s", max_frames=6)
+    assert first.session != again.session and len(first.session) == 8
+    summary = _consumer(kafka, onnx_server.target).run()
+    assert summary.results_published == 12
+
+    results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=12)
+    keys = result_keys(results)
+    assert len(set(keys)) == 12 and set(keys) == _frame_keys(first) | _frame_keys(again)
+    assert frame_key("cam-s", 0, again.session) == f"cam-s@{again.session}:0"
+    frames = read_topic(kafka.bootstrap_servers, kafka.frames_topic, expected=12)
+    assert {decode_frame(m.value(), m.headers()).session for m in frames} == {
+        first.session,
+        again.session,
+    }
+    with pytest.raises(FrameFormatError, match="vidflow-producer-session is too long"):
+        headers = encode_frame_headers(Frame("c", 0, 1, 1, b"", session="s" * 65))
+        assert (HEADER_SESSION, b"s" * 65) in headers
+        decode_frame(b"", headers)
+
+
 @pytest.mark.faults
 def test_a_corrupt_message_goes_to_the_dlq_and_the_consumer_goes_on(kafka, onnx_server) -> None:
-    produced = _produce_clip(kafka, "cam-b", max_frames=20)
+    stats = _produce_clip(kafka, "cam-b", max_frames=20)
+    produced = stats.frames_read
     producer = Producer({"bootstrap.servers": kafka.bootstrap_servers})
     corrupt = Frame("cam-b", 999, time.time_ns(), time.time_ns(), b"\x00not a jpeg\x00" * 50)
     producer.produce(
@@ -96,7 +138,7 @@ def test_a_corrupt_message_goes_to_the_dlq_and_the_consumer_goes_on(kafka, onnx_
     assert "lacks header" in reasons[1]
     assert sorted(m.value() for m in dead) == sorted([corrupt.jpeg, b"no headers at all"])
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=produced)
-    assert set(result_keys(results)) == {frame_key("cam-b", i) for i in range(produced)}
+    assert set(result_keys(results)) == _frame_keys(stats)
 
 
 @pytest.mark.faults
@@ -107,7 +149,7 @@ def test_frame_headers_out_of_range_are_dead_lettered_not_fatal(
     """Anyone who can produce to the topic writes the headers: a capture time of 400 digits
     ended the consumer with an OverflowError (and again on every restart, its offset never
     committed), with or without a latency budget."""
-    produced = _produce_clip(kafka, "cam-h", max_frames=5)
+    produced = _produce_clip(kafka, "cam-h", max_frames=5).frames_read
     jpeg = load_encoded_images(CLIP, max_frames=1)[0]  # classified, were it not refused
     good = Frame("cam-h", 0, time.time_ns(), time.time_ns(), jpeg)
     hostile = [
@@ -136,7 +178,8 @@ def test_the_service_stops_mid_stream_and_no_frame_is_lost(
     port, http_port = free_port(), free_port()
     server: ServerProcess = start_server(tmp_path, model_cache, port=port, http_port=http_port)
     server.wait_serving()
-    produced = _produce_clip(kafka, "cam-c")
+    stats = _produce_clip(kafka, "cam-c")
+    produced = stats.frames_read
     consumer = _consumer(kafka, server.target, concurrency=4, idle_timeout=8.0)
     outcome: dict[str, object] = {}
     worker = threading.Thread(target=lambda: outcome.setdefault("summary", consumer.run()))
@@ -160,7 +203,7 @@ def test_the_service_stops_mid_stream_and_no_frame_is_lost(
     summary = outcome["summary"]
     assert summary.errors > 0 and summary.retries > 0  # it did see the outage
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=produced)
-    assert set(result_keys(results)) == {frame_key("cam-c", i) for i in range(produced)}
+    assert set(result_keys(results)) == _frame_keys(stats)
 
 
 @pytest.mark.faults
@@ -169,8 +212,9 @@ def test_a_killed_consumer_is_replaced_from_committed_offsets(
     kafka, onnx_server, tmp_path: Path
 ) -> None:
     group = f"group-{uuid.uuid4().hex[:6]}"
+    produced: dict[str, ProduceStats] = {}
     producer_thread = threading.Thread(
-        target=_produce_clip, args=(kafka, "cam-d"), kwargs={"fps": "native"}
+        target=lambda: produced.setdefault("stats", _produce_clip(kafka, "cam-d", fps="native"))
     )
     producer_thread.start()  # 280 frames at 28 fps: a 10 s live stream
     log_path = tmp_path / "first-consumer.log"
@@ -208,7 +252,8 @@ def test_a_killed_consumer_is_replaced_from_committed_offsets(
     assert summary.frames_consumed < CLIP_FRAMES, log_path.read_text()[-3000:]
     # ...and between them every frame has a result.
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic)
-    assert set(result_keys(results)) == {frame_key("cam-d", i) for i in range(CLIP_FRAMES)}
+    assert set(result_keys(results)) == _frame_keys(produced["stats"])
+    assert len(_frame_keys(produced["stats"])) == CLIP_FRAMES
     assert done_by_first >= 60
     # At least once, and twice only for frames past the commit point when the first was killed
     # (in flight, or answered but not yet committed).
@@ -280,7 +325,7 @@ def test_a_topic_is_read_to_its_end_where_the_broker_reports_the_end_low(kafka) 
 def test_consumer_metrics_count_what_it_did(kafka, onnx_server) -> None:
     from prometheus_client import generate_latest
 
-    produced = _produce_clip(kafka, "cam-m", max_frames=12)
+    produced = _produce_clip(kafka, "cam-m", max_frames=12).frames_read
     consumer = _consumer(kafka, onnx_server.target)
     consumer.run()
     text = generate_latest(consumer.metrics.registry).decode()

@@ -26,12 +26,12 @@ from protos.inference_pb2 import ModelInfoRequest
 from protos.inference_pb2_grpc import ClassifierStub
 from tasks.depth.transcode import ffmpeg_exe
 from tasks.stream.consumer import FrameConsumer
-from tasks.stream.frame_codec import Frame, FrameResult, decode_frame, frame_key
+from tasks.stream.frame_codec import Frame, FrameResult, decode_frame
 from tasks.stream.producer import produce_frames, stream_bases
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings, source_list
 from tasks.stream.topics import ensure_topics
 from tests.conftest import VIDEOS, fresh_topics
-from tests.kafka_helpers import committed_total, partition_ends, read_topic
+from tests.kafka_helpers import committed_total, partition_ends, produced_keys, read_topic
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 PARTITIONS = 4
@@ -252,8 +252,8 @@ def test_a_latency_budget_skips_stale_frames_and_every_frame_has_one_outcome(
 
     results = _results(kafka, expected=total)
     copies = Counter(r.key for r in results)
-    expected_keys = {frame_key(s, i) for s, n in backlog.per_stream.items() for i in range(n)}
-    expected_keys |= {frame_key(s, i) for s, n in live.per_stream.items() for i in range(n)}
+    expected_keys = produced_keys(backlog.per_stream, backlog.session)
+    expected_keys |= produced_keys(live.per_stream, live.session)
     assert set(copies) == expected_keys and set(copies.values()) == {1}  # exactly one outcome
     stale = [r for r in results if r.skipped is not None]
     assert len(stale) == summary.skipped_stale
@@ -378,7 +378,7 @@ def test_two_consumer_processes_share_the_cameras_without_loss_or_double_work(
     assert all(s["results_published"] > 0 for s in summaries)  # both took a share
     results = _results(kafka, expected=stats["frames_read"])
     copies = Counter(r.key for r in results)
-    keys = {frame_key(s, i) for s, n in stats["per_stream"].items() for i in range(n)}
+    keys = produced_keys(stats["per_stream"], stats["session"])
     assert set(copies) == keys  # no frame lost
     last_result_at = max(r.result_ts_ns for r in results) / 1e9
     rebalanced = any(

@@ -2,13 +2,16 @@
 
 A frame message is JPEG bytes with the frame's identity and clocks in headers, keyed by stream
 id (so one stream stays ordered within its partition). A result message is JSON keyed by
-`stream_id:frame_index`, so a consumer of results can drop the duplicates that at-least-once
-delivery allows.
+`stream_id@session:frame_index`, so a consumer of results can drop the duplicates that
+at-least-once delivery allows. The session is drawn once per producer start: a camera's stream id
+is its stable name, and a producer started again numbers its frames from 0 again, so without the
+session its new frames would share keys with the last run's and be dropped as duplicates.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +23,7 @@ HEADER_STREAM_ID = "vidflow-stream-id"
 HEADER_FRAME_INDEX = "vidflow-frame-index"
 HEADER_CAPTURE_TS_NS = "vidflow-capture-ts-ns"
 HEADER_PRODUCE_TS_NS = "vidflow-produce-ts-ns"
+HEADER_SESSION = "vidflow-producer-session"  # optional: frames from other producers lack it
 # A dead-lettered message carries its reason and source topic, and when the service failed on
 # it, the status and the attempts made.
 HEADER_DLQ_REASON = "vidflow-dlq-reason"
@@ -41,30 +45,42 @@ class Frame:
     capture_ts_ns: int
     produce_ts_ns: int
     jpeg: bytes
+    session: str = ""  # the producer start that numbered it; "" from a producer without one
 
     @property
     def key(self) -> str:
-        return frame_key(self.stream_id, self.frame_index)
+        return frame_key(self.stream_id, self.frame_index, self.session)
 
 
-def frame_key(stream_id: str, frame_index: int) -> str:
-    """The identity of a frame, and the key of its result message."""
-    return f"{stream_id}:{frame_index}"
+def frame_key(stream_id: str, frame_index: int, session: str = "") -> str:
+    """The identity of a frame, and the key of its result message: `stream@session:index`,
+    or `stream:index` for a frame whose producer sent no session."""
+    return f"{stream_id}@{session}:{frame_index}" if session else f"{stream_id}:{frame_index}"
+
+
+def new_session() -> str:
+    """A producer start's session: 8 random hex digits, unique enough among the starts of
+    one camera (a clock could repeat across machines; a collision needs the same stream id)."""
+    return secrets.token_hex(4)
 
 
 def encode_frame_headers(frame: Frame) -> Headers:
-    return [
+    headers = [
         (HEADER_STREAM_ID, frame.stream_id.encode()),
         (HEADER_FRAME_INDEX, str(frame.frame_index).encode()),
         (HEADER_CAPTURE_TS_NS, str(frame.capture_ts_ns).encode()),
         (HEADER_PRODUCE_TS_NS, str(frame.produce_ts_ns).encode()),
     ]
+    if frame.session:
+        headers.append((HEADER_SESSION, frame.session.encode()))
+    return headers
 
 
 # Headers come from whoever can produce to the topic. A stream id is a key of results and of
 # per-stream figures; the numbers are nanoseconds since the epoch and counts, which int64 holds
 # (a 400-digit capture time overflowed float conversion and ended the consumer on every start).
 MAX_STREAM_ID_CHARS = 256
+MAX_SESSION_CHARS = 64
 MAX_HEADER_INT = 2**63 - 1
 
 
@@ -73,6 +89,7 @@ def decode_frame(value: bytes | None, headers: Headers | None) -> Frame:
     found = {name: raw for name, raw in (headers or [])}
     try:
         stream_id = found[HEADER_STREAM_ID].decode()
+        session = (found.get(HEADER_SESSION) or b"").decode()
         numbers = [
             _header_int(name, found[name])
             for name in (HEADER_FRAME_INDEX, HEADER_CAPTURE_TS_NS, HEADER_PRODUCE_TS_NS)
@@ -86,8 +103,13 @@ def decode_frame(value: bytes | None, headers: Headers | None) -> Frame:
             f"frame message header {HEADER_STREAM_ID} is too long ({len(stream_id)} characters, "
             f"at most {MAX_STREAM_ID_CHARS})"
         )
+    if len(session) > MAX_SESSION_CHARS:
+        raise FrameFormatError(
+            f"frame message header {HEADER_SESSION} is too long ({len(session)} characters, "
+            f"at most {MAX_SESSION_CHARS})"
+        )
     frame_index, capture_ts_ns, produce_ts_ns = numbers
-    return Frame(stream_id, frame_index, capture_ts_ns, produce_ts_ns, value or b"")
+    return Frame(stream_id, frame_index, capture_ts_ns, produce_ts_ns, value or b"", session)
 
 
 def _header_int(name: str, raw: bytes | None) -> int:
@@ -122,10 +144,11 @@ class FrameResult:
     offset: int
     skipped: str | None = None  # "stale": not classified, older than --max-frame-age-ms
     age_ms: float | None = None  # a skipped frame's age when it was skipped
+    session: str = ""  # the frame's producer session (Frame.session)
 
     @property
     def key(self) -> str:
-        return frame_key(self.stream_id, self.frame_index)
+        return frame_key(self.stream_id, self.frame_index, self.session)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -156,6 +179,7 @@ def classified_result(
         e2e_ms=round((result_ts_ns - frame.capture_ts_ns) / 1e6, 3),
         partition=partition,
         offset=offset,
+        session=frame.session,
     )
 
 
@@ -181,4 +205,5 @@ def stale_result(frame: Frame, partition: int, offset: int, age_ms: float) -> Fr
         offset=offset,
         skipped=SKIPPED_STALE,
         age_ms=age,
+        session=frame.session,
     )

@@ -27,7 +27,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from common.frames import encode_jpeg, opened_video
 from common.urls import shown_url
 from tasks.stream.broker_watch import BrokerLostError, BrokerWatch
-from tasks.stream.frame_codec import Frame, encode_frame_headers
+from tasks.stream.frame_codec import Frame, encode_frame_headers, new_session
 from tasks.stream.kafka_io import make_producer, produce_with_backpressure
 from tasks.stream.settings import KafkaSettings, ProducerSettings, shown_sources, source_list
 
@@ -51,6 +51,7 @@ class ProduceStats:
     streams: int = 1
     frames_decoded: int = 0  # source frames decoded and encoded (once for all its streams)
     per_stream: dict[str, int] = field(default_factory=dict)  # messages published per stream id
+    session: str = field(default_factory=new_session)  # in every frame's key (frame_codec)
 
     @property
     def fps(self) -> float:
@@ -230,9 +231,10 @@ def produce_frames(
         outlet = _FrameOutlet(producer, watch, kafka.frames_topic, stats)
         for feed in feeds:
             log.info(
-                "producing %s as %d stream(s) %s to %s at %s fps each", shown_url(feed.source),
-                len(feed.cameras), ", ".join(c.stream_id for c in feed.cameras),
-                kafka.frames_topic, f"{feed.fps:.2f}" if feed.fps else "max",
+                "producing %s as %d stream(s) %s (session %s) to %s at %s fps each",
+                shown_url(feed.source), len(feed.cameras),
+                ", ".join(c.stream_id for c in feed.cameras), stats.session, kafka.frames_topic,
+                f"{feed.fps:.2f}" if feed.fps else "max",
             )  # fmt: skip
         started = time.monotonic()
         try:
@@ -333,8 +335,12 @@ def _replay(
             decoded += 1
             outlet.count_decoded()
         outlet.publish(
-            camera, Frame(camera.stream_id, frame_index, capture_ts_ns, time.time_ns(), jpeg)
-        )
+            camera,
+            Frame(
+                camera.stream_id, frame_index, capture_ts_ns, time.time_ns(), jpeg,
+                outlet.stats.session,
+            ),
+        )  # fmt: skip
         turn += 1
 
 
