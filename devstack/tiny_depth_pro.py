@@ -71,6 +71,8 @@ def save_random_depth_pro(
     model.save_pretrained(directory)
     sizes = {"size": {"height": input_size, "width": input_size}} if input_size else {}
     DepthProImageProcessor(**sizes).save_pretrained(directory)
+    for saved in directory.iterdir():  # safetensors writes 0600: a container's user could not
+        saved.chmod(saved.stat().st_mode | 0o044)  # load a folder mounted from here
     return directory
 
 

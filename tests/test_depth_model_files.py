@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -159,6 +160,9 @@ except ValueError as exc:
     )  # fmt: skip
     assert made.returncode == 0 and f"--depth-model {stand_in}" in made.stdout, made.stderr
     assert check_depth_model(str(stand_in)) is True  # untrained: its outputs say so
+    # readable by others: a container's own user loads it from a mounted folder (the weights
+    # were saved 0600, and every video of such a run failed at its depth stage)
+    assert all(path.stat().st_mode & 0o044 == 0o044 for path in stand_in.iterdir())
     assert "Retrying" not in done.stderr  # before: 5 retries, ~23 s, then a generic message
 
 
@@ -210,3 +214,47 @@ def test_the_driver_s_check_and_the_workers_load_agree_on_what_is_a_folder(
         check_depth_model(folder)
     with pytest.raises(FileNotFoundError, match="does not exist on this machine"):
         model_source(folder)
+
+
+def test_a_model_folder_the_run_s_user_may_not_read_is_refused_up_front(
+    tiny_depth_model: Path,
+) -> None:
+    """A folder whose weights only their owner may read (as safetensors saves them) passed the
+    check, and then each video failed at its depth stage with "No such file or directory"."""
+    shared = Path(tempfile.mkdtemp(prefix="vidflow-model-", dir="/tmp"))
+    try:
+        shared.chmod(0o755)
+        folder = shared / "model"
+        shutil.copytree(tiny_depth_model, folder)
+        folder.chmod(0o755)
+        (folder / "model.safetensors").chmod(0o600 if os.geteuid() == 0 else 0o000)
+        # As root, the check runs as another user (after the imports: the interpreter lives
+        # under /root); root itself may read anything.
+        drop = "os.setgid(65534); os.setuid(65534)" if os.geteuid() == 0 else "pass"
+        code = f"""
+import os
+from tasks.depth.depth_model import check_depth_model
+{drop}
+try:
+    check_depth_model({str(folder)!r})
+except ValueError as exc:
+    print(exc)
+"""
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+        )
+        assert "may not read model.safetensors" in done.stdout, done.stdout + done.stderr
+        assert "chmod a+r" in done.stdout
+    finally:
+        shutil.rmtree(shared)
+
+
+def test_a_model_folder_without_weights_is_refused_up_front(
+    tmp_path: Path, tiny_depth_model: Path
+) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_depth_model, folder)
+    assert check_depth_model(str(folder)) is True
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"does not hold a whole model: it needs config\.json"):
+        check_depth_model(str(folder))

@@ -6,13 +6,22 @@ backends share (`depth_onnx`, `depth_torch`), and the checks a run makes before 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from tasks.depth.model_files import HubUnreachableError, check_hub_reachable, is_local_model
+from tasks.depth.model_files import (
+    NEEDED_FILES,
+    WEIGHT_PATTERNS,
+    HubUnreachableError,
+    check_hub_reachable,
+    is_local_model,
+    is_whole_model,
+    unreadable_files,
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,8 @@ def check_depth_model(model_name: str) -> bool:
     """
     if is_local_model(model_name) and not Path(model_name).is_dir():
         raise ValueError(f"depth model folder {model_name} does not exist")
+    if Path(model_name).is_dir():
+        _check_model_folder(Path(model_name))
     try:
         if Path(model_name).is_dir():
             config_path = Path(model_name) / "config.json"
@@ -64,6 +75,22 @@ def check_depth_model(model_name: str) -> bool:
             f"(with network access or a filled HF cache) or a local folder. {exc}"
         ) from exc
     return is_untrained(config)
+
+
+def _check_model_folder(folder: Path) -> None:
+    """Refuse a folder the run's user cannot load, before any download, rather than fail each
+    video at its depth stage."""
+    unreadable = unreadable_files(folder)
+    if unreadable:
+        raise ValueError(
+            f"depth model folder {folder}: this user (uid {os.getuid()}) may not read "
+            f"{', '.join(unreadable)}; make them readable (chmod a+r)"
+        )
+    if not is_whole_model(folder):
+        raise ValueError(
+            f"depth model folder {folder} does not hold a whole model: it needs "
+            f"{' and '.join(NEEDED_FILES)} and weights ({' or '.join(WEIGHT_PATTERNS)})"
+        )
 
 
 class Estimator(Protocol):

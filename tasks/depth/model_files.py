@@ -12,6 +12,7 @@ for a whole model (the ONNX export failed on it and the run fell back to torch).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import urllib.request
 from pathlib import Path
@@ -39,6 +40,13 @@ def is_whole_model(folder: Path) -> bool:
             return False
         return all((folder / shard).is_file() for shard in shards)
     return any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS)
+
+
+def unreadable_files(folder: Path) -> list[str]:
+    """The files of a model folder this process may not read. A folder saved by another user
+    with private files (safetensors writes its weights 0600) made every video fail at its depth
+    stage with "No such file or directory" under a container's own user."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and not os.access(p, os.R_OK))
 
 
 def cached_model_dir(model_name: str, cache_dir: Path | None = None) -> Path | None:
