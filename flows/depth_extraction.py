@@ -21,7 +21,7 @@ from prefect.artifacts import (
 )
 from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 
 from common.files import remove_stale_partials
 from flows import artifact_keys
@@ -61,13 +61,19 @@ def depth_extraction(
     The input is `urls` or `kinetics_csv` (with `url_template`, `split`, `limit`); everything
     else is `settings`, whose fields left out come from VIDFLOW_DEPTH_* variables, then the
     defaults. Calling the flow returns the run's summary (a dict); the flow run ends Completed
-    with its counts as the state's message, so the runs list says which runs lost videos."""
+    with its counts as the state's message, so the runs list says which runs lost videos, or
+    Failed (the summary its data) when not one video of the input is done: a run that produced
+    nothing (a model the workers cannot load, the source down) reads as failed to whatever
+    watches Prefect's states, as it does to the command line's exit code."""
     settings = run_settings(settings)
     untrained = check_settings(settings)
     sources = load_sources(urls, kinetics_csv, url_template, split, limit)
     with output_lock(settings.output):  # one run at a time per output folder
         summary = _extract(sources, settings, untrained, show_progress)
-    return Completed(message=outcome_message(summary), data=summary)
+    message = outcome_message(summary)
+    if summary["failed"] and not (summary["ok"] or summary["skipped"]):
+        return Failed(message=message, data=summary)
+    return Completed(message=message, data=summary)
 
 
 def outcome_message(summary: dict[str, Any]) -> str:

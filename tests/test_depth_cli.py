@@ -65,6 +65,27 @@ def test_the_cli_runs_the_flow_with_its_own_prefect_server(
     assert "404" in line and "WARNING" in line, line
 
 
+@pytest.mark.slow
+def test_a_run_with_no_video_done_ends_failed_and_still_reports_them(
+    tmp_path: Path, tiny_depth_model: Path, cli_env: dict[str, str]
+) -> None:
+    """Every video failed: the flow run is Failed (it read Completed, as a run that did its
+    work, to anything watching Prefect's states), and the command still prints its summary."""
+    with VideoServer({}) as server:
+        urls = tmp_path / "urls.txt"
+        urls.write_text(f"{server.url('gone.mp4')}\n{server.url('lost.mp4')}\n")
+        run = _vidflow(
+            "--urls", str(urls), "--output", str(tmp_path / "out"),
+            "--depth-model", str(tiny_depth_model), "--ray-num-cpus", "1",
+            env=cli_env,
+        )  # fmt: skip
+    assert run.returncode == 1, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (summary["ok"], summary["failed"], summary["failed_at"]) == (0, 2, {"download": 2})
+    assert "Finished in state Failed('2 of 2 videos failed" in run.stderr, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+
+
 # A client of the run's temporary server, as `vidflow depth` starts it (in a process of its own:
 # the suite's Prefect settings would otherwise name the session's server).
 _TEMPORARY_SERVER_PROBE = """

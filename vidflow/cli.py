@@ -264,7 +264,7 @@ def _depth(args: argparse.Namespace) -> int:
         flow = depth_extraction.with_options(task_runner=ray_task_runner(settings.ray_num_cpus))
         wait_for_workers()
         with prefect_api(), foreground_heartbeats():
-            summary = flow(
+            state = flow(
                 urls=args.urls,
                 kinetics_csv=args.kinetics_csv,
                 url_template=args.url_template,
@@ -272,7 +272,11 @@ def _depth(args: argparse.Namespace) -> int:
                 limit=args.limit,
                 settings=settings,
                 show_progress=True,
+                return_state=True,
             )
+    summary = state.result(raise_on_failure=False)  # Failed too when no video was done
+    if isinstance(summary, BaseException):  # the run itself failed: bad input, a lost cluster
+        raise summary
     print(json.dumps(summary))
     code = 1 if summary["failed"] else 0
     quick_exit.finish(code)
