@@ -15,7 +15,7 @@ from typing import Any, Self
 from prefect_ray import RayTaskRunner
 
 from common.processes import ignore_lance_fork_warning
-from flows.ray_start import run_ray
+from flows.ray_start import join_failure, run_ray
 from flows.ray_submit_context import SerializedSettings
 from flows.ray_worker_context import worker_context
 
@@ -80,8 +80,10 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
             self._ray_start.enter_context(hold)
         try:
             super().__enter__()
-        except BaseException:
+        except BaseException as exc:
             self._ray_start.close()
+            if isinstance(exc, ConnectionError) and self.address:
+                raise join_failure(exc, self.address) from exc
             raise
         return self
 

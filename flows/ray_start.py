@@ -107,9 +107,10 @@ def _reload_ray_auth() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def cluster_ray_auth() -> None:
+def cluster_ray_auth() -> bool:
     """Token auth for joining a cluster where this account has a Ray token (RAY_AUTH_TOKEN,
-    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE is unset, as `ray start` does.
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE is unset, as `ray start` does;
+    whether the driver sends a token.
 
     `ray.init` sends no token unless RAY_AUTH_MODE says `token`: a run in a shell without it
     waited 30 s for a cluster with token auth, then failed with "Failed to connect"."""
@@ -117,7 +118,29 @@ def cluster_ray_auth() -> None:
         maybe_enable_token_auth_if_token_available,
     )
 
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def join_failure(exc: ConnectionError, address: str) -> ConnectionError:
+    """Ray's "Failed to connect to Ray cluster at ..." with what to do about it. Ray says why
+    only in the error it chains (and in 20 warnings over 20 s before it): a cluster with token
+    auth refuses a driver without its token or with another one (InvalidAuthToken)."""
+    refused = "InvalidAuthToken" in str(exc.__cause__ or "")
+    sent_token = os.environ.get(AUTH_MODE_ENV, "").lower() == "token"
+    if refused and sent_token:
+        why = (
+            "the cluster refused this run's Ray token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+            "~/.ray/auth_token): give it the cluster's"
+        )
+    elif refused:
+        why = (
+            "the cluster uses token auth and this run sent no token: set RAY_AUTH_MODE=token "
+            "and the cluster's token in RAY_AUTH_TOKEN (or ~/.ray/auth_token), as the README's "
+            "Ray cluster section shows"
+        )
+    else:
+        why = "is a Ray cluster running there (`ray status`), and reachable from here?"
+    return ConnectionError(f"{exc} (joining {address}): {why}")
 
 
 @contextlib.contextmanager
@@ -319,6 +342,23 @@ def loopback_only_cluster(address: str) -> bool:
     )
 
 
+def check_cluster_listens(address: str) -> None:
+    """Refuse at once a cluster address where nothing listens: Ray tries one for 80 s before
+    it says "Failed to connect" (measured: a RAY_ADDRESS with no cluster behind it)."""
+    from ray._private.services import resolve_ip_for_localhost
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():  # not host:port: Ray's to resolve
+        return
+    host = host.strip("[]")
+    # Ray itself swaps a loopback address for this machine's (`loopback_only_cluster`).
+    if not any(_listening(h, int(port)) for h in {host, resolve_ip_for_localhost(host)}):
+        raise ConnectionError(
+            f"nothing listens at {address} (RAY_ADDRESS): is a Ray cluster running there "
+            "(`ray status`), and reachable from here? RAY_ADDRESS=local runs a private Ray"
+        )
+
+
 def _listening(host: str, port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=2):
         return True
@@ -337,6 +377,7 @@ def run_ray(
     Ray starts and runs (`reaching_cluster`, or `private_ray_start`). A cluster refuses
     num_cpus: its servers are not ours to size or restrict."""
     if address := cluster_address():
+        check_cluster_listens(address)
         cluster_ray_auth()
         return address, {"namespace": RAY_NAMESPACE}, reaching_cluster(address)
     init_kwargs = {"namespace": RAY_NAMESPACE, **local_ray_init_kwargs(num_cpus)}
@@ -379,7 +420,10 @@ def early_ray(
     with contextlib.ExitStack() as stack:
         stack.enter_context(hold)
         # A private Ray's arguments carry its own address ("local").
-        ray.init(**({"address": address} | init_kwargs))
+        try:
+            ray.init(**({"address": address} | init_kwargs))
+        except ConnectionError as exc:
+            raise (join_failure(exc, address) if address else exc) from exc
         stack.callback(ray.shutdown)
         cpus = int(ray.cluster_resources().get("CPU", 0))
         count = workers_for_cpus(cpus) if cpus else 0  # none to warm before a cluster scales up

@@ -25,7 +25,7 @@ from common.net import free_port
 from devstack.ray_nodes import stop_ray_nodes
 from flows.depth_extraction import depth_extraction
 from flows.ray_runner import ray_task_runner
-from flows.ray_start import cluster_address, loopback_only_cluster, reaching_cluster
+from flows.ray_start import cluster_address, loopback_only_cluster, reaching_cluster, run_ray
 from tasks.depth.settings import DepthSettings
 from tests.conftest import VIDEOS
 from tests.video_server import Serve, VideoServer
@@ -192,6 +192,33 @@ def test_a_cluster_that_ray_start_runs_here_is_joined_without_ray_address(
                             capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert joined.returncode == 0, joined.stderr[-2000:]
     assert json.loads(joined.stdout.splitlines()[-1]) == sorted(alive)
+    # Without any token, the CLI's early start and the flow's runner alike say why the cluster
+    # refused them (Ray's own last word was "Failed to connect to Ray cluster at ...").
+    (home / ".ray" / "auth_token").unlink()
+    env["RAY_gcs_server_port_wait_time_s"] = "2"  # Ray's 20 tries, one a second, cut to 2
+    refused = subprocess.run([sys.executable, "-c", JOIN_WITHOUT_A_TOKEN], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    errors = json.loads(refused.stdout.splitlines()[-1])
+    assert len(errors) == 2, refused.stderr[-2000:]
+    assert all("the cluster uses token auth and this run sent no token" in e for e in errors)
+    assert all("RAY_AUTH_MODE=token" in e for e in errors)
+
+
+# Joins as `vidflow depth` does before Prefect starts, then as the flow's runner does; prints
+# the errors.
+JOIN_WITHOUT_A_TOKEN = """
+import json
+from flows.ray_runner import ray_task_runner
+from flows.ray_start import early_ray
+errors = []
+for join in (lambda: early_ray(None, lambda cpus: 0).__enter__(),
+             lambda: ray_task_runner().__enter__()):
+    try:
+        join()
+    except ConnectionError as exc:
+        errors.append(str(exc))
+print(json.dumps(errors))
+"""
 
 
 # Joins the Ray a run would (`run_ray`) and prints its live node ids.
@@ -216,6 +243,17 @@ def test_which_cluster_a_run_joins(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
     assert cluster_address() is None  # the file of a cluster that is gone
+
+
+def test_a_ray_address_where_nothing_listens_is_refused_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray tried such an address for 80 s before its "Failed to connect"."""
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=r"nothing listens at 127\.0\.0\.1:\d+ \(RAY_"):
+        run_ray(None)
+    assert time.monotonic() - started < 20  # not Ray's 80 s of tries
 
 
 NOBODY = 65534  # an account other than this one
