@@ -173,7 +173,7 @@ def test_bad_input_is_refused_before_anything_starts(
     urls = tmp_path / "urls.txt"
     urls.write_text("https://host/a.mp4\n")
     bad_frames = _vidflow("--urls", str(urls), "--frames", "last", env=cli_env)
-    assert bad_frames.returncode == 2 and "--frames must be" in bad_frames.stderr
+    assert bad_frames.returncode == 2 and "--frames 'last': must be" in bad_frames.stderr
     missing = _vidflow("--urls", str(tmp_path / "none.txt"), env=cli_env)
     assert missing.returncode == 2 and "cannot read the input list" in missing.stderr
     assert "temporary Prefect server" not in missing.stderr

@@ -241,3 +241,25 @@ def test_a_short_run_leaves_every_failure_in_its_task_log_and_counts_in_its_stat
     task_logs = " | ".join(log.message for log in logs if log.task_run_id is not None)
     assert "gone_" in task_logs and "failed at download: HTTP 404" in task_logs, task_logs
     assert "page_" in task_logs and "failed at download: not a video" in task_logs, task_logs
+
+
+def test_a_deployment_run_with_frames_it_cannot_take_is_refused_when_created(prefect_api) -> None:
+    """`uniform:0` passed the parameter schema and failed on the worker once the run had
+    started, naming a command-line flag; Prefect refuses it now when the run is created."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    deployment_id = depth_extraction.to_deployment(name="frames-schema-check").apply()
+    with get_client(sync_client=True) as client:
+        try:
+            with pytest.raises(PrefectHTTPStatusError) as refused:
+                client.create_flow_run_from_deployment(
+                    deployment_id, parameters={"settings": {"frames": "uniform:0"}}
+                )
+            assert refused.value.response.status_code == 409
+            assert "settings.frames" in refused.value.response.text
+            taken = client.create_flow_run_from_deployment(
+                deployment_id, parameters={"settings": {"frames": "uniform:2"}}
+            )
+            client.delete_flow_run(taken.id)  # no worker here: it would wait for ever
+        finally:
+            client.delete_deployment(deployment_id)

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -21,6 +22,7 @@ import psutil
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 from yarl import URL
 
 from tasks.depth import redirects
@@ -36,9 +38,9 @@ from tasks.depth.download import (
     is_retryable,
     sniff_container,
 )
-from tasks.depth.frame_choice import check_frames_spec, frame_indices, read_frames
+from tasks.depth.frame_choice import frame_indices, read_frames
 from tasks.depth.redirects import PublicOnlyResolver, RedirectRefused, redirect_refusal
-from tasks.depth.settings import DepthSettings
+from tasks.depth.settings import DepthSettings, check_frames_spec
 from tasks.depth.transcode import ffmpeg_exe, transcode
 from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord, records_to_table
 from tasks.depth.video_sources import (
@@ -610,10 +612,17 @@ def test_frame_selection(spec: str, count: int, expected: list[int]) -> None:
     assert frame_indices(spec, count) == expected
 
 
-@pytest.mark.parametrize("spec", ["last", "uniform:0", "uniform:x", "uniform"])
+@pytest.mark.parametrize("spec", ["last", "uniform:0", "uniform:x", "uniform", "uniform:-1"])
 def test_bad_frame_specs_are_refused(spec: str) -> None:
-    with pytest.raises(ValueError, match="--frames"):
+    with pytest.raises(ValueError, match="must be first, middle, uniform:N or all with N >= 1"):
         check_frames_spec(spec)
+    with pytest.raises(ValidationError, match="must be first, middle"):
+        DepthSettings(frames=spec)
+    # The flow's parameter schema says so too: Prefect refuses such a run when it is created.
+    schema = DepthSettings.model_json_schema()["properties"]["frames"]
+    assert re.fullmatch(schema["pattern"], spec) is None
+    valid = ("first", "middle", "all", "uniform:12")
+    assert all(re.fullmatch(schema["pattern"], ok) for ok in valid)
 
 
 def test_depth_maps_are_written_at_the_frame_size(tmp_path: Path, tiny_depth_model: Path) -> None:

@@ -10,16 +10,9 @@ import cv2
 import numpy as np
 
 from common.frames import opened_video
+from tasks.depth.settings import check_frames_spec
 
 _UNIFORM = re.compile(r"uniform:(\d+)")
-FRAMES_CHOICES = "first, middle, uniform:N or all"
-
-
-def check_frames_spec(spec: str) -> None:
-    """Refuse a bad `--frames` value before any work starts."""
-    match = _UNIFORM.fullmatch(spec)
-    if spec not in ("first", "middle", "all") and not (match and int(match.group(1)) >= 1):
-        raise ValueError(f"--frames must be {FRAMES_CHOICES} with N >= 1, not {spec!r}")
 
 
 def frame_indices(spec: str, frame_count: int) -> list[int]:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from common.files import check_writable_folder
 from tasks.depth.depth_model import check_depth_backend, check_depth_model
-from tasks.depth.frame_choice import check_frames_spec
 from tasks.depth.settings import DepthSettings
 
 
 def check_run_settings(settings: DepthSettings) -> bool:
-    """Refuse a bad frames spec, backend and device pair, depth model, or an output folder that
-    cannot be written; return whether the model is an untrained stand-in (random weights)."""
-    check_frames_spec(settings.frames)
+    """Refuse a backend and device pair, a depth model, or an output folder that cannot be
+    written (the frames spec is the settings' own check); return whether the model is an
+    untrained stand-in (random weights)."""
     check_depth_backend(settings.depth_backend, settings.device)
     untrained = check_depth_model(settings.depth_model)
     check_writable_folder(settings.output.resolve())  # last: it makes the folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -9,6 +10,18 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import DEFAULT_CACHE_DIR
+
+FRAMES_CHOICES = "first, middle, uniform:N or all"
+# In the flow's parameter schema too: Prefect refuses a run with another value when it is
+# created (from the UI or `prefect deployment run`), not on the worker once the run starts.
+FRAMES_PATTERN = r"^(first|middle|all|uniform:[1-9][0-9]*)$"
+
+
+def check_frames_spec(spec: str) -> str:
+    """`spec` if it says which frames to depth-map, else ValueError."""
+    if not re.fullmatch(FRAMES_PATTERN, spec):
+        raise ValueError(f"must be {FRAMES_CHOICES} with N >= 1, not {spec!r}")
+    return spec
 
 
 class DepthSettings(BaseSettings):
@@ -21,7 +34,9 @@ class DepthSettings(BaseSettings):
         "apple/DepthPro-hf", description="depth model: a Hugging Face hub id or a local folder"
     )
     frames: str = Field(
-        "first", description="frames to run depth on: first, middle, uniform:N or all"
+        "first",
+        description="frames to run depth on: first, middle, uniform:N or all",
+        json_schema_extra={"pattern": FRAMES_PATTERN},
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where depth runs")
     depth_backend: Literal["auto", "onnx", "torch"] = Field(
@@ -126,6 +141,11 @@ class DepthSettings(BaseSettings):
         """`~/x` is the home folder's x, as a shell would make it: from the environment or a
         quoted flag it came as written, and made a folder named `~` here."""
         return folder.expanduser()
+
+    @field_validator("frames")
+    @classmethod
+    def _frames_known(cls, spec: str) -> str:
+        return check_frames_spec(spec)
 
     @field_validator("depth_model")
     @classmethod
