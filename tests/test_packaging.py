@@ -313,8 +313,13 @@ def test_compose_monitoring_profile_scrapes_the_service() -> None:
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     inference = jobs["vidflow-inference"]
     assert inference.get("metrics_path", "/metrics") == "/metrics"
-    http_port = services["inference"]["environment"]["VIDFLOW_INFERENCE_HTTP_PORT"]
-    assert inference["static_configs"][0]["targets"] == [f"inference:{http_port}"]
+    # Moving the port published on the host leaves the one Prometheus scrapes where it is.
+    moved = _compose_config("monitoring", env=_compose_env(VIDFLOW_INFERENCE_HTTP_PORT="9100"))
+    for stack in (services, moved["services"]):
+        http_port = stack["inference"]["environment"]["VIDFLOW_INFERENCE_HTTP_PORT"]
+        assert inference["static_configs"][0]["targets"] == [f"inference:{http_port}"]
+    published = {(p["published"], p["target"]) for p in moved["services"]["inference"]["ports"]}
+    assert ("9100", 8000) in published or (9100, 8000) in published, published
 
 
 def _published(services: dict) -> list[tuple[str, str, str]]:
