@@ -25,8 +25,13 @@ MIRROR_PATH_TEMPLATE = "{split}/" + KINETICS_ID_FORMAT + ".mp4"
 
 
 def mirror_url_template(host: str, port: int) -> str:
-    """The `--url-template` that points a Kinetics CSV at a mirror on host:port."""
-    return f"http://{host}:{port}/" + MIRROR_PATH_TEMPLATE
+    """The `--url-template` that points a Kinetics CSV at a mirror on host:port; for a mirror
+    bound to every interface, at this machine's loopback address (`http://0.0.0.0:...` is no
+    address a client can use)."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
+    return f"http://{shown}:{port}/" + MIRROR_PATH_TEMPLATE
 
 
 def _mirror_names(kinetics_csv: Path) -> set[str]:

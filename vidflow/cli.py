@@ -141,6 +141,9 @@ def _sample_mirror(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     with running_mirror(args.host, args.port) as url_template:
         log.info("serving the sample clips as a Kinetics mirror: --url-template '%s'", url_template)
+        if args.host in ("0.0.0.0", "::"):
+            log.info("listening on every interface: from another machine, or a container, use "
+                     "this machine's address or name in place of 127.0.0.1")  # fmt: skip
         stop.wait()
     return 0
 
