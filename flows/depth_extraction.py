@@ -106,7 +106,7 @@ def _extract(
     shards = make_shards(plan.todo, shard_count(len(plan.todo), settings, cpus))
     shard_size = max((len(shard.records) for shard in shards), default=0)
     logger.info(
-        "%d videos: %d already done, %d to process in %d shards of up to %d on %d CPUs into %s",
+        "%d videos: %d already done, %d to process in %d shard(s) of up to %d on %d CPUs into %s",
         len(sources), plan.already_ok, len(plan.todo), len(shards), shard_size, cpus,
         settings.output,
     )  # fmt: skip
