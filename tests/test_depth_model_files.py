@@ -6,6 +6,8 @@ The loaders run in a child process: huggingface_hub reads HF_HOME and HF_ENDPOIN
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -258,3 +261,91 @@ def test_a_model_folder_without_weights_is_refused_up_front(
     (folder / "model.safetensors").unlink()
     with pytest.raises(ValueError, match=r"does not hold a whole model: it needs config\.json"):
         check_depth_model(str(folder))
+
+
+@contextlib.contextmanager
+def serving_hub(model: Path, bytes_per_s: float) -> Iterator[str]:
+    """A loopback stand-in for the hub that serves `model`'s files as HUB_ID at about
+    `bytes_per_s`: what huggingface_hub asks for a snapshot (revision, tree, HEAD and GET of
+    each file). Its endpoint URL."""
+    files = {path.name: path.read_bytes() for path in model.iterdir()}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, status: int, body: bytes = b"", **headers: str) -> None:
+            self.send_response(status)
+            for name, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            if self.command == "GET":
+                for start in range(0, len(body), 256 * 1024):  # paced, as a slow link
+                    self.wfile.write(body[start : start + 256 * 1024])
+                    time.sleep(256 * 1024 / bytes_per_s)
+
+        def _file(self) -> str | None:
+            prefix = f"/{HUB_ID}/resolve/{REVISION}/"
+            name = self.path.removeprefix(prefix).split("?")[0]
+            return name if self.path.startswith(prefix) and name in files else None
+
+        def do_GET(self) -> None:
+            api = f"/api/models/{HUB_ID}"
+            if self.path.startswith(f"{api}/tree/"):
+                tree = [
+                    {"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                    for n, b in files.items()
+                ]
+                return self._send(200, json.dumps(tree).encode())
+            if self.path.startswith(f"{api}/revision/") or self.path.split("?")[0] == api:
+                siblings = [{"rfilename": n, "size": len(b)} for n, b in files.items()]
+                info = {"id": HUB_ID, "sha": REVISION, "siblings": siblings}
+                return self._send(200, json.dumps(info).encode())
+            self.do_HEAD()
+
+        def do_HEAD(self) -> None:
+            name = self._file()
+            if name is None:
+                return self._send(404)
+            body = files[name]
+            etag = f'"{hashlib.sha256(body).hexdigest()}"'
+            self._send(200, body, **{"X-Repo-Commit": REVISION, "ETag": etag})
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_first_download_of_the_model_is_logged_as_it_comes(
+    tmp_path: Path, tiny_depth_model: Path
+) -> None:
+    """The actors' download of Depth Pro (~1.9 GB) showed nothing on the console or in the UI:
+    a first run sat at 0 % for minutes. The driver logs what has reached the cache."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_depth_model, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0" * 24_000_000)  # ~3 s at 8 MB/s
+    code = f"""
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+from tasks.depth.hub_download_log import hub_download_logged
+from tasks.depth.model_files import model_dir
+with hub_download_logged({HUB_ID!r}, every_s=0.5):
+    model_dir({HUB_ID!r}, ["*.json", "*.safetensors"])  # as an actor of this machine does
+    with hub_download_logged({HUB_ID!r}, every_s=0.5):  # cached now: nothing to say
+        pass
+"""
+    with serving_hub(model, bytes_per_s=8e6) as endpoint:
+        done = run_with_hub(code, tmp_path / "hf", endpoint)
+    lines = done.stdout.splitlines()
+    progress = [line for line in lines if line.startswith("downloading depth model")]
+    assert progress, done.stdout + done.stderr[-2000:]
+    assert all(f"{HUB_ID} from the Hugging Face hub: " in line for line in progress)
+    assert all(line.endswith("MB/s)") and " of 24.4 MB" in line for line in progress), progress
+    [done_line] = [line for line in lines if line.startswith(f"depth model {HUB_ID} downloaded")]
+    assert done_line.startswith(f"depth model {HUB_ID} downloaded: 24.4 MB in "), lines

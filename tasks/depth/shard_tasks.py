@@ -48,6 +48,7 @@ from prefect_ray.context import remote_options
 from tasks.depth.depth_actor import DepthActor
 from tasks.depth.depth_feed import DepthFeed, PendingDepth, feeds_early
 from tasks.depth.download import download_many
+from tasks.depth.hub_download_log import hub_download_logged
 from tasks.depth.model_files import model_origin
 from tasks.depth.output_layout import OutputLayout
 from tasks.depth.settings import DepthSettings, shards_in_flight
@@ -269,6 +270,11 @@ def write_task(shard: Shard, lance_path: Path) -> WrittenShard:
     return WrittenShard(shard, write_rows(shard.records, lance_path))
 
 
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger (its lines in the UI), or this module's outside a run."""
+    return get_run_logger() if FlowRunContext.get() is not None else log
+
+
 def start_depth_actors(settings: DepthSettings) -> list[Any]:
     """One actor per GPU of the cluster (or `depth_workers`); CPU actors where there is none.
 
@@ -292,8 +298,7 @@ def start_depth_actors(settings: DepthSettings) -> list[Any]:
         options.update(namespace=ACTOR_NAMESPACE, lifetime="detached", get_if_exists=True)
     model = f"{settings.depth_model}|{settings.depth_backend}|{device}|{threads}"
     key = hashlib.sha1(model.encode()).hexdigest()[:12]
-    logger = get_run_logger() if FlowRunContext.get() is not None else log  # the UI's run log
-    logger.info(
+    _run_logger().info(
         "depth model %s: %d actor(s) on %s%s", settings.depth_model, count, device,
         model_origin(settings.depth_model),
     )  # fmt: skip
@@ -400,8 +405,9 @@ def run_shards(
     # CLI run warms, flows/ray_start.py), and each actor a worker of its own.
     first = [(shard, download(shard)) for shard in shards[:window]]
     actors = start_depth_actors(settings)
-    try:
-        with actors_held(actors, settings.depth_keep_alive_s):
+    held = actors_held(actors, settings.depth_keep_alive_s)
+    try:  # the first run of a hub model: its download by the actors, in the run's log
+        with held, hub_download_logged(settings.depth_model, _run_logger()):
             for shard, downloaded in first:
                 submit(shard, downloaded)
             while in_flight:
