@@ -645,3 +645,60 @@ def _admitted_within(stub: inference_pb2_grpc.ClassifierStub, image: bytes, limi
             if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_health_and_model_info_calls_whose_request_never_comes_are_ended(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """gRPC runs a handler of one request only once it has come: health Checks, Watches or
+    GetModelInfo calls that never sent theirs held the server's places (--max-concurrent-rpcs
+    + 32) until their deadline, for good without one, and every health check was refused
+    while they did. Each now ends after --idle-call-timeout-s, counted, and frees its place."""
+    server = start_server(
+        tmp_path, model_cache, "--max-concurrent-rpcs", "1", "--idle-call-timeout-s", "3"
+    )
+    server.wait_serving()
+    never = threading.Event()
+
+    def no_request() -> Iterator[bytes]:
+        never.wait()
+        yield from ()
+
+    check = "/grpc.health.v1.Health/Check"
+    info_method = "/vidflow.inference.v1.Classifier/GetModelInfo"
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            opened = time.monotonic()
+            silent = [channel.stream_unary(path).future(no_request(), timeout=60)
+                      for path in (check, info_method)]  # fmt: skip
+            watch = channel.stream_stream("/grpc.health.v1.Health/Watch")(no_request(), timeout=60)
+            crowd = [channel.stream_unary(check).future(no_request(), timeout=60)
+                     for _ in range(40)]  # fmt: skip  # more than the server's 33 places
+            assert health_status(server.target, timeout_s=2) == "RESOURCE_EXHAUSTED"
+            for ended in [*(call.result for call in silent), lambda: next(watch)]:
+                with pytest.raises(grpc.RpcError) as idle:
+                    ended()
+                assert idle.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert "--idle-call-timeout-s" in idle.value.details()
+            assert 3 <= time.monotonic() - opened < 20
+            codes = Counter()
+            for call in crowd:
+                with pytest.raises(grpc.RpcError) as ended_call:
+                    call.result(timeout=30)
+                codes[ended_call.value.code()] += 1
+            ended_as = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert set(codes) <= ended_as and codes[grpc.StatusCode.RESOURCE_EXHAUSTED] > 0
+            # Their places are free again: the probe and the model info answer.
+            assert health_status(server.target, timeout_s=10) == "SERVING"
+            info = inference_pb2_grpc.ClassifierStub(channel).GetModelInfo(
+                inference_pb2.ModelInfoRequest(), timeout=10
+            )
+            assert info.model_name
+        metrics = _http_get(f"{server.http_url}/metrics")[1]
+        for method in ("Check", "Watch", "GetModelInfo"):
+            ended = _metric(metrics, "vidflow_inference_idle_calls_ended_total", method=method)
+            assert ended >= 1, method
+    finally:
+        never.set()
+        assert server.terminate() == 0

@@ -22,6 +22,7 @@ from common.net import host_port, is_loopback_host
 from services.inference.call_auth import TokenCheck
 from services.inference.http_endpoint import start_http
 from services.inference.metrics import ServiceMetrics
+from services.inference.request_wait import RequestWait
 from services.inference.servicer import SERVICE_NAME, InferenceService, add_classifier
 from services.inference.settings import InferenceSettings
 from services.inference.shutdown import CallTracker, drain_calls
@@ -73,7 +74,11 @@ def _grpc_server(
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """The gRPC server with the classifier, health and (if asked) reflection, bound to its
     port, and that port (the one the system chose for --port 0)."""
-    interceptors: list[grpc.aio.ServerInterceptor] = [calls]
+    # Outside the call tracker: a call is counted once its request is in (request_wait.py).
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        RequestWait(settings.idle_call_timeout_s, service.metrics),
+        calls,
+    ]
     if (token := settings.auth_token) is not None:  # checked first: a refused call goes no further
         interceptors.insert(0, TokenCheck(token.get_secret_value(), service.metrics))
     server = grpc.aio.server(

@@ -109,7 +109,8 @@ class InferenceSettings(ServiceToken):
         description=(
             "a Classify call whose request has not fully arrived, or a ClassifyStream with "
             "nothing in flight and no next request, is ended after this long with "
-            "DEADLINE_EXCEEDED, so that idle clients cannot hold the --max-concurrent-rpcs places"
+            "DEADLINE_EXCEEDED, so that idle clients cannot hold the --max-concurrent-rpcs places; "
+            "so is a health Check or Watch, or GetModelInfo, whose request has not arrived"
         ),
     )
     preprocess_threads: int = Field(
