@@ -20,8 +20,9 @@ class ServiceMetrics:
         )
         self.idle_calls_ended = Counter(
             "vidflow_inference_idle_calls_ended",
-            "Calls the server ended after --idle-call-timeout-s with nothing to do (also counted "
-            "in vidflow_inference_requests_total as DEADLINE_EXCEEDED, beside client deadlines).",
+            "Calls the server ended after --idle-call-timeout-s with nothing to do (Classify's "
+            "and ClassifyStream's also in vidflow_inference_requests_total as DEADLINE_EXCEEDED, "
+            "beside client deadlines; health and GetModelInfo calls only here).",
             ["method"],
             registry=self.registry,
         )
