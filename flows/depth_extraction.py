@@ -62,9 +62,10 @@ def depth_extraction(
     else is `settings`, whose fields left out come from VIDFLOW_DEPTH_* variables, then the
     defaults. Calling the flow returns the run's summary (a dict); the flow run ends Completed
     with its counts as the state's message, so the runs list says which runs lost videos, or
-    Failed (the summary its data) when not one video of the input is done: a run that produced
-    nothing (a model the workers cannot load, the source down) reads as failed to whatever
-    watches Prefect's states, as it does to the command line's exit code."""
+    Failed when not one video of the input is done (calling the flow then raises
+    DepthRunFailedError, which holds the summary): a run that produced nothing (a model the
+    workers cannot load, the source down) reads as failed to whatever watches Prefect's
+    states, as it does to the command line's exit code."""
     settings = run_settings(settings)
     untrained = check_settings(settings)
     sources = load_sources(urls, kinetics_csv, url_template, split, limit)
@@ -72,8 +73,24 @@ def depth_extraction(
         summary = _extract(sources, settings, untrained, show_progress)
     message = outcome_message(summary)
     if summary["failed"] and not (summary["ok"] or summary["skipped"]):
-        return Failed(message=message, data=summary)
+        # An exception as the data: what Prefect raises for a Failed state (a dict it cannot).
+        return Failed(message=message, data=DepthRunFailedError(message, summary))
     return Completed(message=message, data=summary)
+
+
+class DepthRunFailedError(RuntimeError):
+    """Not one video of the run's input was done: `summary` holds its counts and rows' story
+    (the failures artifact names each video's error)."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message, summary)  # both in args: pickled whole, as Prefect may
+        self.summary = summary
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __repr__(self) -> str:  # in Prefect's log of the failure: the message, not the summary
+        return f"{type(self).__name__}({self.args[0]!r})"
 
 
 def outcome_message(summary: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 
-from flows.depth_extraction import depth_extraction
+from flows.depth_extraction import DepthRunFailedError, depth_extraction
 from flows.ray_runner import ray_task_runner
 from tasks.depth.dataset_settings import DatasetSettingsError
 from tasks.depth.output_lock import OutputBusyError
@@ -230,10 +230,13 @@ def test_a_short_run_leaves_every_failure_in_its_task_log_and_counts_in_its_stat
         listing = tmp_path / "urls.txt"
         listing.write_text("".join(f"{server.url(name)}\n" for name in routes))
         state = flow(urls=str(listing), settings=settings, return_state=True)
-    summary = state.result(raise_on_failure=False)
-    assert summary["failed"] == 2
-    # Not one video done: Failed, for whatever watches Prefect's states, with the counts.
+    # Not one video done: Failed, for whatever watches Prefect's states, with the counts; a
+    # caller of the flow itself gets an error that holds the summary (Prefect's own path).
     assert state.is_failed() and state.message.startswith("2 of 2 videos failed")
+    with pytest.raises(DepthRunFailedError, match=r"^2 of 2 videos failed") as failure:
+        state.result()
+    summary = failure.value.summary
+    assert summary["failed"] == 2
     with get_client(sync_client=True) as client:
         logs = client.read_logs(
             log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[summary["flow_run_id"]]))

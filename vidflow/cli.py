@@ -261,7 +261,7 @@ def _depth(args: argparse.Namespace) -> int:
     with _ray_before_prefect(settings, len(sources)) as wait_for_workers:
         with imports_without_gc():
             from devstack.prefect_api import prefect_api
-            from flows.depth_extraction import depth_extraction
+            from flows.depth_extraction import DepthRunFailedError, depth_extraction
             from flows.ray_runner import ray_task_runner
 
         flow = depth_extraction.with_options(task_runner=ray_task_runner(settings.ray_num_cpus))
@@ -277,8 +277,10 @@ def _depth(args: argparse.Namespace) -> int:
                 show_progress=True,
                 return_state=True,
             )
-    summary = state.result(raise_on_failure=False)  # Failed too when no video was done
-    if isinstance(summary, BaseException):  # the run itself failed: bad input, a lost cluster
+    summary = state.result(raise_on_failure=False)
+    if isinstance(summary, DepthRunFailedError):  # no video done: reported all the same
+        summary = summary.summary
+    elif isinstance(summary, BaseException):  # the run itself failed: bad input, a lost cluster
         raise summary
     print(json.dumps(summary))
     code = 1 if summary["failed"] else 0
