@@ -26,10 +26,12 @@ MIRROR_PATH_TEMPLATE = "{split}/" + KINETICS_ID_FORMAT + ".mp4"
 
 def mirror_url_template(host: str, port: int) -> str:
     """The `--url-template` that points a Kinetics CSV at a mirror on host:port; for a mirror
-    bound to every interface, at this machine's loopback address (`http://0.0.0.0:...` is no
-    address a client can use)."""
-    if host in ("0.0.0.0", "::", ""):
+    bound to every interface, at this machine's loopback address of that family
+    (`http://0.0.0.0:...` is no address a client can use; asyncio binds `::` to IPv6 only)."""
+    if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
     shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
     return f"http://{shown}:{port}/" + MIRROR_PATH_TEMPLATE
 
