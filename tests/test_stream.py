@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -80,6 +81,8 @@ def test_every_frame_gets_exactly_one_result_after_deduplication(kafka, onnx_ser
     assert set(keys) == _frame_keys(stats) and len(_frame_keys(stats)) == produced
     assert all(m.key().decode() == FrameResult.from_json(m.value()).key for m in messages)
     result = FrameResult.from_json(messages[0].value())
+    later = json.dumps({**json.loads(messages[0].value()), "added_later": 1}).encode()
+    assert FrameResult.from_json(later) == result  # a record of a later version reads as well
     assert result.label and 0 < result.score <= 1 and result.model_name == "efficientnet_lite0"
     assert 0 < result.inference_ms <= result.rpc_ms <= result.e2e_ms
     report = summary.as_dict()
@@ -114,6 +117,11 @@ def test_a_producer_started_again_keeps_its_results_apart_from_its_last_run(
         headers = encode_frame_headers(Frame("c", 0, 1, 1, b"", session="s" * 65))
         assert (HEADER_SESSION, b"s" * 65) in headers
         decode_frame(b"", headers)
+    # Keys read back one way only: no `:` in a session, no `@` in a stream id.
+    with pytest.raises(FrameFormatError, match="session may hold letters, digits"):
+        decode_frame(b"", encode_frame_headers(Frame("c", 0, 1, 1, b"", session="x:9")))
+    with pytest.raises(FrameFormatError, match="holds '@', which parts the stream"):
+        decode_frame(b"", encode_frame_headers(Frame("c@1a2b3c4d", 0, 1, 1, b"")))
 
 
 @pytest.mark.faults

@@ -174,6 +174,14 @@ def test_repeated_source_names_get_distinct_stream_ids() -> None:
     assert source_list(" a.mp4, ,b.mp4 ") == ["a.mp4", "b.mp4"]
 
 
+def test_a_stream_id_never_holds_the_key_separator() -> None:
+    """`cam@1a2b3c4d` without a session would key its frames `cam@1a2b3c4d:0`, the key of
+    stream `cam` in session 1a2b3c4d: a deduplicator would drop one of the two."""
+    assert stream_bases(["x/cam@home.mp4"], None) == ["cam-home"]
+    with pytest.raises(ValueError, match="--stream-id 'cam@1a2b3c4d': '@' parts the stream"):
+        stream_bases([str(CLIP)], "cam@1a2b3c4d")
+
+
 def test_a_file_damaged_midway_says_where_its_stream_ended(
     broker, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

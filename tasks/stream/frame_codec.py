@@ -11,9 +11,10 @@ session its new frames would share keys with the last run's and be dropped as du
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -81,6 +82,10 @@ def encode_frame_headers(frame: Frame) -> Headers:
 # (a 400-digit capture time overflowed float conversion and ended the consumer on every start).
 MAX_STREAM_ID_CHARS = 256
 MAX_SESSION_CHARS = 64
+# A result key reads back one way only: `@` parts the stream from the session, whose characters
+# hold no `:` (what parts it from the index).
+KEY_SEPARATOR = "@"
+SESSION_PATTERN = re.compile(r"[0-9A-Za-z_-]*")
 MAX_HEADER_INT = 2**63 - 1
 
 
@@ -103,10 +108,19 @@ def decode_frame(value: bytes | None, headers: Headers | None) -> Frame:
             f"frame message header {HEADER_STREAM_ID} is too long ({len(stream_id)} characters, "
             f"at most {MAX_STREAM_ID_CHARS})"
         )
+    if KEY_SEPARATOR in stream_id:
+        raise FrameFormatError(
+            f"frame message header {HEADER_STREAM_ID} holds {KEY_SEPARATOR!r}, which parts the "
+            "stream from the producer's session in result keys"
+        )
     if len(session) > MAX_SESSION_CHARS:
         raise FrameFormatError(
             f"frame message header {HEADER_SESSION} is too long ({len(session)} characters, "
             f"at most {MAX_SESSION_CHARS})"
+        )
+    if not SESSION_PATTERN.fullmatch(session):
+        raise FrameFormatError(
+            f"frame message header {HEADER_SESSION} may hold letters, digits, '-' and '_' only"
         )
     frame_index, capture_ts_ns, produce_ts_ns = numbers
     return Frame(stream_id, frame_index, capture_ts_ns, produce_ts_ns, value or b"", session)
@@ -155,8 +169,11 @@ class FrameResult:
 
     @classmethod
     def from_json(cls, payload: bytes) -> FrameResult:
+        """A result record; fields a later version added are left out, so a reader can be
+        upgraded after the consumers that write the records (as `session` was added)."""
         data: dict[str, Any] = json.loads(payload)
-        return cls(**data)
+        known = {field.name for field in fields(cls)}
+        return cls(**{name: value for name, value in data.items() if name in known})
 
 
 def classified_result(

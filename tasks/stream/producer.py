@@ -27,7 +27,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from common.frames import encode_jpeg, opened_video
 from common.urls import shown_url
 from tasks.stream.broker_watch import BrokerLostError, BrokerWatch
-from tasks.stream.frame_codec import Frame, encode_frame_headers, new_session
+from tasks.stream.frame_codec import KEY_SEPARATOR, Frame, encode_frame_headers, new_session
 from tasks.stream.kafka_io import make_producer, produce_with_backpressure
 from tasks.stream.settings import KafkaSettings, ProducerSettings, shown_sources, source_list
 
@@ -174,11 +174,16 @@ def stream_bases(sources: list[str], stream_id: str | None) -> list[str]:
     names that repeat get `-2`, `-3`, ... so no two cameras share an id."""
     if stream_id and len(sources) > 1:
         raise ValueError("--stream-id names one source's stream; several are named by their files")
+    if stream_id and KEY_SEPARATOR in stream_id:
+        raise ValueError(
+            f"--stream-id {stream_id!r}: {KEY_SEPARATOR!r} parts the stream from the producer's "
+            "session in result keys; choose an id without it"
+        )
     if stream_id:
         return [stream_id]
     bases: list[str] = []
     for source in sources:
-        name = base = source_name(source)
+        name = base = source_name(source).replace(KEY_SEPARATOR, "-")
         copy = 1
         while base in bases:  # also past a `-2` that an earlier copy or another file took
             copy += 1
