@@ -27,6 +27,7 @@ LOG_EVERY_S = 10.0
 POLL_S = 1.0
 # A run whose actors download elsewhere (a cluster's nodes) shows nothing here: stop watching.
 NOTHING_ARRIVES_S = 120.0
+HUB_TIMEOUT_S = 10.0  # the model's size is only a figure for the log
 
 
 def hub_cache_folder(model_name: str) -> Path:
@@ -51,7 +52,8 @@ def model_size(model_name: str) -> int | None:
     from huggingface_hub import HfApi
 
     try:
-        siblings = HfApi().model_info(model_name, files_metadata=True).siblings or []
+        info = HfApi().model_info(model_name, files_metadata=True, timeout=HUB_TIMEOUT_S)
+        siblings = info.siblings or []
     except Exception:  # only a figure for the log: the download itself reports real errors
         return None
     patterns = ("*.json", *WEIGHT_PATTERNS)
@@ -90,27 +92,32 @@ def _watch(
 ) -> None:
     folder = hub_cache_folder(model_name)
     started = time.monotonic()
-    at_start = bytes_arrived(folder)
-    size = model_size(model_name)
-    logged_at = started
+    at_start = bytes_arrived(folder)  # what an interrupted earlier download left: resumed
+    size: int | None = None
+    arriving = False  # this run's download has begun
+    logged_at, logged_bytes = started, at_start
     while True:
         ended = stop.wait(POLL_S)  # the run's end: one last look, for the line that says done
-        now, arrived = time.monotonic(), bytes_arrived(folder) - at_start
+        now, present = time.monotonic(), bytes_arrived(folder)
         if cached_model_dir(model_name) is not None:
-            if arrived:
+            if present > at_start:
                 logger.info(
-                    "depth model %s downloaded: %s in %.0f s", model_name, _mb(arrived),
+                    "depth model %s downloaded: %s in %.0f s", model_name, _mb(present),
                     now - started,
                 )  # fmt: skip
             return
-        if ended or (not arrived and now - started > NOTHING_ARRIVES_S):
+        if ended or (present == at_start and now - started > NOTHING_ARRIVES_S):
             return
-        if arrived and now - logged_at >= every_s:
-            logged_at = now
+        if present > at_start and not arriving:
+            # Asked only now: a run whose actors download elsewhere never asks the hub here.
+            arriving, size, logged_at = True, model_size(model_name), now
+        if arriving and now - logged_at >= every_s:
             whole = f" of {_mb(size)}" if size else ""
+            rate = (present - logged_bytes) / (now - logged_at)  # since the last line
+            logged_at, logged_bytes = now, present
             logger.info(
                 "downloading depth model %s from the Hugging Face hub: %s%s (%s/s)",
-                model_name, _mb(arrived), whole, _mb(arrived / (now - started)),
+                model_name, _mb(present), whole, _mb(rate),
             )  # fmt: skip
 
 
