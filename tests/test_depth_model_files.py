@@ -243,11 +243,21 @@ try:
 except ValueError as exc:
     print(exc)
 """
-        done = subprocess.run(
-            [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
-        )
-        assert "may not read model.safetensors" in done.stdout, done.stdout + done.stderr
-        assert "chmod a+r" in done.stdout
+
+        def refusal() -> str:
+            done = subprocess.run(
+                [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+            )
+            return done.stdout + done.stderr
+
+        said = refusal()
+        assert "may not read model.safetensors" in said and "chmod a+r" in said, said
+        # A folder it may not even list: the same kind of answer, not a bare PermissionError.
+        folder.chmod(0o700 if os.geteuid() == 0 else 0o000)
+        said = refusal()
+        assert f"depth model folder {folder}: this user" in said, said
+        assert "may not open it; make it readable (chmod a+rx)" in said, said
+        folder.chmod(0o755)
     finally:
         shutil.rmtree(shared)
 

@@ -80,6 +80,11 @@ def check_depth_model(model_name: str) -> bool:
 def _check_model_folder(folder: Path) -> None:
     """Refuse a folder the run's user cannot load, before any download, rather than fail each
     video at its depth stage."""
+    if not os.access(folder, os.R_OK | os.X_OK):  # not even its list of files
+        raise ValueError(
+            f"depth model folder {folder}: this user (uid {os.getuid()}) may not open it; make "
+            "it readable (chmod a+rx)"
+        )
     unreadable = unreadable_files(folder)
     if unreadable:
         raise ValueError(
