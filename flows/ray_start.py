@@ -351,11 +351,18 @@ def check_cluster_listens(address: str) -> None:
     if not host or not port.isdigit():  # not host:port: Ray's to resolve
         return
     host = host.strip("[]")
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConnectionError(
+            f"the Ray cluster address {address} names a host that does not resolve ({exc}): "
+            "check RAY_ADDRESS; RAY_ADDRESS=local runs a private Ray"
+        ) from None
     # Ray itself swaps a loopback address for this machine's (`loopback_only_cluster`).
     if not any(_listening(h, int(port)) for h in {host, resolve_ip_for_localhost(host)}):
         raise ConnectionError(
-            f"nothing listens at {address} (RAY_ADDRESS): is a Ray cluster running there "
-            "(`ray status`), and reachable from here? RAY_ADDRESS=local runs a private Ray"
+            f"nothing listens at the Ray cluster address {address}: is a Ray cluster running "
+            "there (`ray status`), and reachable from here? RAY_ADDRESS=local runs a private Ray"
         )
 
 
@@ -423,7 +430,9 @@ def early_ray(
         try:
             ray.init(**({"address": address} | init_kwargs))
         except ConnectionError as exc:
-            raise (join_failure(exc, address) if address else exc) from exc
+            if not address:  # a private Ray that did not start: Ray's own error and its cause
+                raise
+            raise join_failure(exc, address) from exc
         stack.callback(ray.shutdown)
         cpus = int(ray.cluster_resources().get("CPU", 0))
         count = workers_for_cpus(cpus) if cpus else 0  # none to warm before a cluster scales up
