@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2
 
 from devstack.launcher import ServerProcess, start_server
 from protos import inference_pb2, inference_pb2_grpc
@@ -648,6 +649,52 @@ def _admitted_within(stub: inference_pb2_grpc.ClassifierStub, image: bytes, limi
 
 
 @pytest.mark.slow
+def test_health_watches_past_their_limit_are_refused_and_checks_still_answer(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """A Watch lasts as long as its client stays: 33 watchers took every place of a server of
+    --max-concurrent-rpcs 1 (its limit + 32), and its health checks were refused from then on.
+    At most 16 watch at once; the rest are refused and checks keep their room."""
+    server = start_server(tmp_path, model_cache, "--max-concurrent-rpcs", "1")
+    server.wait_serving()
+    watch = "/grpc.health.v1.Health/Watch"
+    request = health_pb2.HealthCheckRequest().SerializeToString()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            watches = [channel.unary_stream(watch)(request, timeout=60) for _ in range(40)]
+            answers = Counter()
+            refusals = set()
+            for call in watches:
+                try:
+                    answers[health_pb2.HealthCheckResponse.FromString(next(call)).status] += 1
+                except grpc.RpcError as refused:
+                    answers[refused.code()] += 1
+                    refusals.add(refused.details())
+            serving = health_pb2.HealthCheckResponse.SERVING
+            assert answers == {serving: 16, grpc.StatusCode.RESOURCE_EXHAUSTED: 24}, answers
+            assert refusals == {
+                "the server holds its limit of 16 health watches, which keeps room for health "
+                "checks: use Check, or watch when one ends"
+            }
+            assert health_status(server.target, timeout_s=5) == "SERVING"  # 16 watching
+            for call in watches:
+                call.cancel()
+            deadline = time.monotonic() + 10  # until the server has heard the cancels
+            while True:
+                again = channel.unary_stream(watch)(request, timeout=10)
+                try:
+                    status = health_pb2.HealthCheckResponse.FromString(next(again)).status
+                    break
+                except grpc.RpcError as refused:
+                    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() < deadline, "the ended watches kept their places"
+                    time.sleep(0.2)
+            assert status == serving  # a place freed
+            again.cancel()
+    finally:
+        assert server.terminate() == 0
+
+
 def test_health_and_model_info_calls_whose_request_never_comes_are_ended(
     tmp_path: Path, model_cache: Path
 ) -> None:

@@ -67,6 +67,8 @@ def _check_key_pair(cert: Path, key: Path) -> None:
 # Calls beyond the classifier's limit that the server still takes: health checks and watches,
 # GetModelInfo, reflection.
 OTHER_CALLS_ROOM = 32
+# Health watches may take half of that room: the rest stays for checks, however many watch.
+MAX_HEALTH_WATCHES = OTHER_CALLS_ROOM // 2
 
 
 def _grpc_server(
@@ -161,7 +163,7 @@ async def _serve_until(
 ) -> None:
     metrics = ServiceMetrics()
     service = InferenceService(settings, metrics)
-    calls = CallTracker()
+    calls = CallTracker(max_watches=MAX_HEALTH_WATCHES)
     server, health_servicer, grpc_port = _grpc_server(settings, service, calls)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()

@@ -44,10 +44,13 @@ class CallTracker(grpc.aio.ServerInterceptor):
 
     A call is drained when its handler returns or raises (any status) within the shutdown
     grace, cancelled when gRPC cancels it: by the server at the end of the grace, or because
-    its client left. Health watches are counted apart (`open_watches`), not as calls.
+    its client left. Health watches are counted apart (`open_watches`), not as calls, and at
+    most `max_watches` are open at once: a Watch lasts as long as its client stays, and enough
+    of them took every place the server keeps for health checks, so its probe read it as dead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_watches: int | None = None) -> None:
+        self.max_watches = max_watches
         self.open = 0
         self.open_watches = 0
         self.ended = 0
@@ -86,6 +89,12 @@ class CallTracker(grpc.aio.ServerInterceptor):
         until its client leaves: one watcher made every stop wait out the whole grace."""
 
         async def watch(request: Any, context: grpc.aio.ServicerContext) -> None:
+            if self.max_watches is not None and self.open_watches >= self.max_watches:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the server holds its limit of {self.max_watches} health watches, which "
+                    "keeps room for health checks: use Check, or watch when one ends",
+                )
             self.open_watches += 1
             sent = _StatusSent(context)
             serving = asyncio.ensure_future(behaviour(request, sent))
