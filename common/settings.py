@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The real sample clips live beside the checkout (../shared/data), as in CI.
@@ -64,7 +66,7 @@ def add_settings_arguments(
             notes.append(f"default {field.get_default(call_default_factory=True)}")
         help_text = f"{description} ({'; '.join(notes)})" if notes else description
         annotation = field.annotation
-        if SecretStr in (annotation, *get_args(annotation)):
+        if _is_secret(field):
             continue  # a secret comes from the environment: a flag's value is visible in `ps`
         if annotation is bool:
             parser.add_argument(
@@ -87,12 +89,19 @@ def settings_from_args(settings_cls: type[SettingsT], args: argparse.Namespace) 
     try:
         return settings_cls(**given)
     except ValidationError as exc:
-        raise ValueError(one_line(exc, settings_cls.model_config.get("env_prefix", ""))) from None
+        raise ValueError(one_line(exc, settings_cls, given)) from None
 
 
-def one_line(exc: ValidationError, env_prefix: str = "") -> str:
-    """A settings ValidationError as one line naming each flag and its value (`env_prefix`
-    also names the variable a required setting can come from)."""
+def one_line(
+    exc: ValidationError,
+    settings_cls: type[BaseModel] | None = None,
+    flags_given: Collection[str] | None = None,
+) -> str:
+    """A settings ValidationError as one line naming each setting where it came from and its
+    value: the flag if it was given (`flags_given`), else the environment variable of
+    `settings_cls`. A secret's value is never shown (the line goes to the console and logs)."""
+    env_prefix = settings_cls.model_config.get("env_prefix", "") if settings_cls else ""
+    fields = settings_cls.model_fields if settings_cls else {}
     problems = []
     for error in exc.errors(include_url=False):
         message = error["msg"].removeprefix("Value error, ")
@@ -100,9 +109,19 @@ def one_line(exc: ValidationError, env_prefix: str = "") -> str:
             problems.append(message)
             continue
         name = str(error["loc"][0])
+        env_name = f"{env_prefix}{name.upper()}"
         if error["type"] == "missing":  # the input is every flag given: not worth showing
-            where = f" (or {env_prefix}{name.upper()})" if env_prefix else ""
+            where = f" (or {env_name})" if env_prefix else ""
             problems.append(f"{_flag(name)}{where} is required")
             continue
-        problems.append(f"{_flag(name)} {error.get('input')!r}: {message}")
+        from_env = env_prefix and flags_given is not None and name not in flags_given
+        source = env_name if from_env else _flag(name)
+        if name in fields and _is_secret(fields[name]):
+            problems.append(f"{source} (value not shown): {message}")
+            continue
+        problems.append(f"{source} {error.get('input')!r}: {message}")
     return "; ".join(problems)
+
+
+def _is_secret(field: FieldInfo) -> bool:
+    return SecretStr in (field.annotation, *get_args(field.annotation))

@@ -241,6 +241,25 @@ def test_flags_out_of_range_are_refused_by_the_parser(tmp_path: Path, capsys) ->
     assert err.strip().endswith("--tls-cert and --tls-key go together: give both or neither")
 
 
+def test_a_setting_from_the_environment_is_named_as_such_and_a_secret_never_shown(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value from the environment was reported as a flag the user never gave, and a
+    malformed token was printed whole, to the console and any log file."""
+    monkeypatch.setenv("VIDFLOW_INFERENCE_BACKEND", "bogus")
+    err = _refused(["serve", "--http-port", "1"], capsys)
+    assert "VIDFLOW_INFERENCE_BACKEND 'bogus': Input should be" in err and "--backend" not in err
+    monkeypatch.delenv("VIDFLOW_INFERENCE_BACKEND")
+    secret = "s3cret-part other-part"
+    monkeypatch.setenv("VIDFLOW_INFERENCE_AUTH_TOKEN", secret)
+    image = tmp_path / "x.jpg"
+    image.write_bytes(b"not read")
+    for argv in (["serve", "--http-port", "1"], ["classify", "--target", CLOSED_PORT, str(image)]):
+        err = _refused(argv, capsys)
+        assert "VIDFLOW_INFERENCE_AUTH_TOKEN (value not shown): the token must be" in err, err
+        assert "s3cret" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_health_with_no_answer_says_where_it_asked_and_why(capsys) -> None:
     """Found in a README walk: `vidflow health` printed UNREACHABLE alone, with no address or
     cause (a wrong port, a TLS mismatch and a stopped service all read the same)."""

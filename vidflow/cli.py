@@ -195,18 +195,15 @@ def stream_benchmark_settings(args: argparse.Namespace) -> StreamBenchmarkSettin
     environment, then the defaults."""
     kafka = settings_from_args(KafkaSettings, args)
     client = settings_from_args(ClientSettings, args)
+    given = {
+        name: getattr(args, name)
+        for name in STREAM_BENCHMARK_FLAGS
+        if getattr(args, name) is not None
+    }
     try:
-        return StreamBenchmarkSettings(
-            **{
-                name: getattr(args, name)
-                for name in STREAM_BENCHMARK_FLAGS
-                if getattr(args, name) is not None
-            },
-            kafka=kafka,
-            client=client,
-        )
+        return StreamBenchmarkSettings(**given, kafka=kafka, client=client)
     except ValidationError as exc:
-        raise ValueError(one_line(exc)) from None
+        raise ValueError(one_line(exc, StreamBenchmarkSettings, given)) from None
 
 
 def _stream_benchmark(args: argparse.Namespace) -> int:

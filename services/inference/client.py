@@ -10,8 +10,10 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import SecretStr, ValidationError
 
 from common.net import is_loopback_target
+from common.settings import one_line
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.settings import ServiceToken
 
@@ -26,6 +28,15 @@ def channel_options() -> list[tuple[str, int]]:
     ]
 
 
+def service_token() -> SecretStr | None:
+    """VIDFLOW_INFERENCE_AUTH_TOKEN, checked; a malformed one is refused in one line that
+    does not show it."""
+    try:
+        return ServiceToken().auth_token
+    except ValidationError as exc:
+        raise ValueError(one_line(exc, ServiceToken, flags_given=())) from None
+
+
 def channel_credentials(
     target: str, tls_ca: Path | None, send_token: bool = True
 ) -> grpc.ChannelCredentials | None:
@@ -35,7 +46,7 @@ def channel_credentials(
 
     gRPC sends call credentials only over TLS, or over its local credentials, which connect to
     a loopback address alone: a token is never sent in clear across a network."""
-    token = ServiceToken().auth_token if send_token else None
+    token = service_token() if send_token else None
     if tls_ca is None and token is None:
         return None
     if tls_ca is not None:

@@ -42,8 +42,8 @@ class ServiceToken(BaseSettings):
             return None
         if not isinstance(value, str) or not all("!" <= char <= "~" for char in value):
             raise ValueError(
-                "VIDFLOW_INFERENCE_AUTH_TOKEN must be printable ASCII without spaces or line "
-                "breaks (e.g. from `openssl rand -hex 32`)"
+                "the token must be printable ASCII without spaces or line breaks (e.g. from "
+                "`openssl rand -hex 32`)"
             )
         return value
 
