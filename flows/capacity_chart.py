@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import textwrap
 
 # The object-oriented API without pyplot: no global backend or figure registry to set, and
 # savefig renders with Agg (no display), so importing this module changes nothing.
@@ -11,10 +12,20 @@ from matplotlib.figure import Figure
 
 from flows.capacity_rules import MIN_FPS_RATIO, StepFigures
 
+TITLE_CHARS_PER_LINE = 70  # at the title's size, what a 7-inch figure holds
+
 
 def capacity_chart_png(steps: list[StepFigures], budget_ms: float, title: str) -> bytes:
-    """PNG bytes: classified results/s per stream (min and mean) above, e2e p50/p99 below, in
-    order of stream count; the real-time floor and the latency budget drawn as dotted lines."""
+    """The chart (`capacity_chart`) as PNG bytes."""
+    buffer = io.BytesIO()
+    capacity_chart(steps, budget_ms, title).savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def capacity_chart(steps: list[StepFigures], budget_ms: float, title: str) -> Figure:
+    """Classified results/s per stream (min and mean) above, e2e p50/p99 below, in order of
+    stream count; the real-time floor and the latency budget drawn as dotted lines. The title
+    (the verdict, up to ~120 characters) wrapped to the figure's width."""
     steps = sorted(steps, key=lambda s: s.streams)
     counts = [s.streams for s in steps]
     figure = Figure(figsize=(7, 6), dpi=100)
@@ -36,11 +47,9 @@ def capacity_chart_png(steps: list[StepFigures], budget_ms: float, title: str) -
     latency_axis.legend(loc="upper left")
     latency_axis.grid(alpha=0.3)
     latency_axis.set_xticks(counts)
-    figure.suptitle(title)
+    figure.suptitle(textwrap.fill(title, TITLE_CHARS_PER_LINE))
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return figure
 
 
 def png_data_uri(png: bytes) -> str:

@@ -192,12 +192,20 @@ def next_streams(outcomes: Mapping[int, bool], max_streams: int) -> int | None:
 
 
 def verdict_line(
-    streams: int, width: int, height: int, fps: float, most_tried: int | None = None
+    streams: int,
+    width: int,
+    height: int,
+    fps: float,
+    most_tried: int | None = None,
+    unfinished: bool = False,
 ) -> str:
     """The sweep's answer in one line, e.g. "6 streams of 340x256 at 28 fps on this machine";
-    "at least" where the most streams tried held (`most_tried`): the box may take more."""
+    "at least" where the most streams tried held (`most_tried`), or where the sweep was
+    stopped before it found the count that fails (`unfinished`): the box may take more."""
     noun = "stream" if streams == 1 else "streams"
     line = f"{streams} {noun} of {width}x{height} at {fps:g} fps on this machine"
+    if unfinished:
+        return f"at least {line} (the sweep was stopped before it ended)"
     if most_tried is not None and streams >= most_tried:
         return f"at least {line} (the most tried: raise --max-streams to look further)"
     return line

@@ -34,10 +34,11 @@ from flows.capacity_rules import (
     verdict_line,
 )
 from flows.stream_settings import StreamBenchmarkSettings
-from tasks.stream.prefect_tasks import DRAIN_S, run_producer_and_group
+from tasks.stream.prefect_tasks import DRAIN_S, RUN_STOP, run_producer_and_group
 from tasks.stream.producer import open_source, target_fps
 from tasks.stream.results import read_records
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
+from tasks.stream.topics import delete_topics
 
 IDLE_TIMEOUT_S = 3.0  # a step's consumers stop this long after the last frame
 
@@ -59,8 +60,9 @@ def step_kafka(base: KafkaSettings, streams: int) -> KafkaSettings:
     return base.with_fresh_topics(suffix, partitions=max(base.partitions, streams))
 
 
-def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures, KafkaSettings]:
-    """One step: `streams` live cameras for step_seconds, read back from its results topic."""
+def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures, dict[str, str]]:
+    """One step: `streams` live cameras for step_seconds, read back from its results topic;
+    and the step's topics left on the broker (`kept_topics`)."""
     kafka = step_kafka(sweep.kafka, streams)
     consumer_settings = ConsumerSettings(
         group=f"capacity-{kafka.frames_topic}",
@@ -86,7 +88,25 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
         produced.frames_read,
         summary.lag,
     )
-    return figures, kafka
+    return figures, kept_topics(sweep, kafka, dead_letters=summary.dlq)
+
+
+def kept_topics(
+    sweep: StreamBenchmarkSettings, kafka: KafkaSettings, dead_letters: int
+) -> dict[str, str]:
+    """Delete a step's topics once read, unless `keep_step_topics`: on the local broker, which
+    keeps every message in memory, a default sweep left hundreds of MB behind. A dead-letter
+    topic with letters in it stays, as does any topic the broker would not delete."""
+    topics = {"frames": kafka.frames_topic, "results": kafka.results_topic, "dlq": kafka.dlq_topic}
+    if sweep.keep_step_topics:
+        return topics
+    doomed = [name for role, name in topics.items() if role != "dlq" or not dead_letters]
+    if dead_letters:
+        get_run_logger().warning(
+            "dead-letter topic %s keeps its %d message(s)", kafka.dlq_topic, dead_letters
+        )
+    left = set(delete_topics(kafka, doomed))
+    return {role: name for role, name in topics.items() if name not in doomed or name in left}
 
 
 def sweep_rows(steps: list[StepFigures], budget_ms: float) -> list[dict[str, Any]]:
@@ -151,17 +171,23 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
     width, height, fps = source_format(sweep.source, sweep.fps)
     outcomes: dict[int, bool] = {}
     steps: list[StepFigures] = []
-    topics: dict[int, dict[str, str]] = {}
+    topics: dict[int, dict[str, str]] = {}  # the steps' topics left on the broker
     streams = next_streams(outcomes, sweep.max_streams)
-    while streams is not None:
+    stopped = False
+    while streams is not None and not stopped:
         # A count fails only when every one of its tries fails: a one-off stall of a shared
         # machine (a p99 past the budget in one 10 s window) should not set the capacity.
         for attempt in range(1, sweep.step_tries + 1):
-            figures, kafka = run_step(sweep, streams)
+            figures, kept = run_step(sweep, streams)
+            if stopped := RUN_STOP.is_set():  # Ctrl-C: a step cut short is not judged
+                logger.warning("stopped during the step of %d streams: reporting the sweep so far",
+                               streams)  # fmt: skip
+                break
             figures.attempt = attempt
             reasons = shortfalls(figures, sweep.budget_ms)
             steps.append(figures)
-            topics[streams] = {"frames": kafka.frames_topic, "results": kafka.results_topic}
+            if kept:  # the last try's, which the verdict rests on
+                topics[streams] = kept
             logger.info(
                 "%d streams (try %d): slowest %.2f fps, mean %.2f fps, e2e p99 %.1f ms, %d stale, "
                 "lag %s: %s",
@@ -170,10 +196,12 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
             )  # fmt: skip
             if not reasons:
                 break
-        outcomes[streams] = not reasons
-        streams = next_streams(outcomes, sweep.max_streams)
+        if not stopped:
+            outcomes[streams] = not reasons
+            streams = next_streams(outcomes, sweep.max_streams)
     held = capacity(outcomes)
-    verdict = verdict_line(held, width, height, fps, most_tried=sweep.max_streams)
+    unfinished = next_streams(outcomes, sweep.max_streams) is not None
+    verdict = verdict_line(held, width, height, fps, sweep.max_streams, unfinished)
     chart_path = publish_sweep(sweep, steps, verdict)
     logger.info("capacity: %s (chart %s)", verdict, chart_path)
     return {

@@ -57,6 +57,11 @@ class StreamBenchmarkSettings(BaseModel):
     step_tries: int = Field(
         2, ge=1, description="capacity: tries a stream count gets before it counts as failed"
     )
+    keep_step_topics: bool = Field(
+        False,
+        description="capacity: keep each step's topics on the broker (by default deleted once "
+        "read, each holding every frame its step sent; a dead-letter topic with letters stays)",
+    )
     output_dir: Path = Field(
         default_factory=default_output_dir,
         description=f"capacity: where the chart PNG is written (default ${OUTPUT_DIR_VARIABLE}, "

@@ -4,15 +4,25 @@ sweep under a real Prefect API with the real broker and service."""
 from __future__ import annotations
 
 import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import AdminClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+from devstack.launcher import REPO_ROOT
 from flows.artifact_keys import CAPACITY_REPORT as REPORT_KEY
 from flows.artifact_keys import CAPACITY_TABLE as TABLE_KEY
+from flows.capacity_chart import capacity_chart
 from flows.capacity_rules import (
     WARMUP_S,
     StepFigures,
@@ -171,7 +181,10 @@ def test_a_short_sweep_records_table_chart_and_verdict(
 ) -> None:
     # The machine running the tests is shared and noisy, and speed is the benchmark's business:
     # a budget of 1 s checks the sweep's mechanics, not this machine's latency.
-    settings = _sweep(onnx_server, kafka, tmp_path, max_frame_age_ms=1000.0, step_seconds=3.0)
+    settings = _sweep(
+        onnx_server, kafka, tmp_path, max_frame_age_ms=1000.0, step_seconds=3.0,
+        keep_step_topics=True,  # read back below
+    )  # fmt: skip
     outcome = stream_benchmark(settings=settings)
     assert outcome["capacity"] >= 1 and outcome["budget_ms"] == 1000.0
     assert outcome["verdict"] == verdict_line(outcome["capacity"], 340, 256, 28.0, most_tried=2)
@@ -208,6 +221,52 @@ def test_a_short_sweep_records_table_chart_and_verdict(
     assert "](data:image/png;base64," in report
 
 
+@pytest.mark.slow
+def test_ctrl_c_during_a_sweep_reports_the_steps_it_finished(
+    prefect_api, kafka, onnx_server, tmp_path: Path
+) -> None:
+    """Ctrl-C crashed the flow run (exit 130) and the steps already measured were lost."""
+    from prefect.settings import PREFECT_API_URL
+
+    summary_json = tmp_path / "sweep.json"
+    command = [
+        sys.executable, "-m", "vidflow.cli", "stream-benchmark", "--capacity",
+        "--step-seconds", "3", "--max-streams", "8", "--step-tries", "1",
+        "--max-frame-age-ms", "1000", "--output-dir", str(tmp_path),
+        "--bootstrap-servers", kafka.bootstrap_servers, "--frames-topic", kafka.frames_topic,
+        "--results-topic", kafka.results_topic, "--dlq-topic", kafka.dlq_topic,
+        "--target", onnx_server.target, "--summary-json", str(summary_json),
+    ]  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    run = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in run.stderr], daemon=True).start()
+    try:
+        said = ""
+        while "1 streams (try 1): " not in said:  # the first step is judged: Ctrl-C in the next
+            said += lines.get(timeout=120)
+        run.send_signal(signal.SIGINT)
+        out, _ = run.communicate(timeout=60)
+    finally:
+        run.kill()
+    time.sleep(0.2)
+    said += "".join(iter_queue(lines))
+    assert run.returncode == 0, said[-3000:]
+    assert "stopped during the step of 2 streams: reporting the sweep so far" in said
+    outcome = json.loads(summary_json.read_text())
+    assert [step["streams"] for step in outcome["steps"]] == [1]  # the cut step is not judged
+    assert outcome["verdict"].endswith("(the sweep was stopped before it ended)")
+    assert outcome["verdict"] in out and Path(outcome["chart"]).is_file()
+
+
+def iter_queue(lines: queue.Queue[str]) -> list[str]:
+    items = []
+    while not lines.empty():
+        items.append(lines.get_nowait())
+    return items
+
+
 def test_the_cli_offers_capacity_mode_with_its_defaults() -> None:
     from vidflow.cli import build_parser, stream_benchmark_settings
 
@@ -227,15 +286,32 @@ def test_a_failing_count_is_tried_again_and_fails_only_if_every_try_does(
     settings = _sweep(
         onnx_server, kafka, tmp_path, max_frame_age_ms=1.0, step_seconds=2.0, max_streams=1
     )
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers})
+    topics_before = set(admin.list_topics(timeout=10).topics)
     outcome = stream_benchmark(settings=settings)
     assert outcome["capacity"] == 0
     tries = [(step["streams"], step["attempt"], step["holds"]) for step in outcome["steps"]]
     assert tries == [(1, 1, False), (1, 2, False)]
     assert all(step["skipped_stale"] > 0 for step in outcome["steps"])
-    # the topics kept are those of the last try, which the verdict rests on
-    records = read_records(kafka, outcome["topics"][1]["results"])
-    keys = {r.key for r in records}
-    assert len(keys) == outcome["steps"][-1]["frames_produced"] > 0
+    # Each step's topics are deleted once read: on the local broker, which keeps every
+    # message in memory, a sweep left every frame it sent behind.
+    assert outcome["topics"] == {}
+    left = set(admin.list_topics(timeout=10).topics) - topics_before
+    assert not {t for t in left if "-cap1-" in t}, left
+
+
+def test_the_chart_s_title_fits_its_width_however_long_the_verdict() -> None:
+    """The longest verdicts ran off both edges of the chart."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    verdict = verdict_line(16, 1920, 1080, 29.97, most_tried=16)
+    assert len(verdict) > 100
+    figure = capacity_chart([_step(streams=1), _step(streams=2)], 100.0, verdict)
+    FigureCanvasAgg(figure).draw()
+    title = figure.get_suptitle()
+    extent = figure._suptitle.get_window_extent()
+    assert title.replace("\n", " ") == verdict
+    assert extent.x0 >= 0 and extent.x1 <= figure.bbox.width, (extent, figure.bbox)
 
 
 def test_the_chart_and_verdict_rest_on_each_count_s_last_try() -> None:

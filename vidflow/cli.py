@@ -45,7 +45,7 @@ log = logging.getLogger("vidflow")
 # The stream-benchmark flow's own settings that are flags (the others are flow parameters only).
 STREAM_BENCHMARK_FLAGS = (
     "source", "duration", "fps", "concurrency", "consumers", "max_frame_age_ms", "capacity",
-    "step_seconds", "max_streams", "step_tries", "output_dir",
+    "step_seconds", "max_streams", "step_tries", "keep_step_topics", "output_dir",
 )  # fmt: skip
 
 
@@ -218,8 +218,8 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     check_sources(settings.source)  # before a Prefect server starts and a group joins
     if args.summary_json is not None:  # a folder that cannot be made fails now, not after the run
         args.summary_json.parent.mkdir(parents=True, exist_ok=True)
-    if not settings.capacity:  # Ctrl-C: the run ends its producing now and reports
-        stop_on_signals(RUN_STOP)
+    # Ctrl-C: the run ends its producing now and reports (a sweep: the steps it finished).
+    stop_on_signals(RUN_STOP)
     failure: StreamRunFailedError | None = None
     try:
         with prefect_api(), foreground_heartbeats():

@@ -1,4 +1,4 @@
-"""Creates the topics a run needs (idempotent)."""
+"""Creates the topics a run needs (idempotent), and removes a sweep step's once read."""
 
 from __future__ import annotations
 
@@ -50,3 +50,17 @@ def ensure_topics(
                 raise
     log.info("created topics %s with %d partitions", created, partitions)
     return created
+
+
+def delete_topics(kafka: KafkaSettings, topics: list[str], timeout_s: float = 15.0) -> list[str]:
+    """Delete `topics` from the broker; return those it could not delete (logged, not
+    raised: what is left costs the broker's room, not the run's figures)."""
+    admin = AdminClient({**kafka.client_config(), **librdkafka_logging()})
+    left = []
+    for topic, future in admin.delete_topics(topics, operation_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+        except Exception as exc:
+            log.warning("could not delete topic %s: %s", topic, exc)
+            left.append(topic)
+    return left
