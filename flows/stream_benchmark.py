@@ -21,7 +21,7 @@ from flows.stream_capacity import capacity_sweep
 from flows.stream_settings import StreamBenchmarkSettings
 from tasks.stream.consumer_summary import nothing_answered
 from tasks.stream.prefect_tasks import DRAIN_S, run_producer_and_group
-from tasks.stream.settings import ConsumerSettings, ProducerSettings
+from tasks.stream.settings import ConsumerSettings, ProducerSettings, source_list
 
 TABLE_COLUMNS = ("stage", "p50", "p90", "p99", "max", "mean")
 
@@ -191,8 +191,16 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
         produced_since_ms=None if settings.group else int(time.time() * 1000),
     )
     producer_settings = ProducerSettings(
-        source=settings.source, fps=settings.fps, loop=settings.loop, max_frames=settings.max_frames
-    )
+        source=settings.source, fps=settings.fps, loop=settings.loop,
+        max_frames=settings.max_frames, streams=settings.streams,
+    )  # fmt: skip
+    cameras = len(source_list(settings.source)) * settings.streams
+    if settings.consumers > cameras:
+        get_run_logger().warning(
+            "%d consumers share %d camera(s): each camera's frames go to one partition, so "
+            "only %d consumer(s) get work (--streams N replays the source as N cameras)",
+            settings.consumers, cameras, cameras,
+        )  # fmt: skip
     produced, summary = run_producer_and_group(
         kafka, producer_settings, settings.duration, consumer_settings, settings.consumers, client
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.settings import SAMPLE_VIDEO
 from flows.capacity_rules import DEFAULT_BUDGET_MS
@@ -39,6 +39,12 @@ class StreamBenchmarkSettings(BaseModel):
     fps: str = Field("native", description="a number, native or max")
     loop: bool = Field(True, description="start the file again at its end")
     max_frames: int | None = Field(None, ge=1, description="stop producing after this many frames")
+    streams: int = Field(
+        1,
+        ge=1,
+        description="replay --source as this many live cameras (as `produce --streams`); a "
+        "camera's frames go to one partition, so N consumers need N cameras or more to share",
+    )
     consumers: int = Field(1, ge=1, description="members of the consumer group")
     concurrency: int = Field(8, ge=1, description="calls in flight per consumer")
     group: str | None = Field(None, description="consumer group id (default: a new one per run)")
@@ -73,6 +79,12 @@ class StreamBenchmarkSettings(BaseModel):
     )
 
     _fps_checked = field_validator("fps")(check_fps)
+
+    @model_validator(mode="after")
+    def _streams_or_capacity(self) -> StreamBenchmarkSettings:
+        if self.capacity and self.streams != 1:
+            raise ValueError("--streams does not apply to --capacity: the sweep sets the count")
+        return self
 
     @property
     def shown_source(self) -> str:

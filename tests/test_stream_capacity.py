@@ -276,6 +276,9 @@ def test_the_cli_offers_capacity_mode_with_its_defaults() -> None:
     assert settings.max_frame_age_ms is None and settings.budget_ms == 100.0  # the flow's default
     single = stream_benchmark_settings(build_parser().parse_args(["stream-benchmark"]))
     assert not single.capacity and single == StreamBenchmarkSettings()
+    both = build_parser().parse_args(["stream-benchmark", "--capacity", "--streams", "2"])
+    with pytest.raises(ValueError, match="--streams does not apply to --capacity"):
+        stream_benchmark_settings(both)
 
 
 @pytest.mark.slow

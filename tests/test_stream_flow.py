@@ -36,6 +36,7 @@ def test_the_flow_records_its_figures_as_artifacts(prefect_api, kafka, onnx_serv
         duration=5.0,
         fps="native",
         concurrency=4,
+        streams=2,  # two cameras, one for each member of the group
         consumers=2,
         client=ClientSettings(target=onnx_server.target),
         kafka=kafka,
@@ -43,7 +44,8 @@ def test_the_flow_records_its_figures_as_artifacts(prefect_api, kafka, onnx_serv
     state = stream_benchmark(settings=settings, return_state=True)
     outcome = state.result()
     summary, produced = outcome["summary"], outcome["producer"]
-    assert 100 <= produced["frames_read"] <= 160  # 5 s at the clip's 28 fps
+    assert 200 <= produced["frames_read"] <= 320  # 5 s at the clip's 28 fps, twice
+    assert len(produced["per_stream"]) == 2
     # Each frame consumed once: the member whose partition got no frames stays in the group
     # (it left on its idle timeout mid-run, and the rebalance had frames consumed twice).
     assert summary["frames_consumed"] == produced["frames_read"]

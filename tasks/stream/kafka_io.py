@@ -39,6 +39,10 @@ def consumer_config(kafka: KafkaSettings, group: str) -> dict[str, Any]:
     return {
         **kafka.client_config(),
         "group.id": group,
+        # Members take partitions in turn: a run's cameras sit on consecutive partitions
+        # (producer.run_cameras), and the range assignor gave a run of 2 cameras on 4
+        # partitions to one member of 2 whenever they fell in the same half.
+        "partition.assignment.strategy": "roundrobin",
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": kafka.session_timeout_ms,
