@@ -94,6 +94,21 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def prepare_output_file(path: Path | None, flag: str) -> None:
+    """Make the folder of a file written at a run's end now (`--summary-json`), so that no run
+    is lost for it: ValueError naming `flag` where that cannot be done."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"{flag} {path}: its folder cannot be made: {exc.strerror or exc}"
+        ) from None
+
+
 def output_file(text: str) -> Path:
     """A file to write at the end: its folder must exist now, so no run is lost for it."""
     path = Path(text).expanduser()

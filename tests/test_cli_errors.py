@@ -172,9 +172,11 @@ def test_stream_commands_refuse_bad_sources_and_bounds_before_the_broker(
     missing_ca = str(tmp_path / "ca.pem")
     err = _refused([*bench, "--tls-ca", missing_ca], capsys)
     assert f"--tls-ca '{missing_ca}': Path does not point to a file" in err
-    err = _refused([*bench, "--summary-json", "/proc/x/y.json"], capsys)  # before, not after
-    assert "/proc/x" in err and "unreachable" not in err, err
     consume = ["consume", "--bootstrap-servers", CLOSED_PORT, "--target", CLOSED_PORT]
+    for command in (bench, consume):  # before the run, not after it (consume: 30 s, then lost)
+        err = _refused([*command, "--summary-json", "/proc/x/y.json"], capsys)
+        assert "--summary-json /proc/x/y.json: its folder cannot be made" in err, err
+        assert "unreachable" not in err and err.count("\n") == 1, err
     assert "--idle-timeout" in _refused([*consume, "--idle-timeout", "0"], capsys)
 
 
@@ -217,6 +219,9 @@ def test_flags_out_of_range_are_refused_by_the_parser(tmp_path: Path, capsys) ->
     assert f"the folder {no_folder.parent} does not exist" in err
     classify = ["classify", "--target", CLOSED_PORT, str(image)]
     assert "must be 1 or more" in _refused([*classify, "--top-k", "-1"], capsys)
+    # A host alone: gRPC dialled port 443, "connection refused" from a server that was up.
+    err = _refused(["classify", "--target", "127.0.0.1", str(image)], capsys)
+    assert "--target '127.0.0.1': give HOST:PORT (e.g. 127.0.0.1:50051)" in err, err
     # A folder where a file is due: one line, not an IsADirectoryError traceback.
     assert str(tmp_path) in _refused([*classify, "--tls-ca", str(tmp_path)], capsys)
     assert "a port from 0 (any free one) to 65535" in _refused(

@@ -23,6 +23,7 @@ from common.cli_types import (
     positive_float,
     positive_int,
     positive_int_list,
+    prepare_output_file,
 )
 from common.flow_heartbeats import foreground_heartbeats
 from common.import_gc import imports_without_gc
@@ -170,6 +171,7 @@ def _consume(args: argparse.Namespace) -> int:
     kafka = settings_from_args(KafkaSettings, args)
     settings = settings_from_args(ConsumerSettings, args)
     client = settings_from_args(ClientSettings, args)
+    prepare_output_file(settings.summary_json, "--summary-json")  # before the run, not after
     ensure_topics(kafka)
     consumer = FrameConsumer(kafka, settings, client.target, stop_on_signals(), client.tls_ca)
     if settings.metrics_port is not None:
@@ -183,7 +185,6 @@ def _consume(args: argparse.Namespace) -> int:
     summary = consumer.run().as_dict()
     print(format_summary(summary))
     if settings.summary_json is not None:
-        settings.summary_json.parent.mkdir(parents=True, exist_ok=True)
         settings.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
     if nothing_answered(summary):
         log.error("no frame was answered: is the service at %s up and right?", client.target)
@@ -217,8 +218,7 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
 
     settings = stream_benchmark_settings(args)
     check_sources(settings.source)  # before a Prefect server starts and a group joins
-    if args.summary_json is not None:  # a folder that cannot be made fails now, not after the run
-        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+    prepare_output_file(args.summary_json, "--summary-json")  # before the run, not after
     # Ctrl-C: the run ends its producing now and reports (a sweep: the steps it finished).
     stop_on_signals(RUN_STOP)
     failure: StreamRunFailedError | None = None

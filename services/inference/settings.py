@@ -194,3 +194,15 @@ class ClientSettings(BaseSettings):
     tls_ca: FilePath | None = Field(
         None, description="reach the service over TLS, trusting this PEM CA certificate"
     )
+
+    @field_validator("target")
+    @classmethod
+    def _with_port(cls, target: str) -> str:
+        """A host alone is refused: gRPC dials it at port 443, and `127.0.0.1` then read as
+        "connection refused" from a server that was up at 50051."""
+        if target.startswith(("unix:", "unix-abstract:")):  # a socket file: no port
+            return target
+        address = target.split("///", 1)[-1] if "///" in target else target
+        if ":" not in address.rsplit("]", 1)[-1]:
+            raise ValueError(f"give HOST:PORT (e.g. {address}:50051); gRPC would dial port 443")
+        return target
