@@ -165,6 +165,22 @@ def test_a_plaintext_client_cannot_talk_to_the_tls_server(
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_tls_mismatch_is_named_not_taken_for_a_server_that_is_down(
+    tls_server: ServerProcess, onnx_server, tmp_path: Path
+) -> None:
+    """Plaintext to a TLS server read "UNAVAILABLE: Socket closed", and `vidflow health`
+    said UNREACHABLE: a server that was up looked down."""
+    image = tmp_path / "x.png"
+    image.write_bytes(b"not read by the server")
+    plaintext = _cli("classify", "--target", tls_server.target, str(image))
+    assert "if the server serves TLS, give its CA with --tls-ca" in plaintext.stdout, plaintext
+    health = _cli("health", "--target", tls_server.target)
+    assert "if the server serves TLS, give its CA with --tls-ca" in health.stderr, health
+    ca = ("--tls-ca", str(tls_server.tls_ca))
+    tls = _cli("classify", "--target", onnx_server.target, *ca, str(image))
+    assert "TLS failed: does the server serve TLS with a certificate of this CA?" in tls.stdout, tls
+
+
 def test_no_reflection_lists_no_services(tls_server: ServerProcess) -> None:
     settings = ClientSettings(target=tls_server.target, tls_ca=tls_server.tls_ca)
     with open_channel(settings.target, settings.tls_ca) as channel:

@@ -109,8 +109,23 @@ def health_check(
         except grpc.RpcError as exc:
             unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             status = "UNREACHABLE" if exc.code() in unreachable else exc.code().name
-            return status, f"{exc.code().name}: {exc.details()}"
+            return status, rpc_failure(exc, tls_ca)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), ""
+
+
+def rpc_failure(exc: grpc.RpcError, tls_ca: Path | None) -> str:
+    """gRPC's code and words for a failed call, with what a TLS mismatch likely means: a TLS
+    server ends a plaintext call as "Socket closed", and a plaintext server fails a TLS
+    handshake, both UNAVAILABLE, which otherwise read as a server that is down."""
+    said = f"{exc.code().name}: {exc.details()}"
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return said
+    details = (exc.details() or "").lower()
+    if tls_ca is None and ("socket closed" in details or "connection reset" in details):
+        return f"{said} (if the server serves TLS, give its CA with --tls-ca)"
+    if tls_ca is not None and ("handshake" in details or "ssl" in details):
+        return f"{said} (TLS failed: does the server serve TLS with a certificate of this CA?)"
+    return said
 
 
 class ServerExitedError(RuntimeError):
@@ -156,7 +171,7 @@ def classify_files(
                 )
                 results.append(FileResult(path, stub.Classify(request, timeout=timeout_s), None))
             except grpc.RpcError as exc:
-                results.append(FileResult(path, None, f"{exc.code().name}: {exc.details()}"))
+                results.append(FileResult(path, None, rpc_failure(exc, tls_ca)))
             except OSError as exc:
                 results.append(FileResult(path, None, str(exc)))
     return results
