@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Producer
+from pydantic import SecretStr
 
 from common.frames import load_encoded_images
 from common.net import free_port
@@ -35,7 +36,7 @@ from tasks.stream.frame_codec import (
 from tasks.stream.producer import ProduceStats, produce_frames
 from tasks.stream.results import read_records
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
-from tasks.stream.topics import ensure_topics
+from tasks.stream.topics import BrokerUnreachableError, ensure_topics
 from tests.conftest import VIDEOS
 from tests.kafka_helpers import (
     committed_offsets,
@@ -364,3 +365,14 @@ def test_consumer_metrics_listen_on_loopback_only_by_default(kafka) -> None:
     finally:
         consume.send_signal(signal.SIGTERM)
         assert consume.wait(30) == 0
+
+
+def test_a_broker_that_speaks_another_protocol_is_not_only_called_unreachable(kafka) -> None:
+    """SASL to the plaintext broker read "unreachable for 15 s" of a broker that was up."""
+    sasl = kafka.model_copy(
+        update={"security_protocol": "SASL_PLAINTEXT", "sasl_username": "u",
+                "sasl_password": SecretStr("p")}
+    )  # fmt: skip
+    with pytest.raises(BrokerUnreachableError, match="or it does not speak SASL_PLAINTEXT"):
+        ensure_topics(sasl, timeout_s=3)
+    ensure_topics(kafka, timeout_s=10)  # the broker is up: it answers plaintext

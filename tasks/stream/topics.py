@@ -29,8 +29,15 @@ def ensure_topics(
     try:
         existing = set(admin.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:  # say which broker, not only "transport failure"
+        # librdkafka says the same of a broker that is up but speaks another protocol.
+        protocol = kafka.security_protocol
+        hint = (
+            ""
+            if protocol == "PLAINTEXT"
+            else f" (or it does not speak {protocol}: check --security-protocol)"
+        )
         raise BrokerUnreachableError(
-            f"Kafka broker {kafka.bootstrap_servers} unreachable for {timeout_s:.0f} s: {exc}"
+            f"Kafka broker {kafka.bootstrap_servers} unreachable for {timeout_s:.0f} s{hint}: {exc}"
         ) from exc
     topics = kafka.topics if topics is None else topics
     missing = [t for t in dict.fromkeys(topics) if t not in existing]
