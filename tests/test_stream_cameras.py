@@ -106,6 +106,8 @@ def test_several_sources_are_cameras_each_at_its_own_native_rate(broker) -> None
     assert stats.failed == 0 and stats.delivered == stats.frames_read == 4 * per_camera
     assert stats.streams == 4 and stats.per_stream == dict.fromkeys(ids, per_camera)
     assert stats.frames_decoded == 2 * per_camera  # each source decoded once for its cameras
+    paces = {stream: round(fps, 1) for stream, fps in stats.target_fps_per_stream.items()}
+    assert paces == dict(zip(ids, [28.0, 28.0, 30.0, 30.0], strict=True))  # was 28 for all
 
     messages = read_topic(kafka.bootstrap_servers, kafka.frames_topic, expected=stats.frames_read)
     by_stream: dict[str, list[tuple[int, int, Frame]]] = defaultdict(list)

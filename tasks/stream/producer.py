@@ -47,6 +47,8 @@ class ProduceStats:
     bytes_published: int = 0
     duration_s: float = 0.0
     target_fps: float | None = None  # per stream (the first source's, where they differ)
+    # each camera's pace (None: --fps max), where several sources run at rates of their own
+    target_fps_per_stream: dict[str, float | None] = field(default_factory=dict)
     broker_error: str | None = None
     streams: int = 1
     frames_decoded: int = 0  # source frames decoded and encoded (once for all its streams)
@@ -228,10 +230,11 @@ def produce_frames(
                 sources, captures, run_cameras(bases, settings.streams, partitions), strict=True
             )
         ]
+        paces = {cam.stream_id: feed.fps for feed in feeds for cam in feed.cameras}
         stats = ProduceStats(
             stream_id=",".join(bases), source=shown_sources(sources),
-            target_fps=feeds[0].fps,
-            streams=n, per_stream={cam.stream_id: 0 for feed in feeds for cam in feed.cameras},
+            target_fps=feeds[0].fps, target_fps_per_stream=paces,
+            streams=n, per_stream=dict.fromkeys(paces, 0),
         )  # fmt: skip
         outlet = _FrameOutlet(producer, watch, kafka.frames_topic, stats)
         for feed in feeds:
