@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -68,3 +70,21 @@ def partition_ends(bootstrap_servers: str, topic: str, partitions: int) -> list[
         ]
     finally:
         reader.close()
+
+
+def stream_benchmark_run(kafka: KafkaSettings, target: str, *flags: str) -> list[str]:
+    """`vidflow stream-benchmark FLAGS` as a process, on `kafka`'s topics against the service at
+    `target` (its environment: `stream_benchmark_env`)."""
+    return [
+        sys.executable, "-m", "vidflow.cli", "stream-benchmark", *flags,
+        "--bootstrap-servers", kafka.bootstrap_servers, "--frames-topic", kafka.frames_topic,
+        "--results-topic", kafka.results_topic, "--dlq-topic", kafka.dlq_topic,
+        "--target", target,
+    ]  # fmt: skip
+
+
+def stream_benchmark_env() -> dict[str, str]:
+    """This environment, with the test session's Prefect API (`prefect_api`) for the run."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}

@@ -58,14 +58,23 @@ def hub() -> Iterator[tuple[str, list[str]]]:
 
         do_GET = do_HEAD = _answer
 
+    with serving_on_loopback(Handler) as endpoint:
+        yield endpoint, asked
+
+
+@contextlib.contextmanager
+def serving_on_loopback(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """An HTTP server of `handler` on 127.0.0.1, quiet, in a thread: its URL."""
+
+    class Quiet(handler):  # type: ignore[misc, valid-type]
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
@@ -318,17 +327,8 @@ def serving_hub(model: Path, bytes_per_s: float) -> Iterator[str]:
             etag = f'"{hashlib.sha256(body).hexdigest()}"'
             self._send(200, body, **{"X-Repo-Commit": REVISION, "ETag": etag})
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving_on_loopback(Handler) as endpoint:
+        yield endpoint
 
 
 def test_a_first_download_of_the_model_is_logged_as_it_comes(

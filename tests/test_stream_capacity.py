@@ -4,11 +4,9 @@ sweep under a real Prefect API with the real broker and service."""
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import replace
@@ -42,6 +40,7 @@ from services.inference.settings import ClientSettings
 from tasks.stream.frame_codec import FrameResult
 from tasks.stream.producer import run_cameras
 from tasks.stream.results import read_records
+from tests.kafka_helpers import stream_benchmark_env, stream_benchmark_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -226,18 +225,13 @@ def test_ctrl_c_during_a_sweep_reports_the_steps_it_finished(
     prefect_api, kafka, onnx_server, tmp_path: Path
 ) -> None:
     """Ctrl-C crashed the flow run (exit 130) and the steps already measured were lost."""
-    from prefect.settings import PREFECT_API_URL
-
     summary_json = tmp_path / "sweep.json"
-    command = [
-        sys.executable, "-m", "vidflow.cli", "stream-benchmark", "--capacity",
-        "--step-seconds", "3", "--max-streams", "8", "--step-tries", "1",
-        "--max-frame-age-ms", "1000", "--output-dir", str(tmp_path),
-        "--bootstrap-servers", kafka.bootstrap_servers, "--frames-topic", kafka.frames_topic,
-        "--results-topic", kafka.results_topic, "--dlq-topic", kafka.dlq_topic,
-        "--target", onnx_server.target, "--summary-json", str(summary_json),
-    ]  # fmt: skip
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    command = stream_benchmark_run(
+        kafka, onnx_server.target, "--capacity", "--step-seconds", "3", "--max-streams", "8",
+        "--step-tries", "1", "--max-frame-age-ms", "1000", "--output-dir", str(tmp_path),
+        "--summary-json", str(summary_json),
+    )  # fmt: skip
+    env = stream_benchmark_env()
     run = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     lines: queue.Queue[str] = queue.Queue()

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +25,13 @@ from devstack.launcher import REPO_ROOT
 from flows.stream_benchmark import stream_benchmark
 from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings
-from tests.kafka_helpers import partition_ends, read_topic, result_keys
+from tests.kafka_helpers import (
+    partition_ends,
+    read_topic,
+    result_keys,
+    stream_benchmark_env,
+    stream_benchmark_run,
+)
 
 
 @pytest.mark.slow
@@ -85,16 +89,11 @@ def test_ctrl_c_ends_a_stream_benchmark_early_with_its_report(
     prefect_api, kafka, onnx_server, tmp_path: Path
 ) -> None:
     """Ctrl-C did nothing until the run's end, then left no report (flow run Crashed)."""
-    from prefect.settings import PREFECT_API_URL
-
     summary_json = tmp_path / "summary.json"
-    command = [
-        sys.executable, "-m", "vidflow.cli", "stream-benchmark", "--duration", "120",
-        "--bootstrap-servers", kafka.bootstrap_servers, "--frames-topic", kafka.frames_topic,
-        "--results-topic", kafka.results_topic, "--dlq-topic", kafka.dlq_topic,
-        "--target", onnx_server.target, "--summary-json", str(summary_json),
-    ]  # fmt: skip
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    command = stream_benchmark_run(
+        kafka, onnx_server.target, "--duration", "120", "--summary-json", str(summary_json)
+    )
+    env = stream_benchmark_env()
     run = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
@@ -121,17 +120,12 @@ def test_a_run_whose_frames_no_service_answered_fails_and_says_why(
     prefect_api, kafka, tmp_path: Path
 ) -> None:
     """It ended Completed, exit 0, with a latency table of 0.0 ms that read as figures."""
-    from prefect.settings import PREFECT_API_URL
-
     summary_json = tmp_path / "new-folder" / "summary.json"
     nobody = f"127.0.0.1:{free_port()}"
-    command = [
-        sys.executable, "-m", "vidflow.cli", "stream-benchmark", "--duration", "2",
-        "--bootstrap-servers", kafka.bootstrap_servers, "--frames-topic", kafka.frames_topic,
-        "--results-topic", kafka.results_topic, "--dlq-topic", kafka.dlq_topic,
-        "--target", nobody, "--summary-json", str(summary_json),
-    ]  # fmt: skip
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    command = stream_benchmark_run(
+        kafka, nobody, "--duration", "2", "--summary-json", str(summary_json)
+    )
+    env = stream_benchmark_env()
     run = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                          timeout=180)  # fmt: skip
     assert run.returncode == 1, run.stderr[-3000:]
