@@ -204,6 +204,11 @@ def verdict_line(
     stopped before it found the count that fails (`unfinished`): the box may take more."""
     noun = "stream" if streams == 1 else "streams"
     line = f"{streams} {noun} of {width}x{height} at {fps:g} fps on this machine"
+    if unfinished and not streams:
+        return (
+            f"no stream count of {width}x{height} at {fps:g} fps measured: the sweep was "
+            "stopped during its first step"
+        )
     if unfinished:
         return f"at least {line} (the sweep was stopped before it ended)"
     if most_tried is not None and streams >= most_tried:

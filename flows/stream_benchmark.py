@@ -195,11 +195,12 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
         max_frames=settings.max_frames, streams=settings.streams,
     )  # fmt: skip
     cameras = len(source_list(settings.source)) * settings.streams
-    if settings.consumers > cameras:
+    busy = min(cameras, kafka.partitions)  # a camera's frames stay in one partition
+    if settings.consumers > busy:
         get_run_logger().warning(
-            "%d consumers share %d camera(s): each camera's frames go to one partition, so "
-            "only %d consumer(s) get work (--streams N replays the source as N cameras)",
-            settings.consumers, cameras, cameras,
+            "%d consumers share %d camera(s) on %d partition(s): only %d consumer(s) get work "
+            "(--streams N replays the source as N cameras; VIDFLOW_KAFKA_PARTITIONS)",
+            settings.consumers, cameras, kafka.partitions, busy,
         )  # fmt: skip
     produced, summary = run_producer_and_group(
         kafka, producer_settings, settings.duration, consumer_settings, settings.consumers, client

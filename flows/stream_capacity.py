@@ -54,16 +54,19 @@ def source_format(source: str, fps: str) -> tuple[int, int, float]:
     return width, height, pace
 
 
-def step_kafka(base: KafkaSettings, streams: int) -> KafkaSettings:
-    """Fresh topics for one step, with a partition per stream (at least the base's count)."""
+def step_kafka(base: KafkaSettings, streams: int, consumers: int = 1) -> KafkaSettings:
+    """Fresh topics for one step, with a partition per stream (at least the base's count),
+    rounded up to a multiple of the consumers: members take partitions in turn, and only then
+    do a step's cameras, on consecutive partitions, reach every member alike."""
     suffix = f"cap{streams}-{uuid.uuid4().hex[:8]}"
-    return base.with_fresh_topics(suffix, partitions=max(base.partitions, streams))
+    partitions = -(-max(base.partitions, streams) // consumers) * consumers
+    return base.with_fresh_topics(suffix, partitions=partitions)
 
 
 def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures, dict[str, str]]:
     """One step: `streams` live cameras for step_seconds, read back from its results topic;
     and the step's topics left on the broker (`kept_topics`)."""
-    kafka = step_kafka(sweep.kafka, streams)
+    kafka = step_kafka(sweep.kafka, streams, sweep.consumers)
     consumer_settings = ConsumerSettings(
         group=f"capacity-{kafka.frames_topic}",
         concurrency=sweep.concurrency,
@@ -75,11 +78,16 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
         source=sweep.source, fps=sweep.fps, loop=True, streams=streams, stream_id="camera"
     )
     step = f"{streams} stream{'s' if streams > 1 else ''}: "  # task runs named by step and part
-    produced, summary = run_producer_and_group(
-        kafka, producer_settings, sweep.step_seconds, consumer_settings, sweep.consumers,
-        sweep.client, label=step,
-    )  # fmt: skip
-    records = read_records(kafka, kafka.results_topic)
+    try:
+        produced, summary = run_producer_and_group(
+            kafka, producer_settings, sweep.step_seconds, consumer_settings, sweep.consumers,
+            sweep.client, label=step,
+        )  # fmt: skip
+        records = read_records(kafka, kafka.results_topic)
+    except BaseException:  # a lost broker, a failed member: the run fails, its frames go
+        if not sweep.keep_step_topics:  # the dead letters stay
+            delete_topics(kafka, [kafka.frames_topic, kafka.results_topic], timeout_s=5.0)
+        raise
     figures = step_figures(
         streams,
         produced.target_fps or 0.0,
@@ -171,7 +179,7 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
     width, height, fps = source_format(sweep.source, sweep.fps)
     outcomes: dict[int, bool] = {}
     steps: list[StepFigures] = []
-    topics: dict[int, dict[str, str]] = {}  # the steps' topics left on the broker
+    topics: list[dict[str, Any]] = []  # the steps' topics left on the broker
     streams = next_streams(outcomes, sweep.max_streams)
     stopped = False
     while streams is not None and not stopped:
@@ -179,6 +187,8 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
         # machine (a p99 past the budget in one 10 s window) should not set the capacity.
         for attempt in range(1, sweep.step_tries + 1):
             figures, kept = run_step(sweep, streams)
+            if kept:
+                topics.append({"streams": streams, "try": attempt, **kept})
             if stopped := RUN_STOP.is_set():  # Ctrl-C: a step cut short is not judged
                 logger.warning("stopped during the step of %d streams: reporting the sweep so far",
                                streams)  # fmt: skip
@@ -186,8 +196,6 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
             figures.attempt = attempt
             reasons = shortfalls(figures, sweep.budget_ms)
             steps.append(figures)
-            if kept:  # the last try's, which the verdict rests on
-                topics[streams] = kept
             logger.info(
                 "%d streams (try %d): slowest %.2f fps, mean %.2f fps, e2e p99 %.1f ms, %d stale, "
                 "lag %s: %s",

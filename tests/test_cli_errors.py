@@ -221,7 +221,7 @@ def test_flags_out_of_range_are_refused_by_the_parser(tmp_path: Path, capsys) ->
     assert "must be 1 or more" in _refused([*classify, "--top-k", "-1"], capsys)
     # A host alone: gRPC dialled port 443, "connection refused" from a server that was up.
     err = _refused(["classify", "--target", "127.0.0.1", str(image)], capsys)
-    assert "--target '127.0.0.1': give HOST:PORT (e.g. 127.0.0.1:50051)" in err, err
+    assert "--target '127.0.0.1' has no port, so gRPC would dial 443: give HOST:PORT" in err, err
     # A folder where a file is due: one line, not an IsADirectoryError traceback.
     assert str(tmp_path) in _refused([*classify, "--tls-ca", str(tmp_path)], capsys)
     assert "a port from 0 (any free one) to 65535" in _refused(

@@ -198,3 +198,31 @@ def test_every_stream_command_takes_topic_for_the_frames_topic() -> None:
     for command in ("produce", "consume", "stream-benchmark"):
         args = build_parser().parse_args([command, "--topic", "cams"])
         assert settings_from_args(KafkaSettings, args).frames_topic == "cams", command
+
+
+@pytest.mark.parametrize(
+    ("target", "lacks_port"),
+    [
+        ("127.0.0.1", True), ("service", True), ("::1", True), ("[::1]", True), ("host:", True),
+        ("dns:///service", True), ("dns://8.8.8.8/service", True), ("ipv4:10.0.0.1", True),
+        ("127.0.0.1:50051", False), ("[::1]:50051", False), ("service:50051", False),
+        ("dns:///service:1", False), ("dns://8.8.8.8/service:5", False),
+        ("ipv4:127.0.0.1:50051", False), ("ipv6:[::1]:50051", False),
+        ("ipv4:10.0.0.1:1,10.0.0.2:2", False), ("unix:///tmp/s.sock", False),
+        ("unix:/tmp/s", False), ("xds:///service", False), ("google-c2p:///service", False),
+    ],
+)  # fmt: skip
+def test_a_target_without_a_port_is_told_from_every_form_gRPC_takes(
+    target: str, lacks_port: bool
+) -> None:
+    """`--target 127.0.0.1` dialled port 443: "connection refused" from a server that was up."""
+    from services.inference.settings import ClientSettings, target_lacks_port
+
+    assert target_lacks_port(target) is lacks_port
+    if lacks_port:
+        with pytest.raises(ValueError, match="has no port, so gRPC would dial 443"):
+            ClientSettings(target=target)
+        # Over TLS a host alone may mean 443 (a service behind an ingress): taken as given.
+        assert ClientSettings(target=target, tls_ca=__file__).target == target
+    else:
+        assert ClientSettings(target=target).target == target

@@ -35,11 +35,13 @@ from flows.capacity_rules import (
     verdict_line,
 )
 from flows.stream_benchmark import stream_benchmark
+from flows.stream_capacity import step_kafka
 from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings
 from tasks.stream.frame_codec import FrameResult
 from tasks.stream.producer import run_cameras
 from tasks.stream.results import read_records
+from tasks.stream.settings import KafkaSettings
 from tests.kafka_helpers import stream_benchmark_env, stream_benchmark_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -158,6 +160,12 @@ def test_the_verdict_line_names_count_size_and_rate() -> None:
     assert verdict_line(6, 340, 256, 28.0) == "6 streams of 340x256 at 28 fps on this machine"
     assert verdict_line(1, 640, 480, 29.97) == "1 stream of 640x480 at 29.97 fps on this machine"
     assert verdict_line(5, 340, 256, 28.0, most_tried=8).startswith("5 streams")
+    stopped = verdict_line(2, 340, 256, 28.0, most_tried=8, unfinished=True)
+    assert stopped.startswith("at least 2 streams") and "stopped before it ended" in stopped
+    first = verdict_line(0, 340, 256, 28.0, most_tried=8, unfinished=True)  # "at least 0"
+    assert first == (
+        "no stream count of 340x256 at 28 fps measured: the sweep was stopped during its first step"
+    )
     ceiling = verdict_line(8, 340, 256, 28.0, most_tried=8)
     assert ceiling.startswith("at least 8 streams of 340x256") and "--max-streams" in ceiling
 
@@ -194,7 +202,8 @@ def test_a_short_sweep_records_table_chart_and_verdict(
         assert sorted(step["stream_fps"]) == sorted(
             c.stream_id for c in run_cameras(["camera"], streams, 1)[0]
         )
-        records = read_records(kafka, outcome["topics"][streams]["results"])
+        [kept] = [t for t in outcome["topics"] if t["streams"] == streams]
+        records = read_records(kafka, kept["results"])
         keys = {r.key for r in records}
         assert len(keys) == step["frames_produced"] >= 3 * 28 * streams * 0.9
         start = min(r.capture_ts_ns for r in records) + WARMUP_S * 1e9  # warm-up not judged
@@ -292,7 +301,7 @@ def test_a_failing_count_is_tried_again_and_fails_only_if_every_try_does(
     assert all(step["skipped_stale"] > 0 for step in outcome["steps"])
     # Each step's topics are deleted once read: on the local broker, which keeps every
     # message in memory, a sweep left every frame it sent behind.
-    assert outcome["topics"] == {}
+    assert outcome["topics"] == []
     left = set(admin.list_topics(timeout=10).topics) - topics_before
     assert not {t for t in left if "-cap1-" in t}, left
 
@@ -309,6 +318,16 @@ def test_the_chart_s_title_fits_its_width_however_long_the_verdict() -> None:
     extent = figure._suptitle.get_window_extent()
     assert title.replace("\n", " ") == verdict
     assert extent.x0 >= 0 and extent.x1 <= figure.bbox.width, (extent, figure.bbox)
+
+
+def test_a_step_s_partitions_are_a_multiple_of_its_consumers() -> None:
+    """Members take partitions in turn: 2 cameras on partitions 3 and 0 of 4 both went to
+    member 0 of 3."""
+    base = KafkaSettings(partitions=4)
+    counts = {
+        (s, c): step_kafka(base, s, c).partitions for s, c in [(2, 1), (3, 3), (5, 2), (8, 4)]
+    }
+    assert counts == {(2, 1): 4, (3, 3): 6, (5, 2): 6, (8, 4): 8}
 
 
 def test_the_chart_and_verdict_rest_on_each_count_s_last_try() -> None:

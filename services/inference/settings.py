@@ -195,14 +195,37 @@ class ClientSettings(BaseSettings):
         None, description="reach the service over TLS, trusting this PEM CA certificate"
     )
 
-    @field_validator("target")
-    @classmethod
-    def _with_port(cls, target: str) -> str:
-        """A host alone is refused: gRPC dials it at port 443, and `127.0.0.1` then read as
-        "connection refused" from a server that was up at 50051."""
-        if target.startswith(("unix:", "unix-abstract:")):  # a socket file: no port
-            return target
-        address = target.split("///", 1)[-1] if "///" in target else target
-        if ":" not in address.rsplit("]", 1)[-1]:
-            raise ValueError(f"give HOST:PORT (e.g. {address}:50051); gRPC would dial port 443")
-        return target
+    @model_validator(mode="after")
+    def _port_given_in_plaintext(self) -> ClientSettings:
+        """A host alone, without TLS, is refused: gRPC dials it at port 443, and `127.0.0.1`
+        then read as "connection refused" from a server that was up at 50051. Over TLS a host
+        alone may well mean 443 (a service behind an ingress)."""
+        if self.tls_ca is None and target_lacks_port(self.target):
+            raise ValueError(
+                f"--target {self.target!r} has no port, so gRPC would dial 443: give HOST:PORT "
+                "(the service listens on 50051 by default)"
+            )
+        return self
+
+
+# gRPC's target schemes whose address is HOST[:PORT]; the others (unix:, xds:, ...) take none.
+HOST_PORT_SCHEMES = ("dns:", "ipv4:", "ipv6:")
+OTHER_SCHEMES = ("unix:", "unix-abstract:", "vsock:", "xds:", "google-c2p:")
+
+
+def target_lacks_port(target: str) -> bool:
+    """Whether a gRPC target names a host without a port (gRPC then dials 443): `host`,
+    `127.0.0.1`, `::1`, `[::1]`, `dns:///host`, `ipv4:10.0.0.1`, and a port that is no number."""
+    if target.startswith(OTHER_SCHEMES):
+        return False
+    address = target
+    if target.startswith(HOST_PORT_SCHEMES):
+        address = target.split(":", 1)[1]
+        address = address[2:].split("/", 1)[-1] if address.startswith("//") else address
+        address = address.split(",", 1)[0]  # ipv4:a:1,b:2 lists several
+    if address.startswith("["):
+        host_end = address.find("]")
+        return host_end < 0 or not address[host_end + 1 :].removeprefix(":").isdigit()
+    if address.count(":") > 1:  # a bare IPv6 address: no room for a port
+        return True
+    return not address.rpartition(":")[2].isdigit() or ":" not in address
