@@ -46,8 +46,7 @@ log = logging.getLogger("vidflow")
 # The stream-benchmark flow's own settings that are flags (the others are flow parameters only).
 STREAM_BENCHMARK_FLAGS = (
     "source", "duration", "fps", "streams", "concurrency", "consumers", "max_frame_age_ms",
-    "capacity",
-    "step_seconds", "max_streams", "step_tries", "keep_step_topics", "output_dir",
+    "capacity", "step_seconds", "max_streams", "step_tries", "keep_step_topics", "output_dir",
 )  # fmt: skip
 
 

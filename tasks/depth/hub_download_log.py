@@ -33,8 +33,9 @@ HUB_TIMEOUT_S = 10.0  # the model's size is only a figure for the log
 def hub_cache_folder(model_name: str) -> Path:
     """The folder of hub model `model_name` in this machine's Hugging Face cache."""
     from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
 
-    return Path(constants.HF_HUB_CACHE) / f"models--{model_name.replace('/', '--')}"
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=model_name, repo_type="model")
 
 
 def bytes_arrived(folder: Path) -> int:

@@ -35,7 +35,7 @@ class DepthSettings(BaseSettings):
     )
     frames: str = Field(
         "first",
-        description="frames to run depth on: first, middle, uniform:N or all",
+        description=f"frames to run depth on: {FRAMES_CHOICES}",
         json_schema_extra={"pattern": FRAMES_PATTERN},
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where depth runs")
@@ -142,10 +142,7 @@ class DepthSettings(BaseSettings):
         quoted flag it came as written, and made a folder named `~` here."""
         return folder.expanduser()
 
-    @field_validator("frames")
-    @classmethod
-    def _frames_known(cls, spec: str) -> str:
-        return check_frames_spec(spec)
+    _frames_checked = field_validator("frames")(check_frames_spec)
 
     @field_validator("depth_model")
     @classmethod
