@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import artifact_keys
@@ -100,19 +101,29 @@ dead-lettered.
 
 
 @flow(name="stream-benchmark", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
-def stream_benchmark(settings: StreamBenchmarkSettings | None = None) -> dict[str, Any]:
+def stream_benchmark(
+    settings: StreamBenchmarkSettings | None = None,
+) -> dict[str, Any] | State[dict[str, Any]]:
     """Stream a video through Kafka and the inference service; report throughput and latency.
 
     With `capacity`: instead, find how many live streams of the source hold real time within the
     latency budget `max_frame_age_ms` (default 100 ms), stepping up to `max_streams`, each step
     `step_seconds` on fresh topics; the chart goes under `output_dir`. Fields of `settings.kafka`
     and `settings.client` left out come from VIDFLOW_KAFKA_* and VIDFLOW_INFERENCE_*, then the
-    defaults."""
+    defaults. A run that lost the broker, or whose frames the service never answered, ends
+    Failed with its report recorded; calling the flow then raises StreamRunFailedError, whose
+    `outcome` holds the figures."""
     settings = settings or StreamBenchmarkSettings()
     with logs_in_run("tasks.stream"):
-        if settings.capacity:
-            return capacity_sweep(settings)
-        return _benchmark(settings)
+        try:
+            if settings.capacity:
+                return capacity_sweep(settings)
+            return _benchmark(settings)
+        except StreamRunFailedError as failure:
+            # Failed with the error as its data: calling the flow raises it (with the figures),
+            # and the run's log has its message, not a traceback of a failure it has explained.
+            get_run_logger().error("%s", failure)
+            return Failed(message=str(failure), data=failure)
 
 
 def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:

@@ -130,6 +130,7 @@ def test_a_run_whose_frames_no_service_answered_fails_and_says_why(
                          timeout=180)  # fmt: skip
     assert run.returncode == 1, run.stderr[-3000:]
     assert f"is the inference service at {nobody} up and right?" in run.stderr, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr  # a failure the run explains, not a crash
     e2e_row = next(line for line in run.stdout.splitlines() if line.split()[:1] == ["e2e"])
     assert e2e_row.split()[1:] == ["-"] * 5, run.stdout
     outcome = json.loads(summary_json.read_text())  # written on failure too
