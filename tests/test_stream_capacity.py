@@ -190,18 +190,21 @@ def test_a_short_sweep_records_table_chart_and_verdict(
     settings = _sweep(
         onnx_server, kafka, tmp_path, max_frame_age_ms=1000.0, step_seconds=3.0,
         keep_step_topics=True,  # read back below
+        step_tries=3,  # a busy CI machine's stall in one try does not fail a count
     )  # fmt: skip
     outcome = stream_benchmark(settings=settings)
     assert outcome["capacity"] >= 1 and outcome["budget_ms"] == 1000.0
     assert outcome["verdict"] == verdict_line(outcome["capacity"], 340, 256, 28.0, most_tried=2)
-    steps = {step["streams"]: step for step in outcome["steps"]}
+    steps = {step["streams"]: step for step in outcome["steps"]}  # each count's last try
     assert set(steps) <= {1, 2} and 1 in steps
     # each step ran its own cameras on its own topics, read back in full
     for streams, step in steps.items():
         assert sorted(step["stream_fps"]) == sorted(
             c.stream_id for c in run_cameras(["camera"], streams, 1)[0]
         )
-        [kept] = [t for t in outcome["topics"] if t["streams"] == streams]
+        [kept] = [
+            t for t in outcome["topics"] if (t["streams"], t["try"]) == (streams, step["attempt"])
+        ]
         records = read_records(kafka, kept["results"])
         keys = {r.key for r in records}
         assert len(keys) == step["frames_produced"] >= 3 * 28 * streams * 0.9
