@@ -8,6 +8,7 @@ it untrained. The full-size one serves speed measurements (`bench.depth_gpu`).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -102,10 +103,17 @@ def save_full_size_depth_pro(directory: Path, seed: int = 0) -> Path:
 def main(argv: list[str]) -> int:
     """`python -m devstack.tiny_depth_pro DIR`: save the tiny stand-in to DIR, to try the
     depth pipeline where no weights can be had (`vidflow depth --depth-model DIR`)."""
-    if len(argv) != 1:
-        print("usage: python -m devstack.tiny_depth_pro DIR", file=sys.stderr)
-        return 2
-    saved = save_tiny_depth_pro(Path(argv[0]))
+    parser = argparse.ArgumentParser(
+        prog="python -m devstack.tiny_depth_pro",
+        description="Save an UNTRAINED Depth Pro (random weights, toy size) to DIR, to try the "
+        "depth pipeline where no weights can be had: vidflow depth --depth-model DIR.",
+    )
+    parser.add_argument("directory", type=Path, metavar="DIR", help="a new or empty folder")
+    directory = parser.parse_args(argv).directory
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        # Its files would be overwritten or mixed with the stand-in's.
+        parser.error(f"{directory} is not a new or empty folder")
+    saved = save_tiny_depth_pro(directory)
     print(f"saved an UNTRAINED Depth Pro (random weights) to {saved}: --depth-model {saved}")
     return 0
 

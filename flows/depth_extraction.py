@@ -66,9 +66,16 @@ def depth_extraction(
     DepthRunFailedError, which holds the summary): a run that produced nothing (a model the
     workers cannot load, the source down) reads as failed to whatever watches Prefect's
     states, as it does to the command line's exit code."""
-    settings = run_settings(settings)
-    untrained = check_settings(settings)
-    sources = load_sources(urls, kinetics_csv, url_template, split, limit)
+    try:
+        settings = run_settings(settings)
+        untrained = check_settings(settings)
+        sources = load_sources(urls, kinetics_csv, url_template, split, limit)
+    except ValueError as exc:
+        # Input the run cannot take (a model it cannot load, a list it cannot read): the error
+        # as the state's message and data (calling the flow raises it), not a traceback in
+        # the run's log and "encountered an exception" in the UI.
+        get_run_logger().error("%s", exc)
+        return Failed(message=str(exc), data=exc)
     with output_lock(settings.output):  # one run at a time per output folder
         summary = _extract(sources, settings, untrained, show_progress)
     message = outcome_message(summary)
@@ -98,7 +105,8 @@ def outcome_message(summary: dict[str, Any]) -> str:
     depth-extraction-failures artifact); 3 ok, 0 skipped"."""
     counts = f"{summary['ok']} ok, {summary['skipped']} skipped"
     if not summary["failed"]:
-        return f"all {summary['total']} videos done: {counts}"
+        total = summary["total"]
+        return f"{'the one video' if total == 1 else f'all {total} videos'} done: {counts}"
     return (
         f"{summary['failed']} of {summary['total']} videos failed (see the "
         f"{artifact_keys.DEPTH_FAILURES} artifact); {counts}"

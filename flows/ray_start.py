@@ -121,6 +121,20 @@ def cluster_ray_auth() -> bool:
     return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
+def check_token_to_send() -> None:
+    """Refuse at once a run told to send a token (RAY_AUTH_MODE=token) that has none: Ray
+    raised its AuthenticationError from inside `ray.init`, a traceback and exit 1."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    if os.environ.get(AUTH_MODE_ENV, "").lower() != "token":
+        return
+    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        raise ConnectionError(
+            "RAY_AUTH_MODE=token, but this run has no Ray token to send: give it the cluster's "
+            "in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+        )
+
+
 def join_failure(exc: ConnectionError, address: str) -> ConnectionError:
     """Ray's "Failed to connect to Ray cluster at ..." with what to do about it. Ray says why
     only in the error it chains (and in 20 warnings over 20 s before it): a cluster with token
@@ -386,6 +400,7 @@ def run_ray(
     if address := cluster_address():
         check_cluster_listens(address)
         cluster_ray_auth()
+        check_token_to_send()
         return address, {"namespace": RAY_NAMESPACE}, reaching_cluster(address)
     init_kwargs = {"namespace": RAY_NAMESPACE, **local_ray_init_kwargs(num_cpus)}
     return None, init_kwargs, private_ray_start()

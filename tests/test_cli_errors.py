@@ -45,7 +45,7 @@ def test_depth_refuses_an_input_list_with_nothing_to_do(tmp_path: Path, capsys) 
     assert "no videos to process" in _refused(["depth", "--urls", str(empty)], capsys)
     three = tmp_path / "three.txt"
     three.write_text("http://h/a.mp4\nhttp://h/b.mp4\nhttp://h/c.mp4\n")
-    assert "no videos to process" in _refused(
+    assert f"no videos to process in {three} (--limit 0)" in _refused(
         ["depth", "--urls", str(three), "--limit", "0"], capsys
     )
     assert "must be 0 or more" in _refused(["depth", "--urls", str(three), "--limit", "-1"], capsys)

@@ -166,6 +166,26 @@ def test_a_loopback_only_cluster_is_reached_at_127_0_0_1(
     assert summary["ok"] == 1
     alive, _ = _cluster_view(loopback_only_head)
     assert {row["node_id"] for row in rows} == alive  # ran there, not on a Ray of its own
+    # `vidflow depth` with no Prefect API joins the cluster before it starts a temporary
+    # Prefect server: a join refused (here: no token) leaves no flow run behind (one stayed
+    # Running for ever), and it is said sooner.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN") and not k.startswith("PREFECT_API")
+    }
+    env |= {"HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+            "RAY_gcs_server_port_wait_time_s": "2"}  # fmt: skip
+    urls = tmp_path / "urls.txt"
+    urls.write_text("http://127.0.0.1:9/clip.mp4\n")
+    refused = subprocess.run(
+        [sys.executable, "-m", "vidflow.cli", "depth", "--urls", str(urls), "--output",
+         str(tmp_path / "refused"), "--depth-model", str(tiny_depth_model)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "this run sent no token" in refused.stderr, refused.stderr[-2000:]
+    assert "temporary server" not in refused.stderr
 
 
 @pytest.mark.slow
@@ -202,6 +222,14 @@ def test_a_cluster_that_ray_start_runs_here_is_joined_without_ray_address(
     assert len(errors) == 2, refused.stderr[-2000:]
     assert all("the cluster uses token auth and this run sent no token" in e for e in errors)
     assert all("RAY_AUTH_MODE=token" in e for e in errors)
+    # Told to send a token it does not have: refused at once, the same way (Ray's
+    # AuthenticationError was a traceback and exit 1)
+    env["RAY_AUTH_MODE"] = "token"
+    refused = subprocess.run([sys.executable, "-c", JOIN_WITHOUT_A_TOKEN], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    errors = json.loads(refused.stdout.splitlines()[-1])
+    assert len(errors) == 2, refused.stderr[-2000:]
+    assert all("RAY_AUTH_MODE=token, but this run has no Ray token" in e for e in errors)
 
 
 # Joins as `vidflow depth` does before Prefect starts, then as the flow's runner does; prints

@@ -24,7 +24,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 
-from flows.depth_extraction import DepthRunFailedError, depth_extraction
+from flows.depth_extraction import DepthRunFailedError, depth_extraction, outcome_message
 from flows.ray_runner import ray_task_runner
 from tasks.depth.dataset_settings import DatasetSettingsError
 from tasks.depth.output_lock import OutputBusyError
@@ -244,6 +244,40 @@ def test_a_short_run_leaves_every_failure_in_its_task_log_and_counts_in_its_stat
     task_logs = " | ".join(log.message for log in logs if log.task_run_id is not None)
     assert "gone_" in task_logs and "failed at download: HTTP 404" in task_logs, task_logs
     assert "page_" in task_logs and "failed at download: not a video" in task_logs, task_logs
+
+
+def test_the_state_message_counts_in_words() -> None:
+    done = {"ok": 1, "skipped": 0, "failed": 0, "total": 1}
+    assert outcome_message(done) == "the one video done: 1 ok, 0 skipped"  # "all 1 videos"
+    assert outcome_message({**done, "ok": 2, "total": 3, "skipped": 1}).startswith("all 3 videos")
+    failed = outcome_message({**done, "ok": 0, "failed": 1})
+    assert failed.startswith("1 of 1 videos failed (see the depth-extraction-failures artifact)")
+
+
+def test_input_the_run_cannot_take_fails_it_with_the_reason_and_no_traceback(
+    prefect_api, tmp_path: Path
+) -> None:
+    """A model folder that is not there: the UI's state read "Flow run encountered an
+    exception: ValueError: ..." and the run's log held a traceback."""
+    missing = tmp_path / "no-model"
+    settings = DepthSettings(output=tmp_path / "out", depth_model=str(missing))
+    flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=1))
+    listing = tmp_path / "urls.txt"
+    listing.write_text("http://127.0.0.1:9/clip.mp4\n")
+    state = flow(urls=str(listing), settings=settings, return_state=True)
+    assert state.is_failed()
+    assert state.message == f"depth model folder {missing} does not exist"
+    with pytest.raises(ValueError, match="does not exist"):  # a caller gets the error itself
+        state.result()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    said = "\n".join(log.message for log in logs)
+    assert f"depth model folder {missing} does not exist" in said
+    assert "Traceback" not in said and "Encountered exception" not in said, said
 
 
 def test_a_deployment_run_with_frames_it_cannot_take_is_refused_when_created(prefect_api) -> None:

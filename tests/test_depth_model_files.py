@@ -176,6 +176,36 @@ except ValueError as exc:
     # were saved 0600, and every video of such a run failed at its depth stage)
     assert all(path.stat().st_mode & 0o044 == 0o044 for path in stand_in.iterdir())
     assert "Retrying" not in done.stderr  # before: 5 retries, ~23 s, then a generic message
+    # `--help` helps (it saved a model to a folder named "--help"); a used folder is refused
+    for argv, code, said in (["--help"], 0, "usage: "), ([str(stand_in)], 2, "not a new or empty"):
+        done = subprocess.run([sys.executable, "-m", "devstack.tiny_depth_pro", *argv],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})  # fmt: skip
+        assert done.returncode == code and said in done.stdout + done.stderr, done
+    assert not (tmp_path / "--help").exists()
+
+
+def test_huggingface_hub_s_offline_mode_is_named_with_the_cache_it_lacks(tmp_path: Path) -> None:
+    """HF_HUB_OFFLINE=1 (as a deployment's worker may set it) gave huggingface_hub's generic
+    error, which named neither the setting nor the cache; the driver's check and a worker's
+    load alike now say both."""
+    code = """
+from tasks.depth.depth_model import check_depth_model
+from tasks.depth.model_files import model_source
+for check in (check_depth_model, model_source):
+    try:
+        check("apple/DepthPro-hf")
+    except ValueError as exc:
+        print(exc)
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    said = done.stdout.splitlines()
+    assert len(said) == 2, done.stdout + done.stderr[-2000:]
+    for line in said:
+        assert "huggingface_hub is offline (HF_HUB_OFFLINE is set)" in line
+        assert str(tmp_path / "hf" / "hub") in line and "devstack.tiny_depth_pro DIR" in line
 
 
 def test_the_run_log_says_whether_the_model_is_cached_or_downloaded(

@@ -249,7 +249,8 @@ def _depth(args: argparse.Namespace) -> int:
     # Refuse bad input before starting a Prefect server and Ray (the flow checks again).
     sources = load_sources(args.urls, args.kinetics_csv, args.url_template, args.split, args.limit)
     if not sources:
-        raise ValueError(f"no videos to process in {args.urls or args.kinetics_csv}")
+        limited = f" (--limit {args.limit})" if args.limit is not None else ""
+        raise ValueError(f"no videos to process in {args.urls or args.kinetics_csv}{limited}")
     check_run_settings(settings)
     output = settings.output
     check_output_free(output)
@@ -289,12 +290,18 @@ def _ray_before_prefect(
     settings: DepthSettings, videos: int
 ) -> contextlib.AbstractContextManager[Callable[[], None]]:
     """Ray started, with the first shards' workers warming, before the run imports Prefect,
-    where the Prefect API is known (flows/ray_start.py); else nothing: the flow's task runner
-    starts Ray after a temporary Prefect server."""
+    where the Prefect API is known or RAY_ADDRESS names a cluster (flows/ray_start.py); else
+    nothing: the flow's task runner starts a private Ray after a temporary Prefect server,
+    whose address that Ray's workers take from this process's environment.
+
+    A cluster's workers take no environment from here, and a join it refuses (no token, the
+    wrong one) is then refused before a temporary server has started and a flow run was made
+    (left Running: Prefect sets no state for a task runner that does not start)."""
     from flows.ray_start import early_ray
     from tasks.depth.settings import shards_in_flight
 
-    if not os.environ.get("PREFECT_API_URL"):
+    joins_a_cluster = os.environ.get("RAY_ADDRESS", "").strip() not in ("", "local")
+    if not os.environ.get("PREFECT_API_URL") and not joins_a_cluster:
         return contextlib.nullcontext(lambda: None)
     return early_ray(
         settings.ray_num_cpus, lambda cpus: min(videos, shards_in_flight(settings, cpus))

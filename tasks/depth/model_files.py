@@ -76,14 +76,20 @@ def model_origin(model_name: str) -> str:
 
 
 def check_hub_reachable(model_name: str) -> None:
-    """Raise `HubUnreachableError` at once where the hub's host name does not resolve.
+    """Raise `HubUnreachableError` at once where the hub cannot be asked: huggingface_hub's
+    offline mode (HF_HUB_OFFLINE), or a hub host name that does not resolve.
 
-    Skipped in huggingface_hub's offline mode (it fails at once by itself) and behind a proxy
-    (the proxy resolves names, not this machine)."""
+    Skipped behind a proxy (the proxy resolves names, not this machine)."""
     from huggingface_hub import constants
 
+    if constants.HF_HUB_OFFLINE:  # huggingface_hub's own error named neither it nor the cache
+        raise HubUnreachableError(
+            f"huggingface_hub is offline (HF_HUB_OFFLINE is set) and its cache "
+            f"({constants.HF_HUB_CACHE}) does not hold all of {model_name}: unset HF_HUB_OFFLINE "
+            f"where this machine may download, {_OTHER_WAYS.format(model=model_name)}"
+        )
     endpoint = urlsplit(constants.ENDPOINT)
-    if constants.HF_HUB_OFFLINE or (endpoint.scheme or "https") in urllib.request.getproxies():
+    if (endpoint.scheme or "https") in urllib.request.getproxies():
         return  # a proxy for the hub's scheme, not just NO_PROXY
     host = endpoint.hostname or constants.ENDPOINT
     try:
@@ -92,12 +98,17 @@ def check_hub_reachable(model_name: str) -> None:
         raise HubUnreachableError(
             f"the Hugging Face hub at {constants.ENDPOINT} cannot be reached "
             f"({host}: {exc.strerror or exc}) and its cache ({constants.HF_HUB_CACHE}) does "
-            f"not hold all of {model_name}: connect this machine, fill the cache elsewhere "
-            f"(`hf download {model_name}`, then copy HF_HOME here), or give a local folder; "
-            "to try the pipeline with no weights at all, `python -m devstack.tiny_depth_pro DIR` "
-            "saves an untrained stand-in to give as --depth-model DIR (its outputs are labelled "
-            "untrained)"
+            f"not hold all of {model_name}: connect this machine, "
+            f"{_OTHER_WAYS.format(model=model_name)}"
         ) from exc
+
+
+_OTHER_WAYS = (
+    "fill the cache elsewhere (`hf download {model}`, then copy HF_HOME here), or give a local "
+    "folder; to try the pipeline with no weights at all, `python -m devstack.tiny_depth_pro "
+    "DIR` saves an untrained stand-in to give as --depth-model DIR (its outputs are labelled "
+    "untrained)"
+)
 
 
 def is_local_model(model_name: str) -> bool:
