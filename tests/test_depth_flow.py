@@ -23,6 +23,7 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
+from prefect.logging.handlers import APILogWorker
 
 from flows.depth_extraction import DepthRunFailedError, depth_extraction, outcome_message
 from flows.ray_runner import ray_task_runner
@@ -269,6 +270,7 @@ def test_input_the_run_cannot_take_fails_it_with_the_reason_and_no_traceback(
     assert state.message == f"depth model folder {missing} does not exist"
     with pytest.raises(ValueError, match="does not exist"):  # a caller gets the error itself
         state.result()
+    APILogWorker.instance().drain()  # this process's log lines, sent in batches every 2 s
     with get_client(sync_client=True) as client:
         logs = client.read_logs(
             log_filter=LogFilter(
