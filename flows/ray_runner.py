@@ -9,6 +9,7 @@ flow's decorator does at import) reads and writes nothing.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any, Self
 
@@ -18,6 +19,8 @@ from common.processes import ignore_lance_fork_warning
 from flows.ray_start import join_failure, run_ray
 from flows.ray_submit_context import SerializedSettings
 from flows.ray_worker_context import worker_context
+
+log = logging.getLogger(__name__)
 
 
 class ClusterOrLocalRayTaskRunner(RayTaskRunner):
@@ -66,6 +69,13 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
         return isinstance(other, ClusterOrLocalRayTaskRunner) and self.num_cpus == other.num_cpus
 
     def __enter__(self) -> Self:
+        try:
+            return self._start()
+        except Exception as exc:  # a bad address, a refused token, a private Ray that failed
+            fail_deployment_run(exc)
+            raise
+
+    def _start(self) -> Self:
         import ray
 
         ignore_lance_fork_warning()
@@ -92,6 +102,28 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
             super().__exit__(*exc_info)
         finally:
             self._ray_start.close()
+
+
+def fail_deployment_run(reason: BaseException) -> None:
+    """Set a deployment's flow run Failed with why its Ray did not start.
+
+    Prefect sets no state for a flow run whose task runner does not start (its engine logs
+    "Finished in state Running()"), and the worker then marked the run Crashed with "Process
+    exited with status code: 1", the reason only in the log. A worker gives its run's id in
+    PREFECT__FLOW_RUN_ID; a flow called in a process of its own has none (`vidflow depth` joins
+    a RAY_ADDRESS cluster before its flow run exists)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Failed
+
+    flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
+    if not flow_run_id:
+        return
+    message = f"Ray did not start for this run: {reason}"
+    try:
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run_id, Failed(message=message), force=True)
+    except Exception as exc:  # the reason still reaches the log, with the error raised
+        log.warning("could not set the flow run Failed: %s", exc)
 
 
 def ray_task_runner(num_cpus: int | None = None) -> RayTaskRunner:

@@ -273,6 +273,32 @@ def test_which_cluster_a_run_joins(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert cluster_address() is None  # the file of a cluster that is gone
 
 
+def test_a_deployment_run_whose_ray_does_not_start_ends_failed_with_the_reason(
+    prefect_api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's run with a bad RAY_ADDRESS was marked Crashed, "Process exited with status
+    code: 1", its reason only in the log (Prefect sets no state when a task runner fails)."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    @flow(name="ray-start-refused")
+    def nothing() -> None: ...
+
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run(nothing)
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("PREFECT__FLOW_RUN_ID", str(run.id))  # as a worker starts its runs
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    with pytest.raises(ConnectionError, match="nothing listens"):
+        ray_task_runner().__enter__()
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run.id).state
+    assert state is not None and state.is_failed()
+    assert state.message.startswith(
+        f"Ray did not start for this run: nothing listens at the Ray cluster address {address}"
+    )
+
+
 def test_a_ray_address_where_nothing_listens_is_refused_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
