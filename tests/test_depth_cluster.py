@@ -186,6 +186,20 @@ def test_a_loopback_only_cluster_is_reached_at_127_0_0_1(
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "this run sent no token" in refused.stderr, refused.stderr[-2000:]
     assert "temporary server" not in refused.stderr
+    # With the token, the same command runs there, its temporary server started after the
+    # join and reached by the cluster's workers.
+    env |= {name: os.environ[name] for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    with VideoServer({"v.mp4": Serve(VIDEOS / "k400_arm_wrestling.mp4")}) as server:
+        urls.write_text(server.url("v.mp4") + "\n")
+        done = subprocess.run(
+            [sys.executable, "-m", "vidflow.cli", "depth", "--urls", str(urls), "--output",
+             str(tmp_path / "cli"), "--depth-model", str(tiny_depth_model), "--device", "cpu"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1])["ok"] == 1
+    cli_rows = lance.dataset(tmp_path / "cli" / "videos.lance").to_table().to_pylist()
+    assert {row["node_id"] for row in cli_rows} == alive
 
 
 @pytest.mark.slow
