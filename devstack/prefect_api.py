@@ -2,7 +2,8 @@
 
 Ray workers report task runs to the Prefect API. Without one configured, every worker would
 start its own temporary server (slow and flaky), so the CLI starts one temporary server for the
-whole run instead, and every Ray worker inherits its address through the environment.
+whole run instead: the workers of a private Ray inherit its address through the environment,
+a cluster's workers take it from the settings each task carries.
 
 That server wants a login of its own, a random one made for the run: it binds loopback, where
 any local account could otherwise read the run's records and create flow runs on it.

@@ -207,7 +207,7 @@ def verdict_line(
     if unfinished and not streams:
         return (
             f"no stream count of {width}x{height} at {fps:g} fps measured: the sweep was "
-            "stopped during its first step"
+            "stopped before its first stream count was decided"
         )
     if unfinished:
         return f"at least {line} (the sweep was stopped before it ended)"

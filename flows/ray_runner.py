@@ -113,15 +113,16 @@ def fail_deployment_run(reason: BaseException) -> None:
     PREFECT__FLOW_RUN_ID; a flow called in a process of its own has none (`vidflow depth` joins
     a RAY_ADDRESS cluster before its flow run exists)."""
     from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
     from prefect.states import Failed
 
     flow_run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
-    if not flow_run_id:
+    if not flow_run_id or FlowRunContext.get() is not None:  # a subflow: the id is its parent's
         return
     message = f"Ray did not start for this run: {reason}"
     try:
         with get_client(sync_client=True) as client:
-            client.set_flow_run_state(flow_run_id, Failed(message=message), force=True)
+            client.set_flow_run_state(flow_run_id, Failed(message=message))  # as the rules allow
     except Exception as exc:  # the reason still reaches the log, with the error raised
         log.warning("could not set the flow run Failed: %s", exc)
 

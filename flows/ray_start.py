@@ -122,13 +122,20 @@ def cluster_ray_auth() -> bool:
 
 
 def check_token_to_send() -> None:
-    """Refuse at once a run told to send a token (RAY_AUTH_MODE=token) that has none: Ray
-    raised its AuthenticationError from inside `ray.init`, a traceback and exit 1."""
+    """Token auth as `ray start` sets it up (`cluster_ray_auth`), and a run told to send a
+    token (RAY_AUTH_MODE=token) that has none, or cannot read it, refused at once: Ray raised
+    its AuthenticationError (a traceback and exit 1), from inside `ray.init` for the first."""
     from ray._raylet import AuthenticationTokenLoader
+    from ray.exceptions import AuthenticationError
 
-    if os.environ.get(AUTH_MODE_ENV, "").lower() != "token":
-        return
-    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+    try:
+        cluster_ray_auth()
+        if os.environ.get(AUTH_MODE_ENV, "").lower() != "token":
+            return
+        has_token = AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
+    except AuthenticationError as exc:  # RAY_AUTH_TOKEN_PATH names a file it cannot read
+        raise ConnectionError(f"the Ray token cannot be read: {exc}") from None
+    if not has_token:
         raise ConnectionError(
             "RAY_AUTH_MODE=token, but this run has no Ray token to send: give it the cluster's "
             "in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
@@ -399,7 +406,6 @@ def run_ray(
     num_cpus: its servers are not ours to size or restrict."""
     if address := cluster_address():
         check_cluster_listens(address)
-        cluster_ray_auth()
         check_token_to_send()
         return address, {"namespace": RAY_NAMESPACE}, reaching_cluster(address)
     init_kwargs = {"namespace": RAY_NAMESPACE, **local_ray_init_kwargs(num_cpus)}
@@ -432,10 +438,10 @@ def early_ray(
     core idle meanwhile, and its first transcode then waits for its workers' imports: started
     first, the first transcode of 48 clips on 2 cores came 0.2-0.6 s sooner on a private Ray
     and 1.5-2 s sooner on a running one (docs/benchmarks.md, ninth pass). The flow's task
-    runner uses the Ray it finds running and leaves it to be shut down here. Only where the
-    Prefect API is already known (PREFECT_API_URL): a private Ray's workers take their
+    runner uses the Ray it finds running and leaves it to be shut down here. A private Ray
+    only where the Prefect API is already known (PREFECT_API_URL): its workers take their
     environment from this process when it starts, before a temporary Prefect server would be
-    up."""
+    up. A cluster's workers take the API's address from the settings each task carries."""
     import ray
 
     address, init_kwargs, hold = run_ray(num_cpus)

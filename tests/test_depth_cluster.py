@@ -287,6 +287,23 @@ def test_which_cluster_a_run_joins(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert cluster_address() is None  # the file of a cluster that is gone
 
 
+def test_a_ray_token_that_cannot_be_read_is_refused_in_a_line() -> None:
+    """RAY_AUTH_TOKEN_PATH naming no file raised Ray's AuthenticationError: a traceback."""
+    with socket.socket() as listener:  # something listens there, so the token is looked at
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
+        env |= {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": "/nonexistent/ray-token"}  # fmt: skip
+        code = "from flows.ray_start import run_ray\nrun_ray(None)"
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    [last] = done.stderr.strip().splitlines()[-1:]
+    assert last.startswith("ConnectionError: the Ray token cannot be read: "), done.stderr[-2000:]
+    assert "/nonexistent/ray-token" in last
+
+
 def test_a_deployment_run_whose_ray_does_not_start_ends_failed_with_the_reason(
     prefect_api, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -163,7 +163,8 @@ def test_the_verdict_line_names_count_size_and_rate() -> None:
     assert stopped.startswith("at least 2 streams") and "stopped before it ended" in stopped
     first = verdict_line(0, 340, 256, 28.0, most_tried=8, unfinished=True)  # "at least 0"
     assert first == (
-        "no stream count of 340x256 at 28 fps measured: the sweep was stopped during its first step"
+        "no stream count of 340x256 at 28 fps measured: the sweep was stopped before its first "
+        "stream count was decided"
     )
     ceiling = verdict_line(8, 340, 256, 28.0, most_tried=8)
     assert ceiling.startswith("at least 8 streams of 340x256") and "--max-streams" in ceiling
@@ -245,8 +246,10 @@ def test_ctrl_c_during_a_sweep_reports_the_steps_it_finished(
         "--summary-json", str(summary_json),
     )  # fmt: skip
     env = stream_benchmark_env()
-    run = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    stdout = tmp_path / "stdout.txt"  # a file: a pipe no one reads could fill and block it
+    with stdout.open("w") as out_file:
+        run = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out_file,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
     lines: queue.Queue[str] = queue.Queue()
     # The one reader of stderr (communicate() would take lines from it too, and drop them).
     reader = threading.Thread(target=lambda: [lines.put(line) for line in run.stderr], daemon=True)
@@ -258,11 +261,11 @@ def test_ctrl_c_during_a_sweep_reports_the_steps_it_finished(
             said += judged
         run.send_signal(signal.SIGINT)
         run.wait(timeout=60)
-        out = run.stdout.read()
     finally:
         run.kill()
     reader.join(timeout=10)
     said += "".join(iter_queue(lines))
+    out = stdout.read_text()
     assert run.returncode == 0, said[-3000:]
     first_held = judged.rstrip().endswith(": holds")
     cut = 2 if first_held else 1

@@ -290,18 +290,17 @@ def _ray_before_prefect(
     settings: DepthSettings, videos: int
 ) -> contextlib.AbstractContextManager[Callable[[], None]]:
     """Ray started, with the first shards' workers warming, before the run imports Prefect,
-    where the Prefect API is known or RAY_ADDRESS names a cluster (flows/ray_start.py); else
+    where the Prefect API is known or a cluster is joined (flows/ray_start.py); else
     nothing: the flow's task runner starts a private Ray after a temporary Prefect server,
     whose address that Ray's workers take from this process's environment.
 
     A cluster's workers take no environment from here, and a join it refuses (no token, the
     wrong one) is then refused before a temporary server has started and a flow run was made
     (left Running: Prefect sets no state for a task runner that does not start)."""
-    from flows.ray_start import early_ray
+    from flows.ray_start import cluster_address, early_ray
     from tasks.depth.settings import shards_in_flight
 
-    joins_a_cluster = os.environ.get("RAY_ADDRESS", "").strip() not in ("", "local")
-    if not os.environ.get("PREFECT_API_URL") and not joins_a_cluster:
+    if not os.environ.get("PREFECT_API_URL") and cluster_address() is None:
         return contextlib.nullcontext(lambda: None)
     return early_ray(
         settings.ray_num_cpus, lambda cpus: min(videos, shards_in_flight(settings, cpus))

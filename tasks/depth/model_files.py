@@ -83,9 +83,10 @@ def check_hub_reachable(model_name: str) -> None:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:  # huggingface_hub's own error named neither it nor the cache
+        setting = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
         raise HubUnreachableError(
-            f"huggingface_hub is offline (HF_HUB_OFFLINE is set) and its cache "
-            f"({constants.HF_HUB_CACHE}) does not hold all of {model_name}: unset HF_HUB_OFFLINE "
+            f"huggingface_hub is offline ({setting} is set) and its cache "
+            f"({constants.HF_HUB_CACHE}) does not hold all of {model_name}: unset {setting} "
             f"where this machine may download, {_OTHER_WAYS.format(model=model_name)}"
         )
     endpoint = urlsplit(constants.ENDPOINT)
