@@ -151,7 +151,8 @@ def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:
         )
     if nothing_answered(summary):
         raise NothingAnsweredError(
-            f"not one of {summary['frames_consumed']} frames was answered ({summary['errors']} "
+            f"not one of the {summary['frames_consumed']} frames consumed (of "
+            f"{produced['delivered']} the producer delivered) was answered ({summary['errors']} "
             f"failed calls): is the inference service at {settings.client.target} up and right? "
             "The consumer's warnings in this run's log say why the calls failed",
             outcome,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import subprocess
 import time
@@ -130,6 +131,9 @@ def test_a_run_whose_frames_no_service_answered_fails_and_says_why(
                          timeout=180)  # fmt: skip
     assert run.returncode == 1, run.stderr[-3000:]
     assert f"is the inference service at {nobody} up and right?" in run.stderr, run.stderr[-3000:]
+    # ... out of how many: the consumer stops with only its calls in flight taken
+    assert re.search(r"not one of the \d+ frames consumed \(of \d+ the producer delivered\)",
+                     run.stderr)  # fmt: skip
     assert "Traceback" not in run.stderr  # a failure the run explains, not a crash
     e2e_row = next(line for line in run.stdout.splitlines() if line.split()[:1] == ["e2e"])
     assert e2e_row.split()[1:] == ["-"] * 5, run.stdout
