@@ -111,7 +111,7 @@ def fail_deployment_run(reason: BaseException) -> None:
     "Finished in state Running()"), and the worker then marked the run Crashed with "Process
     exited with status code: 1", the reason only in the log. A worker gives its run's id in
     PREFECT__FLOW_RUN_ID; a flow called in a process of its own has none (`vidflow depth` joins
-    a RAY_ADDRESS cluster before its flow run exists)."""
+    a cluster before its flow run exists)."""
     from prefect.client.orchestration import get_client
     from prefect.context import FlowRunContext
     from prefect.states import Failed
