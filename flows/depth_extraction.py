@@ -21,12 +21,13 @@ from prefect.artifacts import (
 )
 from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
-from prefect.states import Completed, Failed
+from prefect.states import Completed
 
 from common.files import remove_stale_partials
 from flows import artifact_keys
 from flows.depth_report import RunReport
 from flows.ray_runner import cluster_cpus, cluster_gpus, largest_node, ray_task_runner
+from flows.run_failure import RunFailedError, failed_state
 from tasks.depth.dataset_settings import check_dataset_settings, record_dataset_settings
 from tasks.depth.output_layout import OutputLayout
 from tasks.depth.output_lock import output_lock
@@ -70,34 +71,24 @@ def depth_extraction(
         settings = run_settings(settings)
         untrained = check_settings(settings)
         sources = load_sources(urls, kinetics_csv, url_template, split, limit)
-    except ValueError as exc:
-        # Input the run cannot take (a model it cannot load, a list it cannot read): the error
-        # as the state's message and data (calling the flow raises it), not a traceback in
-        # the run's log and "encountered an exception" in the UI.
-        get_run_logger().error("%s", exc)
-        return Failed(message=str(exc), data=exc)
+    except ValueError as exc:  # input the run cannot take: a model, a list it cannot read
+        return failed_state(exc)
     with output_lock(settings.output):  # one run at a time per output folder
         summary = _extract(sources, settings, untrained, show_progress)
     message = outcome_message(summary)
     if summary["failed"] and not (summary["ok"] or summary["skipped"]):
-        # An exception as the data: what Prefect raises for a Failed state (a dict it cannot).
-        return Failed(message=message, data=DepthRunFailedError(message, summary))
+        # The counts are the state's message and the summary table's: no log line of its own.
+        return failed_state(DepthRunFailedError(message, summary), log=False)
     return Completed(message=message, data=summary)
 
 
-class DepthRunFailedError(RuntimeError):
+class DepthRunFailedError(RunFailedError):
     """Not one video of the run's input was done: `summary` holds its counts and rows' story
     (the failures artifact names each video's error)."""
 
-    def __init__(self, message: str, summary: dict[str, Any]) -> None:
-        super().__init__(message, summary)  # both in args: pickled whole, as Prefect may
-        self.summary = summary
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-    def __repr__(self) -> str:  # in Prefect's log of the failure: the message, not the summary
-        return f"{type(self).__name__}({self.args[0]!r})"
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.report
 
 
 def outcome_message(summary: dict[str, Any]) -> str:

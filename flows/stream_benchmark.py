@@ -13,10 +13,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.states import Failed, State
+from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import artifact_keys
+from flows.run_failure import RunFailedError, failed_state
 from flows.run_logs import logs_in_run
 from flows.stream_capacity import capacity_sweep
 from flows.stream_settings import StreamBenchmarkSettings
@@ -120,10 +121,7 @@ def stream_benchmark(
                 return capacity_sweep(settings)
             return _benchmark(settings)
         except StreamRunFailedError as failure:
-            # Failed with the error as its data: calling the flow raises it (with the figures),
-            # and the run's log has its message, not a traceback of a failure it has explained.
-            get_run_logger().error("%s", failure)
-            return Failed(message=str(failure), data=failure)
+            return failed_state(failure)
 
 
 def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:
@@ -160,19 +158,13 @@ def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:
     return outcome
 
 
-class StreamRunFailedError(RuntimeError):
+class StreamRunFailedError(RunFailedError):
     """The run failed after it had measured what it could: `outcome` holds its figures (the
     report is recorded as artifacts all the same)."""
 
-    def __init__(self, message: str, outcome: dict[str, Any]) -> None:
-        super().__init__(message, outcome)
-        self.outcome = outcome
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-    def __repr__(self) -> str:  # in Prefect's log of the failure: the message, not the figures
-        return f"{type(self).__name__}({self.args[0]!r})"
+    @property
+    def outcome(self) -> dict[str, Any]:
+        return self.report
 
 
 class BrokerLostDuringRunError(StreamRunFailedError):
