@@ -285,6 +285,10 @@ def loopback_only_ray() -> Iterator[None]:
             os.environ[RAY_CLUSTER_ENV] = saved_env
 
 
+# Announced clusters a run of this process would not join, already warned of.
+_NOT_JOINED: set[str] = set()
+
+
 def cluster_address() -> str | None:
     """The Ray cluster a run joins, as `ray.init()` finds one: RAY_ADDRESS, else the cluster
     that `ray start` started on this machine (Ray's current-cluster file, when its GCS is
@@ -304,12 +308,14 @@ def cluster_address() -> str | None:
     if not started_here or started_here not in services.find_gcs_addresses():
         return None
     if not _announced_by_this_account(started_here):
-        log.warning(
-            "Not joining the Ray cluster at %s that Ray's current-cluster file names: another "
-            "account started it or wrote the file; a private Ray runs instead (set RAY_ADDRESS "
-            "to join a cluster on purpose)",
-            started_here,
-        )
+        if started_here not in _NOT_JOINED:  # a run asks up to three times: said once
+            _NOT_JOINED.add(started_here)
+            log.warning(
+                "Not joining the Ray cluster at %s that Ray's current-cluster file names: "
+                "another account started it or wrote the file; a private Ray runs instead (set "
+                "RAY_ADDRESS to join a cluster on purpose)",
+                started_here,
+            )
         return None
     return started_here
 

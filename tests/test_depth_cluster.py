@@ -374,7 +374,7 @@ def _raylet_process(
 
 @pytest.mark.skipif(os.getuid() != 0, reason="making a file or process another account's")
 def test_a_cluster_announced_by_another_account_is_not_joined(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Ray's current-cluster file lives where any account can write (/tmp/ray): a run joins
     the cluster it names only if the file and a raylet of that cluster are this account's."""
@@ -396,6 +396,9 @@ def test_a_cluster_announced_by_another_account_is_not_joined(
         assert cluster_address() == announced  # this account's: joined
         os.chown(current, NOBODY, NOBODY)
         assert cluster_address() is None  # the file another account's
+        assert cluster_address() is None  # asked again, as the CLI, early start and runner do
+        warned = [r for r in caplog.records if r.getMessage().startswith("Not joining")]
+        assert len(warned) == 1 and announced in warned[0].getMessage()
     assert _eventually(lambda: not raylet_seen())
     os.chown(current, os.getuid(), os.getgid())
     with _raylet_process(announced, account=NOBODY):
