@@ -37,7 +37,12 @@ from flows.stream_settings import StreamBenchmarkSettings
 from tasks.stream.prefect_tasks import DRAIN_S, RUN_STOP, run_producer_and_group
 from tasks.stream.producer import open_source, target_fps
 from tasks.stream.results import read_records
-from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
+from tasks.stream.settings import (
+    ConsumerSettings,
+    KafkaSettings,
+    ProducerSettings,
+    resolved_source,
+)
 from tasks.stream.topics import delete_topics
 
 IDLE_TIMEOUT_S = 3.0  # a step's consumers stop this long after the last frame
@@ -45,7 +50,7 @@ IDLE_TIMEOUT_S = 3.0  # a step's consumers stop this long after the last frame
 
 def source_format(source: str, fps: str) -> tuple[int, int, float]:
     """Width, height and the per-stream frame rate a step paces at (the source's when native)."""
-    with open_source(source) as capture:
+    with open_source(resolved_source(source)) as capture:
         width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
         height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
         pace = target_fps(fps, capture)

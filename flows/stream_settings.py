@@ -34,7 +34,11 @@ class StreamBenchmarkSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a misspelt field is refused, not ignored
 
-    source: str = Field(str(SAMPLE_VIDEO), description="video file, webcam:N, rtsp://")
+    source: str = Field(
+        str(SAMPLE_VIDEO),
+        description="video file, webcam:N, rtsp:// or env:NAME (a camera URL with its password "
+        "kept in the variable NAME where the run happens, out of Prefect's parameters)",
+    )
     duration: float = Field(30.0, gt=0, description="seconds of producing")
     fps: str = Field("native", description="a number, native or max")
     loop: bool = Field(True, description="start the file again at its end")
@@ -84,6 +88,10 @@ class StreamBenchmarkSettings(BaseModel):
     def _streams_or_capacity(self) -> StreamBenchmarkSettings:
         if self.capacity and self.streams != 1:
             raise ValueError("--streams does not apply to --capacity: the sweep sets the count")
+        if self.capacity and not Path(self.source).is_file() and "," in self.source.strip(", "):
+            raise ValueError(
+                "--capacity replays one source as N cameras: give --source one file or camera"
+            )
         return self
 
     @property

@@ -180,6 +180,23 @@ def test_stream_commands_refuse_bad_sources_and_bounds_before_the_broker(
     assert "--idle-timeout" in _refused([*consume, "--idle-timeout", "0"], capsys)
 
 
+def test_a_source_named_by_an_unset_variable_or_several_for_a_sweep_is_refused(
+    monkeypatch, capsys
+) -> None:
+    """`env:NAME` keeps a camera's password out of Prefect: an unset NAME is named at once, and
+    a capacity sweep of two sources failed as "video file not found: a.mp4,b.mp4"."""
+    monkeypatch.delenv("VIDFLOW_NO_SUCH_CAMERA", raising=False)
+    produce = ["produce", "--bootstrap-servers", CLOSED_PORT]
+    bench = ["stream-benchmark", "--bootstrap-servers", CLOSED_PORT, "--target", CLOSED_PORT]
+    for command in (produce, bench):
+        err = _refused([*command, "--source", "env:VIDFLOW_NO_SUCH_CAMERA"], capsys)
+        assert "the variable VIDFLOW_NO_SUCH_CAMERA is not set" in err and err.count("\n") == 1
+    assert "names no variable" in _refused([*produce, "--source", "env:"], capsys)
+    two = f"{SAMPLE_VIDEO},{SAMPLE_VIDEO}"
+    err = _refused([*bench, "--capacity", "--source", two], capsys)
+    assert "--capacity replays one source" in err and err.count("\n") == 1, err
+
+
 def test_the_broker_refuses_a_port_in_use_and_port_0(capsys) -> None:
     """It said "broker ready" on a port another process listened on (its readiness check
     reached that listener), then "exited unexpectedly"; port 0 waited 15 s for ":0"."""

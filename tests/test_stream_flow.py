@@ -26,6 +26,7 @@ from devstack.launcher import REPO_ROOT
 from flows.stream_benchmark import stream_benchmark
 from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings
+from tests.conftest import VIDEOS
 from tests.kafka_helpers import (
     partition_ends,
     read_topic,
@@ -33,6 +34,7 @@ from tests.kafka_helpers import (
     stream_benchmark_env,
     stream_benchmark_run,
 )
+from tests.video_server import Guarded, VideoServer
 
 
 @pytest.mark.slow
@@ -83,6 +85,41 @@ def test_the_flow_records_its_figures_as_artifacts(prefect_api, kafka, onnx_serv
     again = settings.model_copy(update={"duration": 2.0, "consumers": 1})
     second = stream_benchmark(settings=again)
     assert second["summary"]["frames_consumed"] == second["producer"]["frames_read"] > 0
+
+
+@pytest.mark.slow
+def test_a_camera_named_by_a_variable_keeps_its_password_out_of_prefect(
+    prefect_api, kafka, onnx_server, monkeypatch
+) -> None:
+    """A camera's URL carries its password; as `--source` it was stored in the flow run's
+    parameters, where the UI and the API show it. `env:NAME` stores only the name."""
+    with VideoServer(
+        {"live.mp4": Guarded(VIDEOS / "k400_arm_wrestling.mp4", "viewer", "s3cret")}
+    ) as camera:
+        url = camera.url("live.mp4").replace("http://", "http://viewer:s3cret@")
+        monkeypatch.setenv("VIDFLOW_TEST_CAMERA", url)
+        settings = StreamBenchmarkSettings(
+            source="env:VIDFLOW_TEST_CAMERA", duration=2.0, fps="max", max_frames=20,
+            client=ClientSettings(target=onnx_server.target), kafka=kafka,
+        )  # fmt: skip
+        state = stream_benchmark(settings=settings, return_state=True)
+    outcome = state.result()
+    assert camera.requests["live.mp4"] >= 2  # refused without the login, then served with it
+    assert outcome["producer"]["frames_read"] == 20
+    assert outcome["summary"]["results_published"] == 20
+    keys = result_keys(read_topic(kafka.bootstrap_servers, kafka.results_topic))
+    assert {key.split("@")[0] for key in keys} == {"127.0.0.1-live.mp4"}  # host and path
+    with get_client(sync_client=True) as client:
+        run_id = state.state_details.flow_run_id
+        stored = client.read_flow_run(run_id).model_dump_json()
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    assert "env:VIDFLOW_TEST_CAMERA" in stored
+    shown = [stored, *(log.message for log in logs), *(str(a.data) for a in artifacts)]
+    assert not [text for text in shown if "s3cret" in text]
+    assert any(f"http://127.0.0.1:{camera.port}/live.mp4" in str(a.data) for a in artifacts)
 
 
 @pytest.mark.slow

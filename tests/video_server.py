@@ -1,7 +1,8 @@
 """A real aiohttp server on 127.0.0.1 that serves video files and misbehaves on request.
 
 Used by the depth tests and `bench.depth`: each path has a behaviour (serve a file, 404, fail
-with 500 a few times first, serve something that is not a video, stall mid-body, drip bytes).
+with 500 a few times first, serve something that is not a video, stall mid-body, drip bytes,
+ask for a login).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from aiohttp import web
+from aiohttp import encode_basic_auth, web
 
 from devstack.http_thread import serve_in_thread
 
@@ -57,7 +58,17 @@ class Redirect:
     location: str  # where a 302 sends the client (the request's own path: a loop)
 
 
-Behaviour = Serve | Status | Body | Stall | Drip | Redirect
+@dataclass(frozen=True)
+class Guarded:
+    """The file only to a client that logs in with this HTTP basic login: a camera behind a
+    password, as a URL with `user:password@` reaches it."""
+
+    path: Path
+    user: str
+    password: str
+
+
+Behaviour = Serve | Status | Body | Stall | Drip | Redirect | Guarded
 
 
 class VideoServer:
@@ -97,6 +108,12 @@ class VideoServer:
             case Serve(path, fail_first) if self.requests[name] <= fail_first:
                 return web.Response(status=500, text="try again")
             case Serve(path):
+                return web.FileResponse(path)
+            case Guarded(path, user, password):
+                if request.headers.get("Authorization") != encode_basic_auth(user, password):
+                    # FFmpeg sends the login only when challenged, and needs the realm.
+                    challenge = 'Basic realm="camera"'
+                    return web.Response(status=401, headers={"WWW-Authenticate": challenge})
                 return web.FileResponse(path)
             case Stall(path, after_bytes, stall_s):
                 response = web.StreamResponse()

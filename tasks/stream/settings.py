@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,6 +11,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import Port
 from common.urls import shown_url
+
+# `--source env:NAME`: the source is the value of the environment variable NAME.
+ENV_SOURCE_PREFIX = "env:"
 
 
 class KafkaSettings(BaseSettings):
@@ -101,13 +105,35 @@ class KafkaSettings(BaseSettings):
 
 def source_list(source: str) -> list[str]:
     """The run's sources: `--source` names one, or several separated by commas; a file whose
-    name holds a comma is one source (`clip,v2.mp4` was split into two missing files)."""
+    name holds a comma is one source (`clip,v2.mp4` was split into two missing files). Each
+    `env:NAME` is replaced by the value of the variable NAME (`resolved_source`)."""
     if Path(source).is_file():
         return [source]
-    sources = [part.strip() for part in source.split(",") if part.strip()]
+    sources = [resolved_source(part.strip()) for part in source.split(",") if part.strip()]
     if not sources:
         raise ValueError("--source names no video file, webcam or stream")
     return sources
+
+
+def resolved_source(source: str) -> str:
+    """`source`, or for `env:NAME` the source the environment variable NAME holds.
+
+    A camera URL often carries its password (`rtsp://admin:pw@cam/live`). Named by a variable,
+    only the name is in a Prefect deployment's parameters, the UI and the run's records; the
+    URL is read where the producer runs (for a deployment: the worker's environment)."""
+    if not source.startswith(ENV_SOURCE_PREFIX):
+        return source
+    name = source.removeprefix(ENV_SOURCE_PREFIX)
+    value = os.environ.get(name, "").strip() if name else ""
+    if not value:
+        where = f"the variable {name} is not set" if name else "it names no variable"
+        raise ValueError(
+            f"--source {source}: {where} here; set it to the camera's URL or file where the "
+            "producer runs (for a deployment: in the Prefect worker's environment)"
+        )
+    if value.startswith(ENV_SOURCE_PREFIX):
+        raise ValueError(f"--source {source}: its value names another variable ({value})")
+    return value
 
 
 def shown_sources(sources: list[str]) -> str:
@@ -138,8 +164,9 @@ class ProducerSettings(BaseSettings):
     source: str = Field(
         ...,
         description=(
-            "video file, webcam:N or rtsp://...; several, comma-separated, are several cameras "
-            "(each paced at its own rate, named after its file)"
+            "video file, webcam:N, rtsp://... or env:NAME (the URL in variable NAME, so its "
+            "password is in no command line or record); several, comma-separated, are several "
+            "cameras (each paced at its own rate, named after its file)"
         ),
     )
     fps: str = Field("native", description="frames per second: a number, native or max")
