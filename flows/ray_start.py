@@ -107,10 +107,10 @@ def _reload_ray_auth() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def cluster_ray_auth() -> bool:
+def cluster_ray_auth() -> None:
     """Token auth for joining a cluster where this account has a Ray token (RAY_AUTH_TOKEN,
-    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE is unset, as `ray start` does;
-    whether the driver sends a token.
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE is unset, as `ray start` does
+    (it sets RAY_AUTH_MODE=token then).
 
     `ray.init` sends no token unless RAY_AUTH_MODE says `token`: a run in a shell without it
     waited 30 s for a cluster with token auth, then failed with "Failed to connect"."""
@@ -118,7 +118,7 @@ def cluster_ray_auth() -> bool:
         maybe_enable_token_auth_if_token_available,
     )
 
-    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def check_token_to_send() -> None:
