@@ -24,6 +24,7 @@ from flows.stream_settings import StreamBenchmarkSettings
 from tasks.stream.consumer_summary import nothing_answered
 from tasks.stream.prefect_tasks import DRAIN_S, run_producer_and_group
 from tasks.stream.settings import ConsumerSettings, ProducerSettings, source_list
+from tasks.stream.topics import BrokerUnreachableError
 
 TABLE_COLUMNS = ("stage", "p50", "p90", "p99", "max", "mean")
 
@@ -113,14 +114,15 @@ def stream_benchmark(
     and `settings.client` left out come from VIDFLOW_KAFKA_* and VIDFLOW_INFERENCE_*, then the
     defaults. A run that lost the broker, or whose frames the service never answered, ends
     Failed with its report recorded; calling the flow then raises StreamRunFailedError, whose
-    `outcome` holds the figures."""
+    `outcome` holds the figures. A broker that never answered ends it Failed with that reason
+    (BrokerUnreachableError)."""
     settings = settings or StreamBenchmarkSettings()
     with logs_in_run("tasks.stream"):
         try:
             if settings.capacity:
                 return capacity_sweep(settings)
             return _benchmark(settings)
-        except StreamRunFailedError as failure:
+        except (StreamRunFailedError, BrokerUnreachableError) as failure:
             return failed_state(failure)
 
 

@@ -218,6 +218,35 @@ def test_a_consumer_that_cannot_start_fails_the_run_without_a_wait(prefect_api, 
     assert took_s < 45, took_s  # not the 60-s wait for a member that will never join
 
 
+@pytest.mark.slow
+def test_a_broker_that_never_answers_fails_the_run_in_one_line(prefect_api, kafka) -> None:
+    """It ended Failed with "Flow run encountered an exception" and two tracebacks in the log
+    (60 lines on the CLI's stderr); the CLI now asks before it starts a flow run at all."""
+    nobody = kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"})
+    settings = StreamBenchmarkSettings(
+        duration=2.0, client=ClientSettings(target="127.0.0.1:1"), kafka=nobody
+    )
+    state = stream_benchmark(settings=settings, return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith(f"Kafka broker {nobody.bootstrap_servers} unreachable")
+    with get_client(sync_client=True) as client:
+        run_id = state.state_details.flow_run_id
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        runs_before = client.count_flow_runs()
+    flow_errors = [
+        log.message for log in logs if log.level >= logging.ERROR and log.task_run_id is None
+    ]
+    assert flow_errors == [state.message], flow_errors  # the reason, once, with no traceback
+
+    command = stream_benchmark_run(nobody, "127.0.0.1:1", "--duration", "2")
+    run = subprocess.run(command, cwd=REPO_ROOT, env=stream_benchmark_env(), capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.count("\n") == 1 and " unreachable for 15 s" in run.stderr, run.stderr
+    with get_client(sync_client=True) as client:
+        assert client.count_flow_runs() == runs_before  # refused before a flow run existed
+
+
 def test_two_runs_in_one_process_share_one_log_handler_until_the_last_ends() -> None:
     """The second of two overlapping runs lost its producer's and consumers' lines in the UI
     when the first removed the handler they shared."""

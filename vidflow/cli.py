@@ -39,7 +39,7 @@ from common.settings import (
 from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings, InferenceSettings
 from tasks.depth.settings import DepthSettings, with_absolute_paths
-from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
+from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings, source_list
 
 log = logging.getLogger("vidflow")
 
@@ -150,12 +150,13 @@ def _sample_mirror(args: argparse.Namespace) -> int:
 
 
 def _produce(args: argparse.Namespace) -> int:
-    from tasks.stream.producer import check_sources, produce_frames
+    from tasks.stream.producer import check_sources, produce_frames, stream_bases
     from tasks.stream.topics import ensure_topics
 
     kafka = settings_from_args(KafkaSettings, args)
     settings = settings_from_args(ProducerSettings, args)  # bad flags refused before the broker
     check_sources(settings.source)
+    stream_bases(source_list(settings.source), settings.stream_id)  # and a bad --stream-id
     ensure_topics(kafka, [kafka.frames_topic])
     stats = produce_frames(settings, kafka, stop_on_signals())
     print(json.dumps(stats.as_dict()))
@@ -214,10 +215,12 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
         from tasks.stream.consumer import format_summary
         from tasks.stream.prefect_tasks import RUN_STOP
         from tasks.stream.producer import check_sources
+        from tasks.stream.topics import check_broker
 
     settings = stream_benchmark_settings(args)
     check_sources(settings.source)  # before a Prefect server starts and a group joins
     prepare_output_file(args.summary_json, "--summary-json")  # before the run, not after
+    check_broker(settings.kafka)  # a broker that is not there: one line, no flow run
     # Ctrl-C: the run ends its producing now and reports (a sweep: the steps it finished).
     stop_on_signals(RUN_STOP)
     failure: StreamRunFailedError | None = None

@@ -18,18 +18,18 @@ class BrokerUnreachableError(RuntimeError):
     broker that is starting)."""
 
 
-def ensure_topics(
-    kafka: KafkaSettings, topics: list[str] | None = None, timeout_s: float = 15.0
-) -> list[str]:
-    """Create the missing ones of `topics` (default: every topic of `kafka`) with
-    `kafka.partitions` partitions, reaching the broker as `kafka` says (TLS, SASL); return the
-    ones created. Existing topics are left as they are."""
-    partitions = kafka.partitions
-    admin = AdminClient({**kafka.client_config(), **librdkafka_logging()})
+def check_broker(kafka: KafkaSettings, timeout_s: float = 15.0) -> None:
+    """Raise BrokerUnreachableError unless the broker answers within `timeout_s`: for a command
+    to say so before it starts anything else (a Prefect server, a flow run)."""
+    _topic_names(AdminClient({**kafka.client_config(), **librdkafka_logging()}), kafka, timeout_s)
+
+
+def _topic_names(admin: AdminClient, kafka: KafkaSettings, timeout_s: float) -> set[str]:
+    """The broker's topics, or BrokerUnreachableError naming the broker (librdkafka says only
+    "transport failure", and the same of a broker that is up but speaks another protocol)."""
     try:
-        existing = set(admin.list_topics(timeout=timeout_s).topics)
-    except KafkaException as exc:  # say which broker, not only "transport failure"
-        # librdkafka says the same of a broker that is up but speaks another protocol.
+        return set(admin.list_topics(timeout=timeout_s).topics)
+    except KafkaException as exc:
         protocol = kafka.security_protocol
         hint = (
             ""
@@ -39,6 +39,17 @@ def ensure_topics(
         raise BrokerUnreachableError(
             f"Kafka broker {kafka.bootstrap_servers} unreachable for {timeout_s:.0f} s{hint}: {exc}"
         ) from exc
+
+
+def ensure_topics(
+    kafka: KafkaSettings, topics: list[str] | None = None, timeout_s: float = 15.0
+) -> list[str]:
+    """Create the missing ones of `topics` (default: every topic of `kafka`) with
+    `kafka.partitions` partitions, reaching the broker as `kafka` says (TLS, SASL); return the
+    ones created. Existing topics are left as they are."""
+    partitions = kafka.partitions
+    admin = AdminClient({**kafka.client_config(), **librdkafka_logging()})
+    existing = _topic_names(admin, kafka, timeout_s)
     topics = kafka.topics if topics is None else topics
     missing = [t for t in dict.fromkeys(topics) if t not in existing]
     if not missing:
