@@ -198,12 +198,17 @@ def verdict_line(
     fps: float,
     most_tried: int | None = None,
     unfinished: bool = False,
+    one_failed: list[str] | None = None,
 ) -> str:
     """The sweep's answer in one line, e.g. "6 streams of 340x256 at 28 fps on this machine";
     "at least" where the most streams tried held (`most_tried`), or where the sweep was
-    stopped before it found the count that fails (`unfinished`): the box may take more."""
+    stopped before it found the count that fails (`unfinished`): the box may take more. With
+    none held, why one stream did not hold (`one_failed`, its `shortfalls`): a bare "0
+    streams" sent the user to the log to find out."""
     noun = "stream" if streams == 1 else "streams"
     line = f"{streams} {noun} of {width}x{height} at {fps:g} fps on this machine"
+    if not streams and not unfinished and one_failed:
+        return f"{line} (one stream did not hold real time: {'; '.join(one_failed)})"
     if unfinished and not streams:
         return (
             f"no stream count of {width}x{height} at {fps:g} fps measured: the sweep was "

@@ -166,6 +166,10 @@ def test_the_verdict_line_names_count_size_and_rate() -> None:
         "no stream count of 340x256 at 28 fps measured: the sweep was stopped before its first "
         "stream count was decided"
     )
+    # None held: why the one stream did not (it was a bare "0 streams", the reason in the log)
+    none = verdict_line(0, 340, 256, 28.0, most_tried=8, one_failed=["e2e p99 116.1 ms > 100 ms"])
+    assert none == ("0 streams of 340x256 at 28 fps on this machine (one stream did not hold "
+                    "real time: e2e p99 116.1 ms > 100 ms)")  # fmt: skip
     ceiling = verdict_line(8, 340, 256, 28.0, most_tried=8)
     assert ceiling.startswith("at least 8 streams of 340x256") and "--max-streams" in ceiling
 
@@ -316,6 +320,11 @@ def test_a_failing_count_is_tried_again_and_fails_only_if_every_try_does(
     tries = [(step["streams"], step["attempt"], step["holds"]) for step in outcome["steps"]]
     assert tries == [(1, 1, False), (1, 2, False)]
     assert all(step["skipped_stale"] > 0 for step in outcome["steps"])
+    verdict = outcome["verdict"]  # and why, where the CLI prints only this line
+    assert verdict.startswith(
+        "0 streams of 340x256 at 28 fps on this machine (one stream did not hold real time: "
+    )
+    assert "frames skipped as stale" in verdict
     # Each step's topics are deleted once read: on the local broker, which keeps every
     # message in memory, a sweep left every frame it sent behind.
     assert outcome["topics"] == []
