@@ -421,6 +421,30 @@ def test_grpc_and_http_ports_listen_on_loopback_only_by_default(onnx_server) -> 
         assert addresses and addresses <= loopback, (port, addresses)
 
 
+def test_a_grpc_client_on_the_http_port_is_told_so_and_the_log_takes_one_line(
+    onnx_server,
+) -> None:
+    """Found in a README walk: the client read only "Trying to connect an http1.x server",
+    and each try put aiohttp's 20-line traceback in the service's log at ERROR."""
+    http_port = f"127.0.0.1:{onnx_server.http_port}"
+    logged_before = len(onnx_server.log())
+    health = subprocess.run(
+        [sys.executable, "-m", "vidflow.cli", "health", "--target", http_port],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert health.returncode == 1 and health.stdout.strip() == "UNREACHABLE", health.stderr
+    assert "not gRPC: is it the service's HTTP port" in health.stderr, health.stderr
+    deadline = time.monotonic() + 10
+    while "not HTTP/1.1" not in onnx_server.log()[logged_before:] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    logged = onnx_server.log()[logged_before:]
+    assert "WARNING aiohttp.server: 127.0.0.1 sent a request that is not HTTP/1.1" in logged
+    assert "gRPC client belongs on the gRPC port" in logged
+    assert "Traceback" not in logged and "ERROR" not in logged, logged
+    with urllib.request.urlopen(f"http://{http_port}/readyz", timeout=10) as ready:
+        assert ready.status == 200  # and the port serves on
+
+
 def test_port_0_lets_the_system_choose_and_the_log_says_which(
     tmp_path: Path, model_cache: Path
 ) -> None:

@@ -212,7 +212,11 @@ def test_a_key_that_is_not_the_certificates_or_not_pem_is_named_before_binding(
     assert "the key is not the certificate's" in serve.stderr and "in use" not in serve.stderr
     serve = _cli("serve", "--tls-cert", str(REPO_ROOT / "README.md"), "--tls-key", str(other_key))
     assert serve.returncode == 2, serve.stderr
-    assert "not a PEM certificate and unencrypted PEM key" in serve.stderr
+    assert "--tls-cert holds no PEM certificate" in serve.stderr and "None" not in serve.stderr
+    # Found in a README walk: a swapped pair read "(OpenSSL: None)".
+    serve = _cli("serve", "--tls-cert", str(other_key), "--tls-key", str(cert), "--port", "0")
+    assert serve.returncode == 2, serve.stderr
+    assert "--tls-cert holds no PEM certificate (the two files look swapped)" in serve.stderr
 
 
 @pytest.mark.parametrize(

@@ -121,6 +121,11 @@ def rpc_failure(exc: grpc.RpcError, tls_ca: Path | None) -> str:
     if exc.code() != grpc.StatusCode.UNAVAILABLE:
         return said
     details = (exc.details() or "").lower()
+    if "http1.x server" in details:
+        return (
+            f"{said} (that port speaks HTTP/1.1, not gRPC: is it the service's HTTP port, for "
+            "/readyz and /metrics, rather than its gRPC port?)"
+        )
     if tls_ca is None and ("socket closed" in details or "connection reset" in details):
         return f"{said} (if the server serves TLS, give its CA with --tls-ca)"
     if tls_ca is not None and ("handshake" in details or "ssl" in details):

@@ -4,9 +4,33 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+class _UnreadableRequestsInOneLine(logging.Filter):
+    """aiohttp logs a request it cannot parse as "Error handling request" at ERROR with a
+    20-line traceback; a gRPC client pointed at this port (HTTP/2's `PRI *` preface) did that on
+    every try. One warning line instead: the client has its 400, and nothing in the service
+    failed. (aiohttp already logs a bad method, a port scanner's usual noise, at debug.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, BadHttpMessage):
+            reason = str(error.message).strip().splitlines()[0].rstrip(":")
+            record.msg = "%s sent a request that is not HTTP/1.1 (%s): answered 400%s"
+            http2 = "PRI" in reason
+            hint = " (a gRPC client belongs on the gRPC port)" if http2 else ""
+            record.args = (*(record.args or ("a client",))[:1], reason, hint)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_UNREADABLE_REQUESTS = _UnreadableRequestsInOneLine()
 
 
 def http_app(registry: CollectorRegistry, is_ready: asyncio.Event) -> web.Application:
@@ -35,6 +59,7 @@ async def start_http(
     registry: CollectorRegistry, is_ready: asyncio.Event, host: str, port: int
 ) -> web.AppRunner:
     """Serve the routes on host:port; the caller ends them with `runner.cleanup()`."""
+    logging.getLogger("aiohttp.server").addFilter(_UNREADABLE_REQUESTS)  # once: a set
     runner = web.AppRunner(http_app(registry, is_ready), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

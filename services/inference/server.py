@@ -60,8 +60,24 @@ def _check_key_pair(cert: Path, key: Path) -> None:
         if exc.reason == "KEY_VALUES_MISMATCH":
             problem = "the key is not the certificate's"
         else:
-            problem = f"not a PEM certificate and unencrypted PEM key (OpenSSL: {exc.reason})"
+            problem = _pem_problem(cert.read_bytes(), key.read_bytes(), exc)
         raise ValueError(f"--tls-cert {cert} and --tls-key {key}: {problem}") from None
+
+
+def _pem_problem(cert: bytes, key: bytes, error: ssl.SSLError) -> str:
+    """Which file OpenSSL refused, and why where it shows: it says only "PEM lib" for a
+    swapped pair, a key in the certificate's place or a certificate in the key's."""
+    has_cert, has_key = b"-----BEGIN CERTIFICATE-----", b"PRIVATE KEY-----"
+    if has_cert not in cert:
+        swapped = has_key in cert and has_cert in key
+        return "--tls-cert holds no PEM certificate" + (
+            " (the two files look swapped)" if swapped else ""
+        )
+    if has_key not in key:
+        return "--tls-key holds no PEM private key"
+    if b"ENCRYPTED" in key:
+        return "--tls-key is encrypted: give it unencrypted (the server cannot ask a passphrase)"
+    return f"OpenSSL refused them ({error.reason or error})"
 
 
 # Calls beyond the classifier's limit that the server still takes: health checks and watches,
