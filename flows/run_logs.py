@@ -6,6 +6,11 @@ PREFECT_LOGGING_EXTRA_LOGGERS, read once when Prefect starts: every terminal and
 worker would have to be given it. A handler on the loggers for the flow run's length does it
 for every start. Lines from threads that carry no run context (librdkafka's, a producer's camera
 threads) stay on the console: Prefect could not say which run they belong to.
+
+The loggers' level is the run's too: where nothing set one (a deployment's flow run, where
+Prefect leaves the root logger at WARNING), their INFO lines (the producer's start, the
+consumers' progress every 5 s) were never made, and the UI showed only warnings. For the run's
+length they log at VIDFLOW_LOG_LEVEL (default INFO), as the `vidflow` commands do.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Iterator
 
 _lock = threading.Lock()
 _ours: dict[str, tuple[logging.Handler, int]] = {}  # logger name -> our handler, runs using it
+_levels_set: set[str] = set()  # loggers whose level we set (reset to NOTSET with our handler)
 
 
 @contextlib.contextmanager
@@ -39,6 +45,7 @@ def logs_in_run(logger_name: str) -> Iterator[None]:
             handler = APILogHandler()
             handler.addFilter(lambda _: bool(FlowRunContext.get() or TaskRunContext.get()))
             logger.addHandler(handler)
+            _lower_level_for_the_run(logger)
         if handler is not None:
             _ours[logger_name] = (handler, users + 1)
     if handler is None:
@@ -53,3 +60,18 @@ def logs_in_run(logger_name: str) -> Iterator[None]:
                 _ours[logger_name] = (handler, users - 1)
             else:
                 logger.removeHandler(handler)
+                if logger_name in _levels_set:
+                    _levels_set.discard(logger_name)
+                    logger.setLevel(logging.NOTSET)
+
+
+def _lower_level_for_the_run(logger: logging.Logger) -> None:
+    """VIDFLOW_LOG_LEVEL for `logger` where nothing set its level and it would log less."""
+    from common.settings import LogSettings
+
+    wanted = logging.getLevelName(LogSettings().level.upper())  # a number for a known name
+    if not isinstance(wanted, int):
+        return
+    if logger.level == logging.NOTSET and logger.getEffectiveLevel() > wanted:
+        logger.setLevel(wanted)
+        _levels_set.add(logger.name)

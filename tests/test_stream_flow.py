@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -20,6 +21,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
 )
 from prefect.client.schemas.sorting import ArtifactSort
+from prefect.logging.handlers import APILogHandler
 
 from common.net import free_port
 from devstack.launcher import REPO_ROOT
@@ -35,6 +37,17 @@ from tests.kafka_helpers import (
     stream_benchmark_run,
 )
 from tests.video_server import Guarded, VideoServer
+
+
+def _run_logs(flow_run_id: Any) -> list[Any]:
+    """The flow run's logs in the API, once this process has sent all it holds: Prefect's
+    handler sends them in batches in the background, and a read right after the run (in a
+    busy suite) found none of the run's own."""
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        return client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
 
 
 @pytest.mark.slow
@@ -109,14 +122,16 @@ def test_a_camera_named_by_a_variable_keeps_its_password_out_of_prefect(
     assert outcome["summary"]["results_published"] == 20
     keys = result_keys(read_topic(kafka.bootstrap_servers, kafka.results_topic))
     assert {key.split("@")[0] for key in keys} == {"127.0.0.1-live.mp4"}  # host and path
+    run_id = state.state_details.flow_run_id
+    logs = _run_logs(run_id)
     with get_client(sync_client=True) as client:
-        run_id = state.state_details.flow_run_id
         stored = client.read_flow_run(run_id).model_dump_json()
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
         )
     assert "env:VIDFLOW_TEST_CAMERA" in stored
+    producing = f"producing http://127.0.0.1:{camera.port}/live.mp4 as 1 stream"
+    assert any(producing in log.message for log in logs), [log.message for log in logs]
     shown = [stored, *(log.message for log in logs), *(str(a.data) for a in artifacts)]
     assert not [text for text in shown if "s3cret" in text]
     assert any(f"http://127.0.0.1:{camera.port}/live.mp4" in str(a.data) for a in artifacts)
@@ -229,9 +244,8 @@ def test_a_broker_that_never_answers_fails_the_run_in_one_line(prefect_api, kafk
     state = stream_benchmark(settings=settings, return_state=True)
     assert state.is_failed()
     assert state.message.startswith(f"Kafka broker {nobody.bootstrap_servers} unreachable")
+    logs = _run_logs(state.state_details.flow_run_id)
     with get_client(sync_client=True) as client:
-        run_id = state.state_details.flow_run_id
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
         runs_before = client.count_flow_runs()
     flow_errors = [
         log.message for log in logs if log.level >= logging.ERROR and log.task_run_id is None
@@ -264,3 +278,23 @@ def test_two_runs_in_one_process_share_one_log_handler_until_the_last_ends() -> 
             assert handlers() == 1
         assert handlers() == 1  # the first run still sends
     assert handlers() == 0
+
+
+def test_a_run_logs_the_streams_info_lines_where_nothing_set_a_level(monkeypatch) -> None:
+    """A deployment's flow run has the root logger at WARNING (Prefect's logging.yml): the
+    producer's start and the consumers' progress lines were never made, so the UI showed none."""
+    from flows.run_logs import logs_in_run
+
+    root, logger = logging.getLogger(), logging.getLogger("tasks.stream.test-run-level")
+    root_level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        assert not logger.isEnabledFor(logging.INFO)
+        with logs_in_run(logger.name):
+            assert logger.isEnabledFor(logging.INFO) and not logger.isEnabledFor(logging.DEBUG)
+        assert logger.level == logging.NOTSET  # as it was, after the run
+        monkeypatch.setenv("VIDFLOW_LOG_LEVEL", "DEBUG")  # as the `vidflow` commands take it
+        with logs_in_run(logger.name):
+            assert logger.isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(root_level)
