@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +37,9 @@ def setup_logging(settings: LogSettings | None = None) -> None:
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(settings.level.upper())
+    # The level this process chose (`--log-level` too) is the one its flow runs log at
+    # (flows.run_logs) and the one its child processes read.
+    os.environ["VIDFLOW_LOG_LEVEL"] = settings.level.upper()
     # Client libraries log every HTTP request at INFO (the Prefect API client sends many).
     for chatty in QUIET_LOGGERS:
         logging.getLogger(chatty).setLevel(max(root.level, logging.WARNING))

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 _lock = threading.Lock()
 _ours: dict[str, tuple[logging.Handler, int]] = {}  # logger name -> our handler, runs using it
-_levels_set: set[str] = set()  # loggers whose level we set (reset to NOTSET with our handler)
+_levels_set: dict[str, int] = {}  # logger name -> the level we set (undone with our handler)
 
 
 @contextlib.contextmanager
@@ -60,8 +60,8 @@ def logs_in_run(logger_name: str) -> Iterator[None]:
                 _ours[logger_name] = (handler, users - 1)
             else:
                 logger.removeHandler(handler)
-                if logger_name in _levels_set:
-                    _levels_set.discard(logger_name)
+                # Undone only if still ours: a level set meanwhile is someone else's choice.
+                if _levels_set.pop(logger_name, None) == logger.level:
                     logger.setLevel(logging.NOTSET)
 
 
@@ -74,4 +74,4 @@ def _lower_level_for_the_run(logger: logging.Logger) -> None:
         return
     if logger.level == logging.NOTSET and logger.getEffectiveLevel() > wanted:
         logger.setLevel(wanted)
-        _levels_set.add(logger.name)
+        _levels_set[logger.name] = wanted

@@ -41,7 +41,7 @@ from tasks.stream.settings import (
     ConsumerSettings,
     KafkaSettings,
     ProducerSettings,
-    resolved_source,
+    source_list,
 )
 from tasks.stream.topics import delete_topics
 
@@ -50,7 +50,8 @@ IDLE_TIMEOUT_S = 3.0  # a step's consumers stop this long after the last frame
 
 def source_format(source: str, fps: str) -> tuple[int, int, float]:
     """Width, height and the per-stream frame rate a step paces at (the source's when native)."""
-    with open_source(resolved_source(source)) as capture:
+    [one] = source_list(source)  # the settings refuse several for a sweep
+    with open_source(one) as capture:
         width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
         height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
         pace = target_fps(fps, capture)

@@ -18,7 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from common.settings import SAMPLE_VIDEO
 from flows.capacity_rules import DEFAULT_BUDGET_MS
 from services.inference.settings import ClientSettings
-from tasks.stream.settings import KafkaSettings, check_fps, shown_sources, source_list
+from tasks.stream.settings import (
+    KafkaSettings,
+    check_fps,
+    shown_sources,
+    source_list,
+    source_parts,
+)
 
 OUTPUT_DIR_VARIABLE = "VIDFLOW_STREAM_OUTPUT_DIR"
 
@@ -88,7 +94,7 @@ class StreamBenchmarkSettings(BaseModel):
     def _streams_or_capacity(self) -> StreamBenchmarkSettings:
         if self.capacity and self.streams != 1:
             raise ValueError("--streams does not apply to --capacity: the sweep sets the count")
-        if self.capacity and not Path(self.source).is_file() and "," in self.source.strip(", "):
+        if self.capacity and len(source_parts(self.source)) > 1:
             raise ValueError(
                 "--capacity replays one source as N cameras: give --source one file or camera"
             )

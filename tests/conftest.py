@@ -147,10 +147,16 @@ def tiny_depth_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def restore_root_logging():
-    """setup_logging replaces the root handlers; put pytest's back afterwards."""
+    """setup_logging replaces the root handlers and exports its level; put pytest's back
+    afterwards."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    exported = os.environ.get("VIDFLOW_LOG_LEVEL")
     yield
+    if exported is None:
+        os.environ.pop("VIDFLOW_LOG_LEVEL", None)
+    else:
+        os.environ["VIDFLOW_LOG_LEVEL"] = exported
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()

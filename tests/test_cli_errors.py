@@ -194,6 +194,13 @@ def test_a_source_named_by_an_unset_variable_or_several_for_a_sweep_is_refused(
         err = _refused([*command, "--source", "env:VIDFLOW_NO_SUCH_CAMERA"], capsys)
         assert "the variable VIDFLOW_NO_SUCH_CAMERA is not set" in err and err.count("\n") == 1
     assert "names no variable" in _refused([*produce, "--source", "env:"], capsys)
+    # A mistyped URL was shown as a missing file, password and all.
+    monkeypatch.setenv("VIDFLOW_TEST_CAMERA", "rtsp:/admin:s3cret@10.0.0.5/live")
+    err = _refused([*produce, "--source", "env:VIDFLOW_TEST_CAMERA"], capsys)
+    assert "neither a URL (scheme://...), webcam:N nor a file" in err and "s3cret" not in err
+    monkeypatch.setenv("VIDFLOW_TEST_CAMERA", "  ")
+    err = _refused([*produce, "--source", "env: VIDFLOW_TEST_CAMERA"], capsys)
+    assert "the variable VIDFLOW_TEST_CAMERA is empty" in err, err
     two = f"{SAMPLE_VIDEO},{SAMPLE_VIDEO}"
     err = _refused([*bench, "--capacity", "--source", two], capsys)
     assert "--capacity replays one source" in err and err.count("\n") == 1, err

@@ -285,6 +285,7 @@ def test_a_run_logs_the_streams_info_lines_where_nothing_set_a_level(monkeypatch
     producer's start and the consumers' progress lines were never made, so the UI showed none."""
     from flows.run_logs import logs_in_run
 
+    monkeypatch.delenv("VIDFLOW_LOG_LEVEL", raising=False)
     root, logger = logging.getLogger(), logging.getLogger("tasks.stream.test-run-level")
     root_level = root.level
     root.setLevel(logging.WARNING)
@@ -296,5 +297,11 @@ def test_a_run_logs_the_streams_info_lines_where_nothing_set_a_level(monkeypatch
         monkeypatch.setenv("VIDFLOW_LOG_LEVEL", "DEBUG")  # as the `vidflow` commands take it
         with logs_in_run(logger.name):
             assert logger.isEnabledFor(logging.DEBUG)
+            logger.setLevel(logging.ERROR)  # someone's own choice during the run stays
+        assert logger.level == logging.ERROR
+        logger.setLevel(logging.NOTSET)
+        monkeypatch.setenv("VIDFLOW_LOG_LEVEL", "WARNING")  # `--log-level WARNING`: kept
+        with logs_in_run(logger.name):
+            assert not logger.isEnabledFor(logging.INFO)
     finally:
         root.setLevel(root_level)

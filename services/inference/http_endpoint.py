@@ -15,18 +15,20 @@ class _UnreadableRequestsInOneLine(logging.Filter):
     """aiohttp logs a request it cannot parse as "Error handling request" at ERROR with a
     20-line traceback; a gRPC client pointed at this port (HTTP/2's `PRI *` preface) did that on
     every try. One warning line instead: the client has its 400, and nothing in the service
-    failed. (aiohttp already logs a bad method, a port scanner's usual noise, at debug.)"""
+    failed. (aiohttp logs a bad method, a port scanner's usual noise, at debug: left as is.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, BadHttpMessage):
-            reason = str(error.message).strip().splitlines()[0].rstrip(":")
-            record.msg = "%s sent a request that is not HTTP/1.1 (%s): answered 400%s"
-            http2 = "PRI" in reason
-            hint = " (a gRPC client belongs on the gRPC port)" if http2 else ""
-            record.args = (*(record.args or ("a client",))[:1], reason, hint)
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.exc_info, record.exc_text = None, None
+        if record.levelno < logging.ERROR or not isinstance(error, BadHttpMessage):
+            return True
+        lines = str(error.message).strip().splitlines()
+        reason = lines[0].rstrip(":") if lines else "unreadable"
+        peer = record.args[0] if isinstance(record.args, tuple) and record.args else "a client"
+        hint = " (a gRPC client belongs on the gRPC port)" if "PRI" in reason else ""
+        record.msg = "%s sent a request that cannot be read as HTTP/1.x (%s): answered 400%s"
+        record.args = (peer, reason, hint)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text = None, None
         return True
 
 

@@ -104,15 +104,20 @@ class KafkaSettings(BaseSettings):
 
 
 def source_list(source: str) -> list[str]:
-    """The run's sources: `--source` names one, or several separated by commas; a file whose
-    name holds a comma is one source (`clip,v2.mp4` was split into two missing files). Each
-    `env:NAME` is replaced by the value of the variable NAME (`resolved_source`)."""
-    if Path(source).is_file():
-        return [source]
-    sources = [resolved_source(part.strip()) for part in source.split(",") if part.strip()]
+    """The run's sources (`source_parts`), each `env:NAME` replaced by the value of the
+    variable NAME (`resolved_source`)."""
+    sources = [resolved_source(part) for part in source_parts(source)]
     if not sources:
         raise ValueError("--source names no video file, webcam or stream")
     return sources
+
+
+def source_parts(source: str) -> list[str]:
+    """`--source` as written: one source, or several separated by commas; a file whose name
+    holds a comma is one source (`clip,v2.mp4` was split into two missing files)."""
+    if Path(source).is_file():
+        return [source]
+    return [part.strip() for part in source.split(",") if part.strip()]
 
 
 def resolved_source(source: str) -> str:
@@ -120,19 +125,29 @@ def resolved_source(source: str) -> str:
 
     A camera URL often carries its password (`rtsp://admin:pw@cam/live`). Named by a variable,
     only the name is in a Prefect deployment's parameters, the UI and the run's records; the
-    URL is read where the producer runs (for a deployment: the worker's environment)."""
-    if not source.startswith(ENV_SOURCE_PREFIX):
+    URL is read where the producer runs (for a deployment: the worker's environment). A value
+    that is no URL, camera or file is refused without being echoed: a mistyped URL
+    (`rtsp:/admin:pw@cam`) would otherwise be shown, password and all, as a missing file."""
+    if not source.startswith(ENV_SOURCE_PREFIX) or Path(source).is_file():
         return source
-    name = source.removeprefix(ENV_SOURCE_PREFIX)
-    value = os.environ.get(name, "").strip() if name else ""
-    if not value:
-        where = f"the variable {name} is not set" if name else "it names no variable"
+    name = source.removeprefix(ENV_SOURCE_PREFIX).strip()
+    value = os.environ.get(name) if name else None
+    if value is None or not value.strip():
+        where = (
+            "names no variable"
+            if not name
+            else f"the variable {name} is " + ("not set" if value is None else "empty")
+        )
         raise ValueError(
             f"--source {source}: {where} here; set it to the camera's URL or file where the "
             "producer runs (for a deployment: in the Prefect worker's environment)"
         )
-    if value.startswith(ENV_SOURCE_PREFIX):
-        raise ValueError(f"--source {source}: its value names another variable ({value})")
+    value = value.strip()
+    if "://" not in value and not value.startswith("webcam:") and not Path(value).is_file():
+        raise ValueError(
+            f"--source {source}: the value of {name} is neither a URL (scheme://...), "
+            "webcam:N nor a file here (not shown: it may hold a password)"
+        )
     return value
 
 
