@@ -18,6 +18,7 @@ import secrets
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 from unittest import mock
 
@@ -49,6 +50,7 @@ def prefect_api(startup_timeout_s: int = 120) -> Iterator[str]:
     run_env = {"PREFECT_API_URL": server.api_url, "PREFECT_API_AUTH_STRING": auth}
     before = {name: os.environ.get(name) for name in run_env}
     os.environ.update(run_env)
+    started = datetime.now(UTC)
     try:
         updates = {PREFECT_API_URL: server.api_url, PREFECT_API_AUTH_STRING: auth}
         with temporary_settings(updates=updates):
@@ -56,6 +58,7 @@ def prefect_api(startup_timeout_s: int = 120) -> Iterator[str]:
                 yield server.api_url
             finally:  # a failed run too: its last lines would be retried at exit for ~70 s
                 _drain_to_api()
+                _say_where_the_runs_stay(started)
     finally:
         for name, value in before.items():  # as the caller had them
             if value is None:
@@ -85,6 +88,36 @@ def _server_dying_with_us(auth: str) -> Any:
                 return super()._run_uvicorn_command()
 
     return ChildServer()
+
+
+def _say_where_the_runs_stay(since: datetime) -> None:
+    """Where to find this command's flow runs once the temporary server is gone: its "View at"
+    links die with it, and `prefect server start` serves the same database at another port."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentTaskRunId,
+        FlowRunFilterStartTime,
+    )
+    from prefect.settings import get_current_settings
+
+    top_level_since = FlowRunFilter(
+        start_time=FlowRunFilterStartTime(after_=since),
+        parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True),
+    )
+    try:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(flow_run_filter=top_level_since, limit=10)
+    except Exception as exc:  # only a pointer for the user: never fail the command for it
+        log.debug("could not list this command's flow runs: %s", exc)
+        return
+    ui = get_current_settings().server.api
+    for run in runs:
+        log.info(
+            "flow run '%s' stays in the local Prefect database: after `prefect server start`, "
+            "http://%s:%d/runs/flow-run/%s",
+            run.name, ui.host, ui.port, run.id,
+        )  # fmt: skip
 
 
 def _drain_to_api() -> None:

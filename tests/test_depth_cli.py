@@ -53,6 +53,9 @@ def test_the_cli_runs_the_flow_with_its_own_prefect_server(
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert (summary["ok"], summary["failed"], summary["failed_at"]) == (2, 1, {"download": 1})
     assert "started a temporary Prefect server" in run.stderr
+    # Its "View at" link dies with the temporary server: where to find the run afterwards.
+    after = f"after `prefect server start`, http://127.0.0.1:4200/runs/flow-run/{summary['flow_run_id']}"
+    assert after in run.stderr, run.stderr[-3000:]
     assert "depth-extraction: 100%" in run.stderr and "3/3" in run.stderr
     rows = lance.dataset(summary["lance"]).to_table(columns=["video_id", "status"]).to_pylist()
     status = {row["video_id"].rsplit("_", 1)[0]: row["status"] for row in rows}
