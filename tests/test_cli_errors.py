@@ -300,6 +300,12 @@ def test_health_with_no_answer_says_where_it_asked_and_why(capsys) -> None:
     # refused at once: no "within 1 s" for a wait that never was
     assert f"no health answer from {CLOSED_PORT}: UNAVAILABLE:" in err, err
     assert "Connection refused" in err, err
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # takes the connection, says nothing
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        assert main(["health", "--target", target, "--timeout", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert out.strip() == "UNREACHABLE"
+    assert f"no health answer from {target}: nothing within 1 s: DEADLINE_EXCEEDED" in err, err
 
 
 def test_logging_that_cannot_be_set_up_is_one_line(tmp_path: Path, capsys) -> None:

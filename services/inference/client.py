@@ -109,7 +109,10 @@ def health_check(
         except grpc.RpcError as exc:
             unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             status = "UNREACHABLE" if exc.code() in unreachable else exc.code().name
-            return status, rpc_failure(exc, tls_ca)
+            why = rpc_failure(exc, tls_ca)
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # a refusal comes at once
+                why = f"nothing within {timeout_s:g} s: {why}"
+            return status, why
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), ""
 
 
