@@ -215,8 +215,8 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
             streams = next_streams(outcomes, sweep.max_streams)
     held = capacity(outcomes)
     unfinished = next_streams(outcomes, sweep.max_streams) is not None
-    one = [step for step in steps if step.streams == 1]
-    one_failed = shortfalls(one[-1], sweep.budget_ms) if one else None
+    # For a verdict of none held: why the one stream's deciding try did not hold.
+    one_failed = shortfalls(deciding_steps(steps)[0], sweep.budget_ms) if steps else None
     verdict = verdict_line(held, width, height, fps, sweep.max_streams, unfinished, one_failed)
     chart_path = publish_sweep(sweep, steps, verdict)
     logger.info("capacity: %s (chart %s)", verdict, chart_path)

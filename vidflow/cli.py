@@ -39,7 +39,7 @@ from common.settings import (
 from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings, InferenceSettings
 from tasks.depth.settings import DepthSettings, with_absolute_paths
-from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings, source_list
+from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 
 log = logging.getLogger("vidflow")
 
@@ -150,13 +150,12 @@ def _sample_mirror(args: argparse.Namespace) -> int:
 
 
 def _produce(args: argparse.Namespace) -> int:
-    from tasks.stream.producer import check_sources, produce_frames, stream_bases
+    from tasks.stream.producer import check_sources, produce_frames
     from tasks.stream.topics import ensure_topics
 
     kafka = settings_from_args(KafkaSettings, args)
     settings = settings_from_args(ProducerSettings, args)  # bad flags refused before the broker
-    check_sources(settings.source)
-    stream_bases(source_list(settings.source), settings.stream_id)  # and a bad --stream-id
+    check_sources(settings.source, settings.stream_id)
     ensure_topics(kafka, [kafka.frames_topic])
     stats = produce_frames(settings, kafka, stop_on_signals())
     print(json.dumps(stats.as_dict()))

@@ -114,11 +114,14 @@ def _checked_target(source: str) -> str | int:
     return target
 
 
-def check_sources(source: str) -> None:
-    """Refuse a missing file, a file with no video frame or a malformed webcam in `--source`
-    before a broker is contacted or a run starts (a camera or a stream is opened by the run
-    itself: opening it here would take it for a moment, or wait on the network)."""
-    for one in source_list(source):
+def check_sources(source: str, stream_id: str | None = None) -> None:
+    """Refuse a missing file, a file with no video frame or a malformed webcam in `--source`,
+    and a `--stream-id` that cannot name them (`stream_bases`), before a broker is contacted or
+    a run starts (a camera or a stream is opened by the run itself: opening it here would take
+    it for a moment, or wait on the network)."""
+    sources = source_list(source)
+    stream_bases(sources, stream_id)
+    for one in sources:
         target = _checked_target(one)
         if isinstance(target, str) and "://" not in target:
             with opened_video(target) as capture:
