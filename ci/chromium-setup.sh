@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs Debian's Chromium for the Prefect UI test (tests/test_prefect_ui.py) when missing.
+# Installs Debian's Chromium for the Prefect UI test (tests/test_demo.py) when missing.
 # Idempotent. Never fails CI: without a browser the UI test skips and says why.
 set -uo pipefail
 if command -v chromium >/dev/null 2>&1; then

@@ -41,7 +41,8 @@ class KafkaSettings(BaseSettings):
     broker_grace_s: float = Field(
         30.0,
         gt=0,
-        description="how long produce/consume wait for a lost broker before they fail (exit 1)",
+        description="how long produce/consume wait for a lost broker before they fail (exit 1); "
+        "a broker not there at the start is waited for this long, 15 s at most",
     )
     # A managed or shared cluster wants TLS, SASL or both; librdkafka does them, these say how.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(

@@ -12,16 +12,26 @@ from tasks.stream.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
+START_TIMEOUT_S = 15.0  # long enough for a broker that is still starting
+
+
+def start_timeout_s(kafka: KafkaSettings) -> float:
+    """How long a command waits for the broker before it starts anything: START_TIMEOUT_S, or
+    `broker_grace_s` where that is shorter (one knob for "how long to wait for the broker")."""
+    return min(START_TIMEOUT_S, kafka.broker_grace_s)
+
 
 class BrokerUnreachableError(RuntimeError):
     """No answer from the bootstrap servers within the timeout (which already waits for a
     broker that is starting)."""
 
 
-def check_broker(kafka: KafkaSettings, timeout_s: float = 15.0) -> None:
-    """Raise BrokerUnreachableError unless the broker answers within `timeout_s`: for a command
-    to say so before it starts anything else (a Prefect server, a flow run)."""
-    _topic_names(AdminClient({**kafka.client_config(), **librdkafka_logging()}), kafka, timeout_s)
+def check_broker(kafka: KafkaSettings, timeout_s: float | None = None) -> None:
+    """Raise BrokerUnreachableError unless the broker answers within `timeout_s` (default:
+    start_timeout_s): for a command to say so before it starts anything else (a Prefect server,
+    a flow run)."""
+    admin = AdminClient({**kafka.client_config(), **librdkafka_logging()})
+    _topic_names(admin, kafka, start_timeout_s(kafka) if timeout_s is None else timeout_s)
 
 
 def _topic_names(admin: AdminClient, kafka: KafkaSettings, timeout_s: float) -> set[str]:
@@ -42,11 +52,13 @@ def _topic_names(admin: AdminClient, kafka: KafkaSettings, timeout_s: float) -> 
 
 
 def ensure_topics(
-    kafka: KafkaSettings, topics: list[str] | None = None, timeout_s: float = 15.0
+    kafka: KafkaSettings, topics: list[str] | None = None, timeout_s: float | None = None
 ) -> list[str]:
     """Create the missing ones of `topics` (default: every topic of `kafka`) with
-    `kafka.partitions` partitions, reaching the broker as `kafka` says (TLS, SASL); return the
-    ones created. Existing topics are left as they are."""
+    `kafka.partitions` partitions, reaching the broker as `kafka` says (TLS, SASL), waiting for
+    it up to `timeout_s` (default: start_timeout_s); return the ones created. Existing topics
+    are left as they are."""
+    timeout_s = start_timeout_s(kafka) if timeout_s is None else timeout_s
     partitions = kafka.partitions
     admin = AdminClient({**kafka.client_config(), **librdkafka_logging()})
     existing = _topic_names(admin, kafka, timeout_s)
