@@ -21,6 +21,7 @@ from flows.run_failure import RunFailedError, failed_state
 from flows.run_logs import logs_in_run
 from flows.stream_capacity import capacity_sweep
 from flows.stream_settings import StreamBenchmarkSettings
+from services.inference.client import ServiceUnreachableError
 from tasks.stream.consumer_summary import nothing_answered
 from tasks.stream.prefect_tasks import DRAIN_S, run_producer_and_group
 from tasks.stream.settings import ConsumerSettings, ProducerSettings, source_list
@@ -115,14 +116,15 @@ def stream_benchmark(
     defaults. A run that lost the broker, or whose frames the service never answered, ends
     Failed with its report recorded; calling the flow then raises StreamRunFailedError, whose
     `outcome` holds the figures. A broker that never answered ends it Failed with that reason
-    (BrokerUnreachableError)."""
+    (BrokerUnreachableError), as does a service that answered nothing at all
+    (ServiceUnreachableError)."""
     settings = settings or StreamBenchmarkSettings()
     with logs_in_run("tasks.stream"):
         try:
             if settings.capacity:
                 return capacity_sweep(settings)
             return _benchmark(settings)
-        except (StreamRunFailedError, BrokerUnreachableError) as failure:
+        except (StreamRunFailedError, BrokerUnreachableError, ServiceUnreachableError) as failure:
             return failed_state(failure)
 
 

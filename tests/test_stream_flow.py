@@ -8,10 +8,14 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2_grpc
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -37,6 +41,18 @@ from tests.kafka_helpers import (
     stream_benchmark_run,
 )
 from tests.video_server import Guarded, VideoServer
+
+
+@pytest.fixture
+def health_only_service() -> Iterator[str]:
+    """A real gRPC server on 127.0.0.1 that answers health checks (SERVING) and nothing else:
+    a service that is there but wrong (every Classify ends UNIMPLEMENTED)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
 
 
 def _run_logs(flow_run_id: Any) -> list[Any]:
@@ -170,11 +186,11 @@ def test_ctrl_c_ends_a_stream_benchmark_early_with_its_report(
 
 @pytest.mark.slow
 def test_a_run_whose_frames_no_service_answered_fails_and_says_why(
-    prefect_api, kafka, tmp_path: Path
+    prefect_api, kafka, health_only_service: str, tmp_path: Path
 ) -> None:
     """It ended Completed, exit 0, with a latency table of 0.0 ms that read as figures."""
     summary_json = tmp_path / "new-folder" / "summary.json"
-    nobody = f"127.0.0.1:{free_port()}"
+    nobody = health_only_service  # there (it answers health checks), but answers no frame
     command = stream_benchmark_run(
         kafka, nobody, "--duration", "2", "--summary-json", str(summary_json)
     )
@@ -216,13 +232,15 @@ def test_a_run_whose_frames_no_service_answered_fails_and_says_why(
 
 
 @pytest.mark.slow
-def test_a_consumer_that_cannot_start_fails_the_run_without_a_wait(prefect_api, kafka) -> None:
+def test_a_consumer_that_cannot_start_fails_the_run_without_a_wait(
+    prefect_api, kafka, health_only_service: str
+) -> None:
     """The producer waited 60 s for every member to join, then produced to nobody."""
     # A consumer-only setting librdkafka refuses (at most 300,000), so only the consumers fail.
     refused = kafka.model_copy(update={"fetch_wait_max_ms": 400_000})
     settings = StreamBenchmarkSettings(
-        duration=30.0, fps="native", consumers=2, client=ClientSettings(target="127.0.0.1:1"),
-        kafka=refused,
+        duration=30.0, fps="native", consumers=2,
+        client=ClientSettings(target=health_only_service), kafka=refused,
     )  # fmt: skip
     started = time.monotonic()
     state = stream_benchmark(settings=settings, return_state=True)
@@ -262,6 +280,45 @@ def test_a_broker_that_never_answers_fails_the_run_in_one_line(prefect_api, kafk
                          text=True, timeout=120)  # fmt: skip
     assert run.returncode == 2, run.stderr[-3000:]
     assert run.stderr.count("\n") == 1 and " unreachable for 3 s" in run.stderr, run.stderr
+    with get_client(sync_client=True) as client:
+        assert client.count_flow_runs() == runs_before  # refused before a flow run existed
+
+
+@pytest.mark.slow
+def test_a_service_that_is_not_there_fails_the_run_in_one_line(
+    prefect_api, kafka, monkeypatch
+) -> None:
+    """The run produced for its whole length, the consumers retried every frame against a
+    closed port, and it ended "not one of the frames was answered" 17 s later; the CLI started a
+    Prefect server and a flow run first. Now both say at the start that nothing is there."""
+    from tasks.stream import prefect_tasks
+
+    nobody = f"127.0.0.1:{free_port()}"
+    monkeypatch.setattr(prefect_tasks, "SERVICE_WAIT_S", 2.0)  # the flow's wait, shortened
+    settings = StreamBenchmarkSettings(
+        duration=20.0, client=ClientSettings(target=nobody), kafka=kafka
+    )
+    started = time.monotonic()
+    state = stream_benchmark(settings=settings, return_state=True)
+    assert state.is_failed() and time.monotonic() - started < 15  # not the run's 20 s
+    assert state.message.startswith(f"inference service {nobody} unreachable for 2 s (UNAVAILABLE")
+    flow_errors = [
+        log.message
+        for log in _run_logs(state.state_details.flow_run_id)
+        if log.level >= logging.ERROR and log.task_run_id is None
+    ]
+    assert flow_errors == [state.message], flow_errors  # the reason, once, with no traceback
+    assert read_topic(kafka.bootstrap_servers, kafka.frames_topic) == []  # not one frame sent
+
+    with get_client(sync_client=True) as client:
+        runs_before = client.count_flow_runs()
+    command = stream_benchmark_run(kafka, nobody, "--duration", "20")
+    run = subprocess.run(command, cwd=REPO_ROOT, env=stream_benchmark_env(), capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert f"inference service {nobody} unreachable for 15 s" in run.stderr, run.stderr
+    assert "vidflow serve" in run.stderr
     with get_client(sync_client=True) as client:
         assert client.count_flow_runs() == runs_before  # refused before a flow run existed
 

@@ -140,6 +140,30 @@ class ServerExitedError(RuntimeError):
     """The server being waited for exited before it served."""
 
 
+class ServiceUnreachableError(RuntimeError):
+    """Nothing answered a health check at the service's address for the whole wait."""
+
+
+def wait_until_reachable(target: str, timeout_s: float, tls_ca: Path | None = None) -> str:
+    """The health status once anything answers at `target` (a model still loading answers
+    NOT_SERVING, and counts: its calls wait for it), or ServiceUnreachableError with gRPC's
+    words for the last try after `timeout_s`. For a bounded run to say at its start that the
+    service is not there, where it would otherwise run its length and answer nothing; a
+    long-running consumer waits for the service instead."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        status, why = health_check(target, max(0.5, min(2.0, left)), tls_ca=tls_ca)
+        if status != "UNREACHABLE":
+            return status
+        if time.monotonic() >= deadline:
+            raise ServiceUnreachableError(
+                f"inference service {target} unreachable for {timeout_s:g} s ({why}): start it "
+                "(`vidflow serve`) or give its address with --target"
+            )
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
 def wait_until_serving(
     target: str,
     timeout_s: float = 120.0,
