@@ -21,11 +21,14 @@ from flows.run_failure import RunFailedError, failed_state
 from flows.run_logs import logs_in_run
 from flows.stream_capacity import capacity_sweep
 from flows.stream_settings import StreamBenchmarkSettings
-from services.inference.client import ServiceUnreachableError
+from services.inference.client import ServiceUnreachableError, wait_until_reachable
 from tasks.stream.consumer_summary import nothing_answered
 from tasks.stream.prefect_tasks import DRAIN_S, run_producer_and_group
 from tasks.stream.settings import ConsumerSettings, ProducerSettings, source_list
-from tasks.stream.topics import BrokerUnreachableError
+from tasks.stream.topics import START_TIMEOUT_S, BrokerUnreachableError, check_broker
+
+# How long a run waits at its start for the inference service to answer at all.
+SERVICE_WAIT_S = START_TIMEOUT_S
 
 TABLE_COLUMNS = ("stage", "p50", "p90", "p99", "max", "mean")
 
@@ -121,11 +124,21 @@ def stream_benchmark(
     settings = settings or StreamBenchmarkSettings()
     with logs_in_run("tasks.stream"):
         try:
+            check_stack(settings)
             if settings.capacity:
                 return capacity_sweep(settings)
             return _benchmark(settings)
         except (StreamRunFailedError, BrokerUnreachableError, ServiceUnreachableError) as failure:
             return failed_state(failure)
+
+
+def check_stack(settings: StreamBenchmarkSettings) -> None:
+    """Raise BrokerUnreachableError or ServiceUnreachableError where nothing is there: a run
+    would otherwise produce for its whole length (a sweep step after step) and fail at the end.
+    A service still loading its model counts as there. Checked once, at the start: a service
+    lost mid-sweep fails its steps, and the sweep still reports the ones it finished."""
+    check_broker(settings.kafka)
+    wait_until_reachable(settings.client.target, SERVICE_WAIT_S, settings.client.tls_ca)
 
 
 def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:

@@ -23,7 +23,13 @@ from common.cpus import usable_cpus
 from common.settings import SAMPLE_VIDEOS_DIR
 from devstack.launcher import REPO_ROOT, start_server
 from protos import inference_pb2, inference_pb2_grpc
-from services.inference.client import channel_options, health_status, wait_until_serving
+from services.inference.client import (
+    ServiceUnreachableError,
+    channel_options,
+    health_status,
+    wait_until_reachable,
+    wait_until_serving,
+)
 from services.inference.loadtest import _Level, run_loadtest
 from tests.conftest import EXPECTED_CLASSES
 from tests.images import gif_bytes, jpeg_bytes, mpo_bytes, png_bytes, png_claiming_size
@@ -444,6 +450,11 @@ def test_a_grpc_client_on_the_http_port_is_told_so_and_the_log_takes_one_line(
     assert "Traceback" not in logged and "ERROR" not in logged, logged
     with urllib.request.urlopen(f"http://{http_port}/readyz", timeout=10) as ready:
         assert ready.status == 200  # and the port serves on
+    # A run's start check says so at once: waiting would not make the port speak gRPC.
+    started = time.monotonic()
+    with pytest.raises(ServiceUnreachableError, match="not gRPC: is it the service's HTTP port"):
+        wait_until_reachable(http_port, timeout_s=30)
+    assert time.monotonic() - started < 10
 
 
 def test_port_0_lets_the_system_choose_and_the_log_says_which(

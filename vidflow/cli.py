@@ -210,18 +210,15 @@ def stream_benchmark_settings(args: argparse.Namespace) -> StreamBenchmarkSettin
 def _stream_benchmark(args: argparse.Namespace) -> int:
     with imports_without_gc():
         from devstack.prefect_api import prefect_api
-        from flows.stream_benchmark import StreamRunFailedError, stream_benchmark
-        from services.inference.client import wait_until_reachable
+        from flows.stream_benchmark import StreamRunFailedError, check_stack, stream_benchmark
         from tasks.stream.consumer import format_summary
-        from tasks.stream.prefect_tasks import RUN_STOP, SERVICE_WAIT_S
+        from tasks.stream.prefect_tasks import RUN_STOP
         from tasks.stream.producer import check_sources
-        from tasks.stream.topics import check_broker
 
     settings = stream_benchmark_settings(args)
     check_sources(settings.source)  # before a Prefect server starts and a group joins
     prepare_output_file(args.summary_json, "--summary-json")  # before the run, not after
-    check_broker(settings.kafka)  # a broker that is not there: one line, no flow run
-    wait_until_reachable(settings.client.target, SERVICE_WAIT_S, settings.client.tls_ca)  # same
+    check_stack(settings)  # a broker or service that is not there: one line, no flow run
     # Ctrl-C: the run ends its producing now and reports (a sweep: the steps it finished).
     stop_on_signals(RUN_STOP)
     failure: StreamRunFailedError | None = None

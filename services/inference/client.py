@@ -116,6 +116,12 @@ def health_check(
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), ""
 
 
+# What rpc_failure adds to gRPC's words where the server is up but not what the client expects.
+HTTP_PORT_HINT = "that port speaks HTTP/1.1, not gRPC"
+TLS_CA_HINT = "if the server serves TLS, give its CA with --tls-ca"
+TLS_FAILED_HINT = "TLS failed"
+
+
 def rpc_failure(exc: grpc.RpcError, tls_ca: Path | None) -> str:
     """gRPC's code and words for a failed call, with what a TLS mismatch likely means: a TLS
     server ends a plaintext call as "Socket closed", and a plaintext server fails a TLS
@@ -126,13 +132,15 @@ def rpc_failure(exc: grpc.RpcError, tls_ca: Path | None) -> str:
     details = (exc.details() or "").lower()
     if "http1.x server" in details:
         return (
-            f"{said} (that port speaks HTTP/1.1, not gRPC: is it the service's HTTP port, for "
-            "/readyz and /metrics, rather than its gRPC port?)"
+            f"{said} ({HTTP_PORT_HINT}: is it the service's HTTP port, for /readyz and "
+            "/metrics, rather than its gRPC port?)"
         )
     if tls_ca is None and ("socket closed" in details or "connection reset" in details):
-        return f"{said} (if the server serves TLS, give its CA with --tls-ca)"
+        return f"{said} ({TLS_CA_HINT})"
     if tls_ca is not None and ("handshake" in details or "ssl" in details):
-        return f"{said} (TLS failed: does the server serve TLS with a certificate of this CA?)"
+        return (
+            f"{said} ({TLS_FAILED_HINT}: does the server serve TLS with a certificate of this CA?)"
+        )
     return said
 
 
@@ -156,10 +164,14 @@ def wait_until_reachable(target: str, timeout_s: float, tls_ca: Path | None = No
         status, why = health_check(target, max(0.5, min(2.0, left)), tls_ca=tls_ca)
         if status != "UNREACHABLE":
             return status
+        if HTTP_PORT_HINT in why or TLS_FAILED_HINT in why:  # waiting would not change it
+            raise ServiceUnreachableError(f"inference service {target}: {why}")
         if time.monotonic() >= deadline:
+            if TLS_CA_HINT in why:  # likely up, serving TLS: "start it" would mislead
+                raise ServiceUnreachableError(f"inference service {target}: {why}")
             raise ServiceUnreachableError(
                 f"inference service {target} unreachable for {timeout_s:g} s ({why}): start it "
-                "(`vidflow serve`) or give its address with --target"
+                "(`vidflow serve`) or point the run at it (--target, VIDFLOW_INFERENCE_TARGET)"
             )
         time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 

@@ -11,12 +11,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from services.inference.client import wait_until_reachable
 from services.inference.settings import ClientSettings
 from tasks.stream.consumer import ConsumerSummary, FrameConsumer, merge_summaries
 from tasks.stream.producer import ProduceStats, produce_frames
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
-from tasks.stream.topics import START_TIMEOUT_S, BrokerUnreachableError, ensure_topics
+from tasks.stream.topics import BrokerUnreachableError, ensure_topics
 
 # Consumers get this long beyond the producer's duration to finish the frames in flight.
 DRAIN_S = 10.0
@@ -24,8 +23,6 @@ DRAIN_S = 10.0
 # producer stops at once, the consumers finish the frames already sent, and the run reports
 # what it did. A flow parameter cannot carry an event; the CLI runs the flow in this process.
 RUN_STOP = threading.Event()
-# How long a run waits at its start for the inference service to answer at all.
-SERVICE_WAIT_S = START_TIMEOUT_S
 
 
 def _worth_retrying(task: Any, task_run: Any, state: State) -> bool:
@@ -108,10 +105,8 @@ def run_producer_and_group(
     """The run's topics, then the producer and `members` consumers of `group` side by side as
     task runs (named by `label` and their part). The producer starts once every member has
     joined and stops if one fails; no member idles out before the producer has ended. What
-    the producer did, and the group's merged summary. A service that answers nothing at all
-    ends the run at once (ServiceUnreachableError), as a broker that does not."""
+    the producer did, and the group's merged summary."""
     topics = create_topics(kafka)
-    wait_until_reachable(client.target, SERVICE_WAIT_S, client.tls_ca)
     joined = [threading.Event() for _ in range(members)]
     input_ended, failed = threading.Event(), threading.Event()
     member = (kafka, group, client.target)

@@ -56,12 +56,13 @@ def ensure_topics(
 ) -> list[str]:
     """Create the missing ones of `topics` (default: every topic of `kafka`) with
     `kafka.partitions` partitions, reaching the broker as `kafka` says (TLS, SASL), waiting for
-    it up to `timeout_s` (default: start_timeout_s); return the ones created. Existing topics
-    are left as they are."""
-    timeout_s = start_timeout_s(kafka) if timeout_s is None else timeout_s
+    it up to `timeout_s` (default: start_timeout_s to reach it, START_TIMEOUT_S for a slow
+    broker to create them); return the ones created. Existing topics are left as they are."""
+    reach_s = start_timeout_s(kafka) if timeout_s is None else timeout_s
+    timeout_s = START_TIMEOUT_S if timeout_s is None else timeout_s
     partitions = kafka.partitions
     admin = AdminClient({**kafka.client_config(), **librdkafka_logging()})
-    existing = _topic_names(admin, kafka, timeout_s)
+    existing = _topic_names(admin, kafka, reach_s)
     topics = kafka.topics if topics is None else topics
     missing = [t for t in dict.fromkeys(topics) if t not in existing]
     if not missing:
