@@ -4,6 +4,7 @@ starts (no Prefect server, no Ray, no broker contact), never a traceback."""
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,10 @@ def test_stream_commands_refuse_bad_sources_and_bounds_before_the_broker(
     missing = str(tmp_path / "missing.mp4")
     assert f"video file not found: {missing}" in _refused([*produce, "--source", missing], capsys)
     assert "webcam:N takes a camera index" in _refused([*produce, "--source", "webcam:abc"], capsys)
+    if sys.platform.startswith("linux") and not Path("/dev/video97").exists():
+        # It failed after the topic was made ("cannot open video source webcam:97").
+        err = _refused([*produce, "--source", "webcam:97"], capsys)
+        assert "webcam:97: no camera /dev/video97 on this machine (cameras: " in err, err
     assert "--source (or VIDFLOW_PRODUCER_SOURCE) is required" in _refused(produce, capsys)
     err = _refused([*produce, "--source", clip, "--max-frames", "-1"], capsys)
     assert "--max-frames '-1'" in err

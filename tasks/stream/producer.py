@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 import zlib
@@ -123,10 +124,28 @@ def check_sources(source: str, stream_id: str | None = None) -> None:
     stream_bases(sources, stream_id)
     for one in sources:
         target = _checked_target(one)
-        if isinstance(target, str) and "://" not in target:
+        if isinstance(target, int):
+            _check_camera_device(target)
+        elif "://" not in target:
             with opened_video(target) as capture:
                 if not capture.grab():  # a capture that did not open grabs nothing
                     raise ValueError(f"{one}: no video frame could be read (not a video?)")
+
+
+def _check_camera_device(index: int) -> None:
+    """On Linux, refuse `webcam:N` where there is no /dev/videoN (OpenCV opens cameras there by
+    index): seen from the device list, without opening a camera another program may be using.
+    Elsewhere (macOS, Windows) cameras have no device file, and the run's own open says it."""
+    devices = Path("/dev")
+    if not sys.platform.startswith("linux") or (devices / f"video{index}").exists():
+        return
+    present = sorted(
+        int(path.name[5:]) for path in devices.glob("video*") if path.name[5:].isdigit()
+    )
+    have = ", ".join(f"webcam:{number}" for number in present) or "none"
+    raise ValueError(
+        f"webcam:{index}: no camera /dev/video{index} on this machine (cameras: {have})"
+    )
 
 
 def target_fps(setting: str, capture: cv2.VideoCapture) -> float | None:
