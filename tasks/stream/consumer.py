@@ -36,7 +36,7 @@ from tasks.stream.consumer_metrics import ConsumerMetrics
 from tasks.stream.consumer_summary import ConsumerSummary, format_summary, merge_summaries
 from tasks.stream.frame_codec import FrameFormatError, decode_frame
 from tasks.stream.inference_caller import InferenceCaller
-from tasks.stream.kafka_io import consumer_config
+from tasks.stream.kafka_io import close_within, consumer_config
 from tasks.stream.offsets import PartitionKey
 from tasks.stream.publisher import Publisher
 from tasks.stream.settings import ConsumerSettings, KafkaSettings
@@ -52,6 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 5.0
 COMMIT_EVERY_S = 0.5
+CLOSE_GRACE_S = 5.0  # a close waits this long beyond the session timeout (close_within)
 # Messages taken per pass of the loop at most: skipping a backlog of stale frames needs no
 # inference slot, and completions must still be handled meanwhile.
 ADMIT_PER_PASS = 256
@@ -257,7 +258,11 @@ class FrameConsumer:
                 "session timeout", self.settings.group,
             )  # fmt: skip
         else:
-            self._consumer.close()
+            wait_s = self.kafka.session_timeout_ms / 1000 + CLOSE_GRACE_S
+            if not close_within(self._consumer, wait_s):
+                log.warning("leaving group %r took over %.0f s: going on without it (the group "
+                            "drops this member after its session timeout)",
+                            self.settings.group, wait_s)  # fmt: skip
         self.caller.close()
 
 

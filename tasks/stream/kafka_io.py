@@ -8,16 +8,45 @@ loop join their groups with the same settings.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer
 
 from tasks.stream.broker_watch import BrokerWatch
 from tasks.stream.frame_codec import Headers
 from tasks.stream.settings import KafkaSettings
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+log = logging.getLogger(__name__)
+
+
+def close_within(consumer: Consumer, timeout_s: float) -> bool:
+    """Leave the group and free the client, waiting at most `timeout_s`; whether it ended.
+
+    librdkafka's close can wait for ever on a group that will not settle: seen here once with
+    two members idling out together, one of them told "unknown member" on its last commit,
+    revoked, then still in `close` minutes later (the process never exited). confluent-kafka
+    releases the GIL for the wait, so the close runs on a thread of its own and the caller goes
+    on after `timeout_s`; the group then drops the member after its session timeout, as it
+    does one whose process died."""
+    failure: list[Exception] = []
+
+    def close() -> None:
+        try:
+            consumer.close()
+        except Exception as exc:  # raised again on the caller's thread
+            failure.append(exc)
+
+    closing = threading.Thread(target=close, name="kafka-consumer-close", daemon=True)
+    closing.start()
+    closing.join(timeout_s)
+    if failure:
+        raise failure[0]
+    return not closing.is_alive()
 
 
 def make_producer(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> Producer:
