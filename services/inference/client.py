@@ -164,10 +164,9 @@ def wait_until_reachable(target: str, timeout_s: float, tls_ca: Path | None = No
         status, why = health_check(target, max(0.5, min(2.0, left)), tls_ca=tls_ca)
         if status != "UNREACHABLE":
             return status
-        if HTTP_PORT_HINT in why or TLS_FAILED_HINT in why:  # waiting would not change it
-            raise ServiceUnreachableError(f"inference service {target}: {why}")
-        if time.monotonic() >= deadline:
-            if TLS_CA_HINT in why:  # likely up, serving TLS: "start it" would mislead
+        misdialled = HTTP_PORT_HINT in why or TLS_FAILED_HINT in why  # waiting changes nothing
+        if misdialled or time.monotonic() >= deadline:
+            if misdialled or TLS_CA_HINT in why:  # up, but not as asked: "start it" would mislead
                 raise ServiceUnreachableError(f"inference service {target}: {why}")
             raise ServiceUnreachableError(
                 f"inference service {target} unreachable for {timeout_s:g} s ({why}): start it "

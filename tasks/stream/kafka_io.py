@@ -8,7 +8,6 @@ loop join their groups with the same settings.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +19,6 @@ from tasks.stream.frame_codec import Headers
 from tasks.stream.settings import KafkaSettings
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
-
-log = logging.getLogger(__name__)
 
 
 def close_within(consumer: Consumer, timeout_s: float) -> bool:

@@ -139,9 +139,8 @@ def _check_camera_device(index: int) -> None:
     devices = Path("/dev")
     if not sys.platform.startswith("linux") or (devices / f"video{index}").exists():
         return
-    present = sorted(
-        int(path.name[5:]) for path in devices.glob("video*") if path.name[5:].isdigit()
-    )
+    numbers = (path.name.removeprefix("video") for path in devices.glob("video*"))
+    present = sorted(int(number) for number in numbers if number.isdigit())
     have = ", ".join(f"webcam:{number}" for number in present) or "none"
     raise ValueError(
         f"webcam:{index}: no camera /dev/video{index} on this machine (cameras: {have})"
