@@ -1,6 +1,7 @@
 """Baseline: a plain synchronous grpcio server, no batching, serving the same Classifier service.
 
     python -m bench.plain_server --onnx-model FILE --port PORT [--workers N]
+        [--classify-pool] [--lone-call-threads N]
 
 What a first version of this service would be: `grpc.server` with a thread pool, each Classify
 call decoded, preprocessed and run through ONNX Runtime on its own handler thread at batch 1.
@@ -9,12 +10,18 @@ preprocessing function (`services/inference/preprocess.py`) and ONNX Runtime's t
 (`OnnxBackend` with one session of cores / workers threads per worker; no wide session for lone
 calls, which is vidflow's own). It answers the gRPC health check so `wait_until_serving` works.
 Run it as its own process: `start_plain_server` does so for the benchmark.
+
+`--classify-pool` is the shape a synchronous vidflow would take (docs/benchmarks.md): Classify on
+a pool of its own with exactly `workers` threads, running the model on the thread that took the
+call, and every other RPC on a pool of SPARE_THREADS, as streams and health checks would need;
+`--lone-call-threads` adds vidflow's wide session for lone calls.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -64,13 +71,33 @@ class PlainClassifier(inference_pb2_grpc.ClassifierServicer):
         return top_k_response(request, info.name, info.class_names, probabilities, timings)
 
 
-def serve(onnx_model: Path, port: int, workers: int) -> None:
+SPARE_THREADS = 16  # the other RPCs' pool with --classify-pool
+
+
+class PooledClassifier(PlainClassifier):
+    """Classify on the pool set on the method (`experimental_thread_pool`, read by grpcio's
+    synchronous server for each call), so exactly that pool's threads ever take Classify."""
+
+
+def serve(
+    onnx_model: Path, port: int, workers: int, classify_pool: bool, lone_call_threads: int
+) -> None:
     """Serve until killed: `workers` handler threads, one single-call ORT session each."""
-    backend = OnnxBackend(onnx_model, threads=threads_per_call(workers, 0), sessions=workers)
+    backend = OnnxBackend(
+        onnx_model,
+        threads=threads_per_call(workers, 0),
+        sessions=workers,
+        lone_call_threads=lone_call_threads,
+    )
     info = ExportedModelInfo.from_metadata(backend.metadata)
     backend.warm_up([np.zeros((1, *info.preprocess.input_shape), np.float32)])
-    server = grpc.server(ThreadPoolExecutor(max_workers=workers))
-    inference_pb2_grpc.add_ClassifierServicer_to_server(PlainClassifier(backend, info), server)
+    servicer = PlainClassifier(backend, info)
+    pool_size = workers
+    if classify_pool:
+        PooledClassifier.Classify.experimental_thread_pool = ThreadPoolExecutor(workers)  # type: ignore[attr-defined]
+        servicer, pool_size = PooledClassifier(backend, info), SPARE_THREADS
+    server = grpc.server(ThreadPoolExecutor(max_workers=pool_size))
+    inference_pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -80,13 +107,15 @@ def serve(onnx_model: Path, port: int, workers: int) -> None:
     server.wait_for_termination()
 
 
-def start_plain_server(tmp_dir: Path, onnx_model: Path, workers: int = 0) -> ServerProcess:
+def start_plain_server(
+    tmp_dir: Path, onnx_model: Path, workers: int = 0, extra_args: Sequence[str] = ()
+) -> ServerProcess:
     """Start the plain server as its own process (wait for SERVING with `wait_serving`)."""
     port = free_port()
     log_path = tmp_dir / f"plain-server-{port}.log"
     args = [
         sys.executable, "-m", "bench.plain_server", "--onnx-model", str(onnx_model),
-        "--port", str(port), "--workers", str(workers),
+        "--port", str(port), "--workers", str(workers), *extra_args,
     ]  # fmt: skip
     return ServerProcess(launch_logged(args, log_path, REPO_ROOT), port, 0, log_path, args)
 
@@ -101,8 +130,20 @@ def main() -> None:
         default=0,
         help="handler threads and ORT sessions (0: the cores)",
     )
+    parser.add_argument(
+        "--classify-pool",
+        action="store_true",
+        help=f"Classify on its own pool of --workers threads, other RPCs on {SPARE_THREADS}",
+    )
+    parser.add_argument(
+        "--lone-call-threads",
+        type=non_negative_int,
+        default=0,
+        help="a wide session for lone calls, as vidflow's (0: none)",
+    )
     args = parser.parse_args()
-    serve(args.onnx_model, args.port, args.workers or usable_cpus())
+    workers = args.workers or usable_cpus()
+    serve(args.onnx_model, args.port, workers, args.classify_pool, args.lone_call_threads)
 
 
 if __name__ == "__main__":

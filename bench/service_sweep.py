@@ -1,7 +1,7 @@
 """Benchmark: vidflow's service against a plain grpcio server and the bare model, per concurrency.
 
     python -m bench.service_sweep [--rounds 3] [--duration 5] [--concurrency 1,2,4,8,16]
-        [--vidflow LABEL=ARGS ...] [--vidflow-repo LABEL=PATH ...]
+        [--vidflow LABEL=ARGS ...] [--vidflow-repo LABEL=PATH ...] [--plain LABEL=ARGS ...]
 
 Each round measures, one after the other so they never share the cores: the bare model (ONNX
 Runtime called in-process on preprocessed frames, the better of one call at a time and one call
@@ -10,9 +10,11 @@ by the closed-loop load test (`services/inference/loadtest.py`, unary Classify, 
 every concurrency level: `vidflow serve` with its defaults (or each `--vidflow` configuration:
 extra `vidflow serve` flags, optionally run from another checkout with `--vidflow-repo`, e.g.
 an export of an older commit) and the plain server (`bench/plain_server.py`: same ONNX file,
-preprocessing and thread budget, no batching). The servers' order alternates between rounds.
-Reported per level: img/s and p99 (means over rounds), each vidflow configuration's ratio to
-the plain server, and at concurrency 8 its ratio to the bare model. The last stdout line is JSON.
+preprocessing and thread budget, no batching), besides any `--plain` variant of it (extra
+`bench.plain_server` flags, e.g. `--classify-pool`). The servers' order alternates between
+rounds. Reported per level: img/s and p99 (means over rounds), each other configuration's ratio
+to the plain server, and at concurrency 8 its ratio to the bare model. The last stdout line is
+JSON.
 """
 
 from __future__ import annotations
@@ -114,16 +116,28 @@ def parse_args() -> argparse.Namespace:
         default=[],
         help="LABEL=PATH: serve the --vidflow configuration LABEL from the checkout at PATH",
     )
+    parser.add_argument(
+        "--plain",
+        type=_pair,
+        action="append",
+        default=[],
+        help="LABEL=ARGS: a variant of the plain server (extra `bench.plain_server` flags)",
+    )
     parser.add_argument("--json", type=output_file, help="also write the JSON here")
     args = parser.parse_args()
     args.levels = args.concurrency
     args.configs = {label: shlex.split(flags) for label, flags in args.vidflow} or {"vidflow": []}
+    args.plain_configs = {label: shlex.split(flags) for label, flags in args.plain}
+    clashes = {PLAIN, *args.configs} & set(args.plain_configs)
+    if clashes:
+        parser.error(f"--plain {sorted(clashes)[0]}=...: that label is taken")
     args.repos = {label: Path(path).expanduser() for label, path in args.vidflow_repo}
     for label, path in args.repos.items():
         if label not in args.configs:
             parser.error(f"--vidflow-repo {label}=...: no --vidflow {label}=... to serve from it")
         if not (path / "services" / "inference").is_dir():
             parser.error(f"--vidflow-repo {label}={path}: not a vidflow checkout")
+    args.configs.update(args.plain_configs)
     return args
 
 
@@ -162,9 +176,12 @@ def main() -> None:
 
 
 def _start(label: str, tmp: Path, onnx_path: Path, args: argparse.Namespace) -> Any:
-    """The plain baseline server, or vidflow's service with the label's flags."""
+    """The plain baseline server, a variant of it, or vidflow's service with the label's
+    flags."""
     if label == PLAIN:
         return start_plain_server(tmp, onnx_path)
+    if label in args.plain_configs:
+        return start_plain_server(tmp, onnx_path, extra_args=args.plain_configs[label])
     return start_server(
         tmp, args.cache_dir, "--backend", "onnx", *args.configs[label],
         repo_root=args.repos.get(label, REPO_ROOT),

@@ -3,23 +3,31 @@ throughput against it is fair: same model file, same preprocessing, same answers
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.plain_server import start_plain_server
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import channel_options
 from services.inference.models import load_model
 from services.inference.onnx_export import export_onnx
+from services.inference.servicer import SERVICE_NAME
 from tests.conftest import EXPECTED_CLASSES
 
+CLASSIFY_POOL = ["--classify-pool", "--lone-call-threads", "2"]
 
+
+@pytest.mark.parametrize("variant", [[], CLASSIFY_POOL], ids=["plain", "classify-pool"])
 def test_the_plain_server_classifies_like_the_service(
-    tmp_path: Path, model_cache: Path, photos, onnx_server
+    tmp_path: Path, model_cache: Path, photos, onnx_server, variant: list[str]
 ) -> None:
     onnx_path = export_onnx(load_model("efficientnet_lite0", None), model_cache)
-    server = start_plain_server(tmp_path, onnx_path, workers=2)
+    server = start_plain_server(tmp_path, onnx_path, workers=2, extra_args=variant)
     try:
         server.wait_serving()
         with (
@@ -44,4 +52,44 @@ def test_the_plain_server_classifies_like_the_service(
             else:
                 raise AssertionError("garbage was classified")
     finally:
+        server.terminate()
+
+
+def test_with_a_classify_pool_only_its_threads_take_classify(
+    tmp_path: Path, model_cache: Path, photos
+) -> None:
+    """One Classify thread held by a call whose request never comes (the shape's weakness that
+    docs/benchmarks.md names) stops every other Classify, while health still answers on the
+    other pool."""
+    onnx_path = export_onnx(load_model("efficientnet_lite0", None), model_cache)
+    server = start_plain_server(tmp_path, onnx_path, workers=1, extra_args=["--classify-pool"])
+    release = threading.Event()
+
+    def no_request() -> Iterator[inference_pb2.ClassifyRequest]:
+        release.wait()
+        yield from ()
+
+    try:
+        server.wait_serving()
+        with grpc.insecure_channel(server.target, options=channel_options()) as channel:
+            stalled = channel.stream_unary(
+                f"/{SERVICE_NAME}/Classify",
+                request_serializer=inference_pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=inference_pb2.ClassifyResponse.FromString,
+            ).future(no_request(), timeout=60)
+            stub = inference_pb2_grpc.ClassifierStub(channel)
+            request = inference_pb2.ClassifyRequest(image=next(iter(photos.values())))
+            with pytest.raises(grpc.RpcError) as waited:
+                stub.Classify(request, timeout=2)
+            assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            release.set()
+            with pytest.raises(grpc.RpcError):
+                stalled.result(timeout=30)  # no request: the call fails, freeing the thread
+            assert stub.Classify(request, timeout=30).predictions
+    finally:
+        release.set()
         server.terminate()
