@@ -1,7 +1,7 @@
 """Baseline: a plain synchronous grpcio server, no batching, serving the same Classifier service.
 
     python -m bench.plain_server --onnx-model FILE --port PORT [--workers N]
-        [--classify-pool] [--lone-call-threads N]
+        [--classify-pool [--idle-call-timeout-s S]] [--lone-call-threads N]
 
 What a first version of this service would be: `grpc.server` with a thread pool, each Classify
 call decoded, preprocessed and run through ONNX Runtime on its own handler thread at batch 1.
@@ -12,16 +12,19 @@ calls, which is vidflow's own). It answers the gRPC health check so `wait_until_
 Run it as its own process: `start_plain_server` does so for the benchmark.
 
 `--classify-pool` is the shape a synchronous vidflow would take (docs/benchmarks.md): Classify on
-a pool of its own with exactly `workers` threads, running the model on the thread that took the
-call, and every other RPC on a pool of SPARE_THREADS, as streams and health checks would need;
-`--lone-call-threads` adds vidflow's wide session for lone calls.
+a pool of its own (`bench/call_pool.py`) where at most `workers` threads run calls, each running
+the model on the thread that took the call, a call whose request does not come giving up its
+slot and ended after `--idle-call-timeout-s`; every other RPC on a pool of SPARE_THREADS, as
+streams and health checks would need. `--lone-call-threads` adds vidflow's wide session for
+lone calls.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,8 +32,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from bench.call_pool import CallPool
 from bench.cli_args import bench_parser
-from common.cli_types import existing_file, non_negative_int, port
+from common.cli_types import existing_file, non_negative_int, port, positive_float
 from common.cpus import usable_cpus
 from common.net import free_port
 from devstack.launcher import REPO_ROOT, ServerProcess, launch_logged
@@ -75,14 +79,52 @@ SPARE_THREADS = 16  # the other RPCs' pool with --classify-pool
 
 
 class PooledClassifier(PlainClassifier):
-    """Classify on the pool set on the method (`experimental_thread_pool`, read by grpcio's
-    synchronous server for each call), so exactly that pool's threads ever take Classify."""
+    """Classify as a client-streaming call that reads its one request itself, on a `CallPool`:
+    the handler starts before the request is in, so a request that never comes is seen."""
+
+    def __init__(self, backend: OnnxBackend, info: ExportedModelInfo, pool: CallPool) -> None:
+        super().__init__(backend, info)
+        self.pool = pool
+
+    def ClassifyCall(
+        self,
+        requests: Iterator[inference_pb2.ClassifyRequest],
+        context: grpc.ServicerContext,
+    ) -> inference_pb2.ClassifyResponse:
+        try:
+            with self.pool.waiting_for_request(context):
+                request = next(requests, None)
+        except grpc.RpcError:  # cancelled while waiting: nobody to answer
+            return inference_pb2.ClassifyResponse()
+        if request is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no ClassifyRequest")
+        return self.Classify(request, context)
+
+    def add_to(self, server: grpc.Server) -> None:
+        """Classify alone, on the pool: grpcio's synchronous server runs a method on the pool
+        set as its behaviour's `experimental_thread_pool`, every other on the server's."""
+        behaviour = functools.partial(self.ClassifyCall)
+        behaviour.experimental_thread_pool = self.pool  # type: ignore[attr-defined]
+        classify = grpc.stream_unary_rpc_method_handler(
+            behaviour,
+            request_deserializer=inference_pb2.ClassifyRequest.FromString,
+            response_serializer=inference_pb2.ClassifyResponse.SerializeToString,
+        )
+        name = inference_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(name, {"Classify": classify}),)
+        )
 
 
 def serve(
-    onnx_model: Path, port: int, workers: int, classify_pool: bool, lone_call_threads: int
+    onnx_model: Path,
+    port: int,
+    workers: int,
+    lone_call_threads: int,
+    classify_pool_idle_timeout_s: float | None,
 ) -> None:
-    """Serve until killed: `workers` handler threads, one single-call ORT session each."""
+    """Serve until killed: `workers` handler threads, one single-call ORT session each (with a
+    Classify pool: that pool's `workers` threads, others for the other RPCs)."""
     backend = OnnxBackend(
         onnx_model,
         threads=threads_per_call(workers, 0),
@@ -91,13 +133,13 @@ def serve(
     )
     info = ExportedModelInfo.from_metadata(backend.metadata)
     backend.warm_up([np.zeros((1, *info.preprocess.input_shape), np.float32)])
-    servicer = PlainClassifier(backend, info)
-    pool_size = workers
-    if classify_pool:
-        PooledClassifier.Classify.experimental_thread_pool = ThreadPoolExecutor(workers)  # type: ignore[attr-defined]
-        servicer, pool_size = PooledClassifier(backend, info), SPARE_THREADS
-    server = grpc.server(ThreadPoolExecutor(max_workers=pool_size))
-    inference_pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
+    if classify_pool_idle_timeout_s is None:
+        server = grpc.server(ThreadPoolExecutor(max_workers=workers))
+        inference_pb2_grpc.add_ClassifierServicer_to_server(PlainClassifier(backend, info), server)
+    else:
+        server = grpc.server(ThreadPoolExecutor(max_workers=SPARE_THREADS))
+        pool = CallPool(workers, classify_pool_idle_timeout_s)
+        PooledClassifier(backend, info, pool).add_to(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -136,6 +178,12 @@ def main() -> None:
         help=f"Classify on its own pool of --workers threads, other RPCs on {SPARE_THREADS}",
     )
     parser.add_argument(
+        "--idle-call-timeout-s",
+        type=positive_float,
+        default=60.0,
+        help="with --classify-pool: a Classify whose request has not come by then is cancelled",
+    )
+    parser.add_argument(
         "--lone-call-threads",
         type=non_negative_int,
         default=0,
@@ -143,7 +191,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     workers = args.workers or usable_cpus()
-    serve(args.onnx_model, args.port, workers, args.classify_pool, args.lone_call_threads)
+    idle_timeout_s = args.idle_call_timeout_s if args.classify_pool else None
+    serve(args.onnx_model, args.port, workers, args.lone_call_threads, idle_timeout_s)
 
 
 if __name__ == "__main__":

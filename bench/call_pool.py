@@ -1,0 +1,180 @@
+"""A thread pool for one method of grpcio's synchronous server: at most `limit` threads run its
+calls, and a call still waiting for its request does not keep the others out.
+
+The plain server is fastest at every concurrency because exactly one thread per core ever takes
+a call and runs the model on it (docs/benchmarks.md); a `ThreadPoolExecutor` of that size does
+that, but a client that opens a call and never sends its request then holds one of those few
+threads until its deadline, and a handful of such clients stop the method. Here the handler reads
+its request inside `waiting_for_request`: a wait longer than STALL_S gives its slot to the next
+call (the pool starts a thread for it where none is idle), one longer than `idle_timeout_s` is
+cancelled, and a thread whose request came late waits for a slot before it runs the model.
+
+Written here because no library pool does this: `ThreadPoolExecutor` knows nothing of what its
+work waits for. It subclasses `ThreadPoolExecutor` only because grpcio takes a method's own pool
+(`experimental_thread_pool`) only from an instance of one; none of the base class's machinery is
+used. Idle threads wait last in, first out, so the thread that ran the model last, whose caches
+are warm, takes the next call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+STALL_S = 0.02  # a request not in by then is stalled: its slot goes to another call
+MAX_THREADS = 64  # stalled calls each hold a thread until they end: this many at most
+
+
+@dataclass
+class _Work:
+    future: futures.Future[Any]
+    run: Callable[[], Any]
+
+    def __call__(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self.run()
+        except BaseException as exc:  # handed to the future, as ThreadPoolExecutor does
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+
+@dataclass(eq=False)
+class _Thread:
+    wake: threading.Event = field(default_factory=threading.Event)
+    work: _Work | None = None
+
+
+@dataclass(eq=False)
+class _Wait:
+    since: float
+    context: grpc.ServicerContext
+    stalled: bool = False
+    cancelled: bool = False
+
+
+class CallPool(futures.ThreadPoolExecutor):
+    """At most `limit` threads running calls; see the module's docstring."""
+
+    def __init__(self, limit: int, idle_timeout_s: float) -> None:
+        super().__init__(max_workers=1)  # starts no thread: submit is this class's own
+        self._limit = limit
+        self._idle_timeout_s = idle_timeout_s
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # a slot freed
+        # Guarded by `_lock`:
+        self._queue: deque[_Work] = deque()
+        self._idle: list[_Thread] = []  # last in, first out
+        self._threads = 0
+        self._running = 0  # threads holding a slot: running a call, not stalled on its request
+        self._waits: dict[int, _Wait] = {}  # by thread id
+        self._watchdog: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
+        future: futures.Future[Any] = futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            self._queue.append(_Work(future, lambda: fn(*args, **kwargs)))
+            self._dispatch_locked()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for thread in idle:
+            thread.wake.set()  # with no work: it ends
+
+    @contextlib.contextmanager
+    def waiting_for_request(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """Around the handler's read of its request (see the module's docstring)."""
+        wait = _Wait(time.monotonic(), context)
+        key = threading.get_ident()
+        with self._lock:
+            self._waits[key] = wait
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(
+                    target=self._watch, name="call-pool-watchdog", daemon=True
+                )
+                self._watchdog.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._waits[key]
+                if wait.stalled:  # its slot went to another call: take one back to go on
+                    while self._running >= self._limit:
+                        self._room.wait()
+                    self._running += 1
+
+    def _dispatch_locked(self) -> None:
+        """Hand queued calls to idle threads, or new ones, while slots are free."""
+        while self._queue and self._running < self._limit:
+            if self._idle:
+                thread = self._idle.pop()
+            elif self._threads < MAX_THREADS:
+                thread = _Thread()
+                self._threads += 1
+                threading.Thread(
+                    target=self._serve, args=(thread,), name="call-pool", daemon=True
+                ).start()
+            else:
+                return
+            thread.work = self._queue.popleft()
+            self._running += 1
+            thread.wake.set()
+
+    def _serve(self, thread: _Thread) -> None:
+        while True:
+            thread.wake.wait()
+            work, thread.work = thread.work, None
+            if work is None:  # shut down
+                return
+            while work is not None:
+                work()
+                with self._lock:
+                    self._running -= 1
+                    self._room.notify()
+                    work = None
+                    if self._queue and self._running < self._limit:
+                        work = self._queue.popleft()
+                        self._running += 1
+                    elif self._closed:
+                        self._threads -= 1
+                        return
+                    else:
+                        thread.wake.clear()
+                        self._idle.append(thread)
+
+    def _watch(self) -> None:
+        """Every STALL_S: free the slots of stalled calls, cancel those past the idle timeout."""
+        while True:
+            time.sleep(STALL_S)
+            now = time.monotonic()
+            with self._lock:
+                if self._closed:
+                    return
+                overdue = []
+                for wait in self._waits.values():
+                    if not wait.stalled and now - wait.since > STALL_S:
+                        wait.stalled = True
+                        self._running -= 1
+                        self._room.notify()
+                    if not wait.cancelled and now - wait.since > self._idle_timeout_s:
+                        wait.cancelled = True
+                        overdue.append(wait.context)
+                self._dispatch_locked()
+            for context in overdue:
+                context.cancel()
