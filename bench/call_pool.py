@@ -77,6 +77,7 @@ class CallPool(futures.ThreadPoolExecutor):
         self._idle: list[_Thread] = []  # last in, first out
         self._threads = 0
         self._running = 0  # threads holding a slot: running a call, not stalled on its request
+        self._late = 0  # threads whose request came after they gave up their slot: served first
         self._waits: dict[int, _Wait] = {}  # by thread id
         self._watchdog: threading.Thread | None = None
         self._closed = False
@@ -115,13 +116,16 @@ class CallPool(futures.ThreadPoolExecutor):
             with self._lock:
                 del self._waits[key]
                 if wait.stalled:  # its slot went to another call: take one back to go on
+                    self._late += 1
                     while self._running >= self._limit:
                         self._room.wait()
+                    self._late -= 1
                     self._running += 1
+                    self._dispatch_locked()  # slots that waited for it, if any are free
 
     def _dispatch_locked(self) -> None:
         """Hand queued calls to idle threads, or new ones, while slots are free."""
-        while self._queue and self._running < self._limit:
+        while self._queue and self._running < self._limit and not self._late:
             if self._idle:
                 thread = self._idle.pop()
             elif self._threads < MAX_THREADS:
@@ -148,7 +152,7 @@ class CallPool(futures.ThreadPoolExecutor):
                     self._running -= 1
                     self._room.notify()
                     work = None
-                    if self._queue and self._running < self._limit:
+                    if self._queue and self._running < self._limit and not self._late:
                         work = self._queue.popleft()
                         self._running += 1
                     elif self._closed:

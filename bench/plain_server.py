@@ -76,6 +76,7 @@ class PlainClassifier(inference_pb2_grpc.ClassifierServicer):
 
 
 SPARE_THREADS = 16  # the other RPCs' pool with --classify-pool
+IDLE_CALL_TIMEOUT_S = 60.0  # as `vidflow serve`'s default
 
 
 class PooledClassifier(PlainClassifier):
@@ -175,13 +176,14 @@ def main() -> None:
     parser.add_argument(
         "--classify-pool",
         action="store_true",
-        help=f"Classify on its own pool of --workers threads, other RPCs on {SPARE_THREADS}",
+        help=f"Classify on its own pool of --workers threads, safe from calls whose request "
+        f"never comes (bench/call_pool.py); other RPCs on {SPARE_THREADS}",
     )
     parser.add_argument(
         "--idle-call-timeout-s",
         type=positive_float,
-        default=60.0,
-        help="with --classify-pool: a Classify whose request has not come by then is cancelled",
+        help="with --classify-pool: a Classify whose request has not come by then is cancelled "
+        f"(default: {IDLE_CALL_TIMEOUT_S:g})",
     )
     parser.add_argument(
         "--lone-call-threads",
@@ -191,7 +193,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     workers = args.workers or usable_cpus()
-    idle_timeout_s = args.idle_call_timeout_s if args.classify_pool else None
+    if args.idle_call_timeout_s is not None and not args.classify_pool:
+        parser.error("--idle-call-timeout-s: only with --classify-pool")
+    idle_timeout_s = (
+        (args.idle_call_timeout_s or IDLE_CALL_TIMEOUT_S) if args.classify_pool else None
+    )
     serve(args.onnx_model, args.port, workers, args.lone_call_threads, idle_timeout_s)
 
 

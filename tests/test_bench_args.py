@@ -26,6 +26,18 @@ BAD_FLAGS = [
     (["bench.service_sweep", "--vidflow-repo", "a=/tmp"], "no --vidflow a=..."),
     (["bench.service_sweep", "--plain", "plain=--classify-pool"], "--plain plain=...: that label"),
     (["bench.plain_server", "--onnx-model", "Makefile", "--port", "-5"], "--port: must be a port"),
+    (
+        [
+            "bench.plain_server",
+            "--onnx-model",
+            "Makefile",
+            "--port",
+            "5",
+            "--idle-call-timeout-s",
+            "1",
+        ],
+        "--idle-call-timeout-s: only with --classify-pool",
+    ),
     (["bench.stream_capacity", "--budget-ms", "nan"], "--budget-ms: must be more than 0"),
 ]
 

@@ -58,7 +58,8 @@ def test_a_classify_pool_call_whose_request_never_comes_holds_back_no_other(
     tmp_path: Path, model_cache: Path, photos
 ) -> None:
     """A pool of one thread: a call whose request does not come gives up its slot (the next
-    Classify is answered), and is cancelled after the idle-call timeout."""
+    Classify is answered), and is cancelled after the idle-call timeout; one whose request
+    comes late is answered."""
     onnx_path = export_onnx(load_model("efficientnet_lite0", None), model_cache)
     pool_flags = ["--classify-pool", "--idle-call-timeout-s", "3"]
     server = start_plain_server(tmp_path, onnx_path, workers=1, extra_args=pool_flags)
@@ -68,17 +69,23 @@ def test_a_classify_pool_call_whose_request_never_comes_holds_back_no_other(
         release.wait()
         yield from ()
 
+    def late_request(request: inference_pb2.ClassifyRequest) -> Iterator:
+        release.wait(0.5)  # past the pool's STALL_S: its slot has gone to other calls
+        yield request
+
     try:
         server.wait_serving()
         with grpc.insecure_channel(server.target, options=channel_options()) as channel:
-            stalled = channel.stream_unary(
+            classify_call = channel.stream_unary(
                 f"/{SERVICE_NAME}/Classify",
                 request_serializer=inference_pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=inference_pb2.ClassifyResponse.FromString,
-            ).future(no_request(), timeout=60)
+            )
+            stalled = classify_call.future(no_request(), timeout=60)
             stub = inference_pb2_grpc.ClassifierStub(channel)
             request = inference_pb2.ClassifyRequest(image=next(iter(photos.values())))
             assert stub.Classify(request, timeout=2).predictions  # before: DEADLINE_EXCEEDED
+            assert classify_call(late_request(request), timeout=10).predictions
             with pytest.raises(grpc.RpcError) as ended:
                 stalled.result(timeout=30)
             assert ended.value.code() == grpc.StatusCode.CANCELLED
