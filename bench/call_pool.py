@@ -7,7 +7,9 @@ that, but a client that opens a call and never sends its request then holds one 
 threads until its deadline, and a handful of such clients stop the method. Here the handler reads
 its request inside `waiting_for_request`: a wait longer than STALL_S gives its slot to the next
 call (the pool starts a thread for it where none is idle), one longer than `idle_timeout_s` is
-cancelled, and a thread whose request came late waits for a slot before it runs the model.
+cancelled, and a thread whose request came late waits for a slot before it runs the model. With
+every one of MAX_THREADS threads held by such calls, the oldest is cancelled to make room; idle
+threads beyond `limit` end.
 
 Written here because no library pool does this: `ThreadPoolExecutor` knows nothing of what its
 work waits for. It subclasses `ThreadPoolExecutor` only because grpcio takes a method's own pool
@@ -19,6 +21,7 @@ are warm, takes the next call.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -31,6 +34,8 @@ import grpc
 
 STALL_S = 0.02  # a request not in by then is stalled: its slot goes to another call
 MAX_THREADS = 64  # stalled calls each hold a thread until they end: this many at most
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,10 +135,10 @@ class CallPool(futures.ThreadPoolExecutor):
                 thread = self._idle.pop()
             elif self._threads < MAX_THREADS:
                 thread = _Thread()
-                self._threads += 1
                 threading.Thread(
                     target=self._serve, args=(thread,), name="call-pool", daemon=True
                 ).start()
+                self._threads += 1  # counted once started: a failed start raises to grpcio
             else:
                 return
             thread.work = self._queue.popleft()
@@ -144,7 +149,9 @@ class CallPool(futures.ThreadPoolExecutor):
         while True:
             thread.wake.wait()
             work, thread.work = thread.work, None
-            if work is None:  # shut down
+            if work is None:  # shut down, or reaped by the watchdog
+                with self._lock:
+                    self._threads -= 1
                 return
             while work is not None:
                 work()
@@ -179,6 +186,24 @@ class CallPool(futures.ThreadPoolExecutor):
                     if not wait.cancelled and now - wait.since > self._idle_timeout_s:
                         wait.cancelled = True
                         overdue.append(wait.context)
+                overdue += self._make_room_locked()
                 self._dispatch_locked()
+                while len(self._idle) > self._limit:  # spares left by stalls: the coldest end
+                    self._idle.pop(0).wake.set()
             for context in overdue:
-                context.cancel()
+                try:
+                    context.cancel()
+                except Exception:  # the watchdog must go on: it frees every other slot
+                    log.exception("cancelling a call whose request did not come failed")
+
+    def _make_room_locked(self) -> list[grpc.ServicerContext]:
+        """At MAX_THREADS with calls queued and no thread idle, every thread is held by a
+        stalled call: the oldest is cancelled rather than every call waiting for the timeout."""
+        if not self._queue or self._idle or self._threads < MAX_THREADS:
+            return []
+        stalled = [w for w in self._waits.values() if w.stalled and not w.cancelled]
+        if not stalled:
+            return []
+        oldest = min(stalled, key=lambda wait: wait.since)
+        oldest.cancelled = True
+        return [oldest.context]

@@ -98,6 +98,8 @@ class PooledClassifier(PlainClassifier):
         except grpc.RpcError:  # cancelled while waiting: nobody to answer
             return inference_pb2.ClassifyResponse()
         if request is None:
+            if not context.is_active():  # cancelled (the pool's idle timeout) or gone
+                return inference_pb2.ClassifyResponse()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no ClassifyRequest")
         return self.Classify(request, context)
 

@@ -1,0 +1,102 @@
+"""`bench/call_pool.py` on its own: the slot accounting under calls whose requests come at once,
+late or never. The contexts stand in for grpcio's servicer context, of which the pool calls only
+`cancel()`; tests/test_plain_server.py drives the same pool through a real gRPC server."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from bench import call_pool
+from bench.call_pool import CallPool
+
+
+class FakeContext:
+    """What the pool calls on a servicer context: `cancel()`, which here ends the wait."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.request_came = threading.Event()
+        self.cancelled = False
+        self.fail = fail
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.request_came.set()
+        if self.fail:
+            raise RuntimeError("cancel failed")
+
+
+class ModelCalls:
+    """Counts the calls past their request at once, as the model would see them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+
+    def run(self) -> None:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        time.sleep(0.005)
+        with self._lock:
+            self.now -= 1
+
+
+def _handler(pool: CallPool, model: ModelCalls, request_after_s: float | None) -> FakeContext:
+    context = FakeContext()
+    with pool.waiting_for_request(context):  # type: ignore[arg-type]
+        context.request_came.wait(request_after_s)
+    model.run()
+    return context
+
+
+def _settled(pool: CallPool) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (pool._running or pool._queue or pool._late):
+        time.sleep(0.01)
+    assert (pool._running, len(pool._queue), pool._late) == (0, 0, 0)
+
+
+def test_at_most_limit_calls_run_whatever_their_requests_do() -> None:
+    pool, model = CallPool(2, idle_timeout_s=0.3), ModelCalls()
+    waits = [0.0, 0.0, 0.0, 0.05, 0.1, None] * 8  # None: the request never comes
+    futures = [pool.submit(_handler, pool, model, wait) for wait in waits]
+    contexts = [future.result(timeout=20) for future in futures]
+    assert model.peak == 2  # both slots used, never a third
+    cancelled = [context.cancelled for context in contexts]
+    assert cancelled == [wait is None for wait in waits]  # only the requests that never came
+    _settled(pool)
+
+
+def test_at_the_thread_cap_the_oldest_stalled_call_makes_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(call_pool, "MAX_THREADS", 3)
+    pool, model = CallPool(1, idle_timeout_s=30), ModelCalls()
+    stalled = [pool.submit(_handler, pool, model, None) for _ in range(3)]  # every thread held
+    time.sleep(0.2)
+    answered = pool.submit(_handler, pool, model, 0.0)
+    answered.result(timeout=5)  # before: queued for the 30-s idle timeout
+    assert sum(future.done() for future in stalled) == 1  # one made room, the others wait on
+    for wait in list(pool._waits.values()):  # end them for the test
+        wait.context.cancel()
+    assert all(future.result(timeout=5).cancelled for future in stalled)
+    _settled(pool)
+
+
+def test_a_cancel_that_fails_leaves_the_watchdog_running() -> None:
+    pool, model = CallPool(1, idle_timeout_s=0.1), ModelCalls()
+
+    def failing_handler() -> FakeContext:
+        context = FakeContext(fail=True)
+        with pool.waiting_for_request(context):  # type: ignore[arg-type]
+            context.request_came.wait()
+        return context
+
+    assert pool.submit(failing_handler).result(timeout=5).cancelled
+    later = pool.submit(_handler, pool, model, None).result(timeout=5)
+    assert later.cancelled  # before: a dead watchdog, and this call held for ever
+    _settled(pool)
