@@ -43,6 +43,8 @@ from services.inference.backends import OnnxBackend, threads_per_call
 from services.inference.classify import top_k_response
 from services.inference.onnx_export import ExportedModelInfo
 from services.inference.preprocess import InvalidImageError, decode_image, preprocess
+from services.inference.servicer import SERVICE_NAME
+from services.inference.settings import InferenceSettings
 
 
 class PlainClassifier(inference_pb2_grpc.ClassifierServicer):
@@ -76,7 +78,7 @@ class PlainClassifier(inference_pb2_grpc.ClassifierServicer):
 
 
 SPARE_THREADS = 16  # the other RPCs' pool with --classify-pool
-IDLE_CALL_TIMEOUT_S = 60.0  # as `vidflow serve`'s default
+IDLE_CALL_TIMEOUT_S = InferenceSettings.model_fields["idle_call_timeout_s"].default  # serve's
 
 
 class PooledClassifier(PlainClassifier):
@@ -113,9 +115,8 @@ class PooledClassifier(PlainClassifier):
             request_deserializer=inference_pb2.ClassifyRequest.FromString,
             response_serializer=inference_pb2.ClassifyResponse.SerializeToString,
         )
-        name = inference_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(name, {"Classify": classify}),)
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Classify": classify}),)
         )
 
 
