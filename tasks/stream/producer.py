@@ -55,6 +55,9 @@ class ProduceStats:
     frames_decoded: int = 0  # source frames decoded and encoded (once for all its streams)
     per_stream: dict[str, int] = field(default_factory=dict)  # messages published per stream id
     session: str = field(default_factory=new_session)  # in every frame's key (frame_codec)
+    # Wall-clock time (ns) of the pacing schedule's start: with `fps`, camera i of N's frame k
+    # is due (k + i/N) frame periods after it, and is never taken before.
+    schedule_start_ns: int = 0
 
     @property
     def fps(self) -> float:
@@ -265,7 +268,7 @@ def produce_frames(
                 ", ".join(c.stream_id for c in feed.cameras), stats.session, kafka.frames_topic,
                 f"{feed.fps:.2f}" if feed.fps else "max",
             )  # fmt: skip
-        started = time.monotonic()
+        started, stats.schedule_start_ns = time.monotonic(), time.time_ns()
         try:
             _replay_all(feeds, settings, started, stop, outlet)
         except BrokerLostError as exc:
