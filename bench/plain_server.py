@@ -11,12 +11,11 @@ preprocessing function (`services/inference/preprocess.py`) and ONNX Runtime's t
 calls, which is vidflow's own). It answers the gRPC health check so `wait_until_serving` works.
 Run it as its own process: `start_plain_server` does so for the benchmark.
 
-`--classify-pool` is the shape a synchronous vidflow would take (docs/benchmarks.md): Classify on
-a pool of its own (`bench/call_pool.py`) where at most `workers` threads run calls, each running
-the model on the thread that took the call, a call whose request does not come giving up its
-slot and ended after `--idle-call-timeout-s`; every other RPC on a pool of SPARE_THREADS, as
-streams and health checks would need. `--lone-call-threads` adds vidflow's wide session for
-lone calls.
+`--classify-pool` is the shape `vidflow serve` has taken (docs/benchmarks.md): Classify on a
+pool of its own (`services/inference/call_pool.py`) where at most `workers` threads run calls,
+each running the model on the thread that took the call, a call whose request does not come
+giving up its slot and ended after `--idle-call-timeout-s`; every other RPC on a pool of
+SPARE_THREADS. `--lone-call-threads` adds vidflow's wide session for lone calls.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from bench.call_pool import CallPool
 from bench.cli_args import bench_parser
 from common.cli_types import existing_file, non_negative_int, port, positive_float
 from common.cpus import usable_cpus
@@ -40,6 +38,7 @@ from common.net import free_port
 from devstack.launcher import REPO_ROOT, ServerProcess, launch_logged
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.backends import OnnxBackend, threads_per_call
+from services.inference.call_pool import CallPool
 from services.inference.classify import top_k_response
 from services.inference.onnx_export import ExportedModelInfo
 from services.inference.preprocess import InvalidImageError, decode_image, preprocess
@@ -180,7 +179,7 @@ def main() -> None:
         "--classify-pool",
         action="store_true",
         help=f"Classify on its own pool of --workers threads, safe from calls whose request "
-        f"never comes (bench/call_pool.py); other RPCs on {SPARE_THREADS}",
+        f"never comes (services/inference/call_pool.py); other RPCs on {SPARE_THREADS}",
     )
     parser.add_argument(
         "--idle-call-timeout-s",

@@ -1,16 +1,14 @@
-"""`bench/call_pool.py` on its own: the slot accounting under calls whose requests come at once,
-late or never. The contexts stand in for grpcio's servicer context, of which the pool calls only
-`cancel()`; tests/test_plain_server.py drives the same pool through a real gRPC server."""
+"""`services/inference/call_pool.py` on its own: the slot accounting under calls whose requests
+come at once, late or never. The contexts stand in for grpcio's servicer context, of which the
+pool calls only `cancel()`; tests/test_plain_server.py drives the same pool through a real gRPC
+server, and the service's tests through `vidflow serve`."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-import pytest
-
-from bench import call_pool
-from bench.call_pool import CallPool
+from services.inference.call_pool import CallPool
 
 
 class FakeContext:
@@ -71,11 +69,8 @@ def test_at_most_limit_calls_run_whatever_their_requests_do() -> None:
     _settled(pool)
 
 
-def test_at_the_thread_cap_the_oldest_stalled_call_makes_room(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(call_pool, "MAX_THREADS", 3)
-    pool, model = CallPool(1, idle_timeout_s=30), ModelCalls()
+def test_at_the_thread_cap_the_oldest_stalled_call_makes_room() -> None:
+    pool, model = CallPool(1, idle_timeout_s=30, max_threads=3), ModelCalls()
     stalled = [pool.submit(_handler, pool, model, None) for _ in range(3)]  # every thread held
     time.sleep(0.2)
     answered = pool.submit(_handler, pool, model, 0.0)

@@ -9,7 +9,8 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import grpc
@@ -24,7 +25,8 @@ from services.inference.metrics import ServiceMetrics
 from services.inference.preprocess import PreprocessSpec
 from services.inference.servicer import InferenceService
 from services.inference.settings import InferenceSettings
-from services.inference.stream import STREAM_WINDOW, StreamIdleError, answer_in_order
+from services.inference.stream import STREAM_WINDOW, AnswersInOrder, StreamIdleError
+from services.inference.stream_items import stream_item_answer
 from tests.images import png_claiming_size, png_with_chunk_claiming, solid_png
 from tests.proc_helpers import children, listening_addresses
 from tests.test_service import _http_get, _metric
@@ -345,19 +347,21 @@ def test_an_unexpected_failure_of_one_image_fails_only_that_image(
     )
     poison = solid_png(7, 7)
 
-    async def scenario() -> tuple[list, list]:
-        await service.load()
-        try:
-            outcomes = service._run_batch([photos["cat"], poison, photos["coffee"]])
-            stream_items = [
-                await service._classify_stream_item(inference_pb2.ClassifyRequest(image=image))
-                for image in (poison, photos["cat"])
-            ]
-            return outcomes, stream_items
-        finally:
-            await service.close()
-
-    outcomes, stream_items = asyncio.run(scenario())
+    asyncio.run(service.load())
+    try:
+        outcomes = service._run_batch([photos["cat"], poison, photos["coffee"]])
+        model = service.model
+        assert model is not None
+        stream_items = []
+        for image in (poison, photos["cat"]):
+            assert service.batcher is not None
+            with service.batcher.admit() as admission:
+                batch = admission.submit(image)
+            request = inference_pb2.ClassifyRequest(image=image)
+            answer = stream_item_answer(model, service.metrics, request, batch, time.perf_counter())
+            stream_items.append(answer)
+    finally:
+        service.close()
     assert [outcome.probabilities is not None for outcome in outcomes] == [True, False, True]
     assert isinstance(outcomes[1].error, MemoryError)
     (failed, failed_code), (good, good_code) = stream_items
@@ -382,33 +386,40 @@ def test_a_sigkilled_server_leaves_no_process_and_frees_its_ports(
     assert listening_addresses(server.port) == [] and listening_addresses(server.http_port) == []
 
 
+def _answered_after(delay_s: float, value: object, done: list | None = None) -> Future:
+    """A stand-in for a stream item's work: its future is answered after `delay_s`, unless it
+    was cancelled first (then it never finishes, as an item taken back from the batcher)."""
+    future: Future = Future()
+
+    def finish() -> None:
+        if future.set_running_or_notify_cancel():
+            future.set_result(value)
+            if done is not None:
+                done.append(value)
+
+    threading.Timer(delay_s, finish).start()
+    return future
+
+
 def test_a_stream_of_large_images_holds_no_more_than_its_byte_window() -> None:
     """32 requests of up to --max-message-bytes each held 512 MiB for one stream: the window
     also stops at its bytes (one request always goes, however large), and reading waits."""
     most_held = 0
     held: list[int] = []
+    lock = threading.Lock()
 
-    async def scenario() -> list[int]:
-        async def requests() -> AsyncIterator[int]:
-            for nbytes in [30, 30, 30, 100, 5, 5]:
-                yield nbytes
-
-        def start(nbytes: int) -> asyncio.Task[tuple[int, grpc.StatusCode]]:
-            nonlocal most_held
+    def start(nbytes: int) -> Future:
+        nonlocal most_held
+        with lock:
             held.append(nbytes)
             most_held = max(most_held, sum(held))
+        future = _answered_after(0.01, nbytes)
+        future.add_done_callback(lambda _: held.remove(nbytes))
+        return future
 
-            async def work() -> tuple[int, grpc.StatusCode]:
-                await asyncio.sleep(0.01)
-                held.remove(nbytes)
-                return nbytes, grpc.StatusCode.OK
-
-            return asyncio.ensure_future(work())
-
-        stream = answer_in_order(requests(), start, window=32, size=lambda n: n, window_bytes=64)
-        return [response async for response in stream]
-
-    assert asyncio.run(scenario()) == [30, 30, 30, 100, 5, 5]  # all answered, in order
+    requests = iter([30, 30, 30, 100, 5, 5])
+    answers = AnswersInOrder(requests, start, window=32, size=lambda n: n, window_bytes=64)
+    assert list(answers) == [30, 30, 30, 100, 5, 5]  # all answered, in order
     assert most_held == 100  # two of 30 at most, then the 100 alone, never 64 exceeded else
 
 
@@ -418,35 +429,16 @@ def test_a_stream_that_ends_early_leaves_no_started_item_running() -> None:
     started: list[int] = []
     finished: list[int] = []
 
-    async def scenario() -> None:
-        async def requests() -> AsyncIterator[int]:
-            for index in range(100):
-                yield index
+    def start(index: int) -> Future:
+        started.append(index)
+        return _answered_after(0.01 if index == 0 else 0.5, index, finished)
 
-        def start(index: int) -> asyncio.Task[tuple[int, grpc.StatusCode]]:
-            async def work() -> tuple[int, grpc.StatusCode]:
-                await asyncio.sleep(0.01 if index == 0 else 0.5)
-                finished.append(index)
-                return index, grpc.StatusCode.OK
-
-            started.append(index)
-            return asyncio.ensure_future(work())
-
-        responses = answer_in_order(requests(), start, window=4)
-
-        async def slow_client() -> None:
-            async for _ in responses:
-                await asyncio.sleep(10)
-
-        client = asyncio.ensure_future(slow_client())
-        await asyncio.sleep(0.2)
-        client.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await client
-        await responses.aclose()
-        await asyncio.sleep(0.8)  # past the items' own 0.5 s
-
-    asyncio.run(scenario())
+    answers = AnswersInOrder(iter(range(100)), start, window=4)
+    responses = iter(answers)
+    assert next(responses) == 0
+    time.sleep(0.2)  # the client holds its first answer, then leaves: its call ends
+    answers.close()
+    time.sleep(0.8)  # past the items' own 0.5 s
     assert finished == [0]
     assert started == [0, 1, 2, 3, 4]  # the answered one, then a window of 4
 
@@ -456,29 +448,25 @@ def test_a_stream_idles_out_only_with_nothing_in_flight() -> None:
     has nothing in flight and sends nothing for the timeout, it ends with StreamIdleError
     (and a stream that keeps sending never does)."""
     answered: list[int] = []
-    more = asyncio.Event()  # never set: the client goes quiet after its requests
+    more = threading.Event()  # set only at the end: the client goes quiet after its requests
 
-    async def scenario() -> None:
-        async def requests() -> AsyncIterator[int]:
-            for index in range(3):
-                yield index
-                await asyncio.sleep(0.1)  # steady requests, each well inside the timeout
-            await more.wait()
+    def requests() -> Iterator[int]:
+        for index in range(3):
+            yield index
+            time.sleep(0.1)  # steady requests, each well inside the timeout
+        more.wait()
 
-        def start(index: int) -> asyncio.Task[tuple[int, grpc.StatusCode]]:
-            async def work() -> tuple[int, grpc.StatusCode]:
-                await asyncio.sleep(0.9 if index == 2 else 0.01)  # the last: 3 x the timeout
-                return index, grpc.StatusCode.OK
-
-            return asyncio.ensure_future(work())
-
-        with pytest.raises(StreamIdleError):
-            async for response in answer_in_order(requests(), start, idle_timeout_s=0.3):
-                answered.append(response)
-                await asyncio.sleep(0.05)  # the answer being sent: the stream is not idle yet
+    def start(index: int) -> Future:
+        return _answered_after(0.9 if index == 2 else 0.01, index)  # the last: 3 x the timeout
 
     started_at = time.monotonic()
-    asyncio.run(asyncio.wait_for(scenario(), timeout=30))
+    try:
+        with pytest.raises(StreamIdleError):
+            for response in AnswersInOrder(requests(), start, idle_timeout_s=0.3):
+                answered.append(response)
+                time.sleep(0.05)  # the answer being sent: the stream is not idle yet
+    finally:
+        more.set()
     assert answered == [0, 1, 2]
     # Idle from the last answer's end: 0.2 s of requests, 0.9 s of work, 0.05 s sending it.
     assert 0.2 + 0.9 + 0.05 + 0.3 <= time.monotonic() - started_at < 5
@@ -700,7 +688,7 @@ def test_health_and_model_info_calls_whose_request_never_comes_are_ended(
 ) -> None:
     """gRPC runs a handler of one request only once it has come: health Checks, Watches or
     GetModelInfo calls that never sent theirs held the server's places (--max-concurrent-rpcs
-    + 32) until their deadline, for good without one, and every health check was refused
+    + 64) until their deadline, for good without one, and every health check was refused
     while they did. Each now ends after --idle-call-timeout-s, counted, and frees its place."""
     server = start_server(
         tmp_path, model_cache, "--max-concurrent-rpcs", "1", "--idle-call-timeout-s", "3"
@@ -721,7 +709,7 @@ def test_health_and_model_info_calls_whose_request_never_comes_are_ended(
                       for path in (check, info_method)]  # fmt: skip
             watch = channel.stream_stream("/grpc.health.v1.Health/Watch")(no_request(), timeout=60)
             crowd = [channel.stream_unary(check).future(no_request(), timeout=60)
-                     for _ in range(40)]  # fmt: skip  # more than the server's 33 places
+                     for _ in range(70)]  # fmt: skip  # more than the server's 65 places
             assert health_status(server.target, timeout_s=2) == "RESOURCE_EXHAUSTED"
             for ended in [*(call.result for call in silent), lambda: next(watch)]:
                 with pytest.raises(grpc.RpcError) as idle:

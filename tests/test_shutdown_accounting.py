@@ -1,9 +1,12 @@
-"""The shutdown log's account of open calls, on a real grpc.aio server on 127.0.0.1."""
+"""The shutdown log's account of open calls, on a real grpcio server on 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -14,40 +17,39 @@ from services.inference.shutdown import CallTracker, drain_calls
 GRACE_S = 1.0
 
 
-async def _quick(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-    await asyncio.sleep(0.1)  # ends well within the grace
+def _quick(request: bytes, context: grpc.ServicerContext) -> bytes:
+    time.sleep(0.1)  # ends well within the grace
     return request
 
 
-async def _returns_when_cut(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-    """Like a stream handler that sees its request stream end when gRPC cuts the call, and
-    returns normally after the grace instead of raising CancelledError."""
-    try:
-        await asyncio.sleep(30)
-    except asyncio.CancelledError:
-        return request
+def _returns_when_cut(request: bytes, context: grpc.ServicerContext) -> bytes:
+    """Like a handler that sees its call end when gRPC cuts it at the end of the grace, and
+    returns normally after it instead of raising."""
+    cut = threading.Event()
+    context.add_callback(cut.set)
+    cut.wait(30)
     return request
 
 
-async def _shutdown_with_calls_open() -> str:
+def _shutdown_with_calls_open() -> str:
     calls = CallTracker()
-    server = grpc.aio.server(interceptors=[calls])
+    server = grpc.server(ThreadPoolExecutor(4), interceptors=[calls])
     handlers = {
         "Quick": grpc.unary_unary_rpc_method_handler(_quick),
         "ReturnsWhenCut": grpc.unary_unary_rpc_method_handler(_returns_when_cut),
     }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        quick = channel.unary_unary("/t.T/Quick")(b"q")
-        cut = channel.unary_unary("/t.T/ReturnsWhenCut")(b"c")
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        quick = channel.unary_unary("/t.T/Quick").future(b"q")
+        cut = channel.unary_unary("/t.T/ReturnsWhenCut").future(b"c")
         while calls.open < 2:
-            await asyncio.sleep(0.01)
-        await drain_calls(server, health.aio.HealthServicer(), calls, GRACE_S)
-        assert await quick == b"q"
-        with pytest.raises(grpc.aio.AioRpcError):
-            await cut
+            time.sleep(0.01)
+        asyncio.run(drain_calls(server, health.HealthServicer(), calls, GRACE_S))
+        assert quick.result(timeout=10) == b"q"
+        with pytest.raises(grpc.RpcError):
+            cut.result(timeout=10)
     return calls.summary(0, GRACE_S)
 
 
@@ -55,7 +57,7 @@ def test_a_call_that_returns_after_the_grace_is_counted_as_cut_not_drained(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.INFO, logger="services.inference.shutdown"):
-        summary = asyncio.run(_shutdown_with_calls_open())
+        summary = _shutdown_with_calls_open()
     assert summary == (
         "1 call(s) drained, 1 cancelled at the end of the 1 s grace, 0 cancelled by their clients"
     )

@@ -7,12 +7,12 @@ in the server. The batcher knows nothing of images or models: it hands a list of
 `run_batch` and gives each caller its own entry of the returned list.
 
 Each model worker is a thread that takes its next batch itself the moment its last one is done,
-as the model instances behind Triton's dynamic batcher do. Handing batches out from the event
+as the model instances behind Triton's dynamic batcher do. Handing batches out from an event
 loop instead left each worker idle 0.8 ms (3 ms at p90) between batches, waiting for the loop to
 get a core and dispatch: 5-7 % of the CPU at concurrency 8 on 2 cores (docs/benchmarks.md).
-asyncio has no queue that threads can wait on, so the queue is a deque under a lock, each
-worker waits on a `threading.Condition` of its own on that lock, and results go back to the
-loop with `call_soon_threadsafe`. A request handed straight to a worker wakes the worker that
+The queue is a deque under a lock, each worker waits on a `threading.Condition` of its own on
+that lock, and each request's result is a `concurrent.futures.Future` that its caller (a gRPC
+handler thread) waits on. A request handed straight to a worker wakes the worker that
 went idle last, as a LIFO thread pool does: its memory is still warm in the caches. Waking the
 one idle longest made the three workers take turns at two requests in flight; on 2 cores that
 did 117.6 img/s against 132.9 (docs/benchmarks.md).
@@ -25,7 +25,6 @@ batcher with `max_batch_size` 1 dispatches each request to the next free worker 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sys
@@ -33,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
@@ -54,7 +53,7 @@ class BatchResult(Generic[ResultT]):
 class _Pending(Generic[ItemT, ResultT]):
     item: ItemT
     enqueued_at: float
-    future: asyncio.Future[BatchResult[ResultT]]
+    future: Future[BatchResult[ResultT]]
 
 
 @dataclass
@@ -64,9 +63,11 @@ class Admission(Generic[ItemT, ResultT]):
     batcher: DynamicBatcher[ItemT, ResultT]
     submitted: bool = field(default=False, init=False)
 
-    async def submit(self, item: ItemT) -> BatchResult[ResultT]:
+    def submit(self, item: ItemT) -> Future[BatchResult[ResultT]]:
+        """Queue the item; its future holds its entry of the batch output (cancel it to take
+        the item back if no batch has taken it yet)."""
         self.submitted = True
-        return await self.batcher._queue(item)
+        return self.batcher._queue(item)
 
 
 class DynamicBatcher(Generic[ItemT, ResultT]):
@@ -94,10 +95,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._wakeups: list[threading.Condition] = []  # one per worker, on `_lock`
         self._idle: list[threading.Condition] = []  # the wakeups of idle workers, last idle last
         self._threads: list[threading.Thread] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self._wakeups = [threading.Condition(self._lock) for _ in range(self.workers)]
         self._threads = [
             threading.Thread(target=self._work, args=(wakeup,), name=f"batch-{index}", daemon=True)
@@ -106,12 +105,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         for thread in self._threads:
             thread.start()
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """Let the batches being run finish, then fail whatever is still queued."""
         with self._lock:
             self._closing = True
             self._wake_all()
-        await asyncio.to_thread(lambda: [thread.join() for thread in self._threads])
+        for thread in self._threads:
+            thread.join()
         with self._lock:
             leftovers, self._pending = list(self._pending), deque()
         _fail(leftovers, RuntimeError("server is shutting down"))
@@ -130,9 +130,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     self._on_their_way -= 1
                     self._wake_all()
 
-    async def _queue(self, item: ItemT) -> BatchResult[ResultT]:
-        """Queue an admitted request's item and wait for its entry of the batch output."""
-        future: asyncio.Future[BatchResult[ResultT]] = asyncio.get_running_loop().create_future()
+    def _queue(self, item: ItemT) -> Future[BatchResult[ResultT]]:
+        """Queue an admitted request's item; its future gets its entry of the batch output."""
+        future: Future[BatchResult[ResultT]] = Future()
         pending = _Pending(item, time.perf_counter(), future)
         with self._lock:
             self._on_their_way -= 1  # no longer on its way: queued or refused
@@ -145,12 +145,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 self._wake_last_idle()
             else:  # a worker holding a batch open must see it grow
                 self._wake_all()
-        try:
-            return await future
-        except asyncio.CancelledError:  # the caller is gone: do not spend the model on it
-            with self._lock, contextlib.suppress(ValueError):
-                self._pending.remove(pending)
-            raise
+        future.add_done_callback(lambda done: self._withdraw(pending) if done.cancelled() else None)
+        return future
+
+    def _withdraw(self, pending: _Pending[ItemT, ResultT]) -> None:
+        """A cancelled request's caller is gone: do not spend the model on it."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._pending.remove(pending)
 
     # ---- worker threads --------------------------------------------------------------------
 
@@ -189,12 +190,15 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     wakeup.wait(remaining)
                 if self._pending:  # another worker may have taken them while this one waited
                     size = min(self.max_batch_size, len(self._pending))
-                    return [self._pending.popleft() for _ in range(size)]
+                    batch = [self._pending.popleft() for _ in range(size)]
+                    # Taken: from here a cancel no longer withdraws it (its result is dropped).
+                    return [p for p in batch if p.future.set_running_or_notify_cancel()]
 
     def _work(self, wakeup: threading.Condition) -> None:
-        assert self._loop is not None
         lower_this_thread(self.worker_niceness)
         while (batch := self._next_batch(wakeup)) is not None:
+            if not batch:  # every request of it was cancelled meanwhile
+                continue
             started = time.perf_counter()
             try:  # nothing may end this thread but closing: its callers would wait forever
                 if self._on_batch is not None:
@@ -205,9 +209,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                         f"the model returned {len(outputs)} results for a batch of {len(batch)}"
                     )
             except Exception as exc:  # the batch failed as a whole: every caller hears why
-                self._loop.call_soon_threadsafe(_fail, batch, exc)
+                _fail(batch, exc)
             else:
-                self._loop.call_soon_threadsafe(_deliver, batch, outputs, started)
+                _deliver(batch, outputs, started)
 
 
 def lower_this_thread(niceness: int) -> None:

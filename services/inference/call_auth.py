@@ -13,7 +13,7 @@ credentials; it is ~20 lines.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -24,19 +24,19 @@ from services.inference.metrics import ServiceMetrics
 GUARDED_SERVICE = "/vidflow.inference.v1.Classifier/"
 
 
-class TokenCheck(grpc.aio.ServerInterceptor):
+class TokenCheck(grpc.ServerInterceptor):
     """Refuses a classifier call without the token with UNAUTHENTICATED (counted)."""
 
     def __init__(self, token: str, metrics: ServiceMetrics) -> None:
         self._expected = f"Bearer {token}".encode()
         self._metrics = metrics
 
-    async def intercept_service(
+    def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or not method.startswith(GUARDED_SERVICE):
             return handler
@@ -48,13 +48,13 @@ class TokenCheck(grpc.aio.ServerInterceptor):
         self._metrics.requests.labels(name, grpc.StatusCode.UNAUTHENTICATED.name).inc()
         # Client-streaming whatever the method: gRPC runs such a handler when the call opens,
         # so a caller that never sends its request is refused at once instead of holding one
-        # of the server's places (the wire format is the same for every kind).
+        # of the server's threads (the wire format is the same for every kind).
         return _NO_TOKEN if given is None else _WRONG_TOKEN
 
 
 def _refusal(message: str) -> grpc.RpcMethodHandler:
-    async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    def refuse(requests: Iterator[Any], context: grpc.ServicerContext) -> None:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     return grpc.stream_unary_rpc_method_handler(refuse)
 

@@ -10,10 +10,12 @@ checks too: a server busy with that many streams looked dead to its orchestrator
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import Iterator
 
 import grpc
 
+from services.inference.call_pool import end_call
 from services.inference.metrics import ServiceMetrics
 
 
@@ -24,40 +26,71 @@ class CallLimit:
         self.limit = limit
         self.metrics = metrics
         self.idle_timeout_s = idle_timeout_s
-        self.open_calls = 0
+        self._lock = threading.Lock()
+        self.open_calls = 0  # guarded by `_lock`
         # Read when scraped: an operator sees how near the limit the server runs, at no cost
         # per call.
         metrics.open_calls.set_function(lambda: self.open_calls)
         metrics.max_open_calls.set(limit)
 
-    @contextlib.asynccontextmanager
-    async def admitted(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Hold one place for the call while it runs, or end it with RESOURCE_EXHAUSTED.
-
-        The check and the count happen on the event loop with no await between them."""
-        if self.open_calls >= self.limit:
+    @contextlib.contextmanager
+    def admitted(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """Hold one place for the call while it runs, or end it with RESOURCE_EXHAUSTED."""
+        with self._lock:
+            admitted = self.open_calls < self.limit
+            self.open_calls += admitted
+        if not admitted:
             self.metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
-            await context.abort(
+            context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server holds its limit of {self.limit} calls (--max-concurrent-rpcs); "
                 "try again when one ends",
             )
-        self.open_calls += 1
         try:
             yield
         finally:
-            self.open_calls -= 1
+            with self._lock:
+                self.open_calls -= 1
 
-    async def end_idle_call(
-        self, method: str, context: grpc.aio.ServicerContext, what: str
-    ) -> None:
-        """End a call that idled past its timeout, so that it frees its place (counted).
+    def idle_message(self, method: str, what: str) -> str:
+        return (
+            f"{method} ended by the server: {what} within {self.idle_timeout_s:g} s "
+            "(--idle-call-timeout-s)"
+        )
+
+    def end_idle_call(self, method: str, context: grpc.ServicerContext, what: str) -> None:
+        """End a call that idled past its timeout, so that it frees its place (counted); from
+        its handler's thread (raises, as context.abort does).
 
         Without this, a client opening calls and sending nothing held every place for good."""
+        self._count_idle(method)
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self.idle_message(method, what))
+
+    def idle_ender(self, method: str, context: grpc.ServicerContext, what: str) -> IdleEnd:
+        """What a call pool's watchdog calls to end, from its own thread, a call whose request
+        has not come (see IdleEnd)."""
+        return IdleEnd(self, method, context, what)
+
+    def _count_idle(self, method: str) -> None:
         self.metrics.requests.labels(method, grpc.StatusCode.DEADLINE_EXCEEDED.name).inc()
         self.metrics.idle_calls_ended.labels(method).inc()
-        await context.abort(
+
+
+class IdleEnd:
+    """Ends one call with DEADLINE_EXCEEDED from another thread, counted; `done` tells its
+    handler, whose read then fails, that the call is counted already."""
+
+    def __init__(
+        self, limit: CallLimit, method: str, context: grpc.ServicerContext, what: str
+    ) -> None:
+        self._limit, self._method, self._context, self._what = limit, method, context, what
+        self.done = False
+
+    def __call__(self) -> None:
+        self.done = True
+        self._limit._count_idle(self._method)
+        end_call(
+            self._context,
             grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"{method} ended by the server: {what} within {self.idle_timeout_s:g} s "
-            "(--idle-call-timeout-s)",
+            self._limit.idle_message(self._method, self._what),
         )

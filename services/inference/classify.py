@@ -1,4 +1,4 @@
-"""One ClassifyRequest to its ClassifyResponse through the batcher, and the status of a failure.
+"""One ClassifyRequest's ClassifyResponse from its model outcome, and the status of a failure.
 
 Shared by the unary Classify and each ClassifyStream item, so both answer and count alike.
 """
@@ -13,7 +13,7 @@ import numpy as np
 
 from protos import inference_pb2
 from services.inference.batch_work import Outcome
-from services.inference.batcher import DynamicBatcher
+from services.inference.batcher import BatchResult
 from services.inference.loader import ServedModel
 from services.inference.metrics import ServiceMetrics
 from services.inference.preprocess import InvalidImageError
@@ -39,7 +39,7 @@ def failure_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
 DEADLINE_SLACK_S = 0.5
 
 
-def cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def cancelled_code(context: grpc.ServicerContext) -> grpc.StatusCode:
     """Why a call or stream item was cancelled: its deadline passed, or its client left."""
     remaining = context.time_remaining()
     return (
@@ -49,18 +49,15 @@ def cancelled_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     )
 
 
-async def classify(
-    model: ServedModel | None,
-    batcher: DynamicBatcher[bytes, Outcome] | None,
+def respond(
+    model: ServedModel,
     metrics: ServiceMetrics,
     request: inference_pb2.ClassifyRequest,
+    result: BatchResult[Outcome],
+    started: float,
 ) -> inference_pb2.ClassifyResponse:
-    """The top-k predictions for one image; raises the image's error if it has one."""
-    if model is None or batcher is None:
-        raise ModelNotReadyError("the model is still loading; retry when health is SERVING")
-    started = time.perf_counter()
-    with batcher.admit() as admission:
-        result = await admission.submit(request.image)
+    """The top-k answer to one request from its model outcome (`started`: when the request
+    was taken, perf_counter); raises the image's error if it has one."""
     outcome = result.value
     if outcome.error is not None:
         raise outcome.error

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import ssl
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from common.net import host_port, is_loopback_host
 from services.inference.call_auth import TokenCheck
+from services.inference.call_pool import CallPool
 from services.inference.http_endpoint import start_http
 from services.inference.metrics import ServiceMetrics
 from services.inference.request_wait import RequestWait
@@ -81,29 +83,41 @@ def _pem_problem(cert: bytes, key: bytes, error: ssl.SSLError) -> str:
 
 
 # Calls beyond the classifier's limit that the server still takes: health checks and watches,
-# GetModelInfo, reflection.
-OTHER_CALLS_ROOM = 32
-# Health watches may take half of that room: the rest stays for checks, however many watch.
-MAX_HEALTH_WATCHES = OTHER_CALLS_ROOM // 2
+# GetModelInfo, reflection, and calls being refused (a burst of 40 watches with 32 here had
+# some refused by gRPC's own limit, whose message says nothing of what to do).
+OTHER_CALLS_ROOM = 64
+# Health watches may take a quarter of that room: the rest stays for checks, however many watch.
+MAX_HEALTH_WATCHES = OTHER_CALLS_ROOM // 4
+# Threads that run health checks, GetModelInfo and the start of health watches at once (calls
+# waiting for their request do not hold one: request_wait.py).
+CHECK_THREADS = 4
 
 
 def _grpc_server(
     settings: InferenceSettings, service: InferenceService, calls: CallTracker
-) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+) -> tuple[grpc.Server, health.HealthServicer, int]:
     """The gRPC server with the classifier, health and (if asked) reflection, bound to its
-    port, and that port (the one the system chose for --port 0)."""
+    port, and that port (the one the system chose for --port 0).
+
+    Three pools of threads: unary Classify on the service's own (servicer.py); calls of one
+    request (health, GetModelInfo) on a small `CallPool`; streams (ClassifyStream, reflection)
+    and refusals on the server's pool, a thread per stream up to the calls the server takes."""
+    max_calls = settings.max_concurrent_rpcs + OTHER_CALLS_ROOM
+    # A thread for every call waiting for its request that gRPC admits: none is cut to make room.
+    checks = CallPool(CHECK_THREADS, settings.idle_call_timeout_s, max_threads=max_calls)
     # Outside the call tracker: a call is counted once its request is in (request_wait.py).
-    interceptors: list[grpc.aio.ServerInterceptor] = [
-        RequestWait(settings.idle_call_timeout_s, service.metrics),
+    interceptors: list[grpc.ServerInterceptor] = [
+        RequestWait(checks, settings.idle_call_timeout_s, service.metrics),
         calls,
     ]
     if (token := settings.auth_token) is not None:  # checked first: a refused call goes no further
         interceptors.insert(0, TokenCheck(token.get_secret_value(), service.metrics))
-    server = grpc.aio.server(
+    server = grpc.server(
+        ThreadPoolExecutor(max_calls, thread_name_prefix="grpc-stream"),
         interceptors=interceptors,
         # The classifier's calls are limited by the service (`CallLimit`); this bound, a little
         # above, leaves health checks and model-info calls room when the classifier is full.
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs + OTHER_CALLS_ROOM,
+        maximum_concurrent_rpcs=max_calls,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -111,7 +125,7 @@ def _grpc_server(
         ],
     )
     add_classifier(service, server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection(
@@ -132,11 +146,12 @@ def _grpc_server(
 
 
 async def _set_health(
-    health_servicer: health.aio.HealthServicer, status: health_pb2.HealthCheckResponse.ServingStatus
+    health_servicer: health.HealthServicer, status: health_pb2.HealthCheckResponse.ServingStatus
 ) -> None:
-    """The same status for the server as a whole and for the Classifier service."""
+    """The same status for the server as a whole and for the Classifier service (off the
+    loop: grpc's servicer sends it to every watcher before it returns)."""
     for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, status)
+        await asyncio.to_thread(health_servicer.set, name, status)
 
 
 async def _loaded_before_stop(service: InferenceService, stop: asyncio.Event) -> bool:
@@ -182,12 +197,12 @@ async def _serve_until(
     calls = CallTracker(max_watches=MAX_HEALTH_WATCHES)
     server, health_servicer, grpc_port = _grpc_server(settings, service, calls)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.start()
+    server.start()
     is_ready = asyncio.Event()
     try:
         runner = await start_http(metrics.registry, is_ready, settings.host, settings.http_port)
     except OSError as exc:
-        await server.stop(0)
+        server.stop(0)
         raise ServerStartError(
             f"could not serve HTTP on {host_port(settings.host, settings.http_port)}: "
             f"{exc.strerror or exc}"
@@ -224,6 +239,6 @@ async def _serve_until(
         await drain_calls(server, health_servicer, calls, settings.shutdown_grace_s, stop_now)
     finally:
         with contextlib.suppress(Exception):
-            await server.stop(0)
+            server.stop(0)
         await runner.cleanup()
-        await service.close()
+        await asyncio.to_thread(service.close)

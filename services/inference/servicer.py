@@ -2,40 +2,56 @@
 
 It never knows which model or backend runs behind it; it gets a `ServedModel` from the loader
 and a `DynamicBatcher` to share model calls between concurrent requests.
+
+Served by grpcio's synchronous server. A unary `Classify` runs on a pool of its own
+(`CallPool`): where batching does not pay (`--batching auto` on a CPU) at most one call per
+model worker and core runs, and it decodes, preprocesses and runs the model on the thread that
+took it, as a plain grpcio server does; that shape held the plain server's img/s at every
+concurrency where handing each call to a model thread, from an event loop or from handler
+threads, lost 5-10 % from concurrency 2 (docs/benchmarks.md). Where batching pays, the calls
+wait for the batcher on that pool instead. `ClassifyStream` items always go through the batcher,
+so one stream fills batches.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
-from grpc._cython.cygrpc import ExecuteBatchError
 
+from common.cpus import usable_cpus
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.batch_work import Outcome, run_batch
-from services.inference.batcher import DynamicBatcher
+from services.inference.batcher import BatchResult, DynamicBatcher
 from services.inference.call_limit import CallLimit
-from services.inference.classify import cancelled_code, classify, failure_status
+from services.inference.call_pool import CallPool, ends_within
+from services.inference.classify import (
+    ModelNotReadyError,
+    cancelled_code,
+    failure_status,
+    respond,
+)
 from services.inference.loader import ServedModel
 from services.inference.metrics import ServiceMetrics
 from services.inference.model_start import load_warm_model
 from services.inference.settings import InferenceSettings
-from services.inference.stream import (
-    ItemTask,
-    StreamIdleError,
-    answer_in_order,
-    start_counted_item,
-)
+from services.inference.stream import AnswersInOrder, StreamClosedError, StreamIdleError
+from services.inference.stream_items import start_stream_item
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name
 
 ClassifyResponse = inference_pb2.ClassifyResponse
+NO_ANSWER = ClassifyResponse()  # returned by a handler whose call has ended: never sent
+# How long a call whose request stream ended empty is given to show that it was cancelled: the
+# cancel comes in the same pass of grpcio's completion queue as the end of the stream; without
+# the wait, 1 in 4 runs of a test counted a call that outlived its deadline as INVALID_ARGUMENT.
+END_OF_CALL_S = 0.05
 
 
 class InferenceService(inference_pb2_grpc.ClassifierServicer):
@@ -49,6 +65,10 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         self.max_batch_size = settings.max_batch_size  # 1 once --batching finds it does not pay
         self.call_limit = CallLimit(
             settings.max_concurrent_rpcs, metrics, settings.idle_call_timeout_s
+        )
+        # Unary Classify's threads; how many may run calls is set once the model is loaded.
+        self.classify_pool = CallPool(
+            usable_cpus(), settings.idle_call_timeout_s, max_threads=settings.max_concurrent_rpcs
         )
         self._preprocess_pool = (
             ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
@@ -68,19 +88,26 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             on_batch=self.metrics.batch_size.observe,
         )
         self.batcher.start()
+        # Inline, one call per model worker and core; waiting for the batcher, any number.
+        inline_calls = min(model.workers, usable_cpus())
+        self.classify_pool.set_limit(
+            inline_calls if self.max_batch_size == 1 else self.settings.max_concurrent_rpcs
+        )
         self.model = model
         log.info(
-            "model %s ready on %s/%s (max batch %d, max delay %.1f ms)",
+            "model %s ready on %s/%s (max batch %d, max delay %.1f ms; Classify %s)",
             model.name,
             model.backend.name,
             model.backend.device,
             self.max_batch_size,
             self.settings.max_batch_delay_ms,
+            f"on {inline_calls} handler thread(s)" if self.max_batch_size == 1 else "batched",
         )
 
-    async def close(self) -> None:
+    def close(self) -> None:
         if self.batcher is not None:
-            await self.batcher.close()
+            self.batcher.close()
+        self.classify_pool.shutdown(wait=False)
         if self._preprocess_pool is not None:
             self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -89,136 +116,123 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         assert self.model is not None
         return run_batch(self.model, images, self.settings.max_image_pixels, self._preprocess_pool)
 
-    async def _classify(self, request: inference_pb2.ClassifyRequest) -> ClassifyResponse:
-        return await classify(self.model, self.batcher, self.metrics, request)
-
     def _finish(self, method: str, code: grpc.StatusCode) -> None:
         self.metrics.in_flight.dec()
         self.metrics.requests.labels(method, code.name).inc()
 
     # ---- unary Classify ---------------------------------------------------------------------
 
-    async def Classify(
-        self, request: inference_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
+    def _classify(
+        self, request: inference_pb2.ClassifyRequest, context: grpc.ServicerContext
+    ) -> ClassifyResponse:
+        model, batcher = self.model, self.batcher
+        if model is None or batcher is None:
+            raise ModelNotReadyError("the model is still loading; retry when health is SERVING")
+        started = time.perf_counter()
+        if self.max_batch_size == 1:  # on this thread: no hand-off, as the plain server
+            pixels = self.settings.max_image_pixels
+            result = BatchResult(run_batch(model, [request.image], pixels)[0], 0.0, 1)
+        else:
+            with batcher.admit() as admission:
+                future = admission.submit(request.image)
+            context.add_callback(future.cancel)  # a call that ends takes its image back
+            result = future.result()
+        return respond(model, self.metrics, request, result, started)
+
+    def Classify(
+        self, request: inference_pb2.ClassifyRequest, context: grpc.ServicerContext
     ) -> ClassifyResponse:
         self.metrics.in_flight.inc()
         try:
-            response = await self._classify(request)
-        except asyncio.CancelledError:
-            self._finish("Classify", cancelled_code(context))
-            raise
-        except Exception as exc:
+            response = self._classify(request, context)
+        except Exception as exc:  # CancelledError included: the call ended while it waited
+            if not context.is_active():
+                self._finish("Classify", cancelled_code(context))
+                return NO_ANSWER
             code, message = failure_status(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("Classify failed for request %r", request.request_id)
         else:
-            self._finish("Classify", grpc.StatusCode.OK)
+            # A call that ended meanwhile (its deadline, its client) gets no answer: not OK.
+            code = grpc.StatusCode.OK if context.is_active() else cancelled_code(context)
+            self._finish("Classify", code)
             return response
         # Counted before aborting: the client sees the status as soon as abort sends it, so a
         # scrape right after the error must already include it.
         self._finish("Classify", code)
-        await context.abort(code, message)
+        context.abort(code, message)
         raise AssertionError("unreachable")  # context.abort always raises
 
-    async def ClassifyCall(
-        self,
-        request_iterator: AsyncIterator[inference_pb2.ClassifyRequest],
-        context: grpc.aio.ServicerContext,
+    def ClassifyCall(
+        self, requests: Iterator[inference_pb2.ClassifyRequest], context: grpc.ServicerContext
     ) -> ClassifyResponse:
         """Classify, served as a client-streaming handler that reads its one request itself.
 
-        gRPC runs a unary handler only once the request has arrived, so a call whose deadline
-        passes first (or that its client cancels) would never reach any code of ours and go
-        uncounted; this handler starts with the call and counts it.
+        gRPC runs a unary handler only once the request has arrived (on a pool thread that it
+        holds meanwhile), so a call whose deadline passes first, or whose client never sends,
+        would never reach any code of ours and go uncounted; this handler starts with the call,
+        counts it and reads inside the pool's wait, which frees the thread's slot while it waits
+        and ends the call past --idle-call-timeout-s.
         """
-        async with self.call_limit.admitted("Classify", context):
-            return await self._read_and_classify(request_iterator, context)
-
-    async def _read_and_classify(
-        self,
-        request_iterator: AsyncIterator[inference_pb2.ClassifyRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> ClassifyResponse:
-        try:
-            async with asyncio.timeout(self.settings.idle_call_timeout_s):
-                request = await anext(aiter(request_iterator))
-        except TimeoutError:
-            await self.call_limit.end_idle_call("Classify", context, "its request has not arrived")
-        except (StopAsyncIteration, asyncio.CancelledError, grpc.aio.UsageError):
-            # No request: the call ended first (reading then gives EOF or UsageError), or its
-            # client half-closed without one. Only answering tells which, as the cancellation
-            # reaches the context later than the EOF.
-            if context.time_remaining() != 0:
-                with contextlib.suppress(ExecuteBatchError):  # failed: the client has gone
-                    try:
-                        await context.abort(
-                            grpc.StatusCode.INVALID_ARGUMENT, "the call carried no ClassifyRequest"
-                        )
-                    except grpc.aio.AbortError:
-                        self.metrics.requests.labels("Classify", "INVALID_ARGUMENT").inc()
-                        raise
-            self.metrics.requests.labels("Classify", cancelled_code(context).name).inc()
-            raise asyncio.CancelledError from None  # nobody to answer: end quietly
-        return await self.Classify(request, context)
+        with self.call_limit.admitted("Classify", context):
+            idle = self.call_limit.idle_ender("Classify", context, "its request has not arrived")
+            try:
+                with self.classify_pool.waiting_for_request(context, idle):
+                    request = next(requests, None)
+            except grpc.RpcError:  # the call ended first: nobody to answer
+                if not idle.done:  # else counted as ended idle
+                    self.metrics.requests.labels("Classify", cancelled_code(context).name).inc()
+                return NO_ANSWER
+            if request is None:  # half-closed without a request, or ending
+                if not ends_within(context, END_OF_CALL_S):
+                    self.metrics.requests.labels("Classify", "INVALID_ARGUMENT").inc()
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, "the call carried no ClassifyRequest"
+                    )
+                self.metrics.requests.labels("Classify", cancelled_code(context).name).inc()
+                return NO_ANSWER
+            return self.Classify(request, context)
 
     # ---- ClassifyStream ---------------------------------------------------------------------
 
-    async def _classify_stream_item(
-        self, request: inference_pb2.ClassifyRequest
-    ) -> tuple[ClassifyResponse, grpc.StatusCode]:
-        """One stream element and the status a unary call would have got.
-
-        A failed item answers with `error` set instead of ending the stream.
-        """
-        try:
-            return await self._classify(request), grpc.StatusCode.OK
-        except Exception as exc:
-            code, error = failure_status(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("ClassifyStream item %r failed", request.request_id)
-        return ClassifyResponse(request_id=request.request_id, error=error), code
-
     def _start_stream_item(
-        self, request: inference_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
-    ) -> ItemTask[ClassifyResponse]:
+        self, request: inference_pb2.ClassifyRequest, context: grpc.ServicerContext
+    ) -> Future[ClassifyResponse]:
+        assert self.model is not None and self.batcher is not None
         self.metrics.in_flight.inc()
-        return start_counted_item(
-            self._classify_stream_item(request),
-            context,
-            lambda code: self._finish("ClassifyStream", code),
-        )
+        finish = functools.partial(self._finish, "ClassifyStream")
+        return start_stream_item(self.model, self.batcher, self.metrics, request, context, finish)
 
-    async def ClassifyStream(
-        self,
-        request_iterator: AsyncIterator[inference_pb2.ClassifyRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[ClassifyResponse]:
+    def ClassifyStream(
+        self, requests: Iterator[inference_pb2.ClassifyRequest], context: grpc.ServicerContext
+    ) -> Iterator[ClassifyResponse]:
         if self.model is None:  # counted as a unary Classify refused now is
             self.metrics.requests.labels("ClassifyStream", "UNAVAILABLE").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
-        responses = answer_in_order(
-            request_iterator,
-            lambda request: self._start_stream_item(request, context),
-            size=lambda request: len(request.image),
-            idle_timeout_s=self.settings.idle_call_timeout_s,
-        )
-        admitted = self.call_limit.admitted("ClassifyStream", context)
-        async with admitted, contextlib.aclosing(responses):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        with self.call_limit.admitted("ClassifyStream", context):
+            answers = AnswersInOrder(
+                requests,
+                functools.partial(self._start_stream_item, context=context),
+                size=lambda request: len(request.image),
+                idle_timeout_s=self.settings.idle_call_timeout_s,
+            )
+            context.add_callback(answers.close)  # the call ended: nothing more to answer
             try:
-                async for response in responses:
-                    yield response
+                yield from answers
             except StreamIdleError:
                 what = "no next request came, with nothing in flight,"
-                await self.call_limit.end_idle_call("ClassifyStream", context, what)
+                self.call_limit.end_idle_call("ClassifyStream", context, what)
+            except (grpc.RpcError, StreamClosedError):  # the call has ended: nobody to answer
+                return
 
     # ---- GetModelInfo -----------------------------------------------------------------------
 
-    async def GetModelInfo(
-        self, request: inference_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext
+    def GetModelInfo(
+        self, request: inference_pb2.ModelInfoRequest, context: grpc.ServicerContext
     ) -> inference_pb2.ModelInfo:
         model = self.model
         if model is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         _, height, width = model.preprocess.input_shape
         return inference_pb2.ModelInfo(
             model_name=model.name,
@@ -235,12 +249,16 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         )
 
 
-def add_classifier(service: InferenceService, server: grpc.aio.Server) -> None:
-    """Register the Classifier service; Classify as client-streaming (see ClassifyCall)."""
+def add_classifier(service: InferenceService, server: grpc.Server) -> None:
+    """Register the Classifier service: Classify as client-streaming (see ClassifyCall) on its
+    own pool (grpcio's synchronous server runs a method on the pool set as its behaviour's
+    `experimental_thread_pool`, every other on the server's)."""
     request, response = inference_pb2.ClassifyRequest, ClassifyResponse
+    classify = functools.partial(service.ClassifyCall)
+    classify.experimental_thread_pool = service.classify_pool  # type: ignore[attr-defined]
     handlers = {
         "Classify": grpc.stream_unary_rpc_method_handler(
-            service.ClassifyCall,
+            classify,
             request_deserializer=request.FromString,
             response_serializer=response.SerializeToString,
         ),

@@ -4,14 +4,14 @@ saying what became of each call that was open."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health
 
 log = logging.getLogger(__name__)
 
@@ -19,52 +19,59 @@ log = logging.getLogger(__name__)
 # A health Watch streams until its client leaves: it is no work to drain, and shutdown must not
 # wait for it (clients that check health on the client side keep one on every connection).
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
-# How long a Watch ending at shutdown may take to send its NOT_SERVING first.
-WATCH_LAST_WORD_S = 1.0
+
+Behaviour = Callable[..., Any]
 
 
-class _StatusSent:
-    """A Watch's context that notes when NOT_SERVING has gone out (the rest passes through)."""
+class _Watch:
+    """One open health Watch's sender (grpcio's non-blocking Watch): ends once, and sends
+    nothing after (grpc's health servicer sends its end again when the call closes)."""
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
-        self._context = context
-        self.not_serving = asyncio.Event()
+    def __init__(self, send: Callable[[Any], None]) -> None:
+        self._send = send
+        self._lock = threading.Lock()
+        self._ended = False
 
-    async def write(self, response: health_pb2.HealthCheckResponse) -> None:
-        await self._context.write(response)
-        if response.status == health_pb2.HealthCheckResponse.NOT_SERVING:
-            self.not_serving.set()
+    def __call__(self, response: Any) -> None:
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = response is None
+            self._send(response)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
 
-
-class CallTracker(grpc.aio.ServerInterceptor):
+class CallTracker(grpc.ServerInterceptor):
     """Counts the calls being handled and how they ended, so shutdown can say what it did.
 
     A call is drained when its handler returns or raises (any status) within the shutdown
-    grace, cancelled when gRPC cancels it: by the server at the end of the grace, or because
-    its client left. Health watches are counted apart (`open_watches`), not as calls, and at
-    most `max_watches` are open at once: a Watch lasts as long as its client stays, and enough
-    of them took every place the server keeps for health checks, so its probe read it as dead.
+    grace with its call still open, cancelled when the call ended first: by the server at the
+    end of the grace, or because its client left. Health watches are counted apart
+    (`open_watches`), not as calls, and at most `max_watches` are open at once: a Watch lasts as
+    long as its client stays, and enough of them took every place the server keeps for health
+    checks, so its probe read it as dead.
     """
 
     def __init__(self, max_watches: int | None = None) -> None:
         self.max_watches = max_watches
+        self._lock = threading.Lock()
+        # Guarded by `_lock`:
         self.open = 0
-        self.open_watches = 0
         self.ended = 0
         self.cancelled_by_clients = 0
         self.cancelled_by_shutdown = 0
-        self.grace_ends: float | None = None  # loop time; set when shutdown begins
-        self._watches_end = asyncio.Event()
+        self._watches: set[_Watch] = set()
+        self.grace_ends: float | None = None  # time.monotonic(); set when shutdown begins
 
-    async def intercept_service(
+    @property
+    def open_watches(self) -> int:
+        return len(self._watches)
+
+    def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
         if handler is None:
             return handler
         if handler_call_details.method == HEALTH_WATCH:
@@ -72,98 +79,104 @@ class CallTracker(grpc.aio.ServerInterceptor):
         kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
         return handler._replace(
             **{
-                kind: self._tracked(behaviour)
+                kind: self._tracked(behaviour, kind.endswith("_stream"))
                 for kind in kinds
                 if (behaviour := getattr(handler, kind)) is not None
             }
         )
 
     def end_watches(self) -> None:
-        """End every health Watch (now and to come) once it has sent NOT_SERVING."""
-        self._watches_end.set()
+        """End every open health Watch now (status OK); call once NOT_SERVING has gone out.
 
-    def _watched(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
-        """A Watch that ends (status OK) at shutdown, once its client has heard NOT_SERVING.
+        gRPC's stop(grace) waits for every call, and a Watch lasts until its client leaves:
+        one watcher made every stop wait out the whole grace."""
+        with self._lock:
+            watches = list(self._watches)
+        for watch in watches:
+            watch(None)
 
-        gRPC's stop(grace) waits for every call, and grpc's health servicer loops in a Watch
-        until its client leaves: one watcher made every stop wait out the whole grace."""
+    def _watched(self, behaviour: Behaviour) -> Behaviour:
+        """grpc's non-blocking Watch, counted, limited and ended at shutdown (end_watches)."""
 
-        async def watch(request: Any, context: grpc.aio.ServicerContext) -> None:
-            if self.max_watches is not None and self.open_watches >= self.max_watches:
-                await context.abort(
+        def watch(request: Any, context: grpc.ServicerContext, send: Any) -> None:
+            sender = _Watch(send)
+            with self._lock:
+                refused = self.max_watches is not None and len(self._watches) >= self.max_watches
+                if not refused:
+                    self._watches.add(sender)
+            if refused:
+                context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the server holds its limit of {self.max_watches} health watches, which "
                     "keeps room for health checks: use Check, or watch when one ends",
                 )
-            self.open_watches += 1
-            sent = _StatusSent(context)
-            serving = asyncio.ensure_future(behaviour(request, sent))
-            ending = asyncio.ensure_future(self._watches_end.wait())
-            try:
-                await asyncio.wait([serving, ending], return_when=asyncio.FIRST_COMPLETED)
-                if serving.done():
-                    return serving.result()
-                with contextlib.suppress(TimeoutError):  # a service never set: nothing to say
-                    await asyncio.wait_for(sent.not_serving.wait(), WATCH_LAST_WORD_S)
-            finally:
-                self.open_watches -= 1
-                for task in (serving, ending):
-                    task.cancel()
+            context.add_callback(lambda: self._forget(sender))
+            behaviour(request, context, sender)
 
+        watch.experimental_non_blocking = True  # type: ignore[attr-defined]
         return watch
 
-    @contextlib.contextmanager
-    def _tracking(self) -> Iterator[None]:
-        self.open += 1
-        try:
-            yield
-        except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: a stream abandoned
-            if self._past_grace():
-                self.cancelled_by_shutdown += 1
-            else:
-                self.cancelled_by_clients += 1
-            raise
-        except BaseException:
-            self._count_end()
-            raise
-        else:
-            self._count_end()
-        finally:
-            self.open -= 1
+    def _forget(self, watch: _Watch) -> None:
+        with self._lock:
+            self._watches.discard(watch)
+
+    def _tracked(self, behaviour: Behaviour, streams_responses: bool) -> Behaviour:
+        if streams_responses:
+
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                finish = self._opened(context)
+                try:
+                    yield from behaviour(request, context)
+                finally:
+                    finish(cut=not context.is_active())
+
+            return _like(behaviour, stream)
+
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            finish = self._opened(context)
+            try:
+                return behaviour(request, context)
+            finally:
+                finish(cut=not context.is_active())
+
+        return _like(behaviour, call)
+
+    def _opened(self, context: grpc.ServicerContext) -> Callable[..., None]:
+        """Count one call open; what to call once when it ends (cut: its call ended first).
+
+        A stream whose call ends while its handler waits is counted cut when the call ends
+        (grpcio stops reading its responses and may never resume the handler)."""
+        once = threading.Lock()
+
+        def finish(cut: bool) -> None:
+            if not once.acquire(blocking=False):
+                return
+            with self._lock:
+                self.open -= 1
+                past_grace = self._past_grace()
+                if cut and past_grace:
+                    self.cancelled_by_shutdown += 1
+                elif cut:
+                    self.cancelled_by_clients += 1
+                elif past_grace:  # returned after the grace: gRPC had cut it, not drained
+                    self.cancelled_by_shutdown += 1
+                else:
+                    self.ended += 1
+
+        with self._lock:
+            self.open += 1
+        context.add_callback(lambda: finish(cut=True))  # if the handler has not finished by then
+        return finish
+
+    def start_grace(self, grace_s: float) -> None:
+        """Shutdown begins: calls ending from here are counted for it, those past `grace_s`
+        as cut."""
+        with self._lock:
+            self.cancelled_by_clients = self.cancelled_by_shutdown = 0
+            self.grace_ends = time.monotonic() + grace_s
 
     def _past_grace(self) -> bool:
-        loop_time = asyncio.get_running_loop().time()
-        return self.grace_ends is not None and loop_time >= self.grace_ends
-
-    def _count_end(self) -> None:
-        """A handler that returned: drained, unless it outlived the grace.
-
-        When the grace runs out gRPC cancels the call, and a stream handler may see that as the
-        end of its request stream and return before gRPC cancels its task: it was cut, not
-        drained.
-        """
-        if self._past_grace():
-            self.cancelled_by_shutdown += 1
-        else:
-            self.ended += 1
-
-    def _tracked(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
-        if inspect.isasyncgenfunction(behaviour):
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with self._tracking():
-                    async for response in behaviour(request, context):
-                        yield response
-
-            return stream
-        if inspect.iscoroutinefunction(behaviour):
-
-            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with self._tracking():
-                    return await behaviour(request, context)
-
-            return call
-        return behaviour  # a synchronous handler: runs in a thread; not ours, not counted
+        return self.grace_ends is not None and time.monotonic() >= self.grace_ends
 
     def summary(self, ended_before: int, grace_s: float, cut_short: bool = False) -> str:
         """What shutdown did with the calls open when it began."""
@@ -176,32 +189,41 @@ class CallTracker(grpc.aio.ServerInterceptor):
         )
 
 
+def _like(inner: Behaviour, outer: Behaviour) -> Behaviour:
+    """`outer`, run on the pool `inner` asked for (its `experimental_thread_pool`)."""
+    pool = getattr(inner, "experimental_thread_pool", None)
+    if pool is not None:
+        outer.experimental_thread_pool = pool  # type: ignore[attr-defined]
+    return outer
+
+
 async def drain_calls(
-    server: grpc.aio.Server,
-    health_servicer: health.aio.HealthServicer,
+    server: grpc.Server,
+    health_servicer: health.HealthServicer,
     calls: CallTracker,
     grace_s: float,
     stop_now: asyncio.Event | None = None,
 ) -> None:
     """Refuse new calls, give those in flight up to `grace_s` to end, then cancel the rest;
     at once if `stop_now` is set meanwhile (a second Ctrl-C)."""
-    await health_servicer.enter_graceful_shutdown()  # watchers hear NOT_SERVING
-    calls.end_watches()
-    calls.cancelled_by_clients = calls.cancelled_by_shutdown = 0
-    ended_before, open_at_stop, watches = calls.ended, calls.open, calls.open_watches
-    loop = asyncio.get_running_loop()
-    calls.grace_ends = loop.time() + grace_s
-    stopping = asyncio.ensure_future(server.stop(grace_s))
+    watches = calls.open_watches
+    # Watchers hear NOT_SERVING (sent before this returns), then their watches end.
+    await asyncio.to_thread(health_servicer.enter_graceful_shutdown)
+    await asyncio.to_thread(calls.end_watches)
+    calls.start_grace(grace_s)
+    ended_before, open_at_stop = calls.ended, calls.open
+    stopped = server.stop(grace_s)
+    stopping = asyncio.ensure_future(asyncio.to_thread(stopped.wait))
     cut = asyncio.ensure_future((stop_now or asyncio.Event()).wait())
     await asyncio.wait([stopping, cut], return_when=asyncio.FIRST_COMPLETED)
     cut.cancel()
     cut_short = not stopping.done()
     if cut_short:
         log.info("stopping now: cancelling the calls still open")
-        calls.grace_ends = loop.time()
-        await server.stop(None)  # during a graceful stop, gRPC cancels every call at once
+        calls.grace_ends = time.monotonic()
+        server.stop(None)  # during a graceful stop, gRPC cancels every call at once
     await stopping
-    for _ in range(100):  # cancelled handlers finish on the loop just after stop returns
+    for _ in range(100):  # cancelled handlers finish on their threads just after stop returns
         if calls.open == 0:
             break
         await asyncio.sleep(0.01)

@@ -1,15 +1,15 @@
-"""A thread pool for one method of grpcio's synchronous server: at most `limit` threads run its
+"""A thread pool for methods of grpcio's synchronous server: at most `limit` threads run their
 calls, and a call still waiting for its request does not keep the others out.
 
-The plain server is fastest at every concurrency because exactly one thread per core ever takes
-a call and runs the model on it (docs/benchmarks.md); a `ThreadPoolExecutor` of that size does
-that, but a client that opens a call and never sends its request then holds one of those few
-threads until its deadline, and a handful of such clients stop the method. Here the handler reads
-its request inside `waiting_for_request`: a wait longer than STALL_S gives its slot to the next
-call (the pool starts a thread for it where none is idle), one longer than `idle_timeout_s` is
-cancelled, and a thread whose request came late waits for a slot before it runs the model. With
-every one of MAX_THREADS threads held by such calls, the oldest is cancelled to make room; idle
-threads beyond `limit` end.
+A plain grpcio server is fastest at every concurrency because exactly one thread per core ever
+takes a call and runs the model on it (docs/benchmarks.md); a `ThreadPoolExecutor` of that size
+does that, but a client that opens a call and never sends its request then holds one of those
+few threads until its deadline, and a handful of such clients stop the method. Here the handler
+reads its request inside `waiting_for_request`: a wait longer than STALL_S gives its slot to the
+next call (the pool starts a thread for it where none is idle), one longer than
+`idle_timeout_s` is ended (its `on_timeout`, by default a cancel), and a thread whose request
+came late waits for a slot before it runs the model. With every one of MAX_THREADS threads held
+by such calls, the oldest is cancelled to make room; idle threads beyond `limit` end.
 
 Written here because no library pool does this: `ThreadPoolExecutor` knows nothing of what its
 work waits for. It subclasses `ThreadPoolExecutor` only because grpcio takes a method's own pool
@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 
 STALL_S = 0.02  # a request not in by then is stalled: its slot goes to another call
-MAX_THREADS = 64  # stalled calls each hold a thread until they end: this many at most
+MAX_THREADS = 64  # stalled calls each hold a thread until they end: this many at most (default)
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +64,43 @@ class _Thread:
 class _Wait:
     since: float
     context: grpc.ServicerContext
+    on_timeout: Callable[[], None]
     stalled: bool = False
     cancelled: bool = False
+
+
+def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End a call from a thread other than its handler's, with a status its client reads.
+
+    The synchronous context can only cancel (its client reads CANCELLED, without a reason); the
+    call underneath it cancels with a status (`grpc_call_cancel_with_status`), reached through
+    grpcio's private `_rpc_event` (grpcio is pinned; tests/test_service_faults.py reads the
+    status). Its handler's read of the request then raises grpc.RpcError."""
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+    try:
+        call.cancel(code.value[0], details)  # type: ignore[union-attr]
+    except Exception:  # not grpcio's context, or its API moved: cancel without the reason
+        log.debug("cancelling with a status failed; cancelling", exc_info=True)
+        context.cancel()
+
+
+def ends_within(context: grpc.ServicerContext, seconds: float) -> bool:
+    """Whether the call ends within `seconds`. A request stream that ended without a request is
+    either a client's half-close or the first sign of a cancel (its deadline, its client gone):
+    grpcio hears the end of the stream a moment before the cancel, so only waiting tells."""
+    ended = threading.Event()
+    if not context.add_callback(ended.set):
+        return True  # ended already
+    return ended.wait(seconds)
 
 
 class CallPool(futures.ThreadPoolExecutor):
     """At most `limit` threads running calls; see the module's docstring."""
 
-    def __init__(self, limit: int, idle_timeout_s: float) -> None:
+    def __init__(self, limit: int, idle_timeout_s: float, max_threads: int = MAX_THREADS) -> None:
         super().__init__(max_workers=1)  # starts no thread: submit is this class's own
         self._limit = limit
+        self._max_threads = max_threads
         self._idle_timeout_s = idle_timeout_s
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # a slot freed
@@ -96,6 +123,14 @@ class CallPool(futures.ThreadPoolExecutor):
             self._dispatch_locked()
         return future
 
+    def set_limit(self, limit: int) -> None:
+        """Let `limit` threads run calls from now on (the model's concurrency, known once it
+        has loaded)."""
+        with self._lock:
+            self._limit = limit
+            self._room.notify_all()
+            self._dispatch_locked()
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
             self._closed = True
@@ -104,9 +139,12 @@ class CallPool(futures.ThreadPoolExecutor):
             thread.wake.set()  # with no work: it ends
 
     @contextlib.contextmanager
-    def waiting_for_request(self, context: grpc.ServicerContext) -> Iterator[None]:
-        """Around the handler's read of its request (see the module's docstring)."""
-        wait = _Wait(time.monotonic(), context)
+    def waiting_for_request(
+        self, context: grpc.ServicerContext, on_timeout: Callable[[], None] | None = None
+    ) -> Iterator[None]:
+        """Around the handler's read of its request (see the module's docstring); past the idle
+        timeout the watchdog calls `on_timeout` (by default the context's `cancel`)."""
+        wait = _Wait(time.monotonic(), context, on_timeout or context.cancel)
         key = threading.get_ident()
         with self._lock:
             self._waits[key] = wait
@@ -133,7 +171,7 @@ class CallPool(futures.ThreadPoolExecutor):
         while self._queue and self._running < self._limit and not self._late:
             if self._idle:
                 thread = self._idle.pop()
-            elif self._threads < MAX_THREADS:
+            elif self._threads < self._max_threads:
                 thread = _Thread()
                 threading.Thread(
                     target=self._serve, args=(thread,), name="call-pool", daemon=True
@@ -185,25 +223,25 @@ class CallPool(futures.ThreadPoolExecutor):
                         self._room.notify()
                     if not wait.cancelled and now - wait.since > self._idle_timeout_s:
                         wait.cancelled = True
-                        overdue.append(wait.context)
+                        overdue.append(wait.on_timeout)
                 overdue += self._make_room_locked()
                 self._dispatch_locked()
                 while len(self._idle) > self._limit:  # spares left by stalls: the coldest end
                     self._idle.pop(0).wake.set()
-            for context in overdue:
+            for end in overdue:
                 try:
-                    context.cancel()
+                    end()
                 except Exception:  # the watchdog must go on: it frees every other slot
                     log.exception("cancelling a call whose request did not come failed")
 
-    def _make_room_locked(self) -> list[grpc.ServicerContext]:
+    def _make_room_locked(self) -> list[Callable[[], None]]:
         """At MAX_THREADS with calls queued and no thread idle, every thread is held by a
         stalled call: the oldest is cancelled rather than every call waiting for the timeout."""
-        if not self._queue or self._idle or self._threads < MAX_THREADS:
+        if not self._queue or self._idle or self._threads < self._max_threads:
             return []
         stalled = [w for w in self._waits.values() if w.stalled and not w.cancelled]
         if not stalled:
             return []
         oldest = min(stalled, key=lambda wait: wait.since)
         oldest.cancelled = True
-        return [oldest.context]
+        return [oldest.context.cancel]
