@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -40,7 +41,10 @@ def test_concurrent_requests_share_batches_up_to_the_limit() -> None:
     batches: list[list[int]] = []
     batcher = _recording_batcher(4, 1.0, batches)
     batcher.start()
-    results = _at_once(*((_classify, batcher, i) for i in range(10)))
+    with contextlib.ExitStack() as arriving:  # ten requests in the server at once
+        admissions = [arriving.enter_context(batcher.admit()) for _ in range(10)]
+        futures = [admission.submit(i) for i, admission in enumerate(admissions)]
+    results = [future.result(timeout=30) for future in futures]
     batcher.close()
     assert [r.value for r in results] == [i * 10 for i in range(10)]
     assert sorted(i for batch in batches for i in batch) == list(range(10))

@@ -218,8 +218,8 @@ def lower_this_thread(niceness: int) -> None:
     """Run the calling thread `niceness` steps below the others of its process (Linux only:
     there a thread has its own nice value; elsewhere this would lower the whole process).
 
-    A model worker is lowered so that the event loop and gRPC's threads, which receive requests
-    and hand results back, take a core the moment they have work instead of waiting for a worker
+    A model worker is lowered so that gRPC's threads, which receive requests and hand results
+    back, take a core the moment they have work instead of waiting for a worker
     running the model to be descheduled; the model gets every cycle they leave. Measured on 2
     cores (docs/benchmarks.md, service_sweep) the gain is small: at concurrency 2 119.5-120.2
     img/s against 111.9-117.5 unlowered, p99 at 16 127-128 ms against 132; within noise at 8.

@@ -93,8 +93,19 @@ MAX_HEALTH_WATCHES = OTHER_CALLS_ROOM // 4
 CHECK_THREADS = 4
 
 
+def server_calls(settings: InferenceSettings) -> int:
+    """The calls the gRPC server takes at once: the classifier's, and room for the others."""
+    return settings.max_concurrent_rpcs + OTHER_CALLS_ROOM
+
+
+def checks_pool(settings: InferenceSettings) -> CallPool:
+    """The pool of the calls of one request other than Classify (see CHECK_THREADS); a thread
+    for each such call the server takes that waits for its request, so none is cut for room."""
+    return CallPool(CHECK_THREADS, settings.idle_call_timeout_s, server_calls(settings))
+
+
 def _grpc_server(
-    settings: InferenceSettings, service: InferenceService, calls: CallTracker
+    settings: InferenceSettings, service: InferenceService, calls: CallTracker, checks: CallPool
 ) -> tuple[grpc.Server, health.HealthServicer, int]:
     """The gRPC server with the classifier, health and (if asked) reflection, bound to its
     port, and that port (the one the system chose for --port 0).
@@ -102,9 +113,7 @@ def _grpc_server(
     Three pools of threads: unary Classify on the service's own (servicer.py); calls of one
     request (health, GetModelInfo) on a small `CallPool`; streams (ClassifyStream, reflection)
     and refusals on the server's pool, a thread per stream up to the calls the server takes."""
-    max_calls = settings.max_concurrent_rpcs + OTHER_CALLS_ROOM
-    # A thread for every call waiting for its request that gRPC admits: none is cut to make room.
-    checks = CallPool(CHECK_THREADS, settings.idle_call_timeout_s, max_threads=max_calls)
+    max_calls = server_calls(settings)
     # Outside the call tracker: a call is counted once its request is in (request_wait.py).
     interceptors: list[grpc.ServerInterceptor] = [
         RequestWait(checks, settings.idle_call_timeout_s, service.metrics),
@@ -195,7 +204,8 @@ async def _serve_until(
     metrics = ServiceMetrics()
     service = InferenceService(settings, metrics)
     calls = CallTracker(max_watches=MAX_HEALTH_WATCHES)
-    server, health_servicer, grpc_port = _grpc_server(settings, service, calls)
+    checks = checks_pool(settings)
+    server, health_servicer, grpc_port = _grpc_server(settings, service, calls, checks)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     server.start()
     is_ready = asyncio.Event()
@@ -242,3 +252,4 @@ async def _serve_until(
             server.stop(0)
         await runner.cleanup()
         await asyncio.to_thread(service.close)
+        checks.shutdown(wait=False)
