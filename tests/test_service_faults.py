@@ -10,7 +10,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -620,6 +620,68 @@ def test_calls_past_the_concurrent_limit_are_refused_not_held(
     finally:
         for feed in feeds:
             feed.put(None)
+        assert server.terminate() == 0
+
+
+def test_classify_calls_waiting_for_the_model_hold_places_too(
+    tmp_path: Path, model_cache: Path, video_frames: list[bytes]
+) -> None:
+    """Unary calls queue for the model's threads (one per core): queued unrefused, a burst
+    filled gRPC's own limit on calls, whose refusals say nothing of what to do, and health
+    checks with them. Each call takes a place as it comes; past the limit it is refused."""
+    server = start_server(tmp_path, model_cache, "--max-concurrent-rpcs", "4")
+    server.wait_serving()
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = inference_pb2_grpc.ClassifierStub(channel)
+            request = inference_pb2.ClassifyRequest(image=video_frames[0])
+            burst = [stub.Classify.future(request, timeout=60) for _ in range(40)]
+            outcomes = Counter()
+            for call in burst:
+                try:
+                    call.result()
+                    outcomes["OK"] += 1
+                except grpc.RpcError as refused:
+                    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+                    assert "--max-concurrent-rpcs" in refused.details(), refused.details()
+                    outcomes["RESOURCE_EXHAUSTED"] += 1
+            assert outcomes["OK"] >= 4 and outcomes["RESOURCE_EXHAUSTED"] >= 1, outcomes
+            assert health_status(server.target) == "SERVING"
+            metrics = _http_get(f"{server.http_url}/metrics")[1]
+            exhausted = {"method": "Classify", "code": "RESOURCE_EXHAUSTED"}
+            counted = _metric(metrics, "vidflow_inference_requests_total", **exhausted)
+            assert counted == outcomes["RESOURCE_EXHAUSTED"]
+            assert _metric(metrics, "vidflow_inference_open_calls") == 0
+    finally:
+        assert server.terminate() == 0
+
+
+def test_health_watches_opening_and_leaving_at_once_never_stop_the_server(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """grpcio's send waits for its completion-queue thread, and grpc's health servicer sent a
+    watch's status while holding the lock that a leaving watch's callback takes on that thread:
+    watches opening while others left could stop every call for good."""
+    server = start_server(tmp_path, model_cache)
+    server.wait_serving()
+    watch = "/grpc.health.v1.Health/Watch"
+    request = health_pb2.HealthCheckRequest().SerializeToString()
+
+    def churn() -> int:
+        seen = 0
+        with grpc.insecure_channel(server.target) as channel:
+            for _ in range(60):
+                call = channel.unary_stream(watch)(request, timeout=10)
+                seen += bool(next(call))
+                call.cancel()  # leaves while the others open
+        return seen
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            seen = sum(pool.map(lambda _: churn(), range(6)))
+        assert seen == 360
+        assert health_status(server.target, timeout_s=5) == "SERVING"
+    finally:
         assert server.terminate() == 0
 
 

@@ -33,24 +33,36 @@ class CallLimit:
         metrics.open_calls.set_function(lambda: self.open_calls)
         metrics.max_open_calls.set(limit)
 
+    def take(self) -> bool:
+        """One place, if one is free (give it back when the call ends)."""
+        with self._lock:
+            if self.open_calls >= self.limit:
+                return False
+            self.open_calls += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.open_calls -= 1
+
+    def refuse(self, method: str, context: grpc.ServicerContext) -> None:
+        """End a call that found no place with RESOURCE_EXHAUSTED (counted); raises."""
+        self.metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
+        context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the server holds its limit of {self.limit} calls (--max-concurrent-rpcs); "
+            "try again when one ends",
+        )
+
     @contextlib.contextmanager
     def admitted(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
         """Hold one place for the call while it runs, or end it with RESOURCE_EXHAUSTED."""
-        with self._lock:
-            admitted = self.open_calls < self.limit
-            self.open_calls += admitted
-        if not admitted:
-            self.metrics.requests.labels(method, "RESOURCE_EXHAUSTED").inc()
-            context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"the server holds its limit of {self.limit} calls (--max-concurrent-rpcs); "
-                "try again when one ends",
-            )
+        if not self.take():
+            self.refuse(method, context)
         try:
             yield
         finally:
-            with self._lock:
-                self.open_calls -= 1
+            self.give_back()
 
     def idle_message(self, method: str, what: str) -> str:
         return (

@@ -21,6 +21,7 @@ are warm, takes the next call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -28,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -94,13 +95,34 @@ def ends_within(context: grpc.ServicerContext, seconds: float) -> bool:
     return ended.wait(seconds)
 
 
-class CallPool(futures.ThreadPoolExecutor):
-    """At most `limit` threads running calls; see the module's docstring."""
+class Places(Protocol):
+    """A bound on calls held at once (CallLimit): a place is taken when a call comes."""
 
-    def __init__(self, limit: int, idle_timeout_s: float, max_threads: int = MAX_THREADS) -> None:
+    def take(self) -> bool: ...
+
+    def give_back(self) -> None: ...
+
+
+class CallPool(futures.ThreadPoolExecutor):
+    """At most `limit` threads running calls; see the module's docstring.
+
+    With `places`, a call takes a place as it comes, queued or not, and gives it back when its
+    handler returns; a call that finds none runs at once on a thread of its own, where
+    `refusing()` is true, for its handler to refuse it: queued unrefused, such calls filled
+    gRPC's own limit on calls, and health checks were refused behind them."""
+
+    def __init__(
+        self,
+        limit: int,
+        idle_timeout_s: float,
+        max_threads: int = MAX_THREADS,
+        places: Places | None = None,
+    ) -> None:
         super().__init__(max_workers=1)  # starts no thread: submit is this class's own
         self._limit = limit
         self._max_threads = max_threads
+        self._places = places
+        self._refusal = threading.local()
         self._idle_timeout_s = idle_timeout_s
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # a slot freed
@@ -116,12 +138,33 @@ class CallPool(futures.ThreadPoolExecutor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
         future: futures.Future[Any] = futures.Future()
+        places = self._places
+        if places is not None and not places.take():
+            work = _Work(future, lambda: self._refused(fn, *args, **kwargs))
+            threading.Thread(target=work, name="call-pool-refusal", daemon=True).start()
+            return future
+
+        def run() -> Any:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if places is not None:
+                    places.give_back()
+
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new calls after shutdown")
-            self._queue.append(_Work(future, lambda: fn(*args, **kwargs)))
+            self._queue.append(_Work(future, run))
             self._dispatch_locked()
         return future
+
+    def refusing(self) -> bool:
+        """Whether the calling handler's call found no place (see the class's docstring)."""
+        return getattr(self._refusal, "on", False)
+
+    def _refused(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self._refusal.on = True
+        return fn(*args, **kwargs)
 
     def set_limit(self, limit: int) -> None:
         """Let `limit` threads run calls from now on (the model's concurrency, known once it
@@ -244,4 +287,5 @@ class CallPool(futures.ThreadPoolExecutor):
             return []
         oldest = min(stalled, key=lambda wait: wait.since)
         oldest.cancelled = True
-        return [oldest.context.cancel]
+        code, why = grpc.StatusCode.RESOURCE_EXHAUSTED, "ended to make room: its request never came"
+        return [functools.partial(end_call, oldest.context, code, why)]

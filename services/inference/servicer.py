@@ -68,7 +68,10 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         )
         # Unary Classify's threads; how many may run calls is set once the model is loaded.
         self.classify_pool = CallPool(
-            usable_cpus(), settings.idle_call_timeout_s, max_threads=settings.max_concurrent_rpcs
+            usable_cpus(),
+            settings.idle_call_timeout_s,
+            max_threads=settings.max_concurrent_rpcs,
+            places=self.call_limit,
         )
         self._preprocess_pool = (
             ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
@@ -132,10 +135,12 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         if self.max_batch_size == 1:  # on this thread: no hand-off, as the plain server
             pixels = self.settings.max_image_pixels
             result = BatchResult(run_batch(model, [request.image], pixels)[0], 0.0, 1)
+            self.metrics.batch_size.observe(1)
         else:
             with batcher.admit() as admission:
                 future = admission.submit(request.image)
-            context.add_callback(future.cancel)  # a call that ends takes its image back
+            if not context.add_callback(future.cancel):  # a call that ends takes it back
+                future.cancel()
             result = future.result()
         return respond(model, self.metrics, request, result, started)
 
@@ -174,24 +179,26 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         counts it and reads inside the pool's wait, which frees the thread's slot while it waits
         and ends the call past --idle-call-timeout-s.
         """
-        with self.call_limit.admitted("Classify", context):
-            idle = self.call_limit.idle_ender("Classify", context, "its request has not arrived")
-            try:
-                with self.classify_pool.waiting_for_request(context, idle):
-                    request = next(requests, None)
-            except grpc.RpcError:  # the call ended first: nobody to answer
-                if not idle.done:  # else counted as ended idle
-                    self.metrics.requests.labels("Classify", cancelled_code(context).name).inc()
-                return NO_ANSWER
-            if request is None:  # half-closed without a request, or ending
-                if not ends_within(context, END_OF_CALL_S):
-                    self.metrics.requests.labels("Classify", "INVALID_ARGUMENT").inc()
-                    context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, "the call carried no ClassifyRequest"
-                    )
+        if self.classify_pool.refusing():  # its place is taken when the call comes (CallPool)
+            self.call_limit.refuse("Classify", context)
+        idle = self.call_limit.idle_ender("Classify", context, "its request has not arrived")
+        try:
+            with self.classify_pool.waiting_for_request(context, idle):
+                request = next(requests, None)
+        except grpc.RpcError:  # the call ended first: nobody to answer
+            if not idle.done:  # else counted as ended idle
                 self.metrics.requests.labels("Classify", cancelled_code(context).name).inc()
-                return NO_ANSWER
-            return self.Classify(request, context)
+            return NO_ANSWER
+        if request is None:  # half-closed without a request, or ending
+            if not ends_within(context, END_OF_CALL_S):
+                self.metrics.requests.labels("Classify", "INVALID_ARGUMENT").inc()
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, "the call carried no ClassifyRequest"
+                )
+            if not idle.done:  # else counted as ended idle
+                self.metrics.requests.labels("Classify", cancelled_code(context).name).inc()
+            return NO_ANSWER
+        return self.Classify(request, context)
 
     # ---- ClassifyStream ---------------------------------------------------------------------
 

@@ -24,20 +24,38 @@ Behaviour = Callable[..., Any]
 
 
 class _Watch:
-    """One open health Watch's sender (grpcio's non-blocking Watch): ends once, and sends
-    nothing after (grpc's health servicer sends its end again when the call closes)."""
+    """One open health Watch's sender (grpcio's non-blocking Watch), on a thread of its own.
+
+    grpcio's send waits for its completion-queue thread, and grpc's health servicer sends while
+    it holds its lock, which a closing Watch's callback takes on that same thread: sent in
+    place, one watch opening while another closed stopped the server for good. Here a send only
+    notes the latest status; this watch's thread sends it, then the end (once, and nothing
+    after: grpc's servicer ends the watch again when its call closes)."""
 
     def __init__(self, send: Callable[[Any], None]) -> None:
         self._send = send
-        self._lock = threading.Lock()
-        self._ended = False
+        self._changed = threading.Condition()
+        self._latest: Any = None  # a status not yet sent
+        self._ending = False
+        threading.Thread(target=self._run, name="health-watch", daemon=True).start()
 
     def __call__(self, response: Any) -> None:
-        with self._lock:
-            if self._ended:
+        with self._changed:
+            if response is None:
+                self._ending = True
+            else:
+                self._latest = response
+            self._changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._latest is not None or self._ending)
+                response, self._latest = self._latest, None
+                ending = self._ending and response is None
+            self._send(None if ending else response)  # an ended call takes neither
+            if ending:
                 return
-            self._ended = response is None
-            self._send(response)
 
 
 class CallTracker(grpc.ServerInterceptor):
@@ -60,6 +78,7 @@ class CallTracker(grpc.ServerInterceptor):
         self.cancelled_by_clients = 0
         self.cancelled_by_shutdown = 0
         self._watches: set[_Watch] = set()
+        self._ending = False  # watches opening from now on end at once (shutdown)
         self.grace_ends: float | None = None  # time.monotonic(); set when shutdown begins
 
     @property
@@ -95,14 +114,18 @@ class CallTracker(grpc.ServerInterceptor):
         for watch in watches:
             watch(None)
 
+    def end_watches_to_come(self) -> None:
+        """From now on a Watch that opens ends once it has sent its first status (shutdown)."""
+        self._ending = True
+
     def _watched(self, behaviour: Behaviour) -> Behaviour:
         """grpc's non-blocking Watch, counted, limited and ended at shutdown (end_watches)."""
 
         def watch(request: Any, context: grpc.ServicerContext, send: Any) -> None:
-            sender = _Watch(send)
             with self._lock:
                 refused = self.max_watches is not None and len(self._watches) >= self.max_watches
                 if not refused:
+                    sender = _Watch(send)
                     self._watches.add(sender)
             if refused:
                 context.abort(
@@ -110,8 +133,13 @@ class CallTracker(grpc.ServerInterceptor):
                     f"the server holds its limit of {self.max_watches} health watches, which "
                     "keeps room for health checks: use Check, or watch when one ends",
                 )
-            context.add_callback(lambda: self._forget(sender))
+            if not context.add_callback(lambda: self._forget(sender)):
+                self._forget(sender)  # its client has left already
+                sender(None)
+                return
             behaviour(request, context, sender)
+            if self._ending:
+                sender(None)
 
         watch.experimental_non_blocking = True  # type: ignore[attr-defined]
         return watch
@@ -207,7 +235,8 @@ async def drain_calls(
     """Refuse new calls, give those in flight up to `grace_s` to end, then cancel the rest;
     at once if `stop_now` is set meanwhile (a second Ctrl-C)."""
     watches = calls.open_watches
-    # Watchers hear NOT_SERVING (sent before this returns), then their watches end.
+    calls.end_watches_to_come()
+    # Watchers hear NOT_SERVING, then their watches end (in that order, on each one's thread).
     await asyncio.to_thread(health_servicer.enter_graceful_shutdown)
     await asyncio.to_thread(calls.end_watches)
     calls.start_grace(grace_s)
@@ -221,7 +250,8 @@ async def drain_calls(
     if cut_short:
         log.info("stopping now: cancelling the calls still open")
         calls.grace_ends = time.monotonic()
-        server.stop(None)  # during a graceful stop, gRPC cancels every call at once
+        # During a graceful stop, gRPC cancels every call at once.
+        await asyncio.to_thread(server.stop, None)
     await stopping
     for _ in range(100):  # cancelled handlers finish on their threads just after stop returns
         if calls.open == 0:
