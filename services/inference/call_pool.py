@@ -153,6 +153,8 @@ class CallPool(futures.ThreadPoolExecutor):
 
         with self._lock:
             if self._closed:
+                if places is not None:
+                    places.give_back()
                 raise RuntimeError("cannot schedule new calls after shutdown")
             self._queue.append(_Work(future, run))
             self._dispatch_locked()
@@ -184,9 +186,10 @@ class CallPool(futures.ThreadPoolExecutor):
     @contextlib.contextmanager
     def waiting_for_request(
         self, context: grpc.ServicerContext, on_timeout: Callable[[], None] | None = None
-    ) -> Iterator[None]:
+    ) -> Iterator[_Wait]:
         """Around the handler's read of its request (see the module's docstring); past the idle
-        timeout the watchdog calls `on_timeout` (by default the context's `cancel`)."""
+        timeout the watchdog calls `on_timeout` (by default the context's `cancel`). The wait's
+        `cancelled` says, once the read is done, that the watchdog ended the call meanwhile."""
         wait = _Wait(time.monotonic(), context, on_timeout or context.cancel)
         key = threading.get_ident()
         with self._lock:
@@ -196,16 +199,20 @@ class CallPool(futures.ThreadPoolExecutor):
                     target=self._watch, name="call-pool-watchdog", daemon=True
                 )
                 self._watchdog.start()
+        read = False
         try:
-            yield
+            yield wait
+            read = True
         finally:
             with self._lock:
                 del self._waits[key]
                 if wait.stalled:  # its slot went to another call: take one back to go on
-                    self._late += 1
-                    while self._running >= self._limit:
+                    # A read that failed only ends its call: it takes its slot back at once
+                    # (one over the limit for a moment) rather than wait behind the model.
+                    self._late += read
+                    while read and self._running >= self._limit:
                         self._room.wait()
-                    self._late -= 1
+                    self._late -= read
                     self._running += 1
                     self._dispatch_locked()  # slots that waited for it, if any are free
 

@@ -92,10 +92,8 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         )
         self.batcher.start()
         # Inline, one call per model worker and core; waiting for the batcher, any number.
-        inline_calls = min(model.workers, usable_cpus())
-        self.classify_pool.set_limit(
-            inline_calls if self.max_batch_size == 1 else self.settings.max_concurrent_rpcs
-        )
+        inline_calls, batched = min(model.workers, usable_cpus()), self.max_batch_size > 1
+        self.classify_pool.set_limit(self.settings.max_concurrent_rpcs if batched else inline_calls)
         self.model = model
         log.info(
             "model %s ready on %s/%s (max batch %d, max delay %.1f ms; Classify %s)",
@@ -183,11 +181,13 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             self.call_limit.refuse("Classify", context)
         idle = self.call_limit.idle_ender("Classify", context, "its request has not arrived")
         try:
-            with self.classify_pool.waiting_for_request(context, idle):
+            with self.classify_pool.waiting_for_request(context, idle) as wait:
                 request = next(requests, None)
         except grpc.RpcError:  # the call ended first: nobody to answer
-            if not idle.done:  # else counted as ended idle
+            if not wait.cancelled:  # else ended idle: counted by `idle`
                 self.metrics.requests.labels("Classify", cancelled_code(context).name).inc()
+            return NO_ANSWER
+        if wait.cancelled:  # ended idle as its request came: counted by `idle`
             return NO_ANSWER
         if request is None:  # half-closed without a request, or ending
             if not ends_within(context, END_OF_CALL_S):
@@ -195,8 +195,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
                 context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, "the call carried no ClassifyRequest"
                 )
-            if not idle.done:  # else counted as ended idle
-                self.metrics.requests.labels("Classify", cancelled_code(context).name).inc()
+            self.metrics.requests.labels("Classify", cancelled_code(context).name).inc()
             return NO_ANSWER
         return self.Classify(request, context)
 

@@ -29,33 +29,45 @@ class _Watch:
     grpcio's send waits for its completion-queue thread, and grpc's health servicer sends while
     it holds its lock, which a closing Watch's callback takes on that same thread: sent in
     place, one watch opening while another closed stopped the server for good. Here a send only
-    notes the latest status; this watch's thread sends it, then the end (once, and nothing
-    after: grpc's servicer ends the watch again when its call closes)."""
+    notes the latest status; this watch's thread sends it, then the end: when its call closes
+    (grpc's servicer passes None), or at shutdown (`end`) once it has sent a status."""
 
     def __init__(self, send: Callable[[Any], None]) -> None:
         self._send = send
         self._changed = threading.Condition()
+        # Guarded by `_changed`:
         self._latest: Any = None  # a status not yet sent
-        self._ending = False
+        self._closed = self._ending = self._sent_one = False
         threading.Thread(target=self._run, name="health-watch", daemon=True).start()
 
     def __call__(self, response: Any) -> None:
+        """grpc's servicer's send: a status, or None once the call has closed."""
         with self._changed:
             if response is None:
-                self._ending = True
+                self._closed = True
             else:
                 self._latest = response
             self._changed.notify()
 
+    def end(self) -> None:
+        """End the watch (status OK) once it has sent a status: its last, NOT_SERVING."""
+        with self._changed:
+            self._ending = True
+            self._changed.notify()
+
+    def _ready(self) -> bool:
+        return self._latest is not None or self._closed or (self._ending and self._sent_one)
+
     def _run(self) -> None:
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self._latest is not None or self._ending)
+                self._changed.wait_for(self._ready)
                 response, self._latest = self._latest, None
-                ending = self._ending and response is None
-            self._send(None if ending else response)  # an ended call takes neither
-            if ending:
+            self._send(response)  # None: the end (an ended call takes nothing)
+            if response is None:
                 return
+            with self._changed:
+                self._sent_one = True
 
 
 class CallTracker(grpc.ServerInterceptor):
@@ -105,18 +117,16 @@ class CallTracker(grpc.ServerInterceptor):
         )
 
     def end_watches(self) -> None:
-        """End every open health Watch now (status OK); call once NOT_SERVING has gone out.
+        """End every health Watch, open or to come, once it has sent its status; call once the
+        health servicer is set to NOT_SERVING.
 
         gRPC's stop(grace) waits for every call, and a Watch lasts until its client leaves:
         one watcher made every stop wait out the whole grace."""
         with self._lock:
+            self._ending = True
             watches = list(self._watches)
         for watch in watches:
-            watch(None)
-
-    def end_watches_to_come(self) -> None:
-        """From now on a Watch that opens ends once it has sent its first status (shutdown)."""
-        self._ending = True
+            watch.end()
 
     def _watched(self, behaviour: Behaviour) -> Behaviour:
         """grpc's non-blocking Watch, counted, limited and ended at shutdown (end_watches)."""
@@ -135,18 +145,21 @@ class CallTracker(grpc.ServerInterceptor):
                 )
             if not context.add_callback(lambda: self._forget(sender)):
                 self._forget(sender)  # its client has left already
-                sender(None)
                 return
             behaviour(request, context, sender)
-            if self._ending:
-                sender(None)
+            with self._lock:
+                ending = self._ending
+            if ending:  # opened during shutdown: after end_watches' look
+                sender.end()
 
         watch.experimental_non_blocking = True  # type: ignore[attr-defined]
         return watch
 
     def _forget(self, watch: _Watch) -> None:
+        """Its call has closed: its thread ends (grpc's servicer may not have told it yet)."""
         with self._lock:
             self._watches.discard(watch)
+        watch(None)
 
     def _tracked(self, behaviour: Behaviour, streams_responses: bool) -> Behaviour:
         if streams_responses:
@@ -235,7 +248,6 @@ async def drain_calls(
     """Refuse new calls, give those in flight up to `grace_s` to end, then cancel the rest;
     at once if `stop_now` is set meanwhile (a second Ctrl-C)."""
     watches = calls.open_watches
-    calls.end_watches_to_come()
     # Watchers hear NOT_SERVING, then their watches end (in that order, on each one's thread).
     await asyncio.to_thread(health_servicer.enter_graceful_shutdown)
     await asyncio.to_thread(calls.end_watches)
