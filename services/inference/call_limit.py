@@ -64,19 +64,14 @@ class CallLimit:
         finally:
             self.give_back()
 
-    def idle_message(self, method: str, what: str) -> str:
-        return (
-            f"{method} ended by the server: {what} within {self.idle_timeout_s:g} s "
-            "(--idle-call-timeout-s)"
-        )
-
     def end_idle_call(self, method: str, context: grpc.ServicerContext, what: str) -> None:
         """End a call that idled past its timeout, so that it frees its place (counted); from
         its handler's thread (raises, as context.abort does).
 
         Without this, a client opening calls and sending nothing held every place for good."""
         self._count_idle(method)
-        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self.idle_message(method, what))
+        message = idle_call_message(method, what, self.idle_timeout_s)
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
 
     def idle_ender(self, method: str, context: grpc.ServicerContext, what: str) -> IdleEnd:
         """What a call pool's watchdog calls to end, from its own thread, a call whose request
@@ -88,21 +83,23 @@ class CallLimit:
         self.metrics.idle_calls_ended.labels(method).inc()
 
 
+def idle_call_message(method: str, what: str, idle_timeout_s: float) -> str:
+    """What a client whose call was ended for idling reads (here and in request_wait.py)."""
+    return (
+        f"{method} ended by the server: {what} within {idle_timeout_s:g} s (--idle-call-timeout-s)"
+    )
+
+
 class IdleEnd:
-    """Ends one call with DEADLINE_EXCEEDED from another thread, counted; `done` tells its
-    handler, whose read then fails, that the call is counted already."""
+    """Ends one call with DEADLINE_EXCEEDED from another thread (a call pool's watchdog),
+    counted; the pool's wait then says `cancelled` to the call's handler."""
 
     def __init__(
         self, limit: CallLimit, method: str, context: grpc.ServicerContext, what: str
     ) -> None:
         self._limit, self._method, self._context, self._what = limit, method, context, what
-        self.done = False
 
     def __call__(self) -> None:
-        self.done = True
         self._limit._count_idle(self._method)
-        end_call(
-            self._context,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            self._limit.idle_message(self._method, self._what),
-        )
+        message = idle_call_message(self._method, self._what, self._limit.idle_timeout_s)
+        end_call(self._context, grpc.StatusCode.DEADLINE_EXCEEDED, message)

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from services.inference.call_limit import idle_call_message
 from services.inference.call_pool import CallPool, end_call
 from services.inference.metrics import ServiceMetrics
 
@@ -92,9 +93,6 @@ class RequestWait(grpc.ServerInterceptor):
 
     def _end_idle(self, method: str, context: grpc.ServicerContext) -> None:
         self.metrics.idle_calls_ended.labels(method).inc()
-        end_call(
-            context,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            f"{method} ended by the server: its request has not arrived within "
-            f"{self.idle_timeout_s:g} s (--idle-call-timeout-s)",
-        )
+        what = "its request has not arrived"
+        message = idle_call_message(method, what, self.idle_timeout_s)
+        end_call(context, grpc.StatusCode.DEADLINE_EXCEEDED, message)
