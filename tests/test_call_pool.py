@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 from services.inference.call_pool import CallPool
 
@@ -94,4 +95,29 @@ def test_a_cancel_that_fails_leaves_the_watchdog_running() -> None:
     assert pool.submit(failing_handler).result(timeout=5).cancelled
     later = pool.submit(_handler, pool, model, None).result(timeout=5)
     assert later.cancelled  # before: a dead watchdog, and this call held for ever
+    _settled(pool)
+
+
+def _switches(thread: threading.Thread) -> int:
+    """How often the thread has given up the CPU: every tick of a watchdog's sleep is one."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_an_idle_pool_ends_its_spare_thread_then_its_watchdog_sleeps_until_a_call_waits() -> None:
+    pool, model = CallPool(1, idle_timeout_s=0.3), ModelCalls()
+    stalled = pool.submit(_handler, pool, model, 0.1)  # its slot goes to the next call's thread
+    pool.submit(_handler, pool, model, 0.0).result(timeout=5)
+    stalled.result(timeout=5)
+    _settled(pool)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (pool._threads > 1 or not pool._watchdog.asleep):
+        time.sleep(0.01)
+    assert pool._threads == 1  # the spare ended
+    watchdog = pool._watchdog.thread
+    assert watchdog is not None and pool._watchdog.asleep
+    before = _switches(watchdog)
+    time.sleep(0.5)
+    assert _switches(watchdog) - before <= 1  # before: a tick every 20 ms, ~25 here
+    assert pool.submit(_handler, pool, model, None).result(timeout=5).cancelled  # it woke
     _settled(pool)

@@ -103,6 +103,41 @@ class Places(Protocol):
     def give_back(self) -> None: ...
 
 
+class _Watchdog:
+    """A pool's thread that ticks every STALL_S while it has something to watch (calls waiting
+    for their request, spare threads, a shut-down to end on) and sleeps otherwise, until woken:
+    an idle server is not woken 50 times a second. Its state is guarded by the pool's lock."""
+
+    def __init__(
+        self, lock: threading.Lock, to_watch: Callable[[], bool], tick: Callable[[], bool]
+    ) -> None:
+        self._wake = threading.Condition(lock)
+        self._to_watch = to_watch  # called with the lock held
+        self._tick = tick  # takes the lock itself; False: the pool has shut down
+        self.thread: threading.Thread | None = None
+        self.asleep = False
+
+    def wake_locked(self, start: bool = False) -> None:
+        """Wake it if it sleeps (the caller holds the pool's lock); `start` it if none runs."""
+        if self.thread is None and start:
+            self.thread = threading.Thread(target=self._run, name="call-pool-watchdog", daemon=True)
+            self.thread.start()
+        elif self.asleep:
+            self.asleep = False
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._to_watch():
+                    self.asleep = True
+                    self._wake.wait()
+                self.asleep = False
+            time.sleep(STALL_S)
+            if not self._tick():
+                return
+
+
 class CallPool(futures.ThreadPoolExecutor):
     """At most `limit` threads running calls; see the module's docstring.
 
@@ -133,8 +168,8 @@ class CallPool(futures.ThreadPoolExecutor):
         self._running = 0  # threads holding a slot: running a call, not stalled on its request
         self._late = 0  # threads whose request came after they gave up their slot: served first
         self._waits: dict[int, _Wait] = {}  # by thread id
-        self._watchdog: threading.Thread | None = None
         self._closed = False
+        self._watchdog = _Watchdog(self._lock, self._to_watch_locked, self._tick)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
         future: futures.Future[Any] = futures.Future()
@@ -175,11 +210,13 @@ class CallPool(futures.ThreadPoolExecutor):
             self._limit = limit
             self._room.notify_all()
             self._dispatch_locked()
+            self._watchdog.wake_locked()  # spares past a lower limit end
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            self._watchdog.wake_locked()  # to end
         for thread in idle:
             thread.wake.set()  # with no work: it ends
 
@@ -194,11 +231,7 @@ class CallPool(futures.ThreadPoolExecutor):
         key = threading.get_ident()
         with self._lock:
             self._waits[key] = wait
-            if self._watchdog is None:
-                self._watchdog = threading.Thread(
-                    target=self._watch, name="call-pool-watchdog", daemon=True
-                )
-                self._watchdog.start()
+            self._watchdog.wake_locked(start=True)
         read = False
         try:
             yield wait
@@ -256,33 +289,38 @@ class CallPool(futures.ThreadPoolExecutor):
                     else:
                         thread.wake.clear()
                         self._idle.append(thread)
+                        if len(self._idle) > self._limit:  # a spare, for the watchdog to end
+                            self._watchdog.wake_locked()
 
-    def _watch(self) -> None:
-        """Every STALL_S: free the slots of stalled calls, cancel those past the idle timeout."""
-        while True:
-            time.sleep(STALL_S)
-            now = time.monotonic()
-            with self._lock:
-                if self._closed:
-                    return
-                overdue = []
-                for wait in self._waits.values():
-                    if not wait.stalled and now - wait.since > STALL_S:
-                        wait.stalled = True
-                        self._running -= 1
-                        self._room.notify()
-                    if not wait.cancelled and now - wait.since > self._idle_timeout_s:
-                        wait.cancelled = True
-                        overdue.append(wait.on_timeout)
-                overdue += self._make_room_locked()
-                self._dispatch_locked()
-                while len(self._idle) > self._limit:  # spares left by stalls: the coldest end
-                    self._idle.pop(0).wake.set()
-            for end in overdue:
-                try:
-                    end()
-                except Exception:  # the watchdog must go on: it frees every other slot
-                    log.exception("cancelling a call whose request did not come failed")
+    def _to_watch_locked(self) -> bool:
+        return bool(self._waits) or self._closed or len(self._idle) > self._limit
+
+    def _tick(self) -> bool:
+        """Free the slots of stalled calls, cancel those past the idle timeout, end spare
+        threads; False once the pool is shut down."""
+        now = time.monotonic()
+        with self._lock:
+            if self._closed:
+                return False
+            overdue = []
+            for wait in self._waits.values():
+                if not wait.stalled and now - wait.since > STALL_S:
+                    wait.stalled = True
+                    self._running -= 1
+                    self._room.notify()
+                if not wait.cancelled and now - wait.since > self._idle_timeout_s:
+                    wait.cancelled = True
+                    overdue.append(wait.on_timeout)
+            overdue += self._make_room_locked()
+            self._dispatch_locked()
+            while len(self._idle) > self._limit:  # spares left by stalls: the coldest end
+                self._idle.pop(0).wake.set()
+        for end in overdue:
+            try:
+                end()
+            except Exception:  # the watchdog must go on: it frees every other slot
+                log.exception("cancelling a call whose request did not come failed")
+        return True
 
     def _make_room_locked(self) -> list[Callable[[], None]]:
         """At MAX_THREADS with calls queued and no thread idle, every thread is held by a
