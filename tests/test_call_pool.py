@@ -116,6 +116,7 @@ def test_an_idle_pool_ends_its_spare_thread_then_its_watchdog_sleeps_until_a_cal
     assert pool._threads == 1  # the spare ended
     watchdog = pool._watchdog.thread
     assert watchdog is not None and pool._watchdog.asleep
+    time.sleep(0.05)  # past its last switches on the way to sleep
     before = _switches(watchdog)
     time.sleep(0.5)
     assert _switches(watchdog) - before <= 1  # before: a tick every 20 ms, ~25 here

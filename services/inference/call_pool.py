@@ -119,9 +119,10 @@ class _Watchdog:
 
     def wake_locked(self, start: bool = False) -> None:
         """Wake it if it sleeps (the caller holds the pool's lock); `start` it if none runs."""
-        if self.thread is None and start:
-            self.thread = threading.Thread(target=self._run, name="call-pool-watchdog", daemon=True)
-            self.thread.start()
+        if self.thread is None and start:  # kept once started: a failed start is tried again
+            thread = threading.Thread(target=self._run, name="call-pool-watchdog", daemon=True)
+            thread.start()
+            self.thread = thread
         elif self.asleep:
             self.asleep = False
             self._wake.notify()
@@ -230,8 +231,8 @@ class CallPool(futures.ThreadPoolExecutor):
         wait = _Wait(time.monotonic(), context, on_timeout or context.cancel)
         key = threading.get_ident()
         with self._lock:
+            self._watchdog.wake_locked(start=True)  # before the wait counts: a start may fail
             self._waits[key] = wait
-            self._watchdog.wake_locked(start=True)
         read = False
         try:
             yield wait
