@@ -53,10 +53,19 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
 
 def _exported(settings: InferenceSettings) -> Path:
     """The registry model's ONNX export (made once per weights into the cache)."""
-    from services.inference.models import load_model
-    from services.inference.onnx_export import export_onnx
+    from services.inference.models import load_model, weights_file
+    from services.inference.onnx_export import export_made_from, export_onnx, note_export_made_from
 
-    return export_onnx(load_model(settings.model, settings.weights), settings.cache_dir)
+    source = weights_file(settings.model, settings.weights)
+    if source is not None and (
+        found := export_made_from(settings.model, source, settings.cache_dir)
+    ):
+        log.info("using cached ONNX export %s, made from %s", found, source)
+        return found
+    export = export_onnx(load_model(settings.model, settings.weights), settings.cache_dir)
+    if source is not None:
+        note_export_made_from(settings.model, source, settings.cache_dir, export)
+    return export
 
 
 def _torch_model(settings: InferenceSettings, device: str) -> ServedModel:

