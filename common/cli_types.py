@@ -94,6 +94,14 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def vidflow_checkout(text: str) -> Path:
+    """A folder holding a checkout of vidflow (the benchmarks serve older code from one)."""
+    path = Path(text).expanduser()
+    if not (path / "services" / "inference").is_dir():
+        raise argparse.ArgumentTypeError(f"not a vidflow checkout: {path}")
+    return path
+
+
 def prepare_output_file(path: Path | None, flag: str) -> None:
     """Make the folder of a file written at a run's end now (`--summary-json`), so that no run
     is lost for it: ValueError naming `flag` where that cannot be done."""

@@ -21,6 +21,7 @@ BAD_FLAGS = [
     (["bench.depth", "--parts", "nonsense"], "--parts: must be comma-separated names"),
     (["bench.depth_scale", "--sizes", "200,,2000"], "--sizes: must be comma-separated numbers"),
     (["bench.service", "--rounds", "0"], "--rounds: must be 1 or more"),
+    (["bench.serve_start", "--baseline-repo", "/tmp"], "not a vidflow checkout: /tmp"),
     (["bench.service_sweep", "--json", "/no/such/folder/x.json"], "folder /no/such/folder"),
     (["bench.service_sweep", "--vidflow", "foo"], "--vidflow: takes LABEL=VALUE"),
     (["bench.service_sweep", "--vidflow-repo", "a=/tmp"], "no --vidflow a=..."),
