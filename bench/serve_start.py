@@ -44,14 +44,15 @@ def main() -> None:
     add_model_cache_flag(parser)
     args = parser.parse_args()
     flags = shlex.split(args.args)
-    repos = {"this": REPO_ROOT, "baseline": args.baseline_repo}
+    cache_dir = args.cache_dir.resolve()  # each server runs in its own checkout's folder
+    repos = {"this": REPO_ROOT, "baseline": args.baseline_repo.resolve()}
     seconds: dict[str, list[float]] = {label: [] for label in repos}
     with tempfile.TemporaryDirectory() as tmp:
         for label in repos:  # untimed: the first start of each may export or fill the OS caches
-            seconds_to_serving(repos[label], Path(tmp), args.cache_dir, flags)
+            seconds_to_serving(repos[label], Path(tmp), cache_dir, flags)
         for round_index in range(args.rounds):
             for label in list(repos)[:: -1 if round_index % 2 else 1]:
-                took = seconds_to_serving(repos[label], Path(tmp), args.cache_dir, flags)
+                took = seconds_to_serving(repos[label], Path(tmp), cache_dir, flags)
                 seconds[label].append(round(took, 2))
             print(f"round {round_index + 1}: {seconds}", file=sys.stderr)
     this, baseline = median(seconds["this"]), median(seconds["baseline"])

@@ -204,6 +204,47 @@ def test_a_second_start_finds_its_export_without_torch(
     assert load_served_model(own).weights_sha256 != exported.weights_sha256
 
 
+def test_weights_rewritten_while_they_load_are_not_noted_for_their_new_bytes(
+    tmp_path: Path, resnet18_weights, monkeypatch
+) -> None:
+    """A training job rewrites its checkpoint while a server loads it: the export made from
+    the old bytes must not be found later for the new ones."""
+    import services.inference.models as models
+
+    weights = tmp_path / "resnet18.pth"
+    weights.write_bytes(resnet18_weights[0].read_bytes())
+    load = models.load_model
+
+    def load_then_rewrite(name: str, path: Path | None = None) -> models.LoadedModel:
+        loaded = load(name, path)
+        torch.manual_seed(8)
+        from torchvision.models import resnet18
+
+        torch.save(resnet18(weights=None).state_dict(), weights)  # the next epoch's
+        return loaded
+
+    monkeypatch.setattr(models, "load_model", load_then_rewrite)
+    own = InferenceSettings(backend="onnx", model="resnet18", weights=weights, cache_dir=tmp_path)
+    load_served_model(own)
+    again = _served_without_torch(own)
+    assert again.returncode != 0 and "torch" in again.stderr  # before: the old export, served
+
+
+def test_a_cache_where_no_note_can_be_kept_still_serves_its_export(
+    tmp_path: Path, model_cache: Path, caplog
+) -> None:
+    """Notes are a shortcut: one that cannot be written (a read-only cache, here a file where
+    their folder would be) must not stop a start that finds its export the slow way."""
+    load_served_model(InferenceSettings(backend="onnx", cache_dir=model_cache))  # exported
+    for export in model_cache.glob("efficientnet_lite0-*.onnx"):
+        (tmp_path / export.name).write_bytes(export.read_bytes())
+    (tmp_path / "by-weights-file").write_text("not a folder")
+    with caplog.at_level("WARNING", logger="services.inference.export_notes"):
+        served = load_served_model(InferenceSettings(backend="onnx", cache_dir=tmp_path))
+    assert served.name == "efficientnet_lite0"
+    assert "could not note which weights" in caplog.text  # before: the start failed here
+
+
 class _RecordingSession:
     """A real ONNX Runtime session that notes its name on each call."""
 

@@ -52,19 +52,24 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
 
 
 def _exported(settings: InferenceSettings) -> Path:
-    """The registry model's ONNX export (made once per weights into the cache)."""
+    """The registry model's ONNX export (made once per weights into the cache); found by the
+    weights file's bytes without torch where it was made before (export_notes.py)."""
+    from services.inference.export_notes import export_made_from, file_digest, note_export_made_from
     from services.inference.models import load_model, weights_file
-    from services.inference.onnx_export import export_made_from, export_onnx, note_export_made_from
+    from services.inference.onnx_export import export_onnx
 
     source = weights_file(settings.model, settings.weights)
-    if source is not None and (
-        found := export_made_from(settings.model, source, settings.cache_dir)
+    digest = file_digest(source) if source is not None else None
+    if digest is not None and (
+        found := export_made_from(settings.model, digest, settings.cache_dir)
     ):
         log.info("using cached ONNX export %s, made from %s", found, source)
         return found
     export = export_onnx(load_model(settings.model, settings.weights), settings.cache_dir)
-    if source is not None:
-        note_export_made_from(settings.model, source, settings.cache_dir, export)
+    # Noted only if the file still holds the bytes hashed: a file rewritten while it loaded
+    # (a training job's checkpoint) must not name this export for its new bytes.
+    if digest is not None and source is not None and file_digest(source) == digest:
+        note_export_made_from(settings.model, digest, settings.cache_dir, export)
     return export
 
 

@@ -144,7 +144,10 @@ def weights_file(name: str, weights: Path | None = None) -> Path | None:
     local file), without loading torch; None where the default is downloaded."""
     if weights is not None:
         return Path(weights) if Path(weights).is_file() else None
-    return get_entry(name).default_weights_file()
+    try:
+        return get_entry(name).default_weights_file()
+    except ImportError:  # its package is missing: load_model says what to install
+        return None
 
 
 def load_model(name: str, weights: Path | None = None) -> LoadedModel:

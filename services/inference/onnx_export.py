@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import logging
 import warnings
@@ -69,50 +68,6 @@ def cached_onnx_path(model: LoadedModel, cache_dir: Path) -> Path:
         f"{model.name}|{model.weights_sha256}|{torch.__version__}|{OPSET}|{EXPORT_FORMAT_VERSION}".encode()
     ).hexdigest()[:16]
     return Path(cache_dir) / f"{model.name}-{key}.onnx"
-
-
-def _by_weights_file(name: str, weights_file: Path, cache_dir: Path) -> Path | None:
-    """Where the cache notes which export was made from these very weights bytes; None
-    without torch installed (nothing is exported then)."""
-    try:
-        torch_version = importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    digest = hashlib.sha256()
-    with open(weights_file, "rb") as weights:
-        while chunk := weights.read(1 << 20):
-            digest.update(chunk)
-    key = hashlib.sha256(
-        f"{name}|{digest.hexdigest()}|{torch_version}|{OPSET}|{EXPORT_FORMAT_VERSION}".encode()
-    ).hexdigest()[:16]
-    return Path(cache_dir) / "by-weights-file" / f"{name}-{key}.json"
-
-
-def export_made_from(name: str, weights_file: Path, cache_dir: Path) -> Path | None:
-    """The cached export made before from this weights file, found without torch.
-
-    An export is cached by a hash of the weights as loaded (`cached_onnx_path`), which takes
-    torch and the network to compute: 3.4 of a server's 7.3 s of start-up on 2 cores, for a
-    file that was there all along. Keyed here by the file's own bytes instead, so a file
-    whose bytes change misses, and is loaded and exported as before."""
-    note = _by_weights_file(name, weights_file, cache_dir)
-    if note is None or not note.is_file():
-        return None
-    try:
-        export = Path(cache_dir) / Path(json.loads(note.read_text())["export"]).name
-    except (ValueError, KeyError, TypeError):  # a note cut short: found the slow way again
-        return None
-    return export if export.is_file() else None
-
-
-def note_export_made_from(name: str, weights_file: Path, cache_dir: Path, export: Path) -> None:
-    """Remember that `export` was made from this weights file (see export_made_from)."""
-    note = _by_weights_file(name, weights_file, cache_dir)
-    if note is None:
-        return
-    note.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(note) as partial:
-        partial.write_text(json.dumps({"export": export.name}))
 
 
 def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:
