@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+from services.inference import call_pool
 from services.inference.call_pool import CallPool
 
 
@@ -121,4 +122,29 @@ def test_an_idle_pool_ends_its_spare_thread_then_its_watchdog_sleeps_until_a_cal
     time.sleep(0.5)
     assert _switches(watchdog) - before <= 1  # before: a tick every 20 ms, ~25 here
     assert pool.submit(_handler, pool, model, None).result(timeout=5).cancelled  # it woke
+    _settled(pool)
+
+
+def test_a_thread_the_system_refuses_leaves_the_call_queued_until_one_starts(
+    monkeypatch, caplog
+) -> None:
+    """At the system's thread limit, a failed start raised out of `submit` into grpcio's
+    loop that takes calls, which then took none; now the call waits and the start is retried."""
+    refusals = 3
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        nonlocal refusals
+        if thread.name == "call-pool" and refusals:
+            refusals -= 1
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(call_pool, "_warned_at", -1e9)
+    pool, model = CallPool(1, idle_timeout_s=5), ModelCalls()
+    with caplog.at_level("WARNING", logger="services.inference.call_pool"):
+        answered = pool.submit(_handler, pool, model, 0.0)  # before: RuntimeError here
+        assert not answered.result(timeout=5).cancelled
+    assert refusals == 0 and caplog.text.count("could not start a thread") == 1
     _settled(pool)

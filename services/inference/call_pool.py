@@ -35,6 +35,8 @@ import grpc
 
 STALL_S = 0.02  # a request not in by then is stalled: its slot goes to another call
 MAX_THREADS = 64  # stalled calls each hold a thread until they end: this many at most (default)
+WARN_EVERY_S = 10.0  # a thread the system refuses is said in the log at most this often
+_warned_at = -WARN_EVERY_S
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,21 @@ class Places(Protocol):
     def give_back(self) -> None: ...
 
 
+def _start_thread(target: Callable[[], None], name: str) -> threading.Thread | None:
+    """A daemon thread running `target`, started; None where the system refuses one (its
+    thread limit), said in the log at most every WARN_EVERY_S."""
+    global _warned_at
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError as exc:  # "can't start new thread"
+        if time.monotonic() - _warned_at > WARN_EVERY_S:
+            _warned_at = time.monotonic()
+            log.warning("a call pool could not start a thread (%s); its calls wait", exc)
+        return None
+    return thread
+
+
 class _Watchdog:
     """A pool's thread that ticks every STALL_S while it has something to watch (calls waiting
     for their request, spare threads, a shut-down to end on) and sleeps otherwise, until woken:
@@ -120,9 +137,7 @@ class _Watchdog:
     def wake_locked(self, start: bool = False) -> None:
         """Wake it if it sleeps (the caller holds the pool's lock); `start` it if none runs."""
         if self.thread is None and start:  # kept once started: a failed start is tried again
-            thread = threading.Thread(target=self._run, name="call-pool-watchdog", daemon=True)
-            thread.start()
-            self.thread = thread
+            self.thread = _start_thread(self._run, "call-pool-watchdog")
         elif self.asleep:
             self.asleep = False
             self._wake.notify()
@@ -177,7 +192,7 @@ class CallPool(futures.ThreadPoolExecutor):
         places = self._places
         if places is not None and not places.take():
             work = _Work(future, lambda: self._refused(fn, *args, **kwargs))
-            threading.Thread(target=work, name="call-pool-refusal", daemon=True).start()
+            _start_thread(work, "call-pool-refusal")  # else unanswered: its deadline ends it
             return future
 
         def run() -> Any:
@@ -257,10 +272,12 @@ class CallPool(futures.ThreadPoolExecutor):
                 thread = self._idle.pop()
             elif self._threads < self._max_threads:
                 thread = _Thread()
-                threading.Thread(
-                    target=self._serve, args=(thread,), name="call-pool", daemon=True
-                ).start()
-                self._threads += 1  # counted once started: a failed start raises to grpcio
+                if _start_thread(functools.partial(self._serve, thread), "call-pool") is None:
+                    # Raised, it would end grpcio's loop that takes calls: the call waits in
+                    # the queue, and the watchdog tries again every tick while it does.
+                    self._watchdog.wake_locked(start=True)
+                    return
+                self._threads += 1
             else:
                 return
             thread.work = self._queue.popleft()
@@ -294,7 +311,8 @@ class CallPool(futures.ThreadPoolExecutor):
                             self._watchdog.wake_locked()
 
     def _to_watch_locked(self) -> bool:
-        return bool(self._waits) or self._closed or len(self._idle) > self._limit
+        startable = self._queue and self._running < self._limit and not self._late  # unstarted
+        return bool(self._waits or startable) or self._closed or len(self._idle) > self._limit
 
     def _tick(self) -> bool:
         """Free the slots of stalled calls, cancel those past the idle timeout, end spare
