@@ -148,3 +148,29 @@ def test_a_thread_the_system_refuses_leaves_the_call_queued_until_one_starts(
         assert not answered.result(timeout=5).cancelled
     assert refusals == 0 and caplog.text.count("could not start a thread") == 1
     _settled(pool)
+
+
+class _NoPlaces:
+    """Places of a server whose every place is taken."""
+
+    def take(self) -> bool:
+        return False
+
+    def give_back(self) -> None:
+        raise AssertionError("no place was taken")
+
+
+def test_a_refusal_without_a_thread_still_ends_its_future(monkeypatch) -> None:
+    """grpcio counts a call as held until its future ends: a refusal left pending for want of
+    a thread held one of the server's places for good."""
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "call-pool-refusal":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    pool = CallPool(1, idle_timeout_s=5, places=_NoPlaces())
+    refused = pool.submit(lambda: None)
+    assert refused.done() and isinstance(refused.exception(), RuntimeError)  # before: pending

@@ -120,6 +120,14 @@ def _start_thread(target: Callable[[], None], name: str) -> threading.Thread | N
     return thread
 
 
+def _refuse_on_own_thread(work: _Work) -> None:
+    """Run a call that found no place on a thread of its own, for its handler to refuse it.
+    Without a thread its future is still settled, so that grpcio counts the call as ended (its
+    client's deadline ends it): left pending, each took one of the server's places for good."""
+    if _start_thread(work, "call-pool-refusal") is None:
+        work.future.set_exception(RuntimeError("no thread to refuse the call on"))
+
+
 class _Watchdog:
     """A pool's thread that ticks every STALL_S while it has something to watch (calls waiting
     for their request, spare threads, a shut-down to end on) and sleeps otherwise, until woken:
@@ -131,14 +139,16 @@ class _Watchdog:
         self._wake = threading.Condition(lock)
         self._to_watch = to_watch  # called with the lock held
         self._tick = tick  # takes the lock itself; False: the pool has shut down
-        self.thread: threading.Thread | None = None
         self.asleep = False
+        # Started with its pool, where a refused thread fails the server's start, not a call
+        # (asleep, it costs nothing): a watchdog started by the first call could fail to start
+        # just as that call's own thread did, and nothing would then try either again.
+        self.thread = threading.Thread(target=self._run, name="call-pool-watchdog", daemon=True)
+        self.thread.start()
 
-    def wake_locked(self, start: bool = False) -> None:
-        """Wake it if it sleeps (the caller holds the pool's lock); `start` it if none runs."""
-        if self.thread is None and start:  # kept once started: a failed start is tried again
-            self.thread = _start_thread(self._run, "call-pool-watchdog")
-        elif self.asleep:
+    def wake_locked(self) -> None:
+        """Wake it if it sleeps (the caller holds the pool's lock)."""
+        if self.asleep:
             self.asleep = False
             self._wake.notify()
 
@@ -191,8 +201,7 @@ class CallPool(futures.ThreadPoolExecutor):
         future: futures.Future[Any] = futures.Future()
         places = self._places
         if places is not None and not places.take():
-            work = _Work(future, lambda: self._refused(fn, *args, **kwargs))
-            _start_thread(work, "call-pool-refusal")  # else unanswered: its deadline ends it
+            _refuse_on_own_thread(_Work(future, lambda: self._refused(fn, *args, **kwargs)))
             return future
 
         def run() -> Any:
@@ -246,8 +255,8 @@ class CallPool(futures.ThreadPoolExecutor):
         wait = _Wait(time.monotonic(), context, on_timeout or context.cancel)
         key = threading.get_ident()
         with self._lock:
-            self._watchdog.wake_locked(start=True)  # before the wait counts: a start may fail
             self._waits[key] = wait
+            self._watchdog.wake_locked()
         read = False
         try:
             yield wait
@@ -275,7 +284,7 @@ class CallPool(futures.ThreadPoolExecutor):
                 if _start_thread(functools.partial(self._serve, thread), "call-pool") is None:
                     # Raised, it would end grpcio's loop that takes calls: the call waits in
                     # the queue, and the watchdog tries again every tick while it does.
-                    self._watchdog.wake_locked(start=True)
+                    self._watchdog.wake_locked()
                     return
                 self._threads += 1
             else:
