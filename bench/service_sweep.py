@@ -39,6 +39,7 @@ from common.cli_types import (
     positive_float,
     positive_int,
     positive_int_list,
+    vidflow_checkout,
 )
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from services.inference.loadtest import LevelResult, run_loadtest
@@ -131,12 +132,14 @@ def parse_args() -> argparse.Namespace:
     clashes = {PLAIN, *args.configs} & set(args.plain_configs)
     if clashes:
         parser.error(f"--plain {sorted(clashes)[0]}=...: that label is taken")
-    args.repos = {label: Path(path).expanduser() for label, path in args.vidflow_repo}
-    for label, path in args.repos.items():
+    args.repos = {}
+    for label, path in args.vidflow_repo:
         if label not in args.configs:
             parser.error(f"--vidflow-repo {label}=...: no --vidflow {label}=... to serve from it")
-        if not (path / "services" / "inference").is_dir():
-            parser.error(f"--vidflow-repo {label}={path}: not a vidflow checkout")
+        try:
+            args.repos[label] = vidflow_checkout(path)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"--vidflow-repo {label}=...: {exc}")
     args.configs.update(args.plain_configs)
     return args
 

@@ -25,6 +25,10 @@ BAD_FLAGS = [
     (["bench.service_sweep", "--json", "/no/such/folder/x.json"], "folder /no/such/folder"),
     (["bench.service_sweep", "--vidflow", "foo"], "--vidflow: takes LABEL=VALUE"),
     (["bench.service_sweep", "--vidflow-repo", "a=/tmp"], "no --vidflow a=..."),
+    (
+        ["bench.service_sweep", "--vidflow", "a=", "--vidflow-repo", "a=/tmp"],
+        "--vidflow-repo a=...: not a vidflow checkout: /tmp",
+    ),
     (["bench.service_sweep", "--plain", "plain=--classify-pool"], "--plain plain=...: that label"),
     (["bench.plain_server", "--onnx-model", "Makefile", "--port", "-5"], "--port: must be a port"),
     (

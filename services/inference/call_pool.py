@@ -229,8 +229,7 @@ class CallPool(futures.ThreadPoolExecutor):
         return fn(*args, **kwargs)
 
     def set_limit(self, limit: int) -> None:
-        """Let `limit` threads run calls from now on (the model's concurrency, known once it
-        has loaded)."""
+        """Let `limit` threads run calls from now on (the model's concurrency, once loaded)."""
         with self._lock:
             self._limit = limit
             self._room.notify_all()
@@ -276,7 +275,7 @@ class CallPool(futures.ThreadPoolExecutor):
 
     def _dispatch_locked(self) -> None:
         """Hand queued calls to idle threads, or new ones, while slots are free."""
-        while self._queue and self._running < self._limit and not self._late:
+        while self._startable_locked():
             if self._idle:
                 thread = self._idle.pop()
             elif self._threads < self._max_threads:
@@ -307,7 +306,7 @@ class CallPool(futures.ThreadPoolExecutor):
                     self._running -= 1
                     self._room.notify()
                     work = None
-                    if self._queue and self._running < self._limit and not self._late:
+                    if self._startable_locked():
                         work = self._queue.popleft()
                         self._running += 1
                     elif self._closed:
@@ -319,9 +318,12 @@ class CallPool(futures.ThreadPoolExecutor):
                         if len(self._idle) > self._limit:  # a spare, for the watchdog to end
                             self._watchdog.wake_locked()
 
-    def _to_watch_locked(self) -> bool:
-        startable = self._queue and self._running < self._limit and not self._late  # unstarted
-        return bool(self._waits or startable) or self._closed or len(self._idle) > self._limit
+    def _startable_locked(self) -> bool:  # a call queued, a slot free, no late call ahead
+        return bool(self._queue) and self._running < self._limit and not self._late
+
+    def _to_watch_locked(self) -> bool:  # startable: a thread's start failed, tried each tick
+        spare = len(self._idle) > self._limit
+        return bool(self._waits) or self._startable_locked() or self._closed or spare
 
     def _tick(self) -> bool:
         """Free the slots of stalled calls, cancel those past the idle timeout, end spare
