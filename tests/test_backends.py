@@ -181,7 +181,7 @@ def test_a_second_start_finds_its_export_without_torch(
     tmp_path: Path, model_cache: Path, resnet18_weights
 ) -> None:
     """A start used to load torch and the weights to find an export that was in the cache all
-    along (3.4 of 7.3 s); a weights file whose bytes change must still be exported anew."""
+    along (~2.9 of 6.5 s); a weights file whose bytes change must still be exported anew."""
     default = InferenceSettings(backend="onnx", cache_dir=model_cache)
     first = load_served_model(default)  # the packaged default weights, noted once
     again = _served_without_torch(default)
