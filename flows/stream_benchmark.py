@@ -25,10 +25,7 @@ from services.inference.client import ServiceUnreachableError, wait_until_reacha
 from tasks.stream.consumer_summary import nothing_answered
 from tasks.stream.prefect_tasks import DRAIN_S, run_producer_and_group
 from tasks.stream.settings import ConsumerSettings, ProducerSettings, source_list
-from tasks.stream.topics import START_TIMEOUT_S, BrokerUnreachableError, check_broker
-
-# How long a run waits at its start for the inference service to answer at all.
-SERVICE_WAIT_S = START_TIMEOUT_S
+from tasks.stream.topics import BrokerUnreachableError, check_broker
 
 TABLE_COLUMNS = ("stage", "p50", "p90", "p99", "max", "mean")
 
@@ -138,7 +135,7 @@ def check_stack(settings: StreamBenchmarkSettings) -> None:
     A service still loading its model counts as there. Checked once, at the start: a service
     lost mid-sweep fails its steps, and the sweep still reports the ones it finished."""
     check_broker(settings.kafka)
-    wait_until_reachable(settings.client.target, SERVICE_WAIT_S, settings.client.tls_ca)
+    wait_until_reachable(settings.client.target, settings.service_wait_s, settings.client.tls_ca)
 
 
 def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:

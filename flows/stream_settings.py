@@ -87,6 +87,12 @@ class StreamBenchmarkSettings(BaseModel):
     client: ClientSettings = Field(
         default_factory=ClientSettings, description="how to reach the inference service"
     )
+    service_wait_s: float = Field(
+        15.0,
+        gt=0,
+        description="how long the run waits at its start for the inference service to answer "
+        "(one still loading its model counts as there); it fails then, before producing",
+    )
 
     _fps_checked = field_validator("fps")(check_fps)
 

@@ -47,6 +47,7 @@ log = logging.getLogger("vidflow")
 STREAM_BENCHMARK_FLAGS = (
     "source", "duration", "fps", "streams", "concurrency", "consumers", "max_frame_age_ms",
     "capacity", "step_seconds", "max_streams", "step_tries", "keep_step_topics", "output_dir",
+    "service_wait_s",
 )  # fmt: skip
 
 
