@@ -22,6 +22,7 @@ from common.frames import load_encoded_images
 from common.net import free_port
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from tasks.stream.consumer import FrameConsumer
+from tasks.stream.consumer_summary import ConsumerSummary
 from tasks.stream.frame_codec import (
     HEADER_DLQ_REASON,
     HEADER_SESSION,
@@ -33,6 +34,7 @@ from tasks.stream.frame_codec import (
     frame_key,
     stale_result,
 )
+from tasks.stream.input_end import InputEnd
 from tasks.stream.producer import ProduceStats, produce_frames
 from tasks.stream.results import read_records
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
@@ -91,6 +93,35 @@ def test_every_frame_gets_exactly_one_result_after_deduplication(kafka, onnx_ser
         assert {"p50", "p90", "p99", "max", "mean"} <= set(report[name])
         assert 0 < report[name]["p50"] <= report[name]["p99"] <= report[name]["max"]
     assert report["fps"] > 0
+
+
+def test_a_benchmark_group_stops_once_it_has_read_every_frame_its_producer_delivered(
+    kafka, onnx_server
+) -> None:
+    """The stream benchmark's members ran on for their idle timeout (5 s a run, and a capacity
+    sweep's every step) after the last frame was answered. The producer's delivery reports now
+    say where its frames end; two members that share them stop together once both have read to
+    there, long before an idle timeout of 60 s, with every frame answered once."""
+    stats = _produce_clip(kafka, "cam-end", max_frames=40)
+    assert sum(stats.partition_ends.values()) == 40  # fresh topics: every offset is this run's
+    input_end, group = InputEnd(), f"group-{uuid.uuid4().hex[:6]}"
+    settings = ConsumerSettings(group=group, idle_timeout=60.0, duration=120.0)
+    members = [
+        FrameConsumer(kafka, settings, onnx_server.target, input_end=input_end) for _ in range(2)
+    ]
+    summaries: list[ConsumerSummary] = []
+    threads = [threading.Thread(target=lambda m=m: summaries.append(m.run())) for m in members]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    assert not input_end.read_to({})  # the producer has not said where it ended: no stop
+    input_end.set(stats.partition_ends)
+    for thread in threads:
+        thread.join(timeout=90)
+    assert len(summaries) == 2 and time.monotonic() - started < 30  # not the 60-s idle wait
+    assert sum(summary.frames_consumed for summary in summaries) >= 40
+    results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=40)
+    assert set(result_keys(results)) == _frame_keys(stats)
 
 
 def test_a_producer_started_again_keeps_its_results_apart_from_its_last_run(

@@ -36,6 +36,7 @@ from tasks.stream.consumer_metrics import ConsumerMetrics
 from tasks.stream.consumer_summary import ConsumerSummary, format_summary, merge_summaries
 from tasks.stream.frame_codec import FrameFormatError, decode_frame
 from tasks.stream.inference_caller import InferenceCaller
+from tasks.stream.input_end import InputEnd
 from tasks.stream.kafka_io import close_within, consumer_config
 from tasks.stream.offsets import PartitionKey
 from tasks.stream.publisher import Publisher
@@ -75,13 +76,12 @@ class FrameConsumer:
         target: str,
         stop: threading.Event | None = None,
         tls_ca: Path | None = None,
-        input_ended: threading.Event | None = None,  # idle counts once set (a benchmark's)
+        input_end: InputEnd | None = None,  # a benchmark's: stop once its frames are read
     ) -> None:
         self.kafka, self.settings, self.target = kafka, settings, target
-        self.stop, self.input_ended = stop or threading.Event(), input_ended
+        self.stop, self.input_end = stop or threading.Event(), input_end or InputEnd.unknown()
         self.assigned = threading.Event()  # set once the group gave this member partitions
-        self.metrics = ConsumerMetrics()
-        self.summary = ConsumerSummary()
+        self.metrics, self.summary = ConsumerMetrics(), ConsumerSummary()
         self.broker = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
         self._consumer = Consumer(_consumer_config(kafka, settings, self.broker))
         self.publisher = Publisher(kafka, self._consumer, self.broker, self.summary, self.metrics)
@@ -222,11 +222,13 @@ class FrameConsumer:
         limit = self.settings.max_frames
         if limit is not None and self.summary.frames_consumed >= limit:
             return True
-        idle = self.settings.idle_timeout
-        if idle is None or self._assigned_at is None or self.caller.busy:
+        if self.caller.busy or self.broker.down:
             return False
-        if self.broker.down or not (self.input_ended is None or self.input_ended.is_set()):
-            return False  # no message because none can come yet: not the input's end
+        if self.input_end.read_by(self._consumer, self._owned):
+            return True  # every frame of a benchmark's ended producer is answered: no idle wait
+        idle = self.settings.idle_timeout
+        if idle is None or self._assigned_at is None or not self.input_end.is_set():
+            return False  # before the input ends, no message as none can come yet
         return now - max(self._last_message_at, self._assigned_at) >= idle
 
     def _finish_in_flight(self, timeout_s: float | None = None) -> None:

@@ -13,6 +13,7 @@ from prefect.states import State
 
 from services.inference.settings import ClientSettings
 from tasks.stream.consumer import ConsumerSummary, FrameConsumer, merge_summaries
+from tasks.stream.input_end import InputEnd
 from tasks.stream.producer import ProduceStats, produce_frames
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 from tasks.stream.topics import BrokerUnreachableError, ensure_topics
@@ -48,14 +49,15 @@ def run_consumer(
     target: str,
     assigned: threading.Event,
     tls_ca: Path | None = None,
-    input_ended: threading.Event | None = None,
+    input_end: InputEnd | None = None,
     failed: threading.Event | None = None,
 ) -> ConsumerSummary:
-    """One group member; with `input_ended`, its idle timeout counts only once that is set (a
+    """One group member; with `input_end`, it stops once the group has read every frame the
+    run's producer delivered, and its idle timeout counts only once the producer has ended (a
     member whose partitions get no frames left the group mid-run: a rebalance in the figures).
     A member that fails sets `failed` (and `assigned`, so the producer waits for it no more)."""
     try:
-        consumer = FrameConsumer(kafka, settings, target, tls_ca=tls_ca, input_ended=input_ended)
+        consumer = FrameConsumer(kafka, settings, target, tls_ca=tls_ca, input_end=input_end)
         watcher = threading.Thread(
             target=lambda: consumer.assigned.wait(settings.duration) and assigned.set(),
             daemon=True,
@@ -108,19 +110,20 @@ def run_producer_and_group(
     the producer did, and the group's merged summary."""
     topics = create_topics(kafka)
     joined = [threading.Event() for _ in range(members)]
-    input_ended, failed = threading.Event(), threading.Event()
+    input_end, failed = InputEnd(), threading.Event()
     member = (kafka, group, client.target)
     consumer_runs = [
         run_consumer.with_options(task_run_name=f"{label}consumer {i + 1}/{members}").submit(
-            *member, joined[i], client.tls_ca, input_ended, failed, wait_for=[topics]
+            *member, joined[i], client.tls_ca, input_end, failed, wait_for=[topics]
         )
         for i in range(members)
     ]
     producer_run = run_producer.with_options(task_run_name=f"{label}producer").submit(
         kafka, producer, duration_s, joined, failed, wait_for=[topics]
     )
+    produced: ProduceStats | None = None
     try:
         produced = producer_run.result()
     finally:
-        input_ended.set()
+        input_end.set(produced.partition_ends if produced is not None else None)
     return produced, merge_summaries([run.result() for run in consumer_runs])

@@ -58,6 +58,9 @@ class ProduceStats:
     # Wall-clock time (ns) of the pacing schedule's start: with `fps`, camera i of N's frame k
     # is due (k + i/N) frame periods after it, and is never taken before.
     schedule_start_ns: int = 0
+    # Per partition of the frames topic, the offset after the last frame delivered there: where
+    # a benchmark's consumers have read all of this run's frames (input_end.InputEnd).
+    partition_ends: dict[int, int] = field(default_factory=dict)
 
     @property
     def fps(self) -> float:
@@ -409,6 +412,8 @@ class _FrameOutlet:
         with self._counts:
             if error is None:
                 self.stats.delivered += 1
+                ends, partition = self.stats.partition_ends, message.partition()
+                ends[partition] = max(ends.get(partition, 0), message.offset() + 1)
                 return
             self.stats.failed += 1
         log.error("frame %s not delivered: %s", message.key(), error)

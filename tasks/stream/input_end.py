@@ -1,0 +1,69 @@
+"""Where a benchmark's input ends, so that its consumer group stops once every frame of the run is
+read and answered, rather than after an idle timeout with nothing left to do.
+
+The producer's delivery reports give each partition's end exactly (the offset after the last
+frame it delivered there). The broker's high watermarks would not do: Tansu, the local broker,
+reports a partition's end as its last batch's first offset + 1 (see `results.read_messages`),
+so a group that stopped there left the run's last frames unread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+
+from confluent_kafka import Consumer, TopicPartition
+
+
+class InputEnd:
+    """Set by the run once its producer has ended; read by every member of its group (threads
+    of one process).
+
+    Members report how far they have read the partitions they own while nothing of theirs is in
+    flight; the run's input is done once each partition that got frames is read to its end by
+    some member. A partition's frames may move between members in a rebalance, so the reports
+    are merged rather than each member judging its own share.
+    """
+
+    def __init__(self) -> None:
+        self._ended = threading.Event()
+        self._lock = threading.Lock()
+        self._ends: dict[int, int] | None = None
+        self._read: dict[int, int] = {}
+
+    @classmethod
+    def unknown(cls) -> InputEnd:
+        """An input whose end nobody will say (`vidflow consume`): its members end when idle."""
+        input_end = cls()
+        input_end.set(None)
+        return input_end
+
+    def set(self, partition_ends: Mapping[int, int] | None) -> None:
+        """The producer has ended, its frames ending at `partition_ends` (partition -> the
+        offset after its last frame); None where that is unknown (the producer failed), and
+        the members then end only as before, when idle."""
+        with self._lock:
+            self._ends = dict(partition_ends) if partition_ends is not None else None
+        self._ended.set()
+
+    def is_set(self) -> bool:
+        return self._ended.is_set()
+
+    def read_to(self, positions: Mapping[int, int]) -> bool:
+        """Report a member's next offsets to read (partition -> offset; it has nothing in
+        flight); True once every partition with frames of this run is read to its end."""
+        with self._lock:
+            for partition, position in positions.items():
+                self._read[partition] = max(position, self._read.get(partition, -1))
+            if self._ends is None:
+                return False
+            return all(self._read.get(p, -1) >= end for p, end in self._ends.items())
+
+    def read_by(self, member: Consumer, owned: Iterable[tuple[str, int]]) -> bool:
+        """`read_to` with the next offsets of a member's `owned` partitions (topic, partition),
+        once the producer has ended where it says; False before, or where it could not say."""
+        if not self.is_set() or self._ends is None:
+            return False
+        partitions = [TopicPartition(topic, partition) for topic, partition in owned]
+        positions = member.position(partitions) if partitions else []
+        return self.read_to({tp.partition: tp.offset for tp in positions})
