@@ -74,6 +74,22 @@ def _assert_ended(actor: Any, settings: DepthSettings, tmp_path: Path) -> None:
         ray.get(actor.depth_maps.remote([], tmp_path, settings), timeout=30)
 
 
+def _wait_until_ended(actor: Any, within_s: float) -> None:
+    """Return once `actor` has ended, asking every 0.25 s with Ray's own readiness call (which,
+    unlike a depth call, does not restart its idle clock); fail if it lives `within_s` on."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=30)
+        except RayActorError:
+            return
+        time.sleep(0.25)
+    pytest.fail(f"the actor still lived {within_s:g} s on")
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("local_ray")
 def test_a_kept_actor_serves_the_next_run_then_ends_when_idle(
@@ -85,7 +101,9 @@ def test_a_kept_actor_serves_the_next_run_then_ends_when_idle(
     [again] = start_depth_actors(settings)  # the next run, same model and device
     assert again._actor_id == first._actor_id
 
-    time.sleep(8)  # no call for 4x the keep-alive (the actor looks every 2 s)
+    # Idle past the keep-alive, it ends: the actor looks every 2 s, so within 4 s of its last
+    # call (8 s allowed, for a loaded machine).
+    _wait_until_ended(first, within_s=8)
     _assert_ended(first, settings, tmp_path)
     [fresh] = start_depth_actors(settings)
     assert fresh._actor_id != first._actor_id
@@ -105,7 +123,7 @@ def test_a_held_actor_outlives_its_keep_alive_and_ends_once_released(
     with actors_held([actor], settings.depth_keep_alive_s):
         time.sleep(12)  # no depth call for 2.4x the keep-alive, as behind slow downloads
         assert ray.get(actor.depth_maps.remote([], tmp_path, settings), timeout=30) == []
-    time.sleep(13)  # released: it ends within 2x its keep-alive (it looks every 5 s)
+    _wait_until_ended(actor, within_s=13)  # released: within 2x its keep-alive (looks every 5 s)
     _assert_ended(actor, settings, tmp_path)
 
 
