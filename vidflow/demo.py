@@ -140,9 +140,10 @@ def print_stream_summary(artifacts: dict[str, dict[str, Any]]) -> None:
 def start_services(
     stack: LocalStack, log_file: Path, cleanup: contextlib.ExitStack
 ) -> tuple[ServerProcess, LocalBroker]:
-    """The Prefect server, the inference service and the broker; `cleanup` stops the last two."""
+    """The Prefect server (launched only: `demo_steps` waits for it before it deploys), the
+    inference service and the broker; `cleanup` stops the last two."""
     log.info("starting the Prefect server on %s (embedded SQLite)", stack.ui_url)
-    stack.start_server()
+    stack.launch_server()
     log.info("starting the inference service (the first start exports the model to ONNX)")
     logs_dir = stack.logs_dir
     inference = start_server(logs_dir, DEFAULT_CACHE_DIR / "models", "--log-file", str(log_file))
@@ -249,6 +250,7 @@ def demo_steps(
     inference, broker = start_services(stack, log_file, cleanup)
     print_classified_samples(inference.target, run_dir)
     depth_model, untrained = depth_model_for_demo(run_dir)
+    stack.wait_for_server()  # started first, it came up meanwhile (or nearly)
     log.info("deploying %s to work pool vidflow-local", ", ".join(DEPLOYMENTS))
     stack.deploy(*DEPLOYMENTS)
     if leftovers := stack.cancel_leftover_runs():
