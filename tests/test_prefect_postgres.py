@@ -127,7 +127,11 @@ def test_both_deployments_on_postgres_behind_auth_survive_a_server_restart(
     )
     inference = broker = None
     try:
-        stack.start_server()
+        stack.launch_server()  # its first start sets up the database: start the rest meanwhile
+        inference = start_server(logs_dir, DEFAULT_CACHE_DIR / "models")
+        broker = start_broker(free_port(), log_path=logs_dir / "broker.log")
+        depth_model, _ = depth_model_for_demo(tmp_path)
+        stack.wait_for_server()
         api = Api(stack.api_url, auth)
         # Basic auth is on: no header, or a wrong one, is refused; health stays open for probes.
         for wrong in (None, "vidflow:wrong"):
@@ -136,13 +140,10 @@ def test_both_deployments_on_postgres_behind_auth_survive_a_server_restart(
             assert refused.value.code == 401
         assert Api(stack.api_url, None).call("/health") is True
 
-        inference = start_server(logs_dir, DEFAULT_CACHE_DIR / "models")
-        broker = start_broker(free_port(), log_path=logs_dir / "broker.log")
         inference.wait_serving()
         stack.deploy(*DEPLOYMENTS)
         stack.start_worker()
 
-        depth_model, _ = depth_model_for_demo(tmp_path)
         with running_mirror(port=0) as url_template:
             depth_run, depth_state = stack.run_deployment(
                 "depth-extraction/local",
