@@ -4,6 +4,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,6 +108,29 @@ def prefect_api() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def prefect_home_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PREFECT_HOME whose database a real server has set up (migrations, block types), made
+    once: a test that needs a Prefect history of its own starts from a copy (`copy_prefect_home`)
+    instead of from nothing, since a server's first start on a new database takes ~10 s of the
+    two cores and a later one ~4. The demo's test still starts from nothing, as a user does."""
+    from devstack.local_stack import LocalStack
+
+    made = tmp_path_factory.mktemp("prefect-home-template")
+    stack = LocalStack(logs_dir=made, prefect_home=made / "home", ui_port=free_port())
+    try:
+        stack.start_server()
+    finally:
+        stack.stop()
+    return made / "home"
+
+
+def copy_prefect_home(template: Path, home: Path) -> str:
+    """`home` as a copy of `template` (see prefect_home_template); its path, for PREFECT_HOME."""
+    shutil.copytree(template, home)
+    return str(home)
 
 
 @pytest.fixture(scope="session")

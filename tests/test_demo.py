@@ -27,6 +27,7 @@ import pytest
 
 from devstack.launcher import REPO_ROOT
 from devstack.processes import kill_marked_processes, marked_processes
+from tests.conftest import copy_prefect_home
 from tests.proc_helpers import listening_sockets
 from vidflow.demo import read_artifacts
 
@@ -198,9 +199,12 @@ def test_ctrl_c_ends_the_demo_with_nothing_left_behind(demo: DemoRun) -> None:
 
 
 @pytest.mark.faults
-def test_a_sigkilled_demo_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_a_sigkilled_demo_leaves_nothing_behind(
+    tmp_path: Path, prefect_home_template: Path
+) -> None:
     """SIGKILL runs no `finally`: the demo's watcher must end the server, worker, broker and
     service it started, each in its own session."""
+    copy_prefect_home(prefect_home_template, tmp_path / "prefect")  # the demo's history
     run, pending = _start_demo(tmp_path, "--videos", "1")
     process, marker = run.process, run.marker
     try:
@@ -281,7 +285,7 @@ def test_runs_an_ended_demo_left_open_are_cancelled_before_a_worker_starts(prefe
 
 @pytest.mark.slow
 def test_a_stack_behind_basic_auth_answers_the_demo_s_own_calls(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_home_template: Path
 ) -> None:
     """On a machine shared with other accounts the demo runs behind Prefect's basic auth
     (README: only PREFECT_SERVER_API_AUTH_STRING is exported): its CLI calls and its own REST
@@ -292,6 +296,7 @@ def test_a_stack_behind_basic_auth_answers_the_demo_s_own_calls(
     from devstack.local_stack import WORK_POOL, LocalStack, cancel_open_runs, post_json
 
     auth = f"admin:{uuid.uuid4().hex}"
+    copy_prefect_home(prefect_home_template, tmp_path / "prefect")
     stack = LocalStack(
         logs_dir=tmp_path, prefect_home=tmp_path / "prefect", ui_port=free_port(),
         extra_env={"PREFECT_SERVER_API_AUTH_STRING": auth},

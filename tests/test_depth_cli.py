@@ -12,7 +12,7 @@ from pathlib import Path
 import lance
 import pytest
 
-from tests.conftest import VIDEOS
+from tests.conftest import VIDEOS, copy_prefect_home
 from tests.video_server import Serve, VideoServer
 
 
@@ -28,9 +28,9 @@ def _vidflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
 
 
 @pytest.fixture
-def cli_env(tmp_path: Path) -> dict[str, str]:
+def cli_env(tmp_path: Path, prefect_home_template: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PREFECT_HOME"] = copy_prefect_home(prefect_home_template, tmp_path / "prefect-home")
     return env
 
 
@@ -38,6 +38,7 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 def test_the_cli_runs_the_flow_with_its_own_prefect_server(
     tmp_path: Path, tiny_depth_model: Path, cli_env: dict[str, str]
 ) -> None:
+    cli_env["PREFECT_HOME"] = str(tmp_path / "new-prefect-home")  # a first run: no database yet
     routes = {"a/clip.mp4": Serve(VIDEOS / "pool_cleaning.mp4"),
               "b/clip.mp4": Serve(VIDEOS / "k400_arm_wrestling.mp4")}  # fmt: skip
     with VideoServer(routes) as server:

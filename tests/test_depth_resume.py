@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from devstack.processes import marked_processes
-from tests.conftest import VIDEOS
+from tests.conftest import VIDEOS, copy_prefect_home
 from tests.video_server import Serve, VideoServer
 
 CLIPS = [VIDEOS / "k400_arm_wrestling.mp4", VIDEOS / "pool_cleaning.mp4"]
@@ -46,13 +46,13 @@ def _ok_rows(table: Path) -> dict[str, object]:
 @pytest.mark.faults
 @pytest.mark.slow
 def test_a_killed_run_resumes_without_duplicates_repeats_or_orphans(
-    tmp_path: Path, tiny_depth_model: Path
+    tmp_path: Path, tiny_depth_model: Path, prefect_home_template: Path
 ) -> None:
     videos = 12
     routes = {f"v{i}.mp4": Serve(CLIPS[i % 2]) for i in range(videos)}
     first_marker, second_marker = (f"VIDFLOW_TEST_RUN={uuid.uuid4().hex}" for _ in range(2))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PREFECT_HOME"] = copy_prefect_home(prefect_home_template, tmp_path / "prefect-home")
     output = tmp_path / "out"
     table = output / "videos.lance"
     with VideoServer(routes) as server:
