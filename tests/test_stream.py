@@ -65,16 +65,31 @@ def _frame_keys(stats: ProduceStats) -> set[str]:
     return produced_keys(stats.per_stream, stats.session)
 
 
-def _consumer(kafka: KafkaSettings, target: str, **settings) -> FrameConsumer:
+def _consumer(
+    kafka: KafkaSettings, target: str, input_end: InputEnd | None = None, **settings
+) -> FrameConsumer:
     defaults = {"group": f"group-{uuid.uuid4().hex[:6]}", "idle_timeout": 4.0, "duration": 120.0}
-    return FrameConsumer(kafka, ConsumerSettings(**{**defaults, **settings}), target)
+    settings = {**defaults, **settings}
+    return FrameConsumer(kafka, ConsumerSettings(**settings), target, input_end=input_end)
+
+
+def _ended(*runs: ProduceStats) -> InputEnd:
+    """Where the frames of `runs` end, said at once: a consumer given it stops once it has
+    answered them all (as the stream benchmark's do), not after its idle timeout."""
+    ends: dict[int, int] = {}
+    for run in runs:
+        for partition, end in run.partition_ends.items():
+            ends[partition] = max(end, ends.get(partition, 0))
+    input_end = InputEnd()
+    input_end.set(ends)
+    return input_end
 
 
 def test_every_frame_gets_exactly_one_result_after_deduplication(kafka, onnx_server) -> None:
     stats = _produce_clip(kafka, "cam-a")
     produced = stats.frames_read
     assert produced == CLIP_FRAMES
-    summary = _consumer(kafka, onnx_server.target).run()
+    summary = _consumer(kafka, onnx_server.target, _ended(stats)).run()
     assert summary.frames_consumed == produced
     assert summary.results_published == produced
     assert summary.dlq == 0 and summary.errors == 0
@@ -133,7 +148,7 @@ def test_a_producer_started_again_keeps_its_results_apart_from_its_last_run(
     first = _produce_clip(kafka, "cam-s", max_frames=6)
     again = _produce_clip(kafka, "cam-s", max_frames=6)
     assert first.session != again.session and len(first.session) == 8
-    summary = _consumer(kafka, onnx_server.target).run()
+    summary = _consumer(kafka, onnx_server.target, _ended(first, again)).run()
     assert summary.results_published == 12
 
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=12)
@@ -220,7 +235,7 @@ def test_the_service_stops_mid_stream_and_no_frame_is_lost(
     server.wait_serving()
     stats = _produce_clip(kafka, "cam-c")
     produced = stats.frames_read
-    consumer = _consumer(kafka, server.target, concurrency=4, idle_timeout=8.0)
+    consumer = _consumer(kafka, server.target, _ended(stats), concurrency=4, idle_timeout=8.0)
     outcome: dict[str, object] = {}
     worker = threading.Thread(target=lambda: outcome.setdefault("summary", consumer.run()))
     worker.start()
@@ -287,7 +302,8 @@ def test_a_killed_consumer_is_replaced_from_committed_offsets(
     )
     done_by_first = log_path.read_text().count("tasks.stream.publisher: frame")
     producer_thread.join(60)
-    summary = _consumer(kafka, onnx_server.target, group=group, idle_timeout=5.0).run()
+    ended = _ended(produced["stats"])
+    summary = _consumer(kafka, onnx_server.target, ended, group=group, idle_timeout=5.0).run()
     # The second member starts from the committed offsets, not from the beginning...
     assert summary.frames_consumed < CLIP_FRAMES, log_path.read_text()[-3000:]
     # ...and between them every frame has a result.
@@ -365,8 +381,9 @@ def test_a_topic_is_read_to_its_end_where_the_broker_reports_the_end_low(kafka) 
 def test_consumer_metrics_count_what_it_did(kafka, onnx_server) -> None:
     from prometheus_client import generate_latest
 
-    produced = _produce_clip(kafka, "cam-m", max_frames=12).frames_read
-    consumer = _consumer(kafka, onnx_server.target)
+    stats = _produce_clip(kafka, "cam-m", max_frames=12)
+    produced = stats.frames_read
+    consumer = _consumer(kafka, onnx_server.target, _ended(stats))
     consumer.run()
     text = generate_latest(consumer.metrics.registry).decode()
     assert f"vidflow_consumer_frames_consumed_total {float(produced)}" in text
