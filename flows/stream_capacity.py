@@ -45,7 +45,9 @@ from tasks.stream.settings import (
 )
 from tasks.stream.topics import delete_topics
 
-IDLE_TIMEOUT_S = 3.0  # a step's consumers stop this long after the last frame
+# A step's consumers stop once they have answered every frame its producer delivered; this long
+# after the last frame where the producer cannot say where its frames end.
+IDLE_TIMEOUT_S = 3.0
 
 
 def source_format(source: str, fps: str) -> tuple[int, int, float]:

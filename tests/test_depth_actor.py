@@ -78,14 +78,16 @@ def _wait_until_ended(actor: Any, within_s: float) -> None:
     """Return once `actor` has ended, asking every 0.25 s with Ray's own readiness call (which,
     unlike a depth call, does not restart its idle clock); fail if it lives `within_s` on."""
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import GetTimeoutError, RayActorError
 
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
-            ray.get(actor.__ray_ready__.remote(), timeout=30)
+            ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
         except RayActorError:
             return
+        except GetTimeoutError:  # no answer before the deadline: not ended either
+            break
         time.sleep(0.25)
     pytest.fail(f"the actor still lived {within_s:g} s on")
 

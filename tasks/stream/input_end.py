@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 
 class InputEnd:
@@ -65,5 +65,8 @@ class InputEnd:
         if not self.is_set() or self._ends is None:
             return False
         partitions = [TopicPartition(topic, partition) for topic, partition in owned]
-        positions = member.position(partitions) if partitions else []
+        try:
+            positions = member.position(partitions) if partitions else []
+        except KafkaException:  # the client cannot say now: not read, as far as anyone knows
+            return False
         return self.read_to({tp.partition: tp.offset for tp in positions})

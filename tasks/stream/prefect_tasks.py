@@ -103,11 +103,14 @@ def run_producer_and_group(
     members: int,
     client: ClientSettings,
     label: str = "",
+    read_on_until_idle: bool = False,
 ) -> tuple[ProduceStats, ConsumerSummary]:
     """The run's topics, then the producer and `members` consumers of `group` side by side as
     task runs (named by `label` and their part). The producer starts once every member has
-    joined and stops if one fails; no member idles out before the producer has ended. What
-    the producer did, and the group's merged summary."""
+    joined and stops if one fails; no member idles out before the producer has ended, and the
+    members stop once they have answered every frame it delivered (`read_on_until_idle`: they
+    read on until idle, as a named group draining an earlier run's frames). What the producer
+    did, and the group's merged summary."""
     topics = create_topics(kafka)
     joined = [threading.Event() for _ in range(members)]
     input_end, failed = InputEnd(), threading.Event()
@@ -125,5 +128,6 @@ def run_producer_and_group(
     try:
         produced = producer_run.result()
     finally:
-        input_end.set(produced.partition_ends if produced is not None else None)
+        ends = produced.frames_end() if produced is not None and not read_on_until_idle else None
+        input_end.set(ends)
     return produced, merge_summaries([run.result() for run in consumer_runs])

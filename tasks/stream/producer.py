@@ -59,8 +59,9 @@ class ProduceStats:
     # is due (k + i/N) frame periods after it, and is never taken before.
     schedule_start_ns: int = 0
     # Per partition of the frames topic, the offset after the last frame delivered there: where
-    # a benchmark's consumers have read all of this run's frames (input_end.InputEnd).
-    partition_ends: dict[int, int] = field(default_factory=dict)
+    # a benchmark's consumers have read all of this run's frames (input_end.InputEnd). None
+    # where a delivery came back without its offset.
+    partition_ends: dict[int, int] | None = field(default_factory=dict)
 
     @property
     def fps(self) -> float:
@@ -69,6 +70,11 @@ class ProduceStats:
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "fps": round(self.fps, 2)}
+
+    def frames_end(self) -> dict[int, int] | None:
+        """`partition_ends` where they are sure: not where frames may be on the broker without
+        a delivery report (a flush that ran out, a broker lost) or a report lacked its offset."""
+        return None if self.failed or self.broker_error else self.partition_ends
 
 
 @dataclass(frozen=True)
@@ -412,8 +418,11 @@ class _FrameOutlet:
         with self._counts:
             if error is None:
                 self.stats.delivered += 1
-                ends, partition = self.stats.partition_ends, message.partition()
-                ends[partition] = max(ends.get(partition, 0), message.offset() + 1)
+                ends, offset = self.stats.partition_ends, message.offset()
+                if ends is not None and offset >= 0:
+                    ends[message.partition()] = max(ends.get(message.partition(), 0), offset + 1)
+                else:  # the broker did not say where it put the frame: the ends are unknown
+                    self.stats.partition_ends = None
                 return
             self.stats.failed += 1
         log.error("frame %s not delivered: %s", message.key(), error)
