@@ -223,7 +223,7 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
     # A group given by name reads on until idle: it also drains what an earlier run left.
     produced, summary = run_producer_and_group(
         kafka, producer_settings, settings.duration, consumer_settings, settings.consumers, client,
-        read_on_until_idle=settings.group is not None,
+        read_on_until_idle=bool(settings.group),
     )  # fmt: skip
     return produced.as_dict(), summary.as_dict(), consumer_settings.group
 

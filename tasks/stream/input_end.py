@@ -40,8 +40,9 @@ class InputEnd:
 
     def set(self, partition_ends: Mapping[int, int] | None) -> None:
         """The producer has ended, its frames ending at `partition_ends` (partition -> the
-        offset after its last frame); None where that is unknown (the producer failed), and
-        the members then end only as before, when idle."""
+        offset after its last frame); None where that is unknown (the producer failed, some
+        frames may be on the broker unreported, or the group is to read on), and the members
+        then end only as before, when idle."""
         with self._lock:
             self._ends = dict(partition_ends) if partition_ends is not None else None
         self._ended.set()
