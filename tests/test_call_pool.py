@@ -174,3 +174,21 @@ def test_a_refusal_without_a_thread_still_ends_its_future(monkeypatch) -> None:
     pool = CallPool(1, idle_timeout_s=5, places=_NoPlaces())
     refused = pool.submit(lambda: None)
     assert refused.done() and isinstance(refused.exception(), RuntimeError)  # before: pending
+
+
+def test_the_watchdog_goes_on_after_a_tick_that_fails(caplog) -> None:
+    """A watchdog thread that ended on an error would leave every later stalled call holding
+    its slot; a tick cannot be made to fail for real, so this one fails its first on purpose."""
+    ticks: list[int] = []
+
+    def tick() -> bool:
+        ticks.append(len(ticks))
+        if len(ticks) == 1:
+            raise RuntimeError("tick failed")
+        return len(ticks) < 3  # the third tick says the pool has shut down
+
+    watchdog = call_pool._Watchdog(threading.Lock(), lambda: True, tick)
+    watchdog.thread.join(10)
+    assert not watchdog.thread.is_alive()
+    assert ticks == [0, 1, 2]
+    assert "failed a tick" in caplog.text

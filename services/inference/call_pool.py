@@ -160,7 +160,12 @@ class _Watchdog:
                     self._wake.wait()
                 self.asleep = False
             time.sleep(STALL_S)
-            if not self._tick():
+            try:
+                going = self._tick()
+            except Exception:  # one that ended here would leave every later stall unreaped
+                log.exception("the call pool's watchdog failed a tick; it goes on")
+                going = True
+            if not going:
                 return
 
 
