@@ -49,7 +49,7 @@ from tasks.stream.frame_codec import (
     encode_frame_headers,
     frame_key,
 )
-from tasks.stream.kafka_io import close_within, consumer_config
+from tasks.stream.kafka_io import close_within, consumer_config, leave_group
 from tasks.stream.settings import ConsumerSettings, KafkaSettings
 from tests.conftest import VIDEOS, fresh_topics
 from tests.kafka_helpers import committed_total, partition_ends, read_topic, result_keys
@@ -487,3 +487,40 @@ def test_a_consumer_close_that_never_ends_is_left_after_its_timeout(kafka) -> No
     assert close_within(member, timeout_s=15) is True
     with pytest.raises(RuntimeError):  # closed: a closed consumer refuses further calls
         member.poll(0)
+
+
+@pytest.mark.faults
+def test_a_member_stopped_as_it_joins_answers_its_rebalances_before_it_closes(kafka) -> None:
+    """A rebalance left to `close` is answered inside it, by a librdkafka call made holding
+    the GIL that can wait for ever (librdkafka#4884; one `vidflow consume` in ~30 stopped as it
+    joined hung so): a member that leaves must have answered them all in `poll` first."""
+    joined = threading.Event()
+    served_on: list[tuple[str, str]] = []
+
+    def on_assign(consumer: Consumer, partitions: list) -> None:
+        served_on.append(("assign", threading.current_thread().name))
+        joined.set()
+
+    def on_revoke(consumer: Consumer, partitions: list) -> None:
+        served_on.append(("revoke", threading.current_thread().name))
+
+    member = Consumer(consumer_config(kafka, f"group-{uuid.uuid4().hex[:6]}"))
+    member.subscribe([kafka.frames_topic], on_assign=on_assign, on_revoke=on_revoke)
+    assert leave_group(member, timeout_s=30, joined=joined) is True  # its join still under way
+    assert [kind for kind, _ in served_on] == ["assign", "revoke"]
+    assert {thread for _, thread in served_on} == {threading.current_thread().name}
+    with pytest.raises(RuntimeError):  # closed
+        member.poll(0)
+
+
+@pytest.mark.faults
+def test_a_stop_ends_the_wait_for_a_service_that_is_not_up(kafka) -> None:
+    """Ctrl-C while the service was unreachable waited out the whole connect timeout first."""
+    stop = threading.Event()
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    member = FrameConsumer(kafka, ConsumerSettings(group=group), f"127.0.0.1:{free_port()}", stop)
+    threading.Timer(0.5, stop.set).start()
+    started = time.monotonic()
+    assert member.caller.connect(timeout_s=60, stop=stop) is False
+    assert time.monotonic() - started < 30
+    assert member.run().frames_consumed == 0  # stopped: it joins, leaves and closes

@@ -37,7 +37,7 @@ from tasks.stream.consumer_summary import ConsumerSummary, format_summary, merge
 from tasks.stream.frame_codec import FrameFormatError, decode_frame
 from tasks.stream.inference_caller import InferenceCaller
 from tasks.stream.input_end import InputEnd
-from tasks.stream.kafka_io import close_within, consumer_config
+from tasks.stream.kafka_io import consumer_config, leave_group
 from tasks.stream.offsets import PartitionKey
 from tasks.stream.publisher import Publisher
 from tasks.stream.settings import ConsumerSettings, KafkaSettings
@@ -53,7 +53,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 5.0
 COMMIT_EVERY_S = 0.5
-CLOSE_GRACE_S = 5.0  # a close waits this long beyond the session timeout (close_within)
+CLOSE_GRACE_S = 5.0  # leaving waits this long beyond the session timeout (leave_group)
 # Messages taken per pass of the loop at most: skipping a backlog of stale frames needs no
 # inference slot, and completions must still be handled meanwhile.
 ADMIT_PER_PASS = 256
@@ -124,7 +124,7 @@ class FrameConsumer:
             self.kafka.frames_topic, self.settings.group, self.target, self.settings.concurrency,
             self.settings.duration,
         )  # fmt: skip
-        if self.caller.connect(timeout_s=5):
+        if self.caller.connect(timeout_s=5, stop=self.stop):
             self._settle_in_flight_limit()
         else:
             log.warning("inference service %s not reachable yet; frames will wait", self.target)
@@ -261,7 +261,7 @@ class FrameConsumer:
             )  # fmt: skip
         else:
             wait_s = self.kafka.session_timeout_ms / 1000 + CLOSE_GRACE_S
-            if not close_within(self._consumer, wait_s):
+            if not leave_group(self._consumer, wait_s, joined=self.assigned):
                 log.warning("leaving group %r took over %.0f s: going on without it (the group "
                             "drops this member after its session timeout)",
                             self.settings.group, wait_s)  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -108,13 +109,9 @@ class InferenceCaller:
         """Frames taken and not yet answered: in flight or waiting to retry."""
         return self.in_flight + len(self.waiting_retry)
 
-    def connect(self, timeout_s: float) -> bool:
+    def connect(self, timeout_s: float, stop: threading.Event | None = None) -> bool:
         """Connect now, so the first frames do not pay for it; say whether the service answered."""
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
-        except grpc.FutureTimeoutError:
-            return False
-        return True
+        return _channel_ready(self._channel, timeout_s, stop or threading.Event())
 
     def service_parallelism(self, timeout_s: float) -> int | None:
         """How many requests the service works on at once (model workers x largest batch), or
@@ -273,3 +270,17 @@ class InferenceCaller:
     def close(self) -> None:
         """Close the channel; calls still in flight are cancelled and stay uncommitted."""
         self._channel.close()
+
+
+def _channel_ready(channel: grpc.Channel, timeout_s: float, stop: threading.Event) -> bool:
+    """Whether `channel` connects within `timeout_s`; a `stop` set meanwhile ends the wait (a
+    Ctrl-C while the service was not up waited out the whole timeout)."""
+    ready = grpc.channel_ready_future(channel)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ready.result(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
+            return True
+        except grpc.FutureTimeoutError:
+            if stop.is_set() or time.monotonic() >= deadline:
+                return False

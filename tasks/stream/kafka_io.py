@@ -8,17 +8,47 @@ loop join their groups with the same settings.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
 from tasks.stream.broker_watch import BrokerWatch
 from tasks.stream.frame_codec import Headers
 from tasks.stream.settings import KafkaSettings
 
+log = logging.getLogger(__name__)
+
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+
+def leave_group(consumer: Consumer, timeout_s: float, joined: threading.Event) -> bool:
+    """Hand the member's partitions back, then close it, within `timeout_s`; whether it ended.
+    `joined` is set by the member's assignment callback.
+
+    A rebalance left for `close` to answer is answered inside it by confluent-kafka, with a
+    librdkafka call that waits for the closing group while holding Python's GIL; that wait can
+    last for ever (librdkafka#4041, #4884). Seen here in about one `vidflow consume` of 30
+    stopped as it joined its group (py-spy: rd_kafka_assign or rd_kafka_rebalance_protocol in
+    Consumer_rebalance_cb under rd_kafka_consumer_close, every other thread waiting for the
+    GIL, so not even `close_within` could go on). So, as #4527 suggests, every rebalance is
+    answered in `poll` first: a join under way is let finish, the member unsubscribes and its
+    revoke is served, and `close` finds nothing to answer. Frames fetched meanwhile are
+    dropped: uncommitted, so the group's next member reads them."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not joined.is_set() and time.monotonic() < deadline:
+            consumer.poll(0.1)
+        consumer.unsubscribe()
+        consumer.poll(0)
+        while consumer.assignment() and time.monotonic() < deadline:
+            consumer.poll(0.1)
+    except KafkaException as exc:  # close still tries, as it did before this step
+        log.warning("giving partitions back before closing failed: %s", exc)
+    return close_within(consumer, max(0.0, deadline - time.monotonic()))
 
 
 def close_within(consumer: Consumer, timeout_s: float) -> bool:
