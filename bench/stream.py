@@ -86,7 +86,7 @@ def stream_once(
     produced: list[ProduceStats] = []
 
     def produce() -> None:
-        consumer.assigned.wait(60)  # start the clock once the consumer is in the group
+        consumer.membership.joined.wait(60)  # start the clock once the consumer is in the group
         produced.append(produce_frames(producer, kafka, stop))
 
     # A daemon: a producer stuck on a broker that died with a Ctrl-C must not hold the exit.

@@ -246,7 +246,7 @@ def test_a_latency_budget_skips_stale_frames_and_every_frame_has_one_outcome(
     worker = threading.Thread(target=lambda: outcome.setdefault("summary", consumer.run()))
     worker.start()
     try:
-        assert consumer.assigned.wait(60)
+        assert consumer.membership.joined.wait(60)
         live = produce_frames(  # frames fresh when read: well within the budget
             ProducerSettings(source=str(CLIP), streams=2, max_frames=10, fps="20", stream_id="new"),
             kafka,
@@ -305,7 +305,7 @@ def test_a_frame_past_the_budget_while_the_service_is_down_is_skipped_at_its_ret
     worker = threading.Thread(target=lambda: outcome.setdefault("summary", consumer.run()))
     worker.start()
     try:
-        assert consumer.assigned.wait(60)
+        assert consumer.membership.joined.wait(60)
         live = produce_frames(
             ProducerSettings(source=str(CLIP), max_frames=5, fps="10", stream_id="down"), kafka
         )

@@ -49,7 +49,7 @@ from tasks.stream.frame_codec import (
     encode_frame_headers,
     frame_key,
 )
-from tasks.stream.kafka_io import close_within, consumer_config, leave_group
+from tasks.stream.kafka_io import Membership, close_within, consumer_config, leave_group
 from tasks.stream.settings import ConsumerSettings, KafkaSettings
 from tests.conftest import VIDEOS, fresh_topics
 from tests.kafka_helpers import committed_total, partition_ends, read_topic, result_keys
@@ -489,28 +489,79 @@ def test_a_consumer_close_that_never_ends_is_left_after_its_timeout(kafka) -> No
         member.poll(0)
 
 
+class _Recorded(Membership):
+    """A member's callbacks as `FrameConsumer` keeps them, with the thread each ran on."""
+
+    def __init__(self, consumer: Consumer, topic: str) -> None:
+        super().__init__()
+        self.served_on: list[tuple[str, str]] = []
+        consumer.subscribe([topic], on_assign=self._assign, on_revoke=self._revoke)
+
+    def _assign(self, consumer: Consumer, partitions: list) -> None:
+        self.served_on.append(("assign", threading.current_thread().name))
+        self.assigned()
+
+    def _revoke(self, consumer: Consumer, partitions: list) -> None:
+        self.served_on.append(("revoke", threading.current_thread().name))
+        self.revoked()
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.served_on]
+
+    def threads(self) -> set[str]:
+        return {thread for _, thread in self.served_on}
+
+
+def _broker_up() -> bool:
+    return False
+
+
 @pytest.mark.faults
 def test_a_member_stopped_as_it_joins_answers_its_rebalances_before_it_closes(kafka) -> None:
     """A rebalance left to `close` is answered inside it, by a librdkafka call made holding
     the GIL that can wait for ever (librdkafka#4884; one `vidflow consume` in ~30 stopped as it
     joined hung so): a member that leaves must have answered them all in `poll` first."""
-    joined = threading.Event()
-    served_on: list[tuple[str, str]] = []
-
-    def on_assign(consumer: Consumer, partitions: list) -> None:
-        served_on.append(("assign", threading.current_thread().name))
-        joined.set()
-
-    def on_revoke(consumer: Consumer, partitions: list) -> None:
-        served_on.append(("revoke", threading.current_thread().name))
-
     member = Consumer(consumer_config(kafka, f"group-{uuid.uuid4().hex[:6]}"))
-    member.subscribe([kafka.frames_topic], on_assign=on_assign, on_revoke=on_revoke)
-    assert leave_group(member, timeout_s=30, joined=joined) is True  # its join still under way
-    assert [kind for kind, _ in served_on] == ["assign", "revoke"]
-    assert {thread for _, thread in served_on} == {threading.current_thread().name}
+    membership = _Recorded(member, kafka.frames_topic)
+    assert leave_group(member, membership, wait_s=30, gone=_broker_up) is True  # joining yet
+    assert membership.kinds() == ["assign", "revoke"]
+    assert membership.threads() == {threading.current_thread().name}
     with pytest.raises(RuntimeError):  # closed
         member.poll(0)
+
+
+@pytest.mark.faults
+def test_a_member_that_leaves_during_a_rebalance_waits_for_its_end(kafka) -> None:
+    """A second member joining makes the first give its partitions back and join again; one
+    that leaves then must let that join end in `poll`, not leave its assignment to `close`."""
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    first = Consumer(consumer_config(kafka, group))
+    first_membership = _Recorded(first, kafka.frames_topic)
+    deadline = time.monotonic() + 30
+    while not first_membership.settled and time.monotonic() < deadline:
+        first.poll(0.1)
+    second = Consumer(consumer_config(kafka, group))
+    second_membership = _Recorded(second, kafka.frames_topic)
+    stop_second = threading.Event()
+
+    def keep_polling() -> None:  # the second member serves its join on a thread of its own
+        while not stop_second.is_set():
+            second.poll(0.1)
+
+    polling = threading.Thread(target=keep_polling)
+    polling.start()
+    try:
+        while first_membership.revokes == 0 and time.monotonic() < deadline:
+            first.poll(0)  # until the rebalance takes its partitions back, and not beyond
+            time.sleep(0.05)
+        assert first_membership.kinds() == ["assign", "revoke"]  # its join again under way
+        assert leave_group(first, first_membership, wait_s=30, gone=_broker_up) is True
+        assert first_membership.kinds() == ["assign", "revoke", "assign", "revoke"]
+        assert first_membership.threads() == {threading.current_thread().name}
+    finally:
+        stop_second.set()
+        polling.join(30)
+        assert leave_group(second, second_membership, wait_s=30, gone=_broker_up) is True
 
 
 @pytest.mark.faults

@@ -37,7 +37,7 @@ from tasks.stream.consumer_summary import ConsumerSummary, format_summary, merge
 from tasks.stream.frame_codec import FrameFormatError, decode_frame
 from tasks.stream.inference_caller import InferenceCaller
 from tasks.stream.input_end import InputEnd
-from tasks.stream.kafka_io import consumer_config, leave_group
+from tasks.stream.kafka_io import Membership, consumer_config, leave_group
 from tasks.stream.offsets import PartitionKey
 from tasks.stream.publisher import Publisher
 from tasks.stream.settings import ConsumerSettings, KafkaSettings
@@ -80,7 +80,7 @@ class FrameConsumer:
     ) -> None:
         self.kafka, self.settings, self.target = kafka, settings, target
         self.stop, self.input_end = stop or threading.Event(), input_end or InputEnd.unknown()
-        self.assigned = threading.Event()  # set once the group gave this member partitions
+        self.membership = Membership()  # `joined` is set once the group has answered its join
         self.metrics, self.summary = ConsumerMetrics(), ConsumerSummary()
         self.broker = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
         self._consumer = Consumer(_consumer_config(kafka, settings, self.broker))
@@ -99,7 +99,7 @@ class FrameConsumer:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned_at = time.monotonic()
         self._owned |= {(p.topic, p.partition) for p in partitions}
-        self.assigned.set()
+        self.membership.assigned()
         log.info("assigned partitions %s", [p.partition for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -107,6 +107,7 @@ class FrameConsumer:
         lost = {(p.topic, p.partition) for p in partitions}
         self.publisher.revoke(list(lost))
         self._owned -= lost
+        self.membership.revoked()
         log.info("revoked partitions %s", [p.partition for p in partitions])
 
     def _owns(self, message: Message) -> bool:
@@ -261,10 +262,7 @@ class FrameConsumer:
             )  # fmt: skip
         else:
             wait_s = self.kafka.session_timeout_ms / 1000 + CLOSE_GRACE_S
-            if not leave_group(self._consumer, wait_s, joined=self.assigned):
-                log.warning("leaving group %r took over %.0f s: going on without it (the group "
-                            "drops this member after its session timeout)",
-                            self.settings.group, wait_s)  # fmt: skip
+            leave_group(self._consumer, self.membership, wait_s, lambda: self.broker.down)
         self.caller.close()
 
 

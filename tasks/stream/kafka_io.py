@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer
 
 from tasks.stream.broker_watch import BrokerWatch
 from tasks.stream.frame_codec import Headers
@@ -22,33 +22,83 @@ from tasks.stream.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
+QUIET_S = 0.2  # after leaving, how long no rebalance callback may come before close
+
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
 
 
-def leave_group(consumer: Consumer, timeout_s: float, joined: threading.Event) -> bool:
-    """Hand the member's partitions back, then close it, within `timeout_s`; whether it ended.
-    `joined` is set by the member's assignment callback.
+class Membership:
+    """What a group member's rebalance callbacks said last, for `leave_group`. The callbacks
+    run inside `poll`, on the member's own thread."""
 
-    A rebalance left for `close` to answer is answered inside it by confluent-kafka, with a
-    librdkafka call that waits for the closing group while holding Python's GIL; that wait can
-    last for ever (librdkafka#4041, #4884). Seen here in about one `vidflow consume` of 30
-    stopped as it joined its group (py-spy: rd_kafka_assign or rd_kafka_rebalance_protocol in
-    Consumer_rebalance_cb under rd_kafka_consumer_close, every other thread waiting for the
-    GIL, so not even `close_within` could go on). So, as #4527 suggests, every rebalance is
-    answered in `poll` first: a join under way is let finish, the member unsubscribes and its
-    revoke is served, and `close` finds nothing to answer. Frames fetched meanwhile are
-    dropped: uncommitted, so the group's next member reads them."""
-    deadline = time.monotonic() + timeout_s
+    def __init__(self) -> None:
+        self.joined = threading.Event()  # its first assignment came (possibly of no partition)
+        self.settled = False  # the last callback was an assignment: no rebalance under way
+        self.revokes = 0
+        self.callbacks = 0
+
+    def assigned(self) -> None:
+        self.settled, self.callbacks = True, self.callbacks + 1
+        self.joined.set()
+
+    def revoked(self) -> None:
+        self.settled, self.revokes, self.callbacks = False, self.revokes + 1, self.callbacks + 1
+
+
+def leave_group(
+    consumer: Consumer,
+    membership: Membership,
+    wait_s: float,
+    gone: Callable[[], bool],
+    close_s: float = 5.0,
+) -> bool:
+    """Hand the member's partitions back in `poll`, then close it; whether it was closed.
+
+    A rebalance left for `close` is answered inside it by confluent-kafka, with a librdkafka
+    call that waits for the closing group while holding Python's GIL; that wait can last for
+    ever (librdkafka#4041, #4884). Seen here in about one `vidflow consume` of 30 stopped as it
+    joined its group: py-spy showed rd_kafka_assign or rd_kafka_rebalance_protocol in
+    Consumer_rebalance_cb under rd_kafka_consumer_close, and every other thread waiting for the
+    GIL, so not even `close_within` could go on. So every rebalance is served in `poll` first:
+    a rebalance under way is let finish (the last callback an assignment), the member
+    unsubscribes, its revoke is served, and a short quiet spell must bring no other callback.
+    Where any of that does not happen within `wait_s`, or the broker is `gone()`, the client is
+    not closed: once unreferenced, it is freed without waiting for the group
+    (RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE), which drops the member after its session timeout.
+    Frames fetched meanwhile are dropped: uncommitted, so the group's next member reads them."""
+    deadline = time.monotonic() + wait_s
+
+    def serve(done: Callable[[], bool], step: str) -> bool:
+        while not done():
+            if gone() or time.monotonic() >= deadline:
+                log.warning("not closing the group member: %s did not happen within %.0f s%s",
+                            step, wait_s, " (the broker is gone)" if gone() else "")  # fmt: skip
+                return False
+            consumer.poll(0.1)
+        return True
+
     try:
-        while not joined.is_set() and time.monotonic() < deadline:
-            consumer.poll(0.1)
-        consumer.unsubscribe()
         consumer.poll(0)
-        while consumer.assignment() and time.monotonic() < deadline:
-            consumer.poll(0.1)
-    except KafkaException as exc:  # close still tries, as it did before this step
-        log.warning("giving partitions back before closing failed: %s", exc)
-    return close_within(consumer, max(0.0, deadline - time.monotonic()))
+        if not serve(lambda: membership.settled, "the end of its rebalance"):
+            return False
+        consumer.unsubscribe()
+        revokes = membership.revokes
+        if not serve(lambda: membership.revokes > revokes and not consumer.assignment(),
+                     "the revoke of its partitions"):  # fmt: skip
+            return False
+        callbacks, quiet_until = membership.callbacks, time.monotonic() + QUIET_S
+        if not serve(lambda: time.monotonic() >= quiet_until, "a quiet spell"):
+            return False
+        if membership.callbacks != callbacks:
+            log.warning("not closing the group member: a rebalance came after it left")
+            return False
+    except Exception as exc:  # the summary and the service's channel must still be handled
+        log.warning("not closing the group member: leaving failed: %s", exc)
+        return False
+    if not close_within(consumer, close_s):
+        log.warning("closing the group member took over %.0f s: going on without it", close_s)
+        return False
+    return True
 
 
 def close_within(consumer: Consumer, timeout_s: float) -> bool:

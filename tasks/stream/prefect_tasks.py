@@ -59,7 +59,7 @@ def run_consumer(
     try:
         consumer = FrameConsumer(kafka, settings, target, tls_ca=tls_ca, input_end=input_end)
         watcher = threading.Thread(
-            target=lambda: consumer.assigned.wait(settings.duration) and assigned.set(),
+            target=lambda: consumer.membership.joined.wait(settings.duration) and assigned.set(),
             daemon=True,
         )
         watcher.start()
