@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.cli_types import positive_float, positive_int
 from common.frames import encode_jpeg, iter_video_frames
 from common.logs import setup_logging
 from common.settings import (
@@ -317,9 +318,15 @@ def _interrupt(_signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--videos", type=int, default=4, help="Kinetics rows for depth extraction")
-    parser.add_argument("--stream-seconds", type=float, default=15.0, help="stream duration")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--videos", type=positive_int, default=4, help="Kinetics rows for depth extraction"
+    )
+    parser.add_argument(
+        "--stream-seconds", type=positive_float, default=15.0, help="stream duration"
+    )
     parser.add_argument(
         "--keep-ui", action="store_true", help="keep the Prefect server up until Ctrl-C"
     )
