@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import socket
@@ -23,6 +24,7 @@ from common.cpus import usable_cpus
 from common.settings import SAMPLE_VIDEOS_DIR
 from devstack.launcher import REPO_ROOT, start_server
 from protos import inference_pb2, inference_pb2_grpc
+from services.inference.batching_memo import MEMO_FILE
 from services.inference.client import (
     ServiceUnreachableError,
     channel_options,
@@ -201,7 +203,8 @@ def test_auto_batching_measures_decides_and_is_obeyed(
     """The server (auto is the default) measured the model at batch 1 and 8 at start-up, said
     what it chose and why, and no reply comes from a batch larger than what it chose (1:
     direct dispatch). Which way it goes is this device's call; tests/test_batching_choice.py
-    has models on both sides of the line."""
+    has models on both sides of the line. A second start recalls the verdict, measuring nothing."""
+    (model_cache / MEMO_FILE).unlink(missing_ok=True)  # other servers of the session kept one
     server = start_server(tmp_path, model_cache, "--backend", "onnx")
     try:
         server.wait_serving()
@@ -227,6 +230,19 @@ def test_auto_batching_measures_decides_and_is_obeyed(
     assert max(batch_sizes) <= info.max_batch_size
     if not pays:
         assert set(batch_sizes) == {1}
+    assert "kept in" not in choice.group(0) and MEMO_FILE in os.listdir(model_cache)
+
+    again = start_server(tmp_path, model_cache, "--backend", "onnx")
+    try:
+        again.wait_serving()
+        channel, stub = _stub(again.target)
+        with channel:
+            info_again = stub.GetModelInfo(inference_pb2.ModelInfoRequest(), timeout=10)
+    finally:
+        again.terminate()
+    assert info_again.max_batch_size == info.max_batch_size
+    assert f"{choice.group(0)} (needs 1.25x) (measured " in again.log()
+    assert f"kept in {MEMO_FILE})" in again.log()
 
 
 def test_batching_off_dispatches_each_request_alone(tmp_path: Path, model_cache, video_frames):

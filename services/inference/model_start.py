@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from services.inference.batcher import choose_batch_size
+from services.inference.batcher import BatchingChoice, choose_batch_size
+from services.inference.batching_memo import choice_key, recalled_choice, remember_choice
 from services.inference.loader import ServedModel, load_served_model
 from services.inference.settings import InferenceSettings
 
@@ -61,15 +62,33 @@ async def load_warm_model(settings: InferenceSettings) -> tuple[ServedModel, int
     sizes = sorted({1, settings.max_batch_size})
     zeros = {size: np.zeros((size, *shape), np.float32) for size in sizes}
     await off_the_loop(functools.partial(model.backend.warm_up, list(zeros.values())))
-    choice = await off_the_loop(
-        functools.partial(
-            choose_batch_size,
-            settings.batching,
-            settings.max_batch_size,
-            lambda size: model.backend.run(zeros[size]),
-            callers=model.workers,
-            min_speedup=settings.batching_min_speedup,
-        )
+    measure = functools.partial(
+        choose_batch_size,
+        settings.batching,
+        settings.max_batch_size,
+        lambda size: model.backend.run(zeros[size]),
+        callers=model.workers,
+        min_speedup=settings.batching_min_speedup,
     )
+    choice = await off_the_loop(functools.partial(_recalled_or_measured, model, settings, measure))
     log.info("%s", choice.reason)
     return model, choice.max_batch_size
+
+
+def _recalled_or_measured(
+    model: ServedModel, settings: InferenceSettings, measure: Callable[[], BatchingChoice]
+) -> BatchingChoice:
+    """`--batching auto`'s verdict as kept for this model and machine, or measured and kept
+    (batching_memo); `on` and `off` measure nothing."""
+    if settings.batching != "auto" or settings.max_batch_size == 1:
+        return measure()
+    key = choice_key(
+        model=model.name, weights=model.weights_sha256, backend=model.backend.name,
+        device=model.backend.device, workers=model.workers, threads=settings.inference_threads,
+        max_batch_size=settings.max_batch_size, min_speedup=settings.batching_min_speedup,
+    )  # fmt: skip
+    choice = recalled_choice(settings.cache_dir, key)
+    if choice is None:
+        choice = measure()
+        remember_choice(settings.cache_dir, key, choice)
+    return choice

@@ -78,7 +78,8 @@ class InferenceSettings(ServiceToken):
         description=(
             "hold requests to form batches: on, off (each request runs alone at once), or auto: "
             "on only if the model, measured at start-up on this device, does more images/s at "
-            "--max-batch-size than at batch 1 (--batching-min-speedup)"
+            "--max-batch-size than at batch 1 (--batching-min-speedup); the verdict is kept in "
+            "--cache-dir for the next start of the same model and settings on this machine"
         ),
     )
     batching_min_speedup: float = Field(

@@ -1,0 +1,90 @@
+"""`--batching auto`'s verdict kept per model and machine, so that a restart does not time the
+model again.
+
+Timing batch 1 against the largest batch took ~2.3 of the 3.6 s a server needed to start on 2
+cores (docs/benchmarks.md), on every start, restart and crash loop, for the answer the same
+model gave last time on the same machine. So the verdict is kept in the cache folder under a
+key of everything it depends on: the model and its weights, the backend, its runtime's version,
+the device, the model workers and threads, the largest batch and the speed-up it must reach,
+the usable CPUs and their model. Anything else misses and is measured (and kept). `--batching
+on` or `off`, or deleting the file, measures nothing or anew. A file that cannot be read or
+written only costs the time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from common.cpus import usable_cpus
+from common.files import atomic_output
+from services.inference.batcher import BatchingChoice
+
+log = logging.getLogger(__name__)
+
+MEMO_FILE = "batching-choices.json"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux), or '' where it cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _runtime_version(backend: str) -> str:
+    """The version of the library that runs the model (already imported by its backend)."""
+    module = sys.modules.get("onnxruntime" if backend == "onnx" else "torch")
+    return str(getattr(module, "__version__", ""))
+
+
+def choice_key(**parts: Any) -> str:
+    """A key of what `--batching auto`'s measurement depends on: the caller's `parts` (model,
+    weights, backend, device, workers, threads, batch size, speed-up) and this machine's."""
+    machine = {"cpus": usable_cpus(), "cpu": _cpu_model()}
+    runtime = {"runtime": _runtime_version(str(parts.get("backend", "")))}
+    text = json.dumps({**parts, **machine, **runtime}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def recalled_choice(cache_dir: Path, key: str) -> BatchingChoice | None:
+    """The verdict kept under `key`, its reason saying when it was measured; None if none."""
+    try:
+        kept = json.loads((Path(cache_dir) / MEMO_FILE).read_text())[key]
+        choice = BatchingChoice(**kept["choice"])
+    except (OSError, ValueError, KeyError, TypeError):  # none, unreadable or of another shape
+        return None
+    reason = f"{choice.reason} (measured {kept['measured_at']}, kept in {MEMO_FILE})"
+    return BatchingChoice(
+        choice.max_batch_size, reason, choice.images_per_s_at_1, choice.images_per_s_at_max
+    )
+
+
+def remember_choice(cache_dir: Path, key: str, choice: BatchingChoice) -> None:
+    """Keep `choice` under `key` beside the others; one that cannot be kept is only said."""
+    path = Path(cache_dir) / MEMO_FILE
+    try:
+        kept = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(kept, dict):
+            kept = {}
+    except (OSError, ValueError):
+        kept = {}
+    measured_at = datetime.now(UTC).isoformat(timespec="seconds")
+    kept[key] = {"choice": asdict(choice), "measured_at": measured_at}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(path) as partial:
+            partial.write_text(json.dumps(kept, indent=1, sort_keys=True))
+    except OSError as exc:
+        log.warning("could not keep the batching verdict in %s (%s): the next start measures "
+                    "again", path, exc)  # fmt: skip

@@ -1,0 +1,67 @@
+"""`services/inference/batching_memo.py`: `--batching auto`'s verdict kept for the next start.
+tests/test_service.py checks that a second `vidflow serve` recalls it instead of measuring."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from services.inference.batcher import BatchingChoice
+from services.inference.batching_memo import (
+    MEMO_FILE,
+    choice_key,
+    recalled_choice,
+    remember_choice,
+)
+
+PARTS = {"model": "efficientnet_lite0", "weights": "ab12", "backend": "onnx", "device": "cpu",
+         "workers": 3, "threads": 0, "max_batch_size": 8, "min_speedup": 1.25}  # fmt: skip
+MEASURED = BatchingChoice(1, "--batching auto: batch 8 does 1.02x ... does not pay", 180.0, 184.0)
+
+
+def test_a_kept_verdict_is_recalled_with_when_it_was_measured(tmp_path: Path) -> None:
+    key = choice_key(**PARTS)
+    assert recalled_choice(tmp_path, key) is None  # nothing kept yet
+    remember_choice(tmp_path, key, MEASURED)
+    recalled = recalled_choice(tmp_path, key)
+    assert recalled is not None
+    assert recalled.max_batch_size == 1
+    assert (recalled.images_per_s_at_1, recalled.images_per_s_at_max) == (180.0, 184.0)
+    assert recalled.reason.startswith(MEASURED.reason)
+    assert f"kept in {MEMO_FILE}" in recalled.reason
+
+
+def test_anything_the_verdict_depends_on_changes_its_key(tmp_path: Path) -> None:
+    key = choice_key(**PARTS)
+    assert choice_key(**PARTS) == key  # the same model, settings and machine: the same key
+    for name, other in [("weights", "cd34"), ("device", "cuda"), ("workers", 2),
+                        ("max_batch_size", 16), ("threads", 1), ("min_speedup", 1.5)]:  # fmt: skip
+        assert choice_key(**{**PARTS, name: other}) != key, name
+    remember_choice(tmp_path, key, MEASURED)
+    assert recalled_choice(tmp_path, choice_key(**{**PARTS, "device": "cuda"})) is None
+    other_key = choice_key(**{**PARTS, "max_batch_size": 16})
+    remember_choice(tmp_path, other_key, BatchingChoice(16, "--batching auto: pays"))
+    assert recalled_choice(tmp_path, key).max_batch_size == 1  # both kept side by side
+    assert recalled_choice(tmp_path, other_key).max_batch_size == 16
+
+
+def test_a_damaged_memo_is_measured_again_and_replaced(tmp_path: Path) -> None:
+    key = choice_key(**PARTS)
+    (tmp_path / MEMO_FILE).write_text('{"cut short')
+    assert recalled_choice(tmp_path, key) is None
+    (tmp_path / MEMO_FILE).write_text(json.dumps({key: {"choice": {"max_batch": 1}}}))
+    assert recalled_choice(tmp_path, key) is None  # another shape: a miss, not an error
+    remember_choice(tmp_path, key, MEASURED)
+    assert recalled_choice(tmp_path, key).max_batch_size == 1
+
+
+def test_a_memo_that_cannot_be_written_only_costs_the_next_start_its_time(
+    tmp_path: Path, caplog
+) -> None:
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with caplog.at_level(logging.WARNING):
+        remember_choice(not_a_folder / "cache", choice_key(**PARTS), MEASURED)
+    assert "could not keep the batching verdict" in caplog.text
+    assert recalled_choice(not_a_folder / "cache", choice_key(**PARTS)) is None
