@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from services.inference.batcher import BatchingChoice
 from services.inference.batching_memo import (
+    MAX_AGE,
     MEMO_FILE,
     choice_key,
     recalled_choice,
@@ -18,13 +20,14 @@ from services.inference.batching_memo import (
 PARTS = {"model": "efficientnet_lite0", "weights": "ab12", "backend": "onnx", "device": "cpu",
          "workers": 3, "threads": 0, "max_batch_size": 8, "min_speedup": 1.25}  # fmt: skip
 MEASURED = BatchingChoice(1, "--batching auto: batch 8 does 1.02x ... does not pay", 180.0, 184.0)
+MIN = 1.25  # --batching-min-speedup
 
 
 def test_a_kept_verdict_is_recalled_with_when_it_was_measured(tmp_path: Path) -> None:
     key = choice_key(**PARTS)
-    assert recalled_choice(tmp_path, key) is None  # nothing kept yet
+    assert recalled_choice(tmp_path, key, MIN) is None  # nothing kept yet
     remember_choice(tmp_path, key, MEASURED)
-    recalled = recalled_choice(tmp_path, key)
+    recalled = recalled_choice(tmp_path, key, MIN)
     assert recalled is not None
     assert recalled.max_batch_size == 1
     assert (recalled.images_per_s_at_1, recalled.images_per_s_at_max) == (180.0, 184.0)
@@ -39,21 +42,25 @@ def test_anything_the_verdict_depends_on_changes_its_key(tmp_path: Path) -> None
                         ("max_batch_size", 16), ("threads", 1), ("min_speedup", 1.5)]:  # fmt: skip
         assert choice_key(**{**PARTS, name: other}) != key, name
     remember_choice(tmp_path, key, MEASURED)
-    assert recalled_choice(tmp_path, choice_key(**{**PARTS, "device": "cuda"})) is None
+    assert recalled_choice(tmp_path, choice_key(**{**PARTS, "device": "cuda"}), MIN) is None
     other_key = choice_key(**{**PARTS, "max_batch_size": 16})
-    remember_choice(tmp_path, other_key, BatchingChoice(16, "--batching auto: pays"))
-    assert recalled_choice(tmp_path, key).max_batch_size == 1  # both kept side by side
-    assert recalled_choice(tmp_path, other_key).max_batch_size == 16
+    remember_choice(tmp_path, other_key, BatchingChoice(16, "--batching auto: pays", 100, 300))
+    assert recalled_choice(tmp_path, key, MIN).max_batch_size == 1  # both kept side by side
+    assert recalled_choice(tmp_path, other_key, MIN).max_batch_size == 16
 
 
 def test_a_damaged_memo_is_measured_again_and_replaced(tmp_path: Path) -> None:
     key = choice_key(**PARTS)
     (tmp_path / MEMO_FILE).write_text('{"cut short')
-    assert recalled_choice(tmp_path, key) is None
+    assert recalled_choice(tmp_path, key, MIN) is None
     (tmp_path / MEMO_FILE).write_text(json.dumps({key: {"choice": {"max_batch": 1}}}))
-    assert recalled_choice(tmp_path, key) is None  # another shape: a miss, not an error
+    assert recalled_choice(tmp_path, key, MIN) is None  # another shape: a miss, not an error
+    (tmp_path / MEMO_FILE).write_text(
+        json.dumps({key: {"choice": {"max_batch_size": 1, "reason": "r"}}})
+    )
+    assert recalled_choice(tmp_path, key, MIN) is None  # no date, no figures: a miss too
     remember_choice(tmp_path, key, MEASURED)
-    assert recalled_choice(tmp_path, key).max_batch_size == 1
+    assert recalled_choice(tmp_path, key, MIN).max_batch_size == 1
 
 
 def test_a_memo_that_cannot_be_written_only_costs_the_next_start_its_time(
@@ -64,4 +71,22 @@ def test_a_memo_that_cannot_be_written_only_costs_the_next_start_its_time(
     with caplog.at_level(logging.WARNING):
         remember_choice(not_a_folder / "cache", choice_key(**PARTS), MEASURED)
     assert "could not keep the batching verdict" in caplog.text
-    assert recalled_choice(not_a_folder / "cache", choice_key(**PARTS)) is None
+    assert recalled_choice(not_a_folder / "cache", choice_key(**PARTS), MIN) is None
+
+
+def test_an_old_verdict_or_one_near_the_line_is_measured_again(tmp_path: Path) -> None:
+    """Kept for good, one noisy measurement would decide every later start."""
+    key = choice_key(**PARTS)
+    remember_choice(tmp_path, key, MEASURED)
+    memo = json.loads((tmp_path / MEMO_FILE).read_text())
+    old = datetime.now(UTC) - MAX_AGE - timedelta(hours=1)
+    memo[key]["measured_at"] = old.isoformat(timespec="seconds")
+    (tmp_path / MEMO_FILE).write_text(json.dumps(memo))
+    assert recalled_choice(tmp_path, key, MIN) is None
+
+    near = BatchingChoice(1, "--batching auto: batch 8 does 1.22x ... does not pay", 100, 122)
+    remember_choice(tmp_path, key, near)  # 1.22x against the 1.25x line: within 5 %
+    assert recalled_choice(tmp_path, key, MIN) is None
+    clear = BatchingChoice(1, "--batching auto: batch 8 does 1.15x ... does not pay", 100, 115)
+    remember_choice(tmp_path, key, clear)
+    assert recalled_choice(tmp_path, key, MIN) is not None

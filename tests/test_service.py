@@ -24,7 +24,7 @@ from common.cpus import usable_cpus
 from common.settings import SAMPLE_VIDEOS_DIR
 from devstack.launcher import REPO_ROOT, start_server
 from protos import inference_pb2, inference_pb2_grpc
-from services.inference.batching_memo import MEMO_FILE
+from services.inference.batching_memo import BORDERLINE, MEMO_FILE
 from services.inference.client import (
     ServiceUnreachableError,
     channel_options,
@@ -68,6 +68,7 @@ def _metric(body: str, name: str, **labels: str) -> float:
 
 @pytest.mark.slow
 def test_health_goes_from_not_serving_to_serving(tmp_path: Path, model_cache: Path) -> None:
+    (model_cache / MEMO_FILE).unlink(missing_ok=True)  # measuring batching widens the window
     server = start_server(tmp_path, model_cache)
     try:
         seen_health, seen_ready = [], []
@@ -230,7 +231,7 @@ def test_auto_batching_measures_decides_and_is_obeyed(
     assert max(batch_sizes) <= info.max_batch_size
     if not pays:
         assert set(batch_sizes) == {1}
-    assert "kept in" not in choice.group(0) and MEMO_FILE in os.listdir(model_cache)
+    assert "kept in" not in server.log() and MEMO_FILE in os.listdir(model_cache)
 
     again = start_server(tmp_path, model_cache, "--backend", "onnx")
     try:
@@ -241,8 +242,11 @@ def test_auto_batching_measures_decides_and_is_obeyed(
     finally:
         again.terminate()
     assert info_again.max_batch_size == info.max_batch_size
-    assert f"{choice.group(0)} (needs 1.25x) (measured " in again.log()
-    assert f"kept in {MEMO_FILE})" in again.log()
+    if abs(speedup / 1.25 - 1) < BORDERLINE:  # too near the line to keep: measured again
+        assert "kept in" not in again.log()
+    else:
+        assert f"{choice.group(0)} (needs 1.25x) (measured " in again.log()
+        assert f"kept in {MEMO_FILE})" in again.log()
 
 
 def test_batching_off_dispatches_each_request_alone(tmp_path: Path, model_cache, video_frames):

@@ -479,12 +479,12 @@ def test_a_consumer_close_that_never_ends_is_left_after_its_timeout(kafka) -> No
 
     # A real member of a real group leaves it within the time, as before.
     member = Consumer(consumer_config(kafka, f"group-{uuid.uuid4().hex[:6]}"))
-    member.subscribe([kafka.frames_topic])
+    membership = _Recorded(member, kafka.frames_topic)
     deadline = time.monotonic() + 30
     while not member.assignment() and time.monotonic() < deadline:
         member.poll(0.2)
     assert member.assignment()
-    assert close_within(member, timeout_s=15) is True
+    assert leave_group(member, membership, wait_s=15, gone=_never_gone) is True
     with pytest.raises(RuntimeError):  # closed: a closed consumer refuses further calls
         member.poll(0)
 
@@ -512,7 +512,7 @@ class _Recorded(Membership):
         return {thread for _, thread in self.served_on}
 
 
-def _broker_up() -> bool:
+def _never_gone() -> bool:
     return False
 
 
@@ -523,7 +523,7 @@ def test_a_member_stopped_as_it_joins_answers_its_rebalances_before_it_closes(ka
     joined hung so): a member that leaves must have answered them all in `poll` first."""
     member = Consumer(consumer_config(kafka, f"group-{uuid.uuid4().hex[:6]}"))
     membership = _Recorded(member, kafka.frames_topic)
-    assert leave_group(member, membership, wait_s=30, gone=_broker_up) is True  # joining yet
+    assert leave_group(member, membership, wait_s=30, gone=_never_gone) is True  # joining yet
     assert membership.kinds() == ["assign", "revoke"]
     assert membership.threads() == {threading.current_thread().name}
     with pytest.raises(RuntimeError):  # closed
@@ -540,6 +540,7 @@ def test_a_member_that_leaves_during_a_rebalance_waits_for_its_end(kafka) -> Non
     deadline = time.monotonic() + 30
     while not first_membership.settled and time.monotonic() < deadline:
         first.poll(0.1)
+    assert first_membership.kinds() == ["assign"]
     second = Consumer(consumer_config(kafka, group))
     second_membership = _Recorded(second, kafka.frames_topic)
     stop_second = threading.Event()
@@ -555,13 +556,13 @@ def test_a_member_that_leaves_during_a_rebalance_waits_for_its_end(kafka) -> Non
             first.poll(0)  # until the rebalance takes its partitions back, and not beyond
             time.sleep(0.05)
         assert first_membership.kinds() == ["assign", "revoke"]  # its join again under way
-        assert leave_group(first, first_membership, wait_s=30, gone=_broker_up) is True
+        assert leave_group(first, first_membership, wait_s=30, gone=_never_gone) is True
         assert first_membership.kinds() == ["assign", "revoke", "assign", "revoke"]
         assert first_membership.threads() == {threading.current_thread().name}
     finally:
         stop_second.set()
         polling.join(30)
-        assert leave_group(second, second_membership, wait_s=30, gone=_broker_up) is True
+        leave_group(second, second_membership, wait_s=30, gone=_never_gone)
 
 
 @pytest.mark.faults

@@ -6,9 +6,12 @@ cores (docs/benchmarks.md), on every start, restart and crash loop, for the answ
 model gave last time on the same machine. So the verdict is kept in the cache folder under a
 key of everything it depends on: the model and its weights, the backend, its runtime's version,
 the device, the model workers and threads, the largest batch and the speed-up it must reach,
-the usable CPUs and their model. Anything else misses and is measured (and kept). `--batching
-on` or `off`, or deleting the file, measures nothing or anew. A file that cannot be read or
-written only costs the time.
+the usable CPUs and their model, and this module's version (MEMO_VERSION: raise it when the
+backends or the measurement change). Anything else misses and is measured (and kept). A verdict
+older than MAX_AGE, or one whose speed-up was within BORDERLINE of the line (where one noisy
+measurement could have gone either way), is measured again. `--batching on` or `off`, or
+deleting the file, measures nothing or anew. A file that cannot be read or written only costs
+the time.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import logging
 import sys
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,9 @@ from services.inference.batcher import BatchingChoice
 log = logging.getLogger(__name__)
 
 MEMO_FILE = "batching-choices.json"
+MEMO_VERSION = 1
+MAX_AGE = timedelta(days=7)
+BORDERLINE = 0.05  # a speed-up within 5 % of --batching-min-speedup is measured at every start
 
 
 def _cpu_model() -> str:
@@ -52,17 +58,23 @@ def choice_key(**parts: Any) -> str:
     """A key of what `--batching auto`'s measurement depends on: the caller's `parts` (model,
     weights, backend, device, workers, threads, batch size, speed-up) and this machine's."""
     machine = {"cpus": usable_cpus(), "cpu": _cpu_model()}
-    runtime = {"runtime": _runtime_version(str(parts.get("backend", "")))}
+    runtime = {"runtime": _runtime_version(str(parts.get("backend", ""))), "memo": MEMO_VERSION}
     text = json.dumps({**parts, **machine, **runtime}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def recalled_choice(cache_dir: Path, key: str) -> BatchingChoice | None:
-    """The verdict kept under `key`, its reason saying when it was measured; None if none."""
+def recalled_choice(cache_dir: Path, key: str, min_speedup: float) -> BatchingChoice | None:
+    """The verdict kept under `key`, its reason saying when it was measured; None if none,
+    or if it is too old or was too close to `min_speedup` to keep."""
     try:
         kept = json.loads((Path(cache_dir) / MEMO_FILE).read_text())[key]
         choice = BatchingChoice(**kept["choice"])
-    except (OSError, ValueError, KeyError, TypeError):  # none, unreadable or of another shape
+        measured_at = datetime.fromisoformat(kept["measured_at"])
+        speedup = choice.images_per_s_at_max / choice.images_per_s_at_1  # type: ignore[operator]
+        age = datetime.now(UTC) - measured_at
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):  # none, or misshapen
+        return None
+    if not timedelta(0) <= age <= MAX_AGE or abs(speedup / min_speedup - 1) < BORDERLINE:
         return None
     reason = f"{choice.reason} (measured {kept['measured_at']}, kept in {MEMO_FILE})"
     return BatchingChoice(

@@ -128,6 +128,9 @@ def _refuse_on_own_thread(work: _Work) -> None:
         work.future.set_exception(RuntimeError("no thread to refuse the call on"))
 
 
+FAILED_TICK_LOG_EVERY_S = 60.0  # a tick that keeps failing is said once a minute
+
+
 class _Watchdog:
     """A pool's thread that ticks every STALL_S while it has something to watch (calls waiting
     for their request, spare threads, a shut-down to end on) and sleeps otherwise, until woken:
@@ -153,6 +156,7 @@ class _Watchdog:
             self._wake.notify()
 
     def _run(self) -> None:
+        said_at = -FAILED_TICK_LOG_EVERY_S
         while True:
             with self._wake:
                 while not self._to_watch():
@@ -163,7 +167,9 @@ class _Watchdog:
             try:
                 going = self._tick()
             except Exception:  # one that ended here would leave every later stall unreaped
-                log.exception("the call pool's watchdog failed a tick; it goes on")
+                if time.monotonic() - said_at >= FAILED_TICK_LOG_EVERY_S:  # not 50 a second
+                    said_at = time.monotonic()
+                    log.exception("the call pool's watchdog failed a tick; it goes on")
                 going = True
             if not going:
                 return

@@ -11,6 +11,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -86,9 +87,22 @@ def _recalled_or_measured(
         model=model.name, weights=model.weights_sha256, backend=model.backend.name,
         device=model.backend.device, workers=model.workers, threads=settings.inference_threads,
         max_batch_size=settings.max_batch_size, min_speedup=settings.batching_min_speedup,
+        onnx_file=_file_identity(settings.onnx_model),
     )  # fmt: skip
-    choice = recalled_choice(settings.cache_dir, key)
-    if choice is None:
+    choice = recalled_choice(settings.cache_dir, key, settings.batching_min_speedup)
+    if choice is None or choice.max_batch_size not in (1, settings.max_batch_size):
         choice = measure()
         remember_choice(settings.cache_dir, key, choice)
     return choice
+
+
+def _file_identity(path: Path | None) -> list[object] | None:
+    """A served ONNX file's path, size and modification time: another export of the same
+    weights (another opset, fp16) under the same name is another model to measure."""
+    if path is None:
+        return None
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return [str(path)]
+    return [str(path), stat.st_size, stat.st_mtime_ns]

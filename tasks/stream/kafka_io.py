@@ -3,7 +3,8 @@ back-pressure.
 
 Both the frame producer and the consumer's publisher write through these, so a full local queue
 or a lost broker is handled the same way on both sides; the consumer and the benchmarks' naive
-loop join their groups with the same settings.
+loop join their groups with the same settings, and a consumer leaves its group through
+`leave_group`, which keeps librdkafka's close from waiting for ever on a rebalance.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def leave_group(
     a rebalance under way is let finish (the last callback an assignment), the member
     unsubscribes, its revoke is served, and a short quiet spell must bring no other callback.
     Where any of that does not happen within `wait_s`, or the broker is `gone()`, the client is
-    not closed: once unreferenced, it is freed without waiting for the group
-    (RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE), which drops the member after its session timeout.
+    not closed: it is freed when Python frees it (at the latest as its process ends), without
+    waiting for the group (RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE); until then a member whose
+    broker is up stays in the group, which drops it one session timeout after that.
     Frames fetched meanwhile are dropped: uncommitted, so the group's next member reads them."""
     deadline = time.monotonic() + wait_s
 
@@ -92,11 +94,11 @@ def leave_group(
         if membership.callbacks != callbacks:
             log.warning("not closing the group member: a rebalance came after it left")
             return False
+        if not close_within(consumer, close_s):
+            log.warning("closing the group member took over %.0f s: going on without it", close_s)
+            return False
     except Exception as exc:  # the summary and the service's channel must still be handled
         log.warning("not closing the group member: leaving failed: %s", exc)
-        return False
-    if not close_within(consumer, close_s):
-        log.warning("closing the group member took over %.0f s: going on without it", close_s)
         return False
     return True
 
@@ -107,9 +109,10 @@ def close_within(consumer: Consumer, timeout_s: float) -> bool:
     librdkafka's close can wait for ever on a group that will not settle: seen here once with
     two members idling out together, one of them told "unknown member" on its last commit,
     revoked, then still in `close` minutes later (the process never exited). confluent-kafka
-    releases the GIL for the wait, so the close runs on a thread of its own and the caller goes
+    releases the GIL for that wait, so the close runs on a thread of its own and the caller goes
     on after `timeout_s`; the group then drops the member after its session timeout, as it
-    does one whose process died."""
+    does one whose process died. (Not for a rebalance left to `close`: that one is answered
+    holding the GIL, which `leave_group` keeps from happening.)"""
     failure: list[Exception] = []
 
     def close() -> None:
