@@ -104,10 +104,10 @@ class FrameConsumer:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what is delivered for the partitions lost; their frames go to the next owner."""
+        self.membership.revoked()  # first: a commit that fails below must not hide the revoke
         lost = {(p.topic, p.partition) for p in partitions}
         self.publisher.revoke(list(lost))
         self._owned -= lost
-        self.membership.revoked()
         log.info("revoked partitions %s", [p.partition for p in partitions])
 
     def _owns(self, message: Message) -> bool:
