@@ -104,6 +104,8 @@ class StreamBenchmarkSettings(BaseModel):
             raise ValueError(
                 "--capacity replays one source as N cameras: give --source one file or camera"
             )
+        if self.capacity and self.fps == "max":  # refused before a server and a run start
+            raise ValueError("--capacity paces each stream like a camera: --fps max does not apply")
         return self
 
     @property

@@ -144,6 +144,19 @@ def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -
     assert "--rpc-timeout-s '0': Input should be greater than 0" in _refused(
         [*consume, "--rpc-timeout-s", "0"], capsys
     )
+    # Found in review: librdkafka refused these in a traceback, after the topics were made;
+    # a backoff of 0 called a down service in a tight loop; a sweep at --fps max failed in
+    # its flow run, after the Prefect server started.
+    for command, flag, value in (
+        (produce, "--max-message-bytes", "500"),
+        (consume, "--session-timeout-ms", "0"),
+        (consume, "--retry-max-backoff-s", "0"),
+        (bench, "--fetch-wait-max-ms", "-1"),
+    ):
+        err = _refused([*command, flag, value], capsys)
+        assert err.count("\n") == 1 and f"{flag} '{value}': Input should be" in err, err
+    err = _refused([*bench, "--capacity", "--fps", "max"], capsys)
+    assert "--fps max does not apply" in err and err.count("\n") == 1, err
 
 
 def test_stream_commands_refuse_bad_sources_and_bounds_before_the_broker(

@@ -33,6 +33,7 @@ from services.inference.client import (
     wait_until_serving,
 )
 from services.inference.loadtest import _Level, run_loadtest
+from tasks.stream.inference_caller import FRAME_TOO_LARGE
 from tests.conftest import EXPECTED_CLASSES
 from tests.images import gif_bytes, jpeg_bytes, mpo_bytes, png_bytes, png_claiming_size
 from tests.proc_helpers import listening_addresses
@@ -168,6 +169,8 @@ def test_message_over_the_size_limit_is_resource_exhausted(onnx_server, photos) 
         with pytest.raises(grpc.RpcError) as error:
             stub.Classify(inference_pb2.ClassifyRequest(image=b"\xff" * (17 << 20)), timeout=30)
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # The text the stream consumer tells a frame too large from a full server by.
+        assert FRAME_TOO_LARGE in error.value.details(), error.value.details()
         reply = stub.Classify(inference_pb2.ClassifyRequest(image=photos["rocket"]), timeout=30)
         assert reply.predictions[0].label in EXPECTED_CLASSES["rocket"]
 

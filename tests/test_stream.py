@@ -26,6 +26,7 @@ from tasks.stream.consumer import FrameConsumer
 from tasks.stream.consumer_summary import ConsumerSummary
 from tasks.stream.frame_codec import (
     HEADER_DLQ_REASON,
+    HEADER_DLQ_VALUE_DROPPED,
     HEADER_SESSION,
     Frame,
     FrameFormatError,
@@ -202,6 +203,32 @@ def test_a_corrupt_message_goes_to_the_dlq_and_the_consumer_goes_on(kafka, onnx_
 
 
 @pytest.mark.faults
+def test_a_frame_too_large_to_copy_with_its_reason_is_dead_lettered_without_its_bytes(
+    kafka, onnx_server
+) -> None:
+    """A frame just under the size limit is over it with the dead-letter headers: librdkafka
+    refused the copy at once, which ended the consumer (and every restart of it)."""
+    near_limit = Frame("cam-l", 0, time.time_ns(), time.time_ns(), b"\x00not a jpeg" * 180)
+    producer = Producer({"bootstrap.servers": kafka.bootstrap_servers})
+    producer.produce(
+        kafka.frames_topic, key=b"cam-l", value=near_limit.jpeg,
+        headers=encode_frame_headers(near_limit),
+    )  # fmt: skip
+    assert producer.flush(10) == 0
+    tight = kafka.model_copy(update={"max_message_bytes": 2000})
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    summary = _consumer(tight, onnx_server.target, group=group).run()
+    assert (summary.dlq, summary.frames_consumed) == (1, 1)
+    [dead] = read_topic(kafka.bootstrap_servers, kafka.dlq_topic, expected=1)
+    headers = dict(dead.headers())
+    assert not dead.value() and headers[HEADER_DLQ_VALUE_DROPPED] == b"1980"
+    assert "not an image" in headers[HEADER_DLQ_REASON].decode()
+    assert (
+        committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, kafka.partitions) == 1
+    )
+
+
+@pytest.mark.faults
 @pytest.mark.parametrize("budget_ms", [None, 1000.0])
 def test_frame_headers_out_of_range_are_dead_lettered_not_fatal(
     kafka, onnx_server, budget_ms: float | None
@@ -216,6 +243,7 @@ def test_frame_headers_out_of_range_are_dead_lettered_not_fatal(
         ("vidflow-capture-ts-ns", b"9" * 400),
         ("vidflow-frame-index", b"-1"),
         ("vidflow-stream-id", b"s" * 5000),
+        ("vidflow-stream-id", None),  # a header with no value ended the consumer too
     ]
     producer = Producer({"bootstrap.servers": kafka.bootstrap_servers})
     for name, value in hostile:
@@ -223,11 +251,14 @@ def test_frame_headers_out_of_range_are_dead_lettered_not_fatal(
         producer.produce(kafka.frames_topic, key=b"cam-h", value=good.jpeg, headers=headers)
     assert producer.flush(10) == 0
     summary = _consumer(kafka, onnx_server.target, max_frame_age_ms=budget_ms).run()
-    assert summary.frames_consumed == produced + 3
-    assert summary.dlq == 3 and summary.results_published + summary.skipped_stale == produced
-    dead = read_topic(kafka.bootstrap_servers, kafka.dlq_topic, expected=3)
+    assert summary.frames_consumed == produced + len(hostile)
+    assert summary.dlq == len(hostile)
+    assert summary.results_published + summary.skipped_stale == produced
+    dead = read_topic(kafka.bootstrap_servers, kafka.dlq_topic, expected=len(hostile))
     reasons = sorted(dict(m.headers())[HEADER_DLQ_REASON].decode() for m in dead)
-    assert all("out of range" in reason or "too long" in reason for reason in reasons), reasons
+    expected = ("out of range", "too long", "has no value")
+    assert all(any(text in reason for text in expected) for reason in reasons), reasons
+    assert any("has no value" in reason for reason in reasons), reasons
 
 
 @pytest.mark.slow

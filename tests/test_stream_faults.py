@@ -35,7 +35,7 @@ from prefect.client.schemas.filters import (
 
 from common.net import free_port
 from devstack.broker import LocalBroker, start_broker
-from devstack.launcher import REPO_ROOT
+from devstack.launcher import REPO_ROOT, start_server
 from flows.stream_benchmark import BrokerLostDuringRunError, stream_benchmark
 from flows.stream_settings import StreamBenchmarkSettings
 from protos import inference_pb2, inference_pb2_grpc
@@ -49,6 +49,7 @@ from tasks.stream.frame_codec import (
     encode_frame_headers,
     frame_key,
 )
+from tasks.stream.inference_caller import FRAME_TOO_LARGE, counts_against_frame
 from tasks.stream.kafka_io import Membership, close_within, consumer_config, leave_group
 from tasks.stream.settings import ConsumerSettings, KafkaSettings
 from tests.conftest import VIDEOS, fresh_topics
@@ -183,6 +184,29 @@ def test_an_unavailable_service_is_waited_for_beyond_max_attempts(
     assert summary.dlq == 0 and summary.retries == 6
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=len(keys))
     assert Counter(result_keys(results)) == Counter(keys)
+
+
+@pytest.mark.faults
+def test_a_full_service_is_waited_for_and_loses_no_frame_to_the_dead_letters(
+    kafka, model_cache: Path, tmp_path: Path, video_frames: list[bytes]
+) -> None:
+    """`vidflow serve --max-concurrent-rpcs 2` refuses a third call with RESOURCE_EXHAUSTED
+    ("try again when one ends"): a consumer with 8 calls in flight dead-lettered good frames
+    after --max-attempts refusals."""
+    server = start_server(tmp_path, model_cache, "--max-concurrent-rpcs", "2")
+    try:
+        server.wait_serving()
+        keys = _publish_frames(kafka, "cam-f", 60, video_frames[0])
+        summary = _consumer(kafka, server.target, concurrency=8, max_attempts=2).run()
+    finally:
+        server.terminate()
+    assert summary.retries > 0, "the server was never full: the test proves nothing"
+    assert summary.dlq == 0 and summary.results_published == len(keys)
+    results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=len(keys))
+    assert Counter(result_keys(results)) == Counter(keys)
+    # A frame over the service's size limit still counts (its text: test_service.py).
+    too_large = f"Received message {FRAME_TOO_LARGE} (17000000 vs. 16777216)"
+    assert counts_against_frame(grpc.StatusCode.RESOURCE_EXHAUSTED, too_large)
 
 
 @pytest.mark.faults

@@ -31,6 +31,8 @@ HEADER_DLQ_REASON = "vidflow-dlq-reason"
 HEADER_DLQ_SOURCE = "vidflow-dlq-source"
 HEADER_DLQ_STATUS = "vidflow-dlq-status"
 HEADER_DLQ_ATTEMPTS = "vidflow-dlq-attempts"
+# The size of a frame left out of its dead-letter copy (too large with the reason headers).
+HEADER_DLQ_VALUE_DROPPED = "vidflow-dlq-value-dropped"
 
 Headers = list[tuple[str, bytes]]
 
@@ -91,14 +93,25 @@ MAX_HEADER_INT = 2**63 - 1
 
 def decode_frame(value: bytes | None, headers: Headers | None) -> Frame:
     """Rebuild a Frame from a message's value and headers, or raise FrameFormatError."""
+    try:
+        return _decode_frame(value, headers)
+    except FrameFormatError:
+        raise
+    except Exception as exc:  # a shape no check foresaw must not end the consumer either
+        raise FrameFormatError(f"frame message could not be read: {exc!r}") from exc
+
+
+def _decode_frame(value: bytes | None, headers: Headers | None) -> Frame:
     found = {name: raw for name, raw in (headers or [])}
     try:
-        stream_id = found[HEADER_STREAM_ID].decode()
+        stream_id = _header_text(HEADER_STREAM_ID, found[HEADER_STREAM_ID])
         session = (found.get(HEADER_SESSION) or b"").decode()
         numbers = [
             _header_int(name, found[name])
             for name in (HEADER_FRAME_INDEX, HEADER_CAPTURE_TS_NS, HEADER_PRODUCE_TS_NS)
         ]
+    except FrameFormatError:
+        raise
     except KeyError as exc:
         raise FrameFormatError(f"frame message lacks header {exc.args[0]}") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -124,6 +137,12 @@ def decode_frame(value: bytes | None, headers: Headers | None) -> Frame:
         )
     frame_index, capture_ts_ns, produce_ts_ns = numbers
     return Frame(stream_id, frame_index, capture_ts_ns, produce_ts_ns, value or b"", session)
+
+
+def _header_text(name: str, raw: bytes | None) -> str:
+    if raw is None:  # Kafka headers may carry no value at all
+        raise FrameFormatError(f"frame message header {name} has no value")
+    return raw.decode()
 
 
 def _header_int(name: str, raw: bytes | None) -> int:

@@ -52,10 +52,22 @@ MISCONFIGURED = {
 }
 # The frame itself is the problem: retrying cannot help.
 DEAD_LETTER = {grpc.StatusCode.INVALID_ARGUMENT}
-# Any other status (INTERNAL, UNKNOWN, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, ...) may be a
-# passing hiccup or a frame the service cannot classify: retried up to --max-attempts, then
-# dead-lettered, so one poison frame cannot hold its partition's commit point for ever.
+# Any other status (INTERNAL, UNKNOWN, DEADLINE_EXCEEDED, ...) may be a passing hiccup or a
+# frame the service cannot classify: retried up to --max-attempts, then dead-lettered, so one
+# poison frame cannot hold its partition's commit point for ever.
+# RESOURCE_EXHAUSTED is either: a frame over the message size limit ("larger than max", gRPC's
+# own text) is the frame's fault; any other is a full server (its --max-concurrent-rpcs), which
+# three refusals in half a second dead-lettered good frames for.
+FRAME_TOO_LARGE = "larger than max"
 RETRY_BACKOFF_S = 0.1  # the first retry's backoff, doubled per attempt up to the settings' cap
+
+
+def counts_against_frame(code: grpc.StatusCode, details: str) -> bool:
+    """Whether a failed call counts towards --max-attempts (not the service's outage, its
+    misconfiguration or its being full)."""
+    if code in WAIT_FOR_SERVICE | MISCONFIGURED:
+        return False
+    return code != grpc.StatusCode.RESOURCE_EXHAUSTED or FRAME_TOO_LARGE in details
 
 
 class ServiceNotReadyError(RuntimeError):
@@ -224,7 +236,7 @@ class InferenceCaller:
                 "and may this consumer call it? Frames wait, uncommitted, for one that answers",
                 self.target, code.name, exc.details(),
             )  # fmt: skip
-        if code not in WAIT_FOR_SERVICE | MISCONFIGURED:
+        if counts_against_frame(code, exc.details() or ""):
             call.counted += 1
         if code in DEAD_LETTER or call.counted >= self.settings.max_attempts:
             self.publisher.dead_letter(

@@ -284,9 +284,10 @@ def produce_frames(
             stats.broker_error = str(exc)
             log.error("%s; stopping", exc)
         finally:
+            # The frames' own pace: the flush below may wait up to 30 s for a slow broker.
+            stats.duration_s = time.monotonic() - started
             held.close()  # release the sources before a flush that may wait for the broker
             outlet.flush()
-            stats.duration_s = time.monotonic() - started
     log.info(
         "produced %d frames in %d stream(s) (%d delivered, %d failed) in %.1f s (%.1f fps)",
         stats.frames_read, n, stats.delivered, stats.failed, stats.duration_s, stats.fps,

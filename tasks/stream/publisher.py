@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from tasks.stream.broker_watch import BrokerWatch
 from tasks.stream.consumer_metrics import ConsumerMetrics
@@ -21,6 +21,7 @@ from tasks.stream.consumer_summary import ConsumerSummary
 from tasks.stream.frame_codec import (
     HEADER_DLQ_REASON,
     HEADER_DLQ_SOURCE,
+    HEADER_DLQ_VALUE_DROPPED,
     Frame,
     FrameResult,
     Headers,
@@ -31,6 +32,19 @@ from tasks.stream.offsets import OffsetTracker, PartitionKey
 from tasks.stream.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+
+def dead_letter_headers(
+    message: Message, reason: str, extra_headers: Sequence[tuple[str, bytes]] = ()
+) -> list[tuple[str, bytes | None]]:
+    """The message's own headers, then why it is dead-lettered and where it came from."""
+    source = f"{message.topic()}/{message.partition()}@{message.offset()}"
+    return [
+        *(message.headers() or []),
+        (HEADER_DLQ_REASON, reason.encode()),
+        (HEADER_DLQ_SOURCE, source.encode()),
+        *extra_headers,
+    ]
 
 
 class Publisher:
@@ -112,24 +126,26 @@ class Publisher:
             "dead-lettering %s/%d@%d: %r",
             message.topic(), message.partition(), message.offset(), reason,
         )  # fmt: skip
-        headers = [
-            *(message.headers() or []),
-            (HEADER_DLQ_REASON, reason.encode()),
-            (
-                HEADER_DLQ_SOURCE,
-                f"{message.topic()}/{message.partition()}@{message.offset()}".encode(),
-            ),
-            *extra_headers,
-        ]
+        headers = dead_letter_headers(message, reason, extra_headers)
 
         def counted() -> None:
             self.summary.dlq += 1
             self.metrics.dead_lettered.inc()
 
-        self._publish(
-            self.kafka.dlq_topic, message.key(), message.value(), headers,
-            self._finish_callback(message, counted),
-        )  # fmt: skip
+        on_delivery = self._finish_callback(message, counted)
+        try:
+            self._publish(
+                self.kafka.dlq_topic, message.key(), message.value(), headers, on_delivery
+            )
+        except KafkaException as exc:
+            # A frame near the size limit is over it with these headers, and librdkafka refuses
+            # it at once: this ended the consumer, on every restart. The copy goes without it.
+            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            dropped = len(message.value() or b"")
+            log.warning("the dead-letter copy goes without its %d-byte frame: too large", dropped)
+            headers.append((HEADER_DLQ_VALUE_DROPPED, str(dropped).encode()))
+            self._publish(self.kafka.dlq_topic, message.key(), None, headers, on_delivery)
 
     def _publish(
         self,

@@ -31,13 +31,23 @@ class KafkaSettings(BaseSettings):
     )
     partitions: int = Field(4, ge=1, description="partitions for topics vidflow creates")
     # The producer's default message.max.bytes (1,000,000) refuses larger frames.
-    max_message_bytes: int = Field(10 * 1024 * 1024, description="largest frame message")
+    # Bounds of librdkafka's own ranges: outside them the client refused to start, in a
+    # traceback, after the topics were made.
+    max_message_bytes: int = Field(
+        10 * 1024 * 1024, ge=1000, le=1_000_000_000, description="largest frame message"
+    )
     # Short session timeouts make a group join (and a takeover after a crash) quick; Tansu waits
     # session.timeout.ms / 2 before a join completes.
-    session_timeout_ms: int = Field(6000, description="consumer group session timeout")
-    heartbeat_interval_ms: int = Field(1000, description="consumer group heartbeat interval")
+    session_timeout_ms: int = Field(
+        6000, ge=1, le=3_600_000, description="consumer group session timeout"
+    )
+    heartbeat_interval_ms: int = Field(
+        1000, ge=1, le=3_600_000, description="consumer group heartbeat interval"
+    )
     # librdkafka lets the broker hold a fetch up to 500 ms by default; frames are latency-bound.
-    fetch_wait_max_ms: int = Field(5, description="longest the broker may hold a fetch")
+    fetch_wait_max_ms: int = Field(
+        5, ge=0, le=300_000, description="longest the broker may hold a fetch"
+    )
     broker_grace_s: float = Field(
         30.0,
         gt=0,
@@ -230,7 +240,10 @@ class ConsumerSettings(BaseSettings):
         "127.0.0.1", description="address /metrics binds to (0.0.0.0: every interface)"
     )
     rpc_timeout_s: float = Field(10.0, gt=0, description="deadline of one inference call")
-    retry_max_backoff_s: float = Field(5.0, description="longest wait between retries")
+    # At least the first retry's backoff: at 0 a down service was called in a tight loop.
+    retry_max_backoff_s: float = Field(
+        5.0, ge=0.1, le=3600, description="longest wait between retries"
+    )
     max_attempts: int = Field(
         3,
         ge=1,
