@@ -17,10 +17,18 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import artifact_keys
-from flows.run_failure import RunFailedError, failed_state
+from flows.run_failure import failed_state
 from flows.run_logs import logs_in_run
 from flows.stream_capacity import capacity_sweep
+from flows.stream_failures import (
+    BrokerLostDuringRunError,
+    NothingAnsweredError,
+    StreamRunFailedError,
+    broker_lost,
+)
 from flows.stream_settings import StreamBenchmarkSettings
+
+__all__ = ["BrokerLostDuringRunError", "StreamRunFailedError", "stream_benchmark"]
 from services.inference.client import ServiceUnreachableError, wait_until_reachable
 from tasks.stream.consumer_summary import nothing_answered
 from tasks.stream.prefect_tasks import DRAIN_S, run_producer_and_group
@@ -170,28 +178,6 @@ def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:
             outcome,
         )
     return outcome
-
-
-class StreamRunFailedError(RunFailedError):
-    """The run failed after it had measured what it could: `outcome` holds its figures (the
-    report is recorded as artifacts all the same)."""
-
-    @property
-    def outcome(self) -> dict[str, Any]:
-        return self.report
-
-
-class BrokerLostDuringRunError(StreamRunFailedError):
-    """The producer or a consumer lost the broker for longer than its grace."""
-
-
-class NothingAnsweredError(StreamRunFailedError):
-    """Frames went through the broker, but the service answered none of them."""
-
-
-def broker_lost(summary: dict[str, Any], produced: dict[str, Any]) -> str | None:
-    """Why the producer or the consumers gave up on the broker, if either did."""
-    return produced.get("broker_error") or summary.get("broker_error")
 
 
 def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[str, Any], str]:

@@ -33,6 +33,7 @@ from flows.capacity_rules import (
     step_figures,
     verdict_line,
 )
+from flows.stream_failures import BrokerLostDuringRunError
 from flows.stream_settings import StreamBenchmarkSettings
 from tasks.stream.prefect_tasks import DRAIN_S, RUN_STOP, run_producer_and_group
 from tasks.stream.producer import open_source, target_fps
@@ -91,6 +92,8 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
             kafka, producer_settings, sweep.step_seconds, consumer_settings, sweep.consumers,
             sweep.client, label=step,
         )  # fmt: skip
+        if lost := produced.broker_error or summary.broker_error:  # nothing left to read back
+            raise StepBrokerLostError(f"the broker was lost in the step of {step[:-2]} ({lost})")
         records = read_records(kafka, kafka.results_topic)
     except BaseException:  # a lost broker, a failed member: the run fails, its frames go
         if not sweep.keep_step_topics:  # the dead letters stay
@@ -105,6 +108,10 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
         summary.lag,
     )
     return figures, kept_topics(sweep, kafka, dead_letters=summary.dlq)
+
+
+class StepBrokerLostError(RuntimeError):
+    """A step's producer or consumers gave up on the broker: the sweep ends there."""
 
 
 def kept_topics(
@@ -189,12 +196,17 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
     steps: list[StepFigures] = []
     topics: list[dict[str, Any]] = []  # the steps' topics left on the broker
     streams = next_streams(outcomes, sweep.max_streams)
-    stopped = False
+    stopped, broker_error = False, None
     while streams is not None and not stopped:
         # A count fails only when every one of its tries fails: a one-off stall of a shared
         # machine (a p99 past the budget in one 10 s window) should not set the capacity.
         for attempt in range(1, sweep.step_tries + 1):
-            figures, kept = run_step(sweep, streams)
+            try:
+                figures, kept = run_step(sweep, streams)
+            except StepBrokerLostError as exc:  # the steps so far are still reported
+                broker_error, stopped = str(exc), True
+                logger.error("%s: reporting the sweep so far", exc)
+                break
             if kept:
                 topics.append({"streams": streams, "try": attempt, **kept})
             if stopped := RUN_STOP.is_set():  # Ctrl-C: a step cut short is not judged
@@ -222,7 +234,7 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
     verdict = verdict_line(held, width, height, fps, sweep.max_streams, unfinished, one_failed)
     chart_path = publish_sweep(sweep, steps, verdict)
     logger.info("capacity: %s (chart %s)", verdict, chart_path)
-    return {
+    result = {
         "capacity": held,
         "verdict": verdict,
         "budget_ms": sweep.budget_ms,
@@ -231,6 +243,10 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
         "topics": topics,
         "chart": str(chart_path),
     }
+    if broker_error is not None:
+        raise BrokerLostDuringRunError(f"{broker_error}; the sweep's report covers the steps "
+                                       "before it", result)  # fmt: skip
+    return result
 
 
 def publish_sweep(sweep: StreamBenchmarkSettings, steps: list[StepFigures], verdict: str) -> Path:

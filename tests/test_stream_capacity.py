@@ -14,7 +14,11 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+)
 
 from devstack.launcher import REPO_ROOT
 from flows.artifact_keys import CAPACITY_REPORT as REPORT_KEY
@@ -197,7 +201,8 @@ def test_a_short_sweep_records_table_chart_and_verdict(
         keep_step_topics=True,  # read back below
         step_tries=3,  # a busy CI machine's stall in one try does not fail a count
     )  # fmt: skip
-    outcome = stream_benchmark(settings=settings)
+    state = stream_benchmark(settings=settings, return_state=True)
+    outcome = state.result()
     assert outcome["capacity"] >= 1 and outcome["budget_ms"] == 1000.0
     assert outcome["verdict"] == verdict_line(outcome["capacity"], 340, 256, 28.0, most_tried=2)
     steps = {step["streams"]: step for step in outcome["steps"]}  # each count's last try
@@ -224,9 +229,13 @@ def test_a_short_sweep_records_table_chart_and_verdict(
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[TABLE_KEY, REPORT_KEY]))
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[TABLE_KEY, REPORT_KEY]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            )
         )
-    by_key = {a.key: a for a in artifacts}
+    by_key = {a.key: a for a in artifacts}  # this run's: other tests' sweeps record them too
+    assert len(by_key) == len(artifacts) == 2, artifacts
     table = by_key[TABLE_KEY].data
     rows = json.loads(table) if isinstance(table, str) else table
     assert [row["streams"] for row in rows] == sorted(steps)

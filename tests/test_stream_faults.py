@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 import pytest
 from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -479,6 +480,58 @@ def test_the_stream_benchmark_flow_fails_and_reports_it_when_the_broker_dies(
             )
         )
     assert "BROKER LOST" in report.data
+
+
+def _step_frames(kafka: KafkaSettings, streams: int) -> int:
+    """Frames published to the topics of a capacity sweep's steps of `streams` streams."""
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers})
+    step = f"cap{streams}-"
+    names = [n for n in admin.list_topics(timeout=5).topics if n.startswith(kafka.frames_topic)]
+    return sum(
+        sum(partition_ends(kafka.bootstrap_servers, name, kafka.partitions))
+        for name in names
+        if step in name
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.faults
+def test_a_capacity_sweep_that_loses_the_broker_fails_and_still_reports(
+    prefect_api, own_broker: LocalBroker, onnx_server, tmp_path: Path
+) -> None:
+    """The sweep read a step's results back from a broker that was gone: a KafkaException
+    ended the flow run in a traceback, and no report of the sweep was recorded."""
+    kafka = fresh_topics(own_broker).model_copy(update={"broker_grace_s": BROKER_GRACE_S})
+    settings = StreamBenchmarkSettings(
+        capacity=True, step_seconds=30.0, max_streams=2, step_tries=1, output_dir=tmp_path,
+        client=ClientSettings(target=onnx_server.target), kafka=kafka,
+    )  # fmt: skip
+    outcome: dict[str, Any] = {}
+    running = threading.Thread(
+        target=lambda: outcome.update(state=stream_benchmark(settings=settings, return_state=True))
+    )
+    running.start()
+    try:
+        _wait_for(lambda: _step_frames(kafka, 1) >= 30, 90, "30 frames of the first step")
+    finally:
+        own_broker.process.kill()
+        own_broker.process.wait(10)
+        running.join(120)
+    assert not running.is_alive()
+    state = outcome["state"]
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, BrokerLostDuringRunError), error
+    assert "the broker was lost in the step of 1 stream" in str(error), error
+    assert error.outcome["steps"] == [] and "verdict" in error.outcome
+    with get_client(sync_client=True) as client:
+        reports = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["stream-capacity-report"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            )
+        )
+    assert len(reports) == 1, reports
 
 
 class _CloseThatNeverEnds:

@@ -1,0 +1,30 @@
+"""How a stream run fails after it has measured what it could (one run or a capacity sweep):
+the error carries the figures, recorded as artifacts all the same."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flows.run_failure import RunFailedError
+
+
+class StreamRunFailedError(RunFailedError):
+    """The run failed after it had measured what it could: `outcome` holds its figures (the
+    report is recorded as artifacts all the same)."""
+
+    @property
+    def outcome(self) -> dict[str, Any]:
+        return self.report
+
+
+class BrokerLostDuringRunError(StreamRunFailedError):
+    """The producer or a consumer lost the broker for longer than its grace."""
+
+
+class NothingAnsweredError(StreamRunFailedError):
+    """Frames went through the broker, but the service answered none of them."""
+
+
+def broker_lost(summary: dict[str, Any], produced: dict[str, Any]) -> str | None:
+    """Why the producer or the consumers gave up on the broker, if either did."""
+    return produced.get("broker_error") or summary.get("broker_error")
