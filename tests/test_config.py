@@ -33,6 +33,20 @@ def test_bad_values_are_refused_with_the_setting_named(monkeypatch) -> None:
         build_parser().parse_args(["serve", "--backend", "tensorflow"])
 
 
+@pytest.mark.parametrize(
+    "flag", ["--max-batch-delay-ms", "--idle-call-timeout-s", "--shutdown-grace-s"]
+)
+@pytest.mark.parametrize("value", ["inf", "nan", "1e12"])
+def test_a_wait_python_cannot_wait_for_is_refused_with_the_setting_named(
+    flag: str, value: str
+) -> None:
+    """`--max-batch-delay-ms inf` was taken, and the first wait for a batch to fill raised
+    OverflowError in a model worker: it died, and its calls waited for ever."""
+    args = build_parser().parse_args(["serve", flag, value])
+    with pytest.raises(ValueError, match=f"^{flag} '{value}': Input should be"):
+        settings_from_args(InferenceSettings, args)
+
+
 def test_boolean_flags(monkeypatch) -> None:
     args = build_parser().parse_args(["serve", "--strict-device"])
     assert settings_from_args(InferenceSettings, args).strict_device is True

@@ -182,6 +182,30 @@ def test_a_motion_photo_decodes_as_its_jpeg_and_a_cut_jpeg_is_refused() -> None:
             probe_image(cut, 10**6)
 
 
+def test_a_png_with_bytes_after_its_end_decodes_and_a_cut_one_is_refused() -> None:
+    """Only its last 72 bytes were searched for IEND: 65 bytes appended, which decoders let
+    be, got the PNG refused as truncated."""
+    image = png_bytes(32, 32)
+    for extra in (b"\0" * 65, b"x" * 5000):
+        assert probe_image(image + extra, 10**6) == ("PNG", 32, 32)
+        assert np.array_equal(decode_image(image + extra), decode_image(image))
+    for cut in (image[:-12], image[:-20]):  # without IEND; within the last data chunk
+        with pytest.raises(InvalidImageError, match="truncated"):
+            probe_image(cut, 10**6)
+
+
+def test_a_jpeg_scan_of_stuffed_bytes_alone_is_refused_as_truncated() -> None:
+    """A scan made of nothing but 0xFF 0x00 has no end: refused (its walk is the regex
+    engine's, where a Python loop over a 16 MiB request took seconds of CPU)."""
+    image = jpeg_bytes(64, 48)
+    scan = image.index(b"\xff\xda")
+    headers = image[: scan + 2 + int.from_bytes(image[scan + 2 : scan + 4], "big")]
+    with pytest.raises(InvalidImageError, match="truncated"):
+        probe_image(headers + b"\xff\x00" * 100_000 + b"\0" * 100, 10**6)
+    ended = headers + b"\xff\x00" * 1000 + b"\xff\xd0" + b"\xff\xd9" + b"\0" * 100
+    assert probe_image(ended, 10**6) == ("JPEG", 64, 48)  # restart markers are not its end
+
+
 def test_a_png_chunk_claiming_more_bytes_than_sent_is_refused_before_decoding() -> None:
     bomb = png_with_chunk_claiming(2**31 - 1)
     assert len(bomb) == 45

@@ -17,6 +17,7 @@ whose chunk lengths run past its data (OpenCV would allocate the claimed length,
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -30,11 +31,11 @@ from services.inference.settings import InferenceSettings
 # APP2 MPF index and more JPEGs; Pillow names it by that container.
 ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG")
 DEFAULT_MAX_IMAGE_PIXELS: int = InferenceSettings.model_fields["max_image_pixels"].default
-# A JPEG ends with the EOI marker; a PNG with the IEND chunk (type + CRC). Allow a little trailing
-# padding, which some cameras append, but not a missing tail.
+# A JPEG ends with the EOI marker, found at once in its last bytes where nothing (or a little
+# padding, which some cameras append) follows; a PNG with the IEND chunk, which the walk over
+# its chunks reaches (bytes after it are let be, as decoders do).
 _JPEG_EOI = b"\xff\xd9"
-_PNG_IEND = b"IEND\xaeB`\x82"
-_TAIL_SLACK = 64
+_TAIL_SLACK = 72
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # libpng's default user limit (PNG_USER_WIDTH_MAX/HEIGHT_MAX); OpenCV's own is 2**20.
 MAX_IMAGE_SIDE = 1_000_000
@@ -111,17 +112,23 @@ def probe_image(data: bytes, max_pixels: int) -> tuple[str, int, int]:
         raise InvalidImageError(
             f"image dimensions {width}x{height} exceed the limit of {max_pixels} pixels"
         )
-    tail = data[-(_TAIL_SLACK + len(_PNG_IEND)) :]
-    marker = _PNG_IEND if image_format == "PNG" else _JPEG_EOI
-    if marker not in tail and (image_format == "PNG" or _jpeg_end(data) is None):
-        raise InvalidImageError(f"truncated image: the {image_format} data has no end marker")
     if image_format == "PNG":
-        _check_png_chunks(data)
+        _check_png_chunks(data)  # walks the chunks to IEND: bytes after it are let be
+    elif _JPEG_EOI not in data[-_TAIL_SLACK:] and _jpeg_end(data) is None:
+        raise InvalidImageError(f"truncated image: the {image_format} data has no end marker")
     return image_format, width, height
 
 
 # Markers with no length field after them: TEM, RST0-7, SOI, EOI.
 _STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xDA)])
+# In entropy-coded data 0xFF is followed by 0x00 (a stuffed byte) or a restart marker; any
+# other byte after it is the next real marker. Found by the regex engine: a Python loop over
+# data crafted with nothing but stuffed bytes took seconds of CPU per request.
+_SCAN_END = re.compile(rb"\xff(?=[^\x00\xd0-\xd7])")
+_FILL_BYTES = re.compile(rb"\xff+")
+# Far more segments than an encoder writes before its first EOI (a progressive JPEG has a
+# few dozen); a request of tiny segments is refused before its walk costs real CPU.
+_MAX_JPEG_SEGMENTS = 10_000
 
 
 def _jpeg_end(data: bytes) -> int | None:
@@ -133,12 +140,12 @@ def _jpeg_end(data: bytes) -> int | None:
     to the JPEG (motion photos) or other trailing data, which the decoders ignore. A search for
     the EOI bytes would not do: an EXIF thumbnail in an APP1 segment has its own."""
     position = 2  # after SOI
-    while position + 2 <= len(data):
-        if data[position] != 0xFF:
+    for _ in range(_MAX_JPEG_SEGMENTS):
+        if position + 2 > len(data) or data[position] != 0xFF:
             return None
         kind = data[position + 1]
-        if kind == 0xFF:  # fill byte before a marker
-            position += 1
+        if kind == 0xFF:  # fill bytes before a marker
+            position = _FILL_BYTES.match(data, position).end() - 1
             continue
         if kind == 0xD9:  # EOI
             return position + 2
@@ -147,13 +154,10 @@ def _jpeg_end(data: bytes) -> int | None:
             continue
         position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
         if kind == 0xDA:  # SOS: the entropy-coded data runs to the next real marker
-            while (position := data.find(b"\xff", position)) != -1 and position + 1 < len(data):
-                following = data[position + 1]
-                if following != 0x00 and not 0xD0 <= following <= 0xD7:
-                    break
-                position += 2
-            else:
+            found = _SCAN_END.search(data, position)
+            if found is None:
                 return None
+            position = found.start()
     return None
 
 
@@ -169,8 +173,8 @@ def _check_png_chunks(data: bytes) -> None:
         kind = data[offset + 4 : offset + 8]
         if offset + 12 + length > len(data):
             raise InvalidImageError(
-                f"corrupt PNG: chunk {kind.decode('latin-1')!r} claims {length} bytes, "
-                f"past the end of the data ({len(data)} bytes)"
+                f"truncated or corrupt PNG: chunk {kind.decode('latin-1')!r} claims {length} "
+                f"bytes, past the end of the data ({len(data)} bytes)"
             )
         if kind == b"IEND":
             return

@@ -48,10 +48,15 @@ class ServiceToken(BaseSettings):
         return value
 
 
+MAX_WAIT_S = 86_400.0  # a day: far past any use, and under what Python's waits accept
+
+
 class InferenceSettings(ServiceToken):
     """The gRPC inference service (`vidflow serve`), its token (`ServiceToken`) included."""
 
-    model_config = SettingsConfigDict(env_prefix="VIDFLOW_INFERENCE_")
+    # `inf` passed the bounds below and then failed the waits it reached (Python's lock and
+    # queue timeouts refuse it): a model worker died and its calls waited for ever.
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_INFERENCE_", allow_inf_nan=False)
 
     host: str = Field("127.0.0.1", description="address the gRPC and HTTP ports bind to")
     port: Port = Field(50051, description="gRPC port")
@@ -71,7 +76,7 @@ class InferenceSettings(ServiceToken):
     strict_device: bool = Field(False, description="fail instead of falling back to CPU")
     max_batch_size: int = Field(8, ge=1, description="largest batch the batcher forms")
     max_batch_delay_ms: float = Field(
-        5.0, ge=0, description="longest a request waits for a batch to fill"
+        5.0, ge=0, le=10_000, description="longest a request waits for a batch to fill"
     )
     batching: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -94,8 +99,9 @@ class InferenceSettings(ServiceToken):
         le=2**31 - 1,
         description="largest request accepted (RESOURCE_EXHAUSTED above)",
     )
+    # Pillow refuses to read the header of anything larger (twice its MAX_IMAGE_PIXELS).
     max_image_pixels: int = Field(
-        40_000_000, ge=1, description="largest image (width x height) accepted"
+        40_000_000, ge=1, le=178_956_970, description="largest image (width x height) accepted"
     )
     max_concurrent_rpcs: int = Field(
         256,
@@ -107,6 +113,7 @@ class InferenceSettings(ServiceToken):
     idle_call_timeout_s: float = Field(
         60.0,
         gt=0,
+        le=MAX_WAIT_S,
         description=(
             "a Classify call whose request has not fully arrived, or a ClassifyStream with "
             "nothing in flight and no next request, is ended after this long with "
@@ -143,7 +150,7 @@ class InferenceSettings(ServiceToken):
         DEFAULT_CACHE_DIR / "models", description="where exported models are cached"
     )
     shutdown_grace_s: float = Field(
-        30.0, ge=0, description="how long SIGTERM waits for calls in flight"
+        30.0, ge=0, le=MAX_WAIT_S, description="how long SIGTERM waits for calls in flight"
     )
     tls_cert: Path | None = Field(
         None, description="serve gRPC over TLS with this PEM certificate (chain); needs --tls-key"
