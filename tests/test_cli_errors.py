@@ -124,11 +124,19 @@ def test_depth_refuses_settings_that_differ_from_the_datasets_in_its_folder(
     (output / "videos" / "a.mp4").write_bytes(b"a transcode")  # now something was made with them
     given = ["depth", "--urls", str(one_url), "--depth-model", str(tiny_depth_model)]
     err = _refused([*given, "--output", str(output), "--height", "240", "--frames", "all"], capsys)
-    assert f"{output} holds a dataset made with height=360, frames=first" in err
-    assert "this run asks height=240, frames=all" in err
+    assert f"{output} holds a dataset made with height=360;" in err
+    assert "this run asks height=240." in err
     check_dataset_settings(output, made)  # the same settings go on
     with pytest.raises(ValueError, match="x264_preset=veryfast"):
         check_dataset_settings(output, other)
+    # Transcodes and no depth map (every depth call failed: a model that would not load):
+    # another model or frames spec goes on from them (found in review: a new folder was asked).
+    check_dataset_settings(output, made.model_copy(update={"frames": "all", "depth_model": "x"}))
+    (output / "depth").mkdir()
+    (output / "depth" / "a.npy").write_bytes(b"a depth map")  # now the depth settings bind too
+    err = _refused([*given, "--output", str(output), "--height", "240", "--frames", "all"], capsys)
+    assert f"{output} holds a dataset made with height=360, frames=first" in err
+    assert "this run asks height=240, frames=all" in err
 
 
 def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -> None:

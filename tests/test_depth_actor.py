@@ -112,6 +112,31 @@ def test_a_kept_actor_serves_the_next_run_then_ends_when_idle(
     assert ray.get(fresh.depth_maps.remote([], tmp_path, settings)) == []
 
 
+@pytest.mark.usefixtures("local_ray")
+def test_a_model_saved_again_gets_a_new_actor_not_the_kept_one(
+    tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    """Kept actors were named by the model's path alone: weights saved again to the same
+    folder were never loaded while runs kept coming within the keep-alive."""
+    import ray
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_depth_model, model)
+    first, settings = _loaded_actor(model, tmp_path, keep_alive_s=60.0)
+    started = [first]
+    try:
+        started += start_depth_actors(settings)
+        assert started[-1]._actor_id == first._actor_id
+        [weights] = model.glob("*.safetensors")
+        weights.write_bytes(weights.read_bytes())  # saved again: a new time
+        started += start_depth_actors(settings)
+        assert started[-1]._actor_id != first._actor_id
+        assert ray.get(started[-1].depth_maps.remote([], tmp_path, settings)) == []
+    finally:
+        for actor in started:  # detached: they would outlive the test by their keep-alive
+            ray.kill(actor)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("local_ray")
 def test_a_held_actor_outlives_its_keep_alive_and_ends_once_released(

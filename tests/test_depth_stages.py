@@ -11,8 +11,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -250,6 +253,14 @@ def test_bad_kinetics_input_is_refused_with_the_reason(tmp_path: Path) -> None:
         read_kinetics_csv(endless, url_template="https://h/{youtube_id}.mp4")
     template = "https://h/{youtube_id}.mp4"
     assert read_kinetics_csv(KINETICS_CSV, url_template=template, limit=0) == []
+    # Past the table's int32 (microseconds, a typo): it failed the run after the work, not here.
+    for value in ("3000000000", "-5"):
+        wide = tmp_path / "wide.csv"
+        wide.write_text(f"label,youtube_id,time_start,time_end,split\nx,abc,1,{value},val\n")
+        with pytest.raises(
+            SourceListError, match=rf"wide.csv:2: bad time window: time_end {value}"
+        ):
+            read_kinetics_csv(wide, url_template=template)
 
 
 def test_kinetics_csvs_as_people_write_them_read_or_say_what_is_wrong(tmp_path: Path) -> None:
@@ -349,6 +360,49 @@ def test_a_failed_download_names_its_url_without_credentials_or_signature(
     assert stored == f"http://{host}/missing.mp4"
     kept = _record("https://u:p@h/get.mp4?id=7&X-Amz-Signature=S&X-Amz-Date=1")
     assert records_to_table([kept]).column("source_url").to_pylist() == ["https://h/get.mp4?id=7"]
+
+
+@contextlib.contextmanager
+def _raw_http_server(answer: bytes) -> Iterator[str]:
+    """A loopback server that sends `answer` as it is to every request: bytes that aiohttp's
+    own server would never write (a reason phrase that is not UTF-8)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with client:
+                client.recv(65536)
+                client.sendall(answer)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v.mp4"
+    finally:
+        done.set()
+        server.join()
+        listener.close()
+
+
+def test_a_server_s_text_that_is_not_utf8_reaches_the_row_escaped(tmp_path: Path) -> None:
+    """A Latin-1 reason phrase became lone surrogates in the error, which Arrow refused: the
+    shard's write failed, and every video of the shard was stored as `store crashed`."""
+    answer = b"HTTP/1.1 404 N\xe3o encontrado\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    with _raw_http_server(answer) as url:
+        record = download(_record(url), tmp_path, DepthSettings(**FAST_RETRIES))
+    assert record.failed and "HTTP 404 N\\udce3o encontrado" in record.error, record.error
+    [stored] = records_to_table([record]).column("error").to_pylist()
+    assert stored == record.error
+    table = VideoTable(tmp_path / "out")
+    table.upsert([record])
+    rows = lance.dataset(table.lance_path).to_table(columns=["error"]).to_pylist()
+    assert rows == [{"error": record.error}]
 
 
 def test_a_video_whose_first_bytes_come_a_few_at_a_time_is_recognised(tmp_path: Path) -> None:
@@ -623,6 +677,25 @@ def test_bad_frame_specs_are_refused(spec: str) -> None:
     assert re.fullmatch(schema["pattern"], spec) is None
     valid = ("first", "middle", "all", "uniform:12")
     assert all(re.fullmatch(schema["pattern"], ok) for ok in valid)
+
+
+def test_a_video_whose_maps_cannot_be_written_fails_alone_and_leaves_no_file(
+    tmp_path: Path, tiny_depth_model: Path
+) -> None:
+    """A write that fails (a full disk, here a folder where the file goes) raised out of the
+    depth call: every video of the call failed, and the others' partial files were left."""
+    settings = DepthSettings(depth_model=str(tiny_depth_model), frames="uniform:2", device="cpu")
+    transcoded = transcode(
+        _record("http://h/v.mp4").update(raw_path=str(CLIP)), tmp_path / "videos", settings
+    )
+    maps_dir = tmp_path / "depth"
+    (maps_dir / "blocked.npy").mkdir(parents=True)  # where its file goes: renamed onto, refused
+    blocked, fine = (transcoded.update(video_id=name) for name in ("blocked", "fine"))
+    first, second = estimate_depth_many([blocked, fine], maps_dir, settings)
+    assert first.failed and first.failed_stage == "depth", first
+    assert "IsADirectoryError" in first.error, first.error
+    assert second.status == "ok" and np.load(second.depth_path).shape == (2, 360, 478)
+    assert sorted(p.name for p in maps_dir.iterdir()) == ["blocked.npy", "fine.npy", "fine.png"]
 
 
 def test_depth_maps_are_written_at_the_frame_size(tmp_path: Path, tiny_depth_model: Path) -> None:

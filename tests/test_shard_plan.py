@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tasks.depth.settings import DepthSettings, shards_in_flight
-from tasks.depth.shard_tasks import make_shards, shard_count
+from tasks.depth.shard_tasks import actor_device, make_shards, shard_count
 from tasks.depth.video_record import VideoRecord
 
 
@@ -68,3 +68,18 @@ def test_a_short_list_gets_fewer_larger_shards_that_outlast_the_model_load() -> 
     assert shard_count(1, settings, cpus=2) == 1
     assert shard_count(9, settings, cpus=2) == 2  # 5 + 4, not 3 + 2 + 2 + 2
     assert shard_count(16, settings, cpus=2) == 4
+
+
+def test_depth_actors_go_to_the_gpus_unless_the_cpu_or_onnx_is_asked_for() -> None:
+    """`--depth-backend onnx` with the default `--device auto` put the actors on a GPU, where
+    ONNX is refused: every video of the run failed at depth."""
+    on = {
+        (backend, device): actor_device(DepthSettings(depth_backend=backend, device=device), 2)
+        for backend in ("auto", "torch", "onnx")
+        for device in ("auto", "cuda", "cpu")
+        if not (backend == "onnx" and device == "cuda")  # refused by the settings' check
+    }
+    assert {key for key, device in on.items() if device == "cuda"} == {
+        ("auto", "auto"), ("auto", "cuda"), ("torch", "auto"), ("torch", "cuda"),
+    }  # fmt: skip
+    assert actor_device(DepthSettings(), 0) == "cpu"

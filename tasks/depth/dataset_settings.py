@@ -18,7 +18,9 @@ from tasks.depth.settings import DepthSettings
 
 FILE_NAME = "vidflow-dataset.json"
 # What a finished row depends on: its transcode and its depth maps.
-SHAPING = ("height", "x264_preset", "x264_crf", "frames", "depth_model")
+TRANSCODE_SHAPING = ("height", "x264_preset", "x264_crf")
+DEPTH_SHAPING = ("frames", "depth_model")
+SHAPING = TRANSCODE_SHAPING + DEPTH_SHAPING
 
 
 class DatasetSettingsError(ValueError):
@@ -32,12 +34,20 @@ def shaping_settings(settings: DepthSettings) -> dict[str, Any]:
 def check_dataset_settings(folder: Path, settings: DepthSettings) -> None:
     """Raise DatasetSettingsError if `folder`'s dataset was made with other shaping settings
     (a folder without the record, new or of an older vidflow, takes any; so does one where
-    nothing was made yet, e.g. after a run whose every transcode failed on a bad setting)."""
+    nothing was made yet, e.g. after a run whose every transcode failed on a bad setting; the
+    transcode settings bind once a transcode is there, the depth settings once a map is)."""
     recorded = _recorded(folder)
     wanted = shaping_settings(settings)
-    differ = {name: recorded[name] for name in SHAPING if name in recorded}
+    transcodes, depth_maps = OutputLayout(folder).shaped_folders
+    # Only what was made binds: after a run whose every depth call failed (a model that
+    # would not load), another model goes on from the transcodes, not from a new folder.
+    binding = [
+        *(TRANSCODE_SHAPING if _holds_files(transcodes) else ()),
+        *(DEPTH_SHAPING if _holds_files(depth_maps) else ()),
+    ]
+    differ = {name: recorded[name] for name in binding if name in recorded}
     differ = {name: value for name, value in differ.items() if value != wanted[name]}
-    if differ and _anything_made(folder):
+    if differ:
         made = ", ".join(f"{name}={value}" for name, value in differ.items())
         asked = ", ".join(f"{name}={wanted[name]}" for name in differ)
         raise DatasetSettingsError(
@@ -57,10 +67,8 @@ def record_dataset_settings(folder: Path, settings: DepthSettings) -> None:
         partial.write_text(json.dumps(shaping_settings(settings), indent=2) + "\n")
 
 
-def _anything_made(folder: Path) -> bool:
-    """Whether a transcode or a depth map lies in `folder` (a finished row has both)."""
-    made = OutputLayout(folder).shaped_folders
-    return any(any(path.iterdir()) for path in made if path.is_dir())
+def _holds_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
 
 
 def _recorded(folder: Path) -> dict[str, Any]:

@@ -71,6 +71,10 @@ class VideoDepth:
             self.array = np.lib.format.open_memmap(
                 self.partial, mode="w+", dtype=np.float16, shape=shape
             )
+            # numpy leaves the file sparse: on a full disk a write to its pages raised SIGBUS,
+            # which killed the depth actor. Its blocks taken now, a full disk is an OSError.
+            with open(self.partial, "r+b") as blocks:
+                os.posix_fallocate(blocks.fileno(), 0, os.fstat(blocks.fileno()).st_size)
             self.preview = depth_preview(depth.depth_m)
         self.array[len(self.done)] = depth.depth_m
         self.done.append(index)
@@ -80,6 +84,16 @@ class VideoDepth:
         self.count += depth.depth_m.size
         if depth.focal_length_px is not None:
             self.focals.append(depth.focal_length_px)
+
+    def fail(self, exc: OSError) -> None:
+        """A write failed (a full disk): this video fails, its partial file goes."""
+        log.error("depth maps of %s could not be written: %s", self.record.video_id, exc)
+        self.error = self.error or f"{type(exc).__name__}: {exc}"
+        self.discard()
+
+    def discard(self) -> None:
+        self.array = None
+        self.partial.unlink(missing_ok=True)
 
     @property
     def finished(self) -> bool:
@@ -149,7 +163,10 @@ class _Batcher:
         for (video, index, _), depth in zip(batch, maps, strict=True):
             video.queued -= 1
             if depth is not None and video.error is None:
-                video.add(index, depth)
+                try:
+                    video.add(index, depth)
+                except OSError as exc:  # this video's file, not the model: the rest go on
+                    video.fail(exc)
 
 
 def estimate_depth_many(
@@ -177,23 +194,31 @@ def estimate_depth_many(
     def collect_finished() -> None:
         for position, video in list(open_videos.items()):
             if video.finished:
-                results[position] = video.finish(estimator)
+                try:
+                    results[position] = video.finish(estimator)
+                except OSError as exc:
+                    video.fail(exc)
+                    results[position] = video.record.fail("depth", video.error or str(exc))
                 del open_videos[position]
 
-    for position, record in enumerate(records):
-        if record.failed:
-            results[position] = record
-            continue
-        indices = frame_indices(settings.frames, record.frame_count or 0)
-        video = open_videos[position] = VideoDepth(record, maps_dir, indices)
-        for index, frame in iter_frames(Path(record.transcoded_path or ""), indices):
-            if video.error is not None:
-                break
-            batcher.add(video, index, frame)
-        video.reading_done = True
+    try:
+        for position, record in enumerate(records):
+            if record.failed:
+                results[position] = record
+                continue
+            indices = frame_indices(settings.frames, record.frame_count or 0)
+            video = open_videos[position] = VideoDepth(record, maps_dir, indices)
+            for index, frame in iter_frames(Path(record.transcoded_path or ""), indices):
+                if video.error is not None:
+                    break
+                batcher.add(video, index, frame)
+            video.reading_done = True
+            collect_finished()
+        batcher.flush()
         collect_finished()
-    batcher.flush()
-    collect_finished()
+    finally:  # on an error that ends the call, no partial file is left to the hourly sweep
+        for video in open_videos.values():
+            video.discard()
     return [results[position] for position in range(len(records))]
 
 

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from tasks.depth.depth_model import DepthMap, check_depth_model
-from tasks.depth.model_files import NEEDED_FILES, WEIGHT_PATTERNS
+from tasks.depth.model_files import digest_model_files
 from tasks.depth.model_files import model_dir as local_model_dir
 
 log = logging.getLogger(__name__)
@@ -112,12 +112,7 @@ def export_key(model_dir: Path) -> str:
     """Names one export: the model's configs, its weight files (name, size and time, not their
     gigabytes of content) and the exporting library versions."""
     digest = hashlib.sha256(EXPORT_FORMAT_VERSION.encode())
-    for name in NEEDED_FILES:
-        digest.update((model_dir / name).read_bytes())
-    weight_files = [path for pattern in WEIGHT_PATTERNS for path in sorted(model_dir.glob(pattern))]
-    for weights in weight_files:
-        stat = weights.stat()
-        digest.update(f"{weights.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    digest_model_files(digest, model_dir)
     for package in ("torch", "transformers"):
         try:
             digest.update(importlib.metadata.version(package).encode())

@@ -11,11 +11,13 @@ for a whole model (the ONNX export failed on it and the run fell back to torch).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 # What a transformers depth model needs besides its weights (`*.safetensors` or `*.bin`).
@@ -40,6 +42,30 @@ def is_whole_model(folder: Path) -> bool:
             return False
         return all((folder / shard).is_file() for shard in shards)
     return any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS)
+
+
+def digest_model_files(digest: Any, model_dir: Path) -> None:
+    """Add a model folder's configs and its weight files (name, size and time, not their
+    gigabytes of content) to `digest` (hashlib's): what changes when the model is saved again."""
+    for name in NEEDED_FILES:
+        digest.update((model_dir / name).read_bytes())
+    weight_files = [path for pattern in WEIGHT_PATTERNS for path in sorted(model_dir.glob(pattern))]
+    for weights in weight_files:
+        stat = weights.stat()
+        digest.update(f"{weights.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+
+
+def model_identity(depth_model: str) -> str:
+    """Which files a local model folder holds now ("" for a hub id, whose cached snapshot
+    changes name with its revision)."""
+    folder, digest = Path(depth_model), hashlib.sha256()
+    if not folder.is_dir():
+        return ""
+    try:
+        digest_model_files(digest, folder)
+    except OSError:  # not a whole model: loading it says why
+        return ""
+    return digest.hexdigest()[:12]
 
 
 def unreadable_files(folder: Path) -> list[str]:

@@ -49,7 +49,7 @@ from tasks.depth.depth_actor import DepthActor
 from tasks.depth.depth_feed import DepthFeed, PendingDepth, feeds_early
 from tasks.depth.download import download_many
 from tasks.depth.hub_download_log import hub_download_logged
-from tasks.depth.model_files import model_origin
+from tasks.depth.model_files import model_identity, model_origin
 from tasks.depth.output_layout import OutputLayout
 from tasks.depth.settings import DepthSettings, shards_in_flight
 from tasks.depth.transcode import transcode_many
@@ -275,6 +275,14 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter:
     return get_run_logger() if FlowRunContext.get() is not None else log
 
 
+def actor_device(settings: DepthSettings, cluster_gpus: int) -> str:
+    """Where the depth actors run: on the cluster's GPUs unless told the CPU, or told the
+    ONNX backend, which runs on the CPU only (with `--device auto` on a GPU box every video
+    failed at depth, told to use auto)."""
+    on_cpu = settings.device == "cpu" or settings.depth_backend == "onnx"
+    return "cuda" if cluster_gpus > 0 and not on_cpu else "cpu"
+
+
 def start_depth_actors(settings: DepthSettings) -> list[Any]:
     """One actor per GPU of the cluster (or `depth_workers`); CPU actors where there is none.
 
@@ -286,9 +294,9 @@ def start_depth_actors(settings: DepthSettings) -> list[Any]:
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = gpus > 0 and settings.device != "cpu"
+    device = actor_device(settings, gpus)
+    use_gpu = device == "cuda"
     count = settings.depth_workers or (gpus if use_gpu else 1)
-    device = "cuda" if use_gpu else "cpu"
     threads = max(1, round(settings.depth_cpus))  # model threads of a CPU actor
     options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 2, "max_task_retries": 1}
     if use_gpu:
@@ -296,7 +304,10 @@ def start_depth_actors(settings: DepthSettings) -> list[Any]:
     keep_alive_s = settings.depth_keep_alive_s
     if keep_alive_s > 0:
         options.update(namespace=ACTOR_NAMESPACE, lifetime="detached", get_if_exists=True)
-    model = f"{settings.depth_model}|{settings.depth_backend}|{device}|{threads}"
+    # The folder's files too: an actor kept alive with the weights saved before would serve
+    # them to the next run of the same path.
+    identity = model_identity(settings.depth_model)
+    model = f"{settings.depth_model}|{identity}|{settings.depth_backend}|{device}|{threads}"
     key = hashlib.sha1(model.encode()).hexdigest()[:12]
     _run_logger().info(
         "depth model %s: %d actor(s) on %s%s", settings.depth_model, count, device,

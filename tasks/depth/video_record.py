@@ -74,8 +74,13 @@ class VideoRecord:
         return dataclasses.replace(self, **changes)
 
     def fail(self, stage: Stage, error: str) -> VideoRecord:
-        """This record, failed at `stage` because of `error` (kept short enough for a table)."""
-        return self.finish(status="failed", failed_stage=stage, error=error[-2000:])
+        """This record, failed at `stage` because of `error` (kept short enough for a table).
+
+        Error text quotes what servers sent: aiohttp keeps a reason phrase's or header's bytes
+        that are not UTF-8 as lone surrogates, which Arrow refuses, and that one row failed its
+        whole shard's write. They are kept as `\\udcXX` escapes instead."""
+        readable = error[-2000:].encode("utf-8", "backslashreplace").decode("utf-8")
+        return self.finish(status="failed", failed_stage=stage, error=readable)
 
     def finish(self, **changes: object) -> VideoRecord:
         return self.update(processed_at=datetime.now(UTC), **changes)

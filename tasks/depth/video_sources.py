@@ -164,16 +164,13 @@ def read_kinetics_csv(
             continue
         if None in row.values():  # a short row: csv fills the missing columns with None
             raise SourceListError(f"{path}:{line_number}: fewer columns than the header")
-        try:
-            fields = {
-                **row,
-                "split": row_split or "",
-                "youtube_id": row["youtube_id"],
-                "time_start": int(float(row["time_start"])),
-                "time_end": int(float(row["time_end"])),
-            }
-        except (ValueError, OverflowError) as exc:  # not a number, or inf
-            raise SourceListError(f"{path}:{line_number}: bad time window: {exc}") from exc
+        fields = {
+            **row,
+            "split": row_split or "",
+            "youtube_id": row["youtube_id"],
+            "time_start": _seconds(row, "time_start", f"{path}:{line_number}"),
+            "time_end": _seconds(row, "time_end", f"{path}:{line_number}"),
+        }
         try:
             url = url_template.format(**fields)
         except (ValueError, TypeError) as exc:  # a format spec that does not fit the field
@@ -195,6 +192,25 @@ def read_kinetics_csv(
             "with --split, or --split all for every row"
         )
     return _unique_ids(records, path, same_id_same_video=True)
+
+
+# The table's time columns are int32 (Kinetics' windows are seconds into the video): a larger
+# value failed the shard's write and then the whole run, and every run of that list again.
+MAX_TIME_S = 2**31 - 1
+
+
+def _seconds(row: dict[str, str], column: str, where: str) -> int:
+    """A time-window column as whole seconds, or SourceListError naming the row."""
+    try:
+        seconds = int(float(row[column]))
+    except (ValueError, OverflowError) as exc:  # not a number, or inf
+        raise SourceListError(f"{where}: bad time window: {exc}") from exc
+    if not 0 <= seconds <= MAX_TIME_S:
+        raise SourceListError(
+            f"{where}: bad time window: {column} {row[column]} is not a number of seconds "
+            f"from 0 to {MAX_TIME_S}"
+        )
+    return seconds
 
 
 def _check_template(url_template: str) -> None:
