@@ -269,7 +269,7 @@ class FrameConsumer:
 def _log_progress(member: FrameConsumer, elapsed_s: float) -> None:
     """The member's figures so far, every PROGRESS_EVERY_S in its log (and its lag gauge)."""
     summary = member.summary
-    e2e = summarize_ms(summary.e2e_ms[-500:])
+    e2e = summarize_ms(summary.e2e_ms.recent)
     lag = member.publisher.lag() if not member.broker.down else "unknown (broker down)"
     if isinstance(lag, int):
         member.metrics.lag.set(lag)

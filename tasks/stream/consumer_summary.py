@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.stats import summarize_ms
+from common.stats import LatencySeries
 
 
 @dataclass
@@ -25,9 +25,9 @@ class ConsumerSummary:
     duration_s: float = 0.0
     lag: int | None = 0  # None: unknown (the broker was gone at the end)
     broker_error: str | None = None
-    inference_ms: list[float] = field(default_factory=list)
-    rpc_ms: list[float] = field(default_factory=list)
-    e2e_ms: list[float] = field(default_factory=list)
+    inference_ms: LatencySeries = field(default_factory=LatencySeries)
+    rpc_ms: LatencySeries = field(default_factory=LatencySeries)
+    e2e_ms: LatencySeries = field(default_factory=LatencySeries)
 
     @property
     def fps(self) -> float:
@@ -58,9 +58,9 @@ class ConsumerSummary:
             "lag": self.lag,
             "unanswered": self.unanswered,
             "broker_error": self.broker_error,
-            "inference_ms": summarize_ms(self.inference_ms),
-            "rpc_ms": summarize_ms(self.rpc_ms),
-            "e2e_ms": summarize_ms(self.e2e_ms),
+            "inference_ms": self.inference_ms.summary(),
+            "rpc_ms": self.rpc_ms.summary(),
+            "e2e_ms": self.e2e_ms.summary(),
         }
 
 
@@ -76,9 +76,9 @@ def merge_summaries(summaries: list[ConsumerSummary]) -> ConsumerSummary:
             merged.lag = None if summary.lag is None else merged.lag + summary.lag
         if summary.broker_error:
             merged.broker_error = merged.broker_error or summary.broker_error
-        merged.inference_ms += summary.inference_ms
-        merged.rpc_ms += summary.rpc_ms
-        merged.e2e_ms += summary.e2e_ms
+        merged.inference_ms.merge(summary.inference_ms)
+        merged.rpc_ms.merge(summary.rpc_ms)
+        merged.e2e_ms.merge(summary.e2e_ms)
         merged.duration_s = max(merged.duration_s, summary.duration_s)
     return merged
 
