@@ -282,6 +282,20 @@ def test_input_the_run_cannot_take_fails_it_with_the_reason_and_no_traceback(
     assert "Traceback" not in said and "Encountered exception" not in said, said
 
 
+def test_a_run_of_an_empty_list_fails_as_the_command_line_refuses_it(
+    prefect_api, tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    """A deployment run of a list with no video ended Completed, "all 0 videos done", where
+    `vidflow depth` refuses it: alerts on failed runs never fired for a wrong list."""
+    settings = DepthSettings(output=tmp_path / "out", depth_model=str(tiny_depth_model))
+    flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=1))
+    listing = tmp_path / "urls.txt"
+    listing.write_text("# the cameras of site B, one per line\n")
+    state = flow(urls=str(listing), settings=settings, return_state=True)
+    assert state.is_failed()
+    assert state.message == f"no videos to process in {listing}"
+
+
 def test_a_deployment_run_with_frames_it_cannot_take_is_refused_when_created(prefect_api) -> None:
     """`uniform:0` passed the parameter schema and failed on the worker once the run had
     started, naming a command-line flag; Prefect refuses it now when the run is created."""

@@ -250,9 +250,6 @@ def _depth(args: argparse.Namespace) -> int:
     settings = with_absolute_paths(settings_from_args(DepthSettings, args))
     # Refuse bad input before starting a Prefect server and Ray (the flow checks again).
     sources = load_sources(args.urls, args.kinetics_csv, args.url_template, args.split, args.limit)
-    if not sources:
-        limited = f" (--limit {args.limit})" if args.limit is not None else ""
-        raise ValueError(f"no videos to process in {args.urls or args.kinetics_csv}{limited}")
     check_run_settings(settings)
     output = settings.output
     check_output_free(output)

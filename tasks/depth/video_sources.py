@@ -246,7 +246,22 @@ def load_sources(
     split: str | None,
     limit: int | None,
 ) -> list[VideoRecord]:
-    """The input videos, from exactly one of `urls` and `kinetics_csv`."""
+    """The input videos, from exactly one of `urls` and `kinetics_csv`; an input with none is
+    refused (a deployment run of an empty list ended Completed, "all 0 videos done")."""
+    sources = _read_sources(urls, kinetics_csv, url_template, split, limit)
+    if not sources:
+        limited = f" (--limit {limit})" if limit is not None else ""
+        raise SourceListError(f"no videos to process in {urls or kinetics_csv}{limited}")
+    return sources
+
+
+def _read_sources(
+    urls: str | None,
+    kinetics_csv: str | None,
+    url_template: str | None,
+    split: str | None,
+    limit: int | None,
+) -> list[VideoRecord]:
     if (urls is None) == (kinetics_csv is None):
         raise ValueError(
             "give exactly one input: --urls (a URL list) or --kinetics-csv (flow parameters "
