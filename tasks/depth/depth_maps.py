@@ -6,6 +6,7 @@ what was done. The model itself comes from `depth_loader`, run by the `DepthActo
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -40,6 +41,24 @@ def _save_png(path: Path, image: np.ndarray) -> None:
             raise OSError(f"could not write {path}")
 
 
+def _allocate(path: Path) -> None:
+    """Take the blocks of the memory-mapped file `path` now.
+
+    numpy leaves the file sparse: on a full disk a write to its pages raised SIGBUS, which
+    killed the depth actor; with its blocks taken, a full disk is an OSError here. Where the
+    system or the file system cannot (macOS has no posix_fallocate; some file systems refuse
+    it), the file stays sparse, as before."""
+    allocate = getattr(os, "posix_fallocate", None)
+    if allocate is None:
+        return
+    with open(path, "r+b") as blocks:
+        try:
+            allocate(blocks.fileno(), 0, os.fstat(blocks.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
 class VideoDepth:
     """One video's depth maps as they arrive from the model, batch by batch.
 
@@ -71,10 +90,7 @@ class VideoDepth:
             self.array = np.lib.format.open_memmap(
                 self.partial, mode="w+", dtype=np.float16, shape=shape
             )
-            # numpy leaves the file sparse: on a full disk a write to its pages raised SIGBUS,
-            # which killed the depth actor. Its blocks taken now, a full disk is an OSError.
-            with open(self.partial, "r+b") as blocks:
-                os.posix_fallocate(blocks.fileno(), 0, os.fstat(blocks.fileno()).st_size)
+            _allocate(self.partial)
             self.preview = depth_preview(depth.depth_m)
         self.array[len(self.done)] = depth.depth_m
         self.done.append(index)
