@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from collections.abc import Iterable
@@ -43,7 +44,7 @@ class LatencySeries:
         self.keep = keep
         self.sample: list[float] = []
         self.recent: deque[float] = deque(maxlen=recent)
-        self.count, self.total, self.max = 0, 0.0, 0.0
+        self.count, self.total, self.max = 0, 0.0, -math.inf  # e2e may be < 0 (clock skew)
         self._random = random.Random(0)
 
     def __len__(self) -> int:

@@ -39,3 +39,12 @@ def test_merged_series_pool_their_values_in_proportion() -> None:
     from_small = sum(1 for value in whole.sample if value < 1_000)
     assert 25 <= from_small <= 40  # ~1,000 x 100 / 3,100
     assert LatencySeries().summary() == summarize_ms([])
+
+
+def test_a_series_of_negative_latencies_keeps_its_maximum() -> None:
+    """End-to-end latency reads below 0 when the producer's clock runs ahead: the maximum was
+    0.0 then, below nothing measured."""
+    series = LatencySeries()
+    for value in (-5.0, -6.0, -7.0):
+        series.append(value)
+    assert series.summary() == summarize_ms([-5.0, -6.0, -7.0])

@@ -28,6 +28,7 @@ from tasks.stream.frame_codec import (
     HEADER_DLQ_REASON,
     HEADER_DLQ_VALUE_DROPPED,
     HEADER_SESSION,
+    HEADER_STREAM_ID,
     Frame,
     FrameFormatError,
     FrameResult,
@@ -209,23 +210,30 @@ def test_a_frame_too_large_to_copy_with_its_reason_is_dead_lettered_without_its_
     """A frame just under the size limit is over it with the dead-letter headers: librdkafka
     refused the copy at once, which ended the consumer (and every restart of it)."""
     near_limit = Frame("cam-l", 0, time.time_ns(), time.time_ns(), b"\x00not a jpeg" * 180)
+    # Headers alone over the limit (a stream id of 3,000 characters): sent with its reason only.
+    wide = Frame("c" * 3000, 1, time.time_ns(), time.time_ns(), b"x" * 10)
     producer = Producer({"bootstrap.servers": kafka.bootstrap_servers})
-    producer.produce(
-        kafka.frames_topic, key=b"cam-l", value=near_limit.jpeg,
-        headers=encode_frame_headers(near_limit),
-    )  # fmt: skip
+    for frame in (near_limit, wide):
+        producer.produce(
+            kafka.frames_topic, key=b"cam-l", value=frame.jpeg, headers=encode_frame_headers(frame)
+        )
     assert producer.flush(10) == 0
     tight = kafka.model_copy(update={"max_message_bytes": 2000})
     group = f"group-{uuid.uuid4().hex[:6]}"
     summary = _consumer(tight, onnx_server.target, group=group).run()
-    assert (summary.dlq, summary.frames_consumed) == (1, 1)
-    [dead] = read_topic(kafka.bootstrap_servers, kafka.dlq_topic, expected=1)
-    headers = dict(dead.headers())
-    assert not dead.value() and headers[HEADER_DLQ_VALUE_DROPPED] == b"1980"
+    assert (summary.dlq, summary.frames_consumed) == (2, 2)
+    dead = read_topic(kafka.bootstrap_servers, kafka.dlq_topic, expected=2)
+    first, second = sorted(dead, key=lambda m: m.offset())
+    headers = dict(first.headers())
+    assert not first.value() and headers[HEADER_DLQ_VALUE_DROPPED] == b"1980"
     assert "not an image" in headers[HEADER_DLQ_REASON].decode()
-    assert (
-        committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, kafka.partitions) == 1
-    )
+    assert HEADER_STREAM_ID in headers and first.key() == b"cam-l"  # its own headers kept
+    headers = dict(second.headers())
+    assert not second.value() and second.key() is None and HEADER_STREAM_ID not in headers
+    assert "too long" in headers[HEADER_DLQ_REASON].decode()
+    assert headers[HEADER_DLQ_VALUE_DROPPED] == b"10"
+    committed = committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2)
+    assert committed == 2
 
 
 @pytest.mark.faults

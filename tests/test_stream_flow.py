@@ -241,7 +241,9 @@ def test_a_consumer_that_cannot_start_fails_the_run_without_a_wait(
     prefect_api, kafka, health_only_service: str
 ) -> None:
     """The producer waited 60 s for every member to join, then produced to nobody."""
-    # A consumer-only setting librdkafka refuses (at most 300,000), so only the consumers fail.
+    # A consumer-only setting librdkafka refuses (at most 300,000), so only the consumers fail
+    # (the settings refuse it too, since stop 50: model_copy skips their check, standing for a
+    # member that cannot start for a reason of its own).
     refused = kafka.model_copy(update={"fetch_wait_max_ms": 400_000})
     settings = StreamBenchmarkSettings(
         duration=30.0, fps="native", consumers=2,

@@ -140,7 +140,7 @@ def _jpeg_end(data: bytes) -> int | None:
     to the JPEG (motion photos) or other trailing data, which the decoders ignore. A search for
     the EOI bytes would not do: an EXIF thumbnail in an APP1 segment has its own."""
     position = 2  # after SOI
-    for _ in range(_MAX_JPEG_SEGMENTS):
+    for _ in range(_MAX_JPEG_SEGMENTS):  # past them: refused as truncated, its end not found
         if position + 2 > len(data) or data[position] != 0xFF:
             return None
         kind = data[position + 1]

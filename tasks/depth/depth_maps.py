@@ -132,7 +132,11 @@ class VideoDepth:
             del array
             os.replace(self.partial, self.final)
             preview = self.final.with_suffix(".png")
-            _save_png(preview, self.preview)
+            try:
+                _save_png(preview, self.preview)
+            except OSError:  # a failed row leaves no map behind (it would look made)
+                self.final.unlink(missing_ok=True)
+                raise
         finally:
             self.array = None
             self.partial.unlink(missing_ok=True)

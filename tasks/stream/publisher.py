@@ -34,17 +34,29 @@ from tasks.stream.settings import KafkaSettings
 log = logging.getLogger(__name__)
 
 
-def dead_letter_headers(
+DeadLetterCopy = tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]
+
+
+def dead_letter_copies(
     message: Message, reason: str, extra_headers: Sequence[tuple[str, bytes]] = ()
-) -> list[tuple[str, bytes | None]]:
-    """The message's own headers, then why it is dead-lettered and where it came from."""
+) -> list[DeadLetterCopy]:
+    """What a dead-letter copy holds (key, value, headers), most first: the whole message with
+    why it is dead-lettered and where it came from; without its value; then without its key
+    and own headers, the reason cut short (fits the smallest message size librdkafka takes)."""
     source = f"{message.topic()}/{message.partition()}@{message.offset()}"
+    why = [(HEADER_DLQ_SOURCE, source.encode()), *extra_headers]
+    own = message.headers() or []
+    dropped = [(HEADER_DLQ_VALUE_DROPPED, str(len(message.value() or b"")).encode())]
     return [
-        *(message.headers() or []),
-        (HEADER_DLQ_REASON, reason.encode()),
-        (HEADER_DLQ_SOURCE, source.encode()),
-        *extra_headers,
+        (message.key(), message.value(), [*own, (HEADER_DLQ_REASON, reason.encode()), *why]),
+        (message.key(), None, [*own, (HEADER_DLQ_REASON, reason.encode()), *why, *dropped]),
+        (None, None, [(HEADER_DLQ_REASON, _cut(reason, 300)), *why, *dropped]),
     ]
+
+
+def _cut(text: str, size: int) -> bytes:
+    """`text` as UTF-8 in at most `size` bytes, never cut within a character."""
+    return text.encode()[:size].decode("utf-8", "ignore").encode()
 
 
 class Publisher:
@@ -126,26 +138,22 @@ class Publisher:
             "dead-lettering %s/%d@%d: %r",
             message.topic(), message.partition(), message.offset(), reason,
         )  # fmt: skip
-        headers = dead_letter_headers(message, reason, extra_headers)
 
         def counted() -> None:
             self.summary.dlq += 1
             self.metrics.dead_lettered.inc()
 
         on_delivery = self._finish_callback(message, counted)
-        try:
-            self._publish(
-                self.kafka.dlq_topic, message.key(), message.value(), headers, on_delivery
-            )
-        except KafkaException as exc:
-            # A frame near the size limit is over it with these headers, and librdkafka refuses
-            # it at once: this ended the consumer, on every restart. The copy goes without it.
-            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
-                raise
-            dropped = len(message.value() or b"")
-            log.warning("the dead-letter copy goes without its %d-byte frame: too large", dropped)
-            headers.append((HEADER_DLQ_VALUE_DROPPED, str(dropped).encode()))
-            self._publish(self.kafka.dlq_topic, message.key(), None, headers, on_delivery)
+        # A frame near the size limit is over it with the reason headers, and librdkafka
+        # refuses it at once: this ended the consumer, on every restart. Less is sent instead.
+        for key, value, headers in dead_letter_copies(message, reason, extra_headers):
+            try:
+                self._publish(self.kafka.dlq_topic, key, value, headers, on_delivery)
+                return
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise
+                log.warning("the dead-letter copy is too large: sending less of the message")
 
     def _publish(
         self,
