@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+from confluent_kafka import KafkaException
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
@@ -44,7 +45,7 @@ from tasks.stream.settings import (
     ProducerSettings,
     source_list,
 )
-from tasks.stream.topics import delete_topics
+from tasks.stream.topics import BrokerUnreachableError, delete_topics
 
 # A step's consumers stop once they have answered every frame its producer delivered; this long
 # after the last frame where the producer cannot say where its frames end.
@@ -94,7 +95,11 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
         )  # fmt: skip
         if lost := produced.broker_error or summary.broker_error:  # nothing left to read back
             raise StepBrokerLostError(f"the broker was lost in the step of {step[:-2]} ({lost})")
-        records = read_records(kafka, kafka.results_topic)
+        try:
+            records = read_records(kafka, kafka.results_topic)
+        except KafkaException as exc:  # gone as the step ended
+            raise StepBrokerLostError(f"the broker was lost after the step of {step[:-2]} "
+                                      f"({exc.args[0].str()})") from exc  # fmt: skip
     except BaseException:  # a lost broker, a failed member: the run fails, its frames go
         if not sweep.keep_step_topics:  # the dead letters stay
             delete_topics(kafka, [kafka.frames_topic, kafka.results_topic], timeout_s=5.0)
@@ -203,7 +208,7 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
         for attempt in range(1, sweep.step_tries + 1):
             try:
                 figures, kept = run_step(sweep, streams)
-            except StepBrokerLostError as exc:  # the steps so far are still reported
+            except (StepBrokerLostError, BrokerUnreachableError) as exc:  # the rest reported
                 broker_error, stopped = str(exc), True
                 logger.error("%s: reporting the sweep so far", exc)
                 break
