@@ -8,6 +8,7 @@ that left the process group or outlived their parent. Nothing is left behind.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from common.net import free_port
 from common.processes import signal_on_parent_death, stop_process
 from devstack.launcher import REPO_ROOT
@@ -34,6 +37,21 @@ MARKER_VARIABLE = "VIDFLOW_STACK_ID"
 # This interpreter's Prefect: `make demo` runs without the venv on PATH.
 PREFECT_CLI = [sys.executable, "-m", "prefect"]
 FLOW_RUN_ID = re.compile(r"UUID:\s*([0-9a-f-]{36})")
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid`, or one it started, listens on TCP `port`."""
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for process in family:
+        with contextlib.suppress(psutil.Error):
+            for connection in process.net_connections(kind="tcp"):
+                if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
+                    return True
+    return False
 
 
 def port_or_free(preferred: int) -> int:
@@ -146,10 +164,13 @@ class LocalStack:
                 )
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-                    if response.status == 200:
+                    # Another server on the port (a demo started a moment before this one,
+                    # its port free when chosen) answers too: this one then fails to bind.
+                    if response.status == 200 and listens_on(server.pid, self.ui_port):
                         return
             except OSError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         raise TimeoutError(f"the Prefect server did not answer within {timeout_s:.0f} s")
 
     def restart_server(self, timeout_s: float = 120) -> None:
@@ -217,7 +238,8 @@ def start_reaper(variable: str, value: str) -> subprocess.Popen[bytes]:
     """
     return subprocess.Popen(
         [sys.executable, "-m", "devstack.local_stack", "reap", variable, value, str(os.getpid())],
-        env={**os.environ, variable: value},
+        # Without the marker itself: the stack's own stop sweeps marked processes first.
+        env={name: text for name, text in os.environ.items() if name != variable},
         stdin=subprocess.DEVNULL,
         start_new_session=True,  # Ctrl-C in the terminal does not reach it
         preexec_fn=signal_on_parent_death,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lance
+import psutil
 import pytest
 
 from devstack.launcher import REPO_ROOT
@@ -199,11 +200,14 @@ def test_ctrl_c_ends_the_demo_with_nothing_left_behind(demo: DemoRun) -> None:
 
 
 @pytest.mark.faults
+@pytest.mark.parametrize("stopping", [False, True], ids=["running", "while-stopping"])
 def test_a_sigkilled_demo_leaves_nothing_behind(
-    tmp_path: Path, prefect_home_template: Path
+    tmp_path: Path, prefect_home_template: Path, stopping: bool
 ) -> None:
     """SIGKILL runs no `finally`: the demo's watcher must end the server, worker, broker and
-    service it started, each in its own session."""
+    service it started, each in its own session; also when the kill comes as the demo stops
+    after a Ctrl-C (found in review: the watcher stood down before the Prefect server and
+    worker were stopped, and they outlived a demo killed then)."""
     copy_prefect_home(prefect_home_template, tmp_path / "prefect")  # the demo's history
     run, pending = _start_demo(tmp_path, "--videos", "1")
     process, marker = run.process, run.marker
@@ -211,6 +215,20 @@ def test_a_sigkilled_demo_leaves_nothing_behind(
         _wait_for(run, pending, "running depth-extraction/local", timeout_s=600)
         started = marked_processes(MARKER, marker)
         assert len(started) >= 4, started  # server, worker, service, broker (and the watcher)
+        if stopping:  # killed in its stop, once the first of its watcher or worker ends
+
+            def started_as(text: str) -> psutil.Process:
+                [found] = [p for p in map(psutil.Process, started) if text in " ".join(p.cmdline())]
+                return found
+
+            watcher, worker = started_as("local_stack reap"), started_as("worker start")
+            process.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 60
+            while all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                      for p in (watcher, worker)):  # fmt: skip
+                assert time.monotonic() < deadline, "the demo's stop ended neither"
+                time.sleep(0.005)
+            assert process.poll() is None, "the demo ended before the kill: no test"
         process.kill()
         process.wait()
         deadline = time.monotonic() + 60
@@ -251,6 +269,32 @@ def test_a_second_demo_on_the_same_prefect_history_is_refused(tmp_path: Path) ->
     said = log_file.read_text()
     assert f"another demo is running on {runs / 'prefect'}" in said and "--runs-dir DIR" in said
     assert not list(runs.glob("demo-*/logs/*"))  # nothing was started
+
+
+def test_a_stack_whose_port_another_server_answers_on_fails_instead_of_using_it(
+    tmp_path: Path,
+) -> None:
+    """Two demos started moments apart both chose port 4200: the second's health check got
+    the first's answer, so it deployed to, and cancelled the runs of, the other's server."""
+    from aiohttp import web
+
+    from devstack.http_thread import serve_in_thread
+    from devstack.local_stack import LocalStack
+
+    async def healthy(_request: web.Request) -> web.Response:
+        return web.json_response(True)
+
+    app = web.Application()
+    app.router.add_get("/api/health", healthy)
+    with serve_in_thread(app) as port:  # the other demo's server, already up on the port
+        stack = LocalStack(tmp_path / "logs", prefect_home=tmp_path / "home", ui_port=port)
+        (tmp_path / "logs").mkdir()
+        stack.launch_server()
+        try:
+            with pytest.raises(RuntimeError, match="the Prefect server exited"):
+                stack.wait_for_server(timeout_s=120)
+        finally:
+            stack.stop()
 
 
 def test_runs_an_ended_demo_left_open_are_cancelled_before_a_worker_starts(prefect_api) -> None:

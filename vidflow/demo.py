@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -126,7 +127,7 @@ def print_depth_summary(lance_path: Path, artifacts: dict[str, dict[str, Any]]) 
             outcome = f"{row['width']}x{row['height']}, depth {row['depth_min_m']:.2f}-"
             outcome += f"{row['depth_max_m']:.2f} m{untrained}"
         else:
-            reason = (row["error"] or "").strip().splitlines()[0][:120]
+            reason = next(iter((row["error"] or "").strip().splitlines()), "")[:120]
             outcome = f"failed at {row['failed_stage']}: {reason}"
         print(f"  {row['video_id']:28s} {row['label'] or '':20s} {outcome}")
     return len(failed)
@@ -272,9 +273,13 @@ def demo_steps(
     return 1 if failed else 0
 
 
-def stop_stack(stack: LocalStack) -> None:
-    """Stop the worker, the Prefect server and anything else carrying the stack's marker."""
+def stop_stack(stack: LocalStack, reaper: subprocess.Popen[bytes]) -> None:
+    """Stop the worker, the Prefect server and anything else carrying the stack's marker; then
+    tell the watcher to stand down. A stop cut short (a second Ctrl-C, a SIGKILL) leaves it
+    armed, and it sweeps once this process is gone (it was told first: the server and worker,
+    in sessions of their own, outlived such a demo)."""
     leftovers = stack.stop()
+    stop_reaper(reaper)
     more = f" (and {len(leftovers)} leftover processes)" if leftovers else ""
     log.info("stopped the worker, the Prefect server, the broker and the service%s", more)
 
@@ -283,9 +288,9 @@ def run_demo(args: argparse.Namespace, run_dir: Path, log_file: Path) -> int:
     """The demo's steps; whatever it started is stopped on the way out, however it ends."""
     logs_dir = run_dir / "logs"
     logs_dir.mkdir(parents=True)
-    prefect_home = args.runs_dir / "prefect"
+    prefect_home = args.runs_dir.resolve() / "prefect"  # the stack runs from the checkout
     stack = LocalStack(logs_dir, prefect_home=prefect_home, ui_port=port_or_free(4200))
-    # Stopped in reverse order: the broker, the service, the watcher, then the stack.
+    # Stopped in reverse order: the broker, the service, then the stack and its watcher.
     with contextlib.ExitStack() as cleanup:
         # One demo at a time per Prefect history: two share its database and work pool, and
         # each one's worker would take the other's flow runs.
@@ -297,18 +302,16 @@ def run_demo(args: argparse.Namespace, run_dir: Path, log_file: Path) -> int:
                 "folder (make demo DEMO_ARGS='--runs-dir DIR')", prefect_home,
             )  # fmt: skip
             return 1
-        cleanup.callback(stop_stack, stack)
         # Everything started from here on carries the stack's marker, the service and broker
-        # too, and a watcher ends all of it should this process be killed before cleanup runs.
+        # too, and a watcher ends all of it should this process be killed before its stop ends.
         os.environ[MARKER_VARIABLE] = stack.stack_id
-        # On the way out the watcher is told to stand down: this process stops everything.
-        cleanup.callback(stop_reaper, start_reaper(MARKER_VARIABLE, stack.stack_id))
+        cleanup.callback(stop_stack, stack, start_reaper(MARKER_VARIABLE, stack.stack_id))
         try:
             return demo_steps(args, run_dir, log_file, stack, cleanup)
         except KeyboardInterrupt:
             log.warning("interrupted: stopping everything this demo started")
             return 130
-        except (RuntimeError, TimeoutError, OSError) as exc:
+        except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
             log.error("demo failed: %s", exc)
             return 1
 
