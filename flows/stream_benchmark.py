@@ -27,8 +27,6 @@ from flows.stream_failures import (
     broker_lost,
 )
 from flows.stream_settings import StreamBenchmarkSettings
-
-__all__ = ["BrokerLostDuringRunError", "StreamRunFailedError", "stream_benchmark"]
 from services.inference.client import ServiceUnreachableError, wait_until_reachable
 from tasks.stream.consumer_summary import nothing_answered
 from tasks.stream.prefect_tasks import DRAIN_S, run_producer_and_group

@@ -446,6 +446,33 @@ def test_a_sigkilled_broker_command_takes_tansu_with_it() -> None:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
+def _run_and_kill_the_broker(
+    settings: StreamBenchmarkSettings,
+    broker: LocalBroker,
+    ready: Callable[[], bool],
+    what: str,
+) -> tuple[Any, BrokerLostDuringRunError]:
+    """Run the stream-benchmark flow, SIGKILL its broker once `ready`; the run's final state
+    and its error, which must be BrokerLostDuringRunError."""
+    outcome: dict[str, Any] = {}
+    running = threading.Thread(
+        target=lambda: outcome.update(state=stream_benchmark(settings=settings, return_state=True))
+    )
+    running.start()
+    try:
+        _wait_for(ready, 90, what)
+    finally:
+        broker.process.kill()
+        broker.process.wait(10)
+        running.join(120)
+    assert not running.is_alive()
+    state = outcome["state"]
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, BrokerLostDuringRunError), error
+    return state, error
+
+
 @pytest.mark.faults
 @pytest.mark.slow
 def test_the_stream_benchmark_flow_fails_and_reports_it_when_the_broker_dies(
@@ -455,22 +482,9 @@ def test_the_stream_benchmark_flow_fails_and_reports_it_when_the_broker_dies(
     settings = StreamBenchmarkSettings(
         duration=60.0, fps="native", client=ClientSettings(target=onnx_server.target), kafka=kafka
     )
-    outcome: dict[str, Any] = {}
-    running = threading.Thread(
-        target=lambda: outcome.update(state=stream_benchmark(settings=settings, return_state=True))
+    state, error = _run_and_kill_the_broker(
+        settings, own_broker, lambda: _published(kafka) >= 30, "30 frames published"
     )
-    running.start()
-    try:
-        _wait_for(lambda: _published(kafka) >= 30, 90, "30 frames published")
-    finally:
-        own_broker.process.kill()
-        own_broker.process.wait(10)
-        running.join(120)
-    assert not running.is_alive()
-    state = outcome["state"]
-    assert state.is_failed()
-    error = state.result(raise_on_failure=False)
-    assert isinstance(error, BrokerLostDuringRunError), error
     assert kafka.bootstrap_servers in str(error)
     with get_client(sync_client=True) as client:
         [report] = client.read_artifacts(
@@ -506,22 +520,9 @@ def test_a_capacity_sweep_that_loses_the_broker_fails_and_still_reports(
         capacity=True, step_seconds=30.0, max_streams=2, step_tries=1, output_dir=tmp_path,
         client=ClientSettings(target=onnx_server.target), kafka=kafka,
     )  # fmt: skip
-    outcome: dict[str, Any] = {}
-    running = threading.Thread(
-        target=lambda: outcome.update(state=stream_benchmark(settings=settings, return_state=True))
+    state, error = _run_and_kill_the_broker(
+        settings, own_broker, lambda: _step_frames(kafka, 1) >= 30, "30 frames of the first step"
     )
-    running.start()
-    try:
-        _wait_for(lambda: _step_frames(kafka, 1) >= 30, 90, "30 frames of the first step")
-    finally:
-        own_broker.process.kill()
-        own_broker.process.wait(10)
-        running.join(120)
-    assert not running.is_alive()
-    state = outcome["state"]
-    assert state.is_failed()
-    error = state.result(raise_on_failure=False)
-    assert isinstance(error, BrokerLostDuringRunError), error
     assert "the broker was lost in the step of 1 stream" in str(error), error
     assert error.outcome["steps"] == [] and "verdict" in error.outcome
     with get_client(sync_client=True) as client:

@@ -248,20 +248,6 @@ def load_sources(
 ) -> list[VideoRecord]:
     """The input videos, from exactly one of `urls` and `kinetics_csv`; an input with none is
     refused (a deployment run of an empty list ended Completed, "all 0 videos done")."""
-    sources = _read_sources(urls, kinetics_csv, url_template, split, limit)
-    if not sources:
-        limited = f" (--limit {limit})" if limit is not None else ""
-        raise SourceListError(f"no videos to process in {urls or kinetics_csv}{limited}")
-    return sources
-
-
-def _read_sources(
-    urls: str | None,
-    kinetics_csv: str | None,
-    url_template: str | None,
-    split: str | None,
-    limit: int | None,
-) -> list[VideoRecord]:
     if (urls is None) == (kinetics_csv is None):
         raise ValueError(
             "give exactly one input: --urls (a URL list) or --kinetics-csv (flow parameters "
@@ -276,11 +262,15 @@ def _read_sources(
                 "url_template), e.g. https://HOST/{youtube_id}.mp4"
             )
         every_split = split is None or split == "all"
-        return read_kinetics_csv(
+        sources = read_kinetics_csv(
             Path(kinetics_csv),
             url_template=url_template,
             split=None if every_split else split,
             limit=limit,
         )
-    sources = read_url_list(Path(urls or ""))
-    return sources[:limit] if limit is not None else sources
+    else:
+        sources = read_url_list(Path(urls or ""))[:limit]  # a slice to None: all of it
+    if not sources:
+        limited = f" (--limit {limit})" if limit is not None else ""
+        raise SourceListError(f"no videos to process in {urls or kinetics_csv}{limited}")
+    return sources
