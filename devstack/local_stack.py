@@ -126,18 +126,46 @@ class LocalStack:
         """Run a `prefect` CLI command against this stack's server; its output (stdout, and
         stderr after it where it exits other than 0), or an error."""
         command = [*PREFECT_CLI, "--no-prompt", *args]
-        result = subprocess.run(
-            command, cwd=REPO_ROOT, env=self.env(), capture_output=True, text=True,
-            timeout=timeout_s,
-        )  # fmt: skip
+        with subprocess.Popen(
+            command, cwd=REPO_ROOT, env=self.env(), text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        ) as running:  # fmt: skip
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    stdout, stderr = running.communicate(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    # A run watched for 30 min waited that long for a worker that had died.
+                    gone = self._gone()
+                    if gone is None and time.monotonic() < deadline:
+                        continue
+                    running.kill()
+                    running.communicate()
+                    if gone is not None:
+                        raise RuntimeError(
+                            f"`prefect {' '.join(args[:2])}` stopped: {gone}"
+                        ) from None
+                    raise subprocess.TimeoutExpired(command, timeout_s) from None
         with open(self.logs_dir / "prefect-cli.log", "a") as output:
-            output.write(f"$ prefect {' '.join(args)}\n{result.stdout}{result.stderr}\n")
-        if result.returncode not in ok_codes:
+            output.write(f"$ prefect {' '.join(args)}\n{stdout}{stderr}\n")
+        if running.returncode not in ok_codes:
             raise RuntimeError(
-                f"`prefect {' '.join(args)}` exited {result.returncode}:\n"
-                f"{(result.stdout + result.stderr)[-3000:]}"
+                f"`prefect {' '.join(args)}` exited {running.returncode}:\n"
+                f"{(stdout + stderr)[-3000:]}"
             )
-        return result.stdout if result.returncode == 0 else result.stdout + result.stderr
+        return stdout if running.returncode == 0 else stdout + stderr
+
+    def _gone(self) -> str | None:
+        """Why the stack can no longer serve a command: its worker or server exited."""
+        for name in ("prefect-worker", "prefect-server"):
+            process = self.processes.get(name)
+            if process is not None and process.poll() is not None:
+                log_file = self.logs_dir / f"{name}.log"
+                return (
+                    f"the {name.replace('-', ' ')} exited with {process.returncode}; see {log_file}"
+                )
+        return None
 
     def start_server(self, timeout_s: float = 120) -> None:
         self.launch_server()
@@ -224,7 +252,7 @@ class LocalStack:
     def stop(self, timeout_s: float = 30) -> list[int]:
         """Stop the worker, then the server, then anything left with this stack's marker."""
         for name in ("prefect-worker", "prefect-server"):
-            if (process := self.processes.get(name)) is not None:
+            if (process := self.processes.pop(name, None)) is not None:
                 stop_process(process, timeout_s)
         return kill_marked_processes(MARKER_VARIABLE, self.stack_id)
 

@@ -297,6 +297,32 @@ def test_a_stack_whose_port_another_server_answers_on_fails_instead_of_using_it(
             stack.stop()
 
 
+@pytest.mark.slow
+def test_a_run_watched_for_a_worker_that_died_fails_at_once_naming_its_log(
+    tmp_path: Path,
+) -> None:
+    """The demo watched each run for up to 30 min: with its worker dead, the run stayed
+    Scheduled and the demo waited all of it, then said "no flow run id or final state"."""
+    from common.net import free_port
+    from devstack.local_stack import LocalStack
+
+    (tmp_path / "logs").mkdir()
+    stack = LocalStack(tmp_path / "logs", prefect_home=tmp_path / "home", ui_port=free_port())
+    try:
+        stack.start_server()
+        stack.deploy("stream-benchmark/local")
+        stack.start_worker()
+        worker = stack.processes["prefect-worker"]
+        worker.kill()
+        worker.wait(10)
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"the prefect worker exited with -9; see .*worker"):
+            stack.run_deployment("stream-benchmark/local", {}, timeout_s=600)
+        assert time.monotonic() - started < 30
+    finally:
+        assert stack.stop() == []
+
+
 def test_runs_an_ended_demo_left_open_are_cancelled_before_a_worker_starts(prefect_api) -> None:
     """A run still Scheduled when a demo was stopped stayed in its Prefect history, and the
     next demo's worker ran it with the dead broker, service and mirror of the one before."""
