@@ -130,23 +130,11 @@ class LocalStack:
             command, cwd=REPO_ROOT, env=self.env(), text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         ) as running:  # fmt: skip
-            deadline = time.monotonic() + timeout_s
-            while True:
-                try:
-                    stdout, stderr = running.communicate(timeout=1.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    # A run watched for 30 min waited that long for a worker that had died.
-                    gone = self._gone()
-                    if gone is None and time.monotonic() < deadline:
-                        continue
-                    running.kill()
-                    running.communicate()
-                    if gone is not None:
-                        raise RuntimeError(
-                            f"`prefect {' '.join(args[:2])}` stopped: {gone}"
-                        ) from None
-                    raise subprocess.TimeoutExpired(command, timeout_s) from None
+            try:
+                stdout, stderr = self._communicate(running, timeout_s, args)
+            except BaseException:  # a stop, a Ctrl-C: the command goes too (as subprocess.run)
+                running.kill()
+                raise
         with open(self.logs_dir / "prefect-cli.log", "a") as output:
             output.write(f"$ prefect {' '.join(args)}\n{stdout}{stderr}\n")
         if running.returncode not in ok_codes:
@@ -155,6 +143,24 @@ class LocalStack:
                 f"{(stdout + stderr)[-3000:]}"
             )
         return stdout if running.returncode == 0 else stdout + stderr
+
+    def _communicate(
+        self, running: subprocess.Popen[str], timeout_s: float, args: tuple[str, ...]
+    ) -> tuple[str, str]:
+        """The command's output once it ends; an error once `timeout_s` passes, or as soon as
+        the stack's worker or server exits (a run watched for 30 min waited that long for a
+        worker that had died)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return running.communicate(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                gone = self._gone()
+                if gone is None and time.monotonic() < deadline:
+                    continue
+                if gone is not None:
+                    raise RuntimeError(f"`prefect {' '.join(args[:2])}` stopped: {gone}") from None
+                raise subprocess.TimeoutExpired(running.args, timeout_s) from None
 
     def _gone(self) -> str | None:
         """Why the stack can no longer serve a command: its worker or server exited."""
