@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -255,20 +256,29 @@ def test_the_state_message_counts_in_words() -> None:
     assert failed.startswith("1 of 1 videos failed (see the depth-extraction-failures artifact)")
 
 
+@pytest.mark.parametrize("refused", ["model folder missing", "list without a video"])
 def test_input_the_run_cannot_take_fails_it_with_the_reason_and_no_traceback(
-    prefect_api, tmp_path: Path
+    prefect_api, tiny_depth_model: Path, tmp_path: Path, refused: str
 ) -> None:
     """A model folder that is not there: the UI's state read "Flow run encountered an
-    exception: ValueError: ..." and the run's log held a traceback."""
-    missing = tmp_path / "no-model"
-    settings = DepthSettings(output=tmp_path / "out", depth_model=str(missing))
-    flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=1))
+    exception: ValueError: ..." and the run's log held a traceback. A deployment run of a list
+    with no video ended Completed, "all 0 videos done", where `vidflow depth` refuses it:
+    alerts on failed runs never fired for a wrong list."""
     listing = tmp_path / "urls.txt"
-    listing.write_text("http://127.0.0.1:9/clip.mp4\n")
+    if refused == "model folder missing":
+        model = tmp_path / "no-model"
+        listing.write_text("http://127.0.0.1:9/clip.mp4\n")
+        reason = f"depth model folder {model} does not exist"
+    else:
+        model = tiny_depth_model
+        listing.write_text("# the cameras of site B, one per line\n")
+        reason = f"no videos to process in {listing}"
+    settings = DepthSettings(output=tmp_path / "out", depth_model=str(model))
+    flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=1))
     state = flow(urls=str(listing), settings=settings, return_state=True)
     assert state.is_failed()
-    assert state.message == f"depth model folder {missing} does not exist"
-    with pytest.raises(ValueError, match="does not exist"):  # a caller gets the error itself
+    assert state.message == reason
+    with pytest.raises(ValueError, match=re.escape(reason)):  # a caller gets the error itself
         state.result()
     APILogWorker.instance().drain()  # this process's log lines, sent in batches every 2 s
     with get_client(sync_client=True) as client:
@@ -278,22 +288,8 @@ def test_input_the_run_cannot_take_fails_it_with_the_reason_and_no_traceback(
             )
         )
     said = "\n".join(log.message for log in logs)
-    assert f"depth model folder {missing} does not exist" in said
+    assert reason in said
     assert "Traceback" not in said and "Encountered exception" not in said, said
-
-
-def test_a_run_of_an_empty_list_fails_as_the_command_line_refuses_it(
-    prefect_api, tiny_depth_model: Path, tmp_path: Path
-) -> None:
-    """A deployment run of a list with no video ended Completed, "all 0 videos done", where
-    `vidflow depth` refuses it: alerts on failed runs never fired for a wrong list."""
-    settings = DepthSettings(output=tmp_path / "out", depth_model=str(tiny_depth_model))
-    flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=1))
-    listing = tmp_path / "urls.txt"
-    listing.write_text("# the cameras of site B, one per line\n")
-    state = flow(urls=str(listing), settings=settings, return_state=True)
-    assert state.is_failed()
-    assert state.message == f"no videos to process in {listing}"
 
 
 def test_a_deployment_run_with_frames_it_cannot_take_is_refused_when_created(prefect_api) -> None:
