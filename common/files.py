@@ -19,16 +19,41 @@ def partial_path(final: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(final: Path) -> Iterator[Path]:
+def atomic_output(final: Path, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; it becomes `final` in one rename when the block ends
     without error, and is removed otherwise. A crash leaves at most a hidden `.part` file,
-    never a truncated `final` that a resumed run would take as done."""
+    never a truncated `final` that a resumed run would take as done.
+
+    `durable` also survives a host crash (power loss, kernel panic): the file reaches the disk
+    before the rename and the rename before the block ends. Without it the rename can reach the
+    disk before the data, leaving an empty `final`: fine for outputs that a run rows as done only
+    after it, not for a cache that is trusted on sight (an export). It costs an fsync or two."""
     partial = partial_path(Path(final))
     try:
         yield partial
+        if durable:
+            sync_to_disk(partial)
         os.replace(partial, final)
+        if durable:
+            sync_to_disk(Path(final).parent, contents=False)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def sync_to_disk(path: Path, contents: bool = True) -> None:
+    """fsync `path`: a file, or a folder with (`contents`) the files directly in it (an export
+    made of a graph and its weights beside it). A folder's fsync makes the names in it, renames
+    included, durable."""
+    path = Path(path)
+    if contents and path.is_dir():
+        for entry in os.scandir(path):
+            if entry.is_file(follow_symlinks=False):
+                sync_to_disk(Path(entry.path))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # A partial file this old is an orphan: no export, download, transcode or depth map takes an

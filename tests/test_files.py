@@ -6,7 +6,9 @@ import os
 import time
 from pathlib import Path
 
-from common.files import STALE_PARTIAL_S, partial_path, remove_stale_partials
+import pytest
+
+from common.files import STALE_PARTIAL_S, atomic_output, partial_path, remove_stale_partials
 
 
 def _aged(path: Path, seconds: float) -> Path:
@@ -28,3 +30,34 @@ def test_only_partials_older_than_an_hour_go(tmp_path: Path) -> None:
     assert remove_stale_partials(tmp_path) == 1  # every final name: other.mp4's orphan
     assert not other.exists() and writing.exists() and hidden.exists() and final.exists()
     assert remove_stale_partials(tmp_path / "missing") == 0
+
+
+def test_a_durable_output_reaches_the_disk_before_its_rename_and_the_rename_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A host crash cannot be caused here: what is checked is the order of the fsyncs that make
+    # a trusted cache (an ONNX export) survive one, seen through the real calls.
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        os,
+        "fsync",
+        lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[
+            1
+        ],
+    )
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1]
+    )
+    final = tmp_path / "model.onnx"
+    with atomic_output(final, durable=True) as partial:
+        partial.write_bytes(b"graph")
+    assert final.read_bytes() == b"graph"
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1] != str(final) and events[0][1].endswith(".onnx")  # the partial file
+    assert events[2][1] == str(tmp_path)  # the folder: the new name itself
+
+    events.clear()
+    with atomic_output(tmp_path / "row.json") as partial:
+        partial.write_text("{}")
+    assert events == [("replace", str(tmp_path / "row.json"))]  # outputs rowed later: no fsync

@@ -72,7 +72,7 @@ def note_export_made_from(name: str, weights_digest: str, cache_dir: Path, expor
         return
     try:
         note.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(note) as partial:
+        with atomic_output(note, durable=True) as partial:
             partial.write_text(json.dumps({"export": export.name}))
     except OSError as exc:
         log.warning("could not note which weights %s was made from (%s)", export.name, exc)

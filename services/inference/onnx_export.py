@@ -86,7 +86,7 @@ def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:
     wrapped = with_softmax(model.network).cpu()
     example = torch.zeros((1, *model.preprocess.input_shape))
     # Atomic: concurrent servers never see a half-written file.
-    with atomic_output(target) as partial:
+    with atomic_output(target, durable=True) as partial:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but reliable
             torch.onnx.export(

@@ -30,6 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from common.files import sync_to_disk
 from tasks.depth.depth_model import DepthMap, check_depth_model
 from tasks.depth.model_files import digest_model_files
 from tasks.depth.model_files import model_dir as local_model_dir
@@ -158,8 +159,10 @@ def export_depth_onnx(model_dir: Path, cache_dir: Path) -> Path:
                 opset_version=OPSET,
                 dynamo=False,  # the TorchScript exporter: deprecated, but it handles this model
             )
+        sync_to_disk(building)  # the cache is trusted on sight: no empty file after a crash
         with contextlib.suppress(OSError):  # another process finished the same export first
             os.replace(building, target)
+        sync_to_disk(cache_dir, contents=False)
     finally:
         shutil.rmtree(building, ignore_errors=True)
     log.info("exported depth model to ONNX in %.1f s", time.perf_counter() - started)
