@@ -311,6 +311,25 @@ def test_cuda_without_a_gpu_falls_back_or_fails_when_strict(model_cache: Path, c
         )
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs torch to fail on CUDA")
+@pytest.mark.parametrize("backend", ["eager", "torchscript"])
+def test_a_torch_backend_whose_gpu_fails_falls_back_to_the_cpu_or_fails_when_strict(
+    backend: str,
+    model_cache: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch here has no usable CUDA, so moving the model there fails for real, as a broken
+    driver or a GPU out of memory would; only CUDA's listing as available is made up."""
+    monkeypatch.setattr("services.inference.loader.cuda_available", lambda backend: True)
+    settings = {"backend": backend, "device": "cuda", "cache_dir": model_cache}
+    model = load_served_model(InferenceSettings(**settings))
+    assert model.backend.device == "cpu" and "CUDA failed" in caplog.text
+    assert model.backend.run(np.zeros((2, *model.preprocess.input_shape), np.float32)).shape[0] == 2
+    with pytest.raises(DeviceUnavailableError, match="the GPU failed"):
+        load_served_model(InferenceSettings(**settings, strict_device=True))
+
+
 def test_an_onnx_cuda_provider_that_cannot_start_falls_back_to_the_cpu_or_fails_when_strict(
     model_cache: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from common.cpus import usable_cpus
 from common.devices import DeviceUnavailableError, choose_device
 from services.inference.backends import (
@@ -78,13 +80,26 @@ def _torch_model(settings: InferenceSettings, device: str) -> ServedModel:
 
     loaded = load_model(settings.model, settings.weights)
     workers, threads, _ = _concurrency(settings, device)
-    backend = TorchBackend(
-        with_softmax(loaded.network),
-        loaded.preprocess.input_shape,
-        torchscript=settings.backend == "torchscript",
-        device=device,
-        threads=threads,
-    )
+    network, shape = with_softmax(loaded.network), loaded.preprocess.input_shape
+    torchscript = settings.backend == "torchscript"
+    try:
+        backend = TorchBackend(
+            network, shape, torchscript=torchscript, device=device, threads=threads
+        )
+        if device == "cuda":  # a batch of the largest size: out of memory shows here, not later
+            backend.run(np.zeros((settings.max_batch_size, *shape), np.float32))
+    # torch raises RuntimeError for a GPU it cannot use (no driver, out of memory) and
+    # AssertionError where it was built without CUDA.
+    except (RuntimeError, AssertionError) as exc:
+        if device != "cuda":
+            raise
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if settings.strict_device:
+            raise DeviceUnavailableError(f"--device cuda: the GPU failed: {reason}") from exc
+        log.warning("device: CUDA failed (%s); falling back to CPU", reason)
+        backend = TorchBackend(
+            network.cpu(), shape, torchscript=torchscript, device="cpu", threads=threads
+        )
     return ServedModel(
         loaded.name, loaded.class_names, loaded.preprocess, loaded.weights_sha256, backend, workers
     )

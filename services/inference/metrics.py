@@ -14,7 +14,9 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "vidflow_inference_requests",
-            "Classification requests by gRPC method and final status code.",
+            "Classification requests by gRPC method and final status code. A request over "
+            "--max-message-bytes is refused by gRPC before the service reads it (the client "
+            "reads RESOURCE_EXHAUSTED) and counts here as CANCELLED: the server is not told why.",
             ["method", "code"],
             registry=self.registry,
         )
