@@ -23,6 +23,7 @@ from flows.stream_capacity import capacity_sweep
 from flows.stream_failures import (
     BrokerLostDuringRunError,
     NothingAnsweredError,
+    ResultsUndeliveredError,
     StreamRunFailedError,
     broker_lost,
 )
@@ -74,6 +75,10 @@ def markdown_report(
     outcome_rows = "\n".join(f"| {name} | {count} |" for name, count in outcomes.items())
     lost = broker_lost(summary, produced)
     warning = f"**BROKER LOST: {lost}**; the figures cover the run until then.\n\n" if lost else ""
+    if undelivered := summary.get("delivery_error"):
+        warning += (
+            f"**A CONSUMER STOPPED: {undelivered}**; the frames after it stay uncommitted.\n\n"
+        )
     return f"""# Stream benchmark
 
 {warning}**Throughput: {summary["fps"]:.1f} frames/s** over {summary["duration_s"]:.1f} s
@@ -166,6 +171,10 @@ def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:
         raise BrokerLostDuringRunError(
             f"the broker was lost during the run ({lost}); the report covers the run until then",
             outcome,
+        )
+    if undelivered := summary.get("delivery_error"):
+        raise ResultsUndeliveredError(
+            f"a consumer stopped: {undelivered}; the frames after it stay uncommitted", outcome
         )
     if nothing_answered(summary):
         raise NothingAnsweredError(

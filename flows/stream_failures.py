@@ -25,6 +25,10 @@ class NothingAnsweredError(StreamRunFailedError):
     """Frames went through the broker, but the service answered none of them."""
 
 
+class ResultsUndeliveredError(StreamRunFailedError):
+    """A consumer could not publish an outcome, the broker up (the results topic refused it)."""
+
+
 def broker_lost(summary: dict[str, Any], produced: dict[str, Any]) -> str | None:
     """Why the producer or the consumers gave up on the broker, if either did."""
     return produced.get("broker_error") or summary.get("broker_error")

@@ -165,6 +165,43 @@ def test_a_poison_frame_is_dead_lettered_after_max_attempts_and_the_group_moves_
 
 
 @pytest.mark.faults
+def test_a_result_the_broker_refuses_for_good_stops_the_member_before_it_passes_its_offset(
+    kafka, scripted_service, video_frames: list[bytes]
+) -> None:
+    """A results topic that refuses a record (authorization, its size) while the broker is up:
+    the member went on classifying frames whose offsets it could never commit, and exited 0.
+    Tansu refuses nothing, so that one delivery report is made up; the rest is real."""
+    from confluent_kafka import KafkaError
+
+    target, _service = scripted_service(lambda _request, _attempt: None)
+    keys = _publish_frames(kafka, "cam-d", 40, video_frames[0])
+    refused = frame_key("cam-d", 5)
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    member = _consumer(kafka, target, group=group, concurrency=1)
+    publish = member.publisher._publish
+
+    def publish_or_refuse(topic, key, value, headers, on_delivery) -> None:
+        if topic == kafka.results_topic and key == refused.encode():
+            on_delivery(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "refused"), None)
+            return
+        publish(topic, key, value, headers, on_delivery)
+
+    member.publisher._publish = publish_or_refuse
+    started = time.monotonic()
+    summary = member.run()
+    assert time.monotonic() - started < 30  # stopped at once, not at its idle timeout
+    assert summary.delivery_error and "@5 could not be published" in summary.delivery_error
+    assert summary.results_published < len(keys) - 1  # it did not work on for nothing
+    assert committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) == 5
+
+    # The group's next member redoes the frames from the refused one on: none is lost.
+    assert _consumer(kafka, target, group=group).run().delivery_error is None
+    results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=len(keys))
+    assert set(result_keys(results)) == set(keys)
+    assert committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) == len(keys)
+
+
+@pytest.mark.faults
 def test_an_unavailable_service_is_waited_for_beyond_max_attempts(
     kafka, scripted_service, video_frames: list[bytes]
 ) -> None:

@@ -189,7 +189,7 @@ def _consume(args: argparse.Namespace) -> int:
     if nothing_answered(summary):
         log.error("no frame was answered: is the service at %s up and right?", client.target)
         return 1
-    return 1 if summary["broker_error"] else 0
+    return 1 if summary["broker_error"] or summary["delivery_error"] else 0
 
 
 def stream_benchmark_settings(args: argparse.Namespace) -> StreamBenchmarkSettings:

@@ -10,6 +10,8 @@ service fails on otherwise (INTERNAL, ...) is tried `--max-attempts` times, then
 with its status, details and attempt count, so the group moves on past it. A broker gone for
 longer than `--broker-grace-s` ends the run with `broker_error` set; the summary then counts the
 frames consumed whose result never got out (`unanswered`): uncommitted, so the group redoes them.
+An outcome that cannot be published while the broker is up (the results topic refuses it) ends
+the run the same way, with `delivery_error` set.
 
 With a latency budget (`--max-frame-age-ms`), a frame already older than the budget when its
 inference call is due (first call or retry) is not classified: it gets a result record with
@@ -139,10 +141,10 @@ class FrameConsumer:
             self._close()
             end = self.publisher.last_result_at or time.monotonic()
             self.summary.duration_s = max(0.0, end - (self._first_message_at or end))
-        if self.summary.broker_error:
+        if failure := self.summary.broker_error or self.summary.delivery_error:
             log.error(
                 "%s; %d consumed frames unanswered (left uncommitted for the group to redo)",
-                self.summary.broker_error, self.summary.unanswered,
+                failure, self.summary.unanswered,
             )  # fmt: skip
         return self.summary
 
@@ -219,6 +221,8 @@ class FrameConsumer:
     def _should_stop(self) -> bool:
         now = time.monotonic()
         if self.stop.is_set() or now - self._started >= self.settings.duration:
+            return True
+        if self.summary.delivery_error is not None:  # nothing more of it could be committed
             return True
         limit = self.settings.max_frames
         if limit is not None and self.summary.frames_consumed >= limit:

@@ -25,6 +25,7 @@ class ConsumerSummary:
     duration_s: float = 0.0
     lag: int | None = 0  # None: unknown (the broker was gone at the end)
     broker_error: str | None = None
+    delivery_error: str | None = None  # an outcome that could not be published, the broker up
     inference_ms: LatencySeries = field(default_factory=LatencySeries)
     rpc_ms: LatencySeries = field(default_factory=LatencySeries)
     e2e_ms: LatencySeries = field(default_factory=LatencySeries)
@@ -58,6 +59,7 @@ class ConsumerSummary:
             "lag": self.lag,
             "unanswered": self.unanswered,
             "broker_error": self.broker_error,
+            "delivery_error": self.delivery_error,
             "inference_ms": self.inference_ms.summary(),
             "rpc_ms": self.rpc_ms.summary(),
             "e2e_ms": self.e2e_ms.summary(),
@@ -74,8 +76,8 @@ def merge_summaries(summaries: list[ConsumerSummary]) -> ConsumerSummary:
             setattr(merged, name, getattr(merged, name) + getattr(summary, name))
         if merged.lag is not None:
             merged.lag = None if summary.lag is None else merged.lag + summary.lag
-        if summary.broker_error:
-            merged.broker_error = merged.broker_error or summary.broker_error
+        merged.broker_error = merged.broker_error or summary.broker_error
+        merged.delivery_error = merged.delivery_error or summary.delivery_error
         merged.inference_ms.merge(summary.inference_ms)
         merged.rpc_ms.merge(summary.rpc_ms)
         merged.e2e_ms.merge(summary.e2e_ms)
@@ -92,6 +94,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"dlq {summary['dlq']}, unanswered {summary['unanswered']}, errors {summary['errors']}, "
         f"{summary['fps']:.1f} fps, lag {lag}",
         *([f"BROKER LOST: {summary['broker_error']}"] if summary.get("broker_error") else []),
+        *([f"STOPPED: {summary['delivery_error']}"] if summary.get("delivery_error") else []),
         f"{'ms':>10} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'mean':>8}",
     ]
     for name in ("inference_ms", "rpc_ms", "e2e_ms"):

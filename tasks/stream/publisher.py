@@ -178,6 +178,14 @@ class Publisher:
                 self.summary.errors += 1
                 self.metrics.errors.labels("publish").inc()
                 log.error("publishing for %s/%d@%d failed: %s", topic, partition, offset, error)
+                # librdkafka retried it until message.timeout.ms: with the broker there, this
+                # is for good (authorization, a record the topic refuses). Its partition could
+                # commit nothing more, so the member stops instead of working on uncommitted.
+                if not self.broker.down and self.summary.delivery_error is None:
+                    self.summary.delivery_error = (
+                        f"the outcome of {topic}/{partition}@{offset} could not be "
+                        f"published: {error.str()}"
+                    )
                 return
             self.offsets.finished(topic, partition, offset)
             if on_ok is not None:
