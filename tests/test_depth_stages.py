@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -54,7 +55,7 @@ from tasks.depth.video_sources import (
 )
 from tasks.depth.video_table import TableSchemaError, VideoTable, write_rows
 from tests.conftest import VIDEOS
-from tests.video_server import Body, Drip, Redirect, Serve, Stall, Status, VideoServer
+from tests.video_server import Body, Cut, Drip, Redirect, Serve, Stall, Status, VideoServer
 
 CLIP = VIDEOS / "pool_cleaning.mp4"
 KINETICS_CSV = VIDEOS.parent / "kinetics" / "kinetics-400_val.csv"
@@ -311,6 +312,15 @@ def test_a_stalled_body_times_out_is_retried_and_leaves_nothing(tmp_path: Path) 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_body_cut_short_by_a_dropped_connection_is_retried(tmp_path: Path) -> None:
+    with VideoServer({"v.mp4": Cut(CLIP)}) as server:
+        record = download(_record(server.url("v.mp4")), tmp_path, DepthSettings(**FAST_RETRIES))
+        assert server.requests["v.mp4"] == 2
+    assert not record.failed and record.download_attempts == 2, record.error
+    assert Path(record.raw_path).read_bytes() == CLIP.read_bytes()
+    assert _leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     ("behaviour", "max_bytes"),
     [(Serve(CLIP), 10_000), (Stall(CLIP, after_bytes=300_000, stall_s=0), 100_000)],
@@ -548,6 +558,9 @@ def test_retry_classification_and_backoff() -> None:
     assert is_retryable(DownloadError("HTTP 502", retryable=True))
     assert not is_retryable(DownloadError("HTTP 404", retryable=False))
     assert not is_retryable(ValueError("bug"))
+    assert is_retryable(aiohttp.ClientPayloadError("Response payload is not completed"))
+    refused = aiohttp.ClientConnectorCertificateError(None, ssl.SSLCertVerificationError("bad"))
+    assert not is_retryable(refused)  # a certificate stays wrong however often it is asked
     settings = DepthSettings(retry_backoff_s=1.0, retry_backoff_max_s=5.0)
     for retry, (low, high) in enumerate([(0.5, 1), (1, 2), (2, 4), (2.5, 5), (2.5, 5)]):
         assert low <= backoff_delay_s(retry, settings) <= high

@@ -54,6 +54,16 @@ class Drip:
 
 
 @dataclass(frozen=True)
+class Cut:
+    """The file's first `after_bytes` under its whole Content-Length, then the connection
+    closed, the first `cut_first` times; whole after that (a link that dropped once)."""
+
+    path: Path
+    cut_first: int = 1
+    after_bytes: int = 65536
+
+
+@dataclass(frozen=True)
 class Redirect:
     location: str  # where a 302 sends the client (the request's own path: a loop)
 
@@ -68,7 +78,7 @@ class Guarded:
     password: str
 
 
-Behaviour = Serve | Status | Body | Stall | Drip | Redirect | Guarded
+Behaviour = Serve | Status | Body | Stall | Drip | Cut | Redirect | Guarded
 
 
 class VideoServer:
@@ -122,6 +132,17 @@ class VideoServer:
                 await response.write(path.read_bytes()[:after_bytes])
                 await asyncio.sleep(stall_s)
                 return response
+            case Cut(path, cut_first, after_bytes) if self.requests[name] <= cut_first:
+                data = path.read_bytes()
+                response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+                response.content_type = "video/mp4"
+                await response.prepare(request)
+                await response.write(data[:after_bytes])
+                assert request.transport is not None
+                request.transport.close()  # the rest never comes
+                return response
+            case Cut(path):
+                return web.FileResponse(path)
             case Drip(path, chunk, every_s, drip_bytes):
                 data = path.read_bytes()
                 response = web.StreamResponse(headers={"Content-Length": str(len(data))})

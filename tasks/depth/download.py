@@ -101,10 +101,16 @@ class RateFloor:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Whether a failure is worth another attempt."""
+    """Whether a failure is worth another attempt: a timeout, a connection refused or dropped,
+    a body cut short (ClientPayloadError: fewer bytes than Content-Length); not a certificate,
+    which stays wrong however often it is asked for."""
     if isinstance(exc, DownloadError):
         return exc.retryable
-    return isinstance(exc, TimeoutError | aiohttp.ClientConnectionError)
+    if isinstance(exc, aiohttp.ClientSSLError):  # ClientConnectorCertificateError included
+        return False
+    return isinstance(
+        exc, TimeoutError | aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
+    )
 
 
 def backoff_delay_s(
