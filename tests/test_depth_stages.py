@@ -641,6 +641,44 @@ def test_a_file_without_a_video_stream_says_so(tmp_path: Path) -> None:
     assert record.failed and record.error.startswith("no video stream in the file"), record.error
 
 
+def test_an_audio_file_with_cover_art_is_not_taken_for_a_video(tmp_path: Path) -> None:
+    """An m4a's cover picture is a video stream to `-map 0:v:0`: it became a one-frame
+    "video" row with a depth map of the album art."""
+    audio = tmp_path / "song.m4a"
+    command = [
+        ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "sine=d=1", "-f", "lavfi",
+        "-i", "color=c=red:s=64x64:d=1", "-map", "0:a", "-map", "1:v", "-frames:v", "1",
+        "-c:v", "mjpeg", "-disposition:v:0", "attached_pic", "-c:a", "aac", str(audio),
+    ]  # fmt: skip
+    made = subprocess.run(command, capture_output=True, check=False)
+    assert made.returncode == 0, made.stderr
+    record = transcode(
+        _record("http://h/song.m4a").update(raw_path=str(audio)), tmp_path / "out", DepthSettings()
+    )
+    assert record.failed and record.error.startswith("no video stream in the file"), record.error
+
+
+def test_an_error_no_check_foresaw_fails_its_video_not_the_shard(tmp_path: Path) -> None:
+    """An ffmpeg that cannot start (here: not executable; for real, fork out of memory) raised
+    out of the shard's transcodes, and every video of the shard was failed with its error."""
+    from tasks.depth.transcode import transcode_many
+
+    broken = tmp_path / "broken"
+    broken.write_bytes(CLIP.read_bytes()[:4096])
+    records = [
+        VideoRecord(video_id=name, source_url=f"http://h/{name}.mp4", raw_path=str(path))
+        for name, path in (("a", CLIP), ("b", broken))
+    ]
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the output folder should be")
+    for workers in (1, 2):
+        done = transcode_many(records, blocked / "out", DepthSettings(), workers)
+        assert [r.failed_stage for r in done] == ["transcode", "transcode"]
+        assert "transcode crashed: NotADirectoryError" in done[0].error
+    done = transcode_many(records, tmp_path / "out", DepthSettings(), 2)
+    assert not done[0].failed and done[1].failed and "ffmpeg exit" in done[1].error
+
+
 def test_a_transcode_past_its_timeout_is_stopped(tmp_path: Path) -> None:
     record = transcode(
         _record("http://h/v.mp4").update(raw_path=str(CLIP)),

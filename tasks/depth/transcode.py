@@ -7,6 +7,7 @@ no system package is needed) with a timeout; its own error text becomes the fail
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import shutil
 import subprocess
@@ -23,6 +24,8 @@ from common.frames import opened_video
 from common.processes import batch_child
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
+
+log = logging.getLogger(__name__)
 
 FFMPEG_ERROR_CHARS = 1500
 _ADDRESS = re.compile(r" @ 0x[0-9a-fA-F]+")
@@ -85,7 +88,7 @@ def ffmpeg_command(source: Path, output: Path, settings: DepthSettings) -> list[
         "-i",
         str(source),
         "-map",
-        "0:v:0",
+        "0:V:0",  # V, not v: a video stream that is not an attached picture (cover art)
         "-map",
         "0:a:0?",
         "-vf",
@@ -125,14 +128,25 @@ def transcode_many(
     input order; `then` is applied to each on this thread as soon as its transcode ends (the
     shard task hands it to the depth model there)."""
     if workers <= 1:
-        return [then(transcode(record, out_dir, settings)) for record in records]
+        return [then(_transcode_alone(record, out_dir, settings)) for record in records]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ffmpeg") as pool:
         running = {
-            pool.submit(transcode, record, out_dir, settings): position
+            pool.submit(_transcode_alone, record, out_dir, settings): position
             for position, record in enumerate(records)
         }
         done = {running[future]: then(future.result()) for future in as_completed(running)}
     return [done[position] for position in range(len(records))]
+
+
+def _transcode_alone(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> VideoRecord:
+    """`transcode`, with an error no check foresaw (ffmpeg that cannot be started for want of
+    memory or processes, a folder that cannot be read) failing this video alone, not its
+    shard: the shard's other videos and their rows go on."""
+    try:
+        return transcode(record, out_dir, settings)
+    except Exception as exc:
+        log.exception("%s: transcode crashed", record.video_id)
+        return record.fail("transcode", f"transcode crashed: {type(exc).__name__}: {exc}")
 
 
 def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> VideoRecord:
@@ -163,7 +177,7 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
         with atomic_output(output) as partial:
             facts = _run_ffmpeg(source, partial, settings)
     except TranscodeError as exc:
-        if "matches no streams" in str(exc):  # ffmpeg's words for a file without `-map 0:v:0`
+        if "matches no streams" in str(exc):  # ffmpeg's words for a file without `-map 0:V:0`
             return record.fail("transcode", f"no video stream in the file (audio only?): {exc}")
         return record.fail("transcode", str(exc))
     return _with_output(record, output, facts, started)
