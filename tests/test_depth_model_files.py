@@ -234,6 +234,12 @@ def test_a_model_in_shards_is_whole_only_with_every_shard(
     shutil.copy(snapshot / "model-00001-of-00002.safetensors",
                 snapshot / "model-00002-of-00002.safetensors")  # fmt: skip
     assert cached_model_dir(HUB_ID, cache_dir=tmp_path / "hf" / "hub") == snapshot
+    # The repo's .bin index came too (a download of every *.json), its shards did not: the
+    # safetensors shards are still the whole model, whichever index is read first.
+    bin_index = {"weight_map": {"a": "pytorch_model-00001-of-00002.bin"}}
+    for name in ("a.index.json", "pytorch_model.bin.index.json"):
+        (snapshot / name).write_text(json.dumps(bin_index))
+    assert cached_model_dir(HUB_ID, cache_dir=tmp_path / "hf" / "hub") == snapshot
 
 
 def test_a_missing_folder_is_named_as_a_folder_not_as_a_hub_id(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import datetime
+import email.utils
 import json
 import os
 import re
@@ -40,6 +42,7 @@ from tasks.depth.download import (
     download,
     download_many,
     is_retryable,
+    parse_retry_after,
     sniff_container,
 )
 from tasks.depth.frame_choice import frame_indices, read_frames
@@ -273,6 +276,12 @@ def test_kinetics_csvs_as_people_write_them_read_or_say_what_is_wrong(tmp_path: 
     (record,) = read_kinetics_csv(loose, url_template="https://h/{split}/{youtube_id}.mp4")
     assert record.source_url == "https://h/val/0wR5jVB-WPk.mp4"  # no column: the split asked
     assert (record.label, record.youtube_id, record.split) == ("abseiling", "0wR5jVB-WPk", "val")
+    spaced = tmp_path / "spaced.csv"  # spaces after the commas, as in the header above
+    spaced.write_text(
+        "label, youtube_id, time_start, time_end, split\nabseiling, 0wR5, 4, 14, val\n"
+    )
+    (record,) = read_kinetics_csv(spaced, url_template="https://h/{split}/{youtube_id}.mp4")
+    assert record.source_url == "https://h/val/0wR5.mp4" and record.youtube_id == "0wR5"
     short = tmp_path / "short.csv"
     short.write_text("label,youtube_id,time_start,time_end,split\nx,abc,1,2,val\ny,def,3\n")
     with pytest.raises(SourceListError, match=r"short.csv:3: fewer columns than the header"):
@@ -565,11 +574,29 @@ def test_retry_classification_and_backoff() -> None:
     for retry, (low, high) in enumerate([(0.5, 1), (1, 2), (2, 4), (2.5, 5), (2.5, 5)]):
         assert low <= backoff_delay_s(retry, settings) <= high
     assert backoff_delay_s(0, settings, retry_after_s=3.0) == 3.0
-    assert backoff_delay_s(0, settings, retry_after_s=600.0) == 5.0
+    # Asked for longer than the backoff's cap: waited for (the deadline bounds it), not cut to
+    # 5 s and retried into the same 429 until the attempts ran out.
+    assert backoff_delay_s(0, settings, retry_after_s=600.0) == 600.0
+    assert parse_retry_after("120") == 120.0 and parse_retry_after("soon") is None
+    in_a_minute = email.utils.format_datetime(
+        datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=60), usegmt=True
+    )
+    assert 55 <= parse_retry_after(in_a_minute) <= 60
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # past: at once
 
 
-def test_containers_are_recognised_by_their_first_bytes() -> None:
+def test_containers_are_recognised_by_their_first_bytes(tmp_path: Path) -> None:
     assert sniff_container(CLIP.read_bytes()[:256]) == "mp4"
+    # AVCHD's .mts and a bare MPEG-2 stream, as FFmpeg writes them, were "not a video".
+    for name, muxing, expected in [
+        ("camera.mts", ["-f", "mpegts", "-mpegts_m2ts_mode", "1"], "m2ts"),
+        ("bare.m2v", ["-f", "mpeg2video"], "mpg"),
+    ]:
+        made = tmp_path / name
+        command = [ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc=d=1:s=64x64",
+                   "-c:v", "mpeg2video", *muxing, str(made)]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True)
+        assert sniff_container(made.read_bytes()[:256]) == expected, name
     assert sniff_container(b"\x1a\x45\xdf\xa3" + bytes(60)) == "mkv"
     assert sniff_container(b"<!DOCTYPE html><html>") is None
     assert sniff_container(b"") is None

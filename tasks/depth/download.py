@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import email.utils
 import logging
 import re
 import time
@@ -34,8 +36,8 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
-CONTAINER_SUFFIXES = frozenset({"mp4", "mkv", "avi", "flv", "mpg", "ogv", "wmv", "ts"})
-SNIFF_BYTES = 256  # what sniff_container reads: the longest signature (MPEG-TS) needs 189
+CONTAINER_SUFFIXES = frozenset({"mp4", "mkv", "avi", "flv", "mpg", "ogv", "wmv", "ts", "m2ts"})
+SNIFF_BYTES = 256  # what sniff_container reads: the longest signature (M2TS) needs 197
 
 
 class DownloadError(Exception):
@@ -61,14 +63,16 @@ def sniff_container(head: bytes) -> str | None:
         return "avi"
     if head.startswith(b"FLV"):
         return "flv"
-    if head.startswith(b"\x00\x00\x01\xba"):
-        return "mpg"
+    if head.startswith((b"\x00\x00\x01\xba", b"\x00\x00\x01\xb3")):
+        return "mpg"  # a program stream, or an elementary stream's sequence header
     if head.startswith(b"OggS"):
         return "ogv"
     if head.startswith(b"\x30\x26\xb2\x75\x8e\x66\xcf\x11"):
         return "wmv"
     if len(head) > 188 and head[0] == 0x47 and head[188] == 0x47:
         return "ts"
+    if len(head) > 196 and head[4] == 0x47 and head[196] == 0x47:
+        return "m2ts"  # AVCHD/Blu-ray (.mts): 192-byte packets, a 4-byte time code first
     return None
 
 
@@ -116,11 +120,28 @@ def is_retryable(exc: BaseException) -> bool:
 def backoff_delay_s(
     retry: int, settings: DepthSettings, retry_after_s: float | None = None
 ) -> float:
-    """Exponential backoff with jitter (half to full of the step), honouring Retry-After."""
+    """Exponential backoff with jitter (half to full of the step), or the server's Retry-After
+    when it asks for longer: retried sooner, a 429 answers 429 again. Only the download's
+    deadline bounds it (a wait past it fails the video at once, saying so)."""
     delay = jittered_backoff_s(retry, settings.retry_backoff_s, settings.retry_backoff_max_s)
     if retry_after_s is not None:
-        delay = max(delay, min(retry_after_s, settings.retry_backoff_max_s))
+        delay = max(delay, retry_after_s)
     return delay
+
+
+def parse_retry_after(value: str) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date; None if it
+    is neither."""
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is GMT
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
 def describe(exc: BaseException) -> str:
@@ -171,7 +192,7 @@ def _refuse_bad_response(response: aiohttp.ClientResponse, max_bytes: int) -> No
             retryable=response.status in RETRYABLE_STATUS,
         )
         if retry_after := response.headers.get("Retry-After", "").strip():
-            error.retry_after_s = float(retry_after) if retry_after.isdigit() else None
+            error.retry_after_s = parse_retry_after(retry_after)
         raise error
     if response.content_length is not None and response.content_length > max_bytes:
         raise DownloadError(

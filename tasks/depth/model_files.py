@@ -35,13 +35,17 @@ def is_whole_model(folder: Path) -> bool:
     shard its weight index lists, for a model saved in shards)."""
     if not all((folder / name).is_file() for name in NEEDED_FILES):
         return False
-    for index in folder.glob("*.index.json"):  # e.g. model.safetensors.index.json
+    # e.g. model.safetensors.index.json; a repo may hold a .bin index too (and a download of
+    # every *.json brings both): one index with all its shards here is enough.
+    indexes = list(folder.glob("*.index.json"))
+    for index in indexes:
         try:
             shards = set(json.loads(index.read_text())["weight_map"].values())
         except (OSError, ValueError, KeyError, AttributeError):
-            return False
-        return all((folder / shard).is_file() for shard in shards)
-    return any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS)
+            continue
+        if all((folder / shard).is_file() for shard in shards):
+            return True
+    return not indexes and any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS)
 
 
 def digest_model_files(digest: Any, model_dir: Path) -> None:

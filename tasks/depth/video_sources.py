@@ -121,6 +121,7 @@ def read_url_list(path: Path) -> list[VideoRecord]:
     for row in csv.reader(lines[1:]):
         fields = {name: value.strip() for name, value in zip(header, row, strict=False)}
         if not (url := fields.get("url")):
+            log.warning("%s: a row without a URL is skipped: %s", path, ",".join(row)[:200])
             continue
         given_id = fields.get("video_id")
         records.append(
@@ -158,12 +159,16 @@ def read_kinetics_csv(
     for line_number, row in enumerate(reader, start=2):
         if limit is not None and len(records) >= limit:
             break
-        row_split = row.get("split") or split
+        row_split = (row.get("split") or "").strip() or split
         if split is not None and row_split != split:
             splits_skipped[row_split] = splits_skipped.get(row_split, 0) + 1
             continue
         if None in row.values():  # a short row: csv fills the missing columns with None
             raise SourceListError(f"{path}:{line_number}: fewer columns than the header")
+        # Values as people write them (", val"): the spaces went into the split and the URL.
+        row = {
+            name: value.strip() if isinstance(value, str) else value for name, value in row.items()
+        }
         fields = {
             **row,
             "split": row_split or "",
