@@ -111,6 +111,8 @@ def _extract(
     logger = get_run_logger()
     table = prepare_output(settings)
     plan = table.plan(sources)
+    if dropped := OutputLayout(settings.output).drop_downloads(plan.rerun_ids):
+        logger.info("%d files of videos that failed before removed: they are redone whole", dropped)
     cpus = cluster_cpus()
     if settings.ray_num_cpus is not None and settings.ray_num_cpus != cpus:
         logger.warning(

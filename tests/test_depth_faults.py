@@ -26,7 +26,7 @@ from tasks.depth.download import DownloadError, RateFloor, download_many
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 from tests.conftest import VIDEOS
-from tests.video_server import Drip, Serve, Stall, Status, VideoServer
+from tests.video_server import Body, Drip, Serve, Stall, VideoServer
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIP = VIDEOS / "pool_cleaning.mp4"
@@ -290,13 +290,16 @@ def test_the_default_limits_end_a_1_byte_per_2_s_drip_within_60_s_and_keep_a_slo
 def test_a_rerun_of_a_reordered_list_finds_each_url_its_own_row(
     prefect_api: None, tiny_depth_model: Path, tmp_path: Path
 ) -> None:
-    """Two URLs with the same file name; the second fails, then the list is swapped and it
-    serves: the re-run skips the first (done) and redoes the second, two rows in all."""
+    """Two URLs with the same file name; the second serves a broken file (a body cut at its
+    end: the download passes, the transcode fails), then the list is swapped and it serves
+    the whole video: the re-run skips the first (done) and redoes the second from its
+    download (it kept the broken file, and failed on every run), two rows in all."""
     settings = DepthSettings(
         output=tmp_path / "out", depth_model=str(tiny_depth_model), device="cpu", shard_size=1
     )
     flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=2))
-    with VideoServer({"x/clip.mp4": Serve(CLIP), "y/clip.mp4": Status(404)}) as server:
+    broken = Body(OTHER_CLIP.read_bytes()[:4096], "video/mp4")
+    with VideoServer({"x/clip.mp4": Serve(CLIP), "y/clip.mp4": broken}) as server:
         first, second = (server.url("x/clip.mp4"), server.url("y/clip.mp4"))
         listing = tmp_path / "urls.txt"
         listing.write_text(f"{first}\n{second}\n")
@@ -315,6 +318,8 @@ def test_a_rerun_of_a_reordered_list_finds_each_url_its_own_row(
         requests = dict(server.requests)
 
     assert (one["ok"], one["failed"]) == (1, 1)
+    failed_first = next(row for row in before if row["source_url"] == second)
+    assert failed_first["failed_stage"] == "transcode", failed_first["error"]
     assert (two["ok"], two["failed"], two["skipped"]) == (1, 0, 1)
     assert len(after) == 2 and len({row["video_id"] for row in after}) == 2
     rows = {row["source_url"]: row for row in after}

@@ -3,6 +3,9 @@ tasks, the demo and the benchmarks (the README documents the same layout to user
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,3 +49,21 @@ class OutputLayout:
         """What the dataset's shaping settings (height, codec, frames, model) made: transcodes
         and depth maps."""
         return self.videos, self.depth
+
+    def drop_downloads(self, video_ids: Collection[str]) -> int:
+        """Remove the downloads and transcodes of `video_ids` (videos whose row failed in an
+        earlier run): a stage finds an earlier output by its name and keeps it, so a
+        download cut short at a stream's end, or a mirror's copy fixed since, was never
+        fetched again and its video failed on every run. How many files went."""
+        if not video_ids:
+            return 0
+        removed = 0
+        for folder in (self.raw, self.videos):
+            with contextlib.suppress(FileNotFoundError):
+                for entry in os.scandir(folder):
+                    stem, dot, _suffix = entry.name.rpartition(".")
+                    if dot and stem in video_ids and entry.is_file(follow_symlinks=False):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path)
+                            removed += 1
+        return removed

@@ -165,38 +165,40 @@ def read_kinetics_csv(
             continue
         if None in row.values():  # a short row: csv fills the missing columns with None
             raise SourceListError(f"{path}:{line_number}: fewer columns than the header")
-        # Values as people write them (", val"): the spaces went into the split and the URL.
-        row = {
-            name: value.strip() if isinstance(value, str) else value for name, value in row.items()
-        }
-        fields = {
-            **row,
-            "split": row_split or "",
-            "youtube_id": row["youtube_id"],
-            "time_start": _seconds(row, "time_start", f"{path}:{line_number}"),
-            "time_end": _seconds(row, "time_end", f"{path}:{line_number}"),
-        }
-        try:
-            url = url_template.format(**fields)
-        except (ValueError, TypeError) as exc:  # a format spec that does not fit the field
-            raise SourceListError(f"--url-template on {path}:{line_number}: {exc}") from exc
-        records.append(
-            VideoRecord(
-                video_id=sanitize_video_id(KINETICS_ID_FORMAT.format(**fields)),
-                source_url=url,
-                label=row["label"],
-                split=row.get("split") or split,
-                youtube_id=row["youtube_id"],
-                time_start=fields["time_start"],
-                time_end=fields["time_end"],
-            )
-        )
+        records.append(_kinetics_record(row, row_split, url_template, f"{path}:{line_number}"))
     if not records and splits_skipped:
         raise SourceListError(
             f"{path}: no row of split {split!r} (found: {sorted(splits_skipped)}); choose one "
             "with --split, or --split all for every row"
         )
     return _unique_ids(records, path, same_id_same_video=True)
+
+
+def _kinetics_record(
+    row: dict[str, str], row_split: str | None, url_template: str, where: str
+) -> VideoRecord:
+    """One Kinetics row as a source; `where` (file:line) names it in errors."""
+    # Values as people write them (", val"): the spaces went into the split and the URL.
+    row = {name: value.strip() for name, value in row.items() if isinstance(value, str)}
+    fields = {
+        **row,
+        "split": row_split or "",
+        "time_start": _seconds(row, "time_start", where),
+        "time_end": _seconds(row, "time_end", where),
+    }
+    try:
+        url = url_template.format(**fields)
+    except (ValueError, TypeError) as exc:  # a format spec that does not fit the field
+        raise SourceListError(f"--url-template on {where}: {exc}") from exc
+    return VideoRecord(
+        video_id=sanitize_video_id(KINETICS_ID_FORMAT.format(**fields)),
+        source_url=url,
+        label=row["label"],
+        split=row.get("split") or row_split,
+        youtube_id=row["youtube_id"],
+        time_start=fields["time_start"],
+        time_end=fields["time_end"],
+    )
 
 
 # The table's time columns are int32 (Kinetics' windows are seconds into the video): a larger
