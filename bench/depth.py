@@ -231,7 +231,6 @@ def bench_flow(urls: list[str], work: Path, model: Path) -> dict[str, Any]:
         warm_s = flow_run(urls, work / "flow-warm", settings)
     finally:
         ray.shutdown()
-    steady_s_per_video = (warm_s - half_s) / (len(urls) - len(half))
     return {
         "videos": len(urls),
         "serial_s": round(serial_s, 2),
@@ -241,10 +240,39 @@ def bench_flow(urls: list[str], work: Path, model: Path) -> dict[str, Any]:
         "speedup_cold": round(serial_s / cold_s, 3),
         "speedup_warm": round(serial_s / warm_s, 3),
         "serial_videos_per_s": round(len(urls) / serial_s, 3),
+        **steady_figures(serial_s, cold_s, (half_s, len(half)), (warm_s, len(urls))),
+    }
+
+
+STEADY_KEYS = (
+    "warm_steady_videos_per_s",
+    "warm_fixed_startup_s",
+    "cold_fixed_startup_s",
+    "steady_speedup",
+)
+
+
+def steady_figures(
+    serial_s: float, cold_s: float, half: tuple[float, int], whole: tuple[float, int]
+) -> dict[str, float | None]:
+    """The steady rate from two warm runs (seconds, videos) of half and all the list, and the
+    fixed start-up it leaves in a run. Where the whole list took no longer than its half (noise
+    on a short list), their difference gives no rate: None, with a warning, rather than a
+    negative rate or a division by zero."""
+    (half_s, half_videos), (warm_s, videos) = half, whole
+    if warm_s <= half_s:
+        print(
+            f"warning: {videos} videos took {warm_s:.2f} s, half of them {half_s:.2f} s: no "
+            "steady rate (rerun with more --videos)",
+            file=sys.stderr,
+        )
+        return dict.fromkeys(STEADY_KEYS)
+    steady_s_per_video = (warm_s - half_s) / (videos - half_videos)
+    return {
         "warm_steady_videos_per_s": round(1 / steady_s_per_video, 3),
-        "warm_fixed_startup_s": round(warm_s - len(urls) * steady_s_per_video, 2),
-        "cold_fixed_startup_s": round(cold_s - len(urls) * steady_s_per_video, 2),
-        "steady_speedup": round(serial_s / len(urls) / steady_s_per_video, 3),
+        "warm_fixed_startup_s": round(warm_s - videos * steady_s_per_video, 2),
+        "cold_fixed_startup_s": round(cold_s - videos * steady_s_per_video, 2),
+        "steady_speedup": round(serial_s / videos / steady_s_per_video, 3),
     }
 
 

@@ -44,6 +44,7 @@ The last stdout line is JSON with every figure, the medians and the ratios.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import secrets
@@ -64,14 +65,18 @@ import lance
 from bench.cli_args import bench_parser
 from bench.cpu_account import SET_ASIDE, CpuAccount, machine_busy_cpu_s, process_tree
 from bench.peer_v2d import (
+    FFMPEG_LOG,
     SINGLE_THREAD_FLAGS,
     check_video,
     ensure_venv,
+    exit_on_sigterm,
     read_ffmpeg_log,
     run_video2dataset,
+    wrapper_path,
     write_ffmpeg_wrapper,
 )
 from common.cli_types import choice_list, positive_int
+from common.cpus import usable_cpus
 from common.net import free_port
 from common.settings import SAMPLE_VIDEO
 from devstack.local_stack import LocalStack
@@ -79,9 +84,8 @@ from devstack.ray_nodes import stop_ray_nodes
 from tasks.depth.output_layout import OutputLayout
 from tasks.depth.transcode import ffmpeg_exe
 
-CPUS = os.cpu_count() or 1
+CPUS = usable_cpus()  # the host's count overstates a container's share (common/cpus.py)
 PROCESS_KINDS = [
-    ("bin/ffmpeg", "ffmpeg_wrapper"),
     ("ffmpeg", "ffmpeg"),
     ("DepthActor", "depth_actor"),
     ("prefect server", "prefect_server"),
@@ -99,7 +103,12 @@ PROCESS_KINDS = [
 ]
 
 
-def classify(cmdline: str) -> str:
+def classify(cmdline: str, wrappers: frozenset[str] = frozenset()) -> str:
+    """A process's kind from its command line. An ffmpeg wrapper is told by its exact path as a
+    word of the line: a needle such as `bin/ffmpeg` also matches the real `/usr/bin/ffmpeg`,
+    whose CPU wait4 already counts, and would count it twice."""
+    if wrappers and not wrappers.isdisjoint(cmdline.split(" ")):
+        return "ffmpeg_wrapper"
     for needle, kind in PROCESS_KINDS:
         if needle in cmdline:
             return kind
@@ -125,18 +134,37 @@ def ray_cluster(temp_dir: Path, bin_dir: Path) -> Iterator[str]:
     # Single-machine mode keeps every Ray server on 127.0.0.1 (see loopback_only_ray).
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # token auth: see main
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    port = free_port()
+    address = f"127.0.0.1:{free_port()}"
     ray = str(Path(sys.executable).with_name("ray"))
-    subprocess.run(
-        [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--num-cpus", str(CPUS), "--include-dashboard", "false",
-         "--temp-dir", str(temp_dir), "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+    command = [
+        ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", address.split(":")[1],
+        "--num-cpus", str(CPUS), "--include-dashboard", "false",
+        "--temp-dir", str(temp_dir), "--disable-usage-stats",
+    ]  # fmt: skip
+    # Inside the try: a `ray start` that fails or hangs half-way leaves daemonised nodes.
     try:
-        yield f"127.0.0.1:{port}"
+        _start_ray_head(command, env)
+        yield address
     finally:
-        stop_ray_nodes(temp_dir, f"127.0.0.1:{port}")  # this node only, not every Ray here
+        stop_ray_nodes(temp_dir, address)  # this node only, not every Ray here
+
+
+def _start_ray_head(command: list[str], env: dict[str, str]) -> None:
+    """Run `ray start`; a failure says why (its output), which a bare CalledProcessError hides."""
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"ray start ran past 120 s: {_text(exc.stderr)[-3000:]}") from exc
+    if done.returncode != 0:
+        output = f"{done.stdout[-1000:]}\n{done.stderr[-3000:]}".strip()
+        raise RuntimeError(f"ray start failed ({done.returncode}): {output}")
+
+
+def _text(output: str | bytes | None) -> str:
+    """A TimeoutExpired's captured output, which is bytes even with text=True."""
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
 
 
 def run_vidflow(
@@ -159,6 +187,7 @@ def run_vidflow(
     busy_before = machine_busy_cpu_s()
     started = time.perf_counter()
     run = subprocess.run(command, env=env, cwd=code, capture_output=True, text=True, timeout=1800)
+    ended_at = time.time()  # before the checks below, which are not the run's
     wall_s = time.perf_counter() - started
     busy = machine_busy_cpu_s() - busy_before
     if run.returncode != 0:
@@ -167,7 +196,12 @@ def run_vidflow(
     bad = [row["video_id"] for row in rows if not _valid_row(row)]
     if bad or len(rows) != len(urls_file.read_text().split()):
         raise RuntimeError(f"vidflow wrote {len(rows)} rows, invalid: {bad[:5]}")
-    return {"wall_s": round(wall_s, 2), "ok": len(rows), "machine_busy_cpu_s": round(busy, 2)}
+    return {
+        "wall_s": round(wall_s, 2),
+        "ok": len(rows),
+        "machine_busy_cpu_s": round(busy, 2),
+        "ended_at": ended_at,
+    }
 
 
 def _valid_row(row: dict[str, Any]) -> bool:
@@ -203,12 +237,14 @@ VIDFLOW_SERVICES = ("prefect_server", "ray_system", "ray_workers")  # idle durin
 def measured(
     work: Any,
     cpu_log: Path,
+    wrapper: Path,
     videos: int,
     model_cpu_per_video: float = 0.0,
     not_counted: tuple[str, ...] = NOT_A_TOOLS_OWN,
     set_aside: frozenset[int] = frozenset(),
 ) -> dict[str, Any]:
-    """Run `work()` under a CPU account; its figures with the CPU by process kind.
+    """Run `work()` under a CPU account; its figures with the CPU by process kind. `cpu_log`
+    and `wrapper` are the log and the path of the ffmpeg wrapper that this tool's run uses.
 
     `cpu_s` is the tool's own CPU (kinds in `not_counted` left out); the CPU outside ffmpeg and
     the model is given twice: without the model's inference only (`..._and_model`), and without
@@ -216,17 +252,20 @@ def measured(
     (`..._and_depth_actor`).
     """
     cpu_log.unlink(missing_ok=True)
-    with CpuAccount(classify, set_aside=set_aside) as account:
+    kinds = functools.partial(classify, wrappers=frozenset({str(wrapper)}))
+    with CpuAccount(kinds, set_aside=set_aside) as account:
         started = time.time()
         result = work()
         ended = time.time()
+    # The tool's own end: `work()` goes on to check its outputs, no part of the tail.
+    ended = result.pop("ended_at", None) or ended
     by_kind = account.by_kind()
     # Over the run's own wall time: the account's window also holds the output checks.
     busy_s = result.pop("machine_busy_cpu_s", account.machine_busy_s)
     calls = read_ffmpeg_log(cpu_log)
-    ffmpeg_cpu = sum(line["user_s"] + line["sys_s"] for line in calls)
-    ffmpeg_cpu = result.pop("ffmpeg_cpu_s", None) or ffmpeg_cpu  # the peer logs its own calls
+    result.pop("ffmpeg_cpu_s", None)  # the peer's own sum of the same log
     # /proc samples miss the last half second of each short ffmpeg: take wait4's figure.
+    ffmpeg_cpu = sum(line["user_s"] + line["sys_s"] for line in calls)
     counted = {kind: cpu for kind, cpu in by_kind.items() if kind not in (*not_counted, SET_ASIDE)}
     total = sum(cpu for kind, cpu in counted.items() if kind != "ffmpeg") + ffmpeg_cpu
     outside_ffmpeg = total - ffmpeg_cpu - by_kind.get("ffmpeg_wrapper", 0.0)
@@ -296,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "--baseline", type=Path, help="a checkout of earlier code, run as mode baseline_local"
     )
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # so the `finally`s below stop the servers, Ray and the peer on SIGTERM
     # Ray's token auth, as a run's private Ray has it (flows.ray_start.private_ray_auth), with
     # one token for the `cluster` mode's `ray start` and the runs that join it.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -330,9 +370,10 @@ def measure_alternating(args: argparse.Namespace, modes: list[str], work: Path) 
     rounds.update({f"vidflow_{mode}": [] for mode in modes})
     model = save_tiny_depth_pro(work / "tiny-depth-pro")
     model_cpu = depth_model_cpu_per_video(model, args.videos)
-    bin_dir, cpu_log = work / "bin", work / "ffmpeg-cpu.jsonl"
+    # vidflow's wrapper only logs (its encodes set their flags); each peer run writes its own.
+    bin_dir, cpu_log = work / "bin", work / FFMPEG_LOG
+    ours_wrapper = write_ffmpeg_wrapper(bin_dir, ffmpeg_exe(), cpu_log)
     peer_flags = SINGLE_THREAD_FLAGS if args.peer_single_thread_ffmpeg else ()
-    write_ffmpeg_wrapper(bin_dir, ffmpeg_exe(), cpu_log, peer_flags)
     routes = {f"v{i}.mp4": Serve(SAMPLE_VIDEO) for i in range(args.videos)}
     with VideoServer(routes) as server, prefect_server(work / "prefect-home") as api_url:
         urls = [server.url(f"v{i}.mp4") for i in range(args.videos)]
@@ -349,8 +390,11 @@ def measure_alternating(args: argparse.Namespace, modes: list[str], work: Path) 
         def peer(index: int) -> dict[str, Any]:
             out = work / f"v2d-{index}"
             return measured(
-                lambda: run_video2dataset(urls, out, shards=args.peer_shards),
-                cpu_log,
+                lambda: run_video2dataset(
+                    urls, out, shards=args.peer_shards, ffmpeg_flags=peer_flags
+                ),
+                out / FFMPEG_LOG,  # the peer's own wrapper logs there
+                wrapper_path(out),
                 args.videos,
                 not_counted=(*NOT_A_TOOLS_OWN, *VIDFLOW_SERVICES),
                 set_aside=idle_cluster(),
@@ -364,7 +408,7 @@ def measure_alternating(args: argparse.Namespace, modes: list[str], work: Path) 
             code = args.baseline if mode == BASELINE_MODE else None
             return measured(
                 lambda: run_vidflow(urls_file, out, model, env, bin_dir, code), cpu_log,
-                args.videos, model_cpu,
+                ours_wrapper, args.videos, model_cpu,
                 set_aside=idle_cluster() if mode != "cluster" else frozenset(),
             )  # fmt: skip
 
@@ -372,22 +416,31 @@ def measure_alternating(args: argparse.Namespace, modes: list[str], work: Path) 
         # its loaded depth actors (the first cluster round pays their start).
         cluster = ray_cluster(work / "ray", bin_dir) if "cluster" in modes else nullcontext("")
         if not args.no_warm_up:
-            warm_up(urls, model, {**base_env, "RAY_ADDRESS": "local"}, bin_dir, work, args.no_peer)
+            warm_env = {**base_env, "RAY_ADDRESS": "local"}
+            warm_up(urls, model, warm_env, bin_dir, work, None if args.no_peer else peer_flags)
         with cluster as cluster_address:
             run_rounds(args.rounds, rounds, peer, ours, work)
     return summarise(rounds, model_cpu, args.videos)
 
 
 def warm_up(
-    urls: list[str], model: Path, env: dict[str, str], bin_dir: Path, work: Path, no_peer: bool
+    urls: list[str],
+    model: Path,
+    env: dict[str, str],
+    bin_dir: Path,
+    work: Path,
+    peer_flags: tuple[str, ...] | None,
 ) -> None:
     """One unmeasured run of each tool on a few videos: the first run after a while reads its
     libraries from disk (video2dataset's first round took 81-85 s against 49-52 s for the
-    next ones), which is not what the rounds compare."""
+    next ones), which is not what the rounds compare. `peer_flags`: the peer's extra ffmpeg
+    flags, None for no peer."""
     few = work / "warm-up-urls.txt"
     few.write_text("\n".join(urls[:WARM_UP_VIDEOS]) + "\n")
-    if not no_peer:
-        run_video2dataset(urls[:WARM_UP_VIDEOS], work / "warm-up-v2d", shards=1)
+    if peer_flags is not None:
+        run_video2dataset(
+            urls[:WARM_UP_VIDEOS], work / "warm-up-v2d", shards=1, ffmpeg_flags=peer_flags
+        )
     run_vidflow(few, work / "warm-up-vidflow", model, env, bin_dir)
     for output in work.glob("warm-up-*"):
         if output.is_dir():

@@ -32,10 +32,12 @@ from typing import Any
 from bench.cli_args import bench_parser
 from bench.depth_peer import prefect_server
 from common.cli_types import positive_int_list
+from common.processes import stop_process
 from common.settings import KINETICS_VAL_CSV
 from devstack.sample_mirror import running_mirror
 
 PROBE_EVERY_S = 2.0
+DRIVER_STOP_GRACE_S = 30.0  # for the driver to stop its own Ray on SIGTERM before SIGKILL
 
 
 class RunProbe:
@@ -113,7 +115,12 @@ def one_run(size: int, work: Path, template: str, api_url: str, model: Path) -> 
     started = time.perf_counter()
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     with RunProbe(driver.pid, api_url) as probe:
-        stdout, _ = driver.communicate(timeout=6 * 3600)
+        try:
+            stdout, _ = driver.communicate(timeout=6 * 3600)
+        except BaseException:
+            # A timeout (or Ctrl-C, an error) would leave the driver running, its Ray with it.
+            stop_process(driver, DRIVER_STOP_GRACE_S)
+            raise
     wall_s = time.perf_counter() - started
     if driver.returncode != 0:
         raise RuntimeError(f"vidflow depth exited {driver.returncode}")

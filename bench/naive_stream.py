@@ -37,6 +37,7 @@ from bench.cpu_account import CpuAccount
 from bench.service import BareModel, real_frames
 from bench.stream import fresh_kafka, local_stack
 from common.cli_types import non_negative_int, positive_float, positive_int
+from common.cpus import usable_cpus
 from common.settings import SAMPLE_VIDEO
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import open_channel
@@ -167,7 +168,7 @@ def bounds(bare_fps: float, vidflow_rounds: list[Round], naive_fps: float) -> di
     `service_alone`: the cores divided by the service's own CPU per frame (decode, model, gRPC)
     in vidflow's rounds, as if the broker and the consumer cost nothing.
     """
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()  # the host's count overstates a container's share (common/cpus.py)
     service_ms = statistics.median(r.cpu_ms_per_frame.get("service", 0.0) for r in vidflow_rounds)
     service_fps = cores * 1e3 / service_ms if service_ms > 0 else 0.0
     return {

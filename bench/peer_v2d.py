@@ -50,6 +50,8 @@ X264_FLAGS = ("-preset", "veryfast", "-crf", "23")  # what vidflow's transcode u
 INSTALL_TIMEOUT_S = 3600
 LOG_TAIL_CHARS = 3000
 LOG_NAME = "video2dataset.log"
+FFMPEG_LOG = "ffmpeg-cpu.jsonl"  # the wrapper's log of a run, in its output folder
+STOP_GRACE_S = 5.0  # for the peer's process group to end on SIGTERM before SIGKILL
 
 
 class PeerRunError(RuntimeError):
@@ -214,6 +216,11 @@ def write_ffmpeg_wrapper(
     return wrapper
 
 
+def wrapper_path(output: Path) -> Path:
+    """The ffmpeg wrapper of a peer run into `output`: a caller can tell its processes apart."""
+    return output / "bin" / "ffmpeg"
+
+
 def read_ffmpeg_log(cpu_log: Path) -> list[dict[str, Any]]:
     """The wrapper's lines, one per ffmpeg call."""
     if not cpu_log.is_file():
@@ -341,26 +348,28 @@ def run_video2dataset(
     height: int = 360,
     timeout_s: float = 900,
     root: Path | None = None,
+    ffmpeg_flags: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run video2dataset once on `urls` into `output` (a fresh folder), check every output, and
     return its figures. URLs must end in `.mp4` (else video2dataset hands them to yt-dlp).
+    `ffmpeg_flags` go into its encodes with the x264 ones (e.g. `SINGLE_THREAD_FLAGS`).
 
     cpu_s is the whole process tree's user+sys (RUSAGE_CHILDREN around the wait: video2dataset,
     its spawned workers and their ffmpegs, all waited for); so it also counts any other child of
-    this process that ends meanwhile. ffmpeg_cpu_s is the ffmpeg calls' own share.
+    this process that ends meanwhile. ffmpeg_cpu_s is the ffmpeg calls' own share. `ended_at`:
+    when the peer ended, before the output checks, which a caller's phases leave out.
     """
     venv = ensure_venv(root or DEFAULT_ROOT)
     config = peer_config(
         len(urls), processes=processes, threads=threads, shards=shards, height=height
     )
-    command, env = _prepare_run(venv, urls, output, config)
+    command, env = _prepare_run(venv, urls, output, config, ffmpeg_flags)
     timed = _run_timed(command, output, env, timeout_s)
     dataset = output / "dataset"
     outputs = sorted(p for p in dataset.rglob("*.mp4") if p.is_file())
     problems = {p.name: why for p in outputs if (why := check_video(p, height)) is not None}
     ok = len(outputs) - len(problems)
     stats = read_stats(dataset)
-    calls = read_ffmpeg_log(output / "ffmpeg-cpu.jsonl")
     result: dict[str, Any] = {
         "tool": PEER,
         "version": PEER_VERSION,
@@ -369,15 +378,14 @@ def run_video2dataset(
         "wall_s": round(timed.wall_s, 3),
         "cpu_s": round(timed.cpu_s, 3),
         "machine_busy_cpu_s": round(timed.machine_busy_cpu_s, 2),
-        "ffmpeg_cpu_s": round(sum(c["user_s"] + c["sys_s"] for c in calls), 3),
+        **_ffmpeg_figures(read_ffmpeg_log(output / FFMPEG_LOG)),
         "videos_per_s": round(ok / timed.wall_s, 4) if timed.wall_s > 0 else 0.0,
         "cpu_s_per_video": round(timed.cpu_s / ok, 3) if ok else None,
-        "ffmpeg_calls": len(calls),
-        "ffmpeg_calls_tuned": sum(1 for c in calls if c["tuned"]),
         "processes": processes,
         "threads": threads,
         "shards": stats["shards"],
         "height": height,
+        "ended_at": timed.ended_at,
     }
     if outputs:
         first = min(p.stat().st_mtime for p in outputs)
@@ -391,17 +399,33 @@ def run_video2dataset(
     return result
 
 
+def _ffmpeg_figures(calls: list[dict[str, Any]]) -> dict[str, float]:
+    """The wrapper's log summed: the ffmpeg calls' own CPU, how many, how many got the flags."""
+    return {
+        "ffmpeg_cpu_s": round(sum(c["user_s"] + c["sys_s"] for c in calls), 3),
+        "ffmpeg_calls": len(calls),
+        "ffmpeg_calls_tuned": sum(1 for c in calls if c["tuned"]),
+    }
+
+
 def _prepare_run(
-    venv: Path, urls: list[str], output: Path, config: dict[str, Any]
+    venv: Path,
+    urls: list[str],
+    output: Path,
+    config: dict[str, Any],
+    ffmpeg_flags: tuple[str, ...] = (),
 ) -> tuple[list[str], dict[str, str]]:
-    """Write the inputs, the ffmpeg wrapper and the runner script; the command and its env."""
+    """Write the inputs, the ffmpeg wrapper (with `ffmpeg_flags`) and the runner script; the
+    command and its env."""
     from tasks.depth.transcode import ffmpeg_exe
 
     output.mkdir(parents=True, exist_ok=True)
     dataset, downloads = output / "dataset", output / "tmp"
     downloads.mkdir(exist_ok=True)
     url_csv, config_yaml = write_inputs(urls, output, config)
-    wrapper = write_ffmpeg_wrapper(output / "bin", ffmpeg_exe(), output / "ffmpeg-cpu.jsonl")
+    wrapper = write_ffmpeg_wrapper(
+        wrapper_path(output).parent, ffmpeg_exe(), output / FFMPEG_LOG, ffmpeg_flags
+    )
     runner = output / "run_video2dataset.py"
     runner.write_text(_RUNNER)
     arguments = {
@@ -427,6 +451,7 @@ class _TimedRun:
     wall_s: float
     cpu_s: float  # the process tree's user+sys
     machine_busy_cpu_s: float  # every process's, over the same wall time
+    ended_at: float  # epoch seconds, when the peer's process ended
 
 
 def _run_timed(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -> _TimedRun:
@@ -448,17 +473,44 @@ def _run_timed(command: list[str], cwd: Path, env: dict[str, str], timeout_s: fl
         )
         try:
             code = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise PeerRunError(
-                f"{PEER} ran past {timeout_s:.0f} s; log tail:\n{_tail(log)}"
-            ) from None
+        except BaseException as exc:
+            # Ctrl-C, SIGTERM (see exit_on_sigterm), a timeout: its own session would outlive
+            # this process, with workers and ffmpegs still using the cores.
+            _stop_group(process)
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise PeerRunError(
+                    f"{PEER} ran past {timeout_s:.0f} s; log tail:\n{_tail(log)}"
+                ) from None
+            raise
+    ended_at = time.time()
     wall_s = time.perf_counter() - started
     busy = machine_busy_cpu_s() - busy_before
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return _TimedRun(code, started_at, wall_s, cpu_s, busy)
+    return _TimedRun(code, started_at, wall_s, cpu_s, busy, ended_at)
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the peer's process group (the wrapper passes it on to ffmpeg), then SIGKILL
+    whatever is left of it after a short grace."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=STOP_GRACE_S)
+    # The leader may be gone while its workers are not: the group's id outlives it.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit in this (main) thread, so `finally` blocks and the peer's
+    stop run as on Ctrl-C; Python's default would end the process with none of them."""
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -475,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.settings import SAMPLE_VIDEO
     from tests.video_server import Serve, VideoServer
 
+    exit_on_sigterm()
     ensure_venv()  # outside the timed part: the first call installs (minutes)
     routes = {f"v{i:03d}.mp4": Serve(SAMPLE_VIDEO) for i in range(args.videos)}
     work = Path(tempfile.mkdtemp(prefix="vidflow-peer-v2d-"))

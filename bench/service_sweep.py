@@ -85,8 +85,11 @@ def _summary(runs: list[list[LevelResult]]) -> dict[int, dict[str, float]]:
     return by_level
 
 
-def _ratio(ours: dict, theirs: dict, level: int, figure: str) -> float:
-    return round(ours[level][figure] / theirs[level][figure], 3)
+def _ratio(ours: dict, theirs: dict, level: int, figure: str) -> float | None:
+    """ours over theirs at a level; None where theirs is 0 (the plain server answered nothing),
+    so the other figures still reach the JSON."""
+    denominator = theirs[level][figure]
+    return round(ours[level][figure] / denominator, 3) if denominator else None
 
 
 def parse_args() -> argparse.Namespace:
@@ -141,6 +144,9 @@ def parse_args() -> argparse.Namespace:
         except argparse.ArgumentTypeError as exc:
             parser.error(f"--vidflow-repo {label}=...: {exc}")
     args.configs.update(args.plain_configs)
+    # The servers run with another cwd (a --vidflow-repo checkout): a relative path would name
+    # another folder there.
+    args.cache_dir = args.cache_dir.resolve()
     return args
 
 
@@ -153,29 +159,65 @@ def main() -> None:
 
     bare_runs: list[float] = []
     runs: dict[str, list[list[LevelResult]]] = {label: [] for label in [*args.configs, PLAIN]}
-    with tempfile.TemporaryDirectory() as tmp:
-        for round_index in range(args.rounds):
-            bare_runs.append(bare_model.fps(args.duration))
-            order = [*args.configs, PLAIN][:: -1 if round_index % 2 else 1]
-            for label in order:
-                server = _start(label, Path(tmp), onnx_path, args)
-                runs[label].append(_measure(server, frames, args))
-            line = ", ".join(
-                f"{label} " + "/".join(f"{lv.throughput_rps:.0f}" for lv in levels[-1])
-                for label, levels in runs.items()
-            )
-            print(
-                f"round {round_index + 1}: bare {bare_runs[-1]:.0f} img/s; img/s at "
-                f"concurrency {args.concurrency}: {line}",
-                file=sys.stderr,
-            )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for round_index in range(args.rounds):
+                bare_runs.append(bare_model.fps(args.duration))
+                order = [*args.configs, PLAIN][:: -1 if round_index % 2 else 1]
+                for label in order:
+                    server = _start(label, Path(tmp), onnx_path, args)
+                    runs[label].append(_measure(server, frames, args))
+                _print_round(round_index, bare_runs[-1], runs, args)
+    except BaseException as exc:
+        # A round takes minutes: a failure (or Ctrl-C) in round N keeps rounds 1..N-1.
+        _emit(_partial_result(bare_runs, runs, args, exc) | {"frames": len(frames)}, args)
+        raise
     result = _result(
         bare_runs, {label: _summary(level_runs) for label, level_runs in runs.items()}, args
     )
-    result["frames"] = len(frames)
+    _emit(result | {"frames": len(frames)}, args)
+
+
+def _print_round(
+    round_index: int,
+    bare: float,
+    runs: dict[str, list[list[LevelResult]]],
+    args: argparse.Namespace,
+) -> None:
+    """One line per round on stderr, to follow a long sweep."""
+    line = ", ".join(
+        f"{label} " + "/".join(f"{lv.throughput_rps:.0f}" for lv in levels[-1])
+        for label, levels in runs.items()
+        if levels
+    )
+    print(
+        f"round {round_index + 1}: bare {bare:.0f} img/s; img/s at "
+        f"concurrency {args.concurrency}: {line}",
+        file=sys.stderr,
+    )
+
+
+def _emit(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """The JSON line, then the --json file."""
     print(json.dumps(result), flush=True)  # first: a file that cannot be written loses nothing
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _partial_result(
+    bare_runs: list[float],
+    runs: dict[str, list[list[LevelResult]]],
+    args: argparse.Namespace,
+    exc: BaseException,
+) -> dict[str, Any]:
+    """The figures of the rounds every server finished (a round cut short is left out, so the
+    ratios compare the same rounds), with the error that ended the sweep."""
+    done = min([len(bare_runs), *(len(level_runs) for level_runs in runs.values())])
+    error = f"{type(exc).__name__}: {exc}"
+    if done == 0:
+        return {"benchmark": "service_sweep", "rounds_completed": 0, "error": error}
+    summaries = {label: _summary(level_runs[:done]) for label, level_runs in runs.items()}
+    return _result(bare_runs[:done], summaries, args) | {"rounds_completed": done, "error": error}
 
 
 def _start(label: str, tmp: Path, onnx_path: Path, args: argparse.Namespace) -> Any:
