@@ -96,6 +96,12 @@ def test_a_token_guards_the_classifier_and_the_clients_send_it(
             capture_output=True, text=True, cwd=REPO_ROOT, timeout=120, check=False,
         )  # fmt: skip
         assert cli.returncode == 0, cli.stderr
+        with grpc.insecure_channel(server.target) as channel:  # HTTP's scheme has no case
+            stub = inference_pb2_grpc.ClassifierStub(channel)
+            request = inference_pb2.ModelInfoRequest()
+            stub.GetModelInfo(request, timeout=30, metadata=[("authorization", f"bearer {TOKEN}")])
+            with pytest.raises(grpc.RpcError, match="UNAUTHENTICATED"):
+                stub.GetModelInfo(request, timeout=30, metadata=[("authorization", TOKEN)])
         metrics = _http_get(f"{server.http_url}/metrics")[1]
         refusals = {
             method: _metric(

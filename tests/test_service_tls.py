@@ -240,6 +240,14 @@ def test_an_onnx_model_with_settings_it_would_ignore_is_refused(
 def test_an_empty_onnx_model_variable_unsets_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VIDFLOW_INFERENCE_ONNX_MODEL", "")
     assert InferenceSettings(backend="eager").onnx_model is None
+    # Compose's `${TLS_CERT:-}` and the like: empty is unset, not the current folder (which
+    # turned TLS on with "." for a certificate).
+    for name in ("WEIGHTS", "TLS_CERT", "TLS_KEY", "CACHE_DIR", "TLS_CA"):
+        monkeypatch.setenv(f"VIDFLOW_INFERENCE_{name}", "")
+    empty = InferenceSettings(backend="eager")
+    assert (empty.weights, empty.tls_cert, empty.tls_key) == (None, None, None)
+    assert empty.cache_dir == InferenceSettings.model_fields["cache_dir"].default
+    assert ClientSettings().tls_ca is None
     monkeypatch.setenv("VIDFLOW_INFERENCE_ONNX_MODEL", "/opt/model/m.onnx")
     with pytest.raises(ValueError, match="VIDFLOW_INFERENCE_ONNX_MODEL"):
         InferenceSettings(model="resnet18")
@@ -287,9 +295,10 @@ def test_host_port_brackets_ipv6_addresses() -> None:
 
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
-def test_serve_binds_an_ipv6_loopback_address(tmp_path: Path, model_cache: Path) -> None:
+@pytest.mark.parametrize("host", ["::1", "[::1]"])  # bracketed: gRPC bound, then HTTP failed
+def test_serve_binds_an_ipv6_loopback_address(tmp_path: Path, model_cache: Path, host: str) -> None:
     port, http_port = free_port(), free_port()
-    args = ["serve", "--host", "::1", "--port", str(port), "--http-port", str(http_port)]
+    args = ["serve", "--host", host, "--port", str(port), "--http-port", str(http_port)]
     server = subprocess.Popen(
         [sys.executable, "-m", "vidflow.cli", *args, "--cache-dir", str(model_cache)],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

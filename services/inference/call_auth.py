@@ -28,7 +28,7 @@ class TokenCheck(grpc.ServerInterceptor):
     """Refuses a classifier call without the token with UNAUTHENTICATED (counted)."""
 
     def __init__(self, token: str, metrics: ServiceMetrics) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self._metrics = metrics
 
     def intercept_service(
@@ -42,7 +42,7 @@ class TokenCheck(grpc.ServerInterceptor):
             return handler
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization")
         given = given.encode() if isinstance(given, str) else given
-        if given is not None and hmac.compare_digest(given, self._expected):
+        if given is not None and hmac.compare_digest(_bearer_token(given), self._expected):
             return handler
         name = method.rsplit("/", 1)[-1]
         self._metrics.requests.labels(name, grpc.StatusCode.UNAUTHENTICATED.name).inc()
@@ -50,6 +50,13 @@ class TokenCheck(grpc.ServerInterceptor):
         # so a caller that never sends its request is refused at once instead of holding one
         # of the server's threads (the wire format is the same for every kind).
         return _NO_TOKEN if given is None else _WRONG_TOKEN
+
+
+def _bearer_token(authorization: bytes) -> bytes:
+    """The token of an `authorization` value: after its scheme, which HTTP matches without
+    case (grpcurl users write `bearer`); b"" for any other scheme."""
+    scheme, _, token = authorization.partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
 
 
 def _refusal(message: str) -> grpc.RpcMethodHandler:

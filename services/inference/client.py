@@ -17,13 +17,15 @@ from common.settings import one_line
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.settings import ServiceToken
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # of an answer: a few hundred bytes each
 
 
 def channel_options() -> list[tuple[str, int]]:
-    """Client channel options: let the server, not the client, decide what is too large."""
+    """Client channel options: the server, not the client, decides how large a request may be
+    (its --max-message-bytes goes up to ~2 GiB: a cap here refused what it would take); an
+    answer is kept within DEFAULT_MAX_MESSAGE_BYTES."""
     return [
-        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", -1),  # gRPC's "no limit"
         ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
     ]
 

@@ -166,11 +166,25 @@ class InferenceSettings(ServiceToken):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         return self
 
-    @field_validator("onnx_model", mode="before")
+    @field_validator("host")
+    @classmethod
+    def _host_without_brackets(cls, value: str) -> str:
+        """`[::1]` as `::1`: gRPC takes either, aiohttp's bind only the bare address (it
+        failed after gRPC had bound); addresses are bracketed where written (net.host_port)."""
+        return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+
+    @field_validator("onnx_model", "weights", "tls_cert", "tls_key", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
-        """VIDFLOW_INFERENCE_ONNX_MODEL= (empty) unsets the serving image's file."""
+        """An empty variable unsets its path (VIDFLOW_INFERENCE_ONNX_MODEL= unsets the serving
+        image's file; compose's `${TLS_CERT:-}` gives ""): else it is Path(""), the current
+        folder, and TLS turned on with a folder for a certificate."""
         return None if value == "" else value
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        return DEFAULT_CACHE_DIR / "models" if value == "" else value
 
     @model_validator(mode="after")
     def _onnx_model_alone(self) -> InferenceSettings:
@@ -202,6 +216,12 @@ class ClientSettings(BaseSettings):
     tls_ca: FilePath | None = Field(
         None, description="reach the service over TLS, trusting this PEM CA certificate"
     )
+
+    @field_validator("tls_ca", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        """An empty VIDFLOW_INFERENCE_TLS_CA (compose's `${TLS_CA:-}`) is no CA: plaintext."""
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _port_given_in_plaintext(self) -> ClientSettings:
