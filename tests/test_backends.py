@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -132,6 +133,21 @@ def test_onnx_export_is_cached_by_weights(tmp_path: Path, resnet18_weights) -> N
     torch.save(resnet18(weights=None).state_dict(), other_path)
     second = export_onnx(load_model("resnet18", other_path), tmp_path)
     assert second != first and second.is_file()
+
+
+def test_a_cached_export_that_cannot_load_is_made_again(
+    model_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A cached export cut short (a disk fault, a host crash) failed every start alike: a crash
+    loop under a supervisor, and `export-onnx` gave back the same file."""
+    cache = tmp_path / "cache"
+    shutil.copytree(model_cache, cache)
+    load_served_model(InferenceSettings(backend="onnx", cache_dir=cache))
+    (export,) = cache.glob("efficientnet_lite0-*.onnx")
+    export.write_bytes(export.read_bytes()[:4096])
+    model = load_served_model(InferenceSettings(backend="onnx", cache_dir=cache))
+    assert "cannot be loaded" in caplog.text and export.stat().st_size > 4096
+    assert model.backend.run(np.zeros((1, *model.preprocess.input_shape), np.float32)).shape[0] == 1
 
 
 def test_an_exported_onnx_file_serves_without_torch(model_cache: Path, photos, tmp_path) -> None:

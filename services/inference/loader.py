@@ -43,14 +43,31 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
     )
     if settings.backend != "onnx":
         return _torch_model(settings, device)
-    onnx_path = settings.onnx_model or _exported(settings)
+    if settings.onnx_model is not None:  # the user's own file: its error is theirs to see
+        return _onnx_model(settings.onnx_model, device, settings)
+    export = _exported(settings)
     try:
-        return _from_onnx_file(onnx_path, device, settings)
-    except DeviceUnavailableError as exc:  # its CUDA provider is installed but cannot start
+        return _onnx_model(export, device, settings)
+    except DeviceUnavailableError:
+        raise
+    except Exception as exc:  # ONNX Runtime's load errors share no base class
+        # A cached export cut short (a disk fault, a crash before it reached the disk) failed
+        # every start the same way, a crash loop under a supervisor: made again, once.
+        log.warning("the cached export %s cannot be loaded (%s): exporting again", export, exc)
+        export.unlink(missing_ok=True)
+        return _onnx_model(_exported(settings), device, settings)
+
+
+def _onnx_model(path: Path, device: str, settings: InferenceSettings) -> ServedModel:
+    """The model of an ONNX file on `device`, or on the CPU where ONNX Runtime's CUDA provider
+    is installed but cannot start (unless placement is strict)."""
+    try:
+        return _from_onnx_file(path, device, settings)
+    except DeviceUnavailableError as exc:
         if device != "cuda" or settings.strict_device:
             raise
         log.warning("device: %s; falling back to CPU", exc)
-        return _from_onnx_file(onnx_path, "cpu", settings)
+        return _from_onnx_file(path, "cpu", settings)
 
 
 def _exported(settings: InferenceSettings) -> Path:
