@@ -519,9 +519,18 @@ def test_a_loadtest_against_no_server_says_why_and_shows_no_latency(tmp_path: Pa
             [
                 sys.executable, "-m", "vidflow.cli", "loadtest", "--target", target,
                 "--images", str(image), "--concurrency", "2", "--duration", "1", "--warmup", "0",
+                "--wait", "0",
             ],
             capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
         )  # fmt: skip
+        # Waited for by default: one line saying why, not every level run into errors.
+        waited = subprocess.run(
+            [sys.executable, "-m", "vidflow.cli", "loadtest", "--target", target,
+             "--images", str(image), "--wait", "1"],
+            capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+        )  # fmt: skip
+    assert waited.returncode == 1 and "no load test run" in waited.stderr, waited.stderr
+    assert "not SERVING after 1 s" in waited.stderr and waited.stdout == "", waited.stdout
     assert loadtest.returncode == 1, loadtest.stderr
     assert "a call failed: UNAVAILABLE" in loadtest.stderr  # why, once
     row = loadtest.stdout.strip().splitlines()[-1].split()

@@ -103,11 +103,21 @@ def _health(args: argparse.Namespace) -> int:
 
 def _loadtest(args: argparse.Namespace) -> int:
     from common.frames import load_encoded_images
+    from services.inference.client import health_check, wait_until_serving
     from services.inference.loadtest import format_table, run_loadtest, write_json
 
     client = settings_from_args(ClientSettings, args)
     target = client.target
     images = load_encoded_images(args.images, max_frames=args.max_frames)
+    # A service still loading its model (or not there) filled the first level with errors,
+    # and a wrong port ran every level before it said so.
+    try:
+        if args.wait > 0:  # 0: no wait, the errors counted as they come
+            wait_until_serving(target, args.wait, tls_ca=client.tls_ca)
+    except TimeoutError as exc:
+        _, why = health_check(target, tls_ca=client.tls_ca)
+        log.error("%s%s: no load test run", exc, f" ({why})" if why else "")
+        return 1
     concurrencies = args.concurrency
     rpc = "ClassifyStream" if args.streaming else "Classify"
     log.info(
@@ -128,7 +138,9 @@ def _loadtest(args: argparse.Namespace) -> int:
     print(format_table(results))
     if args.json is not None:
         write_json(results, args.json)
-    return 1 if any(r.requests == 0 for r in results) else 0
+    if failed := sum(r.errors for r in results):  # the figures are not those of a clean run
+        log.error("%d calls failed (the errors column, and the first reason of each above)", failed)
+    return 1 if failed or any(r.requests == 0 for r in results) else 0
 
 
 def _broker(args: argparse.Namespace) -> int:
@@ -384,6 +396,13 @@ def _add_service_commands(command: AddCommand) -> None:
         help="frames taken from a video, from its start (default 64)",
     )
     loadtest.add_argument("--json", type=output_file, help="write the results as JSON here")
+    loadtest.add_argument(
+        "--wait",
+        type=non_negative_float,
+        default=30.0,
+        help="seconds to wait for the service to be SERVING before the first level (default "
+        "30; 0: none)",
+    )
     loadtest.add_argument(
         "--streaming",
         action="store_true",
