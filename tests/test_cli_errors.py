@@ -363,7 +363,13 @@ def test_logging_that_cannot_be_set_up_is_one_line(tmp_path: Path, capsys) -> No
     assert "logging:" in _refused([*health, "--log-file", str(blocked / "x.log")], capsys)
 
 
-def test_export_onnx_names_a_weights_file_that_is_not_a_checkpoint(tmp_path: Path, capsys) -> None:
+def test_export_onnx_names_a_weights_file_that_is_not_a_checkpoint(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Variables meant for `vidflow serve` (the serving image's file, TLS) are not the export's:
+    # their checks refused it ("--onnx-model names its model itself").
+    monkeypatch.setenv("VIDFLOW_INFERENCE_ONNX_MODEL", "/opt/model/m.onnx")
+    monkeypatch.setenv("VIDFLOW_INFERENCE_TLS_CERT", str(tmp_path / "server.crt"))
     weights = tmp_path / "bad.pt"
     weights.write_text("not a model")
     err = _refused(

@@ -37,7 +37,7 @@ from common.settings import (
     settings_from_args,
 )
 from flows.stream_settings import StreamBenchmarkSettings
-from services.inference.settings import ClientSettings, InferenceSettings
+from services.inference.settings import ClientSettings, InferenceSettings, ModelSource
 from tasks.depth.settings import DepthSettings, with_absolute_paths
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 
@@ -65,7 +65,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from services.inference.models import load_model
     from services.inference.onnx_export import export_onnx
 
-    settings = settings_from_args(InferenceSettings, args)
+    settings = settings_from_args(ModelSource, args)
     path = export_onnx(load_model(settings.model, settings.weights), settings.cache_dir)
     if args.output is not None:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -353,7 +353,7 @@ def _add_service_commands(command: AddCommand) -> None:
     add_settings_arguments(serve, InferenceSettings)
 
     export = command("export-onnx", _export_onnx, "export a model to ONNX (cached by weights)")
-    add_settings_arguments(export, InferenceSettings, only=["model", "weights", "cache_dir"])
+    add_settings_arguments(export, ModelSource)
     export.add_argument("--output", type=Path, help="also copy the export to this path")
 
     classify = command("classify", _classify, "classify image files with a running service")

@@ -51,8 +51,36 @@ class ServiceToken(BaseSettings):
 MAX_WAIT_S = 86_400.0  # a day: far past any use, and under what Python's waits accept
 
 
-class InferenceSettings(ServiceToken):
-    """The gRPC inference service (`vidflow serve`), its token (`ServiceToken`) included."""
+class ModelSource(BaseSettings):
+    """Which registry model, from which weights, and where its exports are cached: all that
+    `vidflow export-onnx` reads. Apart from the serving settings, whose checks refused an
+    export when the environment held a variable meant for `vidflow serve` (an ONNX file, TLS)."""
+
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_INFERENCE_")
+
+    model: str = Field("efficientnet_lite0", description="model name from the registry")
+    weights: Path | None = Field(
+        None, description="local weights file (state_dict); default: the model's own source"
+    )
+    cache_dir: Path = Field(
+        DEFAULT_CACHE_DIR / "models", description="where exported models are cached"
+    )
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _empty_weights_is_none(cls, value: object) -> object:
+        """An empty variable (compose's `${WEIGHTS:-}`) is no file, not the current folder."""
+        return None if value == "" else value
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object) -> object:
+        return DEFAULT_CACHE_DIR / "models" if value == "" else value
+
+
+class InferenceSettings(ModelSource, ServiceToken):
+    """The gRPC inference service (`vidflow serve`): its model (`ModelSource`) and its token
+    (`ServiceToken`) included."""
 
     # `inf` passed the bounds below and then failed the waits it reached (Python's lock and
     # queue timeouts refuse it): a model worker died and its calls waited for ever.
@@ -61,10 +89,6 @@ class InferenceSettings(ServiceToken):
     host: str = Field("127.0.0.1", description="address the gRPC and HTTP ports bind to")
     port: Port = Field(50051, description="gRPC port")
     http_port: Port = Field(8000, description="HTTP port for /healthz, /readyz and /metrics")
-    model: str = Field("efficientnet_lite0", description="model name from the registry")
-    weights: Path | None = Field(
-        None, description="local weights file (state_dict); default: the model's own source"
-    )
     onnx_model: Path | None = Field(
         None,
         description="a ready exported .onnx file (onnx backend only; needs no torch at run time)",
@@ -146,9 +170,6 @@ class InferenceSettings(ServiceToken):
             "receiving and answering requests never waits behind the model"
         ),
     )
-    cache_dir: Path = Field(
-        DEFAULT_CACHE_DIR / "models", description="where exported models are cached"
-    )
     shutdown_grace_s: float = Field(
         30.0, ge=0, le=MAX_WAIT_S, description="how long SIGTERM waits for calls in flight"
     )
@@ -173,18 +194,13 @@ class InferenceSettings(ServiceToken):
         failed after gRPC had bound); addresses are bracketed where written (net.host_port)."""
         return value[1:-1] if value.startswith("[") and value.endswith("]") else value
 
-    @field_validator("onnx_model", "weights", "tls_cert", "tls_key", mode="before")
+    @field_validator("onnx_model", "tls_cert", "tls_key", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         """An empty variable unsets its path (VIDFLOW_INFERENCE_ONNX_MODEL= unsets the serving
         image's file; compose's `${TLS_CERT:-}` gives ""): else it is Path(""), the current
         folder, and TLS turned on with a folder for a certificate."""
         return None if value == "" else value
-
-    @field_validator("cache_dir", mode="before")
-    @classmethod
-    def _empty_is_default(cls, value: object) -> object:
-        return DEFAULT_CACHE_DIR / "models" if value == "" else value
 
     @model_validator(mode="after")
     def _onnx_model_alone(self) -> InferenceSettings:
