@@ -369,6 +369,10 @@ def _add_service_commands(command: AddCommand) -> None:
         "--timeout", type=positive_float, default=3.0, help="seconds to wait (default 3)"
     )
 
+    _add_loadtest_command(command)
+
+
+def _add_loadtest_command(command: AddCommand) -> None:
     loadtest = command("loadtest", _loadtest, "measure throughput and latency per concurrency")
     add_settings_arguments(loadtest, ClientSettings)
     loadtest.add_argument(
