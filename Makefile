@@ -7,20 +7,33 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS := all,dev
 
-.PHONY: setup demo test faults lint format proto constraints bench clean
+.PHONY: setup demo test faults lint format proto constraints bench clean FORCE
 
 setup: $(STAMP)
 
-# Installed once; again only when the dependency list or the pins change.
-# A .venv of an older Python, or one left without pip (an interrupted set-up, or a system
-# without python3-venv at the time), is made again.
+# Whether .venv can be used as it is: its Python runs (an OS upgrade can remove the one it was
+# made from), is 3.11+ and has pip (an interrupted set-up, or a system without python3-venv at
+# the time); and, with `make PYTHON=...`, it is that Python's version.
+VENV_USABLE = $(BIN)/python -c 'import sys, pip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+ifeq ($(origin PYTHON),command line)
+VENV_USABLE += && [ "$$($(BIN)/python -c 'import sys; print(sys.version_info[:2])')" = \
+    "$$("$(PYTHON)" -c 'import sys; print(sys.version_info[:2])' 2>/dev/null)" ]
+endif
+# Checked on every make, not only when the pins change: else a broken .venv stays in use.
+ifneq ($(shell $(VENV_USABLE) && echo usable),usable)
+$(STAMP): FORCE
+endif
+FORCE:
+
+# Installed once; again when the dependency list or the pins change, or .venv is not usable
+# (then made again).
 $(STAMP): pyproject.toml constraints.txt
 	@"$(PYTHON)" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	    echo "vidflow needs Python 3.11 or newer; '$(PYTHON)' is" \
 	        "$$(command -v "$(PYTHON)" >/dev/null && "$(PYTHON)" --version 2>&1 || echo not found):" \
 	        "install one and run: make PYTHON=python3.11 $(MAKECMDGOALS)" >&2; exit 1; }
-	@$(BIN)/python -c 'import sys, pip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
-	    echo "making $(VENV) with $(PYTHON)"; rm -rf $(VENV) && "$(PYTHON)" -m venv $(VENV); }
+	@$(VENV_USABLE) || { echo "making $(VENV) with $(PYTHON)"; \
+	    rm -rf $(VENV) && "$(PYTHON)" -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
@@ -51,8 +64,12 @@ proto: setup
 	$(BIN)/python -m protos.generate
 
 # Refresh the pins after changing dependencies in pyproject.toml (setup installs the change first).
+# In steps: a pipe into constraints.txt emptied it first, and a failed freeze left it empty or
+# partial while make went on (a pipe's status is its last command's).
 constraints: setup
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^vidflow' > constraints.txt
+	$(BIN)/python -m pip freeze --exclude-editable > .constraints.frozen
+	grep -v '^vidflow' .constraints.frozen > .constraints.new
+	mv .constraints.new constraints.txt && rm -f .constraints.frozen
 
 bench: setup
 	$(BIN)/python -m bench.service

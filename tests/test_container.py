@@ -10,6 +10,7 @@ says why.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -141,6 +142,16 @@ def test_inference_image_serves_reports_health_and_stops_on_sigterm(
     config = json.loads(_run(podman, "image", "inspect", inference_image).stdout)[0]["Config"]
     assert config["User"] == "10001:10001"
     assert {"50051/tcp", "8000/tcp"} <= set(config["ExposedPorts"])
+    # The image holds this checkout's code: a layer reused from an earlier build (a bind mount
+    # is not in podman 4's cache key) shipped the previous code.
+    code = (
+        "import hashlib, services.inference.server as m; "
+        "print(hashlib.sha256(open(m.__file__, 'rb').read()).hexdigest())"
+    )
+    shipped = _run(podman, "run", "--rm", "--network", "none", "--entrypoint", "python",
+                   inference_image, "-c", code).stdout.strip()  # fmt: skip
+    local = hashlib.sha256((REPO / "services" / "inference" / "server.py").read_bytes())
+    assert shipped == local.hexdigest()
 
     name = f"vidflow-inference-test-{uuid.uuid4().hex[:8]}"
     grpc_port, http_port = free_port(), free_port()

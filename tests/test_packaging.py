@@ -113,7 +113,7 @@ def test_compose_inference_service() -> None:
     service = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["inference"]
     assert service["build"]["target"] == "runtime"
     test = service["healthcheck"]["test"]
-    assert "vidflow health" in (test if isinstance(test, str) else " ".join(test))
+    assert "/readyz" in (test if isinstance(test, str) else " ".join(test))
     assert any("50051" in str(port) for port in service["ports"]), service["ports"]
     assert any("8000" in str(port) for port in service["ports"]), service["ports"]
     assert service.get("restart") in {"always", "unless-stopped", "on-failure"}
@@ -188,7 +188,7 @@ def test_dockerfile_structure() -> None:
 def test_dockerfile_runtime_stage() -> None:
     runtime = _runtime_stage()
     healthchecks = runtime.args_of("HEALTHCHECK")
-    assert len(healthchecks) == 1 and "vidflow health" in healthchecks[0]
+    assert len(healthchecks) == 1 and "/readyz" in healthchecks[0]
     users = runtime.args_of("USER")
     assert users, "the runtime stage must switch to a non-root user"
     assert users[-1].split(":")[0] not in {"root", "0"}
@@ -454,3 +454,32 @@ def test_make_refuses_a_python_older_than_3_11_before_making_anything(tmp_path: 
         assert f"vidflow needs Python 3.11 or newer; '{given}' is {shown}" in made.stderr
         assert "make PYTHON=python3.11 setup" in made.stderr
         assert not (tmp_path / ".venv").exists()
+
+
+def test_make_remakes_a_venv_that_no_longer_runs_or_is_not_the_python_asked_for(
+    tmp_path: Path,
+) -> None:
+    """A .venv whose Python was removed (an OS upgrade) was reused until the pins changed:
+    every `make test` failed with "No such file or directory"; `make PYTHON=...` was ignored
+    once a .venv existed. `make -n` shows whether the set-up would run, without running it."""
+    for name in ("Makefile", "pyproject.toml", "constraints.txt"):
+        (tmp_path / name).write_bytes((REPO_ROOT / name).read_bytes())
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / ".installed").touch()  # installed after the pins: up to date by time
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+
+    def setup_runs(*flags: str) -> bool:
+        made = subprocess.run(["make", "-n", "-C", str(tmp_path), *flags, "setup"],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        return "-m venv" in made.stdout
+
+    venv_python.symlink_to(tmp_path / "removed" / "python3.11")
+    assert setup_runs()
+    venv_python.unlink()
+    venv_python.symlink_to(sys.executable)  # a working 3.11+ with pip
+    assert not setup_runs() and not setup_runs(f"PYTHON={sys.executable}")
+    other = tmp_path / "python3.99"  # another version, asked for by name
+    other.write_text('#!/bin/sh\necho "(3, 99)"\n')
+    other.chmod(0o755)
+    assert setup_runs(f"PYTHON={other}")
