@@ -21,13 +21,19 @@ def shown_url(url: str) -> str:
 # Query parameters that sign a URL for a while, not name its object: S3 and GCS pre-signed URLs
 # (X-Amz-*, X-Goog-*, and their V2 forms), Azure SAS tokens and CloudFront signed URLs. A list
 # of URLs signed again (they expire in hours) would otherwise get new ids: every video done
-# again, and two rows for each.
+# again, and two rows for each. The short names (`ss`, `st`, `sp`, `expires`, ...) are
+# signature parameters only beside the signature they go with: elsewhere they may name the
+# video (`clip.mp4?ss=30`), and two such URLs were given one id, the second dropped as a repeat.
 _SIGNATURE_PREFIXES = ("x-amz-", "x-goog-")
-_SIGNATURE_PARAMS = frozenset(
-    {"awsaccesskeyid", "signature", "expires", "googleaccessid", "key-pair-id", "policy"}
-    | {"sv", "ss", "srt", "sp", "se", "st", "spr", "sig", "sr", "skoid", "sktid", "skt"}
-    | {"ske", "sks", "skv", "si"}
-)
+_SIGNED_WITH = {
+    "signature": frozenset(  # S3 and GCS V2, CloudFront
+        {"awsaccesskeyid", "signature", "expires", "googleaccessid", "key-pair-id", "policy"}
+    ),
+    "sig": frozenset(  # an Azure SAS token
+        {"sv", "ss", "srt", "sp", "se", "st", "spr", "sig", "sr", "skoid", "sktid", "skt"}
+        | {"ske", "sks", "skv", "si"}
+    ),
+}
 
 
 def unsigned_url(url: str) -> str:
@@ -36,11 +42,13 @@ def unsigned_url(url: str) -> str:
     if not mark:
         return url
     query, hash_mark, fragment = query.partition("#")
+    parts = [(part, unquote(part.partition("=")[0]).lower()) for part in query.split("&")]
+    names = {name for _, name in parts}
+    dropped = frozenset().union(*(params for sig, params in _SIGNED_WITH.items() if sig in names))
     kept = [
         part
-        for part in query.split("&")
-        if not (name := unquote(part.partition("=")[0]).lower()).startswith(_SIGNATURE_PREFIXES)
-        and name not in _SIGNATURE_PARAMS
+        for part, name in parts
+        if not name.startswith(_SIGNATURE_PREFIXES) and name not in dropped
     ]
     return base + (f"?{'&'.join(kept)}" if kept else "") + hash_mark + fragment
 

@@ -170,8 +170,12 @@ def test_a_signed_url_keeps_its_id_when_signed_again(tmp_path: Path) -> None:
     for template in (s3, sas, cloudfront):
         first, again = template.format("20261204", "aaa"), template.format("20261205", "bbb")
         assert video_id(first) == video_id(again), template
-    # What names the object stays in the id.
+    # What names the object stays in the id, a signature's short names too where no
+    # signature goes with them (`ss`: a start second), as does the rest of a signed URL.
     assert video_id("https://h/get.mp4?id=1") != video_id("https://h/get.mp4?id=2")
+    assert video_id("https://h/clip.mp4?ss=0") != video_id("https://h/clip.mp4?ss=30")
+    assert video_id("https://h/a.mp4?expires=1") != video_id("https://h/a.mp4?expires=2")
+    assert video_id(sas.format(1, "a") + "&ss=b") == video_id(sas.format(2, "b") + "&ss=f")
     assert video_id(s3.format(1, 2)) != video_id(s3.format(1, 2).replace("a.mp4", "b.mp4"))
     listing.write_text(f"{s3.format(1, 'aaa')}\n{s3.format(2, 'bbb')}\n")
     assert len(read_url_list(listing)) == 1  # the same video, signed twice: one row
