@@ -3,8 +3,10 @@ tests/test_service.py checks that a second `vidflow serve` recalls it instead of
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -90,3 +92,18 @@ def test_an_old_verdict_or_one_near_the_line_is_measured_again(tmp_path: Path) -
     clear = BatchingChoice(1, "--batching auto: batch 8 does 1.15x ... does not pay", 100, 115)
     remember_choice(tmp_path, key, clear)
     assert recalled_choice(tmp_path, key, MIN) is not None
+
+
+def test_servers_starting_together_keep_each_other_s_verdicts(tmp_path: Path) -> None:
+    """Two servers on one cache read the memo, each added its verdict and wrote back what it
+    had read: the last write dropped the other's, measured again at the next start."""
+    keys = [f"server-{index}" for index in range(16)]
+    barrier = threading.Barrier(len(keys))
+
+    def remember(key: str) -> None:
+        barrier.wait()
+        remember_choice(tmp_path, key, MEASURED)
+
+    with concurrent.futures.ThreadPoolExecutor(len(keys)) as pool:
+        list(pool.map(remember, keys))
+    assert all(recalled_choice(tmp_path, key, MIN) is not None for key in keys)

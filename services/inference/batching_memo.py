@@ -16,6 +16,7 @@ the time.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -83,20 +84,29 @@ def recalled_choice(cache_dir: Path, key: str, min_speedup: float) -> BatchingCh
 
 
 def remember_choice(cache_dir: Path, key: str, choice: BatchingChoice) -> None:
-    """Keep `choice` under `key` beside the others; one that cannot be kept is only said."""
+    """Keep `choice` under `key` beside the others; one that cannot be kept is only said.
+
+    Read, changed and written under a lock: two servers starting on one cache each wrote back
+    what they had read, and the last one's write dropped the other's verdict."""
     path = Path(cache_dir) / MEMO_FILE
-    try:
-        kept = json.loads(path.read_text()) if path.is_file() else {}
-        if not isinstance(kept, dict):
-            kept = {}
-    except (OSError, ValueError):
-        kept = {}
     measured_at = datetime.now(UTC).isoformat(timespec="seconds")
-    kept[key] = {"choice": asdict(choice), "measured_at": measured_at}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(path) as partial:
-            partial.write_text(json.dumps(kept, indent=1, sort_keys=True))
+        with open(path.with_name(f".{MEMO_FILE}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            kept = _kept_choices(path)
+            kept[key] = {"choice": asdict(choice), "measured_at": measured_at}
+            with atomic_output(path) as partial:
+                partial.write_text(json.dumps(kept, indent=1, sort_keys=True))
     except OSError as exc:
         log.warning("could not keep the batching verdict in %s (%s): the next start measures "
                     "again", path, exc)  # fmt: skip
+
+
+def _kept_choices(path: Path) -> dict[str, Any]:
+    """The memo file's verdicts; none where it is missing or misshapen."""
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return kept if isinstance(kept, dict) else {}
