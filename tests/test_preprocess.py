@@ -206,6 +206,18 @@ def test_a_jpeg_scan_of_stuffed_bytes_alone_is_refused_as_truncated() -> None:
     assert probe_image(ended, 10**6) == ("JPEG", 64, 48)  # restart markers are not its end
 
 
+def test_a_jpeg_of_more_segments_than_an_encoder_writes_says_so() -> None:
+    """Past 10,000 segments before its end the walk stops; such a request was refused as
+    "truncated", which sent its sender looking for a cut upload."""
+    image = jpeg_bytes(64, 48)
+    comments = b"\xff\xfe\x00\x02" * 10_001  # empty COM segments
+    crafted = image[:2] + comments + image[2:] + b"\0" * 100  # its EOI out of the tail
+    with pytest.raises(InvalidImageError, match="more than 10000 segments"):
+        probe_image(crafted, 10**6)
+    few = image[:2] + comments[:4000] + image[2:] + b"\0" * 100
+    assert probe_image(few, 10**6) == ("JPEG", 64, 48)
+
+
 def test_a_png_chunk_claiming_more_bytes_than_sent_is_refused_before_decoding() -> None:
     bomb = png_with_chunk_claiming(2**31 - 1)
     assert len(bomb) == 45

@@ -133,14 +133,14 @@ _MAX_JPEG_SEGMENTS = 10_000
 
 def _jpeg_end(data: bytes) -> int | None:
     """Where the first JPEG image in `data` ends (after its EOI), or None if the data stops
-    before it does.
+    before it does; InvalidImageError past `_MAX_JPEG_SEGMENTS` segments.
 
     Walks the segments and, after each SOS, the entropy-coded data (where 0xFF is followed by
     0x00 or a restart marker). Only for a JPEG whose tail has no EOI: phones append a video
     to the JPEG (motion photos) or other trailing data, which the decoders ignore. A search for
     the EOI bytes would not do: an EXIF thumbnail in an APP1 segment has its own."""
     position = 2  # after SOI
-    for _ in range(_MAX_JPEG_SEGMENTS):  # past them: refused as truncated, its end not found
+    for _ in range(_MAX_JPEG_SEGMENTS):
         if position + 2 > len(data) or data[position] != 0xFF:
             return None
         kind = data[position + 1]
@@ -158,7 +158,9 @@ def _jpeg_end(data: bytes) -> int | None:
             if found is None:
                 return None
             position = found.start()
-    return None
+    raise InvalidImageError(
+        f"corrupt JPEG: more than {_MAX_JPEG_SEGMENTS} segments before its end marker"
+    )
 
 
 def _check_png_chunks(data: bytes) -> None:
