@@ -10,6 +10,8 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from services.inference.batcher import BatchingChoice
 from services.inference.batching_memo import (
     MAX_AGE,
@@ -107,3 +109,22 @@ def test_servers_starting_together_keep_each_other_s_verdicts(tmp_path: Path) ->
     with concurrent.futures.ThreadPoolExecutor(len(keys)) as pool:
         list(pool.map(remember, keys))
     assert all(recalled_choice(tmp_path, key, MIN) is not None for key in keys)
+
+
+def test_a_verdict_measured_on_one_gpu_model_is_not_another_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key named the CPU but not the GPU: a cache moved to (or shared with) a machine of
+    another GPU recalled a verdict measured elsewhere. No GPU here: the driver's listing is
+    made up in a folder of the test's own."""
+    import services.inference.batching_memo as memo
+
+    gpu = tmp_path / "gpus" / "0000:01:00.0"
+    gpu.mkdir(parents=True)
+    monkeypatch.setattr(memo, "NVIDIA_GPUS", tmp_path / "gpus")
+    keys = {}
+    for model in ("NVIDIA H100 80GB HBM3", "NVIDIA L4"):
+        (gpu / "information").write_text(f"Model: \t\t {model}\nIRQ: 16\n")
+        keys[model] = (choice_key(**{**PARTS, "device": "cuda"}), choice_key(**PARTS))
+    (h100_cuda, h100_cpu), (l4_cuda, l4_cpu) = keys.values()
+    assert h100_cuda != l4_cuda and h100_cpu == l4_cpu  # the CPU's verdict needs no GPU

@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
@@ -49,6 +50,24 @@ def _cpu_model() -> str:
     return ""
 
 
+# The NVIDIA driver's list of GPUs: their models are read without CUDA or torch.
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
+
+
+def _gpu_models() -> list[str]:
+    """The models of this machine's NVIDIA GPUs (Linux), sorted; [] where none can be read.
+    With CUDA_VISIBLE_DEVICES the key holds the variable too: it picks which one serves."""
+    models = []
+    try:
+        for info in NVIDIA_GPUS.glob("*/information"):
+            for line in info.read_text().splitlines():
+                if line.startswith("Model:"):
+                    models.append(line.split(":", 1)[1].strip())
+    except OSError:
+        pass
+    return sorted(models)
+
+
 def _runtime_version(backend: str) -> str:
     """The version of the library that runs the model (already imported by its backend)."""
     module = sys.modules.get("onnxruntime" if backend == "onnx" else "torch")
@@ -57,8 +76,11 @@ def _runtime_version(backend: str) -> str:
 
 def choice_key(**parts: Any) -> str:
     """A key of what `--batching auto`'s measurement depends on: the caller's `parts` (model,
-    weights, backend, device, workers, threads, batch size, speed-up) and this machine's."""
-    machine = {"cpus": usable_cpus(), "cpu": _cpu_model()}
+    weights, backend, device, workers, threads, batch size, speed-up) and this machine's (its
+    CPU, and on `cuda` its GPUs' models)."""
+    machine: dict[str, Any] = {"cpus": usable_cpus(), "cpu": _cpu_model()}
+    if parts.get("device") == "cuda":  # a verdict measured on one GPU model is not another's
+        machine |= {"gpus": _gpu_models(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
     runtime = {"runtime": _runtime_version(str(parts.get("backend", ""))), "memo": MEMO_VERSION}
     text = json.dumps({**parts, **machine, **runtime}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
