@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.net import free_port
-from common.processes import stop_process
+from common.processes import batch_child, stop_process
 from services.inference.client import ServerExitedError, wait_until_serving
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # devstack/launcher.py: the checkout
@@ -76,7 +76,14 @@ def start_server(
 
 
 def launch_logged(args: list[str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    """Start a server process with its output, unbuffered, in `log_path` (read on failure)."""
+    """Start a server process with its output, unbuffered, in `log_path` (read on failure).
+
+    It dies with the thread that starts it (`batch_child`): a test or benchmark that failed
+    before its stop, or was killed, left a server holding its ports and a core for good."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command, preexec_fn = batch_child(args)
     with open(log_path, "wb") as log_file:
-        return subprocess.Popen(args, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            command, cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+            preexec_fn=preexec_fn,
+        )  # fmt: skip

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import queue
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -15,10 +17,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2
 
-from devstack.launcher import ServerProcess, start_server
+from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import channel_options, health_status
 from services.inference.metrics import ServiceMetrics
@@ -374,16 +377,60 @@ def test_a_sigkilled_server_leaves_no_process_and_frees_its_ports(
     tmp_path: Path, model_cache: Path
 ) -> None:
     server = start_server(tmp_path, model_cache)
-    server.wait_serving()
-    assert children(server.process.pid) == []  # nothing of its own that could outlive it
-    server.process.kill()
-    server.process.wait(timeout=30)
+    try:
+        server.wait_serving()
+        assert children(server.process.pid) == []  # nothing of its own that could outlive it
+    finally:
+        server.process.kill()
+        server.process.wait(timeout=30)
     deadline = time.monotonic() + 10
     while (listening_addresses(server.port) or listening_addresses(server.http_port)) and (
         time.monotonic() < deadline
     ):
         time.sleep(0.2)
     assert listening_addresses(server.port) == [] and listening_addresses(server.http_port) == []
+
+
+@pytest.mark.faults
+def test_a_server_started_for_a_test_or_benchmark_dies_with_its_starter(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """A test that failed before its stop, or a benchmark killed, left its `vidflow serve`
+    running for good, holding its ports and a core of the next run's two."""
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTS_A_SERVER, str(tmp_path), str(model_cache)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert starter.stdout is not None
+        server = psutil.Process(int(starter.stdout.readline()))
+    finally:
+        starter.kill()
+        starter.wait(30)
+
+    def gone() -> bool:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return server.status() == psutil.STATUS_ZOMBIE
+        return True
+
+    deadline = time.monotonic() + 15
+    while not gone() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert gone(), "the server outlived the process that started it"
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            server.kill()
+
+
+STARTS_A_SERVER = """
+import sys, time
+from pathlib import Path
+from devstack.launcher import start_server
+server = start_server(Path(sys.argv[1]), Path(sys.argv[2]))
+print(server.process.pid, flush=True)
+time.sleep(600)
+"""
 
 
 def _answered_after(delay_s: float, value: object, done: list | None = None) -> Future:

@@ -397,13 +397,16 @@ def test_two_consumer_processes_share_the_cameras_without_loss_or_double_work(
     keys = produced_keys(stats["per_stream"], stats["session"])
     assert set(copies) == keys  # no frame lost
     last_result_at = max(r.result_ts_ns for r in results) / 1e9
-    rebalanced = any(
+    rebalances = sum(
         settled_at < at <= last_result_at for p in logs for at in _rebalance_times(p.read_text())
     )
-    print(f"rebalanced while the cameras streamed: {rebalanced}; copies {Counter(copies.values())}")
-    if not rebalanced:  # twice only when a rebalance handed a partition over mid-stream
+    print(f"rebalances while the cameras streamed: {rebalances}; copies {Counter(copies.values())}")
+    if not rebalances:  # twice only when a rebalance handed a partition over mid-stream
         assert set(copies.values()) == {1}, [p.read_text()[-3000:] for p in logs]
         assert sum(s["results_published"] for s in summaries) == stats["frames_read"]
+    else:  # a revoke commits what is delivered: only frames in flight then are done again
+        in_flight = 8  # each member's default concurrency
+        assert sum(n - 1 for n in copies.values()) <= in_flight * rebalances, copies
     partitions_of = defaultdict(set)
     for result in results:
         partitions_of[result.stream_id].add(result.partition)

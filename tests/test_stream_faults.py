@@ -254,7 +254,11 @@ def test_a_service_that_does_not_serve_classify_loses_no_frame_to_the_dead_lette
     """UNIMPLEMENTED (a --target that is not the inference service), UNAUTHENTICATED and
     PERMISSION_DENIED are the setup's fault, not the frames': every frame was dead-lettered,
     the offsets committed past the whole stream, and the run exited 0."""
-    wrong_first = [grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED]
+    wrong_first = [
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    ]
 
     def behaviour(_request: inference_pb2.ClassifyRequest, attempt: int) -> grpc.StatusCode | None:
         return wrong_first[attempt - 1] if attempt <= len(wrong_first) else None  # then fixed
