@@ -33,10 +33,9 @@ class DepthActor:
     ) -> None:
         # `threads`: the CPUs its callers reserve, not the whole node.
         self.estimator = load_depth_estimator(settings, device, threads)
-        self.last_call, self.busy = time.monotonic(), False
+        self.last_call, self.busy, self.keep_alive_s = time.monotonic(), False, keep_alive_s
         if keep_alive_s > 0:
-            watch = threading.Thread(target=self._end_when_idle, args=(keep_alive_s,), daemon=True)
-            watch.start()
+            threading.Thread(target=self._end_when_idle, daemon=True).start()
 
     def depth_maps(
         self, records: Sequence[VideoRecord], maps_dir: Path, settings: DepthSettings
@@ -47,17 +46,20 @@ class DepthActor:
         finally:
             self.busy, self.last_call = False, time.monotonic()
 
-    def keep_alive(self) -> None:
+    def keep_alive(self, keep_alive_s: float | None = None) -> None:
         """Restart the idle clock: a run holds this actor (its next depth call may be minutes
-        away, behind slow downloads)."""
+        away, behind slow downloads). `keep_alive_s` is that run's: an actor a run of a shorter
+        keep-alive started ended within the holding run's interval between calls."""
+        if keep_alive_s is not None and keep_alive_s > 0:
+            self.keep_alive_s = keep_alive_s
         self.last_call = time.monotonic()
 
-    def _end_when_idle(self, keep_alive_s: float) -> None:
+    def _end_when_idle(self) -> None:
         import ray
 
         while True:
-            time.sleep(min(keep_alive_s, 5.0))
-            if not self.busy and time.monotonic() - self.last_call > keep_alive_s:
-                log.info("depth actor idle for %.0f s: ending it", keep_alive_s)
+            time.sleep(min(self.keep_alive_s, 5.0))
+            if not self.busy and time.monotonic() - self.last_call > self.keep_alive_s:
+                log.info("depth actor idle for %.0f s: ending it", self.keep_alive_s)
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
                 return

@@ -239,16 +239,17 @@ def transcode_task(
 
 @task(name="depth", task_run_name="depth {shard.label}", cache_policy=NO_CACHE)
 def depth_task(shard: Shard, maps_dir: Path, settings: DepthSettings, actors: list[Any]) -> Shard:
-    import ray
 
     early = shard.pending_depth.results() if shard.pending_depth else {}
 
     def work(going: Sequence[VideoRecord]) -> list[VideoRecord]:
         rest = [record for record in going if record.video_id not in early]
         if rest:
-            call = shard_actor(shard, actors).depth_maps.remote(rest, maps_dir, settings)
             try:
-                early.update((record.video_id, record) for record in ray.get(call))
+                early.update(
+                    (record.video_id, record)
+                    for record in _actor_depth(shard, actors, rest, maps_dir, settings)
+                )
             except Exception as exc:
                 if not _last_attempt():
                     raise  # Prefect retries the task: the early maps are found again
@@ -258,6 +259,32 @@ def depth_task(shard: Shard, maps_dir: Path, settings: DepthSettings, actors: li
         return [early[record.video_id] for record in going]
 
     return replace(_run_stage("depth", shard, work), pending_depth=None)
+
+
+def _actor_depth(
+    shard: Shard,
+    actors: list[Any],
+    records: Sequence[VideoRecord],
+    maps_dir: Path,
+    settings: DepthSettings,
+) -> list[VideoRecord]:
+    """The shard's depth maps from its actor, or, where that actor is gone for good (its
+    restarts spent: killed by the memory monitor, a crash), from a model loaded in this task
+    on the CPU it holds. Else every later shard asked the dead actor, and the rest of the run
+    failed at depth."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from tasks.depth.depth_maps import estimate_depth_many  # OpenCV: not in the driver's start
+
+    try:
+        return ray.get(shard_actor(shard, actors).depth_maps.remote(records, maps_dir, settings))
+    except RayActorError as exc:
+        _run_logger().warning(
+            "%s: the depth actor is gone (%s): its depth runs in this task, on the CPU",
+            shard.label, str(exc).splitlines()[0],
+        )  # fmt: skip
+    return estimate_depth_many(records, maps_dir, settings.model_copy(update={"device": "cpu"}))
 
 
 def shard_actor(shard: Shard, actors: list[Any]) -> Any:
@@ -346,7 +373,7 @@ def actors_held(actors: list[Any], keep_alive_s: float) -> Iterator[None]:
     def hold() -> None:
         while True:
             for actor in actors:
-                actor.keep_alive.remote()
+                actor.keep_alive.remote(keep_alive_s)
             if done.wait(interval):
                 return
 
