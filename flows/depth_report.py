@@ -11,6 +11,7 @@ from tasks.depth.video_record import Stage, VideoRecord
 STAGES = ("download", "transcode", "depth")
 ORDER = get_args(Stage)  # in pipeline order: a video failed at one stage got through those before
 VIDEO_ROWS_SHOWN = 10_000  # a table artifact of more rows is of no use in the UI
+FAILURES_SHOWN = 100  # in the failures artifact; the log names the first 10
 
 
 def _rounded(seconds: float | None) -> float | None:
@@ -29,16 +30,19 @@ class RunReport:
     failed_at: dict[str, int] = field(default_factory=dict)
     done_at: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
     stage_seconds: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
-    failures: list[VideoRecord] = field(default_factory=list)
-    videos: list[VideoRecord] = field(default_factory=list)
+    # Only what the artifacts show: a run of 100,000 videos kept every record (with `--frames
+    # all`, a list of frame indices each) in the driver until it ended, ~1 GB.
+    failures: list[VideoRecord] = field(default_factory=list)  # the first FAILURES_SHOWN
+    _rows: list[dict[str, Any]] = field(default_factory=list)  # of the lowest shards
 
     def add(self, record: VideoRecord) -> None:
-        self.videos.append(record)
+        self._keep_row(record)
         if record.failed:
             self.failed += 1
             stage = record.failed_stage or "unknown"
             self.failed_at[stage] = self.failed_at.get(stage, 0) + 1
-            self.failures.append(record)
+            if len(self.failures) < FAILURES_SHOWN:
+                self.failures.append(record)
         else:
             self.ok += 1
         failed_step = ORDER.index(record.failed_stage) if record.failed_stage in ORDER else 0
@@ -108,12 +112,11 @@ class RunReport:
         )
         return rows
 
-    def video_rows(self, limit: int = VIDEO_ROWS_SHOWN) -> list[dict[str, Any]]:
-        """One row per video of this run (the first `limit`, by shard), for the UI's table
-        artifact. Shards are numbered from 1 there, as in the task runs' names ("download
-        shard 2/4 ..."), so a row leads to its task runs; the dataset keeps the index."""
-        by_shard = sorted(self.videos, key=lambda record: _shard_number(record) or 0)
-        return [
+    def _keep_row(self, record: VideoRecord) -> None:
+        """Keep the video's row while it may be among the VIDEO_ROWS_SHOWN of the lowest
+        shards (shards end in any order: the list is cut back now and then, never below
+        them)."""
+        self._rows.append(
             {
                 "video_id": record.video_id,
                 "shard": _shard_number(record),
@@ -124,8 +127,15 @@ class RunReport:
                 "depth_s": _rounded(record.depth_s),
                 "error": (record.error or "")[:200] or None,
             }
-            for record in by_shard[:limit]
-        ]
+        )
+        if len(self._rows) >= 2 * VIDEO_ROWS_SHOWN:
+            self._rows = self.video_rows()
+
+    def video_rows(self, limit: int = VIDEO_ROWS_SHOWN) -> list[dict[str, Any]]:
+        """One row per video of this run (the first `limit`, by shard), for the UI's table
+        artifact. Shards are numbered from 1 there, as in the task runs' names ("download
+        shard 2/4 ..."), so a row leads to its task runs; the dataset keeps the index."""
+        return sorted(self._rows, key=lambda row: row["shard"] or 0)[:limit]
 
     def failure_lines(self, limit: int = 10) -> list[str]:
         """The first `limit` failures, one line each, for the run's log: on the console of a
@@ -135,12 +145,12 @@ class RunReport:
             f"{' '.join((record.error or '').split())[:300]}"
             for record in self.failures[:limit]
         ]
-        if len(self.failures) > limit:
-            more = len(self.failures) - limit
+        if self.failed > limit:
+            more = self.failed - limit
             lines.append(f"{more} more failed: the table's rows with status = 'failed' say why")
         return lines
 
-    def failures_markdown(self, limit: int = 100) -> str:
+    def failures_markdown(self, limit: int = FAILURES_SHOWN) -> str:
         if not self.failures:
             return "# Failures\n\nNone: every video processed in this run is `ok`."
         lines = ["# Failures", "", "| video | shard | stage | error |", "| --- | --- | --- | --- |"]
@@ -148,8 +158,8 @@ class RunReport:
             shard = _shard_number(record) or ""
             error = _as_code(record.error or "")
             lines.append(f"| {record.video_id} | {shard} | {record.failed_stage} | {error} |")
-        if len(self.failures) > limit:
-            lines.append(f"\n{len(self.failures) - limit} more in the table (status = 'failed').")
+        if self.failed > limit:
+            lines.append(f"\n{self.failed - limit} more in the table (status = 'failed').")
         return "\n".join(lines)
 
 

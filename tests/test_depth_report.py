@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flows.depth_report import RunReport
+from flows.depth_report import FAILURES_SHOWN, VIDEO_ROWS_SHOWN, RunReport
 from tasks.depth.video_record import VideoRecord
 
 
@@ -55,3 +55,20 @@ def test_the_log_names_the_first_failures_one_line_each_and_counts_the_rest() ->
     assert lines[1:10] == [f"gone{i}: download failed: HTTP 404 Not Found" for i in range(9)]
     assert lines[10].startswith("2 more failed") and len(lines) == 11
     assert RunReport(total=0, skipped=0).failure_lines() == []
+
+
+def test_a_long_run_keeps_only_what_its_artifacts_show() -> None:
+    """Every record of a run stayed in the driver until it ended (with `--frames all`, a list
+    of frame indices each): ~1 GB for 100,000 videos. Rows of the lowest shards are kept, as
+    shards end in any order; failures up to what the artifact shows, all of them counted."""
+    report = RunReport(total=25_000, skipped=0)
+    for shard in reversed(range(250)):  # the last shards end first
+        for index in range(100):
+            video = _video(f"s{shard}-{index}", shard=shard, depth_frame_indices=list(range(300)))
+            report.add(video.fail("depth", "crashed") if index == 0 else video)
+            assert len(report._rows) < 2 * VIDEO_ROWS_SHOWN
+    rows = report.video_rows()
+    assert len(rows) == VIDEO_ROWS_SHOWN and {row["shard"] for row in rows} == set(range(1, 101))
+    assert (report.ok, report.failed, len(report.failures)) == (24_750, 250, FAILURES_SHOWN)
+    markdown = report.failures_markdown()
+    assert markdown.count("| depth |") == FAILURES_SHOWN and "150 more in the table" in markdown

@@ -25,6 +25,7 @@ import cv2
 import lance
 import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -916,7 +917,13 @@ def test_upserts_replace_rows_and_plans_skip_done_videos(tmp_path: Path) -> None
     assert sorted(rows) == ["a", "b", "c"]
     assert (rows["b"]["status"], rows["b"]["attempts"], rows["b"]["error"]) == ("ok", 2, None)
     assert rows["a"]["depth_frame_indices"] == [0]
-    assert table.export_parquet().exists()
+    exported = pq.read_table(table.export_parquet())  # written batch by batch, all of it
+    assert sorted(exported.to_pylist(), key=lambda row: row["video_id"]) == [
+        rows[video_id] for video_id in sorted(rows)
+    ]
+    empty = VideoTable(tmp_path / "empty")
+    empty.create()
+    assert pq.read_table(empty.export_parquet()).num_rows == 0
 
 
 def test_worker_fragments_appear_only_when_the_driver_commits_them(tmp_path: Path) -> None:

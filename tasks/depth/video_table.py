@@ -125,9 +125,16 @@ class VideoTable:
         )
 
     def export_parquet(self) -> Path:
-        """The whole table as Parquet, written to a temporary name and renamed into place."""
-        with atomic_output(self.parquet_path) as partial:
-            pq.write_table(lance.dataset(self.lance_path).to_table(), partial)
+        """The whole table as Parquet, written to a temporary name and renamed into place.
+        Batch by batch: a table read whole (its frame-index lists with `--frames all`) could
+        run the driver out of memory at the end of a run whose rows were all committed."""
+        dataset = lance.dataset(self.lance_path)
+        with (
+            atomic_output(self.parquet_path) as partial,
+            pq.ParquetWriter(partial, dataset.schema) as writer,
+        ):
+            for batch in dataset.to_batches():
+                writer.write_batch(batch)
         return self.parquet_path
 
     def compact(self) -> None:
