@@ -965,3 +965,23 @@ def test_stages_keep_the_complete_outputs_of_an_earlier_attempt(tmp_path: Path) 
     reused = transcode(first, tmp_path / "videos", settings)
     assert Path(reused.transcoded_path).stat().st_mtime_ns == stamp
     assert (reused.frame_count, reused.height) == (encoded.frame_count, 360)
+
+
+def test_a_shard_whose_worker_was_killed_is_failed_at_the_stage_that_never_completed() -> None:
+    """A Ray worker killed outright leaves its task run Running and the later stages Pending:
+    its videos were failed as "store crashed" and counted as through every stage. The worker's
+    death is not made here; the task runs' states are Prefect's own."""
+    from prefect.states import Completed, Pending, Running
+
+    from tasks.depth.shard_tasks import Shard, _Chain
+
+    @dataclasses.dataclass
+    class Ran:  # what the chain reads of a task run's future
+        state: object
+
+    shard = Shard(0, 1, (_record("http://h/a.mp4", "a"),))
+    states = [("download", Completed()), ("transcode", Running()), ("depth", Pending()),
+              ("store", Pending())]  # fmt: skip
+    chain = _Chain(shard, [(stage, Ran(state)) for stage, state in states])
+    (record,) = chain.crashed_rows(RuntimeError("worker died")).records
+    assert record.failed_stage == "transcode" and record.error.startswith("transcode crashed")

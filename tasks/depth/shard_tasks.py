@@ -394,10 +394,13 @@ class _Chain:
     futures: list[tuple[Stage, PrefectFuture[Any]]]
 
     def crashed_rows(self, exc: BaseException) -> Shard:
-        """The shard's rows when a stage's worker died: failed at the first stage that did."""
+        """The shard's rows when a stage's worker died: failed at the first stage that did not
+        complete. A worker killed outright (the kernel's OOM killer, a node lost) leaves its
+        task run Running and the stages after it Pending: looking for a Failed or Crashed one
+        found none, and the rows said "store crashed", counted as through every stage."""
         stage: Stage = "store"
         for name, future in self.futures:
-            if future.state.is_failed() or future.state.is_crashed():
+            if not future.state.is_completed():
                 stage = name
                 break
         return self.shard.fail_remaining(stage, crash_reason(stage, exc))
