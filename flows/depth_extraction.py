@@ -37,6 +37,7 @@ from tasks.depth.shard_tasks import (
     Shard,
     WrittenShard,
     make_shards,
+    run_logger,
     run_shards,
     shard_count,
 )
@@ -218,10 +219,10 @@ def process_shards(
     export it as Parquet."""
     progress = Progress(len(plan.todo), show_bar=show_progress)
     for written in run_shards(shards, settings.output, table.lance_path, settings, cpus):
-        commit_shard(table, written, plan.rerun_ids)
-        for record in written.shard.records:
+        committed = commit_shard(table, written, plan.rerun_ids)
+        for record in committed:
             report.add(record)
-        progress.advance(report, len(written.shard.records))
+        progress.advance(report, len(committed))
     progress.close()
     if plan.todo:
         table.compact()
@@ -247,15 +248,28 @@ def publish_artifacts(report: RunReport) -> None:
     )
 
 
-def commit_shard(table: VideoTable, written: WrittenShard, rerun_ids: frozenset[str]) -> None:
-    """Make a finished shard's rows visible: its fragments, or (when its tasks crashed past
-    their retries and wrote nothing) its failed rows, written from the driver."""
+def commit_shard(
+    table: VideoTable, written: WrittenShard, rerun_ids: frozenset[str]
+) -> tuple[VideoRecord, ...]:
+    """Make a finished shard's rows visible and return them: its fragments, or its rows
+    written from the driver where it re-did videos that have a row (one commit replaces them)
+    or where its tasks crashed past their retries and wrote nothing.
+
+    A commit that fails (a full disk, the storage gone) fails the shard's videos at `store`
+    and the run goes on: an exception here ended it, without rows for the shards still going
+    and without its artifacts. Those videos have no row, so the next run does them again."""
     records = written.shard.records
-    if written.fragments:
-        redone = [record.video_id for record in records if record.video_id in rerun_ids]
-        table.commit_fragments(written.fragments, redone)
-    else:
-        table.upsert(records)
+    try:
+        if written.fragments and not any(record.video_id in rerun_ids for record in records):
+            table.commit_fragments(written.fragments)
+        else:
+            table.upsert(records)
+    except Exception as exc:  # Lance's errors share no base class
+        run_logger().error("%s: its rows could not be committed: %s", written.shard.label, exc)
+        return written.shard.fail_remaining(
+            "store", f"commit failed: {type(exc).__name__}: {exc}"
+        ).records
+    return records
 
 
 class Progress:

@@ -927,21 +927,35 @@ def test_upserts_replace_rows_and_plans_skip_done_videos(tmp_path: Path) -> None
 
 
 def test_worker_fragments_appear_only_when_the_driver_commits_them(tmp_path: Path) -> None:
-    """Lance's distributed write: a shard's rows are invisible until committed, and a commit
-    replaces the rows of the videos it re-did."""
+    """Lance's distributed write: a shard's rows are invisible until committed, and a shard
+    that re-did a video replaces its row in the same single commit."""
+    from flows.depth_extraction import commit_shard
+    from tasks.depth.shard_tasks import Shard, WrittenShard
+
     table = VideoTable(tmp_path)
     table.create()
     table.upsert([_record("http://h/a.mp4", "a").fail("download", "HTTP 503")])
     plan = table.plan([_record("http://h/a.mp4", "a"), _record("http://h/b.mp4", "b")])
     assert plan.rerun_ids == {"a"}
-    fragments = write_rows([r.finish(status="ok") for r in plan.todo], table.lance_path)
+    done = tuple(r.finish(status="ok") for r in plan.todo)
+    fragments = write_rows(done, table.lance_path)
     assert lance.dataset(table.lance_path).count_rows() == 1  # written, not yet visible
     orphans = write_rows([_record("http://h/c.mp4", "c").finish(status="ok")], table.lance_path)
     assert orphans  # a killed driver never commits these: they never become rows
-    table.commit_fragments(fragments, sorted(plan.rerun_ids))
-    rows = {r["video_id"]: r for r in lance.dataset(table.lance_path).to_table().to_pylist()}
-    assert sorted(rows) == ["a", "b"]
+    version = lance.dataset(table.lance_path).version
+    assert commit_shard(table, WrittenShard(Shard(0, 1, done), fragments), plan.rerun_ids) == done
+    dataset = lance.dataset(table.lance_path)
+    rows = {r["video_id"]: r for r in dataset.to_table().to_pylist()}
+    assert sorted(rows) == ["a", "b"] and dataset.version == version + 1  # one commit
     assert (rows["a"]["status"], rows["a"]["attempts"]) == ("ok", 2)
+
+    # A commit that fails (here: the table gone from under the run) fails the shard's videos
+    # at `store`, and the run goes on to its other shards and its artifacts.
+    new = (_record("http://h/d.mp4", "d").finish(status="ok"),)
+    written = WrittenShard(Shard(1, 2, new), write_rows(new, table.lance_path))
+    shutil.rmtree(table.lance_path)
+    (lost,) = commit_shard(table, written, frozenset())
+    assert lost.failed_stage == "store" and "commit failed" in lost.error, lost.error
 
 
 def test_a_table_of_another_layout_is_refused_with_the_way_out(tmp_path: Path) -> None:

@@ -280,7 +280,7 @@ def _actor_depth(
     try:
         return ray.get(shard_actor(shard, actors).depth_maps.remote(records, maps_dir, settings))
     except RayActorError as exc:
-        _run_logger().warning(
+        run_logger().warning(
             "%s: the depth actor is gone (%s): its depth runs in this task, on the CPU",
             shard.label, str(exc).splitlines()[0],
         )  # fmt: skip
@@ -297,7 +297,7 @@ def write_task(shard: Shard, lance_path: Path) -> WrittenShard:
     return WrittenShard(shard, write_rows(shard.records, lance_path))
 
 
-def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
     """The flow run's logger (its lines in the UI), or this module's outside a run."""
     return get_run_logger() if FlowRunContext.get() is not None else log
 
@@ -336,7 +336,7 @@ def start_depth_actors(settings: DepthSettings) -> list[Any]:
     identity = model_identity(settings.depth_model)
     model = f"{settings.depth_model}|{identity}|{settings.depth_backend}|{device}|{threads}"
     key = hashlib.sha1(model.encode()).hexdigest()[:12]
-    _run_logger().info(
+    run_logger().info(
         "depth model %s: %d actor(s) on %s%s", settings.depth_model, count, device,
         model_origin(settings.depth_model),
     )  # fmt: skip
@@ -448,7 +448,7 @@ def run_shards(
     actors = start_depth_actors(settings)
     held = actors_held(actors, settings.depth_keep_alive_s)
     try:  # the first run of a hub model: its download by the actors, in the run's log
-        with held, hub_download_logged(settings.depth_model, _run_logger()):
+        with held, hub_download_logged(settings.depth_model, run_logger()):
             for shard, downloaded in first:
                 submit(shard, downloaded)
             while in_flight:

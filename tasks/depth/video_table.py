@@ -2,9 +2,10 @@
 
 One row per input video, keyed by `video_id`. Lance's distributed-write path: a worker writes a
 shard's rows as data fragments (`write_fragments`, files no version points at yet), and the
-driver alone commits them (`commit_fragments`), first deleting the earlier rows of the videos
-the shard re-did. So a re-run replaces failed rows instead of adding new ones, a crash mid-run
-keeps every row committed before it, and a killed worker leaves only unreferenced files.
+driver alone commits them (`commit_fragments`). A shard that re-did videos with a row already
+(failed before) is committed by `upsert` instead, replacing those rows in the same single
+commit. So a re-run replaces failed rows instead of adding new ones, a crash mid-run keeps every
+row committed before it, and a killed worker leaves only unreferenced files.
 """
 
 from __future__ import annotations
@@ -73,20 +74,14 @@ class VideoTable:
                 f"unknown: {sorted(set(found.names) - set(ARROW_SCHEMA.names))}"
             )
 
-    def commit_fragments(
-        self, fragments: Sequence[FragmentMetadata], video_ids: Sequence[str]
-    ) -> None:
-        """Make a shard's written rows visible: its videos' earlier rows go first.
-
-        Two commits: a crash between them leaves those videos without a row (done again on the
-        next run), never with two.
-        """
+    def commit_fragments(self, fragments: Sequence[FragmentMetadata]) -> None:
+        """Make a shard's written rows visible, in one commit. Only for rows of videos with
+        no row yet: one with a row (a re-run) goes through `upsert`, whose single commit
+        replaces it (a delete and then an append were two: a failure between them lost the
+        earlier row, its error and its attempt count)."""
         if not fragments:
             return
         dataset = lance.dataset(self.lance_path)
-        if video_ids:
-            quoted = ", ".join(f"'{video_id}'" for video_id in video_ids)  # ids are [A-Za-z0-9._-]
-            dataset.delete(f"video_id IN ({quoted})")
         append = lance.LanceOperation.Append(list(fragments))
         lance.LanceDataset.commit(self.lance_path, append, read_version=dataset.version)
 
