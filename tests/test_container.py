@@ -201,7 +201,7 @@ def test_inference_image_serves_reports_health_and_stops_on_sigterm(
         stop_s = time.monotonic() - start
         exit_code = _run(podman, "inspect", "--format", "{{.State.ExitCode}}", name).stdout
         logs = _run(podman, "logs", name, check=False)
-        assert int(exit_code) == 0, logs.stdout + logs.stderr
-        assert stop_s < 35, f"stop took {stop_s:.1f} s: SIGTERM not handled?"
+        # Exit 0, not 137: SIGTERM was handled, the server drained and ended itself.
+        assert int(exit_code) == 0, f"{logs.stdout}{logs.stderr} (stop took {stop_s:.1f} s)"
     finally:
         subprocess.run([podman, "rm", "--force", name], capture_output=True, timeout=120)

@@ -363,7 +363,7 @@ def _raylet_process(
             if account is None
             else ["setpriv", f"--reuid={account}", f"--regid={account}", "--clear-groups"]
         )
-        command = [str(raylet), "-c", "sleep 60; :", "raylet", f"--gcs-address={gcs_address}"]
+        command = [str(raylet), "-c", "sleep 600; :", "raylet", f"--gcs-address={gcs_address}"]
         process = subprocess.Popen([*as_account, *command])
         try:
             yield process

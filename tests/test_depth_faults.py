@@ -226,12 +226,11 @@ def _download_pair(
 def test_a_dripping_server_is_dropped_as_too_slow_and_the_run_goes_on(tmp_path: Path) -> None:
     settings = DepthSettings(download_min_rate_bps=100, download_rate_window_s=1.0)
     drip = Drip(CLIP, chunk=1, every_s=0.2)  # 5 B/s, each byte well inside the read timeout
-    failed, _, took, requests = _download_pair(tmp_path, drip, settings)
+    failed, _, _, requests = _download_pair(tmp_path, drip, settings)
     assert (failed.status, failed.failed_stage) == ("failed", "download")
     assert "too slow" in failed.error and "B/s over 1 s" in failed.error, failed.error
     assert requests == 1 and failed.download_attempts == 1  # not retried: it would crawl again
     assert failed.download_s is not None and 1.0 <= failed.download_s < 3.0
-    assert took < 5.0
 
 
 @pytest.mark.faults
@@ -252,11 +251,10 @@ def test_the_deadline_ends_a_download_retries_included(
     tmp_path: Path, slow: object, settings: dict[str, float]
 ) -> None:
     settings = DepthSettings(download_deadline_s=1.5, **settings)
-    failed, _, took, _ = _download_pair(tmp_path, slow, settings)
+    failed, _, _, _ = _download_pair(tmp_path, slow, settings)
     assert failed.failed and "deadline" in failed.error, failed.error
     # Ended at the deadline, or earlier when the next retry could not start before it.
     assert failed.download_s is not None and 1.0 <= failed.download_s < 3.0
-    assert took < 5.0
 
 
 def test_the_default_limits_end_a_1_byte_per_2_s_drip_within_60_s_and_keep_a_slow_link() -> None:

@@ -16,7 +16,7 @@ import lance
 import psutil
 import pytest
 
-from devstack.processes import marked_processes
+from devstack.processes import kill_marked_processes, marked_processes
 from tests.conftest import VIDEOS, copy_prefect_home
 from tests.video_server import Serve, VideoServer
 
@@ -53,6 +53,22 @@ def test_a_killed_run_resumes_without_duplicates_repeats_or_orphans(
     first_marker, second_marker = (f"VIDFLOW_TEST_RUN={uuid.uuid4().hex}" for _ in range(2))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = copy_prefect_home(prefect_home_template, tmp_path / "prefect-home")
+    try:
+        _kill_resume_and_check(routes, tmp_path, tiny_depth_model, env, first_marker, second_marker)
+    finally:  # a failed check leaves no run going (on success nothing is left to end)
+        for marker in (first_marker, second_marker):
+            kill_marked_processes(*marker.split("=", 1), grace_s=5)
+
+
+def _kill_resume_and_check(
+    routes: dict[str, Serve],
+    tmp_path: Path,
+    tiny_depth_model: Path,
+    env: dict[str, str],
+    first_marker: str,
+    second_marker: str,
+) -> None:
+    videos = len(routes)
     output = tmp_path / "out"
     table = output / "videos.lance"
     with VideoServer(routes) as server:

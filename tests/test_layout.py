@@ -101,9 +101,10 @@ def test_every_project_module_sits_on_a_floor() -> None:
     }
     placed = {folder.split(".")[0] for folder in FOLDERS}
     assert packages <= placed, f"place these in LAYERS: {sorted(packages - placed)}"
-    for path in (REPO_ROOT / "tasks").iterdir():
-        if path.is_dir() and (path / "__init__.py").exists():
-            assert f"tasks.{path.name}" in FOLDERS, f"place tasks/{path.name} in LAYERS"
+    for root in {folder.split(".")[0] for folder in FOLDERS if "." in folder}:  # tasks, services
+        for path in (REPO_ROOT / root).iterdir():
+            if path.is_dir() and (path / "__init__.py").exists():
+                assert f"{root}.{path.name}" in FOLDERS, f"place {root}/{path.name} in LAYERS"
     loose = [p.name for p in (REPO_ROOT / "tasks").glob("*.py") if p.name != "__init__.py"]
     assert loose == [], "tasks/ holds only the per-pipeline folders"
 

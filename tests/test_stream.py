@@ -136,10 +136,16 @@ def test_a_benchmark_group_stops_once_it_has_read_every_frame_its_producer_deliv
     started = time.monotonic()
     for thread in threads:
         thread.start()
-    assert not input_end.read_to({})  # the producer has not said where it ended: no stop
-    input_end.set(stats.partition_ends)
-    for thread in threads:
-        thread.join(timeout=90)
+    try:
+        assert not input_end.read_to({})  # the producer has not said where it ended: no stop
+        input_end.set(stats.partition_ends)
+        for thread in threads:
+            thread.join(timeout=90)
+    finally:  # a failure leaves no member running into the next tests
+        for member in members:
+            member.stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
     assert len(summaries) == 2 and time.monotonic() - started < 30  # not the 60-s idle wait
     assert sum(summary.frames_consumed for summary in summaries) >= 40
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=40)
