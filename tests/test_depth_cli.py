@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,10 @@ def test_a_failed_run_sends_its_logs_before_the_temporary_server_stops(
     assert run.returncode == 0 and run.stdout.strip() == "the run failed", run.stderr[-3000:]
     assert "about to fail" in run.stderr
     assert "Error logging to API" not in run.stderr, run.stderr[-3000:]
+    # And they reached it: the run's database (kept in PREFECT_HOME) holds the line.
+    with sqlite3.connect(Path(cli_env["PREFECT_HOME"]) / "prefect.db") as database:
+        logged = [row[0] for row in database.execute("SELECT message FROM log")]
+    assert "about to fail" in logged, logged[-20:]
 
 
 def test_bad_input_is_refused_before_anything_starts(
