@@ -160,12 +160,14 @@ def test_a_kept_actor_lives_by_the_keep_alive_of_the_run_that_holds_it(
     tiny_depth_model: Path, tmp_path: Path
 ) -> None:
     """An actor a run of a 2-s keep-alive left was found by a run of 30 s, which calls it every
-    10 s: it ended within 2-4 s of each call, and the run's depth calls met a dead actor."""
+    10 s: it ended within 2-4 s of each call, and the run's depth calls met a dead actor. A
+    run of a shorter keep-alive holding it meanwhile does not cut the longer one's short."""
     import ray
 
     actor, settings = _loaded_actor(tiny_depth_model, tmp_path, keep_alive_s=2.0)
     try:
         with actors_held([actor], keep_alive_s=30.0):
+            ray.get(actor.keep_alive.remote(1.0))  # a run of a shorter one holds it too
             time.sleep(7)  # more than 3x the keep-alive it was made with
             assert ray.get(actor.depth_maps.remote([], tmp_path, settings), timeout=30) == []
     finally:

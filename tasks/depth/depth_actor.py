@@ -33,7 +33,8 @@ class DepthActor:
     ) -> None:
         # `threads`: the CPUs its callers reserve, not the whole node.
         self.estimator = load_depth_estimator(settings, device, threads)
-        self.last_call, self.busy, self.keep_alive_s = time.monotonic(), False, keep_alive_s
+        self.busy, self.keep_alive_s = False, keep_alive_s
+        self.ends_at = time.monotonic() + keep_alive_s  # unless a call or a hold comes first
         if keep_alive_s > 0:
             threading.Thread(target=self._end_when_idle, daemon=True).start()
 
@@ -44,22 +45,25 @@ class DepthActor:
         try:
             return estimate_depth_many(records, maps_dir, settings, self.estimator)
         finally:
-            self.busy, self.last_call = False, time.monotonic()
+            self.busy = False
+            self._hold_for(self.keep_alive_s)
 
     def keep_alive(self, keep_alive_s: float | None = None) -> None:
         """Restart the idle clock: a run holds this actor (its next depth call may be minutes
-        away, behind slow downloads). `keep_alive_s` is that run's: an actor a run of a shorter
-        keep-alive started ended within the holding run's interval between calls."""
-        if keep_alive_s is not None and keep_alive_s > 0:
-            self.keep_alive_s = keep_alive_s
-        self.last_call = time.monotonic()
+        away, behind slow downloads) for `keep_alive_s`, that run's keep-alive. Runs of
+        different keep-alives may hold it at once: it lives to the latest end any of them
+        asked for (else it ended within the interval between the longer one's calls)."""
+        self._hold_for(keep_alive_s if keep_alive_s and keep_alive_s > 0 else self.keep_alive_s)
+
+    def _hold_for(self, seconds: float) -> None:
+        self.ends_at = max(self.ends_at, time.monotonic() + seconds)
 
     def _end_when_idle(self) -> None:
         import ray
 
         while True:
             time.sleep(min(self.keep_alive_s, 5.0))
-            if not self.busy and time.monotonic() - self.last_call > self.keep_alive_s:
-                log.info("depth actor idle for %.0f s: ending it", self.keep_alive_s)
+            if not self.busy and time.monotonic() > self.ends_at:
+                log.info("depth actor idle past its keep-alive: ending it")
                 ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
                 return

@@ -270,21 +270,29 @@ def _actor_depth(
 ) -> list[VideoRecord]:
     """The shard's depth maps from its actor, or, where that actor is gone for good (its
     restarts spent: killed by the memory monitor, a crash), from a model loaded in this task
-    on the CPU it holds. Else every later shard asked the dead actor, and the rest of the run
-    failed at depth."""
+    on the CPUs it holds, and let go after. Else every later shard asked the dead actor, and
+    the rest of the run failed at depth."""
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import ActorDiedError
 
-    from tasks.depth.depth_maps import estimate_depth_many  # OpenCV: not in the driver's start
+    # Imported here: OpenCV and the model's code are no part of the driver's start.
+    from tasks.depth.depth_loader import load_depth_estimator
+    from tasks.depth.depth_maps import estimate_depth_many
 
     try:
         return ray.get(shard_actor(shard, actors).depth_maps.remote(records, maps_dir, settings))
-    except RayActorError as exc:
+    except ActorDiedError as exc:
         run_logger().warning(
             "%s: the depth actor is gone (%s): its depth runs in this task, on the CPU",
             shard.label, str(exc).splitlines()[0],
         )  # fmt: skip
-    return estimate_depth_many(records, maps_dir, settings.model_copy(update={"device": "cpu"}))
+    on_cpu = settings.model_copy(update={"device": "cpu"})
+    try:  # not the process's shared estimator: it would hold a model in this worker for good
+        estimator = load_depth_estimator(on_cpu, "cpu", max(1, round(settings.depth_cpus)))
+    except Exception as exc:  # the model cannot load here either: each video says why
+        reason = f"{type(exc).__name__}: {exc}"
+        return [r if r.failed else r.fail("depth", reason) for r in records]
+    return estimate_depth_many(records, maps_dir, on_cpu, estimator)
 
 
 def shard_actor(shard: Shard, actors: list[Any]) -> Any:
