@@ -136,7 +136,10 @@ def test_onnx_export_is_cached_by_weights(tmp_path: Path, resnet18_weights) -> N
 
 
 def test_a_cached_export_that_cannot_load_is_made_again(
-    model_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    model_cache: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A cached export cut short (a disk fault, a host crash) failed every start alike: a crash
     loop under a supervisor, and `export-onnx` gave back the same file."""
@@ -148,6 +151,13 @@ def test_a_cached_export_that_cannot_load_is_made_again(
     model = load_served_model(InferenceSettings(backend="onnx", cache_dir=cache))
     assert "cannot be loaded" in caplog.text and export.stat().st_size > 4096
     assert model.backend.run(np.zeros((1, *model.preprocess.input_shape), np.float32)).shape[0] == 1
+    # A failure that is not the file's (a GPU that cannot start) leaves the export be.
+    monkeypatch.setattr("services.inference.loader.cuda_available", lambda backend: True)
+    made = export.stat().st_mtime_ns
+    with pytest.raises(DeviceUnavailableError):
+        strict = {"device": "cuda", "strict_device": True}
+        load_served_model(InferenceSettings(backend="onnx", cache_dir=cache, **strict))
+    assert export.stat().st_mtime_ns == made
 
 
 def test_an_exported_onnx_file_serves_without_torch(model_cache: Path, photos, tmp_path) -> None:

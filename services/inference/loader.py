@@ -48,14 +48,21 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
     export = _exported(settings)
     try:
         return _onnx_model(export, device, settings)
-    except DeviceUnavailableError:
-        raise
-    except Exception as exc:  # ONNX Runtime's load errors share no base class
+    except Exception as exc:
+        if not _a_broken_file(exc):  # out of GPU memory, a provider failing: not the file's
+            raise
         # A cached export cut short (a disk fault, a crash before it reached the disk) failed
         # every start the same way, a crash loop under a supervisor: made again, once.
         log.warning("the cached export %s cannot be loaded (%s): exporting again", export, exc)
         export.unlink(missing_ok=True)
         return _onnx_model(_exported(settings), device, settings)
+
+
+def _a_broken_file(exc: Exception) -> bool:
+    """Whether ONNX Runtime, or the metadata check, refused the file itself (not a device)."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf
+
+    return isinstance(exc, InvalidProtobuf | InvalidGraph) or "lacks vidflow metadata" in str(exc)
 
 
 def _onnx_model(path: Path, device: str, settings: InferenceSettings) -> ServedModel:
