@@ -239,6 +239,11 @@ def test_a_model_in_shards_is_whole_only_with_every_shard(
     for name in ("a.index.json", "pytorch_model.bin.index.json"):
         (snapshot / name).write_text(json.dumps(bin_index))
     assert cached_model_dir(HUB_ID, cache_dir=tmp_path / "hf" / "hub") == snapshot
+    # And a model in one file beside such a stray index.
+    (snapshot / "model.safetensors.index.json").unlink()
+    for shard in snapshot.glob("model-0000*.safetensors"):
+        shard.rename(snapshot / "model.safetensors")
+    assert cached_model_dir(HUB_ID, cache_dir=tmp_path / "hf" / "hub") == snapshot
 
 
 def test_a_missing_folder_is_named_as_a_folder_not_as_a_hub_id(tmp_path: Path) -> None:

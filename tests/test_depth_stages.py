@@ -575,6 +575,8 @@ def test_retry_classification_and_backoff() -> None:
     assert is_retryable(aiohttp.ClientPayloadError("Response payload is not completed"))
     refused = aiohttp.ClientConnectorCertificateError(None, ssl.SSLCertVerificationError("bad"))
     assert not is_retryable(refused)  # a certificate stays wrong however often it is asked
+    cut = aiohttp.ClientConnectorSSLError(None, ssl.SSLEOFError("EOF in violation of protocol"))
+    assert is_retryable(cut)  # a handshake an overloaded server cut short
     settings = DepthSettings(retry_backoff_s=1.0, retry_backoff_max_s=5.0)
     for retry, (low, high) in enumerate([(0.5, 1), (1, 2), (2, 4), (2.5, 5), (2.5, 5)]):
         assert low <= backoff_delay_s(retry, settings) <= high

@@ -110,8 +110,8 @@ def is_retryable(exc: BaseException) -> bool:
     which stays wrong however often it is asked for."""
     if isinstance(exc, DownloadError):
         return exc.retryable
-    if isinstance(exc, aiohttp.ClientSSLError):  # ClientConnectorCertificateError included
-        return False
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):  # a handshake cut short is
+        return False  # retried (ClientConnectorSSLError), a certificate refused is not
     return isinstance(
         exc, TimeoutError | aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
     )

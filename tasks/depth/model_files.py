@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 # What a transformers depth model needs besides its weights (`*.safetensors` or `*.bin`).
 NEEDED_FILES = ("config.json", "preprocessor_config.json")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+WHOLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # a model in one file
 
 
 class HubUnreachableError(ValueError):
@@ -45,6 +46,8 @@ def is_whole_model(folder: Path) -> bool:
             continue
         if all((folder / shard).is_file() for shard in shards):
             return True
+    if any((folder / name).is_file() for name in WHOLE_WEIGHT_FILES):  # beside a stray index
+        return True
     return not indexes and any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS)
 
 
