@@ -59,7 +59,17 @@ from tasks.depth.video_sources import (
 )
 from tasks.depth.video_table import TableSchemaError, VideoTable, write_rows
 from tests.conftest import VIDEOS
-from tests.video_server import Body, Cut, Drip, Redirect, Serve, Stall, Status, VideoServer
+from tests.video_server import (
+    Body,
+    Busy,
+    Cut,
+    Drip,
+    Redirect,
+    Serve,
+    Stall,
+    Status,
+    VideoServer,
+)
 
 CLIP = VIDEOS / "pool_cleaning.mp4"
 KINETICS_CSV = VIDEOS.parent / "kinetics" / "kinetics-400_val.csv"
@@ -324,6 +334,21 @@ def test_a_stalled_body_times_out_is_retried_and_leaves_nothing(tmp_path: Path) 
     assert (record.status, record.failed_stage) == ("failed", "download")
     assert "timed out" in record.error and record.download_attempts == 3
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_download_waiting_out_a_retry_after_lets_the_others_go_on(tmp_path: Path) -> None:
+    """A Retry-After longer than the backoff is waited for (it was cut to the backoff's cap and
+    retried into the same 429), and the waiting download lets its slot go: with one slot, the
+    next video came only after the wait."""
+    settings = DepthSettings(download_concurrency=1, retry_backoff_s=0.1, retry_backoff_max_s=0.2)
+    routes = {"busy.mp4": Busy(CLIP, retry_after="2"), "free.mp4": Serve(CLIP)}
+    with VideoServer(routes) as server:
+        records = [_record(server.url(name), name.split(".")[0]) for name in routes]
+        busy, free = download_many(records, tmp_path, settings)
+        order = list(server.order)
+    assert not busy.failed and busy.download_attempts == 2 and busy.download_s >= 2.0
+    assert not free.failed
+    assert order == ["busy.mp4", "free.mp4", "busy.mp4"]  # the free one went in the wait
 
 
 def test_a_body_cut_short_by_a_dropped_connection_is_retried(tmp_path: Path) -> None:

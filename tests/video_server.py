@@ -64,6 +64,15 @@ class Cut:
 
 
 @dataclass(frozen=True)
+class Busy:
+    """429 with `Retry-After: retry_after` the first `busy_first` times, then the file."""
+
+    path: Path
+    busy_first: int = 1
+    retry_after: str = "2"
+
+
+@dataclass(frozen=True)
 class Redirect:
     location: str  # where a 302 sends the client (the request's own path: a loop)
 
@@ -78,7 +87,7 @@ class Guarded:
     password: str
 
 
-Behaviour = Serve | Status | Body | Stall | Drip | Cut | Redirect | Guarded
+Behaviour = Serve | Status | Body | Stall | Drip | Cut | Busy | Redirect | Guarded
 
 
 class VideoServer:
@@ -87,6 +96,7 @@ class VideoServer:
     def __init__(self, routes: dict[str, Behaviour] | None = None) -> None:
         self.routes: dict[str, Behaviour] = dict(routes or {})
         self.requests: Counter[str] = Counter()
+        self.order: list[str] = []  # the routes asked for, in the order the requests came
         self.port = 0
         self._stack = contextlib.ExitStack()
 
@@ -105,6 +115,7 @@ class VideoServer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
         self.requests[name] += 1
+        self.order.append(name)
         behaviour = self.routes.get(name)
         match behaviour:
             case None:
@@ -142,6 +153,10 @@ class VideoServer:
                 request.transport.close()  # the rest never comes
                 return response
             case Cut(path):
+                return web.FileResponse(path)
+            case Busy(path, busy_first, retry_after) if self.requests[name] <= busy_first:
+                return web.Response(status=429, headers={"Retry-After": retry_after})
+            case Busy(path):
                 return web.FileResponse(path)
             case Drip(path, chunk, every_s, drip_bytes):
                 data = path.read_bytes()

@@ -289,9 +289,15 @@ ATTEMPT_FAILURES = (
 
 
 async def download_video(
-    session: aiohttp.ClientSession, record: VideoRecord, raw_dir: Path, settings: DepthSettings
+    session: aiohttp.ClientSession,
+    record: VideoRecord,
+    raw_dir: Path,
+    settings: DepthSettings,
+    slot: asyncio.Semaphore | None = None,
 ) -> VideoRecord:
-    """Download one video into `raw_dir`; the record comes back filled in or failed."""
+    """Download one video into `raw_dir`; the record comes back filled in or failed. `slot`,
+    held by the caller, is let go while a retry waits (a server's Retry-After may ask for
+    minutes: the shard's other downloads go on meanwhile)."""
     if record.failed:
         return record
     started = time.perf_counter()
@@ -336,7 +342,7 @@ async def download_video(
             log.warning(
                 "%s: %s; retry %d in %.2f s", record.video_id, describe(exc), attempt, delay
             )
-            await asyncio.sleep(delay)
+            await _wait_without(slot, delay)
             continue
         return record.update(
             raw_path=str(path),
@@ -344,6 +350,18 @@ async def download_video(
             download_attempts=attempt,
             download_s=time.perf_counter() - started,
         )
+
+
+async def _wait_without(slot: asyncio.Semaphore | None, delay: float) -> None:
+    """Sleep `delay` seconds with `slot` let go, and take it again before going on."""
+    if slot is None:
+        await asyncio.sleep(delay)
+        return
+    slot.release()
+    try:
+        await asyncio.sleep(delay)
+    finally:  # taken again even if cancelled meanwhile: its holder lets it go once
+        await asyncio.shield(slot.acquire())
 
 
 async def download_videos(
@@ -356,7 +374,7 @@ async def download_videos(
         async def bounded(record: VideoRecord) -> VideoRecord:
             async with limit:
                 try:
-                    return await download_video(session, record, raw_dir, settings)
+                    return await download_video(session, record, raw_dir, settings, limit)
                 except Exception as exc:  # a bug or an unforeseen error: this video's alone
                     log.exception("%s: download crashed", record.video_id)
                     shown = shown_url(record.source_url)

@@ -103,7 +103,12 @@ class DepthSettings(BaseSettings):
     )
     download_retries: int = Field(4, ge=0, description="retries after a transient failure")
     retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay, doubled each time")
-    retry_backoff_max_s: float = Field(30.0, ge=0, description="longest retry delay")
+    retry_backoff_max_s: float = Field(
+        30.0,
+        ge=0,
+        description="longest backoff between retries (a server's Retry-After may ask for "
+        "longer: it is waited for, up to the download's deadline, its slot let go meanwhile)",
+    )
     max_download_bytes: int = Field(1024**3, ge=1, description="largest video downloaded")
     height: int = Field(
         360, ge=2, multiple_of=2, description="height of the transcoded videos (even: H.264)"
