@@ -344,11 +344,9 @@ async def download_video(
             )
             await _wait_without(slot, delay)
             continue
+        took = time.perf_counter() - started
         return record.update(
-            raw_path=str(path),
-            raw_bytes=size,
-            download_attempts=attempt,
-            download_s=time.perf_counter() - started,
+            raw_path=str(path), raw_bytes=size, download_attempts=attempt, download_s=took
         )
 
 
