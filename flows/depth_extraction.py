@@ -219,7 +219,7 @@ def process_shards(
     export it as Parquet."""
     progress = Progress(len(plan.todo), show_bar=show_progress)
     for written in run_shards(shards, settings.output, table.lance_path, settings, cpus):
-        committed = commit_shard(table, written, plan.rerun_ids)
+        committed = commit_shard(table, written)
         for record in committed:
             report.add(record)
         progress.advance(report, len(committed))
@@ -248,19 +248,17 @@ def publish_artifacts(report: RunReport) -> None:
     )
 
 
-def commit_shard(
-    table: VideoTable, written: WrittenShard, rerun_ids: frozenset[str]
-) -> tuple[VideoRecord, ...]:
+def commit_shard(table: VideoTable, written: WrittenShard) -> tuple[VideoRecord, ...]:
     """Make a finished shard's rows visible and return them: its fragments, or its rows
-    written from the driver where it re-did videos that have a row (one commit replaces them)
-    or where its tasks crashed past their retries and wrote nothing.
+    written from the driver where it re-did videos that have a row (one commit replaces them:
+    its write task made no fragments) or where its tasks crashed past their retries.
 
     A commit that fails (a full disk, the storage gone) fails the shard's videos at `store`
     and the run goes on: an exception here ended it, without rows for the shards still going
     and without its artifacts. Those videos have no row, so the next run does them again."""
     records = written.shard.records
     try:
-        if written.fragments and not any(record.video_id in rerun_ids for record in records):
+        if written.fragments:
             table.commit_fragments(written.fragments)
         else:
             table.upsert(records)

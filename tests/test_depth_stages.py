@@ -957,23 +957,28 @@ def test_worker_fragments_appear_only_when_the_driver_commits_them(tmp_path: Pat
     """Lance's distributed write: a shard's rows are invisible until committed, and a shard
     that re-did a video replaces its row in the same single commit."""
     from flows.depth_extraction import commit_shard
-    from tasks.depth.shard_tasks import Shard, WrittenShard
+    from tasks.depth.shard_tasks import Shard, WrittenShard, write_task
 
     table = VideoTable(tmp_path)
     table.create()
     table.upsert([_record("http://h/a.mp4", "a").fail("download", "HTTP 503")])
     plan = table.plan([_record("http://h/a.mp4", "a"), _record("http://h/b.mp4", "b")])
     assert plan.rerun_ids == {"a"}
-    done = tuple(r.finish(status="ok") for r in plan.todo)
-    fragments = write_rows(done, table.lance_path)
-    assert lance.dataset(table.lance_path).count_rows() == 1  # written, not yet visible
+    fresh = (_record("http://h/e.mp4", "e").finish(status="ok"),)  # no row yet: fragments
+    written = write_task.fn(Shard(0, 2, fresh), table.lance_path)
+    assert written.fragments and lance.dataset(table.lance_path).count_rows() == 1  # not yet
     orphans = write_rows([_record("http://h/c.mp4", "c").finish(status="ok")], table.lance_path)
     assert orphans  # a killed driver never commits these: they never become rows
+    assert commit_shard(table, written) == fresh
+    # A shard that re-did `a` writes no fragments: one upsert replaces its row.
+    done = tuple(r.finish(status="ok") for r in plan.todo)
+    redone = write_task.fn(Shard(1, 2, done), table.lance_path)
+    assert redone.fragments == []
     version = lance.dataset(table.lance_path).version
-    assert commit_shard(table, WrittenShard(Shard(0, 1, done), fragments), plan.rerun_ids) == done
+    assert commit_shard(table, redone) == done
     dataset = lance.dataset(table.lance_path)
     rows = {r["video_id"]: r for r in dataset.to_table().to_pylist()}
-    assert sorted(rows) == ["a", "b"] and dataset.version == version + 1  # one commit
+    assert sorted(rows) == ["a", "b", "e"] and dataset.version == version + 1  # one commit
     assert (rows["a"]["status"], rows["a"]["attempts"]) == ("ok", 2)
 
     # A commit that fails (here: the table gone from under the run) fails the shard's videos
@@ -981,7 +986,7 @@ def test_worker_fragments_appear_only_when_the_driver_commits_them(tmp_path: Pat
     new = (_record("http://h/d.mp4", "d").finish(status="ok"),)
     written = WrittenShard(Shard(1, 2, new), write_rows(new, table.lance_path))
     shutil.rmtree(table.lance_path)
-    (lost,) = commit_shard(table, written, frozenset())
+    (lost,) = commit_shard(table, written)
     assert lost.failed_stage == "store" and "commit failed" in lost.error, lost.error
 
 

@@ -89,6 +89,11 @@ class Shard:
     def with_records(self, records: Sequence[VideoRecord]) -> Shard:
         return replace(self, records=tuple(records))
 
+    @property
+    def redoes_rows(self) -> bool:
+        """Whether some of its videos have a row already (failed before: attempt 2 on)."""
+        return any(record.attempts > 1 for record in self.records)
+
     def fail_remaining(self, stage: Stage, reason: str) -> Shard:
         """The shard with every video still going failed at `stage` for `reason`."""
         return self.with_records(
@@ -302,6 +307,11 @@ def shard_actor(shard: Shard, actors: list[Any]) -> Any:
 
 @task(name="write", task_run_name="write {shard.label}", cache_policy=NO_CACHE)
 def write_task(shard: Shard, lance_path: Path) -> WrittenShard:
+    """The shard's rows as Lance fragments, for the driver to commit; none for a shard that
+    re-did videos with a row already (attempt 2 on): the driver replaces their rows in one
+    upsert, which fragments cannot do (they would be left as files no version holds)."""
+    if shard.redoes_rows:
+        return WrittenShard(shard, [])
     return WrittenShard(shard, write_rows(shard.records, lance_path))
 
 
