@@ -34,7 +34,11 @@ from flows.capacity_rules import (
     step_figures,
     verdict_line,
 )
-from flows.stream_failures import BrokerLostDuringRunError
+from flows.stream_failures import (
+    BrokerLostDuringRunError,
+    ResultsUndeliveredError,
+    StreamRunFailedError,
+)
 from flows.stream_settings import StreamBenchmarkSettings
 from tasks.stream.prefect_tasks import DRAIN_S, RUN_STOP, run_producer_and_group
 from tasks.stream.producer import open_source, target_fps
@@ -95,6 +99,9 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
         )  # fmt: skip
         if lost := produced.broker_error or summary.broker_error:  # nothing left to read back
             raise StepBrokerLostError(f"the broker was lost in the step of {step[:-2]} ({lost})")
+        if undelivered := summary.delivery_error:  # its figures would read as a count failing
+            raise StepUndeliveredError(f"a consumer stopped in the step of {step[:-2]}: "
+                                       f"{undelivered}")  # fmt: skip
         try:
             records = read_records(kafka, kafka.results_topic)
         except KafkaException as exc:  # gone as the step ended
@@ -115,8 +122,21 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
     return figures, kept_topics(sweep, kafka, dead_letters=summary.dlq)
 
 
-class StepBrokerLostError(RuntimeError):
-    """A step's producer or consumers gave up on the broker: the sweep ends there."""
+class StepEndedError(RuntimeError):
+    """A step that could not be measured: the sweep ends there, and the run fails with
+    `failure`, its report covering the steps before."""
+
+    failure: type[StreamRunFailedError] = BrokerLostDuringRunError
+
+
+class StepBrokerLostError(StepEndedError):
+    """A step's producer or consumers gave up on the broker."""
+
+
+class StepUndeliveredError(StepEndedError):
+    """A consumer stopped: the results topic refused a result for good (the broker up)."""
+
+    failure = ResultsUndeliveredError
 
 
 def kept_topics(
@@ -201,15 +221,15 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
     steps: list[StepFigures] = []
     topics: list[dict[str, Any]] = []  # the steps' topics left on the broker
     streams = next_streams(outcomes, sweep.max_streams)
-    stopped, broker_error = False, None
+    stopped, ended = False, None
     while streams is not None and not stopped:
         # A count fails only when every one of its tries fails: a one-off stall of a shared
         # machine (a p99 past the budget in one 10 s window) should not set the capacity.
         for attempt in range(1, sweep.step_tries + 1):
             try:
                 figures, kept = run_step(sweep, streams)
-            except (StepBrokerLostError, BrokerUnreachableError) as exc:  # the rest reported
-                broker_error, stopped = str(exc), True
+            except (StepEndedError, BrokerUnreachableError) as exc:  # the rest reported
+                ended, stopped = exc, True
                 logger.error("%s: reporting the sweep so far", exc)
                 break
             if kept:
@@ -248,9 +268,9 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
         "topics": topics,
         "chart": str(chart_path),
     }
-    if broker_error is not None:
-        raise BrokerLostDuringRunError(f"{broker_error}; the sweep's report covers the steps "
-                                       "before it", result)  # fmt: skip
+    if ended is not None:
+        failure = getattr(ended, "failure", BrokerLostDuringRunError)
+        raise failure(f"{ended}; the sweep's report covers the steps before it", result)
     return result
 
 
