@@ -240,10 +240,11 @@ EXPOSE 50051 8000
 
 # /readyz answers 503 while the model loads and warms up and while draining, 200 when serving
 # (as gRPC health's NOT_SERVING and SERVING). Over plain HTTP, so it holds with TLS on the gRPC
-# port too (a plaintext gRPC probe failed there and the container read unhealthy). A failed
-# probe raises: exit 1 (Docker reserves 2). The port variable is followed.
+# port too (a plaintext gRPC probe failed there and the container read unhealthy); on
+# 127.0.0.1, then ::1 (VIDFLOW_INFERENCE_HOST=:: binds IPv6 alone). Exit 1 when not ready
+# (Docker reserves 2). The port variable is followed.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('VIDFLOW_INFERENCE_HTTP_PORT', '8000'), timeout=5)"]
+    CMD ["python", "-m", "services.inference.ready_probe"]
 
 # Exec form: `vidflow serve` runs as PID 1 and receives SIGTERM directly. The server installs
 # its own SIGTERM/SIGINT handlers (set NOT_SERVING, refuse new calls, drain, exit 0) and starts

@@ -113,7 +113,7 @@ def test_compose_inference_service() -> None:
     service = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["inference"]
     assert service["build"]["target"] == "runtime"
     test = service["healthcheck"]["test"]
-    assert "/readyz" in (test if isinstance(test, str) else " ".join(test))
+    assert "services.inference.ready_probe" in (test if isinstance(test, str) else " ".join(test))
     assert any("50051" in str(port) for port in service["ports"]), service["ports"]
     assert any("8000" in str(port) for port in service["ports"]), service["ports"]
     assert service.get("restart") in {"always", "unless-stopped", "on-failure"}
@@ -188,7 +188,7 @@ def test_dockerfile_structure() -> None:
 def test_dockerfile_runtime_stage() -> None:
     runtime = _runtime_stage()
     healthchecks = runtime.args_of("HEALTHCHECK")
-    assert len(healthchecks) == 1 and "/readyz" in healthchecks[0]
+    assert len(healthchecks) == 1 and "services.inference.ready_probe" in healthchecks[0]
     users = runtime.args_of("USER")
     assert users, "the runtime stage must switch to a non-root user"
     assert users[-1].split(":")[0] not in {"root", "0"}
@@ -477,7 +477,10 @@ def test_make_remakes_a_venv_that_no_longer_runs_or_is_not_the_python_asked_for(
     venv_python.symlink_to(tmp_path / "removed" / "python3.11")
     assert setup_runs()
     venv_python.unlink()
-    venv_python.symlink_to(sys.executable)  # a working 3.11+ with pip
+    # A working 3.11+ with pip: this venv's own (a link would run as its base Python, which
+    # may have no pip; a script keeps the venv's).
+    venv_python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    venv_python.chmod(0o755)
     assert not setup_runs() and not setup_runs(f"PYTHON={sys.executable}")
     other = tmp_path / "python3.99"  # another version, asked for by name
     other.write_text('#!/bin/sh\necho "(3, 99)"\n')

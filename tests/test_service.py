@@ -21,9 +21,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.cpus import usable_cpus
+from common.net import free_port
 from common.settings import SAMPLE_VIDEOS_DIR
 from devstack.launcher import REPO_ROOT, start_server
 from protos import inference_pb2, inference_pb2_grpc
+from services.inference import ready_probe
 from services.inference.batching_memo import BORDERLINE, MEMO_FILE
 from services.inference.client import (
     ServiceUnreachableError,
@@ -94,6 +96,8 @@ def test_health_goes_from_not_serving_to_serving(tmp_path: Path, model_cache: Pa
         assert seen_ready[0] == 503 and seen_ready[-1] in (200, 503)
         assert _http_get(f"{server.http_url}/readyz")[0] == 200
         assert _http_get(f"{server.http_url}/healthz")[0] == 200
+        # The image's health check says the same (and no to a port where nothing serves).
+        assert ready_probe.ready(str(server.http_port)) and not ready_probe.ready(str(free_port()))
         # The named service reports too, as the standard health protocol defines.
         channel = grpc.insecure_channel(server.target)
         reply = health_pb2_grpc.HealthStub(channel).Check(

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from common.net import free_port, host_port
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from protos import inference_pb2, inference_pb2_grpc
+from services.inference import ready_probe
 from services.inference.client import health_status, open_channel, wait_until_serving
 from services.inference.settings import ClientSettings, InferenceSettings
 from tasks.stream.producer import produce_frames
@@ -306,6 +307,8 @@ def test_serve_binds_an_ipv6_loopback_address(tmp_path: Path, model_cache: Path,
     try:
         wait_until_serving(f"[::1]:{port}", 120)
         assert _http_get(f"http://[::1]:{http_port}/readyz")[0] == 200
+        # The image's health check finds it on ::1 (127.0.0.1 has nothing on that port).
+        assert ready_probe.ready(str(http_port))
     finally:
         server.terminate()
         code = server.wait(60)

@@ -1,0 +1,36 @@
+"""The container's health check: is the service on this machine ready (`/readyz` says 200)?
+
+Over plain HTTP, so it holds with TLS on the gRPC port; asked on 127.0.0.1, then on ::1: a
+service bound to `::` listens on IPv6 alone (aiohttp binds it IPv6-only). Exit 0 when ready,
+1 otherwise (Docker reserves 2). Standard library only: it runs every 30 s.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import urllib.error
+import urllib.request
+
+LOOPBACKS = ("127.0.0.1", "[::1]")
+
+
+def ready(port: str, timeout_s: float = 5.0) -> bool:
+    """Whether the service's HTTP endpoint on this machine's loopback says it is ready."""
+    for host in LOOPBACKS:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=timeout_s):
+                return True
+        except urllib.error.HTTPError:  # it answered: loading, or draining
+            return False
+        except OSError:  # nothing there: the other loopback
+            continue
+    return False
+
+
+def main() -> int:
+    return 0 if ready(os.environ.get("VIDFLOW_INFERENCE_HTTP_PORT", "8000")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
