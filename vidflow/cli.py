@@ -112,7 +112,9 @@ def _loadtest(args: argparse.Namespace) -> int:
     # A service still loading its model (or not there) filled the first level with errors,
     # and a wrong port ran every level before it said so.
     try:
-        if args.wait > 0:  # 0: no wait, the errors counted as they come
+        # 0: no wait, the errors counted as they come; a target with no health service (a
+        # proxy in front of it) cannot be waited for.
+        if args.wait > 0 and health_check(target, tls_ca=client.tls_ca)[0] != "UNIMPLEMENTED":
             wait_until_serving(target, args.wait, tls_ca=client.tls_ca)
     except TimeoutError as exc:
         _, why = health_check(target, tls_ca=client.tls_ca)
