@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from typing import Any, Self
 
 from prefect_ray import RayTaskRunner
@@ -88,6 +90,9 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
             )
         if self.address or not ray.is_initialized():  # a running private Ray is used as it is
             self._ray_start.enter_context(hold)
+        # `ray.init` puts its own SIGTERM handler (sys.exit) in place of Prefect's, which a
+        # cancelled deployment run's SIGTERM must reach: it ended Crashed, not Cancelled.
+        prefect_sigterm = signal.getsignal(signal.SIGTERM)
         try:
             super().__enter__()
         except BaseException as exc:
@@ -95,6 +100,10 @@ class ClusterOrLocalRayTaskRunner(RayTaskRunner):
             if isinstance(exc, ConnectionError) and self.address:
                 raise join_failure(exc, self.address) from exc
             raise
+        finally:
+            main = threading.current_thread() is threading.main_thread()  # where handlers live
+            if main and prefect_sigterm is not None:
+                signal.signal(signal.SIGTERM, prefect_sigterm)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:

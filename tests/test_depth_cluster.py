@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -466,7 +467,18 @@ def test_a_stale_current_cluster_file_does_not_keep_a_run_from_its_own_ray(
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
         (temp / "ray").mkdir()
         (temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
-        with ray_task_runner(1):
-            assert ray.cluster_resources().get("CPU") == 1  # its own, of the size asked
+
+        def prefects(signum: int, frame: object) -> None:  # as a flow run's engine sets it
+            raise AssertionError("not called here")
+
+        before = signal.signal(signal.SIGTERM, prefects)
+        try:
+            with ray_task_runner(1):
+                assert ray.cluster_resources().get("CPU") == 1  # its own, of the size asked
+                # ray.init's SIGTERM handler (sys.exit) replaced Prefect's: a cancelled run
+                # ended Crashed instead of Cancelled.
+                assert signal.getsignal(signal.SIGTERM) is prefects
+        finally:
+            signal.signal(signal.SIGTERM, before)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
