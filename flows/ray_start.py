@@ -13,6 +13,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -84,7 +85,10 @@ def private_ray_auth() -> Iterator[None]:
     read this process's environment. Ray reads the mode into its cached config, so that is
     refreshed as Ray's own default does, on the way in and out (a notebook that later joins
     another cluster would otherwise send it this run's token)."""
-    if os.environ.get(AUTH_MODE_ENV):
+    saved_mode = os.environ.get(AUTH_MODE_ENV)
+    # A mode the user set is kept; but `token` with no token anywhere would have Ray write
+    # one to ~/.ray/auth_token (readable by all, kept for every later cluster): not that.
+    if saved_mode and (saved_mode != "token" or _token_available()):
         yield
         return
     saved_token = os.environ.get(AUTH_TOKEN_ENV)
@@ -94,10 +98,17 @@ def private_ray_auth() -> Iterator[None]:
     try:
         yield
     finally:
-        os.environ.pop(AUTH_MODE_ENV, None)
+        if saved_mode is None:
+            os.environ.pop(AUTH_MODE_ENV, None)
         if saved_token is None:
             os.environ.pop(AUTH_TOKEN_ENV, None)
         _reload_ray_auth()
+
+
+def _token_available() -> bool:
+    """Whether Ray finds a token of the user's: in the environment, or in a file."""
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return bool(os.environ.get(AUTH_TOKEN_ENV)) or token_file.is_file()
 
 
 def _reload_ray_auth() -> None:

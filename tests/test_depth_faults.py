@@ -136,12 +136,15 @@ def _loopback(ip: str) -> bool:
 
 @pytest.mark.faults
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", [None, "token"])  # token: set by the user, with no token
 def test_a_local_ray_listens_on_loopback_only_wants_its_own_token_and_starts_at_once(
-    tmp_path: Path,
+    tmp_path: Path, mode: str | None
 ) -> None:
     unset = ("RAY_ADDRESS", RAY_CLUSTER_ENV, "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env["HOME"] = str(tmp_path)  # where Ray would keep a token of its own (~/.ray/auth_token)
+    if mode is not None:  # Ray wrote one there for good, readable by every account
+        env["RAY_AUTH_MODE"] = mode
     # Ray's default port for a node agent, taken as another Ray on the machine takes it.
     with _port_taken(RAY_DEFAULT_AGENT_PORT):
         done = subprocess.run(
@@ -172,7 +175,7 @@ def test_a_local_ray_listens_on_loopback_only_wants_its_own_token_and_starts_at_
     # shards start others anyway (each an idle process that imported Ray).
     assert report["idle_workers"] == [], report["idle_workers"]
     assert report["env_after"] is None  # the process is left as it was
-    assert report["auth_env_after"] == [None, None]  # the run's token goes with its Ray
+    assert report["auth_env_after"] == [mode, None]  # the run's token goes with its Ray
     assert report["params_after"] == "RayParams"
     assert report["api_server_after"] == "start_api_server"
     # The driver read its node's record once the raylet had registered it, not before (when
