@@ -82,7 +82,12 @@ def _server_dying_with_us(auth: str) -> Any:
             def dying_with_parent(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
                 # The server alone gets the login to check; clients get it in their settings.
                 env = {**kwargs.pop("env"), "PREFECT_SERVER_API_AUTH_STRING": auth}
-                return popen(*args, preexec_fn=die_with_parent, env=env, **kwargs)
+                # A session of its own: a terminal's Ctrl-C (SIGINT to the whole group) ended
+                # the server first, and the run then retried recording its end against it for
+                # minutes. It still dies with this process, and is stopped by it.
+                return popen(
+                    *args, preexec_fn=die_with_parent, env=env, start_new_session=True, **kwargs
+                )
 
             with mock.patch.object(server_module.subprocess, "Popen", dying_with_parent):
                 return super()._run_uvicorn_command()

@@ -3,18 +3,21 @@ code that says whether every video made it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lance
 import pytest
 
 from tests.conftest import VIDEOS, copy_prefect_home
-from tests.video_server import Serve, VideoServer
+from tests.video_server import Drip, Serve, VideoServer
 
 
 def _vidflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -205,3 +208,45 @@ def test_a_stage_that_asks_for_more_cpus_than_a_node_has_is_refused(
     assert "--transcode-cpus 3: no node of this Ray cluster has that many CPUs" in run.stderr
     assert "the largest has 2" in run.stderr
     assert not (tmp_path / "out" / "videos.lance").exists()  # nothing recorded for the folder
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_ends_the_run_at_once_and_records_its_end(
+    tmp_path: Path, tiny_depth_model: Path, cli_env: dict[str, str]
+) -> None:
+    """A terminal's Ctrl-C goes to the whole process group: the temporary Prefect server ended
+    with it, and the command then retried recording the run's end against it for minutes,
+    leaving the run Running in the database."""
+    slow = Drip(VIDEOS / "pool_cleaning.mp4", chunk=1000, every_s=0.5)  # a download that lasts
+    with VideoServer({"slow.mp4": slow}) as server:
+        urls = tmp_path / "urls.txt"
+        urls.write_text(server.url("slow.mp4"))
+        command = [
+            sys.executable,
+            "-m",
+            "vidflow.cli",
+            "depth",
+            "--urls",
+            str(urls),
+            "--output",
+            str(tmp_path / "out"),
+            "--depth-model",
+            str(tiny_depth_model),
+        ]
+        run = subprocess.Popen(
+            command, env=cli_env, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )  # a group of its own, as a terminal's
+        try:
+            deadline = time.monotonic() + 180
+            while server.requests["slow.mp4"] == 0:  # the run is under way
+                assert run.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+            os.killpg(run.pid, signal.SIGINT)
+            _, err = run.communicate(timeout=90)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130, err[-3000:]
+    with sqlite3.connect(Path(cli_env["PREFECT_HOME"]) / "prefect.db") as database:
+        states = [row[0] for row in database.execute("SELECT state_type FROM flow_run")]
+    assert states and "RUNNING" not in states, states
