@@ -312,11 +312,19 @@ def cluster_address() -> str | None:
     from ray._private import services, utils
 
     address = os.environ.get("RAY_ADDRESS", "").strip()
-    if address:
+    if address and address != "auto":
         return None if address == "local" else address
+    # `auto` (Ray's word for "the cluster running here") is found as an unset address is, with
+    # the same checks: Ray's own search took the first cluster any account had announced in
+    # /tmp/ray, or any account's GCS process. Unlike unset, it must find one.
     # What `services.find_bootstrap_address` reads, through the module it leaves unimported.
     started_here = utils.read_ray_address(None)
     if not started_here or started_here not in services.find_gcs_addresses():
+        if address == "auto":
+            raise ConnectionError(
+                "RAY_ADDRESS=auto: no Ray cluster started with `ray start` runs on this "
+                "machine; start one, give its HOST:PORT, or unset RAY_ADDRESS for a private Ray"
+            )
         return None
     if not _announced_by_this_account(started_here):
         if started_here not in _NOT_JOINED:  # a run asks up to three times: said once
@@ -326,6 +334,11 @@ def cluster_address() -> str | None:
                 "another account started it or wrote the file; a private Ray runs instead (set "
                 "RAY_ADDRESS to join a cluster on purpose)",
                 started_here,
+            )
+        if address == "auto":
+            raise ConnectionError(
+                f"RAY_ADDRESS=auto: the Ray cluster at {started_here} is not this account's; "
+                "give the HOST:PORT of the cluster to join"
             )
         return None
     return started_here

@@ -482,3 +482,25 @@ def test_a_stale_current_cluster_file_does_not_keep_a_run_from_its_own_ray(
             signal.signal(signal.SIGTERM, before)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_address_auto_joins_only_a_cluster_of_this_account_started_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`auto` was passed to Ray as it was: Ray took the first cluster any account had named in
+    /tmp/ray's current-cluster file, or any account's GCS process. It is now found with the
+    checks of an unset address, and must find one."""
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    try:
+        monkeypatch.setenv("RAY_TMPDIR", str(temp))
+        monkeypatch.setenv("RAY_ADDRESS", "auto")
+        with pytest.raises(ConnectionError, match="RAY_ADDRESS=auto: no Ray cluster"):
+            cluster_address()
+        (temp / "ray").mkdir()  # a file naming a cluster that is not running
+        (temp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+        with pytest.raises(ConnectionError, match="RAY_ADDRESS=auto: no Ray cluster"):
+            cluster_address()
+        monkeypatch.delenv("RAY_ADDRESS")
+        assert cluster_address() is None  # unset: a private Ray, as before
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
