@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -24,9 +25,16 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from common.files import remove_stale_partials
+from common.net import is_loopback_host
 from flows import artifact_keys
 from flows.depth_report import RunReport
-from flows.ray_runner import cluster_cpus, cluster_gpus, largest_node, ray_task_runner
+from flows.ray_runner import (
+    cluster_cpus,
+    cluster_gpus,
+    largest_node,
+    nodes_elsewhere,
+    ray_task_runner,
+)
 from flows.run_failure import RunFailedError, failed_state
 from tasks.depth.dataset_settings import check_dataset_settings, record_dataset_settings
 from tasks.depth.output_layout import OutputLayout
@@ -180,12 +188,31 @@ def check_fits_cluster(settings: DepthSettings) -> None:
                 f"{flag} {asked:g}: no node of this Ray cluster has that many CPUs (the largest "
                 f"has {cpus:g}); a stage that asks for more would never start"
             )
+    check_api_reachable()
     gpus = cluster_gpus()
     if gpus and settings.device != "cpu" and settings.depth_workers > gpus:
         raise ValueError(
             f"--depth-workers {settings.depth_workers}: the cluster has {gpus} GPU(s), one per "
             "GPU depth worker; the others would never start"
         )
+
+
+def check_api_reachable() -> None:
+    """Refuse a cluster with nodes on other machines when the Prefect API is on this one's
+    loopback (`vidflow depth`'s temporary server): their tasks failed to report to it, each
+    with "All connection attempts failed", saying nothing of the API."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value() or ""
+    host = urlsplit(url).hostname or ""
+    if not is_loopback_host(host) or not (elsewhere := nodes_elsewhere()):
+        return
+    raise ValueError(
+        f"the Prefect API at {url} is on this machine's loopback, which the cluster's nodes "
+        f"on other machines ({', '.join(elsewhere[:3])}) cannot reach: set PREFECT_API_URL to "
+        "a Prefect server every node reaches (`prefect server start --host 0.0.0.0` behind "
+        "its auth string, or Prefect Cloud)"
+    )
 
 
 def run_settings(settings: DepthSettings | None) -> DepthSettings:

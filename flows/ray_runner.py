@@ -165,3 +165,20 @@ def largest_node(resource: str) -> float:
         return float("inf")
     alive = [node["Resources"].get(resource, 0.0) for node in ray.nodes() if node["Alive"]]
     return max(alive, default=0.0)
+
+
+def nodes_elsewhere() -> list[str]:
+    """Addresses of the cluster's live nodes that are not this machine (none without Ray)."""
+    import psutil
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    here = {
+        address.address for addresses in psutil.net_if_addrs().values() for address in addresses
+    }
+    return sorted(
+        node["NodeManagerAddress"]
+        for node in ray.nodes()
+        if node["Alive"] and node["NodeManagerAddress"] not in here
+    )

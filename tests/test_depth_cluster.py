@@ -504,3 +504,26 @@ def test_ray_address_auto_joins_only_a_cluster_of_this_account_started_here(
         assert cluster_address() is None  # unset: a private Ray, as before
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_cluster_with_nodes_elsewhere_is_refused_while_the_api_is_on_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`vidflow depth` with RAY_ADDRESS of a real cluster and its temporary Prefect server (on
+    127.0.0.1): every task on another machine failed with "All connection attempts failed".
+    No other machine here: the cluster's node list is made up; the rule is the real one."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import depth_extraction
+
+    monkeypatch.setattr(depth_extraction, "nodes_elsewhere", lambda: ["10.0.0.7"])
+    with (
+        temporary_settings({PREFECT_API_URL: "http://127.0.0.1:8123/api"}),
+        pytest.raises(ValueError, match="cannot reach: set PREFECT_API_URL"),
+    ):
+        depth_extraction.check_api_reachable()
+    with temporary_settings({PREFECT_API_URL: "http://prefect.internal:4200/api"}):
+        depth_extraction.check_api_reachable()  # every node may reach it
+    monkeypatch.setattr(depth_extraction, "nodes_elsewhere", list)
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:8123/api"}):
+        depth_extraction.check_api_reachable()  # all on this machine (as the tests' clusters)
