@@ -182,19 +182,22 @@ def test_calls_that_expire_before_their_request_arrives_are_counted(
     late_requests = 3
 
     def late() -> Iterator[inference_pb2.ClassifyRequest]:
-        time.sleep(1.0)  # the call (its headers) is open on the server; its request is not
+        time.sleep(2.5)  # the call (its headers) is open on the server; its request is not
         yield inference_pb2.ClassifyRequest(image=photos["cat"])
 
     with grpc.insecure_channel(onnx_server.target) as channel:
+        # Connected first: the calls must reach the server before their deadline (on a loaded
+        # machine a new connection alone can take longer than a short one).
+        grpc.channel_ready_future(channel).result(timeout=30)
         # Classify called with the request sent when the client likes: same wire format.
         classify = channel.stream_unary(
             "/vidflow.inference.v1.Classifier/Classify",
             request_serializer=inference_pb2.ClassifyRequest.SerializeToString,
             response_deserializer=inference_pb2.ClassifyResponse.FromString,
         )
-        futures = [classify.future(late(), timeout=0.3) for _ in range(late_requests)]
+        futures = [classify.future(late(), timeout=1.5) for _ in range(late_requests)]
         cancelled = classify.future(late(), timeout=30)
-        time.sleep(0.3)
+        time.sleep(0.5)
         cancelled.cancel()  # the client leaves before sending its request
         for future in futures:
             with pytest.raises(grpc.RpcError) as error:
