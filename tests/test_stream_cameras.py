@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from datetime import datetime
 from pathlib import Path
 
+import cv2
 import grpc
 import pytest
 from prometheus_client import generate_latest
@@ -27,7 +28,7 @@ from protos.inference_pb2_grpc import ClassifierStub
 from tasks.depth.transcode import ffmpeg_exe
 from tasks.stream.consumer import FrameConsumer
 from tasks.stream.frame_codec import Frame, FrameResult, decode_frame
-from tasks.stream.producer import produce_frames, stream_bases
+from tasks.stream.producer import produce_frames, stream_bases, target_fps
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings, source_list
 from tasks.stream.topics import ensure_topics
 from tests.conftest import VIDEOS, fresh_topics
@@ -178,6 +179,45 @@ def test_repeated_source_names_get_distinct_stream_ids() -> None:
     assert stream_bases(["a.mp4", "a.mp4", "a.mp4"], None) == ["a", "a-2", "a-3"]
     assert stream_bases(["a.mp4", "a-2.mp4", "x/a.mp4"], None) == ["a", "a-2", "a-3"]
     assert source_list(" a.mp4, ,b.mp4 ") == ["a.mp4", "b.mp4"]
+
+
+def test_frames_over_the_message_size_limit_are_counted_failed_and_the_run_goes_on(
+    broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """librdkafka refuses such a frame at once: the exception ended `vidflow produce` with a
+    traceback, no summary and the frame counted nowhere."""
+    kafka = fresh_topics(broker, PARTITIONS).model_copy(update={"max_message_bytes": 1000})
+    with caplog.at_level(logging.ERROR, logger="tasks.stream.producer"):
+        stats = produce_frames(ProducerSettings(source=str(CLIP), max_frames=3), kafka)
+    assert (stats.frames_read, stats.failed, stats.delivered) == (0, 3, 0)
+    assert caplog.text.count("is over --max-message-bytes") == 1  # said once, not per frame
+    assert stats.frames_end() is None  # a benchmark's consumers do not wait for them
+
+
+@pytest.mark.parametrize("reported", [90000.0, 1000.0, 0.0, float("nan")])
+def test_a_native_rate_no_camera_has_is_paced_at_the_fallback(reported: float) -> None:
+    """Some containers report their time base (1000, 90000) as the frame rate: the file was
+    replayed at full speed under a target of 90,000 fps. (What OpenCV reports is the input:
+    a stand-in gives it.)"""
+
+    class Reported:
+        def get(self, _prop: int) -> float:
+            return reported
+
+    assert target_fps("native", Reported()) == 30.0
+    assert target_fps("native", cv2.VideoCapture(str(CLIP))) == pytest.approx(28.0, abs=0.1)
+
+
+def test_a_stream_id_is_never_longer_than_consumers_take() -> None:
+    """A long URL path, or a long --stream-id with `-N` added, made an id over the consumers'
+    256 characters: every frame of that camera was dead-lettered."""
+    long_path = "rtsp://cam.example/" + "/".join(["segment"] * 60)
+    (base,) = stream_bases([long_path], None)
+    assert len(base) + 16 <= 256 and base.startswith("cam.example-segment-segment")
+    (other,) = stream_bases([long_path + "x"], None)
+    assert other != base  # their hash tells them apart
+    with pytest.raises(ValueError, match="--stream-id is 300 characters: at most 240"):
+        stream_bases([str(CLIP)], "s" * 300)
 
 
 def test_a_stream_id_never_holds_the_key_separator() -> None:

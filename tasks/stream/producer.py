@@ -12,6 +12,7 @@ time, the cameras' clocks staggered by 1/N of a frame period. A broker gone for 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import sys
 import threading
@@ -23,17 +24,24 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import cv2
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from common.frames import encode_jpeg, opened_video
 from common.urls import shown_url
 from tasks.stream.broker_watch import BrokerLostError, BrokerWatch
-from tasks.stream.frame_codec import KEY_SEPARATOR, Frame, encode_frame_headers, new_session
+from tasks.stream.frame_codec import (
+    KEY_SEPARATOR,
+    MAX_STREAM_ID_CHARS,
+    Frame,
+    encode_frame_headers,
+    new_session,
+)
 from tasks.stream.kafka_io import make_producer, produce_with_backpressure
 from tasks.stream.settings import KafkaSettings, ProducerSettings, shown_sources, source_list
 
 log = logging.getLogger(__name__)
 FALLBACK_FPS = 30.0
+MAX_NATIVE_FPS = 240.0  # a higher native rate is a time base misread as one
 
 
 @dataclass
@@ -165,7 +173,12 @@ def target_fps(setting: str, capture: cv2.VideoCapture) -> float | None:
         return None
     if setting == "native":
         native = capture.get(cv2.CAP_PROP_FPS)
-        return native if native and native > 0 else FALLBACK_FPS
+        if native and 0 < native <= MAX_NATIVE_FPS:
+            return native
+        # Some containers report their time base (1000, 90000) as the rate: replayed at that
+        # pace, the file went by at full speed under a target of 1000 fps.
+        log.warning("the source reports %r frames/s: paced at %g", native, FALLBACK_FPS)
+        return FALLBACK_FPS
     fps = float(setting)
     if fps <= 0:
         raise ValueError(f"--fps must be positive, native or max (got {setting})")
@@ -215,16 +228,35 @@ def stream_bases(sources: list[str], stream_id: str | None) -> list[str]:
             "session in result keys; choose an id without it"
         )
     if stream_id:
+        if len(stream_id) + STREAM_SUFFIX_CHARS > MAX_STREAM_ID_CHARS:  # `-N` of --streams
+            raise ValueError(
+                f"--stream-id is {len(stream_id)} characters: at most "
+                f"{MAX_STREAM_ID_CHARS - STREAM_SUFFIX_CHARS} (consumers refuse longer ids)"
+            )
         return [stream_id]
     bases: list[str] = []
     for source in sources:
-        name = base = source_name(source).replace(KEY_SEPARATOR, "-")
+        # A long URL path made an id the consumers refused: every frame dead-lettered.
+        name = base = _within_id_limit(source_name(source).replace(KEY_SEPARATOR, "-"))
         copy = 1
         while base in bases:  # also past a `-2` that an earlier copy or another file took
             copy += 1
             base = f"{name}-{copy}"
         bases.append(base)
     return bases
+
+
+# Room kept in a stream id for what is added to it: `-2` for a repeated name, `-N` of --streams.
+STREAM_SUFFIX_CHARS = 16
+
+
+def _within_id_limit(name: str) -> str:
+    """`name`, or where it is too long to be a stream id, its start and a hash of the whole."""
+    room = MAX_STREAM_ID_CHARS - STREAM_SUFFIX_CHARS
+    if len(name) <= room:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return f"{name[: room - 11]}-{digest}"
 
 
 def _partition_count(producer: Producer, topic: str) -> int:
@@ -399,17 +431,37 @@ class _FrameOutlet:
     _counts: threading.Lock = field(default_factory=threading.Lock)
 
     def publish(self, camera: Camera, frame: Frame) -> None:
-        produce_with_backpressure(
-            self.producer, self.watch, self.topic,
-            key=frame.stream_id.encode(), value=frame.jpeg, headers=encode_frame_headers(frame),
-            on_delivery=self._on_delivery, partition=camera.partition, poll_s=0.1,
-        )  # fmt: skip
+        try:
+            produce_with_backpressure(
+                self.producer, self.watch, self.topic,
+                key=frame.stream_id.encode(), value=frame.jpeg,
+                headers=encode_frame_headers(frame), on_delivery=self._on_delivery,
+                partition=camera.partition, poll_s=0.1,
+            )  # fmt: skip
+        except KafkaException as exc:  # refused before it left: over --max-message-bytes
+            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            self._too_large(len(frame.jpeg))
+            return
         self.producer.poll(0)
         with self._counts:
             self.stats.frames_read += 1
             self.stats.per_stream[camera.stream_id] += 1
             self.stats.bytes_published += len(frame.jpeg)
         self.watch.check()
+
+    def _too_large(self, size: int) -> None:
+        """A frame over the message size limit: counted failed, the run goes on (a traceback
+        ended it, with no summary), said once."""
+        with self._counts:
+            self.stats.failed += 1
+            first = self.stats.failed == 1
+        if first:
+            log.error(
+                "a %d-byte frame is over --max-message-bytes with its headers: such frames are "
+                "not published (counted failed); lower the source's resolution or raise the limit",
+                size,
+            )
 
     def count_decoded(self) -> None:
         with self._counts:
