@@ -8,6 +8,7 @@ starts, instead of a traceback minutes into a run.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,13 +38,20 @@ def positive_float(text: str) -> float:
     value = float(_number(text, float))
     if not value > 0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
-    return value
+    return _finite(value, text)
 
 
 def non_negative_float(text: str) -> float:
     value = float(_number(text, float))
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return _finite(value, text)
+
+
+def _finite(value: float, text: str) -> float:
+    """`value`, unless infinite: `--duration inf` never ended, `--timeout inf` gave up at once."""
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
     return value
 
 

@@ -205,7 +205,9 @@ def check_api_reachable() -> None:
 
     url = PREFECT_API_URL.value() or ""
     host = urlsplit(url).hostname or ""
-    if not is_loopback_host(host) or not (elsewhere := nodes_elsewhere()):
+    # 0.0.0.0 (what Prefect's server prints once bound to every interface) dials this machine.
+    here = is_loopback_host(host) or host in ("0.0.0.0", "::")
+    if not here or not (elsewhere := nodes_elsewhere()):
         return
     raise ValueError(
         f"the Prefect API at {url} is on this machine's loopback, which the cluster's nodes "

@@ -282,6 +282,9 @@ def test_flags_out_of_range_are_refused_by_the_parser(tmp_path: Path, capsys) ->
     image.write_bytes(b"not read")
     loadtest = ["loadtest", "--target", CLOSED_PORT, "--images", str(image)]
     assert "must be more than 0, not 0" in _refused([*loadtest, "--duration", "0"], capsys)
+    for infinite in ("inf", "1e400"):  # --duration inf never ended
+        assert "must be a finite number" in _refused([*loadtest, "--duration", infinite], capsys)
+        assert "must be a finite number" in _refused([*loadtest, "--warmup", infinite], capsys)
     assert "not a number: 'x'" in _refused([*loadtest, "--concurrency", "1,x"], capsys)
     assert "must be 1 or more" in _refused([*loadtest, "--concurrency", "0"], capsys)
     assert "comma-separated" in _refused([*loadtest, "--concurrency", "1,,8"], capsys)

@@ -522,6 +522,12 @@ def test_a_cluster_with_nodes_elsewhere_is_refused_while_the_api_is_on_loopback(
         pytest.raises(ValueError, match="cannot reach: set PREFECT_API_URL"),
     ):
         depth_extraction.check_api_reachable()
+    for here in ("http://0.0.0.0:4200/api", "http://[::ffff:127.0.0.1]:4200/api"):
+        with (  # as Prefect prints it once bound to every interface; a mapped loopback
+            temporary_settings({PREFECT_API_URL: here}),
+            pytest.raises(ValueError, match="cannot reach"),
+        ):
+            depth_extraction.check_api_reachable()
     with temporary_settings({PREFECT_API_URL: "http://prefect.internal:4200/api"}):
         depth_extraction.check_api_reachable()  # every node may reach it
     monkeypatch.setattr(depth_extraction, "nodes_elsewhere", list)
