@@ -7,13 +7,24 @@ from urllib.parse import unquote
 
 # The userinfo of an authority: `//user:password@` (RFC 3986 3.2.1), after an optional scheme.
 _USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)[^/?#]*@")
+# A password typed with `/`, `?` or `#` unencoded (`rtsp://admin:se#cret@cam/x`) ends the
+# authority early for the rule above, which then found no userinfo and showed, or stored, the
+# password. Loosely: `user:` and then anything up to an `@`, unless `:` starts a port (digits,
+# then the path).
+_LOOSE_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)[^@/?#]*:(?!\d*(?:[/?#]|$))[^@]*@")
+
+
+def _without_userinfo(url: str) -> str:
+    """`url` without its userinfo, however its password was typed."""
+    stripped = _USERINFO.sub(r"\1", url, count=1)
+    return stripped if stripped != url else _LOOSE_USERINFO.sub(r"\1", url, count=1)
 
 
 def shown_url(url: str) -> str:
     """`url` without what tends to be secret: the userinfo (`user:password@`) goes, and a query
     or fragment becomes `?…` (pre-signed URLs carry their signature there, RTSP cameras their
     tokens). Plain string work, so a URL no parser accepts is still cleaned, never raised on."""
-    without_user = _USERINFO.sub(r"\1", url, count=1)
+    without_user = _without_userinfo(url)
     cut = min((i for i in (without_user.find("?"), without_user.find("#")) if i >= 0), default=-1)
     return without_user if cut < 0 else f"{without_user[:cut]}?…"
 
@@ -57,4 +68,4 @@ def stored_url(url: str) -> str:
     """`url` as a dataset keeps it: without the userinfo and the signature parameters (a
     password, or a pre-signed URL's still valid signature, written to every copy of the table),
     its path and the rest of its query kept, so it still names its video."""
-    return _USERINFO.sub(r"\1", unsigned_url(url), count=1)
+    return unsigned_url(_without_userinfo(url))  # first: a `?` may be in the password

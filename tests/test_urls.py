@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.urls import shown_url
+from common.urls import shown_url, stored_url
 
 
 def test_credentials_and_a_signed_query_are_not_shown() -> None:
@@ -35,3 +35,17 @@ def test_userinfo_query_and_fragment_go_even_from_odd_urls(url: str, shown: str)
 )
 def test_what_holds_no_secret_is_shown_unchanged(url: str) -> None:
     assert shown_url(url) == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["rtsp://admin:se#cret@cam/x", "rtsp://admin:se/cr?et@cam/x", "http://u:p?w@h/clip.mp4"],
+)
+def test_a_password_typed_with_a_delimiter_is_neither_shown_nor_stored(url: str) -> None:
+    """A password with `/`, `?` or `#` unencoded ended the authority early for the strict rule,
+    which then found no userinfo: shown in part, and stored whole in the dataset's row."""
+    for cleaned in (shown_url(url), stored_url(url)):
+        assert "cret" not in cleaned and "cr?et" not in cleaned and "p?w" not in cleaned
+        assert "admin" not in cleaned and "u:" not in cleaned, cleaned
+    # A port, and an `@` in a path, are not taken for a login.
+    assert stored_url("http://h:8080/users/@me/a.mp4") == "http://h:8080/users/@me/a.mp4"
