@@ -64,7 +64,9 @@ def start_server(
 
     `repo_root` runs the server from another checkout (benchmarks compare against older code).
     """
-    port, http_port = port or free_port(), http_port or free_port()
+    port = port or free_port()
+    while not http_port or http_port == port:  # two picks in a row may give one port
+        http_port = free_port()
     log_path = tmp_dir / f"server-{port}-{time.monotonic_ns()}.log"
     args = [
         sys.executable, "-m", "vidflow.cli", "serve",

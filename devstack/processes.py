@@ -42,13 +42,22 @@ def processes_with_descendants(matches: Callable[[str], bool]) -> list[psutil.Pr
 def end_processes(processes: Iterable[psutil.Process], grace_s: float) -> None:
     """SIGTERM each process, then SIGKILL those still there after `grace_s`."""
     processes = list(processes)
+    # psutil.Error: ended meanwhile, or not this account's to signal (a match by command line
+    # may be another user's): said, and the others are still ended.
     for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):  # ended meanwhile
-            process.terminate()
+        _signal(process, process.terminate)
     _, alive = psutil.wait_procs(processes, timeout=grace_s)
     for process in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process.kill()
+        _signal(process, process.kill)
+
+
+def _signal(process: psutil.Process, send: Callable[[], None]) -> None:
+    try:
+        send()
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.Error as exc:
+        log.warning("could not stop process %d: %s", process.pid, exc)
 
 
 def kill_marked_processes(variable: str, value: str, grace_s: float = 10) -> list[int]:
