@@ -11,7 +11,9 @@ _USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)[^/?#]*@")
 # authority early for the rule above, which then found no userinfo and showed, or stored, the
 # password. Loosely: `user:` and then anything up to an `@`, unless `:` starts a port (digits,
 # then the path).
-_LOOSE_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)[^@/?#]*:(?!\d*(?:[/?#]|$))[^@]*@")
+_LOOSE_USERINFO = re.compile(
+    r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)[^@/?#\[\]]*:(?!\d*(?:[/?#]|$))[^@]*@"
+)  # no `[`: `http://[::1]:8080/a@2x.mp4` is an IPv6 host and a path, not a login
 
 
 def _without_userinfo(url: str) -> str:

@@ -41,23 +41,24 @@ def processes_with_descendants(matches: Callable[[str], bool]) -> list[psutil.Pr
 
 def end_processes(processes: Iterable[psutil.Process], grace_s: float) -> None:
     """SIGTERM each process, then SIGKILL those still there after `grace_s`."""
-    processes = list(processes)
     # psutil.Error: ended meanwhile, or not this account's to signal (a match by command line
-    # may be another user's): said, and the others are still ended.
-    for process in processes:
-        _signal(process, process.terminate)
-    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    # may be another user's): said, left out of the wait, and the others are still ended.
+    signalled = [process for process in processes if _signal(process, process.terminate)]
+    _, alive = psutil.wait_procs(signalled, timeout=grace_s)
     for process in alive:
         _signal(process, process.kill)
 
 
-def _signal(process: psutil.Process, send: Callable[[], None]) -> None:
+def _signal(process: psutil.Process, send: Callable[[], None]) -> bool:
+    """Whether `send` reached `process` (False where it had ended or may not be signalled)."""
     try:
         send()
     except psutil.NoSuchProcess:
-        pass
+        return False
     except psutil.Error as exc:
         log.warning("could not stop process %d: %s", process.pid, exc)
+        return False
+    return True
 
 
 def kill_marked_processes(variable: str, value: str, grace_s: float = 10) -> list[int]:

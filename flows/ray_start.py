@@ -88,7 +88,7 @@ def private_ray_auth() -> Iterator[None]:
     saved_mode = os.environ.get(AUTH_MODE_ENV)
     # A mode the user set is kept; but `token` with no token anywhere would have Ray write
     # one to ~/.ray/auth_token (readable by all, kept for every later cluster): not that.
-    if saved_mode and (saved_mode != "token" or _token_available()):
+    if saved_mode and (saved_mode.lower() != "token" or _token_available()):  # Ray lowers it
         yield
         return
     saved_token = os.environ.get(AUTH_TOKEN_ENV)
@@ -327,7 +327,7 @@ def cluster_address() -> str | None:
             )
         return None
     if not _announced_by_this_account(started_here):
-        if started_here not in _NOT_JOINED:  # a run asks up to three times: said once
+        if started_here not in _NOT_JOINED and address != "auto":  # asked up to 3 times
             _NOT_JOINED.add(started_here)
             log.warning(
                 "Not joining the Ray cluster at %s that Ray's current-cluster file names: "

@@ -239,10 +239,14 @@ def test_a_model_in_shards_is_whole_only_with_every_shard(
     for name in ("a.index.json", "pytorch_model.bin.index.json"):
         (snapshot / name).write_text(json.dumps(bin_index))
     assert cached_model_dir(HUB_ID, cache_dir=tmp_path / "hf" / "hub") == snapshot
-    # And a model in one file beside such a stray index.
-    (snapshot / "model.safetensors.index.json").unlink()
+    # A .bin model in one file beside a safetensors index whose shards are missing is not
+    # whole: transformers reads that index first.
     for shard in snapshot.glob("model-0000*.safetensors"):
-        shard.rename(snapshot / "model.safetensors")
+        shard.rename(snapshot / "pytorch_model.bin")
+    assert cached_model_dir(HUB_ID, cache_dir=tmp_path / "hf" / "hub") is None
+    # A model in one file beside a stray index is.
+    (snapshot / "model.safetensors.index.json").unlink()
+    (snapshot / "pytorch_model.bin").rename(snapshot / "model.safetensors")
     assert cached_model_dir(HUB_ID, cache_dir=tmp_path / "hf" / "hub") == snapshot
 
 

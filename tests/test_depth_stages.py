@@ -602,6 +602,8 @@ def test_retry_classification_and_backoff() -> None:
     assert not is_retryable(refused)  # a certificate stays wrong however often it is asked
     cut = aiohttp.ClientConnectorSSLError(None, ssl.SSLEOFError("EOF in violation of protocol"))
     assert is_retryable(cut)  # a handshake an overloaded server cut short
+    plain = aiohttp.ClientConnectorSSLError(None, ssl.SSLError(1, "WRONG_VERSION_NUMBER"))
+    assert not is_retryable(plain)  # plain HTTP on an https port: the same every time
     settings = DepthSettings(retry_backoff_s=1.0, retry_backoff_max_s=5.0)
     for retry, (low, high) in enumerate([(0.5, 1), (1, 2), (2, 4), (2.5, 5), (2.5, 5)]):
         assert low <= backoff_delay_s(retry, settings) <= high

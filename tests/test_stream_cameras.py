@@ -216,8 +216,11 @@ def test_a_stream_id_is_never_longer_than_consumers_take() -> None:
     assert len(base) + 16 <= 256 and base.startswith("cam.example-segment-segment")
     (other,) = stream_bases([long_path + "x"], None)
     assert other != base  # their hash tells them apart
-    with pytest.raises(ValueError, match="--stream-id is 300 characters: at most 240"):
+    with pytest.raises(ValueError, match="--stream-id is 300 characters: at most 256"):
         stream_bases([str(CLIP)], "s" * 300)
+    assert stream_bases([str(CLIP)], "s" * 250) == ["s" * 250]  # one stream: nothing added
+    with pytest.raises(ValueError, match="at most 240 with --streams"):
+        stream_bases([str(CLIP)], "s" * 250, streams=4)
 
 
 def test_a_stream_id_never_holds_the_key_separator() -> None:

@@ -47,5 +47,7 @@ def test_a_password_typed_with_a_delimiter_is_neither_shown_nor_stored(url: str)
     for cleaned in (shown_url(url), stored_url(url)):
         assert "cret" not in cleaned and "cr?et" not in cleaned and "p?w" not in cleaned
         assert "admin" not in cleaned and "u:" not in cleaned, cleaned
-    # A port, and an `@` in a path, are not taken for a login.
-    assert stored_url("http://h:8080/users/@me/a.mp4") == "http://h:8080/users/@me/a.mp4"
+    # A port, an IPv6 host, and an `@` in a path or query, are not taken for a login.
+    for kept in ("http://h:8080/users/@me/a.mp4", "http://[::1]:8080/clips/a@2x.mp4",
+                 "http://[2001:db8::5]/v.mp4?owner=a@b.com"):  # fmt: skip
+        assert stored_url(kept) == kept

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,7 +104,6 @@ def _health(args: argparse.Namespace) -> int:
 
 def _loadtest(args: argparse.Namespace) -> int:
     from common.frames import load_encoded_images
-    from services.inference.client import health_check, wait_until_serving
     from services.inference.loadtest import format_table, run_loadtest, write_json
 
     client = settings_from_args(ClientSettings, args)
@@ -111,14 +111,7 @@ def _loadtest(args: argparse.Namespace) -> int:
     images = load_encoded_images(args.images, max_frames=args.max_frames)
     # A service still loading its model (or not there) filled the first level with errors,
     # and a wrong port ran every level before it said so.
-    try:
-        # 0: no wait, the errors counted as they come; a target with no health service (a
-        # proxy in front of it) cannot be waited for.
-        if args.wait > 0 and health_check(target, tls_ca=client.tls_ca)[0] != "UNIMPLEMENTED":
-            wait_until_serving(target, args.wait, tls_ca=client.tls_ca)
-    except TimeoutError as exc:
-        _, why = health_check(target, tls_ca=client.tls_ca)
-        log.error("%s%s: no load test run", exc, f" ({why})" if why else "")
+    if args.wait > 0 and not _serving_within(target, args.wait, client.tls_ca):
         return 1
     concurrencies = args.concurrency
     rpc = "ClassifyStream" if args.streaming else "Classify"
@@ -143,6 +136,23 @@ def _loadtest(args: argparse.Namespace) -> int:
     if failed := sum(r.errors for r in results):  # the figures are not those of a clean run
         log.error("%d calls failed (the errors column, and the first reason of each above)", failed)
     return 1 if failed or any(r.requests == 0 for r in results) else 0
+
+
+def _serving_within(target: str, wait_s: float, tls_ca: Path | None) -> bool:
+    """Wait up to `wait_s` for the service to be SERVING (a target with no health service, a
+    proxy in front of it, is taken as it is); False, said why, if it never is."""
+    from services.inference.client import health_check
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        status, why = health_check(target, tls_ca=tls_ca)
+        if status in ("SERVING", "UNIMPLEMENTED"):
+            return True
+        if time.monotonic() >= deadline:
+            log.error("%s not SERVING after %g s (last: %s%s): no load test run",
+                      target, wait_s, status, f", {why}" if why else "")  # fmt: skip
+            return False
+        time.sleep(0.2)
 
 
 def _broker(args: argparse.Namespace) -> int:

@@ -60,9 +60,14 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
 
 def _a_broken_file(exc: Exception) -> bool:
     """Whether ONNX Runtime, or the metadata check, refused the file itself (not a device)."""
-    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidGraph, InvalidProtobuf
+    from onnxruntime.capi.onnxruntime_pybind11_state import (
+        InvalidArgument,  # an empty file: "No graph was found in the protobuf"
+        InvalidGraph,
+        InvalidProtobuf,
+    )
 
-    return isinstance(exc, InvalidProtobuf | InvalidGraph) or "lacks vidflow metadata" in str(exc)
+    refused = InvalidProtobuf | InvalidGraph | InvalidArgument
+    return isinstance(exc, refused) or "lacks vidflow metadata" in str(exc)
 
 
 def _onnx_model(path: Path, device: str, settings: InferenceSettings) -> ServedModel:

@@ -17,6 +17,7 @@ import datetime
 import email.utils
 import logging
 import re
+import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -110,8 +111,8 @@ def is_retryable(exc: BaseException) -> bool:
     which stays wrong however often it is asked for."""
     if isinstance(exc, DownloadError):
         return exc.retryable
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):  # a handshake cut short is
-        return False  # retried (ClientConnectorSSLError), a certificate refused is not
+    if isinstance(exc, aiohttp.ClientSSLError):  # only a handshake cut short may pass
+        return isinstance(getattr(exc, "os_error", None), ssl.SSLEOFError | ssl.SSLZeroReturnError)
     return isinstance(
         exc, TimeoutError | aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
     )

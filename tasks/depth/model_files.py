@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 # What a transformers depth model needs besides its weights (`*.safetensors` or `*.bin`).
 NEEDED_FILES = ("config.json", "preprocessor_config.json")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
-WHOLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # a model in one file
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 class HubUnreachableError(ValueError):
@@ -46,7 +46,11 @@ def is_whole_model(folder: Path) -> bool:
             continue
         if all((folder / shard).is_file() for shard in shards):
             return True
-    if any((folder / name).is_file() for name in WHOLE_WEIGHT_FILES):  # beside a stray index
+    # A model in one file beside a stray index; transformers reads a safetensors index before
+    # `pytorch_model.bin`, so that one counts only where there is none.
+    if (folder / "model.safetensors").is_file():
+        return True
+    if (folder / "pytorch_model.bin").is_file() and not (folder / SAFETENSORS_INDEX).is_file():
         return True
     return not indexes and any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS)
 

@@ -217,7 +217,7 @@ def source_name(source: str) -> str:
     return "-".join([host, *(part for part in parts.path.split("/") if part)]) or parts.scheme
 
 
-def stream_bases(sources: list[str], stream_id: str | None) -> list[str]:
+def stream_bases(sources: list[str], stream_id: str | None, streams: int = 1) -> list[str]:
     """Each source's stream id (base): `--stream-id` for one source, else `source_name`;
     names that repeat get `-2`, `-3`, ... so no two cameras share an id."""
     if stream_id and len(sources) > 1:
@@ -228,10 +228,11 @@ def stream_bases(sources: list[str], stream_id: str | None) -> list[str]:
             "session in result keys; choose an id without it"
         )
     if stream_id:
-        if len(stream_id) + STREAM_SUFFIX_CHARS > MAX_STREAM_ID_CHARS:  # `-N` of --streams
+        room = MAX_STREAM_ID_CHARS - (STREAM_SUFFIX_CHARS if streams > 1 else 0)  # `-N` added
+        if len(stream_id) > room:
             raise ValueError(
-                f"--stream-id is {len(stream_id)} characters: at most "
-                f"{MAX_STREAM_ID_CHARS - STREAM_SUFFIX_CHARS} (consumers refuse longer ids)"
+                f"--stream-id is {len(stream_id)} characters: at most {room} "
+                f"{'with --streams ' if streams > 1 else ''}(consumers refuse longer ids)"
             )
         return [stream_id]
     bases: list[str] = []
@@ -282,7 +283,7 @@ def produce_frames(
     """Publish frames until the sources end (unless --loop), --max-frames per stream, or `stop`."""
     stop = stop or threading.Event()
     sources = source_list(settings.source)
-    bases = stream_bases(sources, settings.stream_id)
+    bases = stream_bases(sources, settings.stream_id, settings.streams)
     with contextlib.ExitStack() as held:
         captures = [held.enter_context(open_source(source)) for source in sources]
         watch = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
@@ -429,6 +430,7 @@ class _FrameOutlet:
     # Several sources publish from threads of their own; the counts are shared. (librdkafka's
     # producer is thread-safe; delivery callbacks run in whichever thread polls.)
     _counts: threading.Lock = field(default_factory=threading.Lock)
+    _said_too_large: bool = False  # the first frame over the size limit is said, once
 
     def publish(self, camera: Camera, frame: Frame) -> None:
         try:
@@ -455,7 +457,7 @@ class _FrameOutlet:
         ended it, with no summary), said once."""
         with self._counts:
             self.stats.failed += 1
-            first = self.stats.failed == 1
+            first, self._said_too_large = not self._said_too_large, True
         if first:
             log.error(
                 "a %d-byte frame is over --max-message-bytes with its headers: such frames are "
