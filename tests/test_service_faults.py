@@ -235,14 +235,15 @@ def test_stream_items_cut_by_the_deadline_are_not_counted_ok(
                 assert reply.predictions
                 answered += 1
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    # The server counts the cut items as it cancels them: wait for them (a loaded machine).
-    deadline = time.monotonic() + 10
-    while (
-        not (delta := _delta(_classify_counts(onnx_server.http_url, "ClassifyStream"), before)).get(
-            "DEADLINE_EXCEEDED"
-        )
-        and time.monotonic() < deadline
-    ):
+    # The server counts the cut items as it cancels them: wait until the counts have come and
+    # stopped changing (a loaded machine; the next test's counts must not get this one's).
+    deadline, delta, steady_since = time.monotonic() + 15, {}, time.monotonic()
+    while time.monotonic() < deadline:
+        now = _delta(_classify_counts(onnx_server.http_url, "ClassifyStream"), before)
+        if now != delta:
+            delta, steady_since = now, time.monotonic()
+        elif delta.get("DEADLINE_EXCEEDED") and time.monotonic() - steady_since >= 1.0:
+            break
         time.sleep(0.1)
     # Items in the stream's window when the deadline struck are cut, not classified.
     assert delta.get("DEADLINE_EXCEEDED", 0) >= 1, (delta, answered)
