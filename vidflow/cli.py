@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -141,18 +140,15 @@ def _loadtest(args: argparse.Namespace) -> int:
 def _serving_within(target: str, wait_s: float, tls_ca: Path | None) -> bool:
     """Wait up to `wait_s` for the service to be SERVING (a target with no health service, a
     proxy in front of it, is taken as it is); False, said why, if it never is."""
-    from services.inference.client import health_check
+    from services.inference.client import health_check, wait_until_serving
 
-    deadline = time.monotonic() + wait_s
-    while True:
-        status, why = health_check(target, tls_ca=tls_ca)
-        if status in ("SERVING", "UNIMPLEMENTED"):
-            return True
-        if time.monotonic() >= deadline:
-            log.error("%s not SERVING after %g s (last: %s%s): no load test run",
-                      target, wait_s, status, f", {why}" if why else "")  # fmt: skip
-            return False
-        time.sleep(0.2)
+    try:
+        wait_until_serving(target, wait_s, tls_ca, also=("UNIMPLEMENTED",))
+    except TimeoutError as exc:
+        _, why = health_check(target, tls_ca=tls_ca)
+        log.error("%s%s: no load test run", exc, f" ({why})" if why else "")
+        return False
+    return True
 
 
 def _broker(args: argparse.Namespace) -> int:

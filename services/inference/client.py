@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,17 +182,19 @@ def wait_until_serving(
     timeout_s: float = 120.0,
     tls_ca: Path | None = None,
     exited: Callable[[], bool] | None = None,
-) -> None:
-    """Block until health says SERVING, or raise TimeoutError with the last status seen, or
-    ServerExitedError as soon as `exited` says the server's process is gone."""
+    also: Collection[str] = (),
+) -> str:
+    """Block until health says SERVING (or a status in `also`) and return it, or raise
+    TimeoutError with the last status seen, or ServerExitedError as soon as `exited` says the
+    server's process is gone."""
     deadline = time.monotonic() + timeout_s
     status = "UNREACHABLE"
     while time.monotonic() < deadline:
         if exited is not None and exited():
             raise ServerExitedError(f"{target} will never serve: its process exited")
         status = health_status(target, tls_ca=tls_ca)
-        if status == "SERVING":
-            return
+        if status == "SERVING" or status in also:
+            return status
         time.sleep(0.2)
     raise TimeoutError(f"{target} not SERVING after {timeout_s:.0f} s (last status {status})")
 
