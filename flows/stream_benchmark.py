@@ -24,6 +24,7 @@ from flows.stream_failures import (
     BrokerLostDuringRunError,
     NothingAnsweredError,
     ResultsUndeliveredError,
+    SourceLostError,
     StreamRunFailedError,
     broker_lost,
 )
@@ -75,6 +76,8 @@ def markdown_report(
     outcome_rows = "\n".join(f"| {name} | {count} |" for name, count in outcomes.items())
     lost = broker_lost(summary, produced)
     warning = f"**BROKER LOST: {lost}**; the figures cover the run until then.\n\n" if lost else ""
+    if lost_source := produced.get("source_error"):
+        warning += f"**SOURCE LOST: {lost_source}**; the figures cover the run until then.\n\n"
     if undelivered := summary.get("delivery_error"):
         warning += (
             f"**A CONSUMER STOPPED: {undelivered}**; the frames after it stay uncommitted.\n\n"
@@ -172,6 +175,8 @@ def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:
             f"the broker was lost during the run ({lost}); the report covers the run until then",
             outcome,
         )
+    if lost_source := produced.get("source_error"):
+        raise SourceLostError(f"{lost_source}; the report covers the run until then", outcome)
     if undelivered := summary.get("delivery_error"):
         raise ResultsUndeliveredError(
             f"a consumer stopped: {undelivered}; the frames after it stay uncommitted", outcome

@@ -21,6 +21,10 @@ class BrokerLostDuringRunError(StreamRunFailedError):
     """The producer or a consumer lost the broker for longer than its grace."""
 
 
+class SourceLostError(StreamRunFailedError):
+    """A live source (a camera, a stream) stopped giving frames during the run."""
+
+
 class NothingAnsweredError(StreamRunFailedError):
     """Frames went through the broker, but the service answered none of them."""
 

@@ -180,7 +180,7 @@ def _produce(args: argparse.Namespace) -> int:
     ensure_topics(kafka, [kafka.frames_topic])
     stats = produce_frames(settings, kafka, stop_on_signals())
     print(json.dumps(stats.as_dict()))
-    return 1 if stats.failed or stats.broker_error else 0
+    return 1 if stats.failed or stats.broker_error or stats.source_error else 0
 
 
 def _consume(args: argparse.Namespace) -> int:

@@ -5,7 +5,10 @@ publishes as fast as frames can be read and encoded. Several sources (`--source 
 are several cameras in one process, each read, paced and published by a thread of its own.
 `--streams N` replays each source as N independent cameras: each decoded frame is JPEG-encoded
 once and published N times, each copy with its own camera's stream id, frame index and capture
-time, the cameras' clocks staggered by 1/N of a frame period. A broker gone for longer than
+time, the cameras' clocks staggered by 1/N of a frame period. A live source (a webcam, an
+rtsp:// or other stream) is read on a thread of its own that keeps only its newest frame: a
+producer that falls behind drops frames (`frames_dropped`) rather than publish ever older ones,
+and a live source that ends is lost (`source_error`). A broker gone for longer than
 `--broker-grace-s` ends the run with `broker_error` set; the frames it never took count as failed.
 """
 
@@ -24,6 +27,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import cv2
+import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from common.frames import encode_jpeg, opened_video
@@ -37,6 +41,7 @@ from tasks.stream.frame_codec import (
     new_session,
 )
 from tasks.stream.kafka_io import make_producer, produce_with_backpressure
+from tasks.stream.live_source import LatestFrame, is_live, open_live
 from tasks.stream.settings import KafkaSettings, ProducerSettings, shown_sources, source_list
 
 log = logging.getLogger(__name__)
@@ -59,8 +64,11 @@ class ProduceStats:
     # each camera's pace (None: --fps max), where several sources run at rates of their own
     target_fps_per_stream: dict[str, float | None] = field(default_factory=dict)
     broker_error: str | None = None
+    source_error: str | None = None  # a live source (camera, stream) that stopped giving frames
     streams: int = 1
     frames_decoded: int = 0  # source frames decoded and encoded (once for all its streams)
+    # live frames replaced by a newer one before the producer had time for them (live_source)
+    frames_dropped: int = 0
     per_stream: dict[str, int] = field(default_factory=dict)  # messages published per stream id
     session: str = field(default_factory=new_session)  # in every frame's key (frame_codec)
     # Wall-clock time (ns) of the pacing schedule's start: with `fps`, camera i of N's frame k
@@ -102,6 +110,18 @@ def open_source(source: str) -> Iterator[cv2.VideoCapture]:
         if not capture.isOpened():
             raise ValueError(f"cannot open video source {shown_url(source)}")
         yield capture
+
+
+@contextlib.contextmanager
+def _opened_feed(source: str) -> Iterator[tuple[cv2.VideoCapture, LatestFrame | None]]:
+    """A source's capture, and for a live one (a camera, a stream) the `LatestFrame` that
+    reads it, so that a producer that falls behind drops frames instead of lagging."""
+    if not is_live(source):
+        with open_source(source) as capture:
+            yield capture, None
+        return
+    with open_live(_checked_target(source), shown_url(source)) as latest:
+        yield latest.capture, latest
 
 
 def _say_if_cut_short(feed: Feed) -> None:
@@ -275,6 +295,16 @@ class Feed:
     capture: cv2.VideoCapture
     fps: float | None  # None: as fast as possible
     cameras: list[Camera]
+    live: LatestFrame | None = None  # a camera or stream, read on a thread of its own
+
+    def next_image(self, stop: threading.Event) -> tuple[np.ndarray, int] | None:
+        """The source's next frame and when it was taken (ns, wall clock); None at its end
+        (or, for a live source, on `stop`)."""
+        if self.live is not None:
+            return self.live.take(stop)
+        taken_ns = time.time_ns()  # a file's frame is taken when its turn comes
+        ok, image = self.capture.read()
+        return (image, taken_ns) if ok else None
 
 
 def produce_frames(
@@ -285,15 +315,15 @@ def produce_frames(
     sources = source_list(settings.source)
     bases = stream_bases(sources, settings.stream_id, settings.streams)
     with contextlib.ExitStack() as held:
-        captures = [held.enter_context(open_source(source)) for source in sources]
+        opened = [held.enter_context(_opened_feed(source)) for source in sources]
         watch = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
         producer = make_producer(kafka, watch)
         n = len(sources) * settings.streams
         partitions = _partition_count(producer, kafka.frames_topic) if n > 1 else 1
         feeds = [
-            Feed(source, capture, target_fps(settings.fps, capture), cams)
-            for source, capture, cams in zip(
-                sources, captures, run_cameras(bases, settings.streams, partitions), strict=True
+            Feed(source, capture, target_fps(settings.fps, capture), cams, live)
+            for source, (capture, live), cams in zip(
+                sources, opened, run_cameras(bases, settings.streams, partitions), strict=True
             )
         ]
         paces = {cam.stream_id: feed.fps for feed in feeds for cam in feed.cameras}
@@ -319,12 +349,18 @@ def produce_frames(
         finally:
             # The frames' own pace: the flush below may wait up to 30 s for a slow broker.
             stats.duration_s = time.monotonic() - started
+            stats.frames_dropped = sum(feed.live.dropped for feed in feeds if feed.live)
             held.close()  # release the sources before a flush that may wait for the broker
             outlet.flush()
     log.info(
         "produced %d frames in %d stream(s) (%d delivered, %d failed) in %.1f s (%.1f fps)",
         stats.frames_read, n, stats.delivered, stats.failed, stats.duration_s, stats.fps,
     )  # fmt: skip
+    if stats.frames_dropped:
+        log.warning(
+            "%d live frames dropped: newer ones came before they could be published (the "
+            "producer or the broker was slower than the source)", stats.frames_dropped,
+        )  # fmt: skip
     return stats
 
 
@@ -393,8 +429,12 @@ def _replay(
                 break
         capture_ts_ns = time.time_ns()  # the camera's turn: its frame is taken now
         if turn % n == 0:  # the others publish this JPEG on their turns
-            ok, image = feed.capture.read()
-            if not ok:
+            got = feed.next_image(stop)
+            if got is None and feed.live is not None:
+                if feed.live.ended:
+                    outlet.source_lost(feed.source, decoded)
+                break
+            if got is None:
                 _say_if_cut_short(feed)
                 if settings.loop and decoded > decoded_at_rewind:
                     # Opened again, not seeked: OpenCV could not seek some files (a one-frame
@@ -406,6 +446,7 @@ def _replay(
                     log.warning("%s gave no frame from its start again: it ends here",
                                 shown_url(feed.source))  # fmt: skip
                 break
+            image, capture_ts_ns = got
             jpeg = encode_jpeg(image, settings.jpeg_quality)
             decoded += 1
             outlet.count_decoded()
@@ -464,6 +505,15 @@ class _FrameOutlet:
                 "not published (counted failed); lower the source's resolution or raise the limit",
                 size,
             )
+
+    def source_lost(self, source: str, frames: int) -> None:
+        """A live source that stopped giving frames: its streams end, the others go on, and
+        the run reports it (`vidflow produce` exits 1)."""
+        lost = f"{shown_url(source)} stopped giving frames after {frames}: camera or stream lost"
+        log.error("%s", lost)
+        with self._counts:
+            earlier = self.stats.source_error
+            self.stats.source_error = f"{earlier}; {lost}" if earlier else lost
 
     def count_decoded(self) -> None:
         with self._counts:

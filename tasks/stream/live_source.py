@@ -1,0 +1,120 @@
+"""Live sources (cameras, RTSP and other network streams) read so that a slow publisher drops
+frames rather than falling behind.
+
+A camera or a network stream does not wait for its reader: OpenCV (and the camera driver or
+FFmpeg's network buffer under it) queues what arrives, and `read()` hands back the oldest
+frame. A producer that is late once, behind a slow broker or a busy CPU, then publishes frames
+seconds old for the rest of the run, each a little older, and a live view falls further behind.
+`LatestFrame` reads the source on a thread of its own and keeps only the newest frame: what is
+not taken before the next one arrives is dropped (and counted), as a live pipeline does.
+(OpenCV's `CAP_PROP_BUFFERSIZE` would do it only for some camera back ends, never for FFmpeg's
+network streams, hence this thread.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import cv2
+import numpy as np
+
+# URL schemes of streams that run whether or not they are read (http(s) may be a file too)
+LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "rtp", "udp", "tcp", "srt"})
+# How long closing waits for the reading thread's last `read()` (at most one frame period on a
+# working source; FFmpeg's own timeout on a stalled one)
+CLOSE_WAIT_S = 2.0
+
+
+def is_live(source: str) -> bool:
+    """Whether `source` runs on its own clock: a webcam or a stream URL, not a file."""
+    if source.startswith("webcam:"):
+        return True
+    return urlsplit(source).scheme.lower() in LIVE_SCHEMES
+
+
+@contextlib.contextmanager
+def open_live(target: str | int, shown: str) -> Iterator[LatestFrame]:
+    """A live source's `LatestFrame`, its capture released when the block ends (or, where the
+    reading thread is still inside a `read()`, as soon as that returns). ValueError where
+    OpenCV cannot open it."""
+    latest = LatestFrame(cv2.VideoCapture(target), name=f"live-{shown}")
+    try:
+        if not latest.capture.isOpened():
+            raise ValueError(f"cannot open video source {shown}")
+        yield latest
+    finally:
+        latest.close()
+
+
+class LatestFrame:
+    """The newest frame of a live capture, read on a thread of its own (started by the first
+    `take`, so the capture's properties can be read before it); older frames not taken in time
+    are dropped. It owns the capture and releases it."""
+
+    def __init__(self, capture: cv2.VideoCapture, name: str = "live-source") -> None:
+        self.capture = capture
+        self._changed = threading.Condition()
+        self._image: np.ndarray | None = None
+        self._read_ns = 0  # wall-clock time its newest frame was read
+        self._sequence = 0  # frames read so far
+        self._taken = 0  # the sequence number of the last frame taken
+        self._ended = False
+        self._closing = False
+        self._release_when_read = False  # closed during a read: the thread releases it
+        self.dropped = 0  # frames read but replaced before anyone took them
+        self._thread = threading.Thread(target=self._read_all, name=name, daemon=True)
+
+    def _read_all(self) -> None:
+        try:
+            while not self._closing:
+                ok, image = self.capture.read()
+                now_ns = time.time_ns()
+                with self._changed:
+                    if not ok:
+                        return
+                    self._image, self._read_ns = image, now_ns
+                    self._sequence += 1
+                    self._changed.notify_all()
+        finally:
+            with self._changed:
+                self._ended = True
+                self._changed.notify_all()
+                if self._release_when_read:
+                    self.capture.release()
+
+    def take(self, stop: threading.Event) -> tuple[np.ndarray, int] | None:
+        """The newest frame not taken yet and when it was read (ns, wall clock), waiting for
+        one; None once the source has ended (a lost camera or stream) or `stop` is set."""
+        if self._thread.ident is None:  # the first take
+            self._thread.start()
+        with self._changed:
+            while self._sequence == self._taken:
+                if self._ended or stop.is_set():
+                    return None
+                self._changed.wait(0.1)
+            self.dropped += self._sequence - self._taken - 1
+            self._taken = self._sequence
+            return self._image, self._read_ns
+
+    @property
+    def ended(self) -> bool:
+        """Whether the source stopped giving frames (not because it was closed)."""
+        with self._changed:
+            return self._ended and not self._closing
+
+    def close(self) -> None:
+        """Stop reading and release the capture: now, or where the reading thread is still
+        inside a `read()` (a stalled stream), by that thread once the read returns (a capture
+        released under a read in progress is not safe)."""
+        self._closing = True
+        if self._thread.ident is not None:
+            self._thread.join(CLOSE_WAIT_S)
+        with self._changed:
+            if self._thread.ident is not None and not self._ended:
+                self._release_when_read = True
+                return
+        self.capture.release()

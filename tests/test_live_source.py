@@ -1,0 +1,104 @@
+"""Live sources: a network stream that runs at its own pace whether or not it is read, served
+for real by FFmpeg over TCP on 127.0.0.1, produced to the real local broker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
+import pytest
+
+from common.net import free_port
+from tasks.depth.transcode import ffmpeg_exe
+from tasks.stream.frame_codec import decode_frame
+from tasks.stream.live_source import is_live
+from tasks.stream.producer import produce_frames
+from tasks.stream.settings import KafkaSettings, ProducerSettings
+from tests.conftest import VIDEOS
+from tests.kafka_helpers import read_topic
+from vidflow.cli import main
+
+CLIP = VIDEOS / "k400_arm_wrestling.mp4"  # 10 s at 28 fps
+CLIP_FPS = 28.0
+
+
+@pytest.fixture
+def live_stream() -> Iterator[tuple[str, subprocess.Popen]]:
+    """The clip as a live MPEG-TS stream at its own pace (`-re`), from its first reader on."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            ffmpeg_exe(), "-v", "error", "-re", "-i", str(CLIP), "-an", "-c:v", "copy",
+            "-f", "mpegts", f"tcp://127.0.0.1:{port}?listen=1",
+        ],
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(0.3)  # listening
+    try:
+        yield f"tcp://127.0.0.1:{port}", server
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _clip_frames() -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(CLIP))
+    frames = []
+    while (got := capture.read())[0]:
+        frames.append(got[1].astype(np.float32))
+    capture.release()
+    return frames
+
+
+def _stream_position(jpeg: bytes, clip: list[np.ndarray]) -> int:
+    """Which frame of the clip a published JPEG shows (the closest one)."""
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).astype(np.float32)
+    return int(np.argmin([np.mean((image - frame) ** 2) for frame in clip]))
+
+
+def test_stream_urls_and_cameras_are_live_and_files_are_not() -> None:
+    assert is_live("webcam:0") and is_live("rtsp://10.0.0.5/live") and is_live("TCP://h:1")
+    assert not is_live(str(CLIP)) and not is_live("https://example.com/clip.mp4")
+
+
+def test_a_live_stream_read_slower_than_it_runs_drops_frames_instead_of_falling_behind(
+    kafka: KafkaSettings, live_stream: tuple[str, subprocess.Popen]
+) -> None:
+    """OpenCV queues what a network stream sends and `read()` returns the oldest frame: paced
+    at 5 of the stream's 28 frames a second, the producer published the stream's first
+    frames one after the other, each older than the last (frame 11 of the clip after 2.4 s)."""
+    url, _ = live_stream
+    published = 12
+    started = time.monotonic()
+    stats = produce_frames(ProducerSettings(source=url, fps="5", max_frames=published), kafka)
+    elapsed = time.monotonic() - started
+    assert (stats.frames_read, stats.delivered, stats.source_error) == (published, published, None)
+    # What the 28-fps stream sent while the producer took 12 frames, less those 12:
+    assert stats.frames_dropped >= (elapsed - 1.0) * CLIP_FPS - published, stats
+
+    frames = read_topic(kafka.bootstrap_servers, kafka.frames_topic, expected=published)
+    last = max((decode_frame(m.value(), m.headers()) for m in frames), key=lambda f: f.frame_index)
+    # The last frame published is the stream's frame of that moment, not its 12th.
+    assert _stream_position(last.jpeg, _clip_frames()) >= (elapsed - 1.0) * CLIP_FPS, elapsed
+
+
+def test_a_live_stream_that_ends_is_a_lost_source_and_produce_exits_1(
+    kafka: KafkaSettings,
+    live_stream: tuple[str, subprocess.Popen],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A file that ends is done; a camera or a stream that ends is lost, and `vidflow
+    produce` said nothing and exited 0 as if the run had gone well."""
+    url, server = live_stream
+    threading.Timer(1.5, server.kill).start()  # the camera goes away mid-run
+    code = main(["produce", "--bootstrap-servers", kafka.bootstrap_servers,
+                 "--frames-topic", kafka.frames_topic, "--source", url])  # fmt: skip
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 1
+    assert "stopped giving frames" in summary["source_error"] and url in summary["source_error"]
+    assert summary["frames_read"] > 0 and summary["failed"] == 0
