@@ -7,6 +7,7 @@ broker (`vidflow broker`, Redpanda or Kafka).
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
@@ -22,6 +23,7 @@ from flows.run_logs import logs_in_run
 from flows.stream_capacity import capacity_sweep
 from flows.stream_failures import (
     BrokerLostDuringRunError,
+    FramesUndeliveredError,
     NothingAnsweredError,
     ResultsUndeliveredError,
     SourceLostError,
@@ -29,12 +31,17 @@ from flows.stream_failures import (
     broker_lost,
 )
 from flows.stream_settings import StreamBenchmarkSettings
-from services.inference.client import ServiceUnreachableError, wait_until_reachable
+from services.inference.client import (
+    ServiceUnreachableError,
+    wait_until_reachable,
+    wait_until_serving,
+)
 from tasks.stream.consumer_summary import nothing_answered
 from tasks.stream.prefect_tasks import DRAIN_S, run_producer_and_group
 from tasks.stream.settings import ConsumerSettings, ProducerSettings, source_list
 from tasks.stream.topics import BrokerUnreachableError, check_broker
 
+log = logging.getLogger(__name__)
 TABLE_COLUMNS = ("stage", "p50", "p90", "p99", "max", "mean")
 
 
@@ -133,7 +140,7 @@ def stream_benchmark(
     (BrokerUnreachableError), as does a service that answered nothing at all
     (ServiceUnreachableError)."""
     settings = settings or StreamBenchmarkSettings()
-    with logs_in_run("tasks.stream"):
+    with logs_in_run("tasks.stream"), logs_in_run(__name__):
         try:
             check_stack(settings)
             if settings.capacity:
@@ -146,10 +153,22 @@ def stream_benchmark(
 def check_stack(settings: StreamBenchmarkSettings) -> None:
     """Raise BrokerUnreachableError or ServiceUnreachableError where nothing is there: a run
     would otherwise produce for its whole length (a sweep step after step) and fail at the end.
-    A service still loading its model counts as there. Checked once, at the start: a service
+    A service still loading its model counts as there (a capacity sweep waits `load_wait_s` for
+    it to serve). Checked once, at the start: a service
     lost mid-sweep fails its steps, and the sweep still reports the ones it finished."""
     check_broker(settings.kafka)
-    wait_until_reachable(settings.client.target, settings.service_wait_s, settings.client.tls_ca)
+    client = settings.client
+    status = wait_until_reachable(client.target, settings.service_wait_s, client.tls_ca)
+    if settings.capacity and status != "SERVING":  # its first steps would measure the loading
+        log.info("waiting up to %g s for the inference service at %s to load its model (%s)",
+                 settings.load_wait_s, client.target, status)  # fmt: skip
+        try:
+            wait_until_serving(client.target, settings.load_wait_s, client.tls_ca)
+        except TimeoutError as exc:
+            raise ServiceUnreachableError(
+                f"{exc}: a capacity sweep measures a service that serves (one loading its model, "
+                "or answering NOT_SERVING, would set the capacity at 0)"
+            ) from None
 
 
 def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:
@@ -177,6 +196,12 @@ def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:
         )
     if lost_source := produced.get("source_error"):
         raise SourceLostError(f"{lost_source}; the report covers the run until then", outcome)
+    if produced["failed"] and not produced["delivered"]:
+        raise FramesUndeliveredError(
+            f"the broker took none of the producer's frames ({produced['failed']} failed; the "
+            "producer's errors in this run's log say why: a message size limit, an ACL)",
+            outcome,
+        )
     if undelivered := summary.get("delivery_error"):
         raise ResultsUndeliveredError(
             f"a consumer stopped: {undelivered}; the frames after it stay uncommitted", outcome

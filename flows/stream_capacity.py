@@ -36,10 +36,13 @@ from flows.capacity_rules import (
 )
 from flows.stream_failures import (
     BrokerLostDuringRunError,
+    FramesUndeliveredError,
+    NothingAnsweredError,
     ResultsUndeliveredError,
+    StepRunFailedError,
     StreamRunFailedError,
 )
-from flows.stream_settings import StreamBenchmarkSettings
+from flows.stream_settings import StreamBenchmarkSettings, refuse_live_for_capacity
 from tasks.stream.prefect_tasks import DRAIN_S, RUN_STOP, run_producer_and_group
 from tasks.stream.producer import open_source, target_fps
 from tasks.stream.results import read_records
@@ -59,6 +62,7 @@ IDLE_TIMEOUT_S = 3.0
 def source_format(source: str, fps: str) -> tuple[int, int, float]:
     """Width, height and the per-stream frame rate a step paces at (the source's when native)."""
     [one] = source_list(source)  # the settings refuse several for a sweep
+    refuse_live_for_capacity([one])  # an env:NAME source is known only now
     with open_source(one) as capture:
         width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
         height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
@@ -102,6 +106,17 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
         if undelivered := summary.delivery_error:  # its figures would read as a count failing
             raise StepUndeliveredError(f"a consumer stopped in the step of {step[:-2]}: "
                                        f"{undelivered}")  # fmt: skip
+        if produced.failed:  # frames the broker never took: the step measured the broker
+            raise StepFramesUndeliveredError(
+                f"the producer could not deliver {produced.failed} frame(s) in the step of "
+                f"{step[:-2]} (its log says why): the step would measure the broker, not this box"
+            )
+        if summary.frames_consumed and not summary.results_published and summary.errors:
+            raise StepNothingAnsweredError(  # a service gone, or one that answers no frame
+                f"the service at {sweep.client.target} classified none of the "
+                f"{summary.frames_consumed} frames of the step of {step[:-2]} ({summary.errors} "
+                "failed calls; the consumers' warnings in the run's log say why)"
+            )
         try:
             records = read_records(kafka, kafka.results_topic)
         except KafkaException as exc:  # gone as the step ended
@@ -137,6 +152,24 @@ class StepUndeliveredError(StepEndedError):
     """A consumer stopped: the results topic refused a result for good (the broker up)."""
 
     failure = ResultsUndeliveredError
+
+
+class StepFramesUndeliveredError(StepEndedError):
+    """The broker refused the step's frames (a size limit, an ACL) with the broker up."""
+
+    failure = FramesUndeliveredError
+
+
+class StepNothingAnsweredError(StepEndedError):
+    """Every call of the step failed: the service is gone, or answers no frame."""
+
+    failure = NothingAnsweredError
+
+
+class StepFailedError(StepEndedError):
+    """Any other fault of a step (a source that no longer opens, a topic not made)."""
+
+    failure = StepRunFailedError
 
 
 def kept_topics(
@@ -212,6 +245,29 @@ Chart file: `{chart_path}`
 """
 
 
+def _run_step_or_end(
+    sweep: StreamBenchmarkSettings, streams: int
+) -> tuple[StepFigures, dict[str, str]]:
+    """`run_step`; any other fault of the step (a source that no longer opens, a topic not
+    made) raised as StepFailedError, so the sweep so far is reported all the same."""
+    try:
+        return run_step(sweep, streams)
+    except (StepEndedError, BrokerUnreachableError):
+        raise
+    except Exception as exc:
+        get_run_logger().exception("the step of %d streams failed", streams)
+        raise StepFailedError(
+            f"the step of {streams} streams failed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _step_line(figures: StepFigures) -> str:
+    return (
+        f"slowest {figures.fps_min:.2f} fps, mean {figures.fps_mean:.2f} fps, e2e p99 "
+        f"{figures.e2e_p99_ms:.1f} ms, {figures.skipped_stale} stale, lag {figures.lag_at_end}"
+    )
+
+
 def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
     """Find the largest number of live streams that holds real time (up to `max_streams`);
     record the sweep, its chart under `output_dir`."""
@@ -226,8 +282,12 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
         # A count fails only when every one of its tries fails: a one-off stall of a shared
         # machine (a p99 past the budget in one 10 s window) should not set the capacity.
         for attempt in range(1, sweep.step_tries + 1):
+            if stopped := RUN_STOP.is_set():  # Ctrl-C between steps: no new step is set up
+                logger.warning("stopped before the step of %d streams: reporting the sweep so far",
+                               streams)  # fmt: skip
+                break
             try:
-                figures, kept = run_step(sweep, streams)
+                figures, kept = _run_step_or_end(sweep, streams)
             except (StepEndedError, BrokerUnreachableError) as exc:  # the rest reported
                 ended, stopped = exc, True
                 logger.error("%s: reporting the sweep so far", exc)
@@ -242,36 +302,45 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
             reasons = shortfalls(figures, sweep.budget_ms)
             steps.append(figures)
             logger.info(
-                "%d streams (try %d): slowest %.2f fps, mean %.2f fps, e2e p99 %.1f ms, %d stale, "
-                "lag %s: %s",
-                streams, attempt, figures.fps_min, figures.fps_mean, figures.e2e_p99_ms,
-                figures.skipped_stale, figures.lag_at_end, "; ".join(reasons) or "holds",
+                "%d streams (try %d): %s: %s", streams, attempt, _step_line(figures),
+                "; ".join(reasons) or "holds",
             )  # fmt: skip
             if not reasons:
                 break
         if not stopped:
             outcomes[streams] = not reasons
             streams = next_streams(outcomes, sweep.max_streams)
+    result = sweep_result(sweep, outcomes, steps, (width, height, fps))
+    result["topics"] = topics
+    if ended is not None:
+        failure = getattr(ended, "failure", BrokerLostDuringRunError)
+        raise failure(f"{ended}; the sweep's report covers the steps before it", result)
+    return result
+
+
+def sweep_result(
+    sweep: StreamBenchmarkSettings,
+    outcomes: dict[int, bool],
+    steps: list[StepFigures],
+    source: tuple[int, int, float],
+) -> dict[str, Any]:
+    """The sweep's verdict and figures, its chart and artifacts published."""
     held = capacity(outcomes)
     unfinished = next_streams(outcomes, sweep.max_streams) is not None
     # For a verdict of none held: why the one stream's deciding try did not hold.
     one_failed = shortfalls(deciding_steps(steps)[0], sweep.budget_ms) if steps else None
+    width, height, fps = source
     verdict = verdict_line(held, width, height, fps, sweep.max_streams, unfinished, one_failed)
     chart_path = publish_sweep(sweep, steps, verdict)
-    logger.info("capacity: %s (chart %s)", verdict, chart_path)
-    result = {
+    get_run_logger().info("capacity: %s (chart %s)", verdict, chart_path)
+    return {
         "capacity": held,
         "verdict": verdict,
         "budget_ms": sweep.budget_ms,
         "source": {"width": width, "height": height, "fps": fps},
         "steps": [{**s.as_dict(), "holds": holds(s, sweep.budget_ms)} for s in steps],
-        "topics": topics,
         "chart": str(chart_path),
     }
-    if ended is not None:
-        failure = getattr(ended, "failure", BrokerLostDuringRunError)
-        raise failure(f"{ended}; the sweep's report covers the steps before it", result)
-    return result
 
 
 def publish_sweep(sweep: StreamBenchmarkSettings, steps: list[StepFigures], verdict: str) -> Path:

@@ -21,6 +21,14 @@ class BrokerLostDuringRunError(StreamRunFailedError):
     """The producer or a consumer lost the broker for longer than its grace."""
 
 
+class FramesUndeliveredError(StreamRunFailedError):
+    """The broker refused the producer's frames (a size limit, an ACL), the broker up."""
+
+
+class StepRunFailedError(StreamRunFailedError):
+    """A capacity sweep's step failed for a reason of its own (the finished steps reported)."""
+
+
 class SourceLostError(StreamRunFailedError):
     """A live source (a camera, a stream) stopped giving frames during the run."""
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.settings import SAMPLE_VIDEO
-from flows.capacity_rules import DEFAULT_BUDGET_MS
+from flows.capacity_rules import DEFAULT_BUDGET_MS, WARMUP_S
 from services.inference.settings import ClientSettings
+from tasks.stream.live_source import is_live
 from tasks.stream.settings import (
     KafkaSettings,
     check_fps,
@@ -27,6 +28,25 @@ from tasks.stream.settings import (
 )
 
 OUTPUT_DIR_VARIABLE = "VIDFLOW_STREAM_OUTPUT_DIR"
+# A capacity step's shortest length: its first WARMUP_S s are not judged, and a stream's rate
+# needs a second of results after them (a 1-s step judged no frame: "0 streams" on any box).
+MIN_STEP_S = WARMUP_S + 1.0
+# The knobs only one of the two modes reads: set to other than their defaults in the other mode,
+# they are refused rather than ignored (`--capacity --duration 60` ran 10-s steps, and said not).
+ONE_RUN_ONLY = ("duration", "max_frames", "loop", "group")
+SWEEP_ONLY = (
+    "step_seconds", "max_streams", "step_tries", "keep_step_topics", "output_dir", "load_wait_s"
+)  # fmt: skip
+
+
+def refuse_live_for_capacity(sources: list[str]) -> None:
+    """ValueError for a live source in a capacity sweep: a sweep judges each stream against the
+    source's frame rate, which a camera or a stream only reports, and may not keep."""
+    if any(is_live(source) for source in sources):
+        raise ValueError(
+            "--capacity replays a file as N cameras and judges each against the file's frame "
+            "rate; a live source runs at its own rate: give a clip recorded from it"
+        )
 
 
 def default_output_dir() -> Path:
@@ -68,7 +88,12 @@ class StreamBenchmarkSettings(BaseModel):
         False,
         description="sweep the number of live streams of --source for the most that hold real time",
     )
-    step_seconds: float = Field(10.0, gt=0, description="capacity: s per step")
+    step_seconds: float = Field(
+        10.0,
+        ge=MIN_STEP_S,
+        description=f"capacity: s per step (at least {MIN_STEP_S:g}: its first {WARMUP_S:g} s "
+        "are warm-up, not judged)",
+    )
     max_streams: int = Field(16, ge=1, description="capacity: most streams tried")
     step_tries: int = Field(
         2, ge=1, description="capacity: tries a stream count gets before it counts as failed"
@@ -86,6 +111,12 @@ class StreamBenchmarkSettings(BaseModel):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="broker and topics")
     client: ClientSettings = Field(
         default_factory=ClientSettings, description="how to reach the inference service"
+    )
+    load_wait_s: float = Field(
+        600.0,
+        gt=0,
+        description="capacity: how long the sweep waits for a service still loading its model "
+        "to serve before its first step",
     )
     service_wait_s: float = Field(
         15.0,
@@ -106,6 +137,17 @@ class StreamBenchmarkSettings(BaseModel):
             )
         if self.capacity and self.fps == "max":  # refused before a server and a run start
             raise ValueError("--capacity paces each stream like a camera: --fps max does not apply")
+        if self.capacity:
+            refuse_live_for_capacity(source_parts(self.source))
+        mode, unused = ("--capacity", ONE_RUN_ONLY) if self.capacity else ("one run", SWEEP_ONLY)
+        ignored = [  # a field set to other than its default that this mode would not read
+            name
+            for name in unused
+            if name in self.model_fields_set and getattr(self, name) != _default(name)
+        ]
+        if ignored:
+            shown = ", ".join("--" + name.replace("_", "-") for name in ignored)
+            raise ValueError(f"{shown} does not apply to {mode}")
         return self
 
     @property
@@ -117,3 +159,7 @@ class StreamBenchmarkSettings(BaseModel):
     def budget_ms(self) -> float:
         """The capacity sweep's latency budget."""
         return DEFAULT_BUDGET_MS if self.max_frame_age_ms is None else self.max_frame_age_ms
+
+
+def _default(name: str) -> object:
+    return StreamBenchmarkSettings.model_fields[name].get_default(call_default_factory=True)

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import signal
 import subprocess
 import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import pytest
 from confluent_kafka.admin import AdminClient
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -37,14 +43,17 @@ from flows.capacity_rules import (
     step_figures,
     verdict_line,
 )
-from flows.stream_benchmark import stream_benchmark
+from flows.stream_benchmark import check_stack, stream_benchmark
 from flows.stream_capacity import step_kafka
+from flows.stream_failures import NothingAnsweredError
 from flows.stream_settings import StreamBenchmarkSettings
+from services.inference.client import ServiceUnreachableError
 from services.inference.settings import ClientSettings
 from tasks.stream.frame_codec import FrameResult
 from tasks.stream.producer import run_cameras
 from tasks.stream.results import read_records
-from tasks.stream.settings import KafkaSettings
+from tasks.stream.settings import KafkaSettings, ProducerSettings
+from tests.conftest import VIDEOS
 from tests.kafka_helpers import stream_benchmark_env, stream_benchmark_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -369,3 +378,94 @@ def test_the_chart_and_verdict_rest_on_each_count_s_last_try() -> None:
     first, second, other = _step(streams=2, p99=300.0), _step(streams=2), _step(streams=1)
     second.attempt = 2
     assert deciding_steps([other, first, second]) == [other, second]
+
+
+@pytest.fixture
+def classify_less_service(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A real gRPC server on 127.0.0.1 that answers health checks with the status the test
+    names and no Classify (every call ends UNIMPLEMENTED): a service that is there but wrong."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", getattr(health_pb2.HealthCheckResponse, request.param))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("classify_less_service", ["SERVING"], indirect=True)
+def test_a_sweep_whose_frames_the_service_never_classifies_fails_instead_of_finding_0(
+    prefect_api, kafka, classify_less_service: str, tmp_path: Path
+) -> None:
+    """Every step failed, and the sweep ended Completed with "0 streams ... on this machine":
+    a verdict on the machine where the service answered nothing (gone mid-sweep, or wrong)."""
+    settings = StreamBenchmarkSettings(
+        capacity=True, output_dir=tmp_path, client=ClientSettings(target=classify_less_service),
+        kafka=kafka, step_seconds=2.0, max_streams=2,
+    )  # fmt: skip
+    state = stream_benchmark(settings=settings, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(NothingAnsweredError, match=r"classified none of the \d+ frames") as failed:
+        state.result()
+    assert failed.value.outcome["steps"] == [] and failed.value.outcome["capacity"] == 0
+
+
+@pytest.mark.parametrize("classify_less_service", ["NOT_SERVING"], indirect=True)
+def test_a_sweep_waits_for_a_loading_service_to_serve_and_fails_if_it_never_does(
+    kafka, classify_less_service: str
+) -> None:
+    """A service still loading its model (NOT_SERVING) counted as there: the sweep's first
+    steps measured the loading, and its verdict was 0 streams."""
+    settings = StreamBenchmarkSettings(
+        capacity=True, client=ClientSettings(target=classify_less_service), kafka=kafka,
+        load_wait_s=1.0,
+    )  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(ServiceUnreachableError, match="not SERVING after 1 s"):
+        check_stack(settings)
+    assert time.monotonic() - started >= 1.0  # waited for it
+    one_run = settings.model_copy(update={"capacity": False})
+    check_stack(one_run)  # one run counts a loading service as there: its calls wait for it
+
+
+@pytest.mark.parametrize(
+    ("settings", "refused"),
+    [
+        ({"capacity": True, "duration": 60}, "--duration does not apply to --capacity"),
+        ({"capacity": True, "group": "g"}, "--group does not apply to --capacity"),
+        ({"step_seconds": 5, "max_streams": 4}, "--step-seconds, --max-streams does not apply"),
+        ({"capacity": True, "step_seconds": 1.0}, "greater than or equal to 2"),
+        ({"capacity": True, "source": "rtsp://10.0.0.5/live"}, "a live source runs at its own"),
+    ],
+)
+def test_a_knob_the_mode_would_ignore_is_refused(settings: dict, refused: str) -> None:
+    """`--capacity --duration 60` ran 10-s steps and said nothing; a 1-s step judged no frame
+    (its first second is warm-up) and found 0 streams on any machine."""
+    with pytest.raises(ValueError, match=re.escape(refused)):
+        StreamBenchmarkSettings(**settings)
+    # the defaults, as the CLI and deployments pass them, are not refused
+    StreamBenchmarkSettings(capacity=True, duration=30.0, keep_step_topics=False)
+    StreamBenchmarkSettings(step_seconds=10.0, keep_step_topics=False)
+
+
+def test_the_producer_stops_as_soon_as_a_consumer_fails(kafka) -> None:
+    """It went on for the run's whole length, its frames for nobody."""
+    from tasks.stream.prefect_tasks import run_producer
+
+    failed, produced = threading.Event(), {}
+    settings = ProducerSettings(source=str(VIDEOS / "k400_arm_wrestling.mp4"), loop=True)
+    ready = threading.Event()
+    ready.set()
+    producing = threading.Thread(
+        target=lambda: produced.update(
+            stats=run_producer.fn(kafka, settings, 60.0, [ready], failed)
+        )
+    )
+    producing.start()
+    time.sleep(1.0)
+    failed.set()
+    producing.join(10)
+    assert not producing.is_alive()
+    assert 0 < produced["stats"].frames_read < 3 * 28

@@ -32,6 +32,7 @@ from prefect.logging.handlers import APILogHandler
 from common.net import free_port
 from devstack.launcher import REPO_ROOT
 from flows.stream_benchmark import stream_benchmark
+from flows.stream_failures import FramesUndeliveredError
 from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings
 from tests.conftest import VIDEOS
@@ -72,6 +73,24 @@ def _run_logs(flow_run_id: Any) -> list[Any]:
 
 
 @pytest.mark.slow
+def test_a_run_whose_frames_the_broker_refused_fails_and_says_why(
+    prefect_api, kafka, onnx_server
+) -> None:
+    """Every frame over the message size limit: the run ended Completed, exit 0, with a
+    throughput of 0.0 frames/s."""
+    settings = StreamBenchmarkSettings(
+        duration=2.0,
+        client=ClientSettings(target=onnx_server.target),
+        kafka=kafka.model_copy(update={"max_message_bytes": 1000}),  # under every frame
+    )
+    state = stream_benchmark(settings=settings, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(FramesUndeliveredError, match="took none of the producer's frames") as no:
+        state.result()
+    produced = no.value.outcome["producer"]
+    assert produced["delivered"] == 0 and produced["failed"] >= 28  # 2 s of the 28-fps clip
+
+
 def test_the_flow_records_its_figures_as_artifacts(prefect_api, kafka, onnx_server) -> None:
     settings = StreamBenchmarkSettings(
         duration=5.0,

@@ -4,6 +4,7 @@ the producer run side by side with its consumer group."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ def run_consumer(
     """One group member; with `input_end`, it stops once the group has read every frame the
     run's producer delivered, and its idle timeout counts only once the producer has ended (a
     member whose partitions get no frames left the group mid-run: a rebalance in the figures).
-    A member that fails sets `failed` (and `assigned`, so the producer waits for it no more)."""
+    A member that fails, or stops early (a lost broker, a result it could not publish), sets
+    `failed` (and `assigned`, so the producer waits for it no more)."""
     try:
         consumer = FrameConsumer(kafka, settings, target, tls_ca=tls_ca, input_end=input_end)
         watcher = threading.Thread(
@@ -63,7 +65,10 @@ def run_consumer(
             daemon=True,
         )
         watcher.start()
-        return consumer.run()
+        summary = consumer.run()
+        if failed is not None and (summary.delivery_error or summary.broker_error):
+            failed.set()  # its frames would go to nobody: the producer stops
+        return summary
     except BaseException:
         if failed is not None:
             failed.set()
@@ -79,20 +84,28 @@ def run_producer(
     consumers_ready: list[threading.Event],
     consumer_failed: threading.Event | None = None,
 ) -> ProduceStats:
-    """Frames for `duration_s` once every consumer has joined; none if a consumer failed (the
-    run fails with its error; frames for nobody would only fill the topic)."""
+    """Frames for `duration_s` once every consumer has joined; none once a consumer has failed
+    (the run fails with its error; frames for nobody would only fill the topic), or Ctrl-C."""
     for ready in consumers_ready:  # frames sent before the group has joined would only queue up
         ready.wait(60)
     stop = threading.Event()
-    if consumer_failed is not None and consumer_failed.is_set():
-        stop.set()
-    timer = threading.Timer(duration_s, stop.set)
-    timer.start()
-    threading.Thread(target=lambda: RUN_STOP.wait(duration_s) and stop.set(), daemon=True).start()
+    ends = [RUN_STOP] if consumer_failed is None else [RUN_STOP, consumer_failed]
+    watch = threading.Thread(target=_stop_on_any, args=(stop, ends, duration_s), daemon=True)
+    watch.start()
     try:
         return produce_frames(settings, kafka, stop)
     finally:
-        timer.cancel()
+        stop.set()  # ends the watch
+
+
+def _stop_on_any(stop: threading.Event, ends: list[threading.Event], duration_s: float) -> None:
+    """Set `stop` after `duration_s`, or as soon as one of `ends` is set."""
+    deadline = time.monotonic() + duration_s
+    while not any(end.is_set() for end in ends):
+        left = deadline - time.monotonic()
+        if left <= 0 or stop.wait(min(0.1, left)):
+            break
+    stop.set()
 
 
 def run_producer_and_group(
@@ -127,7 +140,10 @@ def run_producer_and_group(
     produced: ProduceStats | None = None
     try:
         produced = producer_run.result()
-    finally:
-        ends = produced.frames_end() if produced is not None and not read_on_until_idle else None
-        input_end.set(ends)
+    except BaseException:  # the members idle out on the frames sent: then the error is raised
+        input_end.set(None)
+        for run in consumer_runs:
+            run.wait(timeout=group.duration + 10.0)
+        raise
+    input_end.set(None if read_on_until_idle else produced.frames_end())
     return produced, merge_summaries([run.result() for run in consumer_runs])
