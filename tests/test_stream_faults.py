@@ -46,6 +46,7 @@ from tasks.stream.frame_codec import (
     HEADER_DLQ_ATTEMPTS,
     HEADER_DLQ_REASON,
     HEADER_DLQ_STATUS,
+    HEADER_DLQ_VALUE_DROPPED,
     Frame,
     encode_frame_headers,
     frame_key,
@@ -202,6 +203,42 @@ def test_a_result_the_broker_refuses_for_good_stops_the_member_before_it_passes_
 
 
 @pytest.mark.faults
+def test_a_dead_letter_copy_the_broker_refuses_as_too_large_is_sent_smaller(
+    kafka, scripted_service
+) -> None:
+    """The broker's own size limit (Redpanda's batch size, a topic's max.message.bytes) is
+    said in the delivery report, not at produce: the member stopped with a delivery error and
+    met the same message on every restart. Tansu refuses nothing, so that one delivery report
+    is made up; the rest is real."""
+    from confluent_kafka import KafkaError
+
+    target, _service = scripted_service(lambda _request, _attempt: None)
+    producer = Producer({"bootstrap.servers": kafka.bootstrap_servers})
+    producer.produce(kafka.frames_topic, key=b"cam-t", value=b"no headers at all" * 100)
+    assert producer.flush(10) == 0
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    member = _consumer(kafka, target, group=group)
+    publish, refused = member.publisher._publish, []
+
+    def refuse_whole_copies(topic, key, value, headers, on_delivery) -> None:
+        if topic == kafka.dlq_topic and value is not None:  # the copy with the frame's bytes
+            refused.append(key)
+            on_delivery(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"), None)
+            return
+        publish(topic, key, value, headers, on_delivery)
+
+    member.publisher._publish = refuse_whole_copies
+    summary = member.run()
+    assert refused == [b"cam-t"]
+    assert summary.delivery_error is None and summary.dlq == 1
+    [dead] = read_topic(kafka.bootstrap_servers, kafka.dlq_topic, expected=1)
+    headers = dict(dead.headers())
+    assert dead.value() is None and headers[HEADER_DLQ_VALUE_DROPPED] == b"1700"
+    assert "lacks header" in headers[HEADER_DLQ_REASON].decode()
+    assert committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) == 1
+
+
+@pytest.mark.faults
 def test_an_unavailable_service_is_waited_for_beyond_max_attempts(
     kafka, scripted_service, video_frames: list[bytes]
 ) -> None:
@@ -222,6 +259,31 @@ def test_an_unavailable_service_is_waited_for_beyond_max_attempts(
     assert summary.dlq == 0 and summary.retries == 6
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=len(keys))
     assert Counter(result_keys(results)) == Counter(keys)
+
+
+@pytest.mark.faults
+def test_a_service_outage_longer_than_the_poll_interval_keeps_the_member_in_its_group(
+    kafka, scripted_service, video_frames: list[bytes]
+) -> None:
+    """With every call waiting to retry, the member at its in-flight limit did not poll: past
+    max.poll.interval.ms (5 min by default; 6 s here) the group dropped it, its commits failed
+    and its frames in flight were classified again when it rejoined."""
+    outage_ends = time.monotonic() + 10.0
+
+    def behaviour(request: inference_pb2.ClassifyRequest, attempt: int) -> grpc.StatusCode | None:
+        return grpc.StatusCode.UNAVAILABLE if time.monotonic() < outage_ends else None
+
+    target, _service = scripted_service(behaviour)
+    keys = _publish_frames(kafka, "cam-o", 12, video_frames[0])
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    short_poll = kafka.model_copy(update={"max_poll_interval_ms": kafka.session_timeout_ms})
+    member = _consumer(short_poll, target, group=group, concurrency=2)
+    summary = member.run()
+    assert summary.retries > 0 and summary.results_published == len(keys)
+    assert summary.frames_consumed == len(keys)  # none taken twice
+    results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=len(keys))
+    assert Counter(result_keys(results)) == Counter(keys)  # each classified once
+    assert committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) == len(keys)
 
 
 @pytest.mark.faults

@@ -42,6 +42,7 @@ class BrokerWatch:
         self.grace_s = grace_s
         self.last_error: str | None = None
         self._down_since: float | None = None
+        self._stats_saw_down = False  # a statistics snapshot with no broker UP since then
         self._fatal: str | None = None
 
     def client_config(self) -> dict[str, Any]:
@@ -58,7 +59,7 @@ class BrokerWatch:
         if error.fatal():
             self._fatal = error.str()
         if error.code() == KafkaError._ALL_BROKERS_DOWN and self._down_since is None:
-            self._down_since = time.monotonic()
+            self._down_since, self._stats_saw_down = time.monotonic(), False
             log.warning(
                 "lost the connection to the Kafka broker %s; waiting up to %.0f s for it",
                 self.bootstrap_servers, self.grace_s,
@@ -68,11 +69,15 @@ class BrokerWatch:
         if self._down_since is None:
             return
         brokers = json.loads(stats_json).get("brokers", {}).values()
-        # A snapshot may predate the outage: only a connection that came UP since then counts.
-        if any(
-            broker.get("state") == "UP" and broker.get("stateage", 0) / 1e6 < self.down_for_s()
-            for broker in brokers
-        ):
+        up_for_s = [b.get("stateage", 0) / 1e6 for b in brokers if b.get("state") == "UP"]
+        if not up_for_s:
+            self._stats_saw_down = True
+            return
+        # A snapshot may predate the outage: a connection counts if it came UP since then, or
+        # after a snapshot that had none UP. (The outage starts when its error is served, which
+        # a member that did not poll for a while serves late, after the broker is back: its
+        # connections then all came UP "before the outage", and it was lost after the grace.)
+        if self._stats_saw_down or min(up_for_s) < self.down_for_s():
             self.alive()
 
     def alive(self) -> None:

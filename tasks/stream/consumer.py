@@ -30,9 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message
 
 from common.stats import summarize_ms
+from tasks.stream.assignment import Assignment
 from tasks.stream.broker_watch import BrokerLostError, BrokerWatch
 from tasks.stream.consumer_metrics import ConsumerMetrics
 from tasks.stream.consumer_summary import ConsumerSummary, format_summary, merge_summaries
@@ -40,7 +41,6 @@ from tasks.stream.frame_codec import FrameFormatError, decode_frame
 from tasks.stream.inference_caller import InferenceCaller
 from tasks.stream.input_end import InputEnd
 from tasks.stream.kafka_io import Membership, consumer_config, leave_group
-from tasks.stream.offsets import PartitionKey
 from tasks.stream.publisher import Publisher
 from tasks.stream.settings import ConsumerSettings, KafkaSettings
 
@@ -59,6 +59,7 @@ CLOSE_GRACE_S = 5.0  # leaving waits this long beyond the session timeout (leave
 # Messages taken per pass of the loop at most: skipping a backlog of stale frames needs no
 # inference slot, and completions must still be handled meanwhile.
 ADMIT_PER_PASS = 256
+STUCK_S = 2.0  # no frame taken this long at the in-flight limit: stuck (_poll_while_full)
 
 
 def _consumer_config(
@@ -88,39 +89,24 @@ class FrameConsumer:
         self._consumer = Consumer(_consumer_config(kafka, settings, self.broker))
         self.publisher = Publisher(kafka, self._consumer, self.broker, self.summary, self.metrics)
         self.offsets = self.publisher.offsets
-        self.caller = InferenceCaller(target, tls_ca, settings, self.publisher, self._owns)
+        self.assignment = Assignment(self.membership, self.publisher)  # the rebalance callbacks'
+        self.caller = InferenceCaller(
+            target, tls_ca, settings, self.publisher, self.assignment.owns
+        )
         self.in_flight_limit = settings.concurrency  # lowered under a budget (see caller)
         self._limit_pending = settings.max_frame_age_ms is not None  # until the service answers
-        self._owned: set[PartitionKey] = set()  # kept by the rebalance callbacks
-        self._assigned_at: float | None = None  # idle time counts only once partitions are ours
         self._started = self._last_message_at = 0.0
+        self._last_busy_at = 0.0  # idle time counts from the last message or call, not busy
         self._first_message_at: float | None = None
-
-    # ---- rebalancing ----------------------------------------------------------------------
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._assigned_at = time.monotonic()
-        self._owned |= {(p.topic, p.partition) for p in partitions}
-        self.membership.assigned()
-        log.info("assigned partitions %s", [p.partition for p in partitions])
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Commit what is delivered for the partitions lost; their frames go to the next owner."""
-        self.membership.revoked()  # first: a commit that fails below must not hide the revoke
-        lost = {(p.topic, p.partition) for p in partitions}
-        self.publisher.revoke(list(lost))
-        self._owned -= lost
-        log.info("revoked partitions %s", [p.partition for p in partitions])
-
-    def _owns(self, message: Message) -> bool:
-        return (message.topic(), message.partition()) in self._owned
 
     # ---- the loop -------------------------------------------------------------------------
 
     def run(self) -> ConsumerSummary:
         """Consume until a stop condition, then deliver, commit and return the summary."""
         self._consumer.subscribe(
-            [self.kafka.frames_topic], on_assign=self._on_assign, on_revoke=self._on_revoke
+            [self.kafka.frames_topic],
+            on_assign=self.assignment.on_assign,
+            on_revoke=self.assignment.on_revoke,
         )
         log.info(
             "consuming %s as group %r, calling %s with %d in flight for up to %.0f s",
@@ -155,6 +141,7 @@ class FrameConsumer:
             if self._limit_pending and self.caller.service_answered:
                 self._settle_in_flight_limit(final=True)  # it came up after this consumer
             self._admit_available()
+            self._poll_while_full()
             self.caller.drain(timeout_s=0.002 if self.caller.busy else 0)
             self.caller.resend_due(stopping=self.stop.is_set)
             self.publisher.poll()
@@ -187,25 +174,34 @@ class FrameConsumer:
             message = self._consumer.poll(0 if self.caller.busy else 0.05)
             if message is None:
                 return
-            if message.error():
-                if message.error().code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", message.error())
-                continue
-            if self._before_this_run(message):
-                continue
-            self._last_message_at = time.monotonic()
-            self._first_message_at = self._first_message_at or self._last_message_at
-            self._admit(message)
-            admitted += 1
+            admitted += self._take(message)
 
-    def _before_this_run(self, message: Message) -> bool:
-        """A frame produced before `produced_since_ms` (another run's, on a shared topic): passed
-        over and committed, not counted, so a benchmark measures its own frames only."""
-        since = self.settings.produced_since_ms
-        if since is None or message.timestamp()[1] >= since:
+    def _take(self, message: Message) -> bool:
+        """Admit a polled message; False for an error event or another run's frame."""
+        if message.error():
+            if message.error().code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", message.error())
             return False
-        self.publisher.passed_over(message)
+        if _before(message, self.settings.produced_since_ms):
+            # another run's frame, on a shared topic: passed over and committed, not counted,
+            # so a benchmark measures its own frames only
+            self.publisher.passed_over(message)
+            return False
+        self._last_message_at = time.monotonic()
+        self._first_message_at = self._first_message_at or self._last_message_at
+        self._admit(message)
         return True
+
+    def _poll_while_full(self) -> None:
+        """Stuck at the in-flight limit, no frame taken for STUCK_S (a service down: every call
+        waiting to retry), still poll, the partitions paused (Assignment.poll_paused). Not
+        sooner: a pause drops the frames fetched ahead, which a busy member reads next."""
+        if self.caller.busy < self.in_flight_limit:
+            self.assignment.resume(self._consumer)
+        elif time.monotonic() - self._last_message_at < STUCK_S:
+            return
+        elif (message := self.assignment.poll_paused(self._consumer)) is not None:
+            self._take(message)  # a frame fetched before the pause is still taken
 
     def _admit(self, message: Message) -> None:
         self.summary.frames_consumed += 1
@@ -228,13 +224,15 @@ class FrameConsumer:
         if limit is not None and self.summary.frames_consumed >= limit:
             return True
         if self.caller.busy or self.broker.down:
+            self._last_busy_at = now  # frames may wait that it could not take meanwhile
             return False
-        if self.input_end.read_by(self._consumer, self._owned):
+        if self.input_end.read_by(self._consumer, self.assignment.owned):
             return True  # every frame of a benchmark's ended producer is answered: no idle wait
         idle = self.settings.idle_timeout
-        if idle is None or self._assigned_at is None or not self.input_end.is_set():
+        assigned_at = self.assignment.assigned_at
+        if idle is None or assigned_at is None or not self.input_end.is_set():
             return False  # before the input ends, no message as none can come yet
-        return now - max(self._last_message_at, self._assigned_at) >= idle
+        return now - max(self._last_message_at, assigned_at, self._last_busy_at) >= idle
 
     def _finish_in_flight(self, timeout_s: float | None = None) -> None:
         """Let calls in flight complete; frames still waiting to retry stay uncommitted."""
@@ -285,3 +283,8 @@ def _log_progress(member: FrameConsumer, elapsed_s: float) -> None:
         summary.results_published / elapsed_s if elapsed_s > 0 else 0.0,
         e2e["p50"], e2e["p99"], lag,
     )  # fmt: skip
+
+
+def _before(message: Message, since_ms: int | None) -> bool:
+    """Whether the message was produced before `since_ms` (epoch ms; None: no limit)."""
+    return since_ms is not None and message.timestamp()[1] < since_ms

@@ -129,6 +129,12 @@ def close_within(consumer: Consumer, timeout_s: float) -> bool:
     return not closing.is_alive()
 
 
+def message_timeout_ms(broker_grace_s: float) -> int:
+    """How long a produced message may wait for the broker: past the grace, and at least
+    librdkafka's default (300 s)."""
+    return max(300_000, int((broker_grace_s + 60.0) * 1000))
+
+
 def make_producer(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> Producer:
     """The producer of frames and results; `watch` hears of its broker connection's state."""
     return Producer(
@@ -138,6 +144,10 @@ def make_producer(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> Pro
             "acks": "all",
             "linger.ms": 2,
             "enable.idempotence": False,  # an idempotent producer dies on a broker restart
+            # A message queued while the broker is away fails only once the run has given up
+            # on it: at librdkafka's 300 s, an outcome queued in a longer grace failed with the
+            # broker "down", was counted nowhere, and froze its partition's commits for good.
+            "message.timeout.ms": message_timeout_ms(kafka.broker_grace_s),
             **(watch.client_config() if watch is not None else {}),
         }
     )
@@ -156,6 +166,7 @@ def consumer_config(kafka: KafkaSettings, group: str) -> dict[str, Any]:
         "auto.offset.reset": "earliest",
         "session.timeout.ms": kafka.session_timeout_ms,
         "heartbeat.interval.ms": kafka.heartbeat_interval_ms,
+        "max.poll.interval.ms": kafka.max_poll_interval_ms,
         "fetch.wait.max.ms": kafka.fetch_wait_max_ms,
         "fetch.max.bytes": max(kafka.max_message_bytes, 52428800),
         "max.partition.fetch.bytes": kafka.max_message_bytes,

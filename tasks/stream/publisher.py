@@ -9,8 +9,10 @@ uncommitted, so the group redoes that frame.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -18,10 +20,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from tasks.stream.broker_watch import BrokerWatch
 from tasks.stream.consumer_metrics import ConsumerMetrics
 from tasks.stream.consumer_summary import ConsumerSummary
+from tasks.stream.dead_letters import dead_letter_copies, send_dead_letter
 from tasks.stream.frame_codec import (
-    HEADER_DLQ_REASON,
-    HEADER_DLQ_SOURCE,
-    HEADER_DLQ_VALUE_DROPPED,
     Frame,
     FrameResult,
     Headers,
@@ -32,31 +32,6 @@ from tasks.stream.offsets import OffsetTracker, PartitionKey
 from tasks.stream.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
-
-
-DeadLetterCopy = tuple[bytes | None, bytes | None, list[tuple[str, bytes | None]]]
-
-
-def dead_letter_copies(
-    message: Message, reason: str, extra_headers: Sequence[tuple[str, bytes]] = ()
-) -> list[DeadLetterCopy]:
-    """What a dead-letter copy holds (key, value, headers), most first: the whole message with
-    why it is dead-lettered and where it came from; without its value; then without its key
-    and own headers, the reason cut short (fits the smallest message size librdkafka takes)."""
-    source = f"{message.topic()}/{message.partition()}@{message.offset()}"
-    why = [(HEADER_DLQ_SOURCE, source.encode()), *extra_headers]
-    own = message.headers() or []
-    dropped = [(HEADER_DLQ_VALUE_DROPPED, str(len(message.value() or b"")).encode())]
-    return [
-        (message.key(), message.value(), [*own, (HEADER_DLQ_REASON, reason.encode()), *why]),
-        (message.key(), None, [*own, (HEADER_DLQ_REASON, reason.encode()), *why, *dropped]),
-        (None, None, [(HEADER_DLQ_REASON, _cut(reason, 300)), *why, *dropped]),
-    ]
-
-
-def _cut(text: str, size: int) -> bytes:
-    """`text` as UTF-8 in at most `size` bytes, never cut within a character."""
-    return text.encode()[:size].decode("utf-8", "ignore").encode()
 
 
 class Publisher:
@@ -143,17 +118,9 @@ class Publisher:
             self.summary.dlq += 1
             self.metrics.dead_lettered.inc()
 
-        on_delivery = self._finish_callback(message, counted)
-        # A frame near the size limit is over it with the reason headers, and librdkafka
-        # refuses it at once: this ended the consumer, on every restart. Less is sent instead.
-        for key, value, headers in dead_letter_copies(message, reason, extra_headers):
-            try:
-                self._publish(self.kafka.dlq_topic, key, value, headers, on_delivery)
-                return
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
-                    raise
-                log.warning("the dead-letter copy is too large: sending less of the message")
+        copies = deque(dead_letter_copies(message, reason, extra_headers))
+        publish = functools.partial(self._publish, self.kafka.dlq_topic)
+        send_dead_letter(copies, publish, self._finish_callback(message, counted))
 
     def _publish(
         self,
@@ -163,10 +130,17 @@ class Publisher:
         headers: Headers | None,
         on_delivery: DeliveryCallback,
     ) -> None:
-        produce_with_backpressure(
-            self._producer, self.broker, topic,
-            key=key, value=value, headers=headers, on_delivery=on_delivery,
-        )  # fmt: skip
+        try:
+            produce_with_backpressure(
+                self._producer, self.broker, topic,
+                key=key, value=value, headers=headers, on_delivery=on_delivery,
+            )  # fmt: skip
+        except KafkaException as exc:
+            if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                raise  # the dead-letter path sends less
+            # Refused before it left (a topic deleted, no access to it): as a failed delivery,
+            # not an exception that ended the member with a traceback and no summary.
+            on_delivery(exc.args[0], None)
 
     def _finish_callback(
         self, message: Message, on_ok: Callable[[], None] | None = None

@@ -41,6 +41,12 @@ class KafkaSettings(BaseSettings):
     session_timeout_ms: int = Field(
         6000, ge=1, le=3_600_000, description="consumer group session timeout"
     )
+    max_poll_interval_ms: int = Field(
+        300_000,
+        ge=1,
+        le=86_400_000,
+        description="longest a consumer may go without polling before its group drops it",
+    )
     heartbeat_interval_ms: int = Field(
         1000, ge=1, le=3_600_000, description="consumer group heartbeat interval"
     )
