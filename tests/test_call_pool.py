@@ -192,3 +192,25 @@ def test_the_watchdog_goes_on_after_a_tick_that_fails(caplog) -> None:
     assert not watchdog.thread.is_alive()
     assert ticks == [0, 1, 2, 3, 4]
     assert caplog.text.count("failed a tick") == 1  # said once, not at every tick
+
+
+def test_at_the_thread_cap_a_running_call_is_waited_for_and_no_stalled_one_is_ended() -> None:
+    """With a thread running a call, every thread is not held by a stalled call: its thread is
+    about to be free. The rule read only "queued, none idle, at the cap", and ended a slow
+    upload "to make room" on a server with room (a thread between its call and idle)."""
+    pool, model = CallPool(2, idle_timeout_s=30, max_threads=3), ModelCalls()
+    stalled = [pool.submit(_handler, pool, model, None) for _ in range(2)]
+    time.sleep(0.2)  # both stalled: their slots are free
+    release = threading.Event()
+    running = pool.submit(release.wait, 5)  # the third thread, in a call
+    time.sleep(0.05)
+    queued = pool.submit(_handler, pool, model, 0.0)
+    time.sleep(0.3)  # the watchdog ticks every 20 ms
+    assert not any(future.done() for future in stalled)  # none ended to make room
+    release.set()
+    queued.result(timeout=5)  # the running call's thread took it
+    assert running.result(timeout=5)
+    for wait in list(pool._waits.values()):  # end them for the test
+        wait.context.cancel()
+    assert all(future.result(timeout=5).cancelled for future in stalled)
+    _settled(pool)

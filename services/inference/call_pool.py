@@ -64,12 +64,15 @@ class _Thread:
 
 
 @dataclass(eq=False)
-class _Wait:
+class Wait:
+    """A handler's wait for its request, as the pool's watchdog sees it."""
+
     since: float
     context: grpc.ServicerContext
     on_timeout: Callable[[], None]
     stalled: bool = False
     cancelled: bool = False
+    made_room: bool = False  # cancelled to make room (RESOURCE_EXHAUSTED), not for idling
 
 
 def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
@@ -204,7 +207,7 @@ class CallPool(futures.ThreadPoolExecutor):
         self._threads = 0
         self._running = 0  # threads holding a slot: running a call, not stalled on its request
         self._late = 0  # threads whose request came after they gave up their slot: served first
-        self._waits: dict[int, _Wait] = {}  # by thread id
+        self._waits: dict[int, Wait] = {}  # by thread id
         self._closed = False
         self._watchdog = _Watchdog(self._lock, self._to_watch_locked, self._tick)
 
@@ -258,11 +261,11 @@ class CallPool(futures.ThreadPoolExecutor):
     @contextlib.contextmanager
     def waiting_for_request(
         self, context: grpc.ServicerContext, on_timeout: Callable[[], None] | None = None
-    ) -> Iterator[_Wait]:
+    ) -> Iterator[Wait]:
         """Around the handler's read of its request (see the module's docstring); past the idle
         timeout the watchdog calls `on_timeout` (by default the context's `cancel`). The wait's
         `cancelled` says, once the read is done, that the watchdog ended the call meanwhile."""
-        wait = _Wait(time.monotonic(), context, on_timeout or context.cancel)
+        wait = Wait(time.monotonic(), context, on_timeout or context.cancel)
         key = threading.get_ident()
         with self._lock:
             self._waits[key] = wait
@@ -364,14 +367,14 @@ class CallPool(futures.ThreadPoolExecutor):
         return True
 
     def _make_room_locked(self) -> list[Callable[[], None]]:
-        """At MAX_THREADS with calls queued and no thread idle, every thread is held by a
-        stalled call: the oldest is cancelled rather than every call waiting for the timeout."""
+        """At MAX_THREADS, calls queued and every thread held by a stalled call (none running
+        one), the oldest is cancelled rather than every call waiting for the timeout."""
         if not self._queue or self._idle or self._threads < self._max_threads:
             return []
         stalled = [w for w in self._waits.values() if w.stalled and not w.cancelled]
-        if not stalled:
+        if not stalled or len(stalled) < self._threads:
             return []
         oldest = min(stalled, key=lambda wait: wait.since)
-        oldest.cancelled = True
+        oldest.cancelled = oldest.made_room = True
         code, why = grpc.StatusCode.RESOURCE_EXHAUSTED, "ended to make room: its request never came"
         return [functools.partial(end_call, oldest.context, code, why)]

@@ -28,7 +28,7 @@ from protos import inference_pb2, inference_pb2_grpc
 from services.inference.batch_work import Outcome, run_batch
 from services.inference.batcher import BatchResult, DynamicBatcher
 from services.inference.call_limit import CallLimit
-from services.inference.call_pool import CallPool, ends_within
+from services.inference.call_pool import CallPool, Wait, ends_within
 from services.inference.classify import (
     ModelNotReadyError,
     cancelled_code,
@@ -52,6 +52,7 @@ NO_ANSWER = ClassifyResponse()  # returned by a handler whose call has ended: ne
 # cancel comes in the same pass of grpcio's completion queue as the end of the stream; without
 # the wait, 1 in 4 runs of a test counted a call that outlived its deadline as INVALID_ARGUMENT.
 END_OF_CALL_S = 0.05
+CANCEL_WAIT_S = 1.0  # the most a handler waits for the call pool's watchdog to end its call
 
 
 class InferenceService(inference_pb2_grpc.ClassifierServicer):
@@ -184,10 +185,11 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             with self.classify_pool.waiting_for_request(context, idle) as wait:
                 request = next(requests, None)
         except grpc.RpcError:  # the call ended first: nobody to answer
-            if not wait.cancelled:  # else ended idle: counted by `idle`
-                self.metrics.requests.labels("Classify", cancelled_code(context).name).inc()
+            _count_ended_wait(self.metrics, wait, context)
             return NO_ANSWER
-        if wait.cancelled:  # ended idle as its request came: counted by `idle`
+        if wait.cancelled:  # ended by the watchdog as its request came: once it has ended it
+            _count_ended_wait(self.metrics, wait, context)  # (else an empty OK went out)
+            ends_within(context, CANCEL_WAIT_S)
             return NO_ANSWER
         if request is None:  # half-closed without a request, or ending
             if not ends_within(context, END_OF_CALL_S):
@@ -280,3 +282,12 @@ def add_classifier(service: InferenceService, server: grpc.Server) -> None:
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+def _count_ended_wait(metrics: ServiceMetrics, wait: Wait, context: grpc.ServicerContext) -> None:
+    """Count a Classify call that ended while it waited for its request: ended by its client,
+    or by the watchdog to make room (RESOURCE_EXHAUSTED); one ended idle is counted by IdleEnd."""
+    if wait.made_room:
+        metrics.requests.labels("Classify", "RESOURCE_EXHAUSTED").inc()
+    elif not wait.cancelled:
+        metrics.requests.labels("Classify", cancelled_code(context).name).inc()
