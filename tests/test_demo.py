@@ -30,7 +30,7 @@ from devstack.launcher import REPO_ROOT
 from devstack.processes import kill_marked_processes, marked_processes
 from tests.conftest import copy_prefect_home
 from tests.proc_helpers import listening_sockets
-from vidflow.demo import read_artifacts
+from vidflow.demo import depth_model_for_demo, read_artifacts
 
 pytestmark = pytest.mark.slow
 
@@ -381,3 +381,62 @@ def test_a_stack_behind_basic_auth_answers_the_demo_s_own_calls(
         assert read_artifacts(stack.api_url, str(uuid.uuid4())) == {}
     finally:
         stack.stop()
+
+
+def test_a_depth_model_the_user_named_that_cannot_be_had_fails_the_demo(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A mistyped folder or hub id in VIDFLOW_DEPTH_DEPTH_MODEL ran the demo on random weights
+    in its place, and it exited 0; only the default model falls back to the stand-in."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no hub here
+    monkeypatch.setenv("VIDFLOW_DEPTH_DEPTH_MODEL", str(tmp_path / "DepthPro-hf-typo"))
+    with pytest.raises(RuntimeError, match="DepthPro-hf-typo does not exist"):
+        depth_model_for_demo(tmp_path)
+    monkeypatch.setenv("VIDFLOW_DEPTH_DEPTH_MODEL", "apple/DepthPro-typo")
+    with pytest.raises(RuntimeError, match=r"apple/DepthPro-typo \(VIDFLOW_DEPTH_DEPTH_MODEL\) "
+                       "cannot be had: huggingface_hub is offline"):  # fmt: skip
+        depth_model_for_demo(tmp_path)
+    monkeypatch.delenv("VIDFLOW_DEPTH_DEPTH_MODEL")
+    stand_in, untrained = depth_model_for_demo(tmp_path)  # the default, offline: the stand-in
+    assert untrained and (Path(stand_in) / "config.json").is_file()
+
+
+def test_an_untrained_folder_the_user_named_is_labelled_untrained(
+    monkeypatch: pytest.MonkeyPatch, tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    """A stand-in given as the model (as the README suggests) was reported as trained."""
+    monkeypatch.setenv("VIDFLOW_DEPTH_DEPTH_MODEL", str(tiny_depth_model))
+    assert depth_model_for_demo(tmp_path) == (str(tiny_depth_model), True)
+
+
+def test_the_demo_reaches_its_services_past_a_proxy_and_uses_none_of_the_user_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With http_proxy set and no no_proxy (a corporate laptop), every call to the demo's own
+    Prefect server went to the proxy; VIDFLOW_INFERENCE_HOST=0.0.0.0 opened its service."""
+    from aiohttp import web
+
+    from devstack.http_thread import serve_in_thread
+    from devstack.local_stack import post_json
+    from vidflow.demo import demo_environment
+
+    for variable in ("http_proxy", "HTTP_PROXY"):  # nothing listens there: a proxied call fails
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "corp.example")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("VIDFLOW_INFERENCE_HOST", "0.0.0.0")
+    monkeypatch.setenv("VIDFLOW_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("VIDFLOW_DEPTH_FRAMES", "first")  # the demo's own job: kept
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"got": await request.json()})
+
+    app = web.Application()
+    app.router.add_post("/api/x", answer)
+    with serve_in_thread(app) as port:
+        assert demo_environment() == ["VIDFLOW_INFERENCE_HOST", "VIDFLOW_KAFKA_SECURITY_PROTOCOL"]
+        assert post_json(f"http://127.0.0.1:{port}/api/x", {"a": 1}) == {"got": {"a": 1}}
+    assert os.environ["NO_PROXY"].startswith("corp.example,")  # the user's entries kept
+    assert os.environ["VIDFLOW_DEPTH_FRAMES"] == "first"

@@ -48,6 +48,13 @@ from devstack.local_stack import (
 from devstack.sample_mirror import running_mirror
 from flows import artifact_keys
 from services.inference.client import classify_files
+from tasks.depth.depth_model import check_depth_model
+from tasks.depth.model_files import (
+    HubUnreachableError,
+    cached_model_dir,
+    check_hub_reachable,
+    is_local_model,
+)
 from tasks.depth.output_layout import OutputLayout
 from tasks.depth.output_lock import OutputBusyError, output_lock
 from tasks.depth.settings import DepthSettings
@@ -70,22 +77,46 @@ def sample_frames(out_dir: Path, per_video: int) -> list[Path]:
     return paths
 
 
+# The weights are fetched by a child process: huggingface_hub downloads on a thread pool that
+# waits for the files under way on Ctrl-C, 1.9 GB for Depth Pro (and a second Ctrl-C left the
+# interpreter joining the same threads). A child is killed at once, and carries the stack's
+# marker, so a demo killed outright takes it along.
+_FETCH_WEIGHTS = """
+import sys
+from huggingface_hub import snapshot_download
+try:
+    snapshot_download(sys.argv[1], allow_patterns=["*.json", "*.safetensors"])
+except Exception as exc:
+    print((str(exc).strip() or type(exc).__name__).splitlines()[0], flush=True)
+    sys.exit(3)
+"""
+
+
 def depth_model_for_demo(work_dir: Path) -> tuple[str, bool]:
-    """The configured depth model when its weights can be had, else an untrained stand-in.
-
-    Returns the model (hub id or folder) and whether it is untrained.
-    """
+    """The depth model and whether it is untrained: the configured one when its weights can be
+    had, else (the default model only) an untrained stand-in. A model the user named
+    (VIDFLOW_DEPTH_DEPTH_MODEL) that cannot be had is an error, not random weights in its
+    place: a mistyped folder or hub id ran the demo untrained and exited 0."""
     wanted = DepthSettings().depth_model
-    if Path(wanted).is_dir():
-        return wanted, False
+    named = wanted != DepthSettings.model_fields["depth_model"].default
+    if is_local_model(wanted) or cached_model_dir(wanted) is not None:
+        try:
+            return wanted, check_depth_model(wanted)  # a stand-in folder says it is untrained
+        except ValueError as exc:
+            raise RuntimeError(f"VIDFLOW_DEPTH_DEPTH_MODEL: {exc}") from None
     try:
-        from huggingface_hub import snapshot_download
-
+        check_hub_reachable(wanted)
         log.info("fetching the weights of %s (about 1.9 GB the first time)", wanted)
-        snapshot_download(wanted, allow_patterns=["*.json", "*.safetensors"])
+        fetch = [sys.executable, "-c", _FETCH_WEIGHTS, wanted]
+        fetched = subprocess.run(fetch, stdout=subprocess.PIPE, text=True, check=False)
+        reason = None if fetched.returncode == 0 else fetched.stdout.strip() or "no reason given"
+    except HubUnreachableError as exc:
+        reason = str(exc)
+    if reason is None:
         return wanted, False
-    except Exception as exc:  # offline, no such repo, no access: all mean no weights
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if named:
+        raise RuntimeError(f"the depth model {wanted} (VIDFLOW_DEPTH_DEPTH_MODEL) cannot be had: "
+                           f"{reason}")  # fmt: skip
     from devstack.tiny_depth_pro import save_tiny_depth_pro
 
     stand_in = save_tiny_depth_pro(work_dir / "untrained-depth-pro")
@@ -316,6 +347,27 @@ def run_demo(args: argparse.Namespace, run_dir: Path, log_file: Path) -> int:
             return 1
 
 
+# Settings of a user's own service and broker: the demo runs its own, on loopback, in plain
+# text. Inherited, `VIDFLOW_INFERENCE_HOST=0.0.0.0` opened the demo's service to the network,
+# and a TLS certificate or a SASL setting made its own clients fail to reach it.
+OWN_SERVICES_SETTINGS = ("VIDFLOW_INFERENCE_", "VIDFLOW_KAFKA_")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def demo_environment() -> list[str]:
+    """Make this process's environment (which all it starts inherits) the demo's: drop the
+    settings of a user's own service and broker, and reach loopback without a proxy (a
+    laptop with http_proxy set and no no_proxy sent every call to the local Prefect server to
+    the proxy: "did not answer within 120 s"). The names dropped, to say so."""
+    dropped = sorted(name for name in os.environ if name.startswith(OWN_SERVICES_SETTINGS))
+    for name in dropped:
+        del os.environ[name]
+    for variable in ("no_proxy", "NO_PROXY"):
+        given = [part.strip() for part in os.environ.get(variable, "").split(",") if part.strip()]
+        os.environ[variable] = ",".join([*given, *(n for n in LOOPBACK_NAMES if n not in given)])
+    return dropped
+
+
 def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -358,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     # explicitly: a shell starting the demo in the background hands it SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
+    if dropped := demo_environment():
+        log.warning("the demo runs its own inference service and broker: %s not used",
+                    ", ".join(dropped))  # fmt: skip
     return run_demo(args, run_dir, log_file)
 
 
