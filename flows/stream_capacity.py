@@ -231,9 +231,10 @@ def capacity_report(
 **{verdict}**
 
 A step holds real time when every stream's results arrive at >= {MIN_FPS_RATIO} of its source
-fps, the end-to-end p99 of classified frames is within {sweep.budget_ms:g} ms, and no frame is
-skipped as stale (the consumers skip frames older than {sweep.budget_ms:g} ms); frames captured
-in a step's first {WARMUP_S:g} s are warm-up, not judged. Each step:
+fps, the end-to-end p99 of classified frames is within {sweep.budget_ms:g} ms, no frame is
+skipped as stale (the consumers skip frames older than {sweep.budget_ms:g} ms) and every frame
+has a result; frames captured in a step's first {WARMUP_S:g} s are warm-up, not judged (the
+`no_result` column counts the whole step). Each step:
 {sweep.step_seconds:g} s of live streams from `{sweep.shown_source}`, {sweep.consumers} consumer(s)
 with {sweep.concurrency} calls in flight each, against `{sweep.client.target}`.
 

@@ -440,3 +440,11 @@ def test_the_demo_reaches_its_services_past_a_proxy_and_uses_none_of_the_user_s(
         assert post_json(f"http://127.0.0.1:{port}/api/x", {"a": 1}) == {"got": {"a": 1}}
     assert os.environ["NO_PROXY"].startswith("corp.example,")  # the user's entries kept
     assert os.environ["VIDFLOW_DEPTH_FRAMES"] == "first"
+
+
+def test_two_demos_started_in_the_same_second_get_run_folders_of_their_own(tmp_path: Path) -> None:
+    """The second crashed on the folder's name (FileExistsError) instead of meeting the lock."""
+    from vidflow.demo import new_run_dir
+
+    first, second = new_run_dir(tmp_path), new_run_dir(tmp_path)
+    assert first != second and first.is_dir() and second.is_dir()

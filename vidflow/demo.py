@@ -368,6 +368,19 @@ def demo_environment() -> list[str]:
     return dropped
 
 
+def new_run_dir(runs_dir: Path) -> Path:
+    """A folder of its own for this run, named by its start time (a second demo started in the
+    same second, refused by the lock as it should be, crashed on the name instead)."""
+    stamp = time.strftime("demo-%Y%m%dT%H%M%S")
+    for suffix in ("", *(f"-{n}" for n in range(2, 1000))):
+        try:
+            (run_dir := runs_dir / f"{stamp}{suffix}").mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{runs_dir / stamp}: 999 runs this second")
+
+
 def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -402,8 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    run_dir = args.runs_dir.resolve() / time.strftime("demo-%Y%m%dT%H%M%S")
-    run_dir.mkdir(parents=True)
+    run_dir = new_run_dir(args.runs_dir.resolve())
     log_file = run_dir / "vidflow.log"
     setup_logging(LogSettings(file=log_file))
     # Ctrl-C and SIGTERM (a CI runner, `kill`) stop the demo and all it started. SIGINT is set
