@@ -14,6 +14,7 @@ from confluent_kafka import KafkaError
 
 from tasks.stream.broker_watch import BrokerLostError, BrokerWatch
 from tasks.stream.kafka_io import message_timeout_ms
+from tasks.stream.settings import KafkaSettings
 
 
 def _stats(*brokers: tuple[str, float]) -> str:
@@ -53,3 +54,14 @@ def test_a_queued_message_outlasts_the_wait_for_its_broker() -> None:
     in an outage failed while the run still waited for the broker, was counted nowhere, and
     its partition committed nothing more for the rest of the run."""
     assert message_timeout_ms(600.0) > 600_000 and message_timeout_ms(30.0) == 300_000
+
+
+def test_a_grace_of_weeks_or_none_is_refused_or_capped_not_a_crash() -> None:
+    """`--broker-grace-s 3000000` overflowed librdkafka's int (a traceback at start), and
+    `inf` raised OverflowError; a poll interval under the session timeout was librdkafka's
+    traceback from inside the consumer's start."""
+    assert message_timeout_ms(3_000_000.0) == 2**31 - 1
+    with pytest.raises(ValueError, match="finite number"):
+        KafkaSettings(broker_grace_s=float("inf"))
+    with pytest.raises(ValueError, match="must be at least --session-timeout-ms"):
+        KafkaSettings(max_poll_interval_ms=5000, session_timeout_ms=10_000)

@@ -125,12 +125,12 @@ def test_stream_benchmark_flags_win_over_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("VIDFLOW_KAFKA_BOOTSTRAP_SERVERS", "broker.example:9092")
     monkeypatch.setenv("VIDFLOW_INFERENCE_TARGET", "service.example:50051")
     args = build_parser().parse_args(
-        ["stream-benchmark", "--target", "other:1", "--duration", "5", "--capacity"]
+        ["stream-benchmark", "--target", "other:1", "--step-seconds", "5", "--capacity"]
     )
     settings = stream_benchmark_settings(args)
     assert settings.kafka.bootstrap_servers == "broker.example:9092"
     assert settings.client.target == "other:1"
-    assert (settings.duration, settings.consumers, settings.capacity) == (5.0, 1, True)
+    assert (settings.step_seconds, settings.consumers, settings.capacity) == (5.0, 1, True)
     assert settings.max_streams == 16 and settings.output_dir == Path("runs/stream-benchmark")
 
 
@@ -143,7 +143,7 @@ def test_the_capacity_chart_goes_where_the_environment_says(monkeypatch, tmp_pat
     assert StreamBenchmarkSettings().output_dir == tmp_path / "charts"
     args = build_parser().parse_args(["stream-benchmark", "--capacity"])
     assert stream_benchmark_settings(args).output_dir == tmp_path / "charts"
-    args = build_parser().parse_args(["stream-benchmark", "--output-dir", "mine"])
+    args = build_parser().parse_args(["stream-benchmark", "--capacity", "--output-dir", "mine"])
     assert stream_benchmark_settings(args).output_dir == Path("mine")  # the flag wins
 
 

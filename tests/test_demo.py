@@ -391,12 +391,17 @@ def test_a_depth_model_the_user_named_that_cannot_be_had_fails_the_demo(
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no hub here
+    # nor the weights a run of the demo online left in this machine's cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setenv("VIDFLOW_DEPTH_DEPTH_MODEL", str(tmp_path / "DepthPro-hf-typo"))
     with pytest.raises(RuntimeError, match="DepthPro-hf-typo does not exist"):
         depth_model_for_demo(tmp_path)
     monkeypatch.setenv("VIDFLOW_DEPTH_DEPTH_MODEL", "apple/DepthPro-typo")
     with pytest.raises(RuntimeError, match=r"apple/DepthPro-typo \(VIDFLOW_DEPTH_DEPTH_MODEL\) "
                        "cannot be had: huggingface_hub is offline"):  # fmt: skip
+        depth_model_for_demo(tmp_path)
+    monkeypatch.setenv("VIDFLOW_DEPTH_DEPTH_MODEL", "apple/DepthPro-hf")  # the default, named
+    with pytest.raises(RuntimeError, match="cannot be had: huggingface_hub is offline"):
         depth_model_for_demo(tmp_path)
     monkeypatch.delenv("VIDFLOW_DEPTH_DEPTH_MODEL")
     stand_in, untrained = depth_model_for_demo(tmp_path)  # the default, offline: the stand-in
@@ -422,6 +427,9 @@ def test_the_demo_reaches_its_services_past_a_proxy_and_uses_none_of_the_user_s(
     from devstack.local_stack import post_json
     from vidflow.demo import demo_environment
 
+    for variable in list(os.environ):  # the developer's own (it deletes them: restored after)
+        if variable.startswith(("VIDFLOW_INFERENCE_", "VIDFLOW_KAFKA_")):
+            monkeypatch.delenv(variable)
     for variable in ("http_proxy", "HTTP_PROXY"):  # nothing listens there: a proxied call fails
         monkeypatch.setenv(variable, "http://127.0.0.1:9")
     monkeypatch.setenv("NO_PROXY", "corp.example")
@@ -429,6 +437,7 @@ def test_the_demo_reaches_its_services_past_a_proxy_and_uses_none_of_the_user_s(
     monkeypatch.setenv("VIDFLOW_INFERENCE_HOST", "0.0.0.0")
     monkeypatch.setenv("VIDFLOW_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
     monkeypatch.setenv("VIDFLOW_DEPTH_FRAMES", "first")  # the demo's own job: kept
+    monkeypatch.setenv("VIDFLOW_INFERENCE_DEVICE", "cpu")  # how the service runs: kept
 
     async def answer(request: web.Request) -> web.Response:
         return web.json_response({"got": await request.json()})
@@ -440,6 +449,7 @@ def test_the_demo_reaches_its_services_past_a_proxy_and_uses_none_of_the_user_s(
         assert post_json(f"http://127.0.0.1:{port}/api/x", {"a": 1}) == {"got": {"a": 1}}
     assert os.environ["NO_PROXY"].startswith("corp.example,")  # the user's entries kept
     assert os.environ["VIDFLOW_DEPTH_FRAMES"] == "first"
+    assert os.environ["VIDFLOW_INFERENCE_DEVICE"] == "cpu"
 
 
 def test_two_demos_started_in_the_same_second_get_run_folders_of_their_own(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from tasks.stream.producer import produce_frames
 from tasks.stream.settings import KafkaSettings, ProducerSettings
 from tests.conftest import VIDEOS
 from tests.kafka_helpers import read_topic
+from tests.proc_helpers import listening_sockets
 from vidflow.cli import main
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"  # 10 s at 28 fps
@@ -38,7 +39,9 @@ def live_stream() -> Iterator[tuple[str, subprocess.Popen]]:
         ],
         stdin=subprocess.DEVNULL,
     )  # fmt: skip
-    time.sleep(0.3)  # listening
+    deadline = time.monotonic() + 30
+    while f"127.0.0.1:{port}" not in listening_sockets(server.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a loaded machine starts it late: opened before, the stream is refused
     try:
         yield f"tcp://127.0.0.1:{port}", server
     finally:
@@ -95,7 +98,12 @@ def test_a_live_stream_that_ends_is_a_lost_source_and_produce_exits_1(
     """A file that ends is done; a camera or a stream that ends is lost, and `vidflow
     produce` said nothing and exited 0 as if the run had gone well."""
     url, server = live_stream
-    threading.Timer(1.5, server.kill).start()  # the camera goes away mid-run
+
+    def camera_lost_mid_run() -> None:  # once frames come
+        read_topic(kafka.bootstrap_servers, kafka.frames_topic, expected=5)
+        server.kill()
+
+    threading.Thread(target=camera_lost_mid_run, daemon=True).start()
     code = main(["produce", "--bootstrap-servers", kafka.bootstrap_servers,
                  "--frames-topic", kafka.frames_topic, "--source", url])  # fmt: skip
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -469,3 +469,7 @@ def test_the_producer_stops_as_soon_as_a_consumer_fails(kafka) -> None:
     producing.join(10)
     assert not producing.is_alive()
     assert 0 < produced["stats"].frames_read < 3 * 28
+    # A member that failed before it joined is waited for no more (60 s, then frames for none).
+    never_joined, started = threading.Event(), time.monotonic()
+    stats = run_producer.fn(kafka, settings, 60.0, [never_joined], failed)
+    assert time.monotonic() - started < 10 and stats.frames_read == 0

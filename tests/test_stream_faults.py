@@ -287,6 +287,48 @@ def test_a_service_outage_longer_than_the_poll_interval_keeps_the_member_in_its_
 
 
 @pytest.mark.faults
+@pytest.mark.slow
+def test_partitions_a_stuck_member_paused_are_read_again_after_a_rebalance(
+    kafka, scripted_service, video_frames: list[bytes]
+) -> None:
+    """librdkafka keeps a partition paused across a rebalance (only a resume clears it): a
+    member stuck at its in-flight limit, its partitions paused, that got them back when another
+    member came and went never fetched them again."""
+    outage_ends = time.monotonic() + 14.0
+
+    def behaviour(request: inference_pb2.ClassifyRequest, attempt: int) -> grpc.StatusCode | None:
+        return grpc.StatusCode.UNAVAILABLE if time.monotonic() < outage_ends else None
+
+    target, _service = scripted_service(behaviour)
+    producer = Producer({"bootstrap.servers": kafka.bootstrap_servers})
+    keys = []
+    for partition, stream_id in enumerate(["cam-p", "cam-q"]):  # one stream on each partition
+        for index in range(10):
+            frame = Frame(stream_id, index, time.time_ns(), time.time_ns(), video_frames[0])
+            producer.produce(kafka.frames_topic, key=stream_id.encode(), value=frame.jpeg,
+                             headers=encode_frame_headers(frame), partition=partition)  # fmt: skip
+            keys.append(frame_key(stream_id, index))
+    assert producer.flush(10) == 0
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    stuck = _consumer(kafka, target, group=group, concurrency=2)
+    outcome: dict[str, Any] = {}
+    running = threading.Thread(target=lambda: outcome.update(summary=stuck.run()))
+    running.start()
+    time.sleep(4.0)  # stuck at its limit, its partitions paused
+    visitor = _consumer(kafka, target, group=group, concurrency=2)
+    visiting = threading.Thread(target=visitor.run)
+    visiting.start()
+    assert visitor.membership.joined.wait(30)  # a rebalance: then it leaves, another
+    visitor.stop.set()
+    visiting.join(60)
+    running.join(90)
+    assert outcome["summary"].delivery_error is None
+    results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=len(keys))
+    assert set(result_keys(results)) == set(keys)
+    assert committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) == len(keys)
+
+
+@pytest.mark.faults
 def test_a_full_service_is_waited_for_and_loses_no_frame_to_the_dead_letters(
     kafka, model_cache: Path, tmp_path: Path, video_frames: list[bytes]
 ) -> None:

@@ -98,7 +98,7 @@ def depth_model_for_demo(work_dir: Path) -> tuple[str, bool]:
     (VIDFLOW_DEPTH_DEPTH_MODEL) that cannot be had is an error, not random weights in its
     place: a mistyped folder or hub id ran the demo untrained and exited 0."""
     wanted = DepthSettings().depth_model
-    named = wanted != DepthSettings.model_fields["depth_model"].default
+    named = "depth_model" in DepthSettings().model_fields_set  # set in the environment
     if is_local_model(wanted) or cached_model_dir(wanted) is not None:
         try:
             return wanted, check_depth_model(wanted)  # a stand-in folder says it is untrained
@@ -347,19 +347,26 @@ def run_demo(args: argparse.Namespace, run_dir: Path, log_file: Path) -> int:
             return 1
 
 
-# Settings of a user's own service and broker: the demo runs its own, on loopback, in plain
-# text. Inherited, `VIDFLOW_INFERENCE_HOST=0.0.0.0` opened the demo's service to the network,
-# and a TLS certificate or a SASL setting made its own clients fail to reach it.
-OWN_SERVICES_SETTINGS = ("VIDFLOW_INFERENCE_", "VIDFLOW_KAFKA_")
+# Where a user's own service and broker are and how they are reached: the demo runs its own,
+# on loopback, in plain text. Inherited, `VIDFLOW_INFERENCE_HOST=0.0.0.0` opened the demo's
+# service to the network, and a TLS certificate or a SASL setting kept its own clients out.
+# (How the service runs, such as VIDFLOW_INFERENCE_DEVICE=cpu, is still the user's to say.)
+OWN_SERVICES_SETTINGS = frozenset(
+    [f"VIDFLOW_INFERENCE_{name}" for name in ("HOST", "PORT", "HTTP_PORT", "TARGET", "TLS_CERT",
+                                              "TLS_KEY", "TLS_CA", "AUTH_TOKEN")]
+    + [f"VIDFLOW_KAFKA_{name}" for name in ("BOOTSTRAP_SERVERS", "SECURITY_PROTOCOL",
+                                            "SASL_MECHANISM", "SASL_USERNAME", "SASL_PASSWORD",
+                                            "SSL_CA_LOCATION")]
+)  # fmt: skip
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
 def demo_environment() -> list[str]:
-    """Make this process's environment (which all it starts inherits) the demo's: drop the
-    settings of a user's own service and broker, and reach loopback without a proxy (a
+    """Make this process's environment (which all it starts inherits) the demo's: drop where a
+    user's own service and broker are and how to reach them, and reach loopback without a proxy (a
     laptop with http_proxy set and no no_proxy sent every call to the local Prefect server to
     the proxy: "did not answer within 120 s"). The names dropped, to say so."""
-    dropped = sorted(name for name in os.environ if name.startswith(OWN_SERVICES_SETTINGS))
+    dropped = sorted(name for name in os.environ if name.upper() in OWN_SERVICES_SETTINGS)
     for name in dropped:
         del os.environ[name]
     for variable in ("no_proxy", "NO_PROXY"):

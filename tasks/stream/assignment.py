@@ -28,7 +28,6 @@ class Assignment:
         self._polled_at = 0.0  # when poll_paused last polled
 
     def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._paused = []  # an assignment starts unpaused
         self.assigned_at = time.monotonic()
         self.owned |= {(p.topic, p.partition) for p in partitions}
         self.membership.assigned()
@@ -40,6 +39,10 @@ class Assignment:
         lost = {(p.topic, p.partition) for p in partitions}
         self.publisher.revoke(list(lost))
         self.owned -= lost
+        # librdkafka keeps a partition paused across a rebalance (only `resume` clears it):
+        # one handed back would never be fetched again.
+        if going := [p for p in self._paused if (p.topic, p.partition) in lost]:
+            consumer.resume(going)
         self._paused = [p for p in self._paused if (p.topic, p.partition) not in lost]
         log.info("revoked partitions %s", [p.partition for p in partitions])
 

@@ -132,7 +132,7 @@ def close_within(consumer: Consumer, timeout_s: float) -> bool:
 def message_timeout_ms(broker_grace_s: float) -> int:
     """How long a produced message may wait for the broker: past the grace, and at least
     librdkafka's default (300 s)."""
-    return max(300_000, int((broker_grace_s + 60.0) * 1000))
+    return min(2**31 - 1, max(300_000, int((broker_grace_s + 60.0) * 1000)))  # librdkafka's int
 
 
 def make_producer(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> Producer:

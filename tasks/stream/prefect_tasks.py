@@ -72,8 +72,9 @@ def run_consumer(
     except BaseException:
         if failed is not None:
             failed.set()
-        assigned.set()
         raise
+    finally:
+        assigned.set()  # a member that ended is waited for no more
 
 
 @task(cache_policy=NO_CACHE)
@@ -86,10 +87,13 @@ def run_producer(
 ) -> ProduceStats:
     """Frames for `duration_s` once every consumer has joined; none once a consumer has failed
     (the run fails with its error; frames for nobody would only fill the topic), or Ctrl-C."""
-    for ready in consumers_ready:  # frames sent before the group has joined would only queue up
-        ready.wait(60)
-    stop = threading.Event()
     ends = [RUN_STOP] if consumer_failed is None else [RUN_STOP, consumer_failed]
+    joined_by = time.monotonic() + 60.0  # frames sent before the group has joined would queue up
+    while not all(ready.is_set() for ready in consumers_ready) and time.monotonic() < joined_by:
+        if any(end.is_set() for end in ends):
+            break
+        time.sleep(0.05)
+    stop = threading.Event()
     watch = threading.Thread(target=_stop_on_any, args=(stop, ends, duration_s), daemon=True)
     watch.start()
     try:

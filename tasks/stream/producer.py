@@ -295,7 +295,15 @@ class Feed:
     capture: cv2.VideoCapture
     fps: float | None  # None: as fast as possible
     cameras: list[Camera]
+    native: bool  # paced at the rate the source reports (--fps native)
     live: LatestFrame | None = None  # a camera or stream, read on a thread of its own
+
+    @property
+    def pace(self) -> float | None:
+        """The rate its turns are scheduled at: a live source at its native rate sets its own
+        pace (each turn waits for its next frame; paced at the rate it reports as well, a
+        camera that said 25 and sent 30 frames a second lost 5 of them every second)."""
+        return None if self.live is not None and self.native else self.fps
 
     def next_image(self, stop: threading.Event) -> tuple[np.ndarray, int] | None:
         """The source's next frame and when it was taken (ns, wall clock); None at its end
@@ -320,12 +328,7 @@ def produce_frames(
         producer = make_producer(kafka, watch)
         n = len(sources) * settings.streams
         partitions = _partition_count(producer, kafka.frames_topic) if n > 1 else 1
-        feeds = [
-            Feed(source, capture, target_fps(settings.fps, capture), cams, live)
-            for source, (capture, live), cams in zip(
-                sources, opened, run_cameras(bases, settings.streams, partitions), strict=True
-            )
-        ]
+        feeds = _feeds(sources, opened, run_cameras(bases, settings.streams, partitions), settings)
         paces = {cam.stream_id: feed.fps for feed in feeds for cam in feed.cameras}
         stats = ProduceStats(
             stream_id=",".join(bases), source=shown_sources(sources),
@@ -358,10 +361,24 @@ def produce_frames(
     )  # fmt: skip
     if stats.frames_dropped:
         log.warning(
-            "%d live frames dropped: newer ones came before they could be published (the "
-            "producer or the broker was slower than the source)", stats.frames_dropped,
+            "%d live frames dropped: newer ones came before they could be published (--fps "
+            "below the source's rate, or the producer or the broker slower than it)",
+            stats.frames_dropped,
         )  # fmt: skip
     return stats
+
+
+def _feeds(
+    sources: list[str],
+    opened: list[tuple[cv2.VideoCapture, LatestFrame | None]],
+    cameras: list[list[Camera]],
+    settings: ProducerSettings,
+) -> list[Feed]:
+    native = settings.fps == "native"
+    return [
+        Feed(source, capture, target_fps(settings.fps, capture), cams, native, live)
+        for source, (capture, live), cams in zip(sources, opened, cameras, strict=True)
+    ]
 
 
 def _replay_all(
@@ -415,10 +432,10 @@ def _replay(
     The cameras take turns on one schedule: turn t is camera t mod N's frame t // N, due at
     t / (N * fps), so camera i runs at fps with its start i/N of a frame period after camera 0.
     Camera 0's turn decodes and encodes the next source frame; the others publish that JPEG."""
-    cams, fps = feed.cameras, feed.fps
+    cams, fps = feed.cameras, feed.pace
     n = len(cams)
     jpeg = b""
-    turn = decoded = decoded_at_rewind = 0
+    turn = decoded = decoded_at_rewind = taken_ns = 0
     while not stop.is_set():
         camera, frame_index = cams[turn % n], turn // n
         if settings.max_frames is not None and frame_index >= settings.max_frames:
@@ -427,7 +444,8 @@ def _replay(
             delay = started + turn / (n * fps) - time.monotonic()
             if delay > 0 and stop.wait(delay):
                 break
-        capture_ts_ns = time.time_ns()  # the camera's turn: its frame is taken now
+        # The camera's turn: its frame is taken now (a live source's copies: when it was read).
+        capture_ts_ns = taken_ns if feed.live is not None else time.time_ns()
         if turn % n == 0:  # the others publish this JPEG on their turns
             got = feed.next_image(stop)
             if got is None and feed.live is not None:
@@ -447,6 +465,7 @@ def _replay(
                                 shown_url(feed.source))  # fmt: skip
                 break
             image, capture_ts_ns = got
+            taken_ns = capture_ts_ns
             jpeg = encode_jpeg(image, settings.jpeg_quality)
             decoded += 1
             outlet.count_decoded()

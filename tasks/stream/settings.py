@@ -19,7 +19,7 @@ ENV_SOURCE_PREFIX = "env:"
 class KafkaSettings(BaseSettings):
     """Where the Kafka-protocol broker is and what the topics are called."""
 
-    model_config = SettingsConfigDict(env_prefix="VIDFLOW_KAFKA_")
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_KAFKA_", allow_inf_nan=False)
 
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
     frames_topic: str = Field("frames", description="topic the producer publishes frames to")
@@ -43,7 +43,7 @@ class KafkaSettings(BaseSettings):
     )
     max_poll_interval_ms: int = Field(
         300_000,
-        ge=1,
+        ge=5000,  # a member stuck at its in-flight limit polls after 2-2.5 s (consumer.STUCK_S)
         le=86_400_000,
         description="longest a consumer may go without polling before its group drops it",
     )
@@ -85,6 +85,15 @@ class KafkaSettings(BaseSettings):
             raise ValueError(
                 f"--security-protocol {self.security_protocol} needs --sasl-username and "
                 "VIDFLOW_KAFKA_SASL_PASSWORD"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _poll_interval_past_session(self) -> KafkaSettings:
+        if self.max_poll_interval_ms < self.session_timeout_ms:  # librdkafka refuses it
+            raise ValueError(
+                f"--max-poll-interval-ms ({self.max_poll_interval_ms}) must be at least "
+                f"--session-timeout-ms ({self.session_timeout_ms})"
             )
         return self
 
