@@ -38,12 +38,13 @@ from flows.ray_runner import (
 from flows.run_failure import RunFailedError, failed_state
 from tasks.depth.dataset_settings import check_dataset_settings, record_dataset_settings
 from tasks.depth.output_layout import OutputLayout
-from tasks.depth.output_lock import output_lock
+from tasks.depth.output_lock import OutputBusyError, output_lock
 from tasks.depth.preflight import check_run_settings
 from tasks.depth.settings import DepthSettings, with_absolute_paths
 from tasks.depth.shard_tasks import (
     Shard,
     WrittenShard,
+    actor_device,
     make_shards,
     run_logger,
     run_shards,
@@ -82,8 +83,15 @@ def depth_extraction(
         sources = load_sources(urls, kinetics_csv, url_template, split, limit)
     except ValueError as exc:  # input the run cannot take: a model, a list it cannot read
         return failed_state(exc)
-    with output_lock(settings.output):  # one run at a time per output folder
-        summary = _extract(sources, settings, untrained, show_progress)
+    try:
+        with output_lock(settings.output):  # one run at a time per output folder
+            try:
+                table = prepare_output(settings)
+            except ValueError as exc:  # a cluster too small, a dataset of other settings
+                return failed_state(exc)  # (was an engine traceback, the CLI's line after it)
+            summary = _extract(table, sources, settings, untrained, show_progress)
+    except OutputBusyError as exc:
+        return failed_state(exc)
     message = outcome_message(summary)
     if summary["failed"] and not (summary["ok"] or summary["skipped"]):
         # The counts are the state's message and the summary table's: no log line of its own.
@@ -114,11 +122,14 @@ def outcome_message(summary: dict[str, Any]) -> str:
 
 
 def _extract(
-    sources: list[VideoRecord], settings: DepthSettings, untrained: bool, show_progress: bool
+    table: VideoTable,
+    sources: list[VideoRecord],
+    settings: DepthSettings,
+    untrained: bool,
+    show_progress: bool,
 ) -> dict[str, Any]:
-    """The run, once its input is read and its output folder is its own."""
+    """The run, once its input is read and its output folder is its own and ready."""
     logger = get_run_logger()
-    table = prepare_output(settings)
     plan = table.plan(sources)
     if dropped := OutputLayout(settings.output).drop_downloads(plan.rerun_ids):
         logger.info("%d files of videos that failed before removed: they are redone whole", dropped)
@@ -150,7 +161,10 @@ def _extract(
         "shard_size": shard_size,
         "flow_run_id": str(flow_run.id),
     }
-    publish_artifacts(report)
+    try:
+        publish_artifacts(report)
+    except Exception as exc:  # the API's refusal (a proxy's body limit): the rows are in
+        logger.warning("the run's artifacts could not be recorded: %s", exc)
     for line in report.failure_lines():
         logger.warning("%s", line)
     logger.info(
@@ -190,7 +204,7 @@ def check_fits_cluster(settings: DepthSettings) -> None:
             )
     check_api_reachable()
     gpus = cluster_gpus()
-    if gpus and settings.device != "cpu" and settings.depth_workers > gpus:
+    if actor_device(settings, gpus) == "cuda" and settings.depth_workers > gpus:
         raise ValueError(
             f"--depth-workers {settings.depth_workers}: the cluster has {gpus} GPU(s), one per "
             "GPU depth worker; the others would never start"
@@ -254,7 +268,11 @@ def process_shards(
         progress.advance(report, len(committed))
     progress.close()
     if plan.todo:
-        table.compact()
+        try:  # fewer, larger files: worth having, not worth failing a run whose rows are in
+            table.compact()
+        except Exception as exc:  # Lance's errors share no base class
+            run_logger().warning("compacting %s failed (its rows are all committed): %s",
+                                 table.lance_path, exc)  # fmt: skip
     table.export_parquet()
 
 
@@ -268,7 +286,7 @@ def publish_artifacts(report: RunReport) -> None:
     create_table_artifact(
         key=artifact_keys.DEPTH_VIDEOS,
         table=report.video_rows(),
-        description="Every video of this run: shard, status, stage times, failure reason",
+        description=report.video_rows_description(),
     )
     create_markdown_artifact(
         key=artifact_keys.DEPTH_FAILURES,
@@ -322,8 +340,11 @@ class Progress:
             self.bar.set_postfix(ok=report.ok, failed=report.failed, refresh=False)
             self.bar.update(videos)
         if time.monotonic() - self.last_update > PROGRESS_EVERY_S or self.done == self.total:
-            update_progress_artifact(self.artifact_id, progress=100.0 * self.done / self.total)
             self.last_update = time.monotonic()
+            try:  # a blip of the API ended the run mid-way, its shards in flight uncommitted
+                update_progress_artifact(self.artifact_id, progress=100.0 * self.done / self.total)
+            except Exception as exc:
+                run_logger().warning("progress not recorded: %s", exc)
 
     def close(self) -> None:
         if self.bar is not None:

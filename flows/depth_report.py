@@ -137,6 +137,18 @@ class RunReport:
         shard 2/4 ..."), so a row leads to its task runs; the dataset keeps the index."""
         return sorted(self._rows, key=lambda row: row["shard"] or 0)[:limit]
 
+    def video_rows_description(self) -> str:
+        """What the per-video table holds: said when it is cut (a run of 50,000 videos showed
+        10,000 rows under "every video of this run"), and that videos done before are not in it."""
+        processed = self.ok + self.failed
+        which = "Every video" if processed <= VIDEO_ROWS_SHOWN else (
+            f"The first {VIDEO_ROWS_SHOWN} videos, by shard, of the {processed}"
+        )  # fmt: skip
+        skipped = (
+            f"; the {self.skipped} done in earlier runs are not listed" if self.skipped else ""
+        )
+        return f"{which} this run processed: shard, status, stage times, failure reason{skipped}"
+
     def failure_lines(self, limit: int = 10) -> list[str]:
         """The first `limit` failures, one line each, for the run's log: on the console of a
         command line run, whose temporary Prefect server (and artifacts) end with it."""

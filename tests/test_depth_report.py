@@ -69,6 +69,13 @@ def test_a_long_run_keeps_only_what_its_artifacts_show() -> None:
             assert len(report._rows) < 2 * VIDEO_ROWS_SHOWN
     rows = report.video_rows()
     assert len(rows) == VIDEO_ROWS_SHOWN and {row["shard"] for row in rows} == set(range(1, 101))
+    # and says so: under "every video of this run", 10,000 rows of 25,000 read as videos lost
+    cut = f"The first {VIDEO_ROWS_SHOWN} videos, by shard, of the 25000 this run processed"
+    assert report.video_rows_description().startswith(cut)
+    small = RunReport(total=5, skipped=3)
+    small.add(_video("a", shard=0))
+    assert small.video_rows_description().startswith("Every video this run processed")
+    assert small.video_rows_description().endswith("the 3 done in earlier runs are not listed")
     assert (report.ok, report.failed, len(report.failures)) == (24_750, 250, FAILURES_SHOWN)
     markdown = report.failures_markdown()
     assert markdown.count("| depth |") == FAILURES_SHOWN and "150 more in the table" in markdown

@@ -947,6 +947,19 @@ def test_upserts_replace_rows_and_plans_skip_done_videos(tmp_path: Path) -> None
     assert pq.read_table(empty.export_parquet()).num_rows == 0
 
 
+def test_a_rerun_fetches_again_only_videos_that_failed_before_their_transcode_was_taken(
+    tmp_path: Path,
+) -> None:
+    """A video that failed at depth or store has a transcode ffmpeg and the probe took: after a
+    model fault, a rerun fetched and transcoded every clip of the list again."""
+    table = VideoTable(tmp_path)
+    failed = {"d": "depth", "s": "store", "t": "transcode", "w": "download"}
+    table.upsert([_record(f"http://h/{v}.mp4", v).fail(stage, "x") for v, stage in failed.items()])
+    plan = table.plan([_record(f"http://h/{v}.mp4", v) for v in failed])
+    assert [record.video_id for record in plan.todo] == ["d", "s", "t", "w"]  # all redone
+    assert plan.rerun_ids == {"t", "w"}  # only these from the start
+
+
 def test_worker_fragments_appear_only_when_the_driver_commits_them(tmp_path: Path) -> None:
     """Lance's distributed write: a shard's rows are invisible until committed, and a shard
     that re-did a video replaces its row in the same single commit."""

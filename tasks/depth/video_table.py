@@ -29,7 +29,9 @@ class WorkPlan:
 
     todo: list[VideoRecord]
     already_ok: int
-    rerun_ids: frozenset[str]  # videos in `todo` that have a row already (failed before)
+    # videos in `todo` whose row failed at fetching or transcoding them: their files are
+    # redone (a depth or store failure keeps its checked transcode)
+    rerun_ids: frozenset[str]
 
 
 class TableSchemaError(ValueError):
@@ -87,20 +89,23 @@ class VideoTable:
 
     def plan(self, sources: Sequence[VideoRecord]) -> WorkPlan:
         """Skip videos already `ok`; give the others their attempt number."""
-        stored: dict[str, tuple[str, int]] = {}
+        stored: dict[str, tuple[str, int, str | None]] = {}
         if self.exists():
-            columns = ["video_id", "status", "attempts"]
+            columns = ["video_id", "status", "attempts", "failed_stage"]
             for row in lance.dataset(self.lance_path).to_table(columns=columns).to_pylist():
-                stored[row["video_id"]] = (row["status"], row["attempts"])
-        todo, already_ok = [], 0
+                stored[row["video_id"]] = (row["status"], row["attempts"], row["failed_stage"])
+        todo, already_ok, refetch = [], 0, set()
         for source in sources:
-            status, attempts = stored.get(source.video_id, (None, 0))
+            status, attempts, stage = stored.get(source.video_id, (None, 0, None))
             if status == "ok":
                 already_ok += 1
                 continue
             todo.append(source.update(attempts=attempts + 1))
-        rerun_ids = frozenset(record.video_id for record in todo if record.video_id in stored)
-        return WorkPlan(todo=todo, already_ok=already_ok, rerun_ids=rerun_ids)
+            # A video that failed at depth or store has a transcode ffmpeg and the probe took:
+            # dropped, 20,000 clips were fetched and transcoded again after a model fault.
+            if status is not None and stage not in ("depth", "store"):
+                refetch.add(source.video_id)
+        return WorkPlan(todo=todo, already_ok=already_ok, rerun_ids=frozenset(refetch))
 
     def upsert(self, records: Iterable[VideoRecord]) -> None:
         """Write rows in one atomic commit: replace rows with the same `video_id`, add the rest."""
