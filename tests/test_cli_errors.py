@@ -125,6 +125,10 @@ def test_depth_refuses_settings_that_differ_from_the_datasets_in_its_folder(
     check_dataset_settings(output, other)
     record_dataset_settings(output, made)
     (output / "videos").mkdir()
+    # A run stopped mid-transcode (to correct a setting) leaves only a hidden partial file:
+    # nothing was made, and it tied the folder to the settings being corrected.
+    (output / "videos" / ".a.mp4.1f2e.part.mp4").write_bytes(b"half a transcode")
+    check_dataset_settings(output, other)
     (output / "videos" / "a.mp4").write_bytes(b"a transcode")  # now something was made with them
     given = ["depth", "--urls", str(one_url), "--depth-model", str(tiny_depth_model)]
     err = _refused([*given, "--output", str(output), "--height", "240", "--frames", "all"], capsys)

@@ -34,8 +34,8 @@ from yarl import URL
 
 from tasks.depth import redirects
 from tasks.depth.depth_loader import load_depth_estimator, shared_estimator
-from tasks.depth.depth_maps import estimate_depth, estimate_depth_many
-from tasks.depth.depth_model import UNTRAINED_CONFIG_KEY, check_depth_model
+from tasks.depth.depth_maps import FLOAT16_MAX, estimate_depth, estimate_depth_many
+from tasks.depth.depth_model import UNTRAINED_CONFIG_KEY, DepthMap, check_depth_model
 from tasks.depth.depth_torch import DepthEstimator
 from tasks.depth.download import (
     DownloadError,
@@ -821,6 +821,34 @@ def test_depth_maps_are_written_at_the_frame_size(tmp_path: Path, tiny_depth_mod
     assert record.depth_untrained is True
     # One model per process: a reused worker does not load the weights again.
     assert shared_estimator(settings) is shared_estimator(settings.model_copy())
+
+
+class _ConstantDepth:
+    """A stand-in model whose every depth value is `value`: a model's NaN or overflow cannot be
+    had from the test's small model on demand."""
+
+    model_name, device, untrained = "constant", "cpu", True
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def estimate(self, frames_rgb: list[np.ndarray]) -> list[DepthMap]:
+        return [DepthMap(np.full(f.shape[:2], self.value, np.float32), None) for f in frames_rgb]
+
+
+def test_a_model_s_nan_fails_its_video_and_depth_past_float16_is_clipped(tmp_path: Path) -> None:
+    """A NaN was stored and the row said "ok" with min inf, max -inf and a mean of NaN; a value
+    past float16's range was stored as inf while the row gave its float32 maximum."""
+    settings = DepthSettings(frames="uniform:2", device="cpu")
+    transcoded = transcode(
+        _record("http://h/v.mp4").update(raw_path=str(CLIP)), tmp_path / "videos", settings
+    )
+    nan = estimate_depth(transcoded, tmp_path / "nan", settings, _ConstantDepth(float("nan")))
+    assert nan.failed and nan.failed_stage == "depth" and "NaN or inf" in nan.error
+    assert not list((tmp_path / "nan").glob("*.npy"))  # no map that looks made
+    far = estimate_depth(transcoded, tmp_path / "far", settings, _ConstantDepth(1e6))
+    assert far.status == "ok" and far.depth_max_m == far.depth_min_m == FLOAT16_MAX
+    assert np.isfinite(np.load(far.depth_path)).all()
 
 
 def test_all_frames_stream_through_batches_into_one_array_per_video(

@@ -68,7 +68,10 @@ def record_dataset_settings(folder: Path, settings: DepthSettings) -> None:
 
 
 def _holds_files(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.iterdir())
+    """Whether anything was made there: a hidden partial file of a run killed before it
+    finished one (`common.files.partial_path`) made nothing, and bound the folder to the
+    settings a user had stopped the run to correct."""
+    return folder.is_dir() and any(not entry.name.startswith(".") for entry in folder.iterdir())
 
 
 def _recorded(folder: Path) -> dict[str, Any]:

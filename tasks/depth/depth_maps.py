@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -59,6 +60,9 @@ def _allocate(path: Path) -> None:
                 raise
 
 
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # maps are stored as float16
+
+
 class VideoDepth:
     """One video's depth maps as they arrive from the model, batch by batch.
 
@@ -84,6 +88,19 @@ class VideoDepth:
         self.preview: np.ndarray | None = None
 
     def add(self, index: int, depth: DepthMap) -> None:
+        if self.error is not None:  # failed already: nothing more is stored
+            return
+        depth_m, low, high = depth.depth_m, float(depth.depth_m.min()), float(depth.depth_m.max())
+        if not (math.isfinite(low) and math.isfinite(high)):  # a NaN makes both NaN
+            # Stored, a NaN read back as an "ok" row with min inf, max -inf and a mean of NaN.
+            self.error = (
+                f"the depth model gave values that are not numbers (NaN or inf) for frame {index}"
+            )
+            self.discard()
+            return
+        if low < -FLOAT16_MAX or high > FLOAT16_MAX:  # past float16's range: inf once stored
+            depth_m = np.clip(depth_m, -FLOAT16_MAX, FLOAT16_MAX)
+            low, high = (min(max(v, -FLOAT16_MAX), FLOAT16_MAX) for v in (low, high))
         if self.array is None:
             shape = (len(self.indices), *depth.depth_m.shape)
             self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -91,13 +108,12 @@ class VideoDepth:
                 self.partial, mode="w+", dtype=np.float16, shape=shape
             )
             _allocate(self.partial)
-            self.preview = depth_preview(depth.depth_m)
-        self.array[len(self.done)] = depth.depth_m
+            self.preview = depth_preview(depth_m)
+        self.array[len(self.done)] = depth_m
         self.done.append(index)
-        self.low = min(self.low, float(depth.depth_m.min()))
-        self.high = max(self.high, float(depth.depth_m.max()))
-        self.total += float(depth.depth_m.sum(dtype=np.float64))
-        self.count += depth.depth_m.size
+        self.low, self.high = min(self.low, low), max(self.high, high)
+        self.total += float(depth_m.sum(dtype=np.float64))
+        self.count += depth_m.size
         if depth.focal_length_px is not None:
             self.focals.append(depth.focal_length_px)
 
