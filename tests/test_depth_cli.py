@@ -214,12 +214,14 @@ def test_a_stage_that_asks_for_more_cpus_than_a_node_has_is_refused(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("hang_up", [False, True], ids=["ctrl-c", "terminal-closed"])
 def test_ctrl_c_in_a_terminal_ends_the_run_at_once_and_records_its_end(
-    tmp_path: Path, tiny_depth_model: Path, cli_env: dict[str, str]
+    tmp_path: Path, tiny_depth_model: Path, cli_env: dict[str, str], hang_up: bool
 ) -> None:
     """A terminal's Ctrl-C goes to the whole process group: the temporary Prefect server ended
     with it, and the command then retried recording the run's end against it for minutes,
-    leaving the run Running in the database."""
+    leaving the run Running in the database. A closed terminal or a dropped SSH session
+    (SIGHUP to the group) killed the command silently, the run Running for good."""
     slow = Drip(VIDEOS / "pool_cleaning.mp4", chunk=1000, every_s=0.5)  # a download that lasts
     with VideoServer({"slow.mp4": slow}) as server:
         urls = tmp_path / "urls.txt"
@@ -244,12 +246,12 @@ def test_ctrl_c_in_a_terminal_ends_the_run_at_once_and_records_its_end(
             while server.requests["slow.mp4"] == 0:  # the run is under way
                 assert run.poll() is None and time.monotonic() < deadline
                 time.sleep(0.2)
-            os.killpg(run.pid, signal.SIGINT)
+            os.killpg(run.pid, signal.SIGHUP if hang_up else signal.SIGINT)
             _, err = run.communicate(timeout=90)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(run.pid, signal.SIGKILL)
-    assert run.returncode == 130, err[-3000:]
+    assert run.returncode == (-signal.SIGTERM if hang_up else 130), err[-3000:]
     with sqlite3.connect(Path(cli_env["PREFECT_HOME"]) / "prefect.db") as database:
         states = [row[0] for row in database.execute("SELECT state_type FROM flow_run")]
     assert states and "RUNNING" not in states, states

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -267,6 +268,9 @@ def _depth(args: argparse.Namespace) -> int:
     from tasks.depth.video_table import VideoTable
 
     ignore_lance_fork_warning()
+    # A closed terminal or a dropped SSH session (SIGHUP) killed the command silently, and its
+    # flow run stayed Running for good: it ends the run as SIGTERM does (recorded as Crashed).
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: signal.raise_signal(signal.SIGTERM))
     settings = with_absolute_paths(settings_from_args(DepthSettings, args))
     # Refuse bad input before starting a Prefect server and Ray (the flow checks again).
     sources = load_sources(args.urls, args.kinetics_csv, args.url_template, args.split, args.limit)
@@ -298,7 +302,10 @@ def _depth(args: argparse.Namespace) -> int:
     if isinstance(summary, DepthRunFailedError):  # no video done: reported all the same
         summary = summary.summary
     elif isinstance(summary, BaseException):  # the run itself failed: bad input, a lost cluster
-        raise summary
+        if isinstance(summary, ValueError | OSError | TimeoutError | RuntimeError):
+            raise summary
+        # Said in one line with exit 2 like those: a traceback's exit 1 read as "videos failed"
+        raise RuntimeError(f"the run failed: {type(summary).__name__}: {summary}") from summary
     print(json.dumps(summary))
     code = 1 if summary["failed"] else 0
     quick_exit.finish(code)
