@@ -143,6 +143,10 @@ def test_two_urls_given_one_id_refuse_the_list_and_repeats_are_counted(
     listing.write_text("url,video_id\nhttps://h/a.mp4,my clip\nhttps://h/b.mp4,my_clip\n")
     with pytest.raises(SourceListError, match=r"'my_clip' \(https://h/a.mp4 and https://h/b.mp4"):
         read_url_list(listing)
+    # One file on macOS's and Windows' file systems: each video's files held the other's
+    listing.write_text("url,video_id\nhttps://h/a.mp4,Cat01\nhttps://h/b.mp4,cat01\n")
+    with pytest.raises(SourceListError, match=r"'cat01' .* differ only in case"):
+        read_url_list(listing)
     listing.write_text("url,video_id\nhttps://h/a.mp4,one\nhttps://h/a.mp4,two\nhttps://h/b.mp4,\n")
     with caplog.at_level("WARNING", logger="tasks.depth.video_sources"):
         records = read_url_list(listing)

@@ -68,8 +68,9 @@ def _unique_ids(
     """One row per video: a URL listed again (or, with `same_id_same_video`, a video listed
     again under another URL: a Kinetics clip, a URL signed again) is dropped, and how many
     were is logged. Otherwise two different URLs that get one id (a CSV's `video_id` column,
-    the same once made file-name-safe, e.g. `my clip` and `my_clip`) refuse the list: either
-    one's row would silently take the other's place."""
+    the same once made file-name-safe, e.g. `my clip` and `my_clip`, or the same but for case,
+    `Cat01` and `cat01`: one file on macOS's and Windows' file systems) refuse the list: either
+    one's row, or its files, would silently take the other's place."""
     by_url: dict[str, VideoRecord] = {}
     by_id: dict[str, VideoRecord] = {}
     repeats = 0
@@ -77,16 +78,20 @@ def _unique_ids(
         if record.source_url in by_url:
             repeats += 1
             continue
-        if (first := by_id.get(record.video_id)) is not None:
+        # Given ids are told apart regardless of case; ids made from URLs carry a hash, and
+        # Kinetics' YouTube ids differ by case alone.
+        key = record.video_id if same_id_same_video else record.video_id.casefold()
+        if (first := by_id.get(key)) is not None:
             if not same_id_same_video:
                 raise SourceListError(
                     f"{path}: two URLs get the video id {record.video_id!r} "
                     f"({shown_url(first.source_url)} and {shown_url(record.source_url)}); "
-                    "give each video an id of its own"
+                    "give each video an id of its own (ids that differ only in case name one "
+                    "file on some file systems)"
                 )
             repeats += 1
             continue
-        by_url[record.source_url] = by_id[record.video_id] = record
+        by_url[record.source_url] = by_id[key] = record
     if repeats:
         log.warning("%s: %d lines repeat a video listed before: one row each", path, repeats)
     return list(by_id.values())
