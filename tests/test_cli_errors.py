@@ -383,3 +383,25 @@ def test_export_onnx_names_a_weights_file_that_is_not_a_checkpoint(
         ["export-onnx", "--weights", str(weights), "--cache-dir", str(tmp_path / "cache")], capsys
     )
     assert f"{weights} is not a PyTorch checkpoint" in err
+
+
+def test_an_output_folder_on_a_file_system_without_locks_is_refused_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lustre mounted without `-o flock` answers flock with ENOLCK: only "held by another
+    run" was caught, and the run ended in a traceback. (No such file system here: the
+    refusal is made up, the rest is real.)"""
+    import errno
+    import fcntl
+
+    from tasks.depth.output_lock import OutputBusyError, output_lock
+
+    def no_locks(_fd: object, _operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with (
+        pytest.raises(OutputBusyError, match=r"takes no lock \(No locks available\)"),
+        output_lock(tmp_path / "out"),
+    ):
+        pass

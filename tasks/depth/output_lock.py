@@ -39,6 +39,13 @@ def output_lock(folder: Path) -> Iterator[None]:
                 f"another run ({holder}) is writing to {folder}: wait for it to end, or give "
                 "this one another output folder"
             ) from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks (Lustre, FUSE)
+            raise OutputBusyError(
+                f"{folder}: its file system takes no lock ({exc.strerror or exc}), and one run "
+                "at a time per output folder is how its rows stay unique: give an output folder "
+                "on a file system with locks (a local disk, NFS with locking, Lustre mounted "
+                "with -o flock)"
+            ) from exc
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
