@@ -161,10 +161,25 @@ def test_cpu_runs_on_onnx_and_a_model_it_cannot_export_falls_back_to_torch(
 
 
 def test_the_onnx_backend_refuses_a_gpu_instead_of_running_on_the_cpu(
-    tiny_depth_model: Path, tmp_path: Path
+    tiny_depth_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import torch
+
     settings = DepthSettings(
         depth_model=str(tiny_depth_model), depth_backend="onnx", cache_dir=tmp_path
     )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node (none here)
     with pytest.raises(ValueError, match="CPU only"):
         load_depth_estimator(settings, "cuda")
+
+
+def test_a_gpu_actor_whose_torch_sees_no_gpu_runs_onnx_with_its_threads(
+    tiny_depth_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An actor placed on a GPU (Ray saw one) whose torch cannot use it (a CPU-only build, a
+    driver mismatch) ran torch on the CPU with every core of the node, holding no CPU."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on such a node
+    settings = DepthSettings(depth_model=str(tiny_depth_model), cache_dir=tmp_path)
+    assert isinstance(load_depth_estimator(settings, "cuda", threads=1), OnnxDepthEstimator)

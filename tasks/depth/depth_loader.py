@@ -22,11 +22,15 @@ def load_depth_estimator(settings: DepthSettings, device: str, threads: int = 1)
     cached: seconds of CPU a run), torch on a GPU (float16 batches), and torch where a model
     cannot be exported, with a warning saying why.
     """
-    if device == "auto":
+    backend = settings.depth_backend
+    if device == "auto" and backend == "onnx":  # ONNX runs on the CPU: auto means it
+        device = "cpu"
+    if device in ("auto", "cuda"):
+        # A "cuda" actor on a node whose torch cannot use its GPU (a CPU-only build, a driver
+        # mismatch) ran torch on every core: resolved here, it gets ONNX and its thread count.
         import torch
 
         device = choose_device(device, torch.cuda.is_available, what="depth model")
-    backend = settings.depth_backend
     check_depth_backend(backend, device)
     if backend == "onnx" or (backend == "auto" and device == "cpu"):
         from tasks.depth.depth_onnx import OnnxDepthEstimator
