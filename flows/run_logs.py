@@ -37,10 +37,9 @@ def logs_in_run(logger_name: str) -> Iterator[None]:
     logger = logging.getLogger(logger_name)
     with _lock:
         handler, users = _ours.get(logger_name, (None, 0))
-        # PREFECT_LOGGING_EXTRA_LOGGERS named it: Prefect sends its records already.
-        prefect_sends = handler is None and any(
-            isinstance(h, APILogHandler) for h in logger.handlers
-        )
+        # PREFECT_LOGGING_EXTRA_LOGGERS named it or a logger above it (records propagate up):
+        # Prefect sends its records already, and a handler here sent every line twice.
+        prefect_sends = handler is None and _sends_to_api(logger, APILogHandler)
         if handler is None and not prefect_sends:
             handler = APILogHandler()
             handler.addFilter(lambda _: bool(FlowRunContext.get() or TaskRunContext.get()))
@@ -75,3 +74,13 @@ def _lower_level_for_the_run(logger: logging.Logger) -> None:
     if logger.level == logging.NOTSET and logger.getEffectiveLevel() > wanted:
         logger.setLevel(wanted)
         _levels_set[logger.name] = wanted
+
+
+def _sends_to_api(logger: logging.Logger, handler_type: type[logging.Handler]) -> bool:
+    """Whether `logger`'s records reach a handler of `handler_type` on it or above it."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(isinstance(handler, handler_type) for handler in current.handlers):
+            return True
+        current = current.parent if current.propagate else None
+    return False

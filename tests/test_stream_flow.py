@@ -370,6 +370,28 @@ def test_two_runs_in_one_process_share_one_log_handler_until_the_last_ends() -> 
     assert handlers() == 0
 
 
+def test_a_logger_whose_parent_prefect_sends_gets_no_second_handler() -> None:
+    """PREFECT_LOGGING_EXTRA_LOGGERS=tasks puts Prefect's handler on `tasks`: one of ours on
+    `tasks.stream` as well sent every line of the run to the API twice."""
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.run_logs import logs_in_run
+
+    parent = logging.getLogger("test-run-logs-parent")
+    child = logging.getLogger("test-run-logs-parent.stream")
+    prefect_s = APILogHandler()
+    parent.addHandler(prefect_s)
+    try:
+        with logs_in_run(child.name):
+            assert not any(isinstance(h, APILogHandler) for h in child.handlers)
+        child.propagate = False  # its records stop there: then it needs one of its own
+        with logs_in_run(child.name):
+            assert sum(isinstance(h, APILogHandler) for h in child.handlers) == 1
+    finally:
+        parent.removeHandler(prefect_s)
+        child.propagate = True
+
+
 def test_a_run_logs_the_streams_info_lines_where_nothing_set_a_level(monkeypatch) -> None:
     """A deployment's flow run has the root logger at WARNING (Prefect's logging.yml): the
     producer's start and the consumers' progress lines were never made, so the UI showed none."""
