@@ -9,6 +9,7 @@ every finished shard. A running cluster when there is one, else a private local 
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -161,10 +162,7 @@ def _extract(
         "shard_size": shard_size,
         "flow_run_id": str(flow_run.id),
     }
-    try:
-        publish_artifacts(report)
-    except Exception as exc:  # the API's refusal (a proxy's body limit): the rows are in
-        logger.warning("the run's artifacts could not be recorded: %s", exc)
+    publish_artifacts(report)
     for line in report.failure_lines():
         logger.warning("%s", line)
     logger.info(
@@ -277,22 +275,29 @@ def process_shards(
 
 
 def publish_artifacts(report: RunReport) -> None:
-    """The run's summary, every video, and the failures, as artifacts of the flow run."""
-    create_table_artifact(
-        key=artifact_keys.DEPTH_SUMMARY,
-        table=report.table(),
-        description=report.headline(),
-    )
-    create_table_artifact(
-        key=artifact_keys.DEPTH_VIDEOS,
-        table=report.video_rows(),
-        description=report.video_rows_description(),
-    )
-    create_markdown_artifact(
-        key=artifact_keys.DEPTH_FAILURES,
-        markdown=report.failures_markdown(),
-        description="Videos that failed in this run, with stage and reason",
-    )
+    """The run's summary, the failures and every video, as artifacts of the flow run, each
+    recorded whether or not the others could be (the largest, the video table, last: a proxy's
+    body limit that refused it once cost the failures artifact the run's state points to)."""
+    artifacts = [
+        functools.partial(
+            create_table_artifact, key=artifact_keys.DEPTH_SUMMARY, table=report.table(),
+            description=report.headline(),
+        ),
+        functools.partial(
+            create_markdown_artifact, key=artifact_keys.DEPTH_FAILURES,
+            markdown=report.failures_markdown(),
+            description="Videos that failed in this run, with stage and reason",
+        ),
+        functools.partial(
+            create_table_artifact, key=artifact_keys.DEPTH_VIDEOS, table=report.video_rows(),
+            description=report.video_rows_description(),
+        ),
+    ]  # fmt: skip
+    for create in artifacts:
+        try:  # the rows are in: an artifact is worth a warning, not the run
+            create()
+        except Exception as exc:
+            run_logger().warning("artifact %s not recorded: %s", create.keywords["key"], exc)
 
 
 def commit_shard(table: VideoTable, written: WrittenShard) -> tuple[VideoRecord, ...]:

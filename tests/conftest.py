@@ -48,6 +48,19 @@ VIDEOS = SAMPLE_VIDEOS_DIR
 
 
 @pytest.fixture(autouse=True)
+def _signal_handlers_as_they_were() -> Iterator[None]:
+    """Commands run in-process (`main([...])`) set handlers for SIGINT, SIGTERM and SIGHUP:
+    left behind, the session ignored a CI runner's SIGTERM and took two Ctrl-C."""
+    kept = {number: signal.getsignal(number) for number in SIGNALS_A_COMMAND_SETS}
+    yield
+    for number, handler in kept.items():
+        signal.signal(number, handler)
+
+
+SIGNALS_A_COMMAND_SETS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@pytest.fixture(autouse=True)
 def _no_server_outlives_its_test() -> Iterator[None]:
     """Kill a `vidflow serve` that a test started and left running (it failed before its
     stop): else it held a core of the two for the rest of the session. Servers of session

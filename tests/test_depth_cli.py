@@ -4,6 +4,7 @@ code that says whether every video made it."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -214,14 +215,15 @@ def test_a_stage_that_asks_for_more_cpus_than_a_node_has_is_refused(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hang_up", [False, True], ids=["ctrl-c", "terminal-closed"])
+@pytest.mark.parametrize("ended_by", ["ctrl-c", "terminal-closed", "nohup"])
 def test_ctrl_c_in_a_terminal_ends_the_run_at_once_and_records_its_end(
-    tmp_path: Path, tiny_depth_model: Path, cli_env: dict[str, str], hang_up: bool
+    tmp_path: Path, tiny_depth_model: Path, cli_env: dict[str, str], ended_by: str
 ) -> None:
     """A terminal's Ctrl-C goes to the whole process group: the temporary Prefect server ended
     with it, and the command then retried recording the run's end against it for minutes,
     leaving the run Running in the database. A closed terminal or a dropped SSH session
-    (SIGHUP to the group) killed the command silently, the run Running for good."""
+    (SIGHUP to the group) killed the command silently, the run Running for good; under `nohup`
+    (SIGHUP ignored) the run goes on, until a Ctrl-C."""
     slow = Drip(VIDEOS / "pool_cleaning.mp4", chunk=1000, every_s=0.5)  # a download that lasts
     with VideoServer({"slow.mp4": slow}) as server:
         urls = tmp_path / "urls.txt"
@@ -238,20 +240,29 @@ def test_ctrl_c_in_a_terminal_ends_the_run_at_once_and_records_its_end(
             "--depth-model",
             str(tiny_depth_model),
         ]
+        ignore_hang_up = functools.partial(signal.signal, signal.SIGHUP, signal.SIG_IGN)
         run = subprocess.Popen(
-            command, env=cli_env, stderr=subprocess.PIPE, text=True, start_new_session=True
-        )  # a group of its own, as a terminal's
+            command, env=cli_env, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            preexec_fn=ignore_hang_up if ended_by == "nohup" else None,
+        )  # a group of its own, as a terminal's  # fmt: skip
         try:
             deadline = time.monotonic() + 180
             while server.requests["slow.mp4"] == 0:  # the run is under way
                 assert run.poll() is None and time.monotonic() < deadline
                 time.sleep(0.2)
-            os.killpg(run.pid, signal.SIGHUP if hang_up else signal.SIGINT)
+            if ended_by != "ctrl-c":
+                os.killpg(run.pid, signal.SIGHUP)
+            if ended_by == "nohup":
+                time.sleep(3)
+                assert run.poll() is None  # it outlives its terminal
+            if ended_by != "terminal-closed":
+                os.killpg(run.pid, signal.SIGINT)
             _, err = run.communicate(timeout=90)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(run.pid, signal.SIGKILL)
-    assert run.returncode == (-signal.SIGTERM if hang_up else 130), err[-3000:]
+    hung_up = ended_by == "terminal-closed"
+    assert run.returncode == (-signal.SIGTERM if hung_up else 130), err[-3000:]
     with sqlite3.connect(Path(cli_env["PREFECT_HOME"]) / "prefect.db") as database:
         states = [row[0] for row in database.execute("SELECT state_type FROM flow_run")]
     assert states and "RUNNING" not in states, states

@@ -987,9 +987,12 @@ def test_a_rerun_fetches_again_only_videos_that_failed_before_their_transcode_wa
     table = VideoTable(tmp_path)
     failed = {"d": "depth", "s": "store", "t": "transcode", "w": "download"}
     table.upsert([_record(f"http://h/{v}.mp4", v).fail(stage, "x") for v, stage in failed.items()])
-    plan = table.plan([_record(f"http://h/{v}.mp4", v) for v in failed])
-    assert [record.video_id for record in plan.todo] == ["d", "s", "t", "w"]  # all redone
-    assert plan.rerun_ids == {"t", "w"}  # only these from the start
+    # A shard whose worker died fails each of its videos at that stage, those that had failed
+    # at a download or a transcode before it too: its videos are fetched again.
+    table.upsert([_record("http://h/c.mp4", "c").fail("depth", "depth crashed: worker died")])
+    plan = table.plan([_record(f"http://h/{v}.mp4", v) for v in [*failed, "c"]])
+    assert [record.video_id for record in plan.todo] == ["d", "s", "t", "w", "c"]  # all redone
+    assert plan.rerun_ids == {"t", "w", "c"}  # only these from the start
 
 
 def test_worker_fragments_appear_only_when_the_driver_commits_them(tmp_path: Path) -> None:

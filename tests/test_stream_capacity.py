@@ -54,7 +54,11 @@ from tasks.stream.producer import run_cameras
 from tasks.stream.results import read_records
 from tasks.stream.settings import KafkaSettings, ProducerSettings
 from tests.conftest import VIDEOS
-from tests.kafka_helpers import stream_benchmark_env, stream_benchmark_run
+from tests.kafka_helpers import (
+    partition_ends,
+    stream_benchmark_env,
+    stream_benchmark_run,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -464,7 +468,10 @@ def test_the_producer_stops_as_soon_as_a_consumer_fails(kafka) -> None:
         )
     )
     producing.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    while not sum(partition_ends(kafka.bootstrap_servers, kafka.frames_topic, 2)):  # under way
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     failed.set()
     producing.join(10)
     assert not producing.is_alive()

@@ -314,7 +314,10 @@ def test_partitions_a_stuck_member_paused_are_read_again_after_a_rebalance(
     outcome: dict[str, Any] = {}
     running = threading.Thread(target=lambda: outcome.update(summary=stuck.run()))
     running.start()
-    time.sleep(4.0)  # stuck at its limit, its partitions paused
+    deadline = time.monotonic() + 30
+    while not stuck.assignment._paused:  # stuck at its limit, its partitions paused
+        assert time.monotonic() < deadline and running.is_alive()
+        time.sleep(0.05)
     visitor = _consumer(kafka, target, group=group, concurrency=2)
     visiting = threading.Thread(target=visitor.run)
     visiting.start()

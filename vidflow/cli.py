@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -260,6 +261,15 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hang_up_as_sigterm() -> None:
+    """A closed terminal or a dropped SSH session (SIGHUP) killed the command silently, and its
+    flow run stayed Running for good: it ends the run as SIGTERM does (recorded as Crashed).
+    Not where SIGHUP is ignored (`nohup`: the run is meant to outlive the terminal)."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: signal.raise_signal(signal.SIGTERM))
+
+
 def _depth(args: argparse.Namespace) -> int:
     from tasks.depth.dataset_settings import check_dataset_settings
     from tasks.depth.output_lock import check_output_free
@@ -268,9 +278,7 @@ def _depth(args: argparse.Namespace) -> int:
     from tasks.depth.video_table import VideoTable
 
     ignore_lance_fork_warning()
-    # A closed terminal or a dropped SSH session (SIGHUP) killed the command silently, and its
-    # flow run stayed Running for good: it ends the run as SIGTERM does (recorded as Crashed).
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: signal.raise_signal(signal.SIGTERM))
+    _hang_up_as_sigterm()
     settings = with_absolute_paths(settings_from_args(DepthSettings, args))
     # Refuse bad input before starting a Prefect server and Ray (the flow checks again).
     sources = load_sources(args.urls, args.kinetics_csv, args.url_template, args.split, args.limit)
@@ -302,7 +310,9 @@ def _depth(args: argparse.Namespace) -> int:
     if isinstance(summary, DepthRunFailedError):  # no video done: reported all the same
         summary = summary.summary
     elif isinstance(summary, BaseException):  # the run itself failed: bad input, a lost cluster
-        if isinstance(summary, ValueError | OSError | TimeoutError | RuntimeError):
+        if isinstance(
+            summary, ValueError | OSError | TimeoutError | RuntimeError | KeyboardInterrupt
+        ):
             raise summary
         # Said in one line with exit 2 like those: a traceback's exit 1 read as "videos failed"
         raise RuntimeError(f"the run failed: {type(summary).__name__}: {summary}") from summary

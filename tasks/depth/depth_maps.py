@@ -137,8 +137,8 @@ class VideoDepth:
             if self.error is not None:
                 return self.record.fail("depth", self.error)
             if self.array is None:
-                return self.record.fail(
-                    "depth", f"no frame could be read from {self.record.transcoded_path}"
+                return self.record.fail(  # its transcode is at fault: a rerun makes it again
+                    "transcode", f"no frame could be read from {self.record.transcoded_path}"
                 )
             array, self.array = self.array, None
             array.flush()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lance
 import pyarrow.parquet as pq
@@ -89,21 +90,19 @@ class VideoTable:
 
     def plan(self, sources: Sequence[VideoRecord]) -> WorkPlan:
         """Skip videos already `ok`; give the others their attempt number."""
-        stored: dict[str, tuple[str, int, str | None]] = {}
+        stored: dict[str, dict[str, Any]] = {}
         if self.exists():
-            columns = ["video_id", "status", "attempts", "failed_stage"]
+            columns = ["video_id", "status", "attempts", "failed_stage", "error"]
             for row in lance.dataset(self.lance_path).to_table(columns=columns).to_pylist():
-                stored[row["video_id"]] = (row["status"], row["attempts"], row["failed_stage"])
+                stored[row["video_id"]] = row
         todo, already_ok, refetch = [], 0, set()
         for source in sources:
-            status, attempts, stage = stored.get(source.video_id, (None, 0, None))
-            if status == "ok":
+            row = stored.get(source.video_id)
+            if row is not None and row["status"] == "ok":
                 already_ok += 1
                 continue
-            todo.append(source.update(attempts=attempts + 1))
-            # A video that failed at depth or store has a transcode ffmpeg and the probe took:
-            # dropped, 20,000 clips were fetched and transcoded again after a model fault.
-            if status is not None and stage not in ("depth", "store"):
+            todo.append(source.update(attempts=(row["attempts"] if row else 0) + 1))
+            if row is not None and not _transcode_taken(row["failed_stage"], row["error"]):
                 refetch.add(source.video_id)
         return WorkPlan(todo=todo, already_ok=already_ok, rerun_ids=frozenset(refetch))
 
@@ -141,3 +140,13 @@ class VideoTable:
         """Merge the small fragments that batched commits leave behind (old versions stay)."""
         if self.exists():
             lance.dataset(self.lance_path).optimize.compact_files()
+
+
+def _transcode_taken(failed_stage: str | None, error: str | None) -> bool:
+    """Whether a video that failed had a transcode ffmpeg and the probe took: it failed at depth
+    or store, not because its shard's worker died (a crash fails the shard's every video at the
+    stage that did not complete, those that failed before it too). Dropped, 20,000 clips were
+    fetched and transcoded again after a model fault."""
+    return failed_stage in ("depth", "store") and not (error or "").startswith(
+        f"{failed_stage} crashed"
+    )
