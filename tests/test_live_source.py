@@ -112,6 +112,7 @@ def test_copies_of_a_live_frame_carry_its_read_time(
     assert all(len(times) == 1 for times in taken.values()), taken  # one read, one time
 
 
+@pytest.mark.usefixtures("restore_root_logging")  # `main` sets up logging on capsys' stderr
 def test_a_live_stream_that_ends_is_a_lost_source_and_produce_exits_1(
     kafka: KafkaSettings,
     live_stream: tuple[str, subprocess.Popen],
