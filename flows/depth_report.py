@@ -179,7 +179,9 @@ def _as_code(text: str, limit: int = 300) -> str:
     """`text` as a code span in a table cell: an error carries what a remote server sent (its
     reason phrase, its content type), which must show as text, never as a link, an image or
     HTML in the UI."""
-    cell = text.replace("`", "'").replace("\n", " ")[:limit].replace("|", "\\|")
+    # Every line break, a lone carriage return too (CommonMark ends a line there), as a space:
+    # a row of the table is one line.
+    cell = " ".join(text.replace("`", "'").splitlines())[:limit].replace("|", "\\|")
     return f"`{cell}`" if cell else ""
 
 

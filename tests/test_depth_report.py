@@ -41,6 +41,11 @@ def test_a_server_s_words_in_an_error_show_as_text_in_the_failures_artifact() ->
     cell = row.rsplit(" | ", 1)[1].removesuffix(" |")
     shown = "HTTP 403 ![x](http://evil.example/b.png) <img src=x onerror=alert(1)> a\\|b 'c'"
     assert cell == f"`{shown}`"  # one code span: its text shown as it is
+    # A lone carriage return ends a line in markdown: it split the row in two
+    broken = RunReport(total=1, skipped=0)
+    broken.add(_video("w", download_s=0.1).fail("download", "HTTP 502 bad\rgateway\r\nnow"))
+    last = broken.failures_markdown().splitlines()[-1]
+    assert last.startswith("| w | ") and last.endswith("`HTTP 502 bad gateway now` |"), last
 
 
 def test_the_log_names_the_first_failures_one_line_each_and_counts_the_rest() -> None:
