@@ -183,3 +183,25 @@ def test_a_gpu_actor_whose_torch_sees_no_gpu_runs_onnx_with_its_threads(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on such a node
     settings = DepthSettings(depth_model=str(tiny_depth_model), cache_dir=tmp_path)
     assert isinstance(load_depth_estimator(settings, "cuda", threads=1), OnnxDepthEstimator)
+
+
+def test_exporters_started_together_export_the_model_once(
+    tiny_depth_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CPU depth actors that started together each traced and exported the full model at
+    once (several GB of memory each): the others now wait and find the export made."""
+    import threading
+
+    made: list[Path] = []
+
+    def export() -> None:
+        made.append(export_depth_onnx(tiny_depth_model, tmp_path / "cache"))
+
+    with caplog.at_level(logging.INFO, logger="tasks.depth.depth_onnx"):
+        exporters = [threading.Thread(target=export) for _ in range(2)]
+        for exporter in exporters:
+            exporter.start()
+        for exporter in exporters:
+            exporter.join(180)
+    assert len(made) == 2 and made[0] == made[1] and made[0].is_file()
+    assert caplog.text.count("exporting depth model") == 1, caplog.text

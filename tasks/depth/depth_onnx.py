@@ -13,6 +13,7 @@ torch and transformers once per model version, like the inference service's
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -136,6 +137,20 @@ def export_depth_onnx(model_dir: Path, cache_dir: Path) -> Path:
     target = cache_dir / f"depth-pro-{export_key(model_dir)}"
     if (target / MODEL_FILE).is_file():
         return target / MODEL_FILE
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # One exporter at a time per export: CPU actors that started together each traced and
+    # exported the full model at once (several GB of memory each), and an OOM kill restarted
+    # them to export again. The others wait, then find the export made.
+    with open(cache_dir / f".{target.name}.lock", "a") as lock:
+        with contextlib.suppress(OSError):  # a file system without locks: each exports
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / MODEL_FILE).is_file():
+            return target / MODEL_FILE
+        return _export(model_dir, cache_dir, target)
+
+
+def _export(model_dir: Path, cache_dir: Path, target: Path) -> Path:
+    """Trace and export the model into `target`, built beside it and renamed whole."""
     import torch
     from transformers import AutoModelForDepthEstimation
 
@@ -145,7 +160,6 @@ def export_depth_onnx(model_dir: Path, cache_dir: Path) -> Path:
     model = AutoModelForDepthEstimation.from_pretrained(model_dir, dtype=torch.float32).eval()
     example = torch.zeros(1, 3, processing.height, processing.width)
     has_fov = bool(getattr(model.config, "use_fov_model", False))
-    cache_dir.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_dir))
     try:
         with warnings.catch_warnings(), torch.inference_mode():
