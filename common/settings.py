@@ -42,7 +42,8 @@ class LogSettings(BaseSettings):
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
+    """The command-line flag of a settings field: `max_frames` -> `--max-frames`."""
     return "--" + name.replace("_", "-")
 
 
@@ -70,11 +71,13 @@ def add_settings_arguments(
             continue  # a secret comes from the environment: a flag's value is visible in `ps`
         if annotation is bool:
             parser.add_argument(
-                _flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text
+                flag_name(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text
             )
             continue
         choices = get_args(annotation) if get_origin(annotation) is Literal else None
-        parser.add_argument(_flag(name), dest=name, default=None, choices=choices, help=help_text)
+        parser.add_argument(
+            flag_name(name), dest=name, default=None, choices=choices, help=help_text
+        )
 
 
 def settings_from_args(settings_cls: type[SettingsT], args: argparse.Namespace) -> SettingsT:
@@ -112,10 +115,10 @@ def one_line(
         env_name = f"{env_prefix}{name.upper()}"
         if error["type"] == "missing":  # the input is every flag given: not worth showing
             where = f" (or {env_name})" if env_prefix else ""
-            problems.append(f"{_flag(name)}{where} is required")
+            problems.append(f"{flag_name(name)}{where} is required")
             continue
         from_env = env_prefix and flags_given is not None and name not in flags_given
-        source = env_name if from_env else _flag(name)
+        source = env_name if from_env else flag_name(name)
         if name in fields and _is_secret(fields[name]):
             problems.append(f"{source} (value not shown): {message}")
             continue

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from common.settings import SAMPLE_VIDEO
+from common.settings import SAMPLE_VIDEO, flag_name
 from flows.capacity_rules import DEFAULT_BUDGET_MS, WARMUP_S
 from services.inference.settings import ClientSettings
 from tasks.stream.live_source import is_live
@@ -146,7 +146,7 @@ class StreamBenchmarkSettings(BaseModel):
             if name in self.model_fields_set and getattr(self, name) != _default(name)
         ]
         if ignored:
-            shown = ", ".join("--" + name.replace("_", "-") for name in ignored)
+            shown = ", ".join(flag_name(name) for name in ignored)
             raise ValueError(f"{shown} does not apply to {mode}")
         return self
 

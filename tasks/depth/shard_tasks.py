@@ -53,7 +53,7 @@ from tasks.depth.model_files import model_identity, model_origin
 from tasks.depth.output_layout import OutputLayout
 from tasks.depth.settings import DepthSettings, shards_in_flight
 from tasks.depth.transcode import transcode_many
-from tasks.depth.video_record import Stage, VideoRecord
+from tasks.depth.video_record import Stage, VideoRecord, crash_prefix
 from tasks.depth.video_table import write_rows
 
 log = logging.getLogger(__name__)
@@ -201,8 +201,8 @@ def crash_reason(stage: Stage, exc: BaseException) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     whole = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     if len(lines) < 2:
-        return f"{stage} crashed: {whole}"
-    return f"{stage} crashed: {lines[-1]}\n{whole}"
+        return f"{crash_prefix(stage)}{whole}"
+    return f"{crash_prefix(stage)}{lines[-1]}\n{whole}"
 
 
 def _last_attempt() -> bool:

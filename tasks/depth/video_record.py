@@ -18,6 +18,14 @@ import pyarrow as pa
 from common.urls import stored_url
 
 Stage = Literal["input", "download", "transcode", "depth", "store"]
+
+
+def crash_prefix(stage: str) -> str:
+    """How the error of a video begins when its shard's worker died at `stage`
+    (shard_tasks.crash_reason): a rerun tells those rows from the stage's own failures."""
+    return f"{stage} crashed: "
+
+
 Status = Literal["pending", "ok", "failed"]
 
 

@@ -21,7 +21,7 @@ from lance.fragment import FragmentMetadata, write_fragments
 
 from common.files import atomic_output
 from tasks.depth.output_layout import OutputLayout
-from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord, records_to_table
+from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord, crash_prefix, records_to_table
 
 
 @dataclass(frozen=True)
@@ -148,5 +148,5 @@ def _transcode_taken(failed_stage: str | None, error: str | None) -> bool:
     stage that did not complete, those that failed before it too). Dropped, 20,000 clips were
     fetched and transcoded again after a model fault."""
     return failed_stage in ("depth", "store") and not (error or "").startswith(
-        f"{failed_stage} crashed"
+        crash_prefix(failed_stage)
     )

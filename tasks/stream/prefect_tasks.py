@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,28 +89,26 @@ def run_producer(
     """Frames for `duration_s` once every consumer has joined; none once a consumer has failed
     (the run fails with its error; frames for nobody would only fill the topic), or Ctrl-C."""
     ends = [RUN_STOP] if consumer_failed is None else [RUN_STOP, consumer_failed]
-    joined_by = time.monotonic() + 60.0  # frames sent before the group has joined would queue up
-    while not all(ready.is_set() for ready in consumers_ready) and time.monotonic() < joined_by:
-        if any(end.is_set() for end in ends):
-            break
-        time.sleep(0.05)
+    # frames sent before the group has joined would only queue up
+    _wait_until(lambda: all(ready.is_set() for ready in consumers_ready), ends, 60.0)
     stop = threading.Event()
-    watch = threading.Thread(target=_stop_on_any, args=(stop, ends, duration_s), daemon=True)
-    watch.start()
+
+    def stop_when_due() -> None:
+        _wait_until(stop.is_set, ends, duration_s)
+        stop.set()
+
+    threading.Thread(target=stop_when_due, daemon=True).start()
     try:
         return produce_frames(settings, kafka, stop)
     finally:
         stop.set()  # ends the watch
 
 
-def _stop_on_any(stop: threading.Event, ends: list[threading.Event], duration_s: float) -> None:
-    """Set `stop` after `duration_s`, or as soon as one of `ends` is set."""
-    deadline = time.monotonic() + duration_s
-    while not any(end.is_set() for end in ends):
-        left = deadline - time.monotonic()
-        if left <= 0 or stop.wait(min(0.1, left)):
-            break
-    stop.set()
+def _wait_until(done: Callable[[], bool], ends: list[threading.Event], timeout_s: float) -> None:
+    """Return once `done()` holds, one of `ends` is set, or `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while not (done() or any(end.is_set() for end in ends)) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def run_producer_and_group(
