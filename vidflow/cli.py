@@ -44,6 +44,9 @@ from tasks.depth.settings import DepthSettings, with_absolute_paths
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 
 log = logging.getLogger("vidflow")
+# The errors a command says in one line and exits 2 on (`main`): bad input, a service or
+# broker not there, a run that could not go.
+SAID_IN_ONE_LINE = (ValueError, OSError, TimeoutError, RuntimeError)
 
 # The stream-benchmark flow's own settings that are flags (the others are flow parameters only).
 STREAM_BENCHMARK_FLAGS = (
@@ -310,9 +313,7 @@ def _depth(args: argparse.Namespace) -> int:
     if isinstance(summary, DepthRunFailedError):  # no video done: reported all the same
         summary = summary.summary
     elif isinstance(summary, BaseException):  # the run itself failed: bad input, a lost cluster
-        if isinstance(
-            summary, ValueError | OSError | TimeoutError | RuntimeError | KeyboardInterrupt
-        ):
+        if isinstance(summary, (*SAID_IN_ONE_LINE, KeyboardInterrupt)):
             raise summary
         # Said in one line with exit 2 like those: a traceback's exit 1 read as "videos failed"
         raise RuntimeError(f"the run failed: {type(summary).__name__}: {summary}") from summary
@@ -526,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, OSError, TimeoutError, RuntimeError) as exc:
+    except SAID_IN_ONE_LINE as exc:
         # OSError: a path that is not there, a file where a folder should be, no permission.
         log.error("%s", exc)
         return 2
