@@ -3,6 +3,7 @@ for real by FFmpeg over TCP on 127.0.0.1, produced to the real local broker."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import threading
@@ -20,7 +21,7 @@ from tasks.stream.live_source import is_live
 from tasks.stream.producer import produce_frames
 from tasks.stream.settings import KafkaSettings, ProducerSettings
 from tests.conftest import VIDEOS
-from tests.kafka_helpers import read_topic
+from tests.kafka_helpers import partition_ends, read_topic
 from tests.proc_helpers import listening_sockets
 from vidflow.cli import main
 
@@ -28,10 +29,9 @@ CLIP = VIDEOS / "k400_arm_wrestling.mp4"  # 10 s at 28 fps
 CLIP_FPS = 28.0
 
 
-@pytest.fixture
-def live_stream() -> Iterator[tuple[str, subprocess.Popen]]:
-    """The clip as a live MPEG-TS stream at its own pace (`-re`), from its first reader on."""
-    port = free_port()
+def _serve_live(port: int) -> subprocess.Popen:
+    """The clip as a live MPEG-TS stream at its own pace (`-re`) on `port`, from its first
+    reader on; returned once it listens."""
     server = subprocess.Popen(
         [
             ffmpeg_exe(), "-v", "error", "-re", "-i", str(CLIP), "-an", "-c:v", "copy",
@@ -42,6 +42,14 @@ def live_stream() -> Iterator[tuple[str, subprocess.Popen]]:
     deadline = time.monotonic() + 30
     while f"127.0.0.1:{port}" not in listening_sockets(server.pid) and time.monotonic() < deadline:
         time.sleep(0.05)  # a loaded machine starts it late: opened before, the stream is refused
+    return server
+
+
+@pytest.fixture
+def live_stream() -> Iterator[tuple[str, subprocess.Popen]]:
+    """A live stream of the clip on a free loopback port, and the FFmpeg that serves it."""
+    port = free_port()
+    server = _serve_live(port)
     try:
         yield f"tcp://127.0.0.1:{port}", server
     finally:
@@ -128,8 +136,46 @@ def test_a_live_stream_that_ends_is_a_lost_source_and_produce_exits_1(
 
     threading.Thread(target=camera_lost_mid_run, daemon=True).start()
     code = main(["produce", "--bootstrap-servers", kafka.bootstrap_servers,
-                 "--frames-topic", kafka.frames_topic, "--source", url])  # fmt: skip
+                 "--frames-topic", kafka.frames_topic, "--source", url,
+                 "--reconnect-s", "1"])  # fmt: skip
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 1
     assert "stopped giving frames" in summary["source_error"] and url in summary["source_error"]
+    assert "gave none in the 1 s it was opened again for" in summary["source_error"]
     assert summary["frames_read"] > 0 and summary["failed"] == 0
+    assert summary["source_reconnects"] == 0
+
+
+def test_a_live_stream_that_drops_out_and_comes_back_is_opened_again(
+    kafka: KafkaSettings, live_stream: tuple[str, subprocess.Popen]
+) -> None:
+    """A camera's stream server restarted (a network blip, a rebooted RTSP server): the
+    producer opened it again and went on, where it had called the camera lost at once."""
+    url, server = live_stream
+    port = int(url.rsplit(":", 1)[1])
+    restarted: list[subprocess.Popen] = []
+
+    def server_restarted_mid_run() -> None:  # once frames come
+        while partition_ends(kafka.bootstrap_servers, kafka.frames_topic, 1)[0] < 5:
+            time.sleep(0.05)
+        server.kill()
+        server.wait()
+        time.sleep(1.5)  # the producer's first tries to open it again are refused
+        restarted.append(_serve_live(port))
+
+    threading.Thread(target=server_restarted_mid_run, daemon=True).start()
+    try:
+        settings = ProducerSettings(source=url, fps="native", max_frames=90, reconnect_s=20)
+        stats = produce_frames(settings, kafka)
+    finally:
+        for again in restarted:
+            again.kill()
+            again.wait()
+    assert (stats.source_error, stats.frames_read, stats.delivered) == (None, 90, 90), stats
+    assert stats.source_reconnects >= 1, stats
+    read_ns = sorted(
+        decode_frame(m.value(), m.headers()).capture_ts_ns
+        for m in read_topic(kafka.bootstrap_servers, kafka.frames_topic, expected=90)
+    )
+    gaps_s = [(later - earlier) / 1e9 for earlier, later in itertools.pairwise(read_ns)]
+    assert max(gaps_s) >= 1.4, gaps_s  # frames from both sides of the outage were published

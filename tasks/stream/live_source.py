@@ -9,11 +9,17 @@ seconds old for the rest of the run, each a little older, and a live view falls 
 not taken before the next one arrives is dropped (and counted), as a live pipeline does.
 (OpenCV's `CAP_PROP_BUFFERSIZE` would do it only for some camera back ends, never for FFmpeg's
 network streams, hence this thread.)
+
+A camera that drops out (a network blip, a restarted RTSP server, a replugged USB camera) is
+opened again, with backoff, for up to `reconnect_s` after its last frame, as camera pipelines
+such as DeepStream's and Frigate's do; only a source gone for longer is lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -22,11 +28,18 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 
+from common.backoff import jittered_backoff_s
+
+log = logging.getLogger(__name__)
+
 # URL schemes of streams that run whether or not they are read (http(s) may be a file too)
 LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "rtp", "udp", "tcp", "srt"})
 # How long closing waits for the reading thread's last `read()` (at most one frame period on a
 # working source; FFmpeg's own timeout on a stalled one)
 CLOSE_WAIT_S = 2.0
+# The backoff between attempts to open a lost source again: first wait, longest wait
+REOPEN_FIRST_WAIT_S = 0.25
+REOPEN_MAX_WAIT_S = 5.0
 
 
 def is_live(source: str) -> bool:
@@ -37,11 +50,13 @@ def is_live(source: str) -> bool:
 
 
 @contextlib.contextmanager
-def open_live(target: str | int, shown: str) -> Iterator[LatestFrame]:
+def open_live(target: str | int, shown: str, reconnect_s: float) -> Iterator[LatestFrame]:
     """A live source's `LatestFrame`, its capture released when the block ends (or, where the
     reading thread is still inside a `read()`, as soon as that returns). ValueError where
-    OpenCV cannot open it."""
-    latest = LatestFrame(cv2.VideoCapture(target), name=f"live-{shown}")
+    OpenCV cannot open it at first (a source that drops out later is opened again)."""
+    latest = LatestFrame(
+        cv2.VideoCapture(target), name=f"live-{shown}", reopen=target, reconnect_s=reconnect_s
+    )
     try:
         if not latest.capture.isOpened():
             raise ValueError(f"cannot open video source {shown}")
@@ -55,8 +70,18 @@ class LatestFrame:
     `take`, so the capture's properties can be read before it); older frames not taken in time
     are dropped. It owns the capture and releases it."""
 
-    def __init__(self, capture: cv2.VideoCapture, name: str = "live-source") -> None:
+    def __init__(
+        self,
+        capture: cv2.VideoCapture,
+        name: str = "live-source",
+        reopen: str | int | None = None,
+        reconnect_s: float = 0.0,
+    ) -> None:
         self.capture = capture
+        self.name = name
+        self._reopen = reopen  # what the capture opens again when the source drops out
+        self._reconnect_s = reconnect_s if reopen is not None else 0.0
+        self._closed = threading.Event()  # wakes a wait between attempts to open it again
         self._changed = threading.Condition()
         self._image: np.ndarray | None = None
         self._read_ns = 0  # wall-clock time its newest frame was read
@@ -66,16 +91,21 @@ class LatestFrame:
         self._closing = False
         self._release_when_read = False  # closed during a read: the thread releases it
         self.dropped = 0  # frames read but replaced before anyone took them
+        self.reconnects = 0  # times it dropped out and was opened again
         self._thread = threading.Thread(target=self._read_all, name=name, daemon=True)
 
     def _read_all(self) -> None:
+        last_frame_at = time.monotonic()
         try:
             while not self._closing:
                 ok, image = self.capture.read()
                 now_ns = time.time_ns()
-                with self._changed:
-                    if not ok:
+                if not ok:
+                    if self._closing or not self._opened_again(last_frame_at):
                         return
+                    continue
+                last_frame_at = time.monotonic()
+                with self._changed:
                     self._image, self._read_ns = image, now_ns
                     self._sequence += 1
                     self._changed.notify_all()
@@ -85,6 +115,29 @@ class LatestFrame:
                 self._changed.notify_all()
                 if self._release_when_read:
                     self.capture.release()
+
+    def _opened_again(self, last_frame_at: float) -> bool:
+        """Open a source that stopped giving frames again, with backoff, until `reconnect_s`
+        after its last frame; whether it opened (its frames may still not come: the next
+        failed read tries again, within the same time)."""
+        give_up_at = last_frame_at + self._reconnect_s
+        if self._reconnect_s > 0:
+            shown = "for ever" if math.isinf(self._reconnect_s) else f"{self._reconnect_s:g} s"
+            log.warning("%s gave no frame: opening it again (up to %s)", self.name, shown)
+        attempt = 0
+        while time.monotonic() < give_up_at:
+            wait_s = jittered_backoff_s(attempt, REOPEN_FIRST_WAIT_S, REOPEN_MAX_WAIT_S)
+            if self._closed.wait(min(wait_s, max(0.0, give_up_at - time.monotonic()))):
+                return False
+            attempt += 1
+            if self.capture.open(self._reopen) and self.capture.isOpened():
+                self.reconnects += 1
+                log.warning(
+                    "%s opened again, %.1f s after its last frame",
+                    self.name, time.monotonic() - last_frame_at,
+                )  # fmt: skip
+                return True
+        return False
 
     def take(self, stop: threading.Event) -> tuple[np.ndarray, int] | None:
         """The newest frame not taken yet and when it was read (ns, wall clock), waiting for
@@ -111,6 +164,7 @@ class LatestFrame:
         inside a `read()` (a stalled stream), by that thread once the read returns (a capture
         released under a read in progress is not safe)."""
         self._closing = True
+        self._closed.set()
         if self._thread.ident is not None:
             self._thread.join(CLOSE_WAIT_S)
         with self._changed:

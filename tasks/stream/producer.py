@@ -7,8 +7,9 @@ are several cameras in one process, each read, paced and published by a thread o
 once and published N times, each copy with its own camera's stream id, frame index and capture
 time, the cameras' clocks staggered by 1/N of a frame period. A live source (a webcam, an
 rtsp:// or other stream) is read on a thread of its own that keeps only its newest frame: a
-producer that falls behind drops frames (`frames_dropped`) rather than publish ever older ones,
-and a live source that ends is lost (`source_error`). A broker gone for longer than
+producer that falls behind drops frames (`frames_dropped`) rather than publish ever older ones;
+one that drops out is opened again for up to `--reconnect-s` (`source_reconnects`), and lost
+after that (`source_error`). A broker gone for longer than
 `--broker-grace-s` ends the run with `broker_error` set; the frames it never took count as failed.
 """
 
@@ -69,6 +70,7 @@ class ProduceStats:
     frames_decoded: int = 0  # source frames decoded and encoded (once for all its streams)
     # live frames replaced by a newer one before the producer had time for them (live_source)
     frames_dropped: int = 0
+    source_reconnects: int = 0  # times a live source dropped out and was opened again
     per_stream: dict[str, int] = field(default_factory=dict)  # messages published per stream id
     session: str = field(default_factory=new_session)  # in every frame's key (frame_codec)
     # Wall-clock time (ns) of the pacing schedule's start: with `fps`, camera i of N's frame k
@@ -113,14 +115,16 @@ def open_source(source: str) -> Iterator[cv2.VideoCapture]:
 
 
 @contextlib.contextmanager
-def _opened_feed(source: str) -> Iterator[tuple[cv2.VideoCapture, LatestFrame | None]]:
+def _opened_feed(
+    source: str, reconnect_s: float
+) -> Iterator[tuple[cv2.VideoCapture, LatestFrame | None]]:
     """A source's capture, and for a live one (a camera, a stream) the `LatestFrame` that
     reads it, so that a producer that falls behind drops frames instead of lagging."""
     if not is_live(source):
         with open_source(source) as capture:
             yield capture, None
         return
-    with open_live(_checked_target(source), shown_url(source)) as latest:
+    with open_live(_checked_target(source), shown_url(source), reconnect_s) as latest:
         yield latest.capture, latest
 
 
@@ -323,7 +327,9 @@ def produce_frames(
     sources = source_list(settings.source)
     bases = stream_bases(sources, settings.stream_id, settings.streams)
     with contextlib.ExitStack() as held:
-        opened = [held.enter_context(_opened_feed(source)) for source in sources]
+        opened = [
+            held.enter_context(_opened_feed(source, settings.reconnect_s)) for source in sources
+        ]
         watch = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
         producer = make_producer(kafka, watch)
         n = len(sources) * settings.streams
@@ -353,6 +359,7 @@ def produce_frames(
             # The frames' own pace: the flush below may wait up to 30 s for a slow broker.
             stats.duration_s = time.monotonic() - started
             stats.frames_dropped = sum(feed.live.dropped for feed in feeds if feed.live)
+            stats.source_reconnects = sum(feed.live.reconnects for feed in feeds if feed.live)
             held.close()  # release the sources before a flush that may wait for the broker
             outlet.flush()
     log.info(
@@ -450,7 +457,7 @@ def _replay(
             got = feed.next_image(stop)
             if got is None and feed.live is not None:
                 if feed.live.ended:
-                    outlet.source_lost(feed.source, decoded)
+                    outlet.source_lost(feed.source, decoded, settings.reconnect_s)
                 break
             if got is None:
                 _say_if_cut_short(feed)
@@ -525,10 +532,14 @@ class _FrameOutlet:
                 size,
             )
 
-    def source_lost(self, source: str, frames: int) -> None:
-        """A live source that stopped giving frames: its streams end, the others go on, and
-        the run reports it (`vidflow produce` exits 1)."""
-        lost = f"{shown_url(source)} stopped giving frames after {frames}: camera or stream lost"
+    def source_lost(self, source: str, frames: int, reconnect_s: float) -> None:
+        """A live source that stopped giving frames (and did not come back within
+        `reconnect_s`): its streams end, the others go on, and the run reports it (`vidflow
+        produce` exits 1)."""
+        lost = f"{shown_url(source)} stopped giving frames after {frames}"
+        if reconnect_s > 0:
+            lost += f" and gave none in the {reconnect_s:g} s it was opened again for"
+        lost += ": camera or stream lost"
         log.error("%s", lost)
         with self._counts:
             earlier = self.stats.source_error

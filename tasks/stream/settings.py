@@ -12,6 +12,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.settings import Port
 from common.urls import shown_url
 
+# How long a lost live source is opened again by default, from its last frame (0: lost at once)
+RECONNECT_S = 30.0
+
 # `--source env:NAME`: the source is the value of the environment variable NAME.
 ENV_SOURCE_PREFIX = "env:"
 
@@ -226,6 +229,16 @@ class ProducerSettings(BaseSettings):
         description=(
             "replay each source as this many live cameras (ids BASE-0 .. BASE-N-1), each paced "
             "at --fps, starts staggered over one frame period; --max-frames counts per camera"
+        ),
+    )
+
+    reconnect_s: float = Field(
+        RECONNECT_S,
+        ge=0,
+        description=(
+            "a live source (camera, stream) that stops giving frames is opened again, with "
+            "backoff, for up to this many seconds after its last frame, then lost (0: lost at "
+            "once; inf: tried for ever)"
         ),
     )
 
