@@ -205,6 +205,28 @@ def test_kafka_tls_and_sasl_settings_reach_the_clients_and_the_password_stays_hi
     assert KafkaSettings(bootstrap_servers="h:1").client_config() == {"bootstrap.servers": "h:1"}
 
 
+def test_topics_are_made_with_the_replication_factor_asked(kafka) -> None:
+    """On a cluster a topic with one replica loses its frames with its broker: every topic was
+    made with replication factor 1 whatever the cluster. The broker reports the replicas."""
+    from confluent_kafka.admin import AdminClient
+    from pydantic import ValidationError
+
+    from tasks.stream.settings import KafkaSettings
+    from tasks.stream.topics import ensure_topics
+
+    args = build_parser().parse_args(
+        ["produce", "--bootstrap-servers", kafka.bootstrap_servers, "--replication-factor", "3"]
+    )
+    replicated = settings_from_args(KafkaSettings, args)
+    topic = f"{kafka.frames_topic}-replicated"
+    assert ensure_topics(replicated, [topic]) == [topic]
+    metadata = AdminClient({"bootstrap.servers": kafka.bootstrap_servers}).list_topics(timeout=10)
+    partitions = metadata.topics[topic].partitions.values()
+    assert [len(p.replicas) for p in partitions] == [3] * replicated.partitions
+    with pytest.raises(ValidationError, match="at least 1 replica"):
+        KafkaSettings(replication_factor=0)
+
+
 def test_every_stream_command_takes_topic_for_the_frames_topic() -> None:
     """`stream-benchmark` lacked the `--topic` of `produce` and `consume` (a README walk)."""
     from tasks.stream.settings import KafkaSettings

@@ -33,6 +33,15 @@ class KafkaSettings(BaseSettings):
         "--max-attempts times",
     )
     partitions: int = Field(4, ge=1, description="partitions for topics vidflow creates")
+    # 1 suits the one local broker; on a cluster a topic with one replica loses its frames with
+    # the broker that holds it. (Topics that exist already are used as they are.)
+    replication_factor: int = Field(
+        1,
+        ge=-1,
+        le=32767,  # the protocol's int16
+        description="replicas of each topic vidflow creates (-1: the broker's "
+        "default.replication.factor; 3 on a production cluster)",
+    )
     # The producer's default message.max.bytes (1,000,000) refuses larger frames.
     # Bounds of librdkafka's own ranges: outside them the client refused to start, in a
     # traceback, after the topics were made.
@@ -118,6 +127,13 @@ class KafkaSettings(BaseSettings):
     def topics(self) -> list[str]:
         """Every topic a stream run uses."""
         return [self.frames_topic, self.results_topic, self.dlq_topic]
+
+    @field_validator("replication_factor")
+    @classmethod
+    def _replicas_or_broker_default(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("a topic needs at least 1 replica (-1: the broker's default)")
+        return value
 
     def with_fresh_topics(self, suffix: str, partitions: int | None = None) -> KafkaSettings:
         """These settings with every topic named anew (`NAME-suffix`), so a run, a benchmark

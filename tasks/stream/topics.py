@@ -55,9 +55,10 @@ def ensure_topics(
     kafka: KafkaSettings, topics: list[str] | None = None, timeout_s: float | None = None
 ) -> list[str]:
     """Create the missing ones of `topics` (default: every topic of `kafka`) with
-    `kafka.partitions` partitions, reaching the broker as `kafka` says (TLS, SASL), waiting for
-    it up to `timeout_s` (default: start_timeout_s to reach it, START_TIMEOUT_S for a slow
-    broker to create them); return the ones created. Existing topics are left as they are."""
+    `kafka.partitions` partitions and `kafka.replication_factor` replicas, reaching the broker
+    as `kafka` says (TLS, SASL), waiting for it up to `timeout_s` (default: start_timeout_s to
+    reach it, START_TIMEOUT_S for a slow broker to create them); return the ones created.
+    Existing topics are left as they are."""
     reach_s = start_timeout_s(kafka) if timeout_s is None else timeout_s
     timeout_s = START_TIMEOUT_S if timeout_s is None else timeout_s
     partitions = kafka.partitions
@@ -68,7 +69,10 @@ def ensure_topics(
     if not missing:
         return []
     futures = admin.create_topics(
-        [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing],
+        [
+            NewTopic(t, num_partitions=partitions, replication_factor=kafka.replication_factor)
+            for t in missing
+        ],
         operation_timeout=timeout_s,
     )
     created = []
@@ -79,7 +83,10 @@ def ensure_topics(
         except Exception as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):  # another member created it first
                 raise
-    log.info("created topics %s with %d partitions", created, partitions)
+    log.info(
+        "created topics %s with %d partitions, replication factor %d",
+        created, partitions, kafka.replication_factor,
+    )  # fmt: skip
     return created
 
 
