@@ -22,7 +22,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
 import cv2
@@ -139,19 +139,26 @@ class LatestFrame:
                 return True
         return False
 
-    def take(self, stop: threading.Event) -> tuple[np.ndarray, int] | None:
+    def take(
+        self, stop: threading.Event, idle: Callable[[], None] | None = None
+    ) -> tuple[np.ndarray, int] | None:
         """The newest frame not taken yet and when it was read (ns, wall clock), waiting for
-        one; None once the source has ended (a lost camera or stream) or `stop` is set."""
+        one; None once the source has ended (a lost camera or stream) or `stop` is set.
+        `idle` runs every 0.1 s of the wait, outside the lock (a camera out for minutes must
+        not stop its producer serving its client's events)."""
         if self._thread.ident is None:  # the first take
             self._thread.start()
-        with self._changed:
-            while self._sequence == self._taken:
+        while True:
+            with self._changed:
+                if self._sequence != self._taken:
+                    self.dropped += self._sequence - self._taken - 1
+                    self._taken = self._sequence
+                    return self._image, self._read_ns
                 if self._ended or stop.is_set():
                     return None
                 self._changed.wait(0.1)
-            self.dropped += self._sequence - self._taken - 1
-            self._taken = self._sequence
-            return self._image, self._read_ns
+            if idle is not None:
+                idle()
 
     @property
     def ended(self) -> bool:

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -309,11 +309,13 @@ class Feed:
         camera that said 25 and sent 30 frames a second lost 5 of them every second)."""
         return None if self.live is not None and self.native else self.fps
 
-    def next_image(self, stop: threading.Event) -> tuple[np.ndarray, int] | None:
+    def next_image(
+        self, stop: threading.Event, idle: Callable[[], None]
+    ) -> tuple[np.ndarray, int] | None:
         """The source's next frame and when it was taken (ns, wall clock); None at its end
-        (or, for a live source, on `stop`)."""
+        (or, for a live source, on `stop`; `idle` runs while it waits for a frame)."""
         if self.live is not None:
-            return self.live.take(stop)
+            return self.live.take(stop, idle)
         taken_ns = time.time_ns()  # a file's frame is taken when its turn comes
         ok, image = self.capture.read()
         return (image, taken_ns) if ok else None
@@ -454,7 +456,7 @@ def _replay(
         # The camera's turn: its frame is taken now (a live source's copies: when it was read).
         capture_ts_ns = taken_ns if feed.live is not None else time.time_ns()
         if turn % n == 0:  # the others publish this JPEG on their turns
-            got = feed.next_image(stop)
+            got = feed.next_image(stop, outlet.serve_events)
             if got is None and feed.live is not None:
                 if feed.live.ended:
                     outlet.source_lost(feed.source, decoded, settings.reconnect_s)
@@ -473,6 +475,8 @@ def _replay(
                 break
             image, capture_ts_ns = got
             taken_ns = capture_ts_ns
+            if feed.live is not None and fps is not None:
+                started = _live_schedule_start(started, turn / (n * fps), fps)
             jpeg = encode_jpeg(image, settings.jpeg_quality)
             decoded += 1
             outlet.count_decoded()
@@ -484,6 +488,15 @@ def _replay(
             ),
         )  # fmt: skip
         turn += 1
+
+
+def _live_schedule_start(started: float, due_s: float, fps: float) -> float:
+    """A live source's schedule start, moved on where its frame for a turn due `due_s` into
+    it came over a frame period late: a live source does not catch up after a stall (a camera
+    that dropped out, a slow broker), as what it sent meanwhile is gone; catching up published
+    its next frames at the camera's full rate. Its schedule goes on from that frame."""
+    late = time.monotonic() - (started + due_s)
+    return started + late if late > 1 / fps else started
 
 
 @dataclass
@@ -544,6 +557,13 @@ class _FrameOutlet:
         with self._counts:
             earlier = self.stats.source_error
             self.stats.source_error = f"{earlier}; {lost}" if earlier else lost
+
+    def serve_events(self) -> None:
+        """Serve the producer's delivery reports and statistics while no frame is published
+        (a live source waited for): unserved, they pile up in the client for as long as the
+        wait lasts, and a broker lost meanwhile goes unnoticed."""
+        self.producer.poll(0)
+        self.watch.check()
 
     def count_decoded(self) -> None:
         with self._counts:
