@@ -27,6 +27,19 @@ SAMPLE_VIDEO = SAMPLE_VIDEOS_DIR / "k400_arm_wrestling.mp4"
 KINETICS_VAL_CSV = SAMPLE_VIDEOS_DIR.parent / "kinetics" / "kinetics-400_val.csv"
 # A TCP port to listen on; 0 lets the system choose a free one.
 Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+def bind_address(value: str) -> str:
+    """An address to bind as written in a flag or variable: `[::1]` as `::1` (gRPC takes
+    either, aiohttp's bind only the bare address; addresses are bracketed where written, in
+    net.host_port), and an empty one (compose's `${HOST:-}`) as the default loopback, never
+    every interface (which is what an empty address means to aiohttp and prometheus-client)."""
+    value = value.strip()
+    if not value:
+        return "127.0.0.1"
+    return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+
+
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vidflow"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ from services.inference.onnx_export import export_onnx
 from services.inference.preprocess import load_and_preprocess
 from services.inference.settings import InferenceSettings
 from tests.conftest import EXPECTED_CLASSES
+from vidflow.cli import main
 
 BACKENDS = ("eager", "torchscript", "onnx")
 
@@ -87,6 +89,27 @@ def test_resnet18_from_a_weights_file(resnet18_weights, backend, photos, model_c
     np.testing.assert_allclose(got, expected, atol=1e-4)
     # ImageNet normalisation, not EfficientNet-Lite's (x - 127) / 128.
     assert model.preprocess.mean[0] == pytest.approx(0.485 * 255)
+
+
+def test_a_bfloat16_checkpoint_loads_and_serves(tmp_path: Path, resnet18_weights, photos) -> None:
+    """Weights saved in bfloat16 (as many are shared now) loaded, then their content hash
+    failed on a type numpy lacks: the service would not start."""
+    path, reference = resnet18_weights
+    halved = tmp_path / "resnet18-bf16.pth"
+    torch.save({k: v.to(torch.bfloat16) for k, v in reference.state_dict().items()}, halved)
+    model = load_served_model(
+        InferenceSettings(model="resnet18", weights=halved, backend="eager", device="cpu")
+    )
+    full = load_served_model(
+        InferenceSettings(model="resnet18", weights=path, backend="eager", device="cpu")
+    )
+    assert model.weights_sha256 != full.weights_sha256
+    rounded = copy.deepcopy(reference)  # the same network with its weights rounded to bfloat16
+    rounded.load_state_dict(torch.load(halved, weights_only=True))
+    batch = _batch(list(photos.values()), model.preprocess)
+    with torch.inference_mode():
+        expected = torch.softmax(rounded(torch.from_numpy(batch)), dim=1).numpy()
+    np.testing.assert_allclose(model.backend.run(batch), expected, atol=1e-5)
 
 
 def test_missing_or_wrong_weights_say_what_to_do(tmp_path: Path, resnet18_weights) -> None:
@@ -161,10 +184,16 @@ def test_a_cached_export_that_cannot_load_is_made_again(
     assert export.stat().st_mtime_ns == made
 
 
+@pytest.mark.usefixtures("restore_root_logging")  # `main` sets up logging
 def test_an_exported_onnx_file_serves_without_torch(model_cache: Path, photos, tmp_path) -> None:
+    """`vidflow export-onnx --output FILE` (as the serving image is built) gives a file that
+    serves where torch is not installed."""
     exported = load_served_model(InferenceSettings(backend="onnx", cache_dir=model_cache))
-    onnx_files = sorted(model_cache.glob("efficientnet_lite0-*.onnx"))
-    assert onnx_files
+    onnx_files = [tmp_path / "image" / "model.onnx"]
+    assert (
+        main(["export-onnx", "--cache-dir", str(model_cache), "--output", str(onnx_files[0])]) == 0
+    )
+    assert [p.name for p in onnx_files[0].parent.iterdir()] == ["model.onnx"]  # no part left
     script = f"""
 import sys
 sys.modules["torch"] = None  # any import of torch now fails

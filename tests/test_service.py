@@ -98,6 +98,15 @@ def test_health_goes_from_not_serving_to_serving(tmp_path: Path, model_cache: Pa
         assert _http_get(f"{server.http_url}/healthz")[0] == 200
         # The image's health check says the same (and no to a port where nothing serves).
         assert ready_probe.ready(str(server.http_port)) and not ready_probe.ready(str(free_port()))
+        # Also run as the image runs it, in a container that Docker gave the host's proxy
+        # (here one that is down): the probe asked the proxy and the container stayed unhealthy.
+        proxied = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+        proxied |= {
+            "http_proxy": f"http://127.0.0.1:{free_port()}",
+            "VIDFLOW_INFERENCE_HTTP_PORT": str(server.http_port),
+        }
+        probe = [sys.executable, "-m", "services.inference.ready_probe"]
+        assert subprocess.run(probe, env=proxied, cwd=REPO_ROOT, timeout=30).returncode == 0
         # The named service reports too, as the standard health protocol defines.
         channel = grpc.insecure_channel(server.target)
         reply = health_pb2_grpc.HealthStub(channel).Check(

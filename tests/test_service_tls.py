@@ -26,7 +26,7 @@ from services.inference import ready_probe
 from services.inference.client import health_status, open_channel, wait_until_serving
 from services.inference.settings import ClientSettings, InferenceSettings
 from tasks.stream.producer import produce_frames
-from tasks.stream.settings import KafkaSettings, ProducerSettings
+from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 from tests.conftest import EXPECTED_CLASSES, VIDEOS
 from tests.kafka_helpers import read_topic, result_keys
 from tests.test_service import _http_get
@@ -243,10 +243,13 @@ def test_an_empty_onnx_model_variable_unsets_it(monkeypatch: pytest.MonkeyPatch)
     assert InferenceSettings(backend="eager").onnx_model is None
     # Compose's `${TLS_CERT:-}` and the like: empty is unset, not the current folder (which
     # turned TLS on with "." for a certificate).
-    for name in ("WEIGHTS", "TLS_CERT", "TLS_KEY", "CACHE_DIR", "TLS_CA"):
+    for name in ("WEIGHTS", "TLS_CERT", "TLS_KEY", "CACHE_DIR", "TLS_CA", "HOST"):
         monkeypatch.setenv(f"VIDFLOW_INFERENCE_{name}", "")
     empty = InferenceSettings(backend="eager")
     assert (empty.weights, empty.tls_cert, empty.tls_key) == (None, None, None)
+    assert empty.host == "127.0.0.1"  # gRPC refused "" as a port in use; never every interface
+    monkeypatch.setenv("VIDFLOW_CONSUMER_METRICS_HOST", "")  # "" bound /metrics everywhere
+    assert ConsumerSettings().metrics_host == "127.0.0.1"
     assert empty.cache_dir == InferenceSettings.model_fields["cache_dir"].default
     assert ClientSettings().tls_ca is None
     monkeypatch.setenv("VIDFLOW_INFERENCE_ONNX_MODEL", "/opt/model/m.onnx")

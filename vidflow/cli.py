@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -73,8 +74,12 @@ def _export_onnx(args: argparse.Namespace) -> int:
     settings = settings_from_args(ModelSource, args)
     path = export_onnx(load_model(settings.model, settings.weights), settings.cache_dir)
     if args.output is not None:
+        # Whole or not at all: a truncated copy, served with --onnx-model, failed every start.
+        from common.files import atomic_output
+
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_bytes(path.read_bytes())
+        with atomic_output(Path(args.output), durable=True) as partial:
+            shutil.copyfile(path, partial)
         path = Path(args.output)
     print(path)
     return 0

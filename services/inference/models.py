@@ -124,11 +124,18 @@ MODELS: dict[str, ModelEntry] = {
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     """A content hash of the weights, whatever file or download they came from."""
+    import torch
+
+    # Tensor types numpy has no type for (`Tensor.numpy()` refuses them)
+    no_numpy = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
     digest = hashlib.sha256()
     for key in sorted(state_dict):
         tensor = state_dict[key].detach().cpu().contiguous()
         digest.update(key.encode())
-        digest.update(tensor.numpy().tobytes())
+        if tensor.dtype in no_numpy:  # bfloat16 and float8 checkpoints: their raw bytes
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:  # as before, so the hashes of earlier weights (and caches keyed on them) hold
+            digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()
 
 

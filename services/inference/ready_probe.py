@@ -13,13 +13,16 @@ import urllib.error
 import urllib.request
 
 LOOPBACKS = ("127.0.0.1", "[::1]")
+# Never through a proxy: Docker hands the host's proxy settings to every container, and
+# urllib sends loopback requests to it unless no_proxy names them (the check failed for good).
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def ready(port: str, timeout_s: float = 5.0) -> bool:
     """Whether the service's HTTP endpoint on this machine's loopback says it is ready."""
     for host in LOOPBACKS:
         try:
-            with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=timeout_s):
+            with _DIRECT.open(f"http://{host}:{port}/readyz", timeout=timeout_s):
                 return True
         except urllib.error.HTTPError:  # it answered: loading, or draining
             return False

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.settings import DEFAULT_CACHE_DIR, Port
+from common.settings import DEFAULT_CACHE_DIR, Port, bind_address
 
 
 class ServiceToken(BaseSettings):
@@ -190,9 +190,9 @@ class InferenceSettings(ModelSource, ServiceToken):
     @field_validator("host")
     @classmethod
     def _host_without_brackets(cls, value: str) -> str:
-        """`[::1]` as `::1`: gRPC takes either, aiohttp's bind only the bare address (it
-        failed after gRPC had bound); addresses are bracketed where written (net.host_port)."""
-        return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+        """`[::1]` as `::1` (aiohttp's bind failed after gRPC had bound), and empty as the
+        loopback (gRPC refused it as a port "in use?"): `bind_address`."""
+        return bind_address(value)
 
     @field_validator("onnx_model", "tls_cert", "tls_key", mode="before")
     @classmethod

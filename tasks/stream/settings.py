@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.settings import Port
+from common.settings import Port, bind_address
 from common.urls import shown_url
 
 # How long a lost live source is opened again by default, from its last frame (0: lost at once)
@@ -311,3 +311,6 @@ class ConsumerSettings(BaseSettings):
             "passed over, uncounted: a benchmark's new group reads only its own run's frames"
         ),
     )
+
+    # An empty one (compose's `${HOST:-}`) bound every interface: `bind_address`.
+    _metrics_host_checked = field_validator("metrics_host")(bind_address)
