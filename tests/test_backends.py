@@ -403,3 +403,44 @@ def test_an_onnx_cuda_provider_that_cannot_start_falls_back_to_the_cpu_or_fails_
     assert fallen_back.workers == on_cpu.workers  # sized for the CPU, not for a GPU
     with pytest.raises(DeviceUnavailableError):
         load_served_model(InferenceSettings(**settings, strict_device=True))
+
+
+@pytest.mark.parametrize("fails_at", ["session", "largest-batch"])
+def test_an_onnx_cuda_provider_that_starts_then_fails_falls_back_to_the_cpu(
+    model_cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    fails_at: str,
+) -> None:  # fmt: skip
+    """onnxruntime-gpu's CUDA provider that loads and then fails (a driver older than its
+    CUDA: "CUDA failure 35"; or out of memory on the largest batch) raises ONNX Runtime's own
+    error: it went through, and `vidflow serve --device auto` crash-looped on such a host.
+    No GPU here: the failing provider is made up, the CPU session and the rest are real."""
+    import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    real_session = onnxruntime.InferenceSession
+
+    class CudaFails(real_session):  # type: ignore[misc, valid-type]
+        def __init__(self, path, options=None, providers=()) -> None:
+            on_cuda = "CUDAExecutionProvider" in providers
+            if on_cuda and fails_at == "session":
+                raise Fail("CUDA failure 35: CUDA driver version is insufficient")
+            super().__init__(path, options, providers=["CPUExecutionProvider"])
+            self.on_cuda = on_cuda
+
+        def get_providers(self) -> list[str]:
+            return ["CUDAExecutionProvider"] * self.on_cuda + ["CPUExecutionProvider"]
+
+        def run(self, outputs, feeds, *args):
+            if self.on_cuda and next(iter(feeds.values())).shape[0] > 1:
+                raise Fail("CUDA error cudaErrorMemoryAllocation: out of memory")
+            return super().run(outputs, feeds, *args)
+
+    onnx_file = export_onnx(load_model("efficientnet_lite0"), model_cache)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", CudaFails)
+    monkeypatch.setattr("services.inference.loader.cuda_available", lambda backend: True)
+    settings = {"backend": "onnx", "device": "cuda", "onnx_model": onnx_file}
+    fallen_back = load_served_model(InferenceSettings(**settings, max_batch_size=8))
+    assert fallen_back.backend.device == "cpu" and "falling back to CPU" in caplog.text
+    assert fallen_back.backend.run(np.zeros((8, 3, 224, 224), np.float32)).shape == (8, 1000)
+    with pytest.raises(DeviceUnavailableError, match="CUDA provider failed: CUDA"):
+        load_served_model(InferenceSettings(**settings, strict_device=True))

@@ -165,14 +165,27 @@ def _from_onnx_file(path: Path, device: str, settings: InferenceSettings) -> Ser
     if not Path(path).is_file():
         raise FileNotFoundError(f"ONNX model not found: {path}")
     workers, threads, lone_call_threads = _concurrency(settings, device)
-    backend = OnnxBackend(
-        Path(path),
-        device=device,
-        threads=threads,
-        sessions=workers,
-        lone_call_threads=lone_call_threads,
-    )
-    info = ExportedModelInfo.from_metadata(backend.metadata)
+    try:
+        backend = OnnxBackend(
+            Path(path),
+            device=device,
+            threads=threads,
+            sessions=workers,
+            lone_call_threads=lone_call_threads,
+        )
+        info = ExportedModelInfo.from_metadata(backend.metadata)
+        if device == "cuda":  # a batch of the largest size: out of memory shows here, not later
+            backend.run(
+                np.zeros((settings.max_batch_size, *info.preprocess.input_shape), np.float32)
+            )
+    except Exception as exc:
+        if device != "cuda" or isinstance(exc, DeviceUnavailableError) or _a_broken_file(exc):
+            raise
+        # A CUDA provider that loads, then fails (a driver older than its CUDA, no visible
+        # device, out of memory) raises ONNX Runtime's own error, which it does not retry on
+        # the CPU where TensorRT is listed too (as in the onnxruntime-gpu wheel).
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DeviceUnavailableError(f"ONNX Runtime's CUDA provider failed: {reason}") from exc
     log.info("serving %s from %s", info.name, path)
     return ServedModel(
         info.name, info.class_names, info.preprocess, info.weights_sha256, backend, workers
