@@ -553,6 +553,34 @@ def test_a_loadtest_against_no_server_says_why_and_shows_no_latency(tmp_path: Pa
     assert 0 < errors <= 40 and f"(UNAVAILABLE {errors})" in loadtest.stdout, loadtest.stdout
 
 
+def test_a_streaming_load_test_against_a_server_that_stalls_ends_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ClassifyStream has no deadline of its own: against a server that took requests and
+    never answered, `loadtest --streaming` waited for ever (unary calls had 30 s)."""
+
+    class Stalled(inference_pb2_grpc.ClassifierServicer):
+        async def ClassifyStream(self, requests, context):
+            async for _ in requests:
+                await asyncio.sleep(3600)
+            yield inference_pb2.ClassifyResponse()
+
+    async def load_test() -> list:
+        server = grpc.aio.server()
+        inference_pb2_grpc.add_ClassifierServicer_to_server(Stalled(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            run = run_loadtest(f"127.0.0.1:{port}", [b"x"], [2], 2.0, 0.0, streaming=True)
+            return await asyncio.wait_for(run, 20)
+        finally:
+            await server.stop(None)
+
+    monkeypatch.setattr("services.inference.loadtest.CALL_TIMEOUT_S", 0.5)
+    (level,) = asyncio.run(load_test())
+    assert level.requests == 0 and level.error_codes.get("DEADLINE_EXCEEDED", 0) >= 2, level
+
+
 def test_a_call_counts_in_the_window_it_ended_in() -> None:
     """Calls count by when they end, as perf_analyzer counts: counting only those both sent
     and ended within the window left about one per caller out, and read low by latency /

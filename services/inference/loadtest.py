@@ -91,7 +91,7 @@ async def _unary_caller(stub: inference_pb2_grpc.ClassifierStub, level: _Level) 
     while level.running():
         sent_at = level.loop.time()
         try:
-            response = await stub.Classify(level.next_request(), timeout=30)
+            response = await stub.Classify(level.next_request(), timeout=CALL_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             level.record(sent_at, None, exc.code().name, exc.details() or "")
             await asyncio.sleep(ERROR_PAUSE_S)
@@ -111,21 +111,29 @@ async def _streaming_caller(stub: inference_pb2_grpc.ClassifierStub, level: _Lev
             while level.running():
                 sent_at = level.loop.time()
                 await call.write(level.next_request())
-                response = await call.read()
+                # Each answer within the unary calls' deadline: a stream has none of its own,
+                # and a server that stalled held the load test for ever.
+                response = await asyncio.wait_for(call.read(), CALL_TIMEOUT_S)
                 if response is grpc.aio.EOF:
                     raise RuntimeError("the server ended the stream early")
                 level.record(sent_at, response)
             await call.done_writing()
-            await call.read()  # EOF: nothing is outstanding
+            await asyncio.wait_for(call.read(), CALL_TIMEOUT_S)  # EOF: nothing is outstanding
+            continue
         except grpc.aio.AioRpcError as exc:
-            level.record(sent_at, None, exc.code().name, exc.details() or "")
-            call.cancel()
-            await asyncio.sleep(ERROR_PAUSE_S)
-        except RuntimeError as exc:
-            level.record(sent_at, None, "STREAM_ENDED", str(exc))
-            call.cancel()
+            code, detail = exc.code().name, exc.details() or ""
+        except TimeoutError:
+            code, detail = "DEADLINE_EXCEEDED", f"no answer on the stream in {CALL_TIMEOUT_S:g} s"
+        # A write to a call the server has just ended raises asyncio's InvalidStateError
+        except (RuntimeError, asyncio.InvalidStateError) as exc:
+            code, detail = "STREAM_ENDED", str(exc) or "the server ended the stream"
+        level.record(sent_at, None, code, detail)
+        call.cancel()
+        await asyncio.sleep(ERROR_PAUSE_S)
 
 
+# The longest a call (or an answer on a stream) is waited for
+CALL_TIMEOUT_S = 30.0
 # A server that is down, full (RESOURCE_EXHAUSTED past --max-concurrent-rpcs) or wants a token
 # answers at once: a caller pauses before its next call rather than spin the client's one
 # event loop on failing calls, which slowed the calls that did succeed.
