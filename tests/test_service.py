@@ -34,7 +34,9 @@ from services.inference.client import (
     wait_until_reachable,
     wait_until_serving,
 )
+from services.inference.loader import load_served_model
 from services.inference.loadtest import _Level, run_loadtest
+from services.inference.settings import InferenceSettings
 from tasks.stream.inference_caller import FRAME_TOO_LARGE
 from tests.conftest import EXPECTED_CLASSES
 from tests.images import gif_bytes, jpeg_bytes, mpo_bytes, png_bytes, png_claiming_size
@@ -294,6 +296,20 @@ def test_batching_off_dispatches_each_request_alone(tmp_path: Path, model_cache,
     # default_workers: ONNX Runtime runs one call per core plus one on a CPU, two on a GPU
     assert info.model_workers == (usable_cpus() + 1 if info.device == "cpu" else 2)
     assert "--batching off" in server.log()
+
+
+def test_a_many_core_host_gets_at_most_16_model_sessions_that_share_its_cores(
+    monkeypatch: pytest.MonkeyPatch, model_cache: Path
+) -> None:
+    """One ONNX Runtime session per core plus one, each with its weights and arena: 65 on a
+    64-core host with no CPU quota. (This machine has 2 cores: the count it reads is made up,
+    the sessions are real.)"""
+    monkeypatch.setattr("services.inference.loader.usable_cpus", lambda: 64)
+    monkeypatch.setattr("services.inference.backends.usable_cpus", lambda: 64)
+    model = load_served_model(InferenceSettings(backend="onnx", cache_dir=model_cache))
+    assert model.workers == 16 and len(model.backend._sessions) == 16
+    threads = model.backend._sessions[0].get_session_options().intra_op_num_threads
+    assert threads == 4  # the 64 cores shared among them
 
 
 def test_model_info(onnx_server) -> None:

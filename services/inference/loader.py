@@ -144,6 +144,10 @@ def _concurrency(settings: InferenceSettings, device: str) -> tuple[int, int, in
     return workers, threads, lone_call_threads
 
 
+# The most model calls at once by default on a CPU (default_workers)
+MAX_CPU_WORKERS = 16
+
+
 def default_workers(backend: str, device: str) -> int:
     """Model calls that may run at once when --inference-workers is not set.
 
@@ -153,10 +157,14 @@ def default_workers(backend: str, device: str) -> int:
     8 and 16 and 0.90x at 4, where 2 did 0.83-0.88x (docs/benchmarks.md). On a GPU two calls
     keep it busy while the CPU prepares the next; torch sets its threads for the whole process,
     so there one call at a time over all cores.
+
+    Each worker is an ONNX Runtime session with its own copy of the weights and its own memory
+    arena, so past MAX_CPU_WORKERS cores the calls share the cores instead (threads_per_call):
+    a 64-core host with no CPU quota made 65 sessions, gigabytes and seconds of start-up.
     """
     if backend != "onnx":
         return 1
-    return usable_cpus() + 1 if device == "cpu" else 2
+    return min(usable_cpus() + 1, MAX_CPU_WORKERS) if device == "cpu" else 2
 
 
 def _from_onnx_file(path: Path, device: str, settings: InferenceSettings) -> ServedModel:
