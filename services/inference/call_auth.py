@@ -24,6 +24,10 @@ from services.inference.metrics import ServiceMetrics
 GUARDED_SERVICE = "/vidflow.inference.v1.Classifier/"
 
 
+# The calls vidflow_inference_requests_total counts
+CLASSIFY_METHODS = frozenset({"Classify", "ClassifyStream"})
+
+
 class TokenCheck(grpc.ServerInterceptor):
     """Refuses a classifier call without the token with UNAUTHENTICATED (counted)."""
 
@@ -45,7 +49,8 @@ class TokenCheck(grpc.ServerInterceptor):
         if given is not None and hmac.compare_digest(_bearer_token(given), self._expected):
             return handler
         name = method.rsplit("/", 1)[-1]
-        self._metrics.requests.labels(name, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+        if name in CLASSIFY_METHODS:  # the counter's subject: GetModelInfo's calls are not in it
+            self._metrics.requests.labels(name, grpc.StatusCode.UNAUTHENTICATED.name).inc()
         # Client-streaming whatever the method: gRPC runs such a handler when the call opens,
         # so a caller that never sends its request is refused at once instead of holding one
         # of the server's threads (the wire format is the same for every kind).
