@@ -227,6 +227,21 @@ def test_topics_are_made_with_the_replication_factor_asked(kafka) -> None:
         KafkaSettings(replication_factor=0)
 
 
+def test_a_topic_that_exists_with_fewer_partitions_than_asked_is_said(
+    kafka, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--partitions 8` for a frames topic made earlier with 2 was silently ignored: eight
+    consumers, one of them with all the work."""
+    from tasks.stream.topics import ensure_topics
+
+    wider = kafka.model_copy(update={"partitions": 8})
+    assert ensure_topics(wider) == []  # the fixture made them with 2
+    said = [r.getMessage() for r in caplog.records if "fewer than the 8 asked" in r.getMessage()]
+    assert len(said) == 3 and f"topic {kafka.frames_topic} exists with 2 partition(s)" in said[0]
+    caplog.clear()
+    assert ensure_topics(kafka) == [] and "fewer than" not in caplog.text
+
+
 def test_every_stream_command_takes_topic_for_the_frames_topic() -> None:
     """`stream-benchmark` lacked the `--topic` of `produce` and `consume` (a README walk)."""
     from tasks.stream.settings import KafkaSettings

@@ -31,14 +31,16 @@ def check_broker(kafka: KafkaSettings, timeout_s: float | None = None) -> None:
     start_timeout_s): for a command to say so before it starts anything else (a Prefect server,
     a flow run)."""
     admin = AdminClient({**kafka.client_config(), **librdkafka_logging()})
-    _topic_names(admin, kafka, start_timeout_s(kafka) if timeout_s is None else timeout_s)
+    _partition_counts(admin, kafka, start_timeout_s(kafka) if timeout_s is None else timeout_s)
 
 
-def _topic_names(admin: AdminClient, kafka: KafkaSettings, timeout_s: float) -> set[str]:
-    """The broker's topics, or BrokerUnreachableError naming the broker (librdkafka says only
-    "transport failure", and the same of a broker that is up but speaks another protocol)."""
+def _partition_counts(admin: AdminClient, kafka: KafkaSettings, timeout_s: float) -> dict[str, int]:
+    """The broker's topics and their partition counts, or BrokerUnreachableError naming the
+    broker (librdkafka says only "transport failure", and the same of a broker that is up but
+    speaks another protocol)."""
     try:
-        return set(admin.list_topics(timeout=timeout_s).topics)
+        topics = admin.list_topics(timeout=timeout_s).topics
+        return {name: len(metadata.partitions) for name, metadata in topics.items()}
     except KafkaException as exc:
         protocol = kafka.security_protocol
         hint = (
@@ -63,9 +65,17 @@ def ensure_topics(
     timeout_s = START_TIMEOUT_S if timeout_s is None else timeout_s
     partitions = kafka.partitions
     admin = AdminClient({**kafka.client_config(), **librdkafka_logging()})
-    existing = _topic_names(admin, kafka, reach_s)
+    existing = _partition_counts(admin, kafka, reach_s)
     topics = kafka.topics if topics is None else topics
     missing = [t for t in dict.fromkeys(topics) if t not in existing]
+    for topic in dict.fromkeys(topics):
+        if 0 < existing.get(topic, partitions) < partitions:
+            log.warning(
+                "topic %s exists with %d partition(s), fewer than the %d asked for "
+                "(--partitions): it is used as it is, so at most %d consumer(s) of a group get "
+                "its messages; delete it, or add partitions with the cluster's tools",
+                topic, existing[topic], partitions, existing[topic],
+            )  # fmt: skip
     if not missing:
         return []
     futures = admin.create_topics(
