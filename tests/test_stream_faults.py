@@ -802,3 +802,29 @@ def test_a_stop_ends_the_wait_for_a_service_that_is_not_up(kafka) -> None:
     assert member.caller.connect(timeout_s=60, stop=stop) is False
     assert time.monotonic() - started < 30
     assert member.run().frames_consumed == 0  # stopped: it joins, leaves and closes
+
+
+def test_frames_the_broker_refuses_are_counted_each_and_said_once_in_a_while(
+    kafka: KafkaSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker that refuses every frame (a topic's size limit, an ACL) had the producer write
+    one error line per frame, 30 a second per camera. Here each frame goes to a partition the
+    topic lacks, which librdkafka refuses in its delivery report, as the broker would."""
+    from tasks.stream.broker_watch import BrokerWatch
+    from tasks.stream.frame_codec import Frame
+    from tasks.stream.kafka_io import make_producer
+    from tasks.stream.producer import Camera, ProduceStats, _FrameOutlet
+
+    watch = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
+    stats = ProduceStats(stream_id="cam", source="test", per_stream={"cam": 0})
+    outlet = _FrameOutlet(make_producer(kafka, watch), watch, kafka.frames_topic, stats)
+    nowhere = Camera("cam", partition=99)  # the topic has 2
+    for index in range(40):
+        outlet.publish(nowhere, Frame("cam", index, time.time_ns(), time.time_ns(), b"jpeg"))
+    outlet.flush()
+    assert (stats.frames_read, stats.failed, stats.delivered) == (40, 40, 0), stats
+    said = [r.getMessage() for r in caplog.records if "not delivered" in r.getMessage()]
+    assert 1 <= len(said) <= 3, said
+    assert "of stream cam" in said[0] and "Unknown partition" in said[0], said
+    counted = [int(line.split()[0]) for line in said]
+    assert sum(counted) == 40, said  # each failure said in one count or another

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import sys
 import threading
 import time
@@ -499,6 +500,10 @@ def _live_schedule_start(started: float, due_s: float, fps: float) -> float:
     return started + late if late > 1 / fps else started
 
 
+# Failed deliveries are said at most this often, with how many failed since
+FAILURES_SAID_EVERY_S = 5.0
+
+
 @dataclass
 class _FrameOutlet:
     """Where a produce run's frames go: the producer, its broker watch and the run's counts."""
@@ -511,6 +516,8 @@ class _FrameOutlet:
     # producer is thread-safe; delivery callbacks run in whichever thread polls.)
     _counts: threading.Lock = field(default_factory=threading.Lock)
     _said_too_large: bool = False  # the first frame over the size limit is said, once
+    _failure_said_at: float = -math.inf  # when failed deliveries were last said (monotonic)
+    _unsaid_failures: int = 0  # failed deliveries since
 
     def publish(self, camera: Camera, frame: Frame) -> None:
         try:
@@ -580,7 +587,17 @@ class _FrameOutlet:
                     self.stats.partition_ends = None
                 return
             self.stats.failed += 1
-        log.error("frame %s not delivered: %s", message.key(), error)
+            self._unsaid_failures += 1
+            now = time.monotonic()
+            if now - self._failure_said_at < FAILURES_SAID_EVERY_S:
+                return
+            failures, self._unsaid_failures, self._failure_said_at = self._unsaid_failures, 0, now
+        # At most one line every few seconds: a broker that refuses every frame (a topic's size
+        # limit, an ACL) wrote a line per frame, 30 a second per camera.
+        log.error(
+            "%d frame(s) not delivered (the last of stream %s): %s", failures,
+            (message.key() or b"").decode(errors="replace"), error,
+        )  # fmt: skip
 
     def flush(self) -> None:
         """Wait for deliveries; what is still queued after the wait counts as failed.
@@ -589,6 +606,10 @@ class _FrameOutlet:
         watch, stats = self.watch, self.stats
         flush_s = 30.0 if not watch.down else max(1.0, watch.grace_s - watch.down_for_s())
         remaining = self.producer.flush(flush_s)
+        with self._counts:
+            unsaid, self._unsaid_failures = self._unsaid_failures, 0
+        if unsaid:
+            log.error("%d more frame(s) not delivered", unsaid)
         if remaining:
             stats.failed += remaining
             log.error("%d frames still undelivered after a %.0f s flush", remaining, flush_s)
