@@ -195,6 +195,9 @@ def test_stream_commands_refuse_bad_sources_and_bounds_before_the_broker(
     assert "--max-frames '-1'" in err
     err = _refused([*produce, "--source", clip, "--stream-id", "a@b"], capsys)  # after 15 s
     assert "'@' parts the stream" in err and "unreachable" not in err, err
+    long_id = ["--stream-id", "s" * 250, "--streams", "2"]  # fits alone; not with `-N` added
+    err = _refused([*produce, "--source", clip, *long_id], capsys)
+    assert "at most 240 with --streams" in err and "unreachable" not in err, err
     bench = ["stream-benchmark", "--bootstrap-servers", CLOSED_PORT, "--target", CLOSED_PORT]
     assert f"video file not found: {missing}" in _refused([*bench, "--source", missing], capsys)
     page = tmp_path / "page.mp4"  # there, but no video: the run logged two tracebacks for it

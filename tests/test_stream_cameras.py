@@ -257,6 +257,15 @@ def test_a_file_whose_name_holds_a_comma_is_one_source(tmp_path: Path) -> None:
     assert source_list(str(clip)) == [str(clip)]  # was "clip" and "v2.mp4", neither there
 
 
+def test_a_url_with_a_comma_in_its_password_or_query_is_one_source() -> None:
+    """`rtsp://admin:pa,ss@cam/live` was two sources, and the second ("ss@cam/live") was
+    refused as a missing file, its part of the password in the message."""
+    cameras = "rtsp://admin:pa,ss@cam/live,rtsp://cam2/live?channels=1,2"
+    assert source_list(f"{cameras},{CLIP},webcam:0") == [
+        "rtsp://admin:pa,ss@cam/live", "rtsp://cam2/live?channels=1,2", str(CLIP), "webcam:0",
+    ]  # fmt: skip
+
+
 def test_a_camera_url_names_its_stream_by_host_and_path_without_its_credentials() -> None:
     """The id is in every Kafka key, result record and log line: no password, no token."""
     cameras = [

@@ -186,7 +186,7 @@ def _produce(args: argparse.Namespace) -> int:
 
     kafka = settings_from_args(KafkaSettings, args)
     settings = settings_from_args(ProducerSettings, args)  # bad flags refused before the broker
-    check_sources(settings.source, settings.stream_id)
+    check_sources(settings.source, settings.stream_id, settings.streams)
     ensure_topics(kafka, [kafka.frames_topic])
     stats = produce_frames(settings, kafka, stop_on_signals())
     print(json.dumps(stats.as_dict()))

@@ -160,13 +160,13 @@ def _checked_target(source: str) -> str | int:
     return target
 
 
-def check_sources(source: str, stream_id: str | None = None) -> None:
+def check_sources(source: str, stream_id: str | None = None, streams: int = 1) -> None:
     """Refuse a missing file, a file with no video frame or a malformed webcam in `--source`,
     and a `--stream-id` that cannot name them (`stream_bases`), before a broker is contacted or
     a run starts (a camera or a stream is opened by the run itself: opening it here would take
     it for a moment, or wait on the network)."""
     sources = source_list(source)
-    stream_bases(sources, stream_id)
+    stream_bases(sources, stream_id, streams)
     for one in sources:
         target = _checked_target(one)
         if isinstance(target, int):

@@ -159,10 +159,25 @@ def source_list(source: str) -> list[str]:
 
 def source_parts(source: str) -> list[str]:
     """`--source` as written: one source, or several separated by commas; a file whose name
-    holds a comma is one source (`clip,v2.mp4` was split into two missing files)."""
+    holds a comma is one source (`clip,v2.mp4` was split into two missing files), and so is a
+    URL with a comma in it, in its password or query (`rtsp://admin:pa,ss@cam/live` was split,
+    and the refusal of "ss@cam/live" as a missing file showed part of the password)."""
     if Path(source).is_file():
         return [source]
-    return [part.strip() for part in source.split(",") if part.strip()]
+    parts: list[str] = []
+    for piece in source.split(","):
+        if parts and "://" in parts[-1] and not _starts_a_source(piece):
+            parts[-1] += "," + piece
+        else:
+            parts.append(piece)
+    return [part.strip() for part in parts if part.strip()]
+
+
+def _starts_a_source(piece: str) -> bool:
+    """Whether what follows a comma is a source of its own (else it is the rest of a URL)."""
+    piece = piece.strip()
+    forms = ("webcam:", ENV_SOURCE_PREFIX)
+    return not piece or "://" in piece or piece.startswith(forms) or Path(piece).is_file()
 
 
 def resolved_source(source: str) -> str:
