@@ -135,6 +135,15 @@ def message_timeout_ms(broker_grace_s: float) -> int:
     return min(2**31 - 1, max(300_000, int((broker_grace_s + 60.0) * 1000)))  # librdkafka's int
 
 
+# The most a producer queues for the broker, unless one message is bigger (KiB)
+QUEUE_KBYTES = 64 * 1024
+
+
+def queue_kbytes(max_message_bytes: int) -> int:
+    """A producer's local queue: QUEUE_KBYTES, or room for two of the largest messages."""
+    return max(QUEUE_KBYTES, 2 * max_message_bytes // 1024 + 1)
+
+
 def make_producer(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> Producer:
     """The producer of frames and results; `watch` hears of its broker connection's state."""
     return Producer(
@@ -148,6 +157,11 @@ def make_producer(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> Pro
             # on it: at librdkafka's 300 s, an outcome queued in a longer grace failed with the
             # broker "down", was counted nowhere, and froze its partition's commits for good.
             "message.timeout.ms": message_timeout_ms(kafka.broker_grace_s),
+            # librdkafka queues up to 1 GiB by default: `--fps max` to a broker slower than the
+            # source ran far ahead of it (its fps counting frames queued, not delivered), then
+            # the exit's flush gave up on what was left. A few seconds of frames hold the
+            # source back instead (produce_with_backpressure), and the flush ends in time.
+            "queue.buffering.max.kbytes": queue_kbytes(kafka.max_message_bytes),
             **(watch.client_config() if watch is not None else {}),
         }
     )
