@@ -347,10 +347,10 @@ def produce_frames(
         outlet = _FrameOutlet(producer, watch, kafka.frames_topic, stats)
         for feed in feeds:
             log.info(
-                "producing %s as %d stream(s) %s (session %s) to %s at %s fps each",
+                "producing %s as %d stream(s) %s (session %s) to %s at %s",
                 shown_url(feed.source), len(feed.cameras),
                 ", ".join(c.stream_id for c in feed.cameras), stats.session, kafka.frames_topic,
-                f"{feed.fps:.2f}" if feed.fps else "max",
+                _shown_pace(feed),
             )  # fmt: skip
         started, stats.schedule_start_ns = time.monotonic(), time.time_ns()
         try:
@@ -378,6 +378,13 @@ def produce_frames(
     return stats
 
 
+def _shown_pace(feed: Feed) -> str:
+    """A feed's pace in the start-up line: its fps, "max", or a live source's own."""
+    if feed.live is not None and feed.native:
+        return f"its own rate ({feed.fps:.2f} as it reports)" if feed.fps else "its own rate"
+    return f"{feed.fps:.2f} fps each" if feed.fps else "max fps each"
+
+
 def _feeds(
     sources: list[str],
     opened: list[tuple[cv2.VideoCapture, LatestFrame | None]],
@@ -386,9 +393,19 @@ def _feeds(
 ) -> list[Feed]:
     native = settings.fps == "native"
     return [
-        Feed(source, capture, target_fps(settings.fps, capture), cams, native, live)
+        Feed(source, capture, _feed_fps(settings.fps, capture, live), cams, native, live)
         for source, (capture, live), cams in zip(sources, opened, cameras, strict=True)
     ]
+
+
+def _feed_fps(setting: str, capture: cv2.VideoCapture, live: LatestFrame | None) -> float | None:
+    """A source's pace as reported (`target_fps`); for a live source at its native rate, which
+    sets its own pace, the rate it reports where that is one (a webcam may say 0: unknown),
+    without the warning of a pace it is not held to."""
+    if live is None or setting != "native":
+        return target_fps(setting, capture)
+    reported = capture.get(cv2.CAP_PROP_FPS)
+    return reported if 0 < reported <= MAX_NATIVE_FPS else None
 
 
 def _replay_all(
