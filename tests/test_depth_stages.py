@@ -695,6 +695,25 @@ def test_ffmpeg_errors_end_up_in_the_record(tmp_path: Path) -> None:
     assert _leftovers(tmp_path / "out") == []
 
 
+def test_a_source_cut_short_fails_its_transcode_and_is_not_kept(tmp_path: Path) -> None:
+    """FFmpeg transcodes what there is of a file cut short (a download from a server that
+    sent no length, a mirror's broken copy) and exits 0: the clip became an ok row of 6 s of
+    its 10, kept for good (ok rows are never fetched again)."""
+    whole = tmp_path / "whole.mp4"  # index first, as a streamed file is: the rest is readable
+    command = [ffmpeg_exe(), "-v", "error", "-i", str(CLIP), "-c", "copy",
+               "-movflags", "+faststart", str(whole)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    record = transcode(
+        _record("http://h/v.mp4").update(raw_path=str(cut)), tmp_path / "out", DepthSettings()
+    )
+    assert (record.status, record.failed_stage) == ("failed", "transcode"), record
+    assert "frames its header gives (cut short, or damaged)" in record.error, record.error
+    assert "of the 300 frames" in record.error, record.error
+    assert _leftovers(tmp_path / "out") == [] and not (tmp_path / "out" / "clip.mp4").exists()
+
+
 # An m4a's cover picture is a video stream to `-map 0:v:0`: it became a one-frame "video"
 # row with a depth map of the album art.
 COVER_ART = [

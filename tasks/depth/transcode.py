@@ -58,6 +58,11 @@ class StreamFacts:
         return self.frame_count / self.fps if self.fps > 0 else 0.0
 
 
+# A transcode with errors that gives fewer than this share of the frames its source's header
+# declares is of a source cut short (header counts of damaged files may be a little off)
+CUT_SHORT_SHARE = 0.9
+
+
 def probe_video(path: Path) -> StreamFacts | None:
     """Size, rate and length of a video's first video stream, or None if it cannot be opened."""
     with opened_video(path) as capture:
@@ -173,9 +178,10 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
     if output.is_file() and (facts := probe_video(output)) is not None and facts.frame_count > 0:
         return _with_output(record, output, facts, started)
     out_dir.mkdir(parents=True, exist_ok=True)
+    declared_frames = source_facts.frame_count if source_facts is not None else 0
     try:
         with atomic_output(output) as partial:
-            facts = _run_ffmpeg(source, partial, settings)
+            facts = _run_ffmpeg(source, partial, settings, declared_frames)
     except TranscodeError as exc:
         if "matches no streams" in str(exc):  # ffmpeg's words for a file without `-map 0:V:0`
             return record.fail("transcode", f"no video stream in the file (audio only?): {exc}")
@@ -183,9 +189,12 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
     return _with_output(record, output, facts, started)
 
 
-def _run_ffmpeg(source: Path, output: Path, settings: DepthSettings) -> StreamFacts:
+def _run_ffmpeg(
+    source: Path, output: Path, settings: DepthSettings, declared_frames: int = 0
+) -> StreamFacts:
     """Transcode `source` into `output`; the facts of what FFmpeg wrote. Raises TranscodeError
-    (so that `atomic_output` drops the file) when it failed, timed out or wrote no frames."""
+    (so that `atomic_output` drops the file) when it failed, timed out, wrote no frames, or
+    stopped short of the `declared_frames` of the source's header with errors."""
     # Transcodes are batch work: on a busy machine the Prefect API and UI, the downloads and
     # the depth model get the CPU first, and ffmpeg takes every cycle they leave (the total
     # work, and so the run's length, is the same). It dies with its worker.
@@ -211,6 +220,15 @@ def _run_ffmpeg(source: Path, output: Path, settings: DepthSettings) -> StreamFa
     facts = probe_video(output)
     if facts is None or facts.frame_count <= 0:
         raise TranscodeError("ffmpeg wrote no decodable video frames")
+    said = _ADDRESS.sub("", completed.stderr.strip())
+    if said and facts.frame_count < CUT_SHORT_SHARE * declared_frames:
+        # FFmpeg ends a source cut short (a partial download from a server that sent no
+        # length, a mirror's broken copy) with exit 0 after its errors: kept, its row was ok
+        # and the video was never fetched again.
+        raise TranscodeError(
+            f"the source ends after {facts.frame_count} of the {declared_frames} frames its "
+            f"header gives (cut short, or damaged): {said.splitlines()[-1][-FFMPEG_ERROR_CHARS:]}"
+        )
     return facts
 
 
