@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from yarl import URL
 
 from tasks.depth import redirects
+from tasks.depth.clip_window import ClipWindow, window_of
 from tasks.depth.depth_loader import load_depth_estimator, shared_estimator
 from tasks.depth.depth_maps import FLOAT16_MAX, estimate_depth, estimate_depth_many
 from tasks.depth.depth_model import UNTRAINED_CONFIG_KEY, DepthMap, check_depth_model
@@ -162,7 +163,7 @@ def test_two_urls_given_one_id_refuse_the_list_and_repeats_are_counted(
     with caplog.at_level("WARNING", logger="tasks.depth.video_sources"):
         clips = read_kinetics_csv(kinetics, url_template="https://h/{split}/{youtube_id}.mp4",
                                   split=None)  # fmt: skip
-    assert [c.source_url for c in clips] == ["https://h/val/0wR5jVB-WPk.mp4"]
+    assert [c.source_url for c in clips] == ["https://h/val/0wR5jVB-WPk.mp4#t=417,427"]
     assert "1 lines repeat" in caplog.text
 
 
@@ -261,6 +262,39 @@ def test_kinetics_rows_keep_label_id_and_window() -> None:
         read_kinetics_csv(KINETICS_CSV, url_template=template, split="train")
 
 
+def test_kinetics_rows_of_whole_videos_ask_for_their_window(tmp_path: Path) -> None:
+    """A template of whole videos (`{youtube_id}.mp4`, as the refusal of a template-less
+    Kinetics CSV suggests) gave URLs of the whole video: every frame and depth map was of the
+    video, not of the labelled 10-s clip. Its URLs now ask for their window (`#t=`)."""
+    (first,) = read_kinetics_csv(KINETICS_CSV, url_template="https://m/{youtube_id}.mp4", limit=1)
+    assert first.source_url == "https://m/0wR5jVB-WPk.mp4#t=417,427"
+    assert window_of(first.source_url) == ClipWindow(417.0, 427.0)
+    assert first.video_id == "0wR5jVB-WPk_000417_000427"  # the clip's id, as before
+    # A window running backwards is refused, naming the row (it was taken as it was).
+    backwards = tmp_path / "backwards.csv"
+    backwards.write_text("label,youtube_id,time_start,time_end,split\nx,abc,20,10,val\n")
+    with pytest.raises(SourceListError, match=r"backwards\.csv:2: bad time window: time_end 10"):
+        read_kinetics_csv(backwards, url_template="https://m/{youtube_id}.mp4")
+
+
+@pytest.mark.parametrize(
+    ("url", "window"),
+    [
+        ("http://h/a.mp4#t=417,427", ClipWindow(417.0, 427.0)),
+        ("http://h/a.mp4#t=npt:5", ClipWindow(5.0, None)),
+        ("http://h/a.mp4#t=,20", ClipWindow(0.0, 20.0)),
+        ("http://h/a.mp4#xywh=1,2,3,4&t=1.5,2", ClipWindow(1.5, 2.0)),
+        ("http://h/a.mp4#t=5,3", None),  # backwards
+        ("http://h/a.mp4#t=nan,3", None),
+        ("http://h/a.mp4#t=0", None),  # the whole video
+        ("http://h/a.mp4#section-2", None),
+        ("http://h/a.mp4", None),
+    ],
+)
+def test_a_url_s_media_fragment_names_its_window(url: str, window: ClipWindow | None) -> None:
+    assert window_of(url) == window
+
+
 def test_bad_kinetics_input_is_refused_with_the_reason(tmp_path: Path) -> None:
     with pytest.raises(SourceListError, match="unknown fields"):
         read_kinetics_csv(KINETICS_CSV, url_template="https://h/{video}.mp4")
@@ -293,14 +327,14 @@ def test_kinetics_csvs_as_people_write_them_read_or_say_what_is_wrong(tmp_path: 
     loose = tmp_path / "loose.csv"
     loose.write_text("Label, YouTube_ID,Time_Start,time_end\nabseiling,0wR5jVB-WPk,417,427\n")
     (record,) = read_kinetics_csv(loose, url_template="https://h/{split}/{youtube_id}.mp4")
-    assert record.source_url == "https://h/val/0wR5jVB-WPk.mp4"  # no column: the split asked
+    assert record.source_url == "https://h/val/0wR5jVB-WPk.mp4#t=417,427"  # split: as asked
     assert (record.label, record.youtube_id, record.split) == ("abseiling", "0wR5jVB-WPk", "val")
     spaced = tmp_path / "spaced.csv"  # spaces after the commas, as in the header above
     spaced.write_text(
         "label, youtube_id, time_start, time_end, split\nabseiling, 0wR5, 4, 14, val\n"
     )
     (record,) = read_kinetics_csv(spaced, url_template="https://h/{split}/{youtube_id}.mp4")
-    assert record.source_url == "https://h/val/0wR5.mp4" and record.youtube_id == "0wR5"
+    assert record.source_url == "https://h/val/0wR5.mp4#t=4,14" and record.youtube_id == "0wR5"
     short = tmp_path / "short.csv"
     short.write_text("label,youtube_id,time_start,time_end,split\nx,abc,1,2,val\ny,def,3\n")
     with pytest.raises(SourceListError, match=r"short.csv:3: fewer columns than the header"):
@@ -655,6 +689,30 @@ def test_transcode_gives_360p_h264_with_an_even_width(tmp_path: Path) -> None:
     assert (result.source_width, result.source_height, result.source_fps) == (340, 256, 30.0)
     assert result.frame_count == 300 and result.duration_s == pytest.approx(10.0)
     assert _leftovers(tmp_path) == []
+
+
+def test_a_url_s_window_is_cut_from_its_video(tmp_path: Path) -> None:
+    """A Kinetics row of a whole video (or a URL list's `#t=`): the transcode is the window
+    alone, fetched from the URL without its fragment."""
+    with VideoServer({"v.mp4": Serve(CLIP)}) as server:
+        record = download(_record(server.url("v.mp4") + "#t=2,5"), tmp_path, DepthSettings())
+    assert not record.failed, record.error
+    result = transcode(record, tmp_path / "out", DepthSettings())
+    assert not result.failed, result.error
+    assert result.frame_count == 90 and result.duration_s == pytest.approx(3.0)  # 30 fps
+    capture = cv2.VideoCapture(result.transcoded_path)
+    first = capture.read()[1]
+    capture.release()
+    source = cv2.VideoCapture(str(CLIP))
+    source.set(cv2.CAP_PROP_POS_FRAMES, 60)  # 2 s in
+    expected = cv2.resize(source.read()[1], (first.shape[1], first.shape[0]))
+    source.release()
+    assert np.mean(np.abs(first.astype(float) - expected.astype(float))) < 12
+    # A mirror that names its clips by video id alone serves the clip itself, shorter than the
+    # window's start: it is taken whole (cut again, nothing was left of it).
+    clip_itself = record.update(source_url=record.source_url.replace("#t=2,5", "#t=417,427"))
+    whole = transcode(clip_itself, tmp_path / "whole", DepthSettings())
+    assert not whole.failed and whole.frame_count == 300, whole.error
 
 
 def _ffmpeg_children_niceness() -> list[int]:

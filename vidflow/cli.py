@@ -511,7 +511,8 @@ def _add_depth_command(command: AddCommand) -> None:
     depth.add_argument(
         "--url-template",
         help="URL of a Kinetics row, e.g. https://HOST/val/{youtube_id}_{time_start:06d}_"
-        "{time_end:06d}.mp4",
+        "{time_end:06d}.mp4 (a mirror of clips); without the time fields (https://HOST/"
+        "{youtube_id}.mp4, whole videos) each row's window is cut from its video",
     )
     depth.add_argument(
         "--split", default="val", help="Kinetics split to take (default val; all: every row)"

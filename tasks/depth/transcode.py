@@ -22,6 +22,8 @@ import cv2
 from common.files import atomic_output
 from common.frames import opened_video
 from common.processes import batch_child
+from common.urls import shown_url
+from tasks.depth.clip_window import ClipWindow, window_of
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
@@ -77,10 +79,16 @@ def probe_video(path: Path) -> StreamFacts | None:
     return facts if facts.width > 0 and facts.height > 0 else None
 
 
-def ffmpeg_command(source: Path, output: Path, settings: DepthSettings) -> list[str]:
+def ffmpeg_command(
+    source: Path, output: Path, settings: DepthSettings, window: ClipWindow | None = None
+) -> list[str]:
     """The FFmpeg call: scale to the target height keeping the aspect (even width), H.264
-    yuv420p, the index at the front of the file (fast start), audio kept as AAC when present."""
+    yuv420p, the index at the front of the file (fast start), audio kept as AAC when present;
+    only the `window` of the source where one is given (a Kinetics clip of a whole video)."""
     threads = str(settings.ffmpeg_threads)
+    cut = [] if window is None else ["-ss", f"{window.start_s:g}"]  # seeks, then decodes
+    if window is not None and window.length_s is not None:
+        cut += ["-t", f"{window.length_s:g}"]
     return [
         ffmpeg_exe(),
         "-hide_banner",
@@ -90,6 +98,7 @@ def ffmpeg_command(source: Path, output: Path, settings: DepthSettings) -> list[
         "error",
         "-threads",
         threads,
+        *cut,
         "-i",
         str(source),
         "-map",
@@ -178,10 +187,12 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
     if output.is_file() and (facts := probe_video(output)) is not None and facts.frame_count > 0:
         return _with_output(record, output, facts, started)
     out_dir.mkdir(parents=True, exist_ok=True)
-    declared_frames = source_facts.frame_count if source_facts is not None else 0
+    window = _window_to_cut(record.source_url, source_facts)
     try:
         with atomic_output(output) as partial:
-            facts = _run_ffmpeg(source, partial, settings, declared_frames)
+            facts = _run_ffmpeg(
+                source, partial, settings, window, _frames_declared(source_facts, window)
+            )
     except TranscodeError as exc:
         if "matches no streams" in str(exc):  # ffmpeg's words for a file without `-map 0:V:0`
             return record.fail("transcode", f"no video stream in the file (audio only?): {exc}")
@@ -189,8 +200,38 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
     return _with_output(record, output, facts, started)
 
 
+def _window_to_cut(url: str, facts: StreamFacts | None) -> ClipWindow | None:
+    """The window of its video the URL asks for (clip_window), unless the file is shorter than
+    the window's start: then it is the clip itself, as a mirror that names its clips by their
+    video id alone serves them (cut again, nothing was left of it)."""
+    window = window_of(url)
+    if window is not None and facts is not None and 0 < facts.duration_s <= window.start_s:
+        log.info("%s is %.1f s long, the clip itself: not cut", shown_url(url), facts.duration_s)
+        return None
+    return window
+
+
+def _frames_declared(facts: StreamFacts | None, window: ClipWindow | None) -> int:
+    """The frames a transcode of the source should give, from its header: all of them, or
+    those of the window (0: not known)."""
+    if facts is None or facts.frame_count <= 0:
+        return 0
+    if window is None:
+        return facts.frame_count
+    if facts.fps <= 0:
+        return 0
+    after_start = facts.frame_count - int(window.start_s * facts.fps)
+    if window.length_s is None:
+        return max(0, after_start)
+    return max(0, min(after_start, int(window.length_s * facts.fps)))
+
+
 def _run_ffmpeg(
-    source: Path, output: Path, settings: DepthSettings, declared_frames: int = 0
+    source: Path,
+    output: Path,
+    settings: DepthSettings,
+    window: ClipWindow | None = None,
+    declared_frames: int = 0,
 ) -> StreamFacts:
     """Transcode `source` into `output`; the facts of what FFmpeg wrote. Raises TranscodeError
     (so that `atomic_output` drops the file) when it failed, timed out, wrote no frames, or
@@ -199,7 +240,8 @@ def _run_ffmpeg(
     # the depth model get the CPU first, and ffmpeg takes every cycle they leave (the total
     # work, and so the run's length, is the same). It dies with its worker.
     args, preexec_fn = batch_child(
-        ffmpeg_command(source.resolve(), output.resolve(), settings), settings.transcode_nice
+        ffmpeg_command(source.resolve(), output.resolve(), settings, window),
+        settings.transcode_nice,
     )
     try:
         completed = subprocess.run(

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from common.urls import shown_url, unsigned_url
+from tasks.depth.clip_window import with_window
 from tasks.depth.video_record import VideoRecord
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,12 @@ def read_kinetics_csv(
     """Rows of a Kinetics CSV (`label,youtube_id,time_start,time_end,split[,is_cc]`) as sources.
 
     `url_template` is formatted with the row's fields, for example
-    `https://HOST/val/{youtube_id}_{time_start:06d}_{time_end:06d}.mp4`.
+    `https://HOST/val/{youtube_id}_{time_start:06d}_{time_end:06d}.mp4` (a mirror of the clips).
+    A template without the time fields names whole videos (`https://HOST/{youtube_id}.mp4`):
+    each URL then asks for its row's window (`#t=start,end`, clip_window), which the transcode
+    cuts from the video.
     """
-    _check_template(url_template)
+    whole_videos = not {"time_start", "time_end"} & _check_template(url_template)
     reader = csv.DictReader(_read_text(path).splitlines())
     found = reader.fieldnames or []
     # Headers as people write them ("YouTube_ID", " label") read as Kinetics' own.
@@ -170,7 +174,13 @@ def read_kinetics_csv(
             continue
         if None in row.values():  # a short row: csv fills the missing columns with None
             raise SourceListError(f"{path}:{line_number}: fewer columns than the header")
-        records.append(_kinetics_record(row, row_split, url_template, f"{path}:{line_number}"))
+        where = f"{path}:{line_number}"
+        record = _kinetics_record(row, row_split, url_template, where)
+        if whole_videos:
+            record = record.update(
+                source_url=with_window(record.source_url, record.time_start, record.time_end)
+            )
+        records.append(record)
     if not records and splits_skipped:
         raise SourceListError(
             f"{path}: no row of split {split!r} (found: {sorted(splits_skipped)}); choose one "
@@ -191,6 +201,11 @@ def _kinetics_record(
         "time_start": _seconds(row, "time_start", where),
         "time_end": _seconds(row, "time_end", where),
     }
+    if fields["time_end"] <= fields["time_start"]:
+        raise SourceListError(
+            f"{where}: bad time window: time_end {row['time_end']} is not after time_start "
+            f"{row['time_start']}"
+        )
     try:
         url = url_template.format(**fields)
     except (ValueError, TypeError) as exc:  # a format spec that does not fit the field
@@ -225,7 +240,8 @@ def _seconds(row: dict[str, str], column: str, where: str) -> int:
     return seconds
 
 
-def _check_template(url_template: str) -> None:
+def _check_template(url_template: str) -> set[str]:
+    """The fields `url_template` uses, or SourceListError naming what is wrong with it."""
     allowed = {"label", "youtube_id", "time_start", "time_end", "split", "is_cc"}
     try:
         parsed = list(string.Formatter().parse(url_template))
@@ -240,6 +256,7 @@ def _check_template(url_template: str) -> None:
         raise SourceListError(
             f"--url-template uses unknown fields {sorted(unknown)}; known: {sorted(allowed)}"
         )
+    return names
 
 
 def _read_text(path: Path) -> str:

@@ -1,0 +1,59 @@
+"""A clip's time window within its video, carried in its URL as a W3C Media Fragment.
+
+A Kinetics row names a 10-s window of a YouTube video. A mirror of the clips (file names with
+the window, `{youtube_id}_{time_start:06d}_{time_end:06d}.mp4`) serves the window itself; one
+of whole videos (`{youtube_id}.mp4`) serves the video, and the window must be cut from it, or
+every frame and depth map was of the whole video, not the labelled clip. The window rides in
+the URL's fragment (`#t=417,427`, https://www.w3.org/TR/media-frags/), which no HTTP request
+sends, so a URL list can ask for a window the same way; the transcode cuts it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+
+@dataclass(frozen=True)
+class ClipWindow:
+    """Seconds into the video: from `start_s` to `end_s` (None: its end)."""
+
+    start_s: float
+    end_s: float | None
+
+    @property
+    def length_s(self) -> float | None:
+        return None if self.end_s is None else self.end_s - self.start_s
+
+
+def with_window(url: str, start_s: float, end_s: float) -> str:
+    """`url` asking for the window from `start_s` to `end_s` (`#t=start,end`)."""
+    return f"{url.split('#', 1)[0]}#t={start_s:g},{end_s:g}"
+
+
+def window_of(url: str) -> ClipWindow | None:
+    """The window a URL's `#t=start[,end]` asks for (seconds, optionally `npt:`), or None
+    where it asks for none or one this does not read (a fragment may mean something else)."""
+    try:
+        fragment = urlsplit(url).fragment
+    except ValueError:
+        return None
+    for part in fragment.split("&"):
+        name, _, value = part.partition("=")
+        if name != "t":
+            continue
+        start_text, _, end_text = value.removeprefix("npt:").partition(",")
+        try:
+            start = float(start_text) if start_text else 0.0
+            end = float(end_text) if end_text else None
+        except ValueError:
+            return None
+        if (
+            not math.isfinite(start)
+            or start < 0
+            or (end is not None and not start < end < math.inf)
+        ):
+            return None
+        return ClipWindow(start, end) if start > 0 or end is not None else None
+    return None
