@@ -184,6 +184,24 @@ except ValueError as exc:
     assert not (tmp_path / "--help").exists()
 
 
+def test_a_hub_behind_all_proxy_is_not_called_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a proxy-only host with no DNS, `ALL_PROXY` alone (which huggingface_hub's httpx
+    takes) still had the hub refused as unresolvable before the run started."""
+    from huggingface_hub import constants
+
+    from tasks.depth.model_files import HubUnreachableError, check_hub_reachable
+
+    for name in list(os.environ):
+        if "proxy" in name.lower():
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(HubUnreachableError, match="cannot be reached"):
+        check_hub_reachable("apple/DepthPro-hf")
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:1080")
+    check_hub_reachable("apple/DepthPro-hf")  # the proxy resolves names, not this machine
+
+
 def test_huggingface_hub_s_offline_mode_is_named_with_the_cache_it_lacks(tmp_path: Path) -> None:
     """HF_HUB_OFFLINE=1 (as a deployment's worker may set it) gave huggingface_hub's generic
     error, which named neither the setting nor the cache; the driver's check and a worker's
@@ -244,6 +262,11 @@ def test_a_model_in_shards_is_whole_only_with_every_shard(
     for shard in snapshot.glob("model-0000*.safetensors"):
         shard.rename(snapshot / "pytorch_model.bin")
     assert cached_model_dir(HUB_ID, cache_dir=tmp_path / "hf" / "hub") is None
+    # Nor is a .bin model whose own index is whole beside that safetensors index: it was
+    # taken whole, and from_pretrained failed on the safetensors shards it reads first.
+    shutil.copy(snapshot / "pytorch_model.bin", snapshot / "pytorch_model-00001-of-00002.bin")
+    assert cached_model_dir(HUB_ID, cache_dir=tmp_path / "hf" / "hub") is None
+    (snapshot / "pytorch_model-00001-of-00002.bin").unlink()
     # A model in one file beside a stray index is.
     (snapshot / "model.safetensors.index.json").unlink()
     (snapshot / "pytorch_model.bin").rename(snapshot / "model.safetensors")

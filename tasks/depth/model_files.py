@@ -37,9 +37,11 @@ def is_whole_model(folder: Path) -> bool:
     if not all((folder / name).is_file() for name in NEEDED_FILES):
         return False
     # e.g. model.safetensors.index.json; a repo may hold a .bin index too (and a download of
-    # every *.json brings both): one index with all its shards here is enough.
+    # every *.json brings both): one index with all its shards here is enough, but where there
+    # is a safetensors index, transformers reads that one first and only that one counts.
     indexes = list(folder.glob("*.index.json"))
-    for index in indexes:
+    first_read = [index for index in indexes if index.name == SAFETENSORS_INDEX]
+    for index in first_read or indexes:
         try:
             shards = set(json.loads(index.read_text())["weight_map"].values())
         except (OSError, ValueError, KeyError, AttributeError):
@@ -127,8 +129,9 @@ def check_hub_reachable(model_name: str) -> None:
             f"where this machine may download, {_OTHER_WAYS.format(model=model_name)}"
         )
     endpoint = urlsplit(constants.ENDPOINT)
-    if (endpoint.scheme or "https") in urllib.request.getproxies():
-        return  # a proxy for the hub's scheme, not just NO_PROXY
+    proxies = urllib.request.getproxies()
+    if (endpoint.scheme or "https") in proxies or "all" in proxies:
+        return  # a proxy for the hub's scheme (or ALL_PROXY, which httpx takes), not NO_PROXY
     host = endpoint.hostname or constants.ENDPOINT
     try:
         socket.getaddrinfo(host, None)
