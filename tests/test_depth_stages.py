@@ -295,6 +295,26 @@ def test_a_url_s_media_fragment_names_its_window(url: str, window: ClipWindow | 
     assert window_of(url) == window
 
 
+def test_a_kinetics_test_split_without_labels_reads_and_limit_counts_clips(
+    tmp_path: Path,
+) -> None:
+    """Kinetics-600/700 publish their test splits without a label column: refused as "not a
+    Kinetics CSV". And `--limit 2` of a list whose first rows repeat gave one clip."""
+    unlabelled = tmp_path / "test.csv"
+    unlabelled.write_text(
+        "youtube_id,time_start,time_end,split\n"
+        "abc,1,11,test\nabc,1,11,test\ndef,5,15,test\nghi,0,10,test\n"
+    )
+    records = read_kinetics_csv(
+        unlabelled, url_template="https://m/{youtube_id}_{time_start}.mp4", split="test", limit=2
+    )
+    assert [(r.video_id, r.label) for r in records] == [
+        ("abc_000001_000011", None), ("def_000005_000015", None),
+    ]  # fmt: skip
+    with pytest.raises(SourceListError, match=r"uses \{label\}, which .*test.csv:2 has no col"):
+        read_kinetics_csv(unlabelled, url_template="https://m/{label}/{youtube_id}.mp4", split=None)
+
+
 def test_bad_kinetics_input_is_refused_with_the_reason(tmp_path: Path) -> None:
     with pytest.raises(SourceListError, match="unknown fields"):
         read_kinetics_csv(KINETICS_CSV, url_template="https://h/{video}.mp4")

@@ -158,16 +158,16 @@ def read_kinetics_csv(
     found = reader.fieldnames or []
     # Headers as people write them ("YouTube_ID", " label") read as Kinetics' own.
     reader.fieldnames = [name.strip().lower() for name in found]
-    missing = {"label", "youtube_id", "time_start", "time_end"} - set(reader.fieldnames)
+    # No label column: a test split (Kinetics-600 and -700 publish theirs without labels).
+    missing = {"youtube_id", "time_start", "time_end"} - set(reader.fieldnames)
     if missing:
         raise SourceListError(
             f"{path}: not a Kinetics CSV, missing columns {sorted(missing)} (its header: {found})"
         )
     records: list[VideoRecord] = []
+    clips: set[str] = set()  # --limit counts clips: a repeated row is no new one
     splits_skipped: dict[str, int] = {}
     for line_number, row in enumerate(reader, start=2):
-        if limit is not None and len(records) >= limit:
-            break
         row_split = (row.get("split") or "").strip() or split
         if split is not None and row_split != split:
             splits_skipped[row_split] = splits_skipped.get(row_split, 0) + 1
@@ -180,6 +180,9 @@ def read_kinetics_csv(
             record = record.update(
                 source_url=with_window(record.source_url, record.time_start, record.time_end)
             )
+        if limit is not None and record.video_id not in clips and len(clips) >= limit:
+            break
+        clips.add(record.video_id)
         records.append(record)
     if not records and splits_skipped:
         raise SourceListError(
@@ -210,10 +213,14 @@ def _kinetics_record(
         url = url_template.format(**fields)
     except (ValueError, TypeError) as exc:  # a format spec that does not fit the field
         raise SourceListError(f"--url-template on {where}: {exc}") from exc
+    except KeyError as exc:  # {label} or {is_cc} of a CSV without that column
+        raise SourceListError(
+            f"--url-template uses {{{exc.args[0]}}}, which {where} has no column for"
+        ) from exc
     return VideoRecord(
         video_id=sanitize_video_id(KINETICS_ID_FORMAT.format(**fields)),
         source_url=url,
-        label=row["label"],
+        label=row.get("label") or None,
         split=row.get("split") or row_split,
         youtube_id=row["youtube_id"],
         time_start=fields["time_start"],
