@@ -100,7 +100,11 @@ class InferenceSettings(ModelSource, ServiceToken):
     strict_device: bool = Field(False, description="fail instead of falling back to CPU")
     max_batch_size: int = Field(8, ge=1, description="largest batch the batcher forms")
     max_batch_delay_ms: float = Field(
-        5.0, ge=0, le=10_000, description="longest a request waits for a batch to fill"
+        5.0,
+        ge=0,
+        le=10_000,
+        description="longest a batch waits to fill with requests already in the server (a lone "
+        "request is never held back)",
     )
     batching: Literal["auto", "on", "off"] = Field(
         "auto",
