@@ -11,7 +11,7 @@ not taken before the next one arrives is dropped (and counted), as a live pipeli
 network streams, hence this thread.)
 
 A camera that drops out (a network blip, a restarted RTSP server, a replugged USB camera) is
-opened again, with backoff, for up to `reconnect_s` after its last frame, as camera pipelines
+opened again, with backoff, for up to `reconnect_s` after its frames stop, as camera pipelines
 such as DeepStream's and Frigate's do; only a source gone for longer is lost.
 """
 
@@ -23,6 +23,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import cv2
@@ -65,6 +66,16 @@ def open_live(target: str | int, shown: str, reconnect_s: float) -> Iterator[Lat
         latest.close()
 
 
+@dataclass
+class _Outage:
+    """A live source's time without frames: since when, and the attempts to open it again."""
+
+    started: float  # monotonic
+    attempts: int = 0
+    reopened: bool = False  # opened again at least once (it is back when a frame comes)
+    said: bool = False
+
+
 class LatestFrame:
     """The newest frame of a live capture, read on a thread of its own (started by the first
     `take`, so the capture's properties can be read before it); older frames not taken in time
@@ -95,16 +106,23 @@ class LatestFrame:
         self._thread = threading.Thread(target=self._read_all, name=name, daemon=True)
 
     def _read_all(self) -> None:
-        last_frame_at = time.monotonic()
+        outage: _Outage | None = None  # from the first failed read after a frame
         try:
             while not self._closing:
                 ok, image = self.capture.read()
                 now_ns = time.time_ns()
                 if not ok:
-                    if self._closing or not self._opened_again(last_frame_at):
+                    outage = outage or _Outage(started=time.monotonic())
+                    if self._closing or not self._opened_again(outage):
                         return
                     continue
-                last_frame_at = time.monotonic()
+                if outage is not None and outage.reopened:  # back: counted once it gives frames
+                    self.reconnects += 1
+                    log.warning(
+                        "%s is back: frames again %.1f s after they stopped",
+                        self.name, time.monotonic() - outage.started,
+                    )  # fmt: skip
+                outage = None
                 with self._changed:
                     self._image, self._read_ns = image, now_ns
                     self._sequence += 1
@@ -116,26 +134,25 @@ class LatestFrame:
                 if self._release_when_read:
                     self.capture.release()
 
-    def _opened_again(self, last_frame_at: float) -> bool:
-        """Open a source that stopped giving frames again, with backoff, until `reconnect_s`
-        after its last frame; whether it opened (its frames may still not come: the next
-        failed read tries again, within the same time)."""
-        give_up_at = last_frame_at + self._reconnect_s
-        if self._reconnect_s > 0:
+    def _opened_again(self, outage: _Outage) -> bool:
+        """Open a source that stopped giving frames again, with backoff (kept over the outage,
+        however often it opens and gives nothing), until `reconnect_s` after its frames
+        stopped (a stalled stream is found stopped when FFmpeg's read gives up on it); whether
+        it opened (its frames may still not come: the next failed read tries again)."""
+        if self._reconnect_s <= 0:
+            return False
+        give_up_at = outage.started + self._reconnect_s
+        if not outage.said:
+            outage.said = True
             shown = "for ever" if math.isinf(self._reconnect_s) else f"{self._reconnect_s:g} s"
             log.warning("%s gave no frame: opening it again (up to %s)", self.name, shown)
-        attempt = 0
         while time.monotonic() < give_up_at:
-            wait_s = jittered_backoff_s(attempt, REOPEN_FIRST_WAIT_S, REOPEN_MAX_WAIT_S)
+            wait_s = jittered_backoff_s(outage.attempts, REOPEN_FIRST_WAIT_S, REOPEN_MAX_WAIT_S)
             if self._closed.wait(min(wait_s, max(0.0, give_up_at - time.monotonic()))):
                 return False
-            attempt += 1
+            outage.attempts += 1
             if self.capture.open(self._reopen) and self.capture.isOpened():
-                self.reconnects += 1
-                log.warning(
-                    "%s opened again, %.1f s after its last frame",
-                    self.name, time.monotonic() - last_frame_at,
-                )  # fmt: skip
+                outage.reopened = True
                 return True
         return False
 

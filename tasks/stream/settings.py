@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from common.settings import Port, bind_address
 from common.urls import shown_url
 
-# How long a lost live source is opened again by default, from its last frame (0: lost at once)
+# How long a lost live source is opened again by default, once its frames stop (0: lost at once)
 RECONNECT_S = 30.0
 
 # `--source env:NAME`: the source is the value of the environment variable NAME.
@@ -268,7 +268,7 @@ class ProducerSettings(BaseSettings):
         ge=0,
         description=(
             "a live source (camera, stream) that stops giving frames is opened again, with "
-            "backoff, for up to this many seconds after its last frame, then lost (0: lost at "
+            "backoff, for up to this many seconds after its frames stop, then lost (0: lost at "
             "once; inf: tried for ever)"
         ),
     )
