@@ -26,6 +26,7 @@ from common.settings import SAMPLE_VIDEOS_DIR
 from devstack.launcher import REPO_ROOT, start_server
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference import ready_probe
+from services.inference.backends import threads_per_call
 from services.inference.batching_memo import BORDERLINE, MEMO_FILE
 from services.inference.client import (
     ServiceUnreachableError,
@@ -34,7 +35,7 @@ from services.inference.client import (
     wait_until_reachable,
     wait_until_serving,
 )
-from services.inference.loader import load_served_model
+from services.inference.loader import default_workers, load_served_model
 from services.inference.loadtest import _Level, run_loadtest
 from services.inference.settings import InferenceSettings
 from tasks.stream.inference_caller import FRAME_TOO_LARGE
@@ -310,6 +311,12 @@ def test_a_many_core_host_gets_at_most_16_model_sessions_that_share_its_cores(
     assert model.workers == 16 and len(model.backend._sessions) == 16
     threads = model.backend._sessions[0].get_session_options().intra_op_num_threads
     assert threads == 4  # the 64 cores shared among them
+    # Every core busy, at most a few idle where the count does not divide (16 on 24 left 8)
+    for cpus, sessions, each in ((15, 16, 1), (24, 12, 2), (31, 15, 2), (40, 13, 3)):
+        monkeypatch.setattr("services.inference.loader.usable_cpus", lambda c=cpus: c)
+        monkeypatch.setattr("services.inference.backends.usable_cpus", lambda c=cpus: c)
+        assert default_workers("onnx", "cpu") == sessions, cpus
+        assert threads_per_call(sessions, 0) == each, cpus
 
 
 def test_model_info(onnx_server) -> None:

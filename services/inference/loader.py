@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,12 +160,20 @@ def default_workers(backend: str, device: str) -> int:
     so there one call at a time over all cores.
 
     Each worker is an ONNX Runtime session with its own copy of the weights and its own memory
-    arena, so past MAX_CPU_WORKERS cores the calls share the cores instead (threads_per_call):
-    a 64-core host with no CPU quota made 65 sessions, gigabytes and seconds of start-up.
+    arena, so past MAX_CPU_WORKERS cores the calls share the cores instead: each takes the
+    fewest threads that keep the sessions at MAX_CPU_WORKERS or fewer, and there are as many
+    as those threads fill (threads_per_call then gives each its share): a 64-core host with no
+    CPU quota made 65 sessions, gigabytes and seconds of start-up; 16 on 24 cores left 8 idle.
     """
     if backend != "onnx":
         return 1
-    return min(usable_cpus() + 1, MAX_CPU_WORKERS) if device == "cpu" else 2
+    if device != "cpu":
+        return 2
+    cpus = usable_cpus()
+    if cpus + 1 <= MAX_CPU_WORKERS:
+        return cpus + 1
+    threads = math.ceil(cpus / MAX_CPU_WORKERS)
+    return cpus // threads
 
 
 def _from_onnx_file(path: Path, device: str, settings: InferenceSettings) -> ServedModel:
@@ -182,10 +191,10 @@ def _from_onnx_file(path: Path, device: str, settings: InferenceSettings) -> Ser
             lone_call_threads=lone_call_threads,
         )
         info = ExportedModelInfo.from_metadata(backend.metadata)
-        if device == "cuda":  # a batch of the largest size: out of memory shows here, not later
-            backend.run(
-                np.zeros((settings.max_batch_size, *info.preprocess.input_shape), np.float32)
-            )
+        if device == "cuda":  # a batch of the largest size on every session (each has its own
+            # memory arena): out of memory shows here, not at warm-up past the fallback
+            shape = (settings.max_batch_size, *info.preprocess.input_shape)
+            backend.warm_up([np.zeros(shape, np.float32)])
     except Exception as exc:
         if device != "cuda" or isinstance(exc, DeviceUnavailableError) or _a_broken_file(exc):
             raise
