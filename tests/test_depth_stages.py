@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from yarl import URL
 
 from tasks.depth import redirects
-from tasks.depth.clip_window import ClipWindow, window_of
+from tasks.depth.clip_window import ClipWindow, window_of, with_window
 from tasks.depth.depth_loader import load_depth_estimator, shared_estimator
 from tasks.depth.depth_maps import FLOAT16_MAX, estimate_depth, estimate_depth_many
 from tasks.depth.depth_model import UNTRAINED_CONFIG_KEY, DepthMap, check_depth_model
@@ -284,6 +284,7 @@ def test_kinetics_rows_of_whole_videos_ask_for_their_window(tmp_path: Path) -> N
         ("http://h/a.mp4#t=npt:5", ClipWindow(5.0, None)),
         ("http://h/a.mp4#t=,20", ClipWindow(0.0, 20.0)),
         ("http://h/a.mp4#xywh=1,2,3,4&t=1.5,2", ClipWindow(1.5, 2.0)),
+        ("http://h/a.mp4#t=npt:0:06:57,0:07:07.5", ClipWindow(417.0, 427.5)),  # clock times
         ("http://h/a.mp4#t=5,3", None),  # backwards
         ("http://h/a.mp4#t=nan,3", None),
         ("http://h/a.mp4#t=0", None),  # the whole video
@@ -293,6 +294,15 @@ def test_kinetics_rows_of_whole_videos_ask_for_their_window(tmp_path: Path) -> N
 )
 def test_a_url_s_media_fragment_names_its_window(url: str, window: ClipWindow | None) -> None:
     assert window_of(url) == window
+    if window is not None and window.end_s is not None:  # written back as it was read
+        assert window_of(with_window(url, window.start_s, window.end_s)) == window
+
+
+def test_a_window_is_written_in_plain_decimals() -> None:
+    """`{:g}` wrote a window at 1,000,000 s as `1e+06`, which FFmpeg's -ss refuses."""
+    assert with_window("http://h/a.mp4#old", 1_000_000, 1_000_010.25) == (
+        "http://h/a.mp4#t=1000000,1000010.25"
+    )
 
 
 def test_a_kinetics_test_split_without_labels_reads_and_limit_counts_clips(
@@ -311,6 +321,11 @@ def test_a_kinetics_test_split_without_labels_reads_and_limit_counts_clips(
     assert [(r.video_id, r.label) for r in records] == [
         ("abc_000001_000011", None), ("def_000005_000015", None),
     ]  # fmt: skip
+    # A bad row past the limit is not read: the first two clips are all that was asked for
+    with unlabelled.open("a") as csv_file:
+        csv_file.write("jkl,20,10,test\n")
+    assert len(read_kinetics_csv(unlabelled, url_template="https://m/{youtube_id}.mp4",
+                                 split="test", limit=2)) == 2  # fmt: skip
     with pytest.raises(SourceListError, match=r"uses \{label\}, which .*test.csv:2 has no col"):
         read_kinetics_csv(unlabelled, url_template="https://m/{label}/{youtube_id}.mp4", split=None)
 
@@ -730,9 +745,10 @@ def test_a_url_s_window_is_cut_from_its_video(tmp_path: Path) -> None:
     assert np.mean(np.abs(first.astype(float) - expected.astype(float))) < 12
     # A mirror that names its clips by video id alone serves the clip itself, shorter than the
     # window's start: it is taken whole (cut again, nothing was left of it).
-    clip_itself = record.update(source_url=record.source_url.replace("#t=2,5", "#t=417,427"))
-    whole = transcode(clip_itself, tmp_path / "whole", DepthSettings())
-    assert not whole.failed and whole.frame_count == 300, whole.error
+    for window in ("#t=417,427", "#t=5,15"):  # past its end; or the clip's length, from 5 s
+        clip_itself = record.update(source_url=record.source_url.replace("#t=2,5", window))
+        whole = transcode(clip_itself, tmp_path / "whole" / window[3:], DepthSettings())
+        assert not whole.failed and whole.frame_count == 300, (window, whole.error)
 
 
 def _ffmpeg_children_niceness() -> list[int]:

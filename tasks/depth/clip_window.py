@@ -29,12 +29,30 @@ class ClipWindow:
 
 def with_window(url: str, start_s: float, end_s: float) -> str:
     """`url` asking for the window from `start_s` to `end_s` (`#t=start,end`)."""
-    return f"{url.split('#', 1)[0]}#t={start_s:g},{end_s:g}"
+    return f"{url.split('#', 1)[0]}#t={seconds_text(start_s)},{seconds_text(end_s)}"
+
+
+def seconds_text(seconds: float) -> str:
+    """Seconds as FFmpeg and a media fragment read them: plain decimals, never `1e+06`."""
+    return f"{seconds:.3f}".rstrip("0").rstrip(".")
+
+
+def _seconds(text: str) -> float:
+    """A media fragment's time: seconds (`417`, `417.5`) or a clock time (`0:06:57`,
+    `06:57.5`); ValueError otherwise."""
+    parts = text.split(":")
+    if len(parts) > 3 or not all(parts):
+        raise ValueError(text)
+    seconds = 0.0
+    for part in parts:
+        seconds = seconds * 60 + float(part)
+    return seconds
 
 
 def window_of(url: str) -> ClipWindow | None:
-    """The window a URL's `#t=start[,end]` asks for (seconds, optionally `npt:`), or None
-    where it asks for none or one this does not read (a fragment may mean something else)."""
+    """The window a URL's `#t=start[,end]` asks for (seconds or clock times, optionally
+    `npt:`), or None where it asks for none or one this does not read (a fragment may mean
+    something else)."""
     try:
         fragment = urlsplit(url).fragment
     except ValueError:
@@ -45,8 +63,8 @@ def window_of(url: str) -> ClipWindow | None:
             continue
         start_text, _, end_text = value.removeprefix("npt:").partition(",")
         try:
-            start = float(start_text) if start_text else 0.0
-            end = float(end_text) if end_text else None
+            start = _seconds(start_text) if start_text else 0.0
+            end = _seconds(end_text) if end_text else None
         except ValueError:
             return None
         if (

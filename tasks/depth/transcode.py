@@ -23,7 +23,7 @@ from common.files import atomic_output
 from common.frames import opened_video
 from common.processes import batch_child
 from common.urls import shown_url
-from tasks.depth.clip_window import ClipWindow, window_of
+from tasks.depth.clip_window import ClipWindow, seconds_text, window_of
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
@@ -60,6 +60,12 @@ class StreamFacts:
         return self.frame_count / self.fps if self.fps > 0 else 0.0
 
 
+# How much longer than its window a file may be and still be the clip itself (_window_to_cut)
+CLIP_SLACK_S = 1.0
+# Containers whose header gives the exact frame count (others' is an estimate from the
+# duration, which an audio track longer than the video stretches): the cut-short check trusts
+# these alone
+EXACT_COUNT_SUFFIXES = frozenset({".mp4", ".m4v", ".mov"})
 # A transcode with errors that gives fewer than this share of the frames its source's header
 # declares is of a source cut short (header counts of damaged files may be a little off)
 CUT_SHORT_SHARE = 0.9
@@ -86,9 +92,9 @@ def ffmpeg_command(
     yuv420p, the index at the front of the file (fast start), audio kept as AAC when present;
     only the `window` of the source where one is given (a Kinetics clip of a whole video)."""
     threads = str(settings.ffmpeg_threads)
-    cut = [] if window is None else ["-ss", f"{window.start_s:g}"]  # seeks, then decodes
+    cut = [] if window is None else ["-ss", seconds_text(window.start_s)]  # seeks, decodes
     if window is not None and window.length_s is not None:
-        cut += ["-t", f"{window.length_s:g}"]
+        cut += ["-t", seconds_text(window.length_s)]
     return [
         ffmpeg_exe(),
         "-hide_banner",
@@ -191,7 +197,7 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
     try:
         with atomic_output(output) as partial:
             facts = _run_ffmpeg(
-                source, partial, settings, window, _frames_declared(source_facts, window)
+                source, partial, settings, window, _frames_declared(source, source_facts, window)
             )
     except TranscodeError as exc:
         if "matches no streams" in str(exc):  # ffmpeg's words for a file without `-map 0:V:0`
@@ -201,20 +207,29 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
 
 
 def _window_to_cut(url: str, facts: StreamFacts | None) -> ClipWindow | None:
-    """The window of its video the URL asks for (clip_window), unless the file is shorter than
-    the window's start: then it is the clip itself, as a mirror that names its clips by their
-    video id alone serves them (cut again, nothing was left of it)."""
+    """The window of its video the URL asks for (clip_window), unless the file cannot hold
+    it and is no longer than it: then it is the clip itself, as a mirror that names its clips
+    by their video id alone serves them (cut again, little or nothing was left of it)."""
     window = window_of(url)
-    if window is not None and facts is not None and 0 < facts.duration_s <= window.start_s:
-        log.info("%s is %.1f s long, the clip itself: not cut", shown_url(url), facts.duration_s)
+    if window is None or facts is None or facts.duration_s <= 0:
+        return window
+    duration_s = facts.duration_s
+    short_of_start = duration_s <= window.start_s
+    clip_sized = (
+        window.end_s is not None
+        and duration_s < window.end_s
+        and duration_s <= window.end_s - window.start_s + CLIP_SLACK_S
+    )
+    if short_of_start or clip_sized:
+        log.info("%s is %.1f s long, the clip itself: not cut", shown_url(url), duration_s)
         return None
     return window
 
 
-def _frames_declared(facts: StreamFacts | None, window: ClipWindow | None) -> int:
+def _frames_declared(source: Path, facts: StreamFacts | None, window: ClipWindow | None) -> int:
     """The frames a transcode of the source should give, from its header: all of them, or
-    those of the window (0: not known)."""
-    if facts is None or facts.frame_count <= 0:
+    those of the window (0: not known, or only estimated)."""
+    if facts is None or facts.frame_count <= 0 or source.suffix.lower() not in EXACT_COUNT_SUFFIXES:
         return 0
     if window is None:
         return facts.frame_count

@@ -165,24 +165,27 @@ def read_kinetics_csv(
             f"{path}: not a Kinetics CSV, missing columns {sorted(missing)} (its header: {found})"
         )
     records: list[VideoRecord] = []
-    clips: set[str] = set()  # --limit counts clips: a repeated row is no new one
+    clips: set[tuple[str, ...]] = set()  # --limit counts clips: a repeated row is no new one
     splits_skipped: dict[str, int] = {}
     for line_number, row in enumerate(reader, start=2):
         row_split = (row.get("split") or "").strip() or split
         if split is not None and row_split != split:
             splits_skipped[row_split] = splits_skipped.get(row_split, 0) + 1
             continue
+        # --limit counts clips, and rows past it are not read (nor refused)
+        clip = tuple(
+            (row.get(name) or "").strip() for name in ("youtube_id", "time_start", "time_end")
+        )
+        if limit is not None and clip not in clips and len(clips) >= limit:
+            break
         if None in row.values():  # a short row: csv fills the missing columns with None
             raise SourceListError(f"{path}:{line_number}: fewer columns than the header")
-        where = f"{path}:{line_number}"
-        record = _kinetics_record(row, row_split, url_template, where)
+        record = _kinetics_record(row, row_split, url_template, f"{path}:{line_number}")
         if whole_videos:
             record = record.update(
                 source_url=with_window(record.source_url, record.time_start, record.time_end)
             )
-        if limit is not None and record.video_id not in clips and len(clips) >= limit:
-            break
-        clips.add(record.video_id)
+        clips.add(clip)
         records.append(record)
     if not records and splits_skipped:
         raise SourceListError(
