@@ -260,9 +260,16 @@ def test_a_file_whose_name_holds_a_comma_is_one_source(tmp_path: Path) -> None:
 def test_a_url_with_a_comma_in_its_password_or_query_is_one_source() -> None:
     """`rtsp://admin:pa,ss@cam/live` was two sources, and the second ("ss@cam/live") was
     refused as a missing file, its part of the password in the message."""
-    cameras = "rtsp://admin:pa,ss@cam/live,rtsp://cam2/live?channels=1,2"
+    cameras = "rtsp://admin:pa,ss@cam/live,rtsp://cam2/live?channels=1,2,rtsp://u:a,b,c@cam4"
     assert source_list(f"{cameras},{CLIP},webcam:0") == [
-        "rtsp://admin:pa,ss@cam/live", "rtsp://cam2/live?channels=1,2", str(CLIP), "webcam:0",
+        "rtsp://admin:pa,ss@cam/live", "rtsp://cam2/live?channels=1,2", "rtsp://u:a,b,c@cam4",
+        str(CLIP), "webcam:0",
+    ]  # fmt: skip
+    # A mistyped file or a device after a URL is a source of its own (refused as missing)
+    mistyped = "rtsp://cam/live,clip2.mp4,rtsp://cam3/x?a=1,missing.mkv,rtsp://c:554,/dev/video7"
+    assert source_list(mistyped) == [
+        "rtsp://cam/live", "clip2.mp4", "rtsp://cam3/x?a=1", "missing.mkv", "rtsp://c:554",
+        "/dev/video7",
     ]  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,18 +167,33 @@ def source_parts(source: str) -> list[str]:
         return [source]
     parts: list[str] = []
     for piece in source.split(","):
-        if parts and "://" in parts[-1] and not _starts_a_source(piece):
+        if parts and _continues_url(parts[-1], piece):
             parts[-1] += "," + piece
         else:
             parts.append(piece)
     return [part.strip() for part in parts if part.strip()]
 
 
-def _starts_a_source(piece: str) -> bool:
-    """Whether what follows a comma is a source of its own (else it is the rest of a URL)."""
+_FILE_NAME = re.compile(r"\.[A-Za-z0-9]{2,4}$")  # ends like a file name: `clip2.mp4`
+
+
+def _continues_url(so_far: str, piece: str) -> bool:
+    """Whether `piece`, after a comma, is the rest of the URL `so_far`: more of its password
+    (the `@` of its host still to come) or of its query, not a source of its own (a URL,
+    `webcam:N`, `env:NAME`, a path, a file that is there or a name that reads as one: a
+    mistyped file after a URL is refused as missing, not read as part of the URL)."""
+    _, found, rest = so_far.partition("://")
     piece = piece.strip()
-    forms = ("webcam:", ENV_SOURCE_PREFIX)
-    return not piece or "://" in piece or piece.startswith(forms) or Path(piece).is_file()
+    if not found or not piece or "://" in piece or Path(piece).is_file():
+        return False
+    if piece.startswith(("webcam:", ENV_SOURCE_PREFIX, "/", "./", "~")):
+        return False
+    # `user:pa` so far (no host yet): the piece holds the `@`, or more password before it
+    in_authority = "@" not in rest and "/" not in rest
+    more_password = ":" in rest and "/" not in piece and not _FILE_NAME.search(piece)
+    in_password = in_authority and ("@" in piece or more_password)
+    in_query = "?" in rest and "/" not in piece and not _FILE_NAME.search(piece)
+    return in_password or in_query
 
 
 def resolved_source(source: str) -> str:
