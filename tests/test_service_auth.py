@@ -109,8 +109,13 @@ def test_a_token_guards_the_classifier_and_the_clients_send_it(
             )
             for method in ("Classify", "ClassifyStream", "GetModelInfo")
         }
-        # GetModelInfo's refusals were counted as classification requests
+        # GetModelInfo's refusals were counted as classification requests; they have their own
         assert refusals == {"Classify": 2, "ClassifyStream": 1, "GetModelInfo": 0}
+        refused = {
+            method: _metric(metrics, "vidflow_inference_unauthenticated_calls_total", method=method)
+            for method in ("Classify", "ClassifyStream", "GetModelInfo")
+        }
+        assert refused == {"Classify": 2, "ClassifyStream": 1, "GetModelInfo": 3}
         assert TOKEN not in server.log()
     finally:
         assert server.terminate() == 0

@@ -49,7 +49,8 @@ class TokenCheck(grpc.ServerInterceptor):
         if given is not None and hmac.compare_digest(_bearer_token(given), self._expected):
             return handler
         name = method.rsplit("/", 1)[-1]
-        if name in CLASSIFY_METHODS:  # the counter's subject: GetModelInfo's calls are not in it
+        self._metrics.unauthenticated.labels(name).inc()
+        if name in CLASSIFY_METHODS:  # that counter's subject: GetModelInfo's calls are not in it
             self._metrics.requests.labels(name, grpc.StatusCode.UNAUTHENTICATED.name).inc()
         # Client-streaming whatever the method: gRPC runs such a handler when the call opens,
         # so a caller that never sends its request is refused at once instead of holding one

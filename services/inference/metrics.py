@@ -28,6 +28,14 @@ class ServiceMetrics:
             ["method"],
             registry=self.registry,
         )
+        self.unauthenticated = Counter(
+            "vidflow_inference_unauthenticated_calls",
+            "Calls refused for want of the token (VIDFLOW_INFERENCE_AUTH_TOKEN), by method: "
+            "Classify's and ClassifyStream's also in vidflow_inference_requests_total as "
+            "UNAUTHENTICATED; GetModelInfo's only here.",
+            ["method"],
+            registry=self.registry,
+        )
         self.stage_seconds = Histogram(
             "vidflow_inference_stage_seconds",
             "Server-side time per request and stage (decode, preprocess, queue, inference, total).",
