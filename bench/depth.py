@@ -221,16 +221,17 @@ def bench_flow(urls: list[str], work: Path, model: Path) -> dict[str, Any]:
     settings = DepthSettings(depth_model=str(model), frames="uniform:2", device="cpu")
     serial_s = serial_run(urls, work / "serial", settings)
     cold_s = flow_run(urls, work / "flow-cold", settings)
-    # Warm: Ray up and its workers and depth actor started, as on a long-lived cluster.
+    # Warm: Ray up and its workers and depth actor started, as on a long-lived cluster. Held
+    # while it runs: leaving `private_ray_start` takes its token away from the driver.
     with private_ray_start():
         ray.init(**local_ray_init_kwargs(num_cpus=2))
-    try:
-        flow_run(urls, work / "flow-warmup", settings)
-        half = urls[: len(urls) // 2]
-        half_s = flow_run(half, work / "flow-warm-half", settings)
-        warm_s = flow_run(urls, work / "flow-warm", settings)
-    finally:
-        ray.shutdown()
+        try:
+            flow_run(urls, work / "flow-warmup", settings)
+            half = urls[: len(urls) // 2]
+            half_s = flow_run(half, work / "flow-warm-half", settings)
+            warm_s = flow_run(urls, work / "flow-warm", settings)
+        finally:
+            ray.shutdown()
     return {
         "videos": len(urls),
         "serial_s": round(serial_s, 2),
@@ -299,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.videos < 2:  # the flow's steady rate is the difference of half and all the videos
         parser.error("--videos: must be 2 or more")
+    if not CLIPS:
+        parser.error(f"no sample clips (*.mp4) in {SAMPLE_VIDEOS_DIR}: see ../shared/data")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
     from devstack.prefect_api import prefect_api
