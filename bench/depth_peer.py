@@ -416,8 +416,8 @@ def measure_alternating(args: argparse.Namespace, modes: list[str], work: Path) 
         # its loaded depth actors (the first cluster round pays their start).
         cluster = ray_cluster(work / "ray", bin_dir) if "cluster" in modes else nullcontext("")
         if not args.no_warm_up:
-            warm_env = {**base_env, "RAY_ADDRESS": "local"}
-            warm_up(urls, model, warm_env, bin_dir, work, None if args.no_peer else peer_flags)
+            warm_up(urls, model, {**base_env, "RAY_ADDRESS": "local"}, bin_dir, work,
+                    None if args.no_peer else peer_flags, args.baseline)  # fmt: skip
         with cluster as cluster_address:
             run_rounds(args.rounds, rounds, peer, ours, work)
     return summarise(rounds, model_cpu, args.videos)
@@ -430,11 +430,13 @@ def warm_up(
     bin_dir: Path,
     work: Path,
     peer_flags: tuple[str, ...] | None,
+    baseline: Path | None = None,
 ) -> None:
     """One unmeasured run of each tool on a few videos: the first run after a while reads its
     libraries from disk (video2dataset's first round took 81-85 s against 49-52 s for the
-    next ones), which is not what the rounds compare. `peer_flags`: the peer's extra ffmpeg
-    flags, None for no peer."""
+    next ones), and a fresh checkout's first compiles its bytecode, which is not what the
+    rounds compare. `peer_flags`: the peer's extra ffmpeg flags, None for no peer;
+    `baseline`: the earlier code's checkout, warmed up too."""
     few = work / "warm-up-urls.txt"
     few.write_text("\n".join(urls[:WARM_UP_VIDEOS]) + "\n")
     if peer_flags is not None:
@@ -442,6 +444,8 @@ def warm_up(
             urls[:WARM_UP_VIDEOS], work / "warm-up-v2d", shards=1, ffmpeg_flags=peer_flags
         )
     run_vidflow(few, work / "warm-up-vidflow", model, env, bin_dir)
+    if baseline is not None:
+        run_vidflow(few, work / "warm-up-baseline", model, env, bin_dir, baseline)
     for output in work.glob("warm-up-*"):
         if output.is_dir():
             shutil.rmtree(output, ignore_errors=True)
@@ -506,6 +510,13 @@ def summarise(
             )
             entry.update(mode)
         summary[name] = entry
+    after, before = rounds.get("vidflow_local", []), rounds.get(f"vidflow_{BASELINE_MODE}", [])
+    if after and before:  # `--baseline`: the change's own ratio, round by round
+        ratios = [a["videos_per_s"] / b["videos_per_s"] for a, b in zip(after, before, strict=True)]
+        summary["after_to_before"] = {
+            "videos_per_s_ratio": round(statistics.median(ratios), 3),
+            "ratio_rounds": [round(ratio, 3) for ratio in ratios],
+        }
     return summary
 
 
