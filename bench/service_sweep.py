@@ -162,11 +162,16 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for round_index in range(args.rounds):
-                bare_runs.append(bare_model.fps(args.duration))
-                order = [*args.configs, PLAIN][:: -1 if round_index % 2 else 1]
-                for label in order:
+                # Every measure in reverse order every other round, the bare model's too: a
+                # machine's drift over a round then weighs on each alike.
+                reverse = round_index % 2 == 1
+                if not reverse:
+                    bare_runs.append(bare_model.fps(args.duration))
+                for label in [*args.configs, PLAIN][:: -1 if reverse else 1]:
                     server = _start(label, Path(tmp), onnx_path, args)
                     runs[label].append(_measure(server, frames, args))
+                if reverse:
+                    bare_runs.append(bare_model.fps(args.duration))
                 _print_round(round_index, bare_runs[-1], runs, args)
     except BaseException as exc:
         # A round takes minutes: a failure (or Ctrl-C) in round N keeps rounds 1..N-1.
