@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.cli_args import add_model_cache_flag, bench_parser
 from common.cli_types import positive_float, positive_int
-from common.frames import load_encoded_images
+from common.frames import load_encoded_images, opened_video
 from common.net import free_port
 from common.processes import stop_on_signals
 from common.settings import SAMPLE_VIDEO
@@ -35,7 +35,7 @@ from devstack.broker import LocalBroker, start_broker
 from devstack.launcher import ServerProcess, start_server
 from services.inference.loadtest import run_loadtest
 from tasks.stream.consumer import ConsumerSummary, FrameConsumer
-from tasks.stream.producer import ProduceStats, produce_frames
+from tasks.stream.producer import ProduceStats, produce_frames, target_fps
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 from tasks.stream.topics import ensure_topics
 
@@ -84,10 +84,15 @@ def stream_once(
         stop,
     )  # fmt: skip
     produced: list[ProduceStats] = []
+    failed: list[BaseException] = []
 
     def produce() -> None:
         consumer.membership.joined.wait(60)  # start the clock once the consumer is in the group
-        produced.append(produce_frames(producer, kafka, stop))
+        try:
+            produced.append(produce_frames(producer, kafka, stop))
+        except BaseException as exc:  # raised below, in place of an empty result
+            failed.append(exc)
+            stop.set()
 
     # A daemon: a producer stuck on a broker that died with a Ctrl-C must not hold the exit.
     producer_thread = threading.Thread(target=produce, daemon=True)
@@ -95,6 +100,8 @@ def stream_once(
     summary = consumer.run()
     while producer_thread.is_alive() and not stop.is_set():
         producer_thread.join(0.5)
+    if failed:
+        raise RuntimeError(f"the producer failed: {failed[0]}") from failed[0]
     exit_if_stopped(stop)  # the producer may be stuck on a broker the Ctrl-C also stopped
     return summary, produced[0]
 
@@ -134,6 +141,8 @@ def main() -> None:
     if not SAMPLE_VIDEO.is_file():
         sys.exit(f"sample clip not found: {SAMPLE_VIDEO}")
     stop = stop_on_signals()  # Ctrl-C: end the step at hand, clean up, no figures
+    with opened_video(SAMPLE_VIDEO) as capture:  # the real-time run's frames: its seconds' worth
+        clip_fps = target_fps("native", capture) or 28.0
 
     with local_stack(args.cache_dir) as (broker, server):
         frames = load_encoded_images(SAMPLE_VIDEO, max_frames=10_000)
@@ -154,7 +163,8 @@ def main() -> None:
             broker.bootstrap_servers,
             server.target,
             ProducerSettings(source=str(SAMPLE_VIDEO), fps="native", loop=True,
-                             max_frames=int(28 * args.realtime_seconds), stream_id="bench-rt"),
+                             max_frames=int(clip_fps * args.realtime_seconds),
+                             stream_id="bench-rt"),
             args.concurrency,
             stop=stop,
         )  # fmt: skip
