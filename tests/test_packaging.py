@@ -6,11 +6,13 @@ venv's bin directory) only read the files.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -486,3 +488,43 @@ def test_make_remakes_a_venv_that_no_longer_runs_or_is_not_the_python_asked_for(
     other.write_text('#!/bin/sh\necho "(3, 99)"\n')
     other.chmod(0o755)
     assert setup_runs(f"PYTHON={other}")
+
+
+def test_http_health_checks_answer_through_a_proxy_docker_hands_in() -> None:
+    """Docker gives every container the host's proxy settings (~/.docker/config.json): the
+    Prefect server's and the worker's health checks sent their loopback request to the proxy,
+    the server never turned healthy, and nothing that waits on it started. Each check runs
+    here as written, against a loopback HTTP server, with a proxy that is down."""
+    from common.net import free_port
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Healthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    checks = [services[name]["healthcheck"]["test"][-1] for name in ("prefect-server", "worker")]
+    _, stages = _stages()
+    worker = next(stage for stage in stages if stage.name == "worker")
+    checks.append(json.loads(worker.args_of("HEALTHCHECK")[0].split("CMD", 1)[1])[-1])
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env |= {
+        "http_proxy": f"http://127.0.0.1:{free_port()}",
+        "PREFECT_WORKER_WEBSERVER_PORT": str(port),
+    }
+    try:
+        for check in checks:
+            code = re.sub(r"127\.0\.0\.1:(4200|8080)", f"127.0.0.1:{port}", check)
+            done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                  text=True, timeout=30, check=False)  # fmt: skip
+            assert done.returncode == 0, (check, done.stderr[-500:])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _Healthy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
