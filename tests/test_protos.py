@@ -31,3 +31,17 @@ def test_the_contract_names() -> None:
         2,
         3,
     )
+
+
+def test_the_protobuf_floor_is_what_the_stubs_ask_for() -> None:
+    """The stubs refuse a protobuf runtime older than the protoc that made them: the project's
+    floor (6.31) let pip keep one they fail to import with."""
+    import re
+    import tomllib
+
+    stub = (REPO_ROOT / "protos" / "inference_pb2.py").read_text()
+    made_by = re.search(r"Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", stub)
+    assert made_by is not None
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    (floor,) = [d for d in project["dependencies"] if d.startswith("protobuf>=")]
+    assert floor.split(">=")[1].split(",")[0] == ".".join(made_by.groups()), floor
