@@ -172,6 +172,7 @@ def test_a_cached_export_that_cannot_load_is_made_again(
     (export,) = cache.glob("efficientnet_lite0-*.onnx")
     for broken in (export.read_bytes()[:4096], b""):  # cut short; empty (ONNX: InvalidArgument)
         export.write_bytes(broken)
+        caplog.clear()  # each round says it anew
         model = load_served_model(InferenceSettings(backend="onnx", cache_dir=cache))
         assert "cannot be loaded" in caplog.text and export.stat().st_size > 4096
     assert model.backend.run(np.zeros((1, *model.preprocess.input_shape), np.float32)).shape[0] == 1
