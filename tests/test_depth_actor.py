@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flows.depth_extraction import depth_extraction
 from flows.ray_runner import ray_task_runner
@@ -180,7 +182,8 @@ def test_a_run_keeps_its_depth_actor_through_a_download_longer_than_the_keep_ali
 ) -> None:
     """The depth actor starts with the run, and its first call waits for a download that
     takes several times its keep-alive: the run holds the actor meanwhile (without that, the
-    actor ended itself first and the video failed at depth)."""
+    actor ended itself first, and the video failed at depth; since its task stands in for a
+    lost actor, it is made on the CPU in the task, with a warning in the run's log)."""
     settings = DepthSettings(
         output=tmp_path / "out",
         depth_model=str(tiny_depth_model),
@@ -193,8 +196,16 @@ def test_a_run_keeps_its_depth_actor_through_a_download_longer_than_the_keep_ali
     with VideoServer({"slow.mp4": slow}) as server:
         listing = tmp_path / "urls.txt"
         listing.write_text(server.url("slow.mp4") + "\n")
-        summary = flow(urls=str(listing), settings=settings)
+        state = flow(urls=str(listing), settings=settings, return_state=True)
+    summary = state.result()
     assert (summary["ok"], summary["failed"]) == (1, 0), summary
+    # ... made by the actor: a video whose actor had ended is still made, by its task on the
+    # CPU, and only the run's log tells (it says so at once)
+    with get_client(sync_client=True) as client:
+        run_id = state.state_details.flow_run_id
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    assert any("1 actor(s) on cpu" in line.message for line in logs), [x.message for x in logs]
+    assert not any("the depth actor is gone" in line.message for line in logs)
 
 
 @pytest.mark.slow

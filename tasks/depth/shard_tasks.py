@@ -291,6 +291,8 @@ def _actor_depth(
             "%s: the depth actor is gone (%s): its depth runs in this task, on the CPU",
             shard.label, str(exc).splitlines()[0],
         )  # fmt: skip
+        if TaskRunContext.get() is not None:  # in the UI even if the run's Ray ends next
+            send_logs_now()
     on_cpu = settings.model_copy(update={"device": "cpu"})
     try:  # not the process's shared estimator: it would hold a model in this worker for good
         estimator = load_depth_estimator(on_cpu, "cpu", max(1, round(settings.depth_cpus)))
