@@ -25,11 +25,12 @@ from tasks.depth.settings import DepthSettings
 from tasks.depth.shard_tasks import (
     Shard,
     actors_held,
+    crash_reason,
     depth_task,
     start_depth_actors,
     transcode_task,
 )
-from tasks.depth.video_record import VideoRecord
+from tasks.depth.video_record import VideoRecord, crash_prefix
 from tests.conftest import VIDEOS
 from tests.video_server import Drip, VideoServer
 
@@ -311,6 +312,26 @@ def test_a_model_that_cannot_load_fails_its_videos_with_the_cause_first(
     # The actor died loading it; its task, standing in, failed to load it too, and says why.
     first_line = record.error.splitlines()[0]
     assert first_line.startswith("SafetensorError"), record.error[:400]
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_ray_error_is_reported_cause_first() -> None:
+    """A Ray error's text is the remote traceback, its cause on the last line, with terminal
+    colours: the failures artifact, which shows a row's first few hundred characters, read
+    "RayTaskError ... ray::load() (pid=...)" and never came to the cause."""
+    import ray
+
+    @ray.remote
+    def load_weights() -> None:
+        raise ValueError("header too large")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as caught:
+        ray.get(load_weights.remote())
+    reason = crash_reason("depth", caught.value)
+    first, _, rest = reason.partition("\n")
+    assert first == f"{crash_prefix('depth')}ValueError: header too large", reason
+    assert "\x1b" not in reason, reason
+    assert 'raise ValueError("header too large")' in rest  # the whole error follows
 
 
 @pytest.mark.slow
