@@ -189,7 +189,9 @@ def test_bad_input_is_refused_before_anything_starts(
     assert bad_frames.returncode == 2 and "--frames 'last': must be" in bad_frames.stderr
     missing = _vidflow("--urls", str(tmp_path / "none.txt"), env=cli_env)
     assert missing.returncode == 2 and "cannot read the input list" in missing.stderr
-    assert "temporary Prefect server" not in missing.stderr
+    for refused in (no_template, bad_frames, missing):  # before a Prefect server or Ray
+        assert "temporary Prefect server" not in refused.stderr, refused.stderr
+        assert "Ray" not in refused.stderr, refused.stderr
 
 
 @pytest.mark.slow
@@ -257,7 +259,9 @@ def test_ctrl_c_in_a_terminal_ends_the_run_at_once_and_records_its_end(
                 assert run.poll() is None  # it outlives its terminal
             if ended_by != "terminal-closed":
                 os.killpg(run.pid, signal.SIGINT)
+            signalled = time.monotonic()
             _, err = run.communicate(timeout=90)
+            took_s = time.monotonic() - signalled
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(run.pid, signal.SIGKILL)
@@ -265,4 +269,5 @@ def test_ctrl_c_in_a_terminal_ends_the_run_at_once_and_records_its_end(
     assert run.returncode == (-signal.SIGTERM if hung_up else 130), err[-3000:]
     with sqlite3.connect(Path(cli_env["PREFECT_HOME"]) / "prefect.db") as database:
         states = [row[0] for row in database.execute("SELECT state_type FROM flow_run")]
-    assert states and "RUNNING" not in states, states
+    assert took_s < 30, took_s  # at once: not minutes of retries against a dead server
+    assert states and set(states) <= {"CANCELLED", "CRASHED", "FAILED"}, states
