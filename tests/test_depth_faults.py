@@ -43,14 +43,14 @@ RAY_LISTENERS = textwrap.dedent(
     import ray
     import psutil
 
-    # The session's worker processes: the raylet's children but its two agents.
-    def workers(session: str) -> list[str]:
+    # The session's raylets, and its worker processes: the raylet's children but its agents.
+    def workers(session: str) -> tuple[int, list[str]]:
         commands = {p: " ".join(p.info["cmdline"] or []) for p in
                     psutil.process_iter(["cmdline"])}
         raylets = [p for p, c in commands.items() if "raylet" in c and session in c]
         names = [" ".join(c.cmdline()) for r in raylets for c in r.children()]
         agents = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
-        return [name for name in names if not name.startswith(agents)]
+        return len(raylets), [name for name in names if not name.startswith(agents)]
 
     # Whether the driver's read of its node's record (Ray sleeps a second and retries when the
     # node is not registered yet) finds the node registered already.
@@ -67,7 +67,7 @@ RAY_LISTENERS = textwrap.dedent(
     with ray_task_runner(1):
         session = ray._private.worker._global_node.get_session_dir_path()
         time.sleep(1.5)  # a prestarted worker would be up by now
-        idle_workers = workers(session)
+        raylets, idle_workers = workers(session)
         @ray.remote
         def pid() -> int:
             return os.getpid()
@@ -79,6 +79,7 @@ RAY_LISTENERS = textwrap.dedent(
 
         holder = Holder.remote()
         ran = [ray.get(pid.remote()), ray.get(holder.pid.remote())]
+        busy_workers = workers(session)[1]  # the same look sees the workers that ran them
         processes = {p.pid: p for p in psutil.Process().children(recursive=True)}
         for p in psutil.process_iter(["cmdline"]):
             command = " ".join(p.info["cmdline"] or [])
@@ -114,7 +115,8 @@ RAY_LISTENERS = textwrap.dedent(
                       "env_after": os.environ.get(RAY_CLUSTER_ENV),
                       "auth_env_after": [os.environ.get("RAY_AUTH_MODE"),
                                          os.environ.get("RAY_AUTH_TOKEN")],
-                      "idle_workers": idle_workers,
+                      "idle_workers": idle_workers, "raylets": raylets,
+                      "busy_workers": busy_workers,
                       "params_after": ray._private.parameter.RayParams.__name__,
                       "api_server_after": ray._private.node.Node.start_api_server.__name__,
                       "read_registered": read_registered,
@@ -174,6 +176,7 @@ def test_a_local_ray_listens_on_loopback_only_wants_its_own_token_and_starts_at_
     # Nor for workers started before any work: the depth actor would take one of them and the
     # shards start others anyway (each an idle process that imported Ray).
     assert report["idle_workers"] == [], report["idle_workers"]
+    assert report["raylets"] == 1 and report["busy_workers"], report  # the look finds them
     assert report["env_after"] is None  # the process is left as it was
     assert report["auth_env_after"] == [mode, None]  # the run's token goes with its Ray
     assert report["params_after"] == "RayParams"
