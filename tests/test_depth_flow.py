@@ -225,11 +225,14 @@ def test_kinetics_rows_become_one_row_each_and_a_rerun_adds_nothing(
 
 
 def test_a_short_run_leaves_every_failure_in_its_task_log_and_counts_in_its_state(
-    prefect_api, tiny_depth_model: Path, tmp_path: Path
+    prefect_api, tiny_depth_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A run whose videos fail at once ends within the 2 s that Prefect batches a process's
     log lines for; its private Ray's workers ended with the run, and every task run's log in
     the UI was empty, the warnings naming the failed videos included."""
+    # Batches every 10 minutes in the run's Ray workers (they take this process's
+    # environment): only the stage's own sending can bring the lines in, however slow the run.
+    monkeypatch.setenv("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "600")
     settings = DepthSettings(output=tmp_path / "out", depth_model=str(tiny_depth_model))
     flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=2))
     routes = {"gone.mp4": Status(404), "page.mp4": Body(b"<html>sorry</html>")}
