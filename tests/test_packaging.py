@@ -528,3 +528,26 @@ class _Healthy(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+@pytest.mark.parametrize(
+    "shell", [{}, {"no_proxy": ".corp.example"}, {"NO_PROXY": ".corp.example"}]
+)
+def test_the_worker_reaches_the_stack_directly_and_keeps_the_shells_exceptions(
+    shell: dict[str, str],
+) -> None:
+    """Behind a proxy Docker hands in, the worker's Prefect client (httpx), gRPC and urllib
+    sent `prefect-server` and `inference` to the proxy; the shell's own exceptions stay."""
+    import urllib.request
+
+    unproxied = {k: v for k, v in _compose_env().items() if "proxy" not in k.lower()}
+    services = _compose_config(env=unproxied | shell)["services"]
+    for name in ("worker", "deploy"):
+        environment = services[name]["environment"]
+        for variable in ("NO_PROXY", "no_proxy"):
+            bypass = {"no": environment[variable]}
+            for host in ("prefect-server", "inference", "redpanda", "127.0.0.1"):
+                assert urllib.request.proxy_bypass_environment(host, bypass), (name, host)
+            assert not urllib.request.proxy_bypass_environment("huggingface.co", bypass)
+            if shell:
+                assert urllib.request.proxy_bypass_environment("mirror.corp.example", bypass)
