@@ -271,6 +271,15 @@ def test_a_url_with_a_comma_in_its_password_or_query_is_one_source() -> None:
         "rtsp://admin:pa,ss@cam/live", "rtsp://cam2/live?channels=1,2", "rtsp://u:a,b,c@cam4",
         str(CLIP), "webcam:0",
     ]  # fmt: skip
+    # Query values with dots, a media fragment, a password with a dot in it: one URL each
+    assert source_list("rtsp://h/x?res=640x480,fps=29.97,http://h/a.mp4#t=1,2") == [
+        "rtsp://h/x?res=640x480,fps=29.97", "http://h/a.mp4#t=1,2",
+    ]  # fmt: skip
+    assert source_list("rtsp://admin:a,b.cd,e@cam") == ["rtsp://admin:a,b.cd,e@cam"]
+    # A port or an IPv6 host is no password: what follows is another source
+    assert source_list("rtsp://cam:554,backup.mp4,rtsp://[::1]:8554,cam2.mp4") == [
+        "rtsp://cam:554", "backup.mp4", "rtsp://[::1]:8554", "cam2.mp4",
+    ]  # fmt: skip
     # A mistyped file or a device after a URL is a source of its own (refused as missing)
     mistyped = "rtsp://cam/live,clip2.mp4,rtsp://cam3/x?a=1,missing.mkv,rtsp://c:554,/dev/video7"
     assert source_list(mistyped) == [

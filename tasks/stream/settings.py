@@ -161,39 +161,65 @@ def source_list(source: str) -> list[str]:
 def source_parts(source: str) -> list[str]:
     """`--source` as written: one source, or several separated by commas; a file whose name
     holds a comma is one source (`clip,v2.mp4` was split into two missing files), and so is a
-    URL with a comma in it, in its password or query (`rtsp://admin:pa,ss@cam/live` was split,
-    and the refusal of "ss@cam/live" as a missing file showed part of the password)."""
+    URL with a comma in its password, query or fragment (`rtsp://admin:pa,ss@cam/live` was
+    split, and the refusal of "ss@cam/live" as a missing file showed part of the password)."""
     if Path(source).is_file():
         return [source]
+    pieces = source.split(",")
     parts: list[str] = []
-    for piece in source.split(","):
+    index = 0
+    while index < len(pieces):
+        piece = pieces[index]
+        host_at = _password_end(parts[-1], pieces, index) if parts else None
+        if host_at is not None:  # the rest of a password, up to its host's `@`
+            parts[-1] = ",".join([parts[-1], *pieces[index : host_at + 1]])
+            index = host_at + 1
+            continue
         if parts and _continues_url(parts[-1], piece):
             parts[-1] += "," + piece
         else:
             parts.append(piece)
+        index += 1
     return [part.strip() for part in parts if part.strip()]
 
 
-_FILE_NAME = re.compile(r"\.[A-Za-z0-9]{2,4}$")  # ends like a file name: `clip2.mp4`
+_FILE_NAME = re.compile(r"\.[A-Za-z][A-Za-z0-9]{1,3}$")  # ends like a file name: `clip2.mp4`
+
+
+def _password_end(so_far: str, pieces: list[str], index: int) -> int | None:
+    """Where a password cut at a comma ends: the first piece from `index` on that holds its
+    host's `@`, where `so_far` is a URL's `scheme://user:pa` (not `host:port`, not `[v6]`)
+    and no other URL starts before it; None otherwise."""
+    _, found, rest = so_far.partition("://")
+    user, colon, secret = rest.partition(":")
+    if not found or not colon or "@" in rest or "/" in rest or user.startswith("["):
+        return None
+    if secret.isdigit():  # `cam:554`: a port, no password
+        return None
+    for at, piece in enumerate(pieces[index:], start=index):
+        if "://" in piece:
+            return None
+        if "@" in piece.split("/", 1)[0]:
+            return at
+    return None
 
 
 def _continues_url(so_far: str, piece: str) -> bool:
-    """Whether `piece`, after a comma, is the rest of the URL `so_far`: more of its password
-    (the `@` of its host still to come) or of its query, not a source of its own (a URL,
-    `webcam:N`, `env:NAME`, a path, a file that is there or a name that reads as one: a
-    mistyped file after a URL is refused as missing, not read as part of the URL)."""
+    """Whether `piece`, after a comma, is the rest of the URL `so_far` (in its query or
+    fragment), not a source of its own: a URL, `webcam:N`, `env:NAME`, a path, a file that is
+    there, or a name that reads as one (a mistyped file after a URL is refused as missing, not
+    read as part of the URL)."""
     _, found, rest = so_far.partition("://")
     piece = piece.strip()
     if not found or not piece or "://" in piece or Path(piece).is_file():
         return False
     if piece.startswith(("webcam:", ENV_SOURCE_PREFIX, "/", "./", "~")):
         return False
-    # `user:pa` so far (no host yet): the piece holds the `@`, or more password before it
-    in_authority = "@" not in rest and "/" not in rest
-    more_password = ":" in rest and "/" not in piece and not _FILE_NAME.search(piece)
-    in_password = in_authority and ("@" in piece or more_password)
-    in_query = "?" in rest and "/" not in piece and not _FILE_NAME.search(piece)
-    return in_password or in_query
+    if "#" in rest:  # a fragment (`#t=1,2`): what follows is in it
+        return True
+    if "?" in rest:  # a query: `a=1,b=2` or `ch=1,2`
+        return "=" in piece or ("/" not in piece and not _FILE_NAME.search(piece))
+    return False  # in a path a comma parts sources (such a URL goes as `env:NAME`)
 
 
 def resolved_source(source: str) -> str:
