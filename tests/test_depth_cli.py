@@ -269,5 +269,5 @@ def test_ctrl_c_in_a_terminal_ends_the_run_at_once_and_records_its_end(
     assert run.returncode == (-signal.SIGTERM if hung_up else 130), err[-3000:]
     with sqlite3.connect(Path(cli_env["PREFECT_HOME"]) / "prefect.db") as database:
         states = [row[0] for row in database.execute("SELECT state_type FROM flow_run")]
-    assert took_s < 30, took_s  # at once: not minutes of retries against a dead server
+    assert took_s < 60, took_s  # at once: not minutes of retries against a dead server
     assert states and set(states) <= {"CANCELLED", "CRASHED", "FAILED"}, states

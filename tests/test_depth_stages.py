@@ -313,7 +313,7 @@ def test_a_kinetics_test_split_without_labels_reads_and_limit_counts_clips(
     unlabelled = tmp_path / "test.csv"
     unlabelled.write_text(
         "youtube_id,time_start,time_end,split\n"
-        "abc,1,11,test\nabc,1,11,test\ndef,5,15,test\nghi,0,10,test\n"
+        "abc,1,11,test\nabc,1.0,11,test\ndef,5,15,test\nghi,0,10,test\n"
     )
     records = read_kinetics_csv(
         unlabelled, url_template="https://m/{youtube_id}_{time_start}.mp4", split="test", limit=2

@@ -17,7 +17,7 @@ import pytest
 from common.net import free_port
 from tasks.depth.transcode import ffmpeg_exe
 from tasks.stream.frame_codec import decode_frame
-from tasks.stream.live_source import is_live
+from tasks.stream.live_source import LatestFrame, is_live
 from tasks.stream.producer import produce_frames
 from tasks.stream.settings import KafkaSettings, ProducerSettings
 from tests.conftest import VIDEOS
@@ -189,3 +189,39 @@ def test_a_live_stream_that_drops_out_and_comes_back_is_opened_again(
     outage = read_gaps_s.index(max(read_gaps_s))
     assert read_gaps_s[outage] >= 1.4, read_gaps_s  # frames from both sides of the outage
     assert min(read_gaps_s[outage + 1 :]) >= 0.15, read_gaps_s  # then at 5 a second again
+
+
+class _OpensButSendsNothing:
+    """A camera server that takes the connection and sends nothing (an NVR whose channel is
+    dead): opening it works, reading gives no frame. Made up: FFmpeg waits 30 s on such a
+    server before each of its reads gives up, too long for a test."""
+
+    def __init__(self) -> None:
+        self.opens = 0
+
+    def open(self, target: str) -> bool:
+        self.opens += 1
+        return True
+
+    def isOpened(self) -> bool:
+        return True
+
+    def read(self) -> tuple[bool, None]:
+        return False, None
+
+    def release(self) -> None:
+        pass
+
+
+def test_a_source_that_opens_but_sends_nothing_backs_off_is_not_counted_back_and_is_lost() -> None:
+    """Each open that gave no frame started the backoff again (a new open every 0.25 s, for
+    ever with `inf`) and counted as a reconnect."""
+    capture = _OpensButSendsNothing()
+    latest = LatestFrame(capture, name="dead-channel", reopen="rtsp://nvr/ch9", reconnect_s=1.5)
+    started = time.monotonic()
+    assert latest.take(threading.Event()) is None  # lost, in its window
+    took_s = time.monotonic() - started
+    latest.close()
+    assert 1.4 <= took_s < 6, took_s
+    assert latest.reconnects == 0  # opened, but never back
+    assert 1 <= capture.opens <= 4, capture.opens  # 0.25 s doubling over the whole outage

@@ -506,10 +506,9 @@ def test_http_health_checks_answer_through_a_proxy_docker_hands_in() -> None:
     worker = next(stage for stage in stages if stage.name == "worker")
     checks.append(json.loads(worker.args_of("HEALTHCHECK")[0].split("CMD", 1)[1])[-1])
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env |= {
-        "http_proxy": f"http://127.0.0.1:{free_port()}",
-        "PREFECT_WORKER_WEBSERVER_PORT": str(port),
-    }
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    env |= {"http_proxy": dead_proxy, "HTTP_PROXY": dead_proxy}
+    env["PREFECT_WORKER_WEBSERVER_PORT"] = str(port)  # the Dockerfile's check reads it
     try:
         for check in checks:
             code = re.sub(r"127\.0\.0\.1:(4200|8080)", f"127.0.0.1:{port}", check)

@@ -314,7 +314,8 @@ def test_a_many_core_host_gets_at_most_16_model_sessions_that_share_its_cores(
     threads = model.backend._sessions[0].get_session_options().intra_op_num_threads
     assert threads == 4  # the 64 cores shared among them
     # Every core busy, at most a few idle where the count does not divide (16 on 24 left 8)
-    for cpus, sessions, each in ((15, 16, 1), (24, 12, 2), (31, 15, 2), (40, 13, 3)):
+    cases = ((15, 16, 1), (17, 16, 1), (24, 12, 2), (31, 15, 2), (40, 13, 3), (64, 16, 4))
+    for cpus, sessions, each in cases:
         monkeypatch.setattr("services.inference.loader.usable_cpus", lambda c=cpus: c)
         monkeypatch.setattr("services.inference.backends.usable_cpus", lambda c=cpus: c)
         assert default_workers("onnx", "cpu") == sessions, cpus

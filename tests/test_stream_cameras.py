@@ -3,10 +3,12 @@ against the real local broker and a real inference service on 127.0.0.1."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -131,10 +133,11 @@ def test_several_sources_are_cameras_each_at_its_own_native_rate(broker) -> None
         for k, frame in enumerate(frames):  # paced at its own source's native rate, never early
             due_ns = (k + camera / 2) * period_ns
             assert frame.capture_ts_ns - stats.schedule_start_ns >= due_ns - 2e6, (stream_id, k)
-        # ... and not late either: the pool clip paced at 28 (the old bug) took 1,036 ms for
-        # its 29 periods where 30 fps takes 967 (the summary said 30 all the same)
-        span_ns = frames[-1].capture_ts_ns - frames[0].capture_ts_ns
-        assert span_ns <= (per_camera - 1) * period_ns * 1.03, (stream_id, span_ns / 1e6)
+        # ... and not slower either: the pool clip paced at 28 (the old bug) had frames 35.7 ms
+        # apart where 30 fps has 33.3 (the summary said 30 all the same); the median gap, which
+        # one late frame on a loaded machine does not move
+        gaps = [b.capture_ts_ns - a.capture_ts_ns for a, b in itertools.pairwise(frames)]
+        assert statistics.median(gaps) <= period_ns * 1.035, (stream_id, gaps)
         first_jpeg[stream_id] = frames[0].jpeg
     # A source's cameras carry its frames; the two sources' frames differ.
     assert first_jpeg["k400_arm_wrestling-0"] == first_jpeg["k400_arm_wrestling-1"]

@@ -275,7 +275,7 @@ def test_a_consumer_that_cannot_start_fails_the_run_without_a_wait(
     with pytest.raises(Exception, match=r"fetch\.wait\.max\.ms"):
         state.result()
     # not the 60-s wait for a member that will never join, nor 30 s of frames sent to nobody
-    assert took_s < 20, took_s
+    assert took_s < 28, took_s
 
 
 @pytest.mark.slow

@@ -162,8 +162,9 @@ def default_workers(backend: str, device: str) -> int:
     Each worker is an ONNX Runtime session with its own copy of the weights and its own memory
     arena, so past MAX_CPU_WORKERS cores the calls share the cores instead: each takes the
     fewest threads that keep the sessions at MAX_CPU_WORKERS or fewer, and there are as many
-    as those threads fill (threads_per_call then gives each its share): a 64-core host with no
-    CPU quota made 65 sessions, gigabytes and seconds of start-up; 16 on 24 cores left 8 idle.
+    as keep the most cores busy (threads_per_call then gives each its share): a 64-core host
+    with no CPU quota made 65 sessions, gigabytes and seconds of start-up; 16 on 24 cores left
+    8 idle.
     """
     if backend != "onnx":
         return 1
@@ -172,8 +173,11 @@ def default_workers(backend: str, device: str) -> int:
     cpus = usable_cpus()
     if cpus + 1 <= MAX_CPU_WORKERS:
         return cpus + 1
-    threads = math.ceil(cpus / MAX_CPU_WORKERS)
-    return cpus // threads
+    # The count that keeps the most cores busy at the fewest threads a call needs (ties: more
+    # sessions, each single-threaded where it can be): 16 x 1 on 17 cores, 15 x 2 on 31.
+    most_threads = math.ceil(cpus / MAX_CPU_WORKERS)
+    sessions = range(1, MAX_CPU_WORKERS + 1)
+    return max(sessions, key=lambda count: (count * min(cpus // count, most_threads), count))
 
 
 def _from_onnx_file(path: Path, device: str, settings: InferenceSettings) -> ServedModel:

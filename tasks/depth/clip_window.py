@@ -28,13 +28,18 @@ class ClipWindow:
 
 
 def with_window(url: str, start_s: float, end_s: float) -> str:
-    """`url` asking for the window from `start_s` to `end_s` (`#t=start,end`)."""
-    return f"{url.split('#', 1)[0]}#t={seconds_text(start_s)},{seconds_text(end_s)}"
+    """`url` asking for the window from `start_s` to `end_s` (`#t=start,end`); ValueError
+    where the window is empty once written (to the millisecond)."""
+    start, end = seconds_text(start_s), seconds_text(end_s)
+    if not float(start) < float(end):
+        raise ValueError(f"an empty window: {start_s:g} to {end_s:g} s")
+    return f"{url.split('#', 1)[0]}#t={start},{end}"
 
 
 def seconds_text(seconds: float) -> str:
-    """Seconds as FFmpeg and a media fragment read them: plain decimals, never `1e+06`."""
-    return f"{seconds:.3f}".rstrip("0").rstrip(".")
+    """Seconds as FFmpeg and a media fragment read them: plain decimals to the millisecond,
+    never `1e+06` (nor `-0`)."""
+    return f"{seconds + 0.0:.3f}".rstrip("0").rstrip(".")  # + 0.0: -0.0 is 0.0
 
 
 def _seconds(text: str) -> float:
@@ -43,9 +48,12 @@ def _seconds(text: str) -> float:
     parts = text.split(":")
     if len(parts) > 3 or not all(parts):
         raise ValueError(text)
+    values = [float(part) for part in parts]
+    if any(value < 0 for value in values) or any(value >= 60 for value in values[1:]):
+        raise ValueError(text)  # `2:-30`, `1:99`: no clock time
     seconds = 0.0
-    for part in parts:
-        seconds = seconds * 60 + float(part)
+    for value in values:
+        seconds = seconds * 60 + value
     return seconds
 
 

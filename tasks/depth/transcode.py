@@ -207,18 +207,19 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
 
 
 def _window_to_cut(url: str, facts: StreamFacts | None) -> ClipWindow | None:
-    """The window of its video the URL asks for (clip_window), unless the file cannot hold
-    it and is no longer than it: then it is the clip itself, as a mirror that names its clips
+    """The window of its video the URL asks for (clip_window), unless the file is shorter
+    than the window's start, or cannot hold it and is about its length: then it is the clip
+    itself, as a mirror that names its clips
     by their video id alone serves them (cut again, little or nothing was left of it)."""
     window = window_of(url)
     if window is None or facts is None or facts.duration_s <= 0:
         return window
     duration_s = facts.duration_s
     short_of_start = duration_s <= window.start_s
-    clip_sized = (
-        window.end_s is not None
+    clip_sized = (  # cannot hold the window, and about its length
+        window.length_s is not None
         and duration_s < window.end_s
-        and duration_s <= window.end_s - window.start_s + CLIP_SLACK_S
+        and abs(duration_s - window.length_s) <= CLIP_SLACK_S
     )
     if short_of_start or clip_sized:
         log.info("%s is %.1f s long, the clip itself: not cut", shown_url(url), duration_s)

@@ -8,6 +8,7 @@ list keeps every id, so a re-run finds the rows of earlier runs.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import logging
@@ -173,9 +174,7 @@ def read_kinetics_csv(
             splits_skipped[row_split] = splits_skipped.get(row_split, 0) + 1
             continue
         # --limit counts clips, and rows past it are not read (nor refused)
-        clip = tuple(
-            (row.get(name) or "").strip() for name in ("youtube_id", "time_start", "time_end")
-        )
+        clip = _clip_key(row)
         if limit is not None and clip not in clips and len(clips) >= limit:
             break
         if None in row.values():  # a short row: csv fills the missing columns with None
@@ -193,6 +192,18 @@ def read_kinetics_csv(
             "with --split, or --split all for every row"
         )
     return _unique_ids(records, path, same_id_same_video=True)
+
+
+def _clip_key(row: dict[str, str]) -> tuple[str, ...]:
+    """A row's clip as --limit counts it, before the row is read: its video and window, the
+    times as whole seconds where they are numbers (`10` and `10.0` are one clip)."""
+    key = []
+    for name in ("youtube_id", "time_start", "time_end"):
+        text = (row.get(name) or "").strip()
+        with contextlib.suppress(ValueError, OverflowError):
+            text = text if name == "youtube_id" else str(int(float(text)))
+        key.append(text)
+    return tuple(key)
 
 
 def _kinetics_record(
