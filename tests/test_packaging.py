@@ -6,13 +6,11 @@ venv's bin directory) only read the files.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -496,10 +494,8 @@ def test_http_health_checks_answer_through_a_proxy_docker_hands_in() -> None:
     the server never turned healthy, and nothing that waits on it started. Each check runs
     here as written, against a loopback HTTP server, with a proxy that is down."""
     from common.net import free_port
+    from tests.video_server import Body, VideoServer
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), _Healthy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
     checks = [services[name]["healthcheck"]["test"][-1] for name in ("prefect-server", "worker")]
     _, stages = _stages()
@@ -508,25 +504,16 @@ def test_http_health_checks_answer_through_a_proxy_docker_hands_in() -> None:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     dead_proxy = f"http://127.0.0.1:{free_port()}"
     env |= {"http_proxy": dead_proxy, "HTTP_PROXY": dead_proxy}
-    env["PREFECT_WORKER_WEBSERVER_PORT"] = str(port)  # the Dockerfile's check reads it
-    try:
+    healthy = {"api/health": Body(b"{}"), "health": Body(b"")}
+    with VideoServer(healthy) as server:
+        port = server.port
+        env["PREFECT_WORKER_WEBSERVER_PORT"] = str(port)  # the Dockerfile's check reads it
         for check in checks:
             code = re.sub(r"127\.0\.0\.1:(4200|8080)", f"127.0.0.1:{port}", check)
             done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                   text=True, timeout=30, check=False)  # fmt: skip
             assert done.returncode == 0, (check, done.stderr[-500:])
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-class _Healthy(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
+        assert server.requests["api/health"] == 1 and server.requests["health"] == 2
 
 
 @pytest.mark.parametrize(

@@ -191,12 +191,9 @@ class InferenceSettings(ModelSource, ServiceToken):
             raise ValueError("--tls-cert and --tls-key go together: give both or neither")
         return self
 
-    @field_validator("host")
-    @classmethod
-    def _host_without_brackets(cls, value: str) -> str:
-        """`[::1]` as `::1` (aiohttp's bind failed after gRPC had bound), and empty as the
-        loopback (gRPC refused it as a port "in use?"): `bind_address`."""
-        return bind_address(value)
+    # `[::1]` as `::1` (aiohttp's bind failed after gRPC had bound), and empty as the loopback
+    # (gRPC refused it as a port "in use?"), as the consumer's metrics host
+    _host_checked = field_validator("host")(bind_address)
 
     @field_validator("onnx_model", "tls_cert", "tls_key", mode="before")
     @classmethod

@@ -197,13 +197,13 @@ def read_kinetics_csv(
 def _clip_key(row: dict[str, str]) -> tuple[str, ...]:
     """A row's clip as --limit counts it, before the row is read: its video and window, the
     times as whole seconds where they are numbers (`10` and `10.0` are one clip)."""
-    key = []
-    for name in ("youtube_id", "time_start", "time_end"):
-        text = (row.get(name) or "").strip()
-        with contextlib.suppress(ValueError, OverflowError):
-            text = text if name == "youtube_id" else str(int(float(text)))
-        key.append(text)
-    return tuple(key)
+    times = []
+    for column in ("time_start", "time_end"):
+        text = (row.get(column) or "").strip()
+        with contextlib.suppress(ValueError, OverflowError):  # read as `_seconds` reads it
+            text = str(int(float(text)))
+        times.append(text)
+    return ((row.get("youtube_id") or "").strip(), *times)
 
 
 def _kinetics_record(
