@@ -239,6 +239,46 @@ def test_a_sigkilled_demo_leaves_nothing_behind(
         kill_marked_processes(MARKER, marker)
 
 
+@pytest.mark.faults
+def test_sigterm_stops_the_demo_with_the_shell_s_code_and_nothing_left_behind(
+    tmp_path: Path, prefect_home_template: Path
+) -> None:
+    """SIGTERM (a CI runner, `kill`) ended the demo with 130, Ctrl-C's code: a supervisor could
+    not tell which it was sent."""
+    copy_prefect_home(prefect_home_template, tmp_path / "prefect")
+    run, pending = _start_demo(tmp_path, "--videos", "1")
+    try:
+        _wait_for(run, pending, "inference service SERVING", timeout_s=300)
+        run.process.send_signal(signal.SIGTERM)
+        assert run.process.wait(timeout=120) == 128 + signal.SIGTERM
+        while (line := pending.get(timeout=5)) is not None:
+            run.lines.append(line)
+        assert "interrupted: stopping everything this demo started" in run.output
+        assert marked_processes(MARKER, run.marker) == []
+    finally:
+        run.process.kill()
+        kill_marked_processes(MARKER, run.marker)
+
+
+def test_keep_ui_ends_with_an_error_once_its_prefect_server_exits(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--keep-ui waited for Ctrl-C for good after its Prefect server had died, with no UI left
+    to keep. Here the server is a process that exits with 3 after a second."""
+    from devstack.local_stack import LocalStack
+    from vidflow.demo import hold_ui_or_say_how
+
+    stack = LocalStack(tmp_path / "logs", prefect_home=tmp_path / "prefect")
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import time, sys; time.sleep(1); sys.exit(3)"]
+    )
+    stack.processes["prefect-server"] = server
+    started = time.monotonic()
+    assert hold_ui_or_say_how(stack, keep_ui=True) is False
+    assert server.returncode == 3 and time.monotonic() - started < 10
+    assert f"the Prefect server exited with 3; see {tmp_path / 'logs'}" in caplog.text
+
+
 def test_the_demo_without_its_sample_data_says_where_to_put_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

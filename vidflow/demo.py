@@ -62,6 +62,7 @@ from tasks.depth.settings import DepthSettings
 log = logging.getLogger("vidflow.demo")
 
 DEPLOYMENTS = ("depth-extraction/local", "stream-benchmark/local")
+UI_CHECK_EVERY_S = 1.0  # how soon --keep-ui sees that its Prefect server exited
 
 
 def sample_frames(out_dir: Path, per_video: int) -> list[Path]:
@@ -256,13 +257,20 @@ def print_where_to_look(
     )
 
 
-def hold_ui_or_say_how(stack: LocalStack, keep_ui: bool) -> None:
-    """Keep the Prefect UI up until Ctrl-C (--keep-ui), or say how to browse the runs later."""
+def hold_ui_or_say_how(stack: LocalStack, keep_ui: bool) -> bool:
+    """Keep the Prefect UI up until Ctrl-C (--keep-ui), or say how to browse the runs later.
+    False if the UI went away on its own: a server that exited ends the wait, which otherwise
+    went on for good with nothing left to show."""
     if keep_ui:
         print(f"\nThe Prefect UI stays up at {stack.ui_url}; Ctrl-C stops everything.")
-        # Ctrl-C is the expected way to end this mode: not a failure.
+        # Ctrl-C (or SIGTERM) is the expected way to end this mode: not a failure.
         with contextlib.suppress(KeyboardInterrupt):
-            signal.pause()
+            server = stack.processes["prefect-server"]
+            while server.poll() is None:
+                time.sleep(UI_CHECK_EVERY_S)
+            log.error("the Prefect server exited with %s; see %s", server.returncode,
+                      stack.logs_dir / "prefect-server.log")  # fmt: skip
+            return False
     else:
         print(
             "Everything this demo started is stopped as it ends. To browse the runs later:\n"
@@ -270,6 +278,7 @@ def hold_ui_or_say_how(stack: LocalStack, keep_ui: bool) -> None:
             f"{'' if stack.ui_port == 4200 else f' --port {stack.ui_port}'}"
             "  (or `make demo DEMO_ARGS=--keep-ui`)"
         )
+    return True
 
 
 def demo_steps(
@@ -298,10 +307,10 @@ def demo_steps(
     failed = print_depth_summary(lance_path, read_artifacts(stack.api_url, depth_run))
     print_stream_summary(read_artifacts(stack.api_url, stream_run))
     print_where_to_look(stack, lance_path, untrained, log_file, [depth_run, stream_run])
-    hold_ui_or_say_how(stack, args.keep_ui)
+    ui_held = hold_ui_or_say_how(stack, args.keep_ui)
     if failed:
         log.error("%d videos failed in depth extraction (see above and the Lance table)", failed)
-    return 1 if failed else 0
+    return 1 if failed or not ui_held else 0
 
 
 def stop_stack(stack: LocalStack, reaper: subprocess.Popen[bytes]) -> None:
@@ -339,9 +348,10 @@ def run_demo(args: argparse.Namespace, run_dir: Path, log_file: Path) -> int:
         cleanup.callback(stop_stack, stack, start_reaper(MARKER_VARIABLE, stack.stack_id))
         try:
             return demo_steps(args, run_dir, log_file, stack, cleanup)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             log.warning("interrupted: stopping everything this demo started")
-            return 130
+            # The shell's codes for a command ended by SIGTERM or SIGINT.
+            return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
         except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
             log.error("demo failed: %s", exc)
             return 1
@@ -388,8 +398,12 @@ def new_run_dir(runs_dir: Path) -> Path:
     raise FileExistsError(f"{runs_dir / stamp}: 999 runs this second")
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt is, so both stop the demo the same way."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C and SIGTERM (a CI runner, `kill`) stop the demo and all it started. SIGINT is set
     # explicitly: a shell starting the demo in the background hands it SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, _terminate)
     if dropped := demo_environment():
         log.warning("the demo runs its own inference service and broker: %s not used",
                     ", ".join(dropped))  # fmt: skip
