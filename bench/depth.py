@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from devstack.prefect_api import prefect_api
     from devstack.tiny_depth_pro import save_tiny_depth_pro
-    from tests.video_server import Serve, VideoServer
+    from devstack.video_server import Serve, VideoServer
 
     work = Path(tempfile.mkdtemp(prefix="vidflow-bench-depth-"))
     results: dict[str, Any] = {"benchmark": "depth", "cpu_count": os.cpu_count()}

@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 def measure_alternating(args: argparse.Namespace, modes: list[str], work: Path) -> dict[str, Any]:
     """The rounds, the peer and each vidflow mode in turn, on the same loopback videos."""
     from devstack.tiny_depth_pro import save_tiny_depth_pro
-    from tests.video_server import Serve, VideoServer
+    from devstack.video_server import Serve, VideoServer
 
     rounds: dict[str, list[dict[str, Any]]] = {} if args.no_peer else {"video2dataset": []}
     rounds.update({f"vidflow_{mode}": [] for mode in modes})

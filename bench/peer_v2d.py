@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from common.settings import SAMPLE_VIDEO
-    from tests.video_server import Serve, VideoServer
+    from devstack.video_server import Serve, VideoServer
 
     exit_on_sigterm()
     ensure_venv()  # outside the timed part: the first call installs (minutes)

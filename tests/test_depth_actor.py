@@ -17,6 +17,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+from devstack.video_server import Drip, VideoServer
 from flows.depth_extraction import depth_extraction
 from flows.ray_runner import ray_task_runner
 from flows.ray_start import local_ray_init_kwargs, private_ray_start
@@ -32,7 +33,6 @@ from tasks.depth.shard_tasks import (
 )
 from tasks.depth.video_record import VideoRecord, crash_prefix
 from tests.conftest import VIDEOS
-from tests.video_server import Drip, VideoServer
 
 CLIP = VIDEOS / "pool_cleaning.mp4"
 

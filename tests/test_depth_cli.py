@@ -17,8 +17,8 @@ from pathlib import Path
 import lance
 import pytest
 
+from devstack.video_server import Drip, Serve, VideoServer
 from tests.conftest import VIDEOS, copy_prefect_home
-from tests.video_server import Drip, Serve, VideoServer
 
 
 def _vidflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

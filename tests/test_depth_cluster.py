@@ -24,12 +24,12 @@ import pytest
 
 from common.net import free_port
 from devstack.ray_nodes import stop_ray_nodes
+from devstack.video_server import Serve, VideoServer
 from flows.depth_extraction import depth_extraction
 from flows.ray_runner import ray_task_runner
 from flows.ray_start import cluster_address, loopback_only_cluster, reaching_cluster, run_ray
 from tasks.depth.settings import DepthSettings
 from tests.conftest import VIDEOS
-from tests.video_server import Serve, VideoServer
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -19,6 +19,7 @@ import lance
 import pytest
 
 from common.files import STALE_PARTIAL_S, partial_path
+from devstack.video_server import Body, Drip, Serve, Stall, VideoServer
 from flows.depth_extraction import depth_extraction
 from flows.ray_runner import ray_task_runner
 from flows.ray_start import RAY_CLUSTER_ENV
@@ -26,7 +27,6 @@ from tasks.depth.download import DownloadError, RateFloor, download_many
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 from tests.conftest import VIDEOS
-from tests.video_server import Body, Drip, Serve, Stall, VideoServer
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIP = VIDEOS / "pool_cleaning.mp4"

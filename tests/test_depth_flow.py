@@ -26,6 +26,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.logging.handlers import APILogWorker
 
+from devstack.video_server import Body, Serve, Stall, Status, VideoServer
 from flows.depth_extraction import DepthRunFailedError, depth_extraction, outcome_message
 from flows.ray_runner import ray_task_runner
 from tasks.depth.dataset_settings import DatasetSettingsError
@@ -33,7 +34,6 @@ from tasks.depth.output_lock import OutputBusyError
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_sources import KINETICS_ID_FORMAT
 from tests.conftest import VIDEOS, output_held_by_another_run
-from tests.video_server import Body, Serve, Stall, Status, VideoServer
 
 KINETICS_CSV = VIDEOS.parent / "kinetics" / "kinetics-400_val.csv"
 URL_TEMPLATE = "{base}/val/{{youtube_id}}_{{time_start:06d}}_{{time_end:06d}}.mp4"

@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 from devstack.processes import kill_marked_processes, marked_processes
+from devstack.video_server import Serve, VideoServer
 from tests.conftest import VIDEOS, copy_prefect_home
-from tests.video_server import Serve, VideoServer
 
 CLIPS = [VIDEOS / "k400_arm_wrestling.mp4", VIDEOS / "pool_cleaning.mp4"]
 ORPHAN_GRACE_S = 180

@@ -32,6 +32,17 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from yarl import URL
 
+from devstack.video_server import (
+    Body,
+    Busy,
+    Cut,
+    Drip,
+    Redirect,
+    Serve,
+    Stall,
+    Status,
+    VideoServer,
+)
 from tasks.depth import redirects
 from tasks.depth.clip_window import ClipWindow, window_of, with_window
 from tasks.depth.depth_loader import load_depth_estimator, shared_estimator
@@ -60,17 +71,6 @@ from tasks.depth.video_sources import (
 )
 from tasks.depth.video_table import TableSchemaError, VideoTable, write_rows
 from tests.conftest import VIDEOS
-from tests.video_server import (
-    Body,
-    Busy,
-    Cut,
-    Drip,
-    Redirect,
-    Serve,
-    Stall,
-    Status,
-    VideoServer,
-)
 
 CLIP = VIDEOS / "pool_cleaning.mp4"
 KINETICS_CSV = VIDEOS.parent / "kinetics" / "kinetics-400_val.csv"

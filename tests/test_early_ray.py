@@ -17,10 +17,10 @@ from prefect import flow, task
 from prefect.settings import PREFECT_API_URL
 from ray._private import ray_constants
 
+from devstack.video_server import Serve, VideoServer
 from flows.ray_runner import ray_task_runner
 from flows.ray_start import early_ray
 from tests.conftest import VIDEOS
-from tests.video_server import Serve, VideoServer
 
 
 @task

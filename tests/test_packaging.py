@@ -494,7 +494,7 @@ def test_http_health_checks_answer_through_a_proxy_docker_hands_in() -> None:
     the server never turned healthy, and nothing that waits on it started. Each check runs
     here as written, against a loopback HTTP server, with a proxy that is down."""
     from common.net import free_port
-    from tests.video_server import Body, VideoServer
+    from devstack.video_server import Body, VideoServer
 
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
     checks = [services[name]["healthcheck"]["test"][-1] for name in ("prefect-server", "worker")]

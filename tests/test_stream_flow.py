@@ -31,6 +31,7 @@ from prefect.logging.handlers import APILogHandler
 
 from common.net import free_port
 from devstack.launcher import REPO_ROOT
+from devstack.video_server import Guarded, VideoServer
 from flows.stream_benchmark import stream_benchmark
 from flows.stream_failures import FramesUndeliveredError
 from flows.stream_settings import StreamBenchmarkSettings
@@ -43,7 +44,6 @@ from tests.kafka_helpers import (
     stream_benchmark_env,
     stream_benchmark_run,
 )
-from tests.video_server import Guarded, VideoServer
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """A real aiohttp server on 127.0.0.1 that serves video files and misbehaves on request.
 
-Used by the depth tests and `bench.depth`: each path has a behaviour (serve a file, 404, fail
-with 500 a few times first, serve something that is not a video, stall mid-body, drip bytes,
-ask for a login).
+Used by the depth tests and the depth benchmarks, which is why it lives here and not under
+tests/: the benchmarks run from an installed wheel too. Each path has a behaviour (serve a
+file, 404, fail with 500 a few times first, serve something that is not a video, stall
+mid-body, drip bytes, ask for a login).
 """
 
 from __future__ import annotations
