@@ -37,6 +37,8 @@ MARKER_VARIABLE = "VIDFLOW_STACK_ID"
 # This interpreter's Prefect: `make demo` runs without the venv on PATH.
 PREFECT_CLI = [sys.executable, "-m", "prefect"]
 FLOW_RUN_ID = re.compile(r"UUID:\s*([0-9a-f-]{36})")
+# The watcher's signals: the kernel's SIGTERM as its parent dies, the parent's "stand down".
+WATCHER_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
 
 
 def listens_on(pid: int, port: int) -> bool:
@@ -276,8 +278,16 @@ def start_reaper(variable: str, value: str) -> subprocess.Popen[bytes]:
         env={name: text for name, text in os.environ.items() if name != variable},
         stdin=subprocess.DEVNULL,
         start_new_session=True,  # Ctrl-C in the terminal does not reach it
-        preexec_fn=signal_on_parent_death,
+        preexec_fn=_watcher_start,
     )
+
+
+def _watcher_start() -> None:
+    """`preexec_fn` of the watcher: its two signals are held (the mask outlives exec) until it
+    waits for them. A parent SIGKILLed while the watcher still imported its modules (~0.3 s)
+    ended it by SIGTERM's default action, before any sweep."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, WATCHER_SIGNALS)
+    signal_on_parent_death()
 
 
 def stop_reaper(reaper: subprocess.Popen[bytes]) -> None:
@@ -292,14 +302,18 @@ def _reap(variable: str, value: str, parent_pid: int) -> None:
 
     The kernel signals when the thread that started the watcher dies; the rest of the parent
     may take a moment longer (getppid() says the parent until then). SIGUSR1 is the parent's
-    own "stop watching".
+    own "stop watching". Both are taken from the held set, never by a handler: one that came
+    between a check of the parent and a `pause()` left the watcher paused for good.
     """
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
-    signal.signal(signal.SIGUSR1, lambda _signum, _frame: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The parent may have died before the kernel was told to signal us: check once by hand.
-    if os.getppid() == parent_pid:
-        signal.pause()
+    signal.pthread_sigmask(signal.SIG_BLOCK, WATCHER_SIGNALS)  # held already, unless run by hand
+    # Polled too: the parent may have died before the kernel was told to signal us.
+    while os.getppid() == parent_pid:
+        taken = signal.sigtimedwait(WATCHER_SIGNALS, 1.0)
+        if taken is not None and taken.si_signo == signal.SIGUSR1:
+            return
+        if taken is not None:
+            break
     deadline = time.monotonic() + 10
     while os.getppid() == parent_pid and time.monotonic() < deadline:
         time.sleep(0.1)

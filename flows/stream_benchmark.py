@@ -30,7 +30,12 @@ from flows.stream_failures import (
     StreamRunFailedError,
     broker_lost,
 )
-from flows.stream_settings import StreamBenchmarkSettings
+from flows.stream_settings import (
+    FLOW_THREADS,
+    StreamBenchmarkSettings,
+    flow_consumer_settings,
+    flow_producer_settings,
+)
 from services.inference.client import (
     ServiceUnreachableError,
     wait_until_reachable,
@@ -38,7 +43,7 @@ from services.inference.client import (
 )
 from tasks.stream.consumer_summary import nothing_answered
 from tasks.stream.prefect_tasks import DRAIN_S, run_producer_and_group
-from tasks.stream.settings import ConsumerSettings, ProducerSettings, source_list
+from tasks.stream.settings import source_list
 from tasks.stream.topics import BrokerUnreachableError, check_broker
 
 log = logging.getLogger(__name__)
@@ -124,7 +129,11 @@ dead-lettered.
 """
 
 
-@flow(name="stream-benchmark", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
+@flow(
+    name="stream-benchmark",
+    log_prints=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=FLOW_THREADS),
+)
 def stream_benchmark(
     settings: StreamBenchmarkSettings | None = None,
 ) -> dict[str, Any] | State[dict[str, Any]]:
@@ -221,7 +230,7 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
     """The producer and the consumer group side by side on the run's topics: what the producer
     did, the group's merged summary, and the group's id."""
     kafka, client = settings.kafka, settings.client
-    consumer_settings = ConsumerSettings(
+    consumer_settings = flow_consumer_settings(
         group=settings.group or f"stream-benchmark-{uuid.uuid4().hex[:8]}",
         concurrency=settings.concurrency,
         duration=settings.duration + DRAIN_S,
@@ -231,7 +240,7 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
         # (and their age in the latencies). A group given by name goes on where it was.
         produced_since_ms=None if settings.group else int(time.time() * 1000),
     )
-    producer_settings = ProducerSettings(
+    producer_settings = flow_producer_settings(
         source=settings.source, fps=settings.fps, loop=settings.loop,
         max_frames=settings.max_frames, streams=settings.streams,
     )  # fmt: skip

@@ -42,16 +42,16 @@ from flows.stream_failures import (
     StepRunFailedError,
     StreamRunFailedError,
 )
-from flows.stream_settings import StreamBenchmarkSettings, refuse_live_for_capacity
+from flows.stream_settings import (
+    StreamBenchmarkSettings,
+    flow_consumer_settings,
+    flow_producer_settings,
+    refuse_live_for_capacity,
+)
 from tasks.stream.prefect_tasks import DRAIN_S, RUN_STOP, run_producer_and_group
 from tasks.stream.producer import open_source, target_fps
 from tasks.stream.results import read_records
-from tasks.stream.settings import (
-    ConsumerSettings,
-    KafkaSettings,
-    ProducerSettings,
-    source_list,
-)
+from tasks.stream.settings import KafkaSettings, source_list
 from tasks.stream.topics import BrokerUnreachableError, delete_topics
 
 # A step's consumers stop once they have answered every frame its producer delivered; this long
@@ -85,14 +85,14 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
     """One step: `streams` live cameras for step_seconds, read back from its results topic;
     and the step's topics left on the broker (`kept_topics`)."""
     kafka = step_kafka(sweep.kafka, streams, sweep.consumers)
-    consumer_settings = ConsumerSettings(
+    consumer_settings = flow_consumer_settings(
         group=f"capacity-{kafka.frames_topic}",
         concurrency=sweep.concurrency,
         duration=sweep.step_seconds + DRAIN_S,
         idle_timeout=IDLE_TIMEOUT_S,
         max_frame_age_ms=sweep.budget_ms,
     )
-    producer_settings = ProducerSettings(
+    producer_settings = flow_producer_settings(
         source=sweep.source, fps=sweep.fps, loop=True, streams=streams, stream_id="camera"
     )
     step = f"{streams} stream{'s' if streams > 1 else ''}: "  # task runs named by step and part

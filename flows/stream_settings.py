@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -20,7 +21,9 @@ from flows.capacity_rules import DEFAULT_BUDGET_MS, WARMUP_S
 from services.inference.settings import ClientSettings
 from tasks.stream.live_source import is_live
 from tasks.stream.settings import (
+    ConsumerSettings,
     KafkaSettings,
+    ProducerSettings,
     check_fps,
     shown_sources,
     source_list,
@@ -28,6 +31,25 @@ from tasks.stream.settings import (
 )
 
 OUTPUT_DIR_VARIABLE = "VIDFLOW_STREAM_OUTPUT_DIR"
+# Each consumer holds a thread of the flow's task runner for the whole run, beside the
+# producer's: with 16 consumers on 16 threads the producer waited for them to end, and the run
+# reported 0 frames/s as a success.
+MAX_CONSUMERS = 15
+FLOW_THREADS = MAX_CONSUMERS + 1
+# What defines a consumer's or producer's part in a run, and so is the flow's alone to say: the
+# fields the flow leaves out are these defaults, not `VIDFLOW_CONSUMER_*` / `VIDFLOW_PRODUCER_*`
+# (an exported VIDFLOW_CONSUMER_MAX_FRAMES=100 meant for `vidflow consume` stopped every
+# consumer of a sweep at 100 frames: "0 streams"). The rest, tuning such as the call deadline,
+# retries or JPEG quality, still comes from the environment as for the commands.
+FLOW_CONSUMER_RUN = {
+    "max_frames": None,
+    "summary_json": None,
+    "metrics_port": None,
+    "produced_since_ms": None,
+    "idle_timeout": None,
+    "max_frame_age_ms": None,
+}
+FLOW_PRODUCER_RUN = {"max_frames": None, "stream_id": None, "loop": False, "streams": 1}
 # A capacity step's shortest length: its first WARMUP_S s are not judged, and a stream's rate
 # needs a second of results after them (a 1-s step judged no frame: "0 streams" on any box).
 MIN_STEP_S = WARMUP_S + 1.0
@@ -75,7 +97,12 @@ class StreamBenchmarkSettings(BaseModel):
         description="replay --source as this many live cameras (as `produce --streams`); a "
         "camera's frames go to one partition, so N consumers need N cameras or more to share",
     )
-    consumers: int = Field(1, ge=1, description="members of the consumer group")
+    consumers: int = Field(
+        1,
+        ge=1,
+        le=MAX_CONSUMERS,
+        description="members of the consumer group (more run as `vidflow consume` processes)",
+    )
     concurrency: int = Field(8, ge=1, description="calls in flight per consumer")
     group: str | None = Field(None, description="consumer group id (default: a new one per run)")
     max_frame_age_ms: float | None = Field(
@@ -163,3 +190,13 @@ class StreamBenchmarkSettings(BaseModel):
 
 def _default(name: str) -> object:
     return StreamBenchmarkSettings.model_fields[name].get_default(call_default_factory=True)
+
+
+def flow_consumer_settings(**run: Any) -> ConsumerSettings:
+    """A consumer of the flow's own: `run` over FLOW_CONSUMER_RUN, tuning from the environment."""
+    return ConsumerSettings(**{**FLOW_CONSUMER_RUN, **run})
+
+
+def flow_producer_settings(**run: Any) -> ProducerSettings:
+    """The flow's producer: `run` over FLOW_PRODUCER_RUN, tuning from the environment."""
+    return ProducerSettings(**{**FLOW_PRODUCER_RUN, **run})

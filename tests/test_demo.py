@@ -239,6 +239,34 @@ def test_a_sigkilled_demo_leaves_nothing_behind(
         kill_marked_processes(MARKER, marker)
 
 
+WATCHED_PARENT = """
+import os, signal, subprocess, sys
+from devstack.local_stack import start_reaper
+variable, value = sys.argv[1], sys.argv[2]
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True,
+                 env={**os.environ, variable: value})
+start_reaper(variable, value)
+os.kill(os.getpid(), signal.SIGKILL)  # at once: the watcher is still importing its modules
+"""
+
+
+@pytest.mark.faults
+def test_a_parent_killed_as_its_watcher_starts_is_still_swept() -> None:
+    """The watcher's SIGTERM handler was set only after its imports (~0.3 s): a demo SIGKILLed
+    in that window killed its watcher by the signal's default action, and what it had started
+    (a Prefect server, in a session of its own) outlived both."""
+    marker = uuid.uuid4().hex
+    parent = subprocess.run([sys.executable, "-c", WATCHED_PARENT, MARKER, marker], cwd=REPO_ROOT)
+    try:
+        assert parent.returncode == -signal.SIGKILL
+        deadline = time.monotonic() + 30
+        while (left := marked_processes(MARKER, marker)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert left == [], "the marked child outlived its SIGKILLed parent"
+    finally:
+        kill_marked_processes(MARKER, marker)
+
+
 @pytest.mark.faults
 def test_sigterm_stops_the_demo_with_the_shell_s_code_and_nothing_left_behind(
     tmp_path: Path, prefect_home_template: Path

@@ -205,8 +205,12 @@ def _sweep(onnx_server, kafka, tmp_path: Path, **settings) -> StreamBenchmarkSet
 
 @pytest.mark.slow
 def test_a_short_sweep_records_table_chart_and_verdict(
-    prefect_api, kafka, onnx_server, tmp_path: Path
+    prefect_api, kafka, onnx_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # For `vidflow consume` and `produce`: a sweep's parts ignore them (found in review: every
+    # consumer stopped at 100 frames and the verdict read "0 streams").
+    monkeypatch.setenv("VIDFLOW_CONSUMER_MAX_FRAMES", "20")
+    monkeypatch.setenv("VIDFLOW_PRODUCER_MAX_FRAMES", "20")
     # The machine running the tests is shared and noisy, and speed is the benchmark's business:
     # a budget of 1 s checks the sweep's mechanics, not this machine's latency.
     settings = _sweep(
@@ -446,6 +450,8 @@ def test_a_sweep_waits_for_a_loading_service_to_serve_and_fails_if_it_never_does
         ({"step_seconds": 5, "max_streams": 4}, "--step-seconds, --max-streams does not apply"),
         ({"capacity": True, "step_seconds": 1.0}, "greater than or equal to 2"),
         ({"capacity": True, "source": "rtsp://10.0.0.5/live"}, "a live source runs at its own"),
+        # One thread each beside the producer's: more left it waiting for them to end.
+        ({"consumers": 16}, "less than or equal to 15"),
     ],
 )
 def test_a_knob_the_mode_would_ignore_is_refused(settings: dict, refused: str) -> None:
@@ -456,6 +462,7 @@ def test_a_knob_the_mode_would_ignore_is_refused(settings: dict, refused: str) -
     # the defaults, as the CLI and deployments pass them, are not refused
     StreamBenchmarkSettings(capacity=True, duration=30.0, keep_step_topics=False)
     StreamBenchmarkSettings(step_seconds=10.0, keep_step_topics=False)
+    assert stream_benchmark.task_runner._max_workers >= 15 + 1  # 15 consumers and the producer
 
 
 def test_the_producer_stops_as_soon_as_a_consumer_fails(kafka) -> None:

@@ -91,7 +91,14 @@ def test_a_run_whose_frames_the_broker_refused_fails_and_says_why(
     assert produced["delivered"] == 0 and produced["failed"] >= 28  # 2 s of the 28-fps clip
 
 
-def test_the_flow_records_its_figures_as_artifacts(prefect_api, kafka, onnx_server) -> None:
+def test_the_flow_records_its_figures_as_artifacts(
+    prefect_api, kafka, onnx_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Meant for `vidflow produce` and `consume`, not the flow's own parts (found in review: an
+    # exported VIDFLOW_CONSUMER_MAX_FRAMES stopped its consumers at that count).
+    for name, value in [("CONSUMER_MAX_FRAMES", "3"), ("PRODUCER_MAX_FRAMES", "5"),
+                        ("PRODUCER_STREAM_ID", "x")]:  # fmt: skip
+        monkeypatch.setenv(f"VIDFLOW_{name}", value)
     settings = StreamBenchmarkSettings(
         duration=5.0,
         fps="native",
