@@ -31,7 +31,7 @@ from tasks.depth.shard_tasks import (
     start_depth_actors,
     transcode_task,
 )
-from tasks.depth.video_record import VideoRecord, crash_prefix
+from tasks.depth.video_record import ERROR_CHARS, VideoRecord, crash_prefix
 from tests.conftest import VIDEOS
 
 CLIP = VIDEOS / "pool_cleaning.mp4"
@@ -323,7 +323,9 @@ def test_a_ray_error_is_reported_cause_first() -> None:
 
     @ray.remote
     def load_weights() -> None:
-        raise ValueError("header too large")
+        # A long text, as a chained error or Ray's out-of-memory table makes it.
+        table = "\n".join(f"pid {i}: 1.2 GiB python -m worker --shard {i}" for i in range(60))
+        raise ValueError("header too large") from OSError(table)
 
     with pytest.raises(ray.exceptions.RayTaskError) as caught:
         ray.get(load_weights.remote())
@@ -332,6 +334,12 @@ def test_a_ray_error_is_reported_cause_first() -> None:
     assert first == f"{crash_prefix('depth')}ValueError: header too large", reason
     assert "\x1b" not in reason, reason
     assert 'raise ValueError("header too large")' in rest  # the whole error follows
+    # The row keeps the head and the tail of a long one (its last 2,000 characters lost the
+    # prefix, so a rerun no longer knew the row for a crash).
+    assert len(reason) > ERROR_CHARS
+    stored = VideoRecord(video_id="v", source_url="http://h/v.mp4").fail("depth", reason).error
+    assert stored.startswith(f"{first}\n") and len(stored) <= ERROR_CHARS + 10
+    assert stored.endswith("ValueError: header too large"), stored[-200:]
 
 
 @pytest.mark.slow

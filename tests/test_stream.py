@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from pydantic import SecretStr
 
 from common.frames import load_encoded_images
 from common.net import free_port
+from common.stats import LATENCY_BUCKETS_S
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from tasks.stream.consumer import FrameConsumer
 from tasks.stream.consumer_summary import ConsumerSummary
@@ -445,6 +447,10 @@ def test_consumer_metrics_count_what_it_did(kafka, onnx_server) -> None:
     assert f"vidflow_consumer_frames_consumed_total {float(produced)}" in text
     assert f"vidflow_consumer_results_published_total {float(produced)}" in text
     assert 'vidflow_consumer_latency_seconds_count{stage="e2e"} ' + str(float(produced)) in text
+    # The service's buckets and two more (its 10-s one was dropped: 5 s jumped to 30 s, where
+    # a backlog's ages and the default call deadline fall).
+    bounds = re.findall(r'vidflow_consumer_latency_seconds_bucket\{le="([^"]+)",stage="e2e"', text)
+    assert bounds == [*map(str, LATENCY_BUCKETS_S), "30.0", "60.0", "+Inf"], bounds
 
 
 def test_consumer_metrics_listen_on_loopback_only_by_default(kafka) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -52,8 +53,9 @@ from tasks.stream.frame_codec import (
     encode_frame_headers,
     frame_key,
 )
-from tasks.stream.inference_caller import FRAME_TOO_LARGE, counts_against_frame
+from tasks.stream.inference_caller import EMPTY_ANSWER, FRAME_TOO_LARGE, counts_against_frame
 from tasks.stream.kafka_io import Membership, close_within, consumer_config, leave_group
+from tasks.stream.results import read_records
 from tasks.stream.settings import ConsumerSettings, KafkaSettings
 from tests.conftest import VIDEOS, fresh_topics
 from tests.kafka_helpers import committed_total, partition_ends, read_topic, result_keys
@@ -61,8 +63,10 @@ from tests.proc_helpers import children, is_running, listening_addresses
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"
 
-# What the test server does with one request: None classifies it, a status code fails it.
-Behaviour = Callable[[inference_pb2.ClassifyRequest, int], grpc.StatusCode | None]
+# What the test server does with one request: None classifies it, a status code fails it,
+# EMPTY answers OK with no prediction.
+EMPTY = "empty"
+Behaviour = Callable[[inference_pb2.ClassifyRequest, int], grpc.StatusCode | str | None]
 
 
 class ScriptedClassifier(inference_pb2_grpc.ClassifierServicer):
@@ -79,6 +83,8 @@ class ScriptedClassifier(inference_pb2_grpc.ClassifierServicer):
             attempt = self.calls[request.request_id]
         time.sleep(self.delay_s)
         code = self.behaviour(request, attempt)
+        if code == EMPTY:
+            return inference_pb2.ClassifyResponse(request_id=request.request_id)
         if code is not None:
             context.abort(code, f"scripted {code.name} for {request.request_id}")
         return inference_pb2.ClassifyResponse(
@@ -164,6 +170,80 @@ def test_a_poison_frame_is_dead_lettered_after_max_attempts_and_the_group_moves_
     committed = committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2)
     assert committed == len(keys)
     assert elapsed < 40  # the idle timeout (4 s) plus a group join, not a retry loop
+
+
+@pytest.mark.faults
+def test_an_answer_without_predictions_is_dead_lettered_and_the_group_moves_on(
+    kafka, scripted_service, video_frames: list[bytes]
+) -> None:
+    """A service that answers OK with no prediction (of another make, or broken) raised
+    IndexError out of the consumer's loop: no summary, and the same frame on every restart."""
+    empty = frame_key("cam-e", 3)
+    target, service = scripted_service(
+        lambda request, _attempt: EMPTY if request.request_id == empty else None
+    )
+    keys = _publish_frames(kafka, "cam-e", 12, video_frames[0])
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    summary = _consumer(kafka, target, group=group).run()
+    assert service.calls[empty] == 1 and summary.dlq == 1
+    assert summary.results_published == len(keys) - 1
+    [dead] = read_topic(kafka.bootstrap_servers, kafka.dlq_topic, expected=1)
+    headers = dict(dead.headers())
+    assert headers[HEADER_DLQ_STATUS] == EMPTY_ANSWER
+    assert "no predictions" in headers[HEADER_DLQ_REASON].decode()
+    assert committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) == len(keys)
+
+
+def test_the_round_trip_ends_when_the_call_does_not_when_the_loop_gets_to_it(
+    kafka, scripted_service, video_frames: list[bytes]
+) -> None:
+    """A stall of the consumer's loop (a rebalance's flush, a slow broker) was charged to the
+    service's round trip: `rpc_ms` was taken as the loop came to the answer. Here every pass
+    of the loop stalls 0.3 s, against a service that answers at once."""
+    target, _service = scripted_service(lambda _request, _attempt: None)
+    keys = _publish_frames(kafka, "cam-t", 8, video_frames[0])
+    member = _consumer(kafka, target, concurrency=8)
+    drain = member.caller.drain
+
+    def stalled_drain(timeout_s: float) -> None:
+        time.sleep(0.3)
+        drain(timeout_s)
+
+    member.caller.drain = stalled_drain
+    summary = member.run()
+    assert summary.results_published == len(keys)
+    records = read_records(kafka, kafka.results_topic)
+    assert len(records) == len(keys)
+    assert max(r.e2e_ms for r in records) >= 300  # the stall is there, end to end
+    assert sorted(r.rpc_ms for r in records)[len(records) // 2] < 150, records
+
+
+def test_the_progress_line_and_gauge_show_the_lag_falling_as_a_backlog_is_worked_off(
+    kafka, scripted_service, video_frames: list[bytes], monkeypatch, caplog
+) -> None:
+    """The lag the loop shows comes from the ends its fetches saw (asking the broker cost a
+    round trip per partition on the loop's thread): it must still be the backlog."""
+    from tasks.stream import consumer as consumer_module
+
+    monkeypatch.setattr(consumer_module, "PROGRESS_EVERY_S", 0.3)
+    target, _service = scripted_service(lambda _request, _attempt: None, delay_s=0.05)
+    keys = _publish_frames(kafka, "cam-l", 40, video_frames[0])
+    member = _consumer(kafka, target, concurrency=1)
+    gauges: list[float] = []
+    log_progress = consumer_module._log_progress
+
+    def seen(member_: FrameConsumer, elapsed_s: float) -> None:
+        log_progress(member_, elapsed_s)
+        gauges.append(member_.metrics.lag._value.get())
+
+    monkeypatch.setattr(consumer_module, "_log_progress", seen)
+    with caplog.at_level("INFO", logger="tasks.stream.consumer"):
+        summary = member.run()
+    assert summary.results_published == len(keys) and summary.lag == 0
+    said = [int(m) for m in re.findall(r"lag (\d+)$", caplog.text, re.MULTILINE)]
+    assert said == gauges[: len(said)] and len(said) >= 3, (said, gauges)
+    working = [lag for lag in said if lag > 0]
+    assert working and max(working) <= len(keys) and working == sorted(working, reverse=True)
 
 
 @pytest.mark.faults

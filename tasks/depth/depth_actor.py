@@ -45,8 +45,10 @@ class DepthActor:
         try:
             return estimate_depth_many(records, maps_dir, settings, self.estimator)
         finally:
-            self.busy = False
+            # Held before it reads idle: a call longer than the keep-alive left `ends_at` past,
+            # and the idle check between the two lines ended the actor, its answer lost.
             self._hold_for(self.keep_alive_s)
+            self.busy = False
 
     def keep_alive(self, keep_alive_s: float | None = None) -> None:
         """Restart the idle clock: a run holds this actor (its next depth call may be minutes

@@ -18,6 +18,7 @@ import pyarrow as pa
 from common.urls import stored_url
 
 Stage = Literal["input", "download", "transcode", "depth", "store"]
+ERROR_CHARS = 2000  # the most of an error a row keeps: enough for a table and a traceback's ends
 
 
 def crash_prefix(stage: str) -> str:
@@ -86,8 +87,12 @@ class VideoRecord:
 
         Error text quotes what servers sent: aiohttp keeps a reason phrase's or header's bytes
         that are not UTF-8 as lone surrogates, which Arrow refuses, and that one row failed its
-        whole shard's write. They are kept as `\\udcXX` escapes instead."""
-        readable = error[-2000:].encode("utf-8", "backslashreplace").decode("utf-8")
+        whole shard's write. They are kept as `\\udcXX` escapes instead. A long error keeps its
+        head and its tail: the head says the stage and the cause (`crash_reason`), the tail
+        where it was raised; its last 2,000 characters alone lost both prefix and cause."""
+        if len(error) > ERROR_CHARS:
+            error = f"{error[: ERROR_CHARS // 2]}\n[...]\n{error[-ERROR_CHARS // 2 :]}"
+        readable = error.encode("utf-8", "backslashreplace").decode("utf-8")
         return self.finish(status="failed", failed_stage=stage, error=readable)
 
     def finish(self, **changes: object) -> VideoRecord:

@@ -165,16 +165,19 @@ class FrameConsumer:
 
     def _admit_available(self) -> None:
         """Take messages while inference slots are free, at most ADMIT_PER_PASS of them."""
-        admitted = 0
+        taken = 0
         while (
             self.caller.busy < self.in_flight_limit
-            and admitted < ADMIT_PER_PASS
+            and taken < ADMIT_PER_PASS
             and not self._should_stop()
         ):
             message = self._consumer.poll(0 if self.caller.busy else 0.05)
             if message is None:
                 return
-            admitted += self._take(message)
+            # Every message counts, those passed over too: a backlog of an earlier run's frames
+            # was passed over in one pass, with no answer handled meanwhile.
+            taken += 1
+            self._take(message)
 
     def _take(self, message: Message) -> bool:
         """Admit a polled message; False for an error event or another run's frame."""
@@ -272,9 +275,9 @@ def _log_progress(member: FrameConsumer, elapsed_s: float) -> None:
     """The member's figures so far, every PROGRESS_EVERY_S in its log (and its lag gauge)."""
     summary = member.summary
     e2e = summarize_ms(summary.e2e_ms.recent)
-    lag = member.publisher.lag() if not member.broker.down else "unknown (broker down)"
-    if isinstance(lag, int):
-        member.metrics.lag.set(lag)
+    lag = member.publisher.lag(cached=True) if not member.broker.down else "unknown (broker down)"
+    # Unknown, not the last figure from before the broker went: that one read as current.
+    member.metrics.lag.set(lag if isinstance(lag, int) else float("nan"))
     log.info(
         "progress: %d consumed, %d results, %d stale, %d dlq, %d errors, %.1f fps, "
         "e2e p50 %.1f ms p99 %.1f ms (last 500), lag %s",

@@ -38,7 +38,7 @@ class ConsumerMetrics:
             "vidflow_consumer_latency_seconds",
             "Per-frame latency: inference (server), rpc (round trip), e2e (capture to result).",
             ["stage"],
-            buckets=(*LATENCY_BUCKETS_S[:-1], 30.0, 60.0),
+            buckets=(*LATENCY_BUCKETS_S, 30.0, 60.0),  # the service's, and a backlog's ages
             registry=self.registry,
         )
         self.in_flight = Gauge(

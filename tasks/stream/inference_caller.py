@@ -52,6 +52,10 @@ MISCONFIGURED = {
 }
 # The frame itself is the problem: retrying cannot help.
 DEAD_LETTER = {grpc.StatusCode.INVALID_ARGUMENT}
+# The status header of a frame the service answered OK without a prediction: a service of
+# another make, or a broken one (it raised IndexError in the consumer, which then met the same
+# frame on every restart).
+EMPTY_ANSWER = b"EMPTY_ANSWER"
 # Any other status (INTERNAL, UNKNOWN, DEADLINE_EXCEEDED, ...) may be a passing hiccup or a
 # frame the service cannot classify: retried up to --max-attempts, then dead-lettered, so one
 # poison frame cannot hold its partition's commit point for ever.
@@ -112,7 +116,7 @@ class InferenceCaller:
         self.max_in_flight = 0  # the most calls in flight at once so far
         self.service_answered = False  # set by the first call the service answered
         self.waiting_retry: deque[Call] = deque()
-        self._completions: queue.Queue[tuple[Call, grpc.Future]] = queue.Queue()
+        self._completions: queue.Queue[tuple[Call, grpc.Future, float]] = queue.Queue()
         self._channel = open_channel(target, tls_ca)  # TLS when the service's CA is given
         self._stub = inference_pb2_grpc.ClassifierStub(self._channel)
 
@@ -190,25 +194,25 @@ class InferenceCaller:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self.metrics.in_flight.set(self.in_flight)
-        future.add_done_callback(lambda done: self._completions.put((call, done)))
+        # Stamped as it ends, not as the loop comes to it (a stall was charged to the service).
+        future.add_done_callback(lambda f: self._completions.put((call, f, time.perf_counter())))
 
     def drain(self, timeout_s: float) -> None:
         """Handle every finished call; wait up to `timeout_s` for the first one."""
         while True:
             try:
                 if timeout_s:
-                    call, future = self._completions.get(timeout=timeout_s)
+                    call, future, ended_at = self._completions.get(timeout=timeout_s)
                 else:
-                    call, future = self._completions.get_nowait()
+                    call, future, ended_at = self._completions.get_nowait()
             except queue.Empty:
                 return
-            self._complete(call, future)
+            self._complete(call, future, ended_at - call.sent_at)
             timeout_s = 0
 
-    def _complete(self, call: Call, future: grpc.Future) -> None:
+    def _complete(self, call: Call, future: grpc.Future, rpc_s: float) -> None:
         self.in_flight -= 1
         self.metrics.in_flight.set(self.in_flight)
-        rpc_s = time.perf_counter() - call.sent_at
         try:
             response = future.result()
         except grpc.RpcError as exc:
@@ -217,6 +221,9 @@ class InferenceCaller:
         self.service_answered = True
         if not self._owns(call.message):
             return  # revoked while in flight: the new owner redoes it
+        if not response.predictions:  # OK with nothing in it: no label to publish, ever
+            _dead_letter_empty_answer(self.publisher, call.message)
+            return
         where = call.message.partition(), call.message.offset()
         self.publisher.result(call.message, classified_result(call.frame, response, rpc_s, *where))
 
@@ -296,3 +303,11 @@ def _channel_ready(channel: grpc.Channel, timeout_s: float, stop: threading.Even
         except grpc.FutureTimeoutError:
             if stop.is_set() or time.monotonic() >= deadline:
                 return False
+
+
+def _dead_letter_empty_answer(publisher: Publisher, message: Message) -> None:
+    publisher.dead_letter(
+        message,
+        "the service answered OK with no predictions (is --target a vidflow service?)",
+        ((HEADER_DLQ_STATUS, EMPTY_ANSWER),),
+    )

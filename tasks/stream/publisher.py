@@ -196,15 +196,17 @@ class Publisher:
             self.commit()
         self.offsets.forget(lost)
 
-    def lag(self) -> int:
+    def lag(self, cached: bool = False) -> int:
         """Messages between the commit points and the ends of the assigned partitions; a
         partition this member has not read from yet counts from the group's committed offset
-        (or its start, where the group has none)."""
+        (or its start, where the group has none). `cached`: the ends the fetches last saw,
+        asking the broker nothing, for the loop's progress line: asked, each partition was a
+        round trip on the loop's thread, a second each where its leader was gone."""
         ends: dict[tuple[str, int], tuple[int, int]] = {}
         for tp in self._consumer.assignment():
             with contextlib.suppress(Exception):  # unknown for now: left out
                 ends[(tp.topic, tp.partition)] = self._consumer.get_watermark_offsets(
-                    tp, timeout=1, cached=False
+                    tp, timeout=1, cached=cached
                 )
         positions = {key: self.offsets.commit_point(*key) for key in ends}
         unread = [TopicPartition(*key) for key, point in positions.items() if point is None]
