@@ -968,6 +968,87 @@ def test_a_model_s_nan_fails_its_video_and_depth_past_float16_is_clipped(tmp_pat
     assert np.isfinite(np.load(far.depth_path)).all()
 
 
+@pytest.fixture(scope="module")
+def tiny_depth_anything(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Depth Anything of random weights, made here: its processor keeps each frame's aspect
+    ratio (as DPT's does), unlike Depth Pro's, which resizes every frame to one square."""
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTImageProcessor,
+    )
+
+    folder = tmp_path_factory.mktemp("tiny-depth-anything")
+    backbone = Dinov2Config(
+        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+        image_size=56, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )  # fmt: skip
+    config = DepthAnythingConfig(
+        backbone_config=backbone, neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8,
+        head_hidden_size=8, reassemble_hidden_size=16, patch_size=14,
+    )  # fmt: skip
+    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(
+        size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14
+    ).save_pretrained(folder)
+    return folder
+
+
+def _wide_and_square(tmp_path: Path, settings: DepthSettings) -> list[VideoRecord]:
+    """The sample clip (4:3) and a square crop of it, transcoded: two shapes of frame."""
+    square = tmp_path / "square.mp4"
+    crop = [ffmpeg_exe(), "-v", "error", "-i", str(CLIP), "-vf", "crop=256:256", "-t", "2"]
+    subprocess.run([*crop, str(square)], check=True)
+    return [
+        transcode(_record(f"http://h/{name}.mp4", name).update(raw_path=str(raw)),
+                  tmp_path / "videos", settings)
+        for name, raw in (("wide", CLIP), ("square", square))
+    ]  # fmt: skip
+
+
+def test_videos_of_two_shapes_share_a_batch_of_a_model_that_keeps_their_aspect(
+    tmp_path: Path, tiny_depth_anything: Path
+) -> None:
+    """Depth Anything's processor cannot stack frames of two shapes: every batch that mixed a
+    16:9 and a 4:3 video failed all of its videos."""
+    settings = DepthSettings(
+        depth_model=str(tiny_depth_anything), depth_backend="torch", device="cpu",
+        frames="uniform:2", depth_batch_size=8, height=64,
+    )  # fmt: skip
+    done = estimate_depth_many(_wide_and_square(tmp_path, settings), tmp_path / "depth", settings)
+    assert [r.status for r in done] == ["ok", "ok"], [r.error for r in done]
+    assert np.load(done[0].depth_path).shape == (2, 64, 86)  # each at its frames' size
+    assert np.load(done[1].depth_path).shape == (2, 64, 64)
+
+
+class _FailsOnShape(_ConstantDepth):
+    """A stand-in model that fails on any call holding a frame of `shape` (a model's failure on
+    one video's frames cannot be had from the test's small model on demand)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__(1.0)
+        self.shape = shape
+
+    def estimate(self, frames_rgb: list[np.ndarray]) -> list[DepthMap]:
+        if any(frame.shape == self.shape for frame in frames_rgb):
+            raise RuntimeError("cannot take this one")
+        return super().estimate(frames_rgb)
+
+
+def test_a_model_failure_on_one_video_of_a_batch_fails_that_video_alone(tmp_path: Path) -> None:
+    """The whole batch, up to 8 videos, failed with it."""
+    settings = DepthSettings(frames="uniform:2", depth_batch_size=8, height=64, device="cpu")
+    videos = _wide_and_square(tmp_path, settings)
+    wide, square = estimate_depth_many(
+        videos, tmp_path / "depth", settings, _FailsOnShape((64, 64, 3))
+    )
+    assert wide.status == "ok", wide.error
+    assert square.failed and square.failed_stage == "depth"
+    assert square.error == "RuntimeError: cannot take this one"
+
+
 def test_all_frames_stream_through_batches_into_one_array_per_video(
     tmp_path: Path, tiny_depth_model: Path
 ) -> None:

@@ -191,11 +191,9 @@ class _Batcher:
         batch, self.frames = self.frames, []
         try:
             maps = self.estimator.estimate([frame for _, _, frame in batch])
-        except Exception as exc:  # a model failure fails the videos of this batch, as rows
+        except Exception as exc:  # each video of the batch again on its own: one fails, not all
             log.exception("depth model failed on a batch of %d frames", len(batch))
-            maps = [None] * len(batch)
-            for video, _, _ in batch:
-                video.error = video.error or f"{type(exc).__name__}: {exc}"
+            maps = self._video_by_video(batch, exc)
         for (video, index, _), depth in zip(batch, maps, strict=True):
             video.queued -= 1
             if depth is not None and video.error is None:
@@ -203,6 +201,26 @@ class _Batcher:
                     video.add(index, depth)
                 except OSError as exc:  # this video's file, not the model: the rest go on
                     video.fail(exc)
+
+    def _video_by_video(
+        self, batch: list[tuple[VideoDepth, int, np.ndarray]], failure: Exception
+    ) -> list[DepthMap | None]:
+        """The maps of a batch the model failed on (`failure`), each video's frames in a call
+        of their own; None for the frames of a video whose call failed too, its error set."""
+        maps: list[DepthMap | None] = [None] * len(batch)
+        videos = {id(video): video for video, _, _ in batch}
+        for key, video in videos.items():
+            positions = [i for i, (other, _, _) in enumerate(batch) if id(other) == key]
+            try:
+                if len(videos) == 1:  # the call just made: not again
+                    raise failure
+                found = self.estimator.estimate([batch[i][2] for i in positions])
+            except Exception as exc:  # a model failure fails this video, as a row
+                video.error = video.error or f"{type(exc).__name__}: {exc}"
+                continue
+            for position, depth in zip(positions, found, strict=True):
+                maps[position] = depth
+        return maps
 
 
 def estimate_depth_many(

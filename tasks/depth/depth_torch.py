@@ -43,10 +43,34 @@ class DepthEstimator:
         )
 
     def estimate(self, frames_rgb: list[np.ndarray]) -> list[DepthMap]:
-        """Depth of each frame, at the frame's own size."""
+        """Depth of each frame, at the frame's own size.
+
+        A processor that keeps the aspect ratio (Depth Anything, DPT) cannot stack frames of
+        two shapes, and a batch of a 16:9 and a 4:3 video failed both: such a batch goes
+        through the model one shape at a time (Depth Pro's processor resizes every frame to
+        one square, so its mixed batches stay whole)."""
+        try:
+            inputs = self.processor(images=frames_rgb, return_tensors="pt")
+        except ValueError:
+            if len({frame.shape for frame in frames_rgb}) == 1:
+                raise
+            return self._by_shape(frames_rgb)
+        return self._estimated(inputs, frames_rgb)
+
+    def _by_shape(self, frames_rgb: list[np.ndarray]) -> list[DepthMap]:
+        positions: dict[tuple[int, ...], list[int]] = {}
+        for position, frame in enumerate(frames_rgb):
+            positions.setdefault(frame.shape, []).append(position)
+        maps: dict[int, DepthMap] = {}
+        for group in positions.values():
+            frames = [frames_rgb[position] for position in group]
+            inputs = self.processor(images=frames, return_tensors="pt")
+            maps.update(zip(group, self._estimated(inputs, frames), strict=True))
+        return [maps[position] for position in range(len(frames_rgb))]
+
+    def _estimated(self, inputs: dict, frames_rgb: list[np.ndarray]) -> list[DepthMap]:
         import torch
 
-        inputs = self.processor(images=frames_rgb, return_tensors="pt")
         inputs = {
             name: value.to(self.device, self.dtype if value.is_floating_point() else value.dtype)
             for name, value in inputs.items()
