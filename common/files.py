@@ -83,6 +83,10 @@ def remove_stale_partials(
     return removed
 
 
+class FolderNotWritableError(ValueError):
+    """An output folder that cannot be made or written to (check_writable_folder)."""
+
+
 def check_writable_folder(folder: Path) -> None:
     """Make `folder` (and its parents) and write a file there, or raise ValueError saying why:
     a run that cannot write its output should fail before its first download, not with a
@@ -92,4 +96,4 @@ def check_writable_folder(folder: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".vidflow-write-check-"):
             pass
     except OSError as exc:
-        raise ValueError(f"cannot write to the output folder {folder}: {exc}") from exc
+        raise FolderNotWritableError(f"cannot write to the output folder {folder}: {exc}") from exc

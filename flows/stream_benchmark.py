@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from common.files import FolderNotWritableError, check_writable_folder
 from flows import artifact_keys
 from flows.run_failure import failed_state
 from flows.run_logs import logs_in_run
@@ -155,7 +156,10 @@ def stream_benchmark(
             if settings.capacity:
                 return capacity_sweep(settings)
             return _benchmark(settings)
-        except (StreamRunFailedError, BrokerUnreachableError, ServiceUnreachableError) as failure:
+        except (
+            StreamRunFailedError, BrokerUnreachableError, ServiceUnreachableError,
+            FolderNotWritableError,
+        ) as failure:  # fmt: skip
             return failed_state(failure)
 
 
@@ -164,11 +168,16 @@ def check_stack(settings: StreamBenchmarkSettings) -> None:
     would otherwise produce for its whole length (a sweep step after step) and fail at the end.
     A service still loading its model counts as there (a capacity sweep waits `load_wait_s` for
     it to serve). Checked once, at the start: a service
-    lost mid-sweep fails its steps, and the sweep still reports the ones it finished."""
+    lost mid-sweep fails its steps, and the sweep still reports the ones it finished. A sweep's
+    chart folder that cannot be written: FolderNotWritableError, before its first step."""
+    if settings.capacity:
+        check_writable_folder(settings.output_dir)
     check_broker(settings.kafka)
     client = settings.client
     status = wait_until_reachable(client.target, settings.service_wait_s, client.tls_ca)
-    if settings.capacity and status != "SERVING":  # its first steps would measure the loading
+    # Its first steps would measure the loading. A target with no health service (a proxy in
+    # front of it) is taken as it is, as one run and `loadtest` take it: it never says SERVING.
+    if settings.capacity and status not in ("SERVING", "UNIMPLEMENTED"):
         log.info("waiting up to %g s for the inference service at %s to load its model (%s)",
                  settings.load_wait_s, client.target, status)  # fmt: skip
         try:

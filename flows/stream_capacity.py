@@ -217,7 +217,7 @@ def capacity_report(
     verdict: str,
     rows: list[dict[str, Any]],
     png: bytes,
-    chart_path: Path,
+    chart_path: Path | None,
     sweep: StreamBenchmarkSettings,
 ) -> str:
     """The markdown artifact: the verdict, the rule, the chart inline and the sweep's table."""
@@ -236,11 +236,12 @@ skipped as stale (the consumers skip frames older than {sweep.budget_ms:g} ms) a
 has a result; frames captured in a step's first {WARMUP_S:g} s are warm-up, not judged (the
 `no_result` column counts the whole step). Each step:
 {sweep.step_seconds:g} s of live streams from `{sweep.shown_source}`, {sweep.consumers} consumer(s)
-with {sweep.concurrency} calls in flight each, against `{sweep.client.target}`.
+with at most {sweep.concurrency} calls in flight each (under the budget no more than the service
+works on at once, plus one), against `{sweep.client.target}`.
 
 ![per-stream fps and e2e p99 against live streams]({png_data_uri(png)})
 
-Chart file: `{chart_path}`
+Chart file: {f"`{chart_path}`" if chart_path else "not written (see the run's log)"}
 
 {table}
 """
@@ -340,18 +341,25 @@ def sweep_result(
         "budget_ms": sweep.budget_ms,
         "source": {"width": width, "height": height, "fps": fps},
         "steps": [{**s.as_dict(), "holds": holds(s, sweep.budget_ms)} for s in steps],
-        "chart": str(chart_path),
+        "chart": str(chart_path) if chart_path else None,
     }
 
 
-def publish_sweep(sweep: StreamBenchmarkSettings, steps: list[StepFigures], verdict: str) -> Path:
-    """The sweep's chart as a PNG file (its path returned), and its table and report as
-    artifacts of the flow run."""
+def publish_sweep(
+    sweep: StreamBenchmarkSettings, steps: list[StepFigures], verdict: str
+) -> Path | None:
+    """The sweep's chart as a PNG file (its path returned; None if it could not be written),
+    and its table and report as artifacts of the flow run."""
     png = capacity_chart_png(deciding_steps(steps), sweep.budget_ms, verdict)
-    sweep.output_dir.mkdir(parents=True, exist_ok=True)
     chart_name = f"capacity-{flow_run.id or uuid.uuid4().hex[:8]}.png"
-    chart_path = (sweep.output_dir / chart_name).resolve()
-    chart_path.write_bytes(png)
+    chart_path: Path | None = (sweep.output_dir / chart_name).resolve()
+    try:
+        sweep.output_dir.mkdir(parents=True, exist_ok=True)
+        chart_path.write_bytes(png)
+    except OSError as exc:  # a full disk: the sweep's record and verdict are not lost for it
+        get_run_logger().warning("the chart could not be written to %s (%s); it is in the "
+                                 "report artifact", chart_path, exc)  # fmt: skip
+        chart_path = None
     rows = sweep_rows(steps, sweep.budget_ms)
     create_table_artifact(key=artifact_keys.CAPACITY_TABLE, table=rows, description=verdict)
     create_markdown_artifact(

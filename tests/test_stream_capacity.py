@@ -26,6 +26,8 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
 )
 
+from common.files import FolderNotWritableError
+from common.net import free_port
 from devstack.launcher import REPO_ROOT
 from flows.artifact_keys import CAPACITY_REPORT as REPORT_KEY
 from flows.artifact_keys import CAPACITY_TABLE as TABLE_KEY
@@ -395,11 +397,13 @@ def test_the_chart_and_verdict_rest_on_each_count_s_last_try() -> None:
 @pytest.fixture
 def classify_less_service(request: pytest.FixtureRequest) -> Iterator[str]:
     """A real gRPC server on 127.0.0.1 that answers health checks with the status the test
-    names and no Classify (every call ends UNIMPLEMENTED): a service that is there but wrong."""
+    names and no Classify (every call ends UNIMPLEMENTED): a service that is there but wrong.
+    "NONE": no health service either (a proxy in front of a service answers so)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", getattr(health_pb2.HealthCheckResponse, request.param))
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if request.param != "NONE":
+        health_servicer = health.HealthServicer()
+        health_servicer.set("", getattr(health_pb2.HealthCheckResponse, request.param))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield f"127.0.0.1:{port}"
@@ -440,6 +444,38 @@ def test_a_sweep_waits_for_a_loading_service_to_serve_and_fails_if_it_never_does
     assert time.monotonic() - started >= 1.0  # waited for it
     one_run = settings.model_copy(update={"capacity": False})
     check_stack(one_run)  # one run counts a loading service as there: its calls wait for it
+
+
+def test_a_sweep_whose_chart_folder_cannot_be_written_fails_before_its_first_step(
+    prefect_api, kafka, tmp_path: Path
+) -> None:
+    """The whole sweep ran, then its chart's OSError lost the table, the report and the verdict
+    (and replaced a step's own failure)."""
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    settings = StreamBenchmarkSettings(
+        capacity=True, output_dir=taken / "charts", kafka=kafka,
+        client=ClientSettings(target=f"127.0.0.1:{free_port()}"),  # not reached: refused first
+    )  # fmt: skip
+    with pytest.raises(FolderNotWritableError, match="cannot write to the output folder"):
+        check_stack(settings)
+    state = stream_benchmark(settings=settings, return_state=True)
+    assert state.is_failed() and "cannot write to the output folder" in state.message
+
+
+@pytest.mark.parametrize("classify_less_service", ["NONE"], indirect=True)
+def test_a_sweep_takes_a_target_without_a_health_service_as_it_is(
+    kafka, classify_less_service: str
+) -> None:
+    """It waited `load_wait_s` (600 s by default) for SERVING from a target that has no health
+    service (UNIMPLEMENTED), then failed, where one run and `loadtest` take it as it is."""
+    settings = StreamBenchmarkSettings(
+        capacity=True, client=ClientSettings(target=classify_less_service), kafka=kafka,
+        load_wait_s=30.0,
+    )  # fmt: skip
+    started = time.monotonic()
+    check_stack(settings)
+    assert time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize(

@@ -185,10 +185,16 @@ def test_a_camera_named_by_a_variable_keeps_its_password_out_of_prefect(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM], ids=["ctrl-c", "hang-up", "sigterm"]
+)
 def test_ctrl_c_ends_a_stream_benchmark_early_with_its_report(
-    prefect_api, kafka, onnx_server, tmp_path: Path
+    prefect_api, kafka, onnx_server, tmp_path: Path, signum: signal.Signals
 ) -> None:
-    """Ctrl-C did nothing until the run's end, then left no report (flow run Crashed)."""
+    """Ctrl-C did nothing until the run's end, then left no report (flow run Crashed). A
+    closed terminal (SIGHUP) killed it silently, its flow run left Running: it stops as Ctrl-C
+    does. SIGTERM (Prefect's during a flow run: the run Crashed) went on producing for the
+    run's whole length before the command ended, with a traceback."""
     summary_json = tmp_path / "summary.json"
     command = stream_benchmark_run(
         kafka, onnx_server.target, "--duration", "120", "--summary-json", str(summary_json)
@@ -202,12 +208,16 @@ def test_ctrl_c_ends_a_stream_benchmark_early_with_its_report(
             assert time.monotonic() < deadline and run.poll() is None, run.stderr.read()
             time.sleep(0.5)
         interrupted_at = time.monotonic()
-        run.send_signal(signal.SIGINT)
+        run.send_signal(signum)
         _, err = run.communicate(timeout=60)
     finally:
         run.kill()
-    assert run.returncode == 0, err[-3000:]
     assert time.monotonic() - interrupted_at < 40  # the producer stopped; not 120 s of it
+    if signum == signal.SIGTERM:
+        assert run.returncode == 128 + signal.SIGTERM, err[-3000:]
+        assert "terminated (SIGTERM)" in err and "Traceback" not in err, err[-3000:]
+        return
+    assert run.returncode == 0, err[-3000:]
     assert "stopped early" in err
     outcome = json.loads(summary_json.read_text())
     produced = outcome["producer"]["frames_read"]

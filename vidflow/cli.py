@@ -240,6 +240,8 @@ def stream_benchmark_settings(args: argparse.Namespace) -> StreamBenchmarkSettin
 
 def _stream_benchmark(args: argparse.Namespace) -> int:
     with imports_without_gc():
+        from prefect.exceptions import TerminationSignal
+
         from devstack.prefect_api import prefect_api
         from flows.stream_benchmark import StreamRunFailedError, check_stack, stream_benchmark
         from tasks.stream.consumer import format_summary
@@ -250,14 +252,21 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     check_sources(settings.source)  # before a Prefect server starts and a group joins
     prepare_output_file(args.summary_json, "--summary-json")  # before the run, not after
     check_stack(settings)  # a broker or service that is not there: one line, no flow run
-    # Ctrl-C: the run ends its producing now and reports (a sweep: the steps it finished).
+    # Ctrl-C: the run ends its producing now and reports (a sweep: the steps it finished); a
+    # closed terminal too (SIGHUP killed it silently, its flow run left Running). SIGTERM is
+    # Prefect's during the flow run: the run ends Crashed, and the command exits 143.
     stop_on_signals(RUN_STOP)
+    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # not under `nohup`
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: RUN_STOP.set())
     failure: StreamRunFailedError | None = None
     try:
         with prefect_api(), foreground_heartbeats():
             outcome = stream_benchmark(settings=settings)
     except StreamRunFailedError as exc:  # the flow run failed; its report is recorded
         failure, outcome = exc, exc.outcome
+    except TerminationSignal:
+        log.error("terminated (SIGTERM): the flow run is recorded as Crashed, with no report")
+        return 128 + signal.SIGTERM
     if RUN_STOP.is_set():
         log.warning("stopped early: the figures cover the run until then")
     print(outcome["verdict"] if settings.capacity else format_summary(outcome["summary"]))

@@ -144,6 +144,9 @@ def run_producer_and_group(
     try:
         produced = producer_run.result()
     except BaseException:  # the members idle out on the frames sent: then the error is raised
+        # The producer stops too where the error is not its own (the flow's SIGTERM, a second
+        # Ctrl-C): it went on, and the members with it, for the run's whole length.
+        failed.set()
         input_end.set(None)
         for run in consumer_runs:
             run.wait(timeout=group.duration + 10.0)
