@@ -49,6 +49,16 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _listened_by(process: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether `process` is what listens on `port`: two brokers started a moment apart on one
+    free port had the second take the first's answer for its own, and use it."""
+    try:
+        from devstack.processes import listens_on
+    except ImportError:  # psutil comes with the flows extra: without it, taken as ours
+        return True
+    return listens_on(process.pid, port)
+
+
 def wait_for_port(
     host: str, port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None
 ) -> None:
@@ -60,9 +70,13 @@ def wait_for_port(
             raise BrokerError(f"broker exited at start with code {process.returncode}")
         try:
             with socket.create_connection((host, port), timeout=0.5):
-                return
+                pass
         except OSError:
             time.sleep(0.05)
+            continue
+        if process is None or _listened_by(process, port):
+            return
+        time.sleep(0.05)  # another process's listener: a broker started a moment before
     raise BrokerError(
         f"broker did not accept connections on {host_port(host, port)} in {timeout_s:.0f} s"
     )

@@ -8,7 +8,6 @@ that left the process group or outlived their parent. Nothing is left behind.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import os
@@ -23,12 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from common.net import free_port
 from common.processes import signal_on_parent_death, stop_process
 from devstack.launcher import REPO_ROOT
-from devstack.processes import kill_marked_processes
+from devstack.processes import kill_marked_processes, listens_on
 
 log = logging.getLogger("vidflow.stack")
 
@@ -39,21 +36,6 @@ PREFECT_CLI = [sys.executable, "-m", "prefect"]
 FLOW_RUN_ID = re.compile(r"UUID:\s*([0-9a-f-]{36})")
 # The watcher's signals: the kernel's SIGTERM as its parent dies, the parent's "stand down".
 WATCHER_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
-
-
-def listens_on(pid: int, port: int) -> bool:
-    """Whether process `pid`, or one it started, listens on TCP `port`."""
-    try:
-        root = psutil.Process(pid)
-        family = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return False
-    for process in family:
-        with contextlib.suppress(psutil.Error):
-            for connection in process.net_connections(kind="tcp"):
-                if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
-                    return True
-    return False
 
 
 def port_or_free(preferred: int) -> int:

@@ -80,3 +80,18 @@ def kill_marked_processes(variable: str, value: str, grace_s: float = 10) -> lis
     if stopped:
         log.info("stopped %d leftover processes of this run", len(stopped))
     return stopped
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid`, or one it started, listens on TCP `port`."""
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for process in family:
+        with contextlib.suppress(psutil.Error):
+            for connection in process.net_connections(kind="tcp"):
+                if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
+                    return True
+    return False

@@ -38,12 +38,27 @@ def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 
 @pytest.fixture
+def nothing_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refusal must come before Ray and a Prefect server start: the flow checks the same
+    things again, so without this the tests passed with the CLI's checks gone, only slower."""
+    import devstack.prefect_api
+    from vidflow import cli
+
+    def started(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("Ray or a Prefect server was started before the refusal")
+
+    monkeypatch.setattr(cli, "_ray_before_prefect", started)
+    monkeypatch.setattr(devstack.prefect_api, "prefect_api", started)
+
+
+@pytest.fixture
 def one_url(tmp_path: Path) -> Path:
     listing = tmp_path / "one.txt"
     listing.write_text(f"http://{CLOSED_PORT}/v.mp4\n")
     return listing
 
 
+@pytest.mark.usefixtures("nothing_starts")
 def test_depth_refuses_an_input_list_with_nothing_to_do(tmp_path: Path, capsys) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n\n")
@@ -56,12 +71,14 @@ def test_depth_refuses_an_input_list_with_nothing_to_do(tmp_path: Path, capsys) 
     assert "must be 0 or more" in _refused(["depth", "--urls", str(three), "--limit", "-1"], capsys)
 
 
+@pytest.mark.usefixtures("nothing_starts")
 def test_depth_refuses_a_csv_without_a_url_column(tmp_path: Path, capsys) -> None:
     listing = tmp_path / "videos.csv"
     listing.write_text("name,link\nclip,http://h/a.mp4\n")
     assert "needs a url column" in _refused(["depth", "--urls", str(listing)], capsys)
 
 
+@pytest.mark.usefixtures("nothing_starts")
 def test_depth_refuses_url_templates_it_cannot_fill(tmp_path: Path, capsys) -> None:
     kinetics = tmp_path / "k.csv"
     kinetics.write_text("label,youtube_id,time_start,time_end,split\nx,abc,1,11,val\n")
@@ -71,6 +88,7 @@ def test_depth_refuses_url_templates_it_cannot_fill(tmp_path: Path, capsys) -> N
     assert f"--url-template on {kinetics}:2" in err
 
 
+@pytest.mark.usefixtures("nothing_starts")
 def test_depth_refuses_a_backend_device_pair_and_a_missing_model_folder_first(
     one_url: Path, tmp_path: Path, capsys
 ) -> None:
@@ -83,6 +101,7 @@ def test_depth_refuses_a_backend_device_pair_and_a_missing_model_folder_first(
     assert f"depth model folder {missing} does not exist" in err
 
 
+@pytest.mark.usefixtures("nothing_starts")
 def test_depth_refuses_an_output_it_cannot_write_and_an_odd_height(
     one_url: Path, tmp_path: Path, tiny_depth_model: Path, capsys
 ) -> None:
@@ -95,6 +114,7 @@ def test_depth_refuses_an_output_it_cannot_write_and_an_odd_height(
     assert "multiple of 2" in _refused(["depth", "--urls", str(one_url), "--height", "361"], capsys)
 
 
+@pytest.mark.usefixtures("nothing_starts")
 def test_depth_refuses_an_output_folder_another_run_writes_to(
     one_url: Path, tmp_path: Path, tiny_depth_model: Path, capsys
 ) -> None:
@@ -109,6 +129,7 @@ def test_depth_refuses_an_output_folder_another_run_writes_to(
         check_output_free(output)
 
 
+@pytest.mark.usefixtures("nothing_starts")
 def test_depth_refuses_settings_that_differ_from_the_datasets_in_its_folder(
     one_url: Path, tmp_path: Path, tiny_depth_model: Path, capsys
 ) -> None:
@@ -271,6 +292,22 @@ def test_the_broker_says_why_tansu_would_not_start_at_once_and_takes_ipv6(capsys
             assert admin.list_topics(timeout=10).brokers  # a Kafka client reaches it
         finally:
             broker.stop()
+
+
+def test_a_broker_whose_port_another_process_took_meanwhile_fails_instead_of_using_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The port was free when checked and another listener's by the time Tansu bound it (two
+    demos started a moment apart): the start took that listener for its broker, and streamed
+    into the other one's topics."""
+    from devstack import broker as broker_module
+
+    monkeypatch.setattr(broker_module, "_check_port_free", lambda _host, _port: None)  # the race
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        with pytest.raises(broker_module.BrokerError, match="broker exited at start"):
+            start_broker(holder.getsockname()[1], timeout_s=10)
 
 
 def test_consume_refuses_a_metrics_port_that_is_taken(kafka, capsys) -> None:

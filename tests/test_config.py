@@ -50,9 +50,14 @@ def test_a_wait_python_cannot_wait_for_is_refused_with_the_setting_named(
 def test_boolean_flags(monkeypatch) -> None:
     args = build_parser().parse_args(["serve", "--strict-device"])
     assert settings_from_args(InferenceSettings, args).strict_device is True
+    args = build_parser().parse_args(["serve"])
+    assert settings_from_args(InferenceSettings, args).strict_device is False  # the default
     monkeypatch.setenv("VIDFLOW_INFERENCE_STRICT_DEVICE", "true")
     args = build_parser().parse_args(["serve"])
     assert settings_from_args(InferenceSettings, args).strict_device is True
+    # The flag's "no" form overrides the variable: a False given must not read as not given.
+    args = build_parser().parse_args(["serve", "--no-strict-device"])
+    assert settings_from_args(InferenceSettings, args).strict_device is False
 
 
 def test_a_flow_run_takes_each_setting_the_caller_left_out_from_the_environment(
@@ -199,6 +204,23 @@ def test_kafka_tls_and_sasl_settings_reach_the_clients_and_the_password_stays_hi
         ensure_topics(secured, ["t"], 3.0)
     topic = f"{kafka.frames_topic}-plain"
     assert ensure_topics(kafka, [topic]) == [topic]
+    # The producer's and the consumers' clients take them too (only the admin path was shown).
+    from confluent_kafka import Consumer, KafkaException
+
+    from tasks.stream.kafka_io import consumer_config, make_producer
+
+    producer = make_producer(secured)
+    producer.produce(topic, b"frame")
+    assert producer.flush(3.0) == 1  # not delivered: the plaintext broker refuses the client
+    member = Consumer(consumer_config(secured, "g"))
+    try:
+        with pytest.raises(KafkaException):
+            member.list_topics(topic, timeout=3.0)
+    finally:
+        member.close()
+    plain = make_producer(kafka)
+    plain.produce(topic, b"frame")
+    assert plain.flush(10.0) == 0  # the same call without them is delivered
     monkeypatch.delenv("VIDFLOW_KAFKA_SASL_PASSWORD")
     with pytest.raises(ValueError, match="VIDFLOW_KAFKA_SASL_PASSWORD"):
         settings_from_args(KafkaSettings, args)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -512,9 +513,13 @@ def test_the_demo_reaches_its_services_past_a_proxy_and_uses_none_of_the_user_s(
 
     app = web.Application()
     app.router.add_post("/api/x", answer)
+    # urlopen's opener reads the proxies once, when first built: an earlier call in this
+    # process (with none set) made one that would pass whatever the demo sets.
+    monkeypatch.setattr(urllib.request, "_opener", None)
     with serve_in_thread(app) as port:
         assert demo_environment() == ["VIDFLOW_INFERENCE_HOST", "VIDFLOW_KAFKA_SECURITY_PROTOCOL"]
         assert post_json(f"http://127.0.0.1:{port}/api/x", {"a": 1}) == {"got": {"a": 1}}
+    assert "127.0.0.1" in os.environ["no_proxy"].split(",")  # the lower-case one wins in urllib
     assert os.environ["NO_PROXY"].startswith("corp.example,")  # the user's entries kept
     assert os.environ["VIDFLOW_DEPTH_FRAMES"] == "first"
     assert os.environ["VIDFLOW_INFERENCE_DEVICE"] == "cpu"
