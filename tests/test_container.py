@@ -29,6 +29,7 @@ from common.net import free_port
 from common.settings import SAMPLE_VIDEO
 from services.inference.client import classify_files, health_status
 from services.inference.models import imagenet_class_names
+from tests.conftest import EXPECTED_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
 # The base image ci/podman-setup.sh builds with debootstrap (no registry can be pulled from).
@@ -135,7 +136,7 @@ def inference_image(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Itera
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_inference_image_serves_reports_health_and_stops_on_sigterm(
-    inference_image: str, tmp_path: Path
+    inference_image: str, tmp_path: Path, photos: dict[str, bytes]
 ) -> None:
     podman = shutil.which("podman")
     assert podman is not None
@@ -183,6 +184,14 @@ def test_inference_image_serves_reports_health_and_stops_on_sigterm(
             (p.score for p in predictions), reverse=True
         )
         assert result.response.model_name == "efficientnet_lite0"
+        # Right, not only valid: an export with random weights, or preprocessing that swapped
+        # the colours, still answered five ImageNet labels in order.
+        cat = tmp_path / "cat.png"
+        cat.write_bytes(photos["cat"])
+        (named,) = classify_files(target, [cat], top_k=1)
+        assert (
+            named.error is None and named.response.predictions[0].label in EXPECTED_CLASSES["cat"]
+        ), named
         print(
             f"top-5 of {SAMPLE_VIDEO.name}: {[(p.label, round(p.score, 3)) for p in predictions]}"
         )

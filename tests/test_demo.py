@@ -8,6 +8,7 @@ starts inherits a marker in its environment; none may be left once it exits.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -200,6 +201,16 @@ def test_ctrl_c_ends_the_demo_with_nothing_left_behind(demo: DemoRun) -> None:
     assert marked_processes(MARKER, demo.marker) == []
 
 
+def _marked_with(text: str, marker: str) -> list[int]:
+    """The demo's marked processes whose command line holds `text`."""
+    found = []
+    for pid in marked_processes(MARKER, marker):
+        with contextlib.suppress(psutil.Error):
+            if text in " ".join(psutil.Process(pid).cmdline()):
+                found.append(pid)
+    return found
+
+
 @pytest.mark.faults
 @pytest.mark.parametrize("stopping", [False, True], ids=["running", "while-stopping"])
 def test_a_sigkilled_demo_leaves_nothing_behind(
@@ -214,6 +225,11 @@ def test_a_sigkilled_demo_leaves_nothing_behind(
     process, marker = run.process, run.marker
     try:
         _wait_for(run, pending, "running depth-extraction/local", timeout_s=600)
+        if not stopping:  # killed once the flow run has started its Ray, not before it
+            deadline = time.monotonic() + 180
+            while not _marked_with("raylet", marker):
+                assert time.monotonic() < deadline, "the depth run never started its Ray"
+                time.sleep(0.2)
         started = marked_processes(MARKER, marker)
         assert len(started) >= 4, started  # server, worker, service, broker (and the watcher)
         if stopping:  # killed in its stop, once the first of its watcher or worker ends

@@ -46,6 +46,16 @@ class Postgres:
     bin_dir: Path
     as_user: list[str]
 
+    def query(self, sql: str) -> set[str]:
+        """The first column of `sql`'s rows, read with psql."""
+        port = self.url.rsplit(":", 1)[1].split("/")[0]
+        psql = [str(self.bin_dir / "psql"), "-h", "127.0.0.1", "-p", port, "-U", "prefect"]
+        done = subprocess.run(
+            [*self.as_user, *psql, "-d", "postgres", "-tAc", sql],
+            check=True, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        return set(done.stdout.split())
+
     def pg_ctl(self, *args: str) -> None:
         subprocess.run(
             [*self.as_user, str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), *args],
@@ -180,7 +190,9 @@ def test_both_deployments_on_postgres_behind_auth_survive_a_server_restart(
         api.wait_for(stream_run, {"RUNNING"} | FINAL_STATES, timeout_s=180)
         time.sleep(5)  # into the run: tasks started, figures being recorded
         assert api.state(stream_run) == "RUNNING", "the restart must fall inside the run"
+        before = stack.processes["prefect-server"]
         stack.restart_server()
+        assert before.poll() is not None and stack.processes["prefect-server"].pid != before.pid
         assert api.wait_for(stream_run, FINAL_STATES, timeout_s=300) == "COMPLETED"
 
         # Nothing recorded before the restart is gone, and the stream run's figures are there.
@@ -193,6 +205,10 @@ def test_both_deployments_on_postgres_behind_auth_survive_a_server_restart(
             "/artifacts/filter", {"flow_runs": {"id": {"any_": [stream_run]}}}
         )
         assert any(artifact["key"] == "stream-benchmark-report" for artifact in stream_artifacts)
+        # All of it in PostgreSQL: a connection URL the server did not read left it on SQLite
+        # under PREFECT_HOME, and every check above held there too.
+        assert not (tmp_path / "prefect" / "prefect.db").exists()
+        assert {depth_run, stream_run} <= postgres.query("SELECT id FROM flow_run")
     finally:
         leftovers = stack.stop()
         if broker is not None:
