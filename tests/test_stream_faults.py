@@ -44,6 +44,7 @@ from flows.stream_settings import StreamBenchmarkSettings
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.settings import ClientSettings
 from tasks.stream.consumer import FrameConsumer
+from tasks.stream.consumer_summary import ConsumerSummary, merge_summaries
 from tasks.stream.frame_codec import (
     HEADER_DLQ_ATTEMPTS,
     HEADER_DLQ_REASON,
@@ -244,6 +245,37 @@ def test_the_progress_line_and_gauge_show_the_lag_falling_as_a_backlog_is_worked
     assert said == gauges[: len(said)] and len(said) >= 3, (said, gauges)
     working = [lag for lag in said if lag > 0]
     assert working and max(working) <= len(keys) and working == sorted(working, reverse=True)
+
+
+@pytest.mark.faults
+def test_a_member_joining_mid_run_gets_no_frame_twice_and_every_frame_has_an_outcome(
+    kafka, scripted_service, video_frames: list[bytes]
+) -> None:
+    """A rebalance revokes every partition, and a join takes seconds: the calls in flight then
+    ended in it, their answers were dropped, the next owner classified those frames again, and
+    the summaries counted them "unanswered". Now the revoke waits for them."""
+    target, service = scripted_service(lambda _request, _attempt: None, delay_s=0.3)
+    keys = [*_publish_frames(kafka, "cam-h", 40, video_frames[0]),
+            *_publish_frames(kafka, "cam-j", 40, video_frames[0])]  # fmt: skip
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    summaries: dict[str, ConsumerSummary] = {}
+    first = _consumer(kafka, target, group=group, concurrency=8, idle_timeout=8.0)
+    running = threading.Thread(target=lambda: summaries.setdefault("first", first.run()))
+    running.start()
+    deadline = time.monotonic() + 60
+    while sum(service.calls.values()) < 12:  # calls in flight when the second member joins
+        assert time.monotonic() < deadline and running.is_alive()
+        time.sleep(0.05)
+    summaries["second"] = _consumer(
+        kafka, target, group=group, concurrency=8, idle_timeout=8.0
+    ).run()
+    running.join(60)
+    merged = merge_summaries(list(summaries.values()))
+    assert merged.unanswered == 0 and merged.handed_over == 0, merged.as_dict()
+    copies = Counter(result_keys(read_topic(kafka.bootstrap_servers, kafka.results_topic,
+                                            expected=len(keys))))  # fmt: skip
+    assert set(copies) == set(keys) and set(copies.values()) == {1}, copies
+    assert sum(service.calls.values()) == len(keys)  # none classified twice
 
 
 @pytest.mark.faults

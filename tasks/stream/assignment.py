@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
@@ -26,6 +27,9 @@ class Assignment:
         self.assigned_at: float | None = None  # idle time counts only once partitions are ours
         self._paused: list[TopicPartition] = []
         self._polled_at = 0.0  # when poll_paused last polled
+        # Run as partitions go, while they are still ours: the consumer publishes the answers
+        # of its calls in flight first (consumer._hand_over).
+        self.before_revoke: Callable[[], None] = lambda: None
 
     def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned_at = time.monotonic()
@@ -36,6 +40,7 @@ class Assignment:
     def on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what is delivered for the partitions lost; their frames go to the next owner."""
         self.membership.revoked()  # first: a commit that fails below must not hide the revoke
+        self.before_revoke()
         lost = {(p.topic, p.partition) for p in partitions}
         self.publisher.revoke(list(lost))
         self.owned -= lost

@@ -59,6 +59,7 @@ CLOSE_GRACE_S = 5.0  # leaving waits this long beyond the session timeout (leave
 # Messages taken per pass of the loop at most: skipping a backlog of stale frames needs no
 # inference slot, and completions must still be handled meanwhile.
 ADMIT_PER_PASS = 256
+REVOKE_WAIT_S = 2.0  # the longest a rebalance waits for this member's calls in flight
 STUCK_S = 2.0  # no frame taken this long at the in-flight limit: stuck (_poll_while_full)
 
 
@@ -93,6 +94,7 @@ class FrameConsumer:
         self.caller = InferenceCaller(
             target, tls_ca, settings, self.publisher, self.assignment.owns
         )
+        self.assignment.before_revoke = lambda: _hand_over(self)
         self.in_flight_limit = settings.concurrency  # lowered under a budget (see caller)
         self._limit_pending = settings.max_frame_age_ms is not None  # until the service answers
         self._started = self._last_message_at = 0.0
@@ -174,9 +176,7 @@ class FrameConsumer:
             message = self._consumer.poll(0 if self.caller.busy else 0.05)
             if message is None:
                 return
-            # Every message counts, those passed over too: a backlog of an earlier run's frames
-            # was passed over in one pass, with no answer handled meanwhile.
-            taken += 1
+            taken += 1  # passed over too: a backlog was passed over in one pass, no answer handled
             self._take(message)
 
     def _take(self, message: Message) -> bool:
@@ -269,6 +269,19 @@ class FrameConsumer:
             wait_s = self.kafka.session_timeout_ms / 1000 + CLOSE_GRACE_S
             leave_group(self._consumer, self.membership, wait_s, lambda: self.broker.down)
         self.caller.close()
+
+
+def _hand_over(member: FrameConsumer) -> None:
+    """As its partitions go (a rebalance), while they are still its own: the member waits up to
+    REVOKE_WAIT_S for its calls in flight and publishes their answers, which the revoke then
+    commits. It dropped them (a join takes seconds, and every call ended in it), and the next
+    owner classified those frames again; frames still unanswered go to it, counted."""
+    if member.broker.down:  # nothing could be published or committed
+        return
+    deadline = time.monotonic() + REVOKE_WAIT_S
+    member.caller.drain(timeout_s=0)
+    while member.caller.in_flight and time.monotonic() < deadline:
+        member.caller.drain(timeout_s=0.05)
 
 
 def _log_progress(member: FrameConsumer, elapsed_s: float) -> None:

@@ -22,6 +22,8 @@ class ConsumerSummary:
     dlq: int = 0
     errors: int = 0
     retries: int = 0
+    # Consumed, then revoked before an outcome: the partition's next owner gives it one.
+    handed_over: int = 0
     duration_s: float = 0.0
     lag: int | None = 0  # None: unknown (the broker was gone at the end)
     broker_error: str | None = None
@@ -36,8 +38,10 @@ class ConsumerSummary:
 
     @property
     def unanswered(self) -> int:
-        """Frames consumed whose result (or dead-letter copy) was never delivered."""
-        return max(0, self.frames_consumed - self.results_published - self.skipped_stale - self.dlq)
+        """Frames consumed whose result (or dead-letter copy) was never delivered, and not left
+        to the partition's next owner by a rebalance."""
+        outcomes = self.results_published + self.skipped_stale + self.dlq + self.handed_over
+        return max(0, self.frames_consumed - outcomes)
 
     @property
     def skipped_fraction(self) -> float:
@@ -54,6 +58,7 @@ class ConsumerSummary:
             "dlq": self.dlq,
             "errors": self.errors,
             "retries": self.retries,
+            "handed_over": self.handed_over,
             "fps": round(self.fps, 2),
             "duration_s": round(self.duration_s, 3),
             "lag": self.lag,
@@ -72,6 +77,7 @@ def merge_summaries(summaries: list[ConsumerSummary]) -> ConsumerSummary:
     for summary in summaries:
         for name in (
             "frames_consumed", "results_published", "skipped_stale", "dlq", "errors", "retries",
+            "handed_over",
         ):  # fmt: skip
             setattr(merged, name, getattr(merged, name) + getattr(summary, name))
         if merged.lag is not None:

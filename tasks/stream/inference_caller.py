@@ -219,8 +219,8 @@ class InferenceCaller:
             self._failed(call, exc)
             return
         self.service_answered = True
-        if not self._owns(call.message):
-            return  # revoked while in flight: the new owner redoes it
+        if self._handed_over(call):
+            return
         if not response.predictions:  # OK with nothing in it: no label to publish, ever
             _dead_letter_empty_answer(self.publisher, call.message)
             return
@@ -233,8 +233,8 @@ class InferenceCaller:
         code = exc.code()
         self.summary.errors += 1
         self.metrics.errors.labels(code.name.lower()).inc()
-        if not self._owns(call.message):
-            return  # revoked while in flight: the new owner redoes it
+        if self._handed_over(call):
+            return
         call.attempt += 1
         if code in MISCONFIGURED and code not in self._misconfigured_seen:
             self._misconfigured_seen.add(code)
@@ -246,14 +246,7 @@ class InferenceCaller:
         if counts_against_frame(code, exc.details() or ""):
             call.counted += 1
         if code in DEAD_LETTER or call.counted >= self.settings.max_attempts:
-            self.publisher.dead_letter(
-                call.message,
-                f"{code.name}: {exc.details()} (attempts: {call.attempt})",
-                (
-                    (HEADER_DLQ_STATUS, code.name.encode()),
-                    (HEADER_DLQ_ATTEMPTS, str(call.attempt).encode()),
-                ),
-            )
+            _dead_letter_failed(self.publisher, call, code, exc.details() or "")
             return
         self.summary.retries += 1
         backoff_s = jittered_backoff_s(
@@ -278,13 +271,20 @@ class InferenceCaller:
         now = time.monotonic()
         for _ in range(len(self.waiting_retry)):
             call = self.waiting_retry.popleft()
+            if self._handed_over(call):  # no longer counted busy while its backoff runs
+                continue
             if call.retry_at <= now and not stopping():
-                if not self._owns(call.message):
-                    continue  # revoked while waiting: the new owner redoes it
                 if not self._skipped_as_stale(call):
                     self._send(call)
             else:
                 self.waiting_retry.append(call)
+
+    def _handed_over(self, call: Call) -> bool:
+        """Whether the frame's partition was revoked: its next owner redoes it, counted so."""
+        if self._owns(call.message):
+            return False
+        self.summary.handed_over += 1
+        return True
 
     def close(self) -> None:
         """Close the channel; calls still in flight are cancelled and stay uncommitted."""
@@ -310,4 +310,17 @@ def _dead_letter_empty_answer(publisher: Publisher, message: Message) -> None:
         message,
         "the service answered OK with no predictions (is --target a vidflow service?)",
         ((HEADER_DLQ_STATUS, EMPTY_ANSWER),),
+    )
+
+
+def _dead_letter_failed(
+    publisher: Publisher, call: Call, code: grpc.StatusCode, details: str
+) -> None:
+    publisher.dead_letter(
+        call.message,
+        f"{code.name}: {details} (attempts: {call.attempt})",
+        (
+            (HEADER_DLQ_STATUS, code.name.encode()),
+            (HEADER_DLQ_ATTEMPTS, str(call.attempt).encode()),
+        ),
     )
