@@ -247,6 +247,27 @@ def test_the_progress_line_and_gauge_show_the_lag_falling_as_a_backlog_is_worked
     assert working and max(working) <= len(keys) and working == sorted(working, reverse=True)
 
 
+def test_a_member_that_stops_with_a_retry_due_sends_it_before_it_commits(
+    kafka, scripted_service, video_frames: list[bytes]
+) -> None:
+    """A frame waiting out its backoff as the member stopped (--max-frames, a Ctrl-C) was left
+    unsent: its partition's commit point stayed behind it, and every answered frame after it
+    was classified again by the next member."""
+    hiccup = frame_key("cam-s", 5)
+    target, service = scripted_service(
+        lambda request, attempt: (
+            grpc.StatusCode.INTERNAL if request.request_id == hiccup and attempt == 1 else None
+        ),
+        delay_s=0.05,
+    )
+    keys = _publish_frames(kafka, "cam-s", 12, video_frames[0])
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    summary = _consumer(kafka, target, group=group, concurrency=8, max_frames=12).run()
+    assert service.calls[hiccup] == 2 and summary.retries == 1
+    assert summary.results_published == len(keys) and summary.unanswered == 0
+    assert committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) == len(keys)
+
+
 @pytest.mark.faults
 def test_a_member_joining_mid_run_gets_no_frame_twice_and_every_frame_has_an_outcome(
     kafka, scripted_service, video_frames: list[bytes]

@@ -122,7 +122,7 @@ class FrameConsumer:
         self._started = self._last_message_at = time.monotonic()
         try:
             self._loop()
-            self._finish_in_flight()
+            _finish_in_flight(self)
         except BrokerLostError as exc:
             self.summary.broker_error = str(exc)
         finally:
@@ -237,19 +237,6 @@ class FrameConsumer:
             return False  # before the input ends, no message as none can come yet
         return now - max(self._last_message_at, assigned_at, self._last_busy_at) >= idle
 
-    def _finish_in_flight(self, timeout_s: float | None = None) -> None:
-        """Let calls in flight complete; frames still waiting to retry stay uncommitted."""
-        deadline = time.monotonic() + (timeout_s or self.settings.rpc_timeout_s + 5)
-        while self.caller.in_flight and time.monotonic() < deadline:
-            self.caller.drain(timeout_s=0.05)
-            self.publisher.poll()
-            self.broker.check()
-        if self.caller.busy:
-            log.warning(
-                "stopping with %d frames unfinished; their offsets stay uncommitted",
-                self.caller.busy,
-            )
-
     def _close(self) -> None:
         """Deliver and commit (publisher), then leave the group and close the channel.
 
@@ -269,6 +256,25 @@ class FrameConsumer:
             wait_s = self.kafka.session_timeout_ms / 1000 + CLOSE_GRACE_S
             leave_group(self._consumer, self.membership, wait_s, lambda: self.broker.down)
         self.caller.close()
+
+
+def _finish_in_flight(member: FrameConsumer) -> None:
+    """Let calls in flight complete, and send again the frames waiting to retry for a failure of
+    their own: one left waiting held its partition's commit point back, and every answered frame
+    after it was classified again by the next owner. Frames waiting out the service's outage
+    stay uncommitted."""
+    caller = member.caller
+    deadline = time.monotonic() + member.settings.rpc_timeout_s + 5
+    while time.monotonic() < deadline and (
+        caller.in_flight or any(not call.outage for call in caller.waiting_retry)
+    ):
+        caller.resend_due(stopping=lambda: False)
+        caller.drain(timeout_s=0.05)
+        member.publisher.poll()
+        member.broker.check()
+    if caller.busy:
+        log.warning("stopping with %d frames unfinished; their offsets stay uncommitted",
+                    caller.busy)  # fmt: skip
 
 
 def _hand_over(member: FrameConsumer) -> None:

@@ -88,6 +88,7 @@ class Call:
     counted: int = 0  # failed calls that count towards --max-attempts (not the service's outages)
     sent_at: float = 0.0
     retry_at: float = 0.0
+    outage: bool = False  # its last failure was the service's (down, misconfigured), not its own
 
 
 class InferenceCaller:
@@ -243,8 +244,8 @@ class InferenceCaller:
                 "and may this consumer call it? Frames wait, uncommitted, for one that answers",
                 self.target, code.name, exc.details(),
             )  # fmt: skip
-        if counts_against_frame(code, exc.details() or ""):
-            call.counted += 1
+        call.outage = not counts_against_frame(code, exc.details() or "")
+        call.counted += not call.outage
         if code in DEAD_LETTER or call.counted >= self.settings.max_attempts:
             _dead_letter_failed(self.publisher, call, code, exc.details() or "")
             return
