@@ -182,7 +182,9 @@ def prepare_output(settings: DepthSettings) -> VideoTable:
     record_dataset_settings(settings.output, settings)
     table = VideoTable(settings.output)
     table.create()
-    orphans = sum(map(remove_stale_partials, OutputLayout(settings.output).file_folders))
+    # The output's root too: a run killed as it wrote its Parquet left a copy of the table.
+    folders = [settings.output, *OutputLayout(settings.output).file_folders]
+    orphans = sum(map(remove_stale_partials, folders))
     if orphans:
         get_run_logger().info("removed %d partial files left by earlier runs", orphans)
     return table

@@ -315,9 +315,12 @@ def test_a_rerun_of_a_reordered_list_finds_each_url_its_own_row(
         # What a run killed with SIGKILL an hour ago left half written: the next run sweeps it.
         orphan = partial_path(settings.output / "raw" / "gone.mp4")
         orphan.write_bytes(b"half a video")
-        os.utime(orphan, (time.time() - STALE_PARTIAL_S - 60,) * 2)
+        table_copy = partial_path(settings.output / "videos.parquet")  # killed as it exported
+        table_copy.write_bytes(b"half a table")
+        for left in (orphan, table_copy):
+            os.utime(left, (time.time() - STALE_PARTIAL_S - 60,) * 2)
         two = flow(urls=str(listing), settings=settings)
-        assert not orphan.exists()
+        assert not orphan.exists() and not table_copy.exists()
         after = lance.dataset(settings.output / "videos.lance").to_table().to_pylist()
         requests = dict(server.requests)
 

@@ -20,6 +20,7 @@ from tasks.depth.depth_onnx import (
     OnnxDepthEstimator,
     OnnxUnsupportedError,
     export_depth_onnx,
+    export_key,
 )
 from tasks.depth.depth_torch import DepthEstimator
 from tasks.depth.frame_choice import read_frames
@@ -193,6 +194,10 @@ def test_exporters_started_together_export_the_model_once(
     import threading
 
     made: list[Path] = []
+    # What an exporter killed mid-export (an OOM kill) left: ~2 GB for good, for the full model.
+    left = tmp_path / "cache" / f".depth-pro-{export_key(tiny_depth_model)}.k1ll3d"
+    left.mkdir(parents=True)
+    (left / "model.onnx").write_bytes(b"half a graph")
 
     def export() -> None:
         made.append(export_depth_onnx(tiny_depth_model, tmp_path / "cache"))
@@ -205,3 +210,4 @@ def test_exporters_started_together_export_the_model_once(
             exporter.join(180)
     assert len(made) == 2 and made[0] == made[1] and made[0].is_file()
     assert caplog.text.count("exporting depth model") == 1, caplog.text
+    assert not left.exists()

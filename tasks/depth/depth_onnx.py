@@ -142,8 +142,14 @@ def export_depth_onnx(model_dir: Path, cache_dir: Path) -> Path:
     # exported the full model at once (several GB of memory each), and an OOM kill restarted
     # them to export again. The others wait, then find the export made.
     with open(cache_dir / f".{target.name}.lock", "a") as lock:
-        with contextlib.suppress(OSError):  # a file system without locks: each exports
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: each exports
+            pass
+        else:  # the only exporter now: a folder of an earlier one was left by its kill
+            for left in cache_dir.glob(f".{target.name}.*"):
+                if left.is_dir():  # an OOM kill mid-export left ~2 GB for good
+                    shutil.rmtree(left, ignore_errors=True)
         if (target / MODEL_FILE).is_file():
             return target / MODEL_FILE
         return _export(model_dir, cache_dir, target)
