@@ -96,6 +96,7 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
         source=sweep.source, fps=sweep.fps, loop=True, streams=streams, stream_id="camera"
     )
     step = f"{streams} stream{'s' if streams > 1 else ''}: "  # task runs named by step and part
+    summary = None
     try:
         produced, summary = run_producer_and_group(
             kafka, producer_settings, sweep.step_seconds, consumer_settings, sweep.consumers,
@@ -123,8 +124,9 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
             raise StepBrokerLostError(f"the broker was lost after the step of {step[:-2]} "
                                       f"({exc.args[0].str()})") from exc  # fmt: skip
     except BaseException:  # a lost broker, a failed member: the run fails, its frames go
-        if not sweep.keep_step_topics:  # the dead letters stay
-            delete_topics(kafka, [kafka.frames_topic, kafka.results_topic], timeout_s=5.0)
+        if not sweep.keep_step_topics:  # dead letters stay; a topic known to hold none does not
+            no_letters = [kafka.dlq_topic] if summary is not None and not summary.dlq else []
+            delete_topics(kafka, [kafka.frames_topic, kafka.results_topic, *no_letters], 5.0)
         raise
     figures = step_figures(
         streams,

@@ -426,6 +426,11 @@ def test_a_sweep_whose_frames_the_service_never_classifies_fails_instead_of_find
     with pytest.raises(NothingAnsweredError, match=r"classified none of the \d+ frames") as failed:
         state.result()
     assert failed.value.outcome["steps"] == [] and failed.value.outcome["capacity"] == 0
+    # Its failed steps left no topic behind: the dead-letter topic holds no letter either.
+    topics = AdminClient({"bootstrap.servers": kafka.bootstrap_servers}).list_topics(timeout=10)
+    steps = tuple(f"{name}-" for name in (kafka.frames_topic, kafka.results_topic, kafka.dlq_topic))
+    left = [t for t in topics.topics if t.startswith(steps)]
+    assert left == [], left
 
 
 @pytest.mark.parametrize("classify_less_service", ["NOT_SERVING"], indirect=True)
