@@ -757,6 +757,47 @@ def _admitted_within(stub: inference_pb2_grpc.ClassifierStub, image: bytes, limi
 
 
 @pytest.mark.slow
+def test_reflection_streams_past_their_limit_are_refused_and_checks_still_answer(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """A reflection stream needs no token and lasts as long as its client stays: 320 of them,
+    idle after one request, took every place of the server, and its health checks and
+    Classify calls were refused by gRPC itself. At most 16 reflect at once."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    server = start_server(tmp_path, model_cache)
+    server.wait_serving()
+    idle = threading.Event()
+
+    def one_request_then_idle() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        idle.wait(60)
+
+    method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            reflect = channel.stream_stream(
+                method, reflection_pb2.ServerReflectionRequest.SerializeToString,
+                reflection_pb2.ServerReflectionResponse.FromString,
+            )  # fmt: skip
+            streams = [reflect(one_request_then_idle(), timeout=60) for _ in range(20)]
+            answers: Counter = Counter()
+            for call in streams:
+                try:
+                    answers["listed" if next(call).list_services_response else "other"] += 1
+                except grpc.RpcError as refused:
+                    answers[refused.code()] += 1
+            assert answers == {"listed": 16, grpc.StatusCode.RESOURCE_EXHAUSTED: 4}, answers
+            assert health_status(server.target, timeout_s=5) == "SERVING"  # 16 reflecting
+            idle.set()
+            for call in streams:
+                call.cancel()
+    finally:
+        idle.set()
+        assert server.terminate() == 0
+
+
+@pytest.mark.slow
 def test_health_watches_past_their_limit_are_refused_and_checks_still_answer(
     tmp_path: Path, model_cache: Path
 ) -> None:

@@ -86,8 +86,9 @@ def _pem_problem(cert: bytes, key: bytes, error: ssl.SSLError) -> str:
 # GetModelInfo, reflection, and calls being refused (a burst of 40 watches with 32 here had
 # some refused by gRPC's own limit, whose message says nothing of what to do).
 OTHER_CALLS_ROOM = 64
-# Health watches may take a quarter of that room: the rest stays for checks, however many watch.
-MAX_HEALTH_WATCHES = OTHER_CALLS_ROOM // 4
+# Health watches may take a quarter of that room, reflection streams another: the rest stays
+# for checks, however many watch or reflect.
+MAX_HEALTH_WATCHES = MAX_REFLECTION_STREAMS = OTHER_CALLS_ROOM // 4
 # Threads that run health checks, GetModelInfo and the start of health watches at once (calls
 # waiting for their request do not hold one: request_wait.py).
 CHECK_THREADS = 4
@@ -203,7 +204,7 @@ async def _serve_until(
 ) -> None:
     metrics = ServiceMetrics()
     service = InferenceService(settings, metrics)
-    calls = CallTracker(max_watches=MAX_HEALTH_WATCHES)
+    calls = CallTracker(max_watches=MAX_HEALTH_WATCHES, max_reflections=MAX_REFLECTION_STREAMS)
     checks = checks_pool(settings)
     server, health_servicer, grpc_port = _grpc_server(settings, service, calls, checks)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 # A health Watch streams until its client leaves: it is no work to drain, and shutdown must not
 # wait for it (clients that check health on the client side keep one on every connection).
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+REFLECTION_INFO = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 
 Behaviour = Callable[..., Any]
 
@@ -81,8 +82,12 @@ class CallTracker(grpc.ServerInterceptor):
     checks, so its probe read it as dead.
     """
 
-    def __init__(self, max_watches: int | None = None) -> None:
+    def __init__(self, max_watches: int | None = None, max_reflections: int | None = None) -> None:
         self.max_watches = max_watches
+        # Reflection streams last as long as their clients stay too (no token needed, none
+        # idles out): 320 of them, sending nothing, took every place the server has, and health
+        # checks and Classify were refused by gRPC itself.
+        self.max_reflections, self._reflections = max_reflections, 0
         self._lock = threading.Lock()
         # Guarded by `_lock`:
         self.open = 0
@@ -107,6 +112,8 @@ class CallTracker(grpc.ServerInterceptor):
             return handler
         if handler_call_details.method == HEALTH_WATCH:
             return handler._replace(unary_stream=self._watched(handler.unary_stream))
+        if handler_call_details.method == REFLECTION_INFO and self.max_reflections is not None:
+            handler = handler._replace(stream_stream=self._limited(handler.stream_stream))
         kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
         return handler._replace(
             **{
@@ -154,6 +161,27 @@ class CallTracker(grpc.ServerInterceptor):
 
         watch.experimental_non_blocking = True  # type: ignore[attr-defined]
         return watch
+
+    def _limited(self, behaviour: Behaviour) -> Behaviour:
+        """A reflection stream, refused past `max_reflections` open at once."""
+
+        def stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            with self._lock:
+                refused = self._reflections >= (self.max_reflections or 0)
+                self._reflections += not refused
+            if refused:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the server holds its limit of {self.max_reflections} reflection streams, "
+                    "which keeps room for health checks: try again when one ends",
+                )
+            try:
+                yield from behaviour(requests, context)
+            finally:
+                with self._lock:
+                    self._reflections -= 1
+
+        return _like(behaviour, stream)
 
     def _forget(self, watch: _Watch) -> None:
         """Its call has closed: its thread ends (grpc's servicer may not have told it yet)."""
