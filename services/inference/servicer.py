@@ -19,7 +19,7 @@ import functools
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 import grpc
 
@@ -53,6 +53,8 @@ NO_ANSWER = ClassifyResponse()  # returned by a handler whose call has ended: ne
 # the wait, 1 in 4 runs of a test counted a call that outlived its deadline as INVALID_ARGUMENT.
 END_OF_CALL_S = 0.05
 CANCEL_WAIT_S = 1.0  # the most a handler waits for the call pool's watchdog to end its call
+# How the watchdog ends a call waiting for its request: idle, or to make room (made_room).
+_ENDED_WAIT = {False: grpc.StatusCode.DEADLINE_EXCEEDED, True: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 class InferenceService(inference_pb2_grpc.ClassifierServicer):
@@ -132,6 +134,8 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             raise ModelNotReadyError("the model is still loading; retry when health is SERVING")
         started = time.perf_counter()
         if self.max_batch_size == 1:  # on this thread: no hand-off, as the plain server
+            if not context.is_active():  # ended as it waited for this thread: no model run
+                raise CancelledError
             pixels = self.settings.max_image_pixels
             result = BatchResult(run_batch(model, [request.image], pixels)[0], 0.0, 1)
             self.metrics.batch_size.observe(1)
@@ -187,17 +191,11 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         except grpc.RpcError:  # the call ended first: nobody to answer
             _count_ended_wait(self.metrics, wait, context)
             return NO_ANSWER
-        if wait.cancelled:  # ended by the watchdog as its request came: once it has ended it
-            _count_ended_wait(self.metrics, wait, context)  # (else an empty OK went out)
-            ends_within(context, CANCEL_WAIT_S)
+        if wait.cancelled:  # ended by the watchdog as its request came
+            _end_cancelled_wait(self.metrics, wait, context)
             return NO_ANSWER
         if request is None:  # half-closed without a request, or ending
-            if not ends_within(context, END_OF_CALL_S):
-                self.metrics.requests.labels("Classify", "INVALID_ARGUMENT").inc()
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, "the call carried no ClassifyRequest"
-                )
-            self.metrics.requests.labels("Classify", cancelled_code(context).name).inc()
+            _end_without_request(self.metrics, context)
             return NO_ANSWER
         return self.Classify(request, context)
 
@@ -282,6 +280,22 @@ def add_classifier(service: InferenceService, server: grpc.Server) -> None:
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+def _end_cancelled_wait(metrics: ServiceMetrics, wait: Wait, context: grpc.ServicerContext) -> None:
+    """Counted, once the watchdog has ended the call (else an empty OK went out); an end that
+    is late is made here, with the watchdog's status: never an empty OK either."""
+    _count_ended_wait(metrics, wait, context)
+    if not ends_within(context, CANCEL_WAIT_S):
+        context.abort(_ENDED_WAIT[wait.made_room], "the call was ended as its request came")
+
+
+def _end_without_request(metrics: ServiceMetrics, context: grpc.ServicerContext) -> None:
+    """A call half-closed without its request (INVALID_ARGUMENT), or ending (counted so)."""
+    if not ends_within(context, END_OF_CALL_S):
+        metrics.requests.labels("Classify", "INVALID_ARGUMENT").inc()
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no ClassifyRequest")
+    metrics.requests.labels("Classify", cancelled_code(context).name).inc()
 
 
 def _count_ended_wait(metrics: ServiceMetrics, wait: Wait, context: grpc.ServicerContext) -> None:
