@@ -336,6 +336,40 @@ def test_model_info(onnx_server) -> None:
     assert len(info.weights_sha256) == 64
 
 
+@pytest.mark.slow
+def test_a_call_s_wait_for_a_thread_counts_in_its_latency(
+    tmp_path: Path, model_cache: Path, photos
+) -> None:
+    """On the direct path (no batching) 2 threads run the model and the other calls wait in
+    the pool's queue: that wait was counted nowhere ("queue" 0, "total" the model's time), so
+    the metrics of 24 clients on 2 threads read as those of one."""
+    server = start_server(tmp_path, model_cache, "--backend", "onnx", "--batching", "off")
+    try:
+        server.wait_serving()
+        channel, stub = _stub(server.target)
+        request = inference_pb2.ClassifyRequest(image=photos["cat"])
+        with channel:
+            stub.Classify(request, timeout=30)  # warm
+            _, before = _http_get(f"{server.http_url}/metrics")
+            calls = [stub.Classify.future(request, timeout=60) for _ in range(24)]
+            queued_ms = [call.result().timings.queue_ms for call in calls]
+        _, after = _http_get(f"{server.http_url}/metrics")
+    finally:
+        server.terminate()
+
+    def mean_s(stage: str) -> float:
+        count, total = (
+            _metric(after, f"vidflow_inference_stage_seconds_{part}", stage=stage)
+            - _metric(before, f"vidflow_inference_stage_seconds_{part}", stage=stage)
+            for part in ("count", "sum")
+        )
+        assert count == 24
+        return total / count
+
+    assert max(queued_ms) > 0 and mean_s("queue") > 0
+    assert mean_s("total") > 3 * mean_s("inference"), (mean_s("total"), mean_s("inference"))
+
+
 def test_metrics_count_requests_by_status(onnx_server, photos) -> None:
     _, before = _http_get(f"{onnx_server.http_url}/metrics")
     channel, stub = _stub(onnx_server.target)

@@ -299,6 +299,24 @@ def test_a_member_joining_mid_run_gets_no_frame_twice_and_every_frame_has_an_out
     assert sum(service.calls.values()) == len(keys)  # none classified twice
 
 
+def test_a_result_too_large_to_send_is_a_failed_delivery_not_a_crash(kafka) -> None:
+    """A result or stale record over --max-message-bytes (a small limit, a long stream id)
+    raised librdkafka's error out of the consumer's loop: a traceback and no summary. Only a
+    dead letter raises it, for its path to send a smaller copy."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    small = kafka.model_copy(update={"max_message_bytes": 1000})
+    member = _consumer(small, f"127.0.0.1:{free_port()}")
+    failed: list[KafkaError] = []
+    record = b"r" * 5000
+    member.publisher._publish(small.results_topic, b"k", record, None,
+                              lambda error, _message: failed.append(error))  # fmt: skip
+    assert [error.code() for error in failed] == [KafkaError.MSG_SIZE_TOO_LARGE]
+    with pytest.raises(KafkaException):
+        member.publisher._publish(small.dlq_topic, b"k", record, None, lambda *_: None,
+                                  smaller_copies=True)  # fmt: skip
+
+
 @pytest.mark.faults
 def test_a_result_the_broker_refuses_for_good_stops_the_member_before_it_passes_its_offset(
     kafka, scripted_service, video_frames: list[bytes]

@@ -41,14 +41,25 @@ _warned_at = -WARN_EVERY_S
 log = logging.getLogger(__name__)
 
 
+_current = threading.local()  # the work a pool thread runs now: when it came (queued_since)
+
+
+def queued_since() -> float | None:
+    """When the call the calling pool thread runs came to its pool (perf_counter); None off
+    a pool thread. Its wait in the queue counts in its latency."""
+    return getattr(_current, "queued_at", None)
+
+
 @dataclass
 class _Work:
     future: futures.Future[Any]
     run: Callable[[], Any]
+    queued_at: float = field(default_factory=time.perf_counter)
 
     def __call__(self) -> None:
         if not self.future.set_running_or_notify_cancel():
             return
+        _current.queued_at = self.queued_at
         try:
             result = self.run()
         except BaseException as exc:  # handed to the future, as ThreadPoolExecutor does

@@ -119,27 +119,23 @@ class Publisher:
             self.metrics.dead_lettered.inc()
 
         copies = deque(dead_letter_copies(message, reason, extra_headers))
-        publish = functools.partial(self._publish, self.kafka.dlq_topic)
+        publish = functools.partial(self._publish, self.kafka.dlq_topic, smaller_copies=True)
         send_dead_letter(copies, publish, self._finish_callback(message, counted))
 
-    def _publish(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Headers | None,
-        on_delivery: DeliveryCallback,
-    ) -> None:
+    def _publish(self, topic: str, key: bytes | None, value: bytes | None,
+                 headers: Headers | None, on_delivery: DeliveryCallback,
+                 smaller_copies: bool = False) -> None:  # fmt: skip
+        """Produce. Refused before it left (a topic deleted, no access, too large): a failed
+        delivery, not an exception that ended the member with no summary; a dead letter too
+        large raises (`smaller_copies`: its path sends less)."""
         try:
             produce_with_backpressure(
                 self._producer, self.broker, topic,
                 key=key, value=value, headers=headers, on_delivery=on_delivery,
             )  # fmt: skip
         except KafkaException as exc:
-            if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
-                raise  # the dead-letter path sends less
-            # Refused before it left (a topic deleted, no access to it): as a failed delivery,
-            # not an exception that ended the member with a traceback and no summary.
+            if smaller_copies and exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
             on_delivery(exc.args[0], None)
 
     def _finish_callback(
