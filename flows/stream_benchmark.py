@@ -193,7 +193,8 @@ def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:
     """One run of the stream: its figures as artifacts and its outcome, or the failure."""
     produced, summary, group = run_once(settings)
     shown = {
-        "source": settings.shown_source, "duration_s": settings.duration, "fps": settings.fps,
+        "source": settings.shown_source, "streams": settings.streams, "loop": settings.loop,
+        "max_frames": settings.max_frames, "duration_s": settings.duration, "fps": settings.fps,
         "target": settings.client.target, "bootstrap_servers": settings.kafka.bootstrap_servers,
         "consumers": settings.consumers, "consumer_concurrency": settings.concurrency,
         "group": group, "frames_topic": settings.kafka.frames_topic,

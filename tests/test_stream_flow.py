@@ -139,6 +139,7 @@ def test_the_flow_records_its_figures_as_artifacts(
     # Every outcome the figures count, and the budget they were counted under.
     assert f"| skipped as stale | {summary['skipped_stale']} |" in report
     assert "| max_frame_age_ms | off |" in report
+    assert "| streams | `2` |" in report  # its throughput is the two cameras' together
 
     # A second run on the same topics counts its own frames only (it read the first run's
     # too: twice the frames, with ages of seconds in its latencies).
