@@ -4,6 +4,7 @@ whether a folder takes files at all, asked before a run starts."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 import time
@@ -97,3 +98,19 @@ def check_writable_folder(folder: Path) -> None:
             pass
     except OSError as exc:
         raise FolderNotWritableError(f"cannot write to the output folder {folder}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on the file `path` (made if missing) until the block ends,
+    waiting for it; yields whether it is held: on a file system without locks (some network
+    mounts) False, and the caller goes on unlocked. Ends with its holder, even SIGKILLed.
+    The one lock of the cache's writers (the batching memo, the ONNX export, the depth
+    fallback), so each does not keep its own."""
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            yield False
+        else:
+            yield True

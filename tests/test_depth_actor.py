@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+from common.files import exclusive_lock
 from devstack.video_server import Drip, VideoServer
 from flows.depth_extraction import depth_extraction
 from flows.ray_runner import ray_task_runner
@@ -28,6 +30,7 @@ from tasks.depth.shard_tasks import (
     actors_held,
     crash_reason,
     depth_task,
+    fallback_lock,
     start_depth_actors,
     transcode_task,
 )
@@ -284,7 +287,18 @@ def test_a_depth_actor_lost_for_good_is_stood_in_for_by_its_depth_task(
     ray.kill(actors[0], no_restart=True)  # the second video's map must now come from a dead actor
     shard = Shard(0, 1, transcoded.records, PendingDepth([first_call]))
     first_map = Path(ray.get(first_call)[0].depth_path).stat().st_mtime_ns
-    mapped = depth_task.fn(shard, maps, settings, actors)  # outside Prefect: no retry left
+    # Another task stands in on this node: this one waits for it (every depth task of a run
+    # loaded a model of its own at once, and a large model ran the node out of memory).
+    done: list = []
+    with exclusive_lock(fallback_lock(settings)):
+        standing_in = threading.Thread(  # outside Prefect: no retry left
+            target=lambda: done.append(depth_task.fn(shard, maps, settings, actors))
+        )
+        standing_in.start()
+        time.sleep(3)
+        assert done == [] and standing_in.is_alive()
+    standing_in.join(120)
+    [mapped] = done
     first, second = mapped.records
     assert first.status == "ok" and Path(first.depth_path).stat().st_mtime_ns == first_map
     assert second.status == "ok", second.error

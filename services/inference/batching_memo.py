@@ -16,7 +16,6 @@ the time.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cpus import usable_cpus
-from common.files import atomic_output
+from common.files import atomic_output, exclusive_lock
 from services.inference.batcher import BatchingChoice
 
 log = logging.getLogger(__name__)
@@ -114,8 +113,7 @@ def remember_choice(cache_dir: Path, key: str, choice: BatchingChoice) -> None:
     measured_at = datetime.now(UTC).isoformat(timespec="seconds")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(f".{MEMO_FILE}.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        with exclusive_lock(path.with_name(f".{MEMO_FILE}.lock")):
             kept = _kept_choices(path)
             kept[key] = {"choice": asdict(choice), "measured_at": measured_at}
             with atomic_output(path) as partial:

@@ -13,7 +13,6 @@ torch and transformers once per model version, like the inference service's
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -31,7 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from common.files import sync_to_disk
+from common.files import exclusive_lock, sync_to_disk
 from tasks.depth.depth_model import DepthMap, check_depth_model
 from tasks.depth.model_files import digest_model_files
 from tasks.depth.model_files import model_dir as local_model_dir
@@ -141,12 +140,8 @@ def export_depth_onnx(model_dir: Path, cache_dir: Path) -> Path:
     # One exporter at a time per export: CPU actors that started together each traced and
     # exported the full model at once (several GB of memory each), and an OOM kill restarted
     # them to export again. The others wait, then find the export made.
-    with open(cache_dir / f".{target.name}.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks: each exports
-            pass
-        else:  # the only exporter now: a folder of an earlier one was left by its kill
+    with exclusive_lock(cache_dir / f".{target.name}.lock") as locked:
+        if locked:  # the only exporter now (else each exports): a folder left was left by a kill
             for left in cache_dir.glob(f".{target.name}.*"):
                 if left.is_dir():  # an OOM kill mid-export left ~2 GB for good
                     shutil.rmtree(left, ignore_errors=True)

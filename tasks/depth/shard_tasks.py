@@ -45,6 +45,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect_ray.context import remote_options
 
+from common.files import exclusive_lock
 from tasks.depth.depth_actor import DepthActor
 from tasks.depth.depth_feed import DepthFeed, PendingDepth, feeds_early
 from tasks.depth.download import download_many
@@ -294,12 +295,21 @@ def _actor_depth(
         if TaskRunContext.get() is not None:  # in the UI even if the run's Ray ends next
             send_logs_now()
     on_cpu = settings.model_copy(update={"device": "cpu"})
-    try:  # not the process's shared estimator: it would hold a model in this worker for good
-        estimator = load_depth_estimator(on_cpu, "cpu", max(1, round(settings.depth_cpus)))
-    except Exception as exc:  # the model cannot load here either: each video says why
-        reason = f"{type(exc).__name__}: {exc}"
-        return [r if r.failed else r.fail("depth", reason) for r in records]
-    return estimate_depth_many(records, maps_dir, on_cpu, estimator)
+    # One stand-in at a time on a node: every depth task of a run (one per CPU, holding none)
+    # loaded its own model at once, and a large one ran the node out of memory.
+    with exclusive_lock(fallback_lock(settings)):
+        try:  # not the process's shared estimator: it would hold a model in this worker
+            estimator = load_depth_estimator(on_cpu, "cpu", max(1, round(settings.depth_cpus)))
+        except Exception as exc:  # the model cannot load here either: each video says why
+            reason = f"{type(exc).__name__}: {exc}"
+            return [r if r.failed else r.fail("depth", reason) for r in records]
+        return estimate_depth_many(records, maps_dir, on_cpu, estimator)
+
+
+def fallback_lock(settings: DepthSettings) -> Path:
+    """The node's lock of depth run in a task for a lost actor (beside the model cache)."""
+    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    return settings.cache_dir / ".depth-fallback.lock"
 
 
 def shard_actor(shard: Shard, actors: list[Any]) -> Any:
