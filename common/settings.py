@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
@@ -27,6 +28,12 @@ SAMPLE_VIDEO = SAMPLE_VIDEOS_DIR / "k400_arm_wrestling.mp4"
 KINETICS_VAL_CSV = SAMPLE_VIDEOS_DIR.parent / "kinetics" / "kinetics-400_val.csv"
 # A TCP port to listen on; 0 lets the system choose a free one.
 Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+# A description that says its own default ("default: off", "(default $VAR ...", "default 100"):
+# the help adds none. Not "the broker's default.replication.factor" or "by default deleted",
+# where the help left the flag's default out.
+STATES_ITS_DEFAULT = re.compile(r"default:|\(default |default \d")
 
 
 def bind_address(value: str) -> str:
@@ -76,7 +83,7 @@ def add_settings_arguments(
         notes = [f"env {env_name}"] if reads_env else []
         if field.is_required():
             notes.append("required")
-        elif "default" not in description:
+        elif not STATES_ITS_DEFAULT.search(description):
             notes.append(f"default {field.get_default(call_default_factory=True)}")
         help_text = f"{description} ({'; '.join(notes)})" if notes else description
         annotation = field.annotation

@@ -31,6 +31,12 @@ from tasks.stream.settings import (
 )
 
 OUTPUT_DIR_VARIABLE = "VIDFLOW_STREAM_OUTPUT_DIR"
+# Its settings that `vidflow stream-benchmark` takes as flags (the others are flow parameters).
+STREAM_BENCHMARK_FLAGS = (
+    "source", "duration", "fps", "streams", "concurrency", "consumers", "max_frame_age_ms",
+    "capacity", "step_seconds", "max_streams", "step_tries", "keep_step_topics", "output_dir",
+    "service_wait_s",
+)  # fmt: skip
 # Each consumer holds a thread of the flow's task runner for the whole run, beside the
 # producer's: with 16 consumers on 16 threads the producer waited for them to end, and the run
 # reported 0 frames/s as a success.
@@ -173,7 +179,11 @@ class StreamBenchmarkSettings(BaseModel):
             if name in self.model_fields_set and getattr(self, name) != _default(name)
         ]
         if ignored:
-            shown = ", ".join(flag_name(name) for name in ignored)
+            # A flow parameter that is no flag is named as the parameter it is (`--max-frames`
+            # was named, which no command takes).
+            shown = ", ".join(
+                flag_name(name) if name in STREAM_BENCHMARK_FLAGS else name for name in ignored
+            )
             raise ValueError(f"{shown} does not apply to {mode}")
         return self
 

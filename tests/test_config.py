@@ -299,3 +299,17 @@ def test_a_target_without_a_port_is_told_from_every_form_gRPC_takes(
         assert ClientSettings(target=target, tls_ca=__file__).target == target
     else:
         assert ClientSettings(target=target).target == target
+
+
+def test_help_shows_each_flag_s_default_unless_its_text_says_it() -> None:
+    """A description that only mentions the word ("the broker's default.replication.factor",
+    "by default deleted") hid the flag's default from --help."""
+    from vidflow.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    produce = " ".join(commands["produce"].format_help().split())
+    assert "(env VIDFLOW_KAFKA_REPLICATION_FACTOR; default 1)" in produce
+    sweep = " ".join(commands["stream-benchmark"].format_help().split())
+    assert "a dead-letter topic with letters stays) (default False)" in sweep
+    consume = " ".join(commands["consume"].format_help().split())
+    assert "(default: off) (env VIDFLOW_CONSUMER_MAX_FRAME_AGE_MS)" in consume  # said once

@@ -487,7 +487,9 @@ def test_a_sweep_takes_a_target_without_a_health_service_as_it_is(
     ("settings", "refused"),
     [
         ({"capacity": True, "duration": 60}, "--duration does not apply to --capacity"),
-        ({"capacity": True, "group": "g"}, "--group does not apply to --capacity"),
+        # Flow parameters that are no flags: named as parameters (no command takes --group).
+        ({"capacity": True, "group": "g"}, "error, group does not apply to --capacity"),
+        ({"capacity": True, "max_frames": 60}, "error, max_frames does not apply to --capacity"),
         ({"step_seconds": 5, "max_streams": 4}, "--step-seconds, --max-streams does not apply"),
         ({"capacity": True, "step_seconds": 1.0}, "greater than or equal to 2"),
         ({"capacity": True, "source": "rtsp://10.0.0.5/live"}, "a live source runs at its own"),

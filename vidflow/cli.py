@@ -39,7 +39,7 @@ from common.settings import (
     one_line,
     settings_from_args,
 )
-from flows.stream_settings import StreamBenchmarkSettings
+from flows.stream_settings import STREAM_BENCHMARK_FLAGS, StreamBenchmarkSettings
 from services.inference.settings import ClientSettings, InferenceSettings, ModelSource
 from tasks.depth.settings import DepthSettings, with_absolute_paths
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
@@ -48,13 +48,6 @@ log = logging.getLogger("vidflow")
 # The errors a command says in one line and exits 2 on (`main`): bad input, a service or
 # broker not there, a run that could not go.
 SAID_IN_ONE_LINE = (ValueError, OSError, TimeoutError, RuntimeError)
-
-# The stream-benchmark flow's own settings that are flags (the others are flow parameters only).
-STREAM_BENCHMARK_FLAGS = (
-    "source", "duration", "fps", "streams", "concurrency", "consumers", "max_frame_age_ms",
-    "capacity", "step_seconds", "max_streams", "step_tries", "keep_step_topics", "output_dir",
-    "service_wait_s",
-)  # fmt: skip
 
 
 def _serve(args: argparse.Namespace) -> int:
