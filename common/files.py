@@ -6,11 +6,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+# What `partial_path` names, and nothing else: a folder swept may be the user's own (the
+# output's root), where any hidden name with ".part" in it went (`.participants.csv`).
+PARTIAL_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.part(\.[^.]+)?$")
 
 
 def partial_path(final: Path) -> Path:
@@ -76,7 +81,7 @@ def remove_stale_partials(
     except FileNotFoundError:
         return 0
     for entry in entries:
-        if entry.name.startswith(prefix) and ".part" in entry.name and entry.is_file():
+        if entry.name.startswith(prefix) and PARTIAL_NAME.match(entry.name) and entry.is_file():
             with contextlib.suppress(FileNotFoundError):  # another process took it first
                 if entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
@@ -104,10 +109,15 @@ def check_writable_folder(folder: Path) -> None:
 def exclusive_lock(path: Path) -> Iterator[bool]:
     """Hold an exclusive lock on the file `path` (made if missing) until the block ends,
     waiting for it; yields whether it is held: on a file system without locks (some network
-    mounts) False, and the caller goes on unlocked. Ends with its holder, even SIGKILLed.
-    The one lock of the cache's writers (the batching memo, the ONNX export, the depth
-    fallback), so each does not keep its own."""
-    with open(path, "a") as lock:
+    mounts) or where the file cannot be made, False, and the caller goes on unlocked. Ends
+    with its holder, even SIGKILLed. The one lock of the cache's writers (the batching memo,
+    the ONNX export, the depth stand-in), so each does not keep its own."""
+    try:
+        lock = open(path, "a")  # noqa: SIM115 (closed below: closing releases the lock)
+    except OSError:  # a read-only cache: no lock to hold, and the caller goes on as without one
+        yield False
+        return
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
         except OSError:

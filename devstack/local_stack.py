@@ -291,8 +291,8 @@ def _reap(variable: str, value: str, parent_pid: int) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, WATCHER_SIGNALS)  # held already, unless run by hand
     # Polled too: the parent may have died before the kernel was told to signal us.
     while os.getppid() == parent_pid:
-        taken = signal.sigtimedwait(WATCHER_SIGNALS, 1.0)
-        if taken is not None and taken.si_signo == signal.SIGUSR1:
+        taken = _signal_taken(1.0)
+        if taken == signal.SIGUSR1:
             return
         if taken is not None:
             break
@@ -301,6 +301,17 @@ def _reap(variable: str, value: str, parent_pid: int) -> None:
         time.sleep(0.1)
     if os.getppid() != parent_pid:  # reparented: the parent died
         kill_marked_processes(variable, value)
+
+
+def _signal_taken(timeout_s: float) -> int | None:
+    """One of the watcher's held signals, within `timeout_s`; SIGUSR1 first where both are.
+    macOS has no sigtimedwait: there the held ones are looked at after each wait."""
+    if hasattr(signal, "sigtimedwait"):
+        taken = signal.sigtimedwait(WATCHER_SIGNALS, timeout_s)
+        return None if taken is None else taken.si_signo
+    time.sleep(timeout_s)
+    held = signal.sigpending() & WATCHER_SIGNALS
+    return signal.SIGUSR1 if signal.SIGUSR1 in held else next(iter(held), None)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["reap"]:

@@ -83,7 +83,8 @@ def markdown_report(
     lag = "unknown (broker lost)" if summary["lag"] is None else summary["lag"]
     outcomes = {
         "skipped as stale": summary["skipped_stale"], "dead-lettered": summary["dlq"],
-        "unanswered": summary["unanswered"], "failed calls": summary["errors"],
+        "handed over": summary.get("handed_over", 0), "unanswered": summary["unanswered"],
+        "failed calls": summary["errors"],
         "not delivered by producer": produced["failed"], "lag at end": lag,
     }  # fmt: skip
     outcome_rows = "\n".join(f"| {name} | {count} |" for name, count in outcomes.items())
@@ -118,9 +119,10 @@ def markdown_report(
 {outcome_rows}
 
 Every frame consumed has one outcome: a result, a stale record (older than the latency budget
-when its call was due), a dead letter, or `unanswered` (consumed, but no record got out: left
-uncommitted for the group to redo). `failed calls`: inference calls that failed, retried or
-dead-lettered.
+when its call was due), a dead letter, `handed over` (its partition went to another member of
+the group in a rebalance before it was answered: that member gives it its outcome), or
+`unanswered` (consumed, but no record got out: left uncommitted for the group to redo).
+`failed calls`: inference calls that failed, retried or dead-lettered.
 
 ## Settings
 

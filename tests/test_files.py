@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from common.files import STALE_PARTIAL_S, atomic_output, partial_path, remove_stale_partials
+from common.files import (
+    STALE_PARTIAL_S,
+    atomic_output,
+    exclusive_lock,
+    partial_path,
+    remove_stale_partials,
+)
 
 
 def _aged(path: Path, seconds: float) -> Path:
@@ -25,10 +31,15 @@ def test_only_partials_older_than_an_hour_go(tmp_path: Path) -> None:
     writing = _aged(partial_path(final), 5)  # another process writing it now
     other = _aged(partial_path(tmp_path / "other.mp4"), STALE_PARTIAL_S + 60)
     hidden = _aged(tmp_path / ".notes", STALE_PARTIAL_S + 60)  # not a partial file
+    # Nor the user's own hidden files with ".part" in their names: the output's root is swept
+    # too, and it may be any folder.
+    users = [_aged(tmp_path / name, STALE_PARTIAL_S + 60) for name in (".participants.csv",
+             ".env.part", ".a.part.mp4")]  # fmt: skip
     assert remove_stale_partials(tmp_path, final.name) == 1
     assert not orphan.exists() and writing.exists() and other.exists()
     assert remove_stale_partials(tmp_path) == 1  # every final name: other.mp4's orphan
     assert not other.exists() and writing.exists() and hidden.exists() and final.exists()
+    assert all(path.exists() for path in users)
     assert remove_stale_partials(tmp_path / "missing") == 0
 
 
@@ -61,3 +72,12 @@ def test_a_durable_output_reaches_the_disk_before_its_rename_and_the_rename_afte
     with atomic_output(tmp_path / "row.json") as partial:
         partial.write_text("{}")
     assert events == [("replace", str(tmp_path / "row.json"))]  # outputs rowed later: no fsync
+
+
+def test_a_lock_where_none_can_be_made_lets_its_holder_go_on_unlocked(tmp_path: Path) -> None:
+    """A read-only cache (the lock file cannot be made): the depth stand-in crashed on it, and
+    every video of its shard failed, where the model would have run."""
+    with exclusive_lock(tmp_path / "no-such-folder" / ".x.lock") as locked:
+        assert locked is False
+    with exclusive_lock(tmp_path / ".x.lock") as locked:
+        assert locked is True

@@ -268,6 +268,19 @@ def test_a_member_that_stops_with_a_retry_due_sends_it_before_it_commits(
     assert committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) == len(keys)
 
 
+def test_frames_only_handed_over_are_no_answer_and_the_report_counts_them() -> None:
+    """With `handed_over` taken out of `unanswered`, a run whose service answered nothing,
+    its waiting frames handed over in the rebalance as the first member left, read as
+    answered: it ended Completed at 0 fps instead of failing."""
+    from tasks.stream.consumer_summary import format_summary, nothing_answered
+
+    summary = ConsumerSummary(frames_consumed=10, handed_over=10, errors=30)
+    assert summary.unanswered == 0 and nothing_answered(summary.as_dict())
+    assert "handed over 10" in format_summary(summary.as_dict())
+    answered = ConsumerSummary(frames_consumed=10, handed_over=9, dlq=1)
+    assert not nothing_answered(answered.as_dict())
+
+
 @pytest.mark.faults
 def test_a_member_joining_mid_run_gets_no_frame_twice_and_every_frame_has_an_outcome(
     kafka, scripted_service, video_frames: list[bytes]
@@ -333,11 +346,11 @@ def test_a_result_the_broker_refuses_for_good_stops_the_member_before_it_passes_
     member = _consumer(kafka, target, group=group, concurrency=1)
     publish = member.publisher._publish
 
-    def publish_or_refuse(topic, key, value, headers, on_delivery) -> None:
+    def publish_or_refuse(topic, key, value, headers, on_delivery, **options) -> None:
         if topic == kafka.results_topic and key == refused.encode():
             on_delivery(KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "refused"), None)
             return
-        publish(topic, key, value, headers, on_delivery)
+        publish(topic, key, value, headers, on_delivery, **options)
 
     member.publisher._publish = publish_or_refuse
     started = time.monotonic()
@@ -372,12 +385,12 @@ def test_a_dead_letter_copy_the_broker_refuses_as_too_large_is_sent_smaller(
     member = _consumer(kafka, target, group=group)
     publish, refused = member.publisher._publish, []
 
-    def refuse_whole_copies(topic, key, value, headers, on_delivery) -> None:
+    def refuse_whole_copies(topic, key, value, headers, on_delivery, **options) -> None:
         if topic == kafka.dlq_topic and value is not None:  # the copy with the frame's bytes
             refused.append(key)
             on_delivery(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "too large"), None)
             return
-        publish(topic, key, value, headers, on_delivery)
+        publish(topic, key, value, headers, on_delivery, **options)
 
     member.publisher._publish = refuse_whole_copies
     summary = member.run()

@@ -260,11 +260,12 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     except TerminationSignal:
         log.error("terminated (SIGTERM): the flow run is recorded as Crashed, with no report")
         return 128 + signal.SIGTERM
-    if RUN_STOP.is_set():
-        log.warning("stopped early: the figures cover the run until then")
-    print(outcome["verdict"] if settings.capacity else format_summary(outcome["summary"]))
-    if args.summary_json is not None:
+    if args.summary_json is not None:  # first: a closed terminal fails the print below (EIO)
         args.summary_json.write_text(json.dumps(outcome, indent=2) + "\n")
+    with contextlib.suppress(OSError):
+        if RUN_STOP.is_set():
+            log.warning("stopped early: the figures cover the run until then")
+        print(outcome["verdict"] if settings.capacity else format_summary(outcome["summary"]))
     if failure is not None:
         log.error("%s", failure)
         return 1

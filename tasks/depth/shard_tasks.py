@@ -308,7 +308,8 @@ def _actor_depth(
 
 def fallback_lock(settings: DepthSettings) -> Path:
     """The node's lock of depth run in a task for a lost actor (beside the model cache)."""
-    settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # a read-only cache: exclusive_lock goes on unlocked
+        settings.cache_dir.mkdir(parents=True, exist_ok=True)
     return settings.cache_dir / ".depth-fallback.lock"
 
 

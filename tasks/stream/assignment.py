@@ -40,10 +40,12 @@ class Assignment:
     def on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what is delivered for the partitions lost; their frames go to the next owner."""
         self.membership.revoked()  # first: a commit that fails below must not hide the revoke
-        self.before_revoke()
         lost = {(p.topic, p.partition) for p in partitions}
-        self.publisher.revoke(list(lost))
-        self.owned -= lost
+        try:
+            self.before_revoke()
+        finally:  # a broker lost as it published: what follows is still done
+            self.publisher.revoke(list(lost))
+            self.owned -= lost
         # librdkafka keeps a partition paused across a rebalance (only `resume` clears it):
         # one handed back would never be fetched again.
         if going := [p for p in self._paused if (p.topic, p.partition) in lost]:

@@ -97,7 +97,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"frames consumed {summary['frames_consumed']}, results {summary['results_published']}, "
         f"skipped stale {summary['skipped_stale']} ({summary['skipped_fraction']:.1%}), "
-        f"dlq {summary['dlq']}, unanswered {summary['unanswered']}, errors {summary['errors']}, "
+        f"dlq {summary['dlq']}, handed over {summary.get('handed_over', 0)}, "
+        f"unanswered {summary['unanswered']}, errors {summary['errors']}, "
         f"{summary['fps']:.1f} fps, lag {lag}",
         *([f"BROKER LOST: {summary['broker_error']}"] if summary.get("broker_error") else []),
         *([f"STOPPED: {summary['delivery_error']}"] if summary.get("delivery_error") else []),
@@ -115,4 +116,5 @@ def format_summary(summary: dict[str, Any]) -> str:
 def nothing_answered(summary: dict[str, Any]) -> bool:
     """Frames were consumed and not one of them got a result, a stale record or a dead
     letter: the service (or the results topic) never answered, whatever the run did."""
-    return bool(summary["frames_consumed"]) and summary["unanswered"] == summary["frames_consumed"]
+    outcomes = summary["results_published"] + summary["skipped_stale"] + summary["dlq"]
+    return bool(summary["frames_consumed"]) and outcomes == 0  # handed over counts for nothing

@@ -53,14 +53,18 @@ def run_consumer(
     tls_ca: Path | None = None,
     input_end: InputEnd | None = None,
     failed: threading.Event | None = None,
+    stop: threading.Event | None = None,
 ) -> ConsumerSummary:
     """One group member; with `input_end`, it stops once the group has read every frame the
     run's producer delivered, and its idle timeout counts only once the producer has ended (a
     member whose partitions get no frames left the group mid-run: a rebalance in the figures).
     A member that fails, or stops early (a lost broker, a result it could not publish), sets
-    `failed` (and `assigned`, so the producer waits for it no more)."""
+    `failed` (and `assigned`, so the producer waits for it no more). `stop` ends it now (its
+    calls in flight finished, what it did committed)."""
     try:
-        consumer = FrameConsumer(kafka, settings, target, tls_ca=tls_ca, input_end=input_end)
+        consumer = FrameConsumer(
+            kafka, settings, target, stop=stop, tls_ca=tls_ca, input_end=input_end
+        )
         watcher = threading.Thread(
             target=lambda: consumer.membership.joined.wait(settings.duration) and assigned.set(),
             daemon=True,
@@ -129,11 +133,11 @@ def run_producer_and_group(
     did, and the group's merged summary."""
     topics = create_topics(kafka)
     joined = [threading.Event() for _ in range(members)]
-    input_end, failed = InputEnd(), threading.Event()
+    input_end, failed, halt = InputEnd(), threading.Event(), threading.Event()
     member = (kafka, group, client.target)
     consumer_runs = [
         run_consumer.with_options(task_run_name=f"{label}consumer {i + 1}/{members}").submit(
-            *member, joined[i], client.tls_ca, input_end, failed, wait_for=[topics]
+            *member, joined[i], client.tls_ca, input_end, failed, halt, wait_for=[topics]
         )
         for i in range(members)
     ]
@@ -143,10 +147,12 @@ def run_producer_and_group(
     produced: ProduceStats | None = None
     try:
         produced = producer_run.result()
-    except BaseException:  # the members idle out on the frames sent: then the error is raised
-        # The producer stops too where the error is not its own (the flow's SIGTERM, a second
-        # Ctrl-C): it went on, and the members with it, for the run's whole length.
+    except BaseException as exc:  # the members idle out on the frames sent: then it is raised
+        # An error not the producer's (the flow's SIGTERM, a second Ctrl-C) stops it, and the
+        # members at once: they went on for the run's whole length, a backlog too.
         failed.set()
+        if not isinstance(exc, Exception):
+            halt.set()
         input_end.set(None)
         for run in consumer_runs:
             run.wait(timeout=group.duration + 10.0)

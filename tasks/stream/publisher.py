@@ -196,8 +196,9 @@ class Publisher:
         """Messages between the commit points and the ends of the assigned partitions; a
         partition this member has not read from yet counts from the group's committed offset
         (or its start, where the group has none). `cached`: the ends the fetches last saw,
-        asking the broker nothing, for the loop's progress line: asked, each partition was a
-        round trip on the loop's thread, a second each where its leader was gone."""
+        for the loop's progress line: asked, each partition was a round trip on the loop's
+        thread, a second each where its leader was gone (a partition not read yet still asks
+        its group's committed offset)."""
         ends: dict[tuple[str, int], tuple[int, int]] = {}
         for tp in self._consumer.assignment():
             with contextlib.suppress(Exception):  # unknown for now: left out
