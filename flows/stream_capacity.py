@@ -124,9 +124,7 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
             raise StepBrokerLostError(f"the broker was lost after the step of {step[:-2]} "
                                       f"({exc.args[0].str()})") from exc  # fmt: skip
     except BaseException:  # a lost broker, a failed member: the run fails, its frames go
-        if not sweep.keep_step_topics:  # dead letters stay; a topic known to hold none does not
-            no_letters = [kafka.dlq_topic] if summary is not None and not summary.dlq else []
-            delete_topics(kafka, [kafka.frames_topic, kafka.results_topic, *no_letters], 5.0)
+        kept_topics(sweep, kafka, summary.dlq if summary is not None else None, timeout_s=5.0)
         raise
     figures = step_figures(
         streams,
@@ -175,20 +173,24 @@ class StepFailedError(StepEndedError):
 
 
 def kept_topics(
-    sweep: StreamBenchmarkSettings, kafka: KafkaSettings, dead_letters: int
+    sweep: StreamBenchmarkSettings,
+    kafka: KafkaSettings,
+    dead_letters: int | None,
+    timeout_s: float = 15.0,
 ) -> dict[str, str]:
     """Delete a step's topics once read, unless `keep_step_topics`: on the local broker, which
     keeps every message in memory, a default sweep left hundreds of MB behind. A dead-letter
-    topic with letters in it stays, as does any topic the broker would not delete."""
+    topic with letters in it stays (or whose letters are not known: None, a step that failed
+    before its count), as does any topic the broker would not delete."""
     topics = {"frames": kafka.frames_topic, "results": kafka.results_topic, "dlq": kafka.dlq_topic}
     if sweep.keep_step_topics:
         return topics
-    doomed = [name for role, name in topics.items() if role != "dlq" or not dead_letters]
+    doomed = [name for role, name in topics.items() if role != "dlq" or dead_letters == 0]
     if dead_letters:
         get_run_logger().warning(
             "dead-letter topic %s keeps its %d message(s)", kafka.dlq_topic, dead_letters
         )
-    left = set(delete_topics(kafka, doomed))
+    left = set(delete_topics(kafka, doomed, timeout_s))
     return {role: name for role, name in topics.items() if name not in doomed or name in left}
 
 

@@ -249,8 +249,7 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     # closed terminal too (SIGHUP killed it silently, its flow run left Running). SIGTERM is
     # Prefect's during the flow run: the run ends Crashed, and the command exits 143.
     stop_on_signals(RUN_STOP)
-    if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:  # not under `nohup`
-        signal.signal(signal.SIGHUP, lambda _signum, _frame: RUN_STOP.set())
+    _on_hang_up(RUN_STOP.set)
     failure: StreamRunFailedError | None = None
     try:
         with prefect_api(), foreground_heartbeats():
@@ -272,13 +271,13 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hang_up_as_sigterm() -> None:
+def _on_hang_up(stop: Callable[[], object]) -> None:
     """A closed terminal or a dropped SSH session (SIGHUP) killed the command silently, and its
-    flow run stayed Running for good: it ends the run as SIGTERM does (recorded as Crashed).
-    Not where SIGHUP is ignored (`nohup`: the run is meant to outlive the terminal)."""
+    flow run stayed Running for good: `stop` ends the run instead. Not where SIGHUP is ignored
+    (`nohup`: the run is meant to outlive the terminal)."""
     on_main_thread = threading.current_thread() is threading.main_thread()
     if on_main_thread and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
-        signal.signal(signal.SIGHUP, lambda _signum, _frame: signal.raise_signal(signal.SIGTERM))
+        signal.signal(signal.SIGHUP, lambda _signum, _frame: stop())
 
 
 def _depth(args: argparse.Namespace) -> int:
@@ -289,7 +288,7 @@ def _depth(args: argparse.Namespace) -> int:
     from tasks.depth.video_table import VideoTable
 
     ignore_lance_fork_warning()
-    _hang_up_as_sigterm()
+    _on_hang_up(lambda: signal.raise_signal(signal.SIGTERM))  # as SIGTERM: the run Crashed
     settings = with_absolute_paths(settings_from_args(DepthSettings, args))
     # Refuse bad input before starting a Prefect server and Ray (the flow checks again).
     sources = load_sources(args.urls, args.kinetics_csv, args.url_template, args.split, args.limit)
