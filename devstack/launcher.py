@@ -11,6 +11,7 @@ from pathlib import Path
 
 from common.net import free_port
 from common.processes import batch_child, stop_process
+from devstack.processes import listens_on
 from services.inference.client import ServerExitedError, wait_until_serving
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # devstack/launcher.py: the checkout
@@ -39,10 +40,22 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def wait_serving(self, timeout_s: float = 180.0) -> None:
-        """Until the server is SERVING; at once, with its log, if it exits first."""
+        """Until the server is SERVING; at once, with its log, if it exits first. Its own
+        listener first: the port was free when picked, and a server started elsewhere meanwhile
+        that took it answered SERVING for this one."""
+        deadline = time.monotonic() + timeout_s
         try:
+            while not listens_on(self.process.pid, self.port):
+                if self.process.poll() is not None:
+                    raise ServerExitedError(f"the server exited ({self.process.returncode})")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the server never listened on {self.target}")
+                time.sleep(0.1)
             wait_until_serving(
-                self.target, timeout_s, self.tls_ca, exited=lambda: self.process.poll() is not None
+                self.target,
+                max(0.0, deadline - time.monotonic()),
+                self.tls_ca,
+                exited=lambda: self.process.poll() is not None,
             )
         except (TimeoutError, ServerExitedError) as exc:
             raise type(exc)(f"{exc}\n--- server log ---\n{self.log()}") from None

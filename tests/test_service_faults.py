@@ -694,6 +694,7 @@ def test_classify_calls_waiting_for_the_model_hold_places_too(
             stub = inference_pb2_grpc.ClassifierStub(channel)
             request = inference_pb2.ClassifyRequest(image=video_frames[0])
             burst = [stub.Classify.future(request, timeout=60) for _ in range(40)]
+            assert health_status(server.target) == "SERVING"  # with the burst still there
             outcomes = Counter()
             for call in burst:
                 try:
@@ -897,9 +898,13 @@ def test_health_and_model_info_calls_whose_request_never_comes_are_ended(
             )
             assert info.model_name
         metrics = _http_get(f"{server.http_url}/metrics")[1]
-        for method in ("Check", "Watch", "GetModelInfo"):
+        # Each counted once: the three silent calls, and every check of the crowd that got a
+        # place and idled out (those refused a place never started).
+        idled = codes[grpc.StatusCode.DEADLINE_EXCEEDED]
+        assert idled > 0, codes
+        for method, expected in (("Check", 1 + idled), ("Watch", 1), ("GetModelInfo", 1)):
             ended = _metric(metrics, "vidflow_inference_idle_calls_ended_total", method=method)
-            assert ended >= 1, method
+            assert ended == expected, (method, ended, codes)
     finally:
         never.set()
         assert server.terminate() == 0

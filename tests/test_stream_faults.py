@@ -238,9 +238,19 @@ def test_the_progress_line_and_gauge_show_the_lag_falling_as_a_backlog_is_worked
         gauges.append(member_.metrics.lag._value.get())
 
     monkeypatch.setattr(consumer_module, "_log_progress", seen)
+    asked_cached: list[bool] = []  # how each lag was had: from the fetches, or asked
+    lag = member.publisher.lag
+
+    def lag_seen(cached: bool = False) -> int:
+        asked_cached.append(cached)
+        return lag(cached=cached)
+
+    member.publisher.lag = lag_seen
     with caplog.at_level("INFO", logger="tasks.stream.consumer"):
         summary = member.run()
     assert summary.results_published == len(keys) and summary.lag == 0
+    # The loop's lines read the fetches' ends; only the final summary asks the broker.
+    assert asked_cached[:-1] == [True] * len(gauges) and asked_cached[-1] is False, asked_cached
     said = [int(m) for m in re.findall(r"lag (\d+)$", caplog.text, re.MULTILINE)]
     assert said == gauges[: len(said)] and len(said) >= 3, (said, gauges)
     working = [lag for lag in said if lag > 0]
@@ -288,12 +298,20 @@ def test_a_member_joining_mid_run_gets_no_frame_twice_and_every_frame_has_an_out
     """A rebalance revokes every partition, and a join takes seconds: the calls in flight then
     ended in it, their answers were dropped, the next owner classified those frames again, and
     the summaries counted them "unanswered". Now the revoke waits for them."""
-    target, service = scripted_service(lambda _request, _attempt: None, delay_s=0.3)
+    target, service = scripted_service(lambda _request, _attempt: None, delay_s=0.5)
     keys = [*_publish_frames(kafka, "cam-h", 40, video_frames[0]),
             *_publish_frames(kafka, "cam-j", 40, video_frames[0])]  # fmt: skip
     group = f"group-{uuid.uuid4().hex[:6]}"
     summaries: dict[str, ConsumerSummary] = {}
     first = _consumer(kafka, target, group=group, concurrency=8, idle_timeout=8.0)
+    busy_at_revoke: list[int] = []  # the first member's calls in flight as each revoke came
+    hand_over = first.assignment.before_revoke
+
+    def recorded_hand_over() -> None:
+        busy_at_revoke.append(first.caller.busy)
+        hand_over()
+
+    first.assignment.before_revoke = recorded_hand_over
     running = threading.Thread(target=lambda: summaries.setdefault("first", first.run()))
     running.start()
     deadline = time.monotonic() + 60
@@ -310,6 +328,8 @@ def test_a_member_joining_mid_run_gets_no_frame_twice_and_every_frame_has_an_out
                                             expected=len(keys))))  # fmt: skip
     assert set(copies) == set(keys) and set(copies.values()) == {1}, copies
     assert sum(service.calls.values()) == len(keys)  # none classified twice
+    # The fault was made: the join's revoke came with calls in flight.
+    assert busy_at_revoke and busy_at_revoke[0] > 0, busy_at_revoke
 
 
 def test_a_result_too_large_to_send_is_a_failed_delivery_not_a_crash(kafka) -> None:

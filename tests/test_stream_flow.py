@@ -97,7 +97,8 @@ def test_the_flow_records_its_figures_as_artifacts(
     # Meant for `vidflow produce` and `consume`, not the flow's own parts (found in review: an
     # exported VIDFLOW_CONSUMER_MAX_FRAMES stopped its consumers at that count).
     for name, value in [("CONSUMER_MAX_FRAMES", "3"), ("PRODUCER_MAX_FRAMES", "5"),
-                        ("PRODUCER_STREAM_ID", "x")]:  # fmt: skip
+                        ("PRODUCER_STREAM_ID", "x"),
+                        ("CONSUMER_PRODUCED_SINCE_MS", str(2**62))]:  # fmt: skip
         monkeypatch.setenv(f"VIDFLOW_{name}", value)
     settings = StreamBenchmarkSettings(
         duration=5.0,
@@ -113,6 +114,7 @@ def test_the_flow_records_its_figures_as_artifacts(
     summary, produced = outcome["summary"], outcome["producer"]
     assert 200 <= produced["frames_read"] <= 320  # 5 s at the clip's 28 fps, twice
     assert len(produced["per_stream"]) == 2
+    assert not [s for s in produced["per_stream"] if s.startswith("x")]  # the clip's own names
     # Each frame consumed once: the member whose partition got no frames stays in the group
     # (it left on its idle timeout mid-run, and the rebalance had frames consumed twice).
     assert summary["frames_consumed"] == produced["frames_read"]
@@ -185,17 +187,28 @@ def test_a_camera_named_by_a_variable_keeps_its_password_out_of_prefect(
     assert any(f"http://127.0.0.1:{camera.port}/live.mp4" in str(a.data) for a in artifacts)
 
 
+def _flow_run_on(topic: str) -> Any:
+    """The one stream-benchmark flow run whose parameters name `topic` (each test's own)."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=50)
+    (run,) = [r for r in runs if topic in json.dumps(r.parameters)]
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "signum", [signal.SIGINT, signal.SIGHUP, signal.SIGTERM], ids=["ctrl-c", "hang-up", "sigterm"]
+    "signals",
+    [[signal.SIGINT], [signal.SIGHUP], [signal.SIGTERM], [signal.SIGINT, signal.SIGINT]],
+    ids=["ctrl-c", "hang-up", "sigterm", "ctrl-c-twice"],
 )
 def test_ctrl_c_ends_a_stream_benchmark_early_with_its_report(
-    prefect_api, kafka, onnx_server, tmp_path: Path, signum: signal.Signals
+    prefect_api, kafka, onnx_server, tmp_path: Path, signals: list[signal.Signals]
 ) -> None:
     """Ctrl-C did nothing until the run's end, then left no report (flow run Crashed). A
     closed terminal (SIGHUP) killed it silently, its flow run left Running: it stops as Ctrl-C
     does. SIGTERM (Prefect's during a flow run: the run Crashed) went on producing for the
-    run's whole length before the command ended, with a traceback."""
+    run's whole length before the command ended, with a traceback. A second Ctrl-C does not
+    wait for the consumers to finish."""
     summary_json = tmp_path / "summary.json"
     command = stream_benchmark_run(
         kafka, onnx_server.target, "--duration", "120", "--summary-json", str(summary_json)
@@ -209,21 +222,37 @@ def test_ctrl_c_ends_a_stream_benchmark_early_with_its_report(
             assert time.monotonic() < deadline and run.poll() is None, run.stderr.read()
             time.sleep(0.5)
         interrupted_at = time.monotonic()
-        run.send_signal(signum)
+        for signum in signals:  # back to back: the second comes while the first is worked
+            run.send_signal(signum)
+            time.sleep(0.05)
         _, err = run.communicate(timeout=60)
     finally:
         run.kill()
     assert time.monotonic() - interrupted_at < 40  # the producer stopped; not 120 s of it
-    if signum == signal.SIGTERM:
-        assert run.returncode == 128 + signal.SIGTERM, err[-3000:]
-        assert "terminated (SIGTERM)" in err and "Traceback" not in err, err[-3000:]
+    flow_run = _flow_run_on(kafka.frames_topic)
+    if signals[-1] == signal.SIGTERM or len(signals) == 2:
+        code = 128 + signals[-1]
+        assert run.returncode == code, err[-3000:]
+        assert flow_run.state_type.value == "CRASHED", flow_run.state
+        assert not summary_json.exists() and "Traceback" not in err, err[-3000:]
+        if code == 143:
+            assert "terminated (SIGTERM)" in err, err[-3000:]
         return
     assert run.returncode == 0, err[-3000:]
     assert "stopped early" in err
+    assert flow_run.state_type.value == "COMPLETED", flow_run.state
     outcome = json.loads(summary_json.read_text())
     produced = outcome["producer"]["frames_read"]
     assert 0 < produced < 28 * 60
     assert outcome["summary"]["frames_consumed"] == produced  # the frames sent were finished
+    with get_client(sync_client=True) as client:
+        [report] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["stream-benchmark-report"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]),
+            )
+        )
+    assert f"{produced} produced at" in str(report.data)  # the run's own report, as stopped
 
 
 @pytest.mark.slow
