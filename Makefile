@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml constraints.txt
 	        "install one and run: make PYTHON=python3.11 $(MAKECMDGOALS)" >&2; exit 1; }
 	@$(VENV_USABLE) || { echo "making $(VENV) with $(PYTHON)"; \
 	    rm -rf $(VENV) && "$(PYTHON)" -m venv $(VENV); }
-	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet "pip==26.3"  # pinned: a new pip must not change a setup
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 

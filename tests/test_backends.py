@@ -186,6 +186,24 @@ def test_a_cached_export_that_cannot_load_is_made_again(
 
 
 @pytest.mark.usefixtures("restore_root_logging")  # `main` sets up logging
+def test_export_onnx_makes_a_cached_export_that_cannot_load_again(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    """Found in review: `export-onnx --output FILE` copied a cached export cut short as it
+    was, and every start of `serve --onnx-model FILE` failed (a user's own file is never
+    made again)."""
+    cache = tmp_path / "cache"
+    shutil.copytree(model_cache, cache)
+    load_served_model(InferenceSettings(backend="onnx", cache_dir=cache))
+    (export,) = cache.glob("efficientnet_lite0-*.onnx")
+    export.write_bytes(export.read_bytes()[:4096])
+    output = tmp_path / "model.onnx"
+    assert main(["export-onnx", "--cache-dir", str(cache), "--output", str(output)]) == 0
+    served = load_served_model(InferenceSettings(backend="onnx", onnx_model=output))
+    assert served.name == "efficientnet_lite0" and export.stat().st_size > 4096
+
+
+@pytest.mark.usefixtures("restore_root_logging")  # `main` sets up logging
 def test_an_exported_onnx_file_serves_without_torch(model_cache: Path, photos, tmp_path) -> None:
     """`vidflow export-onnx --output FILE` (as the serving image is built) gives a file that
     serves where torch is not installed."""
@@ -353,6 +371,40 @@ def test_device_resolution() -> None:
     assert choose_device("cuda", lambda: False, strict=False) == "cpu"
     with pytest.raises(DeviceUnavailableError):
         choose_device("cuda", lambda: False, strict=True)
+
+
+def test_a_gpu_the_installed_onnxruntime_cannot_use_is_said_so(
+    tmp_path: Path,
+    model_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found in review: the default install's onnxruntime is the CPU build, and on a machine
+    with a working GPU the log said "no CUDA GPU found" (`--strict-device`: "no CUDA GPU is
+    usable"). Where the NVIDIA driver lists a GPU, the cause is named. (This machine has no
+    GPU: the driver's list is a folder of the test's.)"""
+    from common import devices
+    from services.inference.backends import cuda_missing_reason
+
+    monkeypatch.setattr(devices, "NVIDIA_GPUS", tmp_path / "gpus")
+    assert cuda_missing_reason("onnx") == ""  # no driver: nothing to say
+    (tmp_path / "gpus" / "0000:01:00.0").mkdir(parents=True)
+    with pytest.raises(DeviceUnavailableError, match="onnxruntime is the CPU build"):
+        choose_device(
+            "cuda", lambda: False, strict=True, why_not=lambda: cuda_missing_reason("onnx")
+        )
+    with caplog.at_level("INFO", logger="common.devices"):
+        assert (
+            choose_device("auto", lambda: False, why_not=lambda: cuda_missing_reason("onnx"))
+            == "cpu"
+        )
+    assert "install onnxruntime-gpu" in caplog.text and "no CUDA GPU found" not in caplog.text
+    assert "torch cannot use it" in cuda_missing_reason("eager")
+    # The server's own start says it too.
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        load_served_model(InferenceSettings(backend="onnx", device="auto", cache_dir=model_cache))
+    assert "install onnxruntime-gpu" in caplog.text
 
 
 @pytest.mark.skipif(

@@ -172,9 +172,11 @@ def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -
     # Against a broker that is not there: a refusal after contacting it would take 15 s and
     # say "unreachable" instead.
     produce = ["produce", "--bootstrap-servers", CLOSED_PORT, "--source", "clip.mp4"]
-    assert "fps must be a positive number" in _refused([*produce, "--fps", "abc"], capsys)
+    assert "fps must be a number from 0.001" in _refused([*produce, "--fps", "abc"], capsys)
     bench = ["stream-benchmark", "--bootstrap-servers", CLOSED_PORT, "--target", CLOSED_PORT]
-    assert "fps must be a positive number" in _refused([*bench, "--fps", "0"], capsys)
+    assert "fps must be a number from 0.001" in _refused([*bench, "--fps", "0"], capsys)
+    # A frame every 1e10 s waited past what a thread's wait takes: a traceback after frame 0.
+    assert "fps must be a number from 0.001" in _refused([*produce, "--fps", "1e-10"], capsys)
     assert "consumers" in _refused([*bench, "--consumers", "0"], capsys)
     assert "duration" in _refused([*bench, "--duration", "-5"], capsys)
     consume = ["consume", "--bootstrap-servers", CLOSED_PORT, "--target", CLOSED_PORT]
@@ -194,6 +196,30 @@ def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -
         assert err.count("\n") == 1 and f"{flag} '{value}': Input should be" in err, err
     err = _refused([*bench, "--capacity", "--fps", "max"], capsys)
     assert "--fps max does not apply" in err and err.count("\n") == 1, err
+
+
+def test_stream_commands_refuse_topics_that_loop_or_that_kafka_would_not_take(
+    capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: `consume --topic frames.dlq` (dead letters worked off once the service
+    is mended) wrote each frame that failed again back to the topic it read, for ever; a name
+    Kafka refuses ended `produce` in a traceback once the broker was reached (and Tansu took
+    it); SASL credentials or a CA under PLAINTEXT were dropped without a word."""
+    consume = ["consume", "--bootstrap-servers", CLOSED_PORT, "--target", CLOSED_PORT]
+    err = _refused([*consume, "--topic", "frames.dlq"], capsys)
+    assert "--frames-topic and --dlq-topic are both 'frames.dlq'" in err, err
+    err = _refused([*consume, "--results-topic", "frames"], capsys)
+    assert "--frames-topic and --results-topic are both 'frames'" in err, err
+    produce = ["produce", "--bootstrap-servers", CLOSED_PORT, "--source", "clip.mp4"]
+    for name in ("cams/front", "x" * 250, ".."):
+        err = _refused([*produce, "--topic", name], capsys)
+        assert "is no Kafka topic name" in err and err.count("\n") == 1, err
+    err = _refused([*produce, "--sasl-username", "me"], capsys)
+    assert "--sasl-username given, but --security-protocol PLAINTEXT" in err, err
+    monkeypatch.setenv("VIDFLOW_KAFKA_SASL_PASSWORD", "secret")
+    err = _refused([*consume, "--security-protocol", "SASL_PLAINTEXT", "--sasl-username", "me",
+                    "--ssl-ca-location", "ca.pem"], capsys)  # fmt: skip
+    assert "--ssl-ca-location given, but --security-protocol SASL_PLAINTEXT" in err, err
 
 
 def test_stream_commands_refuse_bad_sources_and_bounds_before_the_broker(

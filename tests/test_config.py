@@ -124,6 +124,25 @@ def test_a_stream_deployment_reaches_the_services_its_worker_is_told_of(
     assert (settings.fps, settings.duration) == ("native", 30)  # the deployment's own knobs
 
 
+@pytest.mark.parametrize("deployment", ["local", "compose"])
+def test_a_depth_deployment_s_parameters_are_the_flow_s(deployment: str) -> None:
+    """Found in review: only the stream deployments were checked against their flow; a
+    renamed parameter of depth-extraction broke the compose stack's `deploy` (and with it the
+    worker) with every test green. Prefect validates them as a run of the deployment would."""
+    import yaml
+
+    from flows.depth_extraction import depth_extraction
+
+    project = yaml.safe_load((Path(__file__).parents[1] / "prefect.yaml").read_text())
+    (parameters,) = [
+        d["parameters"]
+        for d in project["deployments"]
+        if d["name"] == deployment and d["entrypoint"].endswith(":depth_extraction")
+    ]
+    validated = depth_extraction.validate_parameters(parameters)
+    assert set(parameters) <= set(validated) and validated["url_template"], validated
+
+
 def test_stream_benchmark_flags_win_over_the_environment(monkeypatch) -> None:
     from vidflow.cli import stream_benchmark_settings
 

@@ -157,10 +157,16 @@ def test_inference_image_serves_reports_health_and_stops_on_sigterm(
     name = f"vidflow-inference-test-{uuid.uuid4().hex[:8]}"
     grpc_port, http_port = free_port(), free_port()
     target = f"127.0.0.1:{grpc_port}"
+    # As compose runs it (read-only, no capabilities, a cache volume: a change that writes
+    # elsewhere, or needs a capability, kept the compose service from ever getting healthy),
+    # with its HTTP port moved by a flag, which the image's health check must follow.
     _run(
-        podman, "run", "--detach", "--name", name,
-        "--publish", f"127.0.0.1:{grpc_port}:50051", "--publish", f"127.0.0.1:{http_port}:8000",
-        inference_image,
+        podman, "run", "--detach", "--name", name, "--read-only", "--tmpfs", "/tmp",
+        "--tmpfs", "/var/cache/vidflow",
+        "--env", "VIDFLOW_INFERENCE_CACHE_DIR=/var/cache/vidflow/models",
+        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+        "--publish", f"127.0.0.1:{grpc_port}:50051", "--publish", f"127.0.0.1:{http_port}:9000",
+        inference_image, "serve", "--http-port", "9000",
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 180

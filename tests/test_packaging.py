@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -121,12 +122,7 @@ def test_compose_inference_service() -> None:
 
 
 def test_compose_resolved_ports_and_environment() -> None:
-    result = _run(
-        [_tool("docker-compose"), "-f", COMPOSE_FILE.name, "config", "--format", "json"],
-        env=_compose_env(),
-    )
-    assert result.returncode == 0, result.stderr
-    service = json.loads(result.stdout)["services"]["inference"]
+    service = _compose_config()["services"]["inference"]
     published = {(str(p["published"]), p["target"]) for p in service["ports"]}
     assert {("50051", 50051), ("8000", 8000)} <= published
     env = service["environment"]
@@ -514,6 +510,16 @@ def test_http_health_checks_answer_through_a_proxy_docker_hands_in() -> None:
                                   text=True, timeout=30, check=False)  # fmt: skip
             assert done.returncode == 0, (check, done.stderr[-500:])
         assert server.requests["api/health"] == 1 and server.requests["health"] == 2
+    # Prometheus's wget (busybox in its image) ignores no_proxy: `-Y off` keeps it direct.
+    # GNU wget takes the same flag, and without it goes to the proxy just as well.
+    prometheus = services["prometheus"]["healthcheck"]["test"][1:]
+    assert prometheus[:3] == ["wget", "-Y", "off"], prometheus
+    if wget := shutil.which("wget"):
+        with VideoServer({"-/ready": Body(b"ready")}) as server:
+            url = f"http://127.0.0.1:{server.port}/-/ready"
+            done = subprocess.run([wget, *prometheus[1:-1], url], env=env, capture_output=True,
+                                  timeout=30, check=False)  # fmt: skip
+            assert done.returncode == 0 and server.requests["-/ready"] == 1, done.stderr
 
 
 @pytest.mark.parametrize(

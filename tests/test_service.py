@@ -82,7 +82,8 @@ def _metric(body: str, name: str, **labels: str) -> float:
 @pytest.mark.slow
 def test_health_goes_from_not_serving_to_serving(tmp_path: Path, model_cache: Path) -> None:
     (model_cache / MEMO_FILE).unlink(missing_ok=True)  # measuring batching widens the window
-    server = start_server(tmp_path, model_cache)
+    port_file = tmp_path / "http-port"  # as the image sets it: the port bound, flag or not
+    server = start_server(tmp_path, model_cache, "--http-port-file", str(port_file))
     try:
         seen_health, seen_ready = [], []
         deadline = time.monotonic() + 180
@@ -111,6 +112,12 @@ def test_health_goes_from_not_serving_to_serving(tmp_path: Path, model_cache: Pa
         }
         probe = [sys.executable, "-m", "services.inference.ready_probe"]
         assert subprocess.run(probe, env=proxied, cwd=REPO_ROOT, timeout=30).returncode == 0
+        # Started with --http-port (as `docker run IMAGE serve --http-port N` is), not the
+        # variable: the probe asked port 8000 and the container stayed unhealthy for good.
+        assert port_file.read_text() == f"{server.http_port}\n"
+        flagged = {k: v for k, v in proxied.items() if k != "VIDFLOW_INFERENCE_HTTP_PORT"}
+        flagged["VIDFLOW_INFERENCE_HTTP_PORT_FILE"] = str(port_file)
+        assert subprocess.run(probe, env=flagged, cwd=REPO_ROOT, timeout=30).returncode == 0
         # The named service reports too, as the standard health protocol defines.
         channel = grpc.insecure_channel(server.target)
         reply = health_pb2_grpc.HealthStub(channel).Check(

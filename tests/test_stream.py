@@ -487,6 +487,38 @@ def test_consumer_metrics_listen_on_loopback_only_by_default(kafka) -> None:
     assert code == 0
 
 
+@pytest.mark.usefixtures("restore_root_logging")
+def test_a_topic_the_broker_will_not_create_is_said_in_one_line(
+    kafka, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A replication factor over the cluster's brokers, a topic policy: confluent-kafka's
+    KafkaException ended `produce` in a traceback, exit 1 (which says frames failed). Tansu
+    makes any topic, so its refusal is the one made up here; the broker is real."""
+    from concurrent.futures import Future
+
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from vidflow.cli import main
+
+    class RefusingAdmin(AdminClient):
+        def create_topics(self, new_topics, **_options):
+            refused = KafkaError(KafkaError.INVALID_REPLICATION_FACTOR, "3 > 1 brokers")
+            futures_ = {t.topic: Future() for t in new_topics}
+            for future in futures_.values():
+                future.set_exception(KafkaException(refused))
+            return futures_
+
+    monkeypatch.setattr("tasks.stream.topics.AdminClient", RefusingAdmin)
+    code = main(["produce", "--bootstrap-servers", kafka.bootstrap_servers, "--topic",
+                 f"new-{uuid.uuid4().hex[:8]}", "--replication-factor", "3",
+                 "--source", str(CLIP)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "did not create topic" in err and "--replication-factor 3" in err, err
+    assert "INVALID_REPLICATION_FACTOR: 3 > 1 brokers" in err, err
+
+
 def test_a_broker_that_speaks_another_protocol_is_not_only_called_unreachable(kafka) -> None:
     """SASL to the plaintext broker read "unreachable for 15 s" of a broker that was up."""
     sasl = kafka.model_copy(
@@ -496,3 +528,50 @@ def test_a_broker_that_speaks_another_protocol_is_not_only_called_unreachable(ka
     with pytest.raises(BrokerUnreachableError, match="or it does not speak SASL_PLAINTEXT"):
         ensure_topics(sasl, timeout_s=3)
     ensure_topics(kafka, timeout_s=10)  # the broker is up: it answers plaintext
+
+
+def test_a_closed_terminal_stops_produce_and_consume_with_their_summaries(kafka) -> None:
+    """SIGHUP (an SSH session dropped) killed both at once: the producer's queued frames lost
+    uncounted, no summary from either. It now stops them as Ctrl-C does."""
+    flags = ["--bootstrap-servers", kafka.bootstrap_servers, "--topic", kafka.frames_topic,
+             "--results-topic", kafka.results_topic, "--dlq-topic", kafka.dlq_topic]  # fmt: skip
+    cli = [sys.executable, "-m", "vidflow.cli"]
+    commands = {
+        "produce": [*cli, "produce", *flags, "--source", str(CLIP), "--fps", "30", "--loop"],
+        "consume": [
+            *cli,
+            "consume",
+            *flags,
+            "--duration",
+            "120",
+            "--target",
+            f"127.0.0.1:{free_port()}",
+        ],
+    }
+    runs = {
+        name: subprocess.Popen(
+            command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, command in commands.items()
+    }
+    try:
+        deadline = time.monotonic() + 60
+        while sum(partition_ends(kafka.bootstrap_servers, kafka.frames_topic, 2)) < 10:
+            assert time.monotonic() < deadline and all(r.poll() is None for r in runs.values())
+            time.sleep(0.2)
+        for run in runs.values():
+            run.send_signal(signal.SIGHUP)
+        outputs = {name: run.communicate(timeout=60) for name, run in runs.items()}
+    finally:
+        for run in runs.values():
+            run.kill()
+    out, err = outputs["produce"]
+    assert runs["produce"].returncode == 0, err[-3000:]
+    stats = json.loads(out.strip().splitlines()[-1])
+    published = sum(partition_ends(kafka.bootstrap_servers, kafka.frames_topic, 2))
+    assert stats["frames_read"] == stats["delivered"] == published > 0, stats
+    out, err = outputs["consume"]
+    # Ended with its summary (exit 0, or 1 where it had frames no service answered), not
+    # killed by the signal (-1, nothing printed).
+    assert runs["consume"].returncode in (0, 1), err[-3000:]
+    assert out.startswith("frames consumed"), (out, err[-2000:])

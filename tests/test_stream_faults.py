@@ -1014,7 +1014,9 @@ def test_frames_the_broker_refuses_are_counted_each_and_said_once_in_a_while(
 
     watch = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
     stats = ProduceStats(stream_id="cam", source="test", per_stream={"cam": 0})
-    outlet = _FrameOutlet(make_producer(kafka, watch), watch, kafka.frames_topic, stats)
+    outlet = _FrameOutlet(
+        make_producer(kafka, watch), watch, kafka.frames_topic, stats, threading.Event()
+    )
     nowhere = Camera("cam", partition=99)  # the topic has 2
     for index in range(40):
         outlet.publish(nowhere, Frame("cam", index, time.time_ns(), time.time_ns(), b"jpeg"))
@@ -1025,3 +1027,69 @@ def test_frames_the_broker_refuses_are_counted_each_and_said_once_in_a_while(
     assert "of stream cam" in said[0] and "Unknown partition" in said[0], said
     counted = [int(line.split()[0]) for line in said]
     assert sum(counted) == 40, said  # each failure said in one count or another
+
+
+def test_a_stop_ends_the_producers_wait_for_room_in_a_full_queue() -> None:
+    """With the broker away (or refusing frames with an error librdkafka retries), the queue
+    fills and the producer waits for room: a Ctrl-C, SIGTERM or the flow's stop went unheard
+    until the broker's grace ran out (30 s by default; raised to ride out restarts), and
+    `docker stop` killed it meanwhile, its queued frames uncounted. Now the wait ends with the
+    stop; the frame it held is not published, and not counted."""
+    from tasks.stream.broker_watch import BrokerWatch
+    from tasks.stream.frame_codec import Frame
+    from tasks.stream.kafka_io import make_producer
+    from tasks.stream.producer import Camera, ProduceStats, _FrameOutlet
+
+    away = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", broker_grace_s=600,
+                         max_message_bytes=100_000)  # fmt: skip
+    watch, stop = BrokerWatch(away.bootstrap_servers, away.broker_grace_s), threading.Event()
+    stats = ProduceStats(stream_id="cam", source="test", per_stream={"cam": 0})
+    outlet = _FrameOutlet(make_producer(away, watch), watch, away.frames_topic, stats, stop)
+    jpeg, offered = b"j" * 60_000, []  # ~1,100 of them fill the 64-MiB queue
+
+    def publish_until_stopped() -> None:
+        while not stop.is_set():
+            offered.append(1)
+            outlet.publish(Camera("cam", 0), Frame("cam", len(offered), 0, 0, jpeg))
+
+    publishing = threading.Thread(target=publish_until_stopped, daemon=True)
+    publishing.start()
+    deadline = time.monotonic() + 30
+    while len(outlet.producer) < 1000:  # the queue is full, the producer waits for room
+        assert time.monotonic() < deadline, len(outlet.producer)
+        time.sleep(0.1)
+    time.sleep(0.5)
+    stop.set()
+    publishing.join(5)
+    assert not publishing.is_alive()  # it heard the stop, not the grace's end 600 s on
+    assert stats.frames_read == len(offered) - 1  # the frame it held is not counted
+    outlet.producer.purge()  # nothing more to try: its reconnects logged on after the test
+
+
+def test_a_broker_back_before_the_producers_last_frames_are_delivered_is_no_lost_broker(
+    kafka: KafkaSettings,
+) -> None:
+    """A broker that restarted as the source ended: the flush delivered every frame, yet the
+    run read as a lost broker (exit 1; a capacity sweep ended there) unless a statistics
+    snapshot happened to fall in the gap. A frame delivered now says the broker is back. (The
+    outage is said as librdkafka says it, through its error callback: a restart whose end
+    falls within a flush cannot be timed for real.)"""
+    from confluent_kafka import KafkaError
+
+    from tasks.stream.broker_watch import BrokerWatch
+    from tasks.stream.frame_codec import Frame
+    from tasks.stream.kafka_io import make_producer
+    from tasks.stream.producer import Camera, ProduceStats, _FrameOutlet
+
+    watch = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
+    stats = ProduceStats(stream_id="cam", source="test", per_stream={"cam": 0})
+    outlet = _FrameOutlet(
+        make_producer(kafka, watch), watch, kafka.frames_topic, stats, threading.Event()
+    )
+    watch.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "all brokers are down"))
+    assert watch.down
+    for index in range(10):
+        outlet.publish(Camera("cam", 0), Frame("cam", index, time.time_ns(), time.time_ns(), b"j"))
+    outlet.flush()
+    assert (stats.delivered, stats.failed) == (10, 0), stats
+    assert not watch.down and stats.broker_error is None, stats.broker_error

@@ -62,10 +62,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _export_onnx(args: argparse.Namespace) -> int:
     from services.inference.models import load_model
-    from services.inference.onnx_export import export_onnx
+    from services.inference.onnx_export import export_onnx, export_problem
 
     settings = settings_from_args(ModelSource, args)
-    path = export_onnx(load_model(settings.model, settings.weights), settings.cache_dir)
+    model = load_model(settings.model, settings.weights)
+    path = export_onnx(model, settings.cache_dir)
+    if problem := export_problem(path):  # a cached export cut short: made again, as serve does
+        log.warning("the cached export %s cannot be loaded (%s): exporting again", path, problem)
+        path.unlink(missing_ok=True)
+        path = export_onnx(model, settings.cache_dir)
     if args.output is not None:
         # Whole or not at all: a truncated copy, served with --onnx-model, failed every start.
         from common.files import atomic_output
@@ -181,7 +186,9 @@ def _produce(args: argparse.Namespace) -> int:
     settings = settings_from_args(ProducerSettings, args)  # bad flags refused before the broker
     check_sources(settings.source, settings.stream_id, settings.streams)
     ensure_topics(kafka, [kafka.frames_topic])
-    stats = produce_frames(settings, kafka, stop_on_signals())
+    stop = stop_on_signals()
+    _on_hang_up(stop.set)  # a closed terminal: frames queued are still sent, and counted
+    stats = produce_frames(settings, kafka, stop)
     print(json.dumps(stats.as_dict()))
     return 1 if stats.failed or stats.broker_error or stats.source_error else 0
 
@@ -196,7 +203,9 @@ def _consume(args: argparse.Namespace) -> int:
     client = settings_from_args(ClientSettings, args)
     prepare_output_file(settings.summary_json, "--summary-json")  # before the run, not after
     ensure_topics(kafka)
-    consumer = FrameConsumer(kafka, settings, client.target, stop_on_signals(), client.tls_ca)
+    stop = stop_on_signals()
+    _on_hang_up(stop.set)  # a closed terminal: the calls in flight are finished, and committed
+    consumer = FrameConsumer(kafka, settings, client.target, stop, client.tls_ca)
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server
 

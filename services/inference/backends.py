@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from common.cpus import usable_cpus
-from common.devices import DeviceUnavailableError
+from common.devices import DeviceUnavailableError, nvidia_gpu_present
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +44,20 @@ def cuda_available(backend: str) -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def cuda_missing_reason(backend: str) -> str:
+    """Why `backend` cannot use CUDA on a machine whose driver lists a GPU ("" where none is
+    listed): the default install's onnxruntime is the CPU build, and the log said "no CUDA GPU
+    found" of a working GPU."""
+    if not nvidia_gpu_present():
+        return ""
+    if backend == "onnx":
+        return (
+            "this machine has an NVIDIA GPU, but the installed onnxruntime is the CPU build: "
+            "install onnxruntime-gpu, or serve with --backend eager or torchscript"
+        )
+    return "this machine has an NVIDIA GPU, but torch cannot use it (a CPU build of torch?)"
 
 
 def threads_per_call(workers: int, threads: int) -> int:

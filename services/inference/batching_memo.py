@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cpus import usable_cpus
+from common.devices import NVIDIA_GPUS
 from common.files import atomic_output, exclusive_lock
 from services.inference.batcher import BatchingChoice
 
@@ -47,10 +48,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return ""
-
-
-# The NVIDIA driver's list of GPUs: their models are read without CUDA or torch.
-NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 
 
 def _gpu_models() -> list[str]:

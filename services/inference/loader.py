@@ -16,6 +16,7 @@ from services.inference.backends import (
     OnnxBackend,
     TorchBackend,
     cuda_available,
+    cuda_missing_reason,
     threads_per_call,
 )
 from services.inference.preprocess import PreprocessSpec
@@ -40,7 +41,10 @@ class ServedModel:
 def load_served_model(settings: InferenceSettings) -> ServedModel:
     """Load weights, build the backend and return the model ready to run batches."""
     device = choose_device(
-        settings.device, lambda: cuda_available(settings.backend), strict=settings.strict_device
+        settings.device,
+        lambda: cuda_available(settings.backend),
+        strict=settings.strict_device,
+        why_not=lambda: cuda_missing_reason(settings.backend),
     )
     if settings.backend != "onnx":
         return _torch_model(settings, device)

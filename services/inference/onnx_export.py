@@ -70,6 +70,20 @@ def cached_onnx_path(model: LoadedModel, cache_dir: Path) -> Path:
     return Path(cache_dir) / f"{model.name}-{key}.onnx"
 
 
+def export_problem(path: Path) -> str | None:
+    """Why ONNX Runtime cannot serve the file at `path` (cut short, empty, not ONNX, no vidflow
+    metadata), or None: what the server's loader checks, for `export-onnx` to check before it
+    hands a cached export out (a copy of a broken one failed every start where it was served)."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ExportedModelInfo.from_metadata(session.get_modelmeta().custom_metadata_map)
+    except Exception as exc:  # whatever the runtime says of the file is the problem
+        return str(exc) or type(exc).__name__
+    return None
+
+
 def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:
     """Return the cached ONNX export of `model`, exporting it first if needed."""
     import onnx

@@ -11,6 +11,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 LOOPBACKS = ("127.0.0.1", "[::1]")
 # Never through a proxy: Docker hands the host's proxy settings to every container, and
@@ -31,8 +32,19 @@ def ready(port: str, timeout_s: float = 5.0) -> bool:
     return False
 
 
+def served_http_port() -> str:
+    """The port the server bound: from its --http-port-file (the image sets one, so that
+    `serve --http-port 9000`, or 0, is followed), else the variable, else the default."""
+    if port_file := os.environ.get("VIDFLOW_INFERENCE_HTTP_PORT_FILE"):
+        try:
+            return Path(port_file).read_text().strip()
+        except OSError:  # not written yet: the server is still starting
+            pass
+    return os.environ.get("VIDFLOW_INFERENCE_HTTP_PORT", "8000")
+
+
 def main() -> int:
-    return 0 if ready(os.environ.get("VIDFLOW_INFERENCE_HTTP_PORT", "8000")) else 1
+    return 0 if ready(served_http_port()) else 1
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.files import atomic_output
 from common.net import host_port, is_loopback_host
 from services.inference.call_auth import TokenCheck
 from services.inference.call_pool import CallPool
@@ -199,6 +200,18 @@ async def serve(settings: InferenceSettings) -> None:
             loop.remove_signal_handler(signum)
 
 
+def _note_http_port(path: Path | None, http_port: int) -> None:
+    """Where the health check finds /readyz (ready_probe.py): the port bound, whole or not at
+    all. A file that cannot be written is said, and serving goes on."""
+    if path is None:
+        return
+    try:
+        with atomic_output(path) as partial:
+            partial.write_text(f"{http_port}\n")
+    except OSError as exc:
+        log.warning("could not write the HTTP port to %s (--http-port-file): %s", path, exc)
+
+
 async def _serve_until(
     stop: asyncio.Event, stop_now: asyncio.Event, settings: InferenceSettings
 ) -> None:
@@ -219,6 +232,7 @@ async def _serve_until(
             f"{exc.strerror or exc}"
         ) from None
     http_port = runner.addresses[0][1] if runner.addresses else settings.http_port
+    _note_http_port(settings.http_port_file, http_port)
     tls = settings.tls_cert is not None and settings.tls_key is not None
     log.info(
         "gRPC on %s (%s, reflection %s, token %s), HTTP on %s; loading model",

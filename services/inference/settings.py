@@ -89,6 +89,11 @@ class InferenceSettings(ModelSource, ServiceToken):
     host: str = Field("127.0.0.1", description="address the gRPC and HTTP ports bind to")
     port: Port = Field(50051, description="gRPC port")
     http_port: Port = Field(8000, description="HTTP port for /healthz, /readyz and /metrics")
+    # The image's health check reads it: it followed only VIDFLOW_INFERENCE_HTTP_PORT, and a
+    # container started `serve --http-port 9000` (or 0) stayed unhealthy for good.
+    http_port_file: Path | None = Field(
+        None, description="file the server writes its bound HTTP port to, once it listens"
+    )
     onnx_model: Path | None = Field(
         None,
         description="a ready exported .onnx file (onnx backend only; needs no torch at run time)",

@@ -94,6 +94,11 @@ class BrokerWatch:
         """No connection to any broker right now (or a fatal client error)."""
         return self._down_since is not None or self._fatal is not None
 
+    @property
+    def fatal(self) -> bool:
+        """A fatal client error: nothing more can be delivered, whatever the broker does."""
+        return self._fatal is not None
+
     def down_for_s(self) -> float:
         return 0.0 if self._down_since is None else time.monotonic() - self._down_since
 

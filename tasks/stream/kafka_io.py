@@ -198,19 +198,24 @@ def produce_with_backpressure(
     headers: Headers | None = None,
     partition: int | None = None,
     poll_s: float = 0.05,
-) -> None:
-    """Queue one message, waiting while librdkafka's local queue is full.
+    stopped: Callable[[], bool] | None = None,
+) -> bool:
+    """Queue one message, waiting while librdkafka's local queue is full; whether it was.
 
     A full queue (BufferError) means the broker takes messages slower than they come: serve
     delivery reports for `poll_s` to make room, then retry. The broker is checked meanwhile, so
-    one gone for longer than its grace ends the wait (BrokerLostError) instead of blocking."""
+    one gone for longer than its grace ends the wait (BrokerLostError) instead of blocking, and
+    so is `stopped` (a Ctrl-C waited for the grace's end, or for ever where the broker was up
+    but refused the messages with a retriable error): the message is then not queued."""
     placement = {} if partition is None else {"partition": partition}
     while True:
         try:
             producer.produce(
                 topic, key=key, value=value, headers=headers, on_delivery=on_delivery, **placement
             )
-            return
+            return True
         except BufferError:
             producer.poll(poll_s)
             watch.check()
+            if stopped is not None and stopped():
+                return False

@@ -344,7 +344,7 @@ def produce_frames(
             target_fps=feeds[0].fps, target_fps_per_stream=paces,
             streams=n, per_stream=dict.fromkeys(paces, 0),
         )  # fmt: skip
-        outlet = _FrameOutlet(producer, watch, kafka.frames_topic, stats)
+        outlet = _FrameOutlet(producer, watch, kafka.frames_topic, stats, stop)
         for feed in feeds:
             log.info(
                 "producing %s as %d stream(s) %s (session %s) to %s at %s",
@@ -529,6 +529,7 @@ class _FrameOutlet:
     watch: BrokerWatch
     topic: str
     stats: ProduceStats
+    stop: threading.Event  # the run's: a wait for room in a full queue ends with it
     # Several sources publish from threads of their own; the counts are shared. (librdkafka's
     # producer is thread-safe; delivery callbacks run in whichever thread polls.)
     _counts: threading.Lock = field(default_factory=threading.Lock)
@@ -538,16 +539,18 @@ class _FrameOutlet:
 
     def publish(self, camera: Camera, frame: Frame) -> None:
         try:
-            produce_with_backpressure(
+            queued = produce_with_backpressure(
                 self.producer, self.watch, self.topic,
                 key=frame.stream_id.encode(), value=frame.jpeg,
                 headers=encode_frame_headers(frame), on_delivery=self._on_delivery,
-                partition=camera.partition, poll_s=0.1,
+                partition=camera.partition, poll_s=0.1, stopped=self.stop.is_set,
             )  # fmt: skip
         except KafkaException as exc:  # refused before it left: over --max-message-bytes
             if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
                 raise
             self._too_large(len(frame.jpeg))
+            return
+        if not queued:  # stopped while the queue was full: not published, as frames after it
             return
         self.producer.poll(0)
         with self._counts:
@@ -597,6 +600,7 @@ class _FrameOutlet:
         with self._counts:
             if error is None:
                 self.stats.delivered += 1
+                self.watch.alive()  # a frame got through: the broker is back, if it was away
                 ends, offset = self.stats.partition_ends, message.offset()
                 if ends is not None and offset >= 0:
                     ends[message.partition()] = max(ends.get(message.partition(), 0), offset + 1)
@@ -630,5 +634,8 @@ class _FrameOutlet:
         if remaining:
             stats.failed += remaining
             log.error("%d frames still undelivered after a %.0f s flush", remaining, flush_s)
-        if watch.down and stats.broker_error is None:
+        # Away at the end, but every frame delivered before its grace ran out: nothing lost
+        # (a broker back during the flush was still counted lost until its next statistics).
+        lost = remaining or watch.down_for_s() >= watch.grace_s or watch.fatal
+        if watch.down and lost and stats.broker_error is None:
             stats.broker_error = watch.describe()

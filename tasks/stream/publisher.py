@@ -157,6 +157,7 @@ class Publisher:
                         f"published: {error.str()}"
                     )
                 return
+            self.broker.alive()  # an outcome got through: the broker is back, if it was away
             self.offsets.finished(topic, partition, offset)
             if on_ok is not None:
                 on_ok()

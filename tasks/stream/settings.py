@@ -16,6 +16,13 @@ from common.urls import shown_url
 # How long a lost live source is opened again by default, once its frames stop (0: lost at once)
 RECONNECT_S = 30.0
 
+# Kafka's legal topic names (its Topic.validate: at most 249 of these characters)
+TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
+# The slowest pace taken: a frame every 1,000 s. Slower ones waited past what a thread's wait
+# takes (threading.TIMEOUT_MAX at 1e-10 fps): a traceback after the first frame.
+MIN_FPS = 0.001
+
 # `--source env:NAME`: the source is the value of the environment variable NAME.
 ENV_SOURCE_PREFIX = "env:"
 
@@ -100,6 +107,50 @@ class KafkaSettings(BaseSettings):
                 "VIDFLOW_KAFKA_SASL_PASSWORD"
             )
         return self
+
+    @model_validator(mode="after")
+    def _credentials_in_use(self) -> KafkaSettings:
+        """SASL credentials or a CA under a protocol that does not use them were dropped
+        without a word, and the broker then read as "unreachable"."""
+        unused = []
+        if not self.security_protocol.startswith("SASL"):
+            unused += ["--sasl-username"] * bool(self.sasl_username)
+            unused += ["VIDFLOW_KAFKA_SASL_PASSWORD"] * (self.sasl_password is not None)
+        if not self.security_protocol.endswith("SSL") and self.ssl_ca_location is not None:
+            unused.append("--ssl-ca-location")
+        if unused:
+            raise ValueError(
+                f"{' and '.join(unused)} given, but --security-protocol {self.security_protocol} "
+                "does not use them: set --security-protocol (SASL_SSL, SASL_PLAINTEXT, SSL), "
+                "or leave them out"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _topics_apart(self) -> KafkaSettings:
+        """One topic in two roles loops: dead letters keep their frame's headers, so a dead
+        letter read from the dead-letter topic as a frame that fails again is written back to
+        it, for ever; results read as frames are all dead letters."""
+        roles = {"--frames-topic": self.frames_topic, "--results-topic": self.results_topic,
+                 "--dlq-topic": self.dlq_topic}  # fmt: skip
+        for topic in set(roles.values()):
+            if len(same := [flag for flag, name in roles.items() if name == topic]) > 1:
+                raise ValueError(
+                    f"{' and '.join(same)} are both {topic!r}: each role needs its own topic"
+                )
+        return self
+
+    @field_validator("frames_topic", "results_topic", "dlq_topic")
+    @classmethod
+    def _kafka_topic_name(cls, value: str) -> str:
+        """Kafka's own rule, said before anything starts (a broker refuses such a name only as
+        the topic is made, and some, such as Tansu, take it)."""
+        if not TOPIC_NAME.fullmatch(value) or value in {".", ".."}:
+            raise ValueError(
+                f"{value!r} is no Kafka topic name: 1 to 249 of the letters a-z and A-Z, the "
+                "digits, '.', '_' and '-'"
+            )
+        return value
 
     @model_validator(mode="after")
     def _poll_interval_past_session(self) -> KafkaSettings:
@@ -268,8 +319,11 @@ def check_fps(value: str) -> str:
         fps = float(value)
     except ValueError:
         fps = 0.0
-    if not fps > 0 or fps == float("inf"):
-        raise ValueError(f"fps must be a positive number, native or max (got {value!r})")
+    if not MIN_FPS <= fps < float("inf"):
+        raise ValueError(
+            f"fps must be a number from {MIN_FPS:g} (a frame every {1 / MIN_FPS:g} s), native "
+            f"or max (got {value!r})"
+        )
     return value
 
 

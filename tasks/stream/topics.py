@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from tasks.stream.kafka_logs import librdkafka_logging
@@ -19,6 +19,11 @@ def start_timeout_s(kafka: KafkaSettings) -> float:
     """How long a command waits for the broker before it starts anything: START_TIMEOUT_S, or
     `broker_grace_s` where that is shorter (one knob for "how long to wait for the broker")."""
     return min(START_TIMEOUT_S, kafka.broker_grace_s)
+
+
+class TopicNotCreatedError(RuntimeError):
+    """The broker did not make a topic a run needs (a replication factor over its broker count,
+    a cluster's topic policy, no answer in time): said in one line, with the topic."""
 
 
 class BrokerUnreachableError(RuntimeError):
@@ -91,13 +96,29 @@ def ensure_topics(
             future.result(timeout=timeout_s)
             created.append(topic)
         except Exception as exc:
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):  # another member created it first
-                raise
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):  # else another member created it first
+                raise _not_created(topic, kafka, timeout_s, exc) from exc
     log.info(
         "created topics %s with %d partitions, replication factor %d",
         created, partitions, kafka.replication_factor,
     )  # fmt: skip
     return created
+
+
+def _not_created(
+    topic: str, kafka: KafkaSettings, timeout_s: float, exc: Exception
+) -> TopicNotCreatedError:
+    """Why `topic` was not made, in words: librdkafka's error by its name (its exception
+    escaped as a traceback), or the wait's end (a TimeoutError that says nothing)."""
+    error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    if isinstance(error, KafkaError):
+        why = f"{error.name()}: {error.str()}"
+    else:
+        why = str(exc) or f"no answer within {timeout_s:g} s"
+    return TopicNotCreatedError(
+        f"the broker did not create topic {topic!r} ({kafka.partitions} partitions, "
+        f"--replication-factor {kafka.replication_factor}): {why}"
+    )
 
 
 def delete_topics(kafka: KafkaSettings, topics: list[str], timeout_s: float = 15.0) -> list[str]:
