@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import shutil
 import signal
@@ -13,6 +14,8 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Sequence
+
+log = logging.getLogger(__name__)
 
 
 def stop_process(process: subprocess.Popen, timeout_s: float) -> int:
@@ -60,11 +63,31 @@ def signal_on_parent_death() -> None:
 
 @functools.cache
 def _launchers() -> tuple[str, str] | None:
-    """util-linux's `setpriv` and coreutils' `nice`, where both are on PATH (on Linux only)."""
+    """util-linux's `setpriv` and coreutils' `nice`, where both are on PATH (on Linux only) and
+    run a command the way `batch_child` asks them to; asked once per process."""
     if not sys.platform.startswith("linux"):
         return None
     setpriv, nice = shutil.which("setpriv"), shutil.which("nice")
-    return (setpriv, nice) if setpriv and nice else None
+    if not (setpriv and nice):
+        return None
+    return (setpriv, nice) if _launchers_work(setpriv, nice) else None
+
+
+def _launchers_work(setpriv: str, nice: str) -> bool:
+    """Whether `setpriv --pdeathsig KILL -- nice -n 1 true` runs: util-linux before 2.33 (RHEL
+    8's setpriv) has no --pdeathsig, and with it every batch child, each ffmpeg, failed at once
+    with "unrecognized option". Where it does not, the preexec_fn does their work (logged once)."""
+    probe = [setpriv, "--pdeathsig", "KILL", "--", nice, "-n", "1", "true"]
+    try:
+        ran = subprocess.run(probe, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        why = f"{type(exc).__name__}: {exc}"
+    else:
+        if ran.returncode == 0:
+            return True
+        why = (ran.stderr.strip().splitlines() or [f"exit {ran.returncode}"])[-1]
+    log.info("%s cannot start batch children, a preexec_fn does its work: %s", setpriv, why)
+    return False
 
 
 def batch_child(
@@ -73,13 +96,13 @@ def batch_child(
     """`(args, preexec_fn)` for subprocess to run `command` as a child that dies with the
     thread that starts it (as `die_with_parent`) and runs `niceness` steps lower.
 
-    Where `setpriv` and `nice` are found, they do both in front of the command (the death signal
-    and the niceness survive their exec of it) and there is no preexec_fn. Then Python starts the
-    child with vfork and runs no Python code in it: a preexec_fn is unsafe in a process with
-    threads (a Ray worker has several, and Lance warns it is not fork-safe), and it needs a full
-    fork of a process holding Prefect, Ray, Lance and OpenCV. Measured from such a process
-    (`ffmpeg -version`, 30 runs): 13 ms and 13 CPU-ms a run, against 20 ms and 20 CPU-ms with a
-    preexec_fn. Elsewhere a preexec_fn does both.
+    Where `setpriv` and `nice` are found and work (`_launchers_work`), they do both in front of
+    the command (the death signal and the niceness survive their exec of it) and there is no
+    preexec_fn. Then Python starts the child with vfork and runs no Python code in it: a
+    preexec_fn is unsafe in a process with threads (a Ray worker has several, and Lance warns it
+    is not fork-safe), and it needs a full fork of a process holding Prefect, Ray, Lance and
+    OpenCV. Measured from such a process (`ffmpeg -version`, 30 runs): 13 ms and 13 CPU-ms a
+    run, against 20 ms and 20 CPU-ms with a preexec_fn. Elsewhere a preexec_fn does both.
     """
     launchers = _launchers()
     if launchers is None:

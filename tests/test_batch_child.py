@@ -1,5 +1,6 @@
 """Batch children (ffmpeg): they die with the process that started them, even when it is
-SIGKILLed, and run the asked number of steps below it, with and without setpriv and nice."""
+SIGKILLed, and run the asked number of steps below it, with and without setpriv and nice, and
+with a setpriv too old to set a death signal."""
 
 from __future__ import annotations
 
@@ -9,14 +10,53 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
+from common import processes
 from common.processes import batch_child
+from tasks.depth.settings import DepthSettings
+from tasks.depth.transcode import transcode
+from tasks.depth.video_record import VideoRecord
+from tests.conftest import VIDEOS
 
 REPO = Path(__file__).resolve().parents[1]
+
+# util-linux 2.32's setpriv (RHEL 8) as it answers an option it does not have (--pdeathsig came
+# in 2.33); it counts its runs in the file named by $SETPRIV_RUNS.
+OLD_SETPRIV = """#!/bin/sh
+[ -n "$SETPRIV_RUNS" ] && echo run >> "$SETPRIV_RUNS"
+for arg in "$@"; do
+    case "$arg" in
+        --pdeathsig)
+            echo "setpriv: unrecognized option '--pdeathsig'" >&2
+            echo "Try 'setpriv --help' for more information." >&2
+            exit 1 ;;
+        --) break ;;
+    esac
+done
+exec /usr/bin/setpriv "$@"
+"""
+
+
+def _old_setpriv_first_on_path(folder: Path) -> str:
+    """A PATH whose `setpriv` is OLD_SETPRIV (in `folder`), the rest as it was."""
+    script = folder / "setpriv"
+    script.write_text(OLD_SETPRIV)
+    script.chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+@pytest.fixture
+def launchers_asked_again() -> Iterator[None]:
+    """`_launchers` asks again in this test, and again after it (its answer is cached)."""
+    processes._launchers.cache_clear()
+    yield
+    processes._launchers.cache_clear()
+
 
 # A parent that starts `sleep 60` as a batch child, prints its pid, and waits to be killed.
 # "fallback" makes it use the preexec_fn path, as on a machine without setpriv or nice.
@@ -41,12 +81,18 @@ def _stat(pid: int) -> tuple[str, str, int] | None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent death signal: Linux")
-@pytest.mark.parametrize("path", ["launchers", "fallback"])
-def test_a_batch_child_runs_lower_and_dies_with_its_killed_parent(path: str) -> None:
+@pytest.mark.parametrize("path", ["launchers", "fallback", "old-setpriv"])
+def test_a_batch_child_runs_lower_and_dies_with_its_killed_parent(
+    path: str, tmp_path: Path
+) -> None:
     lower_by = 7
+    env = dict(os.environ)
+    if path == "old-setpriv":  # found on PATH, but without --pdeathsig: the fallback's way
+        env["PATH"] = _old_setpriv_first_on_path(tmp_path)
     parent = subprocess.Popen(
         [sys.executable, "-c", PARENT, path, str(lower_by)],
         cwd=REPO,
+        env=env,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -75,3 +121,24 @@ def test_with_setpriv_and_nice_there_is_no_preexec_fn() -> None:
         pytest.skip("no setpriv or nice on this machine")
     assert preexec_fn is None
     assert args[-2:] == ["ffmpeg", "-version"] and "10" in args
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setpriv: Linux")
+def test_a_setpriv_without_pdeathsig_is_asked_once_and_ffmpeg_runs_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, launchers_asked_again: None
+) -> None:
+    """RHEL 8's setpriv (util-linux 2.32) has no --pdeathsig: every ffmpeg it was put in front
+    of failed with "unrecognized option", so every transcode failed. It is tried once, and
+    the preexec_fn does its work."""
+    runs = tmp_path / "setpriv-runs"
+    monkeypatch.setenv("PATH", _old_setpriv_first_on_path(tmp_path))
+    monkeypatch.setenv("SETPRIV_RUNS", str(runs))
+    record = VideoRecord(
+        video_id="clip", source_url="http://h/v.mp4", raw_path=str(VIDEOS / "pool_cleaning.mp4")
+    )
+    done = transcode(record, tmp_path / "out", DepthSettings())
+    assert not done.failed, done.error
+    assert done.frame_count == 300
+    args, preexec_fn = batch_child(["ffmpeg", "-version"], 10)
+    assert args == ["ffmpeg", "-version"] and preexec_fn is not None
+    assert runs.read_text().splitlines() == ["run"]  # one probe for the process, not one a call

@@ -370,3 +370,34 @@ def test_a_depth_step_that_reserves_cpus_runs_the_model_in_its_own_task(
     assert transcoded.pending_depth is None and not maps.exists()  # nothing ran outside it
     mapped = depth_task.fn(transcoded, maps, settings, actors)
     assert [record.status for record in mapped.records] == ["ok"] * 2
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_a_depth_call_that_fails_without_its_actor_dying_keeps_the_shard_s_transcodes(
+    tmp_path: Path,
+) -> None:
+    """Found in review: an error of the actor's call that is no death (an error raised in the
+    model's code, an actor that cannot be reached for now) on the task's last try was written
+    "depth crashed: ", which a rerun reads as the shard's worker dying: the whole shard was
+    fetched and transcoded again. The actor here is a stand-in whose call raises: no real
+    model fails that way on demand."""
+    import ray
+
+    from tasks.depth.video_table import _transcode_taken
+
+    @ray.remote(num_cpus=0)
+    class FailingDepth:
+        def depth_maps(self, *_args: Any) -> None:
+            raise MemoryError("the model's buffers")
+
+    settings = DepthSettings(device="cpu", depth_cpus=1)  # no early feed: the depth task asks
+    videos, maps = tmp_path / "videos", tmp_path / "depth"
+    actors = [FailingDepth.remote()]
+    transcoded = transcode_task.fn(_downloaded_shard(2), videos, maps, settings, actors)
+    assert [r.status for r in transcoded.records] == ["pending"] * 2
+    mapped = depth_task.fn(transcoded, maps, settings, actors)  # no retry left
+    for record in mapped.records:
+        assert record.failed_stage == "depth" and record.error.startswith("depth failed: ")
+        assert "MemoryError: the model's buffers" in record.error.splitlines()[0], record.error
+        assert _transcode_taken(record.failed_stage, record.error)  # a rerun keeps it
+        assert Path(record.transcoded_path).is_file()

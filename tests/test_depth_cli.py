@@ -194,6 +194,28 @@ def test_bad_input_is_refused_before_anything_starts(
         assert "Ray" not in refused.stderr, refused.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--transcode-timeout-s", "inf", "Input should be a finite number"),
+        ("--connect-timeout-s", "1e9", "Input should be less than or equal to 86400"),
+    ],
+)
+def test_a_timeout_of_inf_or_past_a_day_is_refused_in_one_line(
+    tmp_path: Path, cli_env: dict[str, str], flag: str, value: str, says: str
+) -> None:
+    """Found in review, stop 55: such a run started, and every transcode or download crashed
+    with OverflowError."""
+    urls = tmp_path / "urls.txt"
+    urls.write_text("https://host/a.mp4\n")
+    run = _vidflow("--urls", str(urls), "--output", str(tmp_path / "out"), flag, value,
+                   env=cli_env)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    [line] = run.stderr.strip().splitlines()
+    assert line.endswith(f"{flag} {value!r}: {says}"), line
+    assert not (tmp_path / "out").exists()  # refused before anything started
+
+
 @pytest.mark.slow
 def test_a_stage_that_asks_for_more_cpus_than_a_node_has_is_refused(
     tmp_path: Path, tiny_depth_model: Path, cli_env: dict[str, str]

@@ -10,6 +10,7 @@ import dataclasses
 import datetime
 import email.utils
 import json
+import math
 import os
 import re
 import shutil
@@ -245,6 +246,49 @@ def test_a_one_column_csv_and_an_unparseable_url_are_read_as_sources(tmp_path: P
     assert [r.source_url for r in records] == ["https://h/a.mp4", "http://[::1/x.mp4"]
     broken = download(records[1], tmp_path, DepthSettings())
     assert broken.failed and "invalid URL" in broken.error, broken.error
+
+
+@pytest.mark.parametrize(
+    ("listed", "says"),
+    [
+        ("https://h/a.mp4#t=30,10\n", r"#t=30,10: the window's end is not after its start"),
+        ("https://h/a.mp4#t=1:75\n", r"#t=1:75 is not a time window"),
+        ('url,label\nhttps://h/a.mp4,x\n\n"https://h/b.mp4#t=inf",y\n', r"#t=inf: a window"),
+    ],
+    ids=["backwards", "unreadable", "csv-inf"],
+)
+def test_a_listed_window_that_does_not_read_refuses_the_list_naming_its_line(
+    tmp_path: Path, listed: str, says: str
+) -> None:
+    """Found in review, stop 55: a URL whose `#t=` could not be read was done as the whole
+    video, under the label of its window."""
+    listing = tmp_path / "urls.csv"
+    listing.write_text("# windows\n" + listed)
+    line = len(listing.read_text().splitlines())  # the last line, blank and comment lines counted
+    with pytest.raises(SourceListError, match=rf"urls\.csv:{line}: bad time window: {says}"):
+        read_url_list(listing)
+    # Windows that read, and fragments that ask for none, are taken as written.
+    listing.write_text("https://h/a.mp4#t=0:06:57,0:07:07\nhttps://h/b.mp4#t=0\nhttps://h/c#x\n")
+    assert [window_of(r.source_url) for r in read_url_list(listing)] == [
+        ClipWindow(417.0, 427.0), None, None,
+    ]  # fmt: skip
+
+
+def test_a_csv_row_with_more_fields_than_its_header_refuses_the_list(tmp_path: Path) -> None:
+    """Found in review, stop 55: fields past the header were dropped, and with them the rest
+    of a URL with an unquoted comma: `#t=417,427` was read as `#t=417`, from 417 s to the end
+    of the video. An empty field past the header (a trailing comma) loses nothing."""
+    listing = tmp_path / "urls.csv"
+    listing.write_text("url,label\nhttps://h/a.mp4,x\nhttps://h/b.mp4#t=417,427,juggling\n")
+    with pytest.raises(SourceListError, match=r"urls\.csv:3: 3 fields, more than the header's 2"):
+        read_url_list(listing)
+    listing.write_text("url\nhttps://h/b.mp4#t=417,427\n")
+    with pytest.raises(SourceListError, match=r"urls\.csv:2: 2 fields, more than the header's 1"):
+        read_url_list(listing)
+    listing.write_text('url,label\n"https://h/b.mp4#t=417,427",juggling,\n')
+    [record] = read_url_list(listing)
+    assert (record.source_url, record.label) == ("https://h/b.mp4#t=417,427", "juggling")
+    assert window_of(record.source_url) == ClipWindow(417.0, 427.0)
 
 
 def test_kinetics_rows_keep_label_id_and_window() -> None:
@@ -709,6 +753,32 @@ def test_containers_are_recognised_by_their_first_bytes(tmp_path: Path) -> None:
     assert sniff_container(b"") is None
 
 
+def test_a_webm_is_stored_as_webm_and_found_again_and_matroska_as_mkv(tmp_path: Path) -> None:
+    """Found in review, stop 55: WebM, Matroska by another DocType, was stored as `.mkv`, where
+    the README says `.webm`. Told apart by the DocType of their EBML header, as FFmpeg writes
+    them (VP8 in WebM, MPEG-4 part 2 in Matroska)."""
+    made = {}
+    for name, codec in (("v.webm", "libvpx"), ("v.mkv", "mpeg4")):
+        made[name] = tmp_path / "made" / name
+        made[name].parent.mkdir(exist_ok=True)
+        command = [ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc=d=1:s=64x48:r=30",
+                   "-c:v", codec, str(made[name])]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True)
+    with VideoServer({name: Serve(path) for name, path in made.items()}) as server:
+        raw = tmp_path / "raw"
+        webm = download(_record(server.url("v.webm"), "a"), raw, DepthSettings())
+        mkv = download(_record(server.url("v.mkv"), "b"), raw, DepthSettings())
+        again = download(_record(server.url("v.webm"), "a"), raw, DepthSettings())
+        asked = dict(server.requests)
+    assert (webm.raw_path, mkv.raw_path) == (str(raw / "a.webm"), str(raw / "b.mkv"))
+    assert again.raw_path == webm.raw_path and asked["v.webm"] == 1  # the whole one kept
+    assert sorted(p.name for p in raw.iterdir()) == ["a.webm", "b.mkv"]
+    done = transcode(webm, tmp_path / "out", DepthSettings())
+    assert not done.failed and done.frame_count == 30, done.error
+    # Too few bytes to reach the DocType: still Matroska's family, named as before.
+    assert sniff_container(made["v.webm"].read_bytes()[:12]) == "mkv"
+
+
 # ---- transcode -----------------------------------------------------------------------------
 
 
@@ -743,12 +813,114 @@ def test_a_url_s_window_is_cut_from_its_video(tmp_path: Path) -> None:
     expected = cv2.resize(source.read()[1], (first.shape[1], first.shape[0]))
     source.release()
     assert np.mean(np.abs(first.astype(float) - expected.astype(float))) < 12
-    # A mirror that names its clips by video id alone serves the clip itself, shorter than the
-    # window's start: it is taken whole (cut again, nothing was left of it).
+    # A mirror that names its clips by video id alone serves the clip itself: it cannot hold
+    # the window and is no longer than it, and is taken whole (cut again, little was left).
     for window in ("#t=417,427", "#t=5,15"):  # past its end; or the clip's length, from 5 s
         clip_itself = record.update(source_url=record.source_url.replace("#t=2,5", window))
         whole = transcode(clip_itself, tmp_path / "whole" / window[3:], DepthSettings())
         assert not whole.failed and whole.frame_count == 300, (window, whole.error)
+
+
+def _testsrc_video(path: Path, seconds: int) -> Path:
+    """A real H.264 MP4 of `seconds` at 30 fps (64x48), made by FFmpeg."""
+    source = f"testsrc=d={seconds}:s=64x48:r=30"
+    command = [ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", source, "-c:v", "libx264",
+               "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(path)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("seconds", "window", "frames"),
+    [
+        (7, "#t=5,15", 210),  # the clip itself, a little short: whole (it was cut to its last 2 s)
+        (30, "#t=25,35", 150),  # a video that ends inside its window: what it has of it
+        (30, "#t=25", 150),  # an open window: from its start to the video's end
+    ],
+)
+def test_a_file_is_the_clip_itself_only_when_it_is_no_longer_than_its_window(
+    tmp_path: Path, seconds: int, window: str, frames: int
+) -> None:
+    """Found in review, stop 55: a file that could not hold its window was cut to what it
+    had of it even when it was about the clip's length (a 7-s clip asked for 5-15 s gave its
+    last 2 s), though the README takes such a file as the clip itself."""
+    video = _testsrc_video(tmp_path / "video.mp4", seconds)
+    record = _record(f"http://h/v.mp4{window}").update(raw_path=str(video))
+    done = transcode(record, tmp_path / "out", DepthSettings())
+    assert not done.failed, done.error
+    assert done.frame_count == frames and done.duration_s == pytest.approx(frames / 30)
+
+
+@pytest.mark.parametrize("window", ["#t=417,427", "#t=40"])
+def test_a_video_that_ends_before_its_window_starts_fails_unless_it_is_the_clip(
+    tmp_path: Path, window: str
+) -> None:
+    """Found in review, stop 55: any file that ended before its window's start was taken
+    whole as "the clip itself": a 30-s video asked for 417-427 s became an ok row of 30 s of
+    other footage under the clip's label. Only a file no longer than the window is the clip."""
+    video = _testsrc_video(tmp_path / "video.mp4", 30)
+    record = _record(f"http://h/v.mp4{window}").update(raw_path=str(video))
+    done = transcode(record, tmp_path / "out", DepthSettings())
+    assert (done.status, done.failed_stage) == ("failed", "transcode"), done
+    start = window[3:].split(",")[0]
+    assert done.error == f"the video is 30 s; its window starts at {start} s (the URL's #t=)"
+    assert not (tmp_path / "out" / "clip.mp4").exists()
+
+
+# `ffmpeg -encoders` of a build without libx264 (Fedora's ffmpeg-free, conda-forge's LGPL
+# build), and its answer to a transcode that asks for it.
+FFMPEG_WITHOUT_X264 = """#!/bin/sh
+case "$*" in
+    *-encoders*)
+        echo "Encoders:"
+        echo " V..... = Video"
+        echo " ------"
+        echo " V....D libopenh264          OpenH264 H.264 / AVC / MPEG-4 AVC (codec h264)"
+        echo " V....D libvpx-vp9           libvpx VP9 (codec vp9)"
+        echo " A....D aac                  AAC (Advanced Audio Coding)"
+        exit 0 ;;
+esac
+echo "Unknown encoder 'libx264'" >&2
+exit 8
+"""
+
+
+@pytest.fixture
+def ffmpeg_found_again() -> Iterator[None]:
+    """`ffmpeg_exe` looks again in this test, and again after it (its answer is cached)."""
+    ffmpeg_exe.cache_clear()
+    yield
+    ffmpeg_exe.cache_clear()
+
+
+def test_an_ffmpeg_on_path_without_libx264_is_passed_by_for_the_wheel_s(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    ffmpeg_found_again: None,
+) -> None:
+    """Found in review, stop 55: an ffmpeg on PATH was used without asking whether it encodes
+    H.264; with Fedora's ffmpeg-free every transcode failed with "Unknown encoder", though
+    the imageio-ffmpeg wheel's ffmpeg was there. One that has libx264 is still preferred."""
+    import imageio_ffmpeg
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "ffmpeg"
+    fake.write_text(FFMPEG_WITHOUT_X264)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    with caplog.at_level("WARNING", logger="tasks.depth.transcode"):
+        record = transcode(_record("http://h/v.mp4").update(raw_path=str(CLIP)), tmp_path / "out",
+                           DepthSettings())  # fmt: skip
+    assert not record.failed and record.frame_count == 300, record.error
+    assert ffmpeg_exe() == imageio_ffmpeg.get_ffmpeg_exe()
+    assert f"{fake} has no libx264 encoder" in caplog.text
+    # An ffmpeg on PATH that has it (here the wheel's, under the name `ffmpeg`) is taken.
+    fake.unlink()
+    fake.symlink_to(imageio_ffmpeg.get_ffmpeg_exe())
+    ffmpeg_exe.cache_clear()
+    assert ffmpeg_exe() == str(fake)
 
 
 def _ffmpeg_children_niceness() -> list[int]:
@@ -1141,6 +1313,44 @@ def test_a_home_folder_is_expanded_in_output_cache_and_model(
     assert settings.cache_dir == tmp_path / "cache"
     assert settings.depth_model == str(tmp_path / "models" / "tiny")
     assert check_depth_model(settings.depth_model) is True
+
+
+TIMEOUTS = [
+    "connect_timeout_s",
+    "read_timeout_s",
+    "download_deadline_s",
+    "download_rate_window_s",
+    "transcode_timeout_s",
+]
+
+
+@pytest.mark.parametrize("name", TIMEOUTS)
+def test_a_timeout_python_cannot_wait_for_is_refused(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review, stop 55: `--transcode-timeout-s inf` made every transcode crash with
+    OverflowError in subprocess's wait (so did 1e7 s), `--connect-timeout-s inf` every download
+    in aiohttp. Timeouts are finite and at most a day; no setting takes inf or nan."""
+    for value in (math.inf, math.nan, 86_401.0, 1e9):
+        with pytest.raises(ValidationError, match=name):
+            DepthSettings(**{name: value})
+    monkeypatch.setenv(f"VIDFLOW_DEPTH_{name.upper()}", "inf")
+    with pytest.raises(ValidationError, match="finite number"):
+        DepthSettings()
+    monkeypatch.delenv(f"VIDFLOW_DEPTH_{name.upper()}")
+    assert getattr(DepthSettings(**{name: 86_400.0}), name) == 86_400.0
+    with pytest.raises(ValidationError, match="finite number"):
+        DepthSettings(depth_keep_alive_s=math.inf)
+
+
+def test_the_longest_timeouts_are_waits_python_makes(tmp_path: Path) -> None:
+    """A day, the most a timeout takes, is a wait subprocess and aiohttp make: a download and
+    a transcode with every timeout at it run as any other (guard)."""
+    longest = DepthSettings(**dict.fromkeys(TIMEOUTS, 86_400.0))
+    with VideoServer({"v.mp4": Serve(CLIP)}) as server:
+        record = download(_record(server.url("v.mp4")), tmp_path / "raw", longest)
+    done = transcode(record, tmp_path / "out", longest)
+    assert not done.failed and done.frame_count == 300, done.error
 
 
 # ---- storage -------------------------------------------------------------------------------

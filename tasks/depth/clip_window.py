@@ -62,24 +62,39 @@ def window_of(url: str) -> ClipWindow | None:
     `npt:`), or None where it asks for none or one this does not read (a fragment may mean
     something else)."""
     try:
-        fragment = urlsplit(url).fragment
+        return asked_window(url)
     except ValueError:
+        return None
+
+
+def asked_window(url: str) -> ClipWindow | None:
+    """The window a URL's `#t=` asks for, or None where it asks for none (no `t=`, or the
+    whole video: `#t=0`); ValueError saying why where its `t=` is no window this reads
+    (`#t=30,10`, `#t=1:75`): a URL list that asks so is refused, not done as the whole video."""
+    try:
+        fragment = urlsplit(url).fragment
+    except ValueError:  # no URL to ask with (`http://[::1/x`): its download fails it, saying so
         return None
     for part in fragment.split("&"):
         name, _, value = part.partition("=")
-        if name != "t":
-            continue
-        start_text, _, end_text = value.removeprefix("npt:").partition(",")
-        try:
-            start = _seconds(start_text) if start_text else 0.0
-            end = _seconds(end_text) if end_text else None
-        except ValueError:
-            return None
-        if (
-            not math.isfinite(start)
-            or start < 0
-            or (end is not None and not start < end < math.inf)
-        ):
-            return None
-        return ClipWindow(start, end) if start > 0 or end is not None else None
+        if name == "t":
+            return _window(value)
     return None
+
+
+def _window(value: str) -> ClipWindow | None:
+    """A `t=` value as a window (None: the whole video), or ValueError saying why it is none."""
+    start_text, _, end_text = value.removeprefix("npt:").partition(",")
+    try:
+        start = _seconds(start_text) if start_text else 0.0
+        end = _seconds(end_text) if end_text else None
+    except ValueError:
+        raise ValueError(
+            f"#t={value} is not a time window (seconds or clock times: #t=417,427 or "
+            "#t=0:06:57,0:07:07)"
+        ) from None
+    if not math.isfinite(start) or (end is not None and not math.isfinite(end)):
+        raise ValueError(f"#t={value}: a window's times are finite numbers of seconds")
+    if end is not None and not start < end:
+        raise ValueError(f"#t={value}: the window's end is not after its start")
+    return ClipWindow(start, end) if start > 0 or end is not None else None

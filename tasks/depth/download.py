@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 RETRYABLE_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
-CONTAINER_SUFFIXES = frozenset({"mp4", "mkv", "avi", "flv", "mpg", "ogv", "wmv", "ts", "m2ts"})
+CONTAINER_SUFFIXES = frozenset(
+    {"mp4", "webm", "mkv", "avi", "flv", "mpg", "ogv", "wmv", "ts", "m2ts"}
+)
 SNIFF_BYTES = 256  # what sniff_container reads: the longest signature (M2TS) needs 197
 
 
@@ -58,8 +60,8 @@ def sniff_container(head: bytes) -> str | None:
     """
     if len(head) >= 12 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
         return "mp4"
-    if head.startswith(b"\x1a\x45\xdf\xa3"):
-        return "mkv"  # Matroska and WebM
+    if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML: Matroska, or WebM (a Matroska subset)
+        return "webm" if _ebml_doc_type(head) == b"webm" else "mkv"
     if head.startswith(b"RIFF") and head[8:12] == b"AVI ":
         return "avi"
     if head.startswith(b"FLV"):
@@ -75,6 +77,43 @@ def sniff_container(head: bytes) -> str | None:
     if len(head) > 196 and head[4] == 0x47 and head[196] == 0x47:
         return "m2ts"  # AVCHD/Blu-ray (.mts): 192-byte packets, a 4-byte time code first
     return None
+
+
+def _ebml_doc_type(head: bytes) -> bytes | None:
+    """The DocType of the EBML header `head` starts with (`webm`, `matroska`), or None where
+    the header's first bytes hold none. WebM was stored as `.mkv`, where its server, and the
+    README, call it `.webm`."""
+    try:
+        header_size, at = _ebml_size(head, 4)  # after the 4-byte EBML element id
+        end = min(len(head), at + header_size)
+        while at < end:
+            id_length = _ebml_length(head[at])
+            if not 1 <= id_length <= 4:  # an element id is 1 to 4 bytes
+                return None
+            element, at = head[at : at + id_length], at + id_length
+            size, at = _ebml_size(head, at)
+            if element == b"\x42\x82":  # DocType: a string, maybe padded with NULs
+                return head[at : at + size].rstrip(b"\x00") if at + size <= len(head) else None
+            at += size
+    except IndexError:  # cut inside an element: no DocType in these bytes
+        return None
+    return None
+
+
+def _ebml_length(first: int) -> int:
+    """Bytes of an EBML variable-size integer, from its first byte: its leading zeros + 1
+    (0 for a zero byte, which starts none)."""
+    return 9 - first.bit_length() if first else 0
+
+
+def _ebml_size(data: bytes, at: int) -> tuple[int, int]:
+    """The EBML size at `data[at]` (its length marker masked off), and where what follows it
+    starts; IndexError where `data` ends inside it or no size starts there."""
+    length = _ebml_length(data[at])
+    if not length or at + length > len(data):
+        raise IndexError(at)
+    value = int.from_bytes(data[at : at + length], "big") & ((1 << (7 * length)) - 1)
+    return value, at + length
 
 
 @dataclass

@@ -15,6 +15,10 @@ FRAMES_CHOICES = "first, middle, uniform:N or all"
 # In the flow's parameter schema too: Prefect refuses a run with another value when it is
 # created (from the UI or `prefect deployment run`), not on the worker once the run starts.
 FRAMES_PATTERN = r"^(first|middle|all|uniform:[1-9][0-9]*)$"
+# The longest wait a timeout may ask for: a day is far past any use, and under what the waits
+# accept (subprocess's wait for ffmpeg overflowed past ~25 days; inf raised OverflowError in it
+# and in aiohttp, failing every transcode or download as "crashed").
+MAX_WAIT_S = 86_400.0
 
 
 def check_frames_spec(spec: str) -> str:
@@ -27,7 +31,9 @@ def check_frames_spec(spec: str) -> str:
 class DepthSettings(BaseSettings):
     """`vidflow depth` and the depth-extraction flow: download, transcode, depth maps, storage."""
 
-    model_config = SettingsConfigDict(env_prefix="VIDFLOW_DEPTH_")
+    # No inf in any setting: none means "without end" here, and a wait of inf is none that
+    # Python makes (MAX_WAIT_S); a CPU count of inf is none that Ray takes.
+    model_config = SettingsConfigDict(env_prefix="VIDFLOW_DEPTH_", allow_inf_nan=False)
 
     output: Path = Field(Path("depth-output"), description="folder for videos, maps and tables")
     depth_model: str = Field(
@@ -85,10 +91,17 @@ class DepthSettings(BaseSettings):
         1, ge=1, description="CPUs of a shard's transcode step: that many ffmpeg run at once"
     )
     download_concurrency: int = Field(8, ge=1, description="downloads in flight per shard")
-    connect_timeout_s: float = Field(10.0, gt=0, description="time allowed to connect")
-    read_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next bytes")
+    connect_timeout_s: float = Field(
+        10.0, gt=0, le=MAX_WAIT_S, description="time allowed to connect"
+    )
+    read_timeout_s: float = Field(
+        30.0, gt=0, le=MAX_WAIT_S, description="longest wait for the next bytes"
+    )
     download_deadline_s: float = Field(
-        1800.0, gt=0, description="longest one video's download may take, retries included"
+        1800.0,
+        gt=0,
+        le=MAX_WAIT_S,
+        description="longest one video's download may take, retries included",
     )
     download_min_rate_bps: float = Field(
         1024.0,
@@ -99,7 +112,10 @@ class DepthSettings(BaseSettings):
         ),
     )
     download_rate_window_s: float = Field(
-        30.0, gt=0, description="seconds over which download_min_rate_bps is measured"
+        30.0,
+        gt=0,
+        le=MAX_WAIT_S,
+        description="seconds over which download_min_rate_bps is measured",
     )
     download_retries: int = Field(4, ge=0, description="retries after a transient failure")
     retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay, doubled each time")
@@ -119,7 +135,9 @@ class DepthSettings(BaseSettings):
         "veryslow", "placebo",
     ] = Field("veryfast", description="x264 preset of the transcode")  # fmt: skip
     x264_crf: int = Field(23, ge=0, le=51, description="x264 quality (lower is better)")
-    transcode_timeout_s: float = Field(600.0, gt=0, description="longest one transcode may run")
+    transcode_timeout_s: float = Field(
+        600.0, gt=0, le=MAX_WAIT_S, description="longest one transcode may run"
+    )
     transcode_nice: int = Field(
         10,
         ge=0,

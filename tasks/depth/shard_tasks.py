@@ -190,8 +190,9 @@ def send_logs_now() -> None:
 _COLOURS = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def crash_reason(stage: Stage, exc: BaseException) -> str:
-    """`<stage> crashed: <cause>`, then the whole error, without terminal colours.
+def crash_reason(stage: Stage, exc: BaseException, prefix: str | None = None) -> str:
+    """`<stage> crashed: <cause>` (or `prefix` and the cause), then the whole error, without
+    terminal colours.
 
     A Ray error's text is the remote traceback, cause on its last line: a depth model that
     could not load read "ActorDiedError: The actor died because of an error raised in its
@@ -201,9 +202,10 @@ def crash_reason(stage: Stage, exc: BaseException) -> str:
     text = _COLOURS.sub("", str(exc)).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     whole = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    prefix = crash_prefix(stage) if prefix is None else prefix
     if len(lines) < 2:
-        return f"{crash_prefix(stage)}{whole}"
-    return f"{crash_prefix(stage)}{lines[-1]}\n{whole}"
+        return f"{prefix}{whole}"
+    return f"{prefix}{lines[-1]}\n{whole}"
 
 
 def _last_attempt() -> bool:
@@ -259,8 +261,10 @@ def depth_task(shard: Shard, maps_dir: Path, settings: DepthSettings, actors: li
             except Exception as exc:
                 if not _last_attempt():
                     raise  # Prefect retries the task: the early maps are found again
-                # No retry left: the videos whose maps came early keep them.
-                reason = crash_reason("depth", exc)
+                # No retry left: the videos whose maps came early keep them. Not a crash of
+                # this worker (it is here, its shard's transcodes with it): read as one, a
+                # rerun fetched and transcoded the whole shard again.
+                reason = crash_reason("depth", exc, prefix="depth failed: ")
                 early.update((record.video_id, record.fail("depth", reason)) for record in rest)
         return [early[record.video_id] for record in going]
 

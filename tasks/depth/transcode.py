@@ -1,7 +1,8 @@
 """Transcode stage: each downloaded video to H.264 at a fixed height (360p), with FFmpeg.
 
-FFmpeg runs as a subprocess (from PATH, else the static binary of the imageio-ffmpeg wheel, so
-no system package is needed) with a timeout; its own error text becomes the failure reason.
+FFmpeg runs as a subprocess (from PATH where it has libx264, else the static binary of the
+imageio-ffmpeg wheel, so no system package is needed) with a timeout; its own error text becomes
+the failure reason.
 """
 
 from __future__ import annotations
@@ -39,13 +40,39 @@ class TranscodeError(Exception):
 
 @functools.cache
 def ffmpeg_exe() -> str:
-    """`ffmpeg` from PATH when there is one, else the imageio-ffmpeg wheel's static build."""
+    """`ffmpeg` from PATH when there is one that encodes H.264, else the imageio-ffmpeg wheel's
+    static build (which does); chosen once per process, and said why where PATH's is passed by."""
     on_path = shutil.which("ffmpeg")
     if on_path:
-        return on_path
+        if (lack := _h264_lack(on_path)) is None:
+            return on_path
+        log.warning("%s %s: transcodes use the imageio-ffmpeg wheel's ffmpeg", on_path, lack)
     import imageio_ffmpeg
 
     return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+# An encoder line of `ffmpeg -encoders`: " V....D libx264   libx264 H.264 / AVC ..."
+_LIBX264_LINE = re.compile(r"^\s*V\S*\s+libx264\s", re.MULTILINE)
+
+
+def _h264_lack(ffmpeg: str) -> str | None:
+    """Why `ffmpeg` cannot make the transcodes, or None: builds without libx264 (Fedora's
+    ffmpeg-free, conda-forge's LGPL ffmpeg) failed every transcode with "Unknown encoder"."""
+    try:
+        listed = subprocess.run(
+            [ffmpeg, "-hide_banner", "-encoders"],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"cannot list its encoders ({type(exc).__name__}: {exc})"
+    if listed.returncode != 0:
+        return f"cannot list its encoders (exit {listed.returncode})"
+    return None if _LIBX264_LINE.search(listed.stdout) else "has no libx264 encoder"
 
 
 @dataclass(frozen=True)
@@ -192,9 +219,9 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
     output = out_dir / f"{record.video_id}.mp4"
     if output.is_file() and (facts := probe_video(output)) is not None and facts.frame_count > 0:
         return _with_output(record, output, facts, started)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    window = _window_to_cut(record.source_url, source_facts)
     try:
+        window = _window_to_cut(record.source_url, source_facts)
+        out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_output(output) as partial:
             facts = _run_ffmpeg(
                 source, partial, settings, window, _frames_declared(source, source_facts, window)
@@ -207,23 +234,30 @@ def transcode(record: VideoRecord, out_dir: Path, settings: DepthSettings) -> Vi
 
 
 def _window_to_cut(url: str, facts: StreamFacts | None) -> ClipWindow | None:
-    """The window of its video the URL asks for (clip_window), unless the file is shorter
-    than the window's start, or cannot hold it and is about its length: then it is the clip
-    itself, as a mirror that names its clips
-    by their video id alone serves them (cut again, little or nothing was left of it)."""
+    """The window of its video the URL asks for (clip_window), or None where the file is the
+    clip itself: it cannot hold the window and is no longer than it (CLIP_SLACK_S at most
+    more), as a mirror that names its clips by their video id alone serves them (cut again,
+    little or nothing was left of it). A file that ends before its window starts and is
+    longer than it is some other footage: TranscodeError (taken whole, a 300-s video with
+    the window 417-427 became an ok row of 300 s under the clip's label). One that holds the
+    window's start alone gives what it has of the window, as a cut of the video does."""
     window = window_of(url)
     if window is None or facts is None or facts.duration_s <= 0:
         return window
     duration_s = facts.duration_s
-    short_of_start = duration_s <= window.start_s
-    clip_sized = (  # cannot hold the window, and about its length
-        window.length_s is not None
+    if (
+        window.end_s is not None
+        and window.length_s is not None
         and duration_s < window.end_s
-        and abs(duration_s - window.length_s) <= CLIP_SLACK_S
-    )
-    if short_of_start or clip_sized:
+        and duration_s <= window.length_s + CLIP_SLACK_S
+    ):
         log.info("%s is %.1f s long, the clip itself: not cut", shown_url(url), duration_s)
         return None
+    if duration_s <= window.start_s:
+        raise TranscodeError(
+            f"the video is {seconds_text(round(duration_s, 1))} s; its window starts at "
+            f"{seconds_text(window.start_s)} s (the URL's #t=)"
+        )
     return window
 
 

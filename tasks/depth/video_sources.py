@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from common.urls import shown_url, unsigned_url
-from tasks.depth.clip_window import with_window
+from tasks.depth.clip_window import asked_window, with_window
 from tasks.depth.video_record import VideoRecord
 
 log = logging.getLogger(__name__)
@@ -105,42 +105,72 @@ def read_url_list(path: Path) -> list[VideoRecord]:
 
     A CSV may also carry `video_id`, `label` and `split` columns; they are kept. Column names
     are matched without case or surrounding spaces, in quotes or not, and a header of `url`
-    alone is a header too.
+    alone is a header too. A line or row the list cannot mean as written (a `#t=` window that
+    does not read, more fields than the header) refuses it, naming its line.
     """
     lines = [
-        line
-        for line in _read_text(path).splitlines()
+        (number, line)
+        for number, line in enumerate(_read_text(path).splitlines(), start=1)
         if line.strip() and not line.lstrip().startswith("#")
     ]
     if not lines:
         return []
-    header = [name.strip().lower() for name in next(csv.reader(lines[:1]))]
+    header = [name.strip().lower() for name in _csv_fields(lines[0][1])]
     if "url" not in header and len(header) > 1 and not any("://" in name for name in header):
         raise SourceListError(
             f"{path}: a CSV needs a url column (its header names {header}); or give one URL "
             "per line"
         )
     if "url" not in header:
-        urls = [line.strip() for line in lines]
+        urls = [_checked_url(line.strip(), f"{path}:{number}") for number, line in lines]
         records = (VideoRecord(video_id=_id_from_url(url), source_url=url) for url in urls)
         return _unique_ids(records, path, same_id_same_video=True)
-    records = []
-    for row in csv.reader(lines[1:]):
-        fields = {name: value.strip() for name, value in zip(header, row, strict=False)}
-        if not (url := fields.get("url")):
-            log.warning("%s: a row without a URL is skipped: %s", path, ",".join(row)[:200])
-            continue
-        given_id = fields.get("video_id")
-        records.append(
-            VideoRecord(
-                video_id=sanitize_video_id(given_id) if given_id else _id_from_url(url),
-                source_url=url,
-                label=fields.get("label") or None,
-                split=fields.get("split") or None,
-            )
-        )
+    records = [
+        record
+        for number, line in lines[1:]
+        if (record := _csv_record(header, _csv_fields(line), f"{path}:{number}")) is not None
+    ]
     # Ids made from URLs are equal for the same video (re-signed); given ones must differ.
     return _unique_ids(records, path, same_id_same_video="video_id" not in header)
+
+
+def _csv_fields(line: str) -> list[str]:
+    """One CSV line's fields, read alone: a quote left open ends with its line, where a reader
+    of the whole list went on into the lines after it."""
+    return next(csv.reader([line]), [])
+
+
+def _csv_record(header: list[str], row: list[str], where: str) -> VideoRecord | None:
+    """A URL list's CSV row as a source, None for a row without a URL (skipped, logged);
+    `where` (file:line) names it in errors. Fields past the header refuse the list: they were
+    dropped, and with them the rest of a URL with an unquoted comma (`#t=417,427` read as
+    `#t=417`, a window to the video's end); empty ones (a trailing comma) lose nothing."""
+    if any(extra.strip() for extra in row[len(header) :]):
+        raise SourceListError(
+            f"{where}: {len(row)} fields, more than the header's {len(header)} (quote a URL "
+            'with a comma in it: "https://host/v.mp4#t=417,427")'
+        )
+    fields = {name: value.strip() for name, value in zip(header, row, strict=False)}
+    if not (url := fields.get("url")):
+        log.warning("%s: a row without a URL is skipped: %s", where, ",".join(row)[:200])
+        return None
+    given_id = fields.get("video_id")
+    return VideoRecord(
+        video_id=sanitize_video_id(given_id) if given_id else _id_from_url(url),
+        source_url=_checked_url(url, where),
+        label=fields.get("label") or None,
+        split=fields.get("split") or None,
+    )
+
+
+def _checked_url(url: str, where: str) -> str:
+    """`url`, unless the window its `#t=` asks for does not read (`#t=30,10`, `#t=1:75`):
+    then SourceListError naming its line (it was done as the whole video, under its label)."""
+    try:
+        asked_window(url)
+    except ValueError as exc:
+        raise SourceListError(f"{where}: bad time window: {exc}") from None
+    return url
 
 
 def read_kinetics_csv(
