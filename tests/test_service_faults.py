@@ -342,6 +342,72 @@ def test_a_second_stop_signal_cuts_the_drain_short(
     ) in server.log(), server.log()
 
 
+def test_health_follows_a_model_that_stops_answering_and_comes_back(
+    model_cache: Path, photos: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: health and /readyz were set once, as the model loaded; a GPU lost
+    under load (an Xid, a sticky CUDA error) failed every call with INTERNAL while every probe
+    read SERVING. No device here fails on demand, so ONNX Runtime's call is made to fail, in
+    a real server on 127.0.0.1 (in this process, to reach it); the rest is the real path."""
+    from common.net import free_port
+    from services.inference import backends, model_watch
+    from services.inference.server import _serve_until
+
+    broken, real_run = threading.Event(), backends.OnnxBackend.run
+
+    def run(self, batch):
+        if broken.is_set():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_run(self, batch)
+
+    monkeypatch.setattr(backends.OnnxBackend, "run", run)
+    monkeypatch.setattr(model_watch, "PROBE_EVERY_S", 0.3)
+    settings = InferenceSettings(cache_dir=model_cache, backend="onnx", batching="off",
+                                 port=free_port(), http_port=free_port())  # fmt: skip
+    loop, events = asyncio.new_event_loop(), {}
+
+    async def server() -> None:
+        events["stop"], events["stop_now"] = asyncio.Event(), asyncio.Event()
+        await _serve_until(events["stop"], events["stop_now"], settings)
+
+    running = threading.Thread(target=loop.run_until_complete, args=(server(),), daemon=True)
+    running.start()
+    target, ready_url = f"127.0.0.1:{settings.port}", f"http://127.0.0.1:{settings.http_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while health_status(target) != "SERVING":
+            assert time.monotonic() < deadline and running.is_alive()
+            time.sleep(0.2)
+        with grpc.insecure_channel(target) as channel:
+            classify = inference_pb2_grpc.ClassifierStub(channel).Classify
+            request = inference_pb2.ClassifyRequest(image=photos["cat"])
+            assert classify(request, timeout=30).predictions
+            broken.set()
+            for _ in range(model_watch.FAILURES_TO_UNREADY):
+                with pytest.raises(grpc.RpcError) as failed:
+                    classify(request, timeout=30)
+                assert failed.value.code() == grpc.StatusCode.INTERNAL
+            deadline = time.monotonic() + 10
+            while health_status(target) != "NOT_SERVING":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert _http_get(f"{ready_url}/readyz")[0] == 503
+            assert _metric(_http_get(f"{ready_url}/metrics")[1], "vidflow_inference_ready") == 0
+            time.sleep(1.0)  # the probes fail meanwhile: it stays NOT_SERVING
+            assert health_status(target) == "NOT_SERVING"
+            broken.clear()  # mended: a probe sees it, with no call sent
+            deadline = time.monotonic() + 10
+            while health_status(target) != "SERVING":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert _http_get(f"{ready_url}/readyz")[0] == 200
+            assert classify(request, timeout=30).predictions
+    finally:
+        loop.call_soon_threadsafe(events["stop"].set)
+        running.join(60)
+    assert not running.is_alive()
+
+
 def test_an_unexpected_failure_of_one_image_fails_only_that_image(
     model_cache: Path, photos: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:

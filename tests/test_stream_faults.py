@@ -75,6 +75,7 @@ class ScriptedClassifier(inference_pb2_grpc.ClassifierServicer):
 
     def __init__(self, behaviour: Behaviour, delay_s: float = 0.0) -> None:
         self.behaviour, self.delay_s = behaviour, delay_s
+        self.label = "scripted"  # what it answers of every frame it classifies
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -90,7 +91,7 @@ class ScriptedClassifier(inference_pb2_grpc.ClassifierServicer):
             context.abort(code, f"scripted {code.name} for {request.request_id}")
         return inference_pb2.ClassifyResponse(
             request_id=request.request_id,
-            predictions=[inference_pb2.Prediction(label="scripted", class_index=1, score=0.5)],
+            predictions=[inference_pb2.Prediction(label=self.label, class_index=1, score=0.5)],
             model_name="scripted",
             timings=inference_pb2.Timings(inference_ms=1.0, batch_size=1),
         )
@@ -348,6 +349,27 @@ def test_a_result_too_large_to_send_is_a_failed_delivery_not_a_crash(kafka) -> N
     with pytest.raises(KafkaException):
         member.publisher._publish(small.dlq_topic, b"k", record, None, lambda *_: None,
                                   smaller_copies=True)  # fmt: skip
+
+
+@pytest.mark.faults
+def test_a_member_whose_result_is_over_the_size_limit_stops_with_its_summary(
+    kafka, scripted_service
+) -> None:
+    """The same through a member's own run: a frame that fits --max-message-bytes, whose
+    result (its long stream id twice over, in its key and its record) does not. It raised out
+    of the loop: a traceback, no summary, nothing said of the size."""
+    small = kafka.model_copy(update={"max_message_bytes": 1000})
+    target, service = scripted_service(lambda _request, _attempt: None)
+    service.label = "a label of many words " * 100  # a 2,200-byte result: over the limit
+    _publish_frames(small, "cam-big", 3, b"jpeg")
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    summary = _consumer(small, target, group=group, concurrency=1).run()
+    assert summary.delivery_error and "could not be published" in summary.delivery_error
+    assert "MSG_SIZE_TOO_LARGE" in summary.delivery_error or "too large" in (
+        summary.delivery_error.lower()
+    ), summary.delivery_error
+    assert summary.results_published == 0
+    assert committed_total(small.bootstrap_servers, group, small.frames_topic, 2) == 0
 
 
 @pytest.mark.faults

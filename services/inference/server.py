@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import ssl
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -165,9 +166,11 @@ async def _set_health(
         await asyncio.to_thread(health_servicer.set, name, status)
 
 
-async def _loaded_before_stop(service: InferenceService, stop: asyncio.Event) -> bool:
+async def _loaded_before_stop(
+    service: InferenceService, stop: asyncio.Event, on_model_health: Callable[[bool], None]
+) -> bool:
     """Load the model unless a stop signal comes first; a model that cannot load raises."""
-    load = asyncio.ensure_future(service.load())
+    load = asyncio.ensure_future(service.load(on_model_health))
     await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when="FIRST_COMPLETED")
     if not load.done():
         load.cancel()
@@ -180,6 +183,31 @@ async def _loaded_before_stop(service: InferenceService, stop: asyncio.Event) ->
             f"the model could not be loaded: {type(exc).__name__}: {exc}"
         ) from exc
     return True
+
+
+def _health_follows_the_model(
+    health_servicer: health.HealthServicer,
+    is_ready: asyncio.Event,
+    metrics: ServiceMetrics,
+    stop: asyncio.Event,
+) -> Callable[[bool], None]:
+    """What the model's watch (model_watch.py) calls, from a model thread, as the model stops
+    answering or answers again: health, `/readyz` and the ready gauge follow it, on the loop
+    (not once the server drains: it says NOT_SERVING for good then)."""
+    loop = asyncio.get_running_loop()
+
+    async def follow(answers: bool) -> None:
+        if stop.is_set():
+            return
+        status = health_pb2.HealthCheckResponse
+        await _set_health(health_servicer, status.SERVING if answers else status.NOT_SERVING)
+        is_ready.set() if answers else is_ready.clear()
+        metrics.ready.set(int(answers))
+
+    def changed(answers: bool) -> None:
+        asyncio.run_coroutine_threadsafe(follow(answers), loop)
+
+    return changed
 
 
 async def serve(settings: InferenceSettings) -> None:
@@ -249,7 +277,8 @@ async def _serve_until(
             settings.host,
         )
     try:
-        if await _loaded_before_stop(service, stop):
+        follow = _health_follows_the_model(health_servicer, is_ready, metrics, stop)
+        if await _loaded_before_stop(service, stop, follow):
             await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
             is_ready.set()
             metrics.ready.set(1)

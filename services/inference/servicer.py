@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 import grpc
@@ -38,6 +38,7 @@ from services.inference.classify import (
 from services.inference.loader import ServedModel
 from services.inference.metrics import ServiceMetrics
 from services.inference.model_start import load_warm_model
+from services.inference.model_watch import WatchedBackend, watched
 from services.inference.settings import InferenceSettings
 from services.inference.stream import AnswersInOrder, StreamClosedError, StreamIdleError
 from services.inference.stream_items import start_stream_item
@@ -82,9 +83,11 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             else None
         )
 
-    async def load(self) -> None:
-        """Load and warm up the model off the event loop, choose whether to batch, then serve."""
+    async def load(self, on_model_health: Callable[[bool], None] = lambda _answers: None) -> None:
+        """Load and warm up the model off the event loop, choose whether to batch, then serve;
+        `on_model_health(answers)` hears when the model stops answering, and answers again."""
         model, self.max_batch_size = await load_warm_model(self.settings)
+        model = watched(model, on_model_health)
         self.batcher = DynamicBatcher(
             self._run_batch,
             max_batch_size=self.max_batch_size,
@@ -98,17 +101,11 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         inline_calls, batched = min(model.workers, usable_cpus()), self.max_batch_size > 1
         self.classify_pool.set_limit(self.settings.max_concurrent_rpcs if batched else inline_calls)
         self.model = model
-        log.info(
-            "model %s ready on %s/%s (max batch %d, max delay %.1f ms; Classify %s)",
-            model.name,
-            model.backend.name,
-            model.backend.device,
-            self.max_batch_size,
-            self.settings.max_batch_delay_ms,
-            f"on {inline_calls} handler thread(s)" if self.max_batch_size == 1 else "batched",
-        )
+        _say_ready(model, self.max_batch_size, self.settings.max_batch_delay_ms, inline_calls)
 
     def close(self) -> None:
+        if self.model is not None and isinstance(self.model.backend, WatchedBackend):
+            self.model.backend.close()
         if self.batcher is not None:
             self.batcher.close()
         self.classify_pool.shutdown(wait=False)
@@ -283,6 +280,14 @@ def add_classifier(service: InferenceService, server: grpc.Server) -> None:
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+def _say_ready(model: ServedModel, max_batch: int, max_delay_ms: float, inline_calls: int) -> None:
+    log.info(
+        "model %s ready on %s/%s (max batch %d, max delay %.1f ms; Classify %s)",
+        model.name, model.backend.name, model.backend.device, max_batch, max_delay_ms,
+        f"on {inline_calls} handler thread(s)" if max_batch == 1 else "batched",
+    )  # fmt: skip
 
 
 def _request_came(wait: Wait) -> float:

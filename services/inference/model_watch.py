@@ -1,0 +1,93 @@
+"""Health that follows the model: a server whose model stopped answering says NOT_SERVING.
+
+Health and `/readyz` were set once, as the model loaded: a GPU that fell off the bus (an Xid,
+a sticky "illegal memory access") failed every call with INTERNAL while the probes of Docker,
+compose and Kubernetes read SERVING and kept sending traffic. No library watches a model's own
+calls, so this does: a few model calls failing in a row (not an image's own error: those never
+reach the model) turn health NOT_SERVING; the next call that succeeds turns it SERVING again.
+A server that says NOT_SERVING gets no traffic to prove it mended, so a probe batch (zeros, as
+the warm-up) runs every PROBE_EVERY_S meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from services.inference.backends import Backend
+from services.inference.loader import ServedModel
+
+log = logging.getLogger(__name__)
+
+FAILURES_TO_UNREADY = 3  # model calls failed in a row: one failure may be one batch's own
+PROBE_EVERY_S = 5.0
+
+
+class WatchedBackend:
+    """A backend whose calls tell `on_change(answers)` when the model stops answering and when
+    it answers again; everything else is the backend's own."""
+
+    def __init__(
+        self, backend: Backend, probe_batch: np.ndarray, on_change: Callable[[bool], None]
+    ) -> None:
+        self._backend, self._probe_batch, self._on_change = backend, probe_batch, on_change
+        self._lock = threading.Lock()
+        self._failures = 0  # guarded by _lock, with _down
+        self._down = False
+        self._closed = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:  # name, device, warm_up: the backend's
+        return getattr(self._backend, name)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            probabilities = self._backend.run(batch)
+        except Exception:
+            self._record(answered=False)
+            raise
+        self._record(answered=True)
+        return probabilities
+
+    @property
+    def answering(self) -> bool:
+        """Whether the model answers (False after FAILURES_TO_UNREADY failures in a row)."""
+        return not self._down
+
+    def close(self) -> None:
+        """Stop probing (the server is shutting down)."""
+        self._closed.set()
+
+    def _record(self, answered: bool) -> None:
+        with self._lock:
+            self._failures = 0 if answered else self._failures + 1
+            down = not answered and (self._down or self._failures >= FAILURES_TO_UNREADY)
+            changed, self._down = down != self._down, down
+        if not changed:
+            return
+        if down:
+            log.error(
+                "the model failed %d calls in a row: health says NOT_SERVING until it answers "
+                "again (a probe every %.0f s)", FAILURES_TO_UNREADY, PROBE_EVERY_S,
+            )  # fmt: skip
+            threading.Thread(target=self._probe, name="model-probe", daemon=True).start()
+        else:
+            log.warning("the model answers again: health says SERVING")
+        self._on_change(not down)
+
+    def _probe(self) -> None:
+        """Run the probe batch until the model answers (or the server closes)."""
+        while not self._closed.wait(PROBE_EVERY_S) and self._down:
+            with contextlib.suppress(Exception):  # counted by run: still down
+                self.run(self._probe_batch)
+
+
+def watched(model: ServedModel, on_change: Callable[[bool], None]) -> ServedModel:
+    """`model` with its backend watched (the probe batch: one image of zeros)."""
+    probe = np.zeros((1, *model.preprocess.input_shape), np.float32)
+    return dataclasses.replace(model, backend=WatchedBackend(model.backend, probe, on_change))
