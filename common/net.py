@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from urllib.parse import urlsplit
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def reach_loopback_directly() -> None:
+    """Add loopback to this process's no_proxy and NO_PROXY (what it starts inherits them): a
+    laptop with http_proxy set and no no_proxy sent every call to a local Prefect server to the
+    proxy, and the run failed after 120 s of "did not answer"."""
+    for variable in ("no_proxy", "NO_PROXY"):
+        given = [part.strip() for part in os.environ.get(variable, "").split(",") if part.strip()]
+        os.environ[variable] = ",".join([*given, *(n for n in LOOPBACK_NAMES if n not in given)])
 
 
 def free_port() -> int:

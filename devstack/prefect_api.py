@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 from unittest import mock
 
+from common.net import reach_loopback_directly
 from common.processes import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def prefect_api(startup_timeout_s: int = 120) -> Iterator[str]:
         yield configured
         return
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    reach_loopback_directly()  # the server, for this process and the Ray workers it starts
     auth = f"vidflow:{secrets.token_urlsafe(24)}"
     server = _server_dying_with_us(auth)
     server.start(timeout=startup_timeout_s)

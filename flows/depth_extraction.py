@@ -170,6 +170,9 @@ def _extract(
         summary["ok"], summary["failed"], summary["skipped"], summary["wall_s"],
         summary["videos_per_s"],
     )  # fmt: skip
+    # Last: an export that fails (a full disk) fails the run, its report recorded (the export
+    # came first, and a run of hours whose rows were all in left no summary or failures).
+    table.export_parquet()
     return {**summary, "lance": str(table.lance_path), "parquet": str(table.parquet_path)}
 
 
@@ -258,8 +261,8 @@ def process_shards(
     report: RunReport,
     show_progress: bool,
 ) -> None:
-    """Run the shards, committing each one's rows as it finishes; then compact the table and
-    export it as Parquet."""
+    """Run the shards, committing each one's rows as it finishes; then compact the table (its
+    Parquet export comes after the run's report)."""
     progress = Progress(len(plan.todo), show_bar=show_progress)
     for written in run_shards(shards, settings.output, table.lance_path, settings, cpus):
         committed = commit_shard(table, written)
@@ -273,7 +276,6 @@ def process_shards(
         except Exception as exc:  # Lance's errors share no base class
             run_logger().warning("compacting %s failed (its rows are all committed): %s",
                                  table.lance_path, exc)  # fmt: skip
-    table.export_parquet()
 
 
 def publish_artifacts(report: RunReport) -> None:
@@ -329,11 +331,15 @@ class Progress:
 
     def __init__(self, total: int, *, show_bar: bool) -> None:
         self.total, self.done = total, 0
-        self.artifact_id = create_progress_artifact(
-            progress=0.0 if total else 100.0,
-            key=artifact_keys.DEPTH_PROGRESS,
-            description="Share of this run's videos finished",
-        )
+        self.artifact_id = None
+        try:  # as its updates: a blip of the API is worth a warning, not the run
+            self.artifact_id = create_progress_artifact(
+                progress=0.0 if total else 100.0,
+                key=artifact_keys.DEPTH_PROGRESS,
+                description="Share of this run's videos finished",
+            )
+        except Exception as exc:
+            run_logger().warning("progress not recorded: %s", exc)
         self.last_update = time.monotonic()
         self.bar = None
         if show_bar:
@@ -346,7 +352,8 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(ok=report.ok, failed=report.failed, refresh=False)
             self.bar.update(videos)
-        if time.monotonic() - self.last_update > PROGRESS_EVERY_S or self.done == self.total:
+        due = time.monotonic() - self.last_update > PROGRESS_EVERY_S or self.done == self.total
+        if due and self.artifact_id is not None:
             self.last_update = time.monotonic()
             try:  # a blip of the API ended the run mid-way, its shards in flight uncommitted
                 update_progress_artifact(self.artifact_id, progress=100.0 * self.done / self.total)

@@ -400,6 +400,10 @@ def test_a_gpu_the_installed_onnxruntime_cannot_use_is_said_so(
         )
     assert "install onnxruntime-gpu" in caplog.text and "no CUDA GPU found" not in caplog.text
     assert "torch cannot use it" in cuda_missing_reason("eager")
+    for hidden in ("", "-1"):  # the GPU kept from the process on purpose: nothing to say
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert cuda_missing_reason("onnx") == ""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     # The server's own start says it too.
     caplog.clear()
     with caplog.at_level("INFO"):

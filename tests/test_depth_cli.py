@@ -17,6 +17,7 @@ from pathlib import Path
 import lance
 import pytest
 
+from common.net import free_port
 from devstack.video_server import Drip, Serve, VideoServer
 from tests.conftest import VIDEOS, copy_prefect_home
 
@@ -44,6 +45,12 @@ def test_the_cli_runs_the_flow_with_its_own_prefect_server(
     tmp_path: Path, tiny_depth_model: Path, cli_env: dict[str, str]
 ) -> None:
     cli_env["PREFECT_HOME"] = str(tmp_path / "new-prefect-home")  # a first run: no database yet
+    # A laptop's proxy that is down, and no no_proxy (found in review): the run's calls to its
+    # own Prefect server went to the proxy, and the run failed after 120 s in a traceback.
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    for name in ("no_proxy", "NO_PROXY"):
+        cli_env.pop(name, None)
+    cli_env |= {"http_proxy": dead_proxy, "HTTP_PROXY": dead_proxy}
     routes = {"a/clip.mp4": Serve(VIDEOS / "pool_cleaning.mp4"),
               "b/clip.mp4": Serve(VIDEOS / "k400_arm_wrestling.mp4")}  # fmt: skip
     with VideoServer(routes) as server:

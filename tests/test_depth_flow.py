@@ -256,6 +256,37 @@ def test_a_short_run_leaves_every_failure_in_its_task_log_and_counts_in_its_stat
     assert "page_" in task_logs and "failed at download: not a video" in task_logs, task_logs
 
 
+def test_a_parquet_export_that_fails_fails_the_run_with_its_report_recorded(
+    prefect_api, tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    """Found in review: the export came before the run's artifacts and its summary: a full
+    disk at the end of a run of hours, its rows all committed, left no summary, no failures
+    and no table of videos in the UI. (A folder where the export goes stands in for the full
+    disk: its rename fails the same way.)"""
+    settings = DepthSettings(output=tmp_path / "out", depth_model=str(tiny_depth_model))
+    (tmp_path / "out" / "videos.parquet" / "in-the-way").mkdir(parents=True)
+    flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=2))
+    with VideoServer({"gone.mp4": Status(404)}) as server:
+        listing = tmp_path / "urls.txt"
+        listing.write_text(f"{server.url('gone.mp4')}\n")
+        state = flow(urls=str(listing), settings=settings, return_state=True)
+    assert state.is_failed() and "videos.parquet" in state.message, state.message
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    keys = {artifact.key for artifact in artifacts}
+    assert {
+        "depth-extraction-summary",
+        "depth-extraction-failures",
+        "depth-extraction-videos",
+    } <= keys
+    rows = lance.dataset(str(tmp_path / "out" / "videos.lance")).to_table().to_pylist()
+    assert [row["status"] for row in rows] == ["failed"]  # the rows are in
+
+
 def test_the_state_message_counts_in_words() -> None:
     done = {"ok": 1, "skipped": 0, "failed": 0, "total": 1}
     assert outcome_message(done) == "the one video done: 1 ok, 0 skipped"  # "all 1 videos"

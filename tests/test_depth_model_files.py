@@ -237,6 +237,25 @@ def test_the_run_log_says_whether_the_model_is_cached_or_downloaded(
     assert "Hugging Face cache" in model_origin(HUB_ID)
 
 
+def test_a_model_whose_weights_are_not_cached_is_refused_offline_though_its_config_is(
+    tmp_path: Path, tiny_depth_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: config.json alone in the cache (a download cut short; this check
+    fetches it itself) skipped the check that the hub can be reached: offline, the run went
+    through every download and transcode, then every video failed at depth."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = fill_hub_cache(tmp_path / "hf", tiny_depth_model, files=["config.json"])
+    with pytest.raises(ValueError, match="huggingface_hub is offline"):
+        check_depth_model(HUB_ID)
+    for path in tiny_depth_model.iterdir():  # the whole model cached: offline is fine
+        shutil.copy(path, snapshot / path.name)
+    assert check_depth_model(HUB_ID) is True
+
+
 def test_a_model_in_shards_is_whole_only_with_every_shard(
     tmp_path: Path, tiny_depth_model: Path
 ) -> None:

@@ -1477,3 +1477,20 @@ def test_a_shard_whose_worker_was_killed_is_failed_at_the_stage_that_never_compl
     chain = _Chain(shard, [(stage, Ran(state)) for stage, state in states])
     (record,) = chain.crashed_rows(RuntimeError("worker died")).records
     assert record.failed_stage == "transcode" and record.error.startswith("transcode crashed")
+
+
+def test_the_onnx_backend_refuses_a_model_that_is_not_depth_pro_before_any_work(
+    tiny_depth_anything: Path, tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    """Found in review: `--depth-backend onnx` with another model was taken; every video was
+    downloaded and transcoded, then each failed at depth ("not a Depth Pro model")."""
+    from tasks.depth.preflight import check_run_settings
+
+    other = DepthSettings(depth_model=str(tiny_depth_anything), depth_backend="onnx",
+                          device="cpu", output=tmp_path / "out")  # fmt: skip
+    with pytest.raises(ValueError, match=r"runs Depth Pro models only;.*'depth_anything'"):
+        check_run_settings(other)
+    assert not (tmp_path / "out").exists()  # refused before the output was made
+    # Depth Pro on it, and the other model on the other backends, are taken.
+    check_run_settings(other.model_copy(update={"depth_model": str(tiny_depth_model)}))
+    check_run_settings(other.model_copy(update={"depth_backend": "auto"}))

@@ -362,8 +362,11 @@ def test_health_follows_a_model_that_stops_answering_and_comes_back(
 
     monkeypatch.setattr(backends.OnnxBackend, "run", run)
     monkeypatch.setattr(model_watch, "PROBE_EVERY_S", 0.3)
+    port = http_port = free_port()
+    while http_port == port:  # two picks in a row may give one port
+        http_port = free_port()
     settings = InferenceSettings(cache_dir=model_cache, backend="onnx", batching="off",
-                                 port=free_port(), http_port=free_port())  # fmt: skip
+                                 port=port, http_port=http_port)  # fmt: skip
     loop, events = asyncio.new_event_loop(), {}
 
     async def server() -> None:
@@ -383,10 +386,18 @@ def test_health_follows_a_model_that_stops_answering_and_comes_back(
             request = inference_pb2.ClassifyRequest(image=photos["cat"])
             assert classify(request, timeout=30).predictions
             broken.set()
-            for _ in range(model_watch.FAILURES_TO_UNREADY):
+            bad_image = inference_pb2.ClassifyRequest(image=b"not an image")
+            for failures in range(1, model_watch.FAILURES_TO_UNREADY + 1):
                 with pytest.raises(grpc.RpcError) as failed:
                     classify(request, timeout=30)
                 assert failed.value.code() == grpc.StatusCode.INTERNAL
+                # An image's own error never reaches the model: it breaks no run of failures
+                # (nor makes one), and the server stays SERVING until the third.
+                with pytest.raises(grpc.RpcError) as refused:
+                    classify(bad_image, timeout=30)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                if failures < model_watch.FAILURES_TO_UNREADY:
+                    assert health_status(target) == "SERVING"
             deadline = time.monotonic() + 10
             while health_status(target) != "NOT_SERVING":
                 assert time.monotonic() < deadline
@@ -406,6 +417,7 @@ def test_health_follows_a_model_that_stops_answering_and_comes_back(
         loop.call_soon_threadsafe(events["stop"].set)
         running.join(60)
     assert not running.is_alive()
+    loop.close()
 
 
 def test_an_unexpected_failure_of_one_image_fails_only_that_image(

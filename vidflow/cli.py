@@ -31,6 +31,7 @@ from common.cli_types import (
 from common.flow_heartbeats import foreground_heartbeats
 from common.import_gc import imports_without_gc
 from common.logs import setup_logging
+from common.net import reach_loopback_directly
 from common.processes import ignore_lance_fork_warning, stop_on_signals
 from common.quick_exit import quick_exit
 from common.settings import (
@@ -189,7 +190,8 @@ def _produce(args: argparse.Namespace) -> int:
     stop = stop_on_signals()
     _on_hang_up(stop.set)  # a closed terminal: frames queued are still sent, and counted
     stats = produce_frames(settings, kafka, stop)
-    print(json.dumps(stats.as_dict()))
+    with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) fails the print: EIO
+        print(json.dumps(stats.as_dict()))
     return 1 if stats.failed or stats.broker_error or stats.source_error else 0
 
 
@@ -215,9 +217,10 @@ def _consume(args: argparse.Namespace) -> int:
         except OSError as exc:  # the port taken: one line, not a traceback
             raise ValueError(f"cannot serve /metrics on {host}:{metrics_port}: {exc}") from exc
     summary = consumer.run().as_dict()
-    print(format_summary(summary))
-    if settings.summary_json is not None:
+    if settings.summary_json is not None:  # first: a closed terminal fails the print (EIO)
         settings.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    with contextlib.suppress(OSError):
+        print(format_summary(summary))
     if nothing_answered(summary):
         log.error("no frame was answered: is the service at %s up and right?", client.target)
         return 1
@@ -540,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(LogSettings(**{name: value for name, value in given.items() if value}))
     except (ValueError, OSError) as exc:  # an unknown level, a log file that cannot be opened
         parser.exit(2, f"vidflow: error: logging: {exc}\n")
+    reach_loopback_directly()  # the commands' own servers and Ray: never through a proxy
     try:
         return args.handler(args)
     except KeyboardInterrupt:

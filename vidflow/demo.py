@@ -28,6 +28,7 @@ from typing import Any
 from common.cli_types import positive_float, positive_int
 from common.frames import encode_jpeg, iter_video_frames
 from common.logs import setup_logging
+from common.net import reach_loopback_directly
 from common.settings import (
     DEFAULT_CACHE_DIR,
     KINETICS_VAL_CSV,
@@ -368,7 +369,6 @@ OWN_SERVICES_SETTINGS = frozenset(
                                             "SASL_MECHANISM", "SASL_USERNAME", "SASL_PASSWORD",
                                             "SSL_CA_LOCATION")]
 )  # fmt: skip
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
 def demo_environment() -> list[str]:
@@ -379,9 +379,7 @@ def demo_environment() -> list[str]:
     dropped = sorted(name for name in os.environ if name.upper() in OWN_SERVICES_SETTINGS)
     for name in dropped:
         del os.environ[name]
-    for variable in ("no_proxy", "NO_PROXY"):
-        given = [part.strip() for part in os.environ.get(variable, "").split(",") if part.strip()]
-        os.environ[variable] = ",".join([*given, *(n for n in LOOPBACK_NAMES if n not in given)])
+    reach_loopback_directly()
     return dropped
 
 

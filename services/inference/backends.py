@@ -6,6 +6,7 @@ wrapped with a softmax before they reach a backend, so every backend returns com
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -50,7 +51,8 @@ def cuda_missing_reason(backend: str) -> str:
     """Why `backend` cannot use CUDA on a machine whose driver lists a GPU ("" where none is
     listed): the default install's onnxruntime is the CPU build, and the log said "no CUDA GPU
     found" of a working GPU."""
-    if not nvidia_gpu_present():
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+    if hidden or not nvidia_gpu_present():  # none, or kept from this process on purpose
         return ""
     if backend == "onnx":
         return (

@@ -19,6 +19,7 @@ from services.inference.backends import (
     cuda_missing_reason,
     threads_per_call,
 )
+from services.inference.onnx_export import a_broken_file
 from services.inference.preprocess import PreprocessSpec
 from services.inference.settings import InferenceSettings
 
@@ -54,25 +55,13 @@ def load_served_model(settings: InferenceSettings) -> ServedModel:
     try:
         return _onnx_model(export, device, settings)
     except Exception as exc:
-        if not _a_broken_file(exc):  # out of GPU memory, a provider failing: not the file's
+        if not a_broken_file(exc):  # out of GPU memory, a provider failing: not the file's
             raise
         # A cached export cut short (a disk fault, a crash before it reached the disk) failed
         # every start the same way, a crash loop under a supervisor: made again, once.
         log.warning("the cached export %s cannot be loaded (%s): exporting again", export, exc)
         export.unlink(missing_ok=True)
         return _onnx_model(_exported(settings), device, settings)
-
-
-def _a_broken_file(exc: Exception) -> bool:
-    """Whether ONNX Runtime, or the metadata check, refused the file itself (not a device)."""
-    from onnxruntime.capi.onnxruntime_pybind11_state import (
-        InvalidArgument,  # an empty file: "No graph was found in the protobuf"
-        InvalidGraph,
-        InvalidProtobuf,
-    )
-
-    refused = InvalidProtobuf | InvalidGraph | InvalidArgument
-    return isinstance(exc, refused) or "lacks vidflow metadata" in str(exc)
 
 
 def _onnx_model(path: Path, device: str, settings: InferenceSettings) -> ServedModel:
@@ -204,7 +193,7 @@ def _from_onnx_file(path: Path, device: str, settings: InferenceSettings) -> Ser
             shape = (settings.max_batch_size, *info.preprocess.input_shape)
             backend.warm_up([np.zeros(shape, np.float32)])
     except Exception as exc:
-        if device != "cuda" or isinstance(exc, DeviceUnavailableError) or _a_broken_file(exc):
+        if device != "cuda" or isinstance(exc, DeviceUnavailableError) or a_broken_file(exc):
             raise
         # A CUDA provider that loads, then fails (a driver older than its CUDA, no visible
         # device, out of memory) raises ONNX Runtime's own error, which it does not retry on

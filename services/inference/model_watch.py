@@ -38,8 +38,9 @@ class WatchedBackend:
     ) -> None:
         self._backend, self._probe_batch, self._on_change = backend, probe_batch, on_change
         self._lock = threading.Lock()
-        self._failures = 0  # guarded by _lock, with _down
+        self._failures = 0  # guarded by _lock, with _down and _probing
         self._down = False
+        self._probing = False  # one probe thread at a time, however often the model flaps
         self._closed = threading.Event()
 
     def __getattr__(self, name: str) -> Any:  # name, device, warm_up: the backend's
@@ -68,6 +69,8 @@ class WatchedBackend:
             self._failures = 0 if answered else self._failures + 1
             down = not answered and (self._down or self._failures >= FAILURES_TO_UNREADY)
             changed, self._down = down != self._down, down
+            probe = down and not self._probing
+            self._probing |= probe
         if not changed:
             return
         if down:
@@ -75,14 +78,21 @@ class WatchedBackend:
                 "the model failed %d calls in a row: health says NOT_SERVING until it answers "
                 "again (a probe every %.0f s)", FAILURES_TO_UNREADY, PROBE_EVERY_S,
             )  # fmt: skip
-            threading.Thread(target=self._probe, name="model-probe", daemon=True).start()
         else:
             log.warning("the model answers again: health says SERVING")
+        # Told of a change, not given it: changes told from two model threads may arrive in
+        # either order, and the listener reads `answering` as it applies them.
         self._on_change(not down)
+        if probe:
+            threading.Thread(target=self._probe, name="model-probe", daemon=True).start()
 
     def _probe(self) -> None:
-        """Run the probe batch until the model answers (or the server closes)."""
-        while not self._closed.wait(PROBE_EVERY_S) and self._down:
+        """Run the probe batch while the model does not answer (until the server closes)."""
+        while not self._closed.wait(PROBE_EVERY_S):
+            with self._lock:
+                if not self._down:
+                    self._probing = False
+                    return
             with contextlib.suppress(Exception):  # counted by run: still down
                 self.run(self._probe_batch)
 

@@ -70,16 +70,33 @@ def cached_onnx_path(model: LoadedModel, cache_dir: Path) -> Path:
     return Path(cache_dir) / f"{model.name}-{key}.onnx"
 
 
+def a_broken_file(exc: Exception) -> bool:
+    """Whether ONNX Runtime, or the metadata check, refused the file itself (not a device,
+    not memory): the one rule by which the server and `export-onnx` make a cached export
+    again."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import (
+        InvalidArgument,  # an empty file: "No graph was found in the protobuf"
+        InvalidGraph,
+        InvalidProtobuf,
+    )
+
+    refused = InvalidProtobuf | InvalidGraph | InvalidArgument
+    return isinstance(exc, refused) or "lacks vidflow metadata" in str(exc)
+
+
 def export_problem(path: Path) -> str | None:
-    """Why ONNX Runtime cannot serve the file at `path` (cut short, empty, not ONNX, no vidflow
-    metadata), or None: what the server's loader checks, for `export-onnx` to check before it
-    hands a cached export out (a copy of a broken one failed every start where it was served)."""
+    """Why the file at `path` cannot be served (cut short, empty, not ONNX, no vidflow
+    metadata: `a_broken_file`), or None; for `export-onnx` to check before it hands a cached
+    export out (a copy of a broken one failed every start where it was served). Any other
+    failure (no memory for the session) is raised: the file is not at fault."""
     import onnxruntime as ort
 
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         ExportedModelInfo.from_metadata(session.get_modelmeta().custom_metadata_map)
-    except Exception as exc:  # whatever the runtime says of the file is the problem
+    except Exception as exc:
+        if not a_broken_file(exc):
+            raise
         return str(exc) or type(exc).__name__
     return None
 

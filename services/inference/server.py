@@ -26,6 +26,7 @@ from services.inference.call_auth import TokenCheck
 from services.inference.call_pool import CallPool
 from services.inference.http_endpoint import start_http
 from services.inference.metrics import ServiceMetrics
+from services.inference.model_watch import WatchedBackend
 from services.inference.request_wait import RequestWait
 from services.inference.servicer import SERVICE_NAME, InferenceService, add_classifier
 from services.inference.settings import InferenceSettings
@@ -186,26 +187,31 @@ async def _loaded_before_stop(
 
 
 def _health_follows_the_model(
+    service: InferenceService,
     health_servicer: health.HealthServicer,
     is_ready: asyncio.Event,
     metrics: ServiceMetrics,
     stop: asyncio.Event,
 ) -> Callable[[bool], None]:
     """What the model's watch (model_watch.py) calls, from a model thread, as the model stops
-    answering or answers again: health, `/readyz` and the ready gauge follow it, on the loop
-    (not once the server drains: it says NOT_SERVING for good then)."""
-    loop = asyncio.get_running_loop()
+    answering or answers again: health, `/readyz` and the ready gauge follow it, on the loop,
+    one change at a time and as the watch says now (changes told from two threads may come in
+    either order); not once the server drains (NOT_SERVING for good then)."""
+    loop, applying = asyncio.get_running_loop(), asyncio.Lock()
 
-    async def follow(answers: bool) -> None:
-        if stop.is_set():
-            return
-        status = health_pb2.HealthCheckResponse
-        await _set_health(health_servicer, status.SERVING if answers else status.NOT_SERVING)
-        is_ready.set() if answers else is_ready.clear()
-        metrics.ready.set(int(answers))
+    async def follow() -> None:
+        async with applying:
+            backend = service.model.backend if service.model is not None else None
+            if stop.is_set() or not isinstance(backend, WatchedBackend):
+                return
+            answers = backend.answering
+            status = health_pb2.HealthCheckResponse
+            await _set_health(health_servicer, status.SERVING if answers else status.NOT_SERVING)
+            is_ready.set() if answers else is_ready.clear()
+            metrics.ready.set(int(answers))
 
-    def changed(answers: bool) -> None:
-        asyncio.run_coroutine_threadsafe(follow(answers), loop)
+    def changed(_answers: bool) -> None:
+        asyncio.run_coroutine_threadsafe(follow(), loop)
 
     return changed
 
@@ -277,7 +283,7 @@ async def _serve_until(
             settings.host,
         )
     try:
-        follow = _health_follows_the_model(health_servicer, is_ready, metrics, stop)
+        follow = _health_follows_the_model(service, health_servicer, is_ready, metrics, stop)
         if await _loaded_before_stop(service, stop, follow):
             await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
             is_ready.set()

@@ -17,6 +17,7 @@ from tasks.depth.model_files import (
     NEEDED_FILES,
     WEIGHT_PATTERNS,
     HubUnreachableError,
+    cached_model_dir,
     check_hub_reachable,
     is_local_model,
     is_whole_model,
@@ -42,9 +43,9 @@ def is_untrained(config: object) -> bool:
     return bool(getattr(config, UNTRAINED_CONFIG_KEY, False))
 
 
-def check_depth_model(model_name: str) -> bool:
-    """Fail before any download if the depth model cannot be found; return whether it is an
-    untrained stand-in (random weights).
+def check_depth_model(model_name: str, backend: str = "auto") -> bool:
+    """Fail before any download if the depth model cannot be found, or `backend` cannot run
+    it; return whether it is an untrained stand-in (random weights).
 
     Reads the model's config.json only, through huggingface_hub: the driver that checks never
     runs the model, so it does not pay torch's and transformers' imports (seconds of CPU).
@@ -60,8 +61,11 @@ def check_depth_model(model_name: str) -> bool:
             from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
             cached = try_to_load_from_cache(model_name, "config.json")
-            if not isinstance(cached, str):  # not cached: ask the hub, if it can be reached
+            # Not all cached (a download cut short leaves config.json alone, and this check
+            # itself fetches it): the workers will ask the hub, so it must be reachable.
+            if not isinstance(cached, str) or cached_model_dir(model_name) is None:
                 check_hub_reachable(model_name)
+            if not isinstance(cached, str):
                 cached = hf_hub_download(model_name, "config.json")
             config_path = Path(cached)
         config = json.loads(config_path.read_text())
@@ -74,7 +78,18 @@ def check_depth_model(model_name: str) -> bool:
             f"depth model {model_name!r} cannot be loaded: give a Hugging Face hub id "
             f"(with network access or a filled HF cache) or a local folder. {exc}"
         ) from exc
+    _check_backend_takes(backend, model_name, config["model_type"])
     return is_untrained(config)
+
+
+def _check_backend_takes(backend: str, model_name: str, model_type: str) -> None:
+    """`--depth-backend onnx` exports Depth Pro alone: another model was taken, and each video
+    failed at depth once every download and transcode was done."""
+    if backend == "onnx" and model_type != "depth_pro":
+        raise ValueError(
+            f"--depth-backend onnx runs Depth Pro models only; {model_name} is {model_type!r}: "
+            "use --depth-backend auto or torch"
+        )
 
 
 def _check_model_folder(folder: Path) -> None:

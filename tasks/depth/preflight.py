@@ -13,6 +13,6 @@ def check_run_settings(settings: DepthSettings) -> bool:
     written (the frames spec is the settings' own check); return whether the model is an
     untrained stand-in (random weights)."""
     check_depth_backend(settings.depth_backend, settings.device)
-    untrained = check_depth_model(settings.depth_model)
+    untrained = check_depth_model(settings.depth_model, settings.depth_backend)
     check_writable_folder(settings.output.resolve())  # last: it makes the folder
     return untrained

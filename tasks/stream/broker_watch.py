@@ -6,8 +6,10 @@ client with a dead broker looks merely idle. Its callbacks say more: `error_cb` 
 each broker connection's state and its age once a second: a connection that came UP after the
 outage began means the broker is back. A broker away for longer than the grace is lost.
 
-Neither a message read nor a delivery report proves the broker is there: a consumer hands out
-prefetched messages, and reports queued before the outage can be served after it.
+A message read proves nothing (a consumer hands out prefetched messages), and neither does
+the report of a message made before the outage (reports queued then can be served after it);
+the report of one made after the outage began does (`delivered`): a broker back during a
+producer's last flush read as lost until the next statistics came, if any did.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import time
 from typing import Any
 
-from confluent_kafka import KafkaError
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message
 
 from tasks.stream.kafka_logs import librdkafka_logging
 
@@ -33,8 +35,10 @@ class BrokerLostError(RuntimeError):
 class BrokerWatch:
     """Tells a broker that is gone from one that blinks, from librdkafka's own callbacks.
 
-    Not thread-safe by design: librdkafka calls back on the thread that polls, and a stream
-    command polls its clients from one thread.
+    librdkafka calls back on whichever thread polls: a stream command's own thread, or the
+    threads of a producer's several sources. Each callback reads and writes the outage's start
+    once (a reference swap under the GIL): at worst a report and a snapshot both say the broker
+    is back.
     """
 
     def __init__(self, bootstrap_servers: str, grace_s: float) -> None:
@@ -42,6 +46,7 @@ class BrokerWatch:
         self.grace_s = grace_s
         self.last_error: str | None = None
         self._down_since: float | None = None
+        self._down_since_wall = 0.0  # the same moment by the wall clock (message timestamps)
         self._stats_saw_down = False  # a statistics snapshot with no broker UP since then
         self._fatal: str | None = None
 
@@ -60,6 +65,7 @@ class BrokerWatch:
             self._fatal = error.str()
         if error.code() == KafkaError._ALL_BROKERS_DOWN and self._down_since is None:
             self._down_since, self._stats_saw_down = time.monotonic(), False
+            self._down_since_wall = time.time()
             log.warning(
                 "lost the connection to the Kafka broker %s; waiting up to %.0f s for it",
                 self.bootstrap_servers, self.grace_s,
@@ -78,6 +84,15 @@ class BrokerWatch:
         # a member that did not poll for a while serves late, after the broker is back: its
         # connections then all came UP "before the outage", and it was lost after the grace.)
         if self._stats_saw_down or min(up_for_s) < self.down_for_s():
+            self.alive()
+
+    def delivered(self, message: Message | None) -> None:
+        """The broker took `message`: it is back, if it was away, where the message was made
+        after the outage began (its create time, which librdkafka stamps at produce)."""
+        if self._down_since is None or message is None:
+            return
+        kind, stamped_ms = message.timestamp()
+        if kind != TIMESTAMP_NOT_AVAILABLE and stamped_ms / 1000 >= self._down_since_wall:
             self.alive()
 
     def alive(self) -> None:

@@ -517,6 +517,7 @@ def _live_schedule_start(started: float, due_s: float, fps: float) -> float:
     return started + late if late > 1 / fps else started
 
 
+STOPPED_FLUSH_S = 5.0  # the longest a stopped run waits for its queued frames (the rest fail)
 # Failed deliveries are said at most this often, with how many failed since
 FAILURES_SAID_EVERY_S = 5.0
 
@@ -600,7 +601,7 @@ class _FrameOutlet:
         with self._counts:
             if error is None:
                 self.stats.delivered += 1
-                self.watch.alive()  # a frame got through: the broker is back, if it was away
+                self.watch.delivered(message)  # made after an outage: the broker is back
                 ends, offset = self.stats.partition_ends, message.offset()
                 if ends is not None and offset >= 0:
                     ends[message.partition()] = max(ends.get(message.partition(), 0), offset + 1)
@@ -626,6 +627,8 @@ class _FrameOutlet:
         With the broker gone, wait for it no longer than the rest of the grace."""
         watch, stats = self.watch, self.stats
         flush_s = 30.0 if not watch.down else max(1.0, watch.grace_s - watch.down_for_s())
+        if self.stop.is_set():  # asked to stop (`docker stop` kills 10 s after its SIGTERM)
+            flush_s = min(flush_s, STOPPED_FLUSH_S)
         remaining = self.producer.flush(flush_s)
         with self._counts:
             unsaid, self._unsaid_failures = self._unsaid_failures, 0

@@ -143,7 +143,7 @@ class Publisher:
     ) -> DeliveryCallback:
         topic, partition, offset = message.topic(), message.partition(), message.offset()
 
-        def on_delivery(error: KafkaError | None, _delivered: Message) -> None:
+        def on_delivery(error: KafkaError | None, delivered: Message | None) -> None:
             if error is not None:  # not lost: the offset stays uncommitted and is redone later
                 self.summary.errors += 1
                 self.metrics.errors.labels("publish").inc()
@@ -157,7 +157,7 @@ class Publisher:
                         f"published: {error.str()}"
                     )
                 return
-            self.broker.alive()  # an outcome got through: the broker is back, if it was away
+            self.broker.delivered(delivered)  # made after an outage: the broker is back
             self.offsets.finished(topic, partition, offset)
             if on_ok is not None:
                 on_ok()
