@@ -401,3 +401,15 @@ def test_a_depth_call_that_fails_without_its_actor_dying_keeps_the_shard_s_trans
         assert "MemoryError: the model's buffers" in record.error.splitlines()[0], record.error
         assert _transcode_taken(record.failed_stage, record.error)  # a rerun keeps it
         assert Path(record.transcoded_path).is_file()
+
+
+def test_a_gpu_actor_is_found_again_whatever_the_cpus_a_rerun_asks(tiny_depth_model: Path) -> None:
+    """Found in review: the threads of a CPU actor named GPU actors too, so a rerun with
+    another --depth-cpus made a second GPU actor, which waited for the GPU the first one held
+    idle until its keep-alive ran out (no GPU here: the name is what decides)."""
+    from tasks.depth.shard_tasks import actor_key
+
+    settings = DepthSettings(depth_model=str(tiny_depth_model))
+    assert actor_key(settings, "cuda", 1) == actor_key(settings, "cuda", 4)
+    assert actor_key(settings, "cpu", 1) != actor_key(settings, "cpu", 4)  # threads it runs
+    assert actor_key(settings, "cpu", 1) != actor_key(settings, "cuda", 1)

@@ -614,3 +614,37 @@ def test_the_lag_at_the_end_counts_partitions_the_member_never_read(broker, onnx
     ends = partition_ends(kafka.bootstrap_servers, kafka.frames_topic, kafka.partitions)
     assert len(ends) == 2 and min(ends) > 0
     assert summary.lag == sum(ends) - 1
+
+
+def test_a_topic_without_a_leader_for_now_is_asked_again_for_its_partitions(kafka) -> None:
+    """Found in review: on a real cluster a topic just made has no leader for a moment
+    (LEADER_NOT_AVAILABLE), and `produce --streams N` failed at its start as if the topic had
+    no partitions. Tansu answers at once, so the first answers' error is made up; the
+    metadata is the broker's."""
+    from confluent_kafka import KafkaError
+
+    from tasks.stream.kafka_io import make_producer
+    from tasks.stream.producer import _partition_count
+
+    class Answering:
+        def __init__(self, error: int, times: int) -> None:
+            self.producer, self.error, self.times, self.asked = (
+                make_producer(kafka),
+                error,
+                times,
+                0,
+            )
+
+        def list_topics(self, topic: str, timeout: float):
+            self.asked += 1
+            metadata = self.producer.list_topics(topic, timeout=timeout)
+            if self.asked <= self.times:
+                metadata.topics[topic].error = KafkaError(self.error)
+            return metadata
+
+    leaderless = Answering(KafkaError.LEADER_NOT_AVAILABLE, times=2)
+    assert _partition_count(leaderless, kafka.frames_topic) == 2 and leaderless.asked == 3
+    refused = Answering(KafkaError.TOPIC_AUTHORIZATION_FAILED, times=99)
+    with pytest.raises(RuntimeError, match="has no partitions"):
+        _partition_count(refused, kafka.frames_topic)
+    assert refused.asked == 1  # for good: not asked again

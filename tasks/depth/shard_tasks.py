@@ -366,11 +366,7 @@ def start_depth_actors(settings: DepthSettings) -> list[Any]:
     keep_alive_s = settings.depth_keep_alive_s
     if keep_alive_s > 0:
         options.update(namespace=ACTOR_NAMESPACE, lifetime="detached", get_if_exists=True)
-    # The folder's files too: an actor kept alive with the weights saved before would serve
-    # them to the next run of the same path.
-    identity = model_identity(settings.depth_model)
-    model = f"{settings.depth_model}|{identity}|{settings.depth_backend}|{device}|{threads}"
-    key = hashlib.sha1(model.encode()).hexdigest()[:12]
+    key = actor_key(settings, device, threads)
     run_logger().info(
         "depth model %s: %d actor(s) on %s%s", settings.depth_model, count, device,
         model_origin(settings.depth_model),
@@ -382,6 +378,18 @@ def start_depth_actors(settings: DepthSettings) -> list[Any]:
         actor = actor_class.options(**options, **named)
         actors.append(actor.remote(settings, device, threads, keep_alive_s))
     return actors
+
+
+def actor_key(settings: DepthSettings, device: str, threads: int) -> str:
+    """What names a run's depth actors, for the next run to find them loaded: the model, the
+    folder's files too (an actor kept alive with the weights saved before would serve them to
+    the next run of the same path), the backend and the device; the threads of a CPU actor
+    only (a GPU actor's model runs on its GPU: a rerun with another --depth-cpus made a second
+    actor that waited for the GPU the first held idle, for its keep-alive)."""
+    identity = model_identity(settings.depth_model)
+    threads_part = "" if device == "cuda" else f"|{threads}"
+    model = f"{settings.depth_model}|{identity}|{settings.depth_backend}|{device}{threads_part}"
+    return hashlib.sha1(model.encode()).hexdigest()[:12]
 
 
 # How often a run tells its depth actors that it still holds them, at most (and three times

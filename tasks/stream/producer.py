@@ -285,11 +285,32 @@ def _within_id_limit(name: str) -> str:
     return f"{name[: room - 11]}-{digest}"
 
 
-def _partition_count(producer: Producer, topic: str) -> int:
-    metadata = producer.list_topics(topic, timeout=10).topics[topic]
-    if metadata.error is not None or not metadata.partitions:
-        raise RuntimeError(f"topic {topic} has no partitions: {metadata.error}")
-    return len(metadata.partitions)
+# What a topic's metadata says for a moment after it is made (librdkafka leaves these errors'
+# retriable flag unset): asked again, until the start's timeout.
+FOR_NOW = frozenset(
+    [KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART,
+     KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.REQUEST_TIMED_OUT]
+)  # fmt: skip
+
+
+def _partition_count(producer: Producer, topic: str, timeout_s: float = 15.0) -> int:
+    """The topic's partitions, asked again while the broker says so only for now: a topic just
+    made has no leader for a moment (LEADER_NOT_AVAILABLE), and a run of several cameras
+    failed at its start as if the topic had no partitions."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            metadata = producer.list_topics(topic, timeout=5).topics[topic]
+        except KafkaException as exc:  # no answer in time, a transport error: asked again
+            error, for_good = exc.args[0], False
+        else:
+            if metadata.error is None and metadata.partitions:
+                return len(metadata.partitions)
+            error = metadata.error
+            for_good = error is not None and error.code() not in FOR_NOW
+        if for_good or time.monotonic() > deadline:
+            raise RuntimeError(f"topic {topic} has no partitions: {error}")
+        time.sleep(0.5)
 
 
 @dataclass(frozen=True)
