@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -64,23 +65,33 @@ def test_a_lone_request_is_not_held_back() -> None:
     assert elapsed < 2.5  # the 5 s delay never applied (the model call itself takes 20 ms)
 
 
+def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait for the batcher's state (not a fixed sleep, which a busy machine outruns)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
 def test_a_batch_waits_for_requests_on_their_way_but_not_past_the_delay() -> None:
-    def scenario(delay_s: float):
+    def scenario(delay_s: float, second_comes: Callable[[DynamicBatcher, list], bool]):
         batches: list[list[int]] = []
         batcher = _recording_batcher(8, delay_s, batches)
         batcher.start()
         with batcher.admit() as second:  # on its way before the first is queued
             first = threading.Thread(target=_classify, args=(batcher, 1))
             first.start()
-            time.sleep(0.1)
+            _until(lambda: second_comes(batcher, batches))
             result = second.submit(2)
         result.result(timeout=30)
         first.join()
         batcher.close()
         return batches
 
-    assert scenario(delay_s=1.0) == [[1, 2]]  # waited 0.1 s for the second
-    assert scenario(delay_s=0.01) == [[1], [2]]  # did not wait past 10 ms
+    # The first queued and waiting: the second joins its batch.
+    assert scenario(1.0, lambda batcher, _: len(batcher._pending) == 1) == [[1, 2]]
+    # With 10 ms to wait, the first runs alone while the second is still on its way.
+    assert scenario(0.01, lambda _, batches: batches == [[1]]) == [[1], [2]]
 
 
 def test_a_failing_batch_fails_each_caller_and_the_batcher_goes_on() -> None:
@@ -134,7 +145,7 @@ def test_a_model_that_loses_results_fails_its_callers_clearly_and_the_batcher_go
         first = threading.Thread(target=lambda: outcomes.append(_outcome(batcher, 1)))
         outcomes: list = []
         first.start()
-        time.sleep(0.05)
+        _until(lambda: len(batcher._pending) == 1)  # the first queued, waiting for the second
         second_result = second.submit(2)
     first.join()
     outcomes.append(second_result.exception(timeout=30))
@@ -232,6 +243,6 @@ def test_a_request_handed_straight_to_a_worker_wakes_the_one_idle_last() -> None
     batcher.start()
     for item in range(6):
         assert _classify(batcher, item).value == item
-        time.sleep(0.01)  # the worker is back among the idle ones
+        _until(lambda: len(batcher._idle) == 3)  # the worker is back among the idle ones
     batcher.close()
     assert len(ran_on) == 6 and len(set(ran_on)) == 1

@@ -175,7 +175,10 @@ def test_the_onnx_backend_refuses_a_gpu_instead_of_running_on_the_cpu(
 
 
 def test_a_gpu_actor_whose_torch_sees_no_gpu_runs_onnx_with_its_threads(
-    tiny_depth_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_depth_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """An actor placed on a GPU (Ray saw one) whose torch cannot use it (a CPU-only build, a
     driver mismatch) ran torch on the CPU with every core of the node, holding no CPU."""
@@ -183,7 +186,12 @@ def test_a_gpu_actor_whose_torch_sees_no_gpu_runs_onnx_with_its_threads(
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on such a node
     settings = DepthSettings(depth_model=str(tiny_depth_model), cache_dir=tmp_path)
-    assert isinstance(load_depth_estimator(settings, "cuda", threads=1), OnnxDepthEstimator)
+    with caplog.at_level("WARNING"):
+        estimator = load_depth_estimator(settings, "cuda", threads=3)
+    assert isinstance(estimator, OnnxDepthEstimator)
+    options = estimator.session.get_session_options()
+    assert options.intra_op_num_threads == 3  # its threads, not every core of the node
+    assert "no CUDA GPU is usable" in caplog.text  # and it says so
 
 
 def test_exporters_started_together_export_the_model_once(

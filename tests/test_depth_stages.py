@@ -1132,9 +1132,10 @@ def test_a_model_s_nan_fails_its_video_and_depth_past_float16_is_clipped(tmp_pat
     transcoded = transcode(
         _record("http://h/v.mp4").update(raw_path=str(CLIP)), tmp_path / "videos", settings
     )
-    nan = estimate_depth(transcoded, tmp_path / "nan", settings, _ConstantDepth(float("nan")))
-    assert nan.failed and nan.failed_stage == "depth" and "NaN or inf" in nan.error
-    assert not list((tmp_path / "nan").glob("*.npy"))  # no map that looks made
+    for name, value in (("nan", float("nan")), ("inf", float("inf")), ("-inf", -float("inf"))):
+        bad = estimate_depth(transcoded, tmp_path / name, settings, _ConstantDepth(value))
+        assert bad.failed and bad.failed_stage == "depth" and "NaN or inf" in bad.error, name
+        assert not list((tmp_path / name).glob("*.npy"))  # no map that looks made
     far = estimate_depth(transcoded, tmp_path / "far", settings, _ConstantDepth(1e6))
     assert far.status == "ok" and far.depth_max_m == far.depth_min_m == FLOAT16_MAX
     assert np.isfinite(np.load(far.depth_path)).all()
@@ -1189,8 +1190,19 @@ def test_videos_of_two_shapes_share_a_batch_of_a_model_that_keeps_their_aspect(
         depth_model=str(tiny_depth_anything), depth_backend="torch", device="cpu",
         frames="uniform:2", depth_batch_size=8, height=64,
     )  # fmt: skip
-    done = estimate_depth_many(_wide_and_square(tmp_path, settings), tmp_path / "depth", settings)
+    estimator = DepthEstimator(str(tiny_depth_anything), "cpu")
+    calls: list[int] = []
+    real_estimate = estimator.estimate
+
+    def counting(frames: list[np.ndarray]) -> list:
+        calls.append(len(frames))
+        return real_estimate(frames)
+
+    estimator.estimate = counting  # type: ignore[method-assign]
+    videos = _wide_and_square(tmp_path, settings)
+    done = estimate_depth_many(videos, tmp_path / "depth", settings, estimator)
     assert [r.status for r in done] == ["ok", "ok"], [r.error for r in done]
+    assert calls == [4]  # one batch of both videos' frames (not retried video by video)
     assert np.load(done[0].depth_path).shape == (2, 64, 86)  # each at its frames' size
     assert np.load(done[1].depth_path).shape == (2, 64, 64)
 
@@ -1246,7 +1258,9 @@ def test_all_frames_stream_through_batches_into_one_array_per_video(
     done = estimate_depth_many(videos, tmp_path / "depth", settings, estimator)
     frames = videos[0].frame_count
     assert all(record.status == "ok" for record in done), [r.error for r in done]
-    assert max(calls) == 7 and sum(calls) == 2 * frames  # batches of 7 across both videos
+    # Batches of 7 across both videos (each video alone would end in a short batch of its own).
+    full, rest = divmod(2 * frames, 7)
+    assert calls == [7] * full + [rest] * bool(rest), calls
     for record in done:
         depth = np.load(record.depth_path, mmap_mode="r")
         assert depth.dtype == np.float16 and depth.shape[0] == frames == len(
