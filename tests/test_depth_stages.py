@@ -1450,6 +1450,31 @@ def test_worker_fragments_appear_only_when_the_driver_commits_them(tmp_path: Pat
     assert lost.failed_stage == "store" and "commit failed" in lost.error, lost.error
 
 
+def test_rows_a_worker_cannot_write_are_written_by_the_driver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a write task that raised past its retries read as a crash of its
+    worker ("store crashed"), and every rerun fetched and transcoded the whole shard again.
+    It now hands the rows to the driver, whose commit writes them. (A write that fails on a
+    worker and not on the driver cannot be had on demand: the worker's write is made to fail.)"""
+    from flows.depth_extraction import commit_shard
+    from tasks.depth import shard_tasks
+    from tasks.depth.shard_tasks import Shard, write_task
+
+    def no_room(*_args: object) -> list:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shard_tasks, "write_rows", no_room)
+    table = VideoTable(tmp_path)
+    table.create()
+    rows = (_record("http://h/f.mp4", "f").finish(status="ok"),)
+    written = write_task.fn(Shard(0, 1, rows), table.lance_path)  # no retry left
+    assert written.fragments == []
+    assert commit_shard(table, written) == rows
+    [stored] = lance.dataset(table.lance_path).to_table().to_pylist()
+    assert (stored["video_id"], stored["status"]) == ("f", "ok")
+
+
 def test_a_table_of_another_layout_is_refused_with_the_way_out(tmp_path: Path) -> None:
     import pyarrow as pa
 

@@ -329,7 +329,20 @@ def write_task(shard: Shard, lance_path: Path) -> WrittenShard:
     upsert, which fragments cannot do (they would be left as files no version holds)."""
     if shard.redoes_rows:
         return WrittenShard(shard, [])
-    return WrittenShard(shard, write_rows(shard.records, lance_path))
+    try:
+        return WrittenShard(shard, write_rows(shard.records, lance_path))
+    except Exception as exc:  # Lance's errors share no base class
+        if not _last_attempt():
+            raise
+        # No fragments: the driver writes the rows itself. Raised past its retries, the write
+        # read as a crash of the shard's worker ("store crashed"), and every rerun fetched and
+        # transcoded the whole shard again.
+        logger = get_run_logger() if TaskRunContext.get() is not None else log
+        logger.warning(
+            "%s: its rows could not be written here (%s: %s): the driver writes them",
+            shard.label, type(exc).__name__, exc,
+        )  # fmt: skip
+        return WrittenShard(shard, [])
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
