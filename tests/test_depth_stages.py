@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import lance
@@ -279,12 +280,14 @@ def test_a_csv_row_with_more_fields_than_its_header_refuses_the_list(tmp_path: P
     of a URL with an unquoted comma: `#t=417,427` was read as `#t=417`, from 417 s to the end
     of the video. An empty field past the header (a trailing comma) loses nothing."""
     listing = tmp_path / "urls.csv"
-    listing.write_text("url,label\nhttps://h/a.mp4,x\nhttps://h/b.mp4#t=417,427,juggling\n")
-    with pytest.raises(SourceListError, match=r"urls\.csv:3: 3 fields, more than the header's 2"):
-        read_url_list(listing)
-    listing.write_text("url\nhttps://h/b.mp4#t=417,427\n")
-    with pytest.raises(SourceListError, match=r"urls\.csv:2: 2 fields, more than the header's 1"):
-        read_url_list(listing)
+    for text, said in (
+        ("url,label\nhttps://h/a.mp4,x\nhttps://h/b.mp4#t=417,427,juggling\n",
+         "urls.csv:3: 3 fields, more than the header's 2"),
+        ("url\nhttps://h/b.mp4#t=417,427\n", "urls.csv:2: 2 fields, more than the header's 1"),
+    ):  # fmt: skip
+        listing.write_text(text)
+        with pytest.raises(SourceListError, match=re.escape(said)):
+            read_url_list(listing)
     listing.write_text('url,label\n"https://h/b.mp4#t=417,427",juggling,\n')
     [record] = read_url_list(listing)
     assert (record.source_url, record.label) == ("https://h/b.mp4#t=417,427", "juggling")
@@ -1169,6 +1172,19 @@ def tiny_depth_anything(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def _count_calls(estimator: Any) -> list[int]:
+    """The frames of each of `estimator`'s model calls from now on (it still makes them)."""
+    calls: list[int] = []
+    real_estimate = estimator.estimate
+
+    def counting(frames: list[np.ndarray]) -> list:
+        calls.append(len(frames))
+        return real_estimate(frames)
+
+    estimator.estimate = counting
+    return calls
+
+
 def _wide_and_square(tmp_path: Path, settings: DepthSettings) -> list[VideoRecord]:
     """The sample clip (4:3) and a square crop of it, transcoded: two shapes of frame."""
     square = tmp_path / "square.mp4"
@@ -1191,14 +1207,7 @@ def test_videos_of_two_shapes_share_a_batch_of_a_model_that_keeps_their_aspect(
         frames="uniform:2", depth_batch_size=8, height=64,
     )  # fmt: skip
     estimator = DepthEstimator(str(tiny_depth_anything), "cpu")
-    calls: list[int] = []
-    real_estimate = estimator.estimate
-
-    def counting(frames: list[np.ndarray]) -> list:
-        calls.append(len(frames))
-        return real_estimate(frames)
-
-    estimator.estimate = counting  # type: ignore[method-assign]
+    calls = _count_calls(estimator)
     videos = _wide_and_square(tmp_path, settings)
     done = estimate_depth_many(videos, tmp_path / "depth", settings, estimator)
     assert [r.status for r in done] == ["ok", "ok"], [r.error for r in done]
@@ -1247,14 +1256,8 @@ def test_all_frames_stream_through_batches_into_one_array_per_video(
         for name in ("a", "b")
     ]  # fmt: skip
     estimator = load_depth_estimator(settings, "cpu")  # ONNX Runtime, as a CPU actor runs it
-    calls: list[int] = []
     real_estimate = estimator.estimate
-
-    def counting(frames: list[np.ndarray]) -> list:
-        calls.append(len(frames))
-        return real_estimate(frames)
-
-    estimator.estimate = counting  # type: ignore[method-assign]
+    calls = _count_calls(estimator)
     done = estimate_depth_many(videos, tmp_path / "depth", settings, estimator)
     frames = videos[0].frame_count
     assert all(record.status == "ok" for record in done), [r.error for r in done]
