@@ -47,7 +47,10 @@ class ServerProcess:
         try:
             while not listens_on(self.process.pid, self.port):
                 if self.process.poll() is not None:
-                    raise ServerExitedError(f"the server exited ({self.process.returncode})")
+                    raise ServerExitedError(
+                        f"{self.target} will never serve: its process exited "
+                        f"({self.process.returncode})"
+                    )
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the server never listened on {self.target}")
                 time.sleep(0.1)
