@@ -1512,13 +1512,31 @@ def test_a_shard_whose_worker_was_killed_is_failed_at_the_stage_that_never_compl
     @dataclasses.dataclass
     class Ran:  # what the chain reads of a task run's future
         state: object
+        made: Shard | None = None
 
-    shard = Shard(0, 1, (_record("http://h/a.mp4", "a"),))
-    states = [("download", Completed()), ("transcode", Running()), ("depth", Pending()),
-              ("store", Pending())]  # fmt: skip
-    chain = _Chain(shard, [(stage, Ran(state)) for stage, state in states])
-    (record,) = chain.crashed_rows(RuntimeError("worker died")).records
-    assert record.failed_stage == "transcode" and record.error.startswith("transcode crashed")
+        def result(self) -> Shard:
+            if self.made is None:
+                raise RuntimeError("its result went with its node")
+            return self.made
+
+    planned = (_record("http://h/a.mp4", "a"), _record("http://h/b.mp4", "b"))
+    shard = Shard(0, 1, planned)
+    # What the download left: `a` fetched, `b` a 404 (found in review: the rows were built
+    # from the planned shard, and `b` read "transcode crashed" with its own reason lost).
+    downloaded = shard.with_records(
+        [planned[0].update(raw_path="/raw/a.mp4", download_s=1.5),
+         planned[1].fail("download", "HTTP 404")]
+    )  # fmt: skip
+    futures = [("download", Ran(Completed(), downloaded)), ("transcode", Ran(Running())),
+               ("depth", Ran(Pending())), ("store", Ran(Pending()))]  # fmt: skip
+    a, b = _Chain(shard, futures).crashed_rows(RuntimeError("worker died")).records
+    assert a.failed_stage == "transcode" and a.error.startswith("transcode crashed")
+    assert a.download_s == 1.5  # its download's time kept
+    assert (b.failed_stage, b.error) == ("download", "HTTP 404")
+    # A result that cannot be had (its node lost): the planned rows, as before.
+    futures[0] = ("download", Ran(Completed()))
+    a, b = _Chain(shard, futures).crashed_rows(RuntimeError("worker died")).records
+    assert a.failed_stage == b.failed_stage == "transcode"
 
 
 def test_the_onnx_backend_refuses_a_model_that_is_not_depth_pro_before_any_work(

@@ -450,16 +450,21 @@ class _Chain:
     futures: list[tuple[Stage, PrefectFuture[Any]]]
 
     def crashed_rows(self, exc: BaseException) -> Shard:
-        """The shard's rows when a stage's worker died: failed at the first stage that did not
-        complete. A worker killed outright (the kernel's OOM killer, a node lost) leaves its
+        """The shard's rows when a stage's worker died: as the last stage that completed left
+        them (a video that got a 404 keeps its own reason and stage times: built from the
+        planned shard, it read "depth crashed"), the rest failed at the first stage that did
+        not complete. A worker killed outright (the kernel's OOM killer, a node lost) leaves its
         task run Running and the stages after it Pending: looking for a Failed or Crashed one
         found none, and the rows said "store crashed", counted as through every stage."""
         stage: Stage = "store"
+        last = self.shard
         for name, future in self.futures:
             if not future.state.is_completed():
                 stage = name
                 break
-        return self.shard.fail_remaining(stage, crash_reason(stage, exc))
+            with contextlib.suppress(Exception):  # its result gone with its node: as planned
+                last = future.result() if name != "store" else last
+        return last.fail_remaining(stage, crash_reason(stage, exc))
 
 
 def run_shards(
