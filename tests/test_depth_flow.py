@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -285,6 +286,31 @@ def test_a_parquet_export_that_fails_fails_the_run_with_its_report_recorded(
     } <= keys
     rows = lance.dataset(str(tmp_path / "out" / "videos.lance")).to_table().to_pylist()
     assert [row["status"] for row in rows] == ["failed"]  # the rows are in
+
+
+def test_the_run_says_how_its_depth_model_runs_and_why_not_as_placed(
+    prefect_api, tiny_depth_anything: Path, tmp_path: Path
+) -> None:
+    """Found in review: an actor that could not run its model as placed (a model ONNX Runtime
+    cannot take, a GPU its torch cannot use) said why in its own process only, which a private
+    Ray keeps from the console and the UI; the run's log said where it was placed."""
+    settings = DepthSettings(output=tmp_path / "out", depth_model=str(tiny_depth_anything),
+                             device="cpu", frames="first")  # fmt: skip
+    flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=2))
+    with VideoServer({"clip.mp4": Serve(ARM_WRESTLING)}) as server:
+        listing = tmp_path / "urls.txt"
+        listing.write_text(f"{server.url('clip.mp4')}\n")
+        state = flow(urls=str(listing), settings=settings, return_state=True)
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    [said] = [log for log in logs if "the depth model runs with" in log.message]
+    assert "torch on cpu: it cannot run on ONNX Runtime" in said.message, said.message
+    assert said.level == logging.WARNING
 
 
 def test_the_state_message_counts_in_words() -> None:

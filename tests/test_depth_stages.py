@@ -1144,34 +1144,6 @@ def test_a_model_s_nan_fails_its_video_and_depth_past_float16_is_clipped(tmp_pat
     assert np.isfinite(np.load(far.depth_path)).all()
 
 
-@pytest.fixture(scope="module")
-def tiny_depth_anything(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Depth Anything of random weights, made here: its processor keeps each frame's aspect
-    ratio (as DPT's does), unlike Depth Pro's, which resizes every frame to one square."""
-    from transformers import (
-        DepthAnythingConfig,
-        DepthAnythingForDepthEstimation,
-        Dinov2Config,
-        DPTImageProcessor,
-    )
-
-    folder = tmp_path_factory.mktemp("tiny-depth-anything")
-    backbone = Dinov2Config(
-        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
-        image_size=56, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
-        reshape_hidden_states=False,
-    )  # fmt: skip
-    config = DepthAnythingConfig(
-        backbone_config=backbone, neck_hidden_sizes=[8, 8, 16, 16], fusion_hidden_size=8,
-        head_hidden_size=8, reassemble_hidden_size=16, patch_size=14,
-    )  # fmt: skip
-    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
-    DPTImageProcessor(
-        size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14
-    ).save_pretrained(folder)
-    return folder
-
-
 def _count_calls(estimator: Any) -> list[int]:
     """The frames of each of `estimator`'s model calls from now on (it still makes them)."""
     calls: list[int] = []

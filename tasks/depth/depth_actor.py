@@ -32,7 +32,8 @@ class DepthActor:
         self, settings: DepthSettings, device: str, threads: int, keep_alive_s: float
     ) -> None:
         # `threads`: the CPUs its callers reserve, not the whole node.
-        self.estimator = load_depth_estimator(settings, device, threads)
+        self.notes: list[str] = []  # why it runs otherwise than placed, for the driver to say
+        self.estimator = load_depth_estimator(settings, device, threads, self.notes)
         self.busy, self.keep_alive_s = False, keep_alive_s
         self.ends_at = time.monotonic() + keep_alive_s  # unless a call or a hold comes first
         if keep_alive_s > 0:
@@ -49,6 +50,12 @@ class DepthActor:
             # and the idle check between the two lines ended the actor, its answer lost.
             self._hold_for(self.keep_alive_s)
             self.busy = False
+
+    def describe(self) -> tuple[str, list[str]]:
+        """How its model runs ("ONNX Runtime on cpu"), and why not as placed: its own log
+        stays in its process, and the run said "on cuda" of an actor that ran on the CPU."""
+        runtime = "ONNX Runtime" if type(self.estimator).__name__.startswith("Onnx") else "torch"
+        return f"{runtime} on {self.estimator.device}", self.notes
 
     def keep_alive(self, keep_alive_s: float | None = None) -> None:
         """Restart the idle clock: a run holds this actor (its next depth call may be minutes

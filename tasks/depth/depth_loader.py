@@ -14,7 +14,9 @@ from tasks.depth.settings import DepthSettings
 log = logging.getLogger(__name__)
 
 
-def load_depth_estimator(settings: DepthSettings, device: str, threads: int = 1) -> Estimator:
+def load_depth_estimator(
+    settings: DepthSettings, device: str, threads: int = 1, notes: list[str] | None = None
+) -> Estimator:
     """The depth model of `settings` on `device` (auto, cpu or cuda) with `threads` CPU
     threads, run by its backend.
 
@@ -30,7 +32,9 @@ def load_depth_estimator(settings: DepthSettings, device: str, threads: int = 1)
         # mismatch) ran torch on every core: resolved here, it gets ONNX and its thread count.
         import torch
 
-        device = choose_device(device, torch.cuda.is_available, what="depth model")
+        asked, device = device, choose_device(device, torch.cuda.is_available, what="depth model")
+        if asked == "cuda" and device == "cpu" and notes is not None:
+            notes.append("placed on a GPU that torch here cannot use (a CPU build, a driver)")
     check_depth_backend(backend, device)
     if backend == "onnx" or (backend == "auto" and device == "cpu"):
         from tasks.depth.depth_onnx import OnnxDepthEstimator
@@ -44,6 +48,8 @@ def load_depth_estimator(settings: DepthSettings, device: str, threads: int = 1)
                 "depth model %s cannot run on ONNX Runtime (%s: %s); running it with torch",
                 settings.depth_model, type(exc).__name__, exc,
             )  # fmt: skip
+            if notes is not None:
+                notes.append(f"it cannot run on ONNX Runtime ({type(exc).__name__}: {exc})")
     import torch
 
     from tasks.depth.depth_torch import DepthEstimator

@@ -317,6 +317,32 @@ def fallback_lock(settings: DepthSettings) -> Path:
     return settings.cache_dir / ".depth-fallback.lock"
 
 
+class HowDepthRuns:
+    """Says in the run's log how the depth model runs, and why not as the run placed it (a GPU
+    its torch cannot use, a model ONNX Runtime cannot take): the actor logs why in its own
+    process only, which a private Ray keeps from the console and the UI, and the run said
+    "on cuda" of actors that ran on the CPU. Asked once the actor has loaded, never waited for
+    (a run whose videos all fail at download never needs the model)."""
+
+    def __init__(self, actors: list[Any]) -> None:
+        self._answer = actors[0].describe.remote() if actors else None  # after its loading
+
+    def say_once_known(self) -> None:
+        import ray
+
+        if self._answer is None or not ray.wait([self._answer], timeout=0)[0]:
+            return
+        answer, self._answer = self._answer, None
+        try:
+            runtime, notes = ray.get(answer)
+        except Exception:  # the actor is gone: its depth tasks say so
+            return
+        if notes:
+            run_logger().warning("the depth model runs with %s: %s", runtime, "; ".join(notes))
+        else:
+            run_logger().info("the depth model runs with %s", runtime)
+
+
 def shard_actor(shard: Shard, actors: list[Any]) -> Any:
     """The depth actor of a shard (its transcode task feeds the one its depth task asks)."""
     return actors[shard.index % len(actors)]
@@ -507,7 +533,7 @@ def run_shards(
     # CLI run warms, flows/ray_start.py), and each actor a worker of its own.
     first = [(shard, download(shard)) for shard in shards[:window]]
     actors = start_depth_actors(settings)
-    held = actors_held(actors, settings.depth_keep_alive_s)
+    held, how = actors_held(actors, settings.depth_keep_alive_s), HowDepthRuns(actors)
     try:  # the first run of a hub model: its download by the actors, in the run's log
         with held, hub_download_logged(settings.depth_model, run_logger()):
             for shard, downloaded in first:
@@ -518,6 +544,7 @@ def run_shards(
                 if waiting:
                     shard = waiting.pop()
                     submit(shard, download(shard))
+                how.say_once_known()
                 try:
                     yield future.result()
                 except Exception as exc:  # a Ray worker died (out of memory, killed)
