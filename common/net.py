@@ -14,9 +14,12 @@ def reach_loopback_directly() -> None:
     """Add loopback to this process's no_proxy and NO_PROXY (what it starts inherits them): a
     laptop with http_proxy set and no no_proxy sent every call to a local Prefect server to the
     proxy, and the run failed after 120 s of "did not answer"."""
-    for variable in ("no_proxy", "NO_PROXY"):
-        given = [part.strip() for part in os.environ.get(variable, "").split(",") if part.strip()]
-        os.environ[variable] = ",".join([*given, *(n for n in LOOPBACK_NAMES if n not in given)])
+    given: list[str] = []
+    for variable in ("no_proxy", "NO_PROXY"):  # both, as one: the lower case wins where set
+        parts = (part.strip() for part in os.environ.get(variable, "").split(","))
+        given += [part for part in parts if part and part not in given]
+    both = ",".join([*given, *(name for name in LOOPBACK_NAMES if name not in given)])
+    os.environ["no_proxy"] = os.environ["NO_PROXY"] = both
 
 
 def free_port() -> int:

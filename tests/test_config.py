@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -332,3 +333,20 @@ def test_help_shows_each_flag_s_default_unless_its_text_says_it() -> None:
     assert "a dead-letter topic with letters stays) (default False)" in sweep
     consume = " ".join(commands["consume"].format_help().split())
     assert "(default: off) (env VIDFLOW_CONSUMER_MAX_FRAME_AGE_MS)" in consume  # said once
+
+
+def test_loopback_is_added_to_both_proxy_exceptions_keeping_the_user_s(monkeypatch) -> None:
+    """Found in review: each variable was extended on its own, so a shell with NO_PROXY alone
+    got a no_proxy of loopback alone, which wins in urllib and httpx: its own exceptions (an
+    in-house Prefect server, a hub mirror) then went to the proxy."""
+    import urllib.request
+
+    from common.net import reach_loopback_directly
+
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("NO_PROXY", "prefect-server,.corp.example")
+    reach_loopback_directly()
+    assert os.environ["no_proxy"] == os.environ["NO_PROXY"]
+    for host in ("prefect-server", "hub.corp.example", "127.0.0.1", "localhost"):
+        assert urllib.request.proxy_bypass_environment(host), host
+    assert not urllib.request.proxy_bypass_environment("huggingface.co")

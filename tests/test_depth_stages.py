@@ -1443,6 +1443,10 @@ def test_rows_a_worker_cannot_write_are_written_by_the_driver(
     table = VideoTable(tmp_path)
     table.create()
     rows = (_record("http://h/f.mp4", "f").finish(status="ok"),)
+    with monkeypatch.context() as retrying:  # a retry left: raised, for Prefect to retry
+        retrying.setattr(shard_tasks, "_last_attempt", lambda: False)
+        with pytest.raises(OSError, match="No space left"):
+            write_task.fn(Shard(0, 1, rows), table.lance_path)
     written = write_task.fn(Shard(0, 1, rows), table.lance_path)  # no retry left
     assert written.fragments == []
     assert commit_shard(table, written) == rows

@@ -1056,11 +1056,11 @@ def test_a_stop_ends_the_producers_wait_for_room_in_a_full_queue() -> None:
     fills and the producer waits for room: a Ctrl-C, SIGTERM or the flow's stop went unheard
     until the broker's grace ran out (30 s by default; raised to ride out restarts), and
     `docker stop` killed it meanwhile, its queued frames uncounted. Now the wait ends with the
-    stop; the frame it held is not published, and not counted, and the flush is cut short."""
+    stop; the frame it held is not published, and not counted."""
     from tasks.stream.broker_watch import BrokerWatch
     from tasks.stream.frame_codec import Frame
     from tasks.stream.kafka_io import make_producer
-    from tasks.stream.producer import STOPPED_FLUSH_S, Camera, ProduceStats, _FrameOutlet
+    from tasks.stream.producer import Camera, ProduceStats, _FrameOutlet
 
     away = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}", broker_grace_s=600,
                          max_message_bytes=100_000)  # fmt: skip
@@ -1085,12 +1085,6 @@ def test_a_stop_ends_the_producers_wait_for_room_in_a_full_queue() -> None:
     publishing.join(5)
     assert not publishing.is_alive()  # it heard the stop, not the grace's end 600 s on
     assert stats.frames_read == len(offered) - 1  # the frame it held is not counted
-    # Its flush waits no more than a stopped run may (not the broker's 600-s grace), and what
-    # is left counts failed: every frame has its count.
-    started = time.monotonic()
-    outlet.flush()
-    assert time.monotonic() - started < STOPPED_FLUSH_S + 3
-    assert stats.failed == stats.frames_read and stats.delivered == 0, stats
     outlet.producer.purge()  # nothing more to try: its reconnects logged on after the test
 
 
@@ -1114,8 +1108,15 @@ def test_a_broker_back_before_the_producers_last_frames_are_delivered_is_no_lost
     outlet = _FrameOutlet(
         make_producer(kafka, watch), watch, kafka.frames_topic, stats, threading.Event()
     )
+    made_before: list = []  # a report of one made before the outage proves nothing
+    producer = make_producer(kafka)
+    producer.produce(kafka.frames_topic, b"early", on_delivery=lambda _e, m: made_before.append(m))
+    assert producer.flush(10) == 0
+    time.sleep(0.01)
     watch.on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "all brokers are down"))
     assert watch.down
+    watch.delivered(made_before[0])
+    assert watch.down  # served late, it is no sign of the broker
     for index in range(10):
         outlet.publish(Camera("cam", 0), Frame("cam", index, time.time_ns(), time.time_ns(), b"j"))
     outlet.flush()

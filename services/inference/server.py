@@ -207,6 +207,8 @@ def _health_follows_the_model(
             answers = backend.answering
             status = health_pb2.HealthCheckResponse
             await _set_health(health_servicer, status.SERVING if answers else status.NOT_SERVING)
+            if stop.is_set():  # the drain began meanwhile: it says NOT_SERVING, and so do these
+                return
             is_ready.set() if answers else is_ready.clear()
             metrics.ready.set(int(answers))
 

@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Any
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaError, Message
+from confluent_kafka import TIMESTAMP_CREATE_TIME, KafkaError, Message
 
 from tasks.stream.kafka_logs import librdkafka_logging
 
@@ -64,8 +64,10 @@ class BrokerWatch:
         if error.fatal():
             self._fatal = error.str()
         if error.code() == KafkaError._ALL_BROKERS_DOWN and self._down_since is None:
-            self._down_since, self._stats_saw_down = time.monotonic(), False
-            self._down_since_wall = time.time()
+            # The wall clock first: a delivery read on another thread that sees the outage
+            # sees its start too.
+            self._down_since_wall, self._stats_saw_down = time.time(), False
+            self._down_since = time.monotonic()
             log.warning(
                 "lost the connection to the Kafka broker %s; waiting up to %.0f s for it",
                 self.bootstrap_servers, self.grace_s,
@@ -91,18 +93,18 @@ class BrokerWatch:
         after the outage began (its create time, which librdkafka stamps at produce)."""
         if self._down_since is None or message is None:
             return
-        kind, stamped_ms = message.timestamp()
-        if kind != TIMESTAMP_NOT_AVAILABLE and stamped_ms / 1000 >= self._down_since_wall:
+        kind, stamped_ms = message.timestamp()  # LogAppendTime would be the broker's clock
+        if kind == TIMESTAMP_CREATE_TIME and stamped_ms / 1000 >= self._down_since_wall:
             self.alive()
 
     def alive(self) -> None:
         """A connection to the broker came up again."""
-        if self._down_since is not None:
+        since, self._down_since = self._down_since, None  # read once: another thread may too
+        if since is not None:
             log.info(
                 "the Kafka broker %s is back after %.1f s",
-                self.bootstrap_servers, time.monotonic() - self._down_since,
+                self.bootstrap_servers, time.monotonic() - since,
             )  # fmt: skip
-            self._down_since = None
 
     @property
     def down(self) -> bool:
@@ -115,7 +117,8 @@ class BrokerWatch:
         return self._fatal is not None
 
     def down_for_s(self) -> float:
-        return 0.0 if self._down_since is None else time.monotonic() - self._down_since
+        since = self._down_since  # read once: another thread may end the outage meanwhile
+        return 0.0 if since is None else time.monotonic() - since
 
     def check(self) -> None:
         """Raise BrokerLostError once the broker has been away for longer than the grace."""

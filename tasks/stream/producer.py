@@ -538,7 +538,6 @@ def _live_schedule_start(started: float, due_s: float, fps: float) -> float:
     return started + late if late > 1 / fps else started
 
 
-STOPPED_FLUSH_S = 5.0  # the longest a stopped run waits for its queued frames (the rest fail)
 # Failed deliveries are said at most this often, with how many failed since
 FAILURES_SAID_EVERY_S = 5.0
 
@@ -648,8 +647,6 @@ class _FrameOutlet:
         With the broker gone, wait for it no longer than the rest of the grace."""
         watch, stats = self.watch, self.stats
         flush_s = 30.0 if not watch.down else max(1.0, watch.grace_s - watch.down_for_s())
-        if self.stop.is_set():  # asked to stop (`docker stop` kills 10 s after its SIGTERM)
-            flush_s = min(flush_s, STOPPED_FLUSH_S)
         remaining = self.producer.flush(flush_s)
         with self._counts:
             unsaid, self._unsaid_failures = self._unsaid_failures, 0

@@ -143,7 +143,7 @@ class Publisher:
     ) -> DeliveryCallback:
         topic, partition, offset = message.topic(), message.partition(), message.offset()
 
-        def on_delivery(error: KafkaError | None, delivered: Message | None) -> None:
+        def on_delivery(error: KafkaError | None, _delivered: Message | None) -> None:
             if error is not None:  # not lost: the offset stays uncommitted and is redone later
                 self.summary.errors += 1
                 self.metrics.errors.labels("publish").inc()
@@ -157,7 +157,9 @@ class Publisher:
                         f"published: {error.str()}"
                     )
                 return
-            self.broker.delivered(delivered)  # made after an outage: the broker is back
+            # An outcome the broker took: back, if it was away (a member's outcomes are made
+            # as their calls end, and a blink during its last flush cost it its commit).
+            self.broker.alive()
             self.offsets.finished(topic, partition, offset)
             if on_ok is not None:
                 on_ok()

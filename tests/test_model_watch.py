@@ -1,0 +1,66 @@
+"""The model watch (services/inference/model_watch.py) on a stand-in model: one that fails and
+answers again on demand, many times over, cannot be had from a real model (the server's own
+path: test_service_faults.py, the health test of a model that stops answering)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from services.inference import model_watch
+from services.inference.model_watch import FAILURES_TO_UNREADY, WatchedBackend
+
+
+class _Flapping:
+    """A backend that fails while `failing` is set (a GPU lost, then back)."""
+
+    name, device = "stand-in", "cuda"
+
+    def __init__(self) -> None:
+        self.failing = threading.Event()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if self.failing.is_set():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return batch
+
+
+def _fail(watch: WatchedBackend, times: int) -> None:
+    for _ in range(times):
+        with pytest.raises(RuntimeError):
+            watch.run(np.zeros(1))
+
+
+def test_a_flapping_model_is_told_each_change_once_and_keeps_one_probe(monkeypatch) -> None:
+    """Found in review: each fall started a probe thread of its own (a model that flapped
+    ran one more probe batch every 5 s per flap)."""
+    monkeypatch.setattr(model_watch, "PROBE_EVERY_S", 0.05)
+    model, told = _Flapping(), []
+    watch = WatchedBackend(model, np.zeros(1), told.append)
+    try:
+        for _ in range(5):
+            model.failing.set()
+            _fail(watch, FAILURES_TO_UNREADY - 1)
+            assert watch.answering  # not yet: one batch's failure may be its own
+            _fail(watch, 1)
+            assert not watch.answering
+            model.failing.clear()
+            watch.run(np.zeros(1))
+            assert watch.answering
+            probes = [t for t in threading.enumerate() if t.name == "model-probe"]
+            assert len(probes) <= 1, probes
+        assert told == [False, True] * 5
+        # Down and left alone: the probe brings it back with no call of a client's.
+        model.failing.set()
+        _fail(watch, FAILURES_TO_UNREADY)
+        model.failing.clear()
+        deadline = time.monotonic() + 5
+        while not watch.answering:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert told[-2:] == [False, True]
+    finally:
+        watch.close()
