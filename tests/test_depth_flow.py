@@ -302,6 +302,7 @@ def test_the_run_says_how_its_depth_model_runs_and_why_not_as_placed(
         listing.write_text(f"{server.url('clip.mp4')}\n")
         state = flow(urls=str(listing), settings=settings, return_state=True)
     assert state.is_completed(), state.message
+    APILogWorker.instance().drain()  # this process's log lines, sent in batches every 2 s
     with get_client(sync_client=True) as client:
         logs = client.read_logs(
             log_filter=LogFilter(
