@@ -187,8 +187,7 @@ def _produce(args: argparse.Namespace) -> int:
     settings = settings_from_args(ProducerSettings, args)  # bad flags refused before the broker
     check_sources(settings.source, settings.stream_id, settings.streams)
     ensure_topics(kafka, [kafka.frames_topic])
-    stop = stop_on_signals()
-    _on_hang_up(stop.set)  # a closed terminal: frames queued are still sent, and counted
+    stop = _stopped_by_signals()  # a closed terminal too: frames queued are still counted
     stats = produce_frames(settings, kafka, stop)
     with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) fails the print: EIO
         print(json.dumps(stats.as_dict()))
@@ -205,8 +204,7 @@ def _consume(args: argparse.Namespace) -> int:
     client = settings_from_args(ClientSettings, args)
     prepare_output_file(settings.summary_json, "--summary-json")  # before the run, not after
     ensure_topics(kafka)
-    stop = stop_on_signals()
-    _on_hang_up(stop.set)  # a closed terminal: the calls in flight are finished, and committed
+    stop = _stopped_by_signals()  # a closed terminal too: calls in flight finished, committed
     consumer = FrameConsumer(kafka, settings, client.target, stop, client.tls_ca)
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server
@@ -260,8 +258,7 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     # Ctrl-C: the run ends its producing now and reports (a sweep: the steps it finished); a
     # closed terminal too (SIGHUP killed it silently, its flow run left Running). SIGTERM is
     # Prefect's during the flow run: the run ends Crashed, and the command exits 143.
-    stop_on_signals(RUN_STOP)
-    _on_hang_up(RUN_STOP.set)
+    _stopped_by_signals(RUN_STOP)
     failure: StreamRunFailedError | None = None
     try:
         with prefect_api(), foreground_heartbeats():
@@ -281,6 +278,14 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
         log.error("%s", failure)
         return 1
     return 0
+
+
+def _stopped_by_signals(stop: threading.Event | None = None) -> threading.Event:
+    """The stream commands' stop (`stop`, else a new one): set by Ctrl-C and SIGTERM
+    (`stop_on_signals`, a second Ctrl-C exits), and by a closed terminal (`_on_hang_up`)."""
+    stop = stop_on_signals(stop)
+    _on_hang_up(stop.set)
+    return stop
 
 
 def _on_hang_up(stop: Callable[[], object]) -> None:
