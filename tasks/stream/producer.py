@@ -566,10 +566,11 @@ class _FrameOutlet:
                 headers=encode_frame_headers(frame), on_delivery=self._on_delivery,
                 partition=camera.partition, poll_s=0.1, stopped=self.stop.is_set,
             )  # fmt: skip
-        except KafkaException as exc:  # refused before it left: over --max-message-bytes
-            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
-                raise
-            self._too_large(len(frame.jpeg))
+        except KafkaException as exc:  # refused before it left
+            if exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:  # over --max-message-bytes
+                self._too_large(len(frame.jpeg))
+            else:
+                self._not_delivered(frame.stream_id, exc.args[0])
             return
         if not queued:  # stopped while the queue was full: not published, as frames after it
             return
@@ -628,18 +629,24 @@ class _FrameOutlet:
                 else:  # the broker did not say where it put the frame: the ends are unknown
                     self.stats.partition_ends = None
                 return
+        self._not_delivered((message.key() or b"").decode(errors="replace"), error)
+
+    def _not_delivered(self, stream_id: str, error: KafkaError) -> None:
+        """A frame the broker refused (in its delivery report) or librdkafka refused as it was
+        queued (a partition the topic lacks once its metadata is known): counted failed, the
+        run goes on (a traceback ended it, with no summary), and said at most one line every
+        few seconds: a broker that refuses every frame (a topic's size limit, an ACL) wrote a
+        line per frame, 30 a second per camera."""
+        with self._counts:
             self.stats.failed += 1
             self._unsaid_failures += 1
             now = time.monotonic()
             if now - self._failure_said_at < FAILURES_SAID_EVERY_S:
                 return
             failures, self._unsaid_failures, self._failure_said_at = self._unsaid_failures, 0, now
-        # At most one line every few seconds: a broker that refuses every frame (a topic's size
-        # limit, an ACL) wrote a line per frame, 30 a second per camera.
         log.error(
-            "%d frame(s) not delivered (the last of stream %s): %s", failures,
-            (message.key() or b"").decode(errors="replace"), error,
-        )  # fmt: skip
+            "%d frame(s) not delivered (the last of stream %s): %s", failures, stream_id, error
+        )
 
     def flush(self) -> None:
         """Wait for deliveries; what is still queued after the wait counts as failed.
