@@ -523,6 +523,8 @@ def test_the_demo_reaches_its_services_past_a_proxy_and_uses_none_of_the_user_s(
     monkeypatch.setenv("VIDFLOW_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
     monkeypatch.setenv("VIDFLOW_DEPTH_FRAMES", "first")  # the demo's own job: kept
     monkeypatch.setenv("VIDFLOW_INFERENCE_DEVICE", "cpu")  # how the service runs: kept
+    # The user's own Prefect database: the demo used it, and cancelled its pool's open runs.
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "postgresql+asyncpg://u@db/prefect")
 
     async def answer(request: web.Request) -> web.Response:
         return web.json_response({"got": await request.json()})
@@ -533,7 +535,10 @@ def test_the_demo_reaches_its_services_past_a_proxy_and_uses_none_of_the_user_s(
     # process (with none set) made one that would pass whatever the demo sets.
     monkeypatch.setattr(urllib.request, "_opener", None)
     with serve_in_thread(app) as port:
-        assert demo_environment() == ["VIDFLOW_INFERENCE_HOST", "VIDFLOW_KAFKA_SECURITY_PROTOCOL"]
+        assert demo_environment() == [
+            "PREFECT_API_DATABASE_CONNECTION_URL", "VIDFLOW_INFERENCE_HOST",
+            "VIDFLOW_KAFKA_SECURITY_PROTOCOL",
+        ]  # fmt: skip
         assert post_json(f"http://127.0.0.1:{port}/api/x", {"a": 1}) == {"got": {"a": 1}}
     assert "127.0.0.1" in os.environ["no_proxy"].split(",")  # the lower-case one wins in urllib
     assert os.environ["NO_PROXY"].startswith("corp.example,")  # the user's entries kept
@@ -547,3 +552,54 @@ def test_two_demos_started_in_the_same_second_get_run_folders_of_their_own(tmp_p
 
     first, second = new_run_dir(tmp_path), new_run_dir(tmp_path)
     assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_the_depth_summary_counts_videos_without_a_row_as_failed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A shard whose commit failed writes no row for its videos, and a run that failed part-way
+    leaves fewer: the demo counted the rows only, printed "2 of 2 videos ok" for a run of 4 and
+    exited 0."""
+    import pyarrow as pa
+
+    from vidflow.demo import print_depth_summary
+
+    def row(video_id: str, status: str) -> dict[str, object]:
+        ok = status == "ok"
+        return {
+            "video_id": video_id, "label": "arm wrestling", "status": status,
+            "width": 640 if ok else None, "height": 360 if ok else None,
+            "depth_min_m": 1.0 if ok else None, "depth_max_m": 9.0 if ok else None,
+            "depth_untrained": False, "error": None if ok else "HTTP 404\nmore",
+            "failed_stage": None if ok else "download",
+        }  # fmt: skip
+
+    table = tmp_path / "videos.lance"
+    lance.write_dataset(pa.Table.from_pylist([row("a", "ok"), row("b", "failed")]), table)
+    assert print_depth_summary(table, {}, expected=4) == 3  # b, and the two without a row
+    shown = capsys.readouterr().out
+    assert "1 of 4 videos ok" in shown and "2 video(s) have no row" in shown
+    assert "failed at download: HTTP 404" in shown
+    assert print_depth_summary(table, {}, expected=2) == 1
+
+
+def test_a_runs_folder_without_locks_is_said_so_not_called_another_demo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkout on a file system without locks (NFS without lockd, vboxsf) was told "another
+    demo is running", and every try after failed the same way. (No such file system here: the
+    refusal is made up; the demo stops at its lock, before it starts anything.)"""
+    import argparse
+    import errno
+    import fcntl
+
+    from vidflow.demo import run_demo
+
+    def no_locks(_fd: object, _operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    args = argparse.Namespace(runs_dir=tmp_path / "runs")
+    assert run_demo(args, tmp_path / "run", tmp_path / "demo.log") == 1
+    said = caplog.text
+    assert "takes no lock (No locks available)" in said and "another demo" not in said

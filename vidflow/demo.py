@@ -57,7 +57,7 @@ from tasks.depth.model_files import (
     is_local_model,
 )
 from tasks.depth.output_layout import OutputLayout
-from tasks.depth.output_lock import OutputBusyError, output_lock
+from tasks.depth.output_lock import NoLocksError, OutputBusyError, output_lock
 from tasks.depth.settings import DepthSettings
 
 log = logging.getLogger("vidflow.demo")
@@ -147,13 +147,18 @@ def depth_rows(lance_path: Path) -> list[dict[str, Any]]:
     return lance.dataset(lance_path).to_table().to_pylist()
 
 
-def print_depth_summary(lance_path: Path, artifacts: dict[str, dict[str, Any]]) -> int:
-    """Print one line per video; returns how many failed."""
+def print_depth_summary(
+    lance_path: Path, artifacts: dict[str, dict[str, Any]], expected: int
+) -> int:
+    """Print one line per video; returns how many of the `expected` failed or have no row
+    (a shard whose commit failed writes none; a run that failed part-way left fewer)."""
     rows = depth_rows(lance_path)
     failed = [row for row in rows if row["status"] != "ok"]
-    print(f"\nDepth extraction: {len(rows) - len(failed)} of {len(rows)} videos ok")
+    print(f"\nDepth extraction: {len(rows) - len(failed)} of {expected} videos ok")
     if summary := artifacts.get(artifact_keys.DEPTH_SUMMARY):
         print(f"  {summary['description']}")
+    if missing := max(0, expected - len(rows)):
+        print(f"  {missing} video(s) have no row: the run's log says why")
     for row in rows:
         if row["status"] == "ok":
             untrained = " (UNTRAINED)" if row["depth_untrained"] else ""
@@ -163,7 +168,7 @@ def print_depth_summary(lance_path: Path, artifacts: dict[str, dict[str, Any]]) 
             reason = next(iter((row["error"] or "").strip().splitlines()), "")[:120]
             outcome = f"failed at {row['failed_stage']}: {reason}"
         print(f"  {row['video_id']:28s} {row['label'] or '':20s} {outcome}")
-    return len(failed)
+    return len(failed) + missing
 
 
 def print_stream_summary(artifacts: dict[str, dict[str, Any]]) -> None:
@@ -201,8 +206,12 @@ def print_classified_samples(target: str, run_dir: Path) -> None:
         )
 
 
-def run_depth_extraction(stack: LocalStack, videos: int, output: Path, depth_model: str) -> str:
-    """depth-extraction/local over `videos` Kinetics rows from a local mirror; its run id."""
+def run_depth_extraction(
+    stack: LocalStack, videos: int, output: Path, depth_model: str
+) -> tuple[str, bool]:
+    """depth-extraction/local over `videos` Kinetics rows from a local mirror; its run id, and
+    whether it completed (it fails where not one video was done, or past its videos: a failed
+    Parquet export, a lost Ray)."""
     with running_mirror(port=port_or_free(8765)) as url_template:
         log.info("running depth-extraction/local (%d Kinetics val rows)", videos)
         # `settings` replaces the deployment's whole: its `frames` is given again.
@@ -213,14 +222,19 @@ def run_depth_extraction(stack: LocalStack, videos: int, output: Path, depth_mod
             "limit": videos,
             "settings": settings,
         }
-        # Failed where not one video was done: the rows still say why, below.
+        # Failed, its rows still say why, below. Long runs (DEMO_ARGS=--videos N with the
+        # real model on a CPU) are given time in proportion.
         run_id, state = stack.run_deployment(
-            "depth-extraction/local", parameters, allow_failed=True
-        )
+            "depth-extraction/local", parameters, timeout_s=max(1800.0, 300.0 * videos),
+            allow_failed=True,
+        )  # fmt: skip
     log.info("depth-extraction: %s", state)
-    if not OutputLayout(output).lance.exists():  # the run failed before writing a row
+    if not OutputLayout(output).lance.exists():  # the run failed before making its table
         raise RuntimeError(f"depth-extraction wrote no table: {state} (see {stack.logs_dir})")
-    return run_id
+    completed = "finished successfully" in state
+    if not completed:
+        log.error("depth-extraction did not complete: %s (see %s)", state, stack.logs_dir)
+    return run_id, completed
 
 
 def run_stream_benchmark(
@@ -240,7 +254,9 @@ def run_stream_benchmark(
         "kafka": {"bootstrap_servers": bootstrap_servers},
     }
     parameters = {"settings": settings}
-    run_id, state = stack.run_deployment("stream-benchmark/local", parameters)
+    run_id, state = stack.run_deployment(
+        "stream-benchmark/local", parameters, timeout_s=max(1800.0, seconds + 900.0)
+    )
     log.info("stream-benchmark: %s", state)
     return run_id
 
@@ -300,18 +316,20 @@ def demo_steps(
         log.warning("cancelled %d flow run(s) an earlier demo left unfinished", len(leftovers))
     stack.start_worker()
     output = run_dir / "depth-extraction"
-    depth_run = run_depth_extraction(stack, args.videos, output, depth_model)
+    depth_run, completed = run_depth_extraction(stack, args.videos, output, depth_model)
+    lance_path = OutputLayout(output).lance
+    # Said before the stream runs: a stream that fails hid the depth results already made.
+    artifacts = read_artifacts(stack.api_url, depth_run)
+    failed = print_depth_summary(lance_path, artifacts, args.videos)
     stream_run = run_stream_benchmark(
         stack, args.stream_seconds, inference.target, broker.bootstrap_servers
     )
-    lance_path = OutputLayout(output).lance
-    failed = print_depth_summary(lance_path, read_artifacts(stack.api_url, depth_run))
     print_stream_summary(read_artifacts(stack.api_url, stream_run))
     print_where_to_look(stack, lance_path, untrained, log_file, [depth_run, stream_run])
     ui_held = hold_ui_or_say_how(stack, args.keep_ui)
     if failed:
         log.error("%d videos failed in depth extraction (see above and the Lance table)", failed)
-    return 1 if failed or not ui_held else 0
+    return 1 if failed or not completed or not ui_held else 0
 
 
 def stop_stack(stack: LocalStack, reaper: subprocess.Popen[bytes]) -> None:
@@ -337,6 +355,9 @@ def run_demo(args: argparse.Namespace, run_dir: Path, log_file: Path) -> int:
         # each one's worker would take the other's flow runs.
         try:
             cleanup.enter_context(output_lock(prefect_home))
+        except NoLocksError as exc:  # not another demo: the message says what to do
+            log.error("%s", exc)
+            return 1
         except OutputBusyError:
             log.error(
                 "another demo is running on %s: wait for it to end, or give this one its own "
@@ -353,8 +374,8 @@ def run_demo(args: argparse.Namespace, run_dir: Path, log_file: Path) -> int:
             log.warning("interrupted: stopping everything this demo started")
             # The shell's codes for a command ended by SIGTERM or SIGINT.
             return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
-        except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as exc:
-            log.error("demo failed: %s", exc)
+        except (RuntimeError, TimeoutError, OSError, ValueError, subprocess.SubprocessError) as exc:
+            log.error("demo failed: %s", exc)  # ValueError: a sample video that does not open
             return 1
 
 
@@ -371,12 +392,22 @@ OWN_SERVICES_SETTINGS = frozenset(
 )  # fmt: skip
 
 
+# Where a user's own Prefect server keeps its history: the demo's keeps it in SQLite under its
+# runs folder, which its lock covers. Inherited, the demo used that database, and cancelled the
+# open runs of its work pool there (the pool of the README's stack by hand).
+PREFECT_DATABASE = ("PREFECT_API_DATABASE_", "PREFECT_SERVER_DATABASE_")
+
+
 def demo_environment() -> list[str]:
     """Make this process's environment (which all it starts inherits) the demo's: drop where a
     user's own service and broker are and how to reach them, and reach loopback without a proxy (a
     laptop with http_proxy set and no no_proxy sent every call to the local Prefect server to
-    the proxy: "did not answer within 120 s"). The names dropped, to say so."""
-    dropped = sorted(name for name in os.environ if name.upper() in OWN_SERVICES_SETTINGS)
+    the proxy: "did not answer within 120 s"), and keep the history in the demo's own SQLite.
+    The names dropped, to say so."""
+    dropped = sorted(
+        name for name in os.environ
+        if name.upper() in OWN_SERVICES_SETTINGS or name.upper().startswith(PREFECT_DATABASE)
+    )  # fmt: skip
     for name in dropped:
         del os.environ[name]
     reach_loopback_directly()
@@ -442,8 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     if dropped := demo_environment():
-        log.warning("the demo runs its own inference service and broker: %s not used",
-                    ", ".join(dropped))  # fmt: skip
+        log.warning("the demo runs its own inference service, broker and Prefect database: "
+                    "%s not used", ", ".join(dropped))  # fmt: skip
     return run_demo(args, run_dir, log_file)
 
 

@@ -24,6 +24,10 @@ class OutputBusyError(RuntimeError):
     """Another run is writing to the output folder."""
 
 
+class NoLocksError(OutputBusyError):
+    """The output folder's file system takes no lock: whether another run holds it is unknown."""
+
+
 @contextlib.contextmanager
 def output_lock(folder: Path) -> Iterator[None]:
     """Hold `folder` for this run; raise OutputBusyError, naming the holder, if another run
@@ -40,7 +44,7 @@ def output_lock(folder: Path) -> Iterator[None]:
                 "this one another output folder"
             ) from None
         except OSError as exc:  # ENOLCK, EOPNOTSUPP: a file system without locks (Lustre, FUSE)
-            raise OutputBusyError(
+            raise NoLocksError(
                 f"{folder}: its file system takes no lock ({exc.strerror or exc}), and one run "
                 "at a time per output folder is how its rows stay unique: give an output folder "
                 "on a file system with locks (a local disk, NFS with locking, Lustre mounted "
