@@ -75,11 +75,11 @@ from bench.peer_v2d import (
     wrapper_path,
     write_ffmpeg_wrapper,
 )
-from common.cli_types import choice_list, positive_int
+from common.cli_types import choice_list, positive_int, vidflow_checkout
 from common.cpus import usable_cpus
 from common.net import free_port
 from common.settings import SAMPLE_VIDEO
-from devstack.local_stack import LocalStack
+from devstack.local_stack import MARKER_VARIABLE, LocalStack, start_reaper, stop_reaper
 from devstack.ray_nodes import stop_ray_nodes
 from tasks.depth.output_layout import OutputLayout
 from tasks.depth.transcode import ffmpeg_exe
@@ -120,11 +120,14 @@ def prefect_server(home: Path) -> Iterator[str]:
     """A Prefect server on loopback for the whole benchmark, as a user's local stack has."""
     (home / "logs").mkdir(parents=True, exist_ok=True)
     stack = LocalStack(logs_dir=home / "logs", prefect_home=home, ui_port=free_port())
+    # The server runs in a session of its own: a SIGKILLed benchmark left it holding its port.
+    reaper = start_reaper(MARKER_VARIABLE, stack.stack_id)
     try:
         stack.start_server()
         yield stack.api_url
     finally:
         stack.stop()
+        stop_reaper(reaper)
 
 
 @contextmanager
@@ -339,9 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         "peer's own ffmpeg defaults)",
     )
     parser.add_argument(
-        "--baseline", type=Path, help="a checkout of earlier code, run as mode baseline_local"
-    )
+        "--baseline", type=vidflow_checkout,
+        help="a checkout of earlier code, run as mode baseline_local (needs --ray local)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.baseline is not None and "local" not in args.ray:  # its ratio is to `local`
+        parser.error("--baseline: compared with vidflow_local, so --ray must include local")
     exit_on_sigterm()  # so the `finally`s below stop the servers, Ray and the peer on SIGTERM
     # Ray's token auth, as a run's private Ray has it (flows.ray_start.private_ray_auth), with
     # one token for the `cluster` mode's `ray start` and the runs that join it.

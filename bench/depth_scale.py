@@ -31,8 +31,9 @@ from typing import Any
 
 from bench.cli_args import bench_parser
 from bench.depth_peer import prefect_server
+from bench.peer_v2d import exit_on_sigterm
 from common.cli_types import positive_int_list
-from common.processes import stop_process
+from common.processes import batch_child, stop_process
 from common.settings import KINETICS_VAL_CSV
 from devstack.sample_mirror import running_mirror
 
@@ -112,18 +113,24 @@ def one_run(size: int, work: Path, template: str, api_url: str, model: Path) -> 
     ]  # fmt: skip
     env = {**os.environ, "PREFECT_API_URL": api_url}
     env["RAY_ADDRESS"] = "local"  # its own Ray, even where `ray start` runs one on this machine
+    args, preexec = batch_child(command)  # dies with this process, even SIGKILLed
+    log_path = work / f"driver-{size}.log"
     started = time.perf_counter()
-    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    with RunProbe(driver.pid, api_url) as probe:
-        try:
-            stdout, _ = driver.communicate(timeout=6 * 3600)
-        except BaseException:
-            # A timeout (or Ctrl-C, an error) would leave the driver running, its Ray with it.
-            stop_process(driver, DRIVER_STOP_GRACE_S)
-            raise
+    with open(log_path, "wb") as log_file:
+        driver = subprocess.Popen(
+            args, env=env, stdout=subprocess.PIPE, stderr=log_file, preexec_fn=preexec
+        )
+        with RunProbe(driver.pid, api_url) as probe:
+            try:
+                stdout, _ = driver.communicate(timeout=6 * 3600)
+            except BaseException:
+                # A timeout (or Ctrl-C, an error) would leave the driver running, its Ray too.
+                stop_process(driver, DRIVER_STOP_GRACE_S)
+                raise
     wall_s = time.perf_counter() - started
-    if driver.returncode != 0:
-        raise RuntimeError(f"vidflow depth exited {driver.returncode}")
+    if driver.returncode != 0:  # after a long run, say why
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"vidflow depth exited {driver.returncode}; its log ends:\n{tail}")
     summary = json.loads(stdout.decode().strip().splitlines()[-1])
     answers = sorted(probe.answer_s)
     try:
@@ -156,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     sizes = args.sizes
+    exit_on_sigterm()  # so the `finally`s below stop the run, its server and mirror on SIGTERM
 
     from devstack.tiny_depth_pro import save_tiny_depth_pro
 

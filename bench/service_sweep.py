@@ -69,15 +69,23 @@ def _measure(server: ServerProcess, frames: list[bytes], args: argparse.Namespac
         server.terminate()
 
 
-def _summary(runs: list[list[LevelResult]]) -> dict[int, dict[str, float]]:
+def _mean_latency(rounds: list[LevelResult], figure: str) -> float | None:
+    """A latency figure's mean over the rounds that answered a request: a round that answered
+    none (a server gone, every call refused) has a p99 of 0 ms, which pulled the mean down
+    (and made a ratio of 0.0, "far better than plain"); None where no round answered."""
+    answered = [r.latency_ms[figure] for r in rounds if r.requests]
+    return round(mean(answered), 1) if answered else None
+
+
+def _summary(runs: list[list[LevelResult]]) -> dict[int, dict[str, Any]]:
     """img/s and p99 per level, means over rounds, and each round's img/s."""
-    by_level: dict[int, dict[str, float]] = {}
+    by_level: dict[int, dict[str, Any]] = {}
     for index, level in enumerate(runs[0]):
         rounds = [run[index] for run in runs]
         by_level[level.concurrency] = {
             "img_s": round(mean(r.throughput_rps for r in rounds), 1),
-            "p99_ms": round(mean(r.latency_ms["p99"] for r in rounds), 1),
-            "p50_ms": round(mean(r.latency_ms["p50"] for r in rounds), 1),
+            "p99_ms": _mean_latency(rounds, "p99"),
+            "p50_ms": _mean_latency(rounds, "p50"),
             "mean_batch": round(mean(r.mean_batch_size for r in rounds), 2),
             "errors": sum(r.errors for r in rounds),
             "rounds_img_s": [r.throughput_rps for r in rounds],
@@ -86,10 +94,14 @@ def _summary(runs: list[list[LevelResult]]) -> dict[int, dict[str, float]]:
 
 
 def _ratio(ours: dict, theirs: dict, level: int, figure: str) -> float | None:
-    """ours over theirs at a level; None where theirs is 0 (the plain server answered nothing),
-    so the other figures still reach the JSON."""
-    denominator = theirs[level][figure]
-    return round(ours[level][figure] / denominator, 3) if denominator else None
+    """ours over theirs at a level; None where theirs is 0 or unknown (the plain server answered
+    nothing), or ours unknown, so the other figures still reach the JSON."""
+    numerator, denominator = ours[level][figure], theirs[level][figure]
+    return round(numerator / denominator, 3) if denominator and numerator is not None else None
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}ms"
 
 
 def parse_args() -> argparse.Namespace:
@@ -135,6 +147,8 @@ def parse_args() -> argparse.Namespace:
     clashes = {PLAIN, *args.configs} & set(args.plain_configs)
     if clashes:
         parser.error(f"--plain {sorted(clashes)[0]}=...: that label is taken")
+    if PLAIN in args.configs:  # served as the plain server, and its ratios 1.0 to itself
+        parser.error(f"--vidflow {PLAIN}=...: that label is the plain server's")
     args.repos = {}
     for label, path in args.vidflow_repo:
         if label not in args.configs:
@@ -255,7 +269,7 @@ def _result(
     print(f"{'':>10}" + "".join(f"{'c=' + str(c):>16}" for c in args.levels), file=sys.stderr)
     for label, summary in summaries.items():
         cells = "".join(
-            f"{summary[c]['img_s']:>8.1f} {summary[c]['p99_ms']:>6.1f}ms" for c in args.levels
+            f"{summary[c]['img_s']:>8.1f} {_ms(summary[c]['p99_ms']):>8}" for c in args.levels
         )
         print(f"{label:>10}{cells}", file=sys.stderr)
     return {

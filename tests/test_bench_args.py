@@ -30,6 +30,9 @@ BAD_FLAGS = [
         "--vidflow-repo a=...: not a vidflow checkout: /tmp",
     ),
     (["bench.service_sweep", "--plain", "plain=--classify-pool"], "--plain plain=...: that label"),
+    (["bench.service_sweep", "--vidflow", "plain=--x"], "--vidflow plain=...: that label is the"),
+    (["bench.depth_peer", "--baseline", "/tmp"], "not a vidflow checkout: /tmp"),
+    (["bench.depth_peer", "--baseline", ".", "--ray", "cluster"], "--ray must include local"),
     (["bench.plain_server", "--onnx-model", "Makefile", "--port", "-5"], "--port: must be a port"),
     (
         [
