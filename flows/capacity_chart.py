@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import textwrap
 
 # The object-oriented API without pyplot: no global backend or figure registry to set, and
@@ -39,8 +40,11 @@ def capacity_chart(steps: list[StepFigures], budget_ms: float, title: str) -> Fi
     fps_axis.set_ylim(bottom=0)
     fps_axis.legend(loc="lower left")
     fps_axis.grid(alpha=0.3)
-    latency_axis.plot(counts, [s.e2e_p99_ms for s in steps], "o-", color="tab:red", label="p99")
-    latency_axis.plot(counts, [s.e2e_p50_ms for s in steps], "^-", color="tab:orange", label="p50")
+    # A step with no frame classified has no latency: a gap, not a point at 0 ms.
+    p99 = [s.e2e_p99_ms if s.classified else math.nan for s in steps]
+    p50 = [s.e2e_p50_ms if s.classified else math.nan for s in steps]
+    latency_axis.plot(counts, p99, "o-", color="tab:red", label="p99")
+    latency_axis.plot(counts, p50, "^-", color="tab:orange", label="p50")
     latency_axis.axhline(budget_ms, color="grey", linestyle=":", label="budget")
     latency_axis.set_ylabel("e2e latency (ms)")
     latency_axis.set_xlabel("live streams")

@@ -152,7 +152,9 @@ def shortfalls(
     floor = min_fps_ratio * step.source_fps
     if not step.stream_fps or step.fps_min < floor:
         reasons.append(f"slowest stream {step.fps_min:.2f} fps < {floor:.2f}")
-    if step.classified == 0 or step.e2e_p99_ms > budget_ms:
+    if step.classified == 0:  # its p99 of 0.0 ms would read as a measurement
+        reasons.append("no frame classified")
+    elif step.e2e_p99_ms > budget_ms:
         reasons.append(f"e2e p99 {step.e2e_p99_ms:.1f} ms > {budget_ms:.0f} ms")
     if step.skipped_stale:
         reasons.append(f"{step.skipped_stale} frames skipped as stale")

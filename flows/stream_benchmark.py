@@ -25,6 +25,7 @@ from flows.stream_capacity import capacity_sweep
 from flows.stream_failures import (
     BrokerLostDuringRunError,
     FramesUndeliveredError,
+    GroupStalledError,
     NothingAnsweredError,
     ResultsUndeliveredError,
     SourceLostError,
@@ -43,7 +44,7 @@ from services.inference.client import (
     wait_until_serving,
 )
 from tasks.stream.consumer_summary import nothing_answered
-from tasks.stream.prefect_tasks import DRAIN_S, run_producer_and_group
+from tasks.stream.prefect_tasks import DRAIN_S, group_deadline_s, run_producer_and_group
 from tasks.stream.settings import source_list
 from tasks.stream.topics import BrokerUnreachableError, check_broker
 
@@ -88,17 +89,10 @@ def markdown_report(
         "not delivered by producer": produced["failed"], "lag at end": lag,
     }  # fmt: skip
     outcome_rows = "\n".join(f"| {name} | {count} |" for name, count in outcomes.items())
-    lost = broker_lost(summary, produced)
-    warning = f"**BROKER LOST: {lost}**; the figures cover the run until then.\n\n" if lost else ""
-    if lost_source := produced.get("source_error"):
-        warning += f"**SOURCE LOST: {lost_source}**; the figures cover the run until then.\n\n"
-    if undelivered := summary.get("delivery_error"):
-        warning += (
-            f"**A CONSUMER STOPPED: {undelivered}**; the frames after it stay uncommitted.\n\n"
-        )
+    warnings = _warnings(summary, produced)
     return f"""# Stream benchmark
 
-{warning}**Throughput: {summary["fps"]:.1f} frames/s** over {summary["duration_s"]:.1f} s
+{warnings}**Throughput: {summary["fps"]:.1f} frames/s** over {summary["duration_s"]:.1f} s
 ({summary["results_published"]} results and {summary["skipped_stale"]} skipped as stale from
 {summary["frames_consumed"]} frames consumed; {produced["frames_read"]} produced at
 {produced["fps"]:.1f} fps).
@@ -210,6 +204,15 @@ def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:
         summary["fps"], latency, summary["results_published"], summary["dlq"], summary["errors"],
     )  # fmt: skip
     outcome = {"summary": summary, "producer": produced, "settings": shown}
+    _raise_if_failed(outcome, settings)
+    return outcome
+
+
+def _raise_if_failed(outcome: dict[str, Any], settings: StreamBenchmarkSettings) -> None:
+    """The run's failure, if it had one, carrying its figures: a run that measured less than
+    it says (a lost broker or source, no frame classified, a service that stopped answering)
+    must not end Completed with figures that read as a healthy run's."""
+    summary, produced = outcome["summary"], outcome["producer"]
     if lost := broker_lost(summary, produced):
         raise BrokerLostDuringRunError(
             f"the broker was lost during the run ({lost}); the report covers the run until then",
@@ -235,7 +238,23 @@ def _benchmark(settings: StreamBenchmarkSettings) -> dict[str, Any]:
             "The consumer's warnings in this run's log say why the calls failed",
             outcome,
         )
-    return outcome
+    if summary["frames_consumed"] and not summary["results_published"]:
+        raise NothingAnsweredError(
+            f"none of the {summary['frames_consumed']} frames consumed was classified: "
+            f"{summary['dlq']} went to the dead-letter topic {settings.kafka.dlq_topic} (their "
+            f"headers say why), {summary['skipped_stale']} were skipped as older than "
+            "--max-frame-age-ms; the run measured no classification",
+            outcome,
+        )
+    if summary["stalled"]:
+        answered = summary["results_published"] + summary["skipped_stale"] + summary["dlq"]
+        raise GroupStalledError(
+            f"the group answered {answered} of the {produced['delivered']} frames the producer "
+            f"delivered, then nothing for {DRAIN_S:g} s: is the inference service at "
+            f"{settings.client.target} still up? {summary['unanswered']} consumed frame(s) were "
+            "left unanswered (uncommitted); the report covers the run until then",
+            outcome,
+        )
 
 
 def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -245,7 +264,7 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
     consumer_settings = flow_consumer_settings(
         group=settings.group or f"stream-benchmark-{uuid.uuid4().hex[:8]}",
         concurrency=settings.concurrency,
-        duration=settings.duration + DRAIN_S,
+        duration=group_deadline_s(settings.duration),
         idle_timeout=5.0,
         max_frame_age_ms=settings.max_frame_age_ms,
         # A new group starts at the topic's first frame: an earlier run's frames were counted
@@ -270,6 +289,24 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
         read_on_until_idle=bool(settings.group),
     )  # fmt: skip
     return produced.as_dict(), summary.as_dict(), consumer_settings.group
+
+
+def _warnings(summary: dict[str, Any], produced: dict[str, Any]) -> str:
+    """The report's opening warnings: why its figures cover less than the run."""
+    lost = broker_lost(summary, produced)
+    warning = f"**BROKER LOST: {lost}**; the figures cover the run until then.\n\n" if lost else ""
+    if lost_source := produced.get("source_error"):
+        warning += f"**SOURCE LOST: {lost_source}**; the figures cover the run until then.\n\n"
+    if undelivered := summary.get("delivery_error"):
+        warning += (
+            f"**A CONSUMER STOPPED: {undelivered}**; the frames after it stay uncommitted.\n\n"
+        )
+    if summary.get("stalled"):
+        warning += (
+            "**THE SERVICE STOPPED ANSWERING** before the group had answered every frame: "
+            "the figures cover the run until then.\n\n"
+        )
+    return warning
 
 
 def publish_artifacts(

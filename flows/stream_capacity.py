@@ -37,6 +37,7 @@ from flows.capacity_rules import (
 from flows.stream_failures import (
     BrokerLostDuringRunError,
     FramesUndeliveredError,
+    GroupStalledError,
     NothingAnsweredError,
     ResultsUndeliveredError,
     StepRunFailedError,
@@ -48,7 +49,12 @@ from flows.stream_settings import (
     flow_producer_settings,
     refuse_live_for_capacity,
 )
-from tasks.stream.prefect_tasks import DRAIN_S, RUN_STOP, run_producer_and_group
+from tasks.stream.prefect_tasks import (
+    DRAIN_S,
+    RUN_STOP,
+    group_deadline_s,
+    run_producer_and_group,
+)
 from tasks.stream.producer import open_source, target_fps
 from tasks.stream.results import read_records
 from tasks.stream.settings import KafkaSettings, source_list
@@ -88,7 +94,7 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
     consumer_settings = flow_consumer_settings(
         group=f"capacity-{kafka.frames_topic}",
         concurrency=sweep.concurrency,
-        duration=sweep.step_seconds + DRAIN_S,
+        duration=group_deadline_s(sweep.step_seconds),
         idle_timeout=IDLE_TIMEOUT_S,
         max_frame_age_ms=sweep.budget_ms,
     )
@@ -117,6 +123,12 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
                 f"the service at {sweep.client.target} classified none of the "
                 f"{summary.frames_consumed} frames of the step of {step[:-2]} ({summary.errors} "
                 "failed calls; the consumers' warnings in the run's log say why)"
+            )
+        if summary.stalled:  # its figures would cover the step until then only
+            raise StepStalledError(
+                f"the service at {sweep.client.target} stopped answering in the step of "
+                f"{step[:-2]}: {summary.outcomes} of the {produced.delivered} frames answered, "
+                f"then none for {DRAIN_S:g} s"
             )
         try:
             records = read_records(kafka, kafka.results_topic)
@@ -166,6 +178,12 @@ class StepNothingAnsweredError(StepEndedError):
     failure = NothingAnsweredError
 
 
+class StepStalledError(StepEndedError):
+    """The service stopped answering before the step's frames were all answered."""
+
+    failure = GroupStalledError
+
+
 class StepFailedError(StepEndedError):
     """Any other fault of a step (a source that no longer opens, a topic not made)."""
 
@@ -205,8 +223,9 @@ def sweep_rows(steps: list[StepFigures], budget_ms: float) -> list[dict[str, Any
                 "try": step.attempt,
                 "fps_min": round(step.fps_min, 2),
                 "fps_mean": round(step.fps_mean, 2),
-                "e2e_p50_ms": step.e2e_p50_ms,
-                "e2e_p99_ms": step.e2e_p99_ms,
+                # none classified: no figure (0.0 ms would read as a measurement)
+                "e2e_p50_ms": step.e2e_p50_ms if step.classified else None,
+                "e2e_p99_ms": step.e2e_p99_ms if step.classified else None,
                 "stale_skips": step.skipped_stale,
                 "no_result": step.without_outcome,
                 "lag_at_end": "unknown" if step.lag_at_end is None else step.lag_at_end,
@@ -268,9 +287,10 @@ def _run_step_or_end(
 
 
 def _step_line(figures: StepFigures) -> str:
+    p99 = f"e2e p99 {figures.e2e_p99_ms:.1f} ms" if figures.classified else "none classified"
     return (
-        f"slowest {figures.fps_min:.2f} fps, mean {figures.fps_mean:.2f} fps, e2e p99 "
-        f"{figures.e2e_p99_ms:.1f} ms, {figures.skipped_stale} stale, lag {figures.lag_at_end}"
+        f"slowest {figures.fps_min:.2f} fps, mean {figures.fps_mean:.2f} fps, {p99}, "
+        f"{figures.skipped_stale} stale, lag {figures.lag_at_end}"
     )
 
 

@@ -37,6 +37,11 @@ class NothingAnsweredError(StreamRunFailedError):
     """Frames went through the broker, but the service answered none of them."""
 
 
+class GroupStalledError(StreamRunFailedError):
+    """The service stopped answering before the group had answered every frame the producer
+    delivered: the figures cover the run until then, and would read as a healthy one."""
+
+
 class ResultsUndeliveredError(StreamRunFailedError):
     """A consumer could not publish an outcome, the broker up (the results topic refused it)."""
 

@@ -4,6 +4,7 @@ sweep under a real Prefect API with the real broker and service."""
 from __future__ import annotations
 
 import json
+import math
 import queue
 import re
 import signal
@@ -104,6 +105,21 @@ def test_a_step_holds_only_when_every_stream_keeps_up_within_budget_without_skip
     assert shortfalls(_step(stale=1), budget_ms=100) == ["1 frames skipped as stale"]
     assert len(shortfalls(_step(fps=(10.0, 28.0), p99=300, stale=5), budget_ms=100)) == 3
     assert not holds(_step(fps=()), budget_ms=100)  # no stream answered at all
+
+
+def test_a_step_with_no_frame_classified_shows_no_latency_not_0_ms() -> None:
+    """Every frame of a step skipped as stale: its verdict said "e2e p99 0.0 ms > 100 ms", and
+    its table row, log line and chart point 0.0 ms, read as a measurement."""
+    from flows.capacity_chart import capacity_chart
+    from flows.stream_capacity import _step_line, sweep_rows
+
+    none = replace(_step(stale=30, p99=0.0), classified=0, e2e_p50_ms=0.0)
+    assert shortfalls(none, budget_ms=100) == ["no frame classified", "30 frames skipped as stale"]
+    [row] = sweep_rows([none], budget_ms=100)
+    assert row["e2e_p99_ms"] is None and row["e2e_p50_ms"] is None
+    assert "0.0 ms" not in row["why_not"] and "none classified" in _step_line(none)
+    p99_line = capacity_chart([none, _step(streams=3)], 100.0, "title").axes[1].lines[0]
+    assert math.isnan(p99_line.get_ydata()[0]) and p99_line.get_ydata()[1] == 40.0  # a gap
 
 
 def test_the_search_doubles_then_bisects_and_capacity_is_below_the_first_failure() -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -44,7 +44,7 @@ from flows.stream_settings import StreamBenchmarkSettings
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.settings import ClientSettings
 from tasks.stream.consumer import FrameConsumer
-from tasks.stream.consumer_summary import ConsumerSummary, merge_summaries
+from tasks.stream.consumer_summary import ConsumerSummary, format_summary, merge_summaries
 from tasks.stream.frame_codec import (
     HEADER_DLQ_ATTEMPTS,
     HEADER_DLQ_REASON,
@@ -55,6 +55,7 @@ from tasks.stream.frame_codec import (
     frame_key,
 )
 from tasks.stream.inference_caller import EMPTY_ANSWER, FRAME_TOO_LARGE, counts_against_frame
+from tasks.stream.input_end import InputEnd
 from tasks.stream.kafka_io import Membership, close_within, consumer_config, leave_group
 from tasks.stream.results import read_records
 from tasks.stream.settings import ConsumerSettings, KafkaSettings
@@ -290,6 +291,33 @@ def test_frames_only_handed_over_are_no_answer_and_the_report_counts_them() -> N
     assert "handed over 10" in format_summary(summary.as_dict())
     answered = ConsumerSummary(frames_consumed=10, handed_over=9, dlq=1)
     assert not nothing_answered(answered.as_dict())
+
+
+def test_a_run_that_classified_nothing_or_stalled_fails_with_its_figures() -> None:
+    """A run whose every frame went to the dead-letter topic (frames over the service's pixel
+    or size limit, a broken model) counted as answered and ended Completed at 0.0 frames/s;
+    one whose service stopped answering mid-run ended Completed with figures over the frames
+    before, a healthy-looking fps. Both now fail, carrying the figures, and the report says
+    the second's cover the run until the service stopped."""
+    from flows.stream_benchmark import _raise_if_failed, markdown_report
+    from flows.stream_failures import GroupStalledError, NothingAnsweredError
+
+    settings = StreamBenchmarkSettings()
+    produced = {"delivered": 30, "failed": 0, "frames_read": 30, "fps": 28.0}
+    dead = ConsumerSummary(frames_consumed=30, dlq=30, errors=90).as_dict()
+    with pytest.raises(NothingAnsweredError, match="none of the 30 frames consumed was classified"
+                       ) as failed:  # fmt: skip
+        _raise_if_failed({"summary": dead, "producer": produced}, settings)
+    assert "30 went to the dead-letter topic" in str(failed.value)
+    assert failed.value.outcome["summary"]["dlq"] == 30
+    stalled = ConsumerSummary(frames_consumed=20, results_published=12, stalled=True)
+    report = {"summary": stalled.as_dict(), "producer": produced}
+    with pytest.raises(GroupStalledError, match="answered 12 of the 30 frames the producer"):
+        _raise_if_failed(report, settings)
+    shown = markdown_report(stalled.as_dict(), {**produced, "broker_error": None}, {})
+    assert "THE SERVICE STOPPED ANSWERING" in shown
+    healthy = ConsumerSummary(frames_consumed=30, results_published=29, dlq=1).as_dict()
+    _raise_if_failed({"summary": healthy, "producer": produced}, settings)  # no failure
 
 
 @pytest.mark.faults
@@ -1133,3 +1161,168 @@ def test_a_broker_back_before_the_producers_last_frames_are_delivered_is_no_lost
     outlet.flush()
     assert (stats.delivered, stats.failed) == (10, 0), stats
     assert not watch.down and stats.broker_error is None, stats.broker_error
+
+
+def _one_stream_end(kafka: KafkaSettings, frames: int) -> dict[int, int]:
+    """Where one stream's `frames` end on fresh topics, as its producer would say: the end of
+    the one partition that has them (a partition without frames has no end to read to)."""
+    return {
+        partition: frames
+        for partition, high in enumerate(
+            partition_ends(kafka.bootstrap_servers, kafka.frames_topic, 2)
+        )
+        if high > 0
+    }
+
+
+def _members_of(
+    kafka: KafkaSettings, target: str, input_end: InputEnd, count: int, **settings
+) -> tuple[list[FrameConsumer], list[float]]:
+    """`count` members of one group run to their end on threads: the members, and when each
+    stopped (monotonic), in member order."""
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    members = [
+        FrameConsumer(kafka, ConsumerSettings(group=group, **settings), target,
+                      input_end=input_end)
+        for _ in range(count)
+    ]  # fmt: skip
+    ended = [math.nan] * count
+
+    def run(index: int) -> None:
+        members[index].run()
+        ended[index] = time.monotonic()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join(timeout=90)
+    finally:  # a failure leaves no member running into the next tests
+        for member in members:
+            member.stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    return members, ended
+
+
+@pytest.mark.faults
+def test_a_benchmark_group_drains_its_backlog_past_its_deadline_and_no_member_idles_out(
+    kafka, scripted_service, video_frames: list[bytes]
+) -> None:
+    """The stream benchmark's members stopped at a fixed deadline (10 s after the producer's
+    length, from their own start): a backlog the service needed longer for was cut off, the run
+    Completed with the latest (longest-waiting) frames unread and left out of its latencies.
+    And a member with no frames left the group as idle once the producer ended, revoking its
+    busy peer's partitions mid-drain. Now, once the producer has ended where it says, the group
+    reads to its ends for as long as it gives outcomes: here past a 6-s deadline (which leaves
+    time to join) and a 0.3-s idle timeout, one camera (one partition, ~8 s of work) answered
+    by one member, its idle peer waiting."""
+    target, service = scripted_service(lambda _request, _attempt: None, delay_s=0.2)
+    keys = _publish_frames(kafka, "cam-d", 40, video_frames[0])
+    input_end = InputEnd(stall_s=5.0)
+    input_end.set(_one_stream_end(kafka, len(keys)))
+    members, ended = _members_of(
+        kafka, target, input_end, 2, duration=6.0, idle_timeout=0.3, concurrency=1
+    )
+    summary = merge_summaries([member.summary for member in members])
+    assert summary.results_published == len(keys) and not summary.stalled, summary
+    assert sorted(service.calls) == sorted(keys)  # each once, however the partition moved
+    last_answer = max(member.publisher.last_result_at or 0 for member in members)
+    assert min(ended) >= last_answer, (ended, last_answer)  # nobody left before the drain's end
+
+
+@pytest.mark.faults
+def test_a_benchmark_group_whose_service_stops_answering_ends_as_stalled(
+    kafka, scripted_service, video_frames: list[bytes]
+) -> None:
+    """A service that hung (or died) mid-run left the group waiting to its deadline, and the
+    run Completed with figures over the frames answered before: a healthy-looking fps. Now the
+    group stops once no outcome came for the input's `stall_s`, says it stalled (the flow fails
+    on it), and the frames left stay uncommitted for the group to redo."""
+    hung = threading.Event()
+
+    def answer_ten_then_hang(request: inference_pb2.ClassifyRequest, _attempt: int) -> None:
+        if int(request.request_id.rsplit(":", 1)[1]) >= 10:
+            hung.wait(30)  # set as the test ends: no server thread outlives it
+
+    target, _ = scripted_service(answer_ten_then_hang)
+    keys = _publish_frames(kafka, "cam-h", 20, video_frames[0])
+    input_end = InputEnd(stall_s=2.0)
+    input_end.set(_one_stream_end(kafka, len(keys)))
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    started = time.monotonic()
+    try:
+        member = FrameConsumer(
+            kafka, ConsumerSettings(group=group, duration=120.0, concurrency=2, rpc_timeout_s=1.0,
+                                    max_attempts=100, retry_max_backoff_s=0.2),
+            target, input_end=input_end,
+        )  # fmt: skip
+        summary = member.run()
+    finally:
+        hung.set()
+    assert summary.stalled and summary.results_published == 10, summary
+    assert summary.unanswered > 0 and "STALLED" in format_summary(summary.as_dict())
+    assert time.monotonic() - started < 40  # not the 120-s deadline
+    assert committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) == 10
+    assert len(keys) == 20
+
+
+def test_a_new_benchmark_group_starts_at_its_run_s_frames_not_the_topic_s_first(
+    kafka, scripted_service, video_frames: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A benchmark's new group on a shared topic began at the topic's first message and passed
+    over every earlier run's frames one by one: on a topic that keeps a week of them, minutes
+    of reading before its own, all in its first frames' latencies. It now starts each
+    partition it never read at the first frame produced since the run began."""
+    from tasks.stream.publisher import Publisher
+
+    target, service = scripted_service(lambda _request, _attempt: None)
+    # An earlier run's frames, then this run's: both keys hash to one partition (Tansu answers
+    # 0 for a partition with nothing since, which is then read from its start, as before).
+    _publish_frames(kafka, "cam-old", 50, video_frames[0])
+    time.sleep(0.5)  # the broker's timestamps are in ms: this run's begin later
+    since_ms = int(time.time() * 1000)
+    time.sleep(0.05)
+    keys = _publish_frames(kafka, "cam-new", 12, video_frames[0])
+    passed_over: list[int] = []
+    original = Publisher.passed_over
+
+    def count(publisher: Publisher, message: Message) -> None:
+        passed_over.append(message.offset())
+        original(publisher, message)
+
+    monkeypatch.setattr(Publisher, "passed_over", count)
+    summary = _consumer(kafka, target, max_frames=12, produced_since_ms=since_ms).run()
+    assert summary.results_published == 12 and sorted(service.calls) == sorted(keys)
+    assert passed_over == [], f"{len(passed_over)} older frames read and passed over"
+
+
+def test_a_call_that_outlasts_a_rebalance_is_not_answered_when_its_partition_comes_back(
+    kafka, scripted_service, video_frames: list[bytes]
+) -> None:
+    """A call still in flight after a revoke's wait (a service with a deep queue) whose
+    partition came back to the same member read as this member's again: its answer was
+    published, and the member, reading the partition again from its commit point, classified
+    the frame a second time. The answer is now left (counted handed over), the frame answered
+    once, from the read after the rebalance. (The rebalance is the member's own callbacks,
+    called as librdkafka calls them; the service and its slow call are real.)"""
+    target, service = scripted_service(lambda _request, _attempt: None, delay_s=3.0)
+    member = _consumer(kafka, target, rpc_timeout_s=10.0)
+    partition = TopicPartition(kafka.frames_topic, 0)
+    message = Message(topic=kafka.frames_topic, partition=0, offset=7)
+    try:
+        member.assignment.on_assign(member._consumer, [partition])
+        member.caller.submit(message, Frame("cam-r", 7, time.time_ns(), time.time_ns(),
+                                            video_frames[0]))  # fmt: skip
+        member.assignment.on_revoke(member._consumer, [partition])  # waits 2 s of the 3
+        member.assignment.on_assign(member._consumer, [partition])  # and it comes back
+        deadline = time.monotonic() + 15
+        while member.caller.in_flight and time.monotonic() < deadline:
+            member.caller.drain(timeout_s=0.1)
+        member.publisher.poll()
+    finally:
+        member.caller.close()
+        member._consumer.close()
+    assert sum(service.calls.values()) == 1 and member.caller.in_flight == 0
+    assert member.summary.handed_over == 1 and member.summary.results_published == 0

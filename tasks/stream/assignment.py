@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from tasks.stream.kafka_io import Membership
 from tasks.stream.offsets import PartitionKey
@@ -21,9 +21,17 @@ FULL_POLL_EVERY_S = 0.5
 class Assignment:
     """What the group gave this member: its partitions, since when, and which it paused."""
 
-    def __init__(self, membership: Membership, publisher: Publisher) -> None:
+    def __init__(
+        self, membership: Membership, publisher: Publisher, start_from_ms: int | None = None
+    ) -> None:
         self.membership, self.publisher = membership, publisher
+        self.start_from_ms = start_from_ms  # where a partition the group never read starts
         self.owned: set[PartitionKey] = set()
+        # Revokes so far, and the last one of each partition: a frame taken before its
+        # partition was last revoked is no longer this member's to answer, even where the
+        # partition came back to it (its frames are read again from the commit point).
+        self.epoch = 0
+        self._lost_at: dict[PartitionKey, int] = {}
         self.assigned_at: float | None = None  # idle time counts only once partitions are ours
         self._paused: list[TopicPartition] = []
         self._polled_at = 0.0  # when poll_paused last polled
@@ -33,6 +41,8 @@ class Assignment:
 
     def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned_at = time.monotonic()
+        if self.start_from_ms is not None:
+            start_at_time(consumer, partitions, self.start_from_ms)
         self.owned |= {(p.topic, p.partition) for p in partitions}
         self.membership.assigned()
         log.info("assigned partitions %s", [p.partition for p in partitions])
@@ -41,6 +51,8 @@ class Assignment:
         """Commit what is delivered for the partitions lost; their frames go to the next owner."""
         self.membership.revoked()  # first: a commit that fails below must not hide the revoke
         lost = {(p.topic, p.partition) for p in partitions}
+        self.epoch += 1
+        self._lost_at.update(dict.fromkeys(lost, self.epoch))
         try:
             self.before_revoke()
         finally:  # a broker lost as it published: what follows is still done
@@ -53,8 +65,10 @@ class Assignment:
         self._paused = [p for p in self._paused if (p.topic, p.partition) not in lost]
         log.info("revoked partitions %s", [p.partition for p in partitions])
 
-    def owns(self, message: Message) -> bool:
-        return (message.topic(), message.partition()) in self.owned
+    def owns(self, message: Message, taken_at_epoch: int) -> bool:
+        """Whether a frame taken at `taken_at_epoch` is still this member's to answer."""
+        key = (message.topic(), message.partition())
+        return key in self.owned and self._lost_at.get(key, 0) <= taken_at_epoch
 
     def poll_paused(self, consumer: Consumer) -> Message | None:
         """For a member at its in-flight limit: pause its partitions and still poll, every
@@ -75,3 +89,39 @@ class Assignment:
         if self._paused:
             consumer.resume(self._paused)
             self._paused = []
+
+
+def start_at_time(consumer: Consumer, partitions: list[TopicPartition], since_ms: int) -> None:
+    """Start the partitions the group has no committed offset for at their first message
+    produced at `since_ms` (epoch ms) or later, in an assignment callback.
+
+    A benchmark's new group on a shared topic began at its first message and passed over
+    every earlier run's frames one by one (consumer._before): on a topic that keeps a week of
+    them, minutes of reading, all in its first frames' latencies. A partition with no message
+    since starts at its end as it is now (a fixed offset: frames produced from here on come
+    after it). Where the broker cannot say, the partition starts where the group would (the
+    older frames are still passed over). Tansu, the local broker, answers 0 for a time after
+    its last message: such a partition is read from its start, as before.
+    """
+    try:
+        committed = consumer.committed(partitions, timeout=5)
+        unread = [TopicPartition(p.topic, p.partition, since_ms) for p in committed if p.offset < 0]
+        if not unread:
+            return
+        found = consumer.offsets_for_times(unread, timeout=5)
+        starts = {}
+        for tp in found:
+            offset = tp.offset
+            if tp.error is None and offset < 0:  # nothing produced since
+                offset = consumer.get_watermark_offsets(tp, timeout=5)[1]
+            if tp.error is None and offset >= 0:
+                starts[(tp.topic, tp.partition)] = offset
+    except KafkaException as exc:
+        log.info("the broker could not say where frames since the run's start begin (%s): "
+                 "earlier runs' frames are passed over as read", exc)  # fmt: skip
+        return
+    if not starts:
+        return
+    for partition in partitions:
+        partition.offset = starts.get((partition.topic, partition.partition), partition.offset)
+    consumer.assign(partitions)  # the offsets set above (the callback's own list is not read)

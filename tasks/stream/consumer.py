@@ -90,10 +90,10 @@ class FrameConsumer:
         self._consumer = Consumer(_consumer_config(kafka, settings, self.broker))
         self.publisher = Publisher(kafka, self._consumer, self.broker, self.summary, self.metrics)
         self.offsets = self.publisher.offsets
-        self.assignment = Assignment(self.membership, self.publisher)  # the rebalance callbacks'
-        self.caller = InferenceCaller(
-            target, tls_ca, settings, self.publisher, self.assignment.owns
+        self.assignment = Assignment(  # the rebalance callbacks'
+            self.membership, self.publisher, start_from_ms=settings.produced_since_ms
         )
+        self.caller = InferenceCaller(target, tls_ca, settings, self.publisher, self.assignment)
         self.assignment.before_revoke = lambda: _hand_over(self)
         self.in_flight_limit = settings.concurrency  # lowered under a budget (see caller)
         self._limit_pending = settings.max_frame_age_ms is not None  # until the service answers
@@ -138,6 +138,7 @@ class FrameConsumer:
 
     def _loop(self) -> None:
         last_commit = last_progress = self._started
+        outcomes = 0
         while not self._should_stop():
             self.broker.check()
             if self._limit_pending and self.caller.service_answered:
@@ -147,6 +148,8 @@ class FrameConsumer:
             self.caller.drain(timeout_s=0.002 if self.caller.busy else 0)
             self.caller.resend_due(stopping=self.stop.is_set)
             self.publisher.poll()
+            if outcomes != (outcomes := self.summary.outcomes):
+                self.input_end.outcome_given()  # the group is not stalled
             now = time.monotonic()
             if now - last_commit >= COMMIT_EVERY_S:
                 self.publisher.commit(wait=False)
@@ -219,18 +222,20 @@ class FrameConsumer:
 
     def _should_stop(self) -> bool:
         now = time.monotonic()
-        if self.stop.is_set() or now - self._started >= self.settings.duration:
+        if self.stop.is_set():
             return True
         if self.summary.delivery_error is not None:  # nothing more of it could be committed
             return True
         limit = self.settings.max_frames
         if limit is not None and self.summary.frames_consumed >= limit:
             return True
+        if self.input_end.draining():  # a benchmark's producer has ended: no deadline now
+            return _drained(self)
+        if now - self._started >= self.settings.duration:
+            return True
         if self.caller.busy or self.broker.down:
             self._last_busy_at = now  # frames may wait that it could not take meanwhile
             return False
-        if self.input_end.read_by(self._consumer, self.assignment.owned):
-            return True  # every frame of a benchmark's ended producer is answered: no idle wait
         idle = self.settings.idle_timeout
         assigned_at = self.assignment.assigned_at
         if idle is None or assigned_at is None or not self.input_end.is_set():
@@ -277,6 +282,25 @@ def _finish_in_flight(member: FrameConsumer) -> None:
                     caller.busy)  # fmt: skip
 
 
+def _drained(member: FrameConsumer) -> bool:
+    """Every frame of a benchmark's ended producer is answered (read by the group and nothing
+    in flight), or the group stalled: no outcome for the input's `stall_s` (a service gone or
+    hung), the frames left counted unanswered. A broker away is waited for as long as its grace
+    (then BrokerLostError ends the run)."""
+    if member.broker.down:
+        return False
+    busy, owned = member.caller.busy, member.assignment.owned
+    if not busy and member.input_end.read_by(member._consumer, owned):
+        return True
+    joined = member.assignment.assigned_at
+    if joined is None:  # still joining: no outcome could come from it yet
+        return time.monotonic() - member._started >= member.settings.duration
+    if member.input_end.stalled(since=joined):
+        member.summary.stalled = True
+        return True
+    return False
+
+
 def _hand_over(member: FrameConsumer) -> None:
     """As its partitions go (a rebalance), while they are still its own: the member waits up to
     REVOKE_WAIT_S for its calls in flight and publishes their answers, which the revoke then
@@ -297,13 +321,15 @@ def _log_progress(member: FrameConsumer, elapsed_s: float) -> None:
     lag = member.publisher.lag(cached=True) if not member.broker.down else "unknown (broker down)"
     # Unknown, not the last figure from before the broker went: that one read as current.
     member.metrics.lag.set(lag if isinstance(lag, int) else float("nan"))
+    # No frame classified yet: no figure, not 0.0 ms, which would read as a measurement.
+    latency = f"e2e p50 {e2e['p50']:.1f} ms p99 {e2e['p99']:.1f} ms" if e2e["count"] else "no e2e"
     log.info(
         "progress: %d consumed, %d results, %d stale, %d dlq, %d errors, %.1f fps, "
-        "e2e p50 %.1f ms p99 %.1f ms (last 500), lag %s",
+        "%s (last 500), lag %s",
         summary.frames_consumed, summary.results_published, summary.skipped_stale,
         summary.dlq, summary.errors,
         summary.results_published / elapsed_s if elapsed_s > 0 else 0.0,
-        e2e["p50"], e2e["p99"], lag,
+        latency, lag,
     )  # fmt: skip
 
 

@@ -28,6 +28,9 @@ class ConsumerSummary:
     lag: int | None = 0  # None: unknown (the broker was gone at the end)
     broker_error: str | None = None
     delivery_error: str | None = None  # an outcome that could not be published, the broker up
+    # Stopped as the group gave no outcome for a while after the benchmark's producer ended,
+    # frames still unanswered (InputEnd.stalled): a service gone or hung.
+    stalled: bool = False
     inference_ms: LatencySeries = field(default_factory=LatencySeries)
     rpc_ms: LatencySeries = field(default_factory=LatencySeries)
     e2e_ms: LatencySeries = field(default_factory=LatencySeries)
@@ -37,17 +40,20 @@ class ConsumerSummary:
         return self.results_published / self.duration_s if self.duration_s > 0 else 0.0
 
     @property
+    def outcomes(self) -> int:
+        """Frames given an outcome: a result, a stale record or a dead letter."""
+        return self.results_published + self.skipped_stale + self.dlq
+
+    @property
     def unanswered(self) -> int:
         """Frames consumed whose result (or dead-letter copy) was never delivered, and not left
         to the partition's next owner by a rebalance."""
-        outcomes = self.results_published + self.skipped_stale + self.dlq + self.handed_over
-        return max(0, self.frames_consumed - outcomes)
+        return max(0, self.frames_consumed - self.outcomes - self.handed_over)
 
     @property
     def skipped_fraction(self) -> float:
         """Of the frames with an outcome, the part skipped as stale."""
-        outcomes = self.results_published + self.skipped_stale + self.dlq
-        return self.skipped_stale / outcomes if outcomes else 0.0
+        return self.skipped_stale / self.outcomes if self.outcomes else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +71,7 @@ class ConsumerSummary:
             "unanswered": self.unanswered,
             "broker_error": self.broker_error,
             "delivery_error": self.delivery_error,
+            "stalled": self.stalled,
             "inference_ms": self.inference_ms.summary(),
             "rpc_ms": self.rpc_ms.summary(),
             "e2e_ms": self.e2e_ms.summary(),
@@ -84,6 +91,7 @@ def merge_summaries(summaries: list[ConsumerSummary]) -> ConsumerSummary:
             merged.lag = None if summary.lag is None else merged.lag + summary.lag
         merged.broker_error = merged.broker_error or summary.broker_error
         merged.delivery_error = merged.delivery_error or summary.delivery_error
+        merged.stalled = merged.stalled or summary.stalled
         merged.inference_ms.merge(summary.inference_ms)
         merged.rpc_ms.merge(summary.rpc_ms)
         merged.e2e_ms.merge(summary.e2e_ms)
@@ -102,6 +110,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['fps']:.1f} fps, lag {lag}",
         *([f"BROKER LOST: {summary['broker_error']}"] if summary.get("broker_error") else []),
         *([f"STOPPED: {summary['delivery_error']}"] if summary.get("delivery_error") else []),
+        *(
+            ["STALLED: no outcome for a while after the input ended"]
+            if summary.get("stalled")
+            else []
+        ),
         f"{'ms':>10} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'mean':>8}",
     ]
     for name in ("inference_ms", "rpc_ms", "e2e_ms"):

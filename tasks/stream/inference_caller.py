@@ -24,6 +24,7 @@ from confluent_kafka import Message
 from common.backoff import jittered_backoff_s
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import open_channel
+from tasks.stream.assignment import Assignment
 from tasks.stream.consumer_metrics import ConsumerMetrics
 from tasks.stream.consumer_summary import ConsumerSummary
 from tasks.stream.frame_codec import (
@@ -89,6 +90,7 @@ class Call:
     sent_at: float = 0.0
     retry_at: float = 0.0
     outage: bool = False  # its last failure was the service's (down, misconfigured), not its own
+    epoch: int = 0  # the member's assignment epoch when it was taken (Assignment.owns)
 
 
 class InferenceCaller:
@@ -96,7 +98,8 @@ class InferenceCaller:
 
     Completions arrive on gRPC's threads and are queued; they are handled on the loop's thread
     (`drain`), which is the only one touching Kafka clients. `owns` says whether this member
-    still owns a message's partition: a frame revoked meanwhile is left to its new owner."""
+    still owns a frame's partition: a frame revoked meanwhile is left to its new owner (this
+    member too, where the partition came back: it reads the frame again)."""
 
     def __init__(
         self,
@@ -104,9 +107,9 @@ class InferenceCaller:
         tls_ca: Path | None,
         settings: ConsumerSettings,
         publisher: Publisher,
-        owns: Callable[[Message], bool],
+        assignment: Assignment,
     ) -> None:
-        self.settings, self.publisher, self._owns = settings, publisher, owns
+        self.settings, self.publisher, self._assignment = settings, publisher, assignment
         self.target = target
         self._misconfigured_seen: set[grpc.StatusCode] = set()  # said once each in the log
         self._retry_logged_at = -RETRY_LOG_EVERY_S  # when a failed call was last logged
@@ -172,7 +175,7 @@ class InferenceCaller:
 
     def submit(self, message: Message, frame: Frame) -> None:
         """Call the service for a frame, unless it is already past the latency budget."""
-        call = Call(message, frame)
+        call = Call(message, frame, epoch=self._assignment.epoch)
         if not self._skipped_as_stale(call):
             self._send(call)
 
@@ -282,7 +285,7 @@ class InferenceCaller:
 
     def _handed_over(self, call: Call) -> bool:
         """Whether the frame's partition was revoked: its next owner redoes it, counted so."""
-        if self._owns(call.message):
+        if self._assignment.owns(call.message, call.epoch):
             return False
         self.summary.handed_over += 1
         return True

@@ -10,6 +10,7 @@ so a group that stopped there left the run's last frames unread.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Mapping
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -25,11 +26,13 @@ class InputEnd:
     are merged rather than each member judging its own share.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stall_s: float = 10.0) -> None:
+        self.stall_s = stall_s  # no outcome in the group this long after the end: stalled
         self._ended = threading.Event()
         self._lock = threading.Lock()
         self._ends: dict[int, int] | None = None
         self._read: dict[int, int] = {}
+        self._ended_at = self._last_outcome_at = 0.0  # monotonic
 
     @classmethod
     def unknown(cls) -> InputEnd:
@@ -45,10 +48,32 @@ class InputEnd:
         then end only as before, when idle."""
         with self._lock:
             self._ends = dict(partition_ends) if partition_ends is not None else None
+            self._ended_at = time.monotonic()
         self._ended.set()
 
     def is_set(self) -> bool:
         return self._ended.is_set()
+
+    def draining(self) -> bool:
+        """The producer has ended where it says: the members read to its ends, however long
+        that takes while the group gives outcomes (a backlog the service works through), and
+        neither a fixed deadline nor an idle timeout cuts them short (one member leaving as
+        idle revoked its busy peers' partitions mid-drain)."""
+        return self.is_set() and self._ends is not None
+
+    def outcome_given(self) -> None:
+        """A member gave a frame an outcome (a result, a stale record, a dead letter)."""
+        self._last_outcome_at = time.monotonic()
+
+    def stalled(self, since: float = 0.0) -> bool:
+        """Draining, and no member gave an outcome for `stall_s` since the producer ended, the
+        last outcome or `since` (monotonic: a member's join), frames left (the caller's to
+        know): a service gone or hung, which the group would otherwise wait on for ever. The
+        run then ends with those frames unanswered."""
+        if not self.draining():
+            return False
+        quiet_since = max(self._ended_at, self._last_outcome_at, since)
+        return time.monotonic() - quiet_since >= self.stall_s
 
     def read_to(self, positions: Mapping[int, int]) -> bool:
         """Report a member's next offsets to read (partition -> offset; it has nothing in

@@ -20,8 +20,19 @@ from tasks.stream.producer import ProduceStats, produce_frames
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 from tasks.stream.topics import BrokerUnreachableError, ensure_topics
 
-# Consumers get this long beyond the producer's duration to finish the frames in flight.
+# Once the producer has ended, its consumer group reads to its ends however long that takes
+# while it gives outcomes; an outcome-less stretch this long means a service gone or hung.
 DRAIN_S = 10.0
+# The producer waits this long at most for the group to join before its frames.
+JOIN_WAIT_S = 60.0
+
+
+def group_deadline_s(producer_s: float) -> float:
+    """A member's deadline from its start, for the producer's end to come by: the join wait,
+    the producer's `producer_s` and a drain (from then on, InputEnd decides)."""
+    return JOIN_WAIT_S + producer_s + DRAIN_S
+
+
 # Set to end this process's stream runs early (Ctrl-C of `vidflow stream-benchmark`): the
 # producer stops at once, the consumers finish the frames already sent, and the run reports
 # what it did. A flow parameter cannot carry an event; the CLI runs the flow in this process.
@@ -94,7 +105,7 @@ def run_producer(
     (the run fails with its error; frames for nobody would only fill the topic), or Ctrl-C."""
     ends = [RUN_STOP] if consumer_failed is None else [RUN_STOP, consumer_failed]
     # frames sent before the group has joined would only queue up
-    _wait_until(lambda: all(ready.is_set() for ready in consumers_ready), ends, 60.0)
+    _wait_until(lambda: all(ready.is_set() for ready in consumers_ready), ends, JOIN_WAIT_S)
     stop = threading.Event()
 
     def stop_when_due() -> None:
@@ -133,7 +144,7 @@ def run_producer_and_group(
     did, and the group's merged summary."""
     topics = create_topics(kafka)
     joined = [threading.Event() for _ in range(members)]
-    input_end, failed, halt = InputEnd(), threading.Event(), threading.Event()
+    input_end, failed, halt = InputEnd(stall_s=DRAIN_S), threading.Event(), threading.Event()
     member = (kafka, group, client.target)
     consumer_runs = [
         run_consumer.with_options(task_run_name=f"{label}consumer {i + 1}/{members}").submit(
