@@ -47,7 +47,16 @@ def bind_address(value: str) -> str:
     return value[1:-1] if value.startswith("[") and value.endswith("]") else value
 
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vidflow"
+# The longest wait a timeout may ask for: a day is far past any use, and under what the waits
+# accept (subprocess's wait for ffmpeg overflowed past ~25 days; inf raised OverflowError in it,
+# in aiohttp and in threading's waits, and gRPC read a deadline of inf as long past).
+MAX_WAIT_S = 86_400.0
+# XDG_CACHE_HOME only where it is an absolute path, as the XDG spec says: an empty or relative
+# one put the cache in whatever folder a command ran from (the package's own, in a deployment).
+_XDG_CACHE = os.environ.get("XDG_CACHE_HOME", "")
+DEFAULT_CACHE_DIR = (
+    Path(_XDG_CACHE) if os.path.isabs(_XDG_CACHE) else Path.home() / ".cache"
+) / "vidflow"
 
 
 class LogSettings(BaseSettings):

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from common.settings import SAMPLE_VIDEO, flag_name
+from common.settings import MAX_WAIT_S, SAMPLE_VIDEO, flag_name
 from flows.capacity_rules import DEFAULT_BUDGET_MS, WARMUP_S
 from services.inference.settings import ClientSettings
 from tasks.stream.live_source import is_live
@@ -93,7 +93,8 @@ class StreamBenchmarkSettings(BaseModel):
         description="video file, webcam:N, rtsp:// or env:NAME (a camera URL with its password "
         "kept in the variable NAME where the run happens, out of Prefect's parameters)",
     )
-    duration: float = Field(30.0, gt=0, description="seconds of producing")
+    # The waits below are at most a day: inf (or 1e10) overflowed the threads' waits.
+    duration: float = Field(30.0, gt=0, le=MAX_WAIT_S, description="seconds of producing")
     fps: str = Field("native", description="a number, native or max")
     loop: bool = Field(True, description="start the file again at its end")
     max_frames: int | None = Field(None, ge=1, description="stop producing after this many frames")
@@ -124,6 +125,7 @@ class StreamBenchmarkSettings(BaseModel):
     step_seconds: float = Field(
         10.0,
         ge=MIN_STEP_S,
+        le=MAX_WAIT_S,
         description=f"capacity: s per step (at least {MIN_STEP_S:g}: its first {WARMUP_S:g} s "
         "are warm-up, not judged)",
     )
@@ -148,12 +150,14 @@ class StreamBenchmarkSettings(BaseModel):
     load_wait_s: float = Field(
         600.0,
         gt=0,
+        le=MAX_WAIT_S,
         description="capacity: how long the sweep waits for a service still loading its model "
         "to serve before its first step",
     )
     service_wait_s: float = Field(
         15.0,
         gt=0,
+        le=MAX_WAIT_S,
         description="how long the run waits at its start for the inference service to answer "
         "(one still loading its model counts as there); it fails then, before producing",
     )

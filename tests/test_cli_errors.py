@@ -199,7 +199,7 @@ def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -
 
 
 def test_stream_commands_refuse_topics_that_loop_or_that_kafka_would_not_take(
-    capsys, monkeypatch: pytest.MonkeyPatch
+    capsys, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Found in review: `consume --topic frames.dlq` (dead letters worked off once the service
     is mended) wrote each frame that failed again back to the topic it read, for ever; a name
@@ -216,9 +216,15 @@ def test_stream_commands_refuse_topics_that_loop_or_that_kafka_would_not_take(
         assert "is no Kafka topic name" in err and err.count("\n") == 1, err
     err = _refused([*produce, "--sasl-username", "me"], capsys)
     assert "--sasl-username given, but --security-protocol PLAINTEXT" in err, err
+    # A CA file that is not there failed in librdkafka as the first client was made: a
+    # traceback (found in review, stop 56).
+    err = _refused([*consume, "--security-protocol", "SSL", "--ssl-ca-location",
+                    str(tmp_path / "missing.pem")], capsys)  # fmt: skip
+    assert "--ssl-ca-location" in err and "missing.pem" in err and err.count("\n") == 1, err
+    (ca := tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     monkeypatch.setenv("VIDFLOW_KAFKA_SASL_PASSWORD", "secret")
     err = _refused([*consume, "--security-protocol", "SASL_PLAINTEXT", "--sasl-username", "me",
-                    "--ssl-ca-location", "ca.pem"], capsys)  # fmt: skip
+                    "--ssl-ca-location", str(ca)], capsys)  # fmt: skip
     assert "--ssl-ca-location given, but --security-protocol SASL_PLAINTEXT" in err, err
 
 

@@ -350,3 +350,45 @@ def test_loopback_is_added_to_both_proxy_exceptions_keeping_the_user_s(monkeypat
     for host in ("prefect-server", "hub.corp.example", "127.0.0.1", "localhost"):
         assert urllib.request.proxy_bypass_environment(host), host
     assert not urllib.request.proxy_bypass_environment("huggingface.co")
+
+
+@pytest.mark.parametrize("value", ["inf", "1e10"])
+@pytest.mark.parametrize(
+    "argv",
+    [["consume", "--rpc-timeout-s"], ["stream-benchmark", "--duration"],
+     ["stream-benchmark", "--capacity", "--step-seconds"],
+     ["stream-benchmark", "--service-wait-s"]],
+    ids=lambda argv: " ".join(argv),
+)  # fmt: skip
+def test_a_stream_wait_python_or_grpc_cannot_wait_for_is_refused_with_the_flag_named(
+    argv: list[str], value: str
+) -> None:
+    """`consume --rpc-timeout-s inf` was taken: gRPC read the deadline as long past, every call
+    failed at once and each frame went to the dead-letter topic after its tries.
+    `stream-benchmark --duration inf` overflowed a thread's wait: its group never read as
+    joined, and the producer waited a minute before its first frame."""
+    from tasks.stream.settings import ConsumerSettings
+    from vidflow.cli import stream_benchmark_settings
+
+    args = build_parser().parse_args([*argv, value])
+    with pytest.raises(ValueError, match=f"{argv[-1]} '{value}'"):
+        if argv[0] == "consume":
+            settings_from_args(ConsumerSettings, args)
+        else:
+            stream_benchmark_settings(args)
+
+
+@pytest.mark.parametrize("xdg", ["", "relative/cache"])
+def test_an_empty_or_relative_xdg_cache_home_is_not_taken(xdg: str, tmp_path: Path) -> None:
+    """`XDG_CACHE_HOME=` (set, empty) put the model cache in ./vidflow of whatever folder a
+    command ran from (the package's own folder, in a deployment); the XDG spec says a
+    relative value is to be ignored."""
+    import subprocess
+    import sys
+
+    shown = subprocess.run(
+        [sys.executable, "-c", "from common.settings import DEFAULT_CACHE_DIR as d; print(d)"],
+        env={**os.environ, "XDG_CACHE_HOME": xdg, "HOME": str(tmp_path)},
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert shown == str(tmp_path / ".cache" / "vidflow")

@@ -457,22 +457,25 @@ def test_consumer_metrics_count_what_it_did(kafka, onnx_server) -> None:
     assert bounds == [*map(str, LATENCY_BUCKETS_S), "30.0", "60.0", "+Inf"], bounds
 
 
-def test_consumer_metrics_listen_on_loopback_only_by_default(kafka) -> None:
-    metrics_port = free_port()
-    consume = subprocess.Popen(
-        [
-            sys.executable, "-m", "vidflow.cli", "consume", "--bootstrap-servers",
-            kafka.bootstrap_servers, "--topic", kafka.frames_topic, "--results-topic",
-            kafka.results_topic, "--dlq-topic", kafka.dlq_topic, "--duration", "60",
-            "--target", f"127.0.0.1:{free_port()}", "--metrics-port", str(metrics_port),
-        ],
-        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+def test_consumer_metrics_listen_on_loopback_only_by_default(kafka, tmp_path: Path) -> None:
+    """`--metrics-port 0` (a free port) was taken, and the port bound said nowhere."""
+    log = tmp_path / "consume.log"
+    with open(log, "wb") as stderr:
+        consume = subprocess.Popen(
+            [
+                sys.executable, "-m", "vidflow.cli", "consume", "--bootstrap-servers",
+                kafka.bootstrap_servers, "--topic", kafka.frames_topic, "--results-topic",
+                kafka.results_topic, "--dlq-topic", kafka.dlq_topic, "--duration", "60",
+                "--target", f"127.0.0.1:{free_port()}", "--metrics-port", "0",
+            ],
+            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
-        while not listening_addresses(metrics_port):
-            assert time.monotonic() < deadline and consume.poll() is None
+        while not (said := re.search(r"serving /metrics on 127\.0\.0\.1:(\d+)", log.read_text())):
+            assert time.monotonic() < deadline and consume.poll() is None, log.read_text()
             time.sleep(0.1)
+        metrics_port = int(said.group(1))
         assert listening_addresses(metrics_port) == ["127.0.0.1"]  # not 0.0.0.0 or ::
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
             assert b"vidflow_consumer_frames_consumed_total" in r.read()

@@ -465,3 +465,19 @@ def test_a_run_logs_the_streams_info_lines_where_nothing_set_a_level(monkeypatch
             assert not logger.isEnabledFor(logging.INFO)
     finally:
         root.setLevel(root_level)
+
+
+def test_a_run_whose_broker_settings_fail_shows_no_password_in_its_log(
+    prefect_api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker with VIDFLOW_KAFKA_SASL_PASSWORD set and no SASL protocol (or a run breaking
+    any broker check): pydantic put the whole input of the failed check, the password read
+    from the environment with it, in its error, and Prefect logged it on every run."""
+    from prefect.exceptions import ParameterTypeError
+
+    monkeypatch.setenv("VIDFLOW_KAFKA_SASL_PASSWORD", "pa55-word")
+    with pytest.raises(ParameterTypeError) as refused:
+        stream_benchmark(settings={"kafka": {"bootstrap_servers": "127.0.0.1:9"}})
+    said = caplog.text + str(refused.value)
+    assert "VIDFLOW_KAFKA_SASL_PASSWORD given" in said  # the check did fail, and said why
+    assert "pa55-word" not in said and "**********" in said

@@ -211,9 +211,13 @@ def _consume(args: argparse.Namespace) -> int:
 
         host, metrics_port = settings.metrics_host, settings.metrics_port
         try:
-            start_http_server(metrics_port, addr=host, registry=consumer.metrics.registry)
+            server, _ = start_http_server(
+                metrics_port, addr=host, registry=consumer.metrics.registry
+            )
         except OSError as exc:  # the port taken: one line, not a traceback
             raise ValueError(f"cannot serve /metrics on {host}:{metrics_port}: {exc}") from exc
+        # The port bound, said: with --metrics-port 0 nothing else tells which one it is.
+        log.info("serving /metrics on %s:%d", host, server.server_address[1])
     summary = consumer.run().as_dict()
     if settings.summary_json is not None:  # first: a closed terminal fails the print (EIO)
         settings.summary_json.write_text(json.dumps(summary, indent=2) + "\n")

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.settings import DEFAULT_CACHE_DIR, Port, bind_address
+from common.settings import DEFAULT_CACHE_DIR, MAX_WAIT_S, Port, bind_address
 
 
 class ServiceToken(BaseSettings):
@@ -46,9 +46,6 @@ class ServiceToken(BaseSettings):
                 "`openssl rand -hex 32`)"
             )
         return value
-
-
-MAX_WAIT_S = 86_400.0  # a day: far past any use, and under what Python's waits accept
 
 
 class ModelSource(BaseSettings):

@@ -9,16 +9,12 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.settings import DEFAULT_CACHE_DIR
+from common.settings import DEFAULT_CACHE_DIR, MAX_WAIT_S
 
 FRAMES_CHOICES = "first, middle, uniform:N or all"
 # In the flow's parameter schema too: Prefect refuses a run with another value when it is
 # created (from the UI or `prefect deployment run`), not on the worker once the run starts.
 FRAMES_PATTERN = r"^(first|middle|all|uniform:[1-9][0-9]*)$"
-# The longest wait a timeout may ask for: a day is far past any use, and under what the waits
-# accept (subprocess's wait for ffmpeg overflowed past ~25 days; inf raised OverflowError in it
-# and in aiohttp, failing every transcode or download as "crashed").
-MAX_WAIT_S = 86_400.0
 
 
 def check_frames_spec(spec: str) -> str:

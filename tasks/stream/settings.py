@@ -7,10 +7,18 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.settings import Port, bind_address
+from common.settings import MAX_WAIT_S, Port, bind_address
 from common.urls import shown_url
 
 # How long a lost live source is opened again by default, once its frames stop (0: lost at once)
@@ -93,9 +101,27 @@ class KafkaSettings(BaseSettings):
     sasl_password: SecretStr | None = Field(
         None, description="SASL password (VIDFLOW_KAFKA_SASL_PASSWORD only)"
     )
-    ssl_ca_location: Path | None = Field(
+    # A file that is there: one missing failed in librdkafka as the first client was made, a
+    # traceback (`~` is expanded: a variable's value gets no shell's).
+    ssl_ca_location: FilePath | None = Field(
         None, description="CA certificate (PEM) that signed the broker's (default: the system's)"
     )
+
+    @field_validator("ssl_ca_location", mode="before")
+    @classmethod
+    def _home_expanded(cls, value: object) -> object:
+        if isinstance(value, str | Path):
+            return Path(value).expanduser() if str(value) else None
+        return value
+
+    def __init__(self, **values: Any) -> None:
+        """As pydantic-settings builds it, with the password hidden in a failed check's error:
+        pydantic puts a model check's whole input there (the password read from the
+        environment with it), and Prefect logs that input when a run's parameters fail."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise _password_hidden(exc) from None
 
     @model_validator(mode="after")
     def _sasl_needs_a_user(self) -> KafkaSettings:
@@ -327,6 +353,24 @@ def check_fps(value: str) -> str:
     return value
 
 
+HIDDEN = "**********"
+
+
+def _password_hidden(error: ValidationError) -> ValidationError:
+    """`error` with the SASL password in no input it shows."""
+    details: list[Any] = []
+    for item in error.errors():
+        shown = item["input"]
+        if item["loc"][-1:] == ("sasl_password",):
+            shown = HIDDEN
+        elif isinstance(shown, dict) and shown.get("sasl_password") is not None:
+            shown = {**shown, "sasl_password": HIDDEN}
+        # Made again with its words as they were (pydantic-core knows only its own types).
+        kind = PydanticCustomError(item["type"], item["msg"])
+        details.append({"type": kind, "loc": item["loc"], "input": shown})
+    return ValidationError.from_exception_data(error.title, details)
+
+
 class ProducerSettings(BaseSettings):
     """`vidflow produce`: frames from a video file, a webcam or an RTSP stream."""
 
@@ -394,7 +438,11 @@ class ConsumerSettings(BaseSettings):
     metrics_host: str = Field(
         "127.0.0.1", description="address /metrics binds to (0.0.0.0: every interface)"
     )
-    rpc_timeout_s: float = Field(10.0, gt=0, description="deadline of one inference call")
+    # Finite: gRPC read a deadline of inf (or past ~7e9 s) as long past, every call failed at
+    # once and each frame went to the dead-letter topic.
+    rpc_timeout_s: float = Field(
+        10.0, gt=0, le=MAX_WAIT_S, description="deadline of one inference call"
+    )
     # At least the first retry's backoff: at 0 a down service was called in a tight loop.
     retry_max_backoff_s: float = Field(
         5.0, ge=0.1, le=3600, description="longest wait between retries"
