@@ -186,7 +186,9 @@ def test_a_loopback_only_cluster_is_reached_at_127_0_0_1(
     )  # fmt: skip
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "this run sent no token" in refused.stderr, refused.stderr[-2000:]
-    assert "temporary server" not in refused.stderr
+    # no temporary Prefect server was started, so no flow run could be left behind
+    assert "temporary Prefect server" not in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "prefect-home" / "prefect.db").exists()
     # With the token, the same command runs there, its temporary server started after the
     # join and reached by the cluster's workers.
     env |= {name: os.environ[name] for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -215,6 +216,11 @@ def test_dockerfile_runtime_stage_has_no_torch(extra: str) -> None:
                 assert not re.search(r"\btorch(vision)?\b", command), command
     for args in runtime.args_of("COPY"):
         assert "/opt/venv" not in args, f"runtime must not copy the builder's venv: {args}"
+    # It installs the project's core dependencies (pyproject.toml as /tmp/deps): torch added
+    # there reached the image whatever its RUN lines say.
+    core = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    heavy = [d for d in core if re.match(r"(torch|torchvision|transformers)\b", d)]
+    assert heavy == [], f"core dependencies the runtime installs: {heavy}"
 
 
 STACK_SERVICES = {"broker", "inference", "prefect-server", "deploy", "worker"}

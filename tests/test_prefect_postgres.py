@@ -188,7 +188,16 @@ def test_both_deployments_on_postgres_behind_auth_survive_a_server_restart(
         assert match is not None, started
         stream_run = match.group(1)
         api.wait_for(stream_run, {"RUNNING"} | FINAL_STATES, timeout_s=180)
-        time.sleep(5)  # into the run: tasks started, figures being recorded
+        # Into the run: its tasks running, figures being recorded (a fixed wait could land in
+        # its start's checks on a busy machine, before any task state was written).
+        running_tasks = {
+            "flow_runs": {"id": {"any_": [stream_run]}},
+            "task_runs": {"state": {"type": {"any_": ["RUNNING"]}}},
+        }
+        deadline = time.monotonic() + 120
+        while not (stream_tasks := api.call("/task_runs/filter", running_tasks)):
+            assert time.monotonic() < deadline, "no task of the stream run started"
+            time.sleep(0.5)
         assert api.state(stream_run) == "RUNNING", "the restart must fall inside the run"
         before = stack.processes["prefect-server"]
         stack.restart_server()
@@ -205,6 +214,8 @@ def test_both_deployments_on_postgres_behind_auth_survive_a_server_restart(
             "/artifacts/filter", {"flow_runs": {"id": {"any_": [stream_run]}}}
         )
         assert any(artifact["key"] == "stream-benchmark-report" for artifact in stream_artifacts)
+        after = api.call("/task_runs/filter", {"flow_runs": {"id": {"any_": [stream_run]}}})
+        assert {task["id"] for task in stream_tasks} <= {task["id"] for task in after}
         # All of it in PostgreSQL: a connection URL the server did not read left it on SQLite
         # under PREFECT_HOME, and every check above held there too.
         assert not (tmp_path / "prefect" / "prefect.db").exists()

@@ -242,6 +242,8 @@ def test_a_short_sweep_records_table_chart_and_verdict(
     assert outcome["verdict"] == verdict_line(outcome["capacity"], 340, 256, 28.0, most_tried=2)
     steps = {step["streams"]: step for step in outcome["steps"]}  # each count's last try
     assert set(steps) <= {1, 2} and 1 in steps
+    # the capacity is the one its counts' deciding (last) tries give, not a number of its own
+    assert outcome["capacity"] == capacity({n: step["holds"] for n, step in steps.items()})
     # each step ran its own cameras on its own topics, read back in full
     for streams, step in steps.items():
         assert sorted(step["stream_fps"]) == sorted(
