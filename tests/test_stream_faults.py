@@ -1304,17 +1304,25 @@ def test_a_call_that_outlasts_a_rebalance_is_not_answered_when_its_partition_com
     """A call still in flight after a revoke's wait (a service with a deep queue) whose
     partition came back to the same member read as this member's again: its answer was
     published, and the member, reading the partition again from its commit point, classified
-    the frame a second time. The answer is now left (counted handed over), the frame answered
-    once, from the read after the rebalance. (The rebalance is the member's own callbacks,
-    called as librdkafka calls them; the service and its slow call are real.)"""
-    target, service = scripted_service(lambda _request, _attempt: None, delay_s=3.0)
+    the frame a second time. That answer is now left (counted handed over), the frame answered
+    once, from the read after the rebalance; a call that ends within the wait is still
+    published. (The rebalance is the member's own callbacks, called as librdkafka calls them;
+    the service and its calls, one of 1 s and one of 3 s, are real.)"""
+    slow = frame_key("cam-r", 8)
+    target, service = scripted_service(
+        lambda request, _attempt: time.sleep(2.0) if request.request_id == slow else None,
+        delay_s=1.0,
+    )
     member = _consumer(kafka, target, rpc_timeout_s=10.0)
     partition = TopicPartition(kafka.frames_topic, 0)
-    message = Message(topic=kafka.frames_topic, partition=0, offset=7)
     try:
         member.assignment.on_assign(member._consumer, [partition])
-        member.caller.submit(message, Frame("cam-r", 7, time.time_ns(), time.time_ns(),
-                                            video_frames[0]))  # fmt: skip
+        for offset in (7, 8):
+            member.publisher.started(Message(topic=kafka.frames_topic, partition=0, offset=offset))
+            member.caller.submit(
+                Message(topic=kafka.frames_topic, partition=0, offset=offset),
+                Frame("cam-r", offset, time.time_ns(), time.time_ns(), video_frames[0]),
+            )
         member.assignment.on_revoke(member._consumer, [partition])  # waits 2 s of the 3
         member.assignment.on_assign(member._consumer, [partition])  # and it comes back
         deadline = time.monotonic() + 15
@@ -1324,5 +1332,8 @@ def test_a_call_that_outlasts_a_rebalance_is_not_answered_when_its_partition_com
     finally:
         member.caller.close()
         member._consumer.close()
-    assert sum(service.calls.values()) == 1 and member.caller.in_flight == 0
-    assert member.summary.handed_over == 1 and member.summary.results_published == 0
+    assert sorted(service.calls) == sorted([frame_key("cam-r", 7), slow])
+    assert member.caller.in_flight == 0 and member.summary.handed_over == 1
+    assert member.summary.results_published == 1  # the one within the wait
+    [published] = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=1)
+    assert result_keys([published]) == [frame_key("cam-r", 7)]

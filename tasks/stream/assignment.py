@@ -51,13 +51,13 @@ class Assignment:
         """Commit what is delivered for the partitions lost; their frames go to the next owner."""
         self.membership.revoked()  # first: a commit that fails below must not hide the revoke
         lost = {(p.topic, p.partition) for p in partitions}
-        self.epoch += 1
-        self._lost_at.update(dict.fromkeys(lost, self.epoch))
         try:
-            self.before_revoke()
+            self.before_revoke()  # the calls that end meanwhile are still answered
         finally:  # a broker lost as it published: what follows is still done
             self.publisher.revoke(list(lost))
             self.owned -= lost
+            self.epoch += 1  # from here, an answer to a frame taken before is not ours
+            self._lost_at.update(dict.fromkeys(lost, self.epoch))
         # librdkafka keeps a partition paused across a rebalance (only `resume` clears it):
         # one handed back would never be fetched again.
         if going := [p for p in self._paused if (p.topic, p.partition) in lost]:
@@ -93,29 +93,34 @@ class Assignment:
 
 def start_at_time(consumer: Consumer, partitions: list[TopicPartition], since_ms: int) -> None:
     """Start the partitions the group has no committed offset for at their first message
-    produced at `since_ms` (epoch ms) or later, in an assignment callback.
+    produced at `since_ms` (epoch ms) or later, in an assignment callback, and commit there.
 
     A benchmark's new group on a shared topic began at its first message and passed over
     every earlier run's frames one by one (consumer._before): on a topic that keeps a week of
     them, minutes of reading, all in its first frames' latencies. A partition with no message
-    since starts at its end as it is now (a fixed offset: frames produced from here on come
-    after it). Where the broker cannot say, the partition starts where the group would (the
-    older frames are still passed over). Tansu, the local broker, answers 0 for a time after
-    its last message: such a partition is read from its start, as before.
+    since starts at its end as it was read before the lookup (a fixed offset: a frame produced
+    meanwhile comes after it). The starts are committed, so that a partition this run never
+    uses does not count the older frames as lag, and a later rebalance starts there too.
+    Where the broker cannot say, the partition starts where the group would (the older frames
+    still passed over). Tansu, the local broker, answers 0 for a time after its last message:
+    there, a partition with nothing since is read from its start, as before.
     """
     try:
         committed = consumer.committed(partitions, timeout=5)
         unread = [TopicPartition(p.topic, p.partition, since_ms) for p in committed if p.offset < 0]
         if not unread:
             return
-        found = consumer.offsets_for_times(unread, timeout=5)
+        ends = {(p.topic, p.partition): consumer.get_watermark_offsets(p, timeout=5)[1]
+                for p in unread}  # fmt: skip
         starts = {}
-        for tp in found:
-            offset = tp.offset
-            if tp.error is None and offset < 0:  # nothing produced since
-                offset = consumer.get_watermark_offsets(tp, timeout=5)[1]
-            if tp.error is None and offset >= 0:
-                starts[(tp.topic, tp.partition)] = offset
+        for found in consumer.offsets_for_times(unread, timeout=5):
+            key = (found.topic, found.partition)
+            offset = found.offset if found.offset >= 0 else ends[key]  # < 0: nothing since
+            if found.error is None and offset >= 0:
+                starts[key] = offset
+        if starts:
+            consumer.commit(offsets=[TopicPartition(*key, at) for key, at in starts.items()],
+                            asynchronous=False)  # fmt: skip
     except KafkaException as exc:
         log.info("the broker could not say where frames since the run's start begin (%s): "
                  "earlier runs' frames are passed over as read", exc)  # fmt: skip

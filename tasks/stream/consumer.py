@@ -99,6 +99,7 @@ class FrameConsumer:
         self._limit_pending = settings.max_frame_age_ms is not None  # until the service answers
         self._started = self._last_message_at = 0.0
         self._last_busy_at = 0.0  # idle time counts from the last message or call, not busy
+        self._broker_down_at = 0.0  # when the broker was last seen away (a drain's stall clock)
         self._first_message_at: float | None = None
 
     # ---- the loop -------------------------------------------------------------------------
@@ -110,10 +111,15 @@ class FrameConsumer:
             on_assign=self.assignment.on_assign,
             on_revoke=self.assignment.on_revoke,
         )
+        # A benchmark's member (its input's end still to come) runs until the frames are
+        # answered: its duration only bounds the wait for its producer's end.
+        until = "until its run's frames are answered" if not self.input_end.is_set() else (
+            f"for up to {self.settings.duration:.0f} s"
+        )  # fmt: skip
         log.info(
-            "consuming %s as group %r, calling %s with %d in flight for up to %.0f s",
+            "consuming %s as group %r, calling %s with %d in flight %s",
             self.kafka.frames_topic, self.settings.group, self.target, self.settings.concurrency,
-            self.settings.duration,
+            until,
         )  # fmt: skip
         if self.caller.connect(timeout_s=5, stop=self.stop):
             self._settle_in_flight_limit()
@@ -138,18 +144,18 @@ class FrameConsumer:
 
     def _loop(self) -> None:
         last_commit = last_progress = self._started
-        outcomes = 0
+        progress = 0
         while not self._should_stop():
             self.broker.check()
-            if self._limit_pending and self.caller.service_answered:
+            if self._limit_pending and self.caller.answered:
                 self._settle_in_flight_limit(final=True)  # it came up after this consumer
             self._admit_available()
             self._poll_while_full()
             self.caller.drain(timeout_s=0.002 if self.caller.busy else 0)
             self.caller.resend_due(stopping=self.stop.is_set)
             self.publisher.poll()
-            if outcomes != (outcomes := self.summary.outcomes):
-                self.input_end.outcome_given()  # the group is not stalled
+            if progress != (progress := self.summary.outcomes + self.caller.answered):
+                self.input_end.progressed()  # an answer or an outcome: the group is not stalled
             now = time.monotonic()
             if now - last_commit >= COMMIT_EVERY_S:
                 self.publisher.commit(wait=False)
@@ -283,19 +289,27 @@ def _finish_in_flight(member: FrameConsumer) -> None:
 
 
 def _drained(member: FrameConsumer) -> bool:
-    """Every frame of a benchmark's ended producer is answered (read by the group and nothing
-    in flight), or the group stalled: no outcome for the input's `stall_s` (a service gone or
-    hung), the frames left counted unanswered. A broker away is waited for as long as its grace
-    (then BrokerLostError ends the run)."""
+    """Every frame of a benchmark's ended producer is answered (the group's commit points at its
+    ends, whatever else it still works on: another producer on the topic kept a member busy for
+    ever), or the group stalled: no answer from the service and no outcome for the input's
+    `stall_s` (a service gone or hung), the frames left counted unanswered. A broker away is
+    waited for as long as its grace (then BrokerLostError ends the run), the stall counted from
+    its return."""
+    now = time.monotonic()
     if member.broker.down:
+        member._broker_down_at = now
         return False
-    busy, owned = member.caller.busy, member.assignment.owned
-    if not busy and member.input_end.read_by(member._consumer, owned):
+    answered_to = {
+        partition: point
+        for topic, partition in member.assignment.owned
+        if (point := member.offsets.commit_point(topic, partition)) is not None
+    }
+    if member.input_end.read_to(answered_to):
         return True
     joined = member.assignment.assigned_at
     if joined is None:  # still joining: no outcome could come from it yet
-        return time.monotonic() - member._started >= member.settings.duration
-    if member.input_end.stalled(since=joined):
+        return now - member._started >= member.settings.duration
+    if member.input_end.stalled(since=max(joined, member._broker_down_at)):
         member.summary.stalled = True
         return True
     return False

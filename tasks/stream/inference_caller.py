@@ -97,9 +97,8 @@ class InferenceCaller:
     """Keeps frames' calls in flight and hands each frame's outcome to the publisher.
 
     Completions arrive on gRPC's threads and are queued; they are handled on the loop's thread
-    (`drain`), which is the only one touching Kafka clients. `owns` says whether this member
-    still owns a frame's partition: a frame revoked meanwhile is left to its new owner (this
-    member too, where the partition came back: it reads the frame again)."""
+    (`drain`), which is the only one touching Kafka clients. A frame revoked meanwhile is left
+    to its partition's next owner (`Assignment.owns`), this member too if it came back."""
 
     def __init__(
         self,
@@ -109,8 +108,9 @@ class InferenceCaller:
         publisher: Publisher,
         assignment: Assignment,
     ) -> None:
-        self.settings, self.publisher, self._assignment = settings, publisher, assignment
-        self.target = target
+        self.settings, self.publisher, self._assignment, self.target = (
+            settings, publisher, assignment, target
+        )  # fmt: skip
         self._misconfigured_seen: set[grpc.StatusCode] = set()  # said once each in the log
         self._retry_logged_at = -RETRY_LOG_EVERY_S  # when a failed call was last logged
         self._retries_unlogged = 0  # failed calls since then
@@ -118,7 +118,7 @@ class InferenceCaller:
         self.metrics: ConsumerMetrics = publisher.metrics
         self.in_flight = 0
         self.max_in_flight = 0  # the most calls in flight at once so far
-        self.service_answered = False  # set by the first call the service answered
+        self.answered = 0  # calls the service answered (progress, even before any outcome)
         self.waiting_retry: deque[Call] = deque()
         self._completions: queue.Queue[tuple[Call, grpc.Future, float]] = queue.Queue()
         self._channel = open_channel(target, tls_ca)  # TLS when the service's CA is given
@@ -222,7 +222,7 @@ class InferenceCaller:
         except grpc.RpcError as exc:
             self._failed(call, exc)
             return
-        self.service_answered = True
+        self.answered += 1
         if self._handed_over(call):
             return
         if not response.predictions:  # OK with nothing in it: no label to publish, ever

@@ -11,28 +11,26 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Mapping
-
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from collections.abc import Mapping
 
 
 class InputEnd:
     """Set by the run once its producer has ended; read by every member of its group (threads
     of one process).
 
-    Members report how far they have read the partitions they own while nothing of theirs is in
-    flight; the run's input is done once each partition that got frames is read to its end by
-    some member. A partition's frames may move between members in a rebalance, so the reports
-    are merged rather than each member judging its own share.
+    Members report how far the partitions they own are answered (their commit points: every
+    frame before it has its outcome); the run's input is done once each partition that got
+    frames is answered to its end by some member. A partition's frames may move between members
+    in a rebalance, so the reports are merged rather than each member judging its own share.
     """
 
     def __init__(self, stall_s: float = 10.0) -> None:
-        self.stall_s = stall_s  # no outcome in the group this long after the end: stalled
+        self.stall_s = stall_s  # no progress in the group this long after the end: stalled
         self._ended = threading.Event()
         self._lock = threading.Lock()
         self._ends: dict[int, int] | None = None
-        self._read: dict[int, int] = {}
-        self._ended_at = self._last_outcome_at = 0.0  # monotonic
+        self._read: dict[int, int] = {}  # answered to, by partition
+        self._ended_at = self._last_progress_at = 0.0  # monotonic
 
     @classmethod
     def unknown(cls) -> InputEnd:
@@ -61,38 +59,28 @@ class InputEnd:
         idle revoked its busy peers' partitions mid-drain)."""
         return self.is_set() and self._ends is not None
 
-    def outcome_given(self) -> None:
-        """A member gave a frame an outcome (a result, a stale record, a dead letter)."""
-        self._last_outcome_at = time.monotonic()
+    def progressed(self) -> None:
+        """A member got an answer from the service or gave a frame an outcome (a result, a
+        stale record, a dead letter)."""
+        self._last_progress_at = time.monotonic()
 
     def stalled(self, since: float = 0.0) -> bool:
-        """Draining, and no member gave an outcome for `stall_s` since the producer ended, the
-        last outcome or `since` (monotonic: a member's join), frames left (the caller's to
-        know): a service gone or hung, which the group would otherwise wait on for ever. The
-        run then ends with those frames unanswered."""
+        """Draining, and no member made progress (`progressed`) for `stall_s` since the producer
+        ended, the last progress or `since` (monotonic: a member's join, a broker's return),
+        frames left (the caller's to know): a service gone or hung, which the group would
+        otherwise wait on for ever. The run then ends with those frames unanswered."""
         if not self.draining():
             return False
-        quiet_since = max(self._ended_at, self._last_outcome_at, since)
+        quiet_since = max(self._ended_at, self._last_progress_at, since)
         return time.monotonic() - quiet_since >= self.stall_s
 
     def read_to(self, positions: Mapping[int, int]) -> bool:
-        """Report a member's next offsets to read (partition -> offset; it has nothing in
-        flight); True once every partition with frames of this run is read to its end."""
+        """Report how far a member's partitions are answered (partition -> the offset every
+        frame before has its outcome); True once every partition with frames of this run is
+        answered to its end."""
         with self._lock:
             for partition, position in positions.items():
                 self._read[partition] = max(position, self._read.get(partition, -1))
             if self._ends is None:
                 return False
             return all(self._read.get(p, -1) >= end for p, end in self._ends.items())
-
-    def read_by(self, member: Consumer, owned: Iterable[tuple[str, int]]) -> bool:
-        """`read_to` with the next offsets of a member's `owned` partitions (topic, partition),
-        once the producer has ended where it says; False before, or where it could not say."""
-        if not self.is_set() or self._ends is None:
-            return False
-        partitions = [TopicPartition(topic, partition) for topic, partition in owned]
-        try:
-            positions = member.position(partitions) if partitions else []
-        except KafkaException:  # the client cannot say now: not read, as far as anyone knows
-            return False
-        return self.read_to({tp.partition: tp.offset for tp in positions})

@@ -169,4 +169,13 @@ def run_producer_and_group(
             run.wait(timeout=group.duration + 10.0)
         raise
     input_end.set(None if read_on_until_idle else produced.frames_end())
-    return produced, merge_summaries([run.result() for run in consumer_runs])
+    if RUN_STOP.is_set():  # a Ctrl-C: the frames sent are finished for DRAIN_S, not a backlog
+        cut_short = threading.Timer(DRAIN_S, halt.set)
+        cut_short.daemon = True  # no wait for it at exit
+        cut_short.start()
+    try:
+        summaries = [run.result() for run in consumer_runs]
+    except BaseException:  # a second Ctrl-C, SIGTERM while the group drains: it stops at once
+        halt.set()
+        raise
+    return produced, merge_summaries(summaries)
