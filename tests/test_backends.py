@@ -501,3 +501,31 @@ def test_an_onnx_cuda_provider_that_starts_then_fails_falls_back_to_the_cpu(
     assert fallen_back.backend.run(np.zeros((8, 3, 224, 224), np.float32)).shape == (8, 1000)
     with pytest.raises(DeviceUnavailableError, match="CUDA provider failed: CUDA"):
         load_served_model(InferenceSettings(**settings, strict_device=True))
+
+
+def test_a_model_that_returns_fewer_rows_than_its_batch_fails_the_batch_clearly(
+    resnet18_weights, photos: dict[str, bytes]
+) -> None:
+    """A backend of an unusual output shape that gave fewer rows than images: a bare
+    StopIteration out of the result list, and every caller answered INTERNAL "inference
+    failed: " with no reason (extra rows were dropped without a word)."""
+    import dataclasses
+
+    from services.inference.batch_work import run_batch
+
+    model = load_served_model(InferenceSettings(
+        model="resnet18", weights=resnet18_weights[0], backend="eager", device="cpu"
+    ))  # fmt: skip
+
+    class OneRowShort:
+        def __getattr__(self, name: str) -> object:
+            return getattr(model.backend, name)
+
+        def run(self, batch: np.ndarray) -> np.ndarray:
+            return model.backend.run(batch)[:-1]
+
+    short = dataclasses.replace(model, backend=OneRowShort())
+    images = list(photos.values())[:2]
+    assert len(run_batch(model, images, 50_000_000)) == 2
+    with pytest.raises(RuntimeError, match="the model returned 1 results for a batch of 2"):
+        run_batch(short, images, 50_000_000)

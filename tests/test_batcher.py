@@ -246,3 +246,55 @@ def test_a_request_handed_straight_to_a_worker_wakes_the_one_idle_last() -> None
         _until(lambda: len(batcher._idle) == 3)  # the worker is back among the idle ones
     batcher.close()
     assert len(ran_on) == 6 and len(set(ran_on)) == 1
+
+
+def test_each_caller_of_a_failed_batch_gets_an_error_of_its_own() -> None:
+    """One exception instance was set on every caller of a failed batch: each re-raise in its
+    own handler thread added that thread's frames to the one traceback, so the k-th caller's
+    logged traceback showed the k-1 others' frames (and kept their requests alive)."""
+
+    class ModelNotReady(RuntimeError):
+        pass
+
+    batcher = DynamicBatcher(lambda items: (_ for _ in ()).throw(ModelNotReady("gpu lost")),
+                             max_batch_size=4, max_delay_s=1.0)  # fmt: skip
+    batcher.start()
+    with batcher.admit() as second:
+        outcomes: list = []
+        first = threading.Thread(target=lambda: outcomes.append(_outcome(batcher, 1)))
+        first.start()
+        _until(lambda: len(batcher._pending) == 1)  # both in one batch
+        second_result = second.submit(2)
+    first.join()
+    outcomes.append(second_result.exception(timeout=30))
+    batcher.close()
+    assert all(isinstance(o, ModelNotReady) and str(o) == "gpu lost" for o in outcomes), outcomes
+    assert outcomes[0] is not outcomes[1]  # each its own, of the model's type, caused by it
+    assert outcomes[0].__cause__ is outcomes[1].__cause__
+
+
+def test_closing_does_not_wait_for_ever_on_a_model_call_that_never_returns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A model call that never returns (a wedged GPU) held the server's exit for good: closing
+    joined the worker threads without a limit, and a second stop signal did nothing more."""
+    stuck, release = threading.Event(), threading.Event()
+
+    def run_batch(items: list[int]) -> list[int]:
+        stuck.set()
+        release.wait(60)
+        return items
+
+    batcher = DynamicBatcher(run_batch, max_batch_size=1, max_delay_s=0.0)
+    batcher.start()
+    with batcher.admit() as admission:
+        waiting = admission.submit(1)
+    assert stuck.wait(10)
+    started = time.monotonic()
+    try:
+        batcher.close(timeout_s=0.5)
+        assert time.monotonic() - started < 5
+        assert "batch-0 still running after" in caplog.text
+    finally:
+        release.set()
+    assert waiting.result(timeout=10).value == 1  # the call itself, once it returns, answers

@@ -73,8 +73,11 @@ def run_batch(
     valid = [p.tensor for p in prepared if p.tensor is not None]
     started = time.perf_counter()
     batch = valid[0][np.newaxis] if len(valid) == 1 else np.stack(valid) if valid else None
-    probabilities = iter(model.backend.run(batch) if batch is not None else [])
+    rows = model.backend.run(batch) if batch is not None else []
     inference_s = time.perf_counter() - started
+    if len(rows) != len(valid):  # a model of an unusual output shape: its callers hear why
+        raise RuntimeError(f"the model returned {len(rows)} results for a batch of {len(valid)}")
+    probabilities = iter(rows)
     return [
         Outcome(
             next(probabilities) if p.tensor is not None else None,

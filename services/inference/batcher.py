@@ -26,6 +26,8 @@ batcher with `max_batch_size` 1 dispatches each request to the next free worker 
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import os
 import sys
 import threading
@@ -38,6 +40,9 @@ from typing import Generic, Literal, TypeVar
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
+log = logging.getLogger(__name__)
+# How long closing waits for the batches being run (the drain before it waited for their calls)
+CLOSE_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -105,13 +110,19 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         for thread in self._threads:
             thread.start()
 
-    def close(self) -> None:
-        """Let the batches being run finish, then fail whatever is still queued."""
+    def close(self, timeout_s: float = CLOSE_WAIT_S) -> None:
+        """Let the batches being run finish (for up to `timeout_s`: a model call that never
+        returns, a wedged GPU, held the server's exit for good), then fail whatever is still
+        queued."""
         with self._lock:
             self._closing = True
             self._wake_all()
+        deadline = time.monotonic() + timeout_s
         for thread in self._threads:
-            thread.join()
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if stuck := [thread.name for thread in self._threads if thread.is_alive()]:
+            log.error("model call(s) of %s still running after %.0f s: left behind as the "
+                      "server exits", ", ".join(stuck), timeout_s)  # fmt: skip
         with self._lock:
             leftovers, self._pending = list(self._pending), deque()
         _fail(leftovers, RuntimeError("server is shutting down"))
@@ -238,9 +249,17 @@ def _deliver(batch: list[_Pending[ItemT, ResultT]], outputs: list[ResultT], star
 
 
 def _fail(batch: list[_Pending[ItemT, ResultT]], exc: Exception) -> None:
+    """Each caller gets an error of its own, of `exc`'s type and caused by it: one instance
+    re-raised in many threads gathered every caller's frames in its traceback (and kept their
+    requests alive with them)."""
     for pending in batch:
         if not pending.future.done():
-            pending.future.set_exception(exc)
+            try:
+                own = copy.copy(exc)
+            except Exception:  # an error that cannot be copied: its words
+                own = RuntimeError(str(exc))
+            own.__cause__ = exc
+            pending.future.set_exception(own)
 
 
 @dataclass(frozen=True)

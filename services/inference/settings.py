@@ -138,7 +138,8 @@ class InferenceSettings(ModelSource, ServiceToken):
         ge=1,
         description="Classify and ClassifyStream calls held at once; more get RESOURCE_EXHAUSTED "
         "(a call holds up to --max-message-bytes, a stream up to 32 MiB of images or one larger "
-        "one: this bounds the memory). Health checks have room of their own",
+        "one, each about twice in memory as protobuf hands out a copy of the bytes: this "
+        "bounds the memory). Health checks have room of their own",
     )
     idle_call_timeout_s: float = Field(
         60.0,
