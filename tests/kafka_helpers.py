@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
@@ -88,3 +92,28 @@ def stream_benchmark_env() -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
     return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+
+
+def run_members(members: list[Any], meanwhile: Callable[[], None] = lambda: None) -> list[float]:
+    """Run consumer-group members (FrameConsumer) on threads of their own until they end,
+    `meanwhile` once they have started: when each ended (monotonic, in member order; nan for
+    one that did not). A failure leaves no member running into the next tests."""
+    ended = [math.nan] * len(members)
+
+    def run(index: int) -> None:
+        members[index].run()
+        ended[index] = time.monotonic()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(members))]
+    for thread in threads:
+        thread.start()
+    try:
+        meanwhile()
+        for thread in threads:
+            thread.join(timeout=90)
+    finally:
+        for member in members:
+            member.stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+    return ended

@@ -183,16 +183,21 @@ def test_a_caller_that_gives_up_while_queued_is_not_run() -> None:
     assert batches == [[1], [3]]
 
 
-def test_closing_fails_what_is_still_queued_after_the_running_batch_ends() -> None:
-    release = threading.Event()
-    started = threading.Event()
+def _held_batches(started: threading.Event, release: threading.Event, wait_s: float):
+    """A run_batch that says it started, then runs until `release` (or `wait_s`)."""
 
     def run_batch(items: list[int]) -> list[int]:
         started.set()
-        release.wait(10)
+        release.wait(wait_s)
         return items
 
-    batcher = DynamicBatcher(run_batch, max_batch_size=1, max_delay_s=0.0)
+    return run_batch
+
+
+def test_closing_fails_what_is_still_queued_after_the_running_batch_ends() -> None:
+    release = threading.Event()
+    started = threading.Event()
+    batcher = DynamicBatcher(_held_batches(started, release, 10), max_batch_size=1, max_delay_s=0.0)
     batcher.start()
     with batcher.admit() as admission:
         running = admission.submit(1)
@@ -279,13 +284,7 @@ def test_closing_does_not_wait_for_ever_on_a_model_call_that_never_returns(
     """A model call that never returns (a wedged GPU) held the server's exit for good: closing
     joined the worker threads without a limit, and a second stop signal did nothing more."""
     stuck, release = threading.Event(), threading.Event()
-
-    def run_batch(items: list[int]) -> list[int]:
-        stuck.set()
-        release.wait(60)
-        return items
-
-    batcher = DynamicBatcher(run_batch, max_batch_size=1, max_delay_s=0.0)
+    batcher = DynamicBatcher(_held_batches(stuck, release, 60), max_batch_size=1, max_delay_s=0.0)
     batcher.start()
     with batcher.admit() as admission:
         waiting = admission.submit(1)

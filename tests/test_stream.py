@@ -25,7 +25,6 @@ from common.net import free_port
 from common.stats import LATENCY_BUCKETS_S
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from tasks.stream.consumer import FrameConsumer
-from tasks.stream.consumer_summary import ConsumerSummary
 from tasks.stream.frame_codec import (
     HEADER_DLQ_REASON,
     HEADER_DLQ_VALUE_DROPPED,
@@ -52,6 +51,7 @@ from tests.kafka_helpers import (
     produced_keys,
     read_topic,
     result_keys,
+    run_members,
 )
 from tests.proc_helpers import children, listening_addresses
 
@@ -134,22 +134,15 @@ def test_a_benchmark_group_stops_once_it_has_read_every_frame_its_producer_deliv
     members = [
         FrameConsumer(kafka, settings, onnx_server.target, input_end=input_end) for _ in range(2)
     ]
-    summaries: list[ConsumerSummary] = []
-    threads = [threading.Thread(target=lambda m=m: summaries.append(m.run())) for m in members]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    try:
+
+    def producer_ends() -> None:
         assert not input_end.read_to({})  # the producer has not said where it ended: no stop
         input_end.set(stats.partition_ends)
-        for thread in threads:
-            thread.join(timeout=90)
-    finally:  # a failure leaves no member running into the next tests
-        for member in members:
-            member.stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
-    assert len(summaries) == 2 and time.monotonic() - started < 30  # not the 60-s idle wait
+
+    started = time.monotonic()
+    ended = run_members(members, meanwhile=producer_ends)
+    summaries = [member.summary for member in members]
+    assert all(end - started < 30 for end in ended), ended  # both ended, not the 60-s idle
     # Once each: a member's revoke as the other joined finished its calls in flight first.
     assert sum(summary.frames_consumed for summary in summaries) == 40
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=40)

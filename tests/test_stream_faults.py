@@ -60,7 +60,13 @@ from tasks.stream.kafka_io import Membership, close_within, consumer_config, lea
 from tasks.stream.results import read_records
 from tasks.stream.settings import ConsumerSettings, KafkaSettings
 from tests.conftest import VIDEOS, fresh_topics
-from tests.kafka_helpers import committed_total, partition_ends, read_topic, result_keys
+from tests.kafka_helpers import (
+    committed_total,
+    partition_ends,
+    read_topic,
+    result_keys,
+    run_members,
+)
 from tests.proc_helpers import children, is_running, listening_addresses
 
 CLIP = VIDEOS / "k400_arm_wrestling.mp4"
@@ -1178,32 +1184,14 @@ def _one_stream_end(kafka: KafkaSettings, frames: int) -> dict[int, int]:
 def _members_of(
     kafka: KafkaSettings, target: str, input_end: InputEnd, count: int, **settings
 ) -> tuple[list[FrameConsumer], list[float]]:
-    """`count` members of one group run to their end on threads: the members, and when each
-    stopped (monotonic), in member order."""
+    """`count` members of one group run to their end: the members, and when each stopped."""
     group = f"group-{uuid.uuid4().hex[:6]}"
     members = [
         FrameConsumer(kafka, ConsumerSettings(group=group, **settings), target,
                       input_end=input_end)
         for _ in range(count)
     ]  # fmt: skip
-    ended = [math.nan] * count
-
-    def run(index: int) -> None:
-        members[index].run()
-        ended[index] = time.monotonic()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    try:
-        for thread in threads:
-            thread.join(timeout=90)
-    finally:  # a failure leaves no member running into the next tests
-        for member in members:
-            member.stop.set()
-        for thread in threads:
-            thread.join(timeout=60)
-    return members, ended
+    return members, run_members(members)
 
 
 @pytest.mark.faults
