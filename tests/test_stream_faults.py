@@ -1325,3 +1325,55 @@ def test_a_call_that_outlasts_a_rebalance_is_not_answered_when_its_partition_com
     assert member.summary.results_published == 1  # the one within the wait
     [published] = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=1)
     assert result_keys([published]) == [frame_key("cam-r", 7)]
+
+
+def test_a_partition_answered_to_its_end_and_then_revoked_still_counts_as_answered(
+    kafka,
+) -> None:
+    """A benchmark's drain reads how far the group answered from the members' offsets
+    trackers, which forget a partition as it is revoked: one answered to its end and then lost
+    in a rebalance (as a broker came back, or a camera that ended early) was never reported,
+    and the run failed as stalled with every frame answered. (The rebalance is the member's
+    own callbacks, called as librdkafka calls them; the broker is real.)"""
+    from tasks.stream.consumer import _drained
+
+    member = _consumer(kafka, f"127.0.0.1:{free_port()}")
+    partition = TopicPartition(kafka.frames_topic, 0)
+    try:
+        member.assignment.on_assign(member._consumer, [partition])
+        for offset in range(5):  # each read and answered
+            member.publisher.passed_over(Message(topic=kafka.frames_topic, partition=0,
+                                                 offset=offset))  # fmt: skip
+        member.assignment.on_revoke(member._consumer, [partition])
+        member.input_end.set({0: 5})  # the producer's frames end there
+        assert _drained(member) and not member.summary.stalled
+    finally:
+        member.caller.close()
+        member._consumer.close()
+
+
+def test_a_ctrl_c_while_the_group_drains_gives_it_a_drain_s_then_stops_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Ctrl-C after the producer had ended did nothing while the group drained a backlog
+    (the stop was looked at once, as the producer ended): only a second one ended the run,
+    with no report. Now the stop is watched until the group is done."""
+    from tasks.stream import prefect_tasks
+
+    monkeypatch.setattr(prefect_tasks, "DRAIN_S", 0.3)
+    drained, halt = threading.Event(), threading.Event()
+    watch = threading.Thread(target=prefect_tasks._cut_short_on_stop, args=(drained, halt))
+    watch.start()
+    try:
+        time.sleep(0.3)
+        assert not halt.is_set()  # no stop: the drain goes on
+        prefect_tasks.RUN_STOP.set()  # the Ctrl-C, mid-drain
+        assert halt.wait(5)
+    finally:
+        prefect_tasks.RUN_STOP.clear()
+        drained.set()
+        watch.join(5)
+    done, untouched = threading.Event(), threading.Event()
+    done.set()  # a group that ended before any stop: the watch ends, halting nothing
+    prefect_tasks._cut_short_on_stop(done, untouched)
+    assert not untouched.is_set()

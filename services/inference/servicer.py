@@ -219,7 +219,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
             answers = AnswersInOrder(
                 requests,
                 functools.partial(self._start_stream_item, context=context),
-                size=lambda request: request.ByteSize(),  # .image would copy the bytes
+                size=lambda request: len(request.image),
                 idle_timeout_s=self.settings.idle_call_timeout_s,
             )
             context.add_callback(answers.close)  # the call ended: nothing more to answer

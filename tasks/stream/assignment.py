@@ -32,6 +32,11 @@ class Assignment:
         # partition came back to it (its frames are read again from the commit point).
         self.epoch = 0
         self._lost_at: dict[PartitionKey, int] = {}
+        # How far partitions were answered as this member saw it beyond its offsets tracker:
+        # the group's commits at an assignment, its own commit points as it lost them. A
+        # partition answered to its end and then revoked left no trace in the tracker, and a
+        # drain waiting for it to be reported never ended.
+        self.answered_to: dict[PartitionKey, int] = {}
         self.assigned_at: float | None = None  # idle time counts only once partitions are ours
         self._paused: list[TopicPartition] = []
         self._polled_at = 0.0  # when poll_paused last polled
@@ -42,7 +47,7 @@ class Assignment:
     def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned_at = time.monotonic()
         if self.start_from_ms is not None:
-            start_at_time(consumer, partitions, self.start_from_ms)
+            self.answered_to.update(start_at_time(consumer, partitions, self.start_from_ms))
         self.owned |= {(p.topic, p.partition) for p in partitions}
         self.membership.assigned()
         log.info("assigned partitions %s", [p.partition for p in partitions])
@@ -54,7 +59,7 @@ class Assignment:
         try:
             self.before_revoke()  # the calls that end meanwhile are still answered
         finally:  # a broker lost as it published: what follows is still done
-            self.publisher.revoke(list(lost))
+            self.answered_to.update(self.publisher.revoke(list(lost)))
             self.owned -= lost
             self.epoch += 1  # from here, an answer to a frame taken before is not ours
             self._lost_at.update(dict.fromkeys(lost, self.epoch))
@@ -91,9 +96,12 @@ class Assignment:
             self._paused = []
 
 
-def start_at_time(consumer: Consumer, partitions: list[TopicPartition], since_ms: int) -> None:
+def start_at_time(
+    consumer: Consumer, partitions: list[TopicPartition], since_ms: int
+) -> dict[PartitionKey, int]:
     """Start the partitions the group has no committed offset for at their first message
-    produced at `since_ms` (epoch ms) or later, in an assignment callback, and commit there.
+    produced at `since_ms` (epoch ms) or later, in an assignment callback, and commit there;
+    where each partition's commit stands now (none of this run's frames is before it).
 
     A benchmark's new group on a shared topic began at its first message and passed over
     every earlier run's frames one by one (consumer._before): on a topic that keeps a week of
@@ -101,32 +109,53 @@ def start_at_time(consumer: Consumer, partitions: list[TopicPartition], since_ms
     since starts at its end as it was read before the lookup (a fixed offset: a frame produced
     meanwhile comes after it). The starts are committed, so that a partition this run never
     uses does not count the older frames as lag, and a later rebalance starts there too.
-    Where the broker cannot say, the partition starts where the group would (the older frames
+    Where the broker cannot say, a partition starts where the group would (the older frames
     still passed over). Tansu, the local broker, answers 0 for a time after its last message:
     there, a partition with nothing since is read from its start, as before.
     """
     try:
         committed = consumer.committed(partitions, timeout=5)
-        unread = [TopicPartition(p.topic, p.partition, since_ms) for p in committed if p.offset < 0]
-        if not unread:
-            return
-        ends = {(p.topic, p.partition): consumer.get_watermark_offsets(p, timeout=5)[1]
-                for p in unread}  # fmt: skip
-        starts = {}
-        for found in consumer.offsets_for_times(unread, timeout=5):
-            key = (found.topic, found.partition)
-            offset = found.offset if found.offset >= 0 else ends[key]  # < 0: nothing since
-            if found.error is None and offset >= 0:
-                starts[key] = offset
-        if starts:
-            consumer.commit(offsets=[TopicPartition(*key, at) for key, at in starts.items()],
-                            asynchronous=False)  # fmt: skip
     except KafkaException as exc:
-        log.info("the broker could not say where frames since the run's start begin (%s): "
-                 "earlier runs' frames are passed over as read", exc)  # fmt: skip
-        return
+        log.info("the group's offsets could not be read (%s): earlier runs' frames are passed "
+                 "over as read", exc)  # fmt: skip
+        return {}
+    stands = {(p.topic, p.partition): p.offset for p in committed if p.offset >= 0}
+    unread = [TopicPartition(p.topic, p.partition, since_ms) for p in committed if p.offset < 0]
+    starts = _offsets_since(consumer, unread) if unread else {}
     if not starts:
-        return
+        return stands
+    try:
+        consumer.commit(offsets=[TopicPartition(*key, at) for key, at in starts.items()],
+                        asynchronous=False)  # fmt: skip
+    except KafkaException as exc:  # started there all the same: the next commits catch up
+        log.info("the run's start offsets could not be committed (%s)", exc)
     for partition in partitions:
         partition.offset = starts.get((partition.topic, partition.partition), partition.offset)
     consumer.assign(partitions)  # the offsets set above (the callback's own list is not read)
+    return {**stands, **starts}
+
+
+def _offsets_since(consumer: Consumer, unread: list[TopicPartition]) -> dict[PartitionKey, int]:
+    """Each partition's first offset at or after its timestamp (its end, read before the
+    lookup, where nothing came since); a partition the broker cannot say is left out."""
+    ends = {}
+    for partition in unread:
+        try:
+            ends[(partition.topic, partition.partition)] = consumer.get_watermark_offsets(
+                partition, timeout=5
+            )[1]
+        except KafkaException:  # its leader away for now: its start is the group's
+            continue
+    try:
+        found = consumer.offsets_for_times(unread, timeout=5)
+    except KafkaException as exc:
+        log.info("the broker could not say where frames since the run's start begin (%s): "
+                 "earlier runs' frames are passed over as read", exc)  # fmt: skip
+        return {}
+    starts = {}
+    for tp in found:
+        key = (tp.topic, tp.partition)
+        offset = tp.offset if tp.offset >= 0 else ends.get(key, -1)  # < 0: nothing since
+        if tp.error is None and offset >= 0:
+            starts[key] = offset
+    return starts

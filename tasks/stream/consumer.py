@@ -299,11 +299,11 @@ def _drained(member: FrameConsumer) -> bool:
     if member.broker.down:
         member._broker_down_at = now
         return False
-    answered_to = {
-        partition: point
-        for topic, partition in member.assignment.owned
-        if (point := member.offsets.commit_point(topic, partition)) is not None
-    }
+    # As far as the commits stood when it got or lost a partition, then its own commit points
+    answered_to = {partition: at for (_, partition), at in member.assignment.answered_to.items()}
+    for topic, partition in member.assignment.owned:
+        if (point := member.offsets.commit_point(topic, partition)) is not None:
+            answered_to[partition] = max(point, answered_to.get(partition, -1))
     if member.input_end.read_to(answered_to):
         return True
     joined = member.assignment.assigned_at

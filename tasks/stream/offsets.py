@@ -26,12 +26,15 @@ class OffsetTracker:
     def finished(self, topic: str, partition: int, offset: int) -> None:
         self._unfinished.get((topic, partition), set()).discard(offset)
 
-    def forget(self, partitions: list[PartitionKey]) -> None:
-        """Drop partitions this member no longer owns (after a rebalance)."""
+    def forget(self, partitions: list[PartitionKey]) -> dict[PartitionKey, int]:
+        """Drop partitions this member no longer owns (after a rebalance); their commit points
+        as they were."""
+        points = {key: at for key in partitions if (at := self.commit_point(*key)) is not None}
         for key in partitions:
             self._unfinished.pop(key, None)
             self._next_offset.pop(key, None)
             self._committed.pop(key, None)
+        return points
 
     def commit_point(self, topic: str, partition: int) -> int | None:
         key = (topic, partition)

@@ -169,13 +169,23 @@ def run_producer_and_group(
             run.wait(timeout=group.duration + 10.0)
         raise
     input_end.set(None if read_on_until_idle else produced.frames_end())
-    if RUN_STOP.is_set():  # a Ctrl-C: the frames sent are finished for DRAIN_S, not a backlog
-        cut_short = threading.Timer(DRAIN_S, halt.set)
-        cut_short.daemon = True  # no wait for it at exit
-        cut_short.start()
+    drained = threading.Event()
+    threading.Thread(target=_cut_short_on_stop, args=(drained, halt), daemon=True).start()
     try:
         summaries = [run.result() for run in consumer_runs]
     except BaseException:  # a second Ctrl-C, SIGTERM while the group drains: it stops at once
         halt.set()
         raise
+    finally:
+        drained.set()
     return produced, merge_summaries(summaries)
+
+
+def _cut_short_on_stop(drained: threading.Event, halt: threading.Event) -> None:
+    """A Ctrl-C while the group drains (or before, as the producer stopped): the frames sent
+    are finished for DRAIN_S, not a backlog however long, then `halt` stops the members."""
+    while not drained.wait(0.1):
+        if RUN_STOP.is_set():
+            if not drained.wait(DRAIN_S):
+                halt.set()
+            return

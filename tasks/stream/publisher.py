@@ -185,15 +185,14 @@ class Publisher:
         except Exception as exc:  # e.g. during a rebalance; the next commit catches up
             log.warning("offset commit failed: %s", exc)
 
-    def revoke(self, lost: list[PartitionKey]) -> None:
-        """Commit what is delivered for partitions we lose; the rest goes to the next owner.
-
-        With the broker gone (the group revokes after a session timeout) nothing can be
-        delivered or committed: waiting would only hold up the loop that notices the loss."""
+    def revoke(self, lost: list[PartitionKey]) -> dict[PartitionKey, int]:
+        """Commit what is delivered for partitions we lose (the rest goes to the next owner);
+        how far each was answered. With the broker gone (the group revokes after a session
+        timeout) nothing can be delivered or committed: no wait holds up the loop."""
         if not self.broker.down:
             self._producer.flush(10)
             self.commit()
-        self.offsets.forget(lost)
+        return self.offsets.forget(lost)
 
     def lag(self, cached: bool = False) -> int:
         """Messages between the commit points and the ends of the assigned partitions; a
