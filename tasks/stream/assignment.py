@@ -113,11 +113,8 @@ def start_at_time(
     still passed over). Tansu, the local broker, answers 0 for a time after its last message:
     there, a partition with nothing since is read from its start, as before.
     """
-    try:
-        committed = consumer.committed(partitions, timeout=5)
-    except KafkaException as exc:
-        log.info("the group's offsets could not be read (%s): earlier runs' frames are passed "
-                 "over as read", exc)  # fmt: skip
+    committed = _asked(lambda: consumer.committed(partitions, timeout=5), "the group's offsets")
+    if committed is None:
         return {}
     stands = {(p.topic, p.partition): p.offset for p in committed if p.offset >= 0}
     unread = [TopicPartition(p.topic, p.partition, since_ms) for p in committed if p.offset < 0]
@@ -146,11 +143,8 @@ def _offsets_since(consumer: Consumer, unread: list[TopicPartition]) -> dict[Par
             )[1]
         except KafkaException:  # its leader away for now: its start is the group's
             continue
-    try:
-        found = consumer.offsets_for_times(unread, timeout=5)
-    except KafkaException as exc:
-        log.info("the broker could not say where frames since the run's start begin (%s): "
-                 "earlier runs' frames are passed over as read", exc)  # fmt: skip
+    found = _asked(lambda: consumer.offsets_for_times(unread, timeout=5), "the start's offsets")
+    if found is None:
         return {}
     starts = {}
     for tp in found:
@@ -159,3 +153,13 @@ def _offsets_since(consumer: Consumer, unread: list[TopicPartition]) -> dict[Par
         if tp.error is None and offset >= 0:
             starts[key] = offset
     return starts
+
+
+def _asked(ask: Callable[[], list[TopicPartition]], what: str) -> list[TopicPartition] | None:
+    """`ask()` of the broker, or None (said) where it cannot answer now: the run's partitions
+    then start where the group would, earlier runs' frames passed over as read."""
+    try:
+        return ask()
+    except KafkaException as exc:
+        log.info("%s could not be read (%s): earlier runs' frames are passed over", what, exc)
+        return None
