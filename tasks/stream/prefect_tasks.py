@@ -20,8 +20,9 @@ from tasks.stream.producer import ProduceStats, produce_frames
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 from tasks.stream.topics import BrokerUnreachableError, ensure_topics
 
-# Once the producer has ended, its consumer group reads to its ends however long that takes
-# while it gives outcomes; an outcome-less stretch this long means a service gone or hung.
+# Once the producer has ended, its consumer group works to its ends however long that takes
+# while the service answers; a stretch this long with no answer and no outcome means a service
+# gone or hung. After a Ctrl-C, the group gets this long to finish the frames sent.
 DRAIN_S = 10.0
 # The producer waits this long at most for the group to join before its frames.
 JOIN_WAIT_S = 60.0
