@@ -94,7 +94,9 @@ class BrokerWatch:
         if self._down_since is None or message is None:
             return
         kind, stamped_ms = message.timestamp()  # LogAppendTime would be the broker's clock
-        if kind == TIMESTAMP_CREATE_TIME and stamped_ms / 1000 >= self._down_since_wall:
+        # Compared in whole ms, as librdkafka stamps: a frame made in the outage's first
+        # millisecond read as made before it (CI: ten frames, all within that ms).
+        if kind == TIMESTAMP_CREATE_TIME and stamped_ms >= int(self._down_since_wall * 1000):
             self.alive()
 
     def alive(self) -> None:
