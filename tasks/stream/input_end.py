@@ -29,7 +29,7 @@ class InputEnd:
         self._ended = threading.Event()
         self._lock = threading.Lock()
         self._ends: dict[int, int] | None = None
-        self._read: dict[int, int] = {}  # answered to, by partition
+        self._answered_to: dict[int, int] = {}  # by partition
         self._ended_at = self._last_progress_at = 0.0  # monotonic
 
     @classmethod
@@ -53,8 +53,8 @@ class InputEnd:
         return self._ended.is_set()
 
     def draining(self) -> bool:
-        """The producer has ended where it says: the members read to its ends, however long
-        that takes while the group gives outcomes (a backlog the service works through), and
+        """The producer has ended where it says: the members work to its ends, however long
+        that takes while the service answers (a backlog it works through), and
         neither a fixed deadline nor an idle timeout cuts them short (one member leaving as
         idle revoked its busy peers' partitions mid-drain)."""
         return self.is_set() and self._ends is not None
@@ -80,7 +80,7 @@ class InputEnd:
         answered to its end."""
         with self._lock:
             for partition, position in positions.items():
-                self._read[partition] = max(position, self._read.get(partition, -1))
+                self._answered_to[partition] = max(position, self._answered_to.get(partition, -1))
             if self._ends is None:
                 return False
-            return all(self._read.get(p, -1) >= end for p, end in self._ends.items())
+            return all(self._answered_to.get(p, -1) >= end for p, end in self._ends.items())
