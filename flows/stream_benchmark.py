@@ -247,10 +247,9 @@ def _raise_if_failed(outcome: dict[str, Any], settings: StreamBenchmarkSettings)
             outcome,
         )
     if summary["stalled"]:
-        answered = summary["results_published"] + summary["skipped_stale"] + summary["dlq"]
         raise GroupStalledError(
-            f"the group answered {answered} of the {produced['delivered']} frames the producer "
-            f"delivered, then nothing for {DRAIN_S:g} s: is the inference service at "
+            f"the group answered {summary['outcomes']} of the {produced['delivered']} frames "
+            f"the producer delivered, then nothing for {DRAIN_S:g} s: is the inference service at "
             f"{settings.client.target} still up? {summary['unanswered']} consumed frame(s) were "
             "left unanswered (uncommitted); the report covers the run until then",
             outcome,

@@ -62,6 +62,7 @@ class ConsumerSummary:
             "skipped_stale": self.skipped_stale,
             "skipped_fraction": round(self.skipped_fraction, 4),
             "dlq": self.dlq,
+            "outcomes": self.outcomes,
             "errors": self.errors,
             "retries": self.retries,
             "handed_over": self.handed_over,
@@ -129,5 +130,4 @@ def format_summary(summary: dict[str, Any]) -> str:
 def nothing_answered(summary: dict[str, Any]) -> bool:
     """Frames were consumed and not one of them got a result, a stale record or a dead
     letter: the service (or the results topic) never answered, whatever the run did."""
-    outcomes = summary["results_published"] + summary["skipped_stale"] + summary["dlq"]
-    return bool(summary["frames_consumed"]) and outcomes == 0  # handed over counts for nothing
+    return bool(summary["frames_consumed"]) and not summary["outcomes"]  # handed over: nothing
