@@ -14,9 +14,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from common.settings import MAX_WAIT_S, SAMPLE_VIDEO, flag_name
+from common.settings import MAX_WAIT_S, SAMPLE_VIDEO, flag_name, one_line
 from flows.capacity_rules import DEFAULT_BUDGET_MS, WARMUP_S
 from services.inference.settings import ClientSettings
 from tasks.stream.live_source import is_live
@@ -214,3 +221,17 @@ def flow_consumer_settings(**run: Any) -> ConsumerSettings:
 def flow_producer_settings(**run: Any) -> ProducerSettings:
     """The flow's producer: `run` over FLOW_PRODUCER_RUN, tuning from the environment."""
     return ProducerSettings(**{**FLOW_PRODUCER_RUN, **run})
+
+
+def check_tuning(settings: StreamBenchmarkSettings) -> None:
+    """Raise ValueError naming each bad `VIDFLOW_CONSUMER_*` / `VIDFLOW_PRODUCER_*` tuning value
+    the run's consumers and producer would read: found before a Prefect server starts and a
+    group joins, not as a flow run's traceback once they have."""
+    for settings_cls, run in (
+        (ConsumerSettings, FLOW_CONSUMER_RUN),
+        (ProducerSettings, {**FLOW_PRODUCER_RUN, "source": settings.source}),
+    ):
+        try:
+            settings_cls(**run)
+        except ValidationError as exc:
+            raise ValueError(one_line(exc, settings_cls, run)) from None

@@ -272,6 +272,25 @@ def test_stream_commands_refuse_bad_sources_and_bounds_before_the_broker(
     assert "--idle-timeout" in _refused([*consume, "--idle-timeout", "0"], capsys)
 
 
+def test_stream_benchmark_refuses_bad_member_tuning_from_the_environment_before_its_run(
+    monkeypatch, capsys
+) -> None:
+    """The flow's consumers and producer read their tuning from `VIDFLOW_CONSUMER_*` /
+    `VIDFLOW_PRODUCER_*`: a bad value failed the flow run in a traceback, after the Prefect
+    server had started (found in review, stop 56). Against a broker that is not there: refused
+    first, and named by its variable."""
+    bench = ["stream-benchmark", "--bootstrap-servers", CLOSED_PORT, "--target", CLOSED_PORT]
+    for variable, value in (
+        ("VIDFLOW_CONSUMER_RETRY_MAX_BACKOFF_S", "0"),
+        ("VIDFLOW_PRODUCER_JPEG_QUALITY", "500"),
+    ):
+        with monkeypatch.context() as env:
+            env.setenv(variable, value)
+            err = _refused(bench, capsys)
+        assert err.count("\n") == 1 and f"{variable} '{value}': Input should be" in err, err
+        assert "unreachable" not in err, err
+
+
 def test_a_source_named_by_an_unset_variable_or_several_for_a_sweep_is_refused(
     monkeypatch, capsys
 ) -> None:

@@ -251,12 +251,14 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
 
         from devstack.prefect_api import prefect_api
         from flows.stream_benchmark import StreamRunFailedError, check_stack, stream_benchmark
+        from flows.stream_settings import check_tuning
         from tasks.stream.consumer import format_summary
         from tasks.stream.prefect_tasks import RUN_STOP
         from tasks.stream.producer import check_sources
 
     settings = stream_benchmark_settings(args)
     check_sources(settings.source)  # before a Prefect server starts and a group joins
+    check_tuning(settings)  # the VIDFLOW_CONSUMER_* / VIDFLOW_PRODUCER_* its members read
     prepare_output_file(args.summary_json, "--summary-json")  # before the run, not after
     check_stack(settings)  # a broker or service that is not there: one line, no flow run
     # Ctrl-C: the run ends its producing now and reports (a sweep: the steps it finished); a
