@@ -257,6 +257,30 @@ def test_an_empty_onnx_model_variable_unsets_it(monkeypatch: pytest.MonkeyPatch)
         InferenceSettings(model="resnet18")
 
 
+def test_an_onnx_file_that_scores_more_classes_than_it_names_ends_serve_with_the_reason(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    """Found in review (stop 57): a file whose metadata names fewer classes than it scores (a
+    1001-class model given the 1000 ImageNet names) served as SERVING, and every call whose
+    top-k held the unnamed index failed with INTERNAL "list index out of range"."""
+    import onnx
+
+    from services.inference.loader import load_served_model
+
+    load_served_model(InferenceSettings(backend="onnx", cache_dir=model_cache))  # the export
+    export = next(model_cache.glob("efficientnet_lite0-*.onnx"))
+    model = onnx.load(export)
+    (names,) = [p for p in model.metadata_props if p.key == "vidflow.class_names"]
+    names.value = json.dumps(json.loads(names.value)[:999])
+    short = tmp_path / "short-names.onnx"
+    onnx.save(model, short)
+    serve = _cli("serve", "--onnx-model", str(short), "--port", "0", "--http-port", "0")
+    assert serve.returncode == 2, serve.stderr
+    assert "gives scores of shape (1, 1000) for a batch of 1, and names 999 classes" in (
+        serve.stderr
+    ), serve.stderr
+
+
 def test_a_model_that_cannot_load_or_a_port_in_use_ends_serve_with_the_reason(
     tmp_path: Path,
 ) -> None:

@@ -63,6 +63,7 @@ async def load_warm_model(settings: InferenceSettings) -> tuple[ServedModel, int
     sizes = sorted({1, settings.max_batch_size})
     zeros = {size: np.zeros((size, *shape), np.float32) for size in sizes}
     await off_the_loop(functools.partial(model.backend.warm_up, list(zeros.values())))
+    await off_the_loop(functools.partial(check_class_count, model, zeros[1]))
     measure = functools.partial(
         choose_batch_size,
         settings.batching,
@@ -74,6 +75,19 @@ async def load_warm_model(settings: InferenceSettings) -> tuple[ServedModel, int
     choice = await off_the_loop(functools.partial(_recalled_or_measured, model, settings, measure))
     log.info("%s", choice.reason)
     return model, choice.max_batch_size
+
+
+def check_class_count(model: ServedModel, batch: np.ndarray) -> None:
+    """Raise ValueError unless the model gives one score per class name: a file whose metadata
+    names fewer classes than it scores (a 1001-class model with the 1000 ImageNet names)
+    served, and every call whose top-k held an unnamed index failed with INTERNAL."""
+    scores = model.backend.run(batch)
+    if scores.ndim != 2 or scores.shape[1] != len(model.class_names):
+        raise ValueError(
+            f"{model.name} gives scores of shape {tuple(scores.shape)} for a batch of "
+            f"{len(batch)}, and names {len(model.class_names)} classes: a label for each "
+            "score is needed"
+        )
 
 
 def _recalled_or_measured(
