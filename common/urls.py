@@ -16,7 +16,7 @@ _LOOSE_USERINFO = re.compile(
 )  # no `[`: `http://[::1]:8080/a@2x.mp4` is an IPv6 host and a path, not a login
 
 
-def _without_userinfo(url: str) -> str:
+def without_userinfo(url: str) -> str:
     """`url` without its userinfo, however its password was typed."""
     stripped = _USERINFO.sub(r"\1", url, count=1)
     return stripped if stripped != url else _LOOSE_USERINFO.sub(r"\1", url, count=1)
@@ -26,7 +26,7 @@ def shown_url(url: str) -> str:
     """`url` without what tends to be secret: the userinfo (`user:password@`) goes, and a query
     or fragment becomes `?…` (pre-signed URLs carry their signature there, RTSP cameras their
     tokens). Plain string work, so a URL no parser accepts is still cleaned, never raised on."""
-    without_user = _without_userinfo(url)
+    without_user = without_userinfo(url)
     cut = min((i for i in (without_user.find("?"), without_user.find("#")) if i >= 0), default=-1)
     return without_user if cut < 0 else f"{without_user[:cut]}?…"
 
@@ -70,4 +70,4 @@ def stored_url(url: str) -> str:
     """`url` as a dataset keeps it: without the userinfo and the signature parameters (a
     password, or a pre-signed URL's still valid signature, written to every copy of the table),
     its path and the rest of its query kept, so it still names its video."""
-    return unsigned_url(_without_userinfo(url))  # first: a `?` may be in the password
+    return unsigned_url(without_userinfo(url))  # first: a `?` may be in the password

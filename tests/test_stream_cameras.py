@@ -298,13 +298,17 @@ def test_a_camera_url_names_its_stream_by_host_and_path_without_its_credentials(
         "rtsp://viewer:hunter2@10.0.0.5:554/live",  # the same camera again: -2, as for files
         "rtsp://cam.local/Streaming/Channels/101?token=t0k3n",
         "rtsp://admin:s3cret@10.0.0.6",
+        # Typed unencoded (found in review, stop 57): the id was `admin-cret-10.0.0.7-live`
+        # and, past a `#`, just `admin`.
+        "rtsp://admin:se/cret@10.0.0.7/live",
+        "rtsp://admin:se#cret@10.0.0.8/live",
     ]
     bases = stream_bases([*cameras, "a.mp4", "webcam:0"], None)
     assert bases == [
         "10.0.0.5-live", "10.0.0.5-live-2", "cam.local-Streaming-Channels-101", "10.0.0.6",
-        "a", "webcam:0",
+        "10.0.0.7-live", "10.0.0.8-live", "a", "webcam:0",
     ]  # fmt: skip
-    for secret in ("admin", "s3cret", "hunter2", "t0k3n"):
+    for secret in ("admin", "s3cret", "hunter2", "t0k3n", "cret"):
         assert not any(secret in base for base in bases)
 
 

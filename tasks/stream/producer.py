@@ -33,7 +33,7 @@ import numpy as np
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from common.frames import encode_jpeg, opened_video
-from common.urls import shown_url
+from common.urls import shown_url, without_userinfo
 from tasks.stream.broker_watch import BrokerLostError, BrokerWatch
 from tasks.stream.frame_codec import (
     KEY_SEPARATOR,
@@ -234,8 +234,8 @@ def source_name(source: str) -> str:
     every Kafka key, result record and log line, so a URL's password or token never is."""
     if "://" not in source:
         return Path(source).stem or source
-    try:
-        parts = urlsplit(source)
+    try:  # userinfo first: a password typed with `/` or `#` would read as the host and path
+        parts = urlsplit(without_userinfo(source))
         host = parts.hostname or ""
     except ValueError:  # e.g. an unclosed IPv6 bracket; OpenCV refuses it when opened
         return shown_url(source)
