@@ -399,7 +399,7 @@ def test_a_depth_call_that_fails_without_its_actor_dying_keeps_the_shard_s_trans
     for record in mapped.records:
         assert record.failed_stage == "depth" and record.error.startswith("depth failed: ")
         assert "MemoryError: the model's buffers" in record.error.splitlines()[0], record.error
-        assert _transcode_taken(record.failed_stage, record.error)  # a rerun keeps it
+        assert _transcode_taken(record.failed_stage)  # a rerun keeps it
         assert Path(record.transcoded_path).is_file()
 
 

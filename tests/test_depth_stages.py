@@ -1380,12 +1380,14 @@ def test_a_rerun_fetches_again_only_videos_that_failed_before_their_transcode_wa
     table = VideoTable(tmp_path)
     failed = {"d": "depth", "s": "store", "t": "transcode", "w": "download"}
     table.upsert([_record(f"http://h/{v}.mp4", v).fail(stage, "x") for v, stage in failed.items()])
-    # A shard whose worker died fails each of its videos at that stage, those that had failed
-    # at a download or a transcode before it too: its videos are fetched again.
-    table.upsert([_record("http://h/c.mp4", "c").fail("depth", "depth crashed: worker died")])
-    plan = table.plan([_record(f"http://h/{v}.mp4", v) for v in [*failed, "c"]])
-    assert [record.video_id for record in plan.todo] == ["d", "s", "t", "w", "c"]  # all redone
-    assert plan.rerun_ids == {"t", "w", "c"}  # only these from the start
+    # A shard whose worker died at depth fails only the videos its transcode got through
+    # (`_Chain.crashed_rows`): theirs is kept too (found in review, stop 57: fetched again).
+    crashed = {"c": "depth", "u": "transcode"}
+    table.upsert([_record(f"http://h/{v}.mp4", v).fail(stage, f"{stage} crashed: worker died")
+                  for v, stage in crashed.items()])  # fmt: skip
+    plan = table.plan([_record(f"http://h/{v}.mp4", v) for v in [*failed, *crashed]])
+    assert [record.video_id for record in plan.todo] == ["d", "s", "t", "w", "c", "u"]
+    assert plan.rerun_ids == {"t", "w", "u"}  # only these from the start
 
 
 def test_worker_fragments_appear_only_when_the_driver_commits_them(tmp_path: Path) -> None:
@@ -1509,10 +1511,27 @@ def test_a_shard_whose_worker_was_killed_is_failed_at_the_stage_that_never_compl
     assert a.failed_stage == "transcode" and a.error.startswith("transcode crashed")
     assert a.download_s == 1.5  # its download's time kept
     assert (b.failed_stage, b.error) == ("download", "HTTP 404")
-    # A result that cannot be had (its node lost): the planned rows, as before.
+    # A result that cannot be had (its node lost): that stage's outcome is not known.
     futures[0] = ("download", Ran(Completed()))
     a, b = _Chain(shard, futures).crashed_rows(RuntimeError("worker died")).records
-    assert a.failed_stage == b.failed_stage == "transcode"
+    assert a.failed_stage == b.failed_stage == "download"
+    assert a.error.startswith("download crashed")
+    # Its depth task's worker killed: only the videos its transcode got through fail there
+    # (a rerun keeps their transcodes); its write task's worker killed (found in review, stop
+    # 57: "store crashed", finished videos counted failed and fetched again): the depth task's
+    # rows as they are, for the driver to write.
+    transcoded = downloaded.with_records([downloaded.records[0].update(transcode_s=2.0),
+                                          downloaded.records[1]])  # fmt: skip
+    mapped = transcoded.with_records([transcoded.records[0].finish(status="ok"),
+                                      transcoded.records[1]])  # fmt: skip
+    futures = [("download", Ran(Completed(), downloaded)),
+               ("transcode", Ran(Completed(), transcoded)), ("depth", Ran(Running())),
+               ("store", Ran(Pending()))]  # fmt: skip
+    a, b = _Chain(shard, futures).crashed_rows(RuntimeError("worker died")).records
+    assert (a.failed_stage, a.transcode_s) == ("depth", 2.0) and a.error.startswith("depth crash")
+    assert (b.failed_stage, b.error) == ("download", "HTTP 404")
+    futures[2:] = [("depth", Ran(Completed(), mapped)), ("store", Ran(Running()))]
+    assert _Chain(shard, futures).crashed_rows(RuntimeError("worker died")) == mapped
 
 
 def test_the_onnx_backend_refuses_a_model_that_is_not_depth_pro_before_any_work(

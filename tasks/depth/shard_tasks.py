@@ -476,21 +476,30 @@ class _Chain:
     futures: list[tuple[Stage, PrefectFuture[Any]]]
 
     def crashed_rows(self, exc: BaseException) -> Shard:
-        """The shard's rows when a stage's worker died: as the last stage that completed left
-        them (a video that got a 404 keeps its own reason and stage times: built from the
+        """The shard's rows when a stage's worker died: as the last stage whose result is had
+        left them (a video that got a 404 keeps its own reason and stage times: built from the
         planned shard, it read "depth crashed"), the rest failed at the first stage that did
-        not complete. A worker killed outright (the kernel's OOM killer, a node lost) leaves its
-        task run Running and the stages after it Pending: looking for a Failed or Crashed one
-        found none, and the rows said "store crashed", counted as through every stage."""
-        stage: Stage = "store"
+        not complete, or whose result went with its node. A worker killed outright (the
+        kernel's OOM killer, a node lost) leaves its task run Running and the stages after it
+        Pending: looking for a Failed or Crashed one found none, and the rows said "store
+        crashed", counted as through every stage.
+
+        A write task's worker killed: the depth task's rows are whole, and the driver writes
+        them (failed as "store crashed", finished videos were counted failed and their shard
+        fetched and transcoded again by the next run)."""
         last = self.shard
-        for name, future in self.futures:
-            if not future.state.is_completed():
-                stage = name
+        for stage, future in self.futures:
+            if stage == "store" or not future.state.is_completed():
                 break
-            with contextlib.suppress(Exception):  # its result gone with its node: as planned
-                last = future.result() if name != "store" else last
-        return last.fail_remaining(stage, crash_reason(stage, exc))
+            try:
+                last = future.result()
+            except Exception:  # its result gone with its node: not known from here on
+                break
+        run_logger().warning(
+            "%s: the worker of its %s task died (%s)%s", self.shard.label, stage,
+            type(exc).__name__, ": the driver writes its rows" if stage == "store" else "",
+        )  # fmt: skip
+        return last if stage == "store" else last.fail_remaining(stage, crash_reason(stage, exc))
 
 
 def run_shards(

@@ -23,7 +23,7 @@ ERROR_CHARS = 2000  # the most of an error a row keeps: enough for a table and a
 
 def crash_prefix(stage: str) -> str:
     """How the error of a video begins when its shard's worker died at `stage`
-    (shard_tasks.crash_reason): a rerun tells those rows from the stage's own failures."""
+    (shard_tasks.crash_reason): the table tells those rows from the stage's own failures."""
     return f"{stage} crashed: "
 
 

@@ -21,7 +21,7 @@ from lance.fragment import FragmentMetadata, write_fragments
 
 from common.files import atomic_output
 from tasks.depth.output_layout import OutputLayout
-from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord, crash_prefix, records_to_table
+from tasks.depth.video_record import ARROW_SCHEMA, VideoRecord, records_to_table
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class VideoTable:
         """Skip videos already `ok`; give the others their attempt number."""
         stored: dict[str, dict[str, Any]] = {}
         if self.exists():
-            columns = ["video_id", "status", "attempts", "failed_stage", "error"]
+            columns = ["video_id", "status", "attempts", "failed_stage"]
             for row in lance.dataset(self.lance_path).to_table(columns=columns).to_pylist():
                 stored[row["video_id"]] = row
         todo, already_ok, refetch = [], 0, set()
@@ -102,7 +102,7 @@ class VideoTable:
                 already_ok += 1
                 continue
             todo.append(source.update(attempts=(row["attempts"] if row else 0) + 1))
-            if row is not None and not _transcode_taken(row["failed_stage"], row["error"]):
+            if row is not None and not _transcode_taken(row["failed_stage"]):
                 refetch.add(source.video_id)
         return WorkPlan(todo=todo, already_ok=already_ok, rerun_ids=frozenset(refetch))
 
@@ -142,11 +142,9 @@ class VideoTable:
             lance.dataset(self.lance_path).optimize.compact_files()
 
 
-def _transcode_taken(failed_stage: str | None, error: str | None) -> bool:
+def _transcode_taken(failed_stage: str | None) -> bool:
     """Whether a video that failed had a transcode ffmpeg and the probe took: it failed at depth
-    or store, not because its shard's worker died (a crash fails the shard's every video at the
-    stage that did not complete, those that failed before it too). Dropped, 20,000 clips were
-    fetched and transcoded again after a model fault."""
-    return failed_stage in ("depth", "store") and not (error or "").startswith(
-        crash_prefix(failed_stage)
-    )
+    or store, its own failure or its shard's worker's death there (a death fails only the
+    videos that had got through every stage before it, `_Chain.crashed_rows`). Dropped, 20,000
+    clips were fetched and transcoded again after a model fault."""
+    return failed_stage in ("depth", "store")
