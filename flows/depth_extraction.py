@@ -91,7 +91,7 @@ def depth_extraction(
             except ValueError as exc:  # a cluster too small, a dataset of other settings
                 return failed_state(exc)  # (was an engine traceback, the CLI's line after it)
             summary = _extract(table, sources, settings, untrained, show_progress)
-    except OutputBusyError as exc:
+    except (OutputBusyError, DepthRunFailedError) as exc:
         return failed_state(exc)
     message = outcome_message(summary)
     if summary["failed"] and not (summary["ok"] or summary["skipped"]):
@@ -172,8 +172,22 @@ def _extract(
     )  # fmt: skip
     # Last: an export that fails (a full disk) fails the run, its report recorded (the export
     # came first, and a run of hours whose rows were all in left no summary or failures).
-    table.export_parquet()
-    return {**summary, "lance": str(table.lance_path), "parquet": str(table.parquet_path)}
+    return _exported(table, {**summary, "lance": str(table.lance_path)})
+
+
+def _exported(table: VideoTable, summary: dict[str, Any]) -> dict[str, Any]:
+    """`summary` once the table's Parquet copy is written; DepthRunFailedError, carrying it,
+    where the export fails (raised, it ended the command with exit 2, a traceback and no
+    summary)."""
+    try:
+        table.export_parquet()
+    except Exception as exc:  # an OSError, or Lance's or Arrow's own
+        raise DepthRunFailedError(
+            f"the Parquet export to {table.parquet_path} failed ({type(exc).__name__}: {exc}); "
+            f"the rows are in {table.lance_path}: run again to export them",
+            {**summary, "parquet": None},
+        ) from exc
+    return {**summary, "parquet": str(table.parquet_path)}
 
 
 def prepare_output(settings: DepthSettings) -> VideoTable:

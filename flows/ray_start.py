@@ -10,7 +10,9 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -477,6 +479,10 @@ def early_ray(
     address, init_kwargs, hold = run_ray(num_cpus)
     with contextlib.ExitStack() as stack:
         stack.enter_context(hold)
+        # `ray.init` puts its own SIGTERM handler (sys.exit(15)) in place of the one there: a
+        # SIGTERM, which Prefect passes on to it once it has marked the run, ended the command
+        # with exit 15, not as killed by SIGTERM (143), as without a known API.
+        sigterm = signal.getsignal(signal.SIGTERM)
         # A private Ray's arguments carry its own address ("local").
         try:
             ray.init(**({"address": address} | init_kwargs))
@@ -484,6 +490,9 @@ def early_ray(
             if not address:  # a private Ray that did not start: Ray's own error and its cause
                 raise
             raise join_failure(exc, address) from exc
+        finally:
+            if threading.current_thread() is threading.main_thread() and sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
         stack.callback(ray.shutdown)
         cpus = int(ray.cluster_resources().get("CPU", 0))
         count = workers_for_cpus(cpus) if cpus else 0  # none to warm before a cluster scales up

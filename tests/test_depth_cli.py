@@ -79,6 +79,18 @@ def test_the_cli_runs_the_flow_with_its_own_prefect_server(
     [gone] = [row["video_id"] for row in rows if row["status"] == "failed"]
     [line] = [line for line in run.stderr.splitlines() if f"{gone}: download failed: " in line]
     assert "404" in line and "WARNING" in line, line
+    # Its two videos again, done already, with the export's place taken (a folder stands in for
+    # a full disk; found in review, stop 57): exit 2, a traceback and no summary, its rows in.
+    (tmp_path / "out" / "videos.parquet").unlink()
+    (tmp_path / "out" / "videos.parquet" / "in-the-way").mkdir(parents=True)
+    urls.write_text("\n".join(urls.read_text().splitlines()[:2]))
+    again = _vidflow("--urls", str(urls), "--output", str(tmp_path / "out"),
+                     "--depth-model", str(tiny_depth_model), env=cli_env)  # fmt: skip
+    assert again.returncode == 1, again.stderr[-3000:]
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert (summary["skipped"], summary["failed"], summary["parquet"]) == (2, 0, None)
+    assert "the Parquet export to" in again.stderr and "run again to export" in again.stderr
+    assert "Traceback" not in again.stderr, again.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -272,6 +272,9 @@ def test_a_parquet_export_that_fails_fails_the_run_with_its_report_recorded(
         listing.write_text(f"{server.url('gone.mp4')}\n")
         state = flow(urls=str(listing), settings=settings, return_state=True)
     assert state.is_failed() and "videos.parquet" in state.message, state.message
+    failure = state.result(raise_on_failure=False)  # the summary too, for the CLI to print
+    assert isinstance(failure, DepthRunFailedError) and failure.summary["parquet"] is None
+    assert failure.summary["failed"] == 1 and failure.summary["lance"].endswith("videos.lance")
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,8 +44,12 @@ def test_the_first_task_runs_get_workers_that_imported_the_tasks_while_the_drive
 ) -> None:
     monkeypatch.setenv("RAY_ADDRESS", "local")
     cluster_mode_before = ray_constants.ENABLE_RAY_CLUSTER
+    sigterm_before = signal.getsignal(signal.SIGTERM)
     with early_ray(2, lambda cpus: cpus) as wait_for_workers:
         assert ray.is_initialized()
+        # Found in review (stop 57): Ray's own handler (sys.exit(15)) stayed in place, and a
+        # SIGTERM that Prefect passed on ended the command with exit 15, not 143.
+        assert signal.getsignal(signal.SIGTERM) is sigterm_before
         wait_for_workers()
         seen = two_task_runs()
         assert ray.is_initialized()  # the flow's runner used this Ray and left it running

@@ -340,7 +340,8 @@ def _depth(args: argparse.Namespace) -> int:
                 return_state=True,
             )
     summary = state.result(raise_on_failure=False)
-    if isinstance(summary, DepthRunFailedError):  # no video done: reported all the same
+    run_failed = isinstance(summary, DepthRunFailedError)
+    if run_failed:  # no video done, or no Parquet export: reported all the same
         summary = summary.summary
     elif isinstance(summary, BaseException):  # the run itself failed: bad input, a lost cluster
         if isinstance(summary, (*SAID_IN_ONE_LINE, KeyboardInterrupt)):
@@ -348,7 +349,7 @@ def _depth(args: argparse.Namespace) -> int:
         # Said in one line with exit 2 like those: a traceback's exit 1 read as "videos failed"
         raise RuntimeError(f"the run failed: {type(summary).__name__}: {summary}") from summary
     print(json.dumps(summary))
-    code = 1 if summary["failed"] else 0
+    code = 1 if summary["failed"] or run_failed else 0
     quick_exit.finish(code)
     return code
 
