@@ -427,6 +427,20 @@ def test_kinetics_csvs_as_people_write_them_read_or_say_what_is_wrong(tmp_path: 
     wide.write_text("https://h/a.mp4\n", encoding="utf-16")
     with pytest.raises(SourceListError, match=r"utf16.txt is not UTF-8 text"):
         read_url_list(wide)
+    # A spreadsheet's export (found in review, stop 57): rows of spaces or empty fields refused
+    # the list, and a bad row was named by a line counted past the blank lines.
+    sheet = tmp_path / "sheet.csv"
+    rows = "label,youtube_id,time_start,time_end,split\n\nx,abc,1,2,val\n   \n,,,,\n"
+    sheet.write_text(rows)
+    (record,) = read_kinetics_csv(sheet, url_template="https://h/{youtube_id}.mp4")
+    assert record.youtube_id == "abc"
+    sheet.write_text(f"{rows}\ny,def,3\n")
+    with pytest.raises(SourceListError, match=r"sheet.csv:7: fewer columns than the header"):
+        read_kinetics_csv(sheet, url_template="https://h/{youtube_id}.mp4")
+    # A one-column list whose header is not `url`: its header was a video failing every run.
+    links = tmp_path / "links.csv"
+    links.write_text("video_url\nhttps://h/a.mp4\n")
+    assert [r.source_url for r in read_url_list(links)] == ["https://h/a.mp4"]
     other = tmp_path / "other.csv"
     other.write_text("Label,YouTubeID,start,end\n")
     with pytest.raises(SourceListError, match=r"its header: \['Label', 'YouTubeID', 'start'"):

@@ -122,6 +122,10 @@ def read_url_list(path: Path) -> list[VideoRecord]:
             "per line"
         )
     if "url" not in header:
+        if len(lines) > 1 and "://" not in lines[0][1] and "://" in lines[1][1]:
+            # A header of another name (`video_url`, `link`) was a video that failed every run.
+            number, line = lines.pop(0)
+            log.warning("%s:%d: %r is no URL: taken as a header", path, number, line.strip()[:200])
         urls = [_checked_url(line.strip(), f"{path}:{number}") for number, line in lines]
         records = (VideoRecord(video_id=_id_from_url(url), source_url=url) for url in urls)
         return _unique_ids(records, path, same_id_same_video=True)
@@ -198,7 +202,10 @@ def read_kinetics_csv(
     records: list[VideoRecord] = []
     clips: set[tuple[str, ...]] = set()  # --limit counts clips: a repeated row is no new one
     splits_skipped: dict[str, int] = {}
-    for line_number, row in enumerate(reader, start=2):
+    for row in reader:
+        line_number = reader.line_num  # the row's own line, blank lines before it counted
+        if not any(value.strip() for value in row.values() if isinstance(value, str)):
+            continue  # a blank row, or one of empty fields (`,,,,` from a spreadsheet)
         row_split = (row.get("split") or "").strip() or split
         if split is not None and row_split != split:
             splits_skipped[row_split] = splits_skipped.get(row_split, 0) + 1
