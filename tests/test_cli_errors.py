@@ -221,6 +221,14 @@ def test_stream_commands_refuse_topics_that_loop_or_that_kafka_would_not_take(
     err = _refused([*consume, "--security-protocol", "SSL", "--ssl-ca-location",
                     str(tmp_path / "missing.pem")], capsys)  # fmt: skip
     assert "--ssl-ca-location" in err and "missing.pem" in err and err.count("\n") == 1, err
+    # One that is there and is no PEM (a DER file, a key, an empty file): the same traceback
+    # (found in review, stop 57); gRPC's handshake failed on it as a call's error.
+    (der := tmp_path / "ca.der").write_bytes(b"0\x82\x03\x1d0\x82\x02\x05")
+    for command, flag in ((consume, "--ssl-ca-location"), (consume, "--tls-ca")):
+        protocol = ["--security-protocol", "SSL"] if flag == "--ssl-ca-location" else []
+        err = _refused([*command, *protocol, flag, str(der)], capsys)
+        assert f"{flag} '{der}': holds no PEM certificate" in err, err
+        assert err.count("\n") == 1, err
     (ca := tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     monkeypatch.setenv("VIDFLOW_KAFKA_SASL_PASSWORD", "secret")
     err = _refused([*consume, "--security-protocol", "SASL_PLAINTEXT", "--sasl-username", "me",

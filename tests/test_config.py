@@ -306,7 +306,7 @@ def test_every_stream_command_takes_topic_for_the_frames_topic() -> None:
     ],
 )  # fmt: skip
 def test_a_target_without_a_port_is_told_from_every_form_gRPC_takes(
-    target: str, lacks_port: bool
+    target: str, lacks_port: bool, tmp_path: Path
 ) -> None:
     """`--target 127.0.0.1` dialled port 443: "connection refused" from a server that was up."""
     from services.inference.settings import ClientSettings, target_lacks_port
@@ -316,7 +316,8 @@ def test_a_target_without_a_port_is_told_from_every_form_gRPC_takes(
         with pytest.raises(ValueError, match="has no port, so gRPC would dial 443"):
             ClientSettings(target=target)
         # Over TLS a host alone may mean 443 (a service behind an ingress): taken as given.
-        assert ClientSettings(target=target, tls_ca=__file__).target == target
+        (ca := tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+        assert ClientSettings(target=target, tls_ca=ca).target == target
     else:
         assert ClientSettings(target=target).target == target
 

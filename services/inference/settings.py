@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.certificates import pem_certificates
 from common.settings import DEFAULT_CACHE_DIR, MAX_WAIT_S, Port, bind_address
 
 
@@ -242,6 +243,11 @@ class ClientSettings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         """An empty VIDFLOW_INFERENCE_TLS_CA (compose's `${TLS_CA:-}`) is no CA: plaintext."""
         return None if value == "" else value
+
+    @field_validator("tls_ca")
+    @classmethod
+    def _pem(cls, value: Path | None) -> Path | None:
+        return None if value is None else pem_certificates(value)
 
     @model_validator(mode="after")
     def _port_given_in_plaintext(self) -> ClientSettings:

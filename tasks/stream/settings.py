@@ -18,6 +18,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.certificates import pem_certificates
 from common.settings import MAX_WAIT_S, Port, bind_address
 from common.urls import shown_url
 
@@ -113,6 +114,11 @@ class KafkaSettings(BaseSettings):
         if isinstance(value, str | Path):
             return Path(value).expanduser() if str(value) else None
         return value
+
+    @field_validator("ssl_ca_location")
+    @classmethod
+    def _pem(cls, value: Path | None) -> Path | None:
+        return None if value is None else pem_certificates(value)
 
     def __init__(self, **values: Any) -> None:
         """As pydantic-settings builds it, with the password hidden in a failed check's error:
