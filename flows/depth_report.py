@@ -84,7 +84,8 @@ class RunReport:
 
     def table(self) -> list[dict[str, Any]]:
         """One row per stage: how many videos got through, failed there, and the time spent
-        (seconds summed over the videos that spent any there this run); then the run's row,
+        (seconds summed over the videos that spent any there this run; none for the store);
+        then the run's row,
         its wall-clock seconds and videos per second."""
         rows = []
         for stage in STAGES:
@@ -99,6 +100,9 @@ class RunReport:
                     "videos_per_s": None,
                 }
             )
+        # The driver's commit, or a write worker killed: these failed in no stage above.
+        store = {"stage": "store", "done": self.ok, "failed": self.failed_at.get("store", 0)}
+        rows.append(store | {"total_s": None, "mean_s": None, "videos_per_s": None})
         summary = self.summary()
         rows.append(
             {

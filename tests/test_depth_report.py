@@ -11,7 +11,7 @@ def _video(video_id: str, **fields: object) -> VideoRecord:
 
 
 def test_each_stage_counts_the_videos_that_got_through_it() -> None:
-    report = RunReport(total=5, skipped=0)
+    report = RunReport(total=6, skipped=0)
     timed = {"download_s": 1.0, "transcode_s": 2.0, "depth_s": 0.5}
     report.add(_video("ok", status="ok", **timed))
     # A 404 spent time downloading; a resumed video kept its earlier download, so has no time.
@@ -19,15 +19,19 @@ def test_each_stage_counts_the_videos_that_got_through_it() -> None:
     for resumed in ("resumed", "resumed-too"):
         report.add(_video(resumed, status="ok", transcode_s=2.0, depth_s=0.5))
     report.add(_video("dark", download_s=1.0, transcode_s=2.0).fail("depth", "crashed"))
+    # Its commit failed (found in review, stop 57: failed in the run's row, in no stage's).
+    report.add(_video("lost", status="ok", **timed).fail("store", "commit failed"))
 
+    stages = ("download", "transcode", "depth", "store")
     rows = {row["stage"]: row for row in report.table()}
-    assert [(rows[s]["done"], rows[s]["failed"]) for s in ("download", "transcode", "depth")] == [
+    assert [(rows[s]["done"], rows[s]["failed"]) for s in stages] == [
+        (5, 1),
+        (5, 0),
         (4, 1),
-        (4, 0),
         (3, 1),
     ]
-    assert (rows["run"]["done"], rows["run"]["failed"]) == (3, 2)
-    assert rows["download"]["total_s"] == 2.2  # the time spent, the failed attempt's included
+    assert (rows["run"]["done"], rows["run"]["failed"]) == (3, 3)
+    assert rows["download"]["total_s"] == 3.2  # the time spent, the failed attempt's included
 
 
 def test_a_server_s_words_in_an_error_show_as_text_in_the_failures_artifact() -> None:
