@@ -137,6 +137,25 @@ def test_enlarging_an_elongated_image_keeps_the_recipe_within_one_level(
     np.testing.assert_allclose(out, expected, atol=1.0 / 128 + 1e-6)
 
 
+@pytest.mark.parametrize(("width", "height"), [(1024, 768), (1920, 1080), (600, 2000)])
+def test_shrinking_a_large_photo_keeps_the_recipe(width: int, height: int) -> None:
+    """Large images shrink by a whole factor first (INTER_AREA), then to the short side: the
+    result is the written recipe's (one antialiased resize, then the crop) within a few levels.
+    Found in review (stop 57): no test took this path on real content; the other checks use a
+    short side of 256 or less, or one colour, where a wrong size or factor looks right."""
+    low = np.random.default_rng(width).integers(0, 256, (height // 32, width // 32, 3), np.uint8)
+    rgb = cv2.resize(low, (width, height), interpolation=cv2.INTER_CUBIC)  # a photo's detail
+    out = preprocess(rgb, SPEC)
+    scale = SPEC.resize_short_side / min(height, width)
+    size = (round(width * scale), round(height * scale))
+    resized = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    top, left = (size[1] - SPEC.crop_size) // 2, (size[0] - SPEC.crop_size) // 2
+    crop = resized[top : top + SPEC.crop_size, left : left + SPEC.crop_size]
+    expected = ((crop.astype(np.float32) - 127.0) / 128.0).transpose(2, 0, 1)
+    levels = np.abs(out - expected) * 128
+    assert levels.max() <= 6 and levels.mean() <= 1, (levels.max(), levels.mean())
+
+
 def test_a_one_pixel_high_image_of_a_million_pixels_is_cheap() -> None:
     """Enlarging 1 x 1,000,000 whole would take 196 GB; the centre crop alone is 150 KB."""
     rgb = decode_image(solid_png(1_000_000, 1, colour=(10, 20, 30)))
