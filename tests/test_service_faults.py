@@ -342,13 +342,15 @@ def test_a_second_stop_signal_cuts_the_drain_short(
     ) in server.log(), server.log()
 
 
+@pytest.mark.parametrize("batching", ["off", "on"])
 def test_health_follows_a_model_that_stops_answering_and_comes_back(
-    model_cache: Path, photos: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+    model_cache: Path, photos: dict[str, bytes], monkeypatch: pytest.MonkeyPatch, batching: str
 ) -> None:
     """Found in review: health and /readyz were set once, as the model loaded; a GPU lost
     under load (an Xid, a sticky CUDA error) failed every call with INTERNAL while every probe
     read SERVING. No device here fails on demand, so ONNX Runtime's call is made to fail, in
-    a real server on 127.0.0.1 (in this process, to reach it); the rest is the real path."""
+    a real server on 127.0.0.1 (in this process, to reach it); the rest is the real path. With
+    batching on too (on a GPU, `auto` turns it on): the batcher's workers call the model."""
     from common.net import free_port
     from services.inference import backends, model_watch
     from services.inference.server import _serve_until
@@ -365,7 +367,7 @@ def test_health_follows_a_model_that_stops_answering_and_comes_back(
     port = http_port = free_port()
     while http_port == port:  # two picks in a row may give one port
         http_port = free_port()
-    settings = InferenceSettings(cache_dir=model_cache, backend="onnx", batching="off",
+    settings = InferenceSettings(cache_dir=model_cache, backend="onnx", batching=batching,
                                  port=port, http_port=http_port)  # fmt: skip
     loop, events = asyncio.new_event_loop(), {}
 
