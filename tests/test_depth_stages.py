@@ -1039,12 +1039,19 @@ def test_an_error_no_check_foresaw_fails_its_video_not_the_shard(tmp_path: Path)
 
 
 def test_a_transcode_past_its_timeout_is_stopped(tmp_path: Path) -> None:
-    record = transcode(
-        _record("http://h/v.mp4").update(raw_path=str(CLIP)),
-        tmp_path,
-        DepthSettings(transcode_timeout_s=0.05),
-    )
-    assert record.failed and "timed out after 0.05 s" in record.error
+    """Failed, its partial file gone, and its ffmpeg stopped: the partial file is unlinked even
+    while an ffmpeg left running writes on (found in review, stop 57: nothing checked it)."""
+    record = _record("http://h/v.mp4").update(raw_path=str(CLIP))
+    ffmpeg_exe()  # found first: imageio-ffmpeg checks its binary by running it
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        done = pool.submit(transcode, record, tmp_path, DepthSettings(transcode_timeout_s=0.2))
+        running = False
+        while not done.done():
+            running = running or bool(_ffmpeg_children_niceness())
+            time.sleep(0.005)
+    record = done.result()
+    assert record.failed and "timed out after 0.2 s" in record.error
+    assert running and _ffmpeg_children_niceness() == []  # it ran, and was stopped
     assert list(tmp_path.iterdir()) == []
 
 
