@@ -535,3 +535,15 @@ def test_a_cluster_with_nodes_elsewhere_is_refused_while_the_api_is_on_loopback(
     monkeypatch.setattr(depth_extraction, "nodes_elsewhere", list)
     with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:8123/api"}):
         depth_extraction.check_api_reachable()  # all on this machine (as the tests' clusters)
+    # Which nodes are elsewhere: the live ones at no address of this machine (the tests'
+    # clusters are all on 127.0.0.1, where an answer of none always passed; stop 57).
+    import ray
+
+    from flows.ray_runner import nodes_elsewhere
+
+    nodes = [{"Alive": True, "NodeManagerAddress": "203.0.113.7"},
+             {"Alive": True, "NodeManagerAddress": "127.0.0.1"},
+             {"Alive": False, "NodeManagerAddress": "203.0.113.9"}]  # fmt: skip
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert nodes_elsewhere() == ["203.0.113.7"]
