@@ -662,6 +662,24 @@ def test_redirects_to_another_host_are_followed_only_to_public_addresses(tmp_pat
     assert server.requests["v.mp4"] == 2  # only the listed host's own redirects reached it
 
 
+def test_a_redirect_to_another_listed_private_host_is_refused_over_a_kept_connection(
+    tmp_path: Path,
+) -> None:
+    """Found in review (stop 57): a shard's session keeps its connection to a listed private
+    mirror alive, and a hop to that host from another server went over it with no lookup, so
+    the resolver never checked it: an arbitrary path of the private host fetched."""
+    settings = DepthSettings(**FAST_RETRIES, download_concurrency=1)  # one after the other
+    with VideoServer({"v.mp4": Serve(CLIP), "secret.mp4": Serve(CLIP)}) as server:
+        private = server.url("v.mp4").replace("//127.0.0.1:", "//localhost:")  # listed: allowed
+        server.routes["hostile.mp4"] = Redirect(private.replace("v.mp4", "secret.mp4"))
+        records = [_record(private, "mirror"), _record(server.url("hostile.mp4"), "hostile")]
+        mirror, hostile = download_many(records, tmp_path, settings)
+        secret_asked = server.requests["secret.mp4"]
+    assert not mirror.failed, mirror.error
+    assert hostile.failed and "localhost is a loopback" in hostile.error, hostile.error
+    assert secret_asked == 0
+
+
 @pytest.mark.parametrize(
     ("origin", "target", "refused"),
     [

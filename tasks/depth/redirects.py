@@ -11,7 +11,9 @@ it is: the list chose it.
 The addresses of a host name are checked by the session's resolver (`PublicOnlyResolver`) as
 the connection is made, so what is checked is what is connected to: a name that resolves to a
 public address for a check and to a private one for the connection (DNS rebinding) is refused
-too. Hand-written because aiohttp has no hook to refuse a redirect before it is followed.
+too, and a hop to another host never goes over a connection kept alive from before (made with
+no such check). Hand-written because aiohttp has no hook to refuse a redirect before it is
+followed.
 """
 
 from __future__ import annotations
@@ -104,23 +106,35 @@ async def final_response(
 ) -> AsyncIterator[aiohttp.ClientResponse]:
     """The response at the end of `url`'s redirects, each checked (`redirect_refusal`, and a
     session from `session_connector`); RedirectRefused for one that is not followed, or past
-    `max_redirects`."""
+    `max_redirects`.
+
+    Hops to another host go through a session of their own: `session` keeps connections to
+    every host the list names alive, and a hop to one of them (another video's private mirror)
+    went over its pooled connection, with no lookup for the resolver to check."""
     listed = current = URL(url)
-    for _ in range(max_redirects + 1):
-        to_another_host = _PUBLIC_ONLY.set(current.host != listed.host)
-        try:
-            async with session.get(current, allow_redirects=False) as response:
-                location = response.headers.get("Location")
-                if response.status not in REDIRECT_STATUS or location is None:
-                    yield response
-                    return
-                target = response.url.join(URL(location))
-        finally:
-            _PUBLIC_ONLY.reset(to_another_host)
-        if (refusal := redirect_refusal(listed, current, target)) is not None:
-            raise RedirectRefused(refusal)
-        if target.origin() == current.origin() and target.user is None:
-            # The credentials stay for the same origin, as aiohttp keeps them.
-            target = target.with_user(current.user).with_password(current.password)
-        current = target
-    raise RedirectRefused(f"too many redirects (over {max_redirects})")
+    async with contextlib.AsyncExitStack() as hop_sessions:
+        elsewhere_session: aiohttp.ClientSession | None = None
+        for _ in range(max_redirects + 1):
+            elsewhere = current.host != listed.host
+            if elsewhere and elsewhere_session is None:
+                elsewhere_session = await hop_sessions.enter_async_context(
+                    aiohttp.ClientSession(timeout=session.timeout, connector=session_connector())
+                )
+            to_another_host = _PUBLIC_ONLY.set(elsewhere)
+            try:
+                hop = elsewhere_session if elsewhere and elsewhere_session else session
+                async with hop.get(current, allow_redirects=False) as response:
+                    location = response.headers.get("Location")
+                    if response.status not in REDIRECT_STATUS or location is None:
+                        yield response
+                        return
+                    target = response.url.join(URL(location))
+            finally:
+                _PUBLIC_ONLY.reset(to_another_host)
+            if (refusal := redirect_refusal(listed, current, target)) is not None:
+                raise RedirectRefused(refusal)
+            if target.origin() == current.origin() and target.user is None:
+                # The credentials stay for the same origin, as aiohttp keeps them.
+                target = target.with_user(current.user).with_password(current.password)
+            current = target
+        raise RedirectRefused(f"too many redirects (over {max_redirects})")
