@@ -789,28 +789,32 @@ def test_consume_fails_within_the_grace_when_the_broker_dies_and_counts_unanswer
 
 @pytest.mark.faults
 @pytest.mark.slow
+@pytest.mark.parametrize("fps", ["30", "0.05"])
 def test_produce_fails_within_the_grace_when_the_broker_dies(
-    own_broker: LocalBroker, tmp_path: Path
+    own_broker: LocalBroker, tmp_path: Path, fps: str
 ) -> None:
+    """At a slow pace too (a frame every 20 s): the wait for the next frame served no client
+    event, so the outage was seen at the next frame (found in review, stop 57)."""
     kafka = fresh_topics(own_broker)
     log_path = tmp_path / "produce.log"
     with open(log_path, "wb") as log_file:
         produce = subprocess.Popen(
             _cli(
-                "produce", "--source", str(CLIP), "--fps", "30", "--loop",
+                "produce", "--source", str(CLIP), "--fps", fps, "--loop",
                 "--bootstrap-servers", kafka.bootstrap_servers, "--topic", kafka.frames_topic,
                 "--broker-grace-s", str(BROKER_GRACE_S),
             ),
             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log_file, text=True,
         )  # fmt: skip
-    took_s, _ = _kill_broker_expect_exit(
-        own_broker, produce, log_path, (lambda: _published(kafka) >= 30, 60, "30 frames published")
-    )
+    first = 30 if fps == "30" else 1
+    under_way = (lambda: _published(kafka) >= first, 60, f"{first} frame(s) published")
+    took_s, _ = _kill_broker_expect_exit(own_broker, produce, log_path, under_way)
     stats = json.loads(produce.stdout.read().strip().splitlines()[-1])
     print(f"produce ended {took_s:.1f} s after the broker died: {stats}")
     assert kafka.bootstrap_servers in stats["broker_error"]
     # The frames read in the grace were never taken by a broker: counted failed, not delivered.
-    assert stats["failed"] > 0 and stats["delivered"] + stats["failed"] == stats["frames_read"]
+    assert stats["delivered"] + stats["failed"] == stats["frames_read"]
+    assert stats["failed"] > 0 if fps == "30" else stats["frames_read"] == 1
 
 
 def _published(kafka: KafkaSettings) -> int:

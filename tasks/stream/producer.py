@@ -468,6 +468,21 @@ def _replay_all(
         raise errors[0]
 
 
+# How often a paced file source serves its client's events while it waits for its next turn.
+SERVE_EVERY_S = 0.1
+
+
+def _wait_until(due: float, stop: threading.Event, serve_events: Callable[[], None]) -> bool:
+    """Wait until `due` (monotonic) or `stop` (True), serving the client's events meanwhile: at
+    `--fps 0.05` a broker lost between two frames went unnoticed until the next one, 20 s on,
+    and the run outlived `--broker-grace-s` by as much (a live source's wait serves them too)."""
+    while (left := due - time.monotonic()) > 0:
+        if stop.wait(min(left, SERVE_EVERY_S)):
+            return True
+        serve_events()
+    return stop.is_set()
+
+
 def _replay(
     feed: Feed,
     settings: ProducerSettings,
@@ -489,8 +504,8 @@ def _replay(
         if settings.max_frames is not None and frame_index >= settings.max_frames:
             break
         if fps is not None:  # pace like live cameras: turn t is due at t / (N * fps)
-            delay = started + turn / (n * fps) - time.monotonic()
-            if delay > 0 and stop.wait(delay):
+            due = started + turn / (n * fps)
+            if _wait_until(due, stop, outlet.serve_events):
                 break
         # The camera's turn: its frame is taken now (a live source's copies: when it was read).
         capture_ts_ns = taken_ns if feed.live is not None else time.time_ns()
