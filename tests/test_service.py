@@ -468,6 +468,36 @@ def test_sigterm_drains_an_in_flight_stream(tmp_path: Path, model_cache: Path, v
 
 
 @pytest.mark.slow
+def test_sigterm_drains_the_unary_calls_queued_for_the_model(
+    tmp_path: Path, model_cache: Path, video_frames
+) -> None:
+    """Without batching (a CPU's usual choice) unary calls wait in the server's own call pool
+    for a model worker: SIGTERM answers every call open when it came, the queued ones too
+    (found in review, stop 57: only a stream's drain, which always batches, was tested)."""
+    server = start_server(tmp_path, model_cache, "--batching", "off")
+    server.wait_serving()
+    channel, stub = _stub(server.target)
+    with channel:
+        request = inference_pb2.ClassifyRequest(image=video_frames[0])
+        calls = [stub.Classify.future(request, timeout=60) for _ in range(24)]
+        calls[0].result()  # under way; most of the rest queued for one of the model's workers
+        server.process.send_signal(signal.SIGTERM)
+        codes = [call.code() for call in calls]
+    assert server.process.wait(60) == 0, server.log()
+    found = re.search(r"of (\d+) call\(s\) open at shutdown, (\d+) call\(s\) drained", server.log())
+    assert found, server.log()
+    open_at_stop, drained = map(int, found.groups())
+    # Those queued for a thread counted open too ("of 2 call(s) open at shutdown, 22 call(s)
+    # drained": the interceptor sees a call only once its handler starts).
+    assert open_at_stop >= 2 and drained == open_at_stop, server.log()
+    answered = codes.count(grpc.StatusCode.OK)
+    assert answered >= 1 + open_at_stop and set(codes) <= {
+        grpc.StatusCode.OK,
+        grpc.StatusCode.UNAVAILABLE,  # sent after the stop began: refused
+    }, codes
+
+
+@pytest.mark.slow
 def test_an_open_health_watch_does_not_hold_shutdown_for_the_grace(
     tmp_path: Path, model_cache: Path
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import ssl
@@ -23,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from common.files import atomic_output
 from common.net import host_port, is_loopback_host
 from services.inference.call_auth import TokenCheck
-from services.inference.call_pool import CallPool
+from services.inference.call_pool import CallPool, queued_calls
 from services.inference.http_endpoint import start_http
 from services.inference.metrics import ServiceMetrics
 from services.inference.model_watch import WatchedBackend
@@ -248,6 +249,25 @@ def _note_http_port(path: Path | None, http_port: int) -> None:
         log.warning("could not write the HTTP port to %s (--http-port-file): %s", path, exc)
 
 
+def _say_listening(settings: InferenceSettings, grpc_port: int, http_port: int) -> None:
+    """Where the server listens and how (the bound ports: --port 0 lets the system choose)."""
+    tls = settings.tls_cert is not None and settings.tls_key is not None
+    log.info(
+        "gRPC on %s (%s, reflection %s, token %s), HTTP on %s; loading model",
+        host_port(settings.host, grpc_port),
+        "TLS" if tls else "plaintext",
+        "on" if settings.reflection else "off",
+        "wanted" if settings.auth_token is not None else "not wanted",
+        host_port(settings.host, http_port),
+    )
+    if settings.auth_token is not None and not tls and not is_loopback_host(settings.host):
+        log.warning(
+            "the token crosses the network in clear on %s: serve with --tls-cert/--tls-key "
+            "(clients send it only over TLS or to a loopback address)",
+            settings.host,
+        )
+
+
 async def _serve_until(
     stop: asyncio.Event, stop_now: asyncio.Event, settings: InferenceSettings
 ) -> None:
@@ -269,21 +289,7 @@ async def _serve_until(
         ) from None
     http_port = runner.addresses[0][1] if runner.addresses else settings.http_port
     _note_http_port(settings.http_port_file, http_port)
-    tls = settings.tls_cert is not None and settings.tls_key is not None
-    log.info(
-        "gRPC on %s (%s, reflection %s, token %s), HTTP on %s; loading model",
-        host_port(settings.host, grpc_port),  # the bound ports: --port 0 lets the system choose
-        "TLS" if tls else "plaintext",
-        "on" if settings.reflection else "off",
-        "wanted" if settings.auth_token is not None else "not wanted",
-        host_port(settings.host, http_port),
-    )
-    if settings.auth_token is not None and not tls and not is_loopback_host(settings.host):
-        log.warning(
-            "the token crosses the network in clear on %s: serve with --tls-cert/--tls-key "
-            "(clients send it only over TLS or to a loopback address)",
-            settings.host,
-        )
+    _say_listening(settings, grpc_port, http_port)
     try:
         follow = _health_follows_the_model(service, health_servicer, is_ready, metrics, stop)
         if await _loaded_before_stop(service, stop, follow):
@@ -298,7 +304,10 @@ async def _serve_until(
         )
         is_ready.clear()
         metrics.ready.set(0)
-        await drain_calls(server, health_servicer, calls, settings.shutdown_grace_s, stop_now)
+        queued = functools.partial(queued_calls, service.classify_pool, checks)
+        await drain_calls(
+            server, health_servicer, calls, settings.shutdown_grace_s, stop_now, queued
+        )
     finally:
         with contextlib.suppress(Exception):
             server.stop(0)

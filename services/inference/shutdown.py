@@ -272,15 +272,17 @@ async def drain_calls(
     calls: CallTracker,
     grace_s: float,
     stop_now: asyncio.Event | None = None,
+    queued: Callable[[], int] = lambda: 0,
 ) -> None:
     """Refuse new calls, give those in flight up to `grace_s` to end, then cancel the rest;
-    at once if `stop_now` is set meanwhile (a second Ctrl-C)."""
+    at once if `stop_now` is set meanwhile (a second Ctrl-C). `queued` counts the calls taken
+    and waiting for a thread of the server's pools: open too, though no handler has begun."""
     watches = calls.open_watches
     # Watchers hear NOT_SERVING, then their watches end (in that order, on each one's thread).
     await asyncio.to_thread(health_servicer.enter_graceful_shutdown)
     await asyncio.to_thread(calls.end_watches)
     calls.start_grace(grace_s)
-    ended_before, open_at_stop = calls.ended, calls.open
+    ended_before, open_at_stop = calls.ended, calls.open + queued()
     stopped = server.stop(grace_s)
     stopping = asyncio.ensure_future(asyncio.to_thread(stopped.wait))
     cut = asyncio.ensure_future((stop_now or asyncio.Event()).wait())
