@@ -240,8 +240,9 @@ EXPOSE 50051 8000
 
 # /readyz answers 503 while the model loads and warms up and while draining, 200 when serving
 # (as gRPC health's NOT_SERVING and SERVING). Over plain HTTP, so it holds with TLS on the gRPC
-# port too (a plaintext gRPC probe failed there and the container read unhealthy); on
-# 127.0.0.1, then ::1 (VIDFLOW_INFERENCE_HOST=:: binds IPv6 alone). Exit 1 when not ready
+# port too (a plaintext gRPC probe failed there and the container read unhealthy); on the
+# address VIDFLOW_INFERENCE_HOST names where it names one (a pod's own IP), then 127.0.0.1,
+# then ::1 (VIDFLOW_INFERENCE_HOST=:: binds IPv6 alone). Exit 1 when not ready
 # (Docker reserves 2). The port the server bound is followed (it writes it to the file below),
 # so `serve --http-port 9000` or 0 stays healthy.
 ENV VIDFLOW_INFERENCE_HTTP_PORT_FILE=/tmp/vidflow-inference-http-port

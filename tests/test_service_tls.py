@@ -340,3 +340,27 @@ def test_serve_binds_an_ipv6_loopback_address(tmp_path: Path, model_cache: Path,
         server.terminate()
         code = server.wait(60)
     assert code == 0
+
+
+def test_the_health_check_asks_the_one_address_the_service_binds(
+    tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container told to bind its pod's own IP (VIDFLOW_INFERENCE_HOST) was asked on loopback
+    alone, and stayed unhealthy for good (found in review, stop 57). 127.0.0.2 stands in for
+    that address: a loopback address other than the two asked before."""
+    port, http_port = free_port(), free_port()
+    monkeypatch.setenv("VIDFLOW_INFERENCE_HOST", "127.0.0.2")
+    args = ["serve", "--port", str(port), "--http-port", str(http_port)]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vidflow.cli", *args, "--cache-dir", str(model_cache)],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until_serving(f"127.0.0.2:{port}", 120)
+        assert ready_probe.ready(str(http_port))
+        monkeypatch.setenv("VIDFLOW_INFERENCE_HOST", "0.0.0.0")  # every address: loopback
+        assert not ready_probe.ready(str(http_port))  # nothing on 127.0.0.1 or ::1 there
+    finally:
+        server.terminate()
+        code = server.wait(60)
+    assert code == 0

@@ -1,8 +1,10 @@
 """The container's health check: is the service on this machine ready (`/readyz` says 200)?
 
-Over plain HTTP, so it holds with TLS on the gRPC port; asked on 127.0.0.1, then on ::1: a
-service bound to `::` listens on IPv6 alone (aiohttp binds it IPv6-only). Exit 0 when ready,
-1 otherwise (Docker reserves 2). Standard library only: it runs every 30 s.
+Over plain HTTP, so it holds with TLS on the gRPC port; asked on the address
+`VIDFLOW_INFERENCE_HOST` names where it names one (a pod's own IP: bound there alone, the
+service was never seen ready on loopback), then 127.0.0.1, then ::1: a service bound to `::`
+listens on IPv6 alone (aiohttp binds it IPv6-only). Exit 0 when ready, 1 otherwise (Docker
+reserves 2). Standard library only: it runs every 30 s.
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ LOOPBACKS = ("127.0.0.1", "[::1]")
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def probed_hosts() -> list[str]:
+    """Where the service is asked, in turn: its bound address first, unless it binds them all."""
+    host = os.environ.get("VIDFLOW_INFERENCE_HOST", "").strip()
+    if host in ("", "0.0.0.0", "::", "[::]", "localhost"):
+        return list(LOOPBACKS)
+    return [f"[{host}]" if ":" in host and not host.startswith("[") else host, *LOOPBACKS]
+
+
 def ready(port: str, timeout_s: float = 5.0) -> bool:
-    """Whether the service's HTTP endpoint on this machine's loopback says it is ready."""
-    for host in LOOPBACKS:
+    """Whether the service's HTTP endpoint on this machine says it is ready."""
+    for host in probed_hosts():
         try:
             with _DIRECT.open(f"http://{host}:{port}/readyz", timeout=timeout_s):
                 return True
