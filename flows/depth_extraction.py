@@ -212,6 +212,11 @@ def check_fits_cluster(settings: DepthSettings) -> None:
     depth workers than there are GPUs: Ray would hold it pending, and the run would sit at 0 %
     with no word of why."""
     cpus = largest_node("CPU")
+    if not cpus:  # the run sizes its shards and actors by the CPUs it finds as it starts
+        raise ValueError(
+            "this Ray cluster has no CPU now (an autoscaling cluster whose workers are not up "
+            "yet?): keep one worker node up, or give the head CPUs (`ray start --num-cpus`)"
+        )
     for flag, asked in (("--transcode-cpus", settings.transcode_cpus),
                         ("--depth-cpus", settings.depth_cpus)):  # fmt: skip
         if asked > cpus:

@@ -547,3 +547,20 @@ def test_a_cluster_with_nodes_elsewhere_is_refused_while_the_api_is_on_loopback(
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
     assert nodes_elsewhere() == ["203.0.113.7"]
+
+
+def test_a_cluster_with_no_cpu_now_is_refused_with_what_to_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An autoscaling cluster whose head has no CPU and whose workers are not up yet was
+    refused as "--transcode-cpus 1: no node ... has that many CPUs (the largest has 0)" (found
+    in review, stop 57). No such cluster here: its node list is made up; the rule is real."""
+    import ray
+
+    from flows.depth_extraction import check_fits_cluster
+
+    head = {"Alive": True, "Resources": {"memory": 1e9}, "NodeManagerAddress": "127.0.0.1"}
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: [head])
+    with pytest.raises(ValueError, match=r"has no CPU now .*: keep one worker node up"):
+        check_fits_cluster(DepthSettings())
