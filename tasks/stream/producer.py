@@ -572,6 +572,9 @@ class _FrameOutlet:
     _said_too_large: bool = False  # the first frame over the size limit is said, once
     _failure_said_at: float = -math.inf  # when failed deliveries were last said (monotonic)
     _unsaid_failures: int = 0  # failed deliveries since
+    # Frames queued and not yet reported on: what a flush that runs out of time leaves. (Its
+    # own count, librdkafka's queue length, takes in statistics and error events too.)
+    _unreported: int = 0
 
     def publish(self, camera: Camera, frame: Frame) -> None:
         try:
@@ -589,6 +592,8 @@ class _FrameOutlet:
             return
         if not queued:  # stopped while the queue was full: not published, as frames after it
             return
+        with self._counts:  # before the poll below, which may report on it
+            self._unreported += 1
         self.producer.poll(0)
         with self._counts:
             self.stats.frames_read += 1
@@ -635,6 +640,7 @@ class _FrameOutlet:
 
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
         with self._counts:
+            self._unreported -= 1
             if error is None:
                 self.stats.delivered += 1
                 self.watch.delivered(message)  # made after an outage: the broker is back
@@ -669,9 +675,10 @@ class _FrameOutlet:
         With the broker gone, wait for it no longer than the rest of the grace."""
         watch, stats = self.watch, self.stats
         flush_s = 30.0 if not watch.down else max(1.0, watch.grace_s - watch.down_for_s())
-        remaining = self.producer.flush(flush_s)
+        self.producer.flush(flush_s)
         with self._counts:
             unsaid, self._unsaid_failures = self._unsaid_failures, 0
+            remaining = max(0, self._unreported)
         if unsaid:
             log.error("%d more frame(s) not delivered", unsaid)
         if remaining:
