@@ -66,9 +66,11 @@ proto: setup
 # Refresh the pins after changing dependencies in pyproject.toml (setup installs the change first).
 # In steps: a pipe into constraints.txt emptied it first, and a failed freeze left it empty or
 # partial while make went on (a pipe's status is its last command's).
+# `--all`: setuptools too, which torch and grpcio-tools need at run time (pip's freeze leaves it
+# out on Python < 3.12, and a setup then took the newest of the day); pip is pinned above.
 constraints: setup
-	$(BIN)/python -m pip freeze --exclude-editable > .constraints.frozen
-	grep -v '^vidflow' .constraints.frozen > .constraints.new
+	$(BIN)/python -m pip freeze --all --exclude-editable > .constraints.frozen
+	grep -v -e '^vidflow' -e '^pip==' .constraints.frozen > .constraints.new
 	mv .constraints.new constraints.txt && rm -f .constraints.frozen
 
 bench: setup

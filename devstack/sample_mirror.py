@@ -48,7 +48,11 @@ def build_app(
     """An aiohttp app answering each Kinetics name with a real sample clip, anything else 404."""
     clips = sorted(clips_dir.glob("*.mp4"))
     if not clips:
-        raise FileNotFoundError(f"no .mp4 sample clips in {clips_dir}")
+        raise FileNotFoundError(
+            f"no .mp4 sample clips in {clips_dir} (in the compose stack: the folder "
+            "VIDFLOW_SHARED_DATA names on the host, ../shared/data by default, mounted there; "
+            "the worker waits for this mirror)"
+        )
     names = _mirror_names(kinetics_csv)
 
     async def serve(request: web.Request) -> web.StreamResponse:

@@ -38,6 +38,14 @@ os.environ.setdefault("RAY_TMPDIR", str(_STATE / "ray"))
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 os.environ.setdefault("VIDFLOW_DEPTH_CACHE_DIR", str(_STATE / "depth-cache"))
+# Hugging Face's cache and the user's depth model too, and no test fetches from the hub: after
+# an online `make demo` stored the real Depth Pro (1.9 GB) in the user's cache, the demo's
+# tests ran it on the CPU and timed out, and the PostgreSQL test fetched it where it was not
+# there yet (found in review, stop 57). Tests of the hub serve one of their own on loopback.
+os.environ["HF_HOME"] = str(_STATE / "hf")
+os.environ["HF_HUB_OFFLINE"] = "1"
+for _name in ("VIDFLOW_DEPTH_DEPTH_MODEL", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    os.environ.pop(_name, None)
 
 # No per-example time limit for property tests: speed is measured in bench/, and on a shared
 # 2-core CI machine one example of plain arithmetic took 289 ms (the default limit is 200).
