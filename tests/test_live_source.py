@@ -17,7 +17,7 @@ import pytest
 from common.net import free_port
 from tasks.depth.transcode import ffmpeg_exe
 from tasks.stream.frame_codec import decode_frame
-from tasks.stream.live_source import LatestFrame, is_live
+from tasks.stream.live_source import LatestFrame, is_live, open_live
 from tasks.stream.producer import produce_frames
 from tasks.stream.settings import KafkaSettings, ProducerSettings
 from tests.conftest import VIDEOS
@@ -99,6 +99,26 @@ def test_a_live_stream_read_slower_than_it_runs_drops_frames_instead_of_falling_
     # (the queue handed back 11 frames, one after the other); the rest dropped and counted.
     assert advanced >= 0.7 * span_s * CLIP_FPS, (advanced, span_s)
     assert stats.frames_dropped >= advanced - published, stats
+
+
+def test_a_live_stream_is_read_from_its_opening_so_its_first_frame_is_fresh(
+    live_stream: tuple[str, subprocess.Popen],
+) -> None:
+    """Found in review (stop 57): the reading thread began at the first frame taken, so what
+    the stream queued meanwhile (the producer's start: seconds on a busy machine) came first,
+    stamped as read then, and was counted as dropped by a producer that had kept up."""
+    url, _ = live_stream
+    with open_live(url, "live", reconnect_s=0.0) as latest:
+        time.sleep(2.0)  # the producer starting: its client, the topic's partitions
+        got = latest.take(threading.Event())
+        assert got is not None
+        image, read_ns = got
+        dropped_before_first = latest.dropped
+    position = int(
+        np.argmin([np.mean((image.astype(np.float32) - f) ** 2) for f in _clip_frames()])
+    )
+    assert position >= 0.7 * 2.0 * CLIP_FPS, position  # the stream's now, not its start
+    assert time.time_ns() - read_ns < 1e9 and dropped_before_first == 0
 
 
 def test_copies_of_a_live_frame_carry_its_read_time(
@@ -197,7 +217,7 @@ class _OpensButSendsNothing:
     server before each of its reads gives up, too long for a test."""
 
     def __init__(self) -> None:
-        self.opens = 0
+        self.opens = self.releases = 0
 
     def open(self, target: str) -> bool:
         self.opens += 1
@@ -209,8 +229,11 @@ class _OpensButSendsNothing:
     def read(self) -> tuple[bool, None]:
         return False, None
 
+    def get(self, prop: int) -> float:
+        return 0.0  # a rate it does not know
+
     def release(self) -> None:
-        pass
+        self.releases += 1
 
 
 def test_a_source_that_opens_but_sends_nothing_backs_off_is_not_counted_back_and_is_lost() -> None:
@@ -224,4 +247,5 @@ def test_a_source_that_opens_but_sends_nothing_backs_off_is_not_counted_back_and
     latest.close()
     assert 1.4 <= took_s < 6, took_s
     assert latest.reconnects == 0  # opened, but never back
+    assert capture.releases == 1  # released once, as it was closed
     assert 1 <= capture.opens <= 4, capture.opens  # 0.25 s doubling over the whole outage

@@ -61,6 +61,7 @@ def open_live(target: str | int, shown: str, reconnect_s: float) -> Iterator[Lat
     try:
         if not latest.capture.isOpened():
             raise ValueError(f"cannot open video source {shown}")
+        latest.start()
         yield latest
     finally:
         latest.close()
@@ -77,9 +78,10 @@ class _Outage:
 
 
 class LatestFrame:
-    """The newest frame of a live capture, read on a thread of its own (started by the first
-    `take`, so the capture's properties can be read before it); older frames not taken in time
-    are dropped. It owns the capture and releases it."""
+    """The newest frame of a live capture, read on a thread of its own from `start` (else the
+    first `take`); older frames not taken in time are dropped. It owns the capture and
+    releases it; the rate the source reports is read before the thread starts (a capture is
+    not safe to ask while it reads)."""
 
     def __init__(
         self,
@@ -101,7 +103,8 @@ class LatestFrame:
         self._ended = False
         self._closing = False
         self._release_when_read = False  # closed during a read: the thread releases it
-        self.dropped = 0  # frames read but replaced before anyone took them
+        self.dropped = 0  # frames read but replaced before anyone took them (after the first)
+        self.reported_fps = 0.0  # what the source reports, read by `start`
         self.reconnects = 0  # times it dropped out and was opened again
         self._thread = threading.Thread(target=self._read_all, name=name, daemon=True)
 
@@ -156,6 +159,14 @@ class LatestFrame:
                 return True
         return False
 
+    def start(self) -> None:
+        """Read the source from now on, as it runs: started at the first `take`, the frames it
+        had queued since it was opened (the producer's start, seconds on a busy machine) were
+        published first, stamped as read then, and counted as dropped."""
+        if self._thread.ident is None:
+            self.reported_fps = self.capture.get(cv2.CAP_PROP_FPS)
+            self._thread.start()
+
     def take(
         self, stop: threading.Event, idle: Callable[[], None] | None = None
     ) -> tuple[np.ndarray, int] | None:
@@ -163,12 +174,12 @@ class LatestFrame:
         one; None once the source has ended (a lost camera or stream) or `stop` is set.
         `idle` runs every 0.1 s of the wait, outside the lock (a camera out for minutes must
         not stop its producer serving its client's events)."""
-        if self._thread.ident is None:  # the first take
-            self._thread.start()
+        self.start()
         while True:
             with self._changed:
                 if self._sequence != self._taken:
-                    self.dropped += self._sequence - self._taken - 1
+                    if self._taken:  # before the first take, the run had not begun
+                        self.dropped += self._sequence - self._taken - 1
                     self._taken = self._sequence
                     return self._image, self._read_ns
                 if self._ended or stop.is_set():

@@ -425,7 +425,7 @@ def _feed_fps(setting: str, capture: cv2.VideoCapture, live: LatestFrame | None)
     without the warning of a pace it is not held to."""
     if live is None or setting != "native":
         return target_fps(setting, capture)
-    reported = capture.get(cv2.CAP_PROP_FPS)
+    reported = live.reported_fps  # read as it started: its capture is its thread's now
     return reported if 0 < reported <= MAX_NATIVE_FPS else None
 
 
