@@ -287,6 +287,15 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
         kafka, producer_settings, settings.duration, consumer_settings, settings.consumers, client,
         read_on_until_idle=bool(settings.group),
     )  # fmt: skip
+    if summary.lag and (settings.group or produced.frames_end() is None):
+        # No end to drain to: a deadline ends it (another producer on the topic would keep it
+        # busy for ever), and what it left was said nowhere but in "lag at end".
+        get_run_logger().warning(
+            "the group stopped at its deadline (%g s from its start) with %d frame(s) of the "
+            "topic unread: a named group, or a run whose producer could not say where its "
+            "frames end, reads on until 5 s idle or that deadline",
+            consumer_settings.duration, summary.lag,
+        )  # fmt: skip
     return produced.as_dict(), summary.as_dict(), consumer_settings.group
 
 
