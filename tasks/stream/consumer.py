@@ -296,6 +296,9 @@ def _drained(member: FrameConsumer) -> bool:
     waited for as long as its grace (then BrokerLostError ends the run), the stall counted from
     its return."""
     now = time.monotonic()
+    # Said by the check that ends the loop: an earlier one (taking messages) may find the
+    # group stalled and the same pass then get an answer (the run failed as stalled, done).
+    member.summary.stalled = False
     if member.broker.down:
         member._broker_down_at = now
         return False
