@@ -25,6 +25,23 @@ DEFAULT_BUDGET_MS = 100.0  # e2e p99 budget of a live view (and the consumer's f
 # Frames captured in a step's first second are not judged: the cameras' staggered starts, the
 # first calls of fresh consumers (as the load test's warm-up, which is not counted either).
 WARMUP_S = 1.0
+# A stream's rate is a line fitted through its judged results (`result_rate`): fewer, and it
+# reads 0 fps, so every step fails.
+MIN_JUDGED_RESULTS = 3
+
+
+def check_step_judges(fps: float, step_seconds: float) -> None:
+    """Raise ValueError where a step at `fps` a stream gives each stream too few results after
+    its warm-up to judge its rate: a 2-fps source in 2-s steps read "0 streams" on any box."""
+    judged = fps * (step_seconds - WARMUP_S)
+    if judged < MIN_JUDGED_RESULTS:
+        shortest = WARMUP_S + MIN_JUDGED_RESULTS / fps
+        raise ValueError(
+            f"--step-seconds {step_seconds:g} at {fps:g} fps a stream leaves {judged:.3g} "
+            f"result(s) a stream to judge after the {WARMUP_S:g}-s warm-up, and its rate needs "
+            f"{MIN_JUDGED_RESULTS}: every step would read 0 streams; give --step-seconds "
+            f"{shortest:.3g} or more"
+        )
 
 
 @dataclass
@@ -66,7 +83,7 @@ def result_rate(frame_indexes: list[int], result_ts_s: list[float]) -> float:
     A least-squares fit over the whole step rather than first-to-last, so the jitter of the
     first and last results does not decide a short step; a consumer that falls behind stretches
     the slope and the rate drops below the source's."""
-    if len(frame_indexes) < 3:
+    if len(frame_indexes) < MIN_JUDGED_RESULTS:
         return 0.0
     slope, _ = np.polyfit(np.asarray(frame_indexes, float), np.asarray(result_ts_s, float), 1)
     return float(1.0 / slope) if slope > 0 else 0.0

@@ -27,6 +27,7 @@ from flows.capacity_rules import (
     WARMUP_S,
     StepFigures,
     capacity,
+    check_step_judges,
     deciding_steps,
     holds,
     next_streams,
@@ -299,6 +300,7 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
     record the sweep, its chart under `output_dir`."""
     logger = get_run_logger()
     width, height, fps = source_format(sweep.source, sweep.fps)
+    check_step_judges(fps, sweep.step_seconds)  # a native rate is known only now
     outcomes: dict[int, bool] = {}
     steps: list[StepFigures] = []
     topics: list[dict[str, Any]] = []  # the steps' topics left on the broker

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from common.settings import MAX_WAIT_S, SAMPLE_VIDEO, flag_name, one_line
-from flows.capacity_rules import DEFAULT_BUDGET_MS, WARMUP_S
+from flows.capacity_rules import DEFAULT_BUDGET_MS, WARMUP_S, check_step_judges
 from services.inference.settings import ClientSettings
 from tasks.stream.live_source import is_live
 from tasks.stream.settings import (
@@ -181,6 +181,8 @@ class StreamBenchmarkSettings(BaseModel):
             )
         if self.capacity and self.fps == "max":  # refused before a server and a run start
             raise ValueError("--capacity paces each stream like a camera: --fps max does not apply")
+        if self.capacity and self.fps != "native":  # native: once the source is open
+            check_step_judges(float(self.fps), self.step_seconds)
         if self.capacity:
             refuse_live_for_capacity(source_parts(self.source))
         mode, unused = ("--capacity", ONE_RUN_ONLY) if self.capacity else ("one run", SWEEP_ONLY)

@@ -196,6 +196,11 @@ def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -
         assert err.count("\n") == 1 and f"{flag} '{value}': Input should be" in err, err
     err = _refused([*bench, "--capacity", "--fps", "max"], capsys)
     assert "--fps max does not apply" in err and err.count("\n") == 1, err
+    # Too few results a stream after each step's warm-up to fit its rate: "0 streams" on any
+    # machine (found in review, stop 57); 3 fps in 2-s steps leaves 3, enough.
+    err = _refused([*bench, "--capacity", "--fps", "2", "--step-seconds", "2"], capsys)
+    assert "every step would read 0 streams; give --step-seconds 2.5 or more" in err, err
+    assert err.count("\n") == 1, err
 
 
 def test_stream_commands_refuse_topics_that_loop_or_that_kafka_would_not_take(
