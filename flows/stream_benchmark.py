@@ -263,6 +263,7 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
     consumer_settings = flow_consumer_settings(
         group=settings.group or f"stream-benchmark-{uuid.uuid4().hex[:8]}",
         concurrency=settings.concurrency,
+        group_members=settings.consumers,
         duration=group_deadline_s(settings.duration),
         idle_timeout=5.0,
         max_frame_age_ms=settings.max_frame_age_ms,

@@ -95,6 +95,7 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
     consumer_settings = flow_consumer_settings(
         group=f"capacity-{kafka.frames_topic}",
         concurrency=sweep.concurrency,
+        group_members=sweep.consumers,
         duration=group_deadline_s(sweep.step_seconds),
         idle_timeout=IDLE_TIMEOUT_S,
         max_frame_age_ms=sweep.budget_ms,
@@ -139,14 +140,8 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
     except BaseException:  # a lost broker, a failed member: the run fails, its frames go
         kept_topics(sweep, kafka, summary.dlq if summary is not None else None, timeout_s=5.0)
         raise
-    figures = step_figures(
-        streams,
-        produced.target_fps or 0.0,
-        records,
-        produced.per_stream,
-        produced.frames_read,
-        summary.lag,
-    )
+    figures = step_figures(streams, produced.target_fps or 0.0, records, produced.per_stream,
+                           produced.frames_read, summary.lag)  # fmt: skip
     return figures, kept_topics(sweep, kafka, dead_letters=summary.dlq)
 
 
@@ -261,7 +256,7 @@ has a result; frames captured in a step's first {WARMUP_S:g} s are warm-up, not 
 `no_result` column counts the whole step). Each step:
 {sweep.step_seconds:g} s of live streams from `{sweep.shown_source}`, {sweep.consumers} consumer(s)
 with at most {sweep.concurrency} calls in flight each (under the budget no more than the service
-works on at once, plus one), against `{sweep.client.target}`.
+works on at once, plus one, shared by the consumers), against `{sweep.client.target}`.
 
 ![per-stream fps and e2e p99 against live streams]({png_data_uri(png)})
 

@@ -512,10 +512,11 @@ def test_under_a_budget_the_consumer_keeps_in_flight_only_what_the_service_works
             ProducerSettings(source=str(CLIP), max_frames=40, fps="max", stream_id="b"), kafka
         )
         runs = {}
-        for name, budget in (("budget", 600_000.0), ("no budget", None)):
+        for name, budget, members in (("budget", 600_000.0, 1), ("no budget", None, 1),
+                                      ("a share", 600_000.0, 2)):  # fmt: skip
             consumer = _consumer(
                 kafka, server.target, group=f"{name}-{uuid.uuid4().hex[:6]}",
-                max_frame_age_ms=budget, max_frames=backlog.frames_read,
+                max_frame_age_ms=budget, max_frames=backlog.frames_read, group_members=members,
             )  # fmt: skip
             runs[name] = (consumer, consumer.run())
     finally:
@@ -527,6 +528,11 @@ def test_under_a_budget_the_consumer_keeps_in_flight_only_what_the_service_works
     unbudgeted, summary = runs["no budget"]
     assert summary.results_published == backlog.frames_read
     assert unbudgeted.in_flight_limit == 8 and unbudgeted.caller.max_in_flight > limit
+    # One of two members sharing the service (found in review, stop 57: each kept the whole,
+    # twice what the service works on in flight, in its queue where the budget cannot skip).
+    shared, summary = runs["a share"]
+    assert summary.results_published == backlog.frames_read
+    assert shared.in_flight_limit == shared.caller.max_in_flight == max(1, limit // 2)
 
 
 @pytest.mark.slow

@@ -159,19 +159,14 @@ class InferenceCaller:
         view does: at 1.5x capacity on 2 cores, 4 calls in flight classified as many frames as 8
         with e2e p99 176-199 ms against 241-267 ms (docs/benchmarks.md)."""
         limit = self.settings.concurrency
-        if self.settings.max_frame_age_ms is not None:
-            try:
-                parallelism = self.service_parallelism(timeout_s=5)
-            except ServiceNotReadyError as exc:
-                log.info("in-flight limit decided once the service answers (%s)", exc)
-                return None
-            if parallelism is not None and parallelism + 1 < limit:
-                limit = parallelism + 1
-                log.info(
-                    "latency budget: %d calls in flight (the service works on %d at once)",
-                    limit, parallelism,
-                )  # fmt: skip
-        return limit
+        if self.settings.max_frame_age_ms is None:
+            return limit
+        try:
+            parallelism = self.service_parallelism(timeout_s=5)
+        except ServiceNotReadyError as exc:
+            log.info("in-flight limit decided once the service answers (%s)", exc)
+            return None
+        return budget_limit(limit, parallelism, self.settings.group_members)
 
     def submit(self, message: Message, frame: Frame) -> None:
         """Call the service for a frame, unless it is already past the latency budget."""
@@ -328,3 +323,18 @@ def _dead_letter_failed(
             (HEADER_DLQ_ATTEMPTS, str(call.attempt).encode()),
         ),
     )
+
+
+def budget_limit(concurrency: int, parallelism: int | None, members: int) -> int:
+    """Under a latency budget, `concurrency` or one member's share of what the service works
+    on at once plus one, whichever is less (`parallelism` None: the service does not say). N
+    members each at the whole kept N times that in flight, in the service's queue where the
+    budget cannot skip them."""
+    share = None if parallelism is None else max(1, (parallelism + 1) // members)
+    if share is None or share >= concurrency:
+        return concurrency
+    log.info(
+        "latency budget: %d calls in flight (the service works on %d at once, shared by %d "
+        "consumer(s))", share, parallelism, members,
+    )  # fmt: skip
+    return share

@@ -432,7 +432,13 @@ class ConsumerSettings(BaseSettings):
         8,
         ge=1,
         description="inference calls in flight (with --max-frame-age-ms no more than the "
-        "service works on at once, plus one)",
+        "service works on at once, plus one, shared by --group-members)",
+    )
+    group_members: int = Field(
+        1,
+        ge=1,
+        description="consumers that share the service (a stream benchmark sets its group's): "
+        "with --max-frame-age-ms each keeps its share of the calls the service works on",
     )
     duration: float = Field(30.0, gt=0, description="seconds to run before the summary")
     idle_timeout: float | None = Field(
