@@ -85,7 +85,7 @@ def markdown_report(
     outcomes = {
         "skipped as stale": summary["skipped_stale"], "dead-lettered": summary["dlq"],
         "handed over": summary.get("handed_over", 0), "unanswered": summary["unanswered"],
-        "failed calls": summary["errors"],
+        "failed calls and deliveries": summary["errors"],
         "not delivered by producer": produced["failed"], "lag at end": lag,
     }  # fmt: skip
     outcome_rows = "\n".join(f"| {name} | {count} |" for name, count in outcomes.items())
@@ -116,7 +116,8 @@ Every frame consumed has one outcome: a result, a stale record (older than the l
 when its call was due), a dead letter, `handed over` (its partition went to another member of
 the group in a rebalance before it was answered: that member gives it its outcome), or
 `unanswered` (consumed, but no record got out: left uncommitted for the group to redo).
-`failed calls`: inference calls that failed, retried or dead-lettered.
+`failed calls and deliveries`: inference calls that failed (then retried or dead-lettered),
+and results or dead letters the broker did not take.
 
 ## Settings
 
