@@ -1381,3 +1381,43 @@ def test_a_ctrl_c_while_the_group_drains_gives_it_a_drain_s_then_stops_it(
     done.set()  # a group that ended before any stop: the watch ends, halting nothing
     prefect_tasks._cut_short_on_stop(done, untouched)
     assert not untouched.is_set()
+
+
+@pytest.mark.faults
+@pytest.mark.slow
+def test_a_ctrl_c_while_a_benchmark_drains_stops_its_group_within_the_drain(
+    prefect_api, kafka, scripted_service
+) -> None:
+    """The stop's watch and the members' `halt` wired through the flow: after the producer
+    has ended, a Ctrl-C gives the group DRAIN_S to finish, then stops it with the rest of its
+    backlog unanswered, and the run reports what it did (found in review, stop 57: the tests
+    of a Ctrl-C stopped a stream that drained within a second, and passed without either)."""
+    from tasks.stream.prefect_tasks import DRAIN_S, RUN_STOP
+
+    target, _ = scripted_service(lambda _request, _attempt: None, delay_s=0.2)  # 5 frames/s
+    frames = 120  # produced in a second or two; ~24 s of the service's work, one at a time
+    settings = StreamBenchmarkSettings(
+        source=str(CLIP), fps="max", max_frames=frames, concurrency=1,
+        client=ClientSettings(target=target), kafka=kafka,
+    )  # fmt: skip
+    outcome: dict[str, Any] = {}
+    running = threading.Thread(
+        target=lambda: outcome.update(run=stream_benchmark(settings=settings))
+    )
+    running.start()
+    try:
+        results = kafka.bootstrap_servers, kafka.results_topic, kafka.partitions
+        _wait_for(lambda: sum(partition_ends(*results)) > 0, 60, "the first results")
+        time.sleep(3.0)  # the producer (a second or two at --fps max) has ended: the group drains
+        stopped_at = time.monotonic()
+        RUN_STOP.set()  # the Ctrl-C
+        running.join(60)
+        took_s = time.monotonic() - stopped_at
+    finally:
+        RUN_STOP.set()
+        running.join(60)
+        RUN_STOP.clear()
+    assert not running.is_alive()
+    summary = outcome["run"]["summary"]
+    assert took_s < DRAIN_S + 8, took_s  # not the ~20 s the rest of the backlog would take
+    assert 0 < summary["results_published"] < frames, summary
