@@ -429,6 +429,11 @@ def _feed_fps(setting: str, capture: cv2.VideoCapture, live: LatestFrame | None)
     return reported if 0 < reported <= MAX_NATIVE_FPS else None
 
 
+# How long a stop waits for each source's thread to end its turn (a read, a publish) before the
+# captures are released under it (not safe while a read runs).
+HALT_WAIT_S = 5.0
+
+
 def _replay_all(
     feeds: list[Feed],
     settings: ProducerSettings,
@@ -459,11 +464,14 @@ def _replay_all(
     ]
     for thread in threads:
         thread.start()
-    while any(thread.is_alive() for thread in threads):
-        if stop.wait(0.05):
-            halt.set()
-    for thread in threads:
-        thread.join()
+    try:
+        while any(thread.is_alive() for thread in threads):
+            if stop.wait(0.05):
+                halt.set()
+    finally:  # a second Ctrl-C too: the captures are released once no thread reads them
+        halt.set()
+        for thread in threads:
+            thread.join(HALT_WAIT_S)
     if errors:
         raise errors[0]
 
