@@ -10,6 +10,7 @@ largest count that held and the smallest that did not.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,15 +33,15 @@ MIN_JUDGED_RESULTS = 3
 
 def check_step_judges(fps: float, step_seconds: float) -> None:
     """Raise ValueError where a step at `fps` a stream gives each stream too few results after
-    its warm-up to judge its rate: a 2-fps source in 2-s steps read "0 streams" on any box."""
-    judged = fps * (step_seconds - WARMUP_S)
-    if judged < MIN_JUDGED_RESULTS:
-        shortest = WARMUP_S + MIN_JUDGED_RESULTS / fps
+    its warm-up to judge its rate: a 2-fps source in 2-s steps read "0 streams" on any box. A
+    frame more than the fit needs: a step's clock starts before its cameras (staggered)."""
+    needed = MIN_JUDGED_RESULTS + 1
+    if fps * (step_seconds - WARMUP_S) < needed:
+        shortest = math.ceil((WARMUP_S + needed / fps) * 10) / 10
         raise ValueError(
-            f"--step-seconds {step_seconds:g} at {fps:g} fps a stream leaves {judged:.3g} "
-            f"result(s) a stream to judge after the {WARMUP_S:g}-s warm-up, and its rate needs "
-            f"{MIN_JUDGED_RESULTS}: every step would read 0 streams; give --step-seconds "
-            f"{shortest:.3g} or more"
+            f"--step-seconds {step_seconds:g} at {fps:g} fps a stream leaves too few results "
+            f"after the {WARMUP_S:g}-s warm-up to judge its rate ({needed} are needed): every "
+            f"step would read 0 streams; give --step-seconds {shortest:g} or more"
         )
 
 

@@ -44,7 +44,7 @@ from services.inference.client import (
     wait_until_serving,
 )
 from tasks.stream.consumer_summary import nothing_answered
-from tasks.stream.prefect_tasks import DRAIN_S, group_deadline_s, run_producer_and_group
+from tasks.stream.prefect_tasks import DRAIN_S, RUN_STOP, group_deadline_s, run_producer_and_group
 from tasks.stream.settings import source_list
 from tasks.stream.topics import BrokerUnreachableError, check_broker
 
@@ -261,10 +261,12 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
     """The producer and the consumer group side by side on the run's topics: what the producer
     did, the group's merged summary, and the group's id."""
     kafka, client = settings.kafka, settings.client
+    cameras = len(source_list(settings.source)) * settings.streams
+    busy = min(cameras, kafka.partitions)  # a camera's frames stay in one partition
     consumer_settings = flow_consumer_settings(
         group=settings.group or f"stream-benchmark-{uuid.uuid4().hex[:8]}",
         concurrency=settings.concurrency,
-        group_members=settings.consumers,
+        group_members=min(settings.consumers, busy),  # those with work share the service
         duration=group_deadline_s(settings.duration),
         idle_timeout=5.0,
         max_frame_age_ms=settings.max_frame_age_ms,
@@ -276,8 +278,6 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
         source=settings.source, fps=settings.fps, loop=settings.loop,
         max_frames=settings.max_frames, streams=settings.streams,
     )  # fmt: skip
-    cameras = len(source_list(settings.source)) * settings.streams
-    busy = min(cameras, kafka.partitions)  # a camera's frames stay in one partition
     if settings.consumers > busy:
         get_run_logger().warning(
             "%d consumers share %d camera(s) on %d partition(s): only %d consumer(s) get work "
@@ -289,7 +289,8 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
         kafka, producer_settings, settings.duration, consumer_settings, settings.consumers, client,
         read_on_until_idle=bool(settings.group),
     )  # fmt: skip
-    if summary.lag and (settings.group or produced.frames_end() is None):
+    stopped_otherwise = RUN_STOP.is_set() or summary.delivery_error or summary.broker_error
+    if summary.lag and (settings.group or produced.frames_end() is None) and not stopped_otherwise:
         # No end to drain to: a deadline ends it (another producer on the topic would keep it
         # busy for ever), and what it left was said nowhere but in "lag at end".
         get_run_logger().warning(

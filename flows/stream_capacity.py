@@ -95,7 +95,7 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
     consumer_settings = flow_consumer_settings(
         group=f"capacity-{kafka.frames_topic}",
         concurrency=sweep.concurrency,
-        group_members=sweep.consumers,
+        group_members=min(sweep.consumers, streams, kafka.partitions),  # those with work
         duration=group_deadline_s(sweep.step_seconds),
         idle_timeout=IDLE_TIMEOUT_S,
         max_frame_age_ms=sweep.budget_ms,

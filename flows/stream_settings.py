@@ -228,11 +228,14 @@ def flow_producer_settings(**run: Any) -> ProducerSettings:
 def check_tuning(settings: StreamBenchmarkSettings) -> None:
     """Raise ValueError naming each bad `VIDFLOW_CONSUMER_*` / `VIDFLOW_PRODUCER_*` tuning value
     the run's consumers and producer would read: found before a Prefect server starts and a
-    group joins, not as a flow run's traceback once they have."""
-    for settings_cls, run in (
-        (ConsumerSettings, FLOW_CONSUMER_RUN),
-        (ProducerSettings, {**FLOW_PRODUCER_RUN, "source": settings.source}),
-    ):
+    group joins, not as a flow run's traceback once they have. The fields the flow sets itself
+    are given (as a run or a sweep step sets them), so their variables are not read."""
+    consumer = {**FLOW_CONSUMER_RUN, "group": "check", "concurrency": settings.concurrency,
+                "group_members": settings.consumers, "duration": 1.0}  # fmt: skip
+    producer = {**FLOW_PRODUCER_RUN, "source": settings.source, "fps": settings.fps,
+                "loop": settings.loop, "max_frames": settings.max_frames,
+                "stream_id": "check"}  # fmt: skip
+    for settings_cls, run in ((ConsumerSettings, consumer), (ProducerSettings, producer)):
         try:
             settings_cls(**run)
         except ValidationError as exc:

@@ -532,7 +532,7 @@ def test_under_a_budget_the_consumer_keeps_in_flight_only_what_the_service_works
     # twice what the service works on in flight, in its queue where the budget cannot skip).
     shared, summary = runs["a share"]
     assert summary.results_published == backlog.frames_read
-    assert shared.in_flight_limit == shared.caller.max_in_flight == max(1, limit // 2)
+    assert shared.in_flight_limit == shared.caller.max_in_flight == -(-limit // 2)  # rounded up
 
 
 @pytest.mark.slow

@@ -330,7 +330,7 @@ def budget_limit(concurrency: int, parallelism: int | None, members: int) -> int
     on at once plus one, whichever is less (`parallelism` None: the service does not say). N
     members each at the whole kept N times that in flight, in the service's queue where the
     budget cannot skip them."""
-    share = None if parallelism is None else max(1, (parallelism + 1) // members)
+    share = None if parallelism is None else -(-(parallelism + 1) // members)  # rounded up
     if share is None or share >= concurrency:
         return concurrency
     log.info(

@@ -429,8 +429,8 @@ def _feed_fps(setting: str, capture: cv2.VideoCapture, live: LatestFrame | None)
     return reported if 0 < reported <= MAX_NATIVE_FPS else None
 
 
-# How long a stop waits for each source's thread to end its turn (a read, a publish) before the
-# captures are released under it (not safe while a read runs).
+# How long a stop waits for the sources' threads to end their turns (a read, a publish) before
+# the captures are released (not safe under a read still running: a stalled network read).
 HALT_WAIT_S = 5.0
 
 
@@ -470,8 +470,9 @@ def _replay_all(
                 halt.set()
     finally:  # a second Ctrl-C too: the captures are released once no thread reads them
         halt.set()
+        give_up_at = time.monotonic() + HALT_WAIT_S  # one wait for them all
         for thread in threads:
-            thread.join(HALT_WAIT_S)
+            thread.join(max(0.0, give_up_at - time.monotonic()))
     if errors:
         raise errors[0]
 
