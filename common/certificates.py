@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
-PEM_TRUSTED_CERTIFICATE = b"-----BEGIN TRUSTED CERTIFICATE-----"
+# The armours OpenSSL reads as certificates (X509 CERTIFICATE is the legacy one).
+PEM_HEADERS = (
+    b"-----BEGIN CERTIFICATE-----",
+    b"-----BEGIN TRUSTED CERTIFICATE-----",
+    b"-----BEGIN X509 CERTIFICATE-----",
+)
 
 
 def pem_certificates(path: Path) -> Path:
@@ -18,7 +22,7 @@ def pem_certificates(path: Path) -> Path:
         head = path.read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot be read: {exc.strerror or exc}") from None
-    if PEM_CERTIFICATE not in head and PEM_TRUSTED_CERTIFICATE not in head:
+    if not any(header in head for header in PEM_HEADERS):
         raise ValueError(
             "holds no PEM certificate (no '-----BEGIN CERTIFICATE-----' line): a DER file "
             "converts with `openssl x509 -inform der -in CA.der -out CA.pem`"

@@ -74,10 +74,11 @@ def depth_extraction(
     else is `settings`, whose fields left out come from VIDFLOW_DEPTH_* variables, then the
     defaults. Calling the flow returns the run's summary (a dict); the flow run ends Completed
     with its counts as the state's message, so the runs list says which runs lost videos, or
-    Failed when not one video of the input is done (calling the flow then raises
-    DepthRunFailedError, which holds the summary): a run that produced nothing (a model the
-    workers cannot load, the source down) reads as failed to whatever watches Prefect's
-    states, as it does to the command line's exit code."""
+    Failed when not one video of the input is done or the Parquet export failed (calling the
+    flow then raises DepthRunFailedError, which holds the summary; its `parquet` is None for an
+    export): a run that produced nothing (a model the workers cannot load, the source down)
+    reads as failed to whatever watches Prefect's states, as it does to the command line's
+    exit code."""
     try:
         settings = run_settings(settings)
         untrained = check_settings(settings)
@@ -101,8 +102,9 @@ def depth_extraction(
 
 
 class DepthRunFailedError(RunFailedError):
-    """Not one video of the run's input was done: `summary` holds its counts and rows' story
-    (the failures artifact names each video's error)."""
+    """Not one video of the run's input was done, or its Parquet export failed (`parquet` is
+    None then): `summary` holds its counts and rows' story (the failures artifact names each
+    video's error)."""
 
     @property
     def summary(self) -> dict[str, Any]:

@@ -573,7 +573,8 @@ def test_streaming_loadtest_counts_bad_images_as_errors_and_goes_on(
     # The bad image answers on the stream with `error` set; the stream itself carries on. One
     # answer in five, counted as an error and not as a request too (a 25 % band took that).
     assert level.error_codes == {"ITEM_ERROR": level.errors}, level
-    assert level.errors / (level.requests + level.errors) == pytest.approx(0.2, abs=0.02), level
+    answers = level.requests + level.errors  # a run of request ids, give or take a call in
+    assert abs(level.errors - answers / 5) <= 4, level  # flight at each end of the window
     assert level.mean_batch_size > 1.0  # four open streams share batches
     assert 0 < level.latency_ms["p50"] <= level.latency_ms["p99"]
 

@@ -118,7 +118,11 @@ async def final_response(
             elsewhere = current.host != listed.host
             if elsewhere and elsewhere_session is None:
                 elsewhere_session = await hop_sessions.enter_async_context(
-                    aiohttp.ClientSession(timeout=session.timeout, connector=session_connector())
+                    aiohttp.ClientSession(  # the cookies a hop sets go on with the download
+                        timeout=session.timeout,
+                        connector=session_connector(),
+                        cookie_jar=session.cookie_jar,
+                    )
                 )
             to_another_host = _PUBLIC_ONLY.set(elsewhere)
             try:
