@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -323,24 +324,31 @@ def test_host_port_brackets_ipv6_addresses() -> None:
     assert host_port("127.0.0.1", 50051) == "127.0.0.1:50051"
 
 
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
-@pytest.mark.parametrize("host", ["::1", "[::1]"])  # bracketed: gRPC bound, then HTTP failed
-def test_serve_binds_an_ipv6_loopback_address(tmp_path: Path, model_cache: Path, host: str) -> None:
-    port, http_port = free_port(), free_port()
-    args = ["serve", "--host", host, "--port", str(port), "--http-port", str(http_port)]
+@contextlib.contextmanager
+def _serving(model_cache: Path, target: str, *args: str) -> Iterator[None]:
+    """`vidflow serve ARGS` for the block, SERVING at `target` first; it must exit 0."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "vidflow.cli", *args, "--cache-dir", str(model_cache)],
+        [sys.executable, "-m", "vidflow.cli", "serve", *args, "--cache-dir", str(model_cache)],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        wait_until_serving(f"[::1]:{port}", 120)
-        assert _http_get(f"http://[::1]:{http_port}/readyz")[0] == 200
-        # The image's health check finds it on ::1 (127.0.0.1 has nothing on that port).
-        assert ready_probe.ready(str(http_port))
+        wait_until_serving(target, 120)
+        yield
     finally:
         server.terminate()
         code = server.wait(60)
     assert code == 0
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.parametrize("host", ["::1", "[::1]"])  # bracketed: gRPC bound, then HTTP failed
+def test_serve_binds_an_ipv6_loopback_address(tmp_path: Path, model_cache: Path, host: str) -> None:
+    port, http_port = free_port(), free_port()
+    args = ["--host", host, "--port", str(port), "--http-port", str(http_port)]
+    with _serving(model_cache, f"[::1]:{port}", *args):
+        assert _http_get(f"http://[::1]:{http_port}/readyz")[0] == 200
+        # The image's health check finds it on ::1 (127.0.0.1 has nothing on that port).
+        assert ready_probe.ready(str(http_port))
 
 
 def test_the_health_check_asks_the_one_address_the_service_binds(
@@ -351,20 +359,11 @@ def test_the_health_check_asks_the_one_address_the_service_binds(
     that address: a loopback address other than the two asked before."""
     port, http_port = free_port(), free_port()
     monkeypatch.setenv("VIDFLOW_INFERENCE_HOST", "127.0.0.2")
-    args = ["serve", "--port", str(port), "--http-port", str(http_port)]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vidflow.cli", *args, "--cache-dir", str(model_cache)],
-        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_until_serving(f"127.0.0.2:{port}", 120)
+    with _serving(model_cache, f"127.0.0.2:{port}", "--port", str(port), "--http-port",
+                  str(http_port)):  # fmt: skip
         deadline = time.monotonic() + 10  # /readyz follows gRPC's SERVING by a moment
         while not ready_probe.ready(str(http_port)):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         monkeypatch.setenv("VIDFLOW_INFERENCE_HOST", "0.0.0.0")  # every address: loopback
         assert not ready_probe.ready(str(http_port))  # nothing on 127.0.0.1 or ::1 there
-    finally:
-        server.terminate()
-        code = server.wait(60)
-    assert code == 0
