@@ -52,6 +52,9 @@ def test_concurrent_requests_share_batches_up_to_the_limit() -> None:
     assert max(len(b) for b in batches) == 4
     assert len(batches) == 3
     assert all(r.batch_size == len(b) for b in batches for r in results if r.value // 10 in b)
+    # Each waited in the queue for the batches before its own (one worker, 20 ms a batch): the
+    # response's queue_ms and the "queue" stage (stop 57: no test read them when batching).
+    assert min(r.queue_s for r in results) >= 0 and max(r.queue_s for r in results) >= 0.035
 
 
 def test_a_lone_request_is_not_held_back() -> None:
@@ -175,6 +178,7 @@ def test_a_caller_that_gives_up_while_queued_is_not_run() -> None:
         abandoned = admission.submit(2)
     time.sleep(0.05)
     assert abandoned.cancel()  # its caller is gone (its call ended)
+    assert not batcher._pending  # withdrawn at once: it holds no place in a batch, sets no deadline
     time.sleep(0.05)
     release.set()
     results = [first.result(timeout=30), _classify(batcher, 3)]

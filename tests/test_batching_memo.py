@@ -39,8 +39,16 @@ def test_a_kept_verdict_is_recalled_with_when_it_was_measured(tmp_path: Path) ->
     assert f"kept in {MEMO_FILE}" in recalled.reason
 
 
-def test_anything_the_verdict_depends_on_changes_its_key(tmp_path: Path) -> None:
+def test_anything_the_verdict_depends_on_changes_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     key = choice_key(**PARTS)
+    from services.inference import batching_memo  # the machine's part: its CPUs and their model
+
+    for name, value in (("usable_cpus", lambda: 32), ("_cpu_model", lambda: "another CPU")):
+        with monkeypatch.context() as machine:
+            machine.setattr(batching_memo, name, value)
+            assert choice_key(**PARTS) != key, name
     assert choice_key(**PARTS) == key  # the same model, settings and machine: the same key
     for name, other in [("weights", "cd34"), ("device", "cuda"), ("workers", 2),
                         ("max_batch_size", 16), ("threads", 1), ("min_speedup", 1.5)]:  # fmt: skip

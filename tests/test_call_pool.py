@@ -75,9 +75,12 @@ def test_at_the_thread_cap_the_oldest_stalled_call_makes_room() -> None:
     pool, model = CallPool(1, idle_timeout_s=30, max_threads=3), ModelCalls()
     stalled = [pool.submit(_handler, pool, model, None) for _ in range(3)]  # every thread held
     time.sleep(0.2)
+    waits = sorted(pool._waits.values(), key=lambda wait: wait.since)  # oldest first
     answered = pool.submit(_handler, pool, model, 0.0)
     answered.result(timeout=5)  # before: queued for the 30-s idle timeout
     assert sum(future.done() for future in stalled) == 1  # one made room, the others wait on
+    # The one waiting longest (stop 57: any one of them passed).
+    assert len(waits) == 3 and [wait.made_room for wait in waits] == [True, False, False]
     for wait in list(pool._waits.values()):  # end them for the test
         wait.context.cancel()
     assert all(future.result(timeout=5).cancelled for future in stalled)

@@ -81,3 +81,15 @@ def test_a_lock_where_none_can_be_made_lets_its_holder_go_on_unlocked(tmp_path: 
         assert locked is False
     with exclusive_lock(tmp_path / ".x.lock") as locked:
         assert locked is True
+
+
+def test_an_output_whose_writing_fails_is_neither_kept_nor_left_half_written(
+    tmp_path: Path,
+) -> None:
+    """A block that raises (a full disk): no file under the final name, which a resumed run
+    would take as done, and no partial left (found in review, stop 57: only blocks that
+    succeed were tried)."""
+    with pytest.raises(OSError, match="disk full"), atomic_output(tmp_path / "cut.mp4") as part:
+        part.write_bytes(b"half a clip")
+        raise OSError(28, "disk full")
+    assert list(tmp_path.iterdir()) == []
