@@ -219,23 +219,30 @@ def verdict_line(
     most_tried: int | None = None,
     unfinished: bool = False,
     one_failed: list[str] | None = None,
+    failed_at: int | None = None,
 ) -> str:
     """The sweep's answer in one line, e.g. "6 streams of 340x256 at 28 fps on this machine";
     "at least" where the most streams tried held (`most_tried`), or where the sweep was
     stopped before it found the count that fails (`unfinished`): the box may take more. With
     none held, why one stream did not hold (`one_failed`, its `shortfalls`): a bare "0
-    streams" sent the user to the log to find out."""
+    streams" sent the user to the log to find out. `failed_at`: the stream count whose step
+    failed and ended the sweep (a lost broker or service), which "stopped" read as a Ctrl-C."""
     noun = "stream" if streams == 1 else "streams"
     line = f"{streams} {noun} of {width}x{height} at {fps:g} fps on this machine"
     if not streams and not unfinished and one_failed:
         return f"{line} (one stream did not hold real time: {'; '.join(one_failed)})"
+    ended = (
+        f"failed in its step of {failed_at} stream{'s' if failed_at != 1 else ''}"
+        if failed_at is not None
+        else "was stopped"
+    )
     if unfinished and not streams:
         return (
-            f"no stream count of {width}x{height} at {fps:g} fps measured: the sweep was "
-            "stopped before its first stream count was decided"
+            f"no stream count of {width}x{height} at {fps:g} fps measured: the sweep {ended} "
+            "before its first stream count was decided"
         )
     if unfinished:
-        return f"at least {line} (the sweep was stopped before it ended)"
+        return f"at least {line} (the sweep {ended} before it ended)"
     if most_tried is not None and streams >= most_tried:
         return f"at least {line} (the most tried: raise --max-streams to look further)"
     return line

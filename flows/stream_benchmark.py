@@ -19,14 +19,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from common.files import FolderNotWritableError, check_writable_folder
 from flows import artifact_keys
+from flows.capacity_rules import check_step_judges
 from flows.run_failure import failed_state
 from flows.run_logs import logs_in_run
-from flows.stream_capacity import capacity_sweep
+from flows.stream_capacity import capacity_sweep, source_format
 from flows.stream_failures import (
     BrokerLostDuringRunError,
     FramesUndeliveredError,
     GroupStalledError,
     NothingAnsweredError,
+    NothingReadError,
     ResultsUndeliveredError,
     SourceLostError,
     StreamRunFailedError,
@@ -35,6 +37,7 @@ from flows.stream_failures import (
 from flows.stream_settings import (
     FLOW_THREADS,
     StreamBenchmarkSettings,
+    check_tuning,
     flow_consumer_settings,
     flow_producer_settings,
 )
@@ -45,8 +48,9 @@ from services.inference.client import (
 )
 from tasks.stream.consumer_summary import nothing_answered
 from tasks.stream.prefect_tasks import DRAIN_S, RUN_STOP, group_deadline_s, run_producer_and_group
+from tasks.stream.producer import check_sources
 from tasks.stream.settings import source_list
-from tasks.stream.topics import BrokerUnreachableError, check_broker
+from tasks.stream.topics import BrokerUnreachableError, TopicNotCreatedError, check_broker
 
 log = logging.getLogger(__name__)
 TABLE_COLUMNS = ("stage", "p50", "p90", "p99", "max", "mean")
@@ -148,6 +152,10 @@ def stream_benchmark(
     (ServiceUnreachableError)."""
     settings = settings or StreamBenchmarkSettings()
     with logs_in_run("tasks.stream"), logs_in_run(__name__):
+        try:  # the command checked them already; a run from a deployment or the UI has not
+            check_inputs(settings)
+        except (ValueError, OSError) as bad_input:
+            return failed_state(bad_input)
         try:
             check_stack(settings)
             if settings.capacity:
@@ -155,9 +163,21 @@ def stream_benchmark(
             return _benchmark(settings)
         except (
             StreamRunFailedError, BrokerUnreachableError, ServiceUnreachableError,
-            FolderNotWritableError,
+            FolderNotWritableError, TopicNotCreatedError,
         ) as failure:  # fmt: skip
             return failed_state(failure)
+
+
+def check_inputs(settings: StreamBenchmarkSettings) -> None:
+    """Raise ValueError (or OSError) for a run's own bad inputs, before a broker, a service or
+    a group is asked: a missing source or one with no video frame, a bad `VIDFLOW_CONSUMER_*` /
+    `VIDFLOW_PRODUCER_*` value, a source whose own rate is too slow for a sweep's steps to
+    judge. The command runs it before it starts a Prefect server, the flow again for a run
+    started from a deployment (which ended in a traceback, or Completed with 0 frames)."""
+    check_sources(settings.source)
+    check_tuning(settings)
+    if settings.capacity:
+        check_step_judges(source_format(settings.source, settings.fps)[2], settings.step_seconds)
 
 
 def check_stack(settings: StreamBenchmarkSettings) -> None:
@@ -221,6 +241,12 @@ def _raise_if_failed(outcome: dict[str, Any], settings: StreamBenchmarkSettings)
         )
     if lost_source := produced.get("source_error"):
         raise SourceLostError(f"{lost_source}; the report covers the run until then", outcome)
+    if not produced["frames_read"] and not RUN_STOP.is_set():
+        raise NothingReadError(
+            f"the producer read no frame from {settings.shown_source} (a file whose frames do "
+            "not decode, a stream that sent none): the run measured nothing",
+            outcome,
+        )
     if produced["failed"] and not produced["delivered"]:
         raise FramesUndeliveredError(
             f"the broker took none of the producer's frames ({produced['failed']} failed; the "

@@ -27,7 +27,6 @@ from flows.capacity_rules import (
     WARMUP_S,
     StepFigures,
     capacity,
-    check_step_judges,
     deciding_steps,
     holds,
     next_streams,
@@ -294,8 +293,7 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
     """Find the largest number of live streams that holds real time (up to `max_streams`);
     record the sweep, its chart under `output_dir`."""
     logger = get_run_logger()
-    width, height, fps = source_format(sweep.source, sweep.fps)
-    check_step_judges(fps, sweep.step_seconds)  # a native rate is known only now
+    width, height, fps = source_format(sweep.source, sweep.fps)  # judged by check_inputs
     outcomes: dict[int, bool] = {}
     steps: list[StepFigures] = []
     topics: list[dict[str, Any]] = []  # the steps' topics left on the broker
@@ -333,7 +331,8 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
         if not stopped:
             outcomes[streams] = not reasons
             streams = next_streams(outcomes, sweep.max_streams)
-    result = sweep_result(sweep, outcomes, steps, (width, height, fps))
+    failed_at = streams if ended is not None else None
+    result = sweep_result(sweep, outcomes, steps, (width, height, fps), failed_at)
     result["topics"] = topics
     if ended is not None:
         failure = getattr(ended, "failure", BrokerLostDuringRunError)
@@ -346,14 +345,18 @@ def sweep_result(
     outcomes: dict[int, bool],
     steps: list[StepFigures],
     source: tuple[int, int, float],
+    failed_at: int | None = None,
 ) -> dict[str, Any]:
-    """The sweep's verdict and figures, its chart and artifacts published."""
+    """The sweep's verdict and figures, its chart and artifacts published (`failed_at`: the
+    stream count whose step failed and ended the sweep)."""
     held = capacity(outcomes)
     unfinished = next_streams(outcomes, sweep.max_streams) is not None
     # For a verdict of none held: why the one stream's deciding try did not hold.
     one_failed = shortfalls(deciding_steps(steps)[0], sweep.budget_ms) if steps else None
     width, height, fps = source
-    verdict = verdict_line(held, width, height, fps, sweep.max_streams, unfinished, one_failed)
+    verdict = verdict_line(
+        held, width, height, fps, sweep.max_streams, unfinished, one_failed, failed_at
+    )
     chart_path = publish_sweep(sweep, steps, verdict)
     get_run_logger().info("capacity: %s (chart %s)", verdict, chart_path)
     return {

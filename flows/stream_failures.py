@@ -33,6 +33,10 @@ class SourceLostError(StreamRunFailedError):
     """A live source (a camera, a stream) stopped giving frames during the run."""
 
 
+class NothingReadError(StreamRunFailedError):
+    """The producer read no frame from its source: the run measured nothing."""
+
+
 class NothingAnsweredError(StreamRunFailedError):
     """Frames went through the broker, but the service answered none of them."""
 

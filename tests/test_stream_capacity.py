@@ -207,6 +207,12 @@ def test_the_verdict_line_names_count_size_and_rate() -> None:
                     "real time: e2e p99 116.1 ms > 100 ms)")  # fmt: skip
     ceiling = verdict_line(8, 340, 256, 28.0, most_tried=8)
     assert ceiling.startswith("at least 8 streams of 340x256") and "--max-streams" in ceiling
+    # A sweep that a failed step ended (a lost broker or service) read as one stopped by Ctrl-C.
+    failed = verdict_line(4, 340, 256, 28.0, most_tried=16, unfinished=True, failed_at=8)
+    assert failed == ("at least 4 streams of 340x256 at 28 fps on this machine (the sweep failed "
+                      "in its step of 8 streams before it ended)")  # fmt: skip
+    failed_first = verdict_line(0, 340, 256, 28.0, most_tried=16, unfinished=True, failed_at=1)
+    assert "the sweep failed in its step of 1 stream before its first" in failed_first
 
 
 def _sweep(onnx_server, kafka, tmp_path: Path, **settings) -> StreamBenchmarkSettings:
@@ -444,6 +450,7 @@ def test_a_sweep_whose_frames_the_service_never_classifies_fails_instead_of_find
     with pytest.raises(NothingAnsweredError, match=r"classified none of the \d+ frames") as failed:
         state.result()
     assert failed.value.outcome["steps"] == [] and failed.value.outcome["capacity"] == 0
+    assert "the sweep failed in its step of 1 stream" in failed.value.outcome["verdict"]
     # Its failed steps left no topic behind: the dead-letter topic holds no letter either.
     topics = AdminClient({"bootstrap.servers": kafka.bootstrap_servers}).list_topics(timeout=10)
     steps = tuple(f"{name}-" for name in (kafka.frames_topic, kafka.results_topic, kafka.dlq_topic))

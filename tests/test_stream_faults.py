@@ -326,6 +326,31 @@ def test_a_run_that_classified_nothing_or_stalled_fails_with_its_figures() -> No
     _raise_if_failed({"summary": healthy, "producer": produced}, settings)  # no failure
 
 
+def test_a_run_whose_source_or_results_failed_or_that_read_nothing_fails_with_its_figures() -> None:
+    """A lost camera, a consumer stopped by a results topic that refused its records, and a
+    source that gave no frame at all (a run started from a deployment skipped the command's
+    source check): each must fail the run, not end Completed with figures that read as a
+    healthy run's (the last read "0.0 frames/s" on a Completed run)."""
+    from flows.stream_benchmark import _raise_if_failed
+    from flows.stream_failures import NothingReadError, ResultsUndeliveredError, SourceLostError
+
+    settings = StreamBenchmarkSettings(source="webcam:0")
+    produced = {"delivered": 30, "failed": 0, "frames_read": 30, "fps": 28.0}
+    healthy = ConsumerSummary(frames_consumed=30, results_published=30).as_dict()
+    lost = {**produced, "source_error": "webcam:0 gave no frame for 5 s"}
+    with pytest.raises(SourceLostError, match="webcam:0 gave no frame for 5 s; the report"):
+        _raise_if_failed({"summary": healthy, "producer": lost}, settings)
+    refused = {**healthy, "delivery_error": "predictions: MSG_SIZE_TOO_LARGE"}
+    with pytest.raises(ResultsUndeliveredError, match="a consumer stopped: predictions: MSG_SIZE"):
+        _raise_if_failed({"summary": refused, "producer": produced}, settings)
+    nothing = {"delivered": 0, "failed": 0, "frames_read": 0, "fps": 0.0}
+    empty = ConsumerSummary().as_dict()
+    with pytest.raises(NothingReadError, match="read no frame from webcam:0") as failed:
+        _raise_if_failed({"summary": empty, "producer": nothing}, settings)
+    assert failed.value.outcome["producer"]["frames_read"] == 0
+    _raise_if_failed({"summary": healthy, "producer": produced}, settings)  # no failure
+
+
 @pytest.mark.faults
 def test_a_member_joining_mid_run_gets_no_frame_twice_and_every_frame_has_an_outcome(
     kafka, scripted_service, video_frames: list[bytes]

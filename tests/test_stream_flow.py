@@ -36,6 +36,8 @@ from flows.stream_benchmark import stream_benchmark
 from flows.stream_failures import FramesUndeliveredError
 from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.settings import ClientSettings
+from tasks.depth.transcode import ffmpeg_exe
+from tasks.stream.settings import KafkaSettings
 from tests.conftest import VIDEOS
 from tests.kafka_helpers import (
     partition_ends,
@@ -113,6 +115,10 @@ def test_the_flow_records_its_figures_as_artifacts(
     outcome = state.result()
     summary, produced = outcome["summary"], outcome["producer"]
     assert 200 <= produced["frames_read"] <= 320  # 5 s at the clip's 28 fps, twice
+    # The group keeps up with two live cameras: its rate is theirs (over its own window, from
+    # the first frame to the last result: a window from its start, the group's join included,
+    # read ~35 frames/s here and passed every check below).
+    assert summary["fps"] == pytest.approx(produced["fps"], rel=0.2), (summary, produced)
     assert len(produced["per_stream"]) == 2
     assert not [s for s in produced["per_stream"] if s.startswith("x")]  # the clip's own names
     # Each frame consumed once: the member whose partition got no frames stays in the group
@@ -397,6 +403,37 @@ def test_a_service_that_is_not_there_fails_the_run_in_one_line(prefect_api, kafk
     assert "vidflow serve" in run.stderr
     with get_client(sync_client=True) as client:
         assert client.count_flow_runs() == runs_before  # refused before a flow run existed
+
+
+def test_a_run_started_without_the_command_refuses_a_bad_source_in_one_line(
+    prefect_api, tmp_path: Path
+) -> None:
+    """The command checks its source before the flow runs; a run started from a deployment or
+    the UI went straight to the broker: a missing file ended in a traceback once its producer
+    opened it, and a capacity sweep of a clip too slow for its steps in a ValueError's. Both
+    now end Failed with the reason alone, before a broker is asked (none is there)."""
+    nowhere = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}")
+    missing = tmp_path / "gone.mp4"
+    slow = tmp_path / "two-fps.mp4"  # 2 results a stream in a 2-s step's 1 s after warm-up
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc=d=3:s=64x48:r=2",
+                    str(slow)], check=True, timeout=60)  # fmt: skip
+    sweep = {"capacity": True, "step_seconds": 2.0, "output_dir": tmp_path}
+    cases = [
+        (StreamBenchmarkSettings(source=str(missing), kafka=nowhere), f"not found: {missing}"),
+        (
+            StreamBenchmarkSettings(source=str(slow), kafka=nowhere, **sweep),
+            "--step-seconds 2 at 2 fps a stream leaves too few results",
+        ),
+    ]
+    for settings, reason in cases:
+        state = stream_benchmark(settings=settings, return_state=True)
+        assert state.is_failed() and reason in state.message, state.message
+        flow_errors = [
+            log.message
+            for log in _run_logs(state.state_details.flow_run_id)
+            if log.level >= logging.ERROR
+        ]
+        assert flow_errors == [state.message], flow_errors  # the reason, once, no traceback
 
 
 def test_two_runs_in_one_process_share_one_log_handler_until_the_last_ends() -> None:

@@ -250,19 +250,17 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
         from prefect.exceptions import TerminationSignal
 
         from devstack.prefect_api import prefect_api
-        from flows.capacity_rules import check_step_judges
-        from flows.stream_benchmark import StreamRunFailedError, check_stack, stream_benchmark
-        from flows.stream_capacity import source_format
-        from flows.stream_settings import check_tuning
+        from flows.stream_benchmark import (
+            StreamRunFailedError,
+            check_inputs,
+            check_stack,
+            stream_benchmark,
+        )
         from tasks.stream.consumer import format_summary
         from tasks.stream.prefect_tasks import RUN_STOP
-        from tasks.stream.producer import check_sources
 
     settings = stream_benchmark_settings(args)
-    check_sources(settings.source)  # before a Prefect server starts and a group joins
-    check_tuning(settings)  # the VIDFLOW_CONSUMER_* / VIDFLOW_PRODUCER_* its members read
-    if settings.capacity:  # a source's own rate too slow for its steps to judge
-        check_step_judges(source_format(settings.source, settings.fps)[2], settings.step_seconds)
+    check_inputs(settings)  # before a Prefect server starts and a group joins
     prepare_output_file(args.summary_json, "--summary-json")  # before the run, not after
     check_stack(settings)  # a broker or service that is not there: one line, no flow run
     # Ctrl-C: the run ends its producing now and reports (a sweep: the steps it finished); a
