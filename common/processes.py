@@ -126,11 +126,19 @@ def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
     def request_stop(signum: int, _frame: object) -> None:
         if signum == signal.SIGINT and stop.is_set():
             raise KeyboardInterrupt
-        stop.set()
+        set_from_handler(stop)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, request_stop)
     return stop
+
+
+def set_from_handler(event: threading.Event) -> None:
+    """Set `event` from a signal handler, on a thread of its own: a handler runs on the main
+    thread between two of its steps, and `set` takes the event's lock, which the main thread
+    holds for a moment in every `event.wait()`; set there, it waited for its own thread for
+    ever (a command that then ignored every SIGTERM)."""
+    threading.Thread(target=event.set, name="set-from-signal", daemon=True).start()
 
 
 def ignore_lance_fork_warning() -> None:

@@ -12,13 +12,14 @@ Precedence: flag (or flow parameter), then environment, then the default. The fl
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -66,6 +67,25 @@ class LogSettings(BaseSettings):
 
     level: str = Field("INFO", description="log level (DEBUG, INFO, WARNING, ERROR)")
     file: Path | None = Field(None, description="also append log lines to this file")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _known_level(cls, value: object) -> object:
+        """A level logging knows, upper-cased: `VIDFLOW_LOG_LEVEL=verbose` was found only when
+        the root logger was set, a traceback in `make demo` after its run folder was made."""
+        if not isinstance(value, str):
+            return value
+        known = [name for name in logging.getLevelNamesMapping() if name != "NOTSET"]
+        if value.strip().upper() not in known:
+            raise ValueError(f"not a log level (one of {', '.join(known)})")
+        return value.strip().upper()
+
+    @field_validator("file", mode="before")
+    @classmethod
+    def _empty_file_is_none(cls, value: object) -> object:
+        """An empty variable (compose's `${VIDFLOW_LOG_FILE:-}`) is no file, not the current
+        folder (every command then failed: "Is a directory")."""
+        return None if value == "" else value
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)

@@ -12,7 +12,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from common.net import free_port
-from common.settings import SAMPLE_VIDEO
+from common.settings import SAMPLE_VIDEO, LogSettings
 from devstack.broker import start_broker
 from tasks.depth.dataset_settings import check_dataset_settings, record_dataset_settings
 from tasks.depth.output_lock import check_output_free
@@ -466,12 +466,20 @@ def test_health_with_no_answer_says_where_it_asked_and_why(capsys) -> None:
     assert f"no health answer from {target}: nothing within 1 s: DEADLINE_EXCEEDED" in err, err
 
 
-def test_logging_that_cannot_be_set_up_is_one_line(tmp_path: Path, capsys) -> None:
+def test_logging_that_cannot_be_set_up_is_one_line(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
     health = ["health", "--target", CLOSED_PORT]
-    assert "logging:" in _refused([*health, "--log-level", "bogus"], capsys)
+    refused = _refused([*health, "--log-level", "bogus"], capsys)
+    assert refused.count("\n") == 1 and "--log-level 'bogus': not a log level (one of" in refused
     blocked = tmp_path / "file"
     blocked.write_text("")  # a file where the log's folder would be
     assert "logging:" in _refused([*health, "--log-file", str(blocked / "x.log")], capsys)
+    # An empty variable (compose's `${VIDFLOW_LOG_FILE:-}`) is no file: it was the current
+    # folder, and every command failed "Is a directory".
+    monkeypatch.setenv("VIDFLOW_LOG_FILE", "")
+    monkeypatch.setenv("VIDFLOW_LOG_LEVEL", "warning")
+    assert LogSettings().file is None and LogSettings().level == "WARNING"
 
 
 def test_export_onnx_names_a_weights_file_that_is_not_a_checkpoint(

@@ -30,6 +30,7 @@ import pytest
 
 from devstack.launcher import REPO_ROOT
 from devstack.processes import kill_marked_processes, marked_processes
+from services.inference.settings import ModelSource
 from tests.conftest import copy_prefect_home
 from tests.proc_helpers import listening_sockets
 from vidflow.demo import depth_model_for_demo, read_artifacts
@@ -70,10 +71,13 @@ def _wait_for(demo: DemoRun, pending: queue.Queue[str | None], text: str, timeou
     pytest.fail(f"the demo never printed {text!r}; its output:\n{demo.output[-6000:]}")
 
 
-def _start_demo(runs_dir: Path, *args: str) -> tuple[DemoRun, queue.Queue[str | None]]:
-    """`python -m vidflow.demo` with the untrained stand-in, its output lines fed to a queue."""
+def _start_demo(
+    runs_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[DemoRun, queue.Queue[str | None]]:
+    """`python -m vidflow.demo` with the untrained stand-in, its output lines fed to a queue
+    (`env`: variables of its own on top of this process's)."""
     marker = uuid.uuid4().hex
-    env = {**os.environ, MARKER: marker, "HF_HUB_OFFLINE": "1"}  # the untrained stand-in
+    env = {**os.environ, **(env or {}), MARKER: marker, "HF_HUB_OFFLINE": "1"}  # untrained
     command = [sys.executable, "-m", "vidflow.demo", *args, "--stream-seconds", "6",
                "--runs-dir", str(runs_dir)]  # fmt: skip
     process = subprocess.Popen(
@@ -94,7 +98,14 @@ def _start_demo(runs_dir: Path, *args: str) -> tuple[DemoRun, queue.Queue[str | 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRun]:
-    run, pending = _start_demo(tmp_path_factory.mktemp("demo-runs"), "--keep-ui", "--videos", "2")
+    # The user's own model cache, by its variable: a link to the usual one (its export kept).
+    models = ModelSource.model_fields["cache_dir"].default
+    models.mkdir(parents=True, exist_ok=True)
+    (users_cache := tmp_path_factory.mktemp("user-cache") / "models").symlink_to(models)
+    run, pending = _start_demo(
+        tmp_path_factory.mktemp("demo-runs"), "--keep-ui", "--videos", "2",
+        env={"VIDFLOW_INFERENCE_CACHE_DIR": str(users_cache)},
+    )  # fmt: skip
     process, marker = run.process, run.marker
     try:
         _wait_for(run, pending, "The Prefect UI stays up", timeout_s=600)
@@ -190,6 +201,15 @@ def test_every_port_of_the_local_stack_listens_on_loopback_only(demo: DemoRun) -
     ]
     assert len(listening) >= 4, listening  # UI/API, broker, gRPC, the service's HTTP port
     assert all(address.rsplit(":", 1)[0] in LOOPBACK for _, address in listening), listening
+
+
+def test_the_demo_s_service_keeps_its_models_where_the_user_said(demo: DemoRun) -> None:
+    """VIDFLOW_INFERENCE_CACHE_DIR (a small or read-only home) was beaten by the flag the demo
+    gave its service, ~/.cache/vidflow/models always; the depth flow's own variable was kept."""
+    commands = [psutil.Process(pid).cmdline() for pid in marked_processes(MARKER, demo.marker)]
+    [serve] = [c for c in commands if "serve" in c and "vidflow.cli" in c]
+    folder = Path(serve[serve.index("--cache-dir") + 1])  # the fixture's variable
+    assert folder.name == "models" and folder.parent.name.startswith("user-cache"), serve
 
 
 def test_ctrl_c_ends_the_demo_with_nothing_left_behind(demo: DemoRun) -> None:
@@ -337,6 +357,20 @@ def test_the_demo_without_its_sample_data_says_where_to_put_it(
     err = capsys.readouterr().err
     assert f"sample data not found: {missing}." in err and "../shared/data" in err
     assert str(demo.KINETICS_VAL_CSV) not in err  # that one is there
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_demo_with_an_unknown_log_level_says_so_and_makes_no_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`VIDFLOW_LOG_LEVEL=verbose make demo` ended in a traceback ("Unknown level") once the
+    root logger was set, its run folder already made and left empty."""
+    from vidflow import demo
+
+    monkeypatch.setenv("VIDFLOW_LOG_LEVEL", "verbose")
+    assert demo.main(["--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "VIDFLOW_LOG_LEVEL 'verbose': not a log level" in err, err
     assert not (tmp_path / "runs").exists()
 
 
@@ -525,6 +559,9 @@ def test_the_demo_reaches_its_services_past_a_proxy_and_uses_none_of_the_user_s(
     monkeypatch.setenv("VIDFLOW_INFERENCE_DEVICE", "cpu")  # how the service runs: kept
     # The user's own Prefect database: the demo used it, and cancelled its pool's open runs.
     monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "postgresql+asyncpg://u@db/prefect")
+    # The user's own Ray cluster: the demo's depth run used it (its actors left loaded there,
+    # a remote cluster's workers unable to reach the demo's loopback mirror).
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
 
     async def answer(request: web.Request) -> web.Response:
         return web.json_response({"got": await request.json()})
@@ -536,7 +573,7 @@ def test_the_demo_reaches_its_services_past_a_proxy_and_uses_none_of_the_user_s(
     monkeypatch.setattr(urllib.request, "_opener", None)
     with serve_in_thread(app) as port:
         assert demo_environment() == [
-            "PREFECT_API_DATABASE_CONNECTION_URL", "VIDFLOW_INFERENCE_HOST",
+            "PREFECT_API_DATABASE_CONNECTION_URL", "RAY_ADDRESS", "VIDFLOW_INFERENCE_HOST",
             "VIDFLOW_KAFKA_SECURITY_PROTOCOL",
         ]  # fmt: skip
         assert post_json(f"http://127.0.0.1:{port}/api/x", {"a": 1}) == {"got": {"a": 1}}
@@ -544,6 +581,9 @@ def test_the_demo_reaches_its_services_past_a_proxy_and_uses_none_of_the_user_s(
     assert os.environ["NO_PROXY"].startswith("corp.example,")  # the user's entries kept
     assert os.environ["VIDFLOW_DEPTH_FRAMES"] == "first"
     assert os.environ["VIDFLOW_INFERENCE_DEVICE"] == "cpu"
+    from flows.ray_start import cluster_address
+
+    assert cluster_address() is None  # a private Ray, also where `ray start` runs one here
 
 
 def test_two_demos_started_in_the_same_second_get_run_folders_of_their_own(tmp_path: Path) -> None:

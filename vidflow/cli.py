@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from common.flow_heartbeats import foreground_heartbeats
 from common.import_gc import imports_without_gc
 from common.logs import setup_logging
 from common.net import reach_loopback_directly
-from common.processes import ignore_lance_fork_warning, stop_on_signals
+from common.processes import ignore_lance_fork_warning, set_from_handler, stop_on_signals
 from common.quick_exit import quick_exit
 from common.settings import (
     LogSettings,
@@ -292,7 +293,7 @@ def _stopped_by_signals(stop: threading.Event | None = None) -> threading.Event:
     """The stream commands' stop (`stop`, else a new one): set by Ctrl-C and SIGTERM
     (`stop_on_signals`, a second Ctrl-C exits), and by a closed terminal (`_on_hang_up`)."""
     stop = stop_on_signals(stop)
-    _on_hang_up(stop.set)
+    _on_hang_up(functools.partial(set_from_handler, stop))
     return stop
 
 
@@ -552,10 +553,15 @@ def _add_depth_command(command: AddCommand) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    given = {"level": args.log_level, "file": args.log_file}
+    given = {name: value for name, value in (("level", args.log_level), ("file", args.log_file))
+             if value}  # fmt: skip
     try:
-        setup_logging(LogSettings(**{name: value for name, value in given.items() if value}))
-    except (ValueError, OSError) as exc:  # an unknown level, a log file that cannot be opened
+        setup_logging(LogSettings(**given))
+    except ValidationError as exc:  # an unknown level (one_line would name its field, --level)
+        where = "--log-level" if "level" in given else "VIDFLOW_LOG_LEVEL"
+        why = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        parser.exit(2, f"vidflow: error: {where} {exc.errors()[0]['input']!r}: {why}\n")
+    except OSError as exc:  # a log file that cannot be opened
         parser.exit(2, f"vidflow: error: logging: {exc}\n")
     reach_loopback_directly()  # the commands' own servers and Ray: never through a proxy
     try:

@@ -30,11 +30,11 @@ from common.frames import encode_jpeg, iter_video_frames
 from common.logs import setup_logging
 from common.net import reach_loopback_directly
 from common.settings import (
-    DEFAULT_CACHE_DIR,
     KINETICS_VAL_CSV,
     SAMPLE_VIDEO,
     SAMPLE_VIDEOS_DIR,
     LogSettings,
+    one_line,
 )
 from devstack.broker import LocalBroker, start_broker
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
@@ -49,6 +49,7 @@ from devstack.local_stack import (
 from devstack.sample_mirror import running_mirror
 from flows import artifact_keys
 from services.inference.client import classify_files
+from services.inference.settings import ModelSource
 from tasks.depth.depth_model import check_depth_model
 from tasks.depth.model_files import (
     HubUnreachableError,
@@ -186,7 +187,10 @@ def start_services(
     stack.launch_server()
     log.info("starting the inference service (the first start exports the model to ONNX)")
     logs_dir = stack.logs_dir
-    inference = start_server(logs_dir, DEFAULT_CACHE_DIR / "models", "--log-file", str(log_file))
+    # Where the user keeps exported models (VIDFLOW_INFERENCE_CACHE_DIR: a small or read-only
+    # home); the flag the launcher passes would beat the variable.
+    cache_dir = ModelSource().cache_dir
+    inference = start_server(logs_dir, cache_dir, "--log-file", str(log_file))
     cleanup.callback(inference.terminate)
     broker = start_broker(port_or_free(9092), log_path=logs_dir / "broker.log")
     cleanup.callback(broker.stop)
@@ -392,6 +396,14 @@ OWN_SERVICES_SETTINGS = frozenset(
 )  # fmt: skip
 
 
+# Where a user's own Ray cluster is: the demo's depth run starts a private Ray on loopback.
+# Inherited (or found running, as a run joins `ray start`'s cluster by itself), the demo ran in
+# that cluster: its depth actors stayed loaded there for minutes after the demo said all it
+# started was stopped, and a remote cluster's workers could not reach the demo's loopback
+# mirror. `local` is Ray's word for a private instance (`flows.ray_start.cluster_address`).
+PRIVATE_RAY = ("RAY_ADDRESS", "local")
+
+
 # Where a user's own Prefect server keeps its history: the demo's keeps it in SQLite under its
 # runs folder, which its lock covers. Inherited, the demo used that database, and cancelled the
 # open runs of its work pool there (the pool of the README's stack by hand).
@@ -400,16 +412,20 @@ PREFECT_DATABASE = ("PREFECT_API_DATABASE_", "PREFECT_SERVER_DATABASE_")
 
 def demo_environment() -> list[str]:
     """Make this process's environment (which all it starts inherits) the demo's: drop where a
-    user's own service and broker are and how to reach them, and reach loopback without a proxy (a
-    laptop with http_proxy set and no no_proxy sent every call to the local Prefect server to
-    the proxy: "did not answer within 120 s"), and keep the history in the demo's own SQLite.
-    The names dropped, to say so."""
+    user's own service, broker and Ray cluster are and how to reach them, and reach loopback
+    without a proxy (a laptop with http_proxy set and no no_proxy sent every call to the local
+    Prefect server to the proxy: "did not answer within 120 s"), and keep the history in the
+    demo's own SQLite. The names dropped, to say so."""
     dropped = sorted(
         name for name in os.environ
         if name.upper() in OWN_SERVICES_SETTINGS or name.upper().startswith(PREFECT_DATABASE)
     )  # fmt: skip
     for name in dropped:
         del os.environ[name]
+    ray_address, private = PRIVATE_RAY
+    if os.environ.get(ray_address, private) != private:
+        dropped = sorted([*dropped, ray_address])
+    os.environ[ray_address] = private
     reach_loopback_directly()
     return dropped
 
@@ -465,15 +481,20 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    try:  # before a run folder is made for nothing
+        log_settings = LogSettings()
+    except ValueError as exc:  # VIDFLOW_LOG_LEVEL=verbose: a traceback, an empty run folder
+        print(f"vidflow demo: {one_line(exc, LogSettings, ())}", file=sys.stderr)
+        return 2
     run_dir = new_run_dir(args.runs_dir.resolve())
     log_file = run_dir / "vidflow.log"
-    setup_logging(LogSettings(file=log_file))
+    setup_logging(log_settings.model_copy(update={"file": log_file}))
     # Ctrl-C and SIGTERM (a CI runner, `kill`) stop the demo and all it started. SIGINT is set
     # explicitly: a shell starting the demo in the background hands it SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     if dropped := demo_environment():
-        log.warning("the demo runs its own inference service, broker and Prefect database: "
+        log.warning("the demo runs its own inference service, broker, Prefect database and Ray: "
                     "%s not used", ", ".join(dropped))  # fmt: skip
     return run_demo(args, run_dir, log_file)
 
