@@ -302,6 +302,11 @@ def test_the_image_makes_every_folder_a_named_volume_mounts_owned_by_its_user() 
         }
         mounted = {v["target"] for v in services[name]["volumes"] if v["type"] == "volume"}
         assert mounted and mounted <= made, (name, mounted - made)
+        # ... and runs as that user, never root: the worker fetches any URL it is given and
+        # runs FFmpeg on it (the runtime stage's USER was checked, the worker's nowhere).
+        users = stages[target].args_of("USER")
+        assert users and users[-1] == "10001:10001", (name, users)
+        assert "user" not in services[name], (name, services[name].get("user"))
 
 
 def test_compose_monitoring_profile_scrapes_the_service() -> None:

@@ -26,7 +26,10 @@ from common.stats import LATENCY_BUCKETS_S
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from tasks.stream.consumer import FrameConsumer
 from tasks.stream.frame_codec import (
+    HEADER_DLQ_ATTEMPTS,
     HEADER_DLQ_REASON,
+    HEADER_DLQ_SOURCE,
+    HEADER_DLQ_STATUS,
     HEADER_DLQ_VALUE_DROPPED,
     HEADER_SESSION,
     HEADER_STREAM_ID,
@@ -196,12 +199,26 @@ def test_a_corrupt_message_goes_to_the_dlq_and_the_consumer_goes_on(kafka, onnx_
     assert summary.frames_consumed == produced + 2
     assert summary.results_published == produced
     assert summary.dlq == 2
+    # A frame the service calls not an image is dead-lettered at its first answer: retried,
+    # it held its partition's commit point through 3 calls and their backoff for nothing.
+    assert summary.retries == 0 and summary.errors == 1
 
     dead = read_topic(kafka.bootstrap_servers, kafka.dlq_topic, expected=2)
-    reasons = sorted(dict(m.headers())[HEADER_DLQ_REASON].decode() for m in dead)
+    by_reason = sorted(dead, key=lambda m: dict(m.headers())[HEADER_DLQ_REASON])
+    reasons = [dict(m.headers())[HEADER_DLQ_REASON].decode() for m in by_reason]
     assert "INVALID_ARGUMENT" in reasons[0] and "not an image" in reasons[0]
     assert "lacks header" in reasons[1]
     assert sorted(m.value() for m in dead) == sorted([corrupt.jpeg, b"no headers at all"])
+    headers = dict(by_reason[0].headers())
+    assert (
+        headers[HEADER_DLQ_ATTEMPTS] == b"1" and headers[HEADER_DLQ_STATUS] == b"INVALID_ARGUMENT"
+    )
+    # Where each came from, to replay it once fixed: the frames topic, partition and offset.
+    frames = read_topic(kafka.bootstrap_servers, kafka.frames_topic, expected=produced + 2)
+    bad = {m.value() for m in dead}
+    where = {f"{m.topic()}/{m.partition()}@{m.offset()}" for m in frames if m.value() in bad}
+    assert {dict(m.headers())[HEADER_DLQ_SOURCE].decode() for m in dead} == where
+    assert len(where) == 2
     results = read_topic(kafka.bootstrap_servers, kafka.results_topic, expected=produced)
     assert set(result_keys(results)) == _frame_keys(stats)
 
