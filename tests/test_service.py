@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.cpus import usable_cpus
 from common.net import free_port
 from common.settings import SAMPLE_VIDEOS_DIR
-from devstack.launcher import REPO_ROOT, start_server
+from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference import ready_probe
 from services.inference.backends import threads_per_call
@@ -579,6 +579,29 @@ def test_streaming_loadtest_counts_bad_images_as_errors_and_goes_on(
     assert 0 < level.latency_ms["p50"] <= level.latency_ms["p99"]
 
 
+def test_the_load_test_s_mean_batch_is_over_batches_as_the_server_counts_them() -> None:
+    """Each answer added its batch's size: a batch of 7 counted seven times, and batches of 1
+    and 7 read 6.25 where the server's histogram (and the model's timing at that batch) had 4."""
+    from services.inference.loadtest import mean_batch
+
+    assert mean_batch([1, *[7] * 7]) == 4.0
+    assert mean_batch([3, 3, 3]) == 3.0 and mean_batch([]) == 0.0 and mean_batch([0, 0]) == 0.0
+
+
+def test_a_unary_loadtest_does_not_pause_after_an_image_the_service_refused(
+    onnx_server, video_frames
+) -> None:
+    """Each INVALID_ARGUMENT (a file that does not decode) cost its caller a 0.1-s pause meant
+    for a server that refuses at once (down, full): an image set with bad files read far
+    slower unary than streaming, for no reason of the server's."""
+    images = [video_frames[0], b"not an image"]  # every second request fails
+    (level,) = asyncio.run(run_loadtest(onnx_server.target, images, [1], 2.0, 0.2))
+    assert level.error_codes == {"INVALID_ARGUMENT": level.errors}, level
+    assert abs(level.requests - level.errors) <= 2, level  # they alternate
+    # Paused, one caller answers at most one refusal each 0.1 s: 20 in the 2-s window.
+    assert level.errors > 25, level
+
+
 def test_grpc_and_http_ports_listen_on_loopback_only_by_default(onnx_server) -> None:
     assert "--host" not in onnx_server.args  # the defaults
     # 127.0.0.1, and ::ffff:127.0.0.1 (gRPC's dual-stack socket).
@@ -636,6 +659,25 @@ def test_port_0_lets_the_system_choose_and_the_log_says_which(
         assert _http_get(f"http://127.0.0.1:{http_port}/readyz")[0] == 200
     finally:
         assert server.terminate() == 0
+
+
+def test_a_loadtest_pointed_at_the_http_port_says_so_without_waiting(
+    onnx_server: ServerProcess, tmp_path: Path
+) -> None:
+    """`--target` the service's HTTP port (/readyz, /metrics): the first health check's answer
+    said so, and the load test waited out its whole `--wait` (30 s) before it did."""
+    image = tmp_path / "x.jpg"
+    image.write_bytes(jpeg_bytes(64, 64))
+    http_target = f"127.0.0.1:{onnx_server.http_port}"
+    started = time.monotonic()
+    misdialled = subprocess.run(
+        [sys.executable, "-m", "vidflow.cli", "loadtest", "--target", http_target,
+         "--images", str(image), "--wait", "30"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+    )  # fmt: skip
+    assert misdialled.returncode == 1 and time.monotonic() - started < 20, misdialled.stderr
+    assert "that port speaks HTTP/1.1, not gRPC" in misdialled.stderr, misdialled.stderr
+    assert "no load test run" in misdialled.stderr and misdialled.stdout == ""
 
 
 def test_a_loadtest_against_no_server_says_why_and_shows_no_latency(tmp_path: Path) -> None:

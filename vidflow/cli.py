@@ -150,10 +150,17 @@ def _loadtest(args: argparse.Namespace) -> int:
 def _serving_within(target: str, wait_s: float, tls_ca: Path | None) -> bool:
     """Wait up to `wait_s` for the service to be SERVING (a target with no health service, a
     proxy in front of it, is taken as it is); False, said why, if it never is."""
-    from services.inference.client import health_check, wait_until_serving
+    from services.inference.client import (
+        ServiceUnreachableError,
+        health_check,
+        wait_until_serving,
+    )
 
     try:
         wait_until_serving(target, wait_s, tls_ca, also=("UNIMPLEMENTED",))
+    except ServiceUnreachableError as exc:  # an HTTP port, a failed TLS handshake: said at once
+        log.error("%s: no load test run", exc)
+        return False
     except TimeoutError as exc:
         _, why = health_check(target, tls_ca=tls_ca)
         log.error("%s%s: no load test run", exc, f" ({why})" if why else "")

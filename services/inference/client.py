@@ -186,15 +186,19 @@ def wait_until_serving(
 ) -> str:
     """Block until health says SERVING (or a status in `also`) and return it, or raise
     TimeoutError with the last status seen, or ServerExitedError as soon as `exited` says the
-    server's process is gone."""
+    server's process is gone. A target that answers as no gRPC service would (an HTTP port, a
+    TLS handshake that fails) is ServiceUnreachableError at once: waiting changes nothing (a
+    load test pointed at the HTTP port sat out its whole --wait before it said so)."""
     deadline = time.monotonic() + timeout_s
     status = "UNREACHABLE"
     while time.monotonic() < deadline:
         if exited is not None and exited():
             raise ServerExitedError(f"{target} will never serve: its process exited")
-        status = health_status(target, tls_ca=tls_ca)
+        status, why = health_check(target, tls_ca=tls_ca)
         if status == "SERVING" or status in also:
             return status
+        if HTTP_PORT_HINT in why or TLS_FAILED_HINT in why:
+            raise ServiceUnreachableError(f"inference service {target}: {why}")
         time.sleep(0.2)
     raise TimeoutError(f"{target} not SERVING after {timeout_s:.0f} s (last status {status})")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 
 import grpc
 
@@ -71,10 +71,14 @@ def start_stream_item(
             response, code = stream_item_answer(model, metrics, request, batch, started)
             if not context.is_active():  # never sent: the call has ended
                 code = cancelled_code(context)
-            try:
+            # Counted before its answer is let go, as a unary call is: a client that scraped
+            # /metrics right after its last answer missed it (this thread runs lowered, and
+            # was often descheduled between the two). Running, it can no longer be cancelled.
+            if answer.set_running_or_notify_cancel():
+                finish(code)
                 answer.set_result(response)
-            except InvalidStateError:  # cancelled meanwhile by the stream's end
-                code = cancelled_code(context)
+                return
+            code = cancelled_code(context)  # cancelled meanwhile by the stream's end
         finish(code)
 
     answer.add_done_callback(lambda done: batch.cancel() if done.cancelled() else None)
