@@ -37,6 +37,7 @@ from typing import Any
 import aiohttp
 
 from bench.cli_args import bench_parser
+from bench.peer_v2d import exit_on_sigterm
 from common.cli_types import choice_list, positive_int
 from common.settings import SAMPLE_VIDEOS_DIR
 from tasks.depth.depth_loader import forget_loaded_models
@@ -312,6 +313,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    exit_on_sigterm()  # so the `finally`s below remove the work folder on SIGTERM too
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Its own Ray, even where `ray start` runs one on this machine or RAY_ADDRESS names one:
     # joined, a warm cluster (perhaps of more CPUs) was timed as the cold start.

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from bench.cli_args import bench_parser
+from bench.peer_v2d import exit_on_sigterm
 from common.cli_types import existing_file, positive_int
 from common.settings import SAMPLE_VIDEO
 from devstack.tiny_depth_pro import save_full_size_depth_pro
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=positive_int, default=8, help="frames per batch size")
     parser.add_argument("--rounds", type=positive_int, default=3, help="timed rounds")
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # so the random weights (~2.6 GB) go with the run on SIGTERM too
 
     import torch
 

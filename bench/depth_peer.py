@@ -365,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": CPUS,
         "videos": args.videos,
         "peer_ffmpeg": "single-threaded" if args.peer_single_thread_ffmpeg else "its defaults",
+        # A process per CPU, as vidflow's Ray and the bounds count them (a fixed 2 gave the
+        # peer half a 4-core box's CPUs and vidflow all of them).
+        "peer_processes": CPUS,
     }
     try:
         results.update(measure_alternating(args, modes, work))
@@ -404,7 +407,7 @@ def measure_alternating(args: argparse.Namespace, modes: list[str], work: Path) 
             out = work / f"v2d-{index}"
             return measured(
                 lambda: run_video2dataset(
-                    urls, out, shards=args.peer_shards, ffmpeg_flags=peer_flags
+                    urls, out, processes=CPUS, shards=args.peer_shards, ffmpeg_flags=peer_flags
                 ),
                 out / FFMPEG_LOG,  # the peer's own wrapper logs there
                 wrapper_path(out),

@@ -99,15 +99,17 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def ensure_venv(root: Path = DEFAULT_ROOT) -> Path:
     """The peer's venv, made on first use (`python3 -m venv` + pip, ~5.8 GB with torch); returns
-    its root. A marker file written after a good install makes later calls free; a venv made by
-    hand without the marker is accepted when the pinned versions import."""
+    its root. A marker file naming the pins, written after a good install, makes later calls
+    free; a venv made by hand without it, or marked for other pins (a bump of `PEER_PINS`: the
+    old venv was reused and its figures reported as the new pins'), is accepted only when the
+    pinned versions import, and installed again otherwise."""
     python = root / "bin" / "python"
     marker = root / MARKER
-    if marker.is_file() and python.exists():
+    if _marked_for_these_pins(marker) and python.exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(root.parent / f".{root.name}.lock"):
-        if marker.is_file() and python.exists():
+        if _marked_for_these_pins(marker) and python.exists():
             return root
         if not _venv_ready(python):
             _install(root)
@@ -115,6 +117,10 @@ def ensure_venv(root: Path = DEFAULT_ROOT) -> Path:
                 raise RuntimeError(f"{root}: {PEER} {PEER_VERSION} still does not import")
         marker.write_text(" ".join(PEER_PINS) + "\n")
     return root
+
+
+def _marked_for_these_pins(marker: Path) -> bool:
+    return marker.is_file() and marker.read_text().split() == list(PEER_PINS)
 
 
 def _install(root: Path) -> None:

@@ -137,6 +137,13 @@ def _ratio(stream_fps: float, service_fps: float) -> float | None:
     return round(stream_fps / service_fps, 3) if service_fps else None
 
 
+def sample_clip_fps() -> float:
+    """The sample clip's own frame rate (28 if it says none): a run of N seconds at its native
+    pace is N times that many frames."""
+    with opened_video(SAMPLE_VIDEO) as capture:
+        return target_fps("native", capture) or 28.0
+
+
 def _latency(report: dict[str, Any], figure: str) -> float | None:
     """None where no frame was classified: 0.0 ms would read as a measurement."""
     e2e = report["e2e_ms"]
@@ -148,8 +155,7 @@ def main() -> None:
     if not SAMPLE_VIDEO.is_file():
         sys.exit(f"sample clip not found: {SAMPLE_VIDEO}")
     stop = stop_on_signals()  # Ctrl-C: end the step at hand, clean up, no figures
-    with opened_video(SAMPLE_VIDEO) as capture:  # the real-time run's frames: its seconds' worth
-        clip_fps = target_fps("native", capture) or 28.0
+    clip_fps = sample_clip_fps()  # the real-time run's frames: its seconds' worth
 
     with local_stack(args.cache_dir) as (broker, server):
         frames = load_encoded_images(SAMPLE_VIDEO, max_frames=10_000)

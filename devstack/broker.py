@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.processes import die_with_parent, stop_on_signals, stop_process
+from devstack.processes import last_words
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +135,12 @@ def start_broker(
 
 
 def _last_words(output: Any, log_path: Path | None) -> str:
-    """The end of what the broker wrote, or where to read it."""
+    """Why the broker said it failed, and where the rest of what it wrote is."""
     if log_path is not None:
-        return f"see {log_path}"
+        text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+        return f"{last_words(text)} (see {log_path})"
     output.seek(0)
-    said = output.read().decode(errors="replace").strip().splitlines()
-    if not said:
-        return "it wrote nothing"
-    return next((line for line in said if "error" in line.lower()), said[-1])[-300:]
+    return last_words(output.read().decode(errors="replace"))
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 from common.net import free_port
 from common.processes import signal_on_parent_death, stop_process
 from devstack.launcher import REPO_ROOT
-from devstack.processes import kill_marked_processes, listens_on
+from devstack.processes import kill_marked_processes, last_words, listens_on
 
 log = logging.getLogger("vidflow.stack")
 
@@ -177,8 +177,7 @@ class LocalStack:
         while time.monotonic() < deadline:
             if server.poll() is not None:
                 raise RuntimeError(
-                    f"the Prefect server exited with {server.returncode}; "
-                    f"see {self.logs_dir / 'prefect-server.log'}"
+                    f"the Prefect server exited with {server.returncode}: {self._server_said()}"
                 )
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
@@ -189,7 +188,16 @@ class LocalStack:
             except OSError:
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"the Prefect server did not answer within {timeout_s:.0f} s")
+        raise TimeoutError(
+            f"the Prefect server did not answer within {timeout_s:.0f} s: {self._server_said()}"
+        )
+
+    def _server_said(self) -> str:
+        """The server's own last words, and where its log is (a benchmark's temporary folder
+        is gone by the time its reader looks)."""
+        log_path = self.logs_dir / "prefect-server.log"
+        text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+        return f"{last_words(text)} (see {log_path})"
 
     def restart_server(self, timeout_s: float = 120) -> None:
         """Stop the Prefect server (SIGTERM) and start it again on the same port and database."""

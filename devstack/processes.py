@@ -95,3 +95,15 @@ def listens_on(pid: int, port: int) -> bool:
                 if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port:
                     return True
     return False
+
+
+def last_words(output: str, limit: int = 300) -> str:
+    """What a process that failed to start said of why: its last line naming an error, else its
+    last three lines (a message wrapped to the terminal's width). Quoted in the failure itself:
+    a log folder that a benchmark's or a test's temporary directory held was gone by the time
+    its reader looked."""
+    said = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    if not said:
+        return "it wrote nothing"
+    error = next((line for line in reversed(said) if "error" in line.lower()), None)
+    return (error or " ".join(said[-3:]))[-limit:]

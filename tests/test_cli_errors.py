@@ -359,7 +359,7 @@ def test_the_broker_says_why_tansu_would_not_start_at_once_and_takes_ipv6(capsys
 
 
 def test_a_broker_whose_port_another_process_took_meanwhile_fails_instead_of_using_it(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The port was free when checked and another listener's by the time Tansu bound it (two
     demos started a moment apart): the start took that listener for its broker, and streamed
@@ -372,6 +372,13 @@ def test_a_broker_whose_port_another_process_took_meanwhile_fails_instead_of_usi
         holder.listen()
         with pytest.raises(broker_module.BrokerError, match="broker exited at start"):
             start_broker(holder.getsockname()[1], timeout_s=10)
+        # With a log file (a benchmark's, in a folder it removes as the error unwinds): the
+        # broker's own words in the error, not "see <a file soon gone>" alone.
+        log_path = tmp_path / "broker.log"
+        with pytest.raises(broker_module.BrokerError) as failed:
+            start_broker(holder.getsockname()[1], timeout_s=10, log_path=log_path)
+    said = str(failed.value)
+    assert said.endswith(f"(see {log_path})") and "in use" in said.lower(), said
 
 
 def test_consume_refuses_a_metrics_port_that_is_taken(kafka, capsys) -> None:

@@ -410,8 +410,12 @@ def test_a_stack_whose_port_another_server_answers_on_fails_instead_of_using_it(
         (tmp_path / "logs").mkdir()
         stack.launch_server()
         try:
-            with pytest.raises(RuntimeError, match="the Prefect server exited"):
+            with pytest.raises(RuntimeError, match="the Prefect server exited") as exited:
                 stack.wait_for_server(timeout_s=120)
+            # Its own words, not only where its log was (a benchmark's temporary folder, gone
+            # by the time its reader looked).
+            assert f"Port {port} is already in use" in str(exited.value), exited.value
+            assert f"(see {tmp_path / 'logs' / 'prefect-server.log'})" in str(exited.value)
         finally:
             stack.stop()
 

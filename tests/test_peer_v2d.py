@@ -154,5 +154,24 @@ def test_a_marked_venv_is_not_installed_again(tmp_path: Path) -> None:
     root = tmp_path / "peer"
     (root / "bin").mkdir(parents=True)
     (root / "bin" / "python").write_text("")  # never run: the marker says the venv is complete
-    (root / peer_v2d.MARKER).write_text("done\n")
+    (root / peer_v2d.MARKER).write_text(" ".join(peer_v2d.PEER_PINS) + "\n")
     assert peer_v2d.ensure_venv(root) == root
+
+
+def test_a_venv_marked_for_other_pins_is_installed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bump of the peer's pins reused the venv marked for the old ones: the benchmark then
+    reported the old versions' figures as the new pins'. (The install itself, minutes of
+    downloads, is recorded instead of run.)"""
+    root = tmp_path / "peer"
+    (root / "bin").mkdir(parents=True)
+    python = root / "bin" / "python"
+    python.write_text("#!/bin/sh\nexit 1\n")  # the pinned versions do not import in it
+    python.chmod(0o755)
+    (root / peer_v2d.MARKER).write_text("video2dataset==1.2.0 pyarrow==14.0.0 pandas==2.1.0\n")
+    installs: list[Path] = []
+    monkeypatch.setattr(peer_v2d, "_install", installs.append)
+    with pytest.raises(RuntimeError, match="still does not import"):
+        peer_v2d.ensure_venv(root)
+    assert installs == [root]
