@@ -36,6 +36,7 @@ from flows.ray_runner import (
     nodes_elsewhere,
     ray_task_runner,
 )
+from flows.run_artifacts import record_each
 from flows.run_failure import RunFailedError, failed_state
 from tasks.depth.dataset_settings import check_dataset_settings, record_dataset_settings
 from tasks.depth.output_layout import OutputLayout
@@ -318,11 +319,7 @@ def publish_artifacts(report: RunReport) -> None:
             description=report.video_rows_description(),
         ),
     ]  # fmt: skip
-    for create in artifacts:
-        try:  # the rows are in: an artifact is worth a warning, not the run
-            create()
-        except Exception as exc:
-            run_logger().warning("artifact %s not recorded: %s", create.keywords["key"], exc)
+    record_each(artifacts)  # the rows are in: an artifact is worth a warning, not the run
 
 
 def commit_shard(table: VideoTable, written: WrittenShard) -> tuple[VideoRecord, ...]:

@@ -7,6 +7,7 @@ broker (`vidflow broker`, Redpanda or Kafka).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -20,6 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from common.files import FolderNotWritableError, check_writable_folder
 from flows import artifact_keys
 from flows.capacity_rules import check_step_judges
+from flows.run_artifacts import record_each
 from flows.run_failure import failed_state
 from flows.run_logs import logs_in_run
 from flows.stream_capacity import capacity_sweep, source_format
@@ -349,17 +351,24 @@ def _warnings(summary: dict[str, Any], produced: dict[str, Any]) -> str:
 def publish_artifacts(
     summary: dict[str, Any], produced: dict[str, Any], shown: dict[str, Any]
 ) -> None:
-    """The latency table and the markdown report, as artifacts of the flow run."""
-    create_table_artifact(
-        key=artifact_keys.STREAM_LATENCY,
-        table=latency_table(summary),
-        description=(
-            f"Latency percentiles (ms) of {summary['e2e_ms']['count']} classified frames; "
-            f"{summary['fps']:.1f} frames/s"
-        ),
-    )
-    create_markdown_artifact(
-        key=artifact_keys.STREAM_REPORT,
-        markdown=markdown_report(summary, produced, shown),
-        description="Throughput, latency breakdown, errors and settings",
+    """The latency table and the markdown report, as artifacts of the flow run (each recorded
+    whether or not the other could be: the run's figures are not lost for either)."""
+    record_each(
+        [
+            functools.partial(
+                create_table_artifact,
+                key=artifact_keys.STREAM_LATENCY,
+                table=latency_table(summary),
+                description=(
+                    f"Latency percentiles (ms) of {summary['e2e_ms']['count']} classified frames; "
+                    f"{summary['fps']:.1f} frames/s"
+                ),
+            ),
+            functools.partial(
+                create_markdown_artifact,
+                key=artifact_keys.STREAM_REPORT,
+                markdown=markdown_report(summary, produced, shown),
+                description="Throughput, latency breakdown, errors and settings",
+            ),
+        ]
     )

@@ -10,6 +10,7 @@ recorded as a table artifact and a markdown report with a chart, also written as
 
 from __future__ import annotations
 
+import functools
 import uuid
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from flows.capacity_rules import (
     step_figures,
     verdict_line,
 )
+from flows.run_artifacts import record_each
 from flows.stream_failures import (
     BrokerLostDuringRunError,
     FramesUndeliveredError,
@@ -385,10 +387,14 @@ def publish_sweep(
                                  "report artifact", chart_path, exc)  # fmt: skip
         chart_path = None
     rows = sweep_rows(steps, sweep.budget_ms)
-    create_table_artifact(key=artifact_keys.CAPACITY_TABLE, table=rows, description=verdict)
-    create_markdown_artifact(
-        key=artifact_keys.CAPACITY_REPORT,
-        markdown=capacity_report(verdict, rows, png, chart_path, sweep),
-        description=verdict,
-    )
+    record_each([  # a refused report (its chart inline is large) costs the sweep nothing else
+        functools.partial(
+            create_table_artifact, key=artifact_keys.CAPACITY_TABLE, table=rows,
+            description=verdict,
+        ),
+        functools.partial(
+            create_markdown_artifact, key=artifact_keys.CAPACITY_REPORT,
+            markdown=capacity_report(verdict, rows, png, chart_path, sweep), description=verdict,
+        ),
+    ])  # fmt: skip
     return chart_path

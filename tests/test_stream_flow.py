@@ -436,6 +436,38 @@ def test_a_run_started_without_the_command_refuses_a_bad_source_in_one_line(
         assert flow_errors == [state.message], flow_errors  # the reason, once, no traceback
 
 
+def test_an_artifact_prefect_refuses_costs_the_run_nothing_else(prefect_api) -> None:
+    """The stream flows created their artifacts unguarded: one refused (a proxy's body limit
+    in front of the API, the capacity report with its chart inline; here a key Prefect
+    refuses) ended a sweep that had run for minutes in a traceback, its verdict never logged,
+    its --summary-json never written, and the artifacts after it never recorded."""
+    import functools
+
+    from prefect import flow
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows.run_artifacts import record_each
+
+    @flow
+    def publishing() -> str:
+        record_each([
+            functools.partial(create_markdown_artifact, key="Not A Key!", markdown="refused"),
+            functools.partial(create_markdown_artifact, key="after-a-refused-one", markdown="x"),
+        ])  # fmt: skip
+        return "figures"
+
+    state = publishing(return_state=True)
+    assert state.is_completed() and state.result() == "figures"
+    run_id = state.state_details.flow_run_id
+    warned = [r.message for r in _run_logs(run_id) if r.level == logging.WARNING]
+    assert any(m.startswith("artifact Not A Key! not recorded: ") for m in warned), warned
+    with get_client(sync_client=True) as client:
+        recorded = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    assert [a.key for a in recorded] == ["after-a-refused-one"]
+
+
 def test_two_runs_in_one_process_share_one_log_handler_until_the_last_ends() -> None:
     """The second of two overlapping runs lost its producer's and consumers' lines in the UI
     when the first removed the handler they shared."""
