@@ -229,6 +229,12 @@ def check_fits_cluster(settings: DepthSettings) -> None:
             )
     check_api_reachable()
     gpus = cluster_gpus()
+    if settings.device == "cuda" and not gpus and settings.depth_backend != "onnx":
+        raise ValueError(
+            "--device cuda: this Ray cluster has no GPU (CUDA_VISIBLE_DEVICES empty, its GPU "
+            "nodes down, a container without one?); give --device auto or cpu to run depth on "
+            "the CPU"
+        )  # it ran on the CPU with an info line, hours for Depth Pro
     if actor_device(settings, gpus) == "cuda" and settings.depth_workers > gpus:
         raise ValueError(
             f"--depth-workers {settings.depth_workers}: the cluster has {gpus} GPU(s), one per "

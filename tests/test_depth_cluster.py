@@ -564,3 +564,24 @@ def test_a_cluster_with_no_cpu_now_is_refused_with_what_to_do(
     monkeypatch.setattr(ray, "nodes", lambda: [head])
     with pytest.raises(ValueError, match=r"has no CPU now .*: keep one worker node up"):
         check_fits_cluster(DepthSettings())
+
+
+def test_depth_on_cuda_where_the_cluster_has_no_gpu_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--device cuda` on a cluster without a GPU (CUDA_VISIBLE_DEVICES empty, its GPU nodes
+    down) ran Depth Pro on the CPU with an info line, for hours (found in review, stop 58);
+    the service refuses or warns where it gets no GPU. The node list is made up (one node of
+    2 CPUs, no GPU, as this machine is); the rule is real."""
+    import ray
+
+    from flows.depth_extraction import check_fits_cluster
+
+    node = {"Alive": True, "Resources": {"CPU": 2.0}, "NodeManagerAddress": "127.0.0.1"}
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: [node])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(node["Resources"]))
+    with pytest.raises(ValueError, match=r"--device cuda: this Ray cluster has no GPU"):
+        check_fits_cluster(DepthSettings(device="cuda"))
+    check_fits_cluster(DepthSettings())  # auto: the CPU, as asked
+    check_fits_cluster(DepthSettings(device="cuda", depth_backend="onnx"))  # the CPU's backend

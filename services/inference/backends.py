@@ -6,6 +6,7 @@ wrapped with a softmax before they reach a backend, so every backend returns com
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import queue
 import threading
@@ -55,11 +56,23 @@ def cuda_missing_reason(backend: str) -> str:
     if hidden or not nvidia_gpu_present():  # none, or kept from this process on purpose
         return ""
     if backend == "onnx":
+        # Both builds write the same `onnxruntime` package: the GPU one installed over the CPU
+        # one mixed their files, and a later install of the pins put the CPU build back.
+        version = _installed_version("onnxruntime")
         return (
             "this machine has an NVIDIA GPU, but the installed onnxruntime is the CPU build: "
-            "install onnxruntime-gpu, or serve with --backend eager or torchscript"
+            f"replace it (`pip uninstall onnxruntime && pip install onnxruntime-gpu=={version}`),"
+            " or serve with --backend eager or torchscript"
         )
     return "this machine has an NVIDIA GPU, but torch cannot use it (a CPU build of torch?)"
+
+
+def _installed_version(distribution: str) -> str:
+    """`distribution`'s installed version ("<version>" where it is not installed)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "<version>"
 
 
 def threads_per_call(workers: int, threads: int) -> int:
