@@ -258,3 +258,22 @@ def test_a_png_chunk_claiming_more_bytes_than_sent_is_refused_before_decoding() 
     assert len(bomb) == 45
     with pytest.raises(InvalidImageError, match="claims 2147483647 bytes, past the end"):
         decode_image(bomb)
+
+
+def test_the_opencv_floor_has_the_rgb_decode_the_service_uses() -> None:
+    """Images are decoded straight to RGB (`cv2.IMREAD_COLOR_RGB`, new in OpenCV 4.11), and the
+    project's floor stayed at 4.10: with 4.10 kept, the server started and said SERVING (its
+    warm-up decodes nothing), then failed every call INTERNAL (found in review, stop 58)."""
+    import re
+    import tomllib
+
+    import cv2
+
+    from devstack.launcher import REPO_ROOT
+
+    assert hasattr(cv2, "IMREAD_COLOR_RGB")
+    assert "IMREAD_COLOR_RGB" in (REPO_ROOT / "services/inference/preprocess.py").read_text()
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    (floor,) = [d for d in project["dependencies"] if d.startswith("opencv-python-headless>=")]
+    found = re.fullmatch(r"opencv-python-headless>=(\d+)\.(\d+).*", floor)
+    assert found is not None and tuple(map(int, found.groups())) >= (4, 11), floor

@@ -114,7 +114,7 @@ def test_health_goes_from_not_serving_to_serving(tmp_path: Path, model_cache: Pa
         assert subprocess.run(probe, env=proxied, cwd=REPO_ROOT, timeout=30).returncode == 0
         # Started with --http-port (as `docker run IMAGE serve --http-port N` is), not the
         # variable: the probe asked port 8000 and the container stayed unhealthy for good.
-        assert port_file.read_text() == f"{server.http_port}\n"
+        assert port_file.read_text() == f"{server.http_port} 127.0.0.1\n"
         flagged = {k: v for k, v in proxied.items() if k != "VIDFLOW_INFERENCE_HTTP_PORT"}
         flagged["VIDFLOW_INFERENCE_HTTP_PORT_FILE"] = str(port_file)
         assert subprocess.run(probe, env=flagged, cwd=REPO_ROOT, timeout=30).returncode == 0

@@ -367,3 +367,19 @@ def test_the_health_check_asks_the_one_address_the_service_binds(
             time.sleep(0.1)
         monkeypatch.setenv("VIDFLOW_INFERENCE_HOST", "0.0.0.0")  # every address: loopback
         assert not ready_probe.ready(str(http_port))  # nothing on 127.0.0.1 or ::1 there
+    # Bound by the flag (`serve --host ADDR`, a compose `command:`), the variable left at the
+    # image's 0.0.0.0: the check asked loopback alone, unhealthy for good (found in review,
+    # stop 58). The port file the image sets says the address too.
+    port_file = tmp_path / "http-port"
+    monkeypatch.setenv("VIDFLOW_INFERENCE_HTTP_PORT_FILE", str(port_file))
+    port, http_port = free_port(), free_port()
+    with _serving(model_cache, f"127.0.0.2:{port}", "--host", "127.0.0.2", "--port", str(port),
+                  "--http-port", str(http_port)):  # fmt: skip
+        deadline = time.monotonic() + 10
+        while ready_probe.main() != 0:
+            assert time.monotonic() < deadline, port_file.read_text()
+            time.sleep(0.1)
+        assert port_file.read_text() == f"{http_port} 127.0.0.2\n"
+    # An empty variable (compose's `${X:-}`) is no file: it stopped the listening server.
+    monkeypatch.setenv("VIDFLOW_INFERENCE_HTTP_PORT_FILE", "")
+    assert InferenceSettings().http_port_file is None

@@ -123,6 +123,7 @@ def _torch_model(settings: InferenceSettings, device: str) -> ServedModel:
         backend = TorchBackend(
             network.cpu(), shape, torchscript=torchscript, device="cpu", threads=threads
         )
+        _release_gpu_memory()
     return ServedModel(
         loaded.name, loaded.class_names, loaded.preprocess, loaded.weights_sha256, backend, workers
     )
@@ -204,3 +205,17 @@ def _from_onnx_file(path: Path, device: str, settings: InferenceSettings) -> Ser
     return ServedModel(
         info.name, info.class_names, info.preprocess, info.weights_sha256, backend, workers
     )
+
+
+def _release_gpu_memory() -> None:
+    """Give back what the failed GPU start left in torch's caching allocator (the weights and
+    the warm-up's activations): a server that fell back to the CPU held it for its whole life,
+    short of memory the other jobs on a shared GPU (whose use caused the failure) need. No test
+    of its own: these machines have no GPU."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

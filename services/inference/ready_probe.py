@@ -21,17 +21,19 @@ LOOPBACKS = ("127.0.0.1", "[::1]")
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def probed_hosts() -> list[str]:
-    """Where the service is asked, in turn: its bound address first, unless it binds them all."""
-    host = os.environ.get("VIDFLOW_INFERENCE_HOST", "").strip()
+def probed_hosts(bound: str | None = None) -> list[str]:
+    """Where the service is asked, in turn: its bound address first (`bound`, else the
+    variable), unless it binds them all."""
+    host = (os.environ.get("VIDFLOW_INFERENCE_HOST", "") if bound is None else bound).strip()
     if host in ("", "0.0.0.0", "::", "[::]", "localhost"):
         return list(LOOPBACKS)
     return [f"[{host}]" if ":" in host and not host.startswith("[") else host, *LOOPBACKS]
 
 
-def ready(port: str, timeout_s: float = 5.0) -> bool:
-    """Whether the service's HTTP endpoint on this machine says it is ready."""
-    for host in probed_hosts():
+def ready(port: str, timeout_s: float = 5.0, bound: str | None = None) -> bool:
+    """Whether the service's HTTP endpoint on this machine says it is ready (`bound`: the
+    address it bound, where known)."""
+    for host in probed_hosts(bound):
         try:
             with _DIRECT.open(f"http://{host}:{port}/readyz", timeout=timeout_s):
                 return True
@@ -42,19 +44,22 @@ def ready(port: str, timeout_s: float = 5.0) -> bool:
     return False
 
 
-def served_http_port() -> str:
-    """The port the server bound: from its --http-port-file (the image sets one, so that
-    `serve --http-port 9000`, or 0, is followed), else the variable, else the default."""
-    if port_file := os.environ.get("VIDFLOW_INFERENCE_HTTP_PORT_FILE"):
+def served_http_port() -> tuple[str, str | None]:
+    """The HTTP port the server bound and the address (None: the variable's): from its
+    --http-port-file (the image sets one, so that `serve --http-port 9000`, or 0, and `serve
+    --host ADDR` are followed), else the variable, else the default."""
+    if port_file := os.environ.get("VIDFLOW_INFERENCE_HTTP_PORT_FILE", "").strip():
         try:
-            return Path(port_file).read_text().strip()
-        except OSError:  # not written yet: the server is still starting
+            port, *host = Path(port_file).read_text().split()
+            return port, host[0] if host else None
+        except (OSError, ValueError):  # not written yet: the server is still starting
             pass
-    return os.environ.get("VIDFLOW_INFERENCE_HTTP_PORT", "8000")
+    return os.environ.get("VIDFLOW_INFERENCE_HTTP_PORT", "8000"), None
 
 
 def main() -> int:
-    return 0 if ready(served_http_port()) else 1
+    port, bound = served_http_port()
+    return 0 if ready(port, bound=bound) else 1
 
 
 if __name__ == "__main__":

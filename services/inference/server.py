@@ -237,14 +237,16 @@ async def serve(settings: InferenceSettings) -> None:
             loop.remove_signal_handler(signum)
 
 
-def _note_http_port(path: Path | None, http_port: int) -> None:
-    """Where the health check finds /readyz (ready_probe.py): the port bound, whole or not at
-    all. A file that cannot be written is said, and serving goes on."""
+def _note_http_port(path: Path | None, http_port: int, host: str) -> None:
+    """Where the health check finds /readyz (ready_probe.py): the port and the address bound
+    (`serve --host ADDR` alone, the variable at the image's 0.0.0.0: the check asked loopback,
+    and the container stayed unhealthy for good), whole or not at all. A file that cannot be
+    written is said, and serving goes on."""
     if path is None:
         return
     try:
         with atomic_output(path) as partial:
-            partial.write_text(f"{http_port}\n")
+            partial.write_text(f"{http_port} {host}\n")
     except OSError as exc:
         log.warning("could not write the HTTP port to %s (--http-port-file): %s", path, exc)
 
@@ -288,7 +290,7 @@ async def _serve_until(
             f"{exc.strerror or exc}"
         ) from None
     http_port = runner.addresses[0][1] if runner.addresses else settings.http_port
-    _note_http_port(settings.http_port_file, http_port)
+    _note_http_port(settings.http_port_file, http_port, settings.host)
     _say_listening(settings, grpc_port, http_port)
     try:
         follow = _health_follows_the_model(service, health_servicer, is_ready, metrics, stop)

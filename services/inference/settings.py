@@ -199,12 +199,14 @@ class InferenceSettings(ModelSource, ServiceToken):
     # (gRPC refused it as a port "in use?"), as the consumer's metrics host
     _host_checked = field_validator("host")(bind_address)
 
-    @field_validator("onnx_model", "tls_cert", "tls_key", mode="before")
+    @field_validator("onnx_model", "tls_cert", "tls_key", "http_port_file", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         """An empty variable unsets its path (VIDFLOW_INFERENCE_ONNX_MODEL= unsets the serving
         image's file; compose's `${TLS_CERT:-}` gives ""): else it is Path(""), the current
-        folder, and TLS turned on with a folder for a certificate."""
+        folder, and TLS turned on with a folder for a certificate (an empty port file's
+        variable stopped the server, already listening, with "PosixPath('.') has an empty
+        name")."""
         return None if value == "" else value
 
     @model_validator(mode="after")
