@@ -133,7 +133,7 @@ class FrameConsumer:
             self.summary.broker_error = str(exc)
         finally:
             self._close()
-            end = self.publisher.last_result_at or time.monotonic()
+            end = self.publisher.last_outcome_at or time.monotonic()
             self.summary.duration_s = max(0.0, end - (self._first_message_at or end))
         if failure := self.summary.broker_error or self.summary.delivery_error:
             log.error(
@@ -196,8 +196,11 @@ class FrameConsumer:
             return False
         if _before(message, self.settings.produced_since_ms):
             # another run's frame, on a shared topic: passed over and committed, not counted,
-            # so a benchmark measures its own frames only
+            # so a benchmark measures its own frames only. Busy all the same: a member passing
+            # over a long backlog (a broker that could not say where the run's frames start)
+            # stopped as idle before it reached them.
             self.publisher.passed_over(message)
+            self._last_busy_at = time.monotonic()
             return False
         self._last_message_at = time.monotonic()
         self._first_message_at = self._first_message_at or self._last_message_at

@@ -51,7 +51,8 @@ class Publisher:
         self.kafka, self.broker = kafka, broker
         self.summary, self.metrics = summary, metrics
         self.offsets = OffsetTracker()
-        self.last_result_at: float | None = None  # when the latest result was delivered
+        # When the latest outcome of any kind was delivered: the end of the member's window.
+        self.last_outcome_at: float | None = None
         self._consumer = consumer  # commits go through the group member that read the frames
         self._producer = make_producer(kafka, broker)
 
@@ -68,7 +69,6 @@ class Publisher:
         """Publish a classified frame's result."""
 
         def delivered() -> None:
-            self.last_result_at = time.monotonic()
             summary = self.summary
             summary.results_published += 1
             summary.inference_ms.append(result.inference_ms)
@@ -161,6 +161,7 @@ class Publisher:
             # as their calls end, and a blink during its last flush cost it its commit).
             self.broker.alive()
             self.offsets.finished(topic, partition, offset)
+            self.last_outcome_at = time.monotonic()
             if on_ok is not None:
                 on_ok()
 
