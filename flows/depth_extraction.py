@@ -135,8 +135,12 @@ def _extract(
     """The run, once its input is read and its output folder is its own and ready."""
     logger = get_run_logger()
     plan = table.plan(sources)
-    if dropped := OutputLayout(settings.output).drop_downloads(plan.rerun_ids):
+    layout = OutputLayout(settings.output)
+    if dropped := layout.drop_downloads(plan.rerun_ids):
         logger.info("%d files of videos that failed before removed: they are redone whole", dropped)
+    if changed := layout.drop_other_sources({r.video_id: r.source_url for r in plan.todo}):
+        logger.info("%d files of videos fetched before from another URL (or an older vidflow) "
+                    "removed: they are fetched again from their own", changed)  # fmt: skip
     cpus = cluster_cpus()
     if settings.ray_num_cpus is not None and settings.ray_num_cpus != cpus:
         logger.warning(

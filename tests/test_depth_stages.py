@@ -1518,6 +1518,32 @@ def test_stages_keep_the_complete_outputs_of_an_earlier_attempt(tmp_path: Path) 
     assert (reused.frame_count, reused.height) == (encoded.frame_count, 360)
 
 
+def test_a_video_fetched_before_from_another_url_is_fetched_again(tmp_path: Path) -> None:
+    """An id need not change with its URL (a Kinetics row's id under another --url-template, a
+    corrected URL in a CSV with video ids): the earlier download and transcode were reused by
+    id, and the new row described one clip and held the frames of another video (found in
+    review, stop 58)."""
+    from tasks.depth.output_layout import OutputLayout
+
+    settings, layout = DepthSettings(), OutputLayout(tmp_path)
+    with VideoServer({"whole.mp4": Serve(CLIP), "clip.mp4": Serve(CLIP)}) as server:
+        whole = server.url("whole.mp4")
+        transcode(download(_record(whole, "v"), layout.raw, settings), layout.videos, settings)
+        assert layout.drop_other_sources({"v": whole}) == 0  # its own URL: kept
+        signed_again = f"{whole}?X-Amz-Signature=0f0f&X-Amz-Expires=60"  # the same video
+        assert layout.drop_other_sources({"v": signed_again}) == 0
+        assert layout.drop_other_sources({"other": server.url("clip.mp4")}) == 0  # no files
+        clip = server.url("clip.mp4")
+        assert layout.drop_other_sources({"v": clip}) == 3  # the download, its note, the mp4
+        assert not list(layout.videos.iterdir())
+        fetched = download(_record(clip, "v"), layout.raw, settings)
+        assert server.requests["clip.mp4"] == 1 and Path(fetched.raw_path).is_file()
+        assert layout.drop_other_sources({"v": clip}) == 0
+    # A download an older vidflow made (no note of its source) is fetched again.
+    (layout.raw / "v.url").unlink()
+    assert layout.drop_other_sources({"v": clip}) == 1
+
+
 def test_a_shard_whose_worker_was_killed_is_failed_at_the_stage_that_never_completed() -> None:
     """A Ray worker killed outright leaves its task run Running and the later stages Pending:
     its videos were failed as "store crashed" and counted as through every stage. The worker's

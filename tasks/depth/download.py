@@ -29,6 +29,7 @@ import aiohttp
 from common.backoff import jittered_backoff_s
 from common.files import atomic_output
 from common.urls import shown_url
+from tasks.depth.output_layout import note_source
 from tasks.depth.redirects import RedirectRefused, final_response, session_connector
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
@@ -286,6 +287,7 @@ async def _fetch_once(
                 raise DownloadError("empty response body", retryable=False)
             container = _refuse_unless_video(head[:SNIFF_BYTES], response)
             final = raw_dir / f"{video_id}.{container}"
+            note_source(raw_dir, video_id, url)  # before the file: a whole file has its note
             with atomic_output(final) as partial, partial.open("wb") as out:
                 out.write(head)
                 size = len(head)

@@ -5,9 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.files import atomic_output
+from common.urls import stored_url
+
+SOURCE_NOTE_SUFFIX = "url"  # raw/<video_id>.url: the URL its download came from
+
+
+def note_source(raw_dir: Path, video_id: str, url: str) -> None:
+    """Note where `video_id`'s download comes from, before it is written: a stage finds an
+    earlier output by its id alone, and an id need not change with its URL (a Kinetics row
+    under another --url-template, a corrected URL in a CSV with video ids)."""
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_output(raw_dir / f"{video_id}.{SOURCE_NOTE_SUFFIX}") as partial:
+        partial.write_text(stored_url(url) + "\n")
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,32 @@ class OutputLayout:
         """What the dataset's shaping settings (height, codec, frames, model) made: transcodes
         and depth maps."""
         return self.videos, self.depth
+
+    def drop_other_sources(self, urls: Mapping[str, str]) -> int:
+        """Remove the download and transcode of each video of `urls` (id -> URL) that came from
+        another URL than its own, or whose source was never noted (an older vidflow's):
+        reused by id, a Kinetics clip's row under a new --url-template held the frames of the
+        whole video it was fetched from before. How many files went."""
+        with_files = self._ids_with_files()
+        changed = {
+            video_id
+            for video_id, url in urls.items()
+            if video_id in with_files and self._noted_source(video_id) != stored_url(url)
+        }
+        return self.drop_downloads(changed)
+
+    def _ids_with_files(self) -> set[str]:
+        ids: set[str] = set()
+        for folder in (self.raw, self.videos):
+            with contextlib.suppress(FileNotFoundError):
+                ids.update(entry.name.rpartition(".")[0] for entry in os.scandir(folder))
+        return ids
+
+    def _noted_source(self, video_id: str) -> str | None:
+        try:
+            return (self.raw / f"{video_id}.{SOURCE_NOTE_SUFFIX}").read_text().strip()
+        except OSError:
+            return None
 
     def drop_downloads(self, video_ids: Collection[str]) -> int:
         """Remove the downloads and transcodes of `video_ids` (videos whose row failed in an
