@@ -166,6 +166,11 @@ def test_depth_refuses_settings_that_differ_from_the_datasets_in_its_folder(
     err = _refused([*given, "--output", str(output), "--height", "240", "--frames", "all"], capsys)
     assert f"{output} holds a dataset made with height=360, frames=first" in err
     assert "this run asks height=240, frames=all" in err
+    # Its transcodes deleted to free space (as the README says to re-encode): the maps lie on
+    # 360p frames all the same, and a 240p run mixed two sizes of map (found in review, stop 58).
+    (output / "videos" / "a.mp4").unlink()
+    with pytest.raises(ValueError, match=r"made with height=360; this run asks height=240"):
+        check_dataset_settings(output, made.model_copy(update={"height": 240}))
 
 
 def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -> None:

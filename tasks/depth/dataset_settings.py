@@ -35,15 +35,19 @@ def check_dataset_settings(folder: Path, settings: DepthSettings) -> None:
     """Raise DatasetSettingsError if `folder`'s dataset was made with other shaping settings
     (a folder without the record, new or of an older vidflow, takes any; so does one where
     nothing was made yet, e.g. after a run whose every transcode failed on a bad setting; the
-    transcode settings bind once a transcode is there, the depth settings once a map is)."""
+    transcode settings bind once a transcode or a map is there, the depth settings once a map
+    is)."""
     recorded = _recorded(folder)
     wanted = shaping_settings(settings)
     transcodes, depth_maps = OutputLayout(folder).shaped_folders
     # Only what was made binds: after a run whose every depth call failed (a model that
     # would not load), another model goes on from the transcodes, not from a new folder.
+    # A depth map binds the transcode's settings too: it lies on that transcode's frames (its
+    # transcodes deleted to free space, a run at another height mixed two sizes of map).
+    maps_made = _holds_files(depth_maps)
     binding = [
-        *(TRANSCODE_SHAPING if _holds_files(transcodes) else ()),
-        *(DEPTH_SHAPING if _holds_files(depth_maps) else ()),
+        *(TRANSCODE_SHAPING if maps_made or _holds_files(transcodes) else ()),
+        *(DEPTH_SHAPING if maps_made else ()),
     ]
     differ = {name: recorded[name] for name in binding if name in recorded}
     differ = {name: value for name, value in differ.items() if value != wanted[name]}
