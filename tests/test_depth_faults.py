@@ -224,7 +224,7 @@ def _download_pair(
         requests = server.requests["slow.mp4"]
     assert not fine.failed, fine.error
     assert Path(fine.raw_path).read_bytes() == CLIP.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.mp4"]  # no partial file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.mp4", "ok.url"]  # no partial file
     return failed, fine, took, requests
 
 

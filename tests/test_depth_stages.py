@@ -445,6 +445,34 @@ def test_kinetics_csvs_as_people_write_them_read_or_say_what_is_wrong(tmp_path: 
     other.write_text("Label,YouTubeID,start,end\n")
     with pytest.raises(SourceListError, match=r"its header: \['Label', 'YouTubeID', 'start'"):
         read_kinetics_csv(other, url_template="https://h/{youtube_id}.mp4")
+    # Windows of fractions (found in review, stop 58): 10.9 was cut to 10, -0.5 taken as 0,
+    # and two rows a fraction apart made one id, the second dropped as a repeat.
+    fractions = tmp_path / "fractions.csv"
+    fractions.write_text("label,youtube_id,time_start,time_end\nx,abc,10.0,20\ny,abc,10.9,21\n")
+    with pytest.raises(SourceListError, match=r"fractions.csv:3: .*time_start 10.9 is not a wh"):
+        read_kinetics_csv(fractions, url_template="https://h/{youtube_id}.mp4")
+    fractions.write_text("label,youtube_id,time_start,time_end\nx,abc,10.0,20\n")  # 10.0: 10
+    (record,) = read_kinetics_csv(fractions, url_template="https://h/{youtube_id}.mp4")
+    assert record.source_url == "https://h/abc.mp4#t=10,20"
+
+
+def test_url_lists_split_at_semicolons_or_tabs_or_without_a_header_are_read_or_refused(
+    tmp_path: Path,
+) -> None:
+    """A spreadsheet's "CSV" in many locales (`url;label`) or a TSV was read as one URL a line,
+    labels and all (its header taken for a stray line), and a list of URLs and labels without a
+    header likewise: every video failed at download as a 404 (found in review, stop 58)."""
+    for name, sep in (("semicolons.csv", ";"), ("tabs.tsv", "\t")):
+        listing = tmp_path / name
+        listing.write_text(f"url{sep}label\nhttps://h/a.mp4{sep}dancing\nhttps://h/b.mp4{sep}x\n")
+        records = read_url_list(listing)
+        assert [(r.source_url, r.label) for r in records] == [
+            ("https://h/a.mp4", "dancing"), ("https://h/b.mp4", "x"),
+        ]  # fmt: skip
+    headerless = tmp_path / "headerless.tsv"
+    headerless.write_text("https://h/a.mp4\tdancing\n")
+    with pytest.raises(SourceListError, match=r"headerless.tsv:1: .* holds blanks, which no URL"):
+        read_url_list(headerless)
 
 
 # ---- download ------------------------------------------------------------------------------
@@ -807,7 +835,7 @@ def test_a_webm_is_stored_as_webm_and_found_again_and_matroska_as_mkv(tmp_path: 
         asked = dict(server.requests)
     assert (webm.raw_path, mkv.raw_path) == (str(raw / "a.webm"), str(raw / "b.mkv"))
     assert again.raw_path == webm.raw_path and asked["v.webm"] == 1  # the whole one kept
-    assert sorted(p.name for p in raw.iterdir()) == ["a.webm", "b.mkv"]
+    assert sorted(p.name for p in raw.iterdir()) == ["a.url", "a.webm", "b.mkv", "b.url"]
     done = transcode(webm, tmp_path / "out", DepthSettings())
     assert not done.failed and done.frame_count == 30, done.error
     # Too few bytes to reach the DocType: still Matroska's family, named as before.

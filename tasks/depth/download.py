@@ -287,13 +287,14 @@ async def _fetch_once(
                 raise DownloadError("empty response body", retryable=False)
             container = _refuse_unless_video(head[:SNIFF_BYTES], response)
             final = raw_dir / f"{video_id}.{container}"
-            note_source(raw_dir, video_id, url)  # before the file: a whole file has its note
-            with atomic_output(final) as partial, partial.open("wb") as out:
-                out.write(head)
-                size = len(head)
-                async for chunk in chunks:
-                    out.write(chunk)
-                    size += len(chunk)
+            with atomic_output(final) as partial:
+                with partial.open("wb") as out:
+                    out.write(head)
+                    size = len(head)
+                    async for chunk in chunks:
+                        out.write(chunk)
+                        size += len(chunk)
+                note_source(raw_dir, video_id, url)  # before the file's name: whole, it has one
     return final, size
 
 

@@ -16,7 +16,7 @@ SOURCE_NOTE_SUFFIX = "url"  # raw/<video_id>.url: the URL its download came from
 
 
 def note_source(raw_dir: Path, video_id: str, url: str) -> None:
-    """Note where `video_id`'s download comes from, before it is written: a stage finds an
+    """Note where `video_id`'s download came from, before the file takes its name: a stage finds an
     earlier output by its id alone, and an id need not change with its URL (a Kinetics row
     under another --url-template, a corrected URL in a CSV with video ids)."""
     raw_dir.mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,8 @@ def read_url_list(path: Path) -> list[VideoRecord]:
     ]
     if not lines:
         return []
-    header = [name.strip().lower() for name in _csv_fields(lines[0][1])]
+    delimiter = _delimiter(lines[0][1])
+    header = [name.strip().lower() for name in _csv_fields(lines[0][1], delimiter)]
     if "url" not in header and len(header) > 1 and not any("://" in name for name in header):
         raise SourceListError(
             f"{path}: a CSV needs a url column (its header names {header}); or give one URL "
@@ -132,16 +133,28 @@ def read_url_list(path: Path) -> list[VideoRecord]:
     records = [
         record
         for number, line in lines[1:]
-        if (record := _csv_record(header, _csv_fields(line), f"{path}:{number}")) is not None
+        if (record := _csv_record(header, _csv_fields(line, delimiter), f"{path}:{number}"))
+        is not None
     ]
     # Ids made from URLs are equal for the same video (re-signed); given ones must differ.
     return _unique_ids(records, path, same_id_same_video="video_id" not in header)
 
 
-def _csv_fields(line: str) -> list[str]:
+def _csv_fields(line: str, delimiter: str = ",") -> list[str]:
     """One CSV line's fields, read alone: a quote left open ends with its line, where a reader
     of the whole list went on into the lines after it."""
-    return next(csv.reader([line]), [])
+    return next(csv.reader([line], delimiter=delimiter), [])
+
+
+def _delimiter(header_line: str) -> str:
+    """The list's field separator: a comma, or where its header names a url column only when
+    split at them, semicolons (a spreadsheet's "CSV" in many locales) or tabs (a TSV). Read at
+    commas, such a header named no url column: every line was taken whole as a URL, labels
+    and all, and every video failed at download."""
+    for delimiter in (",", ";", "\t"):
+        if "url" in (name.strip().lower() for name in _csv_fields(header_line, delimiter)):
+            return delimiter
+    return ","
 
 
 def _csv_record(header: list[str], row: list[str], where: str) -> VideoRecord | None:
@@ -169,7 +182,14 @@ def _csv_record(header: list[str], row: list[str], where: str) -> VideoRecord | 
 
 def _checked_url(url: str, where: str) -> str:
     """`url`, unless the window its `#t=` asks for does not read (`#t=30,10`, `#t=1:75`):
-    then SourceListError naming its line (it was done as the whole video, under its label)."""
+    then SourceListError naming its line (it was done as the whole video, under its label);
+    or unless it holds a space or a tab, which no URL does (a CSV row of a list whose header
+    was missing: `https://h/a.mp4<TAB>dance` failed at download as a 404)."""
+    if any(blank in url for blank in (" ", "\t")):
+        raise SourceListError(
+            f"{where}: {url[:200]!r} holds blanks, which no URL does: a list of more than URLs "
+            "needs a header naming its url column (quote URLs with a comma in them)"
+        )
     try:
         asked_window(url)
     except ValueError as exc:
@@ -287,9 +307,15 @@ MAX_TIME_S = 2**31 - 1
 def _seconds(row: dict[str, str], column: str, where: str) -> int:
     """A time-window column as whole seconds, or SourceListError naming the row."""
     try:
-        seconds = int(float(row[column]))
+        value = float(row[column])
+        seconds = int(value)
     except (ValueError, OverflowError) as exc:  # not a number, or inf
         raise SourceListError(f"{where}: bad time window: {exc}") from exc
+    if seconds != value:  # 10.9 was cut to 10, and windows a fraction apart made one id
+        raise SourceListError(
+            f"{where}: bad time window: {column} {row[column]} is not a whole number of "
+            "seconds (Kinetics' windows are)"
+        )
     if not 0 <= seconds <= MAX_TIME_S:
         raise SourceListError(
             f"{where}: bad time window: {column} {row[column]} is not a number of seconds "
