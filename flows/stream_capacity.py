@@ -138,8 +138,11 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
         except KafkaException as exc:  # gone as the step ended
             raise StepBrokerLostError(f"the broker was lost after the step of {step[:-2]} "
                                       f"({exc.args[0].str()})") from exc  # fmt: skip
-    except BaseException:  # a lost broker, a failed member: the run fails, its frames go
-        kept_topics(sweep, kafka, summary.dlq if summary is not None else None, timeout_s=5.0)
+    except BaseException as ended:  # a lost broker, a failed member: the run fails, its frames go
+        # What it left on the broker goes with the error, for the sweep's `topics`.
+        ended.kept_topics = kept_topics(  # type: ignore[attr-defined]
+            sweep, kafka, summary.dlq if summary is not None else None, timeout_s=5.0
+        )
         raise
     figures = step_figures(streams, produced.target_fps or 0.0, records, produced.per_stream,
                            produced.frames_read, summary.lag)  # fmt: skip
@@ -205,6 +208,9 @@ def kept_topics(
         get_run_logger().warning(
             "dead-letter topic %s keeps its %d message(s)", kafka.dlq_topic, dead_letters
         )
+    elif dead_letters is None:
+        get_run_logger().warning("dead-letter topic %s kept: the step ended before its letters "
+                                 "were counted", kafka.dlq_topic)  # fmt: skip
     left = set(delete_topics(kafka, doomed, timeout_s))
     return {role: name for role, name in topics.items() if name not in doomed or name in left}
 
@@ -278,9 +284,11 @@ def _run_step_or_end(
         raise
     except Exception as exc:
         get_run_logger().exception("the step of %d streams failed", streams)
-        raise StepFailedError(
+        failure = StepFailedError(
             f"the step of {streams} streams failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        )
+        failure.kept_topics = getattr(exc, "kept_topics", {})  # type: ignore[attr-defined]
+        raise failure from exc
 
 
 def _step_line(figures: StepFigures) -> str:
@@ -314,6 +322,8 @@ def capacity_sweep(sweep: StreamBenchmarkSettings) -> dict[str, Any]:
             except (StepEndedError, BrokerUnreachableError) as exc:  # the rest reported
                 ended, stopped = exc, True
                 logger.error("%s: reporting the sweep so far", exc)
+                if kept := getattr(exc, "kept_topics", None):  # what the failed step left
+                    topics.append({"streams": streams, "try": attempt, **kept})
                 break
             if kept:
                 topics.append({"streams": streams, "try": attempt, **kept})

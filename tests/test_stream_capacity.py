@@ -56,6 +56,7 @@ from tasks.stream.frame_codec import FrameResult
 from tasks.stream.producer import run_cameras
 from tasks.stream.results import read_records
 from tasks.stream.settings import KafkaSettings, ProducerSettings
+from tasks.stream.topics import delete_topics
 from tests.conftest import VIDEOS
 from tests.kafka_helpers import (
     partition_ends,
@@ -456,6 +457,17 @@ def test_a_sweep_whose_frames_the_service_never_classifies_fails_instead_of_find
     steps = tuple(f"{name}-" for name in (kafka.frames_topic, kafka.results_topic, kafka.dlq_topic))
     left = [t for t in topics.topics if t.startswith(steps)]
     assert left == [], left
+    # Kept on purpose (--keep-step-topics), the failed step's topics are listed with the sweep's
+    # (found in review, stop 58: a failed step's were left on the broker and listed nowhere).
+    kept = settings.model_copy(update={"keep_step_topics": True})
+    with pytest.raises(NothingAnsweredError) as failed:
+        stream_benchmark(settings=kept, return_state=True).result()
+    [listed] = failed.value.outcome["topics"]
+    assert (listed["streams"], listed["try"]) == (1, 1), listed
+    assert {listed["frames"], listed["results"], listed["dlq"]} <= set(
+        AdminClient({"bootstrap.servers": kafka.bootstrap_servers}).list_topics(timeout=10).topics
+    )
+    delete_topics(kafka, [listed["frames"], listed["results"], listed["dlq"]])
 
 
 @pytest.mark.parametrize("classify_less_service", ["NOT_SERVING"], indirect=True)
