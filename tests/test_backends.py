@@ -88,8 +88,16 @@ def test_resnet18_from_a_weights_file(resnet18_weights, backend, photos, model_c
         expected = torch.softmax(reference(torch.from_numpy(batch)), dim=1).numpy()
     got = model.backend.run(batch)
     np.testing.assert_allclose(got, expected, atol=1e-4)
-    # ImageNet normalisation, not EfficientNet-Lite's (x - 127) / 128.
-    assert model.preprocess.mean[0] == pytest.approx(0.485 * 255)
+    # ImageNet's recipe as torchvision gives it with these weights, not EfficientNet-Lite's
+    # (x - 127) / 128: each number of it (the reference above gets the same batch, so a wrong
+    # std or resize passed; found in review, stop 58).
+    from torchvision.models import ResNet18_Weights
+
+    recipe = ResNet18_Weights.IMAGENET1K_V1.transforms()
+    spec = model.preprocess
+    assert (spec.resize_short_side, spec.crop_size) == (*recipe.resize_size, *recipe.crop_size)
+    assert spec.mean == pytest.approx([m * 255 for m in recipe.mean])
+    assert spec.std == pytest.approx([s * 255 for s in recipe.std])
 
 
 def test_a_bfloat16_checkpoint_loads_and_serves(tmp_path: Path, resnet18_weights, photos) -> None:

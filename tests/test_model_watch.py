@@ -62,5 +62,18 @@ def test_a_flapping_model_is_told_each_change_once_and_keeps_one_probe(monkeypat
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert told[-2:] == [False, True]
+        # Its probe ends once the model answers; a later outage starts another, which brings
+        # the model back again with no call of a client's (a probe that never ended, or one
+        # never started again, left the server NOT_SERVING for good).
+        while [t for t in threading.enumerate() if t.name == "model-probe"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        model.failing.set()
+        _fail(watch, FAILURES_TO_UNREADY)
+        model.failing.clear()
+        while not watch.answering:
+            assert time.monotonic() < deadline, "the second outage was never probed"
+            time.sleep(0.01)
+        assert told[-2:] == [False, True]
     finally:
         watch.close()

@@ -405,6 +405,7 @@ def test_health_follows_a_model_that_stops_answering_and_comes_back(
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
             assert _http_get(f"{ready_url}/readyz")[0] == 503
+            assert _http_get(f"{ready_url}/healthz")[0] == 200  # alive: not to be restarted
             assert _metric(_http_get(f"{ready_url}/metrics")[1], "vidflow_inference_ready") == 0
             time.sleep(1.0)  # the probes fail meanwhile: it stays NOT_SERVING
             assert health_status(target) == "NOT_SERVING"
