@@ -20,20 +20,25 @@ VENV_USABLE += && [ "$$($(BIN)/python -c 'import sys; print(sys.version_info[:2]
     "$$("$(PYTHON)" -c 'import sys; print(sys.version_info[:2])' 2>/dev/null)" ]
 endif
 # Checked on every make, not only when the pins change: else a broken .venv stays in use.
-ifneq ($(shell $(VENV_USABLE) && echo usable),usable)
+VENV_STATE := $(shell $(VENV_USABLE) && echo usable)
+ifneq ($(VENV_STATE),usable)
 $(STAMP): FORCE
 endif
 FORCE:
 
 # Installed once; again when the dependency list or the pins change, or .venv is not usable
-# (then made again).
+# (then made again, with $(PYTHON), which must then be 3.11+: a usable .venv is installed into
+# with its own, whatever python3 is; a user who made it with `make PYTHON=...` was refused
+# "needs Python 3.11" by every plain `make` after the pins changed).
 $(STAMP): pyproject.toml constraints.txt
+ifneq ($(VENV_STATE),usable)
 	@"$(PYTHON)" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
 	    echo "vidflow needs Python 3.11 or newer; '$(PYTHON)' is" \
 	        "$$(command -v "$(PYTHON)" >/dev/null && "$(PYTHON)" --version 2>&1 || echo not found):" \
 	        "install one and run: make PYTHON=python3.11 $(MAKECMDGOALS)" >&2; exit 1; }
-	@$(VENV_USABLE) || { echo "making $(VENV) with $(PYTHON)"; \
-	    rm -rf $(VENV) && "$(PYTHON)" -m venv $(VENV); }
+	@echo "making $(VENV) with $(PYTHON)"
+	rm -rf $(VENV) && "$(PYTHON)" -m venv $(VENV)
+endif
 	$(BIN)/python -m pip install --quiet "pip==26.3"  # pinned: a new pip must not change a setup
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)

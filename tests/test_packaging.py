@@ -493,6 +493,20 @@ def test_make_remakes_a_venv_that_no_longer_runs_or_is_not_the_python_asked_for(
     other.write_text('#!/bin/sh\necho "(3, 99)"\n')
     other.chmod(0o755)
     assert setup_runs(f"PYTHON={other}")
+    # Made with `make PYTHON=...` where python3 is 3.10 (Ubuntu 22.04), then the pins changed:
+    # a plain `make` installs into the usable .venv with its own Python; it was refused
+    # "needs Python 3.11" for python3 (found in review, stop 58). (`make -n` prints what would
+    # run: the refusal's check among it, before.)
+    (tmp_path / "constraints.txt").touch()  # newer than the stamp
+    old = tmp_path / "python3.10"
+    old.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "Python 3.10.12" && exit 0\nexit 1\n')
+    old.chmod(0o755)
+    plain = {**os.environ, "PYTHON": str(old)}  # what `python3` would be, not a flag
+    made = subprocess.run(["make", "-n", "-C", str(tmp_path), "setup"], capture_output=True,
+                          text=True, timeout=60, env=plain)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "pip install" in made.stdout and "3.11 or newer" not in made.stdout, made.stdout
+    assert "-m venv" not in made.stdout
 
 
 def test_http_health_checks_answer_through_a_proxy_docker_hands_in() -> None:
@@ -511,7 +525,7 @@ def test_http_health_checks_answer_through_a_proxy_docker_hands_in() -> None:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     dead_proxy = f"http://127.0.0.1:{free_port()}"
     env |= {"http_proxy": dead_proxy, "HTTP_PROXY": dead_proxy}
-    healthy = {"api/health": Body(b"{}"), "health": Body(b"")}
+    healthy = {"api/ready": Body(b"{}"), "health": Body(b"")}
     with VideoServer(healthy) as server:
         port = server.port
         env["PREFECT_WORKER_WEBSERVER_PORT"] = str(port)  # the Dockerfile's check reads it
@@ -520,7 +534,7 @@ def test_http_health_checks_answer_through_a_proxy_docker_hands_in() -> None:
             done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                   text=True, timeout=30, check=False)  # fmt: skip
             assert done.returncode == 0, (check, done.stderr[-500:])
-        assert server.requests["api/health"] == 1 and server.requests["health"] == 2
+        assert server.requests["api/ready"] == 1 and server.requests["health"] == 2
     # Prometheus's wget (busybox in its image) ignores no_proxy: `-Y off` keeps it direct.
     # GNU wget takes the same flag, and without it goes to the proxy just as well.
     prometheus = services["prometheus"]["healthcheck"]["test"][1:]

@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -24,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from common.net import free_port
 from common.settings import DEFAULT_CACHE_DIR, KINETICS_VAL_CSV, SAMPLE_VIDEO
 from devstack.broker import start_broker
-from devstack.launcher import start_server
+from devstack.launcher import REPO_ROOT, start_server
 from devstack.local_stack import FLOW_RUN_ID, LocalStack
 from devstack.sample_mirror import running_mirror
 from vidflow.demo import DEPLOYMENTS, depth_model_for_demo
@@ -220,6 +222,7 @@ def test_both_deployments_on_postgres_behind_auth_survive_a_server_restart(
         # under PREFECT_HOME, and every check above held there too.
         assert not (tmp_path / "prefect" / "prefect.db").exists()
         assert {depth_run, stream_run} <= postgres.query("SELECT id FROM flow_run")
+        _compose_health_check_follows_the_database(postgres, stack.ui_port)
     finally:
         leftovers = stack.stop()
         if broker is not None:
@@ -227,3 +230,22 @@ def test_both_deployments_on_postgres_behind_auth_survive_a_server_restart(
         if inference is not None:
             inference.terminate()
     assert leftovers == [], "processes of the stack outlived it"
+
+
+def _compose_health_check_follows_the_database(postgres: Postgres, port: int) -> None:
+    """docker-compose's health check of the Prefect server, run as written against this one:
+    healthy on its database, unhealthy once PostgreSQL is gone (it asked /api/health, which
+    answers without the database: `prefect-server (healthy)` with every API call failing;
+    found in review, stop 58). PostgreSQL is started again after."""
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    check = compose["services"]["prefect-server"]["healthcheck"]["test"][-1]
+    check = check.replace("127.0.0.1:4200", f"127.0.0.1:{port}")
+    probe = [sys.executable, "-c", check]
+    assert subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+    postgres.pg_ctl("-m", "fast", "-w", "stop")
+    try:
+        down = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+        assert down.returncode != 0 and "503" in down.stderr, down.stderr[-2000:]
+    finally:
+        # Its output to its log: on the pipe, the run would wait for the server to close it.
+        postgres.pg_ctl("-l", str(postgres.data_dir / "server.log"), "-w", "restart")
