@@ -243,10 +243,12 @@ def _raise_if_failed(outcome: dict[str, Any], settings: StreamBenchmarkSettings)
         )
     if lost_source := produced.get("source_error"):
         raise SourceLostError(f"{lost_source}; the report covers the run until then", outcome)
-    if not produced["frames_read"] and not RUN_STOP.is_set():
+    # Decoded, not published: a frame the producer's client refused at once (over the size
+    # limit) was read all the same, and is the broker's failure below.
+    if not produced["frames_decoded"] and not produced["failed"] and not RUN_STOP.is_set():
         raise NothingReadError(
-            f"the producer read no frame from {settings.shown_source} (a file whose frames do "
-            "not decode, a stream that sent none): the run measured nothing",
+            f"the producer read no frame from {settings.shown_source} (a stream that sent "
+            "none, a file whose frames do not decode): the run measured nothing",
             outcome,
         )
     if produced["failed"] and not produced["delivered"]:

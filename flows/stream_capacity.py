@@ -60,7 +60,7 @@ from tasks.stream.prefect_tasks import (
 from tasks.stream.producer import open_source, target_fps
 from tasks.stream.results import read_records
 from tasks.stream.settings import KafkaSettings, source_list
-from tasks.stream.topics import BrokerUnreachableError, delete_topics
+from tasks.stream.topics import BrokerUnreachableError, delete_topics, topic_names
 
 # A step's consumers stop once they have answered every frame its producer delivered; this long
 # after the last frame where the producer cannot say where its frames end.
@@ -203,6 +203,9 @@ def kept_topics(
     topics = {"frames": kafka.frames_topic, "results": kafka.results_topic, "dlq": kafka.dlq_topic}
     if sweep.keep_step_topics:
         return topics
+    if dead_letters is None:  # a step that failed making its topics has none to keep
+        on_broker = topic_names(kafka, timeout_s)
+        dead_letters = 0 if on_broker is not None and kafka.dlq_topic not in on_broker else None
     doomed = [name for role, name in topics.items() if role != "dlq" or dead_letters == 0]
     if dead_letters:
         get_run_logger().warning(

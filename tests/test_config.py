@@ -247,6 +247,16 @@ def test_kafka_tls_and_sasl_settings_reach_the_clients_and_the_password_stays_hi
     assert KafkaSettings(bootstrap_servers="h:1").client_config() == {"bootstrap.servers": "h:1"}
 
 
+def test_deleting_a_topic_the_broker_never_made_leaves_nothing(kafka) -> None:
+    """A capacity step that failed making its topics listed them as left on the broker (and
+    warned three times) when the sweep deleted what it had made (found in review, stop 58)."""
+    from tasks.stream.topics import delete_topics, ensure_topics
+
+    made = f"{kafka.frames_topic}-made"
+    assert ensure_topics(kafka, [made]) == [made]
+    assert delete_topics(kafka, [made, f"{kafka.frames_topic}-never-made"]) == []
+
+
 def test_topics_are_made_with_the_replication_factor_asked(kafka) -> None:
     """On a cluster a topic with one replica loses its frames with its broker: every topic was
     made with replication factor 1 whatever the cluster. The broker reports the replicas."""

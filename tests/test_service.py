@@ -592,17 +592,20 @@ def test_the_load_test_s_mean_batch_is_over_batches_as_the_server_counts_them() 
 
 
 def test_a_unary_loadtest_does_not_pause_after_an_image_the_service_refused(
-    onnx_server, video_frames
+    onnx_server, video_frames, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each INVALID_ARGUMENT (a file that does not decode) cost its caller a 0.1-s pause meant
     for a server that refuses at once (down, full): an image set with bad files read far
     slower unary than streaming, for no reason of the server's."""
+    from services.inference import loadtest
+
+    # A pause longer than the window: paused, the caller would answer one refusal at most,
+    # however fast or slow this machine is.
+    monkeypatch.setattr(loadtest, "ERROR_PAUSE_S", 5.0)
     images = [video_frames[0], b"not an image"]  # every second request fails
     (level,) = asyncio.run(run_loadtest(onnx_server.target, images, [1], 2.0, 0.2))
     assert level.error_codes == {"INVALID_ARGUMENT": level.errors}, level
-    assert abs(level.requests - level.errors) <= 2, level  # they alternate
-    # Paused, one caller answers at most one refusal each 0.1 s: 20 in the 2-s window.
-    assert level.errors > 25, level
+    assert abs(level.requests - level.errors) <= 2 and level.errors >= 3, level  # alternating
 
 
 def test_grpc_and_http_ports_listen_on_loopback_only_by_default(onnx_server) -> None:

@@ -413,6 +413,30 @@ def test_a_step_s_partitions_are_a_multiple_of_its_consumers() -> None:
     assert counts == {(2, 1): 4, (3, 3): 6, (5, 2): 6, (8, 4): 8}
 
 
+def test_a_step_that_never_made_its_topics_lists_none_and_an_uncounted_dlq_is_kept(
+    prefect_api, kafka
+) -> None:
+    """A step that failed making its topics (a replication factor the cluster cannot give)
+    listed all three as left on the broker, none of which was there (found in review, stop
+    58); a dead-letter topic that is there, its letters uncounted, is kept and listed."""
+    from prefect import flow
+
+    from flows.stream_capacity import kept_topics
+    from tasks.stream.topics import ensure_topics
+
+    sweep = StreamBenchmarkSettings(kafka=kafka, capacity=True)
+    never_made, made = step_kafka(kafka, 1), step_kafka(kafka, 1)
+    ensure_topics(made, [made.frames_topic, made.dlq_topic])
+
+    @flow
+    def ended_steps() -> tuple[dict[str, str], dict[str, str]]:
+        return kept_topics(sweep, never_made, None), kept_topics(sweep, made, None)
+
+    nothing, uncounted = ended_steps()
+    assert nothing == {} and uncounted == {"dlq": made.dlq_topic}
+    delete_topics(kafka, [made.dlq_topic])
+
+
 def test_the_chart_and_verdict_rest_on_each_count_s_last_try() -> None:
     first, second, other = _step(streams=2, p99=300.0), _step(streams=2), _step(streams=1)
     second.attempt = 2

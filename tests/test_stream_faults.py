@@ -309,7 +309,7 @@ def test_a_run_that_classified_nothing_or_stalled_fails_with_its_figures() -> No
     from flows.stream_failures import GroupStalledError, NothingAnsweredError
 
     settings = StreamBenchmarkSettings()
-    produced = {"delivered": 30, "failed": 0, "frames_read": 30, "fps": 28.0}
+    produced = {"delivered": 30, "failed": 0, "frames_read": 30, "frames_decoded": 30, "fps": 28.0}
     dead = ConsumerSummary(frames_consumed=30, dlq=30, errors=90).as_dict()
     with pytest.raises(NothingAnsweredError, match="none of the 30 frames consumed was classified"
                        ) as failed:  # fmt: skip
@@ -332,10 +332,15 @@ def test_a_run_whose_source_or_results_failed_or_that_read_nothing_fails_with_it
     source check): each must fail the run, not end Completed with figures that read as a
     healthy run's (the last read "0.0 frames/s" on a Completed run)."""
     from flows.stream_benchmark import _raise_if_failed
-    from flows.stream_failures import NothingReadError, ResultsUndeliveredError, SourceLostError
+    from flows.stream_failures import (
+        FramesUndeliveredError,
+        NothingReadError,
+        ResultsUndeliveredError,
+        SourceLostError,
+    )
 
     settings = StreamBenchmarkSettings(source="webcam:0")
-    produced = {"delivered": 30, "failed": 0, "frames_read": 30, "fps": 28.0}
+    produced = {"delivered": 30, "failed": 0, "frames_read": 30, "frames_decoded": 30, "fps": 28.0}
     healthy = ConsumerSummary(frames_consumed=30, results_published=30).as_dict()
     lost = {**produced, "source_error": "webcam:0 gave no frame for 5 s"}
     with pytest.raises(SourceLostError, match="webcam:0 gave no frame for 5 s; the report"):
@@ -343,11 +348,16 @@ def test_a_run_whose_source_or_results_failed_or_that_read_nothing_fails_with_it
     refused = {**healthy, "delivery_error": "predictions: MSG_SIZE_TOO_LARGE"}
     with pytest.raises(ResultsUndeliveredError, match="a consumer stopped: predictions: MSG_SIZE"):
         _raise_if_failed({"summary": refused, "producer": produced}, settings)
-    nothing = {"delivered": 0, "failed": 0, "frames_read": 0, "fps": 0.0}
+    nothing = {"delivered": 0, "failed": 0, "frames_read": 0, "frames_decoded": 0, "fps": 0.0}
     empty = ConsumerSummary().as_dict()
     with pytest.raises(NothingReadError, match="read no frame from webcam:0") as failed:
         _raise_if_failed({"summary": empty, "producer": nothing}, settings)
     assert failed.value.outcome["producer"]["frames_read"] == 0
+    # Frames read and refused by the producer's own client (over the size limit): none
+    # published, and the broker's failure, not the source's (found in review, stop 58).
+    refused_at_once = {**nothing, "frames_decoded": 30, "failed": 30}
+    with pytest.raises(FramesUndeliveredError, match="took none of the producer's frames"):
+        _raise_if_failed({"summary": empty, "producer": refused_at_once}, settings)
     _raise_if_failed({"summary": healthy, "producer": produced}, settings)  # no failure
 
 

@@ -115,10 +115,12 @@ def test_the_flow_records_its_figures_as_artifacts(
     outcome = state.result()
     summary, produced = outcome["summary"], outcome["producer"]
     assert 200 <= produced["frames_read"] <= 320  # 5 s at the clip's 28 fps, twice
-    # The group keeps up with two live cameras: its rate is theirs (over its own window, from
-    # the first frame to the last result: a window from its start, the group's join included,
-    # read ~35 frames/s here and passed every check below).
-    assert summary["fps"] == pytest.approx(produced["fps"], rel=0.2), (summary, produced)
+    # The group's rate is over its own window, from its first frame to its last result: that
+    # ends within the slowest frame's wait after the cameras' last frame, however loaded the
+    # machine (a window from the member's start, its join included, read ~35 frames/s here
+    # against the cameras' 56 and passed every check below).
+    slowest_s = summary["e2e_ms"]["max"] / 1000
+    assert summary["duration_s"] <= produced["duration_s"] + slowest_s + 0.5, (summary, produced)
     assert len(produced["per_stream"]) == 2
     assert not [s for s in produced["per_stream"] if s.startswith("x")]  # the clip's own names
     # Each frame consumed once: the member whose partition got no frames stays in the group

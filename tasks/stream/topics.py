@@ -121,15 +121,29 @@ def _not_created(
     )
 
 
+def topic_names(kafka: KafkaSettings, timeout_s: float = 15.0) -> set[str] | None:
+    """The topics the broker has (all asked for: one asked by name may be made by asking, on a
+    broker that creates topics on use); None where it does not answer in time."""
+    admin = AdminClient({**kafka.client_config(), **librdkafka_logging()})
+    try:
+        return set(admin.list_topics(timeout=timeout_s).topics)
+    except KafkaException:
+        return None
+
+
 def delete_topics(kafka: KafkaSettings, topics: list[str], timeout_s: float = 15.0) -> list[str]:
     """Delete `topics` from the broker; return those it could not delete (logged, not
-    raised: what is left costs the broker's room, not the run's figures)."""
+    raised: what is left costs the broker's room, not the run's figures). One the broker does
+    not have (a step that failed making its topics) is not left."""
     admin = AdminClient({**kafka.client_config(), **librdkafka_logging()})
     left = []
     for topic, future in admin.delete_topics(topics, operation_timeout=timeout_s).items():
         try:
             future.result(timeout=timeout_s)
         except Exception as exc:
+            error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+            if isinstance(error, KafkaError) and error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                continue  # not there: nothing left
             log.warning("could not delete topic %s: %s", topic, exc)
             left.append(topic)
     return left
