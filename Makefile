@@ -20,7 +20,8 @@ VENV_USABLE += && [ "$$($(BIN)/python -c 'import sys; print(sys.version_info[:2]
     "$$("$(PYTHON)" -c 'import sys; print(sys.version_info[:2])' 2>/dev/null)" ]
 endif
 # Checked on every make, not only when the pins change: else a broken .venv stays in use.
-VENV_STATE := $(shell $(VENV_USABLE) && echo usable)
+# (Not usable where `clean` runs first in the same make: it removes .venv.)
+VENV_STATE := $(if $(filter clean,$(MAKECMDGOALS)),,$(shell $(VENV_USABLE) && echo usable))
 ifneq ($(VENV_STATE),usable)
 $(STAMP): FORCE
 endif

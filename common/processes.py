@@ -7,6 +7,7 @@ import ctypes
 import functools
 import logging
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -122,6 +123,7 @@ def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
     """An event set by SIGTERM or Ctrl-C, so a job can finish its current step and report;
     `stop` if given, else a new one. A second Ctrl-C does not wait for that (exit 130)."""
     stop = stop or threading.Event()
+    start_setting_from_handlers()
 
     def request_stop(signum: int, _frame: object) -> None:
         if signum == signal.SIGINT and stop.is_set():
@@ -133,12 +135,35 @@ def stop_on_signals(stop: threading.Event | None = None) -> threading.Event:
     return stop
 
 
+# Events a signal handler asks to be set, and the thread that sets them. A handler runs on
+# the main thread between two of its steps: `Event.set` there takes the event's lock, which the
+# main thread holds for a moment in every `event.wait()`, and waited for its own thread for
+# ever (a command that then ignored every SIGTERM); so would starting a thread (threading's own
+# lock). A SimpleQueue's put is safe to call from a handler.
+_TO_SET: queue.SimpleQueue[threading.Event] = queue.SimpleQueue()
+_setter_started = threading.Lock()
+_setter: threading.Thread | None = None
+
+
+def start_setting_from_handlers() -> None:
+    """Start the thread that sets the events handlers ask for (once; before any handler is
+    installed that calls `set_from_handler`)."""
+    global _setter
+    with _setter_started:
+        if _setter is None:
+            _setter = threading.Thread(target=_set_asked, name="set-from-signal", daemon=True)
+            _setter.start()
+
+
+def _set_asked() -> None:
+    while True:
+        _TO_SET.get().set()
+
+
 def set_from_handler(event: threading.Event) -> None:
-    """Set `event` from a signal handler, on a thread of its own: a handler runs on the main
-    thread between two of its steps, and `set` takes the event's lock, which the main thread
-    holds for a moment in every `event.wait()`; set there, it waited for its own thread for
-    ever (a command that then ignored every SIGTERM)."""
-    threading.Thread(target=event.set, name="set-from-signal", daemon=True).start()
+    """Set `event` from a signal handler, without taking a lock the interrupted main thread may
+    hold (`start_setting_from_handlers` must have run)."""
+    _TO_SET.put(event)
 
 
 def ignore_lance_fork_warning() -> None:

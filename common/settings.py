@@ -75,7 +75,7 @@ class LogSettings(BaseSettings):
         the root logger was set, a traceback in `make demo` after its run folder was made."""
         if not isinstance(value, str):
             return value
-        known = [name for name in logging.getLevelNamesMapping() if name != "NOTSET"]
+        known = list(logging.getLevelNamesMapping())
         if value.strip().upper() not in known:
             raise ValueError(f"not a log level (one of {', '.join(known)})")
         return value.strip().upper()

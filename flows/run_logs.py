@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 
@@ -66,9 +67,9 @@ def logs_in_run(logger_name: str) -> Iterator[None]:
 
 def _lower_level_for_the_run(logger: logging.Logger) -> None:
     """VIDFLOW_LOG_LEVEL for `logger` where nothing set its level and it would log less."""
-    from common.settings import LogSettings
-
-    wanted = logging.getLevelName(LogSettings().level.upper())  # a number for a known name
+    # The variable as it is, not through LogSettings: a name it refuses (the command that
+    # set it refused it first) must not crash a deployment's run (a number for a known name).
+    wanted = logging.getLevelName(os.environ.get("VIDFLOW_LOG_LEVEL", "INFO").strip().upper())
     if not isinstance(wanted, int):
         return
     if logger.level == logging.NOTSET and logger.getEffectiveLevel() > wanted:

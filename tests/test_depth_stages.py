@@ -471,8 +471,14 @@ def test_url_lists_split_at_semicolons_or_tabs_or_without_a_header_are_read_or_r
         ]  # fmt: skip
     headerless = tmp_path / "headerless.tsv"
     headerless.write_text("https://h/a.mp4\tdancing\n")
-    with pytest.raises(SourceListError, match=r"headerless.tsv:1: .* holds blanks, which no URL"):
+    with pytest.raises(SourceListError, match=r"headerless.tsv:1: .* holds a tab, which no URL"):
         read_url_list(headerless)
+    # A space is a path's, as a bucket's console copies it: taken (the download encodes it).
+    spaced = tmp_path / "spaced.txt"
+    spaced.write_text("https://bucket.example/My Videos/clip 1.mp4\n")
+    assert [r.source_url for r in read_url_list(spaced)] == [
+        "https://bucket.example/My Videos/clip 1.mp4"
+    ]
 
 
 # ---- download ------------------------------------------------------------------------------
@@ -1567,9 +1573,11 @@ def test_a_video_fetched_before_from_another_url_is_fetched_again(tmp_path: Path
         fetched = download(_record(clip, "v"), layout.raw, settings)
         assert server.requests["clip.mp4"] == 1 and Path(fetched.raw_path).is_file()
         assert layout.drop_other_sources({"v": clip}) == 0
-    # A download an older vidflow made (no note of its source) is fetched again.
+    # Files an older vidflow kept (no note of their source) are taken for the URL asked now,
+    # and noted so: a first run after an upgrade fetched and encoded all of them again.
     (layout.raw / "v.url").unlink()
-    assert layout.drop_other_sources({"v": clip}) == 1
+    assert layout.drop_other_sources({"v": clip}) == 0
+    assert (layout.raw / "v.url").read_text() == f"{clip}\n"
 
 
 def test_a_shard_whose_worker_was_killed_is_failed_at_the_stage_that_never_completed() -> None:

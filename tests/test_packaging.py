@@ -507,6 +507,9 @@ def test_make_remakes_a_venv_that_no_longer_runs_or_is_not_the_python_asked_for(
     assert made.returncode == 0, made.stderr
     assert "pip install" in made.stdout and "3.11 or newer" not in made.stdout, made.stdout
     assert "-m venv" not in made.stdout
+    # `make clean test` in one make: clean removes .venv, and the set-up then makes it (it
+    # installed into the .venv just removed: "No such file or directory").
+    assert setup_runs("clean")
 
 
 def test_http_health_checks_answer_through_a_proxy_docker_hands_in() -> None:

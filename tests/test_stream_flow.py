@@ -470,6 +470,22 @@ def test_an_artifact_prefect_refuses_costs_the_run_nothing_else(prefect_api) -> 
     assert [a.key for a in recorded] == ["after-a-refused-one"]
 
 
+def test_a_run_takes_a_log_level_it_does_not_know_as_none(monkeypatch) -> None:
+    """A deployment's worker with VIDFLOW_LOG_LEVEL=trace (compose passes the user's on): the
+    run's level was read through the settings, which refuse the name, and the run crashed in
+    a traceback before its flow's own failure handling (found in review, stop 58)."""
+    from flows.run_logs import _lower_level_for_the_run
+
+    logger = logging.getLogger("tests.unknown-level")
+    monkeypatch.setenv("VIDFLOW_LOG_LEVEL", "trace")
+    _lower_level_for_the_run(logger)  # no error: left as it is
+    assert logger.level == logging.NOTSET
+    monkeypatch.setenv("VIDFLOW_LOG_LEVEL", "debug")
+    _lower_level_for_the_run(logger)
+    assert logger.level == logging.DEBUG
+    logger.setLevel(logging.NOTSET)
+
+
 def test_two_runs_in_one_process_share_one_log_handler_until_the_last_ends() -> None:
     """The second of two overlapping runs lost its producer's and consumers' lines in the UI
     when the first removed the handler they shared."""

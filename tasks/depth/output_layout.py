@@ -66,15 +66,21 @@ class OutputLayout:
 
     def drop_other_sources(self, urls: Mapping[str, str]) -> int:
         """Remove the download and transcode of each video of `urls` (id -> URL) that came from
-        another URL than its own, or whose source was never noted (an older vidflow's):
-        reused by id, a Kinetics clip's row under a new --url-template held the frames of the
-        whole video it was fetched from before. How many files went."""
+        another URL than its own: reused by id, a Kinetics clip's row under a new
+        --url-template held the frames of the whole video it was fetched from before. Files an
+        older vidflow made, with no note, are taken for the URL asked now and noted so (a first
+        run after an upgrade fetched and encoded again every video it had kept). How many
+        files went."""
         with_files = self._ids_with_files()
-        changed = {
-            video_id
-            for video_id, url in urls.items()
-            if video_id in with_files and self._noted_source(video_id) != stored_url(url)
-        }
+        changed = set()
+        for video_id, url in urls.items():
+            if video_id not in with_files:
+                continue
+            noted = self._noted_source(video_id)
+            if noted is None:
+                note_source(self.raw, video_id, url)
+            elif noted != stored_url(url):
+                changed.add(video_id)
         return self.drop_downloads(changed)
 
     def _ids_with_files(self) -> set[str]:

@@ -183,12 +183,13 @@ def _csv_record(header: list[str], row: list[str], where: str) -> VideoRecord | 
 def _checked_url(url: str, where: str) -> str:
     """`url`, unless the window its `#t=` asks for does not read (`#t=30,10`, `#t=1:75`):
     then SourceListError naming its line (it was done as the whole video, under its label);
-    or unless it holds a space or a tab, which no URL does (a CSV row of a list whose header
-    was missing: `https://h/a.mp4<TAB>dance` failed at download as a 404)."""
-    if any(blank in url for blank in (" ", "\t")):
+    or unless it holds a tab, which no URL does (a TSV row of a list whose header was
+    missing: `https://h/a.mp4<TAB>dance` failed at download as a 404). A space is taken: a
+    path copied from a bucket's console has them, and the download encodes them."""
+    if "\t" in url:
         raise SourceListError(
-            f"{where}: {url[:200]!r} holds blanks, which no URL does: a list of more than URLs "
-            "needs a header naming its url column (quote URLs with a comma in them)"
+            f"{where}: {url[:200]!r} holds a tab, which no URL does: a list of more than URLs "
+            "needs a header naming its url column"
         )
     try:
         asked_window(url)
