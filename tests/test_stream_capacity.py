@@ -437,6 +437,38 @@ def test_a_step_that_never_made_its_topics_lists_none_and_an_uncounted_dlq_is_ke
     delete_topics(kafka, [made.dlq_topic])
 
 
+def test_a_sweep_whose_report_the_api_refuses_still_records_its_table(
+    prefect_api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The capacity report carries its chart inline: a proxy's body limit in front of the API
+    refused it, and the sweep (minutes of steps) ended in a traceback, its verdict and
+    --summary-json lost (found in review, stop 58). The refusal is made here (no such proxy);
+    the table's recording is real."""
+    from prefect import flow
+
+    from flows import stream_capacity
+
+    def refused(**_kwargs: object) -> None:
+        raise RuntimeError("413 Request Entity Too Large")
+
+    monkeypatch.setattr(stream_capacity, "create_markdown_artifact", refused)
+    sweep = StreamBenchmarkSettings(capacity=True, output_dir=tmp_path)
+
+    @flow
+    def publishing() -> Path | None:
+        return stream_capacity.publish_sweep(sweep, [_step(streams=1)], "1 stream of ...")
+
+    state = publishing(return_state=True)
+    assert state.is_completed() and state.result() is not None  # the chart file, written
+    with get_client(sync_client=True) as client:
+        recorded = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    assert [a.key for a in recorded] == [TABLE_KEY]
+
+
 def test_the_chart_and_verdict_rest_on_each_count_s_last_try() -> None:
     first, second, other = _step(streams=2, p99=300.0), _step(streams=2), _step(streams=1)
     second.attempt = 2
