@@ -1255,7 +1255,7 @@ def test_a_benchmark_group_drains_its_backlog_past_its_deadline_and_no_member_id
     summary = merge_summaries([member.summary for member in members])
     assert summary.results_published == len(keys) and not summary.stalled, summary
     assert sorted(service.calls) == sorted(keys)  # each once, however the partition moved
-    last_answer = max(member.publisher.last_result_at or 0 for member in members)
+    last_answer = max(member.publisher.last_outcome_at or 0 for member in members)
     assert min(ended) >= last_answer, (ended, last_answer)  # nobody left before the drain's end
 
 
