@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.processes import die_with_parent, stop_on_signals, stop_process
-from devstack.processes import last_words
+from devstack.processes import last_words, last_words_in
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,7 @@ def start_broker(
 def _last_words(output: Any, log_path: Path | None) -> str:
     """Why the broker said it failed, and where the rest of what it wrote is."""
     if log_path is not None:
-        text = log_path.read_text(errors="replace") if log_path.is_file() else ""
-        return f"{last_words(text)} (see {log_path})"
+        return last_words_in(log_path)
     output.seek(0)
     return last_words(output.read().decode(errors="replace"))
 

@@ -25,7 +25,7 @@ from typing import Any
 from common.net import free_port
 from common.processes import signal_on_parent_death, stop_process
 from devstack.launcher import REPO_ROOT
-from devstack.processes import kill_marked_processes, last_words, listens_on
+from devstack.processes import kill_marked_processes, last_words_in, listens_on
 
 log = logging.getLogger("vidflow.stack")
 
@@ -195,9 +195,7 @@ class LocalStack:
     def _server_said(self) -> str:
         """The server's own last words, and where its log is (a benchmark's temporary folder
         is gone by the time its reader looks)."""
-        log_path = self.logs_dir / "prefect-server.log"
-        text = log_path.read_text(errors="replace") if log_path.is_file() else ""
-        return f"{last_words(text)} (see {log_path})"
+        return last_words_in(self.logs_dir / "prefect-server.log")
 
     def restart_server(self, timeout_s: float = 120) -> None:
         """Stop the Prefect server (SIGTERM) and start it again on the same port and database."""

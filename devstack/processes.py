@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import psutil
 
@@ -107,3 +108,10 @@ def last_words(output: str, limit: int = 300) -> str:
         return "it wrote nothing"
     error = next((line for line in reversed(said) if "error" in line.lower()), None)
     return (error or " ".join(said[-3:]))[-limit:]
+
+
+def last_words_in(log_path: Path) -> str:
+    """`last_words` of the log at `log_path` (nothing there: "it wrote nothing"), and where the
+    log is for the rest."""
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    return f"{last_words(text)} (see {log_path})"

@@ -44,7 +44,7 @@ def ready(port: str, timeout_s: float = 5.0, bound: str | None = None) -> bool:
     return False
 
 
-def served_http_port() -> tuple[str, str | None]:
+def served_endpoint() -> tuple[str, str | None]:
     """The HTTP port the server bound and the address (None: the variable's): from its
     --http-port-file (the image sets one, so that `serve --http-port 9000`, or 0, and `serve
     --host ADDR` are followed), else the variable, else the default."""
@@ -58,7 +58,7 @@ def served_http_port() -> tuple[str, str | None]:
 
 
 def main() -> int:
-    port, bound = served_http_port()
+    port, bound = served_endpoint()
     return 0 if ready(port, bound=bound) else 1
 
 
