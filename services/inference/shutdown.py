@@ -97,6 +97,7 @@ class CallTracker(grpc.ServerInterceptor):
         self._watches: set[_Watch] = set()
         self._ending = False  # watches opening from now on end at once (shutdown)
         self.grace_ends: float | None = None  # time.monotonic(); set when shutdown begins
+        self._ended_at_grace = 0  # `ended` when it was set
 
     @property
     def open_watches(self) -> int:
@@ -222,7 +223,7 @@ class CallTracker(grpc.ServerInterceptor):
                 return
             with self._lock:
                 self.open -= 1
-                past_grace = self._past_grace()
+                past_grace = self.past_grace()
                 if cut and past_grace:
                     self.cancelled_by_shutdown += 1
                 elif cut:
@@ -242,20 +243,42 @@ class CallTracker(grpc.ServerInterceptor):
         as cut."""
         with self._lock:
             self.cancelled_by_clients = self.cancelled_by_shutdown = 0
+            self._ended_at_grace = self.ended
             self.grace_ends = time.monotonic() + grace_s
 
-    def _past_grace(self) -> bool:
+    def past_grace(self) -> bool:
         return self.grace_ends is not None and time.monotonic() >= self.grace_ends
 
-    def summary(self, ended_before: int, grace_s: float, cut_short: bool = False) -> str:
-        """What shutdown did with the calls open when it began."""
-        when = f"at the end of the {grace_s:.0f} s grace"
-        if cut_short:
-            when = "on the second stop signal"
-        return (
-            f"{self.ended - ended_before} call(s) drained, {self.cancelled_by_shutdown} "
-            f"cancelled {when}, {self.cancelled_by_clients} cancelled by their clients"
-        )
+    def outcomes(self) -> tuple[int, int, int, int]:
+        """Calls drained, cancelled by shutdown, cancelled by their clients since the grace
+        began, and calls still open."""
+        with self._lock:
+            drained = self.ended - self._ended_at_grace
+            return drained, self.cancelled_by_shutdown, self.cancelled_by_clients, self.open
+
+
+def summary(calls: CallTracker, counted_open: int, grace_s: float, cut_short: bool = False) -> str:
+    """What shutdown did with the calls open when it began.
+
+    `counted_open` (handlers begun plus calls queued for a thread, read one after the other
+    while calls come and go) can miss a call that moved between the two, or ended between the
+    reads: each call that ended since the grace began is counted once, by its outcome, so the
+    figure is never below their sum. Calls counted open that no handler ever began (queued ones
+    gRPC cut at the end of the grace, or whose clients left first) are counted cancelled."""
+    drained, by_shutdown, by_clients, still_open = calls.outcomes()
+    never_begun = max(0, counted_open - (drained + by_shutdown + by_clients + still_open))
+    when = f"at the end of the {grace_s:.0f} s grace"
+    if cut_short:
+        when = "on the second stop signal"
+    if cut_short or calls.past_grace():
+        by_shutdown += never_begun
+    else:
+        by_clients += never_begun
+    open_at_stop = max(counted_open, drained + by_shutdown + by_clients + still_open)
+    return (
+        f"of {open_at_stop} call(s) open at shutdown, {drained} call(s) drained, "
+        f"{by_shutdown} cancelled {when}, {by_clients} cancelled by their clients"
+    )
 
 
 def _like(inner: Behaviour, outer: Behaviour) -> Behaviour:
@@ -282,7 +305,7 @@ async def drain_calls(
     await asyncio.to_thread(health_servicer.enter_graceful_shutdown)
     await asyncio.to_thread(calls.end_watches)
     calls.start_grace(grace_s)
-    ended_before, open_at_stop = calls.ended, calls.open + queued()
+    counted_open = calls.open + queued()
     stopped = server.stop(grace_s)
     stopping = asyncio.ensure_future(asyncio.to_thread(stopped.wait))
     cut = asyncio.ensure_future((stop_now or asyncio.Event()).wait())
@@ -300,8 +323,7 @@ async def drain_calls(
             break
         await asyncio.sleep(0.01)
     log.info(
-        "stopped: of %d call(s) open at shutdown, %s; %d health watch(es) ended with the server",
-        open_at_stop,
-        calls.summary(ended_before, grace_s, cut_short),
+        "stopped: %s; %d health watch(es) ended with the server",
+        summary(calls, counted_open, grace_s, cut_short),
         watches,
     )
