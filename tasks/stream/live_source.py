@@ -50,13 +50,28 @@ def is_live(source: str) -> bool:
     return urlsplit(source).scheme.lower() in LIVE_SCHEMES
 
 
+def has_no_end(source: str, capture: cv2.VideoCapture) -> bool:
+    """Whether an http(s) source, opened, is a stream with no end (an IP camera's MJPEG, a
+    live HLS playlist), which runs on its own clock too: FFmpeg finds no length for it, and
+    OpenCV reports its frame count as 0 or below (a file served over HTTP has one)."""
+    if urlsplit(source).scheme.lower() not in ("http", "https"):
+        return False
+    return capture.get(cv2.CAP_PROP_FRAME_COUNT) <= 0
+
+
 @contextlib.contextmanager
-def open_live(target: str | int, shown: str, reconnect_s: float) -> Iterator[LatestFrame]:
-    """A live source's `LatestFrame`, its capture released when the block ends (or, where the
-    reading thread is still inside a `read()`, as soon as that returns). ValueError where
-    OpenCV cannot open it at first (a source that drops out later is opened again)."""
+def open_live(
+    target: str | int, shown: str, reconnect_s: float, capture: cv2.VideoCapture | None = None
+) -> Iterator[LatestFrame]:
+    """A live source's `LatestFrame` (on `capture`, where one is open on it already), its
+    capture released when the block ends (or, where the reading thread is still inside a
+    `read()`, as soon as that returns). ValueError where OpenCV cannot open it at first (a
+    source that drops out later is opened again)."""
     latest = LatestFrame(
-        cv2.VideoCapture(target), name=f"live-{shown}", reopen=target, reconnect_s=reconnect_s
+        capture or cv2.VideoCapture(target),
+        name=f"live-{shown}",
+        reopen=target,
+        reconnect_s=reconnect_s,
     )
     try:
         if not latest.capture.isOpened():

@@ -43,7 +43,7 @@ from tasks.stream.frame_codec import (
     new_session,
 )
 from tasks.stream.kafka_io import make_producer, produce_with_backpressure
-from tasks.stream.live_source import LatestFrame, is_live, open_live
+from tasks.stream.live_source import LatestFrame, has_no_end, is_live, open_live
 from tasks.stream.settings import KafkaSettings, ProducerSettings, shown_sources, source_list
 
 log = logging.getLogger(__name__)
@@ -109,10 +109,20 @@ def open_source(source: str) -> Iterator[cv2.VideoCapture]:
     """A capture for `webcam:N`, an rtsp:// (or any URL OpenCV reads) or a video file, released
     when the block ends. A missing file raises FileNotFoundError, a source OpenCV cannot open
     ValueError, so a bad source fails before anything is published."""
-    with opened_video(_checked_target(source)) as capture:
-        if not capture.isOpened():
-            raise ValueError(f"cannot open video source {shown_url(source)}")
+    capture = _opened_capture(source)
+    try:
         yield capture
+    finally:
+        capture.release()
+
+
+def _opened_capture(source: str) -> cv2.VideoCapture:
+    """`open_source`'s capture, the caller's to release."""
+    capture = cv2.VideoCapture(_checked_target(source))
+    if not capture.isOpened():
+        capture.release()
+        raise ValueError(f"cannot open video source {shown_url(source)}")
+    return capture
 
 
 @contextlib.contextmanager
@@ -121,11 +131,16 @@ def _opened_feed(
 ) -> Iterator[tuple[cv2.VideoCapture, LatestFrame | None]]:
     """A source's capture, and for a live one (a camera, a stream) the `LatestFrame` that
     reads it, so that a producer that falls behind drops frames instead of lagging."""
-    if not is_live(source):
-        with open_source(source) as capture:
-            yield capture, None
+    opened = None if is_live(source) else _opened_capture(source)
+    if opened is not None and not has_no_end(source, opened):
+        try:
+            yield opened, None
+        finally:
+            opened.release()
         return
-    with open_live(_checked_target(source), shown_url(source), reconnect_s) as latest:
+    if opened is not None:  # read as a file, an IP camera's frames came older and older
+        log.info("%s is a stream with no end: read live", shown_url(source))
+    with open_live(_checked_target(source), shown_url(source), reconnect_s, opened) as latest:
         yield latest.capture, latest
 
 
