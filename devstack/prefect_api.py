@@ -28,6 +28,37 @@ from common.processes import die_with_parent
 log = logging.getLogger(__name__)
 
 
+class PrefectApiError(RuntimeError):
+    """The configured Prefect API refuses this client or cannot be reached."""
+
+
+def check_configured_api() -> None:
+    """PrefectApiError where PREFECT_API_URL is set but its API refuses this client (a login
+    or key wrong or expired) or cannot be reached: found at the flow's first call, it ended the
+    command in a traceback, exit 1, read as "videos failed". Nothing to check without one (the
+    command starts its own server)."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    if not (url := PREFECT_API_URL.value()):
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_flows(limit=1)  # a call that wants the login, where one is wanted
+    except httpx.HTTPStatusError as exc:
+        status = exc.response.status_code
+        hint = " (PREFECT_API_AUTH_STRING or PREFECT_API_KEY)" if status in (401, 403) else ""
+        raise PrefectApiError(
+            f"the Prefect API at {url} refused this client: {status} "
+            f"{exc.response.reason_phrase}{hint}"
+        ) from None
+    except httpx.HTTPError as exc:
+        raise PrefectApiError(
+            f"the Prefect API at {url} cannot be reached: {type(exc).__name__}: {exc}"
+        ) from None
+
+
 @contextmanager
 def prefect_api(startup_timeout_s: int = 120) -> Iterator[str]:
     """Use PREFECT_API_URL when set; otherwise run a temporary local server until exit, behind

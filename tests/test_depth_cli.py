@@ -18,6 +18,7 @@ import lance
 import pytest
 
 from common.net import free_port
+from devstack.local_stack import LocalStack
 from devstack.video_server import Drip, Serve, VideoServer
 from tests.conftest import VIDEOS, copy_prefect_home
 
@@ -38,6 +39,37 @@ def cli_env(tmp_path: Path, prefect_home_template: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = copy_prefect_home(prefect_home_template, tmp_path / "prefect-home")
     return env
+
+
+@pytest.mark.slow
+def test_a_prefect_api_that_refuses_the_login_or_is_not_there_is_said_in_one_line(
+    tmp_path: Path, tiny_depth_model: Path, cli_env: dict[str, str], prefect_home_template: Path
+) -> None:
+    """PREFECT_API_URL set, its login wrong (or expired), or the server down: the command said
+    it at the flow's first call, after Ray had started, in a traceback with exit 1, read as
+    "videos failed" (found in review, stop 59). Now one line, exit 2."""
+    home = Path(copy_prefect_home(prefect_home_template, tmp_path / "server-home"))
+    stack = LocalStack(
+        logs_dir=tmp_path, prefect_home=home, ui_port=free_port(),
+        extra_env={"PREFECT_SERVER_API_AUTH_STRING": "vidflow:right"},
+    )  # fmt: skip
+    stack.start_server()
+    urls = tmp_path / "urls.txt"
+    urls.write_text(f"http://127.0.0.1:{free_port()}/clip.mp4\n")
+    try:
+        for api_url, said in (
+            (stack.api_url, f"the Prefect API at {stack.api_url} refused this client: 401"),
+            (f"http://127.0.0.1:{free_port()}/api", "cannot be reached: ConnectError"),
+        ):
+            env = cli_env | {"PREFECT_API_URL": api_url, "PREFECT_API_AUTH_STRING": "vidflow:no"}
+            run = _vidflow(
+                "--urls", str(urls), "--output", str(tmp_path / "out"),
+                "--depth-model", str(tiny_depth_model), "--ray-num-cpus", "1", env=env,
+            )  # fmt: skip
+            assert run.returncode == 2, run.stderr[-3000:]
+            assert said in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
+    finally:
+        stack.stop()
 
 
 @pytest.mark.slow

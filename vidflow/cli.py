@@ -257,7 +257,7 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     with imports_without_gc():
         from prefect.exceptions import TerminationSignal
 
-        from devstack.prefect_api import prefect_api
+        from devstack.prefect_api import check_configured_api, prefect_api
         from flows.stream_benchmark import (
             StreamRunFailedError,
             check_inputs,
@@ -271,6 +271,7 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     check_inputs(settings)  # before a Prefect server starts and a group joins
     prepare_output_file(args.summary_json, "--summary-json")  # before the run, not after
     check_stack(settings)  # a broker or service that is not there: one line, no flow run
+    check_configured_api()  # a Prefect login refused, likewise
     # Ctrl-C: the run ends its producing now and reports (a sweep: the steps it finished); a
     # closed terminal too (SIGHUP killed it silently, its flow run left Running). SIGTERM is
     # Prefect's during the flow run: the run ends Crashed, and the command exits 143.
@@ -332,10 +333,11 @@ def _depth(args: argparse.Namespace) -> int:
     VideoTable(output).check_layout()
     with _ray_before_prefect(settings, len(sources)) as wait_for_workers:
         with imports_without_gc():
-            from devstack.prefect_api import prefect_api
+            from devstack.prefect_api import check_configured_api, prefect_api
             from flows.depth_extraction import DepthRunFailedError, depth_extraction
             from flows.ray_runner import ray_task_runner
 
+        check_configured_api()  # a login refused: one line, not a traceback at the first call
         flow = depth_extraction.with_options(task_runner=ray_task_runner(settings.ray_num_cpus))
         wait_for_workers()
         with prefect_api(), foreground_heartbeats():

@@ -124,7 +124,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             log.error("model call(s) of %s still running after %.0f s: left behind as the "
                       "server exits", ", ".join(stuck), timeout_s)  # fmt: skip
         with self._lock:
-            leftovers, self._pending = list(self._pending), deque()
+            # Taken as running, as a batch is: a caller's cancel (grpc's stop cancels every
+            # call at once) between `_fail`'s look and its set_exception raised in shutdown.
+            leftovers = [p for p in self._pending if p.future.set_running_or_notify_cancel()]
+            self._pending = deque()
         _fail(leftovers, RuntimeError("server is shutting down"))
 
     @contextlib.contextmanager
