@@ -211,7 +211,7 @@ def test_closing_fails_what_is_still_queued_after_the_running_batch_ends() -> No
     time.sleep(0.05)
     closing = threading.Thread(target=batcher.close)
     closing.start()
-    time.sleep(0.05)
+    _until(lambda: batcher._closing)  # else the worker, released, takes the queued one
     release.set()
     closing.join(10)
     finished, refused = running.result(timeout=10), queued.exception(timeout=10)

@@ -61,7 +61,8 @@ def _settled(pool: CallPool) -> None:
 
 
 def test_at_most_limit_calls_run_whatever_their_requests_do() -> None:
-    pool, model = CallPool(2, idle_timeout_s=0.3), ModelCalls()
+    # A timeout well above the latest request (0.1 s), which a loaded machine may delay
+    pool, model = CallPool(2, idle_timeout_s=1.5), ModelCalls()
     waits = [0.0, 0.0, 0.0, 0.05, 0.1, None] * 8  # None: the request never comes
     futures = [pool.submit(_handler, pool, model, wait) for wait in waits]
     contexts = [future.result(timeout=20) for future in futures]
@@ -74,7 +75,10 @@ def test_at_most_limit_calls_run_whatever_their_requests_do() -> None:
 def test_at_the_thread_cap_the_oldest_stalled_call_makes_room() -> None:
     pool, model = CallPool(1, idle_timeout_s=30, max_threads=3), ModelCalls()
     stalled = [pool.submit(_handler, pool, model, None) for _ in range(3)]  # every thread held
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while len(pool._waits) < 3 or not all(wait.stalled for wait in list(pool._waits.values())):
+        assert time.monotonic() < deadline, pool._waits
+        time.sleep(0.01)
     waits = sorted(pool._waits.values(), key=lambda wait: wait.since)  # oldest first
     answered = pool.submit(_handler, pool, model, 0.0)
     answered.result(timeout=5)  # before: queued for the 30-s idle timeout

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from common.frames import encode_jpeg, iter_video_frames
-from common.net import free_port
+from common.net import free_ports
 from common.settings import SAMPLE_VIDEO
 from services.inference.client import classify_files, health_status
 from services.inference.models import imagenet_class_names
@@ -155,7 +155,7 @@ def test_inference_image_serves_reports_health_and_stops_on_sigterm(
     assert shipped == local.hexdigest()
 
     name = f"vidflow-inference-test-{uuid.uuid4().hex[:8]}"
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port = free_ports(2)
     target = f"127.0.0.1:{grpc_port}"
     # As compose runs it (read-only, no capabilities, a cache volume: a change that writes
     # elsewhere, or needs a capability, kept the compose service from ever getting healthy),

@@ -77,3 +77,47 @@ def test_a_flapping_model_is_told_each_change_once_and_keeps_one_probe(monkeypat
         assert told[-2:] == [False, True]
     finally:
         watch.close()
+
+
+class _Stuck:
+    """A backend whose calls do not return while `stuck` is set (a wedged GPU or driver)."""
+
+    name, device = "stand-in", "cuda"
+
+    def __init__(self) -> None:
+        self.stuck = threading.Event()
+        self.released = threading.Event()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if self.stuck.is_set():
+            self.released.wait(30)
+        return batch
+
+
+def test_a_model_call_that_does_not_return_turns_health_until_one_answers(monkeypatch) -> None:
+    """A call that never returned failed nothing: its callers and the calls queued behind it
+    waited, and health said SERVING for good (found in review, stop 59)."""
+    monkeypatch.setattr(model_watch, "HUNG_AFTER_S", 0.5)
+    monkeypatch.setattr(model_watch, "HANG_CHECK_S", 0.05)
+    monkeypatch.setattr(model_watch, "PROBE_EVERY_S", 60.0)  # the hung call's return brings it
+    model, told = _Stuck(), []
+    watch = WatchedBackend(model, np.zeros(1), told.append)
+    try:
+        watch.run(np.zeros(1))  # a call that returns at once
+        model.stuck.set()
+        stuck = threading.Thread(target=watch.run, args=(np.zeros(1),), daemon=True)
+        stuck.start()
+        time.sleep(0.2)
+        assert watch.answering and told == []  # not yet stuck: a call may take a while
+        deadline = time.monotonic() + 10
+        while watch.answering:
+            assert time.monotonic() < deadline, "a stuck call was never told"
+            time.sleep(0.01)
+        time.sleep(0.3)  # told once, however long it stays stuck
+        assert told == [False]
+        model.stuck.clear()
+        model.released.set()
+        stuck.join(5)
+        assert watch.answering and told == [False, True]
+    finally:
+        watch.close()

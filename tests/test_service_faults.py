@@ -351,7 +351,7 @@ def test_health_follows_a_model_that_stops_answering_and_comes_back(
     read SERVING. No device here fails on demand, so ONNX Runtime's call is made to fail, in
     a real server on 127.0.0.1 (in this process, to reach it); the rest is the real path. With
     batching on too (on a GPU, `auto` turns it on): the batcher's workers call the model."""
-    from common.net import free_port
+    from common.net import free_ports
     from services.inference import backends, model_watch
     from services.inference.server import _serve_until
 
@@ -364,9 +364,7 @@ def test_health_follows_a_model_that_stops_answering_and_comes_back(
 
     monkeypatch.setattr(backends.OnnxBackend, "run", run)
     monkeypatch.setattr(model_watch, "PROBE_EVERY_S", 0.3)
-    port = http_port = free_port()
-    while http_port == port:  # two picks in a row may give one port
-        http_port = free_port()
+    port, http_port = free_ports(2)
     settings = InferenceSettings(cache_dir=model_cache, backend="onnx", batching=batching,
                                  port=port, http_port=http_port)  # fmt: skip
     loop, events = asyncio.new_event_loop(), {}

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from common.net import free_port, host_port
+from common.net import free_ports, host_port
 from devstack.launcher import REPO_ROOT, ServerProcess, start_server
 from protos import inference_pb2, inference_pb2_grpc
 from services.inference import ready_probe
@@ -343,7 +343,7 @@ def _serving(model_cache: Path, target: str, *args: str) -> Iterator[None]:
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
 @pytest.mark.parametrize("host", ["::1", "[::1]"])  # bracketed: gRPC bound, then HTTP failed
 def test_serve_binds_an_ipv6_loopback_address(tmp_path: Path, model_cache: Path, host: str) -> None:
-    port, http_port = free_port(), free_port()
+    port, http_port = free_ports(2)
     args = ["--host", host, "--port", str(port), "--http-port", str(http_port)]
     with _serving(model_cache, f"[::1]:{port}", *args):
         assert _http_get(f"http://[::1]:{http_port}/readyz")[0] == 200
@@ -357,7 +357,7 @@ def test_the_health_check_asks_the_one_address_the_service_binds(
     """A container told to bind its pod's own IP (VIDFLOW_INFERENCE_HOST) was asked on loopback
     alone, and stayed unhealthy for good (found in review, stop 57). 127.0.0.2 stands in for
     that address: a loopback address other than the two asked before."""
-    port, http_port = free_port(), free_port()
+    port, http_port = free_ports(2)
     monkeypatch.setenv("VIDFLOW_INFERENCE_HOST", "127.0.0.2")
     with _serving(model_cache, f"127.0.0.2:{port}", "--port", str(port), "--http-port",
                   str(http_port)):  # fmt: skip
@@ -372,7 +372,7 @@ def test_the_health_check_asks_the_one_address_the_service_binds(
     # stop 58). The port file the image sets says the address too.
     port_file = tmp_path / "http-port"
     monkeypatch.setenv("VIDFLOW_INFERENCE_HTTP_PORT_FILE", str(port_file))
-    port, http_port = free_port(), free_port()
+    port, http_port = free_ports(2)
     with _serving(model_cache, f"127.0.0.2:{port}", "--host", "127.0.0.2", "--port", str(port),
                   "--http-port", str(http_port)):  # fmt: skip
         deadline = time.monotonic() + 10

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -17,9 +18,21 @@ from services.inference.shutdown import CallTracker, drain_calls, summary
 GRACE_S = 1.0
 
 
-def _quick(request: bytes, context: grpc.ServicerContext) -> bytes:
-    time.sleep(0.1)  # ends well within the grace
-    return request
+def _drained(calls: CallTracker) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+    """A handler that returns once shutdown has begun (within the grace): drained."""
+
+    def handler(request: bytes, context: grpc.ServicerContext) -> bytes:
+        _until(lambda: calls.grace_ends is not None)
+        return request
+
+    return handler
+
+
+def _until(condition: Callable[[], object], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def _returns_when_cut(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -35,7 +48,7 @@ def _shutdown_with_calls_open() -> str:
     calls = CallTracker()
     server = grpc.server(ThreadPoolExecutor(4), interceptors=[calls])
     handlers = {
-        "Quick": grpc.unary_unary_rpc_method_handler(_quick),
+        "Quick": grpc.unary_unary_rpc_method_handler(_drained(calls)),
         "ReturnsWhenCut": grpc.unary_unary_rpc_method_handler(_returns_when_cut),
     }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", handlers)])
@@ -44,8 +57,7 @@ def _shutdown_with_calls_open() -> str:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         quick = channel.unary_unary("/t.T/Quick").future(b"q")
         cut = channel.unary_unary("/t.T/ReturnsWhenCut").future(b"c")
-        while calls.open < 2:
-            time.sleep(0.01)
+        _until(lambda: calls.open == 2)
         asyncio.run(drain_calls(server, health.HealthServicer(), calls, GRACE_S))
         assert quick.result(timeout=10) == b"q"
         with pytest.raises(grpc.RpcError):
@@ -77,7 +89,7 @@ def test_a_queued_call_cut_before_its_handler_began_is_counted_cancelled(
     pool = ThreadPoolExecutor(1)
     server = grpc.server(pool, interceptors=[calls])
     handlers = {
-        "Quick": grpc.unary_unary_rpc_method_handler(_quick),
+        "Quick": grpc.unary_unary_rpc_method_handler(_drained(calls)),
         "ReturnsWhenCut": grpc.unary_unary_rpc_method_handler(_returns_when_cut),
     }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", handlers)])
@@ -85,11 +97,9 @@ def test_a_queued_call_cut_before_its_handler_began_is_counted_cancelled(
     server.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         cut = channel.unary_unary("/t.T/ReturnsWhenCut").future(b"c")
-        while calls.open < 1:
-            time.sleep(0.01)
+        _until(lambda: calls.open == 1)
         queued = channel.unary_unary("/t.T/Quick").future(b"q")  # the one thread is held
-        while pool._work_queue.qsize() < 1:
-            time.sleep(0.01)
+        _until(lambda: pool._work_queue.qsize() == 1)
         with caplog.at_level(logging.INFO, logger="services.inference.shutdown"):
             asyncio.run(
                 drain_calls(

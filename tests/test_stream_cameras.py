@@ -435,7 +435,7 @@ def test_two_consumer_processes_share_the_cameras_without_loss_or_double_work(
     for n, log_path in enumerate(logs):
         command = [
             sys.executable, "-m", "vidflow.cli", "consume", *topic_flags, "--group", group,
-            "--target", onnx_server.target, "--duration", "90", "--idle-timeout", "6",
+            "--target", onnx_server.target, "--duration", "90", "--idle-timeout", "12",
             "--summary-json", str(tmp_path / f"{n}.json"),
         ]  # fmt: skip
         with open(log_path, "wb") as log_file:

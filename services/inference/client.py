@@ -18,15 +18,20 @@ from protos import inference_pb2, inference_pb2_grpc
 from services.inference.settings import ServiceToken
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # of an answer: a few hundred bytes each
+RECONNECT_BACKOFF_MAX_MS = 2000  # between a channel's tries to reach a service gone away
 
 
 def channel_options() -> list[tuple[str, int]]:
     """Client channel options: the server, not the client, decides how large a request may be
     (its --max-message-bytes goes up to ~2 GiB: a cap here refused what it would take); an
-    answer is kept within DEFAULT_MAX_MESSAGE_BYTES."""
+    answer is kept within DEFAULT_MAX_MESSAGE_BYTES. A service that went away is tried again
+    every 2 s at most: gRPC's own backoff grows to 120 s, and a consumer whose service was
+    back within seconds of a restart went on failing its calls at once for tens of seconds."""
     return [
         ("grpc.max_send_message_length", -1),  # gRPC's "no limit"
         ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
     ]
 
 

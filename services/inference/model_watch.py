@@ -7,14 +7,20 @@ calls, so this does: a few model calls failing in a row (not an image's own erro
 reach the model) turn health NOT_SERVING; the next call that succeeds turns it SERVING again.
 A server that says NOT_SERVING gets no traffic to prove it mended, so a probe batch (zeros, as
 the warm-up) runs every PROBE_EVERY_S meanwhile.
+
+A model call that never returns (a wedged GPU or driver) fails nothing: its callers wait, the
+calls behind it queue, and health read SERVING for good. A call running HUNG_AFTER_S turns
+health NOT_SERVING at once, until a call answers again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +33,10 @@ log = logging.getLogger(__name__)
 
 FAILURES_TO_UNREADY = 3  # model calls failed in a row: one failure may be one batch's own
 PROBE_EVERY_S = 5.0
+# A model call running this long is stuck: an ImageNet classifier's largest batch takes a few
+# seconds on two CPU cores
+HUNG_AFTER_S = 30.0
+HANG_CHECK_S = 1.0  # how often the calls running are looked at
 
 
 class WatchedBackend:
@@ -41,17 +51,28 @@ class WatchedBackend:
         self._failures = 0  # guarded by _lock, with _down and _probing
         self._down = False
         self._probing = False  # one probe thread at a time, however often the model flaps
+        self._running: dict[int, float] = {}  # monotonic start of each call running, by key
+        self._hung: set[int] = set()  # the keys of those already told as stuck
+        self._keys = itertools.count()
         self._closed = threading.Event()
+        threading.Thread(target=self._watch_for_hangs, name="model-hang-watch", daemon=True).start()
 
     def __getattr__(self, name: str) -> Any:  # name, device, warm_up: the backend's
         return getattr(self._backend, name)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        key = next(self._keys)
+        with self._lock:
+            self._running[key] = time.monotonic()
         try:
             probabilities = self._backend.run(batch)
         except Exception:
             self._record(answered=False)
             raise
+        finally:
+            with self._lock:
+                del self._running[key]
+                self._hung.discard(key)
         self._record(answered=True)
         return probabilities
 
@@ -64,19 +85,25 @@ class WatchedBackend:
         """Stop probing (the server is shutting down)."""
         self._closed.set()
 
-    def _record(self, answered: bool) -> None:
+    def _record(self, answered: bool, hung: bool = False) -> None:
         with self._lock:
             self._failures = 0 if answered else self._failures + 1
-            down = not answered and (self._down or self._failures >= FAILURES_TO_UNREADY)
+            failing = hung or self._failures >= FAILURES_TO_UNREADY
+            down = not answered and (self._down or failing)
             changed, self._down = down != self._down, down
             probe = down and not self._probing
             self._probing |= probe
         if not changed:
             return
         if down:
+            why = (
+                f"a model call has not returned in {HUNG_AFTER_S:.0f} s"
+                if hung
+                else f"the model failed {FAILURES_TO_UNREADY} calls in a row"
+            )
             log.error(
-                "the model failed %d calls in a row: health says NOT_SERVING until it answers "
-                "again (a probe every %.0f s)", FAILURES_TO_UNREADY, PROBE_EVERY_S,
+                "%s: health says NOT_SERVING until it answers again (a probe every %.0f s)",
+                why, PROBE_EVERY_S,
             )  # fmt: skip
         else:
             log.warning("the model answers again: health says SERVING")
@@ -85,6 +112,17 @@ class WatchedBackend:
         self._on_change(not down)
         if probe:
             threading.Thread(target=self._probe, name="model-probe", daemon=True).start()
+
+    def _watch_for_hangs(self) -> None:
+        """Tell each call running HUNG_AFTER_S once, as a failure that turns health at once."""
+        while not self._closed.wait(HANG_CHECK_S):
+            now = time.monotonic()
+            with self._lock:
+                stuck = [key for key, since in self._running.items()
+                         if now - since >= HUNG_AFTER_S and key not in self._hung]  # fmt: skip
+                self._hung.update(stuck)
+            if stuck:
+                self._record(answered=False, hung=True)
 
     def _probe(self) -> None:
         """Run the probe batch while the model does not answer (until the server closes)."""

@@ -206,12 +206,13 @@ def _health_follows_the_model(
             if stop.is_set() or not isinstance(backend, WatchedBackend):
                 return
             answers = backend.answering
-            status = health_pb2.HealthCheckResponse
-            await _set_health(health_servicer, status.SERVING if answers else status.NOT_SERVING)
-            if stop.is_set():  # the drain began meanwhile: it says NOT_SERVING, and so do these
-                return
+            # These first: set after gRPC's health (two thread hops), a probe that had read the
+            # change there could find `/readyz` and the gauge not yet saying it. A drain that
+            # begins meanwhile clears them after, and gRPC's health ignores sets once draining.
             is_ready.set() if answers else is_ready.clear()
             metrics.ready.set(int(answers))
+            status = health_pb2.HealthCheckResponse
+            await _set_health(health_servicer, status.SERVING if answers else status.NOT_SERVING)
 
     def changed(_answers: bool) -> None:
         asyncio.run_coroutine_threadsafe(follow(), loop)
@@ -295,9 +296,9 @@ async def _serve_until(
     try:
         follow = _health_follows_the_model(service, health_servicer, is_ready, metrics, stop)
         if await _loaded_before_stop(service, stop, follow):
-            await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
             is_ready.set()
             metrics.ready.set(1)
+            await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
             log.info("SERVING")
             await stop.wait()
         log.info(
