@@ -244,7 +244,8 @@ def main() -> None:
                 **bounds(bare_fps, rounds["vidflow"], naive_fps),
                 "frames": args.frames,
                 "warmup_frames": args.warmup_frames,
-                "cpu_count": os.cpu_count(),
+                "cpu_count": os.cpu_count(),  # the host's
+                "usable_cpus": usable_cpus(),  # the container's share, which the bounds use
             }
         )
     )

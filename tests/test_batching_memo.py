@@ -22,7 +22,8 @@ from services.inference.batching_memo import (
 )
 
 PARTS = {"model": "efficientnet_lite0", "weights": "ab12", "backend": "onnx", "device": "cpu",
-         "workers": 3, "threads": 0, "max_batch_size": 8, "min_speedup": 1.25}  # fmt: skip
+         "workers": 3, "threads": 0, "max_batch_size": 8, "min_speedup": 1.25,
+         "onnx_file": None}  # fmt: skip
 MEASURED = BatchingChoice(1, "--batching auto: batch 8 does 1.02x ... does not pay", 180.0, 184.0)
 MIN = 1.25  # --batching-min-speedup
 
@@ -45,13 +46,20 @@ def test_anything_the_verdict_depends_on_changes_its_key(
     key = choice_key(**PARTS)
     from services.inference import batching_memo  # the machine's part: its CPUs and their model
 
-    for name, value in (("usable_cpus", lambda: 32), ("_cpu_model", lambda: "another CPU")):
+    machine_parts = (
+        ("usable_cpus", lambda: 32),
+        ("_cpu_model", lambda: "another CPU"),
+        ("_runtime_version", lambda backend: "another onnxruntime"),  # after an upgrade
+    )
+    for name, value in machine_parts:
         with monkeypatch.context() as machine:
             machine.setattr(batching_memo, name, value)
             assert choice_key(**PARTS) != key, name
     assert choice_key(**PARTS) == key  # the same model, settings and machine: the same key
     for name, other in [("weights", "cd34"), ("device", "cuda"), ("workers", 2),
-                        ("max_batch_size", 16), ("threads", 1), ("min_speedup", 1.5)]:  # fmt: skip
+                        ("max_batch_size", 16), ("threads", 1), ("min_speedup", 1.5),
+                        ("model", "resnet50"), ("backend", "torchscript"),
+                        ("onnx_file", ["/models/m.onnx", 1234, 5678])]:  # fmt: skip
         assert choice_key(**{**PARTS, name: other}) != key, name
     remember_choice(tmp_path, key, MEASURED)
     assert recalled_choice(tmp_path, choice_key(**{**PARTS, "device": "cuda"}), MIN) is None

@@ -14,7 +14,7 @@ import pytest
 from confluent_kafka import KafkaError
 
 from tasks.stream.broker_watch import BrokerLostError, BrokerWatch
-from tasks.stream.kafka_io import message_timeout_ms
+from tasks.stream.kafka_io import message_timeout_ms, producer_config
 from tasks.stream.settings import KafkaSettings
 
 
@@ -55,6 +55,9 @@ def test_a_queued_message_outlasts_the_wait_for_its_broker() -> None:
     in an outage failed while the run still waited for the broker, was counted nowhere, and
     its partition committed nothing more for the rest of the run."""
     assert message_timeout_ms(600.0) > 600_000 and message_timeout_ms(30.0) == 300_000
+    # ... and the producer is given it (the settings `make_producer` builds its client from)
+    long_grace = KafkaSettings(bootstrap_servers="127.0.0.1:9092", broker_grace_s=600.0)
+    assert producer_config(long_grace)["message.timeout.ms"] == message_timeout_ms(600.0)
 
 
 def test_a_grace_of_weeks_or_none_is_refused_or_capped_not_a_crash(

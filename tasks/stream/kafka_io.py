@@ -146,25 +146,28 @@ def queue_kbytes(max_message_bytes: int) -> int:
 
 def make_producer(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> Producer:
     """The producer of frames and results; `watch` hears of its broker connection's state."""
-    return Producer(
-        {
-            **kafka.client_config(),
-            "message.max.bytes": kafka.max_message_bytes,
-            "acks": "all",
-            "linger.ms": 2,
-            "enable.idempotence": False,  # an idempotent producer dies on a broker restart
-            # A message queued while the broker is away fails only once the run has given up
-            # on it: at librdkafka's 300 s, an outcome queued in a longer grace failed with the
-            # broker "down", was counted nowhere, and froze its partition's commits for good.
-            "message.timeout.ms": message_timeout_ms(kafka.broker_grace_s),
-            # librdkafka queues up to 1 GiB by default: `--fps max` to a broker slower than the
-            # source ran far ahead of it (its fps counting frames queued, not delivered), then
-            # the exit's flush gave up on what was left. A few seconds of frames hold the
-            # source back instead (produce_with_backpressure), and the flush ends in time.
-            "queue.buffering.max.kbytes": queue_kbytes(kafka.max_message_bytes),
-            **(watch.client_config() if watch is not None else {}),
-        }
-    )
+    return Producer(producer_config(kafka, watch))
+
+
+def producer_config(kafka: KafkaSettings, watch: BrokerWatch | None = None) -> dict[str, Any]:
+    """`make_producer`'s librdkafka settings."""
+    return {
+        **kafka.client_config(),
+        "message.max.bytes": kafka.max_message_bytes,
+        "acks": "all",
+        "linger.ms": 2,
+        "enable.idempotence": False,  # an idempotent producer dies on a broker restart
+        # A message queued while the broker is away fails only once the run has given up
+        # on it: at librdkafka's 300 s, an outcome queued in a longer grace failed with the
+        # broker "down", was counted nowhere, and froze its partition's commits for good.
+        "message.timeout.ms": message_timeout_ms(kafka.broker_grace_s),
+        # librdkafka queues up to 1 GiB by default: `--fps max` to a broker slower than the
+        # source ran far ahead of it (its fps counting frames queued, not delivered), then
+        # the exit's flush gave up on what was left. A few seconds of frames hold the
+        # source back instead (produce_with_backpressure), and the flush ends in time.
+        "queue.buffering.max.kbytes": queue_kbytes(kafka.max_message_bytes),
+        **(watch.client_config() if watch is not None else {}),
+    }
 
 
 def consumer_config(kafka: KafkaSettings, group: str) -> dict[str, Any]:
