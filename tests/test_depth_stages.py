@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import datetime
 import email.utils
+import errno
 import json
 import math
 import os
@@ -1165,6 +1166,33 @@ def test_a_video_whose_maps_cannot_be_written_fails_alone_and_leaves_no_file(
     assert "IsADirectoryError" in first.error, first.error
     assert second.status == "ok" and np.load(second.depth_path).shape == (2, 360, 478)
     assert sorted(p.name for p in maps_dir.iterdir()) == ["blocked.npy", "fine.npy", "fine.png"]
+
+
+def test_a_video_whose_maps_find_the_disk_full_fails_alone_and_leaves_no_file(
+    tmp_path: Path, tiny_depth_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk full as a video's map file takes its blocks (found in review, stop 59: only a
+    failed rename was tested, not this, the path a full disk takes). A full disk cannot be had
+    on demand here: the system call says so for that one file."""
+    real_allocate = os.posix_fallocate
+
+    def full_for_one(fd: int, offset: int, length: int) -> None:
+        if ".full.npy." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_allocate(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", full_for_one)
+    settings = DepthSettings(depth_model=str(tiny_depth_model), frames="uniform:2", device="cpu")
+    transcoded = transcode(
+        _record("http://h/v.mp4").update(raw_path=str(CLIP)), tmp_path / "videos", settings
+    )
+    maps_dir = tmp_path / "depth"
+    full, fine = (transcoded.update(video_id=name) for name in ("full", "fine"))
+    first, second = estimate_depth_many([full, fine], maps_dir, settings)
+    assert first.failed and first.failed_stage == "depth", first
+    assert "No space left on device" in first.error, first.error
+    assert second.status == "ok" and np.load(second.depth_path).shape == (2, 360, 478)
+    assert sorted(p.name for p in maps_dir.iterdir()) == ["fine.npy", "fine.png"]  # no partial
 
 
 def test_depth_maps_are_written_at_the_frame_size(tmp_path: Path, tiny_depth_model: Path) -> None:
