@@ -20,13 +20,21 @@ def foreground_heartbeats() -> Iterator[None]:
     waited 0-1 s more with every CPU idle (0.63 s in a probe), ~2 % of a 30-s run. A run
     started from a terminal is watched from there, and its end shows there; flow runs of
     deployments (started by a Prefect worker, not here) keep Prefect's default. Whoever sets
-    the interval, in the environment or the Prefect profile, keeps their heartbeats here too."""
+    the interval (the environment, the Prefect profile, `prefect.toml`, `.env` or
+    `pyproject.toml`'s `[tool.prefect]`) keeps their heartbeats here too."""
     from prefect.context import get_settings_context
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        get_current_settings,
+        temporary_settings,
+    )
 
     profile = get_settings_context().profile
-    chosen = any(name in os.environ for name in HEARTBEAT_VARIABLES) or any(
-        setting.name in HEARTBEAT_VARIABLES for setting in profile.settings
+    chosen = (
+        any(name in os.environ for name in HEARTBEAT_VARIABLES)
+        or any(setting.name in HEARTBEAT_VARIABLES for setting in profile.settings)
+        # the files Prefect reads it from too (a `prefect.toml` was passed over)
+        or "heartbeat_frequency" in get_current_settings().flows.model_fields_set
     )
     if chosen:
         yield

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from common.flow_heartbeats import HEARTBEAT_VARIABLES, foreground_heartbeats
+from devstack.launcher import REPO_ROOT
 
 
 def _heartbeat_interval() -> int | None:
@@ -52,3 +57,23 @@ def test_an_interval_set_in_the_prefect_profile_is_kept(monkeypatch: pytest.Monk
     profile = Profile(name="heartbeats-chosen", settings={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60})
     with use_profile(profile, include_current_context=True), foreground_heartbeats():
         assert _heartbeat_interval() == 60
+
+
+def test_an_interval_set_in_a_prefect_toml_is_kept(tmp_path) -> None:
+    """Prefect reads settings from `prefect.toml` (and `.env`, `pyproject.toml`) in the working
+    folder too: an interval set there was turned off (found in review, stop 59)."""
+    (tmp_path / "prefect.toml").write_text("[flows]\nheartbeat_frequency = 90\n")
+    script = (
+        "from common.flow_heartbeats import foreground_heartbeats\n"
+        "from prefect.settings import get_current_settings\n"
+        "with foreground_heartbeats():\n"
+        "    print(get_current_settings().flows.heartbeat_frequency)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in HEARTBEAT_VARIABLES}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "90", run.stdout
