@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import lance
+import psutil
 import pytest
 
 from common.net import free_port
@@ -289,6 +290,24 @@ def test_a_stage_that_asks_for_more_cpus_than_a_node_has_is_refused(
     assert "Traceback" not in run.stderr and "encountered an exception" not in run.stderr
 
 
+def _left_behind(group: int, prefect_home: str, wait_s: float = 20.0) -> list[str]:
+    """The processes of the command's process group, or run with its PREFECT_HOME, still
+    there after up to `wait_s` (each process ends on its own time after its parent)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = []
+        for process in psutil.process_iter(["pid", "name", "status"]):
+            with contextlib.suppress(psutil.Error, OSError):  # gone meanwhile, or not ours
+                if process.info["status"] == psutil.STATUS_ZOMBIE:
+                    continue
+                ours = os.getpgid(process.pid) == group
+                if ours or process.environ().get("PREFECT_HOME") == prefect_home:
+                    left.append(f"{process.pid} {process.info['name']}")
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ended_by", ["ctrl-c", "terminal-closed", "nohup"])
 def test_ctrl_c_in_a_terminal_ends_the_run_at_once_and_records_its_end(
@@ -335,9 +354,13 @@ def test_ctrl_c_in_a_terminal_ends_the_run_at_once_and_records_its_end(
             signalled = time.monotonic()
             _, err = run.communicate(timeout=90)
             took_s = time.monotonic() - signalled
+            left = _left_behind(run.pid, cli_env["PREFECT_HOME"])
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(run.pid, signal.SIGKILL)
+    # Its private Ray (in its process group) and its temporary Prefect server (a session of
+    # its own) end with it: the kill above would have hidden them (found in review, stop 59).
+    assert left == [], left
     hung_up = ended_by == "terminal-closed"
     assert run.returncode == (-signal.SIGTERM if hung_up else 130), err[-3000:]
     with sqlite3.connect(Path(cli_env["PREFECT_HOME"]) / "prefect.db") as database:

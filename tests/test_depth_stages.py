@@ -11,6 +11,7 @@ import datetime
 import email.utils
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -1166,6 +1167,29 @@ def test_a_video_whose_maps_cannot_be_written_fails_alone_and_leaves_no_file(
     assert "IsADirectoryError" in first.error, first.error
     assert second.status == "ok" and np.load(second.depth_path).shape == (2, 360, 478)
     assert sorted(p.name for p in maps_dir.iterdir()) == ["blocked.npy", "fine.npy", "fine.png"]
+
+
+def test_a_video_a_stage_fails_under_another_stage_s_name_is_said_in_its_log() -> None:
+    """The depth step fails a transcode that has no readable frame as failed at transcode: it
+    was said in no task's log, only in the table (found in review, stop 59)."""
+    from tasks.depth.shard_tasks import Shard, _run_stage
+
+    going, gone = _record("http://h/a.mp4", "a"), _record("http://h/b.mp4", "b")
+    shard = Shard(0, 1, (going, gone.fail("download", "HTTP 404")))
+
+    def depth_step(records: list[VideoRecord]) -> list[VideoRecord]:
+        return [record.fail("transcode", "no frame could be read") for record in records]
+
+    said: list[str] = []
+    heard = logging.Handler(logging.WARNING)  # not caplog: Prefect's import resets the root's
+    heard.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("tasks.depth.shard_tasks")
+    logger.addHandler(heard)
+    try:
+        _run_stage("depth", shard, depth_step)
+    finally:
+        logger.removeHandler(heard)
+    assert said == ["a failed at transcode: no frame could be read"]  # b: said by its own stage
 
 
 def test_a_video_whose_maps_find_the_disk_full_fails_alone_and_leaves_no_file(

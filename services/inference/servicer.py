@@ -309,8 +309,12 @@ def _end_cancelled_wait(metrics: ServiceMetrics, wait: Wait, context: grpc.Servi
 
 
 def _end_without_request(metrics: ServiceMetrics, context: grpc.ServicerContext) -> None:
-    """A call half-closed without its request (INVALID_ARGUMENT), or ending (counted so)."""
-    if not ends_within(context, END_OF_CALL_S):
+    """A call half-closed without its request (INVALID_ARGUMENT), or ending (counted so). One
+    whose deadline has passed is ending: its cancel, heard a moment after the end of its request
+    stream, came past the wait on a loaded machine and it was counted INVALID_ARGUMENT."""
+    remaining = context.time_remaining()
+    ending = remaining is not None and remaining <= 0
+    if not ending and not ends_within(context, END_OF_CALL_S):
         metrics.requests.labels("Classify", "INVALID_ARGUMENT").inc()
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no ClassifyRequest")
     metrics.requests.labels("Classify", cancelled_code(context).name).inc()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.depth.frame_choice import frame_indices
+from tasks.depth.run_log import run_logger
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
@@ -49,7 +50,9 @@ class PendingDepth:
                 records = ray.get(call)
             except Exception as exc:  # a Ray error: the depth task redoes these videos
                 reason = f"{type(exc).__name__}: {exc}"
-                log.warning("an early depth call failed (%s); redoing its videos", reason)
+                run_logger(log).warning(
+                    "an early depth call failed (%s); redoing its videos", reason
+                )
                 continue
             done.update((record.video_id, record) for record in records)
         return done

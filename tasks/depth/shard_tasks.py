@@ -33,6 +33,7 @@ import itertools
 import logging
 import queue
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -41,11 +42,12 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext, TaskRunContext
+from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
 from prefect_ray.context import remote_options
 
 from common.files import exclusive_lock
+from tasks.depth import run_log
 from tasks.depth.depth_actor import DepthActor
 from tasks.depth.depth_feed import DepthFeed, PendingDepth, feeds_early
 from tasks.depth.download import download_many
@@ -158,7 +160,10 @@ def _run_stage(
         shard = shard.fail_remaining(stage, crash_reason(stage, exc))
         done = iter(())
     records = [record if record.failed else next(done) for record in shard.records]
-    failed = [record for record in records if record.failed and record.failed_stage == stage]
+    # Failed here, whatever stage it names (a transcode found to have no frame by the depth
+    # step is failed at transcode, and was said in no task's log)
+    failed = [after for before, after in zip(shard.records, records, strict=True)
+              if after.failed and not before.failed]  # fmt: skip
     if failed:
         # The task run's log in the Prefect UI; a stage called outside a task run (tests, a
         # library user) logs to this module's logger instead.
@@ -166,7 +171,7 @@ def _run_stage(
         logger = get_run_logger() if in_task_run else log
         for record in failed:
             reason = (record.error or "").partition("\n")[0]  # the table keeps the rest
-            logger.warning("%s failed at %s: %s", record.video_id, stage, reason)
+            logger.warning("%s failed at %s: %s", record.video_id, record.failed_stage, reason)
         if in_task_run:
             send_logs_now()
     return shard.with_records(records)
@@ -311,10 +316,12 @@ def _actor_depth(
 
 
 def fallback_lock(settings: DepthSettings) -> Path:
-    """The node's lock of depth run in a task for a lost actor (beside the model cache)."""
+    """The node's lock of depth run in a task for a lost actor (beside the model cache, named
+    for the node: a cache folder shared by a cluster's nodes, a home on NFS, made one lock of
+    the whole cluster's, and their stand-ins ran one at a time)."""
     with contextlib.suppress(OSError):  # a read-only cache: exclusive_lock goes on unlocked
         settings.cache_dir.mkdir(parents=True, exist_ok=True)
-    return settings.cache_dir / ".depth-fallback.lock"
+    return settings.cache_dir / f".depth-fallback-{socket.gethostname()}.lock"
 
 
 class HowDepthRuns:
@@ -372,8 +379,8 @@ def write_task(shard: Shard, lance_path: Path) -> WrittenShard:
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
-    """The flow run's logger (its lines in the UI), or this module's outside a run."""
-    return get_run_logger() if FlowRunContext.get() is not None else log
+    """The flow or task run's logger (its lines in the UI), or this module's outside a run."""
+    return run_log.run_logger(log)
 
 
 def actor_device(settings: DepthSettings, cluster_gpus: int) -> str:

@@ -25,6 +25,7 @@ from common.frames import opened_video
 from common.processes import batch_child
 from common.urls import shown_url
 from tasks.depth.clip_window import ClipWindow, seconds_text, window_of
+from tasks.depth.run_log import run_logger
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
@@ -251,7 +252,9 @@ def _window_to_cut(url: str, facts: StreamFacts | None) -> ClipWindow | None:
         and duration_s < window.end_s
         and duration_s <= window.length_s + CLIP_SLACK_S
     ):
-        log.info("%s is %.1f s long, the clip itself: not cut", shown_url(url), duration_s)
+        run_logger(log).info(
+            "%s is %.1f s long, the clip itself: not cut", shown_url(url), duration_s
+        )
         return None
     if duration_s <= window.start_s:
         raise TranscodeError(
