@@ -218,19 +218,13 @@ def check_fits_cluster(settings: DepthSettings) -> None:
     """Refuse a stage that asks for more CPUs than any node of the cluster has, or more GPU
     depth workers than there are GPUs: Ray would hold it pending, and the run would sit at 0 %
     with no word of why."""
-    cpus = largest_node("CPU")
-    if not cpus:  # the run sizes its shards and actors by the CPUs it finds as it starts
+    if not largest_node("CPU"):  # the run sizes its shards and actors by the CPUs it finds
         raise ValueError(
             "this Ray cluster has no CPU now (an autoscaling cluster whose workers are not up "
             "yet?): keep one worker node up, or give the head CPUs (`ray start --num-cpus`)"
         )
-    for flag, asked in (("--transcode-cpus", settings.transcode_cpus),
-                        ("--depth-cpus", settings.depth_cpus)):  # fmt: skip
-        if asked > cpus:
-            raise ValueError(
-                f"{flag} {asked:g}: no node of this Ray cluster has that many CPUs (the largest "
-                f"has {cpus:g}); a stage that asks for more would never start"
-            )
+    if (misfit := stages_misfit(settings)) is not None:
+        raise ValueError(f"{misfit}; a stage that asks for more would never start")
     check_api_reachable()
     gpus = cluster_gpus()
     if settings.device == "cuda" and not gpus and settings.depth_backend != "onnx":
@@ -244,6 +238,23 @@ def check_fits_cluster(settings: DepthSettings) -> None:
             f"--depth-workers {settings.depth_workers}: the cluster has {gpus} GPU(s), one per "
             "GPU depth worker; the others would never start"
         )
+
+
+def stages_misfit(settings: DepthSettings, actor_gpus: int = 0) -> str | None:
+    """What the cluster's live nodes now lack for the run's stages (a stage's CPUs on one
+    node, `actor_gpus` GPUs for its depth actors), or None: asked as the run starts, and while
+    it waits on its shards (a node lost mid-run)."""
+    cpus = largest_node("CPU")
+    for flag, asked in (("--transcode-cpus", settings.transcode_cpus),
+                        ("--depth-cpus", settings.depth_cpus)):  # fmt: skip
+        if asked > cpus:
+            return (
+                f"{flag} {asked:g}: no node of this Ray cluster has that many CPUs (the largest "
+                f"has {cpus:g})"
+            )
+    if actor_gpus and (gpus := cluster_gpus()) < actor_gpus:
+        return f"the depth actors run on {actor_gpus} GPU(s); this Ray cluster has {gpus} now"
+    return None
 
 
 def check_api_reachable() -> None:
@@ -296,7 +307,10 @@ def process_shards(
     """Run the shards, committing each one's rows as it finishes; then compact the table (its
     Parquet export comes after the run's report)."""
     progress = Progress(len(plan.todo), show_bar=show_progress)
-    for written in run_shards(shards, settings.output, table.lance_path, settings, cpus):
+    gpus = cluster_gpus()  # one per GPU depth actor (start_depth_actors)
+    actor_gpus = (settings.depth_workers or gpus) if actor_device(settings, gpus) == "cuda" else 0
+    misfit = functools.partial(stages_misfit, settings, actor_gpus)
+    for written in run_shards(shards, settings.output, table.lance_path, settings, cpus, misfit):
         committed = commit_shard(table, written)
         for record in committed:
             report.add(record)

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,9 +24,10 @@ import lance
 import pytest
 
 from common.net import free_port
+from devstack.processes import end_processes, processes_with_descendants
 from devstack.ray_nodes import stop_ray_nodes
-from devstack.video_server import Serve, VideoServer
-from flows.depth_extraction import depth_extraction
+from devstack.video_server import Drip, Serve, VideoServer
+from flows.depth_extraction import DepthRunFailedError, depth_extraction
 from flows.ray_runner import ray_task_runner
 from flows.ray_start import cluster_address, loopback_only_cluster, reaching_cluster, run_ray
 from tasks.depth.settings import DepthSettings
@@ -43,6 +45,8 @@ def _running_ray(
     second_node: bool,
     single_machine: bool,
     announced: bool = False,
+    second_cpus: int | None = None,
+    temp: Path | None = None,
 ) -> Iterator[str]:
     """`ray start` nodes on this machine (a head, and a second node if asked) addressed as
     127.0.0.1, with RAY_ADDRESS set to the head; all stopped afterwards. `single_machine`: Ray's
@@ -51,7 +55,7 @@ def _running_ray(
     the head writes Ray's current-cluster file in its default place (under RAY_TMPDIR, set for
     this test), where `ray.init()` looks."""
     # Ray's socket paths live under --temp-dir and must fit in 107 bytes: keep it short.
-    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    temp = temp or Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     env = dict(os.environ)  # with the session's Ray token (tests/conftest.py)
     if announced:
         env["RAY_TMPDIR"] = str(temp)
@@ -59,11 +63,12 @@ def _running_ray(
     if single_machine:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     address = f"127.0.0.1:{free_port()}"
-    common = ["--num-cpus", str(cpus), "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    common = ["--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
 
-    def start(*args: str) -> None:
-        started = subprocess.run([RAY, "start", *args, *common], env=env, capture_output=True,
-                                 text=True, timeout=180, check=False)  # fmt: skip
+    def start(*args: str, node_cpus: int = cpus) -> None:
+        command = [RAY, "start", *args, "--num-cpus", str(node_cpus), *common]
+        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180,
+                                 check=False)  # fmt: skip
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
 
     head_temp = [] if announced else ["--temp-dir", str(temp / "head")]
@@ -71,7 +76,8 @@ def _running_ray(
         start("--head", "--port", address.split(":")[1], "--include-dashboard", "false",
               *head_temp)  # fmt: skip
         if second_node:
-            start("--address", address, "--temp-dir", str(temp / "second"))
+            start("--address", address, "--temp-dir", str(temp / "second"),
+                  node_cpus=cpus if second_cpus is None else second_cpus)  # fmt: skip
         if announced:
             monkeypatch.delenv("RAY_ADDRESS", raising=False)
         else:
@@ -154,6 +160,56 @@ def test_shards_run_on_both_nodes_and_rows_name_their_node(
     nodes = {row["node_id"] for row in rows}
     alive, _ = _cluster_view(two_node_cluster)
     assert len(alive) == 2 and nodes == alive  # every shard's node, and both nodes used
+
+
+@pytest.mark.slow
+def test_a_run_whose_cluster_loses_the_node_a_stage_needs_fails_its_videos_instead_of_waiting(
+    monkeypatch: pytest.MonkeyPatch, prefect_api: None, tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    """A worker node lost mid-run (a spot instance reclaimed) whose CPUs were the only ones
+    enough for a stage: Ray held its tasks pending, and the run sat Running for good with no
+    word (found in review, stop 59). It now waits for the cluster to have them again, then
+    fails the videos still going, saying why."""
+    from tasks.depth import shard_tasks
+
+    monkeypatch.setattr(shard_tasks, "LOST_CHECK_S", 0.5)
+    monkeypatch.setattr(shard_tasks, "LOST_GRACE_S", 3.0)
+    temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    routes = {f"v{i}.mp4": Drip(VIDEOS / "k400_arm_wrestling.mp4", chunk=200_000, every_s=0.5)
+              for i in range(2)}  # fmt: skip
+    settings = DepthSettings(
+        output=tmp_path / "out", depth_model=str(tiny_depth_model), shard_size=1,
+        device="cpu", transcode_cpus=2,
+    )  # fmt: skip
+    outcome: dict[str, object] = {}
+    with (
+        _running_ray(monkeypatch, cpus=1, second_node=True, single_machine=False,
+                     second_cpus=2, temp=temp),
+        VideoServer(routes) as server,
+    ):  # fmt: skip
+        urls = tmp_path / "urls.txt"
+        urls.write_text("\n".join(server.url(f"v{i}.mp4") for i in range(2)))
+        flow = depth_extraction.with_options(task_runner=ray_task_runner())
+
+        def run() -> None:
+            try:
+                outcome["summary"] = flow(urls=str(urls), settings=settings)
+            except DepthRunFailedError as exc:  # no video done: the run fails, with its summary
+                outcome["summary"] = exc.summary
+
+        running = threading.Thread(target=run, daemon=True)
+        running.start()
+        assert _eventually(lambda: sum(server.requests.values()) > 0, timeout_s=120)
+        second = str(temp / "second")  # the node with 2 CPUs: the only one a transcode fits
+        end_processes(processes_with_descendants(lambda command: second in command), 1.0)
+        running.join(180)
+        assert not running.is_alive(), "the run waited for a node that is gone"
+    summary = outcome["summary"]
+    assert summary["ok"] == 0 and summary["failed"] == 2, summary
+    rows = lance.dataset(tmp_path / "out" / "videos.lance").to_table().to_pylist()
+    assert len(rows) == 2 and all(row["status"] == "failed" for row in rows)
+    for row in rows:
+        assert "--transcode-cpus 2: no node of this Ray cluster has that many CPUs" in row["error"]
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ import queue
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -60,6 +61,9 @@ from tasks.depth.video_record import Stage, VideoRecord, crash_prefix
 from tasks.depth.video_table import write_rows
 
 log = logging.getLogger(__name__)
+
+LOST_CHECK_S = 10.0  # how often a run waiting on its shards asks what the cluster lacks
+LOST_GRACE_S = 120.0  # how long it may lack it (a node replaced) before the run gives up
 
 MAX_AUTO_SHARD_SIZE = 32
 SHARDS_PER_CPU = 2  # auto shard size: enough shards to keep every CPU busy to the end
@@ -502,47 +506,106 @@ class _Chain:
                 last = future.result()
             except Exception:  # its result gone with its node: not known from here on
                 break
+        ended = "was given up" if isinstance(exc, ClusterLostError) else "lost its worker"
         run_logger().warning(
-            "%s: the worker of its %s task died (%s)%s", self.shard.label, stage,
+            "%s: its %s task %s (%s)%s", self.shard.label, stage, ended,
             type(exc).__name__, ": the driver writes its rows" if stage == "store" else "",
         )  # fmt: skip
         return last if stage == "store" else last.fail_remaining(stage, crash_reason(stage, exc))
 
 
+def _stages(
+    shard: Shard,
+    downloaded: PrefectFuture[Shard],
+    folders: tuple[Path, Path, Path],
+    lance_path: Path,
+    settings: DepthSettings,
+    actors: list[Any],
+) -> _Chain:
+    """The shard's stages after its download, chained by their futures."""
+    _, videos_dir, maps_dir = folders
+    retried = {"retries": settings.task_retries}
+    with remote_options(num_cpus=settings.transcode_cpus):
+        transcoded = transcode_task.with_options(**retried).submit(
+            downloaded, videos_dir, maps_dir, settings, actors
+        )
+    with remote_options(num_cpus=settings.depth_cpus):
+        mapped = depth_task.with_options(**retried).submit(transcoded, maps_dir, settings, actors)
+    with remote_options(num_cpus=0):
+        written = write_task.with_options(**retried).submit(mapped, lance_path)
+    stages: list[tuple[Stage, PrefectFuture[Any]]] = [
+        ("download", downloaded), ("transcode", transcoded), ("depth", mapped), ("store", written)
+    ]  # fmt: skip
+    return _Chain(shard, stages)
+
+
+class ClusterLostError(RuntimeError):
+    """The cluster has lacked what the run's stages need for LOST_GRACE_S (a node lost)."""
+
+
+def _next_finished(
+    finished: queue.Queue[PrefectFuture[WrittenShard]], misfit: Callable[[], str | None] | None
+) -> PrefectFuture[WrittenShard]:
+    """The next shard's written future; ClusterLostError once `misfit` has named what the
+    cluster lacks for LOST_GRACE_S. A node lost mid-run (a spot instance reclaimed) left a
+    transcode that fits no node left pending for ever, and a GPU actor restarting for a GPU
+    gone never failed: the run sat Running with no word."""
+    since = None  # monotonic: when the cluster was first seen lacking
+    while True:
+        with contextlib.suppress(queue.Empty):
+            return finished.get(timeout=LOST_CHECK_S if misfit is not None else None)
+        if misfit is None or (why := misfit()) is None:
+            since = None
+        elif since is None:
+            since = time.monotonic()
+            run_logger().warning(
+                "%s: the run waits up to %.0f s for the cluster to have it again (a node "
+                "replaced), then fails the videos still going", why, LOST_GRACE_S,
+            )  # fmt: skip
+        elif time.monotonic() - since >= LOST_GRACE_S:
+            raise ClusterLostError(f"{why}, for {LOST_GRACE_S:.0f} s")
+
+
+def _all_lost(
+    in_flight: dict[Any, _Chain], waiting: list[Shard], lost: ClusterLostError
+) -> Iterator[WrittenShard]:
+    """Every shard still in flight or waiting, its videos still going failed for `lost`."""
+    for chain in in_flight.values():
+        yield WrittenShard(chain.crashed_rows(lost), [])
+    for shard in reversed(waiting):
+        yield WrittenShard(shard.fail_remaining("download", f"not started: {lost}"), [])
+
+
 def run_shards(
-    shards: Sequence[Shard], output_dir: Path, lance_path: Path, settings: DepthSettings, cpus: int
+    shards: Sequence[Shard],
+    output_dir: Path,
+    lance_path: Path,
+    settings: DepthSettings,
+    cpus: int,
+    misfit: Callable[[], str | None] | None = None,
 ) -> Iterator[WrittenShard]:
     """Run every shard through its four stages, at most `shards_in_flight` at once; yield each
-    written shard as it finishes (its fragments are not committed yet)."""
+    written shard as it finishes (its fragments are not committed yet). `misfit` says what
+    the cluster lacks for the stages, if anything (see _next_finished)."""
     import ray
 
     if not shards:
         return  # nothing to do: no model to load
-    raw_dir, videos_dir, maps_dir = OutputLayout(output_dir).file_folders
+    folders = OutputLayout(output_dir).file_folders
     window = shards_in_flight(settings, cpus)
     finished: queue.Queue[PrefectFuture[WrittenShard]] = queue.Queue()
     in_flight: dict[PrefectFuture[WrittenShard], _Chain] = {}
     waiting = list(reversed(shards[window:]))
-    retried = {"retries": settings.task_retries}
 
     def download(shard: Shard) -> PrefectFuture[Shard]:
         with remote_options(num_cpus=0):
-            return download_task.with_options(**retried).submit(shard, raw_dir, settings)
+            retried = download_task.with_options(retries=settings.task_retries)
+            return retried.submit(shard, folders[0], settings)
 
     def submit(shard: Shard, downloaded: PrefectFuture[Shard]) -> None:
-        """The shard's stages after its download, chained by their futures."""
-        with remote_options(num_cpus=settings.transcode_cpus):
-            transcoded = transcode_task.with_options(**retried).submit(
-                downloaded, videos_dir, maps_dir, settings, actors
-            )
-        with remote_options(num_cpus=settings.depth_cpus):
-            mapped = depth_task.with_options(**retried).submit(
-                transcoded, maps_dir, settings, actors
-            )
-        with remote_options(num_cpus=0):
-            written = write_task.with_options(**retried).submit(mapped, lance_path)
-        stages = [("download", downloaded), ("transcode", transcoded), ("depth", mapped)]
-        in_flight[written] = _Chain(shard, [*stages, ("store", written)])
+        chain = _stages(shard, downloaded, folders, lance_path, settings, actors)
+        written = chain.futures[-1][1]
+        in_flight[written] = chain
         written.add_done_callback(finished.put)
 
     # The first downloads go before the actors start: Ray gives them the idle workers (which a
@@ -555,7 +618,11 @@ def run_shards(
             for shard, downloaded in first:
                 submit(shard, downloaded)
             while in_flight:
-                future = finished.get()
+                try:
+                    future = _next_finished(finished, misfit)
+                except ClusterLostError as lost:
+                    yield from _all_lost(in_flight, waiting, lost)
+                    return
                 chain = in_flight.pop(future)
                 if waiting:
                     shard = waiting.pop()
