@@ -3,7 +3,7 @@
 Used by the depth tests and the depth benchmarks, which is why it lives here and not under
 tests/: the benchmarks run from an installed wheel too. Each path has a behaviour (serve a
 file, 404, fail with 500 a few times first, serve something that is not a video, stall
-mid-body, drip bytes, ask for a login).
+mid-body, drip bytes, ask for a login, stream as an IP camera does).
 """
 
 from __future__ import annotations
@@ -88,7 +88,16 @@ class Guarded:
     password: str
 
 
-Behaviour = Serve | Status | Body | Stall | Drip | Cut | Busy | Redirect | Guarded
+@dataclass(frozen=True)
+class Camera:
+    """An IP camera's MJPEG stream: `frames` (JPEG bytes) one after the other, `fps` a second,
+    over and over, as one multipart/x-mixed-replace body of no length, until the client leaves."""
+
+    frames: tuple[bytes, ...]
+    fps: float
+
+
+Behaviour = Serve | Status | Body | Stall | Drip | Cut | Busy | Redirect | Guarded | Camera
 
 
 class VideoServer:
@@ -159,17 +168,44 @@ class VideoServer:
                 return web.Response(status=429, headers={"Retry-After": retry_after})
             case Busy(path):
                 return web.FileResponse(path)
-            case Drip(path, chunk, every_s, drip_bytes):
-                data = path.read_bytes()
-                response = web.StreamResponse(headers={"Content-Length": str(len(data))})
-                response.content_type = "video/mp4"
-                await response.prepare(request)
-                dripped = len(data) if drip_bytes is None else min(drip_bytes, len(data))
-                for start in range(0, dripped, chunk):
-                    # A write goes to the socket at once; the pause keeps writes apart.
-                    await response.write(data[start : min(start + chunk, dripped)])
-                    await asyncio.sleep(every_s)
-                await response.write(data[dripped:])
-                await response.write_eof()
-                return response
+            case Drip():
+                return await _drip(request, behaviour)
+            case Camera(frames, fps):
+                return await _camera_stream(request, frames, fps)
         raise AssertionError(f"unknown behaviour {behaviour!r}")
+
+
+async def _drip(request: web.Request, drip: Drip) -> web.StreamResponse:
+    """`Drip`'s body: its file `chunk` bytes per write, `every_s` apart."""
+    data = drip.path.read_bytes()
+    response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+    response.content_type = "video/mp4"
+    await response.prepare(request)
+    dripped = len(data) if drip.drip_bytes is None else min(drip.drip_bytes, len(data))
+    for start in range(0, dripped, drip.chunk):
+        # A write goes to the socket at once; the pause keeps writes apart.
+        await response.write(data[start : min(start + drip.chunk, dripped)])
+        await asyncio.sleep(drip.every_s)
+    await response.write(data[dripped:])
+    await response.write_eof()
+    return response
+
+
+async def _camera_stream(
+    request: web.Request, frames: tuple[bytes, ...], fps: float
+) -> web.StreamResponse:
+    """`Camera`'s body: each frame a part of its own, on the camera's clock."""
+    response = web.StreamResponse()
+    response.content_type = "multipart/x-mixed-replace"
+    response.headers["Content-Type"] = "multipart/x-mixed-replace; boundary=frame"
+    await response.prepare(request)
+    loop = asyncio.get_running_loop()
+    started, sent = loop.time(), 0
+    with contextlib.suppress(ConnectionError):  # the client left
+        while True:
+            jpeg = frames[sent % len(frames)]
+            head = f"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
+            await response.write(head.encode() + jpeg + b"\r\n")
+            sent += 1
+            await asyncio.sleep(max(0.0, started + sent / fps - loop.time()))
+    return response

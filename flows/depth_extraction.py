@@ -52,7 +52,7 @@ from tasks.depth.shard_tasks import (
     run_shards,
     shard_count,
 )
-from tasks.depth.video_record import VideoRecord
+from tasks.depth.video_record import Stage, VideoRecord
 from tasks.depth.video_sources import load_sources
 from tasks.depth.video_table import VideoTable, WorkPlan
 
@@ -223,8 +223,10 @@ def check_fits_cluster(settings: DepthSettings) -> None:
             "this Ray cluster has no CPU now (an autoscaling cluster whose workers are not up "
             "yet?): keep one worker node up, or give the head CPUs (`ray start --num-cpus`)"
         )
-    if (misfit := stages_misfit(settings)) is not None:
-        raise ValueError(f"{misfit}; a stage that asks for more would never start")
+    if lacks := stages_misfit(settings):
+        raise ValueError(
+            f"{next(iter(lacks.values()))}; a stage that asks for more would never start"
+        )
     check_api_reachable()
     gpus = cluster_gpus()
     if settings.device == "cuda" and not gpus and settings.depth_backend != "onnx":
@@ -240,21 +242,21 @@ def check_fits_cluster(settings: DepthSettings) -> None:
         )
 
 
-def stages_misfit(settings: DepthSettings, actor_gpus: int = 0) -> str | None:
-    """What the cluster's live nodes now lack for the run's stages (a stage's CPUs on one
-    node, `actor_gpus` GPUs for its depth actors), or None: asked as the run starts, and while
-    it waits on its shards (a node lost mid-run)."""
-    cpus = largest_node("CPU")
-    for flag, asked in (("--transcode-cpus", settings.transcode_cpus),
-                        ("--depth-cpus", settings.depth_cpus)):  # fmt: skip
+def stages_misfit(settings: DepthSettings, actor_gpus: int = 0) -> dict[Stage, str]:
+    """What the cluster's live nodes now lack for the run's stages, by stage (a stage's CPUs
+    on one node, `actor_gpus` GPUs for its depth actors); empty where nothing is lacking.
+    Asked as the run starts, and while it waits on its shards (a node lost mid-run)."""
+    cpus, lacks = largest_node("CPU"), {}
+    for stage, flag, asked in (("transcode", "--transcode-cpus", settings.transcode_cpus),
+                               ("depth", "--depth-cpus", settings.depth_cpus)):  # fmt: skip
         if asked > cpus:
-            return (
+            lacks[stage] = (
                 f"{flag} {asked:g}: no node of this Ray cluster has that many CPUs (the largest "
                 f"has {cpus:g})"
             )
-    if actor_gpus and (gpus := cluster_gpus()) < actor_gpus:
-        return f"the depth actors run on {actor_gpus} GPU(s); this Ray cluster has {gpus} now"
-    return None
+    if actor_gpus and (gpus := cluster_gpus()) < actor_gpus and "depth" not in lacks:
+        lacks["depth"] = f"the depth actors run on {actor_gpus} GPU(s); the cluster has {gpus}"
+    return lacks
 
 
 def check_api_reachable() -> None:
@@ -309,8 +311,8 @@ def process_shards(
     progress = Progress(len(plan.todo), show_bar=show_progress)
     gpus = cluster_gpus()  # one per GPU depth actor (start_depth_actors)
     actor_gpus = (settings.depth_workers or gpus) if actor_device(settings, gpus) == "cuda" else 0
-    misfit = functools.partial(stages_misfit, settings, actor_gpus)
-    for written in run_shards(shards, settings.output, table.lance_path, settings, cpus, misfit):
+    lacks = functools.partial(stages_misfit, settings, actor_gpus)
+    for written in run_shards(shards, settings.output, table.lance_path, settings, cpus, lacks):
         committed = commit_shard(table, written)
         for record in committed:
             report.add(record)

@@ -46,11 +46,13 @@ from flows.stream_failures import (
     StreamRunFailedError,
 )
 from flows.stream_settings import (
+    LIVE_REFUSED,
     StreamBenchmarkSettings,
     flow_consumer_settings,
     flow_producer_settings,
     refuse_live_for_capacity,
 )
+from tasks.stream.live_source import has_no_end
 from tasks.stream.prefect_tasks import (
     DRAIN_S,
     RUN_STOP,
@@ -72,6 +74,8 @@ def source_format(source: str, fps: str) -> tuple[int, int, float]:
     [one] = source_list(source)  # the settings refuse several for a sweep
     refuse_live_for_capacity([one])  # an env:NAME source is known only now
     with open_source(one) as capture:
+        if has_no_end(one, capture):  # an IP camera's http(s) stream: live, as rtsp:// is
+            raise ValueError(LIVE_REFUSED)
         width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
         height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
         pace = target_fps(fps, capture)

@@ -74,14 +74,17 @@ SWEEP_ONLY = (
 )  # fmt: skip
 
 
+LIVE_REFUSED = (
+    "--capacity replays a file as N cameras and judges each against the file's frame rate; a "
+    "live source runs at its own rate: give a clip recorded from it"
+)
+
+
 def refuse_live_for_capacity(sources: list[str]) -> None:
     """ValueError for a live source in a capacity sweep: a sweep judges each stream against the
     source's frame rate, which a camera or a stream only reports, and may not keep."""
     if any(is_live(source) for source in sources):
-        raise ValueError(
-            "--capacity replays a file as N cameras and judges each against the file's frame "
-            "rate; a live source runs at its own rate: give a clip recorded from it"
-        )
+        raise ValueError(LIVE_REFUSED)
 
 
 def default_output_dir() -> Path:

@@ -1185,11 +1185,19 @@ def test_a_video_a_stage_fails_under_another_stage_s_name_is_said_in_its_log() -
     heard.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
     logger = logging.getLogger("tasks.depth.shard_tasks")
     logger.addHandler(heard)
+
+    def crashes(records: list[VideoRecord]) -> list[VideoRecord]:
+        raise RuntimeError("feed.add failed")
+
     try:
         _run_stage("depth", shard, depth_step)
+        _run_stage("transcode", shard, crashes)  # its last try (outside Prefect: the only one)
     finally:
         logger.removeHandler(heard)
-    assert said == ["a failed at transcode: no frame could be read"]  # b: said by its own stage
+    assert said == [
+        "a failed at transcode: no frame could be read",  # b: said by its own stage
+        "a failed at transcode: transcode crashed: RuntimeError: feed.add failed",
+    ]
 
 
 def test_a_video_whose_maps_find_the_disk_full_fails_alone_and_leaves_no_file(
@@ -1702,3 +1710,52 @@ def test_the_onnx_backend_refuses_a_model_that_is_not_depth_pro_before_any_work(
     # Depth Pro on it, and the other model on the other backends, are taken.
     check_run_settings(other.model_copy(update={"depth_model": str(tiny_depth_model)}))
     check_run_settings(other.model_copy(update={"depth_backend": "auto"}))
+
+
+def test_a_run_gives_up_on_what_its_cluster_lacks_only_while_a_stage_still_needs_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lost-node wait (found in review of stop 59's own change: it failed shards whose
+    transcodes were all done, the lost node needed by nothing left; and its warning came again
+    after every shard). The states are Prefect's own; the cluster's lack is said by hand."""
+    import queue
+
+    from prefect.states import Completed, Pending, Running
+
+    from tasks.depth import shard_tasks
+    from tasks.depth.shard_tasks import Shard, _all_lost, _Chain, _LackWatch, _next_finished
+
+    monkeypatch.setattr(shard_tasks, "LOST_CHECK_S", 0.01)
+    a, b = _record("http://h/a.mp4", "a"), _record("http://h/b.mp4", "b")
+    shard_a = Shard(0, 2, (a,))
+
+    @dataclasses.dataclass
+    class Ran:  # what the watch reads of a task run's future
+        state: object
+
+        def result(self) -> Shard:
+            return shard_a
+
+    states = {"download": Ran(Completed()), "transcode": Ran(Completed()),
+              "depth": Ran(Running()), "store": Ran(Pending())}  # fmt: skip
+    in_flight = {"written-a": _Chain(shard_a, list(states.items()))}
+    lacking = {"transcode": "--transcode-cpus 2: no node has that many CPUs"}
+    waiting: list[Shard] = []
+    watch = _LackWatch(lambda: lacking, 0.05, in_flight, waiting)
+    for _ in range(3):  # no transcode left to run: the lack is nobody's
+        watch()
+        time.sleep(0.03)
+    waiting.append(Shard(1, 2, (b,)))  # one shard still to start: its transcode needs it
+    watch()
+    time.sleep(0.03)
+    states["depth"].state = Completed()  # a stage ended: the wait starts again from here
+    watch()
+    time.sleep(0.03)
+    watch()  # 0.03 s since the stage ended: not yet
+    assert _next_finished(queue.Queue(), watch) is None  # 0.05 s with nothing moving
+    assert watch.lost is not None and watch.lost.stage == "transcode"
+    lost = list(_all_lost(in_flight, waiting, watch.lost))
+    rows = [record for written in lost for record in written.shard.records]
+    # a's depth is done: the driver writes its row; b never started
+    assert [(r.video_id, r.failed_stage) for r in rows] == [("a", None), ("b", "transcode")]
+    assert rows[1].error.startswith("not started: --transcode-cpus 2: no node has that many CPUs")

@@ -14,7 +14,9 @@ import cv2
 import numpy as np
 import pytest
 
+from common.frames import load_encoded_images
 from common.net import free_port
+from devstack.video_server import Camera, Serve, VideoServer
 from tasks.depth.transcode import ffmpeg_exe
 from tasks.stream.frame_codec import decode_frame
 from tasks.stream.live_source import LatestFrame, is_live, open_live
@@ -59,24 +61,11 @@ def live_stream() -> Iterator[tuple[str, subprocess.Popen]]:
 
 @pytest.fixture
 def http_camera() -> Iterator[str]:
-    """The clip as an IP camera serves it: MJPEG over HTTP at its own pace, with no end (no
-    length), on a free loopback port, for one reader."""
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            ffmpeg_exe(), "-v", "error", "-re", "-i", str(CLIP), "-an", "-c:v", "mjpeg",
-            "-q:v", "3", "-f", "mpjpeg", "-listen", "1", f"http://127.0.0.1:{port}/video.mjpg",
-        ],
-        stdin=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while f"127.0.0.1:{port}" not in listening_sockets(server.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/video.mjpg"
-    finally:
-        server.kill()
-        server.wait()
+    """The clip as an IP camera serves it: MJPEG over HTTP (multipart, of no length) at its own
+    pace, for as long as anyone reads, on a free loopback port."""
+    frames = tuple(load_encoded_images(CLIP, max_frames=400))
+    with VideoServer({"video.mjpg": Camera(frames, CLIP_FPS)}) as server:
+        yield server.url("video.mjpg")
 
 
 def _clip_frames() -> list[np.ndarray]:
@@ -146,6 +135,23 @@ def test_an_ip_camera_s_endless_http_stream_is_read_live(
     advanced = _stream_position(frames[-1].jpeg, clip) - _stream_position(frames[0].jpeg, clip)
     assert advanced >= 0.7 * span_s * CLIP_FPS, (advanced, span_s)  # the camera's now
     assert stats.frames_dropped >= advanced - published, stats
+
+
+def test_a_file_served_over_http_stays_a_file_though_opencv_counts_no_frames(
+    kafka: KafkaSettings, tmp_path
+) -> None:
+    """A raw MJPEG file (OpenCV counts no frames in it) served with its length is a file: read
+    live, it played at the reader's pace and was opened again at its end, for ever."""
+    raw = tmp_path / "clip.mjpeg"
+    subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-i", str(CLIP), "-t", "2", "-an", "-vf", "scale=160:-2",
+         "-c:v", "mjpeg", "-f", "mjpeg", str(raw)],
+        check=True, timeout=120,
+    )  # fmt: skip
+    with VideoServer({"clip.mjpeg": Serve(raw)}) as server:
+        stats = produce_frames(ProducerSettings(source=server.url("clip.mjpeg"), fps="max"), kafka)
+    assert (stats.frames_read, stats.frames_dropped, stats.source_reconnects) == (56, 0, 0), stats
+    assert stats.source_error is None
 
 
 def test_a_live_stream_is_read_from_its_opening_so_its_first_frame_is_fresh(

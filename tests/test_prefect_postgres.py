@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from common.net import free_port
+from common.net import free_port, free_ports
 from common.settings import DEFAULT_CACHE_DIR, KINETICS_VAL_CSV, SAMPLE_VIDEO
 from devstack.broker import start_broker
 from devstack.launcher import REPO_ROOT, start_server
@@ -126,10 +126,12 @@ def test_both_deployments_on_postgres_behind_auth_survive_a_server_restart(
     auth = f"vidflow:{secrets.token_hex(8)}"
     logs_dir = tmp_path / "logs"
     logs_dir.mkdir()
+    # Four ports picked before any is bound (the server binds seconds later): all different
+    ui_port, grpc_port, http_port, broker_port = free_ports(4)
     stack = LocalStack(
         logs_dir,
         prefect_home=tmp_path / "prefect",
-        ui_port=free_port(),
+        ui_port=ui_port,
         extra_env={
             "PREFECT_API_DATABASE_CONNECTION_URL": postgres.url,
             "PREFECT_SERVER_API_AUTH_STRING": auth,
@@ -140,8 +142,10 @@ def test_both_deployments_on_postgres_behind_auth_survive_a_server_restart(
     inference = broker = None
     try:
         stack.launch_server()  # its first start sets up the database: start the rest meanwhile
-        inference = start_server(logs_dir, DEFAULT_CACHE_DIR / "models")
-        broker = start_broker(free_port(), log_path=logs_dir / "broker.log")
+        inference = start_server(
+            logs_dir, DEFAULT_CACHE_DIR / "models", port=grpc_port, http_port=http_port
+        )
+        broker = start_broker(broker_port, log_path=logs_dir / "broker.log")
         depth_model, _ = depth_model_for_demo(tmp_path)
         stack.wait_for_server()
         api = Api(stack.api_url, auth)

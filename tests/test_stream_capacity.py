@@ -28,8 +28,10 @@ from prefect.client.schemas.filters import (
 )
 
 from common.files import FolderNotWritableError
+from common.frames import load_encoded_images
 from common.net import free_port
 from devstack.launcher import REPO_ROOT
+from devstack.video_server import Camera, VideoServer
 from flows.artifact_keys import CAPACITY_REPORT as REPORT_KEY
 from flows.artifact_keys import CAPACITY_TABLE as TABLE_KEY
 from flows.capacity_chart import capacity_chart
@@ -47,7 +49,7 @@ from flows.capacity_rules import (
     verdict_line,
 )
 from flows.stream_benchmark import check_stack, stream_benchmark
-from flows.stream_capacity import step_kafka
+from flows.stream_capacity import source_format, step_kafka
 from flows.stream_failures import NothingAnsweredError
 from flows.stream_settings import StreamBenchmarkSettings
 from services.inference.client import ServiceUnreachableError
@@ -578,6 +580,17 @@ def test_a_sweep_takes_a_target_without_a_health_service_as_it_is(
     started = time.monotonic()
     check_stack(settings)
     assert time.monotonic() - started < 10
+
+
+def test_an_ip_camera_s_http_stream_is_refused_for_a_sweep_as_rtsp_is() -> None:
+    """An http(s) source with no end is read live (an IP camera's MJPEG): a sweep judged each
+    step against the rate such a camera only reports (found in review, stop 59)."""
+    frames = tuple(load_encoded_images(VIDEOS / "k400_arm_wrestling.mp4", max_frames=30))
+    with (
+        VideoServer({"video.mjpg": Camera(frames, 28.0)}) as camera,
+        pytest.raises(ValueError, match="a live source runs at its own rate"),
+    ):
+        source_format(camera.url("video.mjpg"), "native")
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ A server that says NOT_SERVING gets no traffic to prove it mended, so a probe ba
 the warm-up) runs every PROBE_EVERY_S meanwhile.
 
 A model call that never returns (a wedged GPU or driver) fails nothing: its callers wait, the
-calls behind it queue, and health read SERVING for good. A call running HUNG_AFTER_S turns
-health NOT_SERVING at once, until a call answers again.
+calls behind it queue, and health read SERVING for good. A call running `hung_after_s`
+(`--hung-model-call-s`) turns health NOT_SERVING at once, until a call answers again.
 """
 
 from __future__ import annotations
@@ -33,10 +33,7 @@ log = logging.getLogger(__name__)
 
 FAILURES_TO_UNREADY = 3  # model calls failed in a row: one failure may be one batch's own
 PROBE_EVERY_S = 5.0
-# A model call running this long is stuck: an ImageNet classifier's largest batch takes a few
-# seconds on two CPU cores
-HUNG_AFTER_S = 30.0
-HANG_CHECK_S = 1.0  # how often the calls running are looked at
+HANG_CHECK_S = 1.0  # how often the calls running are looked at for one stuck
 
 
 class WatchedBackend:
@@ -44,9 +41,14 @@ class WatchedBackend:
     it answers again; everything else is the backend's own."""
 
     def __init__(
-        self, backend: Backend, probe_batch: np.ndarray, on_change: Callable[[bool], None]
+        self,
+        backend: Backend,
+        probe_batch: np.ndarray,
+        on_change: Callable[[bool], None],
+        hung_after_s: float = 30.0,
     ) -> None:
         self._backend, self._probe_batch, self._on_change = backend, probe_batch, on_change
+        self.hung_after_s = hung_after_s
         self._lock = threading.Lock()
         self._failures = 0  # guarded by _lock, with _down and _probing
         self._down = False
@@ -85,10 +87,14 @@ class WatchedBackend:
         """Stop probing (the server is shutting down)."""
         self._closed.set()
 
-    def _record(self, answered: bool, hung: bool = False) -> None:
+    def _record(self, answered: bool, hung: tuple[int, ...] = ()) -> None:
+        """A call's outcome; `hung`: the keys of calls found stuck (told only if one of them
+        is still running: one that returned meanwhile has told its own outcome)."""
         with self._lock:
+            if hung and not any(key in self._running for key in hung):
+                return
             self._failures = 0 if answered else self._failures + 1
-            failing = hung or self._failures >= FAILURES_TO_UNREADY
+            failing = bool(hung) or self._failures >= FAILURES_TO_UNREADY
             down = not answered and (self._down or failing)
             changed, self._down = down != self._down, down
             probe = down and not self._probing
@@ -97,7 +103,7 @@ class WatchedBackend:
             return
         if down:
             why = (
-                f"a model call has not returned in {HUNG_AFTER_S:.0f} s"
+                f"a model call has not returned in {self.hung_after_s:g} s"
                 if hung
                 else f"the model failed {FAILURES_TO_UNREADY} calls in a row"
             )
@@ -114,15 +120,15 @@ class WatchedBackend:
             threading.Thread(target=self._probe, name="model-probe", daemon=True).start()
 
     def _watch_for_hangs(self) -> None:
-        """Tell each call running HUNG_AFTER_S once, as a failure that turns health at once."""
+        """Tell each call running `hung_after_s` once, as a failure that turns health at once."""
         while not self._closed.wait(HANG_CHECK_S):
             now = time.monotonic()
             with self._lock:
                 stuck = [key for key, since in self._running.items()
-                         if now - since >= HUNG_AFTER_S and key not in self._hung]  # fmt: skip
+                         if now - since >= self.hung_after_s and key not in self._hung]  # fmt: skip
                 self._hung.update(stuck)
             if stuck:
-                self._record(answered=False, hung=True)
+                self._record(answered=False, hung=tuple(stuck))
 
     def _probe(self) -> None:
         """Run the probe batch while the model does not answer (until the server closes)."""
@@ -135,7 +141,10 @@ class WatchedBackend:
                 self.run(self._probe_batch)
 
 
-def watched(model: ServedModel, on_change: Callable[[bool], None]) -> ServedModel:
+def watched(
+    model: ServedModel, on_change: Callable[[bool], None], hung_after_s: float = 30.0
+) -> ServedModel:
     """`model` with its backend watched (the probe batch: one image of zeros)."""
     probe = np.zeros((1, *model.preprocess.input_shape), np.float32)
-    return dataclasses.replace(model, backend=WatchedBackend(model.backend, probe, on_change))
+    backend = WatchedBackend(model.backend, probe, on_change, hung_after_s)
+    return dataclasses.replace(model, backend=backend)

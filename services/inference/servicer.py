@@ -87,7 +87,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
         """Load and warm up the model off the event loop, choose whether to batch, then serve;
         `on_model_health(answers)` hears when the model stops answering, and answers again."""
         model, self.max_batch_size = await load_warm_model(self.settings)
-        model = watched(model, on_model_health)
+        model = watched(model, on_model_health, self.settings.hung_model_call_s)
         self.batcher = DynamicBatcher(
             self._run_batch,
             max_batch_size=self.max_batch_size,

@@ -181,6 +181,15 @@ class InferenceSettings(ModelSource, ServiceToken):
     shutdown_grace_s: float = Field(
         30.0, ge=0, le=MAX_WAIT_S, description="how long SIGTERM waits for calls in flight"
     )
+    hung_model_call_s: float = Field(
+        30.0,
+        gt=0,
+        le=MAX_WAIT_S,
+        description=(
+            "a model call running this long is taken as stuck (a wedged GPU): health says "
+            "NOT_SERVING until a call answers again"
+        ),
+    )
     tls_cert: Path | None = Field(
         None, description="serve gRPC over TLS with this PEM certificate (chain); needs --tls-key"
     )

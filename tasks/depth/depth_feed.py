@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.depth.frame_choice import frame_indices
-from tasks.depth.run_log import run_logger
+from tasks.depth.run_log import run_logger, send_logs_now
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
 
@@ -50,9 +50,10 @@ class PendingDepth:
                 records = ray.get(call)
             except Exception as exc:  # a Ray error: the depth task redoes these videos
                 reason = f"{type(exc).__name__}: {exc}"
-                run_logger(log).warning(
-                    "an early depth call failed (%s); redoing its videos", reason
-                )
+                logger = run_logger(log)
+                logger.warning("an early depth call failed (%s); redoing its videos", reason)
+                if logger is not log:  # in the run's log before a private Ray's worker ends
+                    send_logs_now()
                 continue
             done.update((record.video_id, record) for record in records)
         return done

@@ -71,6 +71,15 @@ class DepthSettings(BaseSettings):
             "this one (0: it ends with the run)"
         ),
     )
+    lost_node_wait_s: float = Field(
+        300.0,
+        ge=0,
+        description=(
+            "how long a run on a Ray cluster that lost what a stage needs (its only node with "
+            "the stage's CPUs, the depth actors' GPUs) waits for it again, a node replaced, "
+            "before it fails the videos still going"
+        ),
+    )
     shard_size: int = Field(
         0,
         ge=0,

@@ -55,6 +55,7 @@ from tasks.depth.download import download_many
 from tasks.depth.hub_download_log import hub_download_logged
 from tasks.depth.model_files import model_identity, model_origin
 from tasks.depth.output_layout import OutputLayout
+from tasks.depth.run_log import send_logs_now
 from tasks.depth.settings import DepthSettings, shards_in_flight
 from tasks.depth.transcode import transcode_many
 from tasks.depth.video_record import Stage, VideoRecord, crash_prefix
@@ -63,7 +64,6 @@ from tasks.depth.video_table import write_rows
 log = logging.getLogger(__name__)
 
 LOST_CHECK_S = 10.0  # how often a run waiting on its shards asks what the cluster lacks
-LOST_GRACE_S = 120.0  # how long it may lack it (a node replaced) before the run gives up
 
 MAX_AUTO_SHARD_SIZE = 32
 SHARDS_PER_CPU = 2  # auto shard size: enough shards to keep every CPU busy to the end
@@ -155,7 +155,8 @@ def _run_stage(
 ) -> Shard:
     """Run a stage on a shard's videos still going; a crash is retried by Prefect, and after
     the last retry becomes failed rows, so every input still gets its row."""
-    going = [record for record in shard.records if not record.failed]
+    before = shard.records
+    going = [record for record in before if not record.failed]
     try:
         done = iter(work(going)) if going else iter(())
     except Exception as exc:
@@ -166,8 +167,8 @@ def _run_stage(
     records = [record if record.failed else next(done) for record in shard.records]
     # Failed here, whatever stage it names (a transcode found to have no frame by the depth
     # step is failed at transcode, and was said in no task's log)
-    failed = [after for before, after in zip(shard.records, records, strict=True)
-              if after.failed and not before.failed]  # fmt: skip
+    failed = [after for was, after in zip(before, records, strict=True)
+              if after.failed and not was.failed]  # fmt: skip
     if failed:
         # The task run's log in the Prefect UI; a stage called outside a task run (tests, a
         # library user) logs to this module's logger instead.
@@ -179,20 +180,6 @@ def _run_stage(
         if in_task_run:
             send_logs_now()
     return shard.with_records(records)
-
-
-def send_logs_now() -> None:
-    """Send this process's queued log lines to the Prefect API before going on.
-
-    Prefect sends them in batches every 2 s, and a private Ray's workers end with the run: on a
-    short run every task run's log in the UI was empty, the warnings that name the failed videos
-    included. Sending at once costs a new sender afterwards (~50 ms of CPU), so only a stage
-    with failures does it (docs/benchmarks.md: a 0.5-s batch interval for every line cost 2-3 %
-    of a 48-clip run). Only the log sender is drained: Prefect's `APILogHandler.flush` drains
-    every queue service of the process, its events sender too."""
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.instance().drain()
 
 
 # Terminal colours, which Ray puts in the remote tracebacks its errors carry.
@@ -486,6 +473,13 @@ class _Chain:
     shard: Shard
     futures: list[tuple[Stage, PrefectFuture[Any]]]
 
+    def runs(self, stage: Stage) -> bool:
+        """Whether `stage` of this shard has yet to end."""
+        return any(name == stage and not future.state.is_final() for name, future in self.futures)
+
+    def stages_done(self) -> int:
+        return sum(future.state.is_final() for _, future in self.futures)
+
     def crashed_rows(self, exc: BaseException) -> Shard:
         """The shard's rows when a stage's worker died: as the last stage whose result is had
         left them (a video that got a 404 keeps its own reason and stage times: built from the
@@ -540,30 +534,68 @@ def _stages(
 
 
 class ClusterLostError(RuntimeError):
-    """The cluster has lacked what the run's stages need for LOST_GRACE_S (a node lost)."""
+    """The cluster has lacked what a stage still to run needs for the run's wait (a node lost)."""
+
+    def __init__(self, stage: Stage, why: str) -> None:
+        super().__init__(why)
+        self.stage = stage
+
+
+Lacks = Callable[[], "dict[Stage, str]"]  # what the cluster lacks now, by stage
+
+
+@dataclass
+class _LackWatch:
+    """Fails a run whose cluster has lacked what a stage still to run needs (`lacks`) for
+    `wait_s` with no stage finishing meanwhile. A node lost mid-run (a spot instance
+    reclaimed) left a transcode that fits no node left pending for ever, and a GPU actor
+    restarting for a GPU gone never failed: the run sat Running with no word."""
+
+    lacks: Lacks
+    wait_s: float
+    in_flight: dict[Any, _Chain]  # the run's, as it goes
+    waiting: list[Shard]
+    since: float | None = None  # monotonic: lacking, with no stage finished, since then
+    seen: tuple[int, int] = (0, 0)  # shards left, stages done: what changes as the run moves
+    said: bool = False
+    lost: ClusterLostError | None = None  # set by _next_finished as it gives up
+
+    def __call__(self) -> None:
+        """ClusterLostError once lacking for the wait; else nothing."""
+        chains, waiting = list(self.in_flight.values()), self.waiting
+        needed = {stage: why for stage, why in self.lacks().items()
+                  if waiting or any(chain.runs(stage) for chain in chains)}  # fmt: skip
+        if not needed:
+            self.since, self.said = None, False
+            return
+        moved = (len(chains) + len(waiting), sum(chain.stages_done() for chain in chains))
+        if self.since is None or moved != self.seen:  # a stage finished: wait from now
+            self.since, self.seen = time.monotonic(), moved
+        stage, why = next(iter(needed.items()))
+        if not self.said:
+            self.said = True
+            run_logger().warning(
+                "%s: the run waits up to %.0f s for the cluster to have it again (a node "
+                "replaced), then fails the videos still going", why, self.wait_s,
+            )  # fmt: skip
+        elif time.monotonic() - self.since >= self.wait_s:
+            raise ClusterLostError(stage, f"{why}, for {self.wait_s:.0f} s")
 
 
 def _next_finished(
-    finished: queue.Queue[PrefectFuture[WrittenShard]], misfit: Callable[[], str | None] | None
-) -> PrefectFuture[WrittenShard]:
-    """The next shard's written future; ClusterLostError once `misfit` has named what the
-    cluster lacks for LOST_GRACE_S. A node lost mid-run (a spot instance reclaimed) left a
-    transcode that fits no node left pending for ever, and a GPU actor restarting for a GPU
-    gone never failed: the run sat Running with no word."""
-    since = None  # monotonic: when the cluster was first seen lacking
+    finished: queue.Queue[PrefectFuture[WrittenShard]], watch: _LackWatch | None
+) -> PrefectFuture[WrittenShard] | None:
+    """The next shard's written future, asking `watch` every LOST_CHECK_S while none comes;
+    None once it gives up (its `lost` says why)."""
     while True:
         with contextlib.suppress(queue.Empty):
-            return finished.get(timeout=LOST_CHECK_S if misfit is not None else None)
-        if misfit is None or (why := misfit()) is None:
-            since = None
-        elif since is None:
-            since = time.monotonic()
-            run_logger().warning(
-                "%s: the run waits up to %.0f s for the cluster to have it again (a node "
-                "replaced), then fails the videos still going", why, LOST_GRACE_S,
-            )  # fmt: skip
-        elif time.monotonic() - since >= LOST_GRACE_S:
-            raise ClusterLostError(f"{why}, for {LOST_GRACE_S:.0f} s")
+            return finished.get(timeout=LOST_CHECK_S if watch is not None else None)
+        if watch is not None:
+            try:
+                watch()
+            except ClusterLostError as lost:
+                watch.lost = lost
+                return None
 
 
 def _all_lost(
@@ -573,7 +605,7 @@ def _all_lost(
     for chain in in_flight.values():
         yield WrittenShard(chain.crashed_rows(lost), [])
     for shard in reversed(waiting):
-        yield WrittenShard(shard.fail_remaining("download", f"not started: {lost}"), [])
+        yield WrittenShard(shard.fail_remaining(lost.stage, f"not started: {lost}"), [])
 
 
 def run_shards(
@@ -582,11 +614,11 @@ def run_shards(
     lance_path: Path,
     settings: DepthSettings,
     cpus: int,
-    misfit: Callable[[], str | None] | None = None,
+    lacks: Lacks | None = None,
 ) -> Iterator[WrittenShard]:
     """Run every shard through its four stages, at most `shards_in_flight` at once; yield each
-    written shard as it finishes (its fragments are not committed yet). `misfit` says what
-    the cluster lacks for the stages, if anything (see _next_finished)."""
+    written shard as it finishes (its fragments are not committed yet). `lacks` says what the
+    cluster lacks for the stages now (see _LackWatch)."""
     import ray
 
     if not shards:
@@ -596,6 +628,7 @@ def run_shards(
     finished: queue.Queue[PrefectFuture[WrittenShard]] = queue.Queue()
     in_flight: dict[PrefectFuture[WrittenShard], _Chain] = {}
     waiting = list(reversed(shards[window:]))
+    watch = _LackWatch(lacks, settings.lost_node_wait_s, in_flight, waiting) if lacks else None
 
     def download(shard: Shard) -> PrefectFuture[Shard]:
         with remote_options(num_cpus=0):
@@ -618,10 +651,8 @@ def run_shards(
             for shard, downloaded in first:
                 submit(shard, downloaded)
             while in_flight:
-                try:
-                    future = _next_finished(finished, misfit)
-                except ClusterLostError as lost:
-                    yield from _all_lost(in_flight, waiting, lost)
+                if (future := _next_finished(finished, watch)) is None:  # the cluster lacks
+                    yield from _all_lost(in_flight, waiting, watch.lost)  # type: ignore[union-attr]
                     return
                 chain = in_flight.pop(future)
                 if waiting:

@@ -7,6 +7,7 @@ the failure reason.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import re
@@ -178,10 +179,11 @@ def transcode_many(
     if workers <= 1:
         return [then(_transcode_alone(record, out_dir, settings)) for record in records]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ffmpeg") as pool:
-        running = {
-            pool.submit(_transcode_alone, record, out_dir, settings): position
+        running = {  # each in the task run's context: what it logs goes to the run's log
+            pool.submit(contextvars.copy_context().run, _transcode_alone, record, out_dir,
+                        settings): position
             for position, record in enumerate(records)
-        }
+        }  # fmt: skip
         done = {running[future]: then(future.result()) for future in as_completed(running)}
     return [done[position] for position in range(len(records))]
 

@@ -17,14 +17,16 @@ such as DeepStream's and Frigate's do; only a source gone for longer is lost.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import math
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import cv2
 import numpy as np
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # URL schemes of streams that run whether or not they are read (http(s) may be a file too)
 LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "rtp", "udp", "tcp", "srt"})
+# How long the question of what an http(s) source's server sends waits for its answer
+SERVED_PROBE_TIMEOUT_S = 5.0
 # How long closing waits for the reading thread's last `read()` (at most one frame period on a
 # working source; FFmpeg's own timeout on a stalled one)
 CLOSE_WAIT_S = 2.0
@@ -52,11 +56,37 @@ def is_live(source: str) -> bool:
 
 def has_no_end(source: str, capture: cv2.VideoCapture) -> bool:
     """Whether an http(s) source, opened, is a stream with no end (an IP camera's MJPEG, a
-    live HLS playlist), which runs on its own clock too: FFmpeg finds no length for it, and
-    OpenCV reports its frame count as 0 or below (a file served over HTTP has one)."""
+    live HLS playlist), which runs on its own clock too. OpenCV counts no frames in one, but
+    none in some files either (a raw .mjpeg): what the server says decides (`_served_live`)."""
     if urlsplit(source).scheme.lower() not in ("http", "https"):
         return False
-    return capture.get(cv2.CAP_PROP_FRAME_COUNT) <= 0
+    return capture.get(cv2.CAP_PROP_FRAME_COUNT) <= 0 and _served_live(source)
+
+
+def _served_live(url: str) -> bool:
+    """What the server says of `url`'s body: a multipart stream (an IP camera's MJPEG), a
+    playlist still growing (a live HLS one: no #EXT-X-ENDLIST) or a body of no stated length
+    is live; a file served with its length is not (read live, a file of frames OpenCV does not
+    count played at the reader's pace and was opened again at its end, for ever). Unanswered
+    (a camera that takes one client, held by the capture just opened): live."""
+    parts = urlsplit(url)
+    plain = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    headers = {}
+    if parts.username is not None:  # as FFmpeg sends a URL's login
+        login = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(plain, headers=headers), timeout=SERVED_PROBE_TIMEOUT_S
+        ) as response:
+            kind = response.headers.get_content_type()
+            if kind.startswith("multipart/"):
+                return True
+            if "mpegurl" in kind:
+                return b"#EXT-X-ENDLIST" not in response.read(1 << 20)
+            return response.headers.get("Content-Length") is None
+    except (OSError, ValueError):
+        return True
 
 
 @contextlib.contextmanager
