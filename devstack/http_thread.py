@@ -19,7 +19,9 @@ def serve_in_thread(app: web.Application, host: str = "127.0.0.1", port: int = 0
     """Serve `app` on host:port (0: any free port) until the block ends; yields the bound port."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="http-thread", daemon=True)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    # A client still reading at the end (a camera stream, a test that failed mid-read) is
+    # cut after 1 s: aiohttp's 60-s wait outlasted the stop's own 10 s and hid the failure.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
 
     async def start() -> int:
         await runner.setup()

@@ -1725,7 +1725,15 @@ def test_a_run_gives_up_on_what_its_cluster_lacks_only_while_a_stage_still_needs
     from tasks.depth import shard_tasks
     from tasks.depth.shard_tasks import Shard, _all_lost, _Chain, _LackWatch, _next_finished
 
-    monkeypatch.setattr(shard_tasks, "LOST_CHECK_S", 0.01)
+    clock = [1000.0]  # the watch's clock, moved by hand: no sleep a loaded machine stretches
+
+    class Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return clock[0]
+
+    monkeypatch.setattr(shard_tasks, "time", Clock)
+    monkeypatch.setattr(shard_tasks, "LOST_CHECK_S", 0.0)
     a, b = _record("http://h/a.mp4", "a"), _record("http://h/b.mp4", "b")
     shard_a = Shard(0, 2, (a,))
 
@@ -1741,21 +1749,30 @@ def test_a_run_gives_up_on_what_its_cluster_lacks_only_while_a_stage_still_needs
     in_flight = {"written-a": _Chain(shard_a, list(states.items()))}
     lacking = {"transcode": "--transcode-cpus 2: no node has that many CPUs"}
     waiting: list[Shard] = []
-    watch = _LackWatch(lambda: lacking, 0.05, in_flight, waiting)
-    for _ in range(3):  # no transcode left to run: the lack is nobody's
+    watch = _LackWatch(lambda: lacking, 300.0, in_flight, waiting)
+    said: list[str] = []
+    heard = logging.Handler(logging.WARNING)
+    heard.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("tasks.depth.shard_tasks").addHandler(heard)
+    try:
+        for _ in range(3):  # no transcode left to run: the lack is nobody's
+            watch()
+            clock[0] += 400
+        waiting.append(Shard(1, 2, (b,)))  # one shard still to start: its transcode needs it
         watch()
-        time.sleep(0.03)
-    waiting.append(Shard(1, 2, (b,)))  # one shard still to start: its transcode needs it
-    watch()
-    time.sleep(0.03)
-    states["depth"].state = Completed()  # a stage ended: the wait starts again from here
-    watch()
-    time.sleep(0.03)
-    watch()  # 0.03 s since the stage ended: not yet
-    assert _next_finished(queue.Queue(), watch) is None  # 0.05 s with nothing moving
+        clock[0] += 200
+        states["depth"].state = Completed()  # a stage ended: the wait starts again from here
+        watch()
+        clock[0] += 200
+        watch()  # 200 s since the stage ended: not yet
+        clock[0] += 100
+        assert _next_finished(queue.Queue(), watch) is None  # 300 s with nothing moving
+    finally:
+        logging.getLogger("tasks.depth.shard_tasks").removeHandler(heard)
+    assert len(said) == 1 and said[0].startswith("--transcode-cpus 2"), said  # said once
     assert watch.lost is not None and watch.lost.stage == "transcode"
     lost = list(_all_lost(in_flight, waiting, watch.lost))
     rows = [record for written in lost for record in written.shard.records]
-    # a's depth is done: the driver writes its row; b never started
-    assert [(r.video_id, r.failed_stage) for r in rows] == [("a", None), ("b", "transcode")]
+    # a's depth is done: the driver writes its row; b was never fetched
+    assert [(r.video_id, r.failed_stage) for r in rows] == [("a", None), ("b", "download")]
     assert rows[1].error.startswith("not started: --transcode-cpus 2: no node has that many CPUs")

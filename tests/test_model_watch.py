@@ -121,5 +121,9 @@ def test_a_model_call_that_does_not_return_turns_health_until_one_answers(monkey
         model.released.set()
         stuck.join(5)
         assert watch.answering and told == [False, True]
+        # Found stuck as it returned: the watch's word comes after the call's own, and is
+        # dropped (it turned health off with nothing running)
+        watch._record(answered=False, hung=(10**9,))  # a key no call runs under
+        assert watch.answering and told == [False, True]
     finally:
         watch.close()

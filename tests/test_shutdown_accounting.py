@@ -44,9 +44,10 @@ def _returns_when_cut(request: bytes, context: grpc.ServicerContext) -> bytes:
     return request
 
 
-def _shutdown_with_calls_open() -> str:
-    calls = CallTracker()
-    server = grpc.server(ThreadPoolExecutor(4), interceptors=[calls])
+def _started_server(calls: CallTracker, pool: ThreadPoolExecutor) -> tuple[grpc.Server, int]:
+    """A real grpcio server on 127.0.0.1 with `calls` counting its calls and `pool` running
+    them: "Quick" drained once shutdown begins, "ReturnsWhenCut" cut at the grace's end."""
+    server = grpc.server(pool, interceptors=[calls])
     handlers = {
         "Quick": grpc.unary_unary_rpc_method_handler(_drained(calls)),
         "ReturnsWhenCut": grpc.unary_unary_rpc_method_handler(_returns_when_cut),
@@ -54,6 +55,12 @@ def _shutdown_with_calls_open() -> str:
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    return server, port
+
+
+def _shutdown_with_calls_open() -> str:
+    calls = CallTracker()
+    server, port = _started_server(calls, ThreadPoolExecutor(4))
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         quick = channel.unary_unary("/t.T/Quick").future(b"q")
         cut = channel.unary_unary("/t.T/ReturnsWhenCut").future(b"c")
@@ -85,16 +92,8 @@ def test_a_queued_call_cut_before_its_handler_began_is_counted_cancelled(
     """A call still queued for a thread when the grace ends is cut by gRPC before any handler
     sees it: counted open at shutdown, it is counted cancelled too (found in review, stop 59:
     it was in no outcome, "of 2 call(s) open at shutdown, 0 call(s) drained, 1 cancelled")."""
-    calls = CallTracker()
-    pool = ThreadPoolExecutor(1)
-    server = grpc.server(pool, interceptors=[calls])
-    handlers = {
-        "Quick": grpc.unary_unary_rpc_method_handler(_drained(calls)),
-        "ReturnsWhenCut": grpc.unary_unary_rpc_method_handler(_returns_when_cut),
-    }
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", handlers)])
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    calls, pool = CallTracker(), ThreadPoolExecutor(1)
+    server, port = _started_server(calls, pool)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         cut = channel.unary_unary("/t.T/ReturnsWhenCut").future(b"c")
         _until(lambda: calls.open == 1)

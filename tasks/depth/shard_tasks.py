@@ -466,6 +466,18 @@ def actors_held(actors: list[Any], keep_alive_s: float) -> Iterator[None]:
         holder.join()
 
 
+def _ended(future: PrefectFuture[Any]) -> bool:
+    """Whether a stage's task has ended, asked of Ray where it runs there: a prefect-ray
+    future's `state` is a call to the Prefect API each time, which a lost node may have taken
+    down with it (and 4 calls per shard every 10 s)."""
+    ref = getattr(future, "wrapped_future", None)
+    if ref is None:
+        return future.state.is_final()
+    import ray
+
+    return bool(ray.wait([ref], timeout=0)[0])
+
+
 @dataclass
 class _Chain:
     """The four futures of one shard, in stage order."""
@@ -475,10 +487,10 @@ class _Chain:
 
     def runs(self, stage: Stage) -> bool:
         """Whether `stage` of this shard has yet to end."""
-        return any(name == stage and not future.state.is_final() for name, future in self.futures)
+        return any(name == stage and not _ended(future) for name, future in self.futures)
 
     def stages_done(self) -> int:
-        return sum(future.state.is_final() for _, future in self.futures)
+        return sum(_ended(future) for _, future in self.futures)
 
     def crashed_rows(self, exc: BaseException) -> Shard:
         """The shard's rows when a stage's worker died: as the last stage whose result is had
@@ -596,6 +608,8 @@ def _next_finished(
             except ClusterLostError as lost:
                 watch.lost = lost
                 return None
+            except Exception as exc:  # Ray asked in vain: the run waits on, as it did before
+                log.warning("asking the cluster what it lacks failed (%s): waiting on", exc)
 
 
 def _all_lost(
@@ -603,9 +617,13 @@ def _all_lost(
 ) -> Iterator[WrittenShard]:
     """Every shard still in flight or waiting, its videos still going failed for `lost`."""
     for chain in in_flight.values():
-        yield WrittenShard(chain.crashed_rows(lost), [])
-    for shard in reversed(waiting):
-        yield WrittenShard(shard.fail_remaining(lost.stage, f"not started: {lost}"), [])
+        try:
+            rows = chain.crashed_rows(lost)
+        except Exception:  # its stages' states unknown (the Prefect API lost too): all failed
+            rows = chain.shard.fail_remaining(lost.stage, crash_reason(lost.stage, lost))
+        yield WrittenShard(rows, [])
+    for shard in reversed(waiting):  # never fetched: failed before their first stage
+        yield WrittenShard(shard.fail_remaining("download", f"not started: {lost}"), [])
 
 
 def run_shards(

@@ -17,10 +17,11 @@ such as DeepStream's and Frigate's do; only a source gone for longer is lost.
 
 from __future__ import annotations
 
-import base64
 import contextlib
+import http.client
 import logging
 import math
+import ssl
 import threading
 import time
 import urllib.request
@@ -32,6 +33,7 @@ import cv2
 import numpy as np
 
 from common.backoff import jittered_backoff_s
+from common.urls import shown_url
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 LIVE_SCHEMES = frozenset({"rtsp", "rtsps", "rtmp", "rtmps", "rtp", "udp", "tcp", "srt"})
 # How long the question of what an http(s) source's server sends waits for its answer
 SERVED_PROBE_TIMEOUT_S = 5.0
+MANIFEST_MAX_BYTES = 1 << 20  # a served body this small is read to see if it is a manifest
 # How long closing waits for the reading thread's last `read()` (at most one frame period on a
 # working source; FFmpeg's own timeout on a stalled one)
 CLOSE_WAIT_S = 2.0
@@ -65,28 +68,46 @@ def has_no_end(source: str, capture: cv2.VideoCapture) -> bool:
 
 def _served_live(url: str) -> bool:
     """What the server says of `url`'s body: a multipart stream (an IP camera's MJPEG), a
-    playlist still growing (a live HLS one: no #EXT-X-ENDLIST) or a body of no stated length
-    is live; a file served with its length is not (read live, a file of frames OpenCV does not
-    count played at the reader's pace and was opened again at its end, for ever). Unanswered
-    (a camera that takes one client, held by the capture just opened): live."""
+    manifest still growing (a live HLS playlist: no #EXT-X-ENDLIST; a dynamic DASH one) or a
+    body of no stated length is live; a file served with its length is not (read live, a file
+    of frames OpenCV does not count played at the reader's pace and was opened again at its
+    end, for ever). Asked as FFmpeg asks (its user agent, a login only when challenged, a TLS
+    certificate not checked); unanswered (a camera that takes one client, held by the capture
+    just opened), live."""
     parts = urlsplit(url)
     plain = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-    headers = {}
-    if parts.username is not None:  # as FFmpeg sends a URL's login
-        login = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
+    logins = urllib.request.HTTPPasswordMgrWithDefaultRealm()
+    if parts.username is not None:
+        logins.add_password(None, plain, unquote(parts.username), unquote(parts.password or ""))
+    unchecked = ssl.create_default_context()
+    unchecked.check_hostname, unchecked.verify_mode = False, ssl.CERT_NONE
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPBasicAuthHandler(logins),
+        urllib.request.HTTPDigestAuthHandler(logins),
+        urllib.request.HTTPSHandler(context=unchecked),
+    )
+    request = urllib.request.Request(plain, headers={"User-Agent": "Lavf"})
     try:
-        with urllib.request.urlopen(
-            urllib.request.Request(plain, headers=headers), timeout=SERVED_PROBE_TIMEOUT_S
-        ) as response:
-            kind = response.headers.get_content_type()
-            if kind.startswith("multipart/"):
+        with opener.open(request, timeout=SERVED_PROBE_TIMEOUT_S) as response:
+            if response.headers.get_content_type().startswith("multipart/"):
                 return True
-            if "mpegurl" in kind:
-                return b"#EXT-X-ENDLIST" not in response.read(1 << 20)
-            return response.headers.get("Content-Length") is None
-    except (OSError, ValueError):
+            length = response.headers.get("Content-Length")
+            if length is None:
+                return True
+            return int(length) <= MANIFEST_MAX_BYTES and _live_manifest(response.read())
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        log.info("%s: its server could not be asked what it sends (%s): read live",
+                 shown_url(url), exc)  # fmt: skip
         return True
+
+
+def _live_manifest(body: bytes) -> bool:
+    """Whether a small body is a live stream's manifest (of any content type: many stores serve
+    an HLS playlist as octet-stream or plain text)."""
+    head = body.lstrip()[:4096]
+    if head.startswith(b"#EXTM3U"):
+        return b"#EXT-X-ENDLIST" not in body
+    return b"<MPD" in head and b'type="dynamic"' in body
 
 
 @contextlib.contextmanager
