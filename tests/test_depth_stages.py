@@ -1715,9 +1715,10 @@ def test_the_onnx_backend_refuses_a_model_that_is_not_depth_pro_before_any_work(
 def test_a_run_gives_up_on_what_its_cluster_lacks_only_while_a_stage_still_needs_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The lost-node wait (found in review of stop 59's own change: it failed shards whose
-    transcodes were all done, the lost node needed by nothing left; and its warning came again
-    after every shard). The states are Prefect's own; the cluster's lack is said by hand."""
+    """The lost-node wait (found in reviews of stop 59's own change: it failed shards whose
+    transcodes were all done, the lost node needed by nothing left, and shards whose depth still
+    ran; and its warning came again after every shard). The states are Prefect's own; the
+    cluster's lack is said by hand."""
     import queue
 
     from prefect.states import Completed, Pending, Running
@@ -1734,15 +1735,16 @@ def test_a_run_gives_up_on_what_its_cluster_lacks_only_while_a_stage_still_needs
 
     monkeypatch.setattr(shard_tasks, "time", Clock)
     monkeypatch.setattr(shard_tasks, "LOST_CHECK_S", 0.0)
-    a, b = _record("http://h/a.mp4", "a"), _record("http://h/b.mp4", "b")
-    shard_a = Shard(0, 2, (a,))
+    a, b, c = (_record(f"http://h/{name}.mp4", name) for name in "abc")
+    shard_a = Shard(0, 3, (a,))
 
     @dataclasses.dataclass
     class Ran:  # what the watch reads of a task run's future
         state: object
+        made: Shard = shard_a
 
         def result(self) -> Shard:
-            return shard_a
+            return self.made
 
     states = {"download": Ran(Completed()), "transcode": Ran(Completed()),
               "depth": Ran(Running()), "store": Ran(Pending())}  # fmt: skip
@@ -1758,21 +1760,28 @@ def test_a_run_gives_up_on_what_its_cluster_lacks_only_while_a_stage_still_needs
         for _ in range(3):  # no transcode left to run: the lack is nobody's
             watch()
             clock[0] += 400
-        waiting.append(Shard(1, 2, (b,)))  # one shard still to start: its transcode needs it
+        waiting.append(Shard(2, 3, (c,)))  # a shard still to start: its transcode needs it
+        for _ in range(3):  # but a's depth still runs, needing nothing lacking: it may end
+            watch()
+            clock[0] += 400
+        states["depth"].state = states["store"].state = Completed()  # a is done, and taken
+        del in_flight["written-a"]
+        shard_b = Shard(1, 3, (b,))
+        b_states = [("download", Ran(Completed(), shard_b)), ("transcode", Ran(Pending())),
+                    ("depth", Ran(Pending())), ("store", Ran(Pending()))]  # fmt: skip
+        in_flight["written-b"] = _Chain(shard_b, b_states)  # held up at its transcode
         watch()
         clock[0] += 200
-        states["depth"].state = Completed()  # a stage ended: the wait starts again from here
-        watch()
-        clock[0] += 200
-        watch()  # 200 s since the stage ended: not yet
+        watch()  # 200 s with every shard in flight held up: not yet
         clock[0] += 100
-        assert _next_finished(queue.Queue(), watch) is None  # 300 s with nothing moving
+        assert _next_finished(queue.Queue(), watch) is None  # 300 s
     finally:
         logging.getLogger("tasks.depth.shard_tasks").removeHandler(heard)
     assert len(said) == 1 and said[0].startswith("--transcode-cpus 2"), said  # said once
     assert watch.lost is not None and watch.lost.stage == "transcode"
     lost = list(_all_lost(in_flight, waiting, watch.lost))
     rows = [record for written in lost for record in written.shard.records]
-    # a's depth is done: the driver writes its row; b was never fetched
-    assert [(r.video_id, r.failed_stage) for r in rows] == [("a", None), ("b", "download")]
+    # b waited on its transcode; c was never fetched
+    assert [(r.video_id, r.failed_stage) for r in rows] == [("b", "transcode"), ("c", "download")]
+    assert "ClusterLostError: --transcode-cpus 2" in rows[0].error
     assert rows[1].error.startswith("not started: --transcode-cpus 2: no node has that many CPUs")

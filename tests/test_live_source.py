@@ -281,8 +281,10 @@ def test_a_live_stream_that_drops_out_and_comes_back_is_opened_again(
     ]
     outage = read_gaps_s.index(max(read_gaps_s))
     assert read_gaps_s[outage] >= 1.4, read_gaps_s  # frames from both sides of the outage
-    # then at 5 a second again (0.18-0.21 s; a turn late gives one of 0.14), not a burst (~36 ms)
-    assert min(read_gaps_s[outage + 1 :]) >= 0.1, read_gaps_s
+    # Then at 5 a second again (0.18-0.21 s apart), not a burst (~36 ms apart, turn after
+    # turn): a turn late on a loaded machine shortens the one gap after it, never two in a row
+    short = [gap < 0.1 for gap in read_gaps_s[outage + 1 :]]
+    assert not any(a and b for a, b in itertools.pairwise(short)), read_gaps_s
 
 
 class _OpensButSendsNothing:

@@ -485,9 +485,9 @@ class _Chain:
     shard: Shard
     futures: list[tuple[Stage, PrefectFuture[Any]]]
 
-    def runs(self, stage: Stage) -> bool:
-        """Whether `stage` of this shard has yet to end."""
-        return any(name == stage and not _ended(future) for name, future in self.futures)
+    def first_unended(self) -> Stage | None:
+        """The stage this shard waits on now (None once every stage has ended)."""
+        return next((name for name, future in self.futures if not _ended(future)), None)
 
     def stages_done(self) -> int:
         return sum(_ended(future) for _, future in self.futures)
@@ -571,17 +571,20 @@ class _LackWatch:
     seen: tuple[int, int] = (0, 0)  # shards left, stages done: what changes as the run moves
     said: bool = False
     lost: ClusterLostError | None = None  # set by _next_finished as it gives up
+    failed_ask: str | None = None  # the last error asking the cluster, said once
 
     def __call__(self) -> None:
-        """ClusterLostError once lacking for the wait; else nothing."""
-        chains, waiting = list(self.in_flight.values()), self.waiting
-        needed = {stage: why for stage, why in self.lacks().items()
-                  if waiting or any(chain.runs(stage) for chain in chains)}  # fmt: skip
+        """ClusterLostError once lacking for the wait with every shard in flight held up by
+        it; else nothing (a shard whose stage still runs may finish, and the run goes on)."""
+        chains, waiting, lacks = list(self.in_flight.values()), self.waiting, self.lacks()
+        at = [chain.first_unended() for chain in chains]  # the stage each shard waits on
+        needed = {stage: why for stage, why in lacks.items() if waiting or stage in at}
         if not needed:
             self.since, self.said = None, False
             return
         moved = (len(chains) + len(waiting), sum(chain.stages_done() for chain in chains))
-        if self.since is None or moved != self.seen:  # a stage finished: wait from now
+        held_up = all(stage in lacks for stage in at)
+        if self.since is None or moved != self.seen or not held_up:  # it moves: wait from now
             self.since, self.seen = time.monotonic(), moved
         stage, why = next(iter(needed.items()))
         if not self.said:
@@ -609,7 +612,9 @@ def _next_finished(
                 watch.lost = lost
                 return None
             except Exception as exc:  # Ray asked in vain: the run waits on, as it did before
-                log.warning("asking the cluster what it lacks failed (%s): waiting on", exc)
+                if str(exc) != watch.failed_ask:  # said once, not every LOST_CHECK_S
+                    watch.failed_ask = str(exc)
+                    run_logger().warning("asking the cluster what it lacks failed (%s)", exc)
 
 
 def _all_lost(
