@@ -46,6 +46,7 @@ from tasks.depth.settings import DepthSettings, with_absolute_paths
 from tasks.depth.shard_tasks import (
     Shard,
     WrittenShard,
+    actor_count,
     actor_device,
     make_shards,
     run_logger,
@@ -309,8 +310,8 @@ def process_shards(
     """Run the shards, committing each one's rows as it finishes; then compact the table (its
     Parquet export comes after the run's report)."""
     progress = Progress(len(plan.todo), show_bar=show_progress)
-    gpus = cluster_gpus()  # one per GPU depth actor (start_depth_actors)
-    actor_gpus = (settings.depth_workers or gpus) if actor_device(settings, gpus) == "cuda" else 0
+    gpus = cluster_gpus()  # one per GPU depth actor
+    actor_gpus = actor_count(settings, gpus) if actor_device(settings, gpus) == "cuda" else 0
     lacks = functools.partial(stages_misfit, settings, actor_gpus)
     for written in run_shards(shards, settings.output, table.lance_path, settings, cpus, lacks):
         committed = commit_shard(table, written)

@@ -382,6 +382,12 @@ def actor_device(settings: DepthSettings, cluster_gpus: int) -> str:
     return "cuda" if cluster_gpus > 0 and not on_cpu else "cpu"
 
 
+def actor_count(settings: DepthSettings, cluster_gpus: int) -> int:
+    """How many depth actors a run starts: `depth_workers`, else one per GPU (one on the CPU)."""
+    on_gpu = actor_device(settings, cluster_gpus) == "cuda"
+    return settings.depth_workers or (cluster_gpus if on_gpu else 1)
+
+
 def start_depth_actors(settings: DepthSettings) -> list[Any]:
     """One actor per GPU of the cluster (or `depth_workers`); CPU actors where there is none.
 
@@ -395,7 +401,7 @@ def start_depth_actors(settings: DepthSettings) -> list[Any]:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     device = actor_device(settings, gpus)
     use_gpu = device == "cuda"
-    count = settings.depth_workers or (gpus if use_gpu else 1)
+    count = actor_count(settings, gpus)
     threads = max(1, round(settings.depth_cpus))  # model threads of a CPU actor
     options: dict[str, Any] = {"num_cpus": 0, "max_restarts": 2, "max_task_retries": 1}
     if use_gpu:

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from common.backoff import jittered_backoff_s
-from common.urls import shown_url
+from common.urls import shown_url, without_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ def _served_live(url: str) -> bool:
     end, for ever). Asked as FFmpeg asks (its user agent, a login only when challenged, a TLS
     certificate not checked); unanswered (a camera that takes one client, held by the capture
     just opened), live."""
-    parts = urlsplit(url)
-    plain = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    parts, plain = urlsplit(url), without_userinfo(url)
     logins = urllib.request.HTTPPasswordMgrWithDefaultRealm()
     if parts.username is not None:
         logins.add_password(None, plain, unquote(parts.username), unquote(parts.password or ""))
