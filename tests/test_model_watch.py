@@ -58,7 +58,8 @@ def test_a_flapping_model_is_told_each_change_once_and_keeps_one_probe(monkeypat
         _fail(watch, FAILURES_TO_UNREADY)
         model.failing.clear()
         deadline = time.monotonic() + 5
-        while not watch.answering:
+        # `answering` turns before the listener is told (outside the watch's lock): wait for both
+        while not watch.answering or told[-1] is not True:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert told[-2:] == [False, True]
@@ -71,7 +72,7 @@ def test_a_flapping_model_is_told_each_change_once_and_keeps_one_probe(monkeypat
         model.failing.set()
         _fail(watch, FAILURES_TO_UNREADY)
         model.failing.clear()
-        while not watch.answering:
+        while not watch.answering or told[-1] is not True:
             assert time.monotonic() < deadline, "the second outage was never probed"
             time.sleep(0.01)
         assert told[-2:] == [False, True]
