@@ -7,14 +7,19 @@ from __future__ import annotations
 import logging
 
 
-def run_logger(fallback: logging.Logger) -> logging.Logger | logging.LoggerAdapter:
-    """The flow or task run's logger, or `fallback` outside a run (a thread of its own, a
-    test, a library user)."""
-    from prefect import get_run_logger
+def in_run() -> bool:
+    """Whether this code runs in a flow or task run (not in a thread of its own, a test or a
+    library user's call)."""
     from prefect.context import FlowRunContext, TaskRunContext
 
-    in_run = TaskRunContext.get() is not None or FlowRunContext.get() is not None
-    return get_run_logger() if in_run else fallback
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+def run_logger(fallback: logging.Logger) -> logging.Logger | logging.LoggerAdapter:
+    """The flow or task run's logger, or `fallback` outside a run."""
+    from prefect import get_run_logger
+
+    return get_run_logger() if in_run() else fallback
 
 
 def send_logs_now() -> None:

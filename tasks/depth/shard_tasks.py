@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture
@@ -170,14 +170,13 @@ def _run_stage(
     failed = [after for was, after in zip(before, records, strict=True)
               if after.failed and not was.failed]  # fmt: skip
     if failed:
-        # The task run's log in the Prefect UI; a stage called outside a task run (tests, a
-        # library user) logs to this module's logger instead.
-        in_task_run = TaskRunContext.get() is not None
-        logger = get_run_logger() if in_task_run else log
+        # The run's log in the Prefect UI; a stage called outside a run (tests, a library
+        # user) logs to this module's logger instead.
+        logger = run_logger()
         for record in failed:
             reason = (record.error or "").partition("\n")[0]  # the table keeps the rest
             logger.warning("%s failed at %s: %s", record.video_id, record.failed_stage, reason)
-        if in_task_run:
+        if run_log.in_run():
             send_logs_now()
     return shard.with_records(records)
 
@@ -292,7 +291,7 @@ def _actor_depth(
             "%s: the depth actor is gone (%s): its depth runs in this task, on the CPU",
             shard.label, str(exc).splitlines()[0],
         )  # fmt: skip
-        if TaskRunContext.get() is not None:  # in the UI even if the run's Ray ends next
+        if run_log.in_run():  # in the UI even if the run's Ray ends next
             send_logs_now()
     on_cpu = settings.model_copy(update={"device": "cpu"})
     # One stand-in at a time on a node: every depth task of a run (one per CPU, holding none)
@@ -361,8 +360,7 @@ def write_task(shard: Shard, lance_path: Path) -> WrittenShard:
         # No fragments: the driver writes the rows itself. Raised past its retries, the write
         # read as a crash of the shard's worker ("store crashed"), and every rerun fetched and
         # transcoded the whole shard again.
-        logger = get_run_logger() if TaskRunContext.get() is not None else log
-        logger.warning(
+        run_logger().warning(
             "%s: its rows could not be written here (%s: %s): the driver writes them",
             shard.label, type(exc).__name__, exc,
         )  # fmt: skip
