@@ -113,7 +113,10 @@ def add_settings_arguments(
         if field.is_required():
             notes.append("required")
         elif not STATES_ITS_DEFAULT.search(description):
-            notes.append(f"default {field.get_default(call_default_factory=True)}")
+            # argparse formats help with `%`: a default path holding one (`vidflow%20copy`)
+            # made `--help` a traceback
+            default = str(field.get_default(call_default_factory=True)).replace("%", "%%")
+            notes.append(f"default {default}")
         help_text = f"{description} ({'; '.join(notes)})" if notes else description
         annotation = field.annotation
         if _is_secret(field):

@@ -87,6 +87,8 @@ def depth_extraction(
         sources = load_sources(urls, kinetics_csv, url_template, split, limit)
     except ValueError as exc:  # input the run cannot take: a model, a list it cannot read
         return failed_state(exc)
+    if limit is not None and len(sources) == limit:  # a deployment's limit stays in force
+        get_run_logger().info("limit %d: the first %d videos of the input only", limit, limit)
     try:
         with output_lock(settings.output):  # one run at a time per output folder
             try:

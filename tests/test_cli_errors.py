@@ -3,6 +3,7 @@ starts (no Prefect server, no Ray, no broker contact), never a traceback."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import time
@@ -69,6 +70,35 @@ def test_depth_refuses_an_input_list_with_nothing_to_do(tmp_path: Path, capsys) 
         ["depth", "--urls", str(three), "--limit", "0"], capsys
     )
     assert "must be 0 or more" in _refused(["depth", "--urls", str(three), "--limit", "-1"], capsys)
+
+
+@pytest.mark.usefixtures("nothing_starts")
+def test_depth_refuses_a_list_of_which_no_video_can_be_fetched_or_a_template_it_ignores(
+    tmp_path: Path, capsys
+) -> None:
+    """A list of YouTube ids (a template meant to fill them) or of local paths started a
+    Prefect server and Ray, failed every row at download and exited 1; the template was
+    ignored without a word."""
+    ids = tmp_path / "ids.txt"
+    ids.write_text("abc123\ndef456\n")
+    err = _refused(["depth", "--urls", str(ids)], capsys)
+    assert f"{ids}: no video of it can be fetched, e.g. 'abc123': not a URL" in err
+    err = _refused(["depth", "--urls", str(ids), "--url-template", "http://h/{id}.mp4"], capsys)
+    assert "--url-template is for --kinetics-csv only" in err
+    ftp = tmp_path / "ftp.txt"
+    ftp.write_text("ftp://h/a.mp4\n")
+    assert "unsupported URL scheme 'ftp'" in _refused(["depth", "--urls", str(ftp)], capsys)
+
+
+def test_a_list_with_some_videos_to_fetch_goes_on_and_the_others_fail_in_their_rows(
+    tmp_path: Path,
+) -> None:
+    from tasks.depth.video_sources import load_sources
+
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("http://h/b.mp4\nlocal/a.mp4\n")  # (a first line of no URL: a header)
+    sources = load_sources(str(mixed), None, None, "val", None)
+    assert [record.source_url for record in sources] == ["http://h/b.mp4", "local/a.mp4"]
 
 
 @pytest.mark.usefixtures("nothing_starts")
@@ -529,3 +559,36 @@ def test_an_output_folder_on_a_file_system_without_locks_is_refused_in_one_line(
         output_lock(tmp_path / "out"),
     ):
         pass
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "extra"),
+    [
+        ("confluent_kafka", ["produce", "--source", str(SAMPLE_VIDEO), "--bootstrap", CLOSED_PORT],
+         "stream"),
+        ("torch", ["export-onnx", "--output", "unused.onnx"], "torch"),
+    ],
+)  # fmt: skip
+def test_a_command_whose_extra_is_not_installed_names_it_in_one_line(
+    module: str, argv: list[str], extra: str, tmp_path: Path
+) -> None:
+    """The inference image and a core install lack the optional parts: `vidflow produce`
+    there was a ModuleNotFoundError traceback. The module is made missing as an uninstalled
+    one is: its import fails (None in sys.modules)."""
+    import subprocess
+
+    program = (
+        f"import sys; sys.modules[{module!r}] = None\n"
+        "from vidflow.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", program, *argv], cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert ran.returncode == 2, ran.stderr
+    assert "Traceback" not in ran.stderr
+    assert (
+        f"needs {module}, which the '{extra}' extra installs: pip install 'vidflow[{extra}]'"
+        in (ran.stderr)
+    )

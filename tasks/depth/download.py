@@ -22,7 +22,6 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -33,6 +32,7 @@ from tasks.depth.output_layout import note_source
 from tasks.depth.redirects import RedirectRefused, final_response, session_connector
 from tasks.depth.settings import DepthSettings
 from tasks.depth.video_record import VideoRecord
+from tasks.depth.video_sources import unfetchable
 
 log = logging.getLogger(__name__)
 
@@ -308,16 +308,11 @@ def _complete_download(raw_dir: Path, video_id: str) -> Path | None:
 
 
 def _unfetchable(url: str) -> str | None:
-    """Why `url` is not fetched at all, or None: only http(s) URLs are."""
+    """Why `url` is not fetched at all, or None."""
     try:
-        scheme = urlsplit(url).scheme.lower()
+        return unfetchable(url)
     except ValueError as exc:  # e.g. "http://[::1/x"
         return f"{describe(exc)} ({shown_url(url)})"
-    if not scheme:  # a local path: a worker on another node could not read it anyway
-        return "not a URL: give http(s) URLs (serve local files over HTTP)"
-    if scheme not in ("http", "https"):
-        return f"unsupported URL scheme {scheme!r} (http/https only)"
-    return None
 
 
 # What ends one attempt (retried or not, as `is_retryable` says) rather than the download task.

@@ -353,6 +353,36 @@ def _read_text(path: Path) -> str:
         raise SourceListError(f"{path} is not UTF-8 text (save it as UTF-8): {exc}") from exc
 
 
+def unfetchable(url: str) -> str | None:
+    """Why `url` is not fetched at all, or None: only http(s) URLs are. Raises ValueError for
+    a URL that does not parse ("http://[::1/x")."""
+    scheme = urlsplit(url).scheme.lower()
+    if not scheme:  # a local path: a worker on another node could not read it anyway
+        return "not a URL: give http(s) URLs (serve local files over HTTP)"
+    if scheme not in ("http", "https"):
+        return f"unsupported URL scheme {scheme!r} (http/https only)"
+    return None
+
+
+def _none_fetchable(sources: list[VideoRecord], where: str) -> SourceListError | None:
+    """The error for an input of which no video can be fetched (YouTube ids and no template, a
+    list of local paths): every row would fail at download, after a Prefect server and Ray had
+    started. An input with some fetchable videos goes on; the others get error rows."""
+    reasons = []
+    for record in sources:
+        try:
+            reason = unfetchable(record.source_url)
+        except ValueError:
+            return None  # said per video, in its error row
+        if reason is None:
+            return None
+        reasons.append(reason)
+    first = sources[0].source_url
+    return SourceListError(
+        f"{where}: no video of it can be fetched, e.g. {shown_url(first)!r}: {reasons[0]}"
+    )
+
+
 def load_sources(
     urls: str | None,
     kinetics_csv: str | None,
@@ -365,7 +395,13 @@ def load_sources(
     if (urls is None) == (kinetics_csv is None):
         raise ValueError(
             "give exactly one input: --urls (a URL list) or --kinetics-csv (flow parameters "
-            "urls, kinetics_csv)"
+            "urls, kinetics_csv; a deployment's run on a list of your own: "
+            '{"urls": "LIST", "kinetics_csv": null, "url_template": null, "limit": null})'
+        )
+    if urls is not None and url_template:
+        raise ValueError(
+            "--url-template is for --kinetics-csv only: a --urls list holds whole URLs (flow "
+            "parameter url_template: null with urls)"
         )
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be 0 or more (got {limit})")
@@ -387,4 +423,6 @@ def load_sources(
     if not sources:
         limited = f" (--limit {limit})" if limit is not None else ""
         raise SourceListError(f"no videos to process in {urls or kinetics_csv}{limited}")
+    if (error := _none_fetchable(sources, str(urls or kinetics_csv))) is not None:
+        raise error
     return sources
