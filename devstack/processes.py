@@ -41,13 +41,20 @@ def processes_with_descendants(matches: Callable[[str], bool]) -> list[psutil.Pr
 
 
 def end_processes(processes: Iterable[psutil.Process], grace_s: float) -> None:
-    """SIGTERM each process, then SIGKILL those still there after `grace_s`."""
+    """SIGTERM each process, then SIGKILL those still there after `grace_s`, and wait (a few
+    seconds at most) until those are gone too: a caller that went on at once still found
+    them, their ports still open, on a loaded machine."""
     # psutil.Error: ended meanwhile, or not this account's to signal (a match by command line
     # may be another user's): said, left out of the wait, and the others are still ended.
     signalled = [process for process in processes if _signal(process, process.terminate)]
     _, alive = psutil.wait_procs(signalled, timeout=grace_s)
-    for process in alive:
-        _signal(process, process.kill)
+    killed = [process for process in alive if _signal(process, process.kill)]
+    psutil.wait_procs(killed, timeout=KILLED_WAIT_S)
+
+
+# How long a SIGKILLed process may take to be gone (a zombie its parent has not yet reaped
+# counts as there to psutil).
+KILLED_WAIT_S = 5.0
 
 
 def _signal(process: psutil.Process, send: Callable[[], None]) -> bool:

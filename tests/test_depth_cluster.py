@@ -174,7 +174,7 @@ def test_a_run_whose_cluster_loses_the_node_a_stage_needs_fails_its_videos_inste
 
     monkeypatch.setattr(shard_tasks, "LOST_CHECK_S", 0.5)
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    routes = {f"v{i}.mp4": Drip(VIDEOS / "k400_arm_wrestling.mp4", chunk=200_000, every_s=0.5)
+    routes = {f"v{i}.mp4": Drip(VIDEOS / "k400_arm_wrestling.mp4", chunk=200_000, every_s=2.0)
               for i in range(2)}  # fmt: skip
     settings = DepthSettings(
         output=tmp_path / "out", depth_model=str(tiny_depth_model), shard_size=1,

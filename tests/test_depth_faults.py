@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -234,7 +235,8 @@ def test_a_dripping_server_is_dropped_as_too_slow_and_the_run_goes_on(tmp_path: 
     drip = Drip(CLIP, chunk=1, every_s=0.2)  # 5 B/s, each byte well inside the read timeout
     failed, _, _, requests = _download_pair(tmp_path, drip, settings)
     assert (failed.status, failed.failed_stage) == ("failed", "download")
-    assert "too slow" in failed.error and "B/s over 1 s" in failed.error, failed.error
+    # over 1 s, or 2 where a pause on a loaded machine put the first check past 1.5 s
+    assert re.search(r"too slow: [\d.]+ B/s over [12] s", failed.error), failed.error
     assert requests == 1 and failed.download_attempts == 1  # not retried: it would crawl again
     assert failed.download_s is not None and 1.0 <= failed.download_s < 3.0
 

@@ -43,8 +43,18 @@ def _ok_rows(table: Path) -> dict[str, object]:
     return {r["video_id"]: r["processed_at"] for r in rows.to_pylist() if r["status"] == "ok"}
 
 
+def _ok_rows_so_far(table: Path) -> dict[str, object]:
+    """`_ok_rows` of a table the run may be making right now: its `_versions` folder comes
+    before the first manifest in it, and a read between the two raised."""
+    try:
+        return _ok_rows(table)
+    except (ValueError, OSError):
+        return {}
+
+
 @pytest.mark.faults
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # its own waits add up past the suite's 600 s: they say more
 def test_a_killed_run_resumes_without_duplicates_repeats_or_orphans(
     tmp_path: Path, tiny_depth_model: Path, prefect_home_template: Path
 ) -> None:
@@ -86,7 +96,7 @@ def _kill_resume_and_check(
                 command, env=_marked(env, first_marker), stdout=subprocess.DEVNULL, stderr=stderr
             )
         deadline = time.monotonic() + 240
-        while not _ok_rows(table) and time.monotonic() < deadline and first.poll() is None:
+        while not _ok_rows_so_far(table) and time.monotonic() < deadline and first.poll() is None:
             time.sleep(0.2)
         assert first.poll() is None, log.read_text()[-3000:]
         running = _processes_marked(first_marker)
@@ -111,7 +121,11 @@ def _kill_resume_and_check(
     while (left := _processes_marked(first_marker)) and time.monotonic() < deadline:
         time.sleep(1)
     assert not left, f"processes of the killed run still alive: {left}"
-    assert not _processes_marked(second_marker)
+    # The finished run's Ray workers and agents end on their own time after their raylet.
+    deadline = time.monotonic() + 30
+    while (left := _processes_marked(second_marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes of the finished run still alive: {left}"
 
     rows = lance.dataset(table).to_table(columns=["video_id", "status", "processed_at"])
     ids = rows.column("video_id").to_pylist()

@@ -215,7 +215,8 @@ def test_both_deployments_on_postgres_behind_auth_survive_a_server_restart(
         runs = api.call("/flow_runs/filter", {})
         assert {depth_run, stream_run} <= {run["id"] for run in runs}
         after = api.call("/task_runs/filter", {"flow_runs": {"id": {"any_": [depth_run]}}})
-        assert {task["id"] for task in after} == {task["id"] for task in depth_tasks}
+        # (a superset: a task run's last events may be recorded after the first read)
+        assert {task["id"] for task in after} >= {task["id"] for task in depth_tasks}
         stream_artifacts = api.call(
             "/artifacts/filter", {"flow_runs": {"id": {"any_": [stream_run]}}}
         )

@@ -571,14 +571,16 @@ def test_streaming_loadtest_counts_bad_images_as_errors_and_goes_on(
 ) -> None:
     images = [*video_frames[:4], b"not an image"]  # every fifth request fails
     target = onnx_server.target
-    (level,) = asyncio.run(run_loadtest(target, images, [4], 2.0, 0.5, streaming=True))
+    # More streams than twice the model workers: requests wait whenever a worker frees, so
+    # batches form by design, not by a wake-up race lost now and then.
+    (level,) = asyncio.run(run_loadtest(target, images, [8], 2.0, 0.5, streaming=True))
     assert level.requests > 20, level
     # The bad image answers on the stream with `error` set; the stream itself carries on. One
     # answer in five, counted as an error and not as a request too (a 25 % band took that).
     assert level.error_codes == {"ITEM_ERROR": level.errors}, level
     answers = level.requests + level.errors  # a run of request ids, give or take a call in
-    assert abs(level.errors - answers / 5) <= 4, level  # flight at each end of the window
-    assert level.mean_batch_size > 1.0  # four open streams share batches
+    assert abs(level.errors - answers / 5) <= 8, level  # flight at each end of the window
+    assert level.mean_batch_size > 1.0  # open streams share batches
     assert 0 < level.latency_ms["p50"] <= level.latency_ms["p99"]
 
 
