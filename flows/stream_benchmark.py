@@ -30,6 +30,7 @@ from flows.stream_failures import (
     FramesUndeliveredError,
     GroupStalledError,
     NothingAnsweredError,
+    NothingConsumedError,
     NothingReadError,
     ResultsUndeliveredError,
     SourceLostError,
@@ -110,7 +111,8 @@ def markdown_report(
 {rows}
 
 `inference`: the model call on the server; `rpc`: the consumer's gRPC round trip;
-`e2e`: from frame capture to the result being published.
+`e2e`: from frame capture to its result, as the consumer hands the record to Kafka (a slow
+results broker adds its delay after that).
 
 ## Errors
 
@@ -243,20 +245,7 @@ def _raise_if_failed(outcome: dict[str, Any], settings: StreamBenchmarkSettings)
         )
     if lost_source := produced.get("source_error"):
         raise SourceLostError(f"{lost_source}; the report covers the run until then", outcome)
-    # Decoded, not published: a frame the producer's client refused at once (over the size
-    # limit) was read all the same, and is the broker's failure below.
-    if not produced["frames_decoded"] and not produced["failed"] and not RUN_STOP.is_set():
-        raise NothingReadError(
-            f"the producer read no frame from {settings.shown_source} (a stream that sent "
-            "none, a file whose frames do not decode): the run measured nothing",
-            outcome,
-        )
-    if produced["failed"] and not produced["delivered"]:
-        raise FramesUndeliveredError(
-            f"the broker took none of the producer's frames ({produced['failed']} failed; the "
-            "producer's errors in this run's log say why: a message size limit, an ACL)",
-            outcome,
-        )
+    _raise_if_nothing_went_through(outcome, settings)
     if undelivered := summary.get("delivery_error"):
         raise ResultsUndeliveredError(
             f"a consumer stopped: {undelivered}; the frames after it stay uncommitted", outcome
@@ -283,6 +272,41 @@ def _raise_if_failed(outcome: dict[str, Any], settings: StreamBenchmarkSettings)
             f"the producer delivered, then nothing for {DRAIN_S:g} s: is the inference service at "
             f"{settings.client.target} still up? {summary['unanswered']} consumed frame(s) were "
             "left unanswered (uncommitted); the report covers the run until then",
+            outcome,
+        )
+    if summary["unanswered"] and not RUN_STOP.is_set():  # a deadline, not a drain, ended it
+        raise GroupStalledError(
+            f"the group ended at its deadline with {summary['unanswered']} consumed frame(s) "
+            f"unanswered (uncommitted): did the inference service at {settings.client.target} "
+            "stop answering? The figures cover the frames answered before",
+            outcome,
+        )
+
+
+def _raise_if_nothing_went_through(
+    outcome: dict[str, Any], settings: StreamBenchmarkSettings
+) -> None:
+    """The run's failure where no frame went from the source through the broker to the group."""
+    summary, produced = outcome["summary"], outcome["producer"]
+    # Decoded, not published: a frame the producer's client refused at once (over the size
+    # limit) was read all the same, and is the broker's failure below.
+    if not produced["frames_decoded"] and not produced["failed"] and not RUN_STOP.is_set():
+        raise NothingReadError(
+            f"the producer read no frame from {settings.shown_source} (a stream that sent "
+            "none, a file whose frames do not decode): the run measured nothing",
+            outcome,
+        )
+    if produced["failed"] and not produced["delivered"]:
+        raise FramesUndeliveredError(
+            f"the broker took none of the producer's frames ({produced['failed']} failed; the "
+            "producer's errors in this run's log say why: a message size limit, an ACL)",
+            outcome,
+        )
+    if produced["delivered"] and not summary["frames_consumed"] and not RUN_STOP.is_set():
+        raise NothingConsumedError(
+            f"the broker took {produced['delivered']} frames, and the consumer group read none: "
+            "did its members get the topic's partitions? (a group coordinator the broker could "
+            "not give, a group ACL; the consumers' warnings in this run's log say why)",
             outcome,
         )
 

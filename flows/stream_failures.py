@@ -37,6 +37,10 @@ class NothingReadError(StreamRunFailedError):
     """The producer read no frame from its source: the run measured nothing."""
 
 
+class NothingConsumedError(StreamRunFailedError):
+    """The broker took the producer's frames, but the consumer group read none of them."""
+
+
 class NothingAnsweredError(StreamRunFailedError):
     """Frames went through the broker, but the service answered none of them."""
 

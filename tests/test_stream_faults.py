@@ -322,6 +322,11 @@ def test_a_run_that_classified_nothing_or_stalled_fails_with_its_figures() -> No
         _raise_if_failed(report, settings)
     shown = markdown_report(stalled.as_dict(), {**produced, "broker_error": None}, {})
     assert "THE SERVICE STOPPED ANSWERING" in shown
+    # A named group (no drain: a deadline ends it) whose service died mid-run ended Completed
+    # with the fps of the frames before (found in review, stop 60).
+    cut = ConsumerSummary(frames_consumed=30, results_published=20).as_dict()
+    with pytest.raises(GroupStalledError, match="deadline with 10 consumed frame"):
+        _raise_if_failed({"summary": cut, "producer": produced}, settings)
     healthy = ConsumerSummary(frames_consumed=30, results_published=29, dlq=1).as_dict()
     _raise_if_failed({"summary": healthy, "producer": produced}, settings)  # no failure
 
@@ -334,6 +339,7 @@ def test_a_run_whose_source_or_results_failed_or_that_read_nothing_fails_with_it
     from flows.stream_benchmark import _raise_if_failed
     from flows.stream_failures import (
         FramesUndeliveredError,
+        NothingConsumedError,
         NothingReadError,
         ResultsUndeliveredError,
         SourceLostError,
@@ -358,6 +364,14 @@ def test_a_run_whose_source_or_results_failed_or_that_read_nothing_fails_with_it
     refused_at_once = {**nothing, "frames_decoded": 30, "failed": 30}
     with pytest.raises(FramesUndeliveredError, match="took none of the producer's frames"):
         _raise_if_failed({"summary": empty, "producer": refused_at_once}, settings)
+    # Frames delivered and none read: the group's members never got the partitions (a group
+    # coordinator the broker could not give); the run ended Completed at "0.0 frames/s".
+    with pytest.raises(NothingConsumedError, match="took 30 frames, and the consumer group read"):
+        _raise_if_failed({"summary": empty, "producer": produced}, settings)
+    # Frames delivered and none read: the group's members never got the partitions (a group
+    # coordinator the broker could not give); the run ended Completed at "0.0 frames/s".
+    with pytest.raises(NothingConsumedError, match="took 30 frames, and the consumer group read"):
+        _raise_if_failed({"summary": empty, "producer": produced}, settings)
     _raise_if_failed({"summary": healthy, "producer": produced}, settings)  # no failure
 
 
@@ -1461,3 +1475,44 @@ def test_a_ctrl_c_while_a_benchmark_drains_stops_its_group_within_the_drain(
     # run's records take seconds of their own on a loaded machine)
     assert took_s < DRAIN_S + 20, took_s
     assert 0 < summary["results_published"] < frames, summary
+
+
+@pytest.mark.faults
+def test_a_background_commit_that_fails_is_sent_again_with_the_next(
+    own_broker: LocalBroker,
+) -> None:
+    """A commit point was marked committed as it was sent: one whose commit failed (the
+    broker away) went again only with the commit at a rebalance or the member's end, and a
+    member killed before then redid frames answered long before (found in review, stop 60)."""
+    kafka = fresh_topics(own_broker)
+    member = _consumer(kafka, "127.0.0.1:1")
+    consumer = member._consumer
+    consumer.subscribe([kafka.frames_topic])
+    _wait_for(lambda: consumer.poll(0.2) is None and bool(consumer.assignment()), 60, "partitions")
+    member.offsets.started(kafka.frames_topic, 0, 0)
+    member.offsets.finished(kafka.frames_topic, 0, 0)
+    member.publisher.commit(wait=False)  # taken: the point counts as committed
+    _wait_for(lambda: consumer.poll(0.1) is None and not member.offsets.to_commit(), 30, "commit")
+    own_broker.process.kill()
+    own_broker.process.wait(10)
+
+    def broker_seen_gone() -> bool:
+        consumer.poll(0.2)  # (an error event of the broker gone, or nothing)
+        return member.broker.down
+
+    # A commit sent once the client knows its broker is gone fails (at the latest when the
+    # group session times out); the member goes on, within its grace for the broker.
+    _wait_for(broker_seen_gone, 30, "the broker seen gone")
+    member.offsets.started(kafka.frames_topic, 0, 1)
+    member.offsets.finished(kafka.frames_topic, 0, 1)
+    member.publisher.commit(wait=False)
+    assert member.offsets.to_commit() == []  # marked as sent ...
+
+    def failure_reported() -> bool:
+        consumer.poll(0.2)  # the report is served by a poll
+        return member.offsets.to_commit() != []
+
+    _wait_for(failure_reported, 60, "the failed commit's report")
+    [point] = member.offsets.to_commit()  # ... and moved again: the next commit sends it
+    assert (point.partition, point.offset) == (0, 2)
+    close_within(consumer, timeout_s=5)  # the broker is gone: its close may wait for good

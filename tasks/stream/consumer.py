@@ -63,11 +63,14 @@ REVOKE_WAIT_S = 2.0  # the longest a rebalance waits for this member's calls in 
 STUCK_S = 2.0  # no frame taken this long at the in-flight limit: stuck (_poll_while_full)
 
 
-def _consumer_config(
-    kafka: KafkaSettings, settings: ConsumerSettings, broker: BrokerWatch
-) -> dict[str, Any]:
-    """The shared group-member settings, watched by `broker`."""
-    return {**consumer_config(kafka, settings.group), **broker.client_config()}
+def _consumer_config(member: FrameConsumer) -> dict[str, Any]:
+    """The shared group-member settings, watched by its broker watch, its commits' reports to
+    its offsets (made after the client, with the publisher: asked only once it polls)."""
+    return {
+        **consumer_config(member.kafka, member.settings.group),
+        **member.broker.client_config(),
+        "on_commit": lambda *report: member.offsets.commit_reported(*report),
+    }
 
 
 class FrameConsumer:
@@ -87,7 +90,7 @@ class FrameConsumer:
         self.membership = Membership()  # `joined` is set once the group has answered its join
         self.metrics, self.summary = ConsumerMetrics(), ConsumerSummary()
         self.broker = BrokerWatch(kafka.bootstrap_servers, kafka.broker_grace_s)
-        self._consumer = Consumer(_consumer_config(kafka, settings, self.broker))
+        self._consumer = Consumer(_consumer_config(self))
         self.publisher = Publisher(kafka, self._consumer, self.broker, self.summary, self.metrics)
         self.offsets = self.publisher.offsets
         self.assignment = Assignment(  # the rebalance callbacks'

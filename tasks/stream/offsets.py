@@ -7,9 +7,13 @@ frame whose result was not yet delivered; the price is that a restart may redo a
 
 from __future__ import annotations
 
-from confluent_kafka import TopicPartition
+import logging
+
+from confluent_kafka import KafkaError, TopicPartition
 
 PartitionKey = tuple[str, int]
+
+log = logging.getLogger("tasks.stream.publisher")
 
 
 class OffsetTracker:
@@ -17,6 +21,7 @@ class OffsetTracker:
         self._unfinished: dict[PartitionKey, set[int]] = {}
         self._next_offset: dict[PartitionKey, int] = {}
         self._committed: dict[PartitionKey, int] = {}
+        self._commits_failing = False  # the last commit reported failed
 
     def started(self, topic: str, partition: int, offset: int) -> None:
         key = (topic, partition)
@@ -57,3 +62,19 @@ class OffsetTracker:
     def mark_committed(self, offsets: list[TopicPartition]) -> None:
         for tp in offsets:
             self._committed[(tp.topic, tp.partition)] = tp.offset
+
+    def commit_reported(self, error: KafkaError | None, offsets: list[TopicPartition]) -> None:
+        """librdkafka's report of a commit (the consumer's `on_commit`, served by its poll): a
+        point whose commit failed counts as moved again, for the next background commit to
+        send. Marked committed as it was sent, a failed one went again only with the commit at
+        a rebalance or the end, and a member killed before that redid its frames."""
+        failed = offsets if error is not None else [tp for tp in offsets if tp.error]
+        for tp in failed:
+            if self._committed.get((tp.topic, tp.partition)) == tp.offset:
+                del self._committed[(tp.topic, tp.partition)]
+        if failed and not self._commits_failing:  # said once a run of failures (a broker away:
+            log.warning(  # one every commit interval)
+                "offset commit failed (%s): sent again with the next commits",
+                error or failed[0].error,
+            )
+        self._commits_failing = bool(failed)

@@ -3,6 +3,7 @@ the producer run side by side with its consumer group."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from tasks.stream.input_end import InputEnd
 from tasks.stream.producer import ProduceStats, produce_frames
 from tasks.stream.settings import ConsumerSettings, KafkaSettings, ProducerSettings
 from tasks.stream.topics import BrokerUnreachableError, ensure_topics
+
+log = logging.getLogger(__name__)
 
 # Once the producer has ended, its consumer group works to its ends however long that takes
 # while the service answers; a stretch this long with no answer and no outcome means a service
@@ -105,8 +108,19 @@ def run_producer(
     """Frames for `duration_s` once every consumer has joined; none once a consumer has failed
     (the run fails with its error; frames for nobody would only fill the topic), or Ctrl-C."""
     ends = [RUN_STOP] if consumer_failed is None else [RUN_STOP, consumer_failed]
+
     # frames sent before the group has joined would only queue up
-    _wait_until(lambda: all(ready.is_set() for ready in consumers_ready), ends, JOIN_WAIT_S)
+    def all_joined() -> bool:
+        return all(ready.is_set() for ready in consumers_ready)
+
+    _wait_until(all_joined, ends, JOIN_WAIT_S)
+    if not (all_joined() or any(end.is_set() for end in ends)):
+        log.warning(
+            "%d of %d consumer(s) got no partition within %g s: producing all the same (a "
+            "group coordinator the broker cannot give, a group ACL?)",
+            sum(not ready.is_set() for ready in consumers_ready), len(consumers_ready),
+            JOIN_WAIT_S,
+        )  # fmt: skip
     stop = threading.Event()
 
     def stop_when_due() -> None:

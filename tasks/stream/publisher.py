@@ -174,9 +174,8 @@ class Publisher:
     def commit(self, wait: bool = True) -> None:
         """Commit while running in the background (points that moved), or wait for all points.
 
-        A background commit that fails is not retried by itself; the waiting commit on a
-        rebalance and at the end sends every point again, so nothing done is left uncommitted.
-        """
+        A background commit that fails (`OffsetTracker.commit_reported`) is sent again by the next;
+        the waiting commit on a rebalance and at the end sends every point again."""
         offsets = self.offsets.to_commit(only_moved=not wait)
         if not offsets:
             return
