@@ -132,6 +132,11 @@ def test_missing_or_wrong_weights_say_what_to_do(tmp_path: Path, resnet18_weight
     with pytest.raises(WeightsUnavailableError) as misfit:
         load_model("efficientnet_lite0", resnet18_weights[0])
     assert "parameters missing (e.g. [" in str(misfit.value) and "\n" not in str(misfit.value)
+    # Tensors saved as a list, not a state_dict: torch raised TypeError, a traceback
+    listed = tmp_path / "parameters.pt"
+    torch.save([torch.zeros(3)], listed)
+    with pytest.raises(WeightsUnavailableError, match="do not fit resnet18: the file holds a list"):
+        load_model("resnet18", listed)
 
 
 def test_weights_inside_a_training_checkpoint_or_from_dataparallel_load(

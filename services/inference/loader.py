@@ -70,7 +70,9 @@ def _onnx_model(path: Path, device: str, settings: InferenceSettings) -> ServedM
     try:
         return _from_onnx_file(path, device, settings)
     except DeviceUnavailableError as exc:
-        if device != "cuda" or settings.strict_device:
+        # strict refuses the CPU only for `--device cuda`, not for `auto` (which took CUDA
+        # because the onnxruntime-gpu wheel lists its provider, whatever the node's GPU)
+        if device != "cuda" or (settings.strict_device and settings.device == "cuda"):
             raise
         log.warning("device: %s; falling back to CPU", exc)
         return _from_onnx_file(path, "cpu", settings)
@@ -105,6 +107,7 @@ def _torch_model(settings: InferenceSettings, device: str) -> ServedModel:
     workers, threads, _ = _concurrency(settings, device)
     network, shape = with_softmax(loaded.network), loaded.preprocess.input_shape
     torchscript = settings.backend == "torchscript"
+    failed_on_gpu = None
     try:
         backend = TorchBackend(
             network, shape, torchscript=torchscript, device=device, threads=threads
@@ -116,10 +119,11 @@ def _torch_model(settings: InferenceSettings, device: str) -> ServedModel:
     except (RuntimeError, AssertionError) as exc:
         if device != "cuda":
             raise
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        if settings.strict_device:
-            raise DeviceUnavailableError(f"--device cuda: the GPU failed: {reason}") from exc
-        log.warning("device: CUDA failed (%s); falling back to CPU", reason)
+        failed_on_gpu = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if settings.strict_device and settings.device == "cuda":
+            raise DeviceUnavailableError(f"--device cuda: the GPU failed: {failed_on_gpu}") from exc
+    if failed_on_gpu is not None:  # past the except: its traceback held the GPU's tensors
+        log.warning("device: CUDA failed (%s); falling back to CPU", failed_on_gpu)
         backend = TorchBackend(
             network.cpu(), shape, torchscript=torchscript, device="cpu", threads=threads
         )

@@ -184,7 +184,7 @@ def load_model(name: str, weights: Path | None = None) -> LoadedModel:
     network = entry.build_network()
     try:
         network.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:  # TypeError: not a dict (a list of tensors)
         raise WeightsUnavailableError(
             f"weights do not fit {name}: {_misfit(network.state_dict(), state_dict, exc)}"
         ) from exc
@@ -220,7 +220,7 @@ def _unwrapped(checkpoint: Any) -> Any:
     return checkpoint
 
 
-def _misfit(expected: dict[str, Any], given: Any, exc: RuntimeError) -> str:
+def _misfit(expected: dict[str, Any], given: Any, exc: Exception) -> str:
     """How a state_dict misses the network, in a line: torch's message lists every key."""
     if not isinstance(given, dict):
         return f"the file holds a {type(given).__name__}, not a state_dict"

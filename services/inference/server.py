@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.extras import missing_extra
 from common.files import atomic_output
 from common.net import host_port, is_loopback_host
 from services.inference.call_auth import TokenCheck
@@ -181,6 +182,12 @@ async def _loaded_before_stop(
         load.result()
     except Exception as exc:  # a model that cannot load ends the server with its reason
         log.debug("loading the model failed", exc_info=True)
+        if isinstance(exc, ModuleNotFoundError) and (needs := missing_extra(exc)):
+            # a core install: the registry's models are made with torch
+            raise ServerStartError(
+                f"the model could not be loaded: exporting it {needs}; or serve an exported "
+                "model with --onnx-model FILE"
+            ) from exc
         raise ServerStartError(
             f"the model could not be loaded: {type(exc).__name__}: {exc}"
         ) from exc
