@@ -66,6 +66,7 @@ from bench.cli_args import bench_parser
 from bench.cpu_account import SET_ASIDE, CpuAccount, machine_busy_cpu_s, process_tree
 from bench.peer_v2d import (
     FFMPEG_LOG,
+    NO_EXTRA_FLAGS,
     SINGLE_THREAD_FLAGS,
     check_video,
     ensure_venv,
@@ -389,7 +390,7 @@ def measure_alternating(args: argparse.Namespace, modes: list[str], work: Path) 
     # vidflow's wrapper only logs (its encodes set their flags); each peer run writes its own.
     bin_dir, cpu_log = work / "bin", work / FFMPEG_LOG
     ours_wrapper = write_ffmpeg_wrapper(bin_dir, ffmpeg_exe(), cpu_log)
-    peer_flags = SINGLE_THREAD_FLAGS if args.peer_single_thread_ffmpeg else ()
+    peer_flags = SINGLE_THREAD_FLAGS if args.peer_single_thread_ffmpeg else NO_EXTRA_FLAGS
     routes = {f"v{i}.mp4": Serve(SAMPLE_VIDEO) for i in range(args.videos)}
     with VideoServer(routes) as server, prefect_server(work / "prefect-home") as api_url:
         urls = [server.url(f"v{i}.mp4") for i in range(args.videos)]

@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench.cli_args import bench_parser
 from bench.cpu_account import machine_busy_cpu_s
@@ -163,12 +163,14 @@ import time
 REAL = {real!r}
 LOG = {log!r}
 FLAGS = {flags!r}
+INPUT_FLAGS = {input_flags!r}
 CODEC_OPTIONS = ("-c:v", "-vcodec", "-codec:v", "-c", "-codec")
 VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv")
 
 
 def tuned(args):
-    """args with FLAGS before the output file, when the call encodes H.264 into a video file."""
+    """args with INPUT_FLAGS before the first input and FLAGS before the output file, when
+    the call encodes H.264 into a video file."""
     if len(args) < 2 or "-preset" in args or args[-1].startswith("-") or args[-2] == "-i":
         return args, False
     codecs = [args[i + 1] for i, a in enumerate(args[:-1]) if a in CODEC_OPTIONS]
@@ -176,7 +178,8 @@ def tuned(args):
         return args, False
     formats = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "-f"]
     if codecs or "mp4" in formats or args[-1].lower().endswith(VIDEO_EXTENSIONS):
-        return [*args[:-1], *FLAGS, args[-1]], True
+        first = args.index("-i") if "-i" in args else 0
+        return [*args[:first], *INPUT_FLAGS, *args[first:-1], *FLAGS, args[-1]], True
     return args, False
 
 
@@ -198,16 +201,31 @@ sys.exit(code if code >= 0 else 128 - code)
 '''
 
 
+class ExtraFlags(NamedTuple):
+    """Flags the wrapper adds to the peer's encodes: before its first input, and before its
+    output with the x264 ones."""
+
+    before_input: tuple[str, ...] = ()
+    before_output: tuple[str, ...] = ()
+
+
+NO_EXTRA_FLAGS = ExtraFlags()
 # vidflow's own threading of ffmpeg (tasks/depth/transcode.py), for a peer run at it too:
 # video2dataset leaves ffmpeg its defaults (x264 frame threads), which cost it CPU on 2 cores.
-SINGLE_THREAD_FLAGS = ("-threads", "1", "-filter_threads", "1")
+# The decoder's threads are an input option, and the peer scales with -filter_complex, whose
+# threads are -filter_complex_threads: -threads and -filter_threads before the output alone
+# left its decode and scale at their defaults.
+SINGLE_THREAD_FLAGS = ExtraFlags(
+    before_input=("-filter_complex_threads", "1", "-threads", "1"),
+    before_output=("-threads", "1", "-filter_threads", "1"),
+)
 
 
 def write_ffmpeg_wrapper(
-    bin_dir: Path, real_ffmpeg: str, cpu_log: Path, extra_flags: tuple[str, ...] = ()
+    bin_dir: Path, real_ffmpeg: str, cpu_log: Path, extra_flags: ExtraFlags = NO_EXTRA_FLAGS
 ) -> Path:
     """`bin_dir/ffmpeg`, to put first on the peer's PATH (see `_WRAPPER`); `extra_flags` go
-    with the x264 ones into the peer's calls."""
+    into the peer's encodes, those before the output with the x264 ones."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     wrapper = bin_dir / "ffmpeg"
     wrapper.write_text(
@@ -215,7 +233,8 @@ def write_ffmpeg_wrapper(
             python=os.path.realpath(sys.executable),
             real=str(real_ffmpeg),
             log=str(cpu_log),
-            flags=[*X264_FLAGS, *extra_flags],
+            flags=[*X264_FLAGS, *extra_flags.before_output],
+            input_flags=list(extra_flags.before_input),
         )
     )
     wrapper.chmod(0o755)
@@ -354,7 +373,7 @@ def run_video2dataset(
     height: int = 360,
     timeout_s: float = 900,
     root: Path | None = None,
-    ffmpeg_flags: tuple[str, ...] = (),
+    ffmpeg_flags: ExtraFlags = NO_EXTRA_FLAGS,
 ) -> dict[str, Any]:
     """Run video2dataset once on `urls` into `output` (a fresh folder), check every output, and
     return its figures. URLs must end in `.mp4` (else video2dataset hands them to yt-dlp).
@@ -419,7 +438,7 @@ def _prepare_run(
     urls: list[str],
     output: Path,
     config: dict[str, Any],
-    ffmpeg_flags: tuple[str, ...] = (),
+    ffmpeg_flags: ExtraFlags = NO_EXTRA_FLAGS,
 ) -> tuple[list[str], dict[str, str]]:
     """Write the inputs, the ffmpeg wrapper (with `ffmpeg_flags`) and the runner script; the
     command and its env."""

@@ -65,9 +65,20 @@ def test_wrapper_can_run_the_peers_ffmpeg_single_threaded(tmp_path: Path) -> Non
     wrapper = peer_v2d.write_ffmpeg_wrapper(
         tmp_path / "bin", str(fake), tmp_path / "cpu.jsonl", peer_v2d.SINGLE_THREAD_FLAGS
     )
-    call = ["-i", "in.mp4", "-vf", "scale=-2:360", "out.mp4"]
-    flags = [*peer_v2d.X264_FLAGS, *peer_v2d.SINGLE_THREAD_FLAGS]
-    assert _passed_args(wrapper, *call) == [*call[:-1], *flags, "out.mp4"]
+    # The call video2dataset makes (through ffmpeg-python): its decoder's threads are an input
+    # option and its scale a -filter_complex, whose threads are -filter_complex_threads
+    call = ["-i", "in.mp4", "-filter_complex", "[0]scale=-2:360[s0]", "-map", "[s0]", "out.mp4"]
+    single = peer_v2d.SINGLE_THREAD_FLAGS
+    passed = _passed_args(wrapper, *call)
+    assert passed == [
+        *single.before_input,
+        *call[:-1],
+        *peer_v2d.X264_FLAGS,
+        *single.before_output,
+        "out.mp4",
+    ]
+    assert passed[passed.index("-i") - 2 : passed.index("-i")] == ["-threads", "1"]  # decoder
+    assert "-filter_complex_threads" in passed[: passed.index("-i")]
     # vidflow's own calls (already tuned, single-threaded) pass through unchanged
     ours = ["-threads", "1", "-i", "in.mp4", "-preset", "veryfast", "out.mp4"]
     assert _passed_args(wrapper, *ours) == ours
@@ -96,12 +107,16 @@ def test_wrapper_keeps_the_exit_status(fake_wrapper: tuple[Path, Path]) -> None:
     assert peer_v2d.read_ffmpeg_log(log)[0]["rc"] == 3
 
 
-def test_wrapper_runs_real_ffmpeg_and_logs_its_cpu(tmp_path: Path) -> None:
+@pytest.mark.parametrize("single_thread", [False, True])
+def test_wrapper_runs_real_ffmpeg_and_logs_its_cpu(tmp_path: Path, single_thread: bool) -> None:
     log = tmp_path / "cpu.jsonl"
-    wrapper = peer_v2d.write_ffmpeg_wrapper(tmp_path / "bin", ffmpeg_exe(), log)
+    flags = peer_v2d.SINGLE_THREAD_FLAGS if single_thread else peer_v2d.NO_EXTRA_FLAGS
+    wrapper = peer_v2d.write_ffmpeg_wrapper(tmp_path / "bin", ffmpeg_exe(), log, flags)
     out = tmp_path / "out.mp4"
     command = [str(wrapper), "-nostdin", "-loglevel", "error", "-i", str(SAMPLE_VIDEO)]
-    command += ["-frames:v", "10", "-vf", "scale=-2:72", "-an", str(out)]
+    # the peer's own call's shape: a -filter_complex scale (real ffmpeg takes the flags added)
+    command += ["-frames:v", "10", "-filter_complex", "[0]scale=-2:72[s0]", "-map", "[s0]"]
+    command += [str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     [line] = peer_v2d.read_ffmpeg_log(log)
