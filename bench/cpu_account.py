@@ -9,6 +9,7 @@ Processes are grouped by a classifier over their command line.
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -66,6 +67,9 @@ class CpuAccount:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="cpu-account")
         self.busy_start = self.busy_end = 0.0
+        # The sampling's own CPU, within this process's: a caller that counts this process
+        # (the consumer under test, in bench.naive_stream) takes it out.
+        self.own_cpu_s = 0.0
 
     def __enter__(self) -> CpuAccount:
         self.start = {pid: cpu for pid, (_, cpu) in _read_processes().items()}
@@ -84,6 +88,11 @@ class CpuAccount:
             self._sample()
 
     def _sample(self) -> None:
+        started = time.thread_time()
+        self._read()
+        self.own_cpu_s += time.thread_time() - started
+
+    def _read(self) -> None:
         for pid, (cmdline, cpu_s) in _read_processes().items():
             known = self.last.get(pid)
             if known is not None and cmdline.startswith(ZOMBIE_PREFIX):

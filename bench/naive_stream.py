@@ -130,7 +130,10 @@ def drained(frames: int, consume: Callable[[], float]) -> Round:
     """Run `consume` (it drains the backlog and returns its frames/s) under a CPU account."""
     with CpuAccount(process_kind) as account:
         fps = consume()
-    per_frame = {kind: round(cpu_s * 1e3 / frames, 2) for kind, cpu_s in account.by_kind().items()}
+    cpu_by_kind = account.by_kind()
+    if "consumer" in cpu_by_kind:  # this process: less the CPU account's own sampling
+        cpu_by_kind["consumer"] = max(0.0, cpu_by_kind["consumer"] - account.own_cpu_s)
+    per_frame = {kind: round(cpu_s * 1e3 / frames, 2) for kind, cpu_s in cpu_by_kind.items()}
     return Round(round(fps, 2), per_frame)
 
 

@@ -190,7 +190,8 @@ def summary(rounds: Rounds, model_at_mean_batch: float, args: argparse.Namespace
         "model_fps_at_service_mean_batch": round(model_at_mean_batch, 1),
         "ratio_at_service_mean_batch": round(mean(service_runs) / model_at_mean_batch, 3),
         "service_mean_batch": round(mean(level.mean_batch_size for level in rounds.unary), 2),
-        "service_latency_ms": rounds.unary[-1].latency_ms,
+        # one per round (a load test keeps its percentiles, not its samples)
+        "service_latency_ms_rounds": [level.latency_ms for level in rounds.unary],
         "errors": sum(level.errors for level in rounds.unary + rounds.streaming),
         "concurrency": args.concurrency,
         "rounds": args.rounds,
