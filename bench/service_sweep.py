@@ -4,17 +4,17 @@
         [--vidflow LABEL=ARGS ...] [--vidflow-repo LABEL=PATH ...] [--plain LABEL=ARGS ...]
 
 Each round measures, one after the other so they never share the cores: the bare model (ONNX
-Runtime called in-process on preprocessed frames, the better of one call at a time and one call
-per worker at batch 8, as `bench/service.py` does), then each server in its own process driven
-by the closed-loop load test (`services/inference/loadtest.py`, unary Classify, real frames) at
-every concurrency level: `vidflow serve` with its defaults (or each `--vidflow` configuration:
-extra `vidflow serve` flags, optionally run from another checkout with `--vidflow-repo`, e.g.
-an export of an older commit) and the plain server (`bench/plain_server.py`: same ONNX file,
-preprocessing and thread budget, no batching), besides any `--plain` variant of it (extra
-`bench.plain_server` flags, e.g. `--classify-pool`). The servers' order alternates between
-rounds. Reported per level: img/s and p99 (means over rounds), each other configuration's ratio
-to the plain server, and at concurrency 8 its ratio to the bare model. The last stdout line is
-JSON.
+Runtime called in-process on preprocessed frames, the best of one call at a time and one call
+per worker, each at batch 1 and at batch 8, as `bench/service.py` does), then each server in its
+own process driven by the closed-loop load test (`services/inference/loadtest.py`, unary
+Classify, real frames) at every concurrency level: `vidflow serve` with its defaults (or each
+`--vidflow` configuration: extra `vidflow serve` flags, optionally run from another checkout
+with `--vidflow-repo`, e.g. an export of an older commit) and the plain server
+(`bench/plain_server.py`: same ONNX file, preprocessing and thread budget, no batching), besides
+any `--plain` variant of it (extra `bench.plain_server` flags, e.g. `--classify-pool`). The
+servers' order alternates between rounds. Reported per level: img/s and p99 (means over rounds),
+each other configuration's ratio to the plain server, and at concurrency 8 its ratio to the bare
+model. The last stdout line is JSON.
 """
 
 from __future__ import annotations
