@@ -291,8 +291,9 @@ def steady_figures(
     serial_half_s, serial_s = serial
     if warm_s <= half_s or serial_s <= serial_half_s:
         print(
-            f"warning: {videos} videos took {warm_s:.2f} s, half of them {half_s:.2f} s: no "
-            "steady rate (rerun with more --videos)",
+            f"warning: {videos} videos took {warm_s:.2f} s (the serial loop {serial_s:.2f} s), "
+            f"half of them {half_s:.2f} s ({serial_half_s:.2f} s): no steady rate (rerun with "
+            "more --videos)",
             file=sys.stderr,
         )
         return dict.fromkeys(STEADY_KEYS)

@@ -16,6 +16,6 @@ EXTRA_OF_MODULE = {
 def missing_extra(exc: ModuleNotFoundError) -> str | None:
     """`needs X, which the 'E' extra installs: pip install 'vidflow[E]'`, or None where the
     module missing is no optional part (a broken install)."""
-    if (extra := EXTRA_OF_MODULE.get((exc.name or "").partition(".")[0])) is None:
+    if (extra := EXTRA_OF_MODULE.get(exc.name or "")) is None:  # torch._C: torch is broken
         return None
     return f"needs {exc.name}, which the {extra!r} extra installs: pip install 'vidflow[{extra}]'"

@@ -88,7 +88,9 @@ def depth_extraction(
     except ValueError as exc:  # input the run cannot take: a model, a list it cannot read
         return failed_state(exc)
     if limit is not None and len(sources) == limit:  # a deployment's limit stays in force
-        get_run_logger().info("limit %d: the first %d videos of the input only", limit, limit)
+        get_run_logger().info("limit %d: the first %d videos of the input at most", limit, limit)
+    if urls is not None and url_template:  # a deployment's, kept beside a run's own list
+        get_run_logger().warning("url_template %r ignored: urls holds whole URLs", url_template)
     try:
         with output_lock(settings.output):  # one run at a time per output folder
             try:

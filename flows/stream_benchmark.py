@@ -277,8 +277,9 @@ def _raise_if_failed(outcome: dict[str, Any], settings: StreamBenchmarkSettings)
     if summary["unanswered"] and not RUN_STOP.is_set():  # a deadline, not a drain, ended it
         raise GroupStalledError(
             f"the group ended at its deadline with {summary['unanswered']} consumed frame(s) "
-            f"unanswered (uncommitted): did the inference service at {settings.client.target} "
-            "stop answering? The figures cover the frames answered before",
+            f"unanswered or unpublished (uncommitted): did the inference service at "
+            f"{settings.client.target} stop answering, or the results broker taking them? The "
+            "figures cover the frames answered before",
             outcome,
         )
 
@@ -366,6 +367,13 @@ def _warnings(summary: dict[str, Any], produced: dict[str, Any]) -> str:
         warning += (
             f"**A CONSUMER STOPPED: {undelivered}**; the frames after it stay uncommitted.\n\n"
         )
+    if summary.get("unanswered") and not summary.get("stalled"):
+        warning += (
+            f"**{summary['unanswered']} FRAME(S) UNANSWERED** at the group's end (uncommitted): "
+            "the figures cover the frames answered.\n\n"
+        )
+    if produced["delivered"] and not summary["frames_consumed"]:
+        warning += "**THE GROUP READ NO FRAME** of those the broker took.\n\n"
     if summary.get("stalled"):
         warning += (
             "**THE SERVICE STOPPED ANSWERING** before the group had answered every frame: "

@@ -78,8 +78,11 @@ def _environment_restored() -> Iterator[None]:
     tests after these took another path in the whole suite than alone."""
     saved = dict(os.environ)
     yield
-    os.environ.clear()
-    os.environ.update(saved)
+    for name in [name for name in os.environ if name not in saved]:  # only what changed: a
+        del os.environ[name]  # whole clear-and-refill raced other threads' getenv
+    for name, value in saved.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 def _ended(process: psutil.Process) -> bool:

@@ -410,7 +410,11 @@ def test_a_limit_that_cuts_the_input_is_said_in_the_run_s_log(
     flow = depth_extraction.with_options(task_runner=ThreadPoolTaskRunner())
     try:  # a busy output: the run ends right after reading its input
         with output_held_by_another_run(settings.output), pytest.raises(OutputBusyError):
-            flow(urls=str(listing), limit=2, settings=settings)
+            # the deployment's template, kept beside the run's own list (Prefect merges
+            # parameters by name): ignored, and said so, not refused
+            flow(urls=str(listing), url_template="http://h/{youtube_id}.mp4", limit=2,
+                 settings=settings)  # fmt: skip
     finally:
         logger.removeHandler(heard)
-    assert "limit 2: the first 2 videos of the input only" in said
+    assert "limit 2: the first 2 videos of the input at most" in said
+    assert "url_template 'http://h/{youtube_id}.mp4' ignored: urls holds whole URLs" in said

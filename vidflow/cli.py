@@ -326,6 +326,8 @@ def _depth(args: argparse.Namespace) -> int:
     _on_hang_up(lambda: signal.raise_signal(signal.SIGTERM))  # as SIGTERM: the run Crashed
     settings = with_absolute_paths(settings_from_args(DepthSettings, args))
     # Refuse bad input before starting a Prefect server and Ray (the flow checks again).
+    if args.urls is not None and args.url_template:  # (a deployment's template only warns)
+        raise ValueError("--url-template is for --kinetics-csv only: a --urls list holds URLs")
     sources = load_sources(args.urls, args.kinetics_csv, args.url_template, args.split, args.limit)
     check_run_settings(settings)
     output = settings.output

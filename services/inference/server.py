@@ -184,10 +184,12 @@ async def _loaded_before_stop(
         log.debug("loading the model failed", exc_info=True)
         if isinstance(exc, ModuleNotFoundError) and (needs := missing_extra(exc)):
             # a core install: the registry's models are made with torch
-            raise ServerStartError(
-                f"the model could not be loaded: exporting it {needs}; or serve an exported "
-                "model with --onnx-model FILE"
-            ) from exc
+            backend = service.settings.backend
+            how = "exporting it" if backend == "onnx" else f"the {backend} backend"
+            other = (
+                "; or serve an exported model with --onnx-model FILE" if backend == "onnx" else ""
+            )
+            raise ServerStartError(f"the model could not be loaded: {how} {needs}{other}") from exc
         raise ServerStartError(
             f"the model could not be loaded: {type(exc).__name__}: {exc}"
         ) from exc

@@ -398,11 +398,6 @@ def load_sources(
             "urls, kinetics_csv; a deployment's run on a list of your own: "
             '{"urls": "LIST", "kinetics_csv": null, "url_template": null, "limit": null})'
         )
-    if urls is not None and url_template:
-        raise ValueError(
-            "--url-template is for --kinetics-csv only: a --urls list holds whole URLs (flow "
-            "parameter url_template: null with urls)"
-        )
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be 0 or more (got {limit})")
     if kinetics_csv is not None:
@@ -423,6 +418,7 @@ def load_sources(
     if not sources:
         limited = f" (--limit {limit})" if limit is not None else ""
         raise SourceListError(f"no videos to process in {urls or kinetics_csv}{limited}")
-    if (error := _none_fetchable(sources, str(urls or kinetics_csv))) is not None:
+    limited = f" (--limit {limit})" if limit is not None else ""
+    if (error := _none_fetchable(sources, f"{urls or kinetics_csv}{limited}")) is not None:
         raise error
     return sources

@@ -69,6 +69,8 @@ class OffsetTracker:
         send. Marked committed as it was sent, a failed one went again only with the commit at
         a rebalance or the end, and a member killed before that redid its frames."""
         failed = offsets if error is not None else [tp for tp in offsets if tp.error]
+        # only partitions still this member's (one revoked meanwhile is the next owner's)
+        failed = [tp for tp in failed if (tp.topic, tp.partition) in self._next_offset]
         for tp in failed:
             if self._committed.get((tp.topic, tp.partition)) == tp.offset:
                 del self._committed[(tp.topic, tp.partition)]

@@ -116,8 +116,8 @@ def run_producer(
     _wait_until(all_joined, ends, JOIN_WAIT_S)
     if not (all_joined() or any(end.is_set() for end in ends)):
         log.warning(
-            "%d of %d consumer(s) got no partition within %g s: producing all the same (a "
-            "group coordinator the broker cannot give, a group ACL?)",
+            "%d of %d consumer(s) had no answer to their group join within %g s: producing "
+            "all the same (a group coordinator the broker cannot give, a group ACL?)",
             sum(not ready.is_set() for ready in consumers_ready), len(consumers_ready),
             JOIN_WAIT_S,
         )  # fmt: skip
