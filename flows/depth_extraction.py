@@ -208,8 +208,9 @@ def prepare_output(settings: DepthSettings) -> VideoTable:
     which nothing else removes, are cleared."""
     check_fits_cluster(settings)
     check_dataset_settings(settings.output, settings)
-    record_dataset_settings(settings.output, settings)
     table = VideoTable(settings.output)
+    table.check_layout()  # before the settings are recorded: a refused run made nothing
+    record_dataset_settings(settings.output, settings)
     table.create()
     # The output's root too: a run killed as it wrote its Parquet left a copy of the table.
     folders = [settings.output, *OutputLayout(settings.output).file_folders]

@@ -163,8 +163,19 @@ class RunReport:
         ]
         if self.failed > limit:
             more = self.failed - limit
-            lines.append(f"{more} more failed: the table's rows with status = 'failed' say why")
+            lines.append(f"{more} more failed: the table's rows with status = 'failed' say "
+                         f"why{self._rowless_note()}")  # fmt: skip
         return lines
+
+    def _rowless_note(self) -> str:
+        """Where a shard's commit failed (its videos failed at `store`), none of its videos
+        has a row to look up, its other failures included."""
+        if not any(record.failed_stage == "store" for record in self.failures):
+            return ""
+        return (
+            "; a shard whose commit failed (videos failed at store) left no row for any of its "
+            "videos: the next run does them again"
+        )
 
     def failures_markdown(self, limit: int = FAILURES_SHOWN) -> str:
         if not self.failures:
@@ -175,7 +186,10 @@ class RunReport:
             error = _as_code(record.error or "")
             lines.append(f"| {record.video_id} | {shard} | {record.failed_stage} | {error} |")
         if self.failed > limit:
-            lines.append(f"\n{self.failed - limit} more in the table (status = 'failed').")
+            lines.append(
+                f"\n{self.failed - limit} more in the table (status = 'failed')"
+                f"{self._rowless_note()}."
+            )
         return "\n".join(lines)
 
 

@@ -63,7 +63,15 @@ def test_the_log_names_the_first_failures_one_line_each_and_counts_the_rest() ->
     assert lines[0] == "cut: transcode failed: ffmpeg exit 1: moov atom end"
     assert lines[1:10] == [f"gone{i}: download failed: HTTP 404 Not Found" for i in range(9)]
     assert lines[10].startswith("2 more failed") and len(lines) == 11
+    assert "no row" not in lines[10]
     assert RunReport(total=0, skipped=0).failure_lines() == []
+    # A shard whose commit failed left no row for any of its videos: "the table's rows say
+    # why" sent the user to rows that are not there (found in review, stop 60)
+    report.add(_video("lost").fail("store", "commit failed: OSError: No space left on device"))
+    assert report.failure_lines(limit=10)[10].endswith(
+        "left no row for any of its videos: the next run does them again"
+    )
+    assert "left no row for any of its videos" in report.failures_markdown(limit=10)
 
 
 def test_a_long_run_keeps_only_what_its_artifacts_show() -> None:

@@ -1595,6 +1595,19 @@ def test_a_table_of_another_layout_is_refused_with_the_way_out(tmp_path: Path) -
     lance.write_dataset(pa.table({"video_id": ["a"]}), tmp_path / "videos.lance")
     with pytest.raises(TableSchemaError, match="another output folder"):
         VideoTable(tmp_path).create()
+    # The same columns, one of another type (rewritten through pandas: ints with NULLs as
+    # floats): every shard's write failed at store after all its work (found in review, stop 60)
+    from tasks.depth.video_table import ARROW_SCHEMA
+
+    retyped = pa.schema(
+        [pa.field(f.name, pa.float64()) if f.name == "attempts" else f for f in ARROW_SCHEMA]
+    )
+    other = tmp_path / "other"
+    lance.write_dataset(retyped.empty_table(), other / "videos.lance")
+    with pytest.raises(TableSchemaError, match=r"other types .*: attempts \(double, not int"):
+        VideoTable(other).create()
+    VideoTable(tmp_path / "fresh").create()  # this version's own table passes
+    VideoTable(tmp_path / "fresh").create()
 
 
 def test_stages_keep_the_complete_outputs_of_an_earlier_attempt(tmp_path: Path) -> None:

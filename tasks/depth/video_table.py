@@ -69,13 +69,25 @@ class VideoTable:
         if not self.exists():
             return
         found = lance.dataset(self.lance_path).schema
-        if found.names != ARROW_SCHEMA.names:
+        way_out = "move it away or choose another output folder"
+        if set(found.names) != set(ARROW_SCHEMA.names):
             raise TableSchemaError(
                 f"{self.lance_path} has other columns than this vidflow writes (an older "
-                f"version's table?): move it away or choose another output folder. "
+                f"version's table?): {way_out}. "
                 f"Missing: {sorted(set(ARROW_SCHEMA.names) - set(found.names))}; "
                 f"unknown: {sorted(set(found.names) - set(ARROW_SCHEMA.names))}"
             )
+        # Same names, other types (a table rewritten through pandas: int columns with NULLs
+        # as float64): every shard's write was refused by Lance after its whole work, as
+        # "failed at store", and every rerun did it all again.
+        retyped = [(f, found.field(f.name).type) for f in ARROW_SCHEMA]
+        if other := [f"{f.name} ({was}, not {f.type})" for f, was in retyped if was != f.type]:
+            raise TableSchemaError(
+                f"{self.lance_path} has columns of other types than this vidflow writes: "
+                f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}: {way_out}"
+            )
+        if found.names != ARROW_SCHEMA.names:
+            raise TableSchemaError(f"{self.lance_path} has its columns in another order: {way_out}")
 
     def commit_fragments(self, fragments: Sequence[FragmentMetadata]) -> None:
         """Make a shard's written rows visible, in one commit. Only for rows of videos with
