@@ -9,6 +9,7 @@ starts inherits a marker in its environment; none may be left once it exits.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import re
@@ -385,6 +386,11 @@ def test_the_demo_without_its_sample_data_says_where_to_put_it(
     assert f"sample data not found: {missing}." in err and "../shared/data" in err
     assert str(demo.KINETICS_VAL_CSV) not in err  # that one is there
     assert not (tmp_path / "runs").exists()
+    # The stream run's own clip: missing, the demo failed only after the whole depth run
+    monkeypatch.setattr(demo, "SAMPLE_VIDEOS_DIR", tmp_path)
+    monkeypatch.setattr(demo, "SAMPLE_VIDEO", tmp_path / "no-clip.mp4")
+    assert demo.main(["--runs-dir", str(tmp_path / "runs")]) == 1
+    assert f"sample data not found: {tmp_path / 'no-clip.mp4'}." in capsys.readouterr().err
 
 
 def test_a_demo_with_an_unknown_log_level_says_so_and_makes_no_run_folder(
@@ -674,3 +680,32 @@ def test_a_runs_folder_without_locks_is_said_so_not_called_another_demo(
     assert run_demo(args, tmp_path / "run", tmp_path / "demo.log") == 1
     said = caplog.text
     assert "takes no lock (No locks available)" in said and "another demo" not in said
+
+
+def test_a_service_or_broker_that_exited_during_the_runs_is_named_with_its_log(
+    tmp_path: Path,
+) -> None:
+    """A stream run that failed said only its own state: the demo's broker or service that
+    had died under it (killed for memory during the depth run) went unnamed (found in review,
+    stop 60)."""
+    from devstack.broker import LocalBroker
+    from devstack.launcher import ServerProcess
+    from vidflow import demo
+
+    exited = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    said: list[str] = []
+    heard = logging.Handler(logging.ERROR)  # not caplog: Prefect's import resets the root's
+    heard.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    demo.log.addHandler(heard)
+    try:
+        exited.wait(30)
+        service = ServerProcess(exited, 1, 2, tmp_path / "server.log")
+        demo.say_what_exited(service, LocalBroker(running, "127.0.0.1", 3), tmp_path)
+    finally:
+        demo.log.removeHandler(heard)
+        running.kill()
+        running.wait()
+    assert said == [
+        f"the demo's inference service exited (3) during the runs; see {tmp_path / 'server.log'}"
+    ]

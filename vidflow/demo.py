@@ -243,8 +243,9 @@ def run_depth_extraction(
 
 def run_stream_benchmark(
     stack: LocalStack, seconds: float, target: str, bootstrap_servers: str
-) -> str:
-    """stream-benchmark/local on the sample clip through the local broker; its run id."""
+) -> tuple[str, bool]:
+    """stream-benchmark/local on the sample clip through the local broker; its run id, and
+    whether it completed (a failed run keeps its report: said all the same)."""
     log.info("running stream-benchmark/local (%.0f s at the clip's native fps)", seconds)
     # `settings` replaces the deployment's whole: its fps, concurrency and consumers are given
     # again; broker and service fields left out come from VIDFLOW_KAFKA_*, VIDFLOW_INFERENCE_*.
@@ -259,10 +260,26 @@ def run_stream_benchmark(
     }
     parameters = {"settings": settings}
     run_id, state = stack.run_deployment(
-        "stream-benchmark/local", parameters, timeout_s=max(1800.0, seconds + 900.0)
-    )
+        "stream-benchmark/local", parameters, timeout_s=max(1800.0, seconds + 900.0),
+        allow_failed=True,
+    )  # fmt: skip
     log.info("stream-benchmark: %s", state)
-    return run_id
+    completed = "finished successfully" in state
+    if not completed:  # the report, the table and the links still follow
+        log.error("stream-benchmark did not complete: %s (see %s)", state, stack.logs_dir)
+    return run_id, completed
+
+
+def say_what_exited(inference: ServerProcess, broker: LocalBroker, logs_dir: Path) -> None:
+    """The demo's service or broker that exited during the runs, with its log: a failed
+    stream run said only its own state."""
+    for name, process, log_path in (
+        ("inference service", inference.process, inference.log_path),
+        ("broker", broker.process, logs_dir / "broker.log"),
+    ):
+        if process.poll() is not None:
+            log.error("the demo's %s exited (%s) during the runs; see %s", name,
+                      process.returncode, log_path)  # fmt: skip
 
 
 def print_where_to_look(
@@ -325,15 +342,20 @@ def demo_steps(
     # Said before the stream runs: a stream that fails hid the depth results already made.
     artifacts = read_artifacts(stack.api_url, depth_run)
     failed = print_depth_summary(lance_path, artifacts, args.videos)
-    stream_run = run_stream_benchmark(
+    stream_run, streamed = run_stream_benchmark(
         stack, args.stream_seconds, inference.target, broker.bootstrap_servers
     )
     print_stream_summary(read_artifacts(stack.api_url, stream_run))
+    if not streamed:
+        say_what_exited(inference, broker, stack.logs_dir)
     print_where_to_look(stack, lance_path, untrained, log_file, [depth_run, stream_run])
     ui_held = hold_ui_or_say_how(stack, args.keep_ui)
     if failed:
         log.error("%d videos failed in depth extraction (see above and the Lance table)", failed)
-    return 1 if failed or not completed or not ui_held else 0
+    for run, done in (("depth-extraction", completed), ("stream-benchmark", streamed)):
+        if not done:  # said again last: the terminal's last lines were the browse hint
+            log.error("the %s run did not complete (its state above, its log in the UI)", run)
+    return 1 if failed or not completed or not streamed or not ui_held else 0
 
 
 def stop_stack(stack: LocalStack, reaper: subprocess.Popen[bytes]) -> None:
@@ -472,7 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    missing = [str(p) for p in (SAMPLE_VIDEOS_DIR, KINETICS_VAL_CSV) if not p.exists()]
+    # the stream run's clip too: missing, it failed only after the whole depth run
+    needed = (SAMPLE_VIDEOS_DIR, KINETICS_VAL_CSV, SAMPLE_VIDEO)
+    missing = [str(p) for p in needed if not p.exists()]
     if missing:  # before a run folder is made for nothing
         print(
             f"vidflow demo: sample data not found: {', '.join(missing)}. The demo reads the "
