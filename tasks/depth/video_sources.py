@@ -368,7 +368,7 @@ def _none_fetchable(sources: list[VideoRecord], where: str) -> SourceListError |
     """The error for an input of which no video can be fetched (YouTube ids and no template, a
     list of local paths): every row would fail at download, after a Prefect server and Ray had
     started. An input with some fetchable videos goes on; the others get error rows."""
-    reasons = []
+    first_reason = None
     for record in sources:
         try:
             reason = unfetchable(record.source_url)
@@ -376,10 +376,10 @@ def _none_fetchable(sources: list[VideoRecord], where: str) -> SourceListError |
             return None  # said per video, in its error row
         if reason is None:
             return None
-        reasons.append(reason)
+        first_reason = first_reason or reason
     first = sources[0].source_url
     return SourceListError(
-        f"{where}: no video of it can be fetched, e.g. {shown_url(first)!r}: {reasons[0]}"
+        f"{where}: no video of it can be fetched, e.g. {shown_url(first)!r}: {first_reason}"
     )
 
 
@@ -415,10 +415,9 @@ def load_sources(
         )
     else:
         sources = read_url_list(Path(urls or ""))[:limit]  # a slice to None: all of it
-    if not sources:
-        limited = f" (--limit {limit})" if limit is not None else ""
-        raise SourceListError(f"no videos to process in {urls or kinetics_csv}{limited}")
     limited = f" (--limit {limit})" if limit is not None else ""
+    if not sources:
+        raise SourceListError(f"no videos to process in {urls or kinetics_csv}{limited}")
     if (error := _none_fetchable(sources, f"{urls or kinetics_csv}{limited}")) is not None:
         raise error
     return sources
