@@ -7,13 +7,13 @@
 2. download: `tasks.depth.download.download_videos` (retries, sniffing, size cap, rename) against a
    bare aiohttp loop with the same concurrency, from the same loopback server; ratio of MB/s.
 3. ceiling: plain ffmpeg on the flow's files, serially and two at a time; what 2 CPUs can give.
-4. flow: the `depth-extraction` flow on local Ray (2 CPUs) against a serial run of the same
-   stage functions in one process; `--videos` real clips served over loopback, the tiny Depth
-   Pro (random weights; no real weights offline). Measured twice: cold (the flow starts Ray and
-   its workers, as a one-off CLI run does) and warm (Ray and its workers already up, as on a
-   long-lived cluster). The serial run loads its model once, inside the timed part. Warm runs
-   of half and all the videos split a run into its steady rate (their difference) and the
-   fixed start-up it adds.
+4. flow: the `depth-extraction` flow on local Ray (2 CPUs), run as `vidflow depth` runs it,
+   against a serial run of the same stage functions in one process; `--videos` real clips
+   served over loopback, the tiny Depth Pro (random weights; no real weights offline). Cold
+   once each (the flow starts Ray and its workers, as a one-off CLI run does; the serial loop
+   loads its model), then warm in `--rounds` alternating rounds (Ray, its workers and depth
+   actor up, as on a long-lived cluster; the serial loop's model loaded). Warm runs of half and
+   all the videos split a run into its steady rate (their difference) and the fixed start-up.
 The last stdout line is JSON with every figure and its ratio.
 """
 
@@ -215,34 +215,34 @@ def serial_run(urls: list[str], output: Path, settings: DepthSettings, cold: boo
 
 
 def flow_run(urls: list[str], output: Path, settings: DepthSettings) -> float:
+    """One run of the flow as `vidflow depth` runs it (without flow-run heartbeats, whose
+    thread Prefect joins as the flow returns: 0-1 s more a run, counted here and not there)."""
+    from common.flow_heartbeats import foreground_heartbeats
     from flows.depth_extraction import depth_extraction
     from flows.ray_runner import ray_task_runner
 
     listing = output.parent / f"{output.name}.txt"
     listing.write_text("\n".join(urls) + "\n")
     flow = depth_extraction.with_options(task_runner=ray_task_runner(num_cpus=2))
-    started = time.perf_counter()
-    summary = flow(urls=str(listing), settings=settings.model_copy(update={"output": output}))
+    with foreground_heartbeats():
+        started = time.perf_counter()
+        summary = flow(urls=str(listing), settings=settings.model_copy(update={"output": output}))
+        taken = time.perf_counter() - started
     if summary["ok"] != len(urls):  # a run with failed videos is not timed as complete
         raise RuntimeError(f"the flow did {summary['ok']} of {len(urls)} videos: {summary}")
-    return time.perf_counter() - started
+    return taken
 
 
-def bench_flow(urls: list[str], work: Path, model: Path) -> dict[str, Any]:
-    """Serial loop, cold flow, then warm flows of half and all the videos: the difference of
-    the two warm runs gives the steady time per video, the rest of a run is fixed start-up."""
+def bench_flow(urls: list[str], work: Path, model: Path, rounds: int) -> dict[str, Any]:
+    """Serial loop and flow cold once each, then `rounds` alternating warm rounds of each at
+    half and all the videos: the difference of the two gives the steady time per video, the
+    rest of a run is fixed start-up; the ratios are medians of the rounds' own."""
     import ray
 
     from flows.ray_start import local_ray_init_kwargs, private_ray_start
 
     settings = DepthSettings(depth_model=str(model), frames="uniform:2", device="cpu")
-    half = urls[: len(urls) // 2]
     serial_cold_s = serial_run(urls, work / "serial-cold", settings)
-    # Warm as the warm flows are (their Ray, workers and depth actor up, its model loaded), and
-    # timed the same way, at half and all the list: the first serial loop, timed alone, carried
-    # the model's load that the warm flow had not, and flattered the flow's ratio.
-    serial_half_s = serial_run(half, work / "serial-warm-half", settings, cold=False)
-    serial_s = serial_run(urls, work / "serial-warm", settings, cold=False)
     cold_s = flow_run(urls, work / "flow-cold", settings)
     # Warm: Ray up and its workers and depth actor started, as on a long-lived cluster. Held
     # while it runs: leaving `private_ray_start` takes its token away from the driver.
@@ -250,25 +250,70 @@ def bench_flow(urls: list[str], work: Path, model: Path) -> dict[str, Any]:
         ray.init(**local_ray_init_kwargs(num_cpus=2))
         try:
             flow_run(urls, work / "flow-warmup", settings)
-            half_s = flow_run(half, work / "flow-warm-half", settings)
-            warm_s = flow_run(urls, work / "flow-warm", settings)
+            warm = warm_rounds(urls, work, settings, rounds)
         finally:
             ray.shutdown()
     return {
         "videos": len(urls),
         "serial_cold_s": round(serial_cold_s, 2),
-        "serial_s": round(serial_s, 2),
-        "serial_half_s": round(serial_half_s, 2),
         "ray_cold_s": round(cold_s, 2),
-        "ray_warm_s": round(warm_s, 2),
-        "ray_warm_half_s": round(half_s, 2),
         "speedup_cold": round(serial_cold_s / cold_s, 3),
-        "speedup_warm": round(serial_s / warm_s, 3),
-        "serial_videos_per_s": round(len(urls) / serial_s, 3),
-        **steady_figures(
-            (serial_half_s, serial_s), cold_s, (half_s, len(half)), (warm_s, len(urls))
-        ),
+        **summarise_warm(warm, cold_s, len(urls)),
     }
+
+
+WARM_ARMS = ("serial_half", "flow_half", "serial", "flow")
+
+
+def warm_rounds(
+    urls: list[str], work: Path, settings: DepthSettings, rounds: int
+) -> dict[str, list[float]]:
+    """Seconds of each warm arm per round, serial loop and flow alternating (the order turned
+    round every round): one run of each, timed alone, swung a verdict with the machine's
+    drift (1.38x and 1.46x in two runs of the same commit). The serial loop is warm as the
+    flow is (its model loaded by the run before, as the warm flow's depth actor has it)."""
+    half = urls[: len(urls) // 2]
+    seconds: dict[str, list[float]] = {arm: [] for arm in WARM_ARMS}
+    for index in range(rounds):
+        order = WARM_ARMS if index % 2 == 0 else WARM_ARMS[::-1]
+        for arm in order:
+            listed = half if arm.endswith("_half") else urls
+            out = work / f"{arm}-{index}"
+            if arm.startswith("serial"):
+                seconds[arm].append(serial_run(listed, out, settings, cold=False))
+            else:
+                seconds[arm].append(flow_run(listed, out, settings))
+            shutil.rmtree(out, ignore_errors=True)
+    return seconds
+
+
+def summarise_warm(warm: dict[str, list[float]], cold_s: float, videos: int) -> dict[str, Any]:
+    """Medians of the warm rounds, and their ratios taken round by round."""
+    half_videos = videos // 2
+    per_round = [
+        steady_figures((serial_half, serial), cold_s, (flow_half, half_videos), (flow, videos))
+        for serial_half, flow_half, serial, flow in zip(
+            *(warm[arm] for arm in WARM_ARMS), strict=True
+        )
+    ]
+    speedups = [s / f for s, f in zip(warm["serial"], warm["flow"], strict=True)]
+    figures: dict[str, Any] = {
+        "serial_s": round(statistics.median(warm["serial"]), 2),
+        "serial_half_s": round(statistics.median(warm["serial_half"]), 2),
+        "ray_warm_s": round(statistics.median(warm["flow"]), 2),
+        "ray_warm_half_s": round(statistics.median(warm["flow_half"]), 2),
+        "speedup_warm": round(statistics.median(speedups), 3),
+        "serial_videos_per_s": round(videos / statistics.median(warm["serial"]), 3),
+    }
+    for key in STEADY_KEYS:
+        known = [round_[key] for round_ in per_round if round_[key] is not None]
+        figures[key] = round(statistics.median(known), 3) if known else None
+    figures["rounds"] = {
+        **{arm: [round(x, 2) for x in warm[arm]] for arm in WARM_ARMS},
+        "speedup_warm": [round(x, 3) for x in speedups],
+        "steady_speedup": [round_["steady_speedup"] for round_ in per_round],
+    }
+    return figures
 
 
 STEADY_KEYS = (
@@ -372,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 model = save_tiny_depth_pro(work / "tiny-depth-pro")
                 with prefect_api() as api_url:  # a configured one is used: the JSON says which
                     results["prefect_api_url"] = api_url
-                    results["flow"] = bench_flow(urls[: args.videos], work, model)
+                    results["flow"] = bench_flow(urls[: args.videos], work, model, args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results), flush=True)

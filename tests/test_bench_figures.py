@@ -30,3 +30,23 @@ def test_a_sweep_round_that_answered_nothing_is_left_out_of_its_latencies() -> N
     assert _ratio(dead, plain, 8, "p99_ms") is None  # not 0.0: "far better than plain"
     assert _ratio(plain, dead, 8, "p99_ms") is None
     assert _ratio(_summary(rounds), plain, 8, "p99_ms") == 1.1
+
+
+def test_the_depth_flow_ratio_is_the_median_of_each_rounds_own() -> None:
+    """`bench.depth` times the serial loop and the flow in alternating rounds and takes each
+    round's ratio: one run of each, timed alone, gave 1.38x and 1.46x for the same commit."""
+    from bench.depth import summarise_warm
+
+    warm = {
+        "serial_half": [15.0, 20.0, 16.0],
+        "flow_half": [10.0, 12.0, 11.0],
+        "serial": [30.0, 40.0, 32.0],  # the machine slowed in round 2, for both
+        "flow": [20.0, 26.0, 22.0],
+    }
+    figures = summarise_warm(warm, cold_s=25.0, videos=24)
+    assert figures["rounds"]["speedup_warm"] == [1.5, round(40 / 26, 3), round(32 / 22, 3)]
+    assert figures["speedup_warm"] == 1.5  # not median(serial) / median(flow) = 1.455
+    assert figures["ray_warm_s"] == 22.0 and figures["serial_s"] == 32.0
+    # each round's steady rate: (whole - half) / 12 videos, against the serial loop's
+    assert figures["rounds"]["steady_speedup"] == [1.5, round(20 / 14, 3), round(16 / 11, 3)]
+    assert figures["steady_speedup"] == 1.455
