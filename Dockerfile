@@ -23,8 +23,10 @@
 # Behind a TLS-inspecting proxy, hand pip a CA bundle; it is mounted only while pip runs and
 # never lands in a layer:
 #   docker build --secret id=pip_ca,src=/path/to/ca-bundle.pem -t vidflow-inference .
-# pip inside the build uses PyPI (or whatever PIP_* variables the build passes): no index
-# argument is needed where PyPI is reachable, through the proxy or not.
+# pip inside the build uses PyPI where it is reachable, through the proxy or not. Where a
+# mirror must be used, hand pip its config file the same way (index URL, credentials; mounted
+# only while pip runs, never in the image's history; a --build-arg PIP_INDEX_URL is not read):
+#   docker build --secret id=pip_conf,src=$HOME/.config/pip/pip.conf -t vidflow-inference .
 #
 # Without Docker (podman/buildah, as tests/test_container.py does): `--format docker`, else the
 # OCI image format drops HEALTHCHECK; and a local base where no registry can be pulled:
@@ -89,7 +91,9 @@ WORKDIR /src
 # (and store again) this layer of several GB.
 COPY pyproject.toml constraints.txt ./
 RUN --mount=type=secret,id=pip_ca,required=false \
+    --mount=type=secret,id=pip_conf,required=false \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && if [ -s /run/secrets/pip_conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip_conf; fi \
     && touch README.md \
     && pip install --no-cache-dir -c constraints.txt \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[torch]"
@@ -97,7 +101,9 @@ RUN --mount=type=secret,id=pip_ca,required=false \
 COPY . .
 # vidflow itself, and its wheel for the runtime stage (which has no source tree).
 RUN --mount=type=secret,id=pip_ca,required=false \
+    --mount=type=secret,id=pip_conf,required=false \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && if [ -s /run/secrets/pip_conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip_conf; fi \
     && pip install --no-cache-dir --no-deps --force-reinstall . \
     && pip wheel --no-cache-dir --no-deps --wheel-dir /opt/wheel .
 
@@ -143,7 +149,9 @@ WORKDIR /opt/vidflow
 # empty stand-in, as in the builder).
 COPY pyproject.toml constraints.txt ./
 RUN --mount=type=secret,id=pip_ca,required=false \
+    --mount=type=secret,id=pip_conf,required=false \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && if [ -s /run/secrets/pip_conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip_conf; fi \
     && touch README.md \
     && pip install --no-cache-dir -c constraints.txt \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} ".[all]"
@@ -153,7 +161,9 @@ RUN --mount=type=secret,id=pip_ca,required=false \
 # (mounted by docker-compose.yml). Owned by root: the worker reads it, never writes it.
 COPY . .
 RUN --mount=type=secret,id=pip_ca,required=false \
+    --mount=type=secret,id=pip_conf,required=false \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && if [ -s /run/secrets/pip_conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip_conf; fi \
     && pip install --no-cache-dir --no-deps --editable . \
     && python -c "import flows.depth_extraction, flows.stream_benchmark, imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())"
 
@@ -205,7 +215,9 @@ RUN groupadd --system --gid 10001 vidflow \
 # stays in the image. The last check keeps torch out.
 COPY pyproject.toml constraints.txt /tmp/deps/
 RUN --mount=type=secret,id=pip_ca,required=false \
+    --mount=type=secret,id=pip_conf,required=false \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi \
+    && if [ -s /run/secrets/pip_conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip_conf; fi \
     && touch /tmp/deps/README.md \
     && pip install --no-cache-dir -c /tmp/deps/constraints.txt /tmp/deps \
     && if [ "$ONNXRUNTIME_PACKAGE" != "onnxruntime" ]; then \

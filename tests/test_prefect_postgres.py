@@ -37,7 +37,20 @@ from vidflow.demo import DEPLOYMENTS, depth_model_for_demo
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
-POSTGRES_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+
+def _server_bin_dirs() -> list[Path]:
+    """Debian's PostgreSQL server folders, newest major first: those that hold `initdb` (a
+    client-only package makes `NN/bin` with psql alone, and the test errored in `initdb`
+    instead of skipping), sorted by version number (as text, 9.6 came before 16)."""
+
+    def version(bin_dir: Path) -> tuple[int, ...]:
+        return tuple(int(part) for part in bin_dir.parent.name.split(".") if part.isdigit())
+
+    found = {initdb.parent for initdb in Path("/usr/lib/postgresql").glob("*/bin/initdb")}
+    return sorted(found, key=version, reverse=True)
+
+
+POSTGRES_BIN_DIRS = _server_bin_dirs()
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
