@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from devstack.video_server import Drip, VideoServer
 from flows.depth_extraction import depth_extraction
 from flows.ray_runner import ray_task_runner
 from flows.ray_start import local_ray_init_kwargs, private_ray_start
-from tasks.depth.depth_feed import PendingDepth
+from tasks.depth.depth_feed import DepthFeed, PendingDepth
 from tasks.depth.settings import DepthSettings
 from tasks.depth.shard_tasks import (
     Shard,
@@ -265,6 +266,40 @@ def test_the_depth_task_redoes_the_videos_of_an_early_call_that_failed(
     assert [record.status for record in mapped.records] == ["ok"] * 2
     assert all(Path(record.depth_path).is_file() for record in mapped.records)
     assert "redoing its videos" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("local_ray")
+def test_videos_a_last_try_crash_failed_get_no_depth_and_leave_no_maps(
+    tiny_depth_model: Path, tmp_path: Path
+) -> None:
+    """A transcode task that crashed on its last try failed its shard's videos, yet still sent
+    those it had queued to the depth model, and the maps of those sent before stayed in the
+    output beside failed rows (found in review, stop 61)."""
+    import ray
+
+    settings = DepthSettings(depth_model=str(tiny_depth_model), device="cpu", depth_batch_size=1)
+    videos, maps = tmp_path / "videos", tmp_path / "depth"
+    actors = start_depth_actors(settings)
+    transcoded = transcode_task.fn(_downloaded_shard(2), videos, maps, settings, actors)
+    assert transcoded.pending_depth is not None
+    made = [record for call in transcoded.pending_depth.calls for record in ray.get(call)]
+    assert len(made) == 2 and all(Path(record.depth_path).is_file() for record in made)
+    # What is still queued as the task ends goes only for the videos still going.
+    queued = DepthFeed(
+        actors[0], tmp_path / "other", settings.model_copy(update={"depth_batch_size": 8})
+    )
+    for record in transcoded.records:
+        queued.add(record)
+    sent = queued.close({"v1"})
+    assert [record.video_id for call in sent.calls for record in ray.get(call)] == ["v1"]
+    # Both failed by the crash after their maps came early: the depth task keeps none.
+    crashed = transcoded.fail_remaining("transcode", "transcode crashed: RuntimeError: boom")
+    mapped = depth_task.fn(replace(crashed, pending_depth=transcoded.pending_depth), maps,
+                           settings, actors)  # fmt: skip
+    assert [record.status for record in mapped.records] == ["failed", "failed"]
+    assert [record.failed_stage for record in mapped.records] == ["transcode", "transcode"]
+    assert sorted(maps.glob("*")) == []
 
 
 @pytest.mark.slow

@@ -74,6 +74,21 @@ def test_the_log_names_the_first_failures_one_line_each_and_counts_the_rest() ->
     assert "left no row for any of its videos" in report.failures_markdown(limit=10)
 
 
+def test_a_commit_that_failed_after_the_failures_shown_is_still_said_to_leave_no_row() -> None:
+    """The note looked only at the failures kept to show (the first 100): 150 404s, then a
+    shard whose commit failed, and the log sent the user to rows that are not there (found in
+    review, stop 61)."""
+    from flows.depth_report import FAILURES_SHOWN
+
+    report = RunReport(total=FAILURES_SHOWN + 51, skipped=0)
+    for index in range(FAILURES_SHOWN + 50):
+        report.add(_video(f"gone{index}").fail("download", "HTTP 404 Not Found"))
+    report.add(_video("lost").fail("store", "commit failed: OSError: No space left on device"))
+    assert "lost" not in {record.video_id for record in report.failures}  # past the cap
+    assert report.failure_lines(limit=10)[-1].endswith("the next run does them again")
+    assert "left no row for any of its videos" in report.failures_markdown()
+
+
 def test_a_long_run_keeps_only_what_its_artifacts_show() -> None:
     """Every record of a run stayed in the driver until it ended (with `--frames all`, a list
     of frame indices each): ~1 GB for 100,000 videos. Rows of the lowest shards are kept, as

@@ -391,7 +391,11 @@ def test_health_follows_a_model_that_stops_answering_and_comes_back(
             for failures in range(1, model_watch.FAILURES_TO_UNREADY + 1):
                 with pytest.raises(grpc.RpcError) as failed:
                     classify(request, timeout=30)
-                assert failed.value.code() == grpc.StatusCode.INTERNAL
+                # The call that turns health is the outage's first: UNAVAILABLE, as the rest
+                if failures < model_watch.FAILURES_TO_UNREADY:
+                    assert failed.value.code() == grpc.StatusCode.INTERNAL
+                else:
+                    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
                 # An image's own error never reaches the model: it breaks no run of failures
                 # (nor makes one), and the server stays SERVING until the third.
                 with pytest.raises(grpc.RpcError) as refused:
@@ -408,6 +412,13 @@ def test_health_follows_a_model_that_stops_answering_and_comes_back(
             assert _metric(_http_get(f"{ready_url}/metrics")[1], "vidflow_inference_ready") == 0
             time.sleep(1.0)  # the probes fail meanwhile: it stays NOT_SERVING
             assert health_status(target) == "NOT_SERVING"
+            # Calls meanwhile are the server's outage, not the frames' fault: UNAVAILABLE,
+            # which a client waits out (INTERNAL: the stream's consumer dead-lettered every
+            # frame of the outage; found in review, stop 61)
+            with pytest.raises(grpc.RpcError) as outage:
+                classify(request, timeout=30)
+            assert outage.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "NOT_SERVING" in (outage.value.details() or "")
             broken.clear()  # mended: a probe sees it, with no call sent
             deadline = time.monotonic() + 10
             while health_status(target) != "SERVING":

@@ -16,6 +16,7 @@ from services.inference.batch_work import Outcome
 from services.inference.batcher import BatchResult
 from services.inference.loader import ServedModel
 from services.inference.metrics import ServiceMetrics
+from services.inference.model_watch import ModelNotAnsweringError
 from services.inference.preprocess import InvalidImageError
 
 
@@ -27,7 +28,7 @@ def failure_status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and message a failed classification answers with."""
     if isinstance(exc, InvalidImageError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, ModelNotReadyError):
+    if isinstance(exc, ModelNotReadyError | ModelNotAnsweringError):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     return grpc.StatusCode.INTERNAL, f"inference failed: {exc}"
 

@@ -36,6 +36,12 @@ PROBE_EVERY_S = 5.0
 HANG_CHECK_S = 1.0  # how often the calls running are looked at for one stuck
 
 
+class ModelNotAnsweringError(RuntimeError):
+    """A model call failed while the model is known not to answer (health NOT_SERVING): the
+    server's outage, not the request's, answered UNAVAILABLE so that clients wait and retry.
+    Answered INTERNAL, a stream consumer dead-lettered every frame of the outage."""
+
+
 class WatchedBackend:
     """A backend whose calls tell `on_change(answers)` when the model stops answering and when
     it answers again; everything else is the backend's own."""
@@ -68,8 +74,13 @@ class WatchedBackend:
             self._running[key] = time.monotonic()
         try:
             probabilities = self._backend.run(batch)
-        except Exception:
+        except Exception as exc:
             self._record(answered=False)
+            if self._down:
+                raise ModelNotAnsweringError(
+                    f"the model is not answering (health says NOT_SERVING until a probe, every "
+                    f"{PROBE_EVERY_S:.0f} s, sees it answer): {type(exc).__name__}: {exc}"
+                ) from exc
             raise
         finally:
             with self._lock:

@@ -80,8 +80,11 @@ class DepthFeed:
                 self._send()
         return record
 
-    def close(self) -> PendingDepth:
-        """Send what is still queued; the calls, for the depth task."""
+    def close(self, going: set[str]) -> PendingDepth:
+        """Send what is still queued of the videos still `going` (by id: a transcode task that
+        crashed on its last try has failed them all, and their depth was made for nothing);
+        the calls, for the depth task."""
+        self.waiting = [record for record in self.waiting if record.video_id in going]
         self._send()
         return PendingDepth(self.calls)
 
@@ -91,3 +94,10 @@ class DepthFeed:
                 self.actor.depth_maps.remote(self.waiting, self.maps_dir, self.settings)
             )
             self.waiting, self.waiting_frames = [], 0
+
+
+def discard_maps(record: VideoRecord) -> None:
+    """Remove the maps an early call made for a video whose row has failed since."""
+    for made in (record.depth_path, record.depth_preview_path):
+        if made:
+            Path(made).unlink(missing_ok=True)

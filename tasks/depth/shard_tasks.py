@@ -50,7 +50,7 @@ from prefect_ray.context import remote_options
 from common.files import exclusive_lock
 from tasks.depth import run_log
 from tasks.depth.depth_actor import DepthActor
-from tasks.depth.depth_feed import DepthFeed, PendingDepth, feeds_early
+from tasks.depth.depth_feed import DepthFeed, PendingDepth, discard_maps, feeds_early
 from tasks.depth.download import download_many
 from tasks.depth.hub_download_log import hub_download_logged
 from tasks.depth.model_files import model_identity, model_origin
@@ -237,13 +237,21 @@ def transcode_task(
         return transcode_many(going, out_dir, settings, settings.transcode_cpus, then=finished)
 
     transcoded = _run_stage("transcode", shard, work)
-    return replace(transcoded, pending_depth=feed.close() if feed else None)
+    if feed is None:
+        return transcoded
+    going = {record.video_id for record in transcoded.records if not record.failed}
+    return replace(transcoded, pending_depth=feed.close(going))
 
 
 @task(name="depth", task_run_name="depth {shard.label}", cache_policy=NO_CACHE)
 def depth_task(shard: Shard, maps_dir: Path, settings: DepthSettings, actors: list[Any]) -> Shard:
 
     early = shard.pending_depth.results() if shard.pending_depth else {}
+    # Maps made early for videos failed since (their transcode task crashed on its last try
+    # after sending them): a failed row leaves no map that looks made.
+    for record in shard.records:
+        if record.failed and (made := early.pop(record.video_id, None)) is not None:
+            discard_maps(made)
 
     def work(going: Sequence[VideoRecord]) -> list[VideoRecord]:
         rest = [record for record in going if record.video_id not in early]
