@@ -30,6 +30,7 @@ from services.inference.servicer import InferenceService
 from services.inference.settings import InferenceSettings
 from services.inference.stream import STREAM_WINDOW, AnswersInOrder, StreamIdleError
 from services.inference.stream_items import stream_item_answer
+from tests.conftest import EXPECTED_CLASSES
 from tests.images import png_claiming_size, png_with_chunk_claiming, solid_png
 from tests.proc_helpers import children, listening_addresses
 from tests.test_service import _http_get, _metric
@@ -105,23 +106,36 @@ def test_a_png_chunk_length_bomb_is_refused_within_the_memory_bound(
 
 
 def test_a_refused_image_does_not_fail_the_good_requests_in_its_batch(
-    onnx_server: ServerProcess, video_frames: list[bytes]
+    onnx_server: ServerProcess, photos: dict[str, bytes]
 ) -> None:
-    """Seven good frames and one image the decoder refuses, sent together, until a round puts
-    the refused one in a batch with good ones: they are answered, it alone fails."""
+    """Seven good photos and, in their midst, one image the decoder refuses, sent together,
+    until a round puts the refused one in a batch with good ones: each good one is answered
+    with its own photo's label (the model's rows are paired with the items by skipping the
+    refused ones: a shift gave the neighbour's, which a check of "some answer" passed), and the
+    refused one alone fails."""
+    names = ["cat", "coffee", "rocket", "motorcycle", "cat", "coffee", "rocket"]
+    refused_image = inference_pb2.ClassifyRequest(image=png_with_chunk_claiming(2**31 - 1))
     channel, stub = _stub(onnx_server.target)
     shared = False
     with channel:
         for round_ in range(10):
-            good = [
-                stub.Classify.future(inference_pb2.ClassifyRequest(image=frame), timeout=60)
-                for frame in video_frames[:7]
-            ]
-            bad = stub.Classify.future(
-                inference_pb2.ClassifyRequest(image=png_with_chunk_claiming(2**31 - 1)), timeout=60
-            )
-            replies = [future.result() for future in good]  # raises on any error status
-            assert all(reply.predictions for reply in replies), round_
+
+            def send(batch: list[str]) -> list[grpc.Future]:
+                return [
+                    stub.Classify.future(
+                        inference_pb2.ClassifyRequest(image=photos[name]), timeout=60
+                    )
+                    for name in batch
+                ]
+
+            before = send(names[:3])
+            bad = stub.Classify.future(refused_image, timeout=60)
+            after = send(names[3:])
+            replies = [future.result() for future in before + after]  # raises on any error
+            labels = [reply.predictions[0].label for reply in replies]
+            assert all(
+                label in EXPECTED_CLASSES[name] for name, label in zip(names, labels, strict=True)
+            ), (round_, labels)
             with pytest.raises(grpc.RpcError) as refused:
                 bad.result()
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, round_
