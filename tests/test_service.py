@@ -753,6 +753,38 @@ def test_a_streaming_load_test_against_a_server_that_stalls_ends_and_says_so(
     assert len(opened) >= 4, opened
 
 
+def test_a_streaming_loadtest_ends_its_level_against_a_server_that_reads_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only a stream's reads had a bound: against a server that stopped reading (stopped,
+    cut off), a write waited for flow-control window for ever, and the level never ended
+    (found in review, stop 61)."""
+    opened: list[int] = []
+
+    class Deaf(inference_pb2_grpc.ClassifierServicer):
+        async def ClassifyStream(self, requests, context):
+            opened.append(1)
+            await asyncio.sleep(3600)  # never reads a request
+            yield inference_pb2.ClassifyResponse()
+
+    async def load_test() -> list:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+        inference_pb2_grpc.add_ClassifierServicer_to_server(Deaf(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            image = b"x" * (16 << 20)  # past any flow-control window the stream is given
+            run = run_loadtest(f"127.0.0.1:{port}", [image], [1], 2.0, 0.0, streaming=True)
+            return await asyncio.wait_for(run, 30)
+        finally:
+            await server.stop(None)
+
+    monkeypatch.setattr("services.inference.loadtest.CALL_TIMEOUT_S", 0.5)
+    (level,) = asyncio.run(load_test())
+    assert level.requests == 0 and level.error_codes.get("DEADLINE_EXCEEDED", 0) >= 2, level
+    assert len(opened) >= 2, opened
+
+
 def test_a_call_counts_in_the_window_it_ended_in() -> None:
     """Calls count by when they end, as perf_analyzer counts: counting only those both sent
     and ended within the window left about one per caller out, and read low by latency /

@@ -111,20 +111,21 @@ async def _streaming_caller(stub: inference_pb2_grpc.ClassifierStub, level: _Lev
         try:
             while level.running():
                 sent_at = level.loop.time()
-                await call.write(level.next_request())
-                # Each answer within the unary calls' deadline: a stream has none of its own,
-                # and a server that stalled held the load test for ever.
+                # Each write and answer within the unary calls' deadline: a stream has none of
+                # its own, and a server that stalled held the load test for ever (a write too,
+                # waiting for flow-control window from a server stopped or cut off).
+                await asyncio.wait_for(call.write(level.next_request()), CALL_TIMEOUT_S)
                 response = await asyncio.wait_for(call.read(), CALL_TIMEOUT_S)
                 if response is grpc.aio.EOF:
                     raise RuntimeError("the server ended the stream early")
                 level.record(sent_at, response)
-            await call.done_writing()
+            await asyncio.wait_for(call.done_writing(), CALL_TIMEOUT_S)
             await asyncio.wait_for(call.read(), CALL_TIMEOUT_S)  # EOF: nothing is outstanding
             continue
         except grpc.aio.AioRpcError as exc:
             code, detail = exc.code().name, exc.details() or ""
         except TimeoutError:
-            code, detail = "DEADLINE_EXCEEDED", f"no answer on the stream in {CALL_TIMEOUT_S:g} s"
+            code, detail = "DEADLINE_EXCEEDED", f"the stream stalled for {CALL_TIMEOUT_S:g} s"
         # A write to a call the server has just ended raises asyncio's InvalidStateError
         except (RuntimeError, asyncio.InvalidStateError) as exc:
             code, detail = "STREAM_ENDED", str(exc) or "the server ended the stream"
