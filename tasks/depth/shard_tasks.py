@@ -531,6 +531,20 @@ class _Chain:
         )  # fmt: skip
         return last if stage == "store" else last.fail_remaining(stage, crash_reason(stage, exc))
 
+    def rows_after(self, exc: BaseException, stage: Stage = "download") -> Shard:
+        """`crashed_rows`, or, where the Prefect API cannot say how far the stages got (down,
+        or failing past its client's retries), every video still going failed at `stage`
+        (from the download: the next run does it again whole). Raised, it ended the run with a
+        traceback, its other shards in flight uncommitted and no artifacts recorded."""
+        try:
+            return self.crashed_rows(exc)
+        except Exception as unknown:
+            run_logger().warning(
+                "%s: how far its stages got is not known (%s): its videos are failed at %s",
+                self.shard.label, unknown, stage,
+            )  # fmt: skip
+            return self.shard.fail_remaining(stage, crash_reason(stage, exc))
+
 
 def _stages(
     shard: Shard,
@@ -634,11 +648,7 @@ def _all_lost(
 ) -> Iterator[WrittenShard]:
     """Every shard still in flight or waiting, its videos still going failed for `lost`."""
     for chain in in_flight.values():
-        try:
-            rows = chain.crashed_rows(lost)
-        except Exception:  # its stages' states unknown (the Prefect API lost too): all failed
-            rows = chain.shard.fail_remaining(lost.stage, crash_reason(lost.stage, lost))
-        yield WrittenShard(rows, [])
+        yield WrittenShard(chain.rows_after(lost, lost.stage), [])
     for shard in reversed(waiting):  # never fetched: failed before their first stage
         yield WrittenShard(shard.fail_remaining("download", f"not started: {lost}"), [])
 
@@ -697,7 +707,7 @@ def run_shards(
                 try:
                     yield future.result()
                 except Exception as exc:  # a Ray worker died (out of memory, killed)
-                    yield WrittenShard(chain.crashed_rows(exc), [])
+                    yield WrittenShard(chain.rows_after(exc), [])
     finally:
         if settings.depth_keep_alive_s <= 0:
             for actor in actors:
