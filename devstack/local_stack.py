@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,16 +107,23 @@ class LocalStack:
         self.processes[name] = process
         return process
 
-    def prefect(self, *args: str, timeout_s: float = 300, ok_codes: tuple[int, ...] = (0,)) -> str:
+    def prefect(
+        self,
+        *args: str,
+        timeout_s: float = 300,
+        ok_codes: tuple[int, ...] = (0,),
+        while_waiting: Callable[[], None] | None = None,
+    ) -> str:
         """Run a `prefect` CLI command against this stack's server; its output (stdout, and
-        stderr after it where it exits other than 0), or an error."""
+        stderr after it where it exits other than 0), or an error. `while_waiting` is called
+        about once a second until it ends."""
         command = [*PREFECT_CLI, "--no-prompt", *args]
         with subprocess.Popen(
             command, cwd=REPO_ROOT, env=self.env(), text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         ) as running:  # fmt: skip
             try:
-                stdout, stderr = self._communicate(running, timeout_s, args)
+                stdout, stderr = _communicate(running, timeout_s, args, self._gone, while_waiting)
             except BaseException:  # a stop, a Ctrl-C: the command goes too (as subprocess.run)
                 running.kill()
                 raise
@@ -127,24 +135,6 @@ class LocalStack:
                 f"{(stdout + stderr)[-3000:]}"
             )
         return stdout if running.returncode == 0 else stdout + stderr
-
-    def _communicate(
-        self, running: subprocess.Popen[str], timeout_s: float, args: tuple[str, ...]
-    ) -> tuple[str, str]:
-        """The command's output once it ends; an error once `timeout_s` passes, or as soon as
-        the stack's worker or server exits (a run watched for 30 min waited that long for a
-        worker that had died)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return running.communicate(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                gone = self._gone()
-                if gone is None and time.monotonic() < deadline:
-                    continue
-                if gone is not None:
-                    raise RuntimeError(f"`prefect {' '.join(args[:2])}` stopped: {gone}") from None
-                raise subprocess.TimeoutExpired(running.args, timeout_s) from None
 
     def _gone(self) -> str | None:
         """Why the stack can no longer serve a command: its worker or server exited."""
@@ -227,14 +217,16 @@ class LocalStack:
         parameters: dict[str, Any],
         timeout_s: float = 1800,
         allow_failed: bool = False,
+        while_waiting: Callable[[], None] | None = None,
     ) -> tuple[str, str]:
         """`prefect deployment run NAME --watch`; returns the flow run's id and the line
         that gives its final state. A run that did not complete is an error unless
-        `allow_failed` (the command exits 1 for it)."""
+        `allow_failed` (the command exits 1 for it). `while_waiting`: see `prefect`."""
         output = self.prefect(
             "deployment", "run", name, "--params", json.dumps(parameters),
             "--watch", "--watch-interval", "1", "--watch-timeout", str(int(timeout_s)),
             timeout_s=timeout_s + 60, ok_codes=(0, 1) if allow_failed else (0,),
+            while_waiting=while_waiting,
         )  # fmt: skip
         match = FLOW_RUN_ID.search(output)
         finished = [line for line in output.splitlines() if "Flow run finished" in line]
@@ -251,6 +243,31 @@ class LocalStack:
             if (process := self.processes.pop(name, None)) is not None:
                 stop_process(process, timeout_s)
         return kill_marked_processes(MARKER_VARIABLE, self.stack_id)
+
+
+def _communicate(
+    running: subprocess.Popen[str],
+    timeout_s: float,
+    args: tuple[str, ...],
+    gone: Callable[[], str | None],
+    while_waiting: Callable[[], None] | None = None,
+) -> tuple[str, str]:
+    """The command's output once it ends; an error once `timeout_s` passes, or as soon as
+    `gone` says why the stack can no longer serve it (its worker or server exited: a run
+    watched for 30 min waited that long for a worker that had died)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return running.communicate(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            if while_waiting is not None:
+                while_waiting()
+            why = gone()
+            if why is None and time.monotonic() < deadline:
+                continue
+            if why is not None:
+                raise RuntimeError(f"`prefect {' '.join(args[:2])}` stopped: {why}") from None
+            raise subprocess.TimeoutExpired(running.args, timeout_s) from None
 
 
 def start_reaper(variable: str, value: str) -> subprocess.Popen[bytes]:

@@ -9,6 +9,7 @@ starts inherits a marker in its environment; none may be left once it exits.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import queue
@@ -161,6 +162,9 @@ def test_the_demo_runs_both_deployments_and_labels_untrained_depth(demo: DemoRun
     depth_artifacts = read_artifacts(api_url, runs[0][1])
     assert depth_artifacts["depth-extraction-summary"]["description"].startswith("UNTRAINED")
     assert "UNTRAINED" in demo.output and str(lance_path) in demo.output
+    # Each run's log as it goes, not a silent wait for its end.
+    assert "  depth-extraction | 2 videos: 0 already done" in demo.output, demo.output[-4000:]
+    assert "  stream-benchmark | " in demo.output
 
     # stream-benchmark/local: figures as artifacts, printed too.
     report = read_artifacts(api_url, runs[1][1])["stream-benchmark-report"]["data"]
@@ -507,6 +511,55 @@ def test_runs_an_ended_demo_left_open_are_cancelled_before_a_worker_starts(prefe
         states = {client.read_flow_run(run.id).state.type.value for run in open_runs}
     assert states == {"CANCELLED"}
     assert cancel_open_runs(str(PREFECT_API_URL.value()), pool) == []  # final runs stay
+
+
+def test_the_demo_echoes_the_log_of_the_run_it_waits_on(
+    prefect_api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`prefect deployment run --watch` prints states only: the demo sat silent through each
+    run. The run's log lines come through as they are written, each once, its first line,
+    INFO and up, of the deployment's newest run only."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import LogCreate, WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL
+
+    from devstack.run_echo import RunLogEcho
+
+    @flow(name="echoed")
+    def echoed() -> None:
+        pass
+
+    api_url = str(PREFECT_API_URL.value())
+    pool = f"pool-{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        deployment = client.create_deployment(
+            flow_id=client.create_flow(echoed), name="local", work_pool_name=pool,
+            entrypoint="x.py:echoed",
+        )  # fmt: skip
+        echo = RunLogEcho(api_url, "echoed", "local", every_s=0.0)
+        assert echo.echo_new() == 0  # no run yet
+        run = client.create_flow_run_from_deployment(deployment)
+
+        def write(*lines: tuple[int, str]) -> None:
+            client.create_logs([
+                LogCreate(name="prefect.flow_runs", level=level, message=message,
+                          timestamp=datetime.datetime.now(datetime.UTC), flow_run_id=run.id)
+                for level, message in lines
+            ])  # fmt: skip
+
+        write((20, "24 videos: 0 already done"), (10, "a debug line"),
+              (40, "v3 failed at download: HTTP 404\nTraceback ..."))  # fmt: skip
+        assert echo.echo_new() == 2
+        assert echo.echo_new() == 0  # each line once
+        write((20, "depth extraction: 23 ok, 1 failed"))
+        echo()
+    assert capsys.readouterr().out.splitlines() == [
+        "  echoed | 24 videos: 0 already done",
+        "  echoed | v3 failed at download: HTTP 404",
+        "  echoed | depth extraction: 23 ok, 1 failed",
+    ]
 
 
 @pytest.mark.slow

@@ -46,6 +46,7 @@ from devstack.local_stack import (
     start_reaper,
     stop_reaper,
 )
+from devstack.run_echo import RunLogEcho
 from devstack.sample_mirror import running_mirror
 from flows import artifact_keys
 from services.inference.client import classify_files
@@ -228,10 +229,12 @@ def run_depth_extraction(
         }
         # Failed, its rows still say why, below. Long runs (DEMO_ARGS=--videos N with the
         # real model on a CPU) are given time in proportion.
+        echo = RunLogEcho(stack.api_url, "depth-extraction", "local")
         run_id, state = stack.run_deployment(
             "depth-extraction/local", parameters, timeout_s=max(1800.0, 300.0 * videos),
-            allow_failed=True,
+            allow_failed=True, while_waiting=echo,
         )  # fmt: skip
+        echo.finish()
     log.info("depth-extraction: %s", state)
     if not OutputLayout(output).lance.exists():  # the run failed before making its table
         raise RuntimeError(f"depth-extraction wrote no table: {state} (see {stack.logs_dir})")
@@ -259,10 +262,12 @@ def run_stream_benchmark(
         "kafka": {"bootstrap_servers": bootstrap_servers},
     }
     parameters = {"settings": settings}
+    echo = RunLogEcho(stack.api_url, "stream-benchmark", "local")
     run_id, state = stack.run_deployment(
         "stream-benchmark/local", parameters, timeout_s=max(1800.0, seconds + 900.0),
-        allow_failed=True,
+        allow_failed=True, while_waiting=echo,
     )  # fmt: skip
+    echo.finish()
     log.info("stream-benchmark: %s", state)
     completed = "finished successfully" in state
     if not completed:  # the report, the table and the links still follow
