@@ -8,7 +8,9 @@ starts, instead of a traceback minutes into a run.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -123,6 +125,27 @@ def prepare_output_file(path: Path | None, flag: str) -> None:
         raise ValueError(
             f"{flag} {path}: its folder cannot be made: {exc.strerror or exc}"
         ) from None
+    # Writable now (a file of another user, a read-only file system): found after the run, the
+    # write failed and the run's summary was lost with it. Nothing is made here.
+    there = path.exists()
+    if not os.access(path if there else path.parent, os.W_OK):
+        raise ValueError(
+            f"{flag} {path}: {'the file' if there else 'its folder'} cannot be written here "
+            "(its permissions, or a read-only file system)"
+        )
+
+
+def write_output_file(path: Path, text: str, flag: str) -> bool:
+    """Write a file asked for at a run's end; False, with an error logged, where that fails
+    (a disk that filled during the run): the caller still shows what it holds."""
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        logging.getLogger("vidflow").error(
+            "%s %s could not be written (%s): the summary is below", flag, path, exc
+        )
+        return False
+    return True
 
 
 def output_file(text: str) -> Path:

@@ -19,6 +19,13 @@ log = logging.getLogger(__name__)
 # The newest run of the deployment created from this long before the echo started: the
 # server's and this process's clocks are the same machine's, the margin is for rounding.
 START_MARGIN_S = 5.0
+# Lines are stamped by the process that logs them and sent in batches every 2 s, each process
+# on its own (the flow's, each Ray worker's): one stamped before a line already shown can
+# arrive after it. Asked again this far back; the lines seen are skipped.
+LOOKBACK_S = 10.0
+PAGE = 200
+# After the run has ended: its last lines may still be on their way (its last batch).
+LAST_LINES_WAIT_S = 2.5
 
 
 class RunLogEcho:
@@ -38,10 +45,19 @@ class RunLogEcho:
         if time.monotonic() < self.next_at:
             return
         self.next_at = time.monotonic() + self.every_s
-        self.finish()
+        self._echo_quietly()
 
-    def finish(self) -> None:
-        """Echo what the run logged since the last call."""
+    def finish(self, wait_s: float = LAST_LINES_WAIT_S) -> None:
+        """Echo what the run logged since the last call, and what comes in the next `wait_s`
+        (the run has ended: its last batch of lines may still be on its way)."""
+        until = time.monotonic() + wait_s
+        while True:
+            self._echo_quietly()
+            if time.monotonic() >= until:
+                return
+            time.sleep(min(0.5, until - time.monotonic()))
+
+    def _echo_quietly(self) -> None:
         try:
             self.echo_new()
         except Exception as exc:  # a courtesy: the run's outcome is read from its state
@@ -54,17 +70,29 @@ class RunLogEcho:
             self.flow_run_id = self._newest_run()
             if self.flow_run_id is None:  # not created yet
                 return 0
-        shown = 0
-        for entry in self._logs():
-            if entry["id"] in self.seen:
-                continue
-            self.seen.add(entry["id"])
-            self.last_timestamp = entry["timestamp"]
-            lines = (entry.get("message") or "").strip().splitlines()
-            if lines:
-                print(f"  {self.flow_name} | {lines[0]}", flush=True)
-                shown += 1
-        return shown
+        shown, offset = 0, 0
+        after = self._after()
+        while True:
+            page = self._logs(after, offset)
+            for entry in page:
+                if entry["id"] in self.seen:
+                    continue
+                self.seen.add(entry["id"])
+                self.last_timestamp = max(self.last_timestamp or "", entry["timestamp"])
+                lines = (entry.get("message") or "").strip().splitlines()
+                if lines:
+                    print(f"  {self.flow_name} | {lines[0]}", flush=True)
+                    shown += 1
+            if len(page) < PAGE:
+                return shown
+            offset += PAGE
+
+    def _after(self) -> str | None:
+        """The time the lines asked for start at: LOOKBACK_S before the latest one seen."""
+        if self.last_timestamp is None:
+            return None
+        latest = datetime.fromisoformat(self.last_timestamp)
+        return (latest - timedelta(seconds=LOOKBACK_S)).isoformat()
 
     def _newest_run(self) -> str | None:
         body = {
@@ -77,12 +105,12 @@ class RunLogEcho:
         runs = post_json(f"{self.api_url}/flow_runs/filter", body)
         return runs[0]["id"] if runs else None
 
-    def _logs(self) -> list[dict[str, Any]]:
+    def _logs(self, after: str | None, offset: int) -> list[dict[str, Any]]:
         logs: dict[str, Any] = {
             "flow_run_id": {"any_": [self.flow_run_id]},
             "level": {"ge_": logging.INFO},
         }
-        if self.last_timestamp is not None:  # at or after it: the ids seen are skipped
-            logs["timestamp"] = {"after_": self.last_timestamp}
-        body = {"logs": logs, "sort": "TIMESTAMP_ASC", "limit": 200}
+        if after is not None:  # at or after it: the ids seen are skipped
+            logs["timestamp"] = {"after_": after}
+        body = {"logs": logs, "sort": "TIMESTAMP_ASC", "offset": offset, "limit": PAGE}
         return post_json(f"{self.api_url}/logs/filter", body)

@@ -317,6 +317,10 @@ def test_stream_commands_refuse_bad_sources_and_bounds_before_the_broker(
         err = _refused([*command, "--summary-json", "/proc/x/y.json"], capsys)
         assert "--summary-json /proc/x/y.json: its folder cannot be made" in err, err
         assert "unreachable" not in err and err.count("\n") == 1, err
+        # A folder there but not writable (found in review, stop 61: the write failed after
+        # the run, and its summary was lost with it)
+        err = _refused([*command, "--summary-json", "/proc/sys/y.json"], capsys)
+        assert "--summary-json /proc/sys/y.json: its folder cannot be written here" in err, err
     assert "--idle-timeout" in _refused([*consume, "--idle-timeout", "0"], capsys)
 
 
@@ -596,3 +600,26 @@ def test_a_command_whose_extra_is_not_installed_names_it_in_one_line(
         f"needs {module}, which the '{extra}' extra installs: pip install 'vidflow[{extra}]'"
         in (ran.stderr)
     )
+
+
+def test_a_summary_file_that_cannot_be_written_at_the_end_leaves_the_summary_shown() -> None:
+    """A disk that fills during the run: the write fails after it (it raised, exit 2, and the
+    summary was never printed); now an error says so and the caller prints the summary."""
+    import logging
+
+    from common.cli_types import write_output_file
+
+    said: list[str] = []
+
+    class Heard(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    logger, heard = logging.getLogger("vidflow"), Heard()
+    logger.addHandler(heard)
+    try:
+        assert write_output_file(Path("/dev/full"), "{}\n", "--summary-json") is False
+    finally:
+        logger.removeHandler(heard)
+    assert len(said) == 1 and "--summary-json /dev/full could not be written" in said[0]
+    assert "No space left on device" in said[0]

@@ -28,6 +28,7 @@ from common.cli_types import (
     positive_int,
     positive_int_list,
     prepare_output_file,
+    write_output_file,
 )
 from common.extras import missing_extra
 from common.flow_heartbeats import foreground_heartbeats
@@ -228,14 +229,15 @@ def _consume(args: argparse.Namespace) -> int:
         # The port bound, said: with --metrics-port 0 nothing else tells which one it is.
         log.info("serving /metrics on %s:%d", host, server.server_address[1])
     summary = consumer.run().as_dict()
-    if settings.summary_json is not None:  # first: a closed terminal fails the print (EIO)
-        settings.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    written = settings.summary_json is None or write_output_file(  # first: a closed terminal
+        settings.summary_json, json.dumps(summary, indent=2) + "\n", "--summary-json"
+    )  # fails the print (EIO)
     with contextlib.suppress(OSError):
         print(format_summary(summary))
     if nothing_answered(summary):
         log.error("no frame was answered: is the service at %s up and right?", client.target)
         return 1
-    return 1 if summary["broker_error"] or summary["delivery_error"] else 0
+    return 1 if summary["broker_error"] or summary["delivery_error"] or not written else 0
 
 
 def stream_benchmark_settings(args: argparse.Namespace) -> StreamBenchmarkSettings:
@@ -286,8 +288,9 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     except TerminationSignal:
         log.error("terminated (SIGTERM): the flow run is recorded as Crashed, with no report")
         return 128 + signal.SIGTERM
-    if args.summary_json is not None:  # first: a closed terminal fails the print below (EIO)
-        args.summary_json.write_text(json.dumps(outcome, indent=2) + "\n")
+    written = args.summary_json is None or write_output_file(  # first: a closed terminal
+        args.summary_json, json.dumps(outcome, indent=2) + "\n", "--summary-json"
+    )  # fails the print below (EIO)
     with contextlib.suppress(OSError):
         if RUN_STOP.is_set():
             log.warning("stopped early: the figures cover the run until then")
@@ -295,7 +298,7 @@ def _stream_benchmark(args: argparse.Namespace) -> int:
     if failure is not None:
         log.error("%s", failure)
         return 1
-    return 0
+    return 0 if written else 1
 
 
 def _stopped_by_signals(stop: threading.Event | None = None) -> threading.Event:
