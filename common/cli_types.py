@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from common.settings import MAX_WAIT_S
+
 
 def _number(text: str, kind: type[int] | type[float]) -> int | float:
     try:
@@ -51,9 +53,13 @@ def non_negative_float(text: str) -> float:
 
 
 def _finite(value: float, text: str) -> float:
-    """`value`, unless infinite: `--duration inf` never ended, `--timeout inf` gave up at once."""
+    """`value`, unless infinite or past a day (`MAX_WAIT_S`, the settings' cap): `--duration
+    inf` never ended, and `--timeout inf` (or 1e10: gRPC reads a deadline that far as long
+    past) gave up at once."""
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    if value > MAX_WAIT_S:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_WAIT_S:g} (a day), not {text}")
     return value
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.processes import die_with_parent, stop_on_signals, stop_process
-from devstack.processes import last_words, last_words_in
+from devstack.last_words import last_words, last_words_in
 
 log = logging.getLogger(__name__)
 

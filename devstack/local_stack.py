@@ -25,8 +25,9 @@ from typing import Any
 
 from common.net import free_port
 from common.processes import signal_on_parent_death, stop_process
+from devstack.last_words import last_words_in
 from devstack.launcher import REPO_ROOT
-from devstack.processes import kill_marked_processes, last_words_in, listens_on
+from devstack.processes import kill_marked_processes, listens_on
 
 log = logging.getLogger("vidflow.stack")
 

@@ -26,6 +26,16 @@ def test_flags_win_over_environment_which_wins_over_defaults(monkeypatch) -> Non
     assert settings.max_batch_size == 8  # default
 
 
+def test_an_empty_host_for_the_local_broker_or_mirror_is_loopback_not_every_interface() -> None:
+    """`sample-mirror --host "$HOST"` with HOST unset listened on every interface (aiohttp's
+    reading of an empty address) under a template that said 127.0.0.1 (found in review, stop
+    61); the settings' addresses already read an empty one as loopback."""
+    for command in ("broker", "sample-mirror"):
+        assert build_parser().parse_args([command, "--host", ""]).host == "127.0.0.1"
+        assert build_parser().parse_args([command, "--host", "[::1]"]).host == "::1"
+        assert build_parser().parse_args([command, "--host", "0.0.0.0"]).host == "0.0.0.0"
+
+
 def test_bad_values_are_refused_with_the_setting_named(monkeypatch) -> None:
     monkeypatch.setenv("VIDFLOW_INFERENCE_MAX_BATCH_SIZE", "0")
     with pytest.raises(ValueError, match="max_batch_size"):

@@ -40,6 +40,7 @@ from common.quick_exit import quick_exit
 from common.settings import (
     LogSettings,
     add_settings_arguments,
+    bind_address,
     one_line,
     settings_from_args,
 )
@@ -493,8 +494,9 @@ def _add_local_dev_commands(command: AddCommand) -> None:
     """Local stand-ins: the Kafka-protocol broker and the Kinetics sample mirror."""
     broker = command("broker", _broker, "run the local Kafka-protocol broker (Tansu)")
     broker.add_argument("--port", type=port, default=9092, help="port (default 9092)")
-    broker.add_argument(
+    broker.add_argument(  # an empty one (a script's unset $HOST) is loopback, as everywhere
         "--host",
+        type=bind_address,
         default="127.0.0.1",
         help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)",
     )
@@ -512,9 +514,10 @@ def _add_local_dev_commands(command: AddCommand) -> None:
     mirror.add_argument(
         "--port", type=port_or_zero, default=8765, help="port (default 8765; 0: any free one)"
     )
-    mirror.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
-    )
+    mirror.add_argument(  # empty: aiohttp's every interface, behind a 127.0.0.1 template
+        "--host", type=bind_address, default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1)",
+    )  # fmt: skip
 
 
 def _add_stream_commands(command: AddCommand) -> None:
