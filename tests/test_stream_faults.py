@@ -420,6 +420,56 @@ def test_a_member_joining_mid_run_gets_no_frame_twice_and_every_frame_has_an_out
     assert busy_at_revoke and busy_at_revoke[0] > 0, busy_at_revoke
 
 
+def test_a_frame_waiting_to_retry_at_a_rebalance_holds_back_no_answered_frame(
+    kafka, scripted_service, video_frames: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frame that failed for a reason of its own (INTERNAL) waits out a backoff; a rebalance
+    meanwhile committed at it, and the next owner classified every frame answered after it
+    again (found in review, stop 61). Now the revoke sends it at once, with the calls in
+    flight."""
+    failing = {frame_key(stream, index) for stream in ("cam-r", "cam-s") for index in (3, 4)}
+    target, service = scripted_service(
+        lambda request, attempt: (
+            grpc.StatusCode.INTERNAL if request.request_id in failing and attempt == 1 else None
+        ),
+        delay_s=0.5,
+    )
+    monkeypatch.setattr("tasks.stream.inference_caller.RETRY_BACKOFF_S", 60.0)
+    keys = [*_publish_frames(kafka, "cam-r", 100, video_frames[0]),
+            *_publish_frames(kafka, "cam-s", 100, video_frames[0])]  # fmt: skip
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    summaries: dict[str, ConsumerSummary] = {}
+    first = _consumer(kafka, target, group=group, concurrency=8, idle_timeout=8.0,
+                      retry_max_backoff_s=60.0)  # fmt: skip
+    waiting_at_revoke: list[int] = []
+    hand_over = first.assignment.before_revoke
+
+    def recorded_hand_over() -> None:
+        waiting_at_revoke.append(len(first.caller.waiting_retry))
+        hand_over()
+
+    first.assignment.before_revoke = recorded_hand_over
+    running = threading.Thread(target=lambda: summaries.setdefault("first", first.run()))
+    running.start()
+    deadline = time.monotonic() + 60
+    while sum(service.calls[key] for key in failing) < len(failing):  # all four failed once
+        assert time.monotonic() < deadline and running.is_alive()
+        time.sleep(0.05)
+    summaries["second"] = _consumer(
+        kafka, target, group=group, concurrency=8, idle_timeout=8.0
+    ).run()
+    running.join(90)
+    assert not running.is_alive()
+    merged = merge_summaries(list(summaries.values()))
+    assert merged.unanswered == 0 and merged.handed_over == 0, merged.as_dict()
+    copies = Counter(result_keys(read_topic(kafka.bootstrap_servers, kafka.results_topic,
+                                            expected=len(keys))))  # fmt: skip
+    assert set(copies) == set(keys) and set(copies.values()) == {1}, copies
+    assert sum(service.calls.values()) == len(keys) + len(failing)  # none classified twice
+    # The fault was made: the join's revoke came with frames waiting out their backoff.
+    assert waiting_at_revoke and waiting_at_revoke[0] > 0, waiting_at_revoke
+
+
 def test_a_result_too_large_to_send_is_a_failed_delivery_not_a_crash(kafka) -> None:
     """A result or stale record over --max-message-bytes (a small limit, a long stream id)
     raised librdkafka's error out of the consumer's loop: a traceback and no summary. Only a

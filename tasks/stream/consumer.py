@@ -285,7 +285,7 @@ def _finish_in_flight(member: FrameConsumer) -> None:
     while time.monotonic() < deadline and (
         caller.in_flight or any(not call.outage for call in caller.waiting_retry)
     ):
-        caller.resend_due(stopping=lambda: False)
+        caller.resend_due(stopping=lambda: False, own_failures_now=True)
         caller.drain(timeout_s=0.05)
         member.publisher.poll()
         member.broker.check()
@@ -325,14 +325,17 @@ def _drained(member: FrameConsumer) -> bool:
 
 
 def _hand_over(member: FrameConsumer) -> None:
-    """As its partitions go (a rebalance), while they are still its own: the member waits up to
-    REVOKE_WAIT_S for its calls in flight and publishes their answers, which the revoke then
-    commits. It dropped them (a join takes seconds, and every call ended in it), and the next
-    owner classified those frames again; frames still unanswered go to it, counted."""
+    """As its partitions go (a rebalance), while they are still its own: the member sends the
+    frames waiting to retry for a failure of their own at once, waits up to REVOKE_WAIT_S for
+    its calls in flight and publishes their answers, which the revoke then commits. It dropped
+    them (a join takes seconds, and every call ended in it), and the next owner classified
+    those frames again; frames still unanswered go to it, counted."""
     if member.broker.down:  # nothing could be published or committed
         return
     deadline = time.monotonic() + REVOKE_WAIT_S
     member.caller.drain(timeout_s=0)
+    # Frames waiting out a backoff for a failure of their own go now, with the calls in flight
+    member.caller.resend_due(stopping=lambda: False, own_failures_now=True)
     while member.caller.in_flight and time.monotonic() < deadline:
         member.caller.drain(timeout_s=0.05)
 

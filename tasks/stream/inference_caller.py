@@ -265,14 +265,19 @@ class InferenceCaller:
             self._retry_logged_at, self._retries_unlogged = now, 0
         self.waiting_retry.append(call)
 
-    def resend_due(self, stopping: Callable[[], bool]) -> None:
-        """Send again the frames whose backoff is over (none once `stopping()` says so)."""
+    def resend_due(self, stopping: Callable[[], bool], own_failures_now: bool = False) -> None:
+        """Send again the frames whose backoff is over (none once `stopping()` says so);
+        `own_failures_now`: those that failed for a reason of their own at once, whatever their
+        backoff (their partitions are going, or the member stops: one left waiting held its
+        partition's commit point back, and the next owner classified every frame answered
+        after it again). Frames waiting out the service's outage keep theirs."""
         now = time.monotonic()
         for _ in range(len(self.waiting_retry)):
             call = self.waiting_retry.popleft()
             if self._handed_over(call):  # no longer counted busy while its backoff runs
                 continue
-            if call.retry_at <= now and not stopping():
+            due = call.retry_at <= now or (own_failures_now and not call.outage)
+            if due and not stopping():
                 if not self._skipped_as_stale(call):
                     self._send(call)
             else:
