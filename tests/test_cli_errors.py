@@ -606,6 +606,32 @@ def test_a_command_whose_extra_is_not_installed_names_it_in_one_line(
     )
 
 
+@pytest.mark.slow
+def test_a_consume_run_whose_summary_file_fails_at_the_end_still_prints_the_summary(
+    broker, onnx_server
+) -> None:
+    """A disk that fills during the run, made real with /dev/full (writable now, ENOSPC at the
+    write): the run ends, says the file could not be written, prints its summary all the same
+    and exits 1 (it raised: a traceback-free line, exit 2, and no summary; found in review,
+    stop 61)."""
+    import subprocess
+
+    from tests.conftest import fresh_topics
+
+    kafka = fresh_topics(broker)
+    ran = subprocess.run(
+        [sys.executable, "-m", "vidflow.cli", "consume", "--bootstrap-servers",
+         kafka.bootstrap_servers, "--topic", kafka.frames_topic, "--results-topic",
+         kafka.results_topic, "--dlq-topic", kafka.dlq_topic, "--target", onnx_server.target,
+         "--idle-timeout", "2", "--duration", "20", "--summary-json", "/dev/full"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ran.returncode == 1, ran.stderr[-3000:]
+    assert "--summary-json /dev/full could not be written" in ran.stderr, ran.stderr[-3000:]
+    assert "Traceback" not in ran.stderr
+    assert ran.stdout.startswith("frames consumed 0, results 0"), ran.stdout
+
+
 def test_a_summary_file_that_cannot_be_written_at_the_end_leaves_the_summary_shown() -> None:
     """A disk that fills during the run: the write fails after it (it raised, exit 2, and the
     summary was never printed); now an error says so and the caller prints the summary."""

@@ -523,6 +523,7 @@ def test_the_demo_echoes_the_log_of_the_run_it_waits_on(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import LogCreate, WorkPoolCreate
     from prefect.settings import PREFECT_API_URL
+    from prefect.states import Cancelled
 
     from devstack.run_echo import RunLogEcho
 
@@ -542,26 +543,31 @@ def test_the_demo_echoes_the_log_of_the_run_it_waits_on(
         assert echo.echo_new() == 0  # no run yet
         run = client.create_flow_run_from_deployment(deployment)
 
-        def write(*lines: tuple[int, str], ago_s: float = 0.0) -> None:
-            stamped = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=ago_s)
+        def write(*lines: tuple[int, str], stamped: datetime.datetime | None = None) -> None:
             client.create_logs([
                 LogCreate(name="prefect.flow_runs", level=level, message=message,
-                          timestamp=stamped, flow_run_id=run.id)
+                          timestamp=stamped or datetime.datetime.now(datetime.UTC),
+                          flow_run_id=run.id)
                 for level, message in lines
             ])  # fmt: skip
 
+        first_at = datetime.datetime.now(datetime.UTC)
         write((20, "24 videos: 0 already done"), (10, "a debug line"),
-              (40, "v3 failed at download: HTTP 404\nTraceback ..."))  # fmt: skip
+              (40, "v3 failed at download: HTTP 404\nTraceback ..."), stamped=first_at)  # fmt: skip
         assert echo.echo_new() == 2
         assert echo.echo_new() == 0  # each line once
         # A Ray worker's line stamped before those shown, arriving after them (each process
         # sends its lines in batches of its own; found in review, stop 61: it was never shown)
-        write((30, "v7 failed at transcode: no video stream"), ago_s=3.0)
+        write((30, "v7 failed at transcode: no video stream"),
+              stamped=first_at - datetime.timedelta(seconds=1))  # fmt: skip
         write((20, "depth extraction: 23 ok, 1 failed"))
         echo()
-        # More lines than one page of the API's answer, all of them, once
+        # More lines than one page of the API's answer, all of them, once; and the run's last
+        # lines, sent after it ended, within the wait for them
         write(*[(20, f"line {index}") for index in range(250)])
-        echo.finish(wait_s=0.0)
+        threading.Timer(0.5, write, args=((20, "Finished in state Completed()"),)).start()
+        echo.finish(wait_s=2.0)
+        client.set_flow_run_state(run.id, Cancelled(), force=True)  # none left for a worker
     out = capsys.readouterr().out.splitlines()
     assert out[:4] == [
         "  echoed | 24 videos: 0 already done",
@@ -569,7 +575,8 @@ def test_the_demo_echoes_the_log_of_the_run_it_waits_on(
         "  echoed | v7 failed at transcode: no video stream",
         "  echoed | depth extraction: 23 ok, 1 failed",
     ]
-    assert sorted(out[4:]) == sorted(f"  echoed | line {index}" for index in range(250))
+    assert sorted(out[4:-1]) == sorted(f"  echoed | line {index}" for index in range(250))
+    assert out[-1] == "  echoed | Finished in state Completed()"
 
 
 @pytest.mark.slow

@@ -1709,18 +1709,18 @@ def test_a_shard_whose_worker_was_killed_is_failed_at_the_stage_that_never_compl
     assert _Chain(shard, futures).rows_after(RuntimeError("worker died")) == mapped
 
     # The Prefect API down as well, so no stage's state can be read (found in review, stop
-    # 61: the error left the run, its other shards uncommitted, no artifacts): every video
-    # still going fails from its download, to be done again whole; the 404 keeps its reason.
+    # 61: the error left the run, its other shards uncommitted, no artifacts): the planned
+    # shard's videos (what the driver holds) all fail from their download, done again whole.
     class Unreadable:
         @property
         def state(self) -> object:
             raise ConnectionError("All connection attempts failed")
 
     futures = [(stage, Unreadable()) for stage in ("download", "transcode", "depth", "store")]
-    a, b = _Chain(downloaded, futures).rows_after(RuntimeError("worker died")).records
+    a, b = _Chain(shard, futures).rows_after(RuntimeError("worker died")).records
     assert (a.failed_stage, b.failed_stage) == ("download", "download")
     assert a.error.startswith("download crashed") and "worker died" in a.error
-    assert b.error == "HTTP 404"
+    assert b.error == a.error
 
 
 def test_the_onnx_backend_refuses_a_model_that_is_not_depth_pro_before_any_work(

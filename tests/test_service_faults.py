@@ -483,6 +483,10 @@ def test_an_unexpected_failure_of_one_image_fails_only_that_image(
         service.close()
     assert [outcome.probabilities is not None for outcome in outcomes] == [True, False, True]
     assert isinstance(outcomes[1].error, MemoryError)
+    # Each good image's row, past the failed one in between: its own label, not a neighbour's
+    labels = [model.class_names[int(np.argmax(outcome.probabilities))]
+              for outcome in (outcomes[0], outcomes[2])]  # fmt: skip
+    assert labels[0] in EXPECTED_CLASSES["cat"] and labels[1] in EXPECTED_CLASSES["coffee"], labels
     (failed, failed_code), (good, good_code) = stream_items
     assert failed_code == grpc.StatusCode.INTERNAL and "inference failed" in failed.error
     assert good_code == grpc.StatusCode.OK and good.predictions
