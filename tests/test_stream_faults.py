@@ -470,6 +470,35 @@ def test_a_frame_waiting_to_retry_at_a_rebalance_holds_back_no_answered_frame(
     assert waiting_at_revoke and waiting_at_revoke[0] > 0, waiting_at_revoke
 
 
+def test_a_member_that_stops_sends_its_frames_waiting_to_retry_before_it_goes(
+    kafka, scripted_service, video_frames: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same at a member's stop: frames waiting out a backoff longer than the stop's wait
+    were left, their partition's commit point with them, and the next member of the group
+    classified every frame answered after them again (found in review, stop 61)."""
+    failing = {frame_key(stream, index) for stream in ("cam-t", "cam-u") for index in (3, 4)}
+    target, service = scripted_service(
+        lambda request, attempt: (
+            grpc.StatusCode.INTERNAL if request.request_id in failing and attempt == 1 else None
+        ),
+        delay_s=0.05,
+    )
+    monkeypatch.setattr("tasks.stream.inference_caller.RETRY_BACKOFF_S", 60.0)
+    keys = [*_publish_frames(kafka, "cam-t", 20, video_frames[0]),
+            *_publish_frames(kafka, "cam-u", 20, video_frames[0])]  # fmt: skip
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    first = _consumer(kafka, target, group=group, concurrency=8, duration=8.0,
+                      idle_timeout=30.0, retry_max_backoff_s=60.0)  # fmt: skip
+    summaries = [first.run()]  # stops at its duration, four frames waiting 30-60 s
+    assert sum(service.calls[key] for key in failing) == 2 * len(failing)  # sent again first
+    summaries.append(_consumer(kafka, target, group=group, concurrency=8).run())
+    merged = merge_summaries(summaries)
+    copies = Counter(result_keys(read_topic(kafka.bootstrap_servers, kafka.results_topic,
+                                            expected=len(keys))))  # fmt: skip
+    assert set(copies) == set(keys) and set(copies.values()) == {1}, copies
+    assert sum(service.calls.values()) == len(keys) + len(failing), merged.as_dict()
+
+
 def test_a_result_too_large_to_send_is_a_failed_delivery_not_a_crash(kafka) -> None:
     """A result or stale record over --max-message-bytes (a small limit, a long stream id)
     raised librdkafka's error out of the consumer's loop: a traceback and no summary. Only a
