@@ -420,6 +420,29 @@ def test_a_member_joining_mid_run_gets_no_frame_twice_and_every_frame_has_an_out
     assert busy_at_revoke and busy_at_revoke[0] > 0, busy_at_revoke
 
 
+def _frames_3_and_4_failing_once(
+    kafka: KafkaSettings,
+    scripted_service: Callable[..., tuple[str, ScriptedClassifier]],
+    streams: tuple[str, ...],
+    count: int,
+    jpeg: bytes,
+    delay_s: float,
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[str, ScriptedClassifier, set[str], list[str]]:
+    """`count` frames of each stream published; a service that fails frames 3 and 4 of each
+    with INTERNAL once (a failure of their own), and a first backoff of 30-60 s for them."""
+    failing = {frame_key(stream, index) for stream in streams for index in (3, 4)}
+    target, service = scripted_service(
+        lambda request, attempt: (
+            grpc.StatusCode.INTERNAL if request.request_id in failing and attempt == 1 else None
+        ),
+        delay_s=delay_s,
+    )
+    monkeypatch.setattr("tasks.stream.inference_caller.RETRY_BACKOFF_S", 60.0)
+    keys = [key for stream in streams for key in _publish_frames(kafka, stream, count, jpeg)]
+    return target, service, failing, keys
+
+
 def test_a_frame_waiting_to_retry_at_a_rebalance_holds_back_no_answered_frame(
     kafka, scripted_service, video_frames: list[bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -427,16 +450,9 @@ def test_a_frame_waiting_to_retry_at_a_rebalance_holds_back_no_answered_frame(
     meanwhile committed at it, and the next owner classified every frame answered after it
     again (found in review, stop 61). Now the revoke sends it at once, with the calls in
     flight."""
-    failing = {frame_key(stream, index) for stream in ("cam-r", "cam-s") for index in (3, 4)}
-    target, service = scripted_service(
-        lambda request, attempt: (
-            grpc.StatusCode.INTERNAL if request.request_id in failing and attempt == 1 else None
-        ),
-        delay_s=0.5,
+    target, service, failing, keys = _frames_3_and_4_failing_once(
+        kafka, scripted_service, ("cam-r", "cam-s"), 100, video_frames[0], 0.5, monkeypatch
     )
-    monkeypatch.setattr("tasks.stream.inference_caller.RETRY_BACKOFF_S", 60.0)
-    keys = [*_publish_frames(kafka, "cam-r", 100, video_frames[0]),
-            *_publish_frames(kafka, "cam-s", 100, video_frames[0])]  # fmt: skip
     group = f"group-{uuid.uuid4().hex[:6]}"
     summaries: dict[str, ConsumerSummary] = {}
     first = _consumer(kafka, target, group=group, concurrency=8, idle_timeout=8.0,
@@ -476,16 +492,9 @@ def test_a_member_that_stops_sends_its_frames_waiting_to_retry_before_it_goes(
     """The same at a member's stop: frames waiting out a backoff longer than the stop's wait
     were left, their partition's commit point with them, and the next member of the group
     classified every frame answered after them again (found in review, stop 61)."""
-    failing = {frame_key(stream, index) for stream in ("cam-t", "cam-u") for index in (3, 4)}
-    target, service = scripted_service(
-        lambda request, attempt: (
-            grpc.StatusCode.INTERNAL if request.request_id in failing and attempt == 1 else None
-        ),
-        delay_s=0.05,
+    target, service, failing, keys = _frames_3_and_4_failing_once(
+        kafka, scripted_service, ("cam-t", "cam-u"), 20, video_frames[0], 0.05, monkeypatch
     )
-    monkeypatch.setattr("tasks.stream.inference_caller.RETRY_BACKOFF_S", 60.0)
-    keys = [*_publish_frames(kafka, "cam-t", 20, video_frames[0]),
-            *_publish_frames(kafka, "cam-u", 20, video_frames[0])]  # fmt: skip
     group = f"group-{uuid.uuid4().hex[:6]}"
     first = _consumer(kafka, target, group=group, concurrency=8, duration=8.0,
                       idle_timeout=30.0, retry_max_backoff_s=60.0)  # fmt: skip
