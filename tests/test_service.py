@@ -719,6 +719,22 @@ def test_a_loadtest_against_no_server_says_why_and_shows_no_latency(tmp_path: Pa
     assert 0 < errors <= 40 and f"(UNAVAILABLE {errors})" in loadtest.stdout, loadtest.stdout
 
 
+async def _streaming_loadtest_against(
+    servicer: inference_pb2_grpc.ClassifierServicer, image: bytes, callers: int, bound_s: float
+) -> list:
+    """One 2-s level of `loadtest --streaming` with `callers` against `servicer` on a gRPC
+    server of its own on 127.0.0.1 (messages up to 64 MiB), the whole bounded by `bound_s`."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    inference_pb2_grpc.add_ClassifierServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        run = run_loadtest(f"127.0.0.1:{port}", [image], [callers], 2.0, 0.0, streaming=True)
+        return await asyncio.wait_for(run, bound_s)
+    finally:
+        await server.stop(None)
+
+
 def test_a_streaming_load_test_against_a_server_that_stalls_ends_and_says_so(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -734,19 +750,8 @@ def test_a_streaming_load_test_against_a_server_that_stalls_ends_and_says_so(
                 await asyncio.sleep(3600)
             yield inference_pb2.ClassifyResponse()
 
-    async def load_test() -> list:
-        server = grpc.aio.server()
-        inference_pb2_grpc.add_ClassifierServicer_to_server(Stalled(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            run = run_loadtest(f"127.0.0.1:{port}", [b"x"], [2], 2.0, 0.0, streaming=True)
-            return await asyncio.wait_for(run, 20)
-        finally:
-            await server.stop(None)
-
     monkeypatch.setattr("services.inference.loadtest.CALL_TIMEOUT_S", 0.5)
-    (level,) = asyncio.run(load_test())
+    (level,) = asyncio.run(_streaming_loadtest_against(Stalled(), b"x", callers=2, bound_s=20))
     # Each of the 2 callers timed out, opened its stream again, and timed out again: 2 s of
     # 0.5-s waits (not one wait each, then nothing).
     assert level.requests == 0 and level.error_codes.get("DEADLINE_EXCEEDED", 0) >= 4, level
@@ -767,20 +772,9 @@ def test_a_streaming_loadtest_ends_its_level_against_a_server_that_reads_nothing
             await asyncio.sleep(3600)  # never reads a request
             yield inference_pb2.ClassifyResponse()
 
-    async def load_test() -> list:
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
-        inference_pb2_grpc.add_ClassifierServicer_to_server(Deaf(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            image = b"x" * (16 << 20)  # past any flow-control window the stream is given
-            run = run_loadtest(f"127.0.0.1:{port}", [image], [1], 2.0, 0.0, streaming=True)
-            return await asyncio.wait_for(run, 30)
-        finally:
-            await server.stop(None)
-
     monkeypatch.setattr("services.inference.loadtest.CALL_TIMEOUT_S", 0.5)
-    (level,) = asyncio.run(load_test())
+    image = b"x" * (16 << 20)  # past any flow-control window the stream is given
+    (level,) = asyncio.run(_streaming_loadtest_against(Deaf(), image, callers=1, bound_s=30))
     assert level.requests == 0 and level.error_codes.get("DEADLINE_EXCEEDED", 0) >= 2, level
     assert len(opened) >= 2, opened
 

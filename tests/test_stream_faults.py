@@ -378,6 +378,46 @@ def test_a_run_whose_source_or_results_failed_or_that_read_nothing_fails_with_it
     _raise_if_failed({"summary": healthy, "producer": produced}, settings)  # no failure
 
 
+def _second_member_joins(
+    first: FrameConsumer,
+    at_revoke: Callable[[], int],
+    ready: Callable[[], bool],
+    kafka: KafkaSettings,
+    target: str,
+) -> tuple[ConsumerSummary, list[int]]:
+    """`first` runs on a thread; once `ready()`, a second member of its group joins and runs
+    to its end: their merged summary, and `at_revoke()` as each of `first`'s revokes came
+    (to show the fault was made)."""
+    measured: list[int] = []
+    hand_over = first.assignment.before_revoke
+
+    def recorded_hand_over() -> None:
+        measured.append(at_revoke())
+        hand_over()
+
+    first.assignment.before_revoke = recorded_hand_over
+    summaries: dict[str, ConsumerSummary] = {}
+    running = threading.Thread(target=lambda: summaries.setdefault("first", first.run()))
+    running.start()
+    deadline = time.monotonic() + 60
+    while not ready():
+        assert time.monotonic() < deadline and running.is_alive()
+        time.sleep(0.05)
+    summaries["second"] = _consumer(
+        kafka, target, group=first.settings.group, concurrency=8, idle_timeout=8.0
+    ).run()
+    running.join(90)
+    assert not running.is_alive()
+    return merge_summaries(list(summaries.values())), measured
+
+
+def _assert_one_result_each(kafka: KafkaSettings, keys: list[str]) -> None:
+    """Every frame of `keys` has exactly one result on the results topic."""
+    copies = Counter(result_keys(read_topic(kafka.bootstrap_servers, kafka.results_topic,
+                                            expected=len(keys))))  # fmt: skip
+    assert set(copies) == set(keys) and set(copies.values()) == {1}, copies
+
+
 @pytest.mark.faults
 def test_a_member_joining_mid_run_gets_no_frame_twice_and_every_frame_has_an_outcome(
     kafka, scripted_service, video_frames: list[bytes]
@@ -389,32 +429,13 @@ def test_a_member_joining_mid_run_gets_no_frame_twice_and_every_frame_has_an_out
     # ~12 s of calls: the second member's join (seconds on a loaded machine) comes mid-backlog
     keys = [*_publish_frames(kafka, "cam-h", 100, video_frames[0]),
             *_publish_frames(kafka, "cam-j", 100, video_frames[0])]  # fmt: skip
-    group = f"group-{uuid.uuid4().hex[:6]}"
-    summaries: dict[str, ConsumerSummary] = {}
-    first = _consumer(kafka, target, group=group, concurrency=8, idle_timeout=8.0)
-    busy_at_revoke: list[int] = []  # the first member's calls in flight as each revoke came
-    hand_over = first.assignment.before_revoke
-
-    def recorded_hand_over() -> None:
-        busy_at_revoke.append(first.caller.busy)
-        hand_over()
-
-    first.assignment.before_revoke = recorded_hand_over
-    running = threading.Thread(target=lambda: summaries.setdefault("first", first.run()))
-    running.start()
-    deadline = time.monotonic() + 60
-    while sum(service.calls.values()) < 12:  # calls in flight when the second member joins
-        assert time.monotonic() < deadline and running.is_alive()
-        time.sleep(0.05)
-    summaries["second"] = _consumer(
-        kafka, target, group=group, concurrency=8, idle_timeout=8.0
-    ).run()
-    running.join(60)
-    merged = merge_summaries(list(summaries.values()))
+    first = _consumer(kafka, target, concurrency=8, idle_timeout=8.0)
+    # the first member's calls in flight as each revoke came; calls in flight as the other joins
+    merged, busy_at_revoke = _second_member_joins(
+        first, lambda: first.caller.busy, lambda: sum(service.calls.values()) >= 12, kafka, target
+    )
     assert merged.unanswered == 0 and merged.handed_over == 0, merged.as_dict()
-    copies = Counter(result_keys(read_topic(kafka.bootstrap_servers, kafka.results_topic,
-                                            expected=len(keys))))  # fmt: skip
-    assert set(copies) == set(keys) and set(copies.values()) == {1}, copies
+    _assert_one_result_each(kafka, keys)
     assert sum(service.calls.values()) == len(keys)  # none classified twice
     # The fault was made: the join's revoke came with calls in flight.
     assert busy_at_revoke and busy_at_revoke[0] > 0, busy_at_revoke
@@ -453,34 +474,17 @@ def test_a_frame_waiting_to_retry_at_a_rebalance_holds_back_no_answered_frame(
     target, service, failing, keys = _frames_3_and_4_failing_once(
         kafka, scripted_service, ("cam-r", "cam-s"), 100, video_frames[0], 0.5, monkeypatch
     )
-    group = f"group-{uuid.uuid4().hex[:6]}"
-    summaries: dict[str, ConsumerSummary] = {}
-    first = _consumer(kafka, target, group=group, concurrency=8, idle_timeout=8.0,
-                      retry_max_backoff_s=60.0)  # fmt: skip
-    waiting_at_revoke: list[int] = []
-    hand_over = first.assignment.before_revoke
-
-    def recorded_hand_over() -> None:
-        waiting_at_revoke.append(len(first.caller.waiting_retry))
-        hand_over()
-
-    first.assignment.before_revoke = recorded_hand_over
-    running = threading.Thread(target=lambda: summaries.setdefault("first", first.run()))
-    running.start()
-    deadline = time.monotonic() + 60
-    while sum(service.calls[key] for key in failing) < len(failing):  # all four failed once
-        assert time.monotonic() < deadline and running.is_alive()
-        time.sleep(0.05)
-    summaries["second"] = _consumer(
-        kafka, target, group=group, concurrency=8, idle_timeout=8.0
-    ).run()
-    running.join(90)
-    assert not running.is_alive()
-    merged = merge_summaries(list(summaries.values()))
+    first = _consumer(kafka, target, concurrency=8, idle_timeout=8.0, retry_max_backoff_s=60.0)
+    # the frames waiting to retry as each revoke came; the other joins once all four failed once
+    merged, waiting_at_revoke = _second_member_joins(
+        first,
+        lambda: len(first.caller.waiting_retry),
+        lambda: sum(service.calls[key] for key in failing) >= len(failing),
+        kafka,
+        target,
+    )
     assert merged.unanswered == 0 and merged.handed_over == 0, merged.as_dict()
-    copies = Counter(result_keys(read_topic(kafka.bootstrap_servers, kafka.results_topic,
-                                            expected=len(keys))))  # fmt: skip
-    assert set(copies) == set(keys) and set(copies.values()) == {1}, copies
+    _assert_one_result_each(kafka, keys)
     assert sum(service.calls.values()) == len(keys) + len(failing)  # none classified twice
     # The fault was made: the join's revoke came with frames waiting out their backoff.
     assert waiting_at_revoke and waiting_at_revoke[0] > 0, waiting_at_revoke
@@ -502,9 +506,7 @@ def test_a_member_that_stops_sends_its_frames_waiting_to_retry_before_it_goes(
     assert sum(service.calls[key] for key in failing) == 2 * len(failing)  # sent again first
     summaries.append(_consumer(kafka, target, group=group, concurrency=8).run())
     merged = merge_summaries(summaries)
-    copies = Counter(result_keys(read_topic(kafka.bootstrap_servers, kafka.results_topic,
-                                            expected=len(keys))))  # fmt: skip
-    assert set(copies) == set(keys) and set(copies.values()) == {1}, copies
+    _assert_one_result_each(kafka, keys)
     assert sum(service.calls.values()) == len(keys) + len(failing), merged.as_dict()
 
 
