@@ -26,6 +26,8 @@ LOOKBACK_S = 10.0
 PAGE = 200
 # After the run has ended: its last lines may still be on their way (its last batch).
 LAST_LINES_WAIT_S = 2.5
+# What Prefect's task engine logs as each task run that went well ends.
+TASK_RUN_WENT_WELL = "Finished in state Completed("
 
 
 class RunLogEcho:
@@ -40,6 +42,7 @@ class RunLogEcho:
         self.seen: set[str] = set()
         self.last_timestamp: str | None = None
         self.next_at = 0.0
+        self.task_names: dict[str, str] = {}
 
     def __call__(self) -> None:
         if time.monotonic() < self.next_at:
@@ -79,13 +82,33 @@ class RunLogEcho:
                     continue
                 self.seen.add(entry["id"])
                 self.last_timestamp = max(self.last_timestamp or "", entry["timestamp"])
-                lines = (entry.get("message") or "").strip().splitlines()
-                if lines:
-                    print(f"  {self.flow_name} | {lines[0]}", flush=True)
+                if line := self._line(entry):
+                    print(f"  {self.flow_name} | {line}", flush=True)
                     shown += 1
             if len(page) < PAGE:
                 return shown
             offset += PAGE
+
+    def _line(self, entry: dict[str, Any]) -> str | None:
+        """The entry's first line, a task run's with that run's name in front (`download
+        shard 2 of 4: ...`); None for a task run that ended well: one such line per task run
+        buried the run's own lines (found in review, stop 62)."""
+        lines = (entry.get("message") or "").strip().splitlines()
+        if not lines:
+            return None
+        task_run_id = entry.get("task_run_id")
+        if task_run_id is None:
+            return lines[0]
+        if lines[0].startswith(TASK_RUN_WENT_WELL):
+            return None
+        return f"{self._task_name(task_run_id)}: {lines[0]}"
+
+    def _task_name(self, task_run_id: str) -> str:
+        if task_run_id not in self.task_names:
+            body = {"task_runs": {"id": {"any_": [task_run_id]}}, "limit": 1}
+            runs = post_json(f"{self.api_url}/task_runs/filter", body)
+            self.task_names[task_run_id] = runs[0]["name"] if runs else "a task"
+        return self.task_names[task_run_id]
 
     def _after(self) -> str | None:
         """The time the lines asked for start at: LOOKBACK_S before the latest one seen."""

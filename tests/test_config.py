@@ -376,7 +376,8 @@ def test_loopback_is_added_to_both_proxy_exceptions_keeping_the_user_s(monkeypat
 @pytest.mark.parametrize("value", ["inf", "1e10"])
 @pytest.mark.parametrize(
     "argv",
-    [["consume", "--rpc-timeout-s"], ["stream-benchmark", "--duration"],
+    [["consume", "--rpc-timeout-s"], ["consume", "--broker-grace-s"],
+     ["stream-benchmark", "--duration"],
      ["stream-benchmark", "--capacity", "--step-seconds"],
      ["stream-benchmark", "--service-wait-s"]],
     ids=lambda argv: " ".join(argv),
@@ -388,12 +389,14 @@ def test_a_stream_wait_python_or_grpc_cannot_wait_for_is_refused_with_the_flag_n
     failed at once and each frame went to the dead-letter topic after its tries.
     `stream-benchmark --duration inf` overflowed a thread's wait: its group never read as
     joined, and the producer waited a minute before its first frame."""
-    from tasks.stream.settings import ConsumerSettings
+    from tasks.stream.settings import ConsumerSettings, KafkaSettings
     from vidflow.cli import stream_benchmark_settings
 
     args = build_parser().parse_args([*argv, value])
     with pytest.raises(ValueError, match=f"{argv[-1]} '{value}'"):
-        if argv[0] == "consume":
+        if argv[-1] == "--broker-grace-s":  # found in review, stop 62: 1e10 was taken
+            settings_from_args(KafkaSettings, args)
+        elif argv[0] == "consume":
             settings_from_args(ConsumerSettings, args)
         else:
             stream_benchmark_settings(args)

@@ -519,7 +519,7 @@ def test_the_demo_echoes_the_log_of_the_run_it_waits_on(
     """`prefect deployment run --watch` prints states only: the demo sat silent through each
     run. The run's log lines come through as they are written, each once, its first line,
     INFO and up, of the deployment's newest run only."""
-    from prefect import flow
+    from prefect import flow, task
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import LogCreate, WorkPoolCreate
     from prefect.settings import PREFECT_API_URL
@@ -543,11 +543,15 @@ def test_the_demo_echoes_the_log_of_the_run_it_waits_on(
         assert echo.echo_new() == 0  # no run yet
         run = client.create_flow_run_from_deployment(deployment)
 
-        def write(*lines: tuple[int, str], stamped: datetime.datetime | None = None) -> None:
+        def write(
+            *lines: tuple[int, str],
+            stamped: datetime.datetime | None = None,
+            task_run_id: uuid.UUID | None = None,
+        ) -> None:
             client.create_logs([
                 LogCreate(name="prefect.flow_runs", level=level, message=message,
                           timestamp=stamped or datetime.datetime.now(datetime.UTC),
-                          flow_run_id=run.id)
+                          flow_run_id=run.id, task_run_id=task_run_id)
                 for level, message in lines
             ])  # fmt: skip
 
@@ -560,6 +564,13 @@ def test_the_demo_echoes_the_log_of_the_run_it_waits_on(
         # sends its lines in batches of its own; found in review, stop 61: it was never shown)
         write((30, "v7 failed at transcode: no video stream"),
               stamped=first_at - datetime.timedelta(seconds=1))  # fmt: skip
+        # A task run's lines carry its name; a task run that went well says nothing (one
+        # "Finished in state Completed()" a task run buried the run's own lines)
+        for name, last_line in (("download shard 1", "Finished in state Failed('HTTP 404')"),
+                                ("download shard 2", "Finished in state Completed()")):  # fmt: skip
+            task_run = client.create_task_run(task(name="download")(lambda: None), run.id,
+                                              dynamic_key=name, name=name)  # fmt: skip
+            write((20, f"{name} began"), (40, last_line), task_run_id=task_run.id)
         write((20, "depth extraction: 23 ok, 1 failed"))
         echo()
         # More lines than one page of the API's answer, all of them, once; and the run's last
@@ -569,13 +580,16 @@ def test_the_demo_echoes_the_log_of_the_run_it_waits_on(
         echo.finish(wait_s=2.0)
         client.set_flow_run_state(run.id, Cancelled(), force=True)  # none left for a worker
     out = capsys.readouterr().out.splitlines()
-    assert out[:4] == [
+    assert out[:7] == [
         "  echoed | 24 videos: 0 already done",
         "  echoed | v3 failed at download: HTTP 404",
         "  echoed | v7 failed at transcode: no video stream",
+        "  echoed | download shard 1: download shard 1 began",
+        "  echoed | download shard 1: Finished in state Failed('HTTP 404')",
+        "  echoed | download shard 2: download shard 2 began",
         "  echoed | depth extraction: 23 ok, 1 failed",
     ]
-    assert sorted(out[4:-1]) == sorted(f"  echoed | line {index}" for index in range(250))
+    assert sorted(out[7:-1]) == sorted(f"  echoed | line {index}" for index in range(250))
     assert out[-1] == "  echoed | Finished in state Completed()"
 
 

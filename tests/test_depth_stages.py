@@ -1443,6 +1443,11 @@ TIMEOUTS = [
     "download_deadline_s",
     "download_rate_window_s",
     "transcode_timeout_s",
+    # found in review, stop 62: these alone took any number (a keep-alive of 1e12 s)
+    "depth_keep_alive_s",
+    "lost_node_wait_s",
+    "retry_backoff_s",
+    "retry_backoff_max_s",
 ]
 
 

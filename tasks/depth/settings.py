@@ -66,6 +66,7 @@ class DepthSettings(BaseSettings):
     depth_keep_alive_s: float = Field(
         300.0,
         ge=0,
+        le=MAX_WAIT_S,
         description=(
             "how long a loaded depth model waits for the next run on a cluster that outlives "
             "this one (0: it ends with the run)"
@@ -74,6 +75,7 @@ class DepthSettings(BaseSettings):
     lost_node_wait_s: float = Field(
         300.0,
         ge=0,
+        le=MAX_WAIT_S,
         description=(
             "how long a run on a Ray cluster that lost what a stage needs (its only node with "
             "the stage's CPUs, the depth actors' GPUs) waits for it again, a node replaced, "
@@ -123,10 +125,13 @@ class DepthSettings(BaseSettings):
         description="seconds over which download_min_rate_bps is measured",
     )
     download_retries: int = Field(4, ge=0, description="retries after a transient failure")
-    retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay, doubled each time")
+    retry_backoff_s: float = Field(
+        0.5, ge=0, le=MAX_WAIT_S, description="first retry delay, doubled each time"
+    )
     retry_backoff_max_s: float = Field(
         30.0,
         ge=0,
+        le=MAX_WAIT_S,
         description="longest backoff between retries (a server's Retry-After may ask for "
         "longer: it is waited for, up to the download's deadline, its slot let go meanwhile)",
     )

@@ -86,6 +86,7 @@ class KafkaSettings(BaseSettings):
     broker_grace_s: float = Field(
         30.0,
         gt=0,
+        le=MAX_WAIT_S,
         description="how long produce/consume wait for a lost broker before they fail (exit 1); "
         "a broker not there at the start is waited for this long, 15 s at most",
     )
