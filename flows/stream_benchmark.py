@@ -50,6 +50,7 @@ from services.inference.client import (
     wait_until_serving,
 )
 from tasks.stream.consumer_summary import nothing_answered
+from tasks.stream.frame_codec import new_session
 from tasks.stream.prefect_tasks import DRAIN_S, RUN_STOP, group_deadline_s, run_producer_and_group
 from tasks.stream.producer import check_sources
 from tasks.stream.settings import source_list
@@ -326,8 +327,10 @@ def run_once(settings: StreamBenchmarkSettings) -> tuple[dict[str, Any], dict[st
         idle_timeout=5.0,
         max_frame_age_ms=settings.max_frame_age_ms,
         # A new group starts at the topic's first frame: an earlier run's frames were counted
-        # (and their age in the latencies). A group given by name goes on where it was.
+        # (and their age in the latencies), and so were those of another producer writing to
+        # the topic meanwhile. A group given by name goes on where it was.
         produced_since_ms=None if settings.group else int(time.time() * 1000),
+        producer_session=None if settings.group else new_session(),
     )
     producer_settings = flow_producer_settings(
         source=settings.source, fps=settings.fps, loop=settings.loop,

@@ -59,6 +59,7 @@ FLOW_CONSUMER_RUN = {
     "summary_json": None,
     "metrics_port": None,
     "produced_since_ms": None,
+    "producer_session": None,
     "idle_timeout": None,
     "max_frame_age_ms": None,
 }

@@ -37,7 +37,7 @@ from tasks.stream.assignment import Assignment
 from tasks.stream.broker_watch import BrokerLostError, BrokerWatch
 from tasks.stream.consumer_metrics import ConsumerMetrics
 from tasks.stream.consumer_summary import ConsumerSummary, format_summary, merge_summaries
-from tasks.stream.frame_codec import FrameFormatError, decode_frame
+from tasks.stream.frame_codec import HEADER_SESSION, FrameFormatError, decode_frame
 from tasks.stream.inference_caller import InferenceCaller
 from tasks.stream.input_end import InputEnd
 from tasks.stream.kafka_io import Membership, consumer_config, leave_group
@@ -197,7 +197,7 @@ class FrameConsumer:
             if message.error().code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer error: %s", message.error())
             return False
-        if _before(message, self.settings.produced_since_ms):
+        if _another_runs(message, self.settings):
             # another run's frame, on a shared topic: passed over and committed, not counted,
             # so a benchmark measures its own frames only. Busy all the same: a member passing
             # over a long backlog (a broker that could not say where the run's frames start)
@@ -359,6 +359,20 @@ def _log_progress(member: FrameConsumer, elapsed_s: float) -> None:
     )  # fmt: skip
 
 
+def _another_runs(message: Message, settings: ConsumerSettings) -> bool:
+    """Whether the message is a frame of another run than the one `settings` count."""
+    return _before(message, settings.produced_since_ms) or _not_from(
+        message, settings.producer_session
+    )
+
+
 def _before(message: Message, since_ms: int | None) -> bool:
     """Whether the message was produced before `since_ms` (epoch ms; None: no limit)."""
     return since_ms is not None and message.timestamp()[1] < since_ms
+
+
+def _not_from(message: Message, session: str | None) -> bool:
+    """Whether the message is not a frame of producer start `session` (None: any producer's)."""
+    if session is None:
+        return False
+    return (HEADER_SESSION, session.encode()) not in (message.headers() or [])

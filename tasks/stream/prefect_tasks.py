@@ -104,6 +104,7 @@ def run_producer(
     duration_s: float,
     consumers_ready: list[threading.Event],
     consumer_failed: threading.Event | None = None,
+    session: str | None = None,
 ) -> ProduceStats:
     """Frames for `duration_s` once every consumer has joined; none once a consumer has failed
     (the run fails with its error; frames for nobody would only fill the topic), or Ctrl-C."""
@@ -129,7 +130,7 @@ def run_producer(
 
     threading.Thread(target=stop_when_due, daemon=True).start()
     try:
-        return produce_frames(settings, kafka, stop)
+        return produce_frames(settings, kafka, stop, session)
     finally:
         stop.set()  # ends the watch
 
@@ -168,7 +169,7 @@ def run_producer_and_group(
         for i in range(members)
     ]
     producer_run = run_producer.with_options(task_run_name=f"{label}producer").submit(
-        kafka, producer, duration_s, joined, failed, wait_for=[topics]
+        kafka, producer, duration_s, joined, failed, group.producer_session, wait_for=[topics]
     )
     produced: ProduceStats | None = None
     try:

@@ -359,9 +359,14 @@ class Feed:
 
 
 def produce_frames(
-    settings: ProducerSettings, kafka: KafkaSettings, stop: threading.Event | None = None
+    settings: ProducerSettings,
+    kafka: KafkaSettings,
+    stop: threading.Event | None = None,
+    session: str | None = None,
 ) -> ProduceStats:
-    """Publish frames until the sources end (unless --loop), --max-frames per stream, or `stop`."""
+    """Publish frames until the sources end (unless --loop), --max-frames per stream, or `stop`.
+    `session`: the one its frames carry, where the caller's consumers count only those (a new
+    one by default)."""
     stop = stop or threading.Event()
     sources = source_list(settings.source)
     bases = stream_bases(sources, settings.stream_id, settings.streams)
@@ -378,7 +383,7 @@ def produce_frames(
         stats = ProduceStats(
             stream_id=",".join(bases), source=shown_sources(sources),
             target_fps=feeds[0].fps, target_fps_per_stream=paces,
-            streams=n, per_stream=dict.fromkeys(paces, 0),
+            streams=n, per_stream=dict.fromkeys(paces, 0), session=session or new_session(),
         )  # fmt: skip
         outlet = _FrameOutlet(producer, watch, kafka.frames_topic, stats, stop)
         for feed in feeds:

@@ -483,6 +483,14 @@ class ConsumerSettings(BaseSettings):
             "passed over, uncounted: a benchmark's new group reads only its own run's frames"
         ),
     )
+    producer_session: str | None = Field(
+        None,
+        pattern=r"^[0-9A-Za-z_-]{1,64}$",
+        description=(
+            "only frames of this producer start (the session `vidflow produce` logs) are "
+            "classified; the others are passed over, uncounted, as with --produced-since-ms"
+        ),
+    )
 
     # An empty one (compose's `${HOST:-}`) bound every interface: `bind_address`.
     _metrics_host_checked = field_validator("metrics_host")(bind_address)
