@@ -541,10 +541,13 @@ def test_export_onnx_names_a_weights_file_that_is_not_a_checkpoint(
     monkeypatch.setenv("VIDFLOW_INFERENCE_TLS_CERT", str(tmp_path / "server.crt"))
     weights = tmp_path / "bad.pt"
     weights.write_text("not a model")
-    err = _refused(
-        ["export-onnx", "--weights", str(weights), "--cache-dir", str(tmp_path / "cache")], capsys
-    )
-    assert f"{weights} is not a PyTorch checkpoint" in err
+    export = ["export-onnx", "--weights", str(weights), "--cache-dir", str(tmp_path / "cache")]
+    assert f"{weights} is not a PyTorch checkpoint" in _refused(export, capsys)
+    # An empty file (a download cut short) raised a bare EOFError, then an IndexError in its
+    # place (found in review, stop 62)
+    weights.write_text("")
+    err = _refused(export, capsys)
+    assert f"{weights} is not a PyTorch checkpoint" in err and "the file is empty" in err
 
 
 def test_an_output_folder_on_a_file_system_without_locks_is_refused_in_one_line(

@@ -157,6 +157,12 @@ def weights_file(name: str, weights: Path | None = None) -> Path | None:
         return None
 
 
+def _empty_or(weights: Path, exc: BaseException) -> str:
+    """What a load error without words says: an empty file raised a bare EOFError (and an
+    IndexError in its place: found in review, stop 62)."""
+    return "the file is empty" if Path(weights).stat().st_size == 0 else type(exc).__name__
+
+
 def load_model(name: str, weights: Path | None = None) -> LoadedModel:
     """Build a registered model and load its weights (a local file, or the entry's default)."""
     import torch
@@ -176,7 +182,7 @@ def load_model(name: str, weights: Path | None = None) -> LoadedModel:
                 ) from exc
             raise WeightsUnavailableError(
                 f"{weights} is not a PyTorch checkpoint (a state_dict saved with torch.save): "
-                f"{str(exc).splitlines()[0]}"
+                f"{(str(exc).splitlines() or [_empty_or(weights, exc)])[0]}"
             ) from exc
         state_dict = _unwrapped(state_dict)
     else:

@@ -54,6 +54,8 @@ NO_ANSWER = ClassifyResponse()  # returned by a handler whose call has ended: ne
 # the wait, 1 in 4 runs of a test counted a call that outlived its deadline as INVALID_ARGUMENT.
 END_OF_CALL_S = 0.05
 CANCEL_WAIT_S = 1.0  # the most a handler waits for the call pool's watchdog to end its call
+# What a ClassifyStream client that stops reading its answers is told, as the server ends it.
+UNREAD = "its client read no answer sent"
 # How the watchdog ends a call waiting for its request: idle, or to make room (made_room).
 _ENDED_WAIT = {False: grpc.StatusCode.DEADLINE_EXCEEDED, True: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -221,6 +223,7 @@ class InferenceService(inference_pb2_grpc.ClassifierServicer):
                 functools.partial(self._start_stream_item, context=context),
                 size=lambda request: len(request.image),
                 idle_timeout_s=self.settings.idle_call_timeout_s,
+                on_unread=self.call_limit.idle_ender("ClassifyStream", context, UNREAD),
             )
             context.add_callback(answers.close)  # the call ended: nothing more to answer
             try:

@@ -8,12 +8,15 @@ grpcio's synchronous request iterator blocks until the next one comes.
 from __future__ import annotations
 
 import functools
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future
 from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
 
 # Requests of one ClassifyStream processed at once; enough to fill batches from a single stream.
 STREAM_WINDOW = 32
@@ -22,6 +25,10 @@ STREAM_WINDOW = 32
 # 12.8 MB each took a server from 1.2 to 2.35 GB). Each is held about twice: protobuf (upb) hands
 # out a copy of a message's bytes, kept by the batch beside the message itself.
 STREAM_WINDOW_BYTES = 32 * 1024 * 1024
+
+
+# How often the send watch looks at the streams' answers in sending.
+SEND_WATCH_EVERY_S = 0.5
 
 
 class StreamIdleError(TimeoutError):
@@ -51,6 +58,8 @@ class AnswersInOrder(Generic[RequestT, ResponseT]):
 
     With `idle_timeout_s`, a stream that has nothing in flight and sends no request for that
     long raises StreamIdleError once its answers are out: an idle client holds a call's place.
+    So does a client that stops reading answers: with `on_unread`, an answer in sending for
+    that long has `on_unread` called (SendWatch), which ends the call.
     """
 
     def __init__(
@@ -61,10 +70,14 @@ class AnswersInOrder(Generic[RequestT, ResponseT]):
         size: Callable[[RequestT], int] = lambda _: 0,
         window_bytes: int = STREAM_WINDOW_BYTES,
         idle_timeout_s: float | None = None,
+        on_unread: Callable[[], None] | None = None,
     ) -> None:
         self._requests, self._start, self._size = requests, start, size
         self._window, self._window_bytes = window, window_bytes
-        self._idle_timeout_s = idle_timeout_s
+        self._idle_timeout_s, self.on_unread = idle_timeout_s, on_unread
+        # Since when an answer has been handed to gRPC to send (None: none in sending); set and
+        # read without the lock (one float, the send watch reads it)
+        self.sending_since: float | None = None
         self._lock = threading.Condition()  # told each time an answer frees its share, or closing
         # Guarded by `_lock`:
         self._held_requests = self._held_bytes = 0
@@ -76,6 +89,8 @@ class AnswersInOrder(Generic[RequestT, ResponseT]):
 
     def __iter__(self) -> Iterator[ResponseT]:
         self._reader.start()
+        if self._idle_timeout_s is not None and self.on_unread is not None:
+            SEND_WATCH.watch(self, self._idle_timeout_s)
         try:
             while (item := self._next_item()) is not _END:
                 if isinstance(item, BaseException):
@@ -90,7 +105,9 @@ class AnswersInOrder(Generic[RequestT, ResponseT]):
                 except CancelledError:
                     raise StreamClosedError("the stream was closed") from None
                 self._release(nbytes)
-                yield response
+                self.sending_since = time.monotonic()
+                yield response  # grpcio sends it, then asks for the next
+                self.sending_since = None
                 self._moved()
         finally:
             self.close()
@@ -98,6 +115,7 @@ class AnswersInOrder(Generic[RequestT, ResponseT]):
     def close(self) -> None:
         """Stop reading and cancel every item not yet answered; safe from any thread (a call's
         end callback) and more than once."""
+        SEND_WATCH.unwatch(self)
         with self._lock:
             self._closed = True
             self._lock.notify_all()
@@ -165,3 +183,52 @@ class AnswersInOrder(Generic[RequestT, ResponseT]):
                         raise StreamIdleError(
                             f"no request and nothing in flight for {quiet_s:.0f} s"
                         ) from None
+
+
+class SendWatch:
+    """Calls `on_unread` of each stream whose answer has been in sending for longer than its
+    timeout. A client that stops reading answers leaves the stream's handler thread inside
+    grpcio's send, waiting for HTTP/2 flow-control window that never comes back, where no
+    check of the stream's own runs: the call held its place, threads and images for ever (found
+    in review, stop 62). gRPC has no send timeout; one thread watches every stream of the
+    process, started with the first, asleep while none is watched."""
+
+    def __init__(self, every_s: float = SEND_WATCH_EVERY_S) -> None:
+        self.every_s = every_s
+        self._lock = threading.Condition()
+        self._timeouts: dict[AnswersInOrder[object, object], float] = {}  # guarded by `_lock`
+        self._thread: threading.Thread | None = None
+
+    def watch(self, answers: AnswersInOrder[object, object], timeout_s: float) -> None:
+        with self._lock:
+            self._timeouts[answers] = timeout_s
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="send-watch", daemon=True)
+                self._thread.start()
+            self._lock.notify_all()
+
+    def unwatch(self, answers: AnswersInOrder[object, object]) -> None:
+        with self._lock:
+            self._timeouts.pop(answers, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: bool(self._timeouts))
+                now = time.monotonic()
+                stuck = [
+                    answers
+                    for answers, timeout_s in self._timeouts.items()
+                    if (since := answers.sending_since) is not None and now - since >= timeout_s
+                ]
+                for answers in stuck:
+                    del self._timeouts[answers]
+            for answers in stuck:
+                try:
+                    answers.on_unread()  # type: ignore[misc]
+                except Exception:  # the watch goes on for the other streams
+                    log.exception("a stream whose answers were not read could not be ended")
+            time.sleep(self.every_s)
+
+
+SEND_WATCH = SendWatch()
