@@ -73,6 +73,7 @@ class StepFigures:
     def as_dict(self) -> dict[str, Any]:
         return {
             **asdict(self),
+            "stream_fps": {stream: round(fps, 2) for stream, fps in self.stream_fps.items()},
             "fps_min": round(self.fps_min, 2),
             "fps_mean": round(self.fps_mean, 2),
         }
@@ -151,7 +152,7 @@ def step_figures(
     return StepFigures(
         streams=streams,
         source_fps=source_fps,
-        stream_fps={k: round(v, 2) for k, v in sorted(stream_fps.items())},
+        stream_fps=dict(sorted(stream_fps.items())),  # unrounded: judged (`shortfalls`) as is
         e2e_p50_ms=latency["p50"],
         e2e_p99_ms=latency["p99"],
         classified=len(e2e),
@@ -169,7 +170,7 @@ def shortfalls(
     reasons = []
     floor = min_fps_ratio * step.source_fps
     if not step.stream_fps or step.fps_min < floor:
-        reasons.append(f"slowest stream {step.fps_min:.2f} fps < {floor:.2f}")
+        reasons.append(f"slowest stream {step.fps_min:.3f} fps < {floor:.3f}")
     if step.classified == 0:  # its p99 of 0.0 ms would read as a measurement
         reasons.append("no frame classified")
     elif step.e2e_p99_ms > budget_ms:

@@ -41,6 +41,7 @@ from flows.stream_failures import (
     FramesUndeliveredError,
     GroupStalledError,
     NothingAnsweredError,
+    NothingConsumedError,
     ResultsUndeliveredError,
     StepRunFailedError,
     StreamRunFailedError,
@@ -52,6 +53,7 @@ from flows.stream_settings import (
     flow_producer_settings,
     refuse_live_for_capacity,
 )
+from tasks.stream.consumer_summary import ConsumerSummary
 from tasks.stream.live_source import has_no_end
 from tasks.stream.prefect_tasks import (
     DRAIN_S,
@@ -59,7 +61,7 @@ from tasks.stream.prefect_tasks import (
     group_deadline_s,
     run_producer_and_group,
 )
-from tasks.stream.producer import open_source, target_fps
+from tasks.stream.producer import ProduceStats, open_source, target_fps
 from tasks.stream.results import read_records
 from tasks.stream.settings import KafkaSettings, source_list
 from tasks.stream.topics import BrokerUnreachableError, delete_topics, topic_names
@@ -115,28 +117,7 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
             kafka, producer_settings, sweep.step_seconds, consumer_settings, sweep.consumers,
             sweep.client, label=step,
         )  # fmt: skip
-        if lost := produced.broker_error or summary.broker_error:  # nothing left to read back
-            raise StepBrokerLostError(f"the broker was lost in the step of {step[:-2]} ({lost})")
-        if undelivered := summary.delivery_error:  # its figures would read as a count failing
-            raise StepUndeliveredError(f"a consumer stopped in the step of {step[:-2]}: "
-                                       f"{undelivered}")  # fmt: skip
-        if produced.failed:  # frames the broker never took: the step measured the broker
-            raise StepFramesUndeliveredError(
-                f"the producer could not deliver {produced.failed} frame(s) in the step of "
-                f"{step[:-2]} (its log says why): the step would measure the broker, not this box"
-            )
-        if summary.frames_consumed and not summary.results_published and summary.errors:
-            raise StepNothingAnsweredError(  # a service gone, or one that answers no frame
-                f"the service at {sweep.client.target} classified none of the "
-                f"{summary.frames_consumed} frames of the step of {step[:-2]} ({summary.errors} "
-                "failed calls; the consumers' warnings in the run's log say why)"
-            )
-        if summary.stalled:  # its figures would cover the step until then only
-            raise StepStalledError(
-                f"the service at {sweep.client.target} stopped answering in the step of "
-                f"{step[:-2]}: {summary.outcomes} of the {produced.delivered} frames answered, "
-                f"then none for {DRAIN_S:g} s"
-            )
+        _raise_if_step_failed(sweep, step[:-2], produced, summary)
         try:
             records = read_records(kafka, kafka.results_topic)
         except KafkaException as exc:  # gone as the step ended
@@ -151,6 +132,42 @@ def run_step(sweep: StreamBenchmarkSettings, streams: int) -> tuple[StepFigures,
     figures = step_figures(streams, produced.target_fps or 0.0, records, produced.per_stream,
                            produced.frames_read, summary.lag)  # fmt: skip
     return figures, kept_topics(sweep, kafka, dead_letters=summary.dlq)
+
+
+def _raise_if_step_failed(
+    sweep: StreamBenchmarkSettings, step: str, produced: ProduceStats, summary: ConsumerSummary
+) -> None:
+    """The step's failure, where it measured something else than this box's capacity: the
+    sweep ends there and the run fails (a step where nothing went through read "0 streams")."""
+    if lost := produced.broker_error or summary.broker_error:  # nothing left to read back
+        raise StepBrokerLostError(f"the broker was lost in the step of {step} ({lost})")
+    if undelivered := summary.delivery_error:  # its figures would read as a count failing
+        raise StepUndeliveredError(f"a consumer stopped in the step of {step}: {undelivered}")
+    if produced.failed:  # frames the broker never took: the step measured the broker
+        raise StepFramesUndeliveredError(
+            f"the producer could not deliver {produced.failed} frame(s) in the step of "
+            f"{step} (its log says why): the step would measure the broker, not this box"
+        )
+    if produced.delivered and not summary.frames_consumed and not RUN_STOP.is_set():
+        raise StepNothingConsumedError(  # found in review, stop 62: it read "0 streams"
+            f"the broker took {produced.delivered} frames in the step of {step}, and the "
+            "consumer group read none: did its members get the topic's partitions? (a group "
+            "coordinator the broker could not give, a group ACL; the consumers' warnings say why)"
+        )
+    classified_none = summary.frames_consumed and not summary.results_published
+    if classified_none and (summary.errors or not summary.skipped_stale):
+        raise StepNothingAnsweredError(  # a service gone, or one that answers no frame
+            f"the service at {sweep.client.target} classified none of the "
+            f"{summary.frames_consumed} frames of the step of {step} ({summary.errors} failed "
+            f"calls, {summary.dlq} dead-lettered; the consumers' warnings in the run's log say "
+            "why)"
+        )
+    if summary.stalled:  # its figures would cover the step until then only
+        raise StepStalledError(
+            f"the service at {sweep.client.target} stopped answering in the step of "
+            f"{step}: {summary.outcomes} of the {produced.delivered} frames answered, "
+            f"then none for {DRAIN_S:g} s"
+        )
 
 
 class StepEndedError(RuntimeError):
@@ -174,6 +191,12 @@ class StepFramesUndeliveredError(StepEndedError):
     """The broker refused the step's frames (a size limit, an ACL) with the broker up."""
 
     failure = FramesUndeliveredError
+
+
+class StepNothingConsumedError(StepEndedError):
+    """The broker took the step's frames and the group read none (no partitions for it)."""
+
+    failure = NothingConsumedError
 
 
 class StepNothingAnsweredError(StepEndedError):

@@ -31,7 +31,7 @@ from common.files import FolderNotWritableError
 from common.frames import load_encoded_images
 from common.net import free_port
 from devstack.launcher import REPO_ROOT
-from devstack.video_server import Camera, VideoServer
+from devstack.video_server import Camera, Drip, VideoServer
 from flows.artifact_keys import CAPACITY_REPORT as REPORT_KEY
 from flows.artifact_keys import CAPACITY_TABLE as TABLE_KEY
 from flows.capacity_chart import capacity_chart
@@ -52,8 +52,10 @@ from flows.stream_benchmark import check_stack, stream_benchmark
 from flows.stream_capacity import source_format, step_kafka
 from flows.stream_failures import NothingAnsweredError
 from flows.stream_settings import StreamBenchmarkSettings
+from protos import inference_pb2, inference_pb2_grpc
 from services.inference.client import ServiceUnreachableError
 from services.inference.settings import ClientSettings
+from tasks.depth.transcode import ffmpeg_exe
 from tasks.stream.frame_codec import FrameResult
 from tasks.stream.producer import run_cameras
 from tasks.stream.results import read_records
@@ -169,6 +171,11 @@ def test_step_figures_come_from_the_result_records() -> None:
         "camera-0": pytest.approx(14.0, rel=0.02)
     }
     assert result_rate([0, 1], [0.0, 0.1]) == 0.0  # too few points to say
+    # Judged unrounded (found in review, stop 62: 27.436 was rounded to 27.44 and held)
+    paced = [record("camera", index, 28.0 * 0.9799, 10.0) for index in range(140)]
+    just_under = step_figures(1, 28.0, paced, ["camera"], 140, 0, 0.0)
+    assert just_under.as_dict()["stream_fps"] == {"camera": 27.44}
+    assert shortfalls(just_under, budget_ms=100) == ["slowest stream 27.437 fps < 27.440"]
 
 
 def test_a_step_whose_frames_went_without_a_result_does_not_hold() -> None:
@@ -481,15 +488,25 @@ def test_the_chart_and_verdict_rest_on_each_count_s_last_try() -> None:
     assert deciding_steps([other, first, second]) == [other, second]
 
 
+class _EmptyAnswers(inference_pb2_grpc.ClassifierServicer):
+    def Classify(self, request, context):  # the generated method's name
+        return inference_pb2.ClassifyResponse(request_id=request.request_id)
+
+
 @pytest.fixture
 def classify_less_service(request: pytest.FixtureRequest) -> Iterator[str]:
     """A real gRPC server on 127.0.0.1 that answers health checks with the status the test
     names and no Classify (every call ends UNIMPLEMENTED): a service that is there but wrong.
-    "NONE": no health service either (a proxy in front of a service answers so)."""
+    "NONE": no health service either (a proxy in front of a service answers so). "EMPTY":
+    serving, each Classify answered OK with no prediction (a service of another make)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    if request.param == "EMPTY":
+        inference_pb2_grpc.add_ClassifierServicer_to_server(_EmptyAnswers(), server)
     if request.param != "NONE":
         health_servicer = health.HealthServicer()
-        health_servicer.set("", getattr(health_pb2.HealthCheckResponse, request.param))
+        health_servicer.set(
+            "", getattr(health_pb2.HealthCheckResponse, request.param.replace("EMPTY", "SERVING"))
+        )
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -530,6 +547,22 @@ def test_a_sweep_whose_frames_the_service_never_classifies_fails_instead_of_find
         AdminClient({"bootstrap.servers": kafka.bootstrap_servers}).list_topics(timeout=10).topics
     )
     delete_topics(kafka, [listed["frames"], listed["results"], listed["dlq"]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("classify_less_service", ["EMPTY"], indirect=True)
+def test_a_sweep_whose_every_answer_is_empty_fails_instead_of_finding_0(
+    prefect_api, kafka, classify_less_service: str, tmp_path: Path
+) -> None:
+    """Found in review, stop 62: every frame dead-lettered for an answer without a prediction,
+    no call failed, and the sweep ended Completed with "0 streams ... on this machine"."""
+    settings = StreamBenchmarkSettings(
+        capacity=True, output_dir=tmp_path, client=ClientSettings(target=classify_less_service),
+        kafka=kafka, step_seconds=2.0, max_streams=2,
+    )  # fmt: skip
+    with pytest.raises(NothingAnsweredError, match=r"0 failed calls, \d+ dead-lettered") as failed:
+        stream_benchmark(settings=settings, return_state=True).result()
+    assert failed.value.outcome["steps"] == [] and failed.value.outcome["capacity"] == 0
 
 
 @pytest.mark.parametrize("classify_less_service", ["NOT_SERVING"], indirect=True)
@@ -616,6 +649,29 @@ def test_a_knob_the_mode_would_ignore_is_refused(settings: dict, refused: str) -
     StreamBenchmarkSettings(capacity=True, duration=30.0, keep_step_topics=False)
     StreamBenchmarkSettings(step_seconds=10.0, keep_step_topics=False)
     assert stream_benchmark.task_runner._max_workers >= 15 + 1  # 15 consumers and the producer
+
+
+def test_the_producer_runs_its_length_from_its_first_frame_not_from_its_start(
+    kafka, tmp_path: Path
+) -> None:
+    """Found in review, stop 62: the run's length was timed from before the producer opened its
+    source and started its broker client, and a slow open came out of a short capacity step."""
+    from tasks.stream.prefect_tasks import run_producer
+
+    # A source whose opening takes 2 s: the clip (its index first) served with a pause
+    clip = tmp_path / "clip.mp4"
+    copy = ["-c", "copy", "-movflags", "+faststart", str(clip)]
+    source = ["-loglevel", "error", "-i", str(VIDEOS / "k400_arm_wrestling.mp4")]
+    subprocess.run([ffmpeg_exe(), *source, *copy], check=True)
+    ready = threading.Event()
+    ready.set()
+    with VideoServer({"late.mp4": Drip(clip, chunk=64, every_s=2.0, drip_bytes=64)}) as server:
+        settings = ProducerSettings(source=server.url("late.mp4"), fps="10")
+        started = time.monotonic()
+        stats = run_producer.fn(kafka, settings, 1.5, [ready])
+    assert time.monotonic() - started >= 2.0 + 1.4
+    assert stats.duration_s == pytest.approx(1.5, abs=0.3)
+    assert 12 <= stats.frames_read <= 17  # 1.5 s at 10 frames/s
 
 
 def test_the_producer_stops_as_soon_as_a_consumer_fails(kafka) -> None:

@@ -14,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
+from common.settings import MAX_WAIT_S
 from services.inference.settings import ClientSettings
 from tasks.stream.consumer import ConsumerSummary, FrameConsumer, merge_summaries
 from tasks.stream.input_end import InputEnd
@@ -122,15 +123,18 @@ def run_producer(
             sum(not ready.is_set() for ready in consumers_ready), len(consumers_ready),
             JOIN_WAIT_S,
         )  # fmt: skip
-    stop = threading.Event()
+    stop, producing = threading.Event(), threading.Event()
 
     def stop_when_due() -> None:
+        # From the first frame's schedule: the sources' opening and the broker client's start
+        # came out of the run's length, a short capacity step's too (found in review, stop 62)
+        _wait_until(lambda: producing.is_set() or stop.is_set(), ends, MAX_WAIT_S)
         _wait_until(stop.is_set, ends, duration_s)
         stop.set()
 
     threading.Thread(target=stop_when_due, daemon=True).start()
     try:
-        return produce_frames(settings, kafka, stop, session)
+        return produce_frames(settings, kafka, stop, session, producing)
     finally:
         stop.set()  # ends the watch
 

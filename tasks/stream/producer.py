@@ -363,10 +363,12 @@ def produce_frames(
     kafka: KafkaSettings,
     stop: threading.Event | None = None,
     session: str | None = None,
+    producing: threading.Event | None = None,
 ) -> ProduceStats:
     """Publish frames until the sources end (unless --loop), --max-frames per stream, or `stop`.
     `session`: the one its frames carry, where the caller's consumers count only those (a new
-    one by default)."""
+    one by default). `producing` is set as the first frame's schedule starts (its sources open,
+    its broker client made), where a caller times the run from."""
     stop = stop or threading.Event()
     sources = source_list(settings.source)
     bases = stream_bases(sources, settings.stream_id, settings.streams)
@@ -386,14 +388,10 @@ def produce_frames(
             streams=n, per_stream=dict.fromkeys(paces, 0), session=session or new_session(),
         )  # fmt: skip
         outlet = _FrameOutlet(producer, watch, kafka.frames_topic, stats, stop)
-        for feed in feeds:
-            log.info(
-                "producing %s as %d stream(s) %s (session %s) to %s at %s",
-                shown_url(feed.source), len(feed.cameras),
-                ", ".join(c.stream_id for c in feed.cameras), stats.session, kafka.frames_topic,
-                _shown_pace(feed),
-            )  # fmt: skip
+        _say_what_is_produced(feeds, stats.session, kafka.frames_topic)
         started, stats.schedule_start_ns = time.monotonic(), time.time_ns()
+        if producing is not None:
+            producing.set()
         try:
             _replay_all(feeds, settings, started, stop, outlet)
         except BrokerLostError as exc:
@@ -417,6 +415,15 @@ def produce_frames(
             stats.frames_dropped,
         )  # fmt: skip
     return stats
+
+
+def _say_what_is_produced(feeds: list[Feed], session: str, topic: str) -> None:
+    for feed in feeds:
+        log.info(
+            "producing %s as %d stream(s) %s (session %s) to %s at %s",
+            shown_url(feed.source), len(feed.cameras),
+            ", ".join(c.stream_id for c in feed.cameras), session, topic, _shown_pace(feed),
+        )  # fmt: skip
 
 
 def _shown_pace(feed: Feed) -> str:
