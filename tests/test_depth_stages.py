@@ -521,6 +521,25 @@ def test_a_download_waiting_out_a_retry_after_lets_the_others_go_on(tmp_path: Pa
     assert order == ["busy.mp4", "free.mp4", "busy.mp4"]  # the free one went in the wait
 
 
+def test_a_retried_download_s_wait_for_a_slot_is_not_taken_from_its_deadline(
+    tmp_path: Path,
+) -> None:
+    """Found in review, stop 62: a download let its slot go for a retry's wait and queued for
+    it again behind the shard's downloads not yet started, its deadline running: it failed
+    "deadline" for a 503 that a retry would have got past."""
+    settings = DepthSettings(download_concurrency=1, download_deadline_s=3.0,
+                             retry_backoff_s=0.1, retry_backoff_max_s=0.2)  # fmt: skip
+    slow = Drip(CLIP, chunk=64, every_s=2.0, drip_bytes=64)  # 2 s each
+    routes = {"busy.mp4": Busy(CLIP, retry_after="0"), "slow1.mp4": slow, "slow2.mp4": slow}
+    with VideoServer(routes) as server:
+        records = [_record(server.url(name), name.split(".")[0]) for name in routes]
+        busy, *slow_ones = download_many(records, tmp_path, settings)
+        order = list(server.order)
+    assert order == ["busy.mp4", "slow1.mp4", "slow2.mp4", "busy.mp4"]  # ~4 s behind them
+    assert not busy.failed and busy.download_attempts == 2, busy.error
+    assert not [record for record in slow_ones if record.failed]
+
+
 def test_a_body_cut_short_by_a_dropped_connection_is_retried(tmp_path: Path) -> None:
     with VideoServer({"v.mp4": Cut(CLIP)}) as server:
         record = download(_record(server.url("v.mp4")), tmp_path, DepthSettings(**FAST_RETRIES))

@@ -377,10 +377,9 @@ async def download_video(
             delay = backoff_delay_s(attempt - 1, settings, getattr(exc, "retry_after_s", None))
             if loop.time() + delay >= deadline:
                 return failed(attempt, f"{describe(exc)}; no time left to retry, {too_late}")
-            log.warning(
-                "%s: %s; retry %d in %.2f s", record.video_id, describe(exc), attempt, delay
-            )
-            await _wait_without(slot, delay)
+            log.warning("%s: %s; retry %d in %.2f s", record.video_id, describe(exc), attempt,
+                        delay)  # fmt: skip
+            deadline += await _wait_without(slot, delay)  # the slot's queue is not its time
             continue
         took = time.perf_counter() - started
         return record.update(
@@ -388,16 +387,21 @@ async def download_video(
         )
 
 
-async def _wait_without(slot: asyncio.Semaphore | None, delay: float) -> None:
-    """Sleep `delay` seconds with `slot` let go, and take it again before going on."""
+async def _wait_without(slot: asyncio.Semaphore | None, delay: float) -> float:
+    """Sleep `delay` seconds with `slot` let go, and take it again before going on; the seconds
+    waited for it after the sleep, behind the shard's downloads not yet started, which are not
+    the retrying video's (they took its deadline, and its row said "deadline" for a 503 a retry
+    would have got past: found in review, stop 62)."""
     if slot is None:
         await asyncio.sleep(delay)
-        return
+        return 0.0
     slot.release()
     try:
         await asyncio.sleep(delay)
     finally:  # taken again even if cancelled meanwhile: its holder lets it go once
+        asked = time.monotonic()
         await asyncio.shield(slot.acquire())
+    return time.monotonic() - asked
 
 
 async def download_videos(
