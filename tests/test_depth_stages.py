@@ -222,6 +222,27 @@ def test_a_csv_with_a_url_column_keeps_its_labels(tmp_path: Path) -> None:
     assert [(r.video_id[:2], r.label) for r in records] == [("a_", "juggling"), ("b_", None)]
 
 
+def test_a_csv_s_time_columns_ask_for_their_clip(tmp_path: Path) -> None:
+    """Found in review, stop 62: `time_start`, `time_end` were dropped, and each row done as
+    the whole video under its clip's label. Two clips of one video are two rows."""
+    header = "url,label,time_start,time_end\n"
+    listing = tmp_path / "clips.csv"
+    listing.write_text(header + "https://h/a.mp4,juggling,417,427\n"
+                       "https://h/a.mp4,dancing,2.5,12.5\nhttps://h/b.mp4,,,\n")  # fmt: skip
+    first, second, whole = read_url_list(listing)
+    assert first.source_url == "https://h/a.mp4#t=417,427" and first.label == "juggling"
+    assert second.source_url == "https://h/a.mp4#t=2.5,12.5" and second.label == "dancing"
+    assert first.video_id != second.video_id
+    assert whole.source_url == "https://h/b.mp4"  # no window asked
+    for row, why in [('https://h/a.mp4,x,417,', "time_start and time_end go together"),
+                     ('https://h/a.mp4,x,427,417', "bad time window"),
+                     ('https://h/a.mp4,x,ten,20', "bad time window"),
+                     ('"https://h/a.mp4#t=1,2",x,417,427', "a window of its own")]:  # fmt: skip
+        listing.write_text(header + row + "\n")
+        with pytest.raises(SourceListError, match=why):
+            read_url_list(listing)
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -409,7 +430,8 @@ def test_kinetics_csvs_as_people_write_them_read_or_say_what_is_wrong(tmp_path: 
     short row, a template with an open brace or a UTF-16 file gave a traceback or a message
     that named neither the file nor the flag."""
     loose = tmp_path / "loose.csv"
-    loose.write_text("Label, YouTube_ID,Time_Start,time_end\nabseiling,0wR5jVB-WPk,417,427\n")
+    # blank lines first (found in review, stop 62: "not a Kinetics CSV, missing columns")
+    loose.write_text("\n \nLabel, YouTube_ID,Time_Start,time_end\nabseiling,0wR5jVB-WPk,417,427\n")
     (record,) = read_kinetics_csv(loose, url_template="https://h/{split}/{youtube_id}.mp4")
     assert record.source_url == "https://h/val/0wR5jVB-WPk.mp4#t=417,427"  # split: as asked
     assert (record.label, record.youtube_id, record.split) == ("abseiling", "0wR5jVB-WPk", "val")

@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from common.urls import shown_url, unsigned_url
-from tasks.depth.clip_window import asked_window, with_window
+from tasks.depth.clip_window import asked_window, window_of, with_window
 from tasks.depth.video_record import VideoRecord
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ def read_url_list(path: Path) -> list[VideoRecord]:
     """One URL per line, or a CSV whose header names a `url` column; blank lines and `#`
     comments are skipped in both.
 
-    A CSV may also carry `video_id`, `label` and `split` columns; they are kept. Column names
+    A CSV may also carry `video_id`, `label` and `split` columns; they are kept; and
+    `time_start`, `time_end` (seconds), the clip of the video its row asks for. Column names
     are matched without case or surrounding spaces, in quotes or not, and a header of `url`
     alone is a header too. A line or row the list cannot mean as written (a `#t=` window that
     does not read, more fields than the header) refuses it, naming its line.
@@ -172,12 +173,33 @@ def _csv_record(header: list[str], row: list[str], where: str) -> VideoRecord | 
         log.warning("%s: a row without a URL is skipped: %s", where, ",".join(row)[:200])
         return None
     given_id = fields.get("video_id")
+    url = _windowed(url, fields, where)
     return VideoRecord(
         video_id=sanitize_video_id(given_id) if given_id else _id_from_url(url),
         source_url=_checked_url(url, where),
         label=fields.get("label") or None,
         split=fields.get("split") or None,
     )
+
+
+def _windowed(url: str, fields: dict[str, str], where: str) -> str:
+    """`url` asking for its row's `time_start`,`time_end` window (`#t=`), where the row gives
+    one. The columns were dropped, and each row done as the whole video under its clip's label
+    (found in review, stop 62)."""
+    start, end = fields.get("time_start", ""), fields.get("time_end", "")
+    if not (start or end):
+        return url
+    if not (start and end):
+        raise SourceListError(f"{where}: time_start and time_end go together: give both")
+    if window_of(url) is not None:
+        raise SourceListError(
+            f"{where}: the URL asks for a window of its own (#t=) and the row for another "
+            "(time_start, time_end): give one"
+        )
+    try:
+        return with_window(url, float(start), float(end))
+    except ValueError as exc:
+        raise SourceListError(f"{where}: bad time window: {exc}") from None
 
 
 def _checked_url(url: str, where: str) -> str:
@@ -210,7 +232,10 @@ def read_kinetics_csv(
     cuts from the video.
     """
     whole_videos = not {"time_start", "time_end"} & _check_template(url_template)
-    reader = csv.DictReader(_read_text(path).splitlines())
+    lines = _read_text(path).splitlines()
+    # Blank lines before the header (found in review, stop 62: "not a Kinetics CSV ... []")
+    blank_first = next((i for i, line in enumerate(lines) if line.strip()), len(lines))
+    reader = csv.DictReader(lines[blank_first:])
     found = reader.fieldnames or []
     # Headers as people write them ("YouTube_ID", " label") read as Kinetics' own.
     reader.fieldnames = [name.strip().lower() for name in found]
@@ -224,7 +249,7 @@ def read_kinetics_csv(
     clips: set[tuple[str, ...]] = set()  # --limit counts clips: a repeated row is no new one
     splits_skipped: dict[str, int] = {}
     for row in reader:
-        line_number = reader.line_num  # the row's own line, blank lines before it counted
+        line_number = blank_first + reader.line_num  # the row's own line, blank ones counted
         if not any(value.strip() for value in row.values() if isinstance(value, str)):
             continue  # a blank row, or one of empty fields (`,,,,` from a spreadsheet)
         row_split = (row.get("split") or "").strip() or split
