@@ -18,6 +18,8 @@ from devstack.broker import start_broker
 from tasks.depth.dataset_settings import check_dataset_settings, record_dataset_settings
 from tasks.depth.output_lock import check_output_free
 from tasks.depth.settings import DepthSettings
+from tasks.depth.video_record import VideoRecord
+from tasks.depth.video_table import VideoTable
 from tests.conftest import output_held_by_another_run
 from vidflow.cli import main
 
@@ -201,6 +203,16 @@ def test_depth_refuses_settings_that_differ_from_the_datasets_in_its_folder(
     (output / "videos" / "a.mp4").unlink()
     with pytest.raises(ValueError, match=r"made with height=360; this run asks height=240"):
         check_dataset_settings(output, made.model_copy(update={"height": 240}))
+    # Its files all deleted, its table kept: the done rows bind (found in review, stop 62: the
+    # run skipped them, and the record took the new settings)
+    (output / "depth" / "a.npy").unlink()
+    table = VideoTable(output)
+    table.create()
+    table.upsert([VideoRecord(video_id="a", source_url="https://h/a.mp4", status="ok")])
+    with pytest.raises(ValueError, match=r"made with height=360, frames=first; this run asks"):
+        check_dataset_settings(output, made.model_copy(update={"height": 480, "frames": "all"}))
+    table.upsert([VideoRecord(video_id="a", source_url="https://h/a.mp4", status="failed")])
+    check_dataset_settings(output, made.model_copy(update={"height": 480, "frames": "all"}))
 
 
 def test_stream_commands_refuse_bad_rates_and_counts_before_the_broker(capsys) -> None:

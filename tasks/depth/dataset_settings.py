@@ -36,7 +36,9 @@ def check_dataset_settings(folder: Path, settings: DepthSettings) -> None:
     (a folder without the record, new or of an older vidflow, takes any; so does one where
     nothing was made yet, e.g. after a run whose every transcode failed on a bad setting; the
     transcode settings bind once a transcode or a map is there, the depth settings once a map
-    is)."""
+    is, both once a row says a video is done)."""
+    from tasks.depth.video_table import VideoTable  # Lance: only where a folder is checked
+
     recorded = _recorded(folder)
     wanted = shaping_settings(settings)
     transcodes, depth_maps = OutputLayout(folder).shaped_folders
@@ -44,7 +46,9 @@ def check_dataset_settings(folder: Path, settings: DepthSettings) -> None:
     # would not load), another model goes on from the transcodes, not from a new folder.
     # A depth map binds the transcode's settings too: it lies on that transcode's frames (its
     # transcodes deleted to free space, a run at another height mixed two sizes of map).
-    maps_made = _holds_files(depth_maps)
+    # So does a done row, its files deleted (to redo the dataset at other settings: its done
+    # videos were skipped, and the record took the new settings; found in review, stop 62).
+    maps_made = _holds_files(depth_maps) or VideoTable(folder).has_done_rows()
     binding = [
         *(TRANSCODE_SHAPING if maps_made or _holds_files(transcodes) else ()),
         *(DEPTH_SHAPING if maps_made else ()),

@@ -64,6 +64,13 @@ class VideoTable:
             return
         self.check_layout()
 
+    def has_done_rows(self) -> bool:
+        """Whether a video's row says `ok` (its layout checked first: `check_layout`)."""
+        if not self.exists():
+            return False
+        self.check_layout()
+        return lance.dataset(self.lance_path).count_rows(filter="status = 'ok'") > 0
+
     def check_layout(self) -> None:
         """Refuse an existing table whose columns differ from the ones this version writes."""
         if not self.exists():
