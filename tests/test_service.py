@@ -619,6 +619,22 @@ def test_grpc_and_http_ports_listen_on_loopback_only_by_default(onnx_server) -> 
         assert addresses and addresses <= loopback, (port, addresses)
 
 
+def test_a_server_on_every_interface_answers_http_on_both_families_as_grpc_does(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """Found in review, stop 62: `--host ::` served gRPC on IPv4 and IPv6 and HTTP on IPv6
+    alone (asyncio binds `::` IPv6-only): an IPv4 cluster's readiness probe and Prometheus
+    never reached `/readyz` and `/metrics`. (Bound to every interface for the test's seconds.)"""
+    server = start_server(tmp_path, model_cache, "--host", "::")
+    try:
+        server.wait_serving()  # over gRPC, on 127.0.0.1
+        for address in ("127.0.0.1", "[::1]"):
+            url = f"http://{address}:{server.http_port}/readyz"
+            assert _http_get(url) == (200, '{"status": "ready"}'), url
+    finally:
+        assert server.terminate() == 0
+
+
 def test_a_grpc_client_on_the_http_port_is_told_so_and_the_log_takes_one_line(
     onnx_server,
 ) -> None:

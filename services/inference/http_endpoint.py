@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
@@ -64,5 +65,23 @@ async def start_http(
     logging.getLogger("aiohttp.server").addFilter(_UNREADABLE_REQUESTS)  # once: a set
     runner = web.AppRunner(http_app(registry, is_ready), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    if host == "::":  # every interface of both families, as gRPC's [::] is
+        await web.SockSite(runner, _dual_stack_socket(port)).start()
+    else:
+        await web.TCPSite(runner, host, port).start()
     return runner
+
+
+def _dual_stack_socket(port: int) -> socket.socket:
+    """A socket bound to `::` that takes IPv4 connections too. asyncio binds `::` IPv6-only:
+    gRPC answered on the pod's IPv4 address and `/readyz` and `/metrics` did not, so an IPv4
+    cluster's probes never saw the service ready (found in review, stop 62)."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

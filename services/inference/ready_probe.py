@@ -2,9 +2,9 @@
 
 Over plain HTTP, so it holds with TLS on the gRPC port; asked on the address
 `VIDFLOW_INFERENCE_HOST` names where it names one (a pod's own IP: bound there alone, the
-service was never seen ready on loopback), then 127.0.0.1, then ::1: a service bound to `::`
-listens on IPv6 alone (aiohttp binds it IPv6-only). Exit 0 when ready, 1 otherwise (Docker
-reserves 2). Standard library only: it runs every 30 s.
+service was never seen ready on loopback), then 127.0.0.1, then ::1 (a service bound to
+`::1` alone). Exit 0 when ready, 1 otherwise (Docker reserves 2). Standard library only: it
+runs every 30 s.
 """
 
 from __future__ import annotations
