@@ -1435,6 +1435,31 @@ def test_a_new_benchmark_group_starts_at_its_run_s_frames_not_the_topic_s_first(
     assert passed_over == [], f"{len(passed_over)} older frames read and passed over"
 
 
+def test_frames_of_another_producer_session_are_passed_over_and_counted(
+    kafka, scripted_service, video_frames: list[bytes], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--producer-session` classifies one producer start's frames and commits past the rest;
+    found in review, stop 62: a session mistyped passed every frame over, counted nowhere, and
+    `vidflow consume` exited 0. They are counted, and a run that passed over all it read fails."""
+    from tasks.stream.consumer_summary import format_summary
+    from vidflow.cli import main
+
+    target, service = scripted_service(lambda _request, _attempt: None)
+    _publish_frames(kafka, "cam-s", 12, video_frames[0])  # a producer that sends no session
+    group = f"group-{uuid.uuid4().hex[:6]}"
+    summary = _consumer(kafka, target, group=group, producer_session="abc123").run()
+    assert summary.passed_over == 12 and summary.frames_consumed == 0 and not service.calls
+    assert "passed over 12 frames of other runs" in format_summary(summary.as_dict())
+    assert committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) == 12
+    _publish_frames(kafka, "cam-s", 3, video_frames[0])
+    consume = ["consume", "--bootstrap-servers", kafka.bootstrap_servers, "--target", target,
+               "--frames-topic", kafka.frames_topic, "--results-topic", kafka.results_topic,
+               "--dlq-topic", kafka.dlq_topic, "--group", group, "--idle-timeout", "4",
+               "--producer-session", "abc123"]  # fmt: skip
+    assert main(consume) == 1
+    assert "each of the 3 frames read was passed over" in capsys.readouterr().err
+
+
 def test_a_call_that_outlasts_a_rebalance_is_not_answered_when_its_partition_comes_back(
     kafka, scripted_service, video_frames: list[bytes]
 ) -> None:

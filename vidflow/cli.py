@@ -238,6 +238,13 @@ def _consume(args: argparse.Namespace) -> int:
     if nothing_answered(summary):
         log.error("no frame was answered: is the service at %s up and right?", client.target)
         return 1
+    if summary["passed_over"] and not summary["frames_consumed"]:
+        log.error(
+            "each of the %d frames read was passed over as another run's, none classified: "
+            "--producer-session (the session `vidflow produce` logs) or --produced-since-ms?",
+            summary["passed_over"],
+        )  # fmt: skip
+        return 1
     return 1 if summary["broker_error"] or summary["delivery_error"] or not written else 0
 
 

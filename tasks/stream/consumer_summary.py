@@ -24,6 +24,9 @@ class ConsumerSummary:
     retries: int = 0
     # Consumed, then revoked before an outcome: the partition's next owner gives it one.
     handed_over: int = 0
+    # Another run's frames (--produced-since-ms, --producer-session): committed past, uncounted
+    # above. Counted here: a session mistyped passed every frame over, and said nothing.
+    passed_over: int = 0
     duration_s: float = 0.0
     lag: int | None = 0  # None: unknown (the broker was gone at the end)
     broker_error: str | None = None
@@ -66,6 +69,7 @@ class ConsumerSummary:
             "errors": self.errors,
             "retries": self.retries,
             "handed_over": self.handed_over,
+            "passed_over": self.passed_over,
             "fps": round(self.fps, 2),
             "duration_s": round(self.duration_s, 3),
             "lag": self.lag,
@@ -85,7 +89,7 @@ def merge_summaries(summaries: list[ConsumerSummary]) -> ConsumerSummary:
     for summary in summaries:
         for name in (
             "frames_consumed", "results_published", "skipped_stale", "dlq", "errors", "retries",
-            "handed_over",
+            "handed_over", "passed_over",
         ):  # fmt: skip
             setattr(merged, name, getattr(merged, name) + getattr(summary, name))
         if merged.lag is not None:
@@ -109,6 +113,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"dlq {summary['dlq']}, handed over {summary.get('handed_over', 0)}, "
         f"unanswered {summary['unanswered']}, errors {summary['errors']}, "
         f"{summary['fps']:.1f} fps, lag {lag}",
+        *([_passed_over(summary["passed_over"])] if summary.get("passed_over") else []),
         *([f"BROKER LOST: {summary['broker_error']}"] if summary.get("broker_error") else []),
         *([f"STOPPED: {summary['delivery_error']}"] if summary.get("delivery_error") else []),
         *(
@@ -125,6 +130,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         cells = [f"{s[k]:>8.1f}" if s["count"] else f"{'-':>8}" for k in keys]
         lines.append(f"{name[:-3]:>10} {' '.join(cells)}")
     return "\n".join(lines)
+
+
+def _passed_over(count: int) -> str:
+    return f"passed over {count} frames of other runs (another producer session, or older)"
 
 
 def nothing_answered(summary: dict[str, Any]) -> bool:

@@ -62,6 +62,7 @@ class Publisher:
 
     def passed_over(self, message: Message) -> None:
         """A message read and left alone (not this consumer's to answer): committed past."""
+        self.summary.passed_over += 1
         self.offsets.started(message.topic(), message.partition(), message.offset())
         self.offsets.finished(message.topic(), message.partition(), message.offset())
 
