@@ -46,3 +46,46 @@ def test_never_commits_past_an_unfinished_offset(order: list[int], done_count: i
     point = tracker.commit_point("t", 0)
     assert all(offset in finished for offset in range(point))
     assert point == 30 or point not in finished
+
+
+def test_a_partition_whose_commit_point_could_not_be_read_keeps_it() -> None:
+    """Found in review, stop 62: `committed()` reports a partition it could not read with its
+    `error` set and offset -1001, which read as "never committed": the run's start offset was
+    looked up and committed over the group's own commit point, backwards. (A stand-in for
+    the consumer: a broker that fails one partition's lookup cannot be had on demand.)"""
+    from types import SimpleNamespace
+
+    from confluent_kafka import TopicPartition
+
+    from tasks.stream.assignment import start_at_time
+
+    class OneLookupFailing:
+        def __init__(self) -> None:
+            self.looked_up: list[int] = []
+            self.committed_offsets: list[tuple[int, int]] = []
+
+        def committed(self, partitions, timeout):
+            unreadable, never = ("timed out", 0), (None, 1)
+            return [
+                SimpleNamespace(topic="frames", partition=index, offset=-1001, error=error)
+                for error, index in (unreadable, never)
+            ]
+
+        def get_watermark_offsets(self, partition, timeout):
+            return (0, 40)
+
+        def offsets_for_times(self, partitions, timeout):
+            self.looked_up += [p.partition for p in partitions]
+            return [TopicPartition(p.topic, p.partition, 30) for p in partitions]
+
+        def commit(self, offsets, asynchronous):
+            self.committed_offsets += [(p.partition, p.offset) for p in offsets]
+
+        def assign(self, partitions) -> None:
+            pass
+
+    consumer = OneLookupFailing()
+    partitions = [TopicPartition("frames", 0), TopicPartition("frames", 1)]
+    starts = start_at_time(consumer, partitions, since_ms=1_000)  # type: ignore[arg-type]
+    assert consumer.looked_up == [1] and consumer.committed_offsets == [(1, 30)]
+    assert starts == {("frames", 1): 30}

@@ -510,6 +510,34 @@ def test_a_member_that_stops_sends_its_frames_waiting_to_retry_before_it_goes(
     assert sum(service.calls.values()) == len(keys) + len(failing), merged.as_dict()
 
 
+def test_a_frame_that_fails_again_at_a_stop_keeps_its_backoff(
+    kafka, scripted_service, video_frames: list[bytes]
+) -> None:
+    """Found in review, stop 62: at a stop, a frame failing for a reason of its own was sent
+    again at once on every pass, so a hiccup of milliseconds used up its tries and
+    dead-lettered a good frame. Sent again once at the stop; after that, its backoff."""
+    member: list[FrameConsumer] = []
+    hiccup = frame_key("cam-h", 2)
+    last_call: dict[str, float] = {}
+
+    def behaviour(request, attempt: int) -> grpc.StatusCode | None:
+        if request.request_id != hiccup:
+            return None
+        since_last = time.monotonic() - last_call.get("at", 0.0)
+        last_call["at"] = time.monotonic()
+        if attempt == 1:
+            member[0].stop.set()  # the member stops as the frame first fails
+        # fails twice, and again if called within 50 ms of its last failure
+        return grpc.StatusCode.INTERNAL if attempt <= 2 or since_last < 0.05 else None
+
+    target, service = scripted_service(behaviour)
+    keys = _publish_frames(kafka, "cam-h", 3, video_frames[0])
+    member.append(_consumer(kafka, target, concurrency=1, max_attempts=3))
+    summary = member[0].run()
+    assert service.calls[hiccup] == 3 and summary.dlq == 0, summary.as_dict()
+    assert summary.results_published == len(keys)
+
+
 def test_a_result_too_large_to_send_is_a_failed_delivery_not_a_crash(kafka) -> None:
     """A result or stale record over --max-message-bytes (a small limit, a long stream id)
     raised librdkafka's error out of the consumer's loop: a traceback and no summary. Only a

@@ -117,7 +117,13 @@ def start_at_time(
     if committed is None:
         return {}
     stands = {(p.topic, p.partition): p.offset for p in committed if p.offset >= 0}
-    unread = [TopicPartition(p.topic, p.partition, since_ms) for p in committed if p.offset < 0]
+    # A partition whose lookup failed (its `error` set, offset -1001) may have a commit point:
+    # taken as unread, its start was committed over it, backwards (found in review, stop 62)
+    unread = [
+        TopicPartition(p.topic, p.partition, since_ms)
+        for p in committed
+        if p.offset < 0 and p.error is None
+    ]
     starts = _offsets_since(consumer, unread) if unread else {}
     if not starts:
         return stands

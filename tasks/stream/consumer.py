@@ -278,14 +278,16 @@ class FrameConsumer:
 def _finish_in_flight(member: FrameConsumer) -> None:
     """Let calls in flight complete, and send again the frames waiting to retry for a failure of
     their own: one left waiting held its partition's commit point back, and every answered frame
-    after it was classified again by the next owner. Frames waiting out the service's outage
-    stay uncommitted."""
-    caller = member.caller
-    deadline = time.monotonic() + member.settings.rpc_timeout_s + 5
+    after it was classified again by the next owner (so at a revoke, `_hand_over`). Once: one
+    that fails again keeps its backoff (resent back to back, a short hiccup used up its tries and
+    dead-lettered it: found in review, stop 62). Frames waiting out the service's outage stay
+    uncommitted."""
+    caller, stopped_at = member.caller, time.monotonic()
+    deadline = stopped_at + member.settings.rpc_timeout_s + 5
     while time.monotonic() < deadline and (
         caller.in_flight or any(not call.outage for call in caller.waiting_retry)
     ):
-        caller.resend_due(stopping=lambda: False, own_failures_now=True)
+        caller.resend_due(stopping=lambda: False, own_failures_before=stopped_at)
         caller.drain(timeout_s=0.05)
         member.publisher.poll()
         member.broker.check()
@@ -335,7 +337,7 @@ def _hand_over(member: FrameConsumer) -> None:
     deadline = time.monotonic() + REVOKE_WAIT_S
     member.caller.drain(timeout_s=0)
     # Frames waiting out a backoff for a failure of their own go now, with the calls in flight
-    member.caller.resend_due(stopping=lambda: False, own_failures_now=True)
+    member.caller.resend_due(stopping=lambda: False, own_failures_before=time.monotonic())
     while member.caller.in_flight and time.monotonic() < deadline:
         member.caller.drain(timeout_s=0.05)
 

@@ -89,6 +89,7 @@ class Call:
     counted: int = 0  # failed calls that count towards --max-attempts (not the service's outages)
     sent_at: float = 0.0
     retry_at: float = 0.0
+    failed_at: float = 0.0  # monotonic: its last failure
     outage: bool = False  # its last failure was the service's (down, misconfigured), not its own
     epoch: int = 0  # the member's assignment epoch when it was taken (Assignment.owns)
 
@@ -251,7 +252,8 @@ class InferenceCaller:
         backoff_s = jittered_backoff_s(
             call.attempt, RETRY_BACKOFF_S, self.settings.retry_max_backoff_s
         )
-        call.retry_at = time.monotonic() + backoff_s
+        call.failed_at = time.monotonic()
+        call.retry_at = call.failed_at + backoff_s
         self._retries_unlogged += 1
         now = time.monotonic()
         if now - self._retry_logged_at >= RETRY_LOG_EVERY_S:
@@ -265,18 +267,16 @@ class InferenceCaller:
             self._retry_logged_at, self._retries_unlogged = now, 0
         self.waiting_retry.append(call)
 
-    def resend_due(self, stopping: Callable[[], bool], own_failures_now: bool = False) -> None:
-        """Send again the frames whose backoff is over (none once `stopping()` says so);
-        `own_failures_now`: those that failed for a reason of their own at once, whatever their
-        backoff (their partitions are going, or the member stops: one left waiting held its
-        partition's commit point back, and the next owner classified every frame answered
-        after it again). Frames waiting out the service's outage keep theirs."""
+    def resend_due(self, stopping: Callable[[], bool], own_failures_before: float = -1.0) -> None:
+        """Send again the frames whose backoff is over (none once `stopping()` says so), and
+        those that failed for a reason of their own before `own_failures_before` (monotonic)
+        whatever their backoff (consumer._finish_in_flight says why); outages keep theirs."""
         now = time.monotonic()
         for _ in range(len(self.waiting_retry)):
             call = self.waiting_retry.popleft()
             if self._handed_over(call):  # no longer counted busy while its backoff runs
                 continue
-            due = call.retry_at <= now or (own_failures_now and not call.outage)
+            due = call.retry_at <= now or (not call.outage and call.failed_at < own_failures_before)
             if due and not stopping():
                 if not self._skipped_as_stale(call):
                     self._send(call)
