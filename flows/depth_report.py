@@ -173,9 +173,10 @@ class RunReport:
         failures kept to show: a commit that failed after 100 other failures went unsaid."""
         if not self.failed_at.get("store"):
             return ""
-        return (
+        return (  # the earlier rows of a shard that redid videos: found in review, stop 62
             "; a shard whose commit failed (videos failed at store) left no row for any of its "
-            "videos: the next run does them again"
+            "videos (or, for videos an earlier run failed, that run's row and error, not this "
+            "one's): the next run does them again"
         )
 
     def failures_markdown(self, limit: int = FAILURES_SHOWN) -> str:
