@@ -128,8 +128,7 @@ def start_broker(
         broker.stop()
         raise BrokerError(f"{exc}: {_last_words(output, log_path)}") from None
     finally:
-        if log_path is None:
-            output.close()  # Tansu keeps its own descriptor
+        output.close()  # Tansu keeps its own descriptor
     log.info("local Kafka-protocol broker (Tansu) on %s", broker.bootstrap_servers)
     return broker
 

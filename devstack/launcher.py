@@ -87,6 +87,9 @@ def start_server(
     args = [
         sys.executable, "-m", "vidflow.cli", "serve",
         "--port", str(port), "--http-port", str(http_port), "--cache-dir", str(cache_dir),
+        # Loopback, as `target` says, whatever VIDFLOW_INFERENCE_HOST the shell exports (its
+        # 0.0.0.0 opened a benchmark's server to the network: found in review, stop 62)
+        "--host", "127.0.0.1",
         *extra_args,
     ]  # fmt: skip
     process = launch_logged(args, log_path, repo_root)

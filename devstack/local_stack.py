@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.net import free_port
+from common.net import free_port, reach_loopback_directly
 from common.processes import signal_on_parent_death, stop_process
 from devstack.last_words import last_words_in
 from devstack.launcher import REPO_ROOT
@@ -66,6 +66,12 @@ class LocalStack:
     extra_env: dict[str, str] = field(default_factory=dict)
     stack_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Its calls to 127.0.0.1 (the health check, the REST calls, the CLI's and the
+        # worker's) went to an http_proxy set without no_proxy where not the demo, which does
+        # this too, started the stack (found in review, stop 62: a benchmark's stack)
+        reach_loopback_directly()
 
     @property
     def api_url(self) -> str:

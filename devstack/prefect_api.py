@@ -24,6 +24,7 @@ from unittest import mock
 
 from common.net import reach_loopback_directly
 from common.processes import die_with_parent
+from common.urls import shown_url
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,12 @@ def check_configured_api() -> None:
         status = exc.response.status_code
         hint = " (PREFECT_API_AUTH_STRING or PREFECT_API_KEY)" if status in (401, 403) else ""
         raise PrefectApiError(
-            f"the Prefect API at {url} refused this client: {status} "
+            f"the Prefect API at {shown_url(url)} refused this client: {status} "
             f"{exc.response.reason_phrase}{hint}"
         ) from None
     except httpx.HTTPError as exc:
         raise PrefectApiError(
-            f"the Prefect API at {url} cannot be reached: {type(exc).__name__}: {exc}"
+            f"the Prefect API at {shown_url(url)} cannot be reached: {type(exc).__name__}: {exc}"
         ) from None
 
 

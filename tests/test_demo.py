@@ -793,3 +793,31 @@ def test_a_service_or_broker_that_exited_during_the_runs_is_named_with_its_log(
     assert said == [
         f"the demo's inference service exited (3) during the runs; see {tmp_path / 'server.log'}"
     ]
+
+
+def test_the_demo_fails_where_its_sample_frames_get_no_label(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review, stop 62: every sample frame answered with an error (a service that is
+    not there, here) printed ERROR for each, and the demo exited 0 all the same."""
+    from common.net import free_port
+    from vidflow.demo import print_classified_samples
+
+    unlabelled = print_classified_samples(f"127.0.0.1:{free_port()}", tmp_path)
+    out = capsys.readouterr().out
+    assert unlabelled == out.count("ERROR") > 0, out
+
+
+def test_a_local_stack_reaches_its_loopback_past_a_proxy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review, stop 62: only the demo set no_proxy; a benchmark's stack on a machine
+    with http_proxy set sent its calls to 127.0.0.1 to the proxy ("did not answer")."""
+    from devstack.local_stack import LocalStack
+
+    monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
+    for variable in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    stack = LocalStack(logs_dir=tmp_path, prefect_home=tmp_path / "prefect")
+    for variable in ("no_proxy", "NO_PROXY"):
+        assert "127.0.0.1" in stack.env()[variable].split(",")

@@ -61,6 +61,8 @@ def test_a_prefect_api_that_refuses_the_login_or_is_not_there_is_said_in_one_lin
         for api_url, said in (
             (stack.api_url, f"the Prefect API at {stack.api_url} refused this client: 401"),
             (f"http://127.0.0.1:{free_port()}/api", "cannot be reached: ConnectError"),
+            # A login in the URL (httpx sends it as basic auth) is not said (stop 62's review)
+            (f"http://admin:s3cret@127.0.0.1:{free_port()}/api", "http://127.0.0.1:"),
         ):
             env = cli_env | {"PREFECT_API_URL": api_url, "PREFECT_API_AUTH_STRING": "vidflow:no"}
             run = _vidflow(
@@ -69,6 +71,7 @@ def test_a_prefect_api_that_refuses_the_login_or_is_not_there_is_said_in_one_lin
             )  # fmt: skip
             assert run.returncode == 2, run.stderr[-3000:]
             assert said in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
+            assert "s3cret" not in run.stderr
     finally:
         stack.stop()
 

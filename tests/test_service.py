@@ -619,6 +619,23 @@ def test_grpc_and_http_ports_listen_on_loopback_only_by_default(onnx_server) -> 
         assert addresses and addresses <= loopback, (port, addresses)
 
 
+def test_a_launched_server_listens_on_loopback_whatever_host_the_shell_exports(
+    tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review, stop 62: the launcher benchmarks and tests start servers with took the
+    host from VIDFLOW_INFERENCE_HOST, and a shell's 0.0.0.0 opened them to the network."""
+    monkeypatch.setenv("VIDFLOW_INFERENCE_HOST", "0.0.0.0")
+    server = start_server(tmp_path, model_cache)
+    try:
+        server.wait_serving()
+        loopback = {"127.0.0.1", "::ffff:127.0.0.1"}
+        for port in (server.port, server.http_port):
+            addresses = set(listening_addresses(port))
+            assert addresses and addresses <= loopback, (port, addresses)
+    finally:
+        assert server.terminate() == 0
+
+
 def test_a_server_on_every_interface_answers_http_on_both_families_as_grpc_does(
     tmp_path: Path, model_cache: Path
 ) -> None:
