@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +94,13 @@ def test_the_export_computes_what_the_torch_model_does(
 
     model_dir = tiny_depth_model if fov else save_tiny_depth_pro(tmp_path / "no-fov", fov=False)
     pixel_values = DepthProProcessing.from_model_dir(model_dir).preprocess(frame)
-    session = ort.InferenceSession(str(export_depth_onnx(model_dir, tmp_path / "cache")))
+    exported = export_depth_onnx(model_dir, tmp_path / "cache")
+    session = ort.InferenceSession(str(exported))
+    # Open to the cache's other users as the umask says (mkdtemp's 0700 shut them out of a
+    # shared cache: found in review, stop 62)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(exported.parent.stat().st_mode) == 0o777 & ~umask
     inverse_depth, *field_of_view = session.run(None, {"pixel_values": pixel_values})
     model = AutoModelForDepthEstimation.from_pretrained(model_dir).eval()
     with torch.inference_mode():

@@ -175,6 +175,9 @@ def _export(model_dir: Path, cache_dir: Path, target: Path) -> Path:
                 dynamo=False,  # the TorchScript exporter: deprecated, but it handles this model
             )
         sync_to_disk(building)  # the cache is trusted on sight: no empty file after a crash
+        # mkdtemp's 0700, renamed as is, shut the export to every other user of a shared
+        # cache (a host's and a container's): theirs failed (found in review, stop 62)
+        building.chmod(0o777 & ~_umask())
         with contextlib.suppress(OSError):  # another process finished the same export first
             os.replace(building, target)
         sync_to_disk(cache_dir, contents=False)
@@ -182,6 +185,12 @@ def _export(model_dir: Path, cache_dir: Path, target: Path) -> Path:
         shutil.rmtree(building, ignore_errors=True)
     log.info("exported depth model to ONNX in %.1f s", time.perf_counter() - started)
     return target / MODEL_FILE
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _plain_outputs(model: Any) -> Any:
