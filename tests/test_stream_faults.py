@@ -1464,13 +1464,12 @@ def test_a_new_benchmark_group_starts_at_its_run_s_frames_not_the_topic_s_first(
 
 
 def test_frames_of_another_producer_session_are_passed_over_and_counted(
-    kafka, scripted_service, video_frames: list[bytes], capsys: pytest.CaptureFixture[str]
+    kafka, scripted_service, video_frames: list[bytes]
 ) -> None:
     """`--producer-session` classifies one producer start's frames and commits past the rest;
     found in review, stop 62: a session mistyped passed every frame over, counted nowhere, and
     `vidflow consume` exited 0. They are counted, and a run that passed over all it read fails."""
     from tasks.stream.consumer_summary import format_summary
-    from vidflow.cli import main
 
     target, service = scripted_service(lambda _request, _attempt: None)
     _publish_frames(kafka, "cam-s", 12, video_frames[0])  # a producer that sends no session
@@ -1480,12 +1479,16 @@ def test_frames_of_another_producer_session_are_passed_over_and_counted(
     assert "passed over 12 frames of other runs" in format_summary(summary.as_dict())
     assert committed_total(kafka.bootstrap_servers, group, kafka.frames_topic, 2) == 12
     _publish_frames(kafka, "cam-s", 3, video_frames[0])
-    consume = ["consume", "--bootstrap-servers", kafka.bootstrap_servers, "--target", target,
+    # The command in a process of its own: in this one, it set up logging to a stream that
+    # pytest closed after the test, and the tests after it logged into a closed file
+    consume = [sys.executable, "-m", "vidflow.cli", "consume",
+               "--bootstrap-servers", kafka.bootstrap_servers, "--target", target,
                "--frames-topic", kafka.frames_topic, "--results-topic", kafka.results_topic,
                "--dlq-topic", kafka.dlq_topic, "--group", group, "--idle-timeout", "4",
                "--producer-session", "abc123"]  # fmt: skip
-    assert main(consume) == 1
-    assert "each of the 3 frames read was passed over" in capsys.readouterr().err
+    ran = subprocess.run(consume, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 1, ran.stderr[-3000:]
+    assert "each of the 3 frames read was passed over" in ran.stderr, ran.stderr[-3000:]
 
 
 def test_a_call_that_outlasts_a_rebalance_is_not_answered_when_its_partition_comes_back(
