@@ -87,21 +87,23 @@ def start_server(
     args = [
         sys.executable, "-m", "vidflow.cli", "serve",
         "--port", str(port), "--http-port", str(http_port), "--cache-dir", str(cache_dir),
-        # Loopback, as `target` says, whatever VIDFLOW_INFERENCE_HOST the shell exports (its
-        # 0.0.0.0 opened a benchmark's server to the network: found in review, stop 62)
-        "--host", "127.0.0.1",
         *extra_args,
     ]  # fmt: skip
-    process = launch_logged(args, log_path, repo_root)
+    # Its default host, loopback, as `target` says, whatever VIDFLOW_INFERENCE_HOST the shell
+    # exports (its 0.0.0.0 opened a benchmark's server to the network: found in review, stop 62)
+    process = launch_logged(args, log_path, repo_root, without=("VIDFLOW_INFERENCE_HOST",))
     return ServerProcess(process, port, http_port, log_path, args, tls_ca)
 
 
-def launch_logged(args: list[str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    """Start a server process with its output, unbuffered, in `log_path` (read on failure).
+def launch_logged(
+    args: list[str], log_path: Path, cwd: Path, without: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """Start a server process with its output, unbuffered, in `log_path` (read on failure);
+    the variables named in `without` left out of its environment.
 
     It dies with the thread that starts it (`batch_child`): a test or benchmark that failed
     before its stop, or was killed, left a server holding its ports and a core for good."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**{k: v for k, v in os.environ.items() if k not in without}, "PYTHONUNBUFFERED": "1"}
     command, preexec_fn = batch_child(args)
     with open(log_path, "wb") as log_file:
         return subprocess.Popen(
