@@ -155,7 +155,7 @@ def _raise_if_step_failed(
             "coordinator the broker could not give, a group ACL; the consumers' warnings say why)"
         )
     classified_none = summary.frames_consumed and not summary.results_published
-    if classified_none and (summary.errors or not summary.skipped_stale):
+    if classified_none and (summary.errors or summary.dlq or not summary.skipped_stale):
         raise StepNothingAnsweredError(  # a service gone, or one that answers no frame
             f"the service at {sweep.client.target} classified none of the "
             f"{summary.frames_consumed} frames of the step of {step} ({summary.errors} failed "

@@ -816,8 +816,9 @@ def test_a_local_stack_reaches_its_loopback_past_a_proxy(
     from devstack.local_stack import LocalStack
 
     monkeypatch.setenv("http_proxy", "http://proxy.invalid:3128")
-    for variable in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(variable, raising=False)
+    for variable in ("no_proxy", "NO_PROXY"):  # set, then unset: restored as found after
+        monkeypatch.setenv(variable, "")
+        monkeypatch.delenv(variable)
     stack = LocalStack(logs_dir=tmp_path, prefect_home=tmp_path / "prefect")
     for variable in ("no_proxy", "NO_PROXY"):
         assert "127.0.0.1" in stack.env()[variable].split(",")

@@ -728,33 +728,37 @@ def test_a_stream_whose_client_reads_no_answer_is_ended_and_frees_its_place(
     server = start_server(
         tmp_path, model_cache, "--max-concurrent-rpcs", "1", "--idle-call-timeout-s", "3"
     )
-    server.wait_serving()
-    with _held_stream(server.target) as (stream, outgoing):
-        top_k = 1000  # big answers (~25 kB each) fill the client's window soon
-        for index in range(400):
-            outgoing.put(inference_pb2.ClassifyRequest(image=video_frames[index % 4], top_k=top_k))
-        assert _open_calls_reach(server, 1, within_s=10)
-        sent_from = time.monotonic()
-        # Its place is given back within the timeout (and the watch's look) of its last answer
-        # sent: the client has read nothing meanwhile.
-        assert _open_calls_reach(server, 0, within_s=20), server.log()
-        assert time.monotonic() - sent_from >= 2.5
-        answered = 0
-        with pytest.raises(grpc.RpcError) as ended:
-            for _ in stream:
-                answered += 1
-        assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert "its client read no answer sent within 3 s" in ended.value.details()
-        assert 0 < answered < 400
-    with grpc.insecure_channel(server.target) as channel:
-        stub = inference_pb2_grpc.ClassifierStub(channel)
-        assert _admitted_within(stub, video_frames[1], 10.0)
-    metrics = _http_get(f"{server.http_url}/metrics")[1]
-    ended_idle = _metric(
-        metrics, "vidflow_inference_idle_calls_ended_total", method="ClassifyStream"
-    )
-    assert ended_idle == 1
-    assert server.terminate() == 0
+    try:
+        server.wait_serving()
+        with _held_stream(server.target) as (stream, outgoing):
+            top_k = 1000  # big answers (~25 kB each) fill the client's window soon
+            for index in range(400):
+                outgoing.put(
+                    inference_pb2.ClassifyRequest(image=video_frames[index % 4], top_k=top_k)
+                )
+            assert _open_calls_reach(server, 1, within_s=10)
+            sent_from = time.monotonic()
+            # Its place is given back within the timeout (and the watch's look) of its last answer
+            # sent: the client has read nothing meanwhile.
+            assert _open_calls_reach(server, 0, within_s=20), server.log()
+            assert time.monotonic() - sent_from >= 2.5
+            answered = 0
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in stream:
+                    answered += 1
+            assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "its client read no answer sent within 3 s" in ended.value.details()
+            assert 0 < answered < 400
+        with grpc.insecure_channel(server.target) as channel:
+            stub = inference_pb2_grpc.ClassifierStub(channel)
+            assert _admitted_within(stub, video_frames[1], 10.0)
+        metrics = _http_get(f"{server.http_url}/metrics")[1]
+        ended_idle = _metric(
+            metrics, "vidflow_inference_idle_calls_ended_total", method="ClassifyStream"
+        )
+        assert ended_idle == 1
+    finally:  # no server left running past a failed check
+        assert server.terminate() == 0
 
 
 @pytest.mark.slow
